@@ -1,0 +1,278 @@
+"""The low-rank (L3D-style) sparse autoencoder over parameter deltas.
+
+For a 2-D target p of shape (m, n) and rank r, latent i owns decoder factors ``U[i]: (m, r)``,
+``V[i]: (n, r)`` (direction ``U V^T``) and untied encoder factors ``A[i], B[i]`` of the same
+shapes. 1-D targets use plain vectors. A latent's decoder direction across all targets has unit
+Frobenius norm: that direction is the *shard*.
+
+The SAE works in *scaled units*: a sample divided by ``input_scale`` (the running RMS of sample
+norms kept by the trainer). :meth:`LowRankSAE.to_scaled` maps parameter-unit samples in; an
+activation times ``input_scale`` is the shard's coefficient in parameter units.
+
+Nothing here materialises the ``n_latents`` dense directions except the explicitly named
+``dense_*`` helpers, which exist for tests, small analyses and the parity reference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from sae_shards.sae_config import SAEConfig
+from sae_shards.sparsity import SparseCodes, batch_topk, select_codes, threshold_codes
+from sae_shards.targets import TargetSpec
+
+Sample = Mapping[str, Tensor]  # {target name: [batch, *shape]}
+
+
+class SAEOutput(NamedTuple):
+    """What one forward pass returns (all in scaled units)."""
+
+    pre_acts: Tensor  # [batch, n_latents] encoder output before sparsity
+    codes: SparseCodes  # active latents per sample: indices/values [batch, k]
+    recon: dict[str, Tensor]  # {target: [batch, *shape]} reconstruction incl. b_dec
+    batch_threshold: Tensor | None  # batch_topk only: smallest kept activation this batch
+
+
+class _TargetFactors(nn.Module):
+    """Encoder and decoder factors of every latent on one target."""
+
+    def __init__(self, spec: TargetSpec, n_latents: int, generator: torch.Generator):
+        super().__init__()
+        self.spec = spec
+        if spec.is_matrix:
+            m, n = spec.shape
+            self.U = nn.Parameter(torch.randn(n_latents, m, spec.rank, generator=generator))
+            self.V = nn.Parameter(torch.randn(n_latents, n, spec.rank, generator=generator))
+            self.A = nn.Parameter(self.U.detach().clone())
+            self.B = nn.Parameter(self.V.detach().clone())
+        else:
+            self.d_dec = nn.Parameter(torch.randn(n_latents, spec.shape[0], generator=generator))
+            self.d_enc = nn.Parameter(self.d_dec.detach().clone())
+
+    def factors(self, which: str) -> tuple[Tensor, ...]:
+        """(U, V) / (A, B) for matrices, (d,) for vectors."""
+        if self.spec.is_matrix:
+            return (self.U, self.V) if which == "decoder" else (self.A, self.B)
+        return (self.d_dec,) if which == "decoder" else (self.d_enc,)
+
+
+class LowRankSAE(nn.Module):
+    """Sparse autoencoder whose latent directions are low-rank per target matrix."""
+
+    def __init__(self, targets: Sequence[TargetSpec], cfg: SAEConfig):
+        super().__init__()
+        if not targets:
+            raise ValueError("the SAE needs at least one target (capture.targets matched nothing)")
+        names = [t.name for t in targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate target names in {names}")
+        self.cfg = cfg
+        self.targets = list(targets)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.factors = nn.ModuleList(_TargetFactors(t, cfg.n_latents, gen) for t in self.targets)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
+        self.b_dec = nn.ParameterList(
+            nn.Parameter(torch.zeros(t.shape), requires_grad=cfg.use_b_dec) for t in self.targets
+        )
+        # Running RMS of sample norms (parameter units); 0 until the trainer sees data.
+        self.register_buffer("input_scale", torch.zeros(()))
+        # batch_topk inference threshold (scaled units); NaN until trained.
+        self.register_buffer("threshold", torch.full((), math.nan))
+        with torch.no_grad():
+            self.normalize_decoder_()
+            for tf in self.factors:  # encoder starts equal to the normalised decoder
+                for enc, dec in zip(tf.factors("encoder"), tf.factors("decoder")):
+                    enc.copy_(dec)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n_latents(self) -> int:
+        return self.cfg.n_latents
+
+    @property
+    def device(self) -> torch.device:
+        return self.b_enc.device
+
+    def factored_param_count(self) -> int:
+        """Weights of the encoder + decoder directions: ``2 N sum_p r_p (m_p + n_p)``."""
+        return 2 * self.n_latents * sum(t.factored_numel for t in self.targets)
+
+    def dense_param_count(self) -> int:
+        """What a dense SAE with the same latents would need: ``2 N sum_p m_p n_p``."""
+        return 2 * self.n_latents * sum(t.numel for t in self.targets)
+
+    # ------------------------------------------------------------------ units
+    def to_scaled(self, sample: Sample) -> dict[str, Tensor]:
+        """Parameter units -> the SAE's scaled units (divide by ``input_scale``)."""
+        if not self.input_scale > 0:
+            raise RuntimeError("input_scale is not set yet: train at least one step first")
+        return {t.name: sample[t.name].to(self.device, torch.float32) / self.input_scale
+                for t in self.targets}
+
+    # ------------------------------------------------------------------ encode
+    def inner(self, x: Sample, which: str = "encoder") -> Tensor:
+        """``<x, W_i>_F`` summed over targets for every latent, in factored form.
+
+        ``x`` is ``{target: [batch, *shape]}``; returns ``[batch, n_latents]``. ``which`` picks the
+        encoder (A B^T) or decoder (U V^T) directions.
+        """
+        out = None
+        for tf in self.factors:
+            xp = x[tf.spec.name]
+            part = (_vector_inner(xp, *tf.factors(which)) if not tf.spec.is_matrix
+                    else self._matrix_inner(xp, *tf.factors(which)))
+            out = part if out is None else out + part
+        return out
+
+    def _matrix_inner(self, x: Tensor, left: Tensor, right: Tensor) -> Tensor:
+        # x [b, m, n]; left [N, m, r]; right [N, n, r]
+        b, m, n = x.shape
+        n_lat, _, r = left.shape
+        width = n_lat * r
+        rows = min(m, n)
+        chunk = max(1, (self.cfg.encode_chunk_mib << 20) // (4 * rows * width))
+        parts = [_matrix_inner_chunk(x[i:i + chunk], left, right) for i in range(0, b, chunk)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def encode_pre(self, xs: Sample) -> Tensor:
+        """Pre-activations ``[batch, n_latents]`` of scaled samples (b_dec subtracted first)."""
+        centred = {t.name: xs[t.name] - bd for t, bd in zip(self.targets, self.b_dec)}
+        return self.inner(centred, "encoder") + self.b_enc
+
+    def select(self, pre: Tensor, training: bool) -> tuple[SparseCodes, Tensor | None]:
+        """Apply the sparsity; batch_topk uses the batch in training, the threshold otherwise."""
+        if self.cfg.sparsity != "batch_topk":
+            return select_codes(pre, self.cfg.sparsity, self.cfg.k), None
+        if training or torch.isnan(self.threshold):
+            return batch_topk(pre, self.cfg.k)
+        return threshold_codes(pre, self.threshold), None
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, codes: SparseCodes, with_bias: bool = True) -> dict[str, Tensor]:
+        """``sum_i z_i U_i V_i^T (+ b_dec)`` per target, gathering only the active latents."""
+        idx, val = codes  # [b, k]
+        b, k = idx.shape
+        out = {}
+        for tf, bd in zip(self.factors, self.b_dec):
+            if tf.spec.is_matrix:
+                U, V = tf.factors("decoder")  # [N, m, r], [N, n, r]
+                m, n, r = tf.spec.shape[0], tf.spec.shape[1], tf.spec.rank
+                Ug = (U[idx] * val[..., None, None].to(U.dtype))  # [b, k, m, r]
+                Ug = Ug.permute(0, 2, 1, 3).reshape(b, m, k * r)
+                Vg = V[idx].permute(0, 2, 1, 3).reshape(b, n, k * r)
+                rec = Ug @ Vg.transpose(1, 2)  # [b, m, n]
+            else:
+                rec = torch.einsum("bk,bkm->bm", val, tf.d_dec[idx])  # [b, m]
+            out[tf.spec.name] = rec + bd if with_bias else rec
+        return out
+
+    def forward(self, xs: Sample, training: bool = False) -> SAEOutput:
+        pre = self.encode_pre(xs)
+        codes, floor = self.select(pre, training)
+        return SAEOutput(pre, codes, self.decode(codes), floor)
+
+    @torch.no_grad()
+    def encode(self, xs: Sample) -> SparseCodes:
+        """Inference: the active latents of scaled samples."""
+        return self.select(self.encode_pre(xs), training=False)[0]
+
+    # ------------------------------------------------------------------ geometry
+    def decoder_sq_norms(self) -> Tensor:
+        """``||D_i||_F^2 = sum_p trace((U^T U)(V^T V)) + sum_q ||d_q||^2``, shape [n_latents]."""
+        total = None
+        for tf in self.factors:
+            if tf.spec.is_matrix:
+                U, V = tf.factors("decoder")
+                part = (_gram(U) * _gram(V)).sum((1, 2))
+            else:
+                part = tf.d_dec.pow(2).sum(-1)
+            total = part if total is None else total + part
+        return total
+
+    def decoder_gram(self) -> Tensor:
+        """``<D_i, D_j>_F`` for all pairs, ``[n_latents, n_latents]``, in factored form."""
+        total = None
+        for tf in self.factors:
+            if tf.spec.is_matrix:
+                U, V = tf.factors("decoder")
+                uu = torch.einsum("imr,jms->ijrs", U, U)
+                vv = torch.einsum("inr,jns->ijrs", V, V)
+                part = (uu * vv).sum((2, 3))
+            else:
+                part = tf.d_dec @ tf.d_dec.T
+            total = part if total is None else total + part
+        return total
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder direction to unit norm across all targets.
+
+        Each matrix target's U and V are first balanced (equal Frobenius norms per latent), which
+        leaves U V^T unchanged but stops one factor from drifting large and the other small.
+        """
+        for tf in self.factors:
+            if tf.spec.is_matrix:
+                U, V = tf.factors("decoder")
+                nu = U.flatten(1).norm(dim=1).clamp_min(1e-12)
+                nv = V.flatten(1).norm(dim=1).clamp_min(1e-12)
+                g = (nv / nu).sqrt()[:, None, None]
+                U.mul_(g)
+                V.div_(g)
+        inv = self.decoder_sq_norms().clamp_min(1e-24).rsqrt()  # [N]
+        for tf in self.factors:
+            if tf.spec.is_matrix:
+                U, V = tf.factors("decoder")
+                U.mul_(inv.sqrt()[:, None, None])
+                V.mul_(inv.sqrt()[:, None, None])
+            else:
+                tf.d_dec.mul_(inv[:, None])
+
+    # ------------------------------------------------------------------ dense views (small only)
+    @torch.no_grad()
+    def dense_directions(self, which: str = "decoder", latents: Tensor | None = None
+                         ) -> dict[str, Tensor]:
+        """Materialise directions ``{target: [n, *shape]}`` for the given latents (default all).
+
+        Costs ``n * sum_p m_p n_p`` memory: for tests, small models and a handful of shards.
+        """
+        sel = torch.arange(self.n_latents, device=self.device) if latents is None else latents
+        out = {}
+        for tf in self.factors:
+            f = tf.factors(which)
+            if tf.spec.is_matrix:
+                out[tf.spec.name] = torch.einsum("imr,inr->imn", f[0][sel], f[1][sel])
+            else:
+                out[tf.spec.name] = f[0][sel].clone()
+        return out
+
+
+def _gram(F: Tensor) -> Tensor:
+    """Per-latent ``F_i^T F_i``: [N, d, r] -> [N, r, r]."""
+    return torch.einsum("idr,ids->irs", F, F)
+
+
+def _vector_inner(x: Tensor, d: Tensor) -> Tensor:
+    # x [b, m]; d [N, m] -> [b, N]
+    return x @ d.T
+
+
+def _matrix_inner_chunk(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """``sum_r left_ir^T x right_ir`` for all latents: x [b, m, n] -> [b, N].
+
+    Contracts the longer side first so the intermediate is ``[b, min(m, n), N*r]``.
+    """
+    b, m, n = x.shape
+    n_lat, _, r = left.shape
+    L = left.permute(1, 0, 2).reshape(m, n_lat * r)  # [m, N*r]
+    R = right.permute(1, 0, 2).reshape(n, n_lat * r)  # [n, N*r]
+    if m >= n:
+        xl = x.transpose(1, 2) @ L  # [b, n, N*r]
+        prod = (xl * R).sum(1)  # [b, N*r]
+    else:
+        xr = x @ R  # [b, m, N*r]
+        prod = (xr * L).sum(1)
+    return prod.view(b, n_lat, r).sum(-1)

@@ -1,0 +1,90 @@
+"""SAEConfig: every setting of the low-rank SAE and its trainer (the Hydra group ``sae/``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from sae_shards.sparsity import SPARSITY_MODES
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Architecture and training settings of the low-rank SAE. Validated when built."""
+
+    n_latents: int = 64
+    """Number of latents (candidate shards)."""
+    rank: int = 1
+    """Rank of every latent's factors on each 2-D target (capped at min(m, n) per target)."""
+    k: int = 4
+    """Active latents per sample (per-sample average for batch_topk)."""
+    sparsity: str = "signed_topk"
+    """``signed_topk`` (k largest |c|, sign kept), ``topk`` (ReLU then top-k) or ``batch_topk``
+    (ReLU, top k*batch over the batch; an EMA threshold is used at inference)."""
+    use_b_dec: bool = True
+    """Learn a decoder bias per target (the mean update, itself reported as a shard). It is
+    initialised from the first batch's mean and subtracted before encoding."""
+    lr: float = 1e-3
+    """Adam learning rate (SAE parameters and Adam state stay fp32)."""
+    batch_size: int = 32
+    """Samples per SAE step."""
+    aux_k: int | None = None
+    """Dead latents used by the AuxK loss per sample; None means min(4 * k, n_latents)."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss (0 switches AuxK off)."""
+    dead_after: int = 4096
+    """A latent that has not fired in this many training samples is dead (``dead_frac``)."""
+    scale_ema: float = 0.01
+    """EMA rate of the running input scale (RMS of the sample norm; first batch initialises it)."""
+    threshold_ema: float = 0.01
+    """EMA rate of the batch_topk inference threshold."""
+    autocast_bf16: bool = False
+    """Run the forward pass under bf16 autocast (parameters, loss and Adam stay fp32)."""
+    encode_chunk_mib: int = 256
+    """Largest ``[batch, m, n_latents*rank]`` encode intermediate, in MiB, before the batch is
+    split into chunks."""
+    seed: int = 0
+    """Seed of the SAE's initialisation."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_latents", "batch_size", "rank", "dead_after", "encode_chunk_mib")
+        if not 1 <= self.k <= self.n_latents:
+            raise ValueError(f"sae.k={self.k} must be between 1 and sae.n_latents={self.n_latents}")
+        if self.sparsity not in SPARSITY_MODES:
+            raise ValueError(f"sae.sparsity={self.sparsity!r} is unknown; choose one of {SPARSITY_MODES}")
+        if self.aux_k is not None and not 1 <= self.aux_k <= self.n_latents:
+            raise ValueError(
+                f"sae.aux_k={self.aux_k} must be between 1 and sae.n_latents={self.n_latents}, "
+                "or null for the default min(4*k, n_latents)"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"sae.lr={self.lr} must be positive (e.g. 1e-3)")
+        if self.aux_coef < 0:
+            raise ValueError(f"sae.aux_coef={self.aux_coef} must be >= 0 (0 switches AuxK off)")
+        for name in ("scale_ema", "threshold_ema"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ValueError(f"sae.{name}={value} must be in (0, 1]")
+
+    @property
+    def effective_aux_k(self) -> int:
+        return self.aux_k if self.aux_k is not None else min(4 * self.k, self.n_latents)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SAEConfig":
+        """Build from a saved dict, rejecting unknown keys (a typo must not pass silently)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SAE config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"sae.{name}={value!r} must be a positive integer")

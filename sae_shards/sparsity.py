@@ -1,0 +1,81 @@
+"""Sparsity functions: pre-activations ``[batch, n_latents]`` -> a few active latents per sample.
+
+All return :class:`SparseCodes`, a padded list of active latents per sample. Padding entries have
+value 0 (they decode to nothing and never count as firing), so every mode decodes the same way.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+SPARSITY_MODES = ("signed_topk", "topk", "batch_topk")
+
+
+class SparseCodes(NamedTuple):
+    """Active latents of a batch; entries with value 0 are padding."""
+
+    indices: Tensor  # [batch, k] int64 latent ids
+    values: Tensor  # [batch, k] activations (signed for signed_topk)
+
+    def dense(self, n_latents: int) -> Tensor:
+        """Codes as a dense ``[batch, n_latents]`` tensor (zeros where inactive)."""
+        out = self.values.new_zeros(self.values.shape[0], n_latents)
+        return out.scatter_add_(1, self.indices, self.values)
+
+    def active(self) -> Tensor:
+        """``[batch, k]`` bool: which entries are real activations, not padding."""
+        return self.values != 0
+
+
+def signed_topk(pre: Tensor, k: int) -> SparseCodes:
+    """Keep the k largest ``|pre|`` per sample with their sign (an update may push either way)."""
+    indices = pre.abs().topk(k, dim=-1, sorted=False).indices  # [batch, k]
+    return SparseCodes(indices, pre.gather(-1, indices))
+
+
+def relu_topk(pre: Tensor, k: int) -> SparseCodes:
+    """ReLU, then the k largest per sample."""
+    values, indices = pre.relu().topk(k, dim=-1, sorted=False)
+    return SparseCodes(indices, values)
+
+
+def batch_topk(pre: Tensor, k: int) -> tuple[SparseCodes, Tensor]:
+    """ReLU, then the ``k * batch`` largest over the whole batch (training).
+
+    Returns the codes and the smallest kept activation, which the trainer folds into the EMA
+    threshold used at inference (:func:`threshold_codes`).
+    """
+    acts = pre.relu()  # [batch, n_latents]
+    n_keep = min(k * acts.shape[0], acts.numel())
+    kept = acts.flatten().topk(n_keep, sorted=False).values
+    floor = kept.min()
+    mask = acts >= floor
+    # Ties at the floor can keep a few more than k*batch; harmless and deterministic.
+    return _mask_to_codes(acts * mask), floor.detach()
+
+
+def threshold_codes(pre: Tensor, threshold: Tensor | float) -> SparseCodes:
+    """ReLU, then keep activations above a fixed threshold (batch_topk at inference)."""
+    acts = pre.relu()
+    return _mask_to_codes(acts * (acts > threshold))
+
+
+def _mask_to_codes(acts: Tensor) -> SparseCodes:
+    """Dense non-negative acts with zeros -> padded SparseCodes (width = most active in a row)."""
+    width = max(int((acts > 0).sum(-1).max().item()), 1)
+    values, indices = acts.topk(width, dim=-1, sorted=False)
+    return SparseCodes(indices, values)
+
+
+def select_codes(pre: Tensor, mode: str, k: int) -> SparseCodes:
+    """Dispatch for the per-sample modes (batch_topk needs the trainer's threshold state)."""
+    match mode:
+        case "signed_topk":
+            return signed_topk(pre, k)
+        case "topk":
+            return relu_topk(pre, k)
+        case other:
+            raise ValueError(f"sparsity {other!r} has no per-sample selection; use {SPARSITY_MODES}")

@@ -1,0 +1,244 @@
+"""SAETrainer: one SAE optimisation step at a time on batches of samples from any source.
+
+Samples come in parameter units (``{target: [batch, *shape]}``), from an iterator, a callable or a
+ring buffer's ``sample()``. The trainer keeps what changes during training: Adam state, the
+running input scale, per-latent firing statistics and counters of rejected samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from sae_shards.metrics import fvu, fvu_parts, sample_sq_norms
+from sae_shards.sae import LowRankSAE, SAEOutput
+from sae_shards.sparsity import SparseCodes
+from sae_shards.targets import check_batch
+
+Sample = Mapping[str, Tensor]
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """Figures of one SAE step (logged as ``sae/<field>``)."""
+
+    fvu: float
+    """Batch-pooled fraction of variance unexplained."""
+    aux_loss: float
+    """AuxK loss: how badly the top dead latents reconstruct the residual (0 when none dead)."""
+    loss: float
+    """fvu + aux_coef * aux_loss."""
+    l0: float
+    """Mean number of active latents per sample."""
+    dead_frac: float
+    """Fraction of latents that have not fired in the last ``dead_after`` samples."""
+    n_samples: int
+    """Samples trained on in this step (after rejecting non-finite and all-zero ones)."""
+    input_scale: float
+    """Running RMS of sample norms, parameter units."""
+
+
+class LatentStats:
+    """Per-latent firing statistics, updated after every step (stored in checkpoints)."""
+
+    def __init__(self, n_latents: int, device: torch.device):
+        self.samples_since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
+        self.fire_count = torch.zeros(n_latents, dtype=torch.long, device=device)
+        self.abs_act_sum = torch.zeros(n_latents, dtype=torch.float64, device=device)
+        self.last_active_step = torch.full((n_latents,), -1, dtype=torch.long, device=device)
+        self.n_samples = 0
+
+    @torch.no_grad()
+    def update(self, codes: SparseCodes, step: int) -> None:
+        idx, val = codes
+        active = val != 0
+        n = idx.new_zeros(self.fire_count.shape[0])
+        n.scatter_add_(0, idx[active], torch.ones_like(idx[active]))
+        self.fire_count += n
+        self.abs_act_sum.scatter_add_(0, idx[active], val[active].abs().double())
+        fired = n > 0
+        self.samples_since_fired += idx.shape[0]
+        self.samples_since_fired[fired] = 0
+        self.last_active_step[fired] = step
+        self.n_samples += idx.shape[0]
+
+    def dead_mask(self, dead_after: int) -> Tensor:
+        return self.samples_since_fired >= dead_after
+
+    def density(self) -> Tensor:
+        """Fraction of all training samples on which each latent fired, [n_latents]."""
+        return self.fire_count.double() / max(self.n_samples, 1)
+
+    def mean_abs_act(self) -> Tensor:
+        """Mean |activation| when firing (scaled units), [n_latents]."""
+        return self.abs_act_sum / self.fire_count.clamp_min(1).double()
+
+    def as_tensors(self) -> dict[str, Tensor]:
+        return {
+            "stats.density": self.density().float(),
+            "stats.mean_abs_act": self.mean_abs_act().float(),
+            "stats.last_active_step": self.last_active_step.clone(),
+            "stats.fire_count": self.fire_count.clone(),
+            "stats.samples_since_fired": self.samples_since_fired.clone(),
+        }
+
+
+class SAETrainer:
+    """Trains a :class:`LowRankSAE` one batch at a time (Adam, fp32 state)."""
+
+    def __init__(self, sae: LowRankSAE):
+        self.sae = sae
+        self.cfg = sae.cfg
+        self.optimizer = torch.optim.Adam(
+            [p for p in sae.parameters() if p.requires_grad], lr=self.cfg.lr
+        )
+        self.stats = LatentStats(self.cfg.n_latents, sae.device)
+        self.n_steps = 0
+        self.n_rejected_nonfinite = 0
+        self.n_skipped_zero = 0
+
+    # ------------------------------------------------------------------ data hygiene
+    def _clean(self, batch: Sample) -> dict[str, Tensor] | None:
+        """Check names/shapes, move to the SAE's device, drop non-finite and all-zero samples."""
+        check_batch(batch, self.sae.targets)
+        x = {t.name: batch[t.name].to(self.sae.device, torch.float32) for t in self.sae.targets}
+        finite = torch.stack([v.flatten(1).isfinite().all(1) for v in x.values()]).all(0)
+        self.n_rejected_nonfinite += int((~finite).sum())
+        sq = sample_sq_norms({k: torch.where(finite.view(-1, *[1] * (v.dim() - 1)), v, 0)
+                              for k, v in x.items()})
+        nonzero = sq > 0
+        self.n_skipped_zero += int((finite & ~nonzero).sum())
+        keep = finite & nonzero
+        if not bool(keep.any()):
+            return None
+        if not bool(keep.all()):
+            x = {k: v[keep] for k, v in x.items()}
+        return x
+
+    @torch.no_grad()
+    def _update_scale(self, x: Mapping[str, Tensor]) -> None:
+        ms = sample_sq_norms(x).mean()
+        s = self.sae.input_scale
+        if s > 0:
+            s.copy_(((1 - self.cfg.scale_ema) * s.pow(2) + self.cfg.scale_ema * ms).sqrt())
+        else:
+            s.copy_(ms.sqrt())
+
+    # ------------------------------------------------------------------ the step
+    def step(self, batch: Sample) -> StepMetrics | None:
+        """One optimisation step; returns None when every sample was rejected."""
+        x = self._clean(batch)
+        if x is None:
+            return None
+        self._update_scale(x)
+        xs = self.sae.to_scaled(x)
+        if self.n_steps == 0 and self.cfg.use_b_dec:
+            with torch.no_grad():
+                for t, bd in zip(self.sae.targets, self.sae.b_dec):
+                    bd.copy_(xs[t.name].mean(0))
+        dead = self.stats.dead_mask(self.cfg.dead_after)
+
+        with torch.autocast(self.sae.device.type, torch.bfloat16, enabled=self.cfg.autocast_bf16):
+            out = self.sae(xs, training=True)
+            aux = self._aux_loss(xs, out, dead)
+        recon = {k: v.float() for k, v in out.recon.items()}
+        main = fvu(xs, recon)
+        loss = main + self.cfg.aux_coef * aux if self.cfg.aux_coef > 0 else main
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.sae.normalize_decoder_()
+        if out.batch_threshold is not None:
+            self._update_threshold(out.batch_threshold)
+        self.stats.update(out.codes, self.n_steps)
+        self.n_steps += 1
+        return StepMetrics(
+            fvu=main.item(), aux_loss=float(aux.detach()), loss=loss.item(),
+            l0=out.codes.active().sum(1).float().mean().item(),
+            dead_frac=self.stats.dead_mask(self.cfg.dead_after).float().mean().item(),
+            n_samples=next(iter(xs.values())).shape[0], input_scale=self.sae.input_scale.item(),
+        )
+
+    def _aux_loss(self, xs: Mapping[str, Tensor], out: SAEOutput, dead: Tensor) -> Tensor:
+        """AuxK: the top dead latents (by |pre| for signed_topk, ReLU otherwise) reconstruct the
+        residual the live latents left; normalised like FVU. Zero when nothing is dead."""
+        n_dead = int(dead.sum())
+        if self.cfg.aux_coef == 0 or n_dead == 0:
+            return torch.zeros((), device=self.sae.device)
+        k_aux = min(self.cfg.effective_aux_k, n_dead)
+        score = out.pre_acts.abs() if self.cfg.sparsity == "signed_topk" else out.pre_acts.relu()
+        score = score.masked_fill(~dead, -1.0)
+        idx = score.topk(k_aux, dim=-1, sorted=False).indices  # [b, k_aux]
+        vals = out.pre_acts.gather(-1, idx)
+        if self.cfg.sparsity != "signed_topk":
+            vals = vals.relu()
+        ehat = self.sae.decode(SparseCodes(idx, vals), with_bias=False)
+        resid = {k: (xs[k] - out.recon[k]).detach().float() for k in xs}
+        r, tot = fvu_parts(resid, {k: v.float() for k, v in ehat.items()})
+        return (r / tot.clamp_min(1e-30)).nan_to_num(0.0)
+
+    @torch.no_grad()
+    def _update_threshold(self, floor: Tensor) -> None:
+        thr = self.sae.threshold
+        if torch.isnan(thr):
+            thr.copy_(floor)
+        else:
+            thr.mul_(1 - self.cfg.threshold_ema).add_(self.cfg.threshold_ema * floor)
+
+    # ------------------------------------------------------------------ loops
+    def fit(self, source: Iterable[Sample] | Callable[[], Sample], n_steps: int,
+            on_step: Callable[[int, StepMetrics], None] | None = None) -> list[StepMetrics]:
+        """Run ``n_steps`` steps on batches from an iterable or a zero-argument callable."""
+        it: Iterator[Sample] | None = None if callable(source) else iter(source)
+        history = []
+        for _ in range(n_steps):
+            batch = source() if it is None else next(it)
+            m = self.step(batch)
+            if m is not None:
+                history.append(m)
+                if on_step is not None:
+                    on_step(self.n_steps, m)
+        return history
+
+    # ------------------------------------------------------------------ resume state
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Everything needed to resume, as plain tensors (safetensors-friendly, no pickle)."""
+        out: dict[str, Tensor] = {}
+        params = [p for p in self.sae.parameters() if p.requires_grad]
+        for i, p in enumerate(params):
+            st = self.optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    out[f"adam.{i}.{key}"] = st[key].detach().clone()
+            if "step" in st:
+                out[f"adam.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).clone()
+        for k, v in self.stats.as_tensors().items():
+            out[f"trainer.{k}"] = v
+        out["trainer.abs_act_sum"] = self.stats.abs_act_sum.clone()
+        out["trainer.counters"] = torch.tensor(
+            [self.n_steps, self.n_rejected_nonfinite, self.n_skipped_zero, self.stats.n_samples],
+            dtype=torch.long)
+        return out
+
+    def load_state_tensors(self, state: Mapping[str, Tensor]) -> None:
+        """Inverse of :meth:`state_tensors` (the SAE's own weights are loaded separately)."""
+        params = [p for p in self.sae.parameters() if p.requires_grad]
+        for i, p in enumerate(params):
+            if f"adam.{i}.exp_avg" in state:
+                self.optimizer.state[p] = {
+                    "step": state[f"adam.{i}.step"].clone(),
+                    "exp_avg": state[f"adam.{i}.exp_avg"].to(p.device).clone(),
+                    "exp_avg_sq": state[f"adam.{i}.exp_avg_sq"].to(p.device).clone(),
+                }
+        dev = self.sae.device
+        self.stats.fire_count = state["trainer.stats.fire_count"].to(dev).clone()
+        self.stats.samples_since_fired = state["trainer.stats.samples_since_fired"].to(dev).clone()
+        self.stats.last_active_step = state["trainer.stats.last_active_step"].to(dev).clone()
+        self.stats.abs_act_sum = state["trainer.abs_act_sum"].to(dev).clone()
+        counters = state["trainer.counters"].tolist()
+        self.n_steps, self.n_rejected_nonfinite, self.n_skipped_zero, self.stats.n_samples = counters
+

@@ -1,0 +1,94 @@
+"""Checkpoint directories: exact round trip, atomic replace, and clear errors on damage."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from sae_shards.checkpoint import (CheckpointError, load_checkpoint, load_training_state,
+                                   save_checkpoint, sae_tensors)
+from sae_shards.sae import LowRankSAE
+from sae_shards.sae_config import SAEConfig
+from sae_shards.synthetic import PlantedConfig, PlantedStream
+from sae_shards.trainer import SAETrainer
+
+
+@pytest.fixture(scope="module")
+def trained():
+    stream = PlantedStream(PlantedConfig(n_directions=4, seed=1))
+    sae = LowRankSAE(stream.targets, SAEConfig(n_latents=8, k=2, rank=2, sparsity="batch_topk"))
+    trainer = SAETrainer(sae)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        trainer.step(stream.sample(16, g).sample)
+    return stream, sae, trainer
+
+
+def test_round_trip_is_exact(trained, tmp_path):
+    stream, sae, trainer = trained
+    meta = {"source": "update", "rl_step": 7, "model_id": "tiny"}
+    save_checkpoint(tmp_path / "ck", sae, trainer.stats.as_tensors(), meta, trainer.state_tensors())
+    loaded = load_checkpoint(tmp_path / "ck")
+    want, got = sae_tensors(sae), sae_tensors(loaded.sae)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]) or (want[k].isnan().all() and got[k].isnan().all()), k
+    assert loaded.config["meta"] == meta
+    assert loaded.config["sae"] == sae.cfg.to_dict()
+    assert torch.equal(loaded.stats["stats.fire_count"], trainer.stats.fire_count)
+    x = sae.to_scaled(stream.sample(4, torch.Generator().manual_seed(5)).sample)
+    assert torch.equal(sae.encode(x).values, loaded.sae.encode(x).values)
+    state = load_training_state(tmp_path / "ck")
+    assert torch.equal(state["trainer.counters"], trainer.state_tensors()["trainer.counters"])
+    # plain safetensors reads it, and the header carries the format version
+    with safe_open(tmp_path / "ck" / "sae.safetensors", "pt") as f:
+        assert f.metadata()["format_version"] == "1"
+        assert "decoder.layers.0.mlp.down_proj.weight.U" in f.keys()
+
+
+def test_failed_write_keeps_previous_checkpoint(trained, tmp_path):
+    _, sae, trainer = trained
+    save_checkpoint(tmp_path / "ck", sae, meta={"rl_step": 1})
+    with pytest.raises(ValueError, match="stats."):
+        save_checkpoint(tmp_path / "ck", sae, stats={"density": torch.zeros(8)}, meta={"rl_step": 2})
+    assert load_checkpoint(tmp_path / "ck").config["meta"] == {"rl_step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary leftovers
+    save_checkpoint(tmp_path / "ck", sae, meta={"rl_step": 3})  # replacing works
+    assert load_checkpoint(tmp_path / "ck").config["meta"] == {"rl_step": 3}
+
+
+def test_malformed_checkpoints_name_file_and_problem(trained, tmp_path):
+    _, sae, _ = trained
+    good = save_checkpoint(tmp_path / "good", sae)
+
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        load_checkpoint(tmp_path / "nope")
+
+    missing = save_checkpoint(tmp_path / "missing", sae)
+    (missing / "sae.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"missing/sae.safetensors: missing"):
+        load_checkpoint(missing)
+
+    truncated = save_checkpoint(tmp_path / "truncated", sae)
+    data = (truncated / "sae.safetensors").read_bytes()
+    (truncated / "sae.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated/sae.safetensors: cannot be read.*truncated"):
+        load_checkpoint(truncated)
+
+    version = save_checkpoint(tmp_path / "version", sae)
+    cfg = json.loads((version / "config.json").read_text())
+    cfg["format_version"] = 99
+    (version / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"version/config.json: .*version 99 is not supported"):
+        load_checkpoint(version)
+
+    shape = save_checkpoint(tmp_path / "shape", sae)
+    tensors = load_file(shape / "sae.safetensors")
+    tensors["b_enc"] = torch.zeros(9)
+    save_file(tensors, shape / "sae.safetensors", metadata={"format": "sae-shards", "format_version": "1"})
+    with pytest.raises(CheckpointError, match=r"'b_enc' has shape \(9,\), config.json implies \(8,\)"):
+        load_checkpoint(shape)
+
+    assert load_checkpoint(good).sae.n_latents == 8

@@ -1,0 +1,135 @@
+"""SAETrainer behaviour: planted-direction recovery, the noise null, AuxK, bad input, resume."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae_shards.metrics import evaluate_heldout, match_directions
+from sae_shards.sae import LowRankSAE
+from sae_shards.sae_config import SAEConfig
+from sae_shards.synthetic import PlantedConfig, PlantedStream
+from sae_shards.trainer import SAETrainer
+
+BATCH = 64
+
+
+@pytest.fixture(scope="module")
+def stream():
+    # 12 rank-1 directions over 3 matrices of different shapes and one vector, 20% noise.
+    return PlantedStream(PlantedConfig(n_directions=12, noise_frac=0.2, seed=0))
+
+
+def _train(sae, source, steps):
+    trainer = SAETrainer(sae)
+    for _ in range(steps):
+        trainer.step(source())
+    return trainer
+
+
+def test_recovers_planted_directions(stream):
+    assert len(stream.targets) >= 3 and stream.cfg.n_directions >= 12
+    sae = LowRankSAE(stream.targets, SAEConfig(n_latents=24, k=3, lr=3e-3, seed=0))
+    g = torch.Generator().manual_seed(1)
+    _train(sae, lambda: stream.sample(BATCH, g).sample, steps=400)
+    match = match_directions(sae, stream.directions)
+    held = evaluate_heldout(sae, [stream.sample(256, torch.Generator().manual_seed(99)).sample])
+    assert match.mmcs >= 0.95, match.max_abs_cos
+    assert held.fvu <= 0.2, held
+    # distinct latents for distinct directions: recovery is not one latent matching everything
+    assert len(set(match.best_latent.tolist())) == stream.cfg.n_directions
+
+
+def test_noise_null_is_not_explained(stream):
+    sae = LowRankSAE(stream.targets, SAEConfig(n_latents=24, k=3, lr=3e-3, seed=0))
+    g = torch.Generator().manual_seed(1)
+    _train(sae, lambda: stream.noise_only(BATCH, g), steps=400)
+    held = evaluate_heldout(sae, [stream.noise_only(256, torch.Generator().manual_seed(99))])
+    assert held.fvu >= 0.8, held
+    assert match_directions(sae, stream.directions).mmcs < 0.5
+
+
+@pytest.mark.parametrize("aux_coef", [1 / 32, 0.0])
+def test_auxk_revives_dead_latents(stream, aux_coef):
+    cfg = SAEConfig(n_latents=24, k=3, lr=3e-3, dead_after=320, aux_coef=aux_coef)
+    sae = LowRankSAE(stream.targets, cfg)
+    with torch.no_grad():  # 20 of 24 latents start with tiny encoders: they never win top-k
+        for tf in sae.factors:
+            for f in tf.factors("encoder"):
+                f[4:] *= 1e-3
+    g = torch.Generator().manual_seed(1)
+    trainer = SAETrainer(sae)
+    dead = [trainer.step(stream.sample(32, g).sample).dead_frac for _ in range(400)]
+    early = max(dead[10:40])  # dead as soon as dead_after samples have passed
+    late = sum(dead[-50:]) / 50
+    assert early >= 0.8
+    if aux_coef > 0:
+        assert late <= 0.4, (early, late)
+    else:
+        assert late >= 0.8, (early, late)
+
+
+def test_mismatched_sample_names_target_and_shapes(stream):
+    sae = LowRankSAE(stream.targets, SAEConfig(n_latents=8, k=2))
+    trainer = SAETrainer(sae)
+    batch = stream.sample(4, torch.Generator().manual_seed(0)).sample
+    bad = dict(batch)
+    bad["layers.0.mlp.down_proj.weight"] = torch.zeros(4, 48, 64)
+    with pytest.raises(ValueError, match=r"'layers.0.mlp.down_proj.weight'.*\(48, 64\).*\(64, 48\)"):
+        trainer.step(bad)
+    missing = {k: v for k, v in batch.items() if k != "layers.1.input_layernorm.weight"}
+    with pytest.raises(ValueError, match="missing.*layers.1.input_layernorm.weight"):
+        trainer.step(missing)
+
+
+def test_non_finite_samples_rejected_and_counted(stream):
+    batch = stream.sample(8, torch.Generator().manual_seed(0)).sample
+    poisoned = {k: v.clone() for k, v in batch.items()}
+    poisoned["layers.1.mlp.up_proj.weight"][2, 0, 0] = float("nan")
+    poisoned["layers.1.input_layernorm.weight"][5, 3] = float("inf")
+    keep = torch.tensor([i not in (2, 5) for i in range(8)])
+    clean = {k: v[keep] for k, v in batch.items()}
+
+    cfg = SAEConfig(n_latents=8, k=2)
+    a, b = LowRankSAE(stream.targets, cfg), LowRankSAE(stream.targets, cfg)
+    ta, tb = SAETrainer(a), SAETrainer(b)
+    ma = ta.step(poisoned)
+    tb.step(clean)
+    assert ta.n_rejected_nonfinite == 2 and ma.n_samples == 6
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), n  # trained exactly as if the bad samples never came
+    before = {n: p.clone() for n, p in a.named_parameters()}
+    all_bad = {k: torch.full_like(v, float("nan")) for k, v in batch.items()}
+    assert ta.step(all_bad) is None and ta.n_rejected_nonfinite == 10
+    assert all(torch.equal(before[n], p) for n, p in a.named_parameters())
+
+
+def test_all_zero_samples_skipped(stream):
+    batch = stream.sample(6, torch.Generator().manual_seed(0)).sample
+    for v in batch.values():
+        v[1] = 0
+    trainer = SAETrainer(LowRankSAE(stream.targets, SAEConfig(n_latents=8, k=2)))
+    assert trainer.step(batch).n_samples == 5 and trainer.n_skipped_zero == 1
+
+
+def test_resume_matches_uninterrupted_run(stream, tmp_path):
+    cfg = SAEConfig(n_latents=12, k=3, lr=3e-3, dead_after=64)
+    g = torch.Generator().manual_seed(3)
+    batches = [stream.sample(16, g).sample for _ in range(30)]
+    ref = LowRankSAE(stream.targets, cfg)
+    ref_tr = _train(ref, iter(batches).__next__, 30)
+
+    first = LowRankSAE(stream.targets, cfg)
+    first_tr = _train(first, iter(batches[:20]).__next__, 20)
+    save_file({k: v.contiguous() for k, v in first.state_dict().items()}, tmp_path / "sae.safetensors")
+    save_file(first_tr.state_tensors(), tmp_path / "state.safetensors")
+
+    resumed = LowRankSAE(stream.targets, SAEConfig(**{**cfg.to_dict(), "seed": 123}))
+    resumed.load_state_dict(load_file(tmp_path / "sae.safetensors"))
+    tr = SAETrainer(resumed)
+    tr.load_state_tensors(load_file(tmp_path / "state.safetensors"))
+    for b in batches[20:]:
+        tr.step(b)
+    for (n, p), q in zip(ref.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
+    assert tr.n_steps == ref_tr.n_steps
+    assert torch.equal(tr.stats.fire_count, ref_tr.stats.fire_count)
