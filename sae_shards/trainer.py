@@ -141,13 +141,14 @@ class SAETrainer:
                     bd.copy_(xs[t.name].mean(0))
         dead = self.stats.dead_mask(self.cfg.dead_after)
 
-        with torch.autocast(self.sae.device.type, torch.bfloat16, enabled=self.cfg.autocast_bf16):
+        # enable_grad: callers may sit inside no_grad (the capture callback does).
+        with torch.enable_grad(), torch.autocast(self.sae.device.type, torch.bfloat16,
+                                                 enabled=self.cfg.autocast_bf16):
             out = self.sae(xs, training=True)
             aux = self._aux_loss(xs, out, dead)
-        recon = {k: v.float() for k, v in out.recon.items()}
-        main = fvu(xs, recon)
-        loss = main + self.cfg.aux_coef * aux if self.cfg.aux_coef > 0 else main
-
+            recon = {k: v.float() for k, v in out.recon.items()}
+            main = fvu(xs, recon)
+            loss = main + self.cfg.aux_coef * aux if self.cfg.aux_coef > 0 else main
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

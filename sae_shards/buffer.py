@@ -1,0 +1,374 @@
+"""Ring buffer of deltas on the SAE's device, written by the capture callback, sampled by the SAE.
+
+One *slot* holds one sample (``{target: tensor of the target's shape}``) and its ``StepMeta``.
+Writers fill a slot in place::
+
+    slot, views = buffer.begin_write()      # views[name]: [*shape], storage dtype
+    views[name].copy_(fp32_delta)           # rounds to bf16 here if storage is bf16
+    buffer.commit(slot, meta)               # now the slot can be sampled
+
+The delta itself is always computed in fp32 by the writer; with bf16 storage only the stored copy
+is rounded. A background SAE thread may call ``sample`` while the RL thread writes: a lock guards
+the slot bookkeeping and the gather, and a slot between ``begin_write`` and ``commit`` is never
+handed out. On CUDA, CUDA events order the writer's kernels before any read of the slot and every
+earlier read before the next overwrite, whichever streams the two threads use.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple, Sequence
+
+import torch
+
+from sae_shards.targets import TargetSpec, total_numel
+
+STORAGE_DTYPES = (torch.float32, torch.bfloat16)
+_GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class StepMeta:
+    """What is known about the RL step whose sample a slot holds."""
+
+    global_step: int
+    """``state.global_step`` after the optimizer step that produced the sample (1-based)."""
+    reward_mean: float = math.nan
+    """Mean reward of the step's completions; nan when unknown."""
+    reward_std: float = math.nan
+    """Standard deviation of the step's rewards; nan when unknown."""
+    task_labels: tuple[str, ...] = ()
+    """Tasks active in the step (e.g. ``("A",)``); empty when the task provides none."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "task_labels", tuple(str(t) for t in self.task_labels))
+
+
+class BufferSample(NamedTuple):
+    """A batch drawn from the buffer."""
+
+    batch: dict[str, torch.Tensor]
+    """``{target: fp32 tensor [batch, *shape]}`` on the buffer's device."""
+    slots: torch.Tensor
+    """``LongTensor [batch]`` on CPU: the slot each row came from (for ``metadata``)."""
+
+
+class DeltaRingBuffer:
+    """Preallocated ``[capacity, *shape]`` tensors per target; new samples replace the oldest.
+
+    Slots are written in order 0, 1, ..., capacity - 1, 0, ...; the write index advances on
+    ``commit``. Only committed slots are sampled, counted by ``len`` or listed by
+    ``chronological_slots``. One writer at a time.
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[TargetSpec],
+        capacity: int,
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capture.capacity must be >= 1 slot, got {capacity}")
+        _check_storage_dtype(dtype)
+        names = [t.name for t in targets]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"buffer targets must be non-empty and unique, got {names}")
+        self.targets = list(targets)
+        self.capacity = int(capacity)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._data = {  # name -> [capacity, *shape]
+            t.name: torch.zeros((self.capacity, *t.shape), dtype=dtype, device=self.device)
+            for t in self.targets
+        }
+        self._meta: list[StepMeta | None] = [None] * self.capacity  # None: slot holds no sample
+        self._filled = torch.zeros(self.capacity, dtype=torch.bool)  # [capacity] committed slots
+        self._next = 0  # the slot the next begin_write hands out
+        self._writing: int | None = None
+        self._n_pushed = 0
+        self._lock = threading.Lock()
+        self._write_done: torch.cuda.Event | None = None  # CUDA only: last commit's kernels
+        self._read_done: torch.cuda.Event | None = None  # CUDA only: last sample's gather
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def begin_write(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """Claim the next slot; return it and ``{target: view [*shape]}`` to fill in place.
+
+        The slot's old sample is dropped now (it is no longer sampled). Views have the storage
+        dtype: fill them with ``view.copy_(fp32_delta)`` or write with ``out=`` when storage is
+        fp32. Finish with ``commit`` (or ``abort``).
+        """
+        with self._lock:
+            if self._writing is not None:
+                raise RuntimeError(
+                    f"slot {self._writing} is still being written; commit or abort it first "
+                    "(the buffer takes one writer at a time)"
+                )
+            slot = self._next
+            self._writing = slot
+            self._meta[slot] = None
+            self._filled[slot] = False
+            read_done = self._read_done
+        if read_done is not None:  # earlier gathers must finish before the slot is overwritten
+            torch.cuda.current_stream(self.device).wait_event(read_done)
+        return slot, {name: data[slot] for name, data in self._data.items()}
+
+    def commit(self, slot: int, meta: StepMeta) -> None:
+        """Mark ``slot`` (from ``begin_write``) as holding the sample of ``meta``."""
+        event = self._record_event()
+        with self._lock:
+            self._check_writing(slot)
+            self._meta[slot] = meta
+            self._filled[slot] = True
+            self._n_pushed += 1
+            self._next = (slot + 1) % self.capacity
+            self._writing = None
+            if event is not None:
+                self._write_done = event
+
+    def abort(self, slot: int) -> None:
+        """Give up writing ``slot``: it stays empty and the next ``begin_write`` reuses it."""
+        with self._lock:
+            self._check_writing(slot)
+            self._writing = None
+
+    def push(self, delta: Mapping[str, torch.Tensor], meta: StepMeta) -> int:
+        """Copy one sample ``{target: [*shape]}`` into the next slot, commit it, return the slot."""
+        slot, views = self.begin_write()
+        try:
+            for name, view in views.items():
+                if name not in delta or tuple(delta[name].shape) != tuple(view.shape):
+                    got = tuple(delta[name].shape) if name in delta else "missing"
+                    raise ValueError(
+                        f"target {name!r}: pushed delta has shape {got}, the buffer expects "
+                        f"{tuple(view.shape)}"
+                    )
+                view.copy_(delta[name])
+        except BaseException:
+            self.abort(slot)
+            raise
+        self.commit(slot, meta)
+        return slot
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def sample(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        recent_frac: float = 0.0,
+        recent_window: int | None = None,
+    ) -> BufferSample:
+        """Draw ``batch_size`` committed slots uniformly, with replacement, and gather them in fp32.
+
+        With ``recent_frac > 0``, the first ``n_recent = round(recent_frac * batch_size)`` rows are
+        drawn uniformly (with replacement) from the ``recent_window`` newest committed slots
+        (default ``batch_size``; clamped to ``len(self)``), the remaining rows from all committed
+        slots, so the newest samples are seen more often. ``generator`` is a CPU generator.
+        """
+        if batch_size < 1:
+            raise ValueError(f"sample batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= recent_frac <= 1.0:
+            raise ValueError(f"recent_frac must be in [0, 1], got {recent_frac}")
+        with self._lock:
+            committed = self._chronological_locked()  # [n_committed], oldest first
+            if committed.numel() == 0:
+                raise RuntimeError(
+                    "cannot sample from an empty DeltaRingBuffer: no slot has been committed yet "
+                    "(push at least one delta before the SAE samples)"
+                )
+            slots = _draw(committed, batch_size, generator, recent_frac, recent_window)
+            return BufferSample(self._gather_locked(slots), slots)
+
+    def gather(self, slots: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
+        """``{target: fp32 [len(slots), *shape]}`` of the given committed slots (e.g. held out)."""
+        slots = torch.as_tensor(slots, dtype=torch.long).reshape(-1)
+        with self._lock:
+            empty = [s for s in slots.tolist() if not 0 <= s < self.capacity or not self._filled[s]]
+            if empty:
+                raise KeyError(f"slots {empty[:5]} hold no committed sample")
+            return self._gather_locked(slots)
+
+    def metadata(self, slot: int) -> StepMeta:
+        """The ``StepMeta`` of a committed slot."""
+        with self._lock:
+            meta = self._meta[slot]
+        if meta is None:
+            raise KeyError(f"slot {slot} holds no committed sample")
+        return meta
+
+    def chronological_slots(self) -> torch.Tensor:
+        """Committed slots, oldest sample first, as a ``LongTensor [len(self)]`` on CPU."""
+        with self._lock:
+            return self._chronological_locked()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._filled.sum())
+
+    @property
+    def n_pushed(self) -> int:
+        """Samples ever committed (including those since overwritten)."""
+        return self._n_pushed
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the sample storage."""
+        return sum(d.numel() * d.element_size() for d in self._data.values())
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _check_writing(self, slot: int) -> None:
+        if self._writing != slot:
+            raise RuntimeError(
+                f"slot {slot} is not being written (begin_write handed out {self._writing})"
+            )
+
+    def _gather_locked(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self._write_done is not None:  # committed kernels finish before our gather
+            torch.cuda.current_stream(self.device).wait_event(self._write_done)
+        index = slots.to(self.device)  # [batch]
+        batch = {name: data.index_select(0, index).float() for name, data in self._data.items()}
+        event = self._record_event()
+        if event is not None:
+            self._read_done = event
+        return batch  # {name: [batch, *shape]}
+
+    def _chronological_locked(self) -> torch.Tensor:
+        # Slots are written strictly in ring order, so the oldest sample sits at the first
+        # committed slot at or after the next write position.
+        ring = torch.arange(self.capacity).roll(-self._next)  # [capacity], oldest position first
+        return ring[self._filled[ring]]
+
+    def _record_event(self) -> torch.cuda.Event | None:
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+
+def _draw(
+    committed: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator | None,
+    recent_frac: float,
+    recent_window: int | None,
+) -> torch.Tensor:
+    """Indices into the buffer: recent rows first (see ``DeltaRingBuffer.sample``). ``[batch]``."""
+    if recent_window is not None and recent_window < 1:
+        raise ValueError(f"recent_window must be >= 1 slot, got {recent_window}")
+    n_recent = round(recent_frac * batch_size)
+    window = min(batch_size if recent_window is None else recent_window, committed.numel())
+    recent = committed[-window:]
+    pick_recent = torch.randint(window, (n_recent,), generator=generator)
+    pick_all = torch.randint(committed.numel(), (batch_size - n_recent,), generator=generator)
+    return torch.cat([recent[pick_recent], committed[pick_all]])
+
+
+def _check_storage_dtype(dtype: torch.dtype) -> None:
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(
+            f"capture.storage_dtype {dtype} is not supported; use float32 or bfloat16 "
+            "(float16 flushes typical RL deltas of 1e-6..1e-4 to zero or subnormals)"
+        )
+
+
+# ---- memory budget ------------------------------------------------------------------------
+
+
+def buffer_memory_bytes(targets: Sequence[TargetSpec], capacity: int, dtype: torch.dtype) -> int:
+    """Bytes a ``DeltaRingBuffer`` of these targets allocates: ``capacity * D * bytes``."""
+    return int(capacity) * total_numel(targets) * torch.tensor([], dtype=dtype).element_size()
+
+
+def default_memory_budget(device: torch.device | str, fraction: float = 0.5) -> int:
+    """``fraction`` of the memory free now on ``device`` (CUDA: mem_get_info; CPU: MemAvailable)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"memory budget fraction must be in (0, 1], got {fraction}")
+    device = torch.device(device)
+    match device.type:
+        case "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+        case "cpu":
+            free = _cpu_available_bytes()
+        case other:
+            raise ValueError(
+                f"no free-memory query for device type {other!r}; pass an explicit budget in bytes"
+            )
+    return int(free * fraction)
+
+
+def _cpu_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except FileNotFoundError:
+        pass
+    raise ValueError(
+        "cannot read MemAvailable from /proc/meminfo on this system; pass an explicit "
+        "buffer memory budget in bytes"
+    )
+
+
+def check_buffer_memory(
+    targets: Sequence[TargetSpec],
+    capacity: int,
+    dtype: torch.dtype,
+    budget_bytes: int | None = None,
+    device: torch.device | str = "cpu",
+) -> int:
+    """Raise ``ValueError`` before training if the buffer would not fit; return its bytes.
+
+    ``budget_bytes=None`` means ``default_memory_budget(device)``. The error states the need, the
+    budget, and what each remedy (bf16 storage, smaller capacity, fewer targets) would give.
+    """
+    _check_storage_dtype(dtype)
+    needed = buffer_memory_bytes(targets, capacity, dtype)
+    budget = default_memory_budget(device) if budget_bytes is None else int(budget_bytes)
+    if needed <= budget:
+        return needed
+    raise ValueError(_memory_error(targets, capacity, dtype, needed, budget, torch.device(device)))
+
+
+def _memory_error(
+    targets: Sequence[TargetSpec],
+    capacity: int,
+    dtype: torch.dtype,
+    needed: int,
+    budget: int,
+    device: torch.device,
+) -> str:
+    per_slot = buffer_memory_bytes(targets, 1, dtype)
+    fits = budget // per_slot
+    lines = [
+        f"the delta buffer needs {needed / _GIB:.3f} GiB ({needed} bytes: capture.capacity="
+        f"{capacity} slots x {total_numel(targets)} entries x {per_slot // total_numel(targets)} "
+        f"bytes) but the budget on {device} is {budget / _GIB:.3f} GiB ({budget} bytes). To fit:",
+    ]
+    if dtype == torch.float32:
+        half = buffer_memory_bytes(targets, capacity, torch.bfloat16)
+        verdict = "fits" if half <= budget else "still too large"
+        lines.append(f"  - capture.storage_dtype=bf16: {half / _GIB:.3f} GiB ({verdict})")
+    if fits >= 1:
+        lines.append(
+            f"  - capture.capacity={fits}: {fits * per_slot / _GIB:.3f} GiB (the largest that fits)"
+        )
+    else:
+        lines.append(
+            f"  - capture.capacity: even 1 slot ({per_slot / _GIB:.3f} GiB) exceeds the budget"
+        )
+    biggest = sorted(targets, key=lambda t: t.numel, reverse=True)[:3]
+    costs = ", ".join(
+        f"{t.name} {buffer_memory_bytes([t], capacity, dtype) / _GIB:.3f} GiB" for t in biggest
+    )
+    lines.append(
+        f"  - fewer targets via capture.targets ({len(targets)} now); the largest cost: {costs}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,402 @@
+"""Capture: choose the targets in a model and write each optimizer step's delta into the buffer.
+
+``select_targets`` turns glob patterns over parameter names into targets; ``DeltaCapture`` is the
+``transformers.TrainerCallback`` that, once per optimizer step, writes one sample straight into a
+``DeltaRingBuffer`` slot and hands the slot to ``on_push`` (where the SAE runner hooks in).
+
+When the callbacks fire (transformers 5.23, ``Trainer._run_epoch``), per optimizer step with
+``gradient_accumulation_steps = G``::
+
+    on_step_begin                       once, before the first of the G micro-batches
+    G x (forward, backward)             on_substep_end after each of the first G - 1
+    clip gradients (max_grad_norm > 0)
+    on_pre_optimizer_step               gradients are final and clipped here
+    optimizer.step(); on_optimizer_step; lr_scheduler.step(); zero_grad()
+    state.global_step += 1; on_step_end
+
+Source ``update`` snapshots the targets (fp32) at ``on_step_begin`` and writes
+``theta_after - snapshot`` (fp32) at ``on_step_end``; this stays correct where the weights change
+before ``on_pre_optimizer_step`` (DeepSpeed steps inside backward). Source ``grad`` copies the
+clipped gradient at ``on_pre_optimizer_step``. Either way the slot is committed at ``on_step_end``
+with ``StepMeta.global_step = state.global_step`` (the 1-based number of the step just taken).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from transformers import TrainerCallback
+
+from sae_shards.buffer import DeltaRingBuffer, StepMeta
+from sae_shards.targets import check_batch
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("update", "grad")
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """A LoRA-adapted base weight ``(out, in)``, captured through its adapter factors.
+
+    Its delta is the change of the effective weight, ``s * (B1 @ A1 - B0 @ A0)`` with
+    ``s = layer.scaling[adapter]`` (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA).
+    """
+
+    layer: torch.nn.Module
+    """The ``peft.tuners.lora.Linear`` wrapping the base layer."""
+    adapter: str
+    """The adapter being trained (the layer's only active adapter)."""
+
+    @property
+    def A(self) -> torch.nn.Parameter:  # [r, in]
+        return self.layer.lora_A[self.adapter].weight
+
+    @property
+    def B(self) -> torch.nn.Parameter:  # [out, r]
+        return self.layer.lora_B[self.adapter].weight
+
+    @property
+    def scaling(self) -> float:
+        return float(self.layer.scaling[self.adapter])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.layer.get_base_layer().weight.shape)
+
+
+Target = torch.nn.Parameter | LoraTarget
+
+
+# ---- selecting targets ------------------------------------------------------------------------
+
+
+def select_targets(model: torch.nn.Module, patterns: list[str]) -> dict[str, Target]:
+    """``{name: target}`` for every parameter whose name matches a glob in ``patterns``.
+
+    Names are those of ``model.named_parameters()``; for a peft LoRA model they are the *base*
+    model's names (``model.layers.0.self_attn.q_proj.weight``, without ``base_model.model.`` or
+    ``.base_layer.``), and an adapted weight becomes a ``LoraTarget``. Every match must be
+    capturable (a trainable parameter or a LoRA-adapted weight) and every pattern must match;
+    otherwise ``ValueError`` names the pattern and what is available.
+    """
+    if not patterns:
+        raise ValueError(
+            "capture.targets is empty; give at least one glob, e.g. '*mlp.down_proj.weight'"
+        )
+    capturable, frozen = _candidates(model)
+    selected: dict[str, Target] = {}
+    for pattern in patterns:
+        hits = [n for n in capturable if fnmatch.fnmatchcase(n, pattern)]
+        stuck = [n for n in frozen if fnmatch.fnmatchcase(n, pattern)]
+        if stuck:
+            raise ValueError(_frozen_error(pattern, stuck, capturable))
+        if not hits:
+            raise ValueError(
+                f"capture.targets pattern {pattern!r} matches no parameter of "
+                f"{type(model).__name__}; capturable names include {_few(capturable)}"
+            )
+        selected.update((n, capturable[n]) for n in hits)
+    return selected
+
+
+def target_shapes(targets: Mapping[str, Target]) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of selected targets, for ``targets.make_targets``."""
+    return {name: tuple(t.shape) for name, t in targets.items()}
+
+
+def _candidates(model: torch.nn.Module) -> tuple[dict[str, Target], list[str]]:
+    """(capturable ``{name: target}``, names of frozen parameters without a LoRA adapter)."""
+    base, lora = _lora_targets(model)
+    factor_ids = {id(p) for t in lora.values() for p in (t.A, t.B)}
+    capturable: dict[str, Target] = dict(lora)
+    frozen = []
+    for name, p in base.named_parameters():
+        name = name.replace(".base_layer.", ".")
+        if id(p) in factor_ids or name in lora:
+            continue
+        if p.requires_grad:
+            capturable[name] = p
+        else:
+            frozen.append(name)
+    return capturable, frozen
+
+
+def _lora_targets(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, LoraTarget]]:
+    """The model under any peft wrapper, and its LoRA-adapted weights by base weight name."""
+    if importlib.util.find_spec("peft") is None:  # without peft there are no LoRA layers
+        return model, {}
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import Linear as LoraLinear
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    targets = {}
+    for module_name, layer in base.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        name = f"{module_name}.weight"
+        if type(layer) is not LoraLinear:
+            raise NotImplementedError(
+                f"{name}: LoRA layer type {type(layer).__name__} is not supported for capture; "
+                "only peft's lora.Linear on nn.Linear (drop it from the LoRA target_modules)"
+            )
+        adapters = layer.active_adapters
+        if len(adapters) != 1:
+            raise ValueError(f"{name}: capture needs one active LoRA adapter, got {adapters}")
+        adapter = adapters[0]
+        unsupported = {
+            "DoRA / LoRA variants": adapter in layer.lora_variant,
+            "lora_bias": layer.lora_bias.get(adapter, False),
+            "fan_in_fan_out": layer.fan_in_fan_out,
+        }
+        for what, on in unsupported.items():
+            if on:
+                raise NotImplementedError(f"{name}: capture does not support {what} yet")
+        targets[name] = LoraTarget(layer, adapter)
+    return base, targets
+
+
+def _frozen_error(pattern: str, stuck: list[str], capturable: Mapping[str, Target]) -> str:
+    adapted = [n for n, t in capturable.items() if isinstance(t, LoraTarget)]
+    fix = (
+        f"add their modules to the LoRA target_modules (adapted now: {_few(adapted)})"
+        if adapted
+        else "unfreeze them (requires_grad) or narrow the pattern"
+    )
+    return (
+        f"capture.targets pattern {pattern!r} matches parameters that never change: "
+        f"{_few(stuck)} are frozen and have no LoRA adapter; narrow the pattern or {fix}"
+    )
+
+
+def _few(names, k: int = 8) -> str:
+    names = list(names)
+    more = f" ... (+{len(names) - k} more)" if len(names) > k else ""
+    return ", ".join(names[:k]) + more if names else "(none)"
+
+
+def check_not_sharded(named_params) -> None:
+    """Raise ``ValueError`` if a parameter looks sharded (ZeRO-3, FSDP); capture needs full ones."""
+    for name, p in named_params:
+        if (
+            hasattr(p, "ds_id")  # DeepSpeed ZeRO-3 partitioned parameter
+            or getattr(p, "_is_flat_param", False)  # FSDP1 FlatParameter
+            or type(p.data).__name__ == "DTensor"  # FSDP2 / tensor parallel
+            or p.numel() == 0
+        ):
+            raise ValueError(
+                f"parameter {name!r} looks sharded (DeepSpeed ZeRO-3 or FSDP); delta capture "
+                "supports only full, replicated parameters (single process, DDP, ZeRO-1/2)"
+            )
+
+
+# ---- the callback -----------------------------------------------------------------------------
+
+
+class DeltaCapture(TrainerCallback):
+    """Write one sample per optimizer step into ``buffer``, then call ``on_push(slot)``.
+
+    ``targets`` comes from ``select_targets`` on the model the Trainer trains (with TRL, select
+    from ``trainer.model`` after the trainer is built: it may load or wrap the model itself).
+    ``source`` is ``update`` (fp32 ``theta_after - theta_before``; for LoRA the effective dense
+    delta) or ``grad`` (the clipped gradient; dense targets only). ``meta_fn(global_step)`` gives
+    the step's ``StepMeta``. A sample with a non-finite entry is skipped (``n_nonfinite`` counts it,
+    with a warning); all-zero samples are pushed and counted in ``n_zero``.
+
+    Distributed: capture runs only where ``state.is_world_process_zero``. Under DDP every rank
+    holds identical parameters and gradients (after the all-reduce), so rank 0 sees the full delta.
+    DeepSpeed ZeRO-1/2 work for ``update`` (full parameters on every rank). ZeRO-3 and FSDP shard
+    parameters; they are not supported yet and ``on_train_begin`` raises if a parameter looks
+    sharded (``ds_id`` attribute, FSDP flat parameter, DTensor, or numel 0).
+    """
+
+    def __init__(
+        self,
+        targets: Mapping[str, Target],
+        buffer: DeltaRingBuffer,
+        source: str = "update",
+        meta_fn: Callable[[int], StepMeta] | None = None,
+        on_push: Callable[[int], None] | None = None,
+    ) -> None:
+        match source:
+            case "update" | "grad":
+                pass
+            case other:
+                raise ValueError(f"capture.source {other!r} is not supported; use one of {SOURCES}")
+        if source == "grad" and any(isinstance(t, LoraTarget) for t in targets.values()):
+            raise ValueError(
+                "capture.source='grad' is not supported for LoRA targets (the gradient of the "
+                "effective weight is not available from the adapter factors); use source='update'"
+            )
+        shapes = {name: torch.empty(t.shape, device="meta") for name, t in targets.items()}
+        check_batch(shapes, buffer.targets, batched=False)
+        check_not_sharded((n, p) for n, t in targets.items() for p in _params(t))
+        self.targets = dict(targets)
+        self.buffer = buffer
+        self.source = source
+        self.meta_fn = meta_fn
+        self.on_push = on_push
+        self.n_captured = 0
+        """Samples this callback committed to the buffer."""
+        self.n_zero = 0
+        """Samples pushed whose every entry is zero (e.g. all rewards of every group equal)."""
+        self.n_nonfinite = 0
+        """Samples skipped because an entry was nan or inf."""
+        self.last_norm = math.nan
+        """Frobenius norm over all targets of the last finite sample (fp32)."""
+        self._snapshots: dict[str, tuple[torch.Tensor, ...]] | None = None  # allocated lazily
+        self._armed = False  # a snapshot for the current optimizer step exists
+        self._slot: int | None = None  # slot being written this step
+        self._slot_views: dict[str, torch.Tensor] = {}
+
+    # ---- callback events ----
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self._slot is not None:  # a previous train() stopped mid-step
+            self.buffer.abort(self._slot)
+        self._armed, self._slot, self._slot_views = False, None, {}
+        if not state.is_world_process_zero:
+            return
+        check_not_sharded(model.named_parameters())
+        if self.source == "grad" and args.deepspeed:
+            raise ValueError(
+                "capture.source='grad' is not supported under DeepSpeed (gradients are not in "
+                "param.grad at on_pre_optimizer_step); use source='update'"
+            )
+        owned = {id(p) for p in model.parameters()}
+        foreign = [n for n, t in self.targets.items() if not {id(p) for p in _params(t)} <= owned]
+        if foreign:
+            raise ValueError(
+                f"capture targets {_few(foreign, 3)} are not parameters of the trained model; "
+                "select them from trainer.model after the trainer is built"
+            )
+        if self._snapshots is None and self.source == "update":
+            self._snapshots = {n: _alloc_snapshot(t, self.buffer) for n, t in self.targets.items()}
+
+    @torch.no_grad()
+    def on_step_begin(self, args, state, control, **kwargs):
+        # Fires once per optimizer step in transformers 5.23; the flag keeps one snapshot per
+        # optimizer step even if it fired per micro-batch (weights do not change in between).
+        if self.source != "update" or not state.is_world_process_zero or self._armed:
+            return
+        for name, target in self.targets.items():
+            for snap, p in zip(self._snapshots[name], _params(target)):
+                snap.copy_(p)
+        self._armed = True
+
+    @torch.no_grad()
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.source != "grad" or not state.is_world_process_zero:
+            return
+        self._slot, self._slot_views = self.buffer.begin_write()
+        for name, p in self.targets.items():
+            if p.grad is None:  # no gradient reached p this step
+                self._slot_views[name].zero_()
+            else:
+                self._slot_views[name].copy_(p.grad)
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if self.source == "update":
+            assert self._armed, "on_step_end without a snapshot from on_step_begin"
+            self._slot, self._slot_views = self.buffer.begin_write()
+            for name, target in self.targets.items():
+                _write_update(target, self._snapshots[name], self._slot_views[name])
+            self._armed = False
+        slot, views = self._slot, self._slot_views
+        self._slot, self._slot_views = None, {}
+        norm = _finite_norm(views.values())
+        if norm is None:
+            self.buffer.abort(slot)
+            self.n_nonfinite += 1
+            logger.warning(
+                "step %d: the %s sample has non-finite entries; skipped (%d so far)",
+                state.global_step, self.source, self.n_nonfinite,
+            )
+            return
+        self.last_norm = norm
+        self.n_zero += int(norm == 0.0)
+        meta = self.meta_fn(state.global_step) if self.meta_fn else StepMeta(state.global_step)
+        self.buffer.commit(slot, meta)
+        self.n_captured += 1
+        if self.on_push is not None:
+            self.on_push(slot)
+
+
+# ---- the hot path -----------------------------------------------------------------------------
+
+
+def _params(target: Target) -> tuple[torch.nn.Parameter, ...]:
+    return (target.A, target.B) if isinstance(target, LoraTarget) else (target,)
+
+
+def _alloc_snapshot(target: Target, buffer: DeltaRingBuffer) -> tuple[torch.Tensor, ...]:
+    """fp32 copies of the target's parameters, plus an fp32 scratch for the delta when needed.
+
+    Dense: ``(theta,)`` [*shape]; the delta is computed in place of the snapshot unless it can be
+    written straight into an fp32 slot on the same device. LoRA: ``(A0 [r, in], B0 [out, r],
+    A1 [r, in] fp32 copy or None, scratch [out, in] or None)``.
+    """
+    direct = buffer.dtype == torch.float32
+    if isinstance(target, LoraTarget):
+        A, B = target.A, target.B
+        direct = direct and B.device == buffer.device
+        a1 = None if A.dtype == torch.float32 else torch.empty_like(A, dtype=torch.float32)
+        out = None if direct else torch.empty(target.shape, dtype=torch.float32, device=B.device)
+        a0 = torch.empty_like(A, dtype=torch.float32)
+        b0 = torch.empty_like(B, dtype=torch.float32)
+        return a0, b0, a1, out
+    return (torch.empty_like(target, dtype=torch.float32),)
+
+
+def _write_update(target: Target, snap: tuple[torch.Tensor, ...], view: torch.Tensor) -> None:
+    """Write ``theta_after - theta_before`` (computed in fp32) into the slot ``view``."""
+    if isinstance(target, LoraTarget):
+        _write_lora_update(target, *snap, view)
+    elif view.dtype == torch.float32 and view.device == target.device:
+        torch.sub(target, snap[0], out=view)
+    else:
+        snap[0].neg_().add_(target)  # = theta_after - theta_before, bitwise as torch.sub
+        view.copy_(snap[0])
+
+
+def _write_lora_update(
+    target: LoraTarget,
+    a0: torch.Tensor,  # [r, in] A before the step (overwritten)
+    b0: torch.Tensor,  # [out, r] B before the step (overwritten)
+    a1: torch.Tensor | None,  # [r, in] fp32 scratch, when A is not fp32
+    out: torch.Tensor | None,  # [out, in] fp32 scratch, when the view cannot take it directly
+    view: torch.Tensor,  # [out, in] the slot
+) -> None:
+    """``s * (B1 A1 - B0 A0)``, evaluated as ``s * (B0 dA + dB A1)``: the same quantity without the
+    cancellation of subtracting two nearly equal products (their difference is ~1e-3 of each)."""
+    dense = view if out is None else out  # [out, in] fp32
+    A1 = target.A if a1 is None else a1.copy_(target.A)
+    d_a = a0.neg_().add_(A1)  # [r, in] = A1 - A0
+    torch.matmul(b0, d_a, out=dense)  # B0 dA
+    d_b = b0.neg_().add_(target.B)  # [out, r] = B1 - B0
+    dense.addmm_(d_b, A1)  # + dB A1
+    dense.mul_(target.scaling)
+    if out is not None:
+        view.copy_(dense)
+
+
+def _finite_norm(views) -> float | None:
+    """Frobenius norm over all views in fp32, or None if any entry is nan/inf (one host sync)."""
+    norms = [torch.linalg.vector_norm(v, dtype=torch.float32) for v in views]
+    norm = torch.linalg.vector_norm(torch.stack(norms)).item()
+    if math.isfinite(norm):
+        return norm
+    # A non-finite norm means a nan/inf entry, or (rarely) an overflow of finite entries.
+    if all(bool(torch.isfinite(v).all()) for v in views):
+        return float("inf")
+    return None

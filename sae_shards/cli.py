@@ -1,0 +1,94 @@
+"""The ``sae-shards`` command: ``sae-shards train [hydra overrides]``.
+
+Hydra composes ``configs/`` (next to this package in a source checkout, or ``--config-dir``),
+then the config becomes a validated :class:`~sae_shards.config.JobConfig` once, here. A bad value
+ends the command with ``sae-shards: config error: <field, value, fix>`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+USAGE = """usage: sae-shards <command> [args]
+
+commands:
+  train [overrides] [-m]   run RL + delta capture + concurrent SAE (Hydra overrides, e.g. sae.k=8)
+
+Examples:
+  sae-shards train                              the built-in default (tiny model, CPU, minutes)
+  sae-shards train rl.max_steps=50 run_dir=runs/short
+  sae-shards train -m sae.k=2,4 run_dir=runs/k_sweep
+"""
+
+
+class ConfigError(ValueError):
+    """The composed configuration is invalid (message names the field, the value and a fix)."""
+
+
+def job_config_from_hydra(cfg) -> "JobConfig":
+    """Hydra's DictConfig -> validated JobConfig (raises ConfigError)."""
+    from omegaconf import OmegaConf
+
+    from sae_shards.config import JobConfig
+
+    try:
+        return JobConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    except Exception as e:  # OmegaConf interpolation / missing-value errors
+        raise ConfigError(f"{type(e).__name__}: {e}") from e
+
+
+def _train(args: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from sae_shards.job import run_job
+
+    failures: list[str] = []
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
+    def train_main(cfg) -> None:
+        try:
+            job = job_config_from_hydra(cfg)
+        except ConfigError as e:
+            failures.append(str(e))
+            return
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        job = dataclasses.replace(job, run_dir=str(run_dir))
+        summary = run_job(job, run_dir)
+        print(json.dumps({k: summary[k] for k in (
+            "rl_steps", "sae_steps", "reward_first", "reward_last", "fvu_first", "fvu_last",
+            "final_checkpoint", "wall_s")}, indent=2))
+
+    sys.argv = ["sae-shards train", *args]
+    train_main()
+    if failures:
+        for msg in failures:
+            print(f"sae-shards: config error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    match command:
+        case "train":
+            return _train(rest)
+        case other:
+            print(f"sae-shards: unknown command {other!r}\n\n{USAGE}", file=sys.stderr)
+            return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

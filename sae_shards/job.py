@@ -1,0 +1,254 @@
+"""The main job: TRL GRPO -> fp32 delta capture -> ring buffer -> concurrent SAE -> shards on disk.
+
+``run_job(cfg, run_dir)`` is everything ``sae-shards train`` does below Hydra. Run directory::
+
+    run_dir/
+      config.json                 the resolved JobConfig
+      model/                      the built-in tiny model (when model.path is null)
+      checkpoints/step_XXXXXX/    every runner.checkpoint_every RL steps (see checkpoint.py)
+      checkpoints/final/          at the end
+      activations.safetensors     per captured sample: RL step, latent indices, values
+      rollouts.jsonl              per RL step: prompts, completions, rewards, task labels
+      metrics.jsonl               TRL and SAE figures per step (also in W&B)
+      summary.json                first/last reward and FVU, counters, sizes, wall time
+      wandb/                      the offline W&B run
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from sae_shards.buffer import DeltaRingBuffer, StepMeta, check_buffer_memory, default_memory_budget
+from sae_shards.capture import DeltaCapture, select_targets, target_shapes
+from sae_shards.checkpoint import save_checkpoint
+from sae_shards.config import JobConfig
+from sae_shards.models import build_tiny_model, load_tokenizer
+from sae_shards.rl import build_grpo_trainer
+from sae_shards.runner import SAEWorkLoop, make_runner
+from sae_shards.sae import LowRankSAE
+from sae_shards.targets import make_targets
+from sae_shards.tasks import RolloutRecorder, build_task
+from sae_shards.trainer import SAETrainer
+from sae_shards.tracking import RunLogger
+
+log = logging.getLogger(__name__)
+
+STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu")
+    return device
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to write over an earlier run's results unless ``overwrite=true``."""
+    earlier = [p for p in ("checkpoints", "rollouts.jsonl", "activations.safetensors")
+               if (run_dir / p).exists()]
+    if earlier and not overwrite:
+        raise FileExistsError(
+            f"run_dir={run_dir} already holds a run ({', '.join(earlier)}); choose a new "
+            "run_dir=... or pass overwrite=true to replace it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+class RolloutLog:
+    """Drains the reward recorder once per RL step into rollouts.jsonl and the step's StepMeta."""
+
+    def __init__(self, path: Path, recorder: RolloutRecorder) -> None:
+        self.path = path
+        self.recorder = recorder
+        self.rewards: dict[int, float] = {}  # rl step -> mean total reward
+        path.write_text("")
+
+    def step_meta(self, global_step: int) -> StepMeta:
+        records = self.recorder.drain()
+        if not records:
+            return StepMeta(global_step)
+        first = records[0]
+        same = all(len(r["rewards"]) == len(first["rewards"]) for r in records)
+        # One record per reward function for one generation batch: TRL sums them per completion.
+        totals = ([sum(rs) for rs in zip(*(r["rewards"] for r in records))] if same
+                  else [x for r in records for x in r["rewards"]])
+        row = {
+            "step": global_step, "prompts": first["prompts"], "completions": first["completions"],
+            "rewards": totals, "tasks": first["tasks"],
+            "reward_funcs": {r["reward_func"]: r["rewards"] for r in records},
+        }
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        mean = statistics.fmean(totals)
+        std = statistics.pstdev(totals) if len(totals) > 1 else 0.0
+        self.rewards[global_step] = mean
+        labels = tuple(sorted(set(first["tasks"] or ())))
+        return StepMeta(global_step, mean, std, labels)
+
+
+class LoggingCallback(TrainerCallback):
+    """TRL's logs and the SAE's step figures to W&B and metrics.jsonl, from the RL thread."""
+
+    def __init__(self, logger: RunLogger, loop: SAEWorkLoop, path: Path) -> None:
+        self.logger = logger
+        self.loop = loop
+        self.path = path
+        self.fvu: list[float] = []
+        path.write_text("")
+
+    def _write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+        self.logger.log_rl(numeric, state.global_step)
+        self._write({"kind": "rl", "rl_step": state.global_step, **numeric})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.flush()
+
+    def flush(self) -> None:
+        for rec in self.loop.pop_records():
+            m = {k: v for k, v in rec.metrics.__dict__.items()}
+            self.fvu.append(m["fvu"])
+            self.logger.log_sae(m, rec.sae_step)
+            self._write({"kind": "sae", "sae_step": rec.sae_step, "rl_step": rec.rl_step, **m})
+
+
+def _peft_config(cfg: JobConfig):
+    if not cfg.model.lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    lc = cfg.model.lora
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, target_modules=list(lc.target_modules),
+                      lora_dropout=lc.dropout, use_rslora=lc.rslora, task_type="CAUSAL_LM")
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return statistics.fmean(xs) if xs else math.nan
+
+
+def run_job(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
+    """Run the whole job into ``run_dir``; returns the summary (also written to summary.json)."""
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, cfg.overwrite)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(cfg.runner.rl_threads)
+    torch.manual_seed(cfg.seed)
+
+    # --- model, task, RL trainer
+    m = cfg.model
+    model_path = Path(m.path) if m.path else build_tiny_model(
+        run_dir / "model", m.arch, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
+        seed=cfg.seed)
+    tokenizer = load_tokenizer(model_path)
+    # The letters reward divides by target_length: tie it to the completion budget by default.
+    task = build_task(cfg.task.name, **{"target_length": cfg.rl.max_completion_length,
+                                        **cfg.task.options})
+    recorder = RolloutRecorder()
+    grpo_kwargs = {**cfg.rl.grpo_kwargs(), "seed": cfg.seed}
+    if device.type == "cpu":
+        grpo_kwargs.update(use_cpu=True)
+    trainer = build_grpo_trainer(
+        model_path, tokenizer, task, recorder, task.dataset(cfg.task.n_prompts, cfg.seed),
+        grpo_kwargs, callbacks=[], output_dir=run_dir / "trl", peft_config=_peft_config(cfg))
+
+    # --- targets, buffer (memory checked before anything is allocated), SAE
+    targets = select_targets(trainer.model, list(cfg.capture.targets))
+    specs = make_targets(target_shapes(targets), rank=cfg.sae.rank)
+    dtype = STORAGE[cfg.capture.storage_dtype]
+    check_buffer_memory(specs, cfg.capture.capacity, dtype,
+                        default_memory_budget(device, cfg.capture.memory_fraction), device)
+    buffer = DeltaRingBuffer(specs, cfg.capture.capacity, device, dtype)
+    sae = LowRankSAE(specs, cfg.sae).to(device)
+    sae_trainer = SAETrainer(sae)
+    sizes = {"n_targets": len(specs), "delta_numel": sum(t.numel for t in specs),
+             "sae_factored_params": sae.factored_param_count(),
+             "dense_sae_params": sae.dense_param_count(), "buffer_bytes": buffer.memory_bytes}
+    log.info("targets: %d tensors, %d entries; SAE %d factored weights vs %d dense; buffer %.1f MiB",
+             sizes["n_targets"], sizes["delta_numel"], sizes["sae_factored_params"],
+             sizes["dense_sae_params"], sizes["buffer_bytes"] / 2**20)
+
+    meta = {"source": cfg.capture.source, "model_id": str(m.path or f"tiny-{m.arch}"),
+            "run_dir": str(run_dir), "lora": m.lora.enabled}
+
+    def checkpoint(name: str, rl_step: int) -> Path:
+        return save_checkpoint(run_dir / "checkpoints" / name, sae, sae_trainer.stats.as_tensors(),
+                               {**meta, "rl_step": rl_step, "sae_step": sae_trainer.n_steps},
+                               sae_trainer.state_tensors())
+
+    logger = RunLogger(cfg.logging, run_dir, {**cfg.to_dict(), **sizes})
+    loop = SAEWorkLoop(sae_trainer, buffer, cfg.runner,
+                       torch.Generator().manual_seed(cfg.seed), checkpoint)
+    runner = make_runner(loop, cfg.runner)
+    rollouts = RolloutLog(run_dir / "rollouts.jsonl", recorder)
+    capture = DeltaCapture(targets, buffer, cfg.capture.source, meta_fn=rollouts.step_meta,
+                           on_push=runner.on_push)
+    logging_cb = LoggingCallback(logger, loop, run_dir / "metrics.jsonl")
+    trainer.add_callback(capture)
+    trainer.add_callback(logging_cb)
+
+    # --- train; the worker is always stopped, and an SAE failure surfaces here
+    try:
+        trainer.train()
+    finally:
+        runner.finish()
+    logging_cb.flush()
+    final = checkpoint("final", loop.last_rl_step)
+    _save_activations(run_dir / "activations.safetensors", loop, sae, buffer)
+
+    rewards = [rollouts.rewards[s] for s in sorted(rollouts.rewards)]
+    fifth = max(1, len(rewards) // 5)
+    tenth = max(1, len(logging_cb.fvu) // 10)
+    summary = {
+        "rl_steps": len(rewards), "sae_steps": sae_trainer.n_steps,
+        "reward_first": _mean(rewards[:fifth]), "reward_last": _mean(rewards[-fifth:]),
+        "fvu_first": _mean(logging_cb.fvu[:tenth]), "fvu_last": _mean(logging_cb.fvu[-tenth:]),
+        "captured": capture.n_captured, "zero_samples": capture.n_zero,
+        "nonfinite_samples": capture.n_nonfinite,
+        "sae_rejected_nonfinite": sae_trainer.n_rejected_nonfinite,
+        "sae_skipped_zero": sae_trainer.n_skipped_zero,
+        "dead_frac": float(sae_trainer.stats.dead_mask(cfg.sae.dead_after).float().mean()),
+        "final_checkpoint": str(final), "wall_s": time.perf_counter() - t0, **sizes,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.summary(summary)
+    logger.log_artifact(final, f"shards-{run_dir.name}", {"rl_step": loop.last_rl_step})
+    logger.finish()
+    return summary
+
+
+def _save_activations(path: Path, loop: SAEWorkLoop, sae: LowRankSAE,
+                      buffer: DeltaRingBuffer) -> None:
+    """Online activations (SAE at capture time) plus the buffered samples under the final SAE."""
+    from safetensors.torch import save_file
+
+    from sae_shards.runner import ActivationLog
+
+    final = ActivationLog()
+    if sae.input_scale > 0:
+        for slot in buffer.chronological_slots().tolist():
+            x = sae.to_scaled(buffer.gather([slot]))
+            final.add(buffer.metadata(slot).global_step, loop.trainer.n_steps, sae.encode(x))
+    tensors = {**loop.activations.tensors("online"), **final.tensors("final"),
+               "input_scale": sae.input_scale.detach().cpu().reshape(())}
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+              metadata={"format": "sae-shards-activations", "format_version": "1"})
+    tmp.replace(path)

@@ -1,0 +1,263 @@
+"""Models: build a tiny random causal LM with a local character-level tokenizer, or load one.
+
+Nothing here touches the network. ``build_tiny_model`` writes a complete transformers model
+directory (``config.json``, weights, tokenizer files) so that TRL can rebuild the reference model
+from the *path* when ``beta > 0``; ``load_model_and_tokenizer`` reads any local causal-LM directory.
+
+The tokenizer is character level: one token per lowercase letter, digit, space and punctuation
+mark, plus the task tags ``<A>``..``<H>`` as single tokens and
+``<pad>``/``<bos>``/``<eos>``/``<unk>``.
+A character-level vocabulary keeps rewards that count characters exactly aligned with the tokens
+the policy chooses, so a tiny model can learn them quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import string
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+ARCHS = ("qwen2", "llama")
+"""Architectures ``build_tiny_model`` can build."""
+
+SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>", "unk": "<unk>"}
+TASK_TAGS = tuple(f"<{c}>" for c in "ABCDEFGH")
+"""Task tags, one token each (tasks put them at the start of prompts)."""
+CHARS = string.ascii_lowercase + string.digits + " \n" + string.punctuation
+"""Every plain character the tokenizer knows; anything else becomes ``<unk>``."""
+
+BUILD_SETTINGS_FILE = "sae_shards_build.json"
+"""Written last into a built model dir; a dir is reused only when these settings match."""
+BUILD_FORMAT = 1
+"""Bump when the tokenizer or the build recipe changes, so old cached builds are not reused."""
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+"""``tokenizer_class`` values that mean "just the tokenizer.json" (see ``load_tokenizer``)."""
+MAX_POSITIONS = 256
+"""Context length of the tiny models (prompt + completion stay far below it)."""
+
+
+class ModelAndTokenizer(NamedTuple):
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The character-level tokenizer: ids 0-3 special, then the task tags, then ``CHARS``."""
+    vocab_tokens = [*SPECIAL_TOKENS.values(), *TASK_TAGS, *CHARS]
+    vocab = {tok: i for i, tok in enumerate(vocab_tokens)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
+    # Every character is its own pre-token, so WordLevel maps it to its id (or <unk>).
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # Fuse concatenates the pieces back; WordLevel's default decoding would join them with spaces.
+    tok.decoder = decoders.Fuse()
+    # Tags are added (not special) tokens: matched whole before splitting, and kept when TRL
+    # decodes completions with skip_special_tokens=True.
+    tok.add_tokens([AddedToken(t, normalized=False) for t in TASK_TAGS])
+    tok.add_special_tokens([AddedToken(t, normalized=False) for t in SPECIAL_TOKENS.values()])
+    bos = SPECIAL_TOKENS["bos"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"],
+        pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"],
+        padding_side="left",  # decoder-only generation pads on the left
+        model_max_length=MAX_POSITIONS,
+    )
+
+
+def _model_config(
+    arch: str,
+    tokenizer: PreTrainedTokenizerBase,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int,
+) -> PretrainedConfig:
+    """A transformers config for ``arch`` sized as given, wired to the tokenizer's special ids."""
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=MAX_POSITIONS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        # Untied: the readout (lm_head) is reported apart from the body, so keep it its own tensor.
+        tie_word_embeddings=False,
+    )
+    match arch:
+        case "qwen2":
+            return Qwen2Config(**common)
+        case "llama":
+            return LlamaConfig(**common)
+        case other:
+            raise ValueError(f"model.arch={other!r} is not supported; choose one of {list(ARCHS)}")
+
+
+def tiny_model_and_tokenizer(
+    arch: str = "qwen2",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    seed: int = 0,
+) -> ModelAndTokenizer:
+    """The random tiny model and its tokenizer, in memory (``build_tiny_model`` saves them)."""
+    if hidden_size % num_heads != 0:
+        raise ValueError(
+            f"model.hidden_size={hidden_size} must be divisible by model.num_heads={num_heads}"
+        )
+    tokenizer = build_tokenizer()
+    config = _model_config(arch, tokenizer, hidden_size, num_layers, num_heads, intermediate_size)
+    # The init draws from torch's global RNG; fork it so the caller's RNG state is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Generation must stop at our eos and pad with our pad.
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return ModelAndTokenizer(model, tokenizer)
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    arch: str = "qwen2",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Build a random tiny causal LM plus tokenizer and save both into ``out_dir``; return it.
+
+    Deterministic given the settings. If ``out_dir`` already holds a build with the same settings
+    it is reused as is; a non-empty ``out_dir`` holding anything else is an error (never
+    silently overwritten).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch={arch!r} is not supported; choose one of {list(ARCHS)}")
+    out_dir = Path(out_dir)
+    settings = dict(
+        format=BUILD_FORMAT,
+        arch=arch,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        intermediate_size=intermediate_size,
+        seed=seed,
+    )
+    settings_path = out_dir / BUILD_SETTINGS_FILE
+    if settings_path.is_file():
+        found = json.loads(settings_path.read_text())
+        if found == settings:
+            return out_dir
+        raise ValueError(
+            f"{out_dir} holds a tiny model built with {found}, not the requested {settings}; "
+            "delete that directory or choose another model.out_dir"
+        )
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(
+            f"{out_dir} is not empty and holds no {BUILD_SETTINGS_FILE}; refusing to overwrite it. "
+            "Choose an empty or new model.out_dir"
+        )
+
+    model, tokenizer = tiny_model_and_tokenizer(
+        arch, hidden_size, num_layers, num_heads, intermediate_size, seed
+    )
+
+    # Write into a temporary sibling and rename, so a crash never leaves a half-written model
+    # that a later call would mistake for a finished one.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / BUILD_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    if out_dir.exists():
+        out_dir.rmdir()  # empty (checked above)
+    shutil.move(str(tmp), str(out_dir))
+    return out_dir
+
+
+def _check_model_dir(path: Path) -> None:
+    """Raise a clear error unless ``path`` looks like a save_pretrained model directory."""
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model path {path} is not a directory; build one with build_tiny_model(out_dir) "
+            "or point model.path at a local transformers model directory"
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model path {path} has no config.json; it must be a directory written by "
+            "save_pretrained (config.json, weights and tokenizer files)"
+        )
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a local model directory (no network); set a pad token if missing.
+
+    transformers 5 overrides the class named in ``tokenizer_config.json`` for some model types
+    (qwen2 among them: ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``) and would rebuild our
+    character-level tokenizer as a byte-level Qwen2Tokenizer that drops spaces. So a directory
+    that asks for the generic backend gets exactly the ``tokenizer.json`` it ships; anything
+    else goes through ``AutoTokenizer``.
+    """
+    path = Path(path)
+    _check_model_dir(path)
+    config_file = path / "tokenizer_config.json"
+    declared = None
+    if config_file.is_file():
+        declared = json.loads(config_file.read_text()).get("tokenizer_class")
+    if declared in GENERIC_TOKENIZER_CLASSES and (path / "tokenizer.json").is_file():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out, so reusing eos is safe (TRL does the same).
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(
+    path: str | Path, dtype: torch.dtype = torch.float32
+) -> ModelAndTokenizer:
+    """Load a local transformers causal LM directory (no network); set a pad token if missing."""
+    path = Path(path)
+    _check_model_dir(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(
+            f"model path {path} holds a {type(config).__name__} "
+            f"(model_type={config.model_type!r}), which is not a causal language model; "
+            "use a decoder-only LM (e.g. qwen2, llama)"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    tokenizer = load_tokenizer(path)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return ModelAndTokenizer(model, tokenizer)

@@ -1,0 +1,177 @@
+"""Training the SAE beside the RL run: what happens per captured delta, inline or in a thread.
+
+``SAEWorkLoop.process(slot)`` is the unit of work for one captured delta: record the sample's
+activations under the current SAE, run ``sae_steps_per_rl_step`` SAE steps on batches sampled
+from the ring buffer, and save a checkpoint when one is due. ``InlineRunner`` calls it from the
+capture callback (the RL step waits for it); ``ThreadRunner`` hands it to a background worker
+through a bounded queue, so RL waits only when the worker is ``max_lag`` deltas behind. A worker
+error is re-raised in the RL thread at the next push (and at ``finish``), which stops the run.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, NamedTuple
+
+import torch
+
+from sae_shards.buffer import DeltaRingBuffer
+from sae_shards.config import RunnerConfig
+from sae_shards.sparsity import SparseCodes
+from sae_shards.trainer import SAETrainer, StepMetrics
+
+
+class SAEStepRecord(NamedTuple):
+    sae_step: int  # trainer.n_steps after the step
+    rl_step: int  # RL step whose push triggered it
+    metrics: StepMetrics
+
+
+class ActivationLog:
+    """Which latents each captured sample activated, under the SAE as it was at capture time."""
+
+    def __init__(self) -> None:
+        self.rl_step: list[int] = []
+        self.sae_step: list[int] = []
+        self.codes: list[SparseCodes] = []  # each [1, k]
+
+    def add(self, rl_step: int, sae_step: int, codes: SparseCodes) -> None:
+        self.rl_step.append(rl_step)
+        self.sae_step.append(sae_step)
+        self.codes.append(SparseCodes(codes.indices.cpu(), codes.values.float().cpu()))
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """``{prefix}.rl_step [S]``, ``.sae_step [S]``, ``.indices [S, k]``, ``.values [S, k]``."""
+        return {
+            f"{prefix}.rl_step": torch.tensor(self.rl_step, dtype=torch.long),
+            f"{prefix}.sae_step": torch.tensor(self.sae_step, dtype=torch.long),
+            **{f"{prefix}.{k}": v for k, v in stack_codes(self.codes)._asdict().items()},
+        }
+
+
+def stack_codes(codes: list[SparseCodes]) -> SparseCodes:
+    """Concatenate codes of varying width (batch_topk), padding with value-0 entries."""
+    if not codes:
+        return SparseCodes(torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0))
+    width = max(c.indices.shape[1] for c in codes)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    return SparseCodes(torch.cat([pad(c.indices) for c in codes]),
+                       torch.cat([pad(c.values) for c in codes]))
+
+
+class SAEWorkLoop:
+    """The SAE's work for each captured delta (used by both runners)."""
+
+    def __init__(self, trainer: SAETrainer, buffer: DeltaRingBuffer, cfg: RunnerConfig,
+                 generator: torch.Generator,
+                 checkpoint: Callable[[str, int], None] | None = None) -> None:
+        self.trainer = trainer
+        self.buffer = buffer
+        self.cfg = cfg
+        self.generator = generator
+        self.checkpoint = checkpoint
+        self.activations = ActivationLog()
+        self._records: list[SAEStepRecord] = []
+        self._lock = threading.Lock()
+        self.last_rl_step = 0
+
+    def process(self, slot: int) -> None:
+        rl_step = self.buffer.metadata(slot).global_step
+        sae = self.trainer.sae
+        if sae.input_scale > 0:  # the SAE has seen data: record what this sample activates
+            x = sae.to_scaled(self.buffer.gather([slot]))
+            self.activations.add(rl_step, self.trainer.n_steps, sae.encode(x))
+        if len(self.buffer) >= self.cfg.min_samples:
+            for _ in range(self.cfg.sae_steps_per_rl_step):
+                batch = self.buffer.sample(sae.cfg.batch_size, self.generator, self.cfg.recent_frac)
+                m = self.trainer.step(batch.batch)
+                if m is not None:
+                    with self._lock:
+                        self._records.append(SAEStepRecord(self.trainer.n_steps, rl_step, m))
+        self.last_rl_step = rl_step
+        every = self.cfg.checkpoint_every
+        if self.checkpoint is not None and every and rl_step % every == 0:
+            self.checkpoint(f"step_{rl_step:06d}", rl_step)
+
+    def pop_records(self) -> list[SAEStepRecord]:
+        """SAE step figures since the last call (thread-safe; the main thread logs them)."""
+        with self._lock:
+            out, self._records = self._records, []
+        return out
+
+
+class SAEWorkerError(RuntimeError):
+    """SAE training failed (inline or in the worker); the RL run is stopped."""
+
+
+class InlineRunner:
+    """Runs the SAE work inside the capture callback, on the RL thread."""
+
+    def __init__(self, loop: SAEWorkLoop) -> None:
+        self.loop = loop
+
+    def on_push(self, slot: int) -> None:
+        try:
+            self.loop.process(slot)
+        except Exception as e:
+            raise SAEWorkerError(f"the SAE step failed: {type(e).__name__}: {e}") from e
+
+    def finish(self) -> None:
+        """Nothing is pending inline."""
+
+
+class ThreadRunner:
+    """Runs the SAE work on a background thread fed through a bounded queue."""
+
+    _STOP = -1
+
+    def __init__(self, loop: SAEWorkLoop, max_lag: int, threads: int) -> None:
+        if loop.buffer.capacity <= max_lag + 1:
+            raise ValueError(
+                f"capture.capacity={loop.buffer.capacity} must exceed runner.max_lag={max_lag} + 1 "
+                "so a queued slot is not overwritten before the SAE worker reads it")
+        self.loop = loop
+        self.threads = threads
+        self._queue: queue.Queue[int] = queue.Queue(maxsize=max_lag)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="sae-worker", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        torch.set_num_threads(self.threads)
+        while True:
+            slot = self._queue.get()
+            if slot == self._STOP:
+                return
+            if self._error is not None:
+                continue  # drain without working once failed
+            try:
+                self.loop.process(slot)
+            except BaseException as e:  # handed to the RL thread, which raises it
+                self._error = e
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise SAEWorkerError(
+                f"the SAE worker failed: {type(self._error).__name__}: {self._error}") from self._error
+
+    def on_push(self, slot: int) -> None:
+        self._raise_if_failed()
+        self._queue.put(slot)  # blocks only when max_lag deltas are already waiting
+
+    def finish(self) -> None:
+        """Let the worker drain the queue, stop it, and raise its error if it had one."""
+        self._queue.put(self._STOP)
+        self._thread.join()
+        self._raise_if_failed()
+
+
+def make_runner(loop: SAEWorkLoop, cfg: RunnerConfig) -> InlineRunner | ThreadRunner:
+    match cfg.concurrency:
+        case "inline":
+            return InlineRunner(loop)
+        case "thread":
+            return ThreadRunner(loop, cfg.max_lag, cfg.sae_threads)
+        case other:
+            raise ValueError(f"runner.concurrency={other!r}; use inline or thread")

@@ -1,0 +1,257 @@
+"""DeltaCapture inside a real transformers.Trainer run on a tiny causal LM (CPU, a few steps)."""
+
+import math
+
+import pytest
+import torch
+import transformers
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from sae_shards.buffer import DeltaRingBuffer, StepMeta
+from sae_shards.capture import DeltaCapture, LoraTarget, select_targets, target_shapes
+from sae_shards.targets import make_targets
+
+PATTERNS = [
+    "*layers.*.self_attn.q_proj.weight", "*layers.1.mlp.down_proj.weight", "model.norm.weight"
+]
+MAX_STEPS = 4
+
+
+def tiny_lm(seed: int = 0) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
+    )
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def token_data(n: int = 64, length: int = 12) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(64, (n, length), generator=gen)
+    return [{"input_ids": r, "labels": r.clone()} for r in rows]
+
+
+def train(model, callbacks, tmp_path, grad_accum: int = 1, max_grad_norm: float = 1.0) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=MAX_STEPS,
+        per_device_train_batch_size=2, gradient_accumulation_steps=grad_accum, learning_rate=1e-2,
+        optim="adamw_torch", max_grad_norm=max_grad_norm, logging_steps=1, save_strategy="no",
+        lr_scheduler_type="constant", seed=0, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=token_data(), callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+class Recorder(TrainerCallback):
+    """Independent record: fp32 copies of tensors (from ``read()``) before training and after
+    every optimizer step, and the gradients the optimizer consumed."""
+
+    def __init__(self, read, params=()):
+        self.read, self.params = read, dict(params)
+        self.states, self.grads, self.step_begins = [], [], 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.states.append(self.read())
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_begins += 1
+
+    def on_optimizer_step(self, args, state, control, **kwargs):  # after the step, before zero_grad
+        self.grads.append({n: p.grad.detach().float().clone() for n, p in self.params.items()})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.states.append(self.read())
+
+
+def dense_reader(targets):
+    return lambda: {n: p.detach().float().clone() for n, p in targets.items()}
+
+
+def make_buffer(targets, capacity=16, dtype=torch.float32):
+    specs = make_targets(target_shapes(targets), rank=2)
+    return DeltaRingBuffer(specs, capacity=capacity, device="cpu", dtype=dtype)
+
+
+def captured_in_order(buffer):
+    """``[{name: fp32 delta}]`` oldest first, and the global steps of their slots."""
+    slots = buffer.chronological_slots()
+    batch = buffer.gather(slots)
+    samples = [{n: x[i] for n, x in batch.items()} for i in range(len(slots))]
+    return samples, [buffer.metadata(int(s)).global_step for s in slots]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_update_capture_equals_parameter_change_exactly(tmp_path, grad_accum):
+    model = tiny_lm()
+    targets = select_targets(model, PATTERNS)
+    assert sorted(targets) == [
+        "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight", "model.norm.weight",
+    ]
+    buffer = make_buffer(targets)
+    pushed = []
+    meta_fn = lambda step: StepMeta(step, reward_mean=-step)  # noqa: E731
+    capture = DeltaCapture(targets, buffer, meta_fn=meta_fn, on_push=pushed.append)
+    recorder = Recorder(dense_reader(targets))
+    train(model, [capture, recorder], tmp_path, grad_accum=grad_accum)
+
+    assert recorder.step_begins == MAX_STEPS  # one on_step_begin per optimizer step in 5.23
+    samples, steps = captured_in_order(buffer)
+    assert steps == list(range(1, MAX_STEPS + 1)) and len(pushed) == MAX_STEPS
+    assert buffer.metadata(pushed[-1]).reward_mean == -MAX_STEPS
+    for t, sample in enumerate(samples):
+        before, after = recorder.states[t], recorder.states[t + 1]
+        for name, delta in sample.items():
+            assert torch.equal(delta, after[name] - before[name]), (t, name)
+            assert delta.abs().max() > 1e-4  # the weights really moved
+    assert capture.n_captured == MAX_STEPS and capture.n_zero == 0 and capture.n_nonfinite == 0
+
+
+def test_update_capture_bf16_storage_rounds_the_fp32_delta(tmp_path):
+    model = tiny_lm()
+    targets = select_targets(model, PATTERNS[:1])
+    buffer = make_buffer(targets, dtype=torch.bfloat16)
+    recorder = Recorder(dense_reader(targets))
+    train(model, [DeltaCapture(targets, buffer), recorder], tmp_path)
+    samples, _ = captured_in_order(buffer)
+    for t, sample in enumerate(samples):
+        for name, delta in sample.items():
+            exact = recorder.states[t + 1][name] - recorder.states[t][name]
+            assert torch.equal(delta, exact.to(torch.bfloat16).float())
+
+
+def test_grad_capture_equals_clipped_gradient(tmp_path):
+    model = tiny_lm()
+    targets = select_targets(model, PATTERNS)
+    buffer = make_buffer(targets)
+    max_norm = 1e-2
+    recorder = Recorder(lambda: {}, params=model.named_parameters())
+    trainer = train(
+        model, [DeltaCapture(targets, buffer, source="grad"), recorder], tmp_path,
+        grad_accum=2, max_grad_norm=max_norm,
+    )
+    pre_clip = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert len(pre_clip) == MAX_STEPS and min(pre_clip) > 10 * max_norm  # clipping was active
+    samples, steps = captured_in_order(buffer)
+    assert steps == list(range(1, MAX_STEPS + 1))
+    for sample, grads in zip(samples, recorder.grads):
+        full_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
+        assert full_norm <= max_norm * (1 + 1e-5)
+        for name, g in sample.items():
+            assert torch.equal(g, grads[name]), name
+
+
+def lora_model():
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    return peft.get_peft_model(tiny_lm(), cfg)
+
+
+def lora_reader(model, targets):
+    """fp32 (A, B) factors and the merged effective weight of every LoRA target."""
+
+    def read():
+        out = {}
+        for name, t in targets.items():
+            A, B = t.A.detach().float().clone(), t.B.detach().float().clone()
+            base = t.layer.get_base_layer().weight.detach().float()
+            merged = base + t.layer.get_delta_weight(t.adapter)
+            out[name] = (A, B, merged.detach().float().clone())
+        return out
+
+    return read
+
+
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_lora_capture_is_effective_dense_delta(tmp_path, grad_accum):
+    model = lora_model()
+    targets = select_targets(model, ["*layers.*.self_attn.q_proj.weight"])
+    assert sorted(targets) == [
+        "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"
+    ]
+    assert all(isinstance(t, LoraTarget) and t.shape == (32, 32) for t in targets.values())
+    scale = targets["model.layers.0.self_attn.q_proj.weight"].scaling
+    assert scale == 8 / 4
+    buffer = make_buffer(targets)
+    recorder = Recorder(lora_reader(model, targets))
+    train(model, [DeltaCapture(targets, buffer), recorder], tmp_path, grad_accum=grad_accum)
+
+    samples, steps = captured_in_order(buffer)
+    assert steps == list(range(1, MAX_STEPS + 1))
+    for t, sample in enumerate(samples):
+        for name, delta in sample.items():
+            (A0, B0, W0), (A1, B1, W1) = recorder.states[t][name], recorder.states[t + 1][name]
+            exact = scale * (B1.double() @ A1.double() - B0.double() @ A0.double())  # [32, 32]
+            size = exact.abs().max()
+            assert size > 1e-4  # the adapter really moved
+            # errors relative to the delta's size: fp32 rounding is ~1e-7 of it
+            assert (delta.double() - exact).abs().max() < 1e-6 * size
+            assert (delta - scale * (B1 @ A1 - B0 @ A0)).abs().max() < 1e-5 * size
+            assert (delta - (W1 - W0)).abs().max() < 1e-5 * size  # merged weights, fp32
+
+
+def test_lora_rejects_unadapted_weight_and_grad_source():
+    model = lora_model()
+    with pytest.raises(ValueError, match=r"k_proj\.weight.*no LoRA adapter.*target_modules"):
+        select_targets(model, ["*layers.0.self_attn.k_proj.weight"])
+    targets = select_targets(model, ["*q_proj.weight"])
+    with pytest.raises(ValueError, match="source='grad' is not supported for LoRA"):
+        DeltaCapture(targets, make_buffer(targets), source="grad")
+
+
+def test_pattern_matching_nothing_lists_names():
+    model = tiny_lm()
+    with pytest.raises(ValueError) as err:
+        select_targets(model, ["*q_proj.weight", "*attn.qkv.weight"])
+    msg = str(err.value)
+    assert "'*attn.qkv.weight' matches no parameter" in msg
+    assert "model.embed_tokens.weight" in msg and "+" in msg  # a few names, then a count
+
+
+def test_frozen_parameters_are_not_targets():
+    model = tiny_lm()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="embed_tokens.weight are frozen"):
+        select_targets(model, ["*embed_tokens.weight"])
+
+
+def test_buffer_must_match_targets():
+    model = tiny_lm()
+    targets = select_targets(model, PATTERNS[:1])
+    other = make_buffer(select_targets(model, PATTERNS[1:2]))
+    with pytest.raises(ValueError, match="do not match"):
+        DeltaCapture(targets, other)
+    with pytest.raises(ValueError, match="capture.source 'precond'"):
+        DeltaCapture(targets, make_buffer(targets), source="precond")
+
+
+def test_targets_from_another_model_are_rejected(tmp_path):
+    targets = select_targets(tiny_lm(), PATTERNS[:1])
+    with pytest.raises(ValueError, match="not parameters of the trained model"):
+        train(tiny_lm(), [DeltaCapture(targets, make_buffer(targets))], tmp_path)
+
+
+class SetGradEntry(TrainerCallback):
+    """Sets ``grad[0, 0]`` of one parameter to ``value`` before the optimizer of step ``step``."""
+
+    def __init__(self, param, step, value):
+        self.param, self.step, self.value = param, step, value
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            self.param.grad[0, 0] = self.value
+
+
+def test_nonfinite_sample_is_skipped_and_counted(tmp_path):
+    model = tiny_lm()
+    targets = select_targets(model, PATTERNS[:1])
+    buffer = make_buffer(targets)
+    capture = DeltaCapture(targets, buffer, source="grad")
+    param = next(iter(targets.values()))
+    # nan in the gradient capture sees, repaired before the optimizer so later steps stay finite
+    spoil, repair = SetGradEntry(param, 2, math.nan), SetGradEntry(param, 2, 0.0)
+    train(model, [spoil, capture, repair], tmp_path, max_grad_norm=0.0)
+    _, steps = captured_in_order(buffer)
+    assert steps == [1, 3, 4] and capture.n_nonfinite == 1 and capture.n_captured == 3

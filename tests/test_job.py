@@ -1,0 +1,122 @@
+"""The main job end to end: real TRL GRPO, capture, ring buffer, SAE, checkpoints, W&B offline."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from sae_shards.checkpoint import load_checkpoint
+from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
+from sae_shards.config import LoggingConfig
+from sae_shards.job import run_job
+from sae_shards.models import load_model_and_tokenizer
+from sae_shards.tracking import RunLogger
+
+sys.path.insert(0, str(Path(__file__).parent))
+from wandb_records import offline_run  # noqa: E402
+
+SHORT = ["rl.max_steps=12", "runner.min_samples=4", "runner.sae_steps_per_rl_step=2",
+         "runner.checkpoint_every=5", "task.n_prompts=64"]
+
+
+def _job(overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return job_config_from_hydra(compose(config_name="config", overrides=overrides))
+
+
+@pytest.mark.parametrize("concurrency", ["inline", "thread"])
+def test_short_job_writes_loadable_shards(tmp_path, concurrency):
+    run_dir = tmp_path / concurrency
+    summary = run_job(_job([*SHORT, f"runner.concurrency={concurrency}"]), run_dir)
+
+    # every push processed: (12 - 4 + 1) pushes with a full enough buffer, 2 SAE steps each
+    assert summary["rl_steps"] == 12 and summary["captured"] == 12
+    assert summary["sae_steps"] == 9 * 2
+    # the checkpoint loads, and its targets are exactly the captured parameters
+    loaded = load_checkpoint(run_dir / "checkpoints" / "final")
+    model = load_model_and_tokenizer(run_dir / "model").model
+    params = dict(model.named_parameters())
+    assert len(loaded.sae.targets) == 14  # 2 layers x (4 attention + 3 MLP) matrices
+    for t in loaded.sae.targets:
+        assert tuple(params[t.name].shape) == t.shape
+    assert loaded.config["meta"]["rl_step"] == 12
+    assert loaded.sae.input_scale > 0
+    with safe_open(run_dir / "checkpoints" / "final" / "sae.safetensors", "pt") as f:
+        assert f.get_tensor("b_enc").shape == (64,)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "final", "step_000005", "step_000010"]
+
+    # rollouts: one row per RL step, with the prompts, completions, rewards and labels
+    rows = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert all(len(r["completions"]) == len(r["rewards"]) == 16 for r in rows)
+    assert rows[0]["tasks"][0] == "letters" and rows[0]["prompts"][0].startswith("<A>")
+
+    # activations: every buffered sample under the final SAE, online ones once the SAE had data
+    acts = load_file(run_dir / "activations.safetensors")
+    assert acts["final.rl_step"].tolist() == list(range(1, 13))
+    assert acts["final.indices"].shape == (12, 4)
+    assert (acts["final.values"] != 0).sum(1).eq(4).all()
+    assert acts["online.rl_step"].numel() >= 1
+
+    # W&B offline run: TRL and SAE metrics on their own step axes, the artifact logged
+    run = offline_run(run_dir)
+    assert {"train/reward", "sae/fvu", "sae/l0", "rl/step", "sae/step"} <= run["keys"]
+    assert run["metrics"]["sae/*"] == "sae/step" and run["metrics"]["train/*"] == "rl/step"
+    assert run["artifacts"] == [f"shards-{concurrency}"]
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path):
+    (tmp_path / "checkpoints" / "final").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match=r"already holds a run.*overwrite=true"):
+        run_job(_job([*SHORT, "logging=disabled"]), tmp_path)
+    assert (tmp_path / "checkpoints" / "final").is_dir()
+
+
+def test_wandb_failure_does_not_stop_logging_calls(tmp_path, caplog):
+    (tmp_path / "wandb").write_text("a file where W&B wants its directory")
+    logger = RunLogger(LoggingConfig(mode="offline"), tmp_path, {"a": 1})
+    assert logger.n_failures == 1 and logger.run is None
+    logger.log_sae({"fvu": 0.5}, 1)  # no-ops after a failed init, never raises
+    logger.finish()
+    assert "W&B init failed" in caplog.text
+
+
+def test_multirun_sweep(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sae_shards.cli", "train", "-m", "sae.k=2,4", "rl.max_steps=4",
+         "runner.min_samples=2", "task.n_prompts=16", "logging=disabled",
+         f"run_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for k in (2, 4):
+        (job_dir,) = tmp_path.glob(f"*sae.k={k}*")  # named after the job's overrides
+        loaded = load_checkpoint(job_dir / "checkpoints" / "final")
+        assert loaded.sae.cfg.k == k
+        acts = load_file(job_dir / "activations.safetensors")
+        assert acts["final.indices"].shape[1] == k
+
+
+def test_lora_job_captures_effective_delta(tmp_path):
+    summary = run_job(_job([*SHORT, "model=tiny_lora", "logging=disabled",
+                            "capture.targets=[*layers.*.self_attn.q_proj.weight]"]), tmp_path)
+    assert summary["captured"] == 12 and summary["zero_samples"] < 12
+    loaded = load_checkpoint(tmp_path / "checkpoints" / "final")
+    assert [t.name for t in loaded.sae.targets] == [
+        "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    assert loaded.config["meta"]["lora"] is True
+
+
+@pytest.mark.slow
+def test_default_run_learns(tmp_path):
+    """The README's default job: reward rises and the SAE's FVU falls (about 2 minutes)."""
+    summary = run_job(_job(["logging=disabled"]), tmp_path)
+    assert summary["rl_steps"] == 150
+    assert summary["reward_last"] > summary["reward_first"] + 0.2, summary
+    assert summary["fvu_last"] < summary["fvu_first"] - 0.2, summary

@@ -1,0 +1,99 @@
+"""Tiny model builder and loader: architectures, save/load fidelity, tokenizer, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import ViTConfig
+
+from sae_shards.models import (
+    ARCHS,
+    BUILD_SETTINGS_FILE,
+    TASK_TAGS,
+    build_tiny_model,
+    build_tokenizer,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    tiny_model_and_tokenizer,
+)
+
+PROMPT = "<A> hello, world 42!"
+
+
+def _logits(model: torch.nn.Module, input_ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([input_ids])).logits  # [1, seq, vocab]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_build_save_load_keeps_logits(tmp_path, arch):
+    path = build_tiny_model(tmp_path / arch, arch=arch, seed=3)
+    assert (path / "config.json").is_file() and (path / BUILD_SETTINGS_FILE).is_file()
+    loaded, tokenizer = load_model_and_tokenizer(path)
+    in_memory, _ = tiny_model_and_tokenizer(arch=arch, seed=3)
+    assert loaded.config.model_type == arch
+    ids = tokenizer(PROMPT)["input_ids"]
+    torch.testing.assert_close(_logits(loaded, ids), _logits(in_memory, ids), rtol=0, atol=0)
+
+
+def test_build_is_deterministic_and_seeded(tmp_path):
+    a, _ = load_model_and_tokenizer(build_tiny_model(tmp_path / "a", seed=0))
+    b, _ = load_model_and_tokenizer(build_tiny_model(tmp_path / "b", seed=0))
+    c, _ = load_model_and_tokenizer(build_tiny_model(tmp_path / "c", seed=1))
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), name
+    assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+
+
+def test_build_reuses_same_settings_and_refuses_others(tmp_path):
+    path = build_tiny_model(tmp_path / "m")
+    weights = path / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert build_tiny_model(tmp_path / "m") == path
+    assert weights.stat().st_mtime_ns == before  # reused, not rewritten
+    with pytest.raises(ValueError, match="not the requested"):
+        build_tiny_model(tmp_path / "m", hidden_size=32)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        build_tiny_model(tmp_path / "other")
+
+
+def test_unknown_arch_names_field_and_choices(tmp_path):
+    with pytest.raises(ValueError, match=r"model.arch='gpt9'.*qwen2.*llama"):
+        build_tiny_model(tmp_path / "m", arch="gpt9")
+
+
+def test_tokenizer_round_trips_prompt_with_tag(tmp_path):
+    _, tokenizer = load_model_and_tokenizer(build_tiny_model(tmp_path / "m"))
+    ids = tokenizer(PROMPT)["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[:3] == ["<bos>", "<A>", " "]  # bos, then the tag as ONE token
+    assert len(ids) == 1 + 1 + len(PROMPT) - len("<A>")  # one token per other character
+    assert tokenizer.unk_token_id not in ids
+    # TRL decodes completions with skip_special_tokens=True: tags must survive, bos/eos must not.
+    assert tokenizer.decode(ids + [tokenizer.eos_token_id], skip_special_tokens=True) == PROMPT
+    assert all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) == 1 for t in TASK_TAGS)
+
+
+def test_in_memory_tokenizer_matches_saved_one(tmp_path):
+    saved = load_tokenizer(build_tiny_model(tmp_path / "m"))
+    fresh = build_tokenizer()
+    assert saved.get_vocab() == fresh.get_vocab()
+    assert saved(PROMPT)["input_ids"] == fresh(PROMPT)["input_ids"]
+    assert (saved.pad_token, saved.padding_side) == ("<pad>", "left")
+
+
+def test_load_errors_name_the_path_and_the_fix(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*not a directory.*build_tiny_model"):
+        load_model_and_tokenizer(missing)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty has no config.json"):
+        load_model_and_tokenizer(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"empty has no config.json"):
+        load_tokenizer(tmp_path / "empty")
+    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    vit.save_pretrained(tmp_path / "vit")
+    with pytest.raises(ValueError, match=r"vit holds a ViTConfig.*not a causal language model"):
+        load_model_and_tokenizer(tmp_path / "vit")
