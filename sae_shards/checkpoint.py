@@ -94,6 +94,7 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is as readable as its parent
     try:
         tensors = sae_tensors(sae)
         for k, v in (stats or {}).items():

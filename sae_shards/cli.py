@@ -1,4 +1,4 @@
-"""The ``sae-shards`` command: ``sae-shards train [hydra overrides]``.
+"""The ``sae-shards`` command: ``train [hydra overrides]`` and ``analyze RUN_DIR``.
 
 Hydra composes ``configs/`` (next to this package in a source checkout, or ``--config-dir``),
 then the config becomes a validated :class:`~sae_shards.config.JobConfig` once, here. A bad value
@@ -18,11 +18,14 @@ USAGE = """usage: sae-shards <command> [args]
 
 commands:
   train [overrides] [-m]   run RL + delta capture + concurrent SAE (Hydra overrides, e.g. sae.k=8)
+  analyze RUN_DIR [--out FILE] [--shards N] [--no-dose]
+                           write an HTML report of a finished run (default RUN_DIR/report.html)
 
 Examples:
   sae-shards train                              the built-in default (tiny model, CPU, minutes)
   sae-shards train rl.max_steps=50 run_dir=runs/short
   sae-shards train -m sae.k=2,4 run_dir=runs/k_sweep
+  sae-shards analyze runs/default
 """
 
 
@@ -75,6 +78,27 @@ def _train(args: list[str]) -> int:
     return 0
 
 
+def _analyze(args: list[str]) -> int:
+    import argparse
+
+    from sae_shards.checkpoint import CheckpointError
+    from sae_shards.report import analyze
+
+    parser = argparse.ArgumentParser(prog="sae-shards analyze")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
+    parser.add_argument("--shards", type=int, default=4, help="how many top shards to report")
+    parser.add_argument("--no-dose", action="store_true", help="skip logit lens and dose-response")
+    ns = parser.parse_args(args)
+    try:
+        out = analyze(ns.run_dir, ns.out, n_shards=ns.shards, dose=not ns.no_dose)
+    except CheckpointError as e:
+        print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -85,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     match command:
         case "train":
             return _train(rest)
+        case "analyze":
+            return _analyze(rest)
         case other:
             print(f"sae-shards: unknown command {other!r}\n\n{USAGE}", file=sys.stderr)
             return 2

@@ -185,10 +185,9 @@ class RunnerConfig:
     """Buffered samples before the SAE starts training."""
     max_lag: int = 8
     """thread mode: captured deltas the worker may fall behind before RL waits."""
-    rl_threads: int = 1
-    """torch threads of the RL (main) thread; set explicitly, default counts oversubscribe."""
-    sae_threads: int = 1
-    """torch threads of the SAE worker (thread mode)."""
+    torch_threads: int = 1
+    """torch intra-op threads, process-wide (torch's pool is global: the RL thread and the SAE
+    worker each use up to this many). Set explicitly: default counts oversubscribe small CPUs."""
     checkpoint_every: int = 50
     """Save a checkpoint every this many RL steps (0: only the final one)."""
     recent_frac: float = 0.0
@@ -197,7 +196,7 @@ class RunnerConfig:
     def __post_init__(self) -> None:
         if self.concurrency not in CONCURRENCY:
             raise ValueError(f"runner.concurrency={self.concurrency!r}; use one of {CONCURRENCY}")
-        for name in ("sae_steps_per_rl_step", "min_samples", "max_lag", "rl_threads", "sae_threads"):
+        for name in ("sae_steps_per_rl_step", "min_samples", "max_lag", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"runner.{name}={getattr(self, name)} must be >= 1")
         if self.checkpoint_every < 0:

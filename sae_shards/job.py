@@ -4,7 +4,8 @@
 
     run_dir/
       config.json                 the resolved JobConfig
-      model/                      the built-in tiny model (when model.path is null)
+      model/                      the built-in tiny model, initial weights (model.path null)
+      final_model/                the policy after RL (with LoRA: the adapter)
       checkpoints/step_XXXXXX/    every runner.checkpoint_every RL steps (see checkpoint.py)
       checkpoints/final/          at the end
       activations.safetensors     per captured sample: RL step, latent indices, values
@@ -22,9 +23,10 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from safetensors.torch import save_file
 from transformers import TrainerCallback
 
 from sae_shards.buffer import DeltaRingBuffer, StepMeta, check_buffer_memory, default_memory_budget
@@ -33,9 +35,9 @@ from sae_shards.checkpoint import save_checkpoint
 from sae_shards.config import JobConfig
 from sae_shards.models import build_tiny_model, load_tokenizer
 from sae_shards.rl import build_grpo_trainer
-from sae_shards.runner import SAEWorkLoop, make_runner
+from sae_shards.runner import ActivationLog, SAEWorkLoop, make_runner
 from sae_shards.sae import LowRankSAE
-from sae_shards.targets import make_targets
+from sae_shards.targets import TargetSpec, make_targets
 from sae_shards.tasks import RolloutRecorder, build_task
 from sae_shards.trainer import SAETrainer
 from sae_shards.tracking import RunLogger
@@ -142,17 +144,14 @@ def _mean(xs: list[float]) -> float:
     return statistics.fmean(xs) if xs else math.nan
 
 
-def run_job(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
-    """Run the whole job into ``run_dir``; returns the summary (also written to summary.json)."""
-    t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, cfg.overwrite)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    device = resolve_device(cfg.device)
-    torch.set_num_threads(cfg.runner.rl_threads)
-    torch.manual_seed(cfg.seed)
+class RLSetup(NamedTuple):
+    trainer: Any  # trl.GRPOTrainer
+    recorder: RolloutRecorder
+    model_path: Path
 
-    # --- model, task, RL trainer
+
+def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device) -> RLSetup:
+    """The model (built or local), the task and the GRPO trainer, with no sae-shards callbacks."""
     m = cfg.model
     model_path = Path(m.path) if m.path else build_tiny_model(
         run_dir / "model", m.arch, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
@@ -168,14 +167,38 @@ def run_job(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
     trainer = build_grpo_trainer(
         model_path, tokenizer, task, recorder, task.dataset(cfg.task.n_prompts, cfg.seed),
         grpo_kwargs, callbacks=[], output_dir=run_dir / "trl", peft_config=_peft_config(cfg))
+    return RLSetup(trainer, recorder, model_path)
 
-    # --- targets, buffer (memory checked before anything is allocated), SAE
-    targets = select_targets(trainer.model, list(cfg.capture.targets))
+
+class CaptureSetup(NamedTuple):
+    targets: dict  # {name: Parameter | LoraTarget}
+    specs: list[TargetSpec]
+    buffer: DeltaRingBuffer
+
+
+def build_capture(cfg: JobConfig, model: torch.nn.Module, device: torch.device) -> CaptureSetup:
+    """Targets from the trained model and the ring buffer, its memory checked before allocation."""
+    targets = select_targets(model, list(cfg.capture.targets))
     specs = make_targets(target_shapes(targets), rank=cfg.sae.rank)
     dtype = STORAGE[cfg.capture.storage_dtype]
     check_buffer_memory(specs, cfg.capture.capacity, dtype,
                         default_memory_budget(device, cfg.capture.memory_fraction), device)
-    buffer = DeltaRingBuffer(specs, cfg.capture.capacity, device, dtype)
+    return CaptureSetup(targets, specs, DeltaRingBuffer(specs, cfg.capture.capacity, device, dtype))
+
+
+def run_job(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
+    """Run the whole job into ``run_dir``; returns the summary (also written to summary.json)."""
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, cfg.overwrite)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(cfg.runner.torch_threads)
+    torch.manual_seed(cfg.seed)
+
+    rl = build_rl(cfg, run_dir, device)
+    trainer = rl.trainer
+    targets, specs, buffer = build_capture(cfg, trainer.model, device)
     sae = LowRankSAE(specs, cfg.sae).to(device)
     sae_trainer = SAETrainer(sae)
     sizes = {"n_targets": len(specs), "delta_numel": sum(t.numel for t in specs),
@@ -185,6 +208,7 @@ def run_job(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
              sizes["n_targets"], sizes["delta_numel"], sizes["sae_factored_params"],
              sizes["dense_sae_params"], sizes["buffer_bytes"] / 2**20)
 
+    m = cfg.model
     meta = {"source": cfg.capture.source, "model_id": str(m.path or f"tiny-{m.arch}"),
             "run_dir": str(run_dir), "lora": m.lora.enabled}
 
@@ -197,7 +221,7 @@ def run_job(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
     loop = SAEWorkLoop(sae_trainer, buffer, cfg.runner,
                        torch.Generator().manual_seed(cfg.seed), checkpoint)
     runner = make_runner(loop, cfg.runner)
-    rollouts = RolloutLog(run_dir / "rollouts.jsonl", recorder)
+    rollouts = RolloutLog(run_dir / "rollouts.jsonl", rl.recorder)
     capture = DeltaCapture(targets, buffer, cfg.capture.source, meta_fn=rollouts.step_meta,
                            on_push=runner.on_push)
     logging_cb = LoggingCallback(logger, loop, run_dir / "metrics.jsonl")
@@ -210,6 +234,8 @@ def run_job(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
     finally:
         runner.finish()
     logging_cb.flush()
+    # The fine-tuned policy (LoRA: the adapter), so analysis can compare it with the initial model.
+    trainer.save_model(str(run_dir / "final_model"))
     final = checkpoint("final", loop.last_rl_step)
     _save_activations(run_dir / "activations.safetensors", loop, sae, buffer)
 
@@ -237,15 +263,13 @@ def run_job(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
 def _save_activations(path: Path, loop: SAEWorkLoop, sae: LowRankSAE,
                       buffer: DeltaRingBuffer) -> None:
     """Online activations (SAE at capture time) plus the buffered samples under the final SAE."""
-    from safetensors.torch import save_file
-
-    from sae_shards.runner import ActivationLog
-
     final = ActivationLog()
     if sae.input_scale > 0:
-        for slot in buffer.chronological_slots().tolist():
-            x = sae.to_scaled(buffer.gather([slot]))
-            final.add(buffer.metadata(slot).global_step, loop.trainer.n_steps, sae.encode(x))
+        slots = buffer.chronological_slots()
+        for chunk in slots.split(64):
+            x = sae.to_scaled(buffer.gather(chunk))
+            steps = [buffer.metadata(s).global_step for s in chunk.tolist()]
+            final.add(steps, loop.trainer.n_steps, sae.encode(x))
     tensors = {**loop.activations.tensors("online"), **final.tensors("final"),
                "input_scale": sae.input_scale.detach().cpu().reshape(())}
     tmp = path.with_suffix(".tmp")

@@ -34,11 +34,12 @@ class ActivationLog:
     def __init__(self) -> None:
         self.rl_step: list[int] = []
         self.sae_step: list[int] = []
-        self.codes: list[SparseCodes] = []  # each [1, k]
+        self.codes: list[SparseCodes] = []  # each [n, k]
 
-    def add(self, rl_step: int, sae_step: int, codes: SparseCodes) -> None:
-        self.rl_step.append(rl_step)
-        self.sae_step.append(sae_step)
+    def add(self, rl_steps: list[int], sae_step: int, codes: SparseCodes) -> None:
+        """Record ``codes`` ([n, k]) of the samples of ``rl_steps`` (n of them)."""
+        self.rl_step.extend(rl_steps)
+        self.sae_step.extend([sae_step] * len(rl_steps))
         self.codes.append(SparseCodes(codes.indices.cpu(), codes.values.float().cpu()))
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -81,7 +82,7 @@ class SAEWorkLoop:
         sae = self.trainer.sae
         if sae.input_scale > 0:  # the SAE has seen data: record what this sample activates
             x = sae.to_scaled(self.buffer.gather([slot]))
-            self.activations.add(rl_step, self.trainer.n_steps, sae.encode(x))
+            self.activations.add([rl_step], self.trainer.n_steps, sae.encode(x))
         if len(self.buffer) >= self.cfg.min_samples:
             for _ in range(self.cfg.sae_steps_per_rl_step):
                 batch = self.buffer.sample(sae.cfg.batch_size, self.generator, self.cfg.recent_frac)
@@ -126,20 +127,19 @@ class ThreadRunner:
 
     _STOP = -1
 
-    def __init__(self, loop: SAEWorkLoop, max_lag: int, threads: int) -> None:
+    def __init__(self, loop: SAEWorkLoop, max_lag: int) -> None:
         if loop.buffer.capacity <= max_lag + 1:
             raise ValueError(
                 f"capture.capacity={loop.buffer.capacity} must exceed runner.max_lag={max_lag} + 1 "
                 "so a queued slot is not overwritten before the SAE worker reads it")
         self.loop = loop
-        self.threads = threads
         self._queue: queue.Queue[int] = queue.Queue(maxsize=max_lag)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="sae-worker", daemon=True)
         self._thread.start()
 
     def _work(self) -> None:
-        torch.set_num_threads(self.threads)
+        # torch's intra-op pool is process-wide: the job set its size (runner.torch_threads).
         while True:
             slot = self._queue.get()
             if slot == self._STOP:
@@ -172,6 +172,6 @@ def make_runner(loop: SAEWorkLoop, cfg: RunnerConfig) -> InlineRunner | ThreadRu
         case "inline":
             return InlineRunner(loop)
         case "thread":
-            return ThreadRunner(loop, cfg.max_lag, cfg.sae_threads)
+            return ThreadRunner(loop, cfg.max_lag)
         case other:
             raise ValueError(f"runner.concurrency={other!r}; use inline or thread")

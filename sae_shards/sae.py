@@ -139,9 +139,13 @@ class LowRankSAE(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def encode_pre(self, xs: Sample) -> Tensor:
-        """Pre-activations ``[batch, n_latents]`` of scaled samples (b_dec subtracted first)."""
-        centred = {t.name: xs[t.name] - bd for t, bd in zip(self.targets, self.b_dec)}
-        return self.inner(centred, "encoder") + self.b_enc
+        """Pre-activations ``[batch, n_latents]`` of scaled samples, ``<x - b_dec, W_i> + b_enc``.
+
+        By linearity ``<x - b_dec, W> = <x, W> - <b_dec, W>``: the second term is one "sample",
+        so no centred copy of the batch (nor its gradient) is ever made.
+        """
+        bias = {t.name: bd[None] for t, bd in zip(self.targets, self.b_dec)}
+        return self.inner(xs, "encoder") - self.inner(bias, "encoder") + self.b_enc
 
     def select(self, pre: Tensor, training: bool) -> tuple[SparseCodes, Tensor | None]:
         """Apply the sparsity; batch_topk uses the batch in training, the threshold otherwise."""
@@ -269,7 +273,7 @@ def _matrix_inner_chunk(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
     n_lat, _, r = left.shape
     L = left.permute(1, 0, 2).reshape(m, n_lat * r)  # [m, N*r]
     R = right.permute(1, 0, 2).reshape(n, n_lat * r)  # [n, N*r]
-    if m >= n:
+    if m > n:  # square targets take the other branch: no transposed copy of x
         xl = x.transpose(1, 2) @ L  # [b, n, N*r]
         prod = (xl * R).sum(1)  # [b, N*r]
     else:

@@ -93,7 +93,7 @@ class SAETrainer:
         self.sae = sae
         self.cfg = sae.cfg
         self.optimizer = torch.optim.Adam(
-            [p for p in sae.parameters() if p.requires_grad], lr=self.cfg.lr
+            [p for p in sae.parameters() if p.requires_grad], lr=self.cfg.lr, fused=True
         )
         self.stats = LatentStats(self.cfg.n_latents, sae.device)
         self.n_steps = 0
@@ -101,14 +101,16 @@ class SAETrainer:
         self.n_skipped_zero = 0
 
     # ------------------------------------------------------------------ data hygiene
-    def _clean(self, batch: Sample) -> dict[str, Tensor] | None:
-        """Check names/shapes, move to the SAE's device, drop non-finite and all-zero samples."""
+    def _clean(self, batch: Sample) -> tuple[dict[str, Tensor], Tensor] | None:
+        """Check names/shapes, move to the SAE's device, drop non-finite and all-zero samples.
+
+        Returns the kept samples and their squared norms ``[batch]``, or None if none is kept.
+        """
         check_batch(batch, self.sae.targets)
         x = {t.name: batch[t.name].to(self.sae.device, torch.float32) for t in self.sae.targets}
-        finite = torch.stack([v.flatten(1).isfinite().all(1) for v in x.values()]).all(0)
+        sq = sample_sq_norms(x)  # [batch]; inf/NaN exactly for rows with a non-finite entry
+        finite = sq.isfinite()
         self.n_rejected_nonfinite += int((~finite).sum())
-        sq = sample_sq_norms({k: torch.where(finite.view(-1, *[1] * (v.dim() - 1)), v, 0)
-                              for k, v in x.items()})
         nonzero = sq > 0
         self.n_skipped_zero += int((finite & ~nonzero).sum())
         keep = finite & nonzero
@@ -116,11 +118,12 @@ class SAETrainer:
             return None
         if not bool(keep.all()):
             x = {k: v[keep] for k, v in x.items()}
-        return x
+            sq = sq[keep]
+        return x, sq
 
     @torch.no_grad()
-    def _update_scale(self, x: Mapping[str, Tensor]) -> None:
-        ms = sample_sq_norms(x).mean()
+    def _update_scale(self, sq_norms: Tensor) -> None:
+        ms = sq_norms.mean()
         s = self.sae.input_scale
         if s > 0:
             s.copy_(((1 - self.cfg.scale_ema) * s.pow(2) + self.cfg.scale_ema * ms).sqrt())
@@ -130,10 +133,11 @@ class SAETrainer:
     # ------------------------------------------------------------------ the step
     def step(self, batch: Sample) -> StepMetrics | None:
         """One optimisation step; returns None when every sample was rejected."""
-        x = self._clean(batch)
-        if x is None:
+        cleaned = self._clean(batch)
+        if cleaned is None:
             return None
-        self._update_scale(x)
+        x, sq_norms = cleaned
+        self._update_scale(sq_norms)
         xs = self.sae.to_scaled(x)
         if self.n_steps == 0 and self.cfg.use_b_dec:
             with torch.no_grad():

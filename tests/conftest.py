@@ -12,3 +12,20 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def short_run_dir(tmp_path_factory):
+    """A finished 12-step run of the real job (tiny model, 16 latents), shared by analysis tests."""
+    from hydra import compose, initialize_config_dir
+
+    from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
+    from sae_shards.job import run_job
+
+    out = tmp_path_factory.mktemp("short_run")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = job_config_from_hydra(compose("config", overrides=[
+            "rl.max_steps=12", "runner.min_samples=4", "runner.sae_steps_per_rl_step=2",
+            "task.n_prompts=64", "logging=disabled", "sae.n_latents=16"]))
+    run_job(cfg, out)
+    return out

@@ -1,0 +1,298 @@
+"""``sae-shards analyze RUN_DIR``: one self-contained HTML report of a finished run.
+
+Sections (each an ``<section id=...>``): summary, SAE training curves, reward curve, shard
+timeline, per-target norms, top rollouts per shard, logit lens, dose-response. Plots are
+matplotlib PNGs embedded as base64, so the file opens anywhere with no other files.
+
+The dose-response adds ``alpha * c * shard`` to the *initial* weights, where ``c = <Delta, d>`` is
+the shard's coefficient in the run's cumulative update ``Delta = theta_final - theta_initial``:
+alpha = 1 is "this shard's share of everything RL changed". A norm-matched random direction is
+the control. It needs the run's ``model/`` (or ``model.path``) and ``final_model/``; LoRA runs
+skip it (the saved policy is an adapter).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_shards.shards import RunView
+
+SECTIONS = ("summary", "sae-curves", "reward", "timeline", "norms", "rollouts", "logit-lens",
+            "dose-response")
+DEFAULT_ALPHAS = (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _figure(w: float = 7, h: float = 3):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(w, h))
+
+
+def top_shards(view: RunView, n: int) -> list[int]:
+    """The n shards with the largest total |activation| over the run's final timeline."""
+    _, acts = view.timeline("final")
+    mass = acts.abs().sum(0)
+    order = mass.argsort(descending=True)
+    return [i for i in order[:n].tolist() if mass[i] > 0]
+
+
+# ---------------------------------------------------------------------------- plots
+def plot_sae_curves(view: RunView) -> str:
+    fig, axes = _figure(10, 3)
+    fig.clf()
+    rows = view.sae_metrics
+    steps = [r["sae_step"] for r in rows]
+    for i, key in enumerate(("fvu", "l0", "dead_frac")):
+        ax = fig.add_subplot(1, 3, i + 1)
+        ax.plot(steps, [r[key] for r in rows], lw=1)
+        ax.set_xlabel("SAE step")
+        ax.set_title(key)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_reward(view: RunView) -> str:
+    fig, ax = _figure()
+    steps = sorted(view.rollouts)
+    means = [sum(view.rollouts[s]["rewards"]) / len(view.rollouts[s]["rewards"]) for s in steps]
+    ax.plot(steps, means, lw=1, label="mean reward per step")
+    if len(means) >= 10:
+        w = max(2, len(means) // 15)
+        smooth = [sum(means[max(0, i - w):i + 1]) / len(means[max(0, i - w):i + 1]) for i in range(len(means))]
+        ax.plot(steps, smooth, lw=2, label=f"running mean ({w + 1} steps)")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("reward")
+    ax.legend()
+    return _png(fig)
+
+
+def plot_timeline(view: RunView, shards: list[int]) -> str:
+    steps, acts = view.timeline("final")
+    fig, ax = _figure(10, 0.5 + 0.35 * max(len(shards), 1))
+    data = acts[:, shards].T.numpy() if shards else acts.T.numpy()
+    lim = float(abs(data).max()) if data.size else 1.0
+    im = ax.imshow(data, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest",
+                   extent=(float(steps.min()) - 0.5, float(steps.max()) + 0.5, len(shards) - 0.5, -0.5))
+    ax.set_yticks(range(len(shards)), [f"shard {i}" for i in shards])
+    ax.set_xlabel("RL step")
+    fig.colorbar(im, ax=ax, label="activation (scaled units)")
+    return _png(fig)
+
+
+def plot_norms(view: RunView, shards: list[int]) -> str:
+    norms = view.shards.target_norms()
+    names = view.shards.target_names
+    short = [n.replace("model.layers.", "L").replace(".weight", "") for n in names]
+    fig, ax = _figure(10, 3.2)
+    width = 0.8 / max(len(shards), 1)
+    for j, s in enumerate(shards):
+        xs = [i + j * width for i in range(len(names))]
+        ax.bar(xs, norms[s].tolist(), width=width, label=f"shard {s}")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], short, rotation=60, ha="right",
+                  fontsize=7)
+    ax.set_ylabel("norm on target")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_dose(results: dict[int, Any]) -> str:
+    fig, axes = _figure(4 * max(len(results), 1), 3)
+    fig.clf()
+    for i, (shard, dr) in enumerate(results.items()):
+        ax = fig.add_subplot(1, len(results), i + 1)
+        ax.errorbar(dr.alphas, dr.reward_shard, yerr=dr.stderr_shard, label="shard", marker="o")
+        ax.errorbar(dr.alphas, dr.reward_control, yerr=dr.stderr_control, label="random (norm-matched)",
+                    marker="x")
+        ax.set_title(f"shard {shard}")
+        ax.set_xlabel("alpha (x shard's share of the run's update)")
+        ax.set_ylabel("mean reward")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------- model-side sections
+def _models(view: RunView):
+    """(initial model, final model, tokenizer, task) of a run, or None when not available."""
+    from sae_shards.models import load_model_and_tokenizer
+    from sae_shards.tasks import build_task
+
+    cfg = json.loads((view.run_dir / "config.json").read_text())
+    if cfg["model"]["lora"]["enabled"]:
+        return None
+    initial = Path(cfg["model"]["path"]) if cfg["model"]["path"] else view.run_dir / "model"
+    final = view.run_dir / "final_model"
+    if not (initial / "config.json").is_file() or not (final / "config.json").is_file():
+        return None
+    init = load_model_and_tokenizer(initial)
+    fin = load_model_and_tokenizer(final)
+    options = {"target_length": cfg["rl"]["max_completion_length"], **cfg["task"]["options"]}
+    task = build_task(cfg["task"]["name"], **options)
+    return init.model.eval(), fin.model.eval(), init.tokenizer, task
+
+
+def shard_share_of_update(direction: dict[str, torch.Tensor], initial, final) -> float:
+    """``<theta_final - theta_initial, d> / <d, d>``: the shard's coefficient in the run's update."""
+    p0, p1 = dict(initial.named_parameters()), dict(final.named_parameters())
+    with torch.no_grad():
+        dot = sum(float(((p1[n] - p0[n]).float() * d).sum()) for n, d in direction.items())
+    sq = sum(float(d.pow(2).sum()) for d in direction.values())
+    return dot / sq if sq > 0 else 0.0
+
+
+def lens_rows(model, tokenizer, shard, top_k: int) -> list[dict[str, Any]]:
+    from sae_shards.logit_lens import logit_lens, split_writers
+
+    factors = {n: f for n, f in shard.factors().items() if len(f) == 2}
+    writers = split_writers(list(factors)).writers
+    if not writers:
+        return []
+    comps = {n: factors[n] for n in writers}
+    results = logit_lens(model, tokenizer, comps, top_k=top_k)
+    return [{"target": r.target, "sigma": r.singular_value,
+             "promoted": [t for t, _ in r.promoted], "suppressed": [t for t, _ in r.suppressed]}
+            for r in results]
+
+
+# ---------------------------------------------------------------------------- the report
+def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 4,
+            top_k: int = 5, dose: bool = True, alphas=DEFAULT_ALPHAS,
+            n_prompts: int = 32) -> Path:
+    """Write the HTML report of a run (default ``run_dir/report.html``) and ``analysis.json``."""
+    view = RunView(run_dir)
+    out = Path(out) if out else view.run_dir / "report.html"
+    shards = top_shards(view, n_shards)
+    summary_file = view.run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    models = _models(view) if dose else None
+    analysis: dict[str, Any] = {"top_shards": shards, "shards": {}}
+
+    parts = [_section("summary", "Run", _summary_html(view, summary, shards))]
+    parts.append(_section("sae-curves", "SAE training", plot_sae_curves(view)))
+    parts.append(_section("reward", "Reward", plot_reward(view)))
+    parts.append(_section("timeline", "Shard timeline (top shards, final SAE)",
+                          plot_timeline(view, shards)))
+    parts.append(_section("norms", "Per-target norms of the top shards", plot_norms(view, shards)))
+    parts.append(_section("rollouts", "Top rollouts per shard", _rollouts_html(view, shards, top_k)))
+
+    lens_html, dose_results = [], {}
+    for s in shards:
+        entry: dict[str, Any] = {"density": float(view.density()[s]),
+                                 "top_steps": [t["rl_step"] for t in view.top_steps(s, top_k)]}
+        if models is not None:
+            initial, final, tokenizer, task = models
+            rows = lens_rows(initial, tokenizer, view.shards[s], top_k)
+            entry["logit_lens"] = rows
+            lens_html.append(_lens_html(s, rows))
+            direction = view.shards[s].dense(scaled=False)
+            c = shard_share_of_update(direction, initial, final)
+            from sae_shards.interventions import dose_response
+
+            dr = dose_response(initial, tokenizer, task, {n: d * c for n, d in direction.items()},
+                               alphas, n_prompts=n_prompts)
+            dose_results[s] = dr
+            entry["share_of_update"] = c
+            entry["dose_response"] = {"alphas": list(dr.alphas), "shard": list(dr.reward_shard),
+                                      "control": list(dr.reward_control)}
+        analysis["shards"][s] = entry
+    missing = "<p>Needs the run's initial and final model (not available, or a LoRA run).</p>"
+    parts.append(_section("logit-lens", "Logit lens (write directions of o_proj / down_proj)",
+                          "".join(lens_html) or missing))
+    parts.append(_section("dose-response", "Dose-response: reward vs alpha * shard",
+                          (plot_dose(dose_results) if dose_results else missing)
+                          + "<p>alpha = 1 adds the shard's share of the run's whole update to the "
+                            "initial weights; the control adds a random direction of equal norm.</p>"))
+
+    page = _page(f"sae-shards report: {view.run_dir.name}", "".join(parts))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    (out.parent / "analysis.json").write_text(json.dumps(analysis, indent=2, default=float))
+    return out
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>\n'
+
+
+def _summary_html(view: RunView, summary: dict, shards: list[int]) -> str:
+    meta = view.shards.meta
+    rows = {
+        "run dir": str(view.run_dir), "model": meta.get("model_id"), "source": meta.get("source"),
+        "RL steps": summary.get("rl_steps"), "SAE steps": summary.get("sae_steps"),
+        "reward first/last 20%": _pair(summary, "reward_first", "reward_last"),
+        "FVU first/last 10%": _pair(summary, "fvu_first", "fvu_last"),
+        "latents / k / sparsity": f"{len(view.shards)} / {view.shards.sae.cfg.k} / "
+                                  f"{view.shards.sae.cfg.sparsity}",
+        "targets": len(view.shards.target_names),
+        "SAE weights (factored / dense)": f"{summary.get('sae_factored_params')} / "
+                                          f"{summary.get('dense_sae_params')}",
+        "top shards (by activation mass)": ", ".join(map(str, shards)),
+    }
+    return _table(None, [[k, v] for k, v in rows.items()])
+
+
+def _pair(d: dict, a: str, b: str) -> str:
+    if a not in d:
+        return "n/a"
+    return f"{d[a]:.3f} → {d[b]:.3f}"
+
+
+def _rollouts_html(view: RunView, shards: list[int], top_k: int) -> str:
+    out = []
+    for s in shards:
+        rows = []
+        for t in view.top_steps(s, top_k):
+            r = t["rollout"] or {}
+            rewards = r.get("rewards") or [math.nan]
+            completions = r.get("completions") or []
+            rows.append([t["rl_step"], f"{t['activation']:+.3f}", f"{sum(rewards) / len(rewards):.3f}",
+                         " | ".join(repr(c) for c in completions[:3])])
+        out.append(f"<h3>shard {s}</h3>" + _table(["RL step", "activation", "mean reward",
+                                                     "completions (first 3)"], rows))
+    return "".join(out) or "<p>No active shards.</p>"
+
+
+def _lens_html(shard: int, rows: list[dict]) -> str:
+    body = [[r["target"], f"{r['sigma']:.3f}", " ".join(repr(t) for t in r["promoted"]),
+             " ".join(repr(t) for t in r["suppressed"])] for r in rows]
+    return f"<h3>shard {shard}</h3>" + (_table(["target", "σ", "+u promotes", "+u suppresses"], body)
+                                         if body else "<p>No writer targets.</p>")
+
+
+def _table(header: list[str] | None, rows: list[list[Any]]) -> str:
+    head = ("<thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+            + "</tr></thead>") if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table>{head}<tbody>{body}</tbody></table>"
+
+
+def _page(title: str, body: str) -> str:
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
+             "padding:2px 6px;font-size:13px;text-align:left}img{max-width:100%}"
+             "section{margin-bottom:2em}")
+    nav = " · ".join(f'<a href="#{s}">{s}</a>' for s in SECTIONS)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><p>{nav}</p>"
+            f"{body}</body></html>")

@@ -1,0 +1,191 @@
+"""Shards loaded back for analysis: ``ShardSet`` over a checkpoint, ``RunView`` over a run dir.
+
+A *shard* is one SAE latent's decoder direction: unit norm across all targets in the SAE's
+scaled units (the same direction in parameter units). ``Shard.dense()`` materialises it per
+parameter name; ``scaled=True`` multiplies by the shard's typical coefficient in parameter units
+(``mean |activation| * input_scale``), i.e. "one typical RL update's worth" of that shard.
+
+Everything is read from safetensors and JSON; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from sae_shards.checkpoint import CheckpointError, load_checkpoint, read_tensors
+from sae_shards.sae import LowRankSAE
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One latent of a :class:`ShardSet`."""
+
+    shards: "ShardSet"
+    index: int
+
+    def factors(self) -> dict[str, tuple[Tensor, ...]]:
+        """``{target: (U [m, r], V [n, r])}`` or ``{target: (d [m],)}`` (unit-norm direction)."""
+        return {tf.spec.name: tuple(f[self.index].detach() for f in tf.factors("decoder"))
+                for tf in self.shards.sae.factors}
+
+    def dense(self, scaled: bool = True) -> dict[str, Tensor]:
+        """``{param_name: tensor}``; unit norm overall, times the typical coefficient if scaled."""
+        dirs = self.shards.sae.dense_directions(latents=torch.tensor([self.index]))
+        scale = self.typical_coefficient() if scaled else 1.0
+        return {name: d[0] * scale for name, d in dirs.items()}
+
+    def typical_coefficient(self) -> float:
+        """Mean |activation| when active, in parameter units (0 if it never fired)."""
+        mean_abs = self.shards.stats.get("stats.mean_abs_act")
+        if mean_abs is None:
+            return 0.0
+        return float(mean_abs[self.index]) * float(self.shards.sae.input_scale)
+
+    def target_norms(self) -> dict[str, float]:
+        """Share of the unit direction on each target (Frobenius norms; squares sum to 1)."""
+        row = self.shards.target_norms()[self.index]
+        return dict(zip(self.shards.target_names, row.tolist()))
+
+    @property
+    def density(self) -> float:
+        d = self.shards.stats.get("stats.density")
+        return float(d[self.index]) if d is not None else float("nan")
+
+
+class ShardSet:
+    """The shards of one checkpoint directory (``sae.safetensors`` + ``config.json``)."""
+
+    def __init__(self, sae: LowRankSAE, config: dict[str, Any], stats: dict[str, Tensor],
+                 path: Path | None = None) -> None:
+        self.sae = sae.eval()
+        self.config = config
+        self.stats = stats
+        self.path = path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ShardSet":
+        """Load and validate a checkpoint directory (errors name the file and the problem)."""
+        loaded = load_checkpoint(path, device)
+        return cls(loaded.sae, loaded.config, loaded.stats, loaded.path)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, checkpoint: str = "final") -> "ShardSet":
+        """The shards of a run's checkpoint (default ``checkpoints/final``)."""
+        return cls.load(Path(run_dir) / "checkpoints" / checkpoint)
+
+    # ---- container protocol
+    def __len__(self) -> int:
+        return self.sae.n_latents
+
+    def __getitem__(self, i: int) -> Shard:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"shard index {i} out of range for {len(self)} shards")
+        return Shard(self, i % len(self))
+
+    def __iter__(self) -> Iterator[Shard]:
+        return (Shard(self, i) for i in range(len(self)))
+
+    # ---- geometry, all in factored form
+    @property
+    def target_names(self) -> list[str]:
+        return [t.name for t in self.sae.targets]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.config.get("meta", {})
+
+    def target_norms(self) -> Tensor:
+        """``[n_shards, n_targets]`` Frobenius norm of each shard on each target."""
+        cols = []
+        with torch.no_grad():
+            for tf in self.sae.factors:
+                if tf.spec.is_matrix:
+                    U, V = tf.factors("decoder")
+                    gu = torch.einsum("imr,ims->irs", U, U)
+                    gv = torch.einsum("inr,ins->irs", V, V)
+                    cols.append((gu * gv).sum((1, 2)).clamp_min(0).sqrt())
+                else:
+                    cols.append(tf.d_dec.norm(dim=1))
+        return torch.stack(cols, 1)
+
+    def cosine_matrix(self) -> Tensor:
+        """``[n_shards, n_shards]`` cosine similarity of the shards (factored Gram matrix)."""
+        with torch.no_grad():
+            gram = self.sae.decoder_gram()
+            norms = gram.diagonal().clamp_min(1e-30).sqrt()
+            return gram / norms[:, None] / norms[None]
+
+    def mean_update(self) -> dict[str, Tensor]:
+        """``b_dec`` in parameter units: the mean update, a shard of its own."""
+        scale = self.sae.input_scale
+        return {t.name: (bd.detach() * scale).clone() for t, bd in zip(self.sae.targets, self.sae.b_dec)}
+
+    def encode(self, sample: dict[str, Tensor]):
+        """Active shards of parameter-unit samples ``{target: [batch, *shape]}``."""
+        return self.sae.encode(self.sae.to_scaled(sample))
+
+
+class RunView:
+    """A finished run: its shards plus which RL steps and rollouts activated each of them."""
+
+    def __init__(self, run_dir: str | Path, checkpoint: str = "final") -> None:
+        self.run_dir = Path(run_dir)
+        self.shards = ShardSet.from_run(self.run_dir, checkpoint)
+        acts_file = self.run_dir / "activations.safetensors"
+        self.activations = read_tensors(acts_file, expect_version=True)
+        for key in ("final.rl_step", "final.indices", "final.values"):
+            if key not in self.activations:
+                raise CheckpointError(f"{acts_file}: missing tensor {key!r}")
+        self.rollouts = _read_jsonl(self.run_dir / "rollouts.jsonl", key="step")
+        metrics = _read_jsonl(self.run_dir / "metrics.jsonl")
+        self.rl_metrics = [r for r in metrics if r.get("kind") == "rl"]
+        self.sae_metrics = [r for r in metrics if r.get("kind") == "sae"]
+
+    def timeline(self, which: str = "final") -> tuple[Tensor, Tensor]:
+        """(rl_steps [S], activations [S, n_shards]) with zeros where a shard was inactive.
+
+        ``which="final"``: the samples still in the ring buffer at the end, encoded by the final
+        SAE (consistent); ``"online"``: every sample as encoded when captured (the SAE was still
+        training, early rows are less meaningful).
+        """
+        steps = self.activations[f"{which}.rl_step"]
+        idx, val = self.activations[f"{which}.indices"], self.activations[f"{which}.values"]
+        dense = torch.zeros(steps.numel(), len(self.shards)).scatter_add_(1, idx, val)
+        return steps, dense
+
+    def density(self, which: str = "final") -> Tensor:
+        """Fraction of the timeline's samples on which each shard was active, [n_shards]."""
+        _, acts = self.timeline(which)
+        return (acts != 0).float().mean(0) if acts.shape[0] else torch.zeros(len(self.shards))
+
+    def top_steps(self, shard: int, k: int = 5, which: str = "final") -> list[dict[str, Any]]:
+        """The k RL steps with the largest |activation| of ``shard``, joined with their rollouts."""
+        steps, acts = self.timeline(which)
+        a = acts[:, shard]
+        order = a.abs().argsort(descending=True)[:k]
+        out = []
+        for i in order.tolist():
+            if a[i] == 0:
+                break
+            step = int(steps[i])
+            out.append({"rl_step": step, "activation": float(a[i]),
+                        "rollout": self.rollouts.get(step)})
+        return out
+
+
+def _read_jsonl(path: Path, key: str | None = None):
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; is this a sae-shards run directory?")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}:{n}: not valid JSON ({e})") from e
+    return {r[key]: r for r in rows} if key else rows

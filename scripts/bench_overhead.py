@@ -1,0 +1,100 @@
+"""Wall time of the RL run alone vs RL + capture vs RL + capture + SAE (inline and thread).
+
+    python -m scripts.bench_overhead                     # default job config, CPU, ~2-4 minutes
+    python -m scripts.bench_overhead rl.max_steps=60 runner.sae_steps_per_rl_step=2
+
+Every mode builds the same job (Hydra overrides as for ``sae-shards train``; same seed, same
+model, same task) in a fresh temporary run directory and times ``trainer.train()`` only. The
+modes run one after another in this process, so the ratios come from one run on one machine:
+
+- ``rl``: the GRPO trainer with no sae-shards callback;
+- ``capture``: plus ``DeltaCapture`` writing every delta into the ring buffer (no SAE);
+- ``inline``: plus the SAE trained inside the callback (``runner.concurrency=inline``);
+- ``thread``: plus the SAE trained by the background worker (``runner.concurrency=thread``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from sae_shards.capture import DeltaCapture
+from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
+from sae_shards.config import JobConfig
+from sae_shards.job import build_capture, build_rl, resolve_device
+from sae_shards.runner import SAEWorkLoop, make_runner
+from sae_shards.sae import LowRankSAE
+from sae_shards.trainer import SAETrainer
+
+MODES = ("rl", "capture", "inline", "thread")
+
+
+def time_mode(cfg: JobConfig, mode: str, run_dir: Path) -> dict:
+    """Build the job for ``mode`` and time its RL training loop."""
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(cfg.runner.torch_threads)
+    torch.manual_seed(cfg.seed)
+    rl = build_rl(cfg, run_dir, device)
+    runner = None
+    sae_trainer = None
+    if mode != "rl":
+        targets, specs, buffer = build_capture(cfg, rl.trainer.model, device)
+        on_push = None
+        if mode in ("inline", "thread"):
+            sae_trainer = SAETrainer(LowRankSAE(specs, cfg.sae).to(device))
+            runner_cfg = type(cfg.runner)(**{**cfg.runner.__dict__, "concurrency": mode,
+                                             "checkpoint_every": 0})
+            loop = SAEWorkLoop(sae_trainer, buffer, runner_cfg, torch.Generator().manual_seed(0))
+            runner = make_runner(loop, runner_cfg)
+            on_push = runner.on_push
+        rl.trainer.add_callback(DeltaCapture(targets, buffer, cfg.capture.source, on_push=on_push))
+    start = time.perf_counter()
+    rl.trainer.train()
+    rl_done = time.perf_counter()
+    if runner is not None:
+        runner.finish()  # thread mode: the worker's backlog counts too
+    end = time.perf_counter()
+    return {"mode": mode, "train_s": rl_done - start, "total_s": end - start,
+            "sae_steps": sae_trainer.n_steps if sae_trainer else 0}
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for sae-shards train")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of modes")
+    args = parser.parse_args(argv)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = job_config_from_hydra(compose("config", overrides=["logging=disabled", *args.overrides]))
+    modes = args.modes.split(",")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in modes:
+            rows.append(time_mode(cfg, mode, Path(tmp) / mode))
+    base = next((r["total_s"] for r in rows if r["mode"] == "rl"), None)
+    steps = cfg.rl.max_steps
+    lines = [
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"device {resolve_device(cfg.device)}, torch threads {cfg.runner.torch_threads}, "
+        f"{steps} RL steps, {cfg.runner.sae_steps_per_rl_step} SAE steps per RL step "
+        f"(batch {cfg.sae.batch_size}, {cfg.sae.n_latents} latents)",
+        "",
+        "| mode | RL loop s | incl. SAE backlog s | s / RL step | SAE steps | overhead vs rl |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = f"{r['total_s'] / base:.2f}x" if base else "n/a"
+        lines.append(f"| {r['mode']} | {r['train_s']:.1f} | {r['total_s']:.1f} | "
+                     f"{r['total_s'] / steps:.3f} | {r['sae_steps']} | {ratio} |")
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""`sae-shards analyze`: the HTML report has every section and every image, and opens alone."""
+
+import base64
+import json
+import subprocess
+import sys
+from html.parser import HTMLParser
+
+from sae_shards.report import SECTIONS, analyze
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sections, self.images, self.current = {}, [], None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.current = attrs["id"]
+            self.sections[self.current] = 0
+        if tag == "img":
+            self.images.append(attrs["src"])
+            self.sections[self.current] += 1
+        if tag in ("link", "script") and (attrs.get("src") or attrs.get("href")):
+            raise AssertionError(f"report loads an external resource: {attrs}")
+
+
+def test_report_has_every_section_and_image(short_run_dir, tmp_path):
+    out = analyze(short_run_dir, tmp_path / "report.html", n_shards=2, n_prompts=8,
+                  alphas=(-1.0, 0.0, 1.0))
+    page = _Page()
+    page.feed(out.read_text())
+    assert list(page.sections) == list(SECTIONS)
+    for section in ("sae-curves", "reward", "timeline", "norms", "dose-response"):
+        assert page.sections[section] == 1, section
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    html = out.read_text()
+    assert "Needs the run's initial and final model" not in html  # model sections really ran
+    assert "+u promotes" in html and "RL step" in html
+    analysis = json.loads((tmp_path / "analysis.json").read_text())
+    assert len(analysis["top_shards"]) == 2
+    for entry in analysis["shards"].values():
+        assert len(entry["dose_response"]["shard"]) == 3
+        assert entry["logit_lens"], "the body targets include o_proj/down_proj writers"
+
+
+def test_analyze_cli_reports_a_bad_run_dir(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sae_shards.cli", "analyze", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "cannot analyze" in proc.stderr and "no such checkpoint directory" in proc.stderr

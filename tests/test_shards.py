@@ -1,0 +1,90 @@
+"""ShardSet and RunView on a real (short) run: round trip, factored geometry, run-level views."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sae_shards.checkpoint import CheckpointError, sae_tensors
+from sae_shards.models import load_model_and_tokenizer
+from sae_shards.shards import RunView, ShardSet
+
+
+@pytest.fixture
+def run_dir(short_run_dir):
+    return short_run_dir
+
+
+def test_round_trip_identical_tensors_and_metadata(run_dir):
+    ck = run_dir / "checkpoints" / "final"
+    shards = ShardSet.from_run(run_dir)
+    loaded = sae_tensors(shards.sae)
+    with safe_open(ck / "sae.safetensors", "pt") as f:
+        on_disk = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("stats.")}
+        stats = {k: f.get_tensor(k) for k in f.keys() if k.startswith("stats.")}
+    assert loaded.keys() == on_disk.keys()
+    for k in loaded:
+        assert torch.equal(loaded[k], on_disk[k]) or (loaded[k].isnan().all() and on_disk[k].isnan().all()), k
+    assert all(torch.equal(shards.stats[k], v) for k, v in stats.items())
+    assert shards.config == json.loads((ck / "config.json").read_text())
+    assert shards.meta["rl_step"] == 12 and shards.meta["source"] == "update"
+
+
+def test_container_and_dense_shards(run_dir):
+    shards = ShardSet.from_run(run_dir)
+    params = dict(load_model_and_tokenizer(run_dir / "model").model.named_parameters())
+    assert len(shards) == 16 and len(list(shards)) == 16 and shards[-1].index == 15
+    with pytest.raises(IndexError):
+        shards[16]
+    unit = shards[3].dense(scaled=False)
+    assert set(unit) == set(shards.target_names)
+    assert all(unit[n].shape == params[n].shape for n in unit)
+    total = sum(float(v.pow(2).sum()) for v in unit.values())
+    assert total == pytest.approx(1.0, abs=1e-5)
+    scaled = shards[3].dense()
+    c = shards[3].typical_coefficient()
+    assert c > 0 and torch.allclose(scaled[shards.target_names[0]], unit[shards.target_names[0]] * c)
+
+
+def test_factored_geometry_matches_dense(run_dir):
+    shards = ShardSet.from_run(run_dir)
+    flat = torch.stack([torch.cat([v.flatten() for v in s.dense(scaled=False).values()]) for s in shards])
+    torch.testing.assert_close(shards.cosine_matrix(), flat @ flat.T, atol=1e-5, rtol=1e-4)
+    norms = shards.target_norms()
+    assert norms.shape == (16, len(shards.target_names))
+    torch.testing.assert_close(norms.pow(2).sum(1), torch.ones(16), atol=1e-5, rtol=0)
+    first = shards.target_names[0]
+    assert shards[2].target_norms()[first] == pytest.approx(
+        float(shards[2].dense(scaled=False)[first].norm()), rel=1e-4)
+    mean = shards.mean_update()
+    assert torch.allclose(mean[first], shards.sae.b_dec[0].detach() * shards.sae.input_scale)
+
+
+def test_run_view_joins_steps_with_rollouts(run_dir):
+    view = RunView(run_dir)
+    steps, acts = view.timeline()
+    assert steps.tolist() == list(range(1, 13)) and acts.shape == (12, 16)
+    assert ((acts != 0).sum(1) == 4).all()  # k = 4 active shards per captured step
+    shard = int(acts.abs().sum(0).argmax())
+    top = view.top_steps(shard, k=3)
+    assert len(top) == 3
+    assert abs(top[0]["activation"]) == pytest.approx(float(acts[:, shard].abs().max()))
+    assert top[0]["rollout"]["step"] == top[0]["rl_step"]
+    assert len(top[0]["rollout"]["completions"]) == 16
+    assert view.density()[shard] > 0
+    # re-encoding a buffered delta is not possible after the run, but the SAE's encode is:
+    x = {n: torch.zeros(1, *t.shape) for n, t in zip(view.shards.target_names, view.shards.sae.targets)}
+    assert view.shards.encode({n: v + 1e-6 for n, v in x.items()}).indices.shape == (1, 4)
+
+
+def test_malformed_run_dir_errors(tmp_path, run_dir):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        ShardSet.from_run(tmp_path)
+    broken = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(run_dir, broken)
+    (broken / "rollouts.jsonl").write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(CheckpointError, match=r"rollouts.jsonl:2: not valid JSON"):
+        RunView(broken)
