@@ -51,7 +51,7 @@ def _train(args: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from sae_shards.job import run_job
+    from sae_shards.job import JobSetupError, run_job
 
     failures: list[str] = []
 
@@ -60,11 +60,15 @@ def _train(args: list[str]) -> int:
         try:
             job = job_config_from_hydra(cfg)
         except ConfigError as e:
-            failures.append(str(e))
+            failures.append(f"config error: {e}")
             return
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         job = dataclasses.replace(job, run_dir=str(run_dir))
-        summary = run_job(job, run_dir)
+        try:
+            summary = run_job(job, run_dir)
+        except JobSetupError as e:
+            failures.append(f"cannot start: {e}")
+            return
         print(json.dumps({k: summary[k] for k in (
             "rl_steps", "sae_steps", "reward_first", "reward_last", "fvu_first", "fvu_last",
             "final_checkpoint", "wall_s")}, indent=2))
@@ -73,7 +77,7 @@ def _train(args: list[str]) -> int:
     train_main()
     if failures:
         for msg in failures:
-            print(f"sae-shards: config error: {msg}", file=sys.stderr)
+            print(f"sae-shards: {msg}", file=sys.stderr)
         return 2
     return 0
 

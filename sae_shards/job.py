@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from sae_shards.buffer import DeltaRingBuffer, StepMeta, check_buffer_memory, default_memory_budget
 from sae_shards.capture import DeltaCapture, select_targets, target_shapes
@@ -100,13 +101,16 @@ class RolloutLog:
 
 
 class LoggingCallback(TrainerCallback):
-    """TRL's logs and the SAE's step figures to W&B and metrics.jsonl, from the RL thread."""
+    """TRL's logs and the SAE's step figures to W&B and metrics.jsonl, from the RL thread, and a
+    one-line console progress report every ``print_every`` RL steps."""
 
-    def __init__(self, logger: RunLogger, loop: SAEWorkLoop, path: Path) -> None:
+    def __init__(self, logger: RunLogger, loop: SAEWorkLoop, path: Path, print_every: int) -> None:
         self.logger = logger
         self.loop = loop
         self.path = path
+        self.print_every = print_every
         self.fvu: list[float] = []
+        self.last_reward = math.nan
         path.write_text("")
 
     def _write(self, row: dict[str, Any]) -> None:
@@ -115,11 +119,17 @@ class LoggingCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+        self.last_reward = numeric.get("reward", self.last_reward)
         self.logger.log_rl(numeric, state.global_step)
         self._write({"kind": "rl", "rl_step": state.global_step, **numeric})
 
     def on_step_end(self, args, state, control, **kwargs):
         self.flush()
+        step = state.global_step
+        if step % self.print_every == 0 or step == state.max_steps:
+            fvu = self.fvu[-1] if self.fvu else math.nan
+            log.info("RL step %d/%d  reward %.3f  |  SAE step %d  fvu %.3f",
+                     step, state.max_steps, self.last_reward, self.loop.trainer.n_steps, fvu)
 
     def flush(self) -> None:
         for rec in self.loop.pop_records():
@@ -186,19 +196,30 @@ def build_capture(cfg: JobConfig, model: torch.nn.Module, device: torch.device) 
     return CaptureSetup(targets, specs, DeltaRingBuffer(specs, cfg.capture.capacity, device, dtype))
 
 
+class JobSetupError(RuntimeError):
+    """The job could not start (bad model path, targets matching nothing, buffer too large...).
+
+    Raised before any training; the message says what is wrong and how to fix it."""
+
+
+SETUP_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
+
+
 def run_job(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
     """Run the whole job into ``run_dir``; returns the summary (also written to summary.json)."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, cfg.overwrite)
+    try:
+        prepare_run_dir(run_dir, cfg.overwrite)
+        device = resolve_device(cfg.device)
+        torch.set_num_threads(cfg.runner.torch_threads)
+        torch.manual_seed(cfg.seed)
+        rl = build_rl(cfg, run_dir, device)
+        trainer = rl.trainer
+        targets, specs, buffer = build_capture(cfg, trainer.model, device)
+    except SETUP_ERRORS as e:  # user-fixable: reported without a traceback by the CLI
+        raise JobSetupError(str(e)) from e
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    device = resolve_device(cfg.device)
-    torch.set_num_threads(cfg.runner.torch_threads)
-    torch.manual_seed(cfg.seed)
-
-    rl = build_rl(cfg, run_dir, device)
-    trainer = rl.trainer
-    targets, specs, buffer = build_capture(cfg, trainer.model, device)
     sae = LowRankSAE(specs, cfg.sae).to(device)
     sae_trainer = SAETrainer(sae)
     sizes = {"n_targets": len(specs), "delta_numel": sum(t.numel for t in specs),
@@ -224,9 +245,12 @@ def run_job(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
     rollouts = RolloutLog(run_dir / "rollouts.jsonl", rl.recorder)
     capture = DeltaCapture(targets, buffer, cfg.capture.source, meta_fn=rollouts.step_meta,
                            on_push=runner.on_push)
-    logging_cb = LoggingCallback(logger, loop, run_dir / "metrics.jsonl")
+    logging_cb = LoggingCallback(logger, loop, run_dir / "metrics.jsonl",
+                                 print_every=max(1, cfg.rl.max_steps // 10))
     trainer.add_callback(capture)
     trainer.add_callback(logging_cb)
+    # TRL's progress bar prints every step's full log dict; our one-line report replaces it.
+    trainer.remove_callback(ProgressCallback)
 
     # --- train; the worker is always stopped, and an SAE failure surfaces here
     try:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from transformers.trainer_callback import ProgressCallback
 
 from sae_shards.capture import DeltaCapture
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
@@ -54,6 +55,7 @@ def time_mode(cfg: JobConfig, mode: str, run_dir: Path) -> dict:
             runner = make_runner(loop, runner_cfg)
             on_push = runner.on_push
         rl.trainer.add_callback(DeltaCapture(targets, buffer, cfg.capture.source, on_push=on_push))
+    rl.trainer.remove_callback(ProgressCallback)  # its per-step prints would be timed too
     start = time.perf_counter()
     rl.trainer.train()
     rl_done = time.perf_counter()

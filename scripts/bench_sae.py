@@ -150,9 +150,6 @@ def _build_and_train(spec: dict, device: torch.device, steps: int):
                     batch_size=spec["batch"], aux_coef=0.0, seed=0)
     sae = (DenseSAE if spec["impl"] == "dense" else LowRankSAE)([target], cfg).to(device)
     trainer = SAETrainer(sae)
-    if spec["fused_adam"]:  # same settings, one fused kernel instead of the for-loop Adam
-        params = [p for p in sae.parameters() if p.requires_grad]
-        trainer.optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=True)
     gen = torch.Generator().manual_seed(0)
     batch = {"w": (1e-4 * torch.randn(spec["batch"], m, n, generator=gen)).to(device)}
     for _ in range(steps):
@@ -275,8 +272,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mem-budget-gib", type=float, default=8.0,
                    help="configurations estimated above this are not run")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--fused-adam", action="store_true",
-                   help="replace the trainer's default (for-loop) Adam by fused=True in both SAEs")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads in every worker; 1 gives stable figures on a "
                    "shared machine and the same footing for both SAEs")
@@ -317,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         spec = dict(impl=impl, m=m, n=n, rank=min(rank, m, n), n_latents=args.n_latents,
                     k=args.k, batch=args.batch, device=args.device, threads=args.threads,
                     seconds=args.seconds, warmup=args.warmup, min_steps=args.min_steps,
-                    max_steps=args.max_steps, fused_adam=args.fused_adam, est_bytes=est)
+                    max_steps=args.max_steps, est_bytes=est)
         if est > args.mem_budget_gib * GIB:
             dense_params = 2 * args.n_latents * m * n
             spec["params"] = dense_params if impl == "dense" else \
@@ -331,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> str:
               f"{row['steps']} steps, peak {_fmt_mem(row['peak_bytes'])}", flush=True)
 
     report = [header, "", f"n_latents={args.n_latents}, k={args.k}, batch={args.batch}, "
-              f"signed top-k, AuxK off, {'fused' if args.fused_adam else 'default (for-loop)'} Adam, "
+              "signed top-k, AuxK off, the trainer's fused Adam, "
               f"time box {args.seconds:g} s per configuration, "
               f"memory budget {args.mem_budget_gib:g} GiB", "", format_table(rows)]
     if args.quality_steps:

@@ -1,6 +1,7 @@
 """The main job end to end: real TRL GRPO, capture, ring buffer, SAE, checkpoints, W&B offline."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,13 @@ from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from transformers import TrainerCallback
+
+from sae_shards.capture import DeltaCapture
 from sae_shards.checkpoint import load_checkpoint
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
 from sae_shards.config import LoggingConfig
-from sae_shards.job import run_job
+from sae_shards.job import JobSetupError, build_capture, build_rl, resolve_device, run_job
 from sae_shards.models import load_model_and_tokenizer
 from sae_shards.tracking import RunLogger
 
@@ -74,7 +78,7 @@ def test_short_job_writes_loadable_shards(tmp_path, concurrency):
 
 def test_existing_run_dir_is_not_overwritten(tmp_path):
     (tmp_path / "checkpoints" / "final").mkdir(parents=True)
-    with pytest.raises(FileExistsError, match=r"already holds a run.*overwrite=true"):
+    with pytest.raises(JobSetupError, match=r"already holds a run.*overwrite=true"):
         run_job(_job([*SHORT, "logging=disabled"]), tmp_path)
     assert (tmp_path / "checkpoints" / "final").is_dir()
 
@@ -120,3 +124,54 @@ def test_default_run_learns(tmp_path):
     assert summary["rl_steps"] == 150
     assert summary["reward_last"] > summary["reward_first"] + 0.2, summary
     assert summary["fvu_last"] < summary["fvu_first"] - 0.2, summary
+
+
+class _TruthRecorder(TrainerCallback):
+    """Independent record of each optimizer step's real parameter change (added before capture)."""
+
+    def __init__(self, params):
+        self.params, self.before, self.deltas = params, None, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.before is None:  # fires once per optimizer step; guard anyway
+            self.before = {n: p.detach().float().clone() for n, p in self.params.items()}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.deltas.append({n: p.detach().float() - self.before[n] for n, p in self.params.items()})
+        self.before = None
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_grpo_capture_equals_parameter_change(tmp_path, accumulation):
+    cfg = _job([*SHORT, "logging=disabled", "rl.max_steps=4",
+                f"rl.gradient_accumulation_steps={accumulation}",
+                "rl.per_device_train_batch_size=8"])
+    device = resolve_device("cpu")
+    rl = build_rl(cfg, tmp_path, device)
+    targets, _, buffer = build_capture(cfg, rl.trainer.model, device)
+    truth = _TruthRecorder(targets)
+    rl.trainer.add_callback(truth)
+    rl.trainer.add_callback(DeltaCapture(targets, buffer))
+    rl.trainer.train()
+    assert len(truth.deltas) == 4 == len(buffer)
+    for slot, want in zip(buffer.chronological_slots().tolist(), truth.deltas):
+        got = buffer.gather([slot])
+        for name in targets:
+            assert torch.equal(got[name][0], want[name]), name
+        assert any(bool(v.abs().sum() > 0) for v in want.values())  # the weights really moved
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model=hf_path model.path=/no/such/model", r"/no/such/model is not a directory"),
+    ("capture.targets=[*no_such_weight*]", r"'\*no_such_weight\*' matches no .*model.layers.0"),
+    ("capture.capacity=100000000", r"capture.capacity|bf16|bfloat16"),
+])
+def test_setup_errors_are_reported_cleanly(tmp_path, override, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sae_shards.cli", "train", *override.split(), "logging=disabled",
+         f"run_dir={tmp_path / 'r'}"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "sae-shards: cannot start:" in proc.stderr
+    assert re.search(message, proc.stderr), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
