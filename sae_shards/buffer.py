@@ -41,6 +41,8 @@ class StepMeta:
     """Standard deviation of the step's rewards; nan when unknown."""
     task_labels: tuple[str, ...] = ()
     """Tasks active in the step (e.g. ``("A",)``); empty when the task provides none."""
+    heldout: bool = False
+    """Held out from SAE training (``sample`` never draws it); kept for held-out evaluation."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task_labels", tuple(str(t) for t in self.task_labels))
@@ -86,6 +88,7 @@ class DeltaRingBuffer:
         }
         self._meta: list[StepMeta | None] = [None] * self.capacity  # None: slot holds no sample
         self._filled = torch.zeros(self.capacity, dtype=torch.bool)  # [capacity] committed slots
+        self._heldout = torch.zeros(self.capacity, dtype=torch.bool)  # [capacity] not for training
         self._next = 0  # the slot the next begin_write hands out
         self._writing: int | None = None
         self._n_pushed = 0
@@ -124,6 +127,7 @@ class DeltaRingBuffer:
             self._check_writing(slot)
             self._meta[slot] = meta
             self._filled[slot] = True
+            self._heldout[slot] = meta.heldout
             self._n_pushed += 1
             self._next = (slot + 1) % self.capacity
             self._writing = None
@@ -176,10 +180,11 @@ class DeltaRingBuffer:
             raise ValueError(f"recent_frac must be in [0, 1], got {recent_frac}")
         with self._lock:
             committed = self._chronological_locked()  # [n_committed], oldest first
+            committed = committed[~self._heldout[committed]]  # held-out slots are never trained on
             if committed.numel() == 0:
                 raise RuntimeError(
-                    "cannot sample from an empty DeltaRingBuffer: no slot has been committed yet "
-                    "(push at least one delta before the SAE samples)"
+                    "cannot sample from an empty DeltaRingBuffer: no trainable slot has been "
+                    "committed yet (push at least one delta that is not held out first)"
                 )
             slots = _draw(committed, batch_size, generator, recent_frac, recent_window)
             return BufferSample(self._gather_locked(slots), slots)
@@ -209,6 +214,12 @@ class DeltaRingBuffer:
     def __len__(self) -> int:
         with self._lock:
             return int(self._filled.sum())
+
+    @property
+    def n_trainable(self) -> int:
+        """Committed slots that ``sample`` may draw (not held out)."""
+        with self._lock:
+            return int((self._filled & ~self._heldout).sum())
 
     @property
     def n_pushed(self) -> int:

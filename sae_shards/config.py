@@ -192,6 +192,12 @@ class RunnerConfig:
     """Save a checkpoint every this many RL steps (0: only the final one)."""
     recent_frac: float = 0.0
     """Share of each SAE batch drawn from the newest buffer slots."""
+    heldout_every: int = 0
+    """Hold out every k-th RL step from SAE training (0: none); held-out samples give
+    ``fvu_heldout`` and the held-out figures of ``sae-shards evaluate``."""
+    save_samples: bool = False
+    """Write every buffered sample to ``run_dir/samples.safetensors`` at the end (for evaluation
+    against ground truth; ``capacity * sum(numel) * 4`` bytes: for small models)."""
 
     def __post_init__(self) -> None:
         if self.concurrency not in CONCURRENCY:
@@ -203,6 +209,9 @@ class RunnerConfig:
             raise ValueError(f"runner.checkpoint_every={self.checkpoint_every} must be >= 0")
         if not 0 <= self.recent_frac <= 1:
             raise ValueError(f"runner.recent_frac={self.recent_frac} must be in [0, 1]")
+        if self.heldout_every < 0 or self.heldout_every == 1:
+            raise ValueError(f"runner.heldout_every={self.heldout_every} must be 0 (none) or >= 2 "
+                             "(1 would hold out every step)")
 
 
 @dataclass(frozen=True)

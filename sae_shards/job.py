@@ -33,9 +33,10 @@ from transformers.trainer_callback import ProgressCallback
 from sae_shards.buffer import DeltaRingBuffer, StepMeta, check_buffer_memory, default_memory_budget
 from sae_shards.capture import DeltaCapture, select_targets, target_shapes
 from sae_shards.checkpoint import save_checkpoint
+from sae_shards.metrics import evaluate_heldout
 from sae_shards.config import JobConfig
 from sae_shards.models import build_tiny_model, load_tokenizer
-from sae_shards.rl import build_grpo_trainer
+from sae_shards.rl import build_grpo_trainer, prompts_per_step
 from sae_shards.runner import ActivationLog, SAEWorkLoop, make_runner
 from sae_shards.sae import LowRankSAE
 from sae_shards.targets import TargetSpec, make_targets
@@ -71,16 +72,18 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
 class RolloutLog:
     """Drains the reward recorder once per RL step into rollouts.jsonl and the step's StepMeta."""
 
-    def __init__(self, path: Path, recorder: RolloutRecorder) -> None:
+    def __init__(self, path: Path, recorder: RolloutRecorder, heldout_every: int = 0) -> None:
         self.path = path
         self.recorder = recorder
+        self.heldout_every = heldout_every
         self.rewards: dict[int, float] = {}  # rl step -> mean total reward
         path.write_text("")
 
     def step_meta(self, global_step: int) -> StepMeta:
+        heldout = bool(self.heldout_every) and global_step % self.heldout_every == 0
         records = self.recorder.drain()
         if not records:
-            return StepMeta(global_step)
+            return StepMeta(global_step, heldout=heldout)
         first = records[0]
         same = all(len(r["rewards"]) == len(first["rewards"]) for r in records)
         # One record per reward function for one generation batch: TRL sums them per completion.
@@ -97,7 +100,7 @@ class RolloutLog:
         std = statistics.pstdev(totals) if len(totals) > 1 else 0.0
         self.rewards[global_step] = mean
         labels = tuple(sorted(set(first["tasks"] or ())))
-        return StepMeta(global_step, mean, std, labels)
+        return StepMeta(global_step, mean, std, labels, heldout)
 
 
 class LoggingCallback(TrainerCallback):
@@ -174,8 +177,12 @@ def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device) -> RLSetup:
     grpo_kwargs = {**cfg.rl.grpo_kwargs(), "seed": cfg.seed}
     if device.type == "cpu":
         grpo_kwargs.update(use_cpu=True)
+    if task.scheduled:  # one optimizer step = one task: the dataset lists the steps in order
+        dataset = task.step_dataset(cfg.task.n_prompts, prompts_per_step(grpo_kwargs), cfg.seed)
+    else:
+        dataset = task.dataset(cfg.task.n_prompts, cfg.seed)
     trainer = build_grpo_trainer(
-        model_path, tokenizer, task, recorder, task.dataset(cfg.task.n_prompts, cfg.seed),
+        model_path, tokenizer, task, recorder, dataset,
         grpo_kwargs, callbacks=[], output_dir=run_dir / "trl", peft_config=_peft_config(cfg))
     return RLSetup(trainer, recorder, model_path)
 
@@ -242,7 +249,7 @@ def run_job(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
     loop = SAEWorkLoop(sae_trainer, buffer, cfg.runner,
                        torch.Generator().manual_seed(cfg.seed), checkpoint)
     runner = make_runner(loop, cfg.runner)
-    rollouts = RolloutLog(run_dir / "rollouts.jsonl", rl.recorder)
+    rollouts = RolloutLog(run_dir / "rollouts.jsonl", rl.recorder, cfg.runner.heldout_every)
     capture = DeltaCapture(targets, buffer, cfg.capture.source, meta_fn=rollouts.step_meta,
                            on_push=runner.on_push)
     logging_cb = LoggingCallback(logger, loop, run_dir / "metrics.jsonl",
@@ -262,6 +269,11 @@ def run_job(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
     trainer.save_model(str(run_dir / "final_model"))
     final = checkpoint("final", loop.last_rl_step)
     _save_activations(run_dir / "activations.safetensors", loop, sae, buffer)
+    if cfg.runner.save_samples:
+        save_samples(run_dir / "samples.safetensors", buffer)
+    heldout = _heldout_slots(buffer)
+    fvu_heldout = (evaluate_heldout(sae, [buffer.gather(c) for c in heldout.split(256)]).fvu
+                   if heldout.numel() >= 2 and sae.input_scale > 0 else math.nan)
 
     rewards = [rollouts.rewards[s] for s in sorted(rollouts.rewards)]
     fifth = max(1, len(rewards) // 5)
@@ -270,6 +282,7 @@ def run_job(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
         "rl_steps": len(rewards), "sae_steps": sae_trainer.n_steps,
         "reward_first": _mean(rewards[:fifth]), "reward_last": _mean(rewards[-fifth:]),
         "fvu_first": _mean(logging_cb.fvu[:tenth]), "fvu_last": _mean(logging_cb.fvu[-tenth:]),
+        "fvu_heldout": fvu_heldout, "heldout_samples": int(heldout.numel()),
         "captured": capture.n_captured, "zero_samples": capture.n_zero,
         "nonfinite_samples": capture.n_nonfinite,
         "sae_rejected_nonfinite": sae_trainer.n_rejected_nonfinite,
@@ -299,4 +312,28 @@ def _save_activations(path: Path, loop: SAEWorkLoop, sae: LowRankSAE,
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
               metadata={"format": "sae-shards-activations", "format_version": "1"})
+    tmp.replace(path)
+
+
+def _heldout_slots(buffer: DeltaRingBuffer) -> torch.Tensor:
+    slots = buffer.chronological_slots()
+    return slots[torch.tensor([buffer.metadata(s).heldout for s in slots.tolist()], dtype=torch.bool)]
+
+
+def save_samples(path: Path, buffer: DeltaRingBuffer) -> None:
+    """Every buffered sample (fp32, oldest first) with its RL step, held-out flag and task label.
+
+    Tensors: ``sample.<target>`` [S, *shape], ``rl_step`` [S], ``heldout`` [S]; the header
+    metadata holds ``task_labels`` (JSON list of each sample's labels).
+    """
+    slots = buffer.chronological_slots()
+    metas = [buffer.metadata(s) for s in slots.tolist()]
+    parts = [buffer.gather(c) for c in slots.split(256)]
+    tensors = {f"sample.{t.name}": torch.cat([p[t.name] for p in parts]).cpu().contiguous()
+               for t in buffer.targets}
+    tensors["rl_step"] = torch.tensor([m.global_step for m in metas], dtype=torch.long)
+    tensors["heldout"] = torch.tensor([m.heldout for m in metas], dtype=torch.bool)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata={"format": "sae-shards-samples", "format_version": "1",
+                                      "task_labels": json.dumps([list(m.task_labels) for m in metas])})
     tmp.replace(path)

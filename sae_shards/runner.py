@@ -83,7 +83,7 @@ class SAEWorkLoop:
         if sae.input_scale > 0:  # the SAE has seen data: record what this sample activates
             x = sae.to_scaled(self.buffer.gather([slot]))
             self.activations.add([rl_step], self.trainer.n_steps, sae.encode(x))
-        if len(self.buffer) >= self.cfg.min_samples:
+        if self.buffer.n_trainable >= self.cfg.min_samples:
             for _ in range(self.cfg.sae_steps_per_rl_step):
                 batch = self.buffer.sample(sae.cfg.batch_size, self.generator, self.cfg.recent_frac)
                 m = self.trainer.step(batch.batch)

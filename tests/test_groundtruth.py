@@ -1,0 +1,114 @@
+"""Ground truth, sign invariance and nulls on cases whose answer is known by construction."""
+
+import pytest
+import torch
+
+from sae_shards.groundtruth import (abs_cosine, auroc, flatten, norm_features, principal_direction,
+                                    shuffled, supervised_reference, task_directions, unflatten,
+                                    windowed_task_directions)
+
+SHAPES = {"w1": (12, 8), "w2": (8, 12), "b": (6,)}
+TASKS = ["A", "B", "C", "D"]
+
+
+def _planted(n, seed, sign_flip=True, strength=1.0, noise=1.0):
+    """Per-sample: random-sign multiple of its task's direction plus isotropic noise."""
+    g = torch.Generator().manual_seed(seed)
+    d = 12 * 8 * 2 + 6
+    truth = torch.randn(len(TASKS), d, generator=torch.Generator().manual_seed(123))
+    truth = truth / truth.norm(dim=1, keepdim=True)
+    labels = [TASKS[i % len(TASKS)] for i in torch.randperm(n, generator=g).tolist()]
+    k = torch.tensor([TASKS.index(y) for y in labels])
+    # balanced random signs: within each task, every other sample (in random order) is flipped
+    sign = torch.ones(n)
+    if sign_flip:
+        for t in TASKS:
+            idx = [i for i, y in enumerate(labels) if y == t]
+            sign[idx[1::2]] = -1
+    coef = strength * (1 + 0.3 * torch.rand(n, generator=g)) * sign
+    x = coef[:, None] * truth[k] + noise * torch.randn(n, d, generator=g) / d**0.5
+    return x, labels, truth
+
+
+def test_principal_direction_recovers_a_sign_flipping_task():
+    x, labels, truth = _planted(400, 0)
+    dirs = task_directions(x, labels, TASKS)
+    cos = (dirs * truth).sum(1).abs()
+    assert (cos > 0.95).all(), cos
+    # the signed mean of the same samples does not: signs cancel (why everything is sign-free)
+    for k, t in enumerate(TASKS):
+        mean = x[torch.tensor([y == t for y in labels])].mean(0)
+        assert abs(float(mean @ truth[k] / mean.norm())) < 0.5
+
+
+def test_principal_direction_matches_eigh_of_second_moment():
+    x = torch.randn(30, 50, generator=torch.Generator().manual_seed(1))
+    _, vecs = torch.linalg.eigh((x.T @ x).double())
+    want = vecs[:, -1].float()
+    got = principal_direction(x)
+    assert abs(float(got @ want)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_shuffled_labels_destroy_the_ground_truth():
+    x, labels, truth = _planted(400, 0)
+    null = task_directions(x, shuffled(labels, torch.Generator().manual_seed(0)), TASKS)
+    assert (null * truth).sum(1).abs().max() < 0.6
+
+
+def test_auroc_known_values():
+    pos = torch.tensor([0, 0, 1, 1], dtype=torch.bool)
+    assert auroc(torch.tensor([0.1, 0.2, 0.8, 0.9]), pos) == 1.0
+    assert auroc(torch.tensor([0.9, 0.8, 0.2, 0.1]), pos) == 0.0
+    assert auroc(torch.tensor([0.5, 0.5, 0.5, 0.5]), pos) == 0.5
+    g = torch.Generator().manual_seed(0)
+    s, p = torch.rand(50, generator=g), torch.rand(50, generator=g) > 0.5
+    brute = sum((float(a > b) + 0.5 * float(a == b)) for a in s[p] for b in s[~p]) / (p.sum() * (~p).sum())
+    assert auroc(s, p) == pytest.approx(float(brute))
+    assert auroc(s, torch.zeros(50, dtype=torch.bool)) != auroc(s, torch.zeros(50, dtype=torch.bool))
+
+
+def test_supervised_reference_and_its_null():
+    x, labels, _ = _planted(600, 0)
+    shapes = dict(SHAPES)
+    samples = unflatten(x, shapes)
+    feats = norm_features(samples, list(shapes))
+    tr, te = slice(0, 400), slice(400, 600)
+    ref = supervised_reference(x[tr], labels[tr], x[te], labels[te], feats[tr], feats[te], TASKS)
+    assert ref.auroc_mean > 0.95
+    null_labels = shuffled(labels[tr], torch.Generator().manual_seed(1))
+    null = supervised_reference(x[tr], null_labels, x[te], labels[te], feats[tr], feats[te], TASKS)
+    assert null.auroc_mean < 0.7 and null.auroc_mean < ref.auroc_mean - 0.25
+
+
+def test_norm_centroid_separates_tasks_living_on_different_rows():
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    labels = [TASKS[i % 4] for i in range(n)]
+    w1 = 0.05 * torch.randn(n, 12, 8, generator=g)
+    for i, y in enumerate(labels):  # task k writes (with a random sign) into rows 3k..3k+2
+        k = TASKS.index(y)
+        w1[i, 3 * k:3 * k + 3] += (1 if torch.rand(1, generator=g) > 0.5 else -1) * torch.randn(3, 8, generator=g)
+    samples = {"w1": w1, "b": 0.05 * torch.randn(n, 6, generator=g)}
+    feats = norm_features(samples, ["w1", "b"])
+    x = flatten(samples, ["w1", "b"])
+    ref = supervised_reference(x[:150], labels[:150], x[150:], labels[150:], feats[:150], feats[150:], TASKS)
+    assert ref.centroid_accuracy > 0.9 and ref.chance_accuracy == 0.25
+
+
+def test_windowed_directions_follow_drift():
+    g = torch.Generator().manual_seed(0)
+    d1, d2 = torch.eye(20)[0], torch.eye(20)[1]
+    steps = list(range(100))
+    x = torch.stack([(d1 if s < 50 else d2) * (1 if torch.rand(1, generator=g) > 0.5 else -1)
+                     + 0.05 * torch.randn(20, generator=g) for s in steps])
+    dirs, keys = windowed_task_directions(x, ["A"] * 100, steps, ["A"], window=50)
+    assert keys == [(0, "A"), (50, "A")]
+    assert abs(float(dirs[0] @ d1)) > 0.95 and abs(float(dirs[1] @ d2)) > 0.95
+    assert abs_cosine(x[:1], dirs).shape == (1, 2)
+
+
+def test_flatten_unflatten_round_trip():
+    g = torch.Generator().manual_seed(0)
+    samples = {n: torch.randn(3, *s, generator=g) for n, s in SHAPES.items()}
+    back = unflatten(flatten(samples, list(SHAPES)), SHAPES)
+    assert all(torch.equal(back[n], samples[n]) for n in SHAPES)
