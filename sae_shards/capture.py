@@ -14,11 +14,22 @@ When the callbacks fire (transformers 5.23, ``Trainer._run_epoch``), per optimiz
     optimizer.step(); on_optimizer_step; lr_scheduler.step(); zero_grad()
     state.global_step += 1; on_step_end
 
-Source ``update`` snapshots the targets (fp32) at ``on_step_begin`` and writes
-``theta_after - snapshot`` (fp32) at ``on_step_end``; this stays correct where the weights change
-before ``on_pre_optimizer_step`` (DeepSpeed steps inside backward). Source ``grad`` copies the
-clipped gradient at ``on_pre_optimizer_step``. Either way the slot is committed at ``on_step_end``
-with ``StepMeta.global_step = state.global_step`` (the 1-based number of the step just taken).
+Sources (see ``DeltaCapture`` for what each supports):
+
+- ``update`` snapshots the targets (fp32) at ``on_step_begin`` and writes ``theta_after -
+  snapshot`` (fp32) at ``on_step_end``; this stays correct where the weights change before
+  ``on_pre_optimizer_step`` (DeepSpeed steps inside backward).
+- ``grad`` copies the clipped gradient at ``on_pre_optimizer_step``.
+- ``precond`` (Adam/AdamW) copies the clipped gradient ``g_t`` at ``on_pre_optimizer_step`` and
+  divides it by Adam's denominator ``P_t = sqrt(v_t / (1 - beta2^t)) + eps``, read from the
+  optimizer's state at ``on_optimizer_step`` (right after ``optimizer.step()``).
+- ``deconv`` takes the update exactly as ``update`` does and removes the momentum using only
+  consecutive updates and the step's hyperparameters (``_deconv_coefficients``): for AdamW it
+  equals ``g_t / P_t`` when ``P_t = P_{t-1}``, for SGD with momentum it is ``g_t`` itself. The
+  step's learning rate is read at ``on_step_begin``: the scheduler steps before ``on_step_end``.
+
+Every sample is committed at ``on_step_end`` with ``StepMeta.global_step = state.global_step``
+(the 1-based number of the step just taken).
 """
 
 from __future__ import annotations
@@ -38,7 +49,8 @@ from sae_shards.targets import check_batch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("update", "grad")
+SOURCES = ("update", "grad", "precond", "deconv")
+_OPTIMIZER_SOURCES = ("precond", "deconv")  # need to know the optimizer's step rule
 
 
 @dataclass(frozen=True)
@@ -205,10 +217,28 @@ class DeltaCapture(TrainerCallback):
 
     ``targets`` comes from ``select_targets`` on the model the Trainer trains (with TRL, select
     from ``trainer.model`` after the trainer is built: it may load or wrap the model itself).
-    ``source`` is ``update`` (fp32 ``theta_after - theta_before``; for LoRA the effective dense
-    delta) or ``grad`` (the clipped gradient; dense targets only). ``meta_fn(global_step)`` gives
-    the step's ``StepMeta``. A sample with a non-finite entry is skipped (``n_nonfinite`` counts it,
-    with a warning); all-zero samples are pushed and counted in ``n_zero``.
+    ``source`` is one of
+
+    - ``update``: fp32 ``theta_after - theta_before``; for LoRA the effective dense delta.
+    - ``grad``: the clipped gradient.
+    - ``precond``: Adam's preconditioned gradient ``g_t / (sqrt(v_t / (1 - beta2^t)) + eps)``,
+      with ``g_t`` the clipped gradient and ``v_t``, ``t`` from the optimizer's state after the
+      step. Needs ``torch.optim.Adam``/``AdamW`` without ``amsgrad`` (AMSGrad divides by the
+      running maximum of ``v``; not supported).
+    - ``deconv``: the update with the momentum removed, from consecutive updates and the step's
+      learning rate, beta1/momentum and weight decay alone (no optimizer state; see
+      ``_deconv_coefficients``). Adam/AdamW: an estimate of ``precond``, exact while Adam's
+      denominator is unchanged between steps. ``torch.optim.SGD`` (dampening 0, no Nesterov):
+      the clipped gradient, exactly up to fp32 rounding of the weights. A step with learning
+      rate 0 cannot be inverted, nor the step after it, nor the first step after resuming from a
+      checkpoint (no previous update): these are skipped and counted in ``n_skipped``, with a
+      warning. fp16 loss-scaling steps that the optimizer skips are not detected.
+
+    ``grad``, ``precond`` and ``deconv`` take dense targets only and are not supported under
+    DeepSpeed (gradients are not in ``param.grad``, parameters are flattened in the optimizer).
+    ``meta_fn(global_step)`` gives the step's ``StepMeta``. A sample with a non-finite entry is
+    skipped (``n_nonfinite`` counts it, with a warning); all-zero samples are pushed and counted in
+    ``n_zero``.
 
     Distributed: capture runs only where ``state.is_world_process_zero``. Under DDP every rank
     holds identical parameters and gradients (after the all-reduce), so rank 0 sees the full delta.
@@ -226,14 +256,15 @@ class DeltaCapture(TrainerCallback):
         on_push: Callable[[int], None] | None = None,
     ) -> None:
         match source:
-            case "update" | "grad":
+            case "update" | "grad" | "precond" | "deconv":
                 pass
             case other:
                 raise ValueError(f"capture.source {other!r} is not supported; use one of {SOURCES}")
-        if source == "grad" and any(isinstance(t, LoraTarget) for t in targets.values()):
+        if source != "update" and any(isinstance(t, LoraTarget) for t in targets.values()):
             raise ValueError(
-                "capture.source='grad' is not supported for LoRA targets (the gradient of the "
-                "effective weight is not available from the adapter factors); use source='update'"
+                f"capture.source={source!r} is not supported for LoRA targets (the gradient and "
+                "optimizer state of the effective weight are not available from the adapter "
+                "factors); use source='update'"
             )
         shapes = {name: torch.empty(t.shape, device="meta") for name, t in targets.items()}
         check_batch(shapes, buffer.targets, batched=False)
@@ -249,26 +280,39 @@ class DeltaCapture(TrainerCallback):
         """Samples pushed whose every entry is zero (e.g. all rewards of every group equal)."""
         self.n_nonfinite = 0
         """Samples skipped because an entry was nan or inf."""
+        self.n_skipped = 0
+        """``deconv`` steps that could not be inverted (learning rate 0 at the step or the one
+        before, or the first step after a resume)."""
         self.last_norm = math.nan
         """Frobenius norm over all targets of the last finite sample (fp32)."""
         self._snapshots: dict[str, tuple[torch.Tensor, ...]] | None = None  # allocated lazily
         self._armed = False  # a snapshot for the current optimizer step exists
         self._slot: int | None = None  # slot being written this step
         self._slot_views: dict[str, torch.Tensor] = {}
+        # precond / deconv (dense targets), resolved at on_train_begin:
+        self._optimizer: torch.optim.Optimizer | None = None  # the torch optimizer, unwrapped
+        self._kind = ""  # "adam" or "sgd": the optimizer's step rule
+        self._groups: dict[str, dict] = {}  # target -> its optimizer param group
+        self._scratch: dict[str, _Scratch] = {}  # fp32 work tensors, allocated once
+        self._lr: dict[str, float] = {}  # deconv: target -> learning rate of the current step
+        self._t = 0  # deconv: 1-based number of the current optimizer step
+        self._have_prev = False  # deconv: _scratch[*].prev holds a_{t-1} of the previous step
 
     # ---- callback events ----
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self._slot is not None:  # a previous train() stopped mid-step
             self.buffer.abort(self._slot)
         self._armed, self._slot, self._slot_views = False, None, {}
+        self._have_prev = False
         if not state.is_world_process_zero:
             return
         check_not_sharded(model.named_parameters())
-        if self.source == "grad" and args.deepspeed:
+        if self.source != "update" and args.deepspeed:
             raise ValueError(
-                "capture.source='grad' is not supported under DeepSpeed (gradients are not in "
-                "param.grad at on_pre_optimizer_step); use source='update'"
+                f"capture.source={self.source!r} is not supported under DeepSpeed (gradients are "
+                "not in param.grad at on_pre_optimizer_step and the optimizer holds flattened "
+                "parameters); use source='update'"
             )
         owned = {id(p) for p in model.parameters()}
         foreign = [n for n, t in self.targets.items() if not {id(p) for p in _params(t)} <= owned]
@@ -277,30 +321,61 @@ class DeltaCapture(TrainerCallback):
                 f"capture targets {_few(foreign, 3)} are not parameters of the trained model; "
                 "select them from trainer.model after the trainer is built"
             )
-        if self._snapshots is None and self.source == "update":
+        if self.source in _OPTIMIZER_SOURCES:
+            self._optimizer = _unwrap(optimizer)
+            self._kind, self._groups = _step_rule(self._optimizer, self.targets, self.source)
+            if not self._scratch:
+                self._scratch = {
+                    n: _Scratch.alloc(p, self.source, self.buffer) for n, p in self.targets.items()
+                }
+        if self._snapshots is None and self.source in ("update", "deconv"):
             self._snapshots = {n: _alloc_snapshot(t, self.buffer) for n, t in self.targets.items()}
 
     @torch.no_grad()
     def on_step_begin(self, args, state, control, **kwargs):
         # Fires once per optimizer step in transformers 5.23; the flag keeps one snapshot per
         # optimizer step even if it fired per micro-batch (weights do not change in between).
-        if self.source != "update" or not state.is_world_process_zero or self._armed:
+        if self.source not in ("update", "deconv") or not state.is_world_process_zero:
+            return
+        if self._armed:
             return
         for name, target in self.targets.items():
             for snap, p in zip(self._snapshots[name], _params(target)):
                 snap.copy_(p)
+        if self.source == "deconv":
+            # The value this step's optimizer.step() uses: the scheduler steps after it, before
+            # on_step_end. global_step counts optimizer steps, across resumes.
+            self._lr = {name: float(group["lr"]) for name, group in self._groups.items()}
+            self._t = state.global_step + 1
         self._armed = True
 
     @torch.no_grad()
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.source != "grad" or not state.is_world_process_zero:
+        if self.source not in ("grad", "precond") or not state.is_world_process_zero:
             return
         self._slot, self._slot_views = self.buffer.begin_write()
         for name, p in self.targets.items():
+            view = self._slot_views[name]
+            g = view if self.source == "grad" else self._scratch[name].grad(view)
             if p.grad is None:  # no gradient reached p this step
-                self._slot_views[name].zero_()
+                g.zero_()
             else:
-                self._slot_views[name].copy_(p.grad)
+                g.copy_(p.grad)
+
+    @torch.no_grad()
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.source != "precond" or not state.is_world_process_zero:
+            return
+        for name, p in self.targets.items():
+            group, view, scratch = self._groups[name], self._slot_views[name], self._scratch[name]
+            opt_state = self._optimizer.state.get(p)
+            if not opt_state:  # torch's Adam skips parameters without a gradient
+                view.zero_()
+                continue
+            _write_precond(
+                scratch.grad(view), opt_state["exp_avg_sq"], float(opt_state["step"]),
+                beta2=group["betas"][1], eps=group["eps"], denom=scratch.denom, view=view,
+            )
 
     @torch.no_grad()
     def on_step_end(self, args, state, control, **kwargs):
@@ -312,6 +387,11 @@ class DeltaCapture(TrainerCallback):
             for name, target in self.targets.items():
                 _write_update(target, self._snapshots[name], self._slot_views[name])
             self._armed = False
+        elif self.source == "deconv":
+            assert self._armed, "on_step_end without a snapshot from on_step_begin"
+            self._armed = False
+            if not self._deconv_step(state.global_step):
+                return
         slot, views = self._slot, self._slot_views
         self._slot, self._slot_views = None, {}
         norm = _finite_norm(views.values())
@@ -330,6 +410,147 @@ class DeltaCapture(TrainerCallback):
         self.n_captured += 1
         if self.on_push is not None:
             self.on_push(slot)
+
+    def _deconv_step(self, global_step: int) -> bool:
+        """Claim a slot and write this step's ``deconv`` sample; False if the step was skipped."""
+        coef = {n: _deconv_coefficients(self._kind, g, self._t) for n, g in self._groups.items()}
+        lr_zero = any(self._lr[n] == 0.0 for n in self.targets)
+        no_prev = not self._have_prev and any(c.beta != 0.0 for c in coef.values())
+        if lr_zero or no_prev:
+            if not lr_zero:  # keep a_t, so the next step can be inverted
+                for name, p in self.targets.items():
+                    _deconv_state(p, self._snapshots[name][0], self._lr[name], coef[name],
+                                  out=self._scratch[name].prev)
+            self._have_prev = not lr_zero
+            self.n_skipped += 1
+            why = "the learning rate is 0" if lr_zero else "the previous update is unknown"
+            logger.warning(
+                "step %d: no deconv sample (%s: the update cannot be inverted); skipped "
+                "(%d so far)", global_step, why, self.n_skipped,
+            )
+            return False
+        self._slot, self._slot_views = self.buffer.begin_write()
+        for name, p in self.targets.items():
+            scratch = self._scratch[name]
+            theta = self._snapshots[name][0]
+            a_t = _write_deconv(p, theta, scratch, self._lr[name], coef[name],
+                                self._slot_views[name])
+            # a_t now lies in the snapshot tensor: it becomes the next step's a_{t-1}, and the
+            # old a_{t-1} tensor becomes the next snapshot (no copy).
+            self._snapshots[name], scratch.prev = (scratch.prev,), a_t
+        self._have_prev = True
+        return True
+
+
+# ---- optimizers (precond, deconv) -------------------------------------------------------------
+
+
+def _unwrap(optimizer):
+    """The torch optimizer inside wrappers that hold it as ``.optimizer`` (accelerate's)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _step_rule(
+    optimizer: torch.optim.Optimizer, targets: Mapping[str, Target], source: str
+) -> tuple[str, dict[str, dict]]:
+    """(``"adam"`` or ``"sgd"``, ``{target: its param group}``), or ``ValueError`` saying why
+    ``source`` cannot invert this optimizer's step."""
+    cls = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+    if isinstance(optimizer, torch.optim.Adam):  # AdamW subclasses Adam
+        kind = "adam"
+    elif isinstance(optimizer, torch.optim.SGD) and source == "deconv":
+        kind = "sgd"
+    else:
+        needs = "torch.optim.Adam/AdamW" + (" or torch.optim.SGD" if source == "deconv" else "")
+        raise ValueError(
+            f"capture.source={source!r} needs {needs}, but the trainer's optimizer is {cls}; "
+            "use source='update' or 'grad' (any optimizer), or 'deconv' with Adam/AdamW/SGD"
+        )
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    groups = {}
+    for name, p in targets.items():
+        if id(p) not in group_of:
+            raise ValueError(f"capture target {name!r} is not in any param group of {cls}")
+        group = groups[name] = group_of[id(p)]
+        problems = {
+            "maximize=True": group["maximize"],
+            "amsgrad=True (divides by the running maximum of v)": group.get("amsgrad", False),
+            "L2 weight_decay (decoupled_weight_decay=False; use AdamW)": kind == "adam"
+            and group["weight_decay"] != 0 and not group.get("decoupled_weight_decay", False),
+            "nesterov=True": group.get("nesterov", False),
+            "dampening != 0": group.get("dampening", 0) != 0,
+        }
+        for what, on in problems.items():
+            if on:
+                raise ValueError(
+                    f"capture.source={source!r} does not support {cls} with {what} "
+                    f"(param group of {name!r}); use source='update' or 'grad'"
+                )
+    return kind, groups
+
+
+@dataclass(frozen=True)
+class _Deconv:
+    """How one step's update ``u_t`` inverts to a sample: with ``b_t = -u_t / lr_t`` and
+    ``a_t = b_t - wd_state theta_t``, ``sample = alpha a_t - beta a_{t-1} - wd_out theta_t``."""
+
+    alpha: float
+    beta: float
+    wd_state: float  # decoupled weight decay, applied to theta outside the momentum (AdamW)
+    wd_out: float  # weight decay added to g before the momentum (SGD)
+
+
+def _deconv_coefficients(kind: str, group: Mapping, t: int) -> _Deconv:
+    """Coefficients for optimizer step ``t`` (1-based) of a target in ``group``.
+
+    AdamW: ``u_t = -lr_t (m_hat_t / P_t + wd theta_t)``, so ``a_t = m_hat_t / P_t`` with
+    ``m_t = beta1 m_{t-1} + (1 - beta1) g_t`` and ``m_hat_t = m_t / (1 - beta1^t)``; then
+    ``((1 - beta1^t) a_t - beta1 (1 - beta1^(t-1)) a_{t-1}) / (1 - beta1) = g_t / P_t`` when
+    ``P_t = P_{t-1}``. SGD (torch: ``b_t = mu b_{t-1} + g_t + wd theta_t``, ``u_t = -lr_t b_t``):
+    ``g_t = b_t - mu b_{t-1} - wd theta_t`` exactly. At ``t = 1`` the previous term vanishes.
+    """
+    wd = float(group["weight_decay"])
+    match kind:
+        case "adam":
+            beta1 = float(group["betas"][0])
+            return _Deconv(
+                alpha=(1 - beta1**t) / (1 - beta1),
+                beta=beta1 * (1 - beta1 ** (t - 1)) / (1 - beta1),
+                wd_state=wd, wd_out=0.0,
+            )
+        case "sgd":  # torch starts the momentum buffer as b_1 = g_1 + wd theta_1: b_0 = 0
+            mu = float(group["momentum"]) if t > 1 else 0.0
+            return _Deconv(alpha=1.0, beta=mu, wd_state=0.0, wd_out=wd)
+        case other:
+            raise AssertionError(f"unknown step rule {other!r}")
+
+
+@dataclass
+class _Scratch:
+    """fp32 work tensors ``[*shape]`` of one dense target for ``precond``/``deconv``, allocated
+    once. Where the slot view is fp32 on the target's device the sample is built in it directly."""
+
+    prev: torch.Tensor | None = None  # deconv: a_{t-1} (zeros until the first step)
+    work: torch.Tensor | None = None  # deconv: a_t, when the view cannot hold it
+    grad_buf: torch.Tensor | None = None  # precond: g_t, when the view cannot hold it
+    denom: torch.Tensor | None = None  # precond: Adam's denominator P_t
+
+    @staticmethod
+    def alloc(p: torch.Tensor, source: str, buffer: DeltaRingBuffer) -> _Scratch:
+        direct = buffer.dtype == torch.float32 and p.device == buffer.device
+
+        def fp32() -> torch.Tensor:
+            return torch.empty(p.shape, dtype=torch.float32, device=p.device)
+
+        if source == "precond":
+            return _Scratch(grad_buf=None if direct else fp32(), denom=fp32())
+        return _Scratch(prev=fp32().zero_(), work=None if direct else fp32())
+
+    def grad(self, view: torch.Tensor) -> torch.Tensor:
+        """Where ``precond`` keeps ``g_t``: the slot view, or the fp32 scratch."""
+        return view if self.grad_buf is None else self.grad_buf
 
 
 # ---- the hot path -----------------------------------------------------------------------------
@@ -388,6 +609,55 @@ def _write_lora_update(
     dense.mul_(target.scaling)
     if out is not None:
         view.copy_(dense)
+
+
+def _write_precond(
+    g: torch.Tensor,  # [*shape] fp32 clipped gradient g_t (overwritten)
+    v: torch.Tensor,  # [*shape] Adam's exp_avg_sq after the step (v_t)
+    step: float,  # Adam's step count t after the step
+    beta2: float,
+    eps: float,
+    denom: torch.Tensor,  # [*shape] fp32 scratch
+    view: torch.Tensor,  # [*shape] the slot (may be g itself)
+) -> None:
+    """``g_t / (sqrt(v_t) / sqrt(1 - beta2^t) + eps)``, the denominator as torch's Adam forms it."""
+    denom.copy_(v).sqrt_().div_(math.sqrt(1 - beta2**step)).add_(eps)
+    g.div_(denom)
+    if g is not view:
+        view.copy_(g)
+
+
+def _deconv_state(
+    p: torch.Tensor, theta: torch.Tensor, lr: float, coef: _Deconv, out: torch.Tensor
+) -> torch.Tensor:
+    """``a_t = -(theta_{t+1} - theta_t) / lr_t - wd_state * theta_t`` into ``out`` (fp32)."""
+    torch.sub(p, theta, out=out).div_(-lr)  # the update, exact in fp32, over -lr
+    if coef.wd_state:
+        out.add_(theta, alpha=-coef.wd_state)
+    return out
+
+
+def _write_deconv(
+    p: torch.Tensor,  # [*shape] the target after the step
+    theta: torch.Tensor,  # [*shape] fp32 snapshot theta_t (overwritten with a_t)
+    scratch: _Scratch,  # prev: a_{t-1} (overwritten)
+    lr: float,
+    coef: _Deconv,
+    view: torch.Tensor,  # [*shape] the slot
+) -> torch.Tensor:
+    """Write ``alpha a_t - beta a_{t-1} - wd_out theta_t`` into ``view``; return the tensor that
+    now holds ``a_t`` (``theta``'s). ``scratch.prev`` is free afterwards."""
+    a_t = _deconv_state(p, theta, lr, coef, out=view if scratch.work is None else scratch.work)
+    sample = scratch.prev  # [*shape] a_{t-1} -> the sample
+    if coef.beta:
+        sample.mul_(-coef.beta).add_(a_t, alpha=coef.alpha)
+    else:  # a_{t-1} may be stale (first step): never multiply it, even by 0
+        torch.mul(a_t, coef.alpha, out=sample)
+    if coef.wd_out:
+        sample.add_(theta, alpha=-coef.wd_out)
+    theta.copy_(a_t)
+    view.copy_(sample)
+    return theta
 
 
 def _finite_norm(views) -> float | None:

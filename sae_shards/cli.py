@@ -1,4 +1,4 @@
-"""The ``sae-shards`` command: ``train [hydra overrides]`` and ``analyze RUN_DIR``.
+"""The ``sae-shards`` command: ``train [hydra overrides]``, ``analyze RUN_DIR``, ``evaluate RUN_DIR``.
 
 Hydra composes ``configs/`` (next to this package in a source checkout, or ``--config-dir``),
 then the config becomes a validated :class:`~sae_shards.config.JobConfig` once, here. A bad value
@@ -20,6 +20,8 @@ commands:
   train [overrides] [-m]   run RL + delta capture + concurrent SAE (Hydra overrides, e.g. sae.k=8)
   analyze RUN_DIR [--out FILE] [--shards N] [--no-dose]
                            write an HTML report of a finished run (default RUN_DIR/report.html)
+  evaluate RUN_DIR         score the shards against sign-free task ground truth (multiskill runs
+                           with runner.save_samples=true runner.heldout_every=k): evaluation.json/.md
 
 Examples:
   sae-shards train                              the built-in default (tiny model, CPU, minutes)
@@ -103,6 +105,25 @@ def _analyze(args: list[str]) -> int:
     return 0
 
 
+def _evaluate(args: list[str]) -> int:
+    import argparse
+
+    from sae_shards.checkpoint import CheckpointError
+    from sae_shards.evaluate import evaluate_run, to_markdown
+
+    parser = argparse.ArgumentParser(prog="sae-shards evaluate")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--n-null", type=int, default=5, help="label shuffles for the nulls")
+    ns = parser.parse_args(args)
+    try:
+        result = evaluate_run(ns.run_dir, n_null=ns.n_null)
+    except CheckpointError as e:
+        print(f"sae-shards: cannot evaluate {ns.run_dir}: {e}", file=sys.stderr)
+        return 2
+    print(to_markdown(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -115,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(rest)
         case "analyze":
             return _analyze(rest)
+        case "evaluate":
+            return _evaluate(rest)
         case other:
             print(f"sae-shards: unknown command {other!r}\n\n{USAGE}", file=sys.stderr)
             return 2

@@ -151,7 +151,11 @@ class CaptureConfig:
                                                         "*layers.*.mlp.*_proj.weight"])
     """Glob patterns over parameter names (base names with LoRA)."""
     source: str = "update"
-    """``update`` (theta_after - theta_before, fp32) or ``grad`` (clipped gradient)."""
+    """``update`` (theta_after - theta_before, fp32), ``grad`` (the clipped gradient),
+    ``precond`` (Adam/AdamW's preconditioned gradient g / (sqrt(v_hat) + eps), read from the
+    optimizer state) or ``deconv`` (the update with momentum removed, from consecutive updates and
+    the known schedule; Adam/AdamW/SGD-momentum; steps with lr = 0 are skipped). Only ``update``
+    works with LoRA."""
     storage_dtype: str = "float32"
     """Ring buffer storage: float32, or bfloat16 to halve memory (the diff is always fp32)."""
     capacity: int = 256
@@ -257,9 +261,9 @@ class JobConfig:
     def __post_init__(self) -> None:
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ValueError(f"device={self.device!r}; use auto, cpu or cuda[:index]")
-        if self.capture.source == "grad" and self.model.lora.enabled:
-            raise ValueError("capture.source=grad is not supported with model.lora.enabled=true; "
-                             "use capture.source=update")
+        if self.capture.source != "update" and self.model.lora.enabled:
+            raise ValueError(f"capture.source={self.capture.source} needs dense targets and is not "
+                             "supported with model.lora.enabled=true; use capture.source=update")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JobConfig":

@@ -18,6 +18,12 @@ TRL facts this module relies on (1.16):
 - TRL defaults ``gradient_checkpointing`` (transformers 5 calls it ``activation_checkpointing``)
   and ``bf16`` to True; both only cost time on a CPU with tiny models, so they are off here.
 - With ``beta > 0`` and a path (not PEFT), TRL loads a second, frozen copy as reference model.
+- The dataset is read by ``RepeatSampler`` in chunks of ``generation_batch_size / num_generations``
+  prompts (one optimizer step's prompts when ``steps_per_generation`` equals
+  ``gradient_accumulation_steps`` and ``num_iterations`` is 1), each repeated ``num_generations``
+  times; ``shuffle_dataset=False`` keeps dataset order (and replays it unchanged every epoch),
+  which is how a ``scheduled`` task's step schedule reaches the optimizer steps intact. TRL
+  shuffles completions only within one generation batch, i.e. within one optimizer step.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from sae_shards.tasks import RolloutRecorder, Task
+from sae_shards.tasks import MultiSkillTask, RolloutRecorder, Task
 
 # Measured on this project's 2-core CPU (torch.set_num_threads(2)), tiny model (hidden 64,
 # 2 layers, 93k params), task `letters` (vowels, target_length = max_completion_length = 16):
@@ -91,10 +97,37 @@ def grpo_config(grpo_kwargs: dict[str, Any], output_dir: str | Path) -> GRPOConf
     return GRPOConfig(output_dir=str(output_dir), **settings)
 
 
+def prompts_per_step(grpo_kwargs: dict[str, Any]) -> int:
+    """Prompts one optimizer step trains on (one process): batch x accumulation / generations."""
+    s = {**DEFAULT_GRPO, **grpo_kwargs}
+    completions = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
+    return completions // s["num_generations"]
+
+
+def _check_schedule(args: GRPOConfig, train_dataset: Dataset) -> None:
+    """A scheduled task's dataset must reach each optimizer step as one single-task group."""
+    if args.num_iterations != 1 or args.steps_per_generation != args.gradient_accumulation_steps:
+        raise ValueError(
+            f"rl.num_iterations={args.num_iterations} and rl.steps_per_generation="
+            f"{args.steps_per_generation} would spread one generation over several optimizer "
+            "steps; a scheduled task needs num_iterations=1 and steps_per_generation unset "
+            "(= gradient_accumulation_steps)"
+        )
+    group = args.generation_batch_size // args.num_generations  # prompts per optimizer step
+    labels = train_dataset["task"]
+    mixed = [i // group for i in range(0, len(labels), group) if len(set(labels[i:i + group])) > 1]
+    if len(labels) % group or mixed:
+        raise ValueError(
+            f"train_dataset is not a schedule of {group}-prompt single-task steps (steps "
+            f"{mixed[:5]} mix tasks, or {len(labels)} rows is not a multiple of {group}); build "
+            f"it with task.step_dataset(n_prompts, prompts_per_step={group}, seed)"
+        )
+
+
 def build_grpo_trainer(
     model_path: str | Path,
     tokenizer: PreTrainedTokenizerBase,
-    task: Task,
+    task: Task | MultiSkillTask,
     recorder: RolloutRecorder,
     train_dataset: Dataset,
     grpo_kwargs: dict[str, Any],
@@ -106,7 +139,9 @@ def build_grpo_trainer(
 
     ``grpo_kwargs`` override ``DEFAULT_GRPO``. The model goes to TRL as a path so it can rebuild
     the reference model from it when ``beta > 0``. Thread counts are the caller's job
-    (``torch.set_num_threads``): TRL leaves them alone.
+    (``torch.set_num_threads``): TRL leaves them alone. For a ``scheduled`` task the dataset is
+    read in order (``shuffle_dataset=False``) and checked to give every optimizer step prompts
+    of one task.
     """
     model_path = Path(model_path)
     if not (model_path / "config.json").is_file():
@@ -120,7 +155,15 @@ def build_grpo_trainer(
             f"train_dataset lacks columns {sorted(missing)}; "
             "build it with task.dataset(n_prompts, seed)"
         )
+    if task.scheduled:
+        if grpo_kwargs.get("shuffle_dataset", False):
+            raise ValueError(
+                f"rl.shuffle_dataset=True would break task {task.name!r}'s step schedule; remove it"
+            )
+        grpo_kwargs = {**grpo_kwargs, "shuffle_dataset": False}
     args = grpo_config(grpo_kwargs, output_dir)
+    if task.scheduled:
+        _check_schedule(args, train_dataset)
     return GRPOTrainer(
         model=str(model_path),
         reward_funcs=[recorder.wrap(fn) for fn in task.reward_funcs],

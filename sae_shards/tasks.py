@@ -8,6 +8,11 @@ budget with target characters. A random tiny model over the ~80-token character 
 near ``len(target_chars) / vocab`` (~0.06) and climbs steadily from there (rl.DEFAULT_GRPO records
 what was measured).
 
+The planted-shard task ``multiskill`` (``MultiSkillTask``) tags each prompt with one of several
+tasks (``<A>``, ``<B>``, ...), each rewarding a different character class, and orders its dataset
+as a schedule of optimizer steps, each step training on one task; ``multiskill_null`` keeps the
+prompts, tags and schedule but rewards every prompt alike.
+
 Reward functions follow TRL's signature ``fn(prompts, completions, **kwargs) -> list[float]``;
 TRL passes every dataset column (here ``task``) as a kwarg list aligned with the completions.
 """
@@ -19,7 +24,7 @@ import random
 import string
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Sequence
 
 from datasets import Dataset
 
@@ -28,7 +33,7 @@ from sae_shards.models import TASK_TAGS
 RewardFunc = Callable[..., list[float]]
 """TRL reward function: ``fn(prompts, completions, **kwargs) -> list[float]``."""
 
-TASK_NAMES = ("letters",)
+TASK_NAMES = ("letters", "multiskill", "multiskill_null")
 """Tasks ``build_task`` knows."""
 
 
@@ -50,6 +55,9 @@ class Task:
     """Characters the random prompt bodies are drawn from."""
     prompt_length: tuple[int, int] = (4, 8)
     """Inclusive (min, max) length of a prompt's random body."""
+
+    scheduled: ClassVar[bool] = False
+    """Whether the training dataset is a step schedule that GRPO must consume in order."""
 
     def __post_init__(self) -> None:
         if self.tag not in TASK_TAGS:
@@ -94,11 +102,217 @@ class Task:
         return [self.char_class_reward]
 
 
-def build_task(name: str, **kwargs: Any) -> Task:
-    """Build a built-in task by name; ``kwargs`` override its ``Task`` fields."""
+SKILLS: tuple[tuple[str, str], ...] = (
+    ("vowels", "aeiou"),
+    ("low digits", "01234"),
+    ("punctuation", "!?.,;"),
+    ("consonants", "bcdfg"),
+    ("high digits", "56789"),
+    ("more consonants", "hjklm"),
+    ("symbols", "#$%&*"),
+    ("late consonants", "npqrs"),
+)
+"""``(name, characters)`` rewarded by multiskill task k (tag ``TASK_TAGS[k]``, label
+``"ABCDEFGH"[k]``).
+
+Disjoint classes of five characters each, so every task starts from the same reward (~5/82 of
+the characters a random tiny model emits) and a completion cannot serve two tasks at once."""
+
+SCHEDULES = ("random", "blocks")
+"""Multiskill step schedules: one task drawn per step, or contiguous blocks of one task."""
+
+
+@dataclass(frozen=True)
+class MultiSkillTask:
+    """Planted shards: prompts tagged with one of ``n_tasks`` tasks, one task per optimizer step.
+
+    Task k opens its prompts with tag ``TASK_TAGS[k]`` (``<A>``, ``<B>``, ...), is labelled
+    ``"ABCDEFGH"[k]`` in the dataset's ``task`` column (hence in rollouts.jsonl and
+    ``StepMeta.task_labels``) and rewards the character class ``SKILLS[k][1]``: the number of the
+    completion's characters in that class over ``target_length``, capped at 1, as ``letters``
+    does (graded, and a short completion cannot score high). The policy has to read the tag to
+    know which class pays, so the reinforced behaviour differs by task.
+
+    ``multiskill_null`` is the null control: the same prompts, tags, labels and schedule, but
+    every completion, whatever its tag, gets ``null_score``: the characters of all ``n_tasks``
+    classes, each class counted up to ``target_length / n_tasks``, over ``target_length`` (1 for
+    equal shares of every class). Reinforcement is then the same for all tags, so any tag
+    separability in its deltas comes from the prompts themselves (a tag's embedding row only gets
+    gradient in the steps whose prompts carry it), not from task-specific reward. Why not one
+    fixed class: the null trains it on every step, four times as often as each real task trains
+    its own, and saturated (all group rewards 1, so zero GRPO advantage and zero gradients) by
+    ~step 150 of 300 at lr 5e-4; the quota mix plateaus at ~0.8 with a still-random policy, so
+    its groups keep reward spread and its steps keep non-zero updates all run long.
+
+    Measured (tiny qwen2, 1 torch thread, DEFAULT_GRPO but max_steps=300, schedule random, seed
+    0; per-task mean reward, first -> last 20% of that task's steps; ~15 s of RL):
+    lr 3e-4: A 0.07->0.29, B 0.07->0.17, C 0.07->0.23, D 0.06->0.17;
+    lr 5e-4: A 0.08->0.75, B 0.07->0.32, C 0.07->0.45, D 0.06->0.27 (tag-conditioned: on tag-k
+    prompts class k scores 0.4-0.8, other classes <= 0.11); null at lr 5e-4: 0.31-0.38 -> 0.81.
+
+    The training dataset (``step_dataset``) is a schedule: consecutive groups of
+    ``prompts_per_step`` prompts, each group one optimizer step of one task; ``rl`` makes GRPO
+    consume it in order (``scheduled``).
+    """
+
+    name: str = "multiskill"
+    """``multiskill`` (task-specific rewards) or ``multiskill_null`` (null control)."""
+    n_tasks: int = 4
+    """Number of tasks (2 to ``len(SKILLS)``); task k uses tag ``TASK_TAGS[k]``."""
+    schedule: str = "random"
+    """``random``: each step's task drawn uniformly at random; ``blocks``: runs of ``block_len``
+    steps of one task, cycling through all tasks in a fresh random order per cycle (a task never
+    follows itself, so every run but possibly the last is exactly ``block_len`` steps)."""
+    block_len: int = 10
+    """Steps per block of the ``blocks`` schedule (unused by ``random``)."""
+    seed: int = 0
+    """Seed of the step schedule (prompt bodies use the job seed), so runs with different job
+    seeds can share one schedule."""
+    target_length: int = 16
+    """Class characters needed for reward 1; set it to the run's max_completion_length."""
+    prompt_chars: str = string.ascii_lowercase
+    """Characters the random prompt bodies are drawn from."""
+    prompt_length: tuple[int, int] = (4, 8)
+    """Inclusive (min, max) length of a prompt's random body."""
+
+    scheduled: ClassVar[bool] = True
+    """Whether the training dataset is a step schedule that GRPO must consume in order."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ("multiskill", "multiskill_null"):
+            raise ValueError(f"task.name={self.name!r}; use multiskill or multiskill_null")
+        if not 2 <= self.n_tasks <= len(SKILLS):
+            raise ValueError(
+                f"task.options.n_tasks={self.n_tasks} must be between 2 and {len(SKILLS)}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"task.options.schedule={self.schedule!r} is unknown; use one of {list(SCHEDULES)}"
+            )
+        if self.block_len < 1:
+            raise ValueError(f"task.options.block_len={self.block_len} must be >= 1")
+        if self.target_length < 1:
+            raise ValueError(f"task.options.target_length={self.target_length} must be >= 1")
+        if not self.prompt_chars:
+            raise ValueError("task.options.prompt_chars is empty; give the prompt characters")
+        lo, hi = self.prompt_length
+        if not 1 <= lo <= hi:
+            raise ValueError(
+                f"task.options.prompt_length={self.prompt_length} must satisfy 1 <= min <= max"
+            )
+
+    @property
+    def null(self) -> bool:
+        """Whether this is the null control (``multiskill_null``)."""
+        return self.name == "multiskill_null"
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Task labels in tag order: ``("A", "B", ...)``."""
+        return tuple("ABCDEFGH"[: self.n_tasks])
+
+    def tag(self, label: str) -> str:
+        """Tag token of task ``label`` (``"A"`` -> ``"<A>"``)."""
+        return TASK_TAGS[self.labels.index(label)]
+
+    def target_chars(self, label: str) -> str:
+        """Characters rewarded on prompts of task ``label`` (task A's for every label if null)."""
+        k = 0 if self.null else self.labels.index(label)
+        return SKILLS[k][1]
+
+    def score(self, completion: str, label: str) -> float:
+        """Characters of ``target_chars(label)`` in ``completion`` / ``target_length``, capped."""
+        chars = self.target_chars(label)
+        return min(sum(ch in chars for ch in completion) / self.target_length, 1.0)
+
+    def skill_reward(
+        self, prompts: list[str], completions: list[str], task: list[str], **kwargs: Any
+    ) -> list[float]:
+        """TRL reward function: ``score`` of each completion under its prompt's ``task`` label."""
+        return [self.score(c, label) for c, label in zip(completions, task, strict=True)]
+
+    def null_score(self, completion: str) -> float:
+        """The null control's tag-blind score: every class's characters, each counted up to an
+        equal quota ``target_length / n_tasks``, over ``target_length`` (1 = equal shares)."""
+        quota = self.target_length / self.n_tasks
+        hits = [sum(ch in chars for ch in completion) for _, chars in SKILLS[: self.n_tasks]]
+        return min(sum(min(h, quota) for h in hits) / self.target_length, 1.0)
+
+    def null_reward(
+        self, prompts: list[str], completions: list[str], task: list[str], **kwargs: Any
+    ) -> list[float]:
+        """TRL reward function of the null control: ``null_score`` (tags and labels unused)."""
+        return [self.null_score(c) for c in completions]
+
+    @property
+    def reward_funcs(self) -> list[RewardFunc]:
+        return [self.null_reward if self.null else self.skill_reward]
+
+    def step_labels(self, n_steps: int) -> list[str]:
+        """The task of each of ``n_steps`` optimizer steps under ``schedule`` and ``seed``."""
+        if n_steps < 1:
+            raise ValueError(f"n_steps={n_steps} must be >= 1")
+        rng = random.Random(self.seed)
+        if self.schedule == "random":
+            return [rng.choice(self.labels) for _ in range(n_steps)]
+        order: list[str] = []
+        while len(order) * self.block_len < n_steps:
+            cycle = list(self.labels)
+            rng.shuffle(cycle)
+            if order and cycle[0] == order[-1]:
+                cycle.append(cycle.pop(0))  # a task never follows itself: runs stay block_len
+            order += cycle
+        return [label for label in order for _ in range(self.block_len)][:n_steps]
+
+    def step_dataset(self, n_prompts: int, prompts_per_step: int, seed: int = 0) -> Dataset:
+        """The training schedule: ``n_prompts // prompts_per_step`` steps of ``prompts_per_step``
+        prompts each, all of the step's task (``step_labels``), in step order.
+
+        GRPO must read it unshuffled (``rl.build_grpo_trainer`` sees to that for ``scheduled``
+        tasks); a run longer than the schedule replays it from the start.
+        """
+        if prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step={prompts_per_step} must be >= 1")
+        if n_prompts < prompts_per_step or n_prompts % prompts_per_step:
+            raise ValueError(
+                f"task.n_prompts={n_prompts} must be a positive multiple of the prompts per "
+                f"optimizer step ({prompts_per_step} = rl.per_device_train_batch_size / "
+                "rl.num_generations * rl.gradient_accumulation_steps)"
+            )
+        steps = self.step_labels(n_prompts // prompts_per_step)
+        return self._tagged([label for label in steps for _ in range(prompts_per_step)], seed)
+
+    def dataset(
+        self, n_prompts: int, seed: int = 0, labels: Sequence[str] | None = None
+    ) -> Dataset:
+        """``n_prompts`` prompts cycling through ``labels`` (default: all tasks), for evaluation
+        (e.g. ``interventions.mean_reward``); training uses ``step_dataset``."""
+        if n_prompts < 1:
+            raise ValueError(f"n_prompts={n_prompts} must be >= 1")
+        labels = list(self.labels if labels is None else labels)
+        unknown = sorted(set(labels) - set(self.labels))
+        if not labels or unknown:
+            raise ValueError(f"labels={labels} must be a non-empty subset of {list(self.labels)}")
+        return self._tagged([labels[i % len(labels)] for i in range(n_prompts)], seed)
+
+    def _tagged(self, labels: list[str], seed: int) -> Dataset:
+        """Prompts ``"<tag> body"`` (random bodies from ``seed``), one per label, in order."""
+        rng = random.Random(seed)
+        prompts = []
+        for label in labels:
+            n = rng.randint(*self.prompt_length)
+            body = "".join(rng.choice(self.prompt_chars) for _ in range(n))
+            prompts.append(f"{self.tag(label)} {body}")
+        return Dataset.from_dict({"prompt": prompts, "task": labels})
+
+
+def build_task(name: str, **kwargs: Any) -> Task | MultiSkillTask:
+    """Build a built-in task by name; ``kwargs`` override its ``Task``/``MultiSkillTask`` fields."""
     match name:
         case "letters":
             return Task(name="letters", label="letters", **kwargs)
+        case "multiskill" | "multiskill_null":
+            return MultiSkillTask(name=name, **kwargs)
         case other:
             raise ValueError(f"task.name={other!r} is unknown; known tasks: {list(TASK_NAMES)}")
 

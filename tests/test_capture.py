@@ -223,8 +223,8 @@ def test_buffer_must_match_targets():
     other = make_buffer(select_targets(model, PATTERNS[1:2]))
     with pytest.raises(ValueError, match="do not match"):
         DeltaCapture(targets, other)
-    with pytest.raises(ValueError, match="capture.source 'precond'"):
-        DeltaCapture(targets, make_buffer(targets), source="precond")
+    with pytest.raises(ValueError, match="capture.source 'adam_moment'"):
+        DeltaCapture(targets, make_buffer(targets), source="adam_moment")
 
 
 def test_targets_from_another_model_are_rejected(tmp_path):

@@ -1,0 +1,156 @@
+"""``sae-shards evaluate RUN_DIR``: are the shards real? Scores against sign-free ground truth.
+
+Needs a run made with ``runner.save_samples=true`` and ``runner.heldout_every=k`` on a task that
+labels its steps (``multiskill``). Steps held out from SAE training give the ground truth and
+every held-out score; the rest choose what needs choosing (e.g. each task's best latent).
+
+Figures (``evaluation.json`` and ``evaluation.md`` in the run directory):
+
+- ``mmcs``: mean over tasks of the max ``|cos|`` between a task's principal direction (held-out
+  steps) and any shard, beside ``mmcs_null`` (the same with the held-out labels shuffled,
+  averaged over ``n_null`` shuffles) and ``mmcs_margin``;
+- ``auroc_task``: per task, the latent whose ``|activation|`` best predicts "task k active" on the
+  training steps, scored on the held-out steps; beside ``auroc_null`` (latent chosen with shuffled
+  training labels) and the supervised reference (``groundtruth.supervised_reference``);
+- ``purity`` / ``coverage`` of each task's best latent, ``fvu_heldout``, ``l0``, ``dead_frac``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from sae_shards.checkpoint import CheckpointError, read_tensors
+from sae_shards.groundtruth import (auroc, flatten, norm_features, shuffled, supervised_reference,
+                                    task_directions, unflatten)
+from sae_shards.metrics import evaluate_heldout, match_directions
+from sae_shards.shards import ShardSet
+
+
+class EvalData:
+    """A run's saved samples split into training and held-out steps, with one label per step."""
+
+    def __init__(self, run_dir: Path, names: Sequence[str]) -> None:
+        path = run_dir / "samples.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing; run the job with runner.save_samples=true "
+                                  "and runner.heldout_every=k to evaluate it")
+        tensors = read_tensors(path)
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            labels = json.loads(f.metadata()["task_labels"])
+        if any(len(lab) != 1 for lab in labels):
+            raise CheckpointError(f"{path}: every step needs exactly one task label to evaluate "
+                                  "(use a scheduled task such as multiskill)")
+        self.labels = [lab[0] for lab in labels]
+        self.heldout = tensors["heldout"]
+        self.steps = tensors["rl_step"]
+        self.samples = {n: tensors[f"sample.{n}"] for n in names}
+        self.names = list(names)
+        if int(self.heldout.sum()) < 2 or int((~self.heldout).sum()) < 2:
+            raise CheckpointError(f"{path}: needs >= 2 held-out and >= 2 training steps "
+                                  "(set runner.heldout_every)")
+        nonzero = flatten(self.samples, self.names).norm(dim=1) > 0  # all-zero steps say nothing
+        self.keep = nonzero
+        self.tasks = sorted(set(self.labels))
+
+    def split(self, heldout: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+        mask = (self.heldout == heldout) & self.keep
+        idx = mask.nonzero().flatten().tolist()
+        return {n: v[mask] for n, v in self.samples.items()}, [self.labels[i] for i in idx]
+
+
+def _best_latents(acts: torch.Tensor, labels: Sequence[str], tasks: Sequence[str]) -> list[int]:
+    """Per task, the latent whose |activation| has the highest AUROC for that task."""
+    best = []
+    for t in tasks:
+        pos = torch.tensor([y == t for y in labels])
+        scores = [auroc(acts[:, j].abs(), pos) for j in range(acts.shape[1])]
+        scores = [s if s == s else 0.0 for s in scores]
+        best.append(int(torch.tensor(scores).argmax()))
+    return best
+
+
+def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0) -> dict[str, Any]:
+    """All figures of one run (see the module docstring); also writes evaluation.json/.md."""
+    run_dir = Path(run_dir)
+    shards = ShardSet.from_run(run_dir)
+    sae = shards.sae
+    data = EvalData(run_dir, shards.target_names)
+    tasks = data.tasks
+    x_tr, y_tr = data.split(False)
+    x_te, y_te = data.split(True)
+    shapes = {t.name: t.shape for t in sae.targets}
+    g = torch.Generator().manual_seed(seed)
+
+    # ground truth on held-out steps, and shard matching against it
+    flat_te, flat_tr = flatten(x_te, data.names), flatten(x_tr, data.names)
+    truth = task_directions(flat_te, y_te, tasks)
+    match = match_directions(sae, unflatten(truth, shapes))
+    null_mmcs = [match_directions(sae, unflatten(task_directions(flat_te, shuffled(y_te, g), tasks),
+                                                  shapes)).mmcs for _ in range(n_null)]
+
+    # best latent per task chosen on training steps, scored on held-out steps
+    acts_tr = sae.encode(sae.to_scaled(x_tr)).dense(sae.n_latents)
+    acts_te = sae.encode(sae.to_scaled(x_te)).dense(sae.n_latents)
+    best = _best_latents(acts_tr, y_tr, tasks)
+    auroc_task = {t: auroc(acts_te[:, j].abs(), torch.tensor([y == t for y in y_te]))
+                  for t, j in zip(tasks, best)}
+    null_auroc = []
+    for _ in range(n_null):
+        nb = _best_latents(acts_tr, shuffled(y_tr, g), tasks)
+        null_auroc.append(sum(auroc(acts_te[:, j].abs(), torch.tensor([y == t for y in y_te]))
+                              for t, j in zip(tasks, nb)) / len(tasks))
+    ref = supervised_reference(flat_tr, y_tr, flat_te, y_te, norm_features(x_tr, data.names),
+                               norm_features(x_te, data.names), tasks)
+
+    fires = acts_te != 0
+    per_task = {}
+    for t, j in zip(tasks, best):
+        is_t = torch.tensor([y == t for y in y_te])
+        n_fire = int(fires[:, j].sum())
+        per_task[t] = {
+            "best_latent": j, "auroc": auroc_task[t],
+            "purity": float((fires[:, j] & is_t).sum()) / n_fire if n_fire else 0.0,
+            "coverage": float((fires[:, j] & is_t).sum()) / max(int(is_t.sum()), 1),
+            "max_abs_cos_to_truth": float(match.max_abs_cos[tasks.index(t)]),
+            "supervised_auroc": ref.auroc_per_task[t],
+        }
+    held = evaluate_heldout(sae, [x_te])
+    dead = shards.stats.get("stats.samples_since_fired")
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    result = {
+        "run_dir": str(run_dir), "tasks": tasks, "n_train": len(y_tr), "n_heldout": len(y_te),
+        "mmcs": match.mmcs, "mmcs_null": mean(null_mmcs), "mmcs_margin": match.mmcs - mean(null_mmcs),
+        "auroc_task": mean(list(auroc_task.values())), "auroc_null": mean(null_auroc),
+        "auroc_margin": mean(list(auroc_task.values())) - mean(null_auroc),
+        "supervised_auroc": ref.auroc_mean, "supervised_centroid_accuracy": ref.centroid_accuracy,
+        "chance_accuracy": ref.chance_accuracy,
+        "fvu_heldout": held.fvu, "l0": held.l0,
+        "dead_frac": float((dead >= sae.cfg.dead_after).float().mean()) if dead is not None else None,
+        "per_task": per_task,
+    }
+    (run_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
+    (run_dir / "evaluation.md").write_text(to_markdown(result))
+    return result
+
+
+def to_markdown(r: dict[str, Any]) -> str:
+    lines = [f"# Evaluation of {r['run_dir']}", "",
+             f"{r['n_train']} training steps, {r['n_heldout']} held-out steps, tasks {r['tasks']}.", "",
+             "| figure | value | null / reference |", "|---|---|---|",
+             f"| mmcs | {r['mmcs']:.3f} | shuffled-label null {r['mmcs_null']:.3f} (margin {r['mmcs_margin']:+.3f}) |",
+             f"| auroc_task (held-out, best latent) | {r['auroc_task']:.3f} | shuffled-label null {r['auroc_null']:.3f} |",
+             f"| supervised reference AUROC | {r['supervised_auroc']:.3f} | nearest-centroid accuracy {r['supervised_centroid_accuracy']:.3f} (chance {r['chance_accuracy']:.3f}) |",
+             f"| fvu_heldout | {r['fvu_heldout']:.3f} | |", f"| l0 | {r['l0']:.2f} | |",
+             f"| dead_frac | {r['dead_frac']} | |", "",
+             "| task | best latent | AUROC | purity | coverage | max \\|cos\\| to truth | supervised AUROC |",
+             "|---|---|---|---|---|---|---|"]
+    for t, v in r["per_task"].items():
+        lines.append(f"| {t} | {v['best_latent']} | {v['auroc']:.3f} | {v['purity']:.2f} | "
+                     f"{v['coverage']:.2f} | {v['max_abs_cos_to_truth']:.3f} | {v['supervised_auroc']:.3f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,210 @@
+"""Capture sources ``precond`` and ``deconv`` in real transformers.Trainer runs (tiny LM, CPU).
+
+``precond`` is checked against Adam's preconditioned gradient recomputed (float64) from the
+clipped gradient and the optimizer state. ``deconv`` is checked against the same inversion done
+with Adam's moments (exact up to fp32 rounding of the weights), against ``precond`` (which it
+estimates), and against the clipped gradient under SGD with momentum (where it is exact).
+"""
+
+import pytest
+import torch
+from test_capture import PATTERNS, captured_in_order, lora_model, make_buffer, tiny_lm, token_data
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from sae_shards.capture import DeltaCapture, select_targets
+
+
+def train(model, callbacks, tmp_path, max_steps=4, optimizers=(None, None), **kw) -> Trainer:
+    settings = dict(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=max_steps,
+        per_device_train_batch_size=2, learning_rate=1e-2, optim="adamw_torch", logging_steps=1,
+        save_strategy="no", lr_scheduler_type="constant", seed=0, disable_tqdm=True,
+    )
+    args = TrainingArguments(**{**settings, **kw})
+    trainer = Trainer(model=model, args=args, train_dataset=token_data(), callbacks=callbacks,
+                      optimizers=optimizers)
+    trainer.train()
+    return trainer
+
+
+class GradTruth(TrainerCallback):
+    """Independent float64 record per step of the clipped gradient the optimizer consumes (and
+    of the largest |weight| of each target before the step)."""
+
+    def __init__(self, params):
+        self.params = dict(params)
+        self.grads, self.theta_max = [], []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):  # after clipping
+        self.grads.append({n: p.grad.double().clone() for n, p in self.params.items()})
+        self.theta_max.append({n: float(p.detach().abs().max()) for n, p in self.params.items()})
+
+
+class AdamTruth(GradTruth):
+    """Also, from the optimizer's state after its step (float64): ``precond``
+    ``g_t / P_t`` with ``P_t = sqrt(v_t / (1 - beta2^t)) + eps``, and what ``deconv`` must give,
+    ``(m_t / P_t - beta1 m_{t-1} / P_{t-1}) / (1 - beta1)``."""
+
+    def __init__(self, params):
+        super().__init__(params)
+        self.precond, self.deconv = [], []
+        self._m_over_p = {}  # m_{t-1} / P_{t-1}
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        adam = optimizer.optimizer  # inside accelerate's AcceleratedOptimizer
+        assert isinstance(adam, torch.optim.AdamW)
+        precond, deconv = {}, {}
+        for name, p in self.params.items():
+            group = next(g for g in adam.param_groups if any(q is p for q in g["params"]))
+            (beta1, beta2), eps, s = group["betas"], group["eps"], adam.state[p]
+            denom = (s["exp_avg_sq"].double() / (1 - beta2 ** int(s["step"]))).sqrt() + eps
+            precond[name] = self.grads[-1][name] / denom
+            m_over_p = s["exp_avg"].double() / denom
+            deconv[name] = (m_over_p - beta1 * self._m_over_p.get(name, 0)) / (1 - beta1)
+            self._m_over_p[name] = m_over_p
+        self.precond.append(precond)
+        self.deconv.append(deconv)
+
+
+class ZeroGrads(TrainerCallback):
+    """Zero every gradient before the optimizer of step ``step`` (as when all rewards are equal)."""
+
+    def __init__(self, model, step):
+        self.model, self.step = model, step
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            for p in self.model.parameters():
+                p.grad.zero_()
+
+
+def cosine(x: dict, y: dict) -> float:
+    """Cosine over all targets together, in float64."""
+    a = torch.cat([v.double().flatten() for v in x.values()])
+    b = torch.cat([y[n].double().flatten() for n in x])
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_precond_equals_adam_state_recomputation(tmp_path, grad_accum):
+    model = tiny_lm()
+    targets = select_targets(model, PATTERNS)  # model.norm.weight sits in the no-decay group
+    fp32, bf16 = make_buffer(targets), make_buffer(targets, dtype=torch.bfloat16)
+    capture = DeltaCapture(targets, fp32, source="precond")
+    truth = AdamTruth(targets)
+    trainer = train(
+        model, [ZeroGrads(model, step=3), truth, capture,
+                DeltaCapture(targets, bf16, source="precond")],
+        tmp_path, gradient_accumulation_steps=grad_accum, max_grad_norm=1e-2, weight_decay=0.1,
+    )
+    pre_clip = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert min(h for h in pre_clip if h > 0) > 1e-1  # clipping was active
+    samples, steps = captured_in_order(fp32)
+    assert steps == [1, 2, 3, 4] and capture.n_captured == 4
+    for t, (sample, want) in enumerate(zip(samples, truth.precond)):
+        for name, got in sample.items():
+            torch.testing.assert_close(got.double(), want[name], rtol=1e-6, atol=0)
+            if t != 2:  # not simply the gradient, nor zero
+                g = truth.grads[t][name]
+                assert (got.double() - g).abs().max() > 0.5 * g.abs().max(), (t, name)
+    assert all(bool((x == 0).all()) for x in samples[2].values())  # step 3 had zero gradients
+    assert capture.n_zero == 1
+    for sample, rounded in zip(samples, captured_in_order(bf16)[0]):  # fp32 scratch path
+        for name, got in rounded.items():
+            assert torch.equal(got, sample[name].to(torch.bfloat16).float()), name
+
+
+def test_deconv_estimates_precond_under_adamw_schedule(tmp_path):
+    model = tiny_lm()
+    targets = select_targets(model, PATTERNS)
+    sources = ("precond", "deconv", "update")
+    n = 40
+    buffers = {s: make_buffer(targets, n) for s in sources}
+    captures = {s: DeltaCapture(targets, buffers[s], source=s) for s in sources}
+    truth = AdamTruth(targets)
+    # linear warmup from lr 0 (step 1 moves nothing, step 2 has no previous update), then decay
+    trainer = train(model, [truth, *captures.values()], tmp_path, max_steps=n,
+                    learning_rate=3e-3, lr_scheduler_type="linear", warmup_steps=2,
+                    weight_decay=0.1)
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert lrs[0] == 0.0 and len(lrs) == n and all(a != b for a, b in zip(lrs, lrs[1:]))
+    precond, p_steps = captured_in_order(buffers["precond"])
+    deconv, d_steps = captured_in_order(buffers["deconv"])
+    update, _ = captured_in_order(buffers["update"])
+    assert p_steps == list(range(1, n + 1)) and d_steps == list(range(3, n + 1))
+    assert captures["deconv"].n_skipped == 2
+    beta1, eps = 0.9, torch.finfo(torch.float32).eps
+    for sample, t in zip(deconv, d_steps):  # the inversion itself, against Adam's state
+        alpha, beta = (1 - beta1**t) / (1 - beta1), beta1 * (1 - beta1 ** (t - 1)) / (1 - beta1)
+        for name, got in sample.items():
+            # only fp32 rounding of the weights after each step, divided by that step's lr
+            theta = truth.theta_max[t - 1][name]
+            tol = 2 * eps * theta * (alpha / lrs[t - 1] + beta / lrs[t - 2])
+            err = (got.double() - truth.deconv[t - 1][name]).abs().max()
+            assert err < tol, (t, name, float(err), tol)
+    # Against precond it is an estimate, exact only while P_t = P_{t-1}. Early on Adam's bias-
+    # corrected v is a running mean over t steps, so P moves by ~1/t per step: cosine ~0.94 at
+    # t = 3, above 0.99 once t >= 30 on this run.
+    cosines = {step: cosine(d, precond[step - 1]) for d, step in zip(deconv, d_steps)}
+    raw = [-cosine(update[step - 1], precond[step - 1]) for step in d_steps]
+    late = [c for step, c in cosines.items() if step >= 30]
+    low, mean = min(cosines.values()), sum(cosines.values()) / len(cosines)
+    print(f"deconv vs precond cosine: min {low:.4f} (t >= 30: {min(late):.4f}) mean {mean:.4f}; "
+          f"-update vs precond: min {min(raw):.3f}")
+    assert min(late) > 0.99 and low > 0.9, cosines
+    assert min(raw) < 0.7  # the momentum really made the update differ from precond
+
+
+def test_deconv_recovers_sgd_momentum_gradient_exactly(tmp_path):
+    model = tiny_lm()
+    targets = select_targets(model, PATTERNS)
+    lr, mu = 0.1, 0.9
+    sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=mu, weight_decay=0.05)
+    factor = lambda step: 1 / (1 + 0.3 * step)  # noqa: E731  (the lr changes every step)
+    schedule = torch.optim.lr_scheduler.LambdaLR(sgd, factor)
+    fp32, bf16 = make_buffer(targets), make_buffer(targets, dtype=torch.bfloat16)
+    capture = DeltaCapture(targets, fp32, source="deconv")
+    truth = GradTruth(targets)
+    train(model, [truth, capture, DeltaCapture(targets, bf16, source="deconv")], tmp_path,
+          max_steps=6, optimizers=(sgd, schedule), max_grad_norm=1.0)
+    samples, steps = captured_in_order(fp32)
+    assert steps == list(range(1, 7)) and capture.n_skipped == 0
+    eps = torch.finfo(torch.float32).eps
+    for t, sample in enumerate(samples):
+        for name, got in sample.items():
+            g = truth.grads[t][name]
+            # only fp32 rounding of the weights after each step, divided by that step's lr
+            theta = truth.theta_max[t][name]
+            tol = eps * theta * (1 / (lr * factor(t)) + (mu / (lr * factor(t - 1)) if t else 0))
+            err = (got.double() - g).abs().max()
+            assert err < tol, (t, name, float(err), tol)
+            assert g.abs().max() > 100 * tol  # so the bound means something
+    for sample, rounded in zip(samples, captured_in_order(bf16)[0]):  # fp32 scratch path
+        for name, got in rounded.items():
+            assert torch.equal(got, sample[name].to(torch.bfloat16).float()), name
+
+
+@pytest.mark.parametrize("source,make,message", [
+    ("precond", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+     r"'precond' needs torch.optim.Adam/AdamW, but .* is torch\.optim\.sgd\.SGD"),
+    ("deconv", lambda ps: torch.optim.RMSprop(ps, lr=0.1),
+     r"'deconv' needs torch.optim.Adam/AdamW or torch.optim.SGD, but .*RMSprop"),
+    ("precond", lambda ps: torch.optim.AdamW(ps, amsgrad=True), r"AdamW with amsgrad"),
+    ("deconv", lambda ps: torch.optim.Adam(ps, weight_decay=0.1), r"Adam with L2 weight_decay"),
+    ("deconv", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True), "nesterov"),
+])
+def test_unsupported_optimizer_is_named(tmp_path, source, make, message):
+    model = tiny_lm()
+    targets = select_targets(model, PATTERNS[:1])
+    optimizer = make(model.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    capture = DeltaCapture(targets, make_buffer(targets), source=source)
+    with pytest.raises(ValueError, match=message):
+        train(model, [capture], tmp_path, optimizers=(optimizer, schedule))
+
+
+@pytest.mark.parametrize("source", ["precond", "deconv"])
+def test_lora_rejects_optimizer_sources(source):
+    targets = select_targets(lora_model(), ["*q_proj.weight"])
+    with pytest.raises(ValueError, match=f"source='{source}' is not supported for LoRA"):
+        DeltaCapture(targets, make_buffer(targets), source=source)
