@@ -12,7 +12,11 @@ Figures (``evaluation.json`` and ``evaluation.md`` in the run directory):
 - ``auroc_task``: per task, the latent whose ``|activation|`` best predicts "task k active" on the
   training steps, scored on the held-out steps; beside ``auroc_null`` (latent chosen with shuffled
   training labels) and the supervised reference (``groundtruth.supervised_reference``);
-- ``purity`` / ``coverage`` of each task's best latent, ``fvu_heldout``, ``l0``, ``dead_frac``.
+- ``purity`` / ``coverage`` of each task's best latent, ``fvu_heldout``, ``l0``, ``dead_frac``;
+- ``steering``: per task, the reward change on every task when its best latent's shard (scaled by
+  its share of the run's update, times ``alpha``, both signs) is added to the initial weights,
+  against a norm-matched random direction; selectivity = change on the task minus the mean change
+  on the others.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import torch
 from sae_shards.checkpoint import CheckpointError, read_tensors
 from sae_shards.groundtruth import (auroc, flatten, norm_features, shuffled, supervised_reference,
                                     task_directions, unflatten)
+from sae_shards.interventions import add_direction, mean_reward, random_direction_like, update_coefficient
 from sae_shards.metrics import evaluate_heldout, match_directions
-from sae_shards.shards import ShardSet
+from sae_shards.shards import ShardSet, load_run_models
 
 
 class EvalData:
@@ -75,7 +80,63 @@ def _best_latents(acts: torch.Tensor, labels: Sequence[str], tasks: Sequence[str
     return best
 
 
-def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0) -> dict[str, Any]:
+class _OneLabel:
+    """A multi-task task seen through one label's prompts (per-task rewards)."""
+
+    def __init__(self, task: Any, label: str) -> None:
+        self.task, self.label = task, label
+
+    def dataset(self, n_prompts: int, seed: int = 0):
+        return self.task.dataset(n_prompts, seed, labels=[self.label])
+
+    @property
+    def reward_funcs(self):
+        return self.task.reward_funcs
+
+
+def steering_selectivity(run_dir: Path, shards: ShardSet, best: dict[str, int], alpha: float,
+                         n_prompts: int, seed: int = 0) -> dict[str, Any] | None:
+    """Per task k: the reward change on every task when ``+-alpha * c * shard`` (c: the shard's
+    share of the run's update) is added to the initial weights, for k's best latent and for a
+    norm-matched random direction. ``selectivity`` = change on k minus mean change on the others,
+    taken at the sign that raises task k's reward. None when the run's models are not available."""
+    models = load_run_models(run_dir)
+    if models is None:
+        return None
+    init, final, tok, task = models
+    tasks = list(best)
+    views = {t: _OneLabel(task, t) for t in tasks}
+    reward = lambda: {t: mean_reward(init, tok, views[t], n_prompts=n_prompts, seed=seed).mean  # noqa: E731
+                      for t in tasks}
+    base = reward()
+    p0, p1 = dict(init.named_parameters()), dict(final.named_parameters())
+    out = {"alpha": alpha, "base": base, "per_task": {}}
+    for t, j in best.items():
+        unit = shards[j].dense(scaled=False)
+        c = update_coefficient(p1, p0, unit)
+        direction = {n: d * c for n, d in unit.items()}
+        control = random_direction_like(direction, torch.Generator().manual_seed(seed))
+        entry = {"latent": j, "coefficient": c}
+        for name, d in (("shard", direction), ("control", control)):
+            best_sel = None
+            for sign in (1.0, -1.0):
+                with add_direction(init, d, sign * alpha):
+                    r = reward()
+                delta = {u: r[u] - base[u] for u in tasks}
+                others = [delta[u] for u in tasks if u != t]
+                sel = delta[t] - sum(others) / len(others)
+                entry[f"{name}_{'plus' if sign > 0 else 'minus'}"] = delta
+                if best_sel is None or delta[t] > best_sel[0]:
+                    best_sel = (delta[t], sel)
+            entry[f"{name}_selectivity"] = best_sel[1]
+        out["per_task"][t] = entry
+    out["selectivity"] = sum(e["shard_selectivity"] for e in out["per_task"].values()) / len(best)
+    out["control_selectivity"] = sum(e["control_selectivity"] for e in out["per_task"].values()) / len(best)
+    return out
+
+
+def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: bool = True,
+                 alpha: float = 2.0, n_prompts: int = 32) -> dict[str, Any]:
     """All figures of one run (see the module docstring); also writes evaluation.json/.md."""
     run_dir = Path(run_dir)
     shards = ShardSet.from_run(run_dir)
@@ -133,6 +194,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0) -> dict[st
         "fvu_heldout": held.fvu, "l0": held.l0,
         "dead_frac": float((dead >= sae.cfg.dead_after).float().mean()) if dead is not None else None,
         "per_task": per_task,
+        "steering": (steering_selectivity(run_dir, shards, dict(zip(tasks, best)), alpha, n_prompts,
+                                          seed) if steering else None),
     }
     (run_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
     (run_dir / "evaluation.md").write_text(to_markdown(result))
@@ -153,4 +216,15 @@ def to_markdown(r: dict[str, Any]) -> str:
     for t, v in r["per_task"].items():
         lines.append(f"| {t} | {v['best_latent']} | {v['auroc']:.3f} | {v['purity']:.2f} | "
                      f"{v['coverage']:.2f} | {v['max_abs_cos_to_truth']:.3f} | {v['supervised_auroc']:.3f} |")
+    st = r.get("steering")
+    if st:
+        lines += ["", f"Steering (alpha = {st['alpha']} x the shard's share of the run's update, "
+                  "added to the initial weights; better sign per task):", "",
+                  f"mean selectivity {st['selectivity']:+.3f}, norm-matched random control "
+                  f"{st['control_selectivity']:+.3f}", "",
+                  "| task | latent | reward change on task (+ / -) | selectivity | control |",
+                  "|---|---|---|---|---|"]
+        for t, e in st["per_task"].items():
+            lines.append(f"| {t} | {e['latent']} | {e['shard_plus'][t]:+.3f} / {e['shard_minus'][t]:+.3f} "
+                         f"| {e['shard_selectivity']:+.3f} | {e['control_selectivity']:+.3f} |")
     return "\n".join(lines) + "\n"

@@ -118,19 +118,28 @@ def remove_direction(
             "parameter of the direction (e.g. from the run's saved initial model)"
         )
     _resolve(model, {name: initial[name] for name in params}, "remove_direction initial")
+    c = update_coefficient({name: p for name, p in params.items()}, initial, direction)
     with torch.no_grad():
-        d32 = {name: direction[name].to(p.device, torch.float32) for name, p in params.items()}
-        dd = sum(float(d.pow(2).sum(dtype=torch.float64)) for d in d32.values())
-        if dd == 0.0:
-            raise ValueError("remove_direction: the direction is all zeros; nothing to remove")
-        dot = 0.0
-        for name, p in params.items():
-            delta = p.detach().float() - initial[name].to(p.device, torch.float32)
-            dot += float((delta * d32[name]).sum(dtype=torch.float64))
-        c = dot / dd
-        removed = {name: p.detach().float() - c * d32[name] for name, p in params.items()}
+        removed = {name: p.detach().float() - c * direction[name].to(p.device, torch.float32)
+                   for name, p in params.items()}
     with set_weights(model, removed):
         yield c
+
+
+def update_coefficient(final: Mapping[str, Tensor], initial: Mapping[str, Tensor],
+                       direction: Direction) -> float:
+    """``c = <theta_T - theta_0, d> / <d, d>`` over the direction's parameters (float64 sums):
+    the direction's share of a run's cumulative update, in the units of ``d``."""
+    with torch.no_grad():
+        dd, dot = 0.0, 0.0
+        for name, d in direction.items():
+            d32 = d.to(final[name].device, torch.float32)
+            delta = final[name].detach().float() - initial[name].to(d32.device, torch.float32)
+            dd += float(d32.pow(2).sum(dtype=torch.float64))
+            dot += float((delta * d32).sum(dtype=torch.float64))
+    if dd == 0.0:
+        raise ValueError("the direction is all zeros; it has no share of the update")
+    return dot / dd
 
 
 def direction_norm(direction: Direction) -> float:

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from sae_shards.shards import RunView
+from sae_shards.interventions import dose_response, update_coefficient
+from sae_shards.shards import RunView, load_run_models
 
 SECTIONS = ("summary", "sae-curves", "reward", "timeline", "norms", "rollouts", "logit-lens",
             "dose-response")
@@ -132,34 +133,6 @@ def plot_dose(results: dict[int, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- model-side sections
-def _models(view: RunView):
-    """(initial model, final model, tokenizer, task) of a run, or None when not available."""
-    from sae_shards.models import load_model_and_tokenizer
-    from sae_shards.tasks import build_task
-
-    cfg = json.loads((view.run_dir / "config.json").read_text())
-    if cfg["model"]["lora"]["enabled"]:
-        return None
-    initial = Path(cfg["model"]["path"]) if cfg["model"]["path"] else view.run_dir / "model"
-    final = view.run_dir / "final_model"
-    if not (initial / "config.json").is_file() or not (final / "config.json").is_file():
-        return None
-    init = load_model_and_tokenizer(initial)
-    fin = load_model_and_tokenizer(final)
-    options = {"target_length": cfg["rl"]["max_completion_length"], **cfg["task"]["options"]}
-    task = build_task(cfg["task"]["name"], **options)
-    return init.model.eval(), fin.model.eval(), init.tokenizer, task
-
-
-def shard_share_of_update(direction: dict[str, torch.Tensor], initial, final) -> float:
-    """``<theta_final - theta_initial, d> / <d, d>``: the shard's coefficient in the run's update."""
-    p0, p1 = dict(initial.named_parameters()), dict(final.named_parameters())
-    with torch.no_grad():
-        dot = sum(float(((p1[n] - p0[n]).float() * d).sum()) for n, d in direction.items())
-    sq = sum(float(d.pow(2).sum()) for d in direction.values())
-    return dot / sq if sq > 0 else 0.0
-
-
 def lens_rows(model, tokenizer, shard, top_k: int) -> list[dict[str, Any]]:
     from sae_shards.logit_lens import logit_lens, split_writers
 
@@ -184,7 +157,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     shards = top_shards(view, n_shards)
     summary_file = view.run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    models = _models(view) if dose else None
+    models = load_run_models(view.run_dir) if dose else None
     analysis: dict[str, Any] = {"top_shards": shards, "shards": {}}
 
     parts = [_section("summary", "Run", _summary_html(view, summary, shards))]
@@ -205,8 +178,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
             entry["logit_lens"] = rows
             lens_html.append(_lens_html(s, rows))
             direction = view.shards[s].dense(scaled=False)
-            c = shard_share_of_update(direction, initial, final)
-            from sae_shards.interventions import dose_response
+            c = update_coefficient(dict(final.named_parameters()),
+                                   dict(initial.named_parameters()), direction)
 
             dr = dose_response(initial, tokenizer, task, {n: d * c for n, d in direction.items()},
                                alphas, n_prompts=n_prompts)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -189,3 +189,31 @@ def _read_jsonl(path: Path, key: str | None = None):
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}:{n}: not valid JSON ({e})") from e
     return {r[key]: r for r in rows} if key else rows
+
+
+class RunModels(NamedTuple):
+    initial: Any  # transformers model with the run's initial weights (eval mode)
+    final: Any  # the policy after RL
+    tokenizer: Any
+    task: Any  # the run's task, rebuilt from its config
+
+
+def load_run_models(run_dir: str | Path) -> RunModels | None:
+    """The run's initial and final model, tokenizer and task; None for LoRA runs (the saved
+    policy is an adapter) or when either model directory is missing."""
+    from sae_shards.models import load_model_and_tokenizer
+    from sae_shards.tasks import build_task
+
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    if cfg["model"]["lora"]["enabled"]:
+        return None
+    initial = Path(cfg["model"]["path"]) if cfg["model"]["path"] else run_dir / "model"
+    final = run_dir / "final_model"
+    if not (initial / "config.json").is_file() or not (final / "config.json").is_file():
+        return None
+    init = load_model_and_tokenizer(initial)
+    fin = load_model_and_tokenizer(final)
+    options = {"target_length": cfg["rl"]["max_completion_length"], **cfg["task"]["options"]}
+    task = build_task(cfg["task"]["name"], **options)
+    return RunModels(init.model.eval(), fin.model.eval(), init.tokenizer, task)

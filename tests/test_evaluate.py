@@ -29,7 +29,7 @@ def planted_run(tmp_path_factory):
 
 
 def test_evaluate_reports_every_figure(planted_run):
-    r = evaluate_run(planted_run, n_null=3)
+    r = evaluate_run(planted_run, n_null=3, n_prompts=4)
     assert r["tasks"] == ["A", "B", "C", "D"] and r["n_heldout"] >= 15
     for key in ("mmcs", "mmcs_null", "auroc_task", "auroc_null", "supervised_auroc",
                 "fvu_heldout", "l0"):
@@ -39,10 +39,15 @@ def test_evaluate_reports_every_figure(planted_run):
     on_disk = json.loads((planted_run / "evaluation.json").read_text())
     assert on_disk["mmcs"] == r["mmcs"]
     assert "| mmcs |" in (planted_run / "evaluation.md").read_text()
+    st = r["steering"]
+    assert set(st["per_task"]) == {"A", "B", "C", "D"}
+    for e in st["per_task"].values():
+        assert set(e["shard_plus"]) == {"A", "B", "C", "D"} and e["coefficient"] == e["coefficient"]
+    assert "mean selectivity" in (planted_run / "evaluation.md").read_text()
 
 
 def test_random_decoder_scores_lower(planted_run, tmp_path):
-    trained = evaluate_run(planted_run, n_null=3)
+    trained = evaluate_run(planted_run, n_null=3, steering=False)
     broken = tmp_path / "broken"
     shutil.copytree(planted_run, broken)
     loaded = load_checkpoint(broken / "checkpoints" / "final")
@@ -52,7 +57,7 @@ def test_random_decoder_scores_lower(planted_run, tmp_path):
             p.copy_(torch.randn(p.shape, generator=g))
         loaded.sae.normalize_decoder_()
     save_checkpoint(broken / "checkpoints" / "final", loaded.sae, loaded.stats, loaded.config["meta"])
-    r = evaluate_run(broken, n_null=3)
+    r = evaluate_run(broken, n_null=3, steering=False)
     # random directions in ~80k dimensions have |cos| ~ 1/sqrt(D) with anything: near zero
     assert r["mmcs"] < 0.05 and r["mmcs"] < trained["mmcs"] / 3, (r["mmcs"], trained["mmcs"])
     assert r["fvu_heldout"] > trained["fvu_heldout"]
