@@ -62,6 +62,14 @@ class EvalData:
         nonzero = flatten(self.samples, self.names).norm(dim=1) > 0  # all-zero steps say nothing
         self.keep = nonzero
         self.tasks = sorted(set(self.labels))
+        for heldout in (False, True):
+            _, labels = self.split(heldout)
+            short = [t for t in self.tasks if labels.count(t) < 2]
+            if short:
+                raise CheckpointError(
+                    f"{path}: tasks {short} have fewer than 2 non-zero "
+                    f"{'held-out' if heldout else 'training'} steps; run more RL steps or change "
+                    "runner.heldout_every")
 
     def split(self, heldout: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
         mask = (self.heldout == heldout) & self.keep

@@ -1,0 +1,78 @@
+"""A reduced planted experiment (real GRPO on multiskill, body targets, `grad` source): the
+trained SAE's shards predict the held-out task above the shuffled-label null, and two broken
+pipelines — a random decoder, and labels shuffled before evaluation — fail the same threshold."""
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file, save_file
+
+from sae_shards.checkpoint import load_checkpoint, save_checkpoint
+from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
+from sae_shards.evaluate import evaluate_run
+from sae_shards.planted import SharedStepMeta, run_planted
+from sae_shards.buffer import StepMeta
+
+# Measured at these settings (seed 0): auroc_task 0.66 vs null 0.53. The threshold keeps half the
+# margin; broken pipelines sit at the null.
+MIN_AUROC, MIN_MARGIN = 0.6, 0.07
+
+
+def _passes(r):
+    return r["auroc_task"] >= MIN_AUROC and r["auroc_task"] - r["auroc_null"] >= MIN_MARGIN
+
+
+@pytest.fixture(scope="module")
+def grad_run(tmp_path_factory):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = job_config_from_hydra(compose("config", overrides=[
+            "experiment=planted", "rl.max_steps=120", "sae.n_latents=16", "seed=0"]))
+    dirs = run_planted(cfg, tmp_path_factory.mktemp("planted"), sources=("grad",), groups=("body",))
+    return dirs["body-grad"]
+
+
+def test_trained_shards_beat_the_null(grad_run):
+    r = evaluate_run(grad_run, steering=False)
+    assert _passes(r), {k: r[k] for k in ("auroc_task", "auroc_null", "mmcs", "mmcs_null")}
+
+
+def test_random_decoder_fails(grad_run, tmp_path):
+    broken = tmp_path / "random_decoder"
+    shutil.copytree(grad_run, broken, symlinks=True)
+    loaded = load_checkpoint(broken / "checkpoints" / "final")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in loaded.sae.factors.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        loaded.sae.normalize_decoder_()
+    save_checkpoint(broken / "checkpoints" / "final", loaded.sae, loaded.stats, loaded.config["meta"])
+    assert not _passes(evaluate_run(broken, steering=False))
+
+
+def test_shuffled_labels_fail(grad_run, tmp_path):
+    broken = tmp_path / "shuffled"
+    shutil.copytree(grad_run, broken, symlinks=True)
+    from safetensors import safe_open
+
+    with safe_open(broken / "samples.safetensors", "pt") as f:
+        meta = dict(f.metadata())
+    labels = json.loads(meta["task_labels"])
+    random.Random(0).shuffle(labels)
+    meta["task_labels"] = json.dumps(labels)
+    save_file(load_file(broken / "samples.safetensors"), broken / "samples.safetensors", metadata=meta)
+    assert not _passes(evaluate_run(broken, steering=False))
+
+
+def test_shared_step_meta_drains_once_per_step():
+    calls = []
+
+    def step_meta(step):
+        calls.append(step)
+        return StepMeta(step)
+
+    shared = SharedStepMeta(step_meta)
+    assert shared(1) is shared(1) and shared(2).global_step == 2 and calls == [1, 2]
