@@ -84,6 +84,12 @@ def _train(args: list[str]) -> int:
     return 0
 
 
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def _analyze(args: list[str]) -> int:
     import argparse
 
@@ -95,7 +101,10 @@ def _analyze(args: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
     parser.add_argument("--shards", type=int, default=4, help="how many top shards to report")
     parser.add_argument("--no-dose", action="store_true", help="skip logit lens and dose-response")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (explicit: "
+                        "default counts oversubscribe small CPUs)")
     ns = parser.parse_args(args)
+    _set_threads(ns.threads)
     try:
         out = analyze(ns.run_dir, ns.out, n_shards=ns.shards, dose=not ns.no_dose)
     except CheckpointError as e:
@@ -114,7 +123,9 @@ def _evaluate(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sae-shards evaluate")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--n-null", type=int, default=5, help="label shuffles for the nulls")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     ns = parser.parse_args(args)
+    _set_threads(ns.threads)
     try:
         result = evaluate_run(ns.run_dir, n_null=ns.n_null)
     except CheckpointError as e:

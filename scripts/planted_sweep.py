@@ -87,14 +87,14 @@ def main(argv: list[str] | None = None) -> str:
     t0 = time.perf_counter()
     rows = []
     seeds = [int(s) for s in args.seeds.split(",")]
-    for seed in seeds:
-        for schedule in args.schedules.split(","):
-            rows += run_point(seed, schedule, False, args.overrides, args.runs, args.n_prompts)
-        if not args.no_null:
-            rows += run_point(seed, "random", True, args.overrides, args.runs, args.n_prompts)
-        print(f"seed {seed} done after {time.perf_counter() - t0:.0f} s", flush=True)
     args.runs.mkdir(parents=True, exist_ok=True)
-    (args.runs / "results.json").write_text(json.dumps(rows, indent=2))
+    points = [(seed, schedule, False) for seed in seeds for schedule in args.schedules.split(",")]
+    points += [] if args.no_null else [(seed, "random", True) for seed in seeds]
+    for seed, schedule, null in points:
+        rows += run_point(seed, schedule, null, args.overrides, args.runs, args.n_prompts)
+        (args.runs / "results.json").write_text(json.dumps(rows, indent=2))  # partial results too
+        print(f"seed {seed} {schedule}{' null' if null else ''} done after "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
     text = table(rows) + f"\n\n{len(seeds)} seeds, {len(rows)} (run, group, source) evaluations, " \
                          f"{time.perf_counter() - t0:.0f} s wall.\n"
     if args.out:
