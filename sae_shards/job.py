@@ -31,7 +31,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from sae_shards.buffer import DeltaRingBuffer, StepMeta, check_buffer_memory, default_memory_budget
-from sae_shards.capture import DeltaCapture, select_targets, target_shapes
+from sae_shards.capture import DeltaCapture
+from sae_shards.selection import select_targets, target_shapes
 from sae_shards.checkpoint import save_checkpoint
 from sae_shards.metrics import evaluate_heldout
 from sae_shards.config import JobConfig

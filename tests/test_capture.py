@@ -8,7 +8,8 @@ import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sae_shards.buffer import DeltaRingBuffer, StepMeta
-from sae_shards.capture import DeltaCapture, LoraTarget, select_targets, target_shapes
+from sae_shards.capture import DeltaCapture
+from sae_shards.selection import LoraTarget, select_targets, target_shapes
 from sae_shards.targets import make_targets
 
 PATTERNS = [
