@@ -123,11 +123,15 @@ def _evaluate(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sae-shards evaluate")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--n-null", type=int, default=5, help="label shuffles for the nulls")
+    parser.add_argument("--from-step", type=int, default=0,
+                        help="use only RL steps >= this one (task directions drift)")
+    parser.add_argument("--no-steering", action="store_true", help="skip steering selectivity")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     ns = parser.parse_args(args)
     _set_threads(ns.threads)
     try:
-        result = evaluate_run(ns.run_dir, n_null=ns.n_null)
+        result = evaluate_run(ns.run_dir, n_null=ns.n_null, from_step=ns.from_step,
+                              steering=not ns.no_steering)
     except CheckpointError as e:
         print(f"sae-shards: cannot evaluate {ns.run_dir}: {e}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ from sae_shards.shards import ShardSet, load_run_models
 class EvalData:
     """A run's saved samples split into training and held-out steps, with one label per step."""
 
-    def __init__(self, run_dir: Path, names: Sequence[str]) -> None:
+    def __init__(self, run_dir: Path, names: Sequence[str], from_step: int = 0) -> None:
         path = run_dir / "samples.safetensors"
         if not path.is_file():
             raise CheckpointError(f"{path}: missing; run the job with runner.save_samples=true "
@@ -60,7 +60,8 @@ class EvalData:
             raise CheckpointError(f"{path}: needs >= 2 held-out and >= 2 training steps "
                                   "(set runner.heldout_every)")
         nonzero = flatten(self.samples, self.names).norm(dim=1) > 0  # all-zero steps say nothing
-        self.keep = nonzero
+        # Task directions drift: from_step restricts ground truth and scores to a late window.
+        self.keep = nonzero & (self.steps >= from_step)
         self.tasks = sorted(set(self.labels))
         for heldout in (False, True):
             _, labels = self.split(heldout)
@@ -144,12 +145,16 @@ def steering_selectivity(run_dir: Path, shards: ShardSet, best: dict[str, int], 
 
 
 def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: bool = True,
-                 alpha: float = 2.0, n_prompts: int = 32) -> dict[str, Any]:
-    """All figures of one run (see the module docstring); also writes evaluation.json/.md."""
+                 alpha: float = 2.0, n_prompts: int = 32, from_step: int = 0) -> dict[str, Any]:
+    """All figures of one run (see the module docstring); also writes evaluation.json/.md.
+
+    ``from_step`` keeps only RL steps >= it (training and held-out alike): the task directions
+    drift, and early steps, before the policy is tag-conditioned, blur a global direction.
+    """
     run_dir = Path(run_dir)
     shards = ShardSet.from_run(run_dir)
     sae = shards.sae
-    data = EvalData(run_dir, shards.target_names)
+    data = EvalData(run_dir, shards.target_names, from_step)
     tasks = data.tasks
     x_tr, y_tr = data.split(False)
     x_te, y_te = data.split(True)
@@ -194,6 +199,7 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     result = {
         "run_dir": str(run_dir), "tasks": tasks, "n_train": len(y_tr), "n_heldout": len(y_te),
+        "from_step": from_step,
         "mmcs": match.mmcs, "mmcs_null": mean(null_mmcs), "mmcs_margin": match.mmcs - mean(null_mmcs),
         "auroc_task": mean(list(auroc_task.values())), "auroc_null": mean(null_auroc),
         "auroc_margin": mean(list(auroc_task.values())) - mean(null_auroc),
@@ -212,7 +218,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
 
 def to_markdown(r: dict[str, Any]) -> str:
     lines = [f"# Evaluation of {r['run_dir']}", "",
-             f"{r['n_train']} training steps, {r['n_heldout']} held-out steps, tasks {r['tasks']}.", "",
+             f"{r['n_train']} training steps, {r['n_heldout']} held-out steps (RL steps >= "
+             f"{r['from_step']}), tasks {r['tasks']}.", "",
              "| figure | value | null / reference |", "|---|---|---|",
              f"| mmcs | {r['mmcs']:.3f} | shuffled-label null {r['mmcs_null']:.3f} (margin {r['mmcs_margin']:+.3f}) |",
              f"| auroc_task (held-out, best latent) | {r['auroc_task']:.3f} | shuffled-label null {r['auroc_null']:.3f} |",

@@ -68,3 +68,13 @@ def test_evaluate_cli_needs_saved_samples(short_run_dir):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "samples.safetensors: missing; run the job with runner.save_samples=true" in proc.stderr
+
+
+def test_from_step_restricts_the_window(planted_run):
+    full = evaluate_run(planted_run, n_null=2, steering=False)
+    late = evaluate_run(planted_run, n_null=2, steering=False, from_step=11)
+    assert late["from_step"] == 11
+    assert late["n_train"] + late["n_heldout"] <= 70  # steps 11..80 only
+    assert full["n_train"] + full["n_heldout"] > 70
+    with pytest.raises(Exception, match="fewer than 2 non-zero"):
+        evaluate_run(planted_run, n_null=2, steering=False, from_step=78)
