@@ -194,13 +194,21 @@ class CaptureSetup(NamedTuple):
     buffer: DeltaRingBuffer
 
 
+# fp32 copies of the targets the capture callback keeps besides the buffer (snapshot, previous
+# momentum-free step), per source; bf16 storage adds one fp32 scratch.
+WORKING_COPIES = {"update": 1, "grad": 0, "precond": 1, "deconv": 2}
+
+
 def build_capture(cfg: JobConfig, model: torch.nn.Module, device: torch.device) -> CaptureSetup:
-    """Targets from the trained model and the ring buffer, its memory checked before allocation."""
+    """Targets from the trained model and the ring buffer, its memory checked before allocation
+    (the budget left after the capture's own working copies of the targets)."""
     targets = select_targets(model, list(cfg.capture.targets))
     specs = make_targets(target_shapes(targets), rank=cfg.sae.rank)
     dtype = STORAGE[cfg.capture.storage_dtype]
-    check_buffer_memory(specs, cfg.capture.capacity, dtype,
-                        default_memory_budget(device, cfg.capture.memory_fraction), device)
+    copies = WORKING_COPIES[cfg.capture.source] + (dtype != torch.float32)
+    working = copies * 4 * sum(t.numel for t in specs)
+    budget = default_memory_budget(device, cfg.capture.memory_fraction) - working
+    check_buffer_memory(specs, cfg.capture.capacity, dtype, budget, device)
     return CaptureSetup(targets, specs, DeltaRingBuffer(specs, cfg.capture.capacity, device, dtype))
 
 
