@@ -122,6 +122,19 @@ def save_checkpoint(
     return path
 
 
+def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: Path, kind: str,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """One safetensors file (CPU, contiguous), written beside ``path`` and renamed into place.
+
+    The header holds ``format = kind`` and ``format_version`` plus ``metadata``.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    header = {"format": kind, "format_version": str(FORMAT_VERSION), **(metadata or {})}
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp,
+              metadata=header)
+    os.replace(tmp, path)
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     """Rename ``src`` onto ``dst``; an existing ``dst`` is moved aside first, then removed."""
     if dst.exists():

@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import save_file
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from sae_shards.buffer import DeltaRingBuffer, StepMeta, check_buffer_memory, default_memory_budget
 from sae_shards.capture import DeltaCapture
 from sae_shards.selection import select_targets, target_shapes
-from sae_shards.checkpoint import save_checkpoint
+from sae_shards.checkpoint import save_checkpoint, save_file_atomic
 from sae_shards.metrics import evaluate_heldout
 from sae_shards.config import JobConfig
 from sae_shards.models import build_tiny_model, load_tokenizer
@@ -318,10 +317,7 @@ def _save_activations(path: Path, loop: SAEWorkLoop, sae: LowRankSAE,
             final.add(steps, loop.trainer.n_steps, sae.encode(x))
     tensors = {**loop.activations.tensors("online"), **final.tensors("final"),
                "input_scale": sae.input_scale.detach().cpu().reshape(())}
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-              metadata={"format": "sae-shards-activations", "format_version": "1"})
-    tmp.replace(path)
+    save_file_atomic(tensors, path, "sae-shards-activations")
 
 
 def _heldout_slots(buffer: DeltaRingBuffer) -> torch.Tensor:
@@ -338,11 +334,8 @@ def save_samples(path: Path, buffer: DeltaRingBuffer) -> None:
     slots = buffer.chronological_slots()
     metas = [buffer.metadata(s) for s in slots.tolist()]
     parts = [buffer.gather(c) for c in slots.split(256)]
-    tensors = {f"sample.{t.name}": torch.cat([p[t.name] for p in parts]).cpu().contiguous()
-               for t in buffer.targets}
+    tensors = {f"sample.{t.name}": torch.cat([p[t.name] for p in parts]) for t in buffer.targets}
     tensors["rl_step"] = torch.tensor([m.global_step for m in metas], dtype=torch.long)
     tensors["heldout"] = torch.tensor([m.heldout for m in metas], dtype=torch.bool)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata={"format": "sae-shards-samples", "format_version": "1",
-                                      "task_labels": json.dumps([list(m.task_labels) for m in metas])})
-    tmp.replace(path)
+    save_file_atomic(tensors, path, "sae-shards-samples",
+                     {"task_labels": json.dumps([list(m.task_labels) for m in metas])})

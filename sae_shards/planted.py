@@ -109,7 +109,7 @@ def run_planted(cfg: JobConfig, run_dir: Path, sources=SOURCES, groups=tuple(GRO
         save_samples(sub / "samples.safetensors", buffer)
         (sub / "summary.json").write_text(json.dumps({
             "captured": capture.n_captured, "zero_samples": capture.n_zero,
-            "skipped": getattr(capture, "n_skipped", 0), "sae_steps": trainer.n_steps,
+            "skipped": capture.n_skipped, "sae_steps": trainer.n_steps,
             "sae_skipped_zero": trainer.n_skipped_zero}, indent=2))
         out[name] = sub
     return out

@@ -16,6 +16,7 @@ modes run one after another in this process, so the ratios come from one run on 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import tempfile
 import time
@@ -49,8 +50,7 @@ def time_mode(cfg: JobConfig, mode: str, run_dir: Path) -> dict:
         on_push = None
         if mode in ("inline", "thread"):
             sae_trainer = SAETrainer(LowRankSAE(specs, cfg.sae).to(device))
-            runner_cfg = type(cfg.runner)(**{**cfg.runner.__dict__, "concurrency": mode,
-                                             "checkpoint_every": 0})
+            runner_cfg = dataclasses.replace(cfg.runner, concurrency=mode, checkpoint_every=0)
             loop = SAEWorkLoop(sae_trainer, buffer, runner_cfg, torch.Generator().manual_seed(0))
             runner = make_runner(loop, runner_cfg)
             on_push = runner.on_push
