@@ -187,6 +187,12 @@ class RunnerConfig:
     """SAE steps per captured delta."""
     min_samples: int = 8
     """Buffered samples before the SAE starts training."""
+    sae_start_step: int = 0
+    """First RL step whose push trains the SAE. Earlier deltas are captured, buffered and saved,
+    but not trained on. With ``capture.capacity`` it sets the window of RL steps the SAE learns
+    from: e.g. 150 and 150 on a 300-step run train it on steps 1..300 as the buffer rolls, ending
+    on steps 151..300 (the early steps' Adam preconditioner is a short average, and directions
+    drift)."""
     max_lag: int = 8
     """thread mode: captured deltas the worker may fall behind before RL waits."""
     torch_threads: int = 1
@@ -209,6 +215,8 @@ class RunnerConfig:
         for name in ("sae_steps_per_rl_step", "min_samples", "max_lag", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"runner.{name}={getattr(self, name)} must be >= 1")
+        if self.sae_start_step < 0:
+            raise ValueError(f"runner.sae_start_step={self.sae_start_step} must be >= 0")
         if self.checkpoint_every < 0:
             raise ValueError(f"runner.checkpoint_every={self.checkpoint_every} must be >= 0")
         if not 0 <= self.recent_frac <= 1:

@@ -2,10 +2,11 @@
 
 ``SAEWorkLoop.process(slot)`` is the unit of work for one captured delta: record the sample's
 activations under the current SAE, run ``sae_steps_per_rl_step`` SAE steps on batches sampled
-from the ring buffer, and save a checkpoint when one is due. ``InlineRunner`` calls it from the
-capture callback (the RL step waits for it); ``ThreadRunner`` hands it to a background worker
-through a bounded queue, so RL waits only when the worker is ``max_lag`` deltas behind. A worker
-error is re-raised in the RL thread at the next push (and at ``finish``), which stops the run.
+from the ring buffer (once ``min_samples`` are buffered and RL reached ``sae_start_step``), and
+save a checkpoint when one is due. ``InlineRunner`` calls it from the capture callback (the RL
+step waits for it); ``ThreadRunner`` hands it to a background worker through a bounded queue,
+so RL waits only when the worker is ``max_lag`` deltas behind. A worker error is re-raised in
+the RL thread at the next push (and at ``finish``), which stops the run.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class SAEWorkLoop:
         if sae.input_scale > 0:  # the SAE has seen data: record what this sample activates
             x = sae.to_scaled(self.buffer.gather([slot]))
             self.activations.add([rl_step], self.trainer.n_steps, sae.encode(x))
-        if self.buffer.n_trainable >= self.cfg.min_samples:
+        if rl_step >= self.cfg.sae_start_step and self.buffer.n_trainable >= self.cfg.min_samples:
             for _ in range(self.cfg.sae_steps_per_rl_step):
                 batch = self.buffer.sample(sae.cfg.batch_size, self.generator, self.cfg.recent_frac)
                 m = self.trainer.step(batch.batch)

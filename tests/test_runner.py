@@ -1,0 +1,59 @@
+"""SAEWorkLoop: when the SAE trains, on which buffered steps (no RL: the buffer is fed directly)."""
+
+import torch
+
+from sae_shards.buffer import DeltaRingBuffer, StepMeta
+from sae_shards.config import RunnerConfig
+from sae_shards.runner import SAEWorkLoop
+from sae_shards.sae import LowRankSAE
+from sae_shards.sae_config import SAEConfig
+from sae_shards.targets import TargetSpec
+from sae_shards.trainer import SAETrainer
+
+TARGETS = [TargetSpec("w", (6, 5), rank=1), TargetSpec("b", (4,))]
+
+
+def feed(cfg: RunnerConfig, n_steps: int, capacity: int = 8):
+    """Push steps 1..n_steps (every 4th held out) through a loop; returns the loop, the pushes
+    that trained the SAE and, per such push, the RL steps of the slots its batches drew."""
+    buffer = DeltaRingBuffer(TARGETS, capacity=capacity, device="cpu")
+    drawn: list[int] = []
+    sample = buffer.sample
+
+    def recording_sample(*args, **kwargs):  # the real draw, its RL steps noted
+        out = sample(*args, **kwargs)
+        drawn.extend(buffer.metadata(int(s)).global_step for s in out.slots)
+        return out
+
+    buffer.sample = recording_sample
+    trainer = SAETrainer(LowRankSAE(TARGETS, SAEConfig(n_latents=4, k=1, batch_size=4)))
+    loop = SAEWorkLoop(trainer, buffer, cfg, torch.Generator().manual_seed(0))
+    seen, draws = [], {}
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, n_steps + 1):
+        delta = {t.name: torch.randn(t.shape, generator=g) for t in TARGETS}
+        before, drawn[:] = trainer.n_steps, []
+        loop.process(buffer.push(delta, StepMeta(step, heldout=step % 4 == 0)))
+        if trainer.n_steps > before:
+            seen.append(step)
+            draws[step] = sorted(set(drawn))
+    return loop, seen, draws
+
+
+def test_sae_starts_at_sae_start_step_and_min_samples():
+    loop, seen, _ = feed(RunnerConfig(sae_steps_per_rl_step=3, min_samples=2, sae_start_step=6), 12)
+    assert seen == [6, 7, 8, 9, 10, 11, 12]  # held-out pushes (8, 12) still train on the others
+    assert loop.trainer.n_steps == 3 * 7
+    loop, seen, _ = feed(RunnerConfig(sae_steps_per_rl_step=1, min_samples=5, sae_start_step=2), 12)
+    assert seen[0] == 6  # steps 1, 2, 3, 5, 6 are the first five trainable ones
+
+
+def test_windowed_sae_trains_only_on_the_last_capacity_steps():
+    # capacity 8, start 10: the push of step s trains on trainable steps in (s - 8, s] only
+    loop, seen, draws = feed(
+        RunnerConfig(sae_steps_per_rl_step=20, min_samples=1, sae_start_step=10), 24)
+    assert seen == list(range(10, 25))
+    for step, steps in draws.items():
+        window = [s for s in range(step - 7, step + 1) if s % 4 != 0]
+        assert steps == window, (step, steps)  # 20 batches of 4 hit every slot of the window
+    assert loop.activations.rl_step == list(range(11, 25))  # recorded once the SAE has data
