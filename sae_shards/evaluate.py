@@ -8,7 +8,10 @@ Figures (``evaluation.json`` and ``evaluation.md`` in the run directory):
 
 - ``mmcs``: mean over tasks of the max ``|cos|`` between a task's principal direction (held-out
   steps) and any shard, beside ``mmcs_null`` (the same with the held-out labels shuffled,
-  averaged over ``n_null`` shuffles) and ``mmcs_margin``;
+  averaged over ``n_null`` shuffles) and ``mmcs_margin``; beside the same figures for the
+  supervised directions (``mmcs_supervised``: each task's principal direction on the training
+  steps in place of the shards): what any direction estimated from the training steps reaches
+  against this ground truth, the ceiling the margin can be read against;
 - ``auroc_task``: per task, the latent whose ``|activation|`` best predicts "task k active" on the
   training steps, scored on the held-out steps; beside ``auroc_null`` (latent chosen with shuffled
   training labels) and the supervised reference (``groundtruth.supervised_reference``);
@@ -28,8 +31,8 @@ from typing import Any, Sequence
 import torch
 
 from sae_shards.checkpoint import CheckpointError, read_tensors
-from sae_shards.groundtruth import (auroc, flatten, norm_features, shuffled, supervised_reference,
-                                    task_directions, unflatten)
+from sae_shards.groundtruth import (abs_cosine, auroc, flatten, norm_features, shuffled,
+                                    supervised_reference, task_directions, unflatten)
 from sae_shards.interventions import add_direction, mean_reward, random_direction_like, update_coefficient
 from sae_shards.metrics import evaluate_heldout, match_directions
 from sae_shards.shards import ShardSet, load_run_models
@@ -165,8 +168,10 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     flat_te, flat_tr = flatten(x_te, data.names), flatten(x_tr, data.names)
     truth = task_directions(flat_te, y_te, tasks)
     match = match_directions(sae, unflatten(truth, shapes))
-    null_mmcs = [match_directions(sae, unflatten(task_directions(flat_te, shuffled(y_te, g), tasks),
-                                                  shapes)).mmcs for _ in range(n_null)]
+    null_truths = [task_directions(flat_te, shuffled(y_te, g), tasks) for _ in range(n_null)]
+    null_mmcs = [match_directions(sae, unflatten(t, shapes)).mmcs for t in null_truths]
+    sup_dirs = task_directions(flat_tr, y_tr, tasks)  # [K, D] the supervised "shards"
+    sup_mmcs = lambda t: float(abs_cosine(t, sup_dirs).max(1).values.mean())  # noqa: E731
 
     # best latent per task chosen on training steps, scored on held-out steps
     acts_tr = sae.encode(sae.to_scaled(x_tr)).dense(sae.n_latents)
@@ -201,6 +206,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         "run_dir": str(run_dir), "tasks": tasks, "n_train": len(y_tr), "n_heldout": len(y_te),
         "from_step": from_step,
         "mmcs": match.mmcs, "mmcs_null": mean(null_mmcs), "mmcs_margin": match.mmcs - mean(null_mmcs),
+        "mmcs_supervised": sup_mmcs(truth),
+        "mmcs_supervised_null": mean([sup_mmcs(t) for t in null_truths]),
         "auroc_task": mean(list(auroc_task.values())), "auroc_null": mean(null_auroc),
         "auroc_margin": mean(list(auroc_task.values())) - mean(null_auroc),
         "supervised_auroc": ref.auroc_mean, "supervised_centroid_accuracy": ref.centroid_accuracy,
@@ -222,6 +229,7 @@ def to_markdown(r: dict[str, Any]) -> str:
              f"{r['from_step']}), tasks {r['tasks']}.", "",
              "| figure | value | null / reference |", "|---|---|---|",
              f"| mmcs | {r['mmcs']:.3f} | shuffled-label null {r['mmcs_null']:.3f} (margin {r['mmcs_margin']:+.3f}) |",
+             f"| mmcs of the supervised directions | {r['mmcs_supervised']:.3f} | shuffled-label null {r['mmcs_supervised_null']:.3f} (margin {r['mmcs_supervised'] - r['mmcs_supervised_null']:+.3f}) |",
              f"| auroc_task (held-out, best latent) | {r['auroc_task']:.3f} | shuffled-label null {r['auroc_null']:.3f} |",
              f"| supervised reference AUROC | {r['supervised_auroc']:.3f} | nearest-centroid accuracy {r['supervised_centroid_accuracy']:.3f} (chance {r['chance_accuracy']:.3f}) |",
              f"| fvu_heldout | {r['fvu_heldout']:.3f} | |", f"| l0 | {r['l0']:.2f} | |",

@@ -31,8 +31,8 @@ def planted_run(tmp_path_factory):
 def test_evaluate_reports_every_figure(planted_run):
     r = evaluate_run(planted_run, n_null=3, n_prompts=4)
     assert r["tasks"] == ["A", "B", "C", "D"] and r["n_heldout"] >= 15
-    for key in ("mmcs", "mmcs_null", "auroc_task", "auroc_null", "supervised_auroc",
-                "fvu_heldout", "l0"):
+    for key in ("mmcs", "mmcs_null", "mmcs_supervised", "mmcs_supervised_null", "auroc_task",
+                "auroc_null", "supervised_auroc", "fvu_heldout", "l0"):
         assert r[key] == r[key], key  # not NaN
     assert 0 <= r["mmcs_null"] <= 1 and 0 <= r["auroc_task"] <= 1
     assert set(r["per_task"]) == {"A", "B", "C", "D"}
@@ -61,6 +61,10 @@ def test_random_decoder_scores_lower(planted_run, tmp_path):
     # random directions in ~80k dimensions have |cos| ~ 1/sqrt(D) with anything: near zero
     assert r["mmcs"] < 0.05 and r["mmcs"] < trained["mmcs"] / 3, (r["mmcs"], trained["mmcs"])
     assert r["fvu_heldout"] > trained["fvu_heldout"]
+    # the supervised reference does not depend on the SAE: the same ground truth, the same figure
+    assert (r["mmcs_supervised"], r["mmcs_supervised_null"]) == \
+        (trained["mmcs_supervised"], trained["mmcs_supervised_null"])
+    assert 0 < r["mmcs_supervised"] <= 1
 
 
 def test_evaluate_cli_needs_saved_samples(short_run_dir):
