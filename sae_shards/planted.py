@@ -96,12 +96,13 @@ def run_planted(cfg: JobConfig, run_dir: Path, sources=SOURCES, groups=tuple(GRO
     for name, (sub_cfg, trainer, buffer, capture) in parts.items():
         sub = run_dir / name
         sub.mkdir(exist_ok=True)
-        model_path = cfg.model.path or str(run_dir / "model")
+        model_path = str(Path(cfg.model.path).resolve()) if cfg.model.path else \
+            str((run_dir / "model").resolve())
         sub_cfg = dataclasses.replace(sub_cfg, run_dir=str(sub), model=dataclasses.replace(
             sub_cfg.model, path=model_path))
         (sub / "config.json").write_text(json.dumps(sub_cfg.to_dict(), indent=2))
-        if not (sub / "final_model").exists():
-            os.symlink(run_dir / "final_model", sub / "final_model")
+        if not (sub / "final_model").is_symlink():  # relative: the run dir may be moved
+            os.symlink(Path("..") / "final_model", sub / "final_model")
         save_checkpoint(sub / "checkpoints" / "final", trainer.sae, trainer.stats.as_tensors(),
                         {"source": capture.source, "group": name.split("-")[0],
                          "model_id": model_path, "rl_step": cfg.rl.max_steps,

@@ -15,6 +15,7 @@ from sae_shards.checkpoint import load_checkpoint, save_checkpoint
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
 from sae_shards.evaluate import evaluate_run
 from sae_shards.planted import SharedStepMeta, run_planted
+from sae_shards.shards import load_run_models
 from sae_shards.buffer import StepMeta
 
 # Measured at these settings (seed 0): auroc_task 0.66 vs null 0.53. The threshold keeps half the
@@ -30,7 +31,10 @@ def _passes(r):
 def grad_run(tmp_path_factory):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = job_config_from_hydra(compose("config", overrides=[
-            "experiment=planted", "rl.max_steps=120", "sae.n_latents=16", "seed=0"]))
+            "experiment=planted", "rl.max_steps=120", "seed=0",
+            # smaller than the benchmark's settings, to stay well under 3 minutes on 2 cores
+            "rl.per_device_train_batch_size=16", "task.n_prompts=1024", "capture.capacity=120",
+            "runner.heldout_every=4", "runner.sae_start_step=0", "runner.sae_steps_per_rl_step=2"]))
     dirs = run_planted(cfg, tmp_path_factory.mktemp("planted"), sources=("grad",), groups=("body",))
     return dirs["body-grad"]
 
@@ -76,3 +80,13 @@ def test_shared_step_meta_drains_once_per_step():
 
     shared = SharedStepMeta(step_meta)
     assert shared(1) is shared(1) and shared(2).global_step == 2 and calls == [1, 2]
+
+
+def test_run_dirs_stay_loadable_when_moved(grad_run, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(grad_run.parent, moved, symlinks=True)  # links copied as links
+    models = load_run_models(moved / grad_run.name)
+    assert models is not None  # final_model resolves inside the moved run
+    w0, w1 = (dict(m.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+              for m in (models.initial, models.final))
+    assert not torch.equal(w0, w1)  # the initial and the RL-trained policy
