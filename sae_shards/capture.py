@@ -24,9 +24,10 @@ Sources (see ``DeltaCapture`` for what each supports):
   divides it by Adam's denominator ``P_t = sqrt(v_t / (1 - beta2^t)) + eps``, read from the
   optimizer's state at ``on_optimizer_step`` (right after ``optimizer.step()``).
 - ``deconv`` takes the update exactly as ``update`` does and removes the momentum using only
-  consecutive updates and the step's hyperparameters (``_deconv_coefficients``): for AdamW it
-  equals ``g_t / P_t`` when ``P_t = P_{t-1}``, for SGD with momentum it is ``g_t`` itself. The
-  step's learning rate is read at ``on_step_begin``: the scheduler steps before ``on_step_end``.
+  consecutive updates and the step's hyperparameters (``step_rules.deconv_coefficients``): for
+  AdamW it equals ``g_t / P_t`` when ``P_t = P_{t-1}``, for SGD with momentum it is ``g_t``
+  itself. The step's learning rate is read at ``on_step_begin``: the scheduler steps before
+  ``on_step_end``.
 
 Every sample is committed at ``on_step_end`` with ``StepMeta.global_step = state.global_step``
 (the 1-based number of the step just taken).
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
@@ -44,6 +44,8 @@ from transformers import TrainerCallback
 
 from sae_shards.buffer import DeltaRingBuffer, StepMeta
 from sae_shards.selection import LoraTarget, Target, check_not_sharded, few_names
+from sae_shards.step_rules import (Scratch, deconv_coefficients, deconv_state, step_rule,
+                                   unwrap_optimizer, write_deconv, write_precond)
 from sae_shards.targets import check_batch
 
 logger = logging.getLogger(__name__)
@@ -70,8 +72,8 @@ class DeltaCapture(TrainerCallback):
       running maximum of ``v``; not supported).
     - ``deconv``: the update with the momentum removed, from consecutive updates and the step's
       learning rate, beta1/momentum and weight decay alone (no optimizer state; see
-      ``_deconv_coefficients``). Adam/AdamW: an estimate of ``precond``, exact while Adam's
-      denominator is unchanged between steps. ``torch.optim.SGD`` (dampening 0, no Nesterov):
+      ``step_rules.deconv_coefficients``). Adam/AdamW: an estimate of ``precond``, exact while
+      Adam's denominator is unchanged between steps. ``torch.optim.SGD`` (dampening 0, no Nesterov):
       the clipped gradient, exactly up to fp32 rounding of the weights. A step with learning
       rate 0 cannot be inverted, nor the step after it, nor the first step after resuming from a
       checkpoint (no previous update): these are skipped and counted in ``n_skipped``, with a
@@ -136,7 +138,7 @@ class DeltaCapture(TrainerCallback):
         self._optimizer: torch.optim.Optimizer | None = None  # the torch optimizer, unwrapped
         self._kind = ""  # "adam" or "sgd": the optimizer's step rule
         self._groups: dict[str, dict] = {}  # target -> its optimizer param group
-        self._scratch: dict[str, _Scratch] = {}  # fp32 work tensors, allocated once
+        self._scratch: dict[str, Scratch] = {}  # fp32 work tensors, allocated once
         self._lr: dict[str, float] = {}  # deconv: target -> learning rate of the current step
         self._t = 0  # deconv: 1-based number of the current optimizer step
         self._have_prev = False  # deconv: _scratch[*].prev holds a_{t-1} of the previous step
@@ -165,11 +167,11 @@ class DeltaCapture(TrainerCallback):
                 "select them from trainer.model after the trainer is built"
             )
         if self.source in _OPTIMIZER_SOURCES:
-            self._optimizer = _unwrap(optimizer)
-            self._kind, self._groups = _step_rule(self._optimizer, self.targets, self.source)
+            self._optimizer = unwrap_optimizer(optimizer)
+            self._kind, self._groups = step_rule(self._optimizer, self.targets, self.source)
             if not self._scratch:
                 self._scratch = {
-                    n: _Scratch.alloc(p, self.source, self.buffer) for n, p in self.targets.items()
+                    n: Scratch.alloc(p, self.source, self.buffer) for n, p in self.targets.items()
                 }
         if self._snapshots is None and self.source in ("update", "deconv"):
             self._snapshots = {n: _alloc_snapshot(t, self.buffer) for n, t in self.targets.items()}
@@ -215,7 +217,7 @@ class DeltaCapture(TrainerCallback):
             if not opt_state:  # torch's Adam skips parameters without a gradient
                 view.zero_()
                 continue
-            _write_precond(
+            write_precond(
                 scratch.grad(view), opt_state["exp_avg_sq"], float(opt_state["step"]),
                 beta2=group["betas"][1], eps=group["eps"], denom=scratch.denom, view=view,
             )
@@ -256,14 +258,14 @@ class DeltaCapture(TrainerCallback):
 
     def _deconv_step(self, global_step: int) -> bool:
         """Claim a slot and write this step's ``deconv`` sample; False if the step was skipped."""
-        coef = {n: _deconv_coefficients(self._kind, g, self._t) for n, g in self._groups.items()}
+        coef = {n: deconv_coefficients(self._kind, g, self._t) for n, g in self._groups.items()}
         lr_zero = any(self._lr[n] == 0.0 for n in self.targets)
         no_prev = not self._have_prev and any(c.beta != 0.0 for c in coef.values())
         if lr_zero or no_prev:
             if not lr_zero:  # keep a_t, so the next step can be inverted
                 for name, p in self.targets.items():
-                    _deconv_state(p, self._snapshots[name][0], self._lr[name], coef[name],
-                                  out=self._scratch[name].prev)
+                    deconv_state(p, self._snapshots[name][0], self._lr[name], coef[name],
+                                 out=self._scratch[name].prev)
             self._have_prev = not lr_zero
             self.n_skipped += 1
             why = "the learning rate is 0" if lr_zero else "the previous update is unknown"
@@ -276,124 +278,13 @@ class DeltaCapture(TrainerCallback):
         for name, p in self.targets.items():
             scratch = self._scratch[name]
             theta = self._snapshots[name][0]
-            a_t = _write_deconv(p, theta, scratch, self._lr[name], coef[name],
-                                self._slot_views[name])
+            a_t = write_deconv(p, theta, scratch, self._lr[name], coef[name],
+                               self._slot_views[name])
             # a_t now lies in the snapshot tensor: it becomes the next step's a_{t-1}, and the
             # old a_{t-1} tensor becomes the next snapshot (no copy).
             self._snapshots[name], scratch.prev = (scratch.prev,), a_t
         self._have_prev = True
         return True
-
-
-# ---- optimizers (precond, deconv) -------------------------------------------------------------
-
-
-def _unwrap(optimizer):
-    """The torch optimizer inside wrappers that hold it as ``.optimizer`` (accelerate's)."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
-def _step_rule(
-    optimizer: torch.optim.Optimizer, targets: Mapping[str, Target], source: str
-) -> tuple[str, dict[str, dict]]:
-    """(``"adam"`` or ``"sgd"``, ``{target: its param group}``), or ``ValueError`` saying why
-    ``source`` cannot invert this optimizer's step."""
-    cls = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
-    if isinstance(optimizer, torch.optim.Adam):  # AdamW subclasses Adam
-        kind = "adam"
-    elif isinstance(optimizer, torch.optim.SGD) and source == "deconv":
-        kind = "sgd"
-    else:
-        needs = "torch.optim.Adam/AdamW" + (" or torch.optim.SGD" if source == "deconv" else "")
-        raise ValueError(
-            f"capture.source={source!r} needs {needs}, but the trainer's optimizer is {cls}; "
-            "use source='update' or 'grad' (any optimizer), or 'deconv' with Adam/AdamW/SGD"
-        )
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    groups = {}
-    for name, p in targets.items():
-        if id(p) not in group_of:
-            raise ValueError(f"capture target {name!r} is not in any param group of {cls}")
-        group = groups[name] = group_of[id(p)]
-        problems = {
-            "maximize=True": group["maximize"],
-            "amsgrad=True (divides by the running maximum of v)": group.get("amsgrad", False),
-            "L2 weight_decay (decoupled_weight_decay=False; use AdamW)": kind == "adam"
-            and group["weight_decay"] != 0 and not group.get("decoupled_weight_decay", False),
-            "nesterov=True": group.get("nesterov", False),
-            "dampening != 0": group.get("dampening", 0) != 0,
-        }
-        for what, on in problems.items():
-            if on:
-                raise ValueError(
-                    f"capture.source={source!r} does not support {cls} with {what} "
-                    f"(param group of {name!r}); use source='update' or 'grad'"
-                )
-    return kind, groups
-
-
-@dataclass(frozen=True)
-class _Deconv:
-    """How one step's update ``u_t`` inverts to a sample: with ``b_t = -u_t / lr_t`` and
-    ``a_t = b_t - wd_state theta_t``, ``sample = alpha a_t - beta a_{t-1} - wd_out theta_t``."""
-
-    alpha: float
-    beta: float
-    wd_state: float  # decoupled weight decay, applied to theta outside the momentum (AdamW)
-    wd_out: float  # weight decay added to g before the momentum (SGD)
-
-
-def _deconv_coefficients(kind: str, group: Mapping, t: int) -> _Deconv:
-    """Coefficients for optimizer step ``t`` (1-based) of a target in ``group``.
-
-    AdamW: ``u_t = -lr_t (m_hat_t / P_t + wd theta_t)``, so ``a_t = m_hat_t / P_t`` with
-    ``m_t = beta1 m_{t-1} + (1 - beta1) g_t`` and ``m_hat_t = m_t / (1 - beta1^t)``; then
-    ``((1 - beta1^t) a_t - beta1 (1 - beta1^(t-1)) a_{t-1}) / (1 - beta1) = g_t / P_t`` when
-    ``P_t = P_{t-1}``. SGD (torch: ``b_t = mu b_{t-1} + g_t + wd theta_t``, ``u_t = -lr_t b_t``):
-    ``g_t = b_t - mu b_{t-1} - wd theta_t`` exactly. At ``t = 1`` the previous term vanishes.
-    """
-    wd = float(group["weight_decay"])
-    match kind:
-        case "adam":
-            beta1 = float(group["betas"][0])
-            return _Deconv(
-                alpha=(1 - beta1**t) / (1 - beta1),
-                beta=beta1 * (1 - beta1 ** (t - 1)) / (1 - beta1),
-                wd_state=wd, wd_out=0.0,
-            )
-        case "sgd":  # torch starts the momentum buffer as b_1 = g_1 + wd theta_1: b_0 = 0
-            mu = float(group["momentum"]) if t > 1 else 0.0
-            return _Deconv(alpha=1.0, beta=mu, wd_state=0.0, wd_out=wd)
-        case other:
-            raise AssertionError(f"unknown step rule {other!r}")
-
-
-@dataclass
-class _Scratch:
-    """fp32 work tensors ``[*shape]`` of one dense target for ``precond``/``deconv``, allocated
-    once. Where the slot view is fp32 on the target's device the sample is built in it directly."""
-
-    prev: torch.Tensor | None = None  # deconv: a_{t-1} (zeros until the first step)
-    work: torch.Tensor | None = None  # deconv: a_t, when the view cannot hold it
-    grad_buf: torch.Tensor | None = None  # precond: g_t, when the view cannot hold it
-    denom: torch.Tensor | None = None  # precond: Adam's denominator P_t
-
-    @staticmethod
-    def alloc(p: torch.Tensor, source: str, buffer: DeltaRingBuffer) -> _Scratch:
-        direct = buffer.dtype == torch.float32 and p.device == buffer.device
-
-        def fp32() -> torch.Tensor:
-            return torch.empty(p.shape, dtype=torch.float32, device=p.device)
-
-        if source == "precond":
-            return _Scratch(grad_buf=None if direct else fp32(), denom=fp32())
-        return _Scratch(prev=fp32().zero_(), work=None if direct else fp32())
-
-    def grad(self, view: torch.Tensor) -> torch.Tensor:
-        """Where ``precond`` keeps ``g_t``: the slot view, or the fp32 scratch."""
-        return view if self.grad_buf is None else self.grad_buf
 
 
 # ---- the hot path -----------------------------------------------------------------------------
@@ -452,55 +343,6 @@ def _write_lora_update(
     dense.mul_(target.scaling)
     if out is not None:
         view.copy_(dense)
-
-
-def _write_precond(
-    g: torch.Tensor,  # [*shape] fp32 clipped gradient g_t (overwritten)
-    v: torch.Tensor,  # [*shape] Adam's exp_avg_sq after the step (v_t)
-    step: float,  # Adam's step count t after the step
-    beta2: float,
-    eps: float,
-    denom: torch.Tensor,  # [*shape] fp32 scratch
-    view: torch.Tensor,  # [*shape] the slot (may be g itself)
-) -> None:
-    """``g_t / (sqrt(v_t) / sqrt(1 - beta2^t) + eps)``, the denominator as torch's Adam forms it."""
-    denom.copy_(v).sqrt_().div_(math.sqrt(1 - beta2**step)).add_(eps)
-    g.div_(denom)
-    if g is not view:
-        view.copy_(g)
-
-
-def _deconv_state(
-    p: torch.Tensor, theta: torch.Tensor, lr: float, coef: _Deconv, out: torch.Tensor
-) -> torch.Tensor:
-    """``a_t = -(theta_{t+1} - theta_t) / lr_t - wd_state * theta_t`` into ``out`` (fp32)."""
-    torch.sub(p, theta, out=out).div_(-lr)  # the update, exact in fp32, over -lr
-    if coef.wd_state:
-        out.add_(theta, alpha=-coef.wd_state)
-    return out
-
-
-def _write_deconv(
-    p: torch.Tensor,  # [*shape] the target after the step
-    theta: torch.Tensor,  # [*shape] fp32 snapshot theta_t (overwritten with a_t)
-    scratch: _Scratch,  # prev: a_{t-1} (overwritten)
-    lr: float,
-    coef: _Deconv,
-    view: torch.Tensor,  # [*shape] the slot
-) -> torch.Tensor:
-    """Write ``alpha a_t - beta a_{t-1} - wd_out theta_t`` into ``view``; return the tensor that
-    now holds ``a_t`` (``theta``'s). ``scratch.prev`` is free afterwards."""
-    a_t = _deconv_state(p, theta, lr, coef, out=view if scratch.work is None else scratch.work)
-    sample = scratch.prev  # [*shape] a_{t-1} -> the sample
-    if coef.beta:
-        sample.mul_(-coef.beta).add_(a_t, alpha=coef.alpha)
-    else:  # a_{t-1} may be stale (first step): never multiply it, even by 0
-        torch.mul(a_t, coef.alpha, out=sample)
-    if coef.wd_out:
-        sample.add_(theta, alpha=-coef.wd_out)
-    theta.copy_(a_t)
-    view.copy_(sample)
-    return theta
 
 
 def _finite_norm(views) -> float | None:
