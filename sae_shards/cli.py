@@ -12,6 +12,10 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported lazily at run time: `sae-shards --help` stays fast
+    from sae_shards.config import JobConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 USAGE = """usage: sae-shards <command> [args]
@@ -35,7 +39,7 @@ class ConfigError(ValueError):
     """The composed configuration is invalid (message names the field, the value and a fix)."""
 
 
-def job_config_from_hydra(cfg) -> "JobConfig":
+def job_config_from_hydra(cfg) -> JobConfig:
     """Hydra's DictConfig -> validated JobConfig (raises ConfigError)."""
     from omegaconf import OmegaConf
 

@@ -21,7 +21,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from sae_shards.interventions import dose_response, update_coefficient
 from sae_shards.shards import RunView, load_run_models

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 SPARSITY_MODES = ("signed_topk", "topk", "batch_topk")
