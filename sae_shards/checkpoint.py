@@ -181,6 +181,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 def read_tensors(file: Path, expect_version: bool = True) -> dict[str, torch.Tensor]:
     """Load a safetensors file, turning any damage into an error naming the file."""
+    return read_safetensors(file, expect_version)[0]
+
+
+def read_safetensors(file: Path, expect_version: bool = True
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``read_tensors`` and the file's header metadata, in one read."""
     if not file.is_file():
         raise CheckpointError(f"{file}: missing")
     try:
@@ -190,7 +196,7 @@ def read_tensors(file: Path, expect_version: bool = True) -> dict[str, torch.Ten
                 raise CheckpointError(
                     f"{file}: header format_version {header.get('format_version')!r}, expected "
                     f"'{FORMAT_VERSION}'")
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}, header
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot be read as safetensors ({e}); the file is "
                               "truncated or damaged — re-save it from the run") from e

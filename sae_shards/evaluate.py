@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from sae_shards.checkpoint import CheckpointError, read_tensors
+from sae_shards.checkpoint import CheckpointError, read_safetensors
 from sae_shards.groundtruth import (abs_cosine, auroc, flatten, norm_features, shuffled,
                                     supervised_reference, task_directions, unflatten)
 from sae_shards.interventions import add_direction, mean_reward, random_direction_like, update_coefficient
@@ -46,11 +46,11 @@ class EvalData:
         if not path.is_file():
             raise CheckpointError(f"{path}: missing; run the job with runner.save_samples=true "
                                   "and runner.heldout_every=k to evaluate it")
-        tensors = read_tensors(path)
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as f:
-            labels = json.loads(f.metadata()["task_labels"])
+        tensors, header = read_safetensors(path)
+        if "task_labels" not in header:
+            raise CheckpointError(f"{path}: no task_labels in the header; re-save the samples "
+                                  "with sae_shards.job.save_samples")
+        labels = json.loads(header["task_labels"])
         if any(len(lab) != 1 for lab in labels):
             raise CheckpointError(f"{path}: every step needs exactly one task label to evaluate "
                                   "(use a scheduled task such as multiskill)")
@@ -170,8 +170,10 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     match = match_directions(sae, unflatten(truth, shapes))
     null_truths = [task_directions(flat_te, shuffled(y_te, g), tasks) for _ in range(n_null)]
     null_mmcs = [match_directions(sae, unflatten(t, shapes)).mmcs for t in null_truths]
-    sup_dirs = task_directions(flat_tr, y_tr, tasks)  # [K, D] the supervised "shards"
-    sup_mmcs = lambda t: float(abs_cosine(t, sup_dirs).max(1).values.mean())  # noqa: E731
+    ref = supervised_reference(flat_tr, y_tr, flat_te, y_te, norm_features(x_tr, data.names),
+                               norm_features(x_te, data.names), tasks)
+    # the same metric for the supervised "shards": the training steps' principal directions
+    sup_mmcs = lambda t: float(abs_cosine(t, ref.directions).max(1).values.mean())  # noqa: E731
 
     # best latent per task chosen on training steps, scored on held-out steps
     acts_tr = sae.encode(sae.to_scaled(x_tr)).dense(sae.n_latents)
@@ -184,8 +186,6 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         nb = _best_latents(acts_tr, shuffled(y_tr, g), tasks)
         null_auroc.append(sum(auroc(acts_te[:, j].abs(), torch.tensor([y == t for y in y_te]))
                               for t, j in zip(tasks, nb)) / len(tasks))
-    ref = supervised_reference(flat_tr, y_tr, flat_te, y_te, norm_features(x_tr, data.names),
-                               norm_features(x_te, data.names), tasks)
 
     fires = acts_te != 0
     per_task = {}

@@ -134,6 +134,7 @@ class SupervisedReference(NamedTuple):
     auroc_mean: float
     centroid_accuracy: float  # nearest centroid on norm features
     chance_accuracy: float  # 1 / n_tasks
+    directions: Tensor  # [K, D] each task's principal direction on the training samples
 
 
 def supervised_reference(x_train: Tensor, y_train: Sequence[str], x_test: Tensor,
@@ -152,7 +153,7 @@ def supervised_reference(x_train: Tensor, y_train: Sequence[str], x_test: Tensor
     truth = torch.tensor([list(tasks).index(y) for y in y_test])
     valid = [v for v in per_task.values() if v == v]
     return SupervisedReference(per_task, sum(valid) / max(len(valid), 1),
-                               float((pred == truth).float().mean()), 1 / len(tasks))
+                               float((pred == truth).float().mean()), 1 / len(tasks), dirs)
 
 
 def shuffled(labels: Sequence[str], generator: torch.Generator) -> list[str]:

@@ -65,7 +65,6 @@ def _init_worker() -> None:
 
 def run_point(seed: int, schedule: str, null: bool, overrides: list[str], out: Path,
               n_prompts: int) -> list[dict]:
-    torch.set_num_threads(1)
     task = "multiskill_null" if null else "multiskill"
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = job_config_from_hydra(compose("config", overrides=[

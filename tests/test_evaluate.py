@@ -82,3 +82,19 @@ def test_from_step_restricts_the_window(planted_run):
     assert full["n_train"] + full["n_heldout"] > 70
     with pytest.raises(Exception, match="fewer than 2 non-zero"):
         evaluate_run(planted_run, n_null=2, steering=False, from_step=78)
+
+
+def test_samples_without_task_labels_get_a_clear_error(planted_run, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from sae_shards.checkpoint import CheckpointError
+
+    broken = tmp_path / "no_labels"
+    shutil.copytree(planted_run, broken)
+    samples = broken / "samples.safetensors"
+    with safe_open(samples, "pt") as f:
+        header = {k: v for k, v in f.metadata().items() if k != "task_labels"}
+    save_file(load_file(samples), samples, metadata=header)
+    with pytest.raises(CheckpointError, match=r"samples\.safetensors: no task_labels in the header"):
+        evaluate_run(broken, n_null=2, steering=False)
