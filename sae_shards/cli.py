@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported lazily at run time: `sae-shards --help` stays fast
-    from sae_shards.config import JobConfig
+    from sae_shards.run.config import JobConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 USAGE = """usage: sae-shards <command> [args]
@@ -43,7 +43,7 @@ def job_config_from_hydra(cfg) -> JobConfig:
     """Hydra's DictConfig -> validated JobConfig (raises ConfigError)."""
     from omegaconf import OmegaConf
 
-    from sae_shards.config import JobConfig
+    from sae_shards.run.config import JobConfig
 
     try:
         return JobConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
@@ -57,7 +57,7 @@ def _train(args: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from sae_shards.job import JobSetupError, run_job
+    from sae_shards.run.job import JobSetupError, run_job
 
     failures: list[str] = []
 
@@ -97,8 +97,8 @@ def _set_threads(n: int) -> None:
 def _analyze(args: list[str]) -> int:
     import argparse
 
-    from sae_shards.checkpoint import CheckpointError
-    from sae_shards.report import analyze
+    from sae_shards.core.checkpoint import CheckpointError
+    from sae_shards.analysis.report import analyze
 
     parser = argparse.ArgumentParser(prog="sae-shards analyze")
     parser.add_argument("run_dir", type=Path)
@@ -121,8 +121,8 @@ def _analyze(args: list[str]) -> int:
 def _evaluate(args: list[str]) -> int:
     import argparse
 
-    from sae_shards.checkpoint import CheckpointError
-    from sae_shards.evaluate import evaluate_run, to_markdown
+    from sae_shards.core.checkpoint import CheckpointError
+    from sae_shards.planted.evaluate import evaluate_run, to_markdown
 
     parser = argparse.ArgumentParser(prog="sae-shards evaluate")
     parser.add_argument("run_dir", type=Path)

@@ -26,13 +26,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers.trainer_callback import ProgressCallback
 
-from sae_shards.capture import DeltaCapture
+from sae_shards.capture.delta import DeltaCapture
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
-from sae_shards.config import JobConfig
-from sae_shards.job import build_capture, build_rl, resolve_device
-from sae_shards.runner import SAEWorkLoop, make_runner
-from sae_shards.sae import LowRankSAE
-from sae_shards.trainer import SAETrainer
+from sae_shards.run.config import JobConfig
+from sae_shards.run.job import build_capture, build_rl, resolve_device
+from sae_shards.capture.runner import SAEWorkLoop, make_runner
+from sae_shards.core.sae import LowRankSAE
+from sae_shards.core.trainer import SAETrainer
 
 MODES = ("rl", "capture", "inline", "thread")
 

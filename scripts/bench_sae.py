@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sae_shards.metrics import match_directions
-from sae_shards.sae import LowRankSAE, SAEOutput
-from sae_shards.sae_config import SAEConfig
-from sae_shards.sparsity import SparseCodes
-from sae_shards.synthetic import PlantedConfig, PlantedStream
-from sae_shards.targets import TargetSpec, total_numel
-from sae_shards.trainer import SAETrainer
+from sae_shards.core.metrics import match_directions
+from sae_shards.core.sae import LowRankSAE, SAEOutput
+from sae_shards.core.sae_config import SAEConfig
+from sae_shards.core.sparsity import SparseCodes
+from sae_shards.core.synthetic import PlantedConfig, PlantedStream
+from sae_shards.core.targets import TargetSpec, total_numel
+from sae_shards.core.trainer import SAETrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GIB = 1 << 30

@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from sae_shards.checkpoint import read_tensors
+from sae_shards.core.checkpoint import read_tensors
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
-from sae_shards.evaluate import evaluate_run
-from sae_shards.planted import GROUPS, SOURCES, run_planted
+from sae_shards.planted.evaluate import evaluate_run
+from sae_shards.planted.benchmark import GROUPS, SOURCES, run_planted
 
 FIGURES = ("auroc_task", "auroc_null", "mmcs", "mmcs_null", "mmcs_margin", "mmcs_supervised",
            "mmcs_supervised_null", "supervised_auroc", "fvu_heldout")

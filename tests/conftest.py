@@ -20,7 +20,7 @@ def short_run_dir(tmp_path_factory):
     from hydra import compose, initialize_config_dir
 
     from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
-    from sae_shards.job import run_job
+    from sae_shards.run.job import run_job
 
     out = tmp_path_factory.mktemp("short_run")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):

@@ -4,14 +4,14 @@ import threading
 import pytest
 import torch
 
-from sae_shards.buffer import (
+from sae_shards.capture.buffer import (
     DeltaRingBuffer,
     StepMeta,
     buffer_memory_bytes,
     check_buffer_memory,
     default_memory_budget,
 )
-from sae_shards.targets import TargetSpec
+from sae_shards.core.targets import TargetSpec
 
 TARGETS = [TargetSpec("w", (4, 3), rank=1), TargetSpec("b", (5,))]
 

@@ -7,10 +7,10 @@ import torch
 import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from sae_shards.buffer import DeltaRingBuffer, StepMeta
-from sae_shards.capture import DeltaCapture
-from sae_shards.selection import LoraTarget, select_targets, target_shapes
-from sae_shards.targets import make_targets
+from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
+from sae_shards.capture.delta import DeltaCapture
+from sae_shards.capture.selection import LoraTarget, select_targets, target_shapes
+from sae_shards.core.targets import make_targets
 
 PATTERNS = [
     "*layers.*.self_attn.q_proj.weight", "*layers.1.mlp.down_proj.weight", "model.norm.weight"

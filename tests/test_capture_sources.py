@@ -11,8 +11,8 @@ import torch
 from test_capture import PATTERNS, captured_in_order, lora_model, make_buffer, tiny_lm, token_data
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from sae_shards.capture import DeltaCapture
-from sae_shards.selection import select_targets
+from sae_shards.capture.delta import DeltaCapture
+from sae_shards.capture.selection import select_targets
 
 
 def train(model, callbacks, tmp_path, max_steps=4, optimizers=(None, None), **kw) -> Trainer:

@@ -7,12 +7,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sae_shards.checkpoint import (CheckpointError, load_checkpoint, load_training_state,
+from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, load_training_state,
                                    save_checkpoint, sae_tensors)
-from sae_shards.sae import LowRankSAE
-from sae_shards.sae_config import SAEConfig
-from sae_shards.synthetic import PlantedConfig, PlantedStream
-from sae_shards.trainer import SAETrainer
+from sae_shards.core.sae import LowRankSAE
+from sae_shards.core.sae_config import SAEConfig
+from sae_shards.core.synthetic import PlantedConfig, PlantedStream
+from sae_shards.core.trainer import SAETrainer
 
 
 @pytest.fixture(scope="module")

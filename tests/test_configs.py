@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sae_shards.cli import CONFIG_DIR, ConfigError, job_config_from_hydra
-from sae_shards.config import JobConfig
+from sae_shards.run.config import JobConfig
 
 # Options that need a value from the user to compose.
 REQUIRED = {("model", "hf_path"): ["model.path=/some/local/model"]}

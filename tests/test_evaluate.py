@@ -10,10 +10,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from sae_shards.checkpoint import load_checkpoint, save_checkpoint
+from sae_shards.core.checkpoint import load_checkpoint, save_checkpoint
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
-from sae_shards.evaluate import evaluate_run
-from sae_shards.job import run_job
+from sae_shards.planted.evaluate import evaluate_run
+from sae_shards.run.job import run_job
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_samples_without_task_labels_get_a_clear_error(planted_run, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from sae_shards.checkpoint import CheckpointError
+    from sae_shards.core.checkpoint import CheckpointError
 
     broken = tmp_path / "no_labels"
     shutil.copytree(planted_run, broken)

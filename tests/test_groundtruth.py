@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae_shards.groundtruth import (abs_cosine, auroc, flatten, norm_features, principal_direction,
+from sae_shards.planted.groundtruth import (abs_cosine, auroc, flatten, norm_features, principal_direction,
                                     shuffled, supervised_reference, task_directions, unflatten,
                                     windowed_task_directions)
 

@@ -5,8 +5,8 @@ import json
 import torch
 from safetensors import safe_open
 
-from sae_shards.buffer import DeltaRingBuffer, StepMeta
-from sae_shards.targets import make_targets
+from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
+from sae_shards.core.targets import make_targets
 
 
 def test_heldout_slots_are_never_sampled():
@@ -23,7 +23,7 @@ def test_job_holds_out_and_saves_samples(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
-    from sae_shards.job import run_job
+    from sae_shards.run.job import run_job
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = job_config_from_hydra(compose("config", overrides=[

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae_shards.interventions import (
+from sae_shards.analysis.interventions import (
     add_direction,
     direction_norm,
     dose_response,
@@ -12,8 +12,8 @@ from sae_shards.interventions import (
     remove_direction,
     set_weights,
 )
-from sae_shards.models import tiny_model_and_tokenizer
-from sae_shards.tasks import build_task
+from sae_shards.recipe.models import tiny_model_and_tokenizer
+from sae_shards.recipe.tasks import build_task
 
 BODY = "model.layers.0.mlp.down_proj.weight"
 

@@ -14,13 +14,13 @@ from safetensors.torch import load_file
 
 from transformers import TrainerCallback
 
-from sae_shards.capture import DeltaCapture
-from sae_shards.checkpoint import load_checkpoint
+from sae_shards.capture.delta import DeltaCapture
+from sae_shards.core.checkpoint import load_checkpoint
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
-from sae_shards.config import LoggingConfig
-from sae_shards.job import JobSetupError, build_capture, build_rl, resolve_device, run_job
-from sae_shards.models import load_model_and_tokenizer
-from sae_shards.tracking import RunLogger
+from sae_shards.run.config import LoggingConfig
+from sae_shards.run.job import JobSetupError, build_capture, build_rl, resolve_device, run_job
+from sae_shards.recipe.models import load_model_and_tokenizer
+from sae_shards.run.tracking import RunLogger
 
 sys.path.insert(0, str(Path(__file__).parent))
 from wandb_records import offline_run  # noqa: E402

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sae_shards.logit_lens import logit_lens, split_writers, write_directions
-from sae_shards.models import tiny_model_and_tokenizer
+from sae_shards.analysis.logit_lens import logit_lens, split_writers, write_directions
+from sae_shards.recipe.models import tiny_model_and_tokenizer
 
 DOWN = "model.layers.1.mlp.down_proj.weight"  # [d_model=64, d_in=128]
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import ViTConfig
 
-from sae_shards.models import (
+from sae_shards.recipe.models import (
     ARCHS,
     BUILD_SETTINGS_FILE,
     TASK_TAGS,

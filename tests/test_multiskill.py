@@ -12,11 +12,11 @@ from hydra import compose, initialize_config_dir
 from transformers import TrainerCallback
 
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
-from sae_shards.config import JobConfig, LoggingConfig, RLConfig, TaskConfig
-from sae_shards.job import RolloutLog, build_rl
-from sae_shards.models import build_tokenizer
-from sae_shards.rl import build_grpo_trainer
-from sae_shards.tasks import SKILLS, RolloutRecorder, build_task
+from sae_shards.run.config import JobConfig, LoggingConfig, RLConfig, TaskConfig
+from sae_shards.run.job import RolloutLog, build_rl
+from sae_shards.recipe.models import build_tokenizer
+from sae_shards.recipe.trainers import build_grpo_trainer
+from sae_shards.recipe.tasks import SKILLS, RolloutRecorder, build_task
 
 
 def _rewards(task, completions, labels):
@@ -170,7 +170,7 @@ def test_grpo_steps_train_exactly_the_scheduled_task(tmp_path, options, accumula
 
 
 def test_scheduled_task_refuses_settings_that_mix_steps(tmp_path):
-    from sae_shards.models import build_tiny_model, load_tokenizer
+    from sae_shards.recipe.models import build_tiny_model, load_tokenizer
 
     path = build_tiny_model(tmp_path / "model")
     tokenizer = load_tokenizer(path)

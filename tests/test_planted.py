@@ -11,12 +11,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
-from sae_shards.checkpoint import load_checkpoint, save_checkpoint
+from sae_shards.core.checkpoint import load_checkpoint, save_checkpoint
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
-from sae_shards.evaluate import evaluate_run
-from sae_shards.planted import SharedStepMeta, run_planted
-from sae_shards.shards import load_run_models
-from sae_shards.buffer import StepMeta
+from sae_shards.planted.evaluate import evaluate_run
+from sae_shards.planted.benchmark import SharedStepMeta, run_planted
+from sae_shards.analysis.shards import load_run_models
+from sae_shards.capture.buffer import StepMeta
 
 # Measured at these settings (seed 0): auroc_task 0.66 vs null 0.53. The threshold keeps half the
 # margin; broken pipelines sit at the null.

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 
-from sae_shards.report import SECTIONS, analyze
+from sae_shards.analysis.report import SECTIONS, analyze
 
 
 class _Page(HTMLParser):

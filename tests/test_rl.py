@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from sae_shards.models import build_tiny_model, load_model_and_tokenizer
-from sae_shards.rl import DEFAULT_GRPO, build_grpo_trainer, grpo_config
-from sae_shards.tasks import RolloutRecorder, build_task
+from sae_shards.recipe.models import build_tiny_model, load_model_and_tokenizer
+from sae_shards.recipe.trainers import DEFAULT_GRPO, build_grpo_trainer, grpo_config
+from sae_shards.recipe.tasks import RolloutRecorder, build_task
 
 # Small and fast: 2 prompts x 4 generations per step, 8-token completions.
 FAST = dict(max_steps=4, per_device_train_batch_size=8, num_generations=4, max_completion_length=8,

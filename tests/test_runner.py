@@ -2,13 +2,13 @@
 
 import torch
 
-from sae_shards.buffer import DeltaRingBuffer, StepMeta
-from sae_shards.config import RunnerConfig
-from sae_shards.runner import SAEWorkLoop
-from sae_shards.sae import LowRankSAE
-from sae_shards.sae_config import SAEConfig
-from sae_shards.targets import TargetSpec
-from sae_shards.trainer import SAETrainer
+from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
+from sae_shards.run.config import RunnerConfig
+from sae_shards.capture.runner import SAEWorkLoop
+from sae_shards.core.sae import LowRankSAE
+from sae_shards.core.sae_config import SAEConfig
+from sae_shards.core.targets import TargetSpec
+from sae_shards.core.trainer import SAETrainer
 
 TARGETS = [TargetSpec("w", (6, 5), rank=1), TargetSpec("b", (4,))]
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from sae_shards.sae import LowRankSAE
-from sae_shards.sae_config import SAEConfig
-from sae_shards.sparsity import SparseCodes
-from sae_shards.targets import TargetSpec, make_targets
-from sae_shards.trainer import SAETrainer
+from sae_shards.core.sae import LowRankSAE
+from sae_shards.core.sae_config import SAEConfig
+from sae_shards.core.sparsity import SparseCodes
+from sae_shards.core.targets import TargetSpec, make_targets
+from sae_shards.core.trainer import SAETrainer
 
 SHAPES = {"a.weight": (12, 7), "b.weight": (5, 9), "c.bias": (6,)}
 

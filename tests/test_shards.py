@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sae_shards.checkpoint import CheckpointError, sae_tensors
-from sae_shards.models import load_model_and_tokenizer
-from sae_shards.shards import RunView, ShardSet
+from sae_shards.core.checkpoint import CheckpointError, sae_tensors
+from sae_shards.recipe.models import load_model_and_tokenizer
+from sae_shards.analysis.shards import RunView, ShardSet
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import threading
 import pytest
 from transformers import TrainerState
 
-from sae_shards.models import build_tokenizer
-from sae_shards.tasks import RolloutRecorder, Task, build_task
+from sae_shards.recipe.models import build_tokenizer
+from sae_shards.recipe.tasks import RolloutRecorder, Task, build_task
 
 
 def test_reward_known_values():

@@ -4,11 +4,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae_shards.metrics import evaluate_heldout, match_directions
-from sae_shards.sae import LowRankSAE
-from sae_shards.sae_config import SAEConfig
-from sae_shards.synthetic import PlantedConfig, PlantedStream
-from sae_shards.trainer import SAETrainer
+from sae_shards.core.metrics import evaluate_heldout, match_directions
+from sae_shards.core.sae import LowRankSAE
+from sae_shards.core.sae_config import SAEConfig
+from sae_shards.core.synthetic import PlantedConfig, PlantedStream
+from sae_shards.core.trainer import SAETrainer
 
 BATCH = 64
 

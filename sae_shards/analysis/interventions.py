@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from sae_shards.tasks import Task
+from sae_shards.recipe.tasks import Task
 
 Direction = Mapping[str, Tensor]
 """``{parameter name: tensor of that parameter's shape}``, in parameter units."""

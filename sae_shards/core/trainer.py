@@ -13,10 +13,10 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from sae_shards.metrics import fvu, fvu_parts, sample_sq_norms
-from sae_shards.sae import LowRankSAE, SAEOutput
-from sae_shards.sparsity import SparseCodes
-from sae_shards.targets import check_batch
+from sae_shards.core.metrics import fvu, fvu_parts, sample_sq_norms
+from sae_shards.core.sae import LowRankSAE, SAEOutput
+from sae_shards.core.sparsity import SparseCodes
+from sae_shards.core.targets import check_batch
 
 Sample = Mapping[str, Tensor]
 

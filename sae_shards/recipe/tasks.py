@@ -28,7 +28,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from datasets import Dataset
 
-from sae_shards.models import TASK_TAGS
+from sae_shards.recipe.models import TASK_TAGS
 
 RewardFunc = Callable[..., list[float]]
 """TRL reward function: ``fn(prompts, completions, **kwargs) -> list[float]``."""

@@ -29,20 +29,20 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from sae_shards.buffer import DeltaRingBuffer, StepMeta, check_buffer_memory, default_memory_budget
-from sae_shards.capture import DeltaCapture
-from sae_shards.selection import select_targets, target_shapes
-from sae_shards.checkpoint import save_checkpoint, save_file_atomic
-from sae_shards.metrics import evaluate_heldout
-from sae_shards.config import JobConfig
-from sae_shards.models import build_tiny_model, load_tokenizer
-from sae_shards.rl import build_grpo_trainer, prompts_per_step
-from sae_shards.runner import ActivationLog, SAEWorkLoop, make_runner
-from sae_shards.sae import LowRankSAE
-from sae_shards.targets import TargetSpec, make_targets
-from sae_shards.tasks import RolloutRecorder, build_task
-from sae_shards.trainer import SAETrainer
-from sae_shards.tracking import RunLogger
+from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta, check_buffer_memory, default_memory_budget
+from sae_shards.capture.delta import DeltaCapture
+from sae_shards.capture.selection import select_targets, target_shapes
+from sae_shards.core.checkpoint import save_checkpoint, save_file_atomic
+from sae_shards.core.metrics import evaluate_heldout
+from sae_shards.run.config import JobConfig
+from sae_shards.recipe.models import build_tiny_model, load_tokenizer
+from sae_shards.recipe.trainers import build_grpo_trainer, prompts_per_step
+from sae_shards.capture.runner import ActivationLog, SAEWorkLoop, make_runner
+from sae_shards.core.sae import LowRankSAE
+from sae_shards.core.targets import TargetSpec, make_targets
+from sae_shards.recipe.tasks import RolloutRecorder, build_task
+from sae_shards.core.trainer import SAETrainer
+from sae_shards.run.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from sae_shards.tasks import MultiSkillTask, RolloutRecorder, Task
+from sae_shards.recipe.tasks import MultiSkillTask, RolloutRecorder, Task
 
 # Measured on this project's 2-core CPU (torch.set_num_threads(2)), tiny model (hidden 64,
 # 2 layers, 93k params), task `letters` (vowels, target_length = max_completion_length = 16):

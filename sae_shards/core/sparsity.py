@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-SPARSITY_MODES = ("signed_topk", "topk", "batch_topk")
+from sae_shards.core.sae_config import SPARSITY_MODES
 
 
 class SparseCodes(NamedTuple):

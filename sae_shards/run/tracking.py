@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from sae_shards.config import LoggingConfig
+from sae_shards.run.config import LoggingConfig
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from sae_shards.buffer import DeltaRingBuffer
-from sae_shards.config import RunnerConfig
-from sae_shards.sparsity import SparseCodes
-from sae_shards.trainer import SAETrainer, StepMetrics
+from sae_shards.capture.buffer import DeltaRingBuffer
+from sae_shards.run.config import RunnerConfig
+from sae_shards.core.sparsity import SparseCodes
+from sae_shards.core.trainer import SAETrainer, StepMetrics
 
 
 class SAEStepRecord(NamedTuple):

@@ -14,9 +14,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from sae_shards.capture import SOURCES
-from sae_shards.rl import DEFAULT_GRPO
-from sae_shards.sae_config import SAEConfig
+from sae_shards.capture.delta import SOURCES
+from sae_shards.recipe.trainers import DEFAULT_GRPO
+from sae_shards.core.sae_config import SAEConfig
 
 STORAGE_DTYPES = ("float32", "bfloat16")
 CONCURRENCY = ("inline", "thread")

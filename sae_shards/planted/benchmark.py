@@ -24,15 +24,15 @@ import torch
 from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging as hf_logging
 
-from sae_shards.buffer import StepMeta
-from sae_shards.capture import DeltaCapture
-from sae_shards.checkpoint import save_checkpoint
-from sae_shards.config import JobConfig
-from sae_shards.job import (RolloutLog, build_capture, build_rl, prepare_run_dir, resolve_device,
+from sae_shards.capture.buffer import StepMeta
+from sae_shards.capture.delta import DeltaCapture
+from sae_shards.core.checkpoint import save_checkpoint
+from sae_shards.run.config import JobConfig
+from sae_shards.run.job import (RolloutLog, build_capture, build_rl, prepare_run_dir, resolve_device,
                             save_samples)
-from sae_shards.runner import InlineRunner, SAEWorkLoop
-from sae_shards.sae import LowRankSAE
-from sae_shards.trainer import SAETrainer
+from sae_shards.capture.runner import InlineRunner, SAEWorkLoop
+from sae_shards.core.sae import LowRankSAE
+from sae_shards.core.trainer import SAETrainer
 
 GROUPS = {
     "body": ["*layers.*.self_attn.*_proj.weight", "*layers.*.mlp.*_proj.weight"],

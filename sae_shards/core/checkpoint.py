@@ -29,9 +29,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from sae_shards.sae import LowRankSAE
-from sae_shards.sae_config import SAEConfig
-from sae_shards.targets import TargetSpec
+from sae_shards.core.sae import LowRankSAE
+from sae_shards.core.sae_config import SAEConfig
+from sae_shards.core.targets import TargetSpec
 
 FORMAT = "sae-shards"
 FORMAT_VERSION = 1

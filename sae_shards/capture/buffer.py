@@ -23,7 +23,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
-from sae_shards.targets import TargetSpec, total_numel
+from sae_shards.core.targets import TargetSpec, total_numel
 
 STORAGE_DTYPES = (torch.float32, torch.bfloat16)
 _GIB = 1024**3

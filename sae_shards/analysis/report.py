@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 
-from sae_shards.interventions import dose_response, update_coefficient
-from sae_shards.shards import RunView, load_run_models
+from sae_shards.analysis.interventions import dose_response, update_coefficient
+from sae_shards.analysis.shards import RunView, load_run_models
 
 SECTIONS = ("summary", "sae-curves", "reward", "timeline", "norms", "rollouts", "logit-lens",
             "dose-response")
@@ -133,7 +133,7 @@ def plot_dose(results: dict[int, Any]) -> str:
 
 # ---------------------------------------------------------------------------- model-side sections
 def lens_rows(model, tokenizer, shard, top_k: int) -> list[dict[str, Any]]:
-    from sae_shards.logit_lens import logit_lens, split_writers
+    from sae_shards.analysis.logit_lens import logit_lens, split_writers
 
     factors = {n: f for n, f in shard.factors().items() if len(f) == 2}
     writers = split_writers(list(factors)).writers

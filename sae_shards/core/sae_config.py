@@ -1,11 +1,15 @@
-"""SAEConfig: every setting of the low-rank SAE and its trainer (the Hydra group ``sae/``)."""
+"""SAEConfig: every setting of the low-rank SAE and its trainer (the Hydra group ``sae/``).
+
+A leaf module: it imports nothing heavy, so configs can be built and validated without torch.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
-from sae_shards.sparsity import SPARSITY_MODES
+Sparsity = Literal["signed_topk", "topk", "batch_topk"]
+SPARSITY_MODES: tuple[str, ...] = get_args(Sparsity)
 
 
 @dataclass(frozen=True)
@@ -18,7 +22,7 @@ class SAEConfig:
     """Rank of every latent's factors on each 2-D target (capped at min(m, n) per target)."""
     k: int = 4
     """Active latents per sample (per-sample average for batch_topk)."""
-    sparsity: str = "signed_topk"
+    sparsity: Sparsity = "signed_topk"
     """``signed_topk`` (k largest |c|, sign kept), ``topk`` (ReLU then top-k) or ``batch_topk``
     (ReLU, top k*batch over the batch; an EMA threshold is used at inference)."""
     use_b_dec: bool = True

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from sae_shards.targets import TargetSpec, make_targets
+from sae_shards.core.targets import TargetSpec, make_targets
 
 DEFAULT_SHAPES = {
     "layers.0.mlp.down_proj.weight": (64, 48),

@@ -15,8 +15,8 @@ from typing import Mapping
 
 import torch
 
-from sae_shards.buffer import DeltaRingBuffer
-from sae_shards.selection import Target
+from sae_shards.capture.buffer import DeltaRingBuffer
+from sae_shards.capture.selection import Target
 
 def unwrap_optimizer(optimizer):
     """The torch optimizer inside wrappers that hold it as ``.optimizer`` (accelerate's)."""

@@ -30,12 +30,12 @@ from typing import Any, Sequence
 
 import torch
 
-from sae_shards.checkpoint import CheckpointError, read_safetensors
-from sae_shards.groundtruth import (abs_cosine, auroc, flatten, norm_features, shuffled,
+from sae_shards.core.checkpoint import CheckpointError, read_safetensors
+from sae_shards.planted.groundtruth import (abs_cosine, auroc, flatten, norm_features, shuffled,
                                     supervised_reference, task_directions, unflatten)
-from sae_shards.interventions import add_direction, mean_reward, random_direction_like, update_coefficient
-from sae_shards.metrics import evaluate_heldout, match_directions
-from sae_shards.shards import ShardSet, load_run_models
+from sae_shards.analysis.interventions import add_direction, mean_reward, random_direction_like, update_coefficient
+from sae_shards.core.metrics import evaluate_heldout, match_directions
+from sae_shards.analysis.shards import ShardSet, load_run_models
 
 
 class EvalData:

@@ -21,9 +21,9 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from sae_shards.sae_config import SAEConfig
-from sae_shards.sparsity import SparseCodes, batch_topk, select_codes, threshold_codes
-from sae_shards.targets import TargetSpec
+from sae_shards.core.sae_config import SAEConfig
+from sae_shards.core.sparsity import SparseCodes, batch_topk, select_codes, threshold_codes
+from sae_shards.core.targets import TargetSpec
 
 Sample = Mapping[str, Tensor]  # {target name: [batch, *shape]}
 

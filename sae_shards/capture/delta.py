@@ -42,11 +42,11 @@ from typing import Callable, Mapping
 import torch
 from transformers import TrainerCallback
 
-from sae_shards.buffer import DeltaRingBuffer, StepMeta
-from sae_shards.selection import LoraTarget, Target, check_not_sharded, few_names
-from sae_shards.step_rules import (Scratch, deconv_coefficients, deconv_state, step_rule,
+from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
+from sae_shards.capture.selection import LoraTarget, Target, check_not_sharded, few_names
+from sae_shards.capture.step_rules import (Scratch, deconv_coefficients, deconv_state, step_rule,
                                    unwrap_optimizer, write_deconv, write_precond)
-from sae_shards.targets import check_batch
+from sae_shards.core.targets import check_batch
 
 logger = logging.getLogger(__name__)
 

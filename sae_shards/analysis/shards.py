@@ -18,8 +18,8 @@ from typing import Any, Iterator, NamedTuple
 import torch
 from torch import Tensor
 
-from sae_shards.checkpoint import CheckpointError, load_checkpoint, read_tensors
-from sae_shards.sae import LowRankSAE
+from sae_shards.core.checkpoint import CheckpointError, load_checkpoint, read_tensors
+from sae_shards.core.sae import LowRankSAE
 
 
 @dataclass(frozen=True)
@@ -201,8 +201,8 @@ class RunModels(NamedTuple):
 def load_run_models(run_dir: str | Path) -> RunModels | None:
     """The run's initial and final model, tokenizer and task; None for LoRA runs (the saved
     policy is an adapter) or when either model directory is missing."""
-    from sae_shards.models import load_model_and_tokenizer
-    from sae_shards.tasks import build_task
+    from sae_shards.recipe.models import load_model_and_tokenizer
+    from sae_shards.recipe.tasks import build_task
 
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / "config.json").read_text())
