@@ -17,7 +17,23 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported lazily at run time: `sae-shards --help` stays fast
     from sae_shards.run.config import JobConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+def config_dir() -> Path:
+    """Hydra's primary config directory: ``sae_shards/configs`` inside an installed wheel
+    (``pip install .``), else the repo's top-level ``configs/`` (editable install / source checkout)."""
+    here = Path(__file__).resolve().parent
+    candidates = (here / "configs", here.parent / "configs")
+    for candidate in candidates:
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(
+        "sae-shards: no Hydra configs found (looked for config.yaml in "
+        + " and ".join(str(c) for c in candidates)
+        + "); reinstall the package: `pip install .` ships them inside the wheel")
+
+
+CONFIG_DIR = config_dir()
+
 USAGE = """usage: sae-shards <command> [args]
 
 commands:
@@ -40,25 +56,87 @@ class ConfigError(ValueError):
 
 
 def job_config_from_hydra(cfg) -> JobConfig:
-    """Hydra's DictConfig -> validated JobConfig (raises ConfigError)."""
+    """Hydra's DictConfig -> validated JobConfig (raises ConfigError). A mandatory value left
+    unset (``???``, e.g. ``model=hf_path`` without ``model.path``) is an error."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
 
     from sae_shards.run.config import JobConfig
 
     try:
-        return JobConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
+        return JobConfig.from_dict(OmegaConf.to_container(cfg, resolve=True,
+                                                          throw_on_missing=True))
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", None) or "a field"
+        raise ConfigError(f"{key} has no value (it is ???); set it, e.g. {key}=...") from e
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    except Exception as e:  # OmegaConf interpolation / missing-value errors
+    except Exception as e:  # OmegaConf interpolation errors
         raise ConfigError(f"{type(e).__name__}: {e}") from e
+
+
+def check_overrides(args: list[str]) -> None:
+    """Reject an override naming no config field before Hydra sees it, with the closest field
+    (Hydra's own error would only suggest appending it with ``+``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sae_shards.run.config import JobConfig
+    from sae_shards.run.schema import unknown_key_error
+
+    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    try:
+        overrides = OverridesParser.create().parse_overrides(
+            [a for a in args if not a.startswith("-")])
+    except Exception as e:  # Hydra's grammar errors say what is wrong with the override
+        raise ConfigError(str(e)) from e
+    for o in overrides:
+        key = o.key_or_group
+        if key.startswith("hydra.") or key == "hydra" or key in groups or o.is_delete():
+            continue
+        problem = unknown_key_error(key, JobConfig)
+        if problem:
+            raise ConfigError(problem)
+
+
+def _hydra_files(cfg) -> dict[str, str]:
+    """What Hydra would write to ``.hydra/`` (written by the job once the run dir is accepted,
+    so a refused run leaves the earlier run's files alone)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    hc = HydraConfig.get()
+    return {"config.yaml": OmegaConf.to_yaml(cfg),
+            "overrides.yaml": OmegaConf.to_yaml(list(hc.overrides.task))}
+
+
+def _closing_lines(summary: dict, run_dir: Path) -> list[str]:
+    """The end of a run: figures, the files written, and the next command."""
+    fig = lambda k: "n/a" if summary.get(k) is None else f"{summary[k]:.3f}"  # noqa: E731
+    lines = [f"run finished: {summary['rl_steps']} RL steps, {summary['sae_steps']} SAE steps, "
+             f"{summary['wall_s']:.0f} s",
+             f"  reward {fig('reward_first')} -> {fig('reward_last')}  |  "
+             f"fvu {fig('fvu_first')} -> {fig('fvu_last')}  |  dead latents {fig('dead_frac')}"]
+    if summary.get("warning"):
+        lines.append(f"  warning: {summary['warning']}")
+    files = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir()
+                   if not p.name.startswith("."))
+    lines += [f"  run directory {run_dir}: {', '.join(files)}",
+              f"  next: sae-shards analyze {run_dir}"]
+    return lines
 
 
 def _train(args: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from sae_shards.run.job import JobSetupError, run_job
 
+    try:
+        check_overrides(args)
+    except ConfigError as e:
+        print(f"sae-shards: config error: {e}", file=sys.stderr)
+        return 2
     failures: list[str] = []
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
@@ -68,16 +146,18 @@ def _train(args: list[str]) -> int:
         except ConfigError as e:
             failures.append(f"config error: {e}")
             return
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
         job = dataclasses.replace(job, run_dir=str(run_dir))
+        if hc.mode == RunMode.MULTIRUN and job.logging.group is None:
+            job = dataclasses.replace(job, logging=dataclasses.replace(
+                job.logging, group=Path(hc.sweep.dir).name))
         try:
-            summary = run_job(job, run_dir)
+            summary = run_job(job, run_dir, hydra_files=_hydra_files(cfg))
         except JobSetupError as e:
             failures.append(f"cannot start: {e}")
             return
-        print(json.dumps({k: summary[k] for k in (
-            "rl_steps", "sae_steps", "reward_first", "reward_last", "fvu_first", "fvu_last",
-            "final_checkpoint", "wall_s")}, indent=2))
+        print("\n".join(_closing_lines(summary, run_dir)))
 
     sys.argv = ["sae-shards train", *args]
     train_main()

@@ -8,9 +8,14 @@ model, same task) in a fresh temporary run directory and times ``trainer.train()
 modes run one after another in this process, so the ratios come from one run on one machine:
 
 - ``rl``: the GRPO trainer with no sae-shards callback;
-- ``capture``: plus ``DeltaCapture`` writing every delta into the ring buffer (no SAE);
+- ``capture``: plus the job's ``ShardCallback`` capturing every delta into the ring buffer, its
+  SAE never started (``runner.sae_start_step`` past the run);
 - ``inline``: plus the SAE trained inside the callback (``runner.concurrency=inline``);
 - ``thread``: plus the SAE trained by the background worker (``runner.concurrency=thread``).
+
+The callback is the job's own (``run.job.shard_callback``), so the timed pipeline is the one
+``sae-shards train`` runs; the timed loop includes its end-of-run writes (final checkpoint and
+activations; the final policy is not saved).
 """
 
 from __future__ import annotations
@@ -24,46 +29,34 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from transformers.trainer_callback import ProgressCallback
 
-from sae_shards.capture.delta import DeltaCapture
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
 from sae_shards.run.config import JobConfig
-from sae_shards.run.job import build_capture, build_rl, resolve_device
-from sae_shards.capture.runner import SAEWorkLoop, make_runner
-from sae_shards.core.sae import LowRankSAE
-from sae_shards.core.trainer import SAETrainer
+from sae_shards.run.job import build_rl, resolve_device, shard_callback
+from sae_shards.run.tracking import RunLogger
 
 MODES = ("rl", "capture", "inline", "thread")
 
 
 def time_mode(cfg: JobConfig, mode: str, run_dir: Path) -> dict:
     """Build the job for ``mode`` and time its RL training loop."""
-    device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.runner.torch_threads)
     torch.manual_seed(cfg.seed)
-    rl = build_rl(cfg, run_dir, device)
-    runner = None
-    sae_trainer = None
+    rl = build_rl(cfg, run_dir, resolve_device(cfg.device))
+    callback = None
     if mode != "rl":
-        targets, specs, buffer = build_capture(cfg, rl.trainer.model, device)
-        on_push = None
-        if mode in ("inline", "thread"):
-            sae_trainer = SAETrainer(LowRankSAE(specs, cfg.sae).to(device))
-            runner_cfg = dataclasses.replace(cfg.runner, concurrency=mode, checkpoint_every=0)
-            loop = SAEWorkLoop(sae_trainer, buffer, runner_cfg, torch.Generator().manual_seed(0))
-            runner = make_runner(loop, runner_cfg)
-            on_push = runner.on_push
-        rl.trainer.add_callback(DeltaCapture(targets, buffer, cfg.capture.source, on_push=on_push))
-    rl.trainer.remove_callback(ProgressCallback)  # its per-step prints would be timed too
+        runner = dataclasses.replace(
+            cfg.runner, concurrency="inline" if mode == "capture" else mode, checkpoint_every=0,
+            sae_start_step=cfg.rl.max_steps + 1 if mode == "capture" else cfg.runner.sae_start_step)
+        callback = shard_callback(cfg, run_dir / "shards", runner=runner, save_model=False,
+                                  logger=RunLogger())
+        callback.setup(rl.trainer.model, rl.trainer)
+        rl.trainer.add_callback(callback)
     start = time.perf_counter()
-    rl.trainer.train()
-    rl_done = time.perf_counter()
-    if runner is not None:
-        runner.finish()  # thread mode: the worker's backlog counts too
+    rl.trainer.train()  # thread mode: on_train_end waits for the worker's backlog
     end = time.perf_counter()
-    return {"mode": mode, "train_s": rl_done - start, "total_s": end - start,
-            "sae_steps": sae_trainer.n_steps if sae_trainer else 0}
+    return {"mode": mode, "total_s": end - start,
+            "sae_steps": callback.parts.trainer.n_steps if callback else 0}
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -86,12 +79,12 @@ def main(argv: list[str] | None = None) -> str:
         f"{steps} RL steps, {cfg.runner.sae_steps_per_rl_step} SAE steps per RL step "
         f"(batch {cfg.sae.batch_size}, {cfg.sae.n_latents} latents)",
         "",
-        "| mode | RL loop s | incl. SAE backlog s | s / RL step | SAE steps | overhead vs rl |",
-        "|---|---|---|---|---|---|",
+        "| mode | RL loop s (incl. SAE backlog) | s / RL step | SAE steps | overhead vs rl |",
+        "|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{r['total_s'] / base:.2f}x" if base else "n/a"
-        lines.append(f"| {r['mode']} | {r['train_s']:.1f} | {r['total_s']:.1f} | "
+        lines.append(f"| {r['mode']} | {r['total_s']:.1f} | "
                      f"{r['total_s'] / steps:.3f} | {r['sae_steps']} | {ratio} |")
     table = "\n".join(lines)
     print(table)

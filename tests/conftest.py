@@ -5,9 +5,20 @@ import torch
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _one_torch_thread():
+def _one_torch_thread_session():
     # Tiny tensors: extra threads only add synchronisation, and on a loaded 2-core machine they
-    # slow the suite several-fold. The product sets its thread counts explicitly too.
+    # slow the suite several-fold. The product sets its thread counts explicitly too. Session
+    # scope, so session fixtures (short_run_dir) also run on one thread.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # Per test: one thread, and whatever thread count a test (or the code it runs) sets is undone
+    # afterwards, so it cannot slow the tests that follow.
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -158,7 +158,7 @@ def test_memory_check_message():
     msg = str(err.value)
     per_slot = (1024 * 1024 + 1024) * 4
     assert f"{needed / 1024**3:.3f} GiB" in msg and f"{budget / 1024**3:.3f} GiB" in msg
-    assert f"capture.storage_dtype=bf16: {needed / 2 / 1024**3:.3f} GiB (still too large)" in msg
+    assert f"capture.storage_dtype=bfloat16: {needed / 2 / 1024**3:.3f} GiB (still too large)" in msg
     assert f"capture.capacity={budget // per_slot}:" in msg
     assert "capture.targets" in msg and "layers.0.mlp.w" in msg
     with pytest.raises(ValueError, match="float16"):

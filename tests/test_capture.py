@@ -4,33 +4,14 @@ import math
 
 import pytest
 import torch
-import transformers
+from helpers import PATTERNS, captured_in_order, lora_model, make_buffer, tiny_lm, token_data
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
+from sae_shards.capture.buffer import StepMeta
 from sae_shards.capture.delta import DeltaCapture
-from sae_shards.capture.selection import LoraTarget, select_targets, target_shapes
-from sae_shards.core.targets import make_targets
+from sae_shards.capture.selection import LoraTarget, select_targets
 
-PATTERNS = [
-    "*layers.*.self_attn.q_proj.weight", "*layers.1.mlp.down_proj.weight", "model.norm.weight"
-]
 MAX_STEPS = 4
-
-
-def tiny_lm(seed: int = 0) -> transformers.PreTrainedModel:
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
-    )
-    return transformers.AutoModelForCausalLM.from_config(cfg)
-
-
-def token_data(n: int = 64, length: int = 12) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(0)
-    rows = torch.randint(64, (n, length), generator=gen)
-    return [{"input_ids": r, "labels": r.clone()} for r in rows]
 
 
 def train(model, callbacks, tmp_path, grad_accum: int = 1, max_grad_norm: float = 1.0) -> Trainer:
@@ -68,19 +49,6 @@ class Recorder(TrainerCallback):
 
 def dense_reader(targets):
     return lambda: {n: p.detach().float().clone() for n, p in targets.items()}
-
-
-def make_buffer(targets, capacity=16, dtype=torch.float32):
-    specs = make_targets(target_shapes(targets), rank=2)
-    return DeltaRingBuffer(specs, capacity=capacity, device="cpu", dtype=dtype)
-
-
-def captured_in_order(buffer):
-    """``[{name: fp32 delta}]`` oldest first, and the global steps of their slots."""
-    slots = buffer.chronological_slots()
-    batch = buffer.gather(slots)
-    samples = [{n: x[i] for n, x in batch.items()} for i in range(len(slots))]
-    return samples, [buffer.metadata(int(s)).global_step for s in slots]
 
 
 @pytest.mark.parametrize("grad_accum", [1, 3])
@@ -142,12 +110,6 @@ def test_grad_capture_equals_clipped_gradient(tmp_path):
         assert full_norm <= max_norm * (1 + 1e-5)
         for name, g in sample.items():
             assert torch.equal(g, grads[name]), name
-
-
-def lora_model():
-    peft = pytest.importorskip("peft")
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    return peft.get_peft_model(tiny_lm(), cfg)
 
 
 def lora_reader(model, targets):

@@ -8,7 +8,7 @@ estimates), and against the clipped gradient under SGD with momentum (where it i
 
 import pytest
 import torch
-from test_capture import PATTERNS, captured_in_order, lora_model, make_buffer, tiny_lm, token_data
+from helpers import PATTERNS, captured_in_order, lora_model, make_buffer, tiny_lm, token_data
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sae_shards.capture.delta import DeltaCapture

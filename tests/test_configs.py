@@ -45,11 +45,17 @@ def test_default_config_equals_dataclass_defaults():
 
 @pytest.mark.parametrize("override,message", [
     ("sae.k=100", r"sae.k=100 must be between 1 and sae.n_latents=64"),
-    ("sae.sparsity=relu", r"sae.sparsity='relu' is unknown"),
-    ("capture.source=momentum", r"capture.source='momentum' is unknown"),
+    ("sae.sparsity=relu", r"sae.sparsity='relu' is not one of \['signed_topk', 'topk'"),
+    ("capture.source=momentum", r"capture.source='momentum' is not one of \['update', 'grad'"),
     ("runner.concurrency=process", r"runner.concurrency='process'"),
     ("rl.num_generations=3", r"rl.per_device_train_batch_size=16 must be a multiple of rl.num_generations=3"),
-    ("+sae.n_latent=3", r"unknown config keys \['sae.n_latent'\]"),
+    ("+sae.n_latent=3", r"unknown config keys \['sae.n_latent \(did you mean sae.n_latents\?\)'\]"),
+    ("model=hf_path", r"model.path has no value"),
+    ("rl.beta=-1", r"rl.beta=-1.0 must be >= 0"),
+    ("rl.temperature=0", r"rl.temperature=0.0 must be > 0"),
+    ("runner.min_samples=300", r"runner.min_samples=300 exceeds .*capture.capacity=256"),
+    ("runner.sae_start_step=150", r"runner.sae_start_step=150 is not before the last RL step"),
+    ("task.n_prompts=1", r"task.n_prompts=1 is fewer than one optimizer step's prompts \(2"),
     ("sae.lr=fast", r"sae.lr: expected float, got str 'fast'"),
 ])
 def test_bad_values_name_the_field(override, message):

@@ -14,16 +14,15 @@ from safetensors.torch import load_file
 
 from transformers import TrainerCallback
 
-from sae_shards.capture.delta import DeltaCapture
 from sae_shards.core.checkpoint import load_checkpoint
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
 from sae_shards.run.config import LoggingConfig
-from sae_shards.run.job import JobSetupError, build_capture, build_rl, resolve_device, run_job
+from sae_shards.run.job import JobSetupError, build_rl, resolve_device, run_job, shard_callback
 from sae_shards.recipe.models import load_model_and_tokenizer
 from sae_shards.run.tracking import RunLogger
 
 sys.path.insert(0, str(Path(__file__).parent))
-from wandb_records import offline_run  # noqa: E402
+from helpers import offline_run  # noqa: E402
 
 SHORT = ["rl.max_steps=12", "runner.min_samples=4", "runner.sae_steps_per_rl_step=2",
          "runner.checkpoint_every=5", "task.n_prompts=64"]
@@ -85,7 +84,7 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
 
 def test_wandb_failure_does_not_stop_logging_calls(tmp_path, caplog):
     (tmp_path / "wandb").write_text("a file where W&B wants its directory")
-    logger = RunLogger(LoggingConfig(mode="offline"), tmp_path, {"a": 1})
+    logger = RunLogger.start(LoggingConfig(mode="offline"), tmp_path, {"a": 1})
     assert logger.n_failures == 1 and logger.run is None
     logger.log_sae({"fvu": 0.5}, 1)  # no-ops after a failed init, never raises
     logger.finish()
@@ -117,6 +116,25 @@ def test_lora_job_captures_effective_delta(tmp_path):
     assert loaded.config["meta"]["lora"] is True
 
 
+@pytest.mark.parametrize("override,targets", [
+    ("rl=rloo", ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                 "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+                 "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight",
+                 "model.layers.0.mlp.down_proj.weight"]),
+    ("model.arch=gpt2", ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+                         "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"]),
+])
+def test_rloo_and_gpt2_jobs_capture_every_block_matrix(tmp_path, override, targets):
+    summary = run_job(_job([*SHORT, override, "logging=disabled"]), tmp_path)
+    assert summary["captured"] == 12 and summary["zero_samples"] < 12 and summary["sae_steps"] > 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rl"]["algorithm"] == ("rloo" if override == "rl=rloo" else "grpo")
+    loaded = load_checkpoint(tmp_path / "checkpoints" / "final")
+    names = [t.name for t in loaded.sae.targets]
+    assert names[:len(targets)] == targets and len(names) == 2 * len(targets)  # both layers
+    assert all(n.replace(".0.", ".1.", 1) in names for n in targets)
+
+
 @pytest.mark.slow
 def test_default_run_learns(tmp_path):
     """The README's default job: reward rises and the SAE's FVU falls (about 2 minutes)."""
@@ -146,12 +164,13 @@ def test_grpo_capture_equals_parameter_change(tmp_path, accumulation):
     cfg = _job([*SHORT, "logging=disabled", "rl.max_steps=4",
                 f"rl.gradient_accumulation_steps={accumulation}",
                 "rl.per_device_train_batch_size=8"])
-    device = resolve_device("cpu")
-    rl = build_rl(cfg, tmp_path, device)
-    targets, _, buffer = build_capture(cfg, rl.trainer.model, device)
+    rl = build_rl(cfg, tmp_path, resolve_device("cpu"))
+    callback = shard_callback(cfg, tmp_path / "shards", save_model=False)  # the job's capture
+    callback.setup(rl.trainer.model, rl.trainer)
+    targets, buffer = callback.parts.targets, callback.parts.buffer
     truth = _TruthRecorder(targets)
     rl.trainer.add_callback(truth)
-    rl.trainer.add_callback(DeltaCapture(targets, buffer))
+    rl.trainer.add_callback(callback)
     rl.trainer.train()
     assert len(truth.deltas) == 4 == len(buffer)
     for slot, want in zip(buffer.chronological_slots().tolist(), truth.deltas):

@@ -1,13 +1,24 @@
 """Logit lens on constructed components whose answer is known."""
 
+import copy
+
 import pytest
 import torch
 
-from sae_shards.analysis.logit_lens import logit_lens, split_writers, write_directions
+from sae_shards.analysis.logit_lens import (
+    final_norm_weight,
+    logit_lens,
+    split_writers,
+    write_directions,
+    write_side,
+    writer_targets,
+)
 from sae_shards.recipe.models import tiny_model_and_tokenizer
 
 DOWN = "model.layers.1.mlp.down_proj.weight"  # [d_model=64, d_in=128]
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"
+C_PROJ = "transformer.h.0.attn.c_proj.weight"  # GPT-2 Conv1D, SQUARE [d_in=64, d_model=64]
+MLP_C_PROJ = "transformer.h.1.mlp.c_proj.weight"  # Conv1D [d_in=128, d_model=64]
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +99,11 @@ def test_non_writers_are_skipped_and_writer_free_input_is_an_error(model_and_tok
     q = "model.layers.0.self_attn.q_proj.weight"
     results = logit_lens(model, tokenizer, {q: torch.randn(64, 64), DOWN: (u, v)})
     assert [r.target for r in results] == [DOWN]
-    assert split_writers([q, DOWN]).skipped == [q]
+    assert split_writers([q, DOWN], writer_targets(model)).skipped == [q]
     with pytest.raises(ValueError, match="down_proj"):
         logit_lens(model, tokenizer, {q: torch.randn(64, 64)})
-    # A user-given pattern makes q_proj a writer (shape permitting).
-    custom = logit_lens(model, tokenizer, {q: (u, _v(64))}, writer_patterns=["*q_proj.weight"])
+    # A user-given glob makes q_proj a writer (shape permitting).
+    custom = logit_lens(model, tokenizer, {q: (u, _v(64))}, writers=["*q_proj.weight"])
     assert [r.target for r in custom] == [q]
 
 
@@ -100,3 +111,80 @@ def test_wrong_orientation_names_the_target(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     with pytest.raises(ValueError, match="down_proj.*d_model is 64"):
         logit_lens(model, tokenizer, {DOWN: torch.randn(128, 64)})
+
+
+def test_writers_found_by_module_type_and_execution_order(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    assert writer_targets(model) == [
+        f"model.layers.{i}.{w}.weight"
+        for i in range(2) for w in ("self_attn.o_proj", "mlp.down_proj")
+    ]
+    gpt2, _ = tiny_model_and_tokenizer(arch="gpt2")
+    assert writer_targets(gpt2) == [
+        f"transformer.h.{i}.{w}.{p}"
+        for i in range(2) for w in ("attn.c_proj", "mlp.c_proj") for p in ("weight", "bias")
+    ]
+    assert final_norm_weight(gpt2) is gpt2.transformer.ln_f.weight
+
+
+@pytest.fixture(scope="module")
+def gpt2_and_tokenizer():
+    return tiny_model_and_tokenizer(arch="gpt2", seed=0)
+
+
+def _cos(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+
+
+def test_square_conv1d_is_read_on_its_write_side(gpt2_and_tokenizer):
+    """Conv1D weight is [in, out] (y = x W): a planted W = a u^T writes along u, not along a."""
+    model, tokenizer = gpt2_and_tokenizer
+    u = _token_write(model, tokenizer, "e")[:, 0]  # [d_model] write direction (output side)
+    a = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    a = a - (a @ u) * u
+    a = a / a.norm()  # [d_in] input-side direction: another unit vector, orthogonal to u
+    layer = copy.deepcopy(model.transformer.h[0].attn.c_proj)
+    with torch.no_grad():  # ground truth: a layer with weight a u^T writes along u
+        layer.weight.copy_(torch.outer(a, u))
+        out = layer(torch.randn(3, 64)) - layer.bias  # [3, d_model]
+    assert all(abs(_cos(row, u)) > 0.999 for row in out)
+    for component in (3.0 * torch.outer(a, u), (3.0 * a[:, None], u[:, None])):
+        (res,) = logit_lens(model, tokenizer, {C_PROJ: component}, top_k=3)
+        assert res.target == C_PROJ and res.singular_value == pytest.approx(3.0, rel=1e-5)
+        assert abs(_cos(res.direction, u)) > 0.99
+        assert "e" in (res.promoted[0][0], res.suppressed[0][0])
+        # The old behaviour read the left side, as if the weight were [d_model, d_in]: it finds a.
+        wrong, _ = write_directions(write_side(component, 0))  # [d_model, 1]
+        assert abs(_cos(wrong[:, 0], u)) < 0.01
+
+
+def test_rectangular_conv1d_and_writer_bias(gpt2_and_tokenizer):
+    model, tokenizer = gpt2_and_tokenizer
+    u, a = _token_write(model, tokenizer, "z"), _v(128, seed=2)  # [64, 1], [128, 1]
+    bias = MLP_C_PROJ.replace(".weight", ".bias")
+    results = logit_lens(model, tokenizer, {MLP_C_PROJ: (a, u), bias: -u[:, 0]}, top_k=3)
+    assert [r.target for r in results] == [MLP_C_PROJ, bias]
+    assert results[0].promoted[0][0] == "z"  # sign kept: +u promotes z
+    assert results[1].suppressed[0][0] == "z"  # a bias is its own direction: -u suppresses z
+    with pytest.raises(ValueError, match=r"mlp.c_proj.*size 128.*d_model is 64.*\(128, 64\)"):
+        logit_lens(model, tokenizer, {MLP_C_PROJ: torch.randn(64, 128)})
+
+
+def test_writer_that_is_not_a_matrix_layer_is_an_error(gpt2_and_tokenizer):
+    model, tokenizer = gpt2_and_tokenizer
+    with pytest.raises(ValueError, match=r"'transformer.wte.weight' is not the weight of an nn"):
+        logit_lens(model, tokenizer, {"transformer.wte.weight": torch.randn(82, 64)},
+                   writers=["*wte.weight"])
+
+
+def test_lens_through_a_lora_model(model_and_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny_model_and_tokenizer(seed=0)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(1.0)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["o_proj"]))
+    assert writer_targets(peft_model) == writer_targets(model_and_tokenizer[0])
+    u, v = _token_write(model, tokenizer, "e"), _v(64)
+    (res,) = logit_lens(peft_model, tokenizer, {O_PROJ: (u, v)}, top_k=3)
+    assert res.promoted[0][0] == "e"

@@ -9,6 +9,7 @@ from transformers import ViTConfig
 from sae_shards.recipe.models import (
     ARCHS,
     BUILD_SETTINGS_FILE,
+    MAX_POSITIONS,
     TASK_TAGS,
     build_tiny_model,
     build_tokenizer,
@@ -60,8 +61,33 @@ def test_build_reuses_same_settings_and_refuses_others(tmp_path):
 
 
 def test_unknown_arch_names_field_and_choices(tmp_path):
-    with pytest.raises(ValueError, match=r"model.arch='gpt9'.*qwen2.*llama"):
+    with pytest.raises(ValueError, match=r"model.arch='gpt9'.*qwen2.*llama.*gpt2"):
         build_tiny_model(tmp_path / "m", arch="gpt9")
+
+
+def test_gpt2_is_sized_as_asked_with_conv1d_matrices(tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    model, tokenizer = load_model_and_tokenizer(
+        build_tiny_model(tmp_path / "g", arch="gpt2", hidden_size=32, num_layers=3, num_heads=2,
+                         intermediate_size=48)
+    )
+    assert type(model).__name__ == "GPT2LMHeadModel" and len(model.transformer.h) == 3
+    block = model.transformer.h[0]
+    assert all(isinstance(m, Conv1D) for m in (block.attn.c_attn, block.attn.c_proj,
+                                                block.mlp.c_fc, block.mlp.c_proj))
+    assert block.attn.c_attn.weight.shape == (32, 96)  # [in, out]: q, k, v side by side
+    assert block.mlp.c_fc.weight.shape == (32, 48) and block.mlp.c_proj.weight.shape == (48, 32)
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()  # untied
+    assert model.transformer.wpe.weight.shape[0] == MAX_POSITIONS
+    config = model.config
+    assert (config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) == (0.0, 0.0, 0.0)
+    assert config.eos_token_id == tokenizer.eos_token_id
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():  # generation runs with our special ids
+        out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] <= ids["input_ids"].shape[1] + 4
 
 
 def test_tokenizer_round_trips_prompt_with_tag(tmp_path):

@@ -13,10 +13,11 @@ from transformers import TrainerCallback
 
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
 from sae_shards.run.config import JobConfig, LoggingConfig, RLConfig, TaskConfig
-from sae_shards.run.job import RolloutLog, build_rl
+from sae_shards.capture.rollouts import TRLRollouts
+from sae_shards.run.job import build_rl
 from sae_shards.recipe.models import build_tokenizer
-from sae_shards.recipe.trainers import build_grpo_trainer
-from sae_shards.recipe.tasks import SKILLS, RolloutRecorder, build_task
+from sae_shards.recipe.trainers import build_trainer
+from sae_shards.recipe.tasks import SKILLS, build_task
 
 
 def _rewards(task, completions, labels):
@@ -108,7 +109,8 @@ def test_bad_options_name_the_field(options, field):
 def test_bad_sizes_and_unknown_options():
     with pytest.raises(ValueError, match=r"task\.n_prompts=7 must be a positive multiple"):
         build_task("multiskill").step_dataset(7, prompts_per_step=2)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match=r"task.options.no_such_option'\] are not options of "
+                                         r"task 'multiskill_null'"):
         build_task("multiskill_null", no_such_option=1)
 
 
@@ -125,14 +127,14 @@ FAST = dict(per_device_train_batch_size=8, num_generations=4, max_completion_len
 
 
 class StepLabels(TrainerCallback):
-    """Drains the recorder at every step end through ``RolloutLog``, as the job's capture does."""
+    """Reads each step's rollouts from TRL's completion log, as ``ShardCallback`` does."""
 
-    def __init__(self, rollouts: RolloutLog) -> None:
+    def __init__(self, rollouts: TRLRollouts) -> None:
         self.rollouts = rollouts
-        self.metas = []
+        self.steps = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.metas.append(self.rollouts.step_meta(state.global_step))
+        self.steps.append(self.rollouts.read(state.global_step))
 
 
 @pytest.mark.parametrize("options,accumulation,steps_in_schedule", [
@@ -149,20 +151,18 @@ def test_grpo_steps_train_exactly_the_scheduled_task(tmp_path, options, accumula
                     extra={"disable_tqdm": True}, **FAST),
         logging=LoggingConfig(mode="disabled"))
     rl = build_rl(cfg, tmp_path, device=torch.device("cpu"))
-    probe = StepLabels(RolloutLog(tmp_path / "rollouts.jsonl", rl.recorder))
+    probe = StepLabels(TRLRollouts(rl.trainer))
     rl.trainer.add_callback(probe)
     rl.trainer.train()
 
     task = build_task("multiskill", **options)
     schedule = task.step_labels(steps_in_schedule)
     expected = [schedule[t % steps_in_schedule] for t in range(6)]
-    assert [m.task_labels for m in probe.metas] == [(label,) for label in expected]
-    assert [m.global_step for m in probe.metas] == list(range(1, 7))
-    for meta in probe.metas:
-        assert 0.0 <= meta.reward_mean <= 1.0
-    rows = (tmp_path / "rollouts.jsonl").read_text().splitlines()
-    assert len(rows) == 6
-    for row, label in zip(map(json.loads, rows), expected):
+    assert [got.labels for got in probe.steps] == [(label,) for label in expected]
+    assert [got.row["step"] for got in probe.steps] == list(range(1, 7))
+    for got in probe.steps:
+        assert 0.0 <= got.reward_mean <= 1.0
+    for row, label in zip((got.row for got in probe.steps), expected):
         # one generation per optimizer step: every completion of the step, all of one task
         assert len(row["completions"]) == 8 * accumulation
         assert set(row["tasks"]) == {label}
@@ -177,8 +177,8 @@ def test_scheduled_task_refuses_settings_that_mix_steps(tmp_path):
     task = build_task("multiskill", target_length=8)
 
     def trainer(dataset, **kwargs):
-        return build_grpo_trainer(path, tokenizer, task, RolloutRecorder(), dataset,
-                                  {**FAST, "max_steps": 2, **kwargs}, [], tmp_path / "out")
+        return build_trainer(path, tokenizer, task, dataset,
+                             {**FAST, "max_steps": 2, **kwargs}, [], tmp_path / "out")
 
     schedule = task.step_dataset(8, prompts_per_step=2)
     with pytest.raises(ValueError, match="rl.shuffle_dataset=True"):

@@ -14,9 +14,8 @@ from safetensors.torch import load_file, save_file
 from sae_shards.core.checkpoint import load_checkpoint, save_checkpoint
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
 from sae_shards.planted.evaluate import evaluate_run
-from sae_shards.planted.benchmark import SharedStepMeta, run_planted
-from sae_shards.analysis.shards import load_run_models
-from sae_shards.capture.buffer import StepMeta
+from sae_shards.planted.benchmark import GROUPS, run_planted
+from sae_shards.analysis.shards import RunView, load_run_models
 
 # Measured at these settings (seed 0): auroc_task 0.66 vs null 0.53. The threshold keeps half the
 # margin; broken pipelines sit at the null.
@@ -71,15 +70,15 @@ def test_shuffled_labels_fail(grad_run, tmp_path):
     assert not _passes(evaluate_run(broken, steering=False))
 
 
-def test_shared_step_meta_drains_once_per_step():
-    calls = []
-
-    def step_meta(step):
-        calls.append(step)
-        return StepMeta(step)
-
-    shared = SharedStepMeta(step_meta)
-    assert shared(1) is shared(1) and shared(2).global_step == 2 and calls == [1, 2]
+def test_sub_run_is_a_standard_run_dir(grad_run):
+    config = json.loads((grad_run / "config.json").read_text())
+    assert config["capture"]["source"] == "grad"
+    assert config["capture"]["targets"] == GROUPS["body"]
+    view = RunView(grad_run)
+    assert sorted(view.rollouts) == list(range(1, 121))
+    assert all(len(set(row["tasks"])) == 1 for row in view.rollouts.values())  # one task a step
+    summary = json.loads((grad_run / "summary.json").read_text())
+    assert summary["captured"] == 120 and summary["sae_steps"] > 0
 
 
 def test_run_dirs_stay_loadable_when_moved(grad_run, tmp_path):

@@ -1,4 +1,5 @@
-"""GRPO wiring: a short real run on a tiny model records one scored batch per optimizer step."""
+"""TRL wiring: a short real GRPO/RLOO run on a tiny model; each optimizer step's rollouts are read
+back from TRL's completion log (``capture.rollouts``), as ``ShardCallback`` reads them."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from sae_shards.capture.rollouts import TRLRollouts
 from sae_shards.recipe.models import build_tiny_model, load_model_and_tokenizer
-from sae_shards.recipe.trainers import DEFAULT_GRPO, build_grpo_trainer, grpo_config
-from sae_shards.recipe.tasks import RolloutRecorder, build_task
+from sae_shards.recipe.tasks import build_task
+from sae_shards.recipe.trainers import DEFAULT_GRPO, build_trainer, trl_config
 
 # Small and fast: 2 prompts x 4 generations per step, 8-token completions.
 FAST = dict(max_steps=4, per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
@@ -16,19 +18,19 @@ FAST = dict(max_steps=4, per_device_train_batch_size=8, num_generations=4, max_c
 
 
 class StepProbe(TrainerCallback):
-    """Drains the recorder at every step end, as the capture callback does."""
+    """Reads the step's rollouts at every step end, as ``ShardCallback`` does."""
 
-    def __init__(self, recorder: RolloutRecorder) -> None:
-        self.recorder = recorder
+    def __init__(self) -> None:
+        self.rollouts: TRLRollouts | None = None
         self.events: list[tuple[str, int]] = []
-        self.drained: list[list[dict]] = []
+        self.read: list = []
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.events.append(("begin", state.global_step))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.events.append(("end", state.global_step))
-        self.drained.append(self.recorder.drain())
+        self.read.append(self.rollouts.read(state.global_step))
 
 
 @pytest.fixture(scope="module")
@@ -37,41 +39,44 @@ def tiny(tmp_path_factory):
     return path, load_model_and_tokenizer(path).tokenizer
 
 
-def _trainer(tiny, tmp_path, **overrides):
+def _trainer(tiny, tmp_path, algorithm="grpo", **overrides):
     path, tokenizer = tiny
     task = build_task("letters", target_length=FAST["max_completion_length"])
-    recorder = RolloutRecorder()
-    probe = StepProbe(recorder)
-    trainer = build_grpo_trainer(
-        path, tokenizer, task, recorder, task.dataset(64, seed=0), {**FAST, **overrides}, [probe],
-        tmp_path / "out",
-    )
+    probe = StepProbe()
+    trainer = build_trainer(path, tokenizer, task, task.dataset(64, seed=0),
+                            {**FAST, **overrides}, [probe], tmp_path / "out", algorithm=algorithm)
+    probe.rollouts = TRLRollouts(trainer)
     return trainer, probe
 
 
-def test_short_grpo_run_records_one_batch_per_step(tiny, tmp_path):
-    torch.set_num_threads(2)
-    trainer, probe = _trainer(tiny, tmp_path)
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_short_run_reads_one_batch_per_step(tiny, tmp_path, algorithm):
+    trainer, probe = _trainer(tiny, tmp_path, algorithm)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
 
     steps = FAST["max_steps"]
-    # on_step_begin/on_step_end fire once per optimizer step, and the rewards of step t are
-    # scored between them (gradient_accumulation_steps = steps_per_generation = 1).
+    # on_step_begin/on_step_end fire once per optimizer step, and the rollouts of step t are
+    # generated and scored between them (gradient_accumulation_steps = steps_per_generation = 1).
     assert probe.events == [e for t in range(steps) for e in (("begin", t), ("end", t + 1))]
-    assert [len(d) for d in probe.drained] == [1] * steps
-    for t, (record,) in enumerate(probe.drained):
-        assert record["step"] == t
-        assert record["reward_func"] == "char_class_reward"
-        n = FAST["per_device_train_batch_size"]
-        assert len(record["prompts"]) == len(record["completions"]) == len(record["rewards"]) == n
-        assert record["tasks"] == ["letters"] * n
-        assert all(0.0 <= r <= 1.0 for r in record["rewards"])
-        # GRPO groups: each prompt appears num_generations times in a row.
-        g = FAST["num_generations"]
-        assert all(len(set(record["prompts"][i:i + g])) == 1 for i in range(0, n, g))
+    n, g = FAST["per_device_train_batch_size"], FAST["num_generations"]
+    completions = []
+    for t, got in enumerate(probe.read, start=1):
+        row = got.row
+        assert row["step"] == t and list(row["reward_funcs"]) == ["char_class_reward"]
+        assert len(row["prompts"]) == len(row["completions"]) == len(row["rewards"]) == n
+        assert row["tasks"] == ["letters"] * n and got.labels == ("letters",)
+        assert row["rewards"] == row["reward_funcs"]["char_class_reward"]  # one function, weight 1
+        assert all(0.0 <= r <= 1.0 for r in row["rewards"])
+        assert got.reward_mean == pytest.approx(sum(row["rewards"]) / n)
+        # groups: each prompt appears num_generations times in a row; advantages sum to ~0
+        assert all(len(set(row["prompts"][i:i + g])) == 1 for i in range(0, n, g))
+        assert all(abs(sum(row["advantages"][i:i + g])) < 1e-4 for i in range(0, n, g))
+        completions.append(row["completions"])
+    assert len({tuple(c) for c in completions}) == steps  # a fresh generation every step
     logged = [h for h in trainer.state.log_history if "reward" in h]
     assert len(logged) == steps  # logging_steps=1
+    assert [h["reward"] for h in logged] == pytest.approx([r.reward_mean for r in probe.read])
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 
@@ -83,7 +88,7 @@ def test_beta_builds_reference_model_from_path(tiny, tmp_path):
 
 
 def test_config_is_cpu_fp32_and_quiet(tmp_path):
-    args = grpo_config({}, tmp_path)
+    args = trl_config({}, tmp_path)
     if not torch.cuda.is_available():
         assert args.use_cpu and not args.bf16
     assert args.report_to in ([], "none", ["none"]) and args.save_strategy == "no"
@@ -93,17 +98,17 @@ def test_config_is_cpu_fp32_and_quiet(tmp_path):
 
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"\['learning_rat'\] are not trl.GRPOConfig fields"):
-        grpo_config({"learning_rat": 1e-3}, tmp_path)
+        trl_config({"learning_rat": 1e-3}, tmp_path)
     with pytest.raises(ValueError, match=r"rl.report_to='wandb'.*remove the key"):
-        grpo_config({"report_to": "wandb"}, tmp_path)
+        trl_config({"report_to": "wandb"}, tmp_path)
 
 
 def test_missing_model_path_is_named(tiny, tmp_path):
     _, tokenizer = tiny
     task = build_task("letters")
     with pytest.raises(FileNotFoundError, match="nowhere has no config.json"):
-        build_grpo_trainer(tmp_path / "nowhere", tokenizer, task, RolloutRecorder(),
-                           task.dataset(4), {}, [], tmp_path / "out")
+        build_trainer(tmp_path / "nowhere", tokenizer, task, task.dataset(4), {}, [],
+                      tmp_path / "out")
 
 
 def test_lora_run_trains_adapters_only(tiny, tmp_path):
@@ -111,14 +116,13 @@ def test_lora_run_trains_adapters_only(tiny, tmp_path):
 
     path, tokenizer = tiny
     task = build_task("letters", target_length=FAST["max_completion_length"])
-    recorder = RolloutRecorder()
     lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
-    trainer = build_grpo_trainer(
-        path, tokenizer, task, recorder, task.dataset(32), {**FAST, "max_steps": 2, "beta": 0.04},
+    trainer = build_trainer(
+        path, tokenizer, task, task.dataset(32), {**FAST, "max_steps": 2, "beta": 0.04},
         [], tmp_path / "out", peft_config=lora,
     )
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert trainer.ref_model is None  # TRL disables the adapter to get reference logprobs
     trainer.train()
-    assert len(recorder.drain()) == 2
+    assert trainer.state.global_step == 2

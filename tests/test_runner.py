@@ -44,6 +44,7 @@ def test_sae_starts_at_sae_start_step_and_min_samples():
     loop, seen, _ = feed(RunnerConfig(sae_steps_per_rl_step=3, min_samples=2, sae_start_step=6), 12)
     assert seen == [6, 7, 8, 9, 10, 11, 12]  # held-out pushes (8, 12) still train on the others
     assert loop.trainer.n_steps == 3 * 7
+    assert loop.trainer.stats.n_samples == 3 * 7 * 4  # each SAE step draws sae.batch_size = 4
     loop, seen, _ = feed(RunnerConfig(sae_steps_per_rl_step=1, min_samples=5, sae_start_step=2), 12)
     assert seen[0] == 6  # steps 1, 2, 3, 5, 6 are the first five trainable ones
 

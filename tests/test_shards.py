@@ -37,13 +37,14 @@ def test_container_and_dense_shards(run_dir):
     assert len(shards) == 16 and len(list(shards)) == 16 and shards[-1].index == 15
     with pytest.raises(IndexError):
         shards[16]
-    unit = shards[3].dense(scaled=False)
+    busiest = max(shards, key=lambda s: s.density)  # a shard that fired
+    unit = busiest.dense(scaled=False)
     assert set(unit) == set(shards.target_names)
     assert all(unit[n].shape == params[n].shape for n in unit)
     total = sum(float(v.pow(2).sum()) for v in unit.values())
     assert total == pytest.approx(1.0, abs=1e-5)
-    scaled = shards[3].dense()
-    c = shards[3].typical_coefficient()
+    scaled = busiest.dense()
+    c = busiest.typical_coefficient()
     assert c > 0 and torch.allclose(scaled[shards.target_names[0]], unit[shards.target_names[0]] * c)
 
 

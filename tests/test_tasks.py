@@ -1,14 +1,11 @@
-"""Built-in task rewards, datasets, the rollout recorder's drain semantics, and name errors."""
+"""Built-in task rewards, datasets, the labels they log to TRL, and name errors."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
-from transformers import TrainerState
 
 from sae_shards.recipe.models import build_tokenizer
-from sae_shards.recipe.tasks import RolloutRecorder, Task, build_task
+from sae_shards.recipe.tasks import Task, build_task
 
 
 def test_reward_known_values():
@@ -46,55 +43,22 @@ def test_bad_fields_are_named():
         build_task("letters", tag="<Z>")
     with pytest.raises(ValueError, match="task.target_length"):
         build_task("letters", target_length=0)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match=r"\['task.options.no_such_field'\] are not options of "
+                                         r"task 'letters'; it takes \[.*target_chars"):
         build_task("letters", no_such_field=1)
+    with pytest.raises(ValueError, match=r"task.options.bogus"):
+        build_task("multiskill", bogus=1)
 
 
-def test_recorder_records_each_call_and_drain_clears():
-    task = build_task("letters", target_length=2)
-    recorder = RolloutRecorder()
-    reward = recorder.wrap(task.reward_funcs[0])
-    assert reward.__name__ == "char_class_reward"  # TRL logs rewards under this name
-    assert recorder.drain() == []
-
-    state = TrainerState()
-    state.global_step = 7
-    out = reward(prompts=["<A> x", "<A> y"], completions=["a", "zz"], task=["letters"] * 2,
-                 trainer_state=state)
-    assert out == [0.5, 0.0]
-    reward(prompts=["<A> z"], completions=["ee"], task=["letters"])
-    records = recorder.drain()
-    assert [r["step"] for r in records] == [7, None]
-    assert records[0] == {
-        "step": 7,
-        "reward_func": "char_class_reward",
-        "prompts": ["<A> x", "<A> y"],
-        "completions": ["a", "zz"],
-        "rewards": [0.5, 0.0],
-        "tasks": ["letters", "letters"],
-    }
-    assert records[1]["rewards"] == [1.0]
-    assert recorder.drain() == []  # drained means gone
-
-
-def test_recorder_is_thread_safe():
-    recorder = RolloutRecorder()
-    reward = recorder.wrap(Task(name="t", label="t").char_class_reward)
-    drained: list[dict] = []
-
-    def worker() -> None:
-        for _ in range(200):
-            reward(prompts=["p"], completions=["a"])
-
-    def drainer() -> None:
-        for _ in range(100):
-            drained.extend(recorder.drain())
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    threads.append(threading.Thread(target=drainer))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    drained.extend(recorder.drain())
-    assert len(drained) == 800  # nothing lost, nothing duplicated
+@pytest.mark.parametrize("name", ["letters", "multiskill", "multiskill_null"])
+def test_rewards_log_each_batch_labels_once(name):
+    task = build_task(name, target_length=2)
+    logged = []
+    labels = ["letters"] * 2 if name == "letters" else ["A", "B"]
+    out = task.reward_funcs[0](prompts=["<A> x", "<B> y"], completions=["a", "zz"], task=labels,
+                               log_extra=lambda column, values: logged.append((column, values)))
+    assert len(out) == 2 and all(0.0 <= r <= 1.0 for r in out)
+    assert logged == [("task", labels)]  # TRL's completion log gets each batch's labels once
+    # without TRL's log_extra (a direct call) the reward is the same
+    assert task.reward_funcs[0](prompts=["<A> x", "<B> y"], completions=["a", "zz"],
+                                task=labels) == out

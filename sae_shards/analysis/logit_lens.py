@@ -1,15 +1,19 @@
 """Logit lens for shards: which tokens a shard's writes to the residual stream promote.
 
-A shard's component on a *writer* target (a matrix that writes into the residual stream:
-``o_proj.weight``, ``down_proj.weight``, shape ``[d_model, d_in]``) changes what that layer adds
-to the residual stream; the directions it can add are the component's column space. For each of
-its top singular directions ``u`` (unit norm, ``[d_model]``) this module reads off the logits
-``W_U (g * u)``, with ``g`` the final norm's weight and ``W_U`` the unembedding
-(``model.get_output_embeddings().weight``, ``[vocab, d_model]``).
+A shard's component on a *writer* target (a matrix whose layer adds its output to the residual
+stream: the attention and MLP output projections, ``writer_targets``) changes what that layer
+adds to the residual stream; the directions it can add span the component's *write side*. Which
+side that is comes from the layer's type (``selection.weight_layout``): an ``nn.Linear`` weight is
+``[d_model, d_in]`` and writes along its rows' space (the left factor ``U`` of ``U V^T``); a
+transformers ``Conv1D`` weight (GPT-2) is ``[d_in, d_model]`` and writes along its columns' space
+(the right factor ``V``). For each top singular direction ``u`` of the write side (unit norm,
+``[d_model]``) this module reads off the logits ``W_U (g * u)``, with ``g`` the final norm's
+weight and ``W_U`` the unembedding (``model.get_output_embeddings().weight``, ``[vocab, d_model]``).
 
 Approximation: the final norm's *normalisation* (mean/variance, which depends on the whole
-residual vector) is skipped; only its elementwise scale ``g`` is applied. The lens shows which
-tokens a write direction favours, not the size of the logit change in a real forward pass.
+residual vector) and its bias are skipped; only its elementwise scale ``g`` is applied. The lens
+shows which tokens a write direction favours, not the size of the logit change in a real forward
+pass.
 
 Signs: a singular vector's sign is arbitrary, and so is a shard's (its activations are signed:
 the same shard pushes the update either way). Each result therefore reports both ends of the
@@ -23,25 +27,35 @@ carries no meaning: read each result as an axis with two ends.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Sequence
+from typing import Collection, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from sae_shards.capture.selection import (
+    block_layers,
+    block_lists,
+    few_names,
+    inside_any,
+    layer_output_axis,
+    matrix_layers,
+    unwrap_peft,
+)
+
 logger = logging.getLogger(__name__)
 
-WRITER_PATTERNS = ("*o_proj.weight", "*down_proj.weight")
-"""Glob patterns (``fnmatch``) of parameter names that write to the residual stream."""
-
-FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "norm_f")
-"""Attribute names under ``model.base_model`` tried for the final norm (Llama/Qwen2: ``norm``)."""
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
+"""Module names (last component) tried for the final norm, outside the blocks (Llama/Qwen2:
+``model.norm``, GPT-2: ``transformer.ln_f``, GPT-NeoX/OPT: ``final_layer_norm``)."""
 
 Component = Tensor | tuple[Tensor, Tensor]
-"""Dense ``[d_model, d_in]``, factored ``(U [d_model, r], V [d_in, r])`` meaning ``U V^T``, or a
-1-D ``[d_model]`` vector (a bias that writes to the residual stream)."""
+"""As the target's parameter is laid out: dense (the weight's shape), factored ``(U [m, r],
+V [n, r])`` meaning ``U V^T`` of shape ``[m, n]``, or a 1-D ``[d_model]`` vector (a writer's
+bias). ``logit_lens`` finds the write side from the layer type."""
 
 
 @dataclass(frozen=True)
@@ -59,28 +73,95 @@ class LensResult:
     suppressed: list[tuple[str, float]]
     """Top-k ``(token, logit)`` of ``W_U (g * -u)`` reported as logits under ``+u``, most
     negative first. Swaps with ``promoted`` when the shard's activation is negative."""
+    direction: Tensor
+    """The unit write direction ``u``, ``[d_model]`` (float64, CPU)."""
 
 
 class WriterSplit(NamedTuple):
     writers: list[str]
-    """Names matching a writer pattern, in input order."""
+    """Names that are writers, in input order."""
     skipped: list[str]
-    """Names matching none, in input order."""
+    """The other names, in input order."""
 
 
-def split_writers(
-    names: Sequence[str], writer_patterns: Sequence[str] = WRITER_PATTERNS
-) -> WriterSplit:
-    """Split parameter names into residual-stream writers and the rest (by glob pattern)."""
-    writers, skipped = [], []
+def writer_targets(model: nn.Module) -> list[str]:
+    """Names of the parameters that write into the residual stream, in module order.
+
+    Found by module type and execution order, not by family names. In every block
+    (``selection.block_layers``) the ``nn.Linear`` / ``Conv1D`` layers are grouped by their
+    parent module, the sub-block (attention, MLP; a block's own direct layers form a group too,
+    as OPT's ``fc1``/``fc2``). One forward pass of two tokens, with hooks, orders the layers as
+    they run. In each group the layer that runs last is the sub-block's output projection, and it
+    is a writer when its output size is ``d_model`` (the unembedding's input size): after it
+    comes only the residual add. This gives ``o_proj``/``down_proj`` (Llama, Qwen2, Mistral),
+    ``attn.c_proj``/``mlp.c_proj`` (GPT-2), ``dense``/``dense_4h_to_h`` (GPT-NeoX). A writer's
+    bias, if it has one, writes too and is listed after its weight. Layers that never run
+    (unrouted experts) are not writers. A LoRA-adapted layer counts as its base layer.
+    """
+    layers = block_layers(model)
+    d_model = model.get_output_embeddings().weight.shape[1]
+    order: dict[str, int] = {}
+    tick = itertools.count()
+    hooks = [
+        layer.register_forward_hook(lambda *_, n=name: order.__setitem__(n, next(tick)))
+        for name, layer in layers.items()
+    ]
+    device = next(model.parameters()).device
+    ids = torch.ones(1, 2, dtype=torch.long, device=device)  # [1, 2]
+    # Forked RNG: dropout in this pass must not shift the caller's random stream.
+    rng_devices = [device] if device.type != "cpu" else []
+    try:
+        with torch.random.fork_rng(devices=rng_devices, device_type=device.type), torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    last_in_group = {_parent(n): n for n in sorted(order, key=order.__getitem__)}
+    writers = []
+    for name, layer in layers.items():
+        if last_in_group.get(_parent(name)) != name:
+            continue
+        if layer.weight.shape[layer_output_axis(layer)] != d_model:
+            continue
+        writers.append(name)
+        if getattr(layer, "bias", None) is not None:
+            writers.append(name.removesuffix(".weight") + ".bias")
+    return writers
+
+
+def _parent(weight_name: str) -> str:
+    """The module holding the layer of a weight (``h.0.attn.c_proj.weight`` -> ``h.0.attn``)."""
+    return weight_name.removesuffix(".weight").rpartition(".")[0]
+
+
+def split_writers(names: Sequence[str], writers: Collection[str]) -> WriterSplit:
+    """Split parameter names into writers and the rest.
+
+    ``writers`` holds exact names (``writer_targets``) or ``fnmatch`` globs.
+    """
+    split_w, skipped = [], []
     for name in names:
-        matched = any(fnmatch.fnmatchcase(name, pat) for pat in writer_patterns)
-        (writers if matched else skipped).append(name)
-    return WriterSplit(writers, skipped)
+        matched = name in writers or any(fnmatch.fnmatchcase(name, pat) for pat in writers)
+        (split_w if matched else skipped).append(name)
+    return WriterSplit(split_w, skipped)
+
+
+def write_side(component: Component, axis: int) -> Component:
+    """``component`` with its write side first: as is for ``axis`` 0 (Linear), transposed for
+    ``axis`` 1 (Conv1D: a dense ``[d_in, d_model]`` becomes ``[d_model, d_in]``, a factored
+    ``(U, V)`` becomes ``(V, U)``). A 1-D component is its own write direction."""
+    if axis == 0 or (isinstance(component, Tensor) and component.ndim == 1):
+        return component
+    if isinstance(component, tuple):
+        return component[1], component[0]
+    return component.T
 
 
 def write_directions(component: Component, rtol: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Left singular vectors ``[d_model, k]`` and singular values ``[k]`` of a component.
+
+    ``component`` must have its write side first (``write_side``): dense ``[d_model, d_in]`` or
+    ``(U [d_model, r], V [d_in, r])``.
 
     Singular values at most ``rtol * largest`` are dropped (numerical rank). A factored
     ``(U, V)`` is decomposed without forming ``U V^T``: with ``U = Q_u R_u`` and ``V = Q_v R_v``
@@ -127,17 +208,28 @@ def write_directions(component: Component, rtol: float = 1e-6) -> tuple[Tensor, 
 def final_norm_weight(model: nn.Module) -> Tensor:
     """The elementwise weight ``[d_model]`` of the model's final norm (before the unembedding).
 
-    Looks for ``model.base_model.<name>.weight`` for each name in ``FINAL_NORM_NAMES``. Models
-    whose norm scales by ``1 + weight`` (Gemma) need ``final_norm=1 + weight`` in ``logit_lens``.
+    The final norm is the one module outside the blocks whose last name component is in
+    ``FINAL_NORM_NAMES`` and whose weight is ``[d_model]`` (any peft wrapper is looked through).
+    Models whose norm scales by ``1 + weight`` (Gemma) need ``final_norm=1 + weight`` in
+    ``logit_lens``.
     """
-    for name in FINAL_NORM_NAMES:
-        norm = getattr(model.base_model, name, None)
-        if norm is not None and getattr(norm, "weight", None) is not None:
-            return norm.weight
-    raise ValueError(
-        f"found no final norm under {type(model.base_model).__name__} "
-        f"(tried {list(FINAL_NORM_NAMES)}); pass final_norm=<its elementwise weight> to logit_lens"
-    )
+    d_model = model.get_output_embeddings().weight.shape[1]
+    blocks = block_lists(model)
+    found = {
+        name: module.weight
+        for name, module in unwrap_peft(model).named_modules()
+        if name.rpartition(".")[2] in FINAL_NORM_NAMES
+        and not inside_any(name, blocks)
+        and isinstance(getattr(module, "weight", None), Tensor)
+        and tuple(module.weight.shape) == (d_model,)
+    }
+    if len(found) != 1:
+        raise ValueError(
+            f"found {len(found)} final norms in {type(model).__name__} ({few_names(found)}), "
+            f"looking outside the blocks for modules named {list(FINAL_NORM_NAMES)} with a "
+            f"[{d_model}] weight; pass final_norm=<its elementwise weight> to logit_lens"
+        )
+    return next(iter(found.values()))
 
 
 def _decode_top(
@@ -152,39 +244,55 @@ def logit_lens(
     tokenizer: PreTrainedTokenizerBase,
     components: Mapping[str, Component],
     top_k: int = 10,
-    writer_patterns: Sequence[str] = WRITER_PATTERNS,
+    writers: Collection[str] | None = None,
     final_norm: Tensor | None = None,
     rtol: float = 1e-6,
 ) -> list[LensResult]:
     """Promoted and suppressed tokens of every write direction of a shard's writer components.
 
-    ``components`` maps parameter names to the shard's component there (see ``Component``).
-    Names matching no ``writer_patterns`` are skipped (logged at INFO; ``split_writers`` returns
-    them). Each writer target gives one ``LensResult`` per singular direction above
-    ``rtol * largest``, in order of singular value. ``final_norm`` overrides the norm weight
+    ``components`` maps parameter names to the shard's component there, laid out as the
+    parameter (see ``Component``). ``writers`` (exact names or globs) says which targets write to
+    the residual stream; by default ``writer_targets(model)``. Other names are skipped (logged at
+    INFO; ``split_writers`` returns them). A writer matrix is read on its write side, found from
+    its layer's type (``write_side``; a writer that is not the weight of an ``nn.Linear`` or
+    ``Conv1D`` is an error). Each writer target gives one ``LensResult`` per singular direction
+    above ``rtol * largest``, in order of singular value. ``final_norm`` overrides the norm weight
     found by ``final_norm_weight``. See the module docstring for the sign convention and the
     skipped normalisation.
     """
-    writers, skipped = split_writers(list(components), writer_patterns)
-    if not writers:
+    if writers is None:
+        writers = writer_targets(model)
+    chosen, skipped = split_writers(list(components), writers)
+    if not chosen:
         raise ValueError(
-            f"no component targets a residual-stream writer: got {list(components)}; writers are "
-            f"names matching {list(writer_patterns)} (e.g. 'model.layers.0.mlp.down_proj.weight'),"
-            " or pass writer_patterns"
+            f"no component targets a residual-stream writer: got {list(components)}; the "
+            f"model's writers are {few_names(writers)} (the attention and MLP output "
+            "projections, e.g. 'model.layers.0.mlp.down_proj.weight'), or pass writers=[...]"
         )
     if skipped:
         logger.info("logit_lens: skipping non-writer targets %s", skipped)
+    layers = matrix_layers(model)
     unembed = model.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
     gain = (final_norm if final_norm is not None else final_norm_weight(model)).detach()
     gain = gain.to(unembed)  # [d_model]
     d_model = unembed.shape[1]
     results = []
-    for name in writers:
-        left, s = write_directions(components[name], rtol)  # [d_model, k], [k]
+    for name in chosen:
+        component = components[name]
+        if not (isinstance(component, Tensor) and component.ndim == 1):
+            if name not in layers:
+                raise ValueError(
+                    f"logit_lens: writer {name!r} is not the weight of an nn.Linear or Conv1D "
+                    f"layer of {type(model).__name__}, so its write side is unknown; matrix "
+                    f"weights include {few_names(layers)}"
+                )
+            component = write_side(component, layer_output_axis(layers[name]))
+        left, s = write_directions(component, rtol)  # [d_model, k], [k]
         if left.shape[0] != d_model:
             raise ValueError(
                 f"logit_lens: component {name!r} writes vectors of size {left.shape[0]} but the "
-                f"model's d_model is {d_model}; is it [d_model, d_in] (transpose it otherwise)?"
+                f"model's d_model is {d_model}; give it laid out as the parameter "
+                f"({tuple(layers[name].weight.shape) if name in layers else '[d_model]'})"
             )
         logits = unembed @ (gain[:, None] * left.to(unembed))  # [vocab, k]
         for j in range(left.shape[1]):
@@ -195,6 +303,7 @@ def logit_lens(
                     singular_value=float(s[j]),
                     promoted=_decode_top(tokenizer, logits[:, j], top_k, largest=True),
                     suppressed=_decode_top(tokenizer, logits[:, j], top_k, largest=False),
+                    direction=left[:, j].cpu(),
                 )
             )
     return results

@@ -133,14 +133,18 @@ def plot_dose(results: dict[int, Any]) -> str:
 
 # ---------------------------------------------------------------------------- model-side sections
 def lens_rows(model, tokenizer, shard, top_k: int) -> list[dict[str, Any]]:
-    from sae_shards.analysis.logit_lens import logit_lens, split_writers
+    """Logit-lens rows of a shard's components on the model's residual-stream writers.
 
-    factors = {n: f for n, f in shard.factors().items() if len(f) == 2}
-    writers = split_writers(list(factors)).writers
-    if not writers:
+    Writers (attention and MLP output projections, and their biases) are found by module type
+    (``logit_lens.writer_targets``), and each is read on the write side of its layer type.
+    """
+    from sae_shards.analysis.logit_lens import logit_lens, writer_targets
+
+    writers = writer_targets(model)
+    comps = {n: f if len(f) == 2 else f[0] for n, f in shard.factors().items() if n in writers}
+    if not comps:
         return []
-    comps = {n: factors[n] for n in writers}
-    results = logit_lens(model, tokenizer, comps, top_k=top_k)
+    results = logit_lens(model, tokenizer, comps, top_k=top_k, writers=writers)
     return [{"target": r.target, "sigma": r.singular_value,
              "promoted": [t for t, _ in r.promoted], "suppressed": [t for t, _ in r.suppressed]}
             for r in results]
@@ -179,19 +183,24 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
             direction = view.shards[s].dense(scaled=False)
             c = update_coefficient(dict(final.named_parameters()),
                                    dict(initial.named_parameters()), direction)
-
+            entry["share_of_update"] = c
+            if task is None:  # a user's own TRL run: its reward is not known to sae-shards
+                analysis["shards"][s] = entry
+                continue
             dr = dose_response(initial, tokenizer, task, {n: d * c for n, d in direction.items()},
                                alphas, n_prompts=n_prompts)
             dose_results[s] = dr
-            entry["share_of_update"] = c
             entry["dose_response"] = {"alphas": list(dr.alphas), "shard": list(dr.reward_shard),
                                       "control": list(dr.reward_control)}
         analysis["shards"][s] = entry
     missing = "<p>Needs the run's initial and final model (not available, or a LoRA run).</p>"
-    parts.append(_section("logit-lens", "Logit lens (write directions of o_proj / down_proj)",
-                          "".join(lens_html) or missing))
+    no_task = ("<p>Needs a built-in task to score rewards (this run's rewards came from its own "
+               "TRL script).</p>")
+    parts.append(_section("logit-lens", "Logit lens (write directions of the blocks' output "
+                          "projections)", "".join(lens_html) or missing))
     parts.append(_section("dose-response", "Dose-response: reward vs alpha * shard",
-                          (plot_dose(dose_results) if dose_results else missing)
+                          (plot_dose(dose_results) if dose_results else
+                           no_task if models is not None and models.task is None else missing)
                           + "<p>alpha = 1 adds the shard's share of the run's whole update to the "
                             "initial weights; the control adds a random direction of equal norm.</p>"))
 

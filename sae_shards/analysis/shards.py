@@ -200,20 +200,36 @@ class RunModels(NamedTuple):
 
 def load_run_models(run_dir: str | Path) -> RunModels | None:
     """The run's initial and final model, tokenizer and task; None for LoRA runs (the saved
-    policy is an adapter) or when either model directory is missing."""
+    policy is an adapter) or when either model directory is missing. ``task`` is None for a run
+    of a user's own TRL script (``ShardCallback``): its rewards are not known to sae-shards."""
     from sae_shards.recipe.models import load_model_and_tokenizer
     from sae_shards.recipe.tasks import build_task
 
     run_dir = Path(run_dir)
-    cfg = json.loads((run_dir / "config.json").read_text())
-    if cfg["model"]["lora"]["enabled"]:
+    cfg = _read_json(run_dir / "config.json")
+    model = cfg.get("model") or {}
+    if (model.get("lora") or {}).get("enabled"):
         return None
-    initial = Path(cfg["model"]["path"]) if cfg["model"]["path"] else run_dir / "model"
+    initial = Path(model["path"]) if model.get("path") else run_dir / "model"
     final = run_dir / "final_model"
     if not (initial / "config.json").is_file() or not (final / "config.json").is_file():
         return None
     init = load_model_and_tokenizer(initial)
     fin = load_model_and_tokenizer(final)
-    options = {"target_length": cfg["rl"]["max_completion_length"], **cfg["task"]["options"]}
-    task = build_task(cfg["task"]["name"], **options)
+    task = None
+    if cfg.get("task"):
+        options = {"target_length": cfg["rl"]["max_completion_length"], **cfg["task"]["options"]}
+        task = build_task(cfg["task"]["name"], **options)
     return RunModels(init.model.eval(), fin.model.eval(), init.tokenizer, task)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: missing; is this a sae-shards run directory?") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value

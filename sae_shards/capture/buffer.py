@@ -366,7 +366,7 @@ def _memory_error(
     if dtype == torch.float32:
         half = buffer_memory_bytes(targets, capacity, torch.bfloat16)
         verdict = "fits" if half <= budget else "still too large"
-        lines.append(f"  - capture.storage_dtype=bf16: {half / _GIB:.3f} GiB ({verdict})")
+        lines.append(f"  - capture.storage_dtype=bfloat16: {half / _GIB:.3f} GiB ({verdict})")
     if fits >= 1:
         lines.append(
             f"  - capture.capacity={fits}: {fits * per_slot / _GIB:.3f} GiB (the largest that fits)"

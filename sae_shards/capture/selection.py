@@ -4,6 +4,10 @@ Dense models: every trainable parameter whose name matches. With a peft LoRA mod
 name the *base* weights (``*layers.*.self_attn.q_proj.weight``) and map to the adapter factors of
 that layer (``LoraTarget``), whose effective dense delta the capture computes. Sharded parameters
 (ZeRO-3, FSDP) are rejected with a clear error.
+
+``default_targets`` picks every matrix of every transformer block by module type (``nn.Linear``
+and transformers' ``Conv1D``), for any family. The layout of a matrix layer's weight, and so which
+side of it writes to the layer's output, is known in one place only: ``weight_layout``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
 
 @dataclass(frozen=True)
 class LoraTarget:
@@ -85,6 +92,139 @@ def target_shapes(targets: Mapping[str, Target]) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in targets.items()}
 
 
+# ---- matrix layers by module type -------------------------------------------------------------
+
+
+def weight_layout(module: nn.Module) -> str | None:
+    """``"out_in"`` for ``nn.Linear`` (weight ``[out, in]``, ``y = x W^T + b``), ``"in_out"`` for
+    transformers' ``Conv1D`` (GPT-2; weight ``[in, out]``, ``y = x W + b``), ``None`` for anything
+    else. The only place that knows matrix layer types; a peft LoRA layer is neither (ask its
+    ``get_base_layer()``)."""
+    if isinstance(module, nn.Linear):
+        return "out_in"
+    if isinstance(module, Conv1D):
+        return "in_out"
+    return None
+
+
+def layer_output_axis(layer: nn.Module) -> int:
+    """The axis of ``layer.weight`` that indexes the layer's outputs: 0 for Linear, 1 for Conv1D."""
+    layout = weight_layout(layer)
+    if layout is None:
+        raise ValueError(
+            f"{type(layer).__name__} is not an nn.Linear or transformers Conv1D, so the output "
+            "side of its weight is unknown"
+        )
+    return 0 if layout == "out_in" else 1
+
+
+def matrix_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{weight name: layer}`` for every ``nn.Linear`` and ``Conv1D`` of a model, in module order.
+
+    Names are ``select_targets``' names (a peft model's base names); a LoRA-adapted layer appears
+    once, under its base weight's name, as its base layer (the adapter factors are not listed).
+    """
+    base, lora = _lora_targets(model)
+    adapted = {name.removesuffix(".weight"): t.layer for name, t in lora.items()}
+    layers = {}
+    for name, module in base.named_modules():
+        if inside_any(name, adapted):
+            continue  # base_layer, lora_A, lora_B, ... of an adapted layer
+        if name in adapted:
+            module = adapted[name].get_base_layer()
+        if weight_layout(module) is not None:
+            layers[f"{name}.weight"] = module
+    return layers
+
+
+def block_lists(model: nn.Module) -> list[str]:
+    """Module names of the model's block lists, relative to the model under any peft wrapper.
+
+    A block list is an ``nn.ModuleList`` of blocks of one class holding matrix layers
+    (``model.layers`` in Llama/Qwen2/Mistral, ``transformer.h`` in GPT-2, ``gpt_neox.layers``),
+    not nested inside another block list (so a block's list of MoE experts is not one).
+    """
+    found: list[str] = []
+    for name, module in unwrap_peft(model).named_modules():
+        if inside_any(name, found) or not isinstance(module, nn.ModuleList) or not len(module):
+            continue
+        first = module[0]
+        if (
+            len({type(block) for block in module}) == 1
+            and weight_layout(first) is None
+            and any(weight_layout(m) is not None for m in first.modules())
+        ):
+            found.append(name)
+    return found
+
+
+def block_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``matrix_layers`` inside the model's blocks (no embeddings, no lm_head), in module order."""
+    blocks = block_lists(model)
+    if not blocks:
+        raise ValueError(
+            f"found no transformer block list in {type(model).__name__} (an nn.ModuleList of "
+            "same-class blocks holding nn.Linear or Conv1D layers); set capture.targets to "
+            "explicit globs, e.g. '*mlp.down_proj.weight'"
+        )
+    return {n: m for n, m in matrix_layers(model).items() if inside_any(n, blocks)}
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Every capturable attention and MLP matrix of every block, as ``select_targets`` patterns.
+
+    Chosen by module type: the weight of each ``nn.Linear`` and ``Conv1D`` inside the blocks
+    (``block_lists``) that is trainable or LoRA-adapted (under its base weight's name). Never
+    embeddings, lm_head, norms or biases. The names are exact, glob-escaped (``glob_escape``).
+    Raises ``ValueError`` if nothing qualifies.
+    """
+    capturable, _ = _candidates(model)
+    names = [n for n in block_layers(model) if n in capturable]
+    if not names:
+        raise ValueError(
+            f"no block matrix of {type(model).__name__} is trainable or LoRA-adapted, so there "
+            "are no default targets; set capture.targets to explicit globs, e.g. "
+            "'*mlp.down_proj.weight', or unfreeze / adapt the block layers"
+        )
+    return [glob_escape(n) for n in names]
+
+
+def output_axis(model: nn.Module, name: str) -> int:
+    """The axis of target ``name``'s weight that writes to its layer's output.
+
+    0 for an ``nn.Linear`` (weight ``[out, in]``: rows, the left factor of ``U V^T``); 1 for a
+    ``Conv1D`` (weight ``[in, out]``: columns, the right factor). A LoRA target has its base
+    layer's layout.
+    """
+    layers = matrix_layers(model)
+    if name not in layers:
+        raise ValueError(
+            f"{name!r} is not the weight of an nn.Linear or Conv1D layer of "
+            f"{type(model).__name__}; matrix weights include {few_names(layers)}"
+        )
+    return layer_output_axis(layers[name])
+
+
+def glob_escape(name: str) -> str:
+    """``name`` as an ``fnmatch`` pattern that matches exactly it (``[``, ``]``, ``*``, ``?``)."""
+    return "".join(f"[{c}]" if c in "[]*?" else c for c in name)
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The model under a ``peft.PeftModel`` wrapper (the model itself otherwise)."""
+    if importlib.util.find_spec("peft") is None:
+        return model
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def inside_any(name: str, prefixes) -> bool:
+    """Whether module ``name`` lies strictly inside one of the modules named in ``prefixes``."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts)))
+
+
 def _candidates(model: torch.nn.Module) -> tuple[dict[str, Target], list[str]]:
     """(capturable ``{name: target}``, names of frozen parameters without a LoRA adapter)."""
     base, lora = _lora_targets(model)
@@ -106,11 +246,10 @@ def _lora_targets(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Lo
     """The model under any peft wrapper, and its LoRA-adapted weights by base weight name."""
     if importlib.util.find_spec("peft") is None:  # without peft there are no LoRA layers
         return model, {}
-    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora import Linear as LoraLinear
 
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = unwrap_peft(model)
     targets = {}
     for module_name, layer in base.named_modules():
         if not isinstance(layer, LoraLayer):

@@ -101,8 +101,8 @@ def save_checkpoint(
             if not k.startswith("stats."):
                 raise ValueError(f"stat tensor names must start with 'stats.', got {k!r}")
             tensors[k] = v.detach().to("cpu").contiguous()
-        save_file(tensors, tmp / SAE_FILE,
-                  metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        _save_tensors(tensors, tmp / SAE_FILE,
+                      {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -112,8 +112,8 @@ def save_checkpoint(
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         if training_state is not None:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in training_state.items()},
-                      tmp / STATE_FILE, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+            _save_tensors({k: v.detach().to("cpu").contiguous() for k, v in training_state.items()},
+                          tmp / STATE_FILE, {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         _fsync_dir(tmp)
         _replace_dir(tmp, path)
     except BaseException:
@@ -130,9 +130,28 @@ def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: Path, kind: str,
     """
     tmp = path.with_name(f".{path.name}.tmp")
     header = {"format": kind, "format_version": str(FORMAT_VERSION), **(metadata or {})}
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp,
-              metadata=header)
+    _save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, header)
     os.replace(tmp, path)
+
+
+def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path,
+                  metadata: Mapping[str, str]) -> None:
+    """``safetensors.save_file``, then the mode any new file gets (safetensors creates 0600, so
+    shards written by one user could not be read by the group that analyses them)."""
+    save_file(dict(tensors), path, metadata=dict(metadata))
+    os.chmod(path, 0o666 & ~process_umask())
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it (Linux); 0o022 where it cannot be read."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0o022
+    for line in status.splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    return 0o022
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -18,7 +18,7 @@ import shutil
 import string
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -26,6 +26,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GPT2Config,
     LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
@@ -35,8 +36,11 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-ARCHS = ("qwen2", "llama")
-"""Architectures ``build_tiny_model`` can build."""
+from sae_shards.core.checkpoint import process_umask
+from sae_shards.run.config import Arch
+
+ARCHS: tuple[str, ...] = get_args(Arch)
+"""Architectures ``build_tiny_model`` can build (gpt2 keeps matrices in ``Conv1D``: [in, out])."""
 
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>", "unk": "<unk>"}
 TASK_TAGS = tuple(f"<{c}>" for c in "ABCDEFGH")
@@ -115,6 +119,23 @@ def _model_config(
             return Qwen2Config(**common)
         case "llama":
             return LlamaConfig(**common)
+        case "gpt2":
+            return GPT2Config(
+                vocab_size=common["vocab_size"],
+                n_embd=hidden_size,
+                n_layer=num_layers,
+                n_head=num_heads,
+                n_inner=intermediate_size,
+                n_positions=MAX_POSITIONS,
+                # No dropout, like the other tiny models: the policy that samples is the one scored.
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                bos_token_id=common["bos_token_id"],
+                eos_token_id=common["eos_token_id"],
+                pad_token_id=common["pad_token_id"],
+                tie_word_embeddings=common["tie_word_embeddings"],
+            )
         case other:
             raise ValueError(f"model.arch={other!r} is not supported; choose one of {list(ARCHS)}")
 
@@ -195,6 +216,7 @@ def build_tiny_model(
     # that a later call would mistake for a finished one.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o777 & ~process_umask())  # mkdtemp makes it private; a model is for others too
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / BUILD_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")

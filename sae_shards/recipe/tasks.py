@@ -1,4 +1,4 @@
-"""Tasks: prompts plus programmatic rewards for GRPO, and a recorder of every scored rollout.
+"""Tasks: prompts plus programmatic rewards for GRPO/RLOO, with each completion's label logged.
 
 The built-in task ``letters`` asks for completions made of one character class (default: the
 vowels ``aeiou``). Its reward is graded: the number of target characters in the completion over a
@@ -14,21 +14,26 @@ as a schedule of optimizer steps, each step training on one task; ``multiskill_n
 prompts, tags and schedule but rewards every prompt alike.
 
 Reward functions follow TRL's signature ``fn(prompts, completions, **kwargs) -> list[float]``;
-TRL passes every dataset column (here ``task``) as a kwarg list aligned with the completions.
+TRL passes every dataset column (here ``task``) as a kwarg list aligned with the completions, and
+a ``log_extra(column, values)`` that adds a column to its completion log. Every built-in reward
+function logs the ``task`` labels there (``log_labels``), which is how ``rollouts.jsonl`` and each
+captured sample learn their task.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import random
 import string
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
 from datasets import Dataset
 
 from sae_shards.recipe.models import TASK_TAGS
+
+LABEL_COLUMN = "task"
+"""Dataset column (and TRL completion-log column) holding each prompt's task label."""
 
 RewardFunc = Callable[..., list[float]]
 """TRL reward function: ``fn(prompts, completions, **kwargs) -> list[float]``."""
@@ -94,7 +99,8 @@ class Task:
     def char_class_reward(
         self, prompts: list[str], completions: list[str], **kwargs: Any
     ) -> list[float]:
-        """TRL reward function: ``score`` of each completion (prompts and kwargs unused)."""
+        """TRL reward function: ``score`` of each completion (prompts unused)."""
+        log_labels(kwargs)
         return [self.score(c) for c in completions]
 
     @property
@@ -229,6 +235,7 @@ class MultiSkillTask:
         self, prompts: list[str], completions: list[str], task: list[str], **kwargs: Any
     ) -> list[float]:
         """TRL reward function: ``score`` of each completion under its prompt's ``task`` label."""
+        log_labels({"task": task, **kwargs})
         return [self.score(c, label) for c, label in zip(completions, task, strict=True)]
 
     def null_score(self, completion: str) -> float:
@@ -242,6 +249,7 @@ class MultiSkillTask:
         self, prompts: list[str], completions: list[str], task: list[str], **kwargs: Any
     ) -> list[float]:
         """TRL reward function of the null control: ``null_score`` (tags and labels unused)."""
+        log_labels({"task": task, **kwargs})
         return [self.null_score(c) for c in completions]
 
     @property
@@ -307,7 +315,15 @@ class MultiSkillTask:
 
 
 def build_task(name: str, **kwargs: Any) -> Task | MultiSkillTask:
-    """Build a built-in task by name; ``kwargs`` override its ``Task``/``MultiSkillTask`` fields."""
+    """Build a built-in task by name; ``kwargs`` override its ``Task``/``MultiSkillTask`` fields
+    (an unknown one is a ``ValueError`` naming ``task.options.<key>`` and the known options)."""
+    cls = {"letters": Task, "multiskill": MultiSkillTask, "multiskill_null": MultiSkillTask}.get(name)
+    if cls is not None:
+        known = {f.name for f in dataclasses.fields(cls)} - {"name", "label"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"task.options {['task.options.' + k for k in unknown]} are not "
+                             f"options of task {name!r}; it takes {sorted(known)}")
     match name:
         case "letters":
             return Task(name="letters", label="letters", **kwargs)
@@ -317,46 +333,9 @@ def build_task(name: str, **kwargs: Any) -> Task | MultiSkillTask:
             raise ValueError(f"task.name={other!r} is unknown; known tasks: {list(TASK_NAMES)}")
 
 
-class RolloutRecorder:
-    """Keeps every scored batch of rollouts until the capture callback drains it.
-
-    ``wrap(fn)`` returns a reward function that calls ``fn`` and records one entry per call:
-    ``{"step", "reward_func", "prompts", "completions", "rewards", "tasks"}``, where ``step`` is
-    the trainer's global step when the batch was scored (the optimizer step it trains) and
-    ``tasks`` the per-completion ``task`` labels (``None`` when the dataset has no such column).
-    A lock guards the list because reward functions may run on TRL's async loop while the
-    callback drains from the training thread.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._records: list[dict[str, Any]] = []
-
-    def wrap(self, fn: RewardFunc) -> RewardFunc:
-        """A recording reward function with ``fn``'s name (TRL logs rewards under it)."""
-
-        @functools.wraps(fn)
-        def recorded(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
-            rewards = [float(r) for r in fn(prompts, completions, **kwargs)]
-            state = kwargs.get("trainer_state")
-            self.record(
-                step=state.global_step if state is not None else None,
-                reward_func=getattr(fn, "__name__", type(fn).__name__),
-                prompts=list(prompts),
-                completions=list(completions),
-                rewards=rewards,
-                tasks=list(kwargs["task"]) if "task" in kwargs else None,
-            )
-            return rewards
-
-        return recorded
-
-    def record(self, **entry: Any) -> None:
-        with self._lock:
-            self._records.append(entry)
-
-    def drain(self) -> list[dict[str, Any]]:
-        """Return everything recorded since the last drain, oldest first, and forget it."""
-        with self._lock:
-            records, self._records = self._records, []
-        return records
+def log_labels(reward_kwargs: dict[str, Any]) -> None:
+    """Add the batch's ``task`` labels to TRL's completion log (``log_extra``), when TRL passed
+    both; each built-in task has one reward function, so each batch is logged once."""
+    log_extra = reward_kwargs.get("log_extra")
+    if log_extra is not None and LABEL_COLUMN in reward_kwargs:
+        log_extra(LABEL_COLUMN, list(reward_kwargs[LABEL_COLUMN]))

@@ -1,29 +1,26 @@
-"""RL: a TRL GRPO trainer over a local model path, with every rollout recorded.
+"""RL: a TRL GRPO or RLOO trainer over a local model path, for the built-in recipe.
 
-``build_grpo_trainer`` turns a plain dict of GRPO settings into ``trl.GRPOConfig`` (defaults in
-``DEFAULT_GRPO``, found by running on a 2-core CPU) and hands TRL the model as a *path*: TRL loads
-the policy from it and, when ``beta > 0``, rebuilds the frozen reference model from the same path.
-The task's reward functions are wrapped by the ``RolloutRecorder`` so the capture callback can
-write ``rollouts.jsonl`` and per-step reward statistics.
+``build_trainer`` turns the job's ``RLConfig`` settings into ``trl.GRPOConfig`` / ``trl.RLOOConfig``
+and hands TRL the model as a *path*: TRL loads the policy from it and, when ``beta > 0``, rebuilds
+the frozen reference model from the same path. The rollouts each step trains on are read back by
+``capture.rollouts`` from TRL's own completion log; the built-in tasks' reward functions log each
+completion's task label there (``log_extra("task", ...)``).
 
-TRL facts this module relies on (1.16):
+TRL facts this module relies on (1.16, the same for GRPO and RLOO):
 - ``per_device_train_batch_size`` counts *completions*, not prompts: each optimizer step trains
   on ``per_device_train_batch_size / num_generations`` prompts, each with ``num_generations``
-  completions (a GRPO group).
-- ``steps_per_generation`` defaults to ``gradient_accumulation_steps``; with both at 1 TRL
-  generates, scores and trains once per optimizer step, so the recorder holds exactly one batch
-  per reward function per step, scored between ``on_step_begin`` and ``on_step_end``.
-  Setting ``steps_per_generation`` above ``gradient_accumulation_steps`` would reuse one
-  generation over several optimizer steps, leaving some steps with no fresh rollouts.
+  completions (a group).
+- ``steps_per_generation`` defaults to ``gradient_accumulation_steps``; with ``num_iterations``
+  1, TRL generates, scores and trains once per optimizer step, so its completion log holds the
+  rollouts of exactly the step being taken. Larger ``steps_per_generation`` reuses one
+  generation over several optimizer steps.
 - TRL defaults ``gradient_checkpointing`` (transformers 5 calls it ``activation_checkpointing``)
   and ``bf16`` to True; both only cost time on a CPU with tiny models, so they are off here.
 - With ``beta > 0`` and a path (not PEFT), TRL loads a second, frozen copy as reference model.
 - The dataset is read by ``RepeatSampler`` in chunks of ``generation_batch_size / num_generations``
-  prompts (one optimizer step's prompts when ``steps_per_generation`` equals
-  ``gradient_accumulation_steps`` and ``num_iterations`` is 1), each repeated ``num_generations``
-  times; ``shuffle_dataset=False`` keeps dataset order (and replays it unchanged every epoch),
-  which is how a ``scheduled`` task's step schedule reaches the optimizer steps intact. TRL
-  shuffles completions only within one generation batch, i.e. within one optimizer step.
+  prompts, each repeated ``num_generations`` times; ``shuffle_dataset=False`` keeps dataset order
+  (and replays it unchanged every epoch), which is how a ``scheduled`` task's step schedule reaches
+  the optimizer steps intact. TRL shuffles completions only within one generation batch.
 """
 
 from __future__ import annotations
@@ -35,51 +32,42 @@ from typing import Any, Sequence
 import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, TrainerCallback
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from sae_shards.recipe.tasks import MultiSkillTask, RolloutRecorder, Task
+from sae_shards.recipe.tasks import MultiSkillTask, Task
+from sae_shards.run.config import Algorithm, RLConfig
 
-# Measured on this project's 2-core CPU (torch.set_num_threads(2)), tiny model (hidden 64,
-# 2 layers, 93k params), task `letters` (vowels, target_length = max_completion_length = 16):
-#   150 steps, qwen2 seed 0: mean reward of the first 20% of steps 0.083, last 20% 0.573
-#   (per-10-step means 0.073 -> 0.628, still rising, bit-identical on a rerun); 8.9 s on a quiet
-#   machine (~0.06 s/step), 113 s while other jobs shared the two cores.
-#   200 steps: qwen2 seeds 1 and 2 and llama seed 0 all go ~0.08 -> ~0.80 (last 10 steps ~0.86).
-#   lr 1e-3 saturates (0.97 by step 100); lr 5e-4 reaches 0.94 by step 150.
-# For longer runs lower the learning rate (or lengthen completions and target_length) so the
-# reward keeps a gradient: once every completion in a group scores 1, GRPO's advantage is zero.
+TRAINERS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
+
 DEFAULT_GRPO: dict[str, Any] = dict(
-    learning_rate=3e-4,
+    **RLConfig().trl_kwargs(),  # measured defaults: see RLConfig
     lr_scheduler_type="constant",
     warmup_steps=0,
-    max_steps=150,
-    per_device_train_batch_size=16,  # completions per step: 2 prompts x 8 generations
-    num_generations=8,
-    gradient_accumulation_steps=1,
-    max_completion_length=16,
-    temperature=1.0,
-    beta=0.0,  # no KL: no reference model, and the tiny random policy has nothing to preserve
     activation_checkpointing=False,  # TRL defaults it (as gradient_checkpointing) to True
     seed=0,
 )
-"""GRPO settings under which the tiny model's reward clearly rises in ~2 minutes on 2 CPU cores."""
+"""Settings under which the tiny model's reward clearly rises in ~2 minutes on 2 CPU cores
+(beta 0: no reference model; the tiny random policy has nothing to preserve)."""
 
-# Settings build_grpo_trainer owns: W&B and checkpoints are handled by sae-shards, and a run
+# Settings build_trainer owns: W&B and checkpoints are handled by sae-shards, and a run
 # logs every step so per-step metrics line up with captured deltas.
 _FIXED = dict(report_to="none", save_strategy="no", logging_steps=1)
 
 
-def grpo_config(grpo_kwargs: dict[str, Any], output_dir: str | Path) -> GRPOConfig:
-    """``GRPOConfig`` from ``DEFAULT_GRPO`` updated by ``grpo_kwargs`` plus the fixed settings.
+def trl_config(grpo_kwargs: dict[str, Any], output_dir: str | Path,
+               algorithm: Algorithm = "grpo") -> GRPOConfig | RLOOConfig:
+    """``GRPOConfig``/``RLOOConfig`` from ``DEFAULT_GRPO`` updated by ``grpo_kwargs`` plus the
+    fixed settings.
 
-    Raises ``ValueError`` for keys GRPOConfig does not have and for attempts to change the
+    Raises ``ValueError`` for keys the config class does not have and for attempts to change the
     settings this module fixes (``report_to``, ``save_strategy``, ``logging_steps``).
     """
-    known = {f.name for f in dataclasses.fields(GRPOConfig)}
+    config_cls = TRAINERS[algorithm][0]
+    known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(grpo_kwargs) - known)
     if unknown:
         raise ValueError(
-            f"rl settings {unknown} are not trl.GRPOConfig fields; check their spelling"
+            f"rl settings {unknown} are not trl.{config_cls.__name__} fields; check their spelling"
         )
     for key, fixed in _FIXED.items():
         if key in grpo_kwargs and grpo_kwargs[key] != fixed:
@@ -94,17 +82,10 @@ def grpo_config(grpo_kwargs: dict[str, Any], output_dir: str | Path) -> GRPOConf
             raise ValueError("rl.bf16/rl.fp16 need a GPU; this machine has none, remove them")
         # TRL defaults bf16 to True; fp32 on CPU is both faster and what the capture assumes.
         settings.update(use_cpu=True, bf16=False)
-    return GRPOConfig(output_dir=str(output_dir), **settings)
+    return config_cls(output_dir=str(output_dir), **settings)
 
 
-def prompts_per_step(grpo_kwargs: dict[str, Any]) -> int:
-    """Prompts one optimizer step trains on (one process): batch x accumulation / generations."""
-    s = {**DEFAULT_GRPO, **grpo_kwargs}
-    completions = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
-    return completions // s["num_generations"]
-
-
-def _check_schedule(args: GRPOConfig, train_dataset: Dataset) -> None:
+def _check_schedule(args: GRPOConfig | RLOOConfig, train_dataset: Dataset) -> None:
     """A scheduled task's dataset must reach each optimizer step as one single-task group."""
     if args.num_iterations != 1 or args.steps_per_generation != args.gradient_accumulation_steps:
         raise ValueError(
@@ -124,18 +105,19 @@ def _check_schedule(args: GRPOConfig, train_dataset: Dataset) -> None:
         )
 
 
-def build_grpo_trainer(
+def build_trainer(
     model_path: str | Path,
     tokenizer: PreTrainedTokenizerBase,
     task: Task | MultiSkillTask,
-    recorder: RolloutRecorder,
     train_dataset: Dataset,
     grpo_kwargs: dict[str, Any],
     callbacks: Sequence[TrainerCallback],
     output_dir: str | Path,
     peft_config: Any = None,
-) -> GRPOTrainer:
-    """A ``trl.GRPOTrainer`` on the model at ``model_path`` with the task's recorded rewards.
+    algorithm: Algorithm = "grpo",
+) -> GRPOTrainer | RLOOTrainer:
+    """A ``trl.GRPOTrainer`` or ``trl.RLOOTrainer`` on the model at ``model_path`` with the
+    task's rewards.
 
     ``grpo_kwargs`` override ``DEFAULT_GRPO``. The model goes to TRL as a path so it can rebuild
     the reference model from it when ``beta > 0``. Thread counts are the caller's job
@@ -161,12 +143,12 @@ def build_grpo_trainer(
                 f"rl.shuffle_dataset=True would break task {task.name!r}'s step schedule; remove it"
             )
         grpo_kwargs = {**grpo_kwargs, "shuffle_dataset": False}
-    args = grpo_config(grpo_kwargs, output_dir)
+    args = trl_config(grpo_kwargs, output_dir, algorithm)
     if task.scheduled:
         _check_schedule(args, train_dataset)
-    return GRPOTrainer(
+    return TRAINERS[algorithm][1](
         model=str(model_path),
-        reward_funcs=[recorder.wrap(fn) for fn in task.reward_funcs],
+        reward_funcs=list(task.reward_funcs),
         args=args,
         train_dataset=train_dataset,
         processing_class=tokenizer,

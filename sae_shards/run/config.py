@@ -2,25 +2,33 @@
 
 Hydra composes ``configs/``; ``JobConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))``
 turns the result into these frozen dataclasses once, in the CLI. Unknown keys and wrongly typed
-values are rejected with the dotted field name; each ``__post_init__`` checks ranges and says how
-to fix a bad value. Nothing below the CLI sees Hydra.
+values are rejected with the dotted field name (and the closest known key); ``Literal`` fields
+list their choices; each ``__post_init__`` checks ranges and says how to fix a bad value. Nothing
+below the CLI sees Hydra.
+
+A leaf module: it imports only the standard library and the SAE's own config, so a config can be
+built and checked without torch, transformers or TRL.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-from sae_shards.capture.delta import SOURCES
-from sae_shards.recipe.trainers import DEFAULT_GRPO
 from sae_shards.core.sae_config import SAEConfig
+from sae_shards.run.schema import build_dataclass
 
-STORAGE_DTYPES = ("float32", "bfloat16")
-CONCURRENCY = ("inline", "thread")
-WANDB_MODES = ("offline", "online", "disabled")
+Source = Literal["update", "grad", "precond", "deconv"]
+StorageDtype = Literal["float32", "bfloat16"]
+Concurrency = Literal["inline", "thread"]
+WandbMode = Literal["offline", "online", "disabled"]
+Arch = Literal["qwen2", "llama", "gpt2"]
+Algorithm = Literal["grpo", "rloo"]
+SOURCES: tuple[str, ...] = get_args(Source)
+STORAGE_DTYPES: tuple[str, ...] = get_args(StorageDtype)
+CONCURRENCY: tuple[str, ...] = get_args(Concurrency)
+WANDB_MODES: tuple[str, ...] = get_args(WandbMode)
 
 
 @dataclass(frozen=True)
@@ -54,8 +62,8 @@ class ModelConfig:
 
     path: str | None = None
     """Local transformers causal-LM directory; null builds the tiny built-in model in the run dir."""
-    arch: str = "qwen2"
-    """Tiny model architecture when ``path`` is null: qwen2 or llama."""
+    arch: Arch = "qwen2"
+    """Tiny model architecture when ``path`` is null: qwen2, llama, or gpt2 (Conv1D weights)."""
     hidden_size: int = 64
     """Tiny model width."""
     num_layers: int = 2
@@ -68,8 +76,9 @@ class ModelConfig:
     """Optional LoRA adapter."""
 
     def __post_init__(self) -> None:
-        if self.arch not in ("qwen2", "llama"):
-            raise ValueError(f"model.arch={self.arch!r} is unknown; use qwen2 or llama")
+        if self.path is not None and not str(self.path).strip():
+            raise ValueError("model.path is empty; give a local model directory, or null for the "
+                             "built-in tiny model")
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
@@ -96,32 +105,43 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class RLConfig:
-    """The RL algorithm and its main settings (group ``rl/``); defaults from ``rl.DEFAULT_GRPO``."""
+    """The RL algorithm and its main settings (group ``rl/``).
 
-    algorithm: str = "grpo"
-    """Only grpo for now."""
-    max_steps: int = DEFAULT_GRPO["max_steps"]
+    Defaults measured on a 2-core CPU with the tiny model (hidden 64, 2 layers) and ``letters``:
+    150 steps, qwen2 seed 0, mean reward of the first 20% of steps 0.083, last 20% 0.573 (still
+    rising); seeds 1, 2 and llama go ~0.08 -> ~0.80 in 200 steps; lr 1e-3 saturates by step 100.
+    """
+
+    algorithm: Algorithm = "grpo"
+    """``grpo`` (``trl.GRPOTrainer``) or ``rloo`` (``trl.RLOOTrainer``); both reinforce groups of
+    ``num_generations`` completions per prompt."""
+    max_steps: int = 150
     """Optimizer steps of the RL run."""
-    learning_rate: float = DEFAULT_GRPO["learning_rate"]
+    learning_rate: float = 3e-4
     """Policy learning rate (~1e-3..3e-4 for tiny models; TRL's 1e-6 barely moves them)."""
-    per_device_train_batch_size: int = DEFAULT_GRPO["per_device_train_batch_size"]
+    per_device_train_batch_size: int = 16
     """Completions per device per step (prompts x num_generations)."""
-    num_generations: int = DEFAULT_GRPO["num_generations"]
-    """Completions per prompt (the GRPO group)."""
-    gradient_accumulation_steps: int = DEFAULT_GRPO["gradient_accumulation_steps"]
+    num_generations: int = 8
+    """Completions per prompt (the GRPO/RLOO group)."""
+    gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step (one captured delta per optimizer step)."""
-    max_completion_length: int = DEFAULT_GRPO["max_completion_length"]
+    max_completion_length: int = 16
     """Tokens generated per completion."""
-    temperature: float = DEFAULT_GRPO["temperature"]
-    """Sampling temperature."""
-    beta: float = DEFAULT_GRPO["beta"]
-    """KL coefficient; > 0 makes TRL rebuild a reference model from the model path."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+    beta: float = 0.0
+    """KL coefficient (>= 0); > 0 makes TRL rebuild a reference model from the model path."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Any other ``trl.GRPOConfig`` field, passed through as is."""
+    """Any other ``trl.GRPOConfig`` / ``trl.RLOOConfig`` field, passed through as is."""
 
     def __post_init__(self) -> None:
-        if self.algorithm != "grpo":
-            raise ValueError(f"rl.algorithm={self.algorithm!r} is not supported yet; use grpo")
+        if self.num_generations < 2:
+            raise ValueError(f"rl.num_generations={self.num_generations} must be >= 2: a group of "
+                             "one completion has no advantage to reinforce")
+        if not self.temperature > 0:
+            raise ValueError(f"rl.temperature={self.temperature} must be > 0 (sampling needs it)")
+        if not self.beta >= 0:
+            raise ValueError(f"rl.beta={self.beta} must be >= 0 (0 switches the KL term off)")
         for name in ("max_steps", "per_device_train_batch_size", "num_generations",
                      "gradient_accumulation_steps", "max_completion_length"):
             if getattr(self, name) < 1:
@@ -133,8 +153,14 @@ class RLConfig:
         if not self.learning_rate > 0:
             raise ValueError(f"rl.learning_rate={self.learning_rate} must be positive")
 
-    def grpo_kwargs(self) -> dict[str, Any]:
-        """Plain kwargs for ``rl.grpo_config`` (typed fields first, then ``extra``)."""
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts one optimizer step trains on (one process)."""
+        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        return completions // self.num_generations
+
+    def trl_kwargs(self) -> dict[str, Any]:
+        """Plain kwargs for ``recipe.trainers.trl_config`` (typed fields first, then ``extra``)."""
         typed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                  if f.name not in ("algorithm", "extra")}
         clash = sorted(set(typed) & set(self.extra))
@@ -147,16 +173,17 @@ class RLConfig:
 class CaptureConfig:
     """What is captured from each optimizer step (group ``capture/``)."""
 
-    targets: list[str] = field(default_factory=lambda: ["*layers.*.self_attn.*_proj.weight",
-                                                        "*layers.*.mlp.*_proj.weight"])
-    """Glob patterns over parameter names (base names with LoRA)."""
-    source: str = "update"
+    targets: list[str] | None = None
+    """Glob patterns over parameter names (base names with LoRA); null picks the attention and
+    MLP weight matrices of every transformer block by module type (``nn.Linear`` and GPT-2's
+    ``Conv1D``; Llama, Qwen, Mistral, GPT-2, GPT-NeoX...; see ``capture.selection``)."""
+    source: Source = "update"
     """``update`` (theta_after - theta_before, fp32), ``grad`` (the clipped gradient),
     ``precond`` (Adam/AdamW's preconditioned gradient g / (sqrt(v_hat) + eps), read from the
     optimizer state) or ``deconv`` (the update with momentum removed, from consecutive updates and
     the known schedule; Adam/AdamW/SGD-momentum; steps with lr = 0 are skipped). Only ``update``
     works with LoRA."""
-    storage_dtype: str = "float32"
+    storage_dtype: StorageDtype = "float32"
     """Ring buffer storage: float32, or bfloat16 to halve memory (the diff is always fp32)."""
     capacity: int = 256
     """Ring buffer slots (one per optimizer step)."""
@@ -164,12 +191,9 @@ class CaptureConfig:
     """Largest share of the device's free memory the buffer may take (checked before training)."""
 
     def __post_init__(self) -> None:
-        if not self.targets:
-            raise ValueError("capture.targets is empty; give glob patterns over parameter names")
-        if self.source not in SOURCES:
-            raise ValueError(f"capture.source={self.source!r} is unknown; use one of {SOURCES}")
-        if self.storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"capture.storage_dtype={self.storage_dtype!r}; use one of {STORAGE_DTYPES}")
+        if self.targets is not None and not self.targets:
+            raise ValueError("capture.targets is empty; give glob patterns over parameter names, "
+                             "or null for every block's attention and MLP matrices")
         if self.capacity < 1:
             raise ValueError(f"capture.capacity={self.capacity} must be >= 1")
         if not 0 < self.memory_fraction <= 1:
@@ -180,7 +204,7 @@ class CaptureConfig:
 class RunnerConfig:
     """How the SAE trains beside the RL run (section ``runner``)."""
 
-    concurrency: str = "inline"
+    concurrency: Concurrency = "inline"
     """``inline``: SAE steps run in the RL callback after each push; ``thread``: a background
     worker trains while RL continues (the RL side waits only when ``max_lag`` pushes are queued)."""
     sae_steps_per_rl_step: int = 4
@@ -210,8 +234,6 @@ class RunnerConfig:
     against ground truth; ``capacity * sum(numel) * 4`` bytes: for small models)."""
 
     def __post_init__(self) -> None:
-        if self.concurrency not in CONCURRENCY:
-            raise ValueError(f"runner.concurrency={self.concurrency!r}; use one of {CONCURRENCY}")
         for name in ("sae_steps_per_rl_step", "min_samples", "max_lag", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"runner.{name}={getattr(self, name)} must be >= 1")
@@ -230,7 +252,7 @@ class RunnerConfig:
 class LoggingConfig:
     """Weights & Biases (group ``logging/``)."""
 
-    mode: str = "offline"
+    mode: WandbMode = "offline"
     """offline (default: files under run_dir/wandb), online, or disabled."""
     project: str = "sae-shards"
     """W&B project."""
@@ -238,12 +260,11 @@ class LoggingConfig:
     """W&B entity (team/user); null uses the default."""
     name: str | None = None
     """Run name; null uses the run directory's name."""
+    group: str | None = None
+    """W&B group; null puts the jobs of one ``-m`` sweep in a group named after the sweep
+    directory (single runs get none)."""
     artifacts: bool = True
     """Upload the final checkpoint as a W&B artifact."""
-
-    def __post_init__(self) -> None:
-        if self.mode not in WANDB_MODES:
-            raise ValueError(f"logging.mode={self.mode!r}; use one of {WANDB_MODES}")
 
 
 @dataclass(frozen=True)
@@ -269,6 +290,16 @@ class JobConfig:
     def __post_init__(self) -> None:
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ValueError(f"device={self.device!r}; use auto, cpu or cuda[:index]")
+        check_sae_window(self.capture, self.runner)
+        if self.runner.sae_start_step >= self.rl.max_steps:
+            raise ValueError(
+                f"runner.sae_start_step={self.runner.sae_start_step} is not before the last RL "
+                f"step (rl.max_steps={self.rl.max_steps}), so the SAE would never train; lower it")
+        if self.task.n_prompts < self.rl.prompts_per_step:
+            raise ValueError(
+                f"task.n_prompts={self.task.n_prompts} is fewer than one optimizer step's prompts "
+                f"({self.rl.prompts_per_step} = rl.per_device_train_batch_size x "
+                "rl.gradient_accumulation_steps / rl.num_generations); raise task.n_prompts")
         if self.capture.source != "update" and self.model.lora.enabled:
             raise ValueError(f"capture.source={self.capture.source} needs dense targets and is not "
                              "supported with model.lora.enabled=true; use capture.source=update")
@@ -281,48 +312,15 @@ class JobConfig:
         return dataclasses.asdict(self)
 
 
-# ---------------------------------------------------------------------------- dict -> dataclass
-
-
-def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
-    """Build ``cls`` from a plain dict, recursively, rejecting unknown keys and wrong types."""
-    where = prefix.rstrip(".") or "config"
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}; "
-                         f"{where} takes {sorted(known)}")
-    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, name: str) -> Any:
-    """Check ``value`` against a field's annotation (ints are accepted where floats are)."""
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, name + ".")
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, name)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{name}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
-        raise ValueError(f"{name}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
+def check_sae_window(capture: CaptureConfig, runner: RunnerConfig) -> None:
+    """Raise if the buffer can never hold ``runner.min_samples`` trainable samples (the SAE
+    would never train)."""
+    every = runner.heldout_every
+    trainable = capture.capacity - (capture.capacity // every if every else 0)
+    if runner.min_samples > trainable:
+        raise ValueError(
+            f"runner.min_samples={runner.min_samples} exceeds the trainable samples the buffer "
+            f"can hold ({trainable}: capture.capacity={capture.capacity}"
+            + (f" minus every {every}th step held out" if every else "")
+            + "), so the SAE would never train; lower runner.min_samples or raise "
+            "capture.capacity")

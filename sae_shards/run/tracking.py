@@ -7,12 +7,18 @@ several steps per RL step. ``logging.mode=offline`` (default) writes under ``run
 
 A W&B failure must not kill training: every call is guarded; the first failure is logged as a
 warning with its cause, later ones are counted (``n_failures``) and reported at ``finish``.
+
+``RunLogger.start`` opens the job's own run; ``RunLogger.attach_active`` joins the run a user's
+trainer already logs to (TRL's ``report_to="wandb"``), adding only the ``sae/*`` figures and the
+shards artifact, and leaves that run open. A logger without a run (``RunLogger()``) has the same
+methods and does nothing, so callers never branch on W&B.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -22,26 +28,52 @@ logger = logging.getLogger(__name__)
 
 
 class RunLogger:
-    """One W&B run for one job; see the module docstring."""
+    """A W&B run (or none) with the job's two step axes; see the module docstring."""
 
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, config: Mapping[str, Any]) -> None:
-        self.cfg = cfg
+    def __init__(self, run: Any = None, *, owns_run: bool = True, log_rl: bool = True,
+                 artifacts: bool = True) -> None:
+        self.run = run
+        """The ``wandb`` run, or None (every method is then a no-op)."""
+        self.owns_run = owns_run
+        """Whether ``finish`` ends the run (not for a run the trainer opened)."""
+        self.send_rl = log_rl
+        """Whether ``log_rl`` sends TRL's figures (off when TRL's own callback already does)."""
+        self.artifacts = artifacts
         self.n_failures = 0
-        self.run = None
-        if cfg.mode == "disabled":
-            return
-        self._guard("init", lambda: self._init(run_dir, config))
+        if run is not None:
+            self._guard("define_metric", self._define_metrics)
 
-    def _init(self, run_dir: Path, config: Mapping[str, Any]) -> None:
+    @classmethod
+    def start(cls, cfg: LoggingConfig, run_dir: Path, config: Mapping[str, Any]) -> "RunLogger":
+        """The job's own run under ``run_dir/wandb`` (none when ``cfg.mode`` is disabled)."""
+        logger_ = cls(artifacts=cfg.artifacts)
+        if cfg.mode != "disabled":
+            logger_._guard("init", lambda: logger_._init(cfg, run_dir, config))
+        return logger_
+
+    @classmethod
+    def attach_active(cls) -> "RunLogger":
+        """The W&B run already active in this process (opened by the trainer's W&B callback),
+        or a logger without a run when there is none or wandb is not installed."""
+        try:
+            import wandb
+        except ImportError:
+            return cls()
+        return cls(wandb.run, owns_run=False, log_rl=False) if wandb.run is not None else cls()
+
+    def _init(self, cfg: LoggingConfig, run_dir: Path, config: Mapping[str, Any]) -> None:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
         (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
-            project=self.cfg.project, entity=self.cfg.entity, name=self.cfg.name or run_dir.name,
-            dir=str(run_dir), mode=self.cfg.mode, config=dict(config),
+            project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name,
+            group=cfg.group, dir=str(run_dir), mode=cfg.mode, config=dict(config),
             settings=wandb.Settings(console="off", x_disable_stats=True),
         )
+        self._define_metrics()
+
+    def _define_metrics(self) -> None:
         self.run.define_metric("rl/step")
         self.run.define_metric("train/*", step_metric="rl/step")
         self.run.define_metric("sae/step")
@@ -57,7 +89,7 @@ class RunLogger:
                                what, type(e).__name__, e)
 
     def log_rl(self, metrics: Mapping[str, float], rl_step: int) -> None:
-        if self.run is not None:
+        if self.run is not None and self.send_rl:
             data = {f"train/{k}": v for k, v in metrics.items()}
             self._guard("log", lambda: self.run.log({**data, "rl/step": rl_step}))
 
@@ -71,20 +103,26 @@ class RunLogger:
             self._guard("summary", lambda: self.run.summary.update(dict(values)))
 
     def log_artifact(self, path: Path, name: str, metadata: Mapping[str, Any]) -> None:
-        if self.run is None or not self.cfg.artifacts:
+        if self.run is None or not self.artifacts:
             return
 
         def upload() -> None:
             import wandb
 
-            art = wandb.Artifact(name, type="sae-shards-checkpoint", metadata=dict(metadata))
+            art = wandb.Artifact(artifact_name(name), type="sae-shards-checkpoint", metadata=dict(metadata))
             art.add_dir(str(path))
             self.run.log_artifact(art)
 
         self._guard("artifact", upload)
 
     def finish(self) -> None:
-        if self.run is not None:
+        if self.run is not None and self.owns_run:
             self._guard("finish", self.run.finish)
         if self.n_failures:
             logger.warning("W&B: %d call(s) failed during the run", self.n_failures)
+
+
+def artifact_name(name: str) -> str:
+    """A valid W&B artifact name: letters, digits, ``-``, ``_`` and ``.`` (multirun directories
+    are named like ``sae.k=2``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "shards"

@@ -1,0 +1,357 @@
+"""``ShardCallback``: sae-shards in any TRL script, in one line, writing a full run directory.
+
+::
+
+    trainer = GRPOTrainer(model=..., reward_funcs=..., args=..., train_dataset=...)
+    trainer.add_callback(ShardCallback(run_dir="runs/x"))
+    trainer.train()
+
+At ``on_train_begin`` the callback resolves its targets against the trainer's model (default:
+every block's attention and MLP matrices, by module type), allocates the ring buffer on the
+model's device (memory checked first), and builds the SAE and its runner. Each optimizer step
+``DeltaCapture`` writes one sample into the buffer; the step's rollouts are read from TRL's
+completion log into ``rollouts.jsonl`` and the sample's metadata; the runner trains the SAE
+(inline or in a thread) and checkpoints it. At ``on_train_end`` it writes the final shards,
+activations, summary and (by default) the final policy, so ``sae-shards analyze`` and
+``RunView`` read the directory exactly as they read one from ``sae-shards train``, which is a
+thin recipe over this callback. See ``run/rundir.py`` for the files.
+
+It sets no torch thread counts or seeds (the script's entry point does), and runs on the main
+process only (under DDP every rank holds the same parameters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from transformers import TrainerCallback
+
+from sae_shards.capture.buffer import StepMeta
+from sae_shards.capture.delta import DeltaCapture
+from sae_shards.capture.pipeline import Pipeline, build_pipeline
+from sae_shards.capture.rollouts import TRLRollouts, calling_trainer
+from sae_shards.capture.runner import ActivationLog
+from sae_shards.capture.selection import LoraTarget
+from sae_shards.core.checkpoint import save_checkpoint
+from sae_shards.core.metrics import evaluate_heldout
+from sae_shards.core.sae_config import SAEConfig
+from sae_shards.run import rundir
+from sae_shards.run.config import CaptureConfig, RunnerConfig, check_sae_window
+from sae_shards.run.schema import build_dataclass
+from sae_shards.run.tracking import RunLogger
+
+log = logging.getLogger(__name__)
+
+
+class ShardCallback(TrainerCallback):
+    """Capture parameter updates of a TRL run and train a low-rank SAE on them concurrently.
+
+    Every argument but ``run_dir`` is optional. The shortcuts (``targets``, ``source``,
+    ``capacity``, ``sae_steps_per_rl_step``, ``concurrency``, ``checkpoint_every``) set the field
+    of the same name in ``capture`` / ``runner`` (``run.config.CaptureConfig`` /
+    ``RunnerConfig``, each documented there); ``sae`` is an ``SAEConfig`` or a dict of its
+    fields. Bad values raise ``ValueError`` here, before training.
+
+    ``log_to_wandb``: add the SAE's figures and the shards artifact to the W&B run the trainer
+    logs to (``report_to="wandb"``), if there is one. ``label_column``: the column of TRL's
+    completion log (added by reward functions with ``log_extra``) holding each completion's
+    context label, e.g. its task; used for ``rollouts.jsonl`` and the samples' metadata.
+    ``save_model``: save the final policy (and tokenizer) to ``run_dir/final_model`` for the
+    report's interventions. ``overwrite``: replace an earlier run in ``run_dir`` (otherwise
+    refused). ``run_config``: the job's whole config dict for ``config.json`` (``sae-shards
+    train`` passes it); ``logger``: a ``RunLogger`` to use instead of the trainer's W&B run;
+    ``meta``: extra checkpoint metadata.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        targets: list[str] | None = None,
+        source: str | None = None,
+        sae: SAEConfig | Mapping[str, Any] | None = None,
+        capacity: int | None = None,
+        sae_steps_per_rl_step: int | None = None,
+        concurrency: str | None = None,
+        checkpoint_every: int | None = None,
+        log_to_wandb: bool = True,
+        capture: CaptureConfig | Mapping[str, Any] | None = None,
+        runner: RunnerConfig | Mapping[str, Any] | None = None,
+        label_column: str | None = "task",
+        save_model: bool = True,
+        seed: int = 0,
+        overwrite: bool = False,
+        run_config: Mapping[str, Any] | None = None,
+        logger: RunLogger | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.capture_cfg = _with(_config(CaptureConfig, capture, "capture"),
+                                 targets=targets, source=source, capacity=capacity)
+        self.runner_cfg = _with(_config(RunnerConfig, runner, "runner"),
+                                sae_steps_per_rl_step=sae_steps_per_rl_step,
+                                concurrency=concurrency, checkpoint_every=checkpoint_every)
+        self.sae_cfg = _config(SAEConfig, sae, "sae")
+        check_sae_window(self.capture_cfg, self.runner_cfg)
+        self.run_dir = rundir.prepare_run_dir(run_dir, overwrite)
+        self.log_to_wandb = log_to_wandb
+        self.label_column = label_column
+        self.save_model = save_model
+        self.seed = seed
+        self.run_config = dict(run_config or {})
+        self.logger = logger
+        self.meta = dict(meta or {})
+        self.parts: Pipeline | None = None
+        self.capture: DeltaCapture | None = None
+        self.rollouts: TRLRollouts | None = None
+        self.summary: dict[str, Any] | None = None
+        """The run's summary (also ``summary.json``), once training ended."""
+        self._metas: dict[int, StepMeta] = {}
+        self._rewards: dict[int, float] = {}  # rl step -> mean reward of its rollouts
+        self._fvu: list[float] = []
+        self._t0 = math.nan
+
+    # ---- setup -------------------------------------------------------------------------------
+
+    def setup(self, model: torch.nn.Module, trainer: Any | None = None) -> None:
+        """Resolve targets, allocate the buffer and build the SAE (``on_train_begin`` calls it;
+        call it earlier to get setup errors before training starts). ``trainer`` gives the
+        rollouts (TRL GRPO/RLOO); None skips ``rollouts.jsonl``."""
+        if self.parts is not None:
+            return
+        device = next(model.parameters()).device
+        self.parts = build_pipeline(model, self.capture_cfg, self.sae_cfg, self.runner_cfg, device,
+                                    self.seed, self._checkpoint)
+        self.capture = DeltaCapture(self.parts.targets, self.parts.buffer, self.capture_cfg.source,
+                                    meta_fn=self._metas.pop, on_push=self.parts.runner.on_push)
+        self.rollouts = TRLRollouts(trainer, self.label_column) if trainer is not None else None
+        self.meta = {"source": self.capture_cfg.source, "model_id": _model_id(model),
+                     "run_dir": str(self.run_dir), "lora": self._is_lora(), **self.meta}
+        self._rollout_log = rundir.JsonLines(self.run_dir / rundir.ROLLOUTS)
+        self._metric_log = rundir.JsonLines(self.run_dir / rundir.METRICS)
+        rundir.write_json(self.run_dir / rundir.CONFIG, self._config_json(model, trainer))
+        sae = self.parts.sae
+        self.sizes = {"n_targets": len(self.parts.specs),
+                      "delta_numel": sum(t.numel for t in self.parts.specs),
+                      "sae_factored_params": sae.factored_param_count(),
+                      "dense_sae_params": sae.dense_param_count(),
+                      "buffer_bytes": self.parts.buffer.memory_bytes}
+        log.info("targets: %d tensors, %d entries; SAE %d factored weights vs %d dense; buffer "
+                 "%.1f MiB", self.sizes["n_targets"], self.sizes["delta_numel"],
+                 self.sizes["sae_factored_params"], self.sizes["dense_sae_params"],
+                 self.sizes["buffer_bytes"] / 2**20)
+
+    def _is_lora(self) -> bool:
+        return any(isinstance(t, LoraTarget) for t in self.parts.targets.values())
+
+    def _config_json(self, model: torch.nn.Module, trainer: Any | None) -> dict[str, Any]:
+        """The JobConfig-shaped ``config.json`` analysis reads (model path, task, capture...)."""
+        own = {"capture": dataclasses.asdict(self.capture_cfg),
+               "runner": dataclasses.asdict(self.runner_cfg), "sae": self.sae_cfg.to_dict(),
+               "run_dir": str(self.run_dir), "seed": self.seed}
+        if self.run_config:
+            return {**self.run_config, **own}
+        args = getattr(trainer, "args", None)
+        return {**own, "task": None,
+                "model": {"path": _model_id(model), "lora": {"enabled": self._is_lora()}},
+                "rl": {"algorithm": type(trainer).__name__ if trainer is not None else None,
+                       "max_steps": getattr(args, "max_steps", None)}}
+
+    def _checkpoint(self, name: str, rl_step: int) -> Path:
+        sae_trainer = self.parts.trainer
+        return save_checkpoint(self.run_dir / rundir.CHECKPOINTS / name, self.parts.sae,
+                               sae_trainer.stats.as_tensors(),
+                               {**self.meta, "rl_step": rl_step, "sae_step": sae_trainer.n_steps},
+                               sae_trainer.state_tensors())
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self._t0 = time.perf_counter()
+        if self.parts is None:
+            self.setup(model, calling_trainer())
+        if self.logger is None:
+            self.logger = (RunLogger.attach_active() if self.log_to_wandb and "wandb" in
+                           (args.report_to or []) else RunLogger())
+        self.capture.on_train_begin(args, state, control, model=model, **kwargs)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.capture is not None:
+            self.capture.on_step_begin(args, state, control, **kwargs)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.capture is not None:
+            self.capture.on_pre_optimizer_step(args, state, control, **kwargs)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.capture is not None:
+            self.capture.on_optimizer_step(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.capture is None or not state.is_world_process_zero:
+            return
+        step = state.global_step
+        self._metas[step] = self._step_meta(step)
+        self.capture.on_step_end(args, state, control, **kwargs)
+        self._metas.pop(step, None)  # not consumed when the capture skipped the step
+        self._flush_sae_records()
+        if step % max(1, state.max_steps // 10) == 0 or step == state.max_steps:
+            fvu = self._fvu[-1] if self._fvu else math.nan
+            log.info("RL step %d/%d  reward %.3f  |  SAE step %d  fvu %.3f", step,
+                     state.max_steps, self._rewards.get(step, math.nan),
+                     self.parts.trainer.n_steps, fvu)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.capture is None or not state.is_world_process_zero:
+            return
+        numeric = {k: float(v) for k, v in (logs or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.logger.log_rl(numeric, state.global_step)
+        self._metric_log.append({"kind": "rl", "rl_step": state.global_step, **numeric})
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.capture is None or not state.is_world_process_zero:
+            return
+        self.parts.runner.finish()
+        self._flush_sae_records()
+        if self.save_model:
+            out = self.run_dir / rundir.FINAL_MODEL
+            model.save_pretrained(str(out))
+            if processing_class is not None:
+                processing_class.save_pretrained(str(out))
+        self.summary = self._finish(self.parts.loop.last_rl_step)
+
+    def close(self) -> None:
+        """Stop the SAE worker after a failed ``train()`` (its own error is not re-raised)."""
+        if self.parts is not None and self.summary is None:
+            try:
+                self.parts.runner.finish()
+            except Exception as e:  # the training error that brought us here is the one to see
+                log.warning("the SAE runner also failed while stopping: %s", e)
+
+    # ---- per step ----------------------------------------------------------------------------
+
+    def _step_meta(self, step: int) -> StepMeta:
+        """Write the step's rollouts; its StepMeta (held out every ``runner.heldout_every``)."""
+        every = self.runner_cfg.heldout_every
+        heldout = bool(every) and step % every == 0
+        got = self.rollouts.read(step) if self.rollouts is not None else None
+        if got is None:
+            return StepMeta(step, heldout=heldout)
+        self._rollout_log.append(got.row)
+        self._rewards[step] = got.reward_mean
+        return StepMeta(step, got.reward_mean, got.reward_std, got.labels, heldout)
+
+    def _flush_sae_records(self) -> None:
+        for rec in self.parts.loop.pop_records():
+            m = dict(rec.metrics.__dict__)
+            self._fvu.append(m["fvu"])
+            self.logger.log_sae(m, rec.sae_step)
+            self._metric_log.append({"kind": "sae", "sae_step": rec.sae_step,
+                                     "rl_step": rec.rl_step, **m})
+
+    # ---- the end -----------------------------------------------------------------------------
+
+    def _finish(self, rl_step: int) -> dict[str, Any]:
+        """Final checkpoint, activations, samples, summary and artifact."""
+        parts = self.parts
+        final = self._checkpoint("final", rl_step)
+        rundir.save_activations(self.run_dir / rundir.ACTIVATIONS,
+                                {**parts.loop.activations.tensors("online"),
+                                 **self._final_activations().tensors("final")},
+                                float(parts.sae.input_scale))
+        slots = parts.buffer.chronological_slots()
+        metas = [parts.buffer.metadata(s) for s in slots.tolist()]
+        if self.runner_cfg.save_samples:
+            chunks = [parts.buffer.gather(c) for c in slots.split(256)]
+            rundir.save_samples(self.run_dir / rundir.SAMPLES,
+                                {t.name: torch.cat([c[t.name] for c in chunks]) for t in parts.specs},
+                                [m.global_step for m in metas], [m.heldout for m in metas],
+                                [list(m.task_labels) for m in metas])
+        heldout = slots[torch.tensor([m.heldout for m in metas], dtype=torch.bool)]
+        trained = parts.sae.input_scale > 0
+        fvu_heldout = (evaluate_heldout(parts.sae, [parts.buffer.gather(c)
+                                                    for c in heldout.split(256)]).fvu
+                       if heldout.numel() >= 2 and trained else math.nan)
+        summary = self._summary(final, fvu_heldout, int(heldout.numel()))
+        rundir.write_json(self.run_dir / rundir.SUMMARY, summary)
+        self.logger.summary(summary)
+        self.logger.log_artifact(final, f"shards-{self.run_dir.name}", {"rl_step": rl_step})
+        self.logger.finish()
+        return summary
+
+    def _final_activations(self) -> ActivationLog:
+        """Every buffered sample encoded by the final SAE (empty if it never trained)."""
+        parts, out = self.parts, ActivationLog()
+        if parts.sae.input_scale > 0:
+            for chunk in parts.buffer.chronological_slots().split(64):
+                x = parts.sae.to_scaled(parts.buffer.gather(chunk))
+                steps = [parts.buffer.metadata(s).global_step for s in chunk.tolist()]
+                out.add(steps, parts.trainer.n_steps, parts.sae.encode(x))
+        return out
+
+    def _summary(self, final: Path, fvu_heldout: float, n_heldout: int) -> dict[str, Any]:
+        parts, cap = self.parts, self.capture
+        rewards = [self._rewards[s] for s in sorted(self._rewards)]
+        fifth, tenth = max(1, len(rewards) // 5), max(1, len(self._fvu) // 10)
+        summary = {
+            "rl_steps": parts.loop.last_rl_step, "sae_steps": parts.trainer.n_steps,
+            "reward_first": _mean(rewards[:fifth]), "reward_last": _mean(rewards[-fifth:]),
+            "fvu_first": _mean(self._fvu[:tenth]), "fvu_last": _mean(self._fvu[-tenth:]),
+            "fvu_heldout": fvu_heldout, "heldout_samples": n_heldout,
+            "captured": cap.n_captured, "zero_samples": cap.n_zero,
+            "nonfinite_samples": cap.n_nonfinite, "skipped_steps": cap.n_skipped,
+            "sae_rejected_nonfinite": parts.trainer.n_rejected_nonfinite,
+            "sae_skipped_zero": parts.trainer.n_skipped_zero,
+            "dead_frac": float(parts.trainer.stats.dead_mask(self.sae_cfg.dead_after)
+                               .float().mean()),
+            "final_checkpoint": str(final), "wall_s": time.perf_counter() - self._t0,
+            **self.sizes,
+        }
+        if parts.trainer.n_steps == 0:
+            summary["warning"] = (
+                f"the SAE never trained: {cap.n_captured} samples were captured, but it starts "
+                f"once runner.min_samples={self.runner_cfg.min_samples} trainable samples are "
+                f"buffered and RL reaches runner.sae_start_step={self.runner_cfg.sae_start_step}; "
+                "run more RL steps or lower them. The checkpoint holds the random initialisation")
+            log.warning("%s", summary["warning"])
+        return summary
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _config(cls: type, value: Any, prefix: str) -> Any:
+    """A config dataclass from an instance, a dict of its fields, or None (defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    return build_dataclass(cls, dict(value), prefix + ".")
+
+
+def _with(cfg: Any, **shortcuts: Any) -> Any:
+    """``cfg`` with the shortcut arguments that were given (re-validated)."""
+    given = {k: v for k, v in shortcuts.items() if v is not None}
+    if not given:
+        return cfg
+    prefix = "capture." if isinstance(cfg, CaptureConfig) else "runner."
+    return build_dataclass(type(cfg), {**dataclasses.asdict(cfg), **given}, prefix)
+
+
+def _model_id(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_name_or_path", "") or type(model).__name__)
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return statistics.fmean(xs) if xs else math.nan

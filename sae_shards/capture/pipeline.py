@@ -1,0 +1,69 @@
+"""The capture pipeline's parts for one model: targets -> ring buffer -> SAE -> online loop.
+
+``build_pipeline`` resolves the targets against the trained model, checks the buffer's memory
+before allocating it, and builds the SAE, its trainer, the per-delta work loop and its runner
+(inline or thread). ``ShardCallback`` is its one caller; tests and benchmarks reach it through
+the callback too, so the pipeline is wired in exactly one place.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from sae_shards.capture.buffer import DeltaRingBuffer, check_buffer_memory, default_memory_budget
+from sae_shards.capture.runner import InlineRunner, SAEWorkLoop, ThreadRunner, make_runner
+from sae_shards.capture.selection import Target, default_targets, select_targets, target_shapes
+from sae_shards.core.sae import LowRankSAE
+from sae_shards.core.sae_config import SAEConfig
+from sae_shards.core.targets import TargetSpec, make_targets
+from sae_shards.core.trainer import SAETrainer
+from sae_shards.run.config import CaptureConfig, RunnerConfig
+
+STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+WORKING_COPIES = {"update": 1, "grad": 0, "precond": 1, "deconv": 2}
+"""fp32 copies of the targets the capture keeps besides the buffer (snapshot, previous
+momentum-free step), per source; bf16 storage adds one fp32 scratch."""
+
+
+class Pipeline(NamedTuple):
+    targets: dict[str, Target]
+    specs: list[TargetSpec]
+    buffer: DeltaRingBuffer
+    sae: LowRankSAE
+    trainer: SAETrainer
+    loop: SAEWorkLoop
+    runner: InlineRunner | ThreadRunner
+
+
+def resolve_targets(model: torch.nn.Module, patterns: list[str] | None) -> dict[str, Target]:
+    """``capture.targets`` against the trained model; None: every block's attention and MLP
+    matrices, found by module type (``selection.default_targets``)."""
+    return select_targets(model, default_targets(model) if patterns is None else list(patterns))
+
+
+def build_pipeline(
+    model: torch.nn.Module,
+    capture: CaptureConfig,
+    sae_cfg: SAEConfig,
+    runner: RunnerConfig,
+    device: torch.device,
+    seed: int,
+    checkpoint: Callable[[str, int], object] | None = None,
+) -> Pipeline:
+    """All parts, the buffer's memory checked against the budget left after the capture's own
+    working copies of the targets (raises ``ValueError`` saying how to fit)."""
+    targets = resolve_targets(model, capture.targets)
+    specs = make_targets(target_shapes(targets), rank=sae_cfg.rank)
+    dtype = STORAGE[capture.storage_dtype]
+    copies = WORKING_COPIES[capture.source] + (dtype != torch.float32)
+    working = copies * 4 * sum(t.numel for t in specs)
+    budget = default_memory_budget(device, capture.memory_fraction) - working
+    check_buffer_memory(specs, capture.capacity, dtype, budget, device)
+    buffer = DeltaRingBuffer(specs, capture.capacity, device, dtype)
+    sae = LowRankSAE(specs, sae_cfg).to(device)
+    trainer = SAETrainer(sae)
+    loop = SAEWorkLoop(trainer, buffer, runner, torch.Generator().manual_seed(seed), checkpoint)
+    return Pipeline(targets, specs, buffer, sae, trainer, loop, make_runner(loop, runner))

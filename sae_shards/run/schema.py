@@ -1,0 +1,96 @@
+"""From plain containers to config dataclasses: types checked, unknown keys named.
+
+``build_dataclass`` turns a dict (Hydra's container, a checkpoint's JSON, a callback's keyword
+argument) into a config dataclass, recursively, checking each value against its field's
+annotation (``Literal`` choices, lists, optional values) and naming the dotted field, and for an
+unknown key the closest known one. Standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal
+
+
+def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
+    """Build ``cls`` from a plain dict, recursively, rejecting unknown keys and wrong types."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    types_ = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        hints = [f"{prefix}{k} (did you mean {prefix}{close[0]}?)" if close else prefix + k
+                 for k in unknown for close in [difflib.get_close_matches(k, known, n=1)]]
+        raise ValueError(f"unknown config keys {hints}; {where} takes {sorted(known)}")
+    kwargs = {name: _coerce(types_[name], value, prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    """Check ``value`` against a field's annotation (ints are accepted where floats are)."""
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, name + ".")
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, name)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise ValueError(f"{name}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def unknown_key_error(dotted: str, root: type) -> str | None:
+    """Why the dotted key ``dotted`` (e.g. from a command-line override) names no field of the
+    dataclass ``root``,
+    with the closest field; None when it does. Keys below a ``dict`` field (``task.options.*``,
+    ``rl.extra.*``) are free-form and accepted here."""
+    cls, parts = root, dotted.split(".")
+    for i, part in enumerate(parts):
+        fields_ = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields_:
+            where = ".".join(parts[:i]) or "config"
+            close = difflib.get_close_matches(part, fields_, n=1)
+            nested = [f"{n}.{part}" for n, f in fields_.items()
+                      if dataclasses.is_dataclass(_hint(cls, n)) and
+                      part in {g.name for g in dataclasses.fields(_hint(cls, n))}]
+            guess = ".".join(parts[:i] + close[:1]) if close else (nested[0] if nested else None)
+            hint = f"; did you mean {guess}?" if guess else f"; {where} takes {sorted(fields_)}"
+            return f"{dotted!r} is not a config field{hint}"
+        tp = _hint(cls, part)
+        if not dataclasses.is_dataclass(tp):
+            rest = parts[i + 1:]
+            if rest and typing.get_origin(tp) is not dict:
+                return f"{dotted!r}: {'.'.join(parts[:i + 1])} is a value, not a section"
+            return None
+        cls = tp
+    return None
+
+
+def _hint(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]

@@ -1,0 +1,120 @@
+"""Helpers shared by several test modules (test modules never import each other).
+
+Tiny models and data for the capture tests, and a reader for offline W&B run files.
+Heavy imports (transformers, peft, wandb) happen inside the helpers that need them.
+
+Offline W&B run files (``run-<id>.wandb``): a 7-byte header (``:W&B``, magic, version) followed by
+LevelDB-log framed protobuf ``wandb.proto.wandb_internal_pb2.Record`` messages in 32 KiB blocks:
+each chunk has a 4-byte CRC, a 2-byte little-endian length and a 1-byte type (1 full, 2 first,
+3 middle, 4 last).
+"""
+
+from __future__ import annotations
+
+import glob
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+# --- capture tests: a tiny causal LM, token data, a ring buffer -------------------------------
+
+PATTERNS = [
+    "*layers.*.self_attn.q_proj.weight", "*layers.1.mlp.down_proj.weight", "model.norm.weight"
+]
+
+
+def tiny_lm(seed: int = 0):
+    """A 2-layer Qwen2 causal LM (hidden 32, vocab 64), deterministic for ``seed``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
+    )
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def token_data(n: int = 64, length: int = 12) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(64, (n, length), generator=gen)
+    return [{"input_ids": r, "labels": r.clone()} for r in rows]
+
+
+def lora_model():
+    """``tiny_lm()`` with LoRA (r=4, alpha=8) on q_proj and v_proj; skips without peft."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    return peft.get_peft_model(tiny_lm(), cfg)
+
+
+def make_buffer(targets, capacity=16, dtype=torch.float32):
+    from sae_shards.capture.buffer import DeltaRingBuffer
+    from sae_shards.capture.selection import target_shapes
+    from sae_shards.core.targets import make_targets
+
+    specs = make_targets(target_shapes(targets), rank=2)
+    return DeltaRingBuffer(specs, capacity=capacity, device="cpu", dtype=dtype)
+
+
+def captured_in_order(buffer):
+    """``[{name: fp32 delta}]`` oldest first, and the global steps of their slots."""
+    slots = buffer.chronological_slots()
+    batch = buffer.gather(slots)
+    samples = [{n: x[i] for n, x in batch.items()} for i in range(len(slots))]
+    return samples, [buffer.metadata(int(s)).global_step for s in slots]
+
+
+# --- offline W&B run files --------------------------------------------------------------------
+
+BLOCK = 32768
+
+
+def read_records(path: str | Path) -> list:
+    """The ``wandb_internal_pb2.Record`` messages of an offline run file, in order."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, records, pending = 7, [], b""
+    while pos + 7 <= len(data):
+        left_in_block = BLOCK - pos % BLOCK
+        if left_in_block < 7:  # block trailer: zero padding
+            pos += left_in_block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:  # zero fill at the end of a block
+            pos += left_in_block
+            continue
+        chunk = data[pos + 7: pos + 7 + length]
+        pos += 7 + length
+        pending += chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            records.append(rec)
+            pending = b""
+    return records
+
+
+def offline_run(run_dir: Path) -> dict:
+    """History keys, summary keys and defined metrics of the single offline run in run_dir."""
+    (file,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    history, keys, summary, metrics, artifacts, group = 0, set(), {}, {}, [], None
+    for rec in read_records(file):
+        match rec.WhichOneof("record_type"):
+            case "run":
+                group = rec.run.run_group or None
+            case "history":
+                history += 1
+                keys |= {it.key or "/".join(it.nested_key) for it in rec.history.item}
+            case "summary":
+                summary |= {it.key or "/".join(it.nested_key): it.value_json for it in rec.summary.update}
+            case "metric":
+                metrics[rec.metric.name or rec.metric.glob_name] = rec.metric.step_metric
+            case "artifact":
+                artifacts.append(rec.artifact.name)
+    return {"history_rows": history, "keys": keys, "summary": summary, "metrics": metrics,
+            "artifacts": artifacts, "group": group}

@@ -1,0 +1,124 @@
+"""ShardCallback in a plain TRL script: one added line gives a run directory that ShardSet,
+RunView and ``sae-shards analyze`` read (GRPO and RLOO), and its arguments are validated early."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sae_shards import RunView, ShardCallback, ShardSet
+from sae_shards.cli import main as cli_main
+from sae_shards.recipe.models import build_tiny_model
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "trl_script.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def test_example_adds_exactly_one_sae_shards_line():
+    lines = [ln for ln in EXAMPLE.read_text().splitlines() if "ShardCallback" in ln
+             and not ln.lstrip().startswith(("#", '"'))]
+    imports = [ln for ln in lines if ln.startswith("from sae_shards")]
+    uses = [ln for ln in lines if not ln.startswith("from sae_shards")]
+    assert len(imports) == 1 and len(uses) == 1
+    assert uses[0].strip().startswith("trainer.add_callback(ShardCallback(run_dir=")
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm):
+    run = tmp_path / f"run_{algorithm}"
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--model", str(tiny_model), "--run-dir", str(run),
+         "--algorithm", algorithm, "--steps", "12"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rl_steps"] == 12 and summary["captured"] == 12
+    assert summary["sae_steps"] == (12 - 8 + 1) * 4  # min_samples 8, 4 SAE steps per RL step
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["path"] == str(tiny_model) and config["task"] is None
+    assert config["rl"]["algorithm"] == ("GRPOTrainer" if algorithm == "grpo" else "RLOOTrainer")
+
+    shards = ShardSet.from_run(run)
+    assert len(shards) == 64 and len(shards.target_names) == 14  # every block matrix
+    view = RunView(run)
+    assert sorted(view.rollouts) == list(range(1, 13))
+    row = view.rollouts[5]
+    assert len(row["prompts"]) == len(row["completions"]) == len(row["advantages"]) == 8
+    # the reward function's log_extra("task", ...) reached the rollouts
+    assert set(row["tasks"]) <= {"vowels", "digits"} and len(row["tasks"]) == 8
+    assert all(p.startswith(t[0]) for p, t in zip(row["prompts"], row["tasks"]))
+    busiest = int(view.density().argmax())
+    top = view.top_steps(busiest, k=3)
+    assert top and all(t["rollout"]["step"] == t["rl_step"] for t in top)
+    assert [r["rl_step"] for r in view.rl_metrics if "reward" in r] == list(range(1, 13))
+
+    assert cli_main(["analyze", str(run), "--shards", "2"]) == 0
+    html = (run / "report.html").read_text()
+    assert 'id="logit-lens"' in html and "<img" in html
+
+
+def test_bad_arguments_fail_at_construction(tmp_path):
+    with pytest.raises(ValueError, match=r"capture.source='gradient' is not one of"):
+        ShardCallback(run_dir=tmp_path / "a", source="gradient")
+    with pytest.raises(ValueError, match=r"sae.k=9 must be between 1 and sae.n_latents=8"):
+        ShardCallback(run_dir=tmp_path / "b", sae={"n_latents": 8, "k": 9})
+    with pytest.raises(ValueError, match=r"unknown config keys \['sae.n_latent \(did you mean "
+                                         r"sae.n_latents\?\)'\]"):
+        ShardCallback(run_dir=tmp_path / "c", sae={"n_latent": 8})
+    with pytest.raises(ValueError, match=r"runner.min_samples=8 exceeds .* capture.capacity=4"):
+        ShardCallback(run_dir=tmp_path / "d", capacity=4)
+    assert not (tmp_path / "a").exists()  # nothing written for a refused callback
+
+
+def test_sae_figures_join_the_trainers_wandb_run(tiny_model, tmp_path, monkeypatch):
+    """With ``report_to="wandb"`` the SAE's figures and the shards artifact go to the run TRL's
+    own W&B callback opened, which stays the trainer's (the callback does not finish it)."""
+    import glob
+
+    import wandb
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from helpers import read_records
+    from sae_shards.recipe.tasks import build_task
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    task = build_task("letters", target_length=8)
+    config = GRPOConfig(output_dir=str(tmp_path / "trl"), max_steps=6, learning_rate=3e-4,
+                        per_device_train_batch_size=8, num_generations=4,
+                        max_completion_length=8, use_cpu=True, bf16=False, report_to=["wandb"],
+                        save_strategy="no", logging_steps=1, disable_tqdm=True)
+    trainer = GRPOTrainer(model=str(tiny_model), reward_funcs=task.reward_funcs, args=config,
+                          train_dataset=Dataset.from_dict(task.dataset(32).to_dict()))
+    callback = ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 2})
+    trainer.add_callback(callback)
+    trainer.train()
+    assert wandb.run is not None  # still the trainer's: the callback did not finish it
+    wandb.finish()
+    (file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    deadline = time.monotonic() + 30  # W&B's service process may still be writing the file
+    while True:
+        records = read_records(file)
+        kinds = [rec.WhichOneof("record_type") for rec in records]
+        if "artifact" in kinds or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    keys = {it.key or "/".join(it.nested_key)
+            for rec in records if rec.WhichOneof("record_type") == "history"
+            for it in rec.history.item}
+    artifacts = [rec.artifact.name for rec in records if rec.WhichOneof("record_type") == "artifact"]
+    assert {"sae/fvu", "sae/step", "train/reward"} <= keys
+    assert artifacts == ["shards-run"]
+    assert not (tmp_path / "run" / "wandb").exists()  # no second W&B run of its own

@@ -1,0 +1,142 @@
+"""The ``sae-shards train`` command as a user meets it: config errors before anything runs, the
+closing report, strict JSON, the earlier run left alone, W&B names and groups in a sweep."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae_shards.capture.buffer import check_buffer_memory
+from sae_shards.cli import main
+from sae_shards.core.checkpoint import save_checkpoint
+from sae_shards.core.sae import LowRankSAE
+from sae_shards.core.sae_config import SAEConfig
+from sae_shards.core.targets import make_targets
+from sae_shards.run.config import CaptureConfig, JobConfig, LoggingConfig, RLConfig, RunnerConfig
+from sae_shards.run.config import TaskConfig
+from sae_shards.run.job import run_job
+from sae_shards.run.tracking import artifact_name
+
+from helpers import offline_run
+
+TINY = ["rl.max_steps=6", "runner.min_samples=2", "runner.sae_steps_per_rl_step=1",
+        "task.n_prompts=32", "logging=disabled"]
+
+
+def _no_nan(text: str) -> dict:
+    def refuse(token):
+        raise AssertionError(f"summary.json holds {token}, which is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_model_hf_path_without_a_path_is_a_config_error(tmp_path, capsys):
+    assert main(["train", "model=hf_path", f"run_dir={tmp_path / 'r'}", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "config error: model.path has no value" in err
+    assert not (tmp_path / "r" / "model").exists()  # the tiny model was not built instead
+
+
+@pytest.mark.parametrize("override,hint", [
+    ("max_steps=10", "did you mean rl.max_steps?"),
+    ("rl.max_step=10", "did you mean rl.max_steps?"),
+    ("sae.n_latent=8", "did you mean sae.n_latents?"),
+])
+def test_typo_override_names_the_closest_field(tmp_path, capsys, override, hint):
+    assert main(["train", override, f"run_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert "sae-shards: config error:" in err and hint in err
+    assert "+" + override.split("=")[0] not in err  # not Hydra's "append with +" advice
+    assert not (tmp_path / "r").exists()
+
+
+def test_finished_run_reports_and_a_refused_rerun_keeps_its_files(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", f"run_dir={run}", "seed=3", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "dead latents" in out and f"next: sae-shards analyze {run}" in out
+    assert "activations.safetensors" in out and "checkpoints/" in out
+    summary = _no_nan((run / "summary.json").read_text())  # fvu_heldout is null, not NaN
+    assert summary["fvu_heldout"] is None and summary["rl_steps"] == 6
+    hydra_cfg = (run / ".hydra" / "config.yaml").read_text()
+    assert "seed: 3" in hydra_cfg
+
+    assert main(["train", f"run_dir={run}", "seed=4", *TINY]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / ".hydra" / "config.yaml").read_text() == hydra_cfg  # the earlier run's own
+
+
+def _short_job(run_dir: Path, **runner) -> JobConfig:
+    return JobConfig(run_dir=str(run_dir), task=TaskConfig(n_prompts=32),
+                     rl=RLConfig(max_steps=6), logging=LoggingConfig(mode="disabled"),
+                     runner=RunnerConfig(**{"sae_steps_per_rl_step": 1, **runner}))
+
+
+def test_console_reward_is_the_named_steps(tmp_path, caplog):
+    run = tmp_path / "r"
+    with caplog.at_level(logging.INFO, logger="sae_shards"):
+        run_job(_short_job(run, min_samples=2), run)
+    rows = {r["step"]: r for r in map(json.loads, (run / "rollouts.jsonl").read_text().splitlines())}
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("RL step ")]
+    assert len(lines) == 6
+    for line in lines:
+        step = int(line.split()[2].split("/")[0])
+        reward = float(line.split("reward ")[1].split()[0])
+        assert reward == pytest.approx(sum(rows[step]["rewards"]) / len(rows[step]["rewards"]),
+                                       abs=1e-3)  # printed with 3 decimals
+
+
+def test_run_shorter_than_the_warm_up_says_so(tmp_path):
+    run = tmp_path / "r"
+    summary = run_job(_short_job(run, min_samples=8), run)  # 6 RL steps < 8 samples
+    assert summary["sae_steps"] == 0
+    assert "the SAE never trained" in summary["warning"] and "runner.min_samples=8" in summary["warning"]
+    stored = _no_nan((run / "summary.json").read_text())
+    assert stored["fvu_first"] is None and stored["warning"] == summary["warning"]
+
+
+def test_buffer_error_suggests_a_value_the_config_accepts():
+    specs = make_targets({"w": (64, 64)}, rank=1)
+    with pytest.raises(ValueError) as e:
+        check_buffer_memory(specs, 100, torch.float32, budget_bytes=1_000_000)
+    suggested = [ln for ln in str(e.value).splitlines() if "storage_dtype=" in ln]
+    assert suggested
+    value = suggested[0].split("storage_dtype=")[1].split(":")[0]
+    assert CaptureConfig(storage_dtype=value).storage_dtype == "bfloat16"
+
+
+def test_shard_files_are_readable_by_others(tmp_path):
+    old = os.umask(0o022)
+    try:
+        sae = LowRankSAE(make_targets({"w": (4, 3)}, rank=1), SAEConfig(n_latents=2, k=1))
+        path = save_checkpoint(tmp_path / "ckpt", sae)
+    finally:
+        os.umask(old)
+    for f in [path, *path.iterdir()]:
+        assert f.stat().st_mode & 0o044 == 0o044, (f, oct(f.stat().st_mode))
+
+
+def test_artifact_names_are_valid():
+    assert artifact_name("shards-sae.k=2,sae.rank=1") == "shards-sae.k-2-sae.rank-1"
+    assert artifact_name("shards-run") == "shards-run"
+
+
+def test_multirun_jobs_share_a_wandb_group(tmp_path):
+    sweep = tmp_path / "k_sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sae_shards.cli", "train", "-m", "sae.k=1,2", f"run_dir={sweep}",
+         *[o for o in TINY if not o.startswith("logging")], "logging=offline"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [next(sweep.glob(f"*sae.k={k}*")) for k in (1, 2)]  # named after their overrides
+    runs = [offline_run(job) for job in jobs]
+    assert [r["group"] for r in runs] == ["k_sweep", "k_sweep"]
+    for job, run in zip(jobs, runs):
+        (name,) = run["artifacts"]
+        assert "=" in job.name and name == artifact_name(f"shards-{job.name}")

@@ -1,0 +1,112 @@
+"""Default targets and weight layouts by module type, across families and with LoRA."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import pytest
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from sae_shards.capture.selection import (
+    LoraTarget,
+    block_lists,
+    default_targets,
+    glob_escape,
+    output_axis,
+    select_targets,
+    weight_layout,
+)
+from sae_shards.recipe.models import tiny_model_and_tokenizer
+
+LLAMA_LIKE = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+GPT2 = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+
+
+def _expected(prefix: str, leaves: list[str], n_layers: int = 2) -> list[str]:
+    return [f"{prefix}.{i}.{leaf}.weight" for i in range(n_layers) for leaf in leaves]
+
+
+@pytest.mark.parametrize("arch, prefix, leaves, axis", [
+    ("qwen2", "model.layers", LLAMA_LIKE, 0),
+    ("llama", "model.layers", LLAMA_LIKE, 0),
+    ("gpt2", "transformer.h", GPT2, 1),
+])
+def test_default_targets_by_module_type(arch, prefix, leaves, axis):
+    model, _ = tiny_model_and_tokenizer(arch=arch)
+    targets = default_targets(model)
+    assert block_lists(model) == [prefix]
+    assert targets == _expected(prefix, leaves)  # no embeddings, lm_head, norms or biases
+    assert list(select_targets(model, targets)) == targets  # usable as capture.targets as is
+    assert {output_axis(model, n) for n in targets} == {axis}
+
+
+def test_output_axis_follows_the_layer_type():
+    model, _ = tiny_model_and_tokenizer(arch="gpt2")
+    c_proj = model.transformer.h[0].attn.c_proj
+    assert weight_layout(c_proj) == "in_out" and c_proj.weight.shape == (64, 64)  # square
+    assert output_axis(model, "transformer.h.0.mlp.c_proj.weight") == 1  # [128 in, 64 out]
+    assert output_axis(model, "lm_head.weight") == 0  # an nn.Linear outside the blocks
+    assert weight_layout(nn.Linear(3, 2)) == "out_in"
+    assert weight_layout(Conv1D(2, 3)) == "in_out"
+    assert weight_layout(nn.LayerNorm(3)) is None
+    with pytest.raises(ValueError, match=r"'transformer.ln_f.weight' is not the weight of an "
+                                         r"nn.Linear or Conv1D.*c_attn"):
+        output_axis(model, "transformer.ln_f.weight")
+
+
+def test_lora_default_targets_are_the_adapted_base_weights():
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_model_and_tokenizer(arch="qwen2")
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    targets = default_targets(peft_model)
+    assert targets == _expected("model.layers", ["self_attn.q_proj", "mlp.down_proj"])
+    selected = select_targets(peft_model, targets)
+    assert list(selected) == targets
+    assert all(isinstance(t, LoraTarget) for t in selected.values())
+    assert {output_axis(peft_model, n) for n in targets} == {0}
+
+
+def test_nothing_capturable_or_no_blocks_is_an_error():
+    model, _ = tiny_model_and_tokenizer(arch="llama")
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"no block matrix.*capture.targets"):
+        default_targets(model)
+    flat = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"no transformer block list.*capture.targets"):
+        default_targets(flat)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(4, 4)
+        self.experts = nn.ModuleList(nn.Linear(4, 4, bias=False) for _ in range(2))
+
+
+class _MoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.blocks = nn.ModuleList(_Block() for _ in range(2))
+        self.head = nn.Linear(4, 10)
+
+
+def test_block_list_is_the_outermost_one():
+    model = _MoE()
+    assert block_lists(model) == ["blocks"]  # not each block's list of experts
+    assert default_targets(model) == [
+        f"blocks.{i}.{leaf}.weight" for i in range(2)
+        for leaf in ("attn", "experts.0", "experts.1")
+    ]
+
+
+def test_glob_escape_matches_exactly_the_name():
+    name = "odd[0].w*?"
+    pattern = glob_escape(name)
+    assert fnmatch.fnmatchcase(name, pattern)
+    assert not fnmatch.fnmatchcase("odd0.wxy", pattern)
+    assert glob_escape("model.layers.0.mlp.down_proj.weight") == (
+        "model.layers.0.mlp.down_proj.weight")
