@@ -8,8 +8,8 @@ ends the command with ``sae-shards: config error: <field, value, fix>`` and exit
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,8 +85,7 @@ def check_overrides(args: list[str]) -> None:
 
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
     try:
-        overrides = OverridesParser.create().parse_overrides(
-            [a for a in args if not a.startswith("-")])
+        overrides = OverridesParser.create().parse_overrides(_override_args(args))
     except Exception as e:  # Hydra's grammar errors say what is wrong with the override
         raise ConfigError(str(e)) from e
     for o in overrides:
@@ -96,6 +95,25 @@ def check_overrides(args: list[str]) -> None:
         problem = unknown_key_error(key, JobConfig)
         if problem:
             raise ConfigError(problem)
+
+
+_VALUED_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                 "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+"""Hydra's flags that take the next argument as their value (``--cfg job``)."""
+
+
+def _override_args(args: list[str]) -> list[str]:
+    """The overrides among ``sae-shards train``'s arguments (Hydra's flags and their values
+    left out)."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in _VALUED_FLAGS
+        else:
+            out.append(arg)
+    return out
 
 
 def _hydra_files(cfg) -> dict[str, str]:
@@ -118,6 +136,10 @@ def _closing_lines(summary: dict, run_dir: Path) -> list[str]:
              f"fvu {fig('fvu_first')} -> {fig('fvu_last')}  |  dead latents {fig('dead_frac')}"]
     if summary.get("warning"):
         lines.append(f"  warning: {summary['warning']}")
+    if summary.get("interrupted"):
+        lines[0] = lines[0].replace("run finished", "run interrupted")
+        lines.append(f"  the run stopped early, checkpointed at {summary['final_checkpoint']}; "
+                     f"continue it with: sae-shards train run_dir={run_dir} resume=true")
     files = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir()
                    if not p.name.startswith("."))
     lines += [f"  run directory {run_dir}: {', '.join(files)}",
@@ -131,6 +153,7 @@ def _train(args: list[str]) -> int:
     from hydra.types import RunMode
 
     from sae_shards.run.job import JobSetupError, run_job
+    from sae_shards.run.rundir import RunWriteError
 
     try:
         check_overrides(args)
@@ -138,6 +161,7 @@ def _train(args: list[str]) -> int:
         print(f"sae-shards: config error: {e}", file=sys.stderr)
         return 2
     failures: list[str] = []
+    interrupted: list[int] = []
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
     def train_main(cfg) -> None:
@@ -157,15 +181,25 @@ def _train(args: list[str]) -> int:
         except JobSetupError as e:
             failures.append(f"cannot start: {e}")
             return
+        except RunWriteError as e:
+            failures.append(f"stopped: {e}")
+            return
+        except KeyboardInterrupt:
+            failures.append(f"stopped at once by a second signal; resume from the last "
+                            f"checkpoint with: sae-shards train run_dir={run_dir} resume=true")
+            interrupted.append(signal.SIGINT)
+            return
         print("\n".join(_closing_lines(summary, run_dir)))
+        if summary.get("interrupted"):
+            interrupted.append(summary["stop_signal"] or signal.SIGTERM)
 
     sys.argv = ["sae-shards train", *args]
     train_main()
-    if failures:
-        for msg in failures:
-            print(f"sae-shards: {msg}", file=sys.stderr)
-        return 2
-    return 0
+    for msg in failures:
+        print(f"sae-shards: {msg}", file=sys.stderr)
+    if interrupted:  # the shell's convention for a process ended by a signal
+        return 128 + int(interrupted[0])
+    return 2 if failures else 0
 
 
 def _set_threads(n: int) -> None:
@@ -187,15 +221,34 @@ def _analyze(args: list[str]) -> int:
     parser.add_argument("--no-dose", action="store_true", help="skip logit lens and dose-response")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (explicit: "
                         "default counts oversubscribe small CPUs)")
+    parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     ns = parser.parse_args(args)
     _set_threads(ns.threads)
     try:
-        out = analyze(ns.run_dir, ns.out, n_shards=ns.shards, dose=not ns.no_dose)
+        name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
+        out = analyze(ns.run_dir, ns.out, n_shards=ns.shards, dose=not ns.no_dose,
+                      checkpoint=name)
     except CheckpointError as e:
         print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
         return 2
     print(out)
     return 0
+
+
+CHECKPOINT_HELP = ("checkpoint to read: final or step_XXXXXX (default: final, or the newest step "
+                   "of an interrupted run)")
+
+
+def _announce_checkpoint(run_dir: Path, checkpoint: str | None) -> str:
+    """The checkpoint to read, said on stderr when it is not the final one."""
+    from sae_shards.run.rundir import latest_checkpoint
+
+    name = checkpoint or latest_checkpoint(run_dir)
+    if name != "final":
+        print(f"sae-shards: reading checkpoint {name} of {run_dir}"
+              + ("" if checkpoint else " (the run has no final checkpoint: interrupted?)"),
+              file=sys.stderr)
+    return name
 
 
 def _evaluate(args: list[str]) -> int:
@@ -211,11 +264,13 @@ def _evaluate(args: list[str]) -> int:
                         help="use only RL steps >= this one (task directions drift)")
     parser.add_argument("--no-steering", action="store_true", help="skip steering selectivity")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     ns = parser.parse_args(args)
     _set_threads(ns.threads)
     try:
+        name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
         result = evaluate_run(ns.run_dir, n_null=ns.n_null, from_step=ns.from_step,
-                              steering=not ns.no_steering)
+                              steering=not ns.no_steering, checkpoint=name)
     except CheckpointError as e:
         print(f"sae-shards: cannot evaluate {ns.run_dir}: {e}", file=sys.stderr)
         return 2

@@ -4,13 +4,8 @@ import threading
 import pytest
 import torch
 
-from sae_shards.capture.buffer import (
-    DeltaRingBuffer,
-    StepMeta,
-    buffer_memory_bytes,
-    check_buffer_memory,
-    default_memory_budget,
-)
+from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
+from sae_shards.capture.memory import buffer_memory_bytes, check_buffer_memory, default_memory_budget
 from sae_shards.core.targets import TargetSpec
 
 TARGETS = [TargetSpec("w", (4, 3), rank=1), TargetSpec("b", (5,))]

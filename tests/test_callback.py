@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from sae_shards import RunView, ShardCallback, ShardSet
 from sae_shards.cli import main as cli_main
@@ -122,3 +125,56 @@ def test_sae_figures_join_the_trainers_wandb_run(tiny_model, tmp_path, monkeypat
     assert {"sae/fvu", "sae/step", "train/reward"} <= keys
     assert artifacts == ["shards-run"]
     assert not (tmp_path / "run" / "wandb").exists()  # no second W&B run of its own
+
+
+class _StopAt(TrainerCallback):
+    """Asks the ShardCallback to stop after RL step ``step`` (as a SIGTERM handler would)."""
+
+    def __init__(self, shards: ShardCallback, step: int) -> None:
+        self.shards, self.step = shards, step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            self.shards.request_stop()
+
+
+def _user_trainer(tiny_model, out_dir, callbacks):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from sae_shards.recipe.tasks import build_task
+
+    task = build_task("letters", target_length=8)
+    config = GRPOConfig(output_dir=str(out_dir), max_steps=10, learning_rate=3e-4, seed=3,
+                        per_device_train_batch_size=8, num_generations=4,
+                        max_completion_length=8, use_cpu=True, bf16=False, report_to="none",
+                        save_strategy="steps", save_steps=5, logging_steps=1,
+                        disable_tqdm=True)
+    return GRPOTrainer(model=str(tiny_model), reward_funcs=task.reward_funcs, args=config,
+                       train_dataset=Dataset.from_dict(task.dataset(64).to_dict()),
+                       callbacks=callbacks)
+
+
+def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path):
+    """request_stop at step 7 checkpoints both sides; ShardCallback(resume=True) plus TRL's
+    resume_from_checkpoint=True ends with the uninterrupted run's shards, bit for bit."""
+    torch.manual_seed(0)
+    whole = ShardCallback(run_dir=tmp_path / "whole", runner={"min_samples": 2})
+    _user_trainer(tiny_model, tmp_path / "trl_whole", [whole]).train()
+
+    torch.manual_seed(0)
+    first = ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2})
+    _user_trainer(tiny_model, tmp_path / "trl_cut", [first, _StopAt(first, 7)]).train()
+    assert first.summary["interrupted"] and first.summary["rl_steps"] == 7
+    assert (tmp_path / "trl_cut" / "checkpoint-7").is_dir()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        ShardCallback(run_dir=tmp_path / "cut")  # neither resume nor overwrite: refused
+    again = ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
+    _user_trainer(tiny_model, tmp_path / "trl_cut", [again]).train(resume_from_checkpoint=True)
+    assert again.summary["rl_steps"] == 10 and not again.summary["interrupted"]
+    a, b = (load_file(tmp_path / d / "checkpoints" / "final" / "sae.safetensors")
+            for d in ("whole", "cut"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    assert ((tmp_path / "whole" / "rollouts.jsonl").read_text()
+            == (tmp_path / "cut" / "rollouts.jsonl").read_text())

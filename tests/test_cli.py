@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_shards.capture.buffer import check_buffer_memory
+from sae_shards.capture.memory import check_buffer_memory
 from sae_shards.cli import main
 from sae_shards.core.checkpoint import save_checkpoint
 from sae_shards.core.sae import LowRankSAE
@@ -99,6 +99,7 @@ def test_run_shorter_than_the_warm_up_says_so(tmp_path):
     assert "the SAE never trained" in summary["warning"] and "runner.min_samples=8" in summary["warning"]
     stored = _no_nan((run / "summary.json").read_text())
     assert stored["fvu_first"] is None and stored["warning"] == summary["warning"]
+    assert main(["analyze", str(run), "--no-dose"]) == 0  # n/a where the FVU is null
 
 
 def test_buffer_error_suggests_a_value_the_config_accepts():
@@ -140,3 +141,10 @@ def test_multirun_jobs_share_a_wandb_group(tmp_path):
     for job, run in zip(jobs, runs):
         (name,) = run["artifacts"]
         assert "=" in job.name and name == artifact_name(f"shards-{job.name}")
+
+
+def test_hydra_flags_are_not_taken_for_overrides():
+    from sae_shards.cli import _override_args
+
+    assert _override_args(["--cfg", "job", "-m", "sae.k=1,2", "-cn", "config", "seed=1"]) == [
+        "sae.k=1,2", "seed=1"]

@@ -56,11 +56,27 @@ def test_default_config_equals_dataclass_defaults():
     ("runner.min_samples=300", r"runner.min_samples=300 exceeds .*capture.capacity=256"),
     ("runner.sae_start_step=150", r"runner.sae_start_step=150 is not before the last RL step"),
     ("task.n_prompts=1", r"task.n_prompts=1 is fewer than one optimizer step's prompts \(2"),
+    ("run_dir=", r"run_dir is empty"),
+    ("resume=true overwrite=true", r"resume=true and overwrite=true contradict"),
+    ("runner.worker_timeout_s=0", r"runner.worker_timeout_s=0.0 must be > 0"),
+    ("capture.outlier_ratio=0.5", r"capture.outlier_ratio=0.5 must be > 1"),
+    ("runner.concurrency=thread capture.capacity=9", r"capture.capacity=9 must exceed "
+                                                     r"runner.max_lag=8 \+ 1 in thread mode"),
+    ("runner.heldout_every=2 capture.capacity=12 runner.min_samples=8",
+     r"runner.min_samples=8 exceeds the trainable samples the buffer can hold \(6"),
+    ("rl.num_generations=1 rl.per_device_train_batch_size=4", r"rl.num_generations=1 must be >= 2"),
+    ("rl.algorithm=ppo", r"rl.algorithm='ppo' is not one of \['grpo', 'rloo'\]"),
+    ("capture.targets=[]", r"capture.targets is empty"),
+    ("capture.storage_dtype=bf16", r"capture.storage_dtype='bf16' is not one of \['float32', "
+                                   r"'bfloat16'\]"),
+    ("logging.mode=cloud", r"logging.mode='cloud' is not one of"),
+    ("device=tpu", r"device='tpu'; use auto, cpu or cuda"),
+    ("runner.heldout_every=1", r"runner.heldout_every=1 must be 0 \(none\) or >= 2"),
     ("sae.lr=fast", r"sae.lr: expected float, got str 'fast'"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
-        job_config_from_hydra(_compose([override]))
+        job_config_from_hydra(_compose(override.split()))
 
 
 def test_cli_reports_config_error_without_traceback(tmp_path):

@@ -52,8 +52,9 @@ def test_short_job_writes_loadable_shards(tmp_path, concurrency):
     assert loaded.sae.input_scale > 0
     with safe_open(run_dir / "checkpoints" / "final" / "sae.safetensors", "pt") as f:
         assert f.get_tensor("b_enc").shape == (64,)
+    # every runner.checkpoint_every steps, and at the last step (TRL saves there too)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "final", "step_000005", "step_000010"]
+        "final", "step_000005", "step_000010", "step_000012"]
 
     # rollouts: one row per RL step, with the prompts, completions, rewards and labels
     rows = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
@@ -184,6 +185,11 @@ def test_grpo_capture_equals_parameter_change(tmp_path, accumulation):
     ("model=hf_path model.path=/no/such/model", r"/no/such/model is not a directory"),
     ("capture.targets=[*no_such_weight*]", r"'\*no_such_weight\*' matches no .*model.layers.0"),
     ("capture.capacity=100000000", r"capture.capacity|bf16|bfloat16"),
+    ("+task.options.bogus=1", r"\['task.options.bogus'\] are not options of task 'letters'"),
+    ("task=multiskill task.options.schedule=weekly", r"task.options.schedule='weekly' is unknown"),
+    ("+rl.extra.save_steps=3", r"\['save_steps'\] are set by sae-shards from "
+                                r"runner.checkpoint_every"),
+    ("resume=true", r"resume=true but run_dir=.* holds no resumable run"),
 ])
 def test_setup_errors_are_reported_cleanly(tmp_path, override, message):
     proc = subprocess.run(

@@ -4,7 +4,6 @@ in which every optimizer step's recorded rollouts carry exactly the scheduled ta
 from __future__ import annotations
 
 import itertools
-import json
 
 import pytest
 import torch

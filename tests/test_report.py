@@ -51,4 +51,4 @@ def test_analyze_cli_reports_a_bad_run_dir(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sae_shards.cli", "analyze", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "cannot analyze" in proc.stderr and "no such checkpoint directory" in proc.stderr
+    assert "cannot analyze" in proc.stderr and "no checkpoint (neither final/ nor step_XXXXXX/)" in proc.stderr

@@ -1,5 +1,7 @@
 """SAEWorkLoop: when the SAE trains, on which buffered steps (no RL: the buffer is fed directly)."""
 
+import threading
+
 import torch
 
 from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
@@ -58,3 +60,24 @@ def test_windowed_sae_trains_only_on_the_last_capacity_steps():
         window = [s for s in range(step - 7, step + 1) if s % 4 != 0]
         assert steps == window, (step, steps)  # 20 batches of 4 hit every slot of the window
     assert loop.activations.rl_step == list(range(11, 25))  # recorded once the SAE has data
+
+
+def test_a_hung_worker_stops_the_run_instead_of_blocking_rl():
+    import time
+
+    import pytest
+
+    from sae_shards.capture.runner import SAEWorkerError, ThreadRunner
+
+    buffer = DeltaRingBuffer(TARGETS, capacity=16, device="cpu")
+    trainer = SAETrainer(LowRankSAE(TARGETS, SAEConfig(n_latents=4, k=1, batch_size=4)))
+    loop = SAEWorkLoop(trainer, buffer, RunnerConfig(max_lag=1), torch.Generator().manual_seed(0))
+    hang = threading.Event()
+    loop.process = lambda slot: hang.wait(30)  # an SAE step that never returns
+    runner = ThreadRunner(loop, max_lag=1, timeout_s=0.5)
+    start = time.monotonic()
+    with pytest.raises(SAEWorkerError, match=r"runner.worker_timeout_s=0.5"):
+        for slot in range(10):  # the queue fills; RL must not wait forever
+            runner.on_push(slot)
+    assert time.monotonic() - start < 5
+    hang.set()

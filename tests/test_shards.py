@@ -80,12 +80,29 @@ def test_run_view_joins_steps_with_rollouts(run_dir):
 
 
 def test_malformed_run_dir_errors(tmp_path, run_dir):
-    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+    with pytest.raises(CheckpointError, match=r"no checkpoint \(neither final/ nor step_XXXXXX/\)"):
         ShardSet.from_run(tmp_path)
     broken = tmp_path / "copy"
     import shutil
 
     shutil.copytree(run_dir, broken)
-    (broken / "rollouts.jsonl").write_text('{"step": 1}\nnot json\n')
+    (broken / "rollouts.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(CheckpointError, match=r"rollouts.jsonl:2: not valid JSON"):
         RunView(broken)
+
+
+def test_a_torn_last_log_line_is_dropped_and_a_torn_middle_line_named(run_dir, tmp_path):
+    import shutil
+
+    from sae_shards.core.checkpoint import CheckpointError
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    rollouts = copy / "rollouts.jsonl"
+    whole = rollouts.read_text()
+    rollouts.write_text(whole + '{"step": 13, "prompts": ["<A> ab')  # killed mid-write
+    assert sorted(RunView(copy).rollouts) == list(range(1, 13))
+    lines = whole.splitlines()
+    rollouts.write_text("\n".join(lines[:3] + ['{"step": 4, "pro'] + lines[4:]) + "\n")
+    with pytest.raises(CheckpointError, match=r"rollouts.jsonl:4: not valid JSON"):
+        RunView(copy)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sae_shards.recipe.models import build_tokenizer
-from sae_shards.recipe.tasks import Task, build_task
+from sae_shards.recipe.tasks import build_task
 
 
 def test_reward_known_values():

@@ -152,10 +152,11 @@ def lens_rows(model, tokenizer, shard, top_k: int) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------- the report
 def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 4,
+            checkpoint: str | None = None,
             top_k: int = 5, dose: bool = True, alphas=DEFAULT_ALPHAS,
             n_prompts: int = 32) -> Path:
     """Write the HTML report of a run (default ``run_dir/report.html``) and ``analysis.json``."""
-    view = RunView(run_dir)
+    view = RunView(run_dir, checkpoint)
     out = Path(out) if out else view.run_dir / "report.html"
     shards = top_shards(view, n_shards)
     summary_file = view.run_dir / "summary.json"
@@ -166,8 +167,9 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     parts = [_section("summary", "Run", _summary_html(view, summary, shards))]
     parts.append(_section("sae-curves", "SAE training", plot_sae_curves(view)))
     parts.append(_section("reward", "Reward", plot_reward(view)))
+    untrained = "<p>No activations: the SAE never trained (see the run's summary).</p>"
     parts.append(_section("timeline", "Shard timeline (top shards, final SAE)",
-                          plot_timeline(view, shards)))
+                          plot_timeline(view, shards) if shards else untrained))
     parts.append(_section("norms", "Per-target norms of the top shards", plot_norms(view, shards)))
     parts.append(_section("rollouts", "Top rollouts per shard", _rollouts_html(view, shards, top_k)))
 
@@ -219,6 +221,8 @@ def _summary_html(view: RunView, summary: dict, shards: list[int]) -> str:
     meta = view.shards.meta
     rows = {
         "run dir": str(view.run_dir), "model": meta.get("model_id"), "source": meta.get("source"),
+        "checkpoint": view.checkpoint + (" (the run was interrupted)"
+                                         if summary.get("interrupted") else ""),
         "RL steps": summary.get("rl_steps"), "SAE steps": summary.get("sae_steps"),
         "reward first/last 20%": _pair(summary, "reward_first", "reward_last"),
         "FVU first/last 10%": _pair(summary, "fvu_first", "fvu_last"),
@@ -233,9 +237,10 @@ def _summary_html(view: RunView, summary: dict, shards: list[int]) -> str:
 
 
 def _pair(d: dict, a: str, b: str) -> str:
-    if a not in d:
-        return "n/a"
-    return f"{d[a]:.3f} → {d[b]:.3f}"
+    """``first → last`` of two figures; n/a for a figure that is missing or null (e.g. the FVU
+    of an SAE that never trained)."""
+    fig = lambda key: "n/a" if d.get(key) is None else f"{d[key]:.3f}"  # noqa: E731
+    return f"{fig(a)} → {fig(b)}"
 
 
 def _rollouts_html(view: RunView, shards: list[int], top_k: int) -> str:

@@ -5,7 +5,7 @@ scaled units (the same direction in parameter units). ``Shard.dense()`` material
 parameter name; ``scaled=True`` multiplies by the shard's typical coefficient in parameter units
 (``mean |activation| * input_scale``), i.e. "one typical RL update's worth" of that shard.
 
-Everything is read from safetensors and JSON; nothing is unpickled.
+Everything is read from safetensors and JSON: loading never runs code from a file.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from sae_shards.core.checkpoint import CheckpointError, load_checkpoint, read_tensors
+from sae_shards.run import rundir
 from sae_shards.core.sae import LowRankSAE
 
 
@@ -75,9 +76,12 @@ class ShardSet:
         return cls(loaded.sae, loaded.config, loaded.stats, loaded.path)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, checkpoint: str = "final") -> "ShardSet":
-        """The shards of a run's checkpoint (default ``checkpoints/final``)."""
-        return cls.load(Path(run_dir) / "checkpoints" / checkpoint)
+    def from_run(cls, run_dir: str | Path, checkpoint: str | None = None) -> "ShardSet":
+        """The shards of a run's checkpoint: ``final``, ``step_XXXXXX``, or None for the newest
+        (``final`` when the run finished, its last step checkpoint when it was interrupted)."""
+        run_dir = Path(run_dir)
+        name = checkpoint or rundir.latest_checkpoint(run_dir)
+        return cls.load(run_dir / rundir.CHECKPOINTS / name)
 
     # ---- container protocol
     def __len__(self) -> int:
@@ -134,16 +138,22 @@ class ShardSet:
 class RunView:
     """A finished run: its shards plus which RL steps and rollouts activated each of them."""
 
-    def __init__(self, run_dir: str | Path, checkpoint: str = "final") -> None:
+    def __init__(self, run_dir: str | Path, checkpoint: str | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self.shards = ShardSet.from_run(self.run_dir, checkpoint)
-        acts_file = self.run_dir / "activations.safetensors"
+        self.checkpoint = checkpoint or rundir.latest_checkpoint(self.run_dir)
+        """The checkpoint read: ``final``, or the newest step of an interrupted run."""
+        self.shards = ShardSet.from_run(self.run_dir, self.checkpoint)
+        acts_file = self.run_dir / rundir.ACTIVATIONS
+        if not acts_file.is_file():
+            raise CheckpointError(
+                f"{acts_file}: missing: the run ended without writing it (killed?); finish it "
+                "with resume=true, or load its shards alone with ShardSet.from_run")
         self.activations = read_tensors(acts_file, expect_version=True)
         for key in ("final.rl_step", "final.indices", "final.values"):
             if key not in self.activations:
                 raise CheckpointError(f"{acts_file}: missing tensor {key!r}")
-        self.rollouts = _read_jsonl(self.run_dir / "rollouts.jsonl", key="step")
-        metrics = _read_jsonl(self.run_dir / "metrics.jsonl")
+        self.rollouts = {r["step"]: r for r in rundir.read_jsonl(self.run_dir / rundir.ROLLOUTS)}
+        metrics = rundir.read_jsonl(self.run_dir / rundir.METRICS)
         self.rl_metrics = [r for r in metrics if r.get("kind") == "rl"]
         self.sae_metrics = [r for r in metrics if r.get("kind") == "sae"]
 
@@ -177,18 +187,6 @@ class RunView:
             out.append({"rl_step": step, "activation": float(a[i]),
                         "rollout": self.rollouts.get(step)})
         return out
-
-
-def _read_jsonl(path: Path, key: str | None = None):
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; is this a sae-shards run directory?")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}:{n}: not valid JSON ({e})") from e
-    return {r[key]: r for r in rows} if key else rows
 
 
 class RunModels(NamedTuple):

@@ -16,6 +16,7 @@ earlier read before the next overwrite, whichever streams the two threads use.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from dataclasses import dataclass
@@ -23,10 +24,9 @@ from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
-from sae_shards.core.targets import TargetSpec, total_numel
+from sae_shards.core.targets import TargetSpec
 
 STORAGE_DTYPES = (torch.float32, torch.bfloat16)
-_GIB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class DeltaRingBuffer:
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capture.capacity must be >= 1 slot, got {capacity}")
-        _check_storage_dtype(dtype)
+        check_storage_dtype(dtype)
         names = [t.name for t in targets]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"buffer targets must be non-empty and unique, got {names}")
@@ -226,6 +226,41 @@ class DeltaRingBuffer:
         """Samples ever committed (including those since overwritten)."""
         return self._n_pushed
 
+    # ---- resume -----------------------------------------------------------------------------
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything needed to rebuild the buffer: ``({"buffer.<target>": [capacity, *shape],
+        "buffer.filled", "buffer.heldout"}, {"next", "n_pushed", "meta": [StepMeta or None]})``
+        (tensors and JSON-able data only)."""
+        with self._lock:
+            if self._writing is not None:
+                raise RuntimeError(f"slot {self._writing} is being written; save between steps")
+            tensors = {f"buffer.{name}": data.detach().cpu() for name, data in self._data.items()}
+            tensors["buffer.filled"] = self._filled.clone()
+            tensors["buffer.heldout"] = self._heldout.clone()
+            meta = [None if m is None else dataclasses.asdict(m) for m in self._meta]
+            return tensors, {"next": self._next, "n_pushed": self._n_pushed, "meta": meta}
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor], info: Mapping) -> None:
+        """Restore what ``state`` returned (same targets, capacity and storage dtype)."""
+        for name, data in self._data.items():
+            saved = tensors[f"buffer.{name}"]
+            if tuple(saved.shape) != tuple(data.shape) or saved.dtype != data.dtype:
+                raise ValueError(
+                    f"saved buffer target {name!r} is {saved.dtype} {tuple(saved.shape)}, this "
+                    f"buffer {data.dtype} {tuple(data.shape)}: resume with the run's own "
+                    "capture.capacity, capture.storage_dtype and targets")
+        if len(info["meta"]) != self.capacity:
+            raise ValueError(f"saved buffer has {len(info['meta'])} slots, this one "
+                             f"{self.capacity}; resume with the run's own capture.capacity")
+        with self._lock:
+            for name, data in self._data.items():
+                data.copy_(tensors[f"buffer.{name}"])
+            self._filled.copy_(tensors["buffer.filled"])
+            self._heldout.copy_(tensors["buffer.heldout"])
+            self._meta = [None if m is None else _step_meta(m) for m in info["meta"]]
+            self._next, self._n_pushed = int(info["next"]), int(info["n_pushed"])
+
     @property
     def memory_bytes(self) -> int:
         """Bytes held by the sample storage."""
@@ -281,7 +316,14 @@ def _draw(
     return torch.cat([recent[pick_recent], committed[pick_all]])
 
 
-def _check_storage_dtype(dtype: torch.dtype) -> None:
+def _step_meta(saved: Mapping) -> StepMeta:
+    """A ``StepMeta`` from its saved JSON (NaN rewards were written as null)."""
+    nan_if_none = {k: math.nan if saved[k] is None else saved[k]
+                   for k in ("reward_mean", "reward_std")}
+    return StepMeta(**{**saved, **nan_if_none, "task_labels": tuple(saved["task_labels"])})
+
+
+def check_storage_dtype(dtype: torch.dtype) -> None:
     if dtype not in STORAGE_DTYPES:
         raise ValueError(
             f"capture.storage_dtype {dtype} is not supported; use float32 or bfloat16 "
@@ -290,96 +332,3 @@ def _check_storage_dtype(dtype: torch.dtype) -> None:
 
 
 # ---- memory budget ------------------------------------------------------------------------
-
-
-def buffer_memory_bytes(targets: Sequence[TargetSpec], capacity: int, dtype: torch.dtype) -> int:
-    """Bytes a ``DeltaRingBuffer`` of these targets allocates: ``capacity * D * bytes``."""
-    return int(capacity) * total_numel(targets) * torch.tensor([], dtype=dtype).element_size()
-
-
-def default_memory_budget(device: torch.device | str, fraction: float = 0.5) -> int:
-    """``fraction`` of the memory free now on ``device`` (CUDA: mem_get_info; CPU: MemAvailable)."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"memory budget fraction must be in (0, 1], got {fraction}")
-    device = torch.device(device)
-    match device.type:
-        case "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-        case "cpu":
-            free = _cpu_available_bytes()
-        case other:
-            raise ValueError(
-                f"no free-memory query for device type {other!r}; pass an explicit budget in bytes"
-            )
-    return int(free * fraction)
-
-
-def _cpu_available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # the file counts kB
-    except FileNotFoundError:
-        pass
-    raise ValueError(
-        "cannot read MemAvailable from /proc/meminfo on this system; pass an explicit "
-        "buffer memory budget in bytes"
-    )
-
-
-def check_buffer_memory(
-    targets: Sequence[TargetSpec],
-    capacity: int,
-    dtype: torch.dtype,
-    budget_bytes: int | None = None,
-    device: torch.device | str = "cpu",
-) -> int:
-    """Raise ``ValueError`` before training if the buffer would not fit; return its bytes.
-
-    ``budget_bytes=None`` means ``default_memory_budget(device)``. The error states the need, the
-    budget, and what each remedy (bf16 storage, smaller capacity, fewer targets) would give.
-    """
-    _check_storage_dtype(dtype)
-    needed = buffer_memory_bytes(targets, capacity, dtype)
-    budget = default_memory_budget(device) if budget_bytes is None else int(budget_bytes)
-    if needed <= budget:
-        return needed
-    raise ValueError(_memory_error(targets, capacity, dtype, needed, budget, torch.device(device)))
-
-
-def _memory_error(
-    targets: Sequence[TargetSpec],
-    capacity: int,
-    dtype: torch.dtype,
-    needed: int,
-    budget: int,
-    device: torch.device,
-) -> str:
-    per_slot = buffer_memory_bytes(targets, 1, dtype)
-    fits = budget // per_slot
-    lines = [
-        f"the delta buffer needs {needed / _GIB:.3f} GiB ({needed} bytes: capture.capacity="
-        f"{capacity} slots x {total_numel(targets)} entries x {per_slot // total_numel(targets)} "
-        f"bytes) but the budget on {device} is {budget / _GIB:.3f} GiB ({budget} bytes). To fit:",
-    ]
-    if dtype == torch.float32:
-        half = buffer_memory_bytes(targets, capacity, torch.bfloat16)
-        verdict = "fits" if half <= budget else "still too large"
-        lines.append(f"  - capture.storage_dtype=bfloat16: {half / _GIB:.3f} GiB ({verdict})")
-    if fits >= 1:
-        lines.append(
-            f"  - capture.capacity={fits}: {fits * per_slot / _GIB:.3f} GiB (the largest that fits)"
-        )
-    else:
-        lines.append(
-            f"  - capture.capacity: even 1 slot ({per_slot / _GIB:.3f} GiB) exceeds the budget"
-        )
-    biggest = sorted(targets, key=lambda t: t.numel, reverse=True)[:3]
-    costs = ", ".join(
-        f"{t.name} {buffer_memory_bytes([t], capacity, dtype) / _GIB:.3f} GiB" for t in biggest
-    )
-    lines.append(
-        f"  - fewer targets via capture.targets ({len(targets)} now); the largest cost: {costs}"
-    )
-    return "\n".join(lines)

@@ -16,6 +16,14 @@ activations, summary and (by default) the final policy, so ``sae-shards analyze`
 ``RunView`` read the directory exactly as they read one from ``sae-shards train``, which is a
 thin recipe over this callback. See ``run/rundir.py`` for the files.
 
+Checkpoints: whenever the trainer is about to save its own checkpoint (``control.should_save``)
+and every ``runner.checkpoint_every`` steps, the callback waits for the SAE worker and writes a
+resumable checkpoint of the SAE side (``capture/resume.py``). ``ShardCallback(..., resume=True)``
+with ``trainer.train(resume_from_checkpoint=...)`` continues a killed run from the step TRL
+resumes at. ``request_stop()`` (``sae-shards train`` calls it on SIGTERM/SIGINT) ends the run
+after the current step with a checkpoint of both sides; ``summary.json`` then says
+``"interrupted": true``.
+
 It sets no torch thread counts or seeds (the script's entry point does), and runs on the main
 process only (under DDP every rank holds the same parameters).
 """
@@ -33,14 +41,14 @@ from typing import Any, Mapping
 import torch
 from transformers import TrainerCallback
 
+from sae_shards.capture import resume as resume_state
 from sae_shards.capture.buffer import StepMeta
 from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.pipeline import Pipeline, build_pipeline
 from sae_shards.capture.rollouts import TRLRollouts, calling_trainer
-from sae_shards.capture.runner import ActivationLog
+from sae_shards.capture.summary import final_activations, heldout_fvu, run_summary
 from sae_shards.capture.selection import LoraTarget
 from sae_shards.core.checkpoint import save_checkpoint
-from sae_shards.core.metrics import evaluate_heldout
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.run import rundir
 from sae_shards.run.config import CaptureConfig, RunnerConfig, check_sae_window
@@ -65,7 +73,7 @@ class ShardCallback(TrainerCallback):
     context label, e.g. its task; used for ``rollouts.jsonl`` and the samples' metadata.
     ``save_model``: save the final policy (and tokenizer) to ``run_dir/final_model`` for the
     report's interventions. ``overwrite``: replace an earlier run in ``run_dir`` (otherwise
-    refused). ``run_config``: the job's whole config dict for ``config.json`` (``sae-shards
+    refused); ``resume``: continue it (see the module docstring). ``run_config``: the job's whole config dict for ``config.json`` (``sae-shards
     train`` passes it); ``logger``: a ``RunLogger`` to use instead of the trainer's W&B run;
     ``meta``: extra checkpoint metadata.
     """
@@ -88,6 +96,7 @@ class ShardCallback(TrainerCallback):
         save_model: bool = True,
         seed: int = 0,
         overwrite: bool = False,
+        resume: bool = False,
         run_config: Mapping[str, Any] | None = None,
         logger: RunLogger | None = None,
         meta: Mapping[str, Any] | None = None,
@@ -99,7 +108,8 @@ class ShardCallback(TrainerCallback):
                                 concurrency=concurrency, checkpoint_every=checkpoint_every)
         self.sae_cfg = _config(SAEConfig, sae, "sae")
         check_sae_window(self.capture_cfg, self.runner_cfg)
-        self.run_dir = rundir.prepare_run_dir(run_dir, overwrite)
+        self.run_dir = rundir.prepare_run_dir(run_dir, overwrite, resume)
+        self.resume = resume
         self.log_to_wandb = log_to_wandb
         self.label_column = label_column
         self.save_model = save_model
@@ -116,6 +126,9 @@ class ShardCallback(TrainerCallback):
         self._rewards: dict[int, float] = {}  # rl step -> mean reward of its rollouts
         self._fvu: list[float] = []
         self._t0 = math.nan
+        self.stop_signal: int | None = None
+        """Set by ``request_stop``: the run ends after the current step, checkpointed."""
+        self.last_checkpoint: Path | None = None
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -127,9 +140,10 @@ class ShardCallback(TrainerCallback):
             return
         device = next(model.parameters()).device
         self.parts = build_pipeline(model, self.capture_cfg, self.sae_cfg, self.runner_cfg, device,
-                                    self.seed, self._checkpoint)
+                                    self.seed)
         self.capture = DeltaCapture(self.parts.targets, self.parts.buffer, self.capture_cfg.source,
-                                    meta_fn=self._metas.pop, on_push=self.parts.runner.on_push)
+                                    meta_fn=self._metas.pop, on_push=self.parts.runner.on_push,
+                                    outlier_ratio=self.capture_cfg.outlier_ratio)
         self.rollouts = TRLRollouts(trainer, self.label_column) if trainer is not None else None
         self.meta = {"source": self.capture_cfg.source, "model_id": _model_id(model),
                      "run_dir": str(self.run_dir), "lora": self._is_lora(), **self.meta}
@@ -163,12 +177,27 @@ class ShardCallback(TrainerCallback):
                 "rl": {"algorithm": type(trainer).__name__ if trainer is not None else None,
                        "max_steps": getattr(args, "max_steps", None)}}
 
-    def _checkpoint(self, name: str, rl_step: int) -> Path:
-        sae_trainer = self.parts.trainer
-        return save_checkpoint(self.run_dir / rundir.CHECKPOINTS / name, self.parts.sae,
-                               sae_trainer.stats.as_tensors(),
-                               {**self.meta, "rl_step": rl_step, "sae_step": sae_trainer.n_steps},
-                               sae_trainer.state_tensors())
+    def _save_step(self, step: int) -> None:
+        """A resumable checkpoint of the SAE side at RL step ``step`` (the worker made idle)."""
+        self.parts.runner.wait_idle()
+        self._flush_sae_records()
+        self.last_checkpoint = resume_state.save_step(self.run_dir, step, self.parts,
+                                                      self.capture, self.meta)
+
+    def _restore(self, step: int) -> None:
+        """Continue from the checkpoint of RL step ``step``: SAE, buffer, logs, counters."""
+        resume_state.restore(self.run_dir, step, self.parts, self.capture)
+        for row in rundir.read_jsonl(self.run_dir / rundir.ROLLOUTS):
+            scored = [r for r in row["rewards"] if r is not None]
+            self._rewards[row["step"]] = statistics.fmean(scored) if scored else math.nan
+        self._fvu = [row["fvu"] for row in rundir.read_jsonl(self.run_dir / rundir.METRICS)
+                     if row.get("kind") == "sae"]
+        log.info("resumed from RL step %d (SAE step %d)", step, self.parts.trainer.n_steps)
+
+    def request_stop(self, signum: int = 0) -> None:
+        """End the run after the current optimizer step, with a checkpoint TRL and sae-shards
+        can resume from (thread-safe: a signal handler may call it)."""
+        self.stop_signal = signum
 
     # ---- events ------------------------------------------------------------------------------
 
@@ -178,6 +207,8 @@ class ShardCallback(TrainerCallback):
         self._t0 = time.perf_counter()
         if self.parts is None:
             self.setup(model, calling_trainer())
+        if self.resume:
+            self._restore(state.global_step)
         if self.logger is None:
             self.logger = (RunLogger.attach_active() if self.log_to_wandb and "wandb" in
                            (args.report_to or []) else RunLogger())
@@ -203,6 +234,11 @@ class ShardCallback(TrainerCallback):
         self.capture.on_step_end(args, state, control, **kwargs)
         self._metas.pop(step, None)  # not consumed when the capture skipped the step
         self._flush_sae_records()
+        if self.stop_signal is not None:  # TRL saves its checkpoint of this step, then stops
+            control.should_save = control.should_training_stop = True
+        every = self.runner_cfg.checkpoint_every
+        if control.should_save or (every and step % every == 0):
+            self._save_step(step)
         if step % max(1, state.max_steps // 10) == 0 or step == state.max_steps:
             fvu = self._fvu[-1] if self._fvu else math.nan
             log.info("RL step %d/%d  reward %.3f  |  SAE step %d  fvu %.3f", step,
@@ -222,11 +258,12 @@ class ShardCallback(TrainerCallback):
             return
         self.parts.runner.finish()
         self._flush_sae_records()
-        if self.save_model:
+        if self.save_model and self.stop_signal is None:
             out = self.run_dir / rundir.FINAL_MODEL
-            model.save_pretrained(str(out))
-            if processing_class is not None:
-                processing_class.save_pretrained(str(out))
+            with rundir.writing(out):
+                model.save_pretrained(str(out))
+                if processing_class is not None:
+                    processing_class.save_pretrained(str(out))
         self.summary = self._finish(self.parts.loop.last_rl_step)
 
     def close(self) -> None:
@@ -261,12 +298,20 @@ class ShardCallback(TrainerCallback):
     # ---- the end -----------------------------------------------------------------------------
 
     def _finish(self, rl_step: int) -> dict[str, Any]:
-        """Final checkpoint, activations, samples, summary and artifact."""
+        """Final checkpoint (an interrupted run keeps its last step checkpoint instead),
+        activations, samples, summary and artifact."""
         parts = self.parts
-        final = self._checkpoint("final", rl_step)
+        if self.stop_signal is None:
+            final = self.run_dir / rundir.CHECKPOINTS / "final"
+            with rundir.writing(final):
+                save_checkpoint(final, parts.sae, parts.trainer.stats.as_tensors(),
+                                {**self.meta, "rl_step": rl_step,
+                                 "sae_step": parts.trainer.n_steps})
+        else:
+            final = self.last_checkpoint
         rundir.save_activations(self.run_dir / rundir.ACTIVATIONS,
                                 {**parts.loop.activations.tensors("online"),
-                                 **self._final_activations().tensors("final")},
+                                 **final_activations(parts).tensors("final")},
                                 float(parts.sae.input_scale))
         slots = parts.buffer.chronological_slots()
         metas = [parts.buffer.metadata(s) for s in slots.tolist()]
@@ -276,53 +321,17 @@ class ShardCallback(TrainerCallback):
                                 {t.name: torch.cat([c[t.name] for c in chunks]) for t in parts.specs},
                                 [m.global_step for m in metas], [m.heldout for m in metas],
                                 [list(m.task_labels) for m in metas])
-        heldout = slots[torch.tensor([m.heldout for m in metas], dtype=torch.bool)]
-        trained = parts.sae.input_scale > 0
-        fvu_heldout = (evaluate_heldout(parts.sae, [parts.buffer.gather(c)
-                                                    for c in heldout.split(256)]).fvu
-                       if heldout.numel() >= 2 and trained else math.nan)
-        summary = self._summary(final, fvu_heldout, int(heldout.numel()))
+        fvu_heldout, n_heldout = heldout_fvu(parts)
+        rewards = [self._rewards[s] for s in sorted(self._rewards)]
+        summary = run_summary(parts, self.capture, self.runner_cfg, rewards, self._fvu, extra={
+            "interrupted": self.stop_signal is not None, "stop_signal": self.stop_signal,
+            "final_checkpoint": str(final), "fvu_heldout": fvu_heldout,
+            "heldout_samples": n_heldout, "wall_s": time.perf_counter() - self._t0,
+            **self.sizes})
         rundir.write_json(self.run_dir / rundir.SUMMARY, summary)
         self.logger.summary(summary)
         self.logger.log_artifact(final, f"shards-{self.run_dir.name}", {"rl_step": rl_step})
         self.logger.finish()
-        return summary
-
-    def _final_activations(self) -> ActivationLog:
-        """Every buffered sample encoded by the final SAE (empty if it never trained)."""
-        parts, out = self.parts, ActivationLog()
-        if parts.sae.input_scale > 0:
-            for chunk in parts.buffer.chronological_slots().split(64):
-                x = parts.sae.to_scaled(parts.buffer.gather(chunk))
-                steps = [parts.buffer.metadata(s).global_step for s in chunk.tolist()]
-                out.add(steps, parts.trainer.n_steps, parts.sae.encode(x))
-        return out
-
-    def _summary(self, final: Path, fvu_heldout: float, n_heldout: int) -> dict[str, Any]:
-        parts, cap = self.parts, self.capture
-        rewards = [self._rewards[s] for s in sorted(self._rewards)]
-        fifth, tenth = max(1, len(rewards) // 5), max(1, len(self._fvu) // 10)
-        summary = {
-            "rl_steps": parts.loop.last_rl_step, "sae_steps": parts.trainer.n_steps,
-            "reward_first": _mean(rewards[:fifth]), "reward_last": _mean(rewards[-fifth:]),
-            "fvu_first": _mean(self._fvu[:tenth]), "fvu_last": _mean(self._fvu[-tenth:]),
-            "fvu_heldout": fvu_heldout, "heldout_samples": n_heldout,
-            "captured": cap.n_captured, "zero_samples": cap.n_zero,
-            "nonfinite_samples": cap.n_nonfinite, "skipped_steps": cap.n_skipped,
-            "sae_rejected_nonfinite": parts.trainer.n_rejected_nonfinite,
-            "sae_skipped_zero": parts.trainer.n_skipped_zero,
-            "dead_frac": float(parts.trainer.stats.dead_mask(self.sae_cfg.dead_after)
-                               .float().mean()),
-            "final_checkpoint": str(final), "wall_s": time.perf_counter() - self._t0,
-            **self.sizes,
-        }
-        if parts.trainer.n_steps == 0:
-            summary["warning"] = (
-                f"the SAE never trained: {cap.n_captured} samples were captured, but it starts "
-                f"once runner.min_samples={self.runner_cfg.min_samples} trainable samples are "
-                f"buffered and RL reaches runner.sae_start_step={self.runner_cfg.sae_start_step}; "
-                "run more RL steps or lower them. The checkpoint holds the random initialisation")
-            log.warning("%s", summary["warning"])
         return summary
 
 
@@ -350,8 +359,3 @@ def _with(cfg: Any, **shortcuts: Any) -> Any:
 def _model_id(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     return str(getattr(config, "_name_or_path", "") or type(model).__name__)
-
-
-def _mean(xs: list[float]) -> float:
-    xs = [x for x in xs if not math.isnan(x)]
-    return statistics.fmean(xs) if xs else math.nan

@@ -99,6 +99,7 @@ class DeltaCapture(TrainerCallback):
         source: str = "update",
         meta_fn: Callable[[int], StepMeta] | None = None,
         on_push: Callable[[int], None] | None = None,
+        outlier_ratio: float = 0.0,
     ) -> None:
         match source:
             case "update" | "grad" | "precond" | "deconv":
@@ -125,6 +126,12 @@ class DeltaCapture(TrainerCallback):
         """Samples pushed whose every entry is zero (e.g. all rewards of every group equal)."""
         self.n_nonfinite = 0
         """Samples skipped because an entry was nan or inf."""
+        self.outlier_ratio = outlier_ratio
+        """Skip a sample whose norm exceeds this multiple of the running RMS norm (0: never)."""
+        self.n_outliers = 0
+        """Samples skipped as outliers (``outlier_ratio``)."""
+        self._sq_norm_mean = 0.0  # running mean of the accepted samples' squared norms
+        self._n_norms = 0
         self.n_skipped = 0
         """``deconv`` steps that could not be inverted (learning rate 0 at the step or the one
         before, or the first step after a resume)."""
@@ -248,6 +255,15 @@ class DeltaCapture(TrainerCallback):
                 state.global_step, self.source, self.n_nonfinite,
             )
             return
+        if self._is_outlier(norm):
+            self.buffer.abort(slot)
+            self.n_outliers += 1
+            logger.warning(
+                "step %d: the %s sample's norm %.3g is over capture.outlier_ratio=%g times the "
+                "running RMS %.3g; skipped (%d so far)", state.global_step, self.source, norm,
+                self.outlier_ratio, math.sqrt(self._sq_norm_mean), self.n_outliers,
+            )
+            return
         self.last_norm = norm
         self.n_zero += int(norm == 0.0)
         meta = self.meta_fn(state.global_step) if self.meta_fn else StepMeta(state.global_step)
@@ -255,6 +271,29 @@ class DeltaCapture(TrainerCallback):
         self.n_captured += 1
         if self.on_push is not None:
             self.on_push(slot)
+
+    def _is_outlier(self, norm: float) -> bool:
+        """Compare with the running RMS of accepted norms (from the 4th sample on); a sample
+        that passes updates it (arithmetic mean over the first 50, then an EMA of rate 0.02)."""
+        if self.outlier_ratio and self._n_norms >= 4 and norm > self.outlier_ratio * math.sqrt(
+                self._sq_norm_mean):
+            return True
+        self._n_norms += 1
+        rate = max(1.0 / self._n_norms, 0.02)
+        self._sq_norm_mean += rate * (norm * norm - self._sq_norm_mean)
+        return False
+
+    def counters(self) -> dict[str, float]:
+        """The counters and the outlier reference, for resume state."""
+        return {"n_captured": self.n_captured, "n_zero": self.n_zero,
+                "n_nonfinite": self.n_nonfinite, "n_skipped": self.n_skipped,
+                "n_outliers": self.n_outliers, "sq_norm_mean": self._sq_norm_mean,
+                "n_norms": self._n_norms}
+
+    def load_counters(self, saved: dict[str, float]) -> None:
+        for key in ("n_captured", "n_zero", "n_nonfinite", "n_skipped", "n_outliers"):
+            setattr(self, key, int(saved[key]))
+        self._sq_norm_mean, self._n_norms = float(saved["sq_norm_mean"]), int(saved["n_norms"])
 
     def _deconv_step(self, global_step: int) -> bool:
         """Claim a slot and write this step's ``deconv`` sample; False if the step was skipped."""

@@ -8,11 +8,12 @@ the callback too, so the pipeline is wired in exactly one place.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-from sae_shards.capture.buffer import DeltaRingBuffer, check_buffer_memory, default_memory_budget
+from sae_shards.capture.buffer import DeltaRingBuffer
+from sae_shards.capture.memory import check_buffer_memory, default_memory_budget
 from sae_shards.capture.runner import InlineRunner, SAEWorkLoop, ThreadRunner, make_runner
 from sae_shards.capture.selection import Target, default_targets, select_targets, target_shapes
 from sae_shards.core.sae import LowRankSAE
@@ -51,7 +52,6 @@ def build_pipeline(
     runner: RunnerConfig,
     device: torch.device,
     seed: int,
-    checkpoint: Callable[[str, int], object] | None = None,
 ) -> Pipeline:
     """All parts, the buffer's memory checked against the budget left after the capture's own
     working copies of the targets (raises ``ValueError`` saying how to fit)."""
@@ -65,5 +65,5 @@ def build_pipeline(
     buffer = DeltaRingBuffer(specs, capture.capacity, device, dtype)
     sae = LowRankSAE(specs, sae_cfg).to(device)
     trainer = SAETrainer(sae)
-    loop = SAEWorkLoop(trainer, buffer, runner, torch.Generator().manual_seed(seed), checkpoint)
+    loop = SAEWorkLoop(trainer, buffer, runner, torch.Generator().manual_seed(seed))
     return Pipeline(targets, specs, buffer, sae, trainer, loop, make_runner(loop, runner))

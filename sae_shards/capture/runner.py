@@ -1,19 +1,22 @@
 """Training the SAE beside the RL run: what happens per captured delta, inline or in a thread.
 
 ``SAEWorkLoop.process(slot)`` is the unit of work for one captured delta: record the sample's
-activations under the current SAE, run ``sae_steps_per_rl_step`` SAE steps on batches sampled
-from the ring buffer (once ``min_samples`` are buffered and RL reached ``sae_start_step``), and
-save a checkpoint when one is due. ``InlineRunner`` calls it from the capture callback (the RL
-step waits for it); ``ThreadRunner`` hands it to a background worker through a bounded queue,
-so RL waits only when the worker is ``max_lag`` deltas behind. A worker error is re-raised in
-the RL thread at the next push (and at ``finish``), which stops the run.
+activations under the current SAE and run ``sae_steps_per_rl_step`` SAE steps on batches sampled
+from the ring buffer (once ``min_samples`` are buffered and RL reached ``sae_start_step``).
+``InlineRunner`` calls it from the capture callback (the RL step waits for it); ``ThreadRunner``
+hands it to a background worker through a bounded queue, so RL waits only when the worker is
+``max_lag`` deltas behind. A worker error is re-raised in the RL thread at the next push (and at
+``finish``), which stops the run; so does a worker that stays busy past ``worker_timeout_s``
+(a hung SAE step must not block RL forever). ``wait_idle`` lets the callback checkpoint a
+consistent state: every pushed delta processed.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, NamedTuple
+import time
+from typing import NamedTuple
 
 import torch
 
@@ -43,6 +46,16 @@ class ActivationLog:
         self.sae_step.extend([sae_step] * len(rl_steps))
         self.codes.append(SparseCodes(codes.indices.cpu(), codes.values.float().cpu()))
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "ActivationLog":
+        """Inverse of ``tensors`` (one block of codes)."""
+        log = cls()
+        log.rl_step = tensors[f"{prefix}.rl_step"].tolist()
+        log.sae_step = tensors[f"{prefix}.sae_step"].tolist()
+        if log.rl_step:
+            log.codes = [SparseCodes(tensors[f"{prefix}.indices"], tensors[f"{prefix}.values"])]
+        return log
+
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """``{prefix}.rl_step [S]``, ``.sae_step [S]``, ``.indices [S, k]``, ``.values [S, k]``."""
         return {
@@ -66,13 +79,12 @@ class SAEWorkLoop:
     """The SAE's work for each captured delta (used by both runners)."""
 
     def __init__(self, trainer: SAETrainer, buffer: DeltaRingBuffer, cfg: RunnerConfig,
-                 generator: torch.Generator,
-                 checkpoint: Callable[[str, int], None] | None = None) -> None:
+                 generator: torch.Generator) -> None:
         self.trainer = trainer
         self.buffer = buffer
         self.cfg = cfg
         self.generator = generator
-        self.checkpoint = checkpoint
+        """CPU generator of the batches drawn from the buffer (saved with resume state)."""
         self.activations = ActivationLog()
         self._records: list[SAEStepRecord] = []
         self._lock = threading.Lock()
@@ -92,9 +104,6 @@ class SAEWorkLoop:
                     with self._lock:
                         self._records.append(SAEStepRecord(self.trainer.n_steps, rl_step, m))
         self.last_rl_step = rl_step
-        every = self.cfg.checkpoint_every
-        if self.checkpoint is not None and every and rl_step % every == 0:
-            self.checkpoint(f"step_{rl_step:06d}", rl_step)
 
     def pop_records(self) -> list[SAEStepRecord]:
         """SAE step figures since the last call (thread-safe; the main thread logs them)."""
@@ -119,6 +128,9 @@ class InlineRunner:
         except Exception as e:
             raise SAEWorkerError(f"the SAE step failed: {type(e).__name__}: {e}") from e
 
+    def wait_idle(self) -> None:
+        """Nothing is pending inline."""
+
     def finish(self) -> None:
         """Nothing is pending inline."""
 
@@ -128,41 +140,73 @@ class ThreadRunner:
 
     _STOP = -1
 
-    def __init__(self, loop: SAEWorkLoop, max_lag: int) -> None:
+    def __init__(self, loop: SAEWorkLoop, max_lag: int, timeout_s: float) -> None:
         if loop.buffer.capacity <= max_lag + 1:
             raise ValueError(
                 f"capture.capacity={loop.buffer.capacity} must exceed runner.max_lag={max_lag} + 1 "
                 "so a queued slot is not overwritten before the SAE worker reads it")
         self.loop = loop
+        self.timeout_s = timeout_s
         self._queue: queue.Queue[int] = queue.Queue(maxsize=max_lag)
         self._error: BaseException | None = None
+        self._busy_since: float | None = None  # monotonic start of the slot being processed
         self._thread = threading.Thread(target=self._work, name="sae-worker", daemon=True)
         self._thread.start()
 
     def _work(self) -> None:
-        # torch's intra-op pool is process-wide: the job set its size (runner.torch_threads).
+        # torch's intra-op pool is process-wide: the entry point set its size.
         while True:
             slot = self._queue.get()
-            if slot == self._STOP:
-                return
-            if self._error is not None:
-                continue  # drain without working once failed
             try:
-                self.loop.process(slot)
+                if slot == self._STOP:
+                    return
+                if self._error is None:  # once failed, drain without working
+                    self._busy_since = time.monotonic()
+                    self.loop.process(slot)
             except BaseException as e:  # handed to the RL thread, which raises it
                 self._error = e
+            finally:
+                self._busy_since = None
+                self._queue.task_done()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise SAEWorkerError(
                 f"the SAE worker failed: {type(self._error).__name__}: {self._error}") from self._error
 
+    def _raise_if_hung(self) -> None:
+        since = self._busy_since
+        if since is not None and time.monotonic() - since > self.timeout_s:
+            raise SAEWorkerError(
+                f"the SAE worker has been on one captured delta for more than "
+                f"runner.worker_timeout_s={self.timeout_s:g} s; the run is stopped rather than "
+                "blocking RL (raise the timeout if SAE steps are legitimately this slow)")
+
+    def _wait(self, done) -> None:
+        """Poll ``done()`` until true, raising if the worker failed or hangs."""
+        while not done():
+            self._raise_if_failed()
+            self._raise_if_hung()
+            time.sleep(0.001)
+        self._raise_if_failed()
+
     def on_push(self, slot: int) -> None:
         self._raise_if_failed()
-        self._queue.put(slot)  # blocks only when max_lag deltas are already waiting
+        while True:  # blocks only when max_lag deltas are already waiting
+            try:
+                self._queue.put(slot, timeout=0.05)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+                self._raise_if_hung()
+
+    def wait_idle(self) -> None:
+        """Block until every pushed delta is processed (for a consistent checkpoint)."""
+        self._wait(lambda: self._queue.unfinished_tasks == 0)
 
     def finish(self) -> None:
         """Let the worker drain the queue, stop it, and raise its error if it had one."""
+        self.wait_idle()
         self._queue.put(self._STOP)
         self._thread.join()
         self._raise_if_failed()
@@ -173,6 +217,6 @@ def make_runner(loop: SAEWorkLoop, cfg: RunnerConfig) -> InlineRunner | ThreadRu
         case "inline":
             return InlineRunner(loop)
         case "thread":
-            return ThreadRunner(loop, cfg.max_lag)
+            return ThreadRunner(loop, cfg.max_lag, cfg.worker_timeout_s)
         case other:
             raise ValueError(f"runner.concurrency={other!r}; use inline or thread")

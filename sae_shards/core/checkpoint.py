@@ -12,8 +12,23 @@ Layout (format version 1)::
     training_state.safetensors optional: Adam moments, trainer counters, latent statistics
 
 Directories are written under a temporary name and renamed into place, so a reader never sees a
-half-written checkpoint. Loading reads safetensors and JSON only (never pickle) and validates
-names, shapes and the version before building anything.
+half-written checkpoint. Loading reads safetensors and JSON only (no code is ever run) and validates
+everything before building the SAE; any damage is a ``CheckpointError`` naming the file:
+
+- the directory and each file exist and are regular files; safetensors files parse, and their
+  header has ``format = "sae-shards"`` and ``format_version``; a higher version is reported as
+  written by a newer sae-shards;
+- ``config.json`` is one JSON object (no repeated keys) with exactly the keys above; ``sae``
+  holds known settings of the right JSON types that ``SAEConfig`` accepts; each target has a
+  name, an integer shape and rank that ``TargetSpec`` accepts, names unique;
+- ``sae.safetensors`` holds exactly the tensors the config implies, with its shapes, float32 only
+  (what ``save_checkpoint`` writes: float16/bfloat16/float64/integer tensors are rejected, not
+  converted), all finite, decoder directions of unit norm; ``input_scale`` is 0 (the SAE never
+  trained, and ``threshold`` is then NaN) or finite and > 0; ``threshold`` is NaN or finite and
+  >= 0; the known ``stats.*`` tensors have one entry per latent and their dtype;
+- ``training_state.safetensors`` (read only by ``load_training_state``): complete, finite Adam
+  moments shaped like the SAE's trainable parameters, and the trainer's per-latent tensors and
+  counters. A damaged training state does not stop ``load_checkpoint``.
 """
 
 from __future__ import annotations
@@ -29,19 +44,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sae_shards.core.checkpoint_checks import (  # noqa: F401  (the format's names re-exported)
+    ADAM, CONFIG_FILE, DAMAGED, FORMAT, FORMAT_VERSION, SAE_FILE, STATE_FILE, STATE_OPTIONAL,
+    STATE_REQUIRED, STATS, CheckpointError, check_file, check_names, check_scale_and_threshold,
+    check_tensor, check_unit_norm, check_version, read_spec)
 from sae_shards.core.sae import LowRankSAE
-from sae_shards.core.sae_config import SAEConfig
-from sae_shards.core.targets import TargetSpec
-
-FORMAT = "sae-shards"
-FORMAT_VERSION = 1
-SAE_FILE = "sae.safetensors"
-CONFIG_FILE = "config.json"
-STATE_FILE = "training_state.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded; the message names the file and the fix."""
 
 
 class LoadedSAE(NamedTuple):
@@ -173,29 +180,9 @@ def _fsync_dir(path: Path) -> None:
 
 # ---------------------------------------------------------------------------- reading
 
-
 def read_config(path: str | Path) -> dict[str, Any]:
     """Parse and validate ``config.json`` of a checkpoint directory."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    cfg_file = path / CONFIG_FILE
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{cfg_file}: missing; a checkpoint directory holds {CONFIG_FILE} "
-                              f"and {SAE_FILE}")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e}); the file is damaged") from e
-    version = config.get("format_version")
-    if config.get("format") != FORMAT or version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{cfg_file}: format {config.get('format')!r} version {version!r} is not supported; "
-            f"this sae-shards reads {FORMAT!r} version {FORMAT_VERSION}")
-    for key in ("sae", "targets"):
-        if key not in config:
-            raise CheckpointError(f"{cfg_file}: missing key {key!r}")
-    return config
+    return read_spec(Path(path)).config
 
 
 def read_tensors(file: Path, expect_version: bool = True) -> dict[str, torch.Tensor]:
@@ -203,18 +190,24 @@ def read_tensors(file: Path, expect_version: bool = True) -> dict[str, torch.Ten
     return read_safetensors(file, expect_version)[0]
 
 
-def read_safetensors(file: Path, expect_version: bool = True
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``read_tensors`` and the file's header metadata, in one read."""
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing")
+def read_safetensors(file: Path, expect_version: bool = True, kind: str | None = None,
+                     missing_hint: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``read_tensors`` and the file's header metadata, in one read.
+
+    ``kind``: the header's ``format`` must equal it; ``missing_hint`` is added to the error when
+    the file does not exist.
+    """
+    check_file(file, missing_hint)
     try:
         with safe_open(file, framework="pt", device="cpu") as f:
             header = f.metadata() or {}
-            if expect_version and header.get("format_version") != str(FORMAT_VERSION):
+            if kind is not None and header.get("format") != kind:
                 raise CheckpointError(
-                    f"{file}: header format_version {header.get('format_version')!r}, expected "
-                    f"'{FORMAT_VERSION}'")
+                    f"{file}: header format {header.get('format')!r}, expected {kind!r}: "
+                    f"sae-shards did not write this file — {DAMAGED}")
+            if expect_version:
+                check_version(file, "header format_version", header.get("format_version"),
+                               str(FORMAT_VERSION))
             return {k: f.get_tensor(k) for k in f.keys()}, header
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot be read as safetensors ({e}); the file is "
@@ -222,35 +215,77 @@ def read_safetensors(file: Path, expect_version: bool = True
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedSAE:
-    """Load and validate a checkpoint directory; returns the SAE (eval mode) and its metadata."""
+    """Load and validate a checkpoint directory; returns the SAE (eval mode) and its metadata.
+
+    ``sae.safetensors`` must hold exactly the tensors ``config.json`` implies, float32 (the only
+    dtype ``save_checkpoint`` writes; nothing is converted), finite, with unit-norm decoder
+    directions; ``input_scale`` is 0 (never trained, threshold NaN) or finite and > 0; known
+    ``stats.*`` tensors have one entry per latent. ``training_state.safetensors`` is not read.
+    """
     path = Path(path)
-    config = read_config(path)
-    try:
-        cfg = SAEConfig.from_dict(config["sae"])
-        targets = [TargetSpec(t["name"], tuple(t["shape"]), int(t["rank"])) for t in config["targets"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / CONFIG_FILE}: invalid SAE config or targets: {e}") from e
-    tensors = read_tensors(path / SAE_FILE)
-    sae = LowRankSAE(targets, cfg)
-    live = live_tensors(sae)
-    missing = sorted(set(live) - set(tensors))
-    if missing:
-        raise CheckpointError(f"{path / SAE_FILE}: missing tensors {missing[:5]} named by {CONFIG_FILE}")
+    spec = read_spec(path)
+    file = path / SAE_FILE
+    tensors, _ = read_safetensors(file, kind=FORMAT, missing_hint=(
+        f"; a checkpoint directory holds {CONFIG_FILE} and {SAE_FILE}"))
+    layout = live_tensors(spec.layout)
     stats = {k: v for k, v in tensors.items() if k.startswith("stats.")}
-    unknown = sorted(set(tensors) - set(live) - set(stats))
-    if unknown:
-        raise CheckpointError(f"{path / SAE_FILE}: unexpected tensors {unknown[:5]}")
-    for name, dst in live.items():
-        if tensors[name].shape != dst.shape:
-            raise CheckpointError(
-                f"{path / SAE_FILE}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                f"{CONFIG_FILE} implies {tuple(dst.shape)}")
+    check_names(file, set(tensors) - set(stats), set(layout),
+                 f"{path / CONFIG_FILE} describes; the two files are not from the same checkpoint")
+    implied = f"{CONFIG_FILE} implies"
+    for name, like in layout.items():
+        check_tensor(file, name, tensors[name], tuple(like.shape), torch.float32, implied,
+                      finite=name not in ("input_scale", "threshold"))
+    check_scale_and_threshold(file, float(tensors["input_scale"]), float(tensors["threshold"]))
+    for name, (dtype, low) in STATS.items():
+        if name in stats:
+            check_tensor(file, name, stats[name], (spec.cfg.n_latents,), dtype, implied, low=low)
+    sae = LowRankSAE(spec.targets, spec.cfg)
     with torch.no_grad():
-        for name, dst in live.items():
+        for name, dst in live_tensors(sae).items():
             dst.copy_(tensors[name])
-    return LoadedSAE(sae.to(device).eval(), config, stats, path)
+        check_unit_norm(file, sae.decoder_sq_norms())
+    return LoadedSAE(sae.to(device).eval(), spec.config, stats, path)
 
 
 def load_training_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The resume tensors of a checkpoint directory (error if it was saved without them)."""
-    return read_tensors(Path(path) / STATE_FILE)
+    """The resume tensors of a checkpoint directory (error if it was saved without them).
+
+    Checked against the SAE ``config.json`` describes: Adam moments (``adam.<i>.*``, ``i`` the
+    index among the SAE's trainable parameters) complete, float32, finite and shaped like their
+    parameter; the trainer's per-latent tensors and counters present and shaped. Other
+    ``trainer.*`` entries are passed through unchecked.
+    """
+    path = Path(path)
+    spec = read_spec(path)
+    file = path / STATE_FILE
+    tensors, _ = read_safetensors(file, kind=FORMAT, missing_hint=(
+        "; this checkpoint was saved without training state "
+        "(save_checkpoint(..., training_state=trainer.state_tensors()))"))
+    params = [p for p in spec.layout.parameters() if p.requires_grad]
+    adam = {f"adam.{i}.{key}" for i in range(len(params)) for key in ADAM}
+    required = {*STATE_REQUIRED, "trainer.counters"}
+    optional = {k for k in tensors if k in adam or (k.startswith("trainer.") and k not in required)}
+    check_names(file, set(tensors) - optional, required,
+                 f"SAETrainer.state_tensors() writes for the SAE {path / CONFIG_FILE} describes")
+    implied = f"{CONFIG_FILE} implies"
+    for i, p in enumerate(params):
+        names = [f"adam.{i}.{key}" for key in ADAM]
+        if not any(n in tensors for n in names):
+            continue  # the trainer never stepped
+        absent = [n for n in names if n not in tensors]
+        if absent:
+            raise CheckpointError(f"{file}: the Adam state of trainable parameter {i} "
+                                  f"(adam.{i}.*) is incomplete, missing {absent}; {DAMAGED}")
+        exp_avg, exp_avg_sq, step = names
+        check_tensor(file, exp_avg, tensors[exp_avg], tuple(p.shape), torch.float32, implied)
+        check_tensor(file, exp_avg_sq, tensors[exp_avg_sq], tuple(p.shape), torch.float32,
+                      implied, low=0)
+        check_tensor(file, step, tensors[step], (), torch.float32, "expected", low=0)
+    for name, (dtype, low) in {**STATE_REQUIRED, **STATE_OPTIONAL}.items():
+        if name in tensors:
+            check_tensor(file, name, tensors[name], (spec.cfg.n_latents,), dtype, implied,
+                          low=low)
+    check_tensor(file, "trainer.counters", tensors["trainer.counters"], (4,), torch.int64,
+                  "expected", low=0)
+    return tensors
+

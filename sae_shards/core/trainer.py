@@ -211,7 +211,7 @@ class SAETrainer:
 
     # ------------------------------------------------------------------ resume state
     def state_tensors(self) -> dict[str, Tensor]:
-        """Everything needed to resume, as plain tensors (safetensors-friendly, no pickle)."""
+        """Everything needed to resume, as plain tensors (written with safetensors)."""
         out: dict[str, Tensor] = {}
         params = [p for p in self.sae.parameters() if p.requires_grad]
         for i, p in enumerate(params):

@@ -148,6 +148,7 @@ def steering_selectivity(run_dir: Path, shards: ShardSet, best: dict[str, int], 
 
 
 def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: bool = True,
+                 checkpoint: str | None = None,
                  alpha: float = 2.0, n_prompts: int = 32, from_step: int = 0) -> dict[str, Any]:
     """All figures of one run (see the module docstring); also writes evaluation.json/.md.
 
@@ -155,7 +156,7 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     drift, and early steps, before the policy is tag-conditioned, blur a global direction.
     """
     run_dir = Path(run_dir)
-    shards = ShardSet.from_run(run_dir)
+    shards = ShardSet.from_run(run_dir, checkpoint)
     sae = shards.sae
     data = EvalData(run_dir, shards.target_names, from_step)
     tasks = data.tasks

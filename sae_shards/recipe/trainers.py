@@ -49,18 +49,30 @@ DEFAULT_GRPO: dict[str, Any] = dict(
 """Settings under which the tiny model's reward clearly rises in ~2 minutes on 2 CPU cores
 (beta 0: no reference model; the tiny random policy has nothing to preserve)."""
 
-# Settings build_trainer owns: W&B and checkpoints are handled by sae-shards, and a run
-# logs every step so per-step metrics line up with captured deltas.
-_FIXED = dict(report_to="none", save_strategy="no", logging_steps=1)
+# Settings build_trainer owns: W&B is handled by sae-shards, and a run logs every step so
+# per-step metrics line up with captured deltas.
+_FIXED = dict(report_to="none", logging_steps=1)
+_CHECKPOINTING = ("save_strategy", "save_steps", "save_total_limit", "save_only_model")
+"""Set from ``runner.checkpoint_every`` (``checkpointing``): TRL saves at the steps sae-shards
+does, so every checkpoint of the run can be resumed from."""
+
+
+def checkpointing(every: int) -> dict[str, Any]:
+    """TRL settings that save its checkpoint (policy, optimizer, scheduler, RNG) every ``every``
+    optimizer steps (0: never), keeping the newest two (one may be cut short by a kill)."""
+    if not every:
+        return {"save_strategy": "no"}
+    return {"save_strategy": "steps", "save_steps": every, "save_total_limit": 2,
+            "save_only_model": False}
 
 
 def trl_config(grpo_kwargs: dict[str, Any], output_dir: str | Path,
-               algorithm: Algorithm = "grpo") -> GRPOConfig | RLOOConfig:
+               algorithm: Algorithm = "grpo", checkpoint_every: int = 0) -> GRPOConfig | RLOOConfig:
     """``GRPOConfig``/``RLOOConfig`` from ``DEFAULT_GRPO`` updated by ``grpo_kwargs`` plus the
-    fixed settings.
+    fixed settings and TRL checkpoints every ``checkpoint_every`` steps (``checkpointing``).
 
     Raises ``ValueError`` for keys the config class does not have and for attempts to change the
-    settings this module fixes (``report_to``, ``save_strategy``, ``logging_steps``).
+    settings this module fixes (``report_to``, ``logging_steps``, the checkpointing ones).
     """
     config_cls = TRAINERS[algorithm][0]
     known = {f.name for f in dataclasses.fields(config_cls)}
@@ -69,6 +81,10 @@ def trl_config(grpo_kwargs: dict[str, Any], output_dir: str | Path,
         raise ValueError(
             f"rl settings {unknown} are not trl.{config_cls.__name__} fields; check their spelling"
         )
+    owned = sorted(set(grpo_kwargs) & set(_CHECKPOINTING))
+    if owned:
+        raise ValueError(f"rl settings {owned} are set by sae-shards from "
+                         "runner.checkpoint_every (TRL saves when sae-shards does); remove them")
     for key, fixed in _FIXED.items():
         if key in grpo_kwargs and grpo_kwargs[key] != fixed:
             raise ValueError(
@@ -76,7 +92,7 @@ def trl_config(grpo_kwargs: dict[str, Any], output_dir: str | Path,
                 "(it logs to W&B and saves checkpoints itself); remove the key"
             )
     on_cpu = not torch.cuda.is_available()
-    settings = {**DEFAULT_GRPO, **grpo_kwargs, **_FIXED}
+    settings = {**DEFAULT_GRPO, **grpo_kwargs, **_FIXED, **checkpointing(checkpoint_every)}
     if on_cpu:
         if settings.get("bf16") or settings.get("fp16"):
             raise ValueError("rl.bf16/rl.fp16 need a GPU; this machine has none, remove them")
@@ -115,6 +131,7 @@ def build_trainer(
     output_dir: str | Path,
     peft_config: Any = None,
     algorithm: Algorithm = "grpo",
+    checkpoint_every: int = 0,
 ) -> GRPOTrainer | RLOOTrainer:
     """A ``trl.GRPOTrainer`` or ``trl.RLOOTrainer`` on the model at ``model_path`` with the
     task's rewards.
@@ -143,7 +160,7 @@ def build_trainer(
                 f"rl.shuffle_dataset=True would break task {task.name!r}'s step schedule; remove it"
             )
         grpo_kwargs = {**grpo_kwargs, "shuffle_dataset": False}
-    args = trl_config(grpo_kwargs, output_dir, algorithm)
+    args = trl_config(grpo_kwargs, output_dir, algorithm, checkpoint_every)
     if task.scheduled:
         _check_schedule(args, train_dataset)
     return TRAINERS[algorithm][1](

@@ -189,6 +189,10 @@ class CaptureConfig:
     """Ring buffer slots (one per optimizer step)."""
     memory_fraction: float = 0.5
     """Largest share of the device's free memory the buffer may take (checked before training)."""
+    outlier_ratio: float = 100.0
+    """Skip (and count) a sample whose norm exceeds this multiple of the running RMS norm of the
+    samples before it: one wild step would otherwise dominate the SAE's input scale for many
+    steps. 0 keeps every finite sample."""
 
     def __post_init__(self) -> None:
         if self.targets is not None and not self.targets:
@@ -198,6 +202,9 @@ class CaptureConfig:
             raise ValueError(f"capture.capacity={self.capacity} must be >= 1")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"capture.memory_fraction={self.memory_fraction} must be in (0, 1]")
+        if self.outlier_ratio != 0 and not self.outlier_ratio > 1:
+            raise ValueError(f"capture.outlier_ratio={self.outlier_ratio} must be > 1 (or 0 to "
+                             "keep every finite sample)")
 
 
 @dataclass(frozen=True)
@@ -219,6 +226,9 @@ class RunnerConfig:
     drift)."""
     max_lag: int = 8
     """thread mode: captured deltas the worker may fall behind before RL waits."""
+    worker_timeout_s: float = 600.0
+    """thread mode: longest time the worker may spend on one captured delta; past it the run
+    stops with an error instead of RL waiting forever on a hung SAE step."""
     torch_threads: int = 1
     """torch intra-op threads, process-wide (torch's pool is global: the RL thread and the SAE
     worker each use up to this many). Set explicitly: default counts oversubscribe small CPUs."""
@@ -237,6 +247,8 @@ class RunnerConfig:
         for name in ("sae_steps_per_rl_step", "min_samples", "max_lag", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"runner.{name}={getattr(self, name)} must be >= 1")
+        if not self.worker_timeout_s > 0:
+            raise ValueError(f"runner.worker_timeout_s={self.worker_timeout_s} must be > 0")
         if self.sae_start_step < 0:
             raise ValueError(f"runner.sae_start_step={self.sae_start_step} must be >= 0")
         if self.checkpoint_every < 0:
@@ -278,7 +290,10 @@ class JobConfig:
     device: str = "auto"
     """auto (cuda when available), cpu, or cuda[:i]: where RL, the buffer and the SAE live."""
     overwrite: bool = False
-    """Allow writing into a run_dir that already holds checkpoints (they are replaced)."""
+    """Replace a run already in run_dir: every file it wrote is removed first."""
+    resume: bool = False
+    """Continue the run in run_dir from its latest complete checkpoint (policy, optimizer,
+    scheduler and RNG through TRL's checkpoint; the SAE, its buffer and logs through ours)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rl: RLConfig = field(default_factory=RLConfig)
@@ -288,8 +303,14 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        if not self.run_dir.strip():
+            raise ValueError("run_dir is empty; give the run a directory of its own, e.g. "
+                             "run_dir=runs/my_run")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ValueError(f"device={self.device!r}; use auto, cpu or cuda[:index]")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=true and overwrite=true contradict each other: resume "
+                             "continues the run in run_dir, overwrite deletes it; choose one")
         check_sae_window(self.capture, self.runner)
         if self.runner.sae_start_step >= self.rl.max_steps:
             raise ValueError(
@@ -314,7 +335,12 @@ class JobConfig:
 
 def check_sae_window(capture: CaptureConfig, runner: RunnerConfig) -> None:
     """Raise if the buffer can never hold ``runner.min_samples`` trainable samples (the SAE
-    would never train)."""
+    would never train), or, in thread mode, a queued slot could be overwritten before the
+    worker reads it."""
+    if runner.concurrency == "thread" and capture.capacity <= runner.max_lag + 1:
+        raise ValueError(
+            f"capture.capacity={capture.capacity} must exceed runner.max_lag={runner.max_lag} + 1 "
+            "in thread mode, so a queued slot is not overwritten before the SAE worker reads it")
     every = runner.heldout_every
     trainable = capture.capacity - (capture.capacity // every if every else 0)
     if runner.min_samples > trainable:

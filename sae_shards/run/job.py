@@ -6,17 +6,25 @@ or RLOO), add one ``ShardCallback`` configured from the job's config, and train.
 does the capture, the SAE and every file of the run directory (``run/rundir.py``), exactly as it
 does when a user adds it to their own TRL script. ``build_rl`` is shared with the planted
 benchmark and the overhead benchmark, so the pipeline is wired in one place.
+
+Surviving kills: TRL checkpoints at the steps the callback does (``runner.checkpoint_every``);
+``resume=true`` continues from the newest step both completed (``capture/resume.py``). While it
+trains, SIGTERM or SIGINT ends the run after the current step with a checkpoint of both sides
+(``summary.json``: ``"interrupted": true``); a second signal stops at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from transformers.trainer_callback import ProgressCallback
 
+from sae_shards.capture import resume as resume_state
 from sae_shards.capture.callback import ShardCallback
 from sae_shards.recipe.models import build_tiny_model, load_tokenizer
 from sae_shards.recipe.tasks import build_task
@@ -81,7 +89,8 @@ def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device) -> RLSetup:
         dataset = task.dataset(cfg.task.n_prompts, cfg.seed)
     trainer = build_trainer(model_path, tokenizer, task, dataset, trl_kwargs, callbacks=[],
                             output_dir=run_dir / rundir.TRL_OUTPUT, peft_config=_peft_config(cfg),
-                            algorithm=cfg.rl.algorithm)
+                            algorithm=cfg.rl.algorithm,
+                            checkpoint_every=cfg.runner.checkpoint_every)
     trainer.remove_callback(ProgressCallback)
     return RLSetup(trainer, model_path)
 
@@ -93,17 +102,32 @@ def shard_callback(cfg: JobConfig, run_dir: Path, **overrides: Any) -> ShardCall
     run_config = cfg.to_dict()
     run_config["model"] = {**run_config["model"], "path": model_path}
     kwargs = dict(capture=cfg.capture, runner=cfg.runner, sae=cfg.sae, seed=cfg.seed,
-                  run_config=run_config)
+                  resume=cfg.resume, run_config=run_config)
     return ShardCallback(run_dir, **{**kwargs, **overrides})
 
 
-def start(cfg: JobConfig, run_dir: Path,
-          hydra_files: dict[str, str] | None = None) -> tuple[RLSetup, ShardCallback]:
+class Started(NamedTuple):
+    rl: RLSetup
+    callback: ShardCallback
+    resume_from: Path | None
+    """TRL's checkpoint to resume from (``resume=true``), else None."""
+
+
+def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = None) -> Started:
     """Prepare the run directory (then write ``hydra_files`` into ``.hydra/``), build RL and the
     callback, and resolve its targets: every user-fixable problem surfaces here as
     ``JobSetupError``, before anything is trained."""
     try:
-        rundir.prepare_run_dir(run_dir, cfg.overwrite)
+        rundir.prepare_run_dir(run_dir, cfg.overwrite, cfg.resume)
+        resume_from = None
+        if cfg.resume:
+            step = resume_state.latest_complete(run_dir)
+            if step is None:
+                raise FileNotFoundError(
+                    f"resume=true but run_dir={run_dir} has no complete checkpoint (it was "
+                    "killed before its first runner.checkpoint_every steps); start it anew with "
+                    "overwrite=true")
+            resume_from = run_dir / rundir.TRL_OUTPUT / f"checkpoint-{step}"
         for name, text in (hydra_files or {}).items():
             (run_dir / rundir.HYDRA).mkdir(exist_ok=True)
             (run_dir / rundir.HYDRA / name).write_text(text)
@@ -116,7 +140,26 @@ def start(cfg: JobConfig, run_dir: Path,
     except SETUP_ERRORS as e:  # user-fixable: reported without a traceback by the CLI
         raise JobSetupError(str(e)) from e
     rl.trainer.add_callback(callback)
-    return rl, callback
+    return Started(rl, callback, resume_from)
+
+
+@contextlib.contextmanager
+def stop_on_signals(callback: ShardCallback) -> Iterator[None]:
+    """While training: the first SIGTERM/SIGINT asks the callback to stop after the current step
+    (with a checkpoint); a second one raises ``KeyboardInterrupt`` at once. Main thread only."""
+    def handler(signum, frame):
+        if callback.stop_signal is not None:
+            raise KeyboardInterrupt(f"signal {signum} again: stopping at once")
+        callback.request_stop(signum)
+        log.warning("%s: finishing this RL step, writing a checkpoint, then stopping (send it "
+                    "again to stop at once)", signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def run_job(cfg: JobConfig, run_dir: Path,
@@ -125,9 +168,10 @@ def run_job(cfg: JobConfig, run_dir: Path,
 
     Sets torch's thread count (``runner.torch_threads``): the job is an entry point."""
     torch.set_num_threads(cfg.runner.torch_threads)
-    rl, callback = start(cfg, Path(run_dir), hydra_files)
+    rl, callback, resume_from = start(cfg, Path(run_dir), hydra_files)
     try:
-        rl.trainer.train()
+        with stop_on_signals(callback):
+            rl.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         callback.close()
     return callback.summary

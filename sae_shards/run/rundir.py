@@ -7,7 +7,9 @@
       model/                      the built-in tiny model, initial weights (sae-shards train only)
       final_model/                the policy after RL (with LoRA: the adapter) and its tokenizer
       checkpoints/step_XXXXXX/    every runner.checkpoint_every RL steps (core/checkpoint.py)
-      checkpoints/final/          at the end
+      checkpoints/final/          at the end (absent when the run was interrupted)
+      resume/step_XXXXXX.safetensors  the SAE side of a resumable checkpoint (capture/resume.py)
+      trl/checkpoint-N/           TRL's own checkpoint of the policy, optimizer, scheduler, RNG
       activations.safetensors     per captured sample: RL step, latent indices, values
       samples.safetensors         every buffered sample (runner.save_samples=true)
       rollouts.jsonl              per RL step: prompts, completions, rewards, advantages, labels
@@ -16,22 +18,29 @@
       wandb/                      the offline W&B run (sae-shards train)
       .hydra/                     Hydra's composed config and overrides (sae-shards train)
 
-JSON files are written to a temporary name and renamed into place, with NaN/Inf as ``null``
-(strict JSON); JSON-lines logs are appended and flushed line by line.
+Every file is complete or absent after a kill at any instant: JSON and safetensors files are
+written to a temporary name and renamed into place (JSON strict: NaN/Inf as ``null``);
+checkpoint directories likewise; JSON-lines logs are appended line by line, and a torn last line
+(a kill mid-write) is dropped by ``read_jsonl`` and by resume's ``truncate_jsonl``. A failed write
+(disk full, no permission) raises ``RunWriteError`` naming the path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
-from sae_shards.core.checkpoint import save_file_atomic
+from sae_shards.core.checkpoint import CheckpointError, save_file_atomic
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 MODEL = "model"
@@ -46,20 +55,37 @@ WANDB = "wandb"
 HYDRA = ".hydra"
 HYDRA_LOG = "cli.log"  # Hydra's job log (named after the entry point)
 TRL_OUTPUT = "trl"
+RESUME = "resume"
 REPORT = "report.html"
 EVALUATION = ("evaluation.json", "evaluation.md")
 
 OWNED = (CONFIG, MODEL, FINAL_MODEL, CHECKPOINTS, ACTIVATIONS, SAMPLES, ROLLOUTS, METRICS, SUMMARY,
-         WANDB, HYDRA, HYDRA_LOG, TRL_OUTPUT, REPORT, *EVALUATION)
+         WANDB, HYDRA, HYDRA_LOG, TRL_OUTPUT, RESUME, REPORT, *EVALUATION)
 """Everything a run writes into its directory; ``overwrite=true`` removes all of it first."""
 
 _RESULTS = (CHECKPOINTS, ROLLOUTS, ACTIVATIONS, SAMPLES, SUMMARY)
 """Files whose presence means the directory holds an earlier run's results."""
 
 
-def prepare_run_dir(run_dir: str | Path, overwrite: bool) -> Path:
+class RunWriteError(RuntimeError):
+    """A file of the run could not be written (disk full, no permission); names the path."""
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` while writing ``path`` into a ``RunWriteError`` that names it."""
+    try:
+        yield
+    except OSError as e:
+        raise RunWriteError(
+            f"could not write {path}: {e.strerror or e}; what the run wrote before is intact "
+            "(free space or fix permissions, then resume with resume=true)") from e
+
+
+def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) -> Path:
     """Create ``run_dir``; refuse one holding an earlier run unless ``overwrite``, which removes
-    every file an earlier run wrote (``OWNED``) so nothing of it mixes with the new run."""
+    every file an earlier run wrote (``OWNED``) so nothing of it mixes with the new run, or
+    ``resume``, which continues it."""
     run_dir = Path(run_dir)
     if not str(run_dir).strip() or run_dir.resolve() == Path.cwd().resolve():
         raise ValueError(f"run_dir={str(run_dir)!r} would write the run into the current "
@@ -67,6 +93,11 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"run_dir={run_dir} is a file; give a directory")
     earlier = [name for name in _RESULTS if (run_dir / name).exists()]
+    if resume:
+        if not (run_dir / RESUME).is_dir():
+            raise FileNotFoundError(f"resume=true but run_dir={run_dir} holds no resumable run "
+                                    f"({RESUME}/ is missing); start it without resume=true")
+        return run_dir
     if earlier and not overwrite:
         raise FileExistsError(
             f"run_dir={run_dir} already holds a run ({', '.join(earlier)}); choose a new "
@@ -96,8 +127,9 @@ def strict_json(value: Any) -> Any:
 def write_json(path: Path, value: Any) -> None:
     """Strict JSON, written beside ``path`` and renamed into place."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(strict_json(value), indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    with writing(path):
+        tmp.write_text(json.dumps(strict_json(value), indent=2, allow_nan=False))
+        os.replace(tmp, path)
 
 
 class JsonLines:
@@ -108,8 +140,56 @@ class JsonLines:
         path.touch()
 
     def append(self, row: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
+        with writing(self.path), self.path.open("a") as f:
             f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines log; a torn last line (a kill mid-write) is dropped with a
+    warning, any other bad line is a ``CheckpointError`` naming the file and line."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; is this a sae-shards run directory?")
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not a text file ({e})") from e
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                log.warning("%s: dropping a torn last line (the run was killed mid-write)", path)
+                break
+            raise CheckpointError(f"{path}:{n}: not valid JSON ({e})") from e
+        if not isinstance(row, dict):
+            raise CheckpointError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """Rewrite ``path`` (atomically) with only the rows ``keep`` accepts; returns them."""
+    rows = [row for row in read_jsonl(path) if keep(row)] if path.is_file() else []
+    tmp = path.with_name(f".{path.name}.tmp")
+    with writing(path):
+        tmp.write_text("".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
+        os.replace(tmp, path)
+    return rows
+
+
+def latest_checkpoint(run_dir: Path) -> str:
+    """``final`` when the run finished, else its newest ``step_XXXXXX`` (an interrupted run)."""
+    folder = run_dir / CHECKPOINTS
+    if (folder / "final").is_dir():
+        return "final"
+    steps = sorted(p.name for p in folder.glob("step_[0-9][0-9][0-9][0-9][0-9][0-9]")
+                   if p.is_dir()) if folder.is_dir() else []
+    if not steps:
+        raise CheckpointError(f"{folder}: no checkpoint (neither final/ nor step_XXXXXX/); is "
+                              f"{run_dir} a sae-shards run directory, and did it reach its first "
+                              "checkpoint?")
+    return steps[-1]
 
 
 def save_activations(path: Path, tensors: dict[str, torch.Tensor], input_scale: float) -> None:

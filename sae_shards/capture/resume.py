@@ -1,0 +1,118 @@
+"""Checkpoints that a killed run resumes from: the SAE side of the run's state at one RL step.
+
+At RL step k ``save_step`` writes (in this order, each atomically)::
+
+    run_dir/resume/step_00000k.safetensors   the ring buffer (samples, slot metadata, write
+                                             position), the batch generator's state, the online
+                                             activation log, the capture's counters
+    run_dir/checkpoints/step_00000k/         the shards (sae.safetensors, config.json) and the
+                                             SAE trainer's Adam state and latent statistics
+
+and TRL writes ``run_dir/trl/checkpoint-k`` (policy, optimizer, scheduler, RNG) right after.
+Step k is *complete* when all three exist (TRL's ``trainer_state.json`` is its last file); a kill
+at any instant leaves the previous complete step usable, and ``latest_complete`` finds it.
+``restore`` puts the state back into a freshly built pipeline and truncates ``rollouts.jsonl``
+and ``metrics.jsonl`` to step k, so nothing is counted twice. Only safetensors and JSON are
+read, so loading never runs code from a file. Resume files of all but the two newest checkpoints are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_shards.capture.delta import DeltaCapture
+from sae_shards.capture.pipeline import Pipeline
+from sae_shards.capture.runner import ActivationLog
+from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, load_training_state,
+                                        read_safetensors, save_checkpoint, save_file_atomic)
+from sae_shards.run import rundir
+
+RESUME_KIND = "sae-shards-resume"
+KEEP = 2  # resume files kept: the newest, and the one before it in case TRL's save was cut
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def resume_file(run_dir: Path, step: int) -> Path:
+    return run_dir / rundir.RESUME / f"{step_name(step)}.safetensors"
+
+
+def save_step(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture,
+              meta: dict[str, Any]) -> Path:
+    """Write the resume file and the shards checkpoint of RL step ``step``; returns the latter.
+
+    The caller has made the runner idle (every pushed delta processed). An ``OSError`` (disk
+    full, no permission) becomes ``rundir.RunWriteError`` naming the path; what was already
+    complete stays as it was."""
+    tensors, info = parts.buffer.state()
+    tensors["loop.generator"] = parts.loop.generator.get_state()
+    tensors.update(parts.loop.activations.tensors("online"))
+    info = {"step": step, "buffer": info, "capture": capture.counters(),
+            "last_rl_step": parts.loop.last_rl_step}
+    target = resume_file(run_dir, step)
+    checkpoint = run_dir / rundir.CHECKPOINTS / step_name(step)
+    with rundir.writing(target):
+        target.parent.mkdir(exist_ok=True)
+        save_file_atomic(tensors, target, RESUME_KIND,
+                         {"info": json.dumps(rundir.strict_json(info))})
+    with rundir.writing(checkpoint):
+        save_checkpoint(checkpoint, parts.sae, parts.trainer.stats.as_tensors(),
+                        {**meta, "rl_step": step, "sae_step": parts.trainer.n_steps},
+                        parts.trainer.state_tensors())
+    for old in sorted(saved_steps(run_dir / rundir.RESUME))[:-KEEP]:
+        resume_file(run_dir, old).unlink(missing_ok=True)
+    return checkpoint
+
+
+def saved_steps(folder: Path, pattern: str = r"step_(\d{6})(\.safetensors)?") -> list[int]:
+    """RL steps of the ``step_XXXXXX`` entries in ``folder`` (none if it does not exist)."""
+    if not folder.is_dir():
+        return []
+    return [int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(pattern, p.name))]
+
+
+def latest_complete(run_dir: Path) -> int | None:
+    """The newest RL step with a resume file, a shards checkpoint and TRL's finished checkpoint."""
+    trl = run_dir / rundir.TRL_OUTPUT
+    for step in sorted(saved_steps(run_dir / rundir.RESUME), reverse=True):
+        if ((run_dir / rundir.CHECKPOINTS / step_name(step) / "config.json").is_file()
+                and (trl / f"checkpoint-{step}" / "trainer_state.json").is_file()):
+            return step
+    return None
+
+
+def restore(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture) -> None:
+    """Load the state of RL step ``step`` into a freshly built pipeline and capture, and cut the
+    run's JSON-lines logs back to that step (raises ``CheckpointError`` naming what is missing)."""
+    checkpoint = run_dir / rundir.CHECKPOINTS / step_name(step)
+    target = resume_file(run_dir, step)
+    if not target.is_file() or not checkpoint.is_dir():
+        have = sorted(set(saved_steps(run_dir / rundir.RESUME))
+                      & set(saved_steps(run_dir / rundir.CHECKPOINTS, r"step_(\d{6})()")))
+        raise CheckpointError(
+            f"{run_dir}: the trainer resumes from RL step {step} but sae-shards has no complete "
+            f"checkpoint of that step ({target.name} and {checkpoint.name}); steps it can resume "
+            f"from: {have or 'none'} (resume TRL from the matching checkpoint-N)")
+    loaded = load_checkpoint(checkpoint, parts.sae.device)
+    if [t.name for t in loaded.sae.targets] != [t.name for t in parts.specs]:
+        raise CheckpointError(f"{checkpoint}: its targets differ from this run's; resume with "
+                              "the run's own capture.targets")
+    with torch.no_grad():
+        parts.sae.load_state_dict(loaded.sae.state_dict())
+    parts.trainer.load_state_tensors(load_training_state(checkpoint))
+    tensors, header = read_safetensors(target)
+    info = json.loads(header["info"])
+    parts.buffer.load_state(tensors, info["buffer"])
+    parts.loop.generator.set_state(tensors["loop.generator"])
+    parts.loop.activations = ActivationLog.from_tensors(tensors, "online")
+    parts.loop.last_rl_step = int(info["last_rl_step"])
+    capture.load_counters(info["capture"])
+    rundir.truncate_jsonl(run_dir / rundir.ROLLOUTS, lambda row: row.get("step", 0) <= step)
+    rundir.truncate_jsonl(run_dir / rundir.METRICS, lambda row: row.get("rl_step", 0) <= step)

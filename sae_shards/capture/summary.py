@@ -1,0 +1,76 @@
+"""The end of a run: the buffered samples under the final SAE, the held-out FVU, and the run's
+summary figures (``summary.json``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from typing import Any
+
+import torch
+
+from sae_shards.capture.delta import DeltaCapture
+from sae_shards.capture.pipeline import Pipeline
+from sae_shards.capture.runner import ActivationLog
+from sae_shards.core.metrics import evaluate_heldout
+from sae_shards.run.config import RunnerConfig
+
+log = logging.getLogger(__name__)
+
+
+def final_activations(parts: Pipeline) -> ActivationLog:
+    """Every buffered sample encoded by the final SAE (empty if it never trained)."""
+    out = ActivationLog()
+    if parts.sae.input_scale > 0:
+        for chunk in parts.buffer.chronological_slots().split(64):  # [<= 64] slots
+            x = parts.sae.to_scaled(parts.buffer.gather(chunk))
+            steps = [parts.buffer.metadata(s).global_step for s in chunk.tolist()]
+            out.add(steps, parts.trainer.n_steps, parts.sae.encode(x))
+    return out
+
+
+def heldout_fvu(parts: Pipeline) -> tuple[float, int]:
+    """Pooled FVU of the final SAE on the buffered held-out samples (NaN with fewer than two, or
+    when the SAE never trained), and how many there are."""
+    slots = parts.buffer.chronological_slots()
+    heldout = slots[torch.tensor([parts.buffer.metadata(s).heldout for s in slots.tolist()],
+                                 dtype=torch.bool)]
+    if heldout.numel() < 2 or not parts.sae.input_scale > 0:
+        return math.nan, int(heldout.numel())
+    batches = [parts.buffer.gather(chunk) for chunk in heldout.split(256)]  # [<= 256] slots
+    return evaluate_heldout(parts.sae, batches).fvu, int(heldout.numel())
+
+
+def run_summary(parts: Pipeline, capture: DeltaCapture, runner: RunnerConfig,
+                rewards: list[float], fvu: list[float], extra: dict[str, Any]) -> dict[str, Any]:
+    """``summary.json``: reward (mean per RL step, in order) over the first and last fifth of the
+    steps, FVU over the first and last tenth of the SAE steps, the capture's and the SAE's
+    counters, the dead fraction, plus ``extra``; a ``warning`` when the SAE never trained."""
+    fifth, tenth = max(1, len(rewards) // 5), max(1, len(fvu) // 10)
+    trainer = parts.trainer
+    summary = {
+        "rl_steps": parts.loop.last_rl_step, "sae_steps": trainer.n_steps,
+        "reward_first": _mean(rewards[:fifth]), "reward_last": _mean(rewards[-fifth:]),
+        "fvu_first": _mean(fvu[:tenth]), "fvu_last": _mean(fvu[-tenth:]),
+        "captured": capture.n_captured, "zero_samples": capture.n_zero,
+        "nonfinite_samples": capture.n_nonfinite, "outlier_samples": capture.n_outliers,
+        "skipped_steps": capture.n_skipped,
+        "sae_rejected_nonfinite": trainer.n_rejected_nonfinite,
+        "sae_skipped_zero": trainer.n_skipped_zero,
+        "dead_frac": float(trainer.stats.dead_mask(parts.sae.cfg.dead_after).float().mean()),
+        **extra,
+    }
+    if trainer.n_steps == 0:
+        summary["warning"] = (
+            f"the SAE never trained: {capture.n_captured} samples were captured, but it starts "
+            f"once runner.min_samples={runner.min_samples} trainable samples are buffered and "
+            f"RL reaches runner.sae_start_step={runner.sae_start_step}; run more RL steps or "
+            "lower them. The checkpoint holds the random initialisation")
+        log.warning("%s", summary["warning"])
+    return summary
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return statistics.fmean(xs) if xs else math.nan

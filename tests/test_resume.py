@@ -1,0 +1,193 @@
+"""Runs that survive: kill -9 and resume gives the uninterrupted run's shards, SIGTERM stops with a
+usable checkpoint, a checkpoint write that fails halfway loses nothing, overwrite leaves nothing
+of the earlier run, and bad samples (NaN, outliers) are skipped and counted through the job."""
+
+from __future__ import annotations
+
+import errno
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from sae_shards.analysis.shards import RunView, ShardSet
+from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
+from sae_shards.core import checkpoint as checkpoint_module
+from sae_shards.core.checkpoint import load_checkpoint
+from sae_shards.run.job import run_job, start
+from sae_shards.run.rundir import RunWriteError
+
+# 12 RL steps, checkpoints every 4 (TRL's and ours), the SAE from the 4th sample on.
+ARGS = ["rl.max_steps=12", "runner.checkpoint_every=4", "runner.min_samples=4",
+        "task.n_prompts=64", "logging=disabled", "seed=5"]
+
+
+def _train(run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sae_shards.cli", "train", *ARGS, *extra,
+                             f"run_dir={run_dir}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path} appeared: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def _finish(proc: subprocess.Popen, rc: int = 0) -> str:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == rc, err[-3000:]
+    return out
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """Final shards, activation logs, rollouts and SAE figures identical, bit for bit."""
+    for name in ("checkpoints/final/sae.safetensors", "activations.safetensors"):
+        ta, tb = load_file(a / name), load_file(b / name)
+        assert ta.keys() == tb.keys()
+        for key in ta:  # NaN (the unused batch_topk threshold) equals NaN here
+            torch.testing.assert_close(ta[key], tb[key], rtol=0, atol=0, equal_nan=True,
+                                       msg=f"{name}: {key}")
+    assert (a / "rollouts.jsonl").read_text() == (b / "rollouts.jsonl").read_text()
+    sae_rows = [[r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                 if r["kind"] == "sae"] for d in (a, b)]
+    assert sae_rows[0] == sae_rows[1] and len(sae_rows[0]) == 9 * 4
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    for key in ("rl_steps", "sae_steps", "captured", "reward_first", "reward_last", "fvu_last",
+                "dead_frac"):
+        assert sa[key] == sb[key], key
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    _finish(_train(run))
+    return run
+
+
+def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    proc = _train(run)
+    _wait_for(run / "trl" / "checkpoint-8" / "trainer_state.json", proc)
+    proc.kill()
+    proc.communicate()
+    assert not (run / "checkpoints" / "final").exists()
+    _finish(_train(run, "resume=true"))
+    _same_run(uninterrupted, run)
+
+
+def test_sigterm_stops_with_a_usable_checkpoint_then_resumes(uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    proc = _train(run)
+    _wait_for(run / "trl" / "checkpoint-4" / "trainer_state.json", proc)
+    proc.send_signal(signal.SIGTERM)
+    out = _finish(proc, rc=128 + signal.SIGTERM)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["stop_signal"] == signal.SIGTERM
+    stopped = summary["rl_steps"]
+    assert 4 <= stopped < 12 and f"run_dir={run} resume=true" in out
+    step = f"step_{stopped:06d}"
+    assert Path(summary["final_checkpoint"]).name == step
+    assert (run / "trl" / f"checkpoint-{stopped}" / "trainer_state.json").is_file()
+    assert not (run / "checkpoints" / "final").exists()
+    view = RunView(run)  # an interrupted run is analysable: its newest checkpoint
+    assert view.checkpoint == step and sorted(view.rollouts) == list(range(1, stopped + 1))
+    done = subprocess.run([sys.executable, "-m", "sae_shards.cli", "analyze", str(run),
+                           "--no-dose"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"reading checkpoint {step}" in done.stderr and (run / "report.html").is_file()
+    _finish(_train(run, "resume=true"))
+    assert json.loads((run / "summary.json").read_text())["interrupted"] is False
+    _same_run(uninterrupted, run)
+
+
+def _job(run: Path, *extra: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return job_config_from_hydra(compose("config", overrides=[*ARGS, *extra,
+                                                                  f"run_dir={run}"]))
+
+
+def test_a_checkpoint_write_failing_halfway_keeps_the_run_resumable(uninterrupted, tmp_path,
+                                                                    monkeypatch):
+    run = tmp_path / "run"
+    real_save = checkpoint_module.save_file
+    calls = []
+
+    def disk_full_at_step_8(tensors, path, metadata=None):
+        calls.append(str(path))
+        if "step_000008" in str(path):  # half a file, then the disk is full
+            Path(path).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", disk_full_at_step_8)
+    with pytest.raises(RunWriteError, match=r"could not write .*step_000008.*No space left"):
+        run_job(_job(run), run)
+    monkeypatch.undo()
+    assert not (run / "checkpoints" / "step_000008").exists()
+    assert not list((run / "checkpoints").glob(".step_000008*"))  # no half-written leftovers
+    assert load_checkpoint(run / "checkpoints" / "step_000004").config["meta"]["rl_step"] == 4
+    run_job(_job(run, "resume=true"), run)
+    _same_run(uninterrupted, run)
+
+
+def test_overwrite_leaves_no_file_of_the_earlier_run(tmp_path):
+    run = tmp_path / "run"
+    run_job(_job(run, "runner.save_samples=true"), run)
+    assert (run / "samples.safetensors").is_file() and (run / "resume").is_dir()
+    run_job(_job(run, "overwrite=true", "rl.max_steps=5", "runner.checkpoint_every=0"), run)
+    names = sorted(p.name for p in run.iterdir())
+    assert "samples.safetensors" not in names and "resume" not in names
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["final"]
+    assert not list((run / "trl").glob("checkpoint-*"))
+    rows = (run / "rollouts.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert ShardSet.from_run(run).meta["rl_step"] == 5
+
+
+class _Corrupt(TrainerCallback):
+    """After the optimizer step of one RL step, puts a NaN (step 3) or a huge change (step 7)
+    into one target, and undoes it after the capture read it (it is added after the job's
+    callback, so its on_step_end runs second): those samples reach the capture, not the policy."""
+
+    def __init__(self, param: torch.nn.Parameter) -> None:
+        self.param, self.saved = param, None
+
+    @torch.no_grad()
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step + 1 in (3, 7):
+            self.saved = self.param.detach().clone()
+            if state.global_step + 1 == 3:
+                self.param[0, 0] = float("nan")
+            else:
+                self.param.add_(1.0)
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.saved is not None:
+            self.param.copy_(self.saved)
+            self.saved = None
+
+
+def test_nonfinite_and_outlier_samples_are_skipped_and_counted_by_the_job(tmp_path):
+    run = tmp_path / "run"
+    rl, callback, _ = start(_job(run, "runner.checkpoint_every=0"), run)
+    rl.trainer.add_callback(_Corrupt(callback.parts.targets["model.layers.1.mlp.up_proj.weight"]))
+    rl.trainer.train()
+    summary = callback.summary
+    assert summary["nonfinite_samples"] == 1 and summary["outlier_samples"] == 1
+    assert summary["captured"] == 10 and summary["rl_steps"] == 12
+    steps = load_file(run / "activations.safetensors")["online.rl_step"].tolist()
+    assert 3 not in steps and 7 not in steps
+    assert torch.isfinite(callback.parts.sae.input_scale)
