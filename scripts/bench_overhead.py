@@ -56,7 +56,8 @@ def time_mode(cfg: JobConfig, mode: str, run_dir: Path) -> dict:
     rl.trainer.train()  # thread mode: on_train_end waits for the worker's backlog
     end = time.perf_counter()
     return {"mode": mode, "total_s": end - start,
-            "sae_steps": callback.parts.trainer.n_steps if callback else 0}
+            "sae_steps": callback.parts.trainer.n_steps if callback else 0,
+            "per_slot": callback.summary["samples_per_slot"] if callback else 0.0}
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -76,16 +77,19 @@ def main(argv: list[str] | None = None) -> str:
     lines = [
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"device {resolve_device(cfg.device)}, torch threads {cfg.runner.torch_threads}, "
-        f"{steps} RL steps, {cfg.runner.sae_steps_per_rl_step} SAE steps per RL step "
-        f"(batch {cfg.sae.batch_size}, {cfg.sae.n_latents} latents)",
+        f"{steps} RL steps, "
+        + (f"SAE budget {cfg.runner.sae_budget:g} of RL wall time" if cfg.runner.sae_budget else
+           f"{cfg.runner.sae_steps_per_rl_step} SAE steps per RL step")
+        + f" (batch {cfg.sae.batch_size}, {cfg.sae.n_latents} latents)",
         "",
-        "| mode | RL loop s (incl. SAE backlog) | s / RL step | SAE steps | overhead vs rl |",
-        "|---|---|---|---|---|",
+        "| mode | RL loop s (incl. SAE backlog) | s / RL step | SAE steps | samples / slot "
+        "| overhead vs rl |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{r['total_s'] / base:.2f}x" if base else "n/a"
-        lines.append(f"| {r['mode']} | {r['total_s']:.1f} | "
-                     f"{r['total_s'] / steps:.3f} | {r['sae_steps']} | {ratio} |")
+        lines.append(f"| {r['mode']} | {r['total_s']:.1f} | {r['total_s'] / steps:.3f} | "
+                     f"{r['sae_steps']} | {r['per_slot']:.1f} | {ratio} |")
     table = "\n".join(lines)
     print(table)
     return table

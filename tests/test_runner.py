@@ -2,6 +2,8 @@
 
 import threading
 
+import pytest
+
 import torch
 
 from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
@@ -81,3 +83,29 @@ def test_a_hung_worker_stops_the_run_instead_of_blocking_rl():
             runner.on_push(slot)
     assert time.monotonic() - start < 5
     hang.set()
+
+
+def test_sae_budget_grants_steps_worth_its_share_of_rl_time():
+    """Pure accounting, on a clock the test moves: 100 ms of RL per push, SAE steps of 10 ms,
+    budget 0.2 -> 20 ms per push -> about two steps per push, and spent time is charged."""
+    from sae_shards.capture.runner import SAEBudget
+
+    now = [0.0]
+    budget = SAEBudget(0.2, clock=lambda: now[0])
+    granted = []
+    for _ in range(50):
+        started = now[0]
+        n = budget.steps(started)
+        now[0] += 0.010 * n  # the SAE steps take 10 ms each
+        budget.spent(started, n, 0.010 * n)
+        granted.append(n)
+        now[0] += 0.100  # RL's own step
+    assert granted[0] == 1  # the first push measures a step
+    # 49 intervals of credit, less the first push's unpaid step and the rounding down
+    assert sum(granted[1:]) == pytest.approx(0.2 * 0.100 * 49 / 0.010, abs=3)
+    sae_time, rl_time = 0.010 * sum(granted), 0.100 * 50
+    assert sae_time / rl_time == pytest.approx(0.2, abs=0.01)
+    idle = SAEBudget(0.2, clock=lambda: now[0])  # a long pause buys no burst
+    idle.spent(now[0], 1, 0.01)
+    now[0] += 1000.0
+    assert idle.steps(now[0]) == idle.cap_steps

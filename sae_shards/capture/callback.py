@@ -180,6 +180,7 @@ class ShardCallback(TrainerCallback):
     def _save_step(self, step: int) -> None:
         """A resumable checkpoint of the SAE side at RL step ``step`` (the worker made idle)."""
         self.parts.runner.wait_idle()
+        self.parts.loop.flush_activations()
         self._flush_sae_records()
         self.last_checkpoint = resume_state.save_step(self.run_dir, step, self.parts,
                                                       self.capture, self.meta)
@@ -257,6 +258,7 @@ class ShardCallback(TrainerCallback):
         if self.capture is None or not state.is_world_process_zero:
             return
         self.parts.runner.finish()
+        self.parts.loop.flush_activations()
         self._flush_sae_records()
         if self.save_model and self.stop_signal is None:
             out = self.run_dir / rundir.FINAL_MODEL

@@ -1,8 +1,10 @@
 """Training the SAE beside the RL run: what happens per captured delta, inline or in a thread.
 
 ``SAEWorkLoop.process(slot)`` is the unit of work for one captured delta: record the sample's
-activations under the current SAE and run ``sae_steps_per_rl_step`` SAE steps on batches sampled
-from the ring buffer (once ``min_samples`` are buffered and RL reached ``sae_start_step``).
+activations under the current SAE and run SAE steps on batches sampled from the ring buffer (once
+``min_samples`` are buffered and RL reached ``sae_start_step``): ``sae_steps_per_rl_step`` of them,
+or with ``sae_budget > 0`` as many as fit in that fraction of the RL run's wall time
+(``SAEBudget``).
 ``InlineRunner`` calls it from the capture callback (the RL step waits for it); ``ThreadRunner``
 hands it to a background worker through a bounded queue, so RL waits only when the worker is
 ``max_lag`` deltas behind. A worker error is re-raised in the RL thread at the next push (and at
@@ -16,7 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -75,6 +77,45 @@ def stack_codes(codes: list[SparseCodes]) -> SparseCodes:
                        torch.cat([pad(c.values) for c in codes]))
 
 
+class SAEBudget:
+    """How many SAE steps fit in ``runner.sae_budget`` of the RL run's wall time.
+
+    RL time is the wall time between the end of one ``process`` and the start of the next (what
+    the RL side spent on its own step); every second of it earns ``sae_budget`` seconds of
+    credit, and each ``process`` spends its own wall time (encode, SAE steps). A push runs as
+    many SAE steps as the credit pays for at the measured cost per step (the first one runs one
+    step to measure it). Credit is capped at ``cap_steps`` steps, so a long pause does not buy a
+    burst. The counts depend on timing: runs with a budget are not bit-reproducible.
+    """
+
+    def __init__(self, fraction: float, cap_steps: int = 32,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.fraction = fraction
+        self.cap_steps = cap_steps
+        self.clock = clock
+        self.credit_s = 0.0
+        self.step_s: float | None = None  # running mean wall time of one SAE step
+        self._last_end: float | None = None
+
+    def steps(self, started: float) -> int:
+        """SAE steps to run in the ``process`` that started at ``started``."""
+        if self._last_end is not None:
+            self.credit_s += self.fraction * (started - self._last_end)
+        if self.step_s is None:
+            return 1
+        self.credit_s = min(self.credit_s, self.cap_steps * self.step_s)
+        return int(self.credit_s // self.step_s)
+
+    def spent(self, started: float, n_steps: int, steps_s: float) -> None:
+        """Charge the ``process`` that started at ``started`` (``steps_s`` of it on SAE steps)."""
+        end = self.clock()
+        self.credit_s -= end - started
+        if n_steps:
+            per_step = steps_s / n_steps
+            self.step_s = per_step if self.step_s is None else 0.8 * self.step_s + 0.2 * per_step
+        self._last_end = end
+
+
 class SAEWorkLoop:
     """The SAE's work for each captured delta (used by both runners)."""
 
@@ -85,24 +126,56 @@ class SAEWorkLoop:
         self.cfg = cfg
         self.generator = generator
         """CPU generator of the batches drawn from the buffer (saved with resume state)."""
+        self.budget = SAEBudget(cfg.sae_budget) if cfg.sae_budget else None
+        """``runner.sae_budget > 0``: steps per push set by time, not ``sae_steps_per_rl_step``."""
         self.activations = ActivationLog()
+        """Each captured sample under the SAE as it was when the sample arrived (``online``);
+        complete after ``flush_activations``."""
+        self._pending: list[tuple[int, int]] = []  # (slot, rl step) not encoded yet
+        # Encode pending samples together, before any slot of theirs can be overwritten (RL may
+        # be max_lag pushes ahead of the thread worker).
+        self._flush_at = max(1, min(64, buffer.capacity - cfg.max_lag - 2))
         self._records: list[SAEStepRecord] = []
         self._lock = threading.Lock()
         self.last_rl_step = 0
 
-    def process(self, slot: int) -> None:
-        rl_step = self.buffer.metadata(slot).global_step
+    def flush_activations(self) -> None:
+        """Encode the samples captured since the last flush with the SAE as it is now, which is
+        the SAE they arrived at (it trains only after a flush): one batch instead of one encode
+        per push. Call with the runner idle."""
         sae = self.trainer.sae
-        if sae.input_scale > 0:  # the SAE has seen data: record what this sample activates
-            x = sae.to_scaled(self.buffer.gather([slot]))
-            self.activations.add([rl_step], self.trainer.n_steps, sae.encode(x))
+        if not self._pending or not sae.input_scale > 0:
+            self._pending.clear()  # before the SAE has seen data there is nothing to encode
+            return
+        slots, steps = zip(*self._pending)
+        for at in range(0, len(slots), 64):
+            x = sae.to_scaled(self.buffer.gather(list(slots[at:at + 64])))
+            self.activations.add(list(steps[at:at + 64]), self.trainer.n_steps, sae.encode(x))
+        self._pending.clear()
+
+    def process(self, slot: int) -> None:
+        started = self.budget.clock() if self.budget is not None else 0.0
+        rl_step = self.buffer.metadata(slot).global_step
+        self._pending.append((slot, rl_step))
+        n_steps, steps_s = 0, 0.0
+        if len(self._pending) >= self._flush_at:
+            self.flush_activations()
         if rl_step >= self.cfg.sae_start_step and self.buffer.n_trainable >= self.cfg.min_samples:
-            for _ in range(self.cfg.sae_steps_per_rl_step):
-                batch = self.buffer.sample(sae.cfg.batch_size, self.generator, self.cfg.recent_frac)
+            n_steps = (self.budget.steps(started) if self.budget is not None
+                       else self.cfg.sae_steps_per_rl_step)
+            if n_steps:
+                self.flush_activations()  # the samples so far, under the SAE before this training
+            t0 = time.perf_counter()
+            for _ in range(n_steps):
+                batch = self.buffer.sample(self.trainer.sae.cfg.batch_size, self.generator,
+                                           self.cfg.recent_frac)
                 m = self.trainer.step(batch.batch)
                 if m is not None:
                     with self._lock:
                         self._records.append(SAEStepRecord(self.trainer.n_steps, rl_step, m))
+            steps_s = time.perf_counter() - t0
+        if self.budget is not None:
+            self.budget.spent(started, n_steps, steps_s)
         self.last_rl_step = rl_step
 
     def pop_records(self) -> list[SAEStepRecord]:

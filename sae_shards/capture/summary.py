@@ -46,7 +46,8 @@ def run_summary(parts: Pipeline, capture: DeltaCapture, runner: RunnerConfig,
                 rewards: list[float], fvu: list[float], extra: dict[str, Any]) -> dict[str, Any]:
     """``summary.json``: reward (mean per RL step, in order) over the first and last fifth of the
     steps, FVU over the first and last tenth of the SAE steps, the capture's and the SAE's
-    counters, the dead fraction, plus ``extra``; a ``warning`` when the SAE never trained."""
+    counters, the dead fraction, the training samples the SAE drew per captured delta
+    (``samples_per_slot``), plus ``extra``; a ``warning`` when the SAE never trained."""
     fifth, tenth = max(1, len(rewards) // 5), max(1, len(fvu) // 10)
     trainer = parts.trainer
     summary = {
@@ -59,6 +60,7 @@ def run_summary(parts: Pipeline, capture: DeltaCapture, runner: RunnerConfig,
         "sae_rejected_nonfinite": trainer.n_rejected_nonfinite,
         "sae_skipped_zero": trainer.n_skipped_zero,
         "dead_frac": float(trainer.stats.dead_mask(parts.sae.cfg.dead_after).float().mean()),
+        "samples_per_slot": trainer.stats.n_samples / max(capture.n_captured, 1),
         **extra,
     }
     if trainer.n_steps == 0:

@@ -215,7 +215,12 @@ class RunnerConfig:
     """``inline``: SAE steps run in the RL callback after each push; ``thread``: a background
     worker trains while RL continues (the RL side waits only when ``max_lag`` pushes are queued)."""
     sae_steps_per_rl_step: int = 4
-    """SAE steps per captured delta."""
+    """SAE steps per captured delta (fixed; used when ``sae_budget`` is 0)."""
+    sae_budget: float = 0.0
+    """> 0: instead of a fixed number of SAE steps per captured delta, run as many as fit in this
+    fraction of the RL run's wall time (e.g. 0.05: the SAE may add about 5%), timed as the run
+    goes; ``summary.json`` reports the samples the SAE saw per captured delta. Timing-dependent,
+    so not bit-reproducible. 0 (default): ``sae_steps_per_rl_step`` steps each time."""
     min_samples: int = 8
     """Buffered samples before the SAE starts training."""
     sae_start_step: int = 0
@@ -247,6 +252,9 @@ class RunnerConfig:
         for name in ("sae_steps_per_rl_step", "min_samples", "max_lag", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"runner.{name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.sae_budget <= 10:
+            raise ValueError(f"runner.sae_budget={self.sae_budget} must be in [0, 10] (a fraction "
+                             "of RL wall time, e.g. 0.05; 0 uses sae_steps_per_rl_step)")
         if not self.worker_timeout_s > 0:
             raise ValueError(f"runner.worker_timeout_s={self.worker_timeout_s} must be > 0")
         if self.sae_start_step < 0:
