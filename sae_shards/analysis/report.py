@@ -170,7 +170,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     untrained = "<p>No activations: the SAE never trained (see the run's summary).</p>"
     parts.append(_section("timeline", "Shard timeline (top shards, final SAE)",
                           plot_timeline(view, shards) if shards else untrained))
-    parts.append(_section("norms", "Per-target norms of the top shards", plot_norms(view, shards)))
+    parts.append(_section("norms", "Per-target norms of the top shards",
+                          plot_norms(view, shards) if shards else untrained))
     parts.append(_section("rollouts", "Top rollouts per shard", _rollouts_html(view, shards, top_k)))
 
     lens_html, dose_results = [], {}
