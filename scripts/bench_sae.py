@@ -12,6 +12,13 @@ memory is its own: peak RSS growth over the worker's RSS after imports on CPU (i
 batch), ``torch.cuda.max_memory_allocated`` on CUDA. A configuration whose estimated memory
 exceeds ``--mem-budget-gib`` is reported as "does not fit" without being allocated.
 
+``--step`` runs instead the issue-13 suite (the SAE step after the factored loss): the L3D-shaped
+point (one 1024x4096 target, 64 latents, rank 1, batch 32) and the shapes of one Qwen2.5-0.5B layer
+at several latent counts; each point is run with this tree's code and with the code of git HEAD
+(``--before-rev``, copied from ``git show`` into a temporary package, so the ratio comes from one
+run), and reports samples/s, the step's GFLOP/s (FLOP model: :func:`step_flops`), the GFLOP/s of a
+2048^3 ``torch.mm`` in the same worker process and the peak RSS growth.
+
 AuxK is off (``aux_coef=0``) in both: its cost depends on how many latents happen to be dead,
 which drifts with the number of steps and would make the figures depend on the time box.
 """
@@ -144,24 +151,83 @@ def _build_and_train(spec: dict, device: torch.device, steps: int):
     Called once on a tiny 8x8 target before the memory baseline is taken: the first steps fault
     in libtorch's code pages and thread pools (~100 MiB of RSS), which is not the SAE's memory.
     """
-    m, n = spec["m"], spec["n"]
-    target = TargetSpec("w", (m, n), spec["rank"])
+    shapes = spec.get("shapes") or [["w", spec["m"], spec["n"]]]
+    targets = [TargetSpec(name, (m, n), min(spec["rank"], m, n)) for name, m, n in shapes]
     cfg = SAEConfig(n_latents=spec["n_latents"], rank=spec["rank"], k=spec["k"],
                     batch_size=spec["batch"], aux_coef=0.0, seed=0)
-    sae = (DenseSAE if spec["impl"] == "dense" else LowRankSAE)([target], cfg).to(device)
-    trainer = SAETrainer(sae)
+    sae_cls, trainer_cls = LowRankSAE, SAETrainer
+    if spec["impl"] == "head":
+        sae_cls, trainer_cls = head_modules(spec.get("rev", "HEAD"))
+    sae = (DenseSAE if spec["impl"] == "dense" else sae_cls)(targets, cfg).to(device)
+    trainer = (SAETrainer(sae, dense_loss=True) if spec["impl"] == "dense"
+               else trainer_cls(sae))
     gen = torch.Generator().manual_seed(0)
-    batch = {"w": (1e-4 * torch.randn(spec["batch"], m, n, generator=gen)).to(device)}
+    # randn then scale in place: no second batch-sized tensor in the peak
+    batch = {t.name: torch.randn(spec["batch"], *t.shape, generator=gen).mul_(1e-4).to(device)
+             for t in targets}
     for _ in range(steps):
         trainer.step(batch)
     return sae, trainer, batch
+
+
+_HEAD_FILES = ("sae", "trainer", "metrics", "sparsity")
+
+
+def head_modules(rev: str = "HEAD"):
+    """(LowRankSAE, SAETrainer) of git ``rev``: its core/{sae,trainer,metrics,sparsity}.py copied
+    into a temporary package (imports between them rewritten), so the old step can be timed next
+    to the new one without touching the working tree."""
+    import importlib
+    import tempfile
+    root = Path(tempfile.mkdtemp(prefix="sae_head_"))
+    (root / "sae_head").mkdir()
+    (root / "sae_head" / "__init__.py").write_text("")
+    for name in _HEAD_FILES:
+        text = subprocess.run(["git", "show", f"{rev}:sae_shards/core/{name}.py"], cwd=REPO_ROOT,
+                              capture_output=True, text=True, check=True).stdout
+        for other in _HEAD_FILES:
+            text = text.replace(f"sae_shards.core.{other} ", f"sae_head.{other} ")
+        (root / "sae_head" / f"{name}.py").write_text(text)
+    sys.path.insert(0, str(root))
+    return (importlib.import_module("sae_head.sae").LowRankSAE,
+            importlib.import_module("sae_head.trainer").SAETrainer)
+
+
+def mm_gflops(device: torch.device, size: int = 2048, reps: int = 3) -> float:
+    """Best-of-``reps`` GFLOP/s of one fp32 ``[size, size] @ [size, size]`` torch.mm."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = math.inf
+    for _ in range(reps + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best / 1e9
+
+
+def step_flops(impl: str, shapes: Sequence[Sequence], n_latents: int, rank: int, k: int,
+               batch: int) -> float:
+    """FLOPs of one SAE step's batch contractions (the parameter-sized work is left out).
+
+    ``low-rank`` (factored loss): the encoder ``x @ [n, N r]`` forward (2 b N r mn) and its weight
+    gradient (the same again), plus the active latents' decoder inner products
+    ``x_b @ V_g [n, k r]`` forward and weight gradient (4 b k r mn): ``4 b (N + k) r sum(mn)``.
+    ``head`` (dense reconstruction): the same encoder ``4 b N r sum(mn)`` plus the decode
+    ``[b, m, k r] @ [b, k r, n]`` forward and its two gradients ``6 b k r sum(mn)``.
+    """
+    mn = sum(m * n for _, m, n in shapes)
+    if impl == "low-rank":
+        return 4.0 * batch * (n_latents + k) * rank * mn
+    return 4.0 * batch * n_latents * rank * mn + 6.0 * batch * k * rank * mn
 
 
 def run_config(spec: dict) -> dict:
     """Build, warm up and time one (implementation, size); runs inside a fresh worker process."""
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    _build_and_train(dict(spec, m=8, n=8, rank=1), device, steps=3)  # see _build_and_train
+    _build_and_train(dict(spec, m=8, n=8, rank=1, shapes=None), device, steps=3)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -182,8 +248,12 @@ def run_config(spec: dict) -> dict:
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else _rss_bytes("VmHWM")) - base
     params = sae.param_count() if spec["impl"] == "dense" else sae.factored_param_count()
-    return dict(spec, steps=steps, elapsed=elapsed, samples_per_s=steps * spec["batch"] / elapsed,
-                peak_bytes=peak, params=params, fvu=metrics.fvu)
+    out = dict(spec, steps=steps, elapsed=elapsed, samples_per_s=steps * spec["batch"] / elapsed,
+               peak_bytes=peak, params=params, fvu=metrics.fvu)
+    if spec.get("shapes"):
+        del sae, trainer, batch
+        out["mm_gflops"] = mm_gflops(device)
+    return out
 
 
 def _spawn(spec: dict) -> dict:
@@ -249,6 +319,59 @@ def machine_info(args: argparse.Namespace) -> str:
             f"load average {os.getloadavg()[0]:.2f} at start")
 
 
+# ---------------------------------------------------------------------------- issue-13 suite
+L3D_SHAPES = [["w", 1024, 4096]]
+QWEN_LAYER = [["q", 896, 896], ["k", 128, 896], ["v", 128, 896], ["o", 896, 896],
+              ["gate", 4864, 896], ["up", 4864, 896], ["down", 896, 4864]]
+
+
+def step_suite(args: argparse.Namespace) -> str:
+    """The L3D point and one Qwen2.5-0.5B layer, this tree's step against ``--before-rev``'s."""
+    points = [("L3D 1024x4096", L3D_SHAPES, args.l3d_latents)]
+    points += [("Qwen2.5-0.5B layer", QWEN_LAYER, n) for n in args.qwen_latents]
+    impls = ["low-rank"] + (["head"] if args.before_rev else [])
+    rows = []
+    for label, shapes, n_lat in points:
+        for impl in impls:
+            spec = dict(impl=impl, shapes=shapes, m=0, n=0, rank=args.rank, n_latents=n_lat,
+                        k=args.k, batch=args.step_batch, device=args.device,
+                        threads=args.threads, seconds=args.seconds, warmup=args.warmup,
+                        min_steps=args.min_steps, max_steps=args.max_steps,
+                        rev=args.before_rev, label=label)
+            per_sample = 4 * ACT_COPIES * sum(m * n for _, m, n in shapes)
+            if impl == "head" and per_sample * args.step_batch > args.mem_budget_gib * GIB:
+                # the dense step keeps ~ACT_COPIES batch copies alive: shrink its batch to fit
+                spec["batch"] = max(1, int(args.mem_budget_gib * GIB // per_sample))
+            row = _spawn(spec)
+            row["gflops"] = step_flops(impl, shapes, n_lat, args.rank, args.k,
+                                       spec["batch"]) * row["steps"] / row["elapsed"] / 1e9
+            rows.append(row)
+            print(f"{label} N={n_lat} {impl}: {row['samples_per_s']:.2f} samples/s, "
+                  f"{row['gflops']:.1f} GFLOP/s (mm {row['mm_gflops']:.1f}), peak "
+                  f"{_fmt_mem(row['peak_bytes'])}", flush=True)
+    return format_step_table(rows)
+
+
+def format_step_table(rows: list[dict]) -> str:
+    head = ("| point | N | code | batch | steps timed | samples/s | step GFLOP/s "
+            "| torch.mm GFLOP/s "
+            "| % of mm | peak RSS growth | speed-up vs before |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    before = {(r["label"], r["n_latents"]): r for r in rows
+              if r["impl"] == "head" and "samples_per_s" in r}
+    for r in rows:
+        code = "this tree" if r["impl"] == "low-rank" else f"before ({r['rev']})"
+        cells = [r["label"], str(r["n_latents"]), code, str(r["batch"])]
+        b = before.get((r["label"], r["n_latents"]))
+        speedup = (f"{r['samples_per_s'] / b['samples_per_s']:.1f}x"
+                   if b is not None and r["impl"] == "low-rank" else "")
+        cells += [str(r["steps"]), f"{r['samples_per_s']:.2f}", f"{r['gflops']:.1f}",
+                  f"{r['mm_gflops']:.1f}", f"{100 * r['gflops'] / r['mm_gflops']:.0f}%",
+                  _fmt_mem(r["peak_bytes"]), speedup]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- entry point
 def _size(text: str) -> tuple[int, int]:
     m, _, n = text.lower().partition("x")
@@ -281,6 +404,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=2000)
     p.add_argument("--quality-steps", type=int, default=300,
                    help="steps of the planted-direction sanity run at the smallest size (0: skip)")
+    p.add_argument("--step", action="store_true", help="run the issue-13 suite (L3D point and "
+                   "a Qwen2.5-0.5B layer, this tree against --before-rev) instead of the sweep")
+    p.add_argument("--step-batch", type=int, default=32, help="batch of the --step suite")
+    p.add_argument("--l3d-latents", type=int, default=64)
+    p.add_argument("--qwen-latents", type=lambda s: [int(x) for x in s.split(",") if x],
+                   default="64,256,1024", help="latent counts of the Qwen layer (empty: none)")
+    p.add_argument("--before-rev", default="HEAD", help="git revision whose SAE step is timed "
+                   "as 'before' in --step ('' : none)")
     p.add_argument("--out", type=Path, help="also write the markdown report here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -298,6 +429,20 @@ def main(argv: Sequence[str] | None = None) -> str:
     t_start = time.perf_counter()
     header = machine_info(args)
     print(header, flush=True)
+
+    if args.step:
+        table = step_suite(args)
+        text = "\n".join([header, "", f"--step: k={args.k}, rank {args.rank}, batch "
+                          f"{args.step_batch} (the before code at a smaller batch where its ~"
+                          f"{ACT_COPIES} batch copies exceed {args.mem_budget_gib:g} GiB), "
+                          f"signed top-k, AuxK off, time box {args.seconds:g} s,"
+                          f" peak RSS growth over the worker's RSS before the SAE and batch are "
+                          f"built (includes the batch)", "", table, "",
+                          f"Total wall time {time.perf_counter() - t_start:.0f} s."])
+        print("\n" + text)
+        if args.out is not None:
+            args.out.write_text(text + "\n")
+        return text
 
     configs = [("low-rank", m, n, args.rank) for m, n in args.sizes]
     configs += [("dense", m, n, 1) for m, n in args.sizes]

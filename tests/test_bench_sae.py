@@ -16,3 +16,15 @@ def test_bench_smallest_size_reports_both_and_a_finite_ratio():
     assert math.isfinite(speed_ratio) and speed_ratio > 0
     assert math.isfinite(mem_ratio)
     assert "mmcs = " in text
+
+
+def test_bench_step_suite_reports_before_and_after():
+    """--step at the L3D shape with a tiny batch: both codes run, a speed-up and a % of mm."""
+    text = main(["--step", "--qwen-latents", "", "--l3d-latents", "8", "--k", "2",
+                 "--step-batch", "2", "--seconds", "0.1", "--warmup", "1", "--min-steps", "1",
+                 "--max-steps", "2"])
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| L3D")]
+    assert [r[3].strip() for r in rows] == ["this tree", "before (HEAD)"]
+    speedup = rows[0][11].strip()
+    assert speedup.endswith("x") and float(speedup[:-1]) > 0
+    assert all(r[9].strip().endswith("%") for r in rows)

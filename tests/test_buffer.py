@@ -164,3 +164,150 @@ def test_default_budget_is_a_fraction_of_free_memory():
     budget = default_memory_budget("cpu", fraction=0.5)
     assert 0 < budget
     assert default_memory_budget("cpu", fraction=0.25) <= budget
+
+
+class _PausedGather:
+    """Patch ``Tensor.index_select`` (the batch gather) and ``Tensor.to`` (the early copy of a
+    slot the writer takes soon) so a gather in ``thread_name`` stops inside them until
+    ``release`` is set (``started`` tells the test it is there)."""
+
+    def __init__(self, monkeypatch, thread_name: str, methods=("index_select", "to")) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+        for method in methods:
+            monkeypatch.setattr(torch.Tensor, method, self._paused(
+                getattr(torch.Tensor, method), thread_name))
+
+    def _paused(self, original, thread_name: str):
+        def method(tensor, *args, **kwargs):
+            if threading.current_thread().name == thread_name:
+                self.started.set()
+                assert self.release.wait(30), "the test never released the gather"
+            return original(tensor, *args, **kwargs)
+
+        return method
+
+
+def test_writer_is_not_blocked_by_a_gather_in_progress(monkeypatch):
+    buf = DeltaRingBuffer(TARGETS, capacity=16, device="cpu")
+    for step in (1, 2):  # slots 0 and 1; the next write goes to slot 2
+        buf.push(sample_of(step), StepMeta(step))
+    paused = _PausedGather(monkeypatch, "sae-reader")
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(buf.sample(16)._asdict()),
+                              name="sae-reader")
+    reader.start()
+    try:
+        assert paused.started.wait(30)
+        # The reader is inside its gather (and holds slots 0 and 1): the writer goes on.
+        for step in (3, 4):
+            assert buf.push(sample_of(step), StepMeta(step)) == step - 1
+        assert reader.is_alive() and not paused.release.is_set()
+        assert len(buf) == 4 and buf.chronological_slots().tolist() == [0, 1, 2, 3]
+    finally:
+        paused.release.set()
+        reader.join()
+    assert set(got["slots"].tolist()) <= {0, 1}  # drawn before slots 2 and 3 were committed
+    for name, x in got["batch"].items():
+        expect = (got["slots"] + 1).float().view(-1, *[1] * (x.dim() - 1)).expand_as(x)
+        assert torch.equal(x, expect), name
+
+
+def test_slot_being_read_is_not_overwritten_until_the_read_ends(monkeypatch):
+    buf = DeltaRingBuffer(TARGETS, capacity=2, device="cpu")
+    for step in (1, 2):  # full: the next write overwrites slot 0
+        buf.push(sample_of(step), StepMeta(step))
+    paused = _PausedGather(monkeypatch, "sae-reader")
+    got, wrote = {}, threading.Event()
+    reader = threading.Thread(target=lambda: got.update(gathered=buf.gather([0])),
+                              name="sae-reader")
+
+    def write():
+        slot, views = buf.begin_write()
+        for name, view in views.items():
+            view.copy_(sample_of(3)[name])
+        wrote.set()
+        buf.commit(slot, StepMeta(3))
+
+    writer = threading.Thread(target=write)
+    reader.start()
+    try:
+        assert paused.started.wait(30)
+        writer.start()
+        # begin_write waits for the reader of slot 0; however long we wait, it must not write.
+        assert not wrote.wait(0.5)
+        assert writer.is_alive() and buf.metadata(1).global_step == 2
+    finally:
+        paused.release.set()
+        reader.join()
+        writer.join(30)
+    assert wrote.is_set() and not writer.is_alive()
+    assert all(torch.equal(x[0], sample_of(1)[n]) for n, x in got["gathered"].items())
+    assert buf.metadata(0).global_step == 3 and torch.equal(buf.gather([0])["b"][0],
+                                                            sample_of(3)["b"])
+
+
+def test_concurrent_reads_and_writes_keep_rows_whole_across_targets():
+    """A row's targets come from one sample: no write lands between the gathers of two targets
+    (the old lock held the whole gather; now the slots' read marks must)."""
+    targets = [TargetSpec("w", (64, 64), rank=1), TargetSpec("b", (4096,))]
+    buf = DeltaRingBuffer(targets, capacity=3, device="cpu")
+    fill = lambda views, value: [v.fill_(value) for v in views.values()]  # noqa: E731
+    slot, views = buf.begin_write()
+    fill(views, 0.0)
+    buf.commit(slot, StepMeta(0))
+    bad, stop, n_reads = [], threading.Event(), [0]
+
+    def sampler():
+        while not stop.is_set():
+            batch, slots = buf.sample(32)
+            w, b = batch["w"].flatten(1), batch["b"]
+            first = w[:, :1]
+            if not (torch.equal(w, first.expand_as(w)) and torch.equal(b, first.expand_as(b))):
+                bad.append(slots)
+            n_reads[0] += 1
+
+    thread = threading.Thread(target=sampler)
+    thread.start()
+    try:
+        for step in range(1, 400):
+            slot, views = buf.begin_write()
+            fill(views, float("nan"))  # garbage while in the write state
+            fill(views, float(step))
+            buf.commit(slot, StepMeta(step))
+    finally:
+        stop.set()
+        thread.join()
+    assert not bad and n_reads[0] > 0
+
+
+def test_gather_releases_the_writers_next_slot_first(monkeypatch):
+    buf = DeltaRingBuffer(TARGETS, capacity=8, device="cpu")
+    for step in range(1, 9):  # full: the next write overwrites slot 0
+        buf.push(sample_of(step), StepMeta(step))
+    paused = _PausedGather(monkeypatch, "sae-reader", methods=("index_select",))
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(gathered=buf.gather([5, 0, 5, 0])),
+                              name="sae-reader")
+    reader.start()
+    try:
+        assert paused.started.wait(30)  # slot 0 is copied out; the gather of slot 5 is paused
+        assert buf.push(sample_of(9), StepMeta(9)) == 0
+        assert reader.is_alive() and not paused.release.is_set()
+    finally:
+        paused.release.set()
+        reader.join()
+    for name, x in got["gathered"].items():
+        assert torch.equal(x, torch.stack([sample_of(s)[name] for s in (6, 1, 6, 1)])), name
+    assert buf.metadata(0).global_step == 9
+
+
+@pytest.mark.parametrize("capacity", [1, 3, 8])
+def test_sampled_rows_match_their_slots(capacity):
+    buf = DeltaRingBuffer(TARGETS, capacity=capacity, device="cpu", dtype=torch.bfloat16)
+    for step in range(1, 2 * capacity + 1):
+        buf.push(sample_of(step), StepMeta(step))
+    batch, slots = buf.sample(64, torch.Generator().manual_seed(0))
+    for name, x in batch.items():
+        assert x.dtype == torch.float32
+        expect = torch.stack([sample_of(buf.metadata(s).global_step)[name] for s in slots.tolist()])
+        assert torch.equal(x, expect), name

@@ -218,3 +218,58 @@ def test_nonfinite_sample_is_skipped_and_counted(tmp_path):
     train(model, [spoil, capture, repair], tmp_path, max_grad_norm=0.0)
     _, steps = captured_in_order(buffer)
     assert steps == [1, 3, 4] and capture.n_nonfinite == 1 and capture.n_captured == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_update_events_pieces_norm_and_skips(monkeypatch, tmp_path, dtype):
+    """``update`` driven through its events: pieces that do not divide the targets, the norm
+    accumulated while writing, the slot claimed at on_step_begin with fp32 storage, and
+    non-finite, zero and outlier samples."""
+    from transformers import TrainerControl, TrainerState
+
+    import sae_shards.capture.delta as delta
+
+    monkeypatch.setattr(delta, "CHUNK", 7)  # several pieces per target, a short last one
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.randn(5, 6, generator=gen))
+    model.b = torch.nn.Parameter(torch.randn(11, generator=gen))
+    targets = dict(model.named_parameters())
+    buffer = make_buffer(targets, capacity=3, dtype=dtype)
+    capture = DeltaCapture(targets, buffer, outlier_ratio=10.0)
+    args = TrainingArguments(tmp_path, report_to=[])
+    state, control = TrainerState(), TrainerControl()
+    capture.on_train_begin(args, state, control, model=model)
+    in_slot = dtype == torch.float32
+    assert all((s == ()) == in_slot for s in capture._snapshots.values())
+
+    def step(change) -> dict[str, torch.Tensor]:
+        before = {n: p.detach().clone() for n, p in targets.items()}
+        n_before = len(buffer)
+        capture.on_step_begin(args, state, control)
+        assert len(buffer) == n_before - (in_slot and n_before == buffer.capacity)
+        with torch.no_grad():
+            for p in targets.values():
+                change(p)
+        state.global_step += 1
+        capture.on_step_end(args, state, control)
+        return {n: (p.detach() - before[n]).to(dtype) for n, p in targets.items()}
+
+    for i in range(5):  # slots 0, 1, 2, 0, 1
+        expect = step(lambda p: p.add_(torch.randn(p.shape, generator=gen) * 1e-3))
+        slot = (buffer.chronological_slots()[-1]).item()
+        got = buffer.gather([slot])
+        assert all(torch.equal(got[n][0], expect[n].float()) for n in targets)
+        stored = torch.cat([expect[n].float().flatten() for n in targets])
+        assert capture.last_norm == pytest.approx(stored.norm().item(), rel=1e-6)
+    assert capture.n_captured == 5 and buffer.n_pushed == 5
+    next_slot = buffer._next
+    step(lambda p: p.view(-1)[-1].fill_(math.nan) if p.dim() == 1 else None)
+    assert capture.n_nonfinite == 1 and buffer.n_pushed == 5 and buffer._next == next_slot
+    with torch.no_grad():
+        model.b.view(-1)[-1] = 0.0
+    step(lambda p: p.add_(1.0))  # a norm ~1e3 times the running RMS
+    assert capture.n_outliers == 1 and buffer.n_pushed == 5
+    step(lambda p: None)
+    assert capture.n_zero == 1 and capture.last_norm == 0.0 and buffer.n_pushed == 6
+    assert len(buffer) == 3 and buffer._writing is None

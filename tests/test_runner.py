@@ -105,6 +105,13 @@ def test_sae_budget_grants_steps_worth_its_share_of_rl_time():
     assert sum(granted[1:]) == pytest.approx(0.2 * 0.100 * 49 / 0.010, abs=3)
     sae_time, rl_time = 0.010 * sum(granted), 0.100 * 50
     assert sae_time / rl_time == pytest.approx(0.2, abs=0.01)
+    debt = SAEBudget(0.2, clock=lambda: now[0])  # a costly push (e.g. encoding) puts it in debt
+    debt.spent(now[0], 1, 0.010)
+    start = now[0]
+    now[0] += 1.0
+    debt.spent(start, 0, 0.0)
+    now[0] += 0.100
+    assert debt.steps(now[0]) == 0 and debt.step_s == pytest.approx(0.010)  # estimate kept
     idle = SAEBudget(0.2, clock=lambda: now[0])  # a long pause buys no burst
     idle.spent(now[0], 1, 0.01)
     now[0] += 1000.0

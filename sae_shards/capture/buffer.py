@@ -9,9 +9,15 @@ Writers fill a slot in place::
 
 The delta itself is always computed in fp32 by the writer; with bf16 storage only the stored copy
 is rounded. A background SAE thread may call ``sample`` while the RL thread writes: a lock guards
-the slot bookkeeping and the gather, and a slot between ``begin_write`` and ``commit`` is never
-handed out. On CUDA, CUDA events order the writer's kernels before any read of the slot and every
-earlier read before the next overwrite, whichever streams the two threads use.
+the slot bookkeeping only. A reader picks its slots and marks them as being read (a count per
+slot) under the lock, gathers them without it, then unmarks them; ``begin_write`` waits only
+while readers still hold the one slot it hands out (the oldest, at the write index), so a writer
+never overwrites a slot being read and is not held up by gathers of other slots. A drawn slot
+among the next ``EARLY_SLOTS`` to be written is copied out first and released at once, so the
+writer waits for one sample's copy at most, unless it commits more than ``EARLY_SLOTS`` samples
+during one gather. A slot between ``begin_write`` and ``commit`` is never handed out. On CUDA,
+CUDA events order the writer's kernels before any read of the slot and every earlier read before
+the next overwrite, whichever streams the two threads use.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import torch
 from sae_shards.core.targets import TargetSpec
 
 STORAGE_DTYPES = (torch.float32, torch.bfloat16)
+EARLY_SLOTS = 2
+"""A gather copies out first, and releases at once, drawn slots among the next this many writes."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,8 @@ class DeltaRingBuffer:
         self._writing: int | None = None
         self._n_pushed = 0
         self._lock = threading.Lock()
+        self._unread = threading.Condition(self._lock)  # notified when a slot's readers reach 0
+        self._readers = [0] * self.capacity  # gathers in progress that read each slot
         self._write_done: torch.cuda.Event | None = None  # CUDA only: last commit's kernels
         self._read_done: torch.cuda.Event | None = None  # CUDA only: last sample's gather
 
@@ -114,7 +124,9 @@ class DeltaRingBuffer:
             slot = self._next
             self._writing = slot
             self._meta[slot] = None
-            self._filled[slot] = False
+            self._filled[slot] = False  # no new reader picks it from now on
+            # Gathers that picked the slot earlier finish first; gathers of other slots go on.
+            self._unread.wait_for(lambda: self._readers[slot] == 0)
             read_done = self._read_done
         if read_done is not None:  # earlier gathers must finish before the slot is overwritten
             torch.cuda.current_stream(self.device).wait_event(read_done)
@@ -187,7 +199,8 @@ class DeltaRingBuffer:
                     "committed yet (push at least one delta that is not held out first)"
                 )
             slots = _draw(committed, batch_size, generator, recent_frac, recent_window)
-            return BufferSample(self._gather_locked(slots), slots)
+            marked = self._mark_locked(slots)
+        return BufferSample(self._gather_marked(slots, marked), slots)
 
     def gather(self, slots: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
         """``{target: fp32 [len(slots), *shape]}`` of the given committed slots (e.g. held out)."""
@@ -196,7 +209,8 @@ class DeltaRingBuffer:
             empty = [s for s in slots.tolist() if not 0 <= s < self.capacity or not self._filled[s]]
             if empty:
                 raise KeyError(f"slots {empty[:5]} hold no committed sample")
-            return self._gather_locked(slots)
+            marked = self._mark_locked(slots)
+        return self._gather_marked(slots, marked)
 
     def metadata(self, slot: int) -> StepMeta:
         """The ``StepMeta`` of a committed slot."""
@@ -229,13 +243,16 @@ class DeltaRingBuffer:
     # ---- resume -----------------------------------------------------------------------------
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Everything needed to rebuild the buffer: ``({"buffer.<target>": [capacity, *shape],
-        "buffer.filled", "buffer.heldout"}, {"next", "n_pushed", "meta": [StepMeta or None]})``
-        (tensors and JSON-able data only)."""
+        """Everything needed to rebuild the buffer: ``({"buffer.<target>": [n_filled, *shape]
+        (the committed slots only, in slot order), "buffer.filled" [capacity], "buffer.heldout"
+        [capacity]}, {"next", "n_pushed", "meta": [StepMeta or None]})`` (tensors and JSON-able
+        data only)."""
         with self._lock:
             if self._writing is not None:
                 raise RuntimeError(f"slot {self._writing} is being written; save between steps")
-            tensors = {f"buffer.{name}": data.detach().cpu() for name, data in self._data.items()}
+            filled = self._filled.nonzero().flatten().to(self.device)  # [n_filled]
+            tensors = {f"buffer.{name}": data.index_select(0, filled).cpu()
+                       for name, data in self._data.items()}
             tensors["buffer.filled"] = self._filled.clone()
             tensors["buffer.heldout"] = self._heldout.clone()
             meta = [None if m is None else dataclasses.asdict(m) for m in self._meta]
@@ -243,20 +260,25 @@ class DeltaRingBuffer:
 
     def load_state(self, tensors: Mapping[str, torch.Tensor], info: Mapping) -> None:
         """Restore what ``state`` returned (same targets, capacity and storage dtype)."""
-        for name, data in self._data.items():
-            saved = tensors[f"buffer.{name}"]
-            if tuple(saved.shape) != tuple(data.shape) or saved.dtype != data.dtype:
-                raise ValueError(
-                    f"saved buffer target {name!r} is {saved.dtype} {tuple(saved.shape)}, this "
-                    f"buffer {data.dtype} {tuple(data.shape)}: resume with the run's own "
-                    "capture.capacity, capture.storage_dtype and targets")
-        if len(info["meta"]) != self.capacity:
+        filled = tensors["buffer.filled"]
+        if tuple(filled.shape) != (self.capacity,) or len(info["meta"]) != self.capacity:
             raise ValueError(f"saved buffer has {len(info['meta'])} slots, this one "
                              f"{self.capacity}; resume with the run's own capture.capacity")
+        slots = filled.nonzero().flatten()  # [n_filled]
+        for name, data in self._data.items():
+            saved = tensors[f"buffer.{name}"]
+            want = (slots.numel(), *data.shape[1:])
+            if tuple(saved.shape) != want or saved.dtype != data.dtype:
+                raise ValueError(
+                    f"saved buffer target {name!r} is {saved.dtype} {tuple(saved.shape)}, this "
+                    f"buffer needs {data.dtype} {want}: resume with the run's own "
+                    "capture.capacity, capture.storage_dtype and targets")
         with self._lock:
+            self._unread.wait_for(lambda: not any(self._readers))
             for name, data in self._data.items():
-                data.copy_(tensors[f"buffer.{name}"])
-            self._filled.copy_(tensors["buffer.filled"])
+                data.zero_()
+                data.index_copy_(0, slots.to(self.device), tensors[f"buffer.{name}"].to(self.device))
+            self._filled.copy_(filled)
             self._heldout.copy_(tensors["buffer.heldout"])
             self._meta = [None if m is None else _step_meta(m) for m in info["meta"]]
             self._next, self._n_pushed = int(info["next"]), int(info["n_pushed"])
@@ -274,14 +296,63 @@ class DeltaRingBuffer:
                 f"slot {slot} is not being written (begin_write handed out {self._writing})"
             )
 
-    def _gather_locked(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self._write_done is not None:  # committed kernels finish before our gather
-            torch.cuda.current_stream(self.device).wait_event(self._write_done)
-        index = slots.to(self.device)  # [batch]
-        batch = {name: data.index_select(0, index).float() for name, data in self._data.items()}
-        event = self._record_event()
-        if event is not None:
-            self._read_done = event
+    def _mark_locked(
+        self, slots: torch.Tensor
+    ) -> tuple[list[int], torch.cuda.Event | None, list[int]]:
+        """Mark committed ``slots`` as being read (under the lock, where they were picked), so
+        ``begin_write`` cannot hand one out until ``_gather_marked`` is done with it. Also returns
+        those of them the next ``EARLY_SLOTS`` writes take, soonest first."""
+        unique = slots.unique().tolist()
+        for s in unique:
+            self._readers[s] += 1
+        soon = [(self._next + i) % self.capacity for i in range(min(EARLY_SLOTS, self.capacity))]
+        return unique, self._write_done, [s for s in soon if s in unique]
+
+    def _unmark(self, slots: Sequence[int], event: torch.cuda.Event | None) -> None:
+        with self._lock:
+            if event is not None:  # before the slots are unmarked: begin_write reads it then
+                self._read_done = event
+            for s in slots:
+                self._readers[s] -= 1
+            self._unread.notify_all()
+
+    def _gather_marked(
+        self, slots: torch.Tensor, marked: tuple[list[int], torch.cuda.Event | None, list[int]]
+    ) -> dict[str, torch.Tensor]:
+        """Gather ``slots`` (marked by ``_mark_locked``) without the lock, then unmark them.
+
+        Drawn slots that the next writes take are copied out first, one by one, and unmarked at
+        once: a writer waits for one sample's copy at most, not for the whole batch (unless it
+        laps the gather by more than ``EARLY_SLOTS`` commits)."""
+        unique, write_done, soon = marked
+        held = [s for s in unique if s not in soon]
+        event = None
+        try:
+            if write_done is not None:  # committed kernels finish before our gather
+                torch.cuda.current_stream(self.device).wait_event(write_done)
+            early: dict[int, dict[str, torch.Tensor]] = {}  # slot -> name -> [*shape] fp32 copy
+            for s in list(soon):
+                early[s] = {name: data[s].to(torch.float32, copy=True)
+                            for name, data in self._data.items()}
+                self._unmark([s], self._record_event())
+                soon.remove(s)
+            if held:  # rows of early slots read another slot here and are filled in below
+                index = slots.masked_fill(torch.isin(slots, torch.tensor(list(early),
+                                                                        dtype=torch.long)),
+                                          held[0]).to(self.device)  # [batch]
+                batch = {name: data.index_select(0, index).float()
+                         for name, data in self._data.items()}
+            else:
+                batch = {name: torch.empty((len(slots), *data.shape[1:]), dtype=torch.float32,
+                                           device=self.device)
+                         for name, data in self._data.items()}
+            for s, copies in early.items():
+                rows = (slots == s).nonzero().squeeze(1).to(self.device)  # [n]
+                for name, x in batch.items():
+                    x[rows] = copies[name]
+            event = self._record_event()
+        finally:
+            self._unmark(held + soon, event)  # soon: what an error left marked
         return batch  # {name: [batch, *shape]}
 
     def _chronological_locked(self) -> torch.Tensor:

@@ -18,7 +18,10 @@ Sources (see ``DeltaCapture`` for what each supports):
 
 - ``update`` snapshots the targets (fp32) at ``on_step_begin`` and writes ``theta_after -
   snapshot`` (fp32) at ``on_step_end``; this stays correct where the weights change before
-  ``on_pre_optimizer_step`` (DeepSpeed steps inside backward).
+  ``on_pre_optimizer_step`` (DeepSpeed steps inside backward). With fp32 storage on the targets'
+  device the snapshot of a dense target is taken straight into the buffer slot (claimed at
+  ``on_step_begin``) and the diff is taken in place: a copy, then one read of the target and one
+  read-modify-write of the slot, with no fp32 snapshot tensor of its own.
 - ``grad`` copies the clipped gradient at ``on_pre_optimizer_step``.
 - ``precond`` (Adam/AdamW) copies the clipped gradient ``g_t`` at ``on_pre_optimizer_step`` and
   divides it by Adam's denominator ``P_t = sqrt(v_t / (1 - beta2^t)) + eps``, read from the
@@ -30,7 +33,10 @@ Sources (see ``DeltaCapture`` for what each supports):
   ``on_step_end``.
 
 Every sample is committed at ``on_step_end`` with ``StepMeta.global_step = state.global_step``
-(the 1-based number of the step just taken).
+(the 1-based number of the step just taken). Its norm (for the finite check, the outlier test,
+``n_zero`` and ``last_norm``) is accumulated while it is written: on CPU the sample is written
+in pieces of ``CHUNK`` elements and each piece is read back while still in cache, and all targets
+share one host sync per step.
 """
 
 from __future__ import annotations
@@ -138,6 +144,11 @@ class DeltaCapture(TrainerCallback):
         self.last_norm = math.nan
         """Frobenius norm over all targets of the last finite sample (fp32)."""
         self._snapshots: dict[str, tuple[torch.Tensor, ...]] | None = None  # allocated lazily
+        # update with fp32 slots on the targets' device: the slot itself holds the snapshot of
+        # dense targets (claimed at on_step_begin), and the diff is taken in place.
+        slot_device = torch.empty(0, device=buffer.device).device  # "cuda" -> "cuda:0"
+        self._snap_in_slot = source == "update" and buffer.dtype == torch.float32 and all(
+            isinstance(t, LoraTarget) or t.device == slot_device for t in targets.values())
         self._armed = False  # a snapshot for the current optimizer step exists
         self._slot: int | None = None  # slot being written this step
         self._slot_views: dict[str, torch.Tensor] = {}
@@ -181,7 +192,9 @@ class DeltaCapture(TrainerCallback):
                     n: Scratch.alloc(p, self.source, self.buffer) for n, p in self.targets.items()
                 }
         if self._snapshots is None and self.source in ("update", "deconv"):
-            self._snapshots = {n: _alloc_snapshot(t, self.buffer) for n, t in self.targets.items()}
+            self._snapshots = {
+                n: () if self._snap_in_slot and not isinstance(t, LoraTarget)
+                else _alloc_snapshot(t, self.buffer) for n, t in self.targets.items()}
 
     @torch.no_grad()
     def on_step_begin(self, args, state, control, **kwargs):
@@ -191,8 +204,11 @@ class DeltaCapture(TrainerCallback):
             return
         if self._armed:
             return
+        if self._snap_in_slot:
+            self._slot, self._slot_views = self.buffer.begin_write()
         for name, target in self.targets.items():
-            for snap, p in zip(self._snapshots[name], _params(target)):
+            snaps = self._snapshots[name] or (self._slot_views[name],)
+            for snap, p in zip(snaps, _params(target)):
                 snap.copy_(p)
         if self.source == "deconv":
             # The value this step's optimizer.step() uses: the scheduler steps after it, before
@@ -233,11 +249,14 @@ class DeltaCapture(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
+        sq_norm = _SqNorm()  # of the sample, added as it is written
         if self.source == "update":
             assert self._armed, "on_step_end without a snapshot from on_step_begin"
-            self._slot, self._slot_views = self.buffer.begin_write()
+            if not self._snap_in_slot:
+                self._slot, self._slot_views = self.buffer.begin_write()
             for name, target in self.targets.items():
-                _write_update(target, self._snapshots[name], self._slot_views[name])
+                view = self._slot_views[name]
+                _write_update(target, self._snapshots[name] or (view,), view, sq_norm)
             self._armed = False
         elif self.source == "deconv":
             assert self._armed, "on_step_end without a snapshot from on_step_begin"
@@ -246,7 +265,10 @@ class DeltaCapture(TrainerCallback):
                 return
         slot, views = self._slot, self._slot_views
         self._slot, self._slot_views = None, {}
-        norm = _finite_norm(views.values())
+        if not sq_norm:  # grad / precond / deconv: one more read of the written slot
+            for view in views.values():
+                sq_norm.add(view)
+        norm = _finite_norm(sq_norm, views.values())
         if norm is None:
             self.buffer.abort(slot)
             self.n_nonfinite += 1
@@ -352,15 +374,65 @@ def _alloc_snapshot(target: Target, buffer: DeltaRingBuffer) -> tuple[torch.Tens
     return (torch.empty_like(target, dtype=torch.float32),)
 
 
-def _write_update(target: Target, snap: tuple[torch.Tensor, ...], view: torch.Tensor) -> None:
-    """Write ``theta_after - theta_before`` (computed in fp32) into the slot ``view``."""
+CHUNK = 1 << 16
+"""Elements per piece of a sample written on CPU (256 KiB of fp32): each piece of the slot is read
+back for the norm right after it is written, while it is still in the core's L2 cache, so the norm
+and the finite check cost no second pass over memory."""
+
+
+class _SqNorm:
+    """The squared Frobenius norm of one sample, accumulated piece by piece as 0-d fp32 tensors
+    (no host sync until ``value``)."""
+
+    def __init__(self) -> None:
+        self.sq: list[torch.Tensor] = []  # sums of squares
+        self.norms: list[torch.Tensor] = []  # norms (pieces not stored in fp32)
+
+    def add(self, piece: torch.Tensor) -> None:
+        """Add the written ``piece`` of a slot (read once, right after it was written)."""
+        if piece.dtype == torch.float32:
+            flat = piece.reshape(-1)
+            self.sq.append(torch.dot(flat, flat))
+        else:
+            self.norms.append(torch.linalg.vector_norm(piece, dtype=torch.float32))
+
+    def __bool__(self) -> bool:
+        return bool(self.sq or self.norms)
+
+    def value(self) -> float:
+        """The norm (one host sync for all targets); nan/inf if an entry was."""
+        sq = self.sq + [torch.stack(self.norms).square().sum()] if self.norms else self.sq
+        return math.sqrt(torch.stack(sq).sum().item())
+
+
+def _pieces(*tensors: torch.Tensor):
+    """Aligned flat pieces of ``CHUNK`` elements of same-numel tensors (CPU, all contiguous), or
+    the tensors themselves once (CUDA, where one kernel per op is best, or a strided tensor)."""
+    if all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        return zip(*(t.view(-1).split(CHUNK) for t in tensors))
+    return (tensors,)
+
+
+def _write_update(
+    target: Target, snap: tuple[torch.Tensor, ...], view: torch.Tensor, norm: _SqNorm
+) -> None:
+    """Write ``theta_after - theta_before`` (computed in fp32) into the slot ``view`` and add the
+    written (stored-dtype) values to ``norm``, piece by piece (``_pieces``)."""
     if isinstance(target, LoraTarget):
-        _write_lora_update(target, *snap, view)
+        _write_lora_update(target, *snap, view, norm)
     elif view.dtype == torch.float32 and view.device == target.device:
-        torch.sub(target, snap[0], out=view)
+        for t, s, v in _pieces(target, snap[0], view):  # s may be v itself (the slot's snapshot)
+            torch.sub(t, s, out=v)
+            norm.add(v)
     else:
-        snap[0].neg_().add_(target)  # = theta_after - theta_before, bitwise as torch.sub
-        view.copy_(snap[0])
+        for t, s, v in _pieces(target, snap[0], view):
+            torch.sub(t, s, out=s)  # theta_after - theta_before in fp32
+            v.copy_(s)  # rounds to the storage dtype
+            if s.device.type == v.device.type == "cpu":  # stored values back in fp32 (exact),
+                # while hot: a dot is faster than a bf16 norm on CPU
+                norm.add(s.copy_(v))
+            else:
+                norm.add(v)
 
 
 def _write_lora_update(
@@ -370,6 +442,7 @@ def _write_lora_update(
     a1: torch.Tensor | None,  # [r, in] fp32 scratch, when A is not fp32
     out: torch.Tensor | None,  # [out, in] fp32 scratch, when the view cannot take it directly
     view: torch.Tensor,  # [out, in] the slot
+    norm: _SqNorm,
 ) -> None:
     """``s * (B1 A1 - B0 A0)``, evaluated as ``s * (B0 dA + dB A1)``: the same quantity without the
     cancellation of subtracting two nearly equal products (their difference is ~1e-3 of each)."""
@@ -380,16 +453,17 @@ def _write_lora_update(
     d_b = b0.neg_().add_(target.B)  # [out, r] = B1 - B0
     dense.addmm_(d_b, A1)  # + dB A1
     dense.mul_(target.scaling)
-    if out is not None:
-        view.copy_(dense)
+    for d, v in _pieces(dense, view):
+        if out is not None:
+            v.copy_(d)
+        norm.add(v)
 
 
-def _finite_norm(views) -> float | None:
-    """Frobenius norm over all views in fp32, or None if any entry is nan/inf (one host sync)."""
-    norms = [torch.linalg.vector_norm(v, dtype=torch.float32) for v in views]
-    norm = torch.linalg.vector_norm(torch.stack(norms)).item()
-    if math.isfinite(norm):
-        return norm
+def _finite_norm(norm: _SqNorm, views) -> float | None:
+    """The sample's Frobenius norm from ``norm``, or None if any entry of ``views`` is nan/inf."""
+    value = norm.value()
+    if math.isfinite(value):
+        return value
     # A non-finite norm means a nan/inf entry, or (rarely) an overflow of finite entries.
     if all(bool(torch.isfinite(v).all()) for v in views):
         return float("inf")

@@ -104,13 +104,13 @@ class SAEBudget:
         if self.step_s is None:
             return 1
         self.credit_s = min(self.credit_s, self.cap_steps * self.step_s)
-        return int(self.credit_s // self.step_s)
+        return max(0, int(self.credit_s // self.step_s))  # in debt: none until it is repaid
 
     def spent(self, started: float, n_steps: int, steps_s: float) -> None:
         """Charge the ``process`` that started at ``started`` (``steps_s`` of it on SAE steps)."""
         end = self.clock()
         self.credit_s -= end - started
-        if n_steps:
+        if n_steps > 0:
             per_step = steps_s / n_steps
             self.step_s = per_step if self.step_s is None else 0.8 * self.step_s + 0.2 * per_step
         self._last_end = end

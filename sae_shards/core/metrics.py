@@ -11,8 +11,11 @@ Sample = Mapping[str, Tensor]  # {target name: [batch, *shape]}
 
 
 def sample_sq_norms(x: Sample) -> Tensor:
-    """``||x_b||^2`` over all targets, shape [batch]."""
-    return sum(v.flatten(1).pow(2).sum(1) for v in x.values())
+    """``||x_b||^2`` over all targets, shape [batch] (inf/NaN for a row with such an entry).
+
+    ``vector_norm`` reduces without a batch-sized temporary (``v.pow(2)`` would make one).
+    """
+    return sum(torch.linalg.vector_norm(v.flatten(1), dim=1).pow(2) for v in x.values())
 
 
 def fvu_parts(x: Sample, xhat: Sample) -> tuple[Tensor, Tensor]:

@@ -21,6 +21,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
+from sae_shards.core.factored import cross_gram
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.sparsity import SparseCodes, batch_topk, select_codes, threshold_codes
 from sae_shards.core.targets import TargetSpec
@@ -133,8 +134,7 @@ class LowRankSAE(nn.Module):
         b, m, n = x.shape
         n_lat, _, r = left.shape
         width = n_lat * r
-        rows = min(m, n)
-        chunk = max(1, (self.cfg.encode_chunk_mib << 20) // (4 * rows * width))
+        chunk = max(1, (self.cfg.encode_chunk_mib << 20) // (4 * m * width))  # [chunk, m, N*r]
         parts = [_matrix_inner_chunk(x[i:i + chunk], left, right) for i in range(0, b, chunk)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -201,13 +201,8 @@ class LowRankSAE(nn.Module):
         """``<D_i, D_j>_F`` for all pairs, ``[n_latents, n_latents]``, in factored form."""
         total = None
         for tf in self.factors:
-            if tf.spec.is_matrix:
-                U, V = tf.factors("decoder")
-                uu = torch.einsum("imr,jms->ijrs", U, U)
-                vv = torch.einsum("inr,jns->ijrs", V, V)
-                part = (uu * vv).sum((2, 3))
-            else:
-                part = tf.d_dec @ tf.d_dec.T
+            f = tf.factors("decoder")
+            part = cross_gram(f, f)  # [N, N]
             total = part if total is None else total + part
         return total
 
@@ -267,16 +262,15 @@ def _vector_inner(x: Tensor, d: Tensor) -> Tensor:
 def _matrix_inner_chunk(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
     """``sum_r left_ir^T x right_ir`` for all latents: x [b, m, n] -> [b, N].
 
-    Contracts the longer side first so the intermediate is ``[b, min(m, n), N*r]``.
+    Always contracts the last (contiguous) axis first, as one ``[b*m, n] @ [n, N*r]`` GEMM: for
+    tall matrices (m > n) this beats ``x^T @ left`` (a transposed batched matmul, which also makes
+    autograd copy the batch) although the intermediate ``[b, m, N*r]`` is larger; the caller
+    chunks the batch to bound it.
     """
     b, m, n = x.shape
     n_lat, _, r = left.shape
     L = left.permute(1, 0, 2).reshape(m, n_lat * r)  # [m, N*r]
     R = right.permute(1, 0, 2).reshape(n, n_lat * r)  # [n, N*r]
-    if m > n:  # square targets take the other branch: no transposed copy of x
-        xl = x.transpose(1, 2) @ L  # [b, n, N*r]
-        prod = (xl * R).sum(1)  # [b, N*r]
-    else:
-        xr = x @ R  # [b, m, N*r]
-        prod = (xr * L).sum(1)
+    xr = (x.reshape(b * m, n) @ R).view(b, m, n_lat * r)  # [b, m, N*r]
+    prod = (xr * L).sum(1)  # [b, N*r]
     return prod.view(b, n_lat, r).sum(-1)

@@ -13,8 +13,9 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from sae_shards.core.metrics import fvu, fvu_parts, sample_sq_norms
-from sae_shards.core.sae import LowRankSAE, SAEOutput
+from sae_shards.core.factored import dense_losses, factored_losses
+from sae_shards.core.metrics import sample_sq_norms
+from sae_shards.core.sae import LowRankSAE
 from sae_shards.core.sparsity import SparseCodes
 from sae_shards.core.targets import check_batch
 
@@ -89,8 +90,11 @@ class LatentStats:
 class SAETrainer:
     """Trains a :class:`LowRankSAE` one batch at a time (Adam, fp32 state)."""
 
-    def __init__(self, sae: LowRankSAE):
+    def __init__(self, sae: LowRankSAE, dense_loss: bool = False):
         self.sae = sae
+        # True: the dense reference loss (reconstruction [batch, m, n] per target), for parity
+        # tests and benchmarks; default: the factored loss (sae_shards/core/factored.py).
+        self.dense_loss = dense_loss
         self.cfg = sae.cfg
         self.optimizer = torch.optim.Adam(
             [p for p in sae.parameters() if p.requires_grad], lr=self.cfg.lr, fused=True
@@ -138,53 +142,38 @@ class SAETrainer:
             return None
         x, sq_norms = cleaned
         self._update_scale(sq_norms)
-        xs = self.sae.to_scaled(x)
         if self.n_steps == 0 and self.cfg.use_b_dec:
             with torch.no_grad():
                 for t, bd in zip(self.sae.targets, self.sae.b_dec):
-                    bd.copy_(xs[t.name].mean(0))
+                    bd.copy_(x[t.name].mean(0)).div_(self.sae.input_scale)
         dead = self.stats.dead_mask(self.cfg.dead_after)
 
         # enable_grad: callers may sit inside no_grad (the capture callback does).
         with torch.enable_grad(), torch.autocast(self.sae.device.type, torch.bfloat16,
                                                  enabled=self.cfg.autocast_bf16):
-            out = self.sae(xs, training=True)
-            aux = self._aux_loss(xs, out, dead)
-            recon = {k: v.float() for k, v in out.recon.items()}
-            main = fvu(xs, recon)
+            if self.dense_loss or self.cfg.autocast_bf16:
+                # bf16 inner products are too coarse for the factored loss's cancellation
+                res = dense_losses(self.sae, self.sae.to_scaled(x), dead,
+                                   self.cfg.effective_aux_k, self.cfg.aux_coef)
+            else:
+                res = factored_losses(self.sae, x, dead,
+                                      self.cfg.effective_aux_k, self.cfg.aux_coef)
+            main, aux = res.fvu, res.aux
             loss = main + self.cfg.aux_coef * aux if self.cfg.aux_coef > 0 else main
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.sae.normalize_decoder_()
-        if out.batch_threshold is not None:
-            self._update_threshold(out.batch_threshold)
-        self.stats.update(out.codes, self.n_steps)
+        if res.batch_threshold is not None:
+            self._update_threshold(res.batch_threshold)
+        self.stats.update(res.codes, self.n_steps)
         self.n_steps += 1
         return StepMetrics(
             fvu=main.item(), aux_loss=float(aux.detach()), loss=loss.item(),
-            l0=out.codes.active().sum(1).float().mean().item(),
+            l0=res.codes.active().sum(1).float().mean().item(),
             dead_frac=self.stats.dead_mask(self.cfg.dead_after).float().mean().item(),
-            n_samples=next(iter(xs.values())).shape[0], input_scale=self.sae.input_scale.item(),
+            n_samples=sq_norms.shape[0], input_scale=self.sae.input_scale.item(),
         )
-
-    def _aux_loss(self, xs: Mapping[str, Tensor], out: SAEOutput, dead: Tensor) -> Tensor:
-        """AuxK: the top dead latents (by |pre| for signed_topk, ReLU otherwise) reconstruct the
-        residual the live latents left; normalised like FVU. Zero when nothing is dead."""
-        n_dead = int(dead.sum())
-        if self.cfg.aux_coef == 0 or n_dead == 0:
-            return torch.zeros((), device=self.sae.device)
-        k_aux = min(self.cfg.effective_aux_k, n_dead)
-        score = out.pre_acts.abs() if self.cfg.sparsity == "signed_topk" else out.pre_acts.relu()
-        score = score.masked_fill(~dead, -1.0)
-        idx = score.topk(k_aux, dim=-1, sorted=False).indices  # [b, k_aux]
-        vals = out.pre_acts.gather(-1, idx)
-        if self.cfg.sparsity != "signed_topk":
-            vals = vals.relu()
-        ehat = self.sae.decode(SparseCodes(idx, vals), with_bias=False)
-        resid = {k: (xs[k] - out.recon[k]).detach().float() for k in xs}
-        r, tot = fvu_parts(resid, {k: v.float() for k, v in ehat.items()})
-        return (r / tot.clamp_min(1e-30)).nan_to_num(0.0)
 
     @torch.no_grad()
     def _update_threshold(self, floor: Tensor) -> None:

@@ -1,0 +1,242 @@
+"""The SAE training loss without a dense reconstruction (design.md, "Factored loss").
+
+With unit decoder directions ``D_i``, codes ``z`` (k active per sample) and the decoder bias ``b``,
+
+    ||X - b - sum_i z_i D_i||^2 = ||X - b||^2 - 2 sum_i z_i <X - b, D_i> + z^T Gram z,
+
+where ``<X, D_i>`` is taken like the encoder, with the decoder factors, for the active latents
+only (:func:`active_decoder_inner`: one batched GEMM on the gathered factors) and
+``Gram_ij = <D_i, D_j>`` comes from the factors. AuxK's residual ``e = X - Xhat`` is handled the
+same way: ``<e, D_j> = <X - b, D_j> - sum_i z_i Gram_ij``. Nothing of shape ``[batch, m, n]`` is
+allocated besides the batch itself; the per-sample scalars are combined in fp64.
+
+The SAE works in scaled units ``X / input_scale``; here the raw (parameter-unit) batch is used and
+the scale is applied to the ``[batch, n_latents]`` inner products instead, so no scaled copy of the
+batch is made either.
+
+:func:`dense_losses` is the reference (the original dense path): parity tests and ``--dense``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple
+
+import torch
+from torch import Tensor
+
+from sae_shards.core.metrics import fvu, fvu_parts
+from sae_shards.core.sparsity import SparseCodes
+
+Sample = Mapping[str, Tensor]  # {target name: [batch, *shape]}
+
+
+class StepLosses(NamedTuple):
+    """What the trainer needs from the forward pass of one step."""
+
+    fvu: Tensor  # [] fp32, differentiable
+    aux: Tensor  # [] fp32, differentiable (0 when nothing is dead or aux_coef == 0)
+    pre_acts: Tensor  # [batch, n_latents]
+    codes: SparseCodes  # [batch, k]
+    batch_threshold: Tensor | None  # batch_topk only
+
+
+# ---------------------------------------------------------------------------- pure pieces
+def cross_gram(left: tuple[Tensor, ...], right: tuple[Tensor, ...]) -> Tensor:
+    """``<L_i, R_j>_F`` for one target, ``[N, N]``.
+
+    Matrices: ``left = (U1 [N, m, r], V1 [N, n, r])``, ``right = (U2, V2)``; the entry is
+    ``sum_{r,s} (U1_ir . U2_js)(V1_ir . V2_js)`` (for rank 1: ``(U1 U2^T) * (V1 V2^T)``).
+    Vectors: ``left = (d1 [N, m],)``, ``right = (d2,)``: ``d1 @ d2^T``.
+    """
+    if len(left) == 1:
+        return left[0] @ right[0].T
+    U1, V1 = left
+    U2, V2 = right
+    N, _, r = U1.shape
+    if r == 1:
+        return (U1[..., 0] @ U2[..., 0].T) * (V1[..., 0] @ V2[..., 0].T)
+    uu = U1.transpose(1, 2).reshape(N * r, -1) @ U2.transpose(1, 2).reshape(N * r, -1).T
+    vv = V1.transpose(1, 2).reshape(N * r, -1) @ V2.transpose(1, 2).reshape(N * r, -1).T
+    return (uu * vv).view(N, r, N, r).sum((1, 3))  # [N, N]
+
+
+def gather_pairs(G: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``G[rows_bk, cols_bl]``: ``[batch, k, l]`` from indices ``[batch, k]``, ``[batch, l]``."""
+    return G[rows[:, :, None], cols[:, None, :]]
+
+
+def quad(a: Tensor, G: Tensor, c: Tensor) -> Tensor:
+    """``a_b^T G_b c_b`` per sample: ``[b, k] x [b, k, l] x [b, l] -> [b]``."""
+    return torch.einsum("bk,bkl,bl->b", a, G, c)
+
+
+# ---------------------------------------------------------------------------- SAE-level pieces
+def active_decoder_inner(sae, x: Sample, cols: Tensor) -> Tensor:
+    """``<x_b, D_j>`` for the latents ``cols [batch, c]`` of each sample only, ``[batch, c]``.
+
+    Per target one batched GEMM ``x_b [m, n] @ V_g [n, c r]`` on the gathered factors: it reads the
+    batch once (and once more in the backward), whatever ``n_latents`` is, where all N inner
+    products would cost ``2 b N r m n``.
+    """
+    b, c = cols.shape
+    out = None
+    for tf in sae.factors:
+        xp = x[tf.spec.name]
+        if tf.spec.is_matrix:
+            m, n = tf.spec.shape
+            r = tf.spec.rank
+            Vg = tf.V[cols].permute(0, 2, 1, 3).reshape(b, n, c * r)  # [b, n, c r]
+            Ug = tf.U[cols].permute(0, 2, 1, 3).reshape(b, m, c * r)  # [b, m, c r]
+            part = (torch.bmm(xp, Vg) * Ug).sum(1).view(b, c, r).sum(-1)  # [b, c]
+        else:
+            part = torch.einsum("bm,bcm->bc", xp, tf.d_dec[cols])  # [b, c]
+        out = part if out is None else out + part
+    return out
+
+
+def decoder_gram_pair(sae, detach_left: bool = False) -> Tensor:
+    """``<D_i, D_j>`` over all targets, ``[N, N]``; with ``detach_left`` the gradient flows only
+    through ``D_j`` (AuxK: the residual is a fixed target)."""
+    total = None
+    for tf in sae.factors:
+        f = tf.factors("decoder")
+        left = tuple(t.detach() for t in f) if detach_left else f
+        part = cross_gram(left, f)
+        total = part if total is None else total + part
+    return total
+
+
+def _bias_sample(sae, detach: bool = False) -> dict[str, Tensor]:
+    return {t.name: (bd.detach() if detach else bd)[None] for t, bd in zip(sae.targets, sae.b_dec)}
+
+
+def sq_dist(x: Sample, centre: Mapping[str, Tensor], chunk_mib: float = 1.0) -> Tensor:
+    """``||x_b - centre||^2`` summed over targets, ``[batch]`` fp64, no gradient.
+
+    Reduces the actual differences (not ``||x||^2 - 2<x, c> + ||c||^2``, which cancels when the
+    centre is large), a slice of columns of the whole batch at a time: the only temporary is
+    ``chunk_mib`` (cache-sized, so this costs about one read of the batch).
+    """
+    out = None
+    with torch.no_grad():
+        for k, v in x.items():
+            flat, c = v.flatten(1), centre[k].flatten()  # [b, D_p], [D_p]
+            per = max(1, int(chunk_mib * (1 << 20)) // (flat.shape[0] * flat.element_size()))
+            norms = [torch.linalg.vector_norm(flat[:, i:i + per] - c[i:i + per], dim=1)
+                     for i in range(0, flat.shape[1], per)]  # each [b]
+            part = torch.stack(norms).double().pow(2).sum(0)  # [b]
+            out = part if out is None else out + part
+    return out
+
+
+# ---------------------------------------------------------------------------- the losses
+def factored_losses(sae, x: Sample, dead: Tensor, aux_k: int, aux_coef: float) -> StepLosses:
+    """FVU and AuxK of one training batch without any dense reconstruction.
+
+    ``x`` is the cleaned batch in PARAMETER units ``{target: [batch, *shape]}`` (fp32);
+    ``sae.input_scale`` maps it to scaled units.
+    """
+    inv = 1.0 / sae.input_scale  # []
+    B = next(iter(x.values())).shape[0]
+    N = sae.n_latents
+    pre = sae.inner(x, "encoder") * inv - sae.inner(_bias_sample(sae), "encoder") \
+        + sae.b_enc  # [b, N]
+    codes, floor = sae.select(pre, training=True)
+    idx, z = codes  # [b, k]
+    k = idx.shape[1]
+    n_dead = int(dead.sum())
+    with_aux = aux_coef > 0 and n_dead > 0
+    if with_aux:  # AuxK: the k_aux dead latents with the largest score (|pre| or ReLU)
+        score = pre.abs() if sae.cfg.sparsity == "signed_topk" else pre.relu()
+        aidx = score.masked_fill(~dead, -1.0).topk(min(aux_k, n_dead), dim=-1,
+                                                   sorted=False).indices  # [b, ka]
+        cols = torch.cat([idx, aidx], 1)  # [b, k + ka]
+    else:
+        cols = idx
+    dxc = active_decoder_inner(sae, x, cols) * inv  # [b, k (+ ka)] <X_b, D_j>, scaled units
+    db = sae.inner(_bias_sample(sae), "decoder")[0]  # [N] <b, D_i>
+    xd = dxc[:, :k] - db[idx]  # [b, k] <X_b - b, D_i> of the active latents
+    G = sae.decoder_gram()  # [N, N]
+
+    # ||X_b - b||^2 per sample, fp64: the value reduced exactly from the differences (sq_dist,
+    # no cancellation when b is large); the gradient of its batch sum w.r.t. b from ``lin``.
+    inv64 = inv.double()
+    s = sae.input_scale
+    with torch.no_grad():
+        mean = {name: v.mean(0) for name, v in x.items()}  # [*shape] per target, param. units
+        xb = sq_dist(x, {t.name: bd.detach() * s for t, bd in zip(sae.targets, sae.b_dec)}) \
+            * inv64 ** 2  # [b] exact ||X_b - b||^2
+    if any(bd.requires_grad for bd in sae.b_dec):
+        # d/db sum_b ||X_b - b||^2 = 2 B (b - mean X): a surrogate with value 0 and that gradient
+        lin = sum((2 * B * (bd.detach() - mean[t.name] * inv) * bd).sum()
+                  for t, bd in zip(sae.targets, sae.b_dec))
+        lin = (lin - lin.detach()).double()  # []
+    else:
+        lin = 0.0
+    z64 = z.double()
+    zx = (z64 * xd.double()).sum(1)  # [b] sum_i z_i <X - b, D_i>
+    zGz = quad(z64, gather_pairs(G, idx, idx).double(), z64)  # [b]
+    resid = xb - 2 * zx + zGz  # [b] ||X_b - Xhat_b||^2 (no gradient w.r.t. b through xb)
+    with torch.no_grad():
+        # sum_b ||X_b - mean||^2 = sum_b ||X_b - b||^2 - B ||mean - b||^2 (b_dec ~ the mean, so
+        # this rarely cancels; when it does by > 10x, reduce the differences directly)
+        mb = sum((mean[t.name].double() * inv64 - bd.detach().double()).pow(2).sum()
+                 for t, bd in zip(sae.targets, sae.b_dec))
+        total = xb.sum() - B * mb
+        if total < 0.1 * xb.sum():
+            total = sq_dist(x, mean).sum() * inv64 ** 2
+    out_dtype = torch.promote_types(pre.dtype, torch.float32)
+    main = ((resid.sum() + lin) / total.clamp_min(1e-30)).to(out_dtype)
+
+    if not with_aux:
+        aux = torch.zeros((), device=pre.device)
+        return StepLosses(main, aux, pre, codes, floor)
+
+    # AuxK: the aux latents reconstruct e = X - Xhat (detached).
+    a = pre.gather(-1, aidx)  # [b, ka]
+    if sae.cfg.sparsity != "signed_topk":
+        a = a.relu()
+    a64 = a.double()
+    Gh = decoder_gram_pair(sae, detach_left=True)  # [N, N] grad only via D_j
+    db_det = sae.inner(_bias_sample(sae, detach=True), "decoder")[0]  # [N] grad only via D
+    # <e_b, D_j> = <X_b - b, D_j> - sum_i z_bi <D_i, D_j>, with e fixed
+    ed = ((dxc[:, k:] - db_det[aidx]).double()
+          - torch.einsum("bk,bka->ba", z64.detach(), gather_pairs(Gh, idx, aidx).double()))
+    e_sq = resid.detach()  # [b] ||e_b||^2
+    cross = (a64 * ed).sum(1)  # [b] <e_b, ehat_b>
+    eh_sq = quad(a64, gather_pairs(G, aidx, aidx).double(), a64)  # [b] ||ehat_b||^2
+    r_aux = (e_sq - 2 * cross + eh_sq).sum()
+    with torch.no_grad():  # sum_b ||e_b - mean e||^2 = sum ||e_b||^2 - B ||mean e||^2
+        zbar = codes.dense(N).double().mean(0)  # [N]
+        md = sae.inner({kk: v[None] for kk, v in mean.items()}, "decoder")[0] * inv - db  # [N]
+        m_sq = (mb - 2 * (zbar * md.double()).sum()
+                + zbar @ G.double() @ zbar)  # ||mean_b e||^2
+        tot_aux = e_sq.sum() - B * m_sq
+    aux = (r_aux / tot_aux.clamp_min(1e-30)).nan_to_num(0.0).to(out_dtype)
+    return StepLosses(main, aux, pre, codes, floor)
+
+
+def dense_losses(sae, xs: Sample, dead: Tensor, aux_k: int, aux_coef: float) -> StepLosses:
+    """Reference: the same losses through the dense reconstruction ``[batch, m, n]`` per target.
+
+    ``xs`` is in SCALED units (``sae.to_scaled``).
+    """
+    out = sae(xs, training=True)
+    up = {k: v.to(torch.promote_types(v.dtype, torch.float32)) for k, v in out.recon.items()}
+    main = fvu(xs, up)
+    n_dead = int(dead.sum())
+    if aux_coef == 0 or n_dead == 0:
+        return StepLosses(main, torch.zeros((), device=sae.device), out.pre_acts, out.codes,
+                          out.batch_threshold)
+    k_aux = min(aux_k, n_dead)
+    score = out.pre_acts.abs() if sae.cfg.sparsity == "signed_topk" else out.pre_acts.relu()
+    score = score.masked_fill(~dead, -1.0)
+    idx = score.topk(k_aux, dim=-1, sorted=False).indices  # [b, k_aux]
+    vals = out.pre_acts.gather(-1, idx)
+    if sae.cfg.sparsity != "signed_topk":
+        vals = vals.relu()
+    ehat = sae.decode(SparseCodes(idx, vals), with_bias=False)
+    resid = {k: (xs[k] - up[k]).detach() for k in xs}
+    r, tot = fvu_parts(resid, {k: v.to(up[k].dtype) for k, v in ehat.items()})
+    aux = (r / tot.clamp_min(1e-30)).nan_to_num(0.0)
+    return StepLosses(main, aux, out.pre_acts, out.codes, out.batch_threshold)
