@@ -227,9 +227,9 @@ def test_update_events_pieces_norm_and_skips(monkeypatch, tmp_path, dtype):
     non-finite, zero and outlier samples."""
     from transformers import TrainerControl, TrainerState
 
-    import sae_shards.capture.delta as delta
+    import sae_shards.capture.update_writer as update_writer
 
-    monkeypatch.setattr(delta, "CHUNK", 7)  # several pieces per target, a short last one
+    monkeypatch.setattr(update_writer, "CHUNK", 7)  # several pieces per target, a short last one
     gen = torch.Generator().manual_seed(0)
     model = torch.nn.Module()
     model.w = torch.nn.Parameter(torch.randn(5, 6, generator=gen))

@@ -51,12 +51,14 @@ from transformers import TrainerCallback
 from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
 from sae_shards.capture.selection import LoraTarget, Target, check_not_sharded, few_names
 from sae_shards.capture.step_rules import (Scratch, deconv_coefficients, deconv_state, step_rule,
-                                   unwrap_optimizer, write_deconv, write_precond)
+                                           unwrap_optimizer, write_deconv, write_precond)
+from sae_shards.capture.update_writer import (SqNorm, alloc_snapshot, finite_norm, pieces,
+                                              target_params, write_update)
 from sae_shards.core.targets import check_batch
+from sae_shards.run.config import SOURCES
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("update", "grad", "precond", "deconv")
 _OPTIMIZER_SOURCES = ("precond", "deconv")  # need to know the optimizer's step rule
 
 
@@ -120,7 +122,7 @@ class DeltaCapture(TrainerCallback):
             )
         shapes = {name: torch.empty(t.shape, device="meta") for name, t in targets.items()}
         check_batch(shapes, buffer.targets, batched=False)
-        check_not_sharded((n, p) for n, t in targets.items() for p in _params(t))
+        check_not_sharded((n, p) for n, t in targets.items() for p in target_params(t))
         self.targets = dict(targets)
         self.buffer = buffer
         self.source = source
@@ -178,7 +180,7 @@ class DeltaCapture(TrainerCallback):
                 "parameters); use source='update'"
             )
         owned = {id(p) for p in model.parameters()}
-        foreign = [n for n, t in self.targets.items() if not {id(p) for p in _params(t)} <= owned]
+        foreign = [n for n, t in self.targets.items() if not {id(p) for p in target_params(t)} <= owned]
         if foreign:
             raise ValueError(
                 f"capture targets {few_names(foreign, 3)} are not parameters of the trained model; "
@@ -194,7 +196,7 @@ class DeltaCapture(TrainerCallback):
         if self._snapshots is None and self.source in ("update", "deconv"):
             self._snapshots = {
                 n: () if self._snap_in_slot and not isinstance(t, LoraTarget)
-                else _alloc_snapshot(t, self.buffer) for n, t in self.targets.items()}
+                else alloc_snapshot(t, self.buffer) for n, t in self.targets.items()}
 
     @torch.no_grad()
     def on_step_begin(self, args, state, control, **kwargs):
@@ -208,7 +210,7 @@ class DeltaCapture(TrainerCallback):
             self._slot, self._slot_views = self.buffer.begin_write()
         for name, target in self.targets.items():
             snaps = self._snapshots[name] or (self._slot_views[name],)
-            for snap, p in zip(snaps, _params(target)):
+            for snap, p in zip(snaps, target_params(target)):
                 snap.copy_(p)
         if self.source == "deconv":
             # The value this step's optimizer.step() uses: the scheduler steps after it, before
@@ -249,14 +251,14 @@ class DeltaCapture(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        sq_norm = _SqNorm()  # of the sample, added as it is written
+        sq_norm = SqNorm()  # of the sample, added as it is written
         if self.source == "update":
             assert self._armed, "on_step_end without a snapshot from on_step_begin"
             if not self._snap_in_slot:
                 self._slot, self._slot_views = self.buffer.begin_write()
             for name, target in self.targets.items():
                 view = self._slot_views[name]
-                _write_update(target, self._snapshots[name] or (view,), view, sq_norm)
+                write_update(target, self._snapshots[name] or (view,), view, sq_norm)
             self._armed = False
         elif self.source == "deconv":
             assert self._armed, "on_step_end without a snapshot from on_step_begin"
@@ -268,7 +270,7 @@ class DeltaCapture(TrainerCallback):
         if not sq_norm:  # grad / precond / deconv: one more read of the written slot
             for view in views.values():
                 sq_norm.add(view)
-        norm = _finite_norm(sq_norm, views.values())
+        norm = finite_norm(sq_norm, views.values())
         if norm is None:
             self.buffer.abort(slot)
             self.n_nonfinite += 1
@@ -346,125 +348,3 @@ class DeltaCapture(TrainerCallback):
             self._snapshots[name], scratch.prev = (scratch.prev,), a_t
         self._have_prev = True
         return True
-
-
-# ---- the hot path -----------------------------------------------------------------------------
-
-
-def _params(target: Target) -> tuple[torch.nn.Parameter, ...]:
-    return (target.A, target.B) if isinstance(target, LoraTarget) else (target,)
-
-
-def _alloc_snapshot(target: Target, buffer: DeltaRingBuffer) -> tuple[torch.Tensor, ...]:
-    """fp32 copies of the target's parameters, plus an fp32 scratch for the delta when needed.
-
-    Dense: ``(theta,)`` [*shape]; the delta is computed in place of the snapshot unless it can be
-    written straight into an fp32 slot on the same device. LoRA: ``(A0 [r, in], B0 [out, r],
-    A1 [r, in] fp32 copy or None, scratch [out, in] or None)``.
-    """
-    direct = buffer.dtype == torch.float32
-    if isinstance(target, LoraTarget):
-        A, B = target.A, target.B
-        direct = direct and B.device == buffer.device
-        a1 = None if A.dtype == torch.float32 else torch.empty_like(A, dtype=torch.float32)
-        out = None if direct else torch.empty(target.shape, dtype=torch.float32, device=B.device)
-        a0 = torch.empty_like(A, dtype=torch.float32)
-        b0 = torch.empty_like(B, dtype=torch.float32)
-        return a0, b0, a1, out
-    return (torch.empty_like(target, dtype=torch.float32),)
-
-
-CHUNK = 1 << 16
-"""Elements per piece of a sample written on CPU (256 KiB of fp32): each piece of the slot is read
-back for the norm right after it is written, while it is still in the core's L2 cache, so the norm
-and the finite check cost no second pass over memory."""
-
-
-class _SqNorm:
-    """The squared Frobenius norm of one sample, accumulated piece by piece as 0-d fp32 tensors
-    (no host sync until ``value``)."""
-
-    def __init__(self) -> None:
-        self.sq: list[torch.Tensor] = []  # sums of squares
-        self.norms: list[torch.Tensor] = []  # norms (pieces not stored in fp32)
-
-    def add(self, piece: torch.Tensor) -> None:
-        """Add the written ``piece`` of a slot (read once, right after it was written)."""
-        if piece.dtype == torch.float32:
-            flat = piece.reshape(-1)
-            self.sq.append(torch.dot(flat, flat))
-        else:
-            self.norms.append(torch.linalg.vector_norm(piece, dtype=torch.float32))
-
-    def __bool__(self) -> bool:
-        return bool(self.sq or self.norms)
-
-    def value(self) -> float:
-        """The norm (one host sync for all targets); nan/inf if an entry was."""
-        sq = self.sq + [torch.stack(self.norms).square().sum()] if self.norms else self.sq
-        return math.sqrt(torch.stack(sq).sum().item())
-
-
-def _pieces(*tensors: torch.Tensor):
-    """Aligned flat pieces of ``CHUNK`` elements of same-numel tensors (CPU, all contiguous), or
-    the tensors themselves once (CUDA, where one kernel per op is best, or a strided tensor)."""
-    if all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
-        return zip(*(t.view(-1).split(CHUNK) for t in tensors))
-    return (tensors,)
-
-
-def _write_update(
-    target: Target, snap: tuple[torch.Tensor, ...], view: torch.Tensor, norm: _SqNorm
-) -> None:
-    """Write ``theta_after - theta_before`` (computed in fp32) into the slot ``view`` and add the
-    written (stored-dtype) values to ``norm``, piece by piece (``_pieces``)."""
-    if isinstance(target, LoraTarget):
-        _write_lora_update(target, *snap, view, norm)
-    elif view.dtype == torch.float32 and view.device == target.device:
-        for t, s, v in _pieces(target, snap[0], view):  # s may be v itself (the slot's snapshot)
-            torch.sub(t, s, out=v)
-            norm.add(v)
-    else:
-        for t, s, v in _pieces(target, snap[0], view):
-            torch.sub(t, s, out=s)  # theta_after - theta_before in fp32
-            v.copy_(s)  # rounds to the storage dtype
-            if s.device.type == v.device.type == "cpu":  # stored values back in fp32 (exact),
-                # while hot: a dot is faster than a bf16 norm on CPU
-                norm.add(s.copy_(v))
-            else:
-                norm.add(v)
-
-
-def _write_lora_update(
-    target: LoraTarget,
-    a0: torch.Tensor,  # [r, in] A before the step (overwritten)
-    b0: torch.Tensor,  # [out, r] B before the step (overwritten)
-    a1: torch.Tensor | None,  # [r, in] fp32 scratch, when A is not fp32
-    out: torch.Tensor | None,  # [out, in] fp32 scratch, when the view cannot take it directly
-    view: torch.Tensor,  # [out, in] the slot
-    norm: _SqNorm,
-) -> None:
-    """``s * (B1 A1 - B0 A0)``, evaluated as ``s * (B0 dA + dB A1)``: the same quantity without the
-    cancellation of subtracting two nearly equal products (their difference is ~1e-3 of each)."""
-    dense = view if out is None else out  # [out, in] fp32
-    A1 = target.A if a1 is None else a1.copy_(target.A)
-    d_a = a0.neg_().add_(A1)  # [r, in] = A1 - A0
-    torch.matmul(b0, d_a, out=dense)  # B0 dA
-    d_b = b0.neg_().add_(target.B)  # [out, r] = B1 - B0
-    dense.addmm_(d_b, A1)  # + dB A1
-    dense.mul_(target.scaling)
-    for d, v in _pieces(dense, view):
-        if out is not None:
-            v.copy_(d)
-        norm.add(v)
-
-
-def _finite_norm(norm: _SqNorm, views) -> float | None:
-    """The sample's Frobenius norm from ``norm``, or None if any entry of ``views`` is nan/inf."""
-    value = norm.value()
-    if math.isfinite(value):
-        return value
-    # A non-finite norm means a nan/inf entry, or (rarely) an overflow of finite entries.
-    if all(bool(torch.isfinite(v).all()) for v in views):
-        return float("inf")
-    return None
