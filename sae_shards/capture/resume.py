@@ -19,7 +19,6 @@ read, so loading never runs code from a file. Resume files of all but the two ne
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +35,8 @@ RESUME_KIND = "sae-shards-resume"
 KEEP = 2  # resume files kept: the newest, and the one before it in case TRL's save was cut
 
 
-def step_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
 def resume_file(run_dir: Path, step: int) -> Path:
-    return run_dir / rundir.RESUME / f"{step_name(step)}.safetensors"
+    return run_dir / rundir.RESUME / f"{rundir.step_name(step)}.safetensors"
 
 
 def save_step(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture,
@@ -57,7 +52,7 @@ def save_step(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture,
     info = {"step": step, "buffer": info, "capture": capture.counters(),
             "last_rl_step": parts.loop.last_rl_step}
     target = resume_file(run_dir, step)
-    checkpoint = run_dir / rundir.CHECKPOINTS / step_name(step)
+    checkpoint = run_dir / rundir.CHECKPOINTS / rundir.step_name(step)
     with rundir.writing(target):
         target.parent.mkdir(exist_ok=True)
         save_file_atomic(tensors, target, RESUME_KIND,
@@ -66,23 +61,16 @@ def save_step(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture,
         save_checkpoint(checkpoint, parts.sae, parts.trainer.stats.as_tensors(),
                         {**meta, "rl_step": step, "sae_step": parts.trainer.n_steps},
                         parts.trainer.state_tensors())
-    for old in sorted(saved_steps(run_dir / rundir.RESUME))[:-KEEP]:
+    for old in rundir.saved_steps(run_dir / rundir.RESUME)[:-KEEP]:
         resume_file(run_dir, old).unlink(missing_ok=True)
     return checkpoint
-
-
-def saved_steps(folder: Path, pattern: str = r"step_(\d{6})(\.safetensors)?") -> list[int]:
-    """RL steps of the ``step_XXXXXX`` entries in ``folder`` (none if it does not exist)."""
-    if not folder.is_dir():
-        return []
-    return [int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(pattern, p.name))]
 
 
 def latest_complete(run_dir: Path) -> int | None:
     """The newest RL step with a resume file, a shards checkpoint and TRL's finished checkpoint."""
     trl = run_dir / rundir.TRL_OUTPUT
-    for step in sorted(saved_steps(run_dir / rundir.RESUME), reverse=True):
-        if ((run_dir / rundir.CHECKPOINTS / step_name(step) / "config.json").is_file()
+    for step in reversed(rundir.saved_steps(run_dir / rundir.RESUME)):
+        if ((run_dir / rundir.CHECKPOINTS / rundir.step_name(step) / "config.json").is_file()
                 and (trl / f"checkpoint-{step}" / "trainer_state.json").is_file()):
             return step
     return None
@@ -91,11 +79,11 @@ def latest_complete(run_dir: Path) -> int | None:
 def restore(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture) -> None:
     """Load the state of RL step ``step`` into a freshly built pipeline and capture, and cut the
     run's JSON-lines logs back to that step (raises ``CheckpointError`` naming what is missing)."""
-    checkpoint = run_dir / rundir.CHECKPOINTS / step_name(step)
+    checkpoint = run_dir / rundir.CHECKPOINTS / rundir.step_name(step)
     target = resume_file(run_dir, step)
     if not target.is_file() or not checkpoint.is_dir():
-        have = sorted(set(saved_steps(run_dir / rundir.RESUME))
-                      & set(saved_steps(run_dir / rundir.CHECKPOINTS, r"step_(\d{6})()")))
+        have = sorted(set(rundir.saved_steps(run_dir / rundir.RESUME))
+                      & set(rundir.saved_steps(run_dir / rundir.CHECKPOINTS)))
         raise CheckpointError(
             f"{run_dir}: the trainer resumes from RL step {step} but sae-shards has no complete "
             f"checkpoint of that step ({target.name} and {checkpoint.name}); steps it can resume "

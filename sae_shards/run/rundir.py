@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -178,18 +179,31 @@ def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> list[d
     return rows
 
 
+def step_name(step: int) -> str:
+    """``step_XXXXXX``: the name of RL step ``step``'s checkpoint (and resume file's stem)."""
+    return f"step_{step:06d}"
+
+
+def saved_steps(folder: Path) -> list[int]:
+    """RL steps of the ``step_XXXXXX`` entries (directories or ``.safetensors`` files) in
+    ``folder``, ascending; none if it does not exist."""
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir()
+                  if (m := re.fullmatch(r"step_(\d{6})(\.safetensors)?", p.name)))
+
+
 def latest_checkpoint(run_dir: Path) -> str:
     """``final`` when the run finished, else its newest ``step_XXXXXX`` (an interrupted run)."""
     folder = run_dir / CHECKPOINTS
     if (folder / "final").is_dir():
         return "final"
-    steps = sorted(p.name for p in folder.glob("step_[0-9][0-9][0-9][0-9][0-9][0-9]")
-                   if p.is_dir()) if folder.is_dir() else []
+    steps = [s for s in saved_steps(folder) if (folder / step_name(s)).is_dir()]
     if not steps:
         raise CheckpointError(f"{folder}: no checkpoint (neither final/ nor step_XXXXXX/); is "
                               f"{run_dir} a sae-shards run directory, and did it reach its first "
                               "checkpoint?")
-    return steps[-1]
+    return step_name(steps[-1])
 
 
 def save_activations(path: Path, tensors: dict[str, torch.Tensor], input_scale: float) -> None:
