@@ -1,0 +1,128 @@
+"""Per-event samples in factored form: the exact gradient of one reinforcement event, never dense.
+
+For a matrix target of shape ``(m, n)`` one event's sample is a pair of factors
+
+    L [T, m], R [T, n],   meaning   X = L^T R = sum_t l_t r_t^T   ([m, n]),
+
+stored side by side as one tensor ``[..., T, m + n]`` (``L = x[..., :m]``, ``R = x[..., m:]``).
+For ``nn.Linear`` (weight ``[out, in]``) ``l_t`` is the gradient at the module's output and
+``r_t`` its input at position ``t``; for GPT-2's ``Conv1D`` (weight ``[in, out]``) the roles swap.
+Rows that are all zero are padding (an event with fewer than ``T`` positions): they add nothing.
+1-D targets (biases, norms) keep plain dense vectors ``[..., m]``.
+
+Everything here is a pure function of tensors; shapes are named in the comments.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from sae_shards.core.targets import TargetSpec
+
+
+def split(x: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """``(L [..., T, m], R [..., T, n])`` views of a factored sample ``[..., T, m + n]``."""
+    return x[..., :m], x[..., m:]
+
+
+def join(L: Tensor, R: Tensor) -> Tensor:
+    """``[..., T, m + n]`` from ``L [..., T, m]`` and ``R [..., T, n]``."""
+    return torch.cat([L, R], dim=-1)
+
+
+def factored_width(spec: TargetSpec) -> int:
+    """Last dimension of a factored matrix sample of ``spec``: ``m + n``."""
+    m, n = spec.shape
+    return m + n
+
+
+def slot_shape(spec: TargetSpec, rank: int | None) -> tuple[int, ...]:
+    """Storage shape of one sample of ``spec``: dense ``spec.shape`` when ``rank`` is None (per-step
+    samples, and 1-D targets always), else ``(rank, m + n)``."""
+    if rank is None or not spec.is_matrix:
+        return spec.shape
+    return (rank, factored_width(spec))
+
+
+def materialize(x: Tensor, spec: TargetSpec) -> Tensor:
+    """Dense ``[..., m, n]`` of factored ``[..., T, m + n]`` (1-D targets: unchanged).
+
+    Costs ``T m n`` per sample and an ``m x n`` tensor: for tests, references and small analyses.
+    """
+    if not spec.is_matrix:
+        return x
+    L, R = split(x, spec.shape[0])
+    return L.transpose(-1, -2) @ R
+
+
+def materialize_all(x: Mapping[str, Tensor], targets: Sequence[TargetSpec]) -> dict[str, Tensor]:
+    """``{target: dense [..., *shape]}`` of a (batch of) factored sample(s)."""
+    return {t.name: materialize(x[t.name], t) for t in targets}
+
+
+def sq_norm(x: Tensor, spec: TargetSpec) -> Tensor:
+    """``||X||_F^2`` per sample, ``[...]``, from ``T x T`` Gram products:
+    ``||L^T R||^2 = sum((L L^T) * (R R^T))``. Vectors: ``sum(x^2)``."""
+    if not spec.is_matrix:
+        return x.pow(2).sum(-1)
+    L, R = split(x, spec.shape[0])
+    gl = L @ L.transpose(-1, -2)  # [..., T, T]
+    gr = R @ R.transpose(-1, -2)  # [..., T, T]
+    return (gl * gr).sum((-1, -2))
+
+
+def sq_norms(x: Mapping[str, Tensor], targets: Sequence[TargetSpec]) -> Tensor:
+    """``||X_b||^2`` over all targets, ``[batch]`` (inf/NaN for a row with such an entry)."""
+    return sum(sq_norm(x[t.name], t) for t in targets)
+
+
+def scale(x: Tensor, spec: TargetSpec, factor: Tensor | float) -> Tensor:
+    """The sample times ``factor`` (a scalar or ``[batch]``): only ``R`` is scaled for matrices,
+    since scaling both factors would scale ``X`` by ``factor**2``."""
+    f = torch.as_tensor(factor, dtype=x.dtype, device=x.device)
+    if not spec.is_matrix:
+        return x * (f[..., None] if f.ndim else f)
+    m = spec.shape[0]
+    fr = f[..., None, None] if f.ndim else f
+    return torch.cat([x[..., :m], x[..., m:] * fr], dim=-1)
+
+
+class Truncated(NamedTuple):
+    L: Tensor  # [rank, m] (zero rows past the kept rank)
+    R: Tensor  # [rank, n]
+    kept: float  # fraction of ||L^T R||^2 kept (1.0 when nothing was cut, or X = 0)
+
+
+def truncate(L: Tensor, R: Tensor, rank: int) -> Truncated:
+    """The best rank-``rank`` approximation of ``X = L^T R`` (``L [T, m]``, ``R [T, n]``), as factors
+    padded with zero rows to exactly ``rank`` rows.
+
+    Exact low-rank truncation without forming ``X``: QR of both factors' transposes
+    (``L^T = Q_l C_l``, ``R^T = Q_r C_r``), SVD of the small core ``C_l C_r^T = U S W^T``, then
+    ``X ~ (Q_l U_k S_k)(Q_r W_k)^T``. With ``T <= rank`` the factors are only zero-padded (nothing
+    is lost, no rounding). Computed in float64; returned in ``L``'s dtype. Cost ``O(T^2 (m + n))``.
+    """
+    T, m = L.shape
+    n = R.shape[1]
+    if rank < 1:
+        raise ValueError(f"capture.event_rank={rank} must be >= 1")
+    if T <= rank:
+        pad_l = L.new_zeros(rank - T, m)
+        pad_r = R.new_zeros(rank - T, n)
+        return Truncated(torch.cat([L, pad_l]), torch.cat([R, pad_r]), 1.0)
+    Ql, Cl = torch.linalg.qr(L.double().T)  # [m, q], [q, T]
+    Qr, Cr = torch.linalg.qr(R.double().T)  # [n, q'], [q', T]
+    U, S, Wh = torch.linalg.svd(Cl @ Cr.T, full_matrices=False)  # [q, s], [s], [s, q']
+    k = min(rank, S.numel())
+    total = float(S.pow(2).sum())
+    kept = float(S[:k].pow(2).sum()) / total if total > 0 else 1.0
+    Lk = (Ql @ (U[:, :k] * S[:k])).T  # [k, m]
+    Rk = (Qr @ Wh[:k].T).T  # [k, n]
+    out_l = L.new_zeros(rank, m)
+    out_r = R.new_zeros(rank, n)
+    out_l[:k] = Lk.to(L.dtype)
+    out_r[:k] = Rk.to(R.dtype)
+    return Truncated(out_l, out_r, kept)
