@@ -76,8 +76,10 @@ class DenseSAE(nn.Module):
             self.normalize_decoder_()
         self.W_enc = nn.Parameter(self.W_dec.detach().T.contiguous())  # [D, N], tied at init
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
+        self.sample_form = "dense"
+        self.uses_b_dec = cfg.use_b_dec is not False  # None means on for dense samples
         self.b_dec = nn.ParameterList(
-            nn.Parameter(torch.zeros(t.shape), requires_grad=cfg.use_b_dec) for t in self.targets
+            nn.Parameter(torch.zeros(t.shape), requires_grad=self.uses_b_dec) for t in self.targets
         )
         self.register_buffer("input_scale", torch.zeros(()))
         self.register_buffer("threshold", torch.full((), math.nan))
@@ -153,8 +155,10 @@ def _build_and_train(spec: dict, device: torch.device, steps: int):
     """
     shapes = spec.get("shapes") or [["w", spec["m"], spec["n"]]]
     targets = [TargetSpec(name, (m, n), min(spec["rank"], m, n)) for name, m, n in shapes]
+    # use_b_dec explicit (what null resolves to for dense samples): the --before-rev code may
+    # predate the null default
     cfg = SAEConfig(n_latents=spec["n_latents"], rank=spec["rank"], k=spec["k"],
-                    batch_size=spec["batch"], aux_coef=0.0, seed=0)
+                    batch_size=spec["batch"], aux_coef=0.0, use_b_dec=True, seed=0)
     sae_cls, trainer_cls = LowRankSAE, SAETrainer
     if spec["impl"] == "head":
         sae_cls, trainer_cls = head_modules(spec.get("rev", "HEAD"))
@@ -257,9 +261,14 @@ def run_config(spec: dict) -> dict:
 
 
 def _spawn(spec: dict) -> dict:
-    """Run :func:`run_config` in a fresh interpreter; its last stdout line is the JSON result."""
+    return spawn_worker("scripts.bench_sae", spec)
+
+
+def spawn_worker(module: str, spec: dict) -> dict:
+    """Run ``python -m module --worker spec`` (its ``run_config``) in a fresh interpreter; its last
+    stdout line is the JSON result."""
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.bench_sae", "--worker", json.dumps(spec)],
+        [sys.executable, "-m", module, "--worker", json.dumps(spec)],
         cwd=REPO_ROOT, capture_output=True, text=True,
     )
     if proc.returncode != 0:

@@ -8,7 +8,9 @@ Layout (format version 1)::
                                b_enc [N]  b_dec.<target> [*shape]  input_scale []  threshold []
                                stats.density / stats.mean_abs_act / stats.last_active_step [N]
                                header metadata: {"format": "sae-shards", "format_version": "1"}
-    config.json                format_version, sae config, targets (name/shape/rank), run metadata
+    config.json                format_version, sae config, targets (name/shape/rank), sample_form
+                               ("dense" or "factored"; absent in older checkpoints: "dense"),
+                               run metadata
     training_state.safetensors optional: Adam moments, trainer counters, latent statistics
 
 Directories are written under a temporary name and renamed into place, so a reader never sees a
@@ -18,9 +20,10 @@ everything before building the SAE; any damage is a ``CheckpointError`` naming t
 - the directory and each file exist and are regular files; safetensors files parse, and their
   header has ``format = "sae-shards"`` and ``format_version``; a higher version is reported as
   written by a newer sae-shards;
-- ``config.json`` is one JSON object (no repeated keys) with exactly the keys above; ``sae``
-  holds known settings of the right JSON types that ``SAEConfig`` accepts; each target has a
-  name, an integer shape and rank that ``TargetSpec`` accepts, names unique;
+- ``config.json`` is one JSON object (no repeated keys) with exactly the keys above
+  (``sample_form`` optional, one of "dense"/"factored"); ``sae`` holds known settings of the
+  right JSON types that ``SAEConfig`` accepts; each target has a name, an integer shape and rank
+  that ``TargetSpec`` accepts, names unique;
 - ``sae.safetensors`` holds exactly the tensors the config implies, with its shapes, float32 only
   (what ``save_checkpoint`` writes: float16/bfloat16/float64/integer tensors are rejected, not
   converted), all finite, decoder directions of unit norm; ``input_scale`` is 0 (the SAE never
@@ -114,6 +117,7 @@ def save_checkpoint(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "sae": sae.cfg.to_dict(),
+            "sample_form": sae.sample_form,
             "targets": [{"name": t.name, "shape": list(t.shape), "rank": t.rank} for t in sae.targets],
             "meta": dict(meta or {}),
         }
@@ -239,7 +243,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     for name, (dtype, low) in STATS.items():
         if name in stats:
             check_tensor(file, name, stats[name], (spec.cfg.n_latents,), dtype, implied, low=low)
-    sae = LowRankSAE(spec.targets, spec.cfg)
+    sae = LowRankSAE(spec.targets, spec.cfg, spec.sample_form)
     with torch.no_grad():
         for name, dst in live_tensors(sae).items():
             dst.copy_(tensors[name])

@@ -18,7 +18,7 @@ from typing import Any, Literal, NamedTuple, Union, get_args, get_origin, get_ty
 
 import torch
 
-from sae_shards.core.sae import LowRankSAE
+from sae_shards.core.sae import SAMPLE_FORMS, LowRankSAE
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import TargetSpec
 
@@ -34,7 +34,8 @@ class CheckpointError(ValueError):
 
 
 DAMAGED = "use another of the run's checkpoints, or re-save this one from the run"
-_CONFIG_KEYS = frozenset({"format", "format_version", "sae", "targets", "meta"})
+# "sample_form" is optional: checkpoints written before per-event samples lack it ("dense").
+_CONFIG_KEYS = frozenset({"format", "format_version", "sae", "targets", "meta", "sample_form"})
 _TARGET_KEYS = frozenset({"name", "shape", "rank"})
 # More numbers than any SAE holds, and far below where torch's size arithmetic overflows.
 _MAX_ELEMENTS = 1 << 48
@@ -61,6 +62,7 @@ class _Spec(NamedTuple):
     config: dict[str, Any]
     cfg: SAEConfig
     targets: list[TargetSpec]
+    sample_form: str  # "dense" or "factored"
     layout: LowRankSAE
 
 
@@ -151,6 +153,10 @@ def read_spec(path: Path) -> _Spec:
                                   f"{_json_kind(config[key])}; {DAMAGED}")
     cfg = _sae_config(file, config["sae"])
     targets = _targets(file, config["targets"])
+    sample_form = config.get("sample_form", "dense")
+    if sample_form not in SAMPLE_FORMS:
+        raise CheckpointError(f"{file}: sample_form = {_short(sample_form)} must be one of "
+                              f"{', '.join(repr(f) for f in SAMPLE_FORMS)}; {DAMAGED}")
     elements = (cfg.n_latents * (1 + sum(2 * t.factored_numel for t in targets))
                 + sum(t.numel for t in targets))
     if elements > _MAX_ELEMENTS:
@@ -160,11 +166,11 @@ def read_spec(path: Path) -> _Spec:
             f"— {DAMAGED}")
     try:
         with torch.device("meta"):  # names and shapes only; nothing is allocated
-            layout = LowRankSAE(targets, cfg)
+            layout = LowRankSAE(targets, cfg, sample_form)
     except ValueError as e:  # values torch refuses, e.g. a seed beyond 64 bits
         raise CheckpointError(f"{file}: the SAE it describes cannot be built ({e}); the file is "
                               f"damaged — {DAMAGED}") from e
-    return _Spec(config, cfg, targets, layout)
+    return _Spec(config, cfg, targets, sample_form, layout)
 
 
 def _unique_keys(file: Path):

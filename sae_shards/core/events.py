@@ -41,10 +41,12 @@ def factored_width(spec: TargetSpec) -> int:
 
 def slot_shape(spec: TargetSpec, rank: int | None) -> tuple[int, ...]:
     """Storage shape of one sample of ``spec``: dense ``spec.shape`` when ``rank`` is None (per-step
-    samples, and 1-D targets always), else ``(rank, m + n)``."""
+    samples, and 1-D targets always), else ``(min(rank, m, n), m + n)``: an ``m x n`` matrix has
+    rank at most ``min(m, n)``, so more rows would never be needed (``truncate`` to that many rows
+    is exact)."""
     if rank is None or not spec.is_matrix:
         return spec.shape
-    return (rank, factored_width(spec))
+    return (min(rank, *spec.shape), factored_width(spec))
 
 
 def materialize(x: Tensor, spec: TargetSpec) -> Tensor:
@@ -126,3 +128,33 @@ def truncate(L: Tensor, R: Tensor, rank: int) -> Truncated:
     out_l[:k] = Lk.to(L.dtype)
     out_r[:k] = Rk.to(R.dtype)
     return Truncated(out_l, out_r, kept)
+
+
+def check_event_batch(batch: Mapping[str, Tensor], targets: Sequence[TargetSpec]) -> int:
+    """Check names and shapes of a batch of factored samples; return the batch size.
+
+    Matrix targets ``[batch, T, m + n]`` (any ``T >= 1``), 1-D targets ``[batch, m]``. Raises
+    ``ValueError`` naming the target and the expected shape on any mismatch.
+    """
+    names = {t.name for t in targets}
+    missing, extra = sorted(names - set(batch)), sorted(set(batch) - names)
+    if missing or extra:
+        raise ValueError(
+            f"sample targets do not match the SAE's: missing {missing[:5]}, unexpected {extra[:5]}")
+    sizes = set()
+    for t in targets:
+        got = tuple(batch[t.name].shape)
+        if t.is_matrix:
+            ok = len(got) == 3 and got[1] >= 1 and got[2] == factored_width(t)
+            want = f"[batch, T, {factored_width(t)}] (factors L [T, {t.shape[0]}], " \
+                   f"R [T, {t.shape[1]}] of a {t.shape} target)"
+        else:
+            ok = len(got) == 2 and got[1:] == t.shape
+            want = f"[batch, {t.shape[0]}]"
+        if not ok:
+            raise ValueError(f"target {t.name!r}: factored sample batch has shape {got}, the SAE "
+                             f"expects {want}")
+        sizes.add(got[0])
+    if len(sizes) != 1:
+        raise ValueError(f"targets disagree on the batch size: {sorted(sizes)}")
+    return sizes.pop()

@@ -71,6 +71,16 @@ def quad(a: Tensor, G: Tensor, c: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- SAE-level pieces
+def gather_decoder(tf, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """The decoder factors of the latents ``cols [b, c]`` of one matrix target, side by side per
+    sample: ``(U_g [b, m, c r], V_g [b, n, c r])``."""
+    b, c = cols.shape
+    (m, n), r = tf.spec.shape, tf.spec.rank
+    Ug = tf.U[cols].permute(0, 2, 1, 3).reshape(b, m, c * r)
+    Vg = tf.V[cols].permute(0, 2, 1, 3).reshape(b, n, c * r)
+    return Ug, Vg
+
+
 def active_decoder_inner(sae, x: Sample, cols: Tensor) -> Tensor:
     """``<x_b, D_j>`` for the latents ``cols [batch, c]`` of each sample only, ``[batch, c]``.
 
@@ -83,11 +93,8 @@ def active_decoder_inner(sae, x: Sample, cols: Tensor) -> Tensor:
     for tf in sae.factors:
         xp = x[tf.spec.name]
         if tf.spec.is_matrix:
-            m, n = tf.spec.shape
-            r = tf.spec.rank
-            Vg = tf.V[cols].permute(0, 2, 1, 3).reshape(b, n, c * r)  # [b, n, c r]
-            Ug = tf.U[cols].permute(0, 2, 1, 3).reshape(b, m, c * r)  # [b, m, c r]
-            part = (torch.bmm(xp, Vg) * Ug).sum(1).view(b, c, r).sum(-1)  # [b, c]
+            Ug, Vg = gather_decoder(tf, cols)  # [b, m, c r], [b, n, c r]
+            part = (torch.bmm(xp, Vg) * Ug).sum(1).view(b, c, tf.spec.rank).sum(-1)  # [b, c]
         else:
             part = torch.einsum("bm,bcm->bc", xp, tf.d_dec[cols])  # [b, c]
         out = part if out is None else out + part

@@ -76,8 +76,12 @@ class HeldOut(NamedTuple):
 def evaluate_heldout(sae, batches: Iterable[Sample]) -> HeldOut:
     """FVU (pooled over all given batches), ML2R and L0 on parameter-unit samples never trained on.
 
-    The pooled FVU's denominator uses the mean over all held-out samples.
+    The pooled FVU's denominator uses the mean over all held-out samples; for factored per-event
+    samples it is taken about zero, as in training (``core/event_losses.py``), and nothing is
+    materialised.
     """
+    if getattr(sae, "sample_form", "dense") == "factored":
+        return _evaluate_heldout_events(sae, batches)
     xs, xh, l0s = [], [], []
     for batch in batches:
         x = sae.to_scaled(batch)
@@ -88,3 +92,20 @@ def evaluate_heldout(sae, batches: Iterable[Sample]) -> HeldOut:
     x = {k: torch.cat([b[k] for b in xs]) for k in xs[0]}
     xhat = {k: torch.cat([b[k] for b in xh]) for k in xh[0]}
     return HeldOut(fvu(x, xhat).item(), ml2r(x, xhat).item(), torch.cat(l0s).mean().item())
+
+
+def _evaluate_heldout_events(sae, batches: Iterable[Sample]) -> HeldOut:
+    from sae_shards.core.event_losses import event_recon_norms
+
+    xx, rr, hh, l0s = [], [], [], []
+    for batch in batches:
+        x = sae.to_scaled(batch)
+        codes = sae.encode(x)
+        parts = event_recon_norms(sae, x, codes)  # ||X||^2, ||X - Xhat||^2, ||Xhat||^2: [b]
+        for out, part in zip((xx, rr, hh), parts):
+            out.append(part)
+        l0s.append(codes.active().sum(1).float())
+    x_sq, r_sq, h_sq = (torch.cat(p) for p in (xx, rr, hh))
+    fvu_value = (r_sq.sum() / x_sq.sum().clamp_min(1e-30)).item()
+    ratio = (h_sq.clamp_min(0).sqrt() / x_sq.sqrt().clamp_min(1e-30)).mean().item()
+    return HeldOut(fvu_value, ratio, torch.cat(l0s).mean().item())

@@ -9,6 +9,11 @@ The SAE works in *scaled units*: a sample divided by ``input_scale`` (the runnin
 norms kept by the trainer). :meth:`LowRankSAE.to_scaled` maps parameter-unit samples in; an
 activation times ``input_scale`` is the shard's coefficient in parameter units.
 
+Samples come in one of two forms (``sample_form``): ``"dense"`` (per-step deltas, a matrix
+target's sample is ``[m, n]``) or ``"factored"`` (per-event gradients, ``[T, m + n]`` meaning
+``L^T R``, see :mod:`sae_shards.core.events`). 1-D targets are dense vectors in both. Factored
+samples are encoded without ever forming ``L^T R``, and have no decoder bias (``uses_b_dec``).
+
 Nothing here materialises the ``n_latents`` dense directions except the explicitly named
 ``dense_*`` helpers, which exist for tests, small analyses and the parity reference.
 """
@@ -16,17 +21,20 @@ Nothing here materialises the ``n_latents`` dense directions except the explicit
 from __future__ import annotations
 
 import math
-from typing import Mapping, NamedTuple, Sequence
+from typing import Literal, Mapping, NamedTuple, Sequence, get_args
 
 import torch
 from torch import Tensor, nn
 
+from sae_shards.core import events
 from sae_shards.core.factored import cross_gram
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.sparsity import SparseCodes, batch_topk, select_codes, threshold_codes
 from sae_shards.core.targets import TargetSpec
 
-Sample = Mapping[str, Tensor]  # {target name: [batch, *shape]}
+Sample = Mapping[str, Tensor]  # {target name: [batch, *shape]} or factored [batch, T, m + n]
+SampleForm = Literal["dense", "factored"]
+SAMPLE_FORMS: tuple[str, ...] = get_args(SampleForm)
 
 
 class SAEOutput(NamedTuple):
@@ -34,7 +42,8 @@ class SAEOutput(NamedTuple):
 
     pre_acts: Tensor  # [batch, n_latents] encoder output before sparsity
     codes: SparseCodes  # active latents per sample: indices/values [batch, k]
-    recon: dict[str, Tensor]  # {target: [batch, *shape]} reconstruction incl. b_dec
+    recon: dict[str, Tensor] | None  # {target: [batch, *shape]} dense reconstruction incl.
+    # b_dec; None when not asked for (the default for factored input)
     batch_threshold: Tensor | None  # batch_topk only: smallest kept activation this batch
 
 
@@ -64,20 +73,32 @@ class _TargetFactors(nn.Module):
 class LowRankSAE(nn.Module):
     """Sparse autoencoder whose latent directions are low-rank per target matrix."""
 
-    def __init__(self, targets: Sequence[TargetSpec], cfg: SAEConfig):
+    def __init__(self, targets: Sequence[TargetSpec], cfg: SAEConfig,
+                 sample_form: SampleForm = "dense"):
         super().__init__()
+        if sample_form not in SAMPLE_FORMS:
+            raise ValueError(f"sample_form={sample_form!r} is unknown; choose one of "
+                             f"{SAMPLE_FORMS}")
         if not targets:
             raise ValueError("the SAE needs at least one target (capture.targets matched nothing)")
         names = [t.name for t in targets]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate target names in {names}")
         self.cfg = cfg
+        self.sample_form = sample_form
+        self.uses_b_dec = resolve_b_dec(cfg, sample_form)
+        if sample_form == "factored" and cfg.autocast_bf16:
+            raise ValueError("sae.autocast_bf16=true is not supported with factored (per-event) "
+                             "samples: their loss cancels too much for bf16 inner products; set "
+                             "sae.autocast_bf16=false")
         self.targets = list(targets)
         gen = torch.Generator().manual_seed(cfg.seed)
         self.factors = nn.ModuleList(_TargetFactors(t, cfg.n_latents, gen) for t in self.targets)
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
+        # Present (zeros, frozen) when unused, so checkpoints keep one format.
         self.b_dec = nn.ParameterList(
-            nn.Parameter(torch.zeros(t.shape), requires_grad=cfg.use_b_dec) for t in self.targets
+            nn.Parameter(torch.zeros(t.shape), requires_grad=self.uses_b_dec)
+            for t in self.targets
         )
         # Running RMS of sample norms (parameter units); 0 until the trainer sees data.
         self.register_buffer("input_scale", torch.zeros(()))
@@ -108,26 +129,47 @@ class LowRankSAE(nn.Module):
 
     # ------------------------------------------------------------------ units
     def to_scaled(self, sample: Sample) -> dict[str, Tensor]:
-        """Parameter units -> the SAE's scaled units (divide by ``input_scale``)."""
+        """Parameter units -> the SAE's scaled units (divide by ``input_scale``; a factored matrix
+        sample only in its ``R`` factor). Each target's form is read from its shape."""
         if not self.input_scale > 0:
             raise RuntimeError("input_scale is not set yet: train at least one step first")
-        return {t.name: sample[t.name].to(self.device, torch.float32) / self.input_scale
-                for t in self.targets}
+        inv = 1.0 / self.input_scale
+        out = {}
+        for t in self.targets:
+            x = sample[t.name].to(self.device, torch.float32)
+            out[t.name] = events.scale(x, t, inv) if form_of(x, t) == "factored" else x * inv
+        return out
 
     # ------------------------------------------------------------------ encode
-    def inner(self, x: Sample, which: str = "encoder") -> Tensor:
+    def inner(self, x: Sample, which: str = "encoder", form: SampleForm | None = None) -> Tensor:
         """``<x, W_i>_F`` summed over targets for every latent, in factored form.
 
-        ``x`` is ``{target: [batch, *shape]}``; returns ``[batch, n_latents]``. ``which`` picks the
-        encoder (A B^T) or decoder (U V^T) directions.
+        ``x`` is ``{target: [batch, *shape]}`` (dense) or, for matrix targets, factored
+        ``{target: [batch, T, m + n]}``; with ``form=None`` each target's form is read from its
+        shape (unambiguous: a dense sample's last axis is ``n``, a factored one's ``m + n``), so
+        dense references (planted directions, materialised samples) work on any SAE. Returns
+        ``[batch, n_latents]``. ``which`` picks the encoder (A B^T) or decoder (U V^T) directions.
         """
         out = None
         for tf in self.factors:
             xp = x[tf.spec.name]
-            part = (_vector_inner(xp, *tf.factors(which)) if not tf.spec.is_matrix
-                    else self._matrix_inner(xp, *tf.factors(which)))
+            if not tf.spec.is_matrix:
+                part = _vector_inner(xp, *tf.factors(which))
+            elif (form or form_of(xp, tf.spec)) == "factored":
+                part = self._event_inner(xp, *tf.factors(which))
+            else:
+                part = self._matrix_inner(xp, *tf.factors(which))
             out = part if out is None else out + part
         return out
+
+    def _event_inner(self, x: Tensor, left: Tensor, right: Tensor) -> Tensor:
+        # x [b, T, m + n]; left [N, m, r]; right [N, n, r]
+        b, T, _ = x.shape
+        n_lat, _, r = left.shape
+        # two intermediates [chunk*T, N*r]
+        chunk = max(1, (self.cfg.encode_chunk_mib << 20) // (4 * 2 * T * n_lat * r))
+        parts = [_event_inner_chunk(x[i:i + chunk], left, right) for i in range(0, b, chunk)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _matrix_inner(self, x: Tensor, left: Tensor, right: Tensor) -> Tensor:
         # x [b, m, n]; left [N, m, r]; right [N, n, r]
@@ -142,8 +184,11 @@ class LowRankSAE(nn.Module):
         """Pre-activations ``[batch, n_latents]`` of scaled samples, ``<x - b_dec, W_i> + b_enc``.
 
         By linearity ``<x - b_dec, W> = <x, W> - <b_dec, W>``: the second term is one "sample",
-        so no centred copy of the batch (nor its gradient) is ever made.
+        so no centred copy of the batch (nor its gradient) is ever made. Factored samples have no
+        decoder bias: ``<x, W_i> + b_enc``.
         """
+        if self.sample_form == "factored":
+            return self.inner(xs, "encoder") + self.b_enc
         bias = {t.name: bd[None] for t, bd in zip(self.targets, self.b_dec)}
         return self.inner(xs, "encoder") - self.inner(bias, "encoder") + self.b_enc
 
@@ -174,10 +219,19 @@ class LowRankSAE(nn.Module):
             out[tf.spec.name] = rec + bd if with_bias else rec
         return out
 
-    def forward(self, xs: Sample, training: bool = False) -> SAEOutput:
+    def forward(self, xs: Sample, training: bool = False,
+                with_recon: bool | None = None) -> SAEOutput:
+        """Encode, select, and (``with_recon``; default: when every target's sample is dense)
+        decode densely.
+
+        The reconstruction is always dense ``[batch, *shape]``: for factored samples it costs
+        ``m n`` per sample, so it is only built when asked for.
+        """
         pre = self.encode_pre(xs)
         codes, floor = self.select(pre, training)
-        return SAEOutput(pre, codes, self.decode(codes), floor)
+        if with_recon is None:
+            with_recon = all(form_of(xs[t.name], t) == "dense" for t in self.targets)
+        return SAEOutput(pre, codes, self.decode(codes) if with_recon else None, floor)
 
     @torch.no_grad()
     def encode(self, xs: Sample) -> SparseCodes:
@@ -257,6 +311,50 @@ def _gram(F: Tensor) -> Tensor:
 def _vector_inner(x: Tensor, d: Tensor) -> Tensor:
     # x [b, m]; d [N, m] -> [b, N]
     return x @ d.T
+
+
+def form_of(x: Tensor, spec: TargetSpec) -> SampleForm:
+    """``"factored"`` for a matrix target's ``[..., T, m + n]``, ``"dense"`` for
+    ``[..., m, n]`` (and for every 1-D target's ``[..., m]``); ValueError for anything else."""
+    if not spec.is_matrix:
+        return "dense"
+    m, n = spec.shape
+    if x.ndim >= 2 and x.shape[-1] == m + n:
+        return "factored"
+    if tuple(x.shape[-2:]) == (m, n):
+        return "dense"
+    raise ValueError(f"target {spec.name!r}: a sample of shape {tuple(x.shape)} is neither dense "
+                     f"[..., {m}, {n}] nor factored [..., T, {m + n}]")
+
+
+def resolve_b_dec(cfg: SAEConfig, sample_form: SampleForm) -> bool:
+    """Whether the SAE learns a decoder bias: ``sae.use_b_dec``, where None means on for dense
+    samples and off for factored ones (whose loss is taken about zero)."""
+    if cfg.use_b_dec is None:
+        return sample_form == "dense"
+    if cfg.use_b_dec and sample_form == "factored":
+        raise ValueError(
+            "sae.use_b_dec=true is not supported with factored (per-event) samples: their loss is "
+            "taken about zero, the batch mean would be a dense m x n matrix per target; set "
+            "sae.use_b_dec=false or null with capture.granularity=group|completion")
+    return bool(cfg.use_b_dec)
+
+
+def _event_inner_chunk(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """``<L_b^T R_b, left_i right_i^T> = sum_{t,r} (L_b left_i)[t, r] (R_b right_i)[t, r]`` for
+    all latents: factored x [b, T, m + n] -> [b, N].
+
+    Two GEMMs ``[b*T, m] @ [m, N*r]`` and ``[b*T, n] @ [n, N*r]``: ``T (m + n) N r`` per sample
+    instead of ``m n N r``; padding rows (zero) add nothing.
+    """
+    b, T, _ = x.shape
+    n_lat, m, r = left.shape
+    L, R = events.split(x, m)  # [b, T, m], [b, T, n]
+    Lw = left.permute(1, 0, 2).reshape(m, n_lat * r)  # [m, N*r]
+    Rw = right.permute(1, 0, 2).reshape(-1, n_lat * r)  # [n, N*r]
+    lp = L.reshape(b * T, m) @ Lw  # [b*T, N*r]
+    rq = R.reshape(b * T, -1) @ Rw  # [b*T, N*r]
+    return (lp * rq).view(b, T, n_lat, r).sum((1, 3))
 
 
 def _matrix_inner_chunk(x: Tensor, left: Tensor, right: Tensor) -> Tensor:

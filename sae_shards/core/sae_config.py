@@ -25,9 +25,12 @@ class SAEConfig:
     sparsity: Sparsity = "signed_topk"
     """``signed_topk`` (k largest |c|, sign kept), ``topk`` (ReLU then top-k) or ``batch_topk``
     (ReLU, top k*batch over the batch; an EMA threshold is used at inference)."""
-    use_b_dec: bool = True
-    """Learn a decoder bias per target (the mean update, itself reported as a shard). It is
-    initialised from the first batch's mean and subtracted before encoding."""
+    use_b_dec: bool | None = None
+    """Learn a decoder bias per target (the mean update, itself reported as a shard), initialised
+    from the first batch's mean and subtracted before encoding. None (default): on for dense
+    per-step samples, off for factored per-event samples (``capture.granularity=group|completion``:
+    their loss is taken about zero, since the batch mean would be a dense ``m x n`` matrix per
+    target); true with factored samples is an error. The SAE resolves it: ``sae.uses_b_dec``."""
     lr: float = 1e-3
     """Adam learning rate (SAE parameters and Adam state stay fp32)."""
     batch_size: int = 32
@@ -61,6 +64,8 @@ class SAEConfig:
                 f"sae.aux_k={self.aux_k} must be between 1 and sae.n_latents={self.n_latents}, "
                 "or null for the default min(4*k, n_latents)"
             )
+        if self.use_b_dec not in (None, True, False):
+            raise ValueError(f"sae.use_b_dec={self.use_b_dec!r} must be true, false or null")
         if not self.lr > 0:
             raise ValueError(f"sae.lr={self.lr} must be positive (e.g. 1e-3)")
         if self.aux_coef < 0:

@@ -1,6 +1,7 @@
 """SAETrainer: one SAE optimisation step at a time on batches of samples from any source.
 
-Samples come in parameter units (``{target: [batch, *shape]}``), from an iterator, a callable or a
+Samples come in parameter units (``{target: [batch, *shape]}``, or factored per-event samples
+``[batch, T, m + n]`` for an SAE with ``sample_form="factored"``), from an iterator, a callable or a
 ring buffer's ``sample()``. The trainer keeps what changes during training: Adam state, the
 running input scale, per-latent firing statistics and counters of rejected samples.
 """
@@ -13,7 +14,9 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from sae_shards.core.factored import dense_losses, factored_losses
+from sae_shards.core import events
+from sae_shards.core.event_losses import dense_event_losses, event_losses
+from sae_shards.core.factored import StepLosses, dense_losses, factored_losses
 from sae_shards.core.metrics import sample_sq_norms
 from sae_shards.core.sae import LowRankSAE
 from sae_shards.core.sparsity import SparseCodes
@@ -92,8 +95,9 @@ class SAETrainer:
 
     def __init__(self, sae: LowRankSAE, dense_loss: bool = False):
         self.sae = sae
-        # True: the dense reference loss (reconstruction [batch, m, n] per target), for parity
-        # tests and benchmarks; default: the factored loss (sae_shards/core/factored.py).
+        # True: the dense reference loss (reconstruction [batch, m, n] per target; factored
+        # samples are materialised first), for parity tests and benchmarks; default: the
+        # factored loss (core/factored.py; core/event_losses.py for factored samples).
         self.dense_loss = dense_loss
         self.cfg = sae.cfg
         self.optimizer = torch.optim.Adam(
@@ -110,9 +114,14 @@ class SAETrainer:
 
         Returns the kept samples and their squared norms ``[batch]``, or None if none is kept.
         """
-        check_batch(batch, self.sae.targets)
+        factored = self.sae.sample_form == "factored"
+        if factored:
+            events.check_event_batch(batch, self.sae.targets)
+        else:
+            check_batch(batch, self.sae.targets)
         x = {t.name: batch[t.name].to(self.sae.device, torch.float32) for t in self.sae.targets}
-        sq = sample_sq_norms(x)  # [batch]; inf/NaN exactly for rows with a non-finite entry
+        # [batch]; inf/NaN exactly for rows with a non-finite entry
+        sq = events.sq_norms(x, self.sae.targets) if factored else sample_sq_norms(x)
         finite = sq.isfinite()
         self.n_rejected_nonfinite += int((~finite).sum())
         nonzero = sq > 0
@@ -142,7 +151,7 @@ class SAETrainer:
             return None
         x, sq_norms = cleaned
         self._update_scale(sq_norms)
-        if self.n_steps == 0 and self.cfg.use_b_dec:
+        if self.n_steps == 0 and self.sae.uses_b_dec:
             with torch.no_grad():
                 for t, bd in zip(self.sae.targets, self.sae.b_dec):
                     bd.copy_(x[t.name].mean(0)).div_(self.sae.input_scale)
@@ -151,13 +160,7 @@ class SAETrainer:
         # enable_grad: callers may sit inside no_grad (the capture callback does).
         with torch.enable_grad(), torch.autocast(self.sae.device.type, torch.bfloat16,
                                                  enabled=self.cfg.autocast_bf16):
-            if self.dense_loss or self.cfg.autocast_bf16:
-                # bf16 inner products are too coarse for the factored loss's cancellation
-                res = dense_losses(self.sae, self.sae.to_scaled(x), dead,
-                                   self.cfg.effective_aux_k, self.cfg.aux_coef)
-            else:
-                res = factored_losses(self.sae, x, dead,
-                                      self.cfg.effective_aux_k, self.cfg.aux_coef)
+            res = self._losses(x, sq_norms, dead)
             main, aux = res.fvu, res.aux
             loss = main + self.cfg.aux_coef * aux if self.cfg.aux_coef > 0 else main
         self.optimizer.zero_grad(set_to_none=True)
@@ -174,6 +177,20 @@ class SAETrainer:
             dead_frac=self.stats.dead_mask(self.cfg.dead_after).float().mean().item(),
             n_samples=sq_norms.shape[0], input_scale=self.sae.input_scale.item(),
         )
+
+    def _losses(self, x: dict[str, Tensor], sq_norms: Tensor, dead: Tensor) -> StepLosses:
+        """The step's losses on the cleaned parameter-unit batch ``x`` (norms ``[batch]``)."""
+        aux_k, aux_coef = self.cfg.effective_aux_k, self.cfg.aux_coef
+        if self.sae.sample_form == "factored":
+            if self.dense_loss:  # reference: materialise every event, [batch, m, n]
+                dense = events.materialize_all(x, self.sae.targets)
+                xs = {k: v / self.sae.input_scale for k, v in dense.items()}
+                return dense_event_losses(self.sae, xs, dead, aux_k, aux_coef)
+            return event_losses(self.sae, x, dead, aux_k, aux_coef, sq_norms)
+        if self.dense_loss or self.cfg.autocast_bf16:
+            # bf16 inner products are too coarse for the factored loss's cancellation
+            return dense_losses(self.sae, self.sae.to_scaled(x), dead, aux_k, aux_coef)
+        return factored_losses(self.sae, x, dead, aux_k, aux_coef)
 
     @torch.no_grad()
     def _update_threshold(self, floor: Tensor) -> None:
