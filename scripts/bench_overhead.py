@@ -13,6 +13,9 @@ modes run one after another in this process, so the ratios come from one run on 
 - ``inline``: plus the SAE trained inside the callback (``runner.concurrency=inline``);
 - ``thread``: plus the SAE trained by the background worker (``runner.concurrency=thread``).
 
+A suffix ``-group`` / ``-completion`` runs a mode with per-event capture
+(``capture.granularity``), e.g. ``--modes rl,capture,capture-group,inline,inline-group``.
+
 The callback is the job's own (``run.job.shard_callback``), so the timed pipeline is the one
 ``sae-shards train`` runs; the timed loop includes its end-of-run writes (final checkpoint and
 activations; the final policy is not saved).
@@ -38,8 +41,16 @@ from sae_shards.run.tracking import RunLogger
 MODES = ("rl", "capture", "inline", "thread")
 
 
-def time_mode(cfg: JobConfig, mode: str, run_dir: Path) -> dict:
-    """Build the job for ``mode`` and time its RL training loop."""
+def time_mode(cfg: JobConfig, name: str, run_dir: Path) -> dict:
+    """Build the job for mode ``name`` (``MODES``, optionally ``-group``/``-completion``) and time
+    its RL training loop."""
+    mode, _, granularity = name.partition("-")
+    if mode not in MODES or granularity not in ("", "group", "completion"):
+        raise SystemExit(f"unknown mode {name!r}: use {MODES}, optionally with -group or "
+                         "-completion")
+    if granularity:
+        cfg = dataclasses.replace(cfg, capture=dataclasses.replace(cfg.capture,
+                                                                   granularity=granularity))
     torch.set_num_threads(cfg.runner.torch_threads)
     torch.manual_seed(cfg.seed)
     rl = build_rl(cfg, run_dir, resolve_device(cfg.device))
@@ -55,7 +66,7 @@ def time_mode(cfg: JobConfig, mode: str, run_dir: Path) -> dict:
     start = time.perf_counter()
     rl.trainer.train()  # thread mode: on_train_end waits for the worker's backlog
     end = time.perf_counter()
-    return {"mode": mode, "total_s": end - start,
+    return {"mode": name, "total_s": end - start,
             "sae_steps": callback.parts.trainer.n_steps if callback else 0,
             "per_slot": callback.summary["samples_per_slot"] if callback else 0.0}
 

@@ -172,12 +172,21 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                           plot_timeline(view, shards) if shards else untrained))
     parts.append(_section("norms", "Per-target norms of the top shards",
                           plot_norms(view, shards) if shards else untrained))
-    parts.append(_section("rollouts", "Top rollouts per shard", _rollouts_html(view, shards, top_k)))
+    if view.per_event:
+        parts.append(_section("events", "Top events per shard (the reinforcement events whose "
+                              "gradients activate it most)", _events_html(view, shards, top_k)))
+    else:
+        parts.append(_section("rollouts", "Top rollouts per shard",
+                              _rollouts_html(view, shards, top_k)))
 
     lens_html, dose_results = [], {}
     for s in shards:
         entry: dict[str, Any] = {"density": float(view.density()[s]),
                                  "top_steps": [t["rl_step"] for t in view.top_steps(s, top_k)]}
+        if view.per_event:
+            entry["top_events"] = [{k: t[k] for k in ("rl_step", "event", "activation",
+                                                      "advantage", "rows", "tasks")}
+                                   for t in view.top_events(s, top_k)]
         if models is not None:
             initial, final, tokenizer, task = models
             rows = lens_rows(initial, tokenizer, view.shards[s], top_k)
@@ -221,7 +230,10 @@ def _section(anchor: str, title: str, body: str) -> str:
 def _summary_html(view: RunView, summary: dict, shards: list[int]) -> str:
     meta = view.shards.meta
     rows = {
-        "run dir": str(view.run_dir), "model": meta.get("model_id"), "source": meta.get("source"),
+        "run dir": str(view.run_dir), "model": meta.get("model_id"),
+        "samples": (f"per event ({summary.get('granularity')}): {summary.get('events')} events, "
+                    f"{summary.get('zero_advantage_events')} with zero advantage skipped"
+                    if view.per_event else f"per optimizer step (source {meta.get('source')})"),
         "checkpoint": view.checkpoint + (" (the run was interrupted)"
                                          if summary.get("interrupted") else ""),
         "RL steps": summary.get("rl_steps"), "SAE steps": summary.get("sae_steps"),
@@ -242,6 +254,26 @@ def _pair(d: dict, a: str, b: str) -> str:
     of an SAE that never trained)."""
     fig = lambda key: "n/a" if d.get(key) is None else f"{d[key]:.3f}"  # noqa: E731
     return f"{fig(a)} → {fig(b)}"
+
+
+def _events_html(view: RunView, shards: list[int], top_k: int) -> str:
+    out = []
+    for s in shards:
+        rows = []
+        for t in view.top_events(s, top_k):
+            fig = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
+            completions = " | ".join(
+                f"{c!r} (r={fig(r)}, A={fig(a)})"
+                for c, r, a in zip(t["completions"][:4], t["rewards"], t["advantages"]))
+            spread = [abs(a) for a in t["advantages"] if a is not None]
+            rows.append([t["rl_step"], t["event"], f"{t['activation']:+.3f}",
+                         fig(sum(spread) / len(spread) if spread else None),
+                         ", ".join(sorted(set(map(str, t["tasks"])))) or "-",
+                         repr(t["prompt"]), completions])
+        out.append(f"<h3>shard {s}</h3>" + _table(
+            ["RL step", "event", "activation", "mean |advantage|", "tasks", "prompt",
+             "completions (first 4: reward, advantage)"], rows))
+    return "".join(out) or "<p>No active shards.</p>"
 
 
 def _rollouts_html(view: RunView, shards: list[int], top_k: int) -> str:

@@ -153,6 +153,10 @@ class RunView:
             if key not in self.activations:
                 raise CheckpointError(f"{acts_file}: missing tensor {key!r}")
         self.rollouts = {r["step"]: r for r in rundir.read_jsonl(self.run_dir / rundir.ROLLOUTS)}
+        events = self.run_dir / rundir.EVENTS
+        self.events = {(r["step"], r["event"]): r
+                       for r in (rundir.read_jsonl(events) if events.is_file() else [])}
+        """Per-event runs: ``(rl_step, event) -> events.jsonl`` record; empty otherwise."""
         metrics = rundir.read_jsonl(self.run_dir / rundir.METRICS)
         self.rl_metrics = [r for r in metrics if r.get("kind") == "rl"]
         self.sae_metrics = [r for r in metrics if r.get("kind") == "sae"]
@@ -168,6 +172,16 @@ class RunView:
         idx, val = self.activations[f"{which}.indices"], self.activations[f"{which}.values"]
         dense = torch.zeros(steps.numel(), len(self.shards)).scatter_add_(1, idx, val)
         return steps, dense
+
+    def sample_events(self, which: str = "final") -> Tensor:
+        """The event id of each timeline sample, ``[S]`` (-1: a per-step sample)."""
+        steps = self.activations[f"{which}.rl_step"]
+        return self.activations.get(f"{which}.event", torch.full_like(steps, -1))
+
+    @property
+    def per_event(self) -> bool:
+        """True when the run's samples are reinforcement events (capture.granularity)."""
+        return bool(self.events)
 
     def density(self, which: str = "final") -> Tensor:
         """Fraction of the timeline's samples on which each shard was active, [n_shards]."""
@@ -186,6 +200,33 @@ class RunView:
             step = int(steps[i])
             out.append({"rl_step": step, "activation": float(a[i]),
                         "rollout": self.rollouts.get(step)})
+        return out
+
+    def top_events(self, shard: int, k: int = 5, which: str = "final") -> list[dict[str, Any]]:
+        """The k events with the largest |activation| of ``shard``, each with its prompt, its
+        completions (with their rewards and advantages) and its ``events.jsonl`` record
+        (advantage, norm, kept energy). Per-step runs: the top steps, as ``top_steps``."""
+        if not self.per_event:
+            return self.top_steps(shard, k, which)
+        steps, acts = self.timeline(which)
+        events = self.sample_events(which)
+        a = acts[:, shard]
+        out = []
+        for i in a.abs().argsort(descending=True)[:k].tolist():
+            if a[i] == 0:
+                break
+            step, event = int(steps[i]), int(events[i])
+            record = self.events.get((step, event), {})
+            rollout = self.rollouts.get(step) or {}
+            rows = record.get("rows", [])
+            pick = lambda key: [rollout[key][r] for r in rows] if rollout.get(key) else []  # noqa: E731
+            out.append({
+                "rl_step": step, "event": event, "activation": float(a[i]),
+                "advantage": record.get("advantage"), "norm": record.get("norm"),
+                "kept_energy": record.get("kept_energy"), "rows": rows,
+                "prompt": rollout["prompts"][rows[0]] if rows and rollout.get("prompts") else None,
+                "completions": pick("completions"), "rewards": pick("rewards"),
+                "advantages": pick("advantages"), "tasks": pick("tasks")})
         return out
 
 

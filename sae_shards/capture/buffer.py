@@ -1,6 +1,8 @@
 """Ring buffer of deltas on the SAE's device, written by the capture callback, sampled by the SAE.
 
-One *slot* holds one sample (``{target: tensor of the target's shape}``) and its ``StepMeta``.
+One *slot* holds one sample (``{target: tensor of the target's shape}``, or with ``event_rank``
+the factors ``[event_rank, m + n]`` of a per-event sample, ``core/events.py``) and its
+``StepMeta``.
 Writers fill a slot in place::
 
     slot, views = buffer.begin_write()      # views[name]: [*shape], storage dtype
@@ -30,6 +32,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
+from sae_shards.core.events import slot_shape
 from sae_shards.core.targets import TargetSpec
 
 STORAGE_DTYPES = (torch.float32, torch.bfloat16)
@@ -51,9 +54,21 @@ class StepMeta:
     """Tasks active in the step (e.g. ``("A",)``); empty when the task provides none."""
     heldout: bool = False
     """Held out from SAE training (``sample`` never draws it); kept for held-out evaluation."""
+    event: int = -1
+    """Per-event samples: the event's index in the step's generation batch (its prompt group, or
+    its completion); -1 for a per-step sample."""
+    rows: tuple[int, ...] = ()
+    """Per-event samples: the completions (indices into the step's ``rollouts.jsonl`` row) whose
+    gradient the sample is."""
+    advantage: float = math.nan
+    """Per-event samples: the mean advantage of its completions (about 0 for a GRPO group, whose
+    advantages are normalised within it; each completion's is in ``rollouts.jsonl``)."""
+    norm: float = math.nan
+    """Per-event samples: the event's norm before ``capture.normalize`` (after preconditioning)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task_labels", tuple(str(t) for t in self.task_labels))
+        object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))
 
 
 class BufferSample(NamedTuple):
@@ -79,6 +94,7 @@ class DeltaRingBuffer:
         capacity: int,
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
+        event_rank: int | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capture.capacity must be >= 1 slot, got {capacity}")
@@ -90,8 +106,11 @@ class DeltaRingBuffer:
         self.capacity = int(capacity)
         self.device = torch.device(device)
         self.dtype = dtype
-        self._data = {  # name -> [capacity, *shape]
-            t.name: torch.zeros((self.capacity, *t.shape), dtype=dtype, device=self.device)
+        self.event_rank = event_rank
+        """None: dense samples; else per-event factors with this many rows per matrix target."""
+        self._data = {  # name -> [capacity, *slot_shape]
+            t.name: torch.zeros((self.capacity, *slot_shape(t, event_rank)), dtype=dtype,
+                                device=self.device)
             for t in self.targets
         }
         self._meta: list[StepMeta | None] = [None] * self.capacity  # None: slot holds no sample
@@ -390,8 +409,9 @@ def _draw(
 def _step_meta(saved: Mapping) -> StepMeta:
     """A ``StepMeta`` from its saved JSON (NaN rewards were written as null)."""
     nan_if_none = {k: math.nan if saved[k] is None else saved[k]
-                   for k in ("reward_mean", "reward_std")}
-    return StepMeta(**{**saved, **nan_if_none, "task_labels": tuple(saved["task_labels"])})
+                   for k in ("reward_mean", "reward_std", "advantage", "norm") if k in saved}
+    return StepMeta(**{**saved, **nan_if_none, "task_labels": tuple(saved["task_labels"]),
+                       "rows": tuple(saved.get("rows", ()))})
 
 
 def check_storage_dtype(dtype: torch.dtype) -> None:

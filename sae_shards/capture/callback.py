@@ -44,10 +44,12 @@ from transformers import TrainerCallback
 from sae_shards.capture import resume as resume_state
 from sae_shards.capture.buffer import StepMeta
 from sae_shards.capture.delta import DeltaCapture
+from sae_shards.capture.event_capture import EventCapture
 from sae_shards.capture.pipeline import Pipeline, build_pipeline
 from sae_shards.capture.rollouts import TRLRollouts, calling_trainer
 from sae_shards.capture.summary import final_activations, heldout_fvu, run_summary
 from sae_shards.capture.selection import LoraTarget
+from sae_shards.core import events as ev
 from sae_shards.core.checkpoint import save_checkpoint
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.run import rundir
@@ -123,6 +125,7 @@ class ShardCallback(TrainerCallback):
         self.summary: dict[str, Any] | None = None
         """The run's summary (also ``summary.json``), once training ended."""
         self._metas: dict[int, StepMeta] = {}
+        self._rows: dict[int, dict] = {}  # the current step's rollouts row (per-event metadata)
         self._rewards: dict[int, float] = {}  # rl step -> mean reward of its rollouts
         self._fvu: list[float] = []
         self._t0 = math.nan
@@ -141,9 +144,18 @@ class ShardCallback(TrainerCallback):
         device = next(model.parameters()).device
         self.parts = build_pipeline(model, self.capture_cfg, self.sae_cfg, self.runner_cfg, device,
                                     self.seed)
-        self.capture = DeltaCapture(self.parts.targets, self.parts.buffer, self.capture_cfg.source,
-                                    meta_fn=self._metas.pop, on_push=self.parts.runner.on_push,
-                                    outlier_ratio=self.capture_cfg.outlier_ratio)
+        if self.capture_cfg.granularity == "step":
+            self.capture = DeltaCapture(
+                self.parts.targets, self.parts.buffer, self.capture_cfg.source,
+                meta_fn=self._metas.pop, on_push=self.parts.runner.on_push,
+                outlier_ratio=self.capture_cfg.outlier_ratio)
+        else:
+            self.capture = EventCapture(
+                self.parts.targets, self.parts.specs, self.parts.buffer, self.capture_cfg,
+                trainer, meta_fn=self._metas.pop, rows_fn=lambda step: self._rows.get(step),
+                on_push=self.parts.runner.on_push,
+                room=self.parts.loop.room(self.runner_cfg.concurrency == "thread"))
+            self._event_log = rundir.JsonLines(self.run_dir / rundir.EVENTS)
         self.rollouts = TRLRollouts(trainer, self.label_column) if trainer is not None else None
         self.meta = {"source": self.capture_cfg.source, "model_id": _model_id(model),
                      "run_dir": str(self.run_dir), "lora": self._is_lora(), **self.meta}
@@ -234,6 +246,8 @@ class ShardCallback(TrainerCallback):
         self._metas[step] = self._step_meta(step)
         self.capture.on_step_end(args, state, control, **kwargs)
         self._metas.pop(step, None)  # not consumed when the capture skipped the step
+        for record in getattr(self.capture, "last_events", ()):
+            self._event_log.append(record)
         self._flush_sae_records()
         if self.stop_signal is not None:  # TRL saves its checkpoint of this step, then stops
             control.should_save = control.should_training_stop = True
@@ -286,6 +300,7 @@ class ShardCallback(TrainerCallback):
         if got is None:
             return StepMeta(step, heldout=heldout)
         self._rollout_log.append(got.row)
+        self._rows = {step: got.row}
         self._rewards[step] = got.reward_mean
         return StepMeta(step, got.reward_mean, got.reward_std, got.labels, heldout)
 
@@ -317,8 +332,10 @@ class ShardCallback(TrainerCallback):
                                 float(parts.sae.input_scale))
         slots = parts.buffer.chronological_slots()
         metas = [parts.buffer.metadata(s) for s in slots.tolist()]
-        if self.runner_cfg.save_samples:
-            chunks = [parts.buffer.gather(c) for c in slots.split(256)]
+        if self.runner_cfg.save_samples:  # per-event factors are written materialised
+            chunks = [ev.materialize_all(parts.buffer.gather(c), parts.specs)
+                      if parts.buffer.event_rank else parts.buffer.gather(c)
+                      for c in slots.split(256)]
             rundir.save_samples(self.run_dir / rundir.SAMPLES,
                                 {t.name: torch.cat([c[t.name] for c in chunks]) for t in parts.specs},
                                 [m.global_step for m in metas], [m.heldout for m in metas],

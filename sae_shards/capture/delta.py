@@ -49,6 +49,7 @@ import torch
 from transformers import TrainerCallback
 
 from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
+from sae_shards.capture.outliers import NormOutliers
 from sae_shards.capture.selection import LoraTarget, Target, check_not_sharded, few_names
 from sae_shards.capture.step_rules import (Scratch, deconv_coefficients, deconv_state, step_rule,
                                            unwrap_optimizer, write_deconv, write_precond)
@@ -134,12 +135,10 @@ class DeltaCapture(TrainerCallback):
         """Samples pushed whose every entry is zero (e.g. all rewards of every group equal)."""
         self.n_nonfinite = 0
         """Samples skipped because an entry was nan or inf."""
-        self.outlier_ratio = outlier_ratio
-        """Skip a sample whose norm exceeds this multiple of the running RMS norm (0: never)."""
+        self.outliers = NormOutliers(outlier_ratio)
+        """Skips a sample whose norm exceeds ``outlier_ratio`` times the running RMS norm."""
         self.n_outliers = 0
         """Samples skipped as outliers (``outlier_ratio``)."""
-        self._sq_norm_mean = 0.0  # running mean of the accepted samples' squared norms
-        self._n_norms = 0
         self.n_skipped = 0
         """``deconv`` steps that could not be inverted (learning rate 0 at the step or the one
         before, or the first step after a resume)."""
@@ -279,13 +278,13 @@ class DeltaCapture(TrainerCallback):
                 state.global_step, self.source, self.n_nonfinite,
             )
             return
-        if self._is_outlier(norm):
+        if self.outliers.is_outlier(norm):
             self.buffer.abort(slot)
             self.n_outliers += 1
             logger.warning(
                 "step %d: the %s sample's norm %.3g is over capture.outlier_ratio=%g times the "
                 "running RMS %.3g; skipped (%d so far)", state.global_step, self.source, norm,
-                self.outlier_ratio, math.sqrt(self._sq_norm_mean), self.n_outliers,
+                self.outliers.ratio, self.outliers.rms, self.n_outliers,
             )
             return
         self.last_norm = norm
@@ -296,28 +295,16 @@ class DeltaCapture(TrainerCallback):
         if self.on_push is not None:
             self.on_push(slot)
 
-    def _is_outlier(self, norm: float) -> bool:
-        """Compare with the running RMS of accepted norms (from the 4th sample on); a sample
-        that passes updates it (arithmetic mean over the first 50, then an EMA of rate 0.02)."""
-        if self.outlier_ratio and self._n_norms >= 4 and norm > self.outlier_ratio * math.sqrt(
-                self._sq_norm_mean):
-            return True
-        self._n_norms += 1
-        rate = max(1.0 / self._n_norms, 0.02)
-        self._sq_norm_mean += rate * (norm * norm - self._sq_norm_mean)
-        return False
-
     def counters(self) -> dict[str, float]:
         """The counters and the outlier reference, for resume state."""
         return {"n_captured": self.n_captured, "n_zero": self.n_zero,
                 "n_nonfinite": self.n_nonfinite, "n_skipped": self.n_skipped,
-                "n_outliers": self.n_outliers, "sq_norm_mean": self._sq_norm_mean,
-                "n_norms": self._n_norms}
+                "n_outliers": self.n_outliers, **self.outliers.state()}
 
     def load_counters(self, saved: dict[str, float]) -> None:
         for key in ("n_captured", "n_zero", "n_nonfinite", "n_skipped", "n_outliers"):
             setattr(self, key, int(saved[key]))
-        self._sq_norm_mean, self._n_norms = float(saved["sq_norm_mean"]), int(saved["n_norms"])
+        self.outliers.load_state(saved)
 
     def _deconv_step(self, global_step: int) -> bool:
         """Claim a slot and write this step's ``deconv`` sample; False if the step was skipped."""

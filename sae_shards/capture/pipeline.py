@@ -45,6 +45,20 @@ def resolve_targets(model: torch.nn.Module, patterns: list[str] | None) -> dict[
     return select_targets(model, default_targets(model) if patterns is None else list(patterns))
 
 
+def working_bytes(capture: CaptureConfig, specs: list[TargetSpec]) -> int:
+    """Device memory the capture keeps besides the buffer: fp32 copies of the targets for per-step
+    sources (``WORKING_COPIES``, plus a scratch for bf16 storage); for ``precondition=kfac`` the
+    covariances ``m^2 + n^2`` of each matrix target and their inverse roots. (Per-event hooks hold
+    one micro-batch's target inputs and output gradients during backward: activation memory of
+    the RL step, not counted here.)"""
+    if capture.granularity == "step":
+        copies = WORKING_COPIES[capture.source] + (capture.storage_dtype != "float32")
+        return copies * 4 * sum(t.numel for t in specs)
+    if capture.precondition == "kfac":
+        return 2 * 4 * sum(t.shape[0] ** 2 + t.shape[1] ** 2 for t in specs if t.is_matrix)
+    return 0
+
+
 def build_pipeline(
     model: torch.nn.Module,
     capture: CaptureConfig,
@@ -58,12 +72,12 @@ def build_pipeline(
     targets = resolve_targets(model, capture.targets)
     specs = make_targets(target_shapes(targets), rank=sae_cfg.rank)
     dtype = STORAGE[capture.storage_dtype]
-    copies = WORKING_COPIES[capture.source] + (dtype != torch.float32)
-    working = copies * 4 * sum(t.numel for t in specs)
-    budget = default_memory_budget(device, capture.memory_fraction) - working
-    check_buffer_memory(specs, capture.capacity, dtype, budget, device)
-    buffer = DeltaRingBuffer(specs, capture.capacity, device, dtype)
-    sae = LowRankSAE(specs, sae_cfg).to(device)
+    per_event = capture.granularity != "step"
+    event_rank = capture.event_rank if per_event else None
+    budget = default_memory_budget(device, capture.memory_fraction) - working_bytes(capture, specs)
+    check_buffer_memory(specs, capture.capacity, dtype, budget, device, event_rank)
+    buffer = DeltaRingBuffer(specs, capture.capacity, device, dtype, event_rank)
+    sae = LowRankSAE(specs, sae_cfg, sample_form="factored" if per_event else "dense").to(device)
     trainer = SAETrainer(sae)
     loop = SAEWorkLoop(trainer, buffer, runner, torch.Generator().manual_seed(seed))
     return Pipeline(targets, specs, buffer, sae, trainer, loop, make_runner(loop, runner))

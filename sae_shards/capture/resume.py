@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from sae_shards.capture.delta import DeltaCapture
+from sae_shards.capture.event_capture import EventCapture
 from sae_shards.capture.pipeline import Pipeline
 from sae_shards.capture.runner import ActivationLog
 from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, load_training_state,
@@ -39,7 +40,7 @@ def resume_file(run_dir: Path, step: int) -> Path:
     return run_dir / rundir.RESUME / f"{rundir.step_name(step)}.safetensors"
 
 
-def save_step(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture,
+def save_step(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture | EventCapture,
               meta: dict[str, Any]) -> Path:
     """Write the resume file and the shards checkpoint of RL step ``step``; returns the latter.
 
@@ -49,6 +50,9 @@ def save_step(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture,
     tensors, info = parts.buffer.state()
     tensors["loop.generator"] = parts.loop.generator.get_state()
     tensors.update(parts.loop.activations.tensors("online"))
+    if isinstance(capture, EventCapture):  # kfac's running covariances
+        tensors.update({f"precond.{k}": v
+                        for k, v in capture.preconditioner.state_tensors().items()})
     info = {"step": step, "buffer": info, "capture": capture.counters(),
             "last_rl_step": parts.loop.last_rl_step}
     target = resume_file(run_dir, step)
@@ -76,7 +80,8 @@ def latest_complete(run_dir: Path) -> int | None:
     return None
 
 
-def restore(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture) -> None:
+def restore(run_dir: Path, step: int, parts: Pipeline,
+            capture: DeltaCapture | EventCapture) -> None:
     """Load the state of RL step ``step`` into a freshly built pipeline and capture, and cut the
     run's JSON-lines logs back to that step (raises ``CheckpointError`` naming what is missing)."""
     checkpoint = run_dir / rundir.CHECKPOINTS / rundir.step_name(step)
@@ -102,5 +107,10 @@ def restore(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture) ->
     parts.loop.activations = ActivationLog.from_tensors(tensors, "online")
     parts.loop.last_rl_step = int(info["last_rl_step"])
     capture.load_counters(info["capture"])
+    if isinstance(capture, EventCapture):
+        capture.preconditioner.load_state_tensors(
+            {k[len("precond."):]: v for k, v in tensors.items() if k.startswith("precond.")})
     rundir.truncate_jsonl(run_dir / rundir.ROLLOUTS, lambda row: row.get("step", 0) <= step)
+    if (run_dir / rundir.EVENTS).is_file():
+        rundir.truncate_jsonl(run_dir / rundir.EVENTS, lambda row: row["step"] <= step)
     rundir.truncate_jsonl(run_dir / rundir.METRICS, lambda row: row.get("rl_step", 0) <= step)

@@ -39,29 +39,38 @@ class ActivationLog:
 
     def __init__(self) -> None:
         self.rl_step: list[int] = []
+        self.event: list[int] = []  # the sample's event in its step (-1: a per-step sample)
         self.sae_step: list[int] = []
         self.codes: list[SparseCodes] = []  # each [n, k]
 
-    def add(self, rl_steps: list[int], sae_step: int, codes: SparseCodes) -> None:
-        """Record ``codes`` ([n, k]) of the samples of ``rl_steps`` (n of them)."""
+    def add(self, rl_steps: list[int], sae_step: int, codes: SparseCodes,
+            events: list[int] | None = None) -> None:
+        """Record ``codes`` ([n, k]) of the samples of ``rl_steps`` (n of them; ``events``: their
+        event ids, default -1)."""
         self.rl_step.extend(rl_steps)
+        self.event.extend([-1] * len(rl_steps) if events is None else events)
         self.sae_step.extend([sae_step] * len(rl_steps))
         self.codes.append(SparseCodes(codes.indices.cpu(), codes.values.float().cpu()))
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "ActivationLog":
-        """Inverse of ``tensors`` (one block of codes)."""
+        """Inverse of ``tensors`` (one block of codes; logs written before event ids existed
+        read as per-step samples)."""
         log = cls()
         log.rl_step = tensors[f"{prefix}.rl_step"].tolist()
         log.sae_step = tensors[f"{prefix}.sae_step"].tolist()
+        event = tensors.get(f"{prefix}.event")
+        log.event = [-1] * len(log.rl_step) if event is None else event.tolist()
         if log.rl_step:
             log.codes = [SparseCodes(tensors[f"{prefix}.indices"], tensors[f"{prefix}.values"])]
         return log
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """``{prefix}.rl_step [S]``, ``.sae_step [S]``, ``.indices [S, k]``, ``.values [S, k]``."""
+        """``{prefix}.rl_step [S]``, ``.event [S]``, ``.sae_step [S]``, ``.indices [S, k]``,
+        ``.values [S, k]``."""
         return {
             f"{prefix}.rl_step": torch.tensor(self.rl_step, dtype=torch.long),
+            f"{prefix}.event": torch.tensor(self.event, dtype=torch.long),
             f"{prefix}.sae_step": torch.tensor(self.sae_step, dtype=torch.long),
             **{f"{prefix}.{k}": v for k, v in stack_codes(self.codes)._asdict().items()},
         }
@@ -131,13 +140,20 @@ class SAEWorkLoop:
         self.activations = ActivationLog()
         """Each captured sample under the SAE as it was when the sample arrived (``online``);
         complete after ``flush_activations``."""
-        self._pending: list[tuple[int, int]] = []  # (slot, rl step) not encoded yet
+        self._pending: list[tuple[int, int, int]] = []  # (slot, rl step, event) not encoded yet
         # Encode pending samples together, before any slot of theirs can be overwritten (RL may
         # be max_lag pushes ahead of the thread worker).
         self._flush_at = max(1, min(64, buffer.capacity - cfg.max_lag - 2))
         self._records: list[SAEStepRecord] = []
         self._lock = threading.Lock()
         self.last_rl_step = 0
+
+    def room(self, threaded: bool) -> int:
+        """The most samples one push may commit without the ring overwriting a slot not yet
+        encoded: up to ``_flush_at - 1`` wait in ``_pending``, and a thread worker may have
+        ``max_lag`` more pushes queued."""
+        free = self.buffer.capacity - (self._flush_at - 1)
+        return max(1, free // (self.cfg.max_lag + 1) if threaded else free)
 
     def flush_activations(self) -> None:
         """Encode the samples captured since the last flush with the SAE as it is now, which is
@@ -147,16 +163,23 @@ class SAEWorkLoop:
         if not self._pending or not sae.input_scale > 0:
             self._pending.clear()  # before the SAE has seen data there is nothing to encode
             return
-        slots, steps = zip(*self._pending)
+        slots, steps, events = zip(*self._pending)
         for at in range(0, len(slots), 64):
             x = sae.to_scaled(self.buffer.gather(list(slots[at:at + 64])))
-            self.activations.add(list(steps[at:at + 64]), self.trainer.n_steps, sae.encode(x))
+            self.activations.add(list(steps[at:at + 64]), self.trainer.n_steps, sae.encode(x),
+                                 list(events[at:at + 64]))
         self._pending.clear()
 
-    def process(self, slot: int) -> None:
+    def process(self, slots: int | list[int]) -> None:
+        """The SAE's work for one push: one captured sample (a slot), or the events of one RL
+        step (their slots): training runs once per push."""
         started = self.budget.clock() if self.budget is not None else 0.0
-        rl_step = self.buffer.metadata(slot).global_step
-        self._pending.append((slot, rl_step))
+        slots = [slots] if isinstance(slots, int) else list(slots)
+        metas = [self.buffer.metadata(s) for s in slots]
+        if len(self._pending) + len(slots) > self._flush_at:
+            self.flush_activations()  # before the ring can overwrite a pending slot
+        self._pending.extend((s, m.global_step, m.event) for s, m in zip(slots, metas))
+        rl_step = metas[-1].global_step
         n_steps, steps_s = 0, 0.0
         if len(self._pending) >= self._flush_at:
             self.flush_activations()
@@ -195,7 +218,7 @@ class InlineRunner:
     def __init__(self, loop: SAEWorkLoop) -> None:
         self.loop = loop
 
-    def on_push(self, slot: int) -> None:
+    def on_push(self, slot: int | list[int]) -> None:
         try:
             self.loop.process(slot)
         except Exception as e:
@@ -211,7 +234,7 @@ class InlineRunner:
 class ThreadRunner:
     """Runs the SAE work on a background thread fed through a bounded queue."""
 
-    _STOP = -1
+    _STOP = None
 
     def __init__(self, loop: SAEWorkLoop, max_lag: int, timeout_s: float) -> None:
         if loop.buffer.capacity <= max_lag + 1:
@@ -220,7 +243,7 @@ class ThreadRunner:
                 "so a queued slot is not overwritten before the SAE worker reads it")
         self.loop = loop
         self.timeout_s = timeout_s
-        self._queue: queue.Queue[int] = queue.Queue(maxsize=max_lag)
+        self._queue: queue.Queue[int | list[int] | None] = queue.Queue(maxsize=max_lag)
         self._error: BaseException | None = None
         self._busy_since: float | None = None  # monotonic start of the slot being processed
         self._thread = threading.Thread(target=self._work, name="sae-worker", daemon=True)
@@ -231,7 +254,7 @@ class ThreadRunner:
         while True:
             slot = self._queue.get()
             try:
-                if slot == self._STOP:
+                if slot is self._STOP:
                     return
                 if self._error is None:  # once failed, drain without working
                     self._busy_since = time.monotonic()
@@ -263,7 +286,7 @@ class ThreadRunner:
             time.sleep(0.001)
         self._raise_if_failed()
 
-    def on_push(self, slot: int) -> None:
+    def on_push(self, slot: int | list[int]) -> None:
         self._raise_if_failed()
         while True:  # blocks only when max_lag deltas are already waiting
             try:

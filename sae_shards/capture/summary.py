@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from sae_shards.capture.delta import DeltaCapture
+from sae_shards.capture.event_capture import EventCapture
 from sae_shards.capture.pipeline import Pipeline
 from sae_shards.capture.runner import ActivationLog
 from sae_shards.core.metrics import evaluate_heldout
@@ -25,8 +26,9 @@ def final_activations(parts: Pipeline) -> ActivationLog:
     if parts.sae.input_scale > 0:
         for chunk in parts.buffer.chronological_slots().split(64):  # [<= 64] slots
             x = parts.sae.to_scaled(parts.buffer.gather(chunk))
-            steps = [parts.buffer.metadata(s).global_step for s in chunk.tolist()]
-            out.add(steps, parts.trainer.n_steps, parts.sae.encode(x))
+            metas = [parts.buffer.metadata(s) for s in chunk.tolist()]
+            out.add([m.global_step for m in metas], parts.trainer.n_steps, parts.sae.encode(x),
+                    [m.event for m in metas])
     return out
 
 
@@ -42,7 +44,7 @@ def heldout_fvu(parts: Pipeline) -> tuple[float, int]:
     return evaluate_heldout(parts.sae, batches).fvu, int(heldout.numel())
 
 
-def run_summary(parts: Pipeline, capture: DeltaCapture, runner: RunnerConfig,
+def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: RunnerConfig,
                 rewards: list[float], fvu: list[float], extra: dict[str, Any]) -> dict[str, Any]:
     """``summary.json``: reward (mean per RL step, in order) over the first and last fifth of the
     steps, FVU over the first and last tenth of the SAE steps, the capture's and the SAE's
@@ -61,6 +63,7 @@ def run_summary(parts: Pipeline, capture: DeltaCapture, runner: RunnerConfig,
         "sae_skipped_zero": trainer.n_skipped_zero,
         "dead_frac": float(trainer.stats.dead_mask(parts.sae.cfg.dead_after).float().mean()),
         "samples_per_slot": trainer.stats.n_samples / max(capture.n_captured, 1),
+        **(capture.summary() if isinstance(capture, EventCapture) else {}),
         **extra,
     }
     if trainer.n_steps == 0:

@@ -20,6 +20,9 @@ from sae_shards.core.sae_config import SAEConfig
 from sae_shards.run.schema import build_dataclass
 
 Source = Literal["update", "grad", "precond", "deconv"]
+Granularity = Literal["step", "group", "completion"]
+Precondition = Literal["none", "adam", "kfac"]
+Normalize = Literal["none", "unit"]
 StorageDtype = Literal["float32", "bfloat16"]
 Concurrency = Literal["inline", "thread"]
 WandbMode = Literal["offline", "online", "disabled"]
@@ -186,13 +189,30 @@ class CaptureConfig:
     storage_dtype: StorageDtype = "float32"
     """Ring buffer storage: float32, or bfloat16 to halve memory (the diff is always fp32)."""
     capacity: int = 256
-    """Ring buffer slots (one per optimizer step)."""
+    """Ring buffer slots (one per sample: an optimizer step, or one event with per-event
+    granularity, so size it for events per step x steps kept)."""
     memory_fraction: float = 0.5
     """Largest share of the device's free memory the buffer may take (checked before training)."""
     outlier_ratio: float = 100.0
     """Skip (and count) a sample whose norm exceeds this multiple of the running RMS norm of the
     samples before it: one wild step would otherwise dominate the SAE's input scale for many
     steps. 0 keeps every finite sample."""
+    granularity: Granularity = "step"
+    """What one SAE sample is. ``step``: one optimizer step (``source`` says which quantity).
+    ``group``: one prompt group (GRPO/RLOO's unit of reinforcement: a prompt's completions),
+    ``completion``: one completion; both are the event's exact gradient, kept factored (never
+    dense) and summing over a step's events to its accumulated gradient before clipping."""
+    event_rank: int = 64
+    """group / completion: rows kept per event and target; an event with more token positions is
+    cut to its best rank-``event_rank`` approximation (the kept energy is logged). The buffer
+    stores ``[capacity, event_rank, m + n]`` per matrix target."""
+    precondition: Precondition = "none"
+    """group / completion: ``adam`` divides by Adam's second moment approximated per target by
+    its row and column means (keeps the factored form; the error is logged), ``kfac`` whitens
+    with running covariances of the layer's inputs and output gradients. ``none``: raw."""
+    normalize: Normalize = "none"
+    """group / completion: ``unit`` scales each event to unit norm over all targets (its norm is
+    kept in ``events.jsonl``); ``none`` keeps the gradient's own size."""
 
     def __post_init__(self) -> None:
         if self.targets is not None and not self.targets:
@@ -202,6 +222,22 @@ class CaptureConfig:
             raise ValueError(f"capture.capacity={self.capacity} must be >= 1")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"capture.memory_fraction={self.memory_fraction} must be in (0, 1]")
+        if self.event_rank < 1:
+            raise ValueError(f"capture.event_rank={self.event_rank} must be >= 1 (rows kept per "
+                             "event and target; e.g. 64)")
+        if self.granularity == "step":
+            for name, value in (("precondition", self.precondition),
+                                ("normalize", self.normalize)):
+                if value != "none":
+                    raise ValueError(
+                        f"capture.{name}={value} applies to per-event samples; set "
+                        "capture.granularity=group (or completion), or for per-step samples use "
+                        "capture.source=precond for Adam's preconditioner")
+        elif self.source != "update":
+            raise ValueError(
+                f"capture.source={self.source} applies to capture.granularity=step; per-event "
+                f"samples (granularity={self.granularity}) are always the event's gradient: drop "
+                "capture.source, and use capture.precondition=adam for Adam's scaling")
         if self.outlier_ratio != 0 and not self.outlier_ratio > 1:
             raise ValueError(f"capture.outlier_ratio={self.outlier_ratio} must be > 1 (or 0 to "
                              "keep every finite sample)")
@@ -246,7 +282,8 @@ class RunnerConfig:
     ``fvu_heldout`` and the held-out figures of ``sae-shards evaluate``."""
     save_samples: bool = False
     """Write every buffered sample to ``run_dir/samples.safetensors`` at the end (for evaluation
-    against ground truth; ``capacity * sum(numel) * 4`` bytes: for small models)."""
+    against ground truth; ``capacity * sum(numel) * 4`` bytes: for small models). Per-event
+    samples are written materialised (dense), at that same size."""
 
     def __post_init__(self) -> None:
         for name in ("sae_steps_per_rl_step", "min_samples", "max_lag", "torch_threads"):

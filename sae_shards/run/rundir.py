@@ -10,9 +10,11 @@
       checkpoints/final/          at the end (absent when the run was interrupted)
       resume/step_XXXXXX.safetensors  the SAE side of a resumable checkpoint (capture/resume.py)
       trl/checkpoint-N/           TRL's own checkpoint of the policy, optimizer, scheduler, RNG
-      activations.safetensors     per captured sample: RL step, latent indices, values
+      activations.safetensors     per captured sample: RL step, event, latent indices, values
       samples.safetensors         every buffered sample (runner.save_samples=true)
       rollouts.jsonl              per RL step: prompts, completions, rewards, advantages, labels
+      events.jsonl                per-event capture: per event its step, completions (indices into
+                                  the step's rollouts), advantage, norm, kept energy, labels
       metrics.jsonl               TRL and SAE figures per step (also in W&B)
       summary.json                first/last reward and FVU, counters, sizes, wall time
       wandb/                      the offline W&B run (sae-shards train)
@@ -50,6 +52,7 @@ CHECKPOINTS = "checkpoints"
 ACTIVATIONS = "activations.safetensors"
 SAMPLES = "samples.safetensors"
 ROLLOUTS = "rollouts.jsonl"
+EVENTS = "events.jsonl"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 WANDB = "wandb"
@@ -60,11 +63,11 @@ RESUME = "resume"
 REPORT = "report.html"
 EVALUATION = ("evaluation.json", "evaluation.md")
 
-OWNED = (CONFIG, MODEL, FINAL_MODEL, CHECKPOINTS, ACTIVATIONS, SAMPLES, ROLLOUTS, METRICS, SUMMARY,
-         WANDB, HYDRA, HYDRA_LOG, TRL_OUTPUT, RESUME, REPORT, *EVALUATION)
+OWNED = (CONFIG, MODEL, FINAL_MODEL, CHECKPOINTS, ACTIVATIONS, SAMPLES, ROLLOUTS, EVENTS, METRICS,
+         SUMMARY, WANDB, HYDRA, HYDRA_LOG, TRL_OUTPUT, RESUME, REPORT, *EVALUATION)
 """Everything a run writes into its directory; ``overwrite=true`` removes all of it first."""
 
-_RESULTS = (CHECKPOINTS, ROLLOUTS, ACTIVATIONS, SAMPLES, SUMMARY)
+_RESULTS = (CHECKPOINTS, ROLLOUTS, EVENTS, ACTIVATIONS, SAMPLES, SUMMARY)
 """Files whose presence means the directory holds an earlier run's results."""
 
 

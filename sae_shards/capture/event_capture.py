@@ -1,0 +1,280 @@
+"""Per-event capture: one buffer slot per reinforcement event (``capture.granularity``).
+
+``EventCapture`` is the ``TrainerCallback`` counterpart of ``DeltaCapture`` for
+``granularity=group`` (one sample per prompt group) and ``completion``. Per optimizer step::
+
+    on_step_begin            EventRecorder.start_step: hooks start collecting
+    forward/backward x G     hooks keep each event's factors (capture/event_hooks.py)
+    on_pre_optimizer_step    EventRecorder.finish_step: the step's events, before clipping
+    optimizer.step()
+    on_step_end              precondition (Adam's v now includes this step), normalise, check
+                             norms, write each event's factors into a slot, then push the step's
+                             slots to the SAE runner at once
+
+Each event's ``StepMeta`` is the step's, narrowed to the event: its completions (``rows``), their
+task labels and rewards, its mean advantage and its norm before normalisation. ``last_events``
+holds the committed events' records for ``events.jsonl``.
+
+Runs on one process: under DDP each rank's hooks see only its own rows (on_train_begin raises).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from transformers import TrainerCallback
+
+from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
+from sae_shards.capture.event_hooks import Event, EventRecorder
+from sae_shards.capture.event_precondition import EventPreconditioner, normalize_unit
+from sae_shards.capture.outliers import NormOutliers
+from sae_shards.core import events as ev
+from sae_shards.core.targets import TargetSpec
+from sae_shards.run.config import CaptureConfig
+
+logger = logging.getLogger(__name__)
+
+ERROR_EVERY = 10
+"""``precondition=adam``: the factored approximation's error is measured on the first event of
+every this many steps (it materialises one ``m x n`` matrix per target)."""
+
+
+class EventCapture(TrainerCallback):
+    """Write each reinforcement event of every optimizer step into ``buffer``.
+
+    ``meta_fn(global_step)`` gives the step's ``StepMeta``; ``rows_fn(global_step)`` the step's
+    ``rollouts.jsonl`` row (or None); ``on_push(slots)`` gets the step's committed slots.
+    ``room`` is the most events one step may write without overwriting slots the SAE runner has
+    not encoded yet (checked when a step has more).
+    """
+
+    def __init__(
+        self,
+        targets: Mapping[str, Any],
+        specs: Sequence[TargetSpec],
+        buffer: DeltaRingBuffer,
+        cfg: CaptureConfig,
+        trainer: Any,
+        meta_fn: Callable[[int], StepMeta] | None = None,
+        rows_fn: Callable[[int], dict | None] | None = None,
+        on_push: Callable[[list[int]], None] | None = None,
+        room: int | None = None,
+    ) -> None:
+        if trainer is None:
+            raise ValueError(
+                f"capture.granularity={cfg.granularity} needs the TRL trainer (to tell which "
+                "completions each forward pass holds); add ShardCallback with "
+                "trainer.add_callback(...) or pass it to the trainer's callbacks")
+        if buffer.event_rank != cfg.event_rank:
+            raise ValueError(f"the buffer keeps {buffer.event_rank} rows per event, "
+                             f"capture.event_rank is {cfg.event_rank}")
+        self.targets = dict(targets)
+        self.specs = list(specs)
+        self.buffer = buffer
+        self.cfg = cfg
+        self.trainer = trainer
+        self.meta_fn = meta_fn
+        self.rows_fn = rows_fn
+        self.on_push = on_push
+        self.room = room
+        self.preconditioner = EventPreconditioner(cfg.precondition, self.targets, self.specs)
+        self.recorder: EventRecorder | None = None
+        self.outliers = NormOutliers(cfg.outlier_ratio if cfg.normalize == "none" else 0.0)
+        """Outlier test on the events' norms (before ``unit`` normalisation, which makes it moot)."""
+        self.n_captured = 0
+        """Events committed to the buffer."""
+        self.n_zero = 0
+        """Events with a zero gradient (skipped; their completions' advantages were not all 0)."""
+        self.n_skipped = 0
+        """Events skipped because every advantage of their completions is 0 (no gradient)."""
+        self.n_nonfinite = 0
+        """Events skipped because an entry was nan or inf."""
+        self.n_outliers = 0
+        """Events skipped as outliers (``capture.outlier_ratio``)."""
+        self.n_truncated = 0
+        """Events cut to ``capture.event_rank`` rows with energy lost."""
+        self.kept_energy_min = 1.0
+        """Smallest fraction of an event's squared norm kept by the rank cut."""
+        self.precond_error: list[float] = []
+        """``precondition=adam``: measured relative errors of the factored approximation."""
+        self.last_norm = math.nan
+        self.last_events: list[dict[str, Any]] = []
+        """Records (``events.jsonl`` rows) of the events the last step committed."""
+        self._events: list[Event] = []
+        self._recorded = (0, 0)  # recorder's (n_zero_advantage, n_zero_gradient) already counted
+
+    # ---- callback events ----
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if args.world_size > 1:
+            raise ValueError(
+                f"capture.granularity={self.cfg.granularity} runs on one process for now (each "
+                f"rank's hooks see only its own completions; this run has {args.world_size}); "
+                "use capture.granularity=step under DDP")
+        if self.recorder is None:
+            self.recorder = EventRecorder(model, self.targets, self.trainer, self.cfg.granularity,
+                                          self.cfg.event_rank,
+                                          track_covariance=self.cfg.precondition == "kfac")
+            self.recorder.install()
+        if self.cfg.precondition == "adam":
+            self.preconditioner.bind_optimizer(optimizer)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.recorder is not None:
+            self.recorder.start_step()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.recorder is not None:
+            self._events = self.recorder.finish_step()
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, **kwargs):
+        self.last_events = []
+        if self.recorder is None:
+            return
+        step = state.global_step
+        events, self._events = self._events, []
+        self._count_recorder()
+        if self.cfg.precondition == "kfac":
+            self.preconditioner.observe(self.recorder.covariances())
+        if self.room is not None and len(events) > self.room:
+            raise ValueError(
+                f"step {step} has {len(events)} events but the ring buffer can take at most "
+                f"{self.room} per step without overwriting samples the SAE has not read; raise "
+                f"capture.capacity above {self.buffer.capacity} (or lower runner.max_lag)")
+        step_meta = self.meta_fn(step) if self.meta_fn else StepMeta(step)
+        row = self.rows_fn(step) if self.rows_fn else None
+        slots = []
+        for i, event in enumerate(events):
+            slot = self._write(event, step, step_meta, row, measure=i == 0 and
+                               step % ERROR_EVERY == 1)
+            if slot is not None:
+                slots.append(slot)
+        if slots and self.on_push is not None:
+            self.on_push(slots)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.recorder is not None:
+            self.recorder.remove()
+            self.recorder = None
+
+    # ---- one event ----
+
+    def _write(self, event: Event, step: int, step_meta: StepMeta, row: dict | None,
+               measure: bool) -> int | None:
+        """Precondition, normalise, check and commit one event; its slot, or None if skipped."""
+        factors = self.preconditioner.apply(event.factors)
+        error = self.preconditioner.approx_error(event.factors) if measure else {}
+        if error:
+            self.precond_error.append(max(error.values()))
+        norm = math.sqrt(float(sum(ev.sq_norm(factors[t.name], t) for t in self.specs)))
+        if not math.isfinite(norm):
+            self.n_nonfinite += 1
+            logger.warning("step %d: event %d has non-finite entries; skipped (%d so far)", step,
+                           event.group, self.n_nonfinite)
+            return None
+        if norm == 0.0:
+            self.n_zero += 1
+            return None
+        if self.outliers.is_outlier(norm):
+            self.n_outliers += 1
+            logger.warning(
+                "step %d: event %d's norm %.3g is over capture.outlier_ratio=%g times the running "
+                "RMS %.3g; skipped (%d so far)", step, event.group, norm, self.outliers.ratio,
+                self.outliers.rms, self.n_outliers)
+            return None
+        if self.cfg.normalize == "unit":
+            factors, _ = normalize_unit(factors, self.specs)
+        if event.kept_energy < 1.0:
+            self.n_truncated += 1
+            self.kept_energy_min = min(self.kept_energy_min, event.kept_energy)
+        meta = _event_meta(step_meta, event, row, norm)
+        slot, views = self.buffer.begin_write()
+        try:
+            for t in self.specs:
+                _fill(views[t.name], factors[t.name], t)
+        except BaseException:
+            self.buffer.abort(slot)
+            raise
+        self.buffer.commit(slot, meta)
+        self.n_captured += 1
+        self.last_norm = norm
+        self.last_events.append({
+            "step": step, "event": event.group, "rows": list(event.rows),
+            "advantage": event.advantage, "norm": norm, "kept_energy": event.kept_energy,
+            "reward": meta.reward_mean, "tasks": list(meta.task_labels),
+            **({"precond_error": error} if error else {})})
+        return slot
+
+    def _count_recorder(self) -> None:
+        """Fold the recorder's skip counters (cumulative) into ours."""
+        zero_adv, zero_grad = self.recorder.n_zero_advantage, self.recorder.n_zero_gradient
+        self.n_skipped += zero_adv - self._recorded[0]
+        self.n_zero += zero_grad - self._recorded[1]
+        self._recorded = (zero_adv, zero_grad)
+
+    # ---- resume ----
+
+    def counters(self) -> dict[str, float]:
+        return {"n_captured": self.n_captured, "n_zero": self.n_zero,
+                "n_nonfinite": self.n_nonfinite, "n_skipped": self.n_skipped,
+                "n_outliers": self.n_outliers, "n_truncated": self.n_truncated,
+                "kept_energy_min": self.kept_energy_min, **self.outliers.state()}
+
+    def load_counters(self, saved: dict[str, float]) -> None:
+        for key in ("n_captured", "n_zero", "n_nonfinite", "n_skipped", "n_outliers",
+                    "n_truncated"):
+            setattr(self, key, int(saved[key]))
+        self.kept_energy_min = float(saved["kept_energy_min"])
+        self.outliers.load_state(saved)
+
+    def summary(self) -> dict[str, Any]:
+        """Figures for ``summary.json``."""
+        return {"granularity": self.cfg.granularity, "events": self.n_captured,
+                "zero_advantage_events": self.n_skipped, "truncated_events": self.n_truncated,
+                "kept_energy_min": self.kept_energy_min,
+                "precond_error_mean": (statistics.fmean(self.precond_error)
+                                       if self.precond_error else None)}
+
+
+def _fill(view: torch.Tensor, factor: torch.Tensor, spec: TargetSpec) -> None:
+    """Copy an event's factors ``[k, m + n]`` or vector ``[m]`` into its slot ``[rows, m + n]``,
+    zeroing the rows it does not use. ``k > rows`` happens only when ``rows = min(m, n)`` (the
+    slot is capped at the matrix's rank): the factors are then re-cut to ``rows``, exactly."""
+    if view.ndim == 1:
+        view.copy_(factor)
+        return
+    if factor.shape[0] > view.shape[0]:
+        cut = ev.truncate(*ev.split(factor, spec.shape[0]), view.shape[0])
+        factor = ev.join(cut.L, cut.R)
+    k = factor.shape[0]
+    view[:k].copy_(factor)
+    view[k:].zero_()
+
+
+def _event_meta(step: StepMeta, event: Event, row: dict | None, norm: float) -> StepMeta:
+    """The step's metadata narrowed to one event's completions."""
+    labels, rewards = step.task_labels, []
+    if row is not None:
+        n = len(row["prompts"])
+        if any(r >= n for r in event.rows):
+            raise ValueError(
+                f"step {step.global_step}: event {event.group} names completions {event.rows} "
+                f"but the step's rollouts hold {n}; the completion log and the trained batch "
+                "disagree (TRL's steps_per_generation or num_iterations differ from the "
+                "defaults?)")
+        if row.get("tasks"):
+            labels = tuple(sorted({row["tasks"][r] for r in event.rows}))
+        rewards = [row["rewards"][r] for r in event.rows if row["rewards"][r] is not None]
+    return dataclasses.replace(
+        step, task_labels=labels, event=event.group, rows=event.rows,
+        reward_mean=statistics.fmean(rewards) if rewards else math.nan,
+        reward_std=statistics.pstdev(rewards) if len(rewards) > 1 else math.nan,
+        advantage=event.advantage, norm=norm)

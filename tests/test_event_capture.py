@@ -1,0 +1,311 @@
+"""EventRecorder on real TRL GRPO steps (tiny models, CPU): the events of a step sum to the step's
+gradient before clipping, for Linear (Qwen2) and Conv1D (GPT-2) weights, biases and LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from sae_shards.capture.event_hooks import ROW_KEY, EventRecorder
+from sae_shards.capture.selection import LoraTarget, default_targets, select_targets
+from sae_shards.core import events as ev
+from sae_shards.core.targets import TargetSpec
+from sae_shards.recipe.models import tiny_model_and_tokenizer
+from sae_shards.recipe.trainers import trl_config
+
+RTOL = 1e-5
+"""Relative tolerance (Frobenius) of the event sum against param.grad, fp32."""
+PROMPTS = ["abc", "hello there", "xy", "the quick fox", "a", "zz top", "go go go", "q"]
+EXACT_RANK = 128
+"""Above any event's positions here (4 completions x (<= 14 prompt + 6 completion tokens))."""
+BIAS = {"qwen2": "model.layers.0.self_attn.q_proj.bias", "gpt2": "transformer.h.0.attn.c_attn.bias"}
+
+
+def varied_reward(completions, **kwargs):
+    """Differs between completions of one prompt, so advantages are non-zero."""
+    return [float(sum(map(ord, c)) % 7) for c in completions]
+
+
+def flat_for_z_reward(prompts, completions, **kwargs):
+    """Constant for prompts starting with 'z' (their groups get advantage 0)."""
+    return [1.0 if p.startswith("z") else float(sum(map(ord, c)) % 7)
+            for p, c in zip(prompts, completions)]
+
+
+def grpo_trainer(tmp_path, arch="qwen2", grad_accum=1, lora=False, reward=varied_reward,
+                 steps=1, prompts=PROMPTS, algorithm="grpo"):
+    from datasets import Dataset
+
+    from sae_shards.recipe.trainers import TRAINERS
+
+    model, tokenizer = tiny_model_and_tokenizer(arch, hidden_size=32, num_layers=2, num_heads=4,
+                                                intermediate_size=64, seed=0)
+    args = trl_config(dict(max_steps=steps, per_device_train_batch_size=8, num_generations=4,
+                           gradient_accumulation_steps=grad_accum, max_completion_length=6,
+                           max_grad_norm=0.0, learning_rate=1e-3, beta=0.0),
+                      tmp_path / "trl", algorithm)
+    peft_config = None
+    if lora:
+        import peft
+
+        peft_config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                      target_modules=["q_proj", "v_proj"])
+    trainer_cls = TRAINERS[algorithm][1]
+    return trainer_cls(model=model, reward_funcs=[reward], args=args, processing_class=tokenizer,
+                       train_dataset=Dataset.from_dict({"prompt": list(prompts)}),
+                       peft_config=peft_config)
+
+
+class Probe(TrainerCallback):
+    """Drives the recorders and copies ``param.grad`` (unclipped: max_grad_norm=0) and the
+    parameters themselves (the LoRA chain rule needs the step's A and B) per step."""
+
+    def __init__(self, recorders, params):
+        self.recorders, self.params = recorders, dict(params)
+        self.events, self.grads, self.values = [[] for _ in recorders], [], []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        for r in self.recorders:
+            r.start_step()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        for out, r in zip(self.events, self.recorders):
+            out.append(r.finish_step())
+        self.grads.append({n: p.grad.detach().clone() for n, p in self.params.items()})
+        self.values.append({n: p.detach().clone() for n, p in self.params.items()})
+
+
+def run(trainer, targets, **recorder_kwargs):
+    """Train with one EventRecorder; (events, grads, parameter values) per step, and it."""
+    recorder = EventRecorder(trainer.model, targets, trainer, **recorder_kwargs)
+    recorder.install()
+    params = {n: p for n, p in targets.items() if not isinstance(p, LoraTarget)}
+    for n, t in targets.items():
+        if isinstance(t, LoraTarget):
+            params[f"{n}/A"], params[f"{n}/B"] = t.A, t.B
+    probe = Probe([recorder], params)
+    trainer.add_callback(probe)
+    trainer.train()
+    recorder.remove()
+    return probe.events[0], probe.grads, probe.values, recorder
+
+
+def event_sum(events, name, shape):
+    spec = TargetSpec(name, shape)
+    return sum(ev.materialize(e.factors[name], spec) for e in events)
+
+
+def rel_err(x, y):
+    return float((x - y).norm() / y.norm())
+
+
+def dense_targets(trainer, arch):
+    model = trainer.model
+    return select_targets(model, default_targets(model) + [BIAS[arch]])
+
+
+def assert_sums_match(events, grads, targets, values=None, rtol=RTOL):
+    for name, t in targets.items():
+        if isinstance(t, LoraTarget):
+            X = event_sum(events, name, t.shape)  # [out, in]
+            s = t.scaling
+            A, B = values[f"{name}/A"], values[f"{name}/B"]  # [r, in], [out, r]
+            assert rel_err(s * B.T @ X, grads[f"{name}/A"]) < rtol, name
+            assert rel_err(s * X @ A.T, grads[f"{name}/B"]) < rtol, name
+        else:
+            assert rel_err(event_sum(events, name, tuple(t.shape)), grads[name]) < rtol, name
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.parametrize("arch,lora", [("qwen2", False), ("gpt2", False), ("qwen2", True)])
+def test_events_sum_to_the_step_gradient(tmp_path, arch, lora, grad_accum):
+    trainer = grpo_trainer(tmp_path, arch, grad_accum, lora=lora, steps=2)
+    model = trainer.model
+    targets = (select_targets(model, ["*q_proj.weight", "*v_proj.weight"]) if lora
+               else dense_targets(trainer, arch))
+    steps, grads, values, recorder = run(trainer, targets, event_rank=EXACT_RANK)
+    n_groups = 2 * grad_accum  # 8 completions per micro-batch, 4 per group
+    for events, grad, value in zip(steps, grads, values):
+        assert [e.group for e in events] == sorted(e.group for e in events)
+        assert 0 < len(events) <= n_groups
+        assert all(len(e.rows) == 4 and e.kept_energy == 1.0 for e in events)
+        assert all(e.advantage == pytest.approx(0.0, abs=1e-5) for e in events)  # group means
+        assert_sums_match(events, grad, targets, value)
+        for e in events:  # factors are fp32, at most event_rank rows
+            for name, x in e.factors.items():
+                assert x.dtype == torch.float32
+                if x.ndim == 2:
+                    assert 0 < x.shape[0] <= recorder.event_rank
+                else:
+                    assert x.shape == tuple(targets[name].shape)
+    assert recorder.n_events == sum(map(len, steps))
+
+
+def test_rloo_and_chunked_forwards_sum_to_the_step_gradient(tmp_path):
+    """RLOO goes through the same seams; a loss that runs the model in chunks of 3 rows (8 rows:
+    3 + 3 + 2) is mapped row by row."""
+    trainer = grpo_trainer(tmp_path, "qwen2", grad_accum=2, algorithm="rloo")
+    original = trainer._get_per_token_logps_and_entropies
+
+    def chunked(model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs):
+        return original(model, input_ids, attention_mask, logits_to_keep, 3, **kwargs)
+
+    trainer._get_per_token_logps_and_entropies = chunked
+    sizes = []  # rows of each grad-enabled forward
+    trainer.model.register_forward_pre_hook(
+        lambda m, args, kw: sizes.append(kw["input_ids"].shape[0]) if torch.is_grad_enabled()
+        else None, with_kwargs=True)
+    targets = dense_targets(trainer, "qwen2")
+    (events,), (grad,), _, recorder = run(trainer, targets, event_rank=EXACT_RANK)
+    assert sizes == [3, 3, 2, 3, 3, 2]
+    assert len(events) + recorder.n_zero_advantage == 4
+    assert_sums_match(events, grad, targets)
+
+
+def test_dropping_prompt_positions_breaks_the_sum(tmp_path):
+    """The exactness test can fail: prompt tokens carry gradient through attention."""
+    trainer = grpo_trainer(tmp_path, "qwen2", grad_accum=1)
+    targets = select_targets(trainer.model, ["*layers.0.self_attn.q_proj.weight"])
+    recorder = EventRecorder(trainer.model, targets, trainer)
+    recorder._skip_prompt_positions = True
+    recorder.install()
+    probe = Probe([recorder], targets)
+    trainer.add_callback(probe)
+    trainer.train()
+    (events,), (grad,) = probe.events[0], probe.grads
+    name, p = next(iter(targets.items()))
+    err = rel_err(event_sum(events, name, tuple(p.shape)), grad[name])
+    assert err > 1e-3, err
+
+
+def test_completion_granularity_sums_to_the_same_gradient(tmp_path):
+    trainer = grpo_trainer(tmp_path, "qwen2", grad_accum=2)
+    targets = dense_targets(trainer, "qwen2")
+    (events,), (grad,), _, _ = run(trainer, targets, granularity="completion")  # <= 20 rows each
+    assert all(len(e.rows) == 1 and e.group == e.rows[0] for e in events)
+    assert len(events) > 4
+    assert_sums_match(events, grad, targets)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_small_event_rank_is_the_best_low_rank_approximation(tmp_path, grad_accum):
+    """Two recorders on one step: event_rank 256 (exact) and 3. Cut once (grad_accum 1) an
+    event is the best rank-3 approximation of its gradient, with the kept energy of the SVD; cut
+    at each of 2 micro-batches (memory stays bounded) it is close to it."""
+    trainer = grpo_trainer(tmp_path, "qwen2", grad_accum=grad_accum)
+    targets = select_targets(trainer.model, ["*layers.1.mlp.down_proj.weight",
+                                             "*layers.0.self_attn.q_proj.weight"])
+    full = EventRecorder(trainer.model, targets, trainer, event_rank=256)
+    small = EventRecorder(trainer.model, targets, trainer, event_rank=3)
+    full.install()
+    small.install()
+    probe = Probe([full, small], targets)
+    trainer.add_callback(probe)
+    trainer.train()
+    small.remove()
+    full.remove()
+    (exact,), (cut,) = probe.events
+    assert [e.rows for e in exact] == [e.rows for e in cut] and len(exact) == 2 * grad_accum
+    once = grad_accum == 1
+    for e_full, e_cut in zip(exact, cut):
+        assert e_full.kept_energy == 1.0 and e_cut.kept_energy < 1.0
+        kept = []
+        for name, p in targets.items():
+            spec = TargetSpec(name, tuple(p.shape))
+            X = ev.materialize(e_full.factors[name], spec).double()  # [m, n]
+            assert e_full.factors[name].shape[0] > 3  # the event has more positions than 3
+            assert e_cut.factors[name].shape == (3, sum(p.shape))
+            U, S, Vh = torch.linalg.svd(X)
+            best = (U[:, :3] * S[:3]) @ Vh[:3]
+            Xk = ev.materialize(e_cut.factors[name], spec).double()
+            if once:
+                assert rel_err(Xk, best) < 1e-4, name
+                kept.append(float(S[:3].pow(2).sum() / S.pow(2).sum()))
+            else:
+                assert (X - Xk).norm() < 1.1 * (X - best).norm(), name
+                kept.append(float(Xk.pow(2).sum() / X.pow(2).sum()))
+        if once:
+            assert e_cut.kept_energy == pytest.approx(min(kept), rel=1e-4)
+        else:  # an estimate: cut energy over kept plus cut energy
+            assert e_cut.kept_energy == pytest.approx(min(kept), abs=0.1)
+
+
+def test_zero_advantage_groups_are_skipped_and_counted(tmp_path):
+    prompts = ["zebra", "abc", "zoo", "hello"] * 2  # one step: 2 groups, the first flat
+    trainer = grpo_trainer(tmp_path, "qwen2", grad_accum=2, reward=flat_for_z_reward,
+                           prompts=prompts)
+    targets = dense_targets(trainer, "qwen2")
+    (events,), (grad,), _, recorder = run(trainer, targets, event_rank=EXACT_RANK)
+    assert recorder.n_zero_advantage == 2  # "zebra" and "zoo" groups
+    assert len(events) == 2 and recorder.n_events == 2
+    assert all(abs(e.advantage) < 1e-5 and e.kept_energy == 1.0 for e in events)
+    assert_sums_match(events, grad, targets)  # skipped groups had no gradient
+
+
+def test_covariances_sum_over_all_positions(tmp_path):
+    trainer = grpo_trainer(tmp_path, "gpt2", grad_accum=2)
+    targets = select_targets(trainer.model, ["transformer.h.0.attn.c_attn.weight"])
+    (events,), _, _, recorder = run(trainer, targets, track_covariance=True,
+                                   event_rank=EXACT_RANK)
+    name, p = next(iter(targets.items()))
+    m = p.shape[0]
+    S_l, S_r, count = recorder.covariances()[name]
+    L = torch.cat([e.factors[name][:, :m] for e in events])  # exact: no event is cut
+    R = torch.cat([e.factors[name][:, m:] for e in events])
+    assert count == L.shape[0]
+    assert rel_err(S_l, L.T @ L) < RTOL and rel_err(S_r, R.T @ R) < RTOL
+
+
+def test_norm_weight_target_is_refused(tmp_path):
+    trainer = grpo_trainer(tmp_path, "qwen2")
+    targets = select_targets(trainer.model, ["model.norm.weight"])
+    with pytest.raises(ValueError, match=r"'model.norm.weight' is the 'weight' of a Qwen2RMSNorm; "
+                                         r"per-event capture supports the weights and biases"):
+        EventRecorder(trainer.model, targets, trainer)
+    with pytest.raises(ValueError, match="granularity='prompt' is not supported"):
+        EventRecorder(trainer.model, targets, trainer, granularity="prompt")
+
+
+def test_gradient_checkpointing_is_refused(tmp_path):
+    trainer = grpo_trainer(tmp_path, "qwen2")
+    targets = select_targets(trainer.model, ["*q_proj.weight"])
+    trainer.model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="does not support gradient .* checkpointing"):
+        EventRecorder(trainer.model, targets, trainer).install()
+
+
+def _hook_counts(model):
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()]
+
+
+def test_remove_leaves_model_and_trainer_untouched(tmp_path):
+    trainer = grpo_trainer(tmp_path, "qwen2")
+    model = trainer.model
+    targets = dense_targets(trainer, "qwen2")
+    ids = torch.randint(10, 40, (2, 7))
+    before_hooks, before_attrs = _hook_counts(model), set(vars(trainer))
+    before = model(input_ids=ids).logits
+    recorder = EventRecorder(model, targets, trainer)
+    recorder.install()
+    assert _hook_counts(model) != before_hooks
+    assert {"compute_loss", "_generate_and_score_completions"} <= set(vars(trainer))
+    recorder.remove()
+    assert _hook_counts(model) == before_hooks and set(vars(trainer)) == before_attrs
+    assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_forward_outside_compute_loss_during_a_step_is_an_error(tmp_path):
+    trainer = grpo_trainer(tmp_path, "qwen2")
+    targets = select_targets(trainer.model, ["*q_proj.weight"])
+    recorder = EventRecorder(trainer.model, targets, trainer)
+    recorder.install()
+    recorder.start_step()
+    with pytest.raises(RuntimeError, match="outside compute_loss"):
+        trainer.model(input_ids=torch.randint(10, 40, (2, 5)))
+    with torch.no_grad():  # no-grad forwards (generation, reference log-probs) are ignored
+        trainer.model(input_ids=torch.randint(10, 40, (2, 5)))
+    with pytest.raises(RuntimeError, match=f"no '{ROW_KEY}'"):
+        trainer.compute_loss(trainer.model, {"advantages": torch.zeros(2)})
+    recorder.remove()
