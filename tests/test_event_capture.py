@@ -179,6 +179,38 @@ def test_dropping_prompt_positions_breaks_the_sum(tmp_path):
     assert err > 1e-3, err
 
 
+def test_dropping_a_micro_batch_breaks_the_sum(tmp_path):
+    """The exactness test can fail: with accumulation 2, a recorder that misses the step's second
+    micro-batch (its compute_loss runs outside the recorder's step) no longer sums to the step's
+    gradient."""
+    trainer = grpo_trainer(tmp_path, "qwen2", grad_accum=2)
+    targets = select_targets(trainer.model, ["*layers.0.self_attn.q_proj.weight"])
+    recorder = EventRecorder(trainer.model, targets, trainer, event_rank=EXACT_RANK)
+    recorder.install()
+    recording = trainer.compute_loss  # the recorder's wrapper
+    calls = []
+
+    def second_unseen(model, inputs, *args, **kwargs):
+        calls.append(1)
+        if len(calls) % 2:
+            return recording(model, inputs, *args, **kwargs)
+        recorder._in_step = False
+        try:
+            return recording(model, inputs, *args, **kwargs)
+        finally:
+            recorder._in_step = True
+
+    trainer.compute_loss = second_unseen
+    probe = Probe([recorder], targets)
+    trainer.add_callback(probe)
+    trainer.train()
+    (events,), (grad,) = probe.events[0], probe.grads
+    name, p = next(iter(targets.items()))
+    assert len(calls) == 2
+    err = rel_err(event_sum(events, name, tuple(p.shape)), grad[name])
+    assert err > 1e-2, err
+
+
 def test_completion_granularity_sums_to_the_same_gradient(tmp_path):
     trainer = grpo_trainer(tmp_path, "qwen2", grad_accum=2)
     targets = dense_targets(trainer, "qwen2")

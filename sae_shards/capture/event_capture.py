@@ -251,9 +251,11 @@ def _fill(view: torch.Tensor, factor: torch.Tensor, spec: TargetSpec) -> None:
     if view.ndim == 1:
         view.copy_(factor)
         return
-    if factor.shape[0] > view.shape[0]:
-        cut = ev.truncate(*ev.split(factor, spec.shape[0]), view.shape[0])
+    rows = view.shape[0]
+    if factor.shape[0] > rows and bool(factor[rows:].ne(0).any()):
+        cut = ev.truncate(*ev.split(factor, spec.shape[0]), rows)
         factor = ev.join(cut.L, cut.R)
+    factor = factor[:rows]  # past ``rows``: zero padding only
     k = factor.shape[0]
     view[:k].copy_(factor)
     view[k:].zero_()

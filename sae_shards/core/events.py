@@ -105,7 +105,9 @@ def truncate(L: Tensor, R: Tensor, rank: int) -> Truncated:
     Exact low-rank truncation without forming ``X``: QR of both factors' transposes
     (``L^T = Q_l C_l``, ``R^T = Q_r C_r``), SVD of the small core ``C_l C_r^T = U S W^T``, then
     ``X ~ (Q_l U_k S_k)(Q_r W_k)^T``. With ``T <= rank`` the factors are only zero-padded (nothing
-    is lost, no rounding). Computed in float64; returned in ``L``'s dtype. Cost ``O(T^2 (m + n))``.
+    is lost, no rounding); with ``min(m, n) <= rank`` the matrix itself is kept (``_exact_small``,
+    exact up to fp32 rounding of one GEMM). Otherwise computed in float64, returned in ``L``'s
+    dtype; cost ``O(T^2 (m + n))``.
     """
     T, m = L.shape
     n = R.shape[1]
@@ -115,6 +117,8 @@ def truncate(L: Tensor, R: Tensor, rank: int) -> Truncated:
         pad_l = L.new_zeros(rank - T, m)
         pad_r = R.new_zeros(rank - T, n)
         return Truncated(torch.cat([L, pad_l]), torch.cat([R, pad_r]), 1.0)
+    if min(m, n) <= rank:  # X has rank <= min(m, n): exact as X itself beside an identity
+        return _exact_small(L, R, rank)
     Ql, Cl = torch.linalg.qr(L.double().T)  # [m, q], [q, T]
     Qr, Cr = torch.linalg.qr(R.double().T)  # [n, q'], [q', T]
     U, S, Wh = torch.linalg.svd(Cl @ Cr.T, full_matrices=False)  # [q, s], [s], [s, q']
@@ -158,3 +162,17 @@ def check_event_batch(batch: Mapping[str, Tensor], targets: Sequence[TargetSpec]
     if len(sizes) != 1:
         raise ValueError(f"targets disagree on the batch size: {sorted(sizes)}")
     return sizes.pop()
+
+
+def _exact_small(L: Tensor, R: Tensor, rank: int) -> Truncated:
+    """``X = L^T R`` when ``min(m, n) <= rank``: ``(I_m, X)`` or ``(X^T, I_n)``, zero-padded to
+    ``rank`` rows; costs ``T m n`` (one GEMM), far less than the QR and SVD of ``truncate``."""
+    m, n = L.shape[1], R.shape[1]
+    X = L.T @ R  # [m, n]
+    if m <= n:
+        left, right = torch.eye(m, dtype=L.dtype, device=L.device), X
+    else:
+        left, right = X.T, torch.eye(n, dtype=R.dtype, device=R.device)
+    k = left.shape[0]
+    return Truncated(torch.cat([left, L.new_zeros(rank - k, m)]),
+                     torch.cat([right, R.new_zeros(rank - k, n)]), 1.0)
