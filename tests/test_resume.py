@@ -191,3 +191,24 @@ def test_nonfinite_and_outlier_samples_are_skipped_and_counted_by_the_job(tmp_pa
     steps = load_file(run / "activations.safetensors")["online.rl_step"].tolist()
     assert 3 not in steps and 7 not in steps
     assert torch.isfinite(callback.parts.sae.input_scale)
+
+
+def test_a_torn_trl_trainer_state_is_not_a_finished_checkpoint(tmp_path):
+    """TRL writes trainer_state.json last and not atomically: a kill mid-write (seen under load)
+    leaves a torn file, and resume must fall back to the step before instead of crashing."""
+    from sae_shards.capture.resume import latest_complete, resume_file
+    from sae_shards.run import rundir
+
+    for step in (4, 8):
+        resume_file(tmp_path, step).parent.mkdir(exist_ok=True)
+        resume_file(tmp_path, step).write_bytes(b"")
+        shards = tmp_path / rundir.CHECKPOINTS / rundir.step_name(step)
+        shards.mkdir(parents=True)
+        (shards / "config.json").write_text("{}")
+        trl = tmp_path / rundir.TRL_OUTPUT / f"checkpoint-{step}"
+        trl.mkdir(parents=True)
+        (trl / "trainer_state.json").write_text(json.dumps({"global_step": step, "log": [1] * 50}))
+    assert latest_complete(tmp_path) == 8
+    state = tmp_path / rundir.TRL_OUTPUT / "checkpoint-8" / "trainer_state.json"
+    state.write_text(state.read_text()[:40])  # the kill landed mid-write
+    assert latest_complete(tmp_path) == 4

@@ -71,13 +71,24 @@ def save_step(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture |
 
 
 def latest_complete(run_dir: Path) -> int | None:
-    """The newest RL step with a resume file, a shards checkpoint and TRL's finished checkpoint."""
+    """The newest RL step with a resume file, a shards checkpoint and TRL's finished checkpoint.
+
+    TRL writes ``trainer_state.json`` last and not atomically: a kill while it is written leaves
+    a torn file, so a checkpoint counts as finished only when that file parses."""
     trl = run_dir / rundir.TRL_OUTPUT
     for step in reversed(rundir.saved_steps(run_dir / rundir.RESUME)):
         if ((run_dir / rundir.CHECKPOINTS / rundir.step_name(step) / "config.json").is_file()
-                and (trl / f"checkpoint-{step}" / "trainer_state.json").is_file()):
+                and _parses(trl / f"checkpoint-{step}" / "trainer_state.json")):
             return step
     return None
+
+
+def _parses(path: Path) -> bool:
+    """A JSON object is in ``path`` (False when missing, torn or not JSON)."""
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def restore(run_dir: Path, step: int, parts: Pipeline,
