@@ -341,3 +341,12 @@ def test_forward_outside_compute_loss_during_a_step_is_an_error(tmp_path):
     with pytest.raises(RuntimeError, match=f"no '{ROW_KEY}'"):
         trainer.compute_loss(trainer.model, {"advantages": torch.zeros(2)})
     recorder.remove()
+
+
+def test_a_target_used_outside_its_module_is_an_error_not_zero_events(tmp_path):
+    """TRL's fused LM head multiplies by lm_head.weight directly: the module never runs, so its
+    per-event gradients would silently read as zero."""
+    trainer = grpo_trainer(tmp_path, "qwen2")
+    targets = select_targets(trainer.model, ["lm_head.weight", "*layers.0.mlp.up_proj.weight"])
+    with pytest.raises(ValueError, match=r"lm_head.weight.*never ran"):
+        run(trainer, targets, event_rank=EXACT_RANK)

@@ -237,6 +237,7 @@ class EventRecorder:
         if not self._in_step:
             raise RuntimeError("EventRecorder.finish_step without start_step")
         self._compress()
+        self._check_every_module_ran()
         out = [e for e in map(self._event, sorted(self._rows)) if e is not None]
         self.n_events += len(out)
         if self.track_covariance:
@@ -245,6 +246,21 @@ class EventRecorder:
         self._in_step = False
         self._reset_step()
         return out
+
+    def _check_every_module_ran(self) -> None:
+        """A step whose loss ran forwards must have run every target's module: one that never did
+        was used another way (TRL's fused LM head multiplies by ``lm_head.weight`` directly), and
+        its events would silently read as zero."""
+        if not self._ran:
+            return  # no grad-enabled forward this step (nothing to check)
+        missing = [sites[0].name for module, sites in self._sites.items()
+                   if module not in self._ran]
+        if missing:
+            raise ValueError(
+                f"per-event capture: the modules of targets {missing[:3]} never ran during the "
+                "step's forward passes, so their gradients cannot be split by event (TRL computes "
+                "log-probabilities from lm_head.weight directly, outside the module); leave them "
+                "out of capture.targets, or use capture.granularity=step")
 
     def covariances(self) -> dict[str, tuple[Tensor, Tensor, int]]:
         """``{matrix target: (S_l [m, m], S_r [n, n], positions)}`` of the last finished step:
@@ -347,6 +363,7 @@ class EventRecorder:
                 f"forward's {len(fwd.events)} rows first (padding-free packing?); EventRecorder "
                 "cannot map positions to rows")
         a = x.detach()
+        self._ran.add(module)
         sites = self._sites[module]
         output.register_hook(lambda g: self._on_grad(sites, fwd, a, g))
 
@@ -406,6 +423,7 @@ class EventRecorder:
         self._mb_prompt = 0
         self._cursor = 0
         self._forward: _Forward | None = None
+        self._ran: set[nn.Module] = set()  # target modules whose forward ran this step
 
     def _compress(self) -> None:
         """Merge each slot's pending rows into its running factors, at most ``event_rank`` rows."""
