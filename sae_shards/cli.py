@@ -262,7 +262,13 @@ def _evaluate(args: list[str]) -> int:
     parser.add_argument("--n-null", type=int, default=5, help="label shuffles for the nulls")
     parser.add_argument("--from-step", type=int, default=0,
                         help="use only RL steps >= this one (task directions drift)")
-    parser.add_argument("--no-steering", action="store_true", help="skip steering selectivity")
+    parser.add_argument("--no-steering", action="store_true",
+                        help="skip the causal tests (steering and ablation)")
+    parser.add_argument("--null-run", type=Path, default=None,
+                        help="the null-control run (task=multiskill_null) whose AUROC fills the "
+                             "headline's auroc_null_control")
+    parser.add_argument("--n-prompts", type=int, default=8,
+                        help="prompts per task for each causal reward estimate")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     ns = parser.parse_args(args)
@@ -270,7 +276,8 @@ def _evaluate(args: list[str]) -> int:
     try:
         name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
         result = evaluate_run(ns.run_dir, n_null=ns.n_null, from_step=ns.from_step,
-                              steering=not ns.no_steering, checkpoint=name)
+                              steering=not ns.no_steering, checkpoint=name,
+                              null_run=ns.null_run, n_prompts=ns.n_prompts)
     except CheckpointError as e:
         print(f"sae-shards: cannot evaluate {ns.run_dir}: {e}", file=sys.stderr)
         return 2

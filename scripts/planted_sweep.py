@@ -1,18 +1,21 @@
-"""The planted-shard sweep: seeds x schedules (+ the null control), every source and target group.
+"""The planted-shard sweep (v2): per-event vs per-step samples on mixed and random batches.
 
-    python -m scripts.planted_sweep --out /tmp/table.md   # ~19 min on 2 cores; docs/results.md
-    python -m scripts.planted_sweep --seeds 0 --schedules random --no-null --jobs 1   # quick look
+    python -m scripts.planted_sweep --out /tmp/table.md      # the benchmark; docs/results.md
+    python -m scripts.planted_sweep --seeds 0 --schedules mixed --no-null --jobs 1   # quick look
 
-Each (seed, schedule) is ONE GRPO run of ``experiment=planted`` captured by every source
-(update, grad, precond, deconv) for both target groups (body, readout), each with its own SAE
-(``sae_shards.planted.run_planted``); every (group, source) directory is scored by
-``sae-shards evaluate``. The null control (``task=multiskill_null``: same prompts and tags, reward
-ignores the tag) runs on the ``random`` schedule for every seed. Extra Hydra overrides apply to
-every run. Points run ``--jobs`` at a time in separate processes (one torch thread each).
+Each (seed, schedule) point is ONE GRPO run of ``experiment=planted`` (body-only policy) captured
+by every ``--captures`` entry (``<group>-<kind>``, ``sae_shards.planted.benchmark``: ``event`` is
+one sample per prompt group, a source name one sample per optimizer step), each with its own SAE;
+every capture is scored by ``sae_shards.planted.evaluate.evaluate_run`` (causal tests for the
+body). The null control (``task=multiskill_null``: same prompts and tags, a reward that ignores
+the tag) runs on ``--null-schedules`` for every seed; its AUROC is the headline's
+``auroc_null_control``. Extra Hydra overrides apply to every run. Points run ``--jobs`` at a time
+in separate processes (one torch thread each).
 
-The default seeds (20, 21, 22) were never used to choose the benchmark's settings (seeds 0 and 1
-were; seeds 10-12 evaluated an earlier, 300-step version, see docs/results.md). Beside the table it reports how closely ``deconv`` (from updates alone) matches
-``precond`` (from Adam's state) on the same steps: the per-step cosine over the body targets.
+The headline (``headline.json`` and the top of the report) is the mean over seeds of the
+evaluation headline of ``--headline`` (default: body, ``mixed``, per-event). The default seeds
+(30, 31, 32) were never used to choose any setting (0 and 1 were; 10-12 and 20-22 evaluated
+earlier versions of the benchmark, docs/results.md).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import signal
 import statistics
 import sys
@@ -31,30 +35,13 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from sae_shards.core.checkpoint import read_tensors
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
-from sae_shards.planted.evaluate import evaluate_run
-from sae_shards.planted.benchmark import GROUPS, SOURCES, run_planted
+from sae_shards.planted.benchmark import run_planted
+from sae_shards.planted.evaluate import HEADLINE_KEYS, evaluate_run
 
-FIGURES = ("auroc_task", "auroc_null", "mmcs", "mmcs_null", "mmcs_margin", "mmcs_supervised",
-           "mmcs_supervised_null", "supervised_auroc", "fvu_heldout")
-
-
-def source_cosines(a_dir: Path, b_dir: Path) -> list[float]:
-    """Per-step cosine (all targets flattened, float64) between two sources' saved samples of the
-    same RL steps; steps where either sample is all zero are left out."""
-    a, b = read_tensors(a_dir / "samples.safetensors"), read_tensors(b_dir / "samples.safetensors")
-    names = sorted(k for k in a if k.startswith("sample."))
-    row_b = {int(s): i for i, s in enumerate(b["rl_step"])}
-    out = []
-    for i, step in enumerate(a["rl_step"].tolist()):
-        if step not in row_b:
-            continue
-        x = torch.cat([a[n][i].double().flatten() for n in names])
-        y = torch.cat([b[n][row_b[step]].double().flatten() for n in names])
-        if x.norm() > 0 and y.norm() > 0:
-            out.append(float(x @ y / (x.norm() * y.norm())))
-    return out
+CAPTURES = "body-event,body-grad"
+"""Per-event body samples (the headline) beside per-step body gradients."""
+FIGURES = tuple(k for k in HEADLINE_KEYS if k not in ("granularity", "source", "schedule", "group"))
 
 
 def _init_worker() -> None:
@@ -63,33 +50,36 @@ def _init_worker() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def run_point(seed: int, schedule: str, null: bool, overrides: list[str], out: Path,
-              n_prompts: int) -> list[dict]:
+def run_point(seed: int, schedule: str, null: bool, captures: tuple[str, ...],
+              overrides: list[str], out: Path) -> list[dict]:
+    """One GRPO run of the point, every capture evaluated: one row per capture."""
     task = "multiskill_null" if null else "multiskill"
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = job_config_from_hydra(compose("config", overrides=[
             "experiment=planted", f"task={task}", f"task.options.schedule={schedule}",
             f"seed={seed}", "overwrite=true", *overrides]))
     rows = []
-    dirs = run_planted(cfg, out / f"{task}-{schedule}-seed{seed}")
+    t0 = time.perf_counter()
+    dirs = run_planted(cfg, out / f"{task}-{schedule}-seed{seed}", captures=captures)
+    rl_s = time.perf_counter() - t0
     for name, sub in dirs.items():
-        group, source = name.split("-")
-        r = evaluate_run(sub, steering=group == "body", n_prompts=n_prompts, n_null=5, seed=seed)
-        st = r["steering"] or {}
-        rows.append({"task": task, "schedule": schedule, "seed": seed, "group": group,
-                     "source": source, **{k: r[k] for k in FIGURES},
-                     "mmcs_supervised_margin": r["mmcs_supervised"] - r["mmcs_supervised_null"],
-                     "selectivity": st.get("selectivity"),
-                     "control_selectivity": st.get("control_selectivity")})
-    cos = source_cosines(dirs["body-deconv"], dirs["body-precond"])
-    for r in rows:
-        if r["group"] == "body" and r["source"] == "deconv":
-            r["deconv_precond_cos"] = cos
+        group, _, kind = name.partition("-")
+        r = evaluate_run(sub, steering=group == "body" and not null, seed=seed)
+        rows.append({"task": task, "schedule": schedule, "seed": seed, "capture": name,
+                     "group": group, "kind": kind, "rl_s": rl_s,
+                     **{k: r["headline"].get(k) for k in FIGURES},
+                     "energy_share_max": r.get("energy_share_max"),
+                     "fvu_heldout": r.get("fvu_heldout"), "n_heldout": r.get("n_heldout")})
     return rows
 
 
+def _num(x) -> float | None:
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) \
+        else None
+
+
 def _cell(rows: list[dict], key: str) -> str:
-    xs = [r[key] for r in rows if r[key] is not None and r[key] == r[key]]
+    xs = [v for v in (_num(r.get(key)) for r in rows) if v is not None]
     if not xs:
         return "-"
     if len(xs) == 1:
@@ -97,69 +87,81 @@ def _cell(rows: list[dict], key: str) -> str:
     return f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
-COLUMNS = {"auroc_task": "auroc_task", "auroc_null": "auroc null",
-           "supervised_auroc": "supervised AUROC", "mmcs": "mmcs", "mmcs_null": "mmcs null",
-           "mmcs_margin": "mmcs margin", "mmcs_supervised_margin": "supervised mmcs margin",
-           "fvu_heldout": "fvu_heldout", "selectivity": "steering selectivity",
-           "control_selectivity": "random control"}
+COLUMNS = {"auroc_task": "auroc_task", "auroc_supervised": "supervised AUROC",
+           "mmcs_margin": "mmcs margin", "mmcs_margin_supervised": "supervised mmcs margin",
+           "ablation_selectivity": "ablation sel.", "ablation_selectivity_random": "random",
+           "ablation_selectivity_shuffled": "shuffled", "ablation_own_first": "own task first",
+           "steering_selectivity": "steering sel.", "steering_selectivity_random": "random ",
+           "energy_share_max": "max task energy", "fvu_heldout": "fvu_heldout"}
 
 
 def table(rows: list[dict]) -> str:
-    head = "| task | schedule | group | source | " + " | ".join(COLUMNS.values()) + " |"
-    lines = [head, "|" + "---|" * (4 + len(COLUMNS))]
-    keys = sorted({(r["task"], r["schedule"], r["group"], r["source"]) for r in rows},
-                  key=lambda k: (k[0], k[1], list(GROUPS).index(k[2]), SOURCES.index(k[3])))
-    for task, schedule, group, source in keys:
-        sel = [r for r in rows if (r["task"], r["schedule"], r["group"], r["source"]) ==
-               (task, schedule, group, source)]
-        lines.append(f"| {task} | {schedule} | {group} | {source} | " + " | ".join(
-            _cell(sel, k) for k in COLUMNS) + " |")
+    head = "| task | schedule | capture | " + " | ".join(COLUMNS.values()) + " |"
+    lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
+    for key in sorted({(r["task"], r["schedule"], r["capture"]) for r in rows}):
+        sel = [r for r in rows if (r["task"], r["schedule"], r["capture"]) == key]
+        lines.append("| " + " | ".join(key) + " | "
+                     + " | ".join(_cell(sel, k) for k in COLUMNS) + " |")
     return "\n".join(lines)
 
 
-def agreement(rows: list[dict]) -> str:
-    """One line on deconv vs precond per-step cosines over every run of the sweep."""
-    cos = sorted(c for r in rows for c in r.get("deconv_precond_cos", []))
-    if not cos:
-        return ""
-    return (f"deconv vs precond, body, per-step cosine over {len(cos)} steps of "
-            f"{sum('deconv_precond_cos' in r for r in rows)} runs: median {statistics.median(cos):.4f}, "
-            f"5th percentile {cos[len(cos) // 20]:.4f}, min {cos[0]:.4f}; "
-            f"{sum(c > 0.99 for c in cos) / len(cos):.1%} of steps above 0.99.\n")
+def headline(rows: list[dict], schedule: str, capture: str) -> dict:
+    """Mean over seeds of the chosen setting's figures; the null control's AUROC beside them."""
+    sel = [r for r in rows if (r["task"], r["schedule"], r["capture"]) ==
+           ("multiskill", schedule, capture)]
+    null = [r for r in rows if (r["task"], r["schedule"], r["capture"]) ==
+            ("multiskill_null", schedule, capture)]
+    mean = lambda rs, k: (statistics.fmean(v) if (v := [x for x in (_num(r.get(k)) for r in rs)  # noqa: E731
+                                                      if x is not None]) else None)
+    out = {k: mean(sel, k) for k in FIGURES}
+    out["auroc_null_control"] = mean(null, "auroc_task")
+    group, _, kind = capture.partition("-")
+    out.update(granularity="group" if kind == "event" else "step", source=kind,
+               schedule=schedule, group=group, seeds=sorted({r["seed"] for r in sel}))
+    return out
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
-    parser.add_argument("--seeds", default="20,21,22")
-    parser.add_argument("--schedules", default="random,blocks")
+    parser.add_argument("--seeds", default="30,31,32")
+    parser.add_argument("--schedules", default="mixed,random")
+    parser.add_argument("--captures", default=CAPTURES, help="comma-separated <group>-<kind>")
+    parser.add_argument("--null-schedules", default="mixed")
     parser.add_argument("--no-null", action="store_true", help="skip the null control")
+    parser.add_argument("--headline", default="mixed:body-event", help="schedule:capture")
     parser.add_argument("--runs", type=Path, default=Path("runs/planted_sweep"))
-    parser.add_argument("--n-prompts", type=int, default=16, help="prompts per steering reward")
-    parser.add_argument("--out", type=Path, default=None, help="markdown table (default: print)")
+    parser.add_argument("--out", type=Path, default=None, help="markdown report (default: print)")
     parser.add_argument("--jobs", type=int, default=2, help="points run at once (processes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    rows = []
     seeds = [int(s) for s in args.seeds.split(",")]
+    captures = tuple(args.captures.split(","))
+    points = [(s, sch, False) for s in seeds for sch in args.schedules.split(",")]
+    if not args.no_null:
+        points += [(s, sch, True) for s in seeds for sch in args.null_schedules.split(",")]
     args.runs.mkdir(parents=True, exist_ok=True)
-    points = [(seed, schedule, False) for seed in seeds for schedule in args.schedules.split(",")]
-    points += [] if args.no_null else [(seed, "random", True) for seed in seeds]
+    rows: list[dict] = []
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"),
                              initializer=_init_worker) as pool:
-        futures = {pool.submit(run_point, seed, schedule, null, args.overrides, args.runs,
-                               args.n_prompts): (seed, schedule, null)
-                   for seed, schedule, null in points}
+        futures = {pool.submit(run_point, seed, sch, null, captures, args.overrides, args.runs):
+                   (seed, sch, null) for seed, sch, null in points}
         for future in as_completed(futures):
-            seed, schedule, null = futures[future]
+            seed, sch, null = futures[future]
             rows += future.result()
             (args.runs / "results.json").write_text(json.dumps(rows, indent=2))  # partial too
-            print(f"seed {seed} {schedule}{' null' if null else ''} done after "
+            print(f"seed {seed} {sch}{' null' if null else ''} done after "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
-    text = table(rows) + f"\n\n{len(seeds)} seeds, {len(rows)} (run, group, source) evaluations, " \
-                         f"{time.perf_counter() - t0:.0f} s wall, {args.jobs} processes.\n\n" \
-        + agreement(rows)
+    schedule, _, capture = args.headline.partition(":")
+    head = headline(rows, schedule, capture)
+    (args.runs / "headline.json").write_text(json.dumps(head, indent=2))
+    wall = time.perf_counter() - t0
+    text = ("Headline (mean over seeds " + ", ".join(map(str, head["seeds"])) + f"; {schedule}, "
+            f"{capture}):\n\n" + "\n".join(f"- {k}: {_cell([head], k)}" for k in FIGURES)
+            + "\n\n" + table(rows)
+            + f"\n\n{len(seeds)} seeds, {len(points)} GRPO runs, {len(rows)} evaluations, "
+              f"{wall:.0f} s wall, {args.jobs} processes.\n")
     if args.out:
         args.out.write_text(text)
     print(text)

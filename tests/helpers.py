@@ -118,3 +118,25 @@ def offline_run(run_dir: Path) -> dict:
                 artifacts.append(rec.artifact.name)
     return {"history_rows": history, "keys": keys, "summary": summary, "metrics": metrics,
             "artifacts": artifacts, "group": group}
+
+
+# --- planted tests: a broken pipeline ---------------------------------------------------------
+
+
+def random_decoder_copy(run_dir: Path, out: Path) -> Path:
+    """A copy of a run whose final SAE has random (unit-norm) directions: a broken pipeline that
+    the planted checks must fail."""
+    import shutil
+
+    from sae_shards.core.checkpoint import load_checkpoint, save_checkpoint
+
+    shutil.copytree(run_dir, out, symlinks=True)
+    loaded = load_checkpoint(out / "checkpoints" / "final")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in loaded.sae.factors.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        loaded.sae.normalize_decoder_()
+    save_checkpoint(out / "checkpoints" / "final", loaded.sae, loaded.stats,
+                    loaded.config["meta"])
+    return out

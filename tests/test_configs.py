@@ -73,6 +73,11 @@ def test_default_config_equals_dataclass_defaults():
     ("device=tpu", r"device='tpu'; use auto, cpu or cuda"),
     ("runner.heldout_every=1", r"runner.heldout_every=1 must be 0 \(none\) or >= 2"),
     ("sae.lr=fast", r"sae.lr: expected float, got str 'fast'"),
+    ("rl.trainable=[]", r"rl.trainable is empty"),
+    ("rl.trainable=['']", r"rl.trainable holds empty or non-string patterns"),
+    ("model.readout_scale=0", r"model.readout_scale=0.0 must be > 0"),
+    ("model=hf_path model.path=/m +model.readout_scale=4", r"model.readout_scale=4.0 applies to "
+                                                          r"the built-in tiny model only"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -88,3 +93,14 @@ def test_cli_reports_config_error_without_traceback(tmp_path):
     assert "sae-shards: config error: sae.k=0 must be between 1 and sae.n_latents=64" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_planted_experiment_is_body_only_mixed_per_event():
+    job = job_config_from_hydra(_compose(["experiment=planted"]))
+    assert job.rl.trainable == ["model.layers.*"] and job.model.readout_scale > 1
+    assert job.task.name == "multiskill" and job.task.options["schedule"] == "mixed"
+    assert job.capture.granularity == "group" and job.capture.normalize == "unit"
+    events_per_step = job.rl.prompts_per_step  # one event per prompt group
+    window = job.capture.capacity // events_per_step
+    assert window == job.rl.max_steps - 300 and job.runner.sae_start_step < job.rl.max_steps - window
+    assert job.task.n_prompts // job.rl.prompts_per_step >= job.rl.max_steps  # never replayed

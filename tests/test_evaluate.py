@@ -13,6 +13,8 @@ from hydra import compose, initialize_config_dir
 from sae_shards.core.checkpoint import load_checkpoint, save_checkpoint
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
 from sae_shards.planted.evaluate import evaluate_run
+
+from helpers import random_decoder_copy
 from sae_shards.run.job import run_job
 
 
@@ -48,15 +50,8 @@ def test_evaluate_reports_every_figure(planted_run):
 
 def test_random_decoder_scores_lower(planted_run, tmp_path):
     trained = evaluate_run(planted_run, n_null=3, steering=False)
-    broken = tmp_path / "broken"
-    shutil.copytree(planted_run, broken)
-    loaded = load_checkpoint(broken / "checkpoints" / "final")
-    with torch.no_grad():  # random decoder and encoder: a pipeline that learnt nothing
-        g = torch.Generator().manual_seed(0)
-        for p in loaded.sae.factors.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-        loaded.sae.normalize_decoder_()
-    save_checkpoint(broken / "checkpoints" / "final", loaded.sae, loaded.stats, loaded.config["meta"])
+    # random decoder and encoder: a pipeline that learnt nothing
+    broken = random_decoder_copy(planted_run, tmp_path / "broken")
     r = evaluate_run(broken, n_null=3, steering=False)
     # random directions in ~80k dimensions have |cos| ~ 1/sqrt(D) with anything: near zero
     assert r["mmcs"] < 0.05 and r["mmcs"] < trained["mmcs"] / 3, (r["mmcs"], trained["mmcs"])
@@ -98,3 +93,141 @@ def test_samples_without_task_labels_get_a_clear_error(planted_run, tmp_path):
     save_file(load_file(samples), samples, metadata=header)
     with pytest.raises(CheckpointError, match=r"samples\.safetensors: no task_labels in the header"):
         evaluate_run(broken, n_null=2, steering=False)
+
+
+def _rewrite_labels(run_dir, fn):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    samples = run_dir / "samples.safetensors"
+    with safe_open(samples, "pt") as f:
+        meta = dict(f.metadata())
+    meta["task_labels"] = json.dumps(fn(json.loads(meta["task_labels"])))
+    save_file(load_file(samples), samples, metadata=meta)
+
+
+def test_headline_opens_the_evaluation(planted_run):
+    from sae_shards.planted.evaluate import HEADLINE_KEYS
+
+    r = evaluate_run(planted_run, n_null=2, n_prompts=4, n_shuffled=1)
+    on_disk = json.loads((planted_run / "evaluation.json").read_text())
+    assert next(iter(on_disk)) == "headline" and tuple(on_disk["headline"]) == HEADLINE_KEYS
+    h = r["headline"]
+    assert (h["granularity"], h["source"], h["schedule"]) == ("step", "precond", "random")
+    assert h["group"] == "body"  # inferred from the targets: every block matrix
+    assert h["auroc_null_control"] is None  # no null run given: the sweep fills it
+    assert h["auroc_task"] == r["auroc_task"] and h["mmcs_margin"] == r["mmcs_margin"]
+    assert h["mmcs_margin_supervised"] == pytest.approx(r["mmcs_supervised"] - r["mmcs_supervised_null"])
+    for key in ("steering_selectivity", "steering_selectivity_random", "ablation_selectivity",
+                "ablation_selectivity_random", "ablation_selectivity_shuffled", "ablation_own_first"):
+        assert h[key] is not None and h[key] == h[key], key
+    assert r["ablation"]["per_task"].keys() == {"A", "B", "C", "D"}
+    assert set(r["causal"]["kinds"]) == {"shard", "supervised", "random", "shuffled_0"}
+    assert sum(r["energy_share"].values()) == pytest.approx(1.0)
+    assert "## Headline" in (planted_run / "evaluation.md").read_text()
+
+
+def test_null_run_fills_the_null_control(planted_run):
+    alone = evaluate_run(planted_run, n_null=2, steering=False)
+    r = evaluate_run(planted_run, n_null=2, steering=False, null_run=planted_run)
+    assert r["headline"]["auroc_null_control"] == alone["auroc_task"]
+    assert r["null_control"]["run_dir"] == str(planted_run)
+    given = evaluate_run(planted_run, n_null=2, steering=False, null_run={"auroc_task": 0.5})
+    assert given["headline"]["auroc_null_control"] == 0.5
+
+
+def test_drift_latent_is_never_a_tasks_latent(planted_run, tmp_path):
+    """A latent forced on for every sample (huge encoder bias) is reported as the drift latent
+    and never chosen for a task nor counted in the mmcs matching."""
+    broken = tmp_path / "drift"
+    shutil.copytree(planted_run, broken)
+    loaded = load_checkpoint(broken / "checkpoints" / "final")
+    with torch.no_grad():
+        loaded.sae.b_enc[3] = 1e6
+    save_checkpoint(broken / "checkpoints" / "final", loaded.sae, loaded.stats, loaded.config["meta"])
+    r = evaluate_run(broken, n_null=2, steering=False)
+    drift = r["drift"]["latents"]
+    assert 3 in drift and r["drift"]["density"][3] == 1.0
+    assert all(v["best_latent"] not in drift for v in r["per_task"].values())
+    assert r["mmcs"] <= r["drift"]["mmcs_with_drift"]
+    # the real run has its own always-on latents (RL's common direction); none is a task's
+    real = evaluate_run(planted_run, n_null=2, steering=False)
+    assert all(v["best_latent"] not in real["drift"]["latents"] for v in real["per_task"].values())
+    assert all(d >= 0.8 for d in real["drift"]["density"].values())
+    # a threshold above 1 flags nothing, and the mmcs then counts every latent
+    every = evaluate_run(planted_run, n_null=2, steering=False, drift_density=1.01)
+    assert every["drift"]["latents"] == [] and every["mmcs"] == every["drift"]["mmcs_with_drift"]
+
+
+def test_multi_label_steps(planted_run, tmp_path):
+    """Per-step samples holding several tasks (the mixed schedule): "task present" is the AUROC
+    positive; directions from one-task steps where a task has >= 2 of them, else from all."""
+    other = {"A": "B", "B": "C", "C": "D", "D": "A"}
+    half = tmp_path / "half"
+    shutil.copytree(planted_run, half)
+    _rewrite_labels(half, lambda labels: [lab if i % 3 else sorted({lab[0], other[lab[0]]})
+                                          for i, lab in enumerate(labels)])
+    r = evaluate_run(half, n_null=2, steering=False)
+    assert r["multi_label"]
+    # per task: its one-task held-out steps when it has >= 2 (groundtruth tests the rule itself)
+    assert "single" in {v["truth_from"] for v in r["per_task"].values()}
+    assert 0 <= r["auroc_task"] <= 1 and r["supervised_auroc"] == r["supervised_auroc"]
+    assert sum(r["energy_share"].values()) == pytest.approx(1.0)
+    by_set = r["energy_share_by_label_set"]
+    if by_set is not None:  # recipe.balance present
+        assert sum(by_set.values()) == pytest.approx(1.0) and any("+" in k for k in by_set)
+    both = tmp_path / "both"
+    shutil.copytree(planted_run, both)
+    _rewrite_labels(both, lambda labels: [sorted({lab[0], other[lab[0]]}) for lab in labels])
+    r = evaluate_run(both, n_null=2, steering=False)
+    assert {v["truth_from"] for v in r["per_task"].values()} == {"present"}
+    assert r["supervised_centroid_accuracy"] != r["supervised_centroid_accuracy"]  # no one-task step: NaN
+    assert json.loads((both / "evaluation.json").read_text())["supervised_centroid_accuracy"] is None
+    with pytest.raises(Exception, match="at least one task label"):
+        _rewrite_labels(both, lambda labels: [[] for _ in labels])
+        evaluate_run(both, n_null=2, steering=False)
+
+
+@pytest.fixture(scope="module")
+def event_run(tmp_path_factory):
+    """A short real per-event run: body matrices, one sample per prompt group (~20 s)."""
+    out = tmp_path_factory.mktemp("events")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = job_config_from_hydra(compose("config", overrides=[
+            "experiment=planted", "capture.granularity=group", "rl.max_steps=40",
+            "rl.per_device_train_batch_size=32", "task.n_prompts=1024", "capture.capacity=160",
+            "runner.heldout_every=2", "runner.sae_start_step=0", "runner.checkpoint_every=0"]))
+    run_job(cfg, out)
+    return out
+
+
+def test_per_event_run_end_to_end(event_run, tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    r = evaluate_run(event_run, n_null=2)  # the defaults: 8 prompts x 4 samples per task
+    wall = time.perf_counter() - t0
+    h = r["headline"]
+    cfg = json.loads((event_run / "config.json").read_text())
+    source = "grad" + "".join(f"-{cfg['capture'][k]}" for k in ("precondition", "normalize")
+                              if cfg["capture"][k] != "none")
+    assert (h["granularity"], h["source"], h["schedule"], h["group"]) == \
+        ("group", source, cfg["task"]["options"]["schedule"], "body")
+    assert r["sample_unit"] == "event" and not r["multi_label"]
+    assert r["n_train"] + r["n_heldout"] > 100  # 4 groups a step over 40 steps, not 40 steps
+    assert {v["truth_from"] for v in r["per_task"].values()} == {"single"}
+    assert sum(r["energy_share"].values()) == pytest.approx(1.0)
+    assert 0 < r["fvu_heldout"] < 1.5 and r["l0"] > 0
+    for key in ("auroc_task", "auroc_supervised", "mmcs", "mmcs_null", "steering_selectivity",
+                "ablation_selectivity", "ablation_selectivity_shuffled"):
+        assert h[key] is not None and h[key] == h[key], key
+    # a Gaussian direction at the shard's norm, in ~80k dimensions, moves no task selectively
+    assert abs(h["ablation_selectivity_random"]) <= 1 and abs(h["steering_selectivity_random"]) <= 1
+    c = r["causal"]
+    assert c["n_reward_estimates"] == 2 + 3 * 5 * 4  # shard, supervised, random, 2 shuffled
+    assert wall < 60, wall  # one evaluation of one run on one thread
+    # a random decoder matches no task direction
+    broken = random_decoder_copy(event_run, tmp_path / "random_decoder")
+    rb = evaluate_run(broken, n_null=2, steering=False)
+    assert rb["mmcs"] < 0.05 and rb["mmcs"] < r["mmcs"] / 3
+    assert rb["supervised_auroc"] == r["supervised_auroc"]  # the ground truth ignores the SAE

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from sae_shards.planted.groundtruth import (abs_cosine, auroc, flatten, norm_features, principal_direction,
+from sae_shards.planted.groundtruth import (abs_cosine, auroc, energy_shares, flatten, label_sets,
+                                    norm_features, presence, principal_direction,
+                                    task_directions_with_source,
                                     shuffled, supervised_reference, task_directions, unflatten,
                                     windowed_task_directions)
 
@@ -112,3 +114,78 @@ def test_flatten_unflatten_round_trip():
     samples = {n: torch.randn(3, *s, generator=g) for n, s in SHAPES.items()}
     back = unflatten(flatten(samples, list(SHAPES)), SHAPES)
     assert all(torch.equal(back[n], samples[n]) for n in SHAPES)
+
+
+def _mixed_steps(n, seed):
+    """Per-step blends of a `mixed` schedule: each step holds 2-3 tasks, each with a random sign
+    and size, plus noise; a few steps hold one task."""
+    g = torch.Generator().manual_seed(seed)
+    d = 12 * 8 * 2 + 6
+    truth = torch.randn(len(TASKS), d, generator=torch.Generator().manual_seed(123))
+    truth = truth / truth.norm(dim=1, keepdim=True)
+    xs, labels = [], []
+    for i in range(n):
+        size = 1 if i % 10 == 0 else 2 + int(torch.randint(0, 2, (1,), generator=g))
+        present = torch.randperm(len(TASKS), generator=g)[:size].tolist()
+        x = 0.1 * torch.randn(d, generator=g) / d**0.5
+        for k in present:
+            x = x + (1 if torch.rand(1, generator=g) > 0.5 else -1) * (0.5 + torch.rand(1, generator=g)) * truth[k]
+        xs.append(x)
+        labels.append(sorted(TASKS[k] for k in present))
+    return torch.stack(xs), labels, truth
+
+
+def test_label_sets_and_presence():
+    assert label_sets(["A", ["B", "C"], ("A",)]) == [{"A"}, {"B", "C"}, {"A"}]
+    assert presence(["A", ["B", "C"], ["A", "C"]], "C").tolist() == [False, True, True]
+
+
+def test_one_task_samples_give_the_direction_when_there_are_enough():
+    x, labels, truth = _mixed_steps(400, 0)
+    dirs, source = task_directions_with_source(x, labels, TASKS)
+    assert source == {t: "single" for t in TASKS}  # every 10th step holds one task: >= 2 each
+    assert ((dirs * truth).sum(1).abs() > 0.9).all()
+    # with no one-task sample the task's direction comes from every step it is present in
+    multi = [i for i, y in enumerate(labels) if len(y) > 1]
+    dirs, source = task_directions_with_source(x[multi], [labels[i] for i in multi], TASKS)
+    assert source == {t: "present" for t in TASKS}
+    assert ((dirs * truth).sum(1).abs() > 0.5).all()  # a blend: still nearest its own task
+    with pytest.raises(ValueError, match="no samples"):
+        task_directions_with_source(x[:5], [["A"]] * 5, ["A", "E"])
+
+
+def test_multi_label_supervised_reference_and_its_null():
+    """Mixed steps: "task present" is separable sign-free; shuffled label sets are at chance."""
+    x, labels, _ = _mixed_steps(600, 1)
+    samples = unflatten(x, dict(SHAPES))
+    feats = norm_features(samples, list(SHAPES))
+    tr, te = slice(0, 400), slice(400, 600)
+    ref = supervised_reference(x[tr], labels[tr], x[te], labels[te], feats[tr], feats[te], TASKS)
+    assert ref.auroc_mean > 0.8, ref.auroc_per_task
+    assert ref.centroid_accuracy == ref.centroid_accuracy  # one-task test steps exist
+    g = torch.Generator().manual_seed(0)
+    null = supervised_reference(x[tr], shuffled(labels[tr], g), x[te], labels[te], feats[tr],
+                                feats[te], TASKS)
+    assert abs(null.auroc_mean - 0.5) < 0.12 and null.auroc_mean < ref.auroc_mean - 0.2
+    # the per-event case (one task each) still gives the single-label figures
+    xe, ye, _ = _planted(400, 2)
+    fe = norm_features(unflatten(xe, dict(SHAPES)), list(SHAPES))
+    one = supervised_reference(xe[:300], ye[:300], xe[300:], ye[300:], fe[:300], fe[300:], TASKS)
+    sets = supervised_reference(xe[:300], [[y] for y in ye[:300]], xe[300:], [[y] for y in ye[300:]],
+                                fe[:300], fe[300:], TASKS)
+    assert one.auroc_per_task == sets.auroc_per_task and one.centroid_accuracy == sets.centroid_accuracy
+
+
+def test_energy_shares():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [3.0, 0.0]])
+    shares = energy_shares(x, ["A", "B", ["A", "B"], "C"], ["A", "B", "C"])
+    # energies 1, 4, 2 (split 1 + 1), 9: total 16
+    assert shares == pytest.approx({"A": 2 / 16, "B": 5 / 16, "C": 9 / 16})
+    assert sum(shares.values()) == pytest.approx(1.0)
+    # balanced planted tasks share the energy about equally; a task scaled x3 takes the most
+    xp, labels, _ = _planted(400, 0)
+    even = energy_shares(xp, labels, TASKS)
+    assert max(even.values()) < 0.3
+    scaled = xp.clone()
+    scaled[torch.tensor([y == "B" for y in labels])] *= 3
+    assert energy_shares(scaled, labels, TASKS)["B"] > 0.7

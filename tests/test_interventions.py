@@ -166,3 +166,40 @@ def test_dose_response_rewards_the_vowel_direction_over_control(model_and_tokeni
     assert curve.reward_shard[2] > curve.reward_shard[1] + 0.2
     assert curve.reward_shard[2] > curve.reward_control[2] + 0.5
     assert abs(curve.reward_control[2] - base) < 0.1
+
+
+def test_task_rewards_per_label_from_one_batch(model_and_tokenizer):
+    """Per-task rewards of a multi-task task: reproducible, the caller's RNG untouched, and a
+    direction that raises task A's characters (vowels) raises A's reward alone."""
+    from sae_shards.analysis.interventions import task_rewards
+
+    model, tokenizer = model_and_tokenizer
+    task = build_task("multiskill")
+    labels = list(task.labels)
+    rng_state = torch.get_rng_state()
+    a = task_rewards(model, tokenizer, task, labels, n_prompts=8, n_samples=4, seed=3)
+    assert a == task_rewards(model, tokenizer, task, labels, n_prompts=8, n_samples=4, seed=3)
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert list(a) == labels and all(e.n == 32 for e in a.values())
+    assert all(e.mean < 0.2 for e in a.values())  # random tiny model: ~5/82 per class
+    letters = build_task("letters")  # its target characters are the vowels, as multiskill A's
+    direction = _vowel_direction(model, tokenizer, letters)
+    with add_direction(model, direction, 10.0):
+        b = task_rewards(model, tokenizer, task, labels, n_prompts=8, n_samples=4, seed=3)
+    assert b["A"].mean > a["A"].mean + 0.4
+    assert all(abs(b[t].mean - a[t].mean) < 0.1 for t in labels if t != "A")
+    with pytest.raises(ValueError, match="labels"):
+        task_rewards(model, tokenizer, task, [], n_prompts=8)
+
+
+def test_task_rewards_ignore_the_training_reward_scale(model_and_tokenizer):
+    from sae_shards.analysis.interventions import task_rewards
+
+    model, tokenizer = model_and_tokenizer
+    plain = build_task("multiskill")
+    if "reward_scale" not in {f for f in plain.__dataclass_fields__}:
+        pytest.skip("multiskill has no reward_scale in this build")
+    scaled = build_task("multiskill", reward_scale={"B": 3.0})
+    a = task_rewards(model, tokenizer, plain, list(plain.labels), n_prompts=4, seed=1)
+    b = task_rewards(model, tokenizer, scaled, list(plain.labels), n_prompts=4, seed=1)
+    assert {t: e.mean for t, e in a.items()} == pytest.approx({t: e.mean for t, e in b.items()})

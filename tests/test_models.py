@@ -123,3 +123,19 @@ def test_load_errors_name_the_path_and_the_fix(tmp_path):
     vit.save_pretrained(tmp_path / "vit")
     with pytest.raises(ValueError, match=r"vit holds a ViTConfig.*not a causal language model"):
         load_model_and_tokenizer(tmp_path / "vit")
+
+
+def test_readout_scale_multiplies_lm_head_init_only(tmp_path):
+    plain, _ = tiny_model_and_tokenizer(seed=2)
+    scaled, _ = tiny_model_and_tokenizer(seed=2, readout_scale=10.0)
+    for (name, a), b in zip(plain.named_parameters(), scaled.parameters()):
+        factor = 10.0 if name == "lm_head.weight" else 1.0
+        torch.testing.assert_close(b, a * factor, rtol=0, atol=0, msg=name)
+    path = build_tiny_model(tmp_path / "s", seed=2, readout_scale=10.0)
+    loaded, _ = load_model_and_tokenizer(path)
+    assert torch.equal(loaded.lm_head.weight, scaled.lm_head.weight)
+    assert build_tiny_model(tmp_path / "s", seed=2, readout_scale=10.0) == path  # reused
+    with pytest.raises(ValueError, match="not the requested"):
+        build_tiny_model(tmp_path / "s", seed=2)  # readout_scale 1 is another build
+    with pytest.raises(ValueError, match="model.readout_scale=0 must be > 0"):
+        tiny_model_and_tokenizer(readout_scale=0)

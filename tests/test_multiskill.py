@@ -11,10 +11,10 @@ from hydra import compose, initialize_config_dir
 from transformers import TrainerCallback
 
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
-from sae_shards.run.config import JobConfig, LoggingConfig, RLConfig, TaskConfig
+from sae_shards.run.config import JobConfig, LoggingConfig, ModelConfig, RLConfig, TaskConfig
 from sae_shards.capture.rollouts import TRLRollouts
 from sae_shards.run.job import build_rl
-from sae_shards.recipe.models import build_tokenizer
+from sae_shards.recipe.models import build_tokenizer, tiny_model_and_tokenizer
 from sae_shards.recipe.trainers import build_trainer
 from sae_shards.recipe.tasks import SKILLS, build_task
 
@@ -187,3 +187,116 @@ def test_scheduled_task_refuses_settings_that_mix_steps(tmp_path):
     with pytest.raises(ValueError, match="not a schedule of 2-prompt single-task steps"):
         trainer(task.dataset(8))  # the evaluation dataset mixes tasks within a step
     assert trainer(schedule).shuffle_dataset is False
+
+
+# ---------------------------------------------------------------------------- mixed schedule
+@pytest.mark.parametrize("prompts_per_step,n_tasks", [(8, 4), (6, 4), (2, 4), (12, 3)])
+def test_mixed_schedule_puts_several_tasks_in_every_step(prompts_per_step, n_tasks):
+    task = build_task("multiskill", schedule="mixed", n_tasks=n_tasks, seed=2)
+    mixes = task.step_mixes(120, prompts_per_step)
+    assert len(mixes) == 120 and all(len(m) == prompts_per_step for m in mixes)
+    whole, extra = divmod(prompts_per_step, n_tasks)
+    for mix in mixes:
+        # q of every task, plus the remainder on distinct tasks: never one task per step
+        assert len(set(mix)) == min(prompts_per_step, n_tasks) > 1
+        assert all(whole <= mix.count(label) <= whole + 1 for label in task.labels)
+    counts = [sum(m.count(label) for m in mixes) for label in task.labels]
+    assert max(counts) - min(counts) <= n_tasks  # the deck keeps every task's share equal
+    assert len(set(mixes)) > 1  # the order within a step is shuffled
+    assert mixes == build_task("multiskill", schedule="mixed", n_tasks=n_tasks,
+                               seed=2).step_mixes(120, prompts_per_step)
+    assert task.step_mixes(150, prompts_per_step)[:120] == mixes  # longer schedules extend
+    assert mixes != build_task("multiskill", schedule="mixed", n_tasks=n_tasks,
+                               seed=3).step_mixes(120, prompts_per_step)
+    ds = task.step_dataset(120 * prompts_per_step, prompts_per_step, seed=1)
+    assert ds["task"] == [label for m in mixes for label in m]
+    assert all(p.startswith(task.tag(label)) for p, label in zip(ds["prompt"], ds["task"]))
+    with pytest.raises(ValueError, match="use step_mixes"):
+        task.step_labels(10)
+
+
+def test_one_task_schedules_keep_their_steps_in_step_mixes():
+    for schedule in ("random", "blocks"):
+        task = build_task("multiskill", schedule=schedule, seed=4)
+        assert task.step_mixes(50, 3) == [(label,) * 3 for label in task.step_labels(50)]
+
+
+def test_reward_scale_multiplies_the_training_reward_only():
+    task = build_task("multiskill", target_length=4, reward_scale={"B": 0.5, "C": 2.0})
+    assert _rewards(task, ["aeio", "0123", "!?.,", "bcdf"], list("ABCD")) == [1.0, 0.5, 2.0, 1.0]
+    assert task.score("0123", "B") == 1.0 and task.scaled
+    assert not build_task("multiskill", reward_scale={"A": 1.0}).scaled
+    null = build_task("multiskill_null", target_length=4, reward_scale={"A": 3.0})
+    assert _rewards(null, ["a0!b", "a0!b"], ["A", "B"]) == [3.0, 1.0]
+    with pytest.raises(ValueError, match=r"task.options.reward_scale names tasks \['E'\]"):
+        build_task("multiskill", reward_scale={"E": 2.0})
+    with pytest.raises(ValueError, match=r"task.options.reward_scale.A=0"):
+        build_task("multiskill", reward_scale={"A": 0})
+
+
+def test_reward_scale_is_refused_where_group_std_scaling_cancels_it(tmp_path):
+    from sae_shards.recipe.models import build_tiny_model, load_tokenizer
+
+    path = build_tiny_model(tmp_path / "model")
+    task = build_task("multiskill", target_length=8, reward_scale={"A": 2.0})
+    schedule = task.step_dataset(8, prompts_per_step=2)
+    args = {**FAST, "max_steps": 2}
+    with pytest.raises(ValueError, match="reward_scale has no effect under rl scale_rewards='group'"):
+        build_trainer(path, load_tokenizer(path), task, schedule, args, [], tmp_path / "o")
+    trainer = build_trainer(path, load_tokenizer(path), task, schedule,
+                            {**args, "scale_rewards": "none"}, [], tmp_path / "o")
+    assert trainer.args.scale_rewards == "none"
+
+
+def test_grpo_mixed_steps_train_and_record_every_task_present(tmp_path):
+    # 4 prompts per step (2 per micro-batch, 2 micro-batches), 4 tasks: every task in every step
+    options = {"schedule": "mixed", "seed": 1}
+    steps, prompts_per_step = 4, 4
+    # as the planted experiment: body-only policy on a tiny model with a scaled readout
+    cfg = JobConfig(
+        model=ModelConfig(readout_scale=4.0),
+        task=TaskConfig(name="multiskill", n_prompts=steps * prompts_per_step, options=options),
+        rl=RLConfig(max_steps=steps, gradient_accumulation_steps=2, trainable=["model.layers.*"],
+                    extra={"disable_tqdm": True}, **FAST),
+        logging=LoggingConfig(mode="disabled"))
+    rl = build_rl(cfg, tmp_path, device=torch.device("cpu"))
+    probe = StepLabels(TRLRollouts(rl.trainer))
+    rl.trainer.add_callback(probe)
+    params = dict(rl.trainer.model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    rl.trainer.train()
+
+    frozen = [n for n in params if not n.startswith("model.layers.")]
+    assert "lm_head.weight" in frozen and "model.norm.weight" in frozen
+    assert all(torch.equal(params[n], before[n]) for n in frozen)
+    assert not torch.equal(params["model.layers.0.mlp.up_proj.weight"],
+                           before["model.layers.0.mlp.up_proj.weight"])
+    plain, _ = tiny_model_and_tokenizer(seed=cfg.seed)
+    assert torch.equal(before["lm_head.weight"], 4.0 * plain.lm_head.weight.detach())
+
+    task = build_task("multiskill", **options)
+    planned = task.step_mixes(steps, prompts_per_step)
+    assert [got.labels for got in probe.steps] == [tuple(sorted(set(m))) for m in planned]
+    assert all(got.labels == ("A", "B", "C", "D") for got in probe.steps)
+    for got, mix in zip(probe.steps, planned):
+        row = got.row  # the optimizer step's whole generation: every prompt group, its label
+        assert len(row["completions"]) == 4 * prompts_per_step
+        assert sorted(row["tasks"]) == sorted(label for label in mix for _ in range(4))
+        assert all(p.startswith(task.tag(label)) for p, label in zip(row["prompts"], row["tasks"]))
+
+
+def test_mixed_schedule_must_match_the_steps_it_was_built_for(tmp_path):
+    from sae_shards.recipe.models import build_tiny_model, load_tokenizer
+
+    path = build_tiny_model(tmp_path / "model")
+    task = build_task("multiskill", target_length=8, schedule="mixed")
+
+    def trainer(dataset):
+        return build_trainer(path, load_tokenizer(path), task, dataset,
+                             {**FAST, "max_steps": 2}, [], tmp_path / "out")
+
+    with pytest.raises(ValueError, match="not the mixed schedule of task 'multiskill' in 2-prompt"):
+        trainer(task.step_dataset(12, prompts_per_step=4))  # built for 4 prompts per step
+    with pytest.raises(ValueError, match="mixed schedule"):
+        trainer(task.dataset(8))
+    assert trainer(task.step_dataset(8, prompts_per_step=2)).shuffle_dataset is False

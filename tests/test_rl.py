@@ -39,12 +39,13 @@ def tiny(tmp_path_factory):
     return path, load_model_and_tokenizer(path).tokenizer
 
 
-def _trainer(tiny, tmp_path, algorithm="grpo", **overrides):
+def _trainer(tiny, tmp_path, algorithm="grpo", trainable=None, **overrides):
     path, tokenizer = tiny
     task = build_task("letters", target_length=FAST["max_completion_length"])
     probe = StepProbe()
     trainer = build_trainer(path, tokenizer, task, task.dataset(64, seed=0),
-                            {**FAST, **overrides}, [probe], tmp_path / "out", algorithm=algorithm)
+                            {**FAST, **overrides}, [probe], tmp_path / "out", algorithm=algorithm,
+                            trainable=trainable)
     probe.rollouts = TRLRollouts(trainer)
     return trainer, probe
 
@@ -126,3 +127,47 @@ def test_lora_run_trains_adapters_only(tiny, tmp_path):
     assert trainer.ref_model is None  # TRL disables the adapter to get reference logprobs
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+# ---------------------------------------------------------------------------- rl.trainable
+BODY = ["model.layers.*"]
+
+
+def test_trainable_freezes_everything_else_and_it_stays_put(tiny, tmp_path):
+    trainer, _ = _trainer(tiny, tmp_path, trainable=BODY, max_steps=2, learning_rate=1e-3)
+    params = dict(trainer.model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    assert trainable == {n for n in params if n.startswith("model.layers.")}
+    frozen = set(params) - trainable
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= frozen
+    before = {n: p.detach().clone() for n, p in params.items()}
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert all(torch.equal(params[n], before[n]) for n in frozen)  # bit for bit
+    moved = [n for n in trainable if not torch.equal(params[n], before[n])]
+    assert len(moved) == len(trainable)  # every body matrix and norm took the RL steps
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(params[n]) for n in trainable}
+
+
+def test_trainable_patterns_are_checked_against_the_model(tiny, tmp_path):
+    from sae_shards.recipe.trainers import freeze_except
+
+    with pytest.raises(ValueError, match=r"rl.trainable pattern 'model.blocks.\*' matches no "
+                                         r"parameter of .*named like model.embed_tokens.weight"):
+        _trainer(tiny, tmp_path, trainable=[*BODY, "model.blocks.*"])
+    with pytest.raises(ValueError, match="rl.trainable is empty"):
+        freeze_except(torch.nn.Linear(2, 2), [])
+    layer = torch.nn.Linear(2, 2)
+    assert freeze_except(layer, None) == ["weight", "bias"] and layer.bias.requires_grad
+    assert freeze_except(layer, ["w*"]) == ["weight"] and not layer.bias.requires_grad
+
+
+def test_trainable_is_not_for_lora(tiny, tmp_path):
+    from peft import LoraConfig
+
+    path, tokenizer = tiny
+    task = build_task("letters", target_length=FAST["max_completion_length"])
+    with pytest.raises(ValueError, match="rl.trainable cannot be combined with model.lora"):
+        build_trainer(path, tokenizer, task, task.dataset(8), FAST, [], tmp_path / "out",
+                      peft_config=LoraConfig(r=2, target_modules=["q_proj"]), trainable=BODY)

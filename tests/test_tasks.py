@@ -62,3 +62,25 @@ def test_rewards_log_each_batch_labels_once(name):
     # without TRL's log_extra (a direct call) the reward is the same
     assert task.reward_funcs[0](prompts=["<A> x", "<B> y"], completions=["a", "zz"],
                                 task=labels) == out
+
+
+def test_energy_shares_of_labelled_samples():
+    import torch
+
+    from sae_shards.recipe.balance import energy_shares, sample_energy
+
+    # sample energies (sum over both targets of ||x||^2): 1+4=5, 9, 16, 0+1=1
+    samples = {"w": torch.tensor([[[1.0, 0.0]], [[0.0, 3.0]], [[4.0, 0.0]], [[0.0, 0.0]]]),
+               "b": torch.tensor([[2.0], [0.0], [0.0], [1.0]])}
+    assert sample_energy(samples).tolist() == [5.0, 9.0, 16.0, 1.0]
+    shares = energy_shares(samples, ["A", "B", "A", ["C"]])
+    assert shares == pytest.approx({"A": 21 / 31, "B": 9 / 31, "C": 1 / 31})
+    assert list(shares) == ["A", "B", "C"]
+    # a multi-task sample (a mixed step) counts under its joined labels
+    assert energy_shares(samples, [["B", "A"], "B", "A", "C"]) == pytest.approx(
+        {"A": 16 / 31, "A+B": 5 / 31, "B": 9 / 31, "C": 1 / 31})
+    assert energy_shares({"w": torch.zeros(2, 3)}, ["A", "B"]) == {"A": 0.0, "B": 0.0}
+    with pytest.raises(ValueError, match="3 labels for 4 samples"):
+        energy_shares(samples, ["A", "B", "C"])
+    with pytest.raises(ValueError, match="same number of samples"):
+        energy_shares({"w": torch.zeros(2, 3), "b": torch.zeros(3)}, ["A", "B"])

@@ -178,33 +178,25 @@ class RewardEstimate(NamedTuple):
     """Number of completions scored."""
 
 
-def mean_reward(
+def _rollout_rewards(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     task: Task,
-    n_prompts: int = 32,
-    n_samples: int = 4,
-    max_new_tokens: int = 16,
-    temperature: float = 1.0,
-    seed: int = 0,
-) -> RewardEstimate:
-    """Mean task reward of fresh sampled rollouts of ``model`` (reproducible for a fixed seed).
-
-    Prompts are ``task.dataset(n_prompts, seed)``; each gets ``n_samples`` completions, sampled
-    in one batch as TRL's GRPO does (tokenizer with its special tokens, left padding, plain
-    temperature sampling: top_k=0, top_p=1). Sampling runs under ``torch.manual_seed(seed)``
-    inside a forked RNG, so the caller's RNG state is untouched. Completions are decoded with
-    ``skip_special_tokens=True`` and scored by every reward function of the task
-    (``fn(prompts, completions, task=labels)``), summed.
-    """
+    prompts: Sequence[str],
+    labels: Sequence[str],
+    n_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> Tensor:
+    """Rewards ``[n_prompts, n_samples]`` (float64) of fresh rollouts; see :func:`mean_reward`."""
     if n_samples < 1 or max_new_tokens < 1:
         raise ValueError(
             f"n_samples={n_samples} and max_new_tokens={max_new_tokens} must both be >= 1"
         )
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0 (rollouts are sampled)")
-    data = task.dataset(n_prompts, seed)
-    prompts, labels = list(data["prompt"]), list(data["task"])
+    prompts, labels = list(prompts), list(labels)
     device = next(model.parameters()).device
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
     eos = model.generation_config.eos_token_id
@@ -237,9 +229,74 @@ def mean_reward(
         rewards += torch.tensor(
             [float(r) for r in fn(rep_prompts, completions, task=rep_labels)], dtype=torch.float64
         )
-    per_prompt = rewards.view(n_prompts, n_samples).mean(dim=1)
+    return rewards.view(len(prompts), n_samples)
+
+
+def mean_reward(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    n_prompts: int = 32,
+    n_samples: int = 4,
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> RewardEstimate:
+    """Mean task reward of fresh sampled rollouts of ``model`` (reproducible for a fixed seed).
+
+    Prompts are ``task.dataset(n_prompts, seed)``; each gets ``n_samples`` completions, sampled
+    in one batch as TRL's GRPO does (tokenizer with its special tokens, left padding, plain
+    temperature sampling: top_k=0, top_p=1). Sampling runs under ``torch.manual_seed(seed)``
+    inside a forked RNG, so the caller's RNG state is untouched. Completions are decoded with
+    ``skip_special_tokens=True`` and scored by every reward function of the task
+    (``fn(prompts, completions, task=labels)``), summed.
+    """
+    data = task.dataset(n_prompts, seed)
+    rewards = _rollout_rewards(model, tokenizer, task, data["prompt"], data["task"], n_samples,
+                               max_new_tokens, temperature, seed)
+    per_prompt = rewards.mean(dim=1)
     stderr = float(per_prompt.std() / math.sqrt(n_prompts)) if n_prompts > 1 else math.nan
-    return RewardEstimate(mean=float(rewards.mean()), stderr=stderr, n=len(completions))
+    return RewardEstimate(mean=float(rewards.mean()), stderr=stderr, n=rewards.numel())
+
+
+def task_rewards(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Any,
+    labels: Sequence[str],
+    n_prompts: int = 8,
+    n_samples: int = 4,
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> dict[str, RewardEstimate]:
+    """Mean reward of each task label (a multi-task task such as ``multiskill``), from one batch.
+
+    ``n_prompts`` prompts per label (``task.dataset(n_prompts * len(labels), seed,
+    labels=labels)``: the same prompts for the same seed), ``n_samples`` completions each,
+    sampled and scored as :func:`mean_reward` does, in one ``generate`` call; the reward of a
+    completion is its own prompt's task's reward, divided by the task's training reward scale
+    (``multiskill``'s ``reward_scale``) so that every task is measured on the same 0..1 score.
+    Reproducible for a fixed seed.
+    """
+    labels = list(labels)
+    if not labels or n_prompts < 1:
+        raise ValueError(f"task_rewards needs labels (got {labels}) and n_prompts >= 1")
+    data = task.dataset(n_prompts * len(labels), seed, labels=labels)
+    rewards = _rollout_rewards(model, tokenizer, task, data["prompt"], data["task"], n_samples,
+                               max_new_tokens, temperature, seed)
+    scale = getattr(task, "scale", None)  # multiskill's reward_scale: report the plain score
+    out = {}
+    for label in labels:
+        rows = torch.tensor([lab == label for lab in data["task"]])
+        if scale is not None and scale(label) != 1.0:
+            rewards[rows] /= scale(label)
+        per_prompt = rewards[rows].mean(dim=1)
+        stderr = float(per_prompt.std() / math.sqrt(len(per_prompt))) if len(per_prompt) > 1 \
+            else math.nan
+        out[label] = RewardEstimate(float(rewards[rows].mean()), stderr,
+                                    int(rows.sum()) * n_samples)
+    return out
 
 
 @dataclass(frozen=True)

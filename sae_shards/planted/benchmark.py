@@ -7,7 +7,13 @@ which ``sae-shards evaluate`` reads. The policy is saved once; each sub-run link
 
 Target groups: ``body`` (attention and MLP matrices, the headline) and ``readout`` (``lm_head``
 and the final norm), reported apart because the readout separates tasks trivially when rewards
-name tokens.
+name tokens. Kinds: a per-step capture source (``update``, ``grad``, ``precond``, ``deconv``) or
+``event`` (``capture.granularity=group``: one sample per prompt group, with the run's
+``capture.precondition`` / ``normalize``). Every capture's ring buffer holds the same window of
+RL steps: ``capture.capacity`` read in the units of the run's ``capture.granularity`` (events or
+steps) and converted (a step holds ``batch x accumulation / num_generations`` groups). The readout has no per-event capture: TRL's
+fused LM head multiplies by ``lm_head.weight`` outside the module, and the final norm is a norm
+weight.
 """
 
 from __future__ import annotations
@@ -28,6 +34,30 @@ GROUPS = {
     "body": ["*layers.*.self_attn.*_proj.weight", "*layers.*.mlp.*_proj.weight"],
     "readout": ["lm_head.weight", "model.norm.weight"],
 }
+KINDS = (*SOURCES, "event")
+"""What one capture samples: a per-step source, or ``event`` (per prompt group)."""
+
+
+def capture_config(cfg: JobConfig, group: str, kind: str) -> JobConfig:
+    """The run's config for the capture ``<group>-<kind>`` (see the module docstring)."""
+    if group not in GROUPS or kind not in KINDS:
+        raise ValueError(f"unknown capture {group}-{kind}: groups {list(GROUPS)}, kinds {KINDS}")
+    if kind == "event" and group == "readout":
+        raise ValueError("readout-event: per-event capture cannot split the readout's gradient "
+                         "(TRL's fused LM head bypasses the lm_head module); use a step source")
+    groups_per_step = (cfg.rl.per_device_train_batch_size * cfg.rl.gradient_accumulation_steps
+                       // cfg.rl.num_generations)
+    window = (cfg.capture.capacity if cfg.capture.granularity == "step"
+              else max(1, cfg.capture.capacity // groups_per_step))  # RL steps in the buffer
+    if kind == "event":
+        capture = dataclasses.replace(
+            cfg.capture, granularity="group", source="update", targets=list(GROUPS[group]),
+            capacity=window * groups_per_step)
+    else:
+        capture = dataclasses.replace(cfg.capture, granularity="step", source=kind,
+                                      precondition="none", normalize="none",
+                                      targets=list(GROUPS[group]), capacity=window)
+    return dataclasses.replace(cfg, capture=capture)
 
 
 @contextlib.contextmanager
@@ -40,10 +70,15 @@ def _quiet_transformers():
         hf_logging.set_verbosity(previous)
 
 
-def run_planted(cfg: JobConfig, run_dir: Path, sources=SOURCES, groups=tuple(GROUPS)) -> dict[str, Path]:
-    """One RL run captured by every (group, source); returns ``{"group-source": run dir}``.
+def run_planted(cfg: JobConfig, run_dir: Path, sources=SOURCES, groups=tuple(GROUPS),
+                captures: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """One RL run captured by every (group, kind); returns ``{"group-kind": run dir}``.
 
-    Sets torch's thread count (``runner.torch_threads``): the benchmark is an entry point."""
+    ``captures`` names them (``"body-event"``, ``"readout-precond"``...); by default every group
+    with every one of ``sources``. Sets torch's thread count (``runner.torch_threads``): the
+    benchmark is an entry point."""
+    if captures is None:
+        captures = tuple(f"{g}-{s}" for g in groups for s in sources)
     run_dir = rundir.prepare_run_dir(run_dir, cfg.overwrite)
     torch.set_num_threads(cfg.runner.torch_threads)
     torch.manual_seed(cfg.seed)
@@ -52,19 +87,17 @@ def run_planted(cfg: JobConfig, run_dir: Path, sources=SOURCES, groups=tuple(GRO
                      (run_dir / rundir.MODEL).resolve())
     runner = dataclasses.replace(cfg.runner, checkpoint_every=0)
     out = {}
-    for group in groups:
-        for source in sources:
-            name = f"{group}-{source}"
-            sub_cfg = dataclasses.replace(
-                cfg, runner=runner, model=dataclasses.replace(cfg.model, path=model_path),
-                capture=dataclasses.replace(cfg.capture, targets=list(GROUPS[group]),
-                                            source=source))
-            callback = shard_callback(sub_cfg, run_dir / name, save_model=False,
-                                      meta={"group": group}, overwrite=cfg.overwrite)
-            callback.setup(rl.trainer.model, rl.trainer)
-            with _quiet_transformers():  # several ShardCallbacks on one trainer is intended
-                rl.trainer.add_callback(callback)
-            out[name] = run_dir / name
+    for name in captures:
+        group, _, kind = name.partition("-")
+        sub_cfg = dataclasses.replace(
+            capture_config(cfg, group, kind), runner=runner,
+            model=dataclasses.replace(cfg.model, path=model_path, readout_scale=1.0))  # built
+        callback = shard_callback(sub_cfg, run_dir / name, save_model=False,
+                                  meta={"group": group}, overwrite=cfg.overwrite)
+        callback.setup(rl.trainer.model, rl.trainer)
+        with _quiet_transformers():  # several ShardCallbacks on one trainer is intended
+            rl.trainer.add_callback(callback)
+        out[name] = run_dir / name
     rl.trainer.train()
     rl.trainer.save_model(str(run_dir / rundir.FINAL_MODEL))
     for sub in out.values():  # relative: the run dir may be moved

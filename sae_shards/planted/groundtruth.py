@@ -10,7 +10,15 @@ means cancel. Everything here is therefore sign-free:
 - the **supervised reference** says how separable the tasks are at all: held-out samples scored
   by ``|cos|`` to each task's principal direction (AUROC per task), and a nearest-centroid
   classifier on per-row/column norms (``norm_features``), both sign-free;
-- every figure has a **shuffled-label null**: the same computation with labels permuted.
+- every figure has a **shuffled-label null**: the same computation with labels permuted;
+- **labels**: one task per sample (per-event samples: a prompt group has one task), or a set of
+  tasks per sample (per-step samples of the ``mixed`` schedule). "Task k present" is then the
+  positive class of every AUROC, and a task's principal direction comes from its one-task samples
+  where it has at least two, else from every sample it is present in
+  (``task_directions_with_source`` says which);
+- ``energy_shares``: each task's share of the samples' squared norm (balanced tasks keep every
+  share well under 1/2; one dominant task pulls shuffled-label directions to itself and lifts
+  the mmcs null).
 
 Samples are flattened to ``[S, D]`` (all targets concatenated in a fixed order); principal
 directions use the ``[S, S]`` Gram matrix, so D can be large while S stays in the thousands.
@@ -18,7 +26,7 @@ directions use the ``[S, S]`` Gram matrix, so D can be large while S stays in th
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -56,18 +64,68 @@ def principal_direction(x: Tensor) -> Tensor:
     return (d / d.norm().clamp_min(1e-300)).float()
 
 
-def task_directions(x: Tensor, labels: Sequence[str], tasks: Sequence[str]) -> Tensor:
-    """``[K, D]`` principal direction of each task's samples (rows in the order of ``tasks``)."""
-    rows = []
+Labels = Sequence[str] | Sequence[Iterable[str]]
+"""One label per sample (a string), or each sample's set of tasks (per-step samples of a
+``mixed`` schedule hold several); both forms are accepted everywhere below."""
+
+
+def label_sets(labels: Labels) -> list[frozenset[str]]:
+    """Each sample's tasks as a frozenset (a plain string is a one-task sample)."""
+    return [frozenset([lab]) if isinstance(lab, str) else frozenset(lab) for lab in labels]
+
+
+def presence(labels: Labels, task: str) -> Tensor:
+    """``[S]`` bool: task ``task`` is present in the sample (multi-label positives for AUROC)."""
+    return torch.tensor([task in s for s in label_sets(labels)], dtype=torch.bool)
+
+
+def task_directions_with_source(x: Tensor, labels: Labels, tasks: Sequence[str],
+                                min_single: int = 2) -> tuple[Tensor, dict[str, str]]:
+    """``[K, D]`` principal direction of each task, and where each came from.
+
+    A task's direction is taken from the samples that hold exactly that one task (``"single"``:
+    every per-event sample, and one-task steps) when there are at least ``min_single`` of them,
+    else from every sample the task is present in (``"present"``: e.g. per-step samples of the
+    ``mixed`` schedule, where a step blends several tasks and the direction is then the task's
+    share of a blend). Raises when a task has no sample at all.
+    """
+    sets = label_sets(labels)
+    rows, source = [], {}
     for task in tasks:
-        mask = torch.tensor([lab == task for lab in labels])
-        if not mask.any():
-            raise ValueError(f"task {task!r} has no samples; labels seen: {sorted(set(labels))}")
+        single = torch.tensor([s == {task} for s in sets], dtype=torch.bool)
+        present = torch.tensor([task in s for s in sets], dtype=torch.bool)
+        if not present.any():
+            seen = sorted(set().union(*sets)) if sets else []
+            raise ValueError(f"task {task!r} has no samples; labels seen: {seen}")
+        n_single = int(single.sum())
+        use_single = n_single >= min_single or n_single == int(present.sum())
+        mask = single if use_single else present
+        source[task] = "single" if use_single else "present"
         rows.append(principal_direction(x[mask]))
-    return torch.stack(rows)
+    return torch.stack(rows), source
 
 
-def windowed_task_directions(x: Tensor, labels: Sequence[str], steps: Sequence[int],
+def task_directions(x: Tensor, labels: Labels, tasks: Sequence[str]) -> Tensor:
+    """``[K, D]`` principal direction of each task's samples (rows in the order of ``tasks``);
+    see :func:`task_directions_with_source` for samples with several tasks."""
+    return task_directions_with_source(x, labels, tasks)[0]
+
+
+def energy_shares(x: Tensor, labels: Labels, tasks: Sequence[str]) -> dict[str, float]:
+    """Each task's share of the samples' gradient energy: ``sum ||x||^2`` over its samples over
+    the total. A sample holding several tasks (a ``mixed`` step) gives each an equal part of its
+    energy, so the shares always sum to 1 (over samples with at least one listed task)."""
+    sq = x.double().pow(2).sum(1)
+    per = {t: 0.0 for t in tasks}
+    for e, s in zip(sq.tolist(), label_sets(labels)):
+        mine = [t for t in tasks if t in s]
+        for t in mine:
+            per[t] += e / len(mine)
+    total = sum(per.values())
+    return {t: (v / total if total > 0 else float("nan")) for t, v in per.items()}
+
+
+def windowed_task_directions(x: Tensor, labels: Labels, steps: Sequence[int],
                              tasks: Sequence[str], window: int) -> tuple[Tensor, list[tuple[int, str]]]:
     """Principal directions per (window of ``window`` RL steps, task) with at least 2 samples.
 
@@ -78,7 +136,7 @@ def windowed_task_directions(x: Tensor, labels: Sequence[str], steps: Sequence[i
     for start in range(int(steps_t.min()), int(steps_t.max()) + 1, window):
         in_win = (steps_t >= start) & (steps_t < start + window)
         for task in tasks:
-            mask = in_win & torch.tensor([lab == task for lab in labels])
+            mask = in_win & presence(labels, task)
             if int(mask.sum()) >= 2:
                 rows.append(principal_direction(x[mask]))
                 keys.append((start, task))
@@ -137,26 +195,39 @@ class SupervisedReference(NamedTuple):
     directions: Tensor  # [K, D] each task's principal direction on the training samples
 
 
-def supervised_reference(x_train: Tensor, y_train: Sequence[str], x_test: Tensor,
-                         y_test: Sequence[str], f_train: Tensor, f_test: Tensor,
+def supervised_reference(x_train: Tensor, y_train: Labels, x_test: Tensor,
+                         y_test: Labels, f_train: Tensor, f_test: Tensor,
                          tasks: Sequence[str]) -> SupervisedReference:
     """Principal directions and norm centroids from the training samples, scored on the test ones.
 
-    ``x_*`` are flattened samples, ``f_*`` their :func:`norm_features`.
+    ``x_*`` are flattened samples, ``f_*`` their :func:`norm_features`. Labels may be label sets
+    (several tasks per sample): AUROC then scores "task k present"; directions come from
+    :func:`task_directions`; the nearest-centroid accuracy uses one-task samples only (centroids
+    from one-task training samples where a task has any, else from all its samples; NaN when no
+    test sample has exactly one task).
     """
     dirs = task_directions(x_train, y_train, tasks)
     scores = abs_cosine(x_test, dirs)  # [S_test, K]
-    per_task = {t: auroc(scores[:, k], torch.tensor([y == t for y in y_test]))
-                for k, t in enumerate(tasks)}
-    centroids = torch.stack([f_train[torch.tensor([y == t for y in y_train])].mean(0) for t in tasks])
-    pred = torch.cdist(f_test, centroids).argmin(1)
-    truth = torch.tensor([list(tasks).index(y) for y in y_test])
+    per_task = {t: auroc(scores[:, k], presence(y_test, t)) for k, t in enumerate(tasks)}
+    tr_sets, te_sets = label_sets(y_train), label_sets(y_test)
+    centroids = []
+    for t in tasks:
+        single = torch.tensor([s == {t} for s in tr_sets], dtype=torch.bool)
+        centroids.append(f_train[single if single.any() else presence(tr_sets, t)].mean(0))
+    one = [i for i, s in enumerate(te_sets) if len(s) == 1 and next(iter(s)) in tasks]
+    if one:
+        pred = torch.cdist(f_test[one], torch.stack(centroids)).argmin(1)
+        truth = torch.tensor([list(tasks).index(next(iter(te_sets[i]))) for i in one])
+        accuracy = float((pred == truth).float().mean())
+    else:
+        accuracy = float("nan")
     valid = [v for v in per_task.values() if v == v]
-    return SupervisedReference(per_task, sum(valid) / max(len(valid), 1),
-                               float((pred == truth).float().mean()), 1 / len(tasks), dirs)
+    mean = sum(valid) / len(valid) if valid else float("nan")  # no task separable at all
+    return SupervisedReference(per_task, mean, accuracy,
+                               1 / len(tasks), dirs)
 
 
-def shuffled(labels: Sequence[str], generator: torch.Generator) -> list[str]:
-    """The same labels in a random order (the shuffled-label null)."""
+def shuffled(labels: Sequence, generator: torch.Generator) -> list:
+    """The same labels (strings or label sets) in a random order (the shuffled-label null)."""
     perm = torch.randperm(len(labels), generator=generator).tolist()
     return [labels[i] for i in perm]

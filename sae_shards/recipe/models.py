@@ -147,18 +147,29 @@ def tiny_model_and_tokenizer(
     num_heads: int = 4,
     intermediate_size: int = 128,
     seed: int = 0,
+    readout_scale: float = 1.0,
 ) -> ModelAndTokenizer:
-    """The random tiny model and its tokenizer, in memory (``build_tiny_model`` saves them)."""
+    """The random tiny model and its tokenizer, in memory (``build_tiny_model`` saves them).
+
+    ``readout_scale`` multiplies the initial ``lm_head`` weights (transformers initialises them
+    at std 0.02). With a small readout the logits barely depend on the hidden state, so a policy
+    whose readout and final norm are frozen (``rl.trainable`` = the body) cannot move its output
+    distribution far; a larger readout lets the body alone carry a task."""
     if hidden_size % num_heads != 0:
         raise ValueError(
             f"model.hidden_size={hidden_size} must be divisible by model.num_heads={num_heads}"
         )
+    if not readout_scale > 0:
+        raise ValueError(f"model.readout_scale={readout_scale} must be > 0 (1: the usual init)")
     tokenizer = build_tokenizer()
     config = _model_config(arch, tokenizer, hidden_size, num_layers, num_heads, intermediate_size)
     # The init draws from torch's global RNG; fork it so the caller's RNG state is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if readout_scale != 1.0:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(readout_scale)
     # Generation must stop at our eos and pad with our pad.
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -174,8 +185,10 @@ def build_tiny_model(
     num_heads: int = 4,
     intermediate_size: int = 128,
     seed: int = 0,
+    readout_scale: float = 1.0,
 ) -> Path:
-    """Build a random tiny causal LM plus tokenizer and save both into ``out_dir``; return it.
+    """Build a random tiny causal LM plus tokenizer and save both into ``out_dir``; return it
+    (``readout_scale``: see ``tiny_model_and_tokenizer``).
 
     Deterministic given the settings. If ``out_dir`` already holds a build with the same settings
     it is reused as is; a non-empty ``out_dir`` holding anything else is an error (never
@@ -193,6 +206,8 @@ def build_tiny_model(
         intermediate_size=intermediate_size,
         seed=seed,
     )
+    if readout_scale != 1.0:  # absent at 1, so builds made before the option stay reusable
+        settings["readout_scale"] = readout_scale
     settings_path = out_dir / BUILD_SETTINGS_FILE
     if settings_path.is_file():
         found = json.loads(settings_path.read_text())
@@ -209,7 +224,7 @@ def build_tiny_model(
         )
 
     model, tokenizer = tiny_model_and_tokenizer(
-        arch, hidden_size, num_layers, num_heads, intermediate_size, seed
+        arch, hidden_size, num_layers, num_heads, intermediate_size, seed, readout_scale
     )
 
     # Write into a temporary sibling and rename, so a crash never leaves a half-written model

@@ -10,8 +10,10 @@ what was measured).
 
 The planted-shard task ``multiskill`` (``MultiSkillTask``) tags each prompt with one of several
 tasks (``<A>``, ``<B>``, ...), each rewarding a different character class, and orders its dataset
-as a schedule of optimizer steps, each step training on one task; ``multiskill_null`` keeps the
-prompts, tags and schedule but rewards every prompt alike.
+as a schedule of optimizer steps: each step training on one task (``random``, ``blocks``) or on
+prompt groups of every task at once (``mixed``); ``multiskill_null`` keeps the prompts, tags and
+schedule but rewards every prompt alike. ``balance.energy_shares`` reports each task's share of
+the gradient energy of labelled samples.
 
 Reward functions follow TRL's signature ``fn(prompts, completions, **kwargs) -> list[float]``;
 TRL passes every dataset column (here ``task``) as a kwarg list aligned with the completions, and
@@ -26,7 +28,7 @@ import dataclasses
 import random
 import string
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence, get_args
 
 from datasets import Dataset
 
@@ -124,8 +126,10 @@ SKILLS: tuple[tuple[str, str], ...] = (
 Disjoint classes of five characters each, so every task starts from the same reward (~5/82 of
 the characters a random tiny model emits) and a completion cannot serve two tasks at once."""
 
-SCHEDULES = ("random", "blocks")
-"""Multiskill step schedules: one task drawn per step, or contiguous blocks of one task."""
+Schedule = Literal["random", "blocks", "mixed"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+"""Multiskill step schedules: one task drawn per step, contiguous blocks of one task, or every
+step a mix of all tasks' prompt groups."""
 
 
 @dataclass(frozen=True)
@@ -156,19 +160,41 @@ class MultiSkillTask:
     lr 5e-4: A 0.08->0.75, B 0.07->0.32, C 0.07->0.45, D 0.06->0.27 (tag-conditioned: on tag-k
     prompts class k scores 0.4-0.8, other classes <= 0.11); null at lr 5e-4: 0.31-0.38 -> 0.81.
 
-    The training dataset (``step_dataset``) is a schedule: consecutive groups of
-    ``prompts_per_step`` prompts, each group one optimizer step of one task; ``rl`` makes GRPO
-    consume it in order (``scheduled``).
+    The training dataset (``step_dataset``) is a schedule: consecutive runs of
+    ``prompts_per_step`` prompts, each run one optimizer step; ``rl`` makes GRPO consume it in
+    order (``scheduled``). Under ``random`` and ``blocks`` a step's prompts all carry one task;
+    under ``mixed`` every step holds prompts of several tasks (``step_mixes``): with
+    ``prompts_per_step = q * n_tasks + r``, q prompts of every task plus r of distinct tasks dealt
+    from a shuffled deck (so over steps every task gets the same share), in a shuffled order. The
+    step's rollouts then carry every task present (rollouts.jsonl's per-completion ``tasks``, the
+    step's ``StepMeta.task_labels``), and per-event capture (``capture.granularity=group``) gives
+    each prompt group its own sample with its own task.
+
+    The planted experiment v2 (``configs/experiment/planted.yaml``: ``mixed``, a body-only
+    policy on a tiny model with its readout scaled x4, lr 3e-5, 600 steps) has every task still
+    rising over steps 301-600 on seeds 0 and 1 (e.g. seed 0: A 0.28->0.68, B 0.13->0.47,
+    C 0.14->0.45, D 0.42->0.70; docs/usage.md has the table).
+
+    ``reward_scale`` multiplies task k's reward by ``reward_scale[label]`` (default 1) in the
+    training reward function (``skill_reward``; ``score`` stays unscaled, while rollouts.jsonl
+    and anything scoring through ``reward_funcs`` see the scaled reward). Under GRPO's default
+    ``scale_rewards=group`` each group's advantages are divided by their own std, which cancels
+    any per-task factor, so a scale takes effect only with ``rl.extra.scale_rewards`` ``none``
+    (advantage = reward - group mean, so it multiplies that task's gradient) or ``batch``;
+    ``trainers.build_trainer`` refuses the combination that would silently ignore it.
     """
 
     name: str = "multiskill"
     """``multiskill`` (task-specific rewards) or ``multiskill_null`` (null control)."""
     n_tasks: int = 4
     """Number of tasks (2 to ``len(SKILLS)``); task k uses tag ``TASK_TAGS[k]``."""
-    schedule: str = "random"
+    schedule: Schedule = "random"
     """``random``: each step's task drawn uniformly at random; ``blocks``: runs of ``block_len``
     steps of one task, cycling through all tasks in a fresh random order per cycle (a task never
-    follows itself, so every run but possibly the last is exactly ``block_len`` steps)."""
+    follows itself, so every run but possibly the last is exactly ``block_len`` steps);
+    ``mixed``: every step holds prompts of several tasks, equally many of each as far as
+    ``prompts_per_step`` allows (all tasks in every step once ``prompts_per_step >= n_tasks``),
+    in a shuffled order (``step_mixes``)."""
     block_len: int = 10
     """Steps per block of the ``blocks`` schedule (unused by ``random``)."""
     seed: int = 0
@@ -180,6 +206,11 @@ class MultiSkillTask:
     """Characters the random prompt bodies are drawn from."""
     prompt_length: tuple[int, int] = (4, 8)
     """Inclusive (min, max) length of a prompt's random body."""
+    reward_scale: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per-task reward multiplier ``{label: factor}`` (labels not named: 1), applied by the
+    training reward function (``skill_reward``, or ``null_reward`` by prompt label) to balance
+    the tasks' gradient energy. Effective only with ``rl.extra.scale_rewards`` ``none`` or
+    ``batch`` (GRPO's default per-group std scaling cancels it; see the class docstring)."""
 
     scheduled: ClassVar[bool] = True
     """Whether the training dataset is a step schedule that GRPO must consume in order."""
@@ -206,6 +237,14 @@ class MultiSkillTask:
             raise ValueError(
                 f"task.options.prompt_length={self.prompt_length} must satisfy 1 <= min <= max"
             )
+        unknown = sorted(set(self.reward_scale) - set(self.labels))
+        if unknown:
+            raise ValueError(f"task.options.reward_scale names tasks {unknown}; the labels are "
+                             f"{list(self.labels)}")
+        for label, factor in self.reward_scale.items():
+            if not (isinstance(factor, (int, float)) and factor > 0):
+                raise ValueError(f"task.options.reward_scale.{label}={factor!r} must be a "
+                                 "positive number")
 
     @property
     def null(self) -> bool:
@@ -236,7 +275,17 @@ class MultiSkillTask:
     ) -> list[float]:
         """TRL reward function: ``score`` of each completion under its prompt's ``task`` label."""
         log_labels({"task": task, **kwargs})
-        return [self.score(c, label) for c, label in zip(completions, task, strict=True)]
+        return [self.scale(label) * self.score(c, label)
+                for c, label in zip(completions, task, strict=True)]
+
+    def scale(self, label: str) -> float:
+        """Reward multiplier of task ``label`` (``reward_scale``, default 1)."""
+        return float(self.reward_scale.get(label, 1.0))
+
+    @property
+    def scaled(self) -> bool:
+        """Whether any task's reward is scaled (``reward_scale`` holds a factor other than 1)."""
+        return any(self.scale(label) != 1.0 for label in self.labels)
 
     def null_score(self, completion: str) -> float:
         """The null control's tag-blind score: every class's characters, each counted up to an
@@ -250,16 +299,21 @@ class MultiSkillTask:
     ) -> list[float]:
         """TRL reward function of the null control: ``null_score`` (tags and labels unused)."""
         log_labels({"task": task, **kwargs})
-        return [self.null_score(c) for c in completions]
+        return [self.scale(label) * self.null_score(c)
+                for c, label in zip(completions, task, strict=True)]
 
     @property
     def reward_funcs(self) -> list[RewardFunc]:
         return [self.null_reward if self.null else self.skill_reward]
 
     def step_labels(self, n_steps: int) -> list[str]:
-        """The task of each of ``n_steps`` optimizer steps under ``schedule`` and ``seed``."""
+        """The task of each of ``n_steps`` optimizer steps under ``schedule`` and ``seed``
+        (one-task schedules; a ``mixed`` step has several: see ``step_mixes``)."""
         if n_steps < 1:
             raise ValueError(f"n_steps={n_steps} must be >= 1")
+        if self.schedule == "mixed":
+            raise ValueError("schedule 'mixed' gives every step several tasks; use "
+                             "step_mixes(n_steps, prompts_per_step)")
         rng = random.Random(self.seed)
         if self.schedule == "random":
             return [rng.choice(self.labels) for _ in range(n_steps)]
@@ -272,9 +326,44 @@ class MultiSkillTask:
             order += cycle
         return [label for label in order for _ in range(self.block_len)][:n_steps]
 
+    def step_mixes(self, n_steps: int, prompts_per_step: int) -> list[tuple[str, ...]]:
+        """The task label of every prompt of each of ``n_steps`` optimizer steps, in dataset
+        order: ``prompts_per_step`` copies of the step's task (``random``, ``blocks``), or under
+        ``mixed`` ``prompts_per_step // n_tasks`` prompts of every task plus the remainder dealt
+        from a deck of all tasks reshuffled whenever it runs out (distinct tasks within a step),
+        the step's prompts in a shuffled order. Deterministic given ``seed``; a longer schedule
+        extends a shorter one."""
+        if prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step={prompts_per_step} must be >= 1")
+        if self.schedule != "mixed":
+            return [(label,) * prompts_per_step for label in self.step_labels(n_steps)]
+        if n_steps < 1:
+            raise ValueError(f"n_steps={n_steps} must be >= 1")
+        rng = random.Random(self.seed)
+        whole, extra = divmod(prompts_per_step, self.n_tasks)
+        deck: list[str] = []
+        mixes = []
+        for _ in range(n_steps):
+            step = list(self.labels) * whole
+            dealt: list[str] = []
+            while len(dealt) < extra:
+                if not deck:
+                    deck = list(self.labels)
+                    rng.shuffle(deck)
+                # distinct tasks within a step: skip (and keep for later) one already dealt here
+                pick = next((i for i, label in enumerate(deck) if label not in dealt), None)
+                if pick is None:  # the deck's rest is all dealt already: start a fresh deck
+                    deck = []
+                    continue
+                dealt.append(deck.pop(pick))
+            step += dealt
+            rng.shuffle(step)
+            mixes.append(tuple(step))
+        return mixes
+
     def step_dataset(self, n_prompts: int, prompts_per_step: int, seed: int = 0) -> Dataset:
         """The training schedule: ``n_prompts // prompts_per_step`` steps of ``prompts_per_step``
-        prompts each, all of the step's task (``step_labels``), in step order.
+        prompts each, labelled by ``step_mixes`` (one task per step, or a mix), in step order.
 
         GRPO must read it unshuffled (``rl.build_grpo_trainer`` sees to that for ``scheduled``
         tasks); a run longer than the schedule replays it from the start.
@@ -287,8 +376,8 @@ class MultiSkillTask:
                 f"optimizer step ({prompts_per_step} = rl.per_device_train_batch_size / "
                 "rl.num_generations * rl.gradient_accumulation_steps)"
             )
-        steps = self.step_labels(n_prompts // prompts_per_step)
-        return self._tagged([label for label in steps for _ in range(prompts_per_step)], seed)
+        steps = self.step_mixes(n_prompts // prompts_per_step, prompts_per_step)
+        return self._tagged([label for step in steps for label in step], seed)
 
     def dataset(
         self, n_prompts: int, seed: int = 0, labels: Sequence[str] | None = None

@@ -17,6 +17,10 @@ TRL facts this module relies on (1.16, the same for GRPO and RLOO):
 - TRL defaults ``gradient_checkpointing`` (transformers 5 calls it ``activation_checkpointing``)
   and ``bf16`` to True; both only cost time on a CPU with tiny models, so they are off here.
 - With ``beta > 0`` and a path (not PEFT), TRL loads a second, frozen copy as reference model.
+- The optimizer is created in ``train()`` from the parameters with ``requires_grad``, so
+  ``freeze_except`` applied to ``trainer.model`` after the trainer is built and before it trains
+  (``build_trainer``'s ``trainable``) keeps every other parameter out of the optimizer: frozen
+  parameters get no gradient, no Adam state and no weight decay, and stay bit-identical.
 - The dataset is read by ``RepeatSampler`` in chunks of ``generation_batch_size / num_generations``
   prompts, each repeated ``num_generations`` times; ``shuffle_dataset=False`` keeps dataset order
   (and replays it unchanged every epoch), which is how a ``scheduled`` task's step schedule reaches
@@ -26,6 +30,7 @@ TRL facts this module relies on (1.16, the same for GRPO and RLOO):
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -101,8 +106,11 @@ def trl_config(grpo_kwargs: dict[str, Any], output_dir: str | Path,
     return config_cls(output_dir=str(output_dir), **settings)
 
 
-def _check_schedule(args: GRPOConfig | RLOOConfig, train_dataset: Dataset) -> None:
-    """A scheduled task's dataset must reach each optimizer step as one single-task group."""
+def _check_schedule(args: GRPOConfig | RLOOConfig, train_dataset: Dataset,
+                    task: MultiSkillTask) -> None:
+    """A scheduled task's dataset must reach each optimizer step as the step it was built as:
+    one single-task run of prompts (``random``, ``blocks``) or exactly the mix ``step_mixes``
+    gives (``mixed``; also catches a dataset built for another number of prompts per step)."""
     if args.num_iterations != 1 or args.steps_per_generation != args.gradient_accumulation_steps:
         raise ValueError(
             f"rl.num_iterations={args.num_iterations} and rl.steps_per_generation="
@@ -111,7 +119,16 @@ def _check_schedule(args: GRPOConfig | RLOOConfig, train_dataset: Dataset) -> No
             "(= gradient_accumulation_steps)"
         )
     group = args.generation_batch_size // args.num_generations  # prompts per optimizer step
-    labels = train_dataset["task"]
+    labels = list(train_dataset["task"])
+    if task.schedule == "mixed":
+        n_steps = len(labels) // group
+        planned = [label for step in task.step_mixes(max(n_steps, 1), group) for label in step]
+        if len(labels) % group or labels != planned[:len(labels)] or not n_steps:
+            raise ValueError(
+                f"train_dataset is not the mixed schedule of task {task.name!r} in {group}-prompt "
+                f"steps ({len(labels)} rows); build it with task.step_dataset(n_prompts, "
+                f"prompts_per_step={group}, seed)")
+        return
     mixed = [i // group for i in range(0, len(labels), group) if len(set(labels[i:i + group])) > 1]
     if len(labels) % group or mixed:
         raise ValueError(
@@ -119,6 +136,50 @@ def _check_schedule(args: GRPOConfig | RLOOConfig, train_dataset: Dataset) -> No
             f"{mixed[:5]} mix tasks, or {len(labels)} rows is not a multiple of {group}); build "
             f"it with task.step_dataset(n_prompts, prompts_per_step={group}, seed)"
         )
+
+
+def _check_reward_scale(args: GRPOConfig | RLOOConfig) -> None:
+    """Per-task reward scales must reach the advantages: GRPO's per-group std scaling would
+    divide each group's factor out again. (RLOO keeps them: its advantage is a completion's
+    reward minus the mean of the group's others, at most normalised over the whole batch.)"""
+    scaling = getattr(args, "scale_rewards", "none")
+    aggregation = getattr(args, "multi_objective_aggregation", "sum_then_normalize")
+    if scaling == "group" or aggregation == "normalize_then_sum":
+        raise ValueError(
+            f"task.options.reward_scale has no effect under rl scale_rewards={scaling!r} / "
+            f"multi_objective_aggregation={aggregation!r}: TRL divides each group's rewards by "
+            "their own std, which cancels a per-task factor; set rl.extra.scale_rewards=none "
+            "(advantage = reward - group mean) or batch, or drop task.options.reward_scale")
+
+
+def freeze_except(model: torch.nn.Module, patterns: Sequence[str] | None) -> list[str]:
+    """Let RL change only the parameters whose names match a glob in ``patterns`` (``fnmatch``
+    over ``model.named_parameters()`` names, e.g. ``model.layers.*``): every other parameter gets
+    ``requires_grad=False``. ``None`` keeps everything trainable. Returns the trainable names.
+
+    Every pattern must match at least one parameter, else ``ValueError`` naming
+    ``rl.trainable``, the pattern and some parameter names. Call it before the optimizer is
+    created (``build_trainer`` does, between building the trainer and ``train()``).
+    """
+    names = [name for name, _ in model.named_parameters()]
+    if patterns is None:
+        return names
+    if not patterns:
+        raise ValueError("rl.trainable is empty; give glob patterns over parameter names, or "
+                         "null to train every parameter")
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            shown = ", ".join(names[:6]) + (f" ... (+{len(names) - 6} more)" if len(names) > 6
+                                            else "")
+            raise ValueError(f"rl.trainable pattern {pattern!r} matches no parameter of "
+                             f"{type(model).__name__}; its parameters are named like {shown}")
+    kept = []
+    for name, param in model.named_parameters():
+        train = any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+        param.requires_grad_(train)
+        if train:
+            kept.append(name)
+    return kept
 
 
 def build_trainer(
@@ -132,6 +193,7 @@ def build_trainer(
     peft_config: Any = None,
     algorithm: Algorithm = "grpo",
     checkpoint_every: int = 0,
+    trainable: Sequence[str] | None = None,
 ) -> GRPOTrainer | RLOOTrainer:
     """A ``trl.GRPOTrainer`` or ``trl.RLOOTrainer`` on the model at ``model_path`` with the
     task's rewards.
@@ -140,7 +202,9 @@ def build_trainer(
     the reference model from it when ``beta > 0``. Thread counts are the caller's job
     (``torch.set_num_threads``): TRL leaves them alone. For a ``scheduled`` task the dataset is
     read in order (``shuffle_dataset=False``) and checked to give every optimizer step prompts
-    of one task.
+    of one task (or the planned mix of tasks, schedule ``mixed``). ``trainable`` (glob
+    patterns; None: every parameter) selects the parameters RL may change (``freeze_except``);
+    it cannot be combined with ``peft_config`` (LoRA already trains its adapters only).
     """
     model_path = Path(model_path)
     if not (model_path / "config.json").is_file():
@@ -162,8 +226,13 @@ def build_trainer(
         grpo_kwargs = {**grpo_kwargs, "shuffle_dataset": False}
     args = trl_config(grpo_kwargs, output_dir, algorithm, checkpoint_every)
     if task.scheduled:
-        _check_schedule(args, train_dataset)
-    return TRAINERS[algorithm][1](
+        _check_schedule(args, train_dataset, task)
+    if getattr(task, "scaled", False):
+        _check_reward_scale(args)
+    if trainable is not None and peft_config is not None:
+        raise ValueError("rl.trainable cannot be combined with model.lora.enabled=true (LoRA "
+                         "trains its adapters only); set rl.trainable=null or disable LoRA")
+    trainer = TRAINERS[algorithm][1](
         model=str(model_path),
         reward_funcs=list(task.reward_funcs),
         args=args,
@@ -172,3 +241,5 @@ def build_trainer(
         callbacks=list(callbacks),
         peft_config=peft_config,
     )
+    freeze_except(trainer.model, trainable)  # before train() builds the optimizer
+    return trainer

@@ -75,6 +75,10 @@ class ModelConfig:
     """Tiny model attention heads."""
     intermediate_size: int = 128
     """Tiny model MLP width."""
+    readout_scale: float = 1.0
+    """Tiny model: factor on the initial ``lm_head`` weights (std 0.02 at 1). A larger readout
+    lets the transformer body alone move the output distribution, which a body-only policy
+    (``rl.trainable``) needs (the planted experiment uses it)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """Optional LoRA adapter."""
 
@@ -85,6 +89,12 @@ class ModelConfig:
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
+        if not self.readout_scale > 0:
+            raise ValueError(f"model.readout_scale={self.readout_scale} must be > 0 (1: the "
+                             "usual init)")
+        if self.path is not None and self.readout_scale != 1.0:
+            raise ValueError(f"model.readout_scale={self.readout_scale} applies to the built-in "
+                             "tiny model only; with model.path set, leave it at 1")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by "
                              f"model.num_heads={self.num_heads}")
@@ -134,6 +144,12 @@ class RLConfig:
     """Sampling temperature (> 0)."""
     beta: float = 0.0
     """KL coefficient (>= 0); > 0 makes TRL rebuild a reference model from the model path."""
+    trainable: list[str] | None = None
+    """Glob patterns (``fnmatch``) over the policy's parameter names selecting what RL may
+    change, e.g. ``["model.layers.*"]`` for the transformer body only; every other parameter is
+    frozen (``requires_grad=False``, kept out of the optimizer) before training. null: every
+    parameter. Each pattern must match a parameter (checked when the trainer is built). Not with
+    LoRA. Capture targets must lie among the trainable parameters."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Any other ``trl.GRPOConfig`` / ``trl.RLOOConfig`` field, passed through as is."""
 
@@ -155,6 +171,14 @@ class RLConfig:
                 f"multiple of rl.num_generations={self.num_generations} (whole GRPO groups)")
         if not self.learning_rate > 0:
             raise ValueError(f"rl.learning_rate={self.learning_rate} must be positive")
+        if self.trainable is not None:
+            if not self.trainable:
+                raise ValueError("rl.trainable is empty; give glob patterns over parameter "
+                                 "names (e.g. ['model.layers.*']), or null to train everything")
+            bad = [p for p in self.trainable if not isinstance(p, str) or not p.strip()]
+            if bad:
+                raise ValueError(f"rl.trainable holds empty or non-string patterns {bad}; give "
+                                 "glob patterns over parameter names")
 
     @property
     def prompts_per_step(self) -> int:
@@ -165,7 +189,7 @@ class RLConfig:
     def trl_kwargs(self) -> dict[str, Any]:
         """Plain kwargs for ``recipe.trainers.trl_config`` (typed fields first, then ``extra``)."""
         typed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                 if f.name not in ("algorithm", "extra")}
+                 if f.name not in ("algorithm", "extra", "trainable")}
         clash = sorted(set(typed) & set(self.extra))
         if clash:
             raise ValueError(f"rl.extra repeats {clash}; set them as rl.<name> instead")

@@ -75,7 +75,7 @@ def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device) -> RLSetup:
     m = cfg.model
     model_path = Path(m.path) if m.path else build_tiny_model(
         run_dir / rundir.MODEL, m.arch, m.hidden_size, m.num_layers, m.num_heads,
-        m.intermediate_size, seed=cfg.seed)
+        m.intermediate_size, seed=cfg.seed, readout_scale=m.readout_scale)
     tokenizer = load_tokenizer(model_path)
     # The letters reward divides by target_length: tie it to the completion budget by default.
     task = build_task(cfg.task.name, **{"target_length": cfg.rl.max_completion_length,
@@ -90,7 +90,8 @@ def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device) -> RLSetup:
     trainer = build_trainer(model_path, tokenizer, task, dataset, trl_kwargs, callbacks=[],
                             output_dir=run_dir / rundir.TRL_OUTPUT, peft_config=_peft_config(cfg),
                             algorithm=cfg.rl.algorithm,
-                            checkpoint_every=cfg.runner.checkpoint_every)
+                            checkpoint_every=cfg.runner.checkpoint_every,
+                            trainable=cfg.rl.trainable)
     trainer.remove_callback(ProgressCallback)
     return RLSetup(trainer, model_path)
 

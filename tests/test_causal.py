@@ -1,0 +1,154 @@
+"""Causal tests (steering and ablation) on a model whose task rewards are known in closed form:
+a planted direction that moves exactly one task is selective and breaks its own task first; a
+norm-matched random direction and a shuffled (mixed) direction of the same norm are not."""
+
+import pytest
+import torch
+from torch import nn
+
+from sae_shards.planted.causal import (CausalSettings, broken_task, causal_tests, kind_family,
+                                       selectivity)
+
+TASKS = ["A", "B", "C", "D"]
+D = 64
+
+
+class Toy(nn.Module):
+    """A policy whose only parameter is a vector; task k's reward reads its component on e_k."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+
+
+def _basis():
+    q, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0)))
+    return {t: q[:, k].contiguous() for k, t in enumerate(TASKS)}
+
+
+def _reward_fn(basis):
+    # reward of task k: its component along e_k, clipped to [0, 1] (0 at init, 1 after RL)
+    def rewards(model):
+        w = model.w.detach()
+        return {t: float((w @ e / 3.0).clamp(0, 1)) for t, e in basis.items()}
+    return rewards
+
+
+def _toy_run():
+    basis = _basis()
+    w0 = torch.zeros(D)
+    # the run moved every task by 3 along its own direction, plus a little task-free drift
+    g = torch.Generator().manual_seed(1)
+    drift = torch.randn(D, generator=g)
+    for e in basis.values():
+        drift -= (drift @ e) * e
+    w1 = w0 + 3 * sum(basis.values()) + 0.1 * drift / drift.norm()
+    return Toy(w0), Toy(w1), basis
+
+
+def test_selectivity_and_broken_task():
+    assert selectivity({"A": 0.5, "B": 0.0, "C": 0.0}, "A", floor=0.01) == pytest.approx(50.0)
+    assert selectivity({"A": 0.5, "B": 0.5, "C": -0.5}, "A") == pytest.approx(1.0)
+    assert selectivity({"A": -0.2, "B": 0.1, "C": 0.1}, "A") == pytest.approx(-2.0)
+    assert broken_task({"A": 0.3, "B": 0.1}) == "A"
+    assert broken_task({"A": 0.3, "B": 0.3}) is None  # tied: nothing broke first
+    assert broken_task({"A": 0.001, "B": 0.0}, floor=0.005) is None  # nothing broke
+    assert kind_family("shuffled_3") == "shuffled" and kind_family("shard") == "shard"
+
+
+def test_planted_direction_is_selective_and_controls_are_not():
+    initial, final, basis = _toy_run()
+    before = (initial.w.detach().clone(), final.w.detach().clone())
+    mixed = sum(basis.values()) / 2.0  # unit: the span of all tasks, like a shuffled-label mix
+    directions = {
+        "shard": {t: {"w": e} for t, e in basis.items()},
+        "shuffled_0": {t: {"w": mixed} for t in TASKS},
+    }
+    out = causal_tests(initial, final, None, None, TASKS, directions,
+                       CausalSettings(alpha=1.0, floor=0.005), reward_fn=_reward_fn(basis))
+    # models restored bit-exactly
+    assert torch.equal(initial.w, before[0]) and torch.equal(final.w, before[1])
+    assert out["base_initial"] == {t: 0.0 for t in TASKS}
+    assert out["base_final"] == {t: 1.0 for t in TASKS}
+    assert out["n_reward_estimates"] == 2 + 3 * 3 * len(TASKS)  # shard, shuffled, random
+    shard = out["kinds"]["shard"]
+    for t in TASKS:
+        e = shard["per_task"][t]
+        assert e["coefficient"] == pytest.approx(3.0, rel=1e-5)
+        # steering: the initial weights plus the run's own component raise exactly task t
+        assert e["steer_plus"][t] == pytest.approx(1.0, abs=1e-5)
+        assert all(abs(e["steer_plus"][u]) < 1e-5 for u in TASKS if u != t)
+        # ablation: the final weights minus it break exactly task t
+        assert e["ablate_drop"][t] == pytest.approx(1.0, abs=1e-5)
+        assert e["broken_task"] == t and e["own_first"]
+        assert e["ablation_selectivity"] > 100 and e["steering_selectivity"] > 100
+    fam = out["families"]
+    assert fam["shard"]["own_first_rate"] == 1.0
+    # a norm-matched random direction in 64 dimensions moves nothing much: selectivity ~<= 1
+    rnd = out["kinds"]["random"]
+    for t in TASKS:
+        assert rnd["per_task"][t]["magnitude"] == pytest.approx(3.0, rel=1e-5)  # shard's |c|
+    assert abs(fam["random"]["ablation_selectivity"]) < 20
+    assert fam["random"]["ablation_selectivity"] < fam["shard"]["ablation_selectivity"] / 10
+    # the mixed direction at the same norm breaks every task alike: selectivity 1, no own first
+    for t in TASKS:
+        e = out["kinds"]["shuffled_0"]["per_task"][t]
+        assert e["ablate_drop"][t] == pytest.approx(0.5, abs=1e-4)
+        assert e["ablation_selectivity"] == pytest.approx(1.0, abs=1e-3)
+        assert e["broken_task"] is None and not e["own_first"]
+    assert fam["shuffled"]["own_first_rate"] == 0.0
+    assert fam["shuffled"]["ablation_selectivity"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_wrongly_matched_shard_breaks_another_task():
+    """A shard assigned to the wrong task (labels swapped) breaks that other task first: the
+    own-first rate, not the size of the effect, is the label-specific evidence."""
+    initial, final, basis = _toy_run()
+    swapped = {"A": basis["B"], "B": basis["A"], "C": basis["D"], "D": basis["C"]}
+    out = causal_tests(initial, final, None, None, TASKS,
+                       {"shard": {t: {"w": e} for t, e in swapped.items()}},
+                       CausalSettings(alpha=1.0), reward_fn=_reward_fn(basis))
+    fam = out["families"]["shard"]
+    assert fam["own_first_rate"] == 0.0
+    assert fam["ablation_selectivity"] == 0.0  # its own task does not move at all
+    assert fam["drop_ratio"] > 100  # ... though something else broke, selectively
+    # the minus sign lowers the (wrong) own task by nothing either
+    assert fam["steering_minus_selectivity"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_real_rollouts_on_the_tiny_model():
+    """With rollouts (no reward_fn): an lm_head direction that raises the vowels' logits is
+    task A's (multiskill A rewards vowels); removing it from a "final" model that holds it breaks
+    A first, and a random direction of the same norm does not. Also checks the cost bound."""
+    import time
+
+    from sae_shards.recipe.models import tiny_model_and_tokenizer
+    from sae_shards.recipe.tasks import build_task
+
+    torch.set_num_threads(1)
+    initial, tok = tiny_model_and_tokenizer(seed=0)
+    final, _ = tiny_model_and_tokenizer(seed=0)
+    task = build_task("multiskill")
+    prompts = list(task.dataset(16, seed=99)["prompt"])
+    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        hidden = initial(**batch, output_hidden_states=True).hidden_states[-1][:, -1].mean(0)
+    d = torch.zeros_like(initial.lm_head.weight)
+    for ch in "aeiou":
+        d[tok.convert_tokens_to_ids(ch)] = hidden / hidden.norm()
+    d = d / d.norm()
+    with torch.no_grad():
+        final.lm_head.weight += 10.0 * d  # the "run" learnt task A's vowels
+    t0 = time.perf_counter()
+    out = causal_tests(initial, final, tok, task, list(task.labels),
+                       {"shard": {"A": {"lm_head.weight": d}}},
+                       CausalSettings(alpha=1.0, n_prompts=8, n_samples=4))
+    wall = time.perf_counter() - t0
+    e = out["kinds"]["shard"]["per_task"]["A"]
+    assert e["coefficient"] == pytest.approx(10.0, rel=1e-3)
+    assert out["base_final"]["A"] > out["base_initial"]["A"] + 0.4
+    assert e["steer_plus"]["A"] > 0.4 and e["ablate_drop"]["A"] > 0.4
+    assert e["own_first"] and e["ablation_selectivity"] > 5
+    c = out["kinds"]["random"]["per_task"]["A"]
+    assert abs(c["ablate_drop"]["A"]) < 0.1 and c["ablation_selectivity"] < e["ablation_selectivity"] / 3
+    assert wall < 20, wall
