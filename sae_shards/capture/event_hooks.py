@@ -66,7 +66,10 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from sae_shards.capture.selection import LoraTarget, Target, few_names, weight_layout
+from sae_shards.capture.event_sites import (Site, batch_rows, check_no_checkpointing,
+                                            check_supported, hook_sites,
+                                            zero_advantage_means_zero_gradient)
+from sae_shards.capture.selection import Target
 from sae_shards.core import events as ev
 from sae_shards.core.targets import TargetSpec
 
@@ -93,17 +96,6 @@ class Event:
     """Minimum over targets of the kept fraction of ``||X||^2`` (1.0: nothing cut)."""
     advantage: float
     """Mean advantage of its rows."""
-
-
-@dataclass(frozen=True)
-class _Site:
-    """One target read at one hooked module."""
-
-    name: str
-    kind: str  # "matrix" or "bias"
-    layout: str  # "out_in" (Linear, LoRA) or "in_out" (Conv1D)
-    shape: tuple[int, ...]
-    device: torch.device
 
 
 @dataclass
@@ -159,19 +151,19 @@ class EventRecorder:
             raise ValueError(f"capture.event_rank={event_rank} must be >= 1")
         if not targets:
             raise ValueError("EventRecorder needs at least one target")
-        _check_supported(model, trainer)
+        check_supported(model, trainer)
         self.model = model
         self.trainer = trainer
         self.granularity = granularity
         self.event_rank = event_rank
         self.track_covariance = track_covariance
         self.targets = dict(targets)
-        self._sites = _hook_sites(model, self.targets)  # module -> its targets
+        self._sites = hook_sites(model, self.targets)  # module -> its targets
         by_name = {s.name: s for sites in self._sites.values() for s in sites}
         self._shapes = {name: by_name[name].shape for name in self.targets}  # targets' order
         self._devices = {name: by_name[name].device for name in self.targets}
         self._group_size = int(trainer.num_generations) if granularity == "group" else 1
-        self._skip_zero_advantage = _zero_advantage_means_zero_gradient(trainer)
+        self._skip_zero_advantage = zero_advantage_means_zero_gradient(trainer)
         self.n_zero_advantage = 0
         """Events skipped because every row's advantage was zero (their gradient is zero)."""
         self.n_zero_gradient = 0
@@ -194,7 +186,7 @@ class EventRecorder:
         """Register the hooks and wrap the trainer instance's methods (idempotent)."""
         if self._installed:
             return
-        _check_supported(self.model, self.trainer)
+        check_supported(self.model, self.trainer)
         for name in _WRAPPED:
             self._saved_methods[name] = self.trainer.__dict__.get(name)
         original_generate = self.trainer._generate_and_score_completions
@@ -227,7 +219,7 @@ class EventRecorder:
         """Begin an optimizer step (``on_step_begin``): forget anything left from before."""
         if not self._installed:
             raise RuntimeError("EventRecorder.start_step before install()")
-        _check_no_checkpointing(self.model, self.trainer)
+        check_no_checkpointing(self.model, self.trainer)
         self._reset_step()
         self._serial += 1
         self._in_step = True
@@ -334,7 +326,7 @@ class EventRecorder:
             raise RuntimeError(
                 "a grad-enabled forward of the model ran during the step outside compute_loss; "
                 "EventRecorder cannot map its rows to events")
-        n = _batch_rows(args, kwargs)
+        n = batch_rows(args, kwargs)
         stop = self._cursor + n
         if stop > len(self._mb_events):
             raise RuntimeError(
@@ -368,7 +360,7 @@ class EventRecorder:
         output.register_hook(lambda g: self._on_grad(sites, fwd, a, g))
 
     @torch.no_grad()
-    def _on_grad(self, sites: list[_Site], fwd: _Forward, a: Tensor, g: Tensor) -> None:
+    def _on_grad(self, sites: list[Site], fwd: _Forward, a: Tensor, g: Tensor) -> None:
         """File the positions of one forward under their events. ``a [B, S, n_in]``,
         ``g [B, S, n_out]``."""
         if not self._in_step or fwd.step != self._serial:
@@ -389,7 +381,7 @@ class EventRecorder:
             for site in sites:
                 self._file(event, site, ae, ge)
 
-    def _file(self, event: int, site: _Site, a: Tensor, g: Tensor) -> None:
+    def _file(self, event: int, site: Site, a: Tensor, g: Tensor) -> None:
         if site.kind == "bias":
             vec = self._vectors.setdefault((event, site.name), torch.zeros_like(g[0]))
             vec += g.sum(0)
@@ -467,91 +459,3 @@ class EventRecorder:
             return None
         adv = self._adv[event]
         return Event(event, tuple(sorted(self._rows[event])), factors, kept, sum(adv) / len(adv))
-
-
-# ---- helpers ------------------------------------------------------------------------------------
-
-
-def _batch_rows(args, kwargs) -> int:
-    """Rows of a top-level forward: the first dimension of ``input_ids`` / ``inputs_embeds``."""
-    for key in ("input_ids", "inputs_embeds"):
-        if isinstance(kwargs.get(key), Tensor):
-            return int(kwargs[key].shape[0])
-    if args and isinstance(args[0], Tensor):
-        return int(args[0].shape[0])
-    raise RuntimeError("EventRecorder: a model forward without input_ids / inputs_embeds; "
-                       "cannot tell how many rows it runs")
-
-
-def _hook_sites(model: nn.Module, targets: Mapping[str, Target]) -> dict[nn.Module, list[_Site]]:
-    """``{module to hook: [its targets]}``; ``ValueError`` for targets it cannot capture."""
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
-        for attr, p in module._parameters.items():
-            if p is not None:
-                owners.setdefault(id(p), []).append((module, attr))
-    sites: dict[nn.Module, list[_Site]] = {}
-    for name, target in targets.items():
-        if isinstance(target, LoraTarget):
-            site = _Site(name, "matrix", "out_in", tuple(target.shape), target.A.device)
-            sites.setdefault(target.layer, []).append(site)
-            continue
-        found = owners.get(id(target), [])
-        if len(found) != 1:
-            where = "is shared by several modules" if found else "is not a parameter of the model"
-            raise ValueError(f"per-event capture target {name!r} {where}; select targets from "
-                             "trainer.model, and not tied weights")
-        module, attr = found[0]
-        layout = weight_layout(module)
-        kind = {"weight": "matrix", "bias": "bias"}.get(attr)
-        if layout is None or kind is None:
-            raise ValueError(
-                f"per-event capture target {name!r} is the {attr!r} of a {type(module).__name__}; "
-                "per-event capture supports the weights and biases of nn.Linear and transformers "
-                "Conv1D layers and LoRA-adapted weights, not norms, embeddings or other "
-                "parameters (drop it from capture.targets)")
-        site = _Site(name, kind, layout, tuple(target.shape), target.device)
-        sites.setdefault(module, []).append(site)
-    return sites
-
-
-def _zero_advantage_means_zero_gradient(trainer) -> bool:
-    """Whether rows with advantage 0 get exactly zero gradient from the trainer's loss.
-
-    RLOO folds its KL into the reward; GRPO adds ``beta * KL`` per token. An entropy bonus and a
-    MoE load-balancing loss do not depend on the advantage either.
-    """
-    from trl import RLOOTrainer
-
-    kl_in_loss = not isinstance(trainer, RLOOTrainer) and getattr(trainer, "beta", 0.0) != 0.0
-    entropy = bool(getattr(trainer, "_entropy_bonus_enabled", False))
-    aux = bool(getattr(trainer, "aux_loss_enabled", False))
-    return not (kl_in_loss or entropy or aux)
-
-
-def _check_supported(model: nn.Module, trainer) -> None:
-    if model is not getattr(trainer, "model", None):
-        raise ValueError(
-            "EventRecorder needs the model the trainer trains (trainer.model, with any peft "
-            "wrapper): peft calls the inner model's forward directly, so hooks on it see no rows")
-    missing = [n for n in ("_generate_and_score_completions", "compute_loss", "num_generations",
-                           "accelerator") if not hasattr(trainer, n)]
-    if missing:
-        raise ValueError(
-            f"{type(trainer).__name__} lacks {few_names(missing)}; EventRecorder supports TRL's "
-            "GRPOTrainer and RLOOTrainer")
-    if getattr(trainer.accelerator, "scaler", None) is not None:
-        raise ValueError("per-event capture does not support fp16 loss scaling (the hooks would "
-                         "see scaled gradients); train in fp32 or bf16")
-    _check_no_checkpointing(model, trainer)
-
-
-def _check_no_checkpointing(model: nn.Module, trainer) -> None:
-    args = trainer.args
-    on = bool(getattr(args, "gradient_checkpointing", False)
-              or getattr(args, "activation_checkpointing", False))
-    on = on or any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-    if on:
-        raise ValueError(
-            "per-event capture does not support gradient (activation) checkpointing: layers "
-            "re-run during backward; set gradient_checkpointing=False")

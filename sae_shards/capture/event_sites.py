@@ -1,0 +1,110 @@
+"""What ``EventRecorder`` hooks and what it refuses: the module owning each target and how to read
+it (``Site``), the rows of a model forward, and the trainer settings per-event capture supports
+(see ``capture/event_hooks.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from sae_shards.capture.selection import LoraTarget, Target, few_names, weight_layout
+
+
+@dataclass(frozen=True)
+class Site:
+    """One target read at one hooked module."""
+
+    name: str
+    kind: str  # "matrix" or "bias"
+    layout: str  # "out_in" (Linear, LoRA) or "in_out" (Conv1D)
+    shape: tuple[int, ...]
+    device: torch.device
+
+
+
+def batch_rows(args, kwargs) -> int:
+    """Rows of a top-level forward: the first dimension of ``input_ids`` / ``inputs_embeds``."""
+    for key in ("input_ids", "inputs_embeds"):
+        if isinstance(kwargs.get(key), Tensor):
+            return int(kwargs[key].shape[0])
+    if args and isinstance(args[0], Tensor):
+        return int(args[0].shape[0])
+    raise RuntimeError("EventRecorder: a model forward without input_ids / inputs_embeds; "
+                       "cannot tell how many rows it runs")
+
+
+def hook_sites(model: nn.Module, targets: Mapping[str, Target]) -> dict[nn.Module, list[Site]]:
+    """``{module to hook: [its targets]}``; ``ValueError`` for targets it cannot capture."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, attr))
+    sites: dict[nn.Module, list[Site]] = {}
+    for name, target in targets.items():
+        if isinstance(target, LoraTarget):
+            site = Site(name, "matrix", "out_in", tuple(target.shape), target.A.device)
+            sites.setdefault(target.layer, []).append(site)
+            continue
+        found = owners.get(id(target), [])
+        if len(found) != 1:
+            where = "is shared by several modules" if found else "is not a parameter of the model"
+            raise ValueError(f"per-event capture target {name!r} {where}; select targets from "
+                             "trainer.model, and not tied weights")
+        module, attr = found[0]
+        layout = weight_layout(module)
+        kind = {"weight": "matrix", "bias": "bias"}.get(attr)
+        if layout is None or kind is None:
+            raise ValueError(
+                f"per-event capture target {name!r} is the {attr!r} of a {type(module).__name__}; "
+                "per-event capture supports the weights and biases of nn.Linear and transformers "
+                "Conv1D layers and LoRA-adapted weights, not norms, embeddings or other "
+                "parameters (drop it from capture.targets)")
+        site = Site(name, kind, layout, tuple(target.shape), target.device)
+        sites.setdefault(module, []).append(site)
+    return sites
+
+
+def zero_advantage_means_zero_gradient(trainer) -> bool:
+    """Whether rows with advantage 0 get exactly zero gradient from the trainer's loss.
+
+    RLOO folds its KL into the reward; GRPO adds ``beta * KL`` per token. An entropy bonus and a
+    MoE load-balancing loss do not depend on the advantage either.
+    """
+    from trl import RLOOTrainer
+
+    kl_in_loss = not isinstance(trainer, RLOOTrainer) and getattr(trainer, "beta", 0.0) != 0.0
+    entropy = bool(getattr(trainer, "_entropy_bonus_enabled", False))
+    aux = bool(getattr(trainer, "aux_loss_enabled", False))
+    return not (kl_in_loss or entropy or aux)
+
+
+def check_supported(model: nn.Module, trainer) -> None:
+    if model is not getattr(trainer, "model", None):
+        raise ValueError(
+            "EventRecorder needs the model the trainer trains (trainer.model, with any peft "
+            "wrapper): peft calls the inner model's forward directly, so hooks on it see no rows")
+    missing = [n for n in ("_generate_and_score_completions", "compute_loss", "num_generations",
+                           "accelerator") if not hasattr(trainer, n)]
+    if missing:
+        raise ValueError(
+            f"{type(trainer).__name__} lacks {few_names(missing)}; EventRecorder supports TRL's "
+            "GRPOTrainer and RLOOTrainer")
+    if getattr(trainer.accelerator, "scaler", None) is not None:
+        raise ValueError("per-event capture does not support fp16 loss scaling (the hooks would "
+                         "see scaled gradients); train in fp32 or bf16")
+    check_no_checkpointing(model, trainer)
+
+
+def check_no_checkpointing(model: nn.Module, trainer) -> None:
+    args = trainer.args
+    on = bool(getattr(args, "gradient_checkpointing", False)
+              or getattr(args, "activation_checkpointing", False))
+    on = on or any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    if on:
+        raise ValueError(
+            "per-event capture does not support gradient (activation) checkpointing: layers "
+            "re-run during backward; set gradient_checkpointing=False")
