@@ -140,3 +140,23 @@ def random_decoder_copy(run_dir: Path, out: Path) -> Path:
     save_checkpoint(out / "checkpoints" / "final", loaded.sae, loaded.stats,
                     loaded.config["meta"])
     return out
+
+
+def shuffled_labels_copy(run_dir: Path, out: Path) -> Path:
+    """A copy of a run whose saved samples' task labels are shuffled: a broken pipeline that the
+    planted checks must fail."""
+    import json
+    import random
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(run_dir, out, symlinks=True)
+    with safe_open(out / "samples.safetensors", "pt") as f:
+        meta = dict(f.metadata())
+    labels = json.loads(meta["task_labels"])
+    random.Random(0).shuffle(labels)
+    meta["task_labels"] = json.dumps(labels)
+    save_file(load_file(out / "samples.safetensors"), out / "samples.safetensors", metadata=meta)
+    return out

@@ -3,20 +3,18 @@ trained SAE's shards predict the held-out task above the shuffled-label null, an
 pipelines — a random decoder, and labels shuffled before evaluation — fail the same threshold."""
 
 import json
-import random
 import shutil
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from safetensors.torch import load_file, save_file
 
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
 from sae_shards.planted.evaluate import evaluate_run
 from sae_shards.planted.benchmark import GROUPS, run_planted
 from sae_shards.analysis.shards import RunView, load_run_models
 
-from helpers import random_decoder_copy
+from helpers import random_decoder_copy, shuffled_labels_copy
 
 # Measured at these settings (seed 0): auroc_task 0.66 vs null 0.53. The threshold keeps half the
 # margin; broken pipelines sit at the null.
@@ -54,16 +52,7 @@ def test_random_decoder_fails(grad_run, tmp_path):
 
 
 def test_shuffled_labels_fail(grad_run, tmp_path):
-    broken = tmp_path / "shuffled"
-    shutil.copytree(grad_run, broken, symlinks=True)
-    from safetensors import safe_open
-
-    with safe_open(broken / "samples.safetensors", "pt") as f:
-        meta = dict(f.metadata())
-    labels = json.loads(meta["task_labels"])
-    random.Random(0).shuffle(labels)
-    meta["task_labels"] = json.dumps(labels)
-    save_file(load_file(broken / "samples.safetensors"), broken / "samples.safetensors", metadata=meta)
+    broken = shuffled_labels_copy(grad_run, tmp_path / "shuffled")
     assert not _passes(evaluate_run(broken, steering=False))
 
 

@@ -9,19 +9,15 @@ The reduced run trains the whole policy at the v1 learning rate with 4 prompt gr
 (one per task), 300 steps (~1 minute); the benchmark's body-only build is slower to learn
 (docs/results.md)."""
 
-import json
-import random
 
 import pytest
 from hydra import compose, initialize_config_dir
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
 from sae_shards.planted.benchmark import run_planted
 from sae_shards.planted.evaluate import evaluate_run
 
-from helpers import random_decoder_copy
+from helpers import random_decoder_copy, shuffled_labels_copy
 
 # Measured at these settings (seed 0): auroc_task 0.913 vs its shuffled-label null 0.445
 # (supervised 0.942). The thresholds keep under half the margin; broken pipelines sit at the null.
@@ -57,15 +53,5 @@ def test_random_decoder_fails(event_run, tmp_path):
 
 
 def test_shuffled_event_labels_fail(event_run, tmp_path):
-    import shutil
-
-    broken = tmp_path / "shuffled"
-    shutil.copytree(event_run, broken, symlinks=True)
-    with safe_open(broken / "samples.safetensors", "pt") as f:
-        meta = dict(f.metadata())
-    labels = json.loads(meta["task_labels"])
-    random.Random(0).shuffle(labels)
-    meta["task_labels"] = json.dumps(labels)
-    save_file(load_file(broken / "samples.safetensors"), broken / "samples.safetensors",
-              metadata=meta)
+    broken = shuffled_labels_copy(event_run, tmp_path / "shuffled")
     assert not _passes(evaluate_run(broken, steering=False))

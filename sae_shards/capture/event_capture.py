@@ -191,7 +191,7 @@ class EventCapture(TrainerCallback):
                 self.outliers.rms, self.n_outliers)
             return None
         if self.cfg.normalize == "unit":
-            factors, _ = normalize_unit(factors, self.specs)
+            factors, _ = normalize_unit(factors, self.specs, norm)  # its Grams taken above
         if event.kept_energy < 1.0:
             self.n_truncated += 1
             self.kept_energy_min = min(self.kept_energy_min, event.kept_energy)

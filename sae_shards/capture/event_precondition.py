@@ -377,21 +377,23 @@ class EventPreconditioner:
 
 
 def normalize_unit(
-    factors: dict[str, Tensor], specs: Sequence[TargetSpec]
+    factors: dict[str, Tensor], specs: Sequence[TargetSpec], norm: float | None = None
 ) -> tuple[dict[str, Tensor], float]:
     """One event scaled to Frobenius norm 1 over all its targets (every entry of ``factors``),
     and its original norm (keep it as metadata).
 
-    The norm comes from ``events.sq_norm`` (Gram products, fp32); matrices are scaled through
-    ``R`` only (``events.scale``). An event of norm 0, or a non-finite one (for the caller's
-    checks to see), is returned unchanged (the same tensors, in a new dict).
+    The norm comes from ``events.sq_norm`` (Gram products, fp32), unless the caller passes the
+    one it already has; matrices are scaled through ``R`` only (``events.scale``). An event of
+    norm 0, or a non-finite one (for the caller's checks to see), is returned unchanged (the same
+    tensors, in a new dict).
     """
     by_name = {s.name: s for s in specs}
     missing = [name for name in factors if name not in by_name]
     if missing:
         raise ValueError(f"normalize_unit: no TargetSpec for {missing}")
-    sq = sum(float(events.sq_norm(x.float(), by_name[name])) for name, x in factors.items())
-    norm = math.sqrt(sq) if sq >= 0 else math.nan
+    if norm is None:
+        sq = sum(float(events.sq_norm(x.float(), by_name[name])) for name, x in factors.items())
+        norm = math.sqrt(sq) if sq >= 0 else math.nan
     if not (norm > 0 and math.isfinite(norm)):
         return dict(factors), norm
     return {name: events.scale(x, by_name[name], 1 / norm) for name, x in factors.items()}, norm
