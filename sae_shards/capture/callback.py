@@ -24,8 +24,10 @@ resumes at. ``request_stop()`` (``sae-shards train`` calls it on SIGTERM/SIGINT)
 after the current step with a checkpoint of both sides; ``summary.json`` then says
 ``"interrupted": true``.
 
-It sets no torch thread counts or seeds (the script's entry point does), and runs on the main
-process only (under DDP every rank holds the same parameters).
+It sets no torch thread counts or seeds (the script's entry point does). Under DDP (``accelerate
+launch``) the run directory, the buffer and the SAE belong to the main process (rank 0), which
+holds the same parameters as every rank; with per-event capture the other ranks record their own
+rows' events and send them to rank 0 each step (``capture/distributed.py``, docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any, Mapping
 import torch
 from transformers import TrainerCallback
 
+from sae_shards.capture import distributed
 from sae_shards.capture import resume as resume_state
 from sae_shards.capture.buffer import StepMeta
 from sae_shards.capture.delta import DeltaCapture
@@ -110,7 +113,9 @@ class ShardCallback(TrainerCallback):
                                 concurrency=concurrency, checkpoint_every=checkpoint_every)
         self.sae_cfg = _config(SAEConfig, sae, "sae")
         check_sae_window(self.capture_cfg, self.runner_cfg)
-        self.run_dir = rundir.prepare_run_dir(run_dir, overwrite, resume)
+        # Other ranks never write into the run directory.
+        self.run_dir = (rundir.prepare_run_dir(run_dir, overwrite, resume)
+                        if distributed.is_main() else Path(run_dir))
         self.resume = resume
         self.log_to_wandb = log_to_wandb
         self.label_column = label_column
@@ -214,8 +219,24 @@ class ShardCallback(TrainerCallback):
 
     # ---- events ------------------------------------------------------------------------------
 
+    def setup_rank(self, model: torch.nn.Module, trainer: Any) -> None:
+        """A rank other than 0: with per-event capture, an ``EventCapture`` that records this
+        rank's events and sends them to rank 0; otherwise nothing (rank 0 captures alone)."""
+        if self.capture is not None or self.capture_cfg.granularity == "step":
+            return
+        from sae_shards.capture.pipeline import resolve_targets
+        from sae_shards.capture.selection import target_shapes
+        from sae_shards.core.targets import make_targets
+
+        targets = resolve_targets(model, self.capture_cfg.targets)
+        specs = make_targets(target_shapes(targets), rank=self.sae_cfg.rank)
+        self.capture = EventCapture(targets, specs, None, self.capture_cfg, trainer)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero:
+            self.setup_rank(model, calling_trainer())
+            if self.capture is not None:
+                self.capture.on_train_begin(args, state, control, model=model, **kwargs)
             return
         self._t0 = time.perf_counter()
         if self.parts is None:
@@ -269,6 +290,8 @@ class ShardCallback(TrainerCallback):
         self._metric_log.append({"kind": "rl", "rl_step": state.global_step, **numeric})
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.capture is not None and not state.is_world_process_zero:
+            self.capture.on_train_end(args, state, control, **kwargs)  # hooks off
         if self.capture is None or not state.is_world_process_zero:
             return
         self.parts.runner.finish()

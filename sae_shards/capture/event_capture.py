@@ -15,7 +15,12 @@ Each event's ``StepMeta`` is the step's, narrowed to the event: its completions 
 task labels and rewards, its mean advantage and its norm before normalisation. ``last_events``
 holds the committed events' records for ``events.jsonl``.
 
-Runs on one process: under DDP each rank's hooks see only its own rows (on_train_begin raises).
+Under DDP (``accelerate launch``) every rank records its own rows' events (scaled by ``1 /
+world_size``: their share of DDP's averaged gradient) and sends them, with its skip counters and
+K-FAC sums, to rank 0 at ``on_pre_optimizer_step`` (``distributed.gather_to_main``); rank 0 alone
+preconditions and writes them. Other ranks build ``EventCapture`` with ``buffer=None``. A prompt
+group must not straddle two ranks (each rank's generation batch a multiple of
+``num_generations``), or ``on_train_begin`` raises.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from transformers import TrainerCallback
 
+from sae_shards.capture import distributed
 from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
 from sae_shards.capture.event_hooks import Event, EventRecorder
 from sae_shards.capture.event_precondition import EventPreconditioner, normalize_unit
@@ -50,14 +56,15 @@ class EventCapture(TrainerCallback):
     ``meta_fn(global_step)`` gives the step's ``StepMeta``; ``rows_fn(global_step)`` the step's
     ``rollouts.jsonl`` row (or None); ``on_push(slots)`` gets the step's committed slots.
     ``room`` is the most events one step may write without overwriting slots the SAE runner has
-    not encoded yet (checked when a step has more).
+    not encoded yet (checked when a step has more). ``buffer=None``: a rank other than 0 under
+    DDP, which records its events and sends them to rank 0 (see the module docstring).
     """
 
     def __init__(
         self,
         targets: Mapping[str, Any],
         specs: Sequence[TargetSpec],
-        buffer: DeltaRingBuffer,
+        buffer: DeltaRingBuffer | None,
         cfg: CaptureConfig,
         trainer: Any,
         meta_fn: Callable[[int], StepMeta] | None = None,
@@ -70,7 +77,7 @@ class EventCapture(TrainerCallback):
                 f"capture.granularity={cfg.granularity} needs the TRL trainer (to tell which "
                 "completions each forward pass holds); add ShardCallback with "
                 "trainer.add_callback(...) or pass it to the trainer's callbacks")
-        if buffer.event_rank != cfg.event_rank:
+        if buffer is not None and buffer.event_rank != cfg.event_rank:
             raise ValueError(f"the buffer keeps {buffer.event_rank} rows per event, "
                              f"capture.event_rank is {cfg.event_rank}")
         self.targets = dict(targets)
@@ -106,24 +113,21 @@ class EventCapture(TrainerCallback):
         self.last_events: list[dict[str, Any]] = []
         """Records (``events.jsonl`` rows) of the events the last step committed."""
         self._events: list[Event] = []
+        self._covariances: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._recorded = (0, 0)  # recorder's (n_zero_advantage, n_zero_gradient) already counted
 
     # ---- callback events ----
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if not state.is_world_process_zero:
-            return
         if args.world_size > 1:
-            raise ValueError(
-                f"capture.granularity={self.cfg.granularity} runs on one process for now (each "
-                f"rank's hooks see only its own completions; this run has {args.world_size}); "
-                "use capture.granularity=step under DDP")
+            _check_groups_within_ranks(self.trainer, self.cfg.granularity)
         if self.recorder is None:
             self.recorder = EventRecorder(model, self.targets, self.trainer, self.cfg.granularity,
                                           self.cfg.event_rank,
-                                          track_covariance=self.cfg.precondition == "kfac")
+                                          track_covariance=self.cfg.precondition == "kfac",
+                                          grad_scale=1.0 / args.world_size)
             self.recorder.install()
-        if self.cfg.precondition == "adam":
+        if self.cfg.precondition == "adam" and self.buffer is not None:
             self.preconditioner.bind_optimizer(optimizer)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -131,8 +135,17 @@ class EventCapture(TrainerCallback):
             self.recorder.start_step()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.recorder is not None:
-            self._events = self.recorder.finish_step()
+        """The step's events (all ranks' on rank 0; a collective under DDP)."""
+        if self.recorder is None:
+            return
+        events = self.recorder.finish_step()
+        counts = self._recorder_counts()
+        cov = self.recorder.covariances() if self.cfg.precondition == "kfac" else {}
+        if args.world_size > 1:
+            events, counts, cov = _gather_step(events, counts, cov, self.recorder)
+        self.n_skipped += counts[0]
+        self.n_zero += counts[1]
+        self._events, self._covariances = events, cov
 
     @torch.no_grad()
     def on_step_end(self, args, state, control, **kwargs):
@@ -141,9 +154,8 @@ class EventCapture(TrainerCallback):
             return
         step = state.global_step
         events, self._events = self._events, []
-        self._count_recorder()
         if self.cfg.precondition == "kfac":
-            self.preconditioner.observe(self.recorder.covariances())
+            self.preconditioner.observe(self._covariances)
         if self.room is not None and len(events) > self.room:
             raise ValueError(
                 f"step {step} has {len(events)} events but the ring buffer can take at most "
@@ -213,12 +225,12 @@ class EventCapture(TrainerCallback):
             **({"precond_error": error} if error else {})})
         return slot
 
-    def _count_recorder(self) -> None:
-        """Fold the recorder's skip counters (cumulative) into ours."""
+    def _recorder_counts(self) -> tuple[int, int]:
+        """Events the recorder skipped since the last call: (zero advantage, zero gradient)."""
         zero_adv, zero_grad = self.recorder.n_zero_advantage, self.recorder.n_zero_gradient
-        self.n_skipped += zero_adv - self._recorded[0]
-        self.n_zero += zero_grad - self._recorded[1]
+        counts = (zero_adv - self._recorded[0], zero_grad - self._recorded[1])
         self._recorded = (zero_adv, zero_grad)
+        return counts
 
     # ---- resume ----
 
@@ -242,6 +254,54 @@ class EventCapture(TrainerCallback):
                 "kept_energy_min": self.kept_energy_min,
                 "precond_error_mean": (statistics.fmean(self.precond_error)
                                        if self.precond_error else None)}
+
+
+def _check_groups_within_ranks(trainer: Any, granularity: str) -> None:
+    """Under DDP each rank must hold whole prompt groups: TRL hands rank ``r`` rows ``r * n ...
+    (r + 1) * n - 1`` of each generation batch, ``n = per_device_train_batch_size *
+    steps_per_generation``, and a group is ``num_generations`` consecutive rows."""
+    if granularity != "group":
+        return
+    args = trainer.args
+    n = args.per_device_train_batch_size * args.steps_per_generation
+    k = trainer.num_generations
+    if n % k:
+        raise ValueError(
+            f"capture.granularity=group under DDP needs each rank's generation batch "
+            f"(per_device_train_batch_size x steps_per_generation = {n}) to be a multiple of "
+            f"num_generations={k}, so no prompt group is split between ranks; change "
+            "per_device_train_batch_size or num_generations, or use capture.granularity="
+            "completion")
+
+
+def _gather_step(events: list[Event], counts: tuple[int, int],
+                 cov: dict[str, tuple[torch.Tensor, torch.Tensor, int]],
+                 recorder: EventRecorder) -> tuple[list[Event], tuple[int, int], dict]:
+    """Every rank's events (sorted by event id), skip counts and K-FAC sums, on rank 0; nothing
+    elsewhere. The factors travel on the CPU and return to the targets' devices."""
+    sent = ([dataclasses.replace(e, factors=distributed.to_cpu(e.factors)) for e in events],
+            counts, {n: (l.cpu(), r.cpu(), c) for n, (l, r, c) in cov.items()})
+    got = distributed.gather_to_main(sent)
+    if got is None:
+        return [], (0, 0), {}
+    devices = recorder.devices
+    merged = sorted((dataclasses.replace(e, factors={n: x.to(devices[n]) for n, x in
+                                                     e.factors.items()})
+                     for rank_events, _, _ in got for e in rank_events), key=lambda e: e.group)
+    ids = [e.group for e in merged]
+    if len(set(ids)) != len(ids):
+        raise RuntimeError(f"events {sorted({i for i in ids if ids.count(i) > 1})} came from "
+                           "more than one rank: a prompt group split between ranks")
+    total = (sum(c[0] for _, c, _ in got), sum(c[1] for _, c, _ in got))
+    summed: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    for _, _, rank_cov in got:
+        for n, (l, r, c) in rank_cov.items():
+            l, r = l.to(devices[n]), r.to(devices[n])
+            if n in summed:
+                sl, sr, sc = summed[n]
+                l, r, c = sl + l, sr + r, sc + c
+            summed[n] = (l, r, c)
+    return merged, total, summed
 
 
 def _fill(view: torch.Tensor, factor: torch.Tensor, spec: TargetSpec) -> None:

@@ -53,9 +53,10 @@ than the micro-batch holds, a micro-batch whose rows are not all consumed, or a 
 backward) and fp16 loss scaling (hooks would see scaled gradients) are refused at ``install``.
 Padding-free packing (several rows in one sequence) fails the row-count check.
 
-Distributed: capture runs on one process. Under DDP each rank's hooks see only that rank's rows
-and its local gradient (``param.grad`` is the average over ranks after the all-reduce); the
-rows are labelled globally, but events are not gathered yet.
+Distributed (DDP): each rank's hooks see only that rank's rows and the gradient of its local
+loss, while ``param.grad`` is the average over ranks after DDP's all-reduce; ``grad_scale = 1 /
+world_size`` makes each rank's events its share of that average. Rows are labelled globally, so
+the events of all ranks fit together; ``EventCapture`` gathers them to rank 0.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ class EventRecorder:
     event per prompt group) or ``completion`` (one per completion). ``event_rank`` caps the rows
     of each event's factors. With ``track_covariance`` the step's sums of ``l l^T`` and ``r r^T``
     per matrix target over every position that reached it with non-zero gradient (the positions
-    of the events) are kept (``covariances``).
+    of the events) are kept (``covariances``). Output gradients are multiplied by ``grad_scale``
+    (DDP: ``1 / world_size``, see the module docstring) before anything is kept.
 
     Use: ``install()`` once after the trainer is built, ``start_step()`` at ``on_step_begin``,
     ``finish_step()`` at ``on_pre_optimizer_step``, ``remove()`` when done. Events whose rows all
@@ -142,6 +144,7 @@ class EventRecorder:
         granularity: str = "group",
         event_rank: int = 64,
         track_covariance: bool = False,
+        grad_scale: float = 1.0,
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(
@@ -157,6 +160,7 @@ class EventRecorder:
         self.granularity = granularity
         self.event_rank = event_rank
         self.track_covariance = track_covariance
+        self.grad_scale = float(grad_scale)
         self.targets = dict(targets)
         self._sites = hook_sites(model, self.targets)  # module -> its targets
         by_name = {s.name: s for sites in self._sites.values() for s in sites}
@@ -253,6 +257,11 @@ class EventRecorder:
                 "step's forward passes, so their gradients cannot be split by event (TRL computes "
                 "log-probabilities from lm_head.weight directly, outside the module); leave them "
                 "out of capture.targets, or use capture.granularity=step")
+
+    @property
+    def devices(self) -> dict[str, torch.device]:
+        """Each target's device (where its events' factors live)."""
+        return dict(self._devices)
 
     def covariances(self) -> dict[str, tuple[Tensor, Tensor, int]]:
         """``{matrix target: (S_l [m, m], S_r [n, n], positions)}`` of the last finished step:
@@ -366,6 +375,8 @@ class EventRecorder:
         if not self._in_step or fwd.step != self._serial:
             return  # a backward run after its step was finished: not part of any step
         g = g.detach().float()
+        if self.grad_scale != 1.0:
+            g = g * self.grad_scale
         a = a.float()
         if self._skip_prompt_positions:
             g = g.clone()

@@ -1,0 +1,120 @@
+"""A tiny GRPO run with two ShardCallbacks (per-step ``update`` and per-event ``group`` capture),
+for ``tests/test_distributed.py``.
+
+``--mode ddp``: launched with ``accelerate launch --cpu --num_processes 2``; each rank trains on
+4 of the step's 8 completions and also saves the generation batch TRL hands it
+(``gen/step{k}-rank{r}.safetensors``).
+
+``--mode replay``: one process trains on all 8 completions per step, TRL's generation replaced by
+the DDP run's saved batches (both ranks' rows, in rank order). Everything after generation (the
+loss, backward, the optimizer step, the capture) is TRL's and sae-shards' own code, so the two
+runs take the same optimizer steps on the same global batches and must capture the same deltas
+and events up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+from trl import GRPOTrainer
+
+from sae_shards.capture.callback import ShardCallback
+from sae_shards.recipe.models import load_tokenizer
+from sae_shards.recipe.trainers import trl_config
+
+PROMPTS = ["abcdef", "ghijkl", "mnopqr", "stuvwx", "yzabcd", "efghij", "klmnop", "qrstuv"]
+"""Prompts of one length (the tokenizer is character level): no left padding, so the replay's
+concatenated batch has every token at the position it had on its rank."""
+GENERATIONS = 4
+COMPLETION_KEYS = ("completion_ids", "completion_mask")
+SAVED_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages",
+              "num_items_in_batch")
+
+
+def varied_reward(completions, **kwargs):
+    """Differs between completions of one prompt, so every group has non-zero advantages."""
+    return [float(sum(map(ord, c)) % 7) for c in completions]
+
+
+def save_generation(trainer: GRPOTrainer, out: Path) -> None:
+    """Wrap TRL's generation to save what it hands this rank, per optimizer step."""
+    original = trainer._generate_and_score_completions
+    step = [0]
+
+    def generate_and_score(inputs, *args, **kwargs):
+        batch = original(inputs, *args, **kwargs)
+        step[0] += 1
+        rank = trainer.accelerator.process_index
+        save_file({k: batch[k].contiguous() for k in SAVED_KEYS},
+                  str(out / f"step{step[0]}-rank{rank}.safetensors"))
+        return batch
+
+    trainer._generate_and_score_completions = generate_and_score
+
+
+def replay_generation(trainer: GRPOTrainer, saved: Path, n_ranks: int, pad_id: int) -> None:
+    """Replace TRL's generation by the saved batches of every rank, concatenated in rank order."""
+    step = [0]
+
+    def generate_and_score(inputs, *args, **kwargs):
+        step[0] += 1
+        parts = [load_file(str(saved / f"step{step[0]}-rank{r}.safetensors"))
+                 for r in range(n_ranks)]
+        width = max(p["completion_ids"].shape[1] for p in parts)
+        out = {}
+        for key in SAVED_KEYS:
+            if key == "num_items_in_batch":  # the global count: the same on every rank
+                assert all(torch.equal(p[key], parts[0][key]) for p in parts)
+                out[key] = parts[0][key]
+                continue
+            tensors = [p[key] for p in parts]
+            if key in COMPLETION_KEYS:  # right-padded per rank: pad to the longest
+                fill = pad_id if key == "completion_ids" else 0
+                tensors = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
+                           for t in tensors]
+            out[key] = torch.cat(tensors)
+        return out
+
+    trainer._generate_and_score_completions = generate_and_score
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", choices=["ddp", "replay"], required=True)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--saved", type=Path, help="replay: the DDP run's gen/ directory")
+    p.add_argument("--steps", type=int, default=2)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    n_ranks = 2
+    per_device = GENERATIONS if a.mode == "ddp" else GENERATIONS * n_ranks
+    tokenizer = load_tokenizer(a.model)
+    args = trl_config(dict(max_steps=a.steps, per_device_train_batch_size=per_device,
+                           num_generations=GENERATIONS, max_completion_length=6,
+                           learning_rate=1e-3, beta=0.0, shuffle_dataset=False, seed=0,
+                           disable_tqdm=True), a.out / "trl")
+    trainer = GRPOTrainer(model=str(a.model), reward_funcs=[varied_reward], args=args,
+                          processing_class=tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    if a.mode == "ddp":
+        (a.out / "gen").mkdir(parents=True, exist_ok=True)
+        save_generation(trainer, a.out / "gen")
+    else:
+        replay_generation(trainer, a.saved, n_ranks, tokenizer.pad_token_id)
+    common = dict(runner={"min_samples": 2, "save_samples": True}, sae={"n_latents": 8},
+                  label_column=None, save_model=False, log_to_wandb=False)
+    trainer.add_callback(ShardCallback(a.out / "run_step", capture={"capacity": 8}, **common))
+    trainer.add_callback(ShardCallback(
+        a.out / "run_group", capture={"granularity": "group", "event_rank": 128, "capacity": 16},
+        **common))
+    trainer.train()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
