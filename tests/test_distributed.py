@@ -1,10 +1,17 @@
-"""DDP on 2 CPU processes (``accelerate launch --multi_gpu``, gloo), end to end.
+"""DDP and FSDP2 on 2 CPU processes (gloo), end to end.
+
+DDP (``accelerate launch --multi_gpu``, TRL's own route):
 
 ``tests/distributed/grpo_run.py`` trains a tiny GRPO policy for 2 steps on 2 ranks with two
 ``ShardCallback``s (per-step ``update`` and per-event ``group`` capture), saving the generation
 batch each rank trained on; then one process replays those batches (TRL's generation replaced,
 everything after it real). The captured deltas and events of the two runs must agree: DDP's
 all-reduce and the single process sum the same per-row gradients in a different order.
+
+FSDP2 (``torchrun``; accelerate shards with FSDP only on accelerators, so TRL's FSDP2 path is
+left to scripts/gpu_check.sh): ``tests/distributed/fsdp2_run.py`` shards a tiny LM with
+``fully_shard`` and drives the callback from a plain training loop; the captured ``update`` must be
+an unsharded copy's update.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from sae_shards.core.checkpoint import live_tensors, load_checkpoint
 from sae_shards.recipe.models import build_tiny_model, load_tokenizer
 
 SCRIPT = Path(__file__).parent / "distributed" / "grpo_run.py"
+FSDP2_SCRIPT = Path(__file__).parent / "distributed" / "fsdp2_run.py"
 DELTA_RTOL = 1e-4
 """Relative (Frobenius) tolerance of a per-step AdamW update: the gradients agree to ~1e-6 and
 Adam's first step divides by |g|, which amplifies the rounding of small entries (measured
@@ -123,6 +131,26 @@ def test_one_run_directory_whose_shards_load(runs):
 def _rl_log_steps(run: Path) -> list[int]:
     rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
     return [row["rl_step"] for row in rows if row["kind"] == "rl"]
+
+
+def test_fsdp2_update_capture_gathers_the_unsharded_update(runs):
+    out = runs["model"].parent / "fsdp2"
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+          "--master_port", str(_free_port()), str(FSDP2_SCRIPT), "--model", str(runs["model"]),
+          "--out", str(out)], out.parent)
+    got = _samples(out / "run")
+    ref = load_file(str(out / "reference.safetensors"))
+    assert got["rl_step"].tolist() == [1, 2]
+    names = [k.removeprefix("sample.") for k in got if k.startswith("sample.")]
+    assert len(names) == 4  # q_proj and down_proj of both layers, whole (not one rank's shard)
+    for name in names:
+        for i, step in enumerate((1, 2)):
+            want = ref[f"step{step}.{name}"]
+            assert got[f"sample.{name}"][i].shape == want.shape
+            assert want.norm() > 0
+            assert float((got[f"sample.{name}"][i] - want).norm() / want.norm()) < DELTA_RTOL
+    assert json.loads((out / "run" / "summary.json").read_text())["captured"] == 2
+    assert load_checkpoint(out / "run" / "checkpoints" / "final").config["meta"]["rl_step"] == 2
 
 
 def test_a_group_split_between_ranks_is_refused():

@@ -52,6 +52,7 @@ from sae_shards.capture.pipeline import Pipeline, build_pipeline
 from sae_shards.capture.rollouts import TRLRollouts, calling_trainer
 from sae_shards.capture.summary import final_activations, heldout_fvu, run_summary
 from sae_shards.capture.selection import LoraTarget
+from sae_shards.capture.sharded_delta import ShardedDeltaCapture, sharded_targets
 from sae_shards.core import events as ev
 from sae_shards.core.checkpoint import save_checkpoint
 from sae_shards.core.sae_config import SAEConfig
@@ -150,10 +151,7 @@ class ShardCallback(TrainerCallback):
         self.parts = build_pipeline(model, self.capture_cfg, self.sae_cfg, self.runner_cfg, device,
                                     self.seed)
         if self.capture_cfg.granularity == "step":
-            self.capture = DeltaCapture(
-                self.parts.targets, self.parts.buffer, self.capture_cfg.source,
-                meta_fn=self._metas.pop, on_push=self.parts.runner.on_push,
-                outlier_ratio=self.capture_cfg.outlier_ratio)
+            self.capture = self._step_capture(self.parts.targets, self.parts.buffer)
         else:
             self.capture = EventCapture(
                 self.parts.targets, self.parts.specs, self.parts.buffer, self.capture_cfg,
@@ -177,6 +175,25 @@ class ShardCallback(TrainerCallback):
                  "%.1f MiB", self.sizes["n_targets"], self.sizes["delta_numel"],
                  self.sizes["sae_factored_params"], self.sizes["dense_sae_params"],
                  self.sizes["buffer_bytes"] / 2**20)
+
+    def _step_capture(self, targets: dict, buffer) -> DeltaCapture:
+        """The per-step capture for ``targets``: ``ShardedDeltaCapture`` when they are FSDP2
+        DTensors (on every rank; ``buffer`` None but on rank 0), else ``DeltaCapture``."""
+        cls = ShardedDeltaCapture if sharded_targets(targets) else DeltaCapture
+        on_push = self.parts.runner.on_push if buffer is not None else None
+        return cls(targets, buffer, self.capture_cfg.source, meta_fn=self._metas.pop,
+                   on_push=on_push, outlier_ratio=self.capture_cfg.outlier_ratio)
+
+    def _follow_sharding(self, model: torch.nn.Module) -> None:
+        """Rank 0, per-step capture set up before the trainer sharded the model (FSDP2 replaces
+        the parameters at ``accelerator.prepare``): capture the sharded parameters instead."""
+        if self.capture_cfg.granularity != "step" or self.capture.sharded:
+            return
+        from sae_shards.capture.pipeline import resolve_targets
+
+        targets = resolve_targets(model, self.capture_cfg.targets)
+        if sharded_targets(targets):
+            self.capture = self._step_capture(targets, self.parts.buffer)
 
     def _is_lora(self) -> bool:
         return any(isinstance(t, LoraTarget) for t in self.parts.targets.values())
@@ -221,14 +238,19 @@ class ShardCallback(TrainerCallback):
 
     def setup_rank(self, model: torch.nn.Module, trainer: Any) -> None:
         """A rank other than 0: with per-event capture, an ``EventCapture`` that records this
-        rank's events and sends them to rank 0; otherwise nothing (rank 0 captures alone)."""
-        if self.capture is not None or self.capture_cfg.granularity == "step":
+        rank's events and sends them to rank 0; under FSDP2 a ``ShardedDeltaCapture`` that joins
+        the delta's all-gather; otherwise nothing (rank 0 captures alone)."""
+        if self.capture is not None:
             return
         from sae_shards.capture.pipeline import resolve_targets
         from sae_shards.capture.selection import target_shapes
         from sae_shards.core.targets import make_targets
 
         targets = resolve_targets(model, self.capture_cfg.targets)
+        if self.capture_cfg.granularity == "step":
+            if sharded_targets(targets):
+                self.capture = self._step_capture(targets, None)
+            return
         specs = make_targets(target_shapes(targets), rank=self.sae_cfg.rank)
         self.capture = EventCapture(targets, specs, None, self.capture_cfg, trainer)
 
@@ -241,6 +263,7 @@ class ShardCallback(TrainerCallback):
         self._t0 = time.perf_counter()
         if self.parts is None:
             self.setup(model, calling_trainer())
+        self._follow_sharding(model)
         if self.resume:
             self._restore(state.global_step)
         if self.logger is None:
@@ -261,6 +284,8 @@ class ShardCallback(TrainerCallback):
             self.capture.on_optimizer_step(args, state, control, **kwargs)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.capture is not None and not state.is_world_process_zero:
+            self.capture.on_step_end(args, state, control, **kwargs)  # FSDP2: joins the gather
         if self.capture is None or not state.is_world_process_zero:
             return
         step = state.global_step
@@ -297,7 +322,11 @@ class ShardCallback(TrainerCallback):
         self.parts.runner.finish()
         self.parts.loop.flush_activations()
         self._flush_sae_records()
-        if self.save_model and self.stop_signal is None:
+        if self.save_model and getattr(self.capture, "sharded", False):
+            log.warning("FSDP2: the final policy is not saved to %s (gathering it needs every "
+                        "rank); save it with trainer.save_model() and point analysis at it",
+                        self.run_dir / rundir.FINAL_MODEL)
+        elif self.save_model and self.stop_signal is None:
             out = self.run_dir / rundir.FINAL_MODEL
             with rundir.writing(out):
                 model.save_pretrained(str(out))

@@ -96,15 +96,20 @@ class DeltaCapture(TrainerCallback):
 
     Distributed: capture runs only where ``state.is_world_process_zero``. Under DDP every rank
     holds identical parameters and gradients (after the all-reduce), so rank 0 sees the full delta.
-    DeepSpeed ZeRO-1/2 work for ``update`` (full parameters on every rank). ZeRO-3 and FSDP shard
-    parameters; they are not supported yet and ``on_train_begin`` raises if a parameter looks
-    sharded (``ds_id`` attribute, FSDP flat parameter, DTensor, or numel 0).
+    DeepSpeed ZeRO-1/2 work for ``update`` (full parameters on every rank). FSDP2 shards
+    parameters into DTensors: ``ShardedDeltaCapture`` (``capture/sharded_delta.py``) takes
+    ``update`` there. ZeRO-3 and FSDP1 are not supported yet: ``on_train_begin`` raises if a
+    parameter looks sharded (``ds_id`` attribute, FSDP flat parameter, DTensor, or numel 0).
+    ``buffer`` is None only on ranks other than 0 of a sharded capture.
     """
+
+    sharded = False
+    """Whether the targets are sharded across ranks (``ShardedDeltaCapture``)."""
 
     def __init__(
         self,
         targets: Mapping[str, Target],
-        buffer: DeltaRingBuffer,
+        buffer: DeltaRingBuffer | None,
         source: str = "update",
         meta_fn: Callable[[int], StepMeta] | None = None,
         on_push: Callable[[int], None] | None = None,
@@ -121,9 +126,11 @@ class DeltaCapture(TrainerCallback):
                 "optimizer state of the effective weight are not available from the adapter "
                 "factors); use source='update'"
             )
-        shapes = {name: torch.empty(t.shape, device="meta") for name, t in targets.items()}
-        check_batch(shapes, buffer.targets, batched=False)
-        check_not_sharded((n, p) for n, t in targets.items() for p in target_params(t))
+        if buffer is not None:
+            shapes = {name: torch.empty(t.shape, device="meta") for name, t in targets.items()}
+            check_batch(shapes, buffer.targets, batched=False)
+        if not self.sharded:
+            check_not_sharded((n, p) for n, t in targets.items() for p in target_params(t))
         self.targets = dict(targets)
         self.buffer = buffer
         self.source = source
@@ -147,8 +154,10 @@ class DeltaCapture(TrainerCallback):
         self._snapshots: dict[str, tuple[torch.Tensor, ...]] | None = None  # allocated lazily
         # update with fp32 slots on the targets' device: the slot itself holds the snapshot of
         # dense targets (claimed at on_step_begin), and the diff is taken in place.
-        slot_device = torch.empty(0, device=buffer.device).device  # "cuda" -> "cuda:0"
-        self._snap_in_slot = source == "update" and buffer.dtype == torch.float32 and all(
+        slot_device = (torch.empty(0, device=buffer.device).device  # "cuda" -> "cuda:0"
+                       if buffer is not None else None)
+        self._snap_in_slot = (source == "update" and buffer is not None
+                              and buffer.dtype == torch.float32) and all(
             isinstance(t, LoraTarget) or t.device == slot_device for t in targets.values())
         self._armed = False  # a snapshot for the current optimizer step exists
         self._slot: int | None = None  # slot being written this step
@@ -264,6 +273,10 @@ class DeltaCapture(TrainerCallback):
             self._armed = False
             if not self._deconv_step(state.global_step):
                 return
+        self._commit(state.global_step, sq_norm)
+
+    def _commit(self, global_step: int, sq_norm: SqNorm) -> None:
+        """Check the slot being written (finite, not an outlier) and commit it, or abort it."""
         slot, views = self._slot, self._slot_views
         self._slot, self._slot_views = None, {}
         if not sq_norm:  # grad / precond / deconv: one more read of the written slot
@@ -275,7 +288,7 @@ class DeltaCapture(TrainerCallback):
             self.n_nonfinite += 1
             logger.warning(
                 "step %d: the %s sample has non-finite entries; skipped (%d so far)",
-                state.global_step, self.source, self.n_nonfinite,
+                global_step, self.source, self.n_nonfinite,
             )
             return
         if self.outliers.is_outlier(norm):
@@ -283,13 +296,13 @@ class DeltaCapture(TrainerCallback):
             self.n_outliers += 1
             logger.warning(
                 "step %d: the %s sample's norm %.3g is over capture.outlier_ratio=%g times the "
-                "running RMS %.3g; skipped (%d so far)", state.global_step, self.source, norm,
+                "running RMS %.3g; skipped (%d so far)", global_step, self.source, norm,
                 self.outliers.ratio, self.outliers.rms, self.n_outliers,
             )
             return
         self.last_norm = norm
         self.n_zero += int(norm == 0.0)
-        meta = self.meta_fn(state.global_step) if self.meta_fn else StepMeta(state.global_step)
+        meta = self.meta_fn(global_step) if self.meta_fn else StepMeta(global_step)
         self.buffer.commit(slot, meta)
         self.n_captured += 1
         if self.on_push is not None:

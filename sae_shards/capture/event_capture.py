@@ -150,7 +150,7 @@ class EventCapture(TrainerCallback):
     @torch.no_grad()
     def on_step_end(self, args, state, control, **kwargs):
         self.last_events = []
-        if self.recorder is None:
+        if self.recorder is None or self.buffer is None:  # other ranks sent theirs already
             return
         step = state.global_step
         events, self._events = self._events, []

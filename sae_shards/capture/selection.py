@@ -305,6 +305,7 @@ def check_not_sharded(named_params) -> None:
             or p.numel() == 0
         ):
             raise ValueError(
-                f"parameter {name!r} looks sharded (DeepSpeed ZeRO-3 or FSDP); delta capture "
-                "supports only full, replicated parameters (single process, DDP, ZeRO-1/2)"
+                f"parameter {name!r} looks sharded (DeepSpeed ZeRO-3 or FSDP); this capture "
+                "supports full, replicated parameters (single process, DDP, ZeRO-1/2), and FSDP2 "
+                "(fully_shard) with capture.source=update or per-event capture"
             )
