@@ -189,6 +189,8 @@ def _train(args: list[str]) -> int:
                             f"checkpoint with: sae-shards train run_dir={run_dir} resume=true")
             interrupted.append(signal.SIGINT)
             return
+        if summary is None:  # a rank other than 0 of a multi-process launch: rank 0 reports
+            return
         print("\n".join(_closing_lines(summary, run_dir)))
         if summary.get("interrupted"):
             interrupted.append(summary["stop_signal"] or signal.SIGTERM)

@@ -153,6 +153,27 @@ def test_fsdp2_update_capture_gathers_the_unsharded_update(runs):
     assert load_checkpoint(out / "run" / "checkpoints" / "final").config["meta"]["rl_step"] == 2
 
 
+def test_sae_shards_train_under_accelerate_launch(tmp_path):
+    """The recipe itself on 2 ranks: rank 0 prepares the directory and builds the model first,
+    the other rank loads it; one run directory with every rank's events."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    run = tmp_path / "run"
+    _run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no",
+          "--main_process_port", str(_free_port()), "-m", "sae_shards.cli", "train",
+          "rl.max_steps=3", "logging=disabled", f"run_dir={run}", "capture.granularity=group",
+          "runner.min_samples=2"], tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rl_steps"] == 3
+    rollouts = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    for row in rollouts:  # every completion of both ranks in exactly one event of its step
+        rows = sorted(r for e in events if e["step"] == row["step"] for r in e["rows"])
+        assert rows == list(range(len(row["prompts"])))
+    assert summary["events"] == len(events) > 0
+    load_checkpoint(run / "checkpoints" / "final")
+
+
 def test_a_group_split_between_ranks_is_refused():
     class Args:
         per_device_train_batch_size, steps_per_generation = 2, 1

@@ -13,12 +13,12 @@ Only ``source=update`` on dense targets (LoRA adapters under FSDP2 are left to f
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from torch.distributed.tensor import DTensor
 
-from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
+from sae_shards.capture.buffer import DeltaRingBuffer
 from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.selection import LoraTarget, Target, few_names
 from sae_shards.capture.update_writer import SqNorm
@@ -49,22 +49,15 @@ class ShardedDeltaCapture(DeltaCapture):
 
     sharded = True
 
-    def __init__(
-        self,
-        targets: Mapping[str, Target],
-        buffer: DeltaRingBuffer | None,
-        source: str = "update",
-        meta_fn: Callable[[int], StepMeta] | None = None,
-        on_push: Callable[[int], None] | None = None,
-        outlier_ratio: float = 0.0,
-    ) -> None:
+    def __init__(self, targets: Mapping[str, Target], buffer: DeltaRingBuffer | None,
+                 source: str = "update", **kwargs) -> None:
         if source != "update":
             raise ValueError(
                 f"capture.source={source!r} is not supported under FSDP2 (sharded gradients and "
                 "optimizer state); use capture.source=update or capture.granularity=group")
         if not sharded_targets(targets):
             raise ValueError("ShardedDeltaCapture needs FSDP2 (DTensor) targets; use DeltaCapture")
-        super().__init__(targets, buffer, source, meta_fn, on_push, outlier_ratio)
+        super().__init__(targets, buffer, source, **kwargs)
         self._shards: dict[str, torch.Tensor] = {}  # fp32 copy of this rank's shard, per target
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

@@ -24,6 +24,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 from transformers.trainer_callback import ProgressCallback
 
+from sae_shards.capture import distributed
 from sae_shards.capture import resume as resume_state
 from sae_shards.capture.callback import ShardCallback
 from sae_shards.recipe.models import build_tiny_model, load_tokenizer
@@ -73,9 +74,14 @@ def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device) -> RLSetup:
     """The model (built or local), the task and the TRL trainer, with no sae-shards callbacks
     and TRL's per-step progress printing replaced by the callback's one-line report."""
     m = cfg.model
-    model_path = Path(m.path) if m.path else build_tiny_model(
-        run_dir / rundir.MODEL, m.arch, m.hidden_size, m.num_layers, m.num_heads,
-        m.intermediate_size, seed=cfg.seed, readout_scale=m.readout_scale)
+    if m.path:
+        model_path = Path(m.path)
+    elif not distributed.is_main():  # rank 0 built it first (_main_process_first)
+        model_path = run_dir / rundir.MODEL
+    else:
+        model_path = build_tiny_model(
+            run_dir / rundir.MODEL, m.arch, m.hidden_size, m.num_layers, m.num_heads,
+            m.intermediate_size, seed=cfg.seed, readout_scale=m.readout_scale)
     tokenizer = load_tokenizer(model_path)
     # The letters reward divides by target_length: tie it to the completion budget by default.
     task = build_task(cfg.task.name, **{"target_length": cfg.rl.max_completion_length,
@@ -118,30 +124,49 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
     """Prepare the run directory (then write ``hydra_files`` into ``.hydra/``), build RL and the
     callback, and resolve its targets: every user-fixable problem surfaces here as
     ``JobSetupError``, before anything is trained."""
+    main = distributed.is_main()
     try:
-        rundir.prepare_run_dir(run_dir, cfg.overwrite, cfg.resume)
-        resume_from = None
-        if cfg.resume:
-            step = resume_state.latest_complete(run_dir)
-            if step is None:
-                raise FileNotFoundError(
-                    f"resume=true but run_dir={run_dir} has no complete checkpoint (it was "
-                    "killed before its first runner.checkpoint_every steps); start it anew with "
-                    "overwrite=true")
-            resume_from = run_dir / rundir.TRL_OUTPUT / f"checkpoint-{step}"
-        for name, text in (hydra_files or {}).items():
-            (run_dir / rundir.HYDRA).mkdir(exist_ok=True)
-            (run_dir / rundir.HYDRA / name).write_text(text)
         device = resolve_device(cfg.device)
-        torch.manual_seed(cfg.seed)
-        rl = build_rl(cfg, run_dir, device)
-        logger = RunLogger.start(cfg.logging, run_dir, cfg.to_dict())
+        with _main_process_first(device):
+            if main:
+                rundir.prepare_run_dir(run_dir, cfg.overwrite, cfg.resume)
+            resume_from = None
+            if cfg.resume:
+                step = resume_state.latest_complete(run_dir)
+                if step is None:
+                    raise FileNotFoundError(
+                        f"resume=true but run_dir={run_dir} has no complete checkpoint (it was "
+                        "killed before its first runner.checkpoint_every steps); start it anew "
+                        "with overwrite=true")
+                resume_from = run_dir / rundir.TRL_OUTPUT / f"checkpoint-{step}"
+            for name, text in (hydra_files or {}).items() if main else ():
+                (run_dir / rundir.HYDRA).mkdir(exist_ok=True)
+                (run_dir / rundir.HYDRA / name).write_text(text)
+            torch.manual_seed(cfg.seed)
+            rl = build_rl(cfg, run_dir, device)  # rank 0 builds the tiny model, the others load it
+        logger = (RunLogger.start(cfg.logging, run_dir, cfg.to_dict()) if main else RunLogger())
         callback = shard_callback(cfg, run_dir, logger=logger)
-        callback.setup(rl.trainer.model, rl.trainer)
+        if main:  # the buffer and the SAE live on rank 0 (other ranks set up in train())
+            callback.setup(rl.trainer.model, rl.trainer)
     except SETUP_ERRORS as e:  # user-fixable: reported without a traceback by the CLI
         raise JobSetupError(str(e)) from e
     rl.trainer.add_callback(callback)
     return Started(rl, callback, resume_from)
+
+
+@contextlib.contextmanager
+def _main_process_first(device: torch.device) -> Iterator[None]:
+    """Under a multi-process launch (``accelerate launch``), rank 0 runs the block first (it
+    prepares the run directory and builds the model) and the other ranks after it
+    (accelerate's ``main_process_first``); one process: just the block."""
+    if distributed.world_size() == 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    # The state TRL's config creates next is this one (a singleton): on a CPU, gloo processes.
+    with PartialState(cpu=device.type == "cpu").main_process_first():
+        yield
 
 
 @contextlib.contextmanager
