@@ -123,7 +123,9 @@ class DeltaRingBuffer:
         self._unread = threading.Condition(self._lock)  # notified when a slot's readers reach 0
         self._readers = [0] * self.capacity  # gathers in progress that read each slot
         self._write_done: torch.cuda.Event | None = None  # CUDA only: last commit's kernels
-        self._read_done: torch.cuda.Event | None = None  # CUDA only: last sample's gather
+        # CUDA only: per reading stream, the last gather's event (a later gather on the same
+        # stream covers the earlier ones; gathers on different streams are not ordered).
+        self._read_done: dict[tuple[int, int], torch.cuda.Event] = {}
 
     # ---- writing ----------------------------------------------------------------------------
 
@@ -146,9 +148,9 @@ class DeltaRingBuffer:
             self._filled[slot] = False  # no new reader picks it from now on
             # Gathers that picked the slot earlier finish first; gathers of other slots go on.
             self._unread.wait_for(lambda: self._readers[slot] == 0)
-            read_done = self._read_done
-        if read_done is not None:  # earlier gathers must finish before the slot is overwritten
-            torch.cuda.current_stream(self.device).wait_event(read_done)
+            read_done = list(self._read_done.values())
+        for event in read_done:  # earlier gathers must finish before the slot is overwritten
+            torch.cuda.current_stream(self.device).wait_event(event)
         return slot, {name: data[slot] for name, data in self._data.items()}
 
     def commit(self, slot: int, meta: StepMeta) -> None:
@@ -330,7 +332,8 @@ class DeltaRingBuffer:
     def _unmark(self, slots: Sequence[int], event: torch.cuda.Event | None) -> None:
         with self._lock:
             if event is not None:  # before the slots are unmarked: begin_write reads it then
-                self._read_done = event
+                stream = torch.cuda.current_stream(self.device)
+                self._read_done[(stream.device_index, stream.stream_id)] = event
             for s in slots:
                 self._readers[s] -= 1
             self._unread.notify_all()

@@ -246,11 +246,22 @@ class ThreadRunner:
         self._queue: queue.Queue[int | list[int] | None] = queue.Queue(maxsize=max_lag)
         self._error: BaseException | None = None
         self._busy_since: float | None = None  # monotonic start of the slot being processed
+        device = loop.buffer.device
+        # On CUDA the SAE runs on a stream of its own, so its kernels neither queue behind RL's
+        # nor hold them up; the buffer's CUDA events order its gathers against RL's writes.
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._thread = threading.Thread(target=self._work, name="sae-worker", daemon=True)
         self._thread.start()
 
     def _work(self) -> None:
         # torch's intra-op pool is process-wide: the entry point set its size.
+        if self._stream is not None:
+            with torch.cuda.device(self._stream.device), torch.cuda.stream(self._stream):
+                self._work_loop()
+        else:
+            self._work_loop()
+
+    def _work_loop(self) -> None:
         while True:
             slot = self._queue.get()
             try:
@@ -259,6 +270,8 @@ class ThreadRunner:
                 if self._error is None:  # once failed, drain without working
                     self._busy_since = time.monotonic()
                     self.loop.process(slot)
+                    if self._stream is not None:  # idle means done: the RL thread may read
+                        self._stream.synchronize()  # the SAE (checkpoints) once we are
             except BaseException as e:  # handed to the RL thread, which raises it
                 self._error = e
             finally:

@@ -96,11 +96,12 @@ def trl_config(grpo_kwargs: dict[str, Any], output_dir: str | Path,
                 f"rl.{key}={grpo_kwargs[key]!r} is not supported: sae-shards fixes {key}={fixed!r} "
                 "(it logs to W&B and saves checkpoints itself); remove the key"
             )
-    on_cpu = not torch.cuda.is_available()
     settings = {**DEFAULT_GRPO, **grpo_kwargs, **_FIXED, **checkpointing(checkpoint_every)}
+    on_cpu = bool(settings.get("use_cpu")) or not torch.cuda.is_available()
     if on_cpu:
         if settings.get("bf16") or settings.get("fp16"):
-            raise ValueError("rl.bf16/rl.fp16 need a GPU; this machine has none, remove them")
+            raise ValueError("rl.bf16/rl.fp16 need a GPU; this run trains on the CPU (no GPU, or "
+                             "device=cpu), remove them")
         # TRL defaults bf16 to True; fp32 on CPU is both faster and what the capture assumes.
         settings.update(use_cpu=True, bf16=False)
     return config_cls(output_dir=str(output_dir), **settings)
