@@ -272,7 +272,10 @@ class DeltaRingBuffer:
             if self._writing is not None:
                 raise RuntimeError(f"slot {self._writing} is being written; save between steps")
             filled = self._filled.nonzero().flatten().to(self.device)  # [n_filled]
-            tensors = {f"buffer.{name}": data.index_select(0, filled).cpu()
+            # A full buffer (most of a run) is saved as it is, without a copy on the CPU: the
+            # caller writes it before the next step (the runner idle, so nothing writes to it).
+            tensors = {f"buffer.{name}": (data if filled.numel() == self.capacity
+                                          else data.index_select(0, filled)).cpu()
                        for name, data in self._data.items()}
             tensors["buffer.filled"] = self._filled.clone()
             tensors["buffer.heldout"] = self._heldout.clone()
