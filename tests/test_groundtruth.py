@@ -189,3 +189,26 @@ def test_energy_shares():
     scaled = xp.clone()
     scaled[torch.tensor([y == "B" for y in labels])] *= 3
     assert energy_shares(scaled, labels, TASKS)["B"] > 0.7
+
+
+def test_rank_ceiling_is_the_best_cosine_a_low_rank_direction_reaches():
+    from sae_shards.planted.groundtruth import rank_ceiling
+
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(6, 1, generator=g), torch.randn(1, 5, generator=g)
+    dense = torch.randn(6, 5, generator=g)
+    vec = torch.randn(4, generator=g)
+    dirs = {"a": torch.stack([u @ v, dense]), "b": torch.stack([vec, vec])}  # K = 2
+    ceiling = rank_ceiling(dirs, rank=1)
+    s = torch.linalg.svdvals(dense.double())
+    want = ((s[0] ** 2 + vec.double().pow(2).sum())
+            / (s.pow(2).sum() + vec.double().pow(2).sum())).sqrt()
+    assert abs(float(ceiling[0]) - 1.0) < 1e-6  # exactly rank 1 per target: reachable
+    assert abs(float(ceiling[1]) - float(want)) < 1e-6 and float(ceiling[1]) < 0.99
+    # ... and the best rank-1 direction (top singular pair, the vector whole) reaches it
+    U, S, Vh = torch.linalg.svd(dense.double())
+    best = torch.cat([(S[0] * U[:, :1] @ Vh[:1]).flatten(), vec.double()])
+    target = torch.cat([dense.double().flatten(), vec.double()])
+    cos = float(best @ target / (best.norm() * target.norm()))
+    assert abs(cos - float(ceiling[1])) < 1e-6
+    assert torch.allclose(rank_ceiling(dirs, rank=5), torch.ones(2))

@@ -67,6 +67,7 @@ from sae_shards.analysis.shards import ShardSet, load_run_models
 from sae_shards.planted.causal import CausalSettings, causal_tests
 from sae_shards.planted.groundtruth import (abs_cosine, auroc, energy_shares, flatten, label_sets,
                                             norm_features, presence, principal_direction,
+                                            rank_ceiling,
                                             shuffled, supervised_reference,
                                             task_directions, task_directions_with_source,
                                             unflatten)
@@ -333,6 +334,11 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         "multi_label": data.multi_label, "from_step": from_step,
         "mmcs": mmcs, "mmcs_null": mean(null_mmcs), "mmcs_margin": mmcs - mean(null_mmcs),
         "mmcs_supervised": sup_mmcs(truth),
+        # what the SAE's rank per target allows at best (per task, and on shuffled labels)
+        "mmcs_rank_ceiling": float(rank_ceiling(unflatten(truth, shapes), sae.cfg.rank).mean()),
+        "mmcs_rank_ceiling_null": mean([float(rank_ceiling(unflatten(t, shapes),
+                                                            sae.cfg.rank).mean())
+                                        for t in null_truths]),
         "mmcs_supervised_null": mean([sup_mmcs(t) for t in null_truths]),
         "auroc_task": mean(list(auroc_task.values())), "auroc_null": mean(null_auroc),
         "auroc_margin": mean(list(auroc_task.values())) - mean(null_auroc),

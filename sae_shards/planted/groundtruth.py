@@ -64,6 +64,26 @@ def principal_direction(x: Tensor) -> Tensor:
     return (d / d.norm().clamp_min(1e-300)).float()
 
 
+def rank_ceiling(directions: Mapping[str, Tensor], rank: int) -> Tensor:
+    """Per direction, the largest |cosine| any direction with at most ``rank`` per matrix target
+    can have with it: ``sqrt(sum_p sum_{i <= rank} s_i(T_p)^2 / ||T||^2)`` over the targets'
+    singular values (1-D targets count whole). ``directions``: ``{target: [K, *shape]}``; ``[K]``.
+
+    An SAE of ``sae.rank`` decoder rows per target cannot match a ground truth more closely than
+    this, however well it learns."""
+    kept, total = None, None
+    for d in directions.values():
+        sq = d.double().flatten(1).pow(2).sum(1)  # [K]
+        if d.ndim == 3:
+            s = torch.linalg.svdvals(d.double())  # [K, min(m, n)], descending
+            part = s[:, :rank].pow(2).sum(1)
+        else:
+            part = sq
+        kept = part if kept is None else kept + part
+        total = sq if total is None else total + sq
+    return (kept / total.clamp_min(1e-300)).sqrt().float()
+
+
 Labels = Sequence[str] | Sequence[Iterable[str]]
 """One label per sample (a string), or each sample's set of tasks (per-step samples of a
 ``mixed`` schedule hold several); both forms are accepted everywhere below."""
