@@ -174,6 +174,55 @@ def test_sae_shards_train_under_accelerate_launch(tmp_path):
     load_checkpoint(run / "checkpoints" / "final")
 
 
+def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_run_resumes(tmp_path):
+    """SIGTERM to the launcher (which forwards it to the workers): every rank stops after the
+    same step, TRL's and sae-shards' checkpoints of it are written, and resume=true finishes."""
+    import signal
+    import time
+
+    accelerate = Path(sys.executable).parent / "accelerate"
+    run = tmp_path / "run"
+    job = ["-m", "sae_shards.cli", "train", "rl.max_steps=20", "logging=disabled",
+           f"run_dir={run}", "capture.granularity=group", "runner.min_samples=2"]
+    launch = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen([*launch, "--main_process_port", str(_free_port()), *job],
+                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        rollouts = run / "rollouts.jsonl"
+        while not (rollouts.is_file() and len(rollouts.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "log.txt").read_text()[-4000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    text = (tmp_path / "log.txt").read_text()
+    assert "Received data size doesn't match" not in text, text[-4000:]  # no collective mismatch
+    summary = json.loads((run / "summary.json").read_text())
+    step = summary["rl_steps"]
+    assert summary["interrupted"] and 3 <= step < 20, text[-4000:]
+    assert (run / "trl" / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert (run / "checkpoints" / f"step_{step:06d}").is_dir()
+    _run([*launch, "--main_process_port", str(_free_port()), *job, "resume=true"], tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rl_steps"] == 20 and not summary["interrupted"]
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert sorted({e["step"] for e in events}) == list(range(1, 21))  # no step lost or doubled
+    assert len(events) == len({(e["step"], e["event"]) for e in events})
+
+
+def test_resuming_on_another_number_of_processes_is_refused(tmp_path):
+    from sae_shards.capture.callback import _check_same_world
+
+    (tmp_path / "config.json").write_text(json.dumps({"world_size": 2}))
+    with pytest.raises(ValueError, match="trained on 2 process.*resumed on 1.*--num_processes 2"):
+        _check_same_world(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"world_size": 1}))
+    _check_same_world(tmp_path)
+
+
 def test_a_group_split_between_ranks_is_refused():
     class Args:
         per_device_train_batch_size, steps_per_generation = 2, 1

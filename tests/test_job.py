@@ -200,3 +200,16 @@ def test_setup_errors_are_reported_cleanly(tmp_path, override, message):
     assert re.search(message, proc.stderr), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_a_retry(tmp_path):
+    from sae_shards.run import rundir
+
+    (tmp_path / rundir.CONFIG).write_text("{}")  # what a failed start leaves: config, empty logs
+    for name in (rundir.ROLLOUTS, rundir.EVENTS, rundir.METRICS):
+        (tmp_path / name).touch()
+    (tmp_path / rundir.CHECKPOINTS).mkdir()
+    assert rundir.prepare_run_dir(tmp_path, overwrite=False) == tmp_path
+    (tmp_path / rundir.ROLLOUTS).write_text('{"step": 1}\n')  # one logged step: a run
+    with pytest.raises(FileExistsError, match=r"already holds a run \(rollouts.jsonl\)"):
+        rundir.prepare_run_dir(tmp_path, overwrite=False)

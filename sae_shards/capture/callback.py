@@ -33,6 +33,7 @@ rows' events and send them to rank 0 each step (``capture/distributed.py``, docs
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import statistics
@@ -137,6 +138,7 @@ class ShardCallback(TrainerCallback):
         self._t0 = math.nan
         self.stop_signal: int | None = None
         """Set by ``request_stop``: the run ends after the current step, checkpointed."""
+        self._stopped = False  # the run is ending early at this step (decided at on_step_end)
         self.last_checkpoint: Path | None = None
 
     # ---- setup -------------------------------------------------------------------------------
@@ -162,6 +164,8 @@ class ShardCallback(TrainerCallback):
         self.rollouts = TRLRollouts(trainer, self.label_column) if trainer is not None else None
         self.meta = {"source": self.capture_cfg.source, "model_id": _model_id(model),
                      "run_dir": str(self.run_dir), "lora": self._is_lora(), **self.meta}
+        if self.resume:
+            _check_same_world(self.run_dir)
         self._rollout_log = rundir.JsonLines(self.run_dir / rundir.ROLLOUTS)
         self._metric_log = rundir.JsonLines(self.run_dir / rundir.METRICS)
         rundir.write_json(self.run_dir / rundir.CONFIG, self._config_json(model, trainer))
@@ -172,9 +176,9 @@ class ShardCallback(TrainerCallback):
                       "dense_sae_params": sae.dense_param_count(),
                       "buffer_bytes": self.parts.buffer.memory_bytes}
         log.info("targets: %d tensors, %d entries; SAE %d factored weights vs %d dense; buffer "
-                 "%.1f MiB", self.sizes["n_targets"], self.sizes["delta_numel"],
+                 "%.1f MiB; %d process(es)", self.sizes["n_targets"], self.sizes["delta_numel"],
                  self.sizes["sae_factored_params"], self.sizes["dense_sae_params"],
-                 self.sizes["buffer_bytes"] / 2**20)
+                 self.sizes["buffer_bytes"] / 2**20, distributed.world_size())
 
     def _step_capture(self, targets: dict, buffer) -> DeltaCapture:
         """The per-step capture for ``targets``: ``ShardedDeltaCapture`` when they are FSDP2
@@ -202,7 +206,8 @@ class ShardCallback(TrainerCallback):
         """The JobConfig-shaped ``config.json`` analysis reads (model path, task, capture...)."""
         own = {"capture": dataclasses.asdict(self.capture_cfg),
                "runner": dataclasses.asdict(self.runner_cfg), "sae": self.sae_cfg.to_dict(),
-               "run_dir": str(self.run_dir), "seed": self.seed}
+               "run_dir": str(self.run_dir), "seed": self.seed,
+               "world_size": distributed.world_size()}
         if self.run_config:
             return {**self.run_config, **own}
         args = getattr(trainer, "args", None)
@@ -284,6 +289,17 @@ class ShardCallback(TrainerCallback):
             self.capture.on_optimizer_step(args, state, control, **kwargs)
 
     def on_step_end(self, args, state, control, **kwargs):
+        # Whether to stop after this step, decided once here: a signal landing later in the
+        # step counts at the next one. With several processes every rank must agree (TRL's
+        # checkpoint and the end of training are collective): a stop asked on any rank stops all.
+        stop = self.stop_signal is not None
+        if args.world_size > 1:
+            stop = distributed.any_rank(stop)
+            if stop and self.stop_signal is None:
+                self.stop_signal = 0  # asked on another rank
+        if stop:  # TRL saves its checkpoint of this step, then stops
+            control.should_save = control.should_training_stop = True
+            self._stopped = True
         if self.capture is not None and not state.is_world_process_zero:
             self.capture.on_step_end(args, state, control, **kwargs)  # FSDP2: joins the gather
         if self.capture is None or not state.is_world_process_zero:
@@ -295,8 +311,6 @@ class ShardCallback(TrainerCallback):
         for record in getattr(self.capture, "last_events", ()):
             self._event_log.append(record)
         self._flush_sae_records()
-        if self.stop_signal is not None:  # TRL saves its checkpoint of this step, then stops
-            control.should_save = control.should_training_stop = True
         every = self.runner_cfg.checkpoint_every
         if control.should_save or (every and step % every == 0):
             self._save_step(step)
@@ -326,7 +340,7 @@ class ShardCallback(TrainerCallback):
             log.warning("FSDP2: the final policy is not saved to %s (gathering it needs every "
                         "rank); save it with trainer.save_model() and point analysis at it",
                         self.run_dir / rundir.FINAL_MODEL)
-        elif self.save_model and self.stop_signal is None:
+        elif self.save_model and not self._stopped:
             out = self.run_dir / rundir.FINAL_MODEL
             with rundir.writing(out):
                 model.save_pretrained(str(out))
@@ -370,7 +384,7 @@ class ShardCallback(TrainerCallback):
         """Final checkpoint (an interrupted run keeps its last step checkpoint instead),
         activations, samples, summary and artifact."""
         parts = self.parts
-        if self.stop_signal is None:
+        if not self._stopped:
             final = self.run_dir / rundir.CHECKPOINTS / "final"
             with rundir.writing(final):
                 save_checkpoint(final, parts.sae, parts.trainer.stats.as_tensors(),
@@ -395,9 +409,11 @@ class ShardCallback(TrainerCallback):
         fvu_heldout, n_heldout = heldout_fvu(parts)
         rewards = [self._rewards[s] for s in sorted(self._rewards)]
         summary = run_summary(parts, self.capture, self.runner_cfg, rewards, self._fvu, extra={
-            "interrupted": self.stop_signal is not None, "stop_signal": self.stop_signal,
+            "interrupted": self._stopped,
+            "stop_signal": self.stop_signal if self._stopped else None,
             "final_checkpoint": str(final), "fvu_heldout": fvu_heldout,
             "heldout_samples": n_heldout, "wall_s": time.perf_counter() - self._t0,
+            "world_size": distributed.world_size(),
             **self.sizes})
         rundir.write_json(self.run_dir / rundir.SUMMARY, summary)
         self.logger.summary(summary)
@@ -425,6 +441,24 @@ def _with(cfg: Any, **shortcuts: Any) -> Any:
         return cfg
     prefix = "capture." if isinstance(cfg, CaptureConfig) else "runner."
     return build_dataclass(type(cfg), {**dataclasses.asdict(cfg), **given}, prefix)
+
+
+def _check_same_world(run_dir: Path) -> None:
+    """A resumed run must have as many processes as it had: TRL's per-device batch is per
+    rank, so another count changes every later step's batch under the same run directory."""
+    path = run_dir / rundir.CONFIG
+    if not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text()).get("world_size", 1)
+    except ValueError:
+        return  # a torn config.json is rewritten below
+    now = distributed.world_size()
+    if before != now:
+        raise ValueError(
+            f"{run_dir} was trained on {before} process(es) and is resumed on {now}: the RL "
+            "steps would change size mid-run; resume it with the launch it started with "
+            f"({'accelerate launch --num_processes ' + str(before) if before > 1 else 'one process'})")
 
 
 def _model_id(model: torch.nn.Module) -> str:

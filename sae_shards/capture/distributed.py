@@ -52,6 +52,16 @@ def gather_to_main(obj: T) -> list[T] | None:
     return out
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (a collective under several processes)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``tensors`` moved to the CPU (for ``gather_to_main``)."""
     return {k: v.detach().cpu() for k, v in tensors.items()}

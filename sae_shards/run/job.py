@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -169,13 +170,28 @@ def _main_process_first(device: torch.device) -> Iterator[None]:
         yield
 
 
+REPEAT_S = 2.0
+"""Multi-process runs: a second identical signal this soon after the first is the launcher's
+echo of it, not a second request."""
+
+
 @contextlib.contextmanager
 def stop_on_signals(callback: ShardCallback) -> Iterator[None]:
     """While training: the first SIGTERM/SIGINT asks the callback to stop after the current step
-    (with a checkpoint); a second one raises ``KeyboardInterrupt`` at once. Main thread only."""
+    (with a checkpoint); a second one raises ``KeyboardInterrupt`` at once. Main thread only.
+
+    Under a multi-process launch one Ctrl-C reaches each worker twice (from the terminal, and
+    forwarded by the launcher): a repeat of the same signal within ``REPEAT_S`` counts once."""
+    first: list[float] = []
+
     def handler(signum, frame):
         if callback.stop_signal is not None:
+            echo = (distributed.world_size() > 1 and signum == callback.stop_signal
+                    and first and time.monotonic() - first[0] < REPEAT_S)
+            if echo:
+                return
             raise KeyboardInterrupt(f"signal {signum} again: stopping at once")
+        first.append(time.monotonic())
         callback.request_stop(signum)
         log.warning("%s: finishing this RL step, writing a checkpoint, then stopping (send it "
                     "again to stop at once)", signal.Signals(signum).name)

@@ -86,6 +86,12 @@ def writing(path: Path) -> Iterator[None]:
             "(free space or fix permissions, then resume with resume=true)") from e
 
 
+def _has_content(path: Path) -> bool:
+    if path.is_dir():
+        return any(path.iterdir())
+    return path.exists() and path.stat().st_size > 0
+
+
 def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) -> Path:
     """Create ``run_dir``; refuse one holding an earlier run unless ``overwrite``, which removes
     every file an earlier run wrote (``OWNED``) so nothing of it mixes with the new run, or
@@ -96,7 +102,8 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
                          "directory; give a directory of its own, e.g. run_dir=runs/my_run")
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"run_dir={run_dir} is a file; give a directory")
-    earlier = [name for name in _RESULTS if (run_dir / name).exists()]
+    # Empty logs (a run that failed before its first step) do not count: a retry may reuse them.
+    earlier = [name for name in _RESULTS if _has_content(run_dir / name)]
     if resume:
         if not (run_dir / RESUME).is_dir():
             raise FileNotFoundError(f"resume=true but run_dir={run_dir} holds no resumable run "
@@ -144,8 +151,12 @@ class JsonLines:
         path.touch()
 
     def append(self, row: dict[str, Any]) -> None:
+        try:  # the C encoder at once; the (slower) NaN scrub only when a value needs it
+            line = json.dumps(row, allow_nan=False)
+        except ValueError:
+            line = json.dumps(strict_json(row), allow_nan=False)
         with writing(self.path), self.path.open("a") as f:
-            f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
+            f.write(line + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
