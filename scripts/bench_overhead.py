@@ -2,6 +2,7 @@
 
     python -m scripts.bench_overhead                     # default job config, CPU, ~2-4 minutes
     python -m scripts.bench_overhead rl.max_steps=60 runner.sae_steps_per_rl_step=2
+    python -m scripts.bench_overhead runner.sae_budget=0.05 --repeats 3   # medians of 3 rounds
 
 Every mode builds the same job (Hydra overrides as for ``sae-shards train``; same seed, same
 model, same task) in a fresh temporary run directory and times ``trainer.train()`` only. The
@@ -71,18 +72,28 @@ def time_mode(cfg: JobConfig, name: str, run_dir: Path) -> dict:
             "per_slot": callback.summary["samples_per_slot"] if callback else 0.0}
 
 
+def _median_row(runs: list[dict]) -> dict:
+    """The run with the median wall time (the upper one of an even count)."""
+    return sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for sae-shards train")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of modes")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the modes this many times, interleaved (rl, capture, ..., rl, "
+                             "capture, ...); the table gives each mode's median and the range of "
+                             "its per-round ratio to rl")
     args = parser.parse_args(argv)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = job_config_from_hydra(compose("config", overrides=["logging=disabled", *args.overrides]))
     modes = args.modes.split(",")
-    rows = []
+    rounds: list[list[dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in modes:
-            rows.append(time_mode(cfg, mode, Path(tmp) / mode))
+        for k in range(args.repeats):
+            rounds.append([time_mode(cfg, mode, Path(tmp) / f"{mode}-{k}") for mode in modes])
+    rows = [_median_row([rnd[i] for rnd in rounds]) for i in range(len(modes))]
     base = next((r["total_s"] for r in rows if r["mode"] == "rl"), None)
     steps = cfg.rl.max_steps
     lines = [
@@ -94,13 +105,22 @@ def main(argv: list[str] | None = None) -> str:
         + f" (batch {cfg.sae.batch_size}, {cfg.sae.n_latents} latents)",
         "",
         "| mode | RL loop s (incl. SAE backlog) | s / RL step | SAE steps | samples / slot "
-        "| overhead vs rl |",
-        "|---|---|---|---|---|---|",
+        "| overhead vs rl |" + (" per-round ratios |" if args.repeats > 1 else ""),
+        "|---|---|---|---|---|---|" + ("---|" if args.repeats > 1 else ""),
     ]
-    for r in rows:
+    rl_at = next((i for i, m in enumerate(modes) if m == "rl"), None)
+    for i, r in enumerate(rows):
         ratio = f"{r['total_s'] / base:.2f}x" if base else "n/a"
-        lines.append(f"| {r['mode']} | {r['total_s']:.1f} | {r['total_s'] / steps:.3f} | "
-                     f"{r['sae_steps']} | {r['per_slot']:.1f} | {ratio} |")
+        line = (f"| {r['mode']} | {r['total_s']:.1f} | {r['total_s'] / steps:.3f} | "
+                f"{r['sae_steps']} | {r['per_slot']:.1f} | {ratio} |")
+        if args.repeats > 1:
+            per = ([f"{rnd[i]['total_s'] / rnd[rl_at]['total_s']:.2f}" for rnd in rounds]
+                   if rl_at is not None else ["n/a"])
+            line += f" {', '.join(per)} |"
+        lines.append(line)
+    if args.repeats > 1:
+        lines.append(f"\nMedian of {args.repeats} interleaved rounds per mode; the overhead is the "
+                     "ratio of medians.")
     table = "\n".join(lines)
     print(table)
     return table

@@ -272,11 +272,13 @@ class DeltaRingBuffer:
             if self._writing is not None:
                 raise RuntimeError(f"slot {self._writing} is being written; save between steps")
             filled = self._filled.nonzero().flatten().to(self.device)  # [n_filled]
-            # A full buffer (most of a run) is saved as it is, without a copy on the CPU: the
-            # caller writes it before the next step (the runner idle, so nothing writes to it).
-            tensors = {f"buffer.{name}": (data if filled.numel() == self.capacity
-                                          else data.index_select(0, filled)).cpu()
-                       for name, data in self._data.items()}
+            # Slots fill in ring order from 0, so the committed slots are a prefix until the ring
+            # wraps and all of them after: saved as views, with no copy on the CPU (the caller
+            # writes them before the next step; the runner is idle, so nothing writes to them).
+            n = filled.numel()
+            prefix = n == 0 or int(filled[-1]) == n - 1
+            tensors = {f"buffer.{name}": (data[:n] if prefix else data.index_select(0, filled))
+                       .cpu() for name, data in self._data.items()}
             tensors["buffer.filled"] = self._filled.clone()
             tensors["buffer.heldout"] = self._heldout.clone()
             meta = [None if m is None else dataclasses.asdict(m) for m in self._meta]

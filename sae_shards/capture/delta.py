@@ -54,7 +54,7 @@ from sae_shards.capture.selection import LoraTarget, Target, check_not_sharded, 
 from sae_shards.capture.step_rules import (Scratch, deconv_coefficients, deconv_state, step_rule,
                                            unwrap_optimizer, write_deconv, write_precond)
 from sae_shards.capture.update_writer import (SqNorm, alloc_snapshot, finite_norm, pieces,
-                                              target_params, write_update)
+                                              target_params, write_update, write_updates)
 from sae_shards.core.targets import check_batch
 from sae_shards.run.config import SOURCES
 
@@ -216,10 +216,10 @@ class DeltaCapture(TrainerCallback):
             return
         if self._snap_in_slot:
             self._slot, self._slot_views = self.buffer.begin_write()
-        for name, target in self.targets.items():
-            snaps = self._snapshots[name] or (self._slot_views[name],)
-            for snap, p in zip(snaps, target_params(target)):
-                snap.copy_(p)
+        pairs = [(snap, p) for name, target in self.targets.items()
+                 for snap, p in zip(self._snapshots[name] or (self._slot_views[name],),
+                                    target_params(target))]
+        torch._foreach_copy_([s for s, _ in pairs], [p.detach() for _, p in pairs])
         if self.source == "deconv":
             # The value this step's optimizer.step() uses: the scheduler steps after it, before
             # on_step_end. global_step counts optimizer steps, across resumes.
@@ -264,9 +264,9 @@ class DeltaCapture(TrainerCallback):
             assert self._armed, "on_step_end without a snapshot from on_step_begin"
             if not self._snap_in_slot:
                 self._slot, self._slot_views = self.buffer.begin_write()
-            for name, target in self.targets.items():
-                view = self._slot_views[name]
-                write_update(target, self._snapshots[name] or (view,), view, sq_norm)
+            write_updates(((target, self._snapshots[name] or (self._slot_views[name],),
+                            self._slot_views[name]) for name, target in self.targets.items()),
+                          sq_norm)
             self._armed = False
         elif self.source == "deconv":
             assert self._armed, "on_step_end without a snapshot from on_step_begin"
