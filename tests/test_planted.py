@@ -35,6 +35,7 @@ def grad_run(tmp_path_factory):
             # reduced run learns within 120 steps (the v2 body-only build needs hundreds)
             "rl.trainable=null", "model.readout_scale=1.0", "rl.learning_rate=5e-4",
             "task.options.schedule=random", "capture.granularity=step", "capture.normalize=none",
+            "capture.precondition=none",
             "rl.per_device_train_batch_size=16", "task.n_prompts=1024", "capture.capacity=120",
             "runner.heldout_every=4", "runner.sae_start_step=0", "runner.sae_steps_per_rl_step=2"]))
     dirs = run_planted(cfg, tmp_path_factory.mktemp("planted"), sources=("grad",), groups=("body",))
