@@ -112,6 +112,12 @@ def test_sae_budget_grants_steps_worth_its_share_of_rl_time():
     debt.spent(start, 0, 0.0)
     now[0] += 0.100
     assert debt.steps(now[0]) == 0 and debt.step_s == pytest.approx(0.010)  # estimate kept
+    charged = SAEBudget(0.2, clock=lambda: now[0])  # SAE work between pushes is paid for too
+    charged.spent(now[0], 1, 0.010)
+    charged.charge(0.05)  # a 50 ms activation flush before a checkpoint
+    now[0] += 0.05 + 0.100  # ... then 100 ms of RL
+    assert charged.steps(now[0]) == 0  # 20 ms earned, 50 ms owed (the flush earned nothing)
+    assert charged.credit_s == pytest.approx(0.2 * 0.100 - 0.05)
     idle = SAEBudget(0.2, clock=lambda: now[0])  # a long pause buys no burst
     idle.spent(now[0], 1, 0.01)
     now[0] += 1000.0

@@ -91,7 +91,8 @@ class SAEBudget:
 
     RL time is the wall time between the end of one ``process`` and the start of the next (what
     the RL side spent on its own step); every second of it earns ``sae_budget`` seconds of
-    credit, and each ``process`` spends its own wall time (encode, SAE steps). A push runs as
+    credit, and each ``process`` spends its own wall time (encode, SAE steps); ``charge`` pays
+    for SAE work done between pushes (activation flushes before checkpoints). A push runs as
     many SAE steps as the credit pays for at the measured cost per step (the first one runs one
     step to measure it). Credit is capped at ``cap_steps`` steps, so a long pause does not buy a
     burst. The counts depend on timing: runs with a budget are not bit-reproducible.
@@ -114,6 +115,13 @@ class SAEBudget:
             return 1
         self.credit_s = min(self.credit_s, self.cap_steps * self.step_s)
         return max(0, int(self.credit_s // self.step_s))  # in debt: none until it is repaid
+
+    def charge(self, seconds: float) -> None:
+        """Charge SAE work done outside ``process`` (an activation flush before a checkpoint):
+        paid from the credit, and not counted as RL time either."""
+        self.credit_s -= seconds
+        if self._last_end is not None:
+            self._last_end += seconds
 
     def spent(self, started: float, n_steps: int, steps_s: float) -> None:
         """Charge the ``process`` that started at ``started`` (``steps_s`` of it on SAE steps)."""
@@ -146,6 +154,7 @@ class SAEWorkLoop:
         self._flush_at = max(1, min(64, buffer.capacity - cfg.max_lag - 2))
         self._records: list[SAEStepRecord] = []
         self._lock = threading.Lock()
+        self._in_process = False
         self.last_rl_step = 0
 
     def room(self, threaded: bool) -> int:
@@ -163,16 +172,26 @@ class SAEWorkLoop:
         if not self._pending or not sae.input_scale > 0:
             self._pending.clear()  # before the SAE has seen data there is nothing to encode
             return
+        t0 = time.perf_counter()
         slots, steps, events = zip(*self._pending)
         for at in range(0, len(slots), 64):
             x = sae.to_scaled(self.buffer.gather(list(slots[at:at + 64])))
             self.activations.add(list(steps[at:at + 64]), self.trainer.n_steps, sae.encode(x),
                                  list(events[at:at + 64]))
         self._pending.clear()
+        if self.budget is not None and not self._in_process:  # process() charges its own time
+            self.budget.charge(time.perf_counter() - t0)
 
     def process(self, slots: int | list[int]) -> None:
         """The SAE's work for one push: one captured sample (a slot), or the events of one RL
         step (their slots): training runs once per push."""
+        self._in_process = True
+        try:
+            self._process(slots)
+        finally:
+            self._in_process = False
+
+    def _process(self, slots: int | list[int]) -> None:
         started = self.budget.clock() if self.budget is not None else 0.0
         slots = [slots] if isinstance(slots, int) else list(slots)
         metas = [self.buffer.metadata(s) for s in slots]
