@@ -49,14 +49,15 @@ from sae_shards.capture import resume as resume_state
 from sae_shards.capture.buffer import StepMeta
 from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
-from sae_shards.capture.pipeline import Pipeline, build_pipeline
+from sae_shards.capture.pipeline import Pipeline, build_pipeline, resolve_targets
 from sae_shards.capture.rollouts import TRLRollouts, calling_trainer
 from sae_shards.capture.summary import final_activations, heldout_fvu, run_summary
-from sae_shards.capture.selection import LoraTarget
+from sae_shards.capture.selection import LoraTarget, target_shapes
 from sae_shards.capture.sharded_delta import ShardedDeltaCapture, sharded_targets
 from sae_shards.core import events as ev
 from sae_shards.core.checkpoint import save_checkpoint
 from sae_shards.core.sae_config import SAEConfig
+from sae_shards.core.targets import make_targets
 from sae_shards.run import rundir
 from sae_shards.run.config import CaptureConfig, RunnerConfig, check_sae_window
 from sae_shards.run.schema import build_dataclass
@@ -193,8 +194,6 @@ class ShardCallback(TrainerCallback):
         the parameters at ``accelerator.prepare``): capture the sharded parameters instead."""
         if self.capture_cfg.granularity != "step" or self.capture.sharded:
             return
-        from sae_shards.capture.pipeline import resolve_targets
-
         targets = resolve_targets(model, self.capture_cfg.targets)
         if sharded_targets(targets):
             self.capture = self._step_capture(targets, self.parts.buffer)
@@ -247,10 +246,6 @@ class ShardCallback(TrainerCallback):
         the delta's all-gather; otherwise nothing (rank 0 captures alone)."""
         if self.capture is not None:
             return
-        from sae_shards.capture.pipeline import resolve_targets
-        from sae_shards.capture.selection import target_shapes
-        from sae_shards.core.targets import make_targets
-
         targets = resolve_targets(model, self.capture_cfg.targets)
         if self.capture_cfg.granularity == "step":
             if sharded_targets(targets):

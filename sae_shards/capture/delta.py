@@ -174,10 +174,7 @@ class DeltaCapture(TrainerCallback):
     # ---- callback events ----
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self._slot is not None:  # a previous train() stopped mid-step
-            self.buffer.abort(self._slot)
-        self._armed, self._slot, self._slot_views = False, None, {}
-        self._have_prev = False
+        self._reset()
         if not state.is_world_process_zero:
             return
         check_not_sharded(model.named_parameters())
@@ -187,13 +184,7 @@ class DeltaCapture(TrainerCallback):
                 "not in param.grad at on_pre_optimizer_step and the optimizer holds flattened "
                 "parameters); use source='update'"
             )
-        owned = {id(p) for p in model.parameters()}
-        foreign = [n for n, t in self.targets.items() if not {id(p) for p in target_params(t)} <= owned]
-        if foreign:
-            raise ValueError(
-                f"capture targets {few_names(foreign, 3)} are not parameters of the trained model; "
-                "select them from trainer.model after the trainer is built"
-            )
+        self._check_owned(model)
         if self.source in _OPTIMIZER_SOURCES:
             self._optimizer = unwrap_optimizer(optimizer)
             self._kind, self._groups = step_rule(self._optimizer, self.targets, self.source)
@@ -205,6 +196,24 @@ class DeltaCapture(TrainerCallback):
             self._snapshots = {
                 n: () if self._snap_in_slot and not isinstance(t, LoraTarget)
                 else alloc_snapshot(t, self.buffer) for n, t in self.targets.items()}
+
+    def _reset(self) -> None:
+        """Forget a step a previous ``train()`` stopped in the middle of."""
+        if self._slot is not None:
+            self.buffer.abort(self._slot)
+        self._armed, self._slot, self._slot_views = False, None, {}
+        self._have_prev = False
+
+    def _check_owned(self, model: torch.nn.Module) -> None:
+        """Every target's parameters belong to ``model``, the model being trained."""
+        owned = {id(p) for p in model.parameters()}
+        foreign = [n for n, t in self.targets.items() if not {id(p) for p in target_params(t)} <= owned]
+        if foreign:
+            raise ValueError(
+                f"capture targets {few_names(foreign, 3)} are not parameters of the trained model; "
+                "select them from trainer.model after the trainer is built (under FSDP2, after "
+                "it sharded the model)"
+            )
 
     @torch.no_grad()
     def on_step_begin(self, args, state, control, **kwargs):

@@ -154,7 +154,6 @@ class SAEWorkLoop:
         self._flush_at = max(1, min(64, buffer.capacity - cfg.max_lag - 2))
         self._records: list[SAEStepRecord] = []
         self._lock = threading.Lock()
-        self._in_process = False
         self.last_rl_step = 0
 
     def room(self, threaded: bool) -> int:
@@ -164,10 +163,11 @@ class SAEWorkLoop:
         free = self.buffer.capacity - (self._flush_at - 1)
         return max(1, free // (self.cfg.max_lag + 1) if threaded else free)
 
-    def flush_activations(self) -> None:
+    def flush_activations(self, charge: bool = True) -> None:
         """Encode the samples captured since the last flush with the SAE as it is now, which is
         the SAE they arrived at (it trains only after a flush): one batch instead of one encode
-        per push. Call with the runner idle."""
+        per push. Call with the runner idle. ``charge``: pay its time from ``runner.sae_budget``
+        (``process`` passes False: it charges its whole wall time itself)."""
         sae = self.trainer.sae
         if not self._pending or not sae.input_scale > 0:
             self._pending.clear()  # before the SAE has seen data there is nothing to encode
@@ -179,34 +179,28 @@ class SAEWorkLoop:
             self.activations.add(list(steps[at:at + 64]), self.trainer.n_steps, sae.encode(x),
                                  list(events[at:at + 64]))
         self._pending.clear()
-        if self.budget is not None and not self._in_process:  # process() charges its own time
+        if charge and self.budget is not None:
             self.budget.charge(time.perf_counter() - t0)
 
     def process(self, slots: int | list[int]) -> None:
         """The SAE's work for one push: one captured sample (a slot), or the events of one RL
         step (their slots): training runs once per push."""
-        self._in_process = True
-        try:
-            self._process(slots)
-        finally:
-            self._in_process = False
-
-    def _process(self, slots: int | list[int]) -> None:
         started = self.budget.clock() if self.budget is not None else 0.0
         slots = [slots] if isinstance(slots, int) else list(slots)
         metas = [self.buffer.metadata(s) for s in slots]
         if len(self._pending) + len(slots) > self._flush_at:
-            self.flush_activations()  # before the ring can overwrite a pending slot
+            self.flush_activations(charge=False)  # before the ring can overwrite a pending slot
         self._pending.extend((s, m.global_step, m.event) for s, m in zip(slots, metas))
         rl_step = metas[-1].global_step
         n_steps, steps_s = 0, 0.0
         if len(self._pending) >= self._flush_at:
-            self.flush_activations()
+            self.flush_activations(charge=False)
         if rl_step >= self.cfg.sae_start_step and self.buffer.n_trainable >= self.cfg.min_samples:
             n_steps = (self.budget.steps(started) if self.budget is not None
                        else self.cfg.sae_steps_per_rl_step)
             if n_steps:
-                self.flush_activations()  # the samples so far, under the SAE before this training
+                # the samples so far, under the SAE before this training
+                self.flush_activations(charge=False)
             t0 = time.perf_counter()
             for _ in range(n_steps):
                 batch = self.buffer.sample(self.trainer.sae.cfg.batch_size, self.generator,

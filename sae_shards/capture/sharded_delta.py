@@ -61,16 +61,8 @@ class ShardedDeltaCapture(DeltaCapture):
         self._shards: dict[str, torch.Tensor] = {}  # fp32 copy of this rank's shard, per target
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self._slot is not None:
-            self.buffer.abort(self._slot)
-        self._armed, self._slot, self._slot_views = False, None, {}
-        owned = {id(p) for p in model.parameters()}
-        foreign = [n for n, t in self.targets.items() if id(t) not in owned]
-        if foreign:
-            raise ValueError(
-                f"capture targets {few_names(foreign, 3)} are not parameters of the trained model "
-                "(selected before fully_shard replaced them?); select them from trainer.model "
-                "at on_train_begin")
+        self._reset()  # on every rank: each one holds its shard of every target
+        self._check_owned(model)
 
     @torch.no_grad()
     def on_step_begin(self, args, state, control, **kwargs):
