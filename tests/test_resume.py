@@ -142,6 +142,57 @@ def test_a_checkpoint_write_failing_halfway_keeps_the_run_resumable(uninterrupte
     _same_run(uninterrupted, run)
 
 
+def test_a_slow_background_checkpoint_is_the_state_of_its_own_step(tmp_path, monkeypatch):
+    """The step-8 checkpoint is written on a background thread, slowly, while RL goes on. With a
+    4-slot ring the next step writes into slot 0, which that checkpoint holds (as a view): unless
+    RL waits for the write, the resume file would hold step 9's sample. The step-12 write then
+    fails; resuming from step 8 must give the uninterrupted run, bit for bit."""
+    small = ("capture.capacity=4",)
+    whole = tmp_path / "whole"
+    run_job(_job(whole, *small), whole)
+    run = tmp_path / "run"
+    real_save = checkpoint_module.save_file
+
+    def slow_at_8_failing_at_12(tensors, path, metadata=None):
+        if "resume" in str(path) and "step_000008" in str(path):
+            time.sleep(1.5)  # several RL steps long
+        if "step_000012" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", slow_at_8_failing_at_12)
+    with pytest.raises(RunWriteError, match=r"could not write .*step_000012"):
+        run_job(_job(run, *small), run)
+    monkeypatch.undo()
+    run_job(_job(run, *small, "resume=true"), run)
+    _same_run(whole, run)
+
+
+def test_background_writer_runs_one_write_at_a_time_and_raises_its_error():
+    from sae_shards.capture.background import BackgroundWriter
+
+    writer, order = BackgroundWriter(), []
+
+    def write(name: str, seconds: float) -> None:
+        order.append(f"{name} start")
+        time.sleep(seconds)
+        order.append(f"{name} end")
+
+    writer.submit(write, "a", 0.3)
+    assert writer.busy
+    writer.submit(write, "b", 0.0)  # waits for a
+    writer.wait()
+    assert order == ["a start", "a end", "b start", "b end"] and not writer.busy
+
+    def fail() -> None:
+        raise RunWriteError("could not write x")
+
+    writer.submit(fail)
+    with pytest.raises(RunWriteError, match="could not write x"):
+        writer.wait()
+    writer.wait()  # raised once, then clear
+
+
 def test_overwrite_leaves_no_file_of_the_earlier_run(tmp_path):
     run = tmp_path / "run"
     run_job(_job(run, "runner.save_samples=true"), run)

@@ -122,3 +122,49 @@ def test_sae_budget_grants_steps_worth_its_share_of_rl_time():
     idle.spent(now[0], 1, 0.01)
     now[0] += 1000.0
     assert idle.steps(now[0]) == idle.cap_steps
+
+
+def test_the_budget_pays_for_the_callbacks_own_work_and_the_inline_sae_once(monkeypatch):
+    """``runner.sae_budget`` bounds all of sae-shards' time on the RL thread: each hook's capture
+    and logging (5 + 2 ms a step here) is charged beside the inline SAE steps (10 ms each), whose
+    time the hook does not charge a second time. On a clock the test moves: 100 ms of RL per step,
+    budget 0.2 -> 20 ms a step in all, 13 of them left for SAE steps."""
+    import threading
+    import types
+
+    from sae_shards.capture import callback as callback_module
+    from sae_shards.capture.runner import SAEBudget
+
+    now = [0.0]
+    monkeypatch.setattr(callback_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    budget = SAEBudget(0.2, clock=lambda: now[0])
+    granted = []
+
+    class Hooks:
+        parts = types.SimpleNamespace(loop=types.SimpleNamespace(budget=budget))
+
+        @callback_module._paid
+        def on_step_end(self):
+            now[0] += 0.005  # capture
+            started = now[0]  # the inline push: SAEWorkLoop.process
+            n = budget.steps(started)
+            now[0] += 0.010 * n
+            budget.spent(started, n, 0.010 * n)
+            granted.append(n)
+            now[0] += 0.002  # rollouts and metrics lines
+
+    hooks = Hooks()
+    for _ in range(200):
+        hooks.on_step_end()
+        now[0] += 0.100  # RL's own step
+    assert budget.paid_s == pytest.approx(200 * 0.007 + 0.010 * sum(granted))
+    assert budget.paid_s / (200 * 0.100) == pytest.approx(0.2, abs=0.01)
+    assert sum(granted) / 200 == pytest.approx(1.3, abs=0.05)
+    assert budget.earned_from_s == pytest.approx(199 * 0.100)  # the hooks' time earned nothing
+    seen = []  # what another thread pays is not this thread's
+    worker = threading.Thread(target=lambda: (budget.charge(1.0),
+                                              seen.append(budget.paid_in_this_thread())))
+    before = budget.paid_in_this_thread()
+    worker.start()
+    worker.join()
+    assert seen == [1.0] and budget.paid_in_this_thread() == before

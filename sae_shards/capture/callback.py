@@ -17,8 +17,10 @@ activations, summary and (by default) the final policy, so ``sae-shards analyze`
 thin recipe over this callback. See ``run/rundir.py`` for the files.
 
 Checkpoints: whenever the trainer is about to save its own checkpoint (``control.should_save``)
-and every ``runner.checkpoint_every`` steps, the callback waits for the SAE worker and writes a
-resumable checkpoint of the SAE side (``capture/resume.py``). ``ShardCallback(..., resume=True)``
+and every ``runner.checkpoint_every`` steps, the callback waits for the SAE worker, takes a
+snapshot of the SAE side and writes it as a resumable checkpoint (``capture/resume.py``) on a
+background thread while RL goes on (``capture/background.py``); the next step waits for that
+write before it touches the ring buffer. ``ShardCallback(..., resume=True)``
 with ``trainer.train(resume_from_checkpoint=...)`` continues a killed run from the step TRL
 resumes at. ``request_stop()`` (``sae-shards train`` calls it on SIGTERM/SIGINT) ends the run
 after the current step with a checkpoint of both sides; ``summary.json`` then says
@@ -33,6 +35,7 @@ rows' events and send them to rank 0 each step (``capture/distributed.py``, docs
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -46,6 +49,7 @@ from transformers import TrainerCallback
 
 from sae_shards.capture import distributed
 from sae_shards.capture import resume as resume_state
+from sae_shards.capture.background import BackgroundWriter
 from sae_shards.capture.buffer import StepMeta
 from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
@@ -54,6 +58,7 @@ from sae_shards.capture.rollouts import TRLRollouts, calling_trainer
 from sae_shards.capture.summary import final_activations, heldout_fvu, run_summary
 from sae_shards.capture.selection import LoraTarget, target_shapes
 from sae_shards.capture.sharded_delta import ShardedDeltaCapture, sharded_targets
+from sae_shards.capture.zero3_delta import Zero3DeltaCapture, zero3_targets
 from sae_shards.core import events as ev
 from sae_shards.core.checkpoint import save_checkpoint
 from sae_shards.core.sae_config import SAEConfig
@@ -64,6 +69,24 @@ from sae_shards.run.schema import build_dataclass
 from sae_shards.run.tracking import RunLogger
 
 log = logging.getLogger(__name__)
+
+
+def _paid(hook):
+    """A callback hook whose wall time is sae-shards work on the RL thread: paid from
+    ``runner.sae_budget`` when one is set (less what the SAE work loop paid itself meanwhile in
+    this thread: inline pushes and activation flushes)."""
+    @functools.wraps(hook)
+    def timed(self, *args, **kwargs):
+        budget = self.parts.loop.budget if self.parts is not None else None
+        if budget is None:
+            return hook(self, *args, **kwargs)
+        t0, paid = time.perf_counter(), budget.paid_in_this_thread()
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            own = time.perf_counter() - t0 - (budget.paid_in_this_thread() - paid)
+            budget.charge(max(0.0, own))
+    return timed
 
 
 class ShardCallback(TrainerCallback):
@@ -141,6 +164,7 @@ class ShardCallback(TrainerCallback):
         """Set by ``request_stop``: the run ends after the current step, checkpointed."""
         self._stopped = False  # the run is ending early at this step (decided at on_step_end)
         self.last_checkpoint: Path | None = None
+        self._writer = BackgroundWriter()  # the step checkpoint being written, if any
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -183,8 +207,10 @@ class ShardCallback(TrainerCallback):
 
     def _step_capture(self, targets: dict, buffer) -> DeltaCapture:
         """The per-step capture for ``targets``: ``ShardedDeltaCapture`` when they are FSDP2
-        DTensors (on every rank; ``buffer`` None but on rank 0), else ``DeltaCapture``."""
-        cls = ShardedDeltaCapture if sharded_targets(targets) else DeltaCapture
+        DTensors, ``Zero3DeltaCapture`` when they are DeepSpeed ZeRO-3 parameters (both on every
+        rank; ``buffer`` None but on rank 0), else ``DeltaCapture``."""
+        cls = (ShardedDeltaCapture if sharded_targets(targets)
+               else Zero3DeltaCapture if zero3_targets(targets) else DeltaCapture)
         on_push = self.parts.runner.on_push if buffer is not None else None
         return cls(targets, buffer, self.capture_cfg.source, meta_fn=self._metas.pop,
                    on_push=on_push, outlier_ratio=self.capture_cfg.outlier_ratio)
@@ -195,7 +221,7 @@ class ShardCallback(TrainerCallback):
         if self.capture_cfg.granularity != "step" or self.capture.sharded:
             return
         targets = resolve_targets(model, self.capture_cfg.targets)
-        if sharded_targets(targets):
+        if sharded_targets(targets) or zero3_targets(targets):
             self.capture = self._step_capture(targets, self.parts.buffer)
 
     def _is_lora(self) -> bool:
@@ -220,8 +246,9 @@ class ShardCallback(TrainerCallback):
         self.parts.runner.wait_idle()
         self.parts.loop.flush_activations()
         self._flush_sae_records()
-        self.last_checkpoint = resume_state.save_step(self.run_dir, step, self.parts,
-                                                      self.capture, self.meta)
+        snap = resume_state.snapshot_step(step, self.parts, self.capture, self.meta)
+        self._writer.submit(resume_state.write_step, self.run_dir, snap)
+        self.last_checkpoint = resume_state.checkpoint_dir(self.run_dir, step)
 
     def _restore(self, step: int) -> None:
         """Continue from the checkpoint of RL step ``step``: SAE, buffer, logs, counters."""
@@ -248,7 +275,7 @@ class ShardCallback(TrainerCallback):
             return
         targets = resolve_targets(model, self.capture_cfg.targets)
         if self.capture_cfg.granularity == "step":
-            if sharded_targets(targets):
+            if sharded_targets(targets) or zero3_targets(targets):
                 self.capture = self._step_capture(targets, None)
             return
         specs = make_targets(target_shapes(targets), rank=self.sae_cfg.rank)
@@ -271,18 +298,23 @@ class ShardCallback(TrainerCallback):
                            (args.report_to or []) else RunLogger())
         self.capture.on_train_begin(args, state, control, model=model, **kwargs)
 
+    @_paid
     def on_step_begin(self, args, state, control, **kwargs):
+        self._writer.wait()  # the last checkpoint holds views of the buffer this step writes
         if self.capture is not None:
             self.capture.on_step_begin(args, state, control, **kwargs)
 
+    @_paid
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.capture is not None:
             self.capture.on_pre_optimizer_step(args, state, control, **kwargs)
 
+    @_paid
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.capture is not None:
             self.capture.on_optimizer_step(args, state, control, **kwargs)
 
+    @_paid
     def on_step_end(self, args, state, control, **kwargs):
         # Whether to stop after this step, decided once here: a signal landing later in the
         # step counts at the next one. With several processes every rank must agree (TRL's
@@ -315,6 +347,7 @@ class ShardCallback(TrainerCallback):
                      state.max_steps, self._rewards.get(step, math.nan),
                      self.parts.trainer.n_steps, fvu)
 
+    @_paid
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.capture is None or not state.is_world_process_zero:
             return
@@ -328,6 +361,7 @@ class ShardCallback(TrainerCallback):
             self.capture.on_train_end(args, state, control, **kwargs)  # hooks off
         if self.capture is None or not state.is_world_process_zero:
             return
+        self._writer.wait()
         self.parts.runner.finish()
         self.parts.loop.flush_activations()
         self._flush_sae_records()
@@ -346,10 +380,12 @@ class ShardCallback(TrainerCallback):
     def close(self) -> None:
         """Stop the SAE worker after a failed ``train()`` (its own error is not re-raised)."""
         if self.parts is not None and self.summary is None:
-            try:
-                self.parts.runner.finish()
-            except Exception as e:  # the training error that brought us here is the one to see
-                log.warning("the SAE runner also failed while stopping: %s", e)
+            for what, finish in (("checkpoint write", self._writer.wait),
+                                 ("SAE runner", self.parts.runner.finish)):
+                try:
+                    finish()
+                except Exception as e:  # the training error that brought us here is the one to see
+                    log.warning("the %s also failed while stopping: %s", what, e)
 
     # ---- per step ----------------------------------------------------------------------------
 
@@ -418,6 +454,7 @@ class ShardCallback(TrainerCallback):
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
 
 
 def _config(cls: type, value: Any, prefix: str) -> Any:

@@ -50,7 +50,8 @@ from transformers import TrainerCallback
 
 from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
 from sae_shards.capture.outliers import NormOutliers
-from sae_shards.capture.selection import LoraTarget, Target, check_not_sharded, few_names
+from sae_shards.capture.selection import (LoraTarget, Target, check_not_sharded, few_names,
+                                          full_shape)
 from sae_shards.capture.step_rules import (Scratch, deconv_coefficients, deconv_state, step_rule,
                                            unwrap_optimizer, write_deconv, write_precond)
 from sae_shards.capture.update_writer import (SqNorm, alloc_snapshot, finite_norm, pieces,
@@ -127,7 +128,8 @@ class DeltaCapture(TrainerCallback):
                 "factors); use source='update'"
             )
         if buffer is not None:
-            shapes = {name: torch.empty(t.shape, device="meta") for name, t in targets.items()}
+            shapes = {name: torch.empty(full_shape(t), device="meta")
+                      for name, t in targets.items()}
             check_batch(shapes, buffer.targets, batched=False)
         if not self.sharded:
             check_not_sharded((n, p) for n, t in targets.items() for p in target_params(t))

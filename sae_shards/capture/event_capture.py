@@ -39,6 +39,7 @@ from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
 from sae_shards.capture.event_hooks import Event, EventRecorder
 from sae_shards.capture.event_precondition import EventPreconditioner, normalize_unit
 from sae_shards.capture.outliers import NormOutliers
+from sae_shards.capture.rollouts import population_std
 from sae_shards.core import events as ev
 from sae_shards.core.targets import TargetSpec
 from sae_shards.run.config import CaptureConfig
@@ -338,5 +339,5 @@ def _event_meta(step: StepMeta, event: Event, row: dict | None, norm: float) -> 
     return dataclasses.replace(
         step, task_labels=labels, event=event.group, rows=event.rows,
         reward_mean=statistics.fmean(rewards) if rewards else math.nan,
-        reward_std=statistics.pstdev(rewards) if len(rewards) > 1 else math.nan,
+        reward_std=population_std(rewards) if len(rewards) > 1 else math.nan,
         advantage=event.advantage, norm=norm)

@@ -1,6 +1,7 @@
 """Checkpoints that a killed run resumes from: the SAE side of the run's state at one RL step.
 
-At RL step k ``save_step`` writes (in this order, each atomically)::
+At RL step k ``save_step`` writes (in this order, each atomically; ``snapshot_step`` takes
+what they hold, and ``write_step`` writes it, e.g. on a ``BackgroundWriter``'s thread)::
 
     run_dir/resume/step_00000k.safetensors   the ring buffer (samples, slot metadata, write
                                              position), the batch generator's state, the online
@@ -8,7 +9,8 @@ At RL step k ``save_step`` writes (in this order, each atomically)::
     run_dir/checkpoints/step_00000k/         the shards (sae.safetensors, config.json) and the
                                              SAE trainer's Adam state and latent statistics
 
-and TRL writes ``run_dir/trl/checkpoint-k`` (policy, optimizer, scheduler, RNG) right after.
+and TRL writes ``run_dir/trl/checkpoint-k`` (policy, optimizer, scheduler, RNG) right after (or
+meanwhile, when the callback writes in the background).
 Step k is *complete* when all three exist (TRL's ``trainer_state.json`` is its last file); a kill
 at any instant leaves the previous complete step usable, and ``latest_complete`` finds it.
 ``restore`` puts the state back into a freshly built pipeline and truncates ``rollouts.jsonl``
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -28,8 +30,9 @@ from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
 from sae_shards.capture.pipeline import Pipeline
 from sae_shards.capture.runner import ActivationLog
-from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, load_training_state,
-                                        read_safetensors, save_checkpoint, save_file_atomic)
+from sae_shards.core.checkpoint import (CheckpointError, CheckpointFiles, checkpoint_files,
+                                        load_checkpoint, load_training_state, read_safetensors,
+                                        save_file_atomic, write_checkpoint)
 from sae_shards.run import rundir
 
 RESUME_KIND = "sae-shards-resume"
@@ -40,13 +43,20 @@ def resume_file(run_dir: Path, step: int) -> Path:
     return run_dir / rundir.RESUME / f"{rundir.step_name(step)}.safetensors"
 
 
-def save_step(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture | EventCapture,
-              meta: dict[str, Any]) -> Path:
-    """Write the resume file and the shards checkpoint of RL step ``step``; returns the latter.
+class StepSnapshot(NamedTuple):
+    """The SAE side of RL step ``step``, taken between steps, ready for ``write_step``."""
 
-    The caller has made the runner idle (every pushed delta processed). An ``OSError`` (disk
-    full, no permission) becomes ``rundir.RunWriteError`` naming the path; what was already
-    complete stays as it was."""
+    step: int
+    resume: dict[str, torch.Tensor]  # the resume file's tensors (buffer slots as views)
+    info: dict[str, Any]  # the resume file's JSON header
+    checkpoint: CheckpointFiles  # the shards checkpoint (copies)
+
+
+def snapshot_step(step: int, parts: Pipeline, capture: DeltaCapture | EventCapture,
+                  meta: dict[str, Any]) -> StepSnapshot:
+    """What ``write_step`` writes for RL step ``step``. The caller has made the runner idle
+    (every pushed delta processed). The SAE and trainer tensors are copies (the SAE may train
+    on), the ring buffer's slots are views: write them before the buffer is written again."""
     tensors, info = parts.buffer.state()
     tensors["loop.generator"] = parts.loop.generator.get_state()
     tensors.update(parts.loop.activations.tensors("online"))
@@ -55,19 +65,38 @@ def save_step(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture |
                         for k, v in capture.preconditioner.state_tensors().items()})
     info = {"step": step, "buffer": info, "capture": capture.counters(),
             "last_rl_step": parts.loop.last_rl_step}
-    target = resume_file(run_dir, step)
-    checkpoint = run_dir / rundir.CHECKPOINTS / rundir.step_name(step)
+    files = checkpoint_files(parts.sae, parts.trainer.stats.as_tensors(),
+                             {**meta, "rl_step": step, "sae_step": parts.trainer.n_steps},
+                             parts.trainer.state_tensors(), copy=True)
+    return StepSnapshot(step, tensors, info, files)
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """The shards checkpoint of RL step ``step``."""
+    return run_dir / rundir.CHECKPOINTS / rundir.step_name(step)
+
+
+def write_step(run_dir: Path, snap: StepSnapshot) -> Path:
+    """Write the resume file and the shards checkpoint of ``snap``; returns the latter. An
+    ``OSError`` (disk full, no permission) becomes ``rundir.RunWriteError`` naming the path;
+    what was already complete stays as it was."""
+    target = resume_file(run_dir, snap.step)
+    checkpoint = checkpoint_dir(run_dir, snap.step)
     with rundir.writing(target):
         target.parent.mkdir(exist_ok=True)
-        save_file_atomic(tensors, target, RESUME_KIND,
-                         {"info": json.dumps(rundir.strict_json(info))})
+        save_file_atomic(snap.resume, target, RESUME_KIND,
+                         {"info": json.dumps(rundir.strict_json(snap.info))})
     with rundir.writing(checkpoint):
-        save_checkpoint(checkpoint, parts.sae, parts.trainer.stats.as_tensors(),
-                        {**meta, "rl_step": step, "sae_step": parts.trainer.n_steps},
-                        parts.trainer.state_tensors())
+        write_checkpoint(checkpoint, snap.checkpoint)
     for old in rundir.saved_steps(run_dir / rundir.RESUME)[:-KEEP]:
         resume_file(run_dir, old).unlink(missing_ok=True)
     return checkpoint
+
+
+def save_step(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture | EventCapture,
+              meta: dict[str, Any]) -> Path:
+    """``write_step(snapshot_step(...))``: the checkpoint of RL step ``step``, written now."""
+    return write_step(run_dir, snapshot_step(step, parts, capture, meta))
 
 
 def latest_complete(run_dir: Path) -> int | None:
@@ -77,7 +106,7 @@ def latest_complete(run_dir: Path) -> int | None:
     a torn file, so a checkpoint counts as finished only when that file parses."""
     trl = run_dir / rundir.TRL_OUTPUT
     for step in reversed(rundir.saved_steps(run_dir / rundir.RESUME)):
-        if ((run_dir / rundir.CHECKPOINTS / rundir.step_name(step) / "config.json").is_file()
+        if ((checkpoint_dir(run_dir, step) / "config.json").is_file()
                 and _parses(trl / f"checkpoint-{step}" / "trainer_state.json")):
             return step
     return None
@@ -95,7 +124,7 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
             capture: DeltaCapture | EventCapture) -> None:
     """Load the state of RL step ``step`` into a freshly built pipeline and capture, and cut the
     run's JSON-lines logs back to that step (raises ``CheckpointError`` naming what is missing)."""
-    checkpoint = run_dir / rundir.CHECKPOINTS / rundir.step_name(step)
+    checkpoint = checkpoint_dir(run_dir, step)
     target = resume_file(run_dir, step)
     if not target.is_file() or not checkpoint.is_dir():
         have = sorted(set(rundir.saved_steps(run_dir / rundir.RESUME))

@@ -89,13 +89,17 @@ def stack_codes(codes: list[SparseCodes]) -> SparseCodes:
 class SAEBudget:
     """How many SAE steps fit in ``runner.sae_budget`` of the RL run's wall time.
 
-    RL time is the wall time between the end of one ``process`` and the start of the next (what
-    the RL side spent on its own step); every second of it earns ``sae_budget`` seconds of
-    credit, and each ``process`` spends its own wall time (encode, SAE steps); ``charge`` pays
-    for SAE work done between pushes (activation flushes before checkpoints). A push runs as
-    many SAE steps as the credit pays for at the measured cost per step (the first one runs one
-    step to measure it). Credit is capped at ``cap_steps`` steps, so a long pause does not buy a
-    burst. The counts depend on timing: runs with a budget are not bit-reproducible.
+    The budget covers all of sae-shards' work, not the SAE steps alone: "never slow RL by more
+    than this fraction". RL time is the wall time between the end of one ``process`` and the
+    start of the next (what the RL side spent on its own step), less the time ``charge``-d in
+    between. Every second of it earns ``sae_budget`` seconds of credit. Each ``process`` spends
+    its own wall time (encode, SAE steps), and ``charge`` pays for the rest of sae-shards' work:
+    the callback's capture, rollout logging and checkpoint snapshots on the RL thread, and
+    activation flushes between pushes. A push runs as many SAE steps as the credit left pays for
+    at the measured cost per step (the first one runs one step to measure it). Credit is capped
+    at ``cap_steps`` steps, so a long pause does not buy a burst. Thread-safe (the RL thread
+    charges while a worker spends). The counts depend on timing: runs with a budget are not
+    bit-reproducible.
     """
 
     def __init__(self, fraction: float, cap_steps: int = 32,
@@ -105,32 +109,55 @@ class SAEBudget:
         self.clock = clock
         self.credit_s = 0.0
         self.step_s: float | None = None  # running mean wall time of one SAE step
+        self.paid_s = 0.0
+        """All time paid so far (``process`` and ``charge``)."""
+        self.earned_from_s = 0.0
+        """RL time that earned credit so far."""
         self._last_end: float | None = None
+        self._lock = threading.Lock()
+        self._paid_by: dict[int, float] = {}  # thread id -> seconds paid in that thread
 
     def steps(self, started: float) -> int:
         """SAE steps to run in the ``process`` that started at ``started``."""
-        if self._last_end is not None:
-            self.credit_s += self.fraction * (started - self._last_end)
-        if self.step_s is None:
-            return 1
-        self.credit_s = min(self.credit_s, self.cap_steps * self.step_s)
-        return max(0, int(self.credit_s // self.step_s))  # in debt: none until it is repaid
+        with self._lock:
+            if self._last_end is not None:
+                rl_s = max(0.0, started - self._last_end)
+                self.credit_s += self.fraction * rl_s
+                self.earned_from_s += rl_s
+            if self.step_s is None:
+                return 1
+            self.credit_s = min(self.credit_s, self.cap_steps * self.step_s)
+            return max(0, int(self.credit_s // self.step_s))  # in debt: none until it is repaid
 
     def charge(self, seconds: float) -> None:
-        """Charge SAE work done outside ``process`` (an activation flush before a checkpoint):
-        paid from the credit, and not counted as RL time either."""
-        self.credit_s -= seconds
-        if self._last_end is not None:
-            self._last_end += seconds
+        """Pay for sae-shards work done outside ``process`` (capture, logs, checkpoints,
+        activation flushes): from the credit, and not counted as RL time either."""
+        with self._lock:
+            self._pay(seconds)
+            if self._last_end is not None:
+                self._last_end += seconds
+
+    def paid_in_this_thread(self) -> float:
+        """Seconds paid so far by calls made in the calling thread."""
+        with self._lock:
+            return self._paid_by.get(threading.get_ident(), 0.0)
 
     def spent(self, started: float, n_steps: int, steps_s: float) -> None:
         """Charge the ``process`` that started at ``started`` (``steps_s`` of it on SAE steps)."""
-        end = self.clock()
-        self.credit_s -= end - started
-        if n_steps > 0:
-            per_step = steps_s / n_steps
-            self.step_s = per_step if self.step_s is None else 0.8 * self.step_s + 0.2 * per_step
-        self._last_end = end
+        with self._lock:
+            end = self.clock()
+            self._pay(end - started)
+            if n_steps > 0:
+                per_step = steps_s / n_steps
+                self.step_s = (per_step if self.step_s is None
+                               else 0.8 * self.step_s + 0.2 * per_step)
+            self._last_end = end
+
+    def _pay(self, seconds: float) -> None:
+        self.credit_s -= seconds
+        self.paid_s += seconds
+        me = threading.get_ident()
+        self._paid_by[me] = self._paid_by.get(me, 0.0) + seconds
 
 
 class SAEWorkLoop:

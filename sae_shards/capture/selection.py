@@ -87,9 +87,15 @@ def select_targets(model: torch.nn.Module, patterns: list[str]) -> dict[str, Tar
     return selected
 
 
+def full_shape(target: Target) -> tuple[int, ...]:
+    """A target's whole shape, also under DeepSpeed ZeRO-3 (whose partitioned parameters have
+    shape ``(0,)`` and the real one in ``ds_shape``)."""
+    return tuple(getattr(target, "ds_shape", None) or target.shape)
+
+
 def target_shapes(targets: Mapping[str, Target]) -> dict[str, tuple[int, ...]]:
     """``{name: shape}`` of selected targets, for ``targets.make_targets``."""
-    return {name: tuple(t.shape) for name, t in targets.items()}
+    return {name: full_shape(t) for name, t in targets.items()}
 
 
 # ---- matrix layers by module type -------------------------------------------------------------

@@ -43,25 +43,45 @@ def sharded_targets(targets: Mapping[str, Target]) -> bool:
     return True
 
 
-class ShardedDeltaCapture(DeltaCapture):
-    """``DeltaCapture`` for FSDP2 targets (see the module docstring). ``buffer`` is None on
-    every rank but 0; every rank must add the callback and run the same steps."""
+class GatheringCapture(DeltaCapture):
+    """``update`` capture of parameters sharded across ranks (FSDP2, DeepSpeed ZeRO-3): every
+    rank runs it and joins the same collectives in the same order; rank 0 (the only one with a
+    ``buffer``) writes each target's whole delta into its slot and commits it as
+    ``DeltaCapture`` does. Subclasses say how a snapshot is taken and a delta gathered."""
 
     sharded = True
+    backend = ""
+    """How the parameters are sharded, for messages."""
 
     def __init__(self, targets: Mapping[str, Target], buffer: DeltaRingBuffer | None,
                  source: str = "update", **kwargs) -> None:
         if source != "update":
             raise ValueError(
-                f"capture.source={source!r} is not supported under FSDP2 (sharded gradients and "
-                "optimizer state); use capture.source=update or capture.granularity=group")
-        if not sharded_targets(targets):
-            raise ValueError("ShardedDeltaCapture needs FSDP2 (DTensor) targets; use DeltaCapture")
+                f"capture.source={source!r} is not supported under {self.backend} (sharded "
+                "gradients and optimizer state); use capture.source=update or "
+                "capture.granularity=group")
+        if not self.applies_to(targets):
+            raise ValueError(f"{type(self).__name__} needs {self.backend} targets; use "
+                             "DeltaCapture")
         super().__init__(targets, buffer, source, **kwargs)
-        self._shards: dict[str, torch.Tensor] = {}  # fp32 copy of this rank's shard, per target
+        self._kept: dict[str, torch.Tensor] = {}
+        """What this rank keeps of each target from ``on_step_begin`` (``_snapshot``)."""
+
+    @staticmethod
+    def applies_to(targets: Mapping[str, Target]) -> bool:
+        raise NotImplementedError
+
+    def _snapshot(self, name: str, p: torch.Tensor) -> None:
+        """Keep what this rank needs of target ``name`` before the optimizer step."""
+        raise NotImplementedError
+
+    def _gather_delta(self, name: str, p: torch.Tensor) -> torch.Tensor | None:
+        """Target ``name``'s whole ``theta_after - theta_before`` (collective); None on ranks
+        that drop it."""
+        raise NotImplementedError
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._reset()  # on every rank: each one holds its shard of every target
+        self._reset()  # on every rank: each one joins every collective
         self._check_owned(model)
 
     @torch.no_grad()
@@ -69,11 +89,7 @@ class ShardedDeltaCapture(DeltaCapture):
         if self._armed:
             return
         for name, p in self.targets.items():
-            local = p.to_local()
-            snap = self._shards.get(name)
-            if snap is None or snap.shape != local.shape:
-                snap = self._shards[name] = torch.empty_like(local, dtype=torch.float32)
-            snap.copy_(local)
+            self._snapshot(name, p)
         self._armed = True
 
     @torch.no_grad()
@@ -86,9 +102,7 @@ class ShardedDeltaCapture(DeltaCapture):
         sq_norm = SqNorm()
         try:
             for name, p in self.targets.items():
-                diff = self._shards[name].neg_().add_(p.to_local())  # theta_after - before
-                full = DTensor.from_local(diff, p.device_mesh, p.placements, run_check=False,
-                                          shape=p.shape, stride=p.stride()).full_tensor()
+                full = self._gather_delta(name, p)
                 if main:
                     view = self._slot_views[name]
                     view.copy_(full)
@@ -100,3 +114,24 @@ class ShardedDeltaCapture(DeltaCapture):
             raise
         if main:
             self._commit(state.global_step, sq_norm)
+
+
+class ShardedDeltaCapture(GatheringCapture):
+    """``update`` capture of FSDP2 targets (see the module docstring). ``buffer`` is None on
+    every rank but 0; every rank must add the callback and run the same steps."""
+
+    backend = "FSDP2"
+    applies_to = staticmethod(sharded_targets)
+
+    def _snapshot(self, name: str, p: torch.Tensor) -> None:
+        local = p.to_local()  # an fp32 copy of this rank's shard, allocated once
+        snap = self._kept.get(name)
+        if snap is None or snap.shape != local.shape:
+            snap = self._kept[name] = torch.empty_like(local, dtype=torch.float32)
+        snap.copy_(local)
+
+    def _gather_delta(self, name: str, p: torch.Tensor) -> torch.Tensor | None:
+        diff = self._kept[name].neg_().add_(p.to_local())  # theta_after - before, this shard
+        full = DTensor.from_local(diff, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride()).full_tensor()
+        return full if self.buffer is not None else None

@@ -49,7 +49,9 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
     """``summary.json``: reward (mean per RL step, in order) over the first and last fifth of the
     steps, FVU over the first and last tenth of the SAE steps, the capture's and the SAE's
     counters, the dead fraction, the training samples the SAE drew per captured delta
-    (``samples_per_slot``), plus ``extra``; a ``warning`` when the SAE never trained."""
+    (``samples_per_slot``), with ``runner.sae_budget`` the share of RL time sae-shards used
+    (``budget_used``: its time on the RL thread and the SAE's, over the RL time that earned
+    credit), plus ``extra``; a ``warning`` when the SAE never trained."""
     fifth, tenth = max(1, len(rewards) // 5), max(1, len(fvu) // 10)
     trainer = parts.trainer
     summary = {
@@ -63,6 +65,7 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
         "sae_skipped_zero": trainer.n_skipped_zero,
         "dead_frac": float(trainer.stats.dead_mask(parts.sae.cfg.dead_after).float().mean()),
         "samples_per_slot": trainer.stats.n_samples / max(capture.n_captured, 1),
+        **_budget_figures(parts.loop.budget),
         **(capture.summary() if isinstance(capture, EventCapture) else {}),
         **extra,
     }
@@ -79,3 +82,10 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
 def _mean(xs: list[float]) -> float:
     xs = [x for x in xs if not math.isnan(x)]
     return statistics.fmean(xs) if xs else math.nan
+
+
+def _budget_figures(budget) -> dict[str, float]:
+    if budget is None:
+        return {}
+    return {"budget_used": budget.paid_s / budget.earned_from_s if budget.earned_from_s else math.nan,
+            "budget_paid_s": budget.paid_s, "budget_rl_s": budget.earned_from_s}

@@ -89,6 +89,43 @@ def sae_tensors(sae: LowRankSAE) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------- writing
 
 
+class CheckpointFiles(NamedTuple):
+    """What one checkpoint directory holds, ready to write (``write_checkpoint``)."""
+
+    sae: dict[str, torch.Tensor]  # sae.safetensors: parameters, buffers and stats.*
+    config: dict[str, Any]  # config.json
+    training_state: dict[str, torch.Tensor] | None  # training_state.safetensors, optional
+
+
+def checkpoint_files(
+    sae: LowRankSAE,
+    stats: Mapping[str, torch.Tensor] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    training_state: Mapping[str, torch.Tensor] | None = None,
+    copy: bool = False,
+) -> CheckpointFiles:
+    """The contents of a checkpoint of ``sae`` (arguments as for ``save_checkpoint``) as CPU
+    tensors; ``copy``: never the live tensors, so the SAE may train on while they are written."""
+    def cpu(v: torch.Tensor) -> torch.Tensor:
+        return v.detach().to("cpu", copy=copy).contiguous()
+
+    tensors = {k: cpu(v) for k, v in live_tensors(sae).items()}
+    for k, v in (stats or {}).items():
+        if not k.startswith("stats."):
+            raise ValueError(f"stat tensor names must start with 'stats.', got {k!r}")
+        tensors[k] = cpu(v)
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "sae": sae.cfg.to_dict(),
+        "sample_form": sae.sample_form,
+        "targets": [{"name": t.name, "shape": list(t.shape), "rank": t.rank} for t in sae.targets],
+        "meta": dict(meta or {}),
+    }
+    state = None if training_state is None else {k: cpu(v) for k, v in training_state.items()}
+    return CheckpointFiles(tensors, config, state)
+
+
 def save_checkpoint(
     path: str | Path,
     sae: LowRankSAE,
@@ -101,30 +138,22 @@ def save_checkpoint(
     ``stats`` are ``stats.*`` tensors (e.g. ``LatentStats.as_tensors()``), ``meta`` is JSON-able
     run metadata (source, model id, RL step, ...), ``training_state`` the resume tensors.
     """
+    return write_checkpoint(path, checkpoint_files(sae, stats, meta, training_state))
+
+
+def write_checkpoint(path: str | Path, files: CheckpointFiles) -> Path:
+    """Write ``files`` as the checkpoint directory ``path``, atomically: under a temporary name,
+    each file synced, then renamed into place (an earlier ``path`` is replaced)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is as readable as its parent
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
     try:
-        tensors = sae_tensors(sae)
-        for k, v in (stats or {}).items():
-            if not k.startswith("stats."):
-                raise ValueError(f"stat tensor names must start with 'stats.', got {k!r}")
-            tensors[k] = v.detach().to("cpu").contiguous()
-        _save_tensors(tensors, tmp / SAE_FILE,
-                      {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-        config = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "sae": sae.cfg.to_dict(),
-            "sample_form": sae.sample_form,
-            "targets": [{"name": t.name, "shape": list(t.shape), "rank": t.rank} for t in sae.targets],
-            "meta": dict(meta or {}),
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        if training_state is not None:
-            _save_tensors({k: v.detach().to("cpu").contiguous() for k, v in training_state.items()},
-                          tmp / STATE_FILE, {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        _save_tensors(files.sae, tmp / SAE_FILE, header)
+        (tmp / CONFIG_FILE).write_text(json.dumps(files.config, indent=2, sort_keys=True))
+        if files.training_state is not None:
+            _save_tensors(files.training_state, tmp / STATE_FILE, header)
         _fsync_dir(tmp)
         _replace_dir(tmp, path)
     except BaseException:

@@ -278,9 +278,11 @@ class RunnerConfig:
     """SAE steps per captured delta (fixed; used when ``sae_budget`` is 0)."""
     sae_budget: float = 0.0
     """> 0: instead of a fixed number of SAE steps per captured delta, run as many as fit in this
-    fraction of the RL run's wall time (e.g. 0.05: the SAE may add about 5%), timed as the run
-    goes; ``summary.json`` reports the samples the SAE saw per captured delta. Timing-dependent,
-    so not bit-reproducible. 0 (default): ``sae_steps_per_rl_step`` steps each time."""
+    fraction of the RL run's wall time (e.g. 0.05: sae-shards may add about 5%), timed as the run
+    goes. The fraction pays for all of sae-shards' work during training (capture, logging,
+    checkpoint snapshots, encoding), the SAE steps get what is left; ``summary.json`` reports the
+    samples the SAE saw per captured delta and the share used. Timing-dependent, so not
+    bit-reproducible. 0 (default): ``sae_steps_per_rl_step`` steps each time."""
     min_samples: int = 8
     """Buffered samples before the SAE starts training."""
     sae_start_step: int = 0
