@@ -366,9 +366,9 @@ class ShardCallback(TrainerCallback):
         self.parts.loop.flush_activations()
         self._flush_sae_records()
         if self.save_model and getattr(self.capture, "sharded", False):
-            log.warning("FSDP2: the final policy is not saved to %s (gathering it needs every "
+            log.warning("%s: the final policy is not saved to %s (gathering it needs every "
                         "rank); save it with trainer.save_model() and point analysis at it",
-                        self.run_dir / rundir.FINAL_MODEL)
+                        self.capture.backend, self.run_dir / rundir.FINAL_MODEL)
         elif self.save_model and not self._stopped:
             out = self.run_dir / rundir.FINAL_MODEL
             with rundir.writing(out):

@@ -99,8 +99,9 @@ class DeltaCapture(TrainerCallback):
     holds identical parameters and gradients (after the all-reduce), so rank 0 sees the full delta.
     DeepSpeed ZeRO-1/2 work for ``update`` (full parameters on every rank). FSDP2 shards
     parameters into DTensors: ``ShardedDeltaCapture`` (``capture/sharded_delta.py``) takes
-    ``update`` there. ZeRO-3 and FSDP1 are not supported yet: ``on_train_begin`` raises if a
-    parameter looks sharded (``ds_id`` attribute, FSDP flat parameter, DTensor, or numel 0).
+    ``update`` there, and ``Zero3DeltaCapture`` (``capture/zero3_delta.py``) under ZeRO-3.
+    FSDP1 is not supported: this class's ``on_train_begin`` raises if a parameter looks sharded
+    (``ds_id`` attribute, FSDP flat parameter, DTensor, or numel 0).
     ``buffer`` is None only on ranks other than 0 of a sharded capture.
     """
 

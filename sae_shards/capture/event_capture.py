@@ -40,6 +40,7 @@ from sae_shards.capture.event_hooks import Event, EventRecorder
 from sae_shards.capture.event_precondition import EventPreconditioner, normalize_unit
 from sae_shards.capture.outliers import NormOutliers
 from sae_shards.capture.rollouts import population_std
+from sae_shards.capture.zero3_delta import zero3_targets
 from sae_shards.core import events as ev
 from sae_shards.core.targets import TargetSpec
 from sae_shards.run.config import CaptureConfig
@@ -128,6 +129,10 @@ class EventCapture(TrainerCallback):
                                           track_covariance=self.cfg.precondition == "kfac",
                                           grad_scale=1.0 / args.world_size)
             self.recorder.install()
+        if self.cfg.precondition == "adam" and zero3_targets(self.targets):
+            raise ValueError(
+                "capture.precondition=adam is not supported under DeepSpeed ZeRO-3: Adam's "
+                "second moment is partitioned across ranks; use capture.precondition=none or kfac")
         if self.cfg.precondition == "adam" and self.buffer is not None:
             self.preconditioner.bind_optimizer(optimizer)
 

@@ -10,7 +10,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from sae_shards.capture.selection import LoraTarget, Target, few_names, weight_layout
+from sae_shards.capture.selection import LoraTarget, Target, few_names, full_shape, weight_layout
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def hook_sites(model: nn.Module, targets: Mapping[str, Target]) -> dict[nn.Modul
                 "per-event capture supports the weights and biases of nn.Linear and transformers "
                 "Conv1D layers and LoRA-adapted weights, not norms, embeddings or other "
                 "parameters (drop it from capture.targets)")
-        site = Site(name, kind, layout, tuple(target.shape), target.device)
+        site = Site(name, kind, layout, full_shape(target), target.device)
         sites.setdefault(module, []).append(site)
     return sites
 

@@ -313,5 +313,6 @@ def check_not_sharded(named_params) -> None:
             raise ValueError(
                 f"parameter {name!r} looks sharded (DeepSpeed ZeRO-3 or FSDP); this capture "
                 "supports full, replicated parameters (single process, DDP, ZeRO-1/2), and FSDP2 "
-                "(fully_shard) with capture.source=update or per-event capture"
+                "(fully_shard) or DeepSpeed ZeRO-3 with capture.source=update or per-event "
+                "capture through ShardCallback; FSDP1 is not supported"
             )

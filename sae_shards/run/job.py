@@ -71,18 +71,26 @@ class RLSetup(NamedTuple):
     model_path: Path
 
 
-def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device) -> RLSetup:
-    """The model (built or local), the task and the TRL trainer, with no sae-shards callbacks
-    and TRL's per-step progress printing replaced by the callback's one-line report."""
+def prepare_model(cfg: JobConfig, run_dir: Path) -> Path:
+    """The policy's directory: ``model.path``, or the built-in tiny model, which rank 0 builds
+    into the run directory (the other ranks load it once rank 0 is done: ``_main_process_first``)."""
     m = cfg.model
     if m.path:
-        model_path = Path(m.path)
-    elif not distributed.is_main():  # rank 0 built it first (_main_process_first)
-        model_path = run_dir / rundir.MODEL
-    else:
-        model_path = build_tiny_model(
-            run_dir / rundir.MODEL, m.arch, m.hidden_size, m.num_layers, m.num_heads,
-            m.intermediate_size, seed=cfg.seed, readout_scale=m.readout_scale)
+        return Path(m.path)
+    if not distributed.is_main():
+        return run_dir / rundir.MODEL
+    return build_tiny_model(run_dir / rundir.MODEL, m.arch, m.hidden_size, m.num_layers,
+                            m.num_heads, m.intermediate_size, seed=cfg.seed,
+                            readout_scale=m.readout_scale)
+
+
+def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device,
+             model_path: Path | None = None) -> RLSetup:
+    """The model (``model_path``, or ``prepare_model``), the task and the TRL trainer, with no
+    sae-shards callbacks and TRL's per-step progress printing replaced by the callback's one-line
+    report. Under several processes every rank calls it at once: building the trainer may be
+    collective (DeepSpeed ZeRO-3 partitions the model as it loads)."""
+    model_path = prepare_model(cfg, run_dir) if model_path is None else model_path
     tokenizer = load_tokenizer(model_path)
     # The letters reward divides by target_length: tie it to the completion budget by default.
     task = build_task(cfg.task.name, **{"target_length": cfg.rl.max_completion_length,
@@ -144,7 +152,8 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
                 (run_dir / rundir.HYDRA).mkdir(exist_ok=True)
                 (run_dir / rundir.HYDRA / name).write_text(text)
             torch.manual_seed(cfg.seed)
-            rl = build_rl(cfg, run_dir, device)  # rank 0 builds the tiny model, the others load it
+            model_path = prepare_model(cfg, run_dir)  # rank 0 builds the tiny model first
+        rl = build_rl(cfg, run_dir, device, model_path)  # all ranks together
         logger = (RunLogger.start(cfg.logging, run_dir, cfg.to_dict()) if main else RunLogger())
         callback = shard_callback(cfg, run_dir, logger=logger)
         if main:  # the buffer and the SAE live on rank 0 (other ranks set up in train())
