@@ -8,7 +8,8 @@
 #   OUT=report.md bash scripts/gpu_check.sh
 #
 # On a GPU it also runs `sae-shards train` under `accelerate launch --use_fsdp --fsdp_version 2`
-# (one process): TRL's FSDP2 path, which accelerate does not run on CPUs.
+# (one process): TRL's FSDP2 path, which accelerate does not run on CPUs; and under
+# `--use_deepspeed --zero_stage 3` (one process; 2 CPU processes run in tests/test_distributed.py).
 #
 # Writes one markdown file ($OUT, default gpu_check.md): the date, the GPU, torch/CUDA versions,
 # the pytest summary line and the benchmark table (what goes into docs/benchmarks.md). Without
@@ -79,20 +80,18 @@ set -e
 SUMMARY="$(grep -E '[0-9]+ (passed|failed|error|errors|skipped|xfailed|xpassed|deselected)' \
     "$WORK/pytest.log" | tail -1 | sed -E 's/^=+ //; s/ =+$//' || true)"
 
-# ---- 2b. FSDP2 through accelerate (TRL's route), one process ---------------------------------------
+# ---- 2b. FSDP2 and DeepSpeed ZeRO-3 through accelerate (TRL's route), one process --------------
 # accelerate shards with FSDP only on accelerators, so this is the one place TRL's FSDP2 path runs
-# (tests/test_distributed.py covers fully_shard on 2 CPU processes without TRL).
-FSDP2="skipped (--cpu-smoke: accelerate runs FSDP on GPUs only)"
-if [[ $SMOKE == 0 ]]; then
-    echo "== sae-shards train under accelerate launch --use_fsdp --fsdp_version 2 (1 process)"
+# (tests/test_distributed.py covers fully_shard on 2 CPU processes without TRL, and ZeRO-3 with TRL
+# on 2 CPU processes); ZeRO-3 runs here on CUDA.
+launched_train() {  # launched_train NAME LAUNCH-FLAGS...: sae-shards train, 4 steps; sets RESULT
+    local name="$1"; shift
     set +e
-    "$PY" -m accelerate.commands.launch --use_fsdp --fsdp_version 2 --num_processes 1 \
-        --num_machines 1 --mixed_precision no --dynamo_backend no \
-        --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_reshard_after_forward true \
-        --fsdp_state_dict_type SHARDED_STATE_DICT \
+    "$PY" -m accelerate.commands.launch "$@" --num_processes 1 --num_machines 1 \
+        --mixed_precision no --dynamo_backend no \
         -m sae_shards.cli train rl.max_steps=4 logging=disabled runner.min_samples=2 \
-        run_dir="$WORK/fsdp2" >"$WORK/fsdp2.log" 2>&1 \
-        && "$PY" - "$WORK/fsdp2" >>"$WORK/fsdp2.log" 2>&1 <<'EOF'
+        run_dir="$WORK/$name" >"$WORK/$name.log" 2>&1 \
+        && "$PY" - "$WORK/$name" >>"$WORK/$name.log" 2>&1 <<'EOF'
 import json, sys
 from pathlib import Path
 from sae_shards.core.checkpoint import load_checkpoint
@@ -100,15 +99,28 @@ run = Path(sys.argv[1])
 summary = json.loads((run / "summary.json").read_text())
 assert summary["captured"] == 4, summary["captured"]
 load_checkpoint(run / "checkpoints" / "final")
-print("fsdp2 ok: 4 deltas captured, shards load")
+print("ok: 4 deltas captured, shards load")
 EOF
-    FSDP2_RC=$?
+    local rc=$?
     set -e
-    if [[ $FSDP2_RC == 0 ]]; then
-        FSDP2="passed (4 GRPO steps, 4 sharded deltas gathered and captured, shards load)"
+    if [[ $rc == 0 ]]; then
+        RESULT="passed (4 GRPO steps, 4 sharded deltas gathered and captured, shards load)"
     else
-        FSDP2="FAILED (exit code $FSDP2_RC); last lines:"$'\n\n```\n'"$(tail -30 "$WORK/fsdp2.log")"$'\n```'
+        RESULT="FAILED (exit code $rc); last lines:"$'\n\n```\n'"$(tail -30 "$WORK/$name.log")"$'\n```'
     fi
+}
+FSDP2="skipped (--cpu-smoke: accelerate runs FSDP on GPUs only)"
+ZERO3="skipped (--cpu-smoke: tests/test_distributed.py runs ZeRO-3 on CPU processes)"
+if [[ $SMOKE == 0 ]]; then
+    echo "== sae-shards train under accelerate launch --use_fsdp --fsdp_version 2 (1 process)"
+    launched_train fsdp2 --use_fsdp --fsdp_version 2 \
+        --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_reshard_after_forward true \
+        --fsdp_state_dict_type SHARDED_STATE_DICT
+    FSDP2="$RESULT"
+    echo "== sae-shards train under accelerate launch --use_deepspeed --zero_stage 3 (1 process)"
+    launched_train zero3 --use_deepspeed --zero_stage 3 --zero3_init_flag false \
+        --offload_optimizer_device none --offload_param_device none --gradient_clipping 1.0
+    ZERO3="$RESULT"
 fi
 
 # ---- 3. the overhead benchmark -------------------------------------------------------------------
@@ -141,6 +153,7 @@ fi
     echo "- tests (\`python -m pytest -q ${PYTEST_ARGS[*]}\`, exit code $TESTS_RC): ${SUMMARY:-no summary line}"
     echo "- benchmark (\`python ${BENCH[*]}\`, exit code $BENCH_RC)"
     echo "- FSDP2 via accelerate (\`sae-shards train\`, update capture): $FSDP2"
+    echo "- DeepSpeed ZeRO-3 via accelerate (\`sae-shards train\`, update capture): $ZERO3"
     echo
     echo "## Overhead benchmark"
     echo
@@ -155,4 +168,4 @@ fi
     fi
 } >"$OUT"
 echo "gpu_check: wrote $OUT (tests: ${SUMMARY:-no summary}; benchmark exit code $BENCH_RC)"
-[[ $TESTS_RC == 0 && $BENCH_RC == 0 && $FSDP2 != FAILED* ]] || exit 1
+[[ $TESTS_RC == 0 && $BENCH_RC == 0 && $FSDP2 != FAILED* && $ZERO3 != FAILED* ]] || exit 1
