@@ -196,6 +196,31 @@ def test_kfac_matches_materialised_with_ema_and_damping():
     assert torch.equal(out["b"], x["b"]) and out["b"] is not x["b"]  # 1-D: unchanged
 
 
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_kfac_output_whitens_the_output_gradient_side_only(layout):
+    """Linear weights ([out, in]) keep output gradients in L, Conv1D ones ([in, out]) in R: only
+    that side is whitened, the other is left raw; resume state round-trips with one root."""
+    damping = 0.1
+    pre = EventPreconditioner("kfac_output", params(), [W, B], kfac_damping=damping,
+                              kfac_update_every=1)
+    pre.bind_layouts({"w": layout})
+    sl, sr, c = sums(0, 9)
+    pre.observe({"w": (sl, sr, c)})
+    x = factors()
+    X = events.materialize(x["w"], W)
+    want = (inverse_root(sl / c, damping) @ X if layout == "out_in"
+            else X @ inverse_root(sr / c, damping))
+    got = events.materialize(pre.apply(x)["w"], W)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert pre.root_updates == 1
+    again = EventPreconditioner("kfac_output", params(), [W, B])
+    again.bind_layouts({"w": layout})
+    again.load_state_tensors(pre.state_tensors())
+    torch.testing.assert_close(events.materialize(again.apply(x)["w"], W), got)
+    with pytest.raises(ValueError, match="unknown weight layout"):
+        pre.bind_layouts({"w": "rows"})
+
+
 def test_kfac_identity_covariances_only_damp():
     damping = 1e-3
     pre = EventPreconditioner("kfac", params(), [W, B], kfac_damping=damping)

@@ -37,7 +37,8 @@ from transformers import TrainerCallback
 from sae_shards.capture import distributed
 from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
 from sae_shards.capture.event_hooks import Event, EventRecorder
-from sae_shards.capture.event_precondition import EventPreconditioner, normalize_unit
+from sae_shards.capture.event_precondition import (COVARIANCE_KINDS, EventPreconditioner,
+                                                   normalize_unit)
 from sae_shards.capture.outliers import NormOutliers
 from sae_shards.capture.rollouts import population_std
 from sae_shards.capture.zero3_delta import zero3_targets
@@ -92,6 +93,7 @@ class EventCapture(TrainerCallback):
         self.on_push = on_push
         self.room = room
         self.preconditioner = EventPreconditioner(cfg.precondition, self.targets, self.specs)
+        self._covariances_needed = cfg.precondition in COVARIANCE_KINDS
         self.recorder: EventRecorder | None = None
         self.outliers = NormOutliers(cfg.outlier_ratio if cfg.normalize == "none" else 0.0)
         """Outlier test on the events' norms (before ``unit`` normalisation, which makes it moot)."""
@@ -126,9 +128,10 @@ class EventCapture(TrainerCallback):
         if self.recorder is None:
             self.recorder = EventRecorder(model, self.targets, self.trainer, self.cfg.granularity,
                                           self.cfg.event_rank,
-                                          track_covariance=self.cfg.precondition == "kfac",
+                                          track_covariance=self._covariances_needed,
                                           grad_scale=1.0 / args.world_size)
             self.recorder.install()
+            self.preconditioner.bind_layouts(self.recorder.layouts())
         if self.cfg.precondition == "adam" and zero3_targets(self.targets):
             raise ValueError(
                 "capture.precondition=adam is not supported under DeepSpeed ZeRO-3: Adam's "
@@ -146,7 +149,7 @@ class EventCapture(TrainerCallback):
             return
         events = self.recorder.finish_step()
         counts = self._recorder_counts()
-        cov = self.recorder.covariances() if self.cfg.precondition == "kfac" else {}
+        cov = self.recorder.covariances() if self._covariances_needed else {}
         if args.world_size > 1:
             events, counts, cov = _gather_step(events, counts, cov, self.recorder)
         self.n_skipped += counts[0]
@@ -160,7 +163,7 @@ class EventCapture(TrainerCallback):
             return
         step = state.global_step
         events, self._events = self._events, []
-        if self.cfg.precondition == "kfac":
+        if self._covariances_needed:
             self.preconditioner.observe(self._covariances)
         if self.room is not None and len(events) > self.room:
             raise ValueError(

@@ -184,6 +184,11 @@ class EventRecorder:
         self._reset_step()
         self._last_covariances: dict[str, tuple[Tensor, Tensor, int]] = {}
 
+    def layouts(self) -> dict[str, str]:
+        """``{target: "out_in" | "in_out"}``: each target's weight layout (which factor holds the
+        output gradients)."""
+        return {site.name: site.layout for sites in self._sites.values() for site in sites}
+
     # ---- lifecycle ----
 
     def install(self) -> None:

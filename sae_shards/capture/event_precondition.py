@@ -20,6 +20,10 @@ stored ``[T, m + n]``; see ``core.events``). Every preconditioner here is a pair
   weight ``[out, in]``: output gradients and inputs; GPT-2's Conv1D swaps them), applied as
   ``S_l^-1/2 X S_r^-1/2`` with damping (``kfac_inverse_root``). Costs ``2 (m^2 + n^2)`` numbers per
   target (covariances and their inverse roots). 1-D targets are left unchanged.
+- ``kfac_output``: ``kfac`` on the output-gradient side only (``S_l`` of a Linear weight, ``S_r``
+  of a Conv1D one: ``bind_layouts``); the input side is left as it is. Whitening the inputs also
+  amplifies rare input directions such as a prompt's own tag tokens, which then mark its events
+  whatever the reward did (docs/results.md).
 
 ``normalize_unit`` then scales a whole event to Frobenius norm 1 over all its targets.
 """
@@ -37,8 +41,10 @@ from sae_shards.capture.step_rules import unwrap_optimizer
 from sae_shards.core import events
 from sae_shards.core.targets import TargetSpec
 
-Kind = Literal["none", "adam", "kfac"]
-KINDS = ("none", "adam", "kfac")
+Kind = Literal["none", "adam", "kfac", "kfac_output"]
+KINDS = ("none", "adam", "kfac", "kfac_output")
+COVARIANCE_KINDS = ("kfac", "kfac_output")
+"""The kinds that ``observe`` each step's covariances."""
 
 
 # ---- per-side maps on factors -----------------------------------------------------------------
@@ -60,6 +66,17 @@ def transform_sides(x: Tensor, m: int, left: Tensor, right: Tensor) -> Tensor:
     left = left.to(device=x.device, dtype=torch.float32)
     right = right.to(device=x.device, dtype=torch.float32)
     return events.join(L @ left, R @ right).to(x.dtype)
+
+
+def transform_side(x: Tensor, m: int, left: Tensor | None, right: Tensor | None) -> Tensor:
+    """``left X`` or ``X right`` (whichever map is given; symmetric) of factored
+    ``x [..., T, m + n]``: one side transformed, the other copied (a new tensor in ``x``'s dtype)."""
+    L, R = events.split(x.float(), m)
+    if left is not None:
+        L = L @ left.to(device=x.device, dtype=torch.float32)
+    else:
+        R = R @ right.to(device=x.device, dtype=torch.float32)
+    return events.join(L, R).to(x.dtype)
 
 
 # ---- adam -------------------------------------------------------------------------------------
@@ -238,6 +255,7 @@ class EventPreconditioner:
         self.optimizer: torch.optim.Optimizer | None = None
         self._adam_cache: dict[str, tuple[tuple, tuple[Tensor, ...]]] = {}
         self._kfac: dict[str, _KfacSide] = {}
+        self._output_left = {name: True for name in self.specs}  # Linear layout until bound
         self.root_updates = 0  # kfac: inverse-root recomputations so far (all targets, both sides)
 
     # ---- adam ----
@@ -267,6 +285,14 @@ class EventPreconditioner:
 
     # ---- kfac ----
 
+    def bind_layouts(self, layouts: Mapping[str, str]) -> None:
+        """``{target: "out_in" | "in_out"}`` (``event_sites.Site.layout``): which factor holds the
+        output gradients (``L`` for a Linear weight ``[out, in]``, ``R`` for a Conv1D one)."""
+        for name, layout in layouts.items():
+            if layout not in ("out_in", "in_out"):
+                raise ValueError(f"target {name!r}: unknown weight layout {layout!r}")
+            self._output_left[name] = layout == "out_in"
+
     def observe(self, covariances: Mapping[str, tuple[Tensor, Tensor, int]]) -> None:
         """Kfac: fold one step's ``{target: (sum_l [m, m], sum_r [n, n], count)}`` into the EMAs.
 
@@ -275,7 +301,7 @@ class EventPreconditioner:
         covariance ``sum / count`` enters as ``S = ema S + (1 - ema) C`` (the first step's is
         taken as it is). A target with ``count == 0`` is skipped. Other kinds: ignored.
         """
-        if self.kind != "kfac":
+        if self.kind not in COVARIANCE_KINDS:
             return
         for name, (sum_l, sum_r, count) in covariances.items():
             spec = self.specs.get(name)
@@ -296,9 +322,11 @@ class EventPreconditioner:
             side.S_l = ema_update(side.S_l, sum_l.float() / count, self.ema)
             side.S_r = ema_update(side.S_r, sum_r.float() / count, self.ema)
             if side.observed % self.update_every == 0:
-                side.P_l = kfac_inverse_root(side.S_l, self.damping)
-                side.P_r = kfac_inverse_root(side.S_r, self.damping)
-                self.root_updates += 2
+                both = self.kind == "kfac"
+                left = both or self._output_left.get(name, True)
+                side.P_l = kfac_inverse_root(side.S_l, self.damping) if left else None
+                side.P_r = kfac_inverse_root(side.S_r, self.damping) if both or not left else None
+                self.root_updates += 2 if both else 1
             side.observed += 1
 
     # ---- resume ----
@@ -309,7 +337,8 @@ class EventPreconditioner:
         out: dict[str, Tensor] = {}
         for name, side in self._kfac.items():
             for key in ("S_l", "S_r", "P_l", "P_r"):
-                out[f"kfac.{name}.{key}"] = getattr(side, key).detach().cpu().clone()
+                if getattr(side, key) is not None:  # kfac_output keeps one root
+                    out[f"kfac.{name}.{key}"] = getattr(side, key).detach().cpu().clone()
             out[f"kfac.{name}.observed"] = torch.tensor(side.observed, dtype=torch.long)
         return out
 
@@ -321,7 +350,8 @@ class EventPreconditioner:
             side = self._kfac.setdefault(name, _KfacSide())
             device = _device_of(self.targets[name])
             for key in ("S_l", "S_r", "P_l", "P_r"):
-                setattr(side, key, state[f"kfac.{name}.{key}"].to(device).clone())
+                saved = state.get(f"kfac.{name}.{key}")
+                setattr(side, key, None if saved is None else saved.to(device).clone())
             side.observed = int(state[f"kfac.{name}.observed"])
 
     # ---- applying ----
@@ -351,7 +381,9 @@ class EventPreconditioner:
                         f"capture.precondition=kfac has no covariances for {name!r} yet; "
                         "observe a step's covariances before apply"
                     )
-                out[name] = transform_sides(x, spec.shape[0], side.P_l, side.P_r)
+                out[name] = (transform_sides(x, spec.shape[0], side.P_l, side.P_r)
+                             if self.kind == "kfac" else
+                             transform_side(x, spec.shape[0], side.P_l, side.P_r))
             else:
                 out[name] = x.clone()
         return out

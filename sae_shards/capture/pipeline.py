@@ -47,14 +47,14 @@ def resolve_targets(model: torch.nn.Module, patterns: list[str] | None) -> dict[
 
 def working_bytes(capture: CaptureConfig, specs: list[TargetSpec]) -> int:
     """Device memory the capture keeps besides the buffer: fp32 copies of the targets for per-step
-    sources (``WORKING_COPIES``, plus a scratch for bf16 storage); for ``precondition=kfac`` the
-    covariances ``m^2 + n^2`` of each matrix target and their inverse roots. (Per-event hooks hold
-    one micro-batch's target inputs and output gradients during backward: activation memory of
-    the RL step, not counted here.)"""
+    sources (``WORKING_COPIES``, plus a scratch for bf16 storage); for ``precondition=kfac`` (and
+    ``kfac_output``) the covariances ``m^2 + n^2`` of each matrix target and their inverse roots.
+    (Per-event hooks hold one micro-batch's target inputs and output gradients during backward:
+    activation memory of the RL step, not counted here.)"""
     if capture.granularity == "step":
         copies = WORKING_COPIES[capture.source] + (capture.storage_dtype != "float32")
         return copies * 4 * sum(t.numel for t in specs)
-    if capture.precondition == "kfac":
+    if capture.precondition in ("kfac", "kfac_output"):  # kfac_output: one root, counted as two
         return 2 * 4 * sum(t.shape[0] ** 2 + t.shape[1] ** 2 for t in specs if t.is_matrix)
     return 0
 

@@ -21,7 +21,7 @@ from sae_shards.run.schema import build_dataclass
 
 Source = Literal["update", "grad", "precond", "deconv"]
 Granularity = Literal["step", "group", "completion"]
-Precondition = Literal["none", "adam", "kfac"]
+Precondition = Literal["none", "adam", "kfac", "kfac_output"]
 Normalize = Literal["none", "unit"]
 StorageDtype = Literal["float32", "bfloat16"]
 Concurrency = Literal["inline", "thread"]
@@ -233,7 +233,9 @@ class CaptureConfig:
     precondition: Precondition = "none"
     """group / completion: ``adam`` divides by Adam's second moment approximated per target by
     its row and column means (keeps the factored form; the error is logged), ``kfac`` whitens
-    with running covariances of the layer's inputs and output gradients. ``none``: raw."""
+    with running covariances of the layer's inputs and output gradients, ``kfac_output`` with the
+    output gradients' only (the input side, where a prompt's own tokens enter, is left raw).
+    ``none``: raw."""
     normalize: Normalize = "none"
     """group / completion: ``unit`` scales each event to unit norm over all targets (its norm is
     kept in ``events.jsonl``); ``none`` keeps the gradient's own size."""
