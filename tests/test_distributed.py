@@ -180,16 +180,9 @@ def test_zero3_captures_the_one_process_deltas_and_events(zero3, runs):
     assert [e["rows"] for e in events] == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
 
 
-def test_sae_shards_train_under_deepspeed_zero3(tmp_path):
-    """The recipe under ZeRO-3 (the model is partitioned as TRL loads it, a collective every
-    rank joins), then a setting it cannot honour there is refused with the reason."""
-    run = tmp_path / "run"
-    _run([*_zero3_launch(), "-m", "sae_shards.cli", "train", "rl.max_steps=3",
-          "logging=disabled", f"run_dir={run}", "runner.min_samples=2"], tmp_path)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["rl_steps"] == summary["captured"] == 3 and summary["world_size"] == 2
-    loaded = load_checkpoint(run / "checkpoints" / "final")
-    assert loaded.config["meta"]["rl_step"] == 3
+def test_sae_shards_train_under_deepspeed_zero3_refuses_adam_preconditioning(tmp_path):
+    """A setting the recipe cannot honour under ZeRO-3 is refused with the reason (the recipe
+    itself runs under ZeRO-3 in the SIGTERM test below: trained, stopped, resumed)."""
     refused = _run([*_zero3_launch(), "-m", "sae_shards.cli", "train", "rl.max_steps=2",
                     "logging=disabled", f"run_dir={tmp_path / 'adam'}",
                     "capture.granularity=group", "capture.precondition=adam"], tmp_path, rc=1)
@@ -248,7 +241,7 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_run_resumes(tmp_path
     accelerate = Path(sys.executable).parent / "accelerate"
     run = tmp_path / "run"
     granularity = "group" if backend == "ddp" else "step"
-    job = ["-m", "sae_shards.cli", "train", "rl.max_steps=20", "logging=disabled",
+    job = ["-m", "sae_shards.cli", "train", "rl.max_steps=10", "logging=disabled",
            f"run_dir={run}", f"capture.granularity={granularity}", "runner.min_samples=2"]
     launch = ([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -269,19 +262,20 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_run_resumes(tmp_path
     assert "Received data size doesn't match" not in text, text[-4000:]  # no collective mismatch
     summary = json.loads((run / "summary.json").read_text())
     step = summary["rl_steps"]
-    assert summary["interrupted"] and 3 <= step < 20, text[-4000:]
+    assert summary["interrupted"] and 3 <= step < 10, text[-4000:]
     assert (run / "trl" / f"checkpoint-{step}" / "trainer_state.json").is_file()
     assert (run / "checkpoints" / f"step_{step:06d}").is_dir()
     _run([*launch, "--main_process_port", str(_free_port()), *job, "resume=true"], tmp_path)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["rl_steps"] == 20 and not summary["interrupted"]
+    assert summary["rl_steps"] == 10 and not summary["interrupted"]
     rollouts = [json.loads(line)["step"] for line in (run / "rollouts.jsonl").read_text().splitlines()]
-    assert rollouts == list(range(1, 21))  # no step lost or doubled
+    assert rollouts == list(range(1, 11))  # no step lost or doubled
     if granularity == "step":
-        assert summary["captured"] == 20
+        assert summary["captured"] == 10 and summary["world_size"] == 2
+        load_checkpoint(run / "checkpoints" / "final")
         return
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-    assert sorted({e["step"] for e in events}) == list(range(1, 21))
+    assert sorted({e["step"] for e in events}) == list(range(1, 11))
     assert len(events) == len({(e["step"], e["event"]) for e in events})
 
 

@@ -181,7 +181,7 @@ def test_grpo_capture_equals_parameter_change(tmp_path, accumulation):
         assert any(bool(v.abs().sum() > 0) for v in want.values())  # the weights really moved
 
 
-@pytest.mark.parametrize("override,message", [
+SETUP_ERRORS = [
     ("model=hf_path model.path=/no/such/model", r"/no/such/model is not a directory"),
     ("capture.targets=[*no_such_weight*]", r"'\*no_such_weight\*' matches no .*model.layers.0"),
     ("capture.capacity=100000000", r"capture.capacity|bf16|bfloat16"),
@@ -190,16 +190,23 @@ def test_grpo_capture_equals_parameter_change(tmp_path, accumulation):
     ("+rl.extra.save_steps=3", r"\['save_steps'\] are set by sae-shards from "
                                 r"runner.checkpoint_every"),
     ("resume=true", r"resume=true but run_dir=.* holds no resumable run"),
-])
-def test_setup_errors_are_reported_cleanly(tmp_path, override, message):
-    proc = subprocess.run(
+]
+
+
+def test_setup_errors_are_reported_cleanly(tmp_path):
+    """Each case is a real `sae-shards train` process (run side by side: most of each is the
+    import); each must exit 2 with its message, no traceback, and nothing trained."""
+    procs = [subprocess.Popen(
         [sys.executable, "-m", "sae_shards.cli", "train", *override.split(), "logging=disabled",
-         f"run_dir={tmp_path / 'r'}"], capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "sae-shards: cannot start:" in proc.stderr
-    assert re.search(message, proc.stderr), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "r" / "checkpoints").exists()
+         f"run_dir={tmp_path / str(i)}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i, (override, _) in enumerate(SETUP_ERRORS)]
+    for i, ((override, message), proc) in enumerate(zip(SETUP_ERRORS, procs)):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (override, err[-2000:])
+        assert "sae-shards: cannot start:" in err, (override, err[-2000:])
+        assert re.search(message, err), (override, err[-2000:])
+        assert "Traceback" not in err, (override, err[-2000:])
+        assert not (tmp_path / str(i) / "checkpoints").exists(), override
 
 
 def test_a_run_that_failed_before_its_first_step_does_not_block_a_retry(tmp_path):
