@@ -83,30 +83,40 @@ SUMMARY="$(grep -E '[0-9]+ (passed|failed|error|errors|skipped|xfailed|xpassed|d
 # ---- 2b. FSDP2 and DeepSpeed ZeRO-3 through accelerate (TRL's route), one process --------------
 # accelerate shards with FSDP only on accelerators, so this is the one place TRL's FSDP2 path runs
 # (tests/test_distributed.py covers fully_shard on 2 CPU processes without TRL, and ZeRO-3 with TRL
-# on 2 CPU processes); ZeRO-3 runs here on CUDA.
-launched_train() {  # launched_train NAME LAUNCH-FLAGS...: sae-shards train, 4 steps; sets RESULT
-    local name="$1"; shift
-    set +e
-    "$PY" -m accelerate.commands.launch "$@" --num_processes 1 --num_machines 1 \
-        --mixed_precision no --dynamo_backend no \
-        -m sae_shards.cli train rl.max_steps=4 logging=disabled runner.min_samples=2 \
-        run_dir="$WORK/$name" >"$WORK/$name.log" 2>&1 \
-        && "$PY" - "$WORK/$name" >>"$WORK/$name.log" 2>&1 <<'EOF'
+# on 2 CPU processes); ZeRO-3 runs here on CUDA. Both per step and per prompt group (per-event
+# capture under FSDP2 runs nowhere else).
+launched_train() {  # launched_train NAME LAUNCH-FLAGS...: sae-shards train, 4 steps, per step and
+    local name="$1"; shift  # per prompt group; sets RESULT
+    local gran rc=0
+    for gran in step group; do
+        set +e
+        "$PY" -m accelerate.commands.launch "$@" --num_processes 1 --num_machines 1 \
+            --mixed_precision no --dynamo_backend no \
+            -m sae_shards.cli train rl.max_steps=4 logging=disabled runner.min_samples=2 \
+            capture.granularity="$gran" run_dir="$WORK/$name-$gran" >>"$WORK/$name.log" 2>&1 \
+            && "$PY" - "$WORK/$name-$gran" "$gran" >>"$WORK/$name.log" 2>&1 <<'EOF'
 import json, sys
 from pathlib import Path
 from sae_shards.core.checkpoint import load_checkpoint
-run = Path(sys.argv[1])
+run, granularity = Path(sys.argv[1]), sys.argv[2]
 summary = json.loads((run / "summary.json").read_text())
-assert summary["captured"] == 4, summary["captured"]
+assert summary["rl_steps"] == 4, summary["rl_steps"]
+if granularity == "step":
+    assert summary["captured"] == 4, summary["captured"]
+else:  # one sample per prompt group, every one of them recorded in events.jsonl
+    events = (run / "events.jsonl").read_text().splitlines()
+    assert summary["captured"] == summary["events"] == len(events) > 0, summary
 load_checkpoint(run / "checkpoints" / "final")
-print("ok: 4 deltas captured, shards load")
+print(f"ok ({granularity}): {summary['captured']} samples captured, shards load")
 EOF
-    local rc=$?
-    set -e
+        rc=$?
+        set -e
+        [[ $rc == 0 ]] || break
+    done
     if [[ $rc == 0 ]]; then
-        RESULT="passed (4 GRPO steps, 4 sharded deltas gathered and captured, shards load)"
+        RESULT="passed (4 GRPO steps each: 4 sharded deltas gathered and captured; per prompt group, every event captured; shards load)"
     else
-        RESULT="FAILED (exit code $rc); last lines:"$'\n\n```\n'"$(tail -30 "$WORK/$name.log")"$'\n```'
+        RESULT="FAILED ($gran, exit code $rc); last lines:"$'\n\n```\n'"$(tail -30 "$WORK/$name.log")"$'\n```'
     fi
 }
 FSDP2="skipped (--cpu-smoke: accelerate runs FSDP on GPUs only)"
@@ -152,8 +162,8 @@ fi
         git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
     echo "- tests (\`python -m pytest -q ${PYTEST_ARGS[*]}\`, exit code $TESTS_RC): ${SUMMARY:-no summary line}"
     echo "- benchmark (\`python ${BENCH[*]}\`, exit code $BENCH_RC)"
-    echo "- FSDP2 via accelerate (\`sae-shards train\`, update capture): $FSDP2"
-    echo "- DeepSpeed ZeRO-3 via accelerate (\`sae-shards train\`, update capture): $ZERO3"
+    echo "- FSDP2 via accelerate (\`sae-shards train\`, per step and per group): $FSDP2"
+    echo "- DeepSpeed ZeRO-3 via accelerate (\`sae-shards train\`, per step and per group): $ZERO3"
     echo
     echo "## Overhead benchmark"
     echo
