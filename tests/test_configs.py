@@ -60,6 +60,7 @@ def test_default_config_equals_dataclass_defaults():
     ("resume=true overwrite=true", r"resume=true and overwrite=true contradict"),
     ("runner.worker_timeout_s=0", r"runner.worker_timeout_s=0.0 must be > 0"),
     ("capture.outlier_ratio=0.5", r"capture.outlier_ratio=0.5 must be > 1"),
+    ("capture.kfac_damping=0", r"capture.kfac_damping=0.0 must be > 0"),
     ("runner.concurrency=thread capture.capacity=9", r"capture.capacity=9 must exceed "
                                                      r"runner.max_lag=8 \+ 1 in thread mode"),
     ("runner.heldout_every=2 capture.capacity=12 runner.min_samples=8",

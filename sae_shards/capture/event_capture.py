@@ -92,7 +92,8 @@ class EventCapture(TrainerCallback):
         self.rows_fn = rows_fn
         self.on_push = on_push
         self.room = room
-        self.preconditioner = EventPreconditioner(cfg.precondition, self.targets, self.specs)
+        self.preconditioner = EventPreconditioner(cfg.precondition, self.targets, self.specs,
+                                                  kfac_damping=cfg.kfac_damping)
         self._covariances_needed = cfg.precondition in COVARIANCE_KINDS
         self.recorder: EventRecorder | None = None
         self.outliers = NormOutliers(cfg.outlier_ratio if cfg.normalize == "none" else 0.0)

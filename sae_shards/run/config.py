@@ -239,6 +239,10 @@ class CaptureConfig:
     normalize: Normalize = "none"
     """group / completion: ``unit`` scales each event to unit norm over all targets (its norm is
     kept in ``events.jsonl``); ``none`` keeps the gradient's own size."""
+    kfac_damping: float = 1e-3
+    """precondition=kfac / kfac_output: added to each covariance as this fraction of its mean
+    eigenvalue before the inverse square root. Larger values whiten less: directions rarer
+    than it are amplified at most ``1 / sqrt(kfac_damping)`` times."""
 
     def __post_init__(self) -> None:
         if self.targets is not None and not self.targets:
@@ -267,6 +271,8 @@ class CaptureConfig:
         if self.outlier_ratio != 0 and not self.outlier_ratio > 1:
             raise ValueError(f"capture.outlier_ratio={self.outlier_ratio} must be > 1 (or 0 to "
                              "keep every finite sample)")
+        if not self.kfac_damping > 0:
+            raise ValueError(f"capture.kfac_damping={self.kfac_damping} must be > 0 (e.g. 1e-3)")
 
 
 @dataclass(frozen=True)
