@@ -118,8 +118,18 @@ def _job(run: Path, *extra: str):
                                                                   f"run_dir={run}"]))
 
 
+def _disk_full(kind: str) -> Exception:
+    """A full disk as Python reports it (``OSError``) and as safetensors does (its own error)."""
+    if kind == "oserror":
+        return OSError(errno.ENOSPC, "No space left on device")
+    from safetensors import SafetensorError
+    return SafetensorError("Error while serializing: I/O error: No space left on device "
+                           "(os error 28)")
+
+
+@pytest.mark.parametrize("kind", ["oserror", "safetensors"])
 def test_a_checkpoint_write_failing_halfway_keeps_the_run_resumable(uninterrupted, tmp_path,
-                                                                    monkeypatch):
+                                                                    monkeypatch, kind):
     run = tmp_path / "run"
     real_save = checkpoint_module.save_file
     calls = []
@@ -128,7 +138,7 @@ def test_a_checkpoint_write_failing_halfway_keeps_the_run_resumable(uninterrupte
         calls.append(str(path))
         if "step_000008" in str(path):  # half a file, then the disk is full
             Path(path).write_bytes(b"\0" * 1000)
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise _disk_full(kind)
         return real_save(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(checkpoint_module, "save_file", disk_full_at_step_8)
@@ -137,6 +147,7 @@ def test_a_checkpoint_write_failing_halfway_keeps_the_run_resumable(uninterrupte
     monkeypatch.undo()
     assert not (run / "checkpoints" / "step_000008").exists()
     assert not list((run / "checkpoints").glob(".step_000008*"))  # no half-written leftovers
+    assert not list((run / "resume").glob(".step_000008*"))
     assert load_checkpoint(run / "checkpoints" / "step_000004").config["meta"]["rl_step"] == 4
     run_job(_job(run, "resume=true"), run)
     _same_run(uninterrupted, run)

@@ -170,7 +170,12 @@ def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: Path, kind: str,
     """
     tmp = path.with_name(f".{path.name}.tmp")
     header = {"format": kind, "format_version": str(FORMAT_VERSION), **(metadata or {})}
-    _save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, header)
+    try:
+        _save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp,
+                      header)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -178,7 +183,11 @@ def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path,
                   metadata: Mapping[str, str]) -> None:
     """``safetensors.save_file``, then the mode any new file gets (safetensors creates 0600, so
     shards written by one user could not be read by the group that analyses them)."""
-    save_file(dict(tensors), path, metadata=dict(metadata))
+    try:
+        save_file(dict(tensors), path, metadata=dict(metadata))
+    except SafetensorError as e:  # how safetensors reports an I/O failure such as a full disk
+        Path(path).unlink(missing_ok=True)
+        raise OSError(str(e)) from e
     os.chmod(path, 0o666 & ~process_umask())
 
 

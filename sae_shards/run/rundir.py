@@ -222,8 +222,9 @@ def latest_checkpoint(run_dir: Path) -> str:
 
 def save_activations(path: Path, tensors: dict[str, torch.Tensor], input_scale: float) -> None:
     """``online.*`` / ``final.*`` activation logs (``capture.runner.ActivationLog.tensors``)."""
-    save_file_atomic({**tensors, "input_scale": torch.tensor(float(input_scale))}, path,
-                     "sae-shards-activations")
+    with writing(path):
+        save_file_atomic({**tensors, "input_scale": torch.tensor(float(input_scale))}, path,
+                         "sae-shards-activations")
 
 
 def save_samples(path: Path, samples: dict[str, torch.Tensor], rl_steps: list[int],
@@ -236,4 +237,6 @@ def save_samples(path: Path, samples: dict[str, torch.Tensor], rl_steps: list[in
     tensors = {f"sample.{name}": t for name, t in samples.items()}
     tensors["rl_step"] = torch.tensor(rl_steps, dtype=torch.long)
     tensors["heldout"] = torch.tensor(heldout, dtype=torch.bool)
-    save_file_atomic(tensors, path, "sae-shards-samples", {"task_labels": json.dumps(task_labels)})
+    with writing(path):
+        save_file_atomic(tensors, path, "sae-shards-samples",
+                         {"task_labels": json.dumps(task_labels)})
