@@ -456,7 +456,6 @@ class ShardCallback(TrainerCallback):
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-
 def _config(cls: type, value: Any, prefix: str) -> Any:
     """A config dataclass from an instance, a dict of its fields, or None (defaults)."""
     if value is None:

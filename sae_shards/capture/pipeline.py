@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from sae_shards.capture.buffer import DeltaRingBuffer
+from sae_shards.capture.event_precondition import COVARIANCE_KINDS
 from sae_shards.capture.memory import check_buffer_memory, default_memory_budget
 from sae_shards.capture.runner import InlineRunner, SAEWorkLoop, ThreadRunner, make_runner
 from sae_shards.capture.selection import Target, default_targets, select_targets, target_shapes
@@ -54,7 +55,7 @@ def working_bytes(capture: CaptureConfig, specs: list[TargetSpec]) -> int:
     if capture.granularity == "step":
         copies = WORKING_COPIES[capture.source] + (capture.storage_dtype != "float32")
         return copies * 4 * sum(t.numel for t in specs)
-    if capture.precondition in ("kfac", "kfac_output"):  # kfac_output: one root, counted as two
+    if capture.precondition in COVARIANCE_KINDS:  # kfac_output keeps one root: counted as two
         return 2 * 4 * sum(t.shape[0] ** 2 + t.shape[1] ** 2 for t in specs if t.is_matrix)
     return 0
 

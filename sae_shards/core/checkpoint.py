@@ -81,9 +81,10 @@ def live_tensors(sae: LowRankSAE) -> dict[str, torch.Tensor]:
     return out
 
 
-def sae_tensors(sae: LowRankSAE) -> dict[str, torch.Tensor]:
-    """CPU copies of :func:`live_tensors`, ready for safetensors."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in live_tensors(sae).items()}
+def sae_tensors(sae: LowRankSAE, copy: bool = False) -> dict[str, torch.Tensor]:
+    """:func:`live_tensors` on the CPU, ready for safetensors (on a CPU SAE the live tensors
+    themselves unless ``copy``)."""
+    return {k: v.detach().to("cpu", copy=copy).contiguous() for k, v in live_tensors(sae).items()}
 
 
 # ---------------------------------------------------------------------------- writing
@@ -109,7 +110,7 @@ def checkpoint_files(
     def cpu(v: torch.Tensor) -> torch.Tensor:
         return v.detach().to("cpu", copy=copy).contiguous()
 
-    tensors = {k: cpu(v) for k, v in live_tensors(sae).items()}
+    tensors = sae_tensors(sae, copy)
     for k, v in (stats or {}).items():
         if not k.startswith("stats."):
             raise ValueError(f"stat tensor names must start with 'stats.', got {k!r}")
@@ -186,8 +187,7 @@ def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path,
     try:
         save_file(dict(tensors), path, metadata=dict(metadata))
     except SafetensorError as e:  # how safetensors reports an I/O failure such as a full disk
-        Path(path).unlink(missing_ok=True)
-        raise OSError(str(e)) from e
+        raise OSError(str(e)) from e  # (the callers remove their temporary file)
     os.chmod(path, 0o666 & ~process_umask())
 
 
