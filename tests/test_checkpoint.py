@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, load_training_state,
-                                   save_checkpoint, sae_tensors)
+                                   read_safetensors, save_checkpoint, sae_tensors)
 from sae_shards.core.sae import LowRankSAE
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.synthetic import PlantedConfig, PlantedStream
@@ -46,6 +46,16 @@ def test_round_trip_is_exact(trained, tmp_path):
     with safe_open(tmp_path / "ck" / "sae.safetensors", "pt") as f:
         assert f.metadata()["format_version"] == "1"
         assert "decoder.layers.0.mlp.down_proj.weight.U" in f.keys()
+
+
+def test_paths_may_be_strings(trained, tmp_path):
+    _, sae, _ = trained
+    save_checkpoint(str(tmp_path / "ck"), sae, meta={"rl_step": 1})
+    assert load_checkpoint(str(tmp_path / "ck")).config["meta"] == {"rl_step": 1}
+    tensors, header = read_safetensors(str(tmp_path / "ck" / "sae.safetensors"))
+    assert header["format_version"] == "1" and set(tensors) == set(sae_tensors(sae))
+    with pytest.raises(CheckpointError, match="missing"):
+        read_safetensors(str(tmp_path / "nothing.safetensors"))
 
 
 def test_failed_write_keeps_previous_checkpoint(trained, tmp_path):

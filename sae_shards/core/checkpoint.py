@@ -227,12 +227,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return read_spec(Path(path)).config
 
 
-def read_tensors(file: Path, expect_version: bool = True) -> dict[str, torch.Tensor]:
+def read_tensors(file: str | Path, expect_version: bool = True) -> dict[str, torch.Tensor]:
     """Load a safetensors file, turning any damage into an error naming the file."""
     return read_safetensors(file, expect_version)[0]
 
 
-def read_safetensors(file: Path, expect_version: bool = True, kind: str | None = None,
+def read_safetensors(file: str | Path, expect_version: bool = True, kind: str | None = None,
                      missing_hint: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``read_tensors`` and the file's header metadata, in one read.
 

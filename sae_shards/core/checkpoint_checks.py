@@ -81,9 +81,9 @@ def _check_dir(path: Path) -> None:
         raise CheckpointError(f"{path}: not a directory; {where} (e.g. run_dir/checkpoints/final)")
 
 
-def check_file(file: Path, missing_hint: str = "") -> None:
+def check_file(file: str | Path, missing_hint: str = "") -> None:
     try:
-        mode = file.stat().st_mode
+        mode = Path(file).stat().st_mode
     except FileNotFoundError as e:
         raise CheckpointError(f"{file}: missing{missing_hint}") from e
     except OSError as e:  # a symlink loop, no permission
