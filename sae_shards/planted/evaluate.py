@@ -33,7 +33,10 @@ sample it is present in (``truth_from`` says which, per task; ``groundtruth``).
   ``schedule`` (``task.options.schedule``), ``group`` (``body`` / ``readout`` from the run's meta,
   else inferred from its targets).
 
-Below the headline, everything else: the shuffled nulls, per-task AUROC, purity, coverage,
+Below the headline, everything else: the shuffled nulls, per-task AUROC, purity, coverage
+(and ``latent_aurocs_top3``: a task split over several latents shows close runners-up),
+``separability`` (``groundtruth.separability``: what one labelled direction per task reaches,
+sign-free, signed, class mean and linear probe, beside the best latent's ``auroc_task``),
 ``energy_share`` (each task's share of the held-out samples' squared norm; a sample of several
 tasks gives each an equal part; ``energy_share_by_label_set`` keeps such samples under their
 joined label set, as ``recipe.balance.energy_shares`` does), ``drift`` (below),
@@ -67,7 +70,7 @@ from sae_shards.analysis.shards import ShardSet, load_run_models
 from sae_shards.planted.causal import CausalSettings, causal_tests
 from sae_shards.planted.groundtruth import (abs_cosine, auroc, energy_shares, flatten, label_sets,
                                             norm_features, presence, principal_direction,
-                                            rank_ceiling,
+                                            rank_ceiling, separability,
                                             shuffled, supervised_reference,
                                             task_directions, task_directions_with_source,
                                             unflatten)
@@ -291,6 +294,11 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
             "max_abs_cos_to_truth": float(match.abs_cos[k, keep].max()),
             "best_latent_abs_cos_to_truth": float(match.abs_cos[k, j]),
             "supervised_auroc": ref.auroc_per_task[t],
+            # training AUROC of the task's three best latents: a task split over several
+            # latents (feature splitting) shows as close runners-up
+            "latent_aurocs_top3": sorted((auroc(acts_tr[:, i].abs(), presence(y_tr, t))
+                                          for i in range(sae.n_latents) if i not in drift),
+                                         reverse=True)[:3],
             "energy_share": shares[t], "truth_from": truth_from[t],
             "n_heldout": int(is_t.sum()), "n_train": int(presence(y_tr, t).sum()),
         }
@@ -344,6 +352,7 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         "auroc_margin": mean(list(auroc_task.values())) - mean(null_auroc),
         "supervised_auroc": ref.auroc_mean, "supervised_centroid_accuracy": ref.centroid_accuracy,
         "chance_accuracy": ref.chance_accuracy,
+        "separability": separability(flat_tr, y_tr, flat_te, y_te, tasks),
         "energy_share": shares, "energy_share_max": max(shares.values()),
         "energy_share_by_label_set": _shares_by_label_set(x_te, y_te) if data.multi_label else None,
         "drift": drift_info,
@@ -465,6 +474,9 @@ def to_markdown(r: dict[str, Any]) -> str:
               f"| mmcs of the supervised directions | {r['mmcs_supervised']:.3f} | shuffled-label null {r['mmcs_supervised_null']:.3f} (margin {r['mmcs_supervised'] - r['mmcs_supervised_null']:+.3f}) |",
               f"| auroc_task (held-out, best latent) | {r['auroc_task']:.3f} | shuffled-label null {r['auroc_null']:.3f} |",
               f"| supervised reference AUROC | {r['supervised_auroc']:.3f} | nearest-centroid accuracy {_f(r['supervised_centroid_accuracy'])} (chance {r['chance_accuracy']:.3f}) |",
+              "| separability with labels (one direction per task, held-out AUROC) | "
+              + ", ".join(f"{k} {_f(v['mean'])}" for k, v in r["separability"].items())
+              + " | the best latent's auroc_task above is the unsupervised counterpart |",
               f"| fvu_heldout | {r['fvu_heldout']:.3f} | |", f"| l0 | {r['l0']:.2f} | |",
               f"| dead_frac | {r['dead_frac']} | |",
               f"| largest task energy share | {r['energy_share_max']:.3f} | {', '.join(f'{t} {v:.2f}' for t, v in r['energy_share'].items())} |"]
@@ -472,11 +484,12 @@ def to_markdown(r: dict[str, Any]) -> str:
     lines.append(f"| drift latents (density >= {d['threshold']}) | {d['latents'] or 'none'} | "
                  f"densest latent {d['max_density_latent']} at {d['max_density']:.2f}; mmcs with "
                  f"drift latents {d['mmcs_with_drift']:.3f} |")
-    lines += ["", "| task | best latent | AUROC | purity | coverage | max \\|cos\\| to truth | supervised AUROC | energy share | truth from |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| task | best latent | AUROC | purity | coverage | max \\|cos\\| to truth | supervised AUROC | best 3 latents' training AUROC | energy share | truth from |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for t, v in r["per_task"].items():
         lines.append(f"| {t} | {v['best_latent']} | {v['auroc']:.3f} | {v['purity']:.2f} | "
                      f"{v['coverage']:.2f} | {v['max_abs_cos_to_truth']:.3f} | {v['supervised_auroc']:.3f} "
+                     f"| {', '.join(f'{a:.2f}' for a in v['latent_aurocs_top3'])} "
                      f"| {v['energy_share']:.2f} | {v['truth_from']} |")
     st = r.get("steering")
     if st:

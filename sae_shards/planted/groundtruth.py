@@ -16,6 +16,9 @@ means cancel. Everything here is therefore sign-free:
   positive class of every AUROC, and a task's principal direction comes from its one-task samples
   where it has at least two, else from every sample it is present in
   (``task_directions_with_source`` says which);
+- ``separability``: the supervised ladder beside it, from the sign-free principal direction
+  through signed and class-mean directions to a linear probe: how far one direction per task
+  can go with labels, so an SAE's best latent can be read against it;
 - ``energy_shares``: each task's share of the samples' squared norm (balanced tasks keep every
   share well under 1/2; one dominant task pulls shuffled-label directions to itself and lifts
   the mmcs null).
@@ -245,6 +248,53 @@ def supervised_reference(x_train: Tensor, y_train: Labels, x_test: Tensor,
     mean = sum(valid) / len(valid) if valid else float("nan")  # no task separable at all
     return SupervisedReference(per_task, mean, accuracy,
                                1 / len(tasks), dirs)
+
+
+def separability(x_train: Tensor, y_train: Labels, x_test: Tensor, y_test: Labels,
+                 tasks: Sequence[str], ridge: float = 0.1) -> dict[str, dict[str, float]]:
+    """How well ONE labelled direction per task separates the held-out samples, from the
+    sign-free reference up to a linear probe: ``{figure: {"mean": ..., task: AUROC}}``.
+
+    Samples are compared by cosine (rows scaled to unit norm). Every direction comes from the
+    training samples; "task k present" is the positive class.
+
+    - ``principal_abs``: ``|cos|`` to the task's principal direction (the supervised reference);
+    - ``principal_signed``: ``cos`` to it, oriented so the task's training samples project
+      positively on average. Above ``principal_abs`` when samples have a consistent sign and
+      other tasks' samples point against the direction (per-event gradients; per-step updates,
+      whose sign flips from step to step, gain nothing);
+    - ``class_mean``: ``cos`` to the mean of the task's training samples;
+    - ``linear_probe``: one-vs-rest ridge regression on +-1 targets (``ridge`` times the identity
+      added to the ``[S, S]`` Gram matrix), its weight vector as the direction. What a single
+      linear direction can reach with labels: an SAE latent's encoder is one such direction,
+      learned without them.
+
+    A shuffled-label or null-control run should stay near 0.5 on every figure; a linear probe
+    over many dimensions sits somewhat above it (it finds what tells prompts apart).
+    """
+    if not ridge > 0:
+        raise ValueError(f"separability: ridge={ridge} must be > 0")
+    unit = lambda v: v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)  # noqa: E731
+    xtr, xte = unit(x_train.float()), unit(x_test.float())
+    principal = task_directions(xtr, y_train, tasks)  # [K, D]
+    pos_tr = [presence(y_train, t) for t in tasks]
+    orient = torch.stack([torch.sign((xtr[p] @ d).sum()) for p, d in zip(pos_tr, principal)])
+    means = torch.stack([xtr[p].mean(0) for p in pos_tr])  # [K, D]
+    gram = (xtr.double() @ xtr.double().T)  # [S, S]
+    gram.diagonal().add_(ridge)
+    targets = torch.stack([p.double() * 2 - 1 for p in pos_tr], 1)  # [S, K]
+    probe = (xtr.double().T @ torch.linalg.solve(gram, targets)).T.float()  # [K, D]
+    out = {}
+    for name, dirs, signed in (("principal_abs", principal, False),
+                               ("principal_signed", principal * orient[:, None], True),
+                               ("class_mean", means, True), ("linear_probe", probe, True)):
+        scores = xte @ unit(dirs).T  # [S_test, K]
+        if not signed:
+            scores = scores.abs()
+        per = {t: auroc(scores[:, k], presence(y_test, t)) for k, t in enumerate(tasks)}
+        valid = [v for v in per.values() if v == v]
+        out[name] = {"mean": sum(valid) / len(valid) if valid else float("nan"), **per}
+    return out
 
 
 def shuffled(labels: Sequence, generator: torch.Generator) -> list:

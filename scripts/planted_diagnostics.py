@@ -1,0 +1,116 @@
+"""Why a planted run's best latent scores what it does: supervised diagnostics of its events.
+
+    python -m scripts.planted_diagnostics runs/planted_sweep/multiskill-mixed-seed0/body-event
+
+Needs a run evaluated by ``sae-shards evaluate`` (``runner.save_samples``, ``heldout_every``).
+Prints, on the held-out samples (docs/results.md, "Third session"):
+
+- ``sign_consistency``: per task, the share of its held-out samples whose cosine with the task's
+  training principal direction has the majority sign (0.5: signs flip; 1: one sign);
+- ``probe_rank1``: the ridge probe of ``groundtruth.separability`` truncated to rank 1 on every
+  matrix target (what one low-rank encoder direction per task could reach);
+- ``principal_abs_mean_removed``: the supervised reference after projecting the training
+  samples' mean direction out of every sample;
+- ``subspace3``: AUROC of the norm of each sample's projection on the task's top-3 principal
+  subspace (how many directions a task spans);
+- ``best_latent_pre_activation``: the best latent per task (chosen on training samples) scored by
+  its ``|pre-activation|`` before the top-k, beside ``auroc_task`` (after it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sae_shards.analysis.shards import ShardSet
+from sae_shards.planted.evaluate import EvalData
+from sae_shards.planted.groundtruth import (auroc, flatten, presence, separability,
+                                            task_directions, unflatten)
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def _mean_auroc(scores: Tensor, labels, tasks) -> float:
+    return sum(auroc(scores[:, k], presence(labels, t)) for k, t in enumerate(tasks)) / len(tasks)
+
+
+def _rank1(dirs: Tensor, shapes: dict[str, tuple[int, ...]]) -> Tensor:
+    parts = []
+    for name, d in unflatten(dirs, shapes).items():
+        if d.ndim == 3:  # [K, m, n]: keep each direction's top singular pair on this target
+            U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+            d = S[:, :1, None] * U[:, :, :1] @ Vh[:, :1]
+        parts.append(d.flatten(1))
+    return torch.cat(parts, 1)
+
+
+def diagnose(run_dir: Path, ridge: float = 0.1) -> dict:
+    shards = ShardSet.from_run(run_dir)
+    sae = shards.sae
+    data = EvalData(run_dir, shards.target_names)
+    x_tr, y_tr = data.split(False)
+    x_te, y_te = data.split(True)
+    tasks, names = data.tasks, data.names
+    shapes = {t.name: t.shape for t in sae.targets}
+    ftr, fte = _unit(flatten(x_tr, names)), _unit(flatten(x_te, names))  # [S, D]
+    out: dict = {"separability": {k: v["mean"] for k, v in
+                                  separability(ftr, y_tr, fte, y_te, tasks, ridge).items()}}
+
+    principal = task_directions(ftr, y_tr, tasks)  # [K, D]
+    cons = {}
+    for k, t in enumerate(tasks):
+        c = fte[presence(y_te, t)] @ principal[k]
+        pos = float((c > 0).float().mean())
+        cons[t] = max(pos, 1 - pos)
+    out["sign_consistency"] = cons
+
+    gram = ftr.double() @ ftr.double().T
+    gram.diagonal().add_(ridge)
+    targets = torch.stack([presence(y_tr, t).double() * 2 - 1 for t in tasks], 1)
+    probe = (ftr.double().T @ torch.linalg.solve(gram, targets)).T.float()  # [K, D]
+    out["probe_rank1"] = _mean_auroc(fte @ _unit(_rank1(probe, shapes)).T, y_te, tasks)
+
+    mean = _unit(ftr.mean(0, keepdim=True))[0]
+    drop = lambda x: _unit(x - (x @ mean)[:, None] * mean)  # noqa: E731
+    d = task_directions(drop(ftr), y_tr, tasks)
+    out["principal_abs_mean_removed"] = _mean_auroc((drop(fte) @ d.T).abs(), y_te, tasks)
+
+    sub = []
+    for t in tasks:
+        _, _, vh = torch.linalg.svd(ftr[presence(y_tr, t)].double(), full_matrices=False)
+        sub.append((fte.double() @ vh[:3].T).norm(dim=1).float())
+    out["subspace3"] = _mean_auroc(torch.stack(sub, 1), y_te, tasks)
+
+    with torch.no_grad():
+        pre_tr = sae.encode_pre(sae.to_scaled(x_tr)).abs()
+        pre_te = sae.encode_pre(sae.to_scaled(x_te)).abs()
+        act_tr = sae.encode(sae.to_scaled(x_tr)).dense(sae.n_latents).abs()
+        act_te = sae.encode(sae.to_scaled(x_te)).dense(sae.n_latents).abs()
+    for name, tr, te in (("best_latent_pre_activation", pre_tr, pre_te),
+                         ("best_latent_activation", act_tr, act_te)):
+        scores = []
+        for t in tasks:
+            j = max(range(sae.n_latents), key=lambda i: auroc(tr[:, i], presence(y_tr, t)))
+            scores.append(auroc(te[:, j], presence(y_te, t)))
+        out[name] = sum(scores) / len(scores)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", type=Path)
+    parser.add_argument("--ridge", type=float, default=0.1)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for run in args.run_dirs:
+        print(json.dumps({"run": str(run), **diagnose(run, args.ridge)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
