@@ -28,8 +28,8 @@ from torch import Tensor
 
 from sae_shards.analysis.shards import ShardSet
 from sae_shards.planted.evaluate import EvalData
-from sae_shards.planted.groundtruth import (auroc, flatten, presence, separability,
-                                            task_directions, unflatten)
+from sae_shards.planted.groundtruth import (auroc, flatten, presence, ridge_probe,
+                                            separability, task_directions, unflatten)
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -70,10 +70,7 @@ def diagnose(run_dir: Path, ridge: float = 0.1) -> dict:
         cons[t] = max(pos, 1 - pos)
     out["sign_consistency"] = cons
 
-    gram = ftr.double() @ ftr.double().T
-    gram.diagonal().add_(ridge)
-    targets = torch.stack([presence(y_tr, t).double() * 2 - 1 for t in tasks], 1)
-    probe = (ftr.double().T @ torch.linalg.solve(gram, targets)).T.float()  # [K, D]
+    probe = ridge_probe(ftr, y_tr, tasks, ridge)  # [K, D]
     out["probe_rank1"] = _mean_auroc(fte @ _unit(_rank1(probe, shapes)).T, y_te, tasks)
 
     mean = _unit(ftr.mean(0, keepdim=True))[0]

@@ -250,6 +250,16 @@ def supervised_reference(x_train: Tensor, y_train: Labels, x_test: Tensor,
                                1 / len(tasks), dirs)
 
 
+def ridge_probe(x: Tensor, labels: Labels, tasks: Sequence[str], ridge: float) -> Tensor:
+    """One-vs-rest ridge regression of "task k present" (+-1) on samples ``x [S, D]``: the weight
+    vectors ``[K, D]``, solved in sample space (``ridge`` times the identity added to the
+    ``[S, S]`` Gram matrix), so D can be large."""
+    gram = (x @ x.T).double()  # [S, S]; no fp64 copy of the [S, D] samples
+    gram.diagonal().add_(ridge)
+    targets = torch.stack([presence(labels, t).double() * 2 - 1 for t in tasks], 1)  # [S, K]
+    return (x.T @ torch.linalg.solve(gram, targets).float()).T
+
+
 def separability(x_train: Tensor, y_train: Labels, x_test: Tensor, y_test: Labels,
                  tasks: Sequence[str], ridge: float = 0.1) -> dict[str, dict[str, float]]:
     """How well ONE labelled direction per task separates the held-out samples, from the
@@ -280,10 +290,7 @@ def separability(x_train: Tensor, y_train: Labels, x_test: Tensor, y_test: Label
     pos_tr = [presence(y_train, t) for t in tasks]
     orient = torch.stack([torch.sign((xtr[p] @ d).sum()) for p, d in zip(pos_tr, principal)])
     means = torch.stack([xtr[p].mean(0) for p in pos_tr])  # [K, D]
-    gram = (xtr.double() @ xtr.double().T)  # [S, S]
-    gram.diagonal().add_(ridge)
-    targets = torch.stack([p.double() * 2 - 1 for p in pos_tr], 1)  # [S, K]
-    probe = (xtr.double().T @ torch.linalg.solve(gram, targets)).T.float()  # [K, D]
+    probe = ridge_probe(xtr, y_train, tasks, ridge)  # [K, D]
     out = {}
     for name, dirs, signed in (("principal_abs", principal, False),
                                ("principal_signed", principal * orient[:, None], True),
