@@ -13,8 +13,9 @@ Prints, on the held-out samples (docs/results.md, "Third session"):
   samples' mean direction out of every sample;
 - ``subspace3``: AUROC of the norm of each sample's projection on the task's top-3 principal
   subspace (how many directions a task spans);
-- ``best_latent_pre_activation``: the best latent per task (chosen on training samples) scored by
-  its ``|pre-activation|`` before the top-k, beside ``auroc_task`` (after it).
+- ``best_latent_pre_activation``: the best latent per task (chosen on training samples, drift
+  latents excluded as ``evaluation.json`` lists them) scored by its ``|pre-activation|`` before
+  the top-k, beside ``auroc_task`` from ``evaluation.json`` (after it).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch
 from torch import Tensor
 
 from sae_shards.analysis.shards import ShardSet
-from sae_shards.planted.evaluate import EvalData
+from sae_shards.core.checkpoint import CheckpointError
+from sae_shards.planted.evaluate import EvalData, best_latents
 from sae_shards.planted.groundtruth import (auroc, flatten, presence, ridge_probe,
                                             separability, task_directions, unflatten)
 
@@ -84,18 +86,21 @@ def diagnose(run_dir: Path, ridge: float = 0.1) -> dict:
         sub.append((fte.double() @ vh[:3].T).norm(dim=1).float())
     out["subspace3"] = _mean_auroc(torch.stack(sub, 1), y_te, tasks)
 
+    # the evaluation's own choice of latents: drift latents excluded, best on training samples
+    evaluation = run_dir / "evaluation.json"
+    try:
+        evaluated = json.loads(evaluation.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{evaluation}: cannot be read ({e}); run `sae-shards evaluate "
+                         f"{run_dir}` first") from e
+    drift = evaluated["drift"]["latents"]
     with torch.no_grad():
-        pre_tr = sae.encode_pre(sae.to_scaled(x_tr)).abs()
-        pre_te = sae.encode_pre(sae.to_scaled(x_te)).abs()
-        act_tr = sae.encode(sae.to_scaled(x_tr)).dense(sae.n_latents).abs()
-        act_te = sae.encode(sae.to_scaled(x_te)).dense(sae.n_latents).abs()
-    for name, tr, te in (("best_latent_pre_activation", pre_tr, pre_te),
-                         ("best_latent_activation", act_tr, act_te)):
-        scores = []
-        for t in tasks:
-            j = max(range(sae.n_latents), key=lambda i: auroc(tr[:, i], presence(y_tr, t)))
-            scores.append(auroc(te[:, j], presence(y_te, t)))
-        out[name] = sum(scores) / len(scores)
+        pre_tr = sae.encode_pre(sae.to_scaled(x_tr))
+        pre_te = sae.encode_pre(sae.to_scaled(x_te))
+    best = best_latents(pre_tr, y_tr, tasks, drift)  # scored by |pre-activation|
+    out["best_latent_pre_activation"] = sum(
+        auroc(pre_te[:, j].abs(), presence(y_te, t)) for t, j in zip(tasks, best)) / len(tasks)
+    out["auroc_task"] = evaluated["auroc_task"]  # the same, after the top-k (evaluation.json)
     return out
 
 
@@ -106,7 +111,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     for run in args.run_dirs:
-        print(json.dumps({"run": str(run), **diagnose(run, args.ridge)}, indent=1))
+        try:
+            figures = diagnose(run, args.ridge)
+        except CheckpointError as e:  # not a run, or one saved without samples: say which
+            raise SystemExit(f"planted_diagnostics: {e}") from e
+        print(json.dumps({"run": str(run), **figures}, indent=1))
 
 
 if __name__ == "__main__":

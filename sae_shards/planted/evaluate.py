@@ -131,18 +131,24 @@ class EvalData:
         return {n: v[mask] for n, v in self.samples.items()}, [self.labels[i] for i in idx]
 
 
-def _best_latents(acts: Tensor, labels: Sequence, tasks: Sequence[str],
-                  exclude: Sequence[int] = ()) -> list[int]:
-    """Per task, the latent (not in ``exclude``) whose |activation| has the highest AUROC for
-    "task present"."""
-    best = []
+def latent_aurocs(acts: Tensor, labels: Sequence, tasks: Sequence[str],
+                  exclude: Sequence[int] = ()) -> Tensor:
+    """``[K, N]``: the AUROC of each latent's |activation| for "task k present" (``-1`` for the
+    latents in ``exclude``, 0 where undefined)."""
+    rows = []
     for t in tasks:
         pos = presence(labels, t)
         scores = [auroc(acts[:, j].abs(), pos) if j not in exclude else -1.0
                   for j in range(acts.shape[1])]
-        scores = [s if s == s else 0.0 for s in scores]
-        best.append(int(torch.tensor(scores).argmax()))
-    return best
+        rows.append([s if s == s else 0.0 for s in scores])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def best_latents(acts: Tensor, labels: Sequence, tasks: Sequence[str],
+                 exclude: Sequence[int] = ()) -> list[int]:
+    """Per task, the latent (not in ``exclude``) whose |activation| has the highest AUROC for
+    "task present"."""
+    return latent_aurocs(acts, labels, tasks, exclude).argmax(1).tolist()
 
 
 def _mmcs(abs_cos: Tensor, keep: Tensor) -> float:
@@ -273,11 +279,12 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     }
 
     # best latent per task chosen on training samples, scored on held-out samples
-    best = _best_latents(acts_tr, y_tr, tasks, drift)
+    train_aurocs = latent_aurocs(acts_tr, y_tr, tasks, drift)  # [K, N]
+    best = train_aurocs.argmax(1).tolist()
     auroc_task = {t: auroc(acts_te[:, j].abs(), presence(y_te, t)) for t, j in zip(tasks, best)}
     null_auroc = []
     for _ in range(n_null):
-        nb = _best_latents(acts_tr, shuffled(y_tr, g), tasks, drift)
+        nb = best_latents(acts_tr, shuffled(y_tr, g), tasks, drift)
         null_auroc.append(sum(auroc(acts_te[:, j].abs(), presence(y_te, t))
                               for t, j in zip(tasks, nb)) / len(tasks))
 
@@ -296,9 +303,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
             "supervised_auroc": ref.auroc_per_task[t],
             # training AUROC of the task's three best latents: a task split over several
             # latents (feature splitting) shows as close runners-up
-            "latent_aurocs_top3": sorted((auroc(acts_tr[:, i].abs(), presence(y_tr, t))
-                                          for i in range(sae.n_latents) if i not in drift),
-                                         reverse=True)[:3],
+            "latent_aurocs_top3":
+                train_aurocs[k].topk(min(3, sae.n_latents - len(drift))).values.tolist(),
             "energy_share": shares[t], "truth_from": truth_from[t],
             "n_heldout": int(is_t.sum()), "n_train": int(presence(y_tr, t).sum()),
         }
