@@ -176,7 +176,11 @@ def test_a_killed_per_event_run_resumes_to_the_same_shards(tmp_path):
     import time
 
     t0 = time.monotonic()
-    while not (run / "trl" / "checkpoint-4" / "trainer_state.json").exists():
+    # both sides of step 4 on disk: TRL's, and the shards checkpoint that sae-shards writes on a
+    # background thread (renamed into place after its resume file; killing before it is done
+    # leaves no resumable step, which resume=true rightly refuses)
+    while not ((run / "trl" / "checkpoint-4" / "trainer_state.json").exists()
+               and (run / "checkpoints" / "step_000004" / "sae.safetensors").exists()):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() - t0 < deadline
         time.sleep(0.02)
