@@ -257,6 +257,7 @@ def _evaluate(args: list[str]) -> int:
     import argparse
 
     from sae_shards.core.checkpoint import CheckpointError
+    from sae_shards.analysis.families import FAMILY_THRESHOLD
     from sae_shards.planted.evaluate import evaluate_run, to_markdown
 
     parser = argparse.ArgumentParser(prog="sae-shards evaluate")
@@ -271,15 +272,21 @@ def _evaluate(args: list[str]) -> int:
                              "headline's auroc_null_control")
     parser.add_argument("--n-prompts", type=int, default=8,
                         help="prompts per task for each causal reward estimate")
+    parser.add_argument("--family-threshold", type=float, default=FAMILY_THRESHOLD,
+                        help="co-activation correlation in (0, 1] above which latents join one "
+                             f"shard family (default {FAMILY_THRESHOLD})")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     ns = parser.parse_args(args)
+    if not 0.0 < ns.family_threshold <= 1.0:
+        parser.error(f"--family-threshold must be in (0, 1], got {ns.family_threshold}")
     _set_threads(ns.threads)
     try:
         name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
         result = evaluate_run(ns.run_dir, n_null=ns.n_null, from_step=ns.from_step,
                               steering=not ns.no_steering, checkpoint=name,
-                              null_run=ns.null_run, n_prompts=ns.n_prompts)
+                              null_run=ns.null_run, n_prompts=ns.n_prompts,
+                              family_threshold=ns.family_threshold)
     except CheckpointError as e:
         print(f"sae-shards: cannot evaluate {ns.run_dir}: {e}", file=sys.stderr)
         return 2

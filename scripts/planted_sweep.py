@@ -92,6 +92,9 @@ COLUMNS = {"auroc_task": "auroc_task", "auroc_supervised": "supervised AUROC",
            "ablation_selectivity": "ablation sel.", "ablation_selectivity_random": "random",
            "ablation_selectivity_shuffled": "shuffled", "ablation_own_first": "own task first",
            "steering_selectivity": "steering sel.", "steering_selectivity_random": "random ",
+           "auroc_task_family": "family auroc_task", "mmcs_margin_family": "family mmcs margin",
+           "ablation_selectivity_family": "family ablation sel.",
+           "steering_selectivity_family": "family steering sel.", "n_families": "families",
            "energy_share_max": "max task energy", "fvu_heldout": "fvu_heldout"}
 
 
@@ -115,6 +118,7 @@ def headline(rows: list[dict], schedule: str, capture: str) -> dict:
                                                       if x is not None]) else None)
     out = {k: mean(sel, k) for k in FIGURES}
     out["auroc_null_control"] = mean(null, "auroc_task")
+    out["auroc_null_control_family"] = mean(null, "auroc_task_family")
     group, _, kind = capture.partition("-")
     out.update(granularity="group" if kind == "event" else "step", source=kind,
                schedule=schedule, group=group, seeds=sorted({r["seed"] for r in sel}))

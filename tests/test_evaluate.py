@@ -69,6 +69,14 @@ def test_evaluate_cli_needs_saved_samples(short_run_dir):
     assert "samples.safetensors: missing; run the job with runner.save_samples=true" in proc.stderr
 
 
+def test_evaluate_cli_refuses_a_family_threshold_out_of_range(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sae_shards.cli", "evaluate", str(tmp_path),
+                           "--family-threshold", "1.5"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "--family-threshold must be in (0, 1], got 1.5" in proc.stderr
+
+
 def test_from_step_restricts_the_window(planted_run):
     full = evaluate_run(planted_run, n_null=2, steering=False)
     late = evaluate_run(planted_run, n_null=2, steering=False, from_step=11)
@@ -122,7 +130,16 @@ def test_headline_opens_the_evaluation(planted_run):
                 "ablation_selectivity_random", "ablation_selectivity_shuffled", "ablation_own_first"):
         assert h[key] is not None and h[key] == h[key], key
     assert r["ablation"]["per_task"].keys() == {"A", "B", "C", "D"}
-    assert set(r["causal"]["kinds"]) == {"shard", "supervised", "random", "shuffled_0"}
+    assert set(r["causal"]["kinds"]) == {"shard", "shard_family", "supervised", "random",
+                                         "shuffled_0"}
+    fam = r["families"]
+    assert h["n_families"] == fam["n"] == len(fam["members"])
+    assert h["auroc_task_family"] == fam["auroc_task"]
+    assert h["ablation_selectivity_family"] is not None
+    # every kept latent in exactly one family
+    drift = set(r["drift"]["latents"])
+    assert sorted(j for m in fam["members"] for j in m) == [j for j in range(16)
+                                                            if j not in drift]
     assert sum(r["energy_share"].values()) == pytest.approx(1.0)
     assert "## Headline" in (planted_run / "evaluation.md").read_text()
 
@@ -224,7 +241,8 @@ def test_per_event_run_end_to_end(event_run, tmp_path):
     # a Gaussian direction at the shard's norm, in ~80k dimensions, moves no task selectively
     assert abs(h["ablation_selectivity_random"]) <= 1 and abs(h["steering_selectivity_random"]) <= 1
     c = r["causal"]
-    assert c["n_reward_estimates"] == 2 + 3 * 5 * 4  # shard, supervised, random, 2 shuffled
+    # shard, shard family, supervised, random, 2 shuffled
+    assert c["n_reward_estimates"] == 2 + 3 * 6 * 4
     assert wall < 60, wall  # one evaluation of one run on one thread
     # a random decoder matches no task direction
     broken = random_decoder_copy(event_run, tmp_path / "random_decoder")

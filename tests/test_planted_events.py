@@ -29,6 +29,12 @@ def _passes(r):
     return r["auroc_task"] >= MIN_AUROC and r["auroc_task"] - r["auroc_null"] >= MIN_MARGIN
 
 
+def _families_pass(r):
+    """The same thresholds for shard families (latents grouped by co-activation, no labels)."""
+    f = r["families"]
+    return f["auroc_task"] >= MIN_AUROC and f["auroc_task"] - f["auroc_null"] >= MIN_MARGIN
+
+
 @pytest.fixture(scope="module")
 def event_run(tmp_path_factory):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
@@ -45,13 +51,15 @@ def test_event_shards_beat_the_null(event_run):
     r = evaluate_run(event_run, steering=False)
     assert r["sample_unit"] == "event" and r["headline"]["schedule"] == "mixed"
     assert _passes(r), {k: r[k] for k in ("auroc_task", "auroc_null", "mmcs", "mmcs_null")}
+    assert _families_pass(r), r["families"]
 
 
 def test_random_decoder_fails(event_run, tmp_path):
-    broken = random_decoder_copy(event_run, tmp_path / "random_decoder")
-    assert not _passes(evaluate_run(broken, steering=False))
+    broken = evaluate_run(random_decoder_copy(event_run, tmp_path / "random_decoder"),
+                          steering=False)
+    assert not _passes(broken) and not _families_pass(broken), broken["families"]
 
 
 def test_shuffled_event_labels_fail(event_run, tmp_path):
-    broken = shuffled_labels_copy(event_run, tmp_path / "shuffled")
-    assert not _passes(evaluate_run(broken, steering=False))
+    broken = evaluate_run(shuffled_labels_copy(event_run, tmp_path / "shuffled"), steering=False)
+    assert not _passes(broken) and not _families_pass(broken), broken["families"]

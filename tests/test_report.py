@@ -7,6 +7,7 @@ import sys
 from html.parser import HTMLParser
 
 from sae_shards.analysis.report import SECTIONS, analyze
+from sae_shards.analysis.shards import RunView
 
 
 class _Page(HTMLParser):
@@ -45,6 +46,18 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
     for entry in analysis["shards"].values():
         assert len(entry["dose_response"]["shard"]) == 3
         assert entry["logit_lens"], "the body targets include o_proj/down_proj writers"
+    # families partition the shards that fired but are not always on (none in this short run:
+    # its 4 live shards fire on every sample; tests/test_evaluate.py has a run with families),
+    # and each family's mass share is its members' share of the timeline's |activation|
+    _, acts = RunView(short_run_dir).timeline()
+    density, mass = (acts != 0).float().mean(0), acts.abs().sum(0) / acts.abs().sum()
+    fams = analysis["families"]
+    members = sorted(j for f in fams for j in f["shards"])
+    assert members == [j for j in range(16) if 0 < density[j] < 0.8]
+    for f in fams:
+        assert abs(f["mass_share"] - float(mass[f["shards"]].sum())) < 1e-6
+    if not fams:
+        assert "No families: every shard that fired" in html
 
 
 def test_analyze_cli_reports_a_bad_run_dir(tmp_path):

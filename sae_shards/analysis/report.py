@@ -1,7 +1,8 @@
 """``sae-shards analyze RUN_DIR``: one self-contained HTML report of a finished run.
 
 Sections (each an ``<section id=...>``): summary, SAE training curves, reward curve, shard
-timeline, per-target norms, top rollouts per shard, logit lens, dose-response. Plots are
+timeline, shard families (shards that fire together, ``analysis.families``), per-target norms,
+top rollouts per shard, logit lens, dose-response. Plots are
 matplotlib PNGs embedded as base64, so the file opens anywhere with no other files.
 
 The dose-response adds ``alpha * c * shard`` to the *initial* weights, where ``c = <Delta, d>`` is
@@ -25,7 +26,7 @@ from typing import Any
 from sae_shards.analysis.interventions import dose_response, update_coefficient
 from sae_shards.analysis.shards import RunView, load_run_models
 
-SECTIONS = ("summary", "sae-curves", "reward", "timeline", "norms", "rollouts", "logit-lens",
+SECTIONS = ("summary", "sae-curves", "reward", "timeline", "families", "norms", "rollouts", "logit-lens",
             "dose-response")
 DEFAULT_ALPHAS = (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 
@@ -170,6 +171,21 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     untrained = "<p>No activations: the SAE never trained (see the run's summary).</p>"
     parts.append(_section("timeline", "Shard timeline (top shards, final SAE)",
                           plot_timeline(view, shards) if shards else untrained))
+    families = view.families()
+    analysis["families"] = _family_rows(view, families)
+    parts.append(_section("families", "Shard families (shards that fire together; a context "
+                          "split over several shards shows as one family)",
+                          (_table(["family", "shards", "density", "share of activation mass"],
+                                  [[i, ", ".join(map(str, r["shards"])), f"{r['density']:.2f}",
+                                    f"{r['mass_share']:.2f}"]
+                                   for i, r in enumerate(analysis["families"])])
+                           if families.members else "<p>No families: every shard that fired "
+                           "was active on nearly every sample.</p>")
+                          + f"<p>Shards whose |activation| correlates at >= {families.threshold} "
+                            "over the timeline's samples, grouped by average linkage; shards "
+                            "active on nearly every sample (the drift direction) and shards that "
+                            "never fired are left out."
+                            "</p>"))
     parts.append(_section("norms", "Per-target norms of the top shards",
                           plot_norms(view, shards) if shards else untrained))
     if view.per_event:
@@ -221,6 +237,20 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     out.write_text(page)
     (out.parent / "analysis.json").write_text(json.dumps(analysis, indent=2, default=float))
     return out
+
+
+def _family_rows(view: RunView, families) -> list[dict[str, Any]]:
+    """Per family: its shards, the fraction of samples where any of them fires, and its share of
+    the timeline's total |activation|."""
+    _, acts = view.timeline("final")
+    total = float(acts.abs().sum()) or 1.0
+    rows = []
+    for members in families.members:
+        a = acts[:, members]
+        rows.append({"shards": members,
+                     "density": float((a != 0).any(1).float().mean()) if a.shape[0] else 0.0,
+                     "mass_share": float(a.abs().sum()) / total})
+    return rows
 
 
 def _section(anchor: str, title: str, body: str) -> str:

@@ -18,6 +18,8 @@ from typing import Any, Iterator, NamedTuple
 import torch
 from torch import Tensor
 
+from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, Families,
+                                          find_families)
 from sae_shards.core.checkpoint import CheckpointError, load_checkpoint, read_tensors
 from sae_shards.run import rundir
 from sae_shards.core.sae import LowRankSAE
@@ -187,6 +189,17 @@ class RunView:
         """Fraction of the timeline's samples on which each shard was active, [n_shards]."""
         _, acts = self.timeline(which)
         return (acts != 0).float().mean(0) if acts.shape[0] else torch.zeros(len(self.shards))
+
+    def families(self, threshold: float = FAMILY_THRESHOLD, which: str = "final",
+                 always_on: float = ALWAYS_ON_DENSITY) -> Families:
+        """Shard families (``analysis.families``): the shards that fire together on the
+        timeline's samples, grouped without labels; shards active on at least ``always_on`` of
+        the samples (the drift direction) and shards that never fired are left out."""
+        _, acts = self.timeline(which)
+        density = (acts != 0).double().mean(0) if acts.shape[0] else torch.zeros(acts.shape[1])
+        exclude = ((density >= always_on) | (density == 0)).nonzero().flatten().tolist()
+        gram = self.shards.sae.decoder_gram().detach().double()
+        return find_families(acts, gram, threshold, exclude)
 
     def top_steps(self, shard: int, k: int = 5, which: str = "final") -> list[dict[str, Any]]:
         """The k RL steps with the largest |activation| of ``shard``, joined with their rollouts."""

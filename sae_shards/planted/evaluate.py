@@ -33,6 +33,18 @@ sample it is present in (``truth_from`` says which, per task; ``groundtruth``).
   ``schedule`` (``task.options.schedule``), ``group`` (``body`` / ``readout`` from the run's meta,
   else inferred from its targets).
 
+**Shard families** (``families``; headline keys ending in ``_family`` and ``n_families``). An
+SAE with more latents than the run has contexts splits a context over several latents, each
+firing on part of its samples. ``analysis.families`` groups the latents (drift latents left out)
+by the correlation of their ``|activation|`` over the *training* samples, without labels
+(``family_threshold``, default ``FAMILY_THRESHOLD``); a family's strength on a sample is the norm
+of its members' summed contribution to the reconstruction, its direction the principal direction
+of those contributions. Each task's best family is chosen and scored as a latent is
+(``auroc_task_family``, beside a shuffled-label null and the null-control run's figure), its
+direction matched to the ground truth (``mmcs_margin_family``) and steered and ablated (causal
+kind ``shard_family``). A latent that fires with no other is a family of one, so the per-latent
+figures above remain the finer view.
+
 Below the headline, everything else: the shuffled nulls, per-task AUROC, purity, coverage
 (and ``latent_aurocs_top3``: a task split over several latents shows close runners-up),
 ``separability`` (``groundtruth.separability``: what one labelled direction per task reaches,
@@ -65,7 +77,9 @@ import torch
 from torch import Tensor
 
 from sae_shards.core.checkpoint import CheckpointError, read_safetensors
-from sae_shards.core.metrics import evaluate_heldout, match_directions
+from sae_shards.core.metrics import evaluate_heldout, match_directions, sample_sq_norms
+from sae_shards.analysis.families import (FAMILY_THRESHOLD, Families, find_families, strengths,
+                                          weight_matrix)
 from sae_shards.analysis.shards import ShardSet, load_run_models
 from sae_shards.planted.causal import CausalSettings, causal_tests
 from sae_shards.planted.groundtruth import (abs_cosine, auroc, energy_shares, flatten, label_sets,
@@ -80,10 +94,12 @@ HEADLINE_KEYS = ("auroc_task", "auroc_null_control", "auroc_supervised", "mmcs",
                  "steering_selectivity_random", "ablation_selectivity",
                  "ablation_selectivity_random", "steering_selectivity_shuffled",
                  "ablation_selectivity_shuffled", "ablation_selectivity_supervised",
-                 "ablation_own_first", "ablation_own_first_shuffled", "granularity", "source",
-                 "schedule", "group")
+                 "ablation_own_first", "ablation_own_first_shuffled",
+                 "auroc_task_family", "auroc_null_control_family", "mmcs_margin_family",
+                 "steering_selectivity_family", "ablation_selectivity_family", "n_families",
+                 "granularity", "source", "schedule", "group")
 """The keys of ``evaluation.json``'s ``"headline"`` (issue 12's list, then the causal controls the
-design asks for beside the random direction)."""
+design asks for beside the random direction, then the same figures for shard families)."""
 
 
 class EvalData:
@@ -215,7 +231,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
                  checkpoint: str | None = None, alpha: float = 2.0, n_prompts: int = 8,
                  from_step: int = 0, null_run: str | Path | Mapping[str, Any] | None = None,
                  drift_density: float = 0.8, n_shuffled: int = 2, n_samples: int = 4,
-                 floor: float = 0.005) -> dict[str, Any]:
+                 floor: float = 0.005, family_threshold: float = FAMILY_THRESHOLD
+                 ) -> dict[str, Any]:
     """All figures of one run (see the module docstring); also writes evaluation.json/.md.
 
     ``from_step`` keeps only RL steps >= it (training and held-out alike): the task directions
@@ -224,7 +241,9 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     ``alpha``, ``n_prompts`` prompts per task, ``n_samples`` completions each, ``n_shuffled``
     shuffled-label controls and ``floor``). ``null_run``: a null-control run directory (evaluated
     here without causal tests) or its evaluation dict; its ``auroc_task`` is the headline's
-    ``auroc_null_control``. ``drift_density``: see the module docstring.
+    ``auroc_null_control``. ``drift_density``: see the module docstring. ``family_threshold``:
+    the co-activation correlation above which latents join one shard family
+    (``analysis.families``).
     """
     run_dir = Path(run_dir)
     shards = ShardSet.from_run(run_dir, checkpoint)
@@ -247,6 +266,12 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     keep[drift] = False
     if not keep.any():  # cannot happen with k < n * drift_density; keep every latent then
         keep[:] = True
+    # shard families: latents grouped by co-activation on the training samples (no labels)
+    gram = sae.decoder_gram().detach().double()  # [N, N]
+    fams = find_families(acts_tr, gram, family_threshold,
+                         exclude=(~keep).nonzero().flatten().tolist())
+    fam_tr, fam_te = strengths(acts_tr, gram, fams), strengths(acts_te, gram, fams)  # [S, F]
+    fam_w = weight_matrix(fams, sae.n_latents)  # [F, N]
 
     # ground truth on held-out samples, and shard matching against it
     flat_te, flat_tr = flatten(x_te, data.names), flatten(x_tr, data.names)
@@ -288,6 +313,9 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         null_auroc.append(sum(auroc(acts_te[:, j].abs(), presence(y_te, t))
                               for t, j in zip(tasks, nb)) / len(tasks))
 
+    families = _family_figures(sae, fams, fam_w, fam_tr, fam_te, y_tr, y_te, tasks, truth,
+                               null_truths, shapes, n_null, g)
+
     fires = acts_te != 0
     shares = energy_shares(flat_te, y_te, tasks)
     per_task = {}
@@ -314,12 +342,14 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
 
     causal = None
     if steering:
+        fam_dirs = {t: _family_dense(sae, fams, f)
+                    for t, f in zip(tasks, families["best_family"])}
         causal = _causal(run_dir, shards, tasks, dict(zip(tasks, best)), ref.directions,
-                         flat_tr, y_tr, shapes, g,
+                         flat_tr, y_tr, shapes, g, fam_dirs,
                          CausalSettings(alpha=alpha, n_prompts=n_prompts, n_samples=n_samples,
                                         floor=floor, seed=seed), n_shuffled)
     null_control = _null_control(null_run, n_null=n_null, seed=seed, from_step=from_step,
-                                 drift_density=drift_density)
+                                 drift_density=drift_density, family_threshold=family_threshold)
 
     sup_margin = sup_mmcs(truth) - mean([sup_mmcs(t) for t in null_truths])
     fam = (causal or {}).get("families", {})
@@ -339,6 +369,12 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         "ablation_selectivity_supervised": pick("supervised", "ablation_selectivity"),
         "ablation_own_first": pick("shard", "own_first_rate"),
         "ablation_own_first_shuffled": pick("shuffled", "own_first_rate"),
+        "auroc_task_family": families["auroc_task"],
+        "auroc_null_control_family": null_control["auroc_task_family"] if null_control else None,
+        "mmcs_margin_family": families["mmcs_margin"],
+        "steering_selectivity_family": pick("shard_family", "steering_selectivity"),
+        "ablation_selectivity_family": pick("shard_family", "ablation_selectivity"),
+        "n_families": len(fams.members),
         **settings,
     }
     result = {
@@ -365,6 +401,7 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         "fvu_heldout": held["fvu"], "ml2r_heldout": held["ml2r"], "l0": held["l0"],
         "dead_frac": float((dead >= sae.cfg.dead_after).float().mean()) if dead is not None else None,
         "per_task": per_task,
+        "families": families,
         "null_control": null_control,
         "steering": _steering_view(causal, best, tasks) if causal else None,
         "ablation": _ablation_view(causal, best, tasks) if causal else None,
@@ -378,9 +415,11 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
 
 def _causal(run_dir: Path, shards: ShardSet, tasks: list[str], best: dict[str, int],
             supervised: Tensor, flat_tr: Tensor, y_tr: list, shapes: dict, g: torch.Generator,
-            settings: CausalSettings, n_shuffled: int) -> dict[str, Any] | None:
-    """Steering and ablation of each task's best latent, its supervised direction, a random
-    and ``n_shuffled`` shuffled-label controls; None when the run's models are not available."""
+            family_dirs: dict[str, dict[str, Tensor]], settings: CausalSettings,
+            n_shuffled: int) -> dict[str, Any] | None:
+    """Steering and ablation of each task's best latent, its best shard family, its supervised
+    direction, a random and ``n_shuffled`` shuffled-label controls; None when the run's models
+    are not available."""
     models = load_run_models(run_dir)
     if models is None or models.task is None or not hasattr(models.task, "labels"):
         return None
@@ -391,12 +430,63 @@ def _causal(run_dir: Path, shards: ShardSet, tasks: list[str], best: dict[str, i
     dense = lambda vec: {n: v[0] for n, v in unflatten(vec[None], shapes).items()}  # noqa: E731
     directions: dict[str, dict[str, dict[str, Tensor]]] = {
         "shard": {t: shards[j].dense(scaled=False) for t, j in best.items()},
+        "shard_family": family_dirs,
         "supervised": {t: dense(supervised[k]) for k, t in enumerate(tasks)},
     }
     for i in range(n_shuffled):
         dirs = task_directions(flat_tr, shuffled(y_tr, g), tasks)
         directions[f"shuffled_{i}"] = {t: dense(dirs[k]) for k, t in enumerate(tasks)}
     return causal_tests(init, final, tok, task, tasks, directions, settings)
+
+
+def _family_cos(sae, refs: Tensor, shapes: dict, fam_w: Tensor) -> Tensor:
+    """``[K, F]``: |cos| of flat references ``[K, D]`` with each family's unit direction
+    ``fam_w D`` (in factored form, as ``metrics.match_directions``)."""
+    r = {n: v.to(sae.device, torch.float32) for n, v in unflatten(refs, shapes).items()}
+    with torch.no_grad():
+        dots = sae.inner(r, "decoder").double()  # [K, N]
+    norms = sample_sq_norms(r).sqrt().double().clamp_min(1e-30)
+    return (dots @ fam_w.T.to(dots) / norms[:, None]).abs()
+
+
+def _family_figures(sae, fams: Families, fam_w: Tensor, fam_tr: Tensor, fam_te: Tensor,
+                    y_tr: list, y_te: list, tasks: list[str], truth: Tensor,
+                    null_truths: list[Tensor], shapes: dict, n_null: int,
+                    g: torch.Generator) -> dict[str, Any]:
+    """The latent figures for shard families: per task the family whose strength best predicts
+    the task on the training samples, its held-out AUROC (and a shuffled-label null), and the
+    mmcs of the families' directions against the held-out ground truth (and its null)."""
+    train = latent_aurocs(fam_tr, y_tr, tasks)  # [K, F]
+    best = train.argmax(1).tolist()
+    held = {t: auroc(fam_te[:, f], presence(y_te, t)) for t, f in zip(tasks, best)}
+    null_auroc = []
+    for _ in range(n_null):
+        nb = latent_aurocs(fam_tr, shuffled(y_tr, g), tasks).argmax(1).tolist()
+        null_auroc.append(sum(auroc(fam_te[:, f], presence(y_te, t))
+                              for t, f in zip(tasks, nb)) / len(tasks))
+    cos = _family_cos(sae, truth, shapes, fam_w)  # [K, F]
+    mmcs = float(cos.max(1).values.mean())
+    mmcs_null = [float(_family_cos(sae, t, shapes, fam_w).max(1).values.mean())
+                 for t in null_truths]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {
+        "threshold": fams.threshold, "members": fams.members, "n": len(fams.members),
+        "best_family": best,
+        "auroc_task": mean(list(held.values())), "auroc_null": mean(null_auroc),
+        "mmcs": mmcs, "mmcs_null": mean(mmcs_null), "mmcs_margin": mmcs - mean(mmcs_null),
+        "per_task": {t: {"family": f, "members": fams.members[f], "auroc": held[t],
+                         "abs_cos_to_truth": float(cos[k, f]),
+                         "max_abs_cos_to_truth": float(cos[k].max())}
+                     for k, (t, f) in enumerate(zip(tasks, best))},
+    }
+
+
+def _family_dense(sae, fams: Families, f: int) -> dict[str, Tensor]:
+    """Family ``f``'s unit direction per parameter name (``sum_j w_j d_j``, materialised)."""
+    members = torch.tensor(fams.members[f])
+    dirs = sae.dense_directions(latents=members)
+    w = fams.weights[f]
+    return {n: torch.einsum("i,i...->...", w.to(d), d.detach()) for n, d in dirs.items()}
 
 
 def _shares_by_label_set(x: Mapping[str, Tensor], labels: list) -> dict[str, float] | None:
@@ -419,6 +509,7 @@ def _null_control(null_run, **kwargs) -> dict[str, Any] | None:
         r = evaluate_run(null_run, steering=False, **kwargs)
         where = str(null_run)
     return {"run_dir": where, "auroc_task": r["auroc_task"], "auroc_null": r.get("auroc_null"),
+            "auroc_task_family": (r.get("families") or {}).get("auroc_task"),
             "supervised_auroc": r.get("supervised_auroc"), "mmcs_margin": r.get("mmcs_margin")}
 
 
@@ -473,7 +564,7 @@ def to_markdown(r: dict[str, Any]) -> str:
              f"source {h['source']}, schedule {h['schedule']}, group {h['group']}.", "",
              "## Headline", "", "| figure | value |", "|---|---|"]
     for key in HEADLINE_KEYS[:-4]:
-        lines.append(f"| {key} | {_f(h[key])} |")
+        lines.append(f"| {key} | {_f(h[key], 'd' if key == 'n_families' else '.3f')} |")
     lines += ["", "## Details", "",
               "| figure | value | null / reference |", "|---|---|---|",
               f"| mmcs | {r['mmcs']:.3f} | shuffled-label null {r['mmcs_null']:.3f} (margin {r['mmcs_margin']:+.3f}) |",
@@ -490,6 +581,14 @@ def to_markdown(r: dict[str, Any]) -> str:
     lines.append(f"| drift latents (density >= {d['threshold']}) | {d['latents'] or 'none'} | "
                  f"densest latent {d['max_density_latent']} at {d['max_density']:.2f}; mmcs with "
                  f"drift latents {d['mmcs_with_drift']:.3f} |")
+    fm = r.get("families")
+    if fm:
+        lines += ["", f"Shard families (latents with co-activation correlation >= {fm['threshold']}, "
+                  f"average linkage; {fm['n']} families: {fm['members']}): held-out AUROC "
+                  f"{fm['auroc_task']:.3f} (shuffled-label null {fm['auroc_null']:.3f}), mmcs "
+                  f"{fm['mmcs']:.3f} (null {fm['mmcs_null']:.3f}, margin {fm['mmcs_margin']:+.3f}); "
+                  "per task: " + "; ".join(f"{t} {v['members']} {v['auroc']:.3f}"
+                                          for t, v in fm["per_task"].items()) + "."]
     lines += ["", "| task | best latent | AUROC | purity | coverage | max \\|cos\\| to truth | supervised AUROC | best 3 latents' training AUROC | energy share | truth from |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for t, v in r["per_task"].items():
