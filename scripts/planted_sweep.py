@@ -15,7 +15,7 @@ in separate processes (one torch thread each).
 The headline (``headline.json`` and the top of the report) is the mean over seeds of the
 evaluation headline of ``--headline`` (default: body, ``mixed``, per-event). The default seeds
 (30, 31, 32) were never used to choose any setting (0 and 1 were; 10-12 and 20-22 evaluated
-earlier versions of the benchmark, 40-42 and 50-52 further fresh sets; docs/results.md).
+earlier versions of the benchmark, 40-42, 50-52 and 60-62 further fresh sets; docs/results.md).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def run_point(seed: int, schedule: str, null: bool, captures: tuple[str, ...],
                      "group": group, "kind": kind, "rl_s": rl_s,
                      **{k: r["headline"].get(k) for k in FIGURES},
                      "energy_share_max": r.get("energy_share_max"),
+                     "mmcs_margin_oracle": r.get("mmcs_margin_oracle"),
                      "fvu_heldout": r.get("fvu_heldout"), "n_heldout": r.get("n_heldout")})
     return rows
 
@@ -89,6 +90,7 @@ def _cell(rows: list[dict], key: str) -> str:
 
 COLUMNS = {"auroc_task": "auroc_task", "auroc_supervised": "supervised AUROC",
            "mmcs_margin": "mmcs margin", "mmcs_margin_supervised": "supervised mmcs margin",
+           "mmcs_margin_oracle": "ground truth's own mmcs margin",
            "ablation_selectivity": "ablation sel.", "ablation_selectivity_random": "random",
            "ablation_selectivity_shuffled": "shuffled", "ablation_own_first": "own task first",
            "steering_selectivity": "steering sel.", "steering_selectivity_random": "random ",

@@ -60,6 +60,9 @@ def test_random_decoder_scores_lower(planted_run, tmp_path):
     assert (r["mmcs_supervised"], r["mmcs_supervised_null"]) == \
         (trained["mmcs_supervised"], trained["mmcs_supervised_null"])
     assert 0 < r["mmcs_supervised"] <= 1
+    # so does the ground truth's own margin (the held-out directions as shards)
+    assert r["mmcs_margin_oracle"] == trained["mmcs_margin_oracle"]
+    assert 0 < r["mmcs_margin_oracle"] < 1
 
 
 def test_evaluate_cli_needs_saved_samples(short_run_dir):

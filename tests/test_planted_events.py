@@ -20,7 +20,9 @@ from sae_shards.planted.evaluate import evaluate_run
 from helpers import random_decoder_copy, shuffled_labels_copy
 
 # Measured at these settings (seed 0): auroc_task 0.913 vs its shuffled-label null 0.445
-# (supervised 0.942). The thresholds keep under half the margin; broken pipelines sit at the null.
+# (supervised 0.942); re-measured 2026-12-01 (fourth session): 0.950 vs 0.456, shard families
+# 0.997 vs 0.590; random decoder 0.666 / 0.666 (nulls 0.48 / 0.52); shuffled labels 0.487 /
+# 0.482. The thresholds keep under half the margin; broken pipelines sit at the null.
 # (120 steps at batch 32 gave 0.58 vs 0.50: too early for the policy to be tag-conditioned.)
 MIN_AUROC, MIN_MARGIN = 0.75, 0.15
 
