@@ -96,6 +96,7 @@ COLUMNS = {"auroc_task": "auroc_task", "auroc_supervised": "supervised AUROC",
            "steering_selectivity": "steering sel.", "steering_selectivity_random": "random ",
            "auroc_task_family": "family auroc_task", "mmcs_margin_family": "family mmcs margin",
            "ablation_selectivity_family": "family ablation sel.",
+           "ablation_selectivity_family_random": "random (family norm)",
            "steering_selectivity_family": "family steering sel.", "n_families": "families",
            "energy_share_max": "max task energy", "fvu_heldout": "fvu_heldout"}
 

@@ -134,15 +134,24 @@ def test_headline_opens_the_evaluation(planted_run):
         assert h[key] is not None and h[key] == h[key], key
     assert r["ablation"]["per_task"].keys() == {"A", "B", "C", "D"}
     assert set(r["causal"]["kinds"]) == {"shard", "shard_family", "supervised", "random",
-                                         "shuffled_0"}
+                                         "random_shard_family", "shuffled_0"}
     fam = r["families"]
     assert h["n_families"] == fam["n"] == len(fam["members"])
     assert h["auroc_task_family"] == fam["auroc_task"]
     assert h["ablation_selectivity_family"] is not None
-    # every kept latent in exactly one family
-    drift = set(r["drift"]["latents"])
-    assert sorted(j for m in fam["members"] for j in m) == [j for j in range(16)
-                                                            if j not in drift]
+    # the family's random control is norm-matched to the family, not to the single shard
+    kinds = r["causal"]["kinds"]
+    for t in "ABCD":
+        assert kinds["random_shard_family"]["per_task"][t]["magnitude"] == pytest.approx(
+            abs(kinds["shard_family"]["per_task"][t]["coefficient"]))
+        assert kinds["random"]["per_task"][t]["magnitude"] == pytest.approx(
+            abs(kinds["shard"]["per_task"][t]["coefficient"]))
+    assert h["ablation_selectivity_family_random"] == \
+        r["causal"]["families"]["random_shard_family"]["ablation_selectivity"]
+    # every latent in exactly one family, but drift latents and latents that never fired
+    members = sorted(j for m in fam["members"] for j in m)
+    assert set(r["drift"]["latents"]) <= set(fam["left_out"])
+    assert sorted(members + fam["left_out"]) == list(range(16))
     assert sum(r["energy_share"].values()) == pytest.approx(1.0)
     assert "## Headline" in (planted_run / "evaluation.md").read_text()
 
@@ -244,8 +253,8 @@ def test_per_event_run_end_to_end(event_run, tmp_path):
     # a Gaussian direction at the shard's norm, in ~80k dimensions, moves no task selectively
     assert abs(h["ablation_selectivity_random"]) <= 1 and abs(h["steering_selectivity_random"]) <= 1
     c = r["causal"]
-    # shard, shard family, supervised, random, 2 shuffled
-    assert c["n_reward_estimates"] == 2 + 3 * 6 * 4
+    # shard, shard family, supervised, random (shard and family norms), 2 shuffled
+    assert c["n_reward_estimates"] == 2 + 3 * 7 * 4
     assert wall < 60, wall  # one evaluation of one run on one thread
     # a random decoder matches no task direction
     broken = random_decoder_copy(event_run, tmp_path / "random_decoder")

@@ -80,6 +80,50 @@ def test_a_family_of_one_is_its_latent():
     assert torch.allclose(strengths(acts, gram, fams), 2 * acts.abs(), atol=1e-12)
 
 
+def _average_linkage_by_definition(sim, threshold, exclude=()):
+    """The definition, pair by pair: merge the two groups of highest mean similarity."""
+    groups = [[j] for j in range(sim.shape[0]) if j not in set(exclude)]
+    while len(groups) > 1:
+        best, pair = -float("inf"), None
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                s = float(sim[groups[a]][:, groups[b]].mean())
+                if s > best:
+                    best, pair = s, (a, b)
+        if best < threshold:
+            break
+        a, b = pair
+        groups[a] = sorted(groups[a] + groups[b])
+        del groups[b]
+    return sorted(groups)
+
+
+def test_grouping_matches_average_linkage_by_definition():
+    """The fast grouping (components, then merges on a matrix of group means) gives the same
+    families as the definition on correlated columns with chains and nested groups."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        x = torch.randn(200, 14, generator=g, dtype=torch.float64)
+        x[:, 1] += x[:, 0]
+        x[:, 5] += x[:, 4] + x[:, 3]
+        x[:, 9] += 0.5 * x[:, 5]
+        sim = torch.corrcoef(x.T)
+        for threshold in (0.05, 0.2, 0.4):
+            assert group_latents(sim, threshold, exclude=[7]) == \
+                _average_linkage_by_definition(sim, threshold, exclude=[7]), (trial, threshold)
+
+
+def test_rare_latents_need_enough_joint_firings():
+    """Two latents that fire together on 3 of 400 samples (and never otherwise) correlate
+    perfectly, but 3 joint firings are too few to call them one context."""
+    acts = torch.zeros(400, 3, dtype=torch.float64)
+    acts[:3, 0] = acts[:3, 1] = 1.0
+    acts[:, 2] = torch.rand(400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gram = torch.eye(3, dtype=torch.float64)
+    assert find_families(acts, gram, 0.3).members == [[0], [1], [2]]
+    assert find_families(acts, gram, 0.3, min_joint=3).members == [[0, 1], [2]]
+
+
 def test_threshold_out_of_range_is_refused():
     with pytest.raises(ValueError, match="threshold"):
         group_latents(torch.eye(3), 0.0)

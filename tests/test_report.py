@@ -65,3 +65,15 @@ def test_analyze_cli_reports_a_bad_run_dir(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "cannot analyze" in proc.stderr and "no checkpoint (neither final/ nor step_XXXXXX/)" in proc.stderr
+
+
+def test_families_table_lists_families_of_several_shards_largest_first():
+    from sae_shards.analysis.report import _families_html
+
+    rows = [{"shards": [0, 3], "density": 0.2, "mass_share": 0.1},
+            {"shards": [1], "density": 0.1, "mass_share": 0.05},
+            {"shards": [2, 4, 5], "density": 0.3, "mass_share": 0.4}]
+    page = _families_html(rows)
+    assert page.index("2, 4, 5") < page.index("0, 3")
+    assert "2 families of several shards; 1 shards fire with no other" in page
+    assert "<td>1</td>" not in page  # the single shard is counted, not listed

@@ -175,12 +175,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     analysis["families"] = _family_rows(view, families)
     parts.append(_section("families", "Shard families (shards that fire together; a context "
                           "split over several shards shows as one family)",
-                          (_table(["family", "shards", "density", "share of activation mass"],
-                                  [[i, ", ".join(map(str, r["shards"])), f"{r['density']:.2f}",
-                                    f"{r['mass_share']:.2f}"]
-                                   for i, r in enumerate(analysis["families"])])
-                           if families.members else "<p>No families: every shard that fired "
-                           "was active on nearly every sample.</p>")
+                          _families_html(analysis["families"])
                           + f"<p>Shards whose |activation| correlates at >= {families.threshold} "
                             "over the timeline's samples, grouped by average linkage; shards "
                             "active on nearly every sample (the drift direction) and shards that "
@@ -237,6 +232,20 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     out.write_text(page)
     (out.parent / "analysis.json").write_text(json.dumps(analysis, indent=2, default=float))
     return out
+
+
+def _families_html(rows: list[dict[str, Any]]) -> str:
+    """Families of several shards, largest share of activation mass first; single shards
+    counted (a large SAE has thousands)."""
+    if not rows:
+        return "<p>No families: every shard that fired was active on nearly every sample.</p>"
+    multi = sorted((r for r in rows if len(r["shards"]) > 1), key=lambda r: -r["mass_share"])
+    table = _table(["shards", "density", "share of activation mass"],
+                   [[", ".join(map(str, r["shards"])), f"{r['density']:.2f}",
+                     f"{r['mass_share']:.2f}"] for r in multi]) if multi else ""
+    return table + (f"<p>{len(multi)} families of several shards; "
+                    f"{len(rows) - len(multi)} shards fire with no other (families of one; all "
+                    "families are in analysis.json).</p>")
 
 
 def _family_rows(view: RunView, families) -> list[dict[str, Any]]:

@@ -30,6 +30,8 @@ the run's own coefficient along them:
 - ``shuffled_<i>``: the principal direction of the training samples a shuffled labelling gives to
   task t (same span and same norm as a task direction; its "own" task is the shuffled label t).
   Chance for ``own_first`` is 1 / n_tasks.
+- ``random_<kind>`` (``random_for``): a Gaussian direction at another kind's own magnitude, e.g.
+  ``random_shard_family`` for shard families, whose ``|c|`` differs from the single shard's.
 
 Cost: ``2 + 3 * n_kinds * n_tasks`` reward estimates, each one ``generate`` of
 ``n_tasks * n_prompts * n_samples`` completions; with the defaults (4 tasks, 8 prompts, 4 samples,
@@ -112,14 +114,16 @@ def kind_family(kind: str) -> str:
 def causal_tests(initial: nn.Module, final: nn.Module, tokenizer: Any, task: Any,
                  tasks: Sequence[str], directions: Mapping[str, Mapping[str, Direction]],
                  settings: CausalSettings = CausalSettings(), matched_to: str = "shard",
-                 random_control: bool = True,
+                 random_control: bool = True, random_for: Sequence[str] = (),
                  reward_fn: Callable[[nn.Module], Mapping[str, float]] | None = None
                  ) -> dict[str, Any]:
     """Steering and ablation of every ``directions[kind][task]`` (unit directions, parameter
     names of ``initial``/``final``), with the effect on every task (module docstring).
 
     ``matched_to`` names the kind whose ``|c|`` sets the magnitude of the control kinds (``random``,
-    added here when ``random_control``, and every ``shuffled_<i>`` given). Both models are restored
+    added here when ``random_control``, and every ``shuffled_<i>`` given). ``random_for``: further
+    kinds that get their own norm-matched random control, ``random_<kind>`` (its own summary, not
+    pooled with ``random``). Both models are restored
     bit-exactly. ``reward_fn(model) -> {task: mean reward}`` replaces the rollouts
     (``interventions.task_rewards`` with ``settings``; ``tokenizer`` and ``task`` are then unused),
     e.g. for a model whose rewards are known in closed form. Returns ``{"settings",
@@ -150,19 +154,28 @@ def causal_tests(initial: nn.Module, final: nn.Module, tokenizer: Any, task: Any
         g = torch.Generator().manual_seed(s.seed)
         kinds["random"] = {t: random_direction_like(_scaled(kinds[matched_to][t], 1.0), g)
                            for t in tasks if t in kinds[matched_to]}
-    matched_c = {t: abs(update_coefficient(p1, p0, d))
-                 for t, d in kinds.get(matched_to, {}).items()}
+    coefficients = lambda kind: {t: abs(update_coefficient(p1, p0, d))  # noqa: E731
+                                 for t, d in kinds.get(kind, {}).items()}
+    matched_c = coefficients(matched_to)
+    # control kind -> |c| per task of the kind it is norm-matched to
+    matched = {k: matched_c for k in kinds if kind_family(k) in CONTROL_KINDS}
+    for base in random_for:
+        if base not in kinds:
+            raise ValueError(f"random_for: {base!r} is not a kind of directions ({sorted(kinds)})")
+        g = torch.Generator().manual_seed(s.seed + 1 + list(kinds).index(base))
+        kinds[f"random_{base}"] = {t: random_direction_like(_scaled(d, 1.0), g)
+                                   for t, d in kinds[base].items()}
+        matched[f"random_{base}"] = coefficients(base)
 
     base_init, base_final = rewards(initial), rewards(final)
     out_kinds: dict[str, Any] = {}
     for kind, per in kinds.items():
-        control = kind_family(kind) in CONTROL_KINDS
         entries = {}
         for t, unit in per.items():
             norm = sum(float(d.float().pow(2).sum()) for d in unit.values()) ** 0.5
             unit = _scaled(unit, 1.0 / norm) if norm > 0 else _scaled(unit, 1.0)
             c = update_coefficient(p1, p0, unit)
-            magnitude = matched_c[t] if control and t in matched_c else abs(c)
+            magnitude = matched[kind][t] if t in matched.get(kind, {}) else abs(c)
             v = _scaled(unit, (1.0 if c >= 0 else -1.0) * magnitude)
             e: dict[str, Any] = {"coefficient": c, "magnitude": magnitude}
             for name, sign in (("steer_plus", 1.0), ("steer_minus", -1.0)):
