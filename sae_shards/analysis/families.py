@@ -151,7 +151,8 @@ def family_weights(acts: Tensor, gram: Tensor, members: Sequence[int]) -> Tensor
     coords = a @ root  # [S, m]: contributions in an orthonormal basis of the family's span
     if not coords.abs().sum():  # a family that never fired: its first member's direction
         w = torch.zeros(len(idx), dtype=torch.float64)
-        w[0] = float(gram[idx[0], idx[0]]).__abs__() ** -0.5 if float(gram[idx[0], idx[0]]) else 1.0
+        sq_norm = float(gram[idx[0], idx[0]])
+        w[0] = sq_norm ** -0.5 if sq_norm > 0 else 1.0
         return w
     _, vecs = torch.linalg.eigh(coords.T @ coords)
     e = vecs[:, -1]

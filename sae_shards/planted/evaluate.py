@@ -39,8 +39,10 @@ sample it is present in (``truth_from`` says which, per task; ``groundtruth``).
 **Shard families** (``families``; headline keys containing ``_family``, and ``n_families``). An
 SAE with more latents than the run has contexts splits a context over several latents, each
 firing on part of its samples. ``analysis.families`` groups the latents (drift latents and
-latents that never fired left out) by the correlation of their ``|activation|`` over the *training* samples, without labels
-(``family_threshold``, default ``FAMILY_THRESHOLD``); a family's strength on a sample is the norm
+latents that never fired left out) by the correlation of their ``|activation|`` over the
+*training* samples, without labels (``family_threshold``, default ``FAMILY_THRESHOLD``; pairs
+that fired together fewer than ``MIN_JOINT`` times are not linked); a family's strength on a
+sample is the norm
 of its members' summed contribution to the reconstruction, its direction the principal direction
 of those contributions. Each task's best family is chosen and scored as a latent is
 (``auroc_task_family``, beside a shuffled-label null and the null-control run's figure), its
@@ -83,8 +85,8 @@ from torch import Tensor
 
 from sae_shards.core.checkpoint import CheckpointError, read_safetensors
 from sae_shards.core.metrics import evaluate_heldout, match_directions, sample_sq_norms
-from sae_shards.analysis.families import (FAMILY_THRESHOLD, Families, find_families, strengths,
-                                          weight_matrix)
+from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, Families,
+                                          find_families, strengths, weight_matrix)
 from sae_shards.analysis.shards import ShardSet, load_run_models
 from sae_shards.planted.causal import CausalSettings, causal_tests
 from sae_shards.planted.groundtruth import (abs_cosine, auroc, energy_shares, flatten, label_sets,
@@ -174,6 +176,23 @@ def best_latents(acts: Tensor, labels: Sequence, tasks: Sequence[str],
     return latent_aurocs(acts, labels, tasks, exclude).argmax(1).tolist()
 
 
+def _choose_and_score(scores_tr: Tensor, scores_te: Tensor, y_tr: Sequence, y_te: Sequence,
+                      tasks: Sequence[str], null_labels: Sequence[Sequence],
+                      exclude: Sequence[int] = ()
+                      ) -> tuple[Tensor, list[int], dict[str, float], list[float]]:
+    """Per task, the column (latent or family) of ``scores [S, C]`` whose |score| best predicts
+    the task on the training samples, and its held-out AUROC; the same choice made with each of
+    ``null_labels`` (shuffled training labels) gives the null. Returns the training AUROCs
+    ``[K, C]``, the chosen columns, the held-out AUROC per task and the null's mean per shuffle."""
+    held = lambda cols: {t: auroc(scores_te[:, c].abs(), presence(y_te, t))  # noqa: E731
+                         for t, c in zip(tasks, cols)}
+    train = latent_aurocs(scores_tr, y_tr, tasks, exclude)
+    best = train.argmax(1).tolist()
+    null = [sum(held(best_latents(scores_tr, y, tasks, exclude)).values()) / len(tasks)
+            for y in null_labels]
+    return train, best, held(best), null
+
+
 def _mmcs(abs_cos: Tensor, keep: Tensor) -> float:
     """Mean over references of the max |cos| over the kept latents (``abs_cos [K, N]``)."""
     return float(abs_cos[:, keep].max(1).values.mean())
@@ -237,8 +256,9 @@ def run_settings(run_dir: Path, shards: ShardSet) -> dict[str, Any]:
 def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: bool = True,
                  checkpoint: str | None = None, alpha: float = 2.0, n_prompts: int = 8,
                  from_step: int = 0, null_run: str | Path | Mapping[str, Any] | None = None,
-                 drift_density: float = 0.8, n_shuffled: int = 2, n_samples: int = 4,
-                 floor: float = 0.005, family_threshold: float = FAMILY_THRESHOLD
+                 drift_density: float = ALWAYS_ON_DENSITY, n_shuffled: int = 2,
+                 n_samples: int = 4, floor: float = 0.005,
+                 family_threshold: float = FAMILY_THRESHOLD
                  ) -> dict[str, Any]:
     """All figures of one run (see the module docstring); also writes evaluation.json/.md.
 
@@ -312,15 +332,9 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     }
 
     # best latent per task chosen on training samples, scored on held-out samples
-    train_aurocs = latent_aurocs(acts_tr, y_tr, tasks, drift)  # [K, N]
-    best = train_aurocs.argmax(1).tolist()
-    auroc_task = {t: auroc(acts_te[:, j].abs(), presence(y_te, t)) for t, j in zip(tasks, best)}
     null_labels = [shuffled(y_tr, g) for _ in range(n_null)]  # latents and families alike
-    null_auroc = []
-    for y_null in null_labels:
-        nb = best_latents(acts_tr, y_null, tasks, drift)
-        null_auroc.append(sum(auroc(acts_te[:, j].abs(), presence(y_te, t))
-                              for t, j in zip(tasks, nb)) / len(tasks))
+    train_aurocs, best, auroc_task, null_auroc = _choose_and_score(
+        acts_tr, acts_te, y_tr, y_te, tasks, null_labels, drift)
 
     families = {**_family_figures(sae, fams, fam_w, fam_tr, fam_te, y_tr, y_te, tasks, truth,
                                   null_truths, null_labels, shapes),
@@ -403,7 +417,7 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
                                         for t in null_truths]),
         "mmcs_supervised_null": mean([sup_mmcs(t) for t in null_truths]),
         # the margin that shards equal to the held-out ground truth itself would reach (mmcs 1):
-        # what the shuffled-label null leaves to any answer
+        # a reference for a perfect answer, not a bound
         "mmcs_margin_oracle": 1.0 - mean([float(abs_cosine(t, truth).max(1).values.mean())
                                           for t in null_truths]),
         "auroc_task": mean(list(auroc_task.values())), "auroc_null": mean(null_auroc),
@@ -473,14 +487,7 @@ def _family_figures(sae, fams: Families, fam_w: Tensor, fam_tr: Tensor, fam_te: 
     """The latent figures for shard families: per task the family whose strength best predicts
     the task on the training samples, its held-out AUROC (and a shuffled-label null), and the
     mmcs of the families' directions against the held-out ground truth (and its null)."""
-    train = latent_aurocs(fam_tr, y_tr, tasks)  # [K, F]
-    best = train.argmax(1).tolist()
-    held = {t: auroc(fam_te[:, f], presence(y_te, t)) for t, f in zip(tasks, best)}
-    null_auroc = []
-    for y_null in null_labels:  # the same shuffled training labels as the latents' null
-        nb = latent_aurocs(fam_tr, y_null, tasks).argmax(1).tolist()
-        null_auroc.append(sum(auroc(fam_te[:, f], presence(y_te, t))
-                              for t, f in zip(tasks, nb)) / len(tasks))
+    _, best, held, null_auroc = _choose_and_score(fam_tr, fam_te, y_tr, y_te, tasks, null_labels)
     cos = _family_cos(sae, truth, shapes, fam_w)  # [K, F]
     mmcs = float(cos.max(1).values.mean())
     mmcs_null = [float(_family_cos(sae, t, shapes, fam_w).max(1).values.mean())
