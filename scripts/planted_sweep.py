@@ -70,6 +70,8 @@ def run_point(seed: int, schedule: str, null: bool, captures: tuple[str, ...],
                      **{k: r["headline"].get(k) for k in FIGURES},
                      "energy_share_max": r.get("energy_share_max"),
                      "mmcs_margin_oracle": r.get("mmcs_margin_oracle"),
+                     **{f"mmcs_class_mean_{k}": v["mmcs_margin"]
+                        for k, v in (r.get("mmcs_class_mean") or {}).items()},
                      "fvu_heldout": r.get("fvu_heldout"), "n_heldout": r.get("n_heldout")})
     return rows
 
@@ -91,6 +93,8 @@ def _cell(rows: list[dict], key: str) -> str:
 COLUMNS = {"auroc_task": "auroc_task", "auroc_supervised": "supervised AUROC",
            "mmcs_margin": "mmcs margin", "mmcs_margin_supervised": "supervised mmcs margin",
            "mmcs_margin_oracle": "ground truth's own mmcs margin",
+           "mmcs_class_mean_families": "family mmcs margin, class means",
+           "mmcs_class_mean_oracle": "ground truth's own, class means",
            "ablation_selectivity": "ablation sel.", "ablation_selectivity_random": "random",
            "ablation_selectivity_shuffled": "shuffled", "ablation_own_first": "own task first",
            "steering_selectivity": "steering sel.", "steering_selectivity_random": "random ",

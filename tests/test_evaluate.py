@@ -63,6 +63,14 @@ def test_random_decoder_scores_lower(planted_run, tmp_path):
     # so does the ground truth's own margin (the held-out directions as shards)
     assert r["mmcs_margin_oracle"] == trained["mmcs_margin_oracle"]
     assert 0 < r["mmcs_margin_oracle"] < 1
+    # the signed (class-mean) diagnostic: the references do not depend on the SAE, the random
+    # decoder's margin is about zero and the trained SAE's above it (this fixture's samples are
+    # per-step updates, whose class means shrink as signs flip: 0.07 measured, so a modest bar)
+    cm, cm_broken = trained["mmcs_class_mean"], r["mmcs_class_mean"]
+    for ref in ("supervised", "oracle"):
+        assert cm_broken[ref] == cm[ref]
+    assert abs(cm_broken["latents"]["mmcs_margin"]) < 0.02
+    assert cm["latents"]["mmcs_margin"] > cm_broken["latents"]["mmcs_margin"] + 0.03, cm
 
 
 def test_evaluate_cli_needs_saved_samples(short_run_dir):

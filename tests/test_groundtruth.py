@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae_shards.planted.groundtruth import (abs_cosine, auroc, energy_shares, flatten, label_sets,
+from sae_shards.planted.groundtruth import (abs_cosine, auroc, class_means, energy_shares, flatten, label_sets,
                                     norm_features, presence, principal_direction,
                                     task_directions_with_source,
                                     separability, shuffled, supervised_reference, task_directions,
@@ -56,6 +56,25 @@ def test_shuffled_labels_destroy_the_ground_truth():
     x, labels, truth = _planted(400, 0)
     null = task_directions(x, shuffled(labels, torch.Generator().manual_seed(0)), TASKS)
     assert (null * truth).sum(1).abs().max() < 0.6
+
+
+def test_shuffled_principal_null_collapses_onto_the_strongest_task_class_means_do_not():
+    """Why ``evaluate`` reports ``mmcs_class_mean`` beside the principal-direction mmcs: with
+    signed samples, the principal direction of a random quarter of them is the strongest task's
+    own direction (a near-perfect "null"), while their class mean is the grand mean."""
+    x, labels, truth = _planted(800, 0, sign_flip=False)
+    a = torch.tensor([y == "A" for y in labels])
+    x[a] = x[a] * 1.3  # task A a little stronger than the others, as one task is in real runs
+    assert (abs_cosine(class_means(x, labels, TASKS), truth).diag() > 0.95).all()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        y = shuffled(labels, g)
+        principal_null = abs_cosine(task_directions(x, y, TASKS), truth)  # [K null, K truth]
+        assert (principal_null[:, 0] > 0.9).all(), principal_null
+        mean_null = abs_cosine(class_means(x, y, TASKS), truth)
+        assert (mean_null.max(1).values < 0.75).all(), mean_null
+    with pytest.raises(ValueError, match="'E' has no samples"):
+        class_means(x, labels, TASKS + ["E"])
 
 
 def test_auroc_known_values():

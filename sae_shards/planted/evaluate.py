@@ -24,7 +24,10 @@ sample it is present in (``truth_from`` says which, per task; ``groundtruth``).
   from the training samples reaches against this ground truth); below the headline,
   ``mmcs_margin_oracle`` is the margin of the held-out directions themselves (shards equal to
   the ground truth: mmcs 1 against the same null), a reference for a perfect answer (not a bound:
-  shards that leave out the direction every task shares can score above it);
+  shards that leave out the direction every task shares can score above it); and
+  ``mmcs_class_mean``, a diagnostic: the same margins against each task's held-out class mean
+  (signed; its shuffled null is the events' grand mean, while the principal-direction null
+  above is the most coherent task's own direction);
 - ``steering_selectivity`` / ``ablation_selectivity`` of each task's best latent and the
   ``..._random`` norm-matched random control (``causal``: median over tasks), plus the
   shuffled-label control (``..._shuffled``), the supervised directions' ablation selectivity
@@ -78,7 +81,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -89,7 +92,7 @@ from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, F
                                           find_families, strengths, weight_matrix)
 from sae_shards.analysis.shards import ShardSet, load_run_models
 from sae_shards.planted.causal import CausalSettings, causal_tests
-from sae_shards.planted.groundtruth import (abs_cosine, auroc, energy_shares, flatten, label_sets,
+from sae_shards.planted.groundtruth import (abs_cosine, auroc, class_means, energy_shares, flatten, label_sets,
                                             norm_features, presence, principal_direction,
                                             rank_ceiling, separability,
                                             shuffled, supervised_reference,
@@ -193,9 +196,38 @@ def _choose_and_score(scores_tr: Tensor, scores_te: Tensor, y_tr: Sequence, y_te
     return train, best, held(best), null
 
 
-def _mmcs(abs_cos: Tensor, keep: Tensor) -> float:
-    """Mean over references of the max |cos| over the kept latents (``abs_cos [K, N]``)."""
-    return float(abs_cos[:, keep].max(1).values.mean())
+def _mmcs_margin(cos_of: Callable[[Tensor], Tensor], truth: Tensor,
+                 null_truths: Sequence[Tensor]) -> dict[str, float]:
+    """mmcs of a set of directions against ``truth [K, D]``, its null (the mean over
+    ``null_truths``, each ``[K, D]``) and the margin. ``cos_of(refs [K, D]) -> [K, M]``: the
+    |cos| of each reference with each of the M directions (shards, families, supervised, ...)."""
+    mmcs = float(cos_of(truth).max(1).values.mean())
+    null = sum(float(cos_of(t).max(1).values.mean()) for t in null_truths) / len(null_truths)
+    return {"mmcs": mmcs, "mmcs_null": null, "mmcs_margin": mmcs - null}
+
+
+def _class_mean_mmcs(flat_tr: Tensor, y_tr: list, flat_te: Tensor, y_te: list,
+                     null_te: Sequence[list], tasks: list[str],
+                     lat_cos: Callable[[Tensor], Tensor],
+                     fam_cos: Callable[[Tensor], Tensor]) -> dict[str, Any]:
+    """The mmcs margin against *signed* ground truth: each task's held-out class mean
+    (``groundtruth.class_means``), its null the class means of the same shuffled held-out
+    labellings. A diagnostic, not the headline's criterion.
+
+    The headline's principal-direction null collapses: the principal direction of a random
+    quarter of the events is the most coherent task's own direction, so a good answer scores
+    nearly as high on the null as on the truth (``mmcs_margin_oracle``). The class mean of a
+    random quarter is the events' grand mean instead. Meaningful for per-event samples, which
+    keep their sign; per-step updates flip sign and their class means shrink towards zero."""
+    truth = class_means(flat_te, y_te, tasks)
+    nulls = [class_means(flat_te, y, tasks) for y in null_te]
+    sup = class_means(flat_tr, y_tr, tasks)
+    return {
+        "latents": _mmcs_margin(lat_cos, truth, nulls),
+        "families": _mmcs_margin(fam_cos, truth, nulls),
+        "supervised": _mmcs_margin(lambda t: abs_cosine(t, sup), truth, nulls),
+        "oracle": _mmcs_margin(lambda t: abs_cosine(t, truth), truth, nulls),
+    }
 
 
 @torch.no_grad()
@@ -300,19 +332,21 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     fams = find_families(acts_tr, gram, family_threshold, exclude=left_out)
     fam_tr, fam_te = strengths(acts_tr, gram, fams), strengths(acts_te, gram, fams)  # [S, F]
     fam_w = weight_matrix(fams, sae.n_latents)  # [F, N]
+    fam_cos = lambda t: _family_cos(sae, t, shapes, fam_w)  # noqa: E731  [K, F]
 
     # ground truth on held-out samples, and shard matching against it
     flat_te, flat_tr = flatten(x_te, data.names), flatten(x_tr, data.names)
     truth, truth_from = task_directions_with_source(flat_te, y_te, tasks)
     match = match_directions(sae, unflatten(truth, shapes))
-    null_truths = [task_directions(flat_te, shuffled(y_te, g), tasks) for _ in range(n_null)]
-    null_mmcs = [_mmcs(match_directions(sae, unflatten(t, shapes)).abs_cos, keep)
-                 for t in null_truths]
-    mmcs = _mmcs(match.abs_cos, keep)
+    null_te = [shuffled(y_te, g) for _ in range(n_null)]  # the mmcs nulls' held-out labellings
+    null_truths = [task_directions(flat_te, y, tasks) for y in null_te]
+    lat_cos = lambda t: match_directions(sae, unflatten(t, shapes)).abs_cos[:, keep]  # noqa: E731
+    lat_mmcs = _mmcs_margin(lat_cos, truth, null_truths)
+    mmcs = lat_mmcs["mmcs"]
     ref = supervised_reference(flat_tr, y_tr, flat_te, y_te, norm_features(x_tr, data.names),
                                norm_features(x_te, data.names), tasks)
     # the same metric for the supervised "shards": the training samples' principal directions
-    sup_mmcs = lambda t: float(abs_cosine(t, ref.directions).max(1).values.mean())  # noqa: E731
+    sup_cos = lambda t: abs_cosine(t, ref.directions)  # noqa: E731
 
     # drift latents against the samples' common direction
     mean_dir = flat_tr.mean(0, keepdim=True)
@@ -375,15 +409,15 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     null_control = _null_control(null_run, n_null=n_null, seed=seed, from_step=from_step,
                                  drift_density=drift_density, family_threshold=family_threshold)
 
-    sup_margin = sup_mmcs(truth) - mean([sup_mmcs(t) for t in null_truths])
+    sup = _mmcs_margin(sup_cos, truth, null_truths)
+    sup_margin = sup["mmcs_margin"]
     by_kind = (causal or {}).get("families", {})  # causal summaries pooled per kind family
     pick = lambda f, key: by_kind[f][key] if f in by_kind else None  # noqa: E731
     headline = {
         "auroc_task": mean(list(auroc_task.values())),
         "auroc_null_control": null_control["auroc_task"] if null_control else None,
         "auroc_supervised": ref.auroc_mean,
-        "mmcs": mmcs, "mmcs_null": mean(null_mmcs), "mmcs_margin": mmcs - mean(null_mmcs),
-        "mmcs_margin_supervised": sup_margin,
+        **lat_mmcs, "mmcs_margin_supervised": sup_margin,
         "steering_selectivity": pick("shard", "steering_selectivity"),
         "steering_selectivity_random": pick("random", "steering_selectivity"),
         "ablation_selectivity": pick("shard", "ablation_selectivity"),
@@ -408,18 +442,19 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         "run_dir": str(run_dir), "tasks": tasks, "n_train": len(y_tr), "n_heldout": len(y_te),
         "sample_unit": "step" if settings["granularity"] == "step" else "event",
         "multi_label": data.multi_label, "from_step": from_step,
-        "mmcs": mmcs, "mmcs_null": mean(null_mmcs), "mmcs_margin": mmcs - mean(null_mmcs),
-        "mmcs_supervised": sup_mmcs(truth),
+        **lat_mmcs, "mmcs_supervised": sup["mmcs"],
         # what the SAE's rank per target allows at best (per task, and on shuffled labels)
         "mmcs_rank_ceiling": float(rank_ceiling(unflatten(truth, shapes), sae.cfg.rank).mean()),
         "mmcs_rank_ceiling_null": mean([float(rank_ceiling(unflatten(t, shapes),
                                                             sae.cfg.rank).mean())
                                         for t in null_truths]),
-        "mmcs_supervised_null": mean([sup_mmcs(t) for t in null_truths]),
+        "mmcs_supervised_null": sup["mmcs_null"],
         # the margin that shards equal to the held-out ground truth itself would reach (mmcs 1):
         # a reference for a perfect answer, not a bound
-        "mmcs_margin_oracle": 1.0 - mean([float(abs_cosine(t, truth).max(1).values.mean())
-                                          for t in null_truths]),
+        "mmcs_margin_oracle": _mmcs_margin(lambda t: abs_cosine(t, truth), truth,
+                                           null_truths)["mmcs_margin"],
+        "mmcs_class_mean": _class_mean_mmcs(flat_tr, y_tr, flat_te, y_te, null_te, tasks,
+                                            lat_cos, fam_cos),
         "auroc_task": mean(list(auroc_task.values())), "auroc_null": mean(null_auroc),
         "auroc_margin": mean(list(auroc_task.values())) - mean(null_auroc),
         "supervised_auroc": ref.auroc_mean, "supervised_centroid_accuracy": ref.centroid_accuracy,
@@ -489,15 +524,12 @@ def _family_figures(sae, fams: Families, fam_w: Tensor, fam_tr: Tensor, fam_te: 
     mmcs of the families' directions against the held-out ground truth (and its null)."""
     _, best, held, null_auroc = _choose_and_score(fam_tr, fam_te, y_tr, y_te, tasks, null_labels)
     cos = _family_cos(sae, truth, shapes, fam_w)  # [K, F]
-    mmcs = float(cos.max(1).values.mean())
-    mmcs_null = [float(_family_cos(sae, t, shapes, fam_w).max(1).values.mean())
-                 for t in null_truths]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {
         "threshold": fams.threshold, "members": fams.members, "n": len(fams.members),
         "best_family": best,
         "auroc_task": mean(list(held.values())), "auroc_null": mean(null_auroc),
-        "mmcs": mmcs, "mmcs_null": mean(mmcs_null), "mmcs_margin": mmcs - mean(mmcs_null),
+        **_mmcs_margin(lambda t: _family_cos(sae, t, shapes, fam_w), truth, null_truths),
         "per_task": {t: {"family": f, "members": fams.members[f], "auroc": held[t],
                          "abs_cos_to_truth": float(cos[k, f]),
                          "max_abs_cos_to_truth": float(cos[k].max())}
@@ -595,6 +627,9 @@ def to_markdown(r: dict[str, Any]) -> str:
               f"| mmcs | {r['mmcs']:.3f} | shuffled-label null {r['mmcs_null']:.3f} (margin {r['mmcs_margin']:+.3f}) |",
               f"| mmcs of the supervised directions | {r['mmcs_supervised']:.3f} | shuffled-label null {r['mmcs_supervised_null']:.3f} (margin {r['mmcs_supervised'] - r['mmcs_supervised_null']:+.3f}) |",
               f"| mmcs margin of the ground truth itself | {r['mmcs_margin_oracle']:+.3f} | shards equal to the held-out task directions (mmcs 1) against the same null |",
+              "| mmcs margin against signed truth (class means; diagnostic) | "
+              + ", ".join(f"{k} {v['mmcs_margin']:+.3f}" for k, v in r["mmcs_class_mean"].items())
+              + " | null: class means of the same shuffled labels (the events' grand mean) |",
               f"| auroc_task (held-out, best latent) | {r['auroc_task']:.3f} | shuffled-label null {r['auroc_null']:.3f} |",
               f"| supervised reference AUROC | {r['supervised_auroc']:.3f} | nearest-centroid accuracy {_f(r['supervised_centroid_accuracy'])} (chance {r['chance_accuracy']:.3f}) |",
               "| separability with labels (one direction per task, held-out AUROC) | "

@@ -134,6 +134,19 @@ def task_directions(x: Tensor, labels: Labels, tasks: Sequence[str]) -> Tensor:
     return task_directions_with_source(x, labels, tasks)[0]
 
 
+def class_means(x: Tensor, labels: Labels, tasks: Sequence[str]) -> Tensor:
+    """``[K, D]`` mean of the samples each task is present in (rows in the order of ``tasks``):
+    a signed task direction. Per-event gradients keep their sign, so their class mean is the
+    task's direction; per-step updates flip sign from step to step and average towards zero."""
+    rows = []
+    for task in tasks:
+        pos = presence(labels, task)
+        if not pos.any():
+            raise ValueError(f"task {task!r} has no samples")
+        rows.append(x[pos].mean(0))
+    return torch.stack(rows)
+
+
 def energy_shares(x: Tensor, labels: Labels, tasks: Sequence[str]) -> dict[str, float]:
     """Each task's share of the samples' gradient energy: ``sum ||x||^2`` over its samples over
     the total. A sample holding several tasks (a ``mixed`` step) gives each an equal part of its
@@ -289,7 +302,7 @@ def separability(x_train: Tensor, y_train: Labels, x_test: Tensor, y_test: Label
     principal = task_directions(xtr, y_train, tasks)  # [K, D]
     pos_tr = [presence(y_train, t) for t in tasks]
     orient = torch.stack([torch.sign((xtr[p] @ d).sum()) for p, d in zip(pos_tr, principal)])
-    means = torch.stack([xtr[p].mean(0) for p in pos_tr])  # [K, D]
+    means = class_means(xtr, y_train, tasks)  # [K, D]
     probe = ridge_probe(xtr, y_train, tasks, ridge)  # [K, D]
     out = {}
     for name, dirs, signed in (("principal_abs", principal, False),
