@@ -116,6 +116,42 @@ def _override_args(args: list[str]) -> list[str]:
     return out
 
 
+_RUN_KEYS = ("run_dir", "resume", "overwrite")
+"""Overrides that name the run rather than configure it: never carried over on resume."""
+
+
+def with_saved_overrides(args: list[str]) -> list[str]:
+    """``resume=true`` continues a run with the settings it started with: the run's own
+    overrides (``RUN_DIR/.hydra/overrides.yaml``) go before ``args``, except those ``args`` set
+    again (the job then refuses any that changes a setting, naming it). Other arguments, and
+    multirun sweeps (each job's overrides are on the command line), are returned unchanged."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    if {"-m", "--multirun"} & set(args):
+        return args
+    parse = OverridesParser.create().parse_overrides
+    given = {o.key_or_group: o for o in parse(_override_args(args))}
+    if "resume" not in given or given["resume"].value() not in (True, "true", "True"):
+        return args
+    run_dir = (given["run_dir"].value() if "run_dir" in given
+               else OmegaConf.load(CONFIG_DIR / "config.yaml").run_dir)
+    path = Path(str(run_dir)) / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return args  # a run started from a script, or killed before its .hydra/ was written
+    try:
+        saved = [str(x) for x in OmegaConf.to_container(OmegaConf.load(path))]
+        parsed = parse(saved)
+    except Exception as e:  # YAML or override grammar errors: say which file
+        raise ConfigError(f"{path}: cannot read the run's overrides to resume it ({e})") from e
+    keep = [text for text, o in zip(saved, parsed)
+            if o.key_or_group not in given and o.key_or_group not in _RUN_KEYS]
+    if keep:
+        print(f"sae-shards: resuming with the run's own overrides ({path}): {' '.join(keep)}",
+              file=sys.stderr)
+    return [*keep, *args]
+
+
 def _hydra_files(cfg) -> dict[str, str]:
     """What Hydra would write to ``.hydra/`` (written by the job once the run dir is accepted,
     so a refused run leaves the earlier run's files alone)."""
@@ -157,6 +193,7 @@ def _train(args: list[str]) -> int:
 
     try:
         check_overrides(args)
+        args = with_saved_overrides(args)
     except ConfigError as e:
         print(f"sae-shards: config error: {e}", file=sys.stderr)
         return 2

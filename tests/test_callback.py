@@ -169,6 +169,12 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path):
     assert (tmp_path / "trl_cut" / "checkpoint-7").is_dir()
     with pytest.raises(FileExistsError, match="already holds a run"):
         ShardCallback(run_dir=tmp_path / "cut")  # neither resume nor overwrite: refused
+    with pytest.raises(ValueError, match=r"runner.min_samples: 2 in the run, 4 now") as e:
+        ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 4}, resume=True)
+    assert "sae.k: 4 in the run, 8 now" not in str(e.value)
+    with pytest.raises(ValueError, match=r"sae.k: 4 in the run, 8 now"):  # other settings
+        ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, sae={"k": 8},
+                      resume=True)
     again = ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
     _user_trainer(tiny_model, tmp_path / "trl_cut", [again]).train(resume_from_checkpoint=True)
     assert again.summary["rl_steps"] == 10 and not again.summary["interrupted"]
@@ -178,3 +184,5 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True, msg=key)
     assert ((tmp_path / "whole" / "rollouts.jsonl").read_text()
             == (tmp_path / "cut" / "rollouts.jsonl").read_text())
+    with pytest.raises(FileExistsError, match="finished .*nothing to resume"):  # it is done
+        ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)

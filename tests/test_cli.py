@@ -102,6 +102,16 @@ def test_run_shorter_than_the_warm_up_says_so(tmp_path):
     assert main(["analyze", str(run), "--no-dose"]) == 0  # n/a where the FVU is null
 
 
+def test_analyze_names_a_missing_run_dir_and_the_checkpoints_there_are(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path / "nope"), "--no-dose"]) == 2
+    assert f"{tmp_path / 'nope'}: no such run directory" in capsys.readouterr().err
+    run = tmp_path / "r"
+    run_job(_short_job(run, min_samples=8), run)
+    assert main(["analyze", str(run), "--no-dose", "--checkpoint", "step_5"]) == 2
+    err = capsys.readouterr().err
+    assert "step_5: no such checkpoint directory" in err and "holds final" in err, err
+
+
 def test_buffer_error_suggests_a_value_the_config_accepts():
     specs = make_targets({"w": (64, 64)}, rank=1)
     with pytest.raises(ValueError) as e:

@@ -10,11 +10,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from sae_shards.core.checkpoint import load_checkpoint, save_checkpoint
+from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, read_safetensors,
+                                        save_checkpoint)
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
 from sae_shards.planted.evaluate import evaluate_run
 
 from helpers import random_decoder_copy
+from sae_shards.run import rundir
 from sae_shards.run.job import run_job
 
 
@@ -164,11 +166,31 @@ def test_headline_opens_the_evaluation(planted_run):
     assert "## Headline" in (planted_run / "evaluation.md").read_text()
 
 
-def test_null_run_fills_the_null_control(planted_run):
+def test_a_run_of_one_task_is_refused(planted_run, tmp_path):
+    one = tmp_path / "one_task"
+    shutil.copytree(planted_run, one)
+    tensors, _ = read_safetensors(one / "samples.safetensors")
+    samples = {k.removeprefix("sample."): v for k, v in tensors.items() if k.startswith("sample.")}
+    rundir.save_samples(one / "samples.safetensors", samples, tensors["rl_step"].tolist(),
+                        tensors["heldout"].tolist(), [["A"]] * len(tensors["rl_step"]))
+    with pytest.raises(CheckpointError, match=r"one task label \(\['A'\]\).*task=multiskill"):
+        evaluate_run(one, n_null=2, steering=False)
+
+
+def test_null_run_fills_the_null_control(planted_run, tmp_path):
     alone = evaluate_run(planted_run, n_null=2, steering=False)
-    r = evaluate_run(planted_run, n_null=2, steering=False, null_run=planted_run)
+    # a run of the real task as the null control: refused, naming it
+    with pytest.raises(CheckpointError, match="is a task=multiskill run; the null control"):
+        evaluate_run(planted_run, n_null=2, steering=False, null_run=planted_run)
+    # the same samples labelled as a multiskill_null run: its figure fills the headline
+    null = tmp_path / "null"
+    shutil.copytree(planted_run, null)
+    config = json.loads((null / "config.json").read_text())
+    config["task"]["name"] = "multiskill_null"
+    (null / "config.json").write_text(json.dumps(config))
+    r = evaluate_run(planted_run, n_null=2, steering=False, null_run=null)
     assert r["headline"]["auroc_null_control"] == alone["auroc_task"]
-    assert r["null_control"]["run_dir"] == str(planted_run)
+    assert r["null_control"]["run_dir"] == str(null)
     given = evaluate_run(planted_run, n_null=2, steering=False, null_run={"auroc_task": 0.5})
     assert given["headline"]["auroc_null_control"] == 0.5
 

@@ -183,6 +183,8 @@ def test_grpo_capture_equals_parameter_change(tmp_path, accumulation):
 
 SETUP_ERRORS = [
     ("model=hf_path model.path=/no/such/model", r"/no/such/model is not a directory"),
+    ("model=hf_path model.path={run}", r"is a sae-shards run directory, not a model; the policy "
+                                       r"it trained is .*final_model"),
     ("capture.targets=[*no_such_weight*]", r"'\*no_such_weight\*' matches no .*model.layers.0"),
     ("capture.capacity=100000000", r"capture.capacity|bf16|bfloat16"),
     ("+task.options.bogus=1", r"\['task.options.bogus'\] are not options of task 'letters'"),
@@ -196,8 +198,12 @@ SETUP_ERRORS = [
 def test_setup_errors_are_reported_cleanly(tmp_path):
     """Each case is a real `sae-shards train` process (run side by side: most of each is the
     import); each must exit 2 with its message, no traceback, and nothing trained."""
+    run = tmp_path / "a_run"  # what a run directory holds at its top, for model.path={run}
+    (run / "final_model").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "sae_shards.cli", "train", *override.split(), "logging=disabled",
+        [sys.executable, "-m", "sae_shards.cli", "train", *override.format(run=run).split(),
+         "logging=disabled",
          f"run_dir={tmp_path / str(i)}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True) for i, (override, _) in enumerate(SETUP_ERRORS)]
     for i, ((override, message), proc) in enumerate(zip(SETUP_ERRORS, procs)):

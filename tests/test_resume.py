@@ -81,7 +81,11 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     proc.kill()
     proc.communicate()
     assert not (run / "checkpoints" / "final").exists()
-    _finish(_train(run, "resume=true"))
+    # the bare command: resume=true reuses the run's own overrides (.hydra/overrides.yaml)
+    bare = subprocess.Popen([sys.executable, "-m", "sae_shards.cli", "train", f"run_dir={run}",
+                             "resume=true"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _finish(bare)
     _same_run(uninterrupted, run)
 
 
@@ -105,9 +109,32 @@ def test_sigterm_stops_with_a_usable_checkpoint_then_resumes(uninterrupted, tmp_
                            "--no-dose"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"reading checkpoint {step}" in done.stderr and (run / "report.html").is_file()
+    # started again without resume=true: refused, pointing at resume=true
+    err = _refused(run)
+    assert "continue it with resume=true" in err, err
+    # resumed with a changed setting: refused before anything is built, naming it
+    rollouts = (run / "rollouts.jsonl").read_text()
+    err = _refused(run, "resume=true", "sae.k=8")
+    assert "sae.k: 4 in the run, 8 now" in err, err
+    assert (run / "rollouts.jsonl").read_text() == rollouts
     _finish(_train(run, "resume=true"))
     assert json.loads((run / "summary.json").read_text())["interrupted"] is False
+    assert not (run / "report.html").exists()  # it described the interrupted run
     _same_run(uninterrupted, run)
+    # a finished run has nothing to resume: refused, and nothing of it changes
+    summary = (run / "summary.json").read_text()
+    err = _refused(run, "resume=true")
+    assert "finished (12 RL steps" in err and "nothing to resume" in err, err
+    assert (run / "summary.json").read_text() == summary
+    _same_run(uninterrupted, run)
+
+
+def _refused(run: Path, *extra: str) -> str:
+    """``_train`` refused with exit status 2; its stderr."""
+    proc = _train(run, *extra)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    return err
 
 
 def _job(run: Path, *extra: str):
@@ -274,3 +301,19 @@ def test_a_torn_trl_trainer_state_is_not_a_finished_checkpoint(tmp_path):
     state = tmp_path / rundir.TRL_OUTPUT / "checkpoint-8" / "trainer_state.json"
     state.write_text(state.read_text()[:40])  # the kill landed mid-write
     assert latest_complete(tmp_path) == 4
+
+
+def test_config_differences_names_changed_settings_and_allows_the_free_ones():
+    from sae_shards.run.rundir import config_differences
+
+    saved = {"sae": {"k": 4, "lr": 1e-3}, "capture": {"targets": ["a", "b"]}, "seed": 0,
+             "device": "cpu", "logging": {"mode": "offline"}, "runner": {"torch_threads": 1},
+             "only_saved": 1, "rl": {"extra": {}}}
+    now = {"sae": {"k": 8, "lr": 1e-3}, "capture": {"targets": ("a", "b")}, "seed": 0,
+           "device": "cuda", "logging": {"mode": "disabled"}, "runner": {"torch_threads": 4},
+           "only_now": 2, "rl": {"extra": {"beta": 0.1}}}
+    # targets as list or tuple are the same setting; device, logging and threads may change;
+    # a setting only one side knows (another version of the config) is not compared
+    assert config_differences(saved, now) == [
+        "rl.extra: {} in the run, {'beta': 0.1} now", "sae.k: 4 in the run, 8 now"]
+    assert config_differences(saved, saved) == []

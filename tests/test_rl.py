@@ -95,6 +95,10 @@ def test_config_is_cpu_fp32_and_quiet(tmp_path):
     assert args.report_to in ([], "none", ["none"]) and args.save_strategy == "no"
     assert args.logging_steps == 1 and args.learning_rate == DEFAULT_GRPO["learning_rate"]
     assert args.steps_per_generation == 1
+    assert not args.activation_checkpointing  # off by default on this recipe
+    # asked for under either name, it is on (the default under the new name does not win)
+    for name in ("gradient_checkpointing", "activation_checkpointing"):
+        assert trl_config({name: True}, tmp_path).activation_checkpointing, name
 
 
 def test_config_errors_name_the_key(tmp_path):

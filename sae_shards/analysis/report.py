@@ -25,6 +25,7 @@ from typing import Any
 
 from sae_shards.analysis.interventions import dose_response, update_coefficient
 from sae_shards.analysis.shards import RunView, load_run_models
+from sae_shards.run import rundir
 
 SECTIONS = ("summary", "sae-curves", "reward", "timeline", "families", "norms", "rollouts", "logit-lens",
             "dose-response")
@@ -230,7 +231,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     page = _page(f"sae-shards report: {view.run_dir.name}", "".join(parts))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
-    (out.parent / "analysis.json").write_text(json.dumps(analysis, indent=2, default=float))
+    (out.parent / rundir.ANALYSIS).write_text(json.dumps(analysis, indent=2, default=float))
     return out
 
 

@@ -142,6 +142,12 @@ class ShardCallback(TrainerCallback):
         # Other ranks never write into the run directory.
         self.run_dir = (rundir.prepare_run_dir(run_dir, overwrite, resume)
                         if distributed.is_main() else Path(run_dir))
+        if resume and distributed.is_main():
+            rundir.check_resume_config(self.run_dir, {
+                "capture": dataclasses.asdict(self.capture_cfg),
+                "runner": dataclasses.asdict(self.runner_cfg), "sae": self.sae_cfg.to_dict(),
+                "seed": seed}, "Pass ShardCallback the settings the run started with, or start "
+                "a new run_dir.")
         self.resume = resume
         self.log_to_wandb = log_to_wandb
         self.label_column = label_column

@@ -74,7 +74,11 @@ def _check_dir(path: Path) -> None:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: no such checkpoint directory") from e
+        siblings = (sorted(p.name for p in path.parent.iterdir() if p.is_dir())
+                    if path.parent.is_dir() else [])
+        raise CheckpointError(f"{path}: no such checkpoint directory"
+                              + (f"; {path.parent} holds {', '.join(siblings)}" if siblings
+                                 else "")) from e
     except OSError as e:  # a symlink loop, no permission
         raise CheckpointError(f"{path}: cannot be opened ({e.strerror}); {where}") from e
     if not stat.S_ISDIR(mode):

@@ -143,6 +143,10 @@ class EvalData:
         # Task directions drift: from_step restricts ground truth and scores to a late window.
         self.keep = nonzero & (self.steps >= from_step)
         self.tasks = sorted(set().union(*self.labels))
+        if len(self.tasks) < 2:
+            raise CheckpointError(f"{path}: the samples carry one task label ({self.tasks}); "
+                                  "evaluating shards against tasks needs several (a run of "
+                                  "task=multiskill)")
         self.multi_label = any(len(lab) > 1 for lab in self.labels)
         for heldout in (False, True):
             _, labels = self.split(heldout)
@@ -556,6 +560,19 @@ def _shares_by_label_set(x: Mapping[str, Tensor], labels: list) -> dict[str, flo
     return by_key(x, [sorted(lab) for lab in labels])
 
 
+def _check_null_run(path: Path) -> None:
+    """A null-control run is one of ``task=multiskill_null``: refuse a run whose config.json
+    names another task (its AUROC would pass for the null's)."""
+    try:
+        task = (json.loads((path / "config.json").read_text()).get("task") or {}).get("name")
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable: evaluating it reports what is wrong with it
+    if task is not None and task != "multiskill_null":
+        raise CheckpointError(f"null_run={path} is a task={task} run; the null control is a "
+                              "run of task=multiskill_null (the same prompts and tags, a reward "
+                              "that ignores the tag)")
+
+
 def _null_control(null_run, **kwargs) -> dict[str, Any] | None:
     if null_run is None:
         return None
@@ -563,6 +580,7 @@ def _null_control(null_run, **kwargs) -> dict[str, Any] | None:
         r = null_run
         where = r.get("run_dir")
     else:
+        _check_null_run(Path(null_run))
         r = evaluate_run(null_run, steering=False, **kwargs)
         where = str(null_run)
     return {"run_dir": where, "auroc_task": r["auroc_task"], "auroc_null": r.get("auroc_null"),

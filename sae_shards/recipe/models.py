@@ -38,6 +38,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from sae_shards.core.checkpoint import process_umask
 from sae_shards.run.config import Arch
+from sae_shards.run.rundir import CONFIG, FINAL_MODEL
 
 ARCHS: tuple[str, ...] = get_args(Arch)
 """Architectures ``build_tiny_model`` can build (gpt2 keeps matrices in ``Conv1D``: [in, out])."""
@@ -248,6 +249,10 @@ def _check_model_dir(path: Path) -> None:
             f"model path {path} is not a directory; build one with build_tiny_model(out_dir) "
             "or point model.path at a local transformers model directory"
         )
+    if (path / FINAL_MODEL).is_dir() and (path / CONFIG).is_file():
+        raise FileNotFoundError(
+            f"model path {path} is a sae-shards run directory, not a model; the policy it "
+            f"trained is {path / FINAL_MODEL}")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"model path {path} has no config.json; it must be a directory written by "

@@ -96,7 +96,10 @@ def trl_config(grpo_kwargs: dict[str, Any], output_dir: str | Path,
                 f"rl.{key}={grpo_kwargs[key]!r} is not supported: sae-shards fixes {key}={fixed!r} "
                 "(it logs to W&B and saves checkpoints itself); remove the key"
             )
-    settings = {**DEFAULT_GRPO, **grpo_kwargs, **_FIXED, **checkpointing(checkpoint_every)}
+    defaults = dict(DEFAULT_GRPO)
+    if "gradient_checkpointing" in grpo_kwargs:  # its old name: the default must not override it
+        defaults.pop("activation_checkpointing")
+    settings = {**defaults, **grpo_kwargs, **_FIXED, **checkpointing(checkpoint_every)}
     on_cpu = bool(settings.get("use_cpu")) or not torch.cuda.is_available()
     if on_cpu:
         if settings.get("bf16") or settings.get("fp16"):

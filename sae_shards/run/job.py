@@ -111,14 +111,20 @@ def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device,
     return RLSetup(trainer, model_path)
 
 
-def shard_callback(cfg: JobConfig, run_dir: Path, **overrides: Any) -> ShardCallback:
-    """The job's ``ShardCallback``: its capture, SAE and runner settings, the whole config for
-    ``config.json`` (model path resolved so analysis finds the initial weights)."""
+def run_config(cfg: JobConfig) -> dict[str, Any]:
+    """The whole job config as ``config.json`` records it (model path resolved so analysis
+    finds the initial weights)."""
     model_path = str(Path(cfg.model.path).resolve()) if cfg.model.path else None
-    run_config = cfg.to_dict()
-    run_config["model"] = {**run_config["model"], "path": model_path}
+    out = cfg.to_dict()
+    out["model"] = {**out["model"], "path": model_path}
+    return out
+
+
+def shard_callback(cfg: JobConfig, run_dir: Path, **overrides: Any) -> ShardCallback:
+    """The job's ``ShardCallback``: its capture, SAE and runner settings, and the whole config
+    for ``config.json``."""
     kwargs = dict(capture=cfg.capture, runner=cfg.runner, sae=cfg.sae, seed=cfg.seed,
-                  resume=cfg.resume, run_config=run_config)
+                  resume=cfg.resume, run_config=run_config(cfg))
     return ShardCallback(run_dir, **{**kwargs, **overrides})
 
 
@@ -141,6 +147,12 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
                 rundir.prepare_run_dir(run_dir, cfg.overwrite, cfg.resume)
             resume_from = None
             if cfg.resume:
+                if main:  # before anything is built: a changed seed or model would fail there
+                    rundir.check_resume_config(
+                        run_dir, run_config(cfg),
+                        f"Resume with the settings it started with (sae-shards train "
+                        f"run_dir={run_dir} resume=true reuses the run's own overrides, "
+                        f"{rundir.HYDRA}/overrides.yaml), or start a new run_dir.")
                 step = resume_state.latest_complete(run_dir)
                 if step is None:
                     raise FileNotFoundError(

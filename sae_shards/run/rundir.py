@@ -61,11 +61,19 @@ HYDRA_LOG = "cli.log"  # Hydra's job log (named after the entry point)
 TRL_OUTPUT = "trl"
 RESUME = "resume"
 REPORT = "report.html"
+ANALYSIS = "analysis.json"
 EVALUATION = ("evaluation.json", "evaluation.md")
+DERIVED = (REPORT, ANALYSIS, *EVALUATION)
+"""What ``analyze`` and ``evaluate`` write from a run's state; stale once the run continues."""
 
 OWNED = (CONFIG, MODEL, FINAL_MODEL, CHECKPOINTS, ACTIVATIONS, SAMPLES, ROLLOUTS, EVENTS, METRICS,
-         SUMMARY, WANDB, HYDRA, HYDRA_LOG, TRL_OUTPUT, RESUME, REPORT, *EVALUATION)
+         SUMMARY, WANDB, HYDRA, HYDRA_LOG, TRL_OUTPUT, RESUME, *DERIVED)
 """Everything a run writes into its directory; ``overwrite=true`` removes all of it first."""
+
+RESUME_FREE = ("run_dir", "overwrite", "resume", "device", "logging", "runner.torch_threads",
+               "world_size")
+"""Settings a resumed run may change (``config_differences``); every other one must match the
+run's ``config.json`` (the process count is checked on its own, with its own message)."""
 
 _RESULTS = (CHECKPOINTS, ROLLOUTS, EVENTS, ACTIVATIONS, SAMPLES, SUMMARY)
 """Files whose presence means the directory holds an earlier run's results."""
@@ -104,15 +112,31 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
         raise FileExistsError(f"run_dir={run_dir} is a file; give a directory")
     # Empty logs (a run that failed before its first step) do not count: a retry may reuse them.
     earlier = [name for name in _RESULTS if _has_content(run_dir / name)]
+    finished = finished_steps(run_dir)
     if resume:
-        if not (run_dir / RESUME).is_dir():
-            raise FileNotFoundError(f"resume=true but run_dir={run_dir} holds no resumable run "
-                                    f"({RESUME}/ is missing); start it without resume=true")
+        if finished is not None:
+            raise FileExistsError(
+                f"resume=true but the run in run_dir={run_dir} finished ({finished} RL steps, "
+                f"{SUMMARY}): there is nothing to resume. Analyze it (sae-shards analyze "
+                f"{run_dir}), or start it again with overwrite=true")
+        if not _has_content(run_dir / RESUME):
+            raise FileNotFoundError(
+                f"resume=true but run_dir={run_dir} holds no resumable run ({RESUME}/ is "
+                "missing or empty: " + ("it stopped before its first checkpoint); start it "
+                                        "again with overwrite=true" if earlier else
+                                        "no run was started there); start it without resume=true"))
+        for name in DERIVED:  # reports of the interrupted state would pass for the final ones
+            if (run_dir / name).is_file():
+                (run_dir / name).unlink()
+                log.info("%s: removed (it described the run before this resume)", run_dir / name)
         return run_dir
     if earlier and not overwrite:
+        resumable = finished is None and _has_content(run_dir / RESUME)
         raise FileExistsError(
-            f"run_dir={run_dir} already holds a run ({', '.join(earlier)}); choose a new "
-            "run_dir=... or pass overwrite=true to replace it")
+            f"run_dir={run_dir} already holds a run ({', '.join(earlier)}); "
+            + ("it was stopped before it finished: continue it with resume=true, " if resumable
+               else "")
+            + "choose a new run_dir=... or pass overwrite=true to replace it")
     if overwrite:
         for name in OWNED:
             path = run_dir / name
@@ -122,6 +146,60 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
                 path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def finished_steps(run_dir: Path) -> int | None:
+    """The RL steps of the run in ``run_dir`` when it finished (its ``summary.json`` says it
+    was not interrupted), else None (no run, a running, killed or interrupted one)."""
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("interrupted", True):
+        return None
+    return summary.get("rl_steps")
+
+
+OPEN_MAPS = ("task.options", "rl.extra")
+"""Config fields holding free-form mappings: compared whole (a key added is a change)."""
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (``OPEN_MAPS``, empty dicts and other values are
+    leaves)."""
+    if not isinstance(d, dict) or not d or prefix.rstrip(".") in OPEN_MAPS:
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any],
+                       free: tuple[str, ...] = RESUME_FREE) -> list[str]:
+    """The settings (dotted names) in both ``saved`` (a run's ``config.json``) and ``now`` whose
+    values differ, outside ``free`` (names or their prefixes), each as ``"name: X in the run, Y
+    now"``. Values are compared as JSON (tuples as lists, NaN as null)."""
+    a, b = _flat(saved), _flat(now)
+    norm = lambda v: json.dumps(strict_json(v), sort_keys=True)  # noqa: E731
+    skip = lambda k: any(k == f or k.startswith(f + ".") for f in free)  # noqa: E731
+    return [f"{k}: {a[k]!r} in the run, {b[k]!r} now" for k in sorted(a.keys() & b.keys())
+            if not skip(k) and norm(a[k]) != norm(b[k])]
+
+
+def check_resume_config(run_dir: Path, now: dict[str, Any], how: str) -> None:
+    """A resumed run keeps the settings it started with: raise ``ValueError`` naming every
+    setting of ``now`` that differs from ``run_dir/config.json`` (``how``: what to do instead).
+    A missing or torn ``config.json`` (killed during its first write) is not checked."""
+    try:
+        saved = json.loads((run_dir / CONFIG).read_text())
+    except (OSError, ValueError):
+        return
+    diffs = config_differences(saved, now) if isinstance(saved, dict) else []
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise ValueError(f"resuming {run_dir} with other settings than it started with would mix "
+                         f"them in one run ({run_dir / CONFIG}): {shown}. {how}")
 
 
 def strict_json(value: Any) -> Any:
@@ -210,6 +288,8 @@ def saved_steps(folder: Path) -> list[int]:
 def latest_checkpoint(run_dir: Path) -> str:
     """``final`` when the run finished, else its newest ``step_XXXXXX`` (an interrupted run)."""
     folder = run_dir / CHECKPOINTS
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory")
     if (folder / "final").is_dir():
         return "final"
     steps = [s for s in saved_steps(folder) if (folder / step_name(s)).is_dir()]
