@@ -117,6 +117,7 @@ def test_sigterm_stops_with_a_usable_checkpoint_then_resumes(uninterrupted, tmp_
     err = _refused(run, "resume=true", "sae.k=8")
     assert "sae.k: 4 in the run, 8 now" in err, err
     assert (run / "rollouts.jsonl").read_text() == rollouts
+    assert (run / "report.html").is_file()  # a refused attempt removes nothing
     _finish(_train(run, "resume=true"))
     assert json.loads((run / "summary.json").read_text())["interrupted"] is False
     assert not (run / "report.html").exists()  # it described the interrupted run

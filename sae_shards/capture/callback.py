@@ -259,6 +259,7 @@ class ShardCallback(TrainerCallback):
     def _restore(self, step: int) -> None:
         """Continue from the checkpoint of RL step ``step``: SAE, buffer, logs, counters."""
         resume_state.restore(self.run_dir, step, self.parts, self.capture)
+        rundir.remove_derived(self.run_dir)
         for row in rundir.read_jsonl(self.run_dir / rundir.ROLLOUTS):
             scored = [r for r in row["rewards"] if r is not None]
             self._rewards[row["step"]] = statistics.fmean(scored) if scored else math.nan

@@ -125,10 +125,6 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
                 "missing or empty: " + ("it stopped before its first checkpoint); start it "
                                         "again with overwrite=true" if earlier else
                                         "no run was started there); start it without resume=true"))
-        for name in DERIVED:  # reports of the interrupted state would pass for the final ones
-            if (run_dir / name).is_file():
-                (run_dir / name).unlink()
-                log.info("%s: removed (it described the run before this resume)", run_dir / name)
         return run_dir
     if earlier and not overwrite:
         resumable = finished is None and _has_content(run_dir / RESUME)
@@ -146,6 +142,15 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
                 path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def remove_derived(run_dir: Path) -> None:
+    """Remove ``DERIVED`` files (a resumed run's reports of its interrupted state would pass for
+    the final ones)."""
+    for name in DERIVED:
+        if (run_dir / name).is_file():
+            (run_dir / name).unlink()
+            log.info("%s: removed (it described the run before this resume)", run_dir / name)
 
 
 def finished_steps(run_dir: Path) -> int | None:
