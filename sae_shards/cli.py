@@ -120,36 +120,89 @@ _RUN_KEYS = ("run_dir", "resume", "overwrite")
 """Overrides that name the run rather than configure it: never carried over on resume."""
 
 
+def saved_overrides(run_dir: str | Path) -> list[str] | None:
+    """The overrides a run started with (``RUN_DIR/.hydra/overrides.yaml``), None when the run
+    has none (started from a script, or killed before its ``.hydra/`` was written)."""
+    from omegaconf import OmegaConf
+
+    path = Path(str(run_dir)) / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return [str(x) for x in OmegaConf.to_container(OmegaConf.load(path))]
+    except Exception as e:  # YAML errors: say which file
+        raise ConfigError(f"{path}: cannot read the run's overrides ({e})") from e
+
+
+def _quoted_run_dir(run_dir: str | Path) -> str:
+    """``run_dir=...`` as one shell word Hydra parses back (a sweep job's directory holds ``=``
+    and ``,``: quoted for both)."""
+    import shlex
+
+    text = str(run_dir)
+    if not any(c in text for c in "=,'\"[]{}() $`\\"):
+        return f"run_dir={text}"
+    if "'" not in text and not any(c in text for c in '"$`\\!'):
+        return f"\"run_dir='{text}'\""  # the shell's double quotes around Hydra's single ones
+    return shlex.quote(f"run_dir={text}")
+
+
+def resume_command(run_dir: str | Path) -> str:
+    """The command that continues the run in ``run_dir`` (its own overrides are reused)."""
+    return f"sae-shards train {_quoted_run_dir(run_dir)} resume=true"
+
+
+def rerun_command(run_dir: str | Path) -> str | None:
+    """The command that starts the run in ``run_dir`` again from scratch, with its own
+    overrides; None when they are not known."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    saved = saved_overrides(run_dir)
+    if saved is None:
+        return None
+    parsed = OverridesParser.create().parse_overrides(saved)
+    own = [shlex.quote(t) for t, o in zip(saved, parsed) if o.key_or_group not in _RUN_KEYS]
+    return " ".join(["sae-shards train", *own, _quoted_run_dir(run_dir), "overwrite=true"])
+
+
 def with_saved_overrides(args: list[str]) -> list[str]:
     """``resume=true`` continues a run with the settings it started with: the run's own
-    overrides (``RUN_DIR/.hydra/overrides.yaml``) go before ``args``, except those ``args`` set
-    again (the job then refuses any that changes a setting, naming it). Other arguments, and
-    multirun sweeps (each job's overrides are on the command line), are returned unchanged."""
+    overrides (``saved_overrides``) go before ``args``, except those ``args`` set again (the job
+    then refuses any that changes a setting, naming it); a key the run added (``+key=...``)
+    given again without ``+`` is passed as ``++key=...``. Other arguments, and multirun sweeps
+    (each job's overrides are on the command line), are returned unchanged."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     if {"-m", "--multirun"} & set(args):
         return args
     parse = OverridesParser.create().parse_overrides
-    given = {o.key_or_group: o for o in parse(_override_args(args))}
+    now = list(zip(_override_args(args), parse(_override_args(args))))
+    given = {o.key_or_group: o for _, o in now}
     if "resume" not in given or given["resume"].value() not in (True, "true", "True"):
         return args
     run_dir = (given["run_dir"].value() if "run_dir" in given
                else OmegaConf.load(CONFIG_DIR / "config.yaml").run_dir)
-    path = Path(str(run_dir)) / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return args  # a run started from a script, or killed before its .hydra/ was written
+    saved = saved_overrides(run_dir)
+    if saved is None:
+        return args
     try:
-        saved = [str(x) for x in OmegaConf.to_container(OmegaConf.load(path))]
         parsed = parse(saved)
-    except Exception as e:  # YAML or override grammar errors: say which file
-        raise ConfigError(f"{path}: cannot read the run's overrides to resume it ({e})") from e
+    except Exception as e:  # the override grammar: say which file
+        raise ConfigError(f"{run_dir}/.hydra/overrides.yaml: cannot parse the run's overrides "
+                          f"({e})") from e
+    replaced = {o.key_or_group for _, o in now if not o.is_delete()}  # ~key applies on top
     keep = [text for text, o in zip(saved, parsed)
-            if o.key_or_group not in given and o.key_or_group not in _RUN_KEYS]
+            if o.key_or_group not in replaced and o.key_or_group not in _RUN_KEYS]
+    added = {o.key_or_group for o in parsed if o.is_add() or o.is_force_add()}
+    plain = {text for text, o in now
+             if o.key_or_group in added and not (o.is_add() or o.is_force_add() or o.is_delete())}
     if keep:
-        print(f"sae-shards: resuming with the run's own overrides ({path}): {' '.join(keep)}",
-              file=sys.stderr)
-    return [*keep, *args]
+        print(f"sae-shards: resuming with the run's own overrides ({run_dir}/.hydra/"
+              f"overrides.yaml): {' '.join(keep)}", file=sys.stderr)
+    return [*keep, *("++" + a if a in plain else a for a in args)]
 
 
 def _hydra_files(cfg) -> dict[str, str]:
@@ -175,7 +228,7 @@ def _closing_lines(summary: dict, run_dir: Path) -> list[str]:
     if summary.get("interrupted"):
         lines[0] = lines[0].replace("run finished", "run interrupted")
         lines.append(f"  the run stopped early, checkpointed at {summary['final_checkpoint']}; "
-                     f"continue it with: sae-shards train run_dir={run_dir} resume=true")
+                     f"continue it with: {resume_command(run_dir)}")
     files = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir()
                    if not p.name.startswith("."))
     lines += [f"  run directory {run_dir}: {', '.join(files)}",
@@ -188,6 +241,7 @@ def _train(args: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from sae_shards.run import rundir
     from sae_shards.run.job import JobSetupError, run_job
     from sae_shards.run.rundir import RunWriteError
 
@@ -210,20 +264,34 @@ def _train(args: list[str]) -> int:
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         job = dataclasses.replace(job, run_dir=str(run_dir))
-        if hc.mode == RunMode.MULTIRUN and job.logging.group is None:
+        sweep = hc.mode == RunMode.MULTIRUN
+        if sweep and job.logging.group is None:
             job = dataclasses.replace(job, logging=dataclasses.replace(
                 job.logging, group=Path(hc.sweep.dir).name))
+        if sweep and interrupted:  # a signal stops the whole sweep, not only its current job
+            failures.append(f"{run_dir}: not started (the sweep was stopped); continue the "
+                            "sweep with the same command and resume=true")
+            return
+        if sweep and job.resume:  # resume a sweep: skip finished jobs, start unstarted ones
+            done = rundir.finished_steps(run_dir)
+            if done is not None:
+                print(f"sae-shards: {run_dir} finished ({done} RL steps) earlier: skipped")
+                return
+            if not rundir.has_resume_state(run_dir):
+                job = dataclasses.replace(job, resume=False)
         try:
             summary = run_job(job, run_dir, hydra_files=_hydra_files(cfg))
         except JobSetupError as e:
-            failures.append(f"cannot start: {e}")
+            again = rerun_command(run_dir) if "overwrite=true" in str(e) else None
+            failures.append(f"cannot start: {e}"
+                            + (f" (it started as: {again})" if again else ""))
             return
         except RunWriteError as e:
             failures.append(f"stopped: {e}")
             return
         except KeyboardInterrupt:
             failures.append(f"stopped at once by a second signal; resume from the last "
-                            f"checkpoint with: sae-shards train run_dir={run_dir} resume=true")
+                            f"checkpoint with: {resume_command(run_dir)}")
             interrupted.append(signal.SIGINT)
             return
         if summary is None:  # a rank other than 0 of a multi-process launch: rank 0 reports

@@ -98,6 +98,7 @@ def test_sae_figures_join_the_trainers_wandb_run(tiny_model, tmp_path, monkeypat
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.teardown()  # W&B's process-wide settings read the environment once: read it again
     task = build_task("letters", target_length=8)
     config = GRPOConfig(output_dir=str(tmp_path / "trl"), max_steps=6, learning_rate=3e-4,
                         per_device_train_batch_size=8, num_generations=4,
@@ -138,14 +139,14 @@ class _StopAt(TrainerCallback):
             self.shards.request_stop()
 
 
-def _user_trainer(tiny_model, out_dir, callbacks):
+def _user_trainer(tiny_model, out_dir, callbacks, max_steps=10):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     from sae_shards.recipe.tasks import build_task
 
     task = build_task("letters", target_length=8)
-    config = GRPOConfig(output_dir=str(out_dir), max_steps=10, learning_rate=3e-4, seed=3,
+    config = GRPOConfig(output_dir=str(out_dir), max_steps=max_steps, learning_rate=3e-4, seed=3,
                         per_device_train_batch_size=8, num_generations=4,
                         max_completion_length=8, use_cpu=True, bf16=False, report_to="none",
                         save_strategy="steps", save_steps=5, logging_steps=1,
@@ -175,6 +176,10 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path):
     with pytest.raises(ValueError, match=r"sae.k: 4 in the run, 8 now"):  # other settings
         ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, sae={"k": 8},
                       resume=True)
+    longer = ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
+    with pytest.raises(ValueError, match=r"rl.max_steps: 10 in the run, 20 now"):  # the trainer's
+        _user_trainer(tiny_model, tmp_path / "trl_cut", [longer], max_steps=20).train(
+            resume_from_checkpoint=True)
     again = ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
     _user_trainer(tiny_model, tmp_path / "trl_cut", [again]).train(resume_from_checkpoint=True)
     assert again.summary["rl_steps"] == 10 and not again.summary["interrupted"]

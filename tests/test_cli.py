@@ -158,3 +158,48 @@ def test_hydra_flags_are_not_taken_for_overrides():
 
     assert _override_args(["--cfg", "job", "-m", "sae.k=1,2", "-cn", "config", "seed=1"]) == [
         "sae.k=1,2", "seed=1"]
+
+
+def test_resume_reuses_the_runs_overrides_and_keeps_their_plus(tmp_path, capsys):
+    from sae_shards.cli import with_saved_overrides
+
+    run = tmp_path / "r"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(
+        "- sae.k=8\n- +rl.extra.repetition_penalty=1.1\n- seed=3\n- run_dir=" + str(run) + "\n")
+    given = [f"run_dir={run}", "resume=true"]
+    assert with_saved_overrides(given) == [
+        "sae.k=8", "+rl.extra.repetition_penalty=1.1", "seed=3", *given]
+    assert "resuming with the run's own overrides" in capsys.readouterr().err
+    # a setting given again replaces the saved one (the job then refuses a changed value);
+    # a key the run added, given again without +, keeps being an addition
+    assert with_saved_overrides([*given, "seed=4", "rl.extra.repetition_penalty=1.1"]) == [
+        "sae.k=8", *given, "seed=4", "++rl.extra.repetition_penalty=1.1"]
+    # a deletion applies on top of the saved override (then refused as a changed setting)
+    assert with_saved_overrides([*given, "~rl.extra.repetition_penalty"]) == [
+        "sae.k=8", "+rl.extra.repetition_penalty=1.1", "seed=3", *given,
+        "~rl.extra.repetition_penalty"]
+    # no resume, a sweep, or a run without .hydra/: unchanged
+    for args in ([f"run_dir={run}"], ["-m", *given], [f"run_dir={tmp_path}", "resume=true"]):
+        assert with_saved_overrides(args) == args
+
+
+def test_printed_commands_parse_back_to_the_run_dir(tmp_path):
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sae_shards.cli import rerun_command, resume_command
+
+    parse = OverridesParser.create().parse_overrides
+    for run in (tmp_path / "plain", tmp_path / "sweep" / "rl.max_steps=20,sae.k=2"):
+        words = shlex.split(resume_command(run))
+        parsed = {o.key_or_group: o.value() for o in parse(words[2:])}
+        assert parsed == {"run_dir": str(run), "resume": True}, words
+    run = tmp_path / "sweep" / "sae.k=2"
+    assert rerun_command(run) is None  # its overrides are not known
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- sae.k=2\n- run_dir=" + str(run.parent) + "\n")
+    words = shlex.split(rerun_command(run))
+    parsed = {o.key_or_group: o.value() for o in parse(words[2:])}
+    assert parsed == {"sae.k": 2, "run_dir": str(run), "overwrite": True}, words

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,11 +94,10 @@ def test_wandb_failure_does_not_stop_logging_calls(tmp_path, caplog):
 
 
 def test_multirun_sweep(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "sae_shards.cli", "train", "-m", "sae.k=2,4", "rl.max_steps=4",
-         "runner.min_samples=2", "task.n_prompts=16", "logging=disabled",
-         f"run_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=300)
+    sweep = ["-m", "sae.k=2,4", "rl.max_steps=4", "runner.min_samples=2", "task.n_prompts=16",
+             "logging=disabled", f"run_dir={tmp_path}"]
+    proc = subprocess.run([sys.executable, "-m", "sae_shards.cli", "train", *sweep],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for k in (2, 4):
         (job_dir,) = tmp_path.glob(f"*sae.k={k}*")  # named after the job's overrides
@@ -105,6 +105,20 @@ def test_multirun_sweep(tmp_path):
         assert loaded.sae.cfg.k == k
         acts = load_file(job_dir / "activations.safetensors")
         assert acts["final.indices"].shape[1] == k
+    # the sweep again with resume=true: a finished job is skipped, untouched; a job that never
+    # started (here: its directory removed) is started; other threads name the same jobs
+    (done,) = tmp_path.glob("*sae.k=2*")
+    (missing,) = tmp_path.glob("*sae.k=4*")
+    shutil.rmtree(missing)
+    before = (done / "summary.json").read_text()
+    proc = subprocess.run([sys.executable, "-m", "sae_shards.cli", "train", *sweep, "resume=true",
+                           "runner.torch_threads=2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{done} finished (4 RL steps) earlier: skipped" in proc.stdout
+    assert (done / "summary.json").read_text() == before
+    assert load_checkpoint(missing / "checkpoints" / "final").sae.cfg.k == 4
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(
+        [done.name, missing.name])
 
 
 def test_lora_job_captures_effective_delta(tmp_path):

@@ -318,3 +318,30 @@ def test_config_differences_names_changed_settings_and_allows_the_free_ones():
     assert config_differences(saved, now) == [
         "rl.extra: {} in the run, {'beta': 0.1} now", "sae.k: 4 in the run, 8 now"]
     assert config_differences(saved, saved) == []
+
+
+def test_a_signal_stops_the_whole_sweep_and_resume_true_completes_it(uninterrupted, tmp_path):
+    """SIGTERM during a sweep's first job stops it with a checkpoint and starts no other job;
+    the same command with resume=true resumes that job (to the uninterrupted run's shards) and
+    starts the others."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "sae_shards.cli", "train", "-m", "sae.k=4,2",
+                             *ARGS, f"run_dir={sweep}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    # a job's directory is named after its overrides, run_dir and logging left out
+    job = lambda k: sweep / ",".join(sorted([*(a for a in ARGS if not a.startswith("logging")),  # noqa: E731
+                                             f"sae.k={k}"]))
+    first = job(4)
+    _wait_for(first / "trl" / "checkpoint-4" / "trainer_state.json", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert json.loads((first / "summary.json").read_text())["interrupted"] is True
+    assert not (job(2) / "rollouts.jsonl").exists()  # Hydra made its directory; nothing ran
+    assert "not started (the sweep was stopped)" in err, err[-3000:]
+    done = subprocess.run([sys.executable, "-m", "sae_shards.cli", "train", "-m", "sae.k=4,2",
+                           *ARGS, f"run_dir={sweep}", "resume=true"], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same_run(uninterrupted, first)
+    assert load_checkpoint(job(2) / "checkpoints" / "final").sae.cfg.k == 2

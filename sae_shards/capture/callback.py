@@ -197,6 +197,10 @@ class ShardCallback(TrainerCallback):
                      "run_dir": str(self.run_dir), "lora": self._is_lora(), **self.meta}
         if self.resume:
             _check_same_world(self.run_dir)
+            if not self.run_config and trainer is not None:  # a user's script: its trainer
+                rundir.check_resume_config(self.run_dir, self._config_json(model, trainer),
+                                           "Resume with the trainer settings the run started "
+                                           "with, or start a new run_dir.")
         self._rollout_log = rundir.JsonLines(self.run_dir / rundir.ROLLOUTS)
         self._metric_log = rundir.JsonLines(self.run_dir / rundir.METRICS)
         rundir.write_json(self.run_dir / rundir.CONFIG, self._config_json(model, trainer))

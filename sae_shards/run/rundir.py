@@ -119,7 +119,7 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
                 f"resume=true but the run in run_dir={run_dir} finished ({finished} RL steps, "
                 f"{SUMMARY}): there is nothing to resume. Analyze it (sae-shards analyze "
                 f"{run_dir}), or start it again with overwrite=true")
-        if not _has_content(run_dir / RESUME):
+        if not has_resume_state(run_dir):
             raise FileNotFoundError(
                 f"resume=true but run_dir={run_dir} holds no resumable run ({RESUME}/ is "
                 "missing or empty: " + ("it stopped before its first checkpoint); start it "
@@ -127,7 +127,7 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
                                         "no run was started there); start it without resume=true"))
         return run_dir
     if earlier and not overwrite:
-        resumable = finished is None and _has_content(run_dir / RESUME)
+        resumable = finished is None and has_resume_state(run_dir)
         raise FileExistsError(
             f"run_dir={run_dir} already holds a run ({', '.join(earlier)}); "
             + ("it was stopped before it finished: continue it with resume=true, " if resumable
@@ -142,6 +142,11 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
                 path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def has_resume_state(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds resumable checkpoints (``resume/`` is not empty)."""
+    return _has_content(run_dir / RESUME)
 
 
 def remove_derived(run_dir: Path) -> None:
