@@ -185,6 +185,9 @@ def with_saved_overrides(args: list[str]) -> list[str]:
         return args
     run_dir = (given["run_dir"].value() if "run_dir" in given
                else OmegaConf.load(CONFIG_DIR / "config.yaml").run_dir)
+    if not Path(str(run_dir)).is_dir():  # said before Hydra creates the directory for its log
+        raise ConfigError(f"resume=true but run_dir={run_dir} does not exist; give the directory "
+                          "of the run to continue, or start a new run without resume=true")
     saved = saved_overrides(run_dir)
     if saved is None:
         return args

@@ -179,6 +179,10 @@ def test_resume_reuses_the_runs_overrides_and_keeps_their_plus(tmp_path, capsys)
     assert with_saved_overrides([*given, "~rl.extra.repetition_penalty"]) == [
         "sae.k=8", "+rl.extra.repetition_penalty=1.1", "seed=3", *given,
         "~rl.extra.repetition_penalty"]
+    # a run_dir that does not exist: said at once (and not created by Hydra for its log)
+    assert main(["train", f"run_dir={tmp_path / 'nope'}", "resume=true"]) == 2
+    assert "resume=true but run_dir=" in capsys.readouterr().err
+    assert not (tmp_path / "nope").exists()
     # no resume, a sweep, or a run without .hydra/: unchanged
     for args in ([f"run_dir={run}"], ["-m", *given], [f"run_dir={tmp_path}", "resume=true"]):
         assert with_saved_overrides(args) == args

@@ -215,6 +215,8 @@ def test_setup_errors_are_reported_cleanly(tmp_path):
     run = tmp_path / "a_run"  # what a run directory holds at its top, for model.path={run}
     (run / "final_model").mkdir(parents=True)
     (run / "config.json").write_text("{}")
+    for i in range(len(SETUP_ERRORS)):  # empty run directories (resume=true needs one to exist)
+        (tmp_path / str(i)).mkdir()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "sae_shards.cli", "train", *override.format(run=run).split(),
          "logging=disabled",

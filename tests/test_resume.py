@@ -109,13 +109,15 @@ def test_sigterm_stops_with_a_usable_checkpoint_then_resumes(uninterrupted, tmp_
                            "--no-dose"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"reading checkpoint {step}" in done.stderr and (run / "report.html").is_file()
-    # started again without resume=true: refused, pointing at resume=true
-    err = _refused(run)
-    assert "continue it with resume=true" in err, err
-    # resumed with a changed setting: refused before anything is built, naming it
+    # started again without resume=true: refused, pointing at resume=true; resumed with a
+    # changed setting: refused before anything is built, naming it (both at once: each is a
+    # process start)
     rollouts = (run / "rollouts.jsonl").read_text()
-    err = _refused(run, "resume=true", "sae.k=8")
-    assert "sae.k: 4 in the run, 8 now" in err, err
+    again, changed = _train(run), _train(run, "resume=true", "sae.k=8")
+    for proc, want in ((again, "continue it with resume=true"),
+                       (changed, "sae.k: 4 in the run, 8 now")):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and want in err, err[-3000:]
     assert (run / "rollouts.jsonl").read_text() == rollouts
     assert (run / "report.html").is_file()  # a refused attempt removes nothing
     _finish(_train(run, "resume=true"))
