@@ -90,6 +90,11 @@ def check_overrides(args: list[str]) -> None:
         raise ConfigError(str(e)) from e
     for o in overrides:
         key = o.key_or_group
+        if key in groups and not o.is_delete() and isinstance(o.value(), str):
+            options = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
+            if o.value() not in options:
+                raise ConfigError(f"{key}={o.value()} is not one of the {key} configs: "
+                                  f"{', '.join(options)} (configs/{key}/)")
         if key.startswith("hydra.") or key == "hydra" or key in groups or o.is_delete():
             continue
         problem = unknown_key_error(key, JobConfig)

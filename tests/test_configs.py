@@ -105,3 +105,15 @@ def test_planted_experiment_is_body_only_mixed_per_event():
     window = job.capture.capacity // events_per_step
     assert window == job.rl.max_steps - 300 and job.runner.sae_start_step < job.rl.max_steps - window
     assert job.task.n_prompts // job.rl.prompts_per_step >= job.rl.max_steps  # never replayed
+
+
+def test_an_unknown_config_group_option_names_the_choices(capsys):
+    from sae_shards.cli import main
+
+    assert main(["train", "task=nosuch", "run_dir=unused"]) == 2
+    err = capsys.readouterr().err
+    assert ("sae-shards: config error: task=nosuch is not one of the task configs: letters, "
+            "multiskill, multiskill_null (configs/task/)") in err
+    assert main(["train", "experiment=nosuch", "run_dir=unused"]) == 2
+    assert "experiment=nosuch is not one of the experiment configs: planted" in \
+        capsys.readouterr().err
