@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported lazily at run time: `sae-shards --help` stays fast
     from sae_shards.run.config import JobConfig
@@ -125,17 +125,20 @@ _RUN_KEYS = ("run_dir", "resume", "overwrite")
 """Overrides that name the run rather than configure it: never carried over on resume."""
 
 
-def saved_overrides(run_dir: str | Path) -> list[str] | None:
-    """The overrides a run started with (``RUN_DIR/.hydra/overrides.yaml``), None when the run
-    has none (started from a script, or killed before its ``.hydra/`` was written)."""
+def saved_overrides(run_dir: str | Path) -> list[tuple[str, Any]] | None:
+    """The overrides a run started with (``RUN_DIR/.hydra/overrides.yaml``), each as its text
+    and Hydra's parse of it; None when the run has none (started from a script, or killed before
+    its ``.hydra/`` was written). An unreadable file is a ``ConfigError`` naming it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     path = Path(str(run_dir)) / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return None
     try:
-        return [str(x) for x in OmegaConf.to_container(OmegaConf.load(path))]
-    except Exception as e:  # YAML errors: say which file
+        texts = [str(x) for x in OmegaConf.to_container(OmegaConf.load(path))]
+        return list(zip(texts, OverridesParser.create().parse_overrides(texts)))
+    except Exception as e:  # YAML or override grammar errors: say which file
         raise ConfigError(f"{path}: cannot read the run's overrides ({e})") from e
 
 
@@ -159,16 +162,16 @@ def resume_command(run_dir: str | Path) -> str:
 
 def rerun_command(run_dir: str | Path) -> str | None:
     """The command that starts the run in ``run_dir`` again from scratch, with its own
-    overrides; None when they are not known."""
+    overrides; None when they are not known (or not readable)."""
     import shlex
 
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    saved = saved_overrides(run_dir)
+    try:
+        saved = saved_overrides(run_dir)
+    except ConfigError:
+        return None
     if saved is None:
         return None
-    parsed = OverridesParser.create().parse_overrides(saved)
-    own = [shlex.quote(t) for t, o in zip(saved, parsed) if o.key_or_group not in _RUN_KEYS]
+    own = [shlex.quote(t) for t, o in saved if o.key_or_group not in _RUN_KEYS]
     return " ".join(["sae-shards train", *own, _quoted_run_dir(run_dir), "overwrite=true"])
 
 
@@ -196,15 +199,10 @@ def with_saved_overrides(args: list[str]) -> list[str]:
     saved = saved_overrides(run_dir)
     if saved is None:
         return args
-    try:
-        parsed = parse(saved)
-    except Exception as e:  # the override grammar: say which file
-        raise ConfigError(f"{run_dir}/.hydra/overrides.yaml: cannot parse the run's overrides "
-                          f"({e})") from e
     replaced = {o.key_or_group for _, o in now if not o.is_delete()}  # ~key applies on top
-    keep = [text for text, o in zip(saved, parsed)
+    keep = [text for text, o in saved
             if o.key_or_group not in replaced and o.key_or_group not in _RUN_KEYS]
-    added = {o.key_or_group for o in parsed if o.is_add() or o.is_force_add()}
+    added = {o.key_or_group for _, o in saved if o.is_add() or o.is_force_add()}
     plain = {text for text, o in now
              if o.key_or_group in added and not (o.is_add() or o.is_force_add() or o.is_delete())}
     if keep:
@@ -290,6 +288,7 @@ def _train(args: list[str]) -> int:
         try:
             summary = run_job(job, run_dir, hydra_files=_hydra_files(cfg))
         except JobSetupError as e:
+            # the run directory's refusals advise overwrite=true: show what the run started as
             again = rerun_command(run_dir) if "overwrite=true" in str(e) else None
             failures.append(f"cannot start: {e}"
                             + (f" (it started as: {again})" if again else ""))
