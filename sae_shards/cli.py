@@ -1,7 +1,7 @@
 """The ``sae-shards`` command: ``train [hydra overrides]``, ``analyze RUN_DIR``, ``evaluate RUN_DIR``.
 
 Hydra composes ``configs/`` (next to this package in a source checkout, or ``--config-dir``),
-then the config becomes a validated :class:`~sae_shards.config.JobConfig` once, here. A bad value
+then the config becomes a validated :class:`~sae_shards.run.config.JobConfig` once, here. A bad value
 ends the command with ``sae-shards: config error: <field, value, fix>`` and exit code 2.
 """
 
@@ -38,10 +38,12 @@ USAGE = """usage: sae-shards <command> [args]
 
 commands:
   train [overrides] [-m]   run RL + delta capture + concurrent SAE (Hydra overrides, e.g. sae.k=8)
-  analyze RUN_DIR [--out FILE] [--shards N] [--no-dose]
-                           write an HTML report of a finished run (default RUN_DIR/report.html)
-  evaluate RUN_DIR         score the shards against sign-free task ground truth (multiskill runs
+  analyze RUN_DIR [--out FILE] [--shards N] [--no-dose] [--checkpoint NAME] [--threads N]
+                           write an HTML report of a run (default RUN_DIR/report.html)
+  evaluate RUN_DIR [--null-run DIR] [--no-steering] [...]
+                           score the shards against sign-free task ground truth (multiskill runs
                            with runner.save_samples=true runner.heldout_every=k): evaluation.json/.md
+                           (`sae-shards evaluate --help` lists every option)
 
 Examples:
   sae-shards train                              the built-in default (tiny model, CPU, minutes)

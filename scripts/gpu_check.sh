@@ -15,9 +15,9 @@
 # the pytest summary line and the benchmark table (what goes into docs/benchmarks.md). Without
 # --cpu-smoke it stops at once, non-zero, when no CUDA device is usable. It exits non-zero when a
 # test or the benchmark fails, after writing the file. Assumes a CUDA build of torch is
-# installed; installs the project (pip install -e ".[dev]") only when sae_shards or pytest
-# cannot be imported. Meant to finish in under 8 minutes on one H200-class GPU (not yet timed on
-# one): the benchmark is stopped after $BENCH_TIMEOUT seconds (default 420).
+# installed; installs the project (pip install -e ".[dev]") only when sae_shards, pytest or
+# pytest-xdist cannot be imported. Meant to finish in under 8 minutes on one H200-class GPU (not
+# yet timed on one): the benchmark is stopped after $BENCH_TIMEOUT seconds (default 420).
 #
 # Environment: PYTHON (default python), OUT, BENCH_TIMEOUT, PYTEST_ARGS (default "-m gpu tests/";
 # e.g. "-m gpu tests/test_gpu.py -k buffer" to rerun a part), BENCH_ARGS (extra arguments and
@@ -52,7 +52,7 @@ if [[ $SMOKE == 0 ]]; then
         "torch $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)') \
 sees no CUDA device (torch.cuda.is_available() is False): install a CUDA build of torch; $NO_GPU"
 fi
-"$PY" -c "import sae_shards, pytest" 2>/dev/null || "$PY" -m pip install -e ".[dev]"
+"$PY" -c "import sae_shards, pytest, xdist" 2>/dev/null || "$PY" -m pip install -e ".[dev]"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
@@ -74,7 +74,9 @@ fi
 # ---- 2. the tests marked gpu ---------------------------------------------------------------------
 echo "== $PY -m pytest -q ${PYTEST_ARGS[*]}"
 set +e
-"$PY" -m pytest -q -p no:cacheprovider "${PYTEST_ARGS[@]}" 2>&1 | tee "$WORK/pytest.log"
+# -n 0: one process (the suite's default is 2 xdist workers): the tests share the one GPU in turn
+# and the summary line counts the deselected tests
+"$PY" -m pytest -q -n 0 -p no:cacheprovider "${PYTEST_ARGS[@]}" 2>&1 | tee "$WORK/pytest.log"
 TESTS_RC=${PIPESTATUS[0]}
 set -e
 SUMMARY="$(grep -E '[0-9]+ (passed|failed|error|errors|skipped|xfailed|xpassed|deselected)' \

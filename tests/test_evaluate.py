@@ -3,8 +3,6 @@ worse than the trained one."""
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, read_safetensors,
                                         save_checkpoint)
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
+from sae_shards.cli import main as cli_main
 from sae_shards.planted.evaluate import evaluate_run
 
 from helpers import random_decoder_copy
@@ -75,19 +74,17 @@ def test_random_decoder_scores_lower(planted_run, tmp_path):
     assert cm["latents"]["mmcs_margin"] > cm_broken["latents"]["mmcs_margin"] + 0.03, cm
 
 
-def test_evaluate_cli_needs_saved_samples(short_run_dir):
-    proc = subprocess.run([sys.executable, "-m", "sae_shards.cli", "evaluate", str(short_run_dir)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "samples.safetensors: missing; run the job with runner.save_samples=true" in proc.stderr
+def test_evaluate_cli_needs_saved_samples(short_run_dir, capsys):
+    assert cli_main(["evaluate", str(short_run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "samples.safetensors: missing; run the job with runner.save_samples=true" in err
 
 
-def test_evaluate_cli_refuses_a_family_threshold_out_of_range(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "sae_shards.cli", "evaluate", str(tmp_path),
-                           "--family-threshold", "1.5"], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2
-    assert "--family-threshold must be in (0, 1], got 1.5" in proc.stderr
+def test_evaluate_cli_refuses_a_family_threshold_out_of_range(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:  # argparse's usage error
+        cli_main(["evaluate", str(tmp_path), "--family-threshold", "1.5"])
+    assert stop.value.code == 2
+    assert "--family-threshold must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
 def test_from_step_restricts_the_window(planted_run):

@@ -209,26 +209,42 @@ SETUP_ERRORS = [
 ]
 
 
-def test_setup_errors_are_reported_cleanly(tmp_path):
-    """Each case is a real `sae-shards train` process (run side by side: most of each is the
-    import); each must exit 2 with its message, no traceback, and nothing trained."""
+def _setup_error_case(tmp_path: Path, i: int) -> tuple[list[str], str, Path]:
+    """The ``sae-shards train`` arguments of ``SETUP_ERRORS[i]``, its message and its run_dir."""
     run = tmp_path / "a_run"  # what a run directory holds at its top, for model.path={run}
-    (run / "final_model").mkdir(parents=True)
+    (run / "final_model").mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text("{}")
-    for i in range(len(SETUP_ERRORS)):  # empty run directories (resume=true needs one to exist)
-        (tmp_path / str(i)).mkdir()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "sae_shards.cli", "train", *override.format(run=run).split(),
-         "logging=disabled",
-         f"run_dir={tmp_path / str(i)}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for i, (override, _) in enumerate(SETUP_ERRORS)]
-    for i, ((override, message), proc) in enumerate(zip(SETUP_ERRORS, procs)):
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 2, (override, err[-2000:])
-        assert "sae-shards: cannot start:" in err, (override, err[-2000:])
-        assert re.search(message, err), (override, err[-2000:])
-        assert "Traceback" not in err, (override, err[-2000:])
-        assert not (tmp_path / str(i) / "checkpoints").exists(), override
+    run_dir = tmp_path / str(i)  # an empty run directory (resume=true needs one to exist)
+    run_dir.mkdir()
+    override, message = SETUP_ERRORS[i]
+    return ["train", *override.format(run=run).split(), "logging=disabled",
+            f"run_dir={run_dir}"], message, run_dir
+
+
+def _assert_refused(rc: int, err: str, message: str, run_dir: Path) -> None:
+    assert rc == 2, err[-2000:]
+    assert "sae-shards: cannot start:" in err, err[-2000:]
+    assert re.search(message, err), err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_setup_error_ends_a_real_process_cleanly(tmp_path):
+    """A real `sae-shards train` process: exit 2 with its message, no traceback, nothing
+    trained (the other cases run in-process, below: most of a process is its imports)."""
+    args, message, run_dir = _setup_error_case(tmp_path, 2)
+    done = subprocess.run([sys.executable, "-m", "sae_shards.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+    _assert_refused(done.returncode, done.stderr, message, run_dir)
+
+
+@pytest.mark.parametrize("i", range(len(SETUP_ERRORS)), ids=[o for o, _ in SETUP_ERRORS])
+def test_setup_errors_are_reported_cleanly(tmp_path, capsys, i):
+    from sae_shards.cli import main
+
+    args, message, run_dir = _setup_error_case(tmp_path, i)
+    rc = main(args)
+    _assert_refused(rc, capsys.readouterr().err, message, run_dir)
 
 
 def test_a_run_that_failed_before_its_first_step_does_not_block_a_retry(tmp_path):

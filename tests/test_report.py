@@ -2,11 +2,10 @@
 
 import base64
 import json
-import subprocess
-import sys
 from html.parser import HTMLParser
 
 from sae_shards.analysis.report import SECTIONS, analyze
+from sae_shards.cli import main as cli_main
 from sae_shards.analysis.shards import RunView
 
 
@@ -60,11 +59,10 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
         assert "No families: every shard that fired" in html
 
 
-def test_analyze_cli_reports_a_bad_run_dir(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "sae_shards.cli", "analyze", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "cannot analyze" in proc.stderr and "no checkpoint (neither final/ nor step_XXXXXX/)" in proc.stderr
+def test_analyze_cli_reports_a_bad_run_dir(tmp_path, capsys):
+    assert cli_main(["analyze", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot analyze" in err and "no checkpoint (neither final/ nor step_XXXXXX/)" in err
 
 
 def test_families_table_lists_families_of_several_shards_largest_first():

@@ -121,7 +121,11 @@ def test_sigterm_stops_with_a_usable_checkpoint_then_resumes(uninterrupted, tmp_
     assert (run / "rollouts.jsonl").read_text() == rollouts
     assert (run / "report.html").is_file()  # a refused attempt removes nothing
     _finish(_train(run, "resume=true"))
-    assert json.loads((run / "summary.json").read_text())["interrupted"] is False
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["interrupted"] is False
+    # wall_s is the whole run's: the first process's time up to its checkpoint, then this one's
+    assert 0 < resumed["wall_s_resumed_from"] <= summary["wall_s"] + 1e-6
+    assert resumed["wall_s"] > resumed["wall_s_resumed_from"]
     assert not (run / "report.html").exists()  # it described the interrupted run
     _same_run(uninterrupted, run)
     # a finished run has nothing to resume: refused, and nothing of it changes

@@ -166,6 +166,7 @@ class ShardCallback(TrainerCallback):
         self._rewards: dict[int, float] = {}  # rl step -> mean reward of its rollouts
         self._fvu: list[float] = []
         self._t0 = math.nan
+        self._wall_before = 0.0  # training time of the processes this one resumed from
         self.stop_signal: int | None = None
         """Set by ``request_stop``: the run ends after the current step, checkpointed."""
         self._stopped = False  # the run is ending early at this step (decided at on_step_end)
@@ -256,13 +257,15 @@ class ShardCallback(TrainerCallback):
         self.parts.runner.wait_idle()
         self.parts.loop.flush_activations()
         self._flush_sae_records()
-        snap = resume_state.snapshot_step(step, self.parts, self.capture, self.meta)
+        snap = resume_state.snapshot_step(step, self.parts, self.capture, self.meta,
+                                          time.perf_counter() - self._t0)
         self._writer.submit(resume_state.write_step, self.run_dir, snap)
         self.last_checkpoint = resume_state.checkpoint_dir(self.run_dir, step)
 
     def _restore(self, step: int) -> None:
         """Continue from the checkpoint of RL step ``step``: SAE, buffer, logs, counters."""
-        resume_state.restore(self.run_dir, step, self.parts, self.capture)
+        self._wall_before = resume_state.restore(self.run_dir, step, self.parts, self.capture)
+        self._t0 -= self._wall_before  # wall_s: the whole run's, up to the checkpoint and after
         rundir.remove_derived(self.run_dir)
         for row in rundir.read_jsonl(self.run_dir / rundir.ROLLOUTS):
             scored = [r for r in row["rewards"] if r is not None]
@@ -455,6 +458,7 @@ class ShardCallback(TrainerCallback):
             "stop_signal": self.stop_signal if self._stopped else None,
             "final_checkpoint": str(final), "fvu_heldout": fvu_heldout,
             "heldout_samples": n_heldout, "wall_s": time.perf_counter() - self._t0,
+            "wall_s_resumed_from": self._wall_before,
             "world_size": distributed.world_size(),
             **self.sizes})
         rundir.write_json(self.run_dir / rundir.SUMMARY, summary)

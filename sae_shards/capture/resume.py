@@ -53,10 +53,11 @@ class StepSnapshot(NamedTuple):
 
 
 def snapshot_step(step: int, parts: Pipeline, capture: DeltaCapture | EventCapture,
-                  meta: dict[str, Any]) -> StepSnapshot:
+                  meta: dict[str, Any], wall_s: float = 0.0) -> StepSnapshot:
     """What ``write_step`` writes for RL step ``step``. The caller has made the runner idle
     (every pushed delta processed). The SAE and trainer tensors are copies (the SAE may train
-    on), the ring buffer's slots are views: write them before the buffer is written again."""
+    on), the ring buffer's slots are views: write them before the buffer is written again.
+    ``wall_s``: the run's training time so far (this process and those it resumed from)."""
     tensors, info = parts.buffer.state()
     tensors["loop.generator"] = parts.loop.generator.get_state()
     tensors.update(parts.loop.activations.tensors("online"))
@@ -64,7 +65,7 @@ def snapshot_step(step: int, parts: Pipeline, capture: DeltaCapture | EventCaptu
         tensors.update({f"precond.{k}": v
                         for k, v in capture.preconditioner.state_tensors().items()})
     info = {"step": step, "buffer": info, "capture": capture.counters(),
-            "last_rl_step": parts.loop.last_rl_step}
+            "last_rl_step": parts.loop.last_rl_step, "wall_s": wall_s}
     files = checkpoint_files(parts.sae, parts.trainer.stats.as_tensors(),
                              {**meta, "rl_step": step, "sae_step": parts.trainer.n_steps},
                              parts.trainer.state_tensors(), copy=True)
@@ -94,9 +95,9 @@ def write_step(run_dir: Path, snap: StepSnapshot) -> Path:
 
 
 def save_step(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture | EventCapture,
-              meta: dict[str, Any]) -> Path:
+              meta: dict[str, Any], wall_s: float = 0.0) -> Path:
     """``write_step(snapshot_step(...))``: the checkpoint of RL step ``step``, written now."""
-    return write_step(run_dir, snapshot_step(step, parts, capture, meta))
+    return write_step(run_dir, snapshot_step(step, parts, capture, meta, wall_s))
 
 
 def latest_complete(run_dir: Path) -> int | None:
@@ -121,9 +122,11 @@ def _parses(path: Path) -> bool:
 
 
 def restore(run_dir: Path, step: int, parts: Pipeline,
-            capture: DeltaCapture | EventCapture) -> None:
+            capture: DeltaCapture | EventCapture) -> float:
     """Load the state of RL step ``step`` into a freshly built pipeline and capture, and cut the
-    run's JSON-lines logs back to that step (raises ``CheckpointError`` naming what is missing)."""
+    run's JSON-lines logs back to that step (raises ``CheckpointError`` naming what is missing).
+    Returns the run's training time up to that checkpoint (``wall_s``; 0 for files written
+    before it was recorded)."""
     checkpoint = checkpoint_dir(run_dir, step)
     target = resume_file(run_dir, step)
     if not target.is_file() or not checkpoint.is_dir():
@@ -154,3 +157,4 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
     if (run_dir / rundir.EVENTS).is_file():
         rundir.truncate_jsonl(run_dir / rundir.EVENTS, lambda row: row["step"] <= step)
     rundir.truncate_jsonl(run_dir / rundir.METRICS, lambda row: row.get("rl_step", 0) <= step)
+    return float(info.get("wall_s", 0.0))
