@@ -76,3 +76,12 @@ def test_run_dirs_stay_loadable_when_moved(grad_run, tmp_path):
     w0, w1 = (dict(m.named_parameters())["model.layers.0.mlp.up_proj.weight"]
               for m in (models.initial, models.final))
     assert not torch.equal(w0, w1)  # the initial and the RL-trained policy
+
+
+def test_null_points_run_only_the_captures_with_an_auroc_to_control():
+    from scripts.planted_sweep import null_captures
+
+    both = ("body-event", "body-grad")
+    assert null_captures(both, "mixed") == ("body-event",)  # every mixed step holds every task
+    assert null_captures(both, "random") == both
+    assert null_captures(("body-grad",), "mixed") == ()
