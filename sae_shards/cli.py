@@ -1,8 +1,8 @@
 """The ``sae-shards`` command: ``train [hydra overrides]``, ``analyze RUN_DIR``, ``evaluate RUN_DIR``.
 
 Hydra composes ``configs/`` (next to this package in a source checkout, or ``--config-dir``),
-then the config becomes a validated :class:`~sae_shards.run.config.JobConfig` once, here. A bad value
-ends the command with ``sae-shards: config error: <field, value, fix>`` and exit code 2.
+then the config becomes a validated :class:`~sae_shards.run.config.JobConfig` once, here. A bad
+value ends the command with ``sae-shards: config error: <field, value, fix>`` and exit code 2.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ commands:
                            write an HTML report of a run (default RUN_DIR/report.html)
   evaluate RUN_DIR [--null-run DIR] [--no-steering] [...]
                            score the shards against sign-free task ground truth (multiskill runs
-                           with runner.save_samples=true runner.heldout_every=k): evaluation.json/.md
+                           with runner.save_samples=true runner.heldout_every=k):
+                           evaluation.json/.md
                            (`sae-shards evaluate --help` lists every option)
 
 Examples:

@@ -1,11 +1,12 @@
 """Checkpoints that a killed run resumes from: the SAE side of the run's state at one RL step.
 
-At RL step k ``save_step`` writes (in this order, each atomically; ``snapshot_step`` takes
-what they hold, and ``write_step`` writes it, e.g. on a ``BackgroundWriter``'s thread)::
+At RL step k the callback writes (in this order, each atomically; ``snapshot_step`` takes
+what they hold, and ``write_step`` writes it on a ``BackgroundWriter``'s thread)::
 
     run_dir/resume/step_00000k.safetensors   the ring buffer (samples, slot metadata, write
                                              position), the batch generator's state, the online
-                                             activation log, the capture's counters
+                                             activation log, the capture's counters, the
+                                             run's wall time so far
     run_dir/checkpoints/step_00000k/         the shards (sae.safetensors, config.json) and the
                                              SAE trainer's Adam state and latent statistics
 
@@ -53,7 +54,7 @@ class StepSnapshot(NamedTuple):
 
 
 def snapshot_step(step: int, parts: Pipeline, capture: DeltaCapture | EventCapture,
-                  meta: dict[str, Any], wall_s: float = 0.0) -> StepSnapshot:
+                  meta: dict[str, Any], wall_s: float) -> StepSnapshot:
     """What ``write_step`` writes for RL step ``step``. The caller has made the runner idle
     (every pushed delta processed). The SAE and trainer tensors are copies (the SAE may train
     on), the ring buffer's slots are views: write them before the buffer is written again.
@@ -92,12 +93,6 @@ def write_step(run_dir: Path, snap: StepSnapshot) -> Path:
     for old in rundir.saved_steps(run_dir / rundir.RESUME)[:-KEEP]:
         resume_file(run_dir, old).unlink(missing_ok=True)
     return checkpoint
-
-
-def save_step(run_dir: Path, step: int, parts: Pipeline, capture: DeltaCapture | EventCapture,
-              meta: dict[str, Any], wall_s: float = 0.0) -> Path:
-    """``write_step(snapshot_step(...))``: the checkpoint of RL step ``step``, written now."""
-    return write_step(run_dir, snapshot_step(step, parts, capture, meta, wall_s))
 
 
 def latest_complete(run_dir: Path) -> int | None:

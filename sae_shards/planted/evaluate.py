@@ -93,8 +93,8 @@ from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, F
 from sae_shards.analysis.shards import ShardSet, load_run_models
 from sae_shards.planted.causal import CausalSettings, causal_tests
 from sae_shards.planted.groundtruth import (abs_cosine, auroc, class_means, energy_shares,
-                                            flatten, label_sets, norm_features, presence, principal_direction,
-                                            rank_ceiling, separability,
+                                            flatten, label_sets, norm_features, presence,
+                                            principal_direction, rank_ceiling, separability,
                                             shuffled, supervised_reference,
                                             task_directions, task_directions_with_source,
                                             unflatten)
