@@ -214,6 +214,22 @@ def with_saved_overrides(args: list[str]) -> list[str]:
     return [*keep, *("++" + a if a in plain else a for a in args)]
 
 
+def resume_changes(args: list[str]) -> list[str]:
+    """The overrides ``resume=true`` is given beside the run's own (``run_dir``, ``resume`` and
+    ``overwrite`` left out): each may change a setting the run started with. Empty when not
+    resuming or in a multirun sweep."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if {"-m", "--multirun"} & set(args):
+        return []
+    texts = _override_args(args)
+    parsed = dict(zip(texts, OverridesParser.create().parse_overrides(texts)))
+    if not any(o.key_or_group == "resume" and o.value() in (True, "true", "True")
+               for o in parsed.values()):
+        return []
+    return [t for t, o in parsed.items() if o.key_or_group not in _RUN_KEYS]
+
+
 def _hydra_files(cfg) -> dict[str, str]:
     """What Hydra would write to ``.hydra/`` (written by the job once the run dir is accepted,
     so a refused run leaves the earlier run's files alone)."""
@@ -256,10 +272,15 @@ def _train(args: list[str]) -> int:
 
     try:
         check_overrides(args)
+        changes = resume_changes(args)
         args = with_saved_overrides(args)
     except ConfigError as e:
         print(f"sae-shards: config error: {e}", file=sys.stderr)
         return 2
+    # a resumed run's own overrides and the ones given now may not compose: say which were new
+    resume_hint = (f" (resume=true composed the run's own overrides with {' '.join(changes)}; "
+                   "a resumed run keeps the settings it started with: drop those, or start a "
+                   "new run_dir)") if changes else ""
     failures: list[str] = []
     interrupted: list[int] = []
 
@@ -268,7 +289,7 @@ def _train(args: list[str]) -> int:
         try:
             job = job_config_from_hydra(cfg)
         except ConfigError as e:
-            failures.append(f"config error: {e}")
+            failures.append(f"config error: {e}{resume_hint}")
             return
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)

@@ -188,6 +188,25 @@ def test_resume_reuses_the_runs_overrides_and_keeps_their_plus(tmp_path, capsys)
         assert with_saved_overrides(args) == args
 
 
+
+def test_resume_with_an_override_that_does_not_compose_names_it(tmp_path, capsys):
+    """A short run resumed with ``experiment=planted``: the composed config is invalid before
+    the changed-setting check can run; the error says which overrides were new."""
+    from sae_shards.cli import resume_changes
+
+    run = tmp_path / "r"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- rl.max_steps=6\n")
+    args = ["train", f"run_dir={run}", "resume=true", "experiment=planted"]
+    assert resume_changes(args[1:]) == ["experiment=planted"]
+    assert resume_changes([f"run_dir={run}", "experiment=planted"]) == []  # not resuming
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "sae-shards: config error: " in err and "Traceback" not in err
+    assert ("resume=true composed the run's own overrides with experiment=planted; a resumed "
+            "run keeps the settings it started with") in err
+    assert sorted(p.name for p in run.iterdir() if p.name != "cli.log") == [".hydra"]
+
 def test_printed_commands_parse_back_to_the_run_dir(tmp_path):
     import shlex
 

@@ -107,6 +107,24 @@ def test_planted_experiment_is_body_only_mixed_per_event():
     assert job.task.n_prompts // job.rl.prompts_per_step >= job.rl.max_steps  # never replayed
 
 
+
+def test_planted_captures_draw_each_sample_about_as_often():
+    """One run's captures hold the same window of RL steps; a per-step capture has 1 sample per
+    step against the per-event capture's ``groups``, so it takes 1/groups of the SAE steps (at
+    least one): ~the same draws per sample, not ``groups`` times as many."""
+    from sae_shards.planted.benchmark import capture_config, sae_steps
+
+    job = job_config_from_hydra(_compose(["experiment=planted"]))
+    groups = job.rl.prompts_per_step
+    assert groups == 8 and job.runner.sae_steps_per_rl_step == 6
+    event, step = capture_config(job, "body", "event"), capture_config(job, "body", "grad")
+    assert event.runner.sae_steps_per_rl_step == 6 and step.runner.sae_steps_per_rl_step == 1
+    draws = [c.runner.sae_steps_per_rl_step * c.sae.batch_size / c.capture.capacity
+             for c in (event, step)]  # per sample and RL step
+    assert draws[1] / draws[0] == pytest.approx(8 / 6)
+    assert (sae_steps(17, "group", "grad", 8), sae_steps(2, "step", "event", 8),
+            sae_steps(2, "step", "update", 8), sae_steps(5, "group", "event", 8)) == (3, 16, 2, 5)
+
 def test_an_unknown_config_group_option_names_the_choices(capsys):
     from sae_shards.cli import main
 

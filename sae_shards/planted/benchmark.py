@@ -11,9 +11,13 @@ name tokens. Kinds: a per-step capture source (``update``, ``grad``, ``precond``
 ``event`` (``capture.granularity=group``: one sample per prompt group, with the run's
 ``capture.precondition`` / ``normalize``). Every capture's ring buffer holds the same window of
 RL steps: ``capture.capacity`` read in the units of the run's ``capture.granularity`` (events or
-steps) and converted (a step holds ``batch x accumulation / num_generations`` groups). The readout has no per-event capture: TRL's
-fused LM head multiplies by ``lm_head.weight`` outside the module, and the final norm is a norm
-weight.
+steps) and converted (a step holds ``batch x accumulation / num_generations`` groups), and every
+capture's SAE draws each of its samples about as often: ``runner.sae_steps_per_rl_step`` is read
+in the same units and scaled by the capture's samples per RL step (``sae_steps``; at least 1), so
+a per-step SAE beside a per-event one is neither over- nor under-trained (it once took the same
+steps on 1/8 of the samples: 8x the passes, and half the sweep's SAE time). The readout has no
+per-event capture: TRL's fused LM head multiplies by ``lm_head.weight`` outside the module, and
+the final norm is a norm weight.
 """
 
 from __future__ import annotations
@@ -38,6 +42,19 @@ KINDS = (*SOURCES, "event")
 """What one capture samples: a per-step source, or ``event`` (per prompt group)."""
 
 
+def sae_steps(steps: int, granularity: str, kind: str, groups_per_step: int) -> int:
+    """SAE steps per RL step for a capture of ``kind`` when ``steps`` is meant for the run's
+    ``granularity``: the same draws per sample. A per-event capture has ``groups_per_step``
+    samples per RL step, a per-step capture one; rounded up, at least 1."""
+    per_step_run = granularity == "step"
+    per_step_capture = kind != "event"
+    if per_step_run == per_step_capture:
+        return steps
+    if per_step_capture:  # fewer samples than the steps were meant for
+        return max(1, -(-steps // groups_per_step))
+    return steps * groups_per_step
+
+
 def capture_config(cfg: JobConfig, group: str, kind: str) -> JobConfig:
     """The run's config for the capture ``<group>-<kind>`` (see the module docstring)."""
     if group not in GROUPS or kind not in KINDS:
@@ -57,7 +74,9 @@ def capture_config(cfg: JobConfig, group: str, kind: str) -> JobConfig:
         capture = dataclasses.replace(cfg.capture, granularity="step", source=kind,
                                       precondition="none", normalize="none",
                                       targets=list(GROUPS[group]), capacity=window)
-    return dataclasses.replace(cfg, capture=capture)
+    runner = dataclasses.replace(cfg.runner, sae_steps_per_rl_step=sae_steps(
+        cfg.runner.sae_steps_per_rl_step, cfg.capture.granularity, kind, groups_per_step))
+    return dataclasses.replace(cfg, capture=capture, runner=runner)
 
 
 @contextlib.contextmanager
@@ -85,12 +104,12 @@ def run_planted(cfg: JobConfig, run_dir: Path, sources=SOURCES, groups=tuple(GRO
     rl = build_rl(cfg, run_dir, resolve_device(cfg.device))
     model_path = str(Path(cfg.model.path).resolve() if cfg.model.path else
                      (run_dir / rundir.MODEL).resolve())
-    runner = dataclasses.replace(cfg.runner, checkpoint_every=0)
     out = {}
     for name in captures:
         group, _, kind = name.partition("-")
+        sub_cfg = capture_config(cfg, group, kind)
         sub_cfg = dataclasses.replace(
-            capture_config(cfg, group, kind), runner=runner,
+            sub_cfg, runner=dataclasses.replace(sub_cfg.runner, checkpoint_every=0),
             model=dataclasses.replace(cfg.model, path=model_path, readout_scale=1.0))  # built
         callback = shard_callback(sub_cfg, run_dir / name, save_model=False,
                                   meta={"group": group}, overwrite=cfg.overwrite)
