@@ -178,25 +178,35 @@ def rerun_command(run_dir: str | Path) -> str | None:
     return " ".join(["sae-shards train", *own, _quoted_run_dir(run_dir), "overwrite=true"])
 
 
+def _resuming(args: list[str]) -> tuple[list[tuple[str, Any]], Path] | None:
+    """``(the overrides given, each as its text and Hydra's parse; the run_dir)`` when ``args``
+    resume one run (the last ``resume=`` is true; not a multirun sweep), else None."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    if {"-m", "--multirun"} & set(args):
+        return None
+    parse = OverridesParser.create().parse_overrides
+    now = list(zip(_override_args(args), parse(_override_args(args))))
+    given = {o.key_or_group: o for _, o in now}  # the last of each key wins, as in Hydra
+    if "resume" not in given or given["resume"].value() not in (True, "true", "True"):
+        return None
+    run_dir = (given["run_dir"].value() if "run_dir" in given
+               else OmegaConf.load(CONFIG_DIR / "config.yaml").run_dir)
+    return now, Path(str(run_dir))
+
+
 def with_saved_overrides(args: list[str]) -> list[str]:
     """``resume=true`` continues a run with the settings it started with: the run's own
     overrides (``saved_overrides``) go before ``args``, except those ``args`` set again (the job
     then refuses any that changes a setting, naming it); a key the run added (``+key=...``)
     given again without ``+`` is passed as ``++key=...``. Other arguments, and multirun sweeps
     (each job's overrides are on the command line), are returned unchanged."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
-    if {"-m", "--multirun"} & set(args):
+    resuming = _resuming(args)
+    if resuming is None:
         return args
-    parse = OverridesParser.create().parse_overrides
-    now = list(zip(_override_args(args), parse(_override_args(args))))
-    given = {o.key_or_group: o for _, o in now}
-    if "resume" not in given or given["resume"].value() not in (True, "true", "True"):
-        return args
-    run_dir = (given["run_dir"].value() if "run_dir" in given
-               else OmegaConf.load(CONFIG_DIR / "config.yaml").run_dir)
-    if not Path(str(run_dir)).is_dir():  # said before Hydra creates the directory for its log
+    now, run_dir = resuming
+    if not run_dir.is_dir():  # said before Hydra creates the directory for its log
         raise ConfigError(f"resume=true but run_dir={run_dir} does not exist; give the directory "
                           "of the run to continue, or start a new run without resume=true")
     saved = saved_overrides(run_dir)
@@ -215,19 +225,21 @@ def with_saved_overrides(args: list[str]) -> list[str]:
 
 
 def resume_changes(args: list[str]) -> list[str]:
-    """The overrides ``resume=true`` is given beside the run's own (``run_dir``, ``resume`` and
-    ``overwrite`` left out): each may change a setting the run started with. Empty when not
-    resuming or in a multirun sweep."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    if {"-m", "--multirun"} & set(args):
+    """The overrides ``resume=true`` is given that are not among the run's own (``run_dir``,
+    ``resume``, ``overwrite`` and ``hydra.*`` left out): each may change a setting the run
+    started with. Empty when not resuming, in a multirun sweep, or when the run has no saved
+    overrides (nothing was composed with them)."""
+    resuming = _resuming(args)
+    if resuming is None or not resuming[1].is_dir():
         return []
-    texts = _override_args(args)
-    parsed = dict(zip(texts, OverridesParser.create().parse_overrides(texts)))
-    if not any(o.key_or_group == "resume" and o.value() in (True, "true", "True")
-               for o in parsed.values()):
+    now, run_dir = resuming
+    saved = saved_overrides(run_dir)
+    if saved is None:
         return []
-    return [t for t, o in parsed.items() if o.key_or_group not in _RUN_KEYS]
+    own = [(o.key_or_group, o.type, o.value()) for _, o in saved]
+    return [text for text, o in now
+            if o.key_or_group not in _RUN_KEYS and not o.key_or_group.startswith("hydra.")
+            and (o.key_or_group, o.type, o.value()) not in own]
 
 
 def _hydra_files(cfg) -> dict[str, str]:

@@ -188,7 +188,6 @@ def test_resume_reuses_the_runs_overrides_and_keeps_their_plus(tmp_path, capsys)
         assert with_saved_overrides(args) == args
 
 
-
 def test_resume_with_an_override_that_does_not_compose_names_it(tmp_path, capsys):
     """A short run resumed with ``experiment=planted``: the composed config is invalid before
     the changed-setting check can run; the error says which overrides were new."""
@@ -199,13 +198,22 @@ def test_resume_with_an_override_that_does_not_compose_names_it(tmp_path, capsys
     (run / ".hydra" / "overrides.yaml").write_text("- rl.max_steps=6\n")
     args = ["train", f"run_dir={run}", "resume=true", "experiment=planted"]
     assert resume_changes(args[1:]) == ["experiment=planted"]
+    # the run's own overrides given again, hydra.*, and the run keys are not changes
+    assert resume_changes([*args[1:], "rl.max_steps=6", "hydra.verbose=true", "overwrite=false"]
+                          ) == ["experiment=planted"]
     assert resume_changes([f"run_dir={run}", "experiment=planted"]) == []  # not resuming
+    assert resume_changes([*args[1:], "resume=false"]) == []  # the last resume= counts
+    assert resume_changes(["-m", *args[1:]]) == []  # a sweep: each job's own overrides
+    bare = tmp_path / "bare"  # no .hydra/overrides.yaml: nothing was composed with it
+    bare.mkdir()
+    assert resume_changes([f"run_dir={bare}", "resume=true", "experiment=planted"]) == []
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "sae-shards: config error: " in err and "Traceback" not in err
     assert ("resume=true composed the run's own overrides with experiment=planted; a resumed "
             "run keeps the settings it started with") in err
     assert sorted(p.name for p in run.iterdir() if p.name != "cli.log") == [".hydra"]
+
 
 def test_printed_commands_parse_back_to_the_run_dir(tmp_path):
     import shlex

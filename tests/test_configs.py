@@ -107,7 +107,6 @@ def test_planted_experiment_is_body_only_mixed_per_event():
     assert job.task.n_prompts // job.rl.prompts_per_step >= job.rl.max_steps  # never replayed
 
 
-
 def test_planted_captures_draw_each_sample_about_as_often():
     """One run's captures hold the same window of RL steps; a per-step capture has 1 sample per
     step against the per-event capture's ``groups``, so it takes 1/groups of the SAE steps (at
@@ -124,6 +123,7 @@ def test_planted_captures_draw_each_sample_about_as_often():
     assert draws[1] / draws[0] == pytest.approx(8 / 6)
     assert (sae_steps(17, "group", "grad", 8), sae_steps(2, "step", "event", 8),
             sae_steps(2, "step", "update", 8), sae_steps(5, "group", "event", 8)) == (3, 16, 2, 5)
+
 
 def test_an_unknown_config_group_option_names_the_choices(capsys):
     from sae_shards.cli import main

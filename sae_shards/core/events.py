@@ -15,6 +15,7 @@ Everything here is a pure function of tensors; shapes are named in the comments.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
@@ -101,21 +102,23 @@ class Truncated(NamedTuple):
 def truncate(L: Tensor, R: Tensor, rank: int) -> Truncated:
     """The best rank-``rank`` approximation of ``X = L^T R`` (``L [T, m]``, ``R [T, n]``), as factors
     padded with zero rows to exactly ``rank`` rows: ``L``'s rows carry the singular values
-    (``S_k U_k^T``), ``R``'s are the unit right singular vectors (``W_k^T``).
+    (``S_k U_k^T``, descending), ``R``'s are orthonormal right singular vectors (``W_k^T``).
 
-    Exact low-rank truncation, in float64, returned in ``L``'s dtype; the cheaper of two routes:
+    Computed in float64, returned in ``L``'s dtype, by the cheaper of two routes on CPU
+    (``scripts/bench_truncate.py``):
 
     - ``T < min(m, n)`` (few rows): ``X`` is never formed. QR of both factors' transposes
       (``L^T = Q_l C_l``, ``R^T = Q_r C_r``), SVD of the small core ``C_l C_r^T = U S W^T``, then
       ``X ~ (Q_l U_k S_k)(Q_r W_k)^T``; cost ``O(T^2 (m + n))`` (``_truncate_core``).
-    - ``T >= min(m, n)``: the core would be as large as ``X``, so ``X`` is formed (one GEMM) and
-      the eigenvectors of its smaller Gram matrix give the top singular vectors; cost
-      ``O(T m n + m n min(m, n))``, 2-5x less than two QRs and an SVD there
-      (``_truncate_dense``; ``scripts/bench_truncate.py``).
+    - ``T >= min(m, n)``: the core would be as large as ``X``, so ``X`` is formed (one GEMM), the
+      top eigenvectors of its smaller Gram matrix span the kept subspace, and an SVD of ``X``'s
+      ``k``-column projection onto them gives the factors; cost ``O(T m n + m n min(m, n))``,
+      2-5x less than two QRs and an SVD there (``_truncate_dense``).
 
     With ``T <= rank`` the factors are only zero-padded (nothing is lost, no rounding); with
     ``min(m, n) <= rank`` the matrix itself is kept (``_exact_small``, exact up to fp32 rounding
-    of one GEMM).
+    of one GEMM). Non-finite factors give NaN rows and ``kept`` NaN, not an error: the capture
+    counts and skips such an event (``n_nonfinite``).
     """
     T, m = L.shape
     n = R.shape[1]
@@ -127,6 +130,9 @@ def truncate(L: Tensor, R: Tensor, rank: int) -> Truncated:
         return Truncated(torch.cat([L, pad_l]), torch.cat([R, pad_r]), 1.0)
     if min(m, n) <= rank:  # X has rank <= min(m, n): exact as X itself beside an identity
         return _exact_small(L, R, rank)
+    if not (bool(torch.isfinite(L).all()) and bool(torch.isfinite(R).all())):
+        return Truncated(L.new_full((rank, m), math.nan), R.new_full((rank, n), math.nan),
+                         math.nan)
     Lk, Rk, kept = (_truncate_dense if T >= min(m, n) else _truncate_core)(
         L.double(), R.double(), rank)
     k = Lk.shape[0]
@@ -151,25 +157,23 @@ def _truncate_core(L: Tensor, R: Tensor, rank: int) -> tuple[Tensor, Tensor, flo
 
 def _truncate_dense(L: Tensor, R: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     """``truncate``'s route for many rows (float64 ``L [T, m]``, ``R [T, n]``, ``rank <
-    min(m, n)``): the same ``(S_k U_k^T, W_k^T, kept)`` from the top eigenvectors of the smaller
-    of ``X X^T`` and ``X^T X``. The kept part is the projection of ``X`` onto them, so it is exact
-    whatever the eigenvectors' rounding; directions with no energy get zero rows."""
+    min(m, n)``): the same ``(S_k U_k^T, W_k^T, kept)``. The top ``rank`` eigenvectors of the
+    smaller of ``X X^T`` and ``X^T X`` span the kept subspace (to fp64 rounding of the Gram,
+    whose condition is squared); ``X`` projected onto them is a ``k``-column matrix whose SVD
+    gives singular values in order and orthonormal ``R`` rows, at ``O(k^2 max(m, n))``."""
     X = L.T @ R  # [m, n]
     total = float(X.pow(2).sum())
     if total == 0:
         return X.new_zeros(0, X.shape[0]), X.new_zeros(0, X.shape[1]), 1.0
-    if X.shape[1] <= X.shape[0]:  # right singular vectors W from X^T X [n, n]
-        W = torch.linalg.eigh(X.T @ X).eigenvectors[:, -rank:].flip(-1)  # [n, k], descending
-        Lk, Rk = (X @ W).T, W.T  # [k, m], [k, n]
-        s = Lk.norm(dim=1)  # [k]
-    else:  # left singular vectors U from X X^T [m, m]; R = U^T X scaled to unit rows
-        U = torch.linalg.eigh(X @ X.T).eigenvectors[:, -rank:].flip(-1)  # [m, k]
-        P = U.T @ X  # [k, n] = S_k W_k^T
-        s = P.norm(dim=1)  # [k]
-        live = s > s[0] * 1e-12
-        Rk = torch.where(live[:, None], P / s.clamp_min(1e-300)[:, None], 0.0)
-        Lk = torch.where(live[:, None], U.T * s[:, None], 0.0)
-    return Lk, Rk, min(1.0, float(s.pow(2).sum()) / total)
+    if X.shape[1] <= X.shape[0]:  # right subspace W [n, k] from X^T X [n, n]
+        W = torch.linalg.eigh(X.T @ X).eigenvectors[:, -rank:]
+        Up, S, Vh = torch.linalg.svd(X @ W, full_matrices=False)  # [m, k], [k], [k, k]
+        Lk, Rk = (Up * S).T, Vh @ W.T  # X ~ Up S (W Vh^T)^T
+    else:  # left subspace U [m, k] from X X^T [m, m]
+        U = torch.linalg.eigh(X @ X.T).eigenvectors[:, -rank:]
+        Up, S, Rk = torch.linalg.svd(U.T @ X, full_matrices=False)  # [k, k], [k], [k, n]
+        Lk = (U @ (Up * S)).T  # X ~ (U Up) S Rk
+    return Lk, Rk, min(1.0, float(S.pow(2).sum()) / total)
 
 
 def check_event_batch(batch: Mapping[str, Tensor], targets: Sequence[TargetSpec]) -> int:
@@ -204,7 +208,7 @@ def check_event_batch(batch: Mapping[str, Tensor], targets: Sequence[TargetSpec]
 
 def _exact_small(L: Tensor, R: Tensor, rank: int) -> Truncated:
     """``X = L^T R`` when ``min(m, n) <= rank``: ``(I_m, X)`` or ``(X^T, I_n)``, zero-padded to
-    ``rank`` rows; costs ``T m n`` (one GEMM), far less than the QR and SVD of ``truncate``."""
+    ``rank`` rows; costs ``T m n`` (one GEMM), far less than either route of ``truncate``."""
     m, n = L.shape[1], R.shape[1]
     X = L.T @ R  # [m, n]
     if m <= n:

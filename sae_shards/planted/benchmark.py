@@ -12,7 +12,8 @@ name tokens. Kinds: a per-step capture source (``update``, ``grad``, ``precond``
 ``capture.precondition`` / ``normalize``). Every capture's ring buffer holds the same window of
 RL steps: ``capture.capacity`` read in the units of the run's ``capture.granularity`` (events or
 steps) and converted (a step holds ``batch x accumulation / num_generations`` groups), and every
-capture's SAE draws each of its samples about as often: ``runner.sae_steps_per_rl_step`` is read
+capture's SAE draws each of its samples about as often (with a fixed step count; a
+``runner.sae_budget`` sets steps by time instead): ``runner.sae_steps_per_rl_step`` is read
 in the same units and scaled by the capture's samples per RL step (``sae_steps``; at least 1), so
 a per-step SAE beside a per-event one is neither over- nor under-trained (it once took the same
 steps on 1/8 of the samples: 8x the passes, and half the sweep's SAE time). The readout has no
@@ -59,6 +60,9 @@ def capture_config(cfg: JobConfig, group: str, kind: str) -> JobConfig:
     """The run's config for the capture ``<group>-<kind>`` (see the module docstring)."""
     if group not in GROUPS or kind not in KINDS:
         raise ValueError(f"unknown capture {group}-{kind}: groups {list(GROUPS)}, kinds {KINDS}")
+    if cfg.capture.granularity not in ("step", "group"):
+        raise ValueError(f"capture.granularity={cfg.capture.granularity}: the planted benchmark "
+                         "compares per-step samples with per-prompt-group events (step or group)")
     if kind == "event" and group == "readout":
         raise ValueError("readout-event: per-event capture cannot split the readout's gradient "
                          "(TRL's fused LM head bypasses the lm_head module); use a step source")
