@@ -196,50 +196,50 @@ def _resuming(args: list[str]) -> tuple[list[tuple[str, Any]], Path] | None:
     return now, Path(str(run_dir))
 
 
-def with_saved_overrides(args: list[str]) -> list[str]:
-    """``resume=true`` continues a run with the settings it started with: the run's own
-    overrides (``saved_overrides``) go before ``args``, except those ``args`` set again (the job
-    then refuses any that changes a setting, naming it); a key the run added (``+key=...``)
-    given again without ``+`` is passed as ``++key=...``. Other arguments, and multirun sweeps
-    (each job's overrides are on the command line), are returned unchanged."""
+def resume_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """``(with_saved_overrides(args), resume_changes(args))`` from one read of the run's
+    ``.hydra/overrides.yaml`` (``sae-shards train`` needs both)."""
     resuming = _resuming(args)
     if resuming is None:
-        return args
+        return args, []
     now, run_dir = resuming
     if not run_dir.is_dir():  # said before Hydra creates the directory for its log
         raise ConfigError(f"resume=true but run_dir={run_dir} does not exist; give the directory "
                           "of the run to continue, or start a new run without resume=true")
     saved = saved_overrides(run_dir)
     if saved is None:
-        return args
+        return args, []
     replaced = {o.key_or_group for _, o in now if not o.is_delete()}  # ~key applies on top
     keep = [text for text, o in saved
             if o.key_or_group not in replaced and o.key_or_group not in _RUN_KEYS]
     added = {o.key_or_group for _, o in saved if o.is_add() or o.is_force_add()}
     plain = {text for text, o in now
              if o.key_or_group in added and not (o.is_add() or o.is_force_add() or o.is_delete())}
+    own = [(o.key_or_group, o.type, o.value()) for _, o in saved]
+    changes = [text for text, o in now
+               if o.key_or_group not in _RUN_KEYS and not o.key_or_group.startswith("hydra.")
+               and (o.key_or_group, o.type, o.value()) not in own]
     if keep:
         print(f"sae-shards: resuming with the run's own overrides ({run_dir}/.hydra/"
               f"overrides.yaml): {' '.join(keep)}", file=sys.stderr)
-    return [*keep, *("++" + a if a in plain else a for a in args)]
+    return [*keep, *("++" + a if a in plain else a for a in args)], changes
+
+
+def with_saved_overrides(args: list[str]) -> list[str]:
+    """``resume=true`` continues a run with the settings it started with: the run's own
+    overrides (``saved_overrides``) go before ``args``, except those ``args`` set again (the job
+    then refuses any that changes a setting, naming it); a key the run added (``+key=...``)
+    given again without ``+`` is passed as ``++key=...``. Other arguments, and multirun sweeps
+    (each job's overrides are on the command line), are returned unchanged."""
+    return resume_args(args)[0]
 
 
 def resume_changes(args: list[str]) -> list[str]:
     """The overrides ``resume=true`` is given that are not among the run's own (``run_dir``,
     ``resume``, ``overwrite`` and ``hydra.*`` left out): each may change a setting the run
     started with. Empty when not resuming, in a multirun sweep, or when the run has no saved
-    overrides (nothing was composed with them)."""
-    resuming = _resuming(args)
-    if resuming is None or not resuming[1].is_dir():
-        return []
-    now, run_dir = resuming
-    saved = saved_overrides(run_dir)
-    if saved is None:
-        return []
-    own = [(o.key_or_group, o.type, o.value()) for _, o in saved]
-    return [text for text, o in now
-            if o.key_or_group not in _RUN_KEYS and not o.key_or_group.startswith("hydra.")
-            and (o.key_or_group, o.type, o.value()) not in own]
+    overrides (nothing was composed with them); a missing run_dir is a ``ConfigError``."""
+    return resume_args(args)[1]
 
 
 def _hydra_files(cfg) -> dict[str, str]:
@@ -284,8 +284,7 @@ def _train(args: list[str]) -> int:
 
     try:
         check_overrides(args)
-        changes = resume_changes(args)
-        args = with_saved_overrides(args)
+        args, changes = resume_args(args)
     except ConfigError as e:
         print(f"sae-shards: config error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """Hydra configs: every shipped YAML composes and validates; bad values name field and fix."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -121,6 +122,9 @@ def test_planted_captures_draw_each_sample_about_as_often():
     draws = [c.runner.sae_steps_per_rl_step * c.sae.batch_size / c.capture.capacity
              for c in (event, step)]  # per sample and RL step
     assert draws[1] / draws[0] == pytest.approx(8 / 6)
+    with pytest.raises(ValueError, match="capture.granularity=completion: the planted benchmark"):
+        capture_config(dataclasses.replace(job, capture=dataclasses.replace(
+            job.capture, granularity="completion")), "body", "grad")
     assert (sae_steps(17, "group", "grad", 8), sae_steps(2, "step", "event", 8),
             sae_steps(2, "step", "update", 8), sae_steps(5, "group", "event", 8)) == (3, 16, 2, 5)
 

@@ -130,7 +130,7 @@ def truncate(L: Tensor, R: Tensor, rank: int) -> Truncated:
         return Truncated(torch.cat([L, pad_l]), torch.cat([R, pad_r]), 1.0)
     if min(m, n) <= rank:  # X has rank <= min(m, n): exact as X itself beside an identity
         return _exact_small(L, R, rank)
-    if not (bool(torch.isfinite(L).all()) and bool(torch.isfinite(R).all())):
+    if not bool(torch.isfinite(L).all() & torch.isfinite(R).all()):  # one host sync
         return Truncated(L.new_full((rank, m), math.nan), R.new_full((rank, n), math.nan),
                          math.nan)
     Lk, Rk, kept = (_truncate_dense if T >= min(m, n) else _truncate_core)(
