@@ -191,3 +191,37 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path):
             == (tmp_path / "cut" / "rollouts.jsonl").read_text())
     with pytest.raises(FileExistsError, match="finished .*nothing to resume"):  # it is done
         ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
+
+
+def _plain_trainer(tiny_model, out_dir, callback):
+    """A transformers ``Trainer`` (supervised, not TRL): it keeps no completion log."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    ids = tok(["abcabc" * 4] * 16)["input_ids"]
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = TrainingArguments(output_dir=str(out_dir), max_steps=4, per_device_train_batch_size=4,
+                             learning_rate=1e-3, use_cpu=True, report_to="none",
+                             save_strategy="no", disable_tqdm=True, logging_steps=1)
+    return Trainer(model=AutoModelForCausalLM.from_pretrained(str(tiny_model)), args=args,
+                   train_dataset=data, callbacks=[callback])
+
+
+def test_trainer_without_completion_log_needs_record_rollouts_false(tiny_model, tmp_path):
+    """A trainer that is not TRL's GRPO/RLOO is refused at the start, naming the argument that
+    captures without rollouts; with it, every step's update is captured and analysable."""
+    refused = _plain_trainer(tiny_model, tmp_path / "trl_a",
+                             ShardCallback(run_dir=tmp_path / "a", runner={"min_samples": 2}))
+    with pytest.raises(ValueError, match=r"Trainer keeps no TRL completion log.*"
+                                         r"ShardCallback\(\.\.\., record_rollouts=False\)"):
+        refused.train()
+
+    callback = ShardCallback(run_dir=tmp_path / "b", runner={"min_samples": 2},
+                             record_rollouts=False, save_model=False)
+    _plain_trainer(tiny_model, tmp_path / "trl_b", callback).train()
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["rl_steps"] == 4 and summary["captured"] == 4
+    assert summary["sae_steps"] == (4 - 2 + 1) * 4  # min_samples 2, 4 SAE steps per RL step
+    assert not (tmp_path / "b" / "rollouts.jsonl").read_text().strip()  # no rollouts recorded
+    assert len(ShardSet.from_run(tmp_path / "b")) == 64

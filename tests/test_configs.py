@@ -8,6 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sae_shards.cli import CONFIG_DIR, ConfigError, job_config_from_hydra
+from sae_shards.core.sae_config import SAEConfig
 from sae_shards.run.config import JobConfig
 
 # Options that need a value from the user to compose.
@@ -139,3 +140,38 @@ def test_an_unknown_config_group_option_names_the_choices(capsys):
     assert main(["train", "experiment=nosuch", "run_dir=unused"]) == 2
     assert "experiment=nosuch is not one of the experiment configs: planted" in \
         capsys.readouterr().err
+
+
+def test_usage_holds_the_generated_configuration_reference():
+    """docs/usage.md's reference is exactly what the dataclasses say: every field, its default and
+    its docstring (regenerate with ``python -m scripts.config_reference --write``)."""
+    from scripts import config_reference
+
+    reference = config_reference.render()
+    text = config_reference.USAGE.read_text()
+    assert config_reference.spliced(text, reference) == text, (
+        "docs/usage.md's configuration reference is stale: run "
+        "`python -m scripts.config_reference --write`")
+    for f in dataclasses.fields(SAEConfig):  # the tables are not empty
+        assert f"| `{f.name}` |" in reference
+    assert "| `heldout_every` | `0` |" in reference
+    assert "| `granularity` | `\"step\"` |" in reference
+
+
+def test_an_undocumented_field_is_refused_by_the_reference():
+    from scripts import config_reference
+
+    @dataclasses.dataclass
+    class Sample:
+        documented: int = 1
+        """Has one."""
+        bare: int = 2
+
+    assert config_reference.field_docs(Sample) == {"documented": "Has one."}
+    sections = config_reference.SECTIONS
+    try:
+        config_reference.SECTIONS = (("sample", Sample, ()),)
+        with pytest.raises(ValueError, match=r"Sample.bare has no docstring"):
+            config_reference.render()
+    finally:
+        config_reference.SECTIONS = sections

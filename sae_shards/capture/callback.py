@@ -102,6 +102,8 @@ class ShardCallback(TrainerCallback):
     logs to (``report_to="wandb"``), if there is one. ``label_column``: the column of TRL's
     completion log (added by reward functions with ``log_extra``) holding each completion's
     context label, e.g. its task; used for ``rollouts.jsonl`` and the samples' metadata.
+    ``record_rollouts``: read the trainer's completion log into ``rollouts.jsonl`` (False for a
+    trainer that keeps none: samples then carry no reward or labels).
     ``save_model``: save the final policy (and tokenizer) to ``run_dir/final_model`` for the
     report's interventions. ``overwrite``: replace an earlier run in ``run_dir`` (otherwise
     refused); ``resume``: continue it (see the module docstring). ``run_config``: the job's whole config dict for ``config.json`` (``sae-shards
@@ -124,6 +126,7 @@ class ShardCallback(TrainerCallback):
         capture: CaptureConfig | Mapping[str, Any] | None = None,
         runner: RunnerConfig | Mapping[str, Any] | None = None,
         label_column: str | None = "task",
+        record_rollouts: bool = True,
         save_model: bool = True,
         seed: int = 0,
         overwrite: bool = False,
@@ -151,6 +154,7 @@ class ShardCallback(TrainerCallback):
         self.resume = resume
         self.log_to_wandb = log_to_wandb
         self.label_column = label_column
+        self.record_rollouts = bool(record_rollouts)
         self.save_model = save_model
         self.seed = seed
         self.run_config = dict(run_config or {})
@@ -193,7 +197,8 @@ class ShardCallback(TrainerCallback):
                 on_push=self.parts.runner.on_push,
                 room=self.parts.loop.room(self.runner_cfg.concurrency == "thread"))
             self._event_log = rundir.JsonLines(self.run_dir / rundir.EVENTS)
-        self.rollouts = TRLRollouts(trainer, self.label_column) if trainer is not None else None
+        self.rollouts = (TRLRollouts(trainer, self.label_column)
+                         if trainer is not None and self.record_rollouts else None)
         self.meta = {"source": self.capture_cfg.source, "model_id": _model_id(model),
                      "run_dir": str(self.run_dir), "lora": self._is_lora(), **self.meta}
         if self.resume:

@@ -246,9 +246,10 @@ class EventPreconditioner:
         if not kfac_damping > 0:
             raise ValueError(f"capture.kfac_damping={kfac_damping} must be > 0")
         if not 0 <= kfac_ema < 1:
-            raise ValueError(f"capture.kfac_ema={kfac_ema} must be in [0, 1)")
+            raise ValueError(f"EventPreconditioner: kfac_ema={kfac_ema} must be in [0, 1)")
         if kfac_update_every < 1:
-            raise ValueError(f"capture.kfac_update_every={kfac_update_every} must be >= 1")
+            raise ValueError(f"EventPreconditioner: kfac_update_every={kfac_update_every} "
+                             "must be >= 1")
         self.damping = float(kfac_damping)
         self.ema = float(kfac_ema)
         self.update_every = int(kfac_update_every)

@@ -57,7 +57,7 @@ class TRLRollouts:
             raise ValueError(
                 f"{type(trainer).__name__} keeps no TRL completion log (trainer._logs with "
                 f"{list(needed)}); rollouts can be read from trl.GRPOTrainer and trl.RLOOTrainer "
-                "(TRL 1.x); pass record_rollouts=False to capture without them")
+                "(TRL 1.x); pass ShardCallback(..., record_rollouts=False) to capture without them")
         self.trainer = trainer
         self.label_column = label_column
 

@@ -216,12 +216,13 @@ def build_tiny_model(
             return out_dir
         raise ValueError(
             f"{out_dir} holds a tiny model built with {found}, not the requested {settings}; "
-            "delete that directory or choose another model.out_dir"
+            "delete that directory or build into another out_dir (sae-shards train: another "
+            "run_dir)"
         )
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(
             f"{out_dir} is not empty and holds no {BUILD_SETTINGS_FILE}; refusing to overwrite it. "
-            "Choose an empty or new model.out_dir"
+            "Choose an empty or new out_dir (sae-shards train: another run_dir)"
         )
 
     model, tokenizer = tiny_model_and_tokenizer(

@@ -5,8 +5,8 @@ vowels ``aeiou``). Its reward is graded: the number of target characters in the 
 fixed ``target_length``, capped at 1. Dividing by a fixed length, not by the completion's own
 length, means a short completion ("a<eos>") cannot score high, so the policy has to fill the whole
 budget with target characters. A random tiny model over the ~80-token character vocabulary starts
-near ``len(target_chars) / vocab`` (~0.06) and climbs steadily from there (rl.DEFAULT_GRPO records
-what was measured).
+near ``len(target_chars) / vocab`` (~0.06) and climbs steadily from there
+(``trainers.DEFAULT_GRPO`` records what was measured).
 
 The planted-shard task ``multiskill`` (``MultiSkillTask``) tags each prompt with one of several
 tasks (``<A>``, ``<B>``, ...), each rewarding a different character class, and orders its dataset
@@ -365,7 +365,7 @@ class MultiSkillTask:
         """The training schedule: ``n_prompts // prompts_per_step`` steps of ``prompts_per_step``
         prompts each, labelled by ``step_mixes`` (one task per step, or a mix), in step order.
 
-        GRPO must read it unshuffled (``rl.build_grpo_trainer`` sees to that for ``scheduled``
+        GRPO must read it unshuffled (``trainers.build_trainer`` sees to that for ``scheduled``
         tasks); a run longer than the schedule replays it from the start.
         """
         if prompts_per_step < 1:

@@ -365,7 +365,8 @@ class JobConfig:
     run_dir: str = "runs/default"
     """Where everything of the run goes (fixed and explicit; multirun jobs get subdirectories)."""
     seed: int = 0
-    """Seed of RL, the SAE and sampling."""
+    """Seed of RL (TRL, the tiny model's build, the prompts) and of the SAE's batch sampling; the
+    SAE's initialisation is ``sae.seed``."""
     device: str = "auto"
     """auto (cuda when available), cpu, or cuda[:i]: where RL, the buffer and the SAE live."""
     overwrite: bool = False
