@@ -8,6 +8,7 @@ value ends the command with ``sae-shards: config error: <field, value, fix>`` an
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -270,7 +271,16 @@ def _closing_lines(summary: dict, run_dir: Path) -> list[str]:
                    if not p.name.startswith("."))
     lines += [f"  run directory {run_dir}: {', '.join(files)}",
               f"  next: sae-shards analyze {run_dir}"]
+    if "samples.safetensors" in files and _task_name(run_dir) not in (None, "letters"):
+        lines[-1] += f"  |  sae-shards evaluate {run_dir} (shards against the tasks)"
     return lines
+
+
+def _task_name(run_dir: Path) -> str | None:
+    try:
+        return (json.loads((run_dir / "config.json").read_text()).get("task") or {}).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _train(args: list[str]) -> int:

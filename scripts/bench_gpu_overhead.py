@@ -363,8 +363,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         cfg = job_config(model_dir, device, args, steps)
         print(f"model built in {time.perf_counter() - t0:.0f} s", flush=True)
         if warmup:
-            run_mode(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, max_steps=warmup)),
-                     "rl", tmp / "warmup", device, args.budget)
+            short = dataclasses.replace(  # RL alone: no SAE, so no samples needed
+                cfg, rl=dataclasses.replace(cfg.rl, max_steps=warmup),
+                runner=dataclasses.replace(cfg.runner, min_samples=1))
+            run_mode(short, "rl", tmp / "warmup", device, args.budget)
         rows = []
         for mode in modes:
             gc.collect()

@@ -225,3 +225,59 @@ def test_trainer_without_completion_log_needs_record_rollouts_false(tiny_model, 
     assert summary["sae_steps"] == (4 - 2 + 1) * 4  # min_samples 2, 4 SAE steps per RL step
     assert not (tmp_path / "b" / "rollouts.jsonl").read_text().strip()  # no rollouts recorded
     assert len(ShardSet.from_run(tmp_path / "b")) == 64
+
+
+def _vowel_reward(prompts, completions, **kwargs):
+    """A user's reward that gets the dataset's ``task`` column but never logs it."""
+    return [sum(c in "aeiou" for c in text) / 8 for text in completions]
+
+
+def test_policy_not_from_a_local_directory_keeps_its_initial_weights(tiny_model, tmp_path,
+                                                                     caplog):
+    """A policy given as a model object (built in the script, or from a Hub id) has no directory
+    to reload theta_0 from: the callback saves it to run_dir/model before the first step, so the
+    report's logit lens works; config.json never records a name as a path. A dataset label
+    column that no reward function logs is warned about once."""
+    import logging
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from sae_shards.recipe.tasks import build_task
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    model.config._name_or_path = "some-org/some-model"  # as a Hub id would read
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    task = build_task("letters", target_length=8)
+    config = GRPOConfig(output_dir=str(tmp_path / "trl"), max_steps=4, learning_rate=3e-4,
+                        per_device_train_batch_size=8, num_generations=4,
+                        max_completion_length=8, use_cpu=True, bf16=False, report_to="none",
+                        save_strategy="no", disable_tqdm=True)
+    trainer = GRPOTrainer(model=model, reward_funcs=[_vowel_reward], args=config,
+                          processing_class=AutoTokenizer.from_pretrained(str(tiny_model)),
+                          train_dataset=Dataset.from_dict(task.dataset(32).to_dict()))
+    run = tmp_path / "run"
+    trainer.add_callback(ShardCallback(run_dir=run, runner={"min_samples": 2}))
+    with caplog.at_level(logging.WARNING, logger="sae_shards"):
+        trainer.train()
+    warned = [r.getMessage() for r in caplog.records if "completion log does not" in r.getMessage()]
+    assert len(warned) == 1 and "log_extra('task'" in warned[0]
+    assert all(json.loads(line)["tasks"] is None
+               for line in (run / "rollouts.jsonl").read_text().splitlines())
+
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["path"] is None and cfg["model"]["name_or_path"] == "some-org/some-model"
+    saved = AutoModelForCausalLM.from_pretrained(str(run / "model"))
+    for name, p in saved.named_parameters():  # theta_0, not the trained policy
+        assert torch.equal(p, theta0[name]), name
+    trained = dict(model.named_parameters())
+    assert any(not torch.equal(trained[n], theta0[n]) for n in theta0)
+    assert (run / "model" / "tokenizer_config.json").is_file()
+    assert cli_main(["analyze", str(run), "--shards", "1"]) == 0
+    html = (run / "report.html").read_text()
+    assert "Needs the run's initial and final model" not in html.split('id="logit-lens"')[1]
+    assert "Needs a built-in task" in html  # dose-response: its rewards are the script's own
+
+    (run / "model" / "config.json").unlink()  # the report then says what is missing
+    assert cli_main(["analyze", str(run), "--shards", "1"]) == 0
+    assert f"no initial model at {run / 'model'}" in (run / "report.html").read_text()

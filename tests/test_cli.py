@@ -3,6 +3,7 @@ closing report, strict JSON, the earlier run left alone, W&B names and groups in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -93,10 +94,19 @@ def test_console_reward_is_the_named_steps(tmp_path, caplog):
 
 
 def test_run_shorter_than_the_warm_up_says_so(tmp_path):
+    """Per step, the job refuses up front a run whose steps never reach runner.min_samples; per
+    event (samples per step depend on the processes) the run says so at the end."""
+    with pytest.raises(ValueError, match=r"rl.max_steps=6 gives 6 trainable per-step samples.*"
+                                         r"fewer than runner.min_samples=8"):
+        _short_job(tmp_path / "refused", min_samples=8)
     run = tmp_path / "r"
-    summary = run_job(_short_job(run, min_samples=8), run)  # 6 RL steps < 8 samples
+    cfg = dataclasses.replace(_short_job(run, min_samples=2),
+                              capture=CaptureConfig(granularity="group"),
+                              runner=RunnerConfig(sae_steps_per_rl_step=1, min_samples=20))
+    summary = run_job(cfg, run)  # 6 RL steps x 2 prompt groups < 20 samples
     assert summary["sae_steps"] == 0
-    assert "the SAE never trained" in summary["warning"] and "runner.min_samples=8" in summary["warning"]
+    assert "the SAE never trained" in summary["warning"]
+    assert "runner.min_samples=20" in summary["warning"]
     stored = _no_nan((run / "summary.json").read_text())
     assert stored["fvu_first"] is None and stored["warning"] == summary["warning"]
     assert main(["analyze", str(run), "--no-dose"]) == 0  # n/a where the FVU is null
@@ -106,7 +116,7 @@ def test_analyze_names_a_missing_run_dir_and_the_checkpoints_there_are(tmp_path,
     assert main(["analyze", str(tmp_path / "nope"), "--no-dose"]) == 2
     assert f"{tmp_path / 'nope'}: no such run directory" in capsys.readouterr().err
     run = tmp_path / "r"
-    run_job(_short_job(run, min_samples=8), run)
+    run_job(_short_job(run, min_samples=2), run)
     assert main(["analyze", str(run), "--no-dose", "--checkpoint", "step_5"]) == 2
     err = capsys.readouterr().err
     assert "step_5: no such checkpoint directory" in err and "holds final" in err, err
@@ -234,3 +244,17 @@ def test_printed_commands_parse_back_to_the_run_dir(tmp_path):
     words = shlex.split(rerun_command(run))
     parsed = {o.key_or_group: o.value() for o in parse(words[2:])}
     assert parsed == {"sae.k": 2, "run_dir": str(run), "overwrite": True}, words
+
+
+def test_closing_lines_name_evaluate_for_a_labelled_run(tmp_path):
+    """A run with saved samples of a multi-task run is pointed at evaluate as well; the default
+    task is not (evaluate refuses it)."""
+    from sae_shards.cli import _closing_lines
+
+    summary = {"rl_steps": 3, "sae_steps": 6, "wall_s": 1.0}
+    (tmp_path / "samples.safetensors").write_bytes(b"")
+    for task, named in (("multiskill", True), ("letters", False)):
+        (tmp_path / "config.json").write_text(json.dumps({"task": {"name": task}}))
+        last = _closing_lines(summary, tmp_path)[-1]
+        assert last.startswith(f"  next: sae-shards analyze {tmp_path}")
+        assert (f"sae-shards evaluate {tmp_path}" in last) is named

@@ -74,10 +74,22 @@ def test_random_decoder_scores_lower(planted_run, tmp_path):
     assert cm["latents"]["mmcs_margin"] > cm_broken["latents"]["mmcs_margin"] + 0.03, cm
 
 
-def test_evaluate_cli_needs_saved_samples(short_run_dir, capsys):
+def test_evaluate_cli_refuses_a_one_task_run_first(short_run_dir, capsys):
+    """The default job (task=letters, no samples saved): the first error names the planted
+    benchmark, not the samples (saving them would not make the run scorable)."""
     assert cli_main(["evaluate", str(short_run_dir)]) == 2
     err = capsys.readouterr().err
-    assert "samples.safetensors: missing; run the job with runner.save_samples=true" in err
+    assert "is a task=letters run (one task)" in err and "experiment=planted" in err
+
+
+def test_evaluate_cli_needs_saved_samples(planted_run, tmp_path, capsys):
+    run = tmp_path / "no_samples"
+    shutil.copytree(planted_run, run)
+    (run / "samples.safetensors").unlink()
+    assert cli_main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "samples.safetensors: missing; evaluate needs the run's samples and held-out" in err
+    assert "runner.save_samples=true runner.heldout_every=k" in err
 
 
 def test_evaluate_cli_refuses_a_family_threshold_out_of_range(tmp_path, capsys):

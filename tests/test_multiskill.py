@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from transformers import TrainerCallback
 
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
-from sae_shards.run.config import JobConfig, LoggingConfig, ModelConfig, RLConfig, TaskConfig
+from sae_shards.run.config import (JobConfig, LoggingConfig, ModelConfig, RLConfig, RunnerConfig,
+                                   TaskConfig)
 from sae_shards.capture.rollouts import TRLRollouts
 from sae_shards.run.job import build_rl
 from sae_shards.recipe.models import build_tokenizer, tiny_model_and_tokenizer
@@ -148,7 +149,7 @@ def test_grpo_steps_train_exactly_the_scheduled_task(tmp_path, options, accumula
                         options=options),
         rl=RLConfig(max_steps=6, gradient_accumulation_steps=accumulation,
                     extra={"disable_tqdm": True}, **FAST),
-        logging=LoggingConfig(mode="disabled"))
+        runner=RunnerConfig(min_samples=2), logging=LoggingConfig(mode="disabled"))
     rl = build_rl(cfg, tmp_path, device=torch.device("cpu"))
     probe = StepLabels(TRLRollouts(rl.trainer))
     rl.trainer.add_callback(probe)
@@ -258,7 +259,7 @@ def test_grpo_mixed_steps_train_and_record_every_task_present(tmp_path):
         task=TaskConfig(name="multiskill", n_prompts=steps * prompts_per_step, options=options),
         rl=RLConfig(max_steps=steps, gradient_accumulation_steps=2, trainable=["model.layers.*"],
                     extra={"disable_tqdm": True}, **FAST),
-        logging=LoggingConfig(mode="disabled"))
+        runner=RunnerConfig(min_samples=2), logging=LoggingConfig(mode="disabled"))
     rl = build_rl(cfg, tmp_path, device=torch.device("cpu"))
     probe = StepLabels(TRLRollouts(rl.trainer))
     rl.trainer.add_callback(probe)

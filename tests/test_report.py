@@ -57,6 +57,15 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
         assert abs(f["mass_share"] - float(mass[f["shards"]].sum())) < 1e-6
     if not fams:
         assert "No families: every shard that fired" in html
+    # always-on shards are marked as such wherever they are shown (here: every live shard)
+    on = [j for j in range(16) if density[j] >= 0.8]
+    assert on, "this short run's live shards fire on every sample"
+    for s, entry in analysis["shards"].items():
+        assert entry["always_on"] == (int(s) in on)
+        assert f"<h3>shard {s} (always on: a common drift direction" in html
+    assert f"{', '.join(map(str, on))}: the direction most updates share" in html
+    assert f"{int((density == 0).sum())} of 16" in html  # shards that never fired
+    assert "<td>task</td><td>letters</td>" in html
 
 
 def test_analyze_cli_reports_a_bad_run_dir(tmp_path, capsys):

@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 
 from sae_shards.analysis.shards import RunView, ShardSet
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
+from sae_shards.cli import main as cli_main
 from sae_shards.core import checkpoint as checkpoint_module
 from sae_shards.core.checkpoint import load_checkpoint
 from sae_shards.run.job import run_job, start
@@ -81,6 +82,19 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     proc.kill()
     proc.communicate()
     assert not (run / "checkpoints" / "final").exists()
+    # before it is resumed, the killed run is read as of its newest checkpoint
+    view = RunView(run)
+    step = int(view.checkpoint.removeprefix("step_"))
+    assert view.recovered and step in (8, 12) and not (run / "activations.safetensors").exists()
+    done = RunView(uninterrupted).activations
+    online = (done["online.rl_step"] <= step).nonzero().flatten()
+    for key in ("rl_step", "indices", "values"):  # the log as it was at that step, bit for bit
+        assert torch.equal(view.activations[f"online.{key}"], done[f"online.{key}"][online])
+    steps, acts = view.timeline()  # the buffer re-encoded by that step's SAE
+    assert steps.tolist() == list(range(1, step + 1))
+    assert ((acts != 0).sum(1) == 4).all()  # sae.k = 4 active shards per sample
+    assert cli_main(["analyze", str(run), "--no-dose"]) == 0
+    assert "the run was killed" in (run / "report.html").read_text()
     # the bare command: resume=true reuses the run's own overrides (.hydra/overrides.yaml)
     bare = subprocess.Popen([sys.executable, "-m", "sae_shards.cli", "train", f"run_dir={run}",
                              "resume=true"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

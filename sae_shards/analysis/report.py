@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 
+from sae_shards.analysis.families import ALWAYS_ON_DENSITY
 from sae_shards.analysis.interventions import dose_response, update_coefficient
-from sae_shards.analysis.shards import RunView, load_run_models
+from sae_shards.analysis.shards import RunView, load_run_models, run_models_missing
 from sae_shards.run import rundir
 
 SECTIONS = ("summary", "sae-curves", "reward", "timeline", "families", "norms", "rollouts", "logit-lens",
@@ -161,12 +162,15 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     view = RunView(run_dir, checkpoint)
     out = Path(out) if out else view.run_dir / "report.html"
     shards = top_shards(view, n_shards)
+    density = view.density()  # [n_shards]
+    always_on = [i for i in range(len(density)) if float(density[i]) >= ALWAYS_ON_DENSITY]
+    tags = {i: "always on: a common drift direction, not a context" for i in always_on}
     summary_file = view.run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     models = load_run_models(view.run_dir) if dose else None
     analysis: dict[str, Any] = {"top_shards": shards, "shards": {}}
 
-    parts = [_section("summary", "Run", _summary_html(view, summary, shards))]
+    parts = [_section("summary", "Run", _summary_html(view, summary, shards, density, tags))]
     parts.append(_section("sae-curves", "SAE training", plot_sae_curves(view)))
     parts.append(_section("reward", "Reward", plot_reward(view)))
     untrained = "<p>No activations: the SAE never trained (see the run's summary).</p>"
@@ -180,20 +184,21 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                           + f"<p>Shards whose |activation| correlates at >= {families.threshold} "
                             "over the timeline's samples, grouped by average linkage; shards "
                             "active on nearly every sample (the drift direction) and shards that "
-                            "never fired are left out."
-                            "</p>"))
+                            "never fired are left out. <code>sae-shards evaluate</code> groups "
+                            "its training samples only (held-out steps left out), so its "
+                            "memberships can differ at the margin.</p>"))
     parts.append(_section("norms", "Per-target norms of the top shards",
                           plot_norms(view, shards) if shards else untrained))
     if view.per_event:
         parts.append(_section("events", "Top events per shard (the reinforcement events whose "
-                              "gradients activate it most)", _events_html(view, shards, top_k)))
+                              "gradients activate it most)", _events_html(view, shards, top_k, tags)))
     else:
         parts.append(_section("rollouts", "Top rollouts per shard",
-                              _rollouts_html(view, shards, top_k)))
+                              _rollouts_html(view, shards, top_k, tags)))
 
     lens_html, dose_results = [], {}
     for s in shards:
-        entry: dict[str, Any] = {"density": float(view.density()[s]),
+        entry: dict[str, Any] = {"density": float(density[s]), "always_on": s in tags,
                                  "top_steps": [t["rl_step"] for t in view.top_steps(s, top_k)]}
         if view.per_event:
             entry["top_events"] = [{k: t[k] for k in ("rl_step", "event", "activation",
@@ -203,7 +208,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
             initial, final, tokenizer, task = models
             rows = lens_rows(initial, tokenizer, view.shards[s], top_k)
             entry["logit_lens"] = rows
-            lens_html.append(_lens_html(s, rows))
+            lens_html.append(_lens_html(s, rows, tags))
             direction = view.shards[s].dense(scaled=False)
             c = update_coefficient(dict(final.named_parameters()),
                                    dict(initial.named_parameters()), direction)
@@ -217,7 +222,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
             entry["dose_response"] = {"alphas": list(dr.alphas), "shard": list(dr.reward_shard),
                                       "control": list(dr.reward_control)}
         analysis["shards"][s] = entry
-    missing = "<p>Needs the run's initial and final model (not available, or a LoRA run).</p>"
+    why = run_models_missing(view.run_dir) if dose else "skipped (--no-dose)"
+    missing = f"<p>Needs the run's initial and final model: {html.escape(str(why))}.</p>"
     no_task = ("<p>Needs a built-in task to score rewards (this run's rewards came from its own "
                "TRL script).</p>")
     parts.append(_section("logit-lens", "Logit lens (write directions of the blocks' output "
@@ -267,15 +273,27 @@ def _section(anchor: str, title: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>\n'
 
 
-def _summary_html(view: RunView, summary: dict, shards: list[int]) -> str:
+def _shard_title(s: int, tags: dict[int, str]) -> str:
+    return f"<h3>shard {s}" + (f" ({html.escape(tags[s])})" if s in tags else "") + "</h3>"
+
+
+def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags) -> str:
     meta = view.shards.meta
+    try:
+        task = json.loads((view.run_dir / rundir.CONFIG).read_text()).get("task") or {}
+    except (OSError, ValueError, AttributeError):
+        task = {}
+    dead = int((density == 0).sum())
     rows = {
         "run dir": str(view.run_dir), "model": meta.get("model_id"),
+        "task": task.get("name") or "the script's own reward functions",
         "samples": (f"per event ({summary.get('granularity')}): {summary.get('events')} events, "
                     f"{summary.get('zero_advantage_events')} with zero advantage skipped"
                     if view.per_event else f"per optimizer step (source {meta.get('source')})"),
-        "checkpoint": view.checkpoint + (" (the run was interrupted)"
-                                         if summary.get("interrupted") else ""),
+        "checkpoint": view.checkpoint + (
+            " (the run was killed: its newest checkpoint, the buffer re-encoded from its resume "
+            "file; resume=true finishes it)" if view.recovered else
+            " (the run was interrupted)" if summary.get("interrupted") else ""),
         "RL steps": summary.get("rl_steps"), "SAE steps": summary.get("sae_steps"),
         "reward first/last 20%": _pair(summary, "reward_first", "reward_last"),
         "FVU first/last 10%": _pair(summary, "fvu_first", "fvu_last"),
@@ -284,7 +302,13 @@ def _summary_html(view: RunView, summary: dict, shards: list[int]) -> str:
         "targets": len(view.shards.target_names),
         "SAE weights (factored / dense)": f"{summary.get('sae_factored_params')} / "
                                           f"{summary.get('dense_sae_params')}",
-        "top shards (by activation mass)": ", ".join(map(str, shards)),
+        "top shards (by activation mass)": ", ".join(
+            f"{s} (always on)" if s in tags else str(s) for s in shards),
+        f"always-on shards (active on >= {ALWAYS_ON_DENSITY:.0%} of the samples)":
+            (", ".join(map(str, sorted(tags))) + ": the direction most updates share (e.g. "
+             "momentum or drift), not a context; the families below leave them out")
+            if tags else "none",
+        "shards that never fired (on the timeline)": f"{dead} of {len(density)}",
     }
     return _table(None, [[k, v] for k, v in rows.items()])
 
@@ -296,7 +320,7 @@ def _pair(d: dict, a: str, b: str) -> str:
     return f"{fig(a)} → {fig(b)}"
 
 
-def _events_html(view: RunView, shards: list[int], top_k: int) -> str:
+def _events_html(view: RunView, shards: list[int], top_k: int, tags: dict[int, str]) -> str:
     out = []
     for s in shards:
         rows = []
@@ -310,13 +334,13 @@ def _events_html(view: RunView, shards: list[int], top_k: int) -> str:
                          fig(sum(spread) / len(spread) if spread else None),
                          ", ".join(sorted(set(map(str, t["tasks"])))) or "-",
                          repr(t["prompt"]), completions])
-        out.append(f"<h3>shard {s}</h3>" + _table(
+        out.append(_shard_title(s, tags) + _table(
             ["RL step", "event", "activation", "mean |advantage|", "tasks", "prompt",
              "completions (first 4: reward, advantage)"], rows))
     return "".join(out) or "<p>No active shards.</p>"
 
 
-def _rollouts_html(view: RunView, shards: list[int], top_k: int) -> str:
+def _rollouts_html(view: RunView, shards: list[int], top_k: int, tags: dict[int, str]) -> str:
     out = []
     for s in shards:
         rows = []
@@ -326,15 +350,15 @@ def _rollouts_html(view: RunView, shards: list[int], top_k: int) -> str:
             completions = r.get("completions") or []
             rows.append([t["rl_step"], f"{t['activation']:+.3f}", f"{sum(rewards) / len(rewards):.3f}",
                          " | ".join(repr(c) for c in completions[:3])])
-        out.append(f"<h3>shard {s}</h3>" + _table(["RL step", "activation", "mean reward",
+        out.append(_shard_title(s, tags) + _table(["RL step", "activation", "mean reward",
                                                      "completions (first 3)"], rows))
     return "".join(out) or "<p>No active shards.</p>"
 
 
-def _lens_html(shard: int, rows: list[dict]) -> str:
+def _lens_html(shard: int, rows: list[dict], tags: dict[int, str]) -> str:
     body = [[r["target"], f"{r['sigma']:.3f}", " ".join(repr(t) for t in r["promoted"]),
              " ".join(repr(t) for t in r["suppressed"])] for r in rows]
-    return f"<h3>shard {shard}</h3>" + (_table(["target", "σ", "+u promotes", "+u suppresses"], body)
+    return _shard_title(shard, tags) + (_table(["target", "σ", "+u promotes", "+u suppresses"], body)
                                          if body else "<p>No writer targets.</p>")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
@@ -146,11 +146,13 @@ class RunView:
         """The checkpoint read: ``final``, or the newest step of an interrupted run."""
         self.shards = ShardSet.from_run(self.run_dir, self.checkpoint)
         acts_file = self.run_dir / rundir.ACTIVATIONS
-        if not acts_file.is_file():
-            raise CheckpointError(
-                f"{acts_file}: missing: the run ended without writing it (killed?); finish it "
-                "with resume=true, or load its shards alone with ShardSet.from_run")
-        self.activations = read_tensors(acts_file, expect_version=True)
+        self.recovered = not acts_file.is_file()
+        """The run was killed: no activations file; its timeline was re-encoded from the newest
+        checkpoint's resume file (``analysis.recovered``)."""
+        if self.recovered:
+            self.activations = self._recover(acts_file)
+        else:
+            self.activations = read_tensors(acts_file, expect_version=True)
         for key in ("final.rl_step", "final.indices", "final.values"):
             if key not in self.activations:
                 raise CheckpointError(f"{acts_file}: missing tensor {key!r}")
@@ -162,6 +164,22 @@ class RunView:
         metrics = rundir.read_jsonl(self.run_dir / rundir.METRICS)
         self.rl_metrics = [r for r in metrics if r.get("kind") == "rl"]
         self.sae_metrics = [r for r in metrics if r.get("kind") == "sae"]
+
+    def _recover(self, acts_file: Path) -> dict[str, Tensor]:
+        from sae_shards.analysis.recovered import activations_from_resume, resume_file_of
+
+        if (self.checkpoint == "final"
+                or not resume_file_of(self.run_dir, self.checkpoint).is_file()):
+            raise CheckpointError(
+                f"{acts_file}: missing, and {self.checkpoint} has no resume file to rebuild the "
+                "timeline from; finish the run with resume=true, or load its shards alone with "
+                "ShardSet.from_run")
+        capture = _read_json(self.run_dir / rundir.CONFIG).get("capture") or {}
+        per_event = capture.get("granularity", "step") != "step"
+        meta = self.shards.meta
+        return activations_from_resume(self.run_dir, self.checkpoint, self.shards.sae,
+                                       int(meta.get("sae_step", 0)),
+                                       int(capture["event_rank"]) if per_event else None)
 
     def timeline(self, which: str = "final") -> tuple[Tensor, Tensor]:
         """(rl_steps [S], activations [S, n_shards]) with zeros where a shard was inactive.
@@ -258,21 +276,42 @@ def load_run_models(run_dir: str | Path) -> RunModels | None:
     from sae_shards.recipe.tasks import build_task
 
     run_dir = Path(run_dir)
+    if run_models_missing(run_dir) is not None:
+        return None
     cfg = _read_json(run_dir / "config.json")
-    model = cfg.get("model") or {}
-    if (model.get("lora") or {}).get("enabled"):
-        return None
-    initial = Path(model["path"]) if model.get("path") else run_dir / "model"
+    init = load_model_and_tokenizer(_initial_model_dir(run_dir, cfg))
     final = run_dir / "final_model"
-    if not (initial / "config.json").is_file() or not (final / "config.json").is_file():
-        return None
-    init = load_model_and_tokenizer(initial)
     fin = load_model_and_tokenizer(final)
     task = None
     if cfg.get("task"):
         options = {"target_length": cfg["rl"]["max_completion_length"], **cfg["task"]["options"]}
         task = build_task(cfg["task"]["name"], **options)
     return RunModels(init.model.eval(), fin.model.eval(), init.tokenizer, task)
+
+
+def _initial_model_dir(run_dir: Path, cfg: Mapping[str, Any]) -> Path:
+    """Where the run's initial weights are: ``model.path`` when it names a local directory, else
+    ``run_dir/model`` (the tiny model ``sae-shards train`` built, or the copy ``ShardCallback``
+    saved of a policy that was not loaded from a local directory)."""
+    model = cfg.get("model") or {}
+    return Path(model["path"]) if model.get("path") else run_dir / "model"
+
+
+def run_models_missing(run_dir: str | Path) -> str | None:
+    """Why :func:`load_run_models` has no models for this run (a sentence for the report), or
+    None when it has them."""
+    run_dir = Path(run_dir)
+    cfg = _read_json(run_dir / "config.json")
+    if ((cfg.get("model") or {}).get("lora") or {}).get("enabled"):
+        return "a LoRA run: the saved policy is an adapter, not whole weights"
+    initial = _initial_model_dir(run_dir, cfg)
+    if not (initial / "config.json").is_file():
+        return (f"no initial model at {initial} (a run of ShardCallback(save_model=False), or "
+                "its model directory moved)")
+    if not (run_dir / "final_model" / "config.json").is_file():
+        return (f"no final policy at {run_dir / 'final_model'} (save_model=False, an interrupted "
+                "run, or FSDP2 / ZeRO-3, where it is not gathered)")
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

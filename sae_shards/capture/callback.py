@@ -104,7 +104,8 @@ class ShardCallback(TrainerCallback):
     context label, e.g. its task; used for ``rollouts.jsonl`` and the samples' metadata.
     ``record_rollouts``: read the trainer's completion log into ``rollouts.jsonl`` (False for a
     trainer that keeps none: samples then carry no reward or labels).
-    ``save_model``: save the final policy (and tokenizer) to ``run_dir/final_model`` for the
+    ``save_model``: save the final policy (and tokenizer) to ``run_dir/final_model``, and the
+    initial one to ``run_dir/model`` when it was not loaded from a local directory, for the
     report's interventions. ``overwrite``: replace an earlier run in ``run_dir`` (otherwise
     refused); ``resume``: continue it (see the module docstring). ``run_config``: the job's whole config dict for ``config.json`` (``sae-shards
     train`` passes it); ``logger``: a ``RunLogger`` to use instead of the trainer's W&B run;
@@ -240,6 +241,26 @@ class ShardCallback(TrainerCallback):
         if sharded_targets(targets) or zero3_targets(targets):
             self.capture = self._step_capture(targets, self.parts.buffer)
 
+    def _save_initial_model(self, model: torch.nn.Module, trainer: Any | None) -> None:
+        """A user's script whose policy was not loaded from a local directory (a Hub id, or a
+        model object built in the script): save its initial weights and tokenizer to
+        ``run_dir/model`` before the first step, so analysis has theta_0 for the logit lens and
+        the interventions (``sae-shards train`` builds or names its own model instead)."""
+        if (self.run_config or not self.save_model or self._is_lora()
+                or _local_model_dir(model) is not None):
+            return
+        out = self.run_dir / rundir.MODEL
+        if getattr(self.capture, "sharded", False):
+            log.warning("%s: the initial policy is not saved to %s (gathering it needs every "
+                        "rank); save it before training and point analysis at it",
+                        self.capture.backend, out)
+            return
+        with rundir.writing(out):
+            model.save_pretrained(str(out))
+            tokenizer = getattr(trainer, "processing_class", None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(out))
+
     def _is_lora(self) -> bool:
         return any(isinstance(t, LoraTarget) for t in self.parts.targets.values())
 
@@ -253,7 +274,8 @@ class ShardCallback(TrainerCallback):
             return {**self.run_config, **own}
         args = getattr(trainer, "args", None)
         return {**own, "task": None,
-                "model": {"path": _model_id(model), "lora": {"enabled": self._is_lora()}},
+                "model": {"path": _local_model_dir(model), "name_or_path": _model_id(model),
+                          "lora": {"enabled": self._is_lora()}},
                 "rl": {"algorithm": type(trainer).__name__ if trainer is not None else None,
                        "max_steps": getattr(args, "max_steps", None)}}
 
@@ -312,6 +334,8 @@ class ShardCallback(TrainerCallback):
         self._follow_sharding(model)
         if self.resume:
             self._restore(state.global_step)
+        else:
+            self._save_initial_model(model, calling_trainer())
         if self.logger is None:
             self.logger = (RunLogger.attach_active() if self.log_to_wandb and "wandb" in
                            (args.report_to or []) else RunLogger())
@@ -515,3 +539,12 @@ def _check_same_world(run_dir: Path) -> None:
 def _model_id(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     return str(getattr(config, "_name_or_path", "") or type(model).__name__)
+
+
+def _local_model_dir(model: torch.nn.Module) -> str | None:
+    """The local directory the policy was loaded from (a transformers model directory), else
+    None: a Hub id or a model built in the script (its initial weights go to ``run_dir/model``).
+    A PEFT model names its base model's directory."""
+    config = getattr(model, "config", None)
+    path = str(getattr(config, "_name_or_path", "") or "")
+    return path if path and (Path(path) / "config.json").is_file() else None

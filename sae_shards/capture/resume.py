@@ -36,7 +36,7 @@ from sae_shards.core.checkpoint import (CheckpointError, CheckpointFiles, checkp
                                         save_file_atomic, write_checkpoint)
 from sae_shards.run import rundir
 
-RESUME_KIND = "sae-shards-resume"
+RESUME_KIND = rundir.RESUME_KIND
 KEEP = 2  # resume files kept: the newest, and the one before it in case TRL's save was cut
 
 

@@ -13,10 +13,13 @@ stack: callback events are invoked from ``Trainer`` methods, whose ``self`` is t
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import sys
 from typing import Any, NamedTuple
+
+log = logging.getLogger(__name__)
 
 
 class StepRollouts(NamedTuple):
@@ -60,6 +63,7 @@ class TRLRollouts:
                 "(TRL 1.x); pass ShardCallback(..., record_rollouts=False) to capture without them")
         self.trainer = trainer
         self.label_column = label_column
+        self._warned = False
 
     def read(self, step: int) -> StepRollouts | None:
         """The rollouts of optimizer step ``step`` (None when nothing was generated yet)."""
@@ -75,6 +79,8 @@ class TRLRollouts:
         extra = logs["extra"]
         labels = ([str(x) for x in extra[self.label_column]]
                   if self.label_column and self.label_column in extra else None)
+        if labels is None and not self._warned:
+            self._warn_unlogged_labels()
         row = {"step": step, "prompts": prompts, "completions": completions, "rewards": totals,
                "advantages": [float(a) for a in logs["advantages"]], "tasks": labels,
                "reward_funcs": per_func}
@@ -82,6 +88,20 @@ class TRLRollouts:
         mean = statistics.fmean(scored) if scored else math.nan
         std = population_std(scored) if len(scored) > 1 else 0.0
         return StepRollouts(row, mean, std, tuple(sorted(set(labels or ()))))
+
+
+    def _warn_unlogged_labels(self) -> None:
+        """Once: the dataset has the label column, but no reward function logged it, so every
+        rollout and sample would go unlabelled without a word."""
+        self._warned = True
+        columns = getattr(getattr(self.trainer, "train_dataset", None), "column_names", None)
+        if self.label_column and columns and self.label_column in columns:
+            log.warning(
+                "the dataset has a %r column, but TRL's completion log does not: rollouts.jsonl "
+                "and the samples carry no labels. Have a reward function log it "
+                "(log_extra(%r, kwargs[%r]); TRL passes reward functions log_extra and the "
+                "dataset's columns), or pass ShardCallback(label_column=None) to silence this",
+                self.label_column, self.label_column, self.label_column)
 
 
 def population_std(xs: list[float]) -> float:

@@ -76,6 +76,21 @@ class ActivationLog:
         }
 
 
+def encode_buffer(sae, buffer: DeltaRingBuffer, sae_step: int, chunk: int = 64) -> ActivationLog:
+    """Every sample in ``buffer`` (oldest first) encoded by ``sae`` (a ``LowRankSAE``), in chunks
+    of ``chunk`` slots; empty when the SAE never trained (no input scale yet). The run's final
+    timeline, and that of a killed run re-encoded from its resume file."""
+    out = ActivationLog()
+    if sae.input_scale > 0:
+        with torch.no_grad():
+            for part in buffer.chronological_slots().split(chunk):  # [<= chunk] slots
+                x = sae.to_scaled(buffer.gather(part))
+                metas = [buffer.metadata(s) for s in part.tolist()]
+                out.add([m.global_step for m in metas], sae_step, sae.encode(x),
+                        [m.event for m in metas])
+    return out
+
+
 def stack_codes(codes: list[SparseCodes]) -> SparseCodes:
     """Concatenate codes of varying width (batch_topk), padding with value-0 entries."""
     if not codes:

@@ -13,7 +13,7 @@ import torch
 from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
 from sae_shards.capture.pipeline import Pipeline
-from sae_shards.capture.runner import ActivationLog
+from sae_shards.capture.runner import ActivationLog, encode_buffer
 from sae_shards.core.metrics import evaluate_heldout
 from sae_shards.run.config import RunnerConfig
 
@@ -22,14 +22,7 @@ log = logging.getLogger(__name__)
 
 def final_activations(parts: Pipeline) -> ActivationLog:
     """Every buffered sample encoded by the final SAE (empty if it never trained)."""
-    out = ActivationLog()
-    if parts.sae.input_scale > 0:
-        for chunk in parts.buffer.chronological_slots().split(64):  # [<= 64] slots
-            x = parts.sae.to_scaled(parts.buffer.gather(chunk))
-            metas = [parts.buffer.metadata(s) for s in chunk.tolist()]
-            out.add([m.global_step for m in metas], parts.trainer.n_steps, parts.sae.encode(x),
-                    [m.event for m in metas])
-    return out
+    return encode_buffer(parts.sae, parts.buffer, parts.trainer.n_steps)
 
 
 def heldout_fvu(parts: Pipeline) -> tuple[float, int]:

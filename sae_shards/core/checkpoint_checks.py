@@ -33,7 +33,9 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file and the fix."""
 
 
-DAMAGED = "use another of the run's checkpoints, or re-save this one from the run"
+DAMAGED = ("read another of the run's checkpoints instead (`--checkpoint step_XXXXXX` for "
+           "analyze / evaluate, ShardSet.from_run(run_dir, \"step_XXXXXX\")), or restore the "
+           "file from a copy")
 # "sample_form" is optional: checkpoints written before per-event samples lack it ("dense").
 _CONFIG_KEYS = frozenset({"format", "format_version", "sae", "targets", "meta", "sample_form"})
 _TARGET_KEYS = frozenset({"name", "shape", "rank"})

@@ -119,9 +119,12 @@ class EvalData:
 
     def __init__(self, run_dir: Path, names: Sequence[str], from_step: int = 0) -> None:
         path = run_dir / "samples.safetensors"
+        _check_labelled_task(run_dir)
         if not path.is_file():
-            raise CheckpointError(f"{path}: missing; run the job with runner.save_samples=true "
-                                  "and runner.heldout_every=k to evaluate it")
+            raise CheckpointError(
+                f"{path}: missing; evaluate needs the run's samples and held-out steps "
+                "(runner.save_samples=true runner.heldout_every=k) on a task with several labels "
+                "(sae-shards train experiment=planted sets all of it)")
         tensors, header = read_safetensors(path)
         if "task_labels" not in header:
             raise CheckpointError(f"{path}: no task_labels in the header; re-save the samples "
@@ -558,6 +561,22 @@ def _shares_by_label_set(x: Mapping[str, Tensor], labels: list) -> dict[str, flo
     except ImportError:
         return None
     return by_key(x, [sorted(lab) for lab in labels])
+
+
+def _check_labelled_task(run_dir: Path) -> None:
+    """Refuse a run of a built-in task with one label (``letters``) before anything else: its
+    shards cannot be scored against tasks however its samples were saved. A user's own script
+    (``task`` null) may log several labels, and its samples decide."""
+    path = run_dir / "config.json"
+    try:
+        task = (json.loads(path.read_text()).get("task") or {}).get("name")
+    except (OSError, ValueError, AttributeError):
+        return  # ShardSet.from_run reports a missing or damaged config.json
+    if task == "letters":
+        raise CheckpointError(
+            f"{run_dir} is a task=letters run (one task): evaluate scores shards against several "
+            "labelled tasks; run the planted benchmark (sae-shards train experiment=planted "
+            "run_dir=runs/planted) or a script whose reward functions log a label column")
 
 
 def _check_null_run(path: Path) -> None:

@@ -396,6 +396,14 @@ class JobConfig:
             raise ValueError(
                 f"runner.sae_start_step={self.runner.sae_start_step} is not before the last RL "
                 f"step (rl.max_steps={self.rl.max_steps}), so the SAE would never train; lower it")
+        every = self.runner.heldout_every
+        trainable_steps = self.rl.max_steps - (self.rl.max_steps // every if every else 0)
+        if self.capture.granularity == "step" and trainable_steps < self.runner.min_samples:
+            raise ValueError(
+                f"rl.max_steps={self.rl.max_steps} gives {trainable_steps} trainable per-step "
+                f"samples (one per RL step" + (f", every {every}th held out" if every else "")
+                + f"), fewer than runner.min_samples={self.runner.min_samples}, so the SAE would "
+                "never train; raise rl.max_steps or lower runner.min_samples")
         if self.task.n_prompts < self.rl.prompts_per_step:
             raise ValueError(
                 f"task.n_prompts={self.task.n_prompts} is fewer than one optimizer step's prompts "

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 MODEL = "model"
+RESUME_KIND = "sae-shards-resume"
+"""The header format of ``resume/step_N.safetensors`` (``capture.resume``)."""
 FINAL_MODEL = "final_model"
 CHECKPOINTS = "checkpoints"
 ACTIVATIONS = "activations.safetensors"

@@ -1,0 +1,55 @@
+"""The timeline of a run that was killed (``kill -9``, a crash, a pre-empted job).
+
+A run writes ``activations.safetensors`` when it ends, so a killed run has none. Each periodic
+checkpoint still left what the end would have used: ``resume/step_N.safetensors`` holds the ring
+buffer's samples and slot metadata and the online activation log, and ``checkpoints/step_N/``
+the SAE of that step. ``activations_from_resume`` rebuilds the buffer from the file and encodes
+it with that SAE, exactly as the end of the run encodes its buffer with the final SAE, so
+``RunView`` (and ``sae-shards analyze``) read a killed run as of its newest checkpoint without
+resuming it. Only safetensors and JSON are read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sae_shards.capture.buffer import DeltaRingBuffer
+from sae_shards.capture.runner import ActivationLog, encode_buffer
+from sae_shards.core.checkpoint import CheckpointError, read_safetensors
+from sae_shards.run import rundir
+
+
+def resume_file_of(run_dir: Path, checkpoint: str) -> Path:
+    """The resume file written with checkpoint ``step_XXXXXX`` (the same name)."""
+    return run_dir / rundir.RESUME / f"{checkpoint}.safetensors"
+
+
+def activations_from_resume(run_dir: Path, checkpoint: str, sae, sae_step: int,
+                            event_rank: int | None) -> dict[str, Tensor]:
+    """``activations.safetensors``' tensors for step checkpoint ``checkpoint`` of a run that
+    ended without writing them: the online log as saved, and ``final.*``, the buffered samples
+    encoded by that checkpoint's SAE (``sae``, trained for ``sae_step`` steps). ``event_rank``:
+    the rows per event of a per-event run's buffer (None: dense per-step samples)."""
+    path = resume_file_of(run_dir, checkpoint)
+    tensors, header = read_safetensors(
+        path, kind=rundir.RESUME_KIND,
+        missing_hint=" (a killed run is read from its newest checkpoint's resume file)")
+    try:
+        info = json.loads(header["info"])["buffer"]
+        capacity = len(info["meta"])
+        dtype = tensors[f"buffer.{sae.targets[0].name}"].dtype
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a resume file of this run ({e!r})") from e
+    buffer = DeltaRingBuffer(sae.targets, capacity, "cpu", dtype, event_rank)
+    try:
+        buffer.load_state(tensors, info)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: its buffer does not fit {checkpoint}'s shards ({e})") from e
+    online = ActivationLog.from_tensors(tensors, "online")
+    final = encode_buffer(sae, buffer, sae_step)
+    return {**online.tensors("online"), **final.tensors("final"),
+            "input_scale": torch.tensor(float(sae.input_scale))}
