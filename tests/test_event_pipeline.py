@@ -167,6 +167,8 @@ def test_a_killed_per_event_run_resumes_to_the_same_shards(tmp_path):
     """kfac's running covariances and the unit norm's outlier-free path survive a kill too."""
     from safetensors.torch import load_file
 
+    from sae_shards.analysis.shards import RunView
+
     extra = ("capture.precondition=kfac", "capture.normalize=unit")
     event_run = tmp_path / "uninterrupted"
     _finish(_train(event_run, *extra))
@@ -186,6 +188,15 @@ def test_a_killed_per_event_run_resumes_to_the_same_shards(tmp_path):
         time.sleep(0.02)
     proc.kill()
     proc.communicate()
+    # read before it is resumed: the newest checkpoint's buffer of events, re-encoded
+    view = RunView(run)
+    step = int(view.checkpoint.removeprefix("step_"))
+    steps, acts = view.timeline()
+    events = view.activations["final.event"]
+    assert view.recovered and steps.numel() > 0 and int(steps.max()) <= step
+    assert (events >= 0).all() and (acts != 0).any(1).all()  # per-event samples, all encoded
+    top = view.top_events(int(acts.abs().sum(0).argmax()), 2)
+    assert top and all(t["rl_step"] <= step and t["completions"] for t in top)
     _finish(_train(run, *extra, "resume=true"))
     for name in ("checkpoints/final/sae.safetensors", "activations.safetensors"):
         a, b = load_file(event_run / name), load_file(run / name)
