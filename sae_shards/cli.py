@@ -271,16 +271,19 @@ def _closing_lines(summary: dict, run_dir: Path) -> list[str]:
                    if not p.name.startswith("."))
     lines += [f"  run directory {run_dir}: {', '.join(files)}",
               f"  next: sae-shards analyze {run_dir}"]
-    if "samples.safetensors" in files and _task_name(run_dir) not in (None, "letters"):
+    if "samples.safetensors" in files and _evaluable(run_dir):
         lines[-1] += f"  |  sae-shards evaluate {run_dir} (shards against the tasks)"
     return lines
 
 
-def _task_name(run_dir: Path) -> str | None:
+def _evaluable(run_dir: Path) -> bool:
+    """A run of a built-in task with several labels that held out steps: what evaluate scores."""
     try:
-        return (json.loads((run_dir / "config.json").read_text()).get("task") or {}).get("name")
+        cfg = json.loads((run_dir / "config.json").read_text())
+        task, runner = cfg.get("task") or {}, cfg.get("runner") or {}
     except (OSError, ValueError, AttributeError):
-        return None
+        return False
+    return task.get("name") not in (None, "letters") and bool(runner.get("heldout_every"))
 
 
 def _train(args: list[str]) -> int:

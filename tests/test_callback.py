@@ -180,6 +180,11 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path):
     with pytest.raises(ValueError, match=r"rl.max_steps: 10 in the run, 20 now"):  # the trainer's
         _user_trainer(tiny_model, tmp_path / "trl_cut", [longer], max_steps=20).train(
             resume_from_checkpoint=True)
+    # a run started by an earlier version recorded model.path as the model's name: still resumes
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert config["model"]["path"] == str(tiny_model.resolve())
+    config["model"] = {"path": str(tiny_model), "lora": {"enabled": False}}
+    (tmp_path / "cut" / "config.json").write_text(json.dumps(config))
     again = ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
     _user_trainer(tiny_model, tmp_path / "trl_cut", [again]).train(resume_from_checkpoint=True)
     assert again.summary["rl_steps"] == 10 and not again.summary["interrupted"]
@@ -281,3 +286,25 @@ def test_policy_not_from_a_local_directory_keeps_its_initial_weights(tiny_model,
     (run / "model" / "config.json").unlink()  # the report then says what is missing
     assert cli_main(["analyze", str(run), "--shards", "1"]) == 0
     assert f"no initial model at {run / 'model'}" in (run / "report.html").read_text()
+
+
+def test_loaded_from_trusts_a_directory_only_while_the_model_holds_its_weights(tiny_model,
+                                                                             monkeypatch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sae_shards.capture.initial_model import loaded_from
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    assert loaded_from(model) == str(tiny_model.resolve())
+    monkeypatch.chdir(tiny_model.parent)  # a relative name is recorded absolute
+    assert loaded_from(AutoModelForCausalLM.from_pretrained(tiny_model.name)) == \
+        str(tiny_model.resolve())
+    # the config names the directory, the weights are new: not theta_0 of that directory
+    assert loaded_from(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
+        str(tiny_model)))) is None
+    with torch.no_grad():  # changed after loading (the spot-checked tensors)
+        for p in model.parameters():
+            p.add_(1.0)
+    assert loaded_from(model) is None
+    model.config._name_or_path = "some-org/some-model"
+    assert loaded_from(model) is None

@@ -253,8 +253,10 @@ def test_closing_lines_name_evaluate_for_a_labelled_run(tmp_path):
 
     summary = {"rl_steps": 3, "sae_steps": 6, "wall_s": 1.0}
     (tmp_path / "samples.safetensors").write_bytes(b"")
-    for task, named in (("multiskill", True), ("letters", False)):
-        (tmp_path / "config.json").write_text(json.dumps({"task": {"name": task}}))
+    for task, every, named in (("multiskill", 2, True), ("letters", 2, False),
+                               ("multiskill", 0, False)):
+        (tmp_path / "config.json").write_text(json.dumps({"task": {"name": task},
+                                                          "runner": {"heldout_every": every}}))
         last = _closing_lines(summary, tmp_path)[-1]
         assert last.startswith(f"  next: sae-shards analyze {tmp_path}")
         assert (f"sae-shards evaluate {tmp_path}" in last) is named

@@ -86,6 +86,12 @@ def test_evaluate_cli_needs_saved_samples(planted_run, tmp_path, capsys):
     run = tmp_path / "no_samples"
     shutil.copytree(planted_run, run)
     (run / "samples.safetensors").unlink()
+    assert cli_main(["evaluate", str(run)]) == 2  # the run keeps samples: it has not ended
+    assert "missing: the run ended before writing it (killed, or still running)" in \
+        capsys.readouterr().err
+    config = json.loads((run / "config.json").read_text())
+    config["runner"]["save_samples"] = False
+    (run / "config.json").write_text(json.dumps(config))
     assert cli_main(["evaluate", str(run)]) == 2
     err = capsys.readouterr().err
     assert "samples.safetensors: missing; evaluate needs the run's samples and held-out" in err
@@ -300,3 +306,20 @@ def test_per_event_run_end_to_end(event_run, tmp_path):
     rb = evaluate_run(broken, n_null=2, steering=False)
     assert rb["mmcs"] < 0.05 and rb["mmcs"] < r["mmcs"] / 3
     assert rb["supervised_auroc"] == r["supervised_auroc"]  # the ground truth ignores the SAE
+
+
+def test_report_marks_always_on_shards_and_only_them(planted_run, tmp_path):
+    """On a run whose shards mix always-on and task shards, the report marks exactly those
+    active on >= 80% of the timeline's samples, and each shard's logit lens has rows."""
+    from sae_shards.analysis.report import analyze
+    from sae_shards.analysis.shards import RunView
+
+    density = RunView(planted_run).density()
+    on = {j for j in range(len(density)) if density[j] >= 0.8}
+    out = analyze(planted_run, tmp_path / "report.html", n_shards=6, dose=False)
+    html, analysis = out.read_text(), json.loads((tmp_path / "analysis.json").read_text())
+    marked = {int(s) for s, e in analysis["shards"].items() if e["always_on"]}
+    shown = {int(s) for s in analysis["shards"]}
+    assert marked == on & shown and shown - on, (sorted(on), sorted(shown))
+    for s in shown:
+        assert (f"<h3>shard {s} (always on" in html) == (s in on)

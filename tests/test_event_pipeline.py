@@ -193,7 +193,7 @@ def test_a_killed_per_event_run_resumes_to_the_same_shards(tmp_path):
     step = int(view.checkpoint.removeprefix("step_"))
     steps, acts = view.timeline()
     events = view.activations["final.event"]
-    assert view.recovered and steps.numel() > 0 and int(steps.max()) <= step
+    assert view.recovered == "killed" and steps.numel() > 0 and int(steps.max()) <= step
     assert (events >= 0).all() and (acts != 0).any(1).all()  # per-event samples, all encoded
     top = view.top_events(int(acts.abs().sum(0).argmax()), 2)
     assert top and all(t["rl_step"] <= step and t["completions"] for t in top)

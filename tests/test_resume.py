@@ -21,7 +21,7 @@ from sae_shards.analysis.shards import RunView, ShardSet
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
 from sae_shards.cli import main as cli_main
 from sae_shards.core import checkpoint as checkpoint_module
-from sae_shards.core.checkpoint import load_checkpoint
+from sae_shards.core.checkpoint import CheckpointError, load_checkpoint
 from sae_shards.run.job import run_job, start
 from sae_shards.run.rundir import RunWriteError
 
@@ -85,7 +85,8 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     # before it is resumed, the killed run is read as of its newest checkpoint
     view = RunView(run)
     step = int(view.checkpoint.removeprefix("step_"))
-    assert view.recovered and step in (8, 12) and not (run / "activations.safetensors").exists()
+    assert view.recovered == "killed" and step in (8, 12)
+    assert not (run / "activations.safetensors").exists()
     done = RunView(uninterrupted).activations
     online = (done["online.rl_step"] <= step).nonzero().flatten()
     for key in ("rl_step", "indices", "values"):  # the log as it was at that step, bit for bit
@@ -94,7 +95,7 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     assert steps.tolist() == list(range(1, step + 1))
     assert ((acts != 0).sum(1) == 4).all()  # sae.k = 4 active shards per sample
     assert cli_main(["analyze", str(run), "--no-dose"]) == 0
-    assert "the run was killed" in (run / "report.html").read_text()
+    assert "no activations file: the run was killed" in (run / "report.html").read_text()
     # the bare command: resume=true reuses the run's own overrides (.hydra/overrides.yaml)
     bare = subprocess.Popen([sys.executable, "-m", "sae_shards.cli", "train", f"run_dir={run}",
                              "resume=true"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -365,3 +366,18 @@ def test_a_signal_stops_the_whole_sweep_and_resume_true_completes_it(uninterrupt
     assert done.returncode == 0, done.stderr[-3000:]
     _same_run(uninterrupted, first)
     assert load_checkpoint(job(2) / "checkpoints" / "final").sae.cfg.k == 2
+
+
+def test_an_earlier_checkpoint_is_read_with_its_own_timeline(uninterrupted):
+    """activations.safetensors is the final SAE's encoding: an earlier checkpoint's shards are
+    paired with that checkpoint's own buffer, re-encoded from its resume file, or refused when
+    it kept none (only the two newest are kept), never with another checkpoint's timeline."""
+    assert RunView(uninterrupted).recovered is None
+    view = RunView(uninterrupted, "step_000008")
+    steps, acts = view.timeline()
+    assert view.recovered == "older" and steps.tolist() == list(range(1, 9))
+    assert ((acts != 0).sum(1) == 4).all()
+    with pytest.raises(CheckpointError, match=r"is the encoding of checkpoint final, and "
+                                              r"checkpoint step_000004 has no resume file.*"
+                                              r"step_000008"):
+        RunView(uninterrupted, "step_000004")

@@ -28,12 +28,12 @@ def resume_file_of(run_dir: Path, checkpoint: str) -> Path:
     return run_dir / rundir.RESUME / f"{checkpoint}.safetensors"
 
 
-def activations_from_resume(run_dir: Path, checkpoint: str, sae, sae_step: int,
-                            event_rank: int | None) -> dict[str, Tensor]:
-    """``activations.safetensors``' tensors for step checkpoint ``checkpoint`` of a run that
-    ended without writing them: the online log as saved, and ``final.*``, the buffered samples
-    encoded by that checkpoint's SAE (``sae``, trained for ``sae_step`` steps). ``event_rank``:
-    the rows per event of a per-event run's buffer (None: dense per-step samples)."""
+def activations_from_resume(run_dir: Path, checkpoint: str, sae, sae_step: int
+                            ) -> dict[str, Tensor]:
+    """``activations.safetensors``' tensors for step checkpoint ``checkpoint``: the online log
+    as saved with it, and ``final.*``, the buffered samples encoded by that checkpoint's SAE
+    (``sae``, trained for ``sae_step`` steps). The buffer's layout (dense, or per-event factors
+    of some rows per matrix) is read from the SAE's sample form and the saved slots."""
     path = resume_file_of(run_dir, checkpoint)
     tensors, header = read_safetensors(
         path, kind=rundir.RESUME_KIND,
@@ -41,15 +41,17 @@ def activations_from_resume(run_dir: Path, checkpoint: str, sae, sae_step: int,
     try:
         info = json.loads(header["info"])["buffer"]
         capacity = len(info["meta"])
-        dtype = tensors[f"buffer.{sae.targets[0].name}"].dtype
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a resume file of this run ({e!r})") from e
-    buffer = DeltaRingBuffer(sae.targets, capacity, "cpu", dtype, event_rank)
-    try:
+        saved = {t.name: tensors[f"buffer.{t.name}"] for t in sae.targets}
+        dtype = saved[sae.targets[0].name].dtype
+        # per event: each matrix's slot is [rows, m + n], rows = min(event_rank, m, n)
+        rows = [saved[t.name].shape[1] for t in sae.targets if len(t.shape) == 2]
+        event_rank = max(rows) if sae.sample_form == "factored" and rows else None
+        buffer = DeltaRingBuffer(sae.targets, capacity, "cpu", dtype, event_rank)
         buffer.load_state(tensors, info)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: its buffer does not fit {checkpoint}'s shards ({e})") from e
-    online = ActivationLog.from_tensors(tensors, "online")
+        online = ActivationLog.from_tensors(tensors, "online")
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a resume file that fits {checkpoint}'s shards "
+                              f"({type(e).__name__}: {e})") from e
     final = encode_buffer(sae, buffer, sae_step)
     return {**online.tensors("online"), **final.tensors("final"),
             "input_scale": torch.tensor(float(sae.input_scale))}

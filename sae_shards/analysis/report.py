@@ -223,7 +223,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                                       "control": list(dr.reward_control)}
         analysis["shards"][s] = entry
     why = run_models_missing(view.run_dir) if dose else "skipped (--no-dose)"
-    missing = f"<p>Needs the run's initial and final model: {html.escape(str(why))}.</p>"
+    missing = (f"<p>Needs the run's initial and final model: {html.escape(why)}.</p>" if why
+               else "<p>No active shard to show (the SAE never trained).</p>")
     no_task = ("<p>Needs a built-in task to score rewards (this run's rewards came from its own "
                "TRL script).</p>")
     parts.append(_section("logit-lens", "Logit lens (write directions of the blocks' output "
@@ -290,10 +291,12 @@ def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags
         "samples": (f"per event ({summary.get('granularity')}): {summary.get('events')} events, "
                     f"{summary.get('zero_advantage_events')} with zero advantage skipped"
                     if view.per_event else f"per optimizer step (source {meta.get('source')})"),
-        "checkpoint": view.checkpoint + (
-            " (the run was killed: its newest checkpoint, the buffer re-encoded from its resume "
-            "file; resume=true finishes it)" if view.recovered else
-            " (the run was interrupted)" if summary.get("interrupted") else ""),
+        "checkpoint": view.checkpoint + {
+            "killed": " (no activations file: the run was killed, or is still running; the "
+                      "timeline is this checkpoint's buffer, re-encoded from its resume file)",
+            "older": " (the timeline is this checkpoint's buffer, re-encoded from its resume "
+                     "file)"}.get(view.recovered or "", " (the run was interrupted)"
+                                  if summary.get("interrupted") else ""),
         "RL steps": summary.get("rl_steps"), "SAE steps": summary.get("sae_steps"),
         "reward first/last 20%": _pair(summary, "reward_first", "reward_last"),
         "FVU first/last 10%": _pair(summary, "fvu_first", "fvu_last"),

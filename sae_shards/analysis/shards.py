@@ -20,7 +20,7 @@ from torch import Tensor
 
 from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, Families,
                                           find_families)
-from sae_shards.core.checkpoint import CheckpointError, load_checkpoint, read_tensors
+from sae_shards.core.checkpoint import CheckpointError, load_checkpoint, read_safetensors
 from sae_shards.run import rundir
 from sae_shards.core.sae import LowRankSAE
 
@@ -146,13 +146,21 @@ class RunView:
         """The checkpoint read: ``final``, or the newest step of an interrupted run."""
         self.shards = ShardSet.from_run(self.run_dir, self.checkpoint)
         acts_file = self.run_dir / rundir.ACTIVATIONS
-        self.recovered = not acts_file.is_file()
-        """The run was killed: no activations file; its timeline was re-encoded from the newest
-        checkpoint's resume file (``analysis.recovered``)."""
-        if self.recovered:
-            self.activations = self._recover(acts_file)
+        self.recovered: str | None = None
+        """Why the timeline was re-encoded from the checkpoint's resume file
+        (``analysis.recovered``) instead of read from ``activations.safetensors``: ``"killed"``
+        (no such file: the run was killed, or is still running) or ``"older"`` (the file is
+        the encoding of another checkpoint than the one read); None when read from the file."""
+        written_for = None
+        if acts_file.is_file():
+            self.activations, header = read_safetensors(acts_file, expect_version=True)
+            written_for = header.get("checkpoint")  # absent in files of older versions
+            if written_for is not None and written_for != self.checkpoint:
+                self.recovered = "older"
         else:
-            self.activations = read_tensors(acts_file, expect_version=True)
+            self.recovered = "killed"
+        if self.recovered:
+            self.activations = self._recover(acts_file, written_for)
         for key in ("final.rl_step", "final.indices", "final.values"):
             if key not in self.activations:
                 raise CheckpointError(f"{acts_file}: missing tensor {key!r}")
@@ -165,21 +173,21 @@ class RunView:
         self.rl_metrics = [r for r in metrics if r.get("kind") == "rl"]
         self.sae_metrics = [r for r in metrics if r.get("kind") == "sae"]
 
-    def _recover(self, acts_file: Path) -> dict[str, Tensor]:
+    def _recover(self, acts_file: Path, written_for: str | None) -> dict[str, Tensor]:
         from sae_shards.analysis.recovered import activations_from_resume, resume_file_of
 
         if (self.checkpoint == "final"
                 or not resume_file_of(self.run_dir, self.checkpoint).is_file()):
+            have = sorted(p.stem for p in (self.run_dir / rundir.RESUME).glob("step_*.safetensors"))
+            what = (f"is the encoding of checkpoint {written_for}" if written_for
+                    else "is missing (the run was killed, or is still running)")
             raise CheckpointError(
-                f"{acts_file}: missing, and {self.checkpoint} has no resume file to rebuild the "
-                "timeline from; finish the run with resume=true, or load its shards alone with "
-                "ShardSet.from_run")
-        capture = _read_json(self.run_dir / rundir.CONFIG).get("capture") or {}
-        per_event = capture.get("granularity", "step") != "step"
-        meta = self.shards.meta
+                f"{acts_file} {what}, and checkpoint {self.checkpoint} has no resume file to "
+                f"re-encode its buffer from; analyse {written_for or 'a checkpoint'} instead "
+                f"(checkpoints with a resume file: {have or 'none'}), finish the run, or load "
+                "the shards alone with ShardSet.from_run")
         return activations_from_resume(self.run_dir, self.checkpoint, self.shards.sae,
-                                       int(meta.get("sae_step", 0)),
-                                       int(capture["event_rank"]) if per_event else None)
+                                       int(self.shards.meta.get("sae_step", 0)))
 
     def timeline(self, which: str = "final") -> tuple[Tensor, Tensor]:
         """(rl_steps [S], activations [S, n_shards]) with zeros where a shard was inactive.
@@ -306,8 +314,12 @@ def run_models_missing(run_dir: str | Path) -> str | None:
         return "a LoRA run: the saved policy is an adapter, not whole weights"
     initial = _initial_model_dir(run_dir, cfg)
     if not (initial / "config.json").is_file():
-        return (f"no initial model at {initial} (a run of ShardCallback(save_model=False), or "
-                "its model directory moved)")
+        return (f"no initial model at {initial} (ShardCallback with save_model=False or under "
+                "FSDP2 / ZeRO-3, a run of an earlier version whose policy was not loaded from a "
+                "local directory, or the model directory moved)")
+    if not any((initial / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return (f"no tokenizer in {initial} (the trainer had no processing_class to save "
+                "with the policy)")
     if not (run_dir / "final_model" / "config.json").is_file():
         return (f"no final policy at {run_dir / 'final_model'} (save_model=False, an interrupted "
                 "run, or FSDP2 / ZeRO-3, where it is not gathered)")

@@ -50,6 +50,7 @@ from transformers import TrainerCallback
 from sae_shards.capture import distributed
 from sae_shards.capture import resume as resume_state
 from sae_shards.capture.background import BackgroundWriter
+from sae_shards.capture import initial_model
 from sae_shards.capture.buffer import StepMeta
 from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
@@ -176,6 +177,7 @@ class ShardCallback(TrainerCallback):
         """Set by ``request_stop``: the run ends after the current step, checkpointed."""
         self._stopped = False  # the run is ending early at this step (decided at on_step_end)
         self.last_checkpoint: Path | None = None
+        self._initial_dir: str | None = None  # where theta_0 is, when the policy came from a dir
         self._writer = BackgroundWriter()  # the step checkpoint being written, if any
 
     # ---- setup -------------------------------------------------------------------------------
@@ -200,12 +202,24 @@ class ShardCallback(TrainerCallback):
             self._event_log = rundir.JsonLines(self.run_dir / rundir.EVENTS)
         self.rollouts = (TRLRollouts(trainer, self.label_column)
                          if trainer is not None and self.record_rollouts else None)
+        # theta_0's directory: decided when the run starts (a resumed trainer already holds the
+        # checkpoint's weights), and kept in config.json from then on
+        saved = _saved_model(self.run_dir) if self.resume else {}
+        if self.run_config:
+            self._initial_dir = None
+        elif self.resume:
+            self._initial_dir = saved.get("path") if "name_or_path" in saved else None
+        else:
+            self._initial_dir = initial_model.loaded_from(model)
         self.meta = {"source": self.capture_cfg.source, "model_id": _model_id(model),
                      "run_dir": str(self.run_dir), "lora": self._is_lora(), **self.meta}
         if self.resume:
             _check_same_world(self.run_dir)
             if not self.run_config and trainer is not None:  # a user's script: its trainer
-                rundir.check_resume_config(self.run_dir, self._config_json(model, trainer),
+                mine = self._config_json(model, trainer)
+                if "name_or_path" not in saved:  # config.json of an earlier version
+                    mine["model"] = {"path": _model_id(model), "lora": mine["model"]["lora"]}
+                rundir.check_resume_config(self.run_dir, mine,
                                            "Resume with the trainer settings the run started "
                                            "with, or start a new run_dir.")
         self._rollout_log = rundir.JsonLines(self.run_dir / rundir.ROLLOUTS)
@@ -242,24 +256,20 @@ class ShardCallback(TrainerCallback):
             self.capture = self._step_capture(targets, self.parts.buffer)
 
     def _save_initial_model(self, model: torch.nn.Module, trainer: Any | None) -> None:
-        """A user's script whose policy was not loaded from a local directory (a Hub id, or a
-        model object built in the script): save its initial weights and tokenizer to
-        ``run_dir/model`` before the first step, so analysis has theta_0 for the logit lens and
-        the interventions (``sae-shards train`` builds or names its own model instead)."""
+        """A user's script whose policy does not hold the weights of a local directory (a Hub
+        id, a model built in the script, ``from_config``): save its initial weights and
+        tokenizer to ``run_dir/model`` before the first step, so analysis has theta_0 for the
+        logit lens and the interventions (``sae-shards train`` builds or names its own)."""
         if (self.run_config or not self.save_model or self._is_lora()
-                or _local_model_dir(model) is not None):
+                or self._initial_dir is not None):
             return
         out = self.run_dir / rundir.MODEL
-        if getattr(self.capture, "sharded", False):
-            log.warning("%s: the initial policy is not saved to %s (gathering it needs every "
-                        "rank); save it before training and point analysis at it",
-                        self.capture.backend, out)
+        if initial_model.is_sharded(model):
+            log.warning("the initial policy is not saved to %s: its parameters are sharded "
+                        "over the processes (FSDP2 / ZeRO-3); save it before training and pass "
+                        "the trainer its directory", out)
             return
-        with rundir.writing(out):
-            model.save_pretrained(str(out))
-            tokenizer = getattr(trainer, "processing_class", None)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(out))
+        initial_model.save_policy(model, getattr(trainer, "processing_class", None), out)
 
     def _is_lora(self) -> bool:
         return any(isinstance(t, LoraTarget) for t in self.parts.targets.values())
@@ -274,7 +284,7 @@ class ShardCallback(TrainerCallback):
             return {**self.run_config, **own}
         args = getattr(trainer, "args", None)
         return {**own, "task": None,
-                "model": {"path": _local_model_dir(model), "name_or_path": _model_id(model),
+                "model": {"path": self._initial_dir, "name_or_path": _model_id(model),
                           "lora": {"enabled": self._is_lora()}},
                 "rl": {"algorithm": type(trainer).__name__ if trainer is not None else None,
                        "max_steps": getattr(args, "max_steps", None)}}
@@ -293,7 +303,7 @@ class ShardCallback(TrainerCallback):
         """Continue from the checkpoint of RL step ``step``: SAE, buffer, logs, counters."""
         self._wall_before = resume_state.restore(self.run_dir, step, self.parts, self.capture)
         self._t0 -= self._wall_before  # wall_s: the whole run's, up to the checkpoint and after
-        rundir.remove_derived(self.run_dir)
+        rundir.remove_derived(self.run_dir, ending=True)
         for row in rundir.read_jsonl(self.run_dir / rundir.ROLLOUTS):
             scored = [r for r in row["rewards"] if r is not None]
             self._rewards[row["step"]] = statistics.fmean(scored) if scored else math.nan
@@ -408,16 +418,15 @@ class ShardCallback(TrainerCallback):
         self.parts.runner.finish()
         self.parts.loop.flush_activations()
         self._flush_sae_records()
-        if self.save_model and getattr(self.capture, "sharded", False):
-            log.warning("%s: the final policy is not saved to %s (gathering it needs every "
-                        "rank); save it with trainer.save_model() and point analysis at it",
-                        self.capture.backend, self.run_dir / rundir.FINAL_MODEL)
+        if self.save_model and (getattr(self.capture, "sharded", False)
+                                or initial_model.is_sharded(model)):
+            log.warning("the final policy is not saved to %s: its parameters are sharded over "
+                        "the processes (FSDP2 / ZeRO-3; gathering them needs every rank); save "
+                        "it with trainer.save_model() and point analysis at it",
+                        self.run_dir / rundir.FINAL_MODEL)
         elif self.save_model and not self._stopped:
             out = self.run_dir / rundir.FINAL_MODEL
-            with rundir.writing(out):
-                model.save_pretrained(str(out))
-                if processing_class is not None:
-                    processing_class.save_pretrained(str(out))
+            initial_model.save_policy(model, processing_class, out)
         self.summary = self._finish(self.parts.loop.last_rl_step)
 
     def close(self) -> None:
@@ -458,6 +467,7 @@ class ShardCallback(TrainerCallback):
         """Final checkpoint (an interrupted run keeps its last step checkpoint instead),
         activations, samples, summary and artifact."""
         parts = self.parts
+        rundir.remove_derived(self.run_dir)  # a report written while the run went on is stale
         if not self._stopped:
             final = self.run_dir / rundir.CHECKPOINTS / "final"
             with rundir.writing(final):
@@ -469,7 +479,7 @@ class ShardCallback(TrainerCallback):
         rundir.save_activations(self.run_dir / rundir.ACTIVATIONS,
                                 {**parts.loop.activations.tensors("online"),
                                  **final_activations(parts).tensors("final")},
-                                float(parts.sae.input_scale))
+                                float(parts.sae.input_scale), final.name if final else None)
         slots = parts.buffer.chronological_slots()
         metas = [parts.buffer.metadata(s) for s in slots.tolist()]
         if self.runner_cfg.save_samples:  # per-event factors are written materialised
@@ -536,15 +546,17 @@ def _check_same_world(run_dir: Path) -> None:
             f"({'accelerate launch --num_processes ' + str(before) if before > 1 else 'one process'})")
 
 
+def _saved_model(run_dir: Path) -> dict[str, Any]:
+    """The ``model`` entry of the run's ``config.json`` ({} when there is none to read)."""
+    try:
+        model = json.loads((run_dir / rundir.CONFIG).read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return model if isinstance(model, dict) else {}
+
+
 def _model_id(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     return str(getattr(config, "_name_or_path", "") or type(model).__name__)
 
 
-def _local_model_dir(model: torch.nn.Module) -> str | None:
-    """The local directory the policy was loaded from (a transformers model directory), else
-    None: a Hub id or a model built in the script (its initial weights go to ``run_dir/model``).
-    A PEFT model names its base model's directory."""
-    config = getattr(model, "config", None)
-    path = str(getattr(config, "_name_or_path", "") or "")
-    return path if path and (Path(path) / "config.json").is_file() else None

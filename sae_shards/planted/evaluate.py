@@ -120,6 +120,12 @@ class EvalData:
     def __init__(self, run_dir: Path, names: Sequence[str], from_step: int = 0) -> None:
         path = run_dir / "samples.safetensors"
         _check_labelled_task(run_dir)
+        if not path.is_file() and _saves_samples(run_dir):
+            raise CheckpointError(
+                f"{path}: missing: the run ended before writing it (killed, or still running); "
+                "samples are written at the end of a run: finish it (sae-shards train "
+                f"run_dir={run_dir} resume=true; in a script, ShardCallback(..., resume=True) "
+                "and trainer.train(resume_from_checkpoint=True))")
         if not path.is_file():
             raise CheckpointError(
                 f"{path}: missing; evaluate needs the run's samples and held-out steps "
@@ -577,6 +583,16 @@ def _check_labelled_task(run_dir: Path) -> None:
             f"{run_dir} is a task=letters run (one task): evaluate scores shards against several "
             "labelled tasks; run the planted benchmark (sae-shards train experiment=planted "
             "run_dir=runs/planted) or a script whose reward functions log a label column")
+
+
+def _saves_samples(run_dir: Path) -> bool:
+    """Whether the run's config.json keeps samples and held-out steps (so a missing samples
+    file means the run has not reached its end)."""
+    try:
+        runner = json.loads((run_dir / "config.json").read_text()).get("runner") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(runner.get("save_samples")) and bool(runner.get("heldout_every"))
 
 
 def _check_null_run(path: Path) -> None:

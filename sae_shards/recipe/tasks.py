@@ -57,7 +57,8 @@ class Task:
     target_chars: str = "aeiou"
     """Characters that earn reward."""
     target_length: int = 16
-    """Target characters needed for reward 1; set it to the run's max_completion_length."""
+    """Target characters needed for reward 1 (``sae-shards train`` sets it to
+    ``rl.max_completion_length`` unless given; in your own script, match your completion length)."""
     prompt_chars: str = string.ascii_lowercase
     """Characters the random prompt bodies are drawn from."""
     prompt_length: tuple[int, int] = (4, 8)
@@ -201,7 +202,8 @@ class MultiSkillTask:
     """Seed of the step schedule (prompt bodies use the job seed), so runs with different job
     seeds can share one schedule."""
     target_length: int = 16
-    """Class characters needed for reward 1; set it to the run's max_completion_length."""
+    """Class characters needed for reward 1 (``sae-shards train`` sets it to
+    ``rl.max_completion_length`` unless given)."""
     prompt_chars: str = string.ascii_lowercase
     """Characters the random prompt bodies are drawn from."""
     prompt_length: tuple[int, int] = (4, 8)

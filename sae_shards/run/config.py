@@ -229,7 +229,7 @@ class CaptureConfig:
     event_rank: int = 64
     """group / completion: rows kept per event and target; an event with more token positions is
     cut to its best rank-``event_rank`` approximation (the kept energy is logged). The buffer
-    stores ``[capacity, event_rank, m + n]`` per matrix target."""
+    stores ``[capacity, min(event_rank, m, n), m + n]`` per matrix target."""
     precondition: Precondition = "none"
     """group / completion: ``adam`` divides by Adam's second moment approximated per target by
     its row and column means (keeps the factored form; the error is logged), ``kfac`` whitens
@@ -292,7 +292,7 @@ class RunnerConfig:
     samples the SAE saw per captured delta and the share used. Timing-dependent, so not
     bit-reproducible. 0 (default): ``sae_steps_per_rl_step`` steps each time."""
     min_samples: int = 8
-    """Buffered samples before the SAE starts training."""
+    """Buffered trainable samples (held-out ones not counted) before the SAE starts training."""
     sae_start_step: int = 0
     """First RL step whose push trains the SAE. Earlier deltas are captured, buffered and saved,
     but not trained on. With ``capture.capacity`` it sets the window of RL steps the SAE learns

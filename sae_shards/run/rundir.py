@@ -4,7 +4,8 @@
 
     run_dir/
       config.json                 the resolved configuration (JobConfig layout; see ``run_config``)
-      model/                      the built-in tiny model, initial weights (sae-shards train only)
+      model/                      the initial weights: the built-in tiny model (sae-shards train),
+                                  or ShardCallback's copy of a policy not loaded from a local dir
       final_model/                the policy after RL (with LoRA: the adapter) and its tokenizer
       checkpoints/step_XXXXXX/    every runner.checkpoint_every RL steps (core/checkpoint.py)
       checkpoints/final/          at the end (absent when the run was interrupted)
@@ -67,6 +68,9 @@ ANALYSIS = "analysis.json"
 EVALUATION = ("evaluation.json", "evaluation.md")
 DERIVED = (REPORT, ANALYSIS, *EVALUATION)
 """What ``analyze`` and ``evaluate`` write from a run's state; stale once the run continues."""
+ENDING = (ACTIVATIONS, SAMPLES, SUMMARY)
+"""What the end of a run writes (a stopped run's end too); stale once the run continues, and
+written again at its next end."""
 
 OWNED = (CONFIG, MODEL, FINAL_MODEL, CHECKPOINTS, ACTIVATIONS, SAMPLES, ROLLOUTS, EVENTS, METRICS,
          SUMMARY, WANDB, HYDRA, HYDRA_LOG, TRL_OUTPUT, RESUME, *DERIVED)
@@ -151,13 +155,14 @@ def has_resume_state(run_dir: Path) -> bool:
     return _has_content(run_dir / RESUME)
 
 
-def remove_derived(run_dir: Path) -> None:
-    """Remove ``DERIVED`` files (a resumed run's reports of its interrupted state would pass for
-    the final ones)."""
-    for name in DERIVED:
+def remove_derived(run_dir: Path, ending: bool = False) -> None:
+    """Remove ``DERIVED`` files, and with ``ending`` the ``ENDING`` ones: a run that continues
+    (resumed, or reaching its end after a report was written mid-run) would otherwise leave
+    files describing an earlier state beside its newer checkpoints."""
+    for name in (*DERIVED, *(ENDING if ending else ())):
         if (run_dir / name).is_file():
             (run_dir / name).unlink()
-            log.info("%s: removed (it described the run before this resume)", run_dir / name)
+            log.info("%s: removed (it described an earlier state of the run)", run_dir / name)
 
 
 def finished_steps(run_dir: Path) -> int | None:
@@ -312,11 +317,15 @@ def latest_checkpoint(run_dir: Path) -> str:
     return step_name(steps[-1])
 
 
-def save_activations(path: Path, tensors: dict[str, torch.Tensor], input_scale: float) -> None:
-    """``online.*`` / ``final.*`` activation logs (``capture.runner.ActivationLog.tensors``)."""
+def save_activations(path: Path, tensors: dict[str, torch.Tensor], input_scale: float,
+                     checkpoint: str | None = None) -> None:
+    """``online.*`` / ``final.*`` activation logs (``capture.runner.ActivationLog.tensors``);
+    ``checkpoint``: the name of the checkpoint whose SAE encoded ``final.*`` (``final``, or the
+    ``step_XXXXXX`` a stopped run ended on), kept in the header so a reader can tell."""
     with writing(path):
         save_file_atomic({**tensors, "input_scale": torch.tensor(float(input_scale))}, path,
-                         "sae-shards-activations")
+                         "sae-shards-activations",
+                         {"checkpoint": checkpoint} if checkpoint else None)
 
 
 def save_samples(path: Path, samples: dict[str, torch.Tensor], rl_steps: list[int],
