@@ -47,10 +47,9 @@ from typing import Any, Mapping
 import torch
 from transformers import TrainerCallback
 
-from sae_shards.capture import distributed
+from sae_shards.capture import distributed, initial_model
 from sae_shards.capture import resume as resume_state
 from sae_shards.capture.background import BackgroundWriter
-from sae_shards.capture import initial_model
 from sae_shards.capture.buffer import StepMeta
 from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
@@ -558,5 +557,3 @@ def _saved_model(run_dir: Path) -> dict[str, Any]:
 def _model_id(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     return str(getattr(config, "_name_or_path", "") or type(model).__name__)
-
-
