@@ -260,7 +260,10 @@ def _closing_lines(summary: dict, run_dir: Path) -> list[str]:
     lines = [f"run finished: {summary['rl_steps']} RL steps, {summary['sae_steps']} SAE steps, "
              f"{summary['wall_s']:.0f} s",
              f"  reward {fig('reward_first')} -> {fig('reward_last')}  |  "
-             f"fvu {fig('fvu_first')} -> {fig('fvu_last')}  |  dead latents {fig('dead_frac')}"]
+             f"fvu {fig('fvu_first')} -> {fig('fvu_last')}  |  dead latents {fig('dead_frac')}"
+             + (" (the SAE saw fewer than sae.dead_after samples)"
+                if summary.get("dead_frac") is None and summary.get("sae_steps") else "")
+             + f"  |  never fired {fig('never_fired_frac')}"]
     if summary.get("warning"):
         lines.append(f"  warning: {summary['warning']}")
     if summary.get("interrupted"):

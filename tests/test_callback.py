@@ -308,3 +308,15 @@ def test_loaded_from_trusts_a_directory_only_while_the_model_holds_its_weights(t
     assert loaded_from(model) is None
     model.config._name_or_path = "some-org/some-model"
     assert loaded_from(model) is None
+
+
+def test_loaded_from_sees_through_a_peft_model(tiny_model):
+    """A LoRA policy's theta_0 is its base model's directory (the adapter starts at B = 0)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sae_shards.capture.initial_model import loaded_from
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert loaded_from(model) == str(tiny_model.resolve())

@@ -309,17 +309,42 @@ def test_per_event_run_end_to_end(event_run, tmp_path):
 
 
 def test_report_marks_always_on_shards_and_only_them(planted_run, tmp_path):
-    """On a run whose shards mix always-on and task shards, the report marks exactly those
-    active on >= 80% of the timeline's samples, and each shard's logit lens has rows."""
+    """On a run whose shards mix always-on and task shards, the report details the others
+    first and marks exactly those active on >= 80% of the timeline's samples."""
     from sae_shards.analysis.report import analyze
     from sae_shards.analysis.shards import RunView
 
     density = RunView(planted_run).density()
     on = {j for j in range(len(density)) if density[j] >= 0.8}
-    out = analyze(planted_run, tmp_path / "report.html", n_shards=6, dose=False)
+    out = analyze(planted_run, tmp_path / "report.html", n_shards=16, dose=False)
     html, analysis = out.read_text(), json.loads((tmp_path / "analysis.json").read_text())
     marked = {int(s) for s, e in analysis["shards"].items() if e["always_on"]}
     shown = {int(s) for s in analysis["shards"]}
     assert marked == on & shown and shown - on, (sorted(on), sorted(shown))
     for s in shown:
         assert (f"<h3>shard {s} (always on" in html) == (s in on)
+    order = analysis["top_shards"]
+    assert [s in on for s in order] == sorted(s in on for s in order)  # context shards first
+    for s in order:  # each detailed shard's split over the tasks
+        mix = analysis["shards"][str(s)]["task_mix"]
+        assert mix and ("|activation| by context: " + ", ".join(
+            f"{k} {v:.0%}" for k, v in mix.items())) in html
+
+
+def test_task_mix_splits_a_shards_activation_by_the_samples_labels(planted_run):
+    """RunView.task_mix: each label's share of a shard's |activation|, from the samples' own
+    labels (checked against a direct sum), and the report prints it per shard."""
+    from sae_shards.analysis.shards import RunView
+
+    view = RunView(planted_run)
+    _, acts = view.timeline()
+    labels = view.sample_labels()
+    assert len(labels) == acts.shape[0] and all(labels)  # every sample carries its task(s)
+    shard = int(acts.abs().sum(0).argmax())
+    mix = view.task_mix(shard)
+    assert sum(mix.values()) == pytest.approx(1.0) and list(mix.values()) == sorted(
+        mix.values(), reverse=True)
+    task = next(iter(mix))
+    direct = sum(float(a) / len(lab) for a, lab in zip(acts[:, shard].abs(), labels)
+                 if task in lab)
+    assert mix[task] == pytest.approx(direct / float(acts[:, shard].abs().sum()))

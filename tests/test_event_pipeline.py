@@ -141,6 +141,10 @@ def test_group_granularity_job_names_the_events_behind_each_shard(event_run):
         assert len(prompts) == 1
         rewards = [rollouts[r["step"]]["rewards"][i] for i in r["rows"]]
         assert r["reward"] == pytest.approx(sum(rewards) / 8)
+        advantages = [rollouts[r["step"]]["advantages"][i] for i in r["rows"]]
+        assert r["advantage"] == pytest.approx(sum(advantages) / 8, abs=1e-6)
+        assert r["abs_advantage"] == pytest.approx(sum(map(abs, advantages)) / 8, rel=1e-5)
+        assert r["abs_advantage"] > 0  # events with all-zero advantages were skipped
         assert r["norm"] > 0 and r["kept_energy"] == pytest.approx(1.0)
 
     view = RunView(run)

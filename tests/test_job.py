@@ -129,6 +129,21 @@ def test_lora_job_captures_effective_delta(tmp_path):
     assert [t.name for t in loaded.sae.targets] == [
         "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
     assert loaded.config["meta"]["lora"] is True
+    # analysis: the final policy is the base with the adapter merged (the effective weights)
+    from sae_shards.analysis.report import analyze
+    from sae_shards.analysis.shards import load_run_models
+
+    models = load_run_models(tmp_path)
+    initial, final = (dict(m.named_parameters()) for m in (models.initial, models.final))
+    assert initial.keys() == final.keys()
+    changed = {n for n in initial if not torch.equal(initial[n], final[n])}
+    assert "model.layers.0.self_attn.q_proj.weight" in changed
+    assert all(n.endswith("proj.weight") for n in changed)  # only adapted matrices moved
+    html = analyze(tmp_path, tmp_path / "report.html", n_shards=1, n_prompts=4,
+                   alphas=(0.0, 1.0)).read_text()
+    assert "Needs the run's initial and final model" not in html
+    assert "<img" in html.split('id="dose-response"')[1]  # the merged policy was steered
+    assert "a LoRA adapter is trained" in html
 
 
 @pytest.mark.parametrize("override,targets", [

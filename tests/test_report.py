@@ -65,13 +65,18 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
         assert f"<h3>shard {s} (always on: a common drift direction" in html
     assert f"{', '.join(map(str, on))}: the direction most updates share" in html
     assert f"{int((density == 0).sum())} of 16" in html  # shards that never fired
-    assert "<td>task</td><td>letters</td>" in html
+    assert "<td>task</td><td>letters</td>" in html and "<td>RL algorithm</td><td>grpo</td>" in html
 
 
 def test_analyze_cli_reports_a_bad_run_dir(tmp_path, capsys):
     assert cli_main(["analyze", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "cannot analyze" in err and "no checkpoint (neither final/ nor step_XXXXXX/)" in err
+    for job in ("sae.k=2", "sae.k=4"):  # a multirun sweep's parent directory names its runs
+        (tmp_path / job / "checkpoints" / "final").mkdir(parents=True)
+    assert cli_main(["analyze", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a sweep's directory, not a run: it holds the runs ['sae.k=2', 'sae.k=4']" in err
 
 
 def test_families_table_lists_families_of_several_shards_largest_first():
@@ -84,3 +89,27 @@ def test_families_table_lists_families_of_several_shards_largest_first():
     assert page.index("2, 4, 5") < page.index("0, 3")
     assert "2 families of several shards; 1 shards fire with no other" in page
     assert "<td>1</td>" not in page  # the single shard is counted, not listed
+
+
+def test_the_notebook_example_in_docs_runs_as_written(short_run_dir):
+    """docs/analysis.md's notebook snippet, on a short run (its shard index swapped for one of
+    this run's live shards): every line runs, and the interventions restore the weights."""
+    import re
+    from pathlib import Path
+
+    import torch
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "analysis.md").read_text()
+    code = re.search(r"## In a notebook\n```python\n(.*?)```", text, re.S).group(1)
+    live = int(RunView(short_run_dir).density().argmax())
+    code = code.replace('"runs/default"', repr(str(short_run_dir)))
+    code = code.replace("view.shards[20]", f"view.shards[{live}]")
+    code = code.replace("view.top_steps(20,", f"view.top_steps({live},")
+    scope: dict = {}
+    exec(compile(code, "docs/analysis.md", "exec"), scope)
+    initial, final = scope["initial"], scope["final"]
+    again = scope["load_run_models"](short_run_dir)
+    for model, fresh in ((initial, again.initial), (final, again.final)):
+        for (name, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
+            assert torch.equal(p, q), name  # restored bit-exactly after each intervention
+    assert 0 <= scope["steered"].mean <= 1 and 0 <= scope["ablated"].mean <= 1

@@ -8,8 +8,8 @@ matplotlib PNGs embedded as base64, so the file opens anywhere with no other fil
 The dose-response adds ``alpha * c * shard`` to the *initial* weights, where ``c = <Delta, d>`` is
 the shard's coefficient in the run's cumulative update ``Delta = theta_final - theta_initial``:
 alpha = 1 is "this shard's share of everything RL changed". A norm-matched random direction is
-the control. It needs the run's ``model/`` (or ``model.path``) and ``final_model/``; LoRA runs
-skip it (the saved policy is an adapter).
+the control. It needs the run's ``model/`` (or ``model.path``) and ``final_model/`` (a LoRA
+run's adapter, merged into that base).
 """
 
 from __future__ import annotations
@@ -52,11 +52,16 @@ def _figure(w: float = 7, h: float = 3):
 
 
 def top_shards(view: RunView, n: int) -> list[int]:
-    """The n shards with the largest total |activation| over the run's final timeline."""
+    """The n shards to detail: those with the largest total |activation| over the run's final
+    timeline, shards that fire on some samples (a context) before always-on ones (active on
+    >= ``ALWAYS_ON_DENSITY`` of the samples: a drift direction), which fill only the slots
+    left."""
     _, acts = view.timeline("final")
     mass = acts.abs().sum(0)
-    order = mass.argsort(descending=True)
-    return [i for i in order[:n].tolist() if mass[i] > 0]
+    density = (acts != 0).float().mean(0)
+    fired = [i for i in mass.argsort(descending=True).tolist() if mass[i] > 0]
+    context = [i for i in fired if density[i] < ALWAYS_ON_DENSITY]
+    return (context + [i for i in fired if density[i] >= ALWAYS_ON_DENSITY])[:n]
 
 
 # ---------------------------------------------------------------------------- plots
@@ -97,6 +102,9 @@ def plot_timeline(view: RunView, shards: list[int]) -> str:
     im = ax.imshow(data, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest",
                    extent=(float(steps.min()) - 0.5, float(steps.max()) + 0.5, len(shards) - 0.5, -0.5))
     ax.set_yticks(range(len(shards)), [f"shard {i}" for i in shards])
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # per event: several columns a step
     ax.set_xlabel("RL step")
     fig.colorbar(im, ax=ax, label="activation (scaled units)")
     return _png(fig)
@@ -199,10 +207,12 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     lens_html, dose_results = [], {}
     for s in shards:
         entry: dict[str, Any] = {"density": float(density[s]), "always_on": s in tags,
+                                 "task_mix": view.task_mix(s),
                                  "top_steps": [t["rl_step"] for t in view.top_steps(s, top_k)]}
         if view.per_event:
             entry["top_events"] = [{k: t[k] for k in ("rl_step", "event", "activation",
-                                                      "advantage", "rows", "tasks")}
+                                                      "advantage", "abs_advantage", "rows",
+                                                      "tasks")}
                                    for t in view.top_events(s, top_k)]
         if models is not None:
             initial, final, tokenizer, task = models
@@ -281,12 +291,17 @@ def _shard_title(s: int, tags: dict[int, str]) -> str:
 def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags) -> str:
     meta = view.shards.meta
     try:
-        task = json.loads((view.run_dir / rundir.CONFIG).read_text()).get("task") or {}
+        config = json.loads((view.run_dir / rundir.CONFIG).read_text())
+        task, rl = config.get("task") or {}, config.get("rl") or {}
     except (OSError, ValueError, AttributeError):
-        task = {}
+        task, rl = {}, {}
     dead = int((density == 0).sum())
     rows = {
-        "run dir": str(view.run_dir), "model": meta.get("model_id"),
+        "run dir": str(view.run_dir),
+        "model": f"{meta.get('model_id')}" + (" (a LoRA adapter is trained; the shards are "
+                                              "updates of the effective weights)"
+                                              if meta.get("lora") else ""),
+        "RL algorithm": rl.get("algorithm") or "n/a",
         "task": task.get("name") or "the script's own reward functions",
         "samples": (f"per event ({summary.get('granularity')}): {summary.get('events')} events, "
                     f"{summary.get('zero_advantage_events')} with zero advantage skipped"
@@ -305,7 +320,7 @@ def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags
         "targets": len(view.shards.target_names),
         "SAE weights (factored / dense)": f"{summary.get('sae_factored_params')} / "
                                           f"{summary.get('dense_sae_params')}",
-        "top shards (by activation mass)": ", ".join(
+        "top shards (by activation mass; always-on ones after the others)": ", ".join(
             f"{s} (always on)" if s in tags else str(s) for s in shards),
         f"always-on shards (active on >= {ALWAYS_ON_DENSITY:.0%} of the samples)":
             (", ".join(map(str, sorted(tags))) + ": the direction most updates share (e.g. "
@@ -337,7 +352,7 @@ def _events_html(view: RunView, shards: list[int], top_k: int, tags: dict[int, s
                          fig(sum(spread) / len(spread) if spread else None),
                          ", ".join(sorted(set(map(str, t["tasks"])))) or "-",
                          repr(t["prompt"]), completions])
-        out.append(_shard_title(s, tags) + _table(
+        out.append(_shard_title(s, tags) + _mix_html(view, s) + _table(
             ["RL step", "event", "activation", "mean |advantage|", "tasks", "prompt",
              "completions (first 4: reward, advantage)"], rows))
     return "".join(out) or "<p>No active shards.</p>"
@@ -353,9 +368,18 @@ def _rollouts_html(view: RunView, shards: list[int], top_k: int, tags: dict[int,
             completions = r.get("completions") or []
             rows.append([t["rl_step"], f"{t['activation']:+.3f}", f"{sum(rewards) / len(rewards):.3f}",
                          " | ".join(repr(c) for c in completions[:3])])
-        out.append(_shard_title(s, tags) + _table(["RL step", "activation", "mean reward",
-                                                     "completions (first 3)"], rows))
+        out.append(_shard_title(s, tags) + _mix_html(view, s) + _table(
+            ["RL step", "activation", "mean reward", "completions (first 3)"], rows))
     return "".join(out) or "<p>No active shards.</p>"
+
+
+def _mix_html(view: RunView, shard: int) -> str:
+    """The shard's |activation| by context label, when the run logged labels."""
+    mix = view.task_mix(shard)
+    if not mix:
+        return ""
+    return ("<p>|activation| by context: "
+            + ", ".join(f"{html.escape(k)} {v:.0%}" for k, v in mix.items()) + "</p>")
 
 
 def _lens_html(shard: int, rows: list[dict], tags: dict[int, str]) -> str:

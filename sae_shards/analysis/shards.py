@@ -227,6 +227,32 @@ class RunView:
         gram = self.shards.sae.decoder_gram().detach().double()
         return find_families(acts, gram, threshold, exclude)
 
+    def sample_labels(self, which: str = "final") -> list[tuple[str, ...]]:
+        """Each timeline sample's context labels (sorted; empty when the run logged none): an
+        event's from ``events.jsonl``, a per-step sample's every label of its step's rollouts."""
+        steps, events = self.activations[f"{which}.rl_step"], self.sample_events(which)
+        out = []
+        for step, event in zip(steps.tolist(), events.tolist()):
+            if event >= 0:
+                labels = self.events.get((step, event), {}).get("tasks") or []
+            else:
+                labels = (self.rollouts.get(step) or {}).get("tasks") or []
+            out.append(tuple(sorted(set(map(str, labels)))))
+        return out
+
+    def task_mix(self, shard: int, which: str = "final") -> dict[str, float]:
+        """Each context label's share of ``shard``'s total |activation| over the timeline (a
+        sample of several labels gives each an equal part), largest first; {} when the run
+        logged no labels or the shard never fired."""
+        _, acts = self.timeline(which)
+        mass: dict[str, float] = {}
+        for a, labels in zip(acts[:, shard].abs().tolist(), self.sample_labels(which)):
+            for label in labels:
+                mass[label] = mass.get(label, 0.0) + a / len(labels)
+        total = sum(mass.values())
+        return ({k: v / total for k, v in sorted(mass.items(), key=lambda kv: -kv[1])}
+                if total > 0 else {})
+
     def top_steps(self, shard: int, k: int = 5, which: str = "final") -> list[dict[str, Any]]:
         """The k RL steps with the largest |activation| of ``shard``, joined with their rollouts."""
         steps, acts = self.timeline(which)
@@ -261,7 +287,8 @@ class RunView:
             pick = lambda key: [rollout[key][r] for r in rows] if rollout.get(key) else []  # noqa: E731
             out.append({
                 "rl_step": step, "event": event, "activation": float(a[i]),
-                "advantage": record.get("advantage"), "norm": record.get("norm"),
+                "advantage": record.get("advantage"),
+                "abs_advantage": record.get("abs_advantage"), "norm": record.get("norm"),
                 "kept_energy": record.get("kept_energy"), "rows": rows,
                 "prompt": rollout["prompts"][rows[0]] if rows and rollout.get("prompts") else None,
                 "completions": pick("completions"), "rewards": pick("rewards"),
@@ -277,9 +304,11 @@ class RunModels(NamedTuple):
 
 
 def load_run_models(run_dir: str | Path) -> RunModels | None:
-    """The run's initial and final model, tokenizer and task; None for LoRA runs (the saved
-    policy is an adapter) or when either model directory is missing. ``task`` is None for a run
-    of a user's own TRL script (``ShardCallback``): its rewards are not known to sae-shards."""
+    """The run's initial and final model, tokenizer and task; None when a model directory is
+    missing (``run_models_missing`` says which). A LoRA run's final policy is its base model
+    with the saved adapter merged in (the effective weights ``W0 + s B A`` the shards live in).
+    ``task`` is None for a run of a user's own TRL script (``ShardCallback``): its rewards are
+    not known to sae-shards."""
     from sae_shards.recipe.models import load_model_and_tokenizer
     from sae_shards.recipe.tasks import build_task
 
@@ -287,9 +316,17 @@ def load_run_models(run_dir: str | Path) -> RunModels | None:
     if run_models_missing(run_dir) is not None:
         return None
     cfg = _read_json(run_dir / "config.json")
-    init = load_model_and_tokenizer(_initial_model_dir(run_dir, cfg))
+    initial = _initial_model_dir(run_dir, cfg)
+    init = load_model_and_tokenizer(initial)
     final = run_dir / "final_model"
-    fin = load_model_and_tokenizer(final)
+    if _is_lora(cfg):
+        from peft import PeftModel
+
+        fin = load_model_and_tokenizer(initial)
+        fin = fin._replace(model=PeftModel.from_pretrained(fin.model, str(final))
+                           .merge_and_unload())
+    else:
+        fin = load_model_and_tokenizer(final)
     task = None
     if cfg.get("task"):
         options = {"target_length": cfg["rl"]["max_completion_length"], **cfg["task"]["options"]}
@@ -310,8 +347,6 @@ def run_models_missing(run_dir: str | Path) -> str | None:
     None when it has them."""
     run_dir = Path(run_dir)
     cfg = _read_json(run_dir / "config.json")
-    if ((cfg.get("model") or {}).get("lora") or {}).get("enabled"):
-        return "a LoRA run: the saved policy is an adapter, not whole weights"
     initial = _initial_model_dir(run_dir, cfg)
     if not (initial / "config.json").is_file():
         return (f"no initial model at {initial} (ShardCallback with save_model=False or under "
@@ -320,10 +355,16 @@ def run_models_missing(run_dir: str | Path) -> str | None:
     if not any((initial / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         return (f"no tokenizer in {initial} (the trainer had no processing_class to save "
                 "with the policy)")
-    if not (run_dir / "final_model" / "config.json").is_file():
-        return (f"no final policy at {run_dir / 'final_model'} (save_model=False, an interrupted "
-                "run, or FSDP2 / ZeRO-3, where it is not gathered)")
+    saved = "adapter_config.json" if _is_lora(cfg) else "config.json"
+    if not (run_dir / "final_model" / saved).is_file():
+        return (f"no final {'adapter' if _is_lora(cfg) else 'policy'} at "
+                f"{run_dir / 'final_model'} (save_model=False, an interrupted run, or FSDP2 / "
+                "ZeRO-3, where it is not gathered)")
     return None
+
+
+def _is_lora(cfg: Mapping[str, Any]) -> bool:
+    return bool(((cfg.get("model") or {}).get("lora") or {}).get("enabled"))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

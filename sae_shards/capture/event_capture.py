@@ -230,7 +230,8 @@ class EventCapture(TrainerCallback):
         self.last_norm = norm
         self.last_events.append({
             "step": step, "event": event.group, "rows": list(event.rows),
-            "advantage": event.advantage, "norm": norm, "kept_energy": event.kept_energy,
+            "advantage": event.advantage, "abs_advantage": event.abs_advantage, "norm": norm,
+            "kept_energy": event.kept_energy,
             "reward": meta.reward_mean, "tasks": list(meta.task_labels),
             **({"precond_error": error} if error else {})})
         return slot

@@ -96,7 +96,10 @@ class Event:
     kept_energy: float
     """Minimum over targets of the kept fraction of ``||X||^2`` (1.0: nothing cut)."""
     advantage: float
-    """Mean advantage of its rows."""
+    """Mean advantage of its rows (about 0 for a GRPO group: advantages are normalised within
+    the group)."""
+    abs_advantage: float = 0.0
+    """Mean |advantage| of its rows: how strongly the event was reinforced."""
 
 
 @dataclass
@@ -474,4 +477,5 @@ class EventRecorder:
             self.n_zero_gradient += 1
             return None
         adv = self._adv[event]
-        return Event(event, tuple(sorted(self._rows[event])), factors, kept, sum(adv) / len(adv))
+        return Event(event, tuple(sorted(self._rows[event])), factors, kept, sum(adv) / len(adv),
+                     sum(map(abs, adv)) / len(adv))

@@ -50,7 +50,9 @@ def loaded_from(model: torch.nn.Module) -> str | None:
         return str(folder)
     from safetensors import safe_open
 
-    params = dict(model.named_parameters())
+    # a PEFT model: its base model's names (LoRA-wrapped weights are renamed and not compared)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = dict(base.named_parameters())
     checked = 0
     with safe_open(str(weights), framework="pt", device="cpu") as f:
         for key in f.keys():

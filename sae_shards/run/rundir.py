@@ -310,6 +310,10 @@ def latest_checkpoint(run_dir: Path) -> str:
     if (folder / "final").is_dir():
         return "final"
     steps = [s for s in saved_steps(folder) if (folder / step_name(s)).is_dir()]
+    jobs = sorted(p.name for p in run_dir.iterdir() if (p / CHECKPOINTS).is_dir())
+    if not steps and jobs:
+        raise CheckpointError(f"{run_dir} is a sweep's directory, not a run: it holds the runs "
+                              f"{jobs}; analyze one of them (e.g. {run_dir / jobs[0]})")
     if not steps:
         raise CheckpointError(f"{folder}: no checkpoint (neither final/ nor step_XXXXXX/); is "
                               f"{run_dir} a sae-shards run directory, and did it reach its first "
