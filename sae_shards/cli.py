@@ -382,7 +382,8 @@ def _analyze(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sae-shards analyze")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
-    parser.add_argument("--shards", type=int, default=4, help="how many top shards to report")
+    parser.add_argument("--shards", type=int, default=4,
+                        help="how many shards to detail beside the always-on ones")
     parser.add_argument("--no-dose", action="store_true", help="skip logit lens and dose-response")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (explicit: "
                         "default counts oversubscribe small CPUs)")

@@ -310,7 +310,7 @@ def test_per_event_run_end_to_end(event_run, tmp_path):
 
 def test_report_marks_always_on_shards_and_only_them(planted_run, tmp_path):
     """On a run whose shards mix always-on and task shards, the report details the others
-    first and marks exactly those active on >= 80% of the timeline's samples."""
+    beside the always-on ones and marks exactly those active on >= 80% of the samples."""
     from sae_shards.analysis.report import analyze
     from sae_shards.analysis.shards import RunView
 
@@ -323,8 +323,8 @@ def test_report_marks_always_on_shards_and_only_them(planted_run, tmp_path):
     assert marked == on & shown and shown - on, (sorted(on), sorted(shown))
     for s in shown:
         assert (f"<h3>shard {s} (always on" in html) == (s in on)
-    order = analysis["top_shards"]
-    assert [s in on for s in order] == sorted(s in on for s in order)  # context shards first
+    order = analysis["top_shards"]  # the always-on ones, then up to 16 others
+    assert [s in on for s in order] == sorted((s in on for s in order), reverse=True)
     for s in order:  # each detailed shard's split over the tasks
         mix = analysis["shards"][str(s)]["task_mix"]
         assert mix and ("|activation| by context: " + ", ".join(

@@ -52,16 +52,16 @@ def _figure(w: float = 7, h: float = 3):
 
 
 def top_shards(view: RunView, n: int) -> list[int]:
-    """The n shards to detail: those with the largest total |activation| over the run's final
-    timeline, shards that fire on some samples (a context) before always-on ones (active on
-    >= ``ALWAYS_ON_DENSITY`` of the samples: a drift direction), which fill only the slots
-    left."""
+    """The shards to detail, by total |activation| over the run's final timeline: every
+    always-on shard (active on >= ``ALWAYS_ON_DENSITY`` of the samples: a drift direction, at
+    most ``k / ALWAYS_ON_DENSITY`` of them), then the ``n`` largest of the others, which fire
+    in some contexts and not others (so drift never takes their place)."""
     _, acts = view.timeline("final")
     mass = acts.abs().sum(0)
     density = (acts != 0).float().mean(0)
     fired = [i for i in mass.argsort(descending=True).tolist() if mass[i] > 0]
-    context = [i for i in fired if density[i] < ALWAYS_ON_DENSITY]
-    return (context + [i for i in fired if density[i] >= ALWAYS_ON_DENSITY])[:n]
+    always = [i for i in fired if density[i] >= ALWAYS_ON_DENSITY]
+    return always + [i for i in fired if density[i] < ALWAYS_ON_DENSITY][:n]
 
 
 # ---------------------------------------------------------------------------- plots
@@ -320,7 +320,8 @@ def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags
         "targets": len(view.shards.target_names),
         "SAE weights (factored / dense)": f"{summary.get('sae_factored_params')} / "
                                           f"{summary.get('dense_sae_params')}",
-        "top shards (by activation mass; always-on ones after the others)": ", ".join(
+        "detailed shards (by activation mass: the always-on ones, then the largest others)":
+            ", ".join(
             f"{s} (always on)" if s in tags else str(s) for s in shards),
         f"always-on shards (active on >= {ALWAYS_ON_DENSITY:.0%} of the samples)":
             (", ".join(map(str, sorted(tags))) + ": the direction most updates share (e.g. "
