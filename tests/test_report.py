@@ -68,6 +68,7 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
         assert f"<h3>shard {s} (always on: a common drift direction" in html
     assert f"{', '.join(map(str, on))}: the direction most updates share" in html
     assert f"{int((density == 0).sum())} of 16" in html  # shards that never fired
+    assert "by context" not in html  # one task: no split to show
     assert "<td>task</td><td>letters</td>" in html and "<td>RL algorithm</td><td>grpo</td>" in html
 
 

@@ -375,9 +375,9 @@ def _rollouts_html(view: RunView, shards: list[int], top_k: int, tags: dict[int,
 
 
 def _mix_html(view: RunView, shard: int) -> str:
-    """The shard's |activation| by context label, when the run logged labels."""
+    """The shard's |activation| by context label, when the run logged several labels."""
     mix = view.task_mix(shard)
-    if not mix:
+    if len({label for labels in view.sample_labels() for label in labels}) < 2:
         return ""
     return ("<p>|activation| by context: "
             + ", ".join(f"{html.escape(k)} {v:.0%}" for k, v in mix.items()) + "</p>")
