@@ -8,7 +8,6 @@ value ends the command with ``sae-shards: config error: <field, value, fix>`` an
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import signal
 import sys
@@ -281,11 +280,10 @@ def _closing_lines(summary: dict, run_dir: Path) -> list[str]:
 
 def _evaluable(run_dir: Path) -> bool:
     """A run of a built-in task with several labels that held out steps: what evaluate scores."""
-    try:
-        cfg = json.loads((run_dir / "config.json").read_text())
-        task, runner = cfg.get("task") or {}, cfg.get("runner") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
+    from sae_shards.run import rundir
+
+    cfg = rundir.read_config(run_dir)
+    task, runner = rundir.section(cfg, "task"), rundir.section(cfg, "runner")
     return task.get("name") not in (None, "letters") and bool(runner.get("heldout_every"))
 
 

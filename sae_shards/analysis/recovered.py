@@ -23,9 +23,11 @@ from sae_shards.core.checkpoint import CheckpointError, read_safetensors
 from sae_shards.run import rundir
 
 
-def resume_file_of(run_dir: Path, checkpoint: str) -> Path:
-    """The resume file written with checkpoint ``step_XXXXXX`` (the same name)."""
-    return run_dir / rundir.RESUME / f"{checkpoint}.safetensors"
+def resume_file_of(run_dir: Path, checkpoint: str) -> Path | None:
+    """The resume file written with checkpoint ``step_XXXXXX``; None for ``final`` (a finished
+    run keeps its buffer in no resume file of its own)."""
+    step = rundir.step_of(checkpoint)
+    return None if step is None else rundir.resume_file(run_dir, step)
 
 
 def activations_from_resume(run_dir: Path, checkpoint: str, sae, sae_step: int
@@ -35,6 +37,8 @@ def activations_from_resume(run_dir: Path, checkpoint: str, sae, sae_step: int
     (``sae``, trained for ``sae_step`` steps). The buffer's layout (dense, or per-event factors
     of some rows per matrix) is read from the SAE's sample form and the saved slots."""
     path = resume_file_of(run_dir, checkpoint)
+    if path is None:
+        raise CheckpointError(f"{run_dir}: checkpoint {checkpoint!r} has no resume file")
     tensors, header = read_safetensors(
         path, kind=rundir.RESUME_KIND,
         missing_hint=" (a killed run is read from its newest checkpoint's resume file)")

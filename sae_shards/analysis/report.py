@@ -173,6 +173,9 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     density = view.density()  # [n_shards]
     always_on = [i for i in range(len(density)) if float(density[i]) >= ALWAYS_ON_DENSITY]
     tags = {i: "always on: a common drift direction, not a context" for i in always_on}
+    labels = view.sample_labels()  # each sample's contexts, read once for every shard's mix
+    mixes = {s: view.task_mix(s, labels=labels) for s in shards}
+    several = len({label for sample in labels for label in sample}) >= 2
     summary_file = view.run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     models = load_run_models(view.run_dir) if dose else None
@@ -199,15 +202,17 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                           plot_norms(view, shards) if shards else untrained))
     if view.per_event:
         parts.append(_section("events", "Top events per shard (the reinforcement events whose "
-                              "gradients activate it most)", _events_html(view, shards, top_k, tags)))
+                              "gradients activate it most)",
+                              _events_html(view, shards, top_k, tags, mixes if several else {})))
     else:
         parts.append(_section("rollouts", "Top rollouts per shard",
-                              _rollouts_html(view, shards, top_k, tags)))
+                              _rollouts_html(view, shards, top_k, tags,
+                                             mixes if several else {})))
 
     lens_html, dose_results = [], {}
     for s in shards:
         entry: dict[str, Any] = {"density": float(density[s]), "always_on": s in tags,
-                                 "task_mix": view.task_mix(s),
+                                 "task_mix": mixes[s],
                                  "top_steps": [t["rl_step"] for t in view.top_steps(s, top_k)]}
         if view.per_event:
             entry["top_events"] = [{k: t[k] for k in ("rl_step", "event", "activation",
@@ -290,11 +295,8 @@ def _shard_title(s: int, tags: dict[int, str]) -> str:
 
 def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags) -> str:
     meta = view.shards.meta
-    try:
-        config = json.loads((view.run_dir / rundir.CONFIG).read_text())
-        task, rl = config.get("task") or {}, config.get("rl") or {}
-    except (OSError, ValueError, AttributeError):
-        task, rl = {}, {}
+    config = rundir.read_config(view.run_dir)
+    task, rl = rundir.section(config, "task"), rundir.section(config, "rl")
     dead = int((density == 0).sum())
     rows = {
         "run dir": str(view.run_dir),
@@ -339,7 +341,8 @@ def _pair(d: dict, a: str, b: str) -> str:
     return f"{fig(a)} → {fig(b)}"
 
 
-def _events_html(view: RunView, shards: list[int], top_k: int, tags: dict[int, str]) -> str:
+def _events_html(view: RunView, shards: list[int], top_k: int, tags: dict[int, str],
+                 mixes: dict[int, dict[str, float]]) -> str:
     out = []
     for s in shards:
         rows = []
@@ -353,13 +356,14 @@ def _events_html(view: RunView, shards: list[int], top_k: int, tags: dict[int, s
                          fig(sum(spread) / len(spread) if spread else None),
                          ", ".join(sorted(set(map(str, t["tasks"])))) or "-",
                          repr(t["prompt"]), completions])
-        out.append(_shard_title(s, tags) + _mix_html(view, s) + _table(
+        out.append(_shard_title(s, tags) + _mix_html(mixes.get(s)) + _table(
             ["RL step", "event", "activation", "mean |advantage|", "tasks", "prompt",
              "completions (first 4: reward, advantage)"], rows))
     return "".join(out) or "<p>No active shards.</p>"
 
 
-def _rollouts_html(view: RunView, shards: list[int], top_k: int, tags: dict[int, str]) -> str:
+def _rollouts_html(view: RunView, shards: list[int], top_k: int, tags: dict[int, str],
+                   mixes: dict[int, dict[str, float]]) -> str:
     out = []
     for s in shards:
         rows = []
@@ -369,15 +373,14 @@ def _rollouts_html(view: RunView, shards: list[int], top_k: int, tags: dict[int,
             completions = r.get("completions") or []
             rows.append([t["rl_step"], f"{t['activation']:+.3f}", f"{sum(rewards) / len(rewards):.3f}",
                          " | ".join(repr(c) for c in completions[:3])])
-        out.append(_shard_title(s, tags) + _mix_html(view, s) + _table(
+        out.append(_shard_title(s, tags) + _mix_html(mixes.get(s)) + _table(
             ["RL step", "activation", "mean reward", "completions (first 3)"], rows))
     return "".join(out) or "<p>No active shards.</p>"
 
 
-def _mix_html(view: RunView, shard: int) -> str:
-    """The shard's |activation| by context label, when the run logged several labels."""
-    mix = view.task_mix(shard)
-    if len({label for labels in view.sample_labels() for label in labels}) < 2:
+def _mix_html(mix: dict[str, float] | None) -> str:
+    """A shard's |activation| by context label (none given: the run logged fewer than two)."""
+    if not mix:
         return ""
     return ("<p>|activation| by context: "
             + ", ".join(f"{html.escape(k)} {v:.0%}" for k, v in mix.items()) + "</p>")

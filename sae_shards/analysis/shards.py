@@ -176,9 +176,9 @@ class RunView:
     def _recover(self, acts_file: Path, written_for: str | None) -> dict[str, Tensor]:
         from sae_shards.analysis.recovered import activations_from_resume, resume_file_of
 
-        if (self.checkpoint == "final"
-                or not resume_file_of(self.run_dir, self.checkpoint).is_file()):
-            have = sorted(p.stem for p in (self.run_dir / rundir.RESUME).glob("step_*.safetensors"))
+        resume = resume_file_of(self.run_dir, self.checkpoint)
+        if resume is None or not resume.is_file():
+            have = [rundir.step_name(s) for s in rundir.saved_steps(self.run_dir / rundir.RESUME)]
             what = (f"is the encoding of checkpoint {written_for}" if written_for
                     else "is missing (the run was killed, or is still running)")
             raise CheckpointError(
@@ -240,15 +240,19 @@ class RunView:
             out.append(tuple(sorted(set(map(str, labels)))))
         return out
 
-    def task_mix(self, shard: int, which: str = "final") -> dict[str, float]:
+    def task_mix(self, shard: int, which: str = "final",
+                 labels: list[tuple[str, ...]] | None = None) -> dict[str, float]:
         """Each context label's share of ``shard``'s total |activation| over the timeline (a
         sample of several labels gives each an equal part), largest first; {} when the run
-        logged no labels or the shard never fired."""
+        logged no labels or the shard never fired. ``labels``: ``sample_labels(which)``, when
+        the caller already has them (several shards)."""
         _, acts = self.timeline(which)
+        if labels is None:
+            labels = self.sample_labels(which)
         mass: dict[str, float] = {}
-        for a, labels in zip(acts[:, shard].abs().tolist(), self.sample_labels(which)):
-            for label in labels:
-                mass[label] = mass.get(label, 0.0) + a / len(labels)
+        for a, sample in zip(acts[:, shard].abs().tolist(), labels):
+            for label in sample:
+                mass[label] = mass.get(label, 0.0) + a / len(sample)
         total = sum(mass.values())
         return ({k: v / total for k, v in sorted(mass.items(), key=lambda kv: -kv[1])}
                 if total > 0 else {})

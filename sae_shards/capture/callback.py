@@ -203,7 +203,7 @@ class ShardCallback(TrainerCallback):
                          if trainer is not None and self.record_rollouts else None)
         # theta_0's directory: decided when the run starts (a resumed trainer already holds the
         # checkpoint's weights), and kept in config.json from then on
-        saved = _saved_model(self.run_dir) if self.resume else {}
+        saved = rundir.section(rundir.read_config(self.run_dir), "model") if self.resume else {}
         if self.run_config:
             self._initial_dir = None
         elif self.resume:
@@ -543,15 +543,6 @@ def _check_same_world(run_dir: Path) -> None:
             f"{run_dir} was trained on {before} process(es) and is resumed on {now}: the RL "
             "steps would change size mid-run; resume it with the launch it started with "
             f"({'accelerate launch --num_processes ' + str(before) if before > 1 else 'one process'})")
-
-
-def _saved_model(run_dir: Path) -> dict[str, Any]:
-    """The ``model`` entry of the run's ``config.json`` ({} when there is none to read)."""
-    try:
-        model = json.loads((run_dir / rundir.CONFIG).read_text()).get("model")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return model if isinstance(model, dict) else {}
 
 
 def _model_id(model: torch.nn.Module) -> str:

@@ -40,8 +40,7 @@ RESUME_KIND = rundir.RESUME_KIND
 KEEP = 2  # resume files kept: the newest, and the one before it in case TRL's save was cut
 
 
-def resume_file(run_dir: Path, step: int) -> Path:
-    return run_dir / rundir.RESUME / f"{rundir.step_name(step)}.safetensors"
+resume_file = rundir.resume_file
 
 
 class StepSnapshot(NamedTuple):

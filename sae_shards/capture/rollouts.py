@@ -89,7 +89,6 @@ class TRLRollouts:
         std = population_std(scored) if len(scored) > 1 else 0.0
         return StepRollouts(row, mean, std, tuple(sorted(set(labels or ()))))
 
-
     def _warn_unlogged_labels(self) -> None:
         """Once: the dataset has the label column, but no reward function logged it, so every
         rollout and sample would go unlabelled without a word."""

@@ -92,6 +92,7 @@ from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, F
                                           find_families, strengths, weight_matrix)
 from sae_shards.analysis.shards import ShardSet, load_run_models
 from sae_shards.planted.causal import CausalSettings, causal_tests
+from sae_shards.run import rundir
 from sae_shards.planted.groundtruth import (abs_cosine, auroc, class_means, energy_shares,
                                             flatten, label_sets, norm_features, presence,
                                             principal_direction, rank_ceiling, separability,
@@ -270,11 +271,8 @@ def _heldout_figures(sae, x: Mapping[str, Tensor], chunk: int = 64) -> dict[str,
 
 def run_settings(run_dir: Path, shards: ShardSet) -> dict[str, Any]:
     """``granularity``, ``source``, ``schedule``, ``group`` of a run (module docstring)."""
-    try:
-        cfg = json.loads((run_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        cfg = {}
-    capture = cfg.get("capture") or {}
+    cfg = rundir.read_config(run_dir)
+    capture = rundir.section(cfg, "capture")
     granularity = capture.get("granularity", "step")
     if granularity == "step":
         source = capture.get("source")
@@ -485,8 +483,7 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         "ablation": _ablation_view(causal, best, tasks) if causal else None,
         "causal": causal,
     }
-    from sae_shards.run.rundir import write_json  # strict JSON (NaN -> null), atomic
-    write_json(run_dir / "evaluation.json", result)
+    rundir.write_json(run_dir / "evaluation.json", result)  # strict JSON (NaN -> null), atomic
     (run_dir / "evaluation.md").write_text(to_markdown(result))
     return result
 
@@ -573,11 +570,8 @@ def _check_labelled_task(run_dir: Path) -> None:
     """Refuse a run of a built-in task with one label (``letters``) before anything else: its
     shards cannot be scored against tasks however its samples were saved. A user's own script
     (``task`` null) may log several labels, and its samples decide."""
-    path = run_dir / "config.json"
-    try:
-        task = (json.loads(path.read_text()).get("task") or {}).get("name")
-    except (OSError, ValueError, AttributeError):
-        return  # ShardSet.from_run reports a missing or damaged config.json
+    # a missing or damaged config.json ({}) is reported by ShardSet.from_run
+    task = rundir.section(rundir.read_config(run_dir), "task").get("name")
     if task == "letters":
         raise CheckpointError(
             f"{run_dir} is a task=letters run (one task): evaluate scores shards against several "
@@ -588,20 +582,15 @@ def _check_labelled_task(run_dir: Path) -> None:
 def _saves_samples(run_dir: Path) -> bool:
     """Whether the run's config.json keeps samples and held-out steps (so a missing samples
     file means the run has not reached its end)."""
-    try:
-        runner = json.loads((run_dir / "config.json").read_text()).get("runner") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
+    runner = rundir.section(rundir.read_config(run_dir), "runner")
     return bool(runner.get("save_samples")) and bool(runner.get("heldout_every"))
 
 
 def _check_null_run(path: Path) -> None:
     """A null-control run is one of ``task=multiskill_null``: refuse a run whose config.json
     names another task (its AUROC would pass for the null's)."""
-    try:
-        task = (json.loads((path / "config.json").read_text()).get("task") or {}).get("name")
-    except (OSError, ValueError, AttributeError):
-        return  # unreadable: evaluating it reports what is wrong with it
+    # unreadable ({}): evaluating it reports what is wrong with it
+    task = rundir.section(rundir.read_config(path), "task").get("name")
     if task is not None and task != "multiskill_null":
         raise CheckpointError(f"null_run={path} is a task={task} run; the null control is a "
                               "run of task=multiskill_null (the same prompts and tags, a reward "

@@ -230,6 +230,22 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """The run's ``config.json``, leniently: ``{}`` when it is missing, unreadable or not an
+    object (for hints and checks that step aside; loading a run reads it strictly)."""
+    try:
+        value = json.loads((Path(run_dir) / CONFIG).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def section(config: dict[str, Any], key: str) -> dict[str, Any]:
+    """``config[key]`` when it is an object, else ``{}`` (``task`` is null for a user's script)."""
+    value = config.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def write_json(path: Path, value: Any) -> None:
     """Strict JSON, written beside ``path`` and renamed into place."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -291,6 +307,17 @@ def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> list[d
 def step_name(step: int) -> str:
     """``step_XXXXXX``: the name of RL step ``step``'s checkpoint (and resume file's stem)."""
     return f"step_{step:06d}"
+
+
+def step_of(checkpoint: str) -> int | None:
+    """The RL step of checkpoint name ``step_XXXXXX``; None for ``final`` or another name."""
+    m = re.fullmatch(r"step_(\d{6})", checkpoint)
+    return int(m.group(1)) if m else None
+
+
+def resume_file(run_dir: Path, step: int) -> Path:
+    """``resume/step_XXXXXX.safetensors``: the SAE side of RL step ``step``'s checkpoint."""
+    return Path(run_dir) / RESUME / f"{step_name(step)}.safetensors"
 
 
 def saved_steps(folder: Path) -> list[int]:
