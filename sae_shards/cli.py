@@ -39,6 +39,7 @@ USAGE = """usage: sae-shards <command> [args]
 commands:
   train [overrides] [-m]   run RL + delta capture + concurrent SAE (Hydra overrides, e.g. sae.k=8)
   analyze RUN_DIR [--out FILE] [--shards N] [--no-dose] [--checkpoint NAME] [--threads N]
+                  [--task FILE.py:NAME]
                            write an HTML report of a run (default RUN_DIR/report.html)
   evaluate RUN_DIR [--null-run DIR] [--no-steering] [...]
                            score the shards against sign-free task ground truth (multiskill runs
@@ -386,12 +387,25 @@ def _analyze(args: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (explicit: "
                         "default counts oversubscribe small CPUs)")
     parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
+    parser.add_argument("--task", default=None, metavar="FILE.py:NAME | MODULE:NAME",
+                        help="your run's prompts and reward functions, for the dose-response "
+                             "of a run of your own TRL script: a RewardTask, or a function "
+                             "returning one (docs/analysis.md)")
     ns = parser.parse_args(args)
     _set_threads(ns.threads)
+    task = None
+    if ns.task is not None:
+        from sae_shards.analysis.reward_task import load_task_spec
+
+        try:
+            task = load_task_spec(ns.task)
+        except ValueError as e:
+            print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
+            return 2
     try:
         name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
         out = analyze(ns.run_dir, ns.out, n_shards=ns.shards, dose=not ns.no_dose,
-                      checkpoint=name)
+                      checkpoint=name, task=task)
     except CheckpointError as e:
         print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
         return 2

@@ -68,6 +68,23 @@ def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm):
     assert cli_main(["analyze", str(run), "--shards", "2"]) == 0
     html = (run / "report.html").read_text()
     assert 'id="logit-lens"' in html and "<img" in html
+    assert "--task FILE.py:NAME" in html  # no reward to score the dose-response with
+    analysis = json.loads((run / "analysis.json").read_text())
+    assert not any("dose_response" in e for e in analysis["shards"].values())
+    if algorithm == "rloo":
+        return
+    # the reward handed back: every detailed shard's dose-response, per context
+    assert cli_main(["analyze", str(run), "--shards", "2",
+                     "--task", f"{EXAMPLE}:reward_task"]) == 0
+    analysis = json.loads((run / "analysis.json").read_text())
+    doses = [e["dose_response"] for e in analysis["shards"].values()]
+    assert len(doses) == len(analysis["shards"]) >= 2
+    for dose in doses:
+        assert sorted(dose["shard_by_label"]) == ["digits", "vowels"]
+        assert dose["shard"][2] == dose["control"][2]  # alpha 0: the same weights and seed
+        assert all(0.0 <= r <= 1.0 for r in dose["shard"] + dose["control"])
+    html = (run / "report.html").read_text()
+    assert "reward_vowels_or_digits" in html and "--task FILE.py:NAME" not in html
 
 
 def test_bad_arguments_fail_at_construction(tmp_path):
@@ -281,7 +298,7 @@ def test_policy_not_from_a_local_directory_keeps_its_initial_weights(tiny_model,
     assert cli_main(["analyze", str(run), "--shards", "1"]) == 0
     html = (run / "report.html").read_text()
     assert "Needs the run's initial and final model" not in html.split('id="logit-lens"')[1]
-    assert "Needs a built-in task" in html  # dose-response: its rewards are the script's own
+    assert "--task FILE.py:NAME" in html  # dose-response: its rewards are the script's own
 
     (run / "model" / "config.json").unlink()  # the report then says what is missing
     assert cli_main(["analyze", str(run), "--shards", "1"]) == 0
@@ -320,3 +337,37 @@ def test_loaded_from_sees_through_a_peft_model(tiny_model):
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert loaded_from(model) == str(tiny_model.resolve())
+
+
+@pytest.mark.parametrize("reward", ["constant", "letters"])
+def test_rewards_that_always_tie_are_warned_about(tiny_model, tmp_path, caplog, reward):
+    """A reward every completion scores alike gives zero advantages: the run says so after five
+    logged steps; the graded letters reward does not trigger it."""
+    import logging
+
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from sae_shards.recipe.tasks import build_task
+
+    task = build_task("letters", target_length=8)
+
+    def constant(prompts, completions, **kwargs):
+        return [1.0] * len(completions)
+
+    config = GRPOConfig(output_dir=str(tmp_path / "trl"), max_steps=6, learning_rate=3e-4,
+                        per_device_train_batch_size=8, num_generations=4, seed=0,
+                        max_completion_length=8, use_cpu=True, bf16=False, report_to="none",
+                        save_strategy="no", logging_steps=1, disable_tqdm=True)
+    trainer = GRPOTrainer(model=str(tiny_model), args=config,
+                          reward_funcs=constant if reward == "constant" else task.reward_funcs,
+                          train_dataset=Dataset.from_dict(task.dataset(64).to_dict()))
+    trainer.add_callback(ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 2},
+                                       save_model=False))
+    with caplog.at_level(logging.WARNING, logger="sae_shards"):
+        trainer.train()
+    tied = [r.getMessage() for r in caplog.records if "rewards tied" in r.getMessage()]
+    if reward == "constant":
+        assert len(tied) == 1 and "steps 1-5" in tied[0]
+    else:
+        assert tied == []

@@ -168,6 +168,27 @@ def test_dose_response_rewards_the_vowel_direction_over_control(model_and_tokeni
     assert abs(curve.reward_control[2] - base) < 0.1
 
 
+def test_dose_response_draws_each_contexts_curve_from_the_same_rollouts(model_and_tokenizer):
+    """On a multi-task task the per-context curves average to the pooled one (equal prompts per
+    context, no reward scale), and the vowel direction raises task A's curve alone."""
+    model, tokenizer = model_and_tokenizer
+    task = build_task("multiskill")
+    direction = _vowel_direction(model, tokenizer, build_task("letters"))
+    curve = dose_response(model, tokenizer, task, direction, alphas=[0.0, 10.0], n_prompts=32,
+                          n_samples=4)
+    assert list(curve.shard_by_label) == list(task.labels) == list(curve.control_by_label)
+    for i in range(2):
+        mean = sum(c[i] for c in curve.shard_by_label.values()) / len(task.labels)
+        assert mean == pytest.approx(curve.reward_shard[i], abs=1e-12)
+    a = curve.shard_by_label["A"]
+    assert a[1] > a[0] + 0.4  # A rewards the vowels
+    assert all(abs(c[1] - c[0]) < 0.1 for t, c in curve.shard_by_label.items() if t != "A")
+    assert all(abs(c[1] - c[0]) < 0.1 for c in curve.control_by_label.values())
+    one = dose_response(model, tokenizer, build_task("letters"), direction, alphas=[0.0],
+                        n_prompts=4)
+    assert one.shard_by_label == {}  # one context: no split
+
+
 def test_task_rewards_per_label_from_one_batch(model_and_tokenizer):
     """Per-task rewards of a multi-task task: reproducible, the caller's RNG untouched, and a
     direction that raises task A's characters (vowels) raises A's reward alone."""

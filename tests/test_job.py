@@ -18,7 +18,8 @@ from transformers import TrainerCallback
 from sae_shards.core.checkpoint import load_checkpoint
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
 from sae_shards.run.config import LoggingConfig
-from sae_shards.run.job import JobSetupError, build_rl, resolve_device, run_job, shard_callback
+from sae_shards.run.job import (JobSetupError, build_rl, resolve_device, run_config, run_job,
+                                shard_callback)
 from sae_shards.recipe.models import load_model_and_tokenizer
 from sae_shards.run.tracking import RunLogger
 
@@ -208,6 +209,38 @@ def test_grpo_capture_equals_parameter_change(tmp_path, accumulation):
         for name in targets:
             assert torch.equal(got[name][0], want[name]), name
         assert any(bool(v.abs().sum() > 0) for v in want.values())  # the weights really moved
+
+
+def test_a_multi_character_tokenizer_gets_a_target_length_in_characters(tmp_path):
+    """model=hf_path with a tokenizer of whole words: the task's target is the completion
+    budget in characters (with 16 characters the untrained model's first completions would
+    already score 1, and GRPO would see no reward differences), and analysis rebuilds the same
+    task from the run."""
+    from transformers import AutoModelForCausalLM
+
+    from sae_shards.analysis.shards import load_run_models
+    from sae_shards.recipe.models import build_tiny_model, load_tokenizer
+    from sae_shards.recipe.tasks import default_target_length
+
+    model_dir = build_tiny_model(tmp_path / "tiny")
+    tokenizer = load_tokenizer(model_dir)
+    tokenizer.add_tokens(["the ", "and ", "rain", "ed ", "ing ", "er", "th", "re", "ou", "ea"])
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    model.resize_token_embeddings(len(tokenizer))
+    words_dir = tmp_path / "words"
+    model.save_pretrained(str(words_dir))
+    tokenizer.save_pretrained(str(words_dir))
+    cfg = _job([*SHORT, "logging=disabled", "model=hf_path", f"model.path={words_dir}",
+                "rl.max_completion_length=16"])
+    rl = build_rl(cfg, tmp_path / "run", resolve_device("cpu"))
+    task = rl.trainer.reward_funcs[0].__self__
+    assert task.target_length == default_target_length(16, tokenizer) > 16
+    run = tmp_path / "done"  # a run directory as the job writes it: config, initial and final
+    (run / "final_model").mkdir(parents=True)
+    model.save_pretrained(str(run / "final_model"))
+    tokenizer.save_pretrained(str(run / "final_model"))
+    (run / "config.json").write_text(json.dumps(run_config(cfg)))
+    assert load_run_models(run).task.target_length == task.target_length
 
 
 SETUP_ERRORS = [

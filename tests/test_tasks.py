@@ -84,3 +84,31 @@ def test_energy_shares_of_labelled_samples():
         energy_shares(samples, ["A", "B", "C"])
     with pytest.raises(ValueError, match="same number of samples"):
         energy_shares({"w": torch.zeros(2, 3), "b": torch.zeros(3)}, ["A", "B"])
+
+
+def _word_tokenizer():
+    """A whole-word tokenizer (every word, space and punctuation mark one token), like a real
+    model's multi-character vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sae_shards.recipe.tasks import REFERENCE_TEXT
+
+    words = sorted(set(REFERENCE_TEXT.replace(",", " , ").replace(".", " . ").split()))
+    vocab = {w: i for i, w in enumerate(["<unk>", " ", *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def test_target_length_is_the_completion_budget_in_characters():
+    """Rewards count characters, TRL's budget counts tokens: the default target converts one
+    into the other, exactly for the character tokenizer, ~5x for whole words."""
+    from sae_shards.recipe.tasks import REFERENCE_TEXT, chars_per_token, default_target_length
+
+    assert chars_per_token(build_tokenizer()) == 1.0
+    assert default_target_length(16, build_tokenizer()) == 16
+    words = _word_tokenizer()
+    n_tokens = len(words(REFERENCE_TEXT, add_special_tokens=False)["input_ids"])
+    assert chars_per_token(words) == len(REFERENCE_TEXT) / n_tokens > 3
+    assert default_target_length(16, words) == round(16 * len(REFERENCE_TEXT) / n_tokens)

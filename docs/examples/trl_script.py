@@ -2,11 +2,13 @@
 
     python docs/examples/trl_script.py --model /path/to/local/causal-lm --run-dir runs/example
     python docs/examples/trl_script.py --model ... --run-dir runs/example_rloo --algorithm rloo
-    sae-shards analyze runs/example
+    sae-shards analyze runs/example --task docs/examples/trl_script.py:reward_task
 
 Everything else is ordinary TRL: a local model directory, a dataset with a ``task`` column,
 and a reward function. The reward function passes each completion's task to TRL's completion
 log (``log_extra``), so the run directory records which context every rollout came from.
+``reward_task`` hands the prompts and the reward back to the analysis, which cannot store code:
+with it the report measures what each shard does to the reward, per context.
 """
 
 import argparse
@@ -27,6 +29,21 @@ def reward_vowels_or_digits(prompts, completions, task, log_extra=None, **kwargs
     return [min(sum(c in chars[t] for c in text) / 8, 1.0) for text, t in zip(completions, task)]
 
 
+def make_dataset() -> Dataset:
+    """64 prompts, each "v ..." (reward vowels) or "d ..." (reward digits), with a task column."""
+    rng = random.Random(0)
+    tasks = [rng.choice(["vowels", "digits"]) for _ in range(64)]
+    return Dataset.from_dict({"prompt": [f"{t[0]} {rng.randint(0, 999)}" for t in tasks],
+                              "task": tasks})
+
+
+def reward_task():
+    """For ``sae-shards analyze RUN --task docs/examples/trl_script.py:reward_task``."""
+    from sae_shards.analysis.reward_task import RewardTask
+
+    return RewardTask(make_dataset(), [reward_vowels_or_digits], label_column="task")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True, help="local transformers causal-LM directory")
@@ -36,10 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    rng = random.Random(0)
-    tasks = [rng.choice(["vowels", "digits"]) for _ in range(64)]
-    dataset = Dataset.from_dict({"prompt": [f"{t[0]} {rng.randint(0, 999)}" for t in tasks],
-                                 "task": tasks})
+    dataset = make_dataset()
     config_cls, trainer_cls = ((GRPOConfig, GRPOTrainer) if args.algorithm == "grpo"
                                else (RLOOConfig, RLOOTrainer))
     config = config_cls(output_dir=f"{args.run_dir}-trl", max_steps=args.steps,

@@ -18,17 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, TrainerState
 
-from sae_shards.recipe.tasks import Task
+from sae_shards.analysis.reward_task import RewardTask, is_conversational
+from sae_shards.recipe.tasks import LABEL_COLUMN, MultiSkillTask, Task
 
 Direction = Mapping[str, Tensor]
 """``{parameter name: tensor of that parameter's shape}``, in parameter units."""
+
+AnyTask = Task | MultiSkillTask | RewardTask
+"""What the reward measurements score: a built-in task, or a user's own (``RewardTask``)."""
 
 
 def _resolve(
@@ -170,7 +174,7 @@ def random_direction_like(direction: Direction, generator: torch.Generator) -> d
 
 class RewardEstimate(NamedTuple):
     mean: float
-    """Mean reward over all completions (sum over the task's reward functions)."""
+    """Mean reward over all completions (the weighted sum over the task's reward functions)."""
     stderr: float
     """Standard error of ``mean`` from the spread of per-prompt means (completions of one prompt
     are correlated, so prompts are the independent units); NaN when there is only one prompt."""
@@ -178,28 +182,66 @@ class RewardEstimate(NamedTuple):
     """Number of completions scored."""
 
 
-def _rollout_rewards(
+class Scored(NamedTuple):
+    """Fresh rollouts' rewards and each prompt's context."""
+
+    rewards: Tensor
+    """``[n_prompts, n_samples]`` float64, prompt i's completions in row i."""
+    labels: list[str] | None
+    """Each prompt's context (the task's label column), or None when the task has none."""
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """``log_extra`` / ``log_metric`` outside a trainer: nothing to log to."""
+
+
+def _label_column(task: AnyTask) -> str | None:
+    """The column naming each prompt's context: ``RewardTask.label_column``, or the built-in
+    tasks' ``task`` column."""
+    return task.label_column if isinstance(task, RewardTask) else LABEL_COLUMN
+
+
+def score_rollouts(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    task: Task,
-    prompts: Sequence[str],
-    labels: Sequence[str],
-    n_samples: int,
-    max_new_tokens: int,
-    temperature: float,
-    seed: int,
-) -> Tensor:
-    """Rewards ``[n_prompts, n_samples]`` (float64) of fresh rollouts; see :func:`mean_reward`."""
+    task: AnyTask,
+    data: Any,
+    n_samples: int = 4,
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> Scored:
+    """Sample ``n_samples`` completions of every prompt of ``data`` (a ``task.dataset(...)``)
+    and score them with the task's reward functions, as TRL's GRPO trainer does.
+
+    Generation: one batch, left padding, plain temperature sampling (top_k=0, top_p=1) under
+    ``torch.manual_seed(seed)`` inside a forked RNG (the caller's RNG state is untouched);
+    text prompts are tokenized with the tokenizer's special tokens, conversational ones through
+    its chat template with the generation prompt. Completions are decoded with
+    ``skip_special_tokens=True``. Each reward function gets TRL's keyword arguments
+    (``reward_task``'s module docstring); rewards are weighted (``reward_weights``) and summed,
+    a missing one (None) counting as NaN.
+    """
     if n_samples < 1 or max_new_tokens < 1:
         raise ValueError(
             f"n_samples={n_samples} and max_new_tokens={max_new_tokens} must both be >= 1"
         )
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0 (rollouts are sampled)")
-    prompts, labels = list(prompts), list(labels)
+    columns = {k: list(v) for k, v in (data.to_dict() if hasattr(data, "to_dict")
+                                       else dict(data)).items()}
+    prompts = columns.pop("prompt")
+    chat = is_conversational(prompts[0])
+    if chat and tokenizer.chat_template is None:
+        raise ValueError("the prompts are conversational but the run's tokenizer has no chat "
+                         "template; give text prompts or a tokenizer with a chat template")
+    texts = ([tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+              for p in prompts] if chat else prompts)
     device = next(model.parameters()).device
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
+                      add_special_tokens=not chat).to(device)
     eos = model.generation_config.eos_token_id
+    eos = eos if eos is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     try:
@@ -215,54 +257,104 @@ def _rollout_rewards(
                 max_new_tokens=max_new_tokens,
                 num_return_sequences=n_samples,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
+                eos_token_id=eos,
             )  # [n_prompts * n_samples, prompt_len + new], prompt i's samples consecutive
     finally:
         model.train(was_training)
-    completions = tokenizer.batch_decode(
-        out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-    )
-    rep_prompts = [p for p in prompts for _ in range(n_samples)]
-    rep_labels = [label for label in labels for _ in range(n_samples)]
-    rewards = torch.zeros(len(completions), dtype=torch.float64)
-    for fn in task.reward_funcs:
-        rewards += torch.tensor(
-            [float(r) for r in fn(rep_prompts, completions, task=rep_labels)], dtype=torch.float64
-        )
-    return rewards.view(len(prompts), n_samples)
+    new = out[:, batch["input_ids"].shape[1]:].cpu()
+    texts_out = tokenizer.batch_decode(new, skip_special_tokens=True)
+    completions = ([[{"role": "assistant", "content": t}] for t in texts_out] if chat
+                   else texts_out)
+    stops = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    completion_ids = [_until_stop(row.tolist(), stops) for row in new]
+
+    def repeat(values: list) -> list:
+        return [v for v in values for _ in range(n_samples)]
+
+    kwargs = {k: repeat(v) for k, v in columns.items()}
+    kwargs.update(completion_ids=completion_ids, trainer_state=TrainerState(),
+                  log_extra=_ignore, log_metric=_ignore)
+    funcs = task.reward_funcs
+    weights = getattr(task, "reward_weights", None) or [1.0] * len(funcs)
+    per_func = torch.zeros(len(funcs), len(completions), dtype=torch.float64)
+    for i, fn in enumerate(funcs):
+        scores = list(fn(prompts=repeat(prompts), completions=completions, **kwargs))
+        if len(scores) != len(completions):
+            raise ValueError(f"reward function {getattr(fn, '__name__', fn)!r} returned "
+                             f"{len(scores)} rewards for {len(completions)} completions; it "
+                             "must return one per completion")
+        per_func[i] = torch.tensor([math.nan if r is None else float(r) for r in scores],
+                                   dtype=torch.float64) * float(weights[i])
+    rewards = per_func.nansum(dim=0) if len(funcs) > 1 else per_func[0]
+    label_column = _label_column(task)
+    labels = ([str(x) for x in columns[label_column]]
+              if label_column is not None and label_column in columns else None)
+    return Scored(rewards.view(len(prompts), n_samples), labels)
+
+
+def _until_stop(ids: list[int], stops: set) -> list[int]:
+    """A completion's token ids up to and including its first stop token (TRL's
+    ``completion_ids``)."""
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[: i + 1]
+    return ids
+
+
+def _estimate(rewards: Tensor) -> RewardEstimate:
+    """Mean and per-prompt standard error of ``rewards [n_prompts, n_samples]``."""
+    per_prompt = rewards.mean(dim=1)
+    n = per_prompt.numel()
+    stderr = float(per_prompt.std() / math.sqrt(n)) if n > 1 else math.nan
+    return RewardEstimate(float(rewards.mean()), stderr, rewards.numel())
+
+
+def by_label(scored: Scored, task: AnyTask,
+             labels: Sequence[str] | None = None) -> dict[str, RewardEstimate]:
+    """Each context's reward estimate from one :class:`Scored` batch (``labels``: which, in
+    order; default every context present). A built-in task's reward is divided by its training
+    reward scale (``multiskill``'s ``reward_scale``), so every context is on the same 0..1 score.
+    ``{}`` when the prompts carry no context."""
+    if scored.labels is None:
+        return {}
+    present = list(dict.fromkeys(scored.labels))
+    scale = getattr(task, "scale", None)
+    out = {}
+    for label in (present if labels is None else labels):
+        rows = torch.tensor([lab == label for lab in scored.labels])
+        if not rows.any():
+            continue
+        r = scored.rewards[rows]
+        if scale is not None and scale(label) != 1.0:
+            r = r / scale(label)
+        out[label] = _estimate(r)
+    return out
 
 
 def mean_reward(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    task: Task,
+    task: AnyTask,
     n_prompts: int = 32,
     n_samples: int = 4,
     max_new_tokens: int = 16,
     temperature: float = 1.0,
     seed: int = 0,
 ) -> RewardEstimate:
-    """Mean task reward of fresh sampled rollouts of ``model`` (reproducible for a fixed seed).
-
-    Prompts are ``task.dataset(n_prompts, seed)``; each gets ``n_samples`` completions, sampled
-    in one batch as TRL's GRPO does (tokenizer with its special tokens, left padding, plain
-    temperature sampling: top_k=0, top_p=1). Sampling runs under ``torch.manual_seed(seed)``
-    inside a forked RNG, so the caller's RNG state is untouched. Completions are decoded with
-    ``skip_special_tokens=True`` and scored by every reward function of the task
-    (``fn(prompts, completions, task=labels)``), summed.
+    """Mean task reward of fresh sampled rollouts of ``model`` (reproducible for a fixed seed):
+    ``n_samples`` completions of each of the prompts ``task.dataset(n_prompts, seed)``, sampled
+    and scored as :func:`score_rollouts` does. ``task``: a built-in task (``load_run_models``)
+    or your own prompts and reward functions (``RewardTask``).
     """
     data = task.dataset(n_prompts, seed)
-    rewards = _rollout_rewards(model, tokenizer, task, data["prompt"], data["task"], n_samples,
-                               max_new_tokens, temperature, seed)
-    per_prompt = rewards.mean(dim=1)
-    stderr = float(per_prompt.std() / math.sqrt(n_prompts)) if n_prompts > 1 else math.nan
-    return RewardEstimate(mean=float(rewards.mean()), stderr=stderr, n=rewards.numel())
+    return _estimate(score_rollouts(model, tokenizer, task, data, n_samples, max_new_tokens,
+                                    temperature, seed).rewards)
 
 
 def task_rewards(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    task: Any,
+    task: AnyTask,
     labels: Sequence[str],
     n_prompts: int = 8,
     n_samples: int = 4,
@@ -270,33 +362,22 @@ def task_rewards(
     temperature: float = 1.0,
     seed: int = 0,
 ) -> dict[str, RewardEstimate]:
-    """Mean reward of each task label (a multi-task task such as ``multiskill``), from one batch.
+    """Mean reward of each context (a multi-task task such as ``multiskill``, or a
+    ``RewardTask`` with a ``label_column``), from one batch.
 
     ``n_prompts`` prompts per label (``task.dataset(n_prompts * len(labels), seed,
     labels=labels)``: the same prompts for the same seed), ``n_samples`` completions each,
-    sampled and scored as :func:`mean_reward` does, in one ``generate`` call; the reward of a
-    completion is its own prompt's task's reward, divided by the task's training reward scale
-    (``multiskill``'s ``reward_scale``) so that every task is measured on the same 0..1 score.
-    Reproducible for a fixed seed.
+    sampled and scored as :func:`score_rollouts` does, in one ``generate`` call; the reward of a
+    completion is its own prompt's, per context as :func:`by_label` gives it (a built-in task's
+    training reward scale divided out). Reproducible for a fixed seed.
     """
     labels = list(labels)
     if not labels or n_prompts < 1:
         raise ValueError(f"task_rewards needs labels (got {labels}) and n_prompts >= 1")
     data = task.dataset(n_prompts * len(labels), seed, labels=labels)
-    rewards = _rollout_rewards(model, tokenizer, task, data["prompt"], data["task"], n_samples,
-                               max_new_tokens, temperature, seed)
-    scale = getattr(task, "scale", None)  # multiskill's reward_scale: report the plain score
-    out = {}
-    for label in labels:
-        rows = torch.tensor([lab == label for lab in data["task"]])
-        if scale is not None and scale(label) != 1.0:
-            rewards[rows] /= scale(label)
-        per_prompt = rewards[rows].mean(dim=1)
-        stderr = float(per_prompt.std() / math.sqrt(len(per_prompt))) if len(per_prompt) > 1 \
-            else math.nan
-        out[label] = RewardEstimate(float(rewards[rows].mean()), stderr,
-                                    int(rows.sum()) * n_samples)
-    return out
+    scored = score_rollouts(model, tokenizer, task, data, n_samples, max_new_tokens,
+                            temperature, seed)
+    return by_label(scored, task, labels)
 
 
 @dataclass(frozen=True)
@@ -315,36 +396,58 @@ class DoseResponse:
     """Standard error of each ``reward_control`` entry."""
     n: int
     """Completions scored per point."""
+    shard_by_label: dict[str, list[float]] = field(default_factory=dict)
+    """Each context's mean reward along the shard, one per alpha, from the same rollouts
+    (``by_label``: a built-in task's reward scale divided out); ``{}`` unless the prompts carry
+    at least two contexts."""
+    control_by_label: dict[str, list[float]] = field(default_factory=dict)
+    """The same along the control."""
 
 
 def dose_response(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    task: Task,
+    task: AnyTask,
     direction: Direction,
     alphas: Sequence[float],
     control_seed: int = 0,
+    n_prompts: int = 32,
     **reward_kwargs: Any,
 ) -> DoseResponse:
-    """Measure ``mean_reward`` along ``alpha * direction`` and along a norm-matched control.
+    """Measure the reward along ``alpha * direction`` and along a norm-matched control.
 
     One control direction (``random_direction_like`` with ``control_seed``) serves every alpha,
-    and every point uses the same rollout seed (``reward_kwargs``, passed to ``mean_reward``), so
-    the curves differ only through the weights. ``model`` is restored bit-exactly afterwards.
+    and every point scores the same prompts (``task.dataset(n_prompts, seed)``) with the same
+    rollout seed (``reward_kwargs``: ``n_samples``, ``max_new_tokens``, ``temperature``,
+    ``seed``, as :func:`score_rollouts` takes them), so the curves differ only through the
+    weights. When the prompts carry several contexts, each one's curve comes from the same
+    rollouts (``shard_by_label``). ``model`` is restored bit-exactly afterwards.
     """
     control = random_direction_like(direction, torch.Generator().manual_seed(control_seed))
-    shard_points: list[RewardEstimate] = []
-    control_points: list[RewardEstimate] = []
+    data = task.dataset(n_prompts, reward_kwargs.get("seed", 0))
+    points: dict[str, list[Scored]] = {"shard": [], "control": []}
     for alpha in alphas:
-        with add_direction(model, direction, alpha):
-            shard_points.append(mean_reward(model, tokenizer, task, **reward_kwargs))
-        with add_direction(model, control, alpha):
-            control_points.append(mean_reward(model, tokenizer, task, **reward_kwargs))
+        for kind, d in (("shard", direction), ("control", control)):
+            with add_direction(model, d, alpha):
+                points[kind].append(score_rollouts(model, tokenizer, task, data,
+                                                   **reward_kwargs))
+    pooled = {kind: [_estimate(p.rewards) for p in ps] for kind, ps in points.items()}
+    labelled = {kind: [by_label(p, task) for p in ps] for kind, ps in points.items()}
+    several = bool(labelled["shard"]) and len(labelled["shard"][0]) >= 2
+
+    def curves(kind: str) -> dict[str, list[float]]:
+        if not several:
+            return {}
+        return {label: [point[label].mean for point in labelled[kind]]
+                for label in labelled[kind][0]}
+
     return DoseResponse(
         alphas=[float(a) for a in alphas],
-        reward_shard=[p.mean for p in shard_points],
-        stderr_shard=[p.stderr for p in shard_points],
-        reward_control=[p.mean for p in control_points],
-        stderr_control=[p.stderr for p in control_points],
-        n=shard_points[0].n if shard_points else 0,
+        reward_shard=[p.mean for p in pooled["shard"]],
+        stderr_shard=[p.stderr for p in pooled["shard"]],
+        reward_control=[p.mean for p in pooled["control"]],
+        stderr_control=[p.stderr for p in pooled["control"]],
+        n=pooled["shard"][0].n if alphas else 0,
+        shard_by_label=curves("shard"),
+        control_by_label=curves("control"),
     )

@@ -9,7 +9,9 @@ The dose-response adds ``alpha * c * shard`` to the *initial* weights, where ``c
 the shard's coefficient in the run's cumulative update ``Delta = theta_final - theta_initial``:
 alpha = 1 is "this shard's share of everything RL changed". A norm-matched random direction is
 the control. It needs the run's ``model/`` (or ``model.path``) and ``final_model/`` (a LoRA
-run's adapter, merged into that base).
+run's adapter, merged into that base), and a reward: a built-in task's, or, for a run of the
+user's own TRL script, theirs handed back as ``analyze(..., task=RewardTask(...))``
+(``reward_task``). When the prompts carry several contexts each one's curve is drawn too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from sae_shards.analysis.families import ALWAYS_ON_DENSITY
 from sae_shards.analysis.interventions import dose_response, update_coefficient
+from sae_shards.analysis.reward_task import RewardTask
 from sae_shards.analysis.shards import RunView, load_run_models, run_models_missing
 from sae_shards.run import rundir
 
@@ -134,10 +137,12 @@ def plot_dose(results: dict[int, Any]) -> str:
         ax.errorbar(dr.alphas, dr.reward_shard, yerr=dr.stderr_shard, label="shard", marker="o")
         ax.errorbar(dr.alphas, dr.reward_control, yerr=dr.stderr_control, label="random (norm-matched)",
                     marker="x")
+        for label, curve in dr.shard_by_label.items():  # each context's reward, same rollouts
+            ax.plot(dr.alphas, curve, linestyle=":", linewidth=1, label=f"shard: {label}")
         ax.set_title(f"shard {shard}")
         ax.set_xlabel("alpha (x shard's share of the run's update)")
         ax.set_ylabel("mean reward")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     return _png(fig)
 
@@ -165,8 +170,11 @@ def lens_rows(model, tokenizer, shard, top_k: int) -> list[dict[str, Any]]:
 def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 4,
             checkpoint: str | None = None,
             top_k: int = 5, dose: bool = True, alphas=DEFAULT_ALPHAS,
-            n_prompts: int = 32) -> Path:
-    """Write the HTML report of a run (default ``run_dir/report.html``) and ``analysis.json``."""
+            n_prompts: int = 32, task: RewardTask | None = None) -> Path:
+    """Write the HTML report of a run (default ``run_dir/report.html``) and ``analysis.json``.
+
+    ``task``: the prompts and reward functions to score the dose-response with (a run of your
+    own TRL script records none; ``reward_task``); by default a built-in task's own."""
     view = RunView(run_dir, checkpoint)
     out = Path(out) if out else view.run_dir / "report.html"
     shards = top_shards(view, n_shards)
@@ -220,7 +228,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                                                       "tasks")}
                                    for t in view.top_events(s, top_k)]
         if models is not None:
-            initial, final, tokenizer, task = models
+            initial, final, tokenizer, run_task = models
+            scorer = task if task is not None else run_task
             rows = lens_rows(initial, tokenizer, view.shards[s], top_k)
             entry["logit_lens"] = rows
             lens_html.append(_lens_html(s, rows, tags))
@@ -228,33 +237,49 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
             c = update_coefficient(dict(final.named_parameters()),
                                    dict(initial.named_parameters()), direction)
             entry["share_of_update"] = c
-            if task is None:  # a user's own TRL run: its reward is not known to sae-shards
+            if scorer is None:  # a user's own TRL run, analysed without its reward (``task``)
                 analysis["shards"][s] = entry
                 continue
-            dr = dose_response(initial, tokenizer, task, {n: d * c for n, d in direction.items()},
-                               alphas, n_prompts=n_prompts)
+            dr = dose_response(initial, tokenizer, scorer,
+                               {n: d * c for n, d in direction.items()}, alphas,
+                               n_prompts=n_prompts)
             dose_results[s] = dr
             entry["dose_response"] = {"alphas": list(dr.alphas), "shard": list(dr.reward_shard),
-                                      "control": list(dr.reward_control)}
+                                      "control": list(dr.reward_control),
+                                      "shard_by_label": dr.shard_by_label,
+                                      "control_by_label": dr.control_by_label}
         analysis["shards"][s] = entry
     why = run_models_missing(view.run_dir) if dose else "skipped (--no-dose)"
     missing = (f"<p>Needs the run's initial and final model: {html.escape(why)}.</p>" if why
                else "<p>No active shard to show (the SAE never trained).</p>")
-    no_task = ("<p>Needs a built-in task to score rewards (this run's rewards came from its own "
-               "TRL script).</p>")
+    no_task = ("<p>Needs the run's reward: this run's rewards came from its own TRL script. "
+               "Hand them back with <code>sae-shards analyze RUN --task FILE.py:NAME</code> or "
+               "<code>analyze(run, task=RewardTask(prompts, reward_funcs))</code> "
+               "(docs/analysis.md).</p>")
     parts.append(_section("logit-lens", "Logit lens (write directions of the blocks' output "
                           "projections)", "".join(lens_html) or missing))
     parts.append(_section("dose-response", "Dose-response: reward vs alpha * shard",
-                          (plot_dose(dose_results) if dose_results else
-                           no_task if models is not None and models.task is None else missing)
+                          (plot_dose(dose_results) + _dose_source(task) if dose_results else
+                           no_task if models is not None and models.task is None
+                           and task is None else missing)
                           + "<p>alpha = 1 adds the shard's share of the run's whole update to the "
-                            "initial weights; the control adds a random direction of equal norm.</p>"))
+                            "initial weights; the control adds a random direction of equal norm. "
+                            "Dotted: each context's reward along the shard, from the same "
+                            "rollouts (when the prompts carry several).</p>"))
 
     page = _page(f"sae-shards report: {view.run_dir.name}", "".join(parts))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     (out.parent / rundir.ANALYSIS).write_text(json.dumps(analysis, indent=2, default=float))
     return out
+
+
+def _dose_source(task: RewardTask | None) -> str:
+    if task is None:
+        return ""
+    names = ", ".join(getattr(fn, "__name__", type(fn).__name__) for fn in task.reward_funcs)
+    return (f"<p>Scored with the given reward task {html.escape(task.name)!r}: "
+            f"{html.escape(names)}.</p>")
 
 
 def _families_html(rows: list[dict[str, Any]]) -> str:

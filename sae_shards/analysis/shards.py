@@ -314,7 +314,7 @@ def load_run_models(run_dir: str | Path) -> RunModels | None:
     ``task`` is None for a run of a user's own TRL script (``ShardCallback``): its rewards are
     not known to sae-shards."""
     from sae_shards.recipe.models import load_model_and_tokenizer
-    from sae_shards.recipe.tasks import build_task
+    from sae_shards.recipe.tasks import build_task, default_target_length
 
     run_dir = Path(run_dir)
     if run_models_missing(run_dir) is not None:
@@ -333,7 +333,8 @@ def load_run_models(run_dir: str | Path) -> RunModels | None:
         fin = load_model_and_tokenizer(final)
     task = None
     if cfg.get("task"):
-        options = {"target_length": cfg["rl"]["max_completion_length"], **cfg["task"]["options"]}
+        target_length = default_target_length(cfg["rl"]["max_completion_length"], init.tokenizer)
+        options = {"target_length": target_length, **cfg["task"]["options"]}  # as the job had it
         task = build_task(cfg["task"]["name"], **options)
     return RunModels(init.model.eval(), fin.model.eval(), init.tokenizer, task)
 

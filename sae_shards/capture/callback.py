@@ -170,6 +170,7 @@ class ShardCallback(TrainerCallback):
         self._rows: dict[int, dict] = {}  # the current step's rollouts row (per-event metadata)
         self._rewards: dict[int, float] = {}  # rl step -> mean reward of its rollouts
         self._fvu: list[float] = []
+        self._tied = TiedRewardsWatch()
         self._t0 = math.nan
         self._wall_before = 0.0  # training time of the processes this one resumed from
         self.stop_signal: int | None = None
@@ -407,6 +408,7 @@ class ShardCallback(TrainerCallback):
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.logger.log_rl(numeric, state.global_step)
         self._metric_log.append({"kind": "rl", "rl_step": state.global_step, **numeric})
+        self._tied.observe(numeric.get(TIED_METRIC), state.global_step)
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.capture is not None and not state.is_world_process_zero:
@@ -507,6 +509,41 @@ class ShardCallback(TrainerCallback):
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
+TIED_METRIC = "frac_reward_zero_std"
+"""TRL's (GRPO and RLOO) share of prompt groups whose rewards all tied, per logged step."""
+
+
+class TiedRewardsWatch:
+    """Warns once when every prompt group's rewards tied in ``after`` consecutive logged steps:
+    the advantages are then zero, the policy's update carries no reward signal (only the KL
+    term and weight decay move it), and no shard can find what RL reinforced."""
+
+    def __init__(self, after: int = 5) -> None:
+        self.after = after
+        self.first: int | None = None  # the first step of the current run of tied steps
+        self.count = 0
+        self.warned = False
+
+    def observe(self, frac_tied: float | None, step: int) -> None:
+        if frac_tied is None or self.warned:
+            return
+        if frac_tied < 1.0:
+            self.first, self.count = None, 0
+            return
+        self.first = step if self.first is None else self.first
+        self.count += 1
+        if self.count >= self.after:
+            self.warned = True
+            log.warning(
+                "every prompt group's rewards tied in %d logged steps in a row (steps %d-%d, "
+                "TRL's %s = 1): the advantages are zero, so the policy's updates carry no "
+                "reward signal and the shards cannot find one. Check the reward: every "
+                "completion scoring the same (saturated, e.g. a target any completion reaches, "
+                "or never earned) gives this; for sae-shards train's tasks see "
+                "task.options.target_length", self.count, self.first, step, TIED_METRIC)
+
+
 
 
 def _config(cls: type, value: Any, prefix: str) -> Any:

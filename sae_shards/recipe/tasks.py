@@ -57,8 +57,9 @@ class Task:
     target_chars: str = "aeiou"
     """Characters that earn reward."""
     target_length: int = 16
-    """Target characters needed for reward 1 (``sae-shards train`` sets it to
-    ``rl.max_completion_length`` unless given; in your own script, match your completion length)."""
+    """Target characters needed for reward 1 (``sae-shards train`` sets it to the completion
+    budget in characters, ``rl.max_completion_length`` times the tokenizer's characters per token
+    (``default_target_length``), unless given; in your own script, match your completion length)."""
     prompt_chars: str = string.ascii_lowercase
     """Characters the random prompt bodies are drawn from."""
     prompt_length: tuple[int, int] = (4, 8)
@@ -202,8 +203,8 @@ class MultiSkillTask:
     """Seed of the step schedule (prompt bodies use the job seed), so runs with different job
     seeds can share one schedule."""
     target_length: int = 16
-    """Class characters needed for reward 1 (``sae-shards train`` sets it to
-    ``rl.max_completion_length`` unless given)."""
+    """Class characters needed for reward 1 (``sae-shards train`` sets it to the completion
+    budget in characters, ``default_target_length``, unless given)."""
     prompt_chars: str = string.ascii_lowercase
     """Characters the random prompt bodies are drawn from."""
     prompt_length: tuple[int, int] = (4, 8)
@@ -403,6 +404,29 @@ class MultiSkillTask:
             body = "".join(rng.choice(self.prompt_chars) for _ in range(n))
             prompts.append(f"{self.tag(label)} {body}")
         return Dataset.from_dict({"prompt": prompts, "task": labels})
+
+
+REFERENCE_TEXT = ("a short note on the weather: it rained for 3 days, then the sun came out; "
+                  "people walked to the river, talked about work and food, and went home at 9. "
+                  "what will tomorrow bring? nobody knows, but the forecast says 21 degrees.")
+"""Plain lowercase prose, digits and punctuation, tag-free: ``chars_per_token`` measures a
+tokenizer on it (a character tokenizer: exactly 1)."""
+
+
+def chars_per_token(tokenizer: Any) -> float:
+    """Characters per token of ``tokenizer`` on ``REFERENCE_TEXT`` (no special tokens)."""
+    ids = tokenizer(REFERENCE_TEXT, add_special_tokens=False)["input_ids"]
+    return len(REFERENCE_TEXT) / max(len(ids), 1)
+
+
+def default_target_length(max_completion_length: int, tokenizer: Any) -> int:
+    """The built-in tasks' ``target_length`` when none is given: the completion budget in
+    characters, ``max_completion_length`` tokens times ``chars_per_token``. The rewards count
+    characters while TRL's budget counts tokens: with a multi-character tokenizer (~4 characters
+    per token) a target of ``max_completion_length`` characters would be met by the untrained
+    model's first completions, every group's rewards would tie at 1, and RL would learn nothing.
+    The tiny models' character tokenizer gives ``max_completion_length`` itself."""
+    return max(1, round(max_completion_length * chars_per_token(tokenizer)))
 
 
 def build_task(name: str, **kwargs: Any) -> Task | MultiSkillTask:

@@ -29,7 +29,7 @@ from sae_shards.capture import distributed
 from sae_shards.capture import resume as resume_state
 from sae_shards.capture.callback import ShardCallback
 from sae_shards.recipe.models import build_tiny_model, load_tokenizer
-from sae_shards.recipe.tasks import build_task
+from sae_shards.recipe.tasks import build_task, default_target_length
 from sae_shards.recipe.trainers import build_trainer
 from sae_shards.run import rundir
 from sae_shards.run.config import JobConfig
@@ -92,9 +92,9 @@ def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device,
     collective (DeepSpeed ZeRO-3 partitions the model as it loads)."""
     model_path = prepare_model(cfg, run_dir) if model_path is None else model_path
     tokenizer = load_tokenizer(model_path)
-    # The letters reward divides by target_length: tie it to the completion budget by default.
-    task = build_task(cfg.task.name, **{"target_length": cfg.rl.max_completion_length,
-                                        **cfg.task.options})
+    # The rewards divide by target_length: tie it to the completion budget, in characters.
+    target_length = default_target_length(cfg.rl.max_completion_length, tokenizer)
+    task = build_task(cfg.task.name, **{"target_length": target_length, **cfg.task.options})
     trl_kwargs = {**cfg.rl.trl_kwargs(), "seed": cfg.seed}
     if device.type == "cpu":
         trl_kwargs.update(use_cpu=True)

@@ -1,0 +1,173 @@
+"""Your own run's reward, handed back for analysis: prompts plus TRL reward functions.
+
+A run of your own TRL script (``ShardCallback``) records its rollouts but not its reward: reward
+functions are code, and sae-shards never stores or unpickles code. To measure what a shard does
+to the reward (the report's dose-response, ``interventions.mean_reward`` / ``task_rewards`` /
+``dose_response``), give the prompts and reward functions back as a :class:`RewardTask`::
+
+    task = RewardTask(train_dataset, [my_reward], label_column="task")
+    analyze("runs/mine", task=task)    # or: sae-shards analyze runs/mine --task FILE.py:NAME
+
+The interventions call the functions as TRL's GRPO trainer does: keyword arguments ``prompts``,
+``completions`` (strings, or ``[{"role": "assistant", "content": ...}]`` for conversational
+prompts), ``completion_ids``, every other dataset column repeated per completion, and
+``trainer_state`` / ``log_extra`` / ``log_metric`` (a fresh ``TrainerState`` and no-ops).
+Rewards are weighted by ``reward_weights`` and summed; ``None`` counts as missing (NaN), as in
+TRL. Model-based rewards (a reward model given to the trainer) are not supported: wrap one in a
+function that scores the completions.
+
+``load_task_spec("pkg.module:name")`` or ``load_task_spec("path/to/script.py:name")`` resolves the
+command line's ``--task``: ``name`` is a ``RewardTask`` or a function of no arguments returning
+one. A script is imported as a module, so its training must sit under
+``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from datasets import Dataset
+
+RewardFunc = Callable[..., Sequence[float | None]]
+"""A TRL reward function: ``fn(prompts=..., completions=..., **columns) -> one reward each``."""
+
+
+def is_conversational(prompt: Any) -> bool:
+    """Whether a ``prompt`` value is a chat (a list of ``{"role", "content"}`` messages)."""
+    return (isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], Mapping)
+            and "role" in prompt[0])
+
+
+@dataclass
+class RewardTask:
+    """A user's RL task, as the interventions need it: prompts and reward functions.
+
+    Checked at construction; a bad field raises ``ValueError`` naming it."""
+
+    prompts: Dataset | Sequence[Mapping[str, Any]]
+    """The prompts, with a ``prompt`` column (text, or a list of chat messages) and any columns
+    the reward functions read: typically the ``train_dataset`` given to the trainer."""
+    reward_funcs: RewardFunc | Sequence[RewardFunc]
+    """The trainer's reward function(s), called as TRL calls them (module docstring)."""
+    reward_weights: Sequence[float] | None = None
+    """One weight per reward function, as ``GRPOConfig.reward_weights`` (default: 1 each)."""
+    label_column: str | None = None
+    """A column naming each prompt's context (as ``ShardCallback(label_column=...)``): enables
+    per-context rewards (``task_rewards``, the report's per-context dose curves)."""
+    name: str = "user"
+    """A name for reports."""
+    _data: Dataset = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        data = self.prompts
+        if not isinstance(data, Dataset):
+            try:
+                data = Dataset.from_list([dict(row) for row in data])
+            except Exception as e:  # noqa: BLE001 - any malformed input gets one clear error
+                raise ValueError(f"RewardTask.prompts: give a datasets.Dataset or a list of row "
+                                 f"dicts with a 'prompt' key ({type(e).__name__}: {e})") from e
+        if len(data) == 0 or "prompt" not in data.column_names:
+            raise ValueError(f"RewardTask.prompts needs at least one row and a 'prompt' column; "
+                             f"got {len(data)} rows with columns {data.column_names}")
+        one = callable(self.reward_funcs) or isinstance(self.reward_funcs, str)
+        funcs = [self.reward_funcs] if one else list(self.reward_funcs)
+        if not funcs:
+            raise ValueError("RewardTask.reward_funcs is empty; give the trainer's reward "
+                             "functions")
+        for fn in funcs:
+            if isinstance(fn, str) or not callable(fn) or _is_module(fn):
+                raise ValueError(
+                    f"RewardTask.reward_funcs: {fn!r} is not a reward function; reward models "
+                    "(a model or its id) are not supported: wrap one in a function "
+                    "fn(prompts, completions, **kwargs) that returns one score per completion")
+        self.reward_funcs = funcs
+        if self.reward_weights is not None:
+            weights = [float(w) for w in self.reward_weights]
+            if len(weights) != len(funcs):
+                raise ValueError(f"RewardTask.reward_weights has {len(weights)} entries for "
+                                 f"{len(funcs)} reward functions; give one per function")
+            self.reward_weights = weights
+        if self.label_column is not None and self.label_column not in data.column_names:
+            raise ValueError(f"RewardTask.label_column={self.label_column!r} is not a column of "
+                             f"the prompts ({data.column_names})")
+        self._data = data
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The contexts of ``label_column`` (sorted), or ``()`` without one."""
+        if self.label_column is None:
+            return ()
+        return tuple(sorted({str(v) for v in self._data[self.label_column]}))
+
+    def dataset(self, n_prompts: int, seed: int = 0,
+                labels: Sequence[str] | None = None) -> Dataset:
+        """``n_prompts`` rows drawn without replacement in a ``seed``-shuffled order (cycling
+        when more are asked than there are). With ``labels``, prompts cycle through those
+        contexts (``label_column`` needed), as the built-in ``multiskill`` task's do."""
+        if n_prompts < 1:
+            raise ValueError(f"n_prompts={n_prompts} must be >= 1")
+        order = list(range(len(self._data)))
+        random.Random(seed).shuffle(order)
+        if labels is None:
+            return self._data.select([order[i % len(order)] for i in range(n_prompts)])
+        labels = [str(x) for x in labels]
+        unknown = sorted(set(labels) - set(self.labels))
+        if not labels or unknown:
+            raise ValueError(f"labels={labels} must be a non-empty subset of this task's "
+                             f"contexts {list(self.labels)} (RewardTask.label_column="
+                             f"{self.label_column!r})")
+        column = [str(v) for v in self._data[self.label_column]]
+        pools = {label: [i for i in order if column[i] == label] for label in labels}
+        taken = {label: 0 for label in labels}
+        rows = []
+        for i in range(n_prompts):
+            label = labels[i % len(labels)]
+            rows.append(pools[label][taken[label] % len(pools[label])])
+            taken[label] += 1
+        return self._data.select(rows)
+
+
+def _is_module(fn: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(fn, torch.nn.Module)
+
+
+def load_task_spec(spec: str) -> RewardTask:
+    """The :class:`RewardTask` that ``"module:name"`` or ``"path/to/file.py:name"`` names (a
+    ``RewardTask``, or a function of no arguments returning one). Raises ``ValueError``."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise ValueError(f"--task {spec!r}: give MODULE:NAME or FILE.py:NAME, where NAME is a "
+                         "RewardTask or a function returning one")
+    if where.endswith(".py") or "/" in where:
+        path = Path(where).resolve()
+        if not path.is_file():
+            raise ValueError(f"--task {spec!r}: no file {path}")
+        module_name = f"_sae_shards_task_{abs(hash(str(path)))}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.path.insert(0, str(path.parent))  # the script's own sibling imports
+        try:
+            module_spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(path.parent))
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ValueError(f"--task {spec!r}: cannot import {where!r} ({e})") from e
+    if not hasattr(module, name):
+        raise ValueError(f"--task {spec!r}: {where} has no {name!r}")
+    obj = getattr(module, name)
+    if callable(obj) and not isinstance(obj, RewardTask):
+        obj = obj()
+    if not isinstance(obj, RewardTask):
+        raise ValueError(f"--task {spec!r}: {name} is of type {type(obj).__name__}, not a "
+                         "RewardTask (from sae_shards.analysis.reward_task import RewardTask)")
+    return obj
