@@ -383,21 +383,27 @@ def _analyze(args: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
     parser.add_argument("--shards", type=int, default=4,
                         help="how many shards to detail beside the always-on ones")
-    parser.add_argument("--no-dose", action="store_true", help="skip logit lens and dose-response")
+    parser.add_argument("--no-dose", action="store_true", help="skip logit lens, dose-response and ablation")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (explicit: "
                         "default counts oversubscribe small CPUs)")
     parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     parser.add_argument("--task", default=None, metavar="FILE.py:NAME | MODULE:NAME",
-                        help="your run's prompts and reward functions, for the dose-response "
+                        help="your run's prompts and reward functions, for the dose-response and "
+                             "ablation "
                              "of a run of your own TRL script: a RewardTask, or a function "
                              "returning one (docs/analysis.md)")
     ns = parser.parse_args(args)
     _set_threads(ns.threads)
+    from sae_shards.analysis.interventions import RewardFunctionError
+
     task = None
     if ns.task is not None:
         from sae_shards.analysis.reward_task import load_task_spec
 
         try:
+            if ns.no_dose:
+                raise ValueError("--task scores the dose-response and the ablation, which "
+                                 "--no-dose skips; drop one of them")
             task = load_task_spec(ns.task)
         except ValueError as e:
             print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
@@ -406,7 +412,7 @@ def _analyze(args: list[str]) -> int:
         name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
         out = analyze(ns.run_dir, ns.out, n_shards=ns.shards, dose=not ns.no_dose,
                       checkpoint=name, task=task)
-    except CheckpointError as e:
+    except (CheckpointError, RewardFunctionError) as e:
         print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
         return 2
     print(out)

@@ -36,7 +36,7 @@ def test_example_adds_exactly_one_sae_shards_line():
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
-def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm):
+def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm, capsys):
     run = tmp_path / f"run_{algorithm}"
     done = subprocess.run(
         [sys.executable, str(EXAMPLE), "--model", str(tiny_model), "--run-dir", str(run),
@@ -79,12 +79,37 @@ def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm):
     analysis = json.loads((run / "analysis.json").read_text())
     doses = [e["dose_response"] for e in analysis["shards"].values()]
     assert len(doses) == len(analysis["shards"]) >= 2
+    for entry in analysis["shards"].values():
+        assert sorted(entry["ablation"]["removed_by_label"]) == ["digits", "vowels"]
+        assert entry["ablation"]["coefficient"] == entry["share_of_update"]
     for dose in doses:
         assert sorted(dose["shard_by_label"]) == ["digits", "vowels"]
         assert dose["shard"][2] == dose["control"][2]  # alpha 0: the same weights and seed
         assert all(0.0 <= r <= 1.0 for r in dose["shard"] + dose["control"])
     html = (run / "report.html").read_text()
-    assert "reward_vowels_or_digits" in html and "--task FILE.py:NAME" not in html
+    assert "reward_vowels_or_digits x 1" in html and "--task FILE.py:NAME" not in html
+    # sampled as the run did: TRL's settings, recorded by the callback
+    from sae_shards.analysis.shards import run_sampling
+
+    assert run_sampling(run) == {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0,
+                                 "top_k": 0, "repetition_penalty": 1.0}
+    assert "max_new_tokens=8, temperature=1.0" in html
+    # a broken reward fails in seconds, named; a task with other contexts is noted
+    bad = tmp_path / "bad_task.py"
+    bad.write_text("from sae_shards.analysis.reward_task import RewardTask\n"
+                   "def broken(prompts, completions, **kw):\n    return [0.0]\n"
+                   "BROKEN = RewardTask([{'prompt': 'v 1'}], broken)\n"
+                   "def const(prompts, completions, **kw):\n    return [0.5] * len(completions)\n"
+                   "OTHER = RewardTask([{'prompt': 'v 1', 'kind': 'X'}], const, "
+                   "label_column='kind')\n")
+    capsys.readouterr()
+    assert cli_main(["analyze", str(run), "--task", f"{bad}:BROKEN"]) == 2
+    assert "reward function 'broken' returned 1 rewards for 2 completions" in \
+        capsys.readouterr().err
+    assert cli_main(["analyze", str(run), "--no-dose", "--task", f"{bad}:OTHER"]) == 2
+    assert "--no-dose skips" in capsys.readouterr().err
+    assert cli_main(["analyze", str(run), "--shards", "0", "--task", f"{bad}:OTHER"]) == 0
+    assert "contexts [&#x27;X&#x27;] are none of the run" in (run / "report.html").read_text()
 
 
 def test_bad_arguments_fail_at_construction(tmp_path):

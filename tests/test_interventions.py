@@ -189,6 +189,30 @@ def test_dose_response_draws_each_contexts_curve_from_the_same_rollouts(model_an
     assert one.shard_by_label == {}  # one context: no split
 
 
+def test_ablation_removes_what_the_run_added_along_the_shard(model_and_tokenizer):
+    """A "run" that moved theta_0 by 10 x the vowel direction: removing its update along that
+    direction brings task A's reward back down, and leaves the other tasks; removing the same
+    amount of a random direction leaves A's gain; the final weights are restored bit-exactly."""
+    from sae_shards.analysis.interventions import ablate
+
+    model, tokenizer = model_and_tokenizer
+    task = build_task("multiskill")
+    direction = _vowel_direction(model, tokenizer, build_task("letters"))
+    theta0 = _snapshot(model)
+    with add_direction(model, direction, 10.0):  # the "final" policy
+        final = _snapshot(model)
+        ab = ablate(model, tokenizer, task, direction, theta0, n_prompts=32, n_samples=4)
+        _assert_bit_equal(model, final)
+    assert ab.coefficient == pytest.approx(10.0, rel=1e-4)
+    assert list(ab.removed_by_label) == list(task.labels)
+    a_drop = ab.final_by_label["A"] - ab.removed_by_label["A"]
+    assert a_drop > 0.4  # the vowel reward falls back towards the untrained model's
+    assert all(abs(ab.final_by_label[t] - ab.removed_by_label[t]) < 0.1 for t in "BCD")
+    assert abs(ab.final_by_label["A"] - ab.control_by_label["A"]) < 0.1
+    pooled = sum(ab.removed_by_label.values()) / 4
+    assert pooled == pytest.approx(ab.reward_removed, abs=1e-12)
+
+
 def test_task_rewards_per_label_from_one_batch(model_and_tokenizer):
     """Per-task rewards of a multi-task task: reproducible, the caller's RNG untouched, and a
     direction that raises task A's characters (vowels) raises A's reward alone."""

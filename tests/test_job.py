@@ -238,9 +238,12 @@ def test_a_multi_character_tokenizer_gets_a_target_length_in_characters(tmp_path
     run = tmp_path / "done"  # a run directory as the job writes it: config, initial and final
     (run / "final_model").mkdir(parents=True)
     model.save_pretrained(str(run / "final_model"))
-    tokenizer.save_pretrained(str(run / "final_model"))
+    tokenizer.chat_template = "{{ messages[0]['content'] }}"  # set in a script: saved with the
+    tokenizer.save_pretrained(str(run / "final_model"))      # final policy, not in model.path
     (run / "config.json").write_text(json.dumps(run_config(cfg)))
-    assert load_run_models(run).task.target_length == task.target_length
+    models = load_run_models(run)
+    assert models.task.target_length == task.target_length
+    assert models.tokenizer.chat_template == tokenizer.chat_template  # the one training used
 
 
 SETUP_ERRORS = [

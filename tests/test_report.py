@@ -47,6 +47,11 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
     assert len(analysis["top_shards"]) == n_always + min(2, others)  # always-on + 2 others
     for entry in analysis["shards"].values():
         assert len(entry["dose_response"]["shard"]) == 3
+        ablation = entry["ablation"]  # the same coefficient as the dose-response's alpha = 1
+        assert ablation["coefficient"] == entry["share_of_update"]
+        assert ablation["reward_final"] == analysis["shards"][str(analysis["top_shards"][0])]["ablation"][
+            "reward_final"]  # one baseline estimate for every shard
+        assert ablation["removed_by_label"] == {}  # one context
         assert entry["logit_lens"], "the body targets include o_proj/down_proj writers"
     # families partition the shards that fired but are not always on (none in this short run:
     # its 4 live shards fire on every sample; tests/test_evaluate.py has a run with families),

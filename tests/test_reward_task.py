@@ -83,6 +83,53 @@ def test_weights_sum_the_functions_and_none_counts_as_missing(model_and_tokenize
     scored = score_rollouts(model, tokenizer, task, task.dataset(4), n_samples=2,
                             max_new_tokens=4)
     assert scored.rewards.flatten().tolist() == [4.0, 2.0] * 4  # 2*1 + 0.5*4, and 2*1 + nan
+    # a completion no function scores is unscorable: left out of the means, as TRL does
+    alone = RewardTask(_prompts(), [some_missing])
+    rewards = score_rollouts(model, tokenizer, alone, alone.dataset(4), n_samples=2,
+                             max_new_tokens=4).rewards
+    assert rewards[:, 0].tolist() == [4.0] * 4 and rewards[:, 1].isnan().all()
+    est = mean_reward(model, tokenizer, alone, n_prompts=4, n_samples=2, max_new_tokens=4)
+    assert est.mean == 4.0 and est.n == 4 and est.stderr == 0.0
+    both = RewardTask(_prompts(), [some_missing, some_missing])
+    assert score_rollouts(model, tokenizer, both, both.dataset(2), n_samples=2,
+                          max_new_tokens=4).rewards[:, 1].isnan().all()
+
+
+def test_async_reward_functions_are_awaited_and_failures_name_the_function(
+        model_and_tokenizer):
+    from sae_shards.analysis.interventions import RewardFunctionError
+
+    model, tokenizer = model_and_tokenizer
+
+    async def later(prompts, completions, **kwargs):
+        return [2.0] * len(completions)
+
+    task = RewardTask(_prompts(), later)
+    assert mean_reward(model, tokenizer, task, n_prompts=2, n_samples=2,
+                       max_new_tokens=3).mean == 2.0
+
+    def needs_a_column(prompts, completions, solution, **kwargs):
+        return [0.0] * len(completions)
+
+    broken = RewardTask(_prompts(), needs_a_column)
+    with pytest.raises(RewardFunctionError, match=r"'needs_a_column' failed when called as TRL "
+                                                  r"calls it, with keyword arguments \['answer', "
+                                                  r".*TypeError: .*'solution'"):
+        mean_reward(model, tokenizer, broken, n_prompts=2, n_samples=1, max_new_tokens=2)
+
+
+def test_the_runs_sampling_settings_are_used(model_and_tokenizer):
+    """max_new_tokens bounds the completions the reward sees; top_k=1 samples greedily, so
+    every sample of a prompt is the same."""
+    model, tokenizer = model_and_tokenizer
+    rec = Recorder()
+    task = RewardTask(_prompts(), rec)
+    score_rollouts(model, tokenizer, task, task.dataset(3), n_samples=4, max_new_tokens=5,
+                   top_k=1, repetition_penalty=1.3)
+    call = rec.calls[-1]
+    assert all(len(ids) <= 5 for ids in call["completion_ids"])
+    for i in range(3):
+        assert len(set(call["completions"][4 * i: 4 * i + 4])) == 1
 
 
 def test_per_context_rewards_from_the_label_column(model_and_tokenizer):
@@ -148,7 +195,24 @@ def test_bad_reward_tasks_are_refused_with_the_field_named(model_and_tokenizer):
     assert rows.labels == ("a",) and len(rows.dataset(3)) == 3
 
 
-def test_task_spec_resolves_a_scripts_function_and_refuses_the_rest(tmp_path):
+def test_a_script_that_trains_on_import_is_stopped_before_it_writes(tmp_path):
+    """A script whose training is not under ``if __name__ == "__main__":`` starts a run when
+    --task imports it: ShardCallback refuses, before the run directory is touched."""
+    from sae_shards import ShardCallback
+
+    script = tmp_path / "unguarded.py"
+    run = tmp_path / "run"
+    script.write_text("from sae_shards import ShardCallback\n"
+                      f"callback = ShardCallback(run_dir={str(run)!r}, overwrite=True)\n"
+                      "TASK = None\n")
+    with pytest.raises(ValueError, match=r"keep the script's training under `if __name__ == "
+                                         r"\"__main__\":`.*Nothing was trained or written"):
+        load_task_spec(f"{script}:TASK")
+    assert not run.exists()
+    ShardCallback(run_dir=tmp_path / "later")  # outside the import: as usual
+
+
+def test_task_spec_resolves_a_scripts_function_and_refuses_the_rest(tmp_path, monkeypatch):
     task = load_task_spec(f"{EXAMPLE}:reward_task")  # importing it does not train
     assert isinstance(task, RewardTask) and task.labels == ("digits", "vowels")
     module = tmp_path / "my_rewards.py"
@@ -165,5 +229,17 @@ def test_task_spec_resolves_a_scripts_function_and_refuses_the_rest(tmp_path):
         load_task_spec(f"{tmp_path}/absent.py:TASK")
     with pytest.raises(ValueError, match="give MODULE:NAME or FILE.py:NAME"):
         load_task_spec("just_a_name")
-    with pytest.raises(ValueError, match="cannot import"):
+    with pytest.raises(ValueError, match=r"cannot import 'no_such_module_here' .*; for a "
+                                         r"script give its file: --task "
+                                         r"path/to/no_such_module_here.py:TASK"):
         load_task_spec("no_such_module_here:TASK")
+    monkeypatch.chdir(tmp_path)  # MODULE:NAME from the script's own directory, as python -m
+    assert load_task_spec("my_rewards:TASK").name == "user"
+    functions = tmp_path / "functions.py"
+    functions.write_text("from datasets import Dataset\n"
+                         "def reward(prompts, completions, **kw):\n    return [0.0]\n"
+                         "def make_data():\n    return Dataset.from_dict({'prompt': ['a']})\n")
+    with pytest.raises(ValueError, match=r"reward is a function that takes arguments"):
+        load_task_spec(f"{functions}:reward")
+    with pytest.raises(ValueError, match=r"make_data\(\) returned a Dataset, not a RewardTask"):
+        load_task_spec(f"{functions}:make_data")

@@ -16,7 +16,9 @@ control), with the same rollout seed at every alpha so differences come from the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
@@ -201,6 +203,11 @@ def _label_column(task: AnyTask) -> str | None:
     return task.label_column if isinstance(task, RewardTask) else LABEL_COLUMN
 
 
+class RewardFunctionError(ValueError):
+    """A reward function failed, or returned the wrong number of rewards, when the analysis
+    called it as TRL does (its name, the error, and what it was given)."""
+
+
 def score_rollouts(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -210,17 +217,25 @@ def score_rollouts(
     max_new_tokens: int = 16,
     temperature: float = 1.0,
     seed: int = 0,
+    top_p: float = 1.0,
+    top_k: int | None = 0,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> Scored:
     """Sample ``n_samples`` completions of every prompt of ``data`` (a ``task.dataset(...)``)
     and score them with the task's reward functions, as TRL's GRPO trainer does.
 
-    Generation: one batch, left padding, plain temperature sampling (top_k=0, top_p=1) under
-    ``torch.manual_seed(seed)`` inside a forked RNG (the caller's RNG state is untouched);
-    text prompts are tokenized with the tokenizer's special tokens, conversational ones through
-    its chat template with the generation prompt. Completions are decoded with
-    ``skip_special_tokens=True``. Each reward function gets TRL's keyword arguments
-    (``reward_task``'s module docstring); rewards are weighted (``reward_weights``) and summed,
-    a missing one (None) counting as NaN.
+    Generation: one batch, left padding, sampling with ``temperature``, ``top_p``, ``top_k``,
+    ``min_p`` and ``repetition_penalty`` (TRL's settings; ``shards.run_sampling`` reads a run's
+    own) under ``torch.manual_seed(seed)`` inside a forked RNG (the caller's RNG state is
+    untouched); text prompts are tokenized with the tokenizer's special tokens, conversational
+    ones through its chat template with the generation prompt (and ``chat_template_kwargs``).
+    Completions are decoded with ``skip_special_tokens=True``. Each reward function gets TRL's
+    keyword arguments (``reward_task``'s module docstring; ``async`` ones are awaited); rewards
+    are weighted (``reward_weights``) and summed over the functions, a missing one (None) left
+    out, and a completion no function scored is NaN (unscorable: left out of every mean, as TRL
+    leaves it out). A failing function raises :class:`RewardFunctionError`.
     """
     if n_samples < 1 or max_new_tokens < 1:
         raise ValueError(
@@ -231,17 +246,22 @@ def score_rollouts(
     columns = {k: list(v) for k, v in (data.to_dict() if hasattr(data, "to_dict")
                                        else dict(data)).items()}
     prompts = columns.pop("prompt")
+    for name in ("completion", "completion_ids"):  # TRL does not pass these columns on
+        columns.pop(name, None)
     chat = is_conversational(prompts[0])
     if chat and tokenizer.chat_template is None:
         raise ValueError("the prompts are conversational but the run's tokenizer has no chat "
                          "template; give text prompts or a tokenizer with a chat template")
-    texts = ([tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+    texts = ([tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True,
+                                            **(chat_template_kwargs or {}))
               for p in prompts] if chat else prompts)
     device = next(model.parameters()).device
     batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
                       add_special_tokens=not chat).to(device)
     eos = model.generation_config.eos_token_id
     eos = eos if eos is not None else tokenizer.eos_token_id
+    extra = {k: v for k, v in (("min_p", min_p), ("repetition_penalty", repetition_penalty))
+             if v is not None and not (k == "repetition_penalty" and v == 1.0)}
     was_training = model.training
     model.eval()
     try:
@@ -252,12 +272,13 @@ def score_rollouts(
                 **batch,
                 do_sample=True,
                 temperature=temperature,
-                top_k=0,
-                top_p=1.0,
+                top_k=top_k or 0,
+                top_p=top_p,
                 max_new_tokens=max_new_tokens,
                 num_return_sequences=n_samples,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=eos,
+                **extra,
             )  # [n_prompts * n_samples, prompt_len + new], prompt i's samples consecutive
     finally:
         model.train(was_training)
@@ -278,18 +299,41 @@ def score_rollouts(
     weights = getattr(task, "reward_weights", None) or [1.0] * len(funcs)
     per_func = torch.zeros(len(funcs), len(completions), dtype=torch.float64)
     for i, fn in enumerate(funcs):
-        scores = list(fn(prompts=repeat(prompts), completions=completions, **kwargs))
-        if len(scores) != len(completions):
-            raise ValueError(f"reward function {getattr(fn, '__name__', fn)!r} returned "
-                             f"{len(scores)} rewards for {len(completions)} completions; it "
-                             "must return one per completion")
+        scores = _call_reward(fn, repeat(prompts), completions, kwargs)
         per_func[i] = torch.tensor([math.nan if r is None else float(r) for r in scores],
                                    dtype=torch.float64) * float(weights[i])
-    rewards = per_func.nansum(dim=0) if len(funcs) > 1 else per_func[0]
+    if len(funcs) == 1:
+        rewards = per_func[0]  # NaN where the function returned None: unscorable
+    else:
+        rewards = per_func.nansum(dim=0)
+        rewards[per_func.isnan().all(dim=0)] = math.nan
     label_column = _label_column(task)
     labels = ([str(x) for x in columns[label_column]]
               if label_column is not None and label_column in columns else None)
     return Scored(rewards.view(len(prompts), n_samples), labels)
+
+
+def _call_reward(fn: Any, prompts: list, completions: list, kwargs: dict) -> list:
+    """``fn``'s rewards, called as TRL calls it (awaited when it is ``async``)."""
+    name = getattr(fn, "__name__", type(fn).__name__)
+    try:
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+                getattr(fn, "__call__", None)):
+            scores = asyncio.run(fn(prompts=prompts, completions=completions, **kwargs))
+        else:
+            scores = fn(prompts=prompts, completions=completions, **kwargs)
+        scores = list(scores)
+    except Exception as e:  # noqa: BLE001 - the user's function: name it and what it was given
+        given = sorted(["prompts", "completions", *kwargs])
+        raise RewardFunctionError(
+            f"reward function {name!r} failed when called as TRL calls it, with keyword "
+            f"arguments {given}: {type(e).__name__}: {e} (a column it reads missing from the "
+            "RewardTask's prompts?)") from e
+    if len(scores) != len(completions):
+        raise RewardFunctionError(
+            f"reward function {name!r} returned {len(scores)} rewards for {len(completions)} "
+            "completions; it must return one per completion")
+    return scores
 
 
 def _until_stop(ids: list[int], stops: set) -> list[int]:
@@ -302,11 +346,20 @@ def _until_stop(ids: list[int], stops: set) -> list[int]:
 
 
 def _estimate(rewards: Tensor) -> RewardEstimate:
-    """Mean and per-prompt standard error of ``rewards [n_prompts, n_samples]``."""
-    per_prompt = rewards.mean(dim=1)
+    """Mean and per-prompt standard error of ``rewards [n_prompts, n_samples]``; unscorable
+    (NaN) completions are left out, and prompts with none scored."""
+    scored = ~rewards.isnan()
+    if bool(scored.all()):
+        per_prompt = rewards.mean(dim=1)
+        mean = float(rewards.mean())
+    else:
+        keep = scored.any(dim=1)
+        per_prompt = (rewards.nan_to_num(0.0).sum(dim=1)[keep]
+                      / scored.sum(dim=1)[keep])
+        mean = float(rewards[scored].mean()) if bool(scored.any()) else math.nan
     n = per_prompt.numel()
     stderr = float(per_prompt.std() / math.sqrt(n)) if n > 1 else math.nan
-    return RewardEstimate(float(rewards.mean()), stderr, rewards.numel())
+    return RewardEstimate(mean, stderr, int(scored.sum()))
 
 
 def by_label(scored: Scored, task: AnyTask,
@@ -340,15 +393,17 @@ def mean_reward(
     max_new_tokens: int = 16,
     temperature: float = 1.0,
     seed: int = 0,
+    **sampling: Any,
 ) -> RewardEstimate:
     """Mean task reward of fresh sampled rollouts of ``model`` (reproducible for a fixed seed):
     ``n_samples`` completions of each of the prompts ``task.dataset(n_prompts, seed)``, sampled
-    and scored as :func:`score_rollouts` does. ``task``: a built-in task (``load_run_models``)
-    or your own prompts and reward functions (``RewardTask``).
+    and scored as :func:`score_rollouts` does (``sampling``: its other settings, e.g.
+    ``top_p``; ``shards.run_sampling`` gives a run's own). ``task``: a built-in task
+    (``load_run_models``) or your own prompts and reward functions (``RewardTask``).
     """
     data = task.dataset(n_prompts, seed)
     return _estimate(score_rollouts(model, tokenizer, task, data, n_samples, max_new_tokens,
-                                    temperature, seed).rewards)
+                                    temperature, seed, **sampling).rewards)
 
 
 def task_rewards(
@@ -361,14 +416,15 @@ def task_rewards(
     max_new_tokens: int = 16,
     temperature: float = 1.0,
     seed: int = 0,
+    **sampling: Any,
 ) -> dict[str, RewardEstimate]:
     """Mean reward of each context (a multi-task task such as ``multiskill``, or a
     ``RewardTask`` with a ``label_column``), from one batch.
 
     ``n_prompts`` prompts per label (``task.dataset(n_prompts * len(labels), seed,
     labels=labels)``: the same prompts for the same seed), ``n_samples`` completions each,
-    sampled and scored as :func:`score_rollouts` does, in one ``generate`` call; the reward of a
-    completion is its own prompt's, per context as :func:`by_label` gives it (a built-in task's
+    sampled and scored as :func:`score_rollouts` does (``sampling``: its other settings), in one
+    ``generate`` call; the reward of a completion is its own prompt's, per context as :func:`by_label` gives it (a built-in task's
     training reward scale divided out). Reproducible for a fixed seed.
     """
     labels = list(labels)
@@ -376,7 +432,7 @@ def task_rewards(
         raise ValueError(f"task_rewards needs labels (got {labels}) and n_prompts >= 1")
     data = task.dataset(n_prompts * len(labels), seed, labels=labels)
     scored = score_rollouts(model, tokenizer, task, data, n_samples, max_new_tokens,
-                            temperature, seed)
+                            temperature, seed, **sampling)
     return by_label(scored, task, labels)
 
 
@@ -451,3 +507,61 @@ def dose_response(
         shard_by_label=curves("shard"),
         control_by_label=curves("control"),
     )
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """The final policy's reward with a shard's share of the run's update removed, beside the
+    same amount of a norm-matched random direction removed."""
+
+    coefficient: float
+    """``c = <theta_T - theta_0, d> / <d, d>``: the shard's share of the update (units of d)."""
+    reward_final: float
+    """Mean reward of the final weights ``theta_T``."""
+    stderr_final: float
+    reward_removed: float
+    """Mean reward of ``theta_T - c d`` (the run's update along the shard removed)."""
+    stderr_removed: float
+    reward_control: float
+    """Mean reward of ``theta_T - c r``, ``r`` a Gaussian direction of ``d``'s norm."""
+    stderr_control: float
+    n: int
+    """Completions scored per estimate."""
+    final_by_label: dict[str, float] = field(default_factory=dict)
+    """Each context's reward of the final weights (``by_label``); ``{}`` unless the prompts
+    carry at least two contexts. Likewise the two below."""
+    removed_by_label: dict[str, float] = field(default_factory=dict)
+    control_by_label: dict[str, float] = field(default_factory=dict)
+
+
+def ablate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: AnyTask,
+    direction: Direction,
+    initial: Mapping[str, Tensor],
+    control_seed: int = 0,
+    n_prompts: int = 32,
+    baseline: Scored | None = None,
+    **reward_kwargs: Any,
+) -> Ablation:
+    """Score ``model`` (the final weights) as it is, with the shard's part of the run's update
+    removed (:func:`remove_direction`, ``initial``: theta_0) and with the same amount of a
+    norm-matched random direction removed, on the same prompts and rollout seed
+    (``task.dataset(n_prompts, seed)``, ``reward_kwargs`` as :func:`score_rollouts` takes them).
+    ``baseline``: the final weights' :class:`Scored` on those prompts, when the caller already
+    has it (one per run serves every shard). ``model`` is restored bit-exactly afterwards."""
+    data = task.dataset(n_prompts, reward_kwargs.get("seed", 0))
+    final = baseline if baseline is not None else score_rollouts(model, tokenizer, task, data,
+                                                                 **reward_kwargs)
+    with remove_direction(model, direction, initial) as c:
+        removed = score_rollouts(model, tokenizer, task, data, **reward_kwargs)
+    control = random_direction_like(direction, torch.Generator().manual_seed(control_seed))
+    with add_direction(model, control, -c):
+        ctrl = score_rollouts(model, tokenizer, task, data, **reward_kwargs)
+    est = [_estimate(s.rewards) for s in (final, removed, ctrl)]
+    labelled = [by_label(s, task) for s in (final, removed, ctrl)]
+    several = len(labelled[0]) >= 2
+    means = [{label: e.mean for label, e in per.items()} if several else {} for per in labelled]
+    return Ablation(c, est[0].mean, est[0].stderr, est[1].mean, est[1].stderr, est[2].mean,
+                    est[2].stderr, est[0].n, *means)

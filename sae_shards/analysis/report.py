@@ -2,7 +2,7 @@
 
 Sections (each an ``<section id=...>``): summary, SAE training curves, reward curve, shard
 timeline, shard families (shards that fire together, ``analysis.families``), per-target norms,
-top rollouts per shard, logit lens, dose-response. Plots are
+top rollouts per shard, logit lens, dose-response, ablation. Plots are
 matplotlib PNGs embedded as base64, so the file opens anywhere with no other files.
 
 The dose-response adds ``alpha * c * shard`` to the *initial* weights, where ``c = <Delta, d>`` is
@@ -12,28 +12,36 @@ the control. It needs the run's ``model/`` (or ``model.path``) and ``final_model
 run's adapter, merged into that base), and a reward: a built-in task's, or, for a run of the
 user's own TRL script, theirs handed back as ``analyze(..., task=RewardTask(...))``
 (``reward_task``). When the prompts carry several contexts each one's curve is drawn too.
+The ablation removes the same ``c * shard`` from the *final* weights (``interventions.ablate``),
+beside ``c`` times a random direction of the shard's norm.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 
 from sae_shards.analysis.families import ALWAYS_ON_DENSITY
-from sae_shards.analysis.interventions import dose_response, update_coefficient
+from sae_shards.analysis.interventions import (ablate, dose_response, score_rollouts,
+                                               update_coefficient)
 from sae_shards.analysis.reward_task import RewardTask
-from sae_shards.analysis.shards import RunView, load_run_models, run_models_missing
+from sae_shards.analysis.shards import (RunView, load_run_models, run_models_missing,
+                                        run_sampling)
 from sae_shards.run import rundir
 
 SECTIONS = ("summary", "sae-curves", "reward", "timeline", "families", "norms", "rollouts", "logit-lens",
-            "dose-response")
+            "dose-response", "ablation")
 DEFAULT_ALPHAS = (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
+
+log = logging.getLogger(__name__)
 
 
 def _png(fig) -> str:
@@ -142,7 +150,7 @@ def plot_dose(results: dict[int, Any]) -> str:
         ax.set_title(f"shard {shard}")
         ax.set_xlabel("alpha (x shard's share of the run's update)")
         ax.set_ylabel("mean reward")
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6 if dr.shard_by_label else 7)
     fig.tight_layout()
     return _png(fig)
 
@@ -186,7 +194,14 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     several = len({label for sample in labels for label in sample}) >= 2
     summary_file = view.run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    if task is not None and not dose:
+        raise ValueError("a reward task (--task) scores the dose-response and the ablation, "
+                         "which --no-dose skips; drop one of them")
     models = load_run_models(view.run_dir) if dose else None
+    sampling = run_sampling(view.run_dir)  # the run's own max_new_tokens, temperature, top_p...
+    scorer_note = ""
+    if models is not None and (task or models.task) is not None:
+        scorer_note = _check_scorer(models, task or models.task, labels, sampling)
     analysis: dict[str, Any] = {"top_shards": shards, "shards": {}}
 
     parts = [_section("summary", "Run", _summary_html(view, summary, shards, density, tags))]
@@ -217,7 +232,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                               _rollouts_html(view, shards, top_k, tags,
                                              mixes if several else {})))
 
-    lens_html, dose_results = [], {}
+    lens_html, dose_results, ablations, baseline = [], {}, {}, None
     for s in shards:
         entry: dict[str, Any] = {"density": float(density[s]), "always_on": s in tags,
                                  "task_mix": mixes[s],
@@ -242,12 +257,19 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                 continue
             dr = dose_response(initial, tokenizer, scorer,
                                {n: d * c for n, d in direction.items()}, alphas,
-                               n_prompts=n_prompts)
+                               n_prompts=n_prompts, **sampling)
             dose_results[s] = dr
             entry["dose_response"] = {"alphas": list(dr.alphas), "shard": list(dr.reward_shard),
                                       "control": list(dr.reward_control),
                                       "shard_by_label": dr.shard_by_label,
                                       "control_by_label": dr.control_by_label}
+            if baseline is None:  # the final policy's rewards: one estimate serves every shard
+                baseline = score_rollouts(final, tokenizer, scorer,
+                                          scorer.dataset(n_prompts, 0), **sampling)
+            ablations[s] = ablate(final, tokenizer, scorer, direction,
+                                  dict(initial.named_parameters()), n_prompts=n_prompts,
+                                  baseline=baseline, **sampling)
+            entry["ablation"] = dataclasses.asdict(ablations[s])
         analysis["shards"][s] = entry
     why = run_models_missing(view.run_dir) if dose else "skipped (--no-dose)"
     missing = (f"<p>Needs the run's initial and final model: {html.escape(why)}.</p>" if why
@@ -259,27 +281,85 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     parts.append(_section("logit-lens", "Logit lens (write directions of the blocks' output "
                           "projections)", "".join(lens_html) or missing))
     parts.append(_section("dose-response", "Dose-response: reward vs alpha * shard",
-                          (plot_dose(dose_results) + _dose_source(task) if dose_results else
+                          (plot_dose(dose_results) + _dose_source(task, sampling)
+                           + scorer_note
+                           + "<p>alpha = 1 adds the shard's share of the run's whole update to "
+                             "the initial weights; the control adds a random direction of equal "
+                             "norm. Dotted: each context's reward along the shard, from the same "
+                             "rollouts (when the prompts carry several).</p>"
+                           if dose_results else
                            no_task if models is not None and models.task is None
-                           and task is None else missing)
-                          + "<p>alpha = 1 adds the shard's share of the run's whole update to the "
-                            "initial weights; the control adds a random direction of equal norm. "
-                            "Dotted: each context's reward along the shard, from the same "
-                            "rollouts (when the prompts carry several).</p>"))
+                           and task is None else missing)))
+    parts.append(_section("ablation", "Ablation: the final policy without the shard's part of "
+                          "the update",
+                          (_ablation_html(ablations, tags) if ablations else
+                           no_task if models is not None and models.task is None
+                           and task is None else missing)))
 
     page = _page(f"sae-shards report: {view.run_dir.name}", "".join(parts))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
-    (out.parent / rundir.ANALYSIS).write_text(json.dumps(analysis, indent=2, default=float))
+    (out.parent / rundir.ANALYSIS).write_text(json.dumps(rundir.strict_json(analysis), indent=2,
+                                                         default=float))
     return out
 
 
-def _dose_source(task: RewardTask | None) -> str:
+def _ablation_html(ablations: dict[int, Any], tags: dict[int, str]) -> str:
+    """One row per shard: the final reward, and its change without the shard's part of the
+    update and without a norm-matched random direction; each context's change when several."""
+    labels = sorted({label for ab in ablations.values() for label in ab.removed_by_label})
+    header = (["shard", "share of the update c", "final reward", "without the shard",
+               "without random (same norm)"] + [f"{label}: without the shard" for label in labels])
+
+    def change(after: float, before: float) -> str:
+        return f"{after:.4f} ({after - before:+.4f})"
+
+    rows = []
+    for s, ab in ablations.items():
+        rows.append([f"{s} (always on)" if s in tags else str(s), f"{ab.coefficient:+.4g}",
+                     f"{ab.reward_final:.4f} ± {ab.stderr_final:.4f}",
+                     change(ab.reward_removed, ab.reward_final),
+                     change(ab.reward_control, ab.reward_final)]
+                    + [change(ab.removed_by_label[label], ab.final_by_label[label])
+                       if label in ab.removed_by_label else "" for label in labels])
+    return (_table(header, rows)
+            + f"<p>The final weights minus <code>c * shard</code>, the run's whole update along "
+              f"the shard (c: its coefficient, as alpha = 1 of the dose-response), against the "
+              f"final weights minus <code>c</code> times a random direction of the shard's norm; "
+              f"{ablations[next(iter(ablations))].n} completions per estimate, the same prompts "
+              f"and rollout seed for each. A shard RL relied on for a context lowers that "
+              f"context's reward when removed, and the random direction does not.</p>")
+
+
+def _dose_source(task: RewardTask | None, sampling: dict[str, Any]) -> str:
+    """Which reward scored the rollouts (a given task's functions and weights) and how they
+    were sampled."""
+    how = ", ".join(f"{k}={v}" for k, v in sampling.items()) or "score_rollouts' defaults"
+    out = f"<p>Rollouts sampled as the run recorded: {html.escape(how)}.</p>"
     if task is None:
-        return ""
-    names = ", ".join(getattr(fn, "__name__", type(fn).__name__) for fn in task.reward_funcs)
-    return (f"<p>Scored with the given reward task {html.escape(task.name)!r}: "
-            f"{html.escape(names)}.</p>")
+        return out
+    weights = task.reward_weights or [1.0] * len(task.reward_funcs)
+    names = ", ".join(f"{getattr(fn, '__name__', type(fn).__name__)} x {w:g}"
+                      for fn, w in zip(task.reward_funcs, weights))
+    return out + (f"<p>Scored with the given reward task {html.escape(task.name)!r}: "
+                  f"{html.escape(names)}.</p>")
+
+
+def _check_scorer(models, task, run_labels: list, sampling: dict[str, Any]) -> str:
+    """Try the reward on two prompts before the report's many estimates (a broken reward
+    function fails here, in seconds, naming itself); a note when the task's contexts are not
+    the run's."""
+    score_rollouts(models.initial, models.tokenizer, task, task.dataset(2, 0),
+                   **{**sampling, "n_samples": 1,
+                      "max_new_tokens": min(4, sampling.get("max_new_tokens", 4))})
+    ours = set(getattr(task, "labels", ()) or ())
+    theirs = {label for sample in run_labels for label in sample}
+    if ours and theirs and not ours & theirs:
+        note = (f"the reward task's contexts {sorted(ours)} are none of the run's "
+                f"{sorted(theirs)}: check its label_column")
+        log.warning(note)
+        return f"<p><b>Note:</b> {html.escape(note)}.</p>"
+    return ""
 
 
 def _families_html(rows: list[dict[str, Any]]) -> str:

@@ -11,21 +11,27 @@ to the reward (the report's dose-response, ``interventions.mean_reward`` / ``tas
 The interventions call the functions as TRL's GRPO trainer does: keyword arguments ``prompts``,
 ``completions`` (strings, or ``[{"role": "assistant", "content": ...}]`` for conversational
 prompts), ``completion_ids``, every other dataset column repeated per completion, and
-``trainer_state`` / ``log_extra`` / ``log_metric`` (a fresh ``TrainerState`` and no-ops).
-Rewards are weighted by ``reward_weights`` and summed; ``None`` counts as missing (NaN), as in
-TRL. Model-based rewards (a reward model given to the trainer) are not supported: wrap one in a
-function that scores the completions.
+``trainer_state`` / ``log_extra`` / ``log_metric`` (a fresh ``TrainerState`` and no-ops);
+``async`` functions are awaited. Rewards are weighted by ``reward_weights`` and summed over the
+functions, a ``None`` left out; a completion no function scored is unscorable and left out of
+every mean, as in TRL. Completions are sampled as the run sampled them (``max_completion_length``,
+``temperature``, ``top_p``... which ``ShardCallback`` records in ``config.json``). Model-based
+rewards (a reward model given to the trainer) are not supported: wrap one in a function that
+scores the completions.
 
 ``load_task_spec("pkg.module:name")`` or ``load_task_spec("path/to/script.py:name")`` resolves the
 command line's ``--task``: ``name`` is a ``RewardTask`` or a function of no arguments returning
 one. A script is imported as a module, so its training must sit under
-``if __name__ == "__main__":``.
+``if __name__ == "__main__":``; a ``ShardCallback`` created while it is imported (``IMPORTING``)
+refuses to start, so an unguarded script cannot train, or overwrite the run being analysed.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
+import os
 import random
 import sys
 from dataclasses import dataclass, field
@@ -138,35 +144,61 @@ def _is_module(fn: Any) -> bool:
     return torch is not None and isinstance(fn, torch.nn.Module)
 
 
+IMPORTING: str | None = None
+"""The file or module ``load_task_spec`` is importing, while it does: ``ShardCallback`` refuses
+to start then, so a script whose training is not under ``if __name__ == "__main__":`` cannot
+train (or overwrite the run being analysed) because analysis imported it."""
+
+
 def load_task_spec(spec: str) -> RewardTask:
     """The :class:`RewardTask` that ``"module:name"`` or ``"path/to/file.py:name"`` names (a
     ``RewardTask``, or a function of no arguments returning one). Raises ``ValueError``."""
+    global IMPORTING
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
         raise ValueError(f"--task {spec!r}: give MODULE:NAME or FILE.py:NAME, where NAME is a "
                          "RewardTask or a function returning one")
-    if where.endswith(".py") or "/" in where:
-        path = Path(where).resolve()
-        if not path.is_file():
-            raise ValueError(f"--task {spec!r}: no file {path}")
-        module_name = f"_sae_shards_task_{abs(hash(str(path)))}"
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.path.insert(0, str(path.parent))  # the script's own sibling imports
-        try:
+    as_file = where.endswith(".py") or "/" in where
+    path = Path(where).resolve()
+    if as_file and not path.is_file():
+        raise ValueError(f"--task {spec!r}: no file {path}")
+    search = str(path.parent) if as_file else os.getcwd()  # as `python FILE` / `python -m` do
+    sys.path.insert(0, search)
+    IMPORTING = str(path) if as_file else where
+    try:
+        if as_file:
+            module_spec = importlib.util.spec_from_file_location(
+                f"_sae_shards_task_{abs(hash(str(path)))}", path)
+            module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
-        finally:
-            sys.path.remove(str(path.parent))
-    else:
-        try:
+        else:
             module = importlib.import_module(where)
-        except ImportError as e:
-            raise ValueError(f"--task {spec!r}: cannot import {where!r} ({e})") from e
+    except ModuleNotFoundError as e:
+        if as_file or e.name != where.split(".")[0]:
+            raise
+        raise ValueError(f"--task {spec!r}: cannot import {where!r} ({e}); for a script give "
+                         f"its file: --task path/to/{where.replace('.', '/')}.py:{name}") from e
+    finally:
+        IMPORTING = None
+        sys.path.remove(search)
     if not hasattr(module, name):
         raise ValueError(f"--task {spec!r}: {where} has no {name!r}")
     obj = getattr(module, name)
     if callable(obj) and not isinstance(obj, RewardTask):
-        obj = obj()
+        try:
+            inspect.signature(obj).bind()
+        except TypeError as e:
+            raise ValueError(f"--task {spec!r}: {name} is a function that takes arguments "
+                             f"({e}); name a RewardTask, or a function of none returning one"
+                             ) from e
+        except ValueError:  # no signature to inspect (a builtin): just call it
+            pass
+        returned = obj()
+        if not isinstance(returned, RewardTask):
+            raise ValueError(f"--task {spec!r}: {name}() returned a "
+                             f"{type(returned).__name__}, not a RewardTask (from "
+                             "sae_shards.analysis.reward_task import RewardTask)")
+        return returned
     if not isinstance(obj, RewardTask):
         raise ValueError(f"--task {spec!r}: {name} is of type {type(obj).__name__}, not a "
                          "RewardTask (from sae_shards.analysis.reward_task import RewardTask)")

@@ -303,7 +303,7 @@ class RunView:
 class RunModels(NamedTuple):
     initial: Any  # transformers model with the run's initial weights (eval mode)
     final: Any  # the policy after RL
-    tokenizer: Any
+    tokenizer: Any  # the one training used: final_model's when saved there, else the initial's
     task: Any  # the run's task, rebuilt from its config
 
 
@@ -313,7 +313,7 @@ def load_run_models(run_dir: str | Path) -> RunModels | None:
     with the saved adapter merged in (the effective weights ``W0 + s B A`` the shards live in).
     ``task`` is None for a run of a user's own TRL script (``ShardCallback``): its rewards are
     not known to sae-shards."""
-    from sae_shards.recipe.models import load_model_and_tokenizer
+    from sae_shards.recipe.models import load_model_and_tokenizer, load_tokenizer
     from sae_shards.recipe.tasks import build_task, default_target_length
 
     run_dir = Path(run_dir)
@@ -336,7 +336,38 @@ def load_run_models(run_dir: str | Path) -> RunModels | None:
         target_length = default_target_length(cfg["rl"]["max_completion_length"], init.tokenizer)
         options = {"target_length": target_length, **cfg["task"]["options"]}  # as the job had it
         task = build_task(cfg["task"]["name"], **options)
-    return RunModels(init.model.eval(), fin.model.eval(), init.tokenizer, task)
+    # the tokenizer training used: the trainer's processing class, saved with the final policy
+    # (a chat template or pad token set in the script lives there, not in the initial directory)
+    tokenizer = (load_tokenizer(final, model_dir=False) if _has_tokenizer(final)
+                 else init.tokenizer)
+    return RunModels(init.model.eval(), fin.model.eval(), tokenizer, task)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                 "chat_template_kwargs")
+"""``score_rollouts`` settings a run's ``config.json`` may record (``rl``, or the job's
+``rl.extra`` passed on to TRL), beside ``max_completion_length``."""
+
+
+def run_sampling(run_dir: str | Path) -> dict[str, Any]:
+    """How the run sampled its completions, as ``interventions.score_rollouts`` takes it:
+    ``max_new_tokens`` (TRL's ``max_completion_length``) and whichever of ``SAMPLING_KEYS`` the
+    run recorded; what it does not record keeps ``score_rollouts``' default (a run of an earlier
+    version of ``ShardCallback`` recorded none)."""
+    rl = rundir.section(rundir.read_config(Path(run_dir)), "rl")
+    extra = rundir.section(rl, "extra")
+    out: dict[str, Any] = {}
+    if rl.get("max_completion_length"):
+        out["max_new_tokens"] = int(rl["max_completion_length"])
+    for key in SAMPLING_KEYS:
+        value = rl.get(key, extra.get(key))
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def _initial_model_dir(run_dir: Path, cfg: Mapping[str, Any]) -> Path:
@@ -357,7 +388,7 @@ def run_models_missing(run_dir: str | Path) -> str | None:
         return (f"no initial model at {initial} (ShardCallback with save_model=False or under "
                 "FSDP2 / ZeRO-3, a run of an earlier version whose policy was not loaded from a "
                 "local directory, or the model directory moved)")
-    if not any((initial / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+    if not _has_tokenizer(initial):
         return (f"no tokenizer in {initial} (the trainer had no processing_class to save "
                 "with the policy)")
     saved = "adapter_config.json" if _is_lora(cfg) else "config.json"

@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -136,6 +137,12 @@ class ShardCallback(TrainerCallback):
         logger: RunLogger | None = None,
         meta: Mapping[str, Any] | None = None,
     ) -> None:
+        importing = getattr(sys.modules.get("sae_shards.analysis.reward_task"), "IMPORTING", None)
+        if importing is not None:  # `sae-shards analyze --task SCRIPT:NAME` is importing it
+            raise ValueError(
+                f"importing {importing} for --task started a run (ShardCallback): keep the "
+                "script's training under `if __name__ == \"__main__\":`, so that importing it "
+                "only defines the reward task. Nothing was trained or written.")
         self.capture_cfg = _with(_config(CaptureConfig, capture, "capture"),
                                  targets=targets, source=source, capacity=capacity)
         self.runner_cfg = _with(_config(RunnerConfig, runner, "runner"),
@@ -287,7 +294,9 @@ class ShardCallback(TrainerCallback):
                 "model": {"path": self._initial_dir, "name_or_path": _model_id(model),
                           "lora": {"enabled": self._is_lora()}},
                 "rl": {"algorithm": type(trainer).__name__ if trainer is not None else None,
-                       "max_steps": getattr(args, "max_steps", None)}}
+                       "max_steps": getattr(args, "max_steps", None),
+                       # how TRL sampled completions: analysis samples its rollouts the same way
+                       **{key: getattr(args, key, None) for key in SAMPLING_ARGS}}}
 
     def _save_step(self, step: int) -> None:
         """A resumable checkpoint of the SAE side at RL step ``step`` (the worker made idle)."""
@@ -509,6 +518,11 @@ class ShardCallback(TrainerCallback):
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
+SAMPLING_ARGS = ("max_completion_length", "num_generations", "temperature", "top_p", "top_k",
+                 "min_p", "repetition_penalty", "chat_template_kwargs")
+"""The TRL config fields that say how completions were sampled, recorded in ``config.json``'s
+``rl`` (``analysis.shards.run_sampling`` reads them back)."""
 
 TIED_METRIC = "frac_reward_zero_std"
 """TRL's (GRPO and RLOO) share of prompt groups whose rewards all tied, per logged step."""

@@ -261,8 +261,10 @@ def _check_model_dir(path: Path) -> None:
         )
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | Path, model_dir: bool = True) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a local model directory (no network); set a pad token if missing.
+    ``model_dir=False``: a directory of tokenizer files without a model (a LoRA run's saved
+    adapter beside its tokenizer).
 
     transformers 5 overrides the class named in ``tokenizer_config.json`` for some model types
     (qwen2 among them: ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``) and would rebuild our
@@ -271,7 +273,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     else goes through ``AutoTokenizer``.
     """
     path = Path(path)
-    _check_model_dir(path)
+    if model_dir:
+        _check_model_dir(path)
     config_file = path / "tokenizer_config.json"
     declared = None
     if config_file.is_file():
