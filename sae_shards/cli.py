@@ -394,7 +394,7 @@ def _analyze(args: list[str]) -> int:
                              "returning one (docs/analysis.md)")
     ns = parser.parse_args(args)
     _set_threads(ns.threads)
-    from sae_shards.analysis.interventions import RewardFunctionError
+    from sae_shards.analysis.interventions import ScoringError
 
     task = None
     if ns.task is not None:
@@ -412,7 +412,7 @@ def _analyze(args: list[str]) -> int:
         name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
         out = analyze(ns.run_dir, ns.out, n_shards=ns.shards, dose=not ns.no_dose,
                       checkpoint=name, task=task)
-    except (CheckpointError, RewardFunctionError) as e:
+    except (CheckpointError, ScoringError) as e:
         print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
         return 2
     print(out)

@@ -92,7 +92,7 @@ def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm, cap
     from sae_shards.analysis.shards import run_sampling
 
     assert run_sampling(run) == {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0,
-                                 "top_k": 0, "repetition_penalty": 1.0}
+                                 "top_k": 0, "repetition_penalty": 1.0, "training_steps": 12}
     assert "max_new_tokens=8, temperature=1.0" in html
     # a broken reward fails in seconds, named; a task with other contexts is noted
     bad = tmp_path / "bad_task.py"

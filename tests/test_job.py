@@ -240,7 +240,7 @@ def test_a_multi_character_tokenizer_gets_a_target_length_in_characters(tmp_path
     model.save_pretrained(str(run / "final_model"))
     tokenizer.chat_template = "{{ messages[0]['content'] }}"  # set in a script: saved with the
     tokenizer.save_pretrained(str(run / "final_model"))      # final policy, not in model.path
-    (run / "config.json").write_text(json.dumps(run_config(cfg)))
+    (run / "config.json").write_text(json.dumps(run_config(cfg, rl.task.target_length)))
     models = load_run_models(run)
     assert models.task.target_length == task.target_length
     assert models.tokenizer.chat_template == tokenizer.chat_template  # the one training used

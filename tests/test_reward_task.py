@@ -3,6 +3,7 @@ per-context estimates, bad input refused early, and ``--task`` resolving a scrip
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 
@@ -60,14 +61,21 @@ def test_reward_functions_are_called_as_trl_calls_them(model_and_tokenizer):
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
         assert 1 <= len(ids) <= 8
     call["log_extra"]("x", [1])  # no-ops outside a trainer
-    assert call["trainer_state"].global_step == 0
+    assert call["trainer_state"].global_step == 0  # no training_steps given
+    score_rollouts(model, tokenizer, task, data, n_samples=1, max_new_tokens=2,
+                   training_steps=12)
+    state = rec.calls[-1]["trainer_state"]
+    assert state.global_step == state.max_steps == 12  # the end of the run's training
     expected = torch.tensor([len(c) for c in call["completions"]], dtype=torch.float64)
     assert torch.equal(scored.rewards, expected.view(6, 3))
+    rec.calls.clear()
     assert scored.labels is None
     est = mean_reward(model, tokenizer, task, n_prompts=6, n_samples=3, max_new_tokens=8,
                       seed=1)
     assert est.n == 18 and est.mean == pytest.approx(
         float(sum(len(c) for c in rec.calls[-1]["completions"])) / 18)
+    score_rollouts(model, tokenizer, task, data, n_samples=3, max_new_tokens=8, seed=2)
+    assert rec.calls[-1]["completions"] == call["completions"]  # same prompts and seed
 
 
 def test_weights_sum_the_functions_and_none_counts_as_missing(model_and_tokenizer):
@@ -108,6 +116,11 @@ def test_async_reward_functions_are_awaited_and_failures_name_the_function(
     assert mean_reward(model, tokenizer, task, n_prompts=2, n_samples=2,
                        max_new_tokens=3).mean == 2.0
 
+    async def in_a_notebook():  # a running event loop, as in Jupyter
+        return mean_reward(model, tokenizer, task, n_prompts=2, n_samples=1, max_new_tokens=2)
+
+    assert asyncio.run(in_a_notebook()).mean == 2.0
+
     def needs_a_column(prompts, completions, solution, **kwargs):
         return [0.0] * len(completions)
 
@@ -120,16 +133,34 @@ def test_async_reward_functions_are_awaited_and_failures_name_the_function(
 
 def test_the_runs_sampling_settings_are_used(model_and_tokenizer):
     """max_new_tokens bounds the completions the reward sees; top_k=1 samples greedily, so
-    every sample of a prompt is the same."""
+    every sample of a prompt is the same; generation_kwargs override the rest, as in TRL; the
+    model's own sampling defaults do not leak in (TRL's repetition_penalty=1.0 is 1.0)."""
     model, tokenizer = model_and_tokenizer
     rec = Recorder()
     task = RewardTask(_prompts(), rec)
     score_rollouts(model, tokenizer, task, task.dataset(3), n_samples=4, max_new_tokens=5,
-                   top_k=1, repetition_penalty=1.3)
+                   top_k=1)
     call = rec.calls[-1]
     assert all(len(ids) <= 5 for ids in call["completion_ids"])
     for i in range(3):
         assert len(set(call["completions"][4 * i: 4 * i + 4])) == 1
+    score_rollouts(model, tokenizer, task, task.dataset(3), n_samples=2, max_new_tokens=9,
+                   generation_kwargs={"max_new_tokens": 2})
+    assert all(len(ids) <= 2 for ids in rec.calls[-1]["completion_ids"])
+
+    def completions(**kwargs):
+        score_rollouts(model, tokenizer, task, task.dataset(4), n_samples=4, max_new_tokens=12,
+                       top_k=3, **kwargs)
+        return rec.calls[-1]["completions"]
+
+    plain = completions()
+    previous = model.generation_config.repetition_penalty
+    model.generation_config.repetition_penalty = 5.0  # a checkpoint's own default
+    try:
+        assert completions(repetition_penalty=1.0) == plain
+        assert completions(repetition_penalty=5.0) != plain  # the setting does act
+    finally:
+        model.generation_config.repetition_penalty = previous
 
 
 def test_per_context_rewards_from_the_label_column(model_and_tokenizer):
@@ -210,6 +241,27 @@ def test_a_script_that_trains_on_import_is_stopped_before_it_writes(tmp_path):
         load_task_spec(f"{script}:TASK")
     assert not run.exists()
     ShardCallback(run_dir=tmp_path / "later")  # outside the import: as usual
+
+
+def test_task_spec_imports_scripts_as_python_would_and_names_their_failures(tmp_path):
+    script = tmp_path / "typed.py"  # dataclasses with postponed annotations need sys.modules
+    script.write_text("from __future__ import annotations\n"
+                      "from dataclasses import dataclass\n"
+                      "from sae_shards.analysis.reward_task import RewardTask\n"
+                      "@dataclass\nclass Scorer:\n    scale: float = 1.0\n"
+                      "    def __call__(self, prompts, completions, **kw):\n"
+                      "        return [self.scale] * len(completions)\n"
+                      "def task():\n    return RewardTask([{'prompt': 'a'}], Scorer(2.0))\n")
+    assert load_task_spec(f"{script}:task").reward_funcs[0].scale == 2.0
+    raising = tmp_path / "raising.py"
+    raising.write_text("import argparse\nargparse.ArgumentParser().parse_args(['--nope'])\n")
+    with pytest.raises(ValueError, match=r"importing .*raising.py failed: SystemExit: 2 \(the "
+                                         r"script runs as a module"):
+        load_task_spec(f"{raising}:TASK")
+    factory = tmp_path / "factory.py"
+    factory.write_text("def task():\n    raise RuntimeError('no data here')\n")
+    with pytest.raises(ValueError, match=r"task\(\) failed: RuntimeError: no data here"):
+        load_task_spec(f"{factory}:task")
 
 
 def test_task_spec_resolves_a_scripts_function_and_refuses_the_rest(tmp_path, monkeypatch):

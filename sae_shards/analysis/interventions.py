@@ -20,12 +20,13 @@ import asyncio
 import contextlib
 import inspect
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase, TrainerState
+from transformers import GenerationConfig, PreTrainedTokenizerBase, TrainerState
 
 from sae_shards.analysis.reward_task import RewardTask, is_conversational
 from sae_shards.recipe.tasks import LABEL_COLUMN, MultiSkillTask, Task
@@ -203,7 +204,11 @@ def _label_column(task: AnyTask) -> str | None:
     return task.label_column if isinstance(task, RewardTask) else LABEL_COLUMN
 
 
-class RewardFunctionError(ValueError):
+class ScoringError(ValueError):
+    """The task's reward cannot score the rollouts (the message says why and what to do)."""
+
+
+class RewardFunctionError(ScoringError):
     """A reward function failed, or returned the wrong number of rewards, when the analysis
     called it as TRL does (its name, the error, and what it was given)."""
 
@@ -222,17 +227,23 @@ def score_rollouts(
     min_p: float | None = None,
     repetition_penalty: float = 1.0,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    generation_kwargs: Mapping[str, Any] | None = None,
+    training_steps: int | None = None,
 ) -> Scored:
     """Sample ``n_samples`` completions of every prompt of ``data`` (a ``task.dataset(...)``)
     and score them with the task's reward functions, as TRL's GRPO trainer does.
 
-    Generation: one batch, left padding, sampling with ``temperature``, ``top_p``, ``top_k``,
-    ``min_p`` and ``repetition_penalty`` (TRL's settings; ``shards.run_sampling`` reads a run's
-    own) under ``torch.manual_seed(seed)`` inside a forked RNG (the caller's RNG state is
-    untouched); text prompts are tokenized with the tokenizer's special tokens, conversational
+    Generation: one batch, left padding, one ``GenerationConfig`` as TRL builds it (sampling
+    with ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``, then TRL's
+    ``generation_kwargs``; ``shards.run_sampling`` reads a run's own; stopping at the
+    tokenizer's and the model's end tokens) under ``torch.manual_seed(seed)`` inside a forked
+    RNG (the caller's RNG state is untouched; a reward function's own randomness is not
+    seeded); text prompts are tokenized with the tokenizer's special tokens, conversational
     ones through its chat template with the generation prompt (and ``chat_template_kwargs``).
-    Completions are decoded with ``skip_special_tokens=True``. Each reward function gets TRL's
-    keyword arguments (``reward_task``'s module docstring; ``async`` ones are awaited); rewards
+    Completions are cut after their first end token and decoded with
+    ``skip_special_tokens=True``. Each reward function gets TRL's keyword arguments
+    (``reward_task``'s module docstring; ``trainer_state`` at the end of training,
+    ``training_steps``; ``async`` ones are awaited on one event loop thread); rewards
     are weighted (``reward_weights``) and summed over the functions, a missing one (None) left
     out, and a completion no function scored is NaN (unscorable: left out of every mean, as TRL
     leaves it out). A failing function raises :class:`RewardFunctionError`.
@@ -250,7 +261,7 @@ def score_rollouts(
         columns.pop(name, None)
     chat = is_conversational(prompts[0])
     if chat and tokenizer.chat_template is None:
-        raise ValueError("the prompts are conversational but the run's tokenizer has no chat "
+        raise ScoringError("the prompts are conversational but the run's tokenizer has no chat "
                          "template; give text prompts or a tokenizer with a chat template")
     texts = ([tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True,
                                             **(chat_template_kwargs or {}))
@@ -258,43 +269,42 @@ def score_rollouts(
     device = next(model.parameters()).device
     batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
                       add_special_tokens=not chat).to(device)
+    # TRL's stop tokens: the tokenizer's end token and the model's configured ones
     eos = model.generation_config.eos_token_id
-    eos = eos if eos is not None else tokenizer.eos_token_id
-    extra = {k: v for k, v in (("min_p", min_p), ("repetition_penalty", repetition_penalty))
-             if v is not None and not (k == "repetition_penalty" and v == 1.0)}
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos = [tokenizer.eos_token_id, *eos]
+    # A whole GenerationConfig, as TRL builds one: the model's own sampling defaults (a
+    # checkpoint's repetition_penalty, say) do not leak in.
+    settings = dict(
+        max_new_tokens=max_new_tokens, do_sample=True, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, temperature=temperature,
+        top_p=top_p, top_k=top_k or 0, min_p=min_p, repetition_penalty=repetition_penalty)
+    settings.update(generation_kwargs or {})  # TRL's generation_kwargs override the rest
+    generation = GenerationConfig(**settings, num_return_sequences=n_samples)
     was_training = model.training
     model.eval()
     try:
         rng_devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
             torch.manual_seed(seed)
-            out = model.generate(
-                **batch,
-                do_sample=True,
-                temperature=temperature,
-                top_k=top_k or 0,
-                top_p=top_p,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=n_samples,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=eos,
-                **extra,
-            )  # [n_prompts * n_samples, prompt_len + new], prompt i's samples consecutive
+            out = model.generate(**batch, generation_config=generation)
+            # [n_prompts * n_samples, prompt_len + new], prompt i's samples consecutive
     finally:
         model.train(was_training)
     new = out[:, batch["input_ids"].shape[1]:].cpu()
-    texts_out = tokenizer.batch_decode(new, skip_special_tokens=True)
+    completion_ids = [_until_stop(row.tolist(), set(eos)) for row in new]
+    texts_out = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     completions = ([[{"role": "assistant", "content": t}] for t in texts_out] if chat
                    else texts_out)
-    stops = set(eos) if isinstance(eos, (list, tuple)) else {eos}
-    completion_ids = [_until_stop(row.tolist(), stops) for row in new]
 
     def repeat(values: list) -> list:
         return [v for v in values for _ in range(n_samples)]
 
     kwargs = {k: repeat(v) for k, v in columns.items()}
-    kwargs.update(completion_ids=completion_ids, trainer_state=TrainerState(),
-                  log_extra=_ignore, log_metric=_ignore)
+    state = TrainerState(global_step=training_steps or 0, max_steps=training_steps or 0)
+    kwargs.update(completion_ids=completion_ids, trainer_state=state, log_extra=_ignore,
+                  log_metric=_ignore)
     funcs = task.reward_funcs
     weights = getattr(task, "reward_weights", None) or [1.0] * len(funcs)
     per_func = torch.zeros(len(funcs), len(completions), dtype=torch.float64)
@@ -319,21 +329,40 @@ def _call_reward(fn: Any, prompts: list, completions: list, kwargs: dict) -> lis
     try:
         if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
                 getattr(fn, "__call__", None)):
-            scores = asyncio.run(fn(prompts=prompts, completions=completions, **kwargs))
+            scores = asyncio.run_coroutine_threadsafe(
+                fn(prompts=prompts, completions=completions, **kwargs), _event_loop()).result()
         else:
             scores = fn(prompts=prompts, completions=completions, **kwargs)
         scores = list(scores)
     except Exception as e:  # noqa: BLE001 - the user's function: name it and what it was given
         given = sorted(["prompts", "completions", *kwargs])
+        hint = (" (a column it reads missing from the RewardTask's prompts?)"
+                if isinstance(e, (TypeError, KeyError)) else "")
         raise RewardFunctionError(
             f"reward function {name!r} failed when called as TRL calls it, with keyword "
-            f"arguments {given}: {type(e).__name__}: {e} (a column it reads missing from the "
-            "RewardTask's prompts?)") from e
+            f"arguments {given}: {type(e).__name__}: {e}{hint}") from e
     if len(scores) != len(completions):
         raise RewardFunctionError(
             f"reward function {name!r} returned {len(scores)} rewards for {len(completions)} "
             "completions; it must return one per completion")
     return scores
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """One event loop on a daemon thread for every async reward call, as TRL runs them: works
+    inside a running loop (a notebook), and clients an async reward created once stay on it."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="sae-shards-async-rewards",
+                             daemon=True).start()
+            _LOOP = loop
+    return _LOOP
 
 
 def _until_stop(ids: list[int], stops: set) -> list[int]:
@@ -424,8 +453,9 @@ def task_rewards(
     ``n_prompts`` prompts per label (``task.dataset(n_prompts * len(labels), seed,
     labels=labels)``: the same prompts for the same seed), ``n_samples`` completions each,
     sampled and scored as :func:`score_rollouts` does (``sampling``: its other settings), in one
-    ``generate`` call; the reward of a completion is its own prompt's, per context as :func:`by_label` gives it (a built-in task's
-    training reward scale divided out). Reproducible for a fixed seed.
+    ``generate`` call; the reward of a completion is its own prompt's, per context as
+    :func:`by_label` gives it (a built-in task's training reward scale divided out).
+    Reproducible for a fixed seed.
     """
     labels = list(labels)
     if not labels or n_prompts < 1:
@@ -552,6 +582,11 @@ def ablate(
     ``baseline``: the final weights' :class:`Scored` on those prompts, when the caller already
     has it (one per run serves every shard). ``model`` is restored bit-exactly afterwards."""
     data = task.dataset(n_prompts, reward_kwargs.get("seed", 0))
+    if baseline is not None and tuple(baseline.rewards.shape) != (n_prompts,
+                                                                 reward_kwargs.get("n_samples", 4)):
+        raise ValueError(f"baseline scores {tuple(baseline.rewards.shape)} rollouts; ablate "
+                         f"scores n_prompts={n_prompts} prompts: give the baseline of the same "
+                         "prompts and settings")
     final = baseline if baseline is not None else score_rollouts(model, tokenizer, task, data,
                                                                  **reward_kwargs)
     with remove_direction(model, direction, initial) as c:

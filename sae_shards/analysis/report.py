@@ -178,7 +178,7 @@ def lens_rows(model, tokenizer, shard, top_k: int) -> list[dict[str, Any]]:
 def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 4,
             checkpoint: str | None = None,
             top_k: int = 5, dose: bool = True, alphas=DEFAULT_ALPHAS,
-            n_prompts: int = 32, task: RewardTask | None = None) -> Path:
+            n_prompts: int = 32, task: RewardTask | Any | None = None) -> Path:
     """Write the HTML report of a run (default ``run_dir/report.html``) and ``analysis.json``.
 
     ``task``: the prompts and reward functions to score the dose-response with (a run of your
@@ -331,17 +331,19 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str]) -> str:
               f"context's reward when removed, and the random direction does not.</p>")
 
 
-def _dose_source(task: RewardTask | None, sampling: dict[str, Any]) -> str:
+def _dose_source(task: RewardTask | Any | None, sampling: dict[str, Any]) -> str:
     """Which reward scored the rollouts (a given task's functions and weights) and how they
     were sampled."""
-    how = ", ".join(f"{k}={v}" for k, v in sampling.items()) or "score_rollouts' defaults"
+    how = (", ".join(f"{k}={v}" for k, v in sampling.items() if k != "training_steps")
+           or "score_rollouts' defaults")
     out = f"<p>Rollouts sampled as the run recorded: {html.escape(how)}.</p>"
     if task is None:
         return out
-    weights = task.reward_weights or [1.0] * len(task.reward_funcs)
+    weights = getattr(task, "reward_weights", None) or [1.0] * len(task.reward_funcs)
     names = ", ".join(f"{getattr(fn, '__name__', type(fn).__name__)} x {w:g}"
                       for fn, w in zip(task.reward_funcs, weights))
-    return out + (f"<p>Scored with the given reward task {html.escape(task.name)!r}: "
+    name = getattr(task, "name", type(task).__name__)
+    return out + (f"<p>Scored with the given reward task {html.escape(str(name))!r}: "
                   f"{html.escape(names)}.</p>")
 
 

@@ -165,19 +165,30 @@ def load_task_spec(spec: str) -> RewardTask:
     search = str(path.parent) if as_file else os.getcwd()  # as `python FILE` / `python -m` do
     sys.path.insert(0, search)
     IMPORTING = str(path) if as_file else where
+    module_name = f"_sae_shards_task_{abs(hash(str(path)))}"
     try:
         if as_file:
-            module_spec = importlib.util.spec_from_file_location(
-                f"_sae_shards_task_{abs(hash(str(path)))}", path)
+            module_spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_name] = module  # as an import does (dataclasses look it up)
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(where)
     except ModuleNotFoundError as e:
-        if as_file or e.name != where.split(".")[0]:
-            raise
-        raise ValueError(f"--task {spec!r}: cannot import {where!r} ({e}); for a script give "
-                         f"its file: --task path/to/{where.replace('.', '/')}.py:{name}") from e
+        sys.modules.pop(module_name, None)
+        if not as_file and e.name == where.split(".")[0]:
+            raise ValueError(f"--task {spec!r}: cannot import {where!r} ({e}); for a script "
+                             f"give its file: --task path/to/{where.replace('.', '/')}.py:"
+                             f"{name}") from e
+        raise ValueError(f"--task {spec!r}: importing {where} failed: {e}") from e
+    except ValueError:  # a refused ShardCallback, or the script's own: its message as it is
+        sys.modules.pop(module_name, None)
+        raise
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's script, whatever it raised
+        sys.modules.pop(module_name, None)
+        raise ValueError(f"--task {spec!r}: importing {where} failed: {type(e).__name__}: {e} "
+                         "(the script runs as a module: anything outside `if __name__ == "
+                         "\"__main__\":` runs too, command-line parsing included)") from e
     finally:
         IMPORTING = None
         sys.path.remove(search)
@@ -193,7 +204,12 @@ def load_task_spec(spec: str) -> RewardTask:
                              ) from e
         except ValueError:  # no signature to inspect (a builtin): just call it
             pass
-        returned = obj()
+        try:
+            returned = obj()
+        except ValueError:  # a RewardTask refusing its fields: its message names them
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's function
+            raise ValueError(f"--task {spec!r}: {name}() failed: {type(e).__name__}: {e}") from e
         if not isinstance(returned, RewardTask):
             raise ValueError(f"--task {spec!r}: {name}() returned a "
                              f"{type(returned).__name__}, not a RewardTask (from "

@@ -314,7 +314,7 @@ def load_run_models(run_dir: str | Path) -> RunModels | None:
     ``task`` is None for a run of a user's own TRL script (``ShardCallback``): its rewards are
     not known to sae-shards."""
     from sae_shards.recipe.models import load_model_and_tokenizer, load_tokenizer
-    from sae_shards.recipe.tasks import build_task, default_target_length
+    from sae_shards.recipe.tasks import build_task
 
     run_dir = Path(run_dir)
     if run_models_missing(run_dir) is not None:
@@ -333,8 +333,9 @@ def load_run_models(run_dir: str | Path) -> RunModels | None:
         fin = load_model_and_tokenizer(final)
     task = None
     if cfg.get("task"):
-        target_length = default_target_length(cfg["rl"]["max_completion_length"], init.tokenizer)
-        options = {"target_length": target_length, **cfg["task"]["options"]}  # as the job had it
+        # the target the job resolved (runs of earlier versions: max_completion_length)
+        target_length = cfg["task"].get("target_length") or cfg["rl"]["max_completion_length"]
+        options = {"target_length": target_length, **cfg["task"]["options"]}
         task = build_task(cfg["task"]["name"], **options)
     # the tokenizer training used: the trainer's processing class, saved with the final policy
     # (a chat template or pad token set in the script lives there, not in the initial directory)
@@ -348,21 +349,25 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                 "chat_template_kwargs")
+                 "chat_template_kwargs", "generation_kwargs")
 """``score_rollouts`` settings a run's ``config.json`` may record (``rl``, or the job's
 ``rl.extra`` passed on to TRL), beside ``max_completion_length``."""
 
 
 def run_sampling(run_dir: str | Path) -> dict[str, Any]:
     """How the run sampled its completions, as ``interventions.score_rollouts`` takes it:
-    ``max_new_tokens`` (TRL's ``max_completion_length``) and whichever of ``SAMPLING_KEYS`` the
-    run recorded; what it does not record keeps ``score_rollouts``' default (a run of an earlier
-    version of ``ShardCallback`` recorded none)."""
+    ``max_new_tokens`` (TRL's ``max_completion_length``), whichever of ``SAMPLING_KEYS`` the
+    run recorded, and ``training_steps`` (``rl.max_steps``: the reward functions'
+    ``trainer_state`` is the end of training); what it does not record keeps
+    ``score_rollouts``' default (a run of an earlier version of ``ShardCallback`` recorded
+    only ``max_steps``)."""
     rl = rundir.section(rundir.read_config(Path(run_dir)), "rl")
     extra = rundir.section(rl, "extra")
     out: dict[str, Any] = {}
     if rl.get("max_completion_length"):
         out["max_new_tokens"] = int(rl["max_completion_length"])
+    if rl.get("max_steps"):
+        out["training_steps"] = int(rl["max_steps"])
     for key in SAMPLING_KEYS:
         value = rl.get(key, extra.get(key))
         if value is not None:

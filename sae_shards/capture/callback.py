@@ -520,7 +520,7 @@ class ShardCallback(TrainerCallback):
 # ---- helpers ---------------------------------------------------------------------------------
 
 SAMPLING_ARGS = ("max_completion_length", "num_generations", "temperature", "top_p", "top_k",
-                 "min_p", "repetition_penalty", "chat_template_kwargs")
+                 "min_p", "repetition_penalty", "chat_template_kwargs", "generation_kwargs")
 """The TRL config fields that say how completions were sampled, recorded in ``config.json``'s
 ``rl`` (``analysis.shards.run_sampling`` reads them back)."""
 

@@ -115,7 +115,7 @@ def run_planted(cfg: JobConfig, run_dir: Path, sources=SOURCES, groups=tuple(GRO
         sub_cfg = dataclasses.replace(
             sub_cfg, runner=dataclasses.replace(sub_cfg.runner, checkpoint_every=0),
             model=dataclasses.replace(cfg.model, path=model_path, readout_scale=1.0))  # built
-        callback = shard_callback(sub_cfg, run_dir / name, save_model=False,
+        callback = shard_callback(sub_cfg, run_dir / name, rl.task.target_length, save_model=False,
                                   meta={"group": group}, overwrite=cfg.overwrite)
         callback.setup(rl.trainer.model, rl.trainer)
         with _quiet_transformers():  # several ShardCallbacks on one trainer is intended

@@ -69,6 +69,7 @@ def _peft_config(cfg: JobConfig):
 class RLSetup(NamedTuple):
     trainer: Any  # trl.GRPOTrainer | trl.RLOOTrainer
     model_path: Path
+    task: Any  # the built-in task, with its resolved target_length
 
 
 def prepare_model(cfg: JobConfig, run_dir: Path) -> Path:
@@ -108,23 +109,27 @@ def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device,
                             checkpoint_every=cfg.runner.checkpoint_every,
                             trainable=cfg.rl.trainable)
     trainer.remove_callback(ProgressCallback)
-    return RLSetup(trainer, model_path)
+    return RLSetup(trainer, model_path, task)
 
 
-def run_config(cfg: JobConfig) -> dict[str, Any]:
+def run_config(cfg: JobConfig, target_length: int | None = None) -> dict[str, Any]:
     """The whole job config as ``config.json`` records it (model path resolved so analysis
-    finds the initial weights)."""
+    finds the initial weights; ``target_length``: the task's, as ``build_rl`` resolved it, so
+    analysis rebuilds the task the run trained on)."""
     model_path = str(Path(cfg.model.path).resolve()) if cfg.model.path else None
     out = cfg.to_dict()
     out["model"] = {**out["model"], "path": model_path}
+    if target_length is not None:
+        out["task"] = {**out["task"], "target_length": int(target_length)}
     return out
 
 
-def shard_callback(cfg: JobConfig, run_dir: Path, **overrides: Any) -> ShardCallback:
+def shard_callback(cfg: JobConfig, run_dir: Path, target_length: int | None = None,
+                   **overrides: Any) -> ShardCallback:
     """The job's ``ShardCallback``: its capture, SAE and runner settings, and the whole config
-    for ``config.json``."""
+    for ``config.json`` (``target_length``: see ``run_config``)."""
     kwargs = dict(capture=cfg.capture, runner=cfg.runner, sae=cfg.sae, seed=cfg.seed,
-                  resume=cfg.resume, run_config=run_config(cfg))
+                  resume=cfg.resume, run_config=run_config(cfg, target_length))
     return ShardCallback(run_dir, **{**kwargs, **overrides})
 
 
@@ -167,7 +172,7 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
             model_path = prepare_model(cfg, run_dir)  # rank 0 builds the tiny model first
         rl = build_rl(cfg, run_dir, device, model_path)  # all ranks together
         logger = (RunLogger.start(cfg.logging, run_dir, cfg.to_dict()) if main else RunLogger())
-        callback = shard_callback(cfg, run_dir, logger=logger)
+        callback = shard_callback(cfg, run_dir, rl.task.target_length, logger=logger)
         if main:  # the buffer and the SAE live on rank 0 (other ranks set up in train())
             callback.setup(rl.trainer.model, rl.trainer)
     except SETUP_ERRORS as e:  # user-fixable: reported without a traceback by the CLI
