@@ -7,6 +7,7 @@ value ends the command with ``sae-shards: config error: <field, value, fix>`` an
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import signal
@@ -39,7 +40,7 @@ USAGE = """usage: sae-shards <command> [args]
 commands:
   train [overrides] [-m]   run RL + delta capture + concurrent SAE (Hydra overrides, e.g. sae.k=8)
   analyze RUN_DIR [--out FILE] [--shards N] [--no-dose] [--checkpoint NAME] [--threads N]
-                  [--task FILE.py:NAME]
+                  [--task FILE.py:NAME] [--n-prompts N]
                            write an HTML report of a run (default RUN_DIR/report.html)
   evaluate RUN_DIR [--null-run DIR] [--no-steering] [...]
                            score the shards against sign-free task ground truth (multiskill runs
@@ -372,6 +373,20 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
 def _analyze(args: list[str]) -> int:
     import argparse
 
@@ -381,8 +396,11 @@ def _analyze(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sae-shards analyze")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
-    parser.add_argument("--shards", type=int, default=4,
+    parser.add_argument("--shards", type=_non_negative, default=4,
                         help="how many shards to detail beside the always-on ones")
+    parser.add_argument("--n-prompts", type=_positive, default=32,
+                        help="prompts per reward estimate of the dose-response and ablation "
+                             "(4 completions each; more resolve smaller changes)")
     parser.add_argument("--no-dose", action="store_true", help="skip logit lens, dose-response and ablation")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (explicit: "
                         "default counts oversubscribe small CPUs)")
@@ -411,7 +429,7 @@ def _analyze(args: list[str]) -> int:
     try:
         name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
         out = analyze(ns.run_dir, ns.out, n_shards=ns.shards, dose=not ns.no_dose,
-                      checkpoint=name, task=task)
+                      checkpoint=name, task=task, n_prompts=ns.n_prompts)
     except (CheckpointError, ScoringError) as e:
         print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
         return 2

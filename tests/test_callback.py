@@ -81,6 +81,7 @@ def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm, cap
     assert len(doses) == len(analysis["shards"]) >= 2
     for entry in analysis["shards"].values():
         assert sorted(entry["ablation"]["removed_by_label"]) == ["digits", "vowels"]
+        assert entry["ablation"]["n_by_label"] == {"digits": 64, "vowels": 64}  # balanced
         assert entry["ablation"]["coefficient"] == entry["share_of_update"]
     for dose in doses:
         assert sorted(dose["shard_by_label"]) == ["digits", "vowels"]

@@ -211,6 +211,9 @@ def test_ablation_removes_what_the_run_added_along_the_shard(model_and_tokenizer
     assert abs(ab.final_by_label["A"] - ab.control_by_label["A"]) < 0.1
     pooled = sum(ab.removed_by_label.values()) / 4
     assert pooled == pytest.approx(ab.reward_removed, abs=1e-12)
+    assert ab.n_by_label == {t: 32 for t in task.labels}  # 8 prompts of each, 4 samples
+    assert a_drop > 4 * ab.stderr_change_removed_by_label["A"] > 0  # resolved, paired
+    assert ab.change_removed == pytest.approx(ab.reward_removed - ab.reward_final, abs=1e-12)
 
 
 def test_task_rewards_per_label_from_one_batch(model_and_tokenizer):

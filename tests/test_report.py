@@ -4,6 +4,8 @@ import base64
 import json
 from html.parser import HTMLParser
 
+import pytest
+
 from sae_shards.analysis.report import SECTIONS, analyze
 from sae_shards.cli import main as cli_main
 from sae_shards.analysis.shards import RunView
@@ -52,6 +54,10 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
         assert ablation["reward_final"] == analysis["shards"][str(analysis["top_shards"][0])]["ablation"][
             "reward_final"]  # one baseline estimate for every shard
         assert ablation["removed_by_label"] == {}  # one context
+        # paired per prompt, equal samples per prompt: the mean change is the change of means
+        assert abs(ablation["change_removed"] - (ablation["reward_removed"]
+                                                 - ablation["reward_final"])) < 1e-12
+        assert ablation["stderr_change_removed"] >= 0
         assert entry["logit_lens"], "the body targets include o_proj/down_proj writers"
     # families partition the shards that fired but are not always on (none in this short run:
     # its 4 live shards fire on every sample; tests/test_evaluate.py has a run with families),
@@ -86,6 +92,10 @@ def test_analyze_cli_reports_a_bad_run_dir(tmp_path, capsys):
     assert cli_main(["analyze", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "is a sweep's directory, not a run: it holds the runs ['sae.k=2', 'sae.k=4']" in err
+    for bad in (["--shards", "-2"], ["--n-prompts", "0"]):  # refused before anything is read
+        with pytest.raises(SystemExit):
+            cli_main(["analyze", str(tmp_path), *bad])
+        assert "negative" in (err := capsys.readouterr().err) or "must be 1 or more" in err
 
 
 def test_families_table_lists_families_of_several_shards_largest_first():

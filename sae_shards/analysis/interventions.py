@@ -391,6 +391,28 @@ def _estimate(rewards: Tensor) -> RewardEstimate:
     return RewardEstimate(mean, stderr, int(scored.sum()))
 
 
+def eval_prompts(task: AnyTask, n_prompts: int, seed: int = 0) -> Any:
+    """The prompts a dose-response or an ablation scores: ``task.dataset(n_prompts, seed)``,
+    cycling through the task's contexts when it has several (a ``multiskill`` task, a
+    ``RewardTask`` with a ``label_column``), so every context gets the same share."""
+    labels = list(getattr(task, "labels", ()) or ())
+    if len(labels) >= 2:
+        return task.dataset(n_prompts, seed, labels=labels)
+    return task.dataset(n_prompts, seed)
+
+
+def paired_change(before: Tensor, after: Tensor) -> tuple[float, float]:
+    """Mean change ``after - before`` of two scorings of the same prompts and rollout seed
+    (``[n_prompts, n_samples]`` each) and its standard error over prompts (each prompt's mean
+    change; prompts are the independent units); NaN stderr for one prompt."""
+    keep = ~(before.isnan().all(dim=1) | after.isnan().all(dim=1))
+    diff = after[keep].nanmean(dim=1) - before[keep].nanmean(dim=1)
+    n = diff.numel()
+    if n == 0:
+        return math.nan, math.nan
+    return float(diff.mean()), float(diff.std() / math.sqrt(n)) if n > 1 else math.nan
+
+
 def by_label(scored: Scored, task: AnyTask,
              labels: Sequence[str] | None = None) -> dict[str, RewardEstimate]:
     """Each context's reward estimate from one :class:`Scored` batch (``labels``: which, in
@@ -503,14 +525,14 @@ def dose_response(
     """Measure the reward along ``alpha * direction`` and along a norm-matched control.
 
     One control direction (``random_direction_like`` with ``control_seed``) serves every alpha,
-    and every point scores the same prompts (``task.dataset(n_prompts, seed)``) with the same
+    and every point scores the same prompts (:func:`eval_prompts`) with the same
     rollout seed (``reward_kwargs``: ``n_samples``, ``max_new_tokens``, ``temperature``,
     ``seed``, as :func:`score_rollouts` takes them), so the curves differ only through the
     weights. When the prompts carry several contexts, each one's curve comes from the same
     rollouts (``shard_by_label``). ``model`` is restored bit-exactly afterwards.
     """
     control = random_direction_like(direction, torch.Generator().manual_seed(control_seed))
-    data = task.dataset(n_prompts, reward_kwargs.get("seed", 0))
+    data = eval_prompts(task, n_prompts, reward_kwargs.get("seed", 0))
     points: dict[str, list[Scored]] = {"shard": [], "control": []}
     for alpha in alphas:
         for kind, d in (("shard", direction), ("control", control)):
@@ -557,11 +579,21 @@ class Ablation:
     stderr_control: float
     n: int
     """Completions scored per estimate."""
+    change_removed: float = math.nan
+    """``reward_removed - reward_final``, paired per prompt (:func:`paired_change`)."""
+    stderr_change_removed: float = math.nan
+    """Its standard error over prompts (the sampling's resolution for this change)."""
+    change_control: float = math.nan
+    stderr_change_control: float = math.nan
     final_by_label: dict[str, float] = field(default_factory=dict)
     """Each context's reward of the final weights (``by_label``); ``{}`` unless the prompts
-    carry at least two contexts. Likewise the two below."""
+    carry at least two contexts. Likewise the ones below."""
     removed_by_label: dict[str, float] = field(default_factory=dict)
     control_by_label: dict[str, float] = field(default_factory=dict)
+    stderr_change_removed_by_label: dict[str, float] = field(default_factory=dict)
+    """Each context's paired standard error of its change without the shard."""
+    n_by_label: dict[str, int] = field(default_factory=dict)
+    """Completions scored per context."""
 
 
 def ablate(
@@ -578,10 +610,11 @@ def ablate(
     """Score ``model`` (the final weights) as it is, with the shard's part of the run's update
     removed (:func:`remove_direction`, ``initial``: theta_0) and with the same amount of a
     norm-matched random direction removed, on the same prompts and rollout seed
-    (``task.dataset(n_prompts, seed)``, ``reward_kwargs`` as :func:`score_rollouts` takes them).
+    (:func:`eval_prompts`, ``reward_kwargs`` as :func:`score_rollouts` takes them); the changes
+    are paired per prompt (:func:`paired_change`).
     ``baseline``: the final weights' :class:`Scored` on those prompts, when the caller already
     has it (one per run serves every shard). ``model`` is restored bit-exactly afterwards."""
-    data = task.dataset(n_prompts, reward_kwargs.get("seed", 0))
+    data = eval_prompts(task, n_prompts, reward_kwargs.get("seed", 0))
     if baseline is not None and tuple(baseline.rewards.shape) != (n_prompts,
                                                                  reward_kwargs.get("n_samples", 4)):
         raise ValueError(f"baseline scores {tuple(baseline.rewards.shape)} rollouts; ablate "
@@ -598,5 +631,17 @@ def ablate(
     labelled = [by_label(s, task) for s in (final, removed, ctrl)]
     several = len(labelled[0]) >= 2
     means = [{label: e.mean for label, e in per.items()} if several else {} for per in labelled]
+    stderrs, counts = {}, {}
+    if several:
+        scale = getattr(task, "scale", None)
+        for label in labelled[0]:
+            rows = torch.tensor([lab == label for lab in final.labels])
+            unit = scale(label) if scale is not None else 1.0  # the plain score, as by_label
+            stderrs[label] = paired_change(final.rewards[rows] / unit,
+                                           removed.rewards[rows] / unit)[1]
+            counts[label] = labelled[0][label].n
+    removed_change, control_change = (paired_change(final.rewards, s.rewards)
+                                      for s in (removed, ctrl))
     return Ablation(c, est[0].mean, est[0].stderr, est[1].mean, est[1].stderr, est[2].mean,
-                    est[2].stderr, est[0].n, *means)
+                    est[2].stderr, est[0].n, *removed_change, *control_change, *means,
+                    stderrs, counts)

@@ -25,13 +25,14 @@ import io
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 
 from sae_shards.analysis.families import ALWAYS_ON_DENSITY
-from sae_shards.analysis.interventions import (ablate, dose_response, score_rollouts,
-                                               update_coefficient)
+from sae_shards.analysis.interventions import (ablate, dose_response, eval_prompts,
+                                               score_rollouts, update_coefficient)
 from sae_shards.analysis.reward_task import RewardTask
 from sae_shards.analysis.shards import (RunView, load_run_models, run_models_missing,
                                         run_sampling)
@@ -207,7 +208,9 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     parts = [_section("summary", "Run", _summary_html(view, summary, shards, density, tags))]
     parts.append(_section("sae-curves", "SAE training", plot_sae_curves(view)))
     parts.append(_section("reward", "Reward", plot_reward(view)))
-    untrained = "<p>No activations: the SAE never trained (see the run's summary).</p>"
+    untrained = ("<p>No shards selected (<code>--shards 0</code> and no always-on shard).</p>"
+                 if n_shards == 0 and view.density().abs().sum() > 0 else
+                 "<p>No activations: the SAE never trained (see the run's summary).</p>")
     parts.append(_section("timeline", "Shard timeline (top shards, final SAE)",
                           plot_timeline(view, shards) if shards else untrained))
     families = view.families()
@@ -265,15 +268,16 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                                       "control_by_label": dr.control_by_label}
             if baseline is None:  # the final policy's rewards: one estimate serves every shard
                 baseline = score_rollouts(final, tokenizer, scorer,
-                                          scorer.dataset(n_prompts, 0), **sampling)
+                                          eval_prompts(scorer, n_prompts), **sampling)
             ablations[s] = ablate(final, tokenizer, scorer, direction,
                                   dict(initial.named_parameters()), n_prompts=n_prompts,
                                   baseline=baseline, **sampling)
             entry["ablation"] = dataclasses.asdict(ablations[s])
         analysis["shards"][s] = entry
-    why = run_models_missing(view.run_dir) if dose else "skipped (--no-dose)"
-    missing = (f"<p>Needs the run's initial and final model: {html.escape(why)}.</p>" if why
-               else "<p>No active shard to show (the SAE never trained).</p>")
+    why = run_models_missing(view.run_dir) if dose else None
+    missing = ("<p>Skipped (--no-dose).</p>" if not dose else
+               f"<p>Needs the run's initial and final model: {html.escape(why)}.</p>" if why
+               else untrained)
     no_task = ("<p>Needs the run's reward: this run's rewards came from its own TRL script. "
                "Hand them back with <code>sae-shards analyze RUN --task FILE.py:NAME</code> or "
                "<code>analyze(run, task=RewardTask(prompts, reward_funcs))</code> "
@@ -286,13 +290,22 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                            + "<p>alpha = 1 adds the shard's share of the run's whole update to "
                              "the initial weights; the control adds a random direction of equal "
                              "norm. Dotted: each context's reward along the shard, from the same "
-                             "rollouts (when the prompts carry several).</p>"
+                             "rollouts (when the prompts carry several; a built-in task's "
+                             "per-context reward is its plain 0..1 score, the pooled one the "
+                             "training reward, reward_scale included).</p>"
+                           + (f"<p>The shards are checkpoint {view.checkpoint}'s; c is their "
+                              "share of the whole run's update.</p>"
+                              if view.checkpoint != "final" else "")
                            if dose_results else
                            no_task if models is not None and models.task is None
                            and task is None else missing)))
+    policy = "final policy (final_model/, the end of the run)"
+    if view.checkpoint != "final":
+        policy += (f"; the shards are checkpoint {view.checkpoint}'s, the weights and the "
+                   "update c those of the end of the run")
     parts.append(_section("ablation", "Ablation: the final policy without the shard's part of "
                           "the update",
-                          (_ablation_html(ablations, tags) if ablations else
+                          (_ablation_html(ablations, tags, policy) if ablations else
                            no_task if models is not None and models.task is None
                            and task is None else missing)))
 
@@ -304,31 +317,39 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     return out
 
 
-def _ablation_html(ablations: dict[int, Any], tags: dict[int, str]) -> str:
-    """One row per shard: the final reward, and its change without the shard's part of the
-    update and without a norm-matched random direction; each context's change when several."""
+def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str) -> str:
+    """One row per shard: the final reward, and its change (± its paired standard error over
+    prompts) without the shard's part of the update and without a norm-matched random
+    direction; each context's change when several."""
+    first = ablations[next(iter(ablations))]
     labels = sorted({label for ab in ablations.values() for label in ab.removed_by_label})
-    header = (["shard", "share of the update c", "final reward", "without the shard",
-               "without random (same norm)"] + [f"{label}: without the shard" for label in labels])
+    header = (["shard", "share of the update c", "final reward", "without the shard: change",
+               "without random (same norm): change"]
+              + [f"{label}: change without the shard (n={first.n_by_label.get(label, '?')})"
+                 for label in labels])
 
-    def change(after: float, before: float) -> str:
-        return f"{after:.4f} ({after - before:+.4f})"
+    def change(value: float, stderr: float) -> str:
+        return f"{value:+.4f} ± {stderr:.4f}"
 
     rows = []
     for s, ab in ablations.items():
-        rows.append([f"{s} (always on)" if s in tags else str(s), f"{ab.coefficient:+.4g}",
+        rows.append([f"{s} (always on)" if s in tags else str(s), f"{ab.coefficient:+.4f}",
                      f"{ab.reward_final:.4f} ± {ab.stderr_final:.4f}",
-                     change(ab.reward_removed, ab.reward_final),
-                     change(ab.reward_control, ab.reward_final)]
-                    + [change(ab.removed_by_label[label], ab.final_by_label[label])
+                     change(ab.change_removed, ab.stderr_change_removed),
+                     change(ab.change_control, ab.stderr_change_control)]
+                    + [change(ab.removed_by_label[label] - ab.final_by_label[label],
+                              ab.stderr_change_removed_by_label.get(label, math.nan))
                        if label in ab.removed_by_label else "" for label in labels])
     return (_table(header, rows)
-            + f"<p>The final weights minus <code>c * shard</code>, the run's whole update along "
-              f"the shard (c: its coefficient, as alpha = 1 of the dose-response), against the "
-              f"final weights minus <code>c</code> times a random direction of the shard's norm; "
-              f"{ablations[next(iter(ablations))].n} completions per estimate, the same prompts "
-              f"and rollout seed for each. A shard RL relied on for a context lowers that "
-              f"context's reward when removed, and the random direction does not.</p>")
+            + f"<p>The {html.escape(policy)} minus <code>c * shard</code>, the run's whole update "
+              f"along the shard (c: its coefficient, as alpha = 1 of the dose-response), against "
+              f"the same weights minus <code>c</code> times a random direction of the shard's "
+              f"norm; {first.n} completions per estimate ({len(first.n_by_label) or 1} "
+              f"context(s)), the same prompts and rollout seed for each, so a change is paired "
+              f"per prompt and ± is its standard error over prompts. A change within about two "
+              f"of those is not resolved by this many rollouts (<code>--n-prompts</code> raises "
+              f"it). A random direction this small usually changes no sampled token, so its "
+              f"row reads 0: it shows the size of the update, not the resolution.</p>")
 
 
 def _dose_source(task: RewardTask | Any | None, sampling: dict[str, Any]) -> str:
@@ -513,7 +534,8 @@ def _page(title: str, body: str) -> str:
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
              "padding:2px 6px;font-size:13px;text-align:left}img{max-width:100%}"
              "section{margin-bottom:2em}")
-    nav = " · ".join(f'<a href="#{s}">{s}</a>' for s in SECTIONS)
+    present = re.findall(r'<section id="([^"]+)"', body)  # per-event runs: events, not rollouts
+    nav = " · ".join(f'<a href="#{s}">{s}</a>' for s in present)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><p>{nav}</p>"
             f"{body}</body></html>")
