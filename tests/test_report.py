@@ -51,14 +51,17 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
         assert len(entry["dose_response"]["shard"]) == 3
         ablation = entry["ablation"]  # the same coefficient as the dose-response's alpha = 1
         assert ablation["coefficient"] == entry["share_of_update"]
-        assert ablation["reward_final"] == analysis["shards"][str(analysis["top_shards"][0])]["ablation"][
-            "reward_final"]  # one baseline estimate for every shard
+        first = analysis["shards"][str(analysis["top_shards"][0])]
+        assert ablation["reward_final"] == first["ablation"]["reward_final"]  # one baseline
         assert ablation["removed_by_label"] == {}  # one context
         # paired per prompt, equal samples per prompt: the mean change is the change of means
         assert abs(ablation["change_removed"] - (ablation["reward_removed"]
                                                  - ablation["reward_final"])) < 1e-12
         assert ablation["stderr_change_removed"] >= 0
         assert entry["logit_lens"], "the body targets include o_proj/down_proj writers"
+    dose = analysis["shards"][str(analysis["top_shards"][0])]["dose_response"]  # the plot's
+    row = "".join(f"<td>{r:.4f}</td>" for r in dose["shard"])                 # numbers, listed
+    assert row + f"<td>{dose['control'][-1]:.4f}</td></tr>" in html
     # families partition the shards that fired but are not always on (none in this short run:
     # its 4 live shards fire on every sample; tests/test_evaluate.py has a run with families),
     # and each family's mass share is its members' share of the timeline's |activation|

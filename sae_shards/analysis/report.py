@@ -285,7 +285,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     parts.append(_section("logit-lens", "Logit lens (write directions of the blocks' output "
                           "projections)", "".join(lens_html) or missing))
     parts.append(_section("dose-response", "Dose-response: reward vs alpha * shard",
-                          (plot_dose(dose_results) + _dose_source(task, sampling)
+                          (plot_dose(dose_results) + _dose_table(dose_results, analysis, tags)
+                           + _dose_source(task, sampling)
                            + scorer_note
                            + "<p>alpha = 1 adds the shard's share of the run's whole update to "
                              "the initial weights; the control adds a random direction of equal "
@@ -315,6 +316,20 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     (out.parent / rundir.ANALYSIS).write_text(json.dumps(rundir.strict_json(analysis), indent=2,
                                                          default=float))
     return out
+
+
+def _dose_table(results: dict[int, Any], analysis: dict[str, Any], tags: dict[int, str]) -> str:
+    """The plotted figures: each shard's c and mean reward at every alpha, and the control's at
+    the largest."""
+    first = next(iter(results.values()))
+    top = max(range(len(first.alphas)), key=lambda i: first.alphas[i])
+    header = (["shard", "c"] + [f"alpha {a:g}" for a in first.alphas]
+              + [f"control at {first.alphas[top]:g}"])
+    rows = [[f"{s} (always on)" if s in tags else str(s),
+             f"{analysis['shards'][s]['share_of_update']:+.4f}"]
+            + [f"{r:.4f}" for r in dr.reward_shard] + [f"{dr.reward_control[top]:.4f}"]
+            for s, dr in results.items()]
+    return _table(header, rows)
 
 
 def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str) -> str:
