@@ -96,6 +96,14 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     assert ((acts != 0).sum(1) == 4).all()  # sae.k = 4 active shards per sample
     assert cli_main(["analyze", str(run), "--no-dose"]) == 0
     assert "no activations file: the run was killed" in (run / "report.html").read_text()
+    # its interventions use the policy of that step, which TRL saved (no final_model/ yet)
+    from sae_shards.analysis.shards import load_run_models, policy_dir
+
+    assert load_run_models(run) is None
+    assert policy_dir(run, view.checkpoint) == run / "trl" / f"checkpoint-{step}"
+    saved = load_file(run / "trl" / f"checkpoint-{step}" / "model.safetensors")
+    final = dict(load_run_models(run, view.checkpoint).final.named_parameters())
+    assert saved and all(torch.equal(final[k], v) for k, v in saved.items() if k in final)
     # the bare command: resume=true reuses the run's own overrides (.hydra/overrides.yaml)
     bare = subprocess.Popen([sys.executable, "-m", "sae_shards.cli", "train", f"run_dir={run}",
                              "resume=true"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -34,8 +34,8 @@ from sae_shards.analysis.families import ALWAYS_ON_DENSITY
 from sae_shards.analysis.interventions import (ablate, dose_response, eval_prompts,
                                                score_rollouts, update_coefficient)
 from sae_shards.analysis.reward_task import RewardTask
-from sae_shards.analysis.shards import (RunView, load_run_models, run_models_missing,
-                                        run_sampling)
+from sae_shards.analysis.shards import (RunView, load_run_models, policy_dir,
+                                        run_models_missing, run_sampling)
 from sae_shards.run import rundir
 
 SECTIONS = ("summary", "sae-curves", "reward", "timeline", "families", "norms", "rollouts", "logit-lens",
@@ -198,7 +198,9 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     if task is not None and not dose:
         raise ValueError("a reward task (--task) scores the dose-response and the ablation, "
                          "which --no-dose skips; drop one of them")
-    models = load_run_models(view.run_dir) if dose else None
+    models = load_run_models(view.run_dir, view.checkpoint) if dose else None
+    final_dir = policy_dir(view.run_dir, view.checkpoint)
+    matched = final_dir.name != rundir.FINAL_MODEL  # TRL's checkpoint of the shards' step
     sampling = run_sampling(view.run_dir)  # the run's own max_new_tokens, temperature, top_p...
     scorer_note = ""
     if models is not None and (task or models.task) is not None:
@@ -274,7 +276,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                                   baseline=baseline, **sampling)
             entry["ablation"] = dataclasses.asdict(ablations[s])
         analysis["shards"][s] = entry
-    why = run_models_missing(view.run_dir) if dose else None
+    why = run_models_missing(view.run_dir, view.checkpoint) if dose else None
     missing = ("<p>Skipped (--no-dose).</p>" if not dose else
                f"<p>Needs the run's initial and final model: {html.escape(why)}.</p>" if why
                else untrained)
@@ -295,17 +297,19 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                              "per-context reward is its plain 0..1 score, the pooled one the "
                              "training reward, reward_scale included).</p>"
                            + (f"<p>The shards are checkpoint {view.checkpoint}'s; c is their "
-                              "share of the whole run's update.</p>"
-                              if view.checkpoint != "final" else "")
+                              f"share of the update up to "
+                              f"{'that step' if matched else 'the end of the run'} "
+                              f"({final_dir}).</p>" if view.checkpoint != "final" else "")
                            if dose_results else
                            no_task if models is not None and models.task is None
                            and task is None else missing)))
-    policy = "final policy (final_model/, the end of the run)"
-    if view.checkpoint != "final":
+    policy = (f"policy at the shards' step ({final_dir})" if matched else
+              "final policy (final_model/, the end of the run)")
+    if view.checkpoint != "final" and not matched:
         policy += (f"; the shards are checkpoint {view.checkpoint}'s, the weights and the "
-                   "update c those of the end of the run")
-    parts.append(_section("ablation", "Ablation: the final policy without the shard's part of "
-                          "the update",
+                   "update c those of the end of the run (TRL kept no policy of that step)")
+    parts.append(_section("ablation", "Ablation: the policy without the shard's part of the "
+                          "update",
                           (_ablation_html(ablations, tags, policy) if ablations else
                            no_task if models is not None and models.task is None
                            and task is None else missing)))
@@ -356,8 +360,9 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str)
                               ab.stderr_change_removed_by_label.get(label, math.nan))
                        if label in ab.removed_by_label else "" for label in labels])
     return (_table(header, rows)
-            + f"<p>The {html.escape(policy)} minus <code>c * shard</code>, the run's whole update "
-              f"along the shard (c: its coefficient, as alpha = 1 of the dose-response), against "
+            + f"<p>The {html.escape(policy)} minus <code>c * shard</code>, the run's update "
+              f"along the shard up to that policy (c: its coefficient, as alpha = 1 of the "
+              f"dose-response), against "
               f"the same weights minus <code>c</code> times a random direction of the shard's "
               f"norm; {first.n} completions per estimate ({len(first.n_by_label) or 1} "
               f"context(s)), the same prompts and rollout seed for each, so a change is paired "

@@ -307,9 +307,30 @@ class RunModels(NamedTuple):
     task: Any  # the run's task, rebuilt from its config
 
 
-def load_run_models(run_dir: str | Path) -> RunModels | None:
+def policy_dir(run_dir: str | Path, checkpoint: str | None = None) -> Path:
+    """Where the policy paired with ``checkpoint``'s shards is: ``final_model/`` for the final
+    checkpoint (or None); for ``step_N``, TRL's own checkpoint of that step when it holds the
+    policy (the job's ``trl/checkpoint-N``, or ``checkpoint-N`` under the user trainer's
+    ``output_dir``, which ``ShardCallback`` records), else ``final_model/``."""
+    run_dir = Path(run_dir)
+    final = run_dir / rundir.FINAL_MODEL
+    step = rundir.step_of(checkpoint) if checkpoint else None
+    if step is None:
+        return final
+    cfg = rundir.read_config(run_dir)
+    out = rundir.section(cfg, "rl").get("output_dir")
+    saved = "adapter_config.json" if _is_lora(cfg) else "config.json"
+    for root in (run_dir / rundir.TRL_OUTPUT, *([Path(out)] if out else [])):
+        if (root / f"checkpoint-{step}" / saved).is_file():
+            return root / f"checkpoint-{step}"
+    return final
+
+
+def load_run_models(run_dir: str | Path, checkpoint: str | None = None) -> RunModels | None:
     """The run's initial and final model, tokenizer and task; None when a model directory is
-    missing (``run_models_missing`` says which). A LoRA run's final policy is its base model
+    missing (``run_models_missing`` says which). With ``checkpoint`` (``step_N``) the "final"
+    policy is that step's when TRL saved it (``policy_dir``), so a killed run or an earlier
+    checkpoint is paired with its own weights. A LoRA run's final policy is its base model
     with the saved adapter merged in (the effective weights ``W0 + s B A`` the shards live in).
     ``task`` is None for a run of a user's own TRL script (``ShardCallback``): its rewards are
     not known to sae-shards."""
@@ -317,12 +338,12 @@ def load_run_models(run_dir: str | Path) -> RunModels | None:
     from sae_shards.recipe.tasks import build_task
 
     run_dir = Path(run_dir)
-    if run_models_missing(run_dir) is not None:
+    if run_models_missing(run_dir, checkpoint) is not None:
         return None
     cfg = _read_json(run_dir / "config.json")
     initial = _initial_model_dir(run_dir, cfg)
     init = load_model_and_tokenizer(initial)
-    final = run_dir / "final_model"
+    final = policy_dir(run_dir, checkpoint)
     if _is_lora(cfg):
         from peft import PeftModel
 
@@ -383,9 +404,9 @@ def _initial_model_dir(run_dir: Path, cfg: Mapping[str, Any]) -> Path:
     return Path(model["path"]) if model.get("path") else run_dir / "model"
 
 
-def run_models_missing(run_dir: str | Path) -> str | None:
-    """Why :func:`load_run_models` has no models for this run (a sentence for the report), or
-    None when it has them."""
+def run_models_missing(run_dir: str | Path, checkpoint: str | None = None) -> str | None:
+    """Why :func:`load_run_models` has no models for this run and checkpoint (a sentence for
+    the report), or None when it has them."""
     run_dir = Path(run_dir)
     cfg = _read_json(run_dir / "config.json")
     initial = _initial_model_dir(run_dir, cfg)
@@ -397,10 +418,13 @@ def run_models_missing(run_dir: str | Path) -> str | None:
         return (f"no tokenizer in {initial} (the trainer had no processing_class to save "
                 "with the policy)")
     saved = "adapter_config.json" if _is_lora(cfg) else "config.json"
-    if not (run_dir / "final_model" / saved).is_file():
-        return (f"no final {'adapter' if _is_lora(cfg) else 'policy'} at "
-                f"{run_dir / 'final_model'} (save_model=False, an interrupted run, or FSDP2 / "
-                "ZeRO-3, where it is not gathered)")
+    final = policy_dir(run_dir, checkpoint)
+    if not (final / saved).is_file():
+        step = rundir.step_of(checkpoint) if checkpoint else None
+        trl = f" nor a TRL checkpoint-{step} holding it" if step is not None else ""
+        return (f"no final {'adapter' if _is_lora(cfg) else 'policy'} at {final}{trl} "
+                "(save_model=False, an interrupted run, or FSDP2 / ZeRO-3, where it is not "
+                "gathered)")
     return None
 
 

@@ -295,6 +295,9 @@ class ShardCallback(TrainerCallback):
                           "lora": {"enabled": self._is_lora()}},
                 "rl": {"algorithm": type(trainer).__name__ if trainer is not None else None,
                        "max_steps": getattr(args, "max_steps", None),
+                       # where TRL saves its checkpoints (the policy of a step, for analysis)
+                       "output_dir": (str(Path(args.output_dir).resolve())
+                                      if getattr(args, "output_dir", None) else None),
                        # how TRL sampled completions: analysis samples its rollouts the same way
                        **{key: getattr(args, key, None) for key in SAMPLING_ARGS}}}
 
