@@ -79,6 +79,10 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     run = tmp_path / "run"
     proc = _train(run)
     _wait_for(run / "trl" / "checkpoint-8" / "trainer_state.json", proc)
+    # the shards' side of step 8 is written in the background: kill once all three parts are
+    # complete, so the run is read as of step 8 or later (killed earlier, it reads step 4)
+    _wait_for(run / "checkpoints" / "step_000008" / "config.json", proc)
+    _wait_for(run / "resume" / "step_000008.safetensors", proc)
     proc.kill()
     proc.communicate()
     assert not (run / "checkpoints" / "final").exists()
