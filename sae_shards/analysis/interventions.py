@@ -413,12 +413,12 @@ def paired_change(before: Tensor, after: Tensor) -> tuple[float, float]:
     return float(diff.mean()), float(diff.std() / math.sqrt(n)) if n > 1 else math.nan
 
 
-def by_label(scored: Scored, task: AnyTask,
-             labels: Sequence[str] | None = None) -> dict[str, RewardEstimate]:
-    """Each context's reward estimate from one :class:`Scored` batch (``labels``: which, in
-    order; default every context present). A built-in task's reward is divided by its training
-    reward scale (``multiskill``'s ``reward_scale``), so every context is on the same 0..1 score.
-    ``{}`` when the prompts carry no context."""
+def label_rewards(scored: Scored, task: AnyTask,
+                  labels: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Each context's rows of ``scored.rewards`` (``[n_prompts_of_it, n_samples]``; ``labels``:
+    which, in order; default every context present), a built-in task's reward divided by its
+    training reward scale (``multiskill``'s ``reward_scale``), so every context is on the same
+    0..1 score. ``{}`` when the prompts carry no context."""
     if scored.labels is None:
         return {}
     present = list(dict.fromkeys(scored.labels))
@@ -431,8 +431,14 @@ def by_label(scored: Scored, task: AnyTask,
         r = scored.rewards[rows]
         if scale is not None and scale(label) != 1.0:
             r = r / scale(label)
-        out[label] = _estimate(r)
+        out[label] = r
     return out
+
+
+def by_label(scored: Scored, task: AnyTask,
+             labels: Sequence[str] | None = None) -> dict[str, RewardEstimate]:
+    """Each context's reward estimate from one :class:`Scored` batch (:func:`label_rewards`)."""
+    return {label: _estimate(r) for label, r in label_rewards(scored, task, labels).items()}
 
 
 def mean_reward(
@@ -633,13 +639,9 @@ def ablate(
     means = [{label: e.mean for label, e in per.items()} if several else {} for per in labelled]
     stderrs, counts = {}, {}
     if several:
-        scale = getattr(task, "scale", None)
-        for label in labelled[0]:
-            rows = torch.tensor([lab == label for lab in final.labels])
-            unit = scale(label) if scale is not None else 1.0  # the plain score, as by_label
-            stderrs[label] = paired_change(final.rewards[rows] / unit,
-                                           removed.rewards[rows] / unit)[1]
-            counts[label] = labelled[0][label].n
+        before, after = label_rewards(final, task), label_rewards(removed, task)
+        stderrs = {label: paired_change(before[label], after[label])[1] for label in before}
+        counts = {label: e.n for label, e in labelled[0].items()}
     removed_change, control_change = (paired_change(final.rewards, s.rewards)
                                       for s in (removed, ctrl))
     return Ablation(c, est[0].mean, est[0].stderr, est[1].mean, est[1].stderr, est[2].mean,

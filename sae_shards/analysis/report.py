@@ -211,7 +211,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     parts.append(_section("sae-curves", "SAE training", plot_sae_curves(view)))
     parts.append(_section("reward", "Reward", plot_reward(view)))
     untrained = ("<p>No shards selected (<code>--shards 0</code> and no always-on shard).</p>"
-                 if n_shards == 0 and view.density().abs().sum() > 0 else
+                 if n_shards == 0 and bool(density.abs().sum() > 0) else
                  "<p>No activations: the SAE never trained (see the run's summary).</p>")
     parts.append(_section("timeline", "Shard timeline (top shards, final SAE)",
                           plot_timeline(view, shards) if shards else untrained))
@@ -238,6 +238,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                                              mixes if several else {})))
 
     lens_html, dose_results, ablations, baseline = [], {}, {}, None
+    if models is not None:
+        theta0, theta_t = (dict(m.named_parameters()) for m in (models.initial, models.final))
     for s in shards:
         entry: dict[str, Any] = {"density": float(density[s]), "always_on": s in tags,
                                  "task_mix": mixes[s],
@@ -254,8 +256,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
             entry["logit_lens"] = rows
             lens_html.append(_lens_html(s, rows, tags))
             direction = view.shards[s].dense(scaled=False)
-            c = update_coefficient(dict(final.named_parameters()),
-                                   dict(initial.named_parameters()), direction)
+            c = update_coefficient(theta_t, theta0, direction)
             entry["share_of_update"] = c
             if scorer is None:  # a user's own TRL run, analysed without its reward (``task``)
                 analysis["shards"][s] = entry
@@ -271,9 +272,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
             if baseline is None:  # the final policy's rewards: one estimate serves every shard
                 baseline = score_rollouts(final, tokenizer, scorer,
                                           eval_prompts(scorer, n_prompts), **sampling)
-            ablations[s] = ablate(final, tokenizer, scorer, direction,
-                                  dict(initial.named_parameters()), n_prompts=n_prompts,
-                                  baseline=baseline, **sampling)
+            ablations[s] = ablate(final, tokenizer, scorer, direction, theta0,
+                                  n_prompts=n_prompts, baseline=baseline, **sampling)
             entry["ablation"] = dataclasses.asdict(ablations[s])
         analysis["shards"][s] = entry
     why = run_models_missing(view.run_dir, view.checkpoint) if dose else None
@@ -284,6 +284,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                "Hand them back with <code>sae-shards analyze RUN --task FILE.py:NAME</code> or "
                "<code>analyze(run, task=RewardTask(prompts, reward_funcs))</code> "
                "(docs/analysis.md).</p>")
+    unscored = (no_task if models is not None and models.task is None and task is None
+                else missing)  # why the dose-response and the ablation are empty
     parts.append(_section("logit-lens", "Logit lens (write directions of the blocks' output "
                           "projections)", "".join(lens_html) or missing))
     parts.append(_section("dose-response", "Dose-response: reward vs alpha * shard",
@@ -300,9 +302,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                               f"share of the update up to "
                               f"{'that step' if matched else 'the end of the run'} "
                               f"({final_dir}).</p>" if view.checkpoint != "final" else "")
-                           if dose_results else
-                           no_task if models is not None and models.task is None
-                           and task is None else missing)))
+                           if dose_results else unscored)))
     policy = (f"policy at the shards' step ({final_dir})" if matched else
               "final policy (final_model/, the end of the run)")
     if view.checkpoint != "final" and not matched:
@@ -311,8 +311,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     parts.append(_section("ablation", "Ablation: the policy without the shard's part of the "
                           "update",
                           (_ablation_html(ablations, tags, policy) if ablations else
-                           no_task if models is not None and models.task is None
-                           and task is None else missing)))
+                           unscored)))
 
     page = _page(f"sae-shards report: {view.run_dir.name}", "".join(parts))
     out.parent.mkdir(parents=True, exist_ok=True)
