@@ -93,8 +93,10 @@ def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm, cap
     from sae_shards.analysis.shards import run_sampling
 
     assert run_sampling(run) == {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0,
-                                 "top_k": 0, "repetition_penalty": 1.0, "training_steps": 12}
+                                 "top_k": 0, "repetition_penalty": 1.0, "training_steps": 12,
+                                 "reward_batch": 8}  # TRL's generation batch: 8 per call
     assert "max_new_tokens=8, temperature=1.0" in html
+    assert "called on 8 completions at a time" in html
     # a broken reward fails in seconds, named; a task with other contexts is noted
     bad = tmp_path / "bad_task.py"
     bad.write_text("from sae_shards.analysis.reward_task import RewardTask\n"

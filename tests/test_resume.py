@@ -99,7 +99,11 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     assert steps.tolist() == list(range(1, step + 1))
     assert ((acts != 0).sum(1) == 4).all()  # sae.k = 4 active shards per sample
     assert cli_main(["analyze", str(run), "--no-dose"]) == 0
-    assert "no activations file: the run was killed" in (run / "report.html").read_text()
+    html = (run / "report.html").read_text()
+    assert "no activations file: the run was killed" in html
+    # no summary.json yet: the steps are the checkpoint's, said so (was "None")
+    assert f"<td>RL steps</td><td>{step} (as of the checkpoint" in html
+    assert "<td>None</td>" not in html
     # its interventions use the policy of that step, which TRL saved (no final_model/ yet)
     from sae_shards.analysis.shards import load_run_models, policy_dir
 

@@ -78,6 +78,28 @@ def test_reward_functions_are_called_as_trl_calls_them(model_and_tokenizer):
     assert rec.calls[-1]["completions"] == call["completions"]  # same prompts and seed
 
 
+def test_reward_functions_get_the_runs_batches_of_whole_prompt_groups(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    whole, batched = Recorder(), Recorder()
+    data = RewardTask(_prompts(), [whole]).dataset(6, seed=1)
+    one = score_rollouts(model, tokenizer, RewardTask(_prompts(), [whole]), data, n_samples=3,
+                         max_new_tokens=8, seed=2)
+    # TRL's per-process generation batch of 8 completions: whole groups of 3, so 6 per call
+    parts = score_rollouts(model, tokenizer, RewardTask(_prompts(), [batched]), data,
+                           n_samples=3, max_new_tokens=8, seed=2, reward_batch=8)
+    assert [len(c["completions"]) for c in batched.calls] == [6, 6, 6]
+    (call,) = whole.calls
+    for key in ("prompts", "completions", "answer", "kind", "completion_ids"):
+        assert [x for c in batched.calls for x in c[key]] == call[key]  # sliced together
+    assert torch.equal(parts.rewards, one.rewards)
+    batched.calls.clear()  # a batch smaller than a group still holds one whole group
+    score_rollouts(model, tokenizer, RewardTask(_prompts(), [batched]), data, n_samples=3,
+                   max_new_tokens=2, seed=2, reward_batch=2)
+    assert [len(c["completions"]) for c in batched.calls] == [3] * 6
+    with pytest.raises(ValueError, match="reward_batch=0"):
+        score_rollouts(model, tokenizer, RewardTask(_prompts(), [batched]), data, reward_batch=0)
+
+
 def test_weights_sum_the_functions_and_none_counts_as_missing(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
 

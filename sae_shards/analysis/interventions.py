@@ -229,6 +229,7 @@ def score_rollouts(
     chat_template_kwargs: Mapping[str, Any] | None = None,
     generation_kwargs: Mapping[str, Any] | None = None,
     training_steps: int | None = None,
+    reward_batch: int | None = None,
 ) -> Scored:
     """Sample ``n_samples`` completions of every prompt of ``data`` (a ``task.dataset(...)``)
     and score them with the task's reward functions, as TRL's GRPO trainer does.
@@ -247,6 +248,9 @@ def score_rollouts(
     are weighted (``reward_weights``) and summed over the functions, a missing one (None) left
     out, and a completion no function scored is NaN (unscorable: left out of every mean, as TRL
     leaves it out). A failing function raises :class:`RewardFunctionError`.
+    ``reward_batch``: each function is called on consecutive batches of this many completions
+    (rounded down to whole prompts, at least one), as TRL calls it once per process's generation
+    batch (``shards.run_sampling`` gives the run's own); None: all completions in one call.
     """
     if n_samples < 1 or max_new_tokens < 1:
         raise ValueError(
@@ -254,6 +258,8 @@ def score_rollouts(
         )
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0 (rollouts are sampled)")
+    if reward_batch is not None and reward_batch < 1:
+        raise ValueError(f"reward_batch={reward_batch} must be >= 1 (or None: one call)")
     columns = {k: list(v) for k, v in (data.to_dict() if hasattr(data, "to_dict")
                                        else dict(data)).items()}
     prompts = columns.pop("prompt")
@@ -301,15 +307,21 @@ def score_rollouts(
     def repeat(values: list) -> list:
         return [v for v in values for _ in range(n_samples)]
 
-    kwargs = {k: repeat(v) for k, v in columns.items()}
+    per_completion = {k: repeat(v) for k, v in columns.items()}
+    per_completion.update(prompts=repeat(prompts), completions=completions,
+                          completion_ids=completion_ids)
     state = TrainerState(global_step=training_steps or 0, max_steps=training_steps or 0)
-    kwargs.update(completion_ids=completion_ids, trainer_state=state, log_extra=_ignore,
-                  log_metric=_ignore)
+    shared = dict(trainer_state=state, log_extra=_ignore, log_metric=_ignore)
+    # TRL calls each function once per generation batch; a batch holds whole prompt groups
+    size = (len(completions) if reward_batch is None
+            else max(n_samples, reward_batch // n_samples * n_samples))
     funcs = task.reward_funcs
     weights = getattr(task, "reward_weights", None) or [1.0] * len(funcs)
     per_func = torch.zeros(len(funcs), len(completions), dtype=torch.float64)
     for i, fn in enumerate(funcs):
-        scores = _call_reward(fn, repeat(prompts), completions, kwargs)
+        scores = [r for start in range(0, len(completions), size)
+                  for r in _call_reward(fn, {k: v[start:start + size]
+                                             for k, v in per_completion.items()}, shared)]
         per_func[i] = torch.tensor([math.nan if r is None else float(r) for r in scores],
                                    dtype=torch.float64) * float(weights[i])
     if len(funcs) == 1:
@@ -323,19 +335,22 @@ def score_rollouts(
     return Scored(rewards.view(len(prompts), n_samples), labels)
 
 
-def _call_reward(fn: Any, prompts: list, completions: list, kwargs: dict) -> list:
-    """``fn``'s rewards, called as TRL calls it (awaited when it is ``async``)."""
+def _call_reward(fn: Any, batch: dict[str, list], shared: dict[str, Any]) -> list:
+    """``fn``'s rewards for one batch, called as TRL calls it (awaited when it is ``async``):
+    ``batch``, one list entry per completion (``prompts``, ``completions``, ``completion_ids``,
+    the other columns), and ``shared`` (``trainer_state``, ``log_extra``, ``log_metric``)."""
     name = getattr(fn, "__name__", type(fn).__name__)
+    completions = batch["completions"]
     try:
         if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
                 getattr(fn, "__call__", None)):
-            scores = asyncio.run_coroutine_threadsafe(
-                fn(prompts=prompts, completions=completions, **kwargs), _event_loop()).result()
+            scores = asyncio.run_coroutine_threadsafe(fn(**batch, **shared),
+                                                      _event_loop()).result()
         else:
-            scores = fn(prompts=prompts, completions=completions, **kwargs)
+            scores = fn(**batch, **shared)
         scores = list(scores)
     except Exception as e:  # noqa: BLE001 - the user's function: name it and what it was given
-        given = sorted(["prompts", "completions", *kwargs])
+        given = sorted([*batch, *shared])
         hint = (" (a column it reads missing from the RewardTask's prompts?)"
                 if isinstance(e, (TypeError, KeyError)) else "")
         raise RewardFunctionError(

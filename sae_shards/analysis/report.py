@@ -374,11 +374,15 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str)
 def _dose_source(task: RewardTask | Any | None, sampling: dict[str, Any]) -> str:
     """Which reward scored the rollouts (a given task's functions and weights) and how they
     were sampled."""
-    how = (", ".join(f"{k}={v}" for k, v in sampling.items() if k != "training_steps")
+    how = (", ".join(f"{k}={v}" for k, v in sampling.items()
+                     if k not in ("training_steps", "reward_batch"))
            or "score_rollouts' defaults")
     out = f"<p>Rollouts sampled as the run recorded: {html.escape(how)}.</p>"
     if task is None:
         return out
+    if sampling.get("reward_batch"):
+        out += (f"<p>Each reward function is called on {sampling['reward_batch']} completions at "
+                "a time (whole prompts), as TRL called it on the run's generation batch.</p>")
     weights = getattr(task, "reward_weights", None) or [1.0] * len(task.reward_funcs)
     names = ", ".join(f"{getattr(fn, '__name__', type(fn).__name__)} x {w:g}"
                       for fn, w in zip(task.reward_funcs, weights))
@@ -452,23 +456,25 @@ def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags
                                               if meta.get("lora") else ""),
         "RL algorithm": rl.get("algorithm") or "n/a",
         "task": task.get("name") or "the script's own reward functions",
-        "samples": (f"per event ({summary.get('granularity')}): {summary.get('events')} events, "
+        "samples": (f"per optimizer step (source {meta.get('source')})" if not view.per_event
+                    else f"per event ({summary['granularity']}): {summary['events']} events, "
                     f"{summary.get('zero_advantage_events')} with zero advantage skipped"
-                    if view.per_event else f"per optimizer step (source {meta.get('source')})"),
+                    if summary.get("events") is not None else
+                    "per event (their counts are in summary.json, which the run has not written)"),
         "checkpoint": view.checkpoint + {
             "killed": " (no activations file: the run was killed, or is still running; the "
                       "timeline is this checkpoint's buffer, re-encoded from its resume file)",
             "older": " (the timeline is this checkpoint's buffer, re-encoded from its resume "
                      "file)"}.get(view.recovered or "", " (the run was interrupted)"
                                   if summary.get("interrupted") else ""),
-        "RL steps": summary.get("rl_steps"), "SAE steps": summary.get("sae_steps"),
+        **_steps_rows(summary, meta),
         "reward first/last 20%": _pair(summary, "reward_first", "reward_last"),
         "FVU first/last 10%": _pair(summary, "fvu_first", "fvu_last"),
         "latents / k / sparsity": f"{len(view.shards)} / {view.shards.sae.cfg.k} / "
                                   f"{view.shards.sae.cfg.sparsity}",
         "targets": len(view.shards.target_names),
-        "SAE weights (factored / dense)": f"{summary.get('sae_factored_params')} / "
-                                          f"{summary.get('dense_sae_params')}",
+        "SAE weights (factored / dense)": f"{view.shards.sae.factored_param_count()} / "
+                                          f"{view.shards.sae.dense_param_count()}",
         "detailed shards (by activation mass: the always-on ones, then the largest others)":
             ", ".join(
             f"{s} (always on)" if s in tags else str(s) for s in shards),
@@ -479,6 +485,16 @@ def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags
         "shards that never fired (on the timeline)": f"{dead} of {len(density)}",
     }
     return _table(None, [[k, v] for k, v in rows.items()])
+
+
+def _steps_rows(summary: dict, meta: dict) -> dict[str, Any]:
+    """The run's RL and SAE steps: from ``summary.json`` when the run finished; otherwise (killed,
+    or still running) as of the checkpoint read, from its metadata."""
+    if summary.get("rl_steps") is not None:
+        return {"RL steps": summary["rl_steps"], "SAE steps": summary.get("sae_steps")}
+    at = "as of the checkpoint; the run wrote no summary.json (killed, or still running)"
+    return {"RL steps": f"{meta.get('rl_step', 'n/a')} ({at})",
+            "SAE steps": f"{meta.get('sae_step', 'n/a')} ({at})"}
 
 
 def _pair(d: dict, a: str, b: str) -> str:

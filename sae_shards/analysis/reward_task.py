@@ -12,7 +12,8 @@ The interventions call the functions as TRL's GRPO trainer does: keyword argumen
 ``completions`` (strings, or ``[{"role": "assistant", "content": ...}]`` for conversational
 prompts), ``completion_ids``, every other dataset column repeated per completion, and
 ``trainer_state`` / ``log_extra`` / ``log_metric`` (a fresh ``TrainerState`` and no-ops);
-``async`` functions are awaited. Rewards are weighted by ``reward_weights`` and summed over the
+``async`` functions are awaited, and each call gets the run's generation batch of completions
+(``rl.reward_batch``). Rewards are weighted by ``reward_weights`` and summed over the
 functions, a ``None`` left out; a completion no function scored is unscorable and left out of
 every mean, as in TRL. Completions are sampled as the run sampled them (``max_completion_length``,
 ``temperature``, ``top_p``... which ``ShardCallback`` records in ``config.json``). Model-based

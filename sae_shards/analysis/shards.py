@@ -378,8 +378,9 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
 def run_sampling(run_dir: str | Path) -> dict[str, Any]:
     """How the run sampled its completions, as ``interventions.score_rollouts`` takes it:
     ``max_new_tokens`` (TRL's ``max_completion_length``), whichever of ``SAMPLING_KEYS`` the
-    run recorded, and ``training_steps`` (``rl.max_steps``: the reward functions'
-    ``trainer_state`` is the end of training); what it does not record keeps
+    run recorded, ``training_steps`` (``rl.max_steps``: the reward functions'
+    ``trainer_state`` is the end of training) and ``reward_batch`` (``rl.reward_batch``: the
+    completions per reward call); what it does not record keeps
     ``score_rollouts``' default (a run of an earlier version of ``ShardCallback`` recorded
     only ``max_steps``)."""
     rl = rundir.section(rundir.read_config(Path(run_dir)), "rl")
@@ -389,6 +390,8 @@ def run_sampling(run_dir: str | Path) -> dict[str, Any]:
         out["max_new_tokens"] = int(rl["max_completion_length"])
     if rl.get("max_steps"):
         out["training_steps"] = int(rl["max_steps"])
+    if rl.get("reward_batch"):  # ShardCallback's runs: TRL's per-process generation batch
+        out["reward_batch"] = int(rl["reward_batch"])
     for key in SAMPLING_KEYS:
         value = rl.get(key, extra.get(key))
         if value is not None:

@@ -299,7 +299,10 @@ class ShardCallback(TrainerCallback):
                        "output_dir": (str(Path(args.output_dir).resolve())
                                       if getattr(args, "output_dir", None) else None),
                        # how TRL sampled completions: analysis samples its rollouts the same way
-                       **{key: getattr(args, key, None) for key in SAMPLING_ARGS}}}
+                       **{key: getattr(args, key, None) for key in SAMPLING_ARGS},
+                       # how many completions each reward call got (one process's generation
+                       # batch); analysis calls the user's reward functions on batches as large
+                       "reward_batch": _reward_batch(args)}}
 
     def _save_step(self, step: int) -> None:
         """A resumable checkpoint of the SAE side at RL step ``step`` (the worker made idle)."""
@@ -526,6 +529,13 @@ SAMPLING_ARGS = ("max_completion_length", "num_generations", "temperature", "top
                  "min_p", "repetition_penalty", "chat_template_kwargs", "generation_kwargs")
 """The TRL config fields that say how completions were sampled, recorded in ``config.json``'s
 ``rl`` (``analysis.shards.run_sampling`` reads them back)."""
+
+def _reward_batch(args: Any) -> int | None:
+    """The completions TRL's GRPO/RLOO trainer scores per reward call on one process: its
+    ``generation_batch_size`` (over all processes) over the world size; None without one."""
+    total = getattr(args, "generation_batch_size", None)
+    return int(total) // distributed.world_size() if isinstance(total, int) and total else None
+
 
 TIED_METRIC = "frac_reward_zero_std"
 """TRL's (GRPO and RLOO) share of prompt groups whose rewards all tied, per logged step."""
