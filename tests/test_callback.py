@@ -355,6 +355,26 @@ def test_loaded_from_trusts_a_directory_only_while_the_model_holds_its_weights(t
     assert loaded_from(model) is None
 
 
+def test_loaded_from_does_not_take_a_directory_it_cannot_check(tiny_model, tmp_path):
+    """Weights only in pytorch_model.bin: checking them, and analysis reading them, would
+    unpickle; the callback saves theta_0 as safetensors instead."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from sae_shards.capture.initial_model import loaded_from
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model, pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    model.config._name_or_path = str(pickled)
+    assert loaded_from(model) is None
+    model.config._name_or_path = str(tiny_model)  # the same weights, checkable
+    assert loaded_from(model) == str(tiny_model.resolve())
+
+
 def test_loaded_from_sees_through_a_peft_model(tiny_model):
     """A LoRA policy's theta_0 is its base model's directory (the adapter starts at B = 0)."""
     from peft import LoraConfig, get_peft_model

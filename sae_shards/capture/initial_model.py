@@ -36,8 +36,10 @@ def loaded_from(model: torch.nn.Module) -> str | None:
     """The absolute local directory the model's weights came from, or None: a Hub id, a model
     built in the script, or one whose config names a directory whose weights it no longer holds
     (e.g. ``from_config`` on a local config). The directory's safetensors are spot-checked
-    against the live parameters (``SPOT_CHECKS`` tensors); a directory without safetensors files,
-    or a sharded model, cannot be checked and is taken at its word."""
+    against the live parameters (``SPOT_CHECKS`` tensors). A directory without safetensors (only
+    ``pytorch_model.bin``) is not taken: it cannot be checked without unpickling, and analysis
+    would have to unpickle it, so the callback saves theta_0 as safetensors instead. A sharded
+    model cannot be checked (no process holds a whole weight) and is taken at its word."""
     name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
     folder = Path(name).expanduser()
     if not name or not (folder / "config.json").is_file():
@@ -47,7 +49,7 @@ def loaded_from(model: torch.nn.Module) -> str | None:
         return str(folder)
     weights = _first_safetensors(folder)
     if weights is None:
-        return str(folder)
+        return None
     from safetensors import safe_open
 
     # a PEFT model: its base model's names (LoRA-wrapped weights are renamed and not compared)
