@@ -434,7 +434,19 @@ def _analyze(args: list[str]) -> int:
         print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
         return 2
     print(out)
+    if task is None and not ns.no_dose and _own_reward_unknown(ns.run_dir):
+        print("sae-shards: no dose-response or ablation: the run used your script's own reward "
+              "functions, which a run directory does not hold; hand them back with --task "
+              "FILE.py:NAME (docs/analysis.md, 'Your own reward')", file=sys.stderr)
     return 0
+
+
+def _own_reward_unknown(run_dir: Path) -> bool:
+    """Whether the run was scored by a user's own reward (``ShardCallback``: ``task`` null)."""
+    from sae_shards.run import rundir
+
+    config = rundir.read_config(run_dir)
+    return bool(config) and not rundir.section(config, "task").get("name")
 
 
 CHECKPOINT_HELP = ("checkpoint to read: final or step_XXXXXX (default: final, or the newest step "

@@ -65,10 +65,12 @@ def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm, cap
     assert top and all(t["rollout"]["step"] == t["rl_step"] for t in top)
     assert [r["rl_step"] for r in view.rl_metrics if "reward" in r] == list(range(1, 13))
 
+    capsys.readouterr()
     assert cli_main(["analyze", str(run), "--shards", "2"]) == 0
     html = (run / "report.html").read_text()
     assert 'id="logit-lens"' in html and "<img" in html
     assert "--task FILE.py:NAME" in html  # no reward to score the dose-response with
+    assert "hand them back with --task FILE.py:NAME" in capsys.readouterr().err  # said there too
     analysis = json.loads((run / "analysis.json").read_text())
     assert not any("dose_response" in e for e in analysis["shards"].values())
     if algorithm == "rloo":
