@@ -4,6 +4,7 @@ RunView and ``sae-shards analyze`` read (GRPO and RLOO), and its arguments are v
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from sae_shards import RunView, ShardCallback, ShardSet
+from sae_shards import CheckpointError, RunView, ShardCallback, ShardSet
 from sae_shards.cli import main as cli_main
 from sae_shards.recipe.models import build_tiny_model
 
@@ -186,18 +187,18 @@ class _StopAt(TrainerCallback):
             self.shards.request_stop()
 
 
-def _user_trainer(tiny_model, out_dir, callbacks, max_steps=10):
+def _user_trainer(tiny_model, out_dir, callbacks, max_steps=10, **overrides):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     from sae_shards.recipe.tasks import build_task
 
     task = build_task("letters", target_length=8)
-    config = GRPOConfig(output_dir=str(out_dir), max_steps=max_steps, learning_rate=3e-4, seed=3,
-                        per_device_train_batch_size=8, num_generations=4,
-                        max_completion_length=8, use_cpu=True, bf16=False, report_to="none",
-                        save_strategy="steps", save_steps=5, logging_steps=1,
-                        disable_tqdm=True)
+    settings = dict(output_dir=str(out_dir), max_steps=max_steps, learning_rate=3e-4, seed=3,
+                    per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
+                    use_cpu=True, bf16=False, report_to="none", save_strategy="steps",
+                    save_steps=5, logging_steps=1, disable_tqdm=True)
+    config = GRPOConfig(**{**settings, **overrides})
     return GRPOTrainer(model=str(tiny_model), reward_funcs=task.reward_funcs, args=config,
                        train_dataset=Dataset.from_dict(task.dataset(64).to_dict()),
                        callbacks=callbacks)
@@ -215,8 +216,13 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path):
     _user_trainer(tiny_model, tmp_path / "trl_cut", [first, _StopAt(first, 7)]).train()
     assert first.summary["interrupted"] and first.summary["rl_steps"] == 7
     assert (tmp_path / "trl_cut" / "checkpoint-7").is_dir()
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(FileExistsError, match="already holds a run") as e:
         ShardCallback(run_dir=tmp_path / "cut")  # neither resume nor overwrite: refused
+    assert "resume=True" in str(e.value) and "overwrite=True" in str(e.value)  # in its terms
+    plain = ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
+    with pytest.raises(CheckpointError, match=r"call trainer.train\(resume_from_checkpoint=True"):
+        _user_trainer(tiny_model, tmp_path / "trl_cut", [plain]).train()  # TRL not resumed
+    plain.close()
     with pytest.raises(ValueError, match=r"runner.min_samples: 2 in the run, 4 now") as e:
         ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 4}, resume=True)
     assert "sae.k: 4 in the run, 8 now" not in str(e.value)
@@ -227,6 +233,10 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path):
     with pytest.raises(ValueError, match=r"rl.max_steps: 10 in the run, 20 now"):  # the trainer's
         _user_trainer(tiny_model, tmp_path / "trl_cut", [longer], max_steps=20).train(
             resume_from_checkpoint=True)
+    smaller = ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
+    with pytest.raises(ValueError, match=r"rl.per_device_train_batch_size: 8 in the run, 4 now"):
+        _user_trainer(tiny_model, tmp_path / "trl_cut", [smaller],  # TRL would only warn
+                      per_device_train_batch_size=4).train(resume_from_checkpoint=True)
     # a run started by an earlier version recorded model.path as the model's name: still resumes
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert config["model"]["path"] == str(tiny_model.resolve())
@@ -243,6 +253,65 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path):
             == (tmp_path / "cut" / "rollouts.jsonl").read_text())
     with pytest.raises(FileExistsError, match="finished .*nothing to resume"):  # it is done
         ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
+
+
+class _SignalAt(TrainerCallback):
+    """Sends this process ``signum`` as RL step ``step`` begins (a scheduler's SIGTERM)."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class _RaiseAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            raise RuntimeError("the reward broke")
+
+
+def test_a_users_script_stops_on_sigterm_after_the_step_with_a_checkpoint(tiny_model, tmp_path,
+                                                                          caplog):
+    """The one-line ShardCallback handles SIGTERM itself while it trains (the script installs
+    nothing): the run ends after the step, both sides checkpointed; the handlers are put back."""
+    import signal
+
+    shards = ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 2})
+    _user_trainer(tiny_model, tmp_path / "trl", [shards, _SignalAt(4, signal.SIGTERM)]).train()
+    assert shards.summary["interrupted"] and shards.summary["rl_steps"] == 4
+    assert shards.summary["stop_signal"] == signal.SIGTERM
+    assert (tmp_path / "trl" / "checkpoint-4").is_dir()
+    assert (tmp_path / "run" / "resume" / "step_000004.safetensors").is_file()
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # a train() that raises leaves the handlers in place (transformers has no exception event);
+    # a signal outside the training loop then gets the previous behaviour, not a stop request
+    failing = ShardCallback(run_dir=tmp_path / "failing", runner={"min_samples": 2})
+    with pytest.raises(RuntimeError, match="the reward broke"):
+        _user_trainer(tiny_model, tmp_path / "trl_failing", [failing, _RaiseAt(2)]).train()
+    assert hasattr(signal.getsignal(signal.SIGTERM), "sae_shards_previous")
+    seen = []
+    signal.getsignal(signal.SIGTERM).sae_shards_previous[signal.SIGTERM] = \
+        lambda signum, frame: seen.append(signum)  # stands in for the default: ending the process
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert seen == [signal.SIGTERM] and failing.stop_signal is None
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # a script (or sae-shards train) that handles the signals itself keeps its own handlers
+    mine = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        other = ShardCallback(run_dir=tmp_path / "own", runner={"min_samples": 2})
+        with caplog.at_level("WARNING", logger="sae_shards"):  # the first run's output_dir
+            _user_trainer(tiny_model, tmp_path / "trl", [other, _SignalAt(3, signal.SIGTERM)],
+                          max_steps=5).train()
+        assert not other.summary["interrupted"] and other.summary["rl_steps"] == 5
+        assert "already holds TRL checkpoints of an earlier run (steps 4)" in caplog.text
+    finally:
+        signal.signal(signal.SIGTERM, mine)
 
 
 def _plain_trainer(tiny_model, out_dir, callback):
@@ -387,6 +456,41 @@ def test_loaded_from_sees_through_a_peft_model(tiny_model):
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert loaded_from(model) == str(tiny_model.resolve())
+
+
+def test_a_lora_policy_built_in_the_script_has_its_base_saved_for_analysis(tmp_path):
+    """GRPOTrainer(model=<a model object>, peft_config=...): theta_0 is the base model, saved to
+    run_dir/model before the first step (without the LoRA factors, under the base's own names),
+    and analysis merges the final adapter into it."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    from sae_shards.analysis.shards import load_run_models, run_models_missing
+    from sae_shards.recipe.models import tiny_model_and_tokenizer
+    from sae_shards.recipe.tasks import build_task
+
+    model, tokenizer = tiny_model_and_tokenizer(seed=1)  # built here: no directory to name
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    task = build_task("letters", target_length=8)
+    run = tmp_path / "run"
+    config = GRPOConfig(output_dir=str(tmp_path / "trl"), max_steps=4, learning_rate=1e-2,
+                        per_device_train_batch_size=8, num_generations=4,
+                        max_completion_length=8, use_cpu=True, bf16=False, report_to="none",
+                        save_strategy="no", disable_tqdm=True, seed=3)
+    GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=task.reward_funcs,
+                args=config, train_dataset=Dataset.from_dict(task.dataset(32).to_dict()),
+                peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                callbacks=[ShardCallback(run_dir=run, runner={"min_samples": 2})]).train()
+    assert run_models_missing(run) is None
+    saved = load_file(run / "model" / "model.safetensors")
+    assert not any("lora" in k or "base_layer" in k for k in saved)
+    models = load_run_models(run)
+    initial = models.initial.state_dict()
+    assert all(torch.equal(initial[k], v) for k, v in before.items())  # theta_0, bit for bit
+    final = models.final.state_dict()
+    moved = {k for k in before if not torch.equal(final[k], initial[k])}
+    assert moved and all("q_proj.weight" in k or "v_proj.weight" in k for k in moved)
 
 
 @pytest.mark.parametrize("reward", ["constant", "letters"])

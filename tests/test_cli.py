@@ -112,6 +112,18 @@ def test_run_shorter_than_the_warm_up_says_so(tmp_path):
     assert main(["analyze", str(run), "--no-dose"]) == 0  # n/a where the FVU is null
 
 
+def test_an_sae_that_ends_worse_than_the_mean_is_warned_about(tmp_path):
+    """An SAE whose last FVU is above 1 (here: sae.lr=1 diverges) reconstructs its samples worse
+    than their mean: summary.json and the report say so."""
+    run = tmp_path / "r"
+    cfg = dataclasses.replace(_short_job(run, min_samples=2), sae=SAEConfig(lr=1.0))
+    summary = run_job(cfg, run)
+    assert summary["fvu_last"] > 1 and "worse than their mean does" in summary["warning"]
+    assert main(["analyze", str(run), "--no-dose"]) == 0
+    assert "worse than their mean does" in (run / "report.html").read_text()
+    assert _no_nan((run / "summary.json").read_text())["warning"] == summary["warning"]
+
+
 def test_analyze_names_a_missing_run_dir_and_the_checkpoints_there_are(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "nope"), "--no-dose"]) == 2
     assert f"{tmp_path / 'nope'}: no such run directory" in capsys.readouterr().err

@@ -309,3 +309,40 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_a_retry(tmp_path
     (tmp_path / rundir.ROLLOUTS).write_text('{"step": 1}\n')  # one logged step: a run
     with pytest.raises(FileExistsError, match=r"already holds a run \(rollouts.jsonl\)"):
         rundir.prepare_run_dir(tmp_path, overwrite=False)
+
+
+def test_one_process_writes_a_run_dir_at_a_time(tmp_path):
+    """A live process holding the run directory (e.g. the workers of an accelerate launch whose
+    launcher was killed) makes a second start or resume refuse, naming it; once it dies, even
+    by kill -9, the directory is free. The holder itself may prepare it again."""
+    from sae_shards.run import rundir
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom sae_shards.run import rundir\n"
+         f"rundir.prepare_run_dir({str(run)!r}, overwrite=False)\nprint('held', flush=True)\n"
+         "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for resume in (False, True):
+            with pytest.raises(rundir.RunDirBusy, match=rf"written by another process \(pid "
+                               rf"{holder.pid} on .*pkill -f"):
+                rundir.prepare_run_dir(run, overwrite=True, resume=resume)
+        (run / rundir.ROLLOUTS).write_text('{"step": 1}\n')  # nothing was removed or written
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(FileExistsError, match="already holds a run"):  # free, and refused as usual
+        rundir.prepare_run_dir(run, overwrite=False)
+    assert rundir.prepare_run_dir(run, overwrite=True) == run  # the refusal let the lock go
+    assert not (run / rundir.ROLLOUTS).exists()
+    assert rundir.prepare_run_dir(run, overwrite=True) == run  # held by this process: again
+    busy = subprocess.run([sys.executable, "-c", "from sae_shards.run import rundir\n"
+                           f"rundir.prepare_run_dir({str(run)!r}, overwrite=True)"],
+                          capture_output=True, text=True)
+    assert busy.returncode != 0 and "RunDirBusy" in busy.stderr
+    rundir.release_run_dir(run)
+    free = subprocess.run([sys.executable, "-c", "from sae_shards.run import rundir\n"
+                           f"rundir.prepare_run_dir({str(run)!r}, overwrite=True)"],
+                          capture_output=True, text=True)
+    assert free.returncode == 0, free.stderr

@@ -470,6 +470,7 @@ def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags
         **_steps_rows(summary, meta),
         "reward first/last 20%": _pair(summary, "reward_first", "reward_last"),
         "FVU first/last 10%": _pair(summary, "fvu_first", "fvu_last"),
+        **({"warning": summary["warning"]} if summary.get("warning") else {}),
         "latents / k / sparsity": f"{len(view.shards)} / {view.shards.sae.cfg.k} / "
                                   f"{view.shards.sae.cfg.sparsity}",
         "targets": len(view.shards.target_names),

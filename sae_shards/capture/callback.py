@@ -39,6 +39,7 @@ import functools
 import json
 import logging
 import math
+import re
 import statistics
 import sys
 import time
@@ -49,6 +50,7 @@ import torch
 from transformers import TrainerCallback
 
 from sae_shards.capture import distributed, initial_model
+from sae_shards.capture.signals import SignalGuard
 from sae_shards.capture import resume as resume_state
 from sae_shards.capture.background import BackgroundWriter
 from sae_shards.capture.buffer import StepMeta
@@ -136,6 +138,7 @@ class ShardCallback(TrainerCallback):
         run_config: Mapping[str, Any] | None = None,
         logger: RunLogger | None = None,
         meta: Mapping[str, Any] | None = None,
+        handle_signals: bool = True,
     ) -> None:
         importing = getattr(sys.modules.get("sae_shards.analysis.reward_task"), "IMPORTING", None)
         if importing is not None:  # `sae-shards analyze --task SCRIPT:NAME` is importing it
@@ -150,15 +153,25 @@ class ShardCallback(TrainerCallback):
                                 concurrency=concurrency, checkpoint_every=checkpoint_every)
         self.sae_cfg = _config(SAEConfig, sae, "sae")
         check_sae_window(self.capture_cfg, self.runner_cfg)
-        # Other ranks never write into the run directory.
-        self.run_dir = (rundir.prepare_run_dir(run_dir, overwrite, resume)
-                        if distributed.is_main() else Path(run_dir))
+        # Other ranks never write into the run directory. Rank 0 holds its lock until the run
+        # ends (rundir.lock_run_dir): a second live writer, e.g. orphaned workers, is refused.
+        try:
+            self.run_dir = (rundir.prepare_run_dir(run_dir, overwrite, resume)
+                            if distributed.is_main() else Path(run_dir))
+        except (FileExistsError, FileNotFoundError) as e:
+            if run_config:  # sae-shards train: its messages speak the CLI's overrides
+                raise
+            raise type(e)(_in_script_terms(str(e))) from None
         if resume and distributed.is_main():
-            rundir.check_resume_config(self.run_dir, {
-                "capture": dataclasses.asdict(self.capture_cfg),
-                "runner": dataclasses.asdict(self.runner_cfg), "sae": self.sae_cfg.to_dict(),
-                "seed": seed}, "Pass ShardCallback the settings the run started with, or start "
-                "a new run_dir.")
+            try:
+                rundir.check_resume_config(self.run_dir, {
+                    "capture": dataclasses.asdict(self.capture_cfg),
+                    "runner": dataclasses.asdict(self.runner_cfg), "sae": self.sae_cfg.to_dict(),
+                    "seed": seed}, "Pass ShardCallback the settings the run started with, or "
+                    "start a new run_dir.")
+            except BaseException:
+                rundir.release_run_dir(self.run_dir)
+                raise
         self.resume = resume
         self.log_to_wandb = log_to_wandb
         self.label_column = label_column
@@ -186,6 +199,7 @@ class ShardCallback(TrainerCallback):
         self.last_checkpoint: Path | None = None
         self._initial_dir: str | None = None  # where theta_0 is, when the policy came from a dir
         self._writer = BackgroundWriter()  # the step checkpoint being written, if any
+        self._signals = SignalGuard(self) if handle_signals else None
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -232,6 +246,8 @@ class ShardCallback(TrainerCallback):
         self._rollout_log = rundir.JsonLines(self.run_dir / rundir.ROLLOUTS)
         self._metric_log = rundir.JsonLines(self.run_dir / rundir.METRICS)
         rundir.write_json(self.run_dir / rundir.CONFIG, self._config_json(model, trainer))
+        if not self.resume and not self.run_config and trainer is not None:
+            _warn_earlier_trl_checkpoints(getattr(trainer.args, "output_dir", None))
         sae = self.parts.sae
         self.sizes = {"n_targets": len(self.parts.specs),
                       "delta_numel": sum(t.numel for t in self.parts.specs),
@@ -267,8 +283,7 @@ class ShardCallback(TrainerCallback):
         id, a model built in the script, ``from_config``): save its initial weights and
         tokenizer to ``run_dir/model`` before the first step, so analysis has theta_0 for the
         logit lens and the interventions (``sae-shards train`` builds or names its own)."""
-        if (self.run_config or not self.save_model or self._is_lora()
-                or self._initial_dir is not None):
+        if self.run_config or not self.save_model or self._initial_dir is not None:
             return
         out = self.run_dir / rundir.MODEL
         if initial_model.is_sharded(model):
@@ -276,7 +291,10 @@ class ShardCallback(TrainerCallback):
                         "over the processes (FSDP2 / ZeRO-3); save it before training and pass "
                         "the trainer its directory", out)
             return
-        initial_model.save_policy(model, getattr(trainer, "processing_class", None), out)
+        # a LoRA policy: its base model (the adapter starts at B = 0), which analysis merges
+        # the final adapter into
+        initial_model.save_policy(model, getattr(trainer, "processing_class", None), out,
+                                  base_only=self._is_lora())
 
     def _is_lora(self) -> bool:
         return any(isinstance(t, LoraTarget) for t in self.parts.targets.values())
@@ -300,6 +318,8 @@ class ShardCallback(TrainerCallback):
                                       if getattr(args, "output_dir", None) else None),
                        # how TRL sampled completions: analysis samples its rollouts the same way
                        **{key: getattr(args, key, None) for key in SAMPLING_ARGS},
+                       # what sizes and moves each step: a resume must keep them
+                       **{key: getattr(args, key, None) for key in STEP_ARGS},
                        # how many completions each reward call got (one process's generation
                        # batch); analysis calls the user's reward functions on batches as large
                        "reward_batch": _reward_batch(args)}}
@@ -348,6 +368,8 @@ class ShardCallback(TrainerCallback):
         self.capture = EventCapture(targets, specs, None, self.capture_cfg, trainer)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self._signals is not None:  # SIGTERM / Ctrl-C: stop after this step, checkpointed
+            self._signals.enter()
         if not state.is_world_process_zero:
             self.setup_rank(model, calling_trainer())
             if self.capture is not None:
@@ -426,6 +448,13 @@ class ShardCallback(TrainerCallback):
         self._tied.observe(numeric.get(TIED_METRIC), state.global_step)
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        try:
+            self._end(args, state, control, model, processing_class, **kwargs)
+        finally:
+            if self._signals is not None:
+                self._signals.exit()
+
+    def _end(self, args, state, control, model, processing_class, **kwargs) -> None:
         if self.capture is not None and not state.is_world_process_zero:
             self.capture.on_train_end(args, state, control, **kwargs)  # hooks off
         if self.capture is None or not state.is_world_process_zero:
@@ -444,9 +473,11 @@ class ShardCallback(TrainerCallback):
             out = self.run_dir / rundir.FINAL_MODEL
             initial_model.save_policy(model, processing_class, out)
         self.summary = self._finish(self.parts.loop.last_rl_step)
+        rundir.release_run_dir(self.run_dir)
 
     def close(self) -> None:
-        """Stop the SAE worker after a failed ``train()`` (its own error is not re-raised)."""
+        """Stop the SAE worker after a failed ``train()`` (its own error is not re-raised), and
+        let go of the run directory."""
         if self.parts is not None and self.summary is None:
             for what, finish in (("checkpoint write", self._writer.wait),
                                  ("SAE runner", self.parts.runner.finish)):
@@ -454,6 +485,9 @@ class ShardCallback(TrainerCallback):
                     finish()
                 except Exception as e:  # the training error that brought us here is the one to see
                     log.warning("the %s also failed while stopping: %s", what, e)
+        if self._signals is not None:
+            self._signals.exit()
+        rundir.release_run_dir(self.run_dir)
 
     # ---- per step ----------------------------------------------------------------------------
 
@@ -530,12 +564,45 @@ SAMPLING_ARGS = ("max_completion_length", "num_generations", "temperature", "top
 """The TRL config fields that say how completions were sampled, recorded in ``config.json``'s
 ``rl`` (``analysis.shards.run_sampling`` reads them back)."""
 
+def _warn_earlier_trl_checkpoints(output_dir: str | None) -> None:
+    """A new run (not resumed) whose trainer's ``output_dir`` already holds TRL checkpoints: they
+    are an earlier run's (``overwrite=True`` clears the run directory, not the trainer's), and a
+    later ``resume_from_checkpoint=True`` would pick the newest of them, mixed with this run's."""
+    if not output_dir or not Path(output_dir).is_dir():
+        return
+    steps = sorted(int(p.name.removeprefix("checkpoint-")) for p in Path(output_dir).iterdir()
+                   if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir())
+    if steps:
+        log.warning("the trainer's output_dir %s already holds TRL checkpoints of an earlier run "
+                    "(steps %s): this run saves its own beside them, and resuming it later "
+                    "with resume_from_checkpoint=True would start from the newest, whichever "
+                    "run wrote it. Clear the directory or give the trainer a new output_dir",
+                    output_dir, ", ".join(map(str, steps)))
+
+
+def _in_script_terms(message: str) -> str:
+    """A run-directory refusal worded for ``ShardCallback``'s arguments (the shared message
+    speaks ``sae-shards train``'s overrides)."""
+    for cli, kwarg in (("overwrite=true", "overwrite=True"), ("resume=true", "resume=True"),
+                       ("run_dir=...", "run_dir=...")):
+        message = message.replace(cli, kwarg)
+    if "resume=True" in message:
+        message += (" (ShardCallback(..., resume=True) with "
+                    "trainer.train(resume_from_checkpoint=True))")
+    return message
+
+
 def _reward_batch(args: Any) -> int | None:
     """The completions TRL's GRPO/RLOO trainer scores per reward call on one process: its
     ``generation_batch_size`` (over all processes) over the world size; None without one."""
     total = getattr(args, "generation_batch_size", None)
     return int(total) // distributed.world_size() if isinstance(total, int) and total else None
 
+
+STEP_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
+             "num_iterations", "learning_rate", "beta", "seed")
+"""The trainer's settings that size and move each RL step, recorded in ``config.json``'s ``rl``
+so that a resume with other values is refused naming them (TRL itself only warns)."""
 
 TIED_METRIC = "frac_reward_zero_std"
 """TRL's (GRPO and RLOO) share of prompt groups whose rewards all tied, per logged step."""

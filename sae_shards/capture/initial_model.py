@@ -81,14 +81,32 @@ def _first_safetensors(folder: Path) -> Path | None:
     return folder / files[0] if files and (folder / files[0]).is_file() else None
 
 
-def save_policy(model: torch.nn.Module, tokenizer: Any | None, out: Path) -> None:
+def base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A PEFT model's base weights under the base model's own names: the LoRA factors left out,
+    each wrapped layer's ``base_layer`` unwrapped, a ``modules_to_save`` module's original (the
+    weights before training; a LoRA run's theta_0, since its adapter starts at B = 0)."""
+    out = {}
+    for name, tensor in model.get_base_model().state_dict().items():
+        if ".lora_" in name or ".modules_to_save." in name:
+            continue
+        out[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor
+    return out
+
+
+def save_policy(model: torch.nn.Module, tokenizer: Any | None, out: Path,
+                base_only: bool = False) -> None:
     """``save_pretrained`` of the model (and tokenizer, when there is one) into ``out``, written
-    beside it and renamed into place, so a kill leaves the whole directory or none."""
+    beside it and renamed into place, so a kill leaves the whole directory or none.
+    ``base_only``: a PEFT model's base model alone (``base_weights``), loadable with
+    ``from_pretrained`` like the directory it could have been loaded from."""
     tmp = out.with_name(f".{out.name}.tmp")
     with rundir.writing(out):
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            model.save_pretrained(str(tmp))
+            if base_only:
+                model.get_base_model().save_pretrained(str(tmp), state_dict=base_weights(model))
+            else:
+                model.save_pretrained(str(tmp))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
             if out.exists():

@@ -126,6 +126,11 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
     if not target.is_file() or not checkpoint.is_dir():
         have = sorted(set(rundir.saved_steps(run_dir / rundir.RESUME))
                       & set(rundir.saved_steps(run_dir / rundir.CHECKPOINTS)))
+        if step == 0:  # the trainer starts afresh: TRL was not asked to resume
+            raise CheckpointError(
+                f"{run_dir}: resume=True but the trainer starts from step 0: call "
+                "trainer.train(resume_from_checkpoint=True) (or the path of TRL's "
+                f"checkpoint-N) so TRL resumes too; sae-shards can resume from steps {have or 'none'}")
         raise CheckpointError(
             f"{run_dir}: the trainer resumes from RL step {step} but sae-shards has no complete "
             f"checkpoint of that step ({target.name} and {checkpoint.name}); steps it can resume "

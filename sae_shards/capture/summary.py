@@ -44,7 +44,8 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
     counters, the dead fraction, the training samples the SAE drew per captured delta
     (``samples_per_slot``), with ``runner.sae_budget`` the share of RL time sae-shards used
     (``budget_used``: its time on the RL thread and the SAE's, over the RL time that earned
-    credit), plus ``extra``; a ``warning`` when the SAE never trained."""
+    credit), plus ``extra``; a ``warning`` when the SAE never trained, or when it ends
+    reconstructing worse than the samples' mean (``fvu_last`` > 1)."""
     fifth, tenth = max(1, len(rewards) // 5), max(1, len(fvu) // 10)
     trainer = parts.trainer
     summary = {
@@ -71,6 +72,13 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
             f"once runner.min_samples={runner.min_samples} trainable samples are buffered and "
             f"RL reaches runner.sae_start_step={runner.sae_start_step}; run more RL steps or "
             "lower them. The checkpoint holds the random initialisation")
+        log.warning("%s", summary["warning"])
+    elif summary["fvu_last"] > 1:  # NaN compares False
+        summary["warning"] = (
+            f"the SAE reconstructs its samples worse than their mean does (FVU over its last "
+            f"tenth of steps {summary['fvu_last']:.2f} > 1, after {trainer.n_steps} SAE steps): "
+            "its shards do not describe the updates yet. Train it longer (more RL steps, or "
+            "runner.sae_steps_per_rl_step) or lower sae.lr")
         log.warning("%s", summary["warning"])
     return summary
 

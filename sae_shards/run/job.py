@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
-import time
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -28,6 +26,7 @@ from transformers.trainer_callback import ProgressCallback
 from sae_shards.capture import distributed
 from sae_shards.capture import resume as resume_state
 from sae_shards.capture.callback import ShardCallback
+from sae_shards.capture.signals import stop_on_signals
 from sae_shards.recipe.models import build_tiny_model, load_tokenizer
 from sae_shards.recipe.tasks import build_task, default_target_length
 from sae_shards.recipe.trainers import build_trainer
@@ -175,8 +174,12 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
         callback = shard_callback(cfg, run_dir, rl.task.target_length, logger=logger)
         if main:  # the buffer and the SAE live on rank 0 (other ranks set up in train())
             callback.setup(rl.trainer.model, rl.trainer)
-    except SETUP_ERRORS as e:  # user-fixable: reported without a traceback by the CLI
-        raise JobSetupError(str(e)) from e
+    except BaseException as e:
+        if main:  # nothing trains: leave the run directory free (rundir.lock_run_dir)
+            rundir.release_run_dir(run_dir)
+        if isinstance(e, SETUP_ERRORS):  # user-fixable: reported without a traceback by the CLI
+            raise JobSetupError(str(e)) from e
+        raise
     rl.trainer.add_callback(callback)
     return Started(rl, callback, resume_from)
 
@@ -194,40 +197,6 @@ def _main_process_first(device: torch.device) -> Iterator[None]:
     # The state TRL's config creates next is this one (a singleton): on a CPU, gloo processes.
     with PartialState(cpu=device.type == "cpu").main_process_first():
         yield
-
-
-REPEAT_S = 2.0
-"""Multi-process runs: a second identical signal this soon after the first is the launcher's
-echo of it, not a second request."""
-
-
-@contextlib.contextmanager
-def stop_on_signals(callback: ShardCallback) -> Iterator[None]:
-    """While training: the first SIGTERM/SIGINT asks the callback to stop after the current step
-    (with a checkpoint); a second one raises ``KeyboardInterrupt`` at once. Main thread only.
-
-    Under a multi-process launch one Ctrl-C reaches each worker twice (from the terminal, and
-    forwarded by the launcher): a repeat of the same signal within ``REPEAT_S`` counts once."""
-    first: list[float] = []
-
-    def handler(signum, frame):
-        if callback.stop_signal is not None:
-            echo = (distributed.world_size() > 1 and signum == callback.stop_signal
-                    and first and time.monotonic() - first[0] < REPEAT_S)
-            if echo:
-                return
-            raise KeyboardInterrupt(f"signal {signum} again: stopping at once")
-        first.append(time.monotonic())
-        callback.request_stop(signum)
-        log.warning("%s: finishing this RL step, writing a checkpoint, then stopping (send it "
-                    "again to stop at once)", signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def run_job(cfg: JobConfig, run_dir: Path,

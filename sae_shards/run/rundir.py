@@ -20,6 +20,12 @@
       summary.json                first/last reward and FVU, counters, sizes, wall time
       wandb/                      the offline W&B run (sae-shards train)
       .hydra/                     Hydra's composed config and overrides (sae-shards train)
+      .lock                       held (flock) by the process writing the run, while it writes
+
+One process writes a run at a time: ``prepare_run_dir`` takes ``.lock`` (an exclusive ``flock``,
+released by ``release_run_dir`` or when the process dies, ``kill -9`` included) and refuses a
+directory another live process holds, e.g. the workers of an ``accelerate launch`` whose
+launcher was killed (they keep running) when the run is resumed.
 
 Every file is complete or absent after a kill at any instant: JSON and safetensors files are
 written to a temporary name and renamed into place (JSON strict: NaN/Inf as ``null``);
@@ -31,12 +37,15 @@ checkpoint directories likewise; JSON-lines logs are appended line by line, and 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -85,6 +94,55 @@ _RESULTS = (CHECKPOINTS, ROLLOUTS, EVENTS, ACTIVATIONS, SAMPLES, SUMMARY)
 """Files whose presence means the directory holds an earlier run's results."""
 
 
+LOCK = ".lock"
+"""Held by the process writing the run (not in ``OWNED``: ``overwrite`` never removes it)."""
+
+_HELD: dict[Path, int] = {}
+"""Run directories this process holds: resolved path -> the lock file's descriptor."""
+
+
+class RunDirBusy(FileExistsError):
+    """Another live process is writing the run directory."""
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Take ``run_dir/.lock`` for this process (again: a no-op), or raise ``RunDirBusy`` naming
+    the process that holds it. The lock is an exclusive ``flock``: the kernel drops it when the
+    holder exits, however it dies, so a killed run never leaves a stale lock (a filesystem
+    without ``flock``, e.g. some network mounts, gets no lock: a warning, not a refusal)."""
+    key = run_dir.resolve()
+    if key in _HELD:
+        return
+    path = key / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirBusy(
+            f"run_dir={run_dir} is being written by another process ({holder}): wait for it to "
+            "finish, or stop it first. After kill -9 on `accelerate launch` (or torchrun) its "
+            "worker processes keep running and writing; kill them too (e.g. pkill -f "
+            "YOUR_SCRIPT.py), then resume") from None
+    except OSError as e:
+        os.close(fd)
+        log.warning("cannot lock %s (%s): nothing stops a second process from writing this "
+                    "run at the same time", path, e)
+        return
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+    _HELD[key] = fd
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Let go of ``run_dir``'s lock if this process holds it (the run is done writing)."""
+    fd = _HELD.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock
+
+
 class RunWriteError(RuntimeError):
     """A file of the run could not be written (disk full, no permission); names the path."""
 
@@ -116,6 +174,18 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
                          "directory; give a directory of its own, e.g. run_dir=runs/my_run")
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"run_dir={run_dir} is a file; give a directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    newly = run_dir.resolve() not in _HELD
+    lock_run_dir(run_dir)  # before anything is read or removed: one writer at a time
+    try:
+        return _prepare_locked(run_dir, overwrite, resume)
+    except BaseException:
+        if newly:  # refused: leave the directory free for whoever fixes the setting
+            release_run_dir(run_dir)
+        raise
+
+
+def _prepare_locked(run_dir: Path, overwrite: bool, resume: bool) -> Path:
     # Empty logs (a run that failed before its first step) do not count: a retry may reuse them.
     earlier = [name for name in _RESULTS if _has_content(run_dir / name)]
     finished = finished_steps(run_dir)

@@ -1,0 +1,140 @@
+"""Stopping a run on SIGTERM / Ctrl-C after the current step, with a checkpoint.
+
+A scheduler's SIGTERM (SLURM before its time limit, a pre-empted node) or a Ctrl-C asks the run
+to end after the optimizer step it is in, with a checkpoint TRL and sae-shards resume from; a
+second signal stops at once. ``ShardCallback`` installs this while it trains
+(``handle_signals=True``, where the process's handlers are still Python's defaults, on the main
+thread); ``sae-shards train`` wraps its whole ``trainer.train()`` in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterator, Protocol
+
+from sae_shards.capture import distributed
+
+log = logging.getLogger(__name__)
+
+REPEAT_S = 2.0
+"""Multi-process runs: a second identical signal this soon after the first is the launcher's
+echo of it, not a second request."""
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stoppable(Protocol):
+    stop_signal: int | None
+
+    def request_stop(self, signum: int = 0) -> None: ...
+
+
+@contextlib.contextmanager
+def stop_on_signals(callback: Stoppable, only_while_training: bool = False) -> Iterator[None]:
+    """While in the block: the first SIGTERM/SIGINT asks the callback to stop after the current
+    step (with a checkpoint); a second one raises ``KeyboardInterrupt`` at once. Main thread only.
+
+    Under a multi-process launch one Ctrl-C reaches each worker twice (from the terminal, and
+    forwarded by the launcher): a repeat of the same signal within ``REPEAT_S`` counts once.
+
+    ``only_while_training``: a signal that arrives outside transformers' training loop (its
+    ``train()`` raised, so the block was never left) puts the previous handlers back and gets
+    their behaviour (by default: the process ends), never a stop request nobody will act on."""
+    first: list[float] = []
+    previous: dict[int, Any] = {}
+
+    def handler(signum, frame):
+        if only_while_training and not in_training_loop(frame):
+            _restore(previous)
+            _deliver(signum, frame, previous[signum])
+            return
+        if callback.stop_signal is not None:
+            echo = (distributed.world_size() > 1 and signum == callback.stop_signal
+                    and first and time.monotonic() - first[0] < REPEAT_S)
+            if echo:
+                return
+            raise KeyboardInterrupt(f"signal {signum} again: stopping at once")
+        first.append(time.monotonic())
+        callback.request_stop(signum)
+        log.warning("%s: finishing this RL step, writing a checkpoint, then stopping (send it "
+                    "again to stop at once)", signal.Signals(signum).name)
+
+    if only_while_training:  # a guard: the next one may take over from it if it is left behind
+        handler.sae_shards_previous = previous  # type: ignore[attr-defined]
+    for sig in SIGNALS:
+        old = signal.getsignal(sig)
+        # a guard left behind by a train() that raised hands over what it replaced
+        previous[sig] = getattr(old, "sae_shards_previous", {}).get(sig, old)
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        _restore(previous)
+
+
+def _restore(previous: dict[int, Any]) -> None:
+    for sig, old in previous.items():
+        signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def _deliver(signum: int, frame: Any, old: Any) -> None:
+    """What ``old`` (a handler ``signal.signal`` returned) does with ``signum``."""
+    if callable(old):
+        old(signum, frame)
+    elif old != signal.SIG_IGN:  # the default action (SIGTERM: the process ends)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def in_training_loop(frame: Any) -> bool:
+    """Whether ``frame`` (where a signal interrupted the main thread) is inside transformers'
+    ``Trainer`` training loop, which TRL's trainers run."""
+    while frame is not None:
+        if (frame.f_code.co_name == "_inner_training_loop"
+                and str(frame.f_globals.get("__name__", "")).startswith("transformers.")):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def defaults_installed() -> bool:
+    """Whether this is the main thread and SIGTERM and SIGINT still have Python's default
+    handlers, or a guard a failed ``train()`` left behind (nothing else, e.g. the user's script
+    or ``sae-shards train``, handles them)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+
+    def ours_or(sig: int, *defaults: Any) -> bool:
+        now = signal.getsignal(sig)
+        return now in defaults or hasattr(now, "sae_shards_previous")
+
+    return (ours_or(signal.SIGTERM, signal.SIG_DFL, None)
+            and ours_or(signal.SIGINT, signal.default_int_handler))
+
+
+class SignalGuard:
+    """``stop_on_signals(only_while_training=True)`` entered and left by hand (a callback's
+    train begin and end); does nothing unless :func:`defaults_installed`."""
+
+    def __init__(self, callback: Stoppable) -> None:
+        self.callback = callback
+        self._active: Any = None
+
+    def enter(self) -> bool:
+        """Install the handlers; False (nothing installed) when someone else's are in place."""
+        if self._active is not None or not defaults_installed():
+            return False
+        self._active = stop_on_signals(self.callback, only_while_training=True)
+        self._active.__enter__()
+        return True
+
+    def exit(self) -> None:
+        """Put the previous handlers back (a no-op when none were installed)."""
+        if self._active is not None:
+            active, self._active = self._active, None
+            active.__exit__(None, None, None)
