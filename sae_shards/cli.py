@@ -198,6 +198,24 @@ def _resuming(args: list[str]) -> tuple[list[tuple[str, Any]], Path] | None:
     return now, Path(str(run_dir))
 
 
+def _check_not_a_model_dir(args: list[str]) -> None:
+    """Refuse a ``run_dir=`` that is a model's directory before Hydra writes its log there
+    (``rundir.prepare_run_dir`` refuses it too, for scripts)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sae_shards.run import rundir
+
+    if {"-m", "--multirun"} & set(args):
+        return
+    given = {o.key_or_group: o for o in
+             OverridesParser.create().parse_overrides(_override_args(args))}
+    if "run_dir" in given:
+        try:
+            rundir.check_not_foreign(Path(str(given["run_dir"].value())))
+        except FileExistsError as e:
+            raise ConfigError(str(e)) from None
+
+
 def resume_args(args: list[str]) -> tuple[list[str], list[str]]:
     """``(with_saved_overrides(args), resume_changes(args))`` from one read of the run's
     ``.hydra/overrides.yaml`` (``sae-shards train`` needs both)."""
@@ -300,6 +318,7 @@ def _train(args: list[str]) -> int:
 
     try:
         check_overrides(args)
+        _check_not_a_model_dir(args)
         args, changes = resume_args(args)
     except ConfigError as e:
         print(f"sae-shards: config error: {e}", file=sys.stderr)
@@ -405,6 +424,10 @@ def _analyze(args: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (explicit: "
                         "default counts oversubscribe small CPUs)")
     parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
+    parser.add_argument("--initial-model", type=Path, default=None, metavar="DIR",
+                        help="the run's initial model directory, when it moved from the "
+                             "model.path its config.json records (checked against the run's "
+                             "record of its weights)")
     parser.add_argument("--task", default=None, metavar="FILE.py:NAME | MODULE:NAME",
                         help="your run's prompts and reward functions, for the dose-response and "
                              "ablation "
@@ -429,7 +452,8 @@ def _analyze(args: list[str]) -> int:
     try:
         name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
         out = analyze(ns.run_dir, ns.out, n_shards=ns.shards, dose=not ns.no_dose,
-                      checkpoint=name, task=task, n_prompts=ns.n_prompts)
+                      checkpoint=name, task=task, n_prompts=ns.n_prompts,
+                      initial_model=ns.initial_model)
     except (CheckpointError, ScoringError) as e:
         print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
         return 2

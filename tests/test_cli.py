@@ -272,3 +272,37 @@ def test_closing_lines_name_evaluate_for_a_labelled_run(tmp_path):
         last = _closing_lines(summary, tmp_path)[-1]
         assert last.startswith(f"  next: sae-shards analyze {tmp_path}")
         assert (f"sae-shards evaluate {tmp_path}" in last) is named
+
+
+def test_analysis_knows_the_initial_weights_it_started_from(tmp_path, caplog):
+    """config.json records a fingerprint of model.path's weights: edited since, the report's
+    interventions are withheld with the reason (never measured against other weights); moved,
+    --initial-model finds them again."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sae_shards.recipe.models import build_tiny_model
+    from sae_shards.run.config import ModelConfig
+
+    model = build_tiny_model(tmp_path / "model")
+    run = tmp_path / "r"
+    cfg = dataclasses.replace(_short_job(run, min_samples=2), model=ModelConfig(path=str(model)))
+    run_job(cfg, run)
+    recorded = json.loads((run / "config.json").read_text())["model"]["fingerprint"]
+    assert list(recorded) == ["model.safetensors"]
+    assert main(["analyze", str(run), "--shards", "1", "--n-prompts", "4"]) == 0
+    assert '"dose_response"' in (run / "analysis.json").read_text()
+
+    shutil.copytree(model, tmp_path / "moved")
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v + 0.01 for k, v in weights.items()}, model / "model.safetensors",
+              metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="sae_shards"):
+        assert main(["analyze", str(run), "--shards", "1", "--n-prompts", "4"]) == 0
+    assert "are not the ones the run started from (model.safetensors differ" in caplog.text
+    assert "not the ones the run started from" in (run / "report.html").read_text()
+    assert '"dose_response"' not in (run / "analysis.json").read_text()
+    assert main(["analyze", str(run), "--shards", "1", "--n-prompts", "4",
+                 "--initial-model", str(tmp_path / "moved")]) == 0
+    assert '"dose_response"' in (run / "analysis.json").read_text()

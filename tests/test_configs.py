@@ -79,8 +79,11 @@ def test_default_config_equals_dataclass_defaults():
     ("rl.trainable=[]", r"rl.trainable is empty"),
     ("rl.trainable=['']", r"rl.trainable holds empty or non-string patterns"),
     ("model.readout_scale=0", r"model.readout_scale=0.0 must be > 0"),
-    ("model=hf_path model.path=/m +model.readout_scale=4", r"model.readout_scale=4.0 applies to "
-                                                          r"the built-in tiny model only"),
+    ("model=hf_path model.path=/m +model.readout_scale=4", r"model.readout_scale=4.0: these "
+                                                          r"shape the built-in tiny model only"),
+    ("model=hf_path model.path=/m +model.arch=llama +model.num_layers=12",
+     r"model.arch=llama, model.num_layers=12: these shape the built-in tiny model only, and "
+     r"model.path=/m is used as saved"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):

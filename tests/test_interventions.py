@@ -166,6 +166,11 @@ def test_dose_response_rewards_the_vowel_direction_over_control(model_and_tokeni
     assert curve.reward_shard[2] > curve.reward_shard[1] + 0.2
     assert curve.reward_shard[2] > curve.reward_control[2] + 0.5
     assert abs(curve.reward_control[2] - base) < 0.1
+    # paired against alpha 0: 0 there, and what a change of the same prompts resolves elsewhere
+    assert curve.stderr_change_shard[0] == 0.0 == curve.stderr_change_control[0]
+    assert all(e > 0 for e in curve.stderr_change_shard[1:])
+    assert dose_response(model, tokenizer, task, direction, alphas=[1.0], n_prompts=4,
+                         n_samples=1).stderr_change_shard == []  # no alpha 0 to pair with
 
 
 def test_dose_response_draws_each_contexts_curve_from_the_same_rollouts(model_and_tokenizer):

@@ -257,6 +257,9 @@ SETUP_ERRORS = [
     ("+rl.extra.save_steps=3", r"\['save_steps'\] are set by sae-shards from "
                                 r"runner.checkpoint_every"),
     ("resume=true", r"resume=true but run_dir=.* holds no resumable run"),
+    ("model.lora.enabled=true model.lora.target_modules=[query_key_value]",
+     r"model.lora.target_modules=\['query_key_value'\] names modules .* does not have; its "
+     r"linear layers are named \[.*'q_proj'"),
 ]
 
 
@@ -346,3 +349,61 @@ def test_one_process_writes_a_run_dir_at_a_time(tmp_path):
                            f"rundir.prepare_run_dir({str(run)!r}, overwrite=True)"],
                           capture_output=True, text=True)
     assert free.returncode == 0, free.stderr
+
+
+def test_a_model_directory_is_never_taken_for_a_run_dir(tmp_path, capsys):
+    """run_dir pointing at a model folder (run_dir=model.path, a slip) is refused before anything
+    is written or removed, with or without overwrite: its config.json survives."""
+    from sae_shards.cli import main
+    from sae_shards.recipe.models import build_tiny_model
+    from sae_shards.run import rundir
+
+    model = build_tiny_model(tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    for extra in ([], ["overwrite=true"], ["resume=true"]):
+        rc = main(["train", f"run_dir={model}", "model=hf_path", f"model.path={model}",
+                   "rl.max_steps=2", "runner.min_samples=1", "logging.mode=disabled", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and "holds a model or another tool's files (config.json of a model" in err
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+    assert not (model / rundir.LOCK).exists() and not (model / rundir.HYDRA).exists()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"\(adapter_config.json\)"):
+        rundir.prepare_run_dir(adapter, overwrite=True)
+
+
+def _broken_model(tmp_path: Path, how: str) -> Path:
+    """The tiny model saved, then broken as a user's directory can be."""
+    from sae_shards.recipe.models import TOKENIZER_FILES, build_tiny_model
+
+    path = build_tiny_model(tmp_path / how)
+    if how == "no_tokenizer":
+        for name in (*TOKENIZER_FILES, "special_tokens_map.json"):
+            (path / name).unlink(missing_ok=True)
+    elif how == "no_eos":
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        config.update(eos_token=None, pad_token=None)
+        (path / "tokenizer_config.json").write_text(json.dumps(config))
+        (path / "special_tokens_map.json").unlink(missing_ok=True)
+    elif how == "small_embedding":
+        config = json.loads((path / "config.json").read_text())
+        config["vocab_size"] = 8  # as if tokens were added to the tokenizer without a resize
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("how, message", [
+    ("no_tokenizer", r"has no tokenizer files \(none of tokenizer.json, .*save the tokenizer"),
+    ("no_eos", r"has neither an eos_token nor a pad_token: .*tokenizer_config.json"),
+    ("small_embedding", r"has \d+ tokens but the model embeds 8 .*resize_token_embeddings"),
+])
+def test_a_broken_model_directory_is_named_before_training(tmp_path, capsys, how, message):
+    from sae_shards.cli import main
+
+    path = _broken_model(tmp_path, how)
+    run_dir = tmp_path / "run"
+    rc = main(["train", "model=hf_path", f"model.path={path}", "logging=disabled",
+               f"run_dir={run_dir}"])
+    _assert_refused(rc, capsys.readouterr().err, message, run_dir)

@@ -188,3 +188,24 @@ def test_lens_through_a_lora_model(model_and_tokenizer):
     u, v = _token_write(model, tokenizer, "e"), _v(64)
     (res,) = logit_lens(peft_model, tokenizer, {O_PROJ: (u, v)}, top_k=3)
     assert res.promoted[0][0] == "e"
+
+
+def test_tokens_that_are_part_of_a_character_keep_their_own_spelling():
+    """A byte-level BPE vocabulary holds tokens that are bytes of a multi-byte character; decoded
+    alone each is U+FFFD. The lens shows the vocabulary's spelling, so they stay distinct."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from sae_shards.analysis.logit_lens import token_text
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["héllo wörld ✓ café"] * 20, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    partial = [i for i in range(len(tok)) if tok.decode([i]) == "\ufffd"]
+    assert len(partial) > 10  # every lone continuation byte, at least
+    texts = [token_text(tok, i) for i in partial]
+    assert "\ufffd" not in "".join(texts) and len(set(texts)) == len(texts)
+    assert token_text(tok, tok.convert_tokens_to_ids("h")) == "h"  # whole characters: decoded

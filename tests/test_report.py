@@ -47,6 +47,10 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
     n_always = int((live >= 0.8).sum())
     others = int(((live > 0) & (live < 0.8)).sum())
     assert len(analysis["top_shards"]) == n_always + min(2, others)  # always-on + 2 others
+    summary = json.loads((short_run_dir / "summary.json").read_text())
+    run = analysis["run"]  # the run's own figures beside the shards'
+    assert run["rl_steps"] == summary["rl_steps"] and run["fvu_last"] == summary["fvu_last"]
+    assert run["never_fired"] == int((live == 0).sum()) and run["n_shards"] == live.numel()
     for entry in analysis["shards"].values():
         assert len(entry["dose_response"]["shard"]) == 3
         ablation = entry["ablation"]  # the same coefficient as the dose-response's alpha = 1

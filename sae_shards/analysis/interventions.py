@@ -531,6 +531,12 @@ class DoseResponse:
     at least two contexts."""
     control_by_label: dict[str, list[float]] = field(default_factory=dict)
     """The same along the control."""
+    stderr_change_shard: list[float] = field(default_factory=list)
+    """Each point's change from alpha 0, paired per prompt (same prompts and rollout seed): its
+    standard error over prompts, the resolution of the curve's shape (``[]`` without an alpha
+    of 0; 0 at alpha 0 itself)."""
+    stderr_change_control: list[float] = field(default_factory=list)
+    """The same along the control."""
 
 
 def dose_response(
@@ -564,6 +570,15 @@ def dose_response(
     labelled = {kind: [by_label(p, task) for p in ps] for kind, ps in points.items()}
     several = bool(labelled["shard"]) and len(labelled["shard"][0]) >= 2
 
+    zero = [i for i, a in enumerate(alphas) if a == 0]
+
+    def paired(kind: str) -> list[float]:  # each point against alpha 0, prompt by prompt
+        if not zero:
+            return []
+        base = points[kind][zero[0]].rewards
+        return [0.0 if i == zero[0] else paired_change(base, p.rewards)[1]
+                for i, p in enumerate(points[kind])]
+
     def curves(kind: str) -> dict[str, list[float]]:
         if not several:
             return {}
@@ -579,6 +594,8 @@ def dose_response(
         n=pooled["shard"][0].n if alphas else 0,
         shard_by_label=curves("shard"),
         control_by_label=curves("control"),
+        stderr_change_shard=paired("shard"),
+        stderr_change_control=paired("control"),
     )
 
 

@@ -75,6 +75,10 @@ class LensResult:
     negative first. Swaps with ``promoted`` when the shard's activation is negative."""
     direction: Tensor
     """The unit write direction ``u``, ``[d_model]`` (float64, CPU)."""
+    promoted_ids: tuple[int, ...] = ()
+    """The token ids of ``promoted``, in its order."""
+    suppressed_ids: tuple[int, ...] = ()
+    """The token ids of ``suppressed``, in its order."""
 
 
 class WriterSplit(NamedTuple):
@@ -232,11 +236,21 @@ def final_norm_weight(model: nn.Module) -> Tensor:
     return next(iter(found.values()))
 
 
-def _decode_top(
-    tokenizer: PreTrainedTokenizerBase, logits: Tensor, top_k: int, largest: bool
-) -> list[tuple[str, float]]:
+def _top(logits: Tensor, top_k: int, largest: bool) -> tuple[list[int], list[float]]:
     values, ids = torch.topk(logits, min(top_k, logits.numel()), largest=largest)
-    return [(tokenizer.decode([i]), float(v)) for i, v in zip(ids.tolist(), values)]
+    return ids.tolist(), values.tolist()
+
+
+def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+    """A token as text: decoded, or, when it is part of a character (a byte-level BPE token
+    that decodes to U+FFFD alone), the vocabulary's own spelling of it (``Ġ``-style bytes,
+    ``<0xE2>``), so that distinct tokens stay distinct."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" in text:
+        raw = tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(raw, str) and raw:
+            return raw
+    return text
 
 
 def logit_lens(
@@ -296,14 +310,18 @@ def logit_lens(
             )
         logits = unembed @ (gain[:, None] * left.to(unembed))  # [vocab, k]
         for j in range(left.shape[1]):
+            (up, up_v), (down, down_v) = (_top(logits[:, j], top_k, largest)
+                                          for largest in (True, False))
             results.append(
                 LensResult(
                     target=name,
                     index=j,
                     singular_value=float(s[j]),
-                    promoted=_decode_top(tokenizer, logits[:, j], top_k, largest=True),
-                    suppressed=_decode_top(tokenizer, logits[:, j], top_k, largest=False),
+                    promoted=[(token_text(tokenizer, i), v) for i, v in zip(up, up_v)],
+                    suppressed=[(token_text(tokenizer, i), v) for i, v in zip(down, down_v)],
                     direction=left[:, j].cpu(),
+                    promoted_ids=tuple(up),
+                    suppressed_ids=tuple(down),
                 )
             )
     return results

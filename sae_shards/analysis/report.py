@@ -44,6 +44,11 @@ DEFAULT_ALPHAS = (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 
 log = logging.getLogger(__name__)
 
+RUN_FIGURES = ("rl_steps", "sae_steps", "reward_first", "reward_last", "fvu_first", "fvu_last",
+               "fvu_heldout", "dead_frac", "interrupted", "warning")
+"""``summary.json``'s figures ``analysis.json`` repeats under ``run`` (null for a run that
+wrote no summary yet)."""
+
 
 def _png(fig) -> str:
     buf = io.BytesIO()
@@ -143,9 +148,13 @@ def plot_dose(results: dict[int, Any]) -> str:
     fig.clf()
     for i, (shard, dr) in enumerate(results.items()):
         ax = fig.add_subplot(1, len(results), i + 1)
-        ax.errorbar(dr.alphas, dr.reward_shard, yerr=dr.stderr_shard, label="shard", marker="o")
-        ax.errorbar(dr.alphas, dr.reward_control, yerr=dr.stderr_control, label="random (norm-matched)",
-                    marker="x")
+        # paired error bars (each point's change from alpha 0, prompt by prompt) when there is
+        # an alpha 0: the points share prompts and rollout seed, so that is their resolution
+        shard_err = dr.stderr_change_shard or dr.stderr_shard
+        control_err = dr.stderr_change_control or dr.stderr_control
+        ax.errorbar(dr.alphas, dr.reward_shard, yerr=shard_err, label="shard", marker="o")
+        ax.errorbar(dr.alphas, dr.reward_control, yerr=control_err,
+                    label="random (norm-matched)", marker="x")
         for label, curve in dr.shard_by_label.items():  # each context's reward, same rollouts
             ax.plot(dr.alphas, curve, linestyle=":", linewidth=1, label=f"shard: {label}")
         ax.set_title(f"shard {shard}")
@@ -171,7 +180,8 @@ def lens_rows(model, tokenizer, shard, top_k: int) -> list[dict[str, Any]]:
         return []
     results = logit_lens(model, tokenizer, comps, top_k=top_k, writers=writers)
     return [{"target": r.target, "sigma": r.singular_value,
-             "promoted": [t for t, _ in r.promoted], "suppressed": [t for t, _ in r.suppressed]}
+             "promoted": [t for t, _ in r.promoted], "suppressed": [t for t, _ in r.suppressed],
+             "promoted_ids": list(r.promoted_ids), "suppressed_ids": list(r.suppressed_ids)}
             for r in results]
 
 
@@ -179,11 +189,14 @@ def lens_rows(model, tokenizer, shard, top_k: int) -> list[dict[str, Any]]:
 def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 4,
             checkpoint: str | None = None,
             top_k: int = 5, dose: bool = True, alphas=DEFAULT_ALPHAS,
-            n_prompts: int = 32, task: RewardTask | Any | None = None) -> Path:
+            n_prompts: int = 32, task: RewardTask | Any | None = None,
+            initial_model: str | Path | None = None) -> Path:
     """Write the HTML report of a run (default ``run_dir/report.html``) and ``analysis.json``.
 
     ``task``: the prompts and reward functions to score the dose-response with (a run of your
-    own TRL script records none; ``reward_task``); by default a built-in task's own."""
+    own TRL script records none; ``reward_task``); by default a built-in task's own.
+    ``initial_model``: the directory of the run's initial weights when it moved from where
+    ``config.json`` says (checked against the run's record of them)."""
     view = RunView(run_dir, checkpoint)
     out = Path(out) if out else view.run_dir / "report.html"
     shards = top_shards(view, n_shards)
@@ -198,14 +211,18 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     if task is not None and not dose:
         raise ValueError("a reward task (--task) scores the dose-response and the ablation, "
                          "which --no-dose skips; drop one of them")
-    models = load_run_models(view.run_dir, view.checkpoint) if dose else None
+    models = load_run_models(view.run_dir, view.checkpoint, initial_model) if dose else None
     final_dir = policy_dir(view.run_dir, view.checkpoint)
     matched = final_dir.name != rundir.FINAL_MODEL  # TRL's checkpoint of the shards' step
     sampling = run_sampling(view.run_dir)  # the run's own max_new_tokens, temperature, top_p...
     scorer_note = ""
     if models is not None and (task or models.task) is not None:
         scorer_note = _check_scorer(models, task or models.task, labels, sampling)
-    analysis: dict[str, Any] = {"top_shards": shards, "shards": {}}
+    analysis: dict[str, Any] = {
+        "run": {"checkpoint": view.checkpoint, "n_shards": len(density),
+                "never_fired": int((density == 0).sum()), "always_on": always_on,
+                **{k: summary.get(k) for k in RUN_FIGURES}},
+        "top_shards": shards, "shards": {}}
 
     parts = [_section("summary", "Run", _summary_html(view, summary, shards, density, tags))]
     parts.append(_section("sae-curves", "SAE training", plot_sae_curves(view)))
@@ -276,7 +293,9 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                                   n_prompts=n_prompts, baseline=baseline, **sampling)
             entry["ablation"] = dataclasses.asdict(ablations[s])
         analysis["shards"][s] = entry
-    why = run_models_missing(view.run_dir, view.checkpoint) if dose else None
+    why = run_models_missing(view.run_dir, view.checkpoint, initial_model) if dose else None
+    if why:
+        log.warning("no logit lens, dose-response or ablation: %s", why)
     missing = ("<p>Skipped (--no-dose).</p>" if not dose else
                f"<p>Needs the run's initial and final model: {html.escape(why)}.</p>" if why
                else untrained)
@@ -294,7 +313,9 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                            + scorer_note
                            + "<p>alpha = 1 adds the shard's share of the run's whole update to "
                              "the initial weights; the control adds a random direction of equal "
-                             "norm. Dotted: each context's reward along the shard, from the same "
+                             "norm. Error bars: each point's change from alpha 0, paired per "
+                             "prompt (the points share prompts and rollout seed), its standard "
+                             "error over prompts. Dotted: each context's reward along the shard, from the same "
                              "rollouts (when the prompts carry several; a built-in task's "
                              "per-context reward is its plain 0..1 score, the pooled one the "
                              "training reward, reward_scale included).</p>"
@@ -417,7 +438,8 @@ def _families_html(rows: list[dict[str, Any]]) -> str:
     table = _table(["shards", "density", "share of activation mass"],
                    [[", ".join(map(str, r["shards"])), f"{r['density']:.2f}",
                      f"{r['mass_share']:.2f}"] for r in multi]) if multi else ""
-    return table + (f"<p>{len(multi)} families of several shards; "
+    return table + (f"<p>{len(multi)} famil{'y' if len(multi) == 1 else 'ies'} of several "
+                    "shards; "
                     f"{len(rows) - len(multi)} shards fire with no other (families of one; all "
                     "families are in analysis.json).</p>")
 
@@ -533,12 +555,15 @@ def _rollouts_html(view: RunView, shards: list[int], top_k: int, tags: dict[int,
         rows = []
         for t in view.top_steps(s, top_k):
             r = t["rollout"] or {}
-            rewards = r.get("rewards") or [math.nan]
-            completions = r.get("completions") or []
-            rows.append([t["rl_step"], f"{t['activation']:+.3f}", f"{sum(rewards) / len(rewards):.3f}",
-                         " | ".join(repr(c) for c in completions[:3])])
+            scored = [x for x in (r.get("rewards") or []) if x is not None]
+            mean = f"{sum(scored) / len(scored):.3f}" if scored else "n/a"
+            shown = [f"{p!r} → {c!r} (r={'n/a' if x is None else f'{x:.2f}'})"
+                     for p, c, x in list(zip(r.get("prompts") or [], r.get("completions") or [],
+                                             r.get("rewards") or []))[:3]]
+            rows.append([t["rl_step"], f"{t['activation']:+.3f}", mean, " | ".join(shown)])
         out.append(_shard_title(s, tags) + _mix_html(mixes.get(s)) + _table(
-            ["RL step", "activation", "mean reward", "completions (first 3)"], rows))
+            ["RL step", "activation", "mean reward", "prompt → completion (first 3, reward)"],
+            rows))
     return "".join(out) or "<p>No active shards.</p>"
 
 

@@ -326,7 +326,8 @@ def policy_dir(run_dir: str | Path, checkpoint: str | None = None) -> Path:
     return final
 
 
-def load_run_models(run_dir: str | Path, checkpoint: str | None = None) -> RunModels | None:
+def load_run_models(run_dir: str | Path, checkpoint: str | None = None,
+                    initial: str | Path | None = None) -> RunModels | None:
     """The run's initial and final model, tokenizer and task; None when a model directory is
     missing (``run_models_missing`` says which). With ``checkpoint`` (``step_N``) the "final"
     policy is that step's when TRL saved it (``policy_dir``), so a killed run or an earlier
@@ -338,10 +339,10 @@ def load_run_models(run_dir: str | Path, checkpoint: str | None = None) -> RunMo
     from sae_shards.recipe.tasks import build_task
 
     run_dir = Path(run_dir)
-    if run_models_missing(run_dir, checkpoint) is not None:
+    if run_models_missing(run_dir, checkpoint, initial) is not None:
         return None
     cfg = _read_json(run_dir / "config.json")
-    initial = _initial_model_dir(run_dir, cfg)
+    initial = _initial_model_dir(run_dir, cfg, initial)
     init = load_model_and_tokenizer(initial)
     final = policy_dir(run_dir, checkpoint)
     if _is_lora(cfg):
@@ -399,27 +400,47 @@ def run_sampling(run_dir: str | Path) -> dict[str, Any]:
     return out
 
 
-def _initial_model_dir(run_dir: Path, cfg: Mapping[str, Any]) -> Path:
-    """Where the run's initial weights are: ``model.path`` when it names a local directory, else
-    ``run_dir/model`` (the tiny model ``sae-shards train`` built, or the copy ``ShardCallback``
-    saved of a policy that was not loaded from a local directory)."""
+def _initial_model_dir(run_dir: Path, cfg: Mapping[str, Any],
+                       initial: str | Path | None = None) -> Path:
+    """Where the run's initial weights are: ``initial`` when given (the directory moved), else
+    ``model.path`` when it names a local directory, else ``run_dir/model`` (the tiny model
+    ``sae-shards train`` built, or the copy ``ShardCallback`` saved of a policy that was not
+    loaded from a local directory)."""
+    if initial is not None:
+        return Path(initial)
     model = cfg.get("model") or {}
     return Path(model["path"]) if model.get("path") else run_dir / "model"
 
 
-def run_models_missing(run_dir: str | Path, checkpoint: str | None = None) -> str | None:
+def run_models_missing(run_dir: str | Path, checkpoint: str | None = None,
+                       initial: str | Path | None = None) -> str | None:
     """Why :func:`load_run_models` has no models for this run and checkpoint (a sentence for
-    the report), or None when it has them."""
+    the report), or None when it has them. ``initial``: the initial model's directory, when it
+    is no longer where ``config.json`` says (checked against the run's ``model.fingerprint``)."""
     run_dir = Path(run_dir)
     cfg = _read_json(run_dir / "config.json")
-    initial = _initial_model_dir(run_dir, cfg)
+    initial = _initial_model_dir(run_dir, cfg, initial)
     if not (initial / "config.json").is_file():
         return (f"no initial model at {initial} (ShardCallback with save_model=False or under "
                 "FSDP2 / ZeRO-3, a run of an earlier version whose policy was not loaded from a "
-                "local directory, or the model directory moved)")
+                "local directory, or the model directory moved: give its new place with "
+                "--initial-model DIR)")
     if not _has_tokenizer(initial):
         return (f"no tokenizer in {initial} (the trainer had no processing_class to save "
                 "with the policy)")
+    recorded = (cfg.get("model") or {}).get("fingerprint")
+    if recorded:
+        from sae_shards.capture.initial_model import fingerprint
+
+        now = fingerprint(initial)
+        if now != recorded:
+            changed = sorted(k for k in recorded.keys() | now.keys()
+                             if recorded.get(k) != now.get(k))
+            return (f"the initial weights at {initial} are not the ones the run started from "
+                    f"({', '.join(changed)} differ from config.json's model.fingerprint: "
+                    "re-saved or edited since), so the update, the logit lens and every "
+                    "intervention would be measured against other weights; restore them, or "
+                    "give the directory holding them with --initial-model DIR")
     saved = "adapter_config.json" if _is_lora(cfg) else "config.json"
     final = policy_dir(run_dir, checkpoint)
     if not (final / saved).is_file():

@@ -310,7 +310,10 @@ class ShardCallback(TrainerCallback):
         args = getattr(trainer, "args", None)
         return {**own, "task": None,
                 "model": {"path": self._initial_dir, "name_or_path": _model_id(model),
-                          "lora": {"enabled": self._is_lora()}},
+                          "lora": {"enabled": self._is_lora()},
+                          # theta_0 lives outside the run: analysis checks it is unchanged
+                          **({"fingerprint": initial_model.fingerprint(self._initial_dir)}
+                             if self._initial_dir else {})},
                 "rl": {"algorithm": type(trainer).__name__ if trainer is not None else None,
                        "max_steps": getattr(args, "max_steps", None),
                        # where TRL saves its checkpoints (the policy of a step, for analysis)

@@ -10,6 +10,7 @@ first step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -67,6 +68,32 @@ def loaded_from(model: torch.nn.Module) -> str | None:
             if checked == SPOT_CHECKS:
                 break
     return str(folder) if checked else None
+
+
+FINGERPRINT_CHUNKS = 16
+"""Evenly spaced 64 KiB reads per weight file that ``fingerprint`` hashes (with its size)."""
+
+
+def fingerprint(folder: str | Path) -> dict[str, str]:
+    """``{weight file: hash}`` of a model directory's weight files (``*.safetensors``, ``*.bin``
+    at its top), each hash taken over the file's size and ``FINGERPRINT_CHUNKS`` evenly spaced
+    64 KiB reads plus its last: milliseconds for any size, and any re-save or edit of the
+    weights (noise, a fine-tune saved over them) changes it. Recorded in ``config.json``
+    (``model.fingerprint``) when the run starts, so analysis can tell that the initial weights
+    it reads are not the ones the run started from."""
+    out = {}
+    for path in sorted(Path(folder).glob("*")):
+        if not (path.is_file() and path.suffix in (".safetensors", ".bin")):
+            continue
+        size = path.stat().st_size
+        digest = hashlib.sha256(str(size).encode())
+        chunk = 1 << 16
+        with path.open("rb") as f:
+            for k in range(FINGERPRINT_CHUNKS + 1):
+                f.seek(max(0, min(size - chunk, k * size // FINGERPRINT_CHUNKS)))
+                digest.update(f.read(chunk))
+        out[path.name] = digest.hexdigest()[:16]
+    return out
 
 
 def _first_safetensors(folder: Path) -> Path | None:

@@ -243,6 +243,11 @@ def build_tiny_model(
     return out_dir
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "tokenizer_config.json")
+"""A saved tokenizer has at least one of these."""
+
+
 def _check_model_dir(path: Path) -> None:
     """Raise a clear error unless ``path`` looks like a save_pretrained model directory."""
     if not path.is_dir():
@@ -275,6 +280,10 @@ def load_tokenizer(path: str | Path, model_dir: bool = True) -> PreTrainedTokeni
     path = Path(path)
     if model_dir:
         _check_model_dir(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model path {path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): "
+            "save the tokenizer beside the model (tokenizer.save_pretrained(DIR))")
     config_file = path / "tokenizer_config.json"
     declared = None
     if config_file.is_file():
@@ -283,10 +292,31 @@ def load_tokenizer(path: str | Path, model_dir: bool = True) -> PreTrainedTokeni
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if len(tokenizer) < 2:
+        raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} token(s): its files do "
+                         "not describe a vocabulary (a tokenizer_config.json without "
+                         "tokenizer.json or vocab files?); save the model's real tokenizer there")
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"the tokenizer in {path} has neither an eos_token nor a pad_token: completions "
+                "stop at eos and batches pad with pad; set eos_token (and pad_token) in its "
+                "tokenizer_config.json")
         # Padding positions are masked out, so reusing eos is safe (TRL does the same).
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_vocab(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a tokenizer whose ids the model at ``path`` cannot embed (tokens added to the
+    tokenizer without ``resize_token_embeddings``), before any forward pass would index past
+    the embedding."""
+    vocab = getattr(AutoConfig.from_pretrained(path, local_files_only=True), "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer in {path} has {len(tokenizer)} tokens but the model embeds "
+            f"{vocab} (config.json vocab_size): resize the model's embeddings to the tokenizer "
+            "(model.resize_token_embeddings(len(tokenizer))) and save both again")
 
 
 def load_model_and_tokenizer(

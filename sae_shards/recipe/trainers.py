@@ -236,14 +236,35 @@ def build_trainer(
     if trainable is not None and peft_config is not None:
         raise ValueError("rl.trainable cannot be combined with model.lora.enabled=true (LoRA "
                          "trains its adapters only); set rl.trainable=null or disable LoRA")
-    trainer = TRAINERS[algorithm][1](
-        model=str(model_path),
-        reward_funcs=list(task.reward_funcs),
-        args=args,
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        callbacks=list(callbacks),
-        peft_config=peft_config,
-    )
+    try:
+        trainer = TRAINERS[algorithm][1](
+            model=str(model_path),
+            reward_funcs=list(task.reward_funcs),
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+            peft_config=peft_config,
+        )
+    except ValueError as e:
+        if peft_config is None or "not found in the base model" not in str(e):
+            raise
+        raise ValueError(
+            f"model.lora.target_modules={sorted(peft_config.target_modules)} names modules "
+            f"{model_path} does not have; its linear layers are named "
+            f"{linear_module_names(model_path)} (e.g. model.lora.target_modules=[...] with "
+            "those names)") from e
     freeze_except(trainer.model, trainable)  # before train() builds the optimizer
     return trainer
+
+
+def linear_module_names(model_path: str | Path) -> list[str]:
+    """The distinct last names of a model directory's ``nn.Linear`` modules (what peft's
+    ``target_modules`` matches), from its config alone (built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear)})

@@ -59,6 +59,12 @@ class LoraSettings:
             raise ValueError("model.lora.target_modules is empty; name the modules to adapt")
 
 
+TINY_ONLY = ("arch", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+             "readout_scale")
+"""``ModelConfig`` fields that build the tiny model; with ``model.path`` they must keep their
+defaults (a saved model is used as it is)."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which causal LM to fine-tune (group ``model/``)."""
@@ -92,9 +98,13 @@ class ModelConfig:
         if not self.readout_scale > 0:
             raise ValueError(f"model.readout_scale={self.readout_scale} must be > 0 (1: the "
                              "usual init)")
-        if self.path is not None and self.readout_scale != 1.0:
-            raise ValueError(f"model.readout_scale={self.readout_scale} applies to the built-in "
-                             "tiny model only; with model.path set, leave it at 1")
+        if self.path is not None:
+            tiny = {name: getattr(self, name) for name in TINY_ONLY
+                    if getattr(self, name) != getattr(ModelConfig, name)}
+            if tiny:
+                shown = ", ".join(f"model.{k}={v}" for k, v in tiny.items())
+                raise ValueError(f"{shown}: these shape the built-in tiny model only, and "
+                                 f"model.path={self.path} is used as saved; drop them")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by "
                              f"model.num_heads={self.num_heads}")

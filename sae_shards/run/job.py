@@ -23,11 +23,11 @@ from typing import Any, Iterator, NamedTuple
 import torch
 from transformers.trainer_callback import ProgressCallback
 
-from sae_shards.capture import distributed
+from sae_shards.capture import distributed, initial_model
 from sae_shards.capture import resume as resume_state
 from sae_shards.capture.callback import ShardCallback
 from sae_shards.capture.signals import stop_on_signals
-from sae_shards.recipe.models import build_tiny_model, load_tokenizer
+from sae_shards.recipe.models import build_tiny_model, check_vocab, load_tokenizer
 from sae_shards.recipe.tasks import build_task, default_target_length
 from sae_shards.recipe.trainers import build_trainer
 from sae_shards.run import rundir
@@ -92,6 +92,7 @@ def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device,
     collective (DeepSpeed ZeRO-3 partitions the model as it loads)."""
     model_path = prepare_model(cfg, run_dir) if model_path is None else model_path
     tokenizer = load_tokenizer(model_path)
+    check_vocab(model_path, tokenizer)
     # The rewards divide by target_length: tie it to the completion budget, in characters.
     target_length = default_target_length(cfg.rl.max_completion_length, tokenizer)
     task = build_task(cfg.task.name, **{"target_length": target_length, **cfg.task.options})
@@ -118,6 +119,8 @@ def run_config(cfg: JobConfig, target_length: int | None = None) -> dict[str, An
     model_path = str(Path(cfg.model.path).resolve()) if cfg.model.path else None
     out = cfg.to_dict()
     out["model"] = {**out["model"], "path": model_path}
+    if model_path and Path(model_path).is_dir():  # theta_0 outside the run: know it again later
+        out["model"]["fingerprint"] = initial_model.fingerprint(model_path)
     if target_length is not None:
         out["task"] = {**out["task"], "target_length": int(target_length)}
     return out

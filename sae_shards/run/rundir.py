@@ -174,6 +174,7 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
                          "directory; give a directory of its own, e.g. run_dir=runs/my_run")
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"run_dir={run_dir} is a file; give a directory")
+    check_not_foreign(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     newly = run_dir.resolve() not in _HELD
     lock_run_dir(run_dir)  # before anything is read or removed: one writer at a time
@@ -218,6 +219,39 @@ def _prepare_locked(run_dir: Path, overwrite: bool, resume: bool) -> Path:
                 path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json", "adapter_config.json", "adapter_model.safetensors",
+               "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+"""Files of a Hugging Face model or adapter directory; a run directory holds them only in its
+``model/`` and ``final_model/`` subdirectories, never at its top."""
+
+
+def foreign_files(run_dir: Path) -> list[str]:
+    """The files at the top of ``run_dir`` that say it is a model (or adapter) directory, not a
+    run: ``MODEL_FILES``, and a ``config.json`` of a model (``model_type`` / ``architectures``)."""
+    if not run_dir.is_dir():
+        return []
+    found = [name for name in MODEL_FILES if (run_dir / name).exists()]
+    try:
+        config = json.loads((run_dir / CONFIG).read_text())
+    except (OSError, ValueError):
+        config = None
+    if isinstance(config, dict) and ("model_type" in config or "architectures" in config):
+        found.insert(0, f"{CONFIG} of a model (model_type {config.get('model_type')!r})")
+    return found
+
+
+def check_not_foreign(run_dir: Path) -> None:
+    """Raise ``FileExistsError`` when ``run_dir`` is a model's directory (``foreign_files``):
+    a run never writes, or with ``overwrite`` removes, a ``config.json`` it did not write."""
+    foreign = foreign_files(run_dir)
+    if foreign:
+        raise FileExistsError(
+            f"run_dir={run_dir} holds a model or another tool's files ({', '.join(foreign)}), "
+            "not a sae-shards run: writing the run there would replace its config.json. Give "
+            "the run a directory of its own, e.g. run_dir=runs/my_run")
 
 
 def has_resume_state(run_dir: Path) -> bool:
