@@ -205,11 +205,9 @@ def _check_not_a_model_dir(args: list[str]) -> None:
 
     from sae_shards.run import rundir
 
-    if {"-m", "--multirun"} & set(args):
-        return
     given = {o.key_or_group: o for o in
              OverridesParser.create().parse_overrides(_override_args(args))}
-    if "run_dir" in given:
+    if "run_dir" in given and not given["run_dir"].is_sweep_override():  # a sweep's parent too
         try:
             rundir.check_not_foreign(Path(str(given["run_dir"].value())))
         except FileExistsError as e:

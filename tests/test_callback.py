@@ -99,7 +99,7 @@ def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm, cap
                                  "top_k": 0, "repetition_penalty": 1.0, "training_steps": 12,
                                  "reward_batch": 8}  # TRL's generation batch: 8 per call
     assert "max_new_tokens=8, temperature=1.0" in html
-    assert "called on 8 completions at a time" in html
+    assert "batches of whole prompts, up to 8 completions" in html
     # a broken reward fails in seconds, named; a task with other contexts is noted
     bad = tmp_path / "bad_task.py"
     bad.write_text("from sae_shards.analysis.reward_task import RewardTask\n"
@@ -289,6 +289,15 @@ def test_a_users_script_stops_on_sigterm_after_the_step_with_a_checkpoint(tiny_m
     assert (tmp_path / "run" / "resume" / "step_000004.safetensors").is_file()
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # started in the background by a shell (`python train.py &`): SIGINT ignored, SIGTERM handled
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        bg = ShardCallback(run_dir=tmp_path / "bg", runner={"min_samples": 2})
+        _user_trainer(tiny_model, tmp_path / "trl_bg", [bg, _SignalAt(3, signal.SIGTERM)]).train()
+        assert bg.summary["interrupted"] and bg.summary["rl_steps"] == 3
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # left as it was
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     # a train() that raises leaves the handlers in place (transformers has no exception event);
     # a signal outside the training loop then gets the previous behaviour, not a stop request
     failing = ShardCallback(run_dir=tmp_path / "failing", runner={"min_samples": 2})

@@ -344,6 +344,11 @@ def test_one_process_writes_a_run_dir_at_a_time(tmp_path):
                            f"rundir.prepare_run_dir({str(run)!r}, overwrite=True)"],
                           capture_output=True, text=True)
     assert busy.returncode != 0 and "RunDirBusy" in busy.stderr
+    rundir.release_run_dir(run)  # holds in one process are counted: one of two let go
+    still = subprocess.run([sys.executable, "-c", "from sae_shards.run import rundir\n"
+                            f"rundir.prepare_run_dir({str(run)!r}, overwrite=True)"],
+                           capture_output=True, text=True)
+    assert still.returncode != 0 and "RunDirBusy" in still.stderr
     rundir.release_run_dir(run)
     free = subprocess.run([sys.executable, "-c", "from sae_shards.run import rundir\n"
                            f"rundir.prepare_run_dir({str(run)!r}, overwrite=True)"],
@@ -360,7 +365,7 @@ def test_a_model_directory_is_never_taken_for_a_run_dir(tmp_path, capsys):
 
     model = build_tiny_model(tmp_path / "model")
     before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
-    for extra in ([], ["overwrite=true"], ["resume=true"]):
+    for extra in ([], ["overwrite=true"], ["resume=true"], ["-m", "sae.k=2,4"]):
         rc = main(["train", f"run_dir={model}", "model=hf_path", f"model.path={model}",
                    "rl.max_steps=2", "runner.min_samples=1", "logging.mode=disabled", *extra])
         err = capsys.readouterr().err

@@ -402,8 +402,9 @@ def _dose_source(task: RewardTask | Any | None, sampling: dict[str, Any]) -> str
     if task is None:
         return out
     if sampling.get("reward_batch"):
-        out += (f"<p>Each reward function is called on {sampling['reward_batch']} completions at "
-                "a time (whole prompts), as TRL called it on the run's generation batch.</p>")
+        out += (f"<p>Each reward function is called on batches of whole prompts, up to "
+                f"{sampling['reward_batch']} completions (at least one prompt's), as TRL called "
+                "it on the run's generation batch.</p>")
     weights = getattr(task, "reward_weights", None) or [1.0] * len(task.reward_funcs)
     names = ", ".join(f"{getattr(fn, '__name__', type(fn).__name__)} x {w:g}"
                       for fn, w in zip(task.reward_funcs, weights))

@@ -158,6 +158,7 @@ class ShardCallback(TrainerCallback):
         try:
             self.run_dir = (rundir.prepare_run_dir(run_dir, overwrite, resume)
                             if distributed.is_main() else Path(run_dir))
+            self._holds_lock = distributed.is_main()  # one hold, let go once (_let_go)
         except (FileExistsError, FileNotFoundError) as e:
             if run_config:  # sae-shards train: its messages speak the CLI's overrides
                 raise
@@ -170,7 +171,7 @@ class ShardCallback(TrainerCallback):
                     "seed": seed}, "Pass ShardCallback the settings the run started with, or "
                     "start a new run_dir.")
             except BaseException:
-                rundir.release_run_dir(self.run_dir)
+                self._let_go()
                 raise
         self.resume = resume
         self.log_to_wandb = log_to_wandb
@@ -198,6 +199,7 @@ class ShardCallback(TrainerCallback):
         self._stopped = False  # the run is ending early at this step (decided at on_step_end)
         self.last_checkpoint: Path | None = None
         self._initial_dir: str | None = None  # where theta_0 is, when the policy came from a dir
+        self._fingerprint: dict[str, str] | None = None  # its weight files' hashes
         self._writer = BackgroundWriter()  # the step checkpoint being written, if any
         self._signals = SignalGuard(self) if handle_signals else None
 
@@ -230,6 +232,7 @@ class ShardCallback(TrainerCallback):
             self._initial_dir = None
         elif self.resume:
             self._initial_dir = saved.get("path") if "name_or_path" in saved else None
+            self._fingerprint = saved.get("fingerprint")  # as the run started
         else:
             self._initial_dir = initial_model.loaded_from(model)
         self.meta = {"source": self.capture_cfg.source, "model_id": _model_id(model),
@@ -312,7 +315,7 @@ class ShardCallback(TrainerCallback):
                 "model": {"path": self._initial_dir, "name_or_path": _model_id(model),
                           "lora": {"enabled": self._is_lora()},
                           # theta_0 lives outside the run: analysis checks it is unchanged
-                          **({"fingerprint": initial_model.fingerprint(self._initial_dir)}
+                          **({"fingerprint": self._initial_fingerprint()}
                              if self._initial_dir else {})},
                 "rl": {"algorithm": type(trainer).__name__ if trainer is not None else None,
                        "max_steps": getattr(args, "max_steps", None),
@@ -326,6 +329,14 @@ class ShardCallback(TrainerCallback):
                        # how many completions each reward call got (one process's generation
                        # batch); analysis calls the user's reward functions on batches as large
                        "reward_batch": _reward_batch(args)}}
+
+    def _initial_fingerprint(self) -> dict[str, str]:
+        """The initial directory's weight hashes: taken at the run's start; on resume the run's
+        record, which a resume from a directory whose weights changed cannot match (refused by
+        the config check), and which a directory moved since keeps (analysis then finds it
+        with --initial-model)."""
+        now = initial_model.fingerprint(self._initial_dir)
+        return now if (self._fingerprint is None or now) else self._fingerprint
 
     def _save_step(self, step: int) -> None:
         """A resumable checkpoint of the SAE side at RL step ``step`` (the worker made idle)."""
@@ -456,6 +467,13 @@ class ShardCallback(TrainerCallback):
         finally:
             if self._signals is not None:
                 self._signals.exit()
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """Release this callback's hold of the run directory's lock (once)."""
+        if getattr(self, "_holds_lock", False):
+            self._holds_lock = False
+            rundir.release_run_dir(self.run_dir)
 
     def _end(self, args, state, control, model, processing_class, **kwargs) -> None:
         if self.capture is not None and not state.is_world_process_zero:
@@ -476,7 +494,6 @@ class ShardCallback(TrainerCallback):
             out = self.run_dir / rundir.FINAL_MODEL
             initial_model.save_policy(model, processing_class, out)
         self.summary = self._finish(self.parts.loop.last_rl_step)
-        rundir.release_run_dir(self.run_dir)
 
     def close(self) -> None:
         """Stop the SAE worker after a failed ``train()`` (its own error is not re-raised), and
@@ -490,7 +507,7 @@ class ShardCallback(TrainerCallback):
                     log.warning("the %s also failed while stopping: %s", what, e)
         if self._signals is not None:
             self._signals.exit()
-        rundir.release_run_dir(self.run_dir)
+        self._let_go()
 
     # ---- per step ----------------------------------------------------------------------------
 

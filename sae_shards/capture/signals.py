@@ -4,7 +4,9 @@ A scheduler's SIGTERM (SLURM before its time limit, a pre-empted node) or a Ctrl
 to end after the optimizer step it is in, with a checkpoint TRL and sae-shards resume from; a
 second signal stops at once. ``ShardCallback`` installs this while it trains
 (``handle_signals=True``, where the process's handlers are still Python's defaults, on the main
-thread); ``sae-shards train`` wraps its whole ``trainer.train()`` in it.
+thread); ``sae-shards train`` wraps its whole ``trainer.train()`` in it. Under ``torchrun`` /
+``accelerate launch`` the launcher forwards the signal and kills its workers about 30 s later:
+a step plus its checkpoint must fit in that time (signal the workers themselves otherwise).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class Stoppable(Protocol):
 
 
 @contextlib.contextmanager
-def stop_on_signals(callback: Stoppable, only_while_training: bool = False) -> Iterator[None]:
+def stop_on_signals(callback: Stoppable, only_while_training: bool = False,
+                    signals: tuple[int, ...] = SIGNALS) -> Iterator[None]:
     """While in the block: the first SIGTERM/SIGINT asks the callback to stop after the current
     step (with a checkpoint); a second one raises ``KeyboardInterrupt`` at once. Main thread only.
 
@@ -44,7 +47,8 @@ def stop_on_signals(callback: Stoppable, only_while_training: bool = False) -> I
 
     ``only_while_training``: a signal that arrives outside transformers' training loop (its
     ``train()`` raised, so the block was never left) puts the previous handlers back and gets
-    their behaviour (by default: the process ends), never a stop request nobody will act on."""
+    their behaviour (by default: the process ends), never a stop request nobody will act on.
+    ``signals``: which of SIGTERM and SIGINT to handle."""
     first: list[float] = []
     previous: dict[int, Any] = {}
 
@@ -66,7 +70,7 @@ def stop_on_signals(callback: Stoppable, only_while_training: bool = False) -> I
 
     if only_while_training:  # a guard: the next one may take over from it if it is left behind
         handler.sae_shards_previous = previous  # type: ignore[attr-defined]
-    for sig in SIGNALS:
+    for sig in signals:
         old = signal.getsignal(sig)
         # a guard left behind by a train() that raised hands over what it replaced
         previous[sig] = getattr(old, "sae_shards_previous", {}).get(sig, old)
@@ -102,24 +106,27 @@ def in_training_loop(frame: Any) -> bool:
     return False
 
 
-def defaults_installed() -> bool:
-    """Whether this is the main thread and SIGTERM and SIGINT still have Python's default
-    handlers, or a guard a failed ``train()`` left behind (nothing else, e.g. the user's script
-    or ``sae-shards train``, handles them)."""
+def free_signals() -> tuple[int, ...]:
+    """The signals a guard may take: on the main thread, SIGTERM and SIGINT where each still has
+    Python's default handler or a guard a failed ``train()`` left behind. Nothing when SIGTERM
+    is handled by someone else (the user's script, ``sae-shards train``); SIGTERM alone when
+    SIGINT is ignored (a process started in the background by a shell: ``cmd &``, nohup)."""
     if threading.current_thread() is not threading.main_thread():
-        return False
+        return ()
 
-    def ours_or(sig: int, *defaults: Any) -> bool:
+    def free(sig: int, *defaults: Any) -> bool:
         now = signal.getsignal(sig)
         return now in defaults or hasattr(now, "sae_shards_previous")
 
-    return (ours_or(signal.SIGTERM, signal.SIG_DFL, None)
-            and ours_or(signal.SIGINT, signal.default_int_handler))
+    if not free(signal.SIGTERM, signal.SIG_DFL, None):
+        return ()
+    return ((signal.SIGTERM, signal.SIGINT) if free(signal.SIGINT, signal.default_int_handler)
+            else (signal.SIGTERM,))
 
 
 class SignalGuard:
     """``stop_on_signals(only_while_training=True)`` entered and left by hand (a callback's
-    train begin and end); does nothing unless :func:`defaults_installed`."""
+    train begin and end), for the signals :func:`free_signals` gives."""
 
     def __init__(self, callback: Stoppable) -> None:
         self.callback = callback
@@ -127,9 +134,10 @@ class SignalGuard:
 
     def enter(self) -> bool:
         """Install the handlers; False (nothing installed) when someone else's are in place."""
-        if self._active is not None or not defaults_installed():
+        signals = free_signals()
+        if self._active is not None or not signals:
             return False
-        self._active = stop_on_signals(self.callback, only_while_training=True)
+        self._active = stop_on_signals(self.callback, only_while_training=True, signals=signals)
         self._active.__enter__()
         return True
 

@@ -32,7 +32,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from sae_shards.run import rundir
-from sae_shards.run.config import SOURCES, JobConfig
+from sae_shards.run.config import SOURCES, JobConfig, ModelConfig
 from sae_shards.run.job import build_rl, resolve_device, shard_callback
 
 GROUPS = {
@@ -103,6 +103,13 @@ def run_planted(cfg: JobConfig, run_dir: Path, sources=SOURCES, groups=tuple(GRO
     if captures is None:
         captures = tuple(f"{g}-{s}" for g in groups for s in sources)
     run_dir = rundir.prepare_run_dir(run_dir, cfg.overwrite)
+    try:
+        return _run_captures(cfg, run_dir, captures)
+    finally:
+        rundir.release_run_dir(run_dir)
+
+
+def _run_captures(cfg: JobConfig, run_dir: Path, captures: tuple[str, ...]) -> dict[str, Path]:
     torch.set_num_threads(cfg.runner.torch_threads)
     torch.manual_seed(cfg.seed)
     rl = build_rl(cfg, run_dir, resolve_device(cfg.device))
@@ -114,7 +121,8 @@ def run_planted(cfg: JobConfig, run_dir: Path, sources=SOURCES, groups=tuple(GRO
         sub_cfg = capture_config(cfg, group, kind)
         sub_cfg = dataclasses.replace(
             sub_cfg, runner=dataclasses.replace(sub_cfg.runner, checkpoint_every=0),
-            model=dataclasses.replace(cfg.model, path=model_path, readout_scale=1.0))  # built
+            # the model built above, by path (its tiny-model shape settings are spent)
+            model=ModelConfig(path=model_path, lora=cfg.model.lora))
         callback = shard_callback(sub_cfg, run_dir / name, rl.task.target_length, save_model=False,
                                   meta={"group": group}, overwrite=cfg.overwrite)
         callback.setup(rl.trainer.model, rl.trainer)

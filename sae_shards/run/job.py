@@ -147,11 +147,14 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
     callback, and resolve its targets: every user-fixable problem surfaces here as
     ``JobSetupError``, before anything is trained."""
     main = distributed.is_main()
+    held = False  # this job's hold of the run directory's lock (released by run_job)
+    callback = None
     try:
         device = resolve_device(cfg.device)
         with _main_process_first(device):
             if main:
                 rundir.prepare_run_dir(run_dir, cfg.overwrite, cfg.resume)
+                held = True
             resume_from = None
             if cfg.resume:
                 if main:  # before anything is built: a changed seed or model would fail there
@@ -178,7 +181,9 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
         if main:  # the buffer and the SAE live on rank 0 (other ranks set up in train())
             callback.setup(rl.trainer.model, rl.trainer)
     except BaseException as e:
-        if main:  # nothing trains: leave the run directory free (rundir.lock_run_dir)
+        if callback is not None:  # its own hold, and its SAE worker
+            callback.close()
+        if held:  # nothing trains: leave the run directory free (rundir.lock_run_dir)
             rundir.release_run_dir(run_dir)
         if isinstance(e, SETUP_ERRORS):  # user-fixable: reported without a traceback by the CLI
             raise JobSetupError(str(e)) from e
@@ -214,4 +219,5 @@ def run_job(cfg: JobConfig, run_dir: Path,
             rl.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         callback.close()
+        rundir.release_run_dir(Path(run_dir))  # the hold start() took (a no-op on other ranks)
     return callback.summary

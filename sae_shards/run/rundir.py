@@ -97,8 +97,9 @@ _RESULTS = (CHECKPOINTS, ROLLOUTS, EVENTS, ACTIVATIONS, SAMPLES, SUMMARY)
 LOCK = ".lock"
 """Held by the process writing the run (not in ``OWNED``: ``overwrite`` never removes it)."""
 
-_HELD: dict[Path, int] = {}
-"""Run directories this process holds: resolved path -> the lock file's descriptor."""
+_HELD: dict[Path, list[int]] = {}
+"""Run directories this process holds: resolved path -> [the lock file's descriptor, how many
+holders in this process (a job and its callback; two callbacks) have taken it]."""
 
 
 class RunDirBusy(FileExistsError):
@@ -106,15 +107,19 @@ class RunDirBusy(FileExistsError):
 
 
 def lock_run_dir(run_dir: Path) -> None:
-    """Take ``run_dir/.lock`` for this process (again: a no-op), or raise ``RunDirBusy`` naming
-    the process that holds it. The lock is an exclusive ``flock``: the kernel drops it when the
-    holder exits, however it dies, so a killed run never leaves a stale lock (a filesystem
-    without ``flock``, e.g. some network mounts, gets no lock: a warning, not a refusal)."""
+    """Take ``run_dir/.lock`` for this process, or raise ``RunDirBusy`` naming the process that
+    holds it; each call is matched by one ``release_run_dir`` (holders in one process are
+    counted: the lock goes when the last lets go). The lock is an exclusive ``flock``: the
+    kernel drops it when the holder exits, however it dies, so a killed run never leaves a
+    stale lock (a filesystem without ``flock``, e.g. some network mounts, gets no lock: a
+    warning, not a refusal)."""
     key = run_dir.resolve()
     if key in _HELD:
+        _HELD[key][1] += 1
         return
     path = key / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with writing(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -124,23 +129,33 @@ def lock_run_dir(run_dir: Path) -> None:
             f"run_dir={run_dir} is being written by another process ({holder}): wait for it to "
             "finish, or stop it first. After kill -9 on `accelerate launch` (or torchrun) its "
             "worker processes keep running and writing; kill them too (e.g. pkill -f "
-            "YOUR_SCRIPT.py), then resume") from None
+            "YOUR_SCRIPT.py), then resume. A notebook or script whose train() raised still "
+            "holds it: call the callback's close() there, or end that process") from None
     except OSError as e:
         os.close(fd)
         log.warning("cannot lock %s (%s): nothing stops a second process from writing this "
                     "run at the same time", path, e)
         return
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
-    _HELD[key] = fd
+    try:  # who holds it, for the message above (the lock itself does not need it)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+    except OSError as e:
+        log.warning("could not note this process in %s: %s", path, e)
+    _HELD[key] = [fd, 1]
 
 
 def release_run_dir(run_dir: Path) -> None:
-    """Let go of ``run_dir``'s lock if this process holds it (the run is done writing)."""
-    fd = _HELD.pop(Path(run_dir).resolve(), None)
-    if fd is not None:
-        os.close(fd)  # closing the descriptor drops the flock
+    """Let go of one hold of ``run_dir``'s lock (``lock_run_dir``); the last one in this
+    process drops it. A no-op where this process holds none."""
+    key = Path(run_dir).resolve()
+    held = _HELD.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] <= 0:
+        del _HELD[key]
+        os.close(held[0])  # closing the descriptor drops the flock
 
 
 class RunWriteError(RuntimeError):
@@ -167,7 +182,9 @@ def _has_content(path: Path) -> bool:
 def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) -> Path:
     """Create ``run_dir``; refuse one holding an earlier run unless ``overwrite``, which removes
     every file an earlier run wrote (``OWNED``) so nothing of it mixes with the new run, or
-    ``resume``, which continues it."""
+    ``resume``, which continues it. Takes one hold of the directory's lock (``lock_run_dir``),
+    which the caller releases (``release_run_dir``) when it is done writing; a refusal
+    releases it."""
     run_dir = Path(run_dir)
     if not str(run_dir).strip() or run_dir.resolve() == Path.cwd().resolve():
         raise ValueError(f"run_dir={str(run_dir)!r} would write the run into the current "
@@ -176,13 +193,11 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
         raise FileExistsError(f"run_dir={run_dir} is a file; give a directory")
     check_not_foreign(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    newly = run_dir.resolve() not in _HELD
     lock_run_dir(run_dir)  # before anything is read or removed: one writer at a time
     try:
         return _prepare_locked(run_dir, overwrite, resume)
     except BaseException:
-        if newly:  # refused: leave the directory free for whoever fixes the setting
-            release_run_dir(run_dir)
+        release_run_dir(run_dir)  # refused: this hold ends here
         raise
 
 
