@@ -51,6 +51,13 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
     run = analysis["run"]  # the run's own figures beside the shards'
     assert run["rl_steps"] == summary["rl_steps"] and run["fvu_last"] == summary["fvu_last"]
     assert run["never_fired"] == int((live == 0).sum()) and run["n_shards"] == live.numel()
+    view = RunView(short_run_dir)
+    _, acts = view.timeline()
+    scale = float(view.shards.sae.input_scale)
+    for s, entry in analysis["shards"].items():  # the SAE's own account, beside c
+        expected = float(acts[:, int(s)].double().sum()) * scale
+        assert entry["attributed_update"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert "attribution (sum of activations)" in html
     for entry in analysis["shards"].values():
         assert len(entry["dose_response"]["shard"]) == 3
         ablation = entry["ablation"]  # the same coefficient as the dose-response's alpha = 1
@@ -139,3 +146,35 @@ def test_the_notebook_example_in_docs_runs_as_written(short_run_dir):
         for (name, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
             assert torch.equal(p, q), name  # restored bit-exactly after each intervention
     assert 0 <= scope["steered"].mean <= 1 and 0 <= scope["ablated"].mean <= 1
+
+
+def test_the_python_api_takes_what_a_notebook_hands_it(short_run_dir):
+    """Shards, models and runs as load_run_models and ShardSet give them; mistakes named."""
+    from sae_shards.analysis.interventions import (add_direction, mean_reward, remove_direction,
+                                                   update_coefficient)
+    from sae_shards.analysis.shards import load_run_models
+    from sae_shards.core.checkpoint import CheckpointError
+
+    view = RunView(short_run_dir)
+    shards = view.shards
+    live = int(view.density().argmax())
+    assert view.top_steps(shards[live]) == view.top_steps(live)  # a Shard or its index
+    assert [s.index for s in shards[1:3]] == [1, 2]
+    with pytest.raises(IndexError, match=f"shard index {len(shards)} out of range"):
+        view.top_steps(len(shards))
+    with pytest.raises(ValueError, match="which='Final': 'final'"):
+        view.timeline("Final")
+    with pytest.raises(CheckpointError, match=r"no checkpoint 'fina' \(it has \['final'"):
+        load_run_models(short_run_dir, "fina")
+    initial, final, tokenizer, task = load_run_models(short_run_dir)
+    direction = shards[live].dense(scaled=False)
+    c = update_coefficient(final, initial, direction)  # models, as load_run_models gives them
+    assert c == update_coefficient(dict(final.named_parameters()),
+                                   dict(initial.named_parameters()), direction)
+    with remove_direction(final, direction, initial) as removed:
+        assert removed == c
+    with pytest.raises(TypeError, match=r"not Shard \(a Shard: give shard.dense\(scaled=False\)"):
+        with add_direction(initial, shards[live], 1.0):
+            pass
+    with pytest.raises(TypeError, match="task is None; a run of your own TRL script"):
+        mean_reward(final, tokenizer, None)

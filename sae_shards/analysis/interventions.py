@@ -38,6 +38,27 @@ AnyTask = Task | MultiSkillTask | RewardTask
 """What the reward measurements score: a built-in task, or a user's own (``RewardTask``)."""
 
 
+def check_task(task: Any, what: str) -> None:
+    """Raise a ``TypeError`` saying what to give unless ``task`` can be scored."""
+    if task is None:
+        raise TypeError(f"{what}: task is None; a run of your own TRL script records no reward "
+                        "(load_run_models gives None for it): give a RewardTask(prompts, "
+                        "reward_funcs) (docs/analysis.md, 'Your own reward')")
+    if not (hasattr(task, "dataset") and hasattr(task, "reward_funcs")):
+        raise TypeError(f"{what}: task must be a built-in task or a RewardTask, not "
+                        f"{type(task).__name__}")
+
+
+def weights_of(source: nn.Module | Mapping[str, Tensor], what: str) -> Mapping[str, Tensor]:
+    """``{name: tensor}`` of a model (its named parameters) or of a mapping as given."""
+    if isinstance(source, nn.Module):
+        return dict(source.named_parameters(remove_duplicate=False))
+    if isinstance(source, Mapping):
+        return source
+    raise TypeError(f"{what}: give a model or a {{parameter name: tensor}} mapping, not "
+                    f"{type(source).__name__}")
+
+
 def _resolve(
     model: nn.Module, tensors: Mapping[str, Tensor], what: str
 ) -> dict[str, nn.Parameter]:
@@ -46,6 +67,11 @@ def _resolve(
     Tied parameters are reachable under each of their names; naming one tensor twice is an error
     because the changes would silently compound.
     """
+    if not isinstance(tensors, Mapping):
+        hint = (" (a Shard: give shard.dense(scaled=False), its unit direction)"
+                if hasattr(tensors, "dense") else "")
+        raise TypeError(f"{what}: the direction must be a {{parameter name: tensor}} mapping, "
+                        f"not {type(tensors).__name__}{hint}")
     params = dict(model.named_parameters(remove_duplicate=False))
     resolved: dict[str, nn.Parameter] = {}
     seen: dict[int, str] = {}
@@ -107,7 +133,7 @@ def add_direction(model: nn.Module, direction: Direction, alpha: float) -> Itera
 
 @contextlib.contextmanager
 def remove_direction(
-    model: nn.Module, direction: Direction, initial: Mapping[str, Tensor]
+    model: nn.Module, direction: Direction, initial: nn.Module | Mapping[str, Tensor]
 ) -> Iterator[float]:
     """Remove the shard's part of the cumulative update inside the block; yield its coefficient.
 
@@ -116,8 +142,10 @@ def remove_direction(
     ``Delta = theta_T - theta_0`` and ``c = <Delta, d> / <d, d>`` (Frobenius inner products summed
     over all of them); the weights become ``theta_T - c * d``. Yields ``c`` in the units of ``d``
     (so for a unit-norm ``d``: parameter units). Restores ``theta_T`` bit-exactly on exit.
+    ``initial``: the initial model, or its ``{name: tensor}``.
     """
     params = _resolve(model, direction, "remove_direction")
+    initial = weights_of(initial, "remove_direction initial")
     missing = [name for name in params if name not in initial]
     if missing:
         raise ValueError(
@@ -133,10 +161,14 @@ def remove_direction(
         yield c
 
 
-def update_coefficient(final: Mapping[str, Tensor], initial: Mapping[str, Tensor],
-                       direction: Direction) -> float:
+def update_coefficient(final: nn.Module | Mapping[str, Tensor],
+                       initial: nn.Module | Mapping[str, Tensor], direction: Direction) -> float:
     """``c = <theta_T - theta_0, d> / <d, d>`` over the direction's parameters (float64 sums):
-    the direction's share of a run's cumulative update, in the units of ``d``."""
+    the projection of a run's cumulative update on the direction, in the units of ``d`` (for a
+    shard it holds the mean update and overlapping shards' parts too: compare
+    ``RunView.attribution``). ``final`` / ``initial``: models or their ``{name: tensor}``."""
+    final = weights_of(final, "update_coefficient final")
+    initial = weights_of(initial, "update_coefficient initial")
     with torch.no_grad():
         dd, dot = 0.0, 0.0
         for name, d in direction.items():
@@ -252,6 +284,7 @@ def score_rollouts(
     (rounded down to whole prompts, at least one), as TRL calls it once per process's generation
     batch (``shards.run_sampling`` gives the run's own); None: all completions in one call.
     """
+    check_task(task, "score_rollouts")
     if n_samples < 1 or max_new_tokens < 1:
         raise ValueError(
             f"n_samples={n_samples} and max_new_tokens={max_new_tokens} must both be >= 1"
@@ -410,6 +443,7 @@ def eval_prompts(task: AnyTask, n_prompts: int, seed: int = 0) -> Any:
     """The prompts a dose-response or an ablation scores: ``task.dataset(n_prompts, seed)``,
     cycling through the task's contexts when it has several (a ``multiskill`` task, a
     ``RewardTask`` with a ``label_column``), so every context gets the same share."""
+    check_task(task, "eval_prompts")
     labels = list(getattr(task, "labels", ()) or ())
     if len(labels) >= 2:
         return task.dataset(n_prompts, seed, labels=labels)
@@ -473,6 +507,7 @@ def mean_reward(
     ``top_p``; ``shards.run_sampling`` gives a run's own). ``task``: a built-in task
     (``load_run_models``) or your own prompts and reward functions (``RewardTask``).
     """
+    check_task(task, "mean_reward")
     data = task.dataset(n_prompts, seed)
     return _estimate(score_rollouts(model, tokenizer, task, data, n_samples, max_new_tokens,
                                     temperature, seed, **sampling).rewards)
@@ -500,9 +535,14 @@ def task_rewards(
     :func:`by_label` gives it (a built-in task's training reward scale divided out).
     Reproducible for a fixed seed.
     """
+    check_task(task, "task_rewards")
     labels = list(labels)
     if not labels or n_prompts < 1:
         raise ValueError(f"task_rewards needs labels (got {labels}) and n_prompts >= 1")
+    if len(getattr(task, "labels", ()) or ()) < 2:
+        raise ValueError(f"task_rewards: {getattr(task, 'name', type(task).__name__)!r} has one "
+                         "context; per-context rewards need a multi-task task (multiskill) or "
+                         "a RewardTask with a label_column (mean_reward scores one context)")
     data = task.dataset(n_prompts * len(labels), seed, labels=labels)
     scored = score_rollouts(model, tokenizer, task, data, n_samples, max_new_tokens,
                             temperature, seed, **sampling)
@@ -639,7 +679,7 @@ def ablate(
     tokenizer: PreTrainedTokenizerBase,
     task: AnyTask,
     direction: Direction,
-    initial: Mapping[str, Tensor],
+    initial: nn.Module | Mapping[str, Tensor],
     control_seed: int = 0,
     n_prompts: int = 32,
     baseline: Scored | None = None,

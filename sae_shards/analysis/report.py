@@ -261,6 +261,9 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
         entry: dict[str, Any] = {"density": float(density[s]), "always_on": s in tags,
                                  "task_mix": mixes[s],
                                  "top_steps": [t["rl_step"] for t in view.top_steps(s, top_k)]}
+        attribution = view.attribution(s)  # the SAE's own account, beside c below
+        if attribution is not None:
+            entry["attributed_update"] = attribution.total
         if view.per_event:
             entry["top_events"] = [{k: t[k] for k in ("rl_step", "event", "activation",
                                                       "advantage", "abs_advantage", "rows",
@@ -331,8 +334,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                    "update c those of the end of the run (TRL kept no policy of that step)")
     parts.append(_section("ablation", "Ablation: the policy without the shard's part of the "
                           "update",
-                          (_ablation_html(ablations, tags, policy) if ablations else
-                           unscored)))
+                          (_ablation_html(ablations, tags, policy, analysis["shards"])
+                           if ablations else unscored)))
 
     page = _page(f"sae-shards report: {view.run_dir.name}", "".join(parts))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -356,14 +359,19 @@ def _dose_table(results: dict[int, Any], analysis: dict[str, Any], tags: dict[in
     return _table(header, rows)
 
 
-def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str) -> str:
+def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
+                   entries: dict[int, dict[str, Any]]) -> str:
     """One row per shard: the final reward, and its change (± its paired standard error over
     prompts) without the shard's part of the update and without a norm-matched random
-    direction; each context's change when several."""
+    direction; each context's change when several; the SAE's own attribution beside c."""
     first = ablations[next(iter(ablations))]
     labels = sorted({label for ab in ablations.values() for label in ab.removed_by_label})
-    header = (["shard", "share of the update c", "final reward", "without the shard: change",
-               "without random (same norm): change"]
+    attributed = {s: entries[s].get("attributed_update") for s in ablations}
+    shown = any(a is not None for a in attributed.values())
+    header = (["shard", "share of the update c"]
+              + (["the SAE's attribution (sum of activations)"] if shown else [])
+              + ["final reward", "without the shard: change",
+                 "without random (same norm): change"]
               + [f"{label}: change without the shard (n={first.n_by_label.get(label, '?')})"
                  for label in labels])
 
@@ -372,8 +380,9 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str)
 
     rows = []
     for s, ab in ablations.items():
-        rows.append([f"{s} (always on)" if s in tags else str(s), f"{ab.coefficient:+.4f}",
-                     f"{ab.reward_final:.4f} ± {ab.stderr_final:.4f}",
+        rows.append([f"{s} (always on)" if s in tags else str(s), f"{ab.coefficient:+.4f}"]
+                    + ([_fig(attributed[s])] if shown else [])
+                    + [f"{ab.reward_final:.4f} ± {ab.stderr_final:.4f}",
                      change(ab.change_removed, ab.stderr_change_removed),
                      change(ab.change_control, ab.stderr_change_control)]
                     + [change(ab.removed_by_label[label] - ab.final_by_label[label],
@@ -389,7 +398,30 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str)
               f"per prompt and ± is its standard error over prompts. A change within about two "
               f"of those is not resolved by this many rollouts (<code>--n-prompts</code> raises "
               f"it). A random direction this small usually changes no sampled token, so its "
-              f"row reads 0: it shows the size of the update, not the resolution.</p>")
+              f"row reads 0: it shows the size of the update, not the resolution.</p>"
+            + _attribution_note(ablations, attributed))
+
+
+def _fig(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.4f}"
+
+
+def _attribution_note(ablations: dict[int, Any], attributed: dict[int, float | None]) -> str:
+    """What c is and is not: the projection of the whole update, which the SAE's attribution
+    (its activations summed) can contradict; the shards where the two disagree in sign."""
+    if all(a is None for a in attributed.values()):
+        return ""
+    against = [s for s, ab in ablations.items() if attributed[s] is not None
+               and attributed[s] * ab.coefficient < 0]
+    note = ("<p>c is the projection of the run's whole update on the shard's direction; it also "
+            "holds the mean update (the SAE's decoder bias) and every overlapping shard's part. "
+            "The SAE's attribution is its own account: the shard's activations over the "
+            "captured updates, summed, in the same units.")
+    if against:
+        note += (f" For shard(s) {', '.join(map(str, against))} the two disagree in sign: the "
+                 "update along that direction is mostly not the shard's own, so removing it "
+                 "measures the direction, not what the SAE attributes to the shard.")
+    return note + "</p>"
 
 
 def _dose_source(task: RewardTask | Any | None, sampling: dict[str, Any]) -> str:

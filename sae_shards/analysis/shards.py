@@ -11,6 +11,8 @@ Everything is read from safetensors and JSON: loading never runs code from a fil
 from __future__ import annotations
 
 import json
+import logging
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple
@@ -23,6 +25,8 @@ from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, F
 from sae_shards.core.checkpoint import CheckpointError, load_checkpoint, read_safetensors
 from sae_shards.run import rundir
 from sae_shards.core.sae import LowRankSAE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,11 @@ class Shard:
                 for tf in self.shards.sae.factors}
 
     def dense(self, scaled: bool = True) -> dict[str, Tensor]:
-        """``{param_name: tensor}``; unit norm overall, times the typical coefficient if scaled."""
+        """``{param_name: tensor}``: the shard's unit direction (``scaled=False``), or that times
+        ``typical_coefficient`` (its mean |activation| when active, in parameter units: one
+        typical sample's size, unsigned, 0 for a shard that never fired). Its sign is the
+        decoder's; a shard whose activations are negative pushes the other way (see
+        ``RunView.attribution`` for its summed, signed contribution)."""
         dirs = self.shards.sae.dense_directions(latents=torch.tensor([self.index]))
         scale = self.typical_coefficient() if scaled else 1.0
         return {name: d[0] * scale for name, d in dirs.items()}
@@ -89,10 +97,24 @@ class ShardSet:
     def __len__(self) -> int:
         return self.sae.n_latents
 
-    def __getitem__(self, i: int) -> Shard:
+    def __getitem__(self, i: int | slice) -> Shard | list[Shard]:
+        if isinstance(i, slice):
+            return [Shard(self, j) for j in range(len(self))[i]]
+        return Shard(self, self.check_index(i))
+
+    def check_index(self, i: Any) -> int:
+        """A shard's index as a plain int in ``[0, len)`` (negative ones count from the end; a
+        ``Shard`` gives its own), or a clear ``IndexError`` / ``TypeError``."""
+        if isinstance(i, Shard):
+            i = i.index
+        try:
+            i = operator.index(i)  # int, numpy and 0-d tensor integers
+        except TypeError:
+            raise TypeError(f"a shard is given by its index (an int) or a Shard, not "
+                            f"{type(i).__name__}") from None
         if not -len(self) <= i < len(self):
             raise IndexError(f"shard index {i} out of range for {len(self)} shards")
-        return Shard(self, i % len(self))
+        return i % len(self)
 
     def __iter__(self) -> Iterator[Shard]:
         return (Shard(self, i) for i in range(len(self)))
@@ -196,6 +218,9 @@ class RunView:
         SAE (consistent); ``"online"``: every sample as encoded when captured (the SAE was still
         training, early rows are less meaningful).
         """
+        if which not in ("final", "online"):
+            raise ValueError(f"which={which!r}: 'final' (the buffer at the end, encoded by the "
+                             "final SAE) or 'online' (every sample as encoded when captured)")
         steps = self.activations[f"{which}.rl_step"]
         idx, val = self.activations[f"{which}.indices"], self.activations[f"{which}.values"]
         dense = torch.zeros(steps.numel(), len(self.shards)).scatter_add_(1, idx, val)
@@ -240,6 +265,26 @@ class RunView:
             out.append(tuple(sorted(set(map(str, labels)))))
         return out
 
+    def attribution(self, shard: int, which: str = "final") -> Attribution | None:
+        """The SAE's own account of a shard's part of the run's update: the sum over the
+        timeline's samples of its activation times the SAE's ``input_scale``, the coefficient of
+        its unit direction in parameter units (compare ``interventions.update_coefficient``,
+        the projection of the whole update on that direction, which also holds the mean update,
+        the decoder bias, and every overlapping shard's part). None where the samples are not
+        the run's parameter updates (per-event or gradient samples, preconditioned or
+        normalised ones): their activations are in other units."""
+        capture = rundir.section(rundir.read_config(self.run_dir), "capture")
+        if (self.per_event or self.shards.meta.get("source", "update") != "update"
+                or capture.get("precondition", "none") != "none"
+                or capture.get("normalize", "none") != "none"):
+            return None
+        steps, acts = self.timeline(which)
+        a = acts[:, self.shards.check_index(shard)].double()
+        scale = float(self.shards.sae.input_scale)
+        return Attribution(float(a.sum()) * scale, int(steps.numel()),
+                           int(steps.min()) if steps.numel() else 0,
+                           int(steps.max()) if steps.numel() else 0)
+
     def task_mix(self, shard: int, which: str = "final",
                  labels: list[tuple[str, ...]] | None = None) -> dict[str, float]:
         """Each context label's share of ``shard``'s total |activation| over the timeline (a
@@ -250,7 +295,7 @@ class RunView:
         if labels is None:
             labels = self.sample_labels(which)
         mass: dict[str, float] = {}
-        for a, sample in zip(acts[:, shard].abs().tolist(), labels):
+        for a, sample in zip(acts[:, self.shards.check_index(shard)].abs().tolist(), labels):
             for label in sample:
                 mass[label] = mass.get(label, 0.0) + a / len(sample)
         total = sum(mass.values())
@@ -260,7 +305,7 @@ class RunView:
     def top_steps(self, shard: int, k: int = 5, which: str = "final") -> list[dict[str, Any]]:
         """The k RL steps with the largest |activation| of ``shard``, joined with their rollouts."""
         steps, acts = self.timeline(which)
-        a = acts[:, shard]
+        a = acts[:, self.shards.check_index(shard)]
         order = a.abs().argsort(descending=True)[:k]
         out = []
         for i in order.tolist():
@@ -279,7 +324,7 @@ class RunView:
             return self.top_steps(shard, k, which)
         steps, acts = self.timeline(which)
         events = self.sample_events(which)
-        a = acts[:, shard]
+        a = acts[:, self.shards.check_index(shard)]
         out = []
         for i in a.abs().argsort(descending=True)[:k].tolist():
             if a[i] == 0:
@@ -298,6 +343,19 @@ class RunView:
                 "completions": pick("completions"), "rewards": pick("rewards"),
                 "advantages": pick("advantages"), "tasks": pick("tasks")})
         return out
+
+
+class Attribution(NamedTuple):
+    """``RunView.attribution``: a shard's summed contribution to the captured updates."""
+
+    total: float
+    """Sum of activation x input_scale over the samples: the coefficient of the shard's unit
+    direction in the updates the SAE reconstructs with it (parameter units)."""
+    samples: int
+    """Samples summed over (the timeline's: the ring buffer at the end of the run)."""
+    first_step: int
+    last_step: int
+    """The RL steps they cover."""
 
 
 class RunModels(NamedTuple):
@@ -339,12 +397,19 @@ def load_run_models(run_dir: str | Path, checkpoint: str | None = None,
     from sae_shards.recipe.tasks import build_task
 
     run_dir = Path(run_dir)
+    if checkpoint is not None and not (run_dir / rundir.CHECKPOINTS / checkpoint).is_dir():
+        folder = run_dir / rundir.CHECKPOINTS
+        have = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        raise CheckpointError(f"{run_dir}: no checkpoint {checkpoint!r} (it has {have or 'none'})")
     if run_models_missing(run_dir, checkpoint, initial) is not None:
         return None
     cfg = _read_json(run_dir / "config.json")
     initial = _initial_model_dir(run_dir, cfg, initial)
     init = load_model_and_tokenizer(initial)
     final = policy_dir(run_dir, checkpoint)
+    if checkpoint not in (None, "final") and final.name == rundir.FINAL_MODEL:
+        log.warning("TRL kept no policy of %s's step in %s: the final policy is paired with its "
+                    "shards", checkpoint, run_dir)
     if _is_lora(cfg):
         from peft import PeftModel
 
