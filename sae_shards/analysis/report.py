@@ -264,6 +264,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
         attribution = view.attribution(s)  # the SAE's own account, beside c below
         if attribution is not None:
             entry["attributed_update"] = attribution.total
+            entry["attributed_steps"] = [attribution.first_step, attribution.last_step]
         if view.per_event:
             entry["top_events"] = [{k: t[k] for k in ("rl_step", "event", "activation",
                                                       "advantage", "abs_advantage", "rows",
@@ -399,24 +400,28 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
               f"of those is not resolved by this many rollouts (<code>--n-prompts</code> raises "
               f"it). A random direction this small usually changes no sampled token, so its "
               f"row reads 0: it shows the size of the update, not the resolution.</p>"
-            + _attribution_note(ablations, attributed))
+            + _attribution_note(ablations, attributed, entries))
 
 
 def _fig(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.4f}"
 
 
-def _attribution_note(ablations: dict[int, Any], attributed: dict[int, float | None]) -> str:
+def _attribution_note(ablations: dict[int, Any], attributed: dict[int, float | None],
+                      entries: dict[int, dict[str, Any]]) -> str:
     """What c is and is not: the projection of the whole update, which the SAE's attribution
     (its activations summed) can contradict; the shards where the two disagree in sign."""
     if all(a is None for a in attributed.values()):
         return ""
     against = [s for s, ab in ablations.items() if attributed[s] is not None
                and attributed[s] * ab.coefficient < 0]
+    steps = next(entries[s]["attributed_steps"] for s in ablations
+                 if entries[s].get("attributed_steps"))
     note = ("<p>c is the projection of the run's whole update on the shard's direction; it also "
             "holds the mean update (the SAE's decoder bias) and every overlapping shard's part. "
             "The SAE's attribution is its own account: the shard's activations over the "
-            "captured updates, summed, in the same units.")
+            f"captured updates of RL steps {steps[0]}-{steps[1]} (those still in the buffer at "
+            "the end), summed, in the same units.")
     if against:
         note += (f" For shard(s) {', '.join(map(str, against))} the two disagree in sign: the "
                  "update along that direction is mostly not the shard's own, so removing it "
