@@ -65,6 +65,9 @@ class Shard:
 
     @property
     def density(self) -> float:
+        """How often the shard fired over the SAE's training (its running statistics; NaN for a
+        checkpoint saved without them). ``RunView.density`` counts the final timeline instead,
+        which the report uses."""
         d = self.shards.stats.get("stats.density")
         return float(d[self.index]) if d is not None else float("nan")
 
@@ -237,7 +240,8 @@ class RunView:
         return bool(self.events)
 
     def density(self, which: str = "final") -> Tensor:
-        """Fraction of the timeline's samples on which each shard was active, [n_shards]."""
+        """Fraction of the timeline's samples on which each shard was active, [n_shards] (the
+        report's density; ``Shard.density`` is the SAE's training statistic)."""
         _, acts = self.timeline(which)
         return (acts != 0).float().mean(0) if acts.shape[0] else torch.zeros(len(self.shards))
 
