@@ -282,8 +282,11 @@ def test_a_users_script_stops_on_sigterm_after_the_step_with_a_checkpoint(tiny_m
     import signal
 
     shards = ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 2})
-    _user_trainer(tiny_model, tmp_path / "trl", [shards, _SignalAt(4, signal.SIGTERM)]).train()
+    second = ShardCallback(run_dir=tmp_path / "second", runner={"min_samples": 2})  # one trainer
+    _user_trainer(tiny_model, tmp_path / "trl", [shards, second,
+                                                 _SignalAt(4, signal.SIGTERM)]).train()
     assert shards.summary["interrupted"] and shards.summary["rl_steps"] == 4
+    assert second.summary["interrupted"] and second.summary["rl_steps"] == 4  # both stopped
     assert shards.summary["stop_signal"] == signal.SIGTERM
     assert (tmp_path / "trl" / "checkpoint-4").is_dir()
     assert (tmp_path / "run" / "resume" / "step_000004.safetensors").is_file()

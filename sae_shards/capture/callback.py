@@ -382,8 +382,13 @@ class ShardCallback(TrainerCallback):
         self.capture = EventCapture(targets, specs, None, self.capture_cfg, trainer)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self._signals is not None:  # SIGTERM / Ctrl-C: stop after this step, checkpointed
-            self._signals.enter()
+        self._begin(args, state, control, model, **kwargs)
+        if self._signals is not None:  # set up: SIGTERM / Ctrl-C stop after the step, saved
+            trainer = calling_trainer()
+            handler = getattr(trainer, "callback_handler", None)
+            self._signals.enter(peers=getattr(handler, "callbacks", None))
+
+    def _begin(self, args, state, control, model, **kwargs) -> None:
         if not state.is_world_process_zero:
             self.setup_rank(model, calling_trainer())
             if self.capture is not None:

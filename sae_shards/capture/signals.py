@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Iterator, Protocol
+from typing import Any, Collection, Iterator, Protocol
 
 from sae_shards.capture import distributed
 
@@ -124,25 +124,69 @@ def free_signals() -> tuple[int, ...]:
             else (signal.SIGTERM,))
 
 
+class _Training:
+    """Every callback training in this process now (several ``ShardCallback``s may share one
+    trainer), behind one set of handlers: a signal asks all of them to stop."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Stoppable] = []
+        self.installed: Any = None  # the entered stop_on_signals, while any callback trains
+
+    @property
+    def stop_signal(self) -> int | None:
+        return next((c.stop_signal for c in self.callbacks if c.stop_signal is not None), None)
+
+    def request_stop(self, signum: int = 0) -> None:
+        for c in self.callbacks:
+            c.request_stop(signum)
+
+    def stale(self) -> bool:
+        """The handlers installed for these callbacks are no longer in place (a signal outside
+        the training loop restored the earlier ones, or a script replaced them): what is left
+        is a ``train()`` that raised, whose callbacks will never leave."""
+        return (self.installed is not None
+                and not hasattr(signal.getsignal(signal.SIGTERM), "sae_shards_previous"))
+
+
+_TRAINING = _Training()
+
+
 class SignalGuard:
-    """``stop_on_signals(only_while_training=True)`` entered and left by hand (a callback's
-    train begin and end), for the signals :func:`free_signals` gives."""
+    """A callback's share of ``stop_on_signals(only_while_training=True)``, entered at its train
+    begin and left at its end: the first callback to enter installs the handlers (for the
+    signals :func:`free_signals` gives), the last to leave restores them."""
 
     def __init__(self, callback: Stoppable) -> None:
         self.callback = callback
-        self._active: Any = None
 
-    def enter(self) -> bool:
-        """Install the handlers; False (nothing installed) when someone else's are in place."""
-        signals = free_signals()
-        if self._active is not None or not signals:
-            return False
-        self._active = stop_on_signals(self.callback, only_while_training=True, signals=signals)
-        self._active.__enter__()
+    def enter(self, peers: Collection[Any] | None = None) -> bool:
+        """Join the callbacks a signal stops; False when no handler is installed for them
+        (someone else's are in place). ``peers``: the callbacks of the trainer now training;
+        members that are not among them were left by a ``train()`` that raised (transformers
+        calls no callback on an exception) and are dropped."""
+        group = _TRAINING
+        if group.stale():
+            group.callbacks.clear()
+            group.installed = None
+        if peers is not None:
+            group.callbacks[:] = [c for c in group.callbacks if any(c is p for p in peers)]
+        if self.callback in group.callbacks:
+            return group.installed is not None
+        if group.installed is None:
+            signals = free_signals()
+            if not signals:
+                return False
+            group.installed = stop_on_signals(group, only_while_training=True, signals=signals)
+            group.installed.__enter__()
+        group.callbacks.append(self.callback)
         return True
 
     def exit(self) -> None:
-        """Put the previous handlers back (a no-op when none were installed)."""
-        if self._active is not None:
-            active, self._active = self._active, None
-            active.__exit__(None, None, None)
+        """Leave; the last callback to leave puts the previous handlers back."""
+        group = _TRAINING
+        if self.callback not in group.callbacks:
+            return
+        group.callbacks.remove(self.callback)
+        if not group.callbacks and group.installed is not None:
+            installed, group.installed = group.installed, None
+            installed.__exit__(None, None, None)
