@@ -178,3 +178,16 @@ def test_the_python_api_takes_what_a_notebook_hands_it(short_run_dir):
             pass
     with pytest.raises(TypeError, match="task is None; a run of your own TRL script"):
         mean_reward(final, tokenizer, None)
+
+
+def test_the_readme_loading_example_runs_as_written(short_run_dir):
+    """README's "Loading shards" snippet, on a short run: every line runs."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Loading shards\n\n```python\n(.*?)```", text, re.S).group(1)
+    code = code.replace('"runs/default"', repr(str(short_run_dir)))
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert set(scope["shard"].dense(scaled=False)) == set(scope["shards"].target_names)
