@@ -159,6 +159,12 @@ def test_cross_gram_matches_dense():
         dense1 = torch.einsum("imr,inr->imn", U1, V1).flatten(1)
         dense2 = torch.einsum("imr,inr->imn", U2, V2).flatten(1)
         torch.testing.assert_close(cross_gram((U1, V1), (U2, V2)), dense1 @ dense2.T)
+    # two sets of other sizes and ranks (two checkpoints' decoders): [N1, N2]
+    U1, V1 = (torch.randn(5, d, 2, generator=g, dtype=torch.float64) for d in (7, 4))
+    U2, V2 = (torch.randn(3, d, 4, generator=g, dtype=torch.float64) for d in (7, 4))
+    dense1 = torch.einsum("imr,inr->imn", U1, V1).flatten(1)
+    dense2 = torch.einsum("imr,inr->imn", U2, V2).flatten(1)
+    torch.testing.assert_close(cross_gram((U1, V1), (U2, V2)), dense1 @ dense2.T)
 
 
 @pytest.mark.parametrize("sparsity", ["signed_topk", "batch_topk"])

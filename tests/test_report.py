@@ -124,7 +124,7 @@ def test_families_table_lists_families_of_several_shards_largest_first():
     assert "<td>1</td>" not in page  # the single shard is counted, not listed
 
 
-def test_the_notebook_example_in_docs_runs_as_written(short_run_dir):
+def test_the_notebook_example_in_docs_runs_as_written(short_run_dir, tmp_path):
     """docs/analysis.md's notebook snippet, on a short run (its shard index swapped for one of
     this run's live shards): every line runs, and the interventions restore the weights."""
     import re
@@ -136,6 +136,7 @@ def test_the_notebook_example_in_docs_runs_as_written(short_run_dir):
     code = re.search(r"## In a notebook\n```python\n(.*?)```", text, re.S).group(1)
     live = int(RunView(short_run_dir).density().argmax())
     code = code.replace('"runs/default"', repr(str(short_run_dir)))
+    code = code.replace('"my_shards"', repr(str(tmp_path / "my_shards")))
     code = code.replace("view.shards[20]", f"view.shards[{live}]")
     code = code.replace("view.top_steps(20,", f"view.top_steps({live},")
     scope: dict = {}
@@ -146,6 +147,7 @@ def test_the_notebook_example_in_docs_runs_as_written(short_run_dir):
         for (name, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
             assert torch.equal(p, q), name  # restored bit-exactly after each intervention
     assert 0 <= scope["steered"].mean <= 1 and 0 <= scope["ablated"].mean <= 1
+    assert (tmp_path / "my_shards" / "sae.safetensors").is_file()  # saved where it was told
 
 
 def test_the_python_api_takes_what_a_notebook_hands_it(short_run_dir):

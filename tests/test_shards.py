@@ -62,6 +62,27 @@ def test_factored_geometry_matches_dense(run_dir):
     assert torch.allclose(mean[first], shards.sae.b_dec[0].detach() * shards.sae.input_scale)
 
 
+def test_two_checkpoints_compare_and_shards_save(run_dir, tmp_path):
+    """cosine_matrix(other): each final shard against each earlier one, as the dense
+    directions give it; save writes what load reads."""
+    final = ShardSet.from_run(run_dir)
+    steps = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name != "final")
+    early = ShardSet.from_run(run_dir, steps[0])
+
+    def flat(s):
+        return torch.stack([torch.cat([v.flatten() for v in x.dense(scaled=False).values()])
+                            for x in s])
+
+    torch.testing.assert_close(final.cosine_matrix(early), flat(final) @ flat(early).T,
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(final.cosine_matrix(final), final.cosine_matrix(),
+                               atol=1e-6, rtol=1e-5)
+    out = final.save(tmp_path / "mine")
+    again = ShardSet.load(out)
+    assert torch.equal(again.cosine_matrix(), final.cosine_matrix())
+    assert again.meta == final.meta and again.stats.keys() == final.stats.keys()
+
+
 def test_run_view_joins_steps_with_rollouts(run_dir):
     view = RunView(run_dir)
     steps, acts = view.timeline()

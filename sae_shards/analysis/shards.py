@@ -22,7 +22,9 @@ from torch import Tensor
 
 from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, Families,
                                           find_families)
-from sae_shards.core.checkpoint import CheckpointError, load_checkpoint, read_safetensors
+from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, read_safetensors,
+                                        save_checkpoint)
+from sae_shards.core.factored import cross_gram
 from sae_shards.run import rundir
 from sae_shards.core.sae import LowRankSAE
 
@@ -145,12 +147,33 @@ class ShardSet:
                     cols.append(tf.d_dec.norm(dim=1))
         return torch.stack(cols, 1)
 
-    def cosine_matrix(self) -> Tensor:
-        """``[n_shards, n_shards]`` cosine similarity of the shards (factored Gram matrix)."""
+    def cosine_matrix(self, other: ShardSet | None = None) -> Tensor:
+        """``[n_shards, n_other]`` cosine similarity of the shards with ``other``'s (another
+        checkpoint of the run, or another run over the same targets), or with each other
+        (``[n_shards, n_shards]``); in factored form, never building a dense direction."""
         with torch.no_grad():
-            gram = self.sae.decoder_gram()
-            norms = gram.diagonal().clamp_min(1e-30).sqrt()
-            return gram / norms[:, None] / norms[None]
+            if other is None:
+                gram = self.sae.decoder_gram()
+                norms = gram.diagonal().clamp_min(1e-30).sqrt()
+                return gram / norms[:, None] / norms[None]
+            mine = {t.name: tuple(t.shape) for t in self.sae.targets}
+            theirs = {t.name: tuple(t.shape) for t in other.sae.targets}
+            if mine != theirs:
+                differ = sorted(k for k in mine.keys() | theirs.keys()
+                                if mine.get(k) != theirs.get(k))
+                raise ValueError(f"cosine_matrix: the two shard sets cover other targets or "
+                                 f"shapes ({', '.join(differ[:5])}); compare shards of the "
+                                 "same weights")
+            cross = sum(cross_gram(a.factors("decoder"), b.factors("decoder"))
+                        for a, b in zip(self.sae.factors, other.sae.factors))
+            own = self.sae.decoder_gram().diagonal().clamp_min(1e-30).sqrt()
+            their = other.sae.decoder_gram().diagonal().clamp_min(1e-30).sqrt()
+            return cross / own[:, None] / their[None]
+
+    def save(self, path: str | Path) -> Path:
+        """Write these shards (SAE, statistics, metadata) as a checkpoint directory that
+        ``ShardSet.load`` reads (safetensors and JSON, written atomically)."""
+        return save_checkpoint(path, self.sae, self.stats, self.meta)
 
     def mean_update(self) -> dict[str, Tensor]:
         """``b_dec`` in parameter units: the mean update, a shard of its own."""

@@ -42,7 +42,8 @@ class StepLosses(NamedTuple):
 
 # ---------------------------------------------------------------------------- pure pieces
 def cross_gram(left: tuple[Tensor, ...], right: tuple[Tensor, ...]) -> Tensor:
-    """``<L_i, R_j>_F`` for one target, ``[N, N]``.
+    """``<L_i, R_j>_F`` for one target, ``[N1, N2]`` (two sets of directions, e.g. two
+    checkpoints' decoders, may differ in count and rank).
 
     Matrices: ``left = (U1 [N, m, r], V1 [N, n, r])``, ``right = (U2, V2)``; the entry is
     ``sum_{r,s} (U1_ir . U2_js)(V1_ir . V2_js)`` (for rank 1: ``(U1 U2^T) * (V1 V2^T)``).
@@ -52,12 +53,12 @@ def cross_gram(left: tuple[Tensor, ...], right: tuple[Tensor, ...]) -> Tensor:
         return left[0] @ right[0].T
     U1, V1 = left
     U2, V2 = right
-    N, _, r = U1.shape
-    if r == 1:
+    (N1, _, r1), (N2, _, r2) = U1.shape, U2.shape  # two sets may differ in count and rank
+    if r1 == r2 == 1:
         return (U1[..., 0] @ U2[..., 0].T) * (V1[..., 0] @ V2[..., 0].T)
-    uu = U1.transpose(1, 2).reshape(N * r, -1) @ U2.transpose(1, 2).reshape(N * r, -1).T
-    vv = V1.transpose(1, 2).reshape(N * r, -1) @ V2.transpose(1, 2).reshape(N * r, -1).T
-    return (uu * vv).view(N, r, N, r).sum((1, 3))  # [N, N]
+    uu = U1.transpose(1, 2).reshape(N1 * r1, -1) @ U2.transpose(1, 2).reshape(N2 * r2, -1).T
+    vv = V1.transpose(1, 2).reshape(N1 * r1, -1) @ V2.transpose(1, 2).reshape(N2 * r2, -1).T
+    return (uu * vv).view(N1, r1, N2, r2).sum((1, 3))  # [N1, N2]
 
 
 def gather_pairs(G: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
