@@ -180,8 +180,15 @@ class ShardSet:
         scale = self.sae.input_scale
         return {t.name: (bd.detach() * scale).clone() for t, bd in zip(self.sae.targets, self.sae.b_dec)}
 
+    @property
+    def input_scale(self) -> float:
+        """The factor from the SAE's scaled units to parameter units: an activation times it is
+        the coefficient of its shard's unit direction in the sample."""
+        return float(self.sae.input_scale)
+
     def encode(self, sample: dict[str, Tensor]):
-        """Active shards of parameter-unit samples ``{target: [batch, *shape]}``."""
+        """Active shards of parameter-unit samples ``{target: [batch, *shape]}`` (values in the
+        SAE's scaled units: times ``input_scale`` for parameter units)."""
         return self.sae.encode(self.sae.to_scaled(sample))
 
 
@@ -242,7 +249,9 @@ class RunView:
 
         ``which="final"``: the samples still in the ring buffer at the end, encoded by the final
         SAE (consistent); ``"online"``: every sample as encoded when captured (the SAE was still
-        training, early rows are less meaningful).
+        training, early rows are less meaningful). Activations are in the SAE's scaled units:
+        times ``shards.input_scale``, the coefficient of the shard's unit direction in
+        parameter units (for samples that are parameter updates).
         """
         if which not in ("final", "online"):
             raise ValueError(f"which={which!r}: 'final' (the buffer at the end, encoded by the "
@@ -307,7 +316,7 @@ class RunView:
             return None
         steps, acts = self.timeline(which)
         a = acts[:, self.shards.check_index(shard)].double()
-        scale = float(self.shards.sae.input_scale)
+        scale = self.shards.input_scale
         return Attribution(float(a.sum()) * scale, int(steps.numel()),
                            int(steps.min()) if steps.numel() else 0,
                            int(steps.max()) if steps.numel() else 0)
@@ -330,7 +339,8 @@ class RunView:
                 if total > 0 else {})
 
     def top_steps(self, shard: int, k: int = 5, which: str = "final") -> list[dict[str, Any]]:
-        """The k RL steps with the largest |activation| of ``shard``, joined with their rollouts."""
+        """The k RL steps with the largest |activation| of ``shard`` (scaled units, as
+        ``timeline``), joined with their rollouts."""
         steps, acts = self.timeline(which)
         a = acts[:, self.shards.check_index(shard)]
         order = a.abs().argsort(descending=True)[:k]
