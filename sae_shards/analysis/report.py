@@ -367,8 +367,8 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
     direction; each context's change when several; the SAE's own attribution beside c."""
     first = ablations[next(iter(ablations))]
     labels = sorted({label for ab in ablations.values() for label in ab.removed_by_label})
-    attributed = {s: entries[s].get("attributed_update") for s in ablations}
-    shown = any(a is not None for a in attributed.values())
+    # the SAE's own account (RunView.attribution): every shard's or none (it depends on the run)
+    shown = "attributed_update" in entries[next(iter(ablations))]
     header = (["shard", "share of the update c"]
               + (["the SAE's attribution (sum of activations)"] if shown else [])
               + ["final reward", "without the shard: change",
@@ -382,7 +382,7 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
     rows = []
     for s, ab in ablations.items():
         rows.append([f"{s} (always on)" if s in tags else str(s), f"{ab.coefficient:+.4f}"]
-                    + ([_fig(attributed[s])] if shown else [])
+                    + ([f"{entries[s]['attributed_update']:+.4f}"] if shown else [])
                     + [f"{ab.reward_final:.4f} ± {ab.stderr_final:.4f}",
                      change(ab.change_removed, ab.stderr_change_removed),
                      change(ab.change_control, ab.stderr_change_control)]
@@ -400,23 +400,15 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
               f"of those is not resolved by this many rollouts (<code>--n-prompts</code> raises "
               f"it). A random direction this small usually changes no sampled token, so its "
               f"row reads 0: it shows the size of the update, not the resolution.</p>"
-            + _attribution_note(ablations, attributed, entries))
+            + (_attribution_note(ablations, entries) if shown else ""))
 
 
-def _fig(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:+.4f}"
-
-
-def _attribution_note(ablations: dict[int, Any], attributed: dict[int, float | None],
-                      entries: dict[int, dict[str, Any]]) -> str:
+def _attribution_note(ablations: dict[int, Any], entries: dict[int, dict[str, Any]]) -> str:
     """What c is and is not: the projection of the whole update, which the SAE's attribution
     (its activations summed) can contradict; the shards where the two disagree in sign."""
-    if all(a is None for a in attributed.values()):
-        return ""
-    against = [s for s, ab in ablations.items() if attributed[s] is not None
-               and attributed[s] * ab.coefficient < 0]
-    steps = next(entries[s]["attributed_steps"] for s in ablations
-                 if entries[s].get("attributed_steps"))
+    against = [s for s, ab in ablations.items()
+               if entries[s]["attributed_update"] * ab.coefficient < 0]
+    steps = entries[next(iter(ablations))]["attributed_steps"]
     note = ("<p>c is the projection of the run's whole update on the shard's direction; it also "
             "holds the mean update (the SAE's decoder bias) and every overlapping shard's part. "
             "The SAE's attribution is its own account: the shard's activations over the "

@@ -151,24 +151,20 @@ class ShardSet:
         """``[n_shards, n_other]`` cosine similarity of the shards with ``other``'s (another
         checkpoint of the run, or another run over the same targets), or with each other
         (``[n_shards, n_shards]``); in factored form, never building a dense direction."""
+        if other is None:
+            other = self
+        mine = {t.name: tuple(t.shape) for t in self.sae.targets}
+        theirs = {t.name: tuple(t.shape) for t in other.sae.targets}
+        if mine != theirs:
+            differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            raise ValueError(f"cosine_matrix: the two shard sets cover other targets or shapes "
+                             f"({', '.join(differ[:5])}); compare shards of the same weights")
         with torch.no_grad():
-            if other is None:
-                gram = self.sae.decoder_gram()
-                norms = gram.diagonal().clamp_min(1e-30).sqrt()
-                return gram / norms[:, None] / norms[None]
-            mine = {t.name: tuple(t.shape) for t in self.sae.targets}
-            theirs = {t.name: tuple(t.shape) for t in other.sae.targets}
-            if mine != theirs:
-                differ = sorted(k for k in mine.keys() | theirs.keys()
-                                if mine.get(k) != theirs.get(k))
-                raise ValueError(f"cosine_matrix: the two shard sets cover other targets or "
-                                 f"shapes ({', '.join(differ[:5])}); compare shards of the "
-                                 "same weights")
             cross = sum(cross_gram(a.factors("decoder"), b.factors("decoder"))
                         for a, b in zip(self.sae.factors, other.sae.factors))
-            own = self.sae.decoder_gram().diagonal().clamp_min(1e-30).sqrt()
-            their = other.sae.decoder_gram().diagonal().clamp_min(1e-30).sqrt()
-            return cross / own[:, None] / their[None]
+        own, their = (s.target_norms().pow(2).sum(1).sqrt().clamp_min(1e-30)
+                      for s in (self, other))
+        return cross / own[:, None] / their[None]
 
     def save(self, path: str | Path) -> Path:
         """Write these shards (SAE, statistics, metadata) as a checkpoint directory that

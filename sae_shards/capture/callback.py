@@ -476,7 +476,7 @@ class ShardCallback(TrainerCallback):
 
     def _let_go(self) -> None:
         """Release this callback's hold of the run directory's lock (once)."""
-        if getattr(self, "_holds_lock", False):
+        if self._holds_lock:
             self._holds_lock = False
             rundir.release_run_dir(self.run_dir)
 
@@ -589,6 +589,7 @@ SAMPLING_ARGS = ("max_completion_length", "num_generations", "temperature", "top
 """The TRL config fields that say how completions were sampled, recorded in ``config.json``'s
 ``rl`` (``analysis.shards.run_sampling`` reads them back)."""
 
+
 def _warn_earlier_trl_checkpoints(output_dir: str | None) -> None:
     """A new run (not resumed) whose trainer's ``output_dir`` already holds TRL checkpoints: they
     are an earlier run's (``overwrite=True`` clears the run directory, not the trainer's), and a
@@ -608,8 +609,7 @@ def _warn_earlier_trl_checkpoints(output_dir: str | None) -> None:
 def _in_script_terms(message: str) -> str:
     """A run-directory refusal worded for ``ShardCallback``'s arguments (the shared message
     speaks ``sae-shards train``'s overrides)."""
-    for cli, kwarg in (("overwrite=true", "overwrite=True"), ("resume=true", "resume=True"),
-                       ("run_dir=...", "run_dir=...")):
+    for cli, kwarg in (("overwrite=true", "overwrite=True"), ("resume=true", "resume=True")):
         message = message.replace(cli, kwarg)
     if "resume=True" in message:
         message += (" (ShardCallback(..., resume=True) with "

@@ -77,7 +77,8 @@ _FINGERPRINTS: dict[tuple[str, int, int], str] = {}
 def fingerprint(folder: str | Path) -> dict[str, str]:
     """``{weight file: hash}`` of a model directory's weight files (``*.safetensors``, ``*.bin``
     at its top): the SHA-256 of each whole file, so any edit of the weights changes it (about
-    0.7 GB/s on a 2-core VM: seconds for a small model, ~20 s for 15 GB). Recorded in
+    1 GB/s on a 2-core VM, ``scripts/bench_fingerprint.py``: ~15 s for 15 GB, once per file
+    and process). Recorded in
     ``config.json`` (``model.fingerprint``) when the run starts, so analysis can tell that the
     initial weights it reads are not the ones the run started from. ``{}`` for a directory
     that is not there."""

@@ -68,13 +68,10 @@ def stop_on_signals(callback: Stoppable, only_while_training: bool = False,
         log.warning("%s: finishing this RL step, writing a checkpoint, then stopping (send it "
                     "again to stop at once)", signal.Signals(signum).name)
 
-    if only_while_training:  # a guard: the next one may take over from it if it is left behind
+    if only_while_training:  # marks a guard's handler (``_Training.stale``)
         handler.sae_shards_previous = previous  # type: ignore[attr-defined]
     for sig in signals:
-        old = signal.getsignal(sig)
-        # a guard left behind by a train() that raised hands over what it replaced
-        previous[sig] = getattr(old, "sae_shards_previous", {}).get(sig, old)
-        signal.signal(sig, handler)
+        previous[sig] = signal.signal(sig, handler)
     try:
         yield
     finally:
@@ -108,19 +105,15 @@ def in_training_loop(frame: Any) -> bool:
 
 def free_signals() -> tuple[int, ...]:
     """The signals a guard may take: on the main thread, SIGTERM and SIGINT where each still has
-    Python's default handler or a guard a failed ``train()`` left behind. Nothing when SIGTERM
-    is handled by someone else (the user's script, ``sae-shards train``); SIGTERM alone when
-    SIGINT is ignored (a process started in the background by a shell: ``cmd &``, nohup)."""
+    Python's default handler. Nothing when SIGTERM is handled by someone else (the user's
+    script, ``sae-shards train``); SIGTERM alone when SIGINT is ignored (a process started in
+    the background by a shell: ``cmd &``, nohup)."""
     if threading.current_thread() is not threading.main_thread():
         return ()
-
-    def free(sig: int, *defaults: Any) -> bool:
-        now = signal.getsignal(sig)
-        return now in defaults or hasattr(now, "sae_shards_previous")
-
-    if not free(signal.SIGTERM, signal.SIG_DFL, None):
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
         return ()
-    return ((signal.SIGTERM, signal.SIGINT) if free(signal.SIGINT, signal.default_int_handler)
+    return ((signal.SIGTERM, signal.SIGINT)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler
             else (signal.SIGTERM,))
 
 
