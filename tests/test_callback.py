@@ -495,6 +495,8 @@ def test_a_lora_policy_built_in_the_script_has_its_base_saved_for_analysis(tmp_p
                 peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
                 callbacks=[ShardCallback(run_dir=run, runner={"min_samples": 2})]).train()
     assert run_models_missing(run) is None
+    recorded = json.loads((run / "config.json").read_text())["model"]
+    assert recorded["name_or_path"] == type(model).__name__  # the base's class, not "PeftModel"
     saved = load_file(run / "model" / "model.safetensors")
     assert not any("lora" in k or "base_layer" in k for k in saved)
     models = load_run_models(run)

@@ -702,5 +702,8 @@ def _check_same_world(run_dir: Path) -> None:
 
 
 def _model_id(model: torch.nn.Module) -> str:
+    """The model's Hub id or directory, else (a model built in the script) its class; a PEFT
+    model by its base model's class, which is what a reader needs to rebuild it."""
     config = getattr(model, "config", None)
-    return str(getattr(config, "_name_or_path", "") or type(model).__name__)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return str(getattr(config, "_name_or_path", "") or type(base).__name__)
