@@ -40,7 +40,7 @@ USAGE = """usage: sae-shards <command> [args]
 commands:
   train [overrides] [-m]   run RL + delta capture + concurrent SAE (Hydra overrides, e.g. sae.k=8)
   analyze RUN_DIR [--out FILE] [--shards N] [--no-dose] [--checkpoint NAME] [--threads N]
-                  [--task FILE.py:NAME] [--n-prompts N]
+                  [--task FILE.py:NAME] [--n-prompts N] [--initial-model DIR]
                            write an HTML report of a run (default RUN_DIR/report.html)
   evaluate RUN_DIR [--null-run DIR] [--no-steering] [...]
                            score the shards against sign-free task ground truth (multiskill runs
@@ -49,7 +49,7 @@ commands:
                            (`sae-shards evaluate --help` lists every option)
 
 Examples:
-  sae-shards train                              the built-in default (tiny model, CPU, minutes)
+  sae-shards train                              the built-in default (tiny model, CPU, ~40 s)
   sae-shards train rl.max_steps=50 run_dir=runs/short
   sae-shards train -m sae.k=2,4 run_dir=runs/k_sweep
   sae-shards analyze runs/default
@@ -123,6 +123,29 @@ def _override_args(args: list[str]) -> list[str]:
             skip = arg in _VALUED_FLAGS
         else:
             out.append(arg)
+    return out
+
+
+def open_map_args(args: list[str]) -> list[str]:
+    """``args`` with each plain override of a key below a free-form mapping (``task.options.x=1``,
+    ``rl.extra.x=1``: ``rundir.OPEN_MAPS``) passed as ``++key=...`` (add or override): those
+    mappings start empty or partial, so Hydra alone would refuse a key they do not hold yet and
+    ask for ``+``. Flags, their values and other overrides are returned unchanged."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sae_shards.run.rundir import OPEN_MAPS
+
+    parse = OverridesParser.create().parse_override
+    out, skip = [], False
+    for arg in args:
+        if skip or arg.startswith("-"):
+            skip = not skip and arg in _VALUED_FLAGS
+            out.append(arg)
+            continue
+        o = parse(arg)
+        under_map = any(o.key_or_group.startswith(m + ".") for m in OPEN_MAPS)
+        plain = not (o.is_add() or o.is_force_add() or o.is_delete())
+        out.append("++" + arg if under_map and plain else arg)
     return out
 
 
@@ -233,10 +256,10 @@ def resume_args(args: list[str]) -> tuple[list[str], list[str]]:
     added = {o.key_or_group for _, o in saved if o.is_add() or o.is_force_add()}
     plain = {text for text, o in now
              if o.key_or_group in added and not (o.is_add() or o.is_force_add() or o.is_delete())}
-    own = [(o.key_or_group, o.type, o.value()) for _, o in saved]
+    own = [(o.key_or_group, o.is_delete(), o.value()) for _, o in saved]  # +, ++ or plain alike
     changes = [text for text, o in now
                if o.key_or_group not in _RUN_KEYS and not o.key_or_group.startswith("hydra.")
-               and (o.key_or_group, o.type, o.value()) not in own]
+               and (o.key_or_group, o.is_delete(), o.value()) not in own]
     if keep:
         print(f"sae-shards: resuming with the run's own overrides ({run_dir}/.hydra/"
               f"overrides.yaml): {' '.join(keep)}", file=sys.stderr)
@@ -317,7 +340,7 @@ def _train(args: list[str]) -> int:
     try:
         check_overrides(args)
         _check_not_a_model_dir(args)
-        args, changes = resume_args(args)
+        args, changes = resume_args(open_map_args(args))
     except ConfigError as e:
         print(f"sae-shards: config error: {e}", file=sys.stderr)
         return 2

@@ -213,7 +213,7 @@ def test_resume_reuses_the_runs_overrides_and_keeps_their_plus(tmp_path, capsys)
 def test_resume_with_an_override_that_does_not_compose_names_it(tmp_path, capsys):
     """A short run resumed with ``experiment=planted``: the composed config is invalid before
     the changed-setting check can run; the error says which overrides were new."""
-    from sae_shards.cli import resume_changes
+    from sae_shards.cli import open_map_args, resume_changes
 
     run = tmp_path / "r"
     (run / ".hydra").mkdir(parents=True)
@@ -226,6 +226,12 @@ def test_resume_with_an_override_that_does_not_compose_names_it(tmp_path, capsys
     assert resume_changes([f"run_dir={run}", "experiment=planted"]) == []  # not resuming
     assert resume_changes([*args[1:], "resume=false"]) == []  # the last resume= counts
     assert resume_changes(["-m", *args[1:]]) == []  # a sweep: each job's own overrides
+    # a key the run added with + (or, from the command line, ++) given again plainly is no change
+    (run / ".hydra" / "overrides.yaml").write_text("- rl.max_steps=6\n- +rl.extra.top_k=5\n")
+    assert resume_changes(open_map_args([*args[1:3], "rl.extra.top_k=5"])) == []
+    assert resume_changes(open_map_args([*args[1:3], "rl.extra.top_k=6"])) == [
+        "++rl.extra.top_k=6"]
+    (run / ".hydra" / "overrides.yaml").write_text("- rl.max_steps=6\n")
     bare = tmp_path / "bare"  # no .hydra/overrides.yaml: nothing was composed with it
     bare.mkdir()
     assert resume_changes([f"run_dir={bare}", "resume=true", "experiment=planted"]) == []

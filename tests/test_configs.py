@@ -1,6 +1,9 @@
 """Hydra configs: every shipped YAML composes and validates; bad values name field and fix."""
 
 import dataclasses
+import itertools
+import re
+import shlex
 import subprocess
 import sys
 
@@ -33,10 +36,57 @@ def test_every_config_composes_and_validates(group, option):
     assert isinstance(job, JobConfig)
 
 
-def test_every_yaml_opens_with_its_launch_command():
-    for path in CONFIG_DIR.rglob("*.yaml"):
-        assert path.read_text().lstrip().startswith("#"), f"{path} lacks its launch comment"
-        assert "sae-shards train" in path.read_text().splitlines()[0] + path.read_text().splitlines()[1]
+LAUNCH = re.compile(r"sae-shards train ([^\[#(]*?)(?:\s{2,}|\(|$)")
+"""A launch command in a YAML's header comment: its arguments end at two spaces, "(" or the end."""
+
+
+def _launch_commands(path):
+    header = itertools.takewhile(lambda line: line.startswith("#"), path.read_text().splitlines())
+    return [shlex.split(m.group(1)) for line in header for m in LAUNCH.finditer(line)]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.rglob("*.yaml")), ids=lambda p: p.stem)
+def test_every_yaml_opens_with_a_launch_command_that_runs(path):
+    """Each shipped YAML's header shows how to launch it, and that command composes, validates
+    and builds its task as the CLI would (its overrides through the same checks and rewriting,
+    each value of a sweep)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sae_shards.cli import check_overrides, open_map_args
+    from sae_shards.recipe.tasks import build_task
+
+    commands = _launch_commands(path)
+    assert commands, f"{path} lacks its launch comment"
+    for args in commands:
+        args = open_map_args([a for a in args if a != "-m"])
+        check_overrides(args)
+        parsed = OverridesParser.create().parse_overrides(args)
+        sweeps = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+                  if o.is_sweep_override() else [text] for text, o in zip(args, parsed)]
+        for chosen in itertools.product(*sweeps):
+            group, option = path.parent.name, path.stem
+            given = [f"{group}={option}"] if path.parent != CONFIG_DIR else []
+            job = job_config_from_hydra(_compose([*given, *REQUIRED.get((group, option), []),
+                                                   *chosen]))
+            build_task(job.task.name, **job.task.options)
+
+
+def test_options_of_free_form_mappings_need_no_plus():
+    """``task.options`` and ``rl.extra`` start empty or partial: a key they do not hold yet is
+    given like any other field (passed to Hydra as ``++``), a ``+``/``++``/``~`` form and other
+    arguments stay as given."""
+    from sae_shards.cli import open_map_args
+
+    assert open_map_args(["-cn", "config", "task.options.target_chars=xyz", "+rl.extra.a=1",
+                          "rl.extra.beta=0.1", "~rl.extra.b", "sae.k=2", "-m",
+                          "task.options.schedule=mixed,random"]) == [
+        "-cn", "config", "++task.options.target_chars=xyz", "+rl.extra.a=1",
+        "++rl.extra.beta=0.1", "~rl.extra.b", "sae.k=2", "-m",
+        "++task.options.schedule=mixed,random"]
+    job = job_config_from_hydra(_compose(open_map_args(
+        ["task=letters", "task.options.target_chars=xyz", "rl.extra.scale_rewards=none"])))
+    assert job.task.options == {"target_chars": "xyz"}
+    assert job.rl.extra == {"scale_rewards": "none"}
 
 
 def test_default_config_equals_dataclass_defaults():

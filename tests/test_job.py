@@ -257,6 +257,8 @@ SETUP_ERRORS = [
     ("+rl.extra.save_steps=3", r"\['save_steps'\] are set by sae-shards from "
                                 r"runner.checkpoint_every"),
     ("resume=true", r"resume=true but run_dir=.* holds no resumable run"),
+    ("capture=readout capture.granularity=group", r"per-event capture target 'model.norm.weight'"
+                                                  r" is the 'weight' of a Qwen2RMSNorm"),
     ("model.lora.enabled=true model.lora.target_modules=[query_key_value]",
      r"model.lora.target_modules=\['query_key_value'\] names modules .* does not have; its "
      r"linear layers are named \[.*'q_proj'"),

@@ -17,14 +17,21 @@ except ImportError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
-HEAVY = ("transformers", "trl", "wandb", "hydra")
+HEAVY = ("transformers", "trl", "wandb", "hydra", "omegaconf", "peft")
 
 
-def test_top_level_import_is_light(tmp_path):
-    """``import sae_shards`` and its core exports pull in none of the RL / logging stack."""
-    code = ("import sys, sae_shards; from sae_shards import LowRankSAE, SAEConfig; "
+@pytest.mark.parametrize("imports", [
+    "import sae_shards; from sae_shards import LowRankSAE, SAEConfig",
+    "import sae_shards.core.sae, sae_shards.core.trainer, sae_shards.core.checkpoint",
+    "import sae_shards.run.config",
+    "import sae_shards.analysis.shards",
+], ids=["top-level", "core", "run.config", "analysis.shards"])
+def test_light_modules_import_no_rl_stack(tmp_path, imports):
+    """``import sae_shards``, the core, the config dataclasses and the shard-loading API pull in
+    none of the RL / logging stack (docs/architecture.md, "Imports go one way")."""
+    code = (f"import sys; {imports}; "
             f"heavy = [m for m in {HEAVY!r} if m in sys.modules]; "
-            "assert not heavy, f'importing sae_shards imported {heavy}'")
+            "assert not heavy, f'it imported {heavy}'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
