@@ -387,10 +387,10 @@ def _train(args: list[str]) -> int:
         except RunWriteError as e:
             failures.append(f"stopped: {e}")
             return
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # a second signal (SecondSignal), or Ctrl-C outside
             failures.append(f"stopped at once by a second signal; resume from the last "
                             f"checkpoint with: {resume_command(run_dir)}")
-            interrupted.append(signal.SIGINT)
+            interrupted.append(getattr(e, "signum", signal.SIGINT))
             return
         if summary is None:  # a rank other than 0 of a multi-process launch: rank 0 reports
             return
@@ -432,6 +432,7 @@ def _analyze(args: list[str]) -> int:
 
     from sae_shards.core.checkpoint import CheckpointError
     from sae_shards.analysis.report import analyze
+    from sae_shards.run.rundir import RunWriteError
 
     parser = argparse.ArgumentParser(prog="sae-shards analyze")
     parser.add_argument("run_dir", type=Path)
@@ -475,7 +476,7 @@ def _analyze(args: list[str]) -> int:
         out = analyze(ns.run_dir, ns.out, n_shards=ns.shards, dose=not ns.no_dose,
                       checkpoint=name, task=task, n_prompts=ns.n_prompts,
                       initial_model=ns.initial_model)
-    except (CheckpointError, ScoringError) as e:
+    except (CheckpointError, ScoringError, RunWriteError) as e:  # RunWriteError: a full disk
         print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
         return 2
     print(out)
@@ -516,6 +517,7 @@ def _evaluate(args: list[str]) -> int:
     from sae_shards.core.checkpoint import CheckpointError
     from sae_shards.analysis.families import FAMILY_THRESHOLD
     from sae_shards.planted.evaluate import evaluate_run, to_markdown
+    from sae_shards.run.rundir import RunWriteError
 
     parser = argparse.ArgumentParser(prog="sae-shards evaluate")
     parser.add_argument("run_dir", type=Path)
@@ -544,7 +546,7 @@ def _evaluate(args: list[str]) -> int:
                               steering=not ns.no_steering, checkpoint=name,
                               null_run=ns.null_run, n_prompts=ns.n_prompts,
                               family_threshold=ns.family_threshold)
-    except CheckpointError as e:
+    except (CheckpointError, RunWriteError) as e:
         print(f"sae-shards: cannot evaluate {ns.run_dir}: {e}", file=sys.stderr)
         return 2
     print(to_markdown(result))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -253,6 +254,49 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path):
             == (tmp_path / "cut" / "rollouts.jsonl").read_text())
     with pytest.raises(FileExistsError, match="finished .*nothing to resume"):  # it is done
         ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
+
+
+def test_the_end_of_a_users_run_survives_a_stop_in_its_last_step_and_a_kill_after_it(
+        tiny_model, tmp_path):
+    """A stop asked during the last step: the run simply ends (not interrupted, nothing to
+    resume). Killed after the last step's checkpoint, before its end: resumed, the callback
+    writes the end as of that step; the step transformers' loop still runs past max_steps is
+    left out of the run directory."""
+    torch.manual_seed(0)
+    whole = ShardCallback(run_dir=tmp_path / "whole", runner={"min_samples": 2})
+    _user_trainer(tiny_model, tmp_path / "trl_whole", [whole]).train()
+    torch.manual_seed(0)
+    last = ShardCallback(run_dir=tmp_path / "last", runner={"min_samples": 2})
+    _user_trainer(tiny_model, tmp_path / "trl_last", [last, _StopAt(last, 10)]).train()
+    assert last.summary["rl_steps"] == 10 and not last.summary["interrupted"]
+    def ending(run):  # the shards, their activations, the rollouts and the final policy
+        files = ("checkpoints/final/sae.safetensors", "activations.safetensors",
+                 "final_model/model.safetensors")
+        return ({name: load_file(run / name) for name in files},
+                (run / "rollouts.jsonl").read_text())
+
+    def same(a, b):
+        assert a[1] == b[1] and a[0].keys() == b[0].keys()
+        for name in a[0]:
+            assert a[0][name].keys() == b[0][name].keys(), name
+            for key in a[0][name]:  # NaN (an unused threshold) equals NaN here
+                torch.testing.assert_close(a[0][name][key], b[0][name][key], rtol=0, atol=0,
+                                           equal_nan=True, msg=f"{name}: {key}")
+
+    kept = ending(tmp_path / "whole")
+    same(ending(tmp_path / "last"), kept)
+    # killed after the checkpoint of step 10 (TRL's save_steps=5), before the end was written
+    for name in ("summary.json", "activations.safetensors"):
+        (tmp_path / "whole" / name).unlink()
+    for name in ("checkpoints/final", "final_model"):
+        shutil.rmtree(tmp_path / "whole" / name)
+    again = ShardCallback(run_dir=tmp_path / "whole", runner={"min_samples": 2}, resume=True)
+    trainer = _user_trainer(tiny_model, tmp_path / "trl_whole", [again])
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 11  # transformers' own extra step
+    assert again.summary["rl_steps"] == 10 and not again.summary["interrupted"]
+    same(ending(tmp_path / "whole"), kept)
+    assert again.capture is None  # inert for that step
 
 
 class _SignalAt(TrainerCallback):

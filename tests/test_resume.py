@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from sae_shards.cli import main as cli_main
 from sae_shards.core import checkpoint as checkpoint_module
 from sae_shards.core.checkpoint import CheckpointError, load_checkpoint
 from sae_shards.run.job import run_job, start
-from sae_shards.run.rundir import RunWriteError
+from sae_shards.run.rundir import RunWriteError, leftovers
 
 # 12 RL steps, checkpoints every 4 (TRL's and ours), the SAE from the 4th sample on.
 ARGS = ["rl.max_steps=12", "runner.checkpoint_every=4", "runner.min_samples=4",
@@ -159,12 +160,61 @@ def test_sigterm_stops_with_a_usable_checkpoint_then_resumes(uninterrupted, tmp_
     assert resumed["wall_s"] > resumed["wall_s_resumed_from"]
     assert not (run / "report.html").exists()  # it described the interrupted run
     _same_run(uninterrupted, run)
+    ends = [row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "train_runtime" in row]  # TRL's end-of-training row: the stopped one's is gone
+    assert len(ends) == 1 and ends[0]["rl_step"] == 12
     # a finished run has nothing to resume: refused, and nothing of it changes
     summary = (run / "summary.json").read_text()
     err = _refused(run, "resume=true")
     assert "finished (12 RL steps" in err and "nothing to resume" in err, err
     assert (run / "summary.json").read_text() == summary
     _same_run(uninterrupted, run)
+
+
+ENDING = ("summary.json", "activations.safetensors", "checkpoints/final", "final_model")
+"""What a run writes after its last step's checkpoint: absent when it is killed in between."""
+
+
+def _cut_before_its_end(done: Path, run: Path, written: tuple[str, ...] = ()) -> None:
+    """``run``: the finished run ``done`` as it was when killed after the checkpoint of its last
+    step (a periodic one: step ``max_steps``), with only ``written`` of its end written."""
+    shutil.copytree(done, run)
+    for name in set(ENDING) - set(written):
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    config = json.loads((run / "config.json").read_text())
+    config["run_dir"] = str(run)
+    (run / "config.json").write_text(json.dumps(config))
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_end_without_a_step(
+        uninterrupted, tmp_path):
+    """Resumed from the checkpoint of step ``max_steps``, transformers' loop would train one
+    more step before it checks; the run instead writes its end as of that step."""
+    run = tmp_path / "run"
+    _cut_before_its_end(uninterrupted, run, written=("checkpoints/final",))
+    view = RunView(run)  # read as of the last step checkpoint: final/ has no buffer to encode
+    assert view.checkpoint == "step_000012" and view.recovered == "killed"
+    # what kills at other moments leave under temporary names: removed by the next writer
+    torn = [run / "checkpoints" / ".step_000012.tmp-x1y2", run / ".model.abc123",
+            run / ".tmpKl6ioq", run / "resume" / ".step_000012.safetensors.tmp",
+            run / ".summary.json.tmp"]
+    for path in torn[:2]:
+        path.mkdir()
+        (path / "part").write_bytes(b"\0" * 10)
+    for path in torn[2:]:
+        path.write_bytes(b"\0" * 10)
+    assert leftovers(run) == sorted(torn)
+    summary = run_job(_job(run, "resume=true"), run)
+    assert leftovers(run) == [] and (run / ".hydra").is_dir()
+    assert summary["rl_steps"] == 12 and summary["interrupted"] is False
+    _same_run(uninterrupted, run)
+    assert not list(run.rglob("*13*"))  # no step 13: no checkpoint, no TRL checkpoint
+    final, done = (load_file(d / "final_model" / "model.safetensors")
+                   for d in (run, uninterrupted))
+    assert final.keys() == done.keys() and all(torch.equal(final[k], done[k]) for k in done)
+    assert json.loads((run / "checkpoints" / "final" / "config.json").read_text()
+                      )["meta"]["rl_step"] == 12
 
 
 def _refused(run: Path, *extra: str) -> str:

@@ -340,9 +340,9 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
 
     page = _page(f"sae-shards report: {view.run_dir.name}", "".join(parts))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page)
-    (out.parent / rundir.ANALYSIS).write_text(json.dumps(rundir.strict_json(analysis), indent=2,
-                                                         default=float))
+    rundir.write_text(out, page)
+    rundir.write_text(out.parent / rundir.ANALYSIS,
+                      json.dumps(rundir.strict_json(analysis), indent=2, default=float))
     return out
 
 

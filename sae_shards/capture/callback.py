@@ -385,6 +385,9 @@ class ShardCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._begin(args, state, control, model, **kwargs)
+        if self.resume and state.global_step >= state.max_steps:
+            self._end_at_resume(args, state, control, model, **kwargs)
+            return
         if self._signals is not None:  # set up: SIGTERM / Ctrl-C stop after the step, saved
             trainer = calling_trainer()
             handler = getattr(trainer, "callback_handler", None)
@@ -408,6 +411,18 @@ class ShardCallback(TrainerCallback):
             self.logger = (RunLogger.attach_active() if self.log_to_wandb and "wandb" in
                            (args.report_to or []) else RunLogger())
         self.capture.on_train_begin(args, state, control, model=model, **kwargs)
+
+    def _end_at_resume(self, args, state, control, model, **kwargs) -> None:
+        """Resumed from a checkpoint at ``max_steps`` (killed or stopped after its last step,
+        before its end was written): write the end now, as of that step, and capture nothing
+        more. transformers' loop still runs one optimizer step before it checks ``max_steps``
+        (``sae-shards train`` stops it before it begins); in a script that step is left out of
+        the run directory, whose ``final_model`` is the policy of the last step."""
+        log.info("resumed at RL step %d = max_steps: training had finished; writing the run's "
+                 "end as of that step", state.global_step)
+        self._end(args, state, control, model, kwargs.pop("processing_class", None), **kwargs)
+        self.capture = None  # every later event is a no-op
+        self._let_go()
 
     @_paid
     def on_step_begin(self, args, state, control, **kwargs):
@@ -435,7 +450,9 @@ class ShardCallback(TrainerCallback):
             stop = distributed.any_rank(stop)
             if stop and self.stop_signal is None:
                 self.stop_signal = 0  # asked on another rank
-        if stop:  # TRL saves its checkpoint of this step, then stops
+        if stop and state.global_step >= state.max_steps:  # the last step: the run just ends
+            log.info("the stop request came during the last RL step: the run ends as planned")
+        elif stop:  # TRL saves its checkpoint of this step, then stops
             control.should_save = control.should_training_stop = True
             self._stopped = True
         if self.capture is not None and not state.is_world_process_zero:
@@ -483,10 +500,15 @@ class ShardCallback(TrainerCallback):
             rundir.release_run_dir(self.run_dir)
 
     def _end(self, args, state, control, model, processing_class, **kwargs) -> None:
-        if self.capture is not None and not state.is_world_process_zero:
-            self.capture.on_train_end(args, state, control, **kwargs)  # hooks off
-        if self.capture is None or not state.is_world_process_zero:
+        if self.capture is None:
             return
+        try:
+            if state.is_world_process_zero:
+                self._write_end(model, processing_class)
+        finally:
+            self.capture.on_train_end(args, state, control, **kwargs)  # hooks off, every rank
+
+    def _write_end(self, model, processing_class) -> None:
         self._writer.wait()
         self.parts.runner.finish()
         self.parts.loop.flush_activations()
@@ -505,6 +527,8 @@ class ShardCallback(TrainerCallback):
     def close(self) -> None:
         """Stop the SAE worker after a failed ``train()`` (its own error is not re-raised), and
         let go of the run directory."""
+        if self.capture is not None:  # a failed train(): its hooks off the model and trainer
+            self.capture.on_train_end(None, None, None)
         if self.parts is not None and self.summary is None:
             for what, finish in (("checkpoint write", self._writer.wait),
                                  ("SAE runner", self.parts.runner.finish)):

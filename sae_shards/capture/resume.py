@@ -37,6 +37,9 @@ from sae_shards.core.checkpoint import (CheckpointError, CheckpointFiles, checkp
 from sae_shards.run import rundir
 
 RESUME_KIND = rundir.RESUME_KIND
+END_OF_TRAINING = "train_runtime"
+"""The key of transformers' one log row at the end of ``train()``."""
+
 KEEP = 2  # resume files kept: the newest, and the one before it in case TRL's save was cut
 
 
@@ -155,5 +158,8 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
     rundir.truncate_jsonl(run_dir / rundir.ROLLOUTS, lambda row: row.get("step", 0) <= step)
     if (run_dir / rundir.EVENTS).is_file():
         rundir.truncate_jsonl(run_dir / rundir.EVENTS, lambda row: row["step"] <= step)
-    rundir.truncate_jsonl(run_dir / rundir.METRICS, lambda row: row.get("rl_step", 0) <= step)
+    # TRL's end-of-training row (train_runtime, train_loss...) of a stopped process: the resumed
+    # one ends with its own
+    rundir.truncate_jsonl(run_dir / rundir.METRICS, lambda row: row.get("rl_step", 0) <= step
+                          and not (row.get("kind") == "rl" and END_OF_TRAINING in row))
     return float(info.get("wall_s", 0.0))

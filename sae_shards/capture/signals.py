@@ -36,11 +36,20 @@ class Stoppable(Protocol):
     def request_stop(self, signum: int = 0) -> None: ...
 
 
+class SecondSignal(KeyboardInterrupt):
+    """A second stop signal while training: the run stops at once (``signum``: which)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum} again: stopping at once")
+        self.signum = signum
+
+
 @contextlib.contextmanager
 def stop_on_signals(callback: Stoppable, only_while_training: bool = False,
                     signals: tuple[int, ...] = SIGNALS) -> Iterator[None]:
     """While in the block: the first SIGTERM/SIGINT asks the callback to stop after the current
-    step (with a checkpoint); a second one raises ``KeyboardInterrupt`` at once. Main thread only.
+    step (with a checkpoint); a second one raises ``SecondSignal`` (a ``KeyboardInterrupt``) at
+    once. Main thread only.
 
     Under a multi-process launch one Ctrl-C reaches each worker twice (from the terminal, and
     forwarded by the launcher): a repeat of the same signal within ``REPEAT_S`` counts once.
@@ -62,7 +71,7 @@ def stop_on_signals(callback: Stoppable, only_while_training: bool = False,
                     and first and time.monotonic() - first[0] < REPEAT_S)
             if echo:
                 return
-            raise KeyboardInterrupt(f"signal {signum} again: stopping at once")
+            raise SecondSignal(signum)
         first.append(time.monotonic())
         callback.request_stop(signum)
         log.warning("%s: finishing this RL step, writing a checkpoint, then stopping (send it "

@@ -484,7 +484,7 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         "causal": causal,
     }
     rundir.write_json(run_dir / "evaluation.json", result)  # strict JSON (NaN -> null), atomic
-    (run_dir / "evaluation.md").write_text(to_markdown(result))
+    rundir.write_text(run_dir / "evaluation.md", to_markdown(result))
     return result
 
 

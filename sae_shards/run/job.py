@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 import torch
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
 from sae_shards.capture import distributed, initial_model
 from sae_shards.capture import resume as resume_state
@@ -63,6 +63,20 @@ def _peft_config(cfg: JobConfig):
     lc = cfg.model.lora
     return LoraConfig(r=lc.r, lora_alpha=lc.alpha, target_modules=list(lc.target_modules),
                       lora_dropout=lc.dropout, use_rslora=lc.rslora, task_type="CAUSAL_LM")
+
+
+class _PastEnd(Exception):
+    """Raised by ``_NoStepPastEnd``: a run resumed at ``max_steps`` has nothing left to train."""
+
+
+class _NoStepPastEnd(TrainerCallback):
+    """Stop transformers' loop before an optimizer step beyond ``max_steps``: resumed from the
+    checkpoint of its last step, the loop would run one more before it checks (the run's end is
+    written at ``on_train_begin``: ``ShardCallback._end_at_resume``)."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            raise _PastEnd
 
 
 class RLSetup(NamedTuple):
@@ -189,6 +203,8 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
             raise JobSetupError(str(e)) from e
         raise
     rl.trainer.add_callback(callback)
+    if resume_from is not None:
+        rl.trainer.add_callback(_NoStepPastEnd())
     return Started(rl, callback, resume_from)
 
 
@@ -217,6 +233,8 @@ def run_job(cfg: JobConfig, run_dir: Path,
     try:
         with stop_on_signals(callback):
             rl.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except _PastEnd:  # resumed at max_steps: the callback wrote the end, nothing to train
+        pass
     finally:
         callback.close()
         rundir.release_run_dir(Path(run_dir))  # the hold start() took (a no-op on other ranks)

@@ -201,6 +201,28 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
         raise
 
 
+def leftovers(run_dir: Path) -> list[Path]:
+    """Files and directories a killed writer left half-written under their temporary names:
+    ``.NAME.tmp`` / ``.NAME.tmp-XXXX`` (JSON, checkpoints), ``.tmpXXXX`` (safetensors' own) and
+    ``.model.XXXX`` (the tiny model's build), at the top, in ``checkpoints/`` and in ``resume/``.
+    Whoever holds the run directory's lock may remove them: nobody else is writing."""
+    found = []
+    for folder in (run_dir, run_dir / CHECKPOINTS, run_dir / RESUME):
+        if folder.is_dir():
+            found += [p for p in folder.iterdir() if p.name.startswith(".") and (
+                ".tmp" in p.name or p.name.startswith(f".{MODEL}."))]
+    return sorted(found)
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    for path in leftovers(run_dir):
+        log.info("%s: removed (left half-written by a process that was killed)", path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def _prepare_locked(run_dir: Path, overwrite: bool, resume: bool) -> Path:
     # Empty logs (a run that failed before its first step) do not count: a retry may reuse them.
     earlier = [name for name in _RESULTS if _has_content(run_dir / name)]
@@ -217,6 +239,7 @@ def _prepare_locked(run_dir: Path, overwrite: bool, resume: bool) -> Path:
                 "missing or empty: " + ("it stopped before its first checkpoint); start it "
                                         "again with overwrite=true" if earlier else
                                         "no run was started there); start it without resume=true"))
+        _remove_leftovers(run_dir)
         return run_dir
     if earlier and not overwrite:
         resumable = finished is None and has_resume_state(run_dir)
@@ -232,6 +255,7 @@ def _prepare_locked(run_dir: Path, overwrite: bool, resume: bool) -> Path:
                 shutil.rmtree(path)
             elif path.exists() or path.is_symlink():
                 path.unlink()
+    _remove_leftovers(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -365,12 +389,18 @@ def section(config: dict[str, Any], key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Strict JSON, written beside ``path`` and renamed into place."""
+def write_text(path: Path, text: str) -> None:
+    """``text`` written beside ``path`` and renamed into place: a kill leaves the old file or
+    the new one, never a torn one."""
     tmp = path.with_name(f".{path.name}.tmp")
     with writing(path):
-        tmp.write_text(json.dumps(strict_json(value), indent=2, allow_nan=False))
+        tmp.write_text(text)
         os.replace(tmp, path)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Strict JSON, written atomically (``write_text``)."""
+    write_text(path, json.dumps(strict_json(value), indent=2, allow_nan=False))
 
 
 class JsonLines:
@@ -449,13 +479,15 @@ def saved_steps(folder: Path) -> list[int]:
 
 
 def latest_checkpoint(run_dir: Path) -> str:
-    """``final`` when the run finished, else its newest ``step_XXXXXX`` (an interrupted run)."""
+    """``final`` when the run finished, else its newest ``step_XXXXXX`` (an interrupted run, or
+    one killed while it wrote its end: ``final/`` without the activations written after it,
+    which only a step checkpoint's resume file can stand in for)."""
     folder = run_dir / CHECKPOINTS
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory")
-    if (folder / "final").is_dir():
-        return "final"
     steps = [s for s in saved_steps(folder) if (folder / step_name(s)).is_dir()]
+    if (folder / "final").is_dir() and ((run_dir / ACTIVATIONS).is_file() or not steps):
+        return "final"
     jobs = sorted(p.name for p in run_dir.iterdir() if (p / CHECKPOINTS).is_dir())
     if not steps and jobs:
         raise CheckpointError(f"{run_dir} is a sweep's directory, not a run: it holds the runs "

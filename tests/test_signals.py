@@ -1,0 +1,30 @@
+"""Stop signals: the first asks for a stop after the step, a second stops at once and says
+which signal it was (the CLI exits with 128 + that signal)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from sae_shards.capture.signals import SecondSignal, stop_on_signals
+
+
+class _Run:
+    stop_signal: int | None = None
+
+    def request_stop(self, signum: int = 0) -> None:
+        self.stop_signal = signum
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_stops_at_once_naming_itself(second):
+    run = _Run()
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SecondSignal) as e, stop_on_signals(run):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert run.stop_signal == signal.SIGTERM  # the first: a stop request
+        os.kill(os.getpid(), second)
+    assert e.value.signum == second and isinstance(e.value, KeyboardInterrupt)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers are put back
