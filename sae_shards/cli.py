@@ -501,13 +501,19 @@ CHECKPOINT_HELP = ("checkpoint to read: final or step_XXXXXX (default: final, or
 
 def _announce_checkpoint(run_dir: Path, checkpoint: str | None) -> str:
     """The checkpoint to read, said on stderr when it is not the final one."""
-    from sae_shards.run.rundir import latest_checkpoint
+    import json
 
-    name = checkpoint or latest_checkpoint(run_dir)
+    from sae_shards.run import rundir
+
+    name = checkpoint or rundir.latest_checkpoint(run_dir)
     if name != "final":
-        print(f"sae-shards: reading checkpoint {name} of {run_dir}"
-              + ("" if checkpoint else " (the run has no final checkpoint: interrupted?)"),
-              file=sys.stderr)
+        try:
+            stopped = json.loads((run_dir / rundir.SUMMARY).read_text()).get("interrupted")
+        except (OSError, ValueError, AttributeError):
+            stopped = None
+        why = ("" if checkpoint else " (the run was stopped before its end: its newest checkpoint)"
+               if stopped else " (the run was killed, or is still running: its newest checkpoint)")
+        print(f"sae-shards: reading checkpoint {name} of {run_dir}{why}", file=sys.stderr)
     return name
 
 

@@ -76,7 +76,8 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run
 
 
-def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterrupted, tmp_path):
+def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterrupted, tmp_path,
+                                                                        capsys):
     run = tmp_path / "run"
     proc = _train(run)
     _wait_for(run / "trl" / "checkpoint-8" / "trainer_state.json", proc)
@@ -100,6 +101,7 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     assert steps.tolist() == list(range(1, step + 1))
     assert ((acts != 0).sum(1) == 4).all()  # sae.k = 4 active shards per sample
     assert cli_main(["analyze", str(run), "--no-dose"]) == 0
+    assert "(the run was killed, or is still running" in capsys.readouterr().err
     html = (run / "report.html").read_text()
     assert "no activations file: the run was killed" in html
     # no summary.json yet: the steps are the checkpoint's, said so (was "None")
@@ -140,7 +142,8 @@ def test_sigterm_stops_with_a_usable_checkpoint_then_resumes(uninterrupted, tmp_
     done = subprocess.run([sys.executable, "-m", "sae_shards.cli", "analyze", str(run),
                            "--no-dose"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"reading checkpoint {step}" in done.stderr and (run / "report.html").is_file()
+    assert (f"reading checkpoint {step} of {run} (the run was stopped before its end"
+            in done.stderr) and (run / "report.html").is_file()
     # started again without resume=true: refused, pointing at resume=true; resumed with a
     # changed setting: refused before anything is built, naming it (both at once: each is a
     # process start)
