@@ -200,12 +200,12 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_end_without_a_ste
     assert view.checkpoint == "step_000012" and view.recovered == "killed"
     # what kills at other moments leave under temporary names: removed by the next writer
     torn = [run / "checkpoints" / ".step_000012.tmp-x1y2", run / ".model.abc123",
-            run / ".tmpKl6ioq", run / "resume" / ".step_000012.safetensors.tmp",
-            run / ".summary.json.tmp"]
-    for path in torn[:2]:
+            run / "checkpoints" / ".final.old-4242", run / ".tmpKl6ioq",
+            run / "resume" / ".step_000012.safetensors.tmp", run / ".summary.json.tmp"]
+    for path in torn[:3]:
         path.mkdir()
         (path / "part").write_bytes(b"\0" * 10)
-    for path in torn[2:]:
+    for path in torn[3:]:
         path.write_bytes(b"\0" * 10)
     assert leftovers(run) == sorted(torn)
     summary = run_job(_job(run, "resume=true"), run)
@@ -218,6 +218,43 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_end_without_a_ste
     assert final.keys() == done.keys() and all(torch.equal(final[k], done[k]) for k in done)
     assert json.loads((run / "checkpoints" / "final" / "config.json").read_text()
                       )["meta"]["rl_step"] == 12
+    rows = [(d / "metrics.jsonl").read_text() for d in (run, uninterrupted)]
+    assert rows[0] == rows[1]  # TRL's end-of-training row too: the run's own, kept
+
+
+def test_a_killed_writers_leftovers_alone_are_no_run(tmp_path):
+    """A directory holding nothing but what a killed start left under temporary names is free
+    for a new run (not refused as "already holds a run"); the leftovers are removed."""
+    from sae_shards.run.rundir import prepare_run_dir, release_run_dir
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".step_000004.tmp-ab12").mkdir(parents=True)
+    (run / ".model.x9").mkdir()
+    prepare_run_dir(run, overwrite=False)
+    release_run_dir(run)
+    assert leftovers(run) == [] and list((run / "checkpoints").iterdir()) == []
+
+
+def test_text_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """``write_text`` (reports, JSON): the old file survives a write that fails before the
+    rename, no temporary file is left after a good one, and the file is as readable as a
+    plain write makes it."""
+    import os
+
+    from sae_shards.run import rundir
+
+    path = tmp_path / "report.html"
+    rundir.write_text(path, "old")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["report.html"]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~checkpoint_module.process_umask()
+
+    def dies(*args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(rundir.os, "replace", dies)
+    with pytest.raises(RunWriteError, match="report.html"):
+        rundir.write_text(path, "new")
+    assert path.read_text() == "old"
 
 
 def _refused(run: Path, *extra: str) -> str:

@@ -350,9 +350,11 @@ class ShardCallback(TrainerCallback):
         self._writer.submit(resume_state.write_step, self.run_dir, snap)
         self.last_checkpoint = resume_state.checkpoint_dir(self.run_dir, step)
 
-    def _restore(self, step: int) -> None:
-        """Continue from the checkpoint of RL step ``step``: SAE, buffer, logs, counters."""
-        self._wall_before = resume_state.restore(self.run_dir, step, self.parts, self.capture)
+    def _restore(self, step: int, last: bool = False) -> None:
+        """Continue from the checkpoint of RL step ``step`` (``last``: the run's last step):
+        SAE, buffer, logs, counters."""
+        self._wall_before = resume_state.restore(self.run_dir, step, self.parts, self.capture,
+                                                 last)
         self._t0 -= self._wall_before  # wall_s: the whole run's, up to the checkpoint and after
         rundir.remove_derived(self.run_dir, ending=True)
         for row in rundir.read_jsonl(self.run_dir / rundir.ROLLOUTS):
@@ -404,7 +406,7 @@ class ShardCallback(TrainerCallback):
             self.setup(model, calling_trainer())
         self._follow_sharding(model)
         if self.resume:
-            self._restore(state.global_step)
+            self._restore(state.global_step, last=state.global_step >= state.max_steps)
         else:
             self._save_initial_model(model, calling_trainer())
         if self.logger is None:
@@ -451,7 +453,8 @@ class ShardCallback(TrainerCallback):
             if stop and self.stop_signal is None:
                 self.stop_signal = 0  # asked on another rank
         if stop and state.global_step >= state.max_steps:  # the last step: the run just ends
-            log.info("the stop request came during the last RL step: the run ends as planned")
+            log.info("the stop request came during the last RL step: nothing is cut short, the "
+                     "run ends as planned and needs no resume")
         elif stop:  # TRL saves its checkpoint of this step, then stops
             control.should_save = control.should_training_stop = True
             self._stopped = True
@@ -527,7 +530,7 @@ class ShardCallback(TrainerCallback):
     def close(self) -> None:
         """Stop the SAE worker after a failed ``train()`` (its own error is not re-raised), and
         let go of the run directory."""
-        if self.capture is not None:  # a failed train(): its hooks off the model and trainer
+        if self.capture is not None and self.summary is None:  # a failed train(): hooks off
             self.capture.on_train_end(None, None, None)
         if self.parts is not None and self.summary is None:
             for what, finish in (("checkpoint write", self._writer.wait),

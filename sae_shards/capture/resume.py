@@ -119,9 +119,11 @@ def _parses(path: Path) -> bool:
 
 
 def restore(run_dir: Path, step: int, parts: Pipeline,
-            capture: DeltaCapture | EventCapture) -> float:
+            capture: DeltaCapture | EventCapture, last: bool = False) -> float:
     """Load the state of RL step ``step`` into a freshly built pipeline and capture, and cut the
     run's JSON-lines logs back to that step (raises ``CheckpointError`` naming what is missing).
+    TRL's end-of-training row goes too (a stopped process's: the resumed one logs its own),
+    unless ``step`` is the run's ``last`` (the run trained to its end and is not trained again).
     Returns the run's training time up to that checkpoint (``wall_s``; 0 for files written
     before it was recorded)."""
     checkpoint = checkpoint_dir(run_dir, step)
@@ -158,8 +160,6 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
     rundir.truncate_jsonl(run_dir / rundir.ROLLOUTS, lambda row: row.get("step", 0) <= step)
     if (run_dir / rundir.EVENTS).is_file():
         rundir.truncate_jsonl(run_dir / rundir.EVENTS, lambda row: row["step"] <= step)
-    # TRL's end-of-training row (train_runtime, train_loss...) of a stopped process: the resumed
-    # one ends with its own
     rundir.truncate_jsonl(run_dir / rundir.METRICS, lambda row: row.get("rl_step", 0) <= step
-                          and not (row.get("kind") == "rl" and END_OF_TRAINING in row))
+                          and (last or not (row.get("kind") == "rl" and END_OF_TRAINING in row)))
     return float(info.get("wall_s", 0.0))

@@ -45,13 +45,14 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from sae_shards.core.checkpoint import CheckpointError, save_file_atomic
+from sae_shards.core.checkpoint import CheckpointError, process_umask, save_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +175,8 @@ def writing(path: Path) -> Iterator[None]:
 
 
 def _has_content(path: Path) -> bool:
-    if path.is_dir():
-        return any(path.iterdir())
+    if path.is_dir():  # a killed writer's leftovers alone are no run (they are removed)
+        return any(not _is_leftover(p) for p in path.iterdir())
     return path.exists() and path.stat().st_size > 0
 
 
@@ -203,15 +204,21 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
 
 def leftovers(run_dir: Path) -> list[Path]:
     """Files and directories a killed writer left half-written under their temporary names:
-    ``.NAME.tmp`` / ``.NAME.tmp-XXXX`` (JSON, checkpoints), ``.tmpXXXX`` (safetensors' own) and
-    ``.model.XXXX`` (the tiny model's build), at the top, in ``checkpoints/`` and in ``resume/``.
+    ``.NAME.tmp*`` (JSON, reports, checkpoints), ``.tmpXXXX`` (safetensors' own), ``.NAME.old-PID``
+    (a checkpoint moved aside while its replacement was renamed in) and ``.model.XXXX`` (the tiny
+    model's build), at the top, in ``checkpoints/`` and in ``resume/``.
     Whoever holds the run directory's lock may remove them: nobody else is writing."""
     found = []
     for folder in (run_dir, run_dir / CHECKPOINTS, run_dir / RESUME):
         if folder.is_dir():
-            found += [p for p in folder.iterdir() if p.name.startswith(".") and (
-                ".tmp" in p.name or p.name.startswith(f".{MODEL}."))]
+            found += [p for p in folder.iterdir() if _is_leftover(p)]
     return sorted(found)
+
+
+def _is_leftover(path: Path) -> bool:
+    name = path.name
+    return name.startswith(".") and (".tmp" in name or ".old-" in name
+                                     or name.startswith(f".{MODEL}."))
 
 
 def _remove_leftovers(run_dir: Path) -> None:
@@ -392,9 +399,11 @@ def section(config: dict[str, Any], key: str) -> dict[str, Any]:
 def write_text(path: Path, text: str) -> None:
     """``text`` written beside ``path`` and renamed into place: a kill leaves the old file or
     the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path):
-        tmp.write_text(text)
+    with writing(path):  # a name of its own: two writers never rename each other's half
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o666 & ~process_umask())  # as readable as a plain write would make it
+            f.write(text)
         os.replace(tmp, path)
 
 
