@@ -112,18 +112,20 @@ _VALUED_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--co
 """Hydra's flags that take the next argument as their value (``--cfg job``)."""
 
 
+def _is_override(args: list[str]) -> list[bool]:
+    """For each of ``sae-shards train``'s arguments, whether it is an override (not one of
+    Hydra's flags or a flag's value)."""
+    out, skip = [], False
+    for arg in args:
+        out.append(not skip and not arg.startswith("-"))
+        skip = not skip and arg.startswith("-") and arg in _VALUED_FLAGS
+    return out
+
+
 def _override_args(args: list[str]) -> list[str]:
     """The overrides among ``sae-shards train``'s arguments (Hydra's flags and their values
     left out)."""
-    out, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg.startswith("-"):
-            skip = arg in _VALUED_FLAGS
-        else:
-            out.append(arg)
-    return out
+    return [arg for arg, is_override in zip(args, _is_override(args)) if is_override]
 
 
 def open_map_args(args: list[str]) -> list[str]:
@@ -136,16 +138,12 @@ def open_map_args(args: list[str]) -> list[str]:
     from sae_shards.run.rundir import OPEN_MAPS
 
     parse = OverridesParser.create().parse_override
-    out, skip = [], False
-    for arg in args:
-        if skip or arg.startswith("-"):
-            skip = not skip and arg in _VALUED_FLAGS
-            out.append(arg)
-            continue
-        o = parse(arg)
-        under_map = any(o.key_or_group.startswith(m + ".") for m in OPEN_MAPS)
-        plain = not (o.is_add() or o.is_force_add() or o.is_delete())
-        out.append("++" + arg if under_map and plain else arg)
+    out = []
+    for arg, is_override in zip(args, _is_override(args)):
+        o = parse(arg) if is_override else None
+        under_map = o is not None and any(o.key_or_group.startswith(m + ".") for m in OPEN_MAPS)
+        plain = under_map and not (o.is_add() or o.is_force_add() or o.is_delete())
+        out.append("++" + arg if plain else arg)
     return out
 
 
@@ -501,16 +499,11 @@ CHECKPOINT_HELP = ("checkpoint to read: final or step_XXXXXX (default: final, or
 
 def _announce_checkpoint(run_dir: Path, checkpoint: str | None) -> str:
     """The checkpoint to read, said on stderr when it is not the final one."""
-    import json
-
     from sae_shards.run import rundir
 
     name = checkpoint or rundir.latest_checkpoint(run_dir)
     if name != "final":
-        try:
-            stopped = json.loads((run_dir / rundir.SUMMARY).read_text()).get("interrupted")
-        except (OSError, ValueError, AttributeError):
-            stopped = None
+        stopped = rundir.read_summary(run_dir).get("interrupted")
         why = ("" if checkpoint else " (the run was stopped before its end: its newest checkpoint)"
                if stopped else " (the run was killed, or is still running: its newest checkpoint)")
         print(f"sae-shards: reading checkpoint {name} of {run_dir}{why}", file=sys.stderr)

@@ -205,16 +205,21 @@ def _user_trainer(tiny_model, out_dir, callbacks, max_steps=10, **overrides):
                        callbacks=callbacks)
 
 
+def _seeded_run(tiny_model, tmp_path, name: str, stop_at: int | None = None) -> ShardCallback:
+    """``_user_trainer``'s run into ``tmp_path/name`` (TRL's into ``trl_name``) from seed 0,
+    asked to stop after RL step ``stop_at`` when given; its callback."""
+    torch.manual_seed(0)
+    callback = ShardCallback(run_dir=tmp_path / name, runner={"min_samples": 2})
+    stop = [_StopAt(callback, stop_at)] if stop_at is not None else []
+    _user_trainer(tiny_model, tmp_path / f"trl_{name}", [callback, *stop]).train()
+    return callback
+
+
 def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path):
     """request_stop at step 7 checkpoints both sides; ShardCallback(resume=True) plus TRL's
     resume_from_checkpoint=True ends with the uninterrupted run's shards, bit for bit."""
-    torch.manual_seed(0)
-    whole = ShardCallback(run_dir=tmp_path / "whole", runner={"min_samples": 2})
-    _user_trainer(tiny_model, tmp_path / "trl_whole", [whole]).train()
-
-    torch.manual_seed(0)
-    first = ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2})
-    _user_trainer(tiny_model, tmp_path / "trl_cut", [first, _StopAt(first, 7)]).train()
+    _seeded_run(tiny_model, tmp_path, "whole")
+    first = _seeded_run(tiny_model, tmp_path, "cut", stop_at=7)
     assert first.summary["interrupted"] and first.summary["rl_steps"] == 7
     assert (tmp_path / "trl_cut" / "checkpoint-7").is_dir()
     with pytest.raises(FileExistsError, match="already holds a run") as e:
@@ -262,12 +267,8 @@ def test_the_end_of_a_users_run_survives_a_stop_in_its_last_step_and_a_kill_afte
     resume). Killed after the last step's checkpoint, before its end: resumed, the callback
     writes the end as of that step; the step transformers' loop still runs past max_steps is
     left out of the run directory."""
-    torch.manual_seed(0)
-    whole = ShardCallback(run_dir=tmp_path / "whole", runner={"min_samples": 2})
-    _user_trainer(tiny_model, tmp_path / "trl_whole", [whole]).train()
-    torch.manual_seed(0)
-    last = ShardCallback(run_dir=tmp_path / "last", runner={"min_samples": 2})
-    _user_trainer(tiny_model, tmp_path / "trl_last", [last, _StopAt(last, 10)]).train()
+    _seeded_run(tiny_model, tmp_path, "whole")
+    last = _seeded_run(tiny_model, tmp_path, "last", stop_at=10)
     assert last.summary["rl_steps"] == 10 and not last.summary["interrupted"]
     def ending(run):  # the shards, their activations, the rollouts and the final policy
         files = ("checkpoints/final/sae.safetensors", "activations.safetensors",

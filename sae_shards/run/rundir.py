@@ -318,13 +318,8 @@ def remove_derived(run_dir: Path, ending: bool = False) -> None:
 def finished_steps(run_dir: Path) -> int | None:
     """The RL steps of the run in ``run_dir`` when it finished (its ``summary.json`` says it
     was not interrupted), else None (no run, a running, killed or interrupted one)."""
-    try:
-        summary = json.loads((run_dir / SUMMARY).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict) or summary.get("interrupted", True):
-        return None
-    return summary.get("rl_steps")
+    summary = read_summary(run_dir)
+    return None if summary.get("interrupted", True) else summary.get("rl_steps")
 
 
 OPEN_MAPS = ("task.options", "rl.extra")
@@ -383,8 +378,18 @@ def strict_json(value: Any) -> Any:
 def read_config(run_dir: Path) -> dict[str, Any]:
     """The run's ``config.json``, leniently: ``{}`` when it is missing, unreadable or not an
     object (for hints and checks that step aside; loading a run reads it strictly)."""
+    return _read_object(Path(run_dir) / CONFIG)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """The run's ``summary.json``, leniently: ``{}`` when the run wrote none yet (killed, or
+    still running) or it is unreadable."""
+    return _read_object(Path(run_dir) / SUMMARY)
+
+
+def _read_object(path: Path) -> dict[str, Any]:
     try:
-        value = json.loads((Path(run_dir) / CONFIG).read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
