@@ -235,6 +235,27 @@ def test_a_killed_writers_leftovers_alone_are_no_run(tmp_path):
     assert leftovers(run) == [] and list((run / "checkpoints").iterdir()) == []
 
 
+@pytest.mark.parametrize("made, why", [
+    ((), "no run was started there; start it without resume=true"),
+    (("config.json", "model/config.json"), "stopped before its first RL step .* start it again "
+                                           "without resume=true"),
+    (("config.json", "rollouts.jsonl"), "stopped before its first checkpoint; start it again "
+                                        "with overwrite=true"),
+])
+def test_a_resume_with_nothing_to_resume_says_what_it_found(tmp_path, made, why):
+    """``resume=true`` where no checkpoint was written names what the directory holds (nothing;
+    a start killed while building its model; steps without a checkpoint) and what to run."""
+    from sae_shards.run.rundir import prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in made:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("{}\n")
+    with pytest.raises(FileNotFoundError, match=f"holds no resumable run .*: (it )?{why}"):
+        prepare_run_dir(run, overwrite=False, resume=True)
+
+
 def test_text_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     """``write_text`` (reports, JSON): the old file survives a write that fails before the
     rename, no temporary file is left after a good one, and the file is as readable as a

@@ -13,6 +13,7 @@ from sae_shards.capture.signals import SecondSignal, stop_on_signals
 
 class _Run:
     stop_signal: int | None = None
+    ending = False
 
     def request_stop(self, signum: int = 0) -> None:
         self.stop_signal = signum
@@ -28,3 +29,16 @@ def test_a_second_signal_stops_at_once_naming_itself(second):
         os.kill(os.getpid(), second)
     assert e.value.signum == second and isinstance(e.value, KeyboardInterrupt)
     assert signal.getsignal(signal.SIGTERM) is before  # the handlers are put back
+
+
+@pytest.mark.parametrize("ending, said", [(False, "finishing this RL step, writing a checkpoint"),
+                                          (True, "the run is writing its end")])
+def test_a_stop_says_what_the_run_will_do(caplog, ending, said):
+    """A signal while the run's end is being written does not promise a checkpoint and a stop
+    after a step: the run is ending anyway."""
+    run = _Run()
+    run.ending = ending
+    with caplog.at_level("WARNING", logger="sae_shards.capture.signals"), stop_on_signals(run):
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert run.stop_signal == signal.SIGTERM
+    assert said in caplog.text

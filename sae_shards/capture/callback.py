@@ -197,6 +197,8 @@ class ShardCallback(TrainerCallback):
         self._wall_before = 0.0  # training time of the processes this one resumed from
         self.stop_signal: int | None = None
         """Set by ``request_stop``: the run ends after the current step, checkpointed."""
+        self.ending = False
+        """The run's end is being written (``on_train_end``): a stop request changes nothing."""
         self._stopped = False  # the run is ending early at this step (decided at on_step_end)
         self.last_checkpoint: Path | None = None
         self._initial_dir: str | None = None  # where theta_0 is, when the policy came from a dir
@@ -505,6 +507,7 @@ class ShardCallback(TrainerCallback):
     def _end(self, args, state, control, model, processing_class, **kwargs) -> None:
         if self.capture is None:
             return
+        self.ending = True
         try:
             if state.is_world_process_zero:
                 self._write_end(model, processing_class)

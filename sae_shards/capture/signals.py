@@ -32,6 +32,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 class Stoppable(Protocol):
     stop_signal: int | None
+    ending: bool
+    """The run's end (final shards, model, summary) is being written: a stop changes nothing."""
 
     def request_stop(self, signum: int = 0) -> None: ...
 
@@ -74,8 +76,14 @@ def stop_on_signals(callback: Stoppable, only_while_training: bool = False,
             raise SecondSignal(signum)
         first.append(time.monotonic())
         callback.request_stop(signum)
-        log.warning("%s: finishing this RL step, writing a checkpoint, then stopping (send it "
-                    "again to stop at once)", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if getattr(callback, "ending", False):
+            log.warning("%s: the run is writing its end (shards, final policy, summary) and "
+                        "stops when that is done (send it again to stop at once; resume=true "
+                        "then writes the end again)", name)
+        else:
+            log.warning("%s: finishing this RL step, writing a checkpoint, then stopping (send "
+                        "it again to stop at once)", name)
 
     if only_while_training:  # marks a guard's handler (``_Training.stale``)
         handler.sae_shards_previous = previous  # type: ignore[attr-defined]
@@ -137,6 +145,10 @@ class _Training:
     @property
     def stop_signal(self) -> int | None:
         return next((c.stop_signal for c in self.callbacks if c.stop_signal is not None), None)
+
+    @property
+    def ending(self) -> bool:
+        return any(getattr(c, "ending", False) for c in self.callbacks)
 
     def request_stop(self, signum: int = 0) -> None:
         for c in self.callbacks:

@@ -202,6 +202,18 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
         raise
 
 
+def _why_not_resumable(run_dir: Path, earlier: list[str]) -> str:
+    """What a ``resume=true`` without resume state found, and what to run instead."""
+    if earlier:
+        return ("it stopped before its first checkpoint; start it again with overwrite=true "
+                "(or lower runner.checkpoint_every to keep earlier steps next time)")
+    if run_dir.is_dir() and any(True for p in run_dir.iterdir() if p.name != LOCK):
+        return ("it stopped before its first RL step (while writing its config or building "
+                "or loading its model); start it again without resume=true (what it wrote "
+                "is replaced)")
+    return "no run was started there; start it without resume=true"
+
+
 def leftovers(run_dir: Path) -> list[Path]:
     """Files and directories a killed writer left half-written under their temporary names:
     ``.NAME.tmp*`` (JSON, reports, checkpoints), ``.tmpXXXX`` (safetensors' own), ``.NAME.old-PID``
@@ -243,9 +255,7 @@ def _prepare_locked(run_dir: Path, overwrite: bool, resume: bool) -> Path:
         if not has_resume_state(run_dir):
             raise FileNotFoundError(
                 f"resume=true but run_dir={run_dir} holds no resumable run ({RESUME}/ is "
-                "missing or empty: " + ("it stopped before its first checkpoint); start it "
-                                        "again with overwrite=true" if earlier else
-                                        "no run was started there); start it without resume=true"))
+                "missing or empty): " + _why_not_resumable(run_dir, earlier))
         _remove_leftovers(run_dir)
         return run_dir
     if earlier and not overwrite:
