@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import signal
 import sys
 from pathlib import Path
@@ -122,6 +123,21 @@ def _is_override(args: list[str]) -> list[bool]:
     return out
 
 
+def job_dirname(override_dirname: str) -> str:
+    """A sweep job's directory name: Hydra's ``override_dirname`` without the ``+`` / ``++``
+    prefixes (``open_map_args`` adds ``++``; a user's ``+key`` names the same setting), so
+    ``rl.extra.x=1`` and ``++rl.extra.x=1`` name one job."""
+    return re.sub(r"(^|,)\+{1,2}", r"\1", override_dirname)
+
+
+def register_resolvers() -> None:
+    """The OmegaConf resolvers ``configs/config.yaml`` uses (``sae_shards_job_dirname``)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("sae_shards_job_dirname"):
+        OmegaConf.register_new_resolver("sae_shards_job_dirname", job_dirname)
+
+
 def _override_args(args: list[str]) -> list[str]:
     """The overrides among ``sae-shards train``'s arguments (Hydra's flags and their values
     left out)."""
@@ -181,6 +197,18 @@ def _quoted_run_dir(run_dir: str | Path) -> str:
     return shlex.quote(f"run_dir={text}")
 
 
+def _how_to_continue(run_dir: Path) -> str:
+    """After a run stopped by a failure: the command that continues it from its last checkpoint,
+    or, before its first one, that it starts again."""
+    from sae_shards.run import rundir
+
+    if rundir.has_resume_state(run_dir):
+        return f"resume from the last checkpoint with: {resume_command(run_dir)}"
+    again = rerun_command(run_dir) or f"sae-shards train ... run_dir={run_dir} overwrite=true"
+    return ("it stopped before its first checkpoint (runner.checkpoint_every): start it again "
+            f"with: {again}")
+
+
 def resume_command(run_dir: str | Path) -> str:
     """The command that continues the run in ``run_dir`` (its own overrides are reused)."""
     return f"sae-shards train {_quoted_run_dir(run_dir)} resume=true"
@@ -205,7 +233,6 @@ def _resuming(args: list[str]) -> tuple[list[tuple[str, Any]], Path] | None:
     """``(the overrides given, each as its text and Hydra's parse; the run_dir)`` when ``args``
     resume one run (the last ``resume=`` is true; not a multirun sweep), else None."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
 
     if {"-m", "--multirun"} & set(args):
         return None
@@ -214,14 +241,21 @@ def _resuming(args: list[str]) -> tuple[list[tuple[str, Any]], Path] | None:
     given = {o.key_or_group: o for _, o in now}  # the last of each key wins, as in Hydra
     if "resume" not in given or given["resume"].value() not in (True, "true", "True"):
         return None
-    run_dir = (given["run_dir"].value() if "run_dir" in given
-               else OmegaConf.load(CONFIG_DIR / "config.yaml").run_dir)
+    run_dir = given["run_dir"].value() if "run_dir" in given else _default_run_dir()
     return now, Path(str(run_dir))
 
 
-def _check_not_a_model_dir(args: list[str]) -> None:
-    """Refuse a ``run_dir=`` that is a model's directory before Hydra writes its log there
-    (``rundir.prepare_run_dir`` refuses it too, for scripts)."""
+def _default_run_dir() -> Path:
+    """``run_dir`` as ``configs/config.yaml`` sets it."""
+    from omegaconf import OmegaConf
+
+    return Path(str(OmegaConf.load(CONFIG_DIR / "config.yaml").run_dir))
+
+
+def _check_run_dir_arg(args: list[str]) -> None:
+    """Refuse, before Hydra writes its log or ``multirun.yaml`` there, a ``run_dir=`` that is a
+    model's directory (``rundir.prepare_run_dir`` refuses it too, for scripts), and a sweep's
+    ``run_dir`` that holds a run (its jobs would be written inside it)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from sae_shards.run import rundir
@@ -233,6 +267,16 @@ def _check_not_a_model_dir(args: list[str]) -> None:
             rundir.check_not_foreign(Path(str(given["run_dir"].value())))
         except FileExistsError as e:
             raise ConfigError(str(e)) from None
+    if any(a in ("-m", "--multirun") for a in args):  # before Hydra writes multirun.yaml there
+        parent = (Path(str(given["run_dir"].value())) if "run_dir" in given
+                  and not given["run_dir"].is_sweep_override() else
+                  None if "run_dir" in given else _default_run_dir())
+        inside = rundir.earlier_results(parent) if parent is not None else []
+        if inside:
+            raise ConfigError(
+                f"run_dir={parent} holds a run ({', '.join(inside)}), and a sweep (-m) writes "
+                "its jobs into subdirectories of run_dir; give the sweep a directory of its "
+                "own, e.g. run_dir=runs/my_sweep")
 
 
 def resume_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -331,13 +375,14 @@ def _train(args: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from sae_shards.capture.runner import SAEWorkerError
     from sae_shards.run import rundir
     from sae_shards.run.job import JobSetupError, run_job
     from sae_shards.run.rundir import RunWriteError
 
     try:
         check_overrides(args)
-        _check_not_a_model_dir(args)
+        _check_run_dir_arg(args)
         args, changes = resume_args(open_map_args(args))
     except ConfigError as e:
         print(f"sae-shards: config error: {e}", file=sys.stderr)
@@ -351,15 +396,16 @@ def _train(args: list[str]) -> int:
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
     def train_main(cfg) -> None:
+        hc = HydraConfig.get()
+        sweep = hc.mode == RunMode.MULTIRUN
+        job_name = f"{job_dirname(hc.job.override_dirname) or 'the defaults'}: " if sweep else ""
         try:
             job = job_config_from_hydra(cfg)
         except ConfigError as e:
-            failures.append(f"config error: {e}{resume_hint}")
+            failures.append(f"{job_name}config error: {e}{resume_hint}")
             return
-        hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         job = dataclasses.replace(job, run_dir=str(run_dir))
-        sweep = hc.mode == RunMode.MULTIRUN
         if sweep and job.logging.group is None:
             job = dataclasses.replace(job, logging=dataclasses.replace(
                 job.logging, group=Path(hc.sweep.dir).name))
@@ -379,15 +425,18 @@ def _train(args: list[str]) -> int:
         except JobSetupError as e:
             # the run directory's refusals advise overwrite=true: show what the run started as
             again = rerun_command(run_dir) if "overwrite=true" in str(e) else None
-            failures.append(f"cannot start: {e}"
+            failures.append(f"{job_name}cannot start: {e}"
                             + (f" (it started as: {again})" if again else ""))
             return
         except RunWriteError as e:
-            failures.append(f"stopped: {e}")
+            failures.append(f"{job_name}stopped: {e}")
+            return
+        except SAEWorkerError as e:  # the SAE failed or hung: RL was stopped, not left blocked
+            failures.append(f"{job_name}stopped: {e}; {_how_to_continue(run_dir)}")
             return
         except KeyboardInterrupt as e:  # a second signal (SecondSignal), or Ctrl-C outside
-            failures.append(f"stopped at once by a second signal; resume from the last "
-                            f"checkpoint with: {resume_command(run_dir)}")
+            failures.append(f"{job_name}stopped at once by a second signal; "
+                            f"{_how_to_continue(run_dir)}")
             interrupted.append(getattr(e, "signum", signal.SIGINT))
             return
         if summary is None:  # a rank other than 0 of a multi-process launch: rank 0 reports
@@ -396,6 +445,7 @@ def _train(args: list[str]) -> int:
         if summary.get("interrupted"):
             interrupted.append(summary["stop_signal"] or signal.SIGTERM)
 
+    register_resolvers()
     sys.argv = ["sae-shards train", *args]
     train_main()
     for msg in failures:
@@ -419,7 +469,10 @@ def _non_negative(text: str) -> int:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
     return value
@@ -432,7 +485,8 @@ def _analyze(args: list[str]) -> int:
     from sae_shards.analysis.report import analyze
     from sae_shards.run.rundir import RunWriteError
 
-    parser = argparse.ArgumentParser(prog="sae-shards analyze")
+    parser = argparse.ArgumentParser(prog="sae-shards analyze",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
     parser.add_argument("--shards", type=_non_negative, default=4,
@@ -441,7 +495,7 @@ def _analyze(args: list[str]) -> int:
                         help="prompts per reward estimate of the dose-response and ablation "
                              "(4 completions each; more resolve smaller changes)")
     parser.add_argument("--no-dose", action="store_true", help="skip logit lens, dose-response and ablation")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (explicit: "
+    parser.add_argument("--threads", type=_positive, default=1, help="torch threads (explicit: "
                         "default counts oversubscribe small CPUs)")
     parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     parser.add_argument("--initial-model", type=Path, default=None, metavar="DIR",
@@ -449,26 +503,16 @@ def _analyze(args: list[str]) -> int:
                              "model.path its config.json records (checked against the run's "
                              "record of its weights)")
     parser.add_argument("--task", default=None, metavar="FILE.py:NAME | MODULE:NAME",
-                        help="your run's prompts and reward functions, for the dose-response and "
-                             "ablation "
-                             "of a run of your own TRL script: a RewardTask, or a function "
-                             "returning one (docs/analysis.md)")
+                        help=TASK_HELP.format(what="the dose-response and ablation"))
     ns = parser.parse_args(args)
     _set_threads(ns.threads)
     from sae_shards.analysis.interventions import ScoringError
 
-    task = None
-    if ns.task is not None:
-        from sae_shards.analysis.reward_task import load_task_spec
-
-        try:
-            if ns.no_dose:
-                raise ValueError("--task scores the dose-response and the ablation, which "
-                                 "--no-dose skips; drop one of them")
-            task = load_task_spec(ns.task)
-        except ValueError as e:
-            print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
-            return 2
+    try:
+        task = _task_arg(ns.task, ns.no_dose, "--no-dose", "the dose-response and the ablation")
+    except ValueError as e:
+        print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
+        return 2
     try:
         name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
         out = analyze(ns.run_dir, ns.out, n_shards=ns.shards, dose=not ns.no_dose,
@@ -483,6 +527,22 @@ def _analyze(args: list[str]) -> int:
               "functions, which a run directory does not hold; hand them back with --task "
               "FILE.py:NAME (docs/analysis.md, 'Your own reward')", file=sys.stderr)
     return 0
+
+
+TASK_HELP = ("your run's prompts and reward functions, for {what} of a run of your own TRL "
+             "script: a RewardTask, or a function returning one (docs/analysis.md)")
+
+
+def _task_arg(spec: str | None, skipped: bool, flag: str, what: str) -> Any:
+    """The ``--task FILE.py:NAME`` argument loaded (None without one); ``ValueError`` when the
+    scoring it is for is skipped by ``flag`` or the script cannot give it."""
+    if spec is None:
+        return None
+    from sae_shards.analysis.reward_task import load_task_spec
+
+    if skipped:
+        raise ValueError(f"--task scores {what}, which {flag} skips; drop one of them")
+    return load_task_spec(spec)
 
 
 def _own_reward_unknown(run_dir: Path) -> bool:
@@ -515,37 +575,47 @@ def _evaluate(args: list[str]) -> int:
 
     from sae_shards.core.checkpoint import CheckpointError
     from sae_shards.analysis.families import FAMILY_THRESHOLD
+    from sae_shards.analysis.interventions import ScoringError
     from sae_shards.planted.evaluate import evaluate_run, to_markdown
     from sae_shards.run.rundir import RunWriteError
 
-    parser = argparse.ArgumentParser(prog="sae-shards evaluate")
+    parser = argparse.ArgumentParser(prog="sae-shards evaluate",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--n-null", type=int, default=5, help="label shuffles for the nulls")
-    parser.add_argument("--from-step", type=int, default=0,
+    parser.add_argument("--n-null", type=_positive, default=5, help="label shuffles for the nulls")
+    parser.add_argument("--from-step", type=_non_negative, default=0,
                         help="use only RL steps >= this one (task directions drift)")
     parser.add_argument("--no-steering", action="store_true",
                         help="skip the causal tests (steering and ablation)")
     parser.add_argument("--null-run", type=Path, default=None,
                         help="the null-control run (task=multiskill_null) whose AUROC fills the "
                              "headline's auroc_null_control")
-    parser.add_argument("--n-prompts", type=int, default=8,
+    parser.add_argument("--n-prompts", type=_positive, default=8,
                         help="prompts per task for each causal reward estimate")
     parser.add_argument("--family-threshold", type=float, default=FAMILY_THRESHOLD,
                         help="co-activation correlation in (0, 1] above which latents join one "
                              f"shard family (default {FAMILY_THRESHOLD})")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--threads", type=_positive, default=1, help="torch threads")
     parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
+    parser.add_argument("--task", default=None, metavar="FILE.py:NAME | MODULE:NAME",
+                        help=TASK_HELP.format(what="the steering and ablation tests"))
     ns = parser.parse_args(args)
     if not 0.0 < ns.family_threshold <= 1.0:
         parser.error(f"--family-threshold must be in (0, 1], got {ns.family_threshold}")
     _set_threads(ns.threads)
     try:
+        task = _task_arg(ns.task, ns.no_steering, "--no-steering",
+                         "the steering and ablation tests")
+    except ValueError as e:
+        print(f"sae-shards: cannot evaluate {ns.run_dir}: {e}", file=sys.stderr)
+        return 2
+    try:
         name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
         result = evaluate_run(ns.run_dir, n_null=ns.n_null, from_step=ns.from_step,
                               steering=not ns.no_steering, checkpoint=name,
                               null_run=ns.null_run, n_prompts=ns.n_prompts,
-                              family_threshold=ns.family_threshold)
-    except (CheckpointError, RunWriteError) as e:
+                              family_threshold=ns.family_threshold, task=task)
+    except (CheckpointError, ScoringError, RunWriteError) as e:
         print(f"sae-shards: cannot evaluate {ns.run_dir}: {e}", file=sys.stderr)
         return 2
     print(to_markdown(result))

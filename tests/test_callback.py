@@ -4,6 +4,7 @@ RunView and ``sae-shards analyze`` read (GRPO and RLOO), and its arguments are v
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -215,12 +216,66 @@ def _seeded_run(tiny_model, tmp_path, name: str, stop_at: int | None = None) -> 
     return callback
 
 
-def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path):
+@pytest.mark.parametrize("runner, said", [
+    ({}, "the trainer's max_steps=4 gives 4 trainable per-step samples .* fewer than "
+         "runner.min_samples=8"),
+    ({"min_samples": 2, "sae_start_step": 4}, r"runner.sae_start_step=4 is not before the last "
+                                              r"RL step \(the trainer's max_steps=4\)"),
+])
+def test_a_script_run_whose_sae_cannot_train_is_refused_before_its_first_step(
+        tiny_model, tmp_path, runner, said):
+    """A trainer too short for the SAE to take a step is refused when training begins, naming
+    the trainer's max_steps, not after every RL step ran with a warning at the end."""
+    callback = ShardCallback(run_dir=tmp_path / "run", runner=runner)
+    trainer = _user_trainer(tiny_model, tmp_path / "trl", [callback], max_steps=4)
+    with pytest.raises(ValueError, match=said):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not (tmp_path / "run" / "rollouts.jsonl").exists()
+
+
+def test_a_script_run_whose_events_never_fill_the_warm_up_says_so(tiny_model, tmp_path):
+    """Per event the samples a step gives are known only as it runs (tied groups give none):
+    a run whose SAE never trained says so in its summary, and analyze still reads it."""
+    run = tmp_path / "run"
+    callback = ShardCallback(run_dir=run, capture={"granularity": "group"},
+                             runner={"min_samples": 100})
+    _user_trainer(tiny_model, tmp_path / "trl", [callback], max_steps=4,
+                  gradient_checkpointing=False).train()
+    summary = callback.summary
+    assert summary["sae_steps"] == 0 and "the SAE never trained" in summary["warning"]
+    assert "runner.min_samples=100" in summary["warning"]
+    stored = json.loads((run / "summary.json").read_text(), parse_constant=pytest.fail)  # no NaN
+    assert stored["fvu_first"] is None and stored["warning"] == summary["warning"]
+    assert cli_main(["analyze", str(run), "--no-dose"]) == 0  # n/a where the FVU is null
+
+
+def test_a_generation_trained_over_several_steps_is_refused_per_event_and_noted_per_step(
+        tiny_model, tmp_path, caplog):
+    """TRL's num_iterations > 1 trains each generation over several optimizer steps: events
+    (prompt groups of the step that trains on them) are refused before the first step; per-step
+    capture runs and says what its rollouts rows then hold."""
+    events = ShardCallback(run_dir=tmp_path / "events", capture={"granularity": "group"},
+                           runner={"min_samples": 2})
+    trainer = _user_trainer(tiny_model, tmp_path / "trl_e", [events], max_steps=4,
+                            gradient_checkpointing=False, num_iterations=2)
+    with pytest.raises(ValueError, match=r"capture.granularity=group needs one generation per "
+                                         r"optimizer step .* has num_iterations=2"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    steps = ShardCallback(run_dir=tmp_path / "steps", runner={"min_samples": 2})
+    _user_trainer(tiny_model, tmp_path / "trl_s", [steps], max_steps=4, num_iterations=2).train()
+    assert steps.summary["rl_steps"] == 4
+    assert "rollouts.jsonl gives each step the whole generation batch" in caplog.text
+
+
+def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path, caplog):
     """request_stop at step 7 checkpoints both sides; ShardCallback(resume=True) plus TRL's
     resume_from_checkpoint=True ends with the uninterrupted run's shards, bit for bit."""
     _seeded_run(tiny_model, tmp_path, "whole")
     first = _seeded_run(tiny_model, tmp_path, "cut", stop_at=7)
     assert first.summary["interrupted"] and first.summary["rl_steps"] == 7
+    assert ("to continue, run the script again with ShardCallback(..., resume=True) and "
+            "trainer.train(resume_from_checkpoint=True)") in caplog.text  # it says how
     assert (tmp_path / "trl_cut" / "checkpoint-7").is_dir()
     with pytest.raises(FileExistsError, match="already holds a run") as e:
         ShardCallback(run_dir=tmp_path / "cut")  # neither resume nor overwrite: refused
@@ -410,6 +465,35 @@ def _vowel_reward(prompts, completions, **kwargs):
     return [sum(c in "aeiou" for c in text) / 8 for text in completions]
 
 
+def _context_reward(prompts, completions, log_extra=None, **kwargs):
+    """A user's reward that logs each completion's context under its own name, "context"."""
+    if log_extra is not None:
+        log_extra("context", ["vowels"] * len(completions))
+    return [sum(c in "aeiou" for c in text) / 8 for text in completions]
+
+
+def test_a_label_logged_under_another_name_is_pointed_out(tiny_model, tmp_path, caplog):
+    """Reward functions that log their context as "context" while the callback reads "task":
+    the warning names what was logged and the label_column that would read it."""
+    import logging
+
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    config = GRPOConfig(output_dir=str(tmp_path / "trl"), max_steps=2, learning_rate=3e-4,
+                        per_device_train_batch_size=8, num_generations=4,
+                        max_completion_length=8, use_cpu=True, bf16=False, report_to="none",
+                        save_strategy="no", disable_tqdm=True)
+    callback = ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 1})
+    trainer = GRPOTrainer(model=str(tiny_model), reward_funcs=[_context_reward], args=config,
+                          train_dataset=Dataset.from_dict({"prompt": ["a b", "c d"] * 8}),
+                          callbacks=[callback])
+    with caplog.at_level(logging.WARNING, logger="sae_shards"):
+        trainer.train()
+    assert "log ['context'] with log_extra but not the label column 'task'" in caplog.text
+    assert "ShardCallback(label_column='context')" in caplog.text
+
+
 def test_policy_not_from_a_local_directory_keeps_its_initial_weights(tiny_model, tmp_path,
                                                                      caplog):
     """A policy given as a model object (built in the script, or from a Hub id) has no directory
@@ -483,6 +567,37 @@ def test_loaded_from_trusts_a_directory_only_while_the_model_holds_its_weights(t
     assert loaded_from(model) is None
 
 
+@pytest.mark.parametrize("change", ["one_late_weight", "bf16_from_fp32", "resized_embeddings"])
+def test_loaded_from_sees_any_change_after_loading(tiny_model, change):
+    """A policy changed after loading (a weight edited deep in the model, as merging an SFT
+    adapter would; cast to a lower precision; its vocabulary resized) does not start from its
+    directory's weights: theta_0 must be saved, not read back from the directory."""
+    from transformers import AutoModelForCausalLM
+
+    from sae_shards.capture.initial_model import loaded_from
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(tiny_model), dtype=torch.bfloat16 if change == "bf16_from_fp32" else torch.float32)
+    if change == "one_late_weight":
+        with torch.no_grad():
+            model.model.layers[-1].mlp.down_proj.weight[0, 0] += 0.5
+    elif change == "resized_embeddings":
+        model.resize_token_embeddings(model.config.vocab_size + 2)
+    assert loaded_from(model) is None
+
+
+def test_loaded_from_takes_a_lossless_upcast(tiny_model, tmp_path):
+    """bf16 files loaded in fp32 hold the files' values exactly: the directory is theta_0."""
+    from transformers import AutoModelForCausalLM
+
+    from sae_shards.capture.initial_model import loaded_from
+
+    halved = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(str(tiny_model)).to(torch.bfloat16).save_pretrained(halved)
+    model = AutoModelForCausalLM.from_pretrained(str(halved), dtype=torch.float32)
+    assert model.dtype == torch.float32 and loaded_from(model) == str(halved.resolve())
+
+
 def test_loaded_from_does_not_take_a_directory_it_cannot_check(tiny_model, tmp_path):
     """Weights only in pytorch_model.bin: checking them, and analysis reading them, would
     unpickle; the callback saves theta_0 as safetensors instead."""
@@ -542,6 +657,8 @@ def test_a_lora_policy_built_in_the_script_has_its_base_saved_for_analysis(tmp_p
     assert run_models_missing(run) is None
     recorded = json.loads((run / "config.json").read_text())["model"]
     assert recorded["name_or_path"] == type(model).__name__  # the base's class, not "PeftModel"
+    assert recorded["lora"] == {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0,
+                                "target_modules": ["q_proj", "v_proj"], "rslora": False}
     saved = load_file(run / "model" / "model.safetensors")
     assert not any("lora" in k or "base_layer" in k for k in saved)
     models = load_run_models(run)
@@ -584,3 +701,37 @@ def test_rewards_that_always_tie_are_warned_about(tiny_model, tmp_path, caplog, 
         assert len(tied) == 1 and "steps 1-5" in tied[0]
     else:
         assert tied == []
+
+
+def test_a_script_run_is_evaluated_with_its_reward_handed_back(tiny_model, tmp_path, capsys):
+    """``sae-shards evaluate`` of a user's run that kept samples and held-out steps: without
+    ``--task`` the causal figures are null and the report says why; with the script's
+    ``RewardTask`` the steering and ablation tests run on its contexts."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from sae_shards.analysis.reward_task import load_task_spec
+
+    script = load_task_spec(f"{EXAMPLE}:reward_task")  # the example's dataset and reward
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    config = GRPOConfig(output_dir=str(tmp_path / "trl"), max_steps=16, learning_rate=3e-4,
+                        per_device_train_batch_size=8, num_generations=4,
+                        max_completion_length=8, beta=0.0, use_cpu=True, bf16=False,
+                        report_to="none", save_strategy="no", logging_steps=1,
+                        disable_tqdm=True, seed=1)
+    GRPOTrainer(model=str(tiny_model), reward_funcs=script.reward_funcs, args=config,
+                train_dataset=script.prompts,
+                callbacks=[ShardCallback(run_dir=run, runner={
+                    "min_samples": 2, "save_samples": True, "heldout_every": 4})]).train()
+    small = ["--n-null", "2", "--n-prompts", "2"]
+    assert cli_main(["evaluate", str(run), *small]) == 0
+    result = json.loads((run / "evaluation.json").read_text())
+    assert result["causal"] is None and "--task FILE.py:NAME" in result["causal_skipped"]
+    assert "No steering or ablation: the run used its script's own reward" in capsys.readouterr().out
+    assert cli_main(["evaluate", str(run), *small, "--task", f"{EXAMPLE}:reward_task"]) == 0
+    result = json.loads((run / "evaluation.json").read_text())
+    assert result["causal_skipped"] is None and result["tasks"] == ["digits", "vowels"]
+    effects = result["steering"]["per_task"]["vowels"]["shard_plus"]
+    assert set(effects) == {"digits", "vowels"} and all(math.isfinite(v) for v in effects.values())
+    assert cli_main(["evaluate", str(run), "--no-steering", "--task",
+                     f"{EXAMPLE}:reward_task"]) == 2  # scoring asked for and skipped: refused

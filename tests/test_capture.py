@@ -171,6 +171,10 @@ def test_pattern_matching_nothing_lists_names():
     msg = str(err.value)
     assert "'*attn.qkv.weight' matches no parameter" in msg
     assert "model.embed_tokens.weight" in msg and "+" in msg  # a few names, then a count
+    assert "patterns match whole" not in msg  # it was a glob
+    with pytest.raises(ValueError, match=r"'q_proj' matches no parameter of \w+ \(patterns "
+                                         r"match whole parameter names: '\*q_proj\*' matches"):
+        select_targets(model, ["q_proj"])  # a module's name, as peft's target_modules take
 
 
 def test_frozen_parameters_are_not_targets():

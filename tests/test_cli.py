@@ -94,22 +94,17 @@ def test_console_reward_is_the_named_steps(tmp_path, caplog):
 
 
 def test_run_shorter_than_the_warm_up_says_so(tmp_path):
-    """Per step, the job refuses up front a run whose steps never reach runner.min_samples; per
-    event (samples per step depend on the processes) the run says so at the end."""
+    """The job refuses up front a run whose steps can never give runner.min_samples: per step
+    one sample each, per event at most the step's prompt groups."""
     with pytest.raises(ValueError, match=r"rl.max_steps=6 gives 6 trainable per-step samples.*"
                                          r"fewer than runner.min_samples=8"):
         _short_job(tmp_path / "refused", min_samples=8)
-    run = tmp_path / "r"
-    cfg = dataclasses.replace(_short_job(run, min_samples=2),
-                              capture=CaptureConfig(granularity="group"),
-                              runner=RunnerConfig(sae_steps_per_rl_step=1, min_samples=20))
-    summary = run_job(cfg, run)  # 6 RL steps x 2 prompt groups < 20 samples
-    assert summary["sae_steps"] == 0
-    assert "the SAE never trained" in summary["warning"]
-    assert "runner.min_samples=20" in summary["warning"]
-    stored = _no_nan((run / "summary.json").read_text())
-    assert stored["fvu_first"] is None and stored["warning"] == summary["warning"]
-    assert main(["analyze", str(run), "--no-dose"]) == 0  # n/a where the FVU is null
+    with pytest.raises(ValueError, match=r"rl.max_steps=6 gives 12 trainable events at most \(2 "
+                                         r"per RL step with capture.granularity=group\), fewer "
+                                         r"than runner.min_samples=20"):
+        dataclasses.replace(_short_job(tmp_path / "r", min_samples=2),
+                            capture=CaptureConfig(granularity="group"),
+                            runner=RunnerConfig(sae_steps_per_rl_step=1, min_samples=20))
 
 
 def test_an_sae_that_ends_worse_than_the_mean_is_warned_about(tmp_path):
@@ -312,3 +307,39 @@ def test_analysis_knows_the_initial_weights_it_started_from(tmp_path, caplog):
     assert main(["analyze", str(run), "--shards", "1", "--n-prompts", "4",
                  "--initial-model", str(tmp_path / "moved")]) == 0
     assert '"dose_response"' in (run / "analysis.json").read_text()
+
+
+def test_a_sweep_jobs_directory_is_named_by_its_overrides_as_given():
+    """``open_map_args`` passes ``rl.extra.x=1`` to Hydra as ``++rl.extra.x=1``: the job's
+    directory (and W&B name) is the user's spelling, the same whether ``+``/``++`` was given."""
+    from sae_shards.cli import job_dirname
+
+    assert (job_dirname("++rl.extra.scale_rewards=none,+sae.foo=1,rl.max_steps=10")
+            == "rl.extra.scale_rewards=none,sae.foo=1,rl.max_steps=10")
+    assert job_dirname("capture.targets=[a,b],sae.k=2") == "capture.targets=[a,b],sae.k=2"
+
+
+def test_a_sweep_is_refused_inside_a_run_before_anything_is_written(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "rollouts.jsonl").write_text('{"step": 1}\n')
+    assert main(["train", "-m", f"run_dir={run}", "sae.k=2,3"]) == 2
+    err = capsys.readouterr().err
+    assert f"run_dir={run} holds a run (rollouts.jsonl), and a sweep (-m) writes" in err
+    assert sorted(p.name for p in run.iterdir()) == ["rollouts.jsonl"]  # no multirun.yaml
+
+
+def test_a_hung_sae_worker_stops_the_run_with_a_message_not_an_abort(tmp_path):
+    """The thread runner's timeout (here far below one SAE step) stops RL with a one-line
+    reason and how to continue; the worker is let finish its step, so the process exits 2
+    rather than aborting on a thread left inside torch."""
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "sae_shards.cli", "train", f"run_dir={run}", "rl.max_steps=10",
+         "runner.concurrency=thread", "runner.worker_timeout_s=0.001",
+         "runner.sae_steps_per_rl_step=20", "logging=disabled", "runner.torch_threads=1"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "sae-shards: stopped: the SAE worker has been on one captured delta" in done.stderr
+    assert "start it again with: sae-shards train" in done.stderr  # no checkpoint yet
+    assert "Traceback" not in done.stderr and "terminate called" not in done.stderr

@@ -42,6 +42,8 @@ def test_evaluate_reports_every_figure(planted_run):
     on_disk = json.loads((planted_run / "evaluation.json").read_text())
     assert on_disk["mmcs"] == r["mmcs"]
     assert "| mmcs |" in (planted_run / "evaluation.md").read_text()
+    # dead latents as the run's summary says (null while the SAE has seen < dead_after samples)
+    assert r["dead_frac"] == json.loads((planted_run / "summary.json").read_text())["dead_frac"]
     st = r["steering"]
     assert set(st["per_task"]) == {"A", "B", "C", "D"}
     for e in st["per_task"].values():
@@ -111,7 +113,8 @@ def test_from_step_restricts_the_window(planted_run):
     assert late["from_step"] == 11
     assert late["n_train"] + late["n_heldout"] <= 70  # steps 11..80 only
     assert full["n_train"] + full["n_heldout"] > 70
-    with pytest.raises(Exception, match="fewer than 2 non-zero"):
+    with pytest.raises(Exception, match=r"fewer than 2 non-zero .* from RL step 78 on "
+                                        r"\(--from-step; the samples end at step 80\): lower it"):
         evaluate_run(planted_run, n_null=2, steering=False, from_step=78)
 
 

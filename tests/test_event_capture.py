@@ -350,3 +350,20 @@ def test_a_target_used_outside_its_module_is_an_error_not_zero_events(tmp_path):
     targets = select_targets(trainer.model, ["lm_head.weight", "*layers.0.mlp.up_proj.weight"])
     with pytest.raises(ValueError, match=r"lm_head.weight.*never ran"):
         run(trainer, targets, event_rank=EXACT_RANK)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_dropout_makes_events_approximate_and_says_so(dropout, caplog):
+    """Dropout feeds a LoRA adapter inputs the hooks never see: warned about (exact at 0)."""
+    import peft
+
+    from sae_shards.capture.event_capture import _warn_lora_dropout
+
+    model, _ = tiny_model_and_tokenizer("qwen2", hidden_size=32, num_layers=1, num_heads=4,
+                                        intermediate_size=64, seed=0)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_dropout=dropout,
+                                                       target_modules=["q_proj"]))
+    with caplog.at_level("WARNING", logger="sae_shards"):
+        _warn_lora_dropout(select_targets(model, ["*q_proj.weight"]), "group")
+    assert ("lora_dropout=0.1: each event's gradient of the adapted weights is approximate"
+            in caplog.text) == (dropout > 0)

@@ -106,10 +106,15 @@ def test_analyze_cli_reports_a_bad_run_dir(tmp_path, capsys):
     assert cli_main(["analyze", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "is a sweep's directory, not a run: it holds the runs ['sae.k=2', 'sae.k=4']" in err
-    for bad in (["--shards", "-2"], ["--n-prompts", "0"]):  # refused before anything is read
+    bad_args = [("analyze", ["--shards", "-2"]), ("analyze", ["--n-prompts", "0"]),
+                ("analyze", ["--threads", "0"]), ("evaluate", ["--n-null", "0"]),
+                ("evaluate", ["--n-prompts", "0"]), ("evaluate", ["--threads", "-1"]),
+                ("evaluate", ["--from-step", "-1"]), ("evaluate", ["--n-null", "two"])]
+    for command, bad in bad_args:  # refused before anything is read
         with pytest.raises(SystemExit):
-            cli_main(["analyze", str(tmp_path), *bad])
-        assert "negative" in (err := capsys.readouterr().err) or "must be 1 or more" in err
+            cli_main([command, str(tmp_path), *bad])
+        err = capsys.readouterr().err
+        assert any(w in err for w in ("negative", "must be 1 or more", "not a whole number")), err
 
 
 def test_families_table_lists_families_of_several_shards_largest_first():
@@ -122,6 +127,19 @@ def test_families_table_lists_families_of_several_shards_largest_first():
     assert page.index("2, 4, 5") < page.index("0, 3")
     assert "2 families of several shards; 1 shards fire with no other" in page
     assert "<td>1</td>" not in page  # the single shard is counted, not listed
+
+
+def test_a_steps_rollouts_show_its_contexts_and_one_completion_per_prompt():
+    """A step of two prompt groups per context: the table names the contexts and samples each
+    prompt once, not the first prompt's group members."""
+    from sae_shards.analysis.report import _contexts, _group_samples
+
+    row = {"prompts": ["<A> x"] * 4 + ["<B> y"] * 4 + ["<A> z"] * 4,
+           "completions": [f"c{i}" for i in range(12)], "rewards": [0.5] * 11 + [None],
+           "tasks": ["A"] * 4 + ["B"] * 4 + ["A"] * 4}
+    assert _contexts(row) == "A 8, B 4" and _contexts({"tasks": None}) == "-"
+    assert _group_samples(row) == ["'<A> x' → 'c0' (r=0.50)", "'<B> y' → 'c4' (r=0.50)",
+                                   "'<A> z' → 'c8' (r=0.50)"]
 
 
 def test_the_notebook_example_in_docs_runs_as_written(short_run_dir, tmp_path):

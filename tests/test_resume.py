@@ -256,6 +256,54 @@ def test_a_resume_with_nothing_to_resume_says_what_it_found(tmp_path, made, why)
         prepare_run_dir(run, overwrite=False, resume=True)
 
 
+def test_a_failed_starts_empty_logs_do_not_outlive_the_retry(tmp_path):
+    """A start that failed before its first step leaves empty logs (here a per-event attempt's
+    events.jsonl); the retry may use the directory, and they do not stay behind in it."""
+    from sae_shards.run.rundir import prepare_run_dir, release_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("events.jsonl", "metrics.jsonl"):
+        (run / name).touch()
+    (run / "rollouts.jsonl").write_text('{"step": 1}\n')  # not empty: an earlier run's
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        prepare_run_dir(run, overwrite=False)
+    assert (run / "events.jsonl").exists()  # a refusal removes nothing
+    (run / "rollouts.jsonl").write_text("")
+    prepare_run_dir(run, overwrite=False)
+    release_run_dir(run)
+    assert not any((run / n).exists() for n in ("events.jsonl", "rollouts.jsonl", "metrics.jsonl"))
+
+
+def test_a_resume_of_a_directory_that_does_not_exist_creates_nothing(tmp_path):
+    from sae_shards.run.rundir import prepare_run_dir
+
+    with pytest.raises(FileNotFoundError, match="does not exist: no run was started there"):
+        prepare_run_dir(tmp_path / "runs" / "typo", overwrite=False, resume=True)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("cli, script", [
+    ("resume=true but run_dir=r holds no resumable run (resume/ is missing or empty): no run "
+     "was started there; start it without resume=true",
+     "resume=True but run_dir=r holds no resumable run (resume/ is missing or empty): no run "
+     "was started there; start it without resume=True"),
+    ("run_dir=r already holds a run (rollouts.jsonl); it was stopped before it finished: "
+     "continue it with resume=true, choose a new run_dir=... or pass overwrite=true to replace "
+     "it",
+     "run_dir=r already holds a run (rollouts.jsonl); it was stopped before it finished: "
+     "continue it with ShardCallback(..., resume=True) and "
+     "trainer.train(resume_from_checkpoint=True), choose a new run_dir=... or pass "
+     "overwrite=True to replace it"),
+])
+def test_refusals_in_a_script_speak_its_arguments(cli, script):
+    """A script's refusal names ShardCallback's arguments, and tells how to resume only where
+    resuming is the advice (never "start without resume=True (ShardCallback(resume=True)...)")."""
+    from sae_shards.capture.callback import _in_script_terms
+
+    assert _in_script_terms(cli) == script
+
+
 def test_text_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     """``write_text`` (reports, JSON): the old file survives a write that fails before the
     rename, no temporary file is left after a good one, and the file is as readable as a

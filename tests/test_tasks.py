@@ -39,9 +39,9 @@ def test_unknown_task_lists_known_ones():
 
 
 def test_bad_fields_are_named():
-    with pytest.raises(ValueError, match="task.tag"):
+    with pytest.raises(ValueError, match="task.options.tag"):
         build_task("letters", tag="<Z>")
-    with pytest.raises(ValueError, match="task.target_length"):
+    with pytest.raises(ValueError, match="task.options.target_length"):
         build_task("letters", target_length=0)
     with pytest.raises(ValueError, match=r"\['task.options.no_such_field'\] are not options of "
                                          r"task 'letters'; it takes \[.*target_chars"):

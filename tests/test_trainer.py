@@ -133,3 +133,17 @@ def test_resume_matches_uninterrupted_run(stream, tmp_path):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
     assert tr.n_steps == ref_tr.n_steps
     assert torch.equal(tr.stats.fire_count, ref_tr.stats.fire_count)
+
+
+def test_no_latent_is_called_dead_before_dead_after_samples():
+    """``dead_fraction``: None (unknown), not 0, while fewer than ``dead_after`` samples were
+    seen; a checkpoint without the sample count bounds it by the longest silence."""
+    from sae_shards.core.trainer import LatentStats, dead_fraction
+
+    silent = torch.tensor([0, 5, 10, 10])
+    assert dead_fraction(silent, 8, n_samples=10) == 0.5
+    assert dead_fraction(silent, 16, n_samples=10) is None
+    assert dead_fraction(silent, 8) == 0.5 and dead_fraction(silent, 16) is None
+    stats = LatentStats(4, torch.device("cpu"))
+    stats.update((torch.tensor([[0], [1], [0]]), torch.tensor([[1.0], [2.0], [0.5]])), step=1)
+    assert stats.dead_frac(3) == 0.5 and stats.dead_frac(4) is None

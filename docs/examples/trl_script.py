@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="local transformers causal-LM directory")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--algorithm", choices=["grpo", "rloo"], default="grpo")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     torch.set_num_threads(1)
 

@@ -19,6 +19,7 @@ beside ``c`` times a random direction of the shard's norm.
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import html
 import io
@@ -587,14 +588,35 @@ def _rollouts_html(view: RunView, shards: list[int], top_k: int, tags: dict[int,
             r = t["rollout"] or {}
             scored = [x for x in (r.get("rewards") or []) if x is not None]
             mean = f"{sum(scored) / len(scored):.3f}" if scored else "n/a"
-            shown = [f"{p!r} → {c!r} (r={'n/a' if x is None else f'{x:.2f}'})"
-                     for p, c, x in list(zip(r.get("prompts") or [], r.get("completions") or [],
-                                             r.get("rewards") or []))[:3]]
-            rows.append([t["rl_step"], f"{t['activation']:+.3f}", mean, " | ".join(shown)])
+            rows.append([t["rl_step"], f"{t['activation']:+.3f}", mean, _contexts(r),
+                         " | ".join(_group_samples(r))])
         out.append(_shard_title(s, tags) + _mix_html(mixes.get(s)) + _table(
-            ["RL step", "activation", "mean reward", "prompt → completion (first 3, reward)"],
-            rows))
+            ["RL step", "activation", "mean reward", "contexts (completions)",
+             "prompt → a completion (reward; first 3 prompts)"], rows))
     return "".join(out) or "<p>No active shards.</p>"
+
+
+def _contexts(row: dict[str, Any]) -> str:
+    """A step's rollouts by context label, ``"A 8, B 8"`` ("-" without labels)."""
+    counts = collections.Counter(row.get("tasks") or [])
+    return ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "-"
+
+
+def _group_samples(row: dict[str, Any], n: int = 3) -> list[str]:
+    """One completion of each of a step's first ``n`` prompts (its groups, not one group's
+    members), with its reward."""
+    seen: set[str] = set()
+    out = []
+    for p, c, x in zip(row.get("prompts") or [], row.get("completions") or [],
+                       row.get("rewards") or []):
+        key = repr(p)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(f"{p!r} → {c!r} (r={'n/a' if x is None else f'{x:.2f}'})")
+        if len(out) == n:
+            break
+    return out
 
 
 def _mix_html(mix: dict[str, float] | None) -> str:

@@ -52,6 +52,7 @@ from transformers import TrainerCallback
 from sae_shards.capture import distributed, initial_model
 from sae_shards.capture.signals import SignalGuard
 from sae_shards.capture import resume as resume_state
+from sae_shards.capture.runner import STOP_GRACE_S
 from sae_shards.capture.background import BackgroundWriter
 from sae_shards.capture.buffer import StepMeta
 from sae_shards.capture.delta import DeltaCapture
@@ -68,7 +69,8 @@ from sae_shards.core.checkpoint import save_checkpoint
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import make_targets
 from sae_shards.run import rundir
-from sae_shards.run.config import CaptureConfig, RunnerConfig, check_sae_window
+from sae_shards.run.config import (CaptureConfig, RunnerConfig, check_sae_trains,
+                                    check_sae_window)
 from sae_shards.run.schema import build_dataclass
 from sae_shards.run.tracking import RunLogger
 
@@ -317,7 +319,8 @@ class ShardCallback(TrainerCallback):
         args = getattr(trainer, "args", None)
         return {**own, "task": None,
                 "model": {"path": self._initial_dir, "name_or_path": _model_id(model),
-                          "lora": {"enabled": self._is_lora()},
+                          "lora": _lora_settings(model) if self._is_lora() else
+                          {"enabled": False},
                           # theta_0 lives outside the run: analysis checks it is unchanged
                           **({"fingerprint": self._initial_fingerprint()}
                              if self._initial_dir else {})},
@@ -388,6 +391,10 @@ class ShardCallback(TrainerCallback):
         self.capture = EventCapture(targets, specs, None, self.capture_cfg, trainer)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not self.run_config:  # sae-shards train checked its rl.max_steps already
+            check_sae_trains(self.capture_cfg, self.runner_cfg, state.max_steps,
+                             "the trainer's max_steps",
+                             1 if self.capture_cfg.granularity == "step" else None)
         self._begin(args, state, control, model, **kwargs)
         if self.resume and state.global_step >= state.max_steps:
             self._end_at_resume(args, state, control, model, **kwargs)
@@ -536,12 +543,13 @@ class ShardCallback(TrainerCallback):
         if self.capture is not None and self.summary is None:  # a failed train(): hooks off
             self.capture.on_train_end(None, None, None)
         if self.parts is not None and self.summary is None:
-            for what, finish in (("checkpoint write", self._writer.wait),
-                                 ("SAE runner", self.parts.runner.finish)):
-                try:
-                    finish()
-                except Exception as e:  # the training error that brought us here is the one to see
-                    log.warning("the %s also failed while stopping: %s", what, e)
+            try:
+                self._writer.wait()
+            except Exception as e:  # the training error that brought us here is the one to see
+                log.warning("the checkpoint write also failed while stopping: %s", e)
+            if not self.parts.runner.stop():
+                log.warning("the SAE worker did not finish its step within %.0f s of the "
+                            "failure; the process may end abruptly", STOP_GRACE_S)
         if self._signals is not None:
             self._signals.exit()
         self._let_go()
@@ -579,8 +587,7 @@ class ShardCallback(TrainerCallback):
             final = self.run_dir / rundir.CHECKPOINTS / "final"
             with rundir.writing(final):
                 save_checkpoint(final, parts.sae, parts.trainer.stats.as_tensors(),
-                                {**self.meta, "rl_step": rl_step,
-                                 "sae_step": parts.trainer.n_steps})
+                                resume_state.checkpoint_meta(self.meta, rl_step, parts.trainer))
         else:
             final = self.last_checkpoint
         rundir.save_activations(self.run_dir / rundir.ACTIVATIONS,
@@ -611,6 +618,9 @@ class ShardCallback(TrainerCallback):
         self.logger.summary(summary)
         self.logger.log_artifact(final, f"shards-{self.run_dir.name}", {"rl_step": rl_step})
         self.logger.finish()
+        if self._stopped and not self.run_config:  # sae-shards train prints its own command
+            log.warning("stopped after RL step %d with a checkpoint of both sides (%s); to "
+                        "continue, run the script again with %s", rl_step, final, SCRIPT_RESUME)
         return summary
 
 
@@ -641,12 +651,30 @@ def _warn_earlier_trl_checkpoints(output_dir: str | None) -> None:
 def _in_script_terms(message: str) -> str:
     """A run-directory refusal worded for ``ShardCallback``'s arguments (the shared message
     speaks ``sae-shards train``'s overrides)."""
-    for cli, kwarg in (("overwrite=true", "overwrite=True"), ("resume=true", "resume=True")):
+    for cli, kwarg in (("continue it with resume=true", f"continue it with {SCRIPT_RESUME}"),
+                       ("resume with resume=true", f"resume with {SCRIPT_RESUME}"),
+                       ("overwrite=true", "overwrite=True"), ("resume=true", "resume=True")):
         message = message.replace(cli, kwarg)
-    if "resume=True" in message:
-        message += (" (ShardCallback(..., resume=True) with "
-                    "trainer.train(resume_from_checkpoint=True))")
     return message
+
+
+SCRIPT_RESUME = "ShardCallback(..., resume=True) and trainer.train(resume_from_checkpoint=True)"
+"""How a user's script continues a stopped run."""
+
+
+def _lora_settings(model: torch.nn.Module) -> dict[str, Any]:
+    """A PEFT model's trained LoRA adapter settings, named as ``model.lora`` of
+    ``sae-shards train`` (``enabled``, ``r``, ``alpha``, ``target_modules``, ``dropout``,
+    ``rslora``); ``{"enabled": True}`` when its config cannot be read."""
+    configs = getattr(model, "peft_config", None) or {}
+    cfg = configs.get(getattr(model, "active_adapter", None)) or next(iter(configs.values()), None)
+    if cfg is None:
+        return {"enabled": True}
+    modules = getattr(cfg, "target_modules", None)
+    return {"enabled": True, "r": getattr(cfg, "r", None), "alpha": getattr(cfg, "lora_alpha", None),
+            "target_modules": sorted(modules) if isinstance(modules, (set, list, tuple))
+            else modules,
+            "dropout": getattr(cfg, "lora_dropout", None), "rslora": getattr(cfg, "use_rslora", None)}
 
 
 def _reward_batch(args: Any) -> int | None:

@@ -40,7 +40,8 @@ from sae_shards.capture.event_hooks import Event, EventRecorder
 from sae_shards.capture.event_precondition import (COVARIANCE_KINDS, EventPreconditioner,
                                                    normalize_unit)
 from sae_shards.capture.outliers import NormOutliers
-from sae_shards.capture.rollouts import population_std
+from sae_shards.capture.rollouts import generations_reused, population_std
+from sae_shards.capture.selection import LoraTarget
 from sae_shards.capture.zero3_delta import zero3_targets
 from sae_shards.core import events as ev
 from sae_shards.core.targets import TargetSpec
@@ -124,6 +125,14 @@ class EventCapture(TrainerCallback):
     # ---- callback events ----
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        reused = generations_reused(getattr(self.trainer, "args", None))
+        if reused:
+            raise ValueError(
+                f"capture.granularity={self.cfg.granularity} needs one generation per optimizer "
+                f"step (each event is a prompt group of the step that trains on it); the trainer "
+                f"has {reused}, which trains on each generation over several steps: set "
+                "num_iterations=1 and leave steps_per_generation unset, or capture per step")
+        _warn_lora_dropout(self.targets, self.cfg.granularity)
         if args.world_size > 1:
             _check_groups_within_ranks(self.trainer, self.cfg.granularity)
         if self.recorder is None:
@@ -265,6 +274,18 @@ class EventCapture(TrainerCallback):
                 "kept_energy_min": self.kept_energy_min,
                 "precond_error_mean": (statistics.fmean(self.precond_error)
                                        if self.precond_error else None)}
+
+
+def _warn_lora_dropout(targets: Mapping[str, Any], granularity: str) -> None:
+    """Once per run: LoRA dropout feeds the adapter another input than the one the hooks see,
+    so the events of adapted weights are approximate (exact with ``lora_dropout=0``)."""
+    rates = {float(getattr(t.layer.lora_dropout[t.adapter], "p", 0.0))
+             for t in targets.values() if isinstance(t, LoraTarget)}
+    if any(p > 0 for p in rates):
+        logger.warning("capture.granularity=%s with lora_dropout=%s: each event's gradient of "
+                       "the adapted weights is approximate (the adapter sees dropped-out inputs "
+                       "the hooks do not); set lora_dropout=0 in the LoraConfig for exact "
+                       "events", granularity, max(rates))
 
 
 def _check_groups_within_ranks(trainer: Any, granularity: str) -> None:

@@ -23,10 +23,6 @@ from sae_shards.capture.sharded_delta import is_dtensor
 from sae_shards.capture.zero3_delta import is_zero3
 from sae_shards.run import rundir
 
-SPOT_CHECKS = 3
-"""Tensors compared between a model and the directory it names (the first few in the file)."""
-
-
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether the model's parameters are FSDP2 DTensors or DeepSpeed ZeRO-3 partitions: one
     process holds no whole weight, so neither comparing nor saving works from rank 0 alone."""
@@ -36,11 +32,14 @@ def is_sharded(model: torch.nn.Module) -> bool:
 def loaded_from(model: torch.nn.Module) -> str | None:
     """The absolute local directory the model's weights came from, or None: a Hub id, a model
     built in the script, or one whose config names a directory whose weights it no longer holds
-    (e.g. ``from_config`` on a local config). The directory's safetensors are spot-checked
-    against the live parameters (``SPOT_CHECKS`` tensors). A directory without safetensors (only
-    ``pytorch_model.bin``) is not taken: it cannot be checked without unpickling, and analysis
-    would have to unpickle it, so the callback saves theta_0 as safetensors instead. A sharded
-    model cannot be checked (no process holds a whole weight) and is taken at its word."""
+    (``from_config`` on a local config; an adapter merged, embeddings resized, any weight edited
+    or cast to a lower precision after loading). Every parameter is compared with the
+    directory's safetensors: present under its name, the same shape, a dtype that holds the
+    file's values exactly, and equal values (this reads the weight files once, as the
+    fingerprint does). A directory without safetensors (only ``pytorch_model.bin``) is not
+    taken: it cannot be checked without unpickling, and analysis would have to unpickle it, so
+    the callback saves theta_0 as safetensors instead. A sharded model cannot be checked (no
+    process holds a whole weight) and is taken at its word."""
     name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
     folder = Path(name).expanduser()
     if not name or not (folder / "config.json").is_file():
@@ -48,26 +47,45 @@ def loaded_from(model: torch.nn.Module) -> str | None:
     folder = folder.resolve()
     if is_sharded(model):
         return str(folder)
-    weights = _first_safetensors(folder)
-    if weights is None:
+    files = _safetensors_files(folder)
+    if not files:
         return None
     from safetensors import safe_open
 
-    # a PEFT model: its base model's names (LoRA-wrapped weights are renamed and not compared)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = dict(base.named_parameters())
-    checked = 0
-    with safe_open(str(weights), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            live = params.get(key)
-            if live is None or tuple(live.shape) != tuple(f.get_slice(key).get_shape()):
-                continue
-            if not torch.equal(f.get_tensor(key).to(live.dtype), live.detach().cpu()):
-                return None
-            checked += 1
-            if checked == SPOT_CHECKS:
-                break
-    return str(folder) if checked else None
+    unchecked = _initial_parameters(model)
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                live = unchecked.pop(key, None)
+                if live is not None and not _holds(live, f, key):
+                    return None
+    return None if unchecked else str(folder)  # a parameter the files do not have: not theirs
+
+
+def _initial_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters a run starts from, under the names its model directory gives them: a
+    PEFT model's base parameters (``base_weights``' renaming, LoRA factors and
+    ``modules_to_save`` copies left out); tied weights once."""
+    if not hasattr(model, "get_base_model"):
+        return {n: p for n, p in model.named_parameters()}
+    return {_base_name(n): p for n, p in model.get_base_model().named_parameters()
+            if ".lora_" not in n and ".modules_to_save." not in n}
+
+
+def _base_name(name: str) -> str:
+    return name.replace(".base_layer.", ".").replace(".original_module.", ".")
+
+
+def _holds(live: torch.Tensor, f: Any, key: str) -> bool:
+    """Whether the parameter ``live`` holds exactly tensor ``key`` of the open safetensors
+    file ``f``: same shape, a dtype the file's values cast to without loss, equal values."""
+    if tuple(live.shape) != tuple(f.get_slice(key).get_shape()):
+        return False
+    stored = f.get_tensor(key)
+    if torch.promote_types(stored.dtype, live.dtype) != live.dtype:  # e.g. fp32 file, bf16 live
+        return False
+    with torch.no_grad():
+        return torch.equal(stored.to(device=live.device, dtype=live.dtype), live.detach())
 
 
 _FINGERPRINTS: dict[tuple[str, int, int], str] = {}
@@ -101,28 +119,28 @@ def fingerprint(folder: str | Path) -> dict[str, str]:
     return out
 
 
-def _first_safetensors(folder: Path) -> Path | None:
+def _safetensors_files(folder: Path) -> list[Path]:
+    """A model directory's safetensors weight files (one, or the shards its index names); []
+    when it has none or a file its index names is missing."""
     single = folder / "model.safetensors"
     if single.is_file():
-        return single
+        return [single]
     index = folder / "model.safetensors.index.json"
     try:
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    return folder / files[0] if files and (folder / files[0]).is_file() else None
+        return []
+    files = [folder / n for n in names]
+    return files if files and all(p.is_file() for p in files) else []
 
 
 def base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A PEFT model's base weights under the base model's own names: the LoRA factors left out,
     each wrapped layer's ``base_layer`` unwrapped, a ``modules_to_save`` module's original (the
     weights before training; a LoRA run's theta_0, since its adapter starts at B = 0)."""
-    out = {}
-    for name, tensor in model.get_base_model().state_dict().items():
-        if ".lora_" in name or ".modules_to_save." in name:
-            continue
-        out[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor
-    return out
+    return {_base_name(name): tensor
+            for name, tensor in model.get_base_model().state_dict().items()
+            if ".lora_" not in name and ".modules_to_save." not in name}
 
 
 def save_policy(model: torch.nn.Module, tokenizer: Any | None, out: Path,

@@ -97,11 +97,12 @@ def _memory_error(
 ) -> str:
     per_slot = buffer_memory_bytes(targets, 1, dtype, event_rank)
     entries = slot_numel(targets, event_rank)
-    fits = budget // per_slot
+    fits = max(budget, 0) // per_slot
     lines = [
         f"the delta buffer needs {needed / _GIB:.3f} GiB ({needed} bytes: capture.capacity="
         f"{capacity} slots x {entries} entries x {per_slot // entries} "
-        f"bytes) but the budget on {device} is {budget / _GIB:.3f} GiB ({budget} bytes). To fit:",
+        f"bytes) but the budget on {device} is {max(budget, 0) / _GIB:.3f} GiB "
+        f"({max(budget, 0)} bytes). To fit:",
     ]
     if dtype == torch.float32:
         half = buffer_memory_bytes(targets, capacity, torch.bfloat16, event_rank)

@@ -75,8 +75,16 @@ def build_pipeline(
     dtype = STORAGE[capture.storage_dtype]
     per_event = capture.granularity != "step"
     event_rank = capture.event_rank if per_event else None
-    budget = default_memory_budget(device, capture.memory_fraction) - working_bytes(capture, specs)
-    check_buffer_memory(specs, capture.capacity, dtype, budget, device, event_rank)
+    share = default_memory_budget(device, capture.memory_fraction)
+    working = working_bytes(capture, specs)
+    try:
+        check_buffer_memory(specs, capture.capacity, dtype, share - working, device, event_rank)
+    except ValueError as e:
+        raise ValueError(
+            f"{e}\n  - capture.memory_fraction={capture.memory_fraction:g}: a larger share of "
+            f"free memory (now {share / 2**30:.3f} GiB, of which the capture's working copies "
+            f"of the targets take {working / 2**30:.3f} GiB and the buffer gets the rest)"
+        ) from None
     buffer = DeltaRingBuffer(specs, capture.capacity, device, dtype, event_rank)
     sae = LowRankSAE(specs, sae_cfg, sample_form="factored" if per_event else "dense").to(device)
     trainer = SAETrainer(sae)

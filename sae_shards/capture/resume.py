@@ -70,9 +70,16 @@ def snapshot_step(step: int, parts: Pipeline, capture: DeltaCapture | EventCaptu
     info = {"step": step, "buffer": info, "capture": capture.counters(),
             "last_rl_step": parts.loop.last_rl_step, "wall_s": wall_s}
     files = checkpoint_files(parts.sae, parts.trainer.stats.as_tensors(),
-                             {**meta, "rl_step": step, "sae_step": parts.trainer.n_steps},
+                             checkpoint_meta(meta, step, parts.trainer),
                              parts.trainer.state_tensors(), copy=True)
     return StepSnapshot(step, tensors, info, files)
+
+
+def checkpoint_meta(meta: dict, rl_step: int, trainer: Any) -> dict:
+    """A shards checkpoint's run metadata: the run's ``meta``, the RL step, the SAE's steps and
+    the samples it trained on (``sae_samples``: whether a latent can be called dead yet)."""
+    return {**meta, "rl_step": rl_step, "sae_step": trainer.n_steps,
+            "sae_samples": trainer.stats.n_samples}
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -50,6 +50,19 @@ def calling_trainer(depth_limit: int = 64) -> Any | None:
     return None
 
 
+def generations_reused(args: Any) -> str:
+    """Which of a TRL config's settings make one generation batch train several optimizer steps
+    (``num_iterations`` > 1, ``steps_per_generation`` > ``gradient_accumulation_steps``), as
+    ``"name=value"`` text; "" when each step trains on a generation of its own."""
+    if args is None:
+        return ""
+    accumulation = getattr(args, "gradient_accumulation_steps", 1)
+    found = {"num_iterations": getattr(args, "num_iterations", 1),
+             "steps_per_generation": getattr(args, "steps_per_generation", None) or accumulation}
+    normal = {"num_iterations": 1, "steps_per_generation": accumulation}
+    return ", ".join(f"{k}={v}" for k, v in found.items() if v != normal[k])
+
+
 class TRLRollouts:
     """Reads the latest generation batch from a TRL GRPO/RLOO trainer's completion log."""
 
@@ -64,6 +77,12 @@ class TRLRollouts:
         self.trainer = trainer
         self.label_column = label_column
         self._warned = False
+        reused = generations_reused(getattr(trainer, "args", None))
+        if reused:
+            log.warning("the trainer trains on each generation over several optimizer steps "
+                        "(%s): rollouts.jsonl gives each step the whole generation batch its "
+                        "step came from, not the completions that step alone trained on",
+                        reused)
 
     def read(self, step: int) -> StepRollouts | None:
         """The rollouts of optimizer step ``step`` (None when nothing was generated yet)."""
@@ -80,7 +99,7 @@ class TRLRollouts:
         labels = ([str(x) for x in extra[self.label_column]]
                   if self.label_column and self.label_column in extra else None)
         if labels is None and not self._warned:
-            self._warn_unlogged_labels()
+            self._warn_unlogged_labels(sorted(extra))
         row = {"step": step, "prompts": prompts, "completions": completions, "rewards": totals,
                "advantages": [float(a) for a in logs["advantages"]], "tasks": labels,
                "reward_funcs": per_func}
@@ -89,12 +108,19 @@ class TRLRollouts:
         std = population_std(scored) if len(scored) > 1 else 0.0
         return StepRollouts(row, mean, std, tuple(sorted(set(labels or ()))))
 
-    def _warn_unlogged_labels(self) -> None:
-        """Once: the dataset has the label column, but no reward function logged it, so every
+    def _warn_unlogged_labels(self, logged: list[str]) -> None:
+        """Once: the dataset has the label column but no reward function logged it, or the
+        reward functions log other columns (``logged``) and none is the label column, so every
         rollout and sample would go unlabelled without a word."""
         self._warned = True
         columns = getattr(getattr(self.trainer, "train_dataset", None), "column_names", None)
-        if self.label_column and columns and self.label_column in columns:
+        if self.label_column and logged:
+            log.warning(
+                "the reward functions log %s with log_extra but not the label column %r: "
+                "rollouts.jsonl and the samples carry no labels. If one of them names each "
+                "completion's context, pass ShardCallback(label_column=%r)",
+                logged, self.label_column, logged[0])
+        elif self.label_column and columns and self.label_column in columns:
             log.warning(
                 "the dataset has a %r column, but TRL's completion log does not: rollouts.jsonl "
                 "and the samples carry no labels. Have a reward function log it "

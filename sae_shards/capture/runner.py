@@ -263,6 +263,11 @@ class SAEWorkLoop:
         return out
 
 
+STOP_GRACE_S = 60.0
+"""How long stopping a failed run waits for the SAE worker to finish the step in hand: a
+thread still inside torch when the interpreter exits aborts the process."""
+
+
 class SAEWorkerError(RuntimeError):
     """SAE training failed (inline or in the worker); the RL run is stopped."""
 
@@ -284,6 +289,10 @@ class InlineRunner:
 
     def finish(self) -> None:
         """Nothing is pending inline."""
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> bool:
+        """Nothing runs beside RL inline: stopped."""
+        return True
 
 
 class ThreadRunner:
@@ -374,6 +383,22 @@ class ThreadRunner:
         self._queue.put(self._STOP)
         self._thread.join()
         self._raise_if_failed()
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> bool:
+        """After a failure (the worker's, a hang, or RL's own): drop the queued deltas, let the
+        worker finish the one in hand and end, waiting up to ``grace_s``; never raises. Whether
+        it ended (a worker that is truly stuck is left to the process's exit)."""
+        if self._error is None:
+            self._error = SAEWorkerError("stopped after a failure")  # drain without working
+        deadline = time.monotonic() + grace_s
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self._queue.put(self._STOP, timeout=0.05)
+                break
+            except queue.Full:
+                continue
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        return not self._thread.is_alive()
 
 
 def make_runner(loop: SAEWorkLoop, cfg: RunnerConfig) -> InlineRunner | ThreadRunner:

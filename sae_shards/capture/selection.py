@@ -79,9 +79,13 @@ def select_targets(model: torch.nn.Module, patterns: list[str]) -> dict[str, Tar
         if stuck:
             raise ValueError(_frozen_error(pattern, stuck, capturable))
         if not hits:
+            partial = "" if any(c in pattern for c in "*?[") else (
+                f" (patterns match whole parameter names: '*{pattern}*' matches names that "
+                f"contain it)")
             raise ValueError(
                 f"capture.targets pattern {pattern!r} matches no parameter of "
-                f"{type(model).__name__}; capturable names include {few_names(capturable)}"
+                f"{type(model).__name__}{partial}; capturable names include "
+                f"{few_names(capturable)}"
             )
         selected.update((n, capturable[n]) for n in hits)
     return selected

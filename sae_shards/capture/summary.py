@@ -58,8 +58,7 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
         "sae_rejected_nonfinite": trainer.n_rejected_nonfinite,
         "sae_skipped_zero": trainer.n_skipped_zero,
         # dead: silent for sae.dead_after samples, which a short run may never see (then null)
-        "dead_frac": (float(trainer.stats.dead_mask(parts.sae.cfg.dead_after).float().mean())
-                      if trainer.stats.n_samples >= parts.sae.cfg.dead_after else None),
+        "dead_frac": trainer.stats.dead_frac(parts.sae.cfg.dead_after),
         "never_fired_frac": float((trainer.stats.fire_count == 0).float().mean()),
         "samples_per_slot": trainer.stats.n_samples / max(capture.n_captured, 1),
         **_budget_figures(parts.loop.budget),

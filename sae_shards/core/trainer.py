@@ -45,6 +45,18 @@ class StepMetrics:
     """Running RMS of sample norms, parameter units."""
 
 
+def dead_fraction(samples_since_fired: Tensor, dead_after: int,
+                  n_samples: int | None = None) -> float | None:
+    """Fraction of latents silent for the last ``dead_after`` training samples
+    (``samples_since_fired [n_latents]``), or None while the SAE has seen fewer than
+    ``dead_after`` samples in all (``n_samples``; when unknown, the longest silence is its
+    lower bound): before that no latent can be called dead, and 0 would claim that none is."""
+    seen = n_samples if n_samples is not None else int(samples_since_fired.max()) if samples_since_fired.numel() else 0
+    if seen < dead_after:
+        return None
+    return float((samples_since_fired >= dead_after).float().mean())
+
+
 class LatentStats:
     """Per-latent firing statistics, updated after every step (stored in checkpoints)."""
 
@@ -71,6 +83,10 @@ class LatentStats:
 
     def dead_mask(self, dead_after: int) -> Tensor:
         return self.samples_since_fired >= dead_after
+
+    def dead_frac(self, dead_after: int) -> float | None:
+        """``dead_fraction`` of these statistics (None before ``dead_after`` samples)."""
+        return dead_fraction(self.samples_since_fired, dead_after, self.n_samples)
 
     def density(self) -> Tensor:
         """Fraction of all training samples on which each latent fired, [n_latents]."""

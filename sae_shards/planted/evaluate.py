@@ -62,8 +62,10 @@ sign-free, signed, class mean and linear probe, beside the best latent's ``auroc
 ``energy_share`` (each task's share of the held-out samples' squared norm; a sample of several
 tasks gives each an equal part; ``energy_share_by_label_set`` keeps such samples under their
 joined label set, as ``recipe.balance.energy_shares`` does), ``drift`` (below),
-``fvu_heldout``, ``l0``, ``dead_frac``, and the causal tests in full (``causal``; a compact
-``steering`` and ``ablation`` view per task).
+``fvu_heldout``, ``l0``, ``dead_frac`` (null until the SAE saw ``sae.dead_after`` samples), and
+the causal tests in full (``causal``; a compact ``steering`` and ``ablation`` view per task;
+``causal_skipped`` says why they are null: not asked for, a model directory missing, or a run
+of a user's script evaluated without its reward, ``task``).
 
 **Drift latents.** RL updates share a dominant common direction, and an SAE often spends one
 latent on it, active on nearly every sample. A latent active on at least ``drift_density`` of the
@@ -88,9 +90,10 @@ from torch import Tensor
 
 from sae_shards.core.checkpoint import CheckpointError, read_safetensors
 from sae_shards.core.metrics import evaluate_heldout, match_directions, sample_sq_norms
+from sae_shards.core.trainer import dead_fraction
 from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, Families,
                                           find_families, strengths, weight_matrix)
-from sae_shards.analysis.shards import ShardSet, load_run_models
+from sae_shards.analysis.shards import ShardSet, load_run_models, run_models_missing
 from sae_shards.planted.causal import CausalSettings, causal_tests
 from sae_shards.run import rundir
 from sae_shards.planted.groundtruth import (abs_cosine, auroc, class_means, energy_shares,
@@ -130,8 +133,9 @@ class EvalData:
         if not path.is_file():
             raise CheckpointError(
                 f"{path}: missing; evaluate needs the run's samples and held-out steps "
-                "(runner.save_samples=true runner.heldout_every=k) on a task with several labels "
-                "(sae-shards train experiment=planted sets all of it)")
+                "(runner.save_samples=true runner.heldout_every=k; in a script, "
+                "ShardCallback(..., runner={'save_samples': True, 'heldout_every': k})) on a task "
+                "with several labels (sae-shards train experiment=planted sets all of it)")
         tensors, header = read_safetensors(path)
         if "task_labels" not in header:
             raise CheckpointError(f"{path}: no task_labels in the header; re-save the samples "
@@ -162,10 +166,13 @@ class EvalData:
             _, labels = self.split(heldout)
             short = [t for t in self.tasks if sum(t in lab for lab in labels) < 2]
             if short:
+                last = int(self.steps.max()) if self.steps.numel() else 0
                 raise CheckpointError(
                     f"{path}: tasks {short} have fewer than 2 non-zero "
-                    f"{'held-out' if heldout else 'training'} samples; run more RL steps or "
-                    "change runner.heldout_every")
+                    f"{'held-out' if heldout else 'training'} samples"
+                    + (f" from RL step {from_step} on (--from-step; the samples end at step "
+                       f"{last}): lower it" if from_step else
+                       "; run more RL steps or change runner.heldout_every"))
 
     def split(self, heldout: bool) -> tuple[dict[str, Tensor], list[frozenset[str]]]:
         mask = (self.heldout == heldout) & self.keep
@@ -301,7 +308,7 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
                  from_step: int = 0, null_run: str | Path | Mapping[str, Any] | None = None,
                  drift_density: float = ALWAYS_ON_DENSITY, n_shuffled: int = 2,
                  n_samples: int = 4, floor: float = 0.005,
-                 family_threshold: float = FAMILY_THRESHOLD
+                 family_threshold: float = FAMILY_THRESHOLD, task: Any | None = None
                  ) -> dict[str, Any]:
     """All figures of one run (see the module docstring); also writes evaluation.json/.md.
 
@@ -313,7 +320,10 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     here without causal tests) or its evaluation dict; its ``auroc_task`` is the headline's
     ``auroc_null_control``. ``drift_density``: see the module docstring. ``family_threshold``:
     the co-activation correlation above which latents join one shard family
-    (``analysis.families``).
+    (``analysis.families``). ``task``: the prompts and reward functions of a run of a user's own
+    TRL script (a ``RewardTask`` with a ``label_column``), which the causal tests need and the run
+    directory does not hold; a run of ``sae-shards train`` rebuilds its own. Without them the
+    causal figures are null and ``causal_skipped`` says why.
     """
     run_dir = Path(run_dir)
     shards = ShardSet.from_run(run_dir, checkpoint)
@@ -406,17 +416,20 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
             "n_heldout": int(is_t.sum()), "n_train": int(presence(y_tr, t).sum()),
         }
     held = _heldout_figures(sae, x_te)
-    dead = shards.stats.get("stats.samples_since_fired")
+    silent = shards.stats.get("stats.samples_since_fired")
+    dead_frac = (dead_fraction(silent, sae.cfg.dead_after, shards.meta.get("sae_samples"))
+                 if silent is not None else None)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
 
-    causal = None
+    causal, causal_skipped = None, "not asked for (steering=False, --no-steering)"
     if steering:
         fam_dirs = {t: _family_dense(sae, fams, f)
                     for t, f in zip(tasks, families["best_family"])}
-        causal = _causal(run_dir, shards, tasks, dict(zip(tasks, best)), ref.directions,
-                         flat_tr, y_tr, shapes, g, fam_dirs,
-                         CausalSettings(alpha=alpha, n_prompts=n_prompts, n_samples=n_samples,
-                                        floor=floor, seed=seed), n_shuffled)
+        causal, causal_skipped = _causal(
+            run_dir, checkpoint, shards, tasks, dict(zip(tasks, best)), ref.directions, flat_tr,
+            y_tr, shapes, g, fam_dirs, CausalSettings(alpha=alpha, n_prompts=n_prompts,
+                                                      n_samples=n_samples, floor=floor,
+                                                      seed=seed), n_shuffled, task)
     null_control = _null_control(null_run, n_null=n_null, seed=seed, from_step=from_step,
                                  drift_density=drift_density, family_threshold=family_threshold)
 
@@ -475,30 +488,40 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         "energy_share_by_label_set": _shares_by_label_set(x_te, y_te) if data.multi_label else None,
         "drift": drift_info,
         "fvu_heldout": held["fvu"], "ml2r_heldout": held["ml2r"], "l0": held["l0"],
-        "dead_frac": float((dead >= sae.cfg.dead_after).float().mean()) if dead is not None else None,
+        "dead_frac": dead_frac,
         "per_task": per_task,
         "families": families,
         "null_control": null_control,
         "steering": _steering_view(causal, best, tasks) if causal else None,
         "ablation": _ablation_view(causal, best, tasks) if causal else None,
         "causal": causal,
+        "causal_skipped": causal_skipped,
     }
     rundir.write_json(run_dir / "evaluation.json", result)  # strict JSON (NaN -> null), atomic
     rundir.write_text(run_dir / "evaluation.md", to_markdown(result))
     return result
 
 
-def _causal(run_dir: Path, shards: ShardSet, tasks: list[str], best: dict[str, int],
-            supervised: Tensor, flat_tr: Tensor, y_tr: list, shapes: dict, g: torch.Generator,
-            family_dirs: dict[str, dict[str, Tensor]], settings: CausalSettings,
-            n_shuffled: int) -> dict[str, Any] | None:
+def _causal(run_dir: Path, checkpoint: str | None, shards: ShardSet, tasks: list[str],
+            best: dict[str, int], supervised: Tensor, flat_tr: Tensor, y_tr: list, shapes: dict,
+            g: torch.Generator, family_dirs: dict[str, dict[str, Tensor]],
+            settings: CausalSettings, n_shuffled: int, task: Any | None
+            ) -> tuple[dict[str, Any] | None, str | None]:
     """Steering and ablation of each task's best latent, its best shard family, its supervised
-    direction, a random and ``n_shuffled`` shuffled-label controls; None when the run's models
-    are not available."""
-    models = load_run_models(run_dir)
-    if models is None or models.task is None or not hasattr(models.task, "labels"):
-        return None
-    init, final, tok, task = models
+    direction, a random and ``n_shuffled`` shuffled-label controls (the policy of
+    ``checkpoint``); ``(None, why)`` when the run's models or its task are not available."""
+    missing = run_models_missing(run_dir, checkpoint)
+    if missing is not None:
+        return None, missing
+    init, final, tok, own = load_run_models(run_dir, checkpoint)
+    task = task if task is not None else own
+    if task is None:
+        return None, ("the run used its script's own reward functions, which a run directory "
+                      "does not hold; hand them back with --task FILE.py:NAME (evaluate_run(..., "
+                      "task=...); docs/analysis.md, 'Your own reward')")
+    if len(getattr(task, "labels", ()) or ()) < 2:
+        return None, (f"the task {getattr(task, 'name', type(task).__name__)!r} has no contexts "
+                      "to score apart (a RewardTask needs a label_column)")
     cfg = json.loads((run_dir / "config.json").read_text())
     max_new = int((cfg.get("rl") or {}).get("max_completion_length") or settings.max_new_tokens)
     settings = dataclasses.replace(settings, max_new_tokens=max_new)
@@ -512,7 +535,7 @@ def _causal(run_dir: Path, shards: ShardSet, tasks: list[str], best: dict[str, i
         dirs = task_directions(flat_tr, shuffled(y_tr, g), tasks)
         directions[f"shuffled_{i}"] = {t: dense(dirs[k]) for k, t in enumerate(tasks)}
     return causal_tests(init, final, tok, task, tasks, directions, settings,
-                        random_for=("shard_family",))
+                        random_for=("shard_family",)), None
 
 
 def _family_cos(sae, refs: Tensor, shapes: dict, fam_w: Tensor) -> Tensor:
@@ -713,6 +736,8 @@ def to_markdown(r: dict[str, Any]) -> str:
         for t, e in st["per_task"].items():
             lines.append(f"| {t} | {e['latent']} | {e['shard_plus'][t]:+.3f} / {e['shard_minus'][t]:+.3f} "
                          f"| {e['shard_selectivity']:+.3f} | {e['control_selectivity']:+.3f} |")
+    if not st and r.get("causal_skipped"):
+        lines += ["", f"No steering or ablation: {r['causal_skipped']}."]
     ab = r.get("ablation")
     if ab:
         lines += ["", "Ablation (the run's update along the shard removed from the final weights):",

@@ -70,17 +70,17 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.tag not in TASK_TAGS:
-            raise ValueError(
-                f"task.tag={self.tag!r} is not a tokenizer tag; use one of {list(TASK_TAGS)}"
-            )
+            raise ValueError(f"task.options.tag={self.tag!r} is not a tokenizer tag; use one of "
+                             f"{list(TASK_TAGS)}")
         if not self.target_chars:
-            raise ValueError("task.target_chars is empty; give the characters that earn reward")
+            raise ValueError("task.options.target_chars is empty; give the characters that earn "
+                             "reward")
         if self.target_length < 1:
-            raise ValueError(f"task.target_length={self.target_length} must be >= 1")
+            raise ValueError(f"task.options.target_length={self.target_length} must be >= 1")
         lo, hi = self.prompt_length
         if not 1 <= lo <= hi:
             raise ValueError(
-                f"task.prompt_length={self.prompt_length} must satisfy 1 <= min <= max"
+                f"task.options.prompt_length={self.prompt_length} must satisfy 1 <= min <= max"
             )
 
     def dataset(self, n_prompts: int, seed: int = 0) -> Dataset:

@@ -39,6 +39,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
+from sae_shards.capture.rollouts import generations_reused
 from sae_shards.recipe.tasks import MultiSkillTask, Task
 from sae_shards.run.config import Algorithm, RLConfig
 
@@ -115,11 +116,11 @@ def _check_schedule(args: GRPOConfig | RLOOConfig, train_dataset: Dataset,
     """A scheduled task's dataset must reach each optimizer step as the step it was built as:
     one single-task run of prompts (``random``, ``blocks``) or exactly the mix ``step_mixes``
     gives (``mixed``; also catches a dataset built for another number of prompts per step)."""
-    if args.num_iterations != 1 or args.steps_per_generation != args.gradient_accumulation_steps:
+    reused = generations_reused(args)
+    if reused:
         raise ValueError(
-            f"rl.num_iterations={args.num_iterations} and rl.steps_per_generation="
-            f"{args.steps_per_generation} would spread one generation over several optimizer "
-            "steps; a scheduled task needs num_iterations=1 and steps_per_generation unset "
+            f"rl.extra {reused} would spread one generation over several optimizer steps; a "
+            "scheduled task needs num_iterations=1 and steps_per_generation unset "
             "(= gradient_accumulation_steps)"
         )
     group = args.generation_batch_size // args.num_generations  # prompts per optimizer step

@@ -13,6 +13,8 @@ built and checked without torch, transformers or TRL.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -57,6 +59,11 @@ class LoraSettings:
             raise ValueError(f"model.lora.r={self.r} must be >= 1")
         if self.enabled and not self.target_modules:
             raise ValueError("model.lora.target_modules is empty; name the modules to adapt")
+        if self.enabled and not self.alpha > 0:
+            raise ValueError(f"model.lora.alpha={self.alpha} must be > 0 (it scales the "
+                             "adapter's update by alpha / r)")
+        if self.enabled and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
 
 
 TINY_ONLY = ("arch", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -175,6 +182,11 @@ class RLConfig:
                      "gradient_accumulation_steps", "max_completion_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rl.{name}={getattr(self, name)} must be >= 1")
+        owned = {"output_dir": "the run writes TRL's checkpoints to run_dir/trl",
+                 "seed": "the top-level seed=N seeds TRL too (and the model, task and SAE)"}
+        for key, why in owned.items():
+            if key in self.extra:
+                raise ValueError(f"rl.extra.{key} is set by sae-shards ({why}); remove it")
         if self.per_device_train_batch_size % self.num_generations:
             raise ValueError(
                 f"rl.per_device_train_batch_size={self.per_device_train_batch_size} must be a "
@@ -396,24 +408,24 @@ class JobConfig:
         if not self.run_dir.strip():
             raise ValueError("run_dir is empty; give the run a directory of its own, e.g. "
                              "run_dir=runs/my_run")
-        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise ValueError(f"device={self.device!r}; use auto, cpu or cuda[:index]")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device={self.device!r}; use auto, cpu or cuda[:index] (cuda:0)")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0 (it seeds torch, TRL and the task)")
         if self.resume and self.overwrite:
             raise ValueError("resume=true and overwrite=true contradict each other: resume "
                              "continues the run in run_dir, overwrite deletes it; choose one")
         check_sae_window(self.capture, self.runner)
-        if self.runner.sae_start_step >= self.rl.max_steps:
-            raise ValueError(
-                f"runner.sae_start_step={self.runner.sae_start_step} is not before the last RL "
-                f"step (rl.max_steps={self.rl.max_steps}), so the SAE would never train; lower it")
-        every = self.runner.heldout_every
-        trainable_steps = self.rl.max_steps - (self.rl.max_steps // every if every else 0)
-        if self.capture.granularity == "step" and trainable_steps < self.runner.min_samples:
-            raise ValueError(
-                f"rl.max_steps={self.rl.max_steps} gives {trainable_steps} trainable per-step "
-                f"samples (one per RL step" + (f", every {every}th held out" if every else "")
-                + f"), fewer than runner.min_samples={self.runner.min_samples}, so the SAE would "
-                "never train; raise rl.max_steps or lower runner.min_samples")
+        check_sae_trains(self.capture, self.runner, self.rl.max_steps,
+                         samples_per_step=self._samples_per_step())
+        if self.capture.granularity != "step":
+            self._check_event_rl()
+            if self.model.lora.enabled and self.model.lora.dropout > 0:
+                raise ValueError(
+                    f"capture.granularity={self.capture.granularity} reads each event's exact "
+                    f"gradient of the adapted weights, which model.lora.dropout="
+                    f"{self.model.lora.dropout} makes inexact (dropout feeds the adapter another "
+                    "input); set it to 0, or capture per step")
         if self.task.n_prompts < self.rl.prompts_per_step:
             raise ValueError(
                 f"task.n_prompts={self.task.n_prompts} is fewer than one optimizer step's prompts "
@@ -423,12 +435,65 @@ class JobConfig:
             raise ValueError(f"capture.source={self.capture.source} needs dense targets and is not "
                              "supported with model.lora.enabled=true; use capture.source=update")
 
+    def _samples_per_step(self) -> int:
+        """The most samples one RL step can give: one per step, one per prompt group
+        (``group``) or one per completion (``completion``) of every process (``WORLD_SIZE``,
+        which ``accelerate launch`` and ``torchrun`` set for each of them)."""
+        groups = self.rl.prompts_per_step * max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        return {"step": 1, "group": groups,
+                "completion": groups * self.rl.num_generations}[self.capture.granularity]
+
+    def _check_event_rl(self) -> None:
+        """Per-event capture reads each prompt group's gradient in the step that trains on it:
+        no recomputed forward passes, and one generation per optimizer step."""
+        g, extra = self.capture.granularity, self.rl.extra
+        for key in ("gradient_checkpointing", "activation_checkpointing"):
+            if extra.get(key):
+                raise ValueError(f"capture.granularity={g} does not support rl.extra.{key}=true "
+                                 "(layers re-run during backward, which the event hooks would "
+                                 "see twice); remove it")
+        spread = {k: extra[k] for k in ("num_iterations", "steps_per_generation") if k in extra
+                  and extra[k] != {"num_iterations": 1,
+                                   "steps_per_generation": self.rl.gradient_accumulation_steps}[k]}
+        if spread:
+            raise ValueError(
+                f"capture.granularity={g} needs one generation per optimizer step (each event is "
+                f"a prompt group of the step that trains on it); rl.extra {spread} spreads one "
+                "generation over several steps: remove them, or use capture.granularity=step")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JobConfig":
         return build_dataclass(cls, data, "")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_sae_trains(capture: CaptureConfig, runner: RunnerConfig, max_steps: int,
+                     max_steps_name: str = "rl.max_steps",
+                     samples_per_step: int | None = 1) -> None:
+    """Raise if a run of ``max_steps`` RL steps ends before its SAE's first step: it starts at
+    ``runner.sae_start_step``, and needs ``runner.min_samples`` trainable samples, of which one
+    RL step gives at most ``samples_per_step`` (1 per step; per-event capture: the step's
+    prompt groups or completions over all processes; None: not known, not checked), held-out
+    steps not counted. ``max_steps_name``: how the caller names the step count
+    (``rl.max_steps``; a script's trainer ``max_steps``)."""
+    if runner.sae_start_step >= max_steps:
+        raise ValueError(
+            f"runner.sae_start_step={runner.sae_start_step} is not before the last RL step "
+            f"({max_steps_name}={max_steps}), so the SAE would never train; lower it")
+    every = runner.heldout_every
+    trainable_steps = max_steps - (max_steps // every if every else 0)
+    most = trainable_steps * (samples_per_step or 0)
+    if samples_per_step is not None and most < runner.min_samples:
+        unit = ("per-step samples (one per RL step" if capture.granularity == "step" else
+                f"events at most ({samples_per_step} per RL step with capture.granularity="
+                f"{capture.granularity}")
+        raise ValueError(
+            f"{max_steps_name}={max_steps} gives {most} trainable {unit}"
+            + (f", every {every}th step held out" if every else "")
+            + f"), fewer than runner.min_samples={runner.min_samples}, so the SAE would never "
+            f"train; raise {max_steps_name} or lower runner.min_samples")
 
 
 def check_sae_window(capture: CaptureConfig, runner: RunnerConfig) -> None:

@@ -193,6 +193,9 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"run_dir={run_dir} is a file; give a directory")
     check_not_foreign(run_dir)
+    if resume and not run_dir.is_dir():  # refused before anything is created
+        raise FileNotFoundError(f"resume=true but run_dir={run_dir} does not exist: "
+                                + _why_not_resumable(run_dir, []))
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_run_dir(run_dir)  # before anything is read or removed: one writer at a time
     try:
@@ -242,9 +245,14 @@ def _remove_leftovers(run_dir: Path) -> None:
             path.unlink()
 
 
+def earlier_results(run_dir: Path) -> list[str]:
+    """The names of an earlier run's results in ``run_dir`` (``_RESULTS`` with content; empty
+    logs of a run that failed before its first step do not count: a retry may reuse them)."""
+    return [name for name in _RESULTS if _has_content(run_dir / name)]
+
+
 def _prepare_locked(run_dir: Path, overwrite: bool, resume: bool) -> Path:
-    # Empty logs (a run that failed before its first step) do not count: a retry may reuse them.
-    earlier = [name for name in _RESULTS if _has_content(run_dir / name)]
+    earlier = earlier_results(run_dir)
     finished = finished_steps(run_dir)
     if resume:
         if finished is not None:
@@ -265,6 +273,10 @@ def _prepare_locked(run_dir: Path, overwrite: bool, resume: bool) -> Path:
             + ("it was stopped before it finished: continue it with resume=true, " if resumable
                else "")
             + "choose a new run_dir=... or pass overwrite=true to replace it")
+    for name in (ROLLOUTS, EVENTS, METRICS):  # a failed start's empty logs: not this run's
+        path = run_dir / name
+        if path.is_file() and not path.is_symlink() and path.stat().st_size == 0:
+            path.unlink()
     if overwrite:
         for name in OWNED:
             path = run_dir / name
