@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -245,6 +246,24 @@ def _resuming(args: list[str]) -> tuple[list[tuple[str, Any]], Path] | None:
     return now, Path(str(run_dir))
 
 
+def _new_run_dir(args: list[str]) -> Path | None:
+    """For a single run (not a sweep) whose run directory does not exist yet (Hydra creates it
+    before the config is checked): the outermost of the directories that will be created; else
+    None."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if {"-m", "--multirun"} & set(args):
+        return None
+    given = {o.key_or_group: o for o in
+             OverridesParser.create().parse_overrides(_override_args(args))}
+    run_dir = Path(str(given["run_dir"].value())) if "run_dir" in given else _default_run_dir()
+    if run_dir.exists():
+        return None
+    while not run_dir.parent.exists():  # the outermost directory Hydra will create
+        run_dir = run_dir.parent
+    return run_dir
+
+
 def _default_run_dir() -> Path:
     """``run_dir`` as ``configs/config.yaml`` sets it."""
     from omegaconf import OmegaConf
@@ -446,8 +465,11 @@ def _train(args: list[str]) -> int:
             interrupted.append(summary["stop_signal"] or signal.SIGTERM)
 
     register_resolvers()
+    fresh = _new_run_dir(args)
     sys.argv = ["sae-shards train", *args]
     train_main()
+    if fresh is not None and fresh.is_dir() and not any(p.is_file() for p in fresh.rglob("*")):
+        shutil.rmtree(fresh)  # Hydra made it for a run that was refused: leave no trace
     for msg in failures:
         print(f"sae-shards: {msg}", file=sys.stderr)
     if interrupted:  # the shell's convention for a process ended by a signal
@@ -485,18 +507,19 @@ def _analyze(args: list[str]) -> int:
     from sae_shards.analysis.report import analyze
     from sae_shards.run.rundir import RunWriteError
 
-    parser = argparse.ArgumentParser(prog="sae-shards analyze",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="sae-shards analyze")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
     parser.add_argument("--shards", type=_non_negative, default=4,
-                        help="how many shards to detail beside the always-on ones")
+                        help="how many shards to detail beside the always-on ones (default "
+                             "%(default)s)")
     parser.add_argument("--n-prompts", type=_positive, default=32,
                         help="prompts per reward estimate of the dose-response and ablation "
-                             "(4 completions each; more resolve smaller changes)")
+                             "(4 completions each; more resolve smaller changes; default "
+                             "%(default)s)")
     parser.add_argument("--no-dose", action="store_true", help="skip logit lens, dose-response and ablation")
     parser.add_argument("--threads", type=_positive, default=1, help="torch threads (explicit: "
-                        "default counts oversubscribe small CPUs)")
+                        "default counts oversubscribe small CPUs; default %(default)s)")
     parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     parser.add_argument("--initial-model", type=Path, default=None, metavar="DIR",
                         help="the run's initial model directory, when it moved from the "
@@ -579,23 +602,26 @@ def _evaluate(args: list[str]) -> int:
     from sae_shards.planted.evaluate import evaluate_run, to_markdown
     from sae_shards.run.rundir import RunWriteError
 
-    parser = argparse.ArgumentParser(prog="sae-shards evaluate",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="sae-shards evaluate")
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--n-null", type=_positive, default=5, help="label shuffles for the nulls")
+    parser.add_argument("--n-null", type=_positive, default=5,
+                        help="label shuffles for the nulls (default %(default)s)")
     parser.add_argument("--from-step", type=_non_negative, default=0,
-                        help="use only RL steps >= this one (task directions drift)")
+                        help="use only RL steps >= this one (task directions drift; default "
+                             "%(default)s)")
     parser.add_argument("--no-steering", action="store_true",
                         help="skip the causal tests (steering and ablation)")
     parser.add_argument("--null-run", type=Path, default=None,
                         help="the null-control run (task=multiskill_null) whose AUROC fills the "
                              "headline's auroc_null_control")
     parser.add_argument("--n-prompts", type=_positive, default=8,
-                        help="prompts per task for each causal reward estimate")
+                        help="prompts per task for each causal reward estimate (default "
+                             "%(default)s)")
     parser.add_argument("--family-threshold", type=float, default=FAMILY_THRESHOLD,
                         help="co-activation correlation in (0, 1] above which latents join one "
                              f"shard family (default {FAMILY_THRESHOLD})")
-    parser.add_argument("--threads", type=_positive, default=1, help="torch threads")
+    parser.add_argument("--threads", type=_positive, default=1,
+                        help="torch threads (default %(default)s)")
     parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     parser.add_argument("--task", default=None, metavar="FILE.py:NAME | MODULE:NAME",
                         help=TASK_HELP.format(what="the steering and ablation tests"))

@@ -73,6 +73,7 @@ def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm, cap
     html = (run / "report.html").read_text()
     assert 'id="logit-lens"' in html and "<img" in html
     assert "--task FILE.py:NAME" in html  # no reward to score the dose-response with
+    assert f"<td>initial weights</td><td>{tiny_model}</td>" in html  # read from its directory
     assert "hand them back with --task FILE.py:NAME" in capsys.readouterr().err  # said there too
     analysis = json.loads((run / "analysis.json").read_text())
     assert not any("dose_response" in e for e in analysis["shards"].values())
@@ -221,29 +222,50 @@ def _seeded_run(tiny_model, tmp_path, name: str, stop_at: int | None = None) -> 
          "runner.min_samples=8"),
     ({"min_samples": 2, "sae_start_step": 4}, r"runner.sae_start_step=4 is not before the last "
                                               r"RL step \(the trainer's max_steps=4\)"),
+    ({"min_samples": 9, "capture": "group"}, r"the trainer's max_steps=4 gives 8 trainable events "
+                                             r"at most \(2 per RL step with capture.granularity="
+                                             r"group\)"),
 ])
 def test_a_script_run_whose_sae_cannot_train_is_refused_before_its_first_step(
         tiny_model, tmp_path, runner, said):
     """A trainer too short for the SAE to take a step is refused when training begins, naming
     the trainer's max_steps, not after every RL step ran with a warning at the end."""
-    callback = ShardCallback(run_dir=tmp_path / "run", runner=runner)
-    trainer = _user_trainer(tiny_model, tmp_path / "trl", [callback], max_steps=4)
+    runner = dict(runner)
+    granularity = runner.pop("capture", "step")
+    callback = ShardCallback(run_dir=tmp_path / "run", runner=runner,
+                             capture={"granularity": granularity})
+    trainer = _user_trainer(tiny_model, tmp_path / "trl", [callback], max_steps=4,
+                            gradient_checkpointing=False)
     with pytest.raises(ValueError, match=said):
         trainer.train()
     assert trainer.state.global_step == 0 and not (tmp_path / "run" / "rollouts.jsonl").exists()
 
 
+def _tied_reward(prompts, completions, **kwargs):
+    """Every completion alike: every prompt group ties, no event has an advantage."""
+    return [1.0] * len(completions)
+
+
 def test_a_script_run_whose_events_never_fill_the_warm_up_says_so(tiny_model, tmp_path):
-    """Per event the samples a step gives are known only as it runs (tied groups give none):
-    a run whose SAE never trained says so in its summary, and analyze still reads it."""
+    """Per event a step gives at most its prompt groups, and fewer when groups tie (no
+    advantage, no event): a run whose bound is met but whose SAE never trained says so in its
+    summary, and analyze still reads it."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
     run = tmp_path / "run"
     callback = ShardCallback(run_dir=run, capture={"granularity": "group"},
-                             runner={"min_samples": 100})
-    _user_trainer(tiny_model, tmp_path / "trl", [callback], max_steps=4,
-                  gradient_checkpointing=False).train()
+                             runner={"min_samples": 8})  # 4 steps x 2 groups: reachable
+    config = GRPOConfig(output_dir=str(tmp_path / "trl"), max_steps=4, learning_rate=3e-4,
+                        per_device_train_batch_size=8, num_generations=4,
+                        max_completion_length=8, use_cpu=True, bf16=False, report_to="none",
+                        save_strategy="no", disable_tqdm=True, gradient_checkpointing=False)
+    GRPOTrainer(model=str(tiny_model), reward_funcs=[_tied_reward], args=config,
+                train_dataset=Dataset.from_dict({"prompt": ["a b", "c d"] * 8}),
+                callbacks=[callback]).train()
     summary = callback.summary
     assert summary["sae_steps"] == 0 and "the SAE never trained" in summary["warning"]
-    assert "runner.min_samples=100" in summary["warning"]
+    assert "runner.min_samples=8" in summary["warning"]
     stored = json.loads((run / "summary.json").read_text(), parse_constant=pytest.fail)  # no NaN
     assert stored["fvu_first"] is None and stored["warning"] == summary["warning"]
     assert cli_main(["analyze", str(run), "--no-dose"]) == 0  # n/a where the FVU is null
@@ -539,6 +561,8 @@ def test_policy_not_from_a_local_directory_keeps_its_initial_weights(tiny_model,
     html = (run / "report.html").read_text()
     assert "Needs the run's initial and final model" not in html.split('id="logit-lens"')[1]
     assert "--task FILE.py:NAME" in html  # dose-response: its rewards are the script's own
+    assert (f"<td>initial weights</td><td>{run / 'model'} (saved when the run started: the "
+            "policy held no local directory&#x27;s weights exactly)</td>") in html
 
     (run / "model" / "config.json").unlink()  # the report then says what is missing
     assert cli_main(["analyze", str(run), "--shards", "1"]) == 0

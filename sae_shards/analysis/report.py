@@ -35,7 +35,7 @@ from sae_shards.analysis.families import ALWAYS_ON_DENSITY
 from sae_shards.analysis.interventions import (ablate, dose_response, eval_prompts,
                                                score_rollouts, update_coefficient)
 from sae_shards.analysis.reward_task import RewardTask
-from sae_shards.analysis.shards import (RunView, load_run_models, policy_dir,
+from sae_shards.analysis.shards import (RunView, initial_model_dir, load_run_models, policy_dir,
                                         run_models_missing, run_sampling)
 from sae_shards.run import rundir
 
@@ -225,7 +225,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                 **{k: summary.get(k) for k in RUN_FIGURES}},
         "top_shards": shards, "shards": {}}
 
-    parts = [_section("summary", "Run", _summary_html(view, summary, shards, density, tags))]
+    parts = [_section("summary", "Run", _summary_html(view, summary, shards, density, tags,
+                                                      initial_model))]
     parts.append(_section("sae-curves", "SAE training", plot_sae_curves(view)))
     parts.append(_section("reward", "Reward", plot_reward(view)))
     untrained = ("<p>No shards selected (<code>--shards 0</code> and no always-on shard).</p>"
@@ -497,16 +498,22 @@ def _shard_title(s: int, tags: dict[int, str]) -> str:
     return f"<h3>shard {s}" + (f" ({html.escape(tags[s])})" if s in tags else "") + "</h3>"
 
 
-def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags) -> str:
+def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags,
+                  initial_model: str | Path | None = None) -> str:
     meta = view.shards.meta
     config = rundir.read_config(view.run_dir)
     task, rl = rundir.section(config, "task"), rundir.section(config, "rl")
+    theta0 = initial_model_dir(view.run_dir, config, initial_model)
+    saved = (theta0 == view.run_dir / rundir.MODEL
+             and rundir.section(config, "model").get("name_or_path") is not None)
     dead = int((density == 0).sum())
     rows = {
         "run dir": str(view.run_dir),
         "model": f"{meta.get('model_id')}" + (" (a LoRA adapter is trained; the shards are "
                                               "updates of the effective weights)"
                                               if meta.get("lora") else ""),
+        "initial weights": str(theta0) + (" (saved when the run started: the policy held no "
+                                          "local directory's weights exactly)" if saved else ""),
         "RL algorithm": rl.get("algorithm") or "n/a",
         "task": task.get("name") or "the script's own reward functions",
         "samples": (f"per optimizer step (source {meta.get('source')})" if not view.per_event

@@ -437,7 +437,7 @@ def load_run_models(run_dir: str | Path, checkpoint: str | None = None,
     if run_models_missing(run_dir, checkpoint, initial) is not None:
         return None
     cfg = _read_json(run_dir / "config.json")
-    initial = _initial_model_dir(run_dir, cfg, initial)
+    initial = initial_model_dir(run_dir, cfg, initial)
     init = load_model_and_tokenizer(initial)
     final = policy_dir(run_dir, checkpoint)
     if checkpoint not in (None, "final") and final.name == rundir.FINAL_MODEL:
@@ -498,7 +498,7 @@ def run_sampling(run_dir: str | Path) -> dict[str, Any]:
     return out
 
 
-def _initial_model_dir(run_dir: Path, cfg: Mapping[str, Any],
+def initial_model_dir(run_dir: Path, cfg: Mapping[str, Any],
                        initial: str | Path | None = None) -> Path:
     """Where the run's initial weights are: ``initial`` when given (the directory moved), else
     ``model.path`` when it names a local directory, else ``run_dir/model`` (the tiny model
@@ -517,7 +517,7 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | None = None,
     is no longer where ``config.json`` says (checked against the run's ``model.fingerprint``)."""
     run_dir = Path(run_dir)
     cfg = _read_json(run_dir / "config.json")
-    initial = _initial_model_dir(run_dir, cfg, initial)
+    initial = initial_model_dir(run_dir, cfg, initial)
     if not (initial / "config.json").is_file():
         return (f"no initial model at {initial} (ShardCallback with save_model=False or under "
                 "FSDP2 / ZeRO-3, a run of an earlier version whose policy was not loaded from a "

@@ -59,7 +59,7 @@ from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
 from sae_shards.capture.event_sites import hook_sites
 from sae_shards.capture.pipeline import Pipeline, build_pipeline, resolve_targets
-from sae_shards.capture.rollouts import TRLRollouts, calling_trainer
+from sae_shards.capture.rollouts import TRLRollouts, calling_trainer, generations_reused
 from sae_shards.capture.summary import final_activations, heldout_fvu, run_summary
 from sae_shards.capture.selection import LoraTarget, target_shapes
 from sae_shards.capture.sharded_delta import ShardedDeltaCapture, sharded_targets
@@ -300,6 +300,11 @@ class ShardCallback(TrainerCallback):
                         "over the processes (FSDP2 / ZeRO-3); save it before training and pass "
                         "the trainer its directory", out)
             return
+        named = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+        if named and Path(named).expanduser().is_dir():
+            log.info("the policy does not hold exactly the weights of %s (changed after loading, "
+                     "or in another dtype, or no safetensors there): its initial weights are "
+                     "saved to %s", named, out)
         # a LoRA policy: its base model (the adapter starts at B = 0), which analysis merges
         # the final adapter into
         initial_model.save_policy(model, getattr(trainer, "processing_class", None), out,
@@ -394,7 +399,7 @@ class ShardCallback(TrainerCallback):
         if not self.run_config:  # sae-shards train checked its rl.max_steps already
             check_sae_trains(self.capture_cfg, self.runner_cfg, state.max_steps,
                              "the trainer's max_steps",
-                             1 if self.capture_cfg.granularity == "step" else None)
+                             _samples_per_step(args, self.capture_cfg.granularity))
         self._begin(args, state, control, model, **kwargs)
         if self.resume and state.global_step >= state.max_steps:
             self._end_at_resume(args, state, control, model, **kwargs)
@@ -675,6 +680,20 @@ def _lora_settings(model: torch.nn.Module) -> dict[str, Any]:
             "target_modules": sorted(modules) if isinstance(modules, (set, list, tuple))
             else modules,
             "dropout": getattr(cfg, "lora_dropout", None), "rslora": getattr(cfg, "use_rslora", None)}
+
+
+def _samples_per_step(args: Any, granularity: str) -> int | None:
+    """The most samples one optimizer step of a TRL trainer gives: 1 per step; per event, its
+    prompt groups (``generation_batch_size / num_generations``, over all processes) or their
+    completions. None when the trainer's config does not say (or reuses generations, which
+    per-event capture refuses)."""
+    if granularity == "step":
+        return 1
+    total = getattr(args, "generation_batch_size", None)
+    k = getattr(args, "num_generations", None)
+    if not (isinstance(total, int) and isinstance(k, int) and k > 0) or generations_reused(args):
+        return None
+    return total // k * (k if granularity == "completion" else 1)
 
 
 def _reward_batch(args: Any) -> int | None:

@@ -701,7 +701,9 @@ def to_markdown(r: dict[str, Any]) -> str:
               + ", ".join(f"{k} {_f(v['mean'])}" for k, v in r["separability"].items())
               + " | the best latent's auroc_task above is the unsupervised counterpart |",
               f"| fvu_heldout | {r['fvu_heldout']:.3f} | |", f"| l0 | {r['l0']:.2f} | |",
-              f"| dead_frac | {r['dead_frac']} | |",
+              f"| dead_frac | {_f(r['dead_frac'])} | "
+              + ("n/a: the SAE saw fewer than sae.dead_after samples |" if r["dead_frac"] is None
+                 else "|"),
               f"| largest task energy share | {r['energy_share_max']:.3f} | {', '.join(f'{t} {v:.2f}' for t, v in r['energy_share'].items())} |"]
     d = r["drift"]
     lines.append(f"| drift latents (density >= {d['threshold']}) | {d['latents'] or 'none'} | "
