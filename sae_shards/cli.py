@@ -51,7 +51,7 @@ commands:
                            (`sae-shards evaluate --help` lists every option)
 
 Examples:
-  sae-shards train                              the built-in default (tiny model, CPU, ~40 s)
+  sae-shards train                              the built-in default (tiny model, CPU, ~1 min)
   sae-shards train rl.max_steps=50 run_dir=runs/short
   sae-shards train -m sae.k=2,4 run_dir=runs/k_sweep
   sae-shards analyze runs/default
