@@ -48,6 +48,7 @@ def test_model_hf_path_without_a_path_is_a_config_error(tmp_path, capsys):
     ("max_steps=10", "did you mean rl.max_steps?"),
     ("rl.max_step=10", "did you mean rl.max_steps?"),
     ("sae.n_latent=8", "did you mean sae.n_latents?"),
+    ("sae.K=8", "did you mean sae.k?"),  # case
 ])
 def test_typo_override_names_the_closest_field(tmp_path, capsys, override, hint):
     assert main(["train", override, f"run_dir={tmp_path / 'r'}"]) == 2

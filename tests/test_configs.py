@@ -102,6 +102,7 @@ def test_default_config_equals_dataclass_defaults():
     ("runner.concurrency=process", r"runner.concurrency='process'"),
     ("rl.num_generations=3", r"rl.per_device_train_batch_size=16 must be a multiple of rl.num_generations=3"),
     ("+sae.n_latent=3", r"unknown config keys \['sae.n_latent \(did you mean sae.n_latents\?\)'\]"),
+    ("+sae.K=3", r"unknown config keys \['sae.K \(did you mean sae.k\?\)'\]"),
     ("model=hf_path", r"model.path has no value"),
     ("rl.beta=-1", r"rl.beta=-1.0 must be >= 0"),
     ("rl.temperature=0", r"rl.temperature=0.0 must be > 0"),

@@ -24,11 +24,19 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        hints = [f"{prefix}{k} (did you mean {prefix}{close[0]}?)" if close else prefix + k
-                 for k in unknown for close in [difflib.get_close_matches(k, known, n=1)]]
+        hints = [f"{prefix}{k} (did you mean {prefix}{close}?)" if close else prefix + k
+                 for k in unknown for close in [closest(k, known)]]
         raise ValueError(f"unknown config keys {hints}; {where} takes {sorted(known)}")
     kwargs = {name: _coerce(types_[name], value, prefix + name) for name, value in data.items()}
     return cls(**kwargs)
+
+
+def closest(name: str, known: Any) -> str | None:
+    """The known name a mistyped ``name`` most likely meant (case ignored: ``sae.K`` is
+    ``sae.k``), or None."""
+    by_lower = {k.lower(): k for k in known}
+    match = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
+    return by_lower[match[0]] if match else None
 
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:
@@ -75,7 +83,7 @@ def unknown_key_error(dotted: str, root: type) -> str | None:
         fields_ = {f.name: f for f in dataclasses.fields(cls)}
         if part not in fields_:
             where = ".".join(parts[:i]) or "config"
-            close = difflib.get_close_matches(part, fields_, n=1)
+            close = [c] if (c := closest(part, fields_)) else []
             nested = [f"{n}.{part}" for n, f in fields_.items()
                       if dataclasses.is_dataclass(_hint(cls, n)) and
                       part in {g.name for g in dataclasses.fields(_hint(cls, n))}]
