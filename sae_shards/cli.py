@@ -235,65 +235,74 @@ def _resuming(args: list[str]) -> tuple[list[tuple[str, Any]], Path] | None:
     resume one run (the last ``resume=`` is true; not a multirun sweep), else None."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if {"-m", "--multirun"} & set(args):
+    if _is_sweep(args):
         return None
     parse = OverridesParser.create().parse_overrides
     now = list(zip(_override_args(args), parse(_override_args(args))))
     given = {o.key_or_group: o for _, o in now}  # the last of each key wins, as in Hydra
-    if "resume" not in given or given["resume"].value() not in (True, "true", "True"):
+    run_dir = _run_dir_arg(given)
+    if (run_dir is None or "resume" not in given
+            or given["resume"].value() not in (True, "true", "True")):
         return None
-    run_dir = given["run_dir"].value() if "run_dir" in given else _default_run_dir()
-    return now, Path(str(run_dir))
+    return now, run_dir
+
+
+def _is_sweep(args: list[str]) -> bool:
+    """Whether ``sae-shards train``'s arguments ask Hydra for a multirun sweep."""
+    return bool({"-m", "--multirun"} & set(args))
+
+
+def _given_overrides(args: list[str]) -> dict[str, Any]:
+    """Hydra's parse of each override key among ``args`` (the last of each key wins, as in
+    Hydra)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return {o.key_or_group: o for o in
+            OverridesParser.create().parse_overrides(_override_args(args))}
+
+
+def _run_dir_arg(given: dict[str, Any]) -> Path | None:
+    """The ``run_dir`` the overrides ``given`` name (``configs/config.yaml``'s without one);
+    None when it is swept over."""
+    if "run_dir" not in given:
+        from omegaconf import OmegaConf
+
+        return Path(str(OmegaConf.load(CONFIG_DIR / "config.yaml").run_dir))
+    return None if given["run_dir"].is_sweep_override() else Path(str(given["run_dir"].value()))
 
 
 def _new_run_dir(args: list[str]) -> Path | None:
     """For a single run (not a sweep) whose run directory does not exist yet (Hydra creates it
     before the config is checked): the outermost of the directories that will be created; else
     None."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    if {"-m", "--multirun"} & set(args):
-        return None
-    given = {o.key_or_group: o for o in
-             OverridesParser.create().parse_overrides(_override_args(args))}
-    run_dir = Path(str(given["run_dir"].value())) if "run_dir" in given else _default_run_dir()
-    if run_dir.exists():
+    run_dir = None if _is_sweep(args) else _run_dir_arg(_given_overrides(args))
+    if run_dir is None or run_dir.exists():
         return None
     while not run_dir.parent.exists():  # the outermost directory Hydra will create
         run_dir = run_dir.parent
     return run_dir
 
 
-def _default_run_dir() -> Path:
-    """``run_dir`` as ``configs/config.yaml`` sets it."""
-    from omegaconf import OmegaConf
-
-    return Path(str(OmegaConf.load(CONFIG_DIR / "config.yaml").run_dir))
-
-
 def _check_run_dir_arg(args: list[str]) -> None:
     """Refuse, before Hydra writes its log or ``multirun.yaml`` there, a ``run_dir=`` that is a
     model's directory (``rundir.prepare_run_dir`` refuses it too, for scripts), and a sweep's
     ``run_dir`` that holds a run (its jobs would be written inside it)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     from sae_shards.run import rundir
 
-    given = {o.key_or_group: o for o in
-             OverridesParser.create().parse_overrides(_override_args(args))}
-    if "run_dir" in given and not given["run_dir"].is_sweep_override():  # a sweep's parent too
+    given = _given_overrides(args)
+    run_dir = _run_dir_arg(given)  # a sweep's parent too
+    if run_dir is None:
+        return
+    if "run_dir" in given:
         try:
-            rundir.check_not_foreign(Path(str(given["run_dir"].value())))
+            rundir.check_not_foreign(run_dir)
         except FileExistsError as e:
             raise ConfigError(str(e)) from None
-    if any(a in ("-m", "--multirun") for a in args):  # before Hydra writes multirun.yaml there
-        parent = (Path(str(given["run_dir"].value())) if "run_dir" in given
-                  and not given["run_dir"].is_sweep_override() else
-                  None if "run_dir" in given else _default_run_dir())
-        inside = rundir.earlier_results(parent) if parent is not None else []
+    if _is_sweep(args):  # before Hydra writes multirun.yaml there
+        inside = rundir.earlier_results(run_dir)
         if inside:
             raise ConfigError(
-                f"run_dir={parent} holds a run ({', '.join(inside)}), and a sweep (-m) writes "
+                f"run_dir={run_dir} holds a run ({', '.join(inside)}), and a sweep (-m) writes "
                 "its jobs into subdirectories of run_dir; give the sweep a directory of its "
                 "own, e.g. run_dir=runs/my_sweep")
 

@@ -166,6 +166,20 @@ def test_cli_reports_config_error_without_traceback(tmp_path):
     assert "sae-shards: config error: sae.k=0 must be between 1 and sae.n_latents=64" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
+    assert not (tmp_path / "r").exists()  # Hydra made it for a refused run: removed again
+
+
+def test_a_refused_config_keeps_a_directory_that_was_there(tmp_path):
+    """Only the directories Hydra created for the refused run are removed, never one that
+    existed before (nor what it holds)."""
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "notes.txt").write_text("keep")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sae_shards.cli", "train", "seed=-1", f"run_dir={run / 'sub'}"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "seed=-1 must be >= 0" in proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
 def test_planted_experiment_is_body_only_mixed_per_event():

@@ -499,7 +499,7 @@ def run_sampling(run_dir: str | Path) -> dict[str, Any]:
 
 
 def initial_model_dir(run_dir: Path, cfg: Mapping[str, Any],
-                       initial: str | Path | None = None) -> Path:
+                      initial: str | Path | None = None) -> Path:
     """Where the run's initial weights are: ``initial`` when given (the directory moved), else
     ``model.path`` when it names a local directory, else ``run_dir/model`` (the tiny model
     ``sae-shards train`` built, or the copy ``ShardCallback`` saved of a policy that was not

@@ -70,7 +70,7 @@ from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import make_targets
 from sae_shards.run import rundir
 from sae_shards.run.config import (CaptureConfig, RunnerConfig, check_sae_trains,
-                                    check_sae_window)
+                                    check_sae_window, samples_per_step)
 from sae_shards.run.schema import build_dataclass
 from sae_shards.run.tracking import RunLogger
 
@@ -676,10 +676,12 @@ def _lora_settings(model: torch.nn.Module) -> dict[str, Any]:
     if cfg is None:
         return {"enabled": True}
     modules = getattr(cfg, "target_modules", None)
-    return {"enabled": True, "r": getattr(cfg, "r", None), "alpha": getattr(cfg, "lora_alpha", None),
-            "target_modules": sorted(modules) if isinstance(modules, (set, list, tuple))
-            else modules,
-            "dropout": getattr(cfg, "lora_dropout", None), "rslora": getattr(cfg, "use_rslora", None)}
+    return {"enabled": True, "r": getattr(cfg, "r", None),
+            "alpha": getattr(cfg, "lora_alpha", None),
+            "target_modules": (sorted(modules) if isinstance(modules, (set, list, tuple))
+                               else modules),
+            "dropout": getattr(cfg, "lora_dropout", None),
+            "rslora": getattr(cfg, "use_rslora", None)}
 
 
 def _samples_per_step(args: Any, granularity: str) -> int | None:
@@ -693,7 +695,7 @@ def _samples_per_step(args: Any, granularity: str) -> int | None:
     k = getattr(args, "num_generations", None)
     if not (isinstance(total, int) and isinstance(k, int) and k > 0) or generations_reused(args):
         return None
-    return total // k * (k if granularity == "completion" else 1)
+    return samples_per_step(granularity, total // k, k)
 
 
 def _reward_batch(args: Any) -> int | None:

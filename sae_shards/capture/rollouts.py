@@ -19,6 +19,8 @@ import statistics
 import sys
 from typing import Any, NamedTuple
 
+from sae_shards.run.config import reused_generations
+
 log = logging.getLogger(__name__)
 
 
@@ -56,11 +58,10 @@ def generations_reused(args: Any) -> str:
     ``"name=value"`` text; "" when each step trains on a generation of its own."""
     if args is None:
         return ""
-    accumulation = getattr(args, "gradient_accumulation_steps", 1)
-    found = {"num_iterations": getattr(args, "num_iterations", 1),
-             "steps_per_generation": getattr(args, "steps_per_generation", None) or accumulation}
-    normal = {"num_iterations": 1, "steps_per_generation": accumulation}
-    return ", ".join(f"{k}={v}" for k, v in found.items() if v != normal[k])
+    reused = reused_generations(getattr(args, "num_iterations", 1),
+                                getattr(args, "steps_per_generation", None),
+                                getattr(args, "gradient_accumulation_steps", 1))
+    return ", ".join(f"{k}={v}" for k, v in reused.items())
 
 
 class TRLRollouts:

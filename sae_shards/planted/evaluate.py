@@ -510,10 +510,10 @@ def _causal(run_dir: Path, checkpoint: str | None, shards: ShardSet, tasks: list
     """Steering and ablation of each task's best latent, its best shard family, its supervised
     direction, a random and ``n_shuffled`` shuffled-label controls (the policy of
     ``checkpoint``); ``(None, why)`` when the run's models or its task are not available."""
-    missing = run_models_missing(run_dir, checkpoint)
-    if missing is not None:
-        return None, missing
-    init, final, tok, own = load_run_models(run_dir, checkpoint)
+    models = load_run_models(run_dir, checkpoint)
+    if models is None:
+        return None, run_models_missing(run_dir, checkpoint)
+    init, final, tok, own = models
     task = task if task is not None else own
     if task is None:
         return None, ("the run used its script's own reward functions, which a run directory "

@@ -436,12 +436,10 @@ class JobConfig:
                              "supported with model.lora.enabled=true; use capture.source=update")
 
     def _samples_per_step(self) -> int:
-        """The most samples one RL step can give: one per step, one per prompt group
-        (``group``) or one per completion (``completion``) of every process (``WORLD_SIZE``,
+        """``samples_per_step`` of this run: its prompt groups on every process (``WORLD_SIZE``,
         which ``accelerate launch`` and ``torchrun`` set for each of them)."""
         groups = self.rl.prompts_per_step * max(1, int(os.environ.get("WORLD_SIZE", "1")))
-        return {"step": 1, "group": groups,
-                "completion": groups * self.rl.num_generations}[self.capture.granularity]
+        return samples_per_step(self.capture.granularity, groups, self.rl.num_generations)
 
     def _check_event_rl(self) -> None:
         """Per-event capture reads each prompt group's gradient in the step that trains on it:
@@ -452,9 +450,9 @@ class JobConfig:
                 raise ValueError(f"capture.granularity={g} does not support rl.extra.{key}=true "
                                  "(layers re-run during backward, which the event hooks would "
                                  "see twice); remove it")
-        spread = {k: extra[k] for k in ("num_iterations", "steps_per_generation") if k in extra
-                  and extra[k] != {"num_iterations": 1,
-                                   "steps_per_generation": self.rl.gradient_accumulation_steps}[k]}
+        spread = reused_generations(extra.get("num_iterations", 1),
+                                   extra.get("steps_per_generation"),
+                                   self.rl.gradient_accumulation_steps)
         if spread:
             raise ValueError(
                 f"capture.granularity={g} needs one generation per optimizer step (each event is "
@@ -467,6 +465,25 @@ class JobConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def samples_per_step(granularity: Granularity, prompt_groups: int, num_generations: int) -> int:
+    """The most samples one optimizer step gives: one per step, or per event one per prompt
+    group (``group``) or per completion (``completion``) of the step's ``prompt_groups``."""
+    return {"step": 1, "group": prompt_groups,
+            "completion": prompt_groups * num_generations}[granularity]
+
+
+def reused_generations(num_iterations: int, steps_per_generation: int | None,
+                       gradient_accumulation_steps: int) -> dict[str, int]:
+    """The TRL settings (``{name: value}``) that make one generation batch train several
+    optimizer steps: ``num_iterations`` > 1, ``steps_per_generation`` (None: TRL's default,
+    ``gradient_accumulation_steps``) other than ``gradient_accumulation_steps``; {} when each
+    step trains on a generation of its own."""
+    found = {"num_iterations": num_iterations,
+             "steps_per_generation": steps_per_generation or gradient_accumulation_steps}
+    normal = {"num_iterations": 1, "steps_per_generation": gradient_accumulation_steps}
+    return {k: v for k, v in found.items() if v != normal[k]}
 
 
 def check_sae_trains(capture: CaptureConfig, runner: RunnerConfig, max_steps: int,
