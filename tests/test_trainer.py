@@ -59,6 +59,8 @@ def test_auxk_revives_dead_latents(stream, aux_coef):
     g = torch.Generator().manual_seed(1)
     trainer = SAETrainer(sae)
     dead = [trainer.step(stream.sample(32, g).sample).dead_frac for _ in range(400)]
+    # unknown (None, not 0) until dead_after = 320 samples = 10 steps of 32 were seen
+    assert all(d is None for d in dead[:9]) and dead[9] is not None
     early = max(dead[10:40])  # dead as soon as dead_after samples have passed
     late = sum(dead[-50:]) / 50
     assert early >= 0.8

@@ -90,9 +90,11 @@ def plot_sae_curves(view: RunView) -> str:
     steps = [r["sae_step"] for r in rows]
     for i, key in enumerate(("fvu", "l0", "dead_frac")):
         ax = fig.add_subplot(1, 3, i + 1)
-        ax.plot(steps, [r[key] for r in rows], lw=1)
+        values = [r.get(key) for r in rows]
+        ax.plot(steps, [float("nan") if v is None else v for v in values], lw=1)
         ax.set_xlabel("SAE step")
-        ax.set_title(key)
+        # dead_frac is unknown (None) until the SAE has seen sae.dead_after samples
+        ax.set_title(key if any(v is not None for v in values) else f"{key}: n/a (too few samples)")
     fig.tight_layout()
     return _png(fig)
 

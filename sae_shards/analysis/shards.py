@@ -102,7 +102,7 @@ class ShardSet:
     def __len__(self) -> int:
         return self.sae.n_latents
 
-    def __getitem__(self, i: int | slice) -> Shard | list[Shard]:
+    def __getitem__(self, i: int | Shard | slice) -> Shard | list[Shard]:
         if isinstance(i, slice):
             return [Shard(self, j) for j in range(len(self))[i]]
         return Shard(self, self.check_index(i))
@@ -189,7 +189,9 @@ class ShardSet:
 
 
 class RunView:
-    """A finished run: its shards plus which RL steps and rollouts activated each of them."""
+    """A run, finished, interrupted or killed (read as of its newest checkpoint, or
+    ``checkpoint``): its shards plus which RL steps and rollouts activated each of them. Methods
+    taking a ``shard`` accept its index or the ``Shard`` itself."""
 
     def __init__(self, run_dir: str | Path, checkpoint: str | None = None) -> None:
         self.run_dir = Path(run_dir)
@@ -297,7 +299,7 @@ class RunView:
             out.append(tuple(sorted(set(map(str, labels)))))
         return out
 
-    def attribution(self, shard: int, which: str = "final") -> Attribution | None:
+    def attribution(self, shard: int | Shard, which: str = "final") -> Attribution | None:
         """The SAE's own account of a shard's part of the run's update: the sum over the
         timeline's samples of its activation times the SAE's ``input_scale``, the coefficient of
         its unit direction in parameter units (compare ``interventions.update_coefficient``,
@@ -317,7 +319,7 @@ class RunView:
                            int(steps.min()) if steps.numel() else 0,
                            int(steps.max()) if steps.numel() else 0)
 
-    def task_mix(self, shard: int, which: str = "final",
+    def task_mix(self, shard: int | Shard, which: str = "final",
                  labels: list[tuple[str, ...]] | None = None) -> dict[str, float]:
         """Each context label's share of ``shard``'s total |activation| over the timeline (a
         sample of several labels gives each an equal part), largest first; {} when the run
@@ -334,7 +336,7 @@ class RunView:
         return ({k: v / total for k, v in sorted(mass.items(), key=lambda kv: -kv[1])}
                 if total > 0 else {})
 
-    def top_steps(self, shard: int, k: int = 5, which: str = "final") -> list[dict[str, Any]]:
+    def top_steps(self, shard: int | Shard, k: int = 5, which: str = "final") -> list[dict[str, Any]]:
         """The k RL steps with the largest |activation| of ``shard`` (scaled units, as
         ``timeline``), joined with their rollouts."""
         steps, acts = self.timeline(which)
@@ -349,7 +351,7 @@ class RunView:
                         "rollout": self.rollouts.get(step)})
         return out
 
-    def top_events(self, shard: int, k: int = 5, which: str = "final") -> list[dict[str, Any]]:
+    def top_events(self, shard: int | Shard, k: int = 5, which: str = "final") -> list[dict[str, Any]]:
         """The k events with the largest |activation| of ``shard``, each with its prompt, its
         completions (with their rewards and advantages) and its ``events.jsonl`` record
         (advantage, norm, kept energy). Per-step runs: the top steps, as ``top_steps``."""

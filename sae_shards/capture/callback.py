@@ -9,7 +9,8 @@
 At ``on_train_begin`` the callback resolves its targets against the trainer's model (default:
 every block's attention and MLP matrices, by module type), allocates the ring buffer on the
 model's device (memory checked first), and builds the SAE and its runner. Each optimizer step
-``DeltaCapture`` writes one sample into the buffer; the step's rollouts are read from TRL's
+``DeltaCapture`` writes one sample into the buffer (per-event capture: ``EventCapture``, one
+sample per prompt group or completion); the step's rollouts are read from TRL's
 completion log into ``rollouts.jsonl`` and the sample's metadata; the runner trains the SAE
 (inline or in a thread) and checkpoints it. At ``on_train_end`` it writes the final shards,
 activations, summary and (by default) the final policy, so ``sae-shards analyze`` and
@@ -59,7 +60,7 @@ from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
 from sae_shards.capture.event_sites import hook_sites
 from sae_shards.capture.pipeline import Pipeline, build_pipeline, resolve_targets
-from sae_shards.capture.rollouts import TRLRollouts, calling_trainer, generations_reused
+from sae_shards.capture.rollouts import TRLRollouts, calling_trainer
 from sae_shards.capture.summary import final_activations, heldout_fvu, run_summary
 from sae_shards.capture.selection import LoraTarget, target_shapes
 from sae_shards.capture.sharded_delta import ShardedDeltaCapture, sharded_targets
@@ -70,7 +71,7 @@ from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import make_targets
 from sae_shards.run import rundir
 from sae_shards.run.config import (CaptureConfig, RunnerConfig, check_sae_trains,
-                                    check_sae_window, samples_per_step)
+                                    check_sae_window, generations_reused, samples_per_step)
 from sae_shards.run.schema import build_dataclass
 from sae_shards.run.tracking import RunLogger
 
@@ -112,10 +113,14 @@ class ShardCallback(TrainerCallback):
     trainer that keeps none: samples then carry no reward or labels).
     ``save_model``: save the final policy (and tokenizer) to ``run_dir/final_model``, and the
     initial one to ``run_dir/model`` when it was not loaded from a local directory, for the
-    report's interventions. ``overwrite``: replace an earlier run in ``run_dir`` (otherwise
-    refused); ``resume``: continue it (see the module docstring). ``run_config``: the job's whole config dict for ``config.json`` (``sae-shards
-    train`` passes it); ``logger``: a ``RunLogger`` to use instead of the trainer's W&B run;
-    ``meta``: extra checkpoint metadata.
+    report's interventions. ``seed``: the seed of the SAE's batch sampling (compared on resume;
+    the SAE's initialisation takes ``sae={"seed": ...}``). ``overwrite``: replace an earlier run
+    in ``run_dir`` (otherwise refused); ``resume``: continue it (see the module docstring).
+    ``run_config``: the job's whole config dict for ``config.json`` (``sae-shards train`` passes
+    it); ``logger``: a ``RunLogger`` to use instead of the trainer's W&B run; ``meta``: extra
+    checkpoint metadata. ``handle_signals``: the first SIGTERM/SIGINT asks the run to stop after
+    the current step with a checkpoint (``request_stop``) instead of killing it (False: leave
+    the signals to the script).
     """
 
     def __init__(

@@ -40,12 +40,12 @@ from sae_shards.capture.event_hooks import Event, EventRecorder
 from sae_shards.capture.event_precondition import (COVARIANCE_KINDS, EventPreconditioner,
                                                    normalize_unit)
 from sae_shards.capture.outliers import NormOutliers
-from sae_shards.capture.rollouts import generations_reused, population_std
+from sae_shards.capture.rollouts import population_std
 from sae_shards.capture.selection import LoraTarget
 from sae_shards.capture.zero3_delta import zero3_targets
 from sae_shards.core import events as ev
 from sae_shards.core.targets import TargetSpec
-from sae_shards.run.config import CaptureConfig
+from sae_shards.run.config import CaptureConfig, generations_reused
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import statistics
 import sys
 from typing import Any, NamedTuple
 
-from sae_shards.run.config import reused_generations
+from sae_shards.run.config import generations_reused
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +50,6 @@ def calling_trainer(depth_limit: int = 64) -> Any | None:
             return owner
         frame = frame.f_back
     return None
-
-
-def generations_reused(args: Any) -> str:
-    """Which of a TRL config's settings make one generation batch train several optimizer steps
-    (``num_iterations`` > 1, ``steps_per_generation`` > ``gradient_accumulation_steps``), as
-    ``"name=value"`` text; "" when each step trains on a generation of its own."""
-    if args is None:
-        return ""
-    reused = reused_generations(getattr(args, "num_iterations", 1),
-                                getattr(args, "steps_per_generation", None),
-                                getattr(args, "gradient_accumulation_steps", 1))
-    return ", ".join(f"{k}={v}" for k, v in reused.items())
 
 
 class TRLRollouts:

@@ -14,7 +14,8 @@ The SAE works in scaled units ``X / input_scale``; here the raw (parameter-unit)
 the scale is applied to the ``[batch, n_latents]`` inner products instead, so no scaled copy of the
 batch is made either.
 
-:func:`dense_losses` is the reference (the original dense path): parity tests and ``--dense``.
+:func:`dense_losses` is the reference (the original dense path): the parity tests,
+``SAETrainer(dense_loss=True)`` and the dense entries of ``scripts/bench_sae.py``.
 """
 
 from __future__ import annotations

@@ -37,8 +37,9 @@ class StepMetrics:
     """fvu + aux_coef * aux_loss."""
     l0: float
     """Mean number of active latents per sample."""
-    dead_frac: float
-    """Fraction of latents that have not fired in the last ``dead_after`` samples."""
+    dead_frac: float | None
+    """Fraction of latents that have not fired in the last ``dead_after`` samples; None until
+    the SAE has seen ``dead_after`` samples (``dead_fraction``)."""
     n_samples: int
     """Samples trained on in this step (after rejecting non-finite and all-zero ones)."""
     input_scale: float
@@ -190,7 +191,7 @@ class SAETrainer:
         return StepMetrics(
             fvu=main.item(), aux_loss=float(aux.detach()), loss=loss.item(),
             l0=res.codes.active().sum(1).float().mean().item(),
-            dead_frac=self.stats.dead_mask(self.cfg.dead_after).float().mean().item(),
+            dead_frac=self.stats.dead_frac(self.cfg.dead_after),
             n_samples=sq_norms.shape[0], input_scale=self.sae.input_scale.item(),
         )
 

@@ -39,9 +39,8 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from sae_shards.capture.rollouts import generations_reused
 from sae_shards.recipe.tasks import MultiSkillTask, Task
-from sae_shards.run.config import Algorithm, RLConfig
+from sae_shards.run.config import Algorithm, RLConfig, generations_reused
 
 TRAINERS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
 

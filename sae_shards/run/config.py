@@ -486,6 +486,18 @@ def reused_generations(num_iterations: int, steps_per_generation: int | None,
     return {k: v for k, v in found.items() if v != normal[k]}
 
 
+def generations_reused(args: Any) -> str:
+    """Which of a TRL config's settings make one generation batch train several optimizer steps
+    (``num_iterations`` > 1, ``steps_per_generation`` > ``gradient_accumulation_steps``), as
+    ``"name=value"`` text; "" when each step trains on a generation of its own."""
+    if args is None:
+        return ""
+    reused = reused_generations(getattr(args, "num_iterations", 1),
+                                getattr(args, "steps_per_generation", None),
+                                getattr(args, "gradient_accumulation_steps", 1))
+    return ", ".join(f"{k}={v}" for k, v in reused.items())
+
+
 def check_sae_trains(capture: CaptureConfig, runner: RunnerConfig, max_steps: int,
                      max_steps_name: str = "rl.max_steps",
                      samples_per_step: int | None = 1) -> None:

@@ -93,9 +93,11 @@ class RunLogger:
             data = {f"train/{k}": v for k, v in metrics.items()}
             self._guard("log", lambda: self.run.log({**data, "rl/step": rl_step}))
 
-    def log_sae(self, metrics: Mapping[str, float], sae_step: int) -> None:
+    def log_sae(self, metrics: Mapping[str, float | None], sae_step: int) -> None:
+        """An SAE step's metrics; a None (``dead_frac`` before ``dead_after`` samples) is left
+        out rather than charted as a value."""
         if self.run is not None:
-            data = {f"sae/{k}": v for k, v in metrics.items()}
+            data = {f"sae/{k}": v for k, v in metrics.items() if v is not None}
             self._guard("log", lambda: self.run.log({**data, "sae/step": sae_step}))
 
     def summary(self, values: Mapping[str, Any]) -> None:
