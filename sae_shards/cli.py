@@ -373,7 +373,7 @@ def _closing_lines(summary: dict, run_dir: Path) -> list[str]:
              f"fvu {fig('fvu_first')} -> {fig('fvu_last')}  |  dead latents {fig('dead_frac')}"
              + (" (the SAE saw fewer than sae.dead_after samples)"
                 if summary.get("dead_frac") is None and summary.get("sae_steps") else "")
-             + f"  |  never fired {fig('never_fired_frac')}"]
+             + f"  |  never fired in training {fig('never_fired_frac')}"]
     if summary.get("warning"):
         lines.append(f"  warning: {summary['warning']}")
     if summary.get("interrupted"):

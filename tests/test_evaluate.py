@@ -48,7 +48,11 @@ def test_evaluate_reports_every_figure(planted_run):
     assert set(st["per_task"]) == {"A", "B", "C", "D"}
     for e in st["per_task"].values():
         assert set(e["shard_plus"]) == {"A", "B", "C", "D"} and e["coefficient"] == e["coefficient"]
-    assert "mean selectivity" in (planted_run / "evaluation.md").read_text()
+    md = (planted_run / "evaluation.md").read_text()
+    assert "selectivity (median over tasks, + sign)" in md
+    # every headline row says how to read it, or why it is missing (no null run given here)
+    assert "| auroc_null_control | - | n/a: no null-control run given (--null-run DIR" in md
+    assert f"| auroc_task | {r['headline']['auroc_task']:.3f} | held-out AUROC" in md
 
 
 def test_random_decoder_scores_lower(planted_run, tmp_path):

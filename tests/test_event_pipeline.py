@@ -159,6 +159,15 @@ def test_group_granularity_job_names_the_events_behind_each_shard(event_run):
         assert t["prompt"] == row["prompts"][t["rows"][0]]
         assert t["completions"] == [row["completions"][i] for i in t["rows"]]
         assert t["advantages"] == [row["advantages"][i] for i in t["rows"]]
+    # top steps are distinct steps, each at its strongest event (there are 2 events a step)
+    steps_top = view.top_steps(busiest, k=8)
+    assert len({t["rl_step"] for t in steps_top}) == len(steps_top) >= 2
+    acts = view.timeline()[1][:, busiest]
+    for t in steps_top:
+        mine = acts[view.timeline()[0] == t["rl_step"]]
+        assert abs(t["activation"]) == float(mine.abs().max()) and t["event"] in (0, 1)
+    # the checkpoint names what its samples are (was "update")
+    assert view.shards.meta["source"] == "grad"
     assert main(["analyze", str(run), "--shards", "2", "--no-dose"]) == 0
     html = (run / "report.html").read_text()
     assert 'id="events"' in html and "mean |advantage|" in html

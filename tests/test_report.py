@@ -2,6 +2,7 @@
 
 import base64
 import json
+import shutil
 from html.parser import HTMLParser
 
 import pytest
@@ -57,7 +58,7 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
     for s, entry in analysis["shards"].items():  # the SAE's own account, beside c
         expected = float(acts[:, int(s)].double().sum()) * scale
         assert entry["attributed_update"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
-    assert "attribution (sum of activations)" in html
+    assert "attribution (activations summed x input_scale)" in html
     for entry in analysis["shards"].values():
         assert len(entry["dose_response"]["shard"]) == 3
         ablation = entry["ablation"]  # the same coefficient as the dose-response's alpha = 1
@@ -71,8 +72,10 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
         assert ablation["stderr_change_removed"] >= 0
         assert entry["logit_lens"], "the body targets include o_proj/down_proj writers"
     dose = analysis["shards"][str(analysis["top_shards"][0])]["dose_response"]  # the plot's
-    row = "".join(f"<td>{r:.4f}</td>" for r in dose["shard"])                 # numbers, listed
-    assert row + f"<td>{dose['control'][-1]:.4f}</td></tr>" in html
+    cell = lambda m, e: f"<td>{m:.4f}" + (f" ± {e:.4f}" if e else "") + "</td>"  # noqa: E731
+    row = "".join(map(cell, dose["shard"], dose["stderr_change_shard"]))  # numbers, listed
+    assert row + cell(dose["control"][-1], dose["stderr_change_control"][-1]) + "</tr>" in html
+    assert dose["stderr_change_shard"][1] == 0  # alpha 0: no change from itself
     # families partition the shards that fired but are not always on (none in this short run:
     # its 4 live shards fire on every sample; tests/test_evaluate.py has a run with families),
     # and each family's mass share is its members' share of the timeline's |activation|
@@ -95,6 +98,27 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
     assert f"{int((density == 0).sum())} of 16" in html  # shards that never fired
     assert "by context" not in html  # one task: no split to show
     assert "<td>task</td><td>letters</td>" in html and "<td>RL algorithm</td><td>grpo</td>" in html
+
+
+def test_an_unscorable_completion_is_left_out_of_the_reward_curve(short_run_dir, tmp_path):
+    """TRL logs a completion no reward function could score as None (rollouts.jsonl keeps it):
+    the report's reward curve leaves it out instead of failing on it."""
+    from sae_shards.analysis.report import step_reward_means
+
+    run = tmp_path / "run"
+    shutil.copytree(short_run_dir, run)
+    rows = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    rows[0]["rewards"][0] = None
+    rows[1]["rewards"] = [None] * len(rows[1]["rewards"])  # a step with nothing scored
+    (run / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps, means = step_reward_means(RunView(run))
+    assert rows[1]["step"] not in steps and steps[0] == rows[0]["step"]
+    scored = rows[0]["rewards"][1:]
+    assert means[0] == pytest.approx(sum(scored) / len(scored))
+    out = analyze(run, tmp_path / "report.html", n_shards=1, dose=False)
+    page = _Page()
+    page.feed(out.read_text())
+    assert page.sections["reward"] == 1
 
 
 def test_analyze_cli_reports_a_bad_run_dir(tmp_path, capsys):

@@ -107,6 +107,12 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     # no summary.json yet: the steps are the checkpoint's, said so (was "None")
     assert f"<td>RL steps</td><td>{step} (as of the checkpoint" in html
     assert "<td>None</td>" not in html
+    # its reward so far, from rollouts.jsonl (was "n/a → n/a")
+    from sae_shards.analysis.report import step_reward_means
+    from sae_shards.capture.summary import first_last
+
+    first, last = first_last(step_reward_means(view)[1], 5)
+    assert f"{first:.3f} → {last:.3f} (so far: from rollouts.jsonl" in html
     # its interventions use the policy of that step, which TRL saved (no final_model/ yet)
     from sae_shards.analysis.shards import load_run_models, policy_dir
 

@@ -127,3 +127,32 @@ def test_a_torn_last_log_line_is_dropped_and_a_torn_middle_line_named(run_dir, t
     rollouts.write_text("\n".join(lines[:3] + ['{"step": 4, "pro'] + lines[4:]) + "\n")
     with pytest.raises(CheckpointError, match=r"rollouts.jsonl:4: not valid JSON"):
         RunView(copy)
+
+
+def test_the_api_names_what_a_reader_gets_wrong(run_dir, tmp_path):
+    """A run directory handed to ShardSet.load, a checkpoint directory to from_run, a tab
+    completion's trailing slash, a negative k: each answered in the reader's terms."""
+    with pytest.raises(CheckpointError, match=r"is a run directory: load its shards with "
+                                              r"ShardSet.from_run"):
+        ShardSet.load(run_dir)
+    with pytest.raises(CheckpointError, match=r"is a checkpoint directory, not a run: load it "
+                                              r"with ShardSet.load"):
+        ShardSet.from_run(run_dir / "checkpoints" / "final")
+    view = RunView(run_dir, "final/")
+    assert view.checkpoint == "final" and ShardSet.from_run(run_dir, "checkpoints/final/").path
+    with pytest.raises(ValueError, match=r"k=-1: how many to list"):
+        view.top_steps(0, k=-1)
+    assert view.top_steps(0, k=0) == []
+    assert repr(view.shards[3]) == "Shard(3 of 16)" and repr(view.shards).startswith("ShardSet(16 ")
+    # typical_coefficient over the final timeline: one checkpoint, one scale
+    steps, acts = view.timeline()
+    busiest = int((acts != 0).sum(0).argmax())
+    active = acts[:, busiest][acts[:, busiest] != 0].abs()
+    assert view.typical_coefficient(busiest) == pytest.approx(
+        float(active.mean()) * view.shards.input_scale)
+    # metrics.jsonl feeds only the SAE curves: a run without it is still read
+    import shutil
+
+    shutil.copytree(run_dir, tmp_path / "run")
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    assert RunView(tmp_path / "run").sae_metrics == []

@@ -46,9 +46,24 @@ DEFAULT_ALPHAS = (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 log = logging.getLogger(__name__)
 
 RUN_FIGURES = ("rl_steps", "sae_steps", "reward_first", "reward_last", "fvu_first", "fvu_last",
-               "fvu_heldout", "dead_frac", "interrupted", "warning")
+               "fvu_heldout", "dead_frac", "never_fired_frac", "interrupted", "warning")
 """``summary.json``'s figures ``analysis.json`` repeats under ``run`` (null for a run that
 wrote no summary yet)."""
+
+
+_CURVES_NOTE = (
+    "<p>Per SAE step, on its training batch: fvu, the squared error of the reconstruction over "
+    "the samples' squared distance from their mean (1: no better than the mean); l0, the active "
+    "shards per sample (top-k sparsity holds it at k); dead_frac, the shards silent for the last "
+    "sae.dead_after samples (unknown, not plotted, before that many samples).</p>")
+_LENS_NOTE = (
+    "<p>Each row is one component of the shard on one residual-stream writer: the shard's "
+    "matrix there is a sum of rank-1 terms σ u v<sup>T</sup>, σ its singular value (the "
+    "component's size; the shard has unit norm over all its targets). The tokens are those "
+    "whose unembedding has the largest (promotes) and smallest (suppresses) dot product with "
+    "+u after the final norm. The sign of u is arbitrary: read a row as one axis with two "
+    "ends, and the shard's activations (often negative) decide which end the run moved "
+    "towards.</p>")
 
 
 def _png(fig) -> str:
@@ -99,10 +114,21 @@ def plot_sae_curves(view: RunView) -> str:
     return _png(fig)
 
 
+def step_reward_means(view: RunView) -> tuple[list[int], list[float]]:
+    """Each RL step's mean reward over its scored completions (an unscorable one is recorded
+    as None and left out; a step with none scored is left out)."""
+    steps, means = [], []
+    for step in sorted(view.rollouts):
+        scored = [r for r in view.rollouts[step].get("rewards") or [] if r is not None]
+        if scored:
+            steps.append(step)
+            means.append(sum(scored) / len(scored))
+    return steps, means
+
+
 def plot_reward(view: RunView) -> str:
     fig, ax = _figure()
-    steps = sorted(view.rollouts)
-    means = [sum(view.rollouts[s]["rewards"]) / len(view.rollouts[s]["rewards"]) for s in steps]
+    steps, means = step_reward_means(view)
     ax.plot(steps, means, lw=1, label="mean reward per step")
     if len(means) >= 10:
         w = max(2, len(means) // 15)
@@ -147,10 +173,15 @@ def plot_norms(view: RunView, shards: list[int]) -> str:
 
 
 def plot_dose(results: dict[int, Any]) -> str:
-    fig, axes = _figure(4 * max(len(results), 1), 3)
+    """One panel per shard, three to a row, on one reward scale (so a flat curve looks flat)."""
+    cols = min(3, max(len(results), 1))
+    n_rows = -(-max(len(results), 1) // cols)
+    fig, _ = _figure(4 * cols, 3 * n_rows)
     fig.clf()
+    first = None
     for i, (shard, dr) in enumerate(results.items()):
-        ax = fig.add_subplot(1, len(results), i + 1)
+        ax = fig.add_subplot(n_rows, cols, i + 1, sharey=first)
+        first = first or ax
         # paired error bars (each point's change from alpha 0, prompt by prompt) when there is
         # an alpha 0: the points share prompts and rollout seed, so that is their resolution
         shard_err = dr.stderr_change_shard or dr.stderr_shard
@@ -229,7 +260,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
 
     parts = [_section("summary", "Run", _summary_html(view, summary, shards, density, tags,
                                                       initial_model))]
-    parts.append(_section("sae-curves", "SAE training", plot_sae_curves(view)))
+    parts.append(_section("sae-curves", "SAE training", plot_sae_curves(view) + _CURVES_NOTE))
     parts.append(_section("reward", "Reward", plot_reward(view)))
     untrained = ("<p>No shards selected (<code>--shards 0</code> and no always-on shard).</p>"
                  if n_shards == 0 and bool(density.abs().sum() > 0) else
@@ -291,7 +322,11 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                                n_prompts=n_prompts, **sampling)
             dose_results[s] = dr
             entry["dose_response"] = {"alphas": list(dr.alphas), "shard": list(dr.reward_shard),
-                                      "control": list(dr.reward_control),
+                                      "control": list(dr.reward_control), "n": dr.n,
+                                      "stderr_shard": list(dr.stderr_shard),
+                                      "stderr_control": list(dr.stderr_control),
+                                      "stderr_change_shard": list(dr.stderr_change_shard),
+                                      "stderr_change_control": list(dr.stderr_change_control),
                                       "shard_by_label": dr.shard_by_label,
                                       "control_by_label": dr.control_by_label}
             if baseline is None:  # the final policy's rewards: one estimate serves every shard
@@ -314,14 +349,18 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     unscored = (no_task if models is not None and models.task is None and task is None
                 else missing)  # why the dose-response and the ablation are empty
     parts.append(_section("logit-lens", "Logit lens (write directions of the blocks' output "
-                          "projections)", "".join(lens_html) or missing))
+                          "projections)",
+                          _LENS_NOTE + "".join(lens_html) if lens_html else missing))
     parts.append(_section("dose-response", "Dose-response: reward vs alpha * shard",
                           (plot_dose(dose_results) + _dose_table(dose_results, analysis, tags)
                            + _dose_source(task, sampling)
                            + scorer_note
                            + "<p>alpha = 1 adds the shard's share of the run's whole update to "
-                             "the initial weights; the control adds a random direction of equal "
-                             "norm. Error bars: each point's change from alpha 0, paired per "
+                             "the initial weights: <code>c * shard</code>, where c is the "
+                             "projection of the update (final minus initial weights) on the "
+                             "shard's unit direction, in parameter units. The control adds a "
+                             "random direction of equal norm. Error bars (± in the table): each "
+                             "point's change from alpha 0, paired per "
                              "prompt (the points share prompts and rollout seed), its standard "
                              "error over prompts. Dotted: each context's reward along the shard, from the same "
                              "rollouts (when the prompts carry several; a built-in task's "
@@ -351,15 +390,21 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
 
 
 def _dose_table(results: dict[int, Any], analysis: dict[str, Any], tags: dict[int, str]) -> str:
-    """The plotted figures: each shard's c and mean reward at every alpha, and the control's at
-    the largest."""
+    """The plotted figures: each shard's c and mean reward at every alpha (± the error bar
+    drawn), and the control's at the largest."""
     first = next(iter(results.values()))
     top = max(range(len(first.alphas)), key=lambda i: first.alphas[i])
-    header = (["shard", "c"] + [f"alpha {a:g}" for a in first.alphas]
+    header = (["shard", "c (parameter units)"] + [f"alpha {a:g}" for a in first.alphas]
               + [f"control at {first.alphas[top]:g}"])
+
+    def cells(means: list[float], paired: list[float], plain: list[float]) -> list[str]:
+        errs = paired or plain
+        return [f"{m:.4f}" + (f" ± {e:.4f}" if e else "") for m, e in zip(means, errs)]
+
     rows = [[f"{s} (always on)" if s in tags else str(s),
              f"{analysis['shards'][s]['share_of_update']:+.4f}"]
-            + [f"{r:.4f}" for r in dr.reward_shard] + [f"{dr.reward_control[top]:.4f}"]
+            + cells(dr.reward_shard, dr.stderr_change_shard, dr.stderr_shard)
+            + cells(dr.reward_control, dr.stderr_change_control, dr.stderr_control)[top:top + 1]
             for s, dr in results.items()]
     return _table(header, rows)
 
@@ -373,8 +418,8 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
     labels = sorted({label for ab in ablations.values() for label in ab.removed_by_label})
     # the SAE's own account (RunView.attribution): every shard's or none (it depends on the run)
     shown = "attributed_update" in entries[next(iter(ablations))]
-    header = (["shard", "share of the update c"]
-              + (["the SAE's attribution (sum of activations)"] if shown else [])
+    header = (["shard", "c (the update along the shard, parameter units)"]
+              + (["the SAE's attribution (activations summed x input_scale)"] if shown else [])
               + ["final reward", "without the shard: change",
                  "without random (same norm): change"]
               + [f"{label}: change without the shard (n={first.n_by_label.get(label, '?')})"
@@ -475,7 +520,9 @@ def _families_html(rows: list[dict[str, Any]]) -> str:
     return table + (f"<p>{len(multi)} famil{'y' if len(multi) == 1 else 'ies'} of several "
                     "shards; "
                     f"{len(rows) - len(multi)} shards fire with no other (families of one; all "
-                    "families are in analysis.json).</p>")
+                    "families are in analysis.json). Density: the fraction of the timeline's "
+                    "samples on which any of the family's shards is active; share of activation "
+                    "mass: its shards' summed |activation| over the timeline's, all shards'.</p>")
 
 
 def _family_rows(view: RunView, families) -> list[dict[str, Any]]:
@@ -530,8 +577,7 @@ def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags
                      "file)"}.get(view.recovered or "", " (the run was interrupted)"
                                   if summary.get("interrupted") else ""),
         **_steps_rows(summary, meta),
-        "reward first/last 20%": _pair(summary, "reward_first", "reward_last"),
-        "FVU first/last 10%": _pair(summary, "fvu_first", "fvu_last"),
+        **_curve_ends(view, summary),
         **({"warning": summary["warning"]} if summary.get("warning") else {}),
         "latents / k / sparsity": f"{len(view.shards)} / {view.shards.sae.cfg.k} / "
                                   f"{view.shards.sae.cfg.sparsity}",
@@ -545,7 +591,14 @@ def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags
             (", ".join(map(str, sorted(tags))) + ": the direction most updates share (e.g. "
              "momentum or drift), not a context; the families below leave them out")
             if tags else "none",
-        "shards that never fired (on the timeline)": f"{dead} of {len(density)}",
+        "shards never active on the timeline (the buffer at the end, final SAE)":
+            f"{dead} of {len(density)}",
+        "shards that never fired during SAE training": (
+            "n/a (no summary.json)" if summary.get("never_fired_frac") is None else
+            f"{round(summary['never_fired_frac'] * len(density))} of {len(density)}"),
+        "SAE input_scale (activation x input_scale = coefficient of the unit shard direction"
+        + (", parameter units)" if view.samples_are_updates else
+           ", in the units of the samples)"): f"{view.shards.input_scale:.4g}",
     }
     return _table(None, [[k, v] for k, v in rows.items()])
 
@@ -560,10 +613,29 @@ def _steps_rows(summary: dict, meta: dict) -> dict[str, Any]:
             "SAE steps": f"{meta.get('sae_step', 'n/a')} ({at})"}
 
 
+def _curve_ends(view: RunView, summary: dict) -> dict[str, str]:
+    """Reward and FVU, first → last: ``summary.json``'s; for a run that wrote none (killed, or
+    still running), the same figures from ``rollouts.jsonl`` and ``metrics.jsonl`` so far."""
+    if summary.get("rl_steps") is None:
+        from sae_shards.capture.summary import first_last
+
+        rewards = first_last(step_reward_means(view)[1], 5)
+        fvu = first_last([r["fvu"] for r in view.sae_metrics if r.get("fvu") is not None], 10)
+        summary = {"reward_first": rewards[0], "reward_last": rewards[1],
+                   "fvu_first": fvu[0], "fvu_last": fvu[1]}
+        so_far = " (so far: from rollouts.jsonl and metrics.jsonl; the run wrote no summary.json)"
+    else:
+        so_far = ""
+    return {"reward first/last 20% of the steps":
+            _pair(summary, "reward_first", "reward_last") + so_far,
+            "SAE's FVU first/last 10% of its steps":
+            _pair(summary, "fvu_first", "fvu_last") + so_far}
+
+
 def _pair(d: dict, a: str, b: str) -> str:
     """``first → last`` of two figures; n/a for a figure that is missing or null (e.g. the FVU
     of an SAE that never trained)."""
-    fig = lambda key: "n/a" if d.get(key) is None else f"{d[key]:.3f}"  # noqa: E731
+    fig = lambda key: "n/a" if d.get(key) is None or d[key] != d[key] else f"{d[key]:.3f}"  # noqa: E731
     return f"{fig(a)} → {fig(b)}"
 
 
@@ -575,11 +647,11 @@ def _events_html(view: RunView, shards: list[int], top_k: int, tags: dict[int, s
         for t in view.top_events(s, top_k):
             fig = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
             completions = " | ".join(
-                f"{c!r} (r={fig(r)}, A={fig(a)})"
+                f"{c!r} (r={fig(r)}, adv={fig(a)})"
                 for c, r, a in zip(t["completions"][:4], t["rewards"], t["advantages"]))
             spread = [abs(a) for a in t["advantages"] if a is not None]
             rows.append([t["rl_step"], t["event"], f"{t['activation']:+.3f}",
-                         fig(sum(spread) / len(spread) if spread else None),
+                         f"{sum(spread) / len(spread):.3f}" if spread else "n/a",
                          ", ".join(sorted(set(map(str, t["tasks"])))) or "-",
                          repr(t["prompt"]), completions])
         out.append(_shard_title(s, tags) + _mix_html(mixes.get(s)) + _table(

@@ -38,6 +38,9 @@ class Shard:
     shards: "ShardSet"
     index: int
 
+    def __repr__(self) -> str:
+        return f"Shard({self.index} of {len(self.shards)})"
+
     def factors(self) -> dict[str, tuple[Tensor, ...]]:
         """``{target: (U [m, r], V [n, r])}`` or ``{target: (d [m],)}`` (unit-norm direction)."""
         return {tf.spec.name: tuple(f[self.index].detach() for f in tf.factors("decoder"))
@@ -45,8 +48,8 @@ class Shard:
 
     def dense(self, scaled: bool = True) -> dict[str, Tensor]:
         """``{param_name: tensor}``: the shard's unit direction (``scaled=False``), or that times
-        ``typical_coefficient`` (its mean |activation| when active, in parameter units: one
-        typical sample's size, unsigned, 0 for a shard that never fired). Its sign is the
+        ``typical_coefficient`` (its mean |activation| when active, in parameter units: about
+        one typical sample's size, unsigned, 0 for a shard that never fired). Its sign is the
         decoder's; a shard whose activations are negative pushes the other way (see
         ``RunView.attribution`` for its summed, signed contribution)."""
         dirs = self.shards.sae.dense_directions(latents=torch.tensor([self.index]))
@@ -54,7 +57,11 @@ class Shard:
         return {name: d[0] * scale for name, d in dirs.items()}
 
     def typical_coefficient(self) -> float:
-        """Mean |activation| when active, in parameter units (0 if it never fired)."""
+        """Mean |activation| when active over the SAE's training (its running statistics) times
+        the checkpoint's ``input_scale``: parameter units for a run whose samples are its
+        updates (0 if it never fired). Approximate: the statistics add activations taken
+        while ``input_scale`` moved; ``RunView.typical_coefficient`` is the consistent figure,
+        over the final timeline encoded by this one checkpoint."""
         mean_abs = self.shards.stats.get("stats.mean_abs_act")
         if mean_abs is None:
             return 0.0
@@ -84,6 +91,10 @@ class ShardSet:
         self.stats = stats
         self.path = path
 
+    def __repr__(self) -> str:
+        return (f"ShardSet({len(self)} shards over {len(self.target_names)} targets"
+                + (f", {self.path}" if self.path else "") + ")")
+
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ShardSet":
         """Load and validate a checkpoint directory (errors name the file and the problem)."""
@@ -95,8 +106,7 @@ class ShardSet:
         """The shards of a run's checkpoint: ``final``, ``step_XXXXXX``, or None for the newest
         (``final`` when the run finished, its last step checkpoint when it was interrupted)."""
         run_dir = Path(run_dir)
-        name = checkpoint or rundir.latest_checkpoint(run_dir)
-        return cls.load(run_dir / rundir.CHECKPOINTS / name)
+        return cls.load(run_dir / rundir.CHECKPOINTS / checkpoint_name(run_dir, checkpoint))
 
     # ---- container protocol
     def __len__(self) -> int:
@@ -195,7 +205,8 @@ class RunView:
 
     def __init__(self, run_dir: str | Path, checkpoint: str | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self.checkpoint = checkpoint or rundir.latest_checkpoint(self.run_dir)
+        # "final/" (tab completion) and "checkpoints/final" name the checkpoint "final"
+        self.checkpoint = checkpoint_name(self.run_dir, checkpoint)
         """The checkpoint read: ``final``, or the newest step of an interrupted run."""
         self.shards = ShardSet.from_run(self.run_dir, self.checkpoint)
         acts_file = self.run_dir / rundir.ACTIVATIONS
@@ -222,7 +233,8 @@ class RunView:
         self.events = {(r["step"], r["event"]): r
                        for r in (rundir.read_jsonl(events) if events.is_file() else [])}
         """Per-event runs: ``(rl_step, event) -> events.jsonl`` record; empty otherwise."""
-        metrics = rundir.read_jsonl(self.run_dir / rundir.METRICS)
+        metrics_file = self.run_dir / rundir.METRICS  # only the report's SAE curves need it
+        metrics = rundir.read_jsonl(metrics_file) if metrics_file.is_file() else []
         self.rl_metrics = [r for r in metrics if r.get("kind") == "rl"]
         self.sae_metrics = [r for r in metrics if r.get("kind") == "sae"]
 
@@ -234,11 +246,13 @@ class RunView:
             have = [rundir.step_name(s) for s in rundir.saved_steps(self.run_dir / rundir.RESUME)]
             what = (f"is the encoding of checkpoint {written_for}" if written_for
                     else "is missing (the run was killed, or is still running)")
+            others = ", ".join(have) or "none"
             raise CheckpointError(
                 f"{acts_file} {what}, and checkpoint {self.checkpoint} has no resume file to "
                 f"re-encode its buffer from; analyse {written_for or 'a checkpoint'} instead "
-                f"(checkpoints with a resume file: {have or 'none'}), finish the run, or load "
-                "the shards alone with ShardSet.from_run")
+                f"(checkpoints with a resume file: {others})"
+                + ("" if written_for else ", finish the run") + ", or load the shards alone "
+                f"with ShardSet.from_run({str(self.run_dir)!r}, {self.checkpoint!r})")
         return activations_from_resume(self.run_dir, self.checkpoint, self.shards.sae,
                                        int(self.shards.meta.get("sae_step", 0)))
 
@@ -307,10 +321,7 @@ class RunView:
         the decoder bias, and every overlapping shard's part). None where the samples are not
         the run's parameter updates (per-event or gradient samples, preconditioned or
         normalised ones): their activations are in other units."""
-        capture = rundir.section(rundir.read_config(self.run_dir), "capture")
-        if (self.per_event or self.shards.meta.get("source", "update") != "update"
-                or capture.get("precondition", "none") != "none"
-                or capture.get("normalize", "none") != "none"):
+        if not self.samples_are_updates:
             return None
         steps, acts = self.timeline(which)
         a = acts[:, self.shards.check_index(shard)].double()
@@ -318,6 +329,27 @@ class RunView:
         return Attribution(float(a.sum()) * scale, int(steps.numel()),
                            int(steps.min()) if steps.numel() else 0,
                            int(steps.max()) if steps.numel() else 0)
+
+    @property
+    def samples_are_updates(self) -> bool:
+        """True when the SAE's samples are the run's parameter updates, so an activation times
+        ``input_scale`` is in parameter units; False for per-event or gradient samples and
+        preconditioned or normalised ones."""
+        capture = rundir.section(rundir.read_config(self.run_dir), "capture")
+        return not (self.per_event or self.shards.meta.get("source", "update") != "update"
+                    or capture.get("precondition", "none") != "none"
+                    or capture.get("normalize", "none") != "none")
+
+    def typical_coefficient(self, shard: int | Shard, which: str = "final") -> float:
+        """A shard's mean |activation| over the timeline's samples where it is active, times
+        ``input_scale``: one typical sample's coefficient on its unit direction (parameter
+        units when ``samples_are_updates``, else the samples' own units; 0 if never active).
+        Consistent, unlike ``Shard.typical_coefficient``: every sample encoded by the one
+        checkpoint at its one scale."""
+        _, acts = self.timeline(which)
+        a = acts[:, self.shards.check_index(shard)].abs()
+        active = a[a != 0]
+        return float(active.mean()) * self.shards.input_scale if active.numel() else 0.0
 
     def task_mix(self, shard: int | Shard, which: str = "final",
                  labels: list[tuple[str, ...]] | None = None) -> dict[str, float]:
@@ -336,19 +368,28 @@ class RunView:
         return ({k: v / total for k, v in sorted(mass.items(), key=lambda kv: -kv[1])}
                 if total > 0 else {})
 
-    def top_steps(self, shard: int | Shard, k: int = 5, which: str = "final") -> list[dict[str, Any]]:
-        """The k RL steps with the largest |activation| of ``shard`` (scaled units, as
-        ``timeline``), joined with their rollouts."""
+    def top_steps(self, shard: int | Shard, k: int = 5,
+                  which: str = "final") -> list[dict[str, Any]]:
+        """The k distinct RL steps with the largest |activation| of ``shard`` (scaled units, as
+        ``timeline``), joined with their rollouts; fewer when fewer steps activated it.
+        Per-event runs: a step's activation is that of its event with the largest |activation|
+        (``"event"`` names it; ``top_events`` lists the events themselves)."""
+        _check_k(k)
         steps, acts = self.timeline(which)
+        events = self.sample_events(which)
         a = acts[:, self.shards.check_index(shard)]
-        order = a.abs().argsort(descending=True)[:k]
-        out = []
-        for i in order.tolist():
-            if a[i] == 0:
+        out, seen = [], set()
+        for i in a.abs().argsort(descending=True, stable=True).tolist():
+            if len(out) == k or a[i] == 0:
                 break
             step = int(steps[i])
-            out.append({"rl_step": step, "activation": float(a[i]),
-                        "rollout": self.rollouts.get(step)})
+            if step in seen:
+                continue
+            seen.add(step)
+            row = {"rl_step": step, "activation": float(a[i]), "rollout": self.rollouts.get(step)}
+            if int(events[i]) >= 0:
+                row["event"] = int(events[i])
+            out.append(row)
         return out
 
     def top_events(self, shard: int | Shard, k: int = 5, which: str = "final") -> list[dict[str, Any]]:
@@ -357,6 +398,7 @@ class RunView:
         (advantage, norm, kept energy). Per-step runs: the top steps, as ``top_steps``."""
         if not self.per_event:
             return self.top_steps(shard, k, which)
+        _check_k(k)
         steps, acts = self.timeline(which)
         events = self.sample_events(which)
         a = acts[:, self.shards.check_index(shard)]
@@ -378,6 +420,17 @@ class RunView:
                 "completions": pick("completions"), "rewards": pick("rewards"),
                 "advantages": pick("advantages"), "tasks": pick("tasks")})
         return out
+
+
+def checkpoint_name(run_dir: Path, checkpoint: str | None) -> str:
+    """The checkpoint a reader asked for, by its name (``final/`` from tab completion and
+    ``checkpoints/final`` are ``final``), or the run's newest (``rundir.latest_checkpoint``)."""
+    return Path(checkpoint).name if checkpoint else rundir.latest_checkpoint(run_dir)
+
+
+def _check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k={k!r}: how many to list, an int >= 0")
 
 
 class Attribution(NamedTuple):

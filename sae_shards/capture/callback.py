@@ -71,7 +71,8 @@ from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import make_targets
 from sae_shards.run import rundir
 from sae_shards.run.config import (CaptureConfig, RunnerConfig, check_sae_trains,
-                                    check_sae_window, generations_reused, samples_per_step)
+                                    check_sae_window, generations_reused, sample_source,
+                                    samples_per_step)
 from sae_shards.run.schema import build_dataclass
 from sae_shards.run.tracking import RunLogger
 
@@ -246,7 +247,9 @@ class ShardCallback(TrainerCallback):
             self._fingerprint = saved.get("fingerprint")  # as the run started
         else:
             self._initial_dir = initial_model.loaded_from(model)
-        self.meta = {"source": self.capture_cfg.source, "model_id": _model_id(model),
+        cap = self.capture_cfg
+        self.meta = {"source": sample_source(cap.granularity, cap.source, cap.precondition,
+                                             cap.normalize), "model_id": _model_id(model),
                      "run_dir": str(self.run_dir), "lora": self._is_lora(), **self.meta}
         if self.resume:
             _check_same_world(self.run_dir)

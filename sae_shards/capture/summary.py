@@ -46,12 +46,12 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
     (``budget_used``: its time on the RL thread and the SAE's, over the RL time that earned
     credit), plus ``extra``; a ``warning`` when the SAE never trained, or when it ends
     reconstructing worse than the samples' mean (``fvu_last`` > 1)."""
-    fifth, tenth = max(1, len(rewards) // 5), max(1, len(fvu) // 10)
     trainer = parts.trainer
+    (reward_first, reward_last), (fvu_first, fvu_last) = first_last(rewards, 5), first_last(fvu, 10)
     summary = {
         "rl_steps": parts.loop.last_rl_step, "sae_steps": trainer.n_steps,
-        "reward_first": _mean(rewards[:fifth]), "reward_last": _mean(rewards[-fifth:]),
-        "fvu_first": _mean(fvu[:tenth]), "fvu_last": _mean(fvu[-tenth:]),
+        "reward_first": reward_first, "reward_last": reward_last,
+        "fvu_first": fvu_first, "fvu_last": fvu_last,
         "captured": capture.n_captured, "zero_samples": capture.n_zero,
         "nonfinite_samples": capture.n_nonfinite, "outlier_samples": capture.n_outliers,
         "skipped_steps": capture.n_skipped,
@@ -80,6 +80,14 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
             "runner.sae_steps_per_rl_step) or lower sae.lr")
         log.warning("%s", summary["warning"])
     return summary
+
+
+def first_last(values: list[float], parts: int) -> tuple[float, float]:
+    """Means of the first and the last ``1 / parts`` of ``values`` (at least one value each;
+    NaNs left out; NaN when nothing is left): ``summary.json``'s reward (fifths of the RL
+    steps) and FVU (tenths of the SAE steps) first and last."""
+    n = max(1, len(values) // parts)
+    return _mean(values[:n]), _mean(values[-n:])
 
 
 def _mean(xs: list[float]) -> float:

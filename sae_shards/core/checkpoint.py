@@ -253,7 +253,7 @@ def read_safetensors(file: str | Path, expect_version: bool = True, kind: str | 
             return {k: f.get_tensor(k) for k in f.keys()}, header
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot be read as safetensors ({e}); the file is "
-                              "truncated or damaged — re-save it from the run") from e
+                              f"truncated or damaged — {DAMAGED}") from e
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedSAE:

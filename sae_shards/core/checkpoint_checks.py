@@ -140,8 +140,12 @@ def read_spec(path: Path) -> _Spec:
         raise CheckpointError(f"{file}: expected a JSON object, got {_json_kind(config)}; the "
                               f"file is damaged — {DAMAGED}")
     if config.get("format") != FORMAT:
-        raise CheckpointError(f"{file}: format {config.get('format')!r}, expected {FORMAT!r}: "
-                              "not a sae-shards checkpoint config")
+        run_dir = (path / "checkpoints").is_dir()  # a run directory's config.json is the job's
+        raise CheckpointError(
+            f"{file}: format {config.get('format')!r}, expected {FORMAT!r}: not a sae-shards "
+            "checkpoint config" + (f"; {path} is a run directory: load its shards with "
+                                   f"ShardSet.from_run({str(path)!r}) or a checkpoint such as "
+                                   f"{path / 'checkpoints' / 'final'}" if run_dir else ""))
     if "format_version" not in config:
         raise CheckpointError(f"{file}: missing key 'format_version'; {DAMAGED}")
     check_version(file, "format_version", config["format_version"], FORMAT_VERSION)

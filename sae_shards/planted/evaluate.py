@@ -96,6 +96,7 @@ from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, F
 from sae_shards.analysis.shards import ShardSet, load_run_models, run_models_missing
 from sae_shards.planted.causal import CausalSettings, causal_tests
 from sae_shards.run import rundir
+from sae_shards.run.config import sample_source
 from sae_shards.planted.groundtruth import (abs_cosine, auroc, class_means, energy_shares,
                                             flatten, label_sets, norm_features, presence,
                                             principal_direction, rank_ceiling, separability,
@@ -116,6 +117,54 @@ HEADLINE_KEYS = ("auroc_task", "auroc_null_control", "auroc_supervised", "mmcs",
                  "granularity", "source", "schedule", "group")
 """The keys of ``evaluation.json``'s ``"headline"`` (issue 12's list, then the causal controls the
 design asks for beside the random direction, then the same figures for shard families)."""
+
+_SEL = ("the shard's effect on its own task / mean |effect| on the others (or the floor); higher "
+        "is better, median over tasks")
+HEADLINE_READ = {
+    "auroc_task": "held-out AUROC of each task's best latent (0.5: chance, 1: perfect); "
+                  "compare auroc_null_control",
+    "auroc_null_control": "the same on the null-control run (a reward blind to the task): "
+                          "should stay near 0.5",
+    "auroc_supervised": "the same with each task's training principal direction (a labelled "
+                        "reference, not a bound)",
+    "mmcs": "mean over tasks of the best |cos| between a shard and the task's held-out "
+            "principal direction (1: found exactly)",
+    "mmcs_null": "the same against shuffled-label directions: what any answer gets",
+    "mmcs_margin": "mmcs - mmcs_null; compare mmcs_margin_supervised",
+    "mmcs_margin_supervised": "the margin of the training principal directions: what a "
+                              "labelled estimate reaches",
+    "steering_selectivity": f"adding +-alpha x the shard to the initial weights: {_SEL}",
+    "steering_selectivity_random": "the same for a norm-matched random direction: near 0",
+    "ablation_selectivity": f"removing the run's update along the shard from the final "
+                            f"weights (drop in reward): {_SEL}",
+    "ablation_selectivity_random": "the same for a norm-matched random direction: near 0",
+    "steering_selectivity_shuffled": "steering along shuffled-label directions: near 0",
+    "ablation_selectivity_shuffled": "ablating shuffled-label directions: near 0",
+    "ablation_selectivity_supervised": "ablating the training principal directions: a "
+                                       "labelled reference",
+    "ablation_own_first": "how often ablating a task's shard hurts its own task most; "
+                          "compare ablation_own_first_shuffled and chance 1/tasks",
+    "ablation_own_first_shuffled": "the same for shuffled-label directions",
+    "auroc_task_family": "auroc_task for shard families (co-firing latents) instead of "
+                         "single latents",
+    "auroc_null_control_family": "the same on the null-control run: near 0.5",
+    "mmcs_margin_family": "mmcs_margin of the families' directions",
+    "steering_selectivity_family": "steering_selectivity of the families",
+    "ablation_selectivity_family": "ablation_selectivity of the families",
+    "steering_selectivity_family_random": "a random direction of the family's norm: near 0",
+    "ablation_selectivity_family_random": "a random direction of the family's norm: near 0",
+    "n_families": "families found (single latents included)",
+}
+"""How to read each headline figure (``evaluation.md``'s third column)."""
+
+
+def _why_missing(key: str, r: Mapping[str, Any]) -> str:
+    """Why a headline figure is null, for ``evaluation.md``."""
+    if "null_control" in key:
+        return "n/a: no null-control run given (--null-run DIR; the sweep gives one)"
+    if "selectivity" in key or "own_first" in key:
+        return f"n/a: no causal tests: {r.get('causal_skipped') or 'see below'}"
+    return "n/a"
 
 
 class EvalData:
@@ -281,14 +330,8 @@ def run_settings(run_dir: Path, shards: ShardSet) -> dict[str, Any]:
     cfg = rundir.read_config(run_dir)
     capture = rundir.section(cfg, "capture")
     granularity = capture.get("granularity", "step")
-    if granularity == "step":
-        source = capture.get("source")
-    else:
-        source = "grad"
-        if capture.get("precondition", "none") != "none":
-            source += f"-{capture['precondition']}"
-        if capture.get("normalize", "none") != "none":
-            source += f"-{capture['normalize']}"
+    source = sample_source(granularity, capture.get("source"),
+                           capture.get("precondition", "none"), capture.get("normalize", "none"))
     task = cfg.get("task") or {}
     group = shards.meta.get("group")
     if group is None:
@@ -421,7 +464,7 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
                  if silent is not None else None)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
 
-    causal, causal_skipped = None, "not asked for (steering=False, --no-steering)"
+    causal, causal_skipped = None, "not asked for (--no-steering)"
     if steering:
         fam_dirs = {t: _family_dense(sae, fams, f)
                     for t, f in zip(tasks, families["best_family"])}
@@ -647,7 +690,10 @@ def _steering_view(causal: dict[str, Any], best: list[int], tasks: list[str]) ->
                        "control_plus": c["steer_plus"], "control_minus": c["steer_minus"],
                        "shard_selectivity": s["steering_selectivity"],
                        "control_selectivity": c["steering_selectivity"]}
-    return {"alpha": causal["settings"]["alpha"], "base": causal["base_initial"],
+    settings = causal["settings"]
+    return {"alpha": settings["alpha"], "n_prompts": settings["n_prompts"],
+            "n_samples": settings["n_samples"], "floor": settings["floor"],
+            "base": causal["base_initial"],
             "selectivity": fam["shard"]["steering_selectivity"],
             "control_selectivity": fam["random"]["steering_selectivity"],
             "shuffled_selectivity": fam.get("shuffled", {}).get("steering_selectivity"),
@@ -684,9 +730,11 @@ def to_markdown(r: dict[str, Any]) -> str:
              f"{r['n_train']} training and {r['n_heldout']} held-out {r['sample_unit']}s (RL "
              f"steps >= {r['from_step']}), tasks {r['tasks']}; granularity {h['granularity']}, "
              f"source {h['source']}, schedule {h['schedule']}, group {h['group']}.", "",
-             "## Headline", "", "| figure | value |", "|---|---|"]
+             "## Headline", "", "| figure | value | how to read it |", "|---|---|---|"]
     for key in HEADLINE_KEYS[:-4]:
-        lines.append(f"| {key} | {_f(h[key], 'd' if key == 'n_families' else '.3f')} |")
+        missing = h[key] is None or h[key] != h[key]
+        lines.append(f"| {key} | {_f(h[key], 'd' if key == 'n_families' else '.3f')} | "
+                     f"{_why_missing(key, r) if missing else HEADLINE_READ[key]} |")
     lines += ["", "## Details", "",
               "| figure | value | null / reference |", "|---|---|---|",
               f"| mmcs | {r['mmcs']:.3f} | shuffled-label null {r['mmcs_null']:.3f} (margin {r['mmcs_margin']:+.3f}) |",
@@ -712,9 +760,10 @@ def to_markdown(r: dict[str, Any]) -> str:
     fm = r.get("families")
     if fm:
         multi = [m for m in fm["members"] if len(m) > 1]
+        several = (f"{len(multi)} of several latents: {multi}, the rest single latents" if multi
+                   else "every one a single latent")
         lines += ["", f"Shard families (latents with co-activation correlation >= {fm['threshold']}, "
-                  f"average linkage; {fm['n']} families, {len(multi)} of several latents: "
-                  f"{multi}, the rest single latents): held-out AUROC "
+                  f"average linkage; {fm['n']} families, {several}): held-out AUROC "
                   f"{fm['auroc_task']:.3f} (shuffled-label null {fm['auroc_null']:.3f}), mmcs "
                   f"{fm['mmcs']:.3f} (null {fm['mmcs_null']:.3f}, margin {fm['mmcs_margin']:+.3f}); "
                   "per task: " + "; ".join(f"{t} {v['members']} {v['auroc']:.3f}"
@@ -730,14 +779,21 @@ def to_markdown(r: dict[str, Any]) -> str:
     if st:
         lines += ["", f"Steering (alpha = {st['alpha']} x the run's own update along the shard, "
                   "added to the initial weights; + and - signs):", "",
-                  f"mean selectivity (median over tasks, + sign) {st['selectivity']:+.3f}, "
+                  f"Each reward is the mean of {st['n_prompts']} prompts x {st['n_samples']} "
+                  f"completions per task, the same rollout seed at every point. A selectivity "
+                  f"divides the effect on the shard's task by the others' mean |effect| or "
+                  f"{st['floor']} (the floor), whichever is larger, so a change below the floor "
+                  f"is not resolved: such rows are marked.", "",
+                  f"selectivity (median over tasks, + sign) {st['selectivity']:+.3f}, "
                   f"norm-matched random control {st['control_selectivity']:+.3f}, shuffled-label "
                   f"control {_f(st['shuffled_selectivity'], '+.3f')}", "",
                   "| task | latent | reward change on task (+ / -) | selectivity | control |",
                   "|---|---|---|---|---|"]
         for t, e in st["per_task"].items():
+            faint = (max(abs(e['shard_plus'][t]), abs(e['shard_minus'][t])) < st['floor'])
             lines.append(f"| {t} | {e['latent']} | {e['shard_plus'][t]:+.3f} / {e['shard_minus'][t]:+.3f} "
-                         f"| {e['shard_selectivity']:+.3f} | {e['control_selectivity']:+.3f} |")
+                         f"| {e['shard_selectivity']:+.3f}{' (unresolved)' if faint else ''} "
+                         f"| {e['control_selectivity']:+.3f} |")
     if not st and r.get("causal_skipped"):
         lines += ["", f"No steering or ablation: {r['causal_skipped']}."]
     ab = r.get("ablation")
@@ -752,7 +808,8 @@ def to_markdown(r: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|"]
         for t, e in ab["per_task"].items():
             top = e["broken_task"]
-            largest = f"{e['drop'][top]:+.3f} ({top})" if top else "none"
+            largest = (f"{e['drop'][top]:+.3f} ({top})" if top else
+                       f"none (no drop reached {st['floor'] if st else 'the floor'}, or a tie)")
             lines.append(f"| {t} | {e['latent']} | {e['drop'][t]:+.3f} | {largest} | "
                          f"{e['selectivity']:+.3f} | {e['control_selectivity']:+.3f} |")
     return "\n".join(lines) + "\n"

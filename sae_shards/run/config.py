@@ -498,6 +498,17 @@ def generations_reused(args: Any) -> str:
     return ", ".join(f"{k}={v}" for k, v in reused.items())
 
 
+def sample_source(granularity: str, source: str | None, precondition: str = "none",
+                  normalize: str = "none") -> str:
+    """What one SAE sample is, as checkpoints' ``meta.source`` and ``evaluate``'s ``source``
+    name it: a per-step run's ``capture.source`` (``update``, ``grad``...); per-event samples
+    are gradients, ``grad`` with ``-adam``/``-kfac`` for the preconditioner and ``-unit`` for
+    unit-normalised events."""
+    if granularity == "step":
+        return str(source)
+    return "grad" + "".join(f"-{v}" for v in (precondition, normalize) if v != "none")
+
+
 def check_sae_trains(capture: CaptureConfig, runner: RunnerConfig, max_steps: int,
                      max_steps_name: str = "rl.max_steps",
                      samples_per_step: int | None = 1) -> None:

@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from sae_shards.core.checkpoint import CheckpointError, process_umask, save_file_atomic
+from sae_shards.core.checkpoint import SAE_FILE, CheckpointError, process_umask, save_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -528,6 +528,10 @@ def latest_checkpoint(run_dir: Path) -> str:
     if not steps and jobs:
         raise CheckpointError(f"{run_dir} is a sweep's directory, not a run: it holds the runs "
                               f"{jobs}; analyze one of them (e.g. {run_dir / jobs[0]})")
+    if not steps and (run_dir / SAE_FILE).is_file():
+        raise CheckpointError(f"{run_dir} is a checkpoint directory, not a run: load it with "
+                              f"ShardSet.load({str(run_dir)!r}), or give its run "
+                              f"({run_dir.parent.parent})")
     if not steps:
         raise CheckpointError(f"{folder}: no checkpoint (neither final/ nor step_XXXXXX/); is "
                               f"{run_dir} a sae-shards run directory, and did it reach its first "
