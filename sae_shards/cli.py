@@ -210,9 +210,19 @@ def _how_to_continue(run_dir: Path) -> str:
             f"with: {again}")
 
 
+def train_command(run_dir: str | Path) -> str:
+    """``sae-shards train``, under the launcher the run in ``run_dir`` recorded when it ran on
+    several processes (``config.json``'s ``launch``): ``accelerate launch ... -m
+    sae_shards.cli train``."""
+    from sae_shards.run import rundir
+
+    launch = rundir.read_config(Path(run_dir)).get("launch")
+    return f"{launch} -m sae_shards.cli train" if launch else "sae-shards train"
+
+
 def resume_command(run_dir: str | Path) -> str:
     """The command that continues the run in ``run_dir`` (its own overrides are reused)."""
-    return f"sae-shards train {_quoted_run_dir(run_dir)} resume=true"
+    return f"{train_command(run_dir)} {_quoted_run_dir(run_dir)} resume=true"
 
 
 def rerun_command(run_dir: str | Path) -> str | None:
@@ -227,7 +237,7 @@ def rerun_command(run_dir: str | Path) -> str | None:
     if saved is None:
         return None
     own = [shlex.quote(t) for t, o in saved if o.key_or_group not in _RUN_KEYS]
-    return " ".join(["sae-shards train", *own, _quoted_run_dir(run_dir), "overwrite=true"])
+    return " ".join([train_command(run_dir), *own, _quoted_run_dir(run_dir), "overwrite=true"])
 
 
 def _resuming(args: list[str]) -> tuple[list[tuple[str, Any]], Path] | None:
@@ -307,6 +317,27 @@ def _check_run_dir_arg(args: list[str]) -> None:
                 "own, e.g. run_dir=runs/my_sweep")
 
 
+def _main_process() -> bool:
+    """Whether this process speaks for a multi-process launch (rank 0; any lone process)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _check_process_count(run_dir: Path) -> None:
+    """A resume on another number of processes than the run's is refused here, before Hydra
+    writes into the run's ``.hydra/`` (the callback checks it again, for scripts)."""
+    import os
+
+    from sae_shards.capture.distributed import world_mismatch
+    from sae_shards.run import rundir
+
+    why = world_mismatch(run_dir, rundir.read_config(run_dir),
+                         int(os.environ.get("WORLD_SIZE", "1")))
+    if why:
+        raise ConfigError(why)
+
+
 def resume_args(args: list[str]) -> tuple[list[str], list[str]]:
     """``(with_saved_overrides(args), resume_changes(args))`` from one read of the run's
     ``.hydra/overrides.yaml`` (``sae-shards train`` needs both)."""
@@ -317,6 +348,7 @@ def resume_args(args: list[str]) -> tuple[list[str], list[str]]:
     if not run_dir.is_dir():  # said before Hydra creates the directory for its log
         raise ConfigError(f"resume=true but run_dir={run_dir} does not exist; give the directory "
                           "of the run to continue, or start a new run without resume=true")
+    _check_process_count(run_dir)
     saved = saved_overrides(run_dir)
     if saved is None:
         return args, []
@@ -330,7 +362,7 @@ def resume_args(args: list[str]) -> tuple[list[str], list[str]]:
     changes = [text for text, o in now
                if o.key_or_group not in _RUN_KEYS and not o.key_or_group.startswith("hydra.")
                and (o.key_or_group, o.is_delete(), o.value()) not in own]
-    if keep:
+    if keep and _main_process():
         print(f"sae-shards: resuming with the run's own overrides ({run_dir}/.hydra/"
               f"overrides.yaml): {' '.join(keep)}", file=sys.stderr)
     return [*keep, *("++" + a if a in plain else a for a in args)], changes
@@ -405,7 +437,7 @@ def _train(args: list[str]) -> int:
 
     from sae_shards.capture.runner import SAEWorkerError
     from sae_shards.run import rundir
-    from sae_shards.run.job import JobSetupError, run_job
+    from sae_shards.run.job import JobSetupError, RefusedOnRankZero, run_job
     from sae_shards.run.rundir import RunWriteError
 
     try:
@@ -413,7 +445,8 @@ def _train(args: list[str]) -> int:
         _check_run_dir_arg(args)
         args, changes = resume_args(open_map_args(args))
     except ConfigError as e:
-        print(f"sae-shards: config error: {e}", file=sys.stderr)
+        if _main_process():  # every rank of a launch refuses; one says why
+            print(f"sae-shards: config error: {e}", file=sys.stderr)
         return 2
     # a resumed run's own overrides and the ones given now may not compose: say which were new
     resume_hint = (f" (resume=true composed the run's own overrides with {' '.join(changes)}; "
@@ -450,6 +483,9 @@ def _train(args: list[str]) -> int:
                 job = dataclasses.replace(job, resume=False)
         try:
             summary = run_job(job, run_dir, hydra_files=_hydra_files(cfg))
+        except RefusedOnRankZero:  # rank 0 refused the job and says why; this rank just stops
+            failures.append("")
+            return
         except JobSetupError as e:
             # the run directory's refusals advise overwrite=true: show what the run started as
             again = rerun_command(run_dir) if "overwrite=true" in str(e) else None
@@ -467,7 +503,9 @@ def _train(args: list[str]) -> int:
                             f"{_how_to_continue(run_dir)}")
             interrupted.append(getattr(e, "signum", signal.SIGINT))
             return
-        if summary is None:  # a rank other than 0 of a multi-process launch: rank 0 reports
+        if summary is None or "rank" in summary:  # a rank other than 0: rank 0 reports
+            if summary and summary.get("interrupted"):  # ... but every rank exits as stopped
+                interrupted.append(summary["stop_signal"] or signal.SIGTERM)
             return
         print("\n".join(_closing_lines(summary, run_dir)))
         if summary.get("interrupted"):
@@ -479,7 +517,7 @@ def _train(args: list[str]) -> int:
     train_main()
     if fresh is not None and fresh.is_dir() and not any(p.is_file() for p in fresh.rglob("*")):
         shutil.rmtree(fresh)  # Hydra made it for a run that was refused: leave no trace
-    for msg in failures:
+    for msg in filter(None, failures):
         print(f"sae-shards: {msg}", file=sys.stderr)
     if interrupted:  # the shell's convention for a process ended by a signal
         return 128 + int(interrupted[0])

@@ -759,3 +759,37 @@ def test_a_script_run_is_evaluated_with_its_reward_handed_back(tiny_model, tmp_p
     assert set(effects) == {"digits", "vowels"} and all(math.isfinite(v) for v in effects.values())
     assert cli_main(["evaluate", str(run), "--no-steering", "--task",
                      f"{EXAMPLE}:reward_task"]) == 2  # scoring asked for and skipped: refused
+
+
+def test_a_script_whose_trainer_never_saves_is_told_it_cannot_resume_after_a_kill(tmp_path,
+                                                                                   caplog):
+    """Only TRL's save_steps make a killed script's run resumable: save_strategy='no' is warned
+    about at the start, and the "no resumable run" refusal names the trainer's setting."""
+    from trl import GRPOConfig
+
+    from sae_shards.capture.callback import _in_script_terms, _warn_no_trl_checkpoints
+    from sae_shards.run.rundir import _why_not_resumable
+
+    def args(**kw):
+        return GRPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False,
+                          report_to="none", **kw)
+
+    with caplog.at_level("WARNING", logger="sae_shards.capture.callback"):
+        _warn_no_trl_checkpoints(args(save_strategy="steps", save_steps=5))
+        assert not caplog.records
+        _warn_no_trl_checkpoints(args(save_strategy="no"))
+    assert "saves no checkpoints (save_strategy='no')" in caplog.text
+    said = _in_script_terms(_why_not_resumable(tmp_path, ["rollouts.jsonl"]))
+    assert "checkpoint_every" not in said and "smaller save_steps" in said
+
+
+def test_the_launcher_a_run_records_is_the_one_it_was_started_with():
+    from sae_shards.capture.distributed import launcher
+
+    assert launcher(1, {}) == ""
+    assert launcher(2, {}) == "accelerate launch --multi_gpu --num_processes 2"
+    assert launcher(4, {"ACCELERATE_USE_DEEPSPEED": "true",
+                        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}) == (
+        "accelerate launch --use_deepspeed --zero_stage 3 --num_processes 4")
+    assert launcher(2, {"ACCELERATE_USE_FSDP": "true"}) == (
+        "accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2")

@@ -136,6 +136,9 @@ def test_one_run_directory_whose_shards_load(runs):
         loaded = load_checkpoint(run / "checkpoints" / "final")
         assert loaded.config["meta"]["rl_step"] == 2 and loaded.sae.cfg.n_latents == 8
         assert _rl_log_steps(run) == _rl_log_steps(runs["replay"] / kind)  # one rank writes
+    for rank in (0, 1):  # a script's callback.summary says how the run ended on every rank
+        assert json.loads((runs["ddp"] / f"summary-rank{rank}.json").read_text()) == {
+            "interrupted": False, "rl_steps": 2, "world_size": 2}
     # The SAE trained on the gathered events is the one-process SAE (same seed, same samples).
     # (Not checked for run_step: its samples differ by ~1e-5, and 4 SAE steps on 2 samples
     # amplify that to a few percent.)
@@ -214,13 +217,23 @@ def test_sae_shards_train_under_accelerate_launch(tmp_path):
     the other rank loads it; one run directory with every rank's events."""
     accelerate = Path(sys.executable).parent / "accelerate"
     run = tmp_path / "run"
-    _run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no",
-          "--main_process_port", str(_free_port()), "-m", "sae_shards.cli", "train",
-          "rl.max_steps=3", "logging=disabled", f"run_dir={run}", "capture.granularity=group",
-          "runner.min_samples=2"], tmp_path)
+    launch = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    job = ["-m", "sae_shards.cli", "train", "rl.max_steps=3", "logging=disabled",
+           f"run_dir={run}", "capture.granularity=group", "runner.min_samples=2"]
+    done = _run([*launch, "--main_process_port", str(_free_port()), *job], tmp_path)
+    # every trainable weight takes part: DDP is not asked to look for unused ones (it warned)
+    assert "find_unused_parameters=True" not in done.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rl_steps"] == 3
+    assert json.loads((run / "config.json").read_text())["launch"] == (
+        "accelerate launch --multi_gpu --num_processes 2")
+    # the same launch again: rank 0 refuses (the run exists) and says so once; the other rank
+    # stops with it, not with a lost connection
+    again = _run([*launch, "--main_process_port", str(_free_port()), *job], tmp_path, rc=1)
+    assert again.stderr.count("already holds") == 1, again.stderr[-3000:]
+    assert "Connection closed" not in again.stderr and "Error executing job" not in again.stderr
+    assert "accelerate launch --multi_gpu --num_processes 2 -m sae_shards.cli train" in again.stderr
     rollouts = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     for row in rollouts:  # every completion of both ranks in exactly one event of its step
@@ -260,6 +273,11 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_run_resumes(tmp_path
         proc.wait(timeout=120)
     text = (tmp_path / "log.txt").read_text()
     assert "Received data size doesn't match" not in text, text[-4000:]  # no collective mismatch
+    assert text.count("SIGTERM: finishing this RL step") == 1, text[-4000:]  # rank 0 says it
+    recorded = json.loads((run / "config.json").read_text())["launch"]
+    assert recorded.startswith("accelerate launch --multi_gpu" if backend == "ddp" else
+                               "accelerate launch --use_deepspeed --zero_stage 3")
+    assert f"{recorded} -m sae_shards.cli train" in text  # the printed resume command
     summary = json.loads((run / "summary.json").read_text())
     step = summary["rl_steps"]
     assert summary["interrupted"] and 3 <= step < 10, text[-4000:]
@@ -283,10 +301,32 @@ def test_resuming_on_another_number_of_processes_is_refused(tmp_path):
     from sae_shards.capture.callback import _check_same_world
 
     (tmp_path / "config.json").write_text(json.dumps({"world_size": 2}))
-    with pytest.raises(ValueError, match="trained on 2 process.*resumed on 1.*--num_processes 2"):
+    with pytest.raises(ValueError, match="trained on 2 process.*resumed on 1.*accelerate launch "
+                                         "--multi_gpu --num_processes 2: on CPU too"):
         _check_same_world(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"world_size": 1}))
     _check_same_world(tmp_path)
+
+
+def test_sae_shards_train_refuses_a_resume_on_another_process_count_before_hydra(
+        tmp_path, capsys, monkeypatch):
+    """The refusal comes before Hydra writes the run's .hydra/ (nothing written is changed)."""
+    from sae_shards.cli import main
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(
+        {"world_size": 2, "launch": "accelerate launch --use_fsdp --fsdp_version 2 "
+                                    "--num_processes 2"}))
+    overrides = "- rl.max_steps=3\n"
+    (run / ".hydra" / "overrides.yaml").write_text(overrides)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["train", f"run_dir={run}", "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on 2 process(es) and is resumed on 1" in err
+    assert "accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2" in err
+    assert sorted(p.name for p in (run / ".hydra").iterdir()) == ["overrides.yaml"]
+    assert (run / ".hydra" / "overrides.yaml").read_text() == overrides
 
 
 def test_a_group_split_between_ranks_is_refused():

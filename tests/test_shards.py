@@ -156,3 +156,24 @@ def test_the_api_names_what_a_reader_gets_wrong(run_dir, tmp_path):
     shutil.copytree(run_dir, tmp_path / "run")
     (tmp_path / "run" / "metrics.jsonl").unlink()
     assert RunView(tmp_path / "run").sae_metrics == []
+
+
+def test_a_checkpoint_without_its_policy_names_the_newest_one_with(run_dir, tmp_path):
+    """Killed between TRL's save and sae-shards' (or with TRL saving less often): the newest
+    shard checkpoint has no policy, and the reason names the checkpoint that has one."""
+    import shutil
+
+    from sae_shards.analysis.shards import run_models_missing
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    shutil.rmtree(run / "final_model")
+    shutil.rmtree(run / "trl" / "checkpoint-12")  # TRL's side of the newest step is missing
+    for step in (6, 12):
+        shutil.copytree(run / "checkpoints" / "final", run / "checkpoints" / f"step_{step:06d}",
+                        dirs_exist_ok=True)
+    (run / "trl" / "checkpoint-6").mkdir(parents=True)
+    shutil.copy(run / "model" / "config.json", run / "trl" / "checkpoint-6" / "config.json")
+    why = run_models_missing(run, "step_000012")
+    assert "nor a TRL checkpoint-12" in why and "--checkpoint step_000006" in why
+    assert "--checkpoint" not in (run_models_missing(run, "step_000006") or "")

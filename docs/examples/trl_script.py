@@ -59,7 +59,8 @@ def main() -> None:
     config = config_cls(output_dir=f"{args.run_dir}-trl", max_steps=args.steps,
                         learning_rate=3e-4, per_device_train_batch_size=8, num_generations=4,
                         max_completion_length=8, beta=0.0, use_cpu=True, bf16=False,
-                        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
+                        report_to="none", logging_steps=1, disable_tqdm=True,
+                        save_strategy="steps", save_steps=20)  # TRL's side of a resume
     trainer = trainer_cls(model=args.model, reward_funcs=reward_vowels_or_digits, args=config,
                           train_dataset=dataset)
     trainer.add_callback(ShardCallback(run_dir=args.run_dir))  # <- the one added line

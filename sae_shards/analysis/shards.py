@@ -599,9 +599,14 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | None = None,
     if not (final / saved).is_file():
         step = rundir.step_of(checkpoint) if checkpoint else None
         trl = f" nor a TRL checkpoint-{step} holding it" if step is not None else ""
+        paired = [rundir.step_name(s) for s in rundir.saved_steps(run_dir / rundir.CHECKPOINTS)
+                  if (policy_dir(run_dir, rundir.step_name(s)) / saved).is_file()]
         return (f"no final {'adapter' if _is_lora(cfg) else 'policy'} at {final}{trl} "
-                "(save_model=False, an interrupted run, or FSDP2 / ZeRO-3, where it is not "
-                "gathered)")
+                "(save_model=False, an interrupted run, a crash between the two sides' "
+                "checkpoints, or FSDP2 / ZeRO-3, where it is not gathered)"
+                + (f"; the newest checkpoint whose policy TRL saved is {paired[-1]}: analyse it "
+                   f"with --checkpoint {paired[-1]}" if paired and paired[-1] != checkpoint
+                   else ""))
     return None
 
 

@@ -265,6 +265,7 @@ class ShardCallback(TrainerCallback):
         rundir.write_json(self.run_dir / rundir.CONFIG, self._config_json(model, trainer))
         if not self.resume and not self.run_config and trainer is not None:
             _warn_earlier_trl_checkpoints(getattr(trainer.args, "output_dir", None))
+            _warn_no_trl_checkpoints(trainer.args)
         sae = self.parts.sae
         self.sizes = {"n_targets": len(self.parts.specs),
                       "delta_numel": sum(t.numel for t in self.parts.specs),
@@ -326,7 +327,8 @@ class ShardCallback(TrainerCallback):
         own = {"capture": dataclasses.asdict(self.capture_cfg),
                "runner": dataclasses.asdict(self.runner_cfg), "sae": self.sae_cfg.to_dict(),
                "run_dir": str(self.run_dir), "seed": self.seed,
-               "world_size": distributed.world_size()}
+               "world_size": distributed.world_size(),
+               "launch": distributed.launcher(distributed.world_size())}
         if self.run_config:
             return {**self.run_config, **own}
         args = getattr(trainer, "args", None)
@@ -380,7 +382,10 @@ class ShardCallback(TrainerCallback):
             self._rewards[row["step"]] = statistics.fmean(scored) if scored else math.nan
         self._fvu = [row["fvu"] for row in rundir.read_jsonl(self.run_dir / rundir.METRICS)
                      if row.get("kind") == "sae"]
-        log.info("resumed from RL step %d (SAE step %d)", step, self.parts.trainer.n_steps)
+        # a script configures no logging: say it at a level Python shows by default
+        log.log(logging.INFO if self.run_config else logging.WARNING,
+                "resumed from RL step %d (SAE step %d): the run's logs after it were cut back "
+                "and those steps train again", step, self.parts.trainer.n_steps)
 
     def request_stop(self, signum: int = 0) -> None:
         """End the run after the current optimizer step, with a checkpoint TRL and sae-shards
@@ -469,11 +474,16 @@ class ShardCallback(TrainerCallback):
         # Whether to stop after this step, decided once here: a signal landing later in the
         # step counts at the next one. With several processes every rank must agree (TRL's
         # checkpoint and the end of training are collective): a stop asked on any rank stops all.
-        stop = self.stop_signal is not None
-        if args.world_size > 1:
-            stop = distributed.any_rank(stop)
-            if stop and self.stop_signal is None:
-                self.stop_signal = 0  # asked on another rank
+        asked = self.stop_signal  # read once: a signal handler may set it meanwhile
+        stop = asked is not None
+        if args.world_size > 1:  # 0: no stop; else 1 + the signal (0: request_stop) of any rank
+            anywhere = distributed.max_over_ranks(0 if asked is None else asked + 1)
+            stop = anywhere > 0
+            if stop and asked is None:
+                self.stop_signal = anywhere - 1  # asked on another rank
+                if state.is_world_process_zero:
+                    log.warning("a stop was asked on another process: finishing this RL step, "
+                                "writing a checkpoint, then stopping")
         if stop and state.global_step >= state.max_steps:  # the last step: the run just ends
             log.info("the stop request came during the last RL step: nothing is cut short, the "
                      "run ends as planned and needs no resume")
@@ -525,6 +535,12 @@ class ShardCallback(TrainerCallback):
             rundir.release_run_dir(self.run_dir)
 
     def _end(self, args, state, control, model, processing_class, **kwargs) -> None:
+        if not state.is_world_process_zero:  # rank 0 writes the run's summary; every rank can
+            self.summary = {"interrupted": self._stopped,  # tell how the run ended
+                            "stop_signal": self.stop_signal if self._stopped else None,
+                            "rl_steps": state.global_step, "rank": distributed.rank(),
+                            "world_size": distributed.world_size(),
+                            "summary_json": str(self.run_dir / rundir.SUMMARY)}
         if self.capture is None:
             return
         self.ending = True
@@ -632,8 +648,11 @@ class ShardCallback(TrainerCallback):
         self.logger.log_artifact(final, f"shards-{self.run_dir.name}", {"rl_step": rl_step})
         self.logger.finish()
         if self._stopped and not self.run_config:  # sae-shards train prints its own command
+            n = distributed.world_size()
             log.warning("stopped after RL step %d with a checkpoint of both sides (%s); to "
-                        "continue, run the script again with %s", rl_step, final, SCRIPT_RESUME)
+                        "continue, run the script again%s with %s", rl_step, final,
+                        f" under the same launch ({n} processes)" if n > 1 else "",
+                        SCRIPT_RESUME)
         return summary
 
 
@@ -661,12 +680,29 @@ def _warn_earlier_trl_checkpoints(output_dir: str | None) -> None:
                     output_dir, ", ".join(map(str, steps)))
 
 
+def _warn_no_trl_checkpoints(args: Any) -> None:
+    """A script's trainer that never saves a checkpoint (``save_strategy="no"``): a stop
+    (SIGTERM, ``request_stop``) still saves one, but a killed run has nothing to resume from,
+    whatever ``runner.checkpoint_every`` says (a resume needs TRL's side too)."""
+    strategy = getattr(getattr(args, "save_strategy", None), "value",
+                       getattr(args, "save_strategy", None))
+    if strategy == "no":
+        log.warning("the trainer saves no checkpoints (save_strategy='no'): a run stopped by "
+                    "SIGTERM or request_stop() still checkpoints, but a killed one cannot "
+                    "resume (runner.checkpoint_every saves only the shards' side); set "
+                    "save_strategy='steps' and save_steps to make it resumable")
+
+
 def _in_script_terms(message: str) -> str:
     """A run-directory refusal worded for ``ShardCallback``'s arguments (the shared message
     speaks ``sae-shards train``'s overrides)."""
     for cli, kwarg in (("continue it with resume=true", f"continue it with {SCRIPT_RESUME}"),
                        ("resume with resume=true", f"resume with {SCRIPT_RESUME}"),
-                       ("overwrite=true", "overwrite=True"), ("resume=true", "resume=True")):
+                       ("overwrite=true", "overwrite=True"), ("resume=true", "resume=True"),
+                       # a script's trainer checkpoints at its own save_steps (TRL's side)
+                       ("lower runner.checkpoint_every to keep earlier steps next time",
+                        "set the trainer's save_strategy='steps' and a smaller save_steps to "
+                        "keep earlier steps next time")):
         message = message.replace(cli, kwarg)
     return message
 
@@ -779,15 +815,12 @@ def _check_same_world(run_dir: Path) -> None:
     if not path.is_file():
         return
     try:
-        before = json.loads(path.read_text()).get("world_size", 1)
+        saved = json.loads(path.read_text())
     except ValueError:
         return  # a torn config.json is rewritten below
-    now = distributed.world_size()
-    if before != now:
-        raise ValueError(
-            f"{run_dir} was trained on {before} process(es) and is resumed on {now}: the RL "
-            "steps would change size mid-run; resume it with the launch it started with "
-            f"({'accelerate launch --num_processes ' + str(before) if before > 1 else 'one process'})")
+    why = distributed.world_mismatch(run_dir, saved, distributed.world_size())
+    if why:
+        raise ValueError(why)
 
 
 def _model_id(model: torch.nn.Module) -> str:

@@ -14,7 +14,7 @@ rank comes from the launcher's ``RANK`` / ``WORLD_SIZE`` environment variables.
 from __future__ import annotations
 
 import os
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -52,16 +52,52 @@ def gather_to_main(obj: T) -> list[T] | None:
     return out
 
 
-def any_rank(flag: bool) -> bool:
-    """Whether ``flag`` is true on any rank (a collective under several processes)."""
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's ``value`` (a collective under several processes)."""
     if world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32,
+        return value
+    t = torch.tensor([value], dtype=torch.int64,
                      device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (a collective under several processes)."""
+    return bool(max_over_ranks(int(flag)))
+
+
+def launcher(n_processes: int, env: Mapping[str, str] | None = None) -> str:
+    """The launcher that starts a job again on ``n_processes`` processes ("" for one):
+    ``accelerate launch`` with the backend this process was launched with (accelerate's
+    environment: DeepSpeed with its ZeRO stage, FSDP, else DDP, ``--multi_gpu`` also on CPU,
+    where ``--cpu`` starts one process). ``config.json`` records it as ``launch``."""
+    if n_processes <= 1:
+        return ""
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        backend = "--use_deepspeed" + (f" --zero_stage {stage}" if stage else "")
+    elif env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        backend = "--use_fsdp --fsdp_version 2"
+    else:
+        backend = "--multi_gpu"
+    return f"accelerate launch {backend} --num_processes {n_processes}"
 
 
 def to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``tensors`` moved to the CPU (for ``gather_to_main``)."""
     return {k: v.detach().cpu() for k, v in tensors.items()}
+
+
+def world_mismatch(run_dir: Any, saved: Mapping[str, Any], now: int) -> str | None:
+    """Why a run trained on ``saved["world_size"]`` processes cannot resume on ``now``, with the
+    launch to resume it with (``saved["launch"]``, as recorded); None when they match."""
+    before = saved.get("world_size", 1)
+    if before == now:
+        return None
+    how = ("one process" if before == 1 else
+           f"{saved.get('launch') or launcher(before)}: on CPU too, where --cpu starts one "
+           "process")
+    return (f"{run_dir} was trained on {before} process(es) and is resumed on {now}: the RL "
+            f"steps would change size mid-run; resume it with the launch it started with ({how})")

@@ -299,10 +299,11 @@ def _check_groups_within_ranks(trainer: Any, granularity: str) -> None:
     k = trainer.num_generations
     if n % k:
         raise ValueError(
-            f"capture.granularity=group under DDP needs each rank's generation batch "
-            f"(per_device_train_batch_size x steps_per_generation = {n}) to be a multiple of "
-            f"num_generations={k}, so no prompt group is split between ranks; change "
-            "per_device_train_batch_size or num_generations, or use capture.granularity="
+            f"capture.granularity=group with several processes needs each rank's generation "
+            f"batch (per_device_train_batch_size x steps_per_generation = {n}) to be a multiple "
+            f"of num_generations={k}, so no prompt group is split between ranks; change "
+            "per_device_train_batch_size, steps_per_generation (default: "
+            "gradient_accumulation_steps) or num_generations, or use capture.granularity="
             "completion")
 
 

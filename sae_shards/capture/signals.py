@@ -77,6 +77,8 @@ def stop_on_signals(callback: Stoppable, only_while_training: bool = False,
         first.append(time.monotonic())
         callback.request_stop(signum)
         name = signal.Signals(signum).name
+        if not distributed.is_main():  # the launcher signals every rank; rank 0 says it once
+            return
         if getattr(callback, "ending", False):
             log.warning("%s: the run is writing its end (shards, final policy, summary) and "
                         "stops when that is done (send it again to stop at once; resume=true "

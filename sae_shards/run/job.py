@@ -46,6 +46,12 @@ class JobSetupError(RuntimeError):
 SETUP_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
 
 
+class RefusedOnRankZero(JobSetupError):
+    """Raised on the other ranks of a launch when rank 0 refused the job while preparing it
+    (``_main_process_first``): they stop with rank 0's reason instead of a lost connection;
+    rank 0 reports it."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -211,16 +217,33 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
 @contextlib.contextmanager
 def _main_process_first(device: torch.device) -> Iterator[None]:
     """Under a multi-process launch (``accelerate launch``), rank 0 runs the block first (it
-    prepares the run directory and builds the model) and the other ranks after it
-    (accelerate's ``main_process_first``); one process: just the block."""
+    prepares the run directory and builds the model) and the other ranks after it, once rank 0
+    has told them (a broadcast) whether it got through: when it raised, they raise
+    ``RefusedOnRankZero`` with its message instead of running the block. One process: just
+    the block."""
     if distributed.world_size() == 1:
         yield
         return
+    import torch.distributed as dist
     from accelerate import PartialState
 
     # The state TRL's config creates next is this one (a singleton): on a CPU, gloo processes.
-    with PartialState(cpu=device.type == "cpu").main_process_first():
+    state = PartialState(cpu=device.type == "cpu")
+    if not state.is_main_process:
+        verdict: list[str | None] = [None]
+        dist.broadcast_object_list(verdict, src=0)  # between the run's own processes only
+        if verdict[0] is not None:
+            raise RefusedOnRankZero(verdict[0])
         yield
+        return
+    try:
+        yield
+    except BaseException as e:
+        refused = isinstance(e, (*SETUP_ERRORS, JobSetupError))  # said in the user's terms
+        dist.broadcast_object_list([str(e) if refused else
+                                    f"rank 0 failed: {type(e).__name__}: {e}"], src=0)
+        raise
+    dist.broadcast_object_list([None], src=0)
 
 
 def run_job(cfg: JobConfig, run_dir: Path,

@@ -87,7 +87,7 @@ OWNED = (CONFIG, MODEL, FINAL_MODEL, CHECKPOINTS, ACTIVATIONS, SAMPLES, ROLLOUTS
 """Everything a run writes into its directory; ``overwrite=true`` removes all of it first."""
 
 RESUME_FREE = ("run_dir", "overwrite", "resume", "device", "logging", "runner.torch_threads",
-               "world_size")
+               "world_size", "launch")
 """Settings a resumed run may change (``config_differences``); every other one must match the
 run's ``config.json`` (the process count is checked on its own, with its own message)."""
 

@@ -1,7 +1,7 @@
 """A tiny GRPO run with two ShardCallbacks (per-step ``update`` and per-event ``group`` capture),
 for ``tests/test_distributed.py``.
 
-``--mode ddp``: launched with ``accelerate launch --cpu --num_processes 2``; each rank trains on
+``--mode ddp``: launched with ``accelerate launch --multi_gpu --num_processes 2``; each rank trains on
 4 of the step's 8 completions and also saves the generation batch TRL hands it
 (``gen/step{k}-rank{r}.safetensors``).
 
@@ -15,6 +15,8 @@ and events up to floating-point summation order.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -109,11 +111,16 @@ def main(argv: list[str] | None = None) -> None:
         replay_generation(trainer, a.saved, n_ranks, tokenizer.pad_token_id)
     common = dict(runner={"min_samples": 2, "save_samples": True}, sae={"n_latents": 8},
                   label_column=None, save_model=False, log_to_wandb=False)
-    trainer.add_callback(ShardCallback(a.out / "run_step", capture={"capacity": 8}, **common))
+    step_cb = ShardCallback(a.out / "run_step", capture={"capacity": 8}, **common)
+    trainer.add_callback(step_cb)
     trainer.add_callback(ShardCallback(
         a.out / "run_group", capture={"granularity": "group", "event_rank": 128, "capacity": 16},
         **common))
     trainer.train()
+    # every rank can tell how the run ended (rank 0 has the whole summary)
+    rank = int(os.environ.get("RANK", "0"))
+    (a.out / f"summary-rank{rank}.json").write_text(json.dumps(
+        {k: step_cb.summary[k] for k in ("interrupted", "rl_steps", "world_size")}))
 
 
 if __name__ == "__main__":
