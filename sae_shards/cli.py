@@ -631,7 +631,9 @@ def _announce_checkpoint(run_dir: Path, checkpoint: str | None) -> str:
     """The checkpoint to read, said on stderr when it is not the final one."""
     from sae_shards.run import rundir
 
-    name = checkpoint or rundir.latest_checkpoint(run_dir)
+    from sae_shards.analysis.shards import checkpoint_name
+
+    name = checkpoint_name(run_dir, checkpoint)
     if name != "final":
         stopped = rundir.read_summary(run_dir).get("interrupted")
         why = ("" if checkpoint else " (the run was stopped before its end: its newest checkpoint)"

@@ -43,6 +43,10 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
     html = out.read_text()
     assert "Needs the run's initial and final model" not in html  # model sections really ran
     assert "+u promotes" in html and "RL step" in html
+    summary_json = json.loads((short_run_dir / "summary.json").read_text())
+    dead = ("n/a (the SAE saw fewer than sae.dead_after samples)"
+            if summary_json["dead_frac"] is None else f"{round(summary_json['dead_frac'] * 16)} of 16")
+    assert f"samples)</td><td>{dead}</td>" in html  # the dead shards row, as summary.json says
     analysis = json.loads((tmp_path / "analysis.json").read_text())
     live = (RunView(short_run_dir).timeline()[1] != 0).float().mean(0)
     n_always = int((live >= 0.8).sum())
@@ -72,9 +76,10 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
         assert ablation["stderr_change_removed"] >= 0
         assert entry["logit_lens"], "the body targets include o_proj/down_proj writers"
     dose = analysis["shards"][str(analysis["top_shards"][0])]["dose_response"]  # the plot's
-    cell = lambda m, e: f"<td>{m:.4f}" + (f" ± {e:.4f}" if e else "") + "</td>"  # noqa: E731
-    row = "".join(map(cell, dose["shard"], dose["stderr_change_shard"]))  # numbers, listed
-    assert row + cell(dose["control"][-1], dose["stderr_change_control"][-1]) + "</tr>" in html
+    cell = lambda m, e, a: f"<td>{m:.4f}" + (f" ± {e:.4f}" if a else "") + "</td>"  # noqa: E731
+    row = "".join(map(cell, dose["shard"], dose["stderr_change_shard"], dose["alphas"]))
+    last = cell(dose["control"][-1], dose["stderr_change_control"][-1], dose["alphas"][-1])
+    assert row + last + "</tr>" in html  # the plot's numbers, listed (± but at alpha 0)
     assert dose["stderr_change_shard"][1] == 0  # alpha 0: no change from itself
     # families partition the shards that fired but are not always on (none in this short run:
     # its 4 live shards fire on every sample; tests/test_evaluate.py has a run with families),

@@ -111,8 +111,11 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     from sae_shards.analysis.report import step_reward_means
     from sae_shards.capture.summary import first_last
 
-    first, last = first_last(step_reward_means(view)[1], 5)
-    assert f"{first:.3f} → {last:.3f} (so far: from rollouts.jsonl" in html
+    first, last = first_last(step_reward_means(view, step)[1], 5)  # the logs up to the step read
+    from html import unescape
+
+    assert f"{first:.3f} → {last:.3f} (up to the checkpoint's RL step {step}: from rollouts" in (
+        unescape(html))
     # its interventions use the policy of that step, which TRL saved (no final_model/ yet)
     from sae_shards.analysis.shards import load_run_models, policy_dir
 

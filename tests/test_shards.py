@@ -140,6 +140,14 @@ def test_the_api_names_what_a_reader_gets_wrong(run_dir, tmp_path):
         ShardSet.from_run(run_dir / "checkpoints" / "final")
     view = RunView(run_dir, "final/")
     assert view.checkpoint == "final" and ShardSet.from_run(run_dir, "checkpoints/final/").path
+    assert RunView(run_dir, str(run_dir / "checkpoints" / "final")).checkpoint == "final"
+    elsewhere = tmp_path / "other" / "checkpoints" / "final"  # another run's: never this one's
+    with pytest.raises(CheckpointError, match=r"is not one of .* checkpoints"):
+        RunView(run_dir, str(elsewhere))
+    assert repr(view) == f"RunView({str(run_dir)!r}, checkpoint='final': 12 samples)"
+    import numpy as np
+
+    assert len(view.top_steps(0, k=np.int64(2))) <= 2
     with pytest.raises(ValueError, match=r"k=-1: how many to list"):
         view.top_steps(0, k=-1)
     assert view.top_steps(0, k=0) == []

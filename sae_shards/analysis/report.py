@@ -61,9 +61,10 @@ _LENS_NOTE = (
     "matrix there is a sum of rank-1 terms σ u v<sup>T</sup>, σ its singular value (the "
     "component's size; the shard has unit norm over all its targets). The tokens are those "
     "whose unembedding has the largest (promotes) and smallest (suppresses) dot product with "
-    "+u after the final norm. The sign of u is arbitrary: read a row as one axis with two "
-    "ends, and the shard's activations (often negative) decide which end the run moved "
-    "towards.</p>")
+    "+u after the final norm. The sign of u is arbitrary (u v<sup>T</sup> = (-u)(-v)<sup>T"
+    "</sup>): read a row as one axis with two ends. Which end an update writes towards depends "
+    "on the shard's activation (often negative) and on the sign of v·x for the layer's "
+    "inputs x, which the lens does not see.</p>")
 
 
 def _png(fig) -> str:
@@ -109,16 +110,17 @@ def plot_sae_curves(view: RunView) -> str:
         ax.plot(steps, [float("nan") if v is None else v for v in values], lw=1)
         ax.set_xlabel("SAE step")
         # dead_frac is unknown (None) until the SAE has seen sae.dead_after samples
-        ax.set_title(key if any(v is not None for v in values) else f"{key}: n/a (too few samples)")
+        why = "too few samples" if rows else "the run has no metrics.jsonl"
+        ax.set_title(key if any(v is not None for v in values) else f"{key}: n/a ({why})")
     fig.tight_layout()
     return _png(fig)
 
 
-def step_reward_means(view: RunView) -> tuple[list[int], list[float]]:
+def step_reward_means(view: RunView, up_to: int | None = None) -> tuple[list[int], list[float]]:
     """Each RL step's mean reward over its scored completions (an unscorable one is recorded
-    as None and left out; a step with none scored is left out)."""
+    as None and left out; a step with none scored is left out), up to RL step ``up_to``."""
     steps, means = [], []
-    for step in sorted(view.rollouts):
+    for step in sorted(s for s in view.rollouts if up_to is None or s <= up_to):
         scored = [r for r in view.rollouts[step].get("rewards") or [] if r is not None]
         if scored:
             steps.append(step)
@@ -265,7 +267,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     untrained = ("<p>No shards selected (<code>--shards 0</code> and no always-on shard).</p>"
                  if n_shards == 0 and bool(density.abs().sum() > 0) else
                  "<p>No activations: the SAE never trained (see the run's summary).</p>")
-    parts.append(_section("timeline", "Shard timeline (top shards, final SAE)",
+    parts.append(_section("timeline", f"Shard timeline (top shards, {_sae_of(view)})",
                           plot_timeline(view, shards) if shards else untrained))
     families = view.families()
     analysis["families"] = _family_rows(view, families)
@@ -355,9 +357,10 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                           (plot_dose(dose_results) + _dose_table(dose_results, analysis, tags)
                            + _dose_source(task, sampling)
                            + scorer_note
-                           + "<p>alpha = 1 adds the shard's share of the run's whole update to "
+                           + "<p>alpha = 1 adds the shard's share of the run's update to "
                              "the initial weights: <code>c * shard</code>, where c is the "
-                             "projection of the update (final minus initial weights) on the "
+                             "projection of the update (the analysed policy's weights minus the "
+                             "initial ones) on the "
                              "shard's unit direction, in parameter units. The control adds a "
                              "random direction of equal norm. Error bars (± in the table): each "
                              "point's change from alpha 0, paired per "
@@ -398,8 +401,9 @@ def _dose_table(results: dict[int, Any], analysis: dict[str, Any], tags: dict[in
               + [f"control at {first.alphas[top]:g}"])
 
     def cells(means: list[float], paired: list[float], plain: list[float]) -> list[str]:
-        errs = paired or plain
-        return [f"{m:.4f}" + (f" ± {e:.4f}" if e else "") for m, e in zip(means, errs)]
+        errs = paired or plain  # paired: alpha 0 is the reference, with no error of its own
+        return [f"{m:.4f}" + ("" if paired and a == 0 else f" ± {e:.4f}")
+                for m, e, a in zip(means, errs, first.alphas)]
 
     rows = [[f"{s} (always on)" if s in tags else str(s),
              f"{analysis['shards'][s]['share_of_update']:+.4f}"]
@@ -420,7 +424,7 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
     shown = "attributed_update" in entries[next(iter(ablations))]
     header = (["shard", "c (the update along the shard, parameter units)"]
               + (["the SAE's attribution (activations summed x input_scale)"] if shown else [])
-              + ["final reward", "without the shard: change",
+              + ["the policy's reward", "without the shard: change",
                  "without random (same norm): change"]
               + [f"{label}: change without the shard (n={first.n_by_label.get(label, '?')})"
                  for label in labels])
@@ -458,7 +462,8 @@ def _attribution_note(ablations: dict[int, Any], entries: dict[int, dict[str, An
     against = [s for s, ab in ablations.items()
                if entries[s]["attributed_update"] * ab.coefficient < 0]
     steps = entries[next(iter(ablations))]["attributed_steps"]
-    note = ("<p>c is the projection of the run's whole update on the shard's direction; it also "
+    note = ("<p>c is the projection of the run's update (up to the analysed policy) on the "
+            "shard's direction; it also "
             "holds the mean update (the SAE's decoder bias) and every overlapping shard's part. "
             "The SAE's attribution is its own account: the shard's activations over the "
             f"captured updates of RL steps {steps[0]}-{steps[1]} (those still in the buffer at "
@@ -591,8 +596,13 @@ def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags
             (", ".join(map(str, sorted(tags))) + ": the direction most updates share (e.g. "
              "momentum or drift), not a context; the families below leave them out")
             if tags else "none",
-        "shards never active on the timeline (the buffer at the end, final SAE)":
+        f"shards never active on the timeline (the buffer at the end, {_sae_of(view)})":
             f"{dead} of {len(density)}",
+        "dead shards at the end (silent for the last sae.dead_after training samples)": (
+            "n/a (no summary.json)" if not summary else
+            "n/a (the SAE saw fewer than sae.dead_after samples)"
+            if summary.get("dead_frac") is None else
+            f"{round(summary['dead_frac'] * len(density))} of {len(density)}"),
         "shards that never fired during SAE training": (
             "n/a (no summary.json)" if summary.get("never_fired_frac") is None else
             f"{round(summary['never_fired_frac'] * len(density))} of {len(density)}"),
@@ -613,19 +623,29 @@ def _steps_rows(summary: dict, meta: dict) -> dict[str, Any]:
             "SAE steps": f"{meta.get('sae_step', 'n/a')} ({at})"}
 
 
+def _sae_of(view: RunView) -> str:
+    """Which SAE encoded the timeline: "final SAE", or the step checkpoint's."""
+    return "final SAE" if view.checkpoint == "final" else f"the SAE of {view.checkpoint}"
+
+
 def _curve_ends(view: RunView, summary: dict) -> dict[str, str]:
-    """Reward and FVU, first → last: ``summary.json``'s; for a run that wrote none (killed, or
-    still running), the same figures from ``rollouts.jsonl`` and ``metrics.jsonl`` so far."""
-    if summary.get("rl_steps") is None:
+    """Reward and FVU, first → last: ``summary.json``'s when it describes the checkpoint read
+    (the final one, or the step a stopped run ended on); otherwise (a killed run, or an earlier
+    checkpoint) the same figures from ``rollouts.jsonl`` and ``metrics.jsonl`` up to the
+    checkpoint's RL and SAE step."""
+    meta = view.shards.meta
+    so_far = ""
+    if view.checkpoint != "final" and summary.get("rl_steps") != meta.get("rl_step"):
         from sae_shards.capture.summary import first_last
 
-        rewards = first_last(step_reward_means(view)[1], 5)
-        fvu = first_last([r["fvu"] for r in view.sae_metrics if r.get("fvu") is not None], 10)
+        rl_step, sae_step = meta.get("rl_step"), meta.get("sae_step")
+        rewards = first_last(step_reward_means(view, rl_step)[1], 5)
+        fvu = first_last([r["fvu"] for r in view.sae_metrics if r.get("fvu") is not None
+                          and (sae_step is None or r["sae_step"] <= sae_step)], 10)
         summary = {"reward_first": rewards[0], "reward_last": rewards[1],
                    "fvu_first": fvu[0], "fvu_last": fvu[1]}
-        so_far = " (so far: from rollouts.jsonl and metrics.jsonl; the run wrote no summary.json)"
-    else:
-        so_far = ""
+        so_far = (f" (up to the checkpoint's RL step {rl_step}: from rollouts.jsonl and "
+                  "metrics.jsonl)")
     return {"reward first/last 20% of the steps":
             _pair(summary, "reward_first", "reward_last") + so_far,
             "SAE's FVU first/last 10% of its steps":

@@ -203,6 +203,11 @@ class RunView:
     ``checkpoint``): its shards plus which RL steps and rollouts activated each of them. Methods
     taking a ``shard`` accept its index or the ``Shard`` itself."""
 
+    def __repr__(self) -> str:
+        return (f"RunView({str(self.run_dir)!r}, checkpoint={self.checkpoint!r}: "
+                f"{self.activations['final.rl_step'].numel()} samples"
+                + (", per event" if self.per_event else "") + ")")
+
     def __init__(self, run_dir: str | Path, checkpoint: str | None = None) -> None:
         self.run_dir = Path(run_dir)
         # "final/" (tab completion) and "checkpoints/final" name the checkpoint "final"
@@ -423,13 +428,29 @@ class RunView:
 
 
 def checkpoint_name(run_dir: Path, checkpoint: str | None) -> str:
-    """The checkpoint a reader asked for, by its name (``final/`` from tab completion and
-    ``checkpoints/final`` are ``final``), or the run's newest (``rundir.latest_checkpoint``)."""
-    return Path(checkpoint).name if checkpoint else rundir.latest_checkpoint(run_dir)
+    """The checkpoint a reader asked for, by its name (``final/`` from tab completion and a path
+    to one of this run's checkpoints are ``final``), or the run's newest
+    (``rundir.latest_checkpoint``). A path into another directory is refused: it would
+    silently read this run's checkpoint of the same name."""
+    if not checkpoint:
+        return rundir.latest_checkpoint(run_dir)
+    path = Path(checkpoint)
+    if len(path.parts) > 1 and not (
+            path.parent.resolve() == (Path(run_dir) / rundir.CHECKPOINTS).resolve()
+            or path.parent == Path(rundir.CHECKPOINTS)):
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is not one of {run_dir}'s checkpoints "
+            f"({Path(run_dir) / rundir.CHECKPOINTS}); give its name (final, step_XXXXXX), or "
+            "read the run that holds it")
+    return path.name
 
 
 def _check_k(k: Any) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    try:
+        ok = not isinstance(k, bool) and operator.index(k) >= 0  # numpy / torch ints too
+    except TypeError:
+        ok = False
+    if not ok:
         raise ValueError(f"k={k!r}: how many to list, an int >= 0")
 
 

@@ -384,8 +384,8 @@ class ShardCallback(TrainerCallback):
                      if row.get("kind") == "sae"]
         # a script configures no logging: say it at a level Python shows by default
         log.log(logging.INFO if self.run_config else logging.WARNING,
-                "resumed from RL step %d (SAE step %d): the run's logs after it were cut back "
-                "and those steps train again", step, self.parts.trainer.n_steps)
+                "resumed from RL step %d (SAE step %d); training continues from there (anything "
+                "logged after that step is replaced)", step, self.parts.trainer.n_steps)
 
     def request_stop(self, signum: int = 0) -> None:
         """End the run after the current optimizer step, with a checkpoint TRL and sae-shards
@@ -651,7 +651,8 @@ class ShardCallback(TrainerCallback):
             n = distributed.world_size()
             log.warning("stopped after RL step %d with a checkpoint of both sides (%s); to "
                         "continue, run the script again%s with %s", rl_step, final,
-                        f" under the same launch ({n} processes)" if n > 1 else "",
+                        f" under the same launch ({distributed.launcher(n)} your_script.py ...)"
+                        if n > 1 else "",
                         SCRIPT_RESUME)
         return summary
 

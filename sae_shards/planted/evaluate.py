@@ -133,7 +133,8 @@ HEADLINE_READ = {
     "mmcs_margin": "mmcs - mmcs_null; compare mmcs_margin_supervised",
     "mmcs_margin_supervised": "the margin of the training principal directions: what a "
                               "labelled estimate reaches",
-    "steering_selectivity": f"adding +-alpha x the shard to the initial weights: {_SEL}",
+    "steering_selectivity": f"adding alpha x the run's update along the shard to the initial "
+                            f"weights (+ sign; both signs below): {_SEL}",
     "steering_selectivity_random": "the same for a norm-matched random direction: near 0",
     "ablation_selectivity": f"removing the run's update along the shard from the final "
                             f"weights (drop in reward): {_SEL}",
