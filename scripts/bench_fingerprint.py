@@ -47,7 +47,7 @@ class _Policy(torch.nn.Module):
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--mib", type=int, default=1024, help="size of the weight file (MiB)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> str:
            f"{times['fingerprint again (cached)'] * 1e3:.2f} ms | loaded_from "
            f"{times['loaded_from']:.2f} s ({gb / times['loaded_from']:.2f} GB/s, "
            f"{times['loaded_from'] / times['read']:.1f}x the read) |")
-    print(row)
+    header = ("| file | read | fingerprint | fingerprint again (cached) | loaded_from |\n"
+              "|---|---|---|---|---|")
+    print(header + "\n" + row)
     return row
 
 

@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> str:
                              "capture, ...); the table gives each mode's median and the range of "
                              "its per-round ratio to rl")
     args = parser.parse_args(argv)
+    for mode in args.modes.split(","):  # every name checked before minutes of timing
+        base, _, granularity = mode.partition("-")
+        if base not in MODES or granularity not in ("", "group", "completion"):
+            parser.error(f"--modes: unknown mode {mode!r}; choose from {', '.join(MODES)}, "
+                         "each optionally with -group or -completion")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = job_config_from_hydra(compose("config", overrides=["logging=disabled", *args.overrides]))
     modes = args.modes.split(",")

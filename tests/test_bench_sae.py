@@ -24,7 +24,7 @@ def test_bench_step_suite_reports_before_and_after():
                  "--step-batch", "2", "--seconds", "0.1", "--warmup", "1", "--min-steps", "1",
                  "--max-steps", "2"])
     rows = [line.split("|") for line in text.splitlines() if line.startswith("| L3D")]
-    assert [r[3].strip() for r in rows] == ["this tree", "before (HEAD)"]
+    assert [r[3].strip() for r in rows] == ["this tree", "before (aec0f5c^)"]
     speedup = rows[0][11].strip()
     assert speedup.endswith("x") and float(speedup[:-1]) > 0
     assert all(r[9].strip().endswith("%") for r in rows)

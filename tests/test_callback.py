@@ -174,7 +174,7 @@ def test_sae_figures_join_the_trainers_wandb_run(tiny_model, tmp_path, monkeypat
             for rec in records if rec.WhichOneof("record_type") == "history"
             for it in rec.history.item}
     artifacts = [rec.artifact.name for rec in records if rec.WhichOneof("record_type") == "artifact"]
-    assert {"sae/fvu", "sae/step", "train/reward"} <= keys
+    assert {"sae/fvu", "sae/step", "sae/rl_step", "train/reward"} <= keys
     assert artifacts == ["shards-run"]
     assert not (tmp_path / "run" / "wandb").exists()  # no second W&B run of its own
 

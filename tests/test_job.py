@@ -73,7 +73,7 @@ def test_short_job_writes_loadable_shards(tmp_path, concurrency):
 
     # W&B offline run: TRL and SAE metrics on their own step axes, the artifact logged
     run = offline_run(run_dir)
-    assert {"train/reward", "sae/fvu", "sae/l0", "rl/step", "sae/step"} <= run["keys"]
+    assert {"train/reward", "sae/fvu", "sae/l0", "rl/step", "sae/step", "sae/rl_step"} <= run["keys"]
     assert run["metrics"]["sae/*"] == "sae/step" and run["metrics"]["train/*"] == "rl/step"
     assert run["artifacts"] == [f"shards-{concurrency}"]
 

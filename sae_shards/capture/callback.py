@@ -601,7 +601,7 @@ class ShardCallback(TrainerCallback):
         for rec in self.parts.loop.pop_records():
             m = dict(rec.metrics.__dict__)
             self._fvu.append(m["fvu"])
-            self.logger.log_sae(m, rec.sae_step)
+            self.logger.log_sae({**m, "rl_step": rec.rl_step}, rec.sae_step)  # sae/rl_step
             self._metric_log.append({"kind": "sae", "sae_step": rec.sae_step,
                                      "rl_step": rec.rl_step, **m})
 
