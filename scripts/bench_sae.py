@@ -14,9 +14,9 @@ exceeds ``--mem-budget-gib`` is reported as "does not fit" without being allocat
 
 ``--step`` runs instead the issue-13 suite (the SAE step after the factored loss): the L3D-shaped
 point (one 1024x4096 target, 64 latents, rank 1, batch 32) and the shapes of one Qwen2.5-0.5B layer
-at several latent counts; each point is run with this tree's code and with the code of git HEAD
-(``--before-rev``, copied from ``git show`` into a temporary package, so the ratio comes from one
-run), and reports samples/s, the step's GFLOP/s (FLOP model: :func:`step_flops`), the GFLOP/s of a
+at several latent counts; each point is run with this tree's code and with the code of
+``--before-rev`` (default ``aec0f5c^``, the last revision before the factored loss; copied from
+``git show`` into a temporary package, so the ratio comes from one run), and reports samples/s, the step's GFLOP/s (FLOP model: :func:`step_flops`), the GFLOP/s of a
 2048^3 ``torch.mm`` in the same worker process and the peak RSS growth.
 
 AuxK is off (``aux_coef=0``) in both: its cost depends on how many latents happen to be dead,
