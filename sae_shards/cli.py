@@ -319,9 +319,9 @@ def _check_run_dir_arg(args: list[str]) -> None:
 
 def _main_process() -> bool:
     """Whether this process speaks for a multi-process launch (rank 0; any lone process)."""
-    import os
+    from sae_shards.capture.distributed import is_main
 
-    return os.environ.get("RANK", "0") == "0"
+    return is_main()
 
 
 def _check_process_count(run_dir: Path) -> None:

@@ -117,14 +117,16 @@ def plot_sae_curves(view: RunView) -> str:
 
 
 def step_reward_means(view: RunView, up_to: int | None = None) -> tuple[list[int], list[float]]:
-    """Each RL step's mean reward over its scored completions (an unscorable one is recorded
-    as None and left out; a step with none scored is left out), up to RL step ``up_to``."""
+    """Each RL step's mean reward over its scored completions (``rollouts.scored_mean``; a step
+    with none scored is left out), up to RL step ``up_to``."""
+    from sae_shards.capture.rollouts import scored_mean
+
     steps, means = [], []
     for step in sorted(s for s in view.rollouts if up_to is None or s <= up_to):
-        scored = [r for r in view.rollouts[step].get("rewards") or [] if r is not None]
-        if scored:
+        mean = scored_mean(view.rollouts[step].get("rewards") or [])
+        if mean == mean:  # not NaN
             steps.append(step)
-            means.append(sum(scored) / len(scored))
+            means.append(mean)
     return steps, means
 
 

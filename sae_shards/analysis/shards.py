@@ -10,6 +10,7 @@ Everything is read from safetensors and JSON: loading never runs code from a fil
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import operator
@@ -335,7 +336,7 @@ class RunView:
                            int(steps.min()) if steps.numel() else 0,
                            int(steps.max()) if steps.numel() else 0)
 
-    @property
+    @functools.cached_property
     def samples_are_updates(self) -> bool:
         """True when the SAE's samples are the run's parameter updates, so an activation times
         ``input_scale`` is in parameter units; False for per-event or gradient samples and

@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,7 +59,7 @@ from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
 from sae_shards.capture.event_sites import hook_sites
 from sae_shards.capture.pipeline import Pipeline, build_pipeline, resolve_targets
-from sae_shards.capture.rollouts import TRLRollouts, calling_trainer
+from sae_shards.capture.rollouts import TRLRollouts, calling_trainer, scored_mean
 from sae_shards.capture.summary import final_activations, heldout_fvu, run_summary
 from sae_shards.capture.selection import LoraTarget, target_shapes
 from sae_shards.capture.sharded_delta import ShardedDeltaCapture, sharded_targets
@@ -378,8 +377,7 @@ class ShardCallback(TrainerCallback):
         self._t0 -= self._wall_before  # wall_s: the whole run's, up to the checkpoint and after
         rundir.remove_derived(self.run_dir, ending=True)
         for row in rundir.read_jsonl(self.run_dir / rundir.ROLLOUTS):
-            scored = [r for r in row["rewards"] if r is not None]
-            self._rewards[row["step"]] = statistics.fmean(scored) if scored else math.nan
+            self._rewards[row["step"]] = scored_mean(row["rewards"])
         self._fvu = [row["fvu"] for row in rundir.read_jsonl(self.run_dir / rundir.METRICS)
                      if row.get("kind") == "sae"]
         # a script configures no logging: say it at a level Python shows by default
@@ -685,9 +683,7 @@ def _warn_no_trl_checkpoints(args: Any) -> None:
     """A script's trainer that never saves a checkpoint (``save_strategy="no"``): a stop
     (SIGTERM, ``request_stop``) still saves one, but a killed run has nothing to resume from,
     whatever ``runner.checkpoint_every`` says (a resume needs TRL's side too)."""
-    strategy = getattr(getattr(args, "save_strategy", None), "value",
-                       getattr(args, "save_strategy", None))
-    if strategy == "no":
+    if getattr(args, "save_strategy", None) == "no":  # a str enum (SaveStrategy.NO) or "no"
         log.warning("the trainer saves no checkpoints (save_strategy='no'): a run stopped by "
                     "SIGTERM or request_stop() still checkpoints, but a killed one cannot "
                     "resume (runner.checkpoint_every saves only the shards' side); set "

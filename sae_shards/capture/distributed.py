@@ -62,10 +62,6 @@ def max_over_ranks(value: int) -> int:
     return int(t.item())
 
 
-def any_rank(flag: bool) -> bool:
-    """Whether ``flag`` is true on any rank (a collective under several processes)."""
-    return bool(max_over_ranks(int(flag)))
-
 
 def launcher(n_processes: int, env: Mapping[str, str] | None = None) -> str:
     """The launcher that starts a job again on ``n_processes`` processes ("" for one):

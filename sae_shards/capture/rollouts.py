@@ -52,6 +52,13 @@ def calling_trainer(depth_limit: int = 64) -> Any | None:
     return None
 
 
+def scored_mean(rewards: list[float | None]) -> float:
+    """A step's mean reward over its scored completions (one no reward function could score is
+    logged as None and left out); NaN when none was scored."""
+    scored = [r for r in rewards if r is not None]
+    return statistics.fmean(scored) if scored else math.nan
+
+
 class TRLRollouts:
     """Reads the latest generation batch from a TRL GRPO/RLOO trainer's completion log."""
 
@@ -93,9 +100,8 @@ class TRLRollouts:
                "advantages": [float(a) for a in logs["advantages"]], "tasks": labels,
                "reward_funcs": per_func}
         scored = [r for r in totals if r is not None]
-        mean = statistics.fmean(scored) if scored else math.nan
         std = population_std(scored) if len(scored) > 1 else 0.0
-        return StepRollouts(row, mean, std, tuple(sorted(set(labels or ()))))
+        return StepRollouts(row, scored_mean(totals), std, tuple(sorted(set(labels or ()))))
 
     def _warn_unlogged_labels(self, logged: list[str]) -> None:
         """Once: the dataset has the label column but no reward function logged it, or the

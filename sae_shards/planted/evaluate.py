@@ -96,13 +96,13 @@ from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, F
 from sae_shards.analysis.shards import ShardSet, load_run_models, run_models_missing
 from sae_shards.planted.causal import CausalSettings, causal_tests
 from sae_shards.run import rundir
-from sae_shards.run.config import sample_source
 from sae_shards.planted.groundtruth import (abs_cosine, auroc, class_means, energy_shares,
                                             flatten, label_sets, norm_features, presence,
                                             principal_direction, rank_ceiling, separability,
                                             shuffled, supervised_reference,
                                             task_directions, task_directions_with_source,
                                             unflatten)
+from sae_shards.run.config import sample_source
 
 HEADLINE_KEYS = ("auroc_task", "auroc_null_control", "auroc_supervised", "mmcs", "mmcs_null",
                  "mmcs_margin", "mmcs_margin_supervised", "steering_selectivity",
