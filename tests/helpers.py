@@ -12,6 +12,7 @@ each chunk has a 4-byte CRC, a 2-byte little-endian length and a 1-byte type (1 
 from __future__ import annotations
 
 import glob
+import json
 import struct
 from pathlib import Path
 
@@ -100,13 +101,18 @@ def read_records(path: str | Path) -> list:
 
 
 def offline_run(run_dir: Path) -> dict:
-    """History keys, summary keys and defined metrics of the single offline run in run_dir."""
+    """History keys, summary keys, defined metrics and config of the single offline run in
+    run_dir."""
     (file,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     history, keys, summary, metrics, artifacts, group = 0, set(), {}, {}, [], None
+    config: dict = {}
     for rec in read_records(file):
         match rec.WhichOneof("record_type"):
             case "run":
                 group = rec.run.run_group or None
+                config |= {it.key: json.loads(it.value_json) for it in rec.run.config.update}
+            case "config":
+                config |= {it.key: json.loads(it.value_json) for it in rec.config.update}
             case "history":
                 history += 1
                 keys |= {it.key or "/".join(it.nested_key) for it in rec.history.item}
@@ -117,7 +123,7 @@ def offline_run(run_dir: Path) -> dict:
             case "artifact":
                 artifacts.append(rec.artifact.name)
     return {"history_rows": history, "keys": keys, "summary": summary, "metrics": metrics,
-            "artifacts": artifacts, "group": group}
+            "artifacts": artifacts, "group": group, "config": config}
 
 
 # --- planted tests: a broken pipeline ---------------------------------------------------------

@@ -407,7 +407,6 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     null_truths = [task_directions(flat_te, y, tasks) for y in null_te]
     lat_cos = lambda t: match_directions(sae, unflatten(t, shapes)).abs_cos[:, keep]  # noqa: E731
     lat_mmcs = _mmcs_margin(lat_cos, truth, null_truths)
-    mmcs = lat_mmcs["mmcs"]
     ref = supervised_reference(flat_tr, y_tr, flat_te, y_te, norm_features(x_tr, data.names),
                                norm_features(x_te, data.names), tasks)
     # the same metric for the supervised "shards": the training samples' principal directions

@@ -196,7 +196,8 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
             torch.manual_seed(cfg.seed)
             model_path = prepare_model(cfg, run_dir)  # rank 0 builds the tiny model first
         rl = build_rl(cfg, run_dir, device, model_path)  # all ranks together
-        logger = (RunLogger.start(cfg.logging, run_dir, cfg.to_dict()) if main else RunLogger())
+        logger = (RunLogger.start(cfg.logging, run_dir, wandb_config(cfg)) if main
+                  else RunLogger())
         callback = shard_callback(cfg, run_dir, rl.task.target_length, logger=logger)
         if main:  # the buffer and the SAE live on rank 0 (other ranks set up in train())
             callback.setup(rl.trainer.model, rl.trainer)
@@ -212,6 +213,13 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
     if resume_from is not None:
         rl.trainer.add_callback(_NoStepPastEnd())
     return Started(rl, callback, resume_from)
+
+
+def wandb_config(cfg: JobConfig) -> dict[str, Any]:
+    """The W&B run's config: the job's, with the launch ``config.json`` records (its process
+    count and launcher), so runs can be grouped by them in W&B too."""
+    n = distributed.world_size()
+    return {**cfg.to_dict(), "world_size": n, "launch": distributed.launcher(n)}
 
 
 @contextlib.contextmanager
