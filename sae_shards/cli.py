@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import re
 import shutil
 import signal
@@ -94,9 +95,13 @@ def check_overrides(args: list[str]) -> None:
     try:
         overrides = OverridesParser.create().parse_overrides(_override_args(args))
     except Exception as e:  # Hydra's grammar errors say what is wrong with the override
-        raise ConfigError(str(e)) from e
+        raise ConfigError(f"{e}\n(a value holding '=', ',' or spaces, such as a sweep job's "
+                          "directory, is quoted: \"run_dir='runs/sweep/sae.k=2'\")") from e
     for o in overrides:
         key = o.key_or_group
+        if key == "run_dir" and not o.is_delete() and o.value() is None:  # Hydra's dir is it
+            raise ConfigError("run_dir=null: give the run a directory of its own, e.g. "
+                              "run_dir=runs/my_run")
         if key in groups and not o.is_delete() and isinstance(o.value(), str):
             options = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
             if o.value() not in options:
@@ -262,6 +267,39 @@ def _is_sweep(args: list[str]) -> bool:
     return bool({"-m", "--multirun"} & set(args))
 
 
+MAX_CHECKED_JOBS = 256
+"""A sweep of more jobs than this is not checked job by job before it starts (each job still
+checks its own config when its turn comes)."""
+
+
+def check_sweep_jobs(args: list[str]) -> None:
+    """Compose and validate every job of a ``-m`` sweep before the first one runs, so a bad
+    value in one sweep element is a config error now, not hours later when its turn comes
+    (``ConfigError`` naming the job's overrides). Sweeps of more than ``MAX_CHECKED_JOBS`` jobs
+    are left to each job."""
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices = []
+    for o in OverridesParser.create().parse_overrides(_override_args(args)):
+        if o.is_sweep_override():
+            choices.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        else:
+            choices.append([o.input_line])
+    if math.prod(len(c) for c in choices) > MAX_CHECKED_JOBS:
+        return
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        for job in itertools.product(*choices):
+            swept = [o for o, c in zip(job, choices) if len(c) > 1]
+            try:  # a ConfigError, or Hydra's own composition error
+                job_config_from_hydra(compose(config_name="config", overrides=list(job)))
+            except Exception as e:
+                raise ConfigError(f"the sweep's job {' '.join(swept)}: {e} (no job was "
+                                  "started)") from None
+
+
 def _given_overrides(args: list[str]) -> dict[str, Any]:
     """Hydra's parse of each override key among ``args`` (the last of each key wins, as in
     Hydra)."""
@@ -295,8 +333,9 @@ def _new_run_dir(args: list[str]) -> Path | None:
 
 def _check_run_dir_arg(args: list[str]) -> None:
     """Refuse, before Hydra writes its log or ``multirun.yaml`` there, a ``run_dir=`` that is a
-    model's directory (``rundir.prepare_run_dir`` refuses it too, for scripts), and a sweep's
-    ``run_dir`` that holds a run (its jobs would be written inside it)."""
+    model's directory (``rundir.prepare_run_dir`` refuses it too, for scripts), a single run's
+    ``run_dir`` that holds a sweep, and a sweep's ``run_dir`` that holds a run (its jobs would
+    be written inside it)."""
     from sae_shards.run import rundir
 
     given = _given_overrides(args)
@@ -306,6 +345,8 @@ def _check_run_dir_arg(args: list[str]) -> None:
     if "run_dir" in given:
         try:
             rundir.check_not_foreign(run_dir)
+            if not _is_sweep(args):  # before Hydra writes a single run's log into a sweep
+                rundir.check_not_sweep(run_dir)
         except FileExistsError as e:
             raise ConfigError(str(e)) from None
     if _is_sweep(args):  # before Hydra writes multirun.yaml there
@@ -444,6 +485,8 @@ def _train(args: list[str]) -> int:
         check_overrides(args)
         _check_run_dir_arg(args)
         args, changes = resume_args(open_map_args(args))
+        if _is_sweep(args):
+            check_sweep_jobs(args)
     except ConfigError as e:
         if _main_process():  # every rank of a launch refuses; one says why
             print(f"sae-shards: config error: {e}", file=sys.stderr)

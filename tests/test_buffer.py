@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
-from sae_shards.capture.memory import buffer_memory_bytes, check_buffer_memory, default_memory_budget
+from sae_shards.capture.memory import (buffer_memory_bytes, check_buffer_memory, check_sae_memory,
+                                      default_memory_budget, sae_min_bytes)
 from sae_shards.core.targets import TargetSpec
 
 TARGETS = [TargetSpec("w", (4, 3), rank=1), TargetSpec("b", (5,))]
@@ -158,6 +159,28 @@ def test_memory_check_message():
     assert "capture.targets" in msg and "layers.0.mlp.w" in msg
     with pytest.raises(ValueError, match="float16"):
         check_buffer_memory(big, 10, torch.float16, budget_bytes=needed)
+
+
+def test_sae_memory_check_names_values_that_fit():
+    """An SAE whose weights (with gradients and Adam moments) and batch cannot fit is refused
+    before anything is allocated; the n_latents and batch_size it suggests do fit."""
+    specs = [TargetSpec("layers.0.mlp.w", (1024, 512), rank=2), TargetSpec("layers.0.b", (1024,))]
+    weights, batch = sae_min_bytes(specs, 1000, 64)
+    assert weights == 4 * 4 * 2 * 1000 * (2 * (1024 + 512) + 1024)
+    assert batch == 4 * 64 * (1024 * 512 + 1024)
+    check_sae_memory(specs, 1000, 64, weights + batch, "cpu")  # exactly enough
+    budget = (weights + batch) * 3 // 4
+    with pytest.raises(ValueError, match=r"the SAE needs at least .*sae.n_latents=1000 .* "
+                                         r"sae.batch_size=64 .* besides the buffer") as err:
+        check_sae_memory(specs, 1000, 64, budget, "cpu")
+    msg = str(err.value)
+    latents = int(msg.split("sae.n_latents=")[2].split(":")[0])
+    samples = int(msg.split("sae.batch_size=")[2].split(":")[0])
+    assert 1 <= latents < 1000 and 1 <= samples < 64
+    check_sae_memory(specs, latents, 64, budget, "cpu")
+    check_sae_memory(specs, 1000, samples, budget, "cpu")
+    with pytest.raises(ValueError):
+        check_sae_memory(specs, latents + 1, 64, budget, "cpu")
 
 
 def test_default_budget_is_a_fraction_of_free_memory():

@@ -660,7 +660,7 @@ def test_a_lora_policy_built_in_the_script_has_its_base_saved_for_analysis(tmp_p
     and analysis merges the final adapter into it."""
     from datasets import Dataset
     from peft import LoraConfig
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from sae_shards.analysis.shards import load_run_models, run_models_missing
     from sae_shards.recipe.models import tiny_model_and_tokenizer
@@ -670,10 +670,7 @@ def test_a_lora_policy_built_in_the_script_has_its_base_saved_for_analysis(tmp_p
     before = {k: v.clone() for k, v in model.state_dict().items()}
     task = build_task("letters", target_length=8)
     run = tmp_path / "run"
-    config = GRPOConfig(output_dir=str(tmp_path / "trl"), max_steps=4, learning_rate=1e-2,
-                        per_device_train_batch_size=8, num_generations=4,
-                        max_completion_length=8, use_cpu=True, bf16=False, report_to="none",
-                        save_strategy="no", disable_tqdm=True, seed=3)
+    config = _four_lora_steps(tmp_path / "trl")
     GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=task.reward_funcs,
                 args=config, train_dataset=Dataset.from_dict(task.dataset(32).to_dict()),
                 peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -691,6 +688,68 @@ def test_a_lora_policy_built_in_the_script_has_its_base_saved_for_analysis(tmp_p
     final = models.final.state_dict()
     moved = {k for k in before if not torch.equal(final[k], initial[k])}
     assert moved and all("q_proj.weight" in k or "v_proj.weight" in k for k in moved)
+
+
+def test_a_lora_policy_continued_from_a_trained_adapter_starts_from_it(tiny_model, tmp_path):
+    """An adapter that does not start at zero (an SFT adapter loaded with is_trainable=True)
+    with lm_head trained through modules_to_save: theta_0 is the base with that adapter merged
+    in (saved to run_dir/initial_adapter), lm_head is captured under the merged model's name,
+    and final - initial, as analysis loads them, is exactly the sum of the captured updates."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
+
+    from sae_shards.analysis.shards import load_run_models
+    from sae_shards.recipe.tasks import build_task
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            modules_to_save=["lm_head"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the adapter as an earlier fine-tuning left it
+        for name, p in model.named_parameters():
+            if "lora_B" in name or ".modules_to_save." in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    started = {k: v.clone() for k, v in _merged(model).items()}
+    task = build_task("letters", target_length=8)
+    run = tmp_path / "run"
+    config = _four_lora_steps(tmp_path / "trl")
+    targets = ["*q_proj.weight", "*v_proj.weight", "lm_head.weight"]
+    GRPOTrainer(model=model, processing_class=AutoTokenizer.from_pretrained(str(tiny_model)),
+                reward_funcs=task.reward_funcs, args=config,
+                train_dataset=Dataset.from_dict(task.dataset(32).to_dict()),
+                callbacks=[ShardCallback(run_dir=run, capture={"targets": targets},
+                                         runner={"min_samples": 2, "save_samples": True})]).train()
+    assert (run / "initial_adapter" / "adapter_config.json").is_file()
+    models = load_run_models(run)
+    initial, final = models.initial.state_dict(), models.final.state_dict()
+    assert all(torch.equal(initial[k], v) for k, v in started.items())  # base + s B0 A0
+    samples = load_file(run / "samples.safetensors")
+    names = {k.removeprefix("sample.") for k in samples if k.startswith("sample.")}
+    assert "lm_head.weight" in names and len(names) == 5  # 2 layers x (q, v) + lm_head
+    for name in names:
+        total = samples[f"sample.{name}"].sum(0)
+        moved = final[name] - initial[name]
+        assert moved.abs().max() > 0
+        torch.testing.assert_close(total, moved, rtol=1e-4, atol=1e-6)
+
+
+def _four_lora_steps(output_dir: Path):
+    """A short GRPO config for the LoRA policies above (4 steps, a large learning rate)."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(output_dir=str(output_dir), max_steps=4, learning_rate=1e-2,
+                      per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
+                      use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+                      disable_tqdm=True, seed=3)
+
+
+def _merged(peft_model) -> dict[str, torch.Tensor]:
+    """The effective weights of a PEFT model (a merged copy; the model is left as it is)."""
+    import copy
+
+    return copy.deepcopy(peft_model).merge_and_unload().state_dict()
 
 
 @pytest.mark.parametrize("reward", ["constant", "letters"])

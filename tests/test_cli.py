@@ -58,6 +58,17 @@ def test_typo_override_names_the_closest_field(tmp_path, capsys, override, hint)
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("override,message", [
+    ("run_dir=null", "config error: run_dir=null: give the run a directory of its own"),
+    # a sweep job's directory pasted unquoted
+    ("run_dir=runs/sweep/rl.max_steps=10,sae.k=2", "is quoted: \"run_dir='runs/sweep/sae.k=2'\""),
+])
+def test_run_dir_values_hydra_cannot_take_are_config_errors(tmp_path, capsys, override, message):
+    assert main(["train", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_finished_run_reports_and_a_refused_rerun_keeps_its_files(tmp_path, capsys):
     run = tmp_path / "r"
     assert main(["train", f"run_dir={run}", "seed=3", *TINY]) == 0
@@ -169,6 +180,17 @@ def test_multirun_jobs_share_a_wandb_group(tmp_path):
     for job, run in zip(jobs, runs):
         (name,) = run["artifacts"]
         assert "=" in job.name and name == artifact_name(f"shards-{job.name}")
+
+
+def test_a_bad_value_in_one_sweep_element_stops_the_sweep_before_any_job(tmp_path, capsys):
+    """sae.k=2,100: the second job's config is invalid; said at once, naming that job, and no
+    job runs (the sweep's directory is not even created)."""
+    sweep = tmp_path / "sweep"
+    assert main(["train", "-m", "sae.k=2,100", f"run_dir={sweep}", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert ("config error: the sweep's job sae.k=100: sae.k=100 must be between 1 and "
+            "sae.n_latents=64 (no job was started)") in err
+    assert not sweep.exists()
 
 
 def test_hydra_flags_are_not_taken_for_overrides():

@@ -123,6 +123,15 @@ def test_multirun_sweep(tmp_path):
     assert load_checkpoint(missing / "checkpoints" / "final").sae.cfg.k == 4
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(
         [done.name, missing.name])
+    # a single run into the sweep's directory is refused before Hydra writes there, and a plain
+    # overwrite=true too: it would mix with the jobs, and the sweep could not be resumed
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    for extra in ([], ["overwrite=true"]):
+        proc = subprocess.run([sys.executable, "-m", "sae_shards.cli", "train", "rl.max_steps=4",
+                               "logging=disabled", f"run_dir={tmp_path}", *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "holds a sweep (multirun.yaml" in proc.stderr, proc.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == listing
 
 
 def test_lora_job_captures_effective_delta(tmp_path):
@@ -251,10 +260,16 @@ def test_a_multi_character_tokenizer_gets_a_target_length_in_characters(tmp_path
 
 SETUP_ERRORS = [
     ("model=hf_path model.path=/no/such/model", r"/no/such/model is not a directory"),
+    ("model=hf_path model.path={encoder}", r"was saved as BertModel \(config.json architectures\)"
+                                           r", not as a causal LM .*AutoModelForCausalLM"),
     ("model=hf_path model.path={run}", r"is a sae-shards run directory, not a model; the policy "
                                        r"it trained is .*final_model"),
     ("capture.targets=[*no_such_weight*]", r"'\*no_such_weight\*' matches no .*model.layers.0"),
     ("capture.capacity=100000000", r"capture.capacity|bf16|bfloat16"),
+    ("sae.n_latents=100000000", r"(?s)the SAE needs at least .* sae.n_latents=\d+: the most that "
+                                r"fit"),
+    ("sae.batch_size=10000000", r"(?s)the SAE needs at least .* sae.batch_size=\d+: the most that "
+                                r"fit"),
     ("+task.options.bogus=1", r"\['task.options.bogus'\] are not options of task 'letters'"),
     ("task=multiskill task.options.schedule=weekly", r"task.options.schedule='weekly' is unknown"),
     ("+rl.extra.save_steps=3", r"\['save_steps'\] are set by sae-shards from "
@@ -263,8 +278,11 @@ SETUP_ERRORS = [
     ("capture=readout capture.granularity=group", r"per-event capture target 'model.norm.weight'"
                                                   r" is the 'weight' of a Qwen2RMSNorm"),
     ("model.lora.enabled=true model.lora.target_modules=[query_key_value]",
-     r"model.lora.target_modules=\['query_key_value'\] names modules .* does not have; its "
-     r"linear layers are named \[.*'q_proj'"),
+     r"model.lora.target_modules=\['query_key_value'\]: \['query_key_value'\] name no linear "
+     r"layer of .*; its linear layers are named \[.*'q_proj'"),
+    # one name the model has and one it lacks: peft would adapt the first alone, silently
+    ("model=tiny_lora model.lora.target_modules=[q_proj,foo]",
+     r"\['foo'\] name no linear layer of .*'v_proj'"),
 ]
 
 
@@ -276,7 +294,17 @@ def _setup_error_case(tmp_path: Path, i: int) -> tuple[list[str], str, Path]:
     run_dir = tmp_path / str(i)  # an empty run directory (resume=true needs one to exist)
     run_dir.mkdir()
     override, message = SETUP_ERRORS[i]
-    return ["train", *override.format(run=run).split(), "logging=disabled",
+    encoder = tmp_path / "encoder"  # a bare encoder saved with its tokenizer: no LM head
+    if "{encoder}" in override:
+        from transformers import BertConfig, BertModel
+
+        from sae_shards.recipe.models import build_tokenizer
+
+        tokenizer = build_tokenizer()
+        BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                             num_attention_heads=2, intermediate_size=32)).save_pretrained(encoder)
+        tokenizer.save_pretrained(encoder)
+    return ["train", *override.format(run=run, encoder=encoder).split(), "logging=disabled",
             f"run_dir={run_dir}"], message, run_dir
 
 

@@ -124,11 +124,26 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     saved = load_file(run / "trl" / f"checkpoint-{step}" / "model.safetensors")
     final = dict(load_run_models(run, view.checkpoint).final.named_parameters())
     assert saved and all(torch.equal(final[k], v) for k, v in saved.items() if k in final)
+    # a later stop's checkpoint whose TRL side was torn by the kill (trainer_state.json half
+    # written): passed over, said why, and removed with its resume file when the run resumes
+    stray = step + 2
+    shutil.copytree(run / "checkpoints" / f"step_{step:06d}", run / "checkpoints" / f"step_{stray:06d}")
+    shutil.copy(run / "resume" / f"step_{step:06d}.safetensors",
+                run / "resume" / f"step_{stray:06d}.safetensors")
+    (run / "trl" / f"checkpoint-{stray}").mkdir()
+    (run / "trl" / f"checkpoint-{stray}" / "trainer_state.json").write_text('{"global_st')
     # the bare command: resume=true reuses the run's own overrides (.hydra/overrides.yaml)
     bare = subprocess.Popen([sys.executable, "-m", "sae_shards.cli", "train", f"run_dir={run}",
                              "resume=true"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    _finish(bare)
+    out, err = bare.communicate(timeout=600)
+    assert bare.returncode == 0, err[-3000:]
+    said = out + err  # Hydra's console log is stdout
+    assert (f"RL step {stray}'s checkpoint is incomplete (trl/checkpoint-{stray}/trainer_state.json"
+            " missing or torn") in said
+    assert f"step_{stray:06d}: removed (written after RL step {step}" in said
+    assert not (run / "checkpoints" / f"step_{stray:06d}").exists()
+    assert not (run / "resume" / f"step_{stray:06d}.safetensors").exists()
     _same_run(uninterrupted, run)
 
 

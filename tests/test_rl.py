@@ -10,7 +10,8 @@ from transformers import TrainerCallback
 from sae_shards.capture.rollouts import TRLRollouts
 from sae_shards.recipe.models import build_tiny_model, load_model_and_tokenizer
 from sae_shards.recipe.tasks import build_task
-from sae_shards.recipe.trainers import DEFAULT_GRPO, build_trainer, trl_config
+from sae_shards.recipe.trainers import (DEFAULT_GRPO, build_trainer, check_lora_modules,
+                                         trl_config)
 
 # Small and fast: 2 prompts x 4 generations per step, 8-token completions.
 FAST = dict(max_steps=4, per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
@@ -131,6 +132,23 @@ def test_lora_run_trains_adapters_only(tiny, tmp_path):
     assert trainer.ref_model is None  # TRL disables the adapter to get reference logprobs
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+def test_lora_target_modules_capture_cannot_follow_are_refused(tmp_path):
+    """A name the model lacks beside one it has (peft would adapt the other alone), and a
+    GPT-2 Conv1D layer (peft's fan_in_fan_out, which capture does not follow): refused before
+    the model loads, naming the field and the layers the model has."""
+    gpt2 = build_tiny_model(tmp_path / "gpt2", arch="gpt2")
+    with pytest.raises(ValueError, match=r"target_modules=\['c_attn'\]: \['c_attn'\] are Conv1D "
+                                         r"layers .*model.lora.enabled=false"):
+        check_lora_modules(gpt2, ["c_attn"])
+    with pytest.raises(ValueError, match=r"\['q_proj'\] name no linear layer .*'lm_head'.*Conv1D "
+                                         r"layers \['c_attn', 'c_fc', 'c_proj'\]"):
+        check_lora_modules(gpt2, ["q_proj"])
+    qwen = build_tiny_model(tmp_path / "qwen", arch="qwen2")
+    with pytest.raises(ValueError, match=r"\['foo'\] name no linear layer of .*'q_proj'"):
+        check_lora_modules(qwen, ["q_proj", "foo"])
+    check_lora_modules(qwen, ["q_proj", "self_attn.v_proj"])  # peft's suffix match
 
 
 # ---------------------------------------------------------------------------- rl.trainable

@@ -69,6 +69,23 @@ def test_lora_default_targets_are_the_adapted_base_weights():
     assert {output_axis(peft_model, n) for n in targets} == {0}
 
 
+def test_a_modules_to_save_layer_is_named_as_the_merged_model_names_it():
+    """lm_head trained beside a LoRA adapter (modules_to_save): its trained copy is the target,
+    under ``lm_head.weight`` (analysis's merged model's name); the frozen original is neither
+    a target nor a 'frozen' match."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_model_and_tokenizer(arch="qwen2")
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"],
+                                                  modules_to_save=["lm_head"]))
+    trained = peft_model.base_model.model.lm_head.modules_to_save["default"].weight
+    for pattern in ("lm_head.weight", "*lm_head*"):
+        assert list(select_targets(peft_model, [pattern])) == ["lm_head.weight"]
+        assert select_targets(peft_model, [pattern])["lm_head.weight"] is trained
+    assert output_axis(peft_model, "lm_head.weight") == 0
+    assert "lm_head" not in " ".join(default_targets(peft_model))  # never in the defaults
+
+
 def test_nothing_capturable_or_no_blocks_is_an_error():
     model, _ = tiny_model_and_tokenizer(arch="llama")
     model.requires_grad_(False)

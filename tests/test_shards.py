@@ -1,6 +1,7 @@
 """ShardSet and RunView on a real (short) run: round trip, factored geometry, run-level views."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +111,60 @@ def test_malformed_run_dir_errors(tmp_path, run_dir):
     (broken / "rollouts.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(CheckpointError, match=r"rollouts.jsonl:2: not valid JSON"):
         RunView(broken)
+    (broken / "config.json").write_text('{"capture": ')  # torn by an editor or a full disk
+    with pytest.raises(CheckpointError, match=r"config.json: not valid JSON"):
+        RunView(broken)
+
+
+def test_a_checkpoint_from_another_run_is_refused_by_the_run_view(run_dir, tmp_path):
+    """final/ replaced by a whole, valid checkpoint of an SAE with fewer latents (another run's):
+    the run's activation log names latents it does not have, and RunView says so."""
+    import dataclasses
+    import shutil
+
+    from sae_shards.core.checkpoint import load_checkpoint, save_checkpoint
+    from sae_shards.core.sae import LowRankSAE
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    loaded = load_checkpoint(other / "checkpoints" / "final")
+    smaller = LowRankSAE(loaded.sae.targets, dataclasses.replace(loaded.sae.cfg, n_latents=8))
+    smaller.input_scale = loaded.sae.input_scale
+    shutil.rmtree(other / "checkpoints" / "final")
+    save_checkpoint(other / "checkpoints" / "final", smaller, meta=loaded.config["meta"])
+    assert len(ShardSet.from_run(other)) == 8  # a valid checkpoint on its own
+    with pytest.raises(CheckpointError, match=r"activations.safetensors: its final activations "
+                                              r"name latents up to 1[0-5], 4 per sample, but "
+                                              r"checkpoint final has 8 latents"):
+        RunView(other)
+
+
+class _Planted:
+    """A pickle that, when unpickled, creates the file it names."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_in_the_final_policy_is_refused_never_loaded(run_dir, tmp_path):
+    """final_model/ whose weights were swapped for a pytorch_model.bin (a pickle nobody in the
+    run wrote): load_run_models refuses it with a clear error, and nothing is unpickled."""
+    import shutil
+
+    from sae_shards.analysis.shards import load_run_models
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    marker = tmp_path / "unpickled"
+    (other / "final_model" / "model.safetensors").unlink()
+    torch.save({"lm_head.weight": _Planted(marker)}, other / "final_model" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"final_model has no safetensors weights .* never "
+                                              r"loaded"):
+        load_run_models(other)
+    assert not marker.exists()
 
 
 def test_a_torn_last_log_line_is_dropped_and_a_torn_middle_line_named(run_dir, tmp_path):

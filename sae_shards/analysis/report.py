@@ -569,7 +569,9 @@ def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags
                                               "updates of the effective weights)"
                                               if meta.get("lora") else ""),
         "initial weights": str(theta0) + (" (saved when the run started: the policy held no "
-                                          "local directory's weights exactly)" if saved else ""),
+                                          "local directory's weights exactly)" if saved else "")
+        + (f", with the LoRA adapter it started from merged in ({rundir.INITIAL_ADAPTER}/)"
+           if (view.run_dir / rundir.INITIAL_ADAPTER).is_dir() else ""),
         "RL algorithm": rl.get("algorithm") or "n/a",
         "task": task.get("name") or "the script's own reward functions",
         "samples": (f"per optimizer step (source {meta.get('source')})" if not view.per_event

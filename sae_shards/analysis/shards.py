@@ -215,6 +215,8 @@ class RunView:
         self.checkpoint = checkpoint_name(self.run_dir, checkpoint)
         """The checkpoint read: ``final``, or the newest step of an interrupted run."""
         self.shards = ShardSet.from_run(self.run_dir, self.checkpoint)
+        if (self.run_dir / rundir.CONFIG).exists():  # read strictly: the report's readings
+            _read_json(self.run_dir / rundir.CONFIG)  # (units, task, sampling) come from it
         acts_file = self.run_dir / rundir.ACTIVATIONS
         self.recovered: str | None = None
         """Why the timeline was re-encoded from the checkpoint's resume file
@@ -234,6 +236,7 @@ class RunView:
         for key in ("final.rl_step", "final.indices", "final.values"):
             if key not in self.activations:
                 raise CheckpointError(f"{acts_file}: missing tensor {key!r}")
+        self._check_activations_fit(acts_file)
         self.rollouts = {r["step"]: r for r in rundir.read_jsonl(self.run_dir / rundir.ROLLOUTS)}
         events = self.run_dir / rundir.EVENTS
         self.events = {(r["step"], r["event"]): r
@@ -243,6 +246,24 @@ class RunView:
         metrics = rundir.read_jsonl(metrics_file) if metrics_file.is_file() else []
         self.rl_metrics = [r for r in metrics if r.get("kind") == "rl"]
         self.sae_metrics = [r for r in metrics if r.get("kind") == "sae"]
+
+    def _check_activations_fit(self, acts_file: Path) -> None:
+        """The activation log must be one this checkpoint's SAE could have written: latent
+        indices below its ``n_latents``, and ``k`` of them per final row (a checkpoint copied
+        in from another run fails here, instead of deep inside an index operation)."""
+        n, k = len(self.shards), self.shards.sae.cfg.k
+        for which in ("final", "online"):
+            idx = self.activations.get(f"{which}.indices")
+            if idx is None or not idx.numel():
+                continue
+            top = int(idx.max())
+            if top >= n or int(idx.min()) < 0 or (which == "final" and idx.shape[1] != k):
+                raise CheckpointError(
+                    f"{acts_file}: its {which} activations name latents up to {top}, {idx.shape[1]}"
+                    f" per sample, but checkpoint {self.checkpoint} has {n} latents with "
+                    f"sae.k={k}: the checkpoint is not the one this run's activations were "
+                    "written with (copied in from another run?); restore the run's own "
+                    "checkpoint, or load the shards alone with ShardSet.from_run")
 
     def _recover(self, acts_file: Path, written_for: str | None) -> dict[str, Tensor]:
         from sae_shards.analysis.recovered import activations_from_resume, resume_file_of
@@ -500,10 +521,12 @@ def load_run_models(run_dir: str | Path, checkpoint: str | None = None,
     missing (``run_models_missing`` says which). With ``checkpoint`` (``step_N``) the "final"
     policy is that step's when TRL saved it (``policy_dir``), so a killed run or an earlier
     checkpoint is paired with its own weights. A LoRA run's final policy is its base model
-    with the saved adapter merged in (the effective weights ``W0 + s B A`` the shards live in).
+    with the saved adapter merged in (the effective weights ``W0 + s B A`` the shards live in),
+    and its initial policy the base, with ``run_dir/initial_adapter`` merged in when the adapter
+    did not start at zero.
     ``task`` is None for a run of a user's own TRL script (``ShardCallback``): its rewards are
     not known to sae-shards."""
-    from sae_shards.recipe.models import load_model_and_tokenizer, load_tokenizer
+    from sae_shards.recipe.models import load_tokenizer
     from sae_shards.recipe.tasks import build_task
 
     run_dir = Path(run_dir)
@@ -515,19 +538,23 @@ def load_run_models(run_dir: str | Path, checkpoint: str | None = None,
         return None
     cfg = _read_json(run_dir / "config.json")
     initial = initial_model_dir(run_dir, cfg, initial)
-    init = load_model_and_tokenizer(initial)
+    # the run's own directories hold safetensors only; a user's model directory outside the run
+    # may hold pytorch_model.bin, which transformers reads with its weights-only unpickler
+    inside = initial.resolve().is_relative_to(run_dir.resolve())
+    init = _load_safe(initial, inside)
+    started_with = run_dir / rundir.INITIAL_ADAPTER
+    if _is_lora(cfg) and (started_with / "adapter_config.json").is_file():
+        # the adapter did not start at zero: theta_0 is the base with it merged in
+        init = init._replace(model=_merged(init.model, started_with))
     final = policy_dir(run_dir, checkpoint)
     if checkpoint not in (None, "final") and final.name == rundir.FINAL_MODEL:
         log.warning("TRL kept no policy of %s's step in %s: the final policy is paired with its "
                     "shards", checkpoint, run_dir)
     if _is_lora(cfg):
-        from peft import PeftModel
-
-        fin = load_model_and_tokenizer(initial)
-        fin = fin._replace(model=PeftModel.from_pretrained(fin.model, str(final))
-                           .merge_and_unload())
+        fin = _load_safe(initial, inside)
+        fin = fin._replace(model=_merged(fin.model, final))
     else:
-        fin = load_model_and_tokenizer(final)
+        fin = _load_safe(final)
     task = None
     if cfg.get("task"):
         # the target the job resolved (runs of earlier versions: max_completion_length)
@@ -539,6 +566,30 @@ def load_run_models(run_dir: str | Path, checkpoint: str | None = None,
     tokenizer = (load_tokenizer(final, model_dir=False) if _has_tokenizer(final)
                  else init.tokenizer)
     return RunModels(init.model.eval(), fin.model.eval(), tokenizer, task)
+
+
+def _load_safe(folder: Path, safetensors_only: bool = True):
+    """``load_model_and_tokenizer`` of a policy directory, by default its weights read from
+    safetensors only (a ``pytorch_model.bin`` found in a run directory is a pickle nobody
+    there wrote: never loaded)."""
+    from sae_shards.recipe.models import load_model_and_tokenizer
+
+    try:
+        return load_model_and_tokenizer(folder, safetensors_only=safetensors_only)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _merged(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
+    """``model`` with the LoRA adapter saved in ``adapter`` merged in (its safetensors only)."""
+    from peft import PeftModel
+
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise CheckpointError(
+            f"{adapter} has no adapter_model.safetensors (an adapter saved as a pickle, "
+            "adapter_model.bin, is never loaded): save it again with save_pretrained(DIR), "
+            "whose default is safetensors")
+    return PeftModel.from_pretrained(model, str(adapter), use_safetensors=True).merge_and_unload()
 
 
 def _has_tokenizer(folder: Path) -> bool:

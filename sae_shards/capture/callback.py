@@ -61,7 +61,7 @@ from sae_shards.capture.event_sites import hook_sites
 from sae_shards.capture.pipeline import Pipeline, build_pipeline, resolve_targets
 from sae_shards.capture.rollouts import TRLRollouts, calling_trainer, scored_mean
 from sae_shards.capture.summary import final_activations, heldout_fvu, run_summary
-from sae_shards.capture.selection import LoraTarget, target_shapes
+from sae_shards.capture.selection import LoraTarget, few_names, target_shapes
 from sae_shards.capture.sharded_delta import ShardedDeltaCapture, sharded_targets
 from sae_shards.capture.zero3_delta import Zero3DeltaCapture, zero3_targets
 from sae_shards.core import events as ev
@@ -271,10 +271,15 @@ class ShardCallback(TrainerCallback):
                       "sae_factored_params": sae.factored_param_count(),
                       "dense_sae_params": sae.dense_param_count(),
                       "buffer_bytes": self.parts.buffer.memory_bytes}
-        log.info("targets: %d tensors, %d entries; SAE %d factored weights vs %d dense; buffer "
-                 "%.1f MiB; %d process(es)", self.sizes["n_targets"], self.sizes["delta_numel"],
-                 self.sizes["sae_factored_params"], self.sizes["dense_sae_params"],
-                 self.sizes["buffer_bytes"] / 2**20, distributed.world_size())
+        # a script configures no logging: what is captured is said at a level Python shows
+        log.log(logging.INFO if self.run_config else logging.WARNING,
+                "sae-shards captures %d tensors (%s), %d entries%s; SAE %d factored weights vs "
+                "%d dense; buffer %.1f MiB; %d process(es)", self.sizes["n_targets"],
+                few_names(self.parts.targets, 3), self.sizes["delta_numel"],
+                ", the LoRA adapters' effective weight updates s (B1 A1 - B0 A0)"
+                if self._is_lora() else "", self.sizes["sae_factored_params"],
+                self.sizes["dense_sae_params"], self.sizes["buffer_bytes"] / 2**20,
+                distributed.world_size())
 
     def _step_capture(self, targets: dict, buffer) -> DeltaCapture:
         """The per-step capture for ``targets``: ``ShardedDeltaCapture`` when they are FSDP2
@@ -317,6 +322,28 @@ class ShardCallback(TrainerCallback):
         # the final adapter into
         initial_model.save_policy(model, getattr(trainer, "processing_class", None), out,
                                   base_only=self._is_lora())
+
+    def _save_initial_adapter(self, model: torch.nn.Module) -> None:
+        """A LoRA policy whose adapter does not start at zero (one trained before and loaded
+        with ``is_trainable=True``, a PiSSA-like initialisation, ``modules_to_save`` copies
+        already trained): theta_0 is its base with that adapter merged in, so the adapter as
+        it starts is saved to ``run_dir/initial_adapter`` (small; saved even with
+        ``save_model=False``, since without it analysis would take the base for theta_0)."""
+        if not self._is_lora():
+            return
+        out = self.run_dir / rundir.INITIAL_ADAPTER
+        if initial_model.is_sharded(model):
+            log.warning("the LoRA adapter's parameters are sharded over the processes (FSDP2 / "
+                        "ZeRO-3): whether it starts at zero is not checked, and analysis takes "
+                        "the base model for theta_0 (right for a new adapter, B = 0); a trained "
+                        "adapter should be merged into the base before the run")
+            return
+        if initial_model.starts_at_base(model):
+            return
+        log.warning("the LoRA adapter does not start at zero (trained before, or initialised "
+                    "away from B = 0): the run starts from the base with it merged in; it is "
+                    "saved to %s for analysis", out)
+        initial_model.save_policy(model, None, out)
 
     def _is_lora(self) -> bool:
         return any(isinstance(t, LoraTarget) for t in self.parts.targets.values())
@@ -434,6 +461,7 @@ class ShardCallback(TrainerCallback):
             self._restore(state.global_step, last=state.global_step >= state.max_steps)
         else:
             self._save_initial_model(model, calling_trainer())
+            self._save_initial_adapter(model)
         if self.logger is None:
             self.logger = (RunLogger.attach_active() if self.log_to_wandb and "wandb" in
                            (args.report_to or []) else RunLogger())

@@ -5,7 +5,9 @@ interventions take the cumulative update ``theta_final - theta_0``). ``sae-shard
 or names its model; a user's script hands ``ShardCallback`` a live model. ``loaded_from`` says
 whether that model still holds the weights of a local directory it names (then ``config.json``
 records the directory), and otherwise the callback saves theta_0 with ``save_policy`` before the
-first step.
+first step. A LoRA policy's theta_0 is its base model with its adapter as the run starts merged
+in: the base (a directory or ``run_dir/model``), plus ``run_dir/initial_adapter`` when the adapter
+does not start at zero (``starts_at_base``).
 """
 
 from __future__ import annotations
@@ -141,6 +143,35 @@ def base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {_base_name(name): tensor
             for name, tensor in model.get_base_model().state_dict().items()
             if ".lora_" not in name and ".modules_to_save." not in name}
+
+
+def starts_at_base(model: torch.nn.Module) -> bool:
+    """Whether a PEFT model's effective weights are its base model's: every active LoRA
+    adapter's ``s B A`` is zero (peft's default initialisation, ``B = 0``) and every
+    ``modules_to_save`` copy equals its original. False for an adapter trained before (an SFT
+    adapter loaded with ``is_trainable=True``) or initialised away from zero (PiSSA, OLoRA...):
+    the run then starts from the base with that adapter merged in, and the callback saves the
+    adapter as it starts (``save_policy`` of the PEFT model writes its adapter alone)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    with torch.no_grad():
+        for module in model.get_base_model().modules():
+            if isinstance(module, LoraLayer):
+                for adapter in module.active_adapters:
+                    if adapter not in module.lora_B:
+                        continue
+                    A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+                    # B = 0 (the default) settles it without building the [out, in] product
+                    if B.any() and A.any() and module.get_delta_weight(adapter).any():
+                        return False
+            elif isinstance(module, ModulesToSaveWrapper):
+                for adapter in module.active_adapters:
+                    copy = module.modules_to_save[adapter].state_dict()
+                    original = module.original_module.state_dict()
+                    if any(not torch.equal(v, original[k]) for k, v in copy.items()):
+                        return False
+    return True
 
 
 def save_policy(model: torch.nn.Module, tokenizer: Any | None, out: Path,

@@ -1,8 +1,10 @@
-"""The ring buffer's memory, checked before anything is allocated.
+"""The ring buffer's and the SAE's memory, checked before anything is allocated.
 
 ``check_buffer_memory`` compares ``capacity * slot entries * bytes`` with a budget (by default a
 share of the device's free memory) and, when it does not fit, says what would: bf16 storage, the
 largest capacity that fits, or fewer targets, with values the config accepts.
+``check_sae_memory`` does the same for a lower bound of the SAE's training memory against what
+is free besides the buffer (``sae.n_latents``, ``sae.batch_size``).
 """
 
 from __future__ import annotations
@@ -84,6 +86,45 @@ def check_buffer_memory(
         return needed
     raise ValueError(_memory_error(targets, capacity, dtype, needed, budget, torch.device(device),
                                    event_rank))
+
+
+def sae_min_bytes(targets: Sequence[TargetSpec], n_latents: int, batch_size: int,
+                  event_rank: int | None = None) -> tuple[int, int]:
+    """A lower bound of what training the SAE takes, as ``(weights, batch)`` bytes: its
+    factored directions (``2 N sum_p r_p (m_p + n_p)`` fp32 weights) with their gradients and
+    Adam's two moments, and one batch of fp32 samples drawn from the buffer (backward's
+    temporaries and the encoder's activations come on top: ``scripts/bench_sae.py`` estimates
+    the whole)."""
+    weights = 4 * 4 * 2 * n_latents * sum(t.factored_numel for t in targets)
+    return weights, 4 * batch_size * slot_numel(targets, event_rank)
+
+
+def check_sae_memory(targets: Sequence[TargetSpec], n_latents: int, batch_size: int,
+                     budget_bytes: int, device: torch.device | str,
+                     event_rank: int | None = None) -> None:
+    """Raise ``ValueError`` before training if even ``sae_min_bytes`` exceeds ``budget_bytes``
+    (the memory free besides the buffer), naming the ``sae.*`` values that would fit."""
+    weights, batch = sae_min_bytes(targets, n_latents, batch_size, event_rank)
+    if weights + batch <= budget_bytes:
+        return
+    budget = max(int(budget_bytes), 0)
+    per_latent = weights // n_latents
+    per_sample = batch // batch_size
+    lines = [f"the SAE needs at least {(weights + batch) / _GIB:.3f} GiB to train "
+             f"(sae.n_latents={n_latents} latents' directions with their gradients and Adam "
+             f"moments: {weights / _GIB:.3f} GiB; one batch of sae.batch_size={batch_size} "
+             f"samples of {slot_numel(targets, event_rank)} entries: {batch / _GIB:.3f} GiB) "
+             f"but {budget / _GIB:.3f} GiB is free on {torch.device(device)} besides the "
+             "buffer. To fit:"]
+    latents = (budget - batch) // per_latent
+    lines.append(f"  - sae.n_latents={latents}: the most that fit with this batch" if latents >= 1
+                 else "  - sae.n_latents: even 1 latent does not fit with this batch")
+    samples = (budget - weights) // per_sample
+    lines.append(f"  - sae.batch_size={samples}: the most that fit with these latents"
+                 if samples >= 1 else
+                 "  - sae.batch_size: even 1 sample does not fit with these latents")
+    lines.append("  - fewer targets via capture.targets, or a smaller sae.rank")
+    raise ValueError("\n".join(lines))
 
 
 def _memory_error(

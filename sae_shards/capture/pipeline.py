@@ -14,7 +14,8 @@ import torch
 
 from sae_shards.capture.buffer import DeltaRingBuffer
 from sae_shards.capture.event_precondition import COVARIANCE_KINDS
-from sae_shards.capture.memory import check_buffer_memory, default_memory_budget
+from sae_shards.capture.memory import (buffer_memory_bytes, check_buffer_memory, check_sae_memory,
+                                      default_memory_budget)
 from sae_shards.capture.runner import InlineRunner, SAEWorkLoop, ThreadRunner, make_runner
 from sae_shards.capture.selection import Target, default_targets, select_targets, target_shapes
 from sae_shards.core.sae import LowRankSAE
@@ -69,7 +70,8 @@ def build_pipeline(
     seed: int,
 ) -> Pipeline:
     """All parts, the buffer's memory checked against the budget left after the capture's own
-    working copies of the targets (raises ``ValueError`` saying how to fit)."""
+    working copies of the targets, and the SAE's against what is free besides them (each
+    raises ``ValueError`` saying how to fit)."""
     targets = resolve_targets(model, capture.targets)
     specs = make_targets(target_shapes(targets), rank=sae_cfg.rank)
     dtype = STORAGE[capture.storage_dtype]
@@ -81,10 +83,14 @@ def build_pipeline(
         check_buffer_memory(specs, capture.capacity, dtype, share - working, device, event_rank)
     except ValueError as e:
         raise ValueError(
-            f"{e}\n  - capture.memory_fraction={capture.memory_fraction:g}: a larger share of "
-            f"free memory (now {share / 2**30:.3f} GiB, of which the capture's working copies "
+            f"{e}\n  - capture.memory_fraction above its {capture.memory_fraction:g} (at most 1): "
+            f"a larger share of free memory (now {share / 2**30:.3f} GiB, of which the capture's working copies "
             f"of the targets take {working / 2**30:.3f} GiB and the buffer gets the rest)"
         ) from None
+    free = default_memory_budget(device, 1.0) - working  # the SAE is not held to the share
+    check_sae_memory(specs, sae_cfg.n_latents, sae_cfg.batch_size,
+                     free - buffer_memory_bytes(specs, capture.capacity, dtype, event_rank),
+                     device, event_rank)
     buffer = DeltaRingBuffer(specs, capture.capacity, device, dtype, event_rank)
     sae = LowRankSAE(specs, sae_cfg, sample_form="factored" if per_event else "dense").to(device)
     trainer = SAETrainer(sae)

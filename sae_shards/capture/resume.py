@@ -22,6 +22,8 @@ read, so loading never runs code from a file. Resume files of all but the two ne
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,6 +37,8 @@ from sae_shards.core.checkpoint import (CheckpointError, CheckpointFiles, checkp
                                         load_checkpoint, load_training_state, read_safetensors,
                                         save_file_atomic, write_checkpoint)
 from sae_shards.run import rundir
+
+log = logging.getLogger(__name__)
 
 RESUME_KIND = rundir.RESUME_KIND
 END_OF_TRAINING = "train_runtime"
@@ -111,10 +115,35 @@ def latest_complete(run_dir: Path) -> int | None:
     a torn file, so a checkpoint counts as finished only when that file parses."""
     trl = run_dir / rundir.TRL_OUTPUT
     for step in reversed(rundir.saved_steps(run_dir / rundir.RESUME)):
-        if ((checkpoint_dir(run_dir, step) / "config.json").is_file()
-                and _parses(trl / f"checkpoint-{step}" / "trainer_state.json")):
+        missing = [what for what, ok in (
+            (f"{rundir.CHECKPOINTS}/{rundir.step_name(step)} missing",
+             (checkpoint_dir(run_dir, step) / "config.json").is_file()),
+            (f"{rundir.TRL_OUTPUT}/checkpoint-{step}/trainer_state.json missing or torn",
+             _parses(trl / f"checkpoint-{step}" / "trainer_state.json"))) if not ok]
+        if not missing:
             return step
+        log.warning("RL step %d's checkpoint is incomplete (%s: the process was killed while "
+                    "writing it); an earlier one is taken", step, ", ".join(missing))
     return None
+
+
+def _remove_later(run_dir: Path, step: int) -> None:
+    """Remove the shards checkpoints and resume files of steps after ``step``, the one the run
+    resumes from (left by a process killed while it wrote them, or one whose TRL side was
+    incomplete): they describe a trajectory the resumed run replaces, and ``--checkpoint`` must
+    not offer them."""
+    for folder in (run_dir / rundir.CHECKPOINTS, run_dir / rundir.RESUME):
+        for later in rundir.saved_steps(folder):
+            if later <= step:
+                continue
+            path = (checkpoint_dir(run_dir, later) if folder.name == rundir.CHECKPOINTS
+                    else rundir.resume_file(run_dir, later))
+            log.warning("%s: removed (written after RL step %d, which the run resumes from; "
+                        "the steps after it are trained again)", path, step)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _parses(path: Path) -> bool:
@@ -164,6 +193,7 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
     if isinstance(capture, EventCapture):
         capture.preconditioner.load_state_tensors(
             {k[len("precond."):]: v for k, v in tensors.items() if k.startswith("precond.")})
+    _remove_later(run_dir, step)
     rundir.truncate_jsonl(run_dir / rundir.ROLLOUTS, lambda row: row.get("step", 0) <= step)
     if (run_dir / rundir.EVENTS).is_file():
         rundir.truncate_jsonl(run_dir / rundir.EVENTS, lambda row: row["step"] <= step)

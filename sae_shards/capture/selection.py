@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -131,8 +132,9 @@ def layer_output_axis(layer: nn.Module) -> int:
 def matrix_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{weight name: layer}`` for every ``nn.Linear`` and ``Conv1D`` of a model, in module order.
 
-    Names are ``select_targets``' names (a peft model's base names); a LoRA-adapted layer appears
-    once, under its base weight's name, as its base layer (the adapter factors are not listed).
+    Names are ``select_targets``' names (a peft model's base names, ``peft_name``); a LoRA-adapted
+    layer appears once, under its base weight's name, as its base layer (the adapter factors are
+    not listed), and a ``modules_to_save`` layer as its trained copy.
     """
     base, lora = _lora_targets(model)
     adapted = {name.removesuffix(".weight"): t.layer for name, t in lora.items()}
@@ -143,7 +145,9 @@ def matrix_layers(model: nn.Module) -> dict[str, nn.Module]:
         if name in adapted:
             module = adapted[name].get_base_layer()
         if weight_layout(module) is not None:
-            layers[f"{name}.weight"] = module
+            weight = peft_name(f"{name}.weight", module.weight.requires_grad)
+            if weight is not None:
+                layers[weight] = module
     return layers
 
 
@@ -242,14 +246,29 @@ def _candidates(model: torch.nn.Module) -> tuple[dict[str, Target], list[str]]:
     capturable: dict[str, Target] = dict(lora)
     frozen = []
     for name, p in base.named_parameters():
-        name = name.replace(".base_layer.", ".")
-        if id(p) in factor_ids or name in lora:
+        name = peft_name(name, p.requires_grad)
+        if name is None or id(p) in factor_ids or name in lora:
             continue
         if p.requires_grad:
             capturable[name] = p
         else:
             frozen.append(name)
     return capturable, frozen
+
+
+def peft_name(name: str, trained: bool = True) -> str | None:
+    """A parameter name under a peft model (below ``base_model.model``) as the merged model
+    names it (``merge_and_unload``, which analysis loads): a LoRA layer's ``base_layer``
+    unwrapped, and a ``modules_to_save`` module (``lm_head`` trained beside the adapter) named
+    by its trained copy. None for a parameter the merged model does not have under its own
+    name: that module's frozen ``original_module``, and copies kept for inactive adapters
+    (``trained`` False)."""
+    name = name.replace(".base_layer.", ".")
+    if ".original_module." in name:
+        return None
+    if ".modules_to_save." in name:
+        return re.sub(r"\.modules_to_save\.[^.]+\.", ".", name) if trained else None
+    return name
 
 
 def _lora_targets(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, LoraTarget]]:
@@ -274,10 +293,15 @@ def _lora_targets(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Lo
         if len(adapters) != 1:
             raise ValueError(f"{name}: capture needs one active LoRA adapter, got {adapters}")
         adapter = adapters[0]
+        if layer.fan_in_fan_out:
+            raise NotImplementedError(
+                f"{name}: a LoRA adapter on a Conv1D layer (GPT-2 style, peft's "
+                "fan_in_fan_out), which capture does not follow; leave Conv1D modules out of "
+                "the LoRA target_modules, or train this model without LoRA (capture then takes "
+                "the Conv1D weights themselves)")
         unsupported = {
             "DoRA / LoRA variants": adapter in layer.lora_variant,
             "lora_bias": layer.lora_bias.get(adapter, False),
-            "fan_in_fan_out": layer.fan_in_fan_out,
         }
         for what, on in unsupported.items():
             if on:

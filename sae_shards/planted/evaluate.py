@@ -120,6 +120,8 @@ design asks for beside the random direction, then the same figures for shard fam
 
 _SEL = ("the shard's effect on its own task / mean |effect| on the others (or the floor); higher "
         "is better, median over tasks")
+_NO_TASK = ("{}: it has no task of its own, so it stays small (within about +-3 over these "
+            "few rollouts); read the shard's value against it")
 HEADLINE_READ = {
     "auroc_task": "held-out AUROC of each task's best latent (0.5: chance, 1: perfect); "
                   "compare auroc_null_control",
@@ -135,12 +137,12 @@ HEADLINE_READ = {
                               "labelled estimate reaches",
     "steering_selectivity": f"adding alpha x the run's update along the shard to the initial "
                             f"weights (+ sign; both signs below): {_SEL}",
-    "steering_selectivity_random": "the same for a norm-matched random direction: near 0",
+    "steering_selectivity_random": _NO_TASK.format("a norm-matched random direction"),
     "ablation_selectivity": f"removing the run's update along the shard from the final "
                             f"weights (drop in reward): {_SEL}",
-    "ablation_selectivity_random": "the same for a norm-matched random direction: near 0",
-    "steering_selectivity_shuffled": "steering along shuffled-label directions: near 0",
-    "ablation_selectivity_shuffled": "ablating shuffled-label directions: near 0",
+    "ablation_selectivity_random": _NO_TASK.format("a norm-matched random direction"),
+    "steering_selectivity_shuffled": _NO_TASK.format("steering along shuffled-label directions"),
+    "ablation_selectivity_shuffled": _NO_TASK.format("ablating shuffled-label directions"),
     "ablation_selectivity_supervised": "ablating the training principal directions: a "
                                        "labelled reference",
     "ablation_own_first": "how often ablating a task's shard hurts its own task most; "
@@ -152,8 +154,8 @@ HEADLINE_READ = {
     "mmcs_margin_family": "mmcs_margin of the families' directions",
     "steering_selectivity_family": "steering_selectivity of the families",
     "ablation_selectivity_family": "ablation_selectivity of the families",
-    "steering_selectivity_family_random": "a random direction of the family's norm: near 0",
-    "ablation_selectivity_family_random": "a random direction of the family's norm: near 0",
+    "steering_selectivity_family_random": _NO_TASK.format("a random direction of the family's norm"),
+    "ablation_selectivity_family_random": _NO_TASK.format("a random direction of the family's norm"),
     "n_families": "families found (single latents included)",
 }
 """How to read each headline figure (``evaluation.md``'s third column)."""
@@ -509,6 +511,9 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         "run_dir": str(run_dir), "tasks": tasks, "n_train": len(y_tr), "n_heldout": len(y_te),
         "sample_unit": "step" if settings["granularity"] == "step" else "event",
         "multi_label": data.multi_label, "from_step": from_step,
+        # the RL steps the evaluated samples come from (the buffer's window, after --from-step)
+        "first_step": int(data.steps[data.keep].min()) if data.keep.any() else None,
+        "last_step": int(data.steps[data.keep].max()) if data.keep.any() else None,
         **lat_mmcs, "mmcs_supervised": sup["mmcs"],
         # what the SAE's rank per target allows at best (per task, and on shuffled labels)
         "mmcs_rank_ceiling": float(rank_ceiling(unflatten(truth, shapes), sae.cfg.rank).mean()),
@@ -728,7 +733,9 @@ def to_markdown(r: dict[str, Any]) -> str:
     h = r["headline"]
     lines = [f"# Evaluation of {r['run_dir']}", "",
              f"{r['n_train']} training and {r['n_heldout']} held-out {r['sample_unit']}s (RL "
-             f"steps >= {r['from_step']}), tasks {r['tasks']}; granularity {h['granularity']}, "
+             f"steps {_f(r.get('first_step'), 'd')}-{_f(r.get('last_step'), 'd')}"
+             f"{'; --from-step ' + str(r['from_step']) if r['from_step'] else ''}), tasks "
+             f"{r['tasks']}; granularity {h['granularity']}, "
              f"source {h['source']}, schedule {h['schedule']}, group {h['group']}.", "",
              "## Headline", "", "| figure | value | how to read it |", "|---|---|---|"]
     for key in HEADLINE_KEYS[:-4]:
@@ -787,7 +794,7 @@ def to_markdown(r: dict[str, Any]) -> str:
                   f"selectivity (median over tasks, + sign) {st['selectivity']:+.3f}, "
                   f"norm-matched random control {st['control_selectivity']:+.3f}, shuffled-label "
                   f"control {_f(st['shuffled_selectivity'], '+.3f')}", "",
-                  "| task | latent | reward change on task (+ / -) | selectivity | control |",
+                  "| task | latent | reward change on task (+ / -) | selectivity | random direction's selectivity |",
                   "|---|---|---|---|---|"]
         for t, e in st["per_task"].items():
             faint = (max(abs(e['shard_plus'][t]), abs(e['shard_minus'][t])) < st['floor'])
@@ -804,7 +811,7 @@ def to_markdown(r: dict[str, Any]) -> str:
                   f"{_f(ab['shuffled_selectivity'], '+.3f')}; own task breaks first in "
                   f"{ab['own_first_rate']:.2f} of tasks (shuffled-label directions: "
                   f"{_f(ab['own_first_rate_shuffled'], '.2f')}, chance {1 / len(r['tasks']):.2f})", "",
-                  "| task | latent | drop on task | largest drop (task) | selectivity | control |",
+                  "| task | latent | drop on task | largest drop (task) | selectivity | random direction's selectivity |",
                   "|---|---|---|---|---|---|"]
         for t, e in ab["per_task"].items():
             top = e["broken_task"]

@@ -34,7 +34,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
+                                                    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 from sae_shards.core.checkpoint import process_umask
 from sae_shards.run.config import Arch
@@ -252,8 +253,9 @@ def _check_model_dir(path: Path) -> None:
     """Raise a clear error unless ``path`` looks like a save_pretrained model directory."""
     if not path.is_dir():
         raise FileNotFoundError(
-            f"model path {path} is not a directory; build one with build_tiny_model(out_dir) "
-            "or point model.path at a local transformers model directory"
+            f"model path {path} is not a directory; give a local transformers model directory "
+            "(written by save_pretrained): model.path=DIR for sae-shards train (model.path=null "
+            "for its built-in tiny model), or one built with build_tiny_model(DIR)"
         )
     if (path / FINAL_MODEL).is_dir() and (path / CONFIG).is_file():
         raise FileNotFoundError(
@@ -264,6 +266,32 @@ def _check_model_dir(path: Path) -> None:
             f"model path {path} has no config.json; it must be a directory written by "
             "save_pretrained (config.json, weights and tokenizer files)"
         )
+
+
+def check_causal_lm(path: str | Path) -> None:
+    """Refuse a model directory that does not hold a causal language model with its LM head,
+    from its ``config.json`` alone: a model type without one (``type(config)`` not in
+    transformers' causal-LM mapping), or one saved as another class (``architectures``, e.g.
+    ``BertModel``, a bare encoder), which TRL would load as that class and fail deep inside."""
+    path = Path(path)
+    _check_model_dir(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(
+            f"model path {path} holds a {type(config).__name__} "
+            f"(model_type={config.model_type!r}), which is not a causal language model; "
+            "use a decoder-only LM (e.g. qwen2, llama)"
+        )
+    saved_as = list(getattr(config, "architectures", None) or [])
+    lm_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if saved_as and not any(name in lm_classes or name.endswith(("ForCausalLM", "LMHeadModel"))
+                            for name in saved_as):
+        raise ValueError(
+            f"model path {path} was saved as {', '.join(saved_as)} (config.json architectures), "
+            f"not as a causal LM with its LM head "
+            f"({MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)}); save the model "
+            "loaded with AutoModelForCausalLM there (AutoModelForCausalLM.from_pretrained(...)"
+            ".save_pretrained(DIR))")
 
 
 def load_tokenizer(path: str | Path, model_dir: bool = True) -> PreTrainedTokenizerBase:
@@ -320,19 +348,21 @@ def check_vocab(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 def load_model_and_tokenizer(
-    path: str | Path, dtype: torch.dtype = torch.float32
+    path: str | Path, dtype: torch.dtype = torch.float32, safetensors_only: bool = False
 ) -> ModelAndTokenizer:
-    """Load a local transformers causal LM directory (no network); set a pad token if missing."""
+    """Load a local transformers causal LM directory (no network); set a pad token if missing.
+    ``safetensors_only``: refuse a directory whose weights are not safetensors (analysis reads
+    run directories, whose ``pytorch_model.bin`` would be unpickled) with ``FileNotFoundError``."""
     path = Path(path)
-    _check_model_dir(path)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise ValueError(
-            f"model path {path} holds a {type(config).__name__} "
-            f"(model_type={config.model_type!r}), which is not a causal language model; "
-            "use a decoder-only LM (e.g. qwen2, llama)"
-        )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    check_causal_lm(path)
+    if safetensors_only and not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"model path {path} has no safetensors weights (model.safetensors): weights saved "
+            "as a pickle (pytorch_model.bin) are never loaded; save the model again with "
+            "save_pretrained(DIR), whose default is safetensors")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, local_files_only=True, **({"use_safetensors": True}
+                                                     if safetensors_only else {}))
     tokenizer = load_tokenizer(path)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -240,35 +240,60 @@ def build_trainer(
     if trainable is not None and peft_config is not None:
         raise ValueError("rl.trainable cannot be combined with model.lora.enabled=true (LoRA "
                          "trains its adapters only); set rl.trainable=null or disable LoRA")
-    try:
-        trainer = TRAINERS[algorithm][1](
-            model=str(model_path),
-            reward_funcs=list(task.reward_funcs),
-            args=args,
-            train_dataset=train_dataset,
-            processing_class=tokenizer,
-            callbacks=list(callbacks),
-            peft_config=peft_config,
-        )
-    except ValueError as e:
-        if peft_config is None or "not found in the base model" not in str(e):
-            raise
-        raise ValueError(
-            f"model.lora.target_modules={sorted(peft_config.target_modules)} names modules "
-            f"{model_path} does not have; its linear layers are named "
-            f"{linear_module_names(model_path)} (e.g. model.lora.target_modules=[...] with "
-            "those names)") from e
+    if peft_config is not None:
+        check_lora_modules(model_path, sorted(peft_config.target_modules))
+    trainer = TRAINERS[algorithm][1](
+        model=str(model_path),
+        reward_funcs=list(task.reward_funcs),
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        peft_config=peft_config,
+    )
     freeze_except(trainer.model, trainable)  # before train() builds the optimizer
     return trainer
 
 
-def linear_module_names(model_path: str | Path) -> list[str]:
-    """The distinct last names of a model directory's ``nn.Linear`` modules (what peft's
-    ``target_modules`` matches), from its config alone (built on the meta device)."""
+def check_lora_modules(model_path: str | Path, target_modules: Sequence[str]) -> None:
+    """Refuse ``model.lora.target_modules`` that capture cannot follow, before the model
+    loads: a name no ``nn.Linear`` of the model has (peft would adapt the others silently,
+    or fail when none matches), or one naming a GPT-2-style ``Conv1D`` layer (peft adapts it
+    with ``fan_in_fan_out``, which capture does not support). A name matches a module whose
+    name is it or ends with ``.`` + it, as in peft."""
+    modules = _matrix_modules(model_path)
+    linear = sorted({n.rsplit(".", 1)[-1] for n, kind in modules.items() if kind == "Linear"})
+
+    def matches(target: str, kind: str) -> bool:
+        return any(k == kind and (n == target or n.endswith(f".{target}"))
+                   for n, k in modules.items())
+
+    field_ = f"model.lora.target_modules={list(target_modules)}"
+    conv = [t for t in target_modules if matches(t, "Conv1D")]
+    if conv:
+        raise ValueError(
+            f"{field_}: {conv} are Conv1D layers (GPT-2 style) of {model_path}, which peft "
+            "adapts with fan_in_fan_out, and capture follows LoRA on nn.Linear layers only; "
+            "train this model without LoRA (model.lora.enabled=false: capture takes the "
+            "Conv1D weights themselves) or use a model with nn.Linear layers (qwen2, llama)")
+    missing = [t for t in target_modules if not matches(t, "Linear")]
+    if missing:
+        convs = sorted({n.rsplit(".", 1)[-1] for n, kind in modules.items() if kind == "Conv1D"})
+        also = (f"; its Conv1D layers {convs} (GPT-2 style) cannot take a LoRA adapter that "
+                "capture follows (fan_in_fan_out): train it without LoRA" if convs else "")
+        raise ValueError(
+            f"{field_}: {missing} name no linear layer of {model_path}; its linear layers are "
+            f"named {linear} (give model.lora.target_modules=[...] with those names){also}")
+
+
+def _matrix_modules(model_path: str | Path) -> dict[str, str]:
+    """``{module name: "Linear" | "Conv1D"}`` for a model directory's matrix layers, from its
+    config alone (built on the meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
     config = AutoConfig.from_pretrained(model_path, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear)})
+    return {name: "Linear" if isinstance(m, torch.nn.Linear) else "Conv1D"
+            for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}

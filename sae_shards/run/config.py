@@ -112,6 +112,11 @@ class ModelConfig:
                 shown = ", ".join(f"model.{k}={v}" for k, v in tiny.items())
                 raise ValueError(f"{shown}: these shape the built-in tiny model only, and "
                                  f"model.path={self.path} is used as saved; drop them")
+        if self.lora.enabled and self.path is None and self.arch == "gpt2":
+            raise ValueError("model.lora.enabled=true with model.arch=gpt2: GPT-2's matrices are "
+                             "Conv1D layers, which peft adapts with fan_in_fan_out, and capture "
+                             "follows LoRA on nn.Linear layers only; use model.arch=qwen2 or "
+                             "llama, or train GPT-2 without LoRA")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by "
                              f"model.num_heads={self.num_heads}")

@@ -27,7 +27,7 @@ from sae_shards.capture import distributed, initial_model
 from sae_shards.capture import resume as resume_state
 from sae_shards.capture.callback import ShardCallback
 from sae_shards.capture.signals import stop_on_signals
-from sae_shards.recipe.models import build_tiny_model, check_vocab, load_tokenizer
+from sae_shards.recipe.models import build_tiny_model, check_causal_lm, check_vocab, load_tokenizer
 from sae_shards.recipe.tasks import build_task, default_target_length
 from sae_shards.recipe.trainers import build_trainer
 from sae_shards.run import rundir
@@ -111,6 +111,7 @@ def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device,
     report. Under several processes every rank calls it at once: building the trainer may be
     collective (DeepSpeed ZeRO-3 partitions the model as it loads)."""
     model_path = prepare_model(cfg, run_dir) if model_path is None else model_path
+    check_causal_lm(model_path)
     tokenizer = load_tokenizer(model_path)
     check_vocab(model_path, tokenizer)
     # The rewards divide by target_length: tie it to the completion budget, in characters.

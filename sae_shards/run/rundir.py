@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 MODEL = "model"
+INITIAL_ADAPTER = "initial_adapter"
+"""A LoRA policy's adapter as the run started, when it was not zero (``initial_model``)."""
 RESUME_KIND = "sae-shards-resume"
 """The header format of ``resume/step_N.safetensors`` (``capture.resume``)."""
 FINAL_MODEL = "final_model"
@@ -82,8 +84,8 @@ ENDING = (ACTIVATIONS, SAMPLES, SUMMARY)
 """What the end of a run writes (a stopped run's end too); stale once the run continues, and
 written again at its next end."""
 
-OWNED = (CONFIG, MODEL, FINAL_MODEL, CHECKPOINTS, ACTIVATIONS, SAMPLES, ROLLOUTS, EVENTS, METRICS,
-         SUMMARY, WANDB, HYDRA, HYDRA_LOG, TRL_OUTPUT, RESUME, *DERIVED)
+OWNED = (CONFIG, MODEL, INITIAL_ADAPTER, FINAL_MODEL, CHECKPOINTS, ACTIVATIONS, SAMPLES, ROLLOUTS,
+         EVENTS, METRICS, SUMMARY, WANDB, HYDRA, HYDRA_LOG, TRL_OUTPUT, RESUME, *DERIVED)
 """Everything a run writes into its directory; ``overwrite=true`` removes all of it first."""
 
 RESUME_FREE = ("run_dir", "overwrite", "resume", "device", "logging", "runner.torch_threads",
@@ -193,6 +195,7 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"run_dir={run_dir} is a file; give a directory")
     check_not_foreign(run_dir)
+    check_not_sweep(run_dir)
     if resume and not run_dir.is_dir():  # refused before anything is created
         raise FileNotFoundError(f"resume=true but run_dir={run_dir} does not exist: "
                                 + _why_not_resumable(run_dir, []))
@@ -320,6 +323,21 @@ def check_not_foreign(run_dir: Path) -> None:
             f"run_dir={run_dir} holds a model or another tool's files ({', '.join(foreign)}), "
             "not a sae-shards run: writing the run there would replace its config.json. Give "
             "the run a directory of its own, e.g. run_dir=runs/my_run")
+
+
+SWEEP = "multirun.yaml"
+"""What Hydra writes at the top of a sweep's ``run_dir`` (its jobs in subdirectories)."""
+
+
+def check_not_sweep(run_dir: Path) -> None:
+    """Raise ``FileExistsError`` when ``run_dir`` is a sweep's directory (``SWEEP``): a single
+    run written there would mix with the sweep's files, and a resume of the sweep would then
+    find a run where its jobs go."""
+    if (Path(run_dir) / SWEEP).is_file():
+        raise FileExistsError(
+            f"run_dir={run_dir} holds a sweep ({SWEEP}; its jobs are its subdirectories), not "
+            "a single run: give the run a directory of its own, or name one job's directory, "
+            f"quoted (\"run_dir='{run_dir}/<job>'\"), to continue that job")
 
 
 def has_resume_state(run_dir: Path) -> bool:
