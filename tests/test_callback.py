@@ -110,7 +110,8 @@ def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm, cap
                    "BROKEN = RewardTask([{'prompt': 'v 1'}], broken)\n"
                    "def const(prompts, completions, **kw):\n    return [0.5] * len(completions)\n"
                    "OTHER = RewardTask([{'prompt': 'v 1', 'kind': 'X'}], const, "
-                   "label_column='kind')\n")
+                   "label_column='kind')\n"
+                   "HEAVY = RewardTask([{'prompt': 'v 1'}], const, reward_weights=[2.0])\n")
     capsys.readouterr()
     assert cli_main(["analyze", str(run), "--task", f"{bad}:BROKEN"]) == 2
     assert "reward function 'broken' returned 1 rewards for 2 completions" in \
@@ -119,6 +120,13 @@ def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm, cap
     assert "--no-dose skips" in capsys.readouterr().err
     assert cli_main(["analyze", str(run), "--shards", "0", "--task", f"{bad}:OTHER"]) == 0
     assert "contexts [&#x27;X&#x27;] are none of the run" in (run / "report.html").read_text()
+    # the run's reward weights are recorded, and a task scoring with others is noted
+    trained = json.loads((run / "config.json").read_text())["rl"]
+    assert trained["reward_weights"] == [1.0] and trained["loss_type"] is not None
+    assert "reward_weights" not in (run / "report.html").read_text()
+    assert cli_main(["analyze", str(run), "--shards", "0", "--task", f"{bad}:HEAVY"]) == 0
+    assert ("the run trained with reward_weights [1.0], the reward task scores with [2.0]"
+            in (run / "report.html").read_text())
 
 
 def test_bad_arguments_fail_at_construction(tmp_path):
@@ -265,6 +273,8 @@ def test_a_script_run_whose_events_never_fill_the_warm_up_says_so(tiny_model, tm
                 callbacks=[callback]).train()
     summary = callback.summary
     assert summary["sae_steps"] == 0 and "the SAE never trained" in summary["warning"]
+    # the steps were trained although none gave an event (was 0: the last step with samples)
+    assert summary["rl_steps"] == 4 and summary["skipped_steps"] is None
     assert "runner.min_samples=8" in summary["warning"]
     stored = json.loads((run / "summary.json").read_text(), parse_constant=pytest.fail)  # no NaN
     assert stored["fvu_first"] is None and stored["warning"] == summary["warning"]
@@ -280,14 +290,18 @@ def test_a_generation_trained_over_several_steps_is_refused_per_event_and_noted_
                            runner={"min_samples": 2})
     trainer = _user_trainer(tiny_model, tmp_path / "trl_e", [events], max_steps=4,
                             gradient_checkpointing=False, num_iterations=2)
-    with pytest.raises(ValueError, match=r"capture.granularity=group needs one generation per "
-                                         r"optimizer step .* has num_iterations=2"):
+    with pytest.raises(ValueError, match=r"ShardCallback\(capture=\{'granularity': 'group'\}\) "
+                                         r"needs one generation per optimizer step .* config has "
+                                         r"num_iterations=2.* generation_batch_size unset"):
         trainer.train()
     assert trainer.state.global_step == 0
     steps = ShardCallback(run_dir=tmp_path / "steps", runner={"min_samples": 2})
     _user_trainer(tiny_model, tmp_path / "trl_s", [steps], max_steps=4, num_iterations=2).train()
     assert steps.summary["rl_steps"] == 4
     assert "rollouts.jsonl gives each step the whole generation batch" in caplog.text
+    assert cli_main(["analyze", str(tmp_path / "steps"), "--no-dose"]) == 0  # the report too
+    assert ("trained each generation over several optimizer steps (num_iterations=2)"
+            in (tmp_path / "steps" / "report.html").read_text())
 
 
 def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path, caplog):
@@ -700,7 +714,7 @@ def test_a_lora_policy_continued_from_a_trained_adapter_starts_from_it(tiny_mode
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer
 
-    from sae_shards.analysis.shards import load_run_models
+    from sae_shards.analysis.shards import load_run_models, run_models_missing
     from sae_shards.recipe.tasks import build_task
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
@@ -722,6 +736,7 @@ def test_a_lora_policy_continued_from_a_trained_adapter_starts_from_it(tiny_mode
                 callbacks=[ShardCallback(run_dir=run, capture={"targets": targets},
                                          runner={"min_samples": 2, "save_samples": True})]).train()
     assert (run / "initial_adapter" / "adapter_config.json").is_file()
+    assert json.loads((run / "config.json").read_text())["model"]["initial_adapter"] is True
     models = load_run_models(run)
     initial, final = models.initial.state_dict(), models.final.state_dict()
     assert all(torch.equal(initial[k], v) for k, v in started.items())  # base + s B0 A0
@@ -733,6 +748,10 @@ def test_a_lora_policy_continued_from_a_trained_adapter_starts_from_it(tiny_mode
         moved = final[name] - initial[name]
         assert moved.abs().max() > 0
         torch.testing.assert_close(total, moved, rtol=1e-4, atol=1e-6)
+    # without its initial adapter (a partial copy of the run) it is refused, not read as the base
+    shutil.rmtree(run / "initial_adapter")
+    assert "the run started from a LoRA adapter that was not zero" in run_models_missing(run)
+    assert load_run_models(run) is None
 
 
 def _four_lora_steps(output_dir: Path):

@@ -266,10 +266,10 @@ SETUP_ERRORS = [
                                        r"it trained is .*final_model"),
     ("capture.targets=[*no_such_weight*]", r"'\*no_such_weight\*' matches no .*model.layers.0"),
     ("capture.capacity=100000000", r"capture.capacity|bf16|bfloat16"),
-    ("sae.n_latents=100000000", r"(?s)the SAE needs at least .* sae.n_latents=\d+: the most that "
-                                r"fit"),
-    ("sae.batch_size=10000000", r"(?s)the SAE needs at least .* sae.batch_size=\d+: the most that "
-                                r"fit"),
+    ("sae.n_latents=100000000", r"(?s)the SAE needs more than .* To fit:\n  - sae.n_latents="
+                                r"\d+, with this batch"),
+    ("sae.batch_size=10000000", r"(?s)the SAE needs more than .* sae.batch_size=\d+, with these "
+                                r"latents"),
     ("+task.options.bogus=1", r"\['task.options.bogus'\] are not options of task 'letters'"),
     ("task=multiskill task.options.schedule=weekly", r"task.options.schedule='weekly' is unknown"),
     ("+rl.extra.save_steps=3", r"\['save_steps'\] are set by sae-shards from "

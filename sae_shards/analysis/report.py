@@ -38,6 +38,7 @@ from sae_shards.analysis.reward_task import RewardTask
 from sae_shards.analysis.shards import (RunView, initial_model_dir, load_run_models, policy_dir,
                                         run_models_missing, run_sampling)
 from sae_shards.run import rundir
+from sae_shards.run.config import reused_generations
 
 SECTIONS = ("summary", "sae-curves", "reward", "timeline", "families", "norms", "rollouts", "logit-lens",
             "dose-response", "ablation")
@@ -255,7 +256,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     sampling = run_sampling(view.run_dir)  # the run's own max_new_tokens, temperature, top_p...
     scorer_note = ""
     if models is not None and (task or models.task) is not None:
-        scorer_note = _check_scorer(models, task or models.task, labels, sampling)
+        trained = rundir.section(rundir.read_config(view.run_dir), "rl").get("reward_weights")
+        scorer_note = _check_scorer(models, task or models.task, labels, sampling, trained)
     analysis: dict[str, Any] = {
         "run": {"checkpoint": view.checkpoint, "n_shards": len(density),
                 "never_fired": int((density == 0).sum()), "always_on": always_on,
@@ -290,6 +292,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                               _events_html(view, shards, top_k, tags, mixes if several else {})))
     else:
         parts.append(_section("rollouts", "Top rollouts per shard",
+                              _reused_note(view.run_dir) +
                               _rollouts_html(view, shards, top_k, tags,
                                              mixes if several else {})))
 
@@ -498,21 +501,29 @@ def _dose_source(task: RewardTask | Any | None, sampling: dict[str, Any]) -> str
                   f"{html.escape(names)}.</p>")
 
 
-def _check_scorer(models, task, run_labels: list, sampling: dict[str, Any]) -> str:
+def _check_scorer(models, task, run_labels: list, sampling: dict[str, Any],
+                  trained_weights: list[float] | None = None) -> str:
     """Try the reward on two prompts before the report's many estimates (a broken reward
-    function fails here, in seconds, naming itself); a note when the task's contexts are not
-    the run's."""
+    function fails here, in seconds, naming itself); notes when the task's contexts are not
+    the run's, or its reward weights are not the ones the run trained with
+    (``trained_weights``, TRL's ``reward_weights`` as ``config.json`` records them)."""
     score_rollouts(models.initial, models.tokenizer, task, task.dataset(2, 0),
                    **{**sampling, "n_samples": 1,
                       "max_new_tokens": min(4, sampling.get("max_new_tokens", 4))})
+    notes = []
     ours = set(getattr(task, "labels", ()) or ())
     theirs = {label for sample in run_labels for label in sample}
     if ours and theirs and not ours & theirs:
-        note = (f"the reward task's contexts {sorted(ours)} are none of the run's "
-                f"{sorted(theirs)}: check its label_column")
+        notes.append(f"the reward task's contexts {sorted(ours)} are none of the run's "
+                     f"{sorted(theirs)}: check its label_column")
+    weights = getattr(task, "reward_weights", None) or [1.0] * len(task.reward_funcs)
+    if trained_weights is not None and [float(w) for w in weights] != trained_weights:
+        notes.append(f"the run trained with reward_weights {trained_weights}, the reward task "
+                     f"scores with {list(weights)}: the rewards below are not the run's (give "
+                     f"the task reward_weights={trained_weights})")
+    for note in notes:
         log.warning(note)
-        return f"<p><b>Note:</b> {html.escape(note)}.</p>"
-    return ""
+    return "".join(f"<p><b>Note:</b> {html.escape(note)}.</p>" for note in notes)
 
 
 def _families_html(rows: list[dict[str, Any]]) -> str:
@@ -577,6 +588,8 @@ def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags
         "samples": (f"per optimizer step (source {meta.get('source')})" if not view.per_event
                     else f"per event ({summary['granularity']}): {summary['events']} events, "
                     f"{summary.get('zero_advantage_events')} with zero advantage skipped"
+                    + (f", {summary['zero_samples']} with a zero gradient (e.g. every token "
+                       "masked) dropped" if summary.get("zero_samples") else "")
                     if summary.get("events") is not None else
                     "per event (their counts are in summary.json, which the run has not written)"),
         "checkpoint": view.checkpoint + {
@@ -682,6 +695,24 @@ def _events_html(view: RunView, shards: list[int], top_k: int, tags: dict[int, s
             ["RL step", "event", "activation", "mean |advantage|", "tasks", "prompt",
              "completions (first 4: reward, advantage)"], rows))
     return "".join(out) or "<p>No active shards.</p>"
+
+
+def _reused_note(run_dir: Path) -> str:
+    """A note when the run trained each generation over several optimizer steps (TRL's
+    ``num_iterations``, ``steps_per_generation``, as ``config.json`` records them): each step's
+    rollouts are then its whole generation batch, the same for the steps that share it."""
+    rl = rundir.section(rundir.read_config(run_dir), "rl")
+    extra = rundir.section(rl, "extra")
+    get = lambda key: rl.get(key, extra.get(key))  # noqa: E731
+    reused = reused_generations(get("num_iterations") or 1, get("steps_per_generation"),
+                                get("gradient_accumulation_steps") or 1)
+    if not reused:
+        return ""
+    said = ", ".join(f"{k}={v}" for k, v in reused.items())
+    return (f"<p><b>Note:</b> the run trained each generation over several optimizer steps "
+            f"({html.escape(said)}): a step's rollouts are the whole generation batch its step "
+            "came from, the same for the steps that share it, not the completions that step "
+            "alone trained on.</p>")
 
 
 def _rollouts_html(view: RunView, shards: list[int], top_k: int, tags: dict[int, str],

@@ -654,6 +654,11 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | None = None,
     if not _has_tokenizer(initial):
         return (f"no tokenizer in {initial} (the trainer had no processing_class to save "
                 "with the policy)")
+    if ((cfg.get("model") or {}).get("initial_adapter")
+            and not (run_dir / rundir.INITIAL_ADAPTER / "adapter_config.json").is_file()):
+        return (f"no {run_dir / rundir.INITIAL_ADAPTER}: the run started from a LoRA adapter "
+                "that was not zero (config.json's model.initial_adapter), saved there, and "
+                "without it theta_0 would be the bare base; restore the directory from the run")
     recorded = (cfg.get("model") or {}).get("fingerprint")
     if recorded:
         from sae_shards.capture.initial_model import fingerprint

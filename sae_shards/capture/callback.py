@@ -209,6 +209,7 @@ class ShardCallback(TrainerCallback):
         self._stopped = False  # the run is ending early at this step (decided at on_step_end)
         self.last_checkpoint: Path | None = None
         self._initial_dir: str | None = None  # where theta_0 is, when the policy came from a dir
+        self._initial_adapter = False  # a LoRA adapter that did not start at zero was saved
         self._fingerprint: dict[str, str] | None = None  # its weight files' hashes
         self._writer = BackgroundWriter()  # the step checkpoint being written, if any
         self._signals = SignalGuard(self) if handle_signals else None
@@ -244,6 +245,7 @@ class ShardCallback(TrainerCallback):
         elif self.resume:
             self._initial_dir = saved.get("path") if "name_or_path" in saved else None
             self._fingerprint = saved.get("fingerprint")  # as the run started
+            self._initial_adapter = bool(saved.get("initial_adapter"))
         else:
             self._initial_dir = initial_model.loaded_from(model)
         cap = self.capture_cfg
@@ -344,6 +346,9 @@ class ShardCallback(TrainerCallback):
                     "away from B = 0): the run starts from the base with it merged in; it is "
                     "saved to %s for analysis", out)
         initial_model.save_policy(model, None, out)
+        self._initial_adapter = True  # recorded, so analysis refuses a run that lost it
+        rundir.write_json(self.run_dir / rundir.CONFIG,
+                          self._config_json(model, calling_trainer()))
 
     def _is_lora(self) -> bool:
         return any(isinstance(t, LoraTarget) for t in self.parts.targets.values())
@@ -362,6 +367,8 @@ class ShardCallback(TrainerCallback):
                 "model": {"path": self._initial_dir, "name_or_path": _model_id(model),
                           "lora": _lora_settings(model) if self._is_lora() else
                           {"enabled": False},
+                          # theta_0 includes run_dir/initial_adapter: analysis needs it
+                          **({"initial_adapter": True} if self._initial_adapter else {}),
                           # theta_0 lives outside the run: analysis checks it is unchanged
                           **({"fingerprint": self._initial_fingerprint()}
                              if self._initial_dir else {})},
@@ -376,7 +383,9 @@ class ShardCallback(TrainerCallback):
                        **{key: getattr(args, key, None) for key in STEP_ARGS},
                        # how many completions each reward call got (one process's generation
                        # batch); analysis calls the user's reward functions on batches as large
-                       "reward_batch": _reward_batch(args)}}
+                       "reward_batch": _reward_batch(args),
+                       # how the rewards were summed: analysis scores a RewardTask against it
+                       "reward_weights": _reward_weights(trainer)}}
 
     def _initial_fingerprint(self) -> dict[str, str]:
         """The initial directory's weight hashes: taken at the run's start; on resume the run's
@@ -523,6 +532,7 @@ class ShardCallback(TrainerCallback):
         step = state.global_step
         self._metas[step] = self._step_meta(step)
         self.capture.on_step_end(args, state, control, **kwargs)
+        self.parts.loop.reached(step)  # also a step that gave no sample
         self._metas.pop(step, None)  # not consumed when the capture skipped the step
         for record in getattr(self.capture, "last_events", ()):
             self._event_log.append(record)
@@ -753,6 +763,12 @@ def _lora_settings(model: torch.nn.Module) -> dict[str, Any]:
             "rslora": getattr(cfg, "use_rslora", None)}
 
 
+def _reward_weights(trainer: Any | None) -> list[float] | None:
+    """The trainer's reward weights (TRL's ``reward_weights``, 1 per function by default)."""
+    weights = getattr(trainer, "reward_weights", None)
+    return [float(w) for w in weights.tolist()] if weights is not None else None
+
+
 def _samples_per_step(args: Any, granularity: str) -> int | None:
     """The most samples one optimizer step of a TRL trainer gives: 1 per step; per event, its
     prompt groups (``generation_batch_size / num_generations``, over all processes) or their
@@ -775,7 +791,8 @@ def _reward_batch(args: Any) -> int | None:
 
 
 STEP_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
-             "num_iterations", "learning_rate", "beta", "seed")
+             "num_iterations", "learning_rate", "beta", "seed", "loss_type", "scale_rewards",
+             "max_grad_norm", "importance_sampling_level", "mask_truncated_completions")
 """The trainer's settings that size and move each RL step, recorded in ``config.json``'s ``rl``
 so that a resume with other values is refused naming them (TRL itself only warns)."""
 

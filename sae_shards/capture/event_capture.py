@@ -128,10 +128,12 @@ class EventCapture(TrainerCallback):
         reused = generations_reused(getattr(self.trainer, "args", None))
         if reused:
             raise ValueError(
-                f"capture.granularity={self.cfg.granularity} needs one generation per optimizer "
-                f"step (each event is a prompt group of the step that trains on it); the trainer "
-                f"has {reused}, which trains on each generation over several steps: set "
-                "num_iterations=1 and leave steps_per_generation unset, or capture per step")
+                f"ShardCallback(capture={{'granularity': '{self.cfg.granularity}'}}) needs one "
+                f"generation per optimizer step (each event is a prompt group of the step that "
+                f"trains on it); the trainer's config has {reused}, which trains on each "
+                "generation over several steps: set num_iterations=1 and leave "
+                "steps_per_generation and generation_batch_size unset (TRL derives "
+                "steps_per_generation from generation_batch_size), or capture per step")
         _warn_lora_dropout(self.targets, self.cfg.granularity)
         if args.world_size > 1:
             _check_groups_within_ranks(self.trainer, self.cfg.granularity)

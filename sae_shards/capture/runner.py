@@ -197,6 +197,8 @@ class SAEWorkLoop:
         self._records: list[SAEStepRecord] = []
         self._lock = threading.Lock()
         self.last_rl_step = 0
+        """The last RL step trained (``reached``): the run's ``rl_steps`` and its checkpoints'
+        ``rl_step``."""
 
     def room(self, threaded: bool) -> int:
         """The most samples one push may commit without the ring overwriting a slot not yet
@@ -254,7 +256,14 @@ class SAEWorkLoop:
             steps_s = time.perf_counter() - t0
         if self.budget is not None:
             self.budget.spent(started, n_steps, steps_s)
-        self.last_rl_step = rl_step
+        self.reached(rl_step)
+
+    def reached(self, rl_step: int) -> None:
+        """Note that RL has trained through ``rl_step`` (``last_rl_step`` never goes back): a
+        step that gave no sample (every group tied, a skipped non-finite update) counts too.
+        Thread-safe: the RL thread notes every step, a worker the steps it processes."""
+        with self._lock:
+            self.last_rl_step = max(self.last_rl_step, rl_step)
 
     def pop_records(self) -> list[SAEStepRecord]:
         """SAE step figures since the last call (thread-safe; the main thread logs them)."""

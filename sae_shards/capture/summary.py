@@ -54,7 +54,9 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
         "fvu_first": fvu_first, "fvu_last": fvu_last,
         "captured": capture.n_captured, "zero_samples": capture.n_zero,
         "nonfinite_samples": capture.n_nonfinite, "outlier_samples": capture.n_outliers,
-        "skipped_steps": capture.n_skipped,
+        # per step: updates skipped (no previous update, lr = 0); per event, the events left
+        # out are counted as zero_advantage_events and zero_samples instead
+        "skipped_steps": None if isinstance(capture, EventCapture) else capture.n_skipped,
         "sae_rejected_nonfinite": trainer.n_rejected_nonfinite,
         "sae_skipped_zero": trainer.n_skipped_zero,
         # dead: silent for sae.dead_after samples, which a short run may never see (then null)

@@ -262,7 +262,9 @@ def check_lora_modules(model_path: str | Path, target_modules: Sequence[str]) ->
     with ``fan_in_fan_out``, which capture does not support). A name matches a module whose
     name is it or ends with ``.`` + it, as in peft."""
     modules = _matrix_modules(model_path)
-    linear = sorted({n.rsplit(".", 1)[-1] for n, kind in modules.items() if kind == "Linear"})
+    # the names to suggest: not lm_head, which TRL does not adapt
+    linear = sorted({n.rsplit(".", 1)[-1] for n, kind in modules.items()
+                     if kind == "Linear"} - {"lm_head"})
 
     def matches(target: str, kind: str) -> bool:
         return any(k == kind and (n == target or n.endswith(f".{target}"))
@@ -281,9 +283,9 @@ def check_lora_modules(model_path: str | Path, target_modules: Sequence[str]) ->
         convs = sorted({n.rsplit(".", 1)[-1] for n, kind in modules.items() if kind == "Conv1D"})
         also = (f"; its Conv1D layers {convs} (GPT-2 style) cannot take a LoRA adapter that "
                 "capture follows (fan_in_fan_out): train it without LoRA" if convs else "")
-        raise ValueError(
-            f"{field_}: {missing} name no linear layer of {model_path}; its linear layers are "
-            f"named {linear} (give model.lora.target_modules=[...] with those names){also}")
+        have = (f"its linear layers are named {linear} (give model.lora.target_modules=[...] "
+                "with those names)" if linear else "it has no other linear layer to adapt")
+        raise ValueError(f"{field_}: {missing} name no linear layer of {model_path}; {have}{also}")
 
 
 def _matrix_modules(model_path: str | Path) -> dict[str, str]:
