@@ -108,7 +108,7 @@ def sae_min_bytes(targets: Sequence[TargetSpec], n_latents: int, batch_size: int
 
 SAE_BOUND_RATIO = 3
 """Measured training peaks over ``sae_min_bytes`` on the tiny model's 14 targets (CPU, the
-process's peak RSS over the SAE's first 3 steps, n_latents 500-4000, batch 8-128): 1.2-2.3
+process's peak RSS over the SAE's first 3 steps, n_latents 500-4000, batch 8-128): 1.20-2.28
 (``scripts/bench_sae_bound.py``, docs/benchmarks.md). ``check_sae_memory`` suggests values
 whose bound is this many times below what is free."""
 
