@@ -54,6 +54,7 @@ from tokenizers import models
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, TrainerCallback
 
 from sae_shards.capture.callback import ShardCallback
+from sae_shards.capture.runner import encode_chunk_slots
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
 from sae_shards.recipe.models import build_tokenizer
 from sae_shards.run.config import JobConfig, RunnerConfig
@@ -84,9 +85,6 @@ batch of 8 (one fp32 batch of 358M-entry samples is 11 GiB)."""
 TINY_RUN = ["rl.learning_rate=1e-3", "rl.max_completion_length=8", "task.n_prompts=32",
             "runner.min_samples=2", "sae.n_latents=16", "sae.batch_size=8"]
 """``--tiny``: the SAE starts after two captured deltas, so every mode does its work in 4 steps."""
-END_CHUNK = 64
-"""Slots the end of a run encodes at once (``summary.final_activations``), as fp32 plus a scaled
-copy: part of the memory arithmetic in the report's header."""
 
 
 # ---- the model --------------------------------------------------------------------------------
@@ -268,13 +266,15 @@ def header(cfg: JobConfig, shape: dict[str, Any], n_params: int, rows: list[dict
     ]
     if sizes:
         entries = sizes["delta_numel"]
-        filled = min(cap.capacity, rl.max_steps, END_CHUNK)
+        # slots the end of the run encodes at once, as fp32 plus a scaled copy
+        filled = min(cap.capacity, rl.max_steps,
+                     encode_chunk_slots(entries, sae.encode_chunk_mib))
         lines.append(
             f"Targets: {sizes['n_targets']} matrices, {_count(entries)} entries per delta; buffer "
             f"{_gib(sizes['buffer_bytes'])} GiB; SAE {_count(sizes['sae_factored_params'])} "
             f"weights (a dense SAE: {_count(sizes['dense_sae_params'])}). One fp32 SAE batch "
             f"is {_gib(sae.batch_size * entries * 4)} GiB; the end of the run encodes the "
-            f"{filled} buffered deltas at once, fp32 plus a scaled copy: "
+            f"buffered deltas {filled} at a time, fp32 plus a scaled copy: "
             f"{_gib(2 * filled * entries * 4)} GiB.")
     return lines
 

@@ -281,6 +281,26 @@ def test_a_script_run_whose_events_never_fill_the_warm_up_says_so(tiny_model, tm
     assert cli_main(["analyze", str(run), "--no-dose"]) == 0  # n/a where the FVU is null
 
 
+def test_a_script_captures_events_under_trls_default_checkpointing(tiny_model, tmp_path):
+    """TRL's GRPOConfig turns activation checkpointing on (non-reentrant): a per-event script
+    run captures under it as it is, and its shards are those of the same run without it."""
+    def final_shards(name, **overrides):
+        torch.manual_seed(0)
+        callback = ShardCallback(run_dir=tmp_path / name, capture={"granularity": "group"},
+                                 runner={"min_samples": 2})
+        trainer = _user_trainer(tiny_model, tmp_path / f"trl_{name}", [callback], max_steps=4,
+                                **overrides)
+        assert trainer.args.activation_checkpointing == (name == "default")
+        trainer.train()
+        assert callback.summary["sae_steps"] > 0 and callback.summary["captured"] > 0
+        return load_file(tmp_path / name / "checkpoints" / "final" / "sae.safetensors")
+
+    default, off = final_shards("default"), final_shards("off", gradient_checkpointing=False)
+    assert default.keys() == off.keys()
+    for key in default:  # bit-identical (a top-k SAE's threshold is NaN: unset)
+        torch.testing.assert_close(default[key], off[key], rtol=0, atol=0, equal_nan=True)
+
+
 def test_a_generation_trained_over_several_steps_is_refused_per_event_and_noted_per_step(
         tiny_model, tmp_path, caplog):
     """TRL's num_iterations > 1 trains each generation over several optimizer steps: events

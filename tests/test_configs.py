@@ -130,8 +130,10 @@ def test_default_config_equals_dataclass_defaults():
     ("+rl.extra.output_dir=/x", r"rl.extra.output_dir is set by sae-shards \(the run writes "
                                 r"TRL's checkpoints to run_dir/trl\); remove it"),
     ("+rl.extra.seed=3", r"rl.extra.seed is set by sae-shards \(the top-level seed=N seeds TRL"),
-    ("capture.granularity=group +rl.extra.gradient_checkpointing=true",
-     r"capture.granularity=group does not support rl.extra.gradient_checkpointing=true"),
+    ("capture.granularity=group +rl.extra.gradient_checkpointing=true "
+     "+rl.extra.gradient_checkpointing_kwargs={use_reentrant:true}",
+     r"capture.granularity=group does not support "
+     r"rl.extra.gradient_checkpointing_kwargs.use_reentrant=true"),
     ("capture.granularity=group +rl.extra.num_iterations=2",
      r"capture.granularity=group needs one generation per optimizer step .* "
      r"\{'num_iterations': 2\}"),

@@ -34,7 +34,7 @@ def flat_for_z_reward(prompts, completions, **kwargs):
 
 
 def grpo_trainer(tmp_path, arch="qwen2", grad_accum=1, lora=False, reward=varied_reward,
-                 steps=1, prompts=PROMPTS, algorithm="grpo"):
+                 steps=1, prompts=PROMPTS, algorithm="grpo", **trl_kwargs):
     from datasets import Dataset
 
     from sae_shards.recipe.trainers import TRAINERS
@@ -43,7 +43,7 @@ def grpo_trainer(tmp_path, arch="qwen2", grad_accum=1, lora=False, reward=varied
                                                 intermediate_size=64, seed=0)
     args = trl_config(dict(max_steps=steps, per_device_train_batch_size=8, num_generations=4,
                            gradient_accumulation_steps=grad_accum, max_completion_length=6,
-                           max_grad_norm=0.0, learning_rate=1e-3, beta=0.0),
+                           max_grad_norm=0.0, learning_rate=1e-3, beta=0.0, **trl_kwargs),
                       tmp_path / "trl", algorithm)
     peft_config = None
     if lora:
@@ -299,11 +299,44 @@ def test_norm_weight_target_is_refused(tmp_path):
         EventRecorder(trainer.model, targets, trainer, granularity="prompt")
 
 
-def test_gradient_checkpointing_is_refused(tmp_path):
-    trainer = grpo_trainer(tmp_path, "qwen2")
+@pytest.mark.parametrize("arch,lora", [("qwen2", False), ("gpt2", False), ("qwen2", True)])
+def test_events_under_activation_checkpointing_equal_those_without(tmp_path, arch, lora):
+    """TRL turns activation checkpointing on by default (non-reentrant in transformers 5): the
+    layers re-run inside backward, and the hooks must neither refuse nor count them twice."""
+    def events_and_grads(checkpointing):
+        trainer = grpo_trainer(tmp_path / str(checkpointing), arch, lora=lora, steps=2,
+                               gradient_checkpointing=checkpointing)
+        targets = (select_targets(trainer.model, ["*q_proj.weight", "*v_proj.weight"]) if lora
+                   else dense_targets(trainer, arch))
+        out = run(trainer, targets, event_rank=EXACT_RANK)
+        layers = [m for m in trainer.model.modules() if hasattr(m, "gradient_checkpointing")]
+        assert any(m.gradient_checkpointing for m in layers) == checkpointing
+        return targets, out
+
+    targets, (steps, grads, values, _) = events_and_grads(True)
+    _, (plain, _, _, _) = events_and_grads(False)
+    for events, grad, value, ref in zip(steps, grads, values, plain):
+        assert_sums_match(events, grad, targets, value)
+        assert [e.rows for e in events] == [e.rows for e in ref]
+        for e, r in zip(events, ref):
+            for name in targets:
+                spec = TargetSpec(name, tuple(targets[name].shape))
+                x, y = ev.materialize(e.factors[name], spec), ev.materialize(r.factors[name], spec)
+                assert rel_err(x, y) < RTOL, name
+
+
+@pytest.mark.parametrize("how", ["args", "model"])
+def test_reentrant_checkpointing_is_refused(tmp_path, how):
+    kwargs = {"use_reentrant": True}
+    extra = (dict(gradient_checkpointing=True, gradient_checkpointing_kwargs=kwargs)
+             if how == "args" else {})
+    trainer = grpo_trainer(tmp_path, "qwen2", **extra)
+    if how == "model":
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     targets = select_targets(trainer.model, ["*q_proj.weight"])
-    trainer.model.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match="does not support gradient .* checkpointing"):
+    with pytest.raises(ValueError, match=r"only with use_reentrant=False .*"
+                                         + ("gradient_checkpointing_kwargs has use_reentrant=True"
+                                            if how == "args" else "layers use reentrant")):
         EventRecorder(trainer.model, targets, trainer).install()
 
 

@@ -168,3 +168,32 @@ def test_the_budget_pays_for_the_callbacks_own_work_and_the_inline_sae_once(monk
     worker.start()
     worker.join()
     assert seen == [1.0] and budget.paid_in_this_thread() == before
+
+
+def test_the_end_of_run_encode_copies_at_most_encode_chunk_mib_of_the_buffer():
+    """The final timeline encodes the whole buffer: a large model's dense slots are gathered
+    (and scaled) a few at a time, as ``sae.encode_chunk_mib`` allows, not 64 at a time (64 slots
+    of a 0.5B model's delta are 92 GB in fp32), with the same codes."""
+    from dataclasses import replace
+
+    from sae_shards.capture.runner import encode_buffer
+
+    targets = [TargetSpec("w", (256, 256), rank=1)]
+    buffer = DeltaRingBuffer(targets, capacity=12, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 11):
+        buffer.push({t.name: torch.randn(t.shape, generator=g) for t in targets}, StepMeta(step))
+    sae = LowRankSAE(targets, SAEConfig(n_latents=8, k=2, batch_size=4))
+    SAETrainer(sae).step(buffer.sample(4, torch.Generator().manual_seed(1)).batch)
+    assert sae.input_scale > 0
+    gathered, gather = [], buffer.gather
+    buffer.gather = lambda slots: gathered.append(len(slots)) or gather(slots)
+
+    whole = encode_buffer(sae, buffer, 1).tensors("final")
+    assert gathered == [10]
+    gathered.clear()
+    sae.cfg = replace(sae.cfg, encode_chunk_mib=1)  # a slot's two fp32 copies: 0.5 MiB
+    parts = encode_buffer(sae, buffer, 1).tensors("final")
+    assert gathered == [2] * 5
+    assert parts.keys() == whole.keys()
+    assert all(torch.equal(parts[k], whole[k]) for k in whole)

@@ -314,6 +314,11 @@ class DeltaRingBuffer:
         """Bytes held by the sample storage."""
         return sum(d.numel() * d.element_size() for d in self._data.values())
 
+    @property
+    def sample_numel(self) -> int:
+        """Entries of one slot's sample over all targets (a gathered sample is this many fp32)."""
+        return sum(d[0].numel() for d in self._data.values())
+
     # ---- internals --------------------------------------------------------------------------
 
     def _check_writing(self, slot: int) -> None:

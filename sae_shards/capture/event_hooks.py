@@ -49,8 +49,10 @@ How rows reach the hooks (TRL 1.16, GRPO and RLOO alike; checked against their s
 Forwards under ``no_grad`` (generation, old and reference log-probs) are ignored. A grad-enabled
 forward of the model during a step that is not inside ``compute_loss``, a forward over more rows
 than the micro-batch holds, a micro-batch whose rows are not all consumed, or a batch without
-``sae_event_row`` raise ``RuntimeError``. Gradient checkpointing (forwards re-run during
-backward) and fp16 loss scaling (hooks would see scaled gradients) are refused at ``install``.
+``sae_event_row`` raise ``RuntimeError``. Under non-reentrant activation checkpointing a
+layer's forward re-runs inside backward; the hook ignores that run (the first one was filed and
+receives the gradient). Reentrant checkpointing (its first forward runs without grad) and fp16
+loss scaling (hooks would see scaled gradients) are refused at ``install``.
 Padding-free packing (several rows in one sequence) fails the row-count check.
 
 Distributed (DDP): each rank's hooks see only that rank's rows and the gradient of its local
@@ -67,8 +69,8 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from sae_shards.capture.event_sites import (Site, batch_rows, check_no_checkpointing,
-                                            check_supported, hook_sites,
+from sae_shards.capture.event_sites import (Site, batch_rows, check_checkpointing,
+                                            check_supported, hook_sites, in_backward,
                                             zero_advantage_means_zero_gradient)
 from sae_shards.capture.selection import Target
 from sae_shards.core import events as ev
@@ -231,7 +233,7 @@ class EventRecorder:
         """Begin an optimizer step (``on_step_begin``): forget anything left from before."""
         if not self._installed:
             raise RuntimeError("EventRecorder.start_step before install()")
-        check_no_checkpointing(self.model, self.trainer)
+        check_checkpointing(self.model, self.trainer)
         self._reset_step()
         self._serial += 1
         self._in_step = True
@@ -361,6 +363,8 @@ class EventRecorder:
         if not isinstance(output, Tensor) or not output.requires_grad:
             return
         fwd = self._forward
+        if fwd is None and in_backward():
+            return  # a non-reentrant checkpoint re-running the layer: its first run was filed
         if fwd is None:
             raise RuntimeError(
                 f"{type(module).__name__} holding {self._sites[module][0].name} ran outside a "

@@ -96,15 +96,56 @@ def check_supported(model: nn.Module, trainer) -> None:
     if getattr(trainer.accelerator, "scaler", None) is not None:
         raise ValueError("per-event capture does not support fp16 loss scaling (the hooks would "
                          "see scaled gradients); train in fp32 or bf16")
-    check_no_checkpointing(model, trainer)
+    check_checkpointing(model, trainer)
 
 
-def check_no_checkpointing(model: nn.Module, trainer) -> None:
+def check_checkpointing(model: nn.Module, trainer) -> None:
+    """Activation (gradient) checkpointing is supported in torch's non-reentrant form only.
+
+    Non-reentrant checkpointing (``use_reentrant=False``: transformers 5's and TRL's default) runs
+    each layer's forward once with grad enabled, so the hooks see it, and re-runs it inside
+    backward only to refill saved tensors; the hooks ignore that re-run (``in_backward``) and the
+    gradients still arrive at the first forward's outputs. The reentrant form runs the first
+    forward without grad and the re-run on other tensors, which the hooks cannot map to rows.
+    Checked on the trainer's arguments (before ``train()`` enables it) and on the model's layers.
+    """
     args = trainer.args
     on = bool(getattr(args, "gradient_checkpointing", False)
               or getattr(args, "activation_checkpointing", False))
-    on = on or any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     if on:
-        raise ValueError(
-            "per-event capture does not support gradient (activation) checkpointing: layers "
-            "re-run during backward; set gradient_checkpointing=False")
+        kwargs = {**(getattr(args, "gradient_checkpointing_kwargs", None) or {}),
+                  **(getattr(args, "activation_checkpointing_kwargs", None) or {})}
+        if kwargs.get("use_reentrant"):
+            raise ValueError(_REENTRANT.format(where="the trainer's gradient_checkpointing_kwargs "
+                                               "has use_reentrant=True"))
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is not True:
+            continue
+        reentrant = _reentrant(getattr(module, "_gradient_checkpointing_func", None))
+        if reentrant is not False:
+            how = ("reentrant checkpointing" if reentrant
+                   else "a checkpoint function sae-shards cannot inspect")
+            raise ValueError(_REENTRANT.format(
+                where=f"{type(module).__name__} layers use {how}"))
+
+
+_REENTRANT = (
+    "per-event capture supports activation (gradient) checkpointing only with "
+    "use_reentrant=False (transformers' and TRL's default), and {where}: the re-run forward "
+    "cannot be mapped to rows; pass gradient_checkpointing_kwargs={{'use_reentrant': False}}, or "
+    "gradient_checkpointing=False")
+
+
+def _reentrant(func) -> bool | None:
+    """Whether a transformers layer's ``_gradient_checkpointing_func`` (a ``functools.partial``
+    of ``torch.utils.checkpoint.checkpoint``) is reentrant; None when it cannot tell."""
+    keywords = getattr(func, "keywords", None)
+    if not isinstance(keywords, dict):
+        return None
+    return bool(keywords.get("use_reentrant", True))  # torch's default when not passed
+
+
+def in_backward() -> bool:
+    """Whether the calling code runs inside an autograd backward pass (a non-reentrant
+    checkpoint's re-run forward does)."""
+    return torch._C._current_graph_task_id() != -1

@@ -76,11 +76,20 @@ class ActivationLog:
         }
 
 
-def encode_buffer(sae, buffer: DeltaRingBuffer, sae_step: int, chunk: int = 64) -> ActivationLog:
+def encode_chunk_slots(sample_numel: int, encode_chunk_mib: int, most: int = 64) -> int:
+    """Slots ``encode_buffer`` encodes at once: at most ``most``, and no more than keep a chunk's
+    two fp32 copies (gathered and scaled) within ``encode_chunk_mib`` (a large model's dense
+    delta: one slot at a time)."""
+    copy_bytes = 2 * 4 * sample_numel
+    return max(1, min(most, (encode_chunk_mib << 20) // copy_bytes))
+
+
+def encode_buffer(sae, buffer: DeltaRingBuffer, sae_step: int) -> ActivationLog:
     """Every sample in ``buffer`` (oldest first) encoded by ``sae`` (a ``LowRankSAE``), in chunks
-    of ``chunk`` slots; empty when the SAE never trained (no input scale yet). The run's final
-    timeline, and that of a killed run re-encoded from its resume file."""
+    of ``encode_chunk_slots``; empty when the SAE never trained (no input scale yet). The run's
+    final timeline, and that of a killed run re-encoded from its resume file."""
     out = ActivationLog()
+    chunk = encode_chunk_slots(buffer.sample_numel, sae.cfg.encode_chunk_mib)
     if sae.input_scale > 0:
         with torch.no_grad():
             for part in buffer.chronological_slots().split(chunk):  # [<= chunk] slots

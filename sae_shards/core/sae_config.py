@@ -49,7 +49,8 @@ class SAEConfig:
     """Run the forward pass under bf16 autocast (parameters, loss and Adam stay fp32)."""
     encode_chunk_mib: int = 256
     """Largest ``[batch, m, n_latents*rank]`` encode intermediate, in MiB, before the batch is
-    split into chunks."""
+    split into chunks; also the most the end-of-run encode copies of the buffer at once (fp32,
+    gathered and scaled; at least one slot)."""
     seed: int = 0
     """Seed of the SAE's initialisation."""
 

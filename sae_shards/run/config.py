@@ -448,13 +448,15 @@ class JobConfig:
 
     def _check_event_rl(self) -> None:
         """Per-event capture reads each prompt group's gradient in the step that trains on it:
-        no recomputed forward passes, and one generation per optimizer step."""
+        activation checkpointing only in its non-reentrant form, and one generation per
+        optimizer step."""
         g, extra = self.capture.granularity, self.rl.extra
-        for key in ("gradient_checkpointing", "activation_checkpointing"):
-            if extra.get(key):
-                raise ValueError(f"capture.granularity={g} does not support rl.extra.{key}=true "
-                                 "(layers re-run during backward, which the event hooks would "
-                                 "see twice); remove it")
+        for key in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):
+            if (extra.get(key) or {}).get("use_reentrant"):
+                raise ValueError(
+                    f"capture.granularity={g} does not support rl.extra.{key}.use_reentrant=true "
+                    "(the re-run forward of reentrant checkpointing cannot be mapped to prompt "
+                    "groups); remove it: non-reentrant checkpointing is supported")
         spread = reused_generations(extra.get("num_iterations", 1),
                                    extra.get("steps_per_generation"),
                                    self.rl.gradient_accumulation_steps)
