@@ -465,10 +465,12 @@ def _closing_lines(summary: dict, run_dir: Path) -> list[str]:
 def _evaluable(run_dir: Path) -> bool:
     """A run of a built-in task with several labels that held out steps: what evaluate scores."""
     from sae_shards.run import rundir
+    from sae_shards.run.config import ONE_LABEL_TASKS
 
     cfg = rundir.read_config(run_dir)
     task, runner = rundir.section(cfg, "task"), rundir.section(cfg, "runner")
-    return task.get("name") not in (None, "letters") and bool(runner.get("heldout_every"))
+    name = task.get("name")
+    return name is not None and name not in ONE_LABEL_TASKS and bool(runner.get("heldout_every"))
 
 
 def _train(args: list[str]) -> int:

@@ -15,6 +15,7 @@ import inspect
 import json
 import re
 import textwrap
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -66,23 +67,37 @@ def _default(f: dataclasses.Field) -> Any:
     return None
 
 
+def _choices(hint: Any) -> tuple[str, ...]:
+    """The string choices of a ``Literal`` type (also inside ``X | None``); () for others."""
+    if typing.get_origin(hint) is typing.Literal:
+        return tuple(c for c in typing.get_args(hint) if isinstance(c, str))
+    return tuple(c for arg in typing.get_args(hint) for c in _choices(arg))
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
 def render() -> str:
     """The reference as markdown: one table per section, every field with its default and doc.
-    Raises when a field has no docstring (the reference would be silent about it)."""
+    Raises when a field has no docstring, or a ``Literal`` field's docstring does not name each
+    of its choices (the reference would be silent about them)."""
     out = []
     for heading, cls, skip in SECTIONS:
         docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
         rows = ["| field | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
             if f.name in skip:
                 continue
+            where = f"{cls.__module__}.{cls.__name__}.{f.name}"
             if f.name not in docs:
-                raise ValueError(f"{cls.__module__}.{cls.__name__}.{f.name} has no docstring; "
-                                 "document it (a string literal after the field)")
+                raise ValueError(f"{where} has no docstring; document it (a string literal "
+                                 "after the field)")
+            unnamed = [c for c in _choices(hints[f.name]) if f"``{c}``" not in docs[f.name]]
+            if unnamed:
+                raise ValueError(f"{where}'s docstring does not name its choices {unnamed} "
+                                 "(as ``choice``); say what each does")
             default = json.dumps(_default(f))
             rows.append(f"| `{f.name}` | `{_cell(default)}` | {_cell(docs[f.name])} |")
         out += [f"**{heading}**", "", *rows, ""]

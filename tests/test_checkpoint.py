@@ -7,10 +7,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, load_training_state,
-                                   read_safetensors, save_checkpoint, sae_tensors)
+from sae_shards.core.checkpoint import (CheckpointError, live_tensors, load_checkpoint,
+                                   load_training_state, read_safetensors, save_checkpoint,
+                                   sae_tensors)
 from sae_shards.core.sae import LowRankSAE
-from sae_shards.core.sae_config import SAEConfig
+from sae_shards.core.sae_config import SPARSITY_MODES, SAEConfig
+from sae_shards.core.targets import TargetSpec
 from sae_shards.core.synthetic import PlantedConfig, PlantedStream
 from sae_shards.core.trainer import SAETrainer
 
@@ -46,6 +48,19 @@ def test_round_trip_is_exact(trained, tmp_path):
     with safe_open(tmp_path / "ck" / "sae.safetensors", "pt") as f:
         assert f.metadata()["format_version"] == "1"
         assert "decoder.layers.0.mlp.down_proj.weight.U" in f.keys()
+
+
+@pytest.mark.parametrize("sparsity", SPARSITY_MODES)
+@pytest.mark.parametrize("form,use_b_dec", [("dense", True), ("dense", False), ("factored", None)])
+def test_a_checkpoint_names_every_parameter_and_buffer_of_the_sae(sparsity, form, use_b_dec):
+    """``live_tensors`` is written by hand: a parameter or buffer added to the SAE and not named
+    there would be neither saved nor missed on load (a resume would silently reset it)."""
+    targets = [TargetSpec("w", (6, 5), rank=2), TargetSpec("b", (4,))]
+    sae = LowRankSAE(targets, SAEConfig(n_latents=8, k=2, sparsity=sparsity, use_b_dec=use_b_dec),
+                     form)
+    saved = list(live_tensors(sae).values())
+    for name, tensor in [*sae.named_parameters(), *sae.named_buffers()]:
+        assert any(tensor is t for t in saved), f"{name} is not in the checkpoint"
 
 
 def test_paths_may_be_strings(trained, tmp_path):

@@ -6,6 +6,7 @@ import re
 import shlex
 import subprocess
 import sys
+import typing
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -16,6 +17,10 @@ from sae_shards.run.config import JobConfig
 
 # Options that need a value from the user to compose.
 REQUIRED = {("model", "hf_path"): ["model.path=/some/local/model"]}
+# Fields an option leaves out on purpose: a local model directory has no tiny model's shape.
+LEFT_OUT = {("model", "hf_path"): {"model.arch", "model.hidden_size", "model.num_layers",
+                                   "model.num_heads", "model.intermediate_size",
+                                   "model.readout_scale"}}
 
 
 def _options():
@@ -34,6 +39,21 @@ def test_every_config_composes_and_validates(group, option):
     cfg = _compose([f"{group}={option}", *REQUIRED.get((group, option), [])])
     job = job_config_from_hydra(cfg)
     assert isinstance(job, JobConfig)
+    # every field is in the YAML: one missing there takes its dataclass default silently, and
+    # an override of it is refused by Hydra ("not in struct") instead of validated
+    assert set(_fields_missing(cfg, JobConfig)) == LEFT_OUT.get((group, option), set())
+
+
+def _fields_missing(node, cls, prefix=""):
+    """Dotted names of ``cls``'s fields (recursively) that the composed ``node`` lacks."""
+    from omegaconf import DictConfig
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in node:
+            yield prefix + f.name
+        elif dataclasses.is_dataclass(hints[f.name]) and isinstance(node[f.name], DictConfig):
+            yield from _fields_missing(node[f.name], hints[f.name], f"{prefix}{f.name}.")
 
 
 LAUNCH = re.compile(r"sae-shards train ([^\[#(]*?)(?:\s{2,}|\(|$)")
@@ -127,6 +147,8 @@ def test_default_config_equals_dataclass_defaults():
     ("device=tpu", r"device='tpu'; use auto, cpu or cuda"),
     ("device=cudafoo", r"device='cudafoo'; use auto, cpu or cuda\[:index\]"),
     ("seed=-1", r"seed=-1 must be >= 0"),
+    ("task.name=nosuch", r"task.name='nosuch' is not one of \['letters', 'multiskill', "
+                         r"'multiskill_null'\]"),
     ("+rl.extra.output_dir=/x", r"rl.extra.output_dir is set by sae-shards \(the run writes "
                                 r"TRL's checkpoints to run_dir/trl\); remove it"),
     ("+rl.extra.seed=3", r"rl.extra.seed is set by sae-shards \(the top-level seed=N seeds TRL"),

@@ -20,7 +20,7 @@ from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, load_t
 from sae_shards.core.event_losses import dense_event_losses, event_losses
 from sae_shards.core.metrics import match_directions, sample_sq_norms
 from sae_shards.core.sae import LowRankSAE
-from sae_shards.core.sae_config import SAEConfig
+from sae_shards.core.sae_config import SPARSITY_MODES, SAEConfig
 from sae_shards.core.synthetic import PlantedConfig, PlantedStream
 from sae_shards.core.targets import make_targets
 from sae_shards.core.trainer import SAETrainer
@@ -100,7 +100,7 @@ def _check(out, rtol):
             assert err <= rtol * b.norm() + 1e-15, (which, n, float(err), float(b.norm()))
 
 
-@pytest.mark.parametrize("sparsity", ["signed_topk", "topk", "batch_topk"])
+@pytest.mark.parametrize("sparsity", SPARSITY_MODES)
 @pytest.mark.parametrize("rank", [1, 2])
 def test_parity_with_materialised_samples(rank, sparsity):
     sae = _sae(rank, sparsity)

@@ -17,7 +17,7 @@ import torch
 
 from sae_shards.core.factored import cross_gram, dense_losses, factored_losses
 from sae_shards.core.sae import LowRankSAE
-from sae_shards.core.sae_config import SAEConfig
+from sae_shards.core.sae_config import SPARSITY_MODES, SAEConfig
 from sae_shards.core.targets import make_targets
 from sae_shards.core.trainer import SAETrainer
 
@@ -105,7 +105,7 @@ def _check(out, rtol, grad_rtol):
 
 
 @pytest.mark.parametrize("use_b_dec", [True, False])
-@pytest.mark.parametrize("sparsity", ["signed_topk", "topk", "batch_topk"])
+@pytest.mark.parametrize("sparsity", SPARSITY_MODES)
 @pytest.mark.parametrize("rank", [1, 2])
 def test_parity_fp32_at_small_fvu(rank, sparsity, use_b_dec):
     sae = _sae(rank, sparsity, use_b_dec)
@@ -118,7 +118,7 @@ def test_parity_fp32_at_small_fvu(rank, sparsity, use_b_dec):
 
 
 @pytest.mark.parametrize("use_b_dec", [True, False])
-@pytest.mark.parametrize("sparsity", ["signed_topk", "topk", "batch_topk"])
+@pytest.mark.parametrize("sparsity", SPARSITY_MODES)
 @pytest.mark.parametrize("rank", [1, 2])
 def test_parity_fp64_random_batch(rank, sparsity, use_b_dec):
     sae = _sae(rank, sparsity, use_b_dec, dtype=torch.float64, seed=3)

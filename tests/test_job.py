@@ -178,6 +178,23 @@ def test_rloo_and_gpt2_jobs_capture_every_block_matrix(tmp_path, override, targe
     assert all(n.replace(".0.", ".1.", 1) in names for n in targets)
 
 
+def test_a_batch_topk_run_is_analysed(tmp_path, capsys):
+    """batch_topk's codes vary in width from sample to sample: its run's activation log is read
+    (it was refused as "copied in from another run" for not holding sae.k per row)."""
+    from sae_shards import RunView
+    from sae_shards.cli import main as cli_main
+
+    run_job(_job([*SHORT, "sae.sparsity=batch_topk", "logging=disabled"]), tmp_path)
+    view = RunView(tmp_path)
+    widths = (view.activations["final.values"] != 0).sum(1)  # [samples]
+    assert view.activations["final.indices"].shape[1] != 4 or widths.unique().numel() > 1
+    assert cli_main(["analyze", str(tmp_path), "--no-dose", "--shards", "2"]) == 0, \
+        capsys.readouterr().err[-2000:]
+    analysis = json.loads((tmp_path / "analysis.json").read_text())
+    assert len(analysis["shards"]) >= 2  # two detailed, beside the always-on ones
+    assert all(0 < e["density"] <= 1 and e["top_steps"] for e in analysis["shards"].values())
+
+
 @pytest.mark.slow
 def test_default_run_learns(tmp_path):
     """The README's default job: reward rises and the SAE's FVU falls (about 2 minutes)."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae_shards.core.sae import LowRankSAE
-from sae_shards.core.sae_config import SAEConfig
+from sae_shards.core.sae_config import SPARSITY_MODES, SAEConfig
 from sae_shards.core.sparsity import SparseCodes
 from sae_shards.core.targets import TargetSpec, make_targets
 from sae_shards.core.trainer import SAETrainer
@@ -76,7 +76,7 @@ def test_decoder_gram_and_norms_match_dense():
     torch.testing.assert_close(sae.decoder_sq_norms(), flat.pow(2).sum(1), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("sparsity", ["signed_topk", "topk", "batch_topk"])
+@pytest.mark.parametrize("sparsity", SPARSITY_MODES)
 def test_unit_norm_after_training_step(sparsity):
     targets = make_targets(SHAPES, rank=2)
     sae = LowRankSAE(targets, SAEConfig(n_latents=16, k=3, sparsity=sparsity, lr=0.05))

@@ -112,3 +112,16 @@ def test_target_length_is_the_completion_budget_in_characters():
     n_tokens = len(words(REFERENCE_TEXT, add_special_tokens=False)["input_ids"])
     assert chars_per_token(words) == len(REFERENCE_TEXT) / n_tokens > 3
     assert default_target_length(16, words) == round(16 * len(REFERENCE_TEXT) / n_tokens)
+
+
+def test_the_built_in_tasks_are_the_task_configs_and_one_label_tasks_have_one_label():
+    """``task.name`` is validated against ``TASK_NAMES`` (before anything is written); each has
+    its ``configs/task/`` file, and ``ONE_LABEL_TASKS`` (which evaluate refuses) are exactly
+    those whose prompts carry one label."""
+    from sae_shards.cli import CONFIG_DIR
+    from sae_shards.run.config import ONE_LABEL_TASKS, TASK_NAMES
+
+    assert sorted(p.stem for p in (CONFIG_DIR / "task").glob("*.yaml")) == sorted(TASK_NAMES)
+    for name in TASK_NAMES:
+        labels = set(build_task(name).dataset(64)["task"])
+        assert (len(labels) == 1) == (name in ONE_LABEL_TASKS), name

@@ -249,15 +249,18 @@ class RunView:
 
     def _check_activations_fit(self, acts_file: Path) -> None:
         """The activation log must be one this checkpoint's SAE could have written: latent
-        indices below its ``n_latents``, and ``k`` of them per final row (a checkpoint copied
-        in from another run fails here, instead of deep inside an index operation)."""
-        n, k = len(self.shards), self.shards.sae.cfg.k
+        indices below its ``n_latents``, and ``k`` of them per final row where its sparsity
+        fixes the width (a checkpoint copied in from another run fails here, instead of deep
+        inside an index operation)."""
+        cfg = self.shards.sae.cfg
+        n, k, width = len(self.shards), cfg.k, cfg.codes_per_sample
         for which in ("final", "online"):
             idx = self.activations.get(f"{which}.indices")
             if idx is None or not idx.numel():
                 continue
             top = int(idx.max())
-            if top >= n or int(idx.min()) < 0 or (which == "final" and idx.shape[1] != k):
+            wrong_width = which == "final" and width is not None and idx.shape[1] != width
+            if top >= n or int(idx.min()) < 0 or wrong_width:
                 raise CheckpointError(
                     f"{acts_file}: its {which} activations name latents up to {top}, {idx.shape[1]}"
                     f" per sample, but checkpoint {self.checkpoint} has {n} latents with "

@@ -1,4 +1,5 @@
-"""The SAE loss on factored per-event samples (design.md, "Per-event samples"), never dense.
+"""The SAE loss on factored per-event samples (docs/sae.md, "Per-event (factored)
+samples"), never dense.
 
 A matrix target's sample is ``X = L^T R`` (``L [T, m]``, ``R [T, n]``, see
 :mod:`sae_shards.core.events`). With unit decoder directions ``D_i = U_i V_i^T`` and codes ``z``

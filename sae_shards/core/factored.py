@@ -1,4 +1,4 @@
-"""The SAE training loss without a dense reconstruction (design.md, "Factored loss").
+"""The SAE training loss without a dense reconstruction (docs/sae.md, "The math").
 
 With unit decoder directions ``D_i``, codes ``z`` (k active per sample) and the decoder bias ``b``,
 

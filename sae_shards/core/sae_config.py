@@ -54,6 +54,12 @@ class SAEConfig:
     seed: int = 0
     """Seed of the SAE's initialisation."""
 
+    @property
+    def codes_per_sample(self) -> int | None:
+        """Latents each sample's codes hold: ``k`` for the per-sample top-k modes; None for
+        ``batch_topk``, whose codes vary in width (padded with zero values to the widest)."""
+        return None if self.sparsity == "batch_topk" else self.k
+
     def __post_init__(self) -> None:
         _positive(self, "n_latents", "batch_size", "rank", "dead_after", "encode_chunk_mib")
         if not 1 <= self.k <= self.n_latents:

@@ -1,7 +1,9 @@
 """Sparsity functions: pre-activations ``[batch, n_latents]`` -> a few active latents per sample.
 
-All return :class:`SparseCodes`, a padded list of active latents per sample. Padding entries have
-value 0 (they decode to nothing and never count as firing), so every mode decodes the same way.
+Each gives :class:`SparseCodes` (``batch_topk`` with its batch threshold beside them), a padded
+list of active latents per sample. Padding entries have value 0 (they decode to nothing and never
+count as firing), so every mode decodes the same way. The per-sample modes hold ``k`` entries per
+sample; ``batch_topk``'s width is the most any sample of the batch has.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from sae_shards.core.sae_config import SPARSITY_MODES
 class SparseCodes(NamedTuple):
     """Active latents of a batch; entries with value 0 are padding."""
 
-    indices: Tensor  # [batch, k] int64 latent ids
-    values: Tensor  # [batch, k] activations (signed for signed_topk)
+    indices: Tensor  # [batch, width] int64 latent ids (width k, or varying for batch_topk)
+    values: Tensor  # [batch, width] activations (signed for signed_topk)
 
     def dense(self, n_latents: int) -> Tensor:
         """Codes as a dense ``[batch, n_latents]`` tensor (zeros where inactive)."""
@@ -25,7 +27,7 @@ class SparseCodes(NamedTuple):
         return out.scatter_add_(1, self.indices, self.values)
 
     def active(self) -> Tensor:
-        """``[batch, k]`` bool: which entries are real activations, not padding."""
+        """``[batch, width]`` bool: which entries are real activations, not padding."""
         return self.values != 0
 
 

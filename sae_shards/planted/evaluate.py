@@ -102,7 +102,7 @@ from sae_shards.planted.groundtruth import (abs_cosine, auroc, class_means, ener
                                             shuffled, supervised_reference,
                                             task_directions, task_directions_with_source,
                                             unflatten)
-from sae_shards.run.config import sample_source
+from sae_shards.run.config import ONE_LABEL_TASKS, sample_source
 
 HEADLINE_KEYS = ("auroc_task", "auroc_null_control", "auroc_supervised", "mmcs", "mmcs_null",
                  "mmcs_margin", "mmcs_margin_supervised", "steering_selectivity",
@@ -643,9 +643,9 @@ def _check_labelled_task(run_dir: Path) -> None:
     (``task`` null) may log several labels, and its samples decide."""
     # a missing or damaged config.json ({}) is reported by ShardSet.from_run
     task = rundir.section(rundir.read_config(run_dir), "task").get("name")
-    if task == "letters":
+    if task in ONE_LABEL_TASKS:
         raise CheckpointError(
-            f"{run_dir} is a task=letters run (one task): evaluate scores shards against several "
+            f"{run_dir} is a task={task} run (one task): evaluate scores shards against several "
             "labelled tasks; run the planted benchmark (sae-shards train experiment=planted "
             "run_dir=runs/planted) or a script whose reward functions log a label column")
 

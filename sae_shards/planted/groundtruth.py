@@ -1,6 +1,6 @@
 """Sign-invariant ground truth for planted tasks, computed from labelled samples without the SAE.
 
-Probes (design.md) found that a task's per-step component in the transformer body lies along a
+Probes (the team's shared/design.md) found that a task's per-step component in the transformer body lies along a
 task-specific direction whose *sign* flips nearly at random from step to step, so signed task
 means cancel. Everything here is therefore sign-free:
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, ClassVar, Literal, Sequence, get_args
 from datasets import Dataset
 
 from sae_shards.recipe.models import TASK_TAGS
+from sae_shards.run.config import TASK_NAMES
 
 LABEL_COLUMN = "task"
 """Dataset column (and TRL completion-log column) holding each prompt's task label."""
@@ -40,8 +41,6 @@ LABEL_COLUMN = "task"
 RewardFunc = Callable[..., list[float]]
 """TRL reward function: ``fn(prompts, completions, **kwargs) -> list[float]``."""
 
-TASK_NAMES = ("letters", "multiskill", "multiskill_null")
-"""Tasks ``build_task`` knows."""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,12 @@ Concurrency = Literal["inline", "thread"]
 WandbMode = Literal["offline", "online", "disabled"]
 Arch = Literal["qwen2", "llama", "gpt2"]
 Algorithm = Literal["grpo", "rloo"]
+TaskName = Literal["letters", "multiskill", "multiskill_null"]
+TASK_NAMES: tuple[str, ...] = get_args(TaskName)
+"""Built-in tasks (``recipe.tasks.build_task``; ``configs/task/``)."""
+ONE_LABEL_TASKS: tuple[str, ...] = ("letters",)
+"""Built-in tasks whose prompts all carry one label: ``evaluate`` has no tasks to score their
+shards against."""
 SOURCES: tuple[str, ...] = get_args(Source)
 STORAGE_DTYPES: tuple[str, ...] = get_args(StorageDtype)
 CONCURRENCY: tuple[str, ...] = get_args(Concurrency)
@@ -79,7 +85,8 @@ class ModelConfig:
     path: str | None = None
     """Local transformers causal-LM directory; null builds the tiny built-in model in the run dir."""
     arch: Arch = "qwen2"
-    """Tiny model architecture when ``path`` is null: qwen2, llama, or gpt2 (Conv1D weights)."""
+    """Tiny model architecture when ``path`` is null: ``qwen2``, ``llama``, or ``gpt2`` (Conv1D
+    weights)."""
     hidden_size: int = 64
     """Tiny model width."""
     num_layers: int = 2
@@ -126,8 +133,9 @@ class ModelConfig:
 class TaskConfig:
     """The RL task (group ``task/``)."""
 
-    name: str = "letters"
-    """Built-in task name."""
+    name: TaskName = "letters"
+    """Built-in task (``configs/task/``): ``letters`` (one task), ``multiskill`` (tagged tasks,
+    the planted benchmark) or ``multiskill_null`` (its null control)."""
     n_prompts: int = 512
     """Prompts in the training dataset."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -238,7 +246,8 @@ class CaptureConfig:
     the known schedule; Adam/AdamW/SGD-momentum; steps with lr = 0 are skipped). Only ``update``
     works with LoRA."""
     storage_dtype: StorageDtype = "float32"
-    """Ring buffer storage: float32, or bfloat16 to halve memory (the diff is always fp32)."""
+    """Ring buffer storage: ``float32``, or ``bfloat16`` to halve memory (the diff is always
+    fp32)."""
     capacity: int = 256
     """Ring buffer slots (one per sample: an optimizer step, or one event with per-event
     granularity, so size it for events per step x steps kept)."""
@@ -371,7 +380,7 @@ class LoggingConfig:
     """Weights & Biases (group ``logging/``)."""
 
     mode: WandbMode = "offline"
-    """offline (default: files under run_dir/wandb), online, or disabled."""
+    """``offline`` (default: files under run_dir/wandb), ``online``, or ``disabled``."""
     project: str = "sae-shards"
     """W&B project."""
     entity: str | None = None
@@ -509,8 +518,8 @@ def sample_source(granularity: str, source: str | None, precondition: str = "non
                   normalize: str = "none") -> str:
     """What one SAE sample is, as checkpoints' ``meta.source`` and ``evaluate``'s ``source``
     name it: a per-step run's ``capture.source`` (``update``, ``grad``...); per-event samples
-    are gradients, ``grad`` with ``-adam``/``-kfac`` for the preconditioner and ``-unit`` for
-    unit-normalised events."""
+    are gradients, ``grad`` with ``-`` and the preconditioner (``-adam``, ``-kfac``,
+    ``-kfac_output``) and ``-unit`` for unit-normalised events."""
     if granularity == "step":
         return str(source)
     return "grad" + "".join(f"-{v}" for v in (precondition, normalize) if v != "none")
