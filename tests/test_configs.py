@@ -147,6 +147,8 @@ def test_default_config_equals_dataclass_defaults():
     ("device=tpu", r"device='tpu'; use auto, cpu or cuda"),
     ("device=cudafoo", r"device='cudafoo'; use auto, cpu or cuda\[:index\]"),
     ("seed=-1", r"seed=-1 must be >= 0"),
+    ("runner.keep_checkpoints=1", r"runner.keep_checkpoints=1 must be 0 \(keep every one\) or "
+                                  r">= 2"),
     ("task.name=nosuch", r"task.name='nosuch' is not one of \['letters', 'multiskill', "
                          r"'multiskill_null'\]"),
     ("+rl.extra.output_dir=/x", r"rl.extra.output_dir is set by sae-shards \(the run writes "

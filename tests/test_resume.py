@@ -580,3 +580,19 @@ def test_an_earlier_checkpoint_is_read_with_its_own_timeline(uninterrupted):
                                               r"checkpoint step_000004 has no resume file.*"
                                               r"step_000008"):
         RunView(uninterrupted, "step_000004")
+    # an older checkpoint keeps its shards and drops the optimizer state only a resume reads
+    checkpoints = uninterrupted / "checkpoints"
+    assert sorted(p.parent.name for p in checkpoints.glob("*/training_state.safetensors")) == [
+        "step_000008", "step_000012"]
+    assert load_checkpoint(checkpoints / "step_000004").sae.input_scale > 0
+
+
+def test_keep_checkpoints_bounds_the_step_checkpoints_a_long_run_leaves(tmp_path):
+    """runner.keep_checkpoints=N keeps the newest N step checkpoints (and final); the run still
+    resumes from the newest (the SIGKILL test resumes one whose older checkpoints were pruned)."""
+    run = tmp_path / "run"
+    run_job(_job(run, "runner.checkpoint_every=2", "runner.keep_checkpoints=2"), run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "final", "step_000010", "step_000012"]
+    assert all((run / "checkpoints" / name / "training_state.safetensors").is_file()
+               for name in ("step_000010", "step_000012"))

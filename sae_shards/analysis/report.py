@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import html
 import io
+import itertools
 import json
 import logging
 import math
@@ -137,7 +138,9 @@ def plot_reward(view: RunView) -> str:
     ax.plot(steps, means, lw=1, label="mean reward per step")
     if len(means) >= 10:
         w = max(2, len(means) // 15)
-        smooth = [sum(means[max(0, i - w):i + 1]) / len(means[max(0, i - w):i + 1]) for i in range(len(means))]
+        total = [0.0, *itertools.accumulate(means)]  # prefix sums: linear in the run's steps
+        smooth = [(total[i + 1] - total[max(0, i - w)]) / (i + 1 - max(0, i - w))
+                  for i in range(len(means))]
         ax.plot(steps, smooth, lw=2, label=f"running mean ({w + 1} steps)")
     ax.set_xlabel("RL step")
     ax.set_ylabel("reward")

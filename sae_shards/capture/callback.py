@@ -402,7 +402,8 @@ class ShardCallback(TrainerCallback):
         self._flush_sae_records()
         snap = resume_state.snapshot_step(step, self.parts, self.capture, self.meta,
                                           time.perf_counter() - self._t0)
-        self._writer.submit(resume_state.write_step, self.run_dir, snap)
+        self._writer.submit(resume_state.write_step, self.run_dir, snap,
+                            self.runner_cfg.keep_checkpoints)
         self.last_checkpoint = resume_state.checkpoint_dir(self.run_dir, step)
 
     def _restore(self, step: int, last: bool = False) -> None:

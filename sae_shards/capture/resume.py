@@ -33,7 +33,7 @@ from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
 from sae_shards.capture.pipeline import Pipeline
 from sae_shards.capture.runner import ActivationLog
-from sae_shards.core.checkpoint import (CheckpointError, CheckpointFiles, checkpoint_files,
+from sae_shards.core.checkpoint import (STATE_FILE, CheckpointError, CheckpointFiles, checkpoint_files,
                                         load_checkpoint, load_training_state, read_safetensors,
                                         save_file_atomic, write_checkpoint)
 from sae_shards.run import rundir
@@ -91,8 +91,9 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / rundir.CHECKPOINTS / rundir.step_name(step)
 
 
-def write_step(run_dir: Path, snap: StepSnapshot) -> Path:
-    """Write the resume file and the shards checkpoint of ``snap``; returns the latter. An
+def write_step(run_dir: Path, snap: StepSnapshot, keep_checkpoints: int = 0) -> Path:
+    """Write the resume file and the shards checkpoint of ``snap``; returns the latter. Then
+    keep ``KEEP`` resume files and prune older checkpoints (``prune_checkpoints``). An
     ``OSError`` (disk full, no permission) becomes ``rundir.RunWriteError`` naming the path;
     what was already complete stays as it was."""
     target = resume_file(run_dir, snap.step)
@@ -105,7 +106,27 @@ def write_step(run_dir: Path, snap: StepSnapshot) -> Path:
         write_checkpoint(checkpoint, snap.checkpoint)
     for old in rundir.saved_steps(run_dir / rundir.RESUME)[:-KEEP]:
         resume_file(run_dir, old).unlink(missing_ok=True)
+    prune_checkpoints(run_dir, keep_checkpoints)
     return checkpoint
+
+
+def prune_checkpoints(run_dir: Path, keep: int = 0) -> None:
+    """Bound what step checkpoints take on disk over a long run: a checkpoint whose step has no
+    resume file left loses its optimizer state (only a resume reads it), and with ``keep`` >= 2
+    (``runner.keep_checkpoints``) all but the newest ``keep`` checkpoints go. A checkpoint that
+    still has a resume file is never touched."""
+    resumable = set(rundir.saved_steps(run_dir / rundir.RESUME))
+    steps = rundir.saved_steps(run_dir / rundir.CHECKPOINTS)
+    dropped = set(steps[:-keep]) - resumable if keep else set()
+    for step in steps:
+        if step in resumable:
+            continue
+        path = checkpoint_dir(run_dir, step)
+        with rundir.writing(path):
+            if step in dropped:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                (path / STATE_FILE).unlink(missing_ok=True)
 
 
 def latest_complete(run_dir: Path) -> int | None:

@@ -345,6 +345,11 @@ class RunnerConfig:
     worker each use up to this many). Set explicitly: default counts oversubscribe small CPUs."""
     checkpoint_every: int = 50
     """Save a checkpoint every this many RL steps (0: only the final one)."""
+    keep_checkpoints: int = 0
+    """Shards checkpoints (``checkpoints/step_*``) kept: 0 keeps every one, N >= 2 the newest N
+    (``final`` always stays). Either way an older checkpoint drops its optimizer state
+    (``training_state.safetensors``, twice the shards' size): only a resume reads it, and only
+    from the steps that still have a resume file (the newest two)."""
     recent_frac: float = 0.0
     """Share of each SAE batch drawn from the newest buffer slots."""
     heldout_every: int = 0
@@ -368,6 +373,10 @@ class RunnerConfig:
             raise ValueError(f"runner.sae_start_step={self.sae_start_step} must be >= 0")
         if self.checkpoint_every < 0:
             raise ValueError(f"runner.checkpoint_every={self.checkpoint_every} must be >= 0")
+        if self.keep_checkpoints < 0 or self.keep_checkpoints == 1:
+            raise ValueError(f"runner.keep_checkpoints={self.keep_checkpoints} must be 0 (keep "
+                             "every one) or >= 2 (a resume may fall back to the step before the "
+                             "newest)")
         if not 0 <= self.recent_frac <= 1:
             raise ValueError(f"runner.recent_frac={self.recent_frac} must be in [0, 1]")
         if self.heldout_every < 0 or self.heldout_every == 1:
