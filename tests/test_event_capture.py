@@ -19,7 +19,8 @@ RTOL = 1e-5
 PROMPTS = ["abc", "hello there", "xy", "the quick fox", "a", "zz top", "go go go", "q"]
 EXACT_RANK = 128
 """Above any event's positions here (4 completions x (<= 14 prompt + 6 completion tokens))."""
-BIAS = {"qwen2": "model.layers.0.self_attn.q_proj.bias", "gpt2": "transformer.h.0.attn.c_attn.bias"}
+BIAS = {"qwen2": "model.layers.0.self_attn.q_proj.bias", "gpt2": "transformer.h.0.attn.c_attn.bias",
+        "opt": "model.decoder.layers.0.fc1.bias"}
 
 
 def varied_reward(completions, **kwargs):
@@ -39,8 +40,9 @@ def grpo_trainer(tmp_path, arch="qwen2", grad_accum=1, lora=False, reward=varied
 
     from sae_shards.recipe.trainers import TRAINERS
 
-    model, tokenizer = tiny_model_and_tokenizer(arch, hidden_size=32, num_layers=2, num_heads=4,
-                                                intermediate_size=64, seed=0)
+    model, tokenizer = (_tiny_opt() if arch == "opt" else
+                        tiny_model_and_tokenizer(arch, hidden_size=32, num_layers=2, num_heads=4,
+                                                 intermediate_size=64, seed=0))
     args = trl_config(dict(max_steps=steps, per_device_train_batch_size=8, num_generations=4,
                            gradient_accumulation_steps=grad_accum, max_completion_length=6,
                            max_grad_norm=0.0, learning_rate=1e-3, beta=0.0, **trl_kwargs),
@@ -55,6 +57,24 @@ def grpo_trainer(tmp_path, arch="qwen2", grad_accum=1, lora=False, reward=varied
     return trainer_cls(model=model, reward_funcs=[reward], args=args, processing_class=tokenizer,
                        train_dataset=Dataset.from_dict({"prompt": list(prompts)}),
                        peft_config=peft_config)
+
+
+def _tiny_opt():
+    """A random tiny OPT: its decoder layer runs fc1/fc2 on positions flattened to [B*S, d]."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from sae_shards.recipe.models import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = OPTForCausalLM(OPTConfig(
+            vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+            num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64, **ids))
+    model.generation_config.update(**ids)
+    return model, tokenizer
 
 
 class Probe(TrainerCallback):
@@ -118,8 +138,10 @@ def assert_sums_match(events, grads, targets, values=None, rtol=RTOL):
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
-@pytest.mark.parametrize("arch,lora", [("qwen2", False), ("gpt2", False), ("qwen2", True)])
+@pytest.mark.parametrize("arch,lora", [("qwen2", False), ("gpt2", False), ("qwen2", True),
+                                       ("opt", False)])
 def test_events_sum_to_the_step_gradient(tmp_path, arch, lora, grad_accum):
+    """OPT runs its MLP on positions flattened to [B*S, d]: they are mapped back to rows."""
     trainer = grpo_trainer(tmp_path, arch, grad_accum, lora=lora, steps=2)
     model = trainer.model
     targets = (select_targets(model, ["*q_proj.weight", "*v_proj.weight"]) if lora

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sae_shards.analysis.logit_lens import (
-    final_norm_weight,
+    find_final_norm,
+    norm_gain,
     logit_lens,
     split_writers,
     write_directions,
@@ -124,7 +125,7 @@ def test_writers_found_by_module_type_and_execution_order(model_and_tokenizer):
         f"transformer.h.{i}.{w}.{p}"
         for i in range(2) for w in ("attn.c_proj", "mlp.c_proj") for p in ("weight", "bias")
     ]
-    assert final_norm_weight(gpt2) is gpt2.transformer.ln_f.weight
+    assert find_final_norm(gpt2) is gpt2.transformer.ln_f
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +210,42 @@ def test_tokens_that_are_part_of_a_character_keep_their_own_spelling():
     texts = [token_text(tok, i) for i in partial]
     assert "\ufffd" not in "".join(texts) and len(set(texts)) == len(texts)
     assert token_text(tok, tok.convert_tokens_to_ids("h")) == "h"  # whole characters: decoded
+
+
+@pytest.mark.parametrize("d_model", [6, 7])
+def test_the_final_norms_gain_is_measured_not_read_from_its_weight(d_model):
+    """LayerNorm (with a bias) and RMSNorm scale by ``weight``; Gemma's RMSNorm by
+    ``1 + weight``, whose weight starts at zero (reading it gave every logit exactly 0)."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(d_model, generator=g), torch.randn(d_model, generator=g)
+    layer, rms, gemma = torch.nn.LayerNorm(d_model), Qwen2RMSNorm(d_model), GemmaRMSNorm(d_model)
+    with torch.no_grad():
+        for norm in (layer, rms, gemma):
+            norm.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    for norm, gain in ((layer, weight), (rms, weight), (gemma, 1 + weight)):
+        torch.testing.assert_close(norm_gain(norm, d_model), gain, rtol=1e-5, atol=1e-6)
+
+
+def test_a_gemma_models_lens_uses_its_one_plus_weight_gain(model_and_tokenizer):
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    _, tokenizer = model_and_tokenizer
+    torch.manual_seed(0)
+    gemma = GemmaForCausalLM(GemmaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    with torch.no_grad():
+        gemma.model.norm.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    component = {"model.layers.0.self_attn.o_proj.weight": torch.randn(32, 32)}
+    (lens,) = logit_lens(gemma, tokenizer, component, top_k=3)[:1]
+    (given,) = logit_lens(gemma, tokenizer, component, top_k=3,
+                          final_norm=1 + gemma.model.norm.weight)[:1]
+    (read,) = logit_lens(gemma, tokenizer, component, top_k=3,
+                         final_norm=gemma.model.norm.weight)[:1]
+    assert [t for t, _ in lens.promoted] == [t for t, _ in given.promoted]
+    assert [v for _, v in lens.promoted] == pytest.approx([v for _, v in given.promoted], rel=1e-4)
+    assert [t for t, _ in lens.promoted] != [t for t, _ in read.promoted]

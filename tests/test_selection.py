@@ -127,3 +127,42 @@ def test_glob_escape_matches_exactly_the_name():
     assert not fnmatch.fnmatchcase("odd0.wxy", pattern)
     assert glob_escape("model.layers.0.mlp.down_proj.weight") == (
         "model.layers.0.mlp.down_proj.weight")
+
+
+def test_default_targets_name_the_mixture_of_experts_parameters_they_leave_out(caplog):
+    """A mixture of experts' router and stacked experts ([experts, m, n], not nn.Linear) are no
+    default targets: the run says so instead of leaving most of the block's update out in
+    silence; attention-only models say nothing."""
+    import logging
+
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    moe = MixtralForCausalLM(MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, head_dim=8))
+    with caplog.at_level(logging.WARNING, logger="sae_shards.capture.selection"):
+        names = default_targets(moe)
+    assert len(names) == 8 and all("self_attn" in n for n in names)
+    said = caplog.text
+    assert "leave out 6 trainable block parameters" in said
+    assert "model.layers.0.mlp.gate.weight [4, 32]" in said
+    assert "model.layers.1.mlp.experts.down_proj [4, 32, 64]" in said
+    caplog.clear()
+    model, _ = tiny_model_and_tokenizer(seed=0)
+    with caplog.at_level(logging.WARNING, logger="sae_shards.capture.selection"):
+        default_targets(model)
+    assert "leave out" not in caplog.text
+
+
+def test_a_tied_readout_is_named_by_the_tensor_it_is_tied_to():
+    """A tied lm_head's weight is the input embedding's, listed once under the embedding's
+    name: capture=readout's 'lm_head.weight' says so and names it."""
+    model, _ = tiny_model_and_tokenizer(seed=0)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match=r"lm_head.weight is tied to model.embed_tokens.weight "
+                                         r"\(the same tensor, named once\); name "
+                                         r"model.embed_tokens.weight"):
+        select_targets(model, ["lm_head.weight"])
+    assert list(select_targets(model, ["model.embed_tokens.weight"])) == [
+        "model.embed_tokens.weight"]

@@ -8,10 +8,14 @@ side that is comes from the layer's type (``selection.weight_layout``): an ``nn.
 transformers ``Conv1D`` weight (GPT-2) is ``[d_in, d_model]`` and writes along its columns' space
 (the right factor ``V``). For each top singular direction ``u`` of the write side (unit norm,
 ``[d_model]``) this module reads off the logits ``W_U (g * u)``, with ``g`` the final norm's
-weight and ``W_U`` the unembedding (``model.get_output_embeddings().weight``, ``[vocab, d_model]``).
+elementwise gain (measured by running the norm, ``norm_gain``: ``weight`` for LayerNorm and
+RMSNorm, ``1 + weight`` for Gemma's) and ``W_U`` the unembedding
+(``model.get_output_embeddings().weight``, ``[vocab, d_model]``).
 
 Approximation: the final norm's *normalisation* (mean/variance, which depends on the whole
-residual vector) and its bias are skipped; only its elementwise scale ``g`` is applied. The lens
+residual vector) and its bias are skipped; only its elementwise scale ``g`` is applied. A norm
+between the writer and the residual add (post-norm blocks: OLMo2, Gemma2/3) is not applied
+either. The lens
 shows which tokens a write direction favours, not the size of the logit change in a real forward
 pass.
 
@@ -209,18 +213,14 @@ def write_directions(component: Component, rtol: float = 1e-6) -> tuple[Tensor, 
     return left[:, keep], s[keep]
 
 
-def final_norm_weight(model: nn.Module) -> Tensor:
-    """The elementwise weight ``[d_model]`` of the model's final norm (before the unembedding).
-
-    The final norm is the one module outside the blocks whose last name component is in
-    ``FINAL_NORM_NAMES`` and whose weight is ``[d_model]`` (any peft wrapper is looked through).
-    Models whose norm scales by ``1 + weight`` (Gemma) need ``final_norm=1 + weight`` in
-    ``logit_lens``.
-    """
+def find_final_norm(model: nn.Module) -> nn.Module:
+    """The model's final norm (before the unembedding): the one module outside the blocks whose
+    last name component is in ``FINAL_NORM_NAMES`` and whose weight is ``[d_model]`` (any peft
+    wrapper is looked through)."""
     d_model = model.get_output_embeddings().weight.shape[1]
     blocks = block_lists(model)
     found = {
-        name: module.weight
+        name: module
         for name, module in unwrap_peft(model).named_modules()
         if name.rpartition(".")[2] in FINAL_NORM_NAMES
         and not inside_any(name, blocks)
@@ -231,9 +231,29 @@ def final_norm_weight(model: nn.Module) -> Tensor:
         raise ValueError(
             f"found {len(found)} final norms in {type(model).__name__} ({few_names(found)}), "
             f"looking outside the blocks for modules named {list(FINAL_NORM_NAMES)} with a "
-            f"[{d_model}] weight; pass final_norm=<its elementwise weight> to logit_lens"
+            f"[{d_model}] weight; pass final_norm=<its elementwise gain> to logit_lens"
         )
     return next(iter(found.values()))
+
+
+def norm_gain(norm: nn.Module, d_model: int) -> Tensor:
+    """The elementwise gain ``[d_model]`` (fp32) that ``norm`` applies after normalising, read
+    by running it rather than from its ``weight``: Gemma's RMSNorm scales by ``1 + weight``
+    (``weight`` starts at zero), LayerNorm and RMSNorm by ``weight``.
+
+    The probe ``x`` has mean zero and no zero entry, so LayerNorm's centring leaves it as it is
+    and ``(norm(x) - norm(-x)) / 2`` cancels any bias: it is ``g * x / rms(x)`` for every
+    LayerNorm / RMSNorm variant, and ``g`` follows (up to their ``eps``, relative 1e-10 here:
+    ``x`` is large)."""
+    signs = [1.0, -1.0] * (d_model // 2) if d_model % 2 == 0 else \
+        [1.0, 1.0, -2.0] + [1.0, -1.0] * ((d_model - 3) // 2)
+    weight = norm.weight
+    x = 1e3 * torch.tensor(signs, dtype=torch.float32, device=weight.device)  # [d_model]
+    with torch.no_grad():
+        plus = norm(x.to(weight.dtype).view(1, 1, d_model)).float().view(d_model)
+        minus = norm((-x).to(weight.dtype).view(1, 1, d_model)).float().view(d_model)
+    rms = x.pow(2).mean().sqrt()
+    return ((plus - minus) / (2 * x) * rms).detach()
 
 
 def _top(logits: Tensor, top_k: int, largest: bool) -> tuple[list[int], list[float]]:
@@ -270,8 +290,8 @@ def logit_lens(
     INFO; ``split_writers`` returns them). A writer matrix is read on its write side, found from
     its layer's type (``write_side``; a writer that is not the weight of an ``nn.Linear`` or
     ``Conv1D`` is an error). Each writer target gives one ``LensResult`` per singular direction
-    above ``rtol * largest``, in order of singular value. ``final_norm`` overrides the norm weight
-    found by ``final_norm_weight``. See the module docstring for the sign convention and the
+    above ``rtol * largest``, in order of singular value. ``final_norm`` overrides the final norm's
+    gain (``norm_gain`` of ``find_final_norm``). See the module docstring for the sign convention and the
     skipped normalisation.
     """
     if writers is None:
@@ -287,9 +307,10 @@ def logit_lens(
         logger.info("logit_lens: skipping non-writer targets %s", skipped)
     layers = matrix_layers(model)
     unembed = model.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
-    gain = (final_norm if final_norm is not None else final_norm_weight(model)).detach()
-    gain = gain.to(unembed)  # [d_model]
     d_model = unembed.shape[1]
+    if final_norm is None:
+        final_norm = norm_gain(find_final_norm(model), d_model)
+    gain = final_norm.detach().to(unembed)  # [d_model]
     results = []
     for name in chosen:
         component = components[name]

@@ -53,7 +53,9 @@ than the micro-batch holds, a micro-batch whose rows are not all consumed, or a 
 layer's forward re-runs inside backward; the hook ignores that run (the first one was filed and
 receives the gradient). Reentrant checkpointing (its first forward runs without grad) and fp16
 loss scaling (hooks would see scaled gradients) are refused at ``install``.
-Padding-free packing (several rows in one sequence) fails the row-count check.
+A layer fed the forward's positions flattened row-major to ``[B * S, d]`` (OPT's MLP, a
+shared expert) is read back as ``[B, S, d]``. Padding-free packing (several rows in one sequence)
+and a mixture of experts' routed tokens fail the row-count check.
 
 Distributed (DDP): each rank's hooks see only that rank's rows and the gradient of its local
 loss, while ``param.grad`` is the average over ranks after DDP's all-reduce; ``grad_scale = 1 /
@@ -69,7 +71,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from sae_shards.capture.event_sites import (Site, batch_rows, check_checkpointing,
+from sae_shards.capture.event_sites import (Site, batch_shape, check_checkpointing,
                                             check_supported, hook_sites, in_backward,
                                             zero_advantage_means_zero_gradient)
 from sae_shards.capture.selection import Target
@@ -109,6 +111,7 @@ class _Forward:
     """Rows of one grad-enabled forward of the top-level model."""
 
     events: list[int]  # [B] event id of each row (-1: not filed, its gradient is zero)
+    seq: int  # S, positions per row
     n_prompt: int  # prompt positions at the start of each row (the test-only switch)
     step: int  # the recorder's step serial when it ran
 
@@ -345,13 +348,14 @@ class EventRecorder:
             raise RuntimeError(
                 "a grad-enabled forward of the model ran during the step outside compute_loss; "
                 "EventRecorder cannot map its rows to events")
-        n = batch_rows(args, kwargs)
+        n, seq = batch_shape(args, kwargs)
         stop = self._cursor + n
         if stop > len(self._mb_events):
             raise RuntimeError(
                 f"a forward over {n} rows exceeds the micro-batch's {len(self._mb_events)} rows "
                 f"({self._cursor} used); EventRecorder cannot map it to events")
-        self._forward = _Forward(self._mb_events[self._cursor:stop], self._mb_prompt, self._serial)
+        self._forward = _Forward(self._mb_events[self._cursor:stop], seq, self._mb_prompt,
+                                 self._serial)
         self._cursor = stop
 
     def _on_model_post(self, module, args, output):
@@ -370,12 +374,17 @@ class EventRecorder:
                 f"{type(module).__name__} holding {self._sites[module][0].name} ran outside a "
                 "forward of the model's rows; EventRecorder cannot map it to events")
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
-        if x.shape[0] != len(fwd.events) or output.shape[0] != len(fwd.events):
+        rows = len(fwd.events)
+        if x.shape[0] == output.shape[0] == rows:
+            a = x.detach()  # [B, S, n_in]
+        elif x.ndim == output.ndim == 2 and x.shape[0] == output.shape[0] == rows * fwd.seq:
+            a = x.detach().view(rows, fwd.seq, -1)  # positions flattened row-major (OPT's MLP)
+        else:
             raise RuntimeError(
-                f"{self._sites[module][0].name}: input batch {tuple(x.shape)} does not have the "
-                f"forward's {len(fwd.events)} rows first (padding-free packing?); EventRecorder "
+                f"{self._sites[module][0].name}: input {tuple(x.shape)} has neither the "
+                f"forward's {rows} rows first nor its {rows} x {fwd.seq} positions flattened "
+                "(a mixture of experts' routed tokens, or padding-free packing?); EventRecorder "
                 "cannot map positions to rows")
-        a = x.detach()
         self._ran.add(module)
         sites = self._sites[module]
         output.register_hook(lambda g: self._on_grad(sites, fwd, a, g))
@@ -386,7 +395,7 @@ class EventRecorder:
         ``g [B, S, n_out]``."""
         if not self._in_step or fwd.step != self._serial:
             return  # a backward run after its step was finished: not part of any step
-        g = g.detach().float()
+        g = g.detach().float().reshape(*a.shape[:-1], g.shape[-1])  # [B, S, n_out]
         if self.grad_scale != 1.0:
             g = g * self.grad_scale
         a = a.float()

@@ -25,13 +25,14 @@ class Site:
 
 
 
-def batch_rows(args, kwargs) -> int:
-    """Rows of a top-level forward: the first dimension of ``input_ids`` / ``inputs_embeds``."""
+def batch_shape(args, kwargs) -> tuple[int, int]:
+    """Rows and sequence length of a top-level forward: the first two dimensions of
+    ``input_ids`` / ``inputs_embeds``."""
     for key in ("input_ids", "inputs_embeds"):
         if isinstance(kwargs.get(key), Tensor):
-            return int(kwargs[key].shape[0])
+            return int(kwargs[key].shape[0]), int(kwargs[key].shape[1])
     if args and isinstance(args[0], Tensor):
-        return int(args[0].shape[0])
+        return int(args[0].shape[0]), int(args[0].shape[1])
     raise RuntimeError("EventRecorder: a model forward without input_ids / inputs_embeds; "
                        "cannot tell how many rows it runs")
 

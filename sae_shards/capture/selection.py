@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
+import logging
 import re
 from dataclasses import dataclass
 from typing import Mapping
@@ -21,6 +22,8 @@ from typing import Mapping
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,14 @@ def select_targets(model: torch.nn.Module, patterns: list[str]) -> dict[str, Tar
         if stuck:
             raise ValueError(_frozen_error(pattern, stuck, capturable))
         if not hits:
+            tied = {a: n for a, n in _aliases(model).items() if fnmatch.fnmatchcase(a, pattern)}
             partial = "" if any(c in pattern for c in "*?[") else (
                 f" (patterns match whole parameter names: '*{pattern}*' matches names that "
                 f"contain it)")
+            if tied:
+                alias, name = next(iter(tied.items()))
+                partial = (f" under that name: {alias} is tied to {name} (the same tensor, "
+                           f"named once); name {name}")
             raise ValueError(
                 f"capture.targets pattern {pattern!r} matches no parameter of "
                 f"{type(model).__name__}{partial}; capturable names include "
@@ -190,10 +198,23 @@ def default_targets(model: nn.Module) -> list[str]:
     Chosen by module type: the weight of each ``nn.Linear`` and ``Conv1D`` inside the blocks
     (``block_lists``) that is trainable or LoRA-adapted (under its base weight's name). Never
     embeddings, lm_head, norms or biases. The names are exact, glob-escaped (``glob_escape``).
-    Raises ``ValueError`` if nothing qualifies.
+    Raises ``ValueError`` if nothing qualifies. Trainable block parameters of two or more
+    dimensions that are not such weights (a mixture of experts' router and its stacked expert
+    tensors ``[experts, m, n]``) are left out with a warning naming them.
     """
     capturable, _ = _candidates(model)
     names = [n for n in block_layers(model) if n in capturable]
+    blocks = block_lists(model)
+    left_out = {n: tuple(t.shape) for n, t in capturable.items()
+                if n not in names and isinstance(t, nn.Parameter) and t.ndim >= 2
+                and inside_any(n, blocks)}
+    if left_out:
+        log.warning(
+            "the default capture targets leave out %d trainable block parameters that are not "
+            "nn.Linear / Conv1D weights, so what RL changes there is not captured: %s. A 2-D one "
+            "(a mixture of experts' router) can be named in capture.targets (per step); stacked "
+            "expert tensors [experts, m, n] cannot be captured yet",
+            len(left_out), few_names([f"{n} {list(s)}" for n, s in left_out.items()]))
     if not names:
         raise ValueError(
             f"no block matrix of {type(model).__name__} is trainable or LoRA-adapted, so there "
@@ -254,6 +275,19 @@ def _candidates(model: torch.nn.Module) -> tuple[dict[str, Target], list[str]]:
         else:
             frozen.append(name)
     return capturable, frozen
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, str]:
+    """``{second name: the name it is listed under}`` of tied parameters (a tied ``lm_head``'s
+    weight is the input embedding's, and ``named_parameters`` lists it once)."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
 
 
 def peft_name(name: str, trained: bool = True) -> str | None:

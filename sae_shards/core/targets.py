@@ -32,7 +32,8 @@ class TargetSpec:
         if len(self.shape) not in (1, 2) or any(s < 1 for s in self.shape):
             raise ValueError(
                 f"target {self.name!r}: shape {self.shape} is not supported; targets must be "
-                "1-D vectors or 2-D matrices with positive sizes (reshape conv kernels first)"
+                "1-D vectors or 2-D matrices with positive sizes (a mixture of experts' stacked "
+                "[experts, m, n] tensor or a conv kernel cannot be captured)"
             )
         if self.is_matrix and not 1 <= self.rank <= min(self.shape):
             raise ValueError(
