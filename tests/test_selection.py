@@ -149,6 +149,9 @@ def test_default_targets_name_the_mixture_of_experts_parameters_they_leave_out(c
     assert "model.layers.0.mlp.gate.weight [4, 32]" in said
     assert "model.layers.1.mlp.experts.down_proj [4, 32, 64]" in said
     caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sae_shards.capture.selection"):
+        assert default_targets(moe) == names  # resolved again: said once per model
+    assert "leave out" not in caplog.text
     model, _ = tiny_model_and_tokenizer(seed=0)
     with caplog.at_level(logging.WARNING, logger="sae_shards.capture.selection"):
         default_targets(model)

@@ -16,6 +16,7 @@ import fnmatch
 import importlib.util
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -24,6 +25,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 log = logging.getLogger(__name__)
+_WARNED_LEFT_OUT: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,8 @@ def default_targets(model: nn.Module) -> list[str]:
     left_out = {n: tuple(t.shape) for n, t in capturable.items()
                 if n not in names and isinstance(t, nn.Parameter) and t.ndim >= 2
                 and inside_any(n, blocks)}
-    if left_out:
+    if left_out and model not in _WARNED_LEFT_OUT:  # once per model (targets resolve twice)
+        _WARNED_LEFT_OUT.add(model)
         log.warning(
             "the default capture targets leave out %d trainable block parameters that are not "
             "nn.Linear / Conv1D weights, so what RL changes there is not captured: %s. A 2-D one "
