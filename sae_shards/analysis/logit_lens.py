@@ -291,8 +291,8 @@ def logit_lens(
     its layer's type (``write_side``; a writer that is not the weight of an ``nn.Linear`` or
     ``Conv1D`` is an error). Each writer target gives one ``LensResult`` per singular direction
     above ``rtol * largest``, in order of singular value. ``final_norm`` overrides the final norm's
-    gain (``norm_gain`` of ``find_final_norm``). See the module docstring for the sign convention and the
-    skipped normalisation.
+    gain (``norm_gain`` of ``find_final_norm``). See the module docstring for the sign convention
+    and the skipped normalisation.
     """
     if writers is None:
         writers = writer_targets(model)

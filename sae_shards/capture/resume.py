@@ -33,9 +33,9 @@ from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
 from sae_shards.capture.pipeline import Pipeline
 from sae_shards.capture.runner import ActivationLog
-from sae_shards.core.checkpoint import (STATE_FILE, CheckpointError, CheckpointFiles, checkpoint_files,
-                                        load_checkpoint, load_training_state, read_safetensors,
-                                        save_file_atomic, write_checkpoint)
+from sae_shards.core.checkpoint import (STATE_FILE, CheckpointError, CheckpointFiles,
+                                        checkpoint_files, load_checkpoint, load_training_state,
+                                        read_safetensors, save_file_atomic, write_checkpoint)
 from sae_shards.run import rundir
 
 log = logging.getLogger(__name__)

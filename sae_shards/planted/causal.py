@@ -19,9 +19,9 @@ the reward drop against the final weights (ablation), and
 moves nothing scores ~0 rather than 0/0). Per kind the headline is the median over tasks (a mean
 of ratios is ruled by one small denominator); the mean is reported too. For ablation also the task
 that drops most (``broken_task``), whether it is the own task (``own_first``; the rate over tasks
-is the label-specific evidence: the team's shared/design.md, "Causal ablation needs a stronger control than a random
-direction"; None, hence not own, when no drop reaches ``floor`` or the largest is tied), and
-``drop_ratio`` (largest drop over the mean |drop| of the others).
+is the label-specific evidence: the team's shared/design.md, "Causal ablation needs a stronger
+control than a random direction"; None, hence not own, when no drop reaches ``floor`` or the
+largest is tied), and ``drop_ratio`` (largest drop over the mean |drop| of the others).
 
 Controls, both applied at the *shard's* magnitude ``|c_shard|`` (norm-matched), with the sign of
 the run's own coefficient along them:

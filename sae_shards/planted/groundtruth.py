@@ -1,8 +1,8 @@
 """Sign-invariant ground truth for planted tasks, computed from labelled samples without the SAE.
 
-Probes (the team's shared/design.md) found that a task's per-step component in the transformer body lies along a
-task-specific direction whose *sign* flips nearly at random from step to step, so signed task
-means cancel. Everything here is therefore sign-free:
+Probes (the team's shared/design.md) found that a task's per-step component in the transformer
+body lies along a task-specific direction whose *sign* flips nearly at random from step to step,
+so signed task means cancel. Everything here is therefore sign-free:
 
 - a task's **principal direction** is the top eigenvector of the uncentred second moment
   ``E[x x^T]`` of that task's samples (``principal_direction``), globally or per window of steps
