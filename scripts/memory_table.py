@@ -62,7 +62,7 @@ def table(latents: int, sae_rank: int, event_rank: int, slots: int) -> str:
         f"{slots} slots, bf16.",
         "",
         "| model | parameters | captured matrices | entries per delta | one delta (bf16) | "
-        f"dense buffer | one event (bf16) | event buffer | SAE parameters | SAE training "
+        "dense buffer | one event (bf16) | event buffer | SAE parameters | SAE training "
         "(fp32 + Adam + grad) | update snapshot per rank, FSDP2 over 8 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]

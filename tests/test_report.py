@@ -124,6 +124,14 @@ def test_an_unscorable_completion_is_left_out_of_the_reward_curve(short_run_dir,
     page = _Page()
     page.feed(out.read_text())
     assert page.sections["reward"] == 1
+    for row in rows:  # no step scored, then no step recorded: the section says why
+        row["rewards"] = [None] * len(row["rewards"])
+    (run / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    said = analyze(run, tmp_path / "report.html", n_shards=1, dose=False).read_text()
+    assert "No reward curve: no completion of any step was scored." in said
+    (run / "rollouts.jsonl").write_text("")
+    said = analyze(run, tmp_path / "report.html", n_shards=1, dose=False).read_text()
+    assert "No reward curve: rollouts.jsonl is empty, the run recorded no rollouts" in said
 
 
 def test_analyze_cli_reports_a_bad_run_dir(tmp_path, capsys):
@@ -186,6 +194,8 @@ def test_the_notebook_example_in_docs_runs_as_written(short_run_dir, tmp_path):
     code = code.replace('"my_shards"', repr(str(tmp_path / "my_shards")))
     code = code.replace("view.shards[20]", f"view.shards[{live}]")
     code = code.replace("view.top_steps(20,", f"view.top_steps({live},")
+    code = code.replace("view.rollouts[120]", "view.rollouts[12]")  # this run's last step
+    code = code.replace(".derived(120)", ".derived(12)")
     scope: dict = {}
     exec(compile(code, "docs/analysis.md", "exec"), scope)
     initial, final = scope["initial"], scope["final"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -452,11 +453,16 @@ def test_background_writer_runs_one_write_at_a_time_and_raises_its_error():
     writer.wait()  # raised once, then clear
 
 
-def test_overwrite_leaves_no_file_of_the_earlier_run(tmp_path):
+def test_overwrite_leaves_no_file_of_the_earlier_run(tmp_path, caplog):
     run = tmp_path / "run"
     run_job(_job(run, "runner.save_samples=true"), run)
     assert (run / "samples.safetensors").is_file() and (run / "resume").is_dir()
-    run_job(_job(run, "overwrite=true", "rl.max_steps=5", "runner.checkpoint_every=0"), run)
+    with caplog.at_level(logging.WARNING, logger="sae_shards.run.rundir"):
+        run_job(_job(run, "overwrite=true", "rl.max_steps=5", "runner.checkpoint_every=0"), run)
+    said = [r.getMessage() for r in caplog.records if "overwrite=true" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"overwrite=true: removed the earlier run in {run}")
+    assert all(name in said[0] for name in ("checkpoints", "samples.safetensors", "resume",
+                                            "rollouts.jsonl", "final_model", "summary.json"))
     names = sorted(p.name for p in run.iterdir())
     assert "samples.safetensors" not in names and "resume" not in names
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["final"]

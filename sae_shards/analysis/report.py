@@ -121,15 +121,23 @@ def plot_sae_curves(view: RunView) -> str:
 def step_reward_means(view: RunView, up_to: int | None = None) -> tuple[list[int], list[float]]:
     """Each RL step's mean reward over its scored completions (``rollouts.scored_mean``; a step
     with none scored is left out), up to RL step ``up_to``."""
-    from sae_shards.capture.rollouts import scored_mean
-
     steps, means = [], []
     for step in sorted(s for s in view.rollouts if up_to is None or s <= up_to):
-        mean = scored_mean(view.rollouts[step].get("rewards") or [])
+        mean = view.rollouts.derived(step)["mean_reward"]
         if mean == mean:  # not NaN
             steps.append(step)
             means.append(mean)
     return steps, means
+
+
+def _reward_html(view: RunView) -> str:
+    """The reward curve, or why there is none."""
+    if not view.rollouts:
+        return ("<p>No reward curve: rollouts.jsonl is empty, the run recorded no rollouts "
+                "(<code>ShardCallback(record_rollouts=False)</code>).</p>")
+    if not step_reward_means(view)[0]:
+        return "<p>No reward curve: no completion of any step was scored.</p>"
+    return plot_reward(view)
 
 
 def plot_reward(view: RunView) -> str:
@@ -270,7 +278,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     parts = [_section("summary", "Run", _summary_html(view, summary, shards, density, tags,
                                                       initial_model))]
     parts.append(_section("sae-curves", "SAE training", plot_sae_curves(view) + _CURVES_NOTE))
-    parts.append(_section("reward", "Reward", plot_reward(view)))
+    parts.append(_section("reward", "Reward", _reward_html(view)))
     untrained = ("<p>No shards selected (<code>--shards 0</code> and no always-on shard).</p>"
                  if n_shards == 0 and bool(density.abs().sum() > 0) else
                  "<p>No activations: the SAE never trained (see the run's summary).</p>")

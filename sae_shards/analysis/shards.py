@@ -23,11 +23,13 @@ from torch import Tensor
 
 from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, Families,
                                           find_families)
+from sae_shards.capture.rollouts import scored_mean
 from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, read_safetensors,
                                         save_checkpoint)
 from sae_shards.core.factored import cross_gram
-from sae_shards.run import rundir
 from sae_shards.core.sae import LowRankSAE
+from sae_shards.run import rundir
+from sae_shards.run.jsonl_index import JsonlIndex
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,16 @@ class ShardSet:
         return self.sae.encode(self.sae.to_scaled(sample))
 
 
+def _labels(tasks: list[Any] | None) -> tuple[str, ...]:
+    return tuple(sorted(set(map(str, tasks or []))))
+
+
+STEP_BRIEF = {"labels": lambda row: _labels(row.get("tasks")),
+              "mean_reward": lambda row: scored_mean(row.get("rewards") or [])}
+"""What ``RunView`` keeps of every step's rollouts (``JsonlIndex.derived``): its sorted context
+labels and its mean reward over the scored completions (NaN when none was scored)."""
+
+
 class RunView:
     """A run, finished, interrupted or killed (read as of its newest checkpoint, or
     ``checkpoint``): its shards plus which RL steps and rollouts activated each of them. Methods
@@ -237,7 +249,10 @@ class RunView:
             if key not in self.activations:
                 raise CheckpointError(f"{acts_file}: missing tensor {key!r}")
         self._check_activations_fit(acts_file)
-        self.rollouts = {r["step"]: r for r in rundir.read_jsonl(self.run_dir / rundir.ROLLOUTS)}
+        self.rollouts = JsonlIndex(self.run_dir / rundir.ROLLOUTS, "step", derive=STEP_BRIEF)
+        """``rl_step -> rollouts.jsonl`` record (prompts, completions, rewards, advantages,
+        labels), read from the file when asked for; ``rollouts.derived(step)`` holds the step's
+        ``labels`` and ``mean_reward`` (``STEP_BRIEF``) without a read."""
         events = self.run_dir / rundir.EVENTS
         self.events = {(r["step"], r["event"]): r
                        for r in (rundir.read_jsonl(events) if events.is_file() else [])}
@@ -337,10 +352,10 @@ class RunView:
         out = []
         for step, event in zip(steps.tolist(), events.tolist()):
             if event >= 0:
-                labels = self.events.get((step, event), {}).get("tasks") or []
+                out.append(_labels(self.events.get((step, event), {}).get("tasks")))
             else:
-                labels = (self.rollouts.get(step) or {}).get("tasks") or []
-            out.append(tuple(sorted(set(map(str, labels)))))
+                out.append(self.rollouts.derived(step)["labels"] if step in self.rollouts
+                           else ())
         return out
 
     def attribution(self, shard: int | Shard, which: str = "final") -> Attribution | None:

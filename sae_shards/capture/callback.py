@@ -413,9 +413,9 @@ class ShardCallback(TrainerCallback):
                                                  last)
         self._t0 -= self._wall_before  # wall_s: the whole run's, up to the checkpoint and after
         rundir.remove_derived(self.run_dir, ending=True)
-        for row in rundir.read_jsonl(self.run_dir / rundir.ROLLOUTS):
+        for _, _, row in rundir.iter_jsonl(self.run_dir / rundir.ROLLOUTS):
             self._rewards[row["step"]] = scored_mean(row["rewards"])
-        self._fvu = [row["fvu"] for row in rundir.read_jsonl(self.run_dir / rundir.METRICS)
+        self._fvu = [row["fvu"] for _, _, row in rundir.iter_jsonl(self.run_dir / rundir.METRICS)
                      if row.get("kind") == "sae"]
         # a script configures no logging: say it at a level Python shows by default
         log.log(logging.INFO if self.run_config else logging.WARNING,

@@ -54,8 +54,8 @@ from sae_shards.capture.selection import (LoraTarget, Target, check_not_sharded,
                                           full_shape)
 from sae_shards.capture.step_rules import (Scratch, deconv_coefficients, deconv_state, step_rule,
                                            unwrap_optimizer, write_deconv, write_precond)
-from sae_shards.capture.update_writer import (SqNorm, alloc_snapshot, finite_norm, pieces,
-                                              target_params, write_update, write_updates)
+from sae_shards.capture.update_writer import (SqNorm, alloc_snapshot, finite_norm,
+                                              target_params, write_updates)
 from sae_shards.core.targets import check_batch
 from sae_shards.run.config import SOURCES
 

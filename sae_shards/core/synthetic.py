@@ -153,7 +153,7 @@ class PlantedStream:
         Materialised, a sample is a sparse combination of planted directions plus rank
         ``noise_rank`` noise, times ``scale``.
         """
-        cfg, K = self.cfg, self.cfg.n_directions
+        cfg = self.cfg
         if T < self.min_event_rank():
             raise ValueError(f"T={T} rows cannot hold active_max * rank + noise_rank = "
                              f"{self.min_event_rank()} factor rows")

@@ -281,12 +281,19 @@ def _prepare_locked(run_dir: Path, overwrite: bool, resume: bool) -> Path:
         if path.is_file() and not path.is_symlink() and path.stat().st_size == 0:
             path.unlink()
     if overwrite:
+        removed = []
         for name in OWNED:
             path = run_dir / name
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             elif path.exists() or path.is_symlink():
                 path.unlink()
+            else:
+                continue
+            removed.append(name)
+        if removed:  # said where Python shows it by default: a script configures no logging
+            log.warning("overwrite=true: removed the earlier run in %s (%s)", run_dir,
+                        ", ".join(removed))
     _remove_leftovers(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -473,38 +480,50 @@ class JsonLines:
             f.write(line + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines log; a torn last line (a kill mid-write) is dropped with a
-    warning, any other bad line is a ``CheckpointError`` naming the file and line."""
+def iter_jsonl(path: Path) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+    """``(offset, line, row)`` for each row of a JSON-lines log, read one line at a time (a log
+    of any size in constant memory): the byte offset and raw bytes of its line, and the parsed
+    row. A torn last line (a kill mid-write, even one cut inside a UTF-8 character) is dropped
+    with a warning; any other bad line is a ``CheckpointError`` naming the file and line."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; is this a sae-shards run directory?")
-    try:
-        lines = path.read_text().splitlines()
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not a text file ({e})") from e
-    rows = []
-    for n, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):
-                log.warning("%s: dropping a torn last line (the run was killed mid-write)", path)
-                break
-            raise CheckpointError(f"{path}:{n}: not valid JSON ({e})") from e
-        if not isinstance(row, dict):
-            raise CheckpointError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    with path.open("rb") as f:
+        offset, n, line = 0, 1, f.readline()
+        while line:
+            after = f.readline()
+            try:
+                row = json.loads(line)
+            except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError: not UTF-8 text
+                if not after:
+                    log.warning("%s: dropping a torn last line (the run was killed mid-write)",
+                                path)
+                    return
+                what = ("not UTF-8 text" if isinstance(e, UnicodeDecodeError)
+                        else "not valid JSON")
+                raise CheckpointError(f"{path}:{n}: {what} ({e})") from e
+            if not isinstance(row, dict):
+                raise CheckpointError(
+                    f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            yield offset, line, row
+            offset, n, line = offset + len(line), n + 1, after
 
 
-def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
-    """Rewrite ``path`` (atomically) with only the rows ``keep`` accepts; returns them."""
-    rows = [row for row in read_jsonl(path) if keep(row)] if path.is_file() else []
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines log (``iter_jsonl``: a torn last line is dropped, any other bad
+    line is a ``CheckpointError``)."""
+    return [row for _, _, row in iter_jsonl(path)]
+
+
+def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Rewrite ``path`` (atomically, one line at a time) with only the rows ``keep`` accepts,
+    each line as it was written; a torn last line is dropped."""
     tmp = path.with_name(f".{path.name}.tmp")
     with writing(path):
-        tmp.write_text("".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
+        with tmp.open("wb") as out:
+            for _, line, row in iter_jsonl(path) if path.is_file() else ():
+                if keep(row):
+                    out.write(line if line.endswith(b"\n") else line + b"\n")
         os.replace(tmp, path)
-    return rows
 
 
 def step_name(step: int) -> str:
