@@ -249,33 +249,60 @@ def test_a_script_run_whose_sae_cannot_train_is_refused_before_its_first_step(
     assert trainer.state.global_step == 0 and not (tmp_path / "run" / "rollouts.jsonl").exists()
 
 
+def _train_two_prompts(model_dir, tmp_path, callback, reward, max_steps: int,
+                       learning_rate: float = 3e-4) -> None:
+    """A user's script: GRPO on two prompts in groups of 4, 8 completions a step, with
+    ``callback`` the one line added."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    config = GRPOConfig(output_dir=str(tmp_path / "trl"), max_steps=max_steps,
+                        learning_rate=learning_rate, per_device_train_batch_size=8,
+                        num_generations=4, max_completion_length=8, use_cpu=True, bf16=False,
+                        report_to="none", save_strategy="no", disable_tqdm=True,
+                        gradient_checkpointing=False)
+    GRPOTrainer(model=str(model_dir), reward_funcs=[reward], args=config,
+                train_dataset=Dataset.from_dict({"prompt": ["a b", "c d"] * 8}),
+                callbacks=[callback]).train()
+
+
+def _length_reward(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
 def _tied_reward(prompts, completions, **kwargs):
     """Every completion alike: every prompt group ties, no event has an advantage."""
     return [1.0] * len(completions)
+
+
+def test_a_script_run_whose_updates_are_all_zero_says_so(tiny_model, tmp_path):
+    """No weight moved (learning rate 0 here; on a GPU, every step skipped by fp16 loss
+    scaling): the summary says the samples were zeros, not that there were too few."""
+    callback = ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 2})
+    _train_two_prompts(tiny_model, tmp_path, callback, _length_reward, 3, learning_rate=0.0)
+    summary = callback.summary
+    assert summary["captured"] == summary["zero_samples"] == 3 and summary["sae_steps"] == 0
+    assert summary["warning"].startswith(
+        "the SAE never trained: every one of the 3 captured samples was all zeros, nothing to "
+        "train on (no target weight changed: a learning rate of 0")
 
 
 def test_a_script_run_whose_events_never_fill_the_warm_up_says_so(tiny_model, tmp_path):
     """Per event a step gives at most its prompt groups, and fewer when groups tie (no
     advantage, no event): a run whose bound is met but whose SAE never trained says so in its
     summary, and analyze still reads it."""
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
     run = tmp_path / "run"
     callback = ShardCallback(run_dir=run, capture={"granularity": "group"},
                              runner={"min_samples": 8})  # 4 steps x 2 groups: reachable
-    config = GRPOConfig(output_dir=str(tmp_path / "trl"), max_steps=4, learning_rate=3e-4,
-                        per_device_train_batch_size=8, num_generations=4,
-                        max_completion_length=8, use_cpu=True, bf16=False, report_to="none",
-                        save_strategy="no", disable_tqdm=True, gradient_checkpointing=False)
-    GRPOTrainer(model=str(tiny_model), reward_funcs=[_tied_reward], args=config,
-                train_dataset=Dataset.from_dict({"prompt": ["a b", "c d"] * 8}),
-                callbacks=[callback]).train()
+    _train_two_prompts(tiny_model, tmp_path, callback, _tied_reward, 4)
     summary = callback.summary
     assert summary["sae_steps"] == 0 and "the SAE never trained" in summary["warning"]
     # the steps were trained although none gave an event (was 0: the last step with samples)
     assert summary["rl_steps"] == 4 and summary["skipped_steps"] is None
     assert "runner.min_samples=8" in summary["warning"]
+    assert summary["warning"].startswith("the SAE never trained: no event was captured (8 had "
+                                         "every advantage 0: all completions of their prompt "
+                                         "rewarded alike; 0 a zero gradient)")
     stored = json.loads((run / "summary.json").read_text(), parse_constant=pytest.fail)  # no NaN
     assert stored["fvu_first"] is None and stored["warning"] == summary["warning"]
     assert cli_main(["analyze", str(run), "--no-dose"]) == 0  # n/a where the FVU is null

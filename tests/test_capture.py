@@ -14,10 +14,12 @@ from sae_shards.capture.selection import LoraTarget, select_targets
 MAX_STEPS = 4
 
 
-def train(model, callbacks, tmp_path, grad_accum: int = 1, max_grad_norm: float = 1.0) -> Trainer:
+def train(model, callbacks, tmp_path, grad_accum: int = 1, max_grad_norm: float = 1.0,
+          learning_rate: float = 1e-2) -> Trainer:
     args = TrainingArguments(
         output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=MAX_STEPS,
-        per_device_train_batch_size=2, gradient_accumulation_steps=grad_accum, learning_rate=1e-2,
+        per_device_train_batch_size=2, gradient_accumulation_steps=grad_accum,
+        learning_rate=learning_rate,
         optim="adamw_torch", max_grad_norm=max_grad_norm, logging_steps=1, save_strategy="no",
         lr_scheduler_type="constant", seed=0, disable_tqdm=True,
     )
@@ -76,6 +78,34 @@ def test_update_capture_equals_parameter_change_exactly(tmp_path, grad_accum):
             assert torch.equal(delta, after[name] - before[name]), (t, name)
             assert delta.abs().max() > 1e-4  # the weights really moved
     assert capture.n_captured == MAX_STEPS and capture.n_zero == 0 and capture.n_nonfinite == 0
+
+
+def test_bf16_weights_are_said_to_round_the_update_away(tmp_path, caplog):
+    """bf16 weights keep what survives rounding of a small step: the capture records exactly
+    that (what the weights did) and says so; fp32 weights are not warned about."""
+    import logging
+
+    model = tiny_lm().to(torch.bfloat16)
+    targets = select_targets(model, PATTERNS[:1])
+    buffer = make_buffer(targets)
+    recorder = Recorder(dense_reader(targets))
+    with caplog.at_level(logging.WARNING, logger="sae_shards.capture.delta"):
+        train(model, [DeltaCapture(targets, buffer), recorder], tmp_path, learning_rate=1e-5)
+    (said,) = [r.getMessage() for r in caplog.records if "round" in r.getMessage()]
+    assert said.startswith("capture.source=update: 2 of the targets (model.layers.0.self_attn."
+                           "q_proj.weight, model.layers.1.self_attn.q_proj.weight) are stored in "
+                           "bfloat16") and "bf16=True" in said
+    samples, _ = captured_in_order(buffer)
+    for t, sample in enumerate(samples):  # exactly what the bf16 weights did: mostly nothing
+        for name, delta in sample.items():
+            assert torch.equal(delta, recorder.states[t + 1][name] - recorder.states[t][name])
+            assert float((delta == 0).float().mean()) > 0.5
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sae_shards.capture.delta"):
+        fp32 = tiny_lm()
+        fp32_targets = select_targets(fp32, PATTERNS[:1])
+        train(fp32, [DeltaCapture(fp32_targets, make_buffer(fp32_targets))], tmp_path)
+    assert not [r for r in caplog.records if "round" in r.getMessage()]
 
 
 def test_update_capture_bf16_storage_rounds_the_fp32_delta(tmp_path):

@@ -185,6 +185,57 @@ def test_deconv_recovers_sgd_momentum_gradient_exactly(tmp_path):
             assert torch.equal(got, sample[name].to(torch.bfloat16).float()), name
 
 
+class SkipStep(TrainerCallback):
+    """Undoes optimizer step ``step`` before the capture reads it, weights and momentum, as a
+    GradScaler that found an inf leaves them (fp16 loss scaling; it needs a GPU to happen)."""
+
+    def __init__(self, model, sgd, step):
+        self.model, self.sgd, self.step, self.saved = model, sgd, step, None
+
+    @torch.no_grad()
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            self.saved = ([p.clone() for p in self.model.parameters()],
+                          {p: s["momentum_buffer"].clone() for p, s in self.sgd.state.items()})
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.saved is not None:
+            weights, momenta = self.saved
+            for p, w in zip(self.model.parameters(), weights):
+                p.copy_(w)
+            for p, m in momenta.items():
+                self.sgd.state[p]["momentum_buffer"].copy_(m)
+            self.saved = None
+
+
+def test_deconv_skips_a_step_the_optimizer_skipped_and_the_one_after(tmp_path, caplog):
+    """A step that changed no weight is no step of the optimizer's rule: inverting it gave a
+    sample of norm ~ the others' for a step that did nothing, and a wrong one after it."""
+    import logging
+
+    model = tiny_lm()
+    targets = select_targets(model, PATTERNS)
+    lr, mu = 0.1, 0.9
+    sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=mu)
+    schedule = torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0)
+    buffer = make_buffer(targets)
+    capture = DeltaCapture(targets, buffer, source="deconv")
+    truth = GradTruth(targets)
+    with caplog.at_level(logging.WARNING, logger="sae_shards.capture.delta"):
+        train(model, [truth, SkipStep(model, sgd, 3), capture], tmp_path, max_steps=6,
+              optimizers=(sgd, schedule), max_grad_norm=1.0)
+    samples, steps = captured_in_order(buffer)
+    assert steps == [1, 2, 5, 6] and capture.n_skipped == 2
+    assert "step 3: no deconv sample (no weight changed: the optimizer skipped" in caplog.text
+    assert "step 4: no deconv sample (the previous update is unknown" in caplog.text
+    eps = torch.finfo(torch.float32).eps
+    for sample, t in zip(samples, steps):  # still the gradient, exactly, after the skip
+        for name, got in sample.items():
+            g, theta = truth.grads[t - 1][name], truth.theta_max[t - 1][name]
+            assert (got.double() - g).abs().max() < eps * theta * (1 + mu) / lr, (t, name)
+
+
 @pytest.mark.parametrize("source,make,message", [
     ("precond", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
      r"'precond' needs torch.optim.Adam/AdamW, but .* is torch\.optim\.sgd\.SGD"),

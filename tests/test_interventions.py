@@ -53,6 +53,36 @@ def test_add_direction_changes_then_restores_bit_exactly(dtype):
     _assert_bit_equal(model, before)
 
 
+def test_a_change_bf16_weights_round_away_is_warned_about(caplog):
+    """A unit direction at a small alpha is mostly lost in bf16 weights (8 significant bits):
+    said with the share lost, as is ablating it; large changes and fp32 weights are not."""
+    import logging
+
+    model, _ = tiny_model_and_tokenizer(seed=0)
+    direction = _random_direction(model, [BODY])
+    direction[BODY] /= direction[BODY].norm()
+    said = lambda: [r.getMessage() for r in caplog.records if "cannot hold" in r.getMessage()]  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="sae_shards.analysis.interventions"):
+        for alpha in (1e-4, 10.0):
+            with add_direction(model, direction, alpha):  # fp32: every change is held
+                pass
+        assert said() == []
+        model.to(torch.bfloat16)
+        with add_direction(model, direction, 10.0):
+            pass
+        assert said() == []
+        with add_direction(model, direction, 1e-4):
+            pass
+        (line,) = said()
+        lost = float(line.split("rounding loses ")[1].split("%")[0])
+        assert line.startswith("the model's torch.bfloat16 weights cannot hold this change")
+        assert lost > 50 and "model.float()" in line
+        initial = {BODY: dict(model.named_parameters())[BODY].float() - 1e-4 * direction[BODY]}
+        with remove_direction(model, direction, initial) as c:
+            assert c == pytest.approx(1e-4, rel=0.2)
+        assert len(said()) == 2
+
+
 def test_restore_after_exception_in_body(model_and_tokenizer):
     model, _ = model_and_tokenizer
     before = _snapshot(model)

@@ -110,8 +110,44 @@ def test_non_writers_are_skipped_and_writer_free_input_is_an_error(model_and_tok
 
 def test_wrong_orientation_names_the_target(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    with pytest.raises(ValueError, match="down_proj.*d_model is 64"):
+    with pytest.raises(ValueError, match=r"down_proj.weight' has shape \(128, 64\) but the "
+                                         r"parameter has shape \(64, 128\)"):
         logit_lens(model, tokenizer, {DOWN: torch.randn(128, 64)})
+
+
+@pytest.mark.parametrize("component", [torch.randn(64, 64), torch.randn(64, 5),
+                                       (torch.randn(64, 1), torch.randn(7, 1))],
+                         ids=["square", "narrow", "factored"])
+def test_a_component_of_another_matrix_is_refused(model_and_tokenizer, component):
+    """Right on the d_model side, wrong on the other: read from another matrix, not this one."""
+    model, tokenizer = model_and_tokenizer
+    with pytest.raises(ValueError, match=r"down_proj.weight' has .* but the parameter has shape "
+                                         r"\(64, 128\)"):
+        logit_lens(model, tokenizer, {DOWN: component})
+
+
+def test_a_shard_is_read_as_its_unit_factors_and_a_zero_one_refused(model_and_tokenizer):
+    from sae_shards.analysis.shards import ShardSet
+    from sae_shards.core.sae import LowRankSAE
+    from sae_shards.core.sae_config import SAEConfig
+    from sae_shards.core.targets import make_targets
+
+    model, tokenizer = model_and_tokenizer
+    torch.manual_seed(0)
+    targets = make_targets({DOWN: (64, 128), O_PROJ: (64, 64), "model.norm.weight": (64,)}, 2)
+    shards = ShardSet(LowRankSAE(targets, SAEConfig(n_latents=4, k=1, rank=2)), {}, {})
+    shard = shards[1]
+    direct = logit_lens(model, tokenizer, shard, top_k=4, writers=[DOWN, O_PROJ])
+    factors = {n: f for n, f in shard.factors().items() if n != "model.norm.weight"}
+    assert [(r.target, r.promoted_ids) for r in direct] == [
+        (r.target, r.promoted_ids) for r in logit_lens(model, tokenizer, factors, top_k=4)]
+    never_fired = shard.dense()  # scaled by a typical activation it never had: all zeros
+    assert all(not v.any() for v in never_fired.values())
+    with pytest.raises(ValueError, match=r"every writer component is all zeros.* give the Shard "
+                                         r"itself, or shard.dense\(scaled=False\)"):
+        logit_lens(model, tokenizer, never_fired)
+    with pytest.raises(TypeError, match="components must be a Shard or a"):
+        logit_lens(model, tokenizer, [shard])
 
 
 def test_writers_found_by_module_type_and_execution_order(model_and_tokenizer):
@@ -167,8 +203,12 @@ def test_rectangular_conv1d_and_writer_bias(gpt2_and_tokenizer):
     assert [r.target for r in results] == [MLP_C_PROJ, bias]
     assert results[0].promoted[0][0] == "z"  # sign kept: +u promotes z
     assert results[1].suppressed[0][0] == "z"  # a bias is its own direction: -u suppresses z
-    with pytest.raises(ValueError, match=r"mlp.c_proj.*size 128.*d_model is 64.*\(128, 64\)"):
+    with pytest.raises(ValueError, match=r"mlp.c_proj.weight' has shape \(64, 128\) but the "
+                                         r"parameter has shape \(128, 64\)"):
         logit_lens(model, tokenizer, {MLP_C_PROJ: torch.randn(64, 128)})
+    with pytest.raises(ValueError, match=r"mlp.c_proj.bias' writes vectors of size 128 but the "
+                                         r"model's d_model is 64"):
+        logit_lens(model, tokenizer, {bias: torch.randn(128)})
 
 
 def test_writer_that_is_not_a_matrix_layer_is_an_error(gpt2_and_tokenizer):

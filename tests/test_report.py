@@ -190,6 +190,7 @@ def test_the_notebook_example_in_docs_runs_as_written(short_run_dir, tmp_path):
     text = (Path(__file__).resolve().parents[1] / "docs" / "analysis.md").read_text()
     code = re.search(r"## In a notebook\n```python\n(.*?)```", text, re.S).group(1)
     live = int(RunView(short_run_dir).density().argmax())
+    code = code.replace('"runs/default", 100))', '"runs/default", 12))')  # its step checkpoint
     code = code.replace('"runs/default"', repr(str(short_run_dir)))
     code = code.replace('"my_shards"', repr(str(tmp_path / "my_shards")))
     code = code.replace("view.shards[20]", f"view.shards[{live}]")
@@ -246,6 +247,7 @@ def test_the_readme_loading_example_runs_as_written(short_run_dir):
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     code = re.search(r"## Loading shards\n\n```python\n(.*?)```", text, re.S).group(1)
+    code = code.replace('"runs/default", 100))', '"runs/default", 12))')  # its step checkpoint
     code = code.replace('"runs/default"', repr(str(short_run_dir)))
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)

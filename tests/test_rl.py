@@ -100,6 +100,10 @@ def test_config_is_cpu_fp32_and_quiet(tmp_path):
     # asked for under either name, it is on (the default under the new name does not win)
     for name in ("gradient_checkpointing", "activation_checkpointing"):
         assert trl_config({name: True}, tmp_path).activation_checkpointing, name
+    if not torch.cuda.is_available():  # bf16 autocast only when asked; fp16 named, refused
+        assert trl_config({"bf16": True}, tmp_path).bf16
+        with pytest.raises(ValueError, match=r"rl.extra.fp16=true needs a GPU.* rl.extra.bf16=true"):
+            trl_config({"fp16": True}, tmp_path)
 
 
 def test_config_errors_name_the_key(tmp_path):

@@ -49,6 +49,24 @@ def test_container_and_dense_shards(run_dir):
     assert c > 0 and torch.allclose(scaled[shards.target_names[0]], unit[shards.target_names[0]] * c)
 
 
+def test_match_follows_each_shard_to_its_nearest_in_another_set(run_dir, tmp_path):
+    shards = ShardSet.from_run(run_dir)
+    assert [m.index for m in shards.match(shards)] == list(range(16))
+    assert all(m.cosine == pytest.approx(1.0, abs=1e-5) for m in shards.match(shards))
+    # another set: the same directions in reverse order, every other one negated
+    other = ShardSet.load(shards.save(tmp_path / "copy"))
+    with torch.no_grad():
+        for tf in other.sae.factors:
+            for j, f in enumerate(tf.factors("decoder")):  # U and V (or d) of every latent
+                sign = torch.tensor([1.0, -1.0] * 8).view(-1, *[1] * (f.ndim - 1))
+                f.copy_(f.flip(0) * (sign if j == 0 else 1.0))
+    got = shards.match(other)
+    assert [m.index for m in got] == list(range(15, -1, -1))
+    assert [round(m.cosine) for m in got] == [1.0 if (15 - i) % 2 == 0 else -1.0 for i in range(16)]
+    cos = shards.cosine_matrix(other).abs()
+    assert all(abs(m.cosine) == pytest.approx(float(cos[i].max())) for i, m in enumerate(got))
+
+
 def test_factored_geometry_matches_dense(run_dir):
     shards = ShardSet.from_run(run_dir)
     flat = torch.stack([torch.cat([v.flatten() for v in s.dense(scaled=False).values()]) for s in shards])
@@ -187,6 +205,10 @@ def test_a_torn_last_log_line_is_dropped_and_a_torn_middle_line_named(run_dir, t
 def test_the_api_names_what_a_reader_gets_wrong(run_dir, tmp_path):
     """A run directory handed to ShardSet.load, a checkpoint directory to from_run, a tab
     completion's trailing slash, a negative k: each answered in the reader's terms."""
+    from numpy import int64 as np_int
+
+    from sae_shards.analysis.shards import checkpoint_name, load_run_models
+
     with pytest.raises(CheckpointError, match=r"is a run directory: load its shards with "
                                               r"ShardSet.from_run"):
         ShardSet.load(run_dir)
@@ -200,6 +222,19 @@ def test_the_api_names_what_a_reader_gets_wrong(run_dir, tmp_path):
     with pytest.raises(CheckpointError, match=r"is not one of .* checkpoints"):
         RunView(run_dir, str(elsewhere))
     assert repr(view) == f"RunView({str(run_dir)!r}, checkpoint='final': 12 samples)"
+    # an RL step names its checkpoint; a saved shard set is not read as a checkpoint of /tmp's
+    assert checkpoint_name(run_dir, 7) == "step_000007" == checkpoint_name(run_dir, np_int(7))
+    assert ShardSet.from_run(run_dir, 12).path.name == "step_000012"  # the last step's
+    with pytest.raises(CheckpointError, match=r"no checkpoint 'step_000007' \(it has \['final', "
+                                              r"'step_000012'\]\)"):
+        load_run_models(run_dir, 7)
+    for wrong in (True, -3, 1.5):
+        with pytest.raises(TypeError, match=r"its RL step as an int >= 0"):
+            RunView(run_dir, wrong)
+    view.shards.save(tmp_path / "saved")
+    with pytest.raises(CheckpointError, match=r"saved is a checkpoint directory, not a run: load "
+                                              r"it with ShardSet.load\('[^']*'\)$"):
+        RunView(tmp_path / "saved")
     import numpy as np
 
     assert len(view.top_steps(0, k=np.int64(2))) <= 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import math
 import threading
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, TrainerState
 
 from sae_shards.analysis.reward_task import RewardTask, is_conversational
 from sae_shards.recipe.tasks import LABEL_COLUMN, MultiSkillTask, Task
+
+logger = logging.getLogger(__name__)
 
 Direction = Mapping[str, Tensor]
 """``{parameter name: tensor of that parameter's shape}``, in parameter units."""
@@ -97,6 +100,34 @@ def _resolve(
     return resolved
 
 
+ROUNDING_TOLERANCE = 0.01
+"""The share of a weight change that rounding to the parameters' dtype may lose before
+``set_weights`` warns (relative Frobenius error of the change actually made)."""
+
+
+def _warn_rounding(params: Mapping[str, nn.Parameter], weights: Mapping[str, Tensor]) -> None:
+    """Warn when 16-bit parameters cannot hold the change: a direction added to bf16 weights
+    keeps 8 significant bits of their sum, so a change smaller than about 2^-9 of a weight
+    rounds away and the steering or ablation measures another direction than the one asked."""
+    low = [name for name, p in params.items() if p.dtype in (torch.bfloat16, torch.float16)]
+    if not low:
+        return
+    asked, lost = 0.0, 0.0
+    for name in low:
+        p = params[name]
+        want = weights[name].to(p.device, torch.float32) - p.float()
+        made = weights[name].to(p.device, p.dtype).float() - p.float()
+        asked += float(want.pow(2).sum(dtype=torch.float64))
+        lost += float((made - want).pow(2).sum(dtype=torch.float64))
+    if asked > 0 and math.sqrt(lost / asked) > ROUNDING_TOLERANCE:
+        logger.warning(
+            "the model's %s weights cannot hold this change: rounding loses %.0f%% of it "
+            "(relative error of the change made, over %d parameters), so the result measures "
+            "another direction than the one asked; convert the model to float32 first "
+            "(model.float()), as load_run_models loads it",
+            params[low[0]].dtype, 100 * math.sqrt(lost / asked), len(low))
+
+
 @contextlib.contextmanager
 def set_weights(model: nn.Module, weights: Mapping[str, Tensor]) -> Iterator[None]:
     """Set the named parameters to ``weights`` (cast to each parameter's dtype) inside the block.
@@ -106,6 +137,7 @@ def set_weights(model: nn.Module, weights: Mapping[str, Tensor]) -> Iterator[Non
     params = _resolve(model, weights, "set_weights")
     with torch.no_grad():
         originals = {name: p.detach().clone() for name, p in params.items()}
+        _warn_rounding(params, weights)
         try:
             for name, p in params.items():
                 p.copy_(weights[name].to(device=p.device, dtype=p.dtype))
@@ -119,7 +151,8 @@ def set_weights(model: nn.Module, weights: Mapping[str, Tensor]) -> Iterator[Non
 def add_direction(model: nn.Module, direction: Direction, alpha: float) -> Iterator[None]:
     """Add ``alpha * direction`` to the named parameters inside the block; restore bit-exactly.
 
-    The sum is computed in fp32 and cast back to each parameter's dtype (bf16 weights included).
+    The sum is computed in fp32 and cast back to each parameter's dtype; 16-bit weights that
+    cannot hold the change (it rounds away: a small ``alpha``) are warned about.
     """
     params = _resolve(model, direction, "add_direction")
     with torch.no_grad():

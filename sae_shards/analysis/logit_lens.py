@@ -34,7 +34,7 @@ import fnmatch
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Collection, Mapping, NamedTuple, Sequence
+from typing import Any, Collection, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -273,6 +273,37 @@ def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
     return text
 
 
+def _as_components(components: Any) -> Mapping[str, Component]:
+    """``components`` as ``{name: Component}``: a ``Shard`` gives its unit direction's factors
+    (a 1-D target's ``(d,)`` as ``d``)."""
+    if hasattr(components, "factors") and not isinstance(components, Mapping):  # a Shard
+        return {name: f[0] if len(f) == 1 else f for name, f in components.factors().items()}
+    if not isinstance(components, Mapping):
+        raise TypeError(f"logit_lens: components must be a Shard or a {{parameter name: "
+                        f"component}} mapping, not {type(components).__name__}")
+    return components
+
+
+def _is_zero(component: Component) -> bool:
+    parts = component if isinstance(component, tuple) else (component,)
+    return any(not bool(x.detach().any()) for x in parts)
+
+
+def _check_layout(name: str, component: Component, shape: tuple[int, ...]) -> None:
+    """A matrix component must be laid out as its parameter: ``shape``, or ``(U [m, r],
+    V [n, r])`` with ``(m, n) == shape``; else it was taken from another matrix."""
+    if isinstance(component, tuple):
+        got = tuple(x.shape[0] for x in component) if len(component) == 2 else None
+        what = f"factors of shapes {[tuple(x.shape) for x in component]}"
+    else:
+        got, what = tuple(component.shape), f"shape {tuple(component.shape)}"
+    if got != shape:
+        raise ValueError(
+            f"logit_lens: component {name!r} has {what} but the parameter has shape {shape}: "
+            "give it laid out as the parameter (dense, or (U [m, r], V [n, r]) with U V^T of "
+            "the parameter's shape)")
+
+
 def logit_lens(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -294,6 +325,7 @@ def logit_lens(
     gain (``norm_gain`` of ``find_final_norm``). See the module docstring for the sign convention
     and the skipped normalisation.
     """
+    components = _as_components(components)
     if writers is None:
         writers = writer_targets(model)
     chosen, skipped = split_writers(list(components), writers)
@@ -312,6 +344,11 @@ def logit_lens(
         final_norm = norm_gain(find_final_norm(model), d_model)
     gain = final_norm.detach().to(unembed)  # [d_model]
     results = []
+    if all(_is_zero(components[name]) for name in chosen):
+        raise ValueError(
+            "logit_lens: every writer component is all zeros, so nothing is written (a shard "
+            "that never fired, given as shard.dense(), which scales it by its typical "
+            "activation: give the Shard itself, or shard.dense(scaled=False))")
     for name in chosen:
         component = components[name]
         if not (isinstance(component, Tensor) and component.ndim == 1):
@@ -321,6 +358,7 @@ def logit_lens(
                     f"layer of {type(model).__name__}, so its write side is unknown; matrix "
                     f"weights include {few_names(layers)}"
                 )
+            _check_layout(name, component, tuple(layers[name].weight.shape))
             component = write_side(component, layer_output_axis(layers[name]))
         left, s = write_directions(component, rtol)  # [d_model, k], [k]
         if left.shape[0] != d_model:

@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import operator
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple
@@ -105,9 +106,10 @@ class ShardSet:
         return cls(loaded.sae, loaded.config, loaded.stats, loaded.path)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, checkpoint: str | None = None) -> "ShardSet":
-        """The shards of a run's checkpoint: ``final``, ``step_XXXXXX``, or None for the newest
-        (``final`` when the run finished, its last step checkpoint when it was interrupted)."""
+    def from_run(cls, run_dir: str | Path, checkpoint: str | int | None = None) -> "ShardSet":
+        """The shards of a run's checkpoint: ``final``, ``step_XXXXXX`` (or its RL step as an
+        int), or None for the newest (``final`` when the run finished, its last step checkpoint
+        when it was interrupted)."""
         run_dir = Path(run_dir)
         return cls.load(run_dir / rundir.CHECKPOINTS / checkpoint_name(run_dir, checkpoint))
 
@@ -179,6 +181,15 @@ class ShardSet:
                       for s in (self, other))
         return cross / own[:, None] / their[None]
 
+    def match(self, other: ShardSet) -> list[ShardMatch]:
+        """For each shard, ``other``'s shard whose direction is nearest (largest |cosine|; its
+        signed cosine kept): a shard followed to another checkpoint, or another run over the
+        same targets. Shard indices do not carry over between checkpoints; this does. Several
+        shards may match the same one (it is not a one-to-one assignment)."""
+        cos = self.cosine_matrix(other)  # [n_shards, n_other]
+        best = cos.abs().argmax(1)
+        return [ShardMatch(int(j), float(cos[i, j])) for i, j in enumerate(best.tolist())]
+
     def save(self, path: str | Path) -> Path:
         """Write these shards (SAE, statistics, metadata) as a checkpoint directory that
         ``ShardSet.load`` reads (safetensors and JSON, written atomically)."""
@@ -221,7 +232,7 @@ class RunView:
                 f"{self.activations['final.rl_step'].numel()} samples"
                 + (", per event" if self.per_event else "") + ")")
 
-    def __init__(self, run_dir: str | Path, checkpoint: str | None = None) -> None:
+    def __init__(self, run_dir: str | Path, checkpoint: str | int | None = None) -> None:
         self.run_dir = Path(run_dir)
         # "final/" (tab completion) and "checkpoints/final" name the checkpoint "final"
         self.checkpoint = checkpoint_name(self.run_dir, checkpoint)
@@ -467,13 +478,23 @@ class RunView:
         return out
 
 
-def checkpoint_name(run_dir: Path, checkpoint: str | None) -> str:
+def checkpoint_name(run_dir: Path, checkpoint: str | int | None) -> str:
     """The checkpoint a reader asked for, by its name (``final/`` from tab completion and a path
-    to one of this run's checkpoints are ``final``), or the run's newest
+    to one of this run's checkpoints are ``final``) or its RL step (``100``: ``step_000100``),
+    or the run's newest
     (``rundir.latest_checkpoint``). A path into another directory is refused: it would
     silently read this run's checkpoint of the same name."""
-    if not checkpoint:
+    if checkpoint is None or checkpoint == "":
         return rundir.latest_checkpoint(run_dir)
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        try:  # an RL step: RunView(run, 100) reads checkpoints/step_000100
+            step = None if isinstance(checkpoint, bool) else operator.index(checkpoint)
+        except TypeError:
+            step = None
+        if step is None or step < 0:
+            raise TypeError(f"checkpoint={checkpoint!r}: a checkpoint's name (final, "
+                            "step_XXXXXX), its path, or its RL step as an int >= 0")
+        return rundir.step_name(step)
     path = Path(checkpoint)
     if len(path.parts) > 1 and not (
             path.parent.resolve() == (Path(run_dir) / rundir.CHECKPOINTS).resolve()
@@ -492,6 +513,15 @@ def _check_k(k: Any) -> None:
         ok = False
     if not ok:
         raise ValueError(f"k={k!r}: how many to list, an int >= 0")
+
+
+class ShardMatch(NamedTuple):
+    """``ShardSet.match``: the nearest shard of the other set."""
+
+    index: int
+    """Its index in the other set."""
+    cosine: float
+    """The signed cosine of the two directions (a sign flip is the same direction)."""
 
 
 class Attribution(NamedTuple):
@@ -514,14 +544,14 @@ class RunModels(NamedTuple):
     task: Any  # the run's task, rebuilt from its config
 
 
-def policy_dir(run_dir: str | Path, checkpoint: str | None = None) -> Path:
+def policy_dir(run_dir: str | Path, checkpoint: str | int | None = None) -> Path:
     """Where the policy paired with ``checkpoint``'s shards is: ``final_model/`` for the final
     checkpoint (or None); for ``step_N``, TRL's own checkpoint of that step when it holds the
     policy (the job's ``trl/checkpoint-N``, or ``checkpoint-N`` under the user trainer's
     ``output_dir``, which ``ShardCallback`` records), else ``final_model/``."""
     run_dir = Path(run_dir)
     final = run_dir / rundir.FINAL_MODEL
-    step = rundir.step_of(checkpoint) if checkpoint else None
+    step = rundir.step_of(checkpoint_name(run_dir, checkpoint)) if checkpoint is not None else None
     if step is None:
         return final
     cfg = rundir.read_config(run_dir)
@@ -533,7 +563,7 @@ def policy_dir(run_dir: str | Path, checkpoint: str | None = None) -> Path:
     return final
 
 
-def load_run_models(run_dir: str | Path, checkpoint: str | None = None,
+def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
                     initial: str | Path | None = None) -> RunModels | None:
     """The run's initial and final model, tokenizer and task; None when a model directory is
     missing (``run_models_missing`` says which). With ``checkpoint`` (``step_N``) the "final"
@@ -548,6 +578,8 @@ def load_run_models(run_dir: str | Path, checkpoint: str | None = None,
     from sae_shards.recipe.tasks import build_task
 
     run_dir = Path(run_dir)
+    if checkpoint is not None:  # "final/", a path to it, or an RL step: its name
+        checkpoint = checkpoint_name(run_dir, checkpoint)
     if checkpoint is not None and not (run_dir / rundir.CHECKPOINTS / checkpoint).is_dir():
         folder = run_dir / rundir.CHECKPOINTS
         have = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
@@ -656,7 +688,7 @@ def initial_model_dir(run_dir: Path, cfg: Mapping[str, Any],
     return Path(model["path"]) if model.get("path") else run_dir / "model"
 
 
-def run_models_missing(run_dir: str | Path, checkpoint: str | None = None,
+def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
                        initial: str | Path | None = None) -> str | None:
     """Why :func:`load_run_models` has no models for this run and checkpoint (a sentence for
     the report), or None when it has them. ``initial``: the initial model's directory, when it
@@ -693,7 +725,8 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | None = None,
     saved = "adapter_config.json" if _is_lora(cfg) else "config.json"
     final = policy_dir(run_dir, checkpoint)
     if not (final / saved).is_file():
-        step = rundir.step_of(checkpoint) if checkpoint else None
+        step = (rundir.step_of(checkpoint_name(run_dir, checkpoint)) if checkpoint is not None
+                else None)
         trl = f" nor a TRL checkpoint-{step} holding it" if step is not None else ""
         paired = [rundir.step_name(s) for s in rundir.saved_steps(run_dir / rundir.CHECKPOINTS)
                   if (policy_dir(run_dir, rundir.step_name(s)) / saved).is_file()]

@@ -64,6 +64,25 @@ logger = logging.getLogger(__name__)
 _OPTIMIZER_SOURCES = ("precond", "deconv")  # need to know the optimizer's step rule
 
 
+def warn_low_precision_weights(targets: Mapping[str, Target], source: str) -> None:
+    """Warn when targets are stored in 16 bits: the optimizer's step is added to weights that
+    keep 8 (bf16) or 11 (fp16) significant bits, so a step smaller than about 2^-9 of a weight
+    rounds away, and ``theta_after - theta_before`` holds only what survived the rounding (at a
+    small learning rate, most entries zero). That is what the weights did, not what the
+    optimizer asked for; float32 weights (with bf16 autocast) keep the whole step."""
+    low = {n: p.dtype for n, t in targets.items() for p in target_params(t)
+           if p.dtype in (torch.bfloat16, torch.float16)}
+    if low:
+        dtypes = sorted({str(d).removeprefix("torch.") for d in low.values()})
+        logger.warning(
+            "capture.source=%s: %d of the targets (%s) are stored in %s, whose weights round "
+            "away an optimizer step smaller than about 2^-9 of their magnitude: the captured "
+            "update is what survived that rounding (often mostly zeros at a small learning "
+            "rate), not the optimizer's step. Load the model in float32 (dtype="
+            "torch.float32) and train with bf16=True (autocast) to capture the whole step",
+            source, len(low), few_names(list(low), 3), "/".join(dtypes))
+
+
 # ---- the callback -----------------------------------------------------------------------------
 
 
@@ -85,9 +104,11 @@ class DeltaCapture(TrainerCallback):
       ``step_rules.deconv_coefficients``). Adam/AdamW: an estimate of ``precond``, exact while
       Adam's denominator is unchanged between steps. ``torch.optim.SGD`` (dampening 0, no Nesterov):
       the clipped gradient, exactly up to fp32 rounding of the weights. A step with learning
-      rate 0 cannot be inverted, nor the step after it, nor the first step after resuming from a
-      checkpoint (no previous update): these are skipped and counted in ``n_skipped``, with a
-      warning. fp16 loss-scaling steps that the optimizer skips are not detected.
+      rate 0 cannot be inverted, nor a step that changed no weight (the optimizer skipped it:
+      fp16 loss scaling found an inf), nor the step after either, nor the first step after
+      resuming from a checkpoint (no previous update): these are skipped and counted in
+      ``n_skipped``, with a warning. Adam's bias correction counts ``global_step``, so after
+      skipped optimizer steps it runs ahead of Adam's own count (a small error, early only).
 
     ``grad``, ``precond`` and ``deconv`` take dense targets only and are not supported under
     DeepSpeed (gradients are not in ``param.grad``, parameters are flattened in the optimizer).
@@ -150,8 +171,8 @@ class DeltaCapture(TrainerCallback):
         self.n_outliers = 0
         """Samples skipped as outliers (``outlier_ratio``)."""
         self.n_skipped = 0
-        """``deconv`` steps that could not be inverted (learning rate 0 at the step or the one
-        before, or the first step after a resume)."""
+        """``deconv`` steps that could not be inverted (learning rate 0, or no weight changed,
+        at the step or the one before, or the first step after a resume)."""
         self.last_norm = math.nan
         """Frobenius norm over all targets of the last finite sample (fp32)."""
         self._snapshots: dict[str, tuple[torch.Tensor, ...]] | None = None  # allocated lazily
@@ -188,6 +209,8 @@ class DeltaCapture(TrainerCallback):
                 "parameters); use source='update'"
             )
         self._check_owned(model)
+        if self.source in ("update", "deconv"):
+            warn_low_precision_weights(self.targets, self.source)
         if self.source in _OPTIMIZER_SOURCES:
             self._optimizer = unwrap_optimizer(optimizer)
             self._kind, self._groups = step_rule(self._optimizer, self.targets, self.source)
@@ -335,15 +358,20 @@ class DeltaCapture(TrainerCallback):
         """Claim a slot and write this step's ``deconv`` sample; False if the step was skipped."""
         coef = {n: deconv_coefficients(self._kind, g, self._t) for n, g in self._groups.items()}
         lr_zero = any(self._lr[n] == 0.0 for n in self.targets)
+        # the optimizer skipped the step (fp16 loss scaling found an inf): an update of zero
+        # is no step of its rule, and the next step's momentum is not the one it inverts
+        unchanged = all(torch.equal(p, self._snapshots[n][0]) for n, p in self.targets.items())
         no_prev = not self._have_prev and any(c.beta != 0.0 for c in coef.values())
-        if lr_zero or no_prev:
-            if not lr_zero:  # keep a_t, so the next step can be inverted
+        if lr_zero or unchanged or no_prev:
+            if not (lr_zero or unchanged):  # keep a_t, so the next step can be inverted
                 for name, p in self.targets.items():
                     deconv_state(p, self._snapshots[name][0], self._lr[name], coef[name],
                                  out=self._scratch[name].prev)
-            self._have_prev = not lr_zero
+            self._have_prev = not (lr_zero or unchanged)
             self.n_skipped += 1
-            why = "the learning rate is 0" if lr_zero else "the previous update is unknown"
+            why = ("the learning rate is 0" if lr_zero else
+                   "no weight changed: the optimizer skipped the step, e.g. fp16 loss scaling "
+                   "found an inf" if unchanged else "the previous update is unknown")
             logger.warning(
                 "step %d: no deconv sample (%s: the update cannot be inverted); skipped "
                 "(%d so far)", global_step, why, self.n_skipped,

@@ -96,7 +96,9 @@ def check_supported(model: nn.Module, trainer) -> None:
             "GRPOTrainer and RLOOTrainer")
     if getattr(trainer.accelerator, "scaler", None) is not None:
         raise ValueError("per-event capture does not support fp16 loss scaling (the hooks would "
-                         "see scaled gradients); train in fp32 or bf16")
+                         "see scaled gradients): set fp16=False in the trainer's arguments "
+                         "(rl.extra.fp16 in sae-shards train), and bf16=True for mixed "
+                         "precision, or capture per step (capture.granularity=step)")
     check_checkpointing(model, trainer)
 
 

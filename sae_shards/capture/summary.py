@@ -68,11 +68,8 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
         **extra,
     }
     if trainer.n_steps == 0:
-        summary["warning"] = (
-            f"the SAE never trained: {capture.n_captured} samples were captured, but it starts "
-            f"once runner.min_samples={runner.min_samples} trainable samples are buffered and "
-            f"RL reaches runner.sae_start_step={runner.sae_start_step}; run more RL steps or "
-            "lower them. The checkpoint holds the random initialisation")
+        summary["warning"] = f"the SAE never trained: {_why_untrained(capture, runner)}. The " \
+            "checkpoint holds the random initialisation"
         log.warning("%s", summary["warning"])
     elif summary["fvu_last"] > 1:  # NaN compares False
         summary["warning"] = (
@@ -82,6 +79,22 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
             "runner.sae_steps_per_rl_step) or lower sae.lr")
         log.warning("%s", summary["warning"])
     return summary
+
+
+def _why_untrained(capture: DeltaCapture | EventCapture, runner: RunnerConfig) -> str:
+    """Why the SAE took no step: nothing but zeros to train on, or too few samples by the end."""
+    n, zero = capture.n_captured, capture.n_zero
+    if not isinstance(capture, EventCapture) and n and zero == n:
+        return (f"every one of the {n} captured samples was all zeros, nothing to train on (no "
+                "target weight changed: a learning rate of 0, or every optimizer step skipped, "
+                "as fp16 loss scaling does after an inf gradient)")
+    left_out = ""
+    if isinstance(capture, EventCapture) and not n and (capture.n_skipped or zero):
+        left_out = (f"no event was captured ({capture.n_skipped} had every advantage 0: all "
+                    f"completions of their prompt rewarded alike; {zero} a zero gradient); ")
+    return (f"{left_out}{n} samples were captured, but it starts once runner.min_samples="
+            f"{runner.min_samples} trainable samples are buffered and RL reaches "
+            f"runner.sae_start_step={runner.sae_start_step}; run more RL steps or lower them")
 
 
 def first_last(values: list[float], parts: int) -> tuple[float, float]:

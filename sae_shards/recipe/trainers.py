@@ -106,11 +106,13 @@ def trl_config(grpo_kwargs: dict[str, Any], output_dir: str | Path,
     settings = {**defaults, **grpo_kwargs, **_FIXED, **checkpointing(checkpoint_every)}
     on_cpu = bool(settings.get("use_cpu")) or not torch.cuda.is_available()
     if on_cpu:
-        if settings.get("bf16") or settings.get("fp16"):
-            raise ValueError("rl.bf16/rl.fp16 need a GPU; this run trains on the CPU (no GPU, or "
-                             "device=cpu), remove them")
-        # TRL defaults bf16 to True; fp32 on CPU is both faster and what the capture assumes.
-        settings.update(use_cpu=True, bf16=False)
+        if settings.get("fp16"):
+            raise ValueError("rl.extra.fp16=true needs a GPU: this run trains on the CPU (no GPU, "
+                             "or device=cpu), where transformers has no fp16 mixed precision; "
+                             "remove it, or ask for bf16 autocast with rl.extra.bf16=true")
+        # TRL defaults bf16 to True; fp32 is faster on a CPU with tiny models, and bf16
+        # autocast (fp32 weights) only when asked for
+        settings.update(use_cpu=True, bf16=bool(grpo_kwargs.get("bf16", False)))
     return config_cls(output_dir=str(output_dir), **settings)
 
 

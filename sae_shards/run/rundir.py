@@ -566,9 +566,10 @@ def latest_checkpoint(run_dir: Path) -> str:
         raise CheckpointError(f"{run_dir} is a sweep's directory, not a run: it holds the runs "
                               f"{jobs}; analyze one of them (e.g. {run_dir / jobs[0]})")
     if not steps and (run_dir / SAE_FILE).is_file():
+        run = (f", or give its run ({run_dir.parent.parent})"
+               if run_dir.parent.name == CHECKPOINTS else "")  # not a ShardSet.save elsewhere
         raise CheckpointError(f"{run_dir} is a checkpoint directory, not a run: load it with "
-                              f"ShardSet.load({str(run_dir)!r}), or give its run "
-                              f"({run_dir.parent.parent})")
+                              f"ShardSet.load({str(run_dir)!r}){run}")
     if not steps:
         raise CheckpointError(f"{folder}: no checkpoint (neither final/ nor step_XXXXXX/); is "
                               f"{run_dir} a sae-shards run directory, and did it reach its first "
