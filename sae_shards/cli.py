@@ -42,7 +42,7 @@ USAGE = """usage: sae-shards <command> [args]
 
 commands:
   train [overrides] [-m]   run RL + delta capture + concurrent SAE (Hydra overrides, e.g. sae.k=8)
-  analyze RUN_DIR [--out FILE] [--shards N] [--no-dose] [--checkpoint NAME] [--threads N]
+  analyze RUN_DIR [--out FILE] [--shards N | I,J,...] [--no-dose] [--checkpoint NAME] [--threads N]
                   [--task FILE.py:NAME] [--n-prompts N] [--initial-model DIR]
                            write an HTML report of a run (default RUN_DIR/report.html)
   evaluate RUN_DIR [--null-run DIR] [--no-steering] [...]
@@ -582,6 +582,17 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _shards_arg(text: str) -> int | list[int]:
+    """``--shards``: how many to detail (``4``), or which (``13,30``)."""
+    if "," not in text:
+        return _non_negative(text)
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a count (4) or shard indices separated by commas (13,30)") from None
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -602,9 +613,9 @@ def _analyze(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sae-shards analyze")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
-    parser.add_argument("--shards", type=_non_negative, default=4,
+    parser.add_argument("--shards", type=_shards_arg, default=4, metavar="N | I,J,...",
                         help="how many shards to detail beside the always-on ones (default "
-                             "%(default)s)")
+                             "%(default)s), or which: their indices, e.g. 13,30")
     parser.add_argument("--n-prompts", type=_positive, default=32,
                         help="prompts per reward estimate of the dose-response and ablation "
                              "(4 completions each; more resolve smaller changes; default "
@@ -630,6 +641,16 @@ def _analyze(args: list[str]) -> int:
         return 2
     try:
         name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
+        if isinstance(ns.shards, list):  # indices: checked against the checkpoint first
+            from sae_shards.analysis.shards import ShardSet
+
+            have = ShardSet.from_run(ns.run_dir, name)
+            for i in ns.shards:
+                if not 0 <= i < len(have):
+                    print(f"sae-shards: cannot analyze {ns.run_dir}: --shards names shard {i}, "
+                          f"but checkpoint {name} has shards 0 to "
+                          f"{len(have) - 1}", file=sys.stderr)
+                    return 2
         out = analyze(ns.run_dir, ns.out, n_shards=ns.shards, dose=not ns.no_dose,
                       checkpoint=name, task=task, n_prompts=ns.n_prompts,
                       initial_model=ns.initial_model)

@@ -154,6 +154,22 @@ def test_analyze_cli_reports_a_bad_run_dir(tmp_path, capsys):
         assert any(w in err for w in ("negative", "must be 1 or more", "not a whole number")), err
 
 
+def test_analyze_details_the_shards_it_is_told_to(short_run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(short_run_dir, run)
+    assert cli_main(["analyze", str(run), "--shards", "5,3,5", "--no-dose"]) == 0
+    analysis = json.loads((run / "analysis.json").read_text())
+    assert analysis["top_shards"] == [5, 3] and sorted(analysis["shards"]) == ["3", "5"]
+    html = (run / "report.html").read_text()
+    assert "Shard timeline (chosen shards," in html and "<h3>shard 5" in html
+    assert cli_main(["analyze", str(run), "--shards", "3,16", "--no-dose"]) == 2
+    assert ("--shards names shard 16, but checkpoint final has shards 0 to 15"
+            in capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        cli_main(["analyze", str(run), "--shards", "3,x"])
+    assert "give a count (4) or shard indices separated by commas" in capsys.readouterr().err
+
+
 def test_families_table_lists_families_of_several_shards_largest_first():
     from sae_shards.analysis.report import _families_html
 

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -236,20 +237,25 @@ def lens_rows(model, tokenizer, shard, top_k: int) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- the report
-def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 4,
-            checkpoint: str | None = None,
+def analyze(run_dir: str | Path, out: str | Path | None = None,
+            n_shards: int | Sequence[int] = 4, checkpoint: str | None = None,
             top_k: int = 5, dose: bool = True, alphas=DEFAULT_ALPHAS,
             n_prompts: int = 32, task: RewardTask | Any | None = None,
             initial_model: str | Path | None = None) -> Path:
     """Write the HTML report of a run (default ``run_dir/report.html``) and ``analysis.json``.
 
+    ``n_shards``: how many shards to detail beside the always-on ones (``top_shards``), or the
+    indices of the shards to detail, in that order (``[13, 30]``).
     ``task``: the prompts and reward functions to score the dose-response with (a run of your
     own TRL script records none; ``reward_task``); by default a built-in task's own.
     ``initial_model``: the directory of the run's initial weights when it moved from where
     ``config.json`` says (checked against the run's record of them)."""
     view = RunView(run_dir, checkpoint)
     out = Path(out) if out else view.run_dir / "report.html"
-    shards = top_shards(view, n_shards)
+    chosen = isinstance(n_shards, Sequence)
+    shards = (list(dict.fromkeys(view.shards.check_index(i) for i in n_shards)) if chosen
+              else top_shards(view, n_shards))
+    which = "chosen" if chosen else "top"
     density = view.density()  # [n_shards]
     always_on = [i for i in range(len(density)) if float(density[i]) >= ALWAYS_ON_DENSITY]
     tags = {i: "always on: a common drift direction, not a context" for i in always_on}
@@ -280,9 +286,9 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
     parts.append(_section("sae-curves", "SAE training", plot_sae_curves(view) + _CURVES_NOTE))
     parts.append(_section("reward", "Reward", _reward_html(view)))
     untrained = ("<p>No shards selected (<code>--shards 0</code> and no always-on shard).</p>"
-                 if n_shards == 0 and bool(density.abs().sum() > 0) else
+                 if not shards and bool(density.abs().sum() > 0) else
                  "<p>No activations: the SAE never trained (see the run's summary).</p>")
-    parts.append(_section("timeline", f"Shard timeline (top shards, {_sae_of(view)})",
+    parts.append(_section("timeline", f"Shard timeline ({which} shards, {_sae_of(view)})",
                           plot_timeline(view, shards) if shards else untrained))
     families = view.families()
     analysis["families"] = _family_rows(view, families)
@@ -295,7 +301,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None, n_shards: int = 
                             "never fired are left out. <code>sae-shards evaluate</code> groups "
                             "its training samples only (held-out steps left out), so its "
                             "memberships can differ at the margin.</p>"))
-    parts.append(_section("norms", "Per-target norms of the top shards",
+    parts.append(_section("norms", f"Per-target norms of the {which} shards",
                           plot_norms(view, shards) if shards else untrained))
     if view.per_event:
         parts.append(_section("events", "Top events per shard (the reinforcement events whose "
