@@ -4,6 +4,7 @@ RunView and ``sae-shards analyze`` read (GRPO and RLOO), and its arguments are v
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -20,6 +21,7 @@ from transformers import TrainerCallback
 from sae_shards import CheckpointError, RunView, ShardCallback, ShardSet
 from sae_shards.cli import main as cli_main
 from sae_shards.recipe.models import build_tiny_model
+from sae_shards.run import rundir
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "trl_script.py"
 
@@ -351,6 +353,47 @@ def test_a_generation_trained_over_several_steps_is_refused_per_event_and_noted_
             in (tmp_path / "steps" / "report.html").read_text())
 
 
+def _tagging_reward(prompts, completions, task, log_extra=None, **kwargs):
+    if log_extra is not None:
+        log_extra("task", task)
+    return [0.1 * len(c) + sum(ch in "aeiou" for ch in c) for c in completions]
+
+
+@pytest.mark.parametrize("steps_per_generation,grad_accum", [(2, 1), (1, 2)],
+                         ids=["generation-reused", "two-generations-a-step"])
+def test_a_steps_rollouts_are_the_training_generations_it_trained_on(
+        tiny_model, tmp_path, caplog, steps_per_generation, grad_accum):
+    """TRL appends evaluation generations to the same completion log, and keeps one generation
+    batch: a step that reuses its generation read the evaluation's (every other step EVAL); a
+    step of two generations (steps_per_generation < gradient_accumulation_steps) kept half."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    train = Dataset.from_dict({"prompt": [f"v {i}" for i in range(32)], "task": ["train"] * 32})
+    held = Dataset.from_dict({"prompt": [f"EVAL {i}" for i in range(8)], "task": ["EVAL"] * 8})
+    callback = ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 2})
+    config = GRPOConfig(output_dir=str(tmp_path / "trl"), max_steps=4, learning_rate=1e-3,
+                        per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                        num_generations=4, max_completion_length=6, use_cpu=True, bf16=False,
+                        report_to="none", logging_steps=1, disable_tqdm=True,
+                        save_strategy="no", eval_strategy="steps", eval_steps=1,
+                        steps_per_generation=steps_per_generation,
+                        gradient_accumulation_steps=grad_accum, seed=0)
+    GRPOTrainer(model=str(tiny_model), reward_funcs=_tagging_reward, args=config,
+                train_dataset=train, eval_dataset=held, callbacks=[callback]).train()
+    rows = rundir.read_jsonl(tmp_path / "run" / "rollouts.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(set(r["tasks"]) == {"train"} for r in rows)
+    assert not any(p.startswith("EVAL") for r in rows for p in r["prompts"])
+    if grad_accum == 1:  # one generation of 8 completions for steps 1-2, another for 3-4
+        assert rows[0] == {**rows[1], "step": 1} and rows[2] == {**rows[3], "step": 3}
+        assert all(len(r["completions"]) == 8 for r in rows) and rows[1] != {**rows[2], "step": 2}
+        assert "trains on each generation over several optimizer steps" in caplog.text
+    else:  # two generations of one prompt group each, both recorded
+        assert all(len(r["completions"]) == 8 and len(set(r["prompts"])) == 2 for r in rows)
+        assert "over several optimizer steps" not in caplog.text
+
+
 def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path, caplog):
     """request_stop at step 7 checkpoints both sides; ShardCallback(resume=True) plus TRL's
     resume_from_checkpoint=True ends with the uninterrupted run's shards, bit for bit."""
@@ -509,7 +552,7 @@ def test_a_users_script_stops_on_sigterm_after_the_step_with_a_checkpoint(tiny_m
         signal.signal(signal.SIGTERM, mine)
 
 
-def _plain_trainer(tiny_model, out_dir, callback):
+def _plain_trainer(tiny_model, out_dir, callback, model=None, max_steps=4):
     """A transformers ``Trainer`` (supervised, not TRL): it keeps no completion log."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
@@ -517,11 +560,12 @@ def _plain_trainer(tiny_model, out_dir, callback):
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
     ids = tok(["abcabc" * 4] * 16)["input_ids"]
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    args = TrainingArguments(output_dir=str(out_dir), max_steps=4, per_device_train_batch_size=4,
-                             learning_rate=1e-3, use_cpu=True, report_to="none",
-                             save_strategy="no", disable_tqdm=True, logging_steps=1)
-    return Trainer(model=AutoModelForCausalLM.from_pretrained(str(tiny_model)), args=args,
-                   train_dataset=data, callbacks=[callback])
+    args = TrainingArguments(output_dir=str(out_dir), max_steps=max_steps,
+                             per_device_train_batch_size=4, learning_rate=1e-3, use_cpu=True,
+                             report_to="none", save_strategy="no", disable_tqdm=True,
+                             logging_steps=1)
+    return Trainer(model=model or AutoModelForCausalLM.from_pretrained(str(tiny_model)),
+                   args=args, train_dataset=data, callbacks=[callback])
 
 
 def test_trainer_without_completion_log_needs_record_rollouts_false(tiny_model, tmp_path):
@@ -534,13 +578,36 @@ def test_trainer_without_completion_log_needs_record_rollouts_false(tiny_model, 
         refused.train()
 
     callback = ShardCallback(run_dir=tmp_path / "b", runner={"min_samples": 2},
-                             record_rollouts=False, save_model=False)
+                             record_rollouts=False)
     _plain_trainer(tiny_model, tmp_path / "trl_b", callback).train()
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["rl_steps"] == 4 and summary["captured"] == 4
     assert summary["sae_steps"] == (4 - 2 + 1) * 4  # min_samples 2, 4 SAE steps per RL step
     assert not (tmp_path / "b" / "rollouts.jsonl").read_text().strip()  # no rollouts recorded
     assert len(ShardSet.from_run(tmp_path / "b")) == 64
+    # no processing_class: the final policy was saved without a tokenizer; the initial
+    # directory's is read (was: "final_model has no tokenizer files", analysis refused)
+    assert not (tmp_path / "b" / "final_model" / "tokenizer.json").exists()
+    from sae_shards.analysis.shards import load_run_models
+
+    models = load_run_models(tmp_path / "b")
+    assert models.tokenizer("abc")["input_ids"] and models.final is not None
+
+
+def test_a_script_model_without_any_tokenizer_is_said_before_training(tiny_model, tmp_path,
+                                                                       caplog):
+    """A policy built in the script, trained without a processing_class: no tokenizer is saved
+    anywhere, and the run says so at its start, not analysis at its end."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    callback = ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 2},
+                             record_rollouts=False)
+    built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tiny_model)))
+    trainer = _plain_trainer(tiny_model, tmp_path / "trl", callback, model=built, max_steps=2)
+    with caplog.at_level(logging.WARNING, logger="sae_shards.capture.callback"):
+        trainer.train()
+    assert ("the trainer has no processing_class and " + str(tmp_path / "run" / "model")
+            + " holds no tokenizer") in caplog.text
 
 
 def _vowel_reward(prompts, completions, **kwargs):

@@ -191,6 +191,9 @@ def test_a_steps_rollouts_show_its_contexts_and_one_completion_per_prompt():
            "completions": [f"c{i}" for i in range(12)], "rewards": [0.5] * 11 + [None],
            "tasks": ["A"] * 4 + ["B"] * 4 + ["A"] * 4}
     assert _contexts(row) == "A 8, B 4" and _contexts({"tasks": None}) == "-"
+    chat = {"prompts": [[{"role": "user", "content": "v 93"}]] * 2,
+            "completions": [[{"role": "assistant", "content": "aei"}]] * 2, "rewards": [1.0, 0.0]}
+    assert _group_samples(chat) == ["user: 'v 93' → assistant: 'aei' (r=1.00)"]
     assert _group_samples(row) == ["'<A> x' → 'c0' (r=0.50)", "'<B> y' → 'c4' (r=0.50)",
                                    "'<A> z' → 'c8' (r=0.50)"]
 

@@ -256,6 +256,23 @@ def test_the_api_names_what_a_reader_gets_wrong(run_dir, tmp_path):
     assert RunView(tmp_path / "run").sae_metrics == []
 
 
+def test_a_policy_that_is_not_a_causal_lm_is_named_not_loaded(run_dir, tmp_path):
+    """A reward model's run (trl.RewardTrainer: a sequence classifier) has no LM head for the
+    logit lens or sampling: said as the reason, where loading it raised deep inside."""
+    import shutil
+
+    from sae_shards.analysis.shards import run_models_missing
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = json.loads((copy / "final_model" / "config.json").read_text())
+    config["architectures"] = ["Qwen2ForSequenceClassification"]
+    (copy / "final_model" / "config.json").write_text(json.dumps(config))
+    said = run_models_missing(copy)
+    assert said.startswith("the policy is not a causal language model (model path "
+                           f"{copy / 'final_model'} was saved as Qwen2ForSequenceClassification")
+
+
 def test_a_checkpoint_without_its_policy_names_the_newest_one_with(run_dir, tmp_path):
     """Killed between TRL's save and sae-shards' (or with TRL saving less often): the newest
     shard checkpoint has no policy, and the reason names the checkpoint that has one."""
@@ -275,3 +292,12 @@ def test_a_checkpoint_without_its_policy_names_the_newest_one_with(run_dir, tmp_
     why = run_models_missing(run, "step_000012")
     assert "nor a TRL checkpoint-12" in why and "--checkpoint step_000006" in why
     assert "--checkpoint" not in (run_models_missing(run, "step_000006") or "")
+
+
+def test_run_sampling_reads_the_online_dpo_trainers_completion_length(tmp_path):
+    """trl's online DPO trainers name the completion length max_new_tokens."""
+    from sae_shards.analysis.shards import run_sampling
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"rl": {"max_completion_length": None, "max_new_tokens": 6, "temperature": 0.9}}))
+    assert run_sampling(tmp_path) == {"max_new_tokens": 6, "temperature": 0.9}

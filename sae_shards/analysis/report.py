@@ -40,7 +40,7 @@ from sae_shards.analysis.reward_task import RewardTask
 from sae_shards.analysis.shards import (RunView, initial_model_dir, load_run_models, policy_dir,
                                         run_models_missing, run_sampling)
 from sae_shards.run import rundir
-from sae_shards.run.config import reused_generations
+from sae_shards.run.config import REUSED, generation_use, reused_generations
 
 SECTIONS = ("summary", "sae-curves", "reward", "timeline", "families", "norms", "rollouts", "logit-lens",
             "dose-response", "ablation")
@@ -701,13 +701,13 @@ def _events_html(view: RunView, shards: list[int], top_k: int, tags: dict[int, s
         for t in view.top_events(s, top_k):
             fig = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
             completions = " | ".join(
-                f"{c!r} (r={fig(r)}, adv={fig(a)})"
+                f"{_text(c)} (r={fig(r)}, adv={fig(a)})"
                 for c, r, a in zip(t["completions"][:4], t["rewards"], t["advantages"]))
             spread = [abs(a) for a in t["advantages"] if a is not None]
             rows.append([t["rl_step"], t["event"], f"{t['activation']:+.3f}",
                          f"{sum(spread) / len(spread):.3f}" if spread else "n/a",
                          ", ".join(sorted(set(map(str, t["tasks"])))) or "-",
-                         repr(t["prompt"]), completions])
+                         _text(t["prompt"]), completions])
         out.append(_shard_title(s, tags) + _mix_html(mixes.get(s)) + _table(
             ["RL step", "event", "activation", "mean |advantage|", "tasks", "prompt",
              "completions (first 4: reward, advantage)"], rows))
@@ -721,9 +721,10 @@ def _reused_note(run_dir: Path) -> str:
     rl = rundir.section(rundir.read_config(run_dir), "rl")
     extra = rundir.section(rl, "extra")
     get = lambda key: rl.get(key, extra.get(key))  # noqa: E731
-    reused = reused_generations(get("num_iterations") or 1, get("steps_per_generation"),
-                                get("gradient_accumulation_steps") or 1)
-    if not reused:
+    settings = (get("num_iterations") or 1, get("steps_per_generation"),
+                get("gradient_accumulation_steps") or 1)
+    reused = reused_generations(*settings)
+    if generation_use(*settings) != REUSED:  # one generation a step, or all of a step's
         return ""
     said = ", ".join(f"{k}={v}" for k, v in reused.items())
     return (f"<p><b>Note:</b> the run trained each generation over several optimizer steps "
@@ -755,6 +756,14 @@ def _contexts(row: dict[str, Any]) -> str:
     return ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "-"
 
 
+def _text(x: Any) -> str:
+    """A prompt or completion as the report shows it: text as its repr, a conversation (TRL's
+    chat format, a list of ``{"role", "content"}`` messages) as ``role: 'content'`` turns."""
+    if isinstance(x, list) and x and all(isinstance(m, dict) and "content" in m for m in x):
+        return " / ".join(f"{m.get('role', '?')}: {m['content']!r}" for m in x)
+    return repr(x)
+
+
 def _group_samples(row: dict[str, Any], n: int = 3) -> list[str]:
     """One completion of each of a step's first ``n`` prompts (its groups, not one group's
     members), with its reward."""
@@ -766,7 +775,7 @@ def _group_samples(row: dict[str, Any], n: int = 3) -> list[str]:
         if key in seen:
             continue
         seen.add(key)
-        out.append(f"{p!r} → {c!r} (r={'n/a' if x is None else f'{x:.2f}'})")
+        out.append(f"{_text(p)} → {_text(c)} (r={'n/a' if x is None else f'{x:.2f}'})")
         if len(out) == n:
             break
     return out

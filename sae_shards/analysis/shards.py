@@ -603,8 +603,8 @@ def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
     if _is_lora(cfg):
         fin = _load_safe(initial, inside)
         fin = fin._replace(model=_merged(fin.model, final))
-    else:
-        fin = _load_safe(final)
+    else:  # a trainer without a processing_class saved no tokenizer with the policy
+        fin = _load_safe(final, tokenizer_dir=None if rundir.has_tokenizer(final) else initial)
     task = None
     if cfg.get("task"):
         # the target the job resolved (runs of earlier versions: max_completion_length)
@@ -613,19 +613,20 @@ def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
         task = build_task(cfg["task"]["name"], **options)
     # the tokenizer training used: the trainer's processing class, saved with the final policy
     # (a chat template or pad token set in the script lives there, not in the initial directory)
-    tokenizer = (load_tokenizer(final, model_dir=False) if _has_tokenizer(final)
+    tokenizer = (load_tokenizer(final, model_dir=False) if rundir.has_tokenizer(final)
                  else init.tokenizer)
     return RunModels(init.model.eval(), fin.model.eval(), tokenizer, task)
 
 
-def _load_safe(folder: Path, safetensors_only: bool = True):
+def _load_safe(folder: Path, safetensors_only: bool = True, tokenizer_dir: Path | None = None):
     """``load_model_and_tokenizer`` of a policy directory, by default its weights read from
     safetensors only (a ``pytorch_model.bin`` found in a run directory is a pickle nobody
-    there wrote: never loaded)."""
+    there wrote: never loaded); ``tokenizer_dir`` when its tokenizer is elsewhere."""
     from sae_shards.recipe.models import load_model_and_tokenizer
 
     try:
-        return load_model_and_tokenizer(folder, safetensors_only=safetensors_only)
+        return load_model_and_tokenizer(folder, safetensors_only=safetensors_only,
+                                        tokenizer_dir=tokenizer_dir)
     except FileNotFoundError as e:
         raise CheckpointError(str(e)) from None
 
@@ -642,10 +643,6 @@ def _merged(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
     return PeftModel.from_pretrained(model, str(adapter), use_safetensors=True).merge_and_unload()
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-
-
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                  "chat_template_kwargs", "generation_kwargs")
 """``score_rollouts`` settings a run's ``config.json`` may record (``rl``, or the job's
@@ -654,7 +651,8 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
 
 def run_sampling(run_dir: str | Path) -> dict[str, Any]:
     """How the run sampled its completions, as ``interventions.score_rollouts`` takes it:
-    ``max_new_tokens`` (TRL's ``max_completion_length``), whichever of ``SAMPLING_KEYS`` the
+    ``max_new_tokens`` (TRL's ``max_completion_length``, or the online DPO trainers'
+    ``max_new_tokens``), whichever of ``SAMPLING_KEYS`` the
     run recorded, ``training_steps`` (``rl.max_steps``: the reward functions'
     ``trainer_state`` is the end of training) and ``reward_batch`` (``rl.reward_batch``: the
     completions per reward call); what it does not record keeps
@@ -663,8 +661,9 @@ def run_sampling(run_dir: str | Path) -> dict[str, Any]:
     rl = rundir.section(rundir.read_config(Path(run_dir)), "rl")
     extra = rundir.section(rl, "extra")
     out: dict[str, Any] = {}
-    if rl.get("max_completion_length"):
-        out["max_new_tokens"] = int(rl["max_completion_length"])
+    length = rl.get("max_completion_length") or rl.get("max_new_tokens")  # online DPO's name
+    if length:
+        out["max_new_tokens"] = int(length)
     if rl.get("max_steps"):
         out["training_steps"] = int(rl["max_steps"])
     if rl.get("reward_batch"):  # ShardCallback's runs: TRL's per-process generation batch
@@ -701,7 +700,7 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
                 "FSDP2 / ZeRO-3, a run of an earlier version whose policy was not loaded from a "
                 "local directory, or the model directory moved: give its new place with "
                 "--initial-model DIR)")
-    if not _has_tokenizer(initial):
+    if not rundir.has_tokenizer(initial):
         return (f"no tokenizer in {initial} (the trainer had no processing_class to save "
                 "with the policy)")
     if ((cfg.get("model") or {}).get("initial_adapter")
@@ -736,6 +735,14 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
                 + (f"; the newest checkpoint whose policy TRL saved is {paired[-1]}: analyse it "
                    f"with --checkpoint {paired[-1]}" if paired and paired[-1] != checkpoint
                    else ""))
+    from sae_shards.recipe.models import check_causal_lm
+
+    for folder in (initial, final) if not _is_lora(cfg) else (initial,):
+        try:  # a reward model's run (trl.RewardTrainer): no LM head to steer or read
+            check_causal_lm(folder)
+        except ValueError as e:
+            return (f"the policy is not a causal language model ({e}); the logit lens, the "
+                    "dose-response and the ablation read and sample a causal LM")
     return None
 
 

@@ -325,6 +325,19 @@ class ShardCallback(TrainerCallback):
         initial_model.save_policy(model, getattr(trainer, "processing_class", None), out,
                                   base_only=self._is_lora())
 
+    def _warn_no_tokenizer(self, trainer: Any | None) -> None:
+        """A trainer without a ``processing_class`` saves no tokenizer with the policy; if the
+        initial model's directory has none either, analysis could not read a token: say so
+        before the first step."""
+        if self.run_config or trainer is None or getattr(trainer, "processing_class", None):
+            return
+        initial = Path(self._initial_dir) if self._initial_dir else self.run_dir / rundir.MODEL
+        if not rundir.has_tokenizer(initial):
+            log.warning("the trainer has no processing_class and %s holds no tokenizer: the "
+                        "run will train, but analysis (the logit lens, the interventions) "
+                        "needs one; pass the trainer processing_class=tokenizer, or save the "
+                        "tokenizer into %s", initial, initial)
+
     def _save_initial_adapter(self, model: torch.nn.Module) -> None:
         """A LoRA policy whose adapter does not start at zero (one trained before and loaded
         with ``is_trainable=True``, a PiSSA-like initialisation, ``modules_to_save`` copies
@@ -472,9 +485,12 @@ class ShardCallback(TrainerCallback):
         else:
             self._save_initial_model(model, calling_trainer())
             self._save_initial_adapter(model)
+            self._warn_no_tokenizer(calling_trainer())
         if self.logger is None:
             self.logger = (RunLogger.attach_active() if self.log_to_wandb and "wandb" in
                            (args.report_to or []) else RunLogger())
+        if self.rollouts is not None:  # before the event recorder wraps the same method
+            self.rollouts.install()
         self.capture.on_train_begin(args, state, control, model=model, **kwargs)
 
     def _end_at_resume(self, args, state, control, model, **kwargs) -> None:
@@ -586,6 +602,8 @@ class ShardCallback(TrainerCallback):
                 self._write_end(model, processing_class)
         finally:
             self.capture.on_train_end(args, state, control, **kwargs)  # hooks off, every rank
+            if self.rollouts is not None:  # after the recorder's: it wrapped over this one
+                self.rollouts.remove()
 
     def _write_end(self, model, processing_class) -> None:
         self._writer.wait()
@@ -696,10 +714,12 @@ class ShardCallback(TrainerCallback):
 
 # ---- helpers ---------------------------------------------------------------------------------
 
-SAMPLING_ARGS = ("max_completion_length", "num_generations", "temperature", "top_p", "top_k",
-                 "min_p", "repetition_penalty", "chat_template_kwargs", "generation_kwargs")
+SAMPLING_ARGS = ("max_completion_length", "max_new_tokens", "num_generations", "temperature",
+                 "top_p", "top_k", "min_p", "repetition_penalty", "chat_template_kwargs",
+                 "generation_kwargs")
 """The TRL config fields that say how completions were sampled, recorded in ``config.json``'s
-``rl`` (``analysis.shards.run_sampling`` reads them back)."""
+``rl`` (``analysis.shards.run_sampling`` reads them back; ``max_new_tokens``: the online DPO
+trainers' name for the completion length)."""
 
 
 def _warn_earlier_trl_checkpoints(output_dir: str | None) -> None:

@@ -45,7 +45,7 @@ from sae_shards.capture.selection import LoraTarget
 from sae_shards.capture.zero3_delta import zero3_targets
 from sae_shards.core import events as ev
 from sae_shards.core.targets import TargetSpec
-from sae_shards.run.config import CaptureConfig, generations_reused
+from sae_shards.run.config import CaptureConfig, generation_use_of, generations_reused
 
 logger = logging.getLogger(__name__)
 
@@ -125,13 +125,14 @@ class EventCapture(TrainerCallback):
     # ---- callback events ----
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        reused = generations_reused(getattr(self.trainer, "args", None))
+        trl_args = getattr(self.trainer, "args", None)
+        reused = generations_reused(trl_args)
         if reused:
             raise ValueError(
                 f"ShardCallback(capture={{'granularity': '{self.cfg.granularity}'}}) needs one "
                 f"generation per optimizer step (each event is a prompt group of the step that "
-                f"trains on it); the trainer's config has {reused}, which trains on each "
-                "generation over several steps: set num_iterations=1 and leave "
+                f"trains on it); the trainer's config has {reused}, with which "
+                f"{generation_use_of(trl_args)}: set num_iterations=1 and leave "
                 "steps_per_generation and generation_batch_size unset (TRL derives "
                 "steps_per_generation from generation_batch_size), or capture per step")
         _warn_lora_dropout(self.targets, self.cfg.granularity)

@@ -92,8 +92,9 @@ def check_supported(model: nn.Module, trainer) -> None:
                            "accelerator") if not hasattr(trainer, n)]
     if missing:
         raise ValueError(
-            f"{type(trainer).__name__} lacks {few_names(missing)}; EventRecorder supports TRL's "
-            "GRPOTrainer and RLOOTrainer")
+            f"{type(trainer).__name__} lacks {few_names(missing)}: per-event capture "
+            "(capture.granularity group or completion) needs TRL's GRPOTrainer, RLOOTrainer or "
+            "a subclass; with other trainers capture per step (capture.granularity=step)")
     if getattr(trainer.accelerator, "scaler", None) is not None:
         raise ValueError("per-event capture does not support fp16 loss scaling (the hooks would "
                          "see scaled gradients): set fp16=False in the trainer's arguments "

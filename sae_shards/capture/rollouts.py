@@ -1,11 +1,12 @@
 """The rollouts of each optimizer step, read from the TRL trainer's own completion log.
 
-TRL's GRPO and RLOO trainers keep the prompts, completions, per-function rewards and advantages
-of the latest generation batch in ``trainer._logs`` (gathered from every process; extra columns
-that reward functions add with ``log_extra`` under ``_logs["extra"]``). With ``num_iterations``
-1 and ``steps_per_generation`` equal to ``gradient_accumulation_steps`` (TRL's defaults) that is
-exactly the batch the optimizer step at hand trained on. ``_logs`` is private to TRL: this module
-is the one place that reads it, and it fails loudly if the layout changes.
+TRL's GRPO and RLOO trainers append the prompts, completions, per-function rewards and
+advantages of each generation batch to ``trainer._logs`` (gathered from every process; extra
+columns that reward functions add with ``log_extra`` under ``_logs["extra"]``), evaluation
+generations too, keeping one generation batch's worth. ``TRLRollouts`` copies each training
+generation out as it is made (wrapping ``_generate_and_score_completions`` on the trainer
+instance), so a step's row holds exactly the generations it trained on. ``_logs`` is private to
+TRL: this module is the one place that reads it, and it fails loudly if the layout changes.
 
 A ``TrainerCallback`` is not handed its trainer, so ``calling_trainer`` finds it on the call
 stack: callback events are invoked from ``Trainer`` methods, whose ``self`` is the trainer.
@@ -19,7 +20,7 @@ import statistics
 import sys
 from typing import Any, NamedTuple
 
-from sae_shards.run.config import generations_reused
+from sae_shards.run.config import REUSED, generation_use_of, generations_reused
 
 log = logging.getLogger(__name__)
 
@@ -60,30 +61,94 @@ def scored_mean(rewards: list[float | None]) -> float:
 
 
 class TRLRollouts:
-    """Reads the latest generation batch from a TRL GRPO/RLOO trainer's completion log."""
+    """Reads each optimizer step's training generations from a TRL GRPO/RLOO trainer's
+    completion log.
+
+    ``install`` wraps the trainer instance's ``_generate_and_score_completions`` so that every
+    generation made in training mode is copied out of the log as it is made: evaluation
+    generations, which TRL appends to the same log, never reach ``rollouts.jsonl``, and a step
+    that trains on several generations (``steps_per_generation`` below
+    ``gradient_accumulation_steps``; the log keeps only the last) records all of them. A step
+    whose generation was made for an earlier step (``num_iterations`` > 1,
+    ``steps_per_generation`` above ``gradient_accumulation_steps``) gets that whole generation
+    batch again. Not installed, ``read`` takes the log as it stands."""
 
     def __init__(self, trainer: Any, label_column: str | None = "task") -> None:
         logs = getattr(trainer, "_logs", None)
         needed = ("prompt", "completion", "rewards", "advantages", "extra")
-        if not isinstance(logs, dict) or any(k not in logs for k in needed):
+        if (not isinstance(logs, dict) or any(k not in logs for k in needed)
+                or not hasattr(trainer, "_generate_and_score_completions")):
             raise ValueError(
                 f"{type(trainer).__name__} keeps no TRL completion log (trainer._logs with "
-                f"{list(needed)}); rollouts can be read from trl.GRPOTrainer and trl.RLOOTrainer "
-                "(TRL 1.x); pass ShardCallback(..., record_rollouts=False) to capture without them")
+                f"{list(needed)}, filled by _generate_and_score_completions); rollouts can be "
+                "read from trl.GRPOTrainer, trl.RLOOTrainer and their subclasses (TRL 1.x); "
+                "pass ShardCallback(..., record_rollouts=False) to capture without them")
         self.trainer = trainer
         self.label_column = label_column
         self._warned = False
-        reused = generations_reused(getattr(trainer, "args", None))
-        if reused:
+        self._fresh: list[dict[str, Any]] = []  # training generations since the last read
+        self._last: dict[str, Any] | None = None  # the latest step's generations
+        self._saved: Any = None  # the trainer instance's own attribute, restored by remove
+        self._wrapper: Any = None
+        if generation_use_of(getattr(trainer, "args", None)) == REUSED:
             log.warning("the trainer trains on each generation over several optimizer steps "
                         "(%s): rollouts.jsonl gives each step the whole generation batch its "
                         "step came from, not the completions that step alone trained on",
-                        reused)
+                        generations_reused(trainer.args))
+
+    def install(self) -> None:
+        """Copy each training generation out of the log as it is made (idempotent)."""
+        if self._wrapper is not None:
+            return
+        self._saved = self.trainer.__dict__.get(_GENERATE)
+        original = getattr(self.trainer, _GENERATE)
+
+        def generate_and_score(inputs, *args, **kwargs):
+            out = original(inputs, *args, **kwargs)
+            if self.trainer.model.training:
+                self._fresh.append(self._snapshot(out))
+            return out
+
+        self._wrapper = generate_and_score
+        setattr(self.trainer, _GENERATE, generate_and_score)
+
+    def remove(self) -> None:
+        """Restore the trainer's method (unless something wrapped it over this one since)."""
+        if self._wrapper is None:
+            return
+        if self.trainer.__dict__.get(_GENERATE) is self._wrapper:
+            if self._saved is None:
+                del self.trainer.__dict__[_GENERATE]
+            else:
+                setattr(self.trainer, _GENERATE, self._saved)
+        self._wrapper = self._saved = None
+
+    def _snapshot(self, out: Any) -> dict[str, Any]:
+        """The log's rows of the generation just made: the last ``rows`` of each column (every
+        process's rows, gathered; the whole log when the batch's size is unknown)."""
+        logs = self.trainer._logs
+        local = out.get("prompt_ids") if isinstance(out, dict) else None
+        processes = getattr(getattr(self.trainer, "accelerator", None), "num_processes", 1)
+        rows = len(logs["prompt"]) if local is None else int(local.shape[0]) * processes
+        tail = lambda column: list(column)[-rows:] if rows else []  # noqa: E731
+        return {"prompt": tail(logs["prompt"]), "completion": tail(logs["completion"]),
+                "rewards": {name: tail(v) for name, v in logs["rewards"].items()},
+                "advantages": tail(logs["advantages"]),
+                "extra": {name: tail(v) for name, v in logs["extra"].items()}}
 
     def read(self, step: int) -> StepRollouts | None:
-        """The rollouts of optimizer step ``step`` (None when nothing was generated yet)."""
-        logs = self.trainer._logs
-        prompts, completions = list(logs["prompt"]), list(logs["completion"])
+        """The rollouts of optimizer step ``step``: the training generations made since the
+        last read, or (none made: a reused generation) the last step's again; None when nothing
+        was generated yet."""
+        if self._wrapper is None:
+            logs = self._snapshot(None)
+        else:
+            if self._fresh:
+                self._last, self._fresh = _concatenate(self._fresh), []
+            logs = self._last
+            if logs is None:
+                return None
+        prompts, completions = logs["prompt"], logs["completion"]
         if not prompts:
             return None
         per_func = {name: [_finite_or_none(v) for v in values]
@@ -129,6 +194,23 @@ def population_std(xs: list[float]) -> float:
     exactly with fractions, ~100x slower: noticeable once per RL step)."""
     mean = statistics.fmean(xs)
     return math.sqrt(statistics.fmean([(x - mean) ** 2 for x in xs]))
+
+
+_GENERATE = "_generate_and_score_completions"
+
+
+def _concatenate(generations: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several generations' snapshots as one, in order (a column one of them lacks: None)."""
+    if len(generations) == 1:
+        return generations[0]
+    sizes = [len(g["prompt"]) for g in generations]
+    joined = lambda key, name: [x for g, n in zip(generations, sizes)  # noqa: E731
+                                for x in g[key].get(name, [None] * n)]
+    return {"prompt": [x for g in generations for x in g["prompt"]],
+            "completion": [x for g in generations for x in g["completion"]],
+            "advantages": [x for g in generations for x in g["advantages"]],
+            **{key: {name: joined(key, name) for name in dict.fromkeys(
+                name for g in generations for name in g[key])} for key in ("rewards", "extra")}}
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -348,11 +348,13 @@ def check_vocab(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 def load_model_and_tokenizer(
-    path: str | Path, dtype: torch.dtype = torch.float32, safetensors_only: bool = False
+    path: str | Path, dtype: torch.dtype = torch.float32, safetensors_only: bool = False,
+    tokenizer_dir: str | Path | None = None,
 ) -> ModelAndTokenizer:
     """Load a local transformers causal LM directory (no network); set a pad token if missing.
     ``safetensors_only``: refuse a directory whose weights are not safetensors (analysis reads
-    run directories, whose ``pytorch_model.bin`` would be unpickled) with ``FileNotFoundError``."""
+    run directories, whose ``pytorch_model.bin`` would be unpickled) with ``FileNotFoundError``.
+    ``tokenizer_dir``: where the tokenizer is, when not beside the weights."""
     path = Path(path)
     check_causal_lm(path)
     if safetensors_only and not any(path.glob("*.safetensors")):
@@ -363,7 +365,8 @@ def load_model_and_tokenizer(
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, local_files_only=True, **({"use_safetensors": True}
                                                      if safetensors_only else {}))
-    tokenizer = load_tokenizer(path)
+    tokenizer = (load_tokenizer(path) if tokenizer_dir is None
+                 else load_tokenizer(tokenizer_dir, model_dir=False))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return ModelAndTokenizer(model, tokenizer)

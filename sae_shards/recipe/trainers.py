@@ -40,7 +40,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from sae_shards.recipe.tasks import MultiSkillTask, Task
-from sae_shards.run.config import Algorithm, RLConfig, generations_reused
+from sae_shards.run.config import Algorithm, RLConfig, generation_use_of, generations_reused
 
 TRAINERS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
 
@@ -124,9 +124,8 @@ def _check_schedule(args: GRPOConfig | RLOOConfig, train_dataset: Dataset,
     reused = generations_reused(args)
     if reused:
         raise ValueError(
-            f"rl.extra {reused} would spread one generation over several optimizer steps; a "
-            "scheduled task needs num_iterations=1 and steps_per_generation unset "
-            "(= gradient_accumulation_steps)"
+            f"with rl.extra {reused} {generation_use_of(args)}; a scheduled task needs "
+            "num_iterations=1 and steps_per_generation unset (= gradient_accumulation_steps)"
         )
     group = args.generation_batch_size // args.num_generations  # prompts per optimizer step
     labels = list(train_dataset["task"])

@@ -479,10 +479,12 @@ class JobConfig:
                                    extra.get("steps_per_generation"),
                                    self.rl.gradient_accumulation_steps)
         if spread:
+            how = generation_use(extra.get("num_iterations", 1), extra.get("steps_per_generation"),
+                                 self.rl.gradient_accumulation_steps)
             raise ValueError(
                 f"capture.granularity={g} needs one generation per optimizer step (each event is "
-                f"a prompt group of the step that trains on it); rl.extra {spread} spreads one "
-                "generation over several steps: remove them, or use capture.granularity=step")
+                f"a prompt group of the step that trains on it); with rl.extra {spread} {how}: "
+                "remove them, or use capture.granularity=step")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JobConfig":
@@ -501,20 +503,52 @@ def samples_per_step(granularity: Granularity, prompt_groups: int, num_generatio
 
 def reused_generations(num_iterations: int, steps_per_generation: int | None,
                        gradient_accumulation_steps: int) -> dict[str, int]:
-    """The TRL settings (``{name: value}``) that make one generation batch train several
-    optimizer steps: ``num_iterations`` > 1, ``steps_per_generation`` (None: TRL's default,
-    ``gradient_accumulation_steps``) other than ``gradient_accumulation_steps``; {} when each
-    step trains on a generation of its own."""
+    """The TRL settings (``{name: value}``) that keep each optimizer step from training once on
+    one generation of its own: ``num_iterations`` > 1, ``steps_per_generation`` (None: TRL's
+    default, ``gradient_accumulation_steps``) other than ``gradient_accumulation_steps``; {}
+    when it does. ``generation_use`` says what they do instead."""
     found = {"num_iterations": num_iterations,
              "steps_per_generation": steps_per_generation or gradient_accumulation_steps}
     normal = {"num_iterations": 1, "steps_per_generation": gradient_accumulation_steps}
     return {k: v for k, v in found.items() if v != normal[k]}
 
 
+REUSED = "one generation trains several optimizer steps"
+"""``generation_use``: TRL's ``num_iterations`` or ``steps_per_generation`` spread a generation
+over steps (a step's rollouts are then the whole generation batch its step came from)."""
+
+
+def generation_use(num_iterations: int, steps_per_generation: int | None,
+                   gradient_accumulation_steps: int) -> str:
+    """How a TRL config's generations meet its optimizer steps, in words; "" for one fresh
+    generation per step. TRL generates every ``steps_per_generation * num_iterations``
+    micro-batches and a step takes ``gradient_accumulation_steps`` of them, so a step trains on
+    ``gradient_accumulation_steps / (steps_per_generation * num_iterations)`` generations:
+    below 1 ``REUSED``; above 1 several generations a step; 1 with ``num_iterations`` > 1 its
+    generation several times within the step."""
+    spg = steps_per_generation or gradient_accumulation_steps
+    per_step = gradient_accumulation_steps / (spg * num_iterations)
+    if per_step < 1:
+        return REUSED
+    if per_step > 1:
+        return "each optimizer step trains on several generations"
+    if num_iterations > 1:
+        return "each optimizer step trains on its generation several times"
+    return ""
+
+
+def generation_use_of(args: Any) -> str:
+    """``generation_use`` of a TRL config (or "" for None)."""
+    if args is None:
+        return ""
+    return generation_use(getattr(args, "num_iterations", 1) or 1,
+                          getattr(args, "steps_per_generation", None),
+                          getattr(args, "gradient_accumulation_steps", 1) or 1)
+
+
 def generations_reused(args: Any) -> str:
-    """Which of a TRL config's settings make one generation batch train several optimizer steps
-    (``num_iterations`` > 1, ``steps_per_generation`` > ``gradient_accumulation_steps``), as
-    ``"name=value"`` text; "" when each step trains on a generation of its own."""
+    """``reused_generations`` of a TRL config as ``"name=value"`` text; "" when each step
+    trains once on a generation of its own."""
     if args is None:
         return ""
     reused = reused_generations(getattr(args, "num_iterations", 1),

@@ -306,6 +306,11 @@ MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mod
 ``model/`` and ``final_model/`` subdirectories, never at its top."""
 
 
+def has_tokenizer(folder: Path) -> bool:
+    """Whether a model (or adapter) directory holds a saved tokenizer."""
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
 def foreign_files(run_dir: Path) -> list[str]:
     """The files at the top of ``run_dir`` that say it is a model (or adapter) directory, not a
     run: ``MODEL_FILES``, and a ``config.json`` of a model (``model_type`` / ``architectures``)."""
