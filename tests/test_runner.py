@@ -61,7 +61,7 @@ def test_windowed_sae_trains_only_on_the_last_capacity_steps():
     for step, steps in draws.items():
         window = [s for s in range(step - 7, step + 1) if s % 4 != 0]
         assert steps == window, (step, steps)  # 20 batches of 4 hit every slot of the window
-    assert loop.activations.rl_step == list(range(11, 25))  # recorded once the SAE has data
+    assert list(loop.activations.rl_step) == list(range(11, 25))  # once the SAE has data
 
 
 def test_a_hung_worker_stops_the_run_instead_of_blocking_rl():
@@ -197,3 +197,29 @@ def test_the_end_of_run_encode_copies_at_most_encode_chunk_mib_of_the_buffer():
     assert gathered == [2] * 5
     assert parts.keys() == whole.keys()
     assert all(torch.equal(parts[k], whole[k]) for k in whole)
+
+
+def test_the_activation_log_merges_its_blocks_and_keeps_every_sample():
+    """A long run adds thousands of small blocks of codes; the log merges them (64 at a time)
+    and gives back every sample, in order, as the plain concatenation would (widths vary
+    under batch_topk: padded with value-0 entries)."""
+    from sae_shards.capture.runner import ActivationLog, stack_codes
+    from sae_shards.core.sparsity import SparseCodes
+
+    gen = torch.Generator().manual_seed(0)
+    log, added = ActivationLog(), []
+    for i in range(300):
+        n, width = 1 + i % 3, 2 + i % 4
+        codes = SparseCodes(torch.randint(16, (n, width), generator=gen),
+                            torch.randn(n, width, generator=gen))
+        log.add([i] * n, 1000 + i, codes, events=list(range(n)))
+        added.append(codes)
+    assert len(log.codes) <= 300 // 64 + 64 and len(log) == sum(c.indices.shape[0] for c in added)
+    got, want = log.tensors("online"), stack_codes(added)
+    assert torch.equal(got["online.indices"], want.indices)
+    assert torch.equal(got["online.values"], want.values)
+    assert got["online.rl_step"].tolist() == [i for i in range(300) for _ in range(1 + i % 3)]
+    assert got["online.event"].tolist() == [e for i in range(300) for e in range(1 + i % 3)]
+    again = ActivationLog.from_tensors(got, "online")
+    assert all(torch.equal(again.tensors("online")[k], v) for k, v in got.items())
+    assert ActivationLog().tensors("x")["x.rl_step"].shape == (0,)

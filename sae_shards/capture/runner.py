@@ -18,6 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from array import array
 from typing import Callable, NamedTuple
 
 import torch
@@ -35,13 +36,24 @@ class SAEStepRecord(NamedTuple):
 
 
 class ActivationLog:
-    """Which latents each captured sample activated, under the SAE as it was at capture time."""
+    """Which latents each captured sample activated, under the SAE as it was at capture time.
+
+    Kept compact for long runs: the per-sample integers in typed arrays (8 bytes each, not a
+    Python int and a list slot), and the codes of recent adds merged into one block every
+    ``MERGE_EVERY`` adds (each add's small tensors cost about 1 KB of object and allocator
+    overhead beside their payload; merging only the recent adds keeps the work linear)."""
+
+    MERGE_EVERY = 64
 
     def __init__(self) -> None:
-        self.rl_step: list[int] = []
-        self.event: list[int] = []  # the sample's event in its step (-1: a per-step sample)
-        self.sae_step: list[int] = []
+        self.rl_step = array("q")
+        self.event = array("q")  # the sample's event in its step (-1: a per-step sample)
+        self.sae_step = array("q")
         self.codes: list[SparseCodes] = []  # each [n, k]
+        self._merged = 0  # leading blocks of codes that are merges of MERGE_EVERY adds
+
+    def __len__(self) -> int:
+        return len(self.rl_step)
 
     def add(self, rl_steps: list[int], sae_step: int, codes: SparseCodes,
             events: list[int] | None = None) -> None:
@@ -51,29 +63,39 @@ class ActivationLog:
         self.event.extend([-1] * len(rl_steps) if events is None else events)
         self.sae_step.extend([sae_step] * len(rl_steps))
         self.codes.append(SparseCodes(codes.indices.cpu(), codes.values.float().cpu()))
+        if len(self.codes) - self._merged >= self.MERGE_EVERY:  # the adds since the last merge
+            self.codes[self._merged:] = [stack_codes(self.codes[self._merged:])]
+            self._merged += 1
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "ActivationLog":
         """Inverse of ``tensors`` (one block of codes; logs written before event ids existed
         read as per-step samples)."""
         log = cls()
-        log.rl_step = tensors[f"{prefix}.rl_step"].tolist()
-        log.sae_step = tensors[f"{prefix}.sae_step"].tolist()
+        log.rl_step = array("q", tensors[f"{prefix}.rl_step"].tolist())
+        log.sae_step = array("q", tensors[f"{prefix}.sae_step"].tolist())
         event = tensors.get(f"{prefix}.event")
-        log.event = [-1] * len(log.rl_step) if event is None else event.tolist()
+        log.event = array("q", [-1] * len(log.rl_step) if event is None else event.tolist())
         if log.rl_step:
             log.codes = [SparseCodes(tensors[f"{prefix}.indices"], tensors[f"{prefix}.values"])]
+            log._merged = 1
         return log
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """``{prefix}.rl_step [S]``, ``.event [S]``, ``.sae_step [S]``, ``.indices [S, k]``,
         ``.values [S, k]``."""
         return {
-            f"{prefix}.rl_step": torch.tensor(self.rl_step, dtype=torch.long),
-            f"{prefix}.event": torch.tensor(self.event, dtype=torch.long),
-            f"{prefix}.sae_step": torch.tensor(self.sae_step, dtype=torch.long),
+            f"{prefix}.rl_step": _long_tensor(self.rl_step),
+            f"{prefix}.event": _long_tensor(self.event),
+            f"{prefix}.sae_step": _long_tensor(self.sae_step),
             **{f"{prefix}.{k}": v for k, v in stack_codes(self.codes)._asdict().items()},
         }
+
+
+def _long_tensor(values: array) -> torch.Tensor:
+    """An ``array("q")`` as an int64 tensor of its own memory."""
+    return torch.frombuffer(values, dtype=torch.long).clone() if values else \
+        torch.zeros(0, dtype=torch.long)
 
 
 def encode_chunk_slots(sample_numel: int, encode_chunk_mib: int, most: int = 64) -> int:
