@@ -44,6 +44,9 @@ def rss() -> int:
 
 def per_add(make, adds: int, samples: int, k: int) -> float:
     gen = torch.Generator().manual_seed(0)
+    for _ in range(200):  # torch's first allocations (its pools, RNG) are not the log's
+        SparseCodes(torch.randint(64, (samples, k), generator=gen),
+                    torch.randn(samples, k, generator=gen))
     gc.collect()
     before, log = rss(), make()
     for i in range(adds):
