@@ -157,6 +157,12 @@ def test_memory_check_message():
     assert f"capture.storage_dtype=bfloat16: {needed / 2 / 1024**3:.3f} GiB (still too large)" in msg
     assert f"capture.capacity={budget // per_slot}:" in msg
     assert "capture.targets" in msg and "layers.0.mlp.w" in msg
+    # a capacity below runner.min_samples would be refused in turn: suggested with it lowered
+    small = budget // per_slot // 50
+    with pytest.raises(ValueError, match=rf"capture.capacity={small} with runner.min_samples="
+                                         rf"{small} \(now 500: the SAE starts"):
+        check_buffer_memory(big, 1000, torch.float32, budget_bytes=small * per_slot + 1,
+                            min_samples=500)
     with pytest.raises(ValueError, match="float16"):
         check_buffer_memory(big, 10, torch.float16, budget_bytes=needed)
 
@@ -168,16 +174,18 @@ def test_sae_memory_check_names_values_that_fit():
     below it, and one more does not."""
     specs = [TargetSpec("layers.0.mlp.w", (1024, 512), rank=2), TargetSpec("layers.0.b", (1024,))]
     weights = 2 * 1000 * (2 * (1024 + 512) + 1024)
-    floats = (4 * weights + 64 * (1024 * 512 + 1024) + 64 * 1000 * 1024 * 2
-              + 2 * (1000 * 2) ** 2)
+    dense = 1024 * 512 + 1024  # the decoder bias: trained (with gradient and moments) or zeros
+    floats = (4 * weights + 64 * dense + 64 * 1000 * 1024 * 2 + 2 * (1000 * 2) ** 2)
     need = sae_min_bytes(specs, 1000, 64)
-    assert need == 4 * floats
+    assert need == 4 * (floats + 4 * dense) == sae_min_bytes(specs, 1000, 64, b_dec=True)
+    assert sae_min_bytes(specs, 1000, 64, b_dec=False) == 4 * (floats + dense)
     check_sae_memory(specs, 1000, 64, need, "cpu")  # exactly enough
     budget = need * 3 // 4
     with pytest.raises(ValueError, match=r"the SAE needs more than .* sae.n_latents=1000 and "
                                          r"sae.batch_size=64 .* besides the buffer") as err:
         check_sae_memory(specs, 1000, 64, budget, "cpu")
     msg = str(err.value)
+    assert f"sae.use_b_dec=false: no decoder bias to train, {12 * dense / 2**30:.3f} GiB" in msg
     latents = int(msg.split("sae.n_latents=")[2].split(",")[0])
     samples = int(msg.split("sae.batch_size=")[2].split(",")[0])
     assert 1 <= latents < 1000 and 1 <= samples < 64

@@ -149,3 +149,21 @@ def test_no_latent_is_called_dead_before_dead_after_samples():
     stats = LatentStats(4, torch.device("cpu"))
     stats.update((torch.tensor([[0], [1], [0]]), torch.tensor([[1.0], [2.0], [0.5]])), step=1)
     assert stats.dead_frac(3) == 0.5 and stats.dead_frac(4) is None
+
+
+def test_a_batch_of_one_distinct_sample_is_skipped_not_trained_on(stream):
+    """Copies of one sample (one slot drawn every time, the other rows all zero) have no spread
+    about their mean: the FVU's denominator is 0, and one step at ~1e30 put inf into Adam's
+    moments for good. Such a batch is skipped and counted; the SAE trains on after it."""
+    g = torch.Generator().manual_seed(0)
+    trainer = SAETrainer(LowRankSAE(stream.targets, SAEConfig(n_latents=16, k=2, seed=0)))
+    one = stream.sample(1, g).sample
+    copies = {n: v.expand(3, *v.shape[1:]).clone() for n, v in one.items()}
+    with_zero = {n: torch.cat([v, torch.zeros_like(v)]) for n, v in one.items()}
+    assert trainer.step(copies) is None and trainer.step(with_zero) is None
+    assert trainer.n_skipped_degenerate == 2 and trainer.n_steps == 0
+    assert trainer.step(stream.sample(8, g).sample) is not None
+    assert all(torch.isfinite(s["exp_avg_sq"]).all() for s in trainer.optimizer.state.values())
+    assert trainer.state_tensors()["trainer.n_skipped_degenerate"] == 2
+    with pytest.raises(ValueError, match=r"sae.batch_size=1 must be at least 2"):
+        SAEConfig(batch_size=1)

@@ -73,11 +73,13 @@ def check_buffer_memory(
     budget_bytes: int | None = None,
     device: torch.device | str = "cpu",
     event_rank: int | None = None,
+    min_samples: int | None = None,
 ) -> int:
     """Raise ``ValueError`` before training if the buffer would not fit; return its bytes.
 
     ``budget_bytes=None`` means ``default_memory_budget(device)``. The error states the need, the
-    budget, and what each remedy (bf16 storage, smaller capacity, fewer targets) would give.
+    budget, and what each remedy (bf16 storage, smaller capacity, fewer targets) would give;
+    a capacity below ``min_samples`` (``runner.min_samples``) is suggested with it lowered too.
     """
     check_storage_dtype(dtype)
     needed = buffer_memory_bytes(targets, capacity, dtype, event_rank)
@@ -85,24 +87,29 @@ def check_buffer_memory(
     if needed <= budget:
         return needed
     raise ValueError(_memory_error(targets, capacity, dtype, needed, budget, torch.device(device),
-                                   event_rank))
+                                   event_rank, min_samples))
 
 
 def sae_min_bytes(targets: Sequence[TargetSpec], n_latents: int, batch_size: int,
-                  event_rank: int | None = None) -> int:
+                  event_rank: int | None = None, b_dec: bool | None = None) -> int:
     """A lower bound of the bytes training the SAE takes (fp32): its factored directions
-    (``2 N sum_p r_p (m_p + n_p)`` weights) with their gradients and Adam's two moments, one
-    batch of samples, the encoder's intermediate that autograd keeps for backward (dense
-    samples: ``[batch, m_p, N r_p]`` per matrix target) and the two ``[N r_p, N r_p]`` Grams
-    per matrix target whose product is the decoder Gram of the factored loss (kept for
-    backward, ``core.factored.cross_gram``). Backward's temporaries come on top: measured peaks
-    are up to ``SAE_BOUND_RATIO`` times this bound."""
+    (``2 N sum_p r_p (m_p + n_p)`` weights) with their gradients and Adam's two moments, its
+    decoder bias (the targets' full size ``D``: trained, ``b_dec`` true, with its gradient and
+    moments, 4 D; else the zeros it still holds, D; None: trained for dense samples, as
+    ``sae.use_b_dec``'s default), one batch of samples, the encoder's intermediate that
+    autograd keeps for backward (dense samples: ``[batch, m_p, N r_p]`` per matrix target) and
+    the two ``[N r_p, N r_p]`` Grams per matrix target whose product is the decoder Gram of the
+    factored loss (kept for backward, ``core.factored.cross_gram``). Backward's temporaries
+    come on top: measured peaks are up to ``SAE_BOUND_RATIO`` times this bound."""
     weights = 2 * n_latents * sum(t.factored_numel for t in targets)
+    trained_bias = event_rank is None if b_dec is None else b_dec
+    bias = (4 if trained_bias else 1) * sum(t.numel for t in targets)
     matrices = [t for t in targets if t.is_matrix]
     encode = 0 if event_rank is not None else batch_size * n_latents * sum(
         t.shape[0] * t.rank for t in matrices)
     grams = sum(2 * (n_latents * t.rank) ** 2 for t in matrices)
-    floats = 4 * weights + batch_size * slot_numel(targets, event_rank) + encode + grams
+    floats = (4 * weights + bias + batch_size * slot_numel(targets, event_rank) + encode
+              + grams)
     return 4 * floats
 
 
@@ -115,23 +122,24 @@ whose bound is this many times below what is free."""
 
 def check_sae_memory(targets: Sequence[TargetSpec], n_latents: int, batch_size: int,
                      budget_bytes: int, device: torch.device | str,
-                     event_rank: int | None = None) -> None:
+                     event_rank: int | None = None, b_dec: bool | None = None) -> None:
     """Raise ``ValueError`` before training if even the lower bound ``sae_min_bytes`` exceeds
     ``budget_bytes`` (the memory free besides the buffer), suggesting ``sae.n_latents`` and
     ``sae.batch_size`` values whose bound is ``SAE_BOUND_RATIO`` times below it. Settings
     under the bound pass: the check refuses only what cannot run."""
-    need = sae_min_bytes(targets, n_latents, batch_size, event_rank)
+    need = sae_min_bytes(targets, n_latents, batch_size, event_rank, b_dec)
     if need <= budget_bytes:
         return
     budget = max(int(budget_bytes), 0)
     room = budget // SAE_BOUND_RATIO
-    latents = _largest(lambda n: sae_min_bytes(targets, n, batch_size, event_rank) <= room,
-                       n_latents)
-    samples = _largest(lambda b: sae_min_bytes(targets, n_latents, b, event_rank) <= room,
-                       batch_size)
+    latents = _largest(lambda n: sae_min_bytes(targets, n, batch_size, event_rank, b_dec)
+                       <= room, n_latents)
+    samples = _largest(lambda b: sae_min_bytes(targets, n_latents, b, event_rank, b_dec)
+                       <= room, batch_size)
+    samples = samples if samples >= 2 else 0  # the loss needs two samples' spread
     lines = [f"the SAE needs more than {need / _GIB:.3f} GiB to train with sae.n_latents="
              f"{n_latents} and sae.batch_size={batch_size} (a lower bound: its directions with "
-             f"their gradients and Adam moments, a batch of samples of "
+             f"their gradients and Adam moments, its decoder bias, a batch of samples of "
              f"{slot_numel(targets, event_rank)} entries, the encoder's activations and the "
              f"loss's Grams) but "
              f"{budget / _GIB:.3f} GiB is free on {torch.device(device)} besides the buffer; "
@@ -139,7 +147,13 @@ def check_sae_memory(targets: Sequence[TargetSpec], n_latents: int, batch_size: 
     lines.append(f"  - sae.n_latents={latents}, with this batch" if latents else
                  "  - sae.n_latents: even 1 latent is too many with this batch")
     lines.append(f"  - sae.batch_size={samples}, with these latents" if samples else
-                 "  - sae.batch_size: even 1 sample is too many with these latents")
+                 "  - sae.batch_size: even 2 samples (the fewest) are too many with these "
+                 "latents")
+    if (event_rank is None) if b_dec is None else b_dec:
+        saved = 3 * 4 * sum(t.numel for t in targets)
+        lines.append(f"  - sae.use_b_dec=false: no decoder bias to train, {saved / _GIB:.3f} GiB "
+                     "less (the bias, its gradient and Adam moments: the targets' full size, "
+                     "4 times)")
     lines.append("  - fewer targets via capture.targets, or a smaller sae.rank")
     raise ValueError("\n".join(lines))
 
@@ -161,6 +175,7 @@ def _memory_error(
     budget: int,
     device: torch.device,
     event_rank: int | None = None,
+    min_samples: int | None = None,
 ) -> str:
     per_slot = buffer_memory_bytes(targets, 1, dtype, event_rank)
     entries = slot_numel(targets, event_rank)
@@ -176,8 +191,12 @@ def _memory_error(
         verdict = "fits" if half <= budget else "still too large"
         lines.append(f"  - capture.storage_dtype=bfloat16: {half / _GIB:.3f} GiB ({verdict})")
     if fits >= 1:
+        also = (f" with runner.min_samples={fits} (now {min_samples}: the SAE starts once that "
+                "many samples are buffered, so it cannot exceed the capacity)"
+                if min_samples is not None and fits < min_samples else "")
         lines.append(
-            f"  - capture.capacity={fits}: {fits * per_slot / _GIB:.3f} GiB (the largest that fits)"
+            f"  - capture.capacity={fits}{also}: {fits * per_slot / _GIB:.3f} GiB (the largest "
+            "that fits)"
         )
     else:
         lines.append(

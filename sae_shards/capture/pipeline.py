@@ -18,7 +18,7 @@ from sae_shards.capture.memory import (buffer_memory_bytes, check_buffer_memory,
                                       default_memory_budget)
 from sae_shards.capture.runner import InlineRunner, SAEWorkLoop, ThreadRunner, make_runner
 from sae_shards.capture.selection import Target, default_targets, select_targets, target_shapes
-from sae_shards.core.sae import LowRankSAE
+from sae_shards.core.sae import LowRankSAE, resolve_b_dec
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import TargetSpec, make_targets
 from sae_shards.core.trainer import SAETrainer
@@ -80,7 +80,8 @@ def build_pipeline(
     share = default_memory_budget(device, capture.memory_fraction)
     working = working_bytes(capture, specs)
     try:
-        check_buffer_memory(specs, capture.capacity, dtype, share - working, device, event_rank)
+        check_buffer_memory(specs, capture.capacity, dtype, share - working, device, event_rank,
+                            runner.min_samples)
     except ValueError as e:
         raise ValueError(
             f"{e}\n  - capture.memory_fraction above its {capture.memory_fraction:g} (at most 1): "
@@ -90,7 +91,8 @@ def build_pipeline(
     free = default_memory_budget(device, 1.0) - working  # the SAE is not held to the share
     check_sae_memory(specs, sae_cfg.n_latents, sae_cfg.batch_size,
                      free - buffer_memory_bytes(specs, capture.capacity, dtype, event_rank),
-                     device, event_rank)
+                     device, event_rank,
+                     resolve_b_dec(sae_cfg, "factored" if per_event else "dense"))
     buffer = DeltaRingBuffer(specs, capture.capacity, device, dtype, event_rank)
     sae = LowRankSAE(specs, sae_cfg, sample_form="factored" if per_event else "dense").to(device)
     trainer = SAETrainer(sae)

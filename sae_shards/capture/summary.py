@@ -59,6 +59,7 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
         "skipped_steps": None if isinstance(capture, EventCapture) else capture.n_skipped,
         "sae_rejected_nonfinite": trainer.n_rejected_nonfinite,
         "sae_skipped_zero": trainer.n_skipped_zero,
+        "sae_skipped_degenerate": trainer.n_skipped_degenerate,  # batches of one distinct sample
         # dead: silent for sae.dead_after samples, which a short run may never see (then null)
         "dead_frac": trainer.stats.dead_frac(parts.sae.cfg.dead_after),
         "never_fired_frac": float((trainer.stats.fire_count == 0).float().mean()),

@@ -62,6 +62,10 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "n_latents", "batch_size", "rank", "dead_after", "encode_chunk_mib")
+        if self.batch_size < 2:
+            raise ValueError(f"sae.batch_size={self.batch_size} must be at least 2: the loss is "
+                             "the fraction of the batch's variance left unexplained, which one "
+                             "sample does not have")
         if not 1 <= self.k <= self.n_latents:
             raise ValueError(f"sae.k={self.k} must be between 1 and sae.n_latents={self.n_latents}")
         if self.sparsity not in SPARSITY_MODES:

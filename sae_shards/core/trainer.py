@@ -124,6 +124,9 @@ class SAETrainer:
         self.n_steps = 0
         self.n_rejected_nonfinite = 0
         self.n_skipped_zero = 0
+        self.n_skipped_degenerate = 0
+        """Steps skipped because every kept sample of the batch was the same sample (one slot
+        drawn each time, the others all zero): no variance for the FVU to divide by."""
 
     # ------------------------------------------------------------------ data hygiene
     def _clean(self, batch: Sample) -> tuple[dict[str, Tensor], Tensor] | None:
@@ -167,6 +170,11 @@ class SAETrainer:
         if cleaned is None:
             return None
         x, sq_norms = cleaned
+        if _one_distinct_sample(x, sq_norms):
+            # no spread about the batch mean: the FVU's denominator is 0 and one step at ~1e30
+            # would put inf into Adam's moments for good
+            self.n_skipped_degenerate += 1
+            return None
         self._update_scale(sq_norms)
         if self.n_steps == 0 and self.sae.uses_b_dec:
             with torch.no_grad():
@@ -250,6 +258,7 @@ class SAETrainer:
         out["trainer.counters"] = torch.tensor(
             [self.n_steps, self.n_rejected_nonfinite, self.n_skipped_zero, self.stats.n_samples],
             dtype=torch.long)
+        out["trainer.n_skipped_degenerate"] = torch.tensor(self.n_skipped_degenerate)
         return out
 
     def load_state_tensors(self, state: Mapping[str, Tensor]) -> None:
@@ -269,4 +278,15 @@ class SAETrainer:
         self.stats.abs_act_sum = state["trainer.abs_act_sum"].to(dev).clone()
         counters = state["trainer.counters"].tolist()
         self.n_steps, self.n_rejected_nonfinite, self.n_skipped_zero, self.stats.n_samples = counters
+        degenerate = state.get("trainer.n_skipped_degenerate")  # absent before 2026-12-02
+        self.n_skipped_degenerate = int(degenerate) if degenerate is not None else 0
 
+
+def _one_distinct_sample(x: Mapping[str, Tensor], sq_norms: Tensor) -> bool:
+    """Whether the batch holds one sample, or copies of one (``sq_norms``: ``[batch]``): equal
+    norms first (cheap), then the rows themselves."""
+    if sq_norms.numel() < 2:
+        return True
+    if not bool((sq_norms == sq_norms[0]).all()):
+        return False
+    return all(torch.equal(v[i], v[0]) for v in x.values() for i in range(1, v.shape[0]))
