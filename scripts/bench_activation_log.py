@@ -7,7 +7,8 @@ storage it replaced (Python lists of ints, one pair of small tensors per add), i
 Each add records ``--samples`` samples of ``--k`` codes (a per-event step of 8 events, k = 8),
 as ``SAEWorkLoop.flush_activations`` does once per RL step. Memory is the growth of the process's
 resident set over the adds (after ``gc.collect()``), per add, each storage in a fresh
-process (forked: freed memory of one would be reused by the other); the payload is what the samples'
+process (spawned: freed memory of one would be reused by the other, and a fork would
+inherit its parent's heap); the payload is what the samples'
 codes and integers take as int64/fp32 tensors. Ratios are new / old from the same run.
 """
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     payload = args.samples * (args.k * (8 + 4) + 3 * 8)
-    with multiprocessing.get_context("fork").Pool(1, maxtasksperchild=1) as pool:  # a fresh
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:  # a fresh
         old, new = (pool.apply(per_add, (make, args.adds, args.samples, args.k))  # process each
                     for make in (ListLog, ActivationLog))
     out = (f"{args.adds} adds of {args.samples} samples x k={args.k} (payload {payload} B an "
