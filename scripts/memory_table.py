@@ -51,9 +51,9 @@ def rows(latents: int, sae_rank: int, event_rank: int, slots: int) -> list[dict[
             "sae_params": latents * per_latent,
             # fp32 weights + Adam's two moments + one gradient
             "sae_train_gb": 4 * 4 * latents * per_latent / GB,
-            # the decoder bias, the targets' full size: trained per step (fp32 + Adam + grad),
-            # held as zeros per event
-            "b_dec_step_gb": 4 * 4 * dense / GB, "b_dec_event_gb": 4 * dense / GB,
+            # the decoder bias, the targets' full size: trained per step (fp32 + Adam + grad);
+            # a per-event SAE has none
+            "b_dec_step_gb": 4 * 4 * dense / GB,
             "fsdp_shard_gb": 4 * dense / 8 / GB,  # fp32 snapshot of one rank's shard of 8
         })
     return out
@@ -66,7 +66,7 @@ def table(latents: int, sae_rank: int, event_rank: int, slots: int) -> str:
         "",
         "| model | parameters | captured matrices | entries per delta | one delta (bf16) | "
         "dense buffer | one event (bf16) | event buffer | SAE parameters | SAE training "
-        "(fp32 + Adam + grad) | decoder bias, per step / per event | update snapshot per rank, "
+        "(fp32 + Adam + grad) | decoder bias, per step (none per event) | update snapshot per rank, "
         "FSDP2 over 8 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -76,7 +76,7 @@ def table(latents: int, sae_rank: int, event_rank: int, slots: int) -> str:
             f"{r['delta'] / 1e9:.3g}B | {r['delta_bf16_gb']:.2f} GB | "
             f"{r['buffer_dense_gb']:.0f} GB | {r['event_bf16_gb']:.3f} GB | "
             f"{r['buffer_event_gb']:.1f} GB | {r['sae_params'] / 1e9:.2f}B | "
-            f"{r['sae_train_gb']:.1f} GB | {r['b_dec_step_gb']:.1f} / {r['b_dec_event_gb']:.1f} GB | "
+            f"{r['sae_train_gb']:.1f} GB | {r['b_dec_step_gb']:.1f} GB | "
             f"{r['fsdp_shard_gb']:.2f} GB |")
     return "\n".join(lines)
 

@@ -63,6 +63,38 @@ def test_a_checkpoint_names_every_parameter_and_buffer_of_the_sae(sparsity, form
         assert any(tensor is t for t in saved), f"{name} is not in the checkpoint"
 
 
+@pytest.mark.parametrize("form,use_b_dec", [("dense", False), ("factored", None)])
+def test_an_unused_decoder_bias_is_not_held_and_old_zeros_still_load(form, use_b_dec, tmp_path):
+    """Without a decoder bias the SAE allocates none and its checkpoint has no ``b_dec.*`` (per
+    event they would be the targets' full size: 26 GB at 7B). Checkpoints written before held
+    zeros there: they load, the zeros dropped; a nonzero one is a named error."""
+    targets = [TargetSpec("w", (6, 5), rank=2), TargetSpec("b", (4,))]
+    sae = LowRankSAE(targets, SAEConfig(n_latents=8, k=2, use_b_dec=use_b_dec), form)
+    assert sae.b_dec is None
+    assert not any(t.numel() == 30 for t in [*sae.parameters(), *sae.buffers()])  # no [6, 5]
+    save_checkpoint(tmp_path / "new", sae)
+    tensors = load_file(tmp_path / "new" / "sae.safetensors")
+    assert not [k for k in tensors if k.startswith("b_dec")]
+    assert load_checkpoint(tmp_path / "new").sae.b_dec is None
+
+    old = tmp_path / "old"
+    save_checkpoint(old, sae)  # then rewritten the way the earlier format held it
+    legacy = {**tensors, "b_dec.w": torch.zeros(6, 5), "b_dec.b": torch.zeros(4)}
+    save_file(legacy, old / "sae.safetensors", metadata={"format": "sae-shards",
+                                                          "format_version": "1"})
+    loaded = load_checkpoint(old).sae
+    assert loaded.b_dec is None
+    for k, v in sae_tensors(loaded).items():
+        assert torch.equal(v, tensors[k]) or (v.isnan().all() and tensors[k].isnan().all()), k
+
+    legacy["b_dec.w"] = legacy["b_dec.w"].clone().index_fill_(0, torch.tensor([2]), 1e-3)
+    save_file(legacy, old / "sae.safetensors", metadata={"format": "sae-shards",
+                                                          "format_version": "1"})
+    with pytest.raises(CheckpointError, match=r"b_dec.w is nonzero, but config.json describes "
+                                              r"an SAE without a decoder bias"):
+        load_checkpoint(old)
+
+
 def test_paths_may_be_strings(trained, tmp_path):
     _, sae, _ = trained
     save_checkpoint(str(tmp_path / "ck"), sae, meta={"rl_step": 1})

@@ -57,8 +57,10 @@ def _batch(sae, noise, seed=0):
         if signed:
             c = c * (torch.randint(0, 2, (K,), generator=g) * 2 - 1).to(dt)
         coef[b, S] = c
-    for t, bd in zip(sae.targets, sae.b_dec):
-        clean = torch.einsum("bi,i...->b...", coef, dirs[t.name]) + bd.detach()
+    bias = sae.bias_sample(detach=True) or {}
+    for t in sae.targets:
+        clean = torch.einsum("bi,i...->b...", coef, dirs[t.name])
+        clean = clean + bias[t.name][0] if t.name in bias else clean
         x[t.name] = SCALE * (clean + noise * torch.randn(clean.shape, generator=g, dtype=dt))
     return x
 

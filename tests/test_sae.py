@@ -62,7 +62,7 @@ def test_decode_matches_dense_sum(rank):
     got = sae.decode(codes)
     dirs = sae.dense_directions()
     z = codes.dense(8)  # [b, N]
-    for t, bd in zip(targets, sae.b_dec):
+    for t, bd in zip(targets, sae.b_dec, strict=True):
         want = torch.einsum("bi,i...->b...", z, dirs[t.name]) + bd
         torch.testing.assert_close(got[t.name], want, rtol=1e-5, atol=1e-5)
 

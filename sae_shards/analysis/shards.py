@@ -197,8 +197,13 @@ class ShardSet:
 
     def mean_update(self) -> dict[str, Tensor]:
         """``b_dec`` in parameter units: the mean update, a shard of its own."""
-        scale = self.sae.input_scale
-        return {t.name: (bd.detach() * scale).clone() for t, bd in zip(self.sae.targets, self.sae.b_dec)}
+        bias = self.sae.bias_sample(detach=True)
+        if bias is None:
+            raise ValueError(
+                f"this SAE learns no decoder bias (sample_form {self.sae.sample_form!r}, "
+                f"sae.use_b_dec={self.sae.cfg.use_b_dec!r}), so it holds no mean update; per-event "
+                "SAEs never do, and a per-step run keeps one unless sae.use_b_dec=false")
+        return {k: v[0] * self.sae.input_scale for k, v in bias.items()}
 
     @property
     def input_scale(self) -> float:

@@ -94,16 +94,16 @@ def sae_min_bytes(targets: Sequence[TargetSpec], n_latents: int, batch_size: int
                   event_rank: int | None = None, b_dec: bool | None = None) -> int:
     """A lower bound of the bytes training the SAE takes (fp32): its factored directions
     (``2 N sum_p r_p (m_p + n_p)`` weights) with their gradients and Adam's two moments, its
-    decoder bias (the targets' full size ``D``: trained, ``b_dec`` true, with its gradient and
-    moments, 4 D; else the zeros it still holds, D; None: trained for dense samples, as
-    ``sae.use_b_dec``'s default), one batch of samples, the encoder's intermediate that
+    decoder bias (the targets' full size ``D`` with its gradient and moments, 4 D, when
+    ``b_dec`` is true; none when false; None: trained for dense samples, as ``sae.use_b_dec``'s
+    default), one batch of samples, the encoder's intermediate that
     autograd keeps for backward (dense samples: ``[batch, m_p, N r_p]`` per matrix target) and
     the two ``[N r_p, N r_p]`` Grams per matrix target whose product is the decoder Gram of the
     factored loss (kept for backward, ``core.factored.cross_gram``). Backward's temporaries
     come on top: measured peaks are up to ``SAE_BOUND_RATIO`` times this bound."""
     weights = 2 * n_latents * sum(t.factored_numel for t in targets)
     trained_bias = event_rank is None if b_dec is None else b_dec
-    bias = (4 if trained_bias else 1) * sum(t.numel for t in targets)
+    bias = 4 * sum(t.numel for t in targets) if trained_bias else 0
     matrices = [t for t in targets if t.is_matrix]
     encode = 0 if event_rank is not None else batch_size * n_latents * sum(
         t.shape[0] * t.rank for t in matrices)
@@ -150,10 +150,9 @@ def check_sae_memory(targets: Sequence[TargetSpec], n_latents: int, batch_size: 
                  "  - sae.batch_size: even 2 samples (the fewest) are too many with these "
                  "latents")
     if (event_rank is None) if b_dec is None else b_dec:
-        saved = 3 * 4 * sum(t.numel for t in targets)
-        lines.append(f"  - sae.use_b_dec=false: no decoder bias to train, {saved / _GIB:.3f} GiB "
-                     "less (the bias, its gradient and Adam moments: the targets' full size, "
-                     "4 times)")
+        saved = 4 * 4 * sum(t.numel for t in targets)
+        lines.append(f"  - sae.use_b_dec=false: no decoder bias, {saved / _GIB:.3f} GiB less "
+                     "(the bias, its gradient and Adam moments: the targets' full size, 4 times)")
     lines.append("  - fewer targets via capture.targets, or a smaller sae.rank")
     raise ValueError("\n".join(lines))
 

@@ -6,6 +6,8 @@ Layout (format version 1)::
                                encoder.<target>.A [N, m, r]   encoder.<target>.B [N, n, r]
                                decoder.<target>.d [N, m]      encoder.<target>.d [N, m]  (1-D)
                                b_enc [N]  b_dec.<target> [*shape]  input_scale []  threshold []
+                               (b_dec only when the SAE learns one: ``sae.uses_b_dec``; earlier
+                               checkpoints held zeros otherwise, still read)
                                stats.density / stats.mean_abs_act / stats.last_active_step [N]
                                header metadata: {"format": "sae-shards", "format_version": "1"}
     config.json                format_version, sae config, targets (name/shape/rank), sample_form
@@ -67,14 +69,15 @@ class LoadedSAE(NamedTuple):
 def live_tensors(sae: LowRankSAE) -> dict[str, torch.Tensor]:
     """The SAE's parameters and buffers under their checkpoint names (the live objects)."""
     out: dict[str, torch.Tensor] = {}
-    for tf, bd in zip(sae.factors, sae.b_dec):
+    for i, tf in enumerate(sae.factors):
         name = tf.spec.name
         if tf.spec.is_matrix:
             out[f"decoder.{name}.U"], out[f"decoder.{name}.V"] = tf.U, tf.V
             out[f"encoder.{name}.A"], out[f"encoder.{name}.B"] = tf.A, tf.B
         else:
             out[f"decoder.{name}.d"], out[f"encoder.{name}.d"] = tf.d_dec, tf.d_enc
-        out[f"b_dec.{name}"] = bd
+        if sae.b_dec is not None:
+            out[f"b_dec.{name}"] = sae.b_dec[i]
     out["b_enc"] = sae.b_enc
     out["input_scale"] = sae.input_scale
     out["threshold"] = sae.threshold
@@ -271,6 +274,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         f"; a checkpoint directory holds {CONFIG_FILE} and {SAE_FILE}"))
     layout = live_tensors(spec.layout)
     stats = {k: v for k, v in tensors.items() if k.startswith("stats.")}
+    _drop_unused_bias(file, spec.layout, tensors)
     check_names(file, set(tensors) - set(stats), set(layout),
                  f"{path / CONFIG_FILE} describes; the two files are not from the same checkpoint")
     implied = f"{CONFIG_FILE} implies"
@@ -287,6 +291,25 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
             dst.copy_(tensors[name])
         check_unit_norm(file, sae.decoder_sq_norms())
     return LoadedSAE(sae.to(device).eval(), spec.config, stats, path)
+
+
+def _drop_unused_bias(file: Path, layout: LowRankSAE, tensors: dict[str, torch.Tensor]) -> None:
+    """Earlier checkpoints kept an unused decoder bias as zeros (``b_dec.<target>``, per-event
+    SAEs and ``sae.use_b_dec=false``): accept those zeros and drop them; a nonzero one is not
+    something this SAE can hold."""
+    if layout.uses_b_dec:
+        return
+    for t in layout.targets:
+        name = f"b_dec.{t.name}"
+        if name in tensors:
+            check_tensor(file, name, tensors[name], tuple(t.shape), torch.float32,
+                          f"{CONFIG_FILE} implies")
+            if bool(tensors.pop(name).any()):
+                raise CheckpointError(
+                    f"{file}: {name} is nonzero, but {CONFIG_FILE} describes an SAE without a "
+                    f"decoder bias (sample_form {layout.sample_form!r}, sae.use_b_dec "
+                    f"{layout.cfg.use_b_dec!r}); the two files are not from the same checkpoint "
+                    f"— {DAMAGED}")
 
 
 def load_training_state(path: str | Path) -> dict[str, torch.Tensor]:

@@ -115,12 +115,9 @@ def decoder_gram_pair(sae, detach_left: bool = False) -> Tensor:
     return total
 
 
-def _bias_sample(sae, detach: bool = False) -> dict[str, Tensor]:
-    return {t.name: (bd.detach() if detach else bd)[None] for t, bd in zip(sae.targets, sae.b_dec)}
-
-
-def sq_dist(x: Sample, centre: Mapping[str, Tensor], chunk_mib: float = 1.0) -> Tensor:
-    """``||x_b - centre||^2`` summed over targets, ``[batch]`` fp64, no gradient.
+def sq_dist(x: Sample, centre: Mapping[str, Tensor] | None, chunk_mib: float = 1.0) -> Tensor:
+    """``||x_b - centre||^2`` summed over targets, ``[batch]`` fp64, no gradient (``centre``
+    None: ``||x_b||^2``).
 
     Reduces the actual differences (not ``||x||^2 - 2<x, c> + ||c||^2``, which cancels when the
     centre is large), a slice of columns of the whole batch at a time: the only temporary is
@@ -129,10 +126,12 @@ def sq_dist(x: Sample, centre: Mapping[str, Tensor], chunk_mib: float = 1.0) -> 
     out = None
     with torch.no_grad():
         for k, v in x.items():
-            flat, c = v.flatten(1), centre[k].flatten()  # [b, D_p], [D_p]
+            flat = v.flatten(1)  # [b, D_p]
+            c = None if centre is None else centre[k].flatten()  # [D_p]
             per = max(1, int(chunk_mib * (1 << 20)) // (flat.shape[0] * flat.element_size()))
-            norms = [torch.linalg.vector_norm(flat[:, i:i + per] - c[i:i + per], dim=1)
-                     for i in range(0, flat.shape[1], per)]  # each [b]
+            norms = [torch.linalg.vector_norm(
+                flat[:, i:i + per] if c is None else flat[:, i:i + per] - c[i:i + per], dim=1)
+                for i in range(0, flat.shape[1], per)]  # each [b]
             part = torch.stack(norms).double().pow(2).sum(0)  # [b]
             out = part if out is None else out + part
     return out
@@ -148,8 +147,10 @@ def factored_losses(sae, x: Sample, dead: Tensor, aux_k: int, aux_coef: float) -
     inv = 1.0 / sae.input_scale  # []
     B = next(iter(x.values())).shape[0]
     N = sae.n_latents
-    pre = sae.inner(x, "encoder") * inv - sae.inner(_bias_sample(sae), "encoder") \
-        + sae.b_enc  # [b, N]
+    bias = sae.bias_sample()  # {target: [1, *shape]} b_dec, scaled units; None without one
+    pre = sae.inner(x, "encoder") * inv + sae.b_enc  # [b, N]
+    if bias is not None:
+        pre = pre - sae.inner(bias, "encoder")
     codes, floor = sae.select(pre, training=True)
     idx, z = codes  # [b, k]
     k = idx.shape[1]
@@ -163,7 +164,7 @@ def factored_losses(sae, x: Sample, dead: Tensor, aux_k: int, aux_coef: float) -
     else:
         cols = idx
     dxc = active_decoder_inner(sae, x, cols) * inv  # [b, k (+ ka)] <X_b, D_j>, scaled units
-    db = sae.inner(_bias_sample(sae), "decoder")[0]  # [N] <b, D_i>
+    db = pre.new_zeros(N) if bias is None else sae.inner(bias, "decoder")[0]  # [N] <b, D_i>
     xd = dxc[:, :k] - db[idx]  # [b, k] <X_b - b, D_i> of the active latents
     G = sae.decoder_gram()  # [N, N]
 
@@ -173,12 +174,12 @@ def factored_losses(sae, x: Sample, dead: Tensor, aux_k: int, aux_coef: float) -
     s = sae.input_scale
     with torch.no_grad():
         mean = {name: v.mean(0) for name, v in x.items()}  # [*shape] per target, param. units
-        xb = sq_dist(x, {t.name: bd.detach() * s for t, bd in zip(sae.targets, sae.b_dec)}) \
-            * inv64 ** 2  # [b] exact ||X_b - b||^2
-    if any(bd.requires_grad for bd in sae.b_dec):
+        centre = None if bias is None else {k: v[0].detach() * s for k, v in bias.items()}
+        xb = sq_dist(x, centre) * inv64 ** 2  # [b] exact ||X_b - b||^2
+    if bias is not None and any(v.requires_grad for v in bias.values()):
         # d/db sum_b ||X_b - b||^2 = 2 B (b - mean X): a surrogate with value 0 and that gradient
-        lin = sum((2 * B * (bd.detach() - mean[t.name] * inv) * bd).sum()
-                  for t, bd in zip(sae.targets, sae.b_dec))
+        lin = sum((2 * B * (v[0].detach() - mean[k] * inv) * v[0]).sum()
+                  for k, v in bias.items())
         lin = (lin - lin.detach()).double()  # []
     else:
         lin = 0.0
@@ -189,8 +190,8 @@ def factored_losses(sae, x: Sample, dead: Tensor, aux_k: int, aux_coef: float) -
     with torch.no_grad():
         # sum_b ||X_b - mean||^2 = sum_b ||X_b - b||^2 - B ||mean - b||^2 (b_dec ~ the mean, so
         # this rarely cancels; when it does by > 10x, reduce the differences directly)
-        mb = sum((mean[t.name].double() * inv64 - bd.detach().double()).pow(2).sum()
-                 for t, bd in zip(sae.targets, sae.b_dec))
+        mb = sum((mean[k].double() * inv64 - (0 if bias is None else bias[k][0].detach().double())
+                  ).pow(2).sum() for k in mean)
         total = xb.sum() - B * mb
         if total < 0.1 * xb.sum():
             total = sq_dist(x, mean).sum() * inv64 ** 2
@@ -207,7 +208,8 @@ def factored_losses(sae, x: Sample, dead: Tensor, aux_k: int, aux_coef: float) -
         a = a.relu()
     a64 = a.double()
     Gh = decoder_gram_pair(sae, detach_left=True)  # [N, N] grad only via D_j
-    db_det = sae.inner(_bias_sample(sae, detach=True), "decoder")[0]  # [N] grad only via D
+    db_det = db if bias is None else \
+        sae.inner(sae.bias_sample(detach=True), "decoder")[0]  # [N] grad only via D
     # <e_b, D_j> = <X_b - b, D_j> - sum_i z_bi <D_i, D_j>, with e fixed
     ed = ((dxc[:, k:] - db_det[aidx]).double()
           - torch.einsum("bk,bka->ba", z64.detach(), gather_pairs(Gh, idx, aidx).double()))

@@ -95,11 +95,11 @@ class LowRankSAE(nn.Module):
         gen = torch.Generator().manual_seed(cfg.seed)
         self.factors = nn.ModuleList(_TargetFactors(t, cfg.n_latents, gen) for t in self.targets)
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
-        # Present (zeros, frozen) when unused, so checkpoints keep one format.
-        self.b_dec = nn.ParameterList(
-            nn.Parameter(torch.zeros(t.shape), requires_grad=self.uses_b_dec)
-            for t in self.targets
-        )
+        # One [*shape] per target, or None: an unused bias is never allocated (per-event at 7B
+        # it would be 26 GB of zeros) nor checkpointed.
+        self.b_dec: nn.ParameterList | None = nn.ParameterList(
+            nn.Parameter(torch.zeros(t.shape)) for t in self.targets
+        ) if self.uses_b_dec else None
         # Running RMS of sample norms (parameter units); 0 until the trainer sees data.
         self.register_buffer("input_scale", torch.zeros(()))
         # batch_topk inference threshold (scaled units); NaN until trained.
@@ -184,13 +184,21 @@ class LowRankSAE(nn.Module):
         """Pre-activations ``[batch, n_latents]`` of scaled samples, ``<x - b_dec, W_i> + b_enc``.
 
         By linearity ``<x - b_dec, W> = <x, W> - <b_dec, W>``: the second term is one "sample",
-        so no centred copy of the batch (nor its gradient) is ever made. Factored samples have no
-        decoder bias: ``<x, W_i> + b_enc``.
+        so no centred copy of the batch (nor its gradient) is ever made. Without a decoder bias
+        (factored samples, ``sae.use_b_dec=false``): ``<x, W_i> + b_enc``.
         """
-        if self.sample_form == "factored":
+        bias = self.bias_sample()
+        if bias is None:
             return self.inner(xs, "encoder") + self.b_enc
-        bias = {t.name: bd[None] for t, bd in zip(self.targets, self.b_dec)}
         return self.inner(xs, "encoder") - self.inner(bias, "encoder") + self.b_enc
+
+    def bias_sample(self, detach: bool = False) -> dict[str, Tensor] | None:
+        """``b_dec`` as a one-sample batch ``{target: [1, *shape]}``; None without a decoder
+        bias (``uses_b_dec`` false)."""
+        if self.b_dec is None:
+            return None
+        return {t.name: (bd.detach() if detach else bd)[None]
+                for t, bd in zip(self.targets, self.b_dec)}
 
     def select(self, pre: Tensor, training: bool) -> tuple[SparseCodes, Tensor | None]:
         """Apply the sparsity; batch_topk uses the batch in training, the threshold otherwise."""
@@ -206,7 +214,8 @@ class LowRankSAE(nn.Module):
         idx, val = codes  # [b, k]
         b, k = idx.shape
         out = {}
-        for tf, bd in zip(self.factors, self.b_dec):
+        bias = self.bias_sample() if with_bias else None
+        for tf in self.factors:
             if tf.spec.is_matrix:
                 U, V = tf.factors("decoder")  # [N, m, r], [N, n, r]
                 m, n, r = tf.spec.shape[0], tf.spec.shape[1], tf.spec.rank
@@ -216,7 +225,7 @@ class LowRankSAE(nn.Module):
                 rec = Ug @ Vg.transpose(1, 2)  # [b, m, n]
             else:
                 rec = torch.einsum("bk,bkm->bm", val, tf.d_dec[idx])  # [b, m]
-            out[tf.spec.name] = rec + bd if with_bias else rec
+            out[tf.spec.name] = rec if bias is None else rec + bias[tf.spec.name][0]
         return out
 
     def forward(self, xs: Sample, training: bool = False,

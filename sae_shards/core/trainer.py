@@ -176,7 +176,7 @@ class SAETrainer:
             self.n_skipped_degenerate += 1
             return None
         self._update_scale(sq_norms)
-        if self.n_steps == 0 and self.sae.uses_b_dec:
+        if self.n_steps == 0 and self.sae.b_dec is not None:
             with torch.no_grad():
                 for t, bd in zip(self.sae.targets, self.sae.b_dec):
                     bd.copy_(x[t.name].mean(0)).div_(self.sae.input_scale)
