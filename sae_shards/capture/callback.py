@@ -58,6 +58,7 @@ from sae_shards.capture.buffer import StepMeta
 from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
 from sae_shards.capture.event_sites import hook_sites
+from sae_shards.capture.policy_memory import pending_policy_memory
 from sae_shards.capture.pipeline import Pipeline, build_pipeline, resolve_targets
 from sae_shards.capture.rollouts import TRLRollouts, calling_trainer, scored_mean
 from sae_shards.capture.summary import final_activations, heldout_fvu, run_summary
@@ -223,8 +224,12 @@ class ShardCallback(TrainerCallback):
         if self.parts is not None:
             return
         device = next(model.parameters()).device
+        pending = pending_policy_memory(model, trainer, device)
+        if pending.total:
+            log.info("sizing the buffer and the SAE against free memory less what the "
+                     "policy's first training step will allocate: %s", pending.describe())
         self.parts = build_pipeline(model, self.capture_cfg, self.sae_cfg, self.runner_cfg, device,
-                                    self.seed)
+                                    self.seed, pending)
         if self.capture_cfg.granularity == "step":
             self.capture = self._step_capture(self.parts.targets, self.parts.buffer)
         else:

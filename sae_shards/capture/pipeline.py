@@ -16,6 +16,8 @@ from sae_shards.capture.buffer import DeltaRingBuffer
 from sae_shards.capture.event_precondition import COVARIANCE_KINDS
 from sae_shards.capture.memory import (buffer_memory_bytes, check_buffer_memory, check_sae_memory,
                                       default_memory_budget)
+from sae_shards.capture.policy_memory import NONE as NO_PENDING
+from sae_shards.capture.policy_memory import PendingMemory, size
 from sae_shards.capture.runner import InlineRunner, SAEWorkLoop, ThreadRunner, make_runner
 from sae_shards.capture.selection import Target, default_targets, select_targets, target_shapes
 from sae_shards.core.sae import LowRankSAE, resolve_b_dec
@@ -39,6 +41,14 @@ class Pipeline(NamedTuple):
     trainer: SAETrainer
     loop: SAEWorkLoop
     runner: InlineRunner | ThreadRunner
+
+
+def _after(pending: PendingMemory) -> str:
+    """The part of an error that says what free memory was counted without."""
+    if not pending.total:
+        return ""
+    return (f"\nFree memory was counted less what the policy's first training step will "
+            f"allocate: {pending.describe()}.")
 
 
 def resolve_targets(model: torch.nn.Module, patterns: list[str] | None) -> dict[str, Target]:
@@ -68,16 +78,19 @@ def build_pipeline(
     runner: RunnerConfig,
     device: torch.device,
     seed: int,
+    pending: PendingMemory = NO_PENDING,
 ) -> Pipeline:
     """All parts, the buffer's memory checked against the budget left after the capture's own
     working copies of the targets, and the SAE's against what is free besides them (each
-    raises ``ValueError`` saying how to fit)."""
+    raises ``ValueError`` saying how to fit). Free memory is read now, less ``pending``: what the
+    policy's first training step will still allocate (``policy_memory``)."""
     targets = resolve_targets(model, capture.targets)
     specs = make_targets(target_shapes(targets), rank=sae_cfg.rank)
     dtype = STORAGE[capture.storage_dtype]
     per_event = capture.granularity != "step"
     event_rank = capture.event_rank if per_event else None
-    share = default_memory_budget(device, capture.memory_fraction)
+    free = default_memory_budget(device, 1.0) - pending.total
+    share = int(max(free, 0) * capture.memory_fraction)
     working = working_bytes(capture, specs)
     try:
         check_buffer_memory(specs, capture.capacity, dtype, share - working, device, event_rank,
@@ -85,14 +98,18 @@ def build_pipeline(
     except ValueError as e:
         raise ValueError(
             f"{e}\n  - capture.memory_fraction above its {capture.memory_fraction:g} (at most 1): "
-            f"a larger share of free memory (now {share / 2**30:.3f} GiB, of which the capture's working copies "
-            f"of the targets take {working / 2**30:.3f} GiB and the buffer gets the rest)"
+            f"a larger share of free memory (now {size(share)}, of which the capture's working "
+            f"copies of the targets take {size(working)} and the buffer gets the rest)"
+            f"{_after(pending)}"
         ) from None
-    free = default_memory_budget(device, 1.0) - working  # the SAE is not held to the share
-    check_sae_memory(specs, sae_cfg.n_latents, sae_cfg.batch_size,
-                     free - buffer_memory_bytes(specs, capture.capacity, dtype, event_rank),
-                     device, event_rank,
-                     resolve_b_dec(sae_cfg, "factored" if per_event else "dense"))
+    try:  # the SAE is not held to the share
+        check_sae_memory(specs, sae_cfg.n_latents, sae_cfg.batch_size,
+                         free - working - buffer_memory_bytes(specs, capture.capacity, dtype,
+                                                              event_rank),
+                         device, event_rank,
+                         resolve_b_dec(sae_cfg, "factored" if per_event else "dense"))
+    except ValueError as e:
+        raise ValueError(f"{e}{_after(pending)}") from None
     buffer = DeltaRingBuffer(specs, capture.capacity, device, dtype, event_rank)
     sae = LowRankSAE(specs, sae_cfg, sample_form="factored" if per_event else "dense").to(device)
     trainer = SAETrainer(sae)
