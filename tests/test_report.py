@@ -9,7 +9,7 @@ import pytest
 
 from sae_shards.analysis.report import SECTIONS, analyze
 from sae_shards.cli import main as cli_main
-from sae_shards.analysis.shards import RunView
+from sae_shards.analysis.shards import RunView, ShardSet
 
 
 class _Page(HTMLParser):
@@ -212,6 +212,7 @@ def test_the_notebook_example_in_docs_runs_as_written(short_run_dir, tmp_path):
     code = code.replace('"runs/default", 100))', '"runs/default", 12))')  # its step checkpoint
     code = code.replace('"runs/default"', repr(str(short_run_dir)))
     code = code.replace('"my_shards"', repr(str(tmp_path / "my_shards")))
+    code = code.replace('"two_shards"', repr(str(tmp_path / "two_shards")))
     code = code.replace("view.shards[20]", f"view.shards[{live}]")
     code = code.replace("view.top_steps(20,", f"view.top_steps({live},")
     code = code.replace("view.rollouts[120]", "view.rollouts[12]")  # this run's last step
@@ -225,6 +226,7 @@ def test_the_notebook_example_in_docs_runs_as_written(short_run_dir, tmp_path):
             assert torch.equal(p, q), name  # restored bit-exactly after each intervention
     assert 0 <= scope["steered"].mean <= 1 and 0 <= scope["ablated"].mean <= 1
     assert (tmp_path / "my_shards" / "sae.safetensors").is_file()  # saved where it was told
+    assert len(ShardSet.load(tmp_path / "two_shards")) == 2
 
 
 def test_the_python_api_takes_what_a_notebook_hands_it(short_run_dir):

@@ -102,6 +102,37 @@ def test_two_checkpoints_compare_and_shards_save(run_dir, tmp_path):
     assert again.meta == final.meta and again.stats.keys() == final.stats.keys()
 
 
+def test_a_subset_keeps_the_chosen_shards_and_saves(run_dir, tmp_path):
+    """subset: the chosen shards, in the order given, with their directions, encoder, biases and
+    statistics; saved and loaded back unchanged; a subset of a subset names the original
+    indices; bad choices are named."""
+    full = ShardSet.from_run(run_dir)
+    picked = [5, 0, 13]
+    part = full.subset([5, full[0], -3])
+    assert len(part) == 3 and part.sae.cfg.k == min(full.sae.cfg.k, 3)
+    torch.testing.assert_close(part.cosine_matrix(), full.cosine_matrix()[picked][:, picked],
+                               atol=1e-6, rtol=1e-5)
+    for i, j in enumerate(picked):
+        for name, d in part[i].dense(scaled=False).items():
+            assert torch.equal(d, full[j].dense(scaled=False)[name])
+        assert part[i].typical_coefficient() == full[j].typical_coefficient()
+    x = {n: 1e-3 * torch.randn(2, *t.shape, generator=torch.Generator().manual_seed(0))
+         for n, t in zip(full.target_names, full.sae.targets)}
+    pre_full = full.sae.encode_pre(full.sae.to_scaled(x))[:, picked]
+    torch.testing.assert_close(part.sae.encode_pre(part.sae.to_scaled(x)), pre_full)
+    again = ShardSet.load(part.save(tmp_path / "three"))
+    assert torch.equal(again.cosine_matrix(), part.cosine_matrix())
+    assert again.meta["subset_of"] == {"path": str(full.path), "indices": picked}
+    assert full.subset(slice(0, 4)).subset([3, 1]).meta["subset_of"]["indices"] == [3, 1]
+    assert again.subset([2]).meta["subset_of"]["indices"] == [13]
+    with pytest.raises(ValueError, match=r"shards repeated in \[5, 5\]"):
+        full.subset([5, 5])
+    with pytest.raises(IndexError, match="shard index 16 out of range for 16 shards"):
+        full.subset([16])
+    with pytest.raises(ValueError, match="choose at least one shard"):
+        full.subset([])
+
+
 def test_run_view_joins_steps_with_rollouts(run_dir):
     view = RunView(run_dir)
     steps, acts = view.timeline()

@@ -10,6 +10,7 @@ Everything is read from safetensors and JSON: loading never runs code from a fil
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -194,6 +195,46 @@ class ShardSet:
         """Write these shards (SAE, statistics, metadata) as a checkpoint directory that
         ``ShardSet.load`` reads (safetensors and JSON, written atomically)."""
         return save_checkpoint(path, self.sae, self.stats, self.meta)
+
+    def subset(self, shards: Any) -> "ShardSet":
+        """A ShardSet of the chosen shards alone (indices, ``Shard``s, or a slice), in that
+        order: their factors, encoder biases and statistics, this SAE's ``input_scale``,
+        ``threshold`` and decoder bias. ``.save`` it to keep or share chosen directions. Its
+        ``sae.k`` and ``sae.aux_k`` are capped at its size; encoding with it picks among these
+        shards only, so its activations are not the full SAE's. ``meta["subset_of"]`` records
+        the checkpoint the shards came from and their indices there (through a subset of a
+        subset, in the original)."""
+        picked = (list(range(len(self)))[shards] if isinstance(shards, slice)
+                  else [self.check_index(i) for i in shards])
+        if not picked:
+            raise ValueError("subset: choose at least one shard")
+        if len(set(picked)) != len(picked):
+            raise ValueError(f"subset: shards repeated in {picked}; each shard once")
+        n, cfg = len(picked), self.sae.cfg
+        new_cfg = dataclasses.replace(cfg, n_latents=n, k=min(cfg.k, n),
+                                      aux_k=None if cfg.aux_k is None else min(cfg.aux_k, n))
+        sae = LowRankSAE(self.sae.targets, new_cfg, self.sae.sample_form)
+        rows = torch.tensor(picked)
+        with torch.no_grad():
+            for mine, theirs in zip(self.sae.factors, sae.factors):
+                for which in ("encoder", "decoder"):
+                    for src, dst in zip(mine.factors(which), theirs.factors(which)):
+                        dst.copy_(src.detach().cpu()[rows])
+            sae.b_enc.copy_(self.sae.b_enc.detach().cpu()[rows])
+            if self.sae.b_dec is not None:
+                for src, dst in zip(self.sae.b_dec, sae.b_dec):
+                    dst.copy_(src.detach())
+            sae.input_scale.copy_(self.sae.input_scale)
+            sae.threshold.copy_(self.sae.threshold)
+        stats = {k: v[rows] if v.ndim and v.shape[0] == len(self) else v
+                 for k, v in self.stats.items()}
+        earlier = self.meta.get("subset_of")  # a subset of a subset: indices in the original
+        origin = ({"path": earlier.get("path"), "indices": [earlier["indices"][i] for i in picked]}
+                  if isinstance(earlier, dict) and "indices" in earlier
+                  else {"path": str(self.path) if self.path else None, "indices": picked})
+        config = {**self.config, "sae": new_cfg.to_dict(),
+                  "meta": {**self.meta, "subset_of": origin}}
+        return ShardSet(sae.to(self.sae.device), config, stats, None)
 
     def mean_update(self) -> dict[str, Tensor]:
         """``b_dec`` in parameter units: the mean update, a shard of its own."""
