@@ -163,6 +163,7 @@ def test_default_config_equals_dataclass_defaults():
      r"\{'num_iterations': 2\}"),
     ("model=tiny_lora model.lora.dropout=1.5", r"model.lora.dropout=1.5 must be in \[0, 1\)"),
     ("model=tiny_lora model.lora.alpha=-5", r"model.lora.alpha=-5.0 must be > 0"),
+    ("model.lora.r=0", r"model.lora.r=0 must be an integer >= 1"),  # with LoRA off too
     ("model=tiny_lora model.arch=gpt2", r"model.lora.enabled=true with model.arch=gpt2: GPT-2's "
                                         r"matrices are Conv1D layers"),
     ("model=tiny_lora model.lora.dropout=0.1 capture.granularity=group",

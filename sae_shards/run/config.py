@@ -61,14 +61,15 @@ class LoraSettings:
     """Use rank-stabilised scaling alpha / sqrt(r)."""
 
     def __post_init__(self) -> None:
-        if self.enabled and self.r < 1:
-            raise ValueError(f"model.lora.r={self.r} must be >= 1")
+        # checked with LoRA off too: a value no adapter could take is a mistake either way
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"model.lora.r={self.r!r} must be an integer >= 1")
         if self.enabled and not self.target_modules:
             raise ValueError("model.lora.target_modules is empty; name the modules to adapt")
-        if self.enabled and not self.alpha > 0:
+        if not self.alpha > 0:
             raise ValueError(f"model.lora.alpha={self.alpha} must be > 0 (it scales the "
                              "adapter's update by alpha / r)")
-        if self.enabled and not 0.0 <= self.dropout < 1.0:
+        if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
 
 
