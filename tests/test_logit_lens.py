@@ -289,3 +289,52 @@ def test_a_gemma_models_lens_uses_its_one_plus_weight_gain(model_and_tokenizer):
     assert [t for t, _ in lens.promoted] == [t for t, _ in given.promoted]
     assert [v for _, v in lens.promoted] == pytest.approx([v for _, v in given.promoted], rel=1e-4)
     assert [t for t, _ in lens.promoted] != [t for t, _ in read.promoted]
+
+
+def _post_norm_model(kind, vocab):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Olmo2Config, Olmo2ForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+    if kind == "olmo2":
+        return Olmo2ForCausalLM(Olmo2Config(**shape))
+    return Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=8))
+
+
+@pytest.mark.parametrize("kind", ["olmo2", "gemma2"])
+def test_a_post_norm_writer_is_read_through_its_norm(model_and_tokenizer, kind):
+    """OLMo2 and Gemma2 normalise each sub-block's output before the residual add: the probe
+    finds that norm for every writer (and none in Qwen2, whose post_attention_layernorm is the
+    MLP's pre-norm), and the lens applies its gain: W_U (g_final * g_post * u)."""
+    from sae_shards.analysis.logit_lens import writer_post_norms
+
+    tiny, tokenizer = model_and_tokenizer
+    assert writer_post_norms(tiny) == {}
+    model = _post_norm_model(kind, len(tokenizer))
+    layers = model.model.layers
+    post = writer_post_norms(model)
+    assert post == {**{f"model.layers.{i}.self_attn.o_proj.weight":
+                       layers[i].post_attention_layernorm for i in range(2)},
+                    **{f"model.layers.{i}.mlp.down_proj.weight":
+                       layers[i].post_feedforward_layernorm for i in range(2)}}
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in layers:
+            layer.post_feedforward_layernorm.weight.copy_(torch.rand(32, generator=g) * 4 - 1)
+    name = "model.layers.1.mlp.down_proj.weight"
+    component = torch.randn(32, 64, generator=g)
+    (res,) = logit_lens(model, tokenizer, {name: component}, top_k=4)[:1]
+    final = norm_gain(find_final_norm(model), 32)
+    g_post = norm_gain(layers[1].post_feedforward_layernorm, 32)
+    logits = model.lm_head.weight.detach() @ (final * g_post * res.direction.float())
+    want = logits.topk(4).indices.tolist()
+    assert list(res.promoted_ids) == want
+    assert [v for _, v in res.promoted] == pytest.approx(logits[want].tolist(), rel=1e-4)
+    (skipped,) = logit_lens(model, tokenizer, {name: component}, top_k=4, post_norms={})[:1]
+    assert list(skipped.promoted_ids) != want  # the norm's gain changes the answer
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["down_proj"]))
+    assert {k: type(v) for k, v in writer_post_norms(adapted).items()} == \
+        {k: type(v) for k, v in post.items()}  # followed through the LoRA layer's sum

@@ -12,10 +12,12 @@ elementwise gain (measured by running the norm, ``norm_gain``: ``weight`` for La
 RMSNorm, ``1 + weight`` for Gemma's) and ``W_U`` the unembedding
 (``model.get_output_embeddings().weight``, ``[vocab, d_model]``).
 
-Approximation: the final norm's *normalisation* (mean/variance, which depends on the whole
-residual vector) and its bias are skipped; only its elementwise scale ``g`` is applied. A norm
-between the writer and the residual add (post-norm blocks: OLMo2, Gemma2/3) is not applied
-either. The lens
+A writer whose output passes through a norm before the residual add (post-norm blocks: OLMo2,
+Gemma2/3; found by running, ``writer_post_norms``) is read through that norm's gain too:
+``W_U (g * g_post * u)``.
+
+Approximation: the norms' *normalisation* (mean/variance, which depends on the whole vector)
+and their biases are skipped; only their elementwise scales are applied. The lens
 shows which tokens a write direction favours, not the size of the logit change in a real forward
 pass.
 
@@ -110,20 +112,10 @@ def writer_targets(model: nn.Module) -> list[str]:
     d_model = model.get_output_embeddings().weight.shape[1]
     order: dict[str, int] = {}
     tick = itertools.count()
-    hooks = [
+    _probe(model, [
         layer.register_forward_hook(lambda *_, n=name: order.__setitem__(n, next(tick)))
         for name, layer in layers.items()
-    ]
-    device = next(model.parameters()).device
-    ids = torch.ones(1, 2, dtype=torch.long, device=device)  # [1, 2]
-    # Forked RNG: dropout in this pass must not shift the caller's random stream.
-    rng_devices = [device] if device.type != "cpu" else []
-    try:
-        with torch.random.fork_rng(devices=rng_devices, device_type=device.type), torch.no_grad():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    ])
     last_in_group = {_parent(n): n for n in sorted(order, key=order.__getitem__)}
     writers = []
     for name, layer in layers.items():
@@ -135,6 +127,82 @@ def writer_targets(model: nn.Module) -> list[str]:
         if getattr(layer, "bias", None) is not None:
             writers.append(name.removesuffix(".weight") + ".bias")
     return writers
+
+
+def _probe(model: nn.Module, hooks: Sequence[Any]) -> None:
+    """One forward pass of two tokens under ``hooks`` (removed after it, whatever happens), on a
+    forked RNG: dropout in this pass must not shift the caller's random stream."""
+    device = next(model.parameters()).device
+    ids = torch.ones(1, 2, dtype=torch.long, device=device)  # [1, 2]
+    rng_devices = [device] if device.type != "cpu" else []
+    try:
+        with torch.random.fork_rng(devices=rng_devices, device_type=device.type), torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def writer_post_norms(model: nn.Module, writers: Sequence[str] | None = None
+                      ) -> dict[str, nn.Module]:
+    """``{writer weight name: norm}`` for writers whose output passes through a norm before the
+    residual add (post-norm blocks: OLMo2's and Gemma2/3's ``post_attention_layernorm`` and
+    ``post_feedforward_layernorm``); writers added to the residual as they are have no entry.
+
+    Found by running, not by names (Llama's ``post_attention_layernorm`` is the MLP's pre-norm):
+    one forward pass follows each writer's output tensor (through dropout and identity modules,
+    and a LoRA layer's sum) and notes the norm that takes exactly that tensor as its input. A
+    norm is a leaf module inside the blocks with a ``[d_model]`` weight that is not a matrix
+    layer. ``writers``: weight names (``writer_targets``, the default); bias names are ignored.
+    """
+    if writers is None:
+        writers = writer_targets(model)
+    layers = matrix_layers(model)
+    d_model = model.get_output_embeddings().weight.shape[1]
+    blocks = block_lists(model)
+    base = unwrap_peft(model)
+    wrapper = {id(m.get_base_layer()): m for m in base.modules()
+               if hasattr(m, "get_base_layer") and m.get_base_layer() is not m}
+    matrices = {id(m) for m in layers.values()}
+    carried: dict[int, tuple[Tensor, str]] = {}  # id(tensor) -> (tensor, writer) in flight
+    found: dict[str, nn.Module] = {}
+
+    def carrier(name: str):
+        def hook(module, args, out):
+            if isinstance(out, Tensor):
+                carried[id(out)] = (out, name)
+        return hook
+
+    def follow(module, args, out):  # dropout / identity: the writer's output passed on
+        x = args[0] if args else None
+        held = carried.get(id(x))
+        if held is not None and held[0] is x and isinstance(out, Tensor):
+            carried[id(out)] = (out, held[1])
+
+    def take(norm):
+        def hook(module, args):
+            x = args[0] if args else None
+            held = carried.get(id(x))
+            if held is not None and held[0] is x:
+                found.setdefault(held[1], norm)
+        return hook
+
+    hooks = []
+    for name in writers:
+        if name in layers and name.endswith(".weight"):
+            layer = layers[name]
+            outer = wrapper.get(id(layer), layer)
+            hooks.append(outer.register_forward_hook(carrier(name)))
+    for name, module in base.named_modules():
+        if not inside_any(name, blocks) or id(module) in matrices or any(module.children()):
+            continue
+        if isinstance(module, (nn.Dropout, nn.Identity)):
+            hooks.append(module.register_forward_hook(follow))
+        elif isinstance(getattr(module, "weight", None), Tensor) and \
+                tuple(module.weight.shape) == (d_model,):
+            hooks.append(module.register_forward_pre_hook(take(module)))
+    _probe(model, hooks)
+    return found
 
 
 def _parent(weight_name: str) -> str:
@@ -312,6 +380,7 @@ def logit_lens(
     writers: Collection[str] | None = None,
     final_norm: Tensor | None = None,
     rtol: float = 1e-6,
+    post_norms: Mapping[str, Tensor] | None = None,
 ) -> list[LensResult]:
     """Promoted and suppressed tokens of every write direction of a shard's writer components.
 
@@ -322,8 +391,11 @@ def logit_lens(
     its layer's type (``write_side``; a writer that is not the weight of an ``nn.Linear`` or
     ``Conv1D`` is an error). Each writer target gives one ``LensResult`` per singular direction
     above ``rtol * largest``, in order of singular value. ``final_norm`` overrides the final norm's
-    gain (``norm_gain`` of ``find_final_norm``). See the module docstring for the sign convention
-    and the skipped normalisation.
+    gain (``norm_gain`` of ``find_final_norm``). ``post_norms`` maps writer weight names to the
+    gain ``[d_model]`` of the norm their output passes through before the residual add (its bias
+    shares it); by default it is measured (``writer_post_norms``, ``norm_gain``), empty for
+    pre-norm models. See the module docstring for the sign convention and the skipped
+    normalisation.
     """
     components = _as_components(components)
     if writers is None:
@@ -343,6 +415,11 @@ def logit_lens(
     if final_norm is None:
         final_norm = norm_gain(find_final_norm(model), d_model)
     gain = final_norm.detach().to(unembed)  # [d_model]
+    if post_norms is None:
+        weights = [n for n in writers if isinstance(n, str) and n.endswith(".weight")] \
+            if not any(c in n for n in writers for c in "*?[") else None
+        post_norms = {n: norm_gain(norm, d_model)
+                      for n, norm in writer_post_norms(model, weights).items()}
     results = []
     if all(_is_zero(components[name]) for name in chosen):
         raise ValueError(
@@ -367,7 +444,10 @@ def logit_lens(
                 f"model's d_model is {d_model}; give it laid out as the parameter "
                 f"({tuple(layers[name].weight.shape) if name in layers else '[d_model]'})"
             )
-        logits = unembed @ (gain[:, None] * left.to(unembed))  # [vocab, k]
+        post = post_norms.get(name.removesuffix(".bias") + ".weight"
+                              if name.endswith(".bias") else name)
+        scale = gain if post is None else gain * post.detach().to(unembed)  # [d_model]
+        logits = unembed @ (scale[:, None] * left.to(unembed))  # [vocab, k]
         for j in range(left.shape[1]):
             (up, up_v), (down, down_v) = (_top(logits[:, j], top_k, largest)
                                           for largest in (True, False))
