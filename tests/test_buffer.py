@@ -6,7 +6,8 @@ import torch
 
 from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
 from sae_shards.capture.memory import (SAE_BOUND_RATIO, buffer_memory_bytes, check_buffer_memory,
-                                      check_sae_memory, default_memory_budget, sae_min_bytes)
+                                      check_checkpoint_host_memory, check_sae_memory,
+                                      checkpoint_host_bytes, default_memory_budget, sae_min_bytes)
 from sae_shards.core.targets import TargetSpec
 
 TARGETS = [TargetSpec("w", (4, 3), rank=1), TargetSpec("b", (5,))]
@@ -192,6 +193,32 @@ def test_sae_memory_check_names_values_that_fit():
     room = budget // SAE_BOUND_RATIO
     assert sae_min_bytes(specs, latents, 64) <= room < sae_min_bytes(specs, latents + 1, 64)
     assert sae_min_bytes(specs, 1000, samples) <= room < sae_min_bytes(specs, 1000, samples + 1)
+
+
+def test_checkpoint_host_memory_check():
+    """An accelerator run's step checkpoint copies the full buffer and the SAE with both Adam
+    moments to host memory; when that cannot fit the run is refused at setup (not killed at its
+    first checkpoint), with a capacity whose copy fits."""
+    specs = [TargetSpec("layers.0.mlp.w", (1024, 512), rank=2), TargetSpec("layers.0.b", (1024,))]
+    per_slot = buffer_memory_bytes(specs, 1, torch.float32)
+    weights = 2 * 100 * (2 * (1024 + 512) + 1024) + 100
+    dense = 1024 * 512 + 1024
+    need = checkpoint_host_bytes(specs, 100, 50, torch.float32)
+    assert need == 50 * per_slot + 12 * (weights + dense)
+    assert checkpoint_host_bytes(specs, 100, 50, torch.float32, b_dec=False) == need - 12 * dense
+    check_checkpoint_host_memory(need, need, "cuda:0", 50, per_slot)  # exactly enough
+    available = need - 20 * per_slot - 1
+    with pytest.raises(ValueError, match=r"from cuda:0 to host memory") as err:
+        check_checkpoint_host_memory(need, available, "cuda:0", 50, per_slot)
+    msg = str(err.value)
+    assert f"{need / 2**30:.3f} GiB" in msg and f"{available / 2**30:.3f} GiB" in msg
+    assert "runner.checkpoint_every=0" in msg and "save_strategy='no'" in msg
+    room = int(msg.split("capture.capacity=")[1].split(":")[0])
+    assert room == 29
+    assert checkpoint_host_bytes(specs, 100, room, torch.float32) <= available
+    assert checkpoint_host_bytes(specs, 100, room + 1, torch.float32) > available
+    with pytest.raises(ValueError, match="even 2 slots do not fit"):
+        check_checkpoint_host_memory(need, 12 * (weights + dense), "cuda:0", 50, per_slot)
 
 
 def test_default_budget_is_a_fraction_of_free_memory():

@@ -975,6 +975,27 @@ def test_a_script_whose_trainer_never_saves_is_told_it_cannot_resume_after_a_kil
     assert "checkpoint_every" not in said and "smaller save_steps" in said
 
 
+def test_whether_a_run_writes_step_checkpoints_is_read_from_both_sides(tmp_path):
+    """The host-memory check of step checkpoints (accelerators) applies when sae-shards saves
+    (runner.checkpoint_every) or the trainer does (any save_strategy but 'no')."""
+    from types import SimpleNamespace
+
+    from trl import GRPOConfig
+
+    from sae_shards.capture.callback import _writes_checkpoints
+    from sae_shards.capture.runner import RunnerConfig
+
+    def trainer(**kw):
+        return SimpleNamespace(args=GRPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True,
+                                               bf16=False, report_to="none", **kw))
+
+    never, every = RunnerConfig(checkpoint_every=0), RunnerConfig(checkpoint_every=5)
+    assert not _writes_checkpoints(never, trainer(save_strategy="no"))
+    assert _writes_checkpoints(every, trainer(save_strategy="no"))
+    assert _writes_checkpoints(never, trainer(save_strategy="steps", save_steps=5))
+    assert _writes_checkpoints(never, None)  # no trainer yet: assumed to save
+
+
 def test_the_launcher_a_run_records_is_the_one_it_was_started_with():
     from sae_shards.capture.distributed import launcher
 

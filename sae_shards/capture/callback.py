@@ -229,7 +229,7 @@ class ShardCallback(TrainerCallback):
             log.info("sizing the buffer and the SAE against free memory less what the "
                      "policy's first training step will allocate: %s", pending.describe())
         self.parts = build_pipeline(model, self.capture_cfg, self.sae_cfg, self.runner_cfg, device,
-                                    self.seed, pending)
+                                    self.seed, pending, _writes_checkpoints(self.runner_cfg, trainer))
         if self.capture_cfg.granularity == "step":
             self.capture = self._step_capture(self.parts.targets, self.parts.buffer)
         else:
@@ -741,6 +741,15 @@ def _warn_earlier_trl_checkpoints(output_dir: str | None) -> None:
                     "with resume_from_checkpoint=True would start from the newest, whichever "
                     "run wrote it. Clear the directory or give the trainer a new output_dir",
                     output_dir, ", ".join(map(str, steps)))
+
+
+def _writes_checkpoints(runner_cfg: Any, trainer: Any | None) -> bool:
+    """Whether the run writes step checkpoints: every ``runner.checkpoint_every`` steps, or when
+    the trainer saves (any ``save_strategy`` but ``"no"``; without a trainer, assumed)."""
+    if runner_cfg.checkpoint_every:
+        return True
+    args = getattr(trainer, "args", None)
+    return args is None or getattr(args, "save_strategy", None) != "no"
 
 
 def _warn_no_trl_checkpoints(args: Any) -> None:

@@ -52,6 +52,11 @@ def default_memory_budget(device: torch.device | str, fraction: float = 0.5) -> 
     return int(free * fraction)
 
 
+def host_available_bytes() -> int:
+    """Host memory available now (``MemAvailable``)."""
+    return _cpu_available_bytes()
+
+
 def _cpu_available_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -154,6 +159,41 @@ def check_sae_memory(targets: Sequence[TargetSpec], n_latents: int, batch_size: 
         lines.append(f"  - sae.use_b_dec=false: no decoder bias, {saved / _GIB:.3f} GiB less "
                      "(the bias, its gradient and Adam moments: the targets' full size, 4 times)")
     lines.append("  - fewer targets via capture.targets, or a smaller sae.rank")
+    raise ValueError("\n".join(lines))
+
+
+def checkpoint_host_bytes(targets: Sequence[TargetSpec], n_latents: int, capacity: int,
+                          dtype: torch.dtype, event_rank: int | None = None,
+                          b_dec: bool | None = None) -> int:
+    """Host memory a step checkpoint of an accelerator run holds while it is written: the ring
+    buffer copied off the device (``capacity`` slots, a full buffer) and the SAE's parameters
+    with Adam's two moments, copied so the SAE trains on meanwhile (``resume.snapshot_step``).
+    A lower bound: safetensors 0.8 writes these copies without another (older versions copy
+    each tensor once more)."""
+    weights = 2 * n_latents * sum(t.factored_numel for t in targets) + n_latents
+    trained_bias = event_rank is None if b_dec is None else b_dec
+    bias = sum(t.numel for t in targets) if trained_bias else 0
+    return buffer_memory_bytes(targets, capacity, dtype, event_rank) + 3 * 4 * (weights + bias)
+
+
+def check_checkpoint_host_memory(need: int, available: int, device: torch.device | str,
+                                 capacity: int, per_slot: int) -> None:
+    """Refuse an accelerator run whose step checkpoints (``checkpoint_host_bytes``) would not fit
+    in host memory: the process would be killed at its first checkpoint, hours in."""
+    if need <= available:
+        return
+    room = max(available - (need - capacity * per_slot), 0) // per_slot
+    lines = [f"each step checkpoint copies the ring buffer and the SAE with its Adam state from "
+             f"{torch.device(device)} to host memory, {need / _GIB:.3f} GiB, but "
+             f"{max(available, 0) / _GIB:.3f} GiB of host memory is available: the run would be "
+             f"killed at its first checkpoint. To fit:",
+             "  - runner.checkpoint_every=0 (in a script, also the trainer's save_strategy='no'): "
+             "no step checkpoints; a killed run cannot resume, the shards are still written at "
+             "the end"]
+    lines.append(f"  - capture.capacity={room}: the largest buffer whose copy fits" if room >= 2
+                 else "  - capture.capacity: even 2 slots do not fit beside the SAE's copy")
+    lines.append("  - capture.storage_dtype=bfloat16, or capture.granularity=group (per-event "
+                 "samples are far smaller), or fewer targets via capture.targets")
     raise ValueError("\n".join(lines))
 
 

@@ -14,8 +14,10 @@ import torch
 
 from sae_shards.capture.buffer import DeltaRingBuffer
 from sae_shards.capture.event_precondition import COVARIANCE_KINDS
-from sae_shards.capture.memory import (buffer_memory_bytes, check_buffer_memory, check_sae_memory,
-                                      default_memory_budget)
+from sae_shards.capture.memory import (buffer_memory_bytes, check_buffer_memory,
+                                      check_checkpoint_host_memory, check_sae_memory,
+                                      checkpoint_host_bytes, default_memory_budget,
+                                      host_available_bytes)
 from sae_shards.capture.policy_memory import NONE as NO_PENDING
 from sae_shards.capture.policy_memory import PendingMemory, size
 from sae_shards.capture.runner import InlineRunner, SAEWorkLoop, ThreadRunner, make_runner
@@ -79,11 +81,13 @@ def build_pipeline(
     device: torch.device,
     seed: int,
     pending: PendingMemory = NO_PENDING,
+    checkpoints: bool = False,
 ) -> Pipeline:
     """All parts, the buffer's memory checked against the budget left after the capture's own
     working copies of the targets, and the SAE's against what is free besides them (each
     raises ``ValueError`` saying how to fit). Free memory is read now, less ``pending``: what the
-    policy's first training step will still allocate (``policy_memory``)."""
+    policy's first training step will still allocate (``policy_memory``). ``checkpoints``: the run
+    writes step checkpoints; on an accelerator their host copies must fit in host memory."""
     targets = resolve_targets(model, capture.targets)
     specs = make_targets(target_shapes(targets), rank=sae_cfg.rank)
     dtype = STORAGE[capture.storage_dtype]
@@ -110,6 +114,12 @@ def build_pipeline(
                          resolve_b_dec(sae_cfg, "factored" if per_event else "dense"))
     except ValueError as e:
         raise ValueError(f"{e}{_after(pending)}") from None
+    if checkpoints and device.type != "cpu":
+        check_checkpoint_host_memory(
+            checkpoint_host_bytes(specs, sae_cfg.n_latents, capture.capacity, dtype, event_rank,
+                                  resolve_b_dec(sae_cfg, "factored" if per_event else "dense")),
+            host_available_bytes(), device, capture.capacity,
+            buffer_memory_bytes(specs, 1, dtype, event_rank))
     buffer = DeltaRingBuffer(specs, capture.capacity, device, dtype, event_rank)
     sae = LowRankSAE(specs, sae_cfg, sample_form="factored" if per_event else "dense").to(device)
     trainer = SAETrainer(sae)
