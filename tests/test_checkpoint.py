@@ -46,7 +46,7 @@ def test_round_trip_is_exact(trained, tmp_path):
     assert torch.equal(state["trainer.counters"], trainer.state_tensors()["trainer.counters"])
     # plain safetensors reads it, and the header carries the format version
     with safe_open(tmp_path / "ck" / "sae.safetensors", "pt") as f:
-        assert f.metadata()["format_version"] == "1"
+        assert f.metadata()["format_version"] == "2"
         assert "decoder.layers.0.mlp.down_proj.weight.U" in f.keys()
 
 
@@ -76,9 +76,13 @@ def test_an_unused_decoder_bias_is_not_held_and_old_zeros_still_load(form, use_b
     tensors = load_file(tmp_path / "new" / "sae.safetensors")
     assert not [k for k in tensors if k.startswith("b_dec")]
     assert load_checkpoint(tmp_path / "new").sae.b_dec is None
+    # format version 2: a reader of version 1 says "written by a newer sae-shards", not "damaged"
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["format_version"] == 2
 
     old = tmp_path / "old"
-    save_checkpoint(old, sae)  # then rewritten the way the earlier format held it
+    save_checkpoint(old, sae)  # then rewritten the way format version 1 held it
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**config, "format_version": 1}))
     legacy = {**tensors, "b_dec.w": torch.zeros(6, 5), "b_dec.b": torch.zeros(4)}
     save_file(legacy, old / "sae.safetensors", metadata={"format": "sae-shards",
                                                           "format_version": "1"})
@@ -100,7 +104,7 @@ def test_paths_may_be_strings(trained, tmp_path):
     save_checkpoint(str(tmp_path / "ck"), sae, meta={"rl_step": 1})
     assert load_checkpoint(str(tmp_path / "ck")).config["meta"] == {"rl_step": 1}
     tensors, header = read_safetensors(str(tmp_path / "ck" / "sae.safetensors"))
-    assert header["format_version"] == "1" and set(tensors) == set(sae_tensors(sae))
+    assert header["format_version"] == "2" and set(tensors) == set(sae_tensors(sae))
     with pytest.raises(CheckpointError, match="missing"):
         read_safetensors(str(tmp_path / "nothing.safetensors"))
 

@@ -1,15 +1,16 @@
 """SAE checkpoints: one directory with ``sae.safetensors`` + ``config.json`` (+ resume state).
 
-Layout (format version 1)::
+Layout (format version 2; version 1, still read, differs only in storing an unused decoder
+bias as zeros)::
 
     sae.safetensors            decoder.<target>.U [N, m, r]   decoder.<target>.V [N, n, r]
                                encoder.<target>.A [N, m, r]   encoder.<target>.B [N, n, r]
                                decoder.<target>.d [N, m]      encoder.<target>.d [N, m]  (1-D)
                                b_enc [N]  b_dec.<target> [*shape]  input_scale []  threshold []
-                               (b_dec only when the SAE learns one: ``sae.uses_b_dec``; earlier
-                               checkpoints held zeros otherwise, still read)
+                               (b_dec only when the SAE learns one: ``sae.uses_b_dec``;
+                               version 1 held zeros otherwise)
                                stats.density / stats.mean_abs_act / stats.last_active_step [N]
-                               header metadata: {"format": "sae-shards", "format_version": "1"}
+                               header metadata: {"format": "sae-shards", "format_version": "2"}
     config.json                format_version, sae config, targets (name/shape/rank), sample_form
                                ("dense" or "factored"; absent in older checkpoints: "dense"),
                                run metadata
@@ -20,8 +21,8 @@ half-written checkpoint. Loading reads safetensors and JSON only (no code is eve
 everything before building the SAE; any damage is a ``CheckpointError`` naming the file:
 
 - the directory and each file exist and are regular files; safetensors files parse, and their
-  header has ``format = "sae-shards"`` and ``format_version``; a higher version is reported as
-  written by a newer sae-shards;
+  header has ``format = "sae-shards"`` and a ``format_version`` this reads (1 or 2); a higher
+  version is reported as written by a newer sae-shards;
 - ``config.json`` is one JSON object (no repeated keys) with exactly the keys above
   (``sample_form`` optional, one of "dense"/"factored"); ``sae`` holds known settings of the
   right JSON types that ``SAEConfig`` accepts; each target has a name, an integer shape and rank
@@ -252,7 +253,7 @@ def read_safetensors(file: str | Path, expect_version: bool = True, kind: str | 
                     f"sae-shards did not write this file — {DAMAGED}")
             if expect_version:
                 check_version(file, "header format_version", header.get("format_version"),
-                               str(FORMAT_VERSION))
+                              as_text=True)
             return {k: f.get_tensor(k) for k in f.keys()}, header
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot be read as safetensors ({e}); the file is "
@@ -294,7 +295,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
 
 
 def _drop_unused_bias(file: Path, layout: LowRankSAE, tensors: dict[str, torch.Tensor]) -> None:
-    """Earlier checkpoints kept an unused decoder bias as zeros (``b_dec.<target>``, per-event
+    """Format version 1 kept an unused decoder bias as zeros (``b_dec.<target>``, per-event
     SAEs and ``sae.use_b_dec=false``): accept those zeros and drop them; a nonzero one is not
     something this SAE can hold."""
     if layout.uses_b_dec:

@@ -23,7 +23,10 @@ from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import TargetSpec
 
 FORMAT = "sae-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The version written. 2: an SAE without a decoder bias stores none (1 stored zeros)."""
+READ_VERSIONS = (1, 2)
+"""The versions read (``FORMAT_VERSION`` and earlier)."""
 SAE_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "training_state.safetensors"
@@ -106,16 +109,20 @@ def _version_number(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def check_version(file: Path, what: str, found: Any, expected: int | str) -> None:
-    if type(found) is type(expected) and found == expected:
+def check_version(file: Path, what: str, found: Any, as_text: bool) -> None:
+    """``found`` is a version this reads (``READ_VERSIONS``), as text (safetensors headers) or
+    as a JSON integer (``config.json``); a higher one was written by a newer sae-shards."""
+    if any(found == (str(v) if as_text else v) and type(found) is (str if as_text else int)
+           for v in READ_VERSIONS):
         return
     number = _version_number(found)
     if number is not None and number > FORMAT_VERSION:
         raise CheckpointError(
             f"{file}: format version {number} is not supported by this sae-shards, which reads "
-            f"version {FORMAT_VERSION}; it was written by a newer sae-shards — upgrade "
+            f"versions up to {FORMAT_VERSION}; it was written by a newer sae-shards — upgrade "
             "sae-shards to load it")
-    raise CheckpointError(f"{file}: {what} {found!r}, expected {expected!r}; the file is damaged "
+    expected = "a version " + ", ".join(repr(str(v) if as_text else v) for v in READ_VERSIONS)
+    raise CheckpointError(f"{file}: {what} {found!r}, expected {expected}; the file is damaged "
                           f"or not a sae-shards checkpoint — {DAMAGED}")
 
 
@@ -148,7 +155,7 @@ def read_spec(path: Path) -> _Spec:
                                    f"{path / 'checkpoints' / 'final'}" if run_dir else ""))
     if "format_version" not in config:
         raise CheckpointError(f"{file}: missing key 'format_version'; {DAMAGED}")
-    check_version(file, "format_version", config["format_version"], FORMAT_VERSION)
+    check_version(file, "format_version", config["format_version"], as_text=False)
     unknown = sorted(set(config) - _CONFIG_KEYS)
     if unknown:
         raise CheckpointError(
