@@ -64,16 +64,21 @@ class ConfigError(ValueError):
 
 
 def job_config_from_hydra(cfg) -> JobConfig:
-    """Hydra's DictConfig -> validated JobConfig (raises ConfigError). A mandatory value left
-    unset (``???``, e.g. ``model=hf_path`` without ``model.path``) is an error."""
+    """Hydra's DictConfig -> validated JobConfig, its task options and TRL settings checked
+    too (``run.job.check_recipe``; raises ConfigError). A mandatory value left unset (``???``,
+    e.g. ``model=hf_path`` without ``model.path``) is an error."""
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue
 
     from sae_shards.run.config import JobConfig
 
+    from sae_shards.run.job import check_recipe
+
     try:
-        return JobConfig.from_dict(OmegaConf.to_container(cfg, resolve=True,
-                                                          throw_on_missing=True))
+        job = JobConfig.from_dict(OmegaConf.to_container(cfg, resolve=True,
+                                                         throw_on_missing=True))
+        check_recipe(job)  # task.options and rl.extra: before a sweep or a run writes anything
+        return job
     except MissingMandatoryValue as e:
         key = getattr(e, "full_key", None) or "a field"
         raise ConfigError(f"{key} has no value (it is ???); set it, e.g. {key}=...") from e
@@ -102,9 +107,10 @@ def check_overrides(args: list[str]) -> None:
         if key == "run_dir" and not o.is_delete() and o.value() is None:  # Hydra's dir is it
             raise ConfigError("run_dir=null: give the run a directory of its own, e.g. "
                               "run_dir=runs/my_run")
-        if key in groups and not o.is_delete() and isinstance(o.value(), str):
+        if (key in groups and not o.is_delete() and not o.is_sweep_override()
+                and o.value() is not None and not isinstance(o.value(), list)):
             options = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
-            if o.value() not in options:
+            if str(o.value()) not in options:
                 raise ConfigError(f"{key}={o.value()} is not one of the {key} configs: "
                                   f"{', '.join(options)} (configs/{key}/)")
         if key.startswith("hydra.") or key == "hydra" or key in groups or o.is_delete():
@@ -113,6 +119,9 @@ def check_overrides(args: list[str]) -> None:
         if problem:
             raise ConfigError(problem)
 
+
+_SHOW_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help"}
+"""Hydra's flags that show something instead of running (no ``-m`` with them)."""
 
 _VALUED_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                  "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
@@ -290,14 +299,29 @@ def check_sweep_jobs(args: list[str]) -> None:
             choices.append([o.input_line])
     if math.prod(len(c) for c in choices) > MAX_CHECKED_JOBS:
         return
+    run_dirs: dict[str, str] = {}
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         for job in itertools.product(*choices):
             swept = [o for o, c in zip(job, choices) if len(c) > 1]
             try:  # a ConfigError, or Hydra's own composition error
-                job_config_from_hydra(compose(config_name="config", overrides=list(job)))
+                cfg = job_config_from_hydra(compose(config_name="config", overrides=list(job)))
             except Exception as e:
-                raise ConfigError(f"the sweep's job {' '.join(swept)}: {e} (no job was "
+                hint = (" (run_dir=${hydra:...} has no value before a sweep's jobs exist: "
+                        "Hydra resolves a sweep's directory once; each job already gets "
+                        "run_dir/<its overrides>, so give run_dir a fixed directory, e.g. "
+                        "run_dir=runs/my_sweep)") if "HydraConfig was not set" in str(e) else ""
+                raise ConfigError(f"the sweep's job {' '.join(swept)}: {e}{hint} (no job was "
                                   "started)") from None
+            run_dirs.setdefault(str(cfg.run_dir), " ".join(swept) or "the defaults")
+    if len(run_dirs) > 1:
+        raise ConfigError(
+            "the sweep's run_dir differs between its jobs ("
+            + ", ".join(f"{d} for {j}" for d, j in run_dirs.items())
+            + "): Hydra writes the sweep's multirun.yaml to one directory and each job to "
+            "run_dir/<its overrides>; give the sweep one fixed run_dir (e.g. "
+            "run_dir=runs/my_sweep), not a swept or interpolated one (no job was started)")
+    if len(run_dirs) == 1:  # the directory as resolved (an interpolated run_dir too)
+        _check_sweep_dir(Path(next(iter(run_dirs))), resume=_resume_given(args))
 
 
 def _given_overrides(args: list[str]) -> dict[str, Any]:
@@ -349,13 +373,43 @@ def _check_run_dir_arg(args: list[str]) -> None:
                 rundir.check_not_sweep(run_dir)
         except FileExistsError as e:
             raise ConfigError(str(e)) from None
-    if _is_sweep(args):  # before Hydra writes multirun.yaml there
-        inside = rundir.earlier_results(run_dir)
-        if inside:
-            raise ConfigError(
-                f"run_dir={run_dir} holds a run ({', '.join(inside)}), and a sweep (-m) writes "
-                "its jobs into subdirectories of run_dir; give the sweep a directory of its "
-                "own, e.g. run_dir=runs/my_sweep")
+    if _is_sweep(args) and "${" not in str(run_dir):  # before Hydra writes multirun.yaml
+        _check_sweep_dir(run_dir, resume=_resume_given(args))  # (interpolated: check_sweep_jobs)
+
+
+def _resume_given(args: list[str]) -> bool:
+    """Whether ``args`` set ``resume=true`` (the last ``resume=`` wins, as in Hydra)."""
+    given = _given_overrides(args)
+    return "resume" in given and given["resume"].value() in (True, "true", "True")
+
+
+def _check_sweep_dir(run_dir: Path, resume: bool) -> None:
+    """A sweep's ``run_dir`` may not hold a run (its jobs would be written inside it); a
+    resumed sweep's must be a sweep's (else ``resume=true`` would quietly start a new one)."""
+    from sae_shards.run import rundir
+
+    inside = rundir.earlier_results(run_dir)
+    if inside:
+        raise ConfigError(
+            f"run_dir={run_dir} holds a run ({', '.join(inside)}), and a sweep (-m) writes "
+            "its jobs into subdirectories of run_dir; give the sweep a directory of its "
+            "own, e.g. run_dir=runs/my_sweep")
+    if resume and not (run_dir / rundir.SWEEP).is_file():
+        raise ConfigError(
+            f"resume=true but run_dir={run_dir} holds no sweep ({rundir.SWEEP}); give the "
+            "directory of the sweep to continue, or start a new sweep without resume=true")
+
+
+def _drop_file_handlers(directory: Path) -> None:
+    """Close and remove the root logger's file handlers writing under ``directory`` (Hydra's
+    ``cli.log`` of a refused run, opened on its first record): once the directory is removed,
+    a later record in this process (``main`` called again, from Python) would fail to open it."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        name = getattr(handler, "baseFilename", None)
+        if name is not None and Path(name).is_relative_to(directory.resolve()):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def _main_process() -> bool:
@@ -484,6 +538,9 @@ def _train(args: list[str]) -> int:
     from sae_shards.run.rundir import RunWriteError
 
     try:
+        if _is_sweep(args) and _SHOW_FLAGS & set(args):
+            raise ConfigError("-m (a sweep) cannot be combined with --cfg, --info or --help: "
+                              "Hydra shows one job's config; drop -m and give one value per key")
         check_overrides(args)
         _check_run_dir_arg(args)
         args, changes = resume_args(open_map_args(args))
@@ -558,10 +615,12 @@ def _train(args: list[str]) -> int:
 
     register_resolvers()
     fresh = _new_run_dir(args)
-    sys.argv = ["sae-shards train", *args]
+    flags = [a for a, is_override in zip(args, _is_override(args)) if not is_override]
+    sys.argv = ["sae-shards train", *flags, *_override_args(args)]
     train_main()
     if fresh is not None and fresh.is_dir() and not any(p.is_file() for p in fresh.rglob("*")):
         shutil.rmtree(fresh)  # Hydra made it for a run that was refused: leave no trace
+        _drop_file_handlers(fresh)
     for msg in filter(None, failures):
         print(f"sae-shards: {msg}", file=sys.stderr)
     if interrupted:  # the shell's convention for a process ended by a signal
@@ -765,7 +824,8 @@ def _evaluate(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] != "train":  # train: Hydra configures logging (--info doubled otherwise)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0

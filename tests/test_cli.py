@@ -193,6 +193,39 @@ def test_a_bad_value_in_one_sweep_element_stops_the_sweep_before_any_job(tmp_pat
     assert not sweep.exists()
 
 
+def test_a_sweep_is_checked_against_its_run_dir_as_resolved(tmp_path, capsys):
+    """A sweep's run_dir is resolved per job before Hydra writes anything: one that differs
+    between jobs (swept, or interpolated from a swept key) and one that resolves to a run are
+    refused; resume=true needs a sweep to continue. Nothing is written to the run there."""
+    run = tmp_path / "x_0"
+    run.mkdir()
+    (run / "summary.json").write_text('{"rl_steps": 6}')
+    before = sorted(p.name for p in run.iterdir())
+
+    def refused(*args: str) -> str:
+        assert main(["train", "-m", *args, *TINY]) == 2
+        err = capsys.readouterr().err
+        assert "config error" in err and "Traceback" not in err
+        return err
+
+    assert "run_dir differs between its jobs" in refused("seed=0,5", f"run_dir={tmp_path}/x_${{seed}}")
+    assert "run_dir differs between its jobs" in refused(f"run_dir={tmp_path}/a,{tmp_path}/b")
+    assert f"run_dir={run} holds a run" in refused("sae.k=1,2", f"run_dir={tmp_path}/x_${{seed}}")
+    assert "holds no sweep" in refused("sae.k=1,2", f"run_dir={tmp_path}/typo", "resume=true")
+    assert "cannot be combined with --cfg" in refused("sae.k=1,2", "--cfg", "job")
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_0"]
+
+
+def test_flags_between_overrides_and_a_group_given_a_number(tmp_path, capsys):
+    assert main(["train", "seed=3", "--cfg", "job", "-p", "seed", "rl.max_steps=10"]) == 0
+    assert capsys.readouterr().out.strip().endswith("3")
+    assert main(["train", "rl=3", f"run_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert "config error: rl=3 is not one of the rl configs: grpo, rloo" in err
+    assert "Traceback" not in err
+
+
 def test_hydra_flags_are_not_taken_for_overrides():
     from sae_shards.cli import _override_args
 

@@ -1,6 +1,7 @@
 """The main job end to end: real TRL GRPO, capture, ring buffer, SAE, checkpoints, W&B offline."""
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -287,10 +288,7 @@ SETUP_ERRORS = [
                                 r"\d+, with this batch"),
     ("sae.batch_size=10000000", r"(?s)the SAE needs more than .* sae.batch_size=\d+, with these "
                                 r"latents"),
-    ("+task.options.bogus=1", r"\['task.options.bogus'\] are not options of task 'letters'"),
     ("task=multiskill task.options.schedule=weekly", r"task.options.schedule='weekly' is unknown"),
-    ("+rl.extra.save_steps=3", r"\['save_steps'\] are set by sae-shards from "
-                                r"runner.checkpoint_every"),
     ("resume=true", r"resume=true but run_dir=.* holds no resumable run"),
     ("capture=readout capture.granularity=group", r"per-event capture target 'model.norm.weight'"
                                                   r" is the 'weight' of a Qwen2RMSNorm"),
@@ -349,6 +347,30 @@ def test_setup_errors_are_reported_cleanly(tmp_path, capsys, i):
     args, message, run_dir = _setup_error_case(tmp_path, i)
     rc = main(args)
     _assert_refused(rc, capsys.readouterr().err, message, run_dir)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+task.options.bogus=1", r"\['task.options.bogus'\] are not options of task 'letters'"),
+    ("task.options.target_char=xyz", r"\['task.options.target_char'\] are not options"),
+    ("+rl.extra.save_steps=3", r"\['save_steps'\] are set by sae-shards from "
+                               r"runner.checkpoint_every"),
+    ("rl.extra.bogus_field=1", r"\['bogus_field'\] are not trl.GRPOConfig fields"),
+])
+def test_task_options_and_trl_settings_are_config_errors_before_anything_is_written(
+        tmp_path, capsys, override, message):
+    """Keys passed on to the task and to TRL are checked with the rest of the config: a single
+    run and a sweep are refused before a model is built or a directory made."""
+    from sae_shards.cli import main
+
+    for sweep in ([], ["-m", "seed=1,2"]):
+        run_dir = tmp_path / f"r{len(sweep)}"
+        assert main(["train", *sweep, override, "logging=disabled", f"run_dir={run_dir}"]) == 2
+        err = capsys.readouterr().err
+        assert "sae-shards: config error:" in err and re.search(message, err), err[-2000:]
+        assert "(no job was started)" in err or not sweep
+        assert not run_dir.exists()
+        assert not [h for h in logging.getLogger().handlers  # no cli.log handler left behind
+                    if str(run_dir) in str(getattr(h, "baseFilename", ""))]
 
 
 def test_a_run_that_failed_before_its_first_step_does_not_block_a_retry(tmp_path):

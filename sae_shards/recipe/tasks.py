@@ -28,7 +28,7 @@ import dataclasses
 import random
 import string
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal, Sequence, get_args
+from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence, get_args
 
 from datasets import Dataset
 
@@ -428,16 +428,22 @@ def default_target_length(max_completion_length: int, tokenizer: Any) -> int:
     return max(1, round(max_completion_length * chars_per_token(tokenizer)))
 
 
-def build_task(name: str, **kwargs: Any) -> Task | MultiSkillTask:
-    """Build a built-in task by name; ``kwargs`` override its ``Task``/``MultiSkillTask`` fields
-    (an unknown one is a ``ValueError`` naming ``task.options.<key>`` and the known options)."""
+def check_task_options(name: str, options: Mapping[str, Any]) -> None:
+    """A ``ValueError`` naming ``task.options.<key>`` and the task's options for an option the
+    built-in task ``name`` does not take (an unknown name is left to ``build_task``)."""
     cls = {"letters": Task, "multiskill": MultiSkillTask, "multiskill_null": MultiSkillTask}.get(name)
     if cls is not None:
         known = {f.name for f in dataclasses.fields(cls)} - {"name", "label"}
-        unknown = sorted(set(kwargs) - known)
+        unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"task.options {['task.options.' + k for k in unknown]} are not "
                              f"options of task {name!r}; it takes {sorted(known)}")
+
+
+def build_task(name: str, **kwargs: Any) -> Task | MultiSkillTask:
+    """Build a built-in task by name; ``kwargs`` override its ``Task``/``MultiSkillTask`` fields
+    (an unknown one is a ``ValueError`` naming ``task.options.<key>`` and the known options)."""
+    check_task_options(name, kwargs)
     match name:
         case "letters":
             return Task(name="letters", label="letters", **kwargs)

@@ -75,14 +75,10 @@ def checkpointing(every: int) -> dict[str, Any]:
             "save_only_model": False}
 
 
-def trl_config(grpo_kwargs: dict[str, Any], output_dir: str | Path,
-               algorithm: Algorithm = "grpo", checkpoint_every: int = 0) -> GRPOConfig | RLOOConfig:
-    """``GRPOConfig``/``RLOOConfig`` from ``DEFAULT_GRPO`` updated by ``grpo_kwargs`` plus the
-    fixed settings and TRL checkpoints every ``checkpoint_every`` steps (``checkpointing``).
-
-    Raises ``ValueError`` for keys the config class does not have and for attempts to change the
-    settings this module fixes (``report_to``, ``logging_steps``, the checkpointing ones).
-    """
+def check_trl_settings(grpo_kwargs: dict[str, Any], algorithm: Algorithm = "grpo") -> None:
+    """Refuse keys that ``algorithm``'s TRL config class does not have and attempts to change
+    the settings sae-shards fixes (``ValueError``); ``trl_config`` takes what passes. Cheap:
+    ``sae-shards train`` calls it on every job's config before anything is written."""
     config_cls = TRAINERS[algorithm][0]
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(grpo_kwargs) - known)
@@ -100,6 +96,17 @@ def trl_config(grpo_kwargs: dict[str, Any], output_dir: str | Path,
                 f"rl.{key}={grpo_kwargs[key]!r} is not supported: sae-shards fixes {key}={fixed!r} "
                 "(it logs to W&B and saves checkpoints itself); remove the key"
             )
+
+
+def trl_config(grpo_kwargs: dict[str, Any], output_dir: str | Path,
+               algorithm: Algorithm = "grpo", checkpoint_every: int = 0) -> GRPOConfig | RLOOConfig:
+    """``GRPOConfig``/``RLOOConfig`` from ``DEFAULT_GRPO`` updated by ``grpo_kwargs`` plus the
+    fixed settings and TRL checkpoints every ``checkpoint_every`` steps (``checkpointing``).
+
+    Raises ``ValueError`` for keys the config class does not have and for attempts to change the
+    settings this module fixes (``report_to``, ``logging_steps``, the checkpointing ones).
+    """
+    check_trl_settings(grpo_kwargs, algorithm)
     defaults = dict(DEFAULT_GRPO)
     if "gradient_checkpointing" in grpo_kwargs:  # its old name: the default must not override it
         defaults.pop("activation_checkpointing")
@@ -113,7 +120,7 @@ def trl_config(grpo_kwargs: dict[str, Any], output_dir: str | Path,
         # TRL defaults bf16 to True; fp32 is faster on a CPU with tiny models, and bf16
         # autocast (fp32 weights) only when asked for
         settings.update(use_cpu=True, bf16=bool(grpo_kwargs.get("bf16", False)))
-    return config_cls(output_dir=str(output_dir), **settings)
+    return TRAINERS[algorithm][0](output_dir=str(output_dir), **settings)
 
 
 def _check_schedule(args: GRPOConfig | RLOOConfig, train_dataset: Dataset,

@@ -28,8 +28,8 @@ from sae_shards.capture import resume as resume_state
 from sae_shards.capture.callback import ShardCallback
 from sae_shards.capture.signals import stop_on_signals
 from sae_shards.recipe.models import build_tiny_model, check_causal_lm, check_vocab, load_tokenizer
-from sae_shards.recipe.tasks import build_task, default_target_length
-from sae_shards.recipe.trainers import build_trainer
+from sae_shards.recipe.tasks import build_task, check_task_options, default_target_length
+from sae_shards.recipe.trainers import build_trainer, check_trl_settings
 from sae_shards.run import rundir
 from sae_shards.run.config import JobConfig
 from sae_shards.run.tracking import RunLogger
@@ -104,6 +104,15 @@ def prepare_model(cfg: JobConfig, run_dir: Path) -> Path:
                             readout_scale=m.readout_scale)
 
 
+def check_recipe(cfg: JobConfig) -> None:
+    """The settings ``build_rl`` passes on unchecked by ``JobConfig``: ``task.options`` against
+    the task's options and ``rl.extra`` against TRL's config class (``ValueError`` naming the
+    key). Cheap: ``sae-shards train`` calls it on each job's config before anything is
+    written; ``start`` again for a job run from Python."""
+    check_task_options(cfg.task.name, cfg.task.options)
+    check_trl_settings({**cfg.rl.trl_kwargs(), "seed": cfg.seed}, cfg.rl.algorithm)
+
+
 def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device,
              model_path: Path | None = None) -> RLSetup:
     """The model (``model_path``, or ``prepare_model``), the task and the TRL trainer, with no
@@ -171,6 +180,7 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
     held = False  # this job's hold of the run directory's lock (released by run_job)
     callback = None
     try:
+        check_recipe(cfg)
         device = resolve_device(cfg.device)
         with _main_process_first(device):
             if main:

@@ -57,7 +57,9 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         return _coerce(inner[0], value, name)
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name}: expected a list, got {value!r}")
+            shown = (f"; a list of one is written {name}=[{value}] (quoted in a shell: "
+                     f"'{name}=[{value}]')" if isinstance(value, (str, int, float)) else "")
+            raise ValueError(f"{name}: expected a list, got {value!r}{shown}")
         (item,) = typing.get_args(tp)
         return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
