@@ -42,6 +42,7 @@ events, took 25-28 s and 4.4 GB).
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -83,11 +84,17 @@ def selectivity(effects: Mapping[str, float], own: str, floor: float = 0.005) ->
     return float(effects[own]) / denom
 
 
+TIE_RTOL = 1e-5
+"""Drops this close (relative) are one drop to ``broken_task``: float32's rounding is 6e-8."""
+
+
 def broken_task(drops: Mapping[str, float], floor: float = 0.005) -> str | None:
     """The task whose reward drops most, or None when no drop reaches ``floor`` or the largest
-    drop is shared by several tasks (nothing broke first)."""
+    drop is shared by several tasks (nothing broke first): equal to ``TIE_RTOL``, so rewards
+    computed in float32 that differ in their last bits are a tie, not a task broken first."""
     top = max(drops.values())
-    if top < floor or sum(1 for v in drops.values() if v == top) > 1:
+    if top < floor or sum(1 for v in drops.values()
+                          if math.isclose(v, top, rel_tol=TIE_RTOL)) > 1:
         return None
     return next(u for u, v in drops.items() if v == top)
 
