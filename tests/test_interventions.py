@@ -286,3 +286,80 @@ def test_task_rewards_ignore_the_training_reward_scale(model_and_tokenizer):
     a = task_rewards(model, tokenizer, plain, list(plain.labels), n_prompts=4, seed=1)
     b = task_rewards(model, tokenizer, scaled, list(plain.labels), n_prompts=4, seed=1)
     assert {t: e.mean for t, e in a.items()} == pytest.approx({t: e.mean for t, e in b.items()})
+
+
+def test_weights_change_one_parameter_at_a_time(monkeypatch):
+    """add_direction / remove_direction make each parameter's new value from its original and
+    set it before the next one's is made: besides the originals' copy, one parameter's new value
+    is held at a time, never a second copy of every weight (a 0.5B body: 1.4 GB each). The
+    values are those of the whole-dict formula, and every parameter is restored bit-exactly."""
+    import sae_shards.analysis.interventions as iv
+
+    model, _ = tiny_model_and_tokenizer(seed=0)
+    names = [BODY, "model.layers.1.self_attn.o_proj.weight", "model.norm.weight"]
+    before = _snapshot(model)
+    direction = _random_direction(model, names, seed=4)
+    seen = []  # per new value made: how many of the named parameters had changed already
+    params = dict(model.named_parameters())
+    made = iv._changed
+
+    def spy(ps, new_value):
+        def tracked(name, p):
+            seen.append(sum(not torch.equal(params[n], before[n]) for n in names))
+            return new_value(name, p)
+        return made(ps, tracked)
+
+    monkeypatch.setattr(iv, "_changed", spy)
+    with add_direction(model, direction, 0.37):
+        for n in names:
+            assert torch.equal(params[n], before[n].float() + 0.37 * direction[n])
+    assert seen == [0, 1, 2]
+    _assert_bit_equal(model, before)
+    theta0 = {n: before[n] - 2.0 * direction[n] for n in names}
+    seen.clear()
+    with remove_direction(model, direction, theta0) as c:
+        for n in names:
+            assert torch.equal(params[n], before[n].float() - c * direction[n])
+    assert seen == [0, 1, 2]
+    _assert_bit_equal(model, before)
+
+
+def test_random_control_is_the_scaled_gaussian_draw(model_and_tokenizer):
+    """Scaled in place, the control holds exactly the bits of ``draw * scale``."""
+    model, _ = model_and_tokenizer
+    direction = _random_direction(model, [BODY, "model.norm.weight"], seed=5)
+    control = random_direction_like(direction, torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    draws = {n: torch.randn(d.shape, generator=gen) for n, d in direction.items()}
+    scale = direction_norm(direction) / direction_norm(draws)
+    assert all(torch.equal(control[n], draws[n] * scale) for n in direction)
+
+
+def test_dose_response_scores_alpha_zero_once_or_takes_the_baseline(model_and_tokenizer,
+                                                                    monkeypatch):
+    """Alpha 0 is the unchanged model for the shard and the control alike: scored once (not
+    twice under a zero change), or taken from ``baseline``, with the same figures either way."""
+    import sae_shards.analysis.interventions as iv
+
+    model, tokenizer = model_and_tokenizer
+    task = build_task("letters")
+    direction = _vowel_direction(model, tokenizer, task)
+    score = iv.score_rollouts
+    calls = []
+    monkeypatch.setattr(iv, "score_rollouts", lambda *a, **k: calls.append(1) or score(*a, **k))
+    alphas = [-1.0, 0.0, 2.0]
+    curve = dose_response(model, tokenizer, task, direction, alphas, n_prompts=8, n_samples=2)
+    assert len(calls) == 1 + 2 * 2  # alpha 0 once; the shard and the control at -1 and 2
+    assert curve.reward_shard[1] == curve.reward_control[1]
+    base = score(model, tokenizer, task, iv.eval_prompts(task, 8), n_samples=2)
+    # the unchanged model scores as under a zero change (the old way): the same rollouts
+    with add_direction(model, direction, 0.0):
+        zero = score(model, tokenizer, task, iv.eval_prompts(task, 8), n_samples=2)
+    assert torch.equal(zero.rewards.nan_to_num(-1), base.rewards.nan_to_num(-1))
+    calls.clear()
+    given = dose_response(model, tokenizer, task, direction, alphas, n_prompts=8, n_samples=2,
+                          baseline=base)
+    assert len(calls) == 2 * 2 and given == curve
+    with pytest.raises(ValueError, match="baseline scores"):
+        dose_response(model, tokenizer, task, direction, alphas, n_prompts=4, n_samples=2,
+                      baseline=base)

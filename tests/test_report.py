@@ -273,3 +273,46 @@ def test_the_readme_loading_example_runs_as_written(short_run_dir):
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert set(scope["shard"].dense(scaled=False)) == set(scope["shards"].target_names)
+
+
+def test_the_reports_interventions_are_the_plain_calls_with_shared_baselines(
+        short_run_dir, tmp_path, monkeypatch):
+    """The report scores each policy unchanged once (the dose-response's alpha 0 and the
+    ablation's reference, for every shard) and scales each shard's direction by c in place
+    after its ablation: its figures are exactly those of dose_response(c * direction) and
+    ablate(direction) called on their own, with fewer rollouts."""
+    import dataclasses
+
+    import sae_shards.analysis.interventions as iv
+    import sae_shards.analysis.report as report
+    from sae_shards.analysis.shards import load_run_models, run_sampling
+    from sae_shards.run import rundir
+
+    score = iv.score_rollouts
+    calls = []
+    counted = lambda *a, **k: calls.append(1) or score(*a, **k)  # noqa: E731
+    monkeypatch.setattr(iv, "score_rollouts", counted)
+    monkeypatch.setattr(report, "score_rollouts", counted)
+    alphas = (-1.0, 0.0, 1.0)
+    analyze(short_run_dir, tmp_path / "report.html", n_shards=2, n_prompts=4, alphas=alphas)
+    analysis = json.loads((tmp_path / "analysis.json").read_text())
+    n = len(analysis["shards"])
+    # the reward tried on two prompts, each policy unchanged, then per shard the shard and
+    # the control at the two non-zero alphas and the ablation's two
+    assert len(calls) == 1 + 2 + n * (2 * 2 + 2)
+    monkeypatch.undo()
+    initial, final, tokenizer, task = load_run_models(short_run_dir)
+    theta0 = dict(initial.named_parameters())
+    sampling = run_sampling(short_run_dir)
+    view = RunView(short_run_dir)
+    s = analysis["top_shards"][-1]
+    direction = view.shards[s].dense(scaled=False)
+    c = iv.update_coefficient(final, theta0, direction)
+    dr = iv.dose_response(initial, tokenizer, task, {k: d * c for k, d in direction.items()},
+                          alphas, n_prompts=4, **sampling)
+    ab = iv.ablate(final, tokenizer, task, direction, theta0, n_prompts=4, **sampling)
+    entry = analysis["shards"][str(s)]
+    assert entry["share_of_update"] == c
+    same = lambda x: json.loads(json.dumps(rundir.strict_json(x), default=float))  # noqa: E731
+    assert entry["dose_response"] == same(report._dose_entry(dr))
+    assert entry["ablation"] == same(dataclasses.asdict(ab))

@@ -23,7 +23,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -105,27 +105,57 @@ ROUNDING_TOLERANCE = 0.01
 ``set_weights`` warns (relative Frobenius error of the change actually made)."""
 
 
-def _warn_rounding(params: Mapping[str, nn.Parameter], weights: Mapping[str, Tensor]) -> None:
+def _rounding(p: Tensor, new: Tensor) -> tuple[float, float]:
+    """``(asked, lost)``: the squared norm of the change from ``p`` to ``new`` (fp32) and of
+    what rounding ``new`` to ``p``'s dtype loses of it."""
+    want = new.to(p.device, torch.float32) - p.float()
+    made = new.to(p.device, p.dtype).float() - p.float()
+    return (float(want.pow(2).sum(dtype=torch.float64)),
+            float((made - want).pow(2).sum(dtype=torch.float64)))
+
+
+def _warn_rounding(dtype: torch.dtype, asked: float, lost: float, count: int) -> None:
     """Warn when 16-bit parameters cannot hold the change: a direction added to bf16 weights
     keeps 8 significant bits of their sum, so a change smaller than about 2^-9 of a weight
-    rounds away and the steering or ablation measures another direction than the one asked."""
-    low = [name for name, p in params.items() if p.dtype in (torch.bfloat16, torch.float16)]
-    if not low:
-        return
-    asked, lost = 0.0, 0.0
-    for name in low:
-        p = params[name]
-        want = weights[name].to(p.device, torch.float32) - p.float()
-        made = weights[name].to(p.device, p.dtype).float() - p.float()
-        asked += float(want.pow(2).sum(dtype=torch.float64))
-        lost += float((made - want).pow(2).sum(dtype=torch.float64))
+    rounds away and the steering or ablation measures another direction than the one asked.
+    ``asked`` / ``lost``: summed over the ``count`` 16-bit parameters (``_rounding``)."""
     if asked > 0 and math.sqrt(lost / asked) > ROUNDING_TOLERANCE:
         logger.warning(
             "the model's %s weights cannot hold this change: rounding loses %.0f%% of it "
             "(relative error of the change made, over %d parameters), so the result measures "
             "another direction than the one asked; convert the model to float32 first "
             "(model.float()), as load_run_models loads it",
-            params[low[0]].dtype, 100 * math.sqrt(lost / asked), len(low))
+            dtype, 100 * math.sqrt(lost / asked), count)
+
+
+@contextlib.contextmanager
+def _changed(params: Mapping[str, nn.Parameter],
+             new_value: Callable[[str, nn.Parameter], Tensor]) -> Iterator[None]:
+    """Set each of ``params`` to ``new_value(name, param)`` (cast to its dtype) inside the
+    block; every touched parameter gets its original bits back on exit, also by exception.
+
+    The new values are made one parameter at a time, each from the parameter's original value
+    (none is changed twice: ``_resolve`` refuses tied names), so besides the originals' copy
+    only one parameter's new value is held at a time, never a second copy of every weight
+    (for a 0.5B model's body, 1.4 GB each)."""
+    with torch.no_grad():
+        originals = {name: p.detach().clone() for name, p in params.items()}
+        low = [p.dtype for p in params.values() if p.dtype in (torch.bfloat16, torch.float16)]
+        asked, lost = 0.0, 0.0
+        try:
+            for name, p in params.items():
+                new = new_value(name, p)
+                if p.dtype in (torch.bfloat16, torch.float16):
+                    a, b = _rounding(p, new)
+                    asked, lost = asked + a, lost + b
+                p.copy_(new.to(device=p.device, dtype=p.dtype))
+                del new
+            if low:
+                _warn_rounding(low[0], asked, lost, len(low))
+            yield
+        finally:
+            for name, p in params.items():
+                p.copy_(originals[name])
 
 
 @contextlib.contextmanager
@@ -135,16 +165,8 @@ def set_weights(model: nn.Module, weights: Mapping[str, Tensor]) -> Iterator[Non
     On exit, also by exception, every touched parameter gets its original bits back.
     """
     params = _resolve(model, weights, "set_weights")
-    with torch.no_grad():
-        originals = {name: p.detach().clone() for name, p in params.items()}
-        _warn_rounding(params, weights)
-        try:
-            for name, p in params.items():
-                p.copy_(weights[name].to(device=p.device, dtype=p.dtype))
-            yield
-        finally:
-            for name, p in params.items():
-                p.copy_(originals[name])
+    with _changed(params, lambda name, p: weights[name]):
+        yield
 
 
 @contextlib.contextmanager
@@ -155,12 +177,8 @@ def add_direction(model: nn.Module, direction: Direction, alpha: float) -> Itera
     cannot hold the change (it rounds away: a small ``alpha``) are warned about.
     """
     params = _resolve(model, direction, "add_direction")
-    with torch.no_grad():
-        shifted = {
-            name: p.detach().float() + alpha * direction[name].to(p.device, torch.float32)
-            for name, p in params.items()
-        }
-    with set_weights(model, shifted):
+    with _changed(params, lambda name, p: (p.detach().float()
+                                           + alpha * direction[name].to(p.device, torch.float32))):
         yield
 
 
@@ -187,10 +205,8 @@ def remove_direction(
         )
     _resolve(model, {name: initial[name] for name in params}, "remove_direction initial")
     c = update_coefficient({name: p for name, p in params.items()}, initial, direction)
-    with torch.no_grad():
-        removed = {name: p.detach().float() - c * direction[name].to(p.device, torch.float32)
-                   for name, p in params.items()}
-    with set_weights(model, removed):
+    with _changed(params, lambda name, p: (p.detach().float()
+                                           - c * direction[name].to(p.device, torch.float32))):
         yield c
 
 
@@ -234,8 +250,9 @@ def random_direction_like(direction: Direction, generator: torch.Generator) -> d
     if drawn == 0.0:  # only for an empty or zero-sized direction
         raise ValueError("random_direction_like: the direction has no entries")
     scale = target / drawn
+    # scaled in place (the same bits as draw * scale): one copy of the direction's size, not two
     return {
-        name: (draw * scale).to(device=direction[name].device, dtype=direction[name].dtype)
+        name: draw.mul_(scale).to(device=direction[name].device, dtype=direction[name].dtype)
         for name, draw in draws.items()
     }
 
@@ -620,6 +637,7 @@ def dose_response(
     alphas: Sequence[float],
     control_seed: int = 0,
     n_prompts: int = 32,
+    baseline: Scored | None = None,
     **reward_kwargs: Any,
 ) -> DoseResponse:
     """Measure the reward along ``alpha * direction`` and along a norm-matched control.
@@ -630,11 +648,27 @@ def dose_response(
     ``seed``, as :func:`score_rollouts` takes them), so the curves differ only through the
     weights. When the prompts carry several contexts, each one's curve comes from the same
     rollouts (``shard_by_label``). ``model`` is restored bit-exactly afterwards.
+
+    Alpha 0 is the model as it is, for the shard and the control alike: it is scored once
+    (adding ``0 * direction`` changes no weight's value), or taken from ``baseline``, the
+    model's :class:`Scored` on those prompts and settings when the caller already has it
+    (one per model serves every shard's curve).
     """
-    control = random_direction_like(direction, torch.Generator().manual_seed(control_seed))
     data = eval_prompts(task, n_prompts, reward_kwargs.get("seed", 0))
+    if baseline is not None and tuple(baseline.rewards.shape) != (n_prompts,
+                                                                 reward_kwargs.get("n_samples", 4)):
+        raise ValueError(f"baseline scores {tuple(baseline.rewards.shape)} rollouts; "
+                         f"dose_response scores n_prompts={n_prompts} prompts: give the "
+                         "baseline of the same prompts and settings")
+    control = random_direction_like(direction, torch.Generator().manual_seed(control_seed))
     points: dict[str, list[Scored]] = {"shard": [], "control": []}
     for alpha in alphas:
+        if alpha == 0:  # the unchanged model: one scoring serves both curves
+            if baseline is None:
+                baseline = score_rollouts(model, tokenizer, task, data, **reward_kwargs)
+            points["shard"].append(baseline)
+            points["control"].append(baseline)
+            continue
         for kind, d in (("shard", direction), ("control", control)):
             with add_direction(model, d, alpha):
                 points[kind].append(score_rollouts(model, tokenizer, task, data,

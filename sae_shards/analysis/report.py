@@ -313,7 +313,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                               _rollouts_html(view, shards, top_k, tags,
                                              mixes if several else {})))
 
-    lens_html, dose_results, ablations, baseline = [], {}, {}, None
+    lens_html, dose_results, ablations, baselines = [], {}, {}, None
     if models is not None:
         theta0, theta_t = (dict(m.named_parameters()) for m in (models.initial, models.final))
     for s in shards:
@@ -330,35 +330,23 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                                                       "tasks")}
                                    for t in view.top_events(s, top_k)]
         if models is not None:
-            initial, final, tokenizer, run_task = models
-            scorer = task if task is not None else run_task
-            rows = lens_rows(initial, tokenizer, view.shards[s], top_k)
+            scorer = task if task is not None else models.task
+            rows = lens_rows(models.initial, models.tokenizer, view.shards[s], top_k)
             entry["logit_lens"] = rows
             lens_html.append(_lens_html(s, rows, tags))
-            direction = view.shards[s].dense(scaled=False)
+            direction = view.shards[s].dense(scaled=False)  # {name: unit direction}
             c = update_coefficient(theta_t, theta0, direction)
             entry["share_of_update"] = c
-            if scorer is None:  # a user's own TRL run, analysed without its reward (``task``)
-                analysis["shards"][s] = entry
-                continue
-            dr = dose_response(initial, tokenizer, scorer,
-                               {n: d * c for n, d in direction.items()}, alphas,
-                               n_prompts=n_prompts, **sampling)
-            dose_results[s] = dr
-            entry["dose_response"] = {"alphas": list(dr.alphas), "shard": list(dr.reward_shard),
-                                      "control": list(dr.reward_control), "n": dr.n,
-                                      "stderr_shard": list(dr.stderr_shard),
-                                      "stderr_control": list(dr.stderr_control),
-                                      "stderr_change_shard": list(dr.stderr_change_shard),
-                                      "stderr_change_control": list(dr.stderr_change_control),
-                                      "shard_by_label": dr.shard_by_label,
-                                      "control_by_label": dr.control_by_label}
-            if baseline is None:  # the final policy's rewards: one estimate serves every shard
-                baseline = score_rollouts(final, tokenizer, scorer,
-                                          eval_prompts(scorer, n_prompts), **sampling)
-            ablations[s] = ablate(final, tokenizer, scorer, direction, theta0,
-                                  n_prompts=n_prompts, baseline=baseline, **sampling)
-            entry["ablation"] = dataclasses.asdict(ablations[s])
+            # scorer None: a user's own TRL run, analysed without its reward (``task``)
+            if scorer is not None:
+                if baselines is None:  # each policy as it is: one estimate serves every shard
+                    baselines = _baselines(models, scorer, alphas, n_prompts, sampling)
+                dose_results[s], ablations[s] = _steer_and_ablate(
+                    models, scorer, direction, c, theta0, alphas, n_prompts, baselines,
+                    sampling)
+                entry["dose_response"] = _dose_entry(dose_results[s])
+                entry["ablation"] = dataclasses.asdict(ablations[s])
+            del direction  # the next shard's is built without this one still held
         analysis["shards"][s] = entry
     why = run_models_missing(view.run_dir, view.checkpoint, initial_model) if dose else None
     if why:
@@ -412,6 +400,44 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     rundir.write_text(out.parent / rundir.ANALYSIS,
                       json.dumps(rundir.strict_json(analysis), indent=2, default=float))
     return out
+
+
+def _baselines(models, scorer, alphas: Sequence[float], n_prompts: int,
+               sampling: dict[str, Any]) -> tuple[Any, Any]:
+    """``(initial, final)``: each policy's ``Scored`` on the prompts every dose-response and
+    ablation scores, unchanged (the dose-response's alpha 0, the ablation's reference), once per
+    report; the initial one None when no alpha is 0."""
+    data = eval_prompts(scorer, n_prompts, sampling.get("seed", 0))
+    initial = (score_rollouts(models.initial, models.tokenizer, scorer, data, **sampling)
+               if any(a == 0 for a in alphas) else None)
+    return initial, score_rollouts(models.final, models.tokenizer, scorer, data, **sampling)
+
+
+def _steer_and_ablate(models, scorer, direction: dict[str, Any], c: float, theta0,
+                      alphas: Sequence[float], n_prompts: int, baselines: tuple[Any, Any],
+                      sampling: dict[str, Any]) -> tuple[Any, Any]:
+    """One shard's dose-response (``alpha * c * shard`` added to the initial weights) and
+    ablation (``c * shard`` removed from the final ones), from its unit ``direction``
+    (``{name: tensor}``, every target's full size), which this consumes: the ablation reads it
+    first, then it is scaled by ``c`` in place for the dose-response (the same bits as
+    ``d * c``), so one copy of it is held, not two."""
+    ablation = ablate(models.final, models.tokenizer, scorer, direction, theta0,
+                      n_prompts=n_prompts, baseline=baselines[1], **sampling)
+    for d in direction.values():
+        d.mul_(c)
+    dr = dose_response(models.initial, models.tokenizer, scorer, direction, alphas,
+                       n_prompts=n_prompts, baseline=baselines[0], **sampling)
+    return dr, ablation
+
+
+def _dose_entry(dr) -> dict[str, Any]:
+    """``analysis.json``'s figures of one shard's dose-response."""
+    return {"alphas": list(dr.alphas), "shard": list(dr.reward_shard),
+            "control": list(dr.reward_control), "n": dr.n,
+            "stderr_shard": list(dr.stderr_shard), "stderr_control": list(dr.stderr_control),
+            "stderr_change_shard": list(dr.stderr_change_shard),
+            "stderr_change_control": list(dr.stderr_change_control),
+            "shard_by_label": dr.shard_by_label, "control_by_label": dr.control_by_label}
 
 
 def _dose_table(results: dict[int, Any], analysis: dict[str, Any], tags: dict[int, str]) -> str:
