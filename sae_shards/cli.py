@@ -107,6 +107,10 @@ def check_overrides(args: list[str]) -> None:
         if key == "run_dir" and not o.is_delete() and o.value() is None:  # Hydra's dir is it
             raise ConfigError("run_dir=null: give the run a directory of its own, e.g. "
                               "run_dir=runs/my_run")
+        if key == "hydra.job.chdir" and not o.is_delete() and str(o.value()).lower() != "false":
+            raise ConfigError(f"hydra.job.chdir={o.value()}: sae-shards writes the run into "
+                              "run_dir itself and reads relative paths (model.path) from the "
+                              "directory it is started in; remove the override")
         if (key in groups and not o.is_delete() and not o.is_sweep_override()
                 and o.value() is not None and not isinstance(o.value(), list)):
             options = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
@@ -569,9 +573,11 @@ def _train(args: list[str]) -> int:
             return
         run_dir = Path(hc.runtime.output_dir)
         job = dataclasses.replace(job, run_dir=str(run_dir))
-        if sweep and job.logging.group is None:
+        if sweep:  # one W&B group per sweep, and each job's run a name of its own
+            named = job.logging
             job = dataclasses.replace(job, logging=dataclasses.replace(
-                job.logging, group=Path(hc.sweep.dir).name))
+                named, group=named.group or Path(hc.sweep.dir).name,
+                name=named.name and f"{named.name}-{run_dir.name}"))
         if sweep and interrupted:  # a signal stops the whole sweep, not only its current job
             failures.append(f"{run_dir}: not started (the sweep was stopped); continue the "
                             "sweep with the same command and resume=true")

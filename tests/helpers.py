@@ -104,12 +104,13 @@ def offline_run(run_dir: Path) -> dict:
     """History keys, summary keys, defined metrics and config of the single offline run in
     run_dir."""
     (file,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
-    history, keys, summary, metrics, artifacts, group = 0, set(), {}, {}, [], None
+    history, keys, summary, metrics, artifacts, group, name = 0, set(), {}, {}, [], None, None
     config: dict = {}
     for rec in read_records(file):
         match rec.WhichOneof("record_type"):
             case "run":
                 group = rec.run.run_group or None
+                name = rec.run.display_name or None
                 config |= {it.key: json.loads(it.value_json) for it in rec.run.config.update}
             case "config":
                 config |= {it.key: json.loads(it.value_json) for it in rec.config.update}
@@ -123,7 +124,7 @@ def offline_run(run_dir: Path) -> dict:
             case "artifact":
                 artifacts.append(rec.artifact.name)
     return {"history_rows": history, "keys": keys, "summary": summary, "metrics": metrics,
-            "artifacts": artifacts, "group": group, "config": config}
+            "artifacts": artifacts, "group": group, "name": name, "config": config}
 
 
 # --- planted tests: a broken pipeline ---------------------------------------------------------

@@ -171,12 +171,14 @@ def test_multirun_jobs_share_a_wandb_group(tmp_path):
     sweep = tmp_path / "k_sweep"
     proc = subprocess.run(
         [sys.executable, "-m", "sae_shards.cli", "train", "-m", "sae.k=1,2", f"run_dir={sweep}",
-         *[o for o in TINY if not o.startswith("logging")], "logging=offline"],
+         *[o for o in TINY if not o.startswith("logging")], "logging=offline",
+         "logging.name=exp"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = [next(sweep.glob(f"*sae.k={k}*")) for k in (1, 2)]  # named after their overrides
     runs = [offline_run(job) for job in jobs]
     assert [r["group"] for r in runs] == ["k_sweep", "k_sweep"]
+    assert [r["name"] for r in runs] == [f"exp-{job.name}" for job in jobs]  # one name each
     for job, run in zip(jobs, runs):
         (name,) = run["artifacts"]
         assert "=" in job.name and name == artifact_name(f"shards-{job.name}")
@@ -224,6 +226,9 @@ def test_flags_between_overrides_and_a_group_given_a_number(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "config error: rl=3 is not one of the rl configs: grpo, rloo" in err
     assert "Traceback" not in err
+    assert main(["train", "hydra.job.chdir=true", f"run_dir={tmp_path / 'r'}"]) == 2
+    assert "config error: hydra.job.chdir=True: sae-shards writes" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_hydra_flags_are_not_taken_for_overrides():

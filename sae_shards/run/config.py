@@ -396,7 +396,8 @@ class LoggingConfig:
     entity: str | None = None
     """W&B entity (team/user); null uses the default."""
     name: str | None = None
-    """Run name; null uses the run directory's name."""
+    """Run name; null uses the run directory's name. In a ``-m`` sweep each job's run is
+    named ``NAME-<its directory>``."""
     group: str | None = None
     """W&B group; null puts the jobs of one ``-m`` sweep in a group named after the sweep
     directory (single runs get none)."""
