@@ -269,8 +269,7 @@ def _resuming(args: list[str]) -> tuple[list[tuple[str, Any]], Path] | None:
     now = list(zip(_override_args(args), parse(_override_args(args))))
     given = {o.key_or_group: o for _, o in now}  # the last of each key wins, as in Hydra
     run_dir = _run_dir_arg(given)
-    if (run_dir is None or "resume" not in given
-            or given["resume"].value() not in (True, "true", "True")):
+    if run_dir is None or not _resume_given(given):
         return None
     return now, run_dir
 
@@ -325,7 +324,7 @@ def check_sweep_jobs(args: list[str]) -> None:
             "run_dir/<its overrides>; give the sweep one fixed run_dir (e.g. "
             "run_dir=runs/my_sweep), not a swept or interpolated one (no job was started)")
     if len(run_dirs) == 1:  # the directory as resolved (an interpolated run_dir too)
-        _check_sweep_dir(Path(next(iter(run_dirs))), resume=_resume_given(args))
+        _check_sweep_dir(Path(next(iter(run_dirs))), _resume_given(_given_overrides(args)))
 
 
 def _given_overrides(args: list[str]) -> dict[str, Any]:
@@ -378,12 +377,12 @@ def _check_run_dir_arg(args: list[str]) -> None:
         except FileExistsError as e:
             raise ConfigError(str(e)) from None
     if _is_sweep(args) and "${" not in str(run_dir):  # before Hydra writes multirun.yaml
-        _check_sweep_dir(run_dir, resume=_resume_given(args))  # (interpolated: check_sweep_jobs)
+        _check_sweep_dir(run_dir, _resume_given(given))  # interpolated: check_sweep_jobs
 
 
-def _resume_given(args: list[str]) -> bool:
-    """Whether ``args`` set ``resume=true`` (the last ``resume=`` wins, as in Hydra)."""
-    given = _given_overrides(args)
+def _resume_given(given: dict[str, Any]) -> bool:
+    """Whether the overrides ``given`` (``_given_overrides``: the last of each key, as in
+    Hydra) set ``resume=true``."""
     return "resume" in given and given["resume"].value() in (True, "true", "True")
 
 

@@ -629,6 +629,17 @@ class DoseResponse:
     """The same along the control."""
 
 
+def _check_baseline(baseline: Scored | None, n_prompts: int, reward_kwargs: Mapping[str, Any],
+                    caller: str) -> None:
+    """A caller's ``baseline`` must score the rollouts ``caller`` scores: ``[n_prompts,
+    n_samples]`` (``ValueError`` otherwise)."""
+    if baseline is not None and tuple(baseline.rewards.shape) != (n_prompts,
+                                                                 reward_kwargs.get("n_samples", 4)):
+        raise ValueError(f"baseline scores {tuple(baseline.rewards.shape)} rollouts; {caller} "
+                         f"scores n_prompts={n_prompts} prompts: give the baseline of the same "
+                         "prompts and settings")
+
+
 def dose_response(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -655,11 +666,7 @@ def dose_response(
     (one per model serves every shard's curve).
     """
     data = eval_prompts(task, n_prompts, reward_kwargs.get("seed", 0))
-    if baseline is not None and tuple(baseline.rewards.shape) != (n_prompts,
-                                                                 reward_kwargs.get("n_samples", 4)):
-        raise ValueError(f"baseline scores {tuple(baseline.rewards.shape)} rollouts; "
-                         f"dose_response scores n_prompts={n_prompts} prompts: give the "
-                         "baseline of the same prompts and settings")
+    _check_baseline(baseline, n_prompts, reward_kwargs, "dose_response")
     control = random_direction_like(direction, torch.Generator().manual_seed(control_seed))
     points: dict[str, list[Scored]] = {"shard": [], "control": []}
     for alpha in alphas:
@@ -760,11 +767,7 @@ def ablate(
     ``baseline``: the final weights' :class:`Scored` on those prompts, when the caller already
     has it (one per run serves every shard). ``model`` is restored bit-exactly afterwards."""
     data = eval_prompts(task, n_prompts, reward_kwargs.get("seed", 0))
-    if baseline is not None and tuple(baseline.rewards.shape) != (n_prompts,
-                                                                 reward_kwargs.get("n_samples", 4)):
-        raise ValueError(f"baseline scores {tuple(baseline.rewards.shape)} rollouts; ablate "
-                         f"scores n_prompts={n_prompts} prompts: give the baseline of the same "
-                         "prompts and settings")
+    _check_baseline(baseline, n_prompts, reward_kwargs, "ablate")
     final = baseline if baseline is not None else score_rollouts(model, tokenizer, task, data,
                                                                  **reward_kwargs)
     with remove_direction(model, direction, initial) as c:

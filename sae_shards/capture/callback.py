@@ -229,7 +229,8 @@ class ShardCallback(TrainerCallback):
             log.info("sizing the buffer and the SAE against free memory less what the "
                      "policy's first training step will allocate: %s", pending.describe())
         self.parts = build_pipeline(model, self.capture_cfg, self.sae_cfg, self.runner_cfg, device,
-                                    self.seed, pending, _writes_checkpoints(self.runner_cfg, trainer))
+                                    self.seed, pending,
+                                    _writes_checkpoints(self.runner_cfg, trainer))
         if self.capture_cfg.granularity == "step":
             self.capture = self._step_capture(self.parts.targets, self.parts.buffer)
         else:

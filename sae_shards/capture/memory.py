@@ -44,7 +44,7 @@ def default_memory_budget(device: torch.device | str, fraction: float = 0.5) -> 
         case "cuda":
             free, _ = torch.cuda.mem_get_info(device)
         case "cpu":
-            free = _cpu_available_bytes()
+            free = host_available_bytes()
         case other:
             raise ValueError(
                 f"no free-memory query for device type {other!r}; pass an explicit budget in bytes"
@@ -54,10 +54,6 @@ def default_memory_budget(device: torch.device | str, fraction: float = 0.5) -> 
 
 def host_available_bytes() -> int:
     """Host memory available now (``MemAvailable``)."""
-    return _cpu_available_bytes()
-
-
-def _cpu_available_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -93,6 +93,8 @@ def build_pipeline(
     dtype = STORAGE[capture.storage_dtype]
     per_event = capture.granularity != "step"
     event_rank = capture.event_rank if per_event else None
+    form = "factored" if per_event else "dense"
+    b_dec = resolve_b_dec(sae_cfg, form)  # whether the SAE trains a decoder bias
     free = default_memory_budget(device, 1.0) - pending.total
     share = int(max(free, 0) * capture.memory_fraction)
     working = working_bytes(capture, specs)
@@ -110,18 +112,17 @@ def build_pipeline(
         check_sae_memory(specs, sae_cfg.n_latents, sae_cfg.batch_size,
                          free - working - buffer_memory_bytes(specs, capture.capacity, dtype,
                                                               event_rank),
-                         device, event_rank,
-                         resolve_b_dec(sae_cfg, "factored" if per_event else "dense"))
+                         device, event_rank, b_dec)
     except ValueError as e:
         raise ValueError(f"{e}{_after(pending)}") from None
     if checkpoints and device.type != "cpu":
         check_checkpoint_host_memory(
-            checkpoint_host_bytes(specs, sae_cfg.n_latents, capture.capacity, dtype, event_rank,
-                                  resolve_b_dec(sae_cfg, "factored" if per_event else "dense")),
+            checkpoint_host_bytes(specs, sae_cfg.n_latents, capture.capacity, dtype,
+                                  event_rank, b_dec),
             host_available_bytes(), device, capture.capacity,
             buffer_memory_bytes(specs, 1, dtype, event_rank))
     buffer = DeltaRingBuffer(specs, capture.capacity, device, dtype, event_rank)
-    sae = LowRankSAE(specs, sae_cfg, sample_form="factored" if per_event else "dense").to(device)
+    sae = LowRankSAE(specs, sae_cfg, sample_form=form).to(device)
     trainer = SAETrainer(sae)
     loop = SAEWorkLoop(trainer, buffer, runner, torch.Generator().manual_seed(seed))
     return Pipeline(targets, specs, buffer, sae, trainer, loop, make_runner(loop, runner))

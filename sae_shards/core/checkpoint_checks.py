@@ -112,8 +112,8 @@ def _version_number(value: Any) -> int | None:
 def check_version(file: Path, what: str, found: Any, as_text: bool) -> None:
     """``found`` is a version this reads (``READ_VERSIONS``), as text (safetensors headers) or
     as a JSON integer (``config.json``); a higher one was written by a newer sae-shards."""
-    if any(found == (str(v) if as_text else v) and type(found) is (str if as_text else int)
-           for v in READ_VERSIONS):
+    readable = {str(v) if as_text else v for v in READ_VERSIONS}
+    if type(found) is (str if as_text else int) and found in readable:
         return
     number = _version_number(found)
     if number is not None and number > FORMAT_VERSION:
@@ -121,7 +121,7 @@ def check_version(file: Path, what: str, found: Any, as_text: bool) -> None:
             f"{file}: format version {number} is not supported by this sae-shards, which reads "
             f"versions up to {FORMAT_VERSION}; it was written by a newer sae-shards — upgrade "
             "sae-shards to load it")
-    expected = "a version " + ", ".join(repr(str(v) if as_text else v) for v in READ_VERSIONS)
+    expected = "a version " + ", ".join(map(repr, sorted(readable)))
     raise CheckpointError(f"{file}: {what} {found!r}, expected {expected}; the file is damaged "
                           f"or not a sae-shards checkpoint — {DAMAGED}")
 
