@@ -212,6 +212,27 @@ def test_fsdp2_update_capture_gathers_the_unsharded_update(runs):
     assert load_checkpoint(out / "run" / "checkpoints" / "final").config["meta"]["rl_step"] == 2
 
 
+def test_fsdp2_gathers_a_mixture_of_experts_stacked_update_whole(tmp_path):
+    """fully_shard splits a stacked expert tensor [experts, m, n] along its experts: the sample
+    is the whole update, every expert's matrix in its place."""
+    model = build_tiny_model(tmp_path / "moe", arch="qwen3_moe", hidden_size=32, num_layers=2,
+                             num_heads=4, intermediate_size=16)
+    out = tmp_path / "fsdp2"
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+          "--master_port", str(_free_port()), str(FSDP2_SCRIPT), "--model", str(model),
+          "--out", str(out), "--targets", "model.layers.*.mlp.experts.down_proj"], tmp_path)
+    got = _samples(out / "run")
+    ref = load_file(str(out / "reference.safetensors"))
+    for layer in (0, 1):
+        name = f"model.layers.{layer}.mlp.experts.down_proj"
+        for i, step in enumerate((1, 2)):
+            whole = torch.stack([got[f"sample.{name}[{e}]"][i] for e in range(4)])
+            want = ref[f"step{step}.{name}"]  # [4, 32, 16]
+            assert whole.shape == want.shape and want.norm() > 0
+            # every expert in its own place (rank 1 holds experts 2 and 3)
+            assert float((whole - want).norm() / want.norm()) < DELTA_RTOL
+
+
 def test_sae_shards_train_under_accelerate_launch(tmp_path):
     """The recipe itself on 2 ranks: rank 0 prepares the directory and builds the model first,
     the other rank loads it; one run directory with every rank's events."""

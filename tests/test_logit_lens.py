@@ -338,3 +338,23 @@ def test_a_post_norm_writer_is_read_through_its_norm(model_and_tokenizer, kind):
     adapted = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["down_proj"]))
     assert {k: type(v) for k, v in writer_post_norms(adapted).items()} == \
         {k: type(v) for k, v in post.items()}  # followed through the LoRA layer's sum
+
+
+def test_one_expert_of_a_stacked_down_projection_is_read_like_a_linear_writer():
+    model, tokenizer = tiny_model_and_tokenizer("qwen3_moe", seed=0)  # experts [4, 64, 128]
+    with torch.no_grad():
+        model.model.norm.weight.fill_(1.0)
+    down = "model.layers.1.mlp.experts.down_proj"
+    writers = writer_targets(model)
+    assert [f"{down}[{e}]" for e in range(4)] == [w for w in writers if w.startswith(down)]
+    assert not any("gate_up_proj" in w for w in writers)  # its output is not d_model
+    u, v = _token_write(model, tokenizer, "e"), _v(128)
+    (res,) = logit_lens(model, tokenizer, {f"{down}[2]": 1.5 * u @ v.T}, top_k=3)
+    assert res.target == f"{down}[2]" and res.promoted[0][0] == "e"
+    assert res.singular_value == pytest.approx(1.5, rel=1e-5)
+    with pytest.raises(ValueError, match=r"has shape \(128, 64\) but the parameter has shape "
+                                         r"\(64, 128\)"):
+        logit_lens(model, tokenizer, {f"{down}[2]": v @ u.T})
+    # the whole stacked tensor, or an expert it does not have, is no writer
+    with pytest.raises(ValueError, match="no component targets a residual-stream writer"):
+        logit_lens(model, tokenizer, {f"{down}[4]": u @ v.T})

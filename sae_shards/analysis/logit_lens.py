@@ -16,6 +16,12 @@ A writer whose output passes through a norm before the residual add (post-norm b
 Gemma2/3; found by running, ``writer_post_norms``) is read through that norm's gain too:
 ``W_U (g * g_post * u)``.
 
+A mixture of experts' stacked down projection ``[experts, d_model, d_in]`` (transformers 5)
+writes one expert at a time: each expert's matrix is a writer of its own, ``name[e]``
+(``stacked_writers``), read like an ``nn.Linear`` weight (or a ``Conv1D`` one when the experts
+module says ``is_transposed``). Its output is taken as added to the residual stream as it is
+(post-norms are found for layers only).
+
 Approximation: the norms' *normalisation* (mean/variance, which depends on the whole vector)
 and their biases are skipped; only their elementwise scales are applied. The lens
 shows which tokens a write direction favours, not the size of the logit change in a real forward
@@ -49,8 +55,10 @@ from sae_shards.capture.selection import (
     inside_any,
     layer_output_axis,
     matrix_layers,
+    peft_name,
     unwrap_peft,
 )
+from sae_shards.core.targets import parse_slice, slice_name
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +114,9 @@ def writer_targets(model: nn.Module) -> list[str]:
     comes only the residual add. This gives ``o_proj``/``down_proj`` (Llama, Qwen2, Mistral),
     ``attn.c_proj``/``mlp.c_proj`` (GPT-2), ``dense``/``dense_4h_to_h`` (GPT-NeoX). A writer's
     bias, if it has one, writes too and is listed after its weight. Layers that never run
-    (unrouted experts) are not writers. A LoRA-adapted layer counts as its base layer.
+    (unrouted experts) are not writers. A LoRA-adapted layer counts as its base layer. A
+    mixture of experts' stacked writer (``stacked_writers``) is listed one expert at a time,
+    ``name[e]``, as the SAE names its targets.
     """
     layers = block_layers(model)
     d_model = model.get_output_embeddings().weight.shape[1]
@@ -126,7 +136,50 @@ def writer_targets(model: nn.Module) -> list[str]:
         writers.append(name)
         if getattr(layer, "bias", None) is not None:
             writers.append(name.removesuffix(".weight") + ".bias")
+    experts = stacked_writers(model)
+    if experts:  # each expert's matrix, in parameter order among the layers' writers
+        position = {peft_name(n) or n: i
+                    for i, (n, _) in enumerate(unwrap_peft(model).named_parameters())}
+        writers += [slice_name(n, e) for n, w in experts.items() for e in range(w.n_experts)]
+        writers.sort(key=lambda n: (position.get(parse_slice(n)[0], -1), parse_slice(n)[1] or 0))
     return writers
+
+
+class StackedWriter(NamedTuple):
+    """A mixture of experts' stacked tensor whose experts write to the residual stream."""
+
+    n_experts: int
+    shape: tuple[int, int]
+    """One expert's matrix."""
+    axis: int
+    """The axis of one expert's matrix that indexes its outputs."""
+
+
+def stacked_writers(model: nn.Module) -> dict[str, StackedWriter]:
+    """``{parameter name: StackedWriter}`` of the stacked expert tensors ``[experts, m, n]``
+    whose experts write to the residual stream (an MoE layer's down projection), found by
+    shape, not by name: a module inside the blocks holding 3-D parameters is an experts module;
+    its layout is ``[experts, out, in]``, or ``[experts, in, out]`` when it says
+    ``is_transposed`` (transformers' ``use_experts_implementation``); the writer is the one
+    tensor whose output size is ``d_model`` (of two, the one whose input size is not). An
+    experts module where this leaves no single tensor has no writer here."""
+    d_model = model.get_output_embeddings().weight.shape[1]
+    blocks = block_lists(model)
+    found = {}
+    for name, module in unwrap_peft(model).named_modules():
+        if not inside_any(name, blocks):
+            continue
+        stacked = {n: p for n, p in module.named_parameters(recurse=False) if p.ndim == 3}
+        if not stacked:
+            continue
+        axis = 1 if getattr(module, "is_transposed", False) else 0
+        out = {n: p for n, p in stacked.items() if p.shape[1 + axis] == d_model}
+        if len(out) > 1:
+            out = {n: p for n, p in out.items() if p.shape[2 - axis] != d_model}
+        if len(out) == 1:
+            (n, p), = out.items()
+            found[f"{name}.{n}"] = StackedWriter(p.shape[0], tuple(p.shape[1:]), axis)
+    return found
 
 
 def _probe(model: nn.Module, hooks: Sequence[Any]) -> None:
@@ -352,6 +405,19 @@ def _as_components(components: Any) -> Mapping[str, Component]:
     return components
 
 
+def _matrix_layout(name: str, layers: Mapping[str, nn.Module],
+                   experts: Mapping[str, StackedWriter]) -> tuple[tuple[int, ...], int] | None:
+    """``(shape, output axis)`` of the matrix ``name`` names: a layer's weight, or one expert's
+    matrix ``base[e]`` of a stacked writer; None for anything else."""
+    if name in layers:
+        layer = layers[name]
+        return tuple(layer.weight.shape), layer_output_axis(layer)
+    base, expert = parse_slice(name)
+    if expert is not None and base in experts and expert < experts[base].n_experts:
+        return experts[base].shape, experts[base].axis
+    return None
+
+
 def _is_zero(component: Component) -> bool:
     parts = component if isinstance(component, tuple) else (component,)
     return any(not bool(x.detach().any()) for x in parts)
@@ -410,6 +476,7 @@ def logit_lens(
     if skipped:
         logger.info("logit_lens: skipping non-writer targets %s", skipped)
     layers = matrix_layers(model)
+    experts = stacked_writers(model)
     unembed = model.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
     d_model = unembed.shape[1]
     if final_norm is None:
@@ -428,21 +495,23 @@ def logit_lens(
             "activation: give the Shard itself, or shard.dense(scaled=False))")
     for name in chosen:
         component = components[name]
+        layout = _matrix_layout(name, layers, experts)  # (shape, output axis) or None
         if not (isinstance(component, Tensor) and component.ndim == 1):
-            if name not in layers:
+            if layout is None:
                 raise ValueError(
                     f"logit_lens: writer {name!r} is not the weight of an nn.Linear or Conv1D "
-                    f"layer of {type(model).__name__}, so its write side is unknown; matrix "
+                    f"layer of {type(model).__name__} nor one expert of a stacked writer "
+                    f"('...experts.down_proj[3]'), so its write side is unknown; matrix "
                     f"weights include {few_names(layers)}"
                 )
-            _check_layout(name, component, tuple(layers[name].weight.shape))
-            component = write_side(component, layer_output_axis(layers[name]))
+            _check_layout(name, component, layout[0])
+            component = write_side(component, layout[1])
         left, s = write_directions(component, rtol)  # [d_model, k], [k]
         if left.shape[0] != d_model:
             raise ValueError(
                 f"logit_lens: component {name!r} writes vectors of size {left.shape[0]} but the "
                 f"model's d_model is {d_model}; give it laid out as the parameter "
-                f"({tuple(layers[name].weight.shape) if name in layers else '[d_model]'})"
+                f"({layout[0] if layout else '[d_model]'})"
             )
         post = post_norms.get(name.removesuffix(".bias") + ".weight"
                               if name.endswith(".bias") else name)

@@ -20,6 +20,7 @@ from torch import Tensor
 from sae_shards.capture.buffer import DeltaRingBuffer
 from sae_shards.capture.runner import ActivationLog, encode_buffer
 from sae_shards.core.checkpoint import CheckpointError, read_safetensors
+from sae_shards.core.targets import stack_targets
 from sae_shards.run import rundir
 
 
@@ -45,12 +46,13 @@ def activations_from_resume(run_dir: Path, checkpoint: str, sae, sae_step: int
     try:
         info = json.loads(header["info"])["buffer"]
         capacity = len(info["meta"])
-        saved = {t.name: tensors[f"buffer.{t.name}"] for t in sae.targets}
-        dtype = saved[sae.targets[0].name].dtype
+        captured = stack_targets(sae.targets)  # as the buffer held them (experts whole)
+        saved = {t.name: tensors[f"buffer.{t.name}"] for t in captured}
+        dtype = saved[captured[0].name].dtype
         # per event: each matrix's slot is [rows, m + n], rows = min(event_rank, m, n)
-        rows = [saved[t.name].shape[1] for t in sae.targets if len(t.shape) == 2]
+        rows = [saved[t.name].shape[1] for t in captured if t.is_matrix]
         event_rank = max(rows) if sae.sample_form == "factored" and rows else None
-        buffer = DeltaRingBuffer(sae.targets, capacity, "cpu", dtype, event_rank)
+        buffer = DeltaRingBuffer(captured, capacity, "cpu", dtype, event_rank)
         buffer.load_state(tensors, info)
         online = ActivationLog.from_tensors(tensors, "online")
     except (KeyError, IndexError, TypeError, ValueError) as e:

@@ -30,6 +30,7 @@ from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, read_s
                                         save_checkpoint)
 from sae_shards.core.factored import cross_gram
 from sae_shards.core.sae import LowRankSAE
+from sae_shards.core.targets import stack_slices
 from sae_shards.run import rundir
 from sae_shards.run.jsonl_index import JsonlIndex
 
@@ -56,10 +57,12 @@ class Shard:
         ``typical_coefficient`` (its mean |activation| when active, in parameter units: about
         one typical sample's size, unsigned, 0 for a shard that never fired). Its sign is the
         decoder's; a shard whose activations are negative pushes the other way (see
-        ``RunView.attribution`` for its summed, signed contribution)."""
+        ``RunView.attribution`` for its summed, signed contribution). A mixture of experts'
+        stacked parameter comes whole, ``[experts, m, n]`` (``targets.stack_slices``), so the
+        result applies to the model as it is (``interventions``)."""
         dirs = self.shards.sae.dense_directions(latents=torch.tensor([self.index]))
         scale = self.typical_coefficient() if scaled else 1.0
-        return {name: d[0] * scale for name, d in dirs.items()}
+        return stack_slices({name: d[0] * scale for name, d in dirs.items()})
 
     def typical_coefficient(self) -> float:
         """Mean |activation| when active over the SAE's training (its running statistics) times

@@ -2,7 +2,8 @@
 
 One *slot* holds one sample (``{target: tensor of the target's shape}``, or with ``event_rank``
 the factors ``[event_rank, m + n]`` of a per-event sample, ``core/events.py``) and its
-``StepMeta``.
+``StepMeta``. A mixture of experts' stacked ``[E, m, n]`` target is stored whole and read out
+as one ``[batch, m, n]`` view per expert under the SAE's names (``core/targets.py``).
 Writers fill a slot in place::
 
     slot, views = buffer.begin_write()      # views[name]: [*shape], storage dtype
@@ -33,7 +34,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 
 from sae_shards.core.events import slot_shape
-from sae_shards.core.targets import TargetSpec
+from sae_shards.core.targets import TargetSpec, expand_stacked, split_stacked
 
 STORAGE_DTYPES = (torch.float32, torch.bfloat16)
 EARLY_SLOTS = 2
@@ -75,7 +76,8 @@ class BufferSample(NamedTuple):
     """A batch drawn from the buffer."""
 
     batch: dict[str, torch.Tensor]
-    """``{target: fp32 tensor [batch, *shape]}`` on the buffer's device."""
+    """``{target: fp32 tensor [batch, *shape]}`` on the buffer's device, under the SAE's target
+    names (``DeltaRingBuffer.sae_targets``)."""
     slots: torch.Tensor
     """``LongTensor [batch]`` on CPU: the slot each row came from (for ``metadata``)."""
 
@@ -102,7 +104,14 @@ class DeltaRingBuffer:
         names = [t.name for t in targets]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"buffer targets must be non-empty and unique, got {names}")
+        stacked = [t.name for t in targets if t.is_stacked]
+        if stacked and event_rank is not None:
+            raise ValueError(f"stacked expert targets {stacked[:3]} cannot be stored per event; "
+                             "capture them per step (capture.granularity=step)")
         self.targets = list(targets)
+        """The capture's targets, as written (a stacked expert tensor whole)."""
+        self.sae_targets = expand_stacked(self.targets)
+        """The targets of what ``sample``/``gather`` return: the SAE's (``expand_stacked``)."""
         self.capacity = int(capacity)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -224,7 +233,9 @@ class DeltaRingBuffer:
         return BufferSample(self._gather_marked(slots, marked), slots)
 
     def gather(self, slots: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
-        """``{target: fp32 [len(slots), *shape]}`` of the given committed slots (e.g. held out)."""
+        """``{target: fp32 [len(slots), *shape]}`` of the given committed slots (e.g. held out),
+        under the SAE's target names (``sae_targets``: a stacked target as one view per
+        expert)."""
         slots = torch.as_tensor(slots, dtype=torch.long).reshape(-1)
         with self._lock:
             empty = [s for s in slots.tolist() if not 0 <= s < self.capacity or not self._filled[s]]
@@ -385,7 +396,7 @@ class DeltaRingBuffer:
             event = self._record_event()
         finally:
             self._unmark(held + soon, event)  # soon: what an error left marked
-        return batch  # {name: [batch, *shape]}
+        return split_stacked(batch, self.targets)  # {SAE target: [batch, *shape]}
 
     def _chronological_locked(self) -> torch.Tensor:
         # Slots are written strictly in ring order, so the oldest sample sits at the first

@@ -274,16 +274,20 @@ class ShardCallback(TrainerCallback):
             _warn_earlier_trl_checkpoints(getattr(trainer.args, "output_dir", None))
             _warn_no_trl_checkpoints(trainer.args)
         sae = self.parts.sae
-        self.sizes = {"n_targets": len(self.parts.specs),
+        stacked = [t for t in self.parts.buffer.targets if t.is_stacked]
+        self.sizes = {"n_targets": len(self.parts.buffer.targets),
                       "delta_numel": sum(t.numel for t in self.parts.specs),
                       "sae_factored_params": sae.factored_param_count(),
                       "dense_sae_params": sae.dense_param_count(),
                       "buffer_bytes": self.parts.buffer.memory_bytes}
         # a script configures no logging: what is captured is said at a level Python shows
         log.log(logging.INFO if self.run_config else logging.WARNING,
-                "sae-shards captures %d tensors (%s), %d entries%s; SAE %d factored weights vs "
+                "sae-shards captures %d tensors (%s)%s, %d entries%s; SAE %d factored weights vs "
                 "%d dense; buffer %.1f MiB; %d process(es)", self.sizes["n_targets"],
-                few_names(self.parts.targets, 3), self.sizes["delta_numel"],
+                few_names(self.parts.targets, 3),
+                f", {len(stacked)} of them stacked experts (the SAE factors each of their "
+                f"{sum(t.shape[0] for t in stacked)} expert matrices)" if stacked else "",
+                self.sizes["delta_numel"],
                 ", the LoRA adapters' effective weight updates s (B1 A1 - B0 A0)"
                 if self._is_lora() else "", self.sizes["sae_factored_params"],
                 self.sizes["dense_sae_params"], self.sizes["buffer_bytes"] / 2**20,
@@ -304,7 +308,7 @@ class ShardCallback(TrainerCallback):
         the parameters at ``accelerator.prepare``): capture the sharded parameters instead."""
         if self.capture_cfg.granularity != "step" or self.capture.sharded:
             return
-        targets = resolve_targets(model, self.capture_cfg.targets)
+        targets = resolve_targets(model, self.capture_cfg.targets, self.capture_cfg.granularity)
         if sharded_targets(targets) or zero3_targets(targets):
             self.capture = self._step_capture(targets, self.parts.buffer)
 
@@ -454,7 +458,7 @@ class ShardCallback(TrainerCallback):
         the delta's all-gather; otherwise nothing (rank 0 captures alone)."""
         if self.capture is not None:
             return
-        targets = resolve_targets(model, self.capture_cfg.targets)
+        targets = resolve_targets(model, self.capture_cfg.targets, self.capture_cfg.granularity)
         if self.capture_cfg.granularity == "step":
             if sharded_targets(targets) or zero3_targets(targets):
                 self.capture = self._step_capture(targets, None)

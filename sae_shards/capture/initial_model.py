@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +25,9 @@ import torch
 from sae_shards.capture.sharded_delta import is_dtensor
 from sae_shards.capture.zero3_delta import is_zero3
 from sae_shards.run import rundir
+
+log = logging.getLogger(__name__)
+
 
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether the model's parameters are FSDP2 DTensors or DeepSpeed ZeRO-3 partitions: one
@@ -54,7 +58,7 @@ def loaded_from(model: torch.nn.Module) -> str | None:
         return None
     from safetensors import safe_open
 
-    unchecked = _initial_parameters(model)
+    unchecked = _as_saved(model, _initial_parameters(model))
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -72,6 +76,28 @@ def _initial_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {n: p for n, p in model.named_parameters()}
     return {_base_name(n): p for n, p in model.get_base_model().named_parameters()
             if ".lora_" not in n and ".modules_to_save." not in n}
+
+
+def _as_saved(model: torch.nn.Module, params: dict[str, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+    """``params`` under the names and layout the model's weight files hold. transformers 5
+    converts some weights on loading and back on saving (a mixture of experts' experts, one
+    file tensor per expert and projection, become one stacked tensor per projection:
+    ``revert_weight_conversion``, as ``save_pretrained`` uses it; here views of the live
+    parameters, no copy for a split). Unchanged where transformers has no such conversion
+    for the model, or cannot revert it (then the files are not taken: theta_0 is saved)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without weight conversions: names are the files'
+        return params
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        with torch.no_grad():
+            return dict(revert_weight_conversion(base, {n: p.detach() for n, p in params.items()}))
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, IndexError) as e:
+        log.debug("cannot revert transformers' weight conversion of %s: %s",
+                  type(base).__name__, e)
+        return params
 
 
 def _base_name(name: str) -> str:

@@ -21,10 +21,11 @@ from sae_shards.capture.memory import (buffer_memory_bytes, check_buffer_memory,
 from sae_shards.capture.policy_memory import NONE as NO_PENDING
 from sae_shards.capture.policy_memory import PendingMemory, size
 from sae_shards.capture.runner import InlineRunner, SAEWorkLoop, ThreadRunner, make_runner
-from sae_shards.capture.selection import Target, default_targets, select_targets, target_shapes
+from sae_shards.capture.selection import (Target, check_stacked, default_targets, select_targets,
+                                          target_shapes)
 from sae_shards.core.sae import LowRankSAE, resolve_b_dec
 from sae_shards.core.sae_config import SAEConfig
-from sae_shards.core.targets import TargetSpec, make_targets
+from sae_shards.core.targets import TargetSpec, expand_stacked, make_targets
 from sae_shards.core.trainer import SAETrainer
 from sae_shards.run.config import CaptureConfig, RunnerConfig
 
@@ -37,7 +38,8 @@ momentum-free step), per source; bf16 storage adds one fp32 scratch."""
 
 class Pipeline(NamedTuple):
     targets: dict[str, Target]
-    specs: list[TargetSpec]
+    specs: list[TargetSpec]  # the SAE's: a stacked target one matrix per expert (the buffer's
+    # own, as captured, are ``buffer.targets``)
     buffer: DeltaRingBuffer
     sae: LowRankSAE
     trainer: SAETrainer
@@ -53,10 +55,18 @@ def _after(pending: PendingMemory) -> str:
             f"allocate: {pending.describe()}.")
 
 
-def resolve_targets(model: torch.nn.Module, patterns: list[str] | None) -> dict[str, Target]:
+def resolve_targets(model: torch.nn.Module, patterns: list[str] | None,
+                    granularity: str = "step") -> dict[str, Target]:
     """``capture.targets`` against the trained model; None: every block's attention and MLP
-    matrices, found by module type (``selection.default_targets``)."""
-    return select_targets(model, default_targets(model) if patterns is None else list(patterns))
+    matrices, found by module type (``selection.default_targets``), and per step also a mixture
+    of experts' stacked expert tensors. Per event, a stacked target is refused
+    (``check_stacked``)."""
+    per_step = granularity == "step"
+    targets = select_targets(model, default_targets(model, stacked=per_step)
+                             if patterns is None else list(patterns))
+    if not per_step:
+        check_stacked(targets, granularity)
+    return targets
 
 
 def working_bytes(capture: CaptureConfig, specs: list[TargetSpec]) -> int:
@@ -88,8 +98,9 @@ def build_pipeline(
     raises ``ValueError`` saying how to fit). Free memory is read now, less ``pending``: what the
     policy's first training step will still allocate (``policy_memory``). ``checkpoints``: the run
     writes step checkpoints; on an accelerator their host copies must fit in host memory."""
-    targets = resolve_targets(model, capture.targets)
-    specs = make_targets(target_shapes(targets), rank=sae_cfg.rank)
+    targets = resolve_targets(model, capture.targets, capture.granularity)
+    captured = make_targets(target_shapes(targets), rank=sae_cfg.rank)  # the buffer's
+    specs = expand_stacked(captured)  # the SAE's: one matrix per expert of a stacked target
     dtype = STORAGE[capture.storage_dtype]
     per_event = capture.granularity != "step"
     event_rank = capture.event_rank if per_event else None
@@ -121,7 +132,7 @@ def build_pipeline(
                                   event_rank, b_dec),
             host_available_bytes(), device, capture.capacity,
             buffer_memory_bytes(specs, 1, dtype, event_rank))
-    buffer = DeltaRingBuffer(specs, capture.capacity, device, dtype, event_rank)
+    buffer = DeltaRingBuffer(captured, capture.capacity, device, dtype, event_rank)
     sae = LowRankSAE(specs, sae_cfg, sample_form=form).to(device)
     trainer = SAETrainer(sae)
     loop = SAEWorkLoop(trainer, buffer, runner, torch.Generator().manual_seed(seed))

@@ -194,19 +194,31 @@ def block_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in matrix_layers(model).items() if inside_any(n, blocks)}
 
 
-def default_targets(model: nn.Module) -> list[str]:
+def default_targets(model: nn.Module, stacked: bool = False) -> list[str]:
     """Every capturable attention and MLP matrix of every block, as ``select_targets`` patterns.
 
     Chosen by module type: the weight of each ``nn.Linear`` and ``Conv1D`` inside the blocks
-    (``block_lists``) that is trainable or LoRA-adapted (under its base weight's name). Never
+    (``block_lists``) that is trainable or LoRA-adapted (under its base weight's name). With
+    ``stacked`` (per-step capture), also every trainable 3-D parameter inside the blocks: a
+    mixture of experts' stacked expert tensors ``[experts, m, n]`` (not a conv kernel), in
+    parameter order. Never
     embeddings, lm_head, norms or biases. The names are exact, glob-escaped (``glob_escape``).
     Raises ``ValueError`` if nothing qualifies. Trainable block parameters of two or more
-    dimensions that are not such weights (a mixture of experts' router and its stacked expert
-    tensors ``[experts, m, n]``) are left out with a warning naming them.
+    dimensions left out (a mixture of experts' router; its stacked expert tensors without
+    ``stacked``) are named in a warning.
     """
     capturable, _ = _candidates(model)
-    names = [n for n in block_layers(model) if n in capturable]
     blocks = block_lists(model)
+    layers = block_layers(model)
+    names = [n for n in layers if n in capturable]
+    base = unwrap_peft(model)
+    experts = [n for n, t in capturable.items()
+               if stacked and _is_stacked(t) and inside_any(n, blocks)
+               and not isinstance(base.get_submodule(n.rpartition(".")[0]),
+                                  nn.modules.conv._ConvNd)]  # a conv kernel is no expert stack
+    if experts:  # in parameter order, among the layers' weights
+        order = {n: i for i, n in enumerate(capturable)}
+        names = sorted(names + experts, key=order.__getitem__)
     left_out = {n: tuple(t.shape) for n, t in capturable.items()
                 if n not in names and isinstance(t, nn.Parameter) and t.ndim >= 2
                 and inside_any(n, blocks)}
@@ -216,7 +228,8 @@ def default_targets(model: nn.Module) -> list[str]:
             "the default capture targets leave out %d trainable block parameters that are not "
             "nn.Linear / Conv1D weights, so what RL changes there is not captured: %s. A 2-D one "
             "(a mixture of experts' router) can be named in capture.targets (per step); stacked "
-            "expert tensors [experts, m, n] cannot be captured yet",
+            "expert tensors [experts, m, n] are captured per step (capture.granularity=step), "
+            "not per event",
             len(left_out), few_names([f"{n} {list(s)}" for n, s in left_out.items()]))
     if not names:
         raise ValueError(
@@ -225,6 +238,24 @@ def default_targets(model: nn.Module) -> list[str]:
             "'*mlp.down_proj.weight', or unfreeze / adapt the block layers"
         )
     return [glob_escape(n) for n in names]
+
+
+def _is_stacked(target: Target) -> bool:
+    return isinstance(target, nn.Parameter) and len(full_shape(target)) == 3
+
+
+def check_stacked(targets: Mapping[str, Target], granularity: str) -> None:
+    """Raise ``ValueError`` for stacked expert tensors ``[experts, m, n]`` among per-event
+    targets: an event's gradient is recorded from each matrix layer's inputs and output
+    gradients, and experts are not layers of their own."""
+    stacked = [n for n, t in targets.items() if _is_stacked(t)]
+    if stacked:
+        raise ValueError(
+            f"capture.targets selects stacked expert tensors [experts, m, n] "
+            f"({few_names(stacked, 3)}), which capture.granularity={granularity} cannot record "
+            "per event (their gradients do not pass through nn.Linear layers); capture them per "
+            "step (capture.granularity=step), or leave them out of capture.targets"
+        )
 
 
 def output_axis(model: nn.Module, name: str) -> int:

@@ -281,6 +281,10 @@ def _targets(file: Path, raw: Any) -> list[TargetSpec]:
         if not _is_int(rank) or rank < 1:
             raise CheckpointError(f"{where}.rank = {_short(rank)} must be a positive integer; "
                                   f"{DAMAGED}")
+        if len(shape) not in (1, 2):
+            raise CheckpointError(f"{where}.shape = {_short(shape)} is not supported: an SAE's "
+                                  "targets are [m, n] or [m] (a stacked expert tensor is saved "
+                                  f"one matrix per expert); {DAMAGED}")
         try:
             specs.append(TargetSpec(name, tuple(shape), rank))
         except ValueError as e:

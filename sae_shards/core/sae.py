@@ -84,6 +84,10 @@ class LowRankSAE(nn.Module):
         names = [t.name for t in targets]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate target names in {names}")
+        stacked = [t.name for t in targets if t.is_stacked]
+        if stacked:
+            raise ValueError(f"stacked targets {stacked[:3]} reach the SAE whole; give it "
+                             "targets.expand_stacked(targets), one matrix per expert")
         self.cfg = cfg
         self.sample_form = sample_form
         self.uses_b_dec = resolve_b_dec(cfg, sample_form)

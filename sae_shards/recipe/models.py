@@ -33,6 +33,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3MoeConfig,
 )
 from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
                                                     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
@@ -42,7 +43,8 @@ from sae_shards.run.config import Arch
 from sae_shards.run.rundir import CONFIG, FINAL_MODEL
 
 ARCHS: tuple[str, ...] = get_args(Arch)
-"""Architectures ``build_tiny_model`` can build (gpt2 keeps matrices in ``Conv1D``: [in, out])."""
+"""Architectures ``build_tiny_model`` can build (gpt2 keeps matrices in ``Conv1D``: [in, out];
+qwen3_moe keeps its experts stacked, ``[experts, m, n]``)."""
 
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>", "unk": "<unk>"}
 TASK_TAGS = tuple(f"<{c}>" for c in "ABCDEFGH")
@@ -121,6 +123,10 @@ def _model_config(
             return Qwen2Config(**common)
         case "llama":
             return LlamaConfig(**common)
+        case "qwen3_moe":  # every block a mixture of experts, the experts stacked [E, m, n]
+            return Qwen3MoeConfig(**common, head_dim=hidden_size // num_heads, num_experts=4,
+                                  num_experts_per_tok=2, moe_intermediate_size=intermediate_size,
+                                  decoder_sparse_step=1, norm_topk_prob=True)
         case "gpt2":
             return GPT2Config(
                 vocab_size=common["vocab_size"],

@@ -28,7 +28,7 @@ Normalize = Literal["none", "unit"]
 StorageDtype = Literal["float32", "bfloat16"]
 Concurrency = Literal["inline", "thread"]
 WandbMode = Literal["offline", "online", "disabled"]
-Arch = Literal["qwen2", "llama", "gpt2"]
+Arch = Literal["qwen2", "llama", "gpt2", "qwen3_moe"]
 Algorithm = Literal["grpo", "rloo"]
 TaskName = Literal["letters", "multiskill", "multiskill_null"]
 TASK_NAMES: tuple[str, ...] = get_args(TaskName)
@@ -86,8 +86,9 @@ class ModelConfig:
     path: str | None = None
     """Local transformers causal-LM directory; null builds the tiny built-in model in the run dir."""
     arch: Arch = "qwen2"
-    """Tiny model architecture when ``path`` is null: ``qwen2``, ``llama``, or ``gpt2`` (Conv1D
-    weights)."""
+    """Tiny model architecture when ``path`` is null: ``qwen2``, ``llama``, ``gpt2`` (Conv1D
+    weights), or ``qwen3_moe`` (a mixture of 4 experts, 2 per token, each ``intermediate_size``
+    wide, stored stacked ``[experts, m, n]``: captured per step only)."""
     hidden_size: int = 64
     """Tiny model width."""
     num_layers: int = 2

@@ -36,6 +36,7 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated globs")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> None:
     state = TrainerState(max_steps=STEPS, is_world_process_zero=rank == 0,
                          is_local_process_zero=rank == 0)
     control = TrainerControl()
-    callback = ShardCallback(a.out / "run", targets=TARGETS, runner={"min_samples": 1,
+    callback = ShardCallback(a.out / "run", targets=a.targets.split(","), runner={"min_samples": 1,
                              "save_samples": True}, sae={"n_latents": 8}, label_column=None,
                              save_model=False, log_to_wandb=False)
     callback.on_train_begin(args, state, control, model=model)
