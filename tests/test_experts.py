@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from sae_shards import RunView, ShardSet
 from sae_shards.analysis.interventions import add_direction, remove_direction
@@ -95,7 +95,7 @@ def test_default_targets_take_the_experts_per_step_and_leave_them_out_per_event(
     with caplog.at_level(logging.WARNING):
         per_event = default_targets(model)
     assert not set(stacked) & set(per_event)
-    assert "stacked expert tensors [experts, m, n] are captured per step" in caplog.text
+    assert "cannot be captured per event: capture per step (capture.granularity=step)" in caplog.text
     assert "model.layers.0.mlp.experts.down_proj [4, 16, 8]" in caplog.text
     per_step = default_targets(model, stacked=True)
     assert set(stacked) <= set(per_step)
@@ -104,6 +104,8 @@ def test_default_targets_take_the_experts_per_step_and_leave_them_out_per_event(
     assert not any("mlp.gate." in n for n in per_step)  # the router: named explicitly only
     targets = select_targets(model, per_step)
     assert tuple(targets[f"{EXPERTS}.down_proj"].shape) == (4, 16, 8)
+    with pytest.raises(ValueError, match=r"down_proj is a stacked expert tensor, captured whole"):
+        select_targets(model, [f"{EXPERTS}.down_proj[2]"])  # one expert cannot be named
     with pytest.raises(ValueError, match=r"capture.granularity=group cannot record per event .*"
                                          r"capture them per step \(capture.granularity=step\)"):
         check_stacked(targets, "group")
@@ -180,6 +182,12 @@ def test_moe_shards_apply_to_the_model_whole_and_analyze_reads_the_run(moe_run, 
         torch.testing.assert_close(params[down].detach(), before - c * direction[down])
     assert torch.equal(params[down].detach(), before)
 
+    # whole or per expert, a sample encodes the same; the mean update comes whole
+    whole = {k: v[None] for k, v in direction.items()}
+    per_expert = split_stacked(whole, stack_targets(shards.sae.targets))
+    assert torch.equal(shards.encode(whole).indices, shards.encode(per_expert).indices)
+    assert tuple(shards.mean_update()[down].shape) == tuple(params[down].shape)
+
     # a step checkpoint's buffer (stored whole) is read back per expert, as the end of the run
     assert RunView(moe_run, 10).activations.keys() == RunView(moe_run).activations.keys()
     torch.testing.assert_close(RunView(moe_run, 10).activations["final.values"],
@@ -187,6 +195,9 @@ def test_moe_shards_apply_to_the_model_whole_and_analyze_reads_the_run(moe_run, 
 
     assert main(["analyze", str(moe_run), "--shards", "2"]) == 0
     analysis = json.loads((moe_run / "analysis.json").read_text())
+    html = (moe_run / "report.html").read_text()
+    assert "Per-target norms of the" in html and "experts combined" in html
+    assert "12 parameters (24 matrices: each expert of a stacked one)" in html
     entry = next(iter(analysis["shards"].values()))
     assert "ablation" in entry and "dose_response" in entry
     # what each expert's part of the shard writes to the residual stream, per expert
@@ -227,3 +238,91 @@ def test_a_moe_directory_is_taken_for_the_policys_initial_weights_until_an_exper
         with torch.no_grad():  # gate_up_proj row 15: the up half of expert 3
             getattr(model.model.layers[1].mlp.experts, edit[0])[edit[1]] += 1e-3
         assert loaded_from(model) is None
+
+
+def test_the_reports_norms_combine_each_stacked_tensors_experts():
+    from sae_shards.analysis.report import per_parameter_norms
+
+    names = ["a.w", "e.down[0]", "e.down[1]", "b.w", "e.up[0]", "e.up[1]"]
+    norms = torch.tensor([[0.1, 0.3, 0.4, 0.2, 0.0, 0.6], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    got_names, got = per_parameter_norms(names, norms)
+    assert got_names == ["a.w", "e.down", "b.w", "e.up"]
+    torch.testing.assert_close(got, torch.tensor([[0.1, 0.5, 0.2, 0.6], [1.0, 0.0, 0.0, 0.0]]))
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, shards, step: int) -> None:
+        self.shards, self.step = shards, step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            self.shards.request_stop()
+
+
+def _moe_script_run(model_dir: Path, tmp_path: Path, name: str, stop_at: int | None = None,
+                    resume: bool = False):
+    """A user's GRPO script on a tiny MoE with ShardCallback (8 steps, every sample saved)."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from sae_shards import ShardCallback
+    from sae_shards.recipe.tasks import build_task
+
+    torch.manual_seed(0)
+    callback = ShardCallback(run_dir=tmp_path / name, runner={"min_samples": 2,
+                                                               "save_samples": True},
+                             sae={"n_latents": 8}, resume=resume)
+    task = build_task("letters", target_length=8)
+    config = GRPOConfig(output_dir=str(tmp_path / f"trl_{name}"), max_steps=8,
+                        learning_rate=3e-3, seed=3, per_device_train_batch_size=8,
+                        num_generations=4, max_completion_length=8, use_cpu=True, bf16=False,
+                        report_to="none", save_strategy="no", logging_steps=1,
+                        disable_tqdm=True)
+    stop = [_StopAt(callback, stop_at)] if stop_at else []
+    GRPOTrainer(model=str(model_dir), reward_funcs=task.reward_funcs, args=config,
+                train_dataset=Dataset.from_dict(task.dataset(64).to_dict()),
+                callbacks=[callback, *stop]).train(resume_from_checkpoint=resume or None)
+    return callback
+
+
+def test_a_stopped_moe_run_resumes_with_its_experts_trained_weights(tmp_path, caplog):
+    """transformers' resume leaves the stacked experts at their initial weights (it reloads the
+    checkpoint without its weight conversion); the callback puts the checkpoint's back, so the
+    captured updates still add up to what RL changed."""
+    from sae_shards.recipe.models import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "moe", arch="qwen3_moe", hidden_size=32,
+                                 num_heads=2, intermediate_size=16)
+    first = _moe_script_run(model_dir, tmp_path, "cut", stop_at=4)
+    assert first.summary["interrupted"] and first.summary["rl_steps"] == 4
+    with caplog.at_level(logging.WARNING):
+        again = _moe_script_run(model_dir, tmp_path, "cut", resume=True)
+    assert again.summary["rl_steps"] == 8
+    assert "sae-shards loaded them from the checkpoint" in caplog.text
+    samples = load_file(tmp_path / "cut" / rundir.SAMPLES)
+    assert samples["rl_step"].tolist() == list(range(1, 9))
+    final = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "cut" / "final_model")
+                 .named_parameters())
+    initial = dict(AutoModelForCausalLM.from_pretrained(model_dir).named_parameters())
+    for name in (f"{EXPERTS}.down_proj", f"{EXPERTS}.gate_up_proj",
+                 "model.layers.0.self_attn.o_proj.weight"):
+        if name.endswith("]") or name.endswith(".weight"):
+            summed = samples[f"sample.{name}"].double().sum(0)
+        else:
+            summed = torch.stack([samples[f"sample.{name}[{e}]"].double().sum(0)
+                                  for e in range(4)])
+        change = (final[name] - initial[name]).detach().double()
+        assert change.abs().max() > 0
+        torch.testing.assert_close(summed, change, rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_report_reads_the_experts_a_shard_is_largest_on():
+    from sae_shards.analysis.report import LENS_EXPERTS, _strongest_experts
+
+    size = [0.1, 3.0, 0.2, 2.0, 5.0, 0.3]  # experts 4, 1, 3 and 5 are the largest
+    comps = {"o.weight": (torch.ones(4, 1), torch.ones(3, 1)), "o.bias": torch.ones(4)}
+    comps.update({f"e.down[{i}]": (s * torch.eye(4, 1), torch.eye(3, 1))
+                  for i, s in enumerate(size)})
+    assert LENS_EXPERTS == 4
+    assert _strongest_experts(comps) == ["o.weight", "o.bias", "e.down[1]", "e.down[3]",
+                                         "e.down[4]", "e.down[5]"]

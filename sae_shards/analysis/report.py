@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
 
 from sae_shards.analysis.families import ALWAYS_ON_DENSITY
 from sae_shards.analysis.interventions import (ablate, dose_response, eval_prompts,
@@ -39,6 +41,7 @@ from sae_shards.analysis.interventions import (ablate, dose_response, eval_promp
 from sae_shards.analysis.reward_task import RewardTask
 from sae_shards.analysis.shards import (RunView, initial_model_dir, load_run_models, policy_dir,
                                         run_models_missing, run_sampling)
+from sae_shards.core.targets import parse_slice
 from sae_shards.run import rundir
 from sae_shards.run.config import REUSED, generation_use, reused_generations
 
@@ -67,7 +70,8 @@ _LENS_NOTE = (
     "+u after the final norm. The sign of u is arbitrary (u v<sup>T</sup> = (-u)(-v)<sup>T"
     "</sup>): read a row as one axis with two ends. Which end an update writes towards depends "
     "on the shard's activation (often negative) and on the sign of v·x for the layer's "
-    "inputs x, which the lens does not see.</p>")
+    "inputs x, which the lens does not see. A mixture of experts' down projection is read one "
+    "expert at a time (name[e]), for the experts the shard is largest on.</p>")
 
 
 def _png(fig) -> str:
@@ -173,9 +177,19 @@ def plot_timeline(view: RunView, shards: list[int]) -> str:
     return _png(fig)
 
 
+def per_parameter_norms(names: list[str], norms: Tensor) -> tuple[list[str], Tensor]:
+    """Shard norms ``[n_shards, n_targets]`` per parameter: a stacked expert tensor's experts
+    (``name[e]``) combined into one column, ``sqrt(sum_e norm_e^2)`` (its share of the unit
+    direction), in the order of each parameter's first target."""
+    columns: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        columns.setdefault(parse_slice(name)[0], []).append(i)
+    merged = torch.stack([norms[:, idx].pow(2).sum(1).sqrt() for idx in columns.values()], 1)
+    return list(columns), merged
+
+
 def plot_norms(view: RunView, shards: list[int]) -> str:
-    norms = view.shards.target_norms()
-    names = view.shards.target_names
+    names, norms = per_parameter_norms(view.shards.target_names, view.shards.target_norms())
     short = [n.replace("model.layers.", "L").replace(".weight", "") for n in names]
     fig, ax = _figure(10, 3.2)
     width = 0.8 / max(len(shards), 1)
@@ -221,12 +235,14 @@ def lens_rows(model, tokenizer, shard, top_k: int) -> list[dict[str, Any]]:
     """Logit-lens rows of a shard's components on the model's residual-stream writers.
 
     Writers (attention and MLP output projections, and their biases) are found by module type
-    (``logit_lens.writer_targets``), and each is read on the write side of its layer type.
+    (``logit_lens.writer_targets``), and each is read on the write side of its layer type. Of a
+    stacked writer's experts, the ``LENS_EXPERTS`` the shard is largest on.
     """
     from sae_shards.analysis.logit_lens import logit_lens, writer_targets
 
     writers = writer_targets(model)
     comps = {n: f if len(f) == 2 else f[0] for n, f in shard.factors().items() if n in writers}
+    comps = {n: comps[n] for n in _strongest_experts(comps)}
     if not comps:
         return []
     results = logit_lens(model, tokenizer, comps, top_k=top_k, writers=writers)
@@ -234,6 +250,38 @@ def lens_rows(model, tokenizer, shard, top_k: int) -> list[dict[str, Any]]:
              "promoted": [t for t, _ in r.promoted], "suppressed": [t for t, _ in r.suppressed],
              "promoted_ids": list(r.promoted_ids), "suppressed_ids": list(r.suppressed_ids)}
             for r in results]
+
+
+def _targets_line(names: list[str]) -> str | int:
+    """How many parameters the shards span; with stacked experts, also how many matrices the
+    SAE factors (each expert one)."""
+    params = {parse_slice(n)[0] for n in names}
+    if len(params) == len(names):
+        return len(names)
+    return f"{len(params)} parameters ({len(names)} matrices: each expert of a stacked one)"
+
+
+LENS_EXPERTS = 4
+"""The logit lens reads this many experts of each stacked writer per shard: those the shard's
+direction is largest on (a 128-expert model would give 128 rows per layer)."""
+
+
+def _strongest_experts(components: dict[str, Any]) -> list[str]:
+    """Names of ``components`` (writers, factored ``(U, V)`` or vectors) with each stacked
+    writer's experts (``name[e]``) cut to the ``LENS_EXPERTS`` of largest norm, in order."""
+    def norm(c) -> float:
+        if isinstance(c, tuple):
+            U, V = c
+            return float(((U.T @ U) * (V.T @ V)).sum().clamp_min(0).sqrt())
+        return float(c.norm())
+
+    experts: dict[str, list[tuple[float, str]]] = {}
+    for name, c in components.items():
+        base, expert = parse_slice(name)
+        if expert is not None:
+            experts.setdefault(base, []).append((norm(c), name))
+    keep = {n for group in experts.values() for _, n in sorted(group, reverse=True)[:LENS_EXPERTS]}
+    return [n for n in components if parse_slice(n)[1] is None or n in keep]
 
 
 # ---------------------------------------------------------------------------- the report
@@ -301,7 +349,9 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                             "never fired are left out. <code>sae-shards evaluate</code> groups "
                             "its training samples only (held-out steps left out), so its "
                             "memberships can differ at the margin.</p>"))
-    parts.append(_section("norms", f"Per-target norms of the {which} shards",
+    stacked = any(parse_slice(n)[1] is not None for n in view.shards.target_names)
+    parts.append(_section("norms", f"Per-target norms of the {which} shards"
+                          + (" (each stacked expert tensor's experts combined)" if stacked else ""),
                           plot_norms(view, shards) if shards else untrained))
     if view.per_event:
         parts.append(_section("events", "Top events per shard (the reinforcement events whose "
@@ -646,7 +696,7 @@ def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags
         **({"warning": summary["warning"]} if summary.get("warning") else {}),
         "latents / k / sparsity": f"{len(view.shards)} / {view.shards.sae.cfg.k} / "
                                   f"{view.shards.sae.cfg.sparsity}",
-        "targets": len(view.shards.target_names),
+        "targets": _targets_line(view.shards.target_names),
         "SAE weights (factored / dense)": f"{view.shards.sae.factored_param_count()} / "
                                           f"{view.shards.sae.dense_param_count()}",
         "detailed shards (by activation mass: the always-on ones, then the largest others)":

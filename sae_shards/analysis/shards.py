@@ -30,7 +30,7 @@ from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, read_s
                                         save_checkpoint)
 from sae_shards.core.factored import cross_gram
 from sae_shards.core.sae import LowRankSAE
-from sae_shards.core.targets import stack_slices
+from sae_shards.core.targets import split_stacked, stack_slices, stack_targets
 from sae_shards.run import rundir
 from sae_shards.run.jsonl_index import JsonlIndex
 
@@ -240,14 +240,15 @@ class ShardSet:
         return ShardSet(sae.to(self.sae.device), config, stats, None)
 
     def mean_update(self) -> dict[str, Tensor]:
-        """``b_dec`` in parameter units: the mean update, a shard of its own."""
+        """``b_dec`` in parameter units: the mean update, a shard of its own (under parameter
+        names, a stacked expert tensor whole, as ``Shard.dense()``)."""
         bias = self.sae.bias_sample(detach=True)
         if bias is None:
             raise ValueError(
                 f"this SAE learns no decoder bias (sample_form {self.sae.sample_form!r}, "
                 f"sae.use_b_dec={self.sae.cfg.use_b_dec!r}), so it holds no mean update; per-event "
                 "SAEs never do, and a per-step run keeps one unless sae.use_b_dec=false")
-        return {k: v[0] * self.sae.input_scale for k, v in bias.items()}
+        return stack_slices({k: v[0] * self.sae.input_scale for k, v in bias.items()})
 
     @property
     def input_scale(self) -> float:
@@ -257,7 +258,12 @@ class ShardSet:
 
     def encode(self, sample: dict[str, Tensor]):
         """Active shards of parameter-unit samples ``{target: [batch, *shape]}`` (values in the
-        SAE's scaled units: times ``input_scale`` for parameter units)."""
+        SAE's scaled units: times ``input_scale`` for parameter units). A stacked expert tensor
+        may come whole, ``[batch, experts, m, n]`` under its parameter name (as
+        ``Shard.dense()`` gives it), or one expert at a time under the SAE's names."""
+        captured = stack_targets(self.sae.targets)
+        if all(t.name in sample for t in captured if t.is_stacked):
+            sample = split_stacked(sample, captured)
         return self.sae.encode(self.sae.to_scaled(sample))
 
 

@@ -481,6 +481,9 @@ class ShardCallback(TrainerCallback):
             self._signals.enter(peers=getattr(handler, "callbacks", None))
 
     def _begin(self, args, state, control, model, **kwargs) -> None:
+        if self.resume and state.global_step > 0:  # every rank: each loaded the checkpoint
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            self._restore_converted(model, checkpoint)
         if not state.is_world_process_zero:
             self.setup_rank(model, calling_trainer())
             if self.capture is not None:
@@ -502,6 +505,18 @@ class ShardCallback(TrainerCallback):
         if self.rollouts is not None:  # before the event recorder wraps the same method
             self.rollouts.install()
         self.capture.on_train_begin(args, state, control, model=model, **kwargs)
+
+    @staticmethod
+    def _restore_converted(model: torch.nn.Module, checkpoint: Path) -> None:
+        """Put back what transformers' resume left out (``initial_model.restore_converted``:
+        a mixture of experts' stacked experts), saying so."""
+        restored = initial_model.restore_converted(model, checkpoint)
+        if restored:
+            log.warning("transformers resumed the policy from %s without %d of its weights "
+                        "(stacked experts it converts on loading, huggingface/transformers"
+                        "#48805: they were still the initial ones); sae-shards loaded them "
+                        "from the checkpoint: %s", checkpoint, len(restored),
+                        few_names(restored, 3))
 
     def _end_at_resume(self, args, state, control, model, **kwargs) -> None:
         """Resumed from a checkpoint at ``max_steps`` (killed or stopped after its last step,

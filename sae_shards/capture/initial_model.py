@@ -54,18 +54,10 @@ def loaded_from(model: torch.nn.Module) -> str | None:
     if is_sharded(model):
         return str(folder)
     files = _safetensors_files(folder)
-    if not files:
+    # a parameter the files do not have, or hold otherwise: not theirs
+    if not files or not _files_hold(files, _as_saved(model, _initial_parameters(model))):
         return None
-    from safetensors import safe_open
-
-    unchecked = _as_saved(model, _initial_parameters(model))
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                live = unchecked.pop(key, None)
-                if live is not None and not _holds(live, f, key):
-                    return None
-    return None if unchecked else str(folder)  # a parameter the files do not have: not theirs
+    return str(folder)
 
 
 def _initial_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -98,6 +90,57 @@ def _as_saved(model: torch.nn.Module, params: dict[str, torch.Tensor]
         log.debug("cannot revert transformers' weight conversion of %s: %s",
                   type(base).__name__, e)
         return params
+
+
+def restore_converted(model: torch.nn.Module, checkpoint: Path) -> list[str]:
+    """Load the weights transformers left out when it resumed ``model`` from TRL's
+    ``checkpoint`` directory, and return their names (the model's).
+
+    ``Trainer`` reloads a checkpoint with a plain ``load_state_dict(strict=False)``, which skips
+    every weight transformers converts on loading: a mixture of experts' experts, saved one per
+    expert and stacked in the model (huggingface/transformers#48805), stay at the weights the
+    script loaded while the rest of the policy and the optimizer resume. When the checkpoint's
+    files (compared in their own layout, ``_as_saved``) differ from those weights, the
+    checkpoint is loaded once more with ``from_pretrained``, which converts them, and the
+    model's converted weights are copied from it (this holds a second copy of the model in host
+    memory for a moment), then checked (``RuntimeError`` if one still differs). Nothing for a
+    model without converted weights, a sharded one, or a checkpoint without safetensors (a LoRA
+    checkpoint holds its adapter only)."""
+    files = _safetensors_files(Path(checkpoint))
+    if not files or is_sharded(model):
+        return []
+    live = _initial_parameters(model)
+    saved = _as_saved(model, live)
+    converted = [n for n in live if n not in saved]  # the model's names the files lack
+    if not converted or _files_hold(files, {k: v for k, v in saved.items() if k not in live}):
+        return []
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    reference = dict(type(base).from_pretrained(
+        str(checkpoint), dtype=live[converted[0]].dtype).named_parameters())
+    with torch.no_grad():
+        for name in converted:
+            live[name].copy_(reference[name].detach().to(live[name].device))
+    del reference
+    left = {k: v for k, v in _as_saved(model, live).items() if k not in live}
+    if not _files_hold(files, left):
+        raise RuntimeError(f"{checkpoint}: the policy's converted weights ({converted[:3]}) "
+                           "still differ from the checkpoint's after loading them; resuming "
+                           "would continue from other weights than the checkpoint's")
+    return converted
+
+
+def _files_hold(files: list[Path], tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether the safetensors ``files`` hold every one of ``tensors`` exactly (``_holds``)."""
+    from safetensors import safe_open
+
+    unchecked = dict(tensors)
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                tensor = unchecked.pop(key, None)
+                if tensor is not None and not _holds(tensor, f, key):
+                    return False
+    return not unchecked
 
 
 def _base_name(name: str) -> str:

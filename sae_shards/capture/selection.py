@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import logging
+import math
 import re
 import weakref
 from dataclasses import dataclass
@@ -89,6 +90,10 @@ def select_targets(model: torch.nn.Module, patterns: list[str]) -> dict[str, Tar
             partial = "" if any(c in pattern for c in "*?[") else (
                 f" (patterns match whole parameter names: '*{pattern}*' matches names that "
                 f"contain it)")
+            base = re.fullmatch(r"(.+)\[\d+\]", pattern)
+            if base and base[1] in capturable:
+                partial = (f": {base[1]} is a stacked expert tensor, captured whole (the SAE "
+                           f"factors each of its experts); name the parameter itself")
             if tied:
                 alias, name = next(iter(tied.items()))
                 partial = (f" under that name: {alias} is tied to {name} (the same tensor, "
@@ -224,13 +229,20 @@ def default_targets(model: nn.Module, stacked: bool = False) -> list[str]:
                 and inside_any(n, blocks)}
     if left_out and model not in _WARNED_LEFT_OUT:  # once per model (targets resolve twice)
         _WARNED_LEFT_OUT.add(model)
+        sizes = {n: math.prod(full_shape(t)) for n, t in capturable.items()
+                 if inside_any(n, blocks)}
+        share = sum(sizes[n] for n in left_out) / max(sum(sizes.values()), 1)
+        experts_out = any(len(s) == 3 for s in left_out.values())
         log.warning(
             "the default capture targets leave out %d trainable block parameters that are not "
-            "nn.Linear / Conv1D weights, so what RL changes there is not captured: %s. A 2-D one "
-            "(a mixture of experts' router) can be named in capture.targets (per step); stacked "
-            "expert tensors [experts, m, n] are captured per step (capture.granularity=step), "
-            "not per event",
-            len(left_out), few_names([f"{n} {list(s)}" for n, s in left_out.items()]))
+            "nn.Linear / Conv1D weights (%.0f%% of the blocks' trainable entries), so what RL "
+            "changes there is not captured: %s. %s",
+            len(left_out), 100 * share,
+            few_names([f"{n} {list(s)}" for n, s in left_out.items()]),
+            "Stacked expert tensors [experts, m, n] cannot be captured per event: capture "
+            "per step (capture.granularity=step) to include them." if experts_out else
+            "A 2-D one (a mixture of experts' router) can be named in capture.targets "
+            "(per step).")
     if not names:
         raise ValueError(
             f"no block matrix of {type(model).__name__} is trainable or LoRA-adapted, so there "
