@@ -65,12 +65,12 @@ def test_a_stacked_target_is_one_matrix_target_per_expert_for_the_sae():
 def test_the_buffer_stores_experts_whole_and_hands_the_sae_one_view_per_expert():
     specs = [TargetSpec("e.down", (3, 4, 5)), TargetSpec("a.w", (4, 6))]
     buffer = DeltaRingBuffer(specs, capacity=4, device="cpu")
-    assert [t.name for t in buffer.sae_targets] == ["e.down[0]", "e.down[1]", "e.down[2]", "a.w"]
+    assert [t.name for t in expand_stacked(buffer.targets)] == ["e.down[0]", "e.down[1]", "e.down[2]", "a.w"]
     pushed = [{"e.down": torch.randn(3, 4, 5), "a.w": torch.randn(4, 6)} for _ in range(3)]
     for step, delta in enumerate(pushed, 1):
         buffer.push(delta, StepMeta(global_step=step))
     got = buffer.gather([0, 2])
-    assert list(got) == [t.name for t in buffer.sae_targets]
+    assert list(got) == [t.name for t in expand_stacked(buffer.targets)]
     for e in range(3):
         assert torch.equal(got[f"e.down[{e}]"], torch.stack([pushed[0]["e.down"][e],
                                                              pushed[2]["e.down"][e]]))
@@ -112,7 +112,7 @@ def test_default_targets_take_the_experts_per_step_and_leave_them_out_per_event(
     check_stacked(select_targets(model, per_event), "group")  # nothing stacked: fine
 
 
-def test_a_conv_kernel_is_not_taken_for_a_stack_of_experts():
+def test_a_conv_kernel_is_not_taken_for_a_stack_of_experts(caplog):
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -126,9 +126,12 @@ def test_a_conv_kernel_is_not_taken_for_a_stack_of_experts():
             super().__init__()
             self.layers = torch.nn.ModuleList([Block(), Block()])
 
-    assert default_targets(Model(), stacked=True) == [
-        "layers.0.proj.weight", "layers.0.experts.down", "layers.1.proj.weight",
-        "layers.1.experts.down"]
+    with caplog.at_level(logging.WARNING):
+        assert default_targets(Model(), stacked=True) == [
+            "layers.0.proj.weight", "layers.0.experts.down", "layers.1.proj.weight",
+            "layers.1.experts.down"]
+    assert "layers.0.conv.weight [4, 4, 3]" in caplog.text  # left out, named
+    assert "Stacked expert tensors" not in caplog.text  # and not taken for experts
 
 
 @pytest.fixture(scope="module")
@@ -320,9 +323,7 @@ def test_the_report_reads_the_experts_a_shard_is_largest_on():
     from sae_shards.analysis.report import LENS_EXPERTS, _strongest_experts
 
     size = [0.1, 3.0, 0.2, 2.0, 5.0, 0.3]  # experts 4, 1, 3 and 5 are the largest
-    comps = {"o.weight": (torch.ones(4, 1), torch.ones(3, 1)), "o.bias": torch.ones(4)}
-    comps.update({f"e.down[{i}]": (s * torch.eye(4, 1), torch.eye(3, 1))
-                  for i, s in enumerate(size)})
+    norms = {"o.weight": 0.5, "o.bias": 0.1, **{f"e.down[{i}]": s for i, s in enumerate(size)}}
     assert LENS_EXPERTS == 4
-    assert _strongest_experts(comps) == ["o.weight", "o.bias", "e.down[1]", "e.down[3]",
+    assert _strongest_experts(list(norms), norms) == ["o.weight", "o.bias", "e.down[1]", "e.down[3]",
                                          "e.down[4]", "e.down[5]"]

@@ -242,7 +242,7 @@ def lens_rows(model, tokenizer, shard, top_k: int) -> list[dict[str, Any]]:
 
     writers = writer_targets(model)
     comps = {n: f if len(f) == 2 else f[0] for n, f in shard.factors().items() if n in writers}
-    comps = {n: comps[n] for n in _strongest_experts(comps)}
+    comps = {n: comps[n] for n in _strongest_experts(list(comps), shard.target_norms())}
     if not comps:
         return []
     results = logit_lens(model, tokenizer, comps, top_k=top_k, writers=writers)
@@ -266,22 +266,16 @@ LENS_EXPERTS = 4
 direction is largest on (a 128-expert model would give 128 rows per layer)."""
 
 
-def _strongest_experts(components: dict[str, Any]) -> list[str]:
-    """Names of ``components`` (writers, factored ``(U, V)`` or vectors) with each stacked
-    writer's experts (``name[e]``) cut to the ``LENS_EXPERTS`` of largest norm, in order."""
-    def norm(c) -> float:
-        if isinstance(c, tuple):
-            U, V = c
-            return float(((U.T @ U) * (V.T @ V)).sum().clamp_min(0).sqrt())
-        return float(c.norm())
-
+def _strongest_experts(names: list[str], norms: dict[str, float]) -> list[str]:
+    """``names`` (writers) with each stacked writer's experts (``name[e]``) cut to the
+    ``LENS_EXPERTS`` the shard's ``norms`` (``Shard.target_norms``) are largest on, in order."""
     experts: dict[str, list[tuple[float, str]]] = {}
-    for name, c in components.items():
+    for name in names:
         base, expert = parse_slice(name)
         if expert is not None:
-            experts.setdefault(base, []).append((norm(c), name))
+            experts.setdefault(base, []).append((norms[name], name))
     keep = {n for group in experts.values() for _, n in sorted(group, reverse=True)[:LENS_EXPERTS]}
-    return [n for n in components if parse_slice(n)[1] is None or n in keep]
+    return [n for n in names if parse_slice(n)[1] is None or n in keep]
 
 
 # ---------------------------------------------------------------------------- the report

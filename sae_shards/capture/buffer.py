@@ -34,7 +34,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 
 from sae_shards.core.events import slot_shape
-from sae_shards.core.targets import TargetSpec, expand_stacked, split_stacked
+from sae_shards.core.targets import TargetSpec, split_stacked
 
 STORAGE_DTYPES = (torch.float32, torch.bfloat16)
 EARLY_SLOTS = 2
@@ -77,7 +77,7 @@ class BufferSample(NamedTuple):
 
     batch: dict[str, torch.Tensor]
     """``{target: fp32 tensor [batch, *shape]}`` on the buffer's device, under the SAE's target
-    names (``DeltaRingBuffer.sae_targets``)."""
+    names (``expand_stacked`` of the buffer's targets)."""
     slots: torch.Tensor
     """``LongTensor [batch]`` on CPU: the slot each row came from (for ``metadata``)."""
 
@@ -109,9 +109,8 @@ class DeltaRingBuffer:
             raise ValueError(f"stacked expert targets {stacked[:3]} cannot be stored per event; "
                              "capture them per step (capture.granularity=step)")
         self.targets = list(targets)
-        """The capture's targets, as written (a stacked expert tensor whole)."""
-        self.sae_targets = expand_stacked(self.targets)
-        """The targets of what ``sample``/``gather`` return: the SAE's (``expand_stacked``)."""
+        """The capture's targets, as written (a stacked expert tensor whole); ``sample`` and
+        ``gather`` return the SAE's, ``expand_stacked(targets)``."""
         self.capacity = int(capacity)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -234,7 +233,7 @@ class DeltaRingBuffer:
 
     def gather(self, slots: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
         """``{target: fp32 [len(slots), *shape]}`` of the given committed slots (e.g. held out),
-        under the SAE's target names (``sae_targets``: a stacked target as one view per
+        under the SAE's target names (``expand_stacked``: a stacked target as one view per
         expert)."""
         slots = torch.as_tensor(slots, dtype=torch.long).reshape(-1)
         with self._lock:

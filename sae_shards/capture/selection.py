@@ -217,10 +217,11 @@ def default_targets(model: nn.Module, stacked: bool = False) -> list[str]:
     layers = block_layers(model)
     names = [n for n in layers if n in capturable]
     base = unwrap_peft(model)
-    experts = [n for n, t in capturable.items()
-               if stacked and _is_stacked(t) and inside_any(n, blocks)
-               and not isinstance(base.get_submodule(n.rpartition(".")[0]),
-                                  nn.modules.conv._ConvNd)]  # a conv kernel is no expert stack
+    stacks = [n for n, t in capturable.items()
+              if _is_stacked(t) and inside_any(n, blocks)
+              and not isinstance(base.get_submodule(n.rpartition(".")[0]),
+                                 nn.modules.conv._ConvNd)]  # a conv kernel is no expert stack
+    experts = stacks if stacked else []
     if experts:  # in parameter order, among the layers' weights
         order = {n: i for i, n in enumerate(capturable)}
         names = sorted(names + experts, key=order.__getitem__)
@@ -232,7 +233,7 @@ def default_targets(model: nn.Module, stacked: bool = False) -> list[str]:
         sizes = {n: math.prod(full_shape(t)) for n, t in capturable.items()
                  if inside_any(n, blocks)}
         share = sum(sizes[n] for n in left_out) / max(sum(sizes.values()), 1)
-        experts_out = any(len(s) == 3 for s in left_out.values())
+        experts_out = any(n in left_out for n in stacks)
         log.warning(
             "the default capture targets leave out %d trainable block parameters that are not "
             "nn.Linear / Conv1D weights (%.0f%% of the blocks' trainable entries), so what RL "
