@@ -155,6 +155,22 @@ def test_lora_target_modules_capture_cannot_follow_are_refused(tmp_path):
     check_lora_modules(qwen, ["q_proj", "self_attn.v_proj"])  # peft's suffix match
 
 
+def test_lora_on_a_mixture_of_experts_says_the_experts_stay_frozen(tmp_path, caplog):
+    """The experts' stacked tensors are no linear layers: naming their projections is refused
+    with that said, and an accepted setting warns that RL changes no expert."""
+    moe = build_tiny_model(tmp_path / "moe", arch="qwen3_moe")
+    with pytest.raises(ValueError, match=r"\['down_proj'\] name no linear layer .*its 4 stacked "
+                                         r"expert tensors .*LoRA leaves them frozen"):
+        check_lora_modules(moe, ["down_proj"])
+    with caplog.at_level("WARNING", logger="sae_shards.recipe.trainers"):
+        check_lora_modules(moe, ["q_proj"])
+    assert "RL changes no expert" in caplog.text and "experts.gate_up_proj" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sae_shards.recipe.trainers"):
+        check_lora_modules(build_tiny_model(tmp_path / "qwen", arch="qwen2"), ["q_proj"])
+    assert "expert" not in caplog.text
+
+
 # ---------------------------------------------------------------------------- rl.trainable
 BODY = ["model.layers.*"]
 

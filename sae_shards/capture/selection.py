@@ -218,9 +218,7 @@ def default_targets(model: nn.Module, stacked: bool = False) -> list[str]:
     names = [n for n in layers if n in capturable]
     base = unwrap_peft(model)
     stacks = [n for n, t in capturable.items()
-              if _is_stacked(t) and inside_any(n, blocks)
-              and not isinstance(base.get_submodule(n.rpartition(".")[0]),
-                                 nn.modules.conv._ConvNd)]  # a conv kernel is no expert stack
+              if is_expert_stack(base, n, t) and inside_any(n, blocks)]
     experts = stacks if stacked else []
     if experts:  # in parameter order, among the layers' weights
         order = {n: i for i, n in enumerate(capturable)}
@@ -255,6 +253,13 @@ def default_targets(model: nn.Module, stacked: bool = False) -> list[str]:
 
 def _is_stacked(target: Target) -> bool:
     return isinstance(target, nn.Parameter) and len(full_shape(target)) == 3
+
+
+def is_expert_stack(model: nn.Module, name: str, target: Target) -> bool:
+    """Whether parameter ``name`` of ``model`` is a mixture of experts' stacked tensor
+    ``[experts, m, n]``: 3-D, and not a conv layer's kernel."""
+    return _is_stacked(target) and not isinstance(model.get_submodule(name.rpartition(".")[0]),
+                                                  nn.modules.conv._ConvNd)
 
 
 def check_stacked(targets: Mapping[str, Target], granularity: str) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,8 +40,11 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
+from sae_shards.capture.selection import is_expert_stack
 from sae_shards.recipe.tasks import MultiSkillTask, Task
 from sae_shards.run.config import Algorithm, RLConfig, generation_use_of, generations_reused
+
+log = logging.getLogger(__name__)
 
 TRAINERS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
 
@@ -268,8 +272,10 @@ def check_lora_modules(model_path: str | Path, target_modules: Sequence[str]) ->
     loads: a name no ``nn.Linear`` of the model has (peft would adapt the others silently,
     or fail when none matches), or one naming a GPT-2-style ``Conv1D`` layer (peft adapts it
     with ``fan_in_fan_out``, which capture does not support). A name matches a module whose
-    name is it or ends with ``.`` + it, as in peft."""
-    modules = _matrix_modules(model_path)
+    name is it or ends with ``.`` + it, as in peft. A mixture of experts' stacked expert
+    tensors ``[experts, m, n]`` are no linear layers: LoRA leaves them frozen, which the
+    refusal says and an accepted setting logs as a warning."""
+    modules, stacked = _matrix_modules(model_path)
     # the names to suggest: not lm_head, which TRL does not adapt
     linear = sorted({n.rsplit(".", 1)[-1] for n, kind in modules.items()
                      if kind == "Linear"} - {"lm_head"})
@@ -293,17 +299,32 @@ def check_lora_modules(model_path: str | Path, target_modules: Sequence[str]) ->
                 "capture follows (fan_in_fan_out): train it without LoRA" if convs else "")
         have = (f"its linear layers are named {linear} (give model.lora.target_modules=[...] "
                 "with those names)" if linear else "it has no other linear layer to adapt")
-        raise ValueError(f"{field_}: {missing} name no linear layer of {model_path}; {have}{also}")
+        raise ValueError(f"{field_}: {missing} name no linear layer of {model_path}; {have}{also}"
+                         f"{_frozen_experts(stacked, '; ')}")
+    if stacked:
+        log.warning("model.lora.enabled=true: %s", _frozen_experts(stacked, ""))
 
 
-def _matrix_modules(model_path: str | Path) -> dict[str, str]:
-    """``{module name: "Linear" | "Conv1D"}`` for a model directory's matrix layers, from its
-    config alone (built on the meta device)."""
+def _frozen_experts(stacked: Sequence[str], lead: str) -> str:
+    """What LoRA does to a mixture of experts' stacked tensors: leaves them frozen."""
+    if not stacked:
+        return ""
+    return (f"{lead}its {len(stacked)} stacked expert tensors [experts, m, n] ({stacked[0]}, "
+            "...) are no linear layers: LoRA leaves them frozen, so RL changes no expert and "
+            "capture sees none; train without LoRA (model.lora.enabled=false) to capture them")
+
+
+def _matrix_modules(model_path: str | Path) -> tuple[dict[str, str], list[str]]:
+    """``{module name: "Linear" | "Conv1D"}`` for a model directory's matrix layers, and the
+    names of its stacked expert tensors (3-D parameters outside conv layers), from its config
+    alone (built on the meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
     config = AutoConfig.from_pretrained(model_path, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {name: "Linear" if isinstance(m, torch.nn.Linear) else "Conv1D"
-            for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    modules = {name: "Linear" if isinstance(m, torch.nn.Linear) else "Conv1D"
+               for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    stacked = [name for name, p in model.named_parameters() if is_expert_stack(model, name, p)]
+    return modules, stacked
