@@ -282,7 +282,6 @@ SETUP_ERRORS = [
                                            r", not as a causal LM .*AutoModelForCausalLM"),
     ("model=hf_path model.path={run}", r"is a sae-shards run directory, not a model; the policy "
                                        r"it trained is .*final_model"),
-    ("capture.targets=[*no_such_weight*]", r"'\*no_such_weight\*' matches no .*model.layers.0"),
     ("capture.capacity=100000000", r"capture.capacity|bf16|bfloat16"),
     ("sae.n_latents=100000000", r"(?s)the SAE needs more than .* To fit:\n  - sae.n_latents="
                                 r"\d+, with this batch"),
@@ -355,16 +354,25 @@ def test_setup_errors_are_reported_cleanly(tmp_path, capsys, i):
     ("+rl.extra.save_steps=3", r"\['save_steps'\] are set by sae-shards from "
                                r"runner.checkpoint_every"),
     ("rl.extra.bogus_field=1", r"\['bogus_field'\] are not trl.GRPOConfig fields"),
+    # the policy's parameter names, from its config on the meta device (no model loaded)
+    ("capture.targets=[*no_such_weight*]", r"'\*no_such_weight\*' matches no .*model.layers.0"),
+    ("rl.trainable=[model.layer.*]", r"rl.trainable pattern 'model.layer.\*' matches no "
+                                     r"parameter .*model.layers.0"),
+    ("rl.trainable=[model.layers.0.*] capture.targets=[model.layers.1.mlp.down_proj.weight]",
+     r"'model.layers.1.mlp.down_proj.weight' matches parameters that never change: .* "
+     r"include them in rl.trainable"),
 ])
 def test_task_options_and_trl_settings_are_config_errors_before_anything_is_written(
         tmp_path, capsys, override, message):
-    """Keys passed on to the task and to TRL are checked with the rest of the config: a single
-    run and a sweep are refused before a model is built or a directory made."""
+    """Keys passed on to the task and to TRL, and the parameter patterns, are checked with the
+    rest of the config: a single run and a sweep are refused before a model is built or a
+    directory made."""
     from sae_shards.cli import main
 
     for sweep in ([], ["-m", "seed=1,2"]):
         run_dir = tmp_path / f"r{len(sweep)}"
-        assert main(["train", *sweep, override, "logging=disabled", f"run_dir={run_dir}"]) == 2
+        assert main(["train", *sweep, *override.split(), "logging=disabled",
+                     f"run_dir={run_dir}"]) == 2
         err = capsys.readouterr().err
         assert "sae-shards: config error:" in err and re.search(message, err), err[-2000:]
         assert "(no job was started)" in err or not sweep

@@ -56,13 +56,13 @@ def _after(pending: PendingMemory) -> str:
 
 
 def resolve_targets(model: torch.nn.Module, patterns: list[str] | None,
-                    granularity: str = "step") -> dict[str, Target]:
+                    granularity: str = "step", warn: bool = True) -> dict[str, Target]:
     """``capture.targets`` against the trained model; None: every block's attention and MLP
-    matrices, found by module type (``selection.default_targets``), and per step also a mixture
-    of experts' stacked expert tensors. Per event, a stacked target is refused
-    (``check_stacked``)."""
+    matrices, found by module type (``selection.default_targets``; ``warn``: name what they
+    leave out), and per step also a mixture of experts' stacked expert tensors. Per event, a
+    stacked target is refused (``check_stacked``)."""
     per_step = granularity == "step"
-    targets = select_targets(model, default_targets(model, stacked=per_step)
+    targets = select_targets(model, default_targets(model, stacked=per_step, warn=warn)
                              if patterns is None else list(patterns))
     if not per_step:
         check_stacked(targets, granularity)

@@ -199,7 +199,7 @@ def block_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in matrix_layers(model).items() if inside_any(n, blocks)}
 
 
-def default_targets(model: nn.Module, stacked: bool = False) -> list[str]:
+def default_targets(model: nn.Module, stacked: bool = False, warn: bool = True) -> list[str]:
     """Every capturable attention and MLP matrix of every block, as ``select_targets`` patterns.
 
     Chosen by module type: the weight of each ``nn.Linear`` and ``Conv1D`` inside the blocks
@@ -210,7 +210,7 @@ def default_targets(model: nn.Module, stacked: bool = False) -> list[str]:
     embeddings, lm_head, norms or biases. The names are exact, glob-escaped (``glob_escape``).
     Raises ``ValueError`` if nothing qualifies. Trainable block parameters of two or more
     dimensions left out (a mixture of experts' router; its stacked expert tensors without
-    ``stacked``) are named in a warning.
+    ``stacked``) are named in a warning (unless ``warn`` is false).
     """
     capturable, _ = _candidates(model)
     blocks = block_lists(model)
@@ -226,7 +226,7 @@ def default_targets(model: nn.Module, stacked: bool = False) -> list[str]:
     left_out = {n: tuple(t.shape) for n, t in capturable.items()
                 if n not in names and isinstance(t, nn.Parameter) and t.ndim >= 2
                 and inside_any(n, blocks)}
-    if left_out and model not in _WARNED_LEFT_OUT:  # once per model (targets resolve twice)
+    if left_out and warn and model not in _WARNED_LEFT_OUT:  # once per model (targets resolve twice)
         _WARNED_LEFT_OUT.add(model)
         sizes = {n: math.prod(full_shape(t)) for n, t in capturable.items()
                  if inside_any(n, blocks)}
@@ -401,7 +401,8 @@ def _frozen_error(pattern: str, stuck: list[str], capturable: Mapping[str, Targe
     fix = (
         f"add their modules to the LoRA target_modules (adapted now: {few_names(adapted)})"
         if adapted
-        else "unfreeze them (requires_grad) or narrow the pattern"
+        else "unfreeze them (requires_grad; with sae-shards train, include them in "
+        "rl.trainable)"
     )
     return (
         f"capture.targets pattern {pattern!r} matches parameters that never change: "

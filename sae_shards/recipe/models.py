@@ -14,6 +14,7 @@ the policy chooses, so a tiny model can learn them quickly.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import string
 import tempfile
@@ -41,6 +42,8 @@ from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
 from sae_shards.core.checkpoint import process_umask
 from sae_shards.run.config import Arch
 from sae_shards.run.rundir import CONFIG, FINAL_MODEL
+
+log = logging.getLogger(__name__)
 
 ARCHS: tuple[str, ...] = get_args(Arch)
 """Architectures ``build_tiny_model`` can build (gpt2 keeps matrices in ``Conv1D``: [in, out];
@@ -183,6 +186,27 @@ def tiny_model_and_tokenizer(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return ModelAndTokenizer(model, tokenizer)
+
+
+def meta_policy(path: str | Path | None, arch: str = "qwen2", hidden_size: int = 64,
+                num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 128
+                ) -> PreTrainedModel | None:
+    """The policy's modules and parameter names without its weights: the model directory's
+    config (``path``) or the tiny model's (``arch`` and sizes), built on the meta device (a 7B
+    config in ~2 s, no memory). None where no causal LM can be built from the config alone (no
+    config.json, a model needing remote code, not a causal LM): the checks on the loaded
+    model say why."""
+    try:
+        if path is not None:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+        else:
+            config = _model_config(arch, build_tokenizer(), hidden_size, num_layers, num_heads,
+                                   intermediate_size)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # reported by the checks on the loaded model, in their own terms
+        log.debug("no meta policy from %s: %s", path or arch, e)
+        return None
 
 
 def build_tiny_model(

@@ -16,6 +16,7 @@ trains, SIGTERM or SIGINT ends the run after the current step with a checkpoint 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -26,10 +27,12 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from sae_shards.capture import distributed, initial_model
 from sae_shards.capture import resume as resume_state
 from sae_shards.capture.callback import ShardCallback
+from sae_shards.capture.pipeline import resolve_targets
 from sae_shards.capture.signals import stop_on_signals
-from sae_shards.recipe.models import build_tiny_model, check_causal_lm, check_vocab, load_tokenizer
+from sae_shards.recipe.models import (build_tiny_model, check_causal_lm, check_vocab,
+                                      load_tokenizer, meta_policy)
 from sae_shards.recipe.tasks import build_task, check_task_options, default_target_length
-from sae_shards.recipe.trainers import build_trainer, check_trl_settings
+from sae_shards.recipe.trainers import build_trainer, check_trl_settings, freeze_except
 from sae_shards.run import rundir
 from sae_shards.run.config import JobConfig
 from sae_shards.run.tracking import RunLogger
@@ -111,6 +114,33 @@ def check_recipe(cfg: JobConfig) -> None:
     written; ``start`` again for a job run from Python."""
     check_task_options(cfg.task.name, cfg.task.options)
     check_trl_settings({**cfg.rl.trl_kwargs(), "seed": cfg.seed}, cfg.rl.algorithm)
+    check_targets(cfg)
+
+
+def check_targets(cfg: JobConfig) -> None:
+    """``rl.trainable`` and ``capture.targets`` against the policy's parameter names, before
+    any model is loaded: on the meta device, from the model's config alone
+    (``models.meta_policy``), so a pattern that matches nothing, a target RL does not train or
+    a stacked expert tensor per event is refused as a config error (``ValueError``) at once,
+    not after a large model has loaded. The same checks run again on the loaded model and stay
+    the authority: LoRA's adapted layers, say, are known there only (here every parameter
+    counts as trainable). Skipped where the config alone builds no model. One build per
+    distinct model (a sweep over other settings checks each job's patterns on it)."""
+    m = cfg.model
+    key = ((str(Path(m.path).resolve()),) if m.path else
+           (None, m.arch, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size))
+    model = _meta_policy(key)
+    if model is None:
+        return
+    for param in model.parameters():  # the previous job's rl.trainable undone
+        param.requires_grad_(True)
+    freeze_except(model, cfg.rl.trainable)
+    resolve_targets(model, cfg.capture.targets, cfg.capture.granularity, warn=False)
+
+
+@functools.lru_cache(maxsize=2)
+def _meta_policy(key: tuple) -> torch.nn.Module | None:
+    return meta_policy(*key)
 
 
 def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device,
