@@ -348,6 +348,19 @@ def test_setup_errors_are_reported_cleanly(tmp_path, capsys, i):
     _assert_refused(rc, capsys.readouterr().err, message, run_dir)
 
 
+def test_a_job_refused_at_setup_leaves_no_wandb_run(tmp_path, capsys):
+    """The SAE too large for memory is found once the model is built; the job's offline W&B
+    run starts after that, so a refused job leaves no failed run behind."""
+    from sae_shards.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "sae.n_latents=100000000", "logging=offline",
+                 f"run_dir={run_dir}"]) == 2
+    assert "sae-shards: cannot start: the SAE needs more than" in capsys.readouterr().err
+    assert (run_dir / "model").is_dir()  # it got as far as building the policy
+    assert not (run_dir / "wandb").exists()
+
+
 @pytest.mark.parametrize("override,message", [
     ("+task.options.bogus=1", r"\['task.options.bogus'\] are not options of task 'letters'"),
     ("task.options.target_char=xyz", r"\['task.options.target_char'\] are not options"),

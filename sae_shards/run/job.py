@@ -237,11 +237,11 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
             torch.manual_seed(cfg.seed)
             model_path = prepare_model(cfg, run_dir)  # rank 0 builds the tiny model first
         rl = build_rl(cfg, run_dir, device, model_path)  # all ranks together
-        logger = (RunLogger.start(cfg.logging, run_dir, wandb_config(cfg)) if main
-                  else RunLogger())
-        callback = shard_callback(cfg, run_dir, rl.task.target_length, logger=logger)
+        callback = shard_callback(cfg, run_dir, rl.task.target_length, logger=RunLogger())
         if main:  # the buffer and the SAE live on rank 0 (other ranks set up in train())
             callback.setup(rl.trainer.model, rl.trainer)
+            # the W&B run once nothing can refuse the job (no failed run left for a refusal)
+            callback.logger = RunLogger.start(cfg.logging, run_dir, wandb_config(cfg))
     except BaseException as e:
         if callback is not None:  # its own hold, and its SAE worker
             callback.close()
