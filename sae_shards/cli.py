@@ -530,6 +530,16 @@ def _evaluable(run_dir: Path) -> bool:
     return name is not None and name not in ONE_LABEL_TASKS and bool(runner.get("heldout_every"))
 
 
+def _quiet_third_party() -> None:
+    """Drop warnings a ``sae-shards train`` user can do nothing about: TRL reads transformers'
+    deprecated ``is_gradient_checkpointing`` at every generation (a FutureWarning, shown again
+    after each checkpoint save)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning)
+
+
 def _train(args: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -559,6 +569,7 @@ def _train(args: list[str]) -> int:
                    "new run_dir)") if changes else ""
     failures: list[str] = []
     interrupted: list[int] = []
+    _quiet_third_party()
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
     def train_main(cfg) -> None:

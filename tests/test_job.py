@@ -104,6 +104,7 @@ def test_multirun_sweep(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sae_shards.cli", "train", *sweep],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "is_gradient_checkpointing" not in proc.stderr  # TRL's, about transformers: dropped
     for k in (2, 4):
         (job_dir,) = tmp_path.glob(f"*sae.k={k}*")  # named after the job's overrides
         loaded = load_checkpoint(job_dir / "checkpoints" / "final")
