@@ -292,12 +292,6 @@ SETUP_ERRORS = [
     ("resume=true", r"resume=true but run_dir=.* holds no resumable run"),
     ("capture=readout capture.granularity=group", r"per-event capture target 'model.norm.weight'"
                                                   r" is the 'weight' of a Qwen2RMSNorm"),
-    ("model.lora.enabled=true model.lora.target_modules=[query_key_value]",
-     r"model.lora.target_modules=\['query_key_value'\]: \['query_key_value'\] name no linear "
-     r"layer of .*; its linear layers are named \[.*'q_proj'"),
-    # one name the model has and one it lacks: peft would adapt the first alone, silently
-    ("model=tiny_lora model.lora.target_modules=[q_proj,foo]",
-     r"\['foo'\] name no linear layer of .*'v_proj'"),
 ]
 
 
@@ -375,6 +369,17 @@ def test_a_job_refused_at_setup_leaves_no_wandb_run(tmp_path, capsys):
     ("rl.trainable=[model.layers.0.*] capture.targets=[model.layers.1.mlp.down_proj.weight]",
      r"'model.layers.1.mlp.down_proj.weight' matches parameters that never change: .* "
      r"include them in rl.trainable"),
+    ("model.lora.enabled=true model.lora.target_modules=[query_key_value]",
+     r"model.lora.target_modules=\['query_key_value'\]: \['query_key_value'\] name no linear "
+     r"layer of Qwen2ForCausalLM; its linear layers are named \[.*'q_proj'"),
+    # one name the model has and one it lacks: peft would adapt the first alone, silently
+    ("model=tiny_lora model.lora.target_modules=[q_proj,foo]",
+     r"\['foo'\] name no linear layer of .*'v_proj'"),
+    # a target LoRA does not adapt (the policy wrapped in the job's adapter on the meta device)
+    ("model=tiny_lora model.lora.target_modules=[q_proj,v_proj] "
+     "capture.targets=[*mlp.down_proj.weight]",
+     r"'\*mlp.down_proj.weight' matches parameters that never change: .* add their modules to "
+     r"the LoRA target_modules"),
 ])
 def test_task_options_and_trl_settings_are_config_errors_before_anything_is_written(
         tmp_path, capsys, override, message):

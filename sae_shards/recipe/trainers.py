@@ -267,15 +267,18 @@ def build_trainer(
     return trainer
 
 
-def check_lora_modules(model_path: str | Path, target_modules: Sequence[str]) -> None:
+def check_lora_modules(model: str | Path | torch.nn.Module, target_modules: Sequence[str],
+                       warn: bool = True) -> None:
     """Refuse ``model.lora.target_modules`` that capture cannot follow, before the model
-    loads: a name no ``nn.Linear`` of the model has (peft would adapt the others silently,
+    loads (``model``: its directory, or the policy built on the meta device): a name no
+    ``nn.Linear`` of the model has (peft would adapt the others silently,
     or fail when none matches), or one naming a GPT-2-style ``Conv1D`` layer (peft adapts it
     with ``fan_in_fan_out``, which capture does not support). A name matches a module whose
     name is it or ends with ``.`` + it, as in peft. A mixture of experts' stacked expert
     tensors ``[experts, m, n]`` are no linear layers: LoRA leaves them frozen, which the
-    refusal says and an accepted setting logs as a warning."""
-    modules, stacked = _matrix_modules(model_path)
+    refusal says and an accepted setting logs as a warning (with ``warn``)."""
+    modules, stacked = _matrix_modules(model)
+    named = model if isinstance(model, (str, Path)) else type(model).__name__
     # the names to suggest: not lm_head, which TRL does not adapt
     linear = sorted({n.rsplit(".", 1)[-1] for n, kind in modules.items()
                      if kind == "Linear"} - {"lm_head"})
@@ -288,7 +291,7 @@ def check_lora_modules(model_path: str | Path, target_modules: Sequence[str]) ->
     conv = [t for t in target_modules if matches(t, "Conv1D")]
     if conv:
         raise ValueError(
-            f"{field_}: {conv} are Conv1D layers (GPT-2 style) of {model_path}, which peft "
+            f"{field_}: {conv} are Conv1D layers (GPT-2 style) of {named}, which peft "
             "adapts with fan_in_fan_out, and capture follows LoRA on nn.Linear layers only; "
             "train this model without LoRA (model.lora.enabled=false: capture takes the "
             "Conv1D weights themselves) or use a model with nn.Linear layers (qwen2, llama)")
@@ -299,9 +302,9 @@ def check_lora_modules(model_path: str | Path, target_modules: Sequence[str]) ->
                 "capture follows (fan_in_fan_out): train it without LoRA" if convs else "")
         have = (f"its linear layers are named {linear} (give model.lora.target_modules=[...] "
                 "with those names)" if linear else "it has no other linear layer to adapt")
-        raise ValueError(f"{field_}: {missing} name no linear layer of {model_path}; {have}{also}"
+        raise ValueError(f"{field_}: {missing} name no linear layer of {named}; {have}{also}"
                          f"{_frozen_experts(stacked, '; ')}")
-    if stacked:
+    if stacked and warn:
         log.warning("model.lora.enabled=true: %s", _frozen_experts(stacked, ""))
 
 
@@ -314,16 +317,18 @@ def _frozen_experts(stacked: Sequence[str], lead: str) -> str:
             "capture sees none; train without LoRA (model.lora.enabled=false) to capture them")
 
 
-def _matrix_modules(model_path: str | Path) -> tuple[dict[str, str], list[str]]:
-    """``{module name: "Linear" | "Conv1D"}`` for a model directory's matrix layers, and the
-    names of its stacked expert tensors (3-D parameters outside conv layers), from its config
-    alone (built on the meta device)."""
+def _matrix_modules(model: str | Path | torch.nn.Module
+                    ) -> tuple[dict[str, str], list[str]]:
+    """``{module name: "Linear" | "Conv1D"}`` for a model's matrix layers, and the names of its
+    stacked expert tensors (3-D parameters outside conv layers); a model directory is built
+    from its config alone, on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    config = AutoConfig.from_pretrained(model_path, local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    if isinstance(model, (str, Path)):
+        config = AutoConfig.from_pretrained(model, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
     modules = {name: "Linear" if isinstance(m, torch.nn.Linear) else "Conv1D"
                for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
     stacked = [name for name, p in model.named_parameters() if is_expert_stack(model, name, p)]

@@ -16,7 +16,6 @@ trains, SIGTERM or SIGINT ends the run after the current step with a checkpoint 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -32,7 +31,8 @@ from sae_shards.capture.signals import stop_on_signals
 from sae_shards.recipe.models import (build_tiny_model, check_causal_lm, check_vocab,
                                       load_tokenizer, meta_policy)
 from sae_shards.recipe.tasks import build_task, check_task_options, default_target_length
-from sae_shards.recipe.trainers import build_trainer, check_trl_settings, freeze_except
+from sae_shards.recipe.trainers import (build_trainer, check_lora_modules, check_trl_settings,
+                                        freeze_except)
 from sae_shards.run import rundir
 from sae_shards.run.config import JobConfig
 from sae_shards.run.tracking import RunLogger
@@ -120,27 +120,48 @@ def check_recipe(cfg: JobConfig) -> None:
 def check_targets(cfg: JobConfig) -> None:
     """``rl.trainable`` and ``capture.targets`` against the policy's parameter names, before
     any model is loaded: on the meta device, from the model's config alone
-    (``models.meta_policy``), so a pattern that matches nothing, a target RL does not train or
-    a stacked expert tensor per event is refused as a config error (``ValueError``) at once,
-    not after a large model has loaded. The same checks run again on the loaded model and stay
-    the authority: LoRA's adapted layers, say, are known there only (here every parameter
-    counts as trainable). Skipped where the config alone builds no model. One build per
-    distinct model (a sweep over other settings checks each job's patterns on it)."""
-    m = cfg.model
-    key = ((str(Path(m.path).resolve()),) if m.path else
-           (None, m.arch, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size))
-    model = _meta_policy(key)
+    (``models.meta_policy``; with LoRA wrapped in the job's adapter, as TRL wraps it), so a
+    pattern that matches nothing, a target RL does not train (frozen by ``rl.trainable``, or
+    not adapted by LoRA) or a stacked expert tensor per event is refused as a config error
+    (``ValueError``) at once, not after a large model has loaded. The same checks run again on
+    the loaded model and stay the authority. Skipped where the config alone builds no model
+    (or peft refuses the adapter: ``check_lora_modules`` says why, later). One build per
+    distinct model and adapter (a sweep over other settings checks each job on it)."""
+    model = _meta_model(cfg)
     if model is None:
         return
-    for param in model.parameters():  # the previous job's rl.trainable undone
-        param.requires_grad_(True)
-    freeze_except(model, cfg.rl.trainable)
+    if not cfg.model.lora.enabled:  # (with LoRA, peft has frozen all but the adapters)
+        for param in model.parameters():  # the previous job's rl.trainable undone
+            param.requires_grad_(True)
+        freeze_except(model, cfg.rl.trainable)
     resolve_targets(model, cfg.capture.targets, cfg.capture.granularity, warn=False)
 
 
-@functools.lru_cache(maxsize=2)
-def _meta_policy(key: tuple) -> torch.nn.Module | None:
-    return meta_policy(*key)
+_META_MODEL: dict[tuple, torch.nn.Module | None] = {}
+"""``check_targets``' last meta policy, by model and adapter."""
+
+
+def _meta_model(cfg: JobConfig) -> torch.nn.Module | None:
+    m = cfg.model
+    peft_config = _peft_config(cfg)
+    key = ((str(Path(m.path).resolve()),) if m.path else
+           (None, m.arch, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size),
+           repr(peft_config))
+    if key not in _META_MODEL:
+        _META_MODEL.clear()
+        model = meta_policy(*key[0])
+        if model is not None and peft_config is not None:
+            from peft import get_peft_model
+
+            check_lora_modules(model, sorted(peft_config.target_modules), warn=False)
+            try:
+                with torch.device("meta"):
+                    model = get_peft_model(model, peft_config)
+            except Exception as e:  # peft refuses what check_lora_modules let through:
+                log.debug("no meta LoRA policy: %s", e)  # said when the trainer is built
+                model = None
+        _META_MODEL[key] = model
+    return _META_MODEL[key]
 
 
 def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device,
