@@ -217,6 +217,14 @@ def _user_trainer(tiny_model, out_dir, callbacks, max_steps=10, **overrides):
                        callbacks=callbacks)
 
 
+def _assert_same_ending(whole: Path, cut: Path) -> None:
+    """The two runs end with the same shards, bit for bit, and the same rollouts."""
+    a, b = (load_file(run / "checkpoints" / "final" / "sae.safetensors") for run in (whole, cut))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    assert (whole / "rollouts.jsonl").read_text() == (cut / "rollouts.jsonl").read_text()
+
+
 def _seeded_run(tiny_model, tmp_path, name: str, stop_at: int | None = None) -> ShardCallback:
     """``_user_trainer``'s run into ``tmp_path/name`` (TRL's into ``trl_name``) from seed 0,
     asked to stop after RL step ``stop_at`` when given; its callback."""
@@ -432,14 +440,43 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path, c
     again = ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
     _user_trainer(tiny_model, tmp_path / "trl_cut", [again]).train(resume_from_checkpoint=True)
     assert again.summary["rl_steps"] == 10 and not again.summary["interrupted"]
-    a, b = (load_file(tmp_path / d / "checkpoints" / "final" / "sae.safetensors")
-            for d in ("whole", "cut"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True, msg=key)
-    assert ((tmp_path / "whole" / "rollouts.jsonl").read_text()
-            == (tmp_path / "cut" / "rollouts.jsonl").read_text())
+    _assert_same_ending(tmp_path / "whole", tmp_path / "cut")
     with pytest.raises(FileExistsError, match="finished .*nothing to resume"):  # it is done
         ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
+
+
+class _CrashAt(TrainerCallback):
+    """Raises after RL step ``step``'s callbacks (a crash: out of memory, a lost node), so the
+    run ends with no checkpoint of that step on either side."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError(f"crashed after step {self.step}")
+
+
+def test_a_script_crash_resumes_when_the_trainer_saves_less_often_than_the_callback(
+        tiny_model, tmp_path):
+    """The callback checkpoints every 2 steps, TRL every 5: crashed after step 9, TRL resumes
+    from its checkpoint-5, whose resume file must have outlived the newer ones (the callback
+    used to keep only its two newest, 6 and 8, and the run could not resume). The resumed run
+    ends with the uninterrupted run's shards, bit for bit."""
+    runner = {"min_samples": 2, "checkpoint_every": 2}
+    torch.manual_seed(0)
+    whole = ShardCallback(run_dir=tmp_path / "whole", runner=runner)
+    _user_trainer(tiny_model, tmp_path / "trl_whole", [whole]).train()
+    torch.manual_seed(0)
+    crashed = ShardCallback(run_dir=tmp_path / "cut", runner=runner)
+    with pytest.raises(RuntimeError, match="crashed after step 9"):
+        _user_trainer(tiny_model, tmp_path / "trl_cut", [crashed, _CrashAt(9)]).train()
+    crashed.close()
+    assert rundir.saved_steps(tmp_path / "cut" / "resume") == [5, 6, 8]  # 2, 4 pruned
+    again = ShardCallback(run_dir=tmp_path / "cut", runner=runner, resume=True)
+    _user_trainer(tiny_model, tmp_path / "trl_cut", [again]).train(resume_from_checkpoint=True)
+    assert again.summary["rl_steps"] == 10 and not again.summary["interrupted"]
+    _assert_same_ending(tmp_path / "whole", tmp_path / "cut")
 
 
 def test_the_end_of_a_users_run_survives_a_stop_in_its_last_step_and_a_kill_after_it(
@@ -967,10 +1004,20 @@ def test_a_script_whose_trainer_never_saves_is_told_it_cannot_resume_after_a_kil
                           report_to="none", **kw)
 
     with caplog.at_level("WARNING", logger="sae_shards.capture.callback"):
-        _warn_no_trl_checkpoints(args(save_strategy="steps", save_steps=5))
+        _warn_no_trl_checkpoints(args(save_strategy="steps", save_steps=5, max_steps=300))
+        _warn_no_trl_checkpoints(args(save_strategy="steps", save_steps=0.5, max_steps=300))
+        _warn_no_trl_checkpoints(args(save_strategy="steps"))  # max_steps from the epochs
         assert not caplog.records
         _warn_no_trl_checkpoints(args(save_strategy="no"))
-    assert "saves no checkpoints (save_strategy='no')" in caplog.text
+        assert "saves no checkpoints (save_strategy='no')" in caplog.text
+        caplog.clear()  # TRL's default save_steps=500 on a 300-step run: only the last step
+        _warn_no_trl_checkpoints(args(save_strategy="steps", max_steps=300), checkpoint_every=50)
+        assert ("first checkpoint at its last step (save_steps=500, max_steps=300): a run "
+                "killed before its end") in caplog.text
+        assert "e.g. save_steps=50)" in caplog.text
+        caplog.clear()
+        _warn_no_trl_checkpoints(args(save_strategy="steps", save_steps=0.99, max_steps=40))
+        assert "save_steps=0.99, max_steps=40" in caplog.text and "e.g. save_steps=4)" in caplog.text
     said = _in_script_terms(_why_not_resumable(tmp_path, ["rollouts.jsonl"]))
     assert "checkpoint_every" not in said and "smaller save_steps" in said
 

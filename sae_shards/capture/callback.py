@@ -272,7 +272,7 @@ class ShardCallback(TrainerCallback):
         rundir.write_json(self.run_dir / rundir.CONFIG, self._config_json(model, trainer))
         if not self.resume and not self.run_config and trainer is not None:
             _warn_earlier_trl_checkpoints(getattr(trainer.args, "output_dir", None))
-            _warn_no_trl_checkpoints(trainer.args)
+            _warn_no_trl_checkpoints(trainer.args, self.runner_cfg.checkpoint_every)
         sae = self.parts.sae
         stacked = [t for t in self.parts.buffer.targets if t.is_stacked]
         self.sizes = {"n_targets": len(self.parts.buffer.targets),
@@ -418,15 +418,17 @@ class ShardCallback(TrainerCallback):
         now = initial_model.fingerprint(self._initial_dir)
         return now if (self._fingerprint is None or now) else self._fingerprint
 
-    def _save_step(self, step: int) -> None:
-        """A resumable checkpoint of the SAE side at RL step ``step`` (the worker made idle)."""
+    def _save_step(self, step: int, trl_dir: Path | None) -> None:
+        """A resumable checkpoint of the SAE side at RL step ``step`` (the worker made idle);
+        ``trl_dir``: the trainer's ``output_dir`` (the resume file of its newest checkpoint's
+        step is kept)."""
         self.parts.runner.wait_idle()
         self.parts.loop.flush_activations()
         self._flush_sae_records()
         snap = resume_state.snapshot_step(step, self.parts, self.capture, self.meta,
                                           time.perf_counter() - self._t0)
         self._writer.submit(resume_state.write_step, self.run_dir, snap,
-                            self.runner_cfg.keep_checkpoints)
+                            self.runner_cfg.keep_checkpoints, trl_dir)
         self.last_checkpoint = resume_state.checkpoint_dir(self.run_dir, step)
 
     def _restore(self, step: int, last: bool = False) -> None:
@@ -581,12 +583,12 @@ class ShardCallback(TrainerCallback):
         self._flush_sae_records()
         every = self.runner_cfg.checkpoint_every
         if control.should_save or (every and step % every == 0):
-            self._save_step(step)
+            self._save_step(step, Path(args.output_dir) if args.output_dir else None)
         if step % max(1, state.max_steps // 10) == 0 or step == state.max_steps:
-            fvu = self._fvu[-1] if self._fvu else math.nan
-            log.info("RL step %d/%d  reward %.3f  |  SAE step %d  fvu %.3f", step,
-                     state.max_steps, self._rewards.get(step, math.nan),
-                     self.parts.trainer.n_steps, fvu)
+            sae = (f"SAE step {self.parts.trainer.n_steps}  fvu {self._fvu[-1]:.3f}"
+                   if self._fvu else "SAE not trained yet (runner.min_samples, sae_start_step)")
+            log.info("RL step %d/%d  reward %.3f  |  %s", step, state.max_steps,
+                     self._rewards.get(step, math.nan), sae)
 
     @_paid
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -772,15 +774,28 @@ def _writes_checkpoints(runner_cfg: Any, trainer: Any | None) -> bool:
     return args is None or getattr(args, "save_strategy", None) != "no"
 
 
-def _warn_no_trl_checkpoints(args: Any) -> None:
-    """A script's trainer that never saves a checkpoint (``save_strategy="no"``): a stop
-    (SIGTERM, ``request_stop``) still saves one, but a killed run has nothing to resume from,
-    whatever ``runner.checkpoint_every`` says (a resume needs TRL's side too)."""
-    if getattr(args, "save_strategy", None) == "no":  # a str enum (SaveStrategy.NO) or "no"
+def _warn_no_trl_checkpoints(args: Any, checkpoint_every: int = 0) -> None:
+    """A script's trainer that saves no checkpoint before its last step (``save_strategy="no"``,
+    or ``save_steps`` >= ``max_steps``, as TRL's default 500 on a shorter run): a stop (SIGTERM,
+    ``request_stop``) still saves one, but a killed run has nothing to resume from, whatever
+    ``runner.checkpoint_every`` says (a resume needs TRL's side too)."""
+    strategy = getattr(args, "save_strategy", None)  # a str enum (SaveStrategy.NO) or a str
+    max_steps = getattr(args, "max_steps", -1) or -1
+    if strategy == "no":
         log.warning("the trainer saves no checkpoints (save_strategy='no'): a run stopped by "
                     "SIGTERM or request_stop() still checkpoints, but a killed one cannot "
                     "resume (runner.checkpoint_every saves only the shards' side); set "
                     "save_strategy='steps' and save_steps to make it resumable")
+    elif strategy == "steps" and max_steps > 1:
+        every = args.save_steps if args.save_steps >= 1 else math.ceil(max_steps * args.save_steps)
+        if every >= max_steps:
+            hint = checkpoint_every if 0 < checkpoint_every < max_steps else max(1, max_steps // 10)
+            log.warning("the trainer saves its first checkpoint at its last step (save_steps=%s, "
+                        "max_steps=%d): a run killed before its end (kill -9, out of memory, a "
+                        "lost node) cannot resume (SIGTERM and request_stop() still checkpoint; "
+                        "runner.checkpoint_every saves only the shards' side); set "
+                        "save_steps below max_steps (e.g. save_steps=%d) to make it resumable",
+                        args.save_steps, max_steps, hint)
 
 
 def _in_script_terms(message: str) -> str:

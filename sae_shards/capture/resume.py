@@ -16,7 +16,9 @@ Step k is *complete* when all three exist (TRL's ``trainer_state.json`` is its l
 at any instant leaves the previous complete step usable, and ``latest_complete`` finds it.
 ``restore`` puts the state back into a freshly built pipeline and truncates ``rollouts.jsonl``
 and ``metrics.jsonl`` to step k, so nothing is counted twice. Only safetensors and JSON are
-read, so loading never runs code from a file. Resume files of all but the two newest checkpoints are removed.
+read, so loading never runs code from a file. Resume files are pruned to the two newest and the
+newest step TRL finished a checkpoint of (``kept_resume_steps``): a script's trainer may save less
+often than the callback checkpoints, and a killed run resumes from TRL's step.
 """
 
 from __future__ import annotations
@@ -91,11 +93,13 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / rundir.CHECKPOINTS / rundir.step_name(step)
 
 
-def write_step(run_dir: Path, snap: StepSnapshot, keep_checkpoints: int = 0) -> Path:
+def write_step(run_dir: Path, snap: StepSnapshot, keep_checkpoints: int = 0,
+               trl_dir: Path | None = None) -> Path:
     """Write the resume file and the shards checkpoint of ``snap``; returns the latter. Then
-    keep ``KEEP`` resume files and prune older checkpoints (``prune_checkpoints``). An
-    ``OSError`` (disk full, no permission) becomes ``rundir.RunWriteError`` naming the path;
-    what was already complete stays as it was."""
+    prune the resume files to ``kept_resume_steps`` (``trl_dir``: TRL's ``output_dir``, by
+    default the run's ``trl/``) and older checkpoints (``prune_checkpoints``). An ``OSError``
+    (disk full, no permission) becomes ``rundir.RunWriteError`` naming the path; what was
+    already complete stays as it was."""
     target = resume_file(run_dir, snap.step)
     checkpoint = checkpoint_dir(run_dir, snap.step)
     with rundir.writing(target):
@@ -104,10 +108,27 @@ def write_step(run_dir: Path, snap: StepSnapshot, keep_checkpoints: int = 0) -> 
                          {"info": json.dumps(rundir.strict_json(snap.info))})
     with rundir.writing(checkpoint):
         write_checkpoint(checkpoint, snap.checkpoint)
-    for old in rundir.saved_steps(run_dir / rundir.RESUME)[:-KEEP]:
+    kept = kept_resume_steps(run_dir, trl_dir or run_dir / rundir.TRL_OUTPUT)
+    for old in set(rundir.saved_steps(run_dir / rundir.RESUME)) - kept:
         resume_file(run_dir, old).unlink(missing_ok=True)
     prune_checkpoints(run_dir, keep_checkpoints)
     return checkpoint
+
+
+def kept_resume_steps(run_dir: Path, trl_dir: Path) -> set[int]:
+    """The steps whose resume files stay: the ``KEEP`` newest, and the newest of which TRL
+    finished a checkpoint in ``trl_dir``. A script's trainer saves at its own ``save_steps``,
+    which may be rarer than ``runner.checkpoint_every``; TRL's ``resume_from_checkpoint=True``
+    takes its newest checkpoint, and the callback needs that step's resume file."""
+    steps = rundir.saved_steps(run_dir / rundir.RESUME)
+    trl_done = [step for step in steps if trl_finished(trl_dir, step)]
+    return set(steps[-KEEP:]) | set(trl_done[-1:])
+
+
+def trl_finished(trl_dir: Path, step: int) -> bool:
+    """TRL finished its checkpoint of ``step`` in ``trl_dir``: ``trainer_state.json``, which it
+    writes last and not atomically, parses."""
+    return _parses(trl_dir / f"checkpoint-{step}" / "trainer_state.json")
 
 
 def prune_checkpoints(run_dir: Path, keep: int = 0) -> None:
@@ -140,7 +161,7 @@ def latest_complete(run_dir: Path) -> int | None:
             (f"{rundir.CHECKPOINTS}/{rundir.step_name(step)} missing",
              (checkpoint_dir(run_dir, step) / "config.json").is_file()),
             (f"{rundir.TRL_OUTPUT}/checkpoint-{step}/trainer_state.json missing or torn",
-             _parses(trl / f"checkpoint-{step}" / "trainer_state.json"))) if not ok]
+             trl_finished(trl, step))) if not ok]
         if not missing:
             return step
         log.warning("RL step %d's checkpoint is incomplete (%s: the process was killed while "

@@ -351,7 +351,7 @@ class RunnerConfig:
     """Shards checkpoints (``checkpoints/step_*``) kept: 0 keeps every one, N >= 2 the newest N
     (``final`` always stays). Either way an older checkpoint drops its optimizer state
     (``training_state.safetensors``, twice the shards' size): only a resume reads it, and only
-    from the steps that still have a resume file (the newest two)."""
+    from the steps that still have a resume file (the newest two, and the newest TRL saved)."""
     recent_frac: float = 0.0
     """Share of each SAE batch drawn from the newest buffer slots."""
     heldout_every: int = 0
