@@ -43,11 +43,13 @@ _EXPORTS = {
     # analysis
     "ShardSet": "sae_shards.analysis.shards",
     "RunView": "sae_shards.analysis.shards",
+    "RewardTask": "sae_shards.analysis.reward_task",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from sae_shards.analysis.reward_task import RewardTask
     from sae_shards.analysis.shards import RunView, ShardSet
     from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
     from sae_shards.capture.callback import ShardCallback

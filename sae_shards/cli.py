@@ -497,13 +497,16 @@ def _hydra_files(cfg) -> dict[str, str]:
 def _closing_lines(summary: dict, run_dir: Path) -> list[str]:
     """The end of a run: figures, the files written, and the next command."""
     fig = lambda k: "n/a" if summary.get(k) is None else f"{summary[k]:.3f}"  # noqa: E731
+    share = lambda k: "n/a" if summary.get(k) is None else f"{summary[k]:.0%}"  # noqa: E731
     lines = [f"run finished: {summary['rl_steps']} RL steps, {summary['sae_steps']} SAE steps, "
              f"{summary['wall_s']:.0f} s",
-             f"  reward {fig('reward_first')} -> {fig('reward_last')}  |  "
-             f"fvu {fig('fvu_first')} -> {fig('fvu_last')}  |  dead latents {fig('dead_frac')}"
+             f"  reward {fig('reward_first')} -> {fig('reward_last')} (mean over the first -> "
+             f"last fifth of the RL steps)  |  fvu {fig('fvu_first')} -> {fig('fvu_last')} "
+             "(first -> last tenth of the SAE steps)",
+             f"  dead latents {share('dead_frac')}"
              + (" (the SAE saw fewer than sae.dead_after samples)"
                 if summary.get("dead_frac") is None and summary.get("sae_steps") else "")
-             + f"  |  never fired in training {fig('never_fired_frac')}"]
+             + f"  |  never fired in training {share('never_fired_frac')}"]
     if summary.get("warning"):
         lines.append(f"  warning: {summary['warning']}")
     if summary.get("interrupted"):
@@ -608,7 +611,8 @@ def _train(args: list[str]) -> int:
             # the run directory's refusals advise overwrite=true: show what the run started as
             again = rerun_command(run_dir) if "overwrite=true" in str(e) else None
             failures.append(f"{job_name}cannot start: {e}"
-                            + (f" (it started as: {again})" if again else ""))
+                            + (f" (to start it again with its own settings, deleting what it "
+                               f"holds: {again})" if again else ""))
             return
         except RunWriteError as e:
             failures.append(f"{job_name}stopped: {e}")
@@ -668,6 +672,32 @@ def _shards_arg(text: str) -> int | list[int]:
             f"{text!r}: give a count (4) or shard indices separated by commas (13,30)") from None
 
 
+DEFAULT_SHARDS = 4
+"""``analyze --shards``'s default: how many shards the report details beside the always-on."""
+
+
+def _check_shards_arg(shards: int | list[int], run_dir: Path, checkpoint: str) -> str | None:
+    """Why ``--shards`` cannot be taken on ``checkpoint``: an index it lacks, or a count above
+    its number of shards (meant as one shard's index, most likely); None when it can. A count
+    above the default is said to be one, with how to name a single shard instead."""
+    if not isinstance(shards, list) and shards <= DEFAULT_SHARDS:
+        return None
+    from sae_shards.analysis.shards import ShardSet
+
+    n = len(ShardSet.from_run(run_dir, checkpoint))
+    if isinstance(shards, list):
+        wrong = [i for i in shards if not 0 <= i < n]
+        return (f"--shards names shard {wrong[0]}, but checkpoint {checkpoint} has shards 0 to "
+                f"{n - 1}") if wrong else None
+    if shards > n:
+        return (f"--shards {shards} is a count (detail the {shards} largest shards), but "
+                f"checkpoint {checkpoint} has {n}; to detail shard {shards} alone, end it with a "
+                f"comma: --shards {shards},")
+    print(f"sae-shards: --shards {shards} details the {shards} largest shards (a count; shard "
+          f"{shards} alone is --shards {shards},)", file=sys.stderr)
+    return None
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -688,7 +718,7 @@ def _analyze(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sae-shards analyze")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
-    parser.add_argument("--shards", type=_shards_arg, default=4, metavar="N | I,J,...",
+    parser.add_argument("--shards", type=_shards_arg, default=DEFAULT_SHARDS, metavar="N | I,J,...",
                         help="how many shards to detail beside the always-on ones (default "
                              "%(default)s), or which: their indices, e.g. 13,30")
     parser.add_argument("--n-prompts", type=_positive, default=32,
@@ -716,16 +746,10 @@ def _analyze(args: list[str]) -> int:
         return 2
     try:
         name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
-        if isinstance(ns.shards, list):  # indices: checked against the checkpoint first
-            from sae_shards.analysis.shards import ShardSet
-
-            have = ShardSet.from_run(ns.run_dir, name)
-            for i in ns.shards:
-                if not 0 <= i < len(have):
-                    print(f"sae-shards: cannot analyze {ns.run_dir}: --shards names shard {i}, "
-                          f"but checkpoint {name} has shards 0 to "
-                          f"{len(have) - 1}", file=sys.stderr)
-                    return 2
+        refused = _check_shards_arg(ns.shards, ns.run_dir, name)
+        if refused:
+            print(f"sae-shards: cannot analyze {ns.run_dir}: {refused}", file=sys.stderr)
+            return 2
         out = analyze(ns.run_dir, ns.out, n_shards=ns.shards, dose=not ns.no_dose,
                       checkpoint=name, task=task, n_prompts=ns.n_prompts,
                       initial_model=ns.initial_model)

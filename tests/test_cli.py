@@ -81,7 +81,10 @@ def test_finished_run_reports_and_a_refused_rerun_keeps_its_files(tmp_path, caps
     assert "seed: 3" in hydra_cfg
 
     assert main(["train", f"run_dir={run}", "seed=4", *TINY]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds a run" in err  # the way to start it again is said to delete it
+    assert "(to start it again with its own settings, deleting what it holds: " in err
+    assert "seed=3" in err.split("deleting what it holds: ")[1]
     assert (run / ".hydra" / "config.yaml").read_text() == hydra_cfg  # the earlier run's own
 
 

@@ -142,6 +142,10 @@ def test_analyze_cli_reports_a_bad_run_dir(tmp_path, capsys):
         (tmp_path / job / "checkpoints" / "final").mkdir(parents=True)
     assert cli_main(["analyze", str(tmp_path)]) == 2
     err = capsys.readouterr().err
+    assert "is a directory of runs, not a run: it holds the runs ['sae.k=2', 'sae.k=4']" in err
+    (tmp_path / "multirun.yaml").write_text("{}\n")  # Hydra's mark of a sweep
+    assert cli_main(["analyze", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
     assert "is a sweep's directory, not a run: it holds the runs ['sae.k=2', 'sae.k=4']" in err
     bad_args = [("analyze", ["--shards", "-2"]), ("analyze", ["--n-prompts", "0"]),
                 ("analyze", ["--threads", "0"]), ("evaluate", ["--n-null", "0"]),
@@ -168,6 +172,16 @@ def test_analyze_details_the_shards_it_is_told_to(short_run_dir, tmp_path, capsy
     with pytest.raises(SystemExit):
         cli_main(["analyze", str(run), "--shards", "3,x"])
     assert "give a count (4) or shard indices separated by commas" in capsys.readouterr().err
+    before = (run / "analysis.json").read_text()  # a count above the shards: meant as an index
+    assert cli_main(["analyze", str(run), "--shards", "41", "--no-dose"]) == 2
+    assert ("--shards 41 is a count (detail the 41 largest shards), but checkpoint final has 16; "
+            "to detail shard 41 alone, end it with a comma: --shards 41," in capsys.readouterr().err)
+    assert (run / "analysis.json").read_text() == before  # refused before anything is written
+    assert cli_main(["analyze", str(run), "--shards", "7,", "--no-dose"]) == 0  # one shard
+    assert json.loads((run / "analysis.json").read_text())["top_shards"] == [7]
+    assert cli_main(["analyze", str(run), "--shards", "6", "--no-dose"]) == 0  # said to be a count
+    assert "--shards 6 details the 6 largest shards (a count; shard 6 alone is --shards 6,)" in (
+        capsys.readouterr().err)
 
 
 def test_families_table_lists_families_of_several_shards_largest_first():

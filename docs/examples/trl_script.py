@@ -1,6 +1,8 @@
 """A plain TRL script with sae-shards added in one line (marked below).
 
     python docs/examples/trl_script.py --model /path/to/local/causal-lm --run-dir runs/example
+    python docs/examples/trl_script.py --model runs/default/model --run-dir runs/example  # the
+        # tiny model `sae-shards train` saved (no download)
     python docs/examples/trl_script.py --model ... --run-dir runs/example_rloo --algorithm rloo
     sae-shards analyze runs/example --task docs/examples/trl_script.py:reward_task
 
@@ -39,7 +41,7 @@ def make_dataset() -> Dataset:
 
 def reward_task():
     """For ``sae-shards analyze RUN --task docs/examples/trl_script.py:reward_task``."""
-    from sae_shards.analysis.reward_task import RewardTask
+    from sae_shards import RewardTask
 
     return RewardTask(make_dataset(), [reward_vowels_or_digits], label_column="task")
 

@@ -568,7 +568,8 @@ def latest_checkpoint(run_dir: Path) -> str:
         return "final"
     jobs = sorted(p.name for p in run_dir.iterdir() if (p / CHECKPOINTS).is_dir())
     if not steps and jobs:
-        raise CheckpointError(f"{run_dir} is a sweep's directory, not a run: it holds the runs "
+        what = "a sweep's directory" if (run_dir / SWEEP).is_file() else "a directory of runs"
+        raise CheckpointError(f"{run_dir} is {what}, not a run: it holds the runs "
                               f"{jobs}; analyze one of them (e.g. {run_dir / jobs[0]})")
     if not steps and (run_dir / SAE_FILE).is_file():
         run = (f", or give its run ({run_dir.parent.parent})"
