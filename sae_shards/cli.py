@@ -682,9 +682,10 @@ def _check_shards_arg(shards: int | list[int], run_dir: Path, checkpoint: str) -
     above the default is said to be one, with how to name a single shard instead."""
     if not isinstance(shards, list) and shards <= DEFAULT_SHARDS:
         return None
-    from sae_shards.analysis.shards import ShardSet
+    from sae_shards.core.checkpoint_checks import read_spec
+    from sae_shards.run.rundir import CHECKPOINTS
 
-    n = len(ShardSet.from_run(run_dir, checkpoint))
+    n = read_spec(run_dir / CHECKPOINTS / checkpoint).cfg.n_latents  # config.json alone
     if isinstance(shards, list):
         wrong = [i for i in shards if not 0 <= i < n]
         return (f"--shards names shard {wrong[0]}, but checkpoint {checkpoint} has shards 0 to "

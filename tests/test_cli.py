@@ -74,6 +74,7 @@ def test_finished_run_reports_and_a_refused_rerun_keeps_its_files(tmp_path, caps
     assert main(["train", f"run_dir={run}", "seed=3", *TINY]) == 0
     out = capsys.readouterr().out
     assert "dead latents" in out and f"next: sae-shards analyze {run}" in out
+    assert "(mean over the first -> last fifth of the RL steps)" in out  # what the figures are
     assert "activations.safetensors" in out and "checkpoints/" in out
     summary = _no_nan((run / "summary.json").read_text())  # fvu_heldout is null, not NaN
     assert summary["fvu_heldout"] is None and summary["rl_steps"] == 6
