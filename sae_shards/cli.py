@@ -712,9 +712,11 @@ def _positive(text: str) -> int:
 def _analyze(args: list[str]) -> int:
     import argparse
 
+    import json
+
     from sae_shards.core.checkpoint import CheckpointError
-    from sae_shards.analysis.report import analyze
-    from sae_shards.run.rundir import RunWriteError
+    from sae_shards.analysis.report import analyze, together_line
+    from sae_shards.run.rundir import ANALYSIS, RunWriteError
 
     parser = argparse.ArgumentParser(prog="sae-shards analyze")
     parser.add_argument("run_dir", type=Path)
@@ -758,6 +760,9 @@ def _analyze(args: list[str]) -> int:
         print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
         return 2
     print(out)
+    line = together_line(json.loads((out.parent / ANALYSIS).read_text()))
+    if line:
+        print(line)
     if task is None and not ns.no_dose and _own_reward_unknown(ns.run_dir):
         print("sae-shards: no dose-response or ablation: the run used your script's own reward "
               "functions, which a run directory does not hold; hand them back with --task "

@@ -19,6 +19,24 @@ from pathlib import Path
 import pytest
 import torch
 
+# --- intervention tests: a direction that raises one task's reward --------------------------
+
+
+def vowel_direction(model, tokenizer, task) -> dict[str, torch.Tensor]:
+    """A unit lm_head direction raising the vowels' logits (the ``letters`` reward): their rows
+    move along the mean final hidden state of real prompts, so every vowel logit grows for
+    typical inputs."""
+    prompts = list(task.dataset(16, seed=99)["prompt"])
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    mean_hidden = out.hidden_states[-1][:, -1].mean(dim=0)  # [d_model], after the final norm
+    d = torch.zeros_like(model.lm_head.weight)  # [vocab, d_model]
+    for ch in task.target_chars:
+        d[tokenizer.convert_tokens_to_ids(ch)] = mean_hidden / mean_hidden.norm()
+    return {"lm_head.weight": d / d.norm()}
+
+
 # --- capture tests: a tiny causal LM, token data, a ring buffer -------------------------------
 
 PATTERNS = [

@@ -340,7 +340,7 @@ def test_closing_lines_name_evaluate_for_a_labelled_run(tmp_path):
         assert (f"sae-shards evaluate {tmp_path}" in last) is named
 
 
-def test_analysis_knows_the_initial_weights_it_started_from(tmp_path, caplog):
+def test_analysis_knows_the_initial_weights_it_started_from(tmp_path, caplog, capsys):
     """config.json records a fingerprint of model.path's weights: edited since, the report's
     interventions are withheld with the reason (never measured against other weights); moved,
     --initial-model finds them again."""
@@ -357,8 +357,13 @@ def test_analysis_knows_the_initial_weights_it_started_from(tmp_path, caplog):
     run_job(cfg, run)
     recorded = json.loads((run / "config.json").read_text())["model"]["fingerprint"]
     assert list(recorded) == ["model.safetensors"]
+    capsys.readouterr()
     assert main(["analyze", str(run), "--shards", "1", "--n-prompts", "4"]) == 0
     assert '"dose_response"' in (run / "analysis.json").read_text()
+    from sae_shards.analysis.report import together_line
+
+    line = together_line(json.loads((run / "analysis.json").read_text()))
+    assert line and line in capsys.readouterr().out.splitlines()  # the span's line, printed
 
     shutil.copytree(model, tmp_path / "moved")
     weights = load_file(model / "model.safetensors")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import vowel_direction
 
 from sae_shards.analysis.interventions import (
     add_direction,
@@ -164,25 +165,11 @@ def test_mean_reward_is_reproducible_and_sees_weight_changes(model_and_tokenizer
     assert c.mean != a.mean
 
 
-def _vowel_direction(model, tokenizer, task):
-    """lm_head direction raising the vowels' logits: their rows move along the mean final
-    hidden state of real prompts, so every vowel logit grows for typical inputs."""
-    prompts = list(task.dataset(16, seed=99)["prompt"])
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    with torch.no_grad():
-        out = model(**batch, output_hidden_states=True)
-    mean_hidden = out.hidden_states[-1][:, -1].mean(dim=0)  # [d_model], after the final norm
-    d = torch.zeros_like(model.lm_head.weight)  # [vocab, d_model]
-    for ch in task.target_chars:
-        d[tokenizer.convert_tokens_to_ids(ch)] = mean_hidden / mean_hidden.norm()
-    return {"lm_head.weight": d / d.norm()}
-
-
 def test_dose_response_rewards_the_vowel_direction_over_control(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     task = build_task("letters")
     before = _snapshot(model)
-    direction = _vowel_direction(model, tokenizer, task)
+    direction = vowel_direction(model, tokenizer, task)
     curve = dose_response(
         model, tokenizer, task, direction, alphas=[0.0, 2.0, 10.0], n_prompts=16, n_samples=4
     )
@@ -208,7 +195,7 @@ def test_dose_response_draws_each_contexts_curve_from_the_same_rollouts(model_an
     context, no reward scale), and the vowel direction raises task A's curve alone."""
     model, tokenizer = model_and_tokenizer
     task = build_task("multiskill")
-    direction = _vowel_direction(model, tokenizer, build_task("letters"))
+    direction = vowel_direction(model, tokenizer, build_task("letters"))
     curve = dose_response(model, tokenizer, task, direction, alphas=[0.0, 10.0], n_prompts=32,
                           n_samples=4)
     assert list(curve.shard_by_label) == list(task.labels) == list(curve.control_by_label)
@@ -232,7 +219,7 @@ def test_ablation_removes_what_the_run_added_along_the_shard(model_and_tokenizer
 
     model, tokenizer = model_and_tokenizer
     task = build_task("multiskill")
-    direction = _vowel_direction(model, tokenizer, build_task("letters"))
+    direction = vowel_direction(model, tokenizer, build_task("letters"))
     theta0 = _snapshot(model)
     with add_direction(model, direction, 10.0):  # the "final" policy
         final = _snapshot(model)
@@ -266,7 +253,7 @@ def test_task_rewards_per_label_from_one_batch(model_and_tokenizer):
     assert list(a) == labels and all(e.n == 32 for e in a.values())
     assert all(e.mean < 0.2 for e in a.values())  # random tiny model: ~5/82 per class
     letters = build_task("letters")  # its target characters are the vowels, as multiskill A's
-    direction = _vowel_direction(model, tokenizer, letters)
+    direction = vowel_direction(model, tokenizer, letters)
     with add_direction(model, direction, 10.0):
         b = task_rewards(model, tokenizer, task, labels, n_prompts=8, n_samples=4, seed=3)
     assert b["A"].mean > a["A"].mean + 0.4
@@ -343,7 +330,7 @@ def test_dose_response_scores_alpha_zero_once_or_takes_the_baseline(model_and_to
 
     model, tokenizer = model_and_tokenizer
     task = build_task("letters")
-    direction = _vowel_direction(model, tokenizer, task)
+    direction = vowel_direction(model, tokenizer, task)
     score = iv.score_rollouts
     calls = []
     monkeypatch.setattr(iv, "score_rollouts", lambda *a, **k: calls.append(1) or score(*a, **k))

@@ -75,6 +75,24 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
                                                  - ablation["reward_final"])) < 1e-12
         assert ablation["stderr_change_removed"] >= 0
         assert entry["logit_lens"], "the body targets include o_proj/down_proj writers"
+    together = analysis["together"]  # the detailed shards' span, scored as a whole
+    assert together["shards"] == analysis["top_shards"]
+    assert len(together["weights"]) == len(together["shards"])
+    assert 0 < together["update_share"] <= 1 + 1e-6
+    first = analysis["shards"][str(analysis["top_shards"][0])]
+    assert together["rewards"]["final"] == first["ablation"]["reward_final"]  # same baselines
+    assert together["rewards"]["initial"] == first["dose_response"]["shard"][1]  # alpha 0
+    run, run_se = together["changes"]["run"]
+    assert run == pytest.approx(together["rewards"]["final"] - together["rewards"]["initial"],
+                                abs=1e-12)
+    if together["shares"]["removed"][0] is None:
+        assert abs(run) <= 2 * run_se and "is within 2 standard errors of 0" in html
+    else:  # every prompt scored: the share is the ratio of the paired mean changes
+        assert together["shares"]["removed"][0] == pytest.approx(
+            -together["changes"]["removed"][0] / run, rel=1e-9)
+        assert together["shares"]["kept"][0] == pytest.approx(
+            together["changes"]["kept"][0] / run, rel=1e-9)
+        assert "Removing the shards' span undoes" in html
     dose = analysis["shards"][str(analysis["top_shards"][0])]["dose_response"]  # the plot's
     cell = lambda m, e, a: f"<td>{m:.4f}" + (f" ± {e:.4f}" if a else "") + "</td>"  # noqa: E731
     row = "".join(map(cell, dose["shard"], dose["stderr_change_shard"], dose["alphas"]))

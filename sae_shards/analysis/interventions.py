@@ -472,7 +472,7 @@ def _until_stop(ids: list[int], stops: set) -> list[int]:
     return ids
 
 
-def _estimate(rewards: Tensor) -> RewardEstimate:
+def estimate(rewards: Tensor) -> RewardEstimate:
     """Mean and per-prompt standard error of ``rewards [n_prompts, n_samples]``; unscorable
     (NaN) completions are left out, and prompts with none scored."""
     scored = ~rewards.isnan()
@@ -537,7 +537,7 @@ def label_rewards(scored: Scored, task: AnyTask,
 def by_label(scored: Scored, task: AnyTask,
              labels: Sequence[str] | None = None) -> dict[str, RewardEstimate]:
     """Each context's reward estimate from one :class:`Scored` batch (:func:`label_rewards`)."""
-    return {label: _estimate(r) for label, r in label_rewards(scored, task, labels).items()}
+    return {label: estimate(r) for label, r in label_rewards(scored, task, labels).items()}
 
 
 def mean_reward(
@@ -559,7 +559,7 @@ def mean_reward(
     """
     check_task(task, "mean_reward")
     data = task.dataset(n_prompts, seed)
-    return _estimate(score_rollouts(model, tokenizer, task, data, n_samples, max_new_tokens,
+    return estimate(score_rollouts(model, tokenizer, task, data, n_samples, max_new_tokens,
                                     temperature, seed, **sampling).rewards)
 
 
@@ -629,7 +629,7 @@ class DoseResponse:
     """The same along the control."""
 
 
-def _check_baseline(baseline: Scored | None, n_prompts: int, reward_kwargs: Mapping[str, Any],
+def check_baseline(baseline: Scored | None, n_prompts: int, reward_kwargs: Mapping[str, Any],
                     caller: str) -> None:
     """A caller's ``baseline`` must score the rollouts ``caller`` scores: ``[n_prompts,
     n_samples]`` (``ValueError`` otherwise)."""
@@ -666,7 +666,7 @@ def dose_response(
     (one per model serves every shard's curve).
     """
     data = eval_prompts(task, n_prompts, reward_kwargs.get("seed", 0))
-    _check_baseline(baseline, n_prompts, reward_kwargs, "dose_response")
+    check_baseline(baseline, n_prompts, reward_kwargs, "dose_response")
     control = random_direction_like(direction, torch.Generator().manual_seed(control_seed))
     points: dict[str, list[Scored]] = {"shard": [], "control": []}
     for alpha in alphas:
@@ -680,7 +680,7 @@ def dose_response(
             with add_direction(model, d, alpha):
                 points[kind].append(score_rollouts(model, tokenizer, task, data,
                                                    **reward_kwargs))
-    pooled = {kind: [_estimate(p.rewards) for p in ps] for kind, ps in points.items()}
+    pooled = {kind: [estimate(p.rewards) for p in ps] for kind, ps in points.items()}
     labelled = {kind: [by_label(p, task) for p in ps] for kind, ps in points.items()}
     several = bool(labelled["shard"]) and len(labelled["shard"][0]) >= 2
 
@@ -767,7 +767,7 @@ def ablate(
     ``baseline``: the final weights' :class:`Scored` on those prompts, when the caller already
     has it (one per run serves every shard). ``model`` is restored bit-exactly afterwards."""
     data = eval_prompts(task, n_prompts, reward_kwargs.get("seed", 0))
-    _check_baseline(baseline, n_prompts, reward_kwargs, "ablate")
+    check_baseline(baseline, n_prompts, reward_kwargs, "ablate")
     final = baseline if baseline is not None else score_rollouts(model, tokenizer, task, data,
                                                                  **reward_kwargs)
     with remove_direction(model, direction, initial) as c:
@@ -775,7 +775,7 @@ def ablate(
     control = random_direction_like(direction, torch.Generator().manual_seed(control_seed))
     with add_direction(model, control, -c):
         ctrl = score_rollouts(model, tokenizer, task, data, **reward_kwargs)
-    est = [_estimate(s.rewards) for s in (final, removed, ctrl)]
+    est = [estimate(s.rewards) for s in (final, removed, ctrl)]
     labelled = [by_label(s, task) for s in (final, removed, ctrl)]
     several = len(labelled[0]) >= 2
     means = [{label: e.mean for label, e in per.items()} if several else {} for per in labelled]

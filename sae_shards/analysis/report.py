@@ -13,7 +13,10 @@ run's adapter, merged into that base), and a reward: a built-in task's, or, for 
 user's own TRL script, theirs handed back as ``analyze(..., task=RewardTask(...))``
 (``reward_task``). When the prompts carry several contexts each one's curve is drawn too.
 The ablation removes the same ``c * shard`` from the *final* weights (``interventions.ablate``),
-beside ``c`` times a random direction of the shard's norm.
+beside ``c`` times a random direction of the shard's norm. The last section takes the detailed
+shards together (``span``): the run's update projected onto their span, removed from the final
+weights and added alone to the initial ones, and the share of the run's reward change each undoes
+or recovers.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from sae_shards.analysis.families import ALWAYS_ON_DENSITY
 from sae_shards.analysis.interventions import (ablate, dose_response, eval_prompts,
                                                score_rollouts, update_coefficient)
 from sae_shards.analysis.reward_task import RewardTask
+from sae_shards.analysis.span import (RESOLVED_SE, SpanEffect, combine, span_effect,
+                                      span_weights, update_share)
 from sae_shards.analysis.shards import (RunView, initial_model_dir, load_run_models, policy_dir,
                                         run_models_missing, run_sampling)
 from sae_shards.core.targets import parse_slice
@@ -46,7 +51,7 @@ from sae_shards.run import rundir
 from sae_shards.run.config import REUSED, generation_use, reused_generations
 
 SECTIONS = ("summary", "sae-curves", "reward", "timeline", "families", "norms", "rollouts", "logit-lens",
-            "dose-response", "ablation")
+            "dose-response", "ablation", "together")
 DEFAULT_ALPHAS = (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 
 log = logging.getLogger(__name__)
@@ -358,8 +363,10 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                                              mixes if several else {})))
 
     lens_html, dose_results, ablations, baselines = [], {}, {}, None
+    scorer = None  # scorer None: a user's own TRL run, analysed without its reward (``task``)
     if models is not None:
         theta0, theta_t = (dict(m.named_parameters()) for m in (models.initial, models.final))
+        scorer = task if task is not None else models.task
     for s in shards:
         entry: dict[str, Any] = {"density": float(density[s]), "always_on": s in tags,
                                  "task_mix": mixes[s],
@@ -374,14 +381,12 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                                                       "tasks")}
                                    for t in view.top_events(s, top_k)]
         if models is not None:
-            scorer = task if task is not None else models.task
             rows = lens_rows(models.initial, models.tokenizer, view.shards[s], top_k)
             entry["logit_lens"] = rows
             lens_html.append(_lens_html(s, rows, tags))
             direction = view.shards[s].dense(scaled=False)  # {name: unit direction}
             c = update_coefficient(theta_t, theta0, direction)
             entry["share_of_update"] = c
-            # scorer None: a user's own TRL run, analysed without its reward (``task``)
             if scorer is not None:
                 if baselines is None:  # each policy as it is: one estimate serves every shard
                     baselines = _baselines(models, scorer, alphas, n_prompts, sampling)
@@ -437,6 +442,15 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                           "update",
                           (_ablation_html(ablations, tags, policy, analysis["shards"])
                            if ablations else unscored)))
+    together = None
+    if models is not None and shards:
+        analysis["together"], together = _together(view, models, shards, analysis["shards"],
+                                                   scorer, n_prompts, baselines, sampling)
+    parts.append(_section("together", "Shards together: how much of the run's reward change "
+                          "goes through their span",
+                          _together_html(analysis["together"], together, tags, policy)
+                          if "together" in analysis else
+                          (unscored if models is None or not shards else untrained)))
 
     page = _page(f"sae-shards report: {view.run_dir.name}", "".join(parts))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -444,6 +458,120 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     rundir.write_text(out.parent / rundir.ANALYSIS,
                       json.dumps(rundir.strict_json(analysis), indent=2, default=float))
     return out
+
+
+def _together(view: RunView, models, shards: list[int], entries: dict[int, dict[str, Any]],
+              scorer, n_prompts: int, baselines: tuple[Any, Any] | None,
+              sampling: dict[str, Any]) -> tuple[dict[str, Any], SpanEffect | None]:
+    """The detailed shards together (``span``): ``analysis.json``'s ``together`` (each shard's
+    weight in the update's least-squares projection onto their span, the share of the update's
+    squared norm there, and, with a reward, the ``SpanEffect``) and the effect itself (None
+    without a reward). One dense direction is built at a time besides the projection."""
+    gram = view.shards.subset(shards).cosine_matrix()  # [k, k], in factored form
+    coefficients = torch.tensor([entries[s]["share_of_update"] for s in shards])
+    weights = span_weights(gram, coefficients)
+    theta0, theta_t = (dict(m.named_parameters()) for m in (models.initial, models.final))
+    projected = combine((view.shards[s].dense(scaled=False) for s in shards), weights.tolist())
+    out: dict[str, Any] = {"shards": list(shards), "weights": weights.tolist(),
+                           "update_share": update_share(projected, theta_t, theta0)}
+    effect = None
+    if scorer is not None:
+        effect = span_effect(models.initial, models.final, models.tokenizer, scorer, projected,
+                             n_prompts=n_prompts, baselines=baselines or (None, None),
+                             **sampling)
+        out.update(dataclasses.asdict(effect))
+    return out, effect
+
+
+def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[int, str],
+                   policy: str) -> str:
+    """The span's share of the update and, with a reward, the six policies' rewards, their
+    paired changes and the shares of the run's change; each context's changes when several."""
+    shards = entry["shards"]
+    named = ", ".join(f"{s} (always on)" if s in tags else str(s) for s in shards)
+    text = (f"<p>P is the run's update (theta_T, the {html.escape(policy)}, minus the initial "
+            f"weights theta_0) projected onto the span of shards {named} (least squares, so "
+            f"overlapping shards are not counted twice). It holds "
+            f"{100 * entry['update_share']:.1f}% of the update's squared norm on the shards' "
+            "targets.</p>")
+    if effect is None:
+        return text + ("<p>No reward to score it with (see the dose-response section).</p>")
+
+    def change(key: str) -> str:
+        value, stderr = effect.changes[key]
+        return f"{value:+.4f} ± {stderr:.4f}"
+
+    def share(key: str) -> str:
+        return _share(*effect.shares[key])
+
+    r = effect.rewards
+    rows = [["initial weights (theta_0)", f"{r['initial']:.4f}", "", ""],
+            ["the policy (theta_T)", f"{r['final']:.4f}", change("run") + " (from theta_0)",
+             "100% (the run's change)"],
+            ["theta_T - P: without the shards' span", f"{r['removed']:.4f}",
+             change("removed") + " (from theta_T)", share("removed") + " undone"],
+            ["theta_T - random of P's norm", f"{r['removed_control']:.4f}",
+             change("removed_control") + " (from theta_T)", share("removed_control") + " undone"],
+            ["theta_0 + P: the shards' span alone", f"{r['kept']:.4f}",
+             change("kept") + " (from theta_0)", share("kept") + " recovered"],
+            ["theta_0 + random of P's norm", f"{r['kept_control']:.4f}",
+             change("kept_control") + " (from theta_0)", share("kept_control") + " recovered"],
+            ["theta_T with the shards' parameters at theta_0: the whole update on them removed",
+             f"{r['removed_whole']:.4f}", change("removed_whole") + " (from theta_T)",
+             share("removed_whole") + " undone"],
+            ["theta_0 with the shards' parameters at theta_T: the whole update on them alone",
+             f"{r['kept_whole']:.4f}", change("kept_whole") + " (from theta_0)",
+             share("kept_whole") + " recovered"]]
+    out = text + _table(["weights", "reward", "change, paired per prompt",
+                         "share of the run's change"], rows)
+    if effect.by_label:
+        out += _table(["context", "the run's change", "change without the span (from theta_T)",
+                       "change with the span alone (from theta_0)"],
+                      [[html.escape(label), *(f"{v:+.4f} ± {e:.4f}" for v, e in
+                                              (c["run"], c["removed"], c["kept"]))]
+                       for label, c in effect.by_label.items()])
+    run, run_se = effect.changes["run"]
+    if effect.resolved:
+        out += (f"<p>Removing the shards' span undoes {share('removed')} of the run's reward "
+                f"change ({run:+.4f}); adding it alone to the initial weights recovers "
+                f"{share('kept')}. The whole update on the same parameters undoes "
+                f"{share('removed_whole')} and recovers {share('kept_whole')}: what those "
+                "parameters carry at all, the reference for the span's shares (the rest of the "
+                "change is carried by the weights the shards are not on). ")
+    else:
+        out += (f"<p>The run's own reward change ({run:+.4f} ± {run_se:.4f}) is within "
+                f"{RESOLVED_SE:g} standard errors of 0 on these rollouts, so no share of it is "
+                "given (<code>--n-prompts</code> raises the resolution). ")
+    return out + (f"{effect.n} completions per estimate, the same prompts and rollout seed for "
+                  "each; ± is the standard error over prompts (for a share, the delta method's). "
+                  "The reward is not linear in the weights: the two shares need not agree nor "
+                  "stay within 0-100%. The random rows remove or add a Gaussian direction of "
+                  "P's norm.</p>")
+
+
+def _share(value: float, stderr: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.1f}% ± {100 * stderr:.1f}%"
+
+
+def together_line(analysis: dict[str, Any]) -> str | None:
+    """One line on the detailed shards together, from ``analysis.json``'s ``together`` (None
+    when the report scored no span: no model, no reward, or no shard)."""
+    entry = analysis.get("together") or {}
+    if "shares" not in entry:
+        return None
+    one = len(entry["shards"]) == 1
+    shards = (f"shard {entry['shards'][0]}" if one
+              else f"shards {', '.join(map(str, entry['shards']))} together")
+    run, run_se = (math.nan if v is None else v for v in entry["changes"]["run"])
+    removed, kept, whole = ([math.nan if v is None else v for v in entry["shares"][k]]
+                            for k in ("removed", "kept", "removed_whole"))
+    if math.isnan(removed[0]):
+        return (f"{shards}: the run's reward change ({run:+.4f} ± {run_se:.4f}) is not "
+                "resolved by these rollouts, so no share of it is given (--n-prompts)")
+    span = "the update along it" if one else "their span"
+    return (f"{shards}: removing {span} undoes {_share(*removed)} of the run's reward change "
+            f"({run:+.4f}), the whole update on the same parameters {_share(*whole)}; {span} "
+            f"alone recovers {_share(*kept)} (report: 'Shards together')")
 
 
 def _baselines(models, scorer, alphas: Sequence[float], n_prompts: int,

@@ -1,0 +1,157 @@
+"""Shards together: the update's projection onto their span, and the share of the run's reward
+change that removing it undoes or adding it alone recovers."""
+
+import math
+
+import pytest
+import torch
+from helpers import vowel_direction
+
+from sae_shards.analysis.interventions import add_direction
+from sae_shards.analysis.span import (combine, share_of_change, span_effect, span_weights,
+                                      update_share)
+from sae_shards.recipe.models import tiny_model_and_tokenizer
+from sae_shards.recipe.tasks import build_task
+
+SHAPES = {"a": (5, 3), "b": (4,)}
+
+
+def _draw(gen):
+    return {n: torch.randn(s, generator=gen, dtype=torch.float64).float() for n, s in
+            SHAPES.items()}
+
+
+def _flat(d):
+    return torch.cat([d[n].double().flatten() for n in SHAPES])
+
+
+def _unit(d):
+    norm = _flat(d).norm()
+    return {n: t / norm for n, t in d.items()}
+
+
+def test_span_weights_give_the_least_squares_projection():
+    """P = sum w_i d_i is the update's orthogonal projection onto the directions' span (the
+    residual is orthogonal to every direction), for overlapping directions and a repeated one;
+    update_share is ||P||^2 / ||Delta||^2."""
+    gen = torch.Generator().manual_seed(0)
+    base = [_draw(gen) for _ in range(2)]
+    mixed = {n: base[0][n] + 0.8 * base[1][n] for n in SHAPES}  # overlaps both
+    dirs = [_unit(d) for d in (base[0], base[1], mixed, base[0])]  # the last repeats the first
+    initial, delta = _draw(gen), _draw(gen)
+    final = {n: initial[n] + delta[n] for n in SHAPES}
+    gram = torch.stack([torch.stack([_flat(a) @ _flat(b) for b in dirs]) for a in dirs])
+    c = torch.stack([_flat(delta) @ _flat(d) for d in dirs])
+    w = span_weights(gram, c)
+    projected = combine(iter(dirs), w.tolist())
+    expected = torch.linalg.lstsq(torch.stack([_flat(d) for d in dirs[:2]]).T,
+                                  _flat(delta)[:, None]).solution  # [2, 1]
+    expected = expected[0, 0] * _flat(dirs[0]) + expected[1, 0] * _flat(dirs[1])
+    assert torch.allclose(_flat(projected), expected, atol=1e-5)
+    residual = _flat(delta) - _flat(projected)
+    assert all(abs(float(residual @ _flat(d))) < 1e-5 for d in dirs)
+    assert w[0] == pytest.approx(float(w[3]), abs=1e-9)  # a repeated direction shares its weight
+    share = update_share(projected, final, initial)
+    assert share == pytest.approx(float(_flat(projected).norm() ** 2 / _flat(delta).norm() ** 2),
+                                  rel=1e-5)
+    assert 0 < share < 1
+    whole = combine(iter([_unit(delta)]), [float(_flat(delta).norm())])
+    assert update_share(whole, final, initial) == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(ValueError, match=r"\[k, k\]"):
+        span_weights(gram[:2], c)
+
+
+def test_share_of_a_change_is_a_ratio_of_paired_means_and_needs_a_resolved_run():
+    gen = torch.Generator().manual_seed(1)
+    initial = torch.rand(8, 4, generator=gen, dtype=torch.float64)
+    gain = 0.5 + 0.1 * torch.rand(8, 1, generator=gen, dtype=torch.float64)
+    final = initial + gain
+    part = initial + 0.25 * gain  # a quarter of every prompt's change: share exactly 0.25
+    share, stderr = share_of_change(initial, final, initial, part)
+    assert share == pytest.approx(0.25, abs=1e-12) and stderr == pytest.approx(0.0, abs=1e-12)
+    noisy = part + 0.05 * torch.randn(8, 4, generator=gen, dtype=torch.float64)
+    share, stderr = share_of_change(initial, final, initial, noisy)
+    a, b = (noisy - initial).mean(1), (final - initial).mean(1)
+    assert share == pytest.approx(float(a.mean() / b.mean()), rel=1e-12) and stderr > 0
+    flat = initial + 0.01 * torch.randn(8, 4, generator=gen, dtype=torch.float64)
+    assert all(math.isnan(x) for x in share_of_change(initial, flat, initial, part))
+
+
+@pytest.fixture(scope="module")
+def models():
+    initial, tokenizer = tiny_model_and_tokenizer(seed=0)
+    final, _ = tiny_model_and_tokenizer(seed=0)
+    return initial, final, tokenizer
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_the_span_of_the_shards_that_carry_the_reward_explains_the_run(models):
+    """A "run" moved theta_0 by 10 x the vowel direction (the letters reward) plus 10 x a random
+    lm_head direction. Shards spanning both (one of them a mix) undo and recover nearly all of
+    the run's reward change; the random one alone holds about half of the update's norm but
+    almost none of its reward change, while the whole update on its parameter (lm_head) does it
+    all; a random direction of P's norm does neither. Both models come back bit-exactly."""
+    initial, final, tokenizer = models
+    task = build_task("letters")
+    vowel = vowel_direction(initial, tokenizer, task)
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn(initial.lm_head.weight.shape, generator=gen)
+    noise = {"lm_head.weight": noise / noise.norm()}
+    mix = {"lm_head.weight": vowel["lm_head.weight"] + 0.5 * noise["lm_head.weight"]}
+    mix = {"lm_head.weight": mix["lm_head.weight"] / mix["lm_head.weight"].norm()}
+    theta0 = _snapshot(initial)
+    run = {"lm_head.weight": 10 * vowel["lm_head.weight"] + 10 * noise["lm_head.weight"]}
+    with add_direction(final, run, 1.0):
+        theta_t = _snapshot(final)
+        results = {}
+        for name, dirs in (("both", [mix, noise]), ("noise", [noise])):
+            flat = [d["lm_head.weight"].flatten().double() for d in dirs]
+            gram = torch.stack([torch.stack([a @ b for b in flat]) for a in flat])
+            delta = (theta_t["lm_head.weight"] - theta0["lm_head.weight"]).flatten().double()
+            w = span_weights(gram, torch.stack([delta @ f for f in flat]))
+            projected = combine(iter(dirs), w.tolist())
+            results[name] = (update_share(projected, final, initial),
+                             span_effect(initial, final, tokenizer, task, projected,
+                                         n_prompts=16, n_samples=4))
+        for model, snap in ((initial, theta0), (final, theta_t)):
+            assert all(torch.equal(p, snap[n]) for n, p in model.named_parameters())
+    share, both = results["both"]
+    assert share == pytest.approx(1.0, abs=1e-4)
+    run_change, run_se = both.changes["run"]
+    assert run_change > 0.3 and run_change > 4 * run_se  # the vowel part raises the reward
+    assert both.resolved
+    assert both.shares["removed"][0] > 0.85 and both.shares["kept"][0] > 0.85
+    assert abs(both.shares["removed_control"][0]) < 0.2
+    assert abs(both.shares["kept_control"][0]) < 0.2
+    share, alone = results["noise"]
+    assert 0.3 < share < 0.7  # about half of the update's squared norm ...
+    assert abs(alone.shares["removed"][0]) < 0.2  # ... and almost none of its reward change
+    assert abs(alone.shares["kept"][0]) < 0.2
+    # the reference: the whole update on lm_head (here all of the run's) does it all
+    for effect in (both, alone):
+        assert effect.shares["removed_whole"][0] > 0.85 and effect.shares["kept_whole"][0] > 0.85
+    assert alone.rewards["removed_whole"] == both.rewards["removed_whole"]
+    assert alone.rewards["initial"] == both.rewards["initial"]  # same prompts, same seed
+    assert both.by_label == {}  # one context
+
+
+def test_each_contexts_change_comes_from_the_same_rollouts(models):
+    """On a multi-task task the vowel direction's run changes task A alone, and removing its
+    span undoes A's change; the per-context changes average to the pooled ones."""
+    initial, final, tokenizer = models
+    task = build_task("multiskill")
+    vowel = vowel_direction(initial, tokenizer, build_task("letters"))
+    with add_direction(final, vowel, 10.0):
+        effect = span_effect(initial, final, tokenizer, task,
+                             {"lm_head.weight": 10.0 * vowel["lm_head.weight"]},
+                             n_prompts=32, n_samples=4)
+    assert list(effect.by_label) == list(task.labels)
+    a = effect.by_label["A"]
+    assert a["run"][0] > 0.4 and a["removed"][0] < -0.4 and a["kept"][0] > 0.4
+    for label in "BCD":
+        assert all(abs(effect.by_label[label][k][0]) < 0.1 for k in ("run", "removed", "kept"))
+    pooled = sum(c["run"][0] for c in effect.by_label.values()) / 4
+    assert pooled == pytest.approx(effect.changes["run"][0], abs=1e-12)
