@@ -151,6 +151,8 @@ def test_each_contexts_change_comes_from_the_same_rollouts(models):
     assert list(effect.by_label) == list(task.labels)
     a = effect.by_label["A"]
     assert a["run"][0] > 0.4 and a["removed"][0] < -0.4 and a["kept"][0] > 0.4
+    for kind in ("removed", "kept"):  # P is all of the update: the same weights to rounding
+        assert a[kind + "_whole"][0] == pytest.approx(a[kind][0], abs=0.02)
     for label in "BCD":
         assert all(abs(effect.by_label[label][k][0]) < 0.1 for k in ("run", "removed", "kept"))
     pooled = sum(c["run"][0] for c in effect.by_label.values()) / 4

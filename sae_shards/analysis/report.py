@@ -525,10 +525,12 @@ def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[
     out = text + _table(["weights", "reward", "change, paired per prompt",
                          "share of the run's change"], rows)
     if effect.by_label:
-        out += _table(["context", "the run's change", "change without the span (from theta_T)",
-                       "change with the span alone (from theta_0)"],
-                      [[html.escape(label), *(f"{v:+.4f} ± {e:.4f}" for v, e in
-                                              (c["run"], c["removed"], c["kept"]))]
+        out += _table(["context", "the run's change", "without the span (from theta_T)",
+                       "without the whole update on its parameters",
+                       "the span alone (from theta_0)", "the whole update on them alone"],
+                      [[html.escape(label), *(f"{c[k][0]:+.4f} ± {c[k][1]:.4f}" for k in
+                                              ("run", "removed", "removed_whole", "kept",
+                                               "kept_whole"))]
                        for label, c in effect.by_label.items()])
     run, run_se = effect.changes["run"]
     if effect.resolved:

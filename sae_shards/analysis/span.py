@@ -142,8 +142,9 @@ class SpanEffect:
     (``removed_control``, ``kept_control``) and for the whole update on P's parameters
     (``removed_whole``, ``kept_whole``); NaN when the run's change is not resolved."""
     by_label: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
-    """Each context's paired changes ``run``, ``removed``, ``kept`` (a built-in task's reward
-    scale divided out); ``{}`` unless the prompts carry at least two contexts."""
+    """Each context's paired changes ``run``, ``removed``, ``kept``, ``removed_whole``,
+    ``kept_whole`` (a built-in task's reward scale divided out); ``{}`` unless the prompts carry
+    at least two contexts."""
 
     @property
     def resolved(self) -> bool:
@@ -210,8 +211,9 @@ def span_effect(
         for label in labelled["final"]:
             lr = {k: v[label] for k, v in labelled.items()}
             by_label[label] = {"run": paired_change(lr["initial"], lr["final"]),
-                               "removed": paired_change(lr["final"], lr["removed"]),
-                               "kept": paired_change(lr["initial"], lr["kept"])}
+                               **{kind + suffix: paired_change(lr[start], lr[kind + suffix])
+                                  for kind, start in (("removed", "final"), ("kept", "initial"))
+                                  for suffix in ("", "_whole")}}
     est = {k: estimate(v) for k, v in r.items()}
     return SpanEffect(n=est["final"].n, rewards={k: e.mean for k, e in est.items()},
                       changes=changes, shares=shares, by_label=by_label)
