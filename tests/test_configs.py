@@ -290,3 +290,17 @@ def test_an_undocumented_field_is_refused_by_the_reference():
             config_reference.render()
     finally:
         config_reference.SECTIONS = sections
+
+
+def test_a_sweeps_job_directories_ignore_every_setting_a_resume_may_change():
+    """Hydra names a sweep's job directories by its overrides less ``exclude_keys``: a setting a
+    resume may change (``rundir.RESUME_FREE``) that names a job would make a resumed sweep look
+    for other directories than the ones its jobs wrote."""
+    from omegaconf import OmegaConf
+
+    from sae_shards.run.rundir import RESUME_FREE
+
+    hydra = OmegaConf.load(f"{CONFIG_DIR}/config.yaml").hydra
+    excluded = set(hydra.job.config.override_dirname.exclude_keys)
+    settable = {k for k in RESUME_FREE if k not in ("world_size", "launch")}  # not overrides
+    assert settable <= excluded, sorted(settable - excluded)
