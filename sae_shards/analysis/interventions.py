@@ -500,12 +500,22 @@ def eval_prompts(task: AnyTask, n_prompts: int, seed: int = 0) -> Any:
     return task.dataset(n_prompts, seed)
 
 
+def prompt_means(*rewards: Tensor) -> list[Tensor]:
+    """Each scoring's per-prompt mean reward (``[n]``; ``rewards``: ``[n_prompts, n_samples]``
+    scorings of the same prompts), over the prompts every one of them scored at least once
+    (unscorable completions are NaN): the paired units of a change."""
+    keep = torch.ones(rewards[0].shape[0], dtype=torch.bool)
+    for r in rewards:
+        keep &= ~r.isnan().all(dim=1)
+    return [r[keep].nanmean(dim=1) for r in rewards]
+
+
 def paired_change(before: Tensor, after: Tensor) -> tuple[float, float]:
     """Mean change ``after - before`` of two scorings of the same prompts and rollout seed
     (``[n_prompts, n_samples]`` each) and its standard error over prompts (each prompt's mean
     change; prompts are the independent units); NaN stderr for one prompt."""
-    keep = ~(before.isnan().all(dim=1) | after.isnan().all(dim=1))
-    diff = after[keep].nanmean(dim=1) - before[keep].nanmean(dim=1)
+    b, a = prompt_means(before, after)
+    diff = a - b
     n = diff.numel()
     if n == 0:
         return math.nan, math.nan

@@ -36,7 +36,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sae_shards.analysis.interventions import (AnyTask, Direction, Scored, add_direction,
                                                check_baseline, estimate, eval_prompts,
-                                               label_rewards, paired_change,
+                                               label_rewards, paired_change, prompt_means,
                                                random_direction_like, score_rollouts,
                                                set_weights, weights_of)
 
@@ -93,15 +93,6 @@ def update_share(projected: Direction, final: nn.Module | Mapping[str, Tensor],
     return pp / dd if dd > 0 else math.nan
 
 
-def _prompt_means(*rewards: Tensor) -> list[Tensor]:
-    """Each scoring's per-prompt mean reward (``[n]``), over the prompts every one of them
-    scored at least once (unscorable completions are NaN)."""
-    keep = torch.ones(rewards[0].shape[0], dtype=torch.bool)
-    for r in rewards:
-        keep &= ~r.isnan().all(dim=1)
-    return [r[keep].nanmean(dim=1) for r in rewards]
-
-
 def share_of_change(initial: Tensor, final: Tensor, part_from: Tensor, part_to: Tensor
                     ) -> tuple[float, float]:
     """``(share, stderr)``: the mean of ``part_to - part_from`` over the mean of ``final -
@@ -109,7 +100,7 @@ def share_of_change(initial: Tensor, final: Tensor, part_from: Tensor, part_to: 
     with the delta method's standard error over prompts; ``(nan, nan)`` when the denominator
     (the run's change) is not resolved (:data:`RESOLVED_SE` standard errors) or there are fewer
     than two prompts."""
-    r0, rt, pf, pt = _prompt_means(initial, final, part_from, part_to)
+    r0, rt, pf, pt = prompt_means(initial, final, part_from, part_to)
     n = r0.numel()
     if n < 2:
         return math.nan, math.nan
