@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,12 @@ BLOCK = 32768
 
 
 def read_records(path: str | Path) -> list:
-    """The ``wandb_internal_pb2.Record`` messages of an offline run file, in order."""
+    """The ``wandb_internal_pb2.Record`` messages of an offline run file, in order.
+
+    W&B's service process may still be appending to the file: reading stops at the first chunk
+    that is cut short or whose checksum (CRC-32 of its kind byte and data) does not match, so a
+    record half-written at the moment of reading is left for the next read rather than parsed.
+    """
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(path).read_bytes()
@@ -103,11 +109,13 @@ def read_records(path: str | Path) -> list:
         if left_in_block < 7:  # block trailer: zero padding
             pos += left_in_block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
         if length == 0 and kind == 0:  # zero fill at the end of a block
             pos += left_in_block
             continue
         chunk = data[pos + 7: pos + 7 + length]
+        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != crc:
+            break  # not yet fully written
         pos += 7 + length
         pending += chunk
         if kind in (1, 4):

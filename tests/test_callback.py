@@ -189,6 +189,37 @@ def test_sae_figures_join_the_trainers_wandb_run(tiny_model, tmp_path, monkeypat
     assert not (tmp_path / "run" / "wandb").exists()  # no second W&B run of its own
 
 
+def test_reading_a_wandb_file_mid_write_gives_its_complete_records(tmp_path, monkeypatch):
+    """W&B's service process appends to the run file while a test reads it: a cut at any byte
+    must give a prefix of the finished file's records, never a parse error."""
+    import glob
+
+    import wandb
+
+    from helpers import read_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.teardown()
+    run = wandb.init(project="read-records")
+    for i in range(40):
+        run.log({"x": i, "text": "y" * (i * 97)})  # records of many lengths, some over a block
+    run.finish()
+    (file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    data = Path(file).read_bytes()
+    whole = [rec.SerializeToString() for rec in read_records(file)]
+    assert len(whole) > 40 and len(data) > 32768  # every history record, across a block boundary
+    cut = tmp_path / "cut.wandb"
+    seen = set()
+    for end in range(8, len(data), 61):
+        cut.write_bytes(data[:end])
+        part = [rec.SerializeToString() for rec in read_records(cut)]
+        assert part == whole[:len(part)]
+        seen.add(len(part))
+    assert len(seen) > 40  # the cuts did stop at many different records
+
+
 class _StopAt(TrainerCallback):
     """Asks the ShardCallback to stop after RL step ``step`` (as a SIGTERM handler would)."""
 
