@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 
 from sae_shards import CheckpointError, RunView, ShardCallback, ShardSet
 from sae_shards.cli import main as cli_main
+from sae_shards.core.checkpoint import STATE_FILE
 from sae_shards.recipe.models import build_tiny_model
 from sae_shards.run import rundir
 
@@ -231,7 +232,7 @@ class _StopAt(TrainerCallback):
             self.shards.request_stop()
 
 
-def _user_trainer(tiny_model, out_dir, callbacks, max_steps=10, **overrides):
+def _user_trainer(tiny_model, out_dir, callbacks, max_steps=10, n_prompts=64, **overrides):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -244,16 +245,16 @@ def _user_trainer(tiny_model, out_dir, callbacks, max_steps=10, **overrides):
                     save_steps=5, logging_steps=1, disable_tqdm=True)
     config = GRPOConfig(**{**settings, **overrides})
     return GRPOTrainer(model=str(tiny_model), reward_funcs=task.reward_funcs, args=config,
-                       train_dataset=Dataset.from_dict(task.dataset(64).to_dict()),
+                       train_dataset=Dataset.from_dict(task.dataset(n_prompts).to_dict()),
                        callbacks=callbacks)
 
 
 def _assert_same_ending(whole: Path, cut: Path) -> None:
-    """The two runs end with the same shards, bit for bit, and the same rollouts."""
+    """The two runs had the same rollouts and end with the same shards, bit for bit."""
+    assert (whole / "rollouts.jsonl").read_text() == (cut / "rollouts.jsonl").read_text()
     a, b = (load_file(run / "checkpoints" / "final" / "sae.safetensors") for run in (whole, cut))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True, msg=key)
-    assert (whole / "rollouts.jsonl").read_text() == (cut / "rollouts.jsonl").read_text()
 
 
 def _seeded_run(tiny_model, tmp_path, name: str, stop_at: int | None = None) -> ShardCallback:
@@ -488,26 +489,49 @@ class _CrashAt(TrainerCallback):
             raise RuntimeError(f"crashed after step {self.step}")
 
 
-def test_a_script_crash_resumes_when_the_trainer_saves_less_often_than_the_callback(
-        tiny_model, tmp_path):
-    """The callback checkpoints every 2 steps, TRL every 5: crashed after step 9, TRL resumes
-    from its checkpoint-5, whose resume file must have outlived the newer ones (the callback
-    used to keep only its two newest, 6 and 8, and the run could not resume). The resumed run
-    ends with the uninterrupted run's shards, bit for bit."""
-    runner = {"min_samples": 2, "checkpoint_every": 2}
+@pytest.fixture(scope="module")
+def every_two_steps(tiny_model, tmp_path_factory) -> Path:
+    """An uninterrupted script run whose callback checkpoints every 2 steps (10 prompts, 2 per
+    step: an epoch is 5 steps, each in the dataset's order: a resumed TRL run draws an epoch's
+    shuffle afresh, so after an epoch boundary it would train on another order); its run
+    directory."""
+    run_dir = tmp_path_factory.mktemp("every_two") / "whole"
     torch.manual_seed(0)
-    whole = ShardCallback(run_dir=tmp_path / "whole", runner=runner)
-    _user_trainer(tiny_model, tmp_path / "trl_whole", [whole]).train()
+    whole = ShardCallback(run_dir=run_dir, runner={"min_samples": 2, "checkpoint_every": 2})
+    _user_trainer(tiny_model, run_dir.parent / "trl_whole", [whole], n_prompts=10,
+                  shuffle_dataset=False).train()
+    return run_dir
+
+
+@pytest.mark.parametrize("saving", [{"save_steps": 5}, {"save_strategy": "epoch"}],
+                         ids=["save_steps", "epoch"])
+def test_a_script_crash_resumes_when_the_trainer_saves_less_often_than_the_callback(
+        tiny_model, tmp_path, every_two_steps, saving):
+    """The callback checkpoints every 2 steps, TRL at step 5 (its save_steps, or the end of an
+    epoch, which it decides after the step). Crashed after step 9, TRL resumes from its
+    checkpoint-5, whose resume file must exist: the callback writes one exactly where TRL
+    checkpoints (an epoch's on TRL's on_save; it used to write them only every 2 steps, and keep
+    the newest two, so neither run could resume). Its other checkpoints hold the shards only.
+    The resumed run ends with the uninterrupted run's shards, bit for bit."""
+    runner = {"min_samples": 2, "checkpoint_every": 2}
     torch.manual_seed(0)
     crashed = ShardCallback(run_dir=tmp_path / "cut", runner=runner)
     with pytest.raises(RuntimeError, match="crashed after step 9"):
-        _user_trainer(tiny_model, tmp_path / "trl_cut", [crashed, _CrashAt(9)]).train()
+        _user_trainer(tiny_model, tmp_path / "trl_cut", [crashed, _CrashAt(9)], n_prompts=10,
+                      shuffle_dataset=False, **saving).train()
     crashed.close()
-    assert rundir.saved_steps(tmp_path / "cut" / "resume") == [5, 6, 8]  # 2, 4 pruned
+    assert [p.name for p in (tmp_path / "trl_cut").glob("checkpoint-*")] == ["checkpoint-5"]
+    assert rundir.saved_steps(tmp_path / "cut" / "resume") == [5]
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    assert rundir.saved_steps(checkpoints) == [2, 4, 5, 6, 8]
+    assert [step for step in [2, 4, 5, 6, 8]  # the optimizer state only where a resume can be
+            if (checkpoints / rundir.step_name(step) / STATE_FILE).is_file()] == [5]
+    ShardSet.load(checkpoints / rundir.step_name(6))  # a shards-only checkpoint loads
     again = ShardCallback(run_dir=tmp_path / "cut", runner=runner, resume=True)
-    _user_trainer(tiny_model, tmp_path / "trl_cut", [again]).train(resume_from_checkpoint=True)
+    _user_trainer(tiny_model, tmp_path / "trl_cut", [again], n_prompts=10,
+                  shuffle_dataset=False, **saving).train(resume_from_checkpoint=True)
     assert again.summary["rl_steps"] == 10 and not again.summary["interrupted"]
-    _assert_same_ending(tmp_path / "whole", tmp_path / "cut")
+    _assert_same_ending(every_two_steps, tmp_path / "cut")
 
 
 def test_the_end_of_a_users_run_survives_a_stop_in_its_last_step_and_a_kill_after_it(
@@ -1053,9 +1077,10 @@ def test_a_script_whose_trainer_never_saves_is_told_it_cannot_resume_after_a_kil
     assert "checkpoint_every" not in said and "smaller save_steps" in said
 
 
-def test_whether_a_run_writes_step_checkpoints_is_read_from_both_sides(tmp_path):
-    """The host-memory check of step checkpoints (accelerators) applies when sae-shards saves
-    (runner.checkpoint_every) or the trainer does (any save_strategy but 'no')."""
+def test_whether_a_run_copies_its_buffer_at_checkpoints_is_the_trainers_save_strategy(tmp_path):
+    """The host-memory check of resumable step checkpoints (accelerators) applies when the
+    trainer saves (any save_strategy but 'no'): runner.checkpoint_every alone writes the shards
+    only. Without a trainer, runner.checkpoint_every (sae-shards train gives TRL its steps)."""
     from types import SimpleNamespace
 
     from trl import GRPOConfig
@@ -1069,9 +1094,11 @@ def test_whether_a_run_writes_step_checkpoints_is_read_from_both_sides(tmp_path)
 
     never, every = RunnerConfig(checkpoint_every=0), RunnerConfig(checkpoint_every=5)
     assert not _writes_checkpoints(never, trainer(save_strategy="no"))
-    assert _writes_checkpoints(every, trainer(save_strategy="no"))
+    assert not _writes_checkpoints(every, trainer(save_strategy="no"))  # the shards only
     assert _writes_checkpoints(never, trainer(save_strategy="steps", save_steps=5))
-    assert _writes_checkpoints(never, None)  # no trainer yet: assumed to save
+    assert _writes_checkpoints(never, trainer(save_strategy="epoch"))
+    assert _writes_checkpoints(every, None)  # no trainer: sae-shards train saves TRL's side too
+    assert not _writes_checkpoints(never, None)
 
 
 def test_the_launcher_a_run_records_is_the_one_it_was_started_with():

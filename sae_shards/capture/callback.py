@@ -17,11 +17,13 @@ activations, summary and (by default) the final policy, so ``sae-shards analyze`
 ``RunView`` read the directory exactly as they read one from ``sae-shards train``, which is a
 thin recipe over this callback. See ``run/rundir.py`` for the files.
 
-Checkpoints: whenever the trainer is about to save its own checkpoint (``control.should_save``)
-and every ``runner.checkpoint_every`` steps, the callback waits for the SAE worker, takes a
-snapshot of the SAE side and writes it as a resumable checkpoint (``capture/resume.py``) on a
-background thread while RL goes on (``capture/background.py``); the next step waits for that
-write before it touches the ring buffer. ``ShardCallback(..., resume=True)``
+Checkpoints: whenever the trainer saves its own checkpoint (``control.should_save`` at the
+step's end, or TRL's ``on_save`` when it decided after the step, as ``save_strategy="epoch"``
+does), the callback waits for the SAE worker, takes a snapshot of the SAE side and writes it as
+a resumable checkpoint (``capture/resume.py``) on a background thread while RL goes on
+(``capture/background.py``); the next step waits for that write before it touches the ring
+buffer. At the other steps of ``runner.checkpoint_every`` it writes the shards only: no TRL
+checkpoint could resume from them. ``ShardCallback(..., resume=True)``
 with ``trainer.train(resume_from_checkpoint=...)`` continues a killed run from the step TRL
 resumes at. ``request_stop()`` (``sae-shards train`` calls it on SIGTERM/SIGINT) ends the run
 after the current step with a checkpoint of both sides; ``summary.json`` then says
@@ -209,6 +211,7 @@ class ShardCallback(TrainerCallback):
         """The run's end is being written (``on_train_end``): a stop request changes nothing."""
         self._stopped = False  # the run is ending early at this step (decided at on_step_end)
         self.last_checkpoint: Path | None = None
+        self._resumable_step: int | None = None  # the newest step written with its resume file
         self._initial_dir: str | None = None  # where theta_0 is, when the policy came from a dir
         self._initial_adapter = False  # a LoRA adapter that did not start at zero was saved
         self._fingerprint: dict[str, str] | None = None  # its weight files' hashes
@@ -418,18 +421,21 @@ class ShardCallback(TrainerCallback):
         now = initial_model.fingerprint(self._initial_dir)
         return now if (self._fingerprint is None or now) else self._fingerprint
 
-    def _save_step(self, step: int, trl_dir: Path | None) -> None:
-        """A resumable checkpoint of the SAE side at RL step ``step`` (the worker made idle);
+    def _save_step(self, step: int, trl_dir: Path | None, resumable: bool = True) -> None:
+        """A checkpoint of the SAE side at RL step ``step`` (the worker made idle): resumable
+        (with its resume file) when TRL checkpoints that step, else the shards only.
         ``trl_dir``: the trainer's ``output_dir`` (the resume file of its newest checkpoint's
         step is kept)."""
         self.parts.runner.wait_idle()
         self.parts.loop.flush_activations()
         self._flush_sae_records()
         snap = resume_state.snapshot_step(step, self.parts, self.capture, self.meta,
-                                          time.perf_counter() - self._t0)
+                                          time.perf_counter() - self._t0, resumable)
         self._writer.submit(resume_state.write_step, self.run_dir, snap,
                             self.runner_cfg.keep_checkpoints, trl_dir)
         self.last_checkpoint = resume_state.checkpoint_dir(self.run_dir, step)
+        if resumable:
+            self._resumable_step = step
 
     def _restore(self, step: int, last: bool = False) -> None:
         """Continue from the checkpoint of RL step ``step`` (``last``: the run's last step):
@@ -582,13 +588,25 @@ class ShardCallback(TrainerCallback):
             self._event_log.append(record)
         self._flush_sae_records()
         every = self.runner_cfg.checkpoint_every
-        if control.should_save or (every and step % every == 0):
-            self._save_step(step, Path(args.output_dir) if args.output_dir else None)
+        if control.should_save:  # TRL checkpoints this step (its save_steps, or a stop)
+            self._save_step(step, _trl_dir(args))
+        elif every and step % every == 0:  # nothing could resume here: the shards only
+            self._save_step(step, _trl_dir(args), resumable=False)
         if step % max(1, state.max_steps // 10) == 0 or step == state.max_steps:
             sae = (f"SAE step {self.parts.trainer.n_steps}  fvu {self._fvu[-1]:.3f}"
                    if self._fvu else "SAE not trained yet (runner.min_samples, sae_start_step)")
             log.info("RL step %d/%d  reward %.3f  |  %s", step, state.max_steps,
                      self._rewards.get(step, math.nan), sae)
+
+    @_paid
+    def on_save(self, args, state, control, **kwargs):
+        # TRL decided to checkpoint this step after its end (save_strategy "epoch" at an epoch's
+        # last step, "best" after an evaluation): its resume file is written now, after TRL's
+        # checkpoint; the step's end already wrote it when should_save was known there.
+        if self.capture is None or not state.is_world_process_zero:
+            return
+        if self._resumable_step != state.global_step:
+            self._save_step(state.global_step, _trl_dir(args))
 
     @_paid
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -765,13 +783,20 @@ def _warn_earlier_trl_checkpoints(output_dir: str | None) -> None:
                     output_dir, ", ".join(map(str, steps)))
 
 
+def _trl_dir(args: Any) -> Path | None:
+    """The trainer's ``output_dir``, where TRL writes its checkpoints."""
+    return Path(args.output_dir) if args.output_dir else None
+
+
 def _writes_checkpoints(runner_cfg: Any, trainer: Any | None) -> bool:
-    """Whether the run writes step checkpoints: every ``runner.checkpoint_every`` steps, or when
-    the trainer saves (any ``save_strategy`` but ``"no"``; without a trainer, assumed)."""
-    if runner_cfg.checkpoint_every:
-        return True
+    """Whether the run writes resumable step checkpoints, which copy the ring buffer to host
+    memory: when the trainer saves (any ``save_strategy`` but ``"no"``). Without a trainer,
+    ``runner.checkpoint_every`` decides (``sae-shards train`` gives TRL the same steps). The
+    shards-only checkpoints between TRL's copy no buffer."""
     args = getattr(trainer, "args", None)
-    return args is None or getattr(args, "save_strategy", None) != "no"
+    if args is None:
+        return bool(runner_cfg.checkpoint_every)
+    return getattr(args, "save_strategy", None) != "no"
 
 
 def _warn_no_trl_checkpoints(args: Any, checkpoint_every: int = 0) -> None:

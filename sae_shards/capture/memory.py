@@ -183,9 +183,9 @@ def check_checkpoint_host_memory(need: int, available: int, device: torch.device
              f"{torch.device(device)} to host memory, {need / _GIB:.3f} GiB, but "
              f"{max(available, 0) / _GIB:.3f} GiB of host memory is available: the run would be "
              f"killed at its first checkpoint. To fit:",
-             "  - runner.checkpoint_every=0 (in a script, also the trainer's save_strategy='no'): "
-             "no step checkpoints; a killed run cannot resume, the shards are still written at "
-             "the end"]
+             "  - runner.checkpoint_every=0 (in a script, the trainer's save_strategy='no'): "
+             "no resumable step checkpoints; a killed run cannot resume, the shards are still "
+             "written at the end"]
     lines.append(f"  - capture.capacity={room}: the largest buffer whose copy fits" if room >= 2
                  else "  - capture.capacity: even 2 slots do not fit beside the SAE's copy")
     lines.append("  - capture.storage_dtype=bfloat16, or capture.granularity=group (per-event "

@@ -1,7 +1,8 @@
 """Checkpoints that a killed run resumes from: the SAE side of the run's state at one RL step.
 
-At RL step k the callback writes (in this order, each atomically; ``snapshot_step`` takes
-what they hold, and ``write_step`` writes it on a ``BackgroundWriter``'s thread)::
+At an RL step k that TRL checkpoints the callback writes (in this order, each atomically;
+``snapshot_step`` takes what they hold, and ``write_step`` writes it on a ``BackgroundWriter``'s
+thread)::
 
     run_dir/resume/step_00000k.safetensors   the ring buffer (samples, slot metadata, write
                                              position), the batch generator's state, the online
@@ -10,15 +11,21 @@ what they hold, and ``write_step`` writes it on a ``BackgroundWriter``'s thread)
     run_dir/checkpoints/step_00000k/         the shards (sae.safetensors, config.json) and the
                                              SAE trainer's Adam state and latent statistics
 
-and TRL writes ``run_dir/trl/checkpoint-k`` (policy, optimizer, scheduler, RNG) right after (or
-meanwhile, when the callback writes in the background).
+and TRL writes ``run_dir/trl/checkpoint-k`` (policy, optimizer, scheduler, RNG) meanwhile: the
+callback writes in the background from ``on_step_end``, where TRL's ``save_steps`` (and a stop)
+are already known, or from ``on_save``, after TRL's checkpoint, when TRL decided to save only
+after the step (``save_strategy="epoch"``, ``"best"``).
 Step k is *complete* when all three exist (TRL's ``trainer_state.json`` is its last file); a kill
 at any instant leaves the previous complete step usable, and ``latest_complete`` finds it.
 ``restore`` puts the state back into a freshly built pipeline and truncates ``rollouts.jsonl``
 and ``metrics.jsonl`` to step k, so nothing is counted twice. Only safetensors and JSON are
 read, so loading never runs code from a file. Resume files are pruned to the two newest and the
-newest step TRL finished a checkpoint of (``kept_resume_steps``): a script's trainer may save less
-often than the callback checkpoints, and a killed run resumes from TRL's step.
+newest step TRL finished a checkpoint of (``kept_resume_steps``).
+
+At the other steps of ``runner.checkpoint_every`` (a script's trainer may save less often than
+the callback checkpoints) only the shards are written (``snapshot_step(..., resumable=False)``):
+with no TRL checkpoint of that step nothing could resume from it, so neither the resume file (the
+whole ring buffer) nor the SAE's optimizer state is written there.
 """
 
 from __future__ import annotations
@@ -56,17 +63,23 @@ class StepSnapshot(NamedTuple):
     """The SAE side of RL step ``step``, taken between steps, ready for ``write_step``."""
 
     step: int
-    resume: dict[str, torch.Tensor]  # the resume file's tensors (buffer slots as views)
-    info: dict[str, Any]  # the resume file's JSON header
+    resume: dict[str, torch.Tensor] | None  # the resume file's tensors (buffer slots as views)
+    info: dict[str, Any] | None  # the resume file's JSON header
     checkpoint: CheckpointFiles  # the shards checkpoint (copies)
 
 
 def snapshot_step(step: int, parts: Pipeline, capture: DeltaCapture | EventCapture,
-                  meta: dict[str, Any], wall_s: float) -> StepSnapshot:
+                  meta: dict[str, Any], wall_s: float, resumable: bool = True) -> StepSnapshot:
     """What ``write_step`` writes for RL step ``step``. The caller has made the runner idle
     (every pushed delta processed). The SAE and trainer tensors are copies (the SAE may train
     on), the ring buffer's slots are views: write them before the buffer is written again.
-    ``wall_s``: the run's training time so far (this process and those it resumed from)."""
+    ``wall_s``: the run's training time so far (this process and those it resumed from).
+    ``resumable=False``: the shards only (no resume file, no optimizer state), for a step no
+    TRL checkpoint will resume from."""
+    if not resumable:
+        return StepSnapshot(step, None, None, checkpoint_files(
+            parts.sae, parts.trainer.stats.as_tensors(),
+            checkpoint_meta(meta, step, parts.trainer), copy=True))
     tensors, info = parts.buffer.state()
     tensors["loop.generator"] = parts.loop.generator.get_state()
     tensors.update(parts.loop.activations.tensors("online"))
@@ -95,17 +108,18 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 def write_step(run_dir: Path, snap: StepSnapshot, keep_checkpoints: int = 0,
                trl_dir: Path | None = None) -> Path:
-    """Write the resume file and the shards checkpoint of ``snap``; returns the latter. Then
-    prune the resume files to ``kept_resume_steps`` (``trl_dir``: TRL's ``output_dir``, by
+    """Write the resume file (when ``snap`` has one) and the shards checkpoint of ``snap``;
+    returns the latter. Then prune the resume files to ``kept_resume_steps`` (``trl_dir``: TRL's ``output_dir``, by
     default the run's ``trl/``) and older checkpoints (``prune_checkpoints``). An ``OSError``
     (disk full, no permission) becomes ``rundir.RunWriteError`` naming the path; what was
     already complete stays as it was."""
     target = resume_file(run_dir, snap.step)
     checkpoint = checkpoint_dir(run_dir, snap.step)
-    with rundir.writing(target):
-        target.parent.mkdir(exist_ok=True)
-        save_file_atomic(snap.resume, target, RESUME_KIND,
-                         {"info": json.dumps(rundir.strict_json(snap.info))})
+    if snap.resume is not None:
+        with rundir.writing(target):
+            target.parent.mkdir(exist_ok=True)
+            save_file_atomic(snap.resume, target, RESUME_KIND,
+                             {"info": json.dumps(rundir.strict_json(snap.info))})
     with rundir.writing(checkpoint):
         write_checkpoint(checkpoint, snap.checkpoint)
     kept = kept_resume_steps(run_dir, trl_dir or run_dir / rundir.TRL_OUTPUT)
