@@ -808,7 +808,8 @@ def _announce_checkpoint(run_dir: Path, checkpoint: str | None) -> str:
     if name != "final":
         stopped = rundir.read_summary(run_dir).get("interrupted")
         why = ("" if checkpoint else " (the run was stopped before its end: its newest checkpoint)"
-               if stopped else " (the run was killed, or is still running: its newest checkpoint)")
+               if stopped else " (the run was killed, or is still running: its newest "
+               "checkpoint with a resume file)")
         print(f"sae-shards: reading checkpoint {name} of {run_dir}{why}", file=sys.stderr)
     return name
 

@@ -527,6 +527,10 @@ def test_a_script_crash_resumes_when_the_trainer_saves_less_often_than_the_callb
     assert [step for step in [2, 4, 5, 6, 8]  # the optimizer state only where a resume can be
             if (checkpoints / rundir.step_name(step) / STATE_FILE).is_file()] == [5]
     ShardSet.load(checkpoints / rundir.step_name(6))  # a shards-only checkpoint loads
+    killed = RunView(tmp_path / "cut")  # read as of the newest step it can re-encode and pair
+    assert killed.checkpoint == "step_000005" and killed.recovered == "killed"
+    with pytest.raises(CheckpointError, match="checkpoints with a resume file: step_000005"):
+        RunView(tmp_path / "cut", 8)  # the shards only: no buffer to encode
     again = ShardCallback(run_dir=tmp_path / "cut", runner=runner, resume=True)
     _user_trainer(tiny_model, tmp_path / "trl_cut", [again], n_prompts=10,
                   shuffle_dataset=False, **saving).train(resume_from_checkpoint=True)

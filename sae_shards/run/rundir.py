@@ -559,7 +559,10 @@ def saved_steps(folder: Path) -> list[int]:
 def latest_checkpoint(run_dir: Path) -> str:
     """``final`` when the run finished, else its newest ``step_XXXXXX`` (an interrupted run, or
     one killed while it wrote its end: ``final/`` without the activations written after it,
-    which only a step checkpoint's resume file can stand in for)."""
+    which only a step checkpoint's resume file can stand in for). Without activations (killed,
+    or still running) the newest step that has a resume file, when one has: a script's
+    shards-only checkpoints after it have no buffer to re-encode nor TRL policy to pair with
+    (``ShardSet.from_run`` reads them when named)."""
     folder = run_dir / CHECKPOINTS
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory")
@@ -580,6 +583,9 @@ def latest_checkpoint(run_dir: Path) -> str:
         raise CheckpointError(f"{folder}: no checkpoint (neither final/ nor step_XXXXXX/); is "
                               f"{run_dir} a sae-shards run directory, and did it reach its first "
                               "checkpoint?")
+    if not (run_dir / ACTIVATIONS).is_file():
+        readable = [step for step in steps if resume_file(run_dir, step).is_file()]
+        steps = readable or steps
     return step_name(steps[-1])
 
 
