@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -126,13 +127,27 @@ def read_records(path: str | Path) -> list:
     return records
 
 
-def offline_run(run_dir: Path) -> dict:
+def finished_records(path: str | Path, kinds: tuple[str, ...] = ("exit",),
+                     timeout: float = 30.0) -> list:
+    """``read_records(path)`` once it holds a record of each of ``kinds`` (W&B's service
+    process writes after the run's ``finish()`` returns: ``exit`` is its last record, an
+    artifact's may come late), or as it is after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_records(path)
+        present = {rec.WhichOneof("record_type") for rec in records}
+        if set(kinds) <= present or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
+def offline_run(run_dir: Path, kinds: tuple[str, ...] = ("exit", "artifact")) -> dict:
     """History keys, summary keys, defined metrics and config of the single offline run in
-    run_dir."""
+    run_dir, read once it holds a record of each of ``kinds`` (``finished_records``)."""
     (file,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     history, keys, summary, metrics, artifacts, group, name = 0, set(), {}, {}, [], None, None
     config: dict = {}
-    for rec in read_records(file):
+    for rec in finished_records(file, kinds):
         match rec.WhichOneof("record_type"):
             case "run":
                 group = rec.run.run_group or None

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -154,7 +153,7 @@ def test_sae_figures_join_the_trainers_wandb_run(tiny_model, tmp_path, monkeypat
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from helpers import read_records
+    from helpers import finished_records
     from sae_shards.recipe.tasks import build_task
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -174,13 +173,7 @@ def test_sae_figures_join_the_trainers_wandb_run(tiny_model, tmp_path, monkeypat
     assert wandb.run is not None  # still the trainer's: the callback did not finish it
     wandb.finish()
     (file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
-    deadline = time.monotonic() + 30  # W&B's service process may still be writing the file
-    while True:
-        records = read_records(file)
-        kinds = [rec.WhichOneof("record_type") for rec in records]
-        if "artifact" in kinds or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    records = finished_records(file, ("exit", "artifact"))
     keys = {it.key or "/".join(it.nested_key)
             for rec in records if rec.WhichOneof("record_type") == "history"
             for it in rec.history.item}
