@@ -141,7 +141,23 @@ def test_bad_arguments_fail_at_construction(tmp_path):
         ShardCallback(run_dir=tmp_path / "c", sae={"n_latent": 8})
     with pytest.raises(ValueError, match=r"runner.min_samples=8 exceeds .* capture.capacity=4"):
         ShardCallback(run_dir=tmp_path / "d", capacity=4)
+    with pytest.raises(ValueError, match=r"resume=True, overwrite=True\) contradict"):
+        ShardCallback(run_dir=tmp_path / "a", resume=True, overwrite=True)
     assert not (tmp_path / "a").exists()  # nothing written for a refused callback
+
+
+def test_one_callback_trains_one_run(tiny_model, tmp_path):
+    """A second trainer.train() with the same callback is refused before it writes anything: it
+    would put its RL steps into the same run again (rollouts 1..N twice, the buffer and SAE
+    mixed) after the first run let go of the directory's lock."""
+    callback = ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 2})
+    trainer = _user_trainer(tiny_model, tmp_path / "trl", [callback], max_steps=3)
+    trainer.train()
+    written = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(RuntimeError, match="already trained into .* ShardCallback\\(run_dir=\\.\\.\\., "
+                                           "resume=True\\)"):
+        trainer.train()
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == written
 
 
 def test_sae_figures_join_the_trainers_wandb_run(tiny_model, tmp_path, monkeypatch):
@@ -529,6 +545,23 @@ def test_a_script_crash_resumes_when_the_trainer_saves_less_often_than_the_callb
                   shuffle_dataset=False, **saving).train(resume_from_checkpoint=True)
     assert again.summary["rl_steps"] == 10 and not again.summary["interrupted"]
     _assert_same_ending(every_two_steps, tmp_path / "cut")
+
+
+def test_a_resume_from_an_older_trl_checkpoint_says_the_later_ones_are_stale(tmp_path, caplog):
+    """Resumed from checkpoint-4 of an output_dir that also holds checkpoint-6 and -8 (a run
+    resumed by path, from before its newest checkpoint): those belong to the replaced
+    trajectory, and the next resume_from_checkpoint=True would pick them."""
+    from sae_shards.capture.callback import _warn_later_trl_checkpoints
+
+    for step in (2, 4, 6, 8):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-9.tmp").mkdir()  # not a checkpoint
+    with caplog.at_level("WARNING", logger="sae_shards.capture.callback"):
+        _warn_later_trl_checkpoints(str(tmp_path), 8)
+        _warn_later_trl_checkpoints(str(tmp_path / "missing"), 0)
+        assert not caplog.records
+        _warn_later_trl_checkpoints(str(tmp_path), 4)
+    assert "later steps (checkpoint-6, checkpoint-8)" in caplog.text
 
 
 def test_the_end_of_a_users_run_survives_a_stop_in_its_last_step_and_a_kill_after_it(
@@ -1059,7 +1092,13 @@ def test_a_script_whose_trainer_never_saves_is_told_it_cannot_resume_after_a_kil
         _warn_no_trl_checkpoints(args(save_strategy="steps", save_steps=5, max_steps=300))
         _warn_no_trl_checkpoints(args(save_strategy="steps", save_steps=0.5, max_steps=300))
         _warn_no_trl_checkpoints(args(save_strategy="steps"))  # max_steps from the epochs
+        _warn_no_trl_checkpoints(args(save_strategy="epoch"), epochs=2)  # saves after epoch 1
+        _warn_no_trl_checkpoints(args(save_strategy="epoch"))  # epochs not known yet
         assert not caplog.records
+        _warn_no_trl_checkpoints(args(save_strategy="epoch", max_steps=10), epochs=1)
+        assert ("save_strategy='epoch') and this run is one epoch or less: its first checkpoint "
+                "is at its last step") in caplog.text
+        caplog.clear()
         _warn_no_trl_checkpoints(args(save_strategy="no"))
         assert "saves no checkpoints (save_strategy='no')" in caplog.text
         caplog.clear()  # TRL's default save_steps=500 on a 300-step run: only the last step

@@ -164,6 +164,10 @@ class ShardCallback(TrainerCallback):
                                 concurrency=concurrency, checkpoint_every=checkpoint_every)
         self.sae_cfg = _config(SAEConfig, sae, "sae")
         check_sae_window(self.capture_cfg, self.runner_cfg)
+        if resume and overwrite:
+            raise ValueError("ShardCallback(resume=True, overwrite=True) contradict each other: "
+                             "resume continues the run in run_dir, overwrite deletes it; choose "
+                             "one")
         # Other ranks never write into the run directory. Rank 0 holds its lock until the run
         # ends (rundir.lock_run_dir): a second live writer, e.g. orphaned workers, is refused.
         try:
@@ -212,6 +216,7 @@ class ShardCallback(TrainerCallback):
         self._stopped = False  # the run is ending early at this step (decided at on_step_end)
         self.last_checkpoint: Path | None = None
         self._resumable_step: int | None = None  # the newest step written with its resume file
+        self._began = False  # a training began with this callback (one per instance)
         self._initial_dir: str | None = None  # where theta_0 is, when the policy came from a dir
         self._initial_adapter = False  # a LoRA adapter that did not start at zero was saved
         self._fingerprint: dict[str, str] | None = None  # its weight files' hashes
@@ -275,7 +280,9 @@ class ShardCallback(TrainerCallback):
         rundir.write_json(self.run_dir / rundir.CONFIG, self._config_json(model, trainer))
         if not self.resume and not self.run_config and trainer is not None:
             _warn_earlier_trl_checkpoints(getattr(trainer.args, "output_dir", None))
-            _warn_no_trl_checkpoints(trainer.args, self.runner_cfg.checkpoint_every)
+            _warn_no_trl_checkpoints(trainer.args, self.runner_cfg.checkpoint_every,
+                                     getattr(getattr(trainer, "state", None),
+                                             "num_train_epochs", None))
         sae = self.parts.sae
         stacked = [t for t in self.parts.buffer.targets if t.is_stacked]
         self.sizes = {"n_targets": len(self.parts.buffer.targets),
@@ -475,10 +482,19 @@ class ShardCallback(TrainerCallback):
         self.capture = EventCapture(targets, specs, None, self.capture_cfg, trainer)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self._began:  # one callback is one run: its buffer, SAE, logs and lock are that run's
+            raise RuntimeError(
+                f"this ShardCallback already trained into {self.run_dir}; a second "
+                "trainer.train() with it would write its RL steps into the same run again. To "
+                "continue a stopped or crashed run: trainer.remove_callback(callback), "
+                "callback.close(), then add a new ShardCallback(run_dir=..., resume=True) and "
+                "call trainer.train(resume_from_checkpoint=True); for another run, a new "
+                "ShardCallback with a new run_dir")
         if not self.run_config:  # sae-shards train checked its rl.max_steps already
             check_sae_trains(self.capture_cfg, self.runner_cfg, state.max_steps,
                              "the trainer's max_steps",
                              _samples_per_step(args, self.capture_cfg.granularity))
+        self._began = True
         self._begin(args, state, control, model, **kwargs)
         if self.resume and state.global_step >= state.max_steps:
             self._end_at_resume(args, state, control, model, **kwargs)
@@ -503,6 +519,8 @@ class ShardCallback(TrainerCallback):
         self._follow_sharding(model)
         if self.resume:
             self._restore(state.global_step, last=state.global_step >= state.max_steps)
+            if not self.run_config:
+                _warn_later_trl_checkpoints(args.output_dir, state.global_step)
         else:
             self._save_initial_model(model, calling_trainer())
             self._save_initial_adapter(model)
@@ -771,16 +789,34 @@ def _warn_earlier_trl_checkpoints(output_dir: str | None) -> None:
     """A new run (not resumed) whose trainer's ``output_dir`` already holds TRL checkpoints: they
     are an earlier run's (``overwrite=True`` clears the run directory, not the trainer's), and a
     later ``resume_from_checkpoint=True`` would pick the newest of them, mixed with this run's."""
-    if not output_dir or not Path(output_dir).is_dir():
-        return
-    steps = sorted(int(p.name.removeprefix("checkpoint-")) for p in Path(output_dir).iterdir()
-                   if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir())
+    steps = _trl_checkpoint_steps(output_dir)
     if steps:
         log.warning("the trainer's output_dir %s already holds TRL checkpoints of an earlier run "
                     "(steps %s): this run saves its own beside them, and resuming it later "
                     "with resume_from_checkpoint=True would start from the newest, whichever "
                     "run wrote it. Clear the directory or give the trainer a new output_dir",
                     output_dir, ", ".join(map(str, steps)))
+
+
+def _warn_later_trl_checkpoints(output_dir: str | None, step: int) -> None:
+    """A run resumed from TRL's checkpoint of ``step`` while ``output_dir`` holds later ones:
+    they belong to the trajectory the resumed run replaces (sae-shards removed its own side of
+    them), and the next ``resume_from_checkpoint=True`` would pick the newest of them."""
+    later = [s for s in _trl_checkpoint_steps(output_dir) if s > step]
+    if later:
+        log.warning("resumed from RL step %d, but the trainer's output_dir %s also holds TRL "
+                    "checkpoints of later steps (%s) from the run this resume replaces; "
+                    "sae-shards removed its side of them, and a later "
+                    "resume_from_checkpoint=True would pick the newest and be refused: delete "
+                    "them", step, output_dir, ", ".join(f"checkpoint-{s}" for s in later))
+
+
+def _trl_checkpoint_steps(output_dir: str | None) -> list[int]:
+    """The steps of the ``checkpoint-N`` directories in a trainer's ``output_dir``, ascending."""
+    if not output_dir or not Path(output_dir).is_dir():
+        return []
+    return sorted(int(p.name.removeprefix("checkpoint-")) for p in Path(output_dir).iterdir()
+                  if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir())
 
 
 def _trl_dir(args: Any) -> Path | None:
@@ -799,14 +835,23 @@ def _writes_checkpoints(runner_cfg: Any, trainer: Any | None) -> bool:
     return getattr(args, "save_strategy", None) != "no"
 
 
-def _warn_no_trl_checkpoints(args: Any, checkpoint_every: int = 0) -> None:
+def _warn_no_trl_checkpoints(args: Any, checkpoint_every: int = 0,
+                             epochs: int | None = None) -> None:
     """A script's trainer that saves no checkpoint before its last step (``save_strategy="no"``,
-    or ``save_steps`` >= ``max_steps``, as TRL's default 500 on a shorter run): a stop (SIGTERM,
-    ``request_stop``) still saves one, but a killed run has nothing to resume from, whatever
-    ``runner.checkpoint_every`` says (a resume needs TRL's side too)."""
+    ``save_steps`` >= ``max_steps``, as TRL's default 500 on a shorter run, or
+    ``save_strategy="epoch"`` on a run of one epoch or less: ``epochs``, the trainer state's
+    ``num_train_epochs``, known once training begins): a stop (SIGTERM, ``request_stop``) still
+    saves one, but a killed run has nothing to resume from, whatever ``runner.checkpoint_every``
+    says (a resume needs TRL's side too)."""
     strategy = getattr(args, "save_strategy", None)  # a str enum (SaveStrategy.NO) or a str
     max_steps = getattr(args, "max_steps", -1) or -1
-    if strategy == "no":
+    if strategy == "epoch" and epochs == 1:
+        log.warning("the trainer saves at the end of each epoch (save_strategy='epoch') and this "
+                    "run is one epoch or less: its first checkpoint is at its last step, so a "
+                    "run killed before its end cannot resume (SIGTERM and request_stop() still "
+                    "checkpoint; runner.checkpoint_every saves only the shards' side); set "
+                    "save_strategy='steps' and save_steps below max_steps to make it resumable")
+    elif strategy == "no":
         log.warning("the trainer saves no checkpoints (save_strategy='no'): a run stopped by "
                     "SIGTERM or request_stop() still checkpoints, but a killed one cannot "
                     "resume (runner.checkpoint_every saves only the shards' side); set "
