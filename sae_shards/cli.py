@@ -694,8 +694,9 @@ def _check_shards_arg(shards: int | list[int], run_dir: Path, checkpoint: str) -
         return (f"--shards {shards} is a count (detail the {shards} largest shards), but "
                 f"checkpoint {checkpoint} has {n}; to detail shard {shards} alone, end it with a "
                 f"comma: --shards {shards},")
-    print(f"sae-shards: --shards {shards} details the {shards} largest shards (a count; shard "
-          f"{shards} alone is --shards {shards},)", file=sys.stderr)
+    print(f"sae-shards: --shards {shards} details the always-on shards and the {shards} "
+          f"largest others (a count; shard {shards} alone is --shards {shards},)",
+          file=sys.stderr)
     return None
 
 
@@ -794,8 +795,9 @@ def _own_reward_unknown(run_dir: Path) -> bool:
     return bool(config) and not rundir.section(config, "task").get("name")
 
 
-CHECKPOINT_HELP = ("checkpoint to read: final or step_XXXXXX (default: final, or the newest step "
-                   "of an interrupted run)")
+CHECKPOINT_HELP = ("checkpoint to read: final, step_XXXXXX, or its RL step (100 for "
+                   "step_000100) (default: final, or the newest step of an interrupted or "
+                   "killed run)")
 
 
 def _announce_checkpoint(run_dir: Path, checkpoint: str | None) -> str:

@@ -143,6 +143,8 @@ def test_analyze_names_a_missing_run_dir_and_the_checkpoints_there_are(tmp_path,
     assert main(["analyze", str(run), "--no-dose", "--checkpoint", "step_5"]) == 2
     err = capsys.readouterr().err
     assert "step_5: no such checkpoint directory" in err and "holds final" in err, err
+    assert main(["analyze", str(run), "--no-dose", "--checkpoint", "5"]) == 2  # an RL step
+    assert "step_000005: no such checkpoint directory" in capsys.readouterr().err
 
 
 def test_buffer_error_suggests_a_value_the_config_accepts():

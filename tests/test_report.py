@@ -198,7 +198,8 @@ def test_analyze_details_the_shards_it_is_told_to(short_run_dir, tmp_path, capsy
     assert cli_main(["analyze", str(run), "--shards", "7,", "--no-dose"]) == 0  # one shard
     assert json.loads((run / "analysis.json").read_text())["top_shards"] == [7]
     assert cli_main(["analyze", str(run), "--shards", "6", "--no-dose"]) == 0  # said to be a count
-    assert "--shards 6 details the 6 largest shards (a count; shard 6 alone is --shards 6,)" in (
+    assert ("--shards 6 details the always-on shards and the 6 largest others (a count; shard 6 "
+            "alone is --shards 6,)") in (
         capsys.readouterr().err)
 
 

@@ -117,6 +117,26 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
 
     assert f"{first:.3f} → {last:.3f} (up to the checkpoint's RL step {step}: from rollouts" in (
         unescape(html))
+    # analysis.json gives the same figures as the table, as of the checkpoint (it gave nulls),
+    # and they are the finished run's at the same checkpoint (there its summary's or recomputed)
+    from sae_shards.analysis.report import checkpoint_steps
+
+    assert checkpoint_steps(view) == (step, view.shards.meta["sae_step"])  # the curves stop there
+    assert checkpoint_steps(RunView(uninterrupted)) == (None, None)
+    figures = json.loads((run / "analysis.json").read_text())["run"]
+    assert figures["figures_from"] == "checkpoint" and figures["rl_steps"] == step
+    assert (figures["reward_first"], figures["reward_last"]) == (first, last)
+    assert figures["sae_steps"] == view.shards.meta["sae_step"] > 0
+    fired = view.shards.stats["stats.fire_count"]
+    assert figures["never_fired_frac"] == float((fired == 0).float().mean())
+    assert cli_main(["analyze", str(uninterrupted), "--no-dose", "--checkpoint",
+                     view.checkpoint, "--out", str(tmp_path / "done" / "report.html")]) == 0
+    done_figures = json.loads((tmp_path / "done" / "analysis.json").read_text())["run"]
+    for key in ("rl_steps", "sae_steps", "reward_first", "reward_last", "fvu_first", "fvu_last",
+                "dead_frac", "never_fired_frac"):
+        expected = done_figures[key]  # dead_frac: None before sae.dead_after samples
+        assert figures[key] == (expected if expected is None else
+                                pytest.approx(expected, rel=1e-12, nan_ok=True)), key
     # its interventions use the policy of that step, which TRL saved (no final_model/ yet)
     from sae_shards.analysis.shards import load_run_models, policy_dir
 

@@ -131,6 +131,15 @@ def test_a_subset_keeps_the_chosen_shards_and_saves(run_dir, tmp_path):
         full.subset([16])
     with pytest.raises(ValueError, match="choose at least one shard"):
         full.subset([])
+    # a Shard names a direction of its own set: another set's index would be another direction
+    assert full[ShardSet.load(full.path)[3]].index == 3  # the same checkpoint, loaded again
+    with pytest.raises(ValueError, match=r"Shard\(5 of 16\) is a shard of ShardSet\(16 shards.* "
+                                         r"not of ShardSet\(3 shards"):
+        part[full[5]]
+    with pytest.raises(ValueError, match="is a shard of"):
+        full.subset([part[0]])
+    with pytest.raises(TypeError, match="not bool"):
+        full[True]
 
 
 def test_run_view_joins_steps_with_rollouts(run_dir):

@@ -58,8 +58,8 @@ log = logging.getLogger(__name__)
 
 RUN_FIGURES = ("rl_steps", "sae_steps", "reward_first", "reward_last", "fvu_first", "fvu_last",
                "fvu_heldout", "dead_frac", "never_fired_frac", "interrupted", "warning")
-"""``summary.json``'s figures ``analysis.json`` repeats under ``run`` (null for a run that
-wrote no summary yet)."""
+"""The run's figures ``analysis.json`` gives under ``run``, as of the checkpoint read
+(``checkpoint_figures``: ``summary.json``'s when it describes that checkpoint)."""
 
 
 _CURVES_NOTE = (
@@ -111,10 +111,21 @@ def top_shards(view: RunView, n: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- plots
+def checkpoint_steps(view: RunView) -> tuple[int | None, int | None]:
+    """The RL and SAE step the checkpoint read was written at (None, None for ``final``): the
+    curves stop there, as a killed run's logs or a finished run's go on past an earlier
+    checkpoint."""
+    if view.checkpoint == "final":
+        return None, None
+    meta = view.shards.meta
+    return meta.get("rl_step"), meta.get("sae_step")
+
+
 def plot_sae_curves(view: RunView) -> str:
     fig, axes = _figure(10, 3)
     fig.clf()
-    rows = view.sae_metrics
+    up_to = checkpoint_steps(view)[1]
+    rows = [r for r in view.sae_metrics if up_to is None or r["sae_step"] <= up_to]
     steps = [r["sae_step"] for r in rows]
     for i, key in enumerate(("fvu", "l0", "dead_frac")):
         ax = fig.add_subplot(1, 3, i + 1)
@@ -145,14 +156,15 @@ def _reward_html(view: RunView) -> str:
     if not view.rollouts:
         return ("<p>No reward curve: rollouts.jsonl is empty, the run recorded no rollouts "
                 "(<code>ShardCallback(record_rollouts=False)</code>).</p>")
-    if not step_reward_means(view)[0]:
+    if not step_reward_means(view, checkpoint_steps(view)[0])[0]:
         return "<p>No reward curve: no completion of any step was scored.</p>"
     return plot_reward(view)
 
 
 def plot_reward(view: RunView) -> str:
+    """Each RL step's mean reward, up to the checkpoint read (``checkpoint_steps``)."""
     fig, ax = _figure()
-    steps, means = step_reward_means(view)
+    steps, means = step_reward_means(view, checkpoint_steps(view)[0])
     ax.plot(steps, means, lw=1, label="mean reward per step")
     if len(means) >= 10:
         w = max(2, len(means) // 15)
@@ -311,6 +323,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     several = len({label for sample in labels for label in sample}) >= 2
     summary_file = view.run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    figures, own = checkpoint_figures(view, summary)
     if task is not None and not dose:
         raise ValueError("a reward task (--task) scores the dose-response and the ablation, "
                          "which --no-dose skips; drop one of them")
@@ -325,11 +338,11 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     analysis: dict[str, Any] = {
         "run": {"checkpoint": view.checkpoint, "n_shards": len(density),
                 "never_fired": int((density == 0).sum()), "always_on": always_on,
-                **{k: summary.get(k) for k in RUN_FIGURES}},
+                **figures, "figures_from": "summary" if own else "checkpoint"},
         "top_shards": shards, "shards": {}}
 
-    parts = [_section("summary", "Run", _summary_html(view, summary, shards, density, tags,
-                                                      initial_model))]
+    parts = [_section("summary", "Run", _summary_html(view, summary, figures, own, shards,
+                                                      density, tags, initial_model))]
     parts.append(_section("sae-curves", "SAE training", plot_sae_curves(view) + _CURVES_NOTE))
     parts.append(_section("reward", "Reward", _reward_html(view)))
     untrained = ("<p>No shards selected (<code>--shards 0</code> and no always-on shard).</p>"
@@ -434,10 +447,10 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                               f"({final_dir}).</p>" if view.checkpoint != "final" else "")
                            if dose_results else unscored)))
     policy = (f"policy at the shards' step ({final_dir})" if matched else
-              "final policy (final_model/, the end of the run)")
-    if view.checkpoint != "final" and not matched:
-        policy += (f"; the shards are checkpoint {view.checkpoint}'s, the weights and the "
-                   "update c those of the end of the run (TRL kept no policy of that step)")
+              "final policy (final_model/, the end of the run)" if view.checkpoint == "final"
+              else f"final policy (final_model/, the end of the run: TRL kept no policy of "
+                   f"the step of checkpoint {view.checkpoint}, whose shards these are; the "
+                   "weights and the update c are the end's)")
     parts.append(_section("ablation", "Ablation: the policy without the shard's part of the "
                           "update",
                           (_ablation_html(ablations, tags, policy, analysis["shards"])
@@ -782,8 +795,8 @@ def _shard_title(s: int, tags: dict[int, str]) -> str:
     return f"<h3>shard {s}" + (f" ({html.escape(tags[s])})" if s in tags else "") + "</h3>"
 
 
-def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags,
-                  initial_model: str | Path | None = None) -> str:
+def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards: list[int],
+                  density, tags, initial_model: str | Path | None = None) -> str:
     meta = view.shards.meta
     config = rundir.read_config(view.run_dir)
     task, rl = rundir.section(config, "task"), rundir.section(config, "rl")
@@ -815,9 +828,9 @@ def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags
             "older": " (the timeline is this checkpoint's buffer, re-encoded from its resume "
                      "file)"}.get(view.recovered or "", " (the run was interrupted)"
                                   if summary.get("interrupted") else ""),
-        **_steps_rows(summary, meta),
-        **_curve_ends(view, summary),
-        **({"warning": summary["warning"]} if summary.get("warning") else {}),
+        **_steps_rows(figures, own, summary),
+        **_curve_ends(figures, own),
+        **({"warning": figures["warning"]} if figures.get("warning") else {}),
         "latents / k / sparsity": f"{len(view.shards)} / {view.shards.sae.cfg.k} / "
                                   f"{view.shards.sae.cfg.sparsity}",
         "targets": _targets_line(view.shards.target_names),
@@ -832,14 +845,15 @@ def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags
             if tags else "none",
         f"shards never active on the timeline (the buffer at the end, {_sae_of(view)})":
             f"{dead} of {len(density)}",
-        "dead shards at the end (silent for the last sae.dead_after training samples)": (
-            "n/a (no summary.json)" if not summary else
+        "dead shards at the end (silent for the last sae.dead_after training samples)"
+        + ("" if own else ", as of the checkpoint"): (
+            "n/a (no summary.json)" if own and not summary else
             "n/a (the SAE saw fewer than sae.dead_after samples)"
-            if summary.get("dead_frac") is None else
-            f"{round(summary['dead_frac'] * len(density))} of {len(density)}"),
-        "shards that never fired during SAE training": (
-            "n/a (no summary.json)" if summary.get("never_fired_frac") is None else
-            f"{round(summary['never_fired_frac'] * len(density))} of {len(density)}"),
+            if figures.get("dead_frac") is None else
+            f"{round(figures['dead_frac'] * len(density))} of {len(density)}"),
+        "shards that never fired during SAE training" + ("" if own else ", up to the checkpoint"):
+            ("n/a (no summary.json)" if figures.get("never_fired_frac") is None else
+             f"{round(figures['never_fired_frac'] * len(density))} of {len(density)}"),
         "SAE input_scale (activation x input_scale = coefficient of the unit shard direction"
         + (", parameter units)" if view.samples_are_updates else
            ", in the units of the samples)"): f"{view.shards.input_scale:.4g}",
@@ -847,14 +861,21 @@ def _summary_html(view: RunView, summary: dict, shards: list[int], density, tags
     return _table(None, [[k, v] for k, v in rows.items()])
 
 
-def _steps_rows(summary: dict, meta: dict) -> dict[str, Any]:
-    """The run's RL and SAE steps: from ``summary.json`` when the run finished; otherwise (killed,
-    or still running) as of the checkpoint read, from its metadata."""
-    if summary.get("rl_steps") is not None:
-        return {"RL steps": summary["rl_steps"], "SAE steps": summary.get("sae_steps")}
-    at = "as of the checkpoint; the run wrote no summary.json (killed, or still running)"
-    return {"RL steps": f"{meta.get('rl_step', 'n/a')} ({at})",
-            "SAE steps": f"{meta.get('sae_step', 'n/a')} ({at})"}
+def _steps_rows(figures: dict, own: bool, summary: dict) -> dict[str, Any]:
+    """The RL and SAE steps of the figures (``checkpoint_figures``), saying so when they are the
+    checkpoint's rather than the run's."""
+    if own:
+        return {"RL steps": _or_na(figures["rl_steps"]), "SAE steps": _or_na(figures["sae_steps"])}
+    at = ("as of the checkpoint; the run wrote no summary.json (killed, or still running)"
+          if summary.get("rl_steps") is None else
+          f"as of the checkpoint; the run went on to {summary['rl_steps']} and "
+          f"{summary.get('sae_steps')}")
+    return {"RL steps": f"{_or_na(figures['rl_steps'])} ({at})",
+            "SAE steps": f"{_or_na(figures['sae_steps'])} ({at})"}
+
+
+def _or_na(value: Any) -> Any:
+    return "n/a" if value is None else value
 
 
 def _sae_of(view: RunView) -> str:
@@ -862,28 +883,44 @@ def _sae_of(view: RunView) -> str:
     return "final SAE" if view.checkpoint == "final" else f"the SAE of {view.checkpoint}"
 
 
-def _curve_ends(view: RunView, summary: dict) -> dict[str, str]:
-    """Reward and FVU, first → last: ``summary.json``'s when it describes the checkpoint read
-    (the final one, or the step a stopped run ended on); otherwise (a killed run, or an earlier
-    checkpoint) the same figures from ``rollouts.jsonl`` and ``metrics.jsonl`` up to the
-    checkpoint's RL and SAE step."""
+def checkpoint_figures(view: RunView, summary: dict) -> tuple[dict[str, Any], bool]:
+    """The run's figures (``RUN_FIGURES``) as of the checkpoint read, and whether they are
+    ``summary.json``'s own. They are when the summary describes that checkpoint (the final one,
+    or the step a stopped run ended on). Otherwise (a killed run, or an earlier checkpoint of
+    a finished one) they are recomputed up to the checkpoint's RL and SAE step: reward from
+    ``rollouts.jsonl``, FVU from ``metrics.jsonl``, dead and never-fired shards from the
+    checkpoint's latent statistics; the held-out FVU, measured at the end only, is None, and
+    ``interrupted`` stays the run's."""
     meta = view.shards.meta
-    so_far = ""
-    if view.checkpoint != "final" and summary.get("rl_steps") != meta.get("rl_step"):
-        from sae_shards.capture.summary import first_last
+    if view.checkpoint == "final" or (summary.get("rl_steps") == meta.get("rl_step")
+                                      and summary.get("sae_steps") == meta.get("sae_step")):
+        return {k: summary.get(k) for k in RUN_FIGURES}, True
+    from sae_shards.capture.summary import first_last
+    from sae_shards.core.trainer import dead_fraction
 
-        rl_step, sae_step = meta.get("rl_step"), meta.get("sae_step")
-        rewards = first_last(step_reward_means(view, rl_step)[1], 5)
-        fvu = first_last([r["fvu"] for r in view.sae_metrics if r.get("fvu") is not None
-                          and (sae_step is None or r["sae_step"] <= sae_step)], 10)
-        summary = {"reward_first": rewards[0], "reward_last": rewards[1],
-                   "fvu_first": fvu[0], "fvu_last": fvu[1]}
-        so_far = (f" (up to the checkpoint's RL step {rl_step}: from rollouts.jsonl and "
-                  "metrics.jsonl)")
+    rl_step, sae_step = checkpoint_steps(view)
+    rewards = first_last(step_reward_means(view, rl_step)[1], 5)
+    fvu = first_last([r["fvu"] for r in view.sae_metrics if r.get("fvu") is not None
+                      and (sae_step is None or r["sae_step"] <= sae_step)], 10)
+    stats = view.shards.stats
+    since, fired = stats.get("stats.samples_since_fired"), stats.get("stats.fire_count")
+    dead = (None if since is None else
+            dead_fraction(since, view.shards.sae.cfg.dead_after, meta.get("sae_samples")))
+    return {"rl_steps": rl_step, "sae_steps": sae_step,
+            "reward_first": rewards[0], "reward_last": rewards[1],
+            "fvu_first": fvu[0], "fvu_last": fvu[1], "fvu_heldout": None, "dead_frac": dead,
+            "never_fired_frac": None if fired is None else float((fired == 0).float().mean()),
+            "interrupted": summary.get("interrupted"), "warning": None}, False
+
+
+def _curve_ends(figures: dict, own: bool) -> dict[str, str]:
+    """Reward and FVU, first → last, of the figures (``checkpoint_figures``)."""
+    so_far = ("" if own else " (up to the checkpoint's RL step "
+              f"{_or_na(figures['rl_steps'])}: from rollouts.jsonl and metrics.jsonl)")
     return {"reward first/last 20% of the steps":
-            _pair(summary, "reward_first", "reward_last") + so_far,
+            _pair(figures, "reward_first", "reward_last") + so_far,
             "SAE's FVU first/last 10% of its steps":
-            _pair(summary, "fvu_first", "fvu_last") + so_far}
+            _pair(figures, "fvu_first", "fvu_last") + so_far}
 
 
 def _pair(d: dict, a: str, b: str) -> str:

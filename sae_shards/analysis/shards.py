@@ -128,9 +128,16 @@ class ShardSet:
 
     def check_index(self, i: Any) -> int:
         """A shard's index as a plain int in ``[0, len)`` (negative ones count from the end; a
-        ``Shard`` gives its own), or a clear ``IndexError`` / ``TypeError``."""
+        ``Shard`` of this set, or of one loaded from the same checkpoint, gives its own), or a
+        clear ``IndexError`` / ``TypeError`` / ``ValueError``."""
         if isinstance(i, Shard):
+            if not self._same_set(i.shards):
+                raise ValueError(
+                    f"{i!r} is a shard of {i.shards!r}, not of {self!r}: its index would name "
+                    "another direction here; pass a shard of this set, or its index")
             i = i.index
+        if isinstance(i, bool):
+            raise TypeError(f"a shard is given by its index (an int) or a Shard, not bool ({i})")
         try:
             i = operator.index(i)  # int, numpy and 0-d tensor integers
         except TypeError:
@@ -139,6 +146,11 @@ class ShardSet:
         if not -len(self) <= i < len(self):
             raise IndexError(f"shard index {i} out of range for {len(self)} shards")
         return i % len(self)
+
+    def _same_set(self, other: "ShardSet") -> bool:
+        """``other`` is this set, or another load of the same checkpoint directory."""
+        return other is self or (self.path is not None and other.path is not None
+                                 and Path(self.path).resolve() == Path(other.path).resolve())
 
     def __iter__(self) -> Iterator[Shard]:
         return (Shard(self, i) for i in range(len(self)))
@@ -541,6 +553,8 @@ def checkpoint_name(run_dir: Path, checkpoint: str | int | None) -> str:
     silently read this run's checkpoint of the same name."""
     if checkpoint is None or checkpoint == "":
         return rundir.latest_checkpoint(run_dir)
+    if isinstance(checkpoint, str) and checkpoint.isascii() and checkpoint.isdigit():
+        checkpoint = int(checkpoint)  # "--checkpoint 100": an RL step, as RunView(run, 100)
     if not isinstance(checkpoint, (str, os.PathLike)):
         try:  # an RL step: RunView(run, 100) reads checkpoints/step_000100
             step = None if isinstance(checkpoint, bool) else operator.index(checkpoint)
