@@ -197,6 +197,25 @@ def test_analyze_details_the_shards_it_is_told_to(short_run_dir, tmp_path, capsy
     assert (run / "analysis.json").read_text() == before  # refused before anything is written
     assert cli_main(["analyze", str(run), "--shards", "7,", "--no-dose"]) == 0  # one shard
     assert json.loads((run / "analysis.json").read_text())["top_shards"] == [7]
+    live = (RunView(run).timeline()[1] != 0).any(0)
+    silent = [i for i in range(live.numel()) if not live[i]]
+    assert silent  # a chosen shard active nowhere: said, not an empty table
+    assert cli_main(["analyze", str(run), "--shards", f"{silent[0]},", "--no-dose"]) == 0
+    page = (run / "report.html").read_text()
+    assert "Active on no sample of the timeline" in page and "<th>RL step</th>" not in page
+    heldout = json.loads((run / "summary.json").read_text())["fvu_heldout"]  # null: none held out
+    shown = "held-out FVU (the buffered held-out samples, at the end)</td><td>"
+    page = (run / "report.html").read_text()
+    if heldout is None:
+        assert shown not in page
+    else:
+        assert f"{shown}{heldout:.3f}</td>" in page
+    from sae_shards.analysis.report import _summary_html, checkpoint_figures
+
+    view = RunView(run)  # a run that held samples out: the row shows their FVU
+    figures, own = checkpoint_figures(view, json.loads((run / "summary.json").read_text()))
+    table = _summary_html(view, {}, {**figures, "fvu_heldout": 0.25}, own, [], view.density(), {})
+    assert f"{shown}0.250</td>" in table
     assert cli_main(["analyze", str(run), "--shards", "6", "--no-dose"]) == 0  # said to be a count
     assert ("--shards 6 details the always-on shards and the 6 largest others (a count; shard 6 "
             "alone is --shards 6,)") in (

@@ -830,6 +830,10 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
                                   if summary.get("interrupted") else ""),
         **_steps_rows(figures, own, summary),
         **_curve_ends(figures, own),
+        **({"SAE's held-out FVU (the buffered held-out samples, at the end)":
+            f"{figures['fvu_heldout']:.3f}"}
+           if isinstance(figures.get("fvu_heldout"), float)
+           and math.isfinite(figures["fvu_heldout"]) else {}),
         **({"warning": figures["warning"]} if figures.get("warning") else {}),
         "latents / k / sparsity": f"{len(view.shards)} / {view.shards.sae.cfg.k} / "
                                   f"{view.shards.sae.cfg.sparsity}",
@@ -945,9 +949,9 @@ def _events_html(view: RunView, shards: list[int], top_k: int, tags: dict[int, s
                          f"{sum(spread) / len(spread):.3f}" if spread else "n/a",
                          ", ".join(sorted(set(map(str, t["tasks"])))) or "-",
                          _text(t["prompt"]), completions])
-        out.append(_shard_title(s, tags) + _mix_html(mixes.get(s)) + _table(
+        out.append(_shard_title(s, tags) + _mix_html(mixes.get(s)) + (_table(
             ["RL step", "event", "activation", "mean |advantage|", "tasks", "prompt",
-             "completions (first 4: reward, advantage)"], rows))
+             "completions (first 4: reward, advantage)"], rows) if rows else _inactive(view)))
     return "".join(out) or "<p>No active shards.</p>"
 
 
@@ -981,10 +985,17 @@ def _rollouts_html(view: RunView, shards: list[int], top_k: int, tags: dict[int,
             mean = f"{sum(scored) / len(scored):.3f}" if scored else "n/a"
             rows.append([t["rl_step"], f"{t['activation']:+.3f}", mean, _contexts(r),
                          " | ".join(_group_samples(r))])
-        out.append(_shard_title(s, tags) + _mix_html(mixes.get(s)) + _table(
+        out.append(_shard_title(s, tags) + _mix_html(mixes.get(s)) + (_table(
             ["RL step", "activation", "mean reward", "contexts (completions)",
-             "prompt → a completion (reward; first 3 prompts)"], rows))
+             "prompt → a completion (reward; first 3 prompts)"], rows) if rows
+            else _inactive(view)))
     return "".join(out) or "<p>No active shards.</p>"
+
+
+def _inactive(view: RunView) -> str:
+    """The line in place of a chosen shard's empty table."""
+    return (f"<p>Active on no sample of the timeline (the buffer at the end, {_sae_of(view)}): "
+            "nothing to list.</p>")
 
 
 def _contexts(row: dict[str, Any]) -> str:
