@@ -368,3 +368,16 @@ def test_the_reports_interventions_are_the_plain_calls_with_shared_baselines(
     same = lambda x: json.loads(json.dumps(rundir.strict_json(x), default=float))  # noqa: E731
     assert entry["dose_response"] == same(report._dose_entry(dr))
     assert entry["ablation"] == same(dataclasses.asdict(ab))
+
+
+def test_a_share_that_is_exactly_zero_says_no_reward_changed():
+    """A span whose removal changed no prompt's reward (no sampled token moved: 0 with 0 error)
+    is said to be that, not printed as a 0.0% ± 0.0% measurement."""
+    from sae_shards.analysis.report import together_line
+
+    entry = {"shards": [3, 5], "changes": {"run": [0.4, 0.05]},
+             "shares": {"removed": [0.0, 0.0], "kept": [0.125, 0.0125],
+                        "removed_whole": [0.5, 0.05]}}
+    line = together_line({"together": entry})
+    assert "undoes 0% (no prompt's reward changed) of the run's reward change (+0.4000)" in line
+    assert "the same parameters 50.0% ± 5.0%" in line and "recovers 12.5% ± 1.2%" in line

@@ -565,7 +565,13 @@ def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[
 
 
 def _share(value: float, stderr: float) -> str:
-    return "n/a" if math.isnan(value) else f"{100 * value:.1f}% ± {100 * stderr:.1f}%"
+    """A share with its error; exactly 0 with no error is said to be that: the scored rewards
+    did not change on any prompt (e.g. no sampled token changed), not a 0 measured to 0.1%."""
+    if math.isnan(value):
+        return "n/a"
+    if value == 0 and stderr == 0:
+        return "0% (no prompt's reward changed)"
+    return f"{100 * value:.1f}% ± {100 * stderr:.1f}%"
 
 
 def together_line(analysis: dict[str, Any]) -> str | None:
