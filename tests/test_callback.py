@@ -154,8 +154,8 @@ def test_one_callback_trains_one_run(tiny_model, tmp_path):
     trainer = _user_trainer(tiny_model, tmp_path / "trl", [callback], max_steps=3)
     trainer.train()
     written = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    with pytest.raises(RuntimeError, match="already trained into .* ShardCallback\\(run_dir=\\.\\.\\., "
-                                           "resume=True\\)"):
+    with pytest.raises(RuntimeError, match=r"already trained into .* "
+                                           r"ShardCallback\(run_dir=\.\.\., resume=True\)"):
         trainer.train()
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == written
 

@@ -76,10 +76,11 @@ def snapshot_step(step: int, parts: Pipeline, capture: DeltaCapture | EventCaptu
     ``wall_s``: the run's training time so far (this process and those it resumed from).
     ``resumable=False``: the shards only (no resume file, no optimizer state), for a step no
     TRL checkpoint will resume from."""
+    files = checkpoint_files(parts.sae, parts.trainer.stats.as_tensors(),
+                             checkpoint_meta(meta, step, parts.trainer),
+                             parts.trainer.state_tensors() if resumable else None, copy=True)
     if not resumable:
-        return StepSnapshot(step, None, None, checkpoint_files(
-            parts.sae, parts.trainer.stats.as_tensors(),
-            checkpoint_meta(meta, step, parts.trainer), copy=True))
+        return StepSnapshot(step, None, None, files)
     tensors, info = parts.buffer.state()
     tensors["loop.generator"] = parts.loop.generator.get_state()
     tensors.update(parts.loop.activations.tensors("online"))
@@ -88,9 +89,6 @@ def snapshot_step(step: int, parts: Pipeline, capture: DeltaCapture | EventCaptu
                         for k, v in capture.preconditioner.state_tensors().items()})
     info = {"step": step, "buffer": info, "capture": capture.counters(),
             "last_rl_step": parts.loop.last_rl_step, "wall_s": wall_s}
-    files = checkpoint_files(parts.sae, parts.trainer.stats.as_tensors(),
-                             checkpoint_meta(meta, step, parts.trainer),
-                             parts.trainer.state_tensors(), copy=True)
     return StepSnapshot(step, tensors, info, files)
 
 
@@ -109,10 +107,10 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 def write_step(run_dir: Path, snap: StepSnapshot, keep_checkpoints: int = 0,
                trl_dir: Path | None = None) -> Path:
     """Write the resume file (when ``snap`` has one) and the shards checkpoint of ``snap``;
-    returns the latter. Then prune the resume files to ``kept_resume_steps`` (``trl_dir``: TRL's ``output_dir``, by
-    default the run's ``trl/``) and older checkpoints (``prune_checkpoints``). An ``OSError``
-    (disk full, no permission) becomes ``rundir.RunWriteError`` naming the path; what was
-    already complete stays as it was."""
+    returns the latter. Then prune the resume files to ``kept_resume_steps`` (``trl_dir``:
+    TRL's ``output_dir``, by default the run's ``trl/``) and older checkpoints
+    (``prune_checkpoints``). An ``OSError`` (disk full, no permission) becomes
+    ``rundir.RunWriteError`` naming the path; what was already complete stays as it was."""
     target = resume_file(run_dir, snap.step)
     checkpoint = checkpoint_dir(run_dir, snap.step)
     if snap.resume is not None:
