@@ -551,16 +551,16 @@ def test_a_resume_from_an_older_trl_checkpoint_says_the_later_ones_are_stale(tmp
     """Resumed from checkpoint-4 of an output_dir that also holds checkpoint-6 and -8 (a run
     resumed by path, from before its newest checkpoint): those belong to the replaced
     trajectory, and the next resume_from_checkpoint=True would pick them."""
-    from sae_shards.capture.callback import _warn_later_trl_checkpoints
+    from sae_shards.capture.trl_checkpoints import warn_later_trl_checkpoints
 
     for step in (2, 4, 6, 8):
         (tmp_path / f"checkpoint-{step}").mkdir()
     (tmp_path / "checkpoint-9.tmp").mkdir()  # not a checkpoint
-    with caplog.at_level("WARNING", logger="sae_shards.capture.callback"):
-        _warn_later_trl_checkpoints(str(tmp_path), 8)
-        _warn_later_trl_checkpoints(str(tmp_path / "missing"), 0)
+    with caplog.at_level("WARNING", logger="sae_shards.capture.trl_checkpoints"):
+        warn_later_trl_checkpoints(str(tmp_path), 8)
+        warn_later_trl_checkpoints(str(tmp_path / "missing"), 0)
         assert not caplog.records
-        _warn_later_trl_checkpoints(str(tmp_path), 4)
+        warn_later_trl_checkpoints(str(tmp_path), 4)
     assert "later steps (checkpoint-6, checkpoint-8)" in caplog.text
 
 
@@ -1081,35 +1081,35 @@ def test_a_script_whose_trainer_never_saves_is_told_it_cannot_resume_after_a_kil
     about at the start, and the "no resumable run" refusal names the trainer's setting."""
     from trl import GRPOConfig
 
-    from sae_shards.capture.callback import _in_script_terms, _warn_no_trl_checkpoints
+    from sae_shards.capture.trl_checkpoints import in_script_terms, warn_no_trl_checkpoints
     from sae_shards.run.rundir import _why_not_resumable
 
     def args(**kw):
         return GRPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False,
                           report_to="none", **kw)
 
-    with caplog.at_level("WARNING", logger="sae_shards.capture.callback"):
-        _warn_no_trl_checkpoints(args(save_strategy="steps", save_steps=5, max_steps=300))
-        _warn_no_trl_checkpoints(args(save_strategy="steps", save_steps=0.5, max_steps=300))
-        _warn_no_trl_checkpoints(args(save_strategy="steps"))  # max_steps from the epochs
-        _warn_no_trl_checkpoints(args(save_strategy="epoch"), epochs=2)  # saves after epoch 1
-        _warn_no_trl_checkpoints(args(save_strategy="epoch"))  # epochs not known yet
+    with caplog.at_level("WARNING", logger="sae_shards.capture.trl_checkpoints"):
+        warn_no_trl_checkpoints(args(save_strategy="steps", save_steps=5, max_steps=300))
+        warn_no_trl_checkpoints(args(save_strategy="steps", save_steps=0.5, max_steps=300))
+        warn_no_trl_checkpoints(args(save_strategy="steps"))  # max_steps from the epochs
+        warn_no_trl_checkpoints(args(save_strategy="epoch"), epochs=2)  # saves after epoch 1
+        warn_no_trl_checkpoints(args(save_strategy="epoch"))  # epochs not known yet
         assert not caplog.records
-        _warn_no_trl_checkpoints(args(save_strategy="epoch", max_steps=10), epochs=1)
+        warn_no_trl_checkpoints(args(save_strategy="epoch", max_steps=10), epochs=1)
         assert ("save_strategy='epoch') and this run is one epoch or less: its first checkpoint "
                 "is at its last step") in caplog.text
         caplog.clear()
-        _warn_no_trl_checkpoints(args(save_strategy="no"))
+        warn_no_trl_checkpoints(args(save_strategy="no"))
         assert "saves no checkpoints (save_strategy='no')" in caplog.text
         caplog.clear()  # TRL's default save_steps=500 on a 300-step run: only the last step
-        _warn_no_trl_checkpoints(args(save_strategy="steps", max_steps=300), checkpoint_every=50)
+        warn_no_trl_checkpoints(args(save_strategy="steps", max_steps=300), checkpoint_every=50)
         assert ("first checkpoint at its last step (save_steps=500, max_steps=300): a run "
                 "killed before its end") in caplog.text
         assert "e.g. save_steps=50)" in caplog.text
         caplog.clear()
-        _warn_no_trl_checkpoints(args(save_strategy="steps", save_steps=0.99, max_steps=40))
+        warn_no_trl_checkpoints(args(save_strategy="steps", save_steps=0.99, max_steps=40))
         assert "save_steps=0.99, max_steps=40" in caplog.text and "e.g. save_steps=4)" in caplog.text
-    said = _in_script_terms(_why_not_resumable(tmp_path, ["rollouts.jsonl"]))
+    said = in_script_terms(_why_not_resumable(tmp_path, ["rollouts.jsonl"]))
     assert "checkpoint_every" not in said and "smaller save_steps" in said
 
 
@@ -1121,7 +1121,7 @@ def test_whether_a_run_copies_its_buffer_at_checkpoints_is_the_trainers_save_str
 
     from trl import GRPOConfig
 
-    from sae_shards.capture.callback import _writes_checkpoints
+    from sae_shards.capture.trl_checkpoints import writes_checkpoints
     from sae_shards.capture.runner import RunnerConfig
 
     def trainer(**kw):
@@ -1129,12 +1129,12 @@ def test_whether_a_run_copies_its_buffer_at_checkpoints_is_the_trainers_save_str
                                                bf16=False, report_to="none", **kw))
 
     never, every = RunnerConfig(checkpoint_every=0), RunnerConfig(checkpoint_every=5)
-    assert not _writes_checkpoints(never, trainer(save_strategy="no"))
-    assert not _writes_checkpoints(every, trainer(save_strategy="no"))  # the shards only
-    assert _writes_checkpoints(never, trainer(save_strategy="steps", save_steps=5))
-    assert _writes_checkpoints(never, trainer(save_strategy="epoch"))
-    assert _writes_checkpoints(every, None)  # no trainer: sae-shards train saves TRL's side too
-    assert not _writes_checkpoints(never, None)
+    assert not writes_checkpoints(never, trainer(save_strategy="no"))
+    assert not writes_checkpoints(every, trainer(save_strategy="no"))  # the shards only
+    assert writes_checkpoints(never, trainer(save_strategy="steps", save_steps=5))
+    assert writes_checkpoints(never, trainer(save_strategy="epoch"))
+    assert writes_checkpoints(every, None)  # no trainer: sae-shards train saves TRL's side too
+    assert not writes_checkpoints(never, None)
 
 
 def test_the_launcher_a_run_records_is_the_one_it_was_started_with():

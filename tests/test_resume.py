@@ -344,9 +344,9 @@ def test_a_resume_of_a_directory_that_does_not_exist_creates_nothing(tmp_path):
 def test_refusals_in_a_script_speak_its_arguments(cli, script):
     """A script's refusal names ShardCallback's arguments, and tells how to resume only where
     resuming is the advice (never "start without resume=True (ShardCallback(resume=True)...)")."""
-    from sae_shards.capture.callback import _in_script_terms
+    from sae_shards.capture.trl_checkpoints import in_script_terms
 
-    assert _in_script_terms(cli) == script
+    assert in_script_terms(cli) == script
 
 
 def test_text_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):

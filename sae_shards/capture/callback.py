@@ -42,7 +42,6 @@ import functools
 import json
 import logging
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -66,6 +65,14 @@ from sae_shards.capture.rollouts import TRLRollouts, calling_trainer, scored_mea
 from sae_shards.capture.summary import final_activations, heldout_fvu, run_summary
 from sae_shards.capture.selection import LoraTarget, few_names, target_shapes
 from sae_shards.capture.sharded_delta import ShardedDeltaCapture, sharded_targets
+from sae_shards.capture.trainer_settings import (SAMPLING_ARGS, STEP_ARGS, TIED_METRIC,
+                                                 TiedRewardsWatch, lora_settings, model_id,
+                                                 reward_batch, reward_weights,
+                                                 trainer_samples_per_step)
+from sae_shards.capture.trl_checkpoints import (SCRIPT_RESUME, in_script_terms, trl_dir,
+                                                warn_earlier_trl_checkpoints,
+                                                warn_later_trl_checkpoints,
+                                                warn_no_trl_checkpoints, writes_checkpoints)
 from sae_shards.capture.zero3_delta import Zero3DeltaCapture, zero3_targets
 from sae_shards.core import events as ev
 from sae_shards.core.checkpoint import save_checkpoint
@@ -73,8 +80,7 @@ from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import make_targets
 from sae_shards.run import rundir
 from sae_shards.run.config import (CaptureConfig, RunnerConfig, check_sae_trains,
-                                    check_sae_window, generations_reused, sample_source,
-                                    samples_per_step)
+                                    check_sae_window, sample_source)
 from sae_shards.run.schema import build_dataclass
 from sae_shards.run.tracking import RunLogger
 
@@ -177,7 +183,7 @@ class ShardCallback(TrainerCallback):
         except (FileExistsError, FileNotFoundError) as e:
             if run_config:  # sae-shards train: its messages speak the CLI's overrides
                 raise
-            raise type(e)(_in_script_terms(str(e))) from None
+            raise type(e)(in_script_terms(str(e))) from None
         if resume and distributed.is_main():
             try:
                 rundir.check_resume_config(self.run_dir, {
@@ -238,7 +244,7 @@ class ShardCallback(TrainerCallback):
                      "policy's first training step will allocate: %s", pending.describe())
         self.parts = build_pipeline(model, self.capture_cfg, self.sae_cfg, self.runner_cfg, device,
                                     self.seed, pending,
-                                    _writes_checkpoints(self.runner_cfg, trainer))
+                                    writes_checkpoints(self.runner_cfg, trainer))
         if self.capture_cfg.granularity == "step":
             self.capture = self._step_capture(self.parts.targets, self.parts.buffer)
         else:
@@ -264,14 +270,14 @@ class ShardCallback(TrainerCallback):
             self._initial_dir = initial_model.loaded_from(model)
         cap = self.capture_cfg
         self.meta = {"source": sample_source(cap.granularity, cap.source, cap.precondition,
-                                             cap.normalize), "model_id": _model_id(model),
+                                             cap.normalize), "model_id": model_id(model),
                      "run_dir": str(self.run_dir), "lora": self._is_lora(), **self.meta}
         if self.resume:
             _check_same_world(self.run_dir)
             if not self.run_config and trainer is not None:  # a user's script: its trainer
                 mine = self._config_json(model, trainer)
                 if "name_or_path" not in saved:  # config.json of an earlier version
-                    mine["model"] = {"path": _model_id(model), "lora": mine["model"]["lora"]}
+                    mine["model"] = {"path": model_id(model), "lora": mine["model"]["lora"]}
                 rundir.check_resume_config(self.run_dir, mine,
                                            "Resume with the trainer settings the run started "
                                            "with, or start a new run_dir.")
@@ -279,8 +285,8 @@ class ShardCallback(TrainerCallback):
         self._metric_log = rundir.JsonLines(self.run_dir / rundir.METRICS)
         rundir.write_json(self.run_dir / rundir.CONFIG, self._config_json(model, trainer))
         if not self.resume and not self.run_config and trainer is not None:
-            _warn_earlier_trl_checkpoints(getattr(trainer.args, "output_dir", None))
-            _warn_no_trl_checkpoints(trainer.args, self.runner_cfg.checkpoint_every,
+            warn_earlier_trl_checkpoints(getattr(trainer.args, "output_dir", None))
+            warn_no_trl_checkpoints(trainer.args, self.runner_cfg.checkpoint_every,
                                      getattr(getattr(trainer, "state", None),
                                              "num_train_epochs", None))
         sae = self.parts.sae
@@ -397,8 +403,8 @@ class ShardCallback(TrainerCallback):
             return {**self.run_config, **own}
         args = getattr(trainer, "args", None)
         return {**own, "task": None,
-                "model": {"path": self._initial_dir, "name_or_path": _model_id(model),
-                          "lora": _lora_settings(model) if self._is_lora() else
+                "model": {"path": self._initial_dir, "name_or_path": model_id(model),
+                          "lora": lora_settings(model) if self._is_lora() else
                           {"enabled": False},
                           # theta_0 includes run_dir/initial_adapter: analysis needs it
                           **({"initial_adapter": True} if self._initial_adapter else {}),
@@ -416,9 +422,9 @@ class ShardCallback(TrainerCallback):
                        **{key: getattr(args, key, None) for key in STEP_ARGS},
                        # how many completions each reward call got (one process's generation
                        # batch); analysis calls the user's reward functions on batches as large
-                       "reward_batch": _reward_batch(args),
+                       "reward_batch": reward_batch(args),
                        # how the rewards were summed: analysis scores a RewardTask against it
-                       "reward_weights": _reward_weights(trainer)}}
+                       "reward_weights": reward_weights(trainer)}}
 
     def _initial_fingerprint(self) -> dict[str, str]:
         """The initial directory's weight hashes: taken at the run's start; on resume the run's
@@ -493,7 +499,7 @@ class ShardCallback(TrainerCallback):
         if not self.run_config:  # sae-shards train checked its rl.max_steps already
             check_sae_trains(self.capture_cfg, self.runner_cfg, state.max_steps,
                              "the trainer's max_steps",
-                             _samples_per_step(args, self.capture_cfg.granularity))
+                             trainer_samples_per_step(args, self.capture_cfg.granularity))
         self._began = True
         self._begin(args, state, control, model, **kwargs)
         if self.resume and state.global_step >= state.max_steps:
@@ -520,7 +526,7 @@ class ShardCallback(TrainerCallback):
         if self.resume:
             self._restore(state.global_step, last=state.global_step >= state.max_steps)
             if not self.run_config:
-                _warn_later_trl_checkpoints(args.output_dir, state.global_step)
+                warn_later_trl_checkpoints(args.output_dir, state.global_step)
         else:
             self._save_initial_model(model, calling_trainer())
             self._save_initial_adapter(model)
@@ -607,9 +613,9 @@ class ShardCallback(TrainerCallback):
         self._flush_sae_records()
         every = self.runner_cfg.checkpoint_every
         if control.should_save:  # TRL checkpoints this step (its save_steps, or a stop)
-            self._save_step(step, _trl_dir(args))
+            self._save_step(step, trl_dir(args))
         elif every and step % every == 0:  # nothing could resume here: the shards only
-            self._save_step(step, _trl_dir(args), resumable=False)
+            self._save_step(step, trl_dir(args), resumable=False)
         if step % max(1, state.max_steps // 10) == 0 or step == state.max_steps:
             sae = (f"SAE step {self.parts.trainer.n_steps}  fvu {self._fvu[-1]:.3f}"
                    if self._fvu else "SAE not trained yet (runner.min_samples, sae_start_step)")
@@ -624,7 +630,7 @@ class ShardCallback(TrainerCallback):
         if self.capture is None or not state.is_world_process_zero:
             return
         if self._resumable_step != state.global_step:
-            self._save_step(state.global_step, _trl_dir(args))
+            self._save_step(state.global_step, trl_dir(args))
 
     @_paid
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -777,201 +783,6 @@ class ShardCallback(TrainerCallback):
 
 # ---- helpers ---------------------------------------------------------------------------------
 
-SAMPLING_ARGS = ("max_completion_length", "max_new_tokens", "num_generations", "temperature",
-                 "top_p", "top_k", "min_p", "repetition_penalty", "chat_template_kwargs",
-                 "generation_kwargs")
-"""The TRL config fields that say how completions were sampled, recorded in ``config.json``'s
-``rl`` (``analysis.shards.run_sampling`` reads them back; ``max_new_tokens``: the online DPO
-trainers' name for the completion length)."""
-
-
-def _warn_earlier_trl_checkpoints(output_dir: str | None) -> None:
-    """A new run (not resumed) whose trainer's ``output_dir`` already holds TRL checkpoints: they
-    are an earlier run's (``overwrite=True`` clears the run directory, not the trainer's), and a
-    later ``resume_from_checkpoint=True`` would pick the newest of them, mixed with this run's."""
-    steps = _trl_checkpoint_steps(output_dir)
-    if steps:
-        log.warning("the trainer's output_dir %s already holds TRL checkpoints of an earlier run "
-                    "(steps %s): this run saves its own beside them, and resuming it later "
-                    "with resume_from_checkpoint=True would start from the newest, whichever "
-                    "run wrote it. Clear the directory or give the trainer a new output_dir",
-                    output_dir, ", ".join(map(str, steps)))
-
-
-def _warn_later_trl_checkpoints(output_dir: str | None, step: int) -> None:
-    """A run resumed from TRL's checkpoint of ``step`` while ``output_dir`` holds later ones:
-    they belong to the trajectory the resumed run replaces (sae-shards removed its own side of
-    them), and the next ``resume_from_checkpoint=True`` would pick the newest of them."""
-    later = [s for s in _trl_checkpoint_steps(output_dir) if s > step]
-    if later:
-        log.warning("resumed from RL step %d, but the trainer's output_dir %s also holds TRL "
-                    "checkpoints of later steps (%s) from the run this resume replaces; "
-                    "sae-shards removed its side of them, and a later "
-                    "resume_from_checkpoint=True would pick the newest and be refused: delete "
-                    "them", step, output_dir, ", ".join(f"checkpoint-{s}" for s in later))
-
-
-def _trl_checkpoint_steps(output_dir: str | None) -> list[int]:
-    """The steps of the ``checkpoint-N`` directories in a trainer's ``output_dir``, ascending."""
-    if not output_dir or not Path(output_dir).is_dir():
-        return []
-    return sorted(int(p.name.removeprefix("checkpoint-")) for p in Path(output_dir).iterdir()
-                  if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir())
-
-
-def _trl_dir(args: Any) -> Path | None:
-    """The trainer's ``output_dir``, where TRL writes its checkpoints."""
-    return Path(args.output_dir) if args.output_dir else None
-
-
-def _writes_checkpoints(runner_cfg: Any, trainer: Any | None) -> bool:
-    """Whether the run writes resumable step checkpoints, which copy the ring buffer to host
-    memory: when the trainer saves (any ``save_strategy`` but ``"no"``). Without a trainer,
-    ``runner.checkpoint_every`` decides (``sae-shards train`` gives TRL the same steps). The
-    shards-only checkpoints between TRL's copy no buffer."""
-    args = getattr(trainer, "args", None)
-    if args is None:
-        return bool(runner_cfg.checkpoint_every)
-    return getattr(args, "save_strategy", None) != "no"
-
-
-def _warn_no_trl_checkpoints(args: Any, checkpoint_every: int = 0,
-                             epochs: int | None = None) -> None:
-    """A script's trainer that saves no checkpoint before its last step (``save_strategy="no"``,
-    ``save_steps`` >= ``max_steps``, as TRL's default 500 on a shorter run, or
-    ``save_strategy="epoch"`` on a run of one epoch or less: ``epochs``, the trainer state's
-    ``num_train_epochs``, known once training begins): a stop (SIGTERM, ``request_stop``) still
-    saves one, but a killed run has nothing to resume from, whatever ``runner.checkpoint_every``
-    says (a resume needs TRL's side too)."""
-    strategy = getattr(args, "save_strategy", None)  # a str enum (SaveStrategy.NO) or a str
-    max_steps = getattr(args, "max_steps", -1) or -1
-    if strategy == "epoch" and epochs == 1:
-        log.warning("the trainer saves at the end of each epoch (save_strategy='epoch') and this "
-                    "run is one epoch or less: its first checkpoint is at its last step, so a "
-                    "run killed before its end cannot resume (SIGTERM and request_stop() still "
-                    "checkpoint; runner.checkpoint_every saves only the shards' side); set "
-                    "save_strategy='steps' and save_steps below max_steps to make it resumable")
-    elif strategy == "no":
-        log.warning("the trainer saves no checkpoints (save_strategy='no'): a run stopped by "
-                    "SIGTERM or request_stop() still checkpoints, but a killed one cannot "
-                    "resume (runner.checkpoint_every saves only the shards' side); set "
-                    "save_strategy='steps' and save_steps to make it resumable")
-    elif strategy == "steps" and max_steps > 1:
-        every = args.save_steps if args.save_steps >= 1 else math.ceil(max_steps * args.save_steps)
-        if every >= max_steps:
-            hint = checkpoint_every if 0 < checkpoint_every < max_steps else max(1, max_steps // 10)
-            log.warning("the trainer saves its first checkpoint at its last step (save_steps=%s, "
-                        "max_steps=%d): a run killed before its end (kill -9, out of memory, a "
-                        "lost node) cannot resume (SIGTERM and request_stop() still checkpoint; "
-                        "runner.checkpoint_every saves only the shards' side); set "
-                        "save_steps below max_steps (e.g. save_steps=%d) to make it resumable",
-                        args.save_steps, max_steps, hint)
-
-
-def _in_script_terms(message: str) -> str:
-    """A run-directory refusal worded for ``ShardCallback``'s arguments (the shared message
-    speaks ``sae-shards train``'s overrides)."""
-    for cli, kwarg in (("continue it with resume=true", f"continue it with {SCRIPT_RESUME}"),
-                       ("resume with resume=true", f"resume with {SCRIPT_RESUME}"),
-                       ("overwrite=true", "overwrite=True"), ("resume=true", "resume=True"),
-                       # a script's trainer checkpoints at its own save_steps (TRL's side)
-                       ("lower runner.checkpoint_every to keep earlier steps next time",
-                        "set the trainer's save_strategy='steps' and a smaller save_steps to "
-                        "keep earlier steps next time")):
-        message = message.replace(cli, kwarg)
-    return message
-
-
-SCRIPT_RESUME = "ShardCallback(..., resume=True) and trainer.train(resume_from_checkpoint=True)"
-"""How a user's script continues a stopped run."""
-
-
-def _lora_settings(model: torch.nn.Module) -> dict[str, Any]:
-    """A PEFT model's trained LoRA adapter settings, named as ``model.lora`` of
-    ``sae-shards train`` (``enabled``, ``r``, ``alpha``, ``target_modules``, ``dropout``,
-    ``rslora``); ``{"enabled": True}`` when its config cannot be read."""
-    configs = getattr(model, "peft_config", None) or {}
-    cfg = configs.get(getattr(model, "active_adapter", None)) or next(iter(configs.values()), None)
-    if cfg is None:
-        return {"enabled": True}
-    modules = getattr(cfg, "target_modules", None)
-    return {"enabled": True, "r": getattr(cfg, "r", None),
-            "alpha": getattr(cfg, "lora_alpha", None),
-            "target_modules": (sorted(modules) if isinstance(modules, (set, list, tuple))
-                               else modules),
-            "dropout": getattr(cfg, "lora_dropout", None),
-            "rslora": getattr(cfg, "use_rslora", None)}
-
-
-def _reward_weights(trainer: Any | None) -> list[float] | None:
-    """The trainer's reward weights (TRL's ``reward_weights``, 1 per function by default)."""
-    weights = getattr(trainer, "reward_weights", None)
-    return [float(w) for w in weights.tolist()] if weights is not None else None
-
-
-def _samples_per_step(args: Any, granularity: str) -> int | None:
-    """The most samples one optimizer step of a TRL trainer gives: 1 per step; per event, its
-    prompt groups (``generation_batch_size / num_generations``, over all processes) or their
-    completions. None when the trainer's config does not say (or reuses generations, which
-    per-event capture refuses)."""
-    if granularity == "step":
-        return 1
-    total = getattr(args, "generation_batch_size", None)
-    k = getattr(args, "num_generations", None)
-    if not (isinstance(total, int) and isinstance(k, int) and k > 0) or generations_reused(args):
-        return None
-    return samples_per_step(granularity, total // k, k)
-
-
-def _reward_batch(args: Any) -> int | None:
-    """The completions TRL's GRPO/RLOO trainer scores per reward call on one process: its
-    ``generation_batch_size`` (over all processes) over the world size; None without one."""
-    total = getattr(args, "generation_batch_size", None)
-    return int(total) // distributed.world_size() if isinstance(total, int) and total else None
-
-
-STEP_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
-             "num_iterations", "learning_rate", "beta", "seed", "loss_type", "scale_rewards",
-             "max_grad_norm", "importance_sampling_level", "mask_truncated_completions")
-"""The trainer's settings that size and move each RL step, recorded in ``config.json``'s ``rl``
-so that a resume with other values is refused naming them (TRL itself only warns)."""
-
-TIED_METRIC = "frac_reward_zero_std"
-"""TRL's (GRPO and RLOO) share of prompt groups whose rewards all tied, per logged step."""
-
-
-class TiedRewardsWatch:
-    """Warns once when every prompt group's rewards tied in ``after`` consecutive logged steps:
-    the advantages are then zero, the policy's update carries no reward signal (only the KL
-    term and weight decay move it), and no shard can find what RL reinforced."""
-
-    def __init__(self, after: int = 5) -> None:
-        self.after = after
-        self.first: int | None = None  # the first step of the current run of tied steps
-        self.count = 0
-        self.warned = False
-
-    def observe(self, frac_tied: float | None, step: int) -> None:
-        if frac_tied is None or self.warned:
-            return
-        if frac_tied < 1.0:
-            self.first, self.count = None, 0
-            return
-        self.first = step if self.first is None else self.first
-        self.count += 1
-        if self.count >= self.after:
-            self.warned = True
-            log.warning(
-                "every prompt group's rewards tied in %d logged steps in a row (steps %d-%d, "
-                "TRL's %s = 1): the advantages are zero, so the policy's updates carry no "
-                "reward signal and the shards cannot find one. Check the reward: every "
-                "completion scoring the same (saturated, e.g. a target any completion reaches, "
-                "or never earned) gives this; for sae-shards train's tasks see "
-                "task.options.target_length", self.count, self.first, step, TIED_METRIC)
-
-
-
-
 def _config(cls: type, value: Any, prefix: str) -> Any:
     """A config dataclass from an instance, a dict of its fields, or None (defaults)."""
     if value is None:
@@ -1003,11 +814,3 @@ def _check_same_world(run_dir: Path) -> None:
     why = distributed.world_mismatch(run_dir, saved, distributed.world_size())
     if why:
         raise ValueError(why)
-
-
-def _model_id(model: torch.nn.Module) -> str:
-    """The model's Hub id or directory, else (a model built in the script) its class; a PEFT
-    model by its base model's class, which is what a reader needs to rebuild it."""
-    config = getattr(model, "config", None)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return str(getattr(config, "_name_or_path", "") or type(base).__name__)

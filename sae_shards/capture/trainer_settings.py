@@ -1,0 +1,116 @@
+"""What ``ShardCallback`` reads from a TRL trainer: the settings ``config.json`` records (how
+completions were sampled, what sizes and moves each step, LoRA, reward weights), the samples one
+optimizer step gives, and a watch on TRL's logs for steps whose rewards all tied.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from sae_shards.capture import distributed
+from sae_shards.run.config import generations_reused, samples_per_step
+
+log = logging.getLogger(__name__)
+
+
+SAMPLING_ARGS = ("max_completion_length", "max_new_tokens", "num_generations", "temperature",
+                 "top_p", "top_k", "min_p", "repetition_penalty", "chat_template_kwargs",
+                 "generation_kwargs")
+"""The TRL config fields that say how completions were sampled, recorded in ``config.json``'s
+``rl`` (``analysis.shards.run_sampling`` reads them back; ``max_new_tokens``: the online DPO
+trainers' name for the completion length)."""
+
+
+def lora_settings(model: torch.nn.Module) -> dict[str, Any]:
+    """A PEFT model's trained LoRA adapter settings, named as ``model.lora`` of
+    ``sae-shards train`` (``enabled``, ``r``, ``alpha``, ``target_modules``, ``dropout``,
+    ``rslora``); ``{"enabled": True}`` when its config cannot be read."""
+    configs = getattr(model, "peft_config", None) or {}
+    cfg = configs.get(getattr(model, "active_adapter", None)) or next(iter(configs.values()), None)
+    if cfg is None:
+        return {"enabled": True}
+    modules = getattr(cfg, "target_modules", None)
+    return {"enabled": True, "r": getattr(cfg, "r", None),
+            "alpha": getattr(cfg, "lora_alpha", None),
+            "target_modules": (sorted(modules) if isinstance(modules, (set, list, tuple))
+                               else modules),
+            "dropout": getattr(cfg, "lora_dropout", None),
+            "rslora": getattr(cfg, "use_rslora", None)}
+
+
+def reward_weights(trainer: Any | None) -> list[float] | None:
+    """The trainer's reward weights (TRL's ``reward_weights``, 1 per function by default)."""
+    weights = getattr(trainer, "reward_weights", None)
+    return [float(w) for w in weights.tolist()] if weights is not None else None
+
+
+def trainer_samples_per_step(args: Any, granularity: str) -> int | None:
+    """The most samples one optimizer step of a TRL trainer gives: 1 per step; per event, its
+    prompt groups (``generation_batch_size / num_generations``, over all processes) or their
+    completions. None when the trainer's config does not say (or reuses generations, which
+    per-event capture refuses)."""
+    if granularity == "step":
+        return 1
+    total = getattr(args, "generation_batch_size", None)
+    k = getattr(args, "num_generations", None)
+    if not (isinstance(total, int) and isinstance(k, int) and k > 0) or generations_reused(args):
+        return None
+    return samples_per_step(granularity, total // k, k)
+
+
+def reward_batch(args: Any) -> int | None:
+    """The completions TRL's GRPO/RLOO trainer scores per reward call on one process: its
+    ``generation_batch_size`` (over all processes) over the world size; None without one."""
+    total = getattr(args, "generation_batch_size", None)
+    return int(total) // distributed.world_size() if isinstance(total, int) and total else None
+
+
+STEP_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
+             "num_iterations", "learning_rate", "beta", "seed", "loss_type", "scale_rewards",
+             "max_grad_norm", "importance_sampling_level", "mask_truncated_completions")
+"""The trainer's settings that size and move each RL step, recorded in ``config.json``'s ``rl``
+so that a resume with other values is refused naming them (TRL itself only warns)."""
+
+TIED_METRIC = "frac_reward_zero_std"
+"""TRL's (GRPO and RLOO) share of prompt groups whose rewards all tied, per logged step."""
+
+
+class TiedRewardsWatch:
+    """Warns once when every prompt group's rewards tied in ``after`` consecutive logged steps:
+    the advantages are then zero, the policy's update carries no reward signal (only the KL
+    term and weight decay move it), and no shard can find what RL reinforced."""
+
+    def __init__(self, after: int = 5) -> None:
+        self.after = after
+        self.first: int | None = None  # the first step of the current run of tied steps
+        self.count = 0
+        self.warned = False
+
+    def observe(self, frac_tied: float | None, step: int) -> None:
+        if frac_tied is None or self.warned:
+            return
+        if frac_tied < 1.0:
+            self.first, self.count = None, 0
+            return
+        self.first = step if self.first is None else self.first
+        self.count += 1
+        if self.count >= self.after:
+            self.warned = True
+            log.warning(
+                "every prompt group's rewards tied in %d logged steps in a row (steps %d-%d, "
+                "TRL's %s = 1): the advantages are zero, so the policy's updates carry no "
+                "reward signal and the shards cannot find one. Check the reward: every "
+                "completion scoring the same (saturated, e.g. a target any completion reaches, "
+                "or never earned) gives this; for sae-shards train's tasks see "
+                "task.options.target_length", self.count, self.first, step, TIED_METRIC)
+
+
+def model_id(model: torch.nn.Module) -> str:
+    """The model's Hub id or directory, else (a model built in the script) its class; a PEFT
+    model by its base model's class, which is what a reader needs to rebuild it."""
+    config = getattr(model, "config", None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return str(getattr(config, "_name_or_path", "") or type(base).__name__)

@@ -1,0 +1,119 @@
+"""How a script's TRL checkpoints and sae-shards' own line up (``ShardCallback``).
+
+A script's run resumes from a TRL checkpoint (``checkpoint-N`` in the trainer's ``output_dir``)
+paired with sae-shards' resumable checkpoint of the same step (``capture/resume.py``). These
+helpers find TRL's checkpoints, say whether the run writes resumable ones at all, warn when a
+script's trainer settings leave a killed run nothing to resume from, and word the run
+directory's refusals in ``ShardCallback``'s arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def warn_earlier_trl_checkpoints(output_dir: str | None) -> None:
+    """A new run (not resumed) whose trainer's ``output_dir`` already holds TRL checkpoints: they
+    are an earlier run's (``overwrite=True`` clears the run directory, not the trainer's), and a
+    later ``resume_from_checkpoint=True`` would pick the newest of them, mixed with this run's."""
+    steps = trl_checkpoint_steps(output_dir)
+    if steps:
+        log.warning("the trainer's output_dir %s already holds TRL checkpoints of an earlier run "
+                    "(steps %s): this run saves its own beside them, and resuming it later "
+                    "with resume_from_checkpoint=True would start from the newest, whichever "
+                    "run wrote it. Clear the directory or give the trainer a new output_dir",
+                    output_dir, ", ".join(map(str, steps)))
+
+
+def warn_later_trl_checkpoints(output_dir: str | None, step: int) -> None:
+    """A run resumed from TRL's checkpoint of ``step`` while ``output_dir`` holds later ones:
+    they belong to the trajectory the resumed run replaces (sae-shards removed its own side of
+    them), and the next ``resume_from_checkpoint=True`` would pick the newest of them."""
+    later = [s for s in trl_checkpoint_steps(output_dir) if s > step]
+    if later:
+        log.warning("resumed from RL step %d, but the trainer's output_dir %s also holds TRL "
+                    "checkpoints of later steps (%s) from the run this resume replaces; "
+                    "sae-shards removed its side of them, and a later "
+                    "resume_from_checkpoint=True would pick the newest and be refused: delete "
+                    "them", step, output_dir, ", ".join(f"checkpoint-{s}" for s in later))
+
+
+def trl_checkpoint_steps(output_dir: str | None) -> list[int]:
+    """The steps of the ``checkpoint-N`` directories in a trainer's ``output_dir``, ascending."""
+    if not output_dir or not Path(output_dir).is_dir():
+        return []
+    return sorted(int(p.name.removeprefix("checkpoint-")) for p in Path(output_dir).iterdir()
+                  if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir())
+
+
+def trl_dir(args: Any) -> Path | None:
+    """The trainer's ``output_dir``, where TRL writes its checkpoints."""
+    return Path(args.output_dir) if args.output_dir else None
+
+
+def writes_checkpoints(runner_cfg: Any, trainer: Any | None) -> bool:
+    """Whether the run writes resumable step checkpoints, which copy the ring buffer to host
+    memory: when the trainer saves (any ``save_strategy`` but ``"no"``). Without a trainer,
+    ``runner.checkpoint_every`` decides (``sae-shards train`` gives TRL the same steps). The
+    shards-only checkpoints between TRL's copy no buffer."""
+    args = getattr(trainer, "args", None)
+    if args is None:
+        return bool(runner_cfg.checkpoint_every)
+    return getattr(args, "save_strategy", None) != "no"
+
+
+def warn_no_trl_checkpoints(args: Any, checkpoint_every: int = 0,
+                             epochs: int | None = None) -> None:
+    """A script's trainer that saves no checkpoint before its last step (``save_strategy="no"``,
+    ``save_steps`` >= ``max_steps``, as TRL's default 500 on a shorter run, or
+    ``save_strategy="epoch"`` on a run of one epoch or less: ``epochs``, the trainer state's
+    ``num_train_epochs``, known once training begins): a stop (SIGTERM, ``request_stop``) still
+    saves one, but a killed run has nothing to resume from, whatever ``runner.checkpoint_every``
+    says (a resume needs TRL's side too)."""
+    strategy = getattr(args, "save_strategy", None)  # a str enum (SaveStrategy.NO) or a str
+    max_steps = getattr(args, "max_steps", -1) or -1
+    if strategy == "epoch" and epochs == 1:
+        log.warning("the trainer saves at the end of each epoch (save_strategy='epoch') and this "
+                    "run is one epoch or less: its first checkpoint is at its last step, so a "
+                    "run killed before its end cannot resume (SIGTERM and request_stop() still "
+                    "checkpoint; runner.checkpoint_every saves only the shards' side); set "
+                    "save_strategy='steps' and save_steps below max_steps to make it resumable")
+    elif strategy == "no":
+        log.warning("the trainer saves no checkpoints (save_strategy='no'): a run stopped by "
+                    "SIGTERM or request_stop() still checkpoints, but a killed one cannot "
+                    "resume (runner.checkpoint_every saves only the shards' side); set "
+                    "save_strategy='steps' and save_steps to make it resumable")
+    elif strategy == "steps" and max_steps > 1:
+        every = args.save_steps if args.save_steps >= 1 else math.ceil(max_steps * args.save_steps)
+        if every >= max_steps:
+            hint = checkpoint_every if 0 < checkpoint_every < max_steps else max(1, max_steps // 10)
+            log.warning("the trainer saves its first checkpoint at its last step (save_steps=%s, "
+                        "max_steps=%d): a run killed before its end (kill -9, out of memory, a "
+                        "lost node) cannot resume (SIGTERM and request_stop() still checkpoint; "
+                        "runner.checkpoint_every saves only the shards' side); set "
+                        "save_steps below max_steps (e.g. save_steps=%d) to make it resumable",
+                        args.save_steps, max_steps, hint)
+
+
+def in_script_terms(message: str) -> str:
+    """A run-directory refusal worded for ``ShardCallback``'s arguments (the shared message
+    speaks ``sae-shards train``'s overrides)."""
+    for cli, kwarg in (("continue it with resume=true", f"continue it with {SCRIPT_RESUME}"),
+                       ("resume with resume=true", f"resume with {SCRIPT_RESUME}"),
+                       ("overwrite=true", "overwrite=True"), ("resume=true", "resume=True"),
+                       # a script's trainer checkpoints at its own save_steps (TRL's side)
+                       ("lower runner.checkpoint_every to keep earlier steps next time",
+                        "set the trainer's save_strategy='steps' and a smaller save_steps to "
+                        "keep earlier steps next time")):
+        message = message.replace(cli, kwarg)
+    return message
+
+
+SCRIPT_RESUME = "ShardCallback(..., resume=True) and trainer.train(resume_from_checkpoint=True)"
+"""How a user's script continues a stopped run."""
