@@ -245,7 +245,7 @@ def test_a_moe_directory_is_taken_for_the_policys_initial_weights_until_an_exper
 
 
 def test_the_reports_norms_combine_each_stacked_tensors_experts():
-    from sae_shards.analysis.report import per_parameter_norms
+    from sae_shards.analysis.plots import per_parameter_norms
 
     names = ["a.w", "e.down[0]", "e.down[1]", "b.w", "e.up[0]", "e.up[1]"]
     norms = torch.tensor([[0.1, 0.3, 0.4, 0.2, 0.0, 0.6], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]])

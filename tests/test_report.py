@@ -126,7 +126,7 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
 def test_an_unscorable_completion_is_left_out_of_the_reward_curve(short_run_dir, tmp_path):
     """TRL logs a completion no reward function could score as None (rollouts.jsonl keeps it):
     the report's reward curve leaves it out instead of failing on it."""
-    from sae_shards.analysis.report import step_reward_means
+    from sae_shards.analysis.plots import step_reward_means
 
     run = tmp_path / "run"
     shutil.copytree(short_run_dir, run)

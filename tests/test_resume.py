@@ -109,7 +109,7 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     assert f"<td>RL steps</td><td>{step} (as of the checkpoint" in html
     assert "<td>None</td>" not in html
     # its reward so far, from rollouts.jsonl (was "n/a → n/a")
-    from sae_shards.analysis.report import step_reward_means
+    from sae_shards.analysis.plots import step_reward_means
     from sae_shards.capture.summary import first_last
 
     first, last = first_last(step_reward_means(view, step)[1], 5)  # the logs up to the step read
@@ -119,7 +119,7 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
         unescape(html))
     # analysis.json gives the same figures as the table, as of the checkpoint (it gave nulls),
     # and they are the finished run's at the same checkpoint (there its summary's or recomputed)
-    from sae_shards.analysis.report import checkpoint_steps
+    from sae_shards.analysis.plots import checkpoint_steps
 
     assert checkpoint_steps(view) == (step, view.shards.meta["sae_step"])  # the curves stop there
     assert checkpoint_steps(RunView(uninterrupted)) == (None, None)

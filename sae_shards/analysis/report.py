@@ -3,7 +3,7 @@
 Sections (each an ``<section id=...>``): summary, SAE training curves, reward curve, shard
 timeline, shard families (shards that fire together, ``analysis.families``), per-target norms,
 top rollouts per shard, logit lens, dose-response, ablation. Plots are
-matplotlib PNGs embedded as base64, so the file opens anywhere with no other files.
+matplotlib PNGs embedded as base64 (``plots``), so the file opens anywhere with no other files.
 
 The dose-response adds ``alpha * c * shard`` to the *initial* weights, where ``c = <Delta, d>`` is
 the shard's coefficient in the run's cumulative update ``Delta = theta_final - theta_initial``:
@@ -21,12 +21,9 @@ or recovers.
 
 from __future__ import annotations
 
-import base64
 import collections
 import dataclasses
 import html
-import io
-import itertools
 import json
 import logging
 import math
@@ -36,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from sae_shards.analysis.families import ALWAYS_ON_DENSITY
 from sae_shards.analysis.interventions import (ablate, dose_response, eval_prompts,
                                                score_rollouts, update_coefficient)
+from sae_shards.analysis.plots import (checkpoint_steps, plot_dose, plot_norms, plot_reward,
+                                       plot_sae_curves, plot_timeline, step_reward_means)
 from sae_shards.analysis.reward_task import RewardTask
 from sae_shards.analysis.span import (RESOLVED_SE, SpanEffect, combine, span_effect,
                                       span_weights, update_share)
@@ -79,24 +77,6 @@ _LENS_NOTE = (
     "expert at a time (name[e]), for the experts the shard is largest on.</p>")
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-
-
-def _figure(w: float = 7, h: float = 3):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(w, h))
-
-
 def top_shards(view: RunView, n: int) -> list[int]:
     """The shards to detail, by total |activation| over the run's final timeline: every
     always-on shard (active on >= ``ALWAYS_ON_DENSITY`` of the samples: a drift direction, at
@@ -110,47 +90,6 @@ def top_shards(view: RunView, n: int) -> list[int]:
     return always + [i for i in fired if density[i] < ALWAYS_ON_DENSITY][:n]
 
 
-# ---------------------------------------------------------------------------- plots
-def checkpoint_steps(view: RunView) -> tuple[int | None, int | None]:
-    """The RL and SAE step the checkpoint read was written at (None, None for ``final``): the
-    curves stop there, as a killed run's logs or a finished run's go on past an earlier
-    checkpoint."""
-    if view.checkpoint == "final":
-        return None, None
-    meta = view.shards.meta
-    return meta.get("rl_step"), meta.get("sae_step")
-
-
-def plot_sae_curves(view: RunView) -> str:
-    fig, axes = _figure(10, 3)
-    fig.clf()
-    up_to = checkpoint_steps(view)[1]
-    rows = [r for r in view.sae_metrics if up_to is None or r["sae_step"] <= up_to]
-    steps = [r["sae_step"] for r in rows]
-    for i, key in enumerate(("fvu", "l0", "dead_frac")):
-        ax = fig.add_subplot(1, 3, i + 1)
-        values = [r.get(key) for r in rows]
-        ax.plot(steps, [float("nan") if v is None else v for v in values], lw=1)
-        ax.set_xlabel("SAE step")
-        # dead_frac is unknown (None) until the SAE has seen sae.dead_after samples
-        why = "too few samples" if rows else "the run has no metrics.jsonl"
-        ax.set_title(key if any(v is not None for v in values) else f"{key}: n/a ({why})")
-    fig.tight_layout()
-    return _png(fig)
-
-
-def step_reward_means(view: RunView, up_to: int | None = None) -> tuple[list[int], list[float]]:
-    """Each RL step's mean reward over its scored completions (``rollouts.scored_mean``; a step
-    with none scored is left out), up to RL step ``up_to``."""
-    steps, means = [], []
-    for step in sorted(s for s in view.rollouts if up_to is None or s <= up_to):
-        mean = view.rollouts.derived(step)["mean_reward"]
-        if mean == mean:  # not NaN
-            steps.append(step)
-            means.append(mean)
-    return steps, means
-
-
 def _reward_html(view: RunView) -> str:
     """The reward curve, or why there is none."""
     if not view.rollouts:
@@ -159,92 +98,6 @@ def _reward_html(view: RunView) -> str:
     if not step_reward_means(view, checkpoint_steps(view)[0])[0]:
         return "<p>No reward curve: no completion of any step was scored.</p>"
     return plot_reward(view)
-
-
-def plot_reward(view: RunView) -> str:
-    """Each RL step's mean reward, up to the checkpoint read (``checkpoint_steps``)."""
-    fig, ax = _figure()
-    steps, means = step_reward_means(view, checkpoint_steps(view)[0])
-    ax.plot(steps, means, lw=1, label="mean reward per step")
-    if len(means) >= 10:
-        w = max(2, len(means) // 15)
-        total = [0.0, *itertools.accumulate(means)]  # prefix sums: linear in the run's steps
-        smooth = [(total[i + 1] - total[max(0, i - w)]) / (i + 1 - max(0, i - w))
-                  for i in range(len(means))]
-        ax.plot(steps, smooth, lw=2, label=f"running mean ({w + 1} steps)")
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("reward")
-    ax.legend()
-    return _png(fig)
-
-
-def plot_timeline(view: RunView, shards: list[int]) -> str:
-    steps, acts = view.timeline("final")
-    fig, ax = _figure(10, 0.5 + 0.35 * max(len(shards), 1))
-    data = acts[:, shards].T.numpy() if shards else acts.T.numpy()
-    lim = float(abs(data).max()) if data.size else 1.0
-    im = ax.imshow(data, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest",
-                   extent=(float(steps.min()) - 0.5, float(steps.max()) + 0.5, len(shards) - 0.5, -0.5))
-    ax.set_yticks(range(len(shards)), [f"shard {i}" for i in shards])
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # per event: several columns a step
-    ax.set_xlabel("RL step")
-    fig.colorbar(im, ax=ax, label="activation (scaled units)")
-    return _png(fig)
-
-
-def per_parameter_norms(names: list[str], norms: Tensor) -> tuple[list[str], Tensor]:
-    """Shard norms ``[n_shards, n_targets]`` per parameter: a stacked expert tensor's experts
-    (``name[e]``) combined into one column, ``sqrt(sum_e norm_e^2)`` (its share of the unit
-    direction), in the order of each parameter's first target."""
-    columns: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        columns.setdefault(parse_slice(name)[0], []).append(i)
-    merged = torch.stack([norms[:, idx].pow(2).sum(1).sqrt() for idx in columns.values()], 1)
-    return list(columns), merged
-
-
-def plot_norms(view: RunView, shards: list[int]) -> str:
-    names, norms = per_parameter_norms(view.shards.target_names, view.shards.target_norms())
-    short = [n.replace("model.layers.", "L").replace(".weight", "") for n in names]
-    fig, ax = _figure(10, 3.2)
-    width = 0.8 / max(len(shards), 1)
-    for j, s in enumerate(shards):
-        xs = [i + j * width for i in range(len(names))]
-        ax.bar(xs, norms[s].tolist(), width=width, label=f"shard {s}")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], short, rotation=60, ha="right",
-                  fontsize=7)
-    ax.set_ylabel("norm on target")
-    ax.legend(fontsize=7)
-    return _png(fig)
-
-
-def plot_dose(results: dict[int, Any]) -> str:
-    """One panel per shard, three to a row, on one reward scale (so a flat curve looks flat)."""
-    cols = min(3, max(len(results), 1))
-    n_rows = -(-max(len(results), 1) // cols)
-    fig, _ = _figure(4 * cols, 3 * n_rows)
-    fig.clf()
-    first = None
-    for i, (shard, dr) in enumerate(results.items()):
-        ax = fig.add_subplot(n_rows, cols, i + 1, sharey=first)
-        first = first or ax
-        # paired error bars (each point's change from alpha 0, prompt by prompt) when there is
-        # an alpha 0: the points share prompts and rollout seed, so that is their resolution
-        shard_err = dr.stderr_change_shard or dr.stderr_shard
-        control_err = dr.stderr_change_control or dr.stderr_control
-        ax.errorbar(dr.alphas, dr.reward_shard, yerr=shard_err, label="shard", marker="o")
-        ax.errorbar(dr.alphas, dr.reward_control, yerr=control_err,
-                    label="random (norm-matched)", marker="x")
-        for label, curve in dr.shard_by_label.items():  # each context's reward, same rollouts
-            ax.plot(dr.alphas, curve, linestyle=":", linewidth=1, label=f"shard: {label}")
-        ax.set_title(f"shard {shard}")
-        ax.set_xlabel("alpha (x shard's share of the run's update)")
-        ax.set_ylabel("mean reward")
-        ax.legend(fontsize=6 if dr.shard_by_label else 7)
-    fig.tight_layout()
-    return _png(fig)
 
 
 # ---------------------------------------------------------------------------- model-side sections
