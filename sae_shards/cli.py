@@ -50,6 +50,7 @@ commands:
                            with runner.save_samples=true runner.heldout_every=k):
                            evaluation.json/.md
                            (`sae-shards evaluate --help` lists every option)
+  --version                the versions of sae-shards, Python and the libraries a run records
 
 Examples:
   sae-shards train                              the built-in default (tiny model, CPU, ~1 min)
@@ -877,6 +878,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from sae_shards.run.versions import library_versions, version_line
+
+        print(version_line(library_versions()))
         return 0
     command, rest = argv[0], argv[1:]
     match command:

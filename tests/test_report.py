@@ -3,6 +3,7 @@
 import base64
 import json
 import shutil
+from html import escape as html_escape
 from html.parser import HTMLParser
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from sae_shards.analysis.report import SECTIONS, analyze
 from sae_shards.cli import main as cli_main
 from sae_shards.analysis.shards import RunView, ShardSet
+from sae_shards.run.versions import library_versions, version_line
 
 
 class _Page(HTMLParser):
@@ -121,6 +123,12 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
     assert f"{int((density == 0).sum())} of 16" in html  # shards that never fired
     assert "by context" not in html  # one task: no split to show
     assert "<td>task</td><td>letters</td>" in html and "<td>RL algorithm</td><td>grpo</td>" in html
+    # which software made the run, as recorded in config.json (this process's: a new run)
+    versions = json.loads((short_run_dir / "config.json").read_text())["versions"]
+    assert versions == library_versions()
+    assert analysis["run"]["versions"] == versions and analysis["run"]["resumed_under"] == []
+    assert (f"<td>software (as the run started)</td><td>{html_escape(version_line(versions))}"
+            "</td>") in html
 
 
 def test_an_unscorable_completion_is_left_out_of_the_reward_curve(short_run_dir, tmp_path):

@@ -47,6 +47,7 @@ from sae_shards.analysis.shards import (RunView, initial_model_dir, load_run_mod
 from sae_shards.core.targets import parse_slice
 from sae_shards.run import rundir
 from sae_shards.run.config import REUSED, generation_use, reused_generations
+from sae_shards.run.versions import version_line
 
 SECTIONS = ("summary", "sae-curves", "reward", "timeline", "families", "norms", "rollouts", "logit-lens",
             "dose-response", "ablation", "together")
@@ -185,13 +186,17 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     matched = final_dir.name != rundir.FINAL_MODEL  # TRL's checkpoint of the shards' step
     sampling = run_sampling(view.run_dir)  # the run's own max_new_tokens, temperature, top_p...
     scorer_note = ""
+    config = rundir.read_config(view.run_dir)
     if models is not None and (task or models.task) is not None:
-        trained = rundir.section(rundir.read_config(view.run_dir), "rl").get("reward_weights")
+        trained = rundir.section(config, "rl").get("reward_weights")
         scorer_note = _check_scorer(models, task or models.task, labels, sampling, trained)
     analysis: dict[str, Any] = {
         "run": {"checkpoint": view.checkpoint, "n_shards": len(density),
                 "never_fired": int((density == 0).sum()), "always_on": always_on,
-                **figures, "figures_from": "summary" if own else "checkpoint"},
+                **figures, "figures_from": "summary" if own else "checkpoint",
+                # which software made the run, and the resumes under other versions
+                "versions": config.get("versions"),
+                "resumed_under": config.get("resumed_under") or []},
         "top_shards": shards, "shards": {}}
 
     parts = [_section("summary", "Run", _summary_html(view, summary, figures, own, shards,
@@ -673,6 +678,10 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
         + (f", with the LoRA adapter it started from merged in ({rundir.INITIAL_ADAPTER}/)"
            if (view.run_dir / rundir.INITIAL_ADAPTER).is_dir() else ""),
         "RL algorithm": rl.get("algorithm") or "n/a",
+        "software (as the run started)": version_line(config.get("versions")) + "".join(
+            f"; resumed at RL step {r.get('rl_step')} under "
+            + ", ".join(f"{k} {v or 'none'}" for k, v in r.items() if k != "rl_step")
+            for r in config.get("resumed_under") or [] if isinstance(r, dict)),
         "task": task.get("name") or "the script's own reward functions",
         "samples": (f"per optimizer step (source {meta.get('source')})" if not view.per_event
                     else f"per event ({summary['granularity']}): {summary['events']} events, "

@@ -78,7 +78,7 @@ from sae_shards.core import events as ev
 from sae_shards.core.checkpoint import save_checkpoint
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import make_targets
-from sae_shards.run import rundir
+from sae_shards.run import rundir, versions
 from sae_shards.run.config import (CaptureConfig, RunnerConfig, check_sae_trains,
                                     check_sae_window, sample_source)
 from sae_shards.run.schema import build_dataclass
@@ -225,6 +225,8 @@ class ShardCallback(TrainerCallback):
         self._began = False  # a training began with this callback (one per instance)
         self._initial_dir: str | None = None  # where theta_0 is, when the policy came from a dir
         self._initial_adapter = False  # a LoRA adapter that did not start at zero was saved
+        self._versions: dict[str, Any] | None = None  # the software that started the run
+        self._resumed_under: list[dict[str, Any]] = []  # resumes under other versions
         self._fingerprint: dict[str, str] | None = None  # its weight files' hashes
         self._writer = BackgroundWriter()  # the step checkpoint being written, if any
         self._signals = SignalGuard(self) if handle_signals else None
@@ -268,6 +270,7 @@ class ShardCallback(TrainerCallback):
             self._initial_adapter = bool(saved.get("initial_adapter"))
         else:
             self._initial_dir = initial_model.loaded_from(model)
+        self._versions, self._resumed_under = self._run_versions(trainer)
         cap = self.capture_cfg
         self.meta = {"source": sample_source(cap.granularity, cap.source, cap.precondition,
                                              cap.normalize), "model_id": model_id(model),
@@ -398,7 +401,9 @@ class ShardCallback(TrainerCallback):
                "runner": dataclasses.asdict(self.runner_cfg), "sae": self.sae_cfg.to_dict(),
                "run_dir": str(self.run_dir), "seed": self.seed,
                "world_size": distributed.world_size(),
-               "launch": distributed.launcher(distributed.world_size())}
+               "launch": distributed.launcher(distributed.world_size()),
+               "versions": self._versions,
+               **({"resumed_under": self._resumed_under} if self._resumed_under else {})}
         if self.run_config:
             return {**self.run_config, **own}
         args = getattr(trainer, "args", None)
@@ -425,6 +430,25 @@ class ShardCallback(TrainerCallback):
                        "reward_batch": reward_batch(args),
                        # how the rewards were summed: analysis scores a RewardTask against it
                        "reward_weights": reward_weights(trainer)}}
+
+    def _run_versions(self, trainer: Any | None) -> tuple[dict[str, Any] | None, list[dict]]:
+        """The versions the run started under (this process's for a new run; ``config.json``'s
+        on resume, None for a run of an earlier sae-shards) and the resumes under other ones
+        (``resumed_under``), this one added, and warned about, when its versions differ."""
+        now = versions.library_versions()
+        if not self.resume:
+            return now, []
+        saved = rundir.read_config(self.run_dir)
+        started, history = saved.get("versions"), list(saved.get("resumed_under") or [])
+        changed = versions.changed_versions(started, now)
+        if changed:
+            step = getattr(getattr(trainer, "state", None), "global_step", None)
+            log.warning("resuming %s under other versions than it started with (%s): the steps "
+                        "after RL step %s are not made by the code that made the earlier ones, "
+                        "and need not match an uninterrupted run's; config.json records it "
+                        "(resumed_under)", self.run_dir, versions.describe(changed), step)
+            history.append({"rl_step": step, **{k: new for k, (_, new) in changed.items()}})
+        return started, history
 
     def _initial_fingerprint(self) -> dict[str, str]:
         """The initial directory's weight hashes: taken at the run's start; on resume the run's

@@ -1,0 +1,52 @@
+"""Which software made a run: the versions of sae-shards, Python and the libraries whose code
+moves an RL step or the SAE, recorded in the run's ``config.json`` (``versions``, as the run
+started) and compared on every resume (``resumed_under``: the versions that changed).
+
+The same settings under another TRL or torch are another run: TRL's defaults and sampling,
+torch's kernels and transformers' models change between releases. A resume under other versions
+is allowed (an upgrade to fix a crash is a reason to resume), warned about and recorded, so that
+whoever reads the run knows its later steps were not made by the code its first ones were.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from typing import Any
+
+LIBRARIES = ("sae-shards", "torch", "transformers", "trl", "peft", "accelerate", "safetensors",
+             "deepspeed", "wandb")
+"""The distributions whose versions a run records (None for one not installed)."""
+
+
+def library_versions() -> dict[str, str | None]:
+    """``{"sae-shards": ..., "python": ..., library: version or None}`` for this process."""
+    found: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return {"sae-shards": found.pop("sae-shards"), "python": platform.python_version(), **found}
+
+
+def changed_versions(saved: Any, now: dict[str, str | None]) -> dict[str, list[str | None]]:
+    """``{name: [version in saved, version now]}`` for each entry of ``now`` that ``saved`` (a
+    run's recorded ``versions``) gives otherwise; ``{}`` when ``saved`` records none (a run
+    of an earlier sae-shards)."""
+    if not isinstance(saved, dict):
+        return {}
+    return {k: [saved.get(k), v] for k, v in now.items() if k in saved and saved[k] != v}
+
+
+def describe(changed: dict[str, list[str | None]]) -> str:
+    """``"trl 1.1.0 -> 1.2.0, peft none -> 0.17.0"``."""
+    return ", ".join(f"{k} {a or 'none'} -> {b or 'none'}" for k, (a, b) in changed.items())
+
+
+def version_line(versions: Any) -> str:
+    """``"sae-shards 0.1.0, python 3.12.3, torch 2.13.0, ..."`` of the installed entries;
+    ``"not recorded"`` for a run of an earlier sae-shards."""
+    if not isinstance(versions, dict) or not versions:
+        return "not recorded"
+    return ", ".join(f"{k} {v}" for k, v in versions.items() if v)

@@ -1,0 +1,40 @@
+"""Which software made a run (``run/versions.py``): recorded, compared, shown."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+
+from sae_shards.cli import main as cli_main
+from sae_shards.run.versions import changed_versions, describe, library_versions, version_line
+
+
+def test_the_versions_are_this_process_s():
+    found = library_versions()
+    assert list(found)[:2] == ["sae-shards", "python"]
+    assert found["python"] == platform.python_version()
+    assert found["torch"] == torch.__version__
+    assert found["trl"] == importlib.metadata.version("trl")
+    assert found["sae-shards"] == importlib.metadata.version("sae-shards")
+
+
+def test_changes_are_named_with_both_versions():
+    now = {"sae-shards": "0.2.0", "python": "3.11.7", "trl": "1.16.0", "peft": None}
+    assert changed_versions({**now}, now) == {}
+    assert changed_versions(None, now) == {}  # a run of an earlier sae-shards records none
+    saved = {**now, "trl": "1.15.0", "peft": "0.20.0"}
+    changed = changed_versions(saved, now)
+    assert changed == {"trl": ["1.15.0", "1.16.0"], "peft": ["0.20.0", None]}
+    assert describe(changed) == "trl 1.15.0 -> 1.16.0, peft 0.20.0 -> none"
+    # a library the run did not record (added to LIBRARIES later) is not a change
+    assert changed_versions({"trl": "1.16.0"}, now) == {}
+
+
+def test_the_version_line_leaves_out_what_is_not_installed(capsys):
+    assert version_line({"sae-shards": "0.1.0", "deepspeed": None, "torch": "2.13.0"}) == (
+        "sae-shards 0.1.0, torch 2.13.0")
+    assert version_line(None) == "not recorded"
+    assert cli_main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == version_line(library_versions())
