@@ -239,6 +239,24 @@ def train_command(run_dir: str | Path) -> str:
     return f"{launch} -m sae_shards.cli train" if launch else "sae-shards train"
 
 
+def _after_write_failure(run_dir: Path) -> str:
+    """After a failed write (a full disk, no permission): what was kept and what to run once
+    it is fixed: resume from the last complete checkpoint, or (before the first one) start the
+    run again, or, when it wrote nothing yet, the same command again."""
+    from sae_shards.capture.resume import latest_complete
+    from sae_shards.run import rundir
+
+    fix = "free space (or fix permissions)"
+    if run_dir.is_dir() and latest_complete(run_dir, quiet=True) is not None:
+        return (f"its checkpoints before this one are intact: {fix}, then resume from the last "
+                f"complete one with: {resume_command(run_dir)}")
+    if run_dir.is_dir() and rundir.earlier_results(run_dir):
+        again = rerun_command(run_dir) or f"sae-shards train ... run_dir={run_dir} overwrite=true"
+        return (f"it stopped before its first complete checkpoint (runner.checkpoint_every), so "
+                f"nothing can be resumed: {fix}, then start it again with: {again}")
+    return f"no step of the run was trained: {fix}, then run the same command again"
+
+
 def resume_command(run_dir: str | Path) -> str:
     """The command that continues the run in ``run_dir`` (its own overrides are reused)."""
     return f"{train_command(run_dir)} {_quoted_run_dir(run_dir)} resume=true"
@@ -616,7 +634,7 @@ def _train(args: list[str]) -> int:
                                f"holds: {again})" if again else ""))
             return
         except RunWriteError as e:
-            failures.append(f"{job_name}stopped: {e}")
+            failures.append(f"{job_name}stopped: {e.what}; {_after_write_failure(run_dir)}")
             return
         except SAEWorkerError as e:  # the SAE failed or hung: RL was stopped, not left blocked
             failures.append(f"{job_name}stopped: {e}; {_how_to_continue(run_dir)}")

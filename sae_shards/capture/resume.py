@@ -162,11 +162,12 @@ def prune_checkpoints(run_dir: Path, keep: int = 0) -> None:
                 (path / STATE_FILE).unlink(missing_ok=True)
 
 
-def latest_complete(run_dir: Path) -> int | None:
+def latest_complete(run_dir: Path, quiet: bool = False) -> int | None:
     """The newest RL step with a resume file, a shards checkpoint and TRL's finished checkpoint.
 
     TRL writes ``trainer_state.json`` last and not atomically: a kill while it is written leaves
-    a torn file, so a checkpoint counts as finished only when that file parses."""
+    a torn file, so a checkpoint counts as finished only when that file parses. ``quiet``: no
+    warning for an incomplete one passed over (a question asked, not a resume)."""
     trl = run_dir / rundir.TRL_OUTPUT
     for step in reversed(rundir.saved_steps(run_dir / rundir.RESUME)):
         missing = [what for what, ok in (
@@ -176,8 +177,9 @@ def latest_complete(run_dir: Path) -> int | None:
              trl_finished(trl, step))) if not ok]
         if not missing:
             return step
-        log.warning("RL step %d's checkpoint is incomplete (%s: the process was killed while "
-                    "writing it); an earlier one is taken", step, ", ".join(missing))
+        if not quiet:
+            log.warning("RL step %d's checkpoint is incomplete (%s: the process was killed "
+                        "while writing it); an earlier one is taken", step, ", ".join(missing))
     return None
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import traceback
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -102,9 +103,10 @@ def prepare_model(cfg: JobConfig, run_dir: Path) -> Path:
         return Path(m.path)
     if not distributed.is_main():
         return run_dir / rundir.MODEL
-    return build_tiny_model(run_dir / rundir.MODEL, m.arch, m.hidden_size, m.num_layers,
-                            m.num_heads, m.intermediate_size, seed=cfg.seed,
-                            readout_scale=m.readout_scale)
+    with rundir.writing(run_dir / rundir.MODEL):  # a full disk: named, not save_pretrained's
+        return build_tiny_model(run_dir / rundir.MODEL, m.arch, m.hidden_size, m.num_layers,
+                                m.num_heads, m.intermediate_size, seed=cfg.seed,
+                                readout_scale=m.readout_scale)
 
 
 def check_recipe(cfg: JobConfig) -> None:
@@ -253,8 +255,9 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
                         "with overwrite=true")
                 resume_from = run_dir / rundir.TRL_OUTPUT / f"checkpoint-{step}"
             for name, text in (hydra_files or {}).items() if main else ():
-                (run_dir / rundir.HYDRA).mkdir(exist_ok=True)
-                (run_dir / rundir.HYDRA / name).write_text(text)
+                with rundir.writing(run_dir / rundir.HYDRA / name):
+                    (run_dir / rundir.HYDRA).mkdir(exist_ok=True)
+                    (run_dir / rundir.HYDRA / name).write_text(text)
             torch.manual_seed(cfg.seed)
             model_path = prepare_model(cfg, run_dir)  # rank 0 builds the tiny model first
         rl = build_rl(cfg, run_dir, device, model_path)  # all ranks together
@@ -328,7 +331,26 @@ def run_job(cfg: JobConfig, run_dir: Path,
             rl.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except _PastEnd:  # resumed at max_steps: the callback wrote the end, nothing to train
         pass
+    except Exception as e:  # a full disk in TRL's checkpoint: named, not torch's traceback
+        if isinstance(e, rundir.RunWriteError) or not rundir.write_failure(e):
+            raise
+        raise rundir.write_error(_failed_write(e, Path(run_dir), rl.trainer), e) from e
     finally:
         callback.close()
         rundir.release_run_dir(Path(run_dir))  # the hold start() took (a no-op on other ranks)
     return callback.summary
+
+
+def _failed_write(e: BaseException, run_dir: Path, trainer: Any) -> Path:
+    """Where a write failed during ``trainer.train()`` (``rundir.write_failure``): the file the
+    ``OSError`` names, else TRL's checkpoint of the current step when the failure came from
+    transformers' ``_save_checkpoint`` (torch and safetensors name no file), else the run
+    directory."""
+    if isinstance(e, OSError) and e.filename:
+        return Path(e.filename)
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, OSError) and cause.filename:
+        return Path(cause.filename)
+    if any(frame.name == "_save_checkpoint" for frame in traceback.extract_tb(e.__traceback__)):
+        return Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    return run_dir

@@ -37,6 +37,7 @@ checkpoint directories likewise; JSON-lines logs are appended line by line, and 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -163,18 +164,65 @@ def release_run_dir(run_dir: Path) -> None:
 
 
 class RunWriteError(RuntimeError):
-    """A file of the run could not be written (disk full, no permission); names the path."""
+    """A file of the run could not be written (disk full, no permission); names the path.
+    ``what``: ``could not write PATH: REASON`` alone, for a caller that says itself what to do
+    next (``sae-shards train`` names the command that continues the run, or starts it again)."""
+
+    def __init__(self, message: str, what: str | None = None) -> None:
+        super().__init__(message)
+        self.what = what or message
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
+"""An ``OSError`` with one of these failed a write, whatever it was writing."""
+_WRITE_FAILED = re.compile(r"\(os error (?:%s)\)|file write failed|unexpected pos \d+ vs \d+"
+                           % "|".join(str(n) for n in WRITE_ERRNOS))
+"""How libraries that do not raise ``OSError`` report a failed write: safetensors (``... (os
+error 28)``) and torch.save (``PytorchStreamWriter failed ... file write failed``, or ``unexpected
+pos N vs M`` after a short write)."""
+
+
+def write_failure(e: BaseException) -> bool:
+    """Whether ``e``, or an exception it was raised from, says a file could not be written for
+    want of space or a writable filesystem (``WRITE_ERRNOS``; torch's and safetensors' own
+    wording of the same), where a library writing the run (TRL's checkpoint, transformers'
+    ``save_pretrained``) raised it deep inside."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return True
+        if not isinstance(e, OSError) and _WRITE_FAILED.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def write_error(path: Path, e: BaseException) -> RunWriteError:
+    """The ``RunWriteError`` for ``e``, a failed write of ``path`` (or into it)."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    try:
+        free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+        reason += f"; {free / 2**20:.1f} MiB free on its filesystem"
+    except (OSError, StopIteration):
+        pass
+    what = f"could not write {path}: {reason}"
+    return RunWriteError(f"{what}; what the run wrote before is intact (free space or fix "
+                         "permissions, then resume with resume=true)", what)
 
 
 @contextlib.contextmanager
 def writing(path: Path) -> Iterator[None]:
-    """Turn an ``OSError`` while writing ``path`` into a ``RunWriteError`` that names it."""
+    """Turn an ``OSError`` while writing ``path`` (or a library's own error for a full disk:
+    ``write_failure``) into a ``RunWriteError`` that names it."""
     try:
         yield
-    except OSError as e:
-        raise RunWriteError(
-            f"could not write {path}: {e.strerror or e}; what the run wrote before is intact "
-            "(free space or fix permissions, then resume with resume=true)") from e
+    except RunWriteError:
+        raise
+    except Exception as e:
+        if not isinstance(e, OSError) and not write_failure(e):
+            raise
+        raise write_error(Path(path), e) from e
 
 
 def _has_content(path: Path) -> bool:

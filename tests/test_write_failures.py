@@ -1,0 +1,47 @@
+"""A failing environment met for real, not simulated: a full disk (a real file-size limit on the
+process, RLIMIT_FSIZE, so every write past it fails with EFBIG as a full disk fails with ENOSPC)
+and directories the user cannot write. ``sae-shards train`` stops with one line naming the path
+and what to run next, never a traceback from torch or Hydra."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+TINY = ["rl.max_steps=4", "runner.checkpoint_every=2", "runner.min_samples=2",
+        "runner.sae_steps_per_rl_step=1", "task.n_prompts=32", "logging=disabled"]
+
+
+def _train_with_file_limit(run: Path, limit_bytes: int, *extra: str) -> subprocess.CompletedProcess:
+    def limit() -> None:  # in the child only: no file of its may grow past limit_bytes
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG), as on ENOSPC
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run(  # stdout/stderr are pipes: the limit does not cut the message
+        [sys.executable, "-m", "sae_shards.cli", "train", f"run_dir={run}", *TINY, *extra],
+        capture_output=True, text=True, timeout=300, preexec_fn=limit)
+
+
+def test_a_full_disk_in_trls_checkpoint_names_it_instead_of_a_torch_traceback(tmp_path):
+    """The tiny model's weights (~370 KB) fit under the limit, TRL's optimizer state (~770 KB,
+    torch.save) does not: the failure is inside transformers' _save_checkpoint, where torch
+    reports it as ``[enforce fail at inline_container.cc] ... unexpected pos``."""
+    run = tmp_path / "run"
+    done = _train_with_file_limit(run, 500 * 1024)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"sae-shards: stopped: could not write {run / 'trl' / 'checkpoint-2'}" in done.stderr
+    assert "Traceback" not in done.stderr and "Error executing job" not in done.stderr
+    # before its first complete checkpoint there is nothing to resume: start again instead
+    assert "nothing can be resumed" in done.stderr and "overwrite=true" in done.stderr
+
+
+def test_a_full_disk_before_the_first_step_names_the_file_and_the_same_command(tmp_path):
+    run = tmp_path / "run"
+    done = _train_with_file_limit(run, 1024)  # the .hydra config (~2 KB) does not fit
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"sae-shards: stopped: could not write {run / '.hydra'}" in done.stderr
+    assert "File too large" in done.stderr and "run the same command again" in done.stderr
+    assert "Traceback" not in done.stderr
