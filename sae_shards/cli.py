@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
 import re
 import shutil
 import signal
@@ -395,8 +396,28 @@ def _check_run_dir_arg(args: list[str]) -> None:
                 rundir.check_not_sweep(run_dir)
         except FileExistsError as e:
             raise ConfigError(str(e)) from None
+    if "${" not in str(run_dir):  # before Hydra creates it (its traceback names no fix)
+        unwritable = _unwritable(run_dir)
+        if unwritable:
+            raise ConfigError(f"run_dir={run_dir} cannot be written: {unwritable}; give a "
+                              "run_dir where you can write (e.g. run_dir=runs/my_run), or fix "
+                              "its permissions")
     if _is_sweep(args) and "${" not in str(run_dir):  # before Hydra writes multirun.yaml
         _check_sweep_dir(run_dir, _resume_given(given))  # interpolated: check_sweep_jobs
+
+
+def _unwritable(run_dir: Path) -> str | None:
+    """Why ``run_dir``, or the directory it would be created in, cannot be written to (read-only
+    filesystem, no permission); None when it can (or nothing of it exists to ask)."""
+    folder = next((p for p in (run_dir, *run_dir.absolute().parents) if p.exists()), None)
+    if folder is None or not folder.is_dir() or os.access(folder, os.W_OK | os.X_OK):
+        return None
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return (f"{folder} is on a read-only filesystem" if read_only
+            else f"{folder} is not writable by this user (permission denied)")
 
 
 def _resume_given(given: dict[str, Any]) -> bool:

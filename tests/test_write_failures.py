@@ -5,11 +5,15 @@ and what to run next, never a traceback from torch or Hydra."""
 
 from __future__ import annotations
 
+import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 TINY = ["rl.max_steps=4", "runner.checkpoint_every=2", "runner.min_samples=2",
         "runner.sae_steps_per_rl_step=1", "task.n_prompts=32", "logging=disabled"]
@@ -45,3 +49,34 @@ def test_a_full_disk_before_the_first_step_names_the_file_and_the_same_command(t
     assert f"sae-shards: stopped: could not write {run / '.hydra'}" in done.stderr
     assert "File too large" in done.stderr and "run the same command again" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _as_a_plain_user() -> list[str]:
+    """A prefix that runs a command without root's power to ignore permission bits."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("root, and no setpriv to drop its capabilities: permissions cannot bite")
+    return ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+
+
+@pytest.mark.parametrize("where", ["parent", "itself"])
+def test_an_unwritable_run_dir_is_a_config_error_naming_it(tmp_path, where):
+    """A run_dir inside a read-only directory (Hydra's mkdir raised a traceback), or an existing
+    read-only run_dir (refused as 'stopped ... resume with resume=true', of a run that never
+    started): refused before anything starts, naming the directory."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    run = folder / "run" if where == "parent" else folder
+    folder.chmod(0o555)
+    try:
+        done = subprocess.run(
+            [*_as_a_plain_user(), sys.executable, "-m", "sae_shards.cli", "train",
+             f"run_dir={run}", *TINY], capture_output=True, text=True, timeout=120)
+    finally:
+        folder.chmod(0o755)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (f"sae-shards: config error: run_dir={run} cannot be written: {folder} is not "
+            "writable") in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(folder.iterdir()) == []
