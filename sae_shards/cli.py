@@ -788,6 +788,15 @@ def _analyze(args: list[str]) -> int:
     except ValueError as e:
         print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
         return 2
+    out_dir = ns.out.parent if ns.out else ns.run_dir
+    unwritable = _unwritable(out_dir) if ns.run_dir.is_dir() else None
+    if unwritable:  # said before the analysis runs, not after it when the report is written
+        print(f"sae-shards: cannot analyze {ns.run_dir}: the report cannot be written to "
+              f"{out_dir}: {unwritable}; "
+              + ("write it elsewhere with --out DIR/report.html (analysis.json goes beside "
+                 "it); the run itself is only read" if ns.out is None else
+                 "give --out a directory you can write"), file=sys.stderr)
+        return 2
     try:
         name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
         refused = _check_shards_arg(ns.shards, ns.run_dir, name)
@@ -797,7 +806,12 @@ def _analyze(args: list[str]) -> int:
         out = analyze(ns.run_dir, ns.out, n_shards=ns.shards, dose=not ns.no_dose,
                       checkpoint=name, task=task, n_prompts=ns.n_prompts,
                       initial_model=ns.initial_model)
-    except (CheckpointError, ScoringError, RunWriteError) as e:  # RunWriteError: a full disk
+    except RunWriteError as e:  # a full disk: the run is untouched (its own advice is a run's)
+        print(f"sae-shards: cannot analyze {ns.run_dir}: {e.what}; the run itself is intact "
+              "(a report already there too): free space and analyze again, or write the report "
+              "elsewhere with --out DIR/report.html", file=sys.stderr)
+        return 2
+    except (CheckpointError, ScoringError) as e:
         print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
         return 2
     print(out)
@@ -904,7 +918,11 @@ def _evaluate(args: list[str]) -> int:
                               steering=not ns.no_steering, checkpoint=name,
                               null_run=ns.null_run, n_prompts=ns.n_prompts,
                               family_threshold=ns.family_threshold, task=task)
-    except (CheckpointError, ScoringError, RunWriteError) as e:
+    except RunWriteError as e:  # a full disk: the run is untouched (its own advice is a run's)
+        print(f"sae-shards: cannot evaluate {ns.run_dir}: {e.what}; the run itself is intact: "
+              "free space (or fix permissions) and evaluate again", file=sys.stderr)
+        return 2
+    except (CheckpointError, ScoringError) as e:
         print(f"sae-shards: cannot evaluate {ns.run_dir}: {e}", file=sys.stderr)
         return 2
     print(to_markdown(result))

@@ -80,3 +80,52 @@ def test_an_unwritable_run_dir_is_a_config_error_naming_it(tmp_path, where):
             "writable") in done.stderr
     assert "Traceback" not in done.stderr
     assert list(folder.iterdir()) == []
+
+
+def test_analyze_on_a_read_only_run_says_so_first_and_points_at_out(tmp_path, short_run_dir):
+    """A finished run on a read-only shared filesystem: analyze failed only once the whole
+    analysis was done, when report.html could not be written, advising 'resume with
+    resume=true'. Now it says so before anything is computed, with the way out (--out)."""
+    run = tmp_path / "run"
+    shutil.copytree(short_run_dir, run)
+    for folder in [run, *(p for p in run.rglob("*") if p.is_dir())]:
+        folder.chmod(0o555)
+    try:
+        done = subprocess.run(
+            [*_as_a_plain_user(), sys.executable, "-m", "sae_shards.cli", "analyze", str(run),
+             "--no-dose"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert (f"sae-shards: cannot analyze {run}: the report cannot be written to {run}: "
+                f"{run} is not writable") in done.stderr
+        assert "--out DIR/report.html" in done.stderr and "resume=true" not in done.stderr
+        out = tmp_path / "elsewhere" / "report.html"
+        done = subprocess.run(
+            [*_as_a_plain_user(), sys.executable, "-m", "sae_shards.cli", "analyze", str(run),
+             "--no-dose", "--out", str(out)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert out.is_file() and (out.parent / "analysis.json").is_file()
+    finally:
+        for folder in [run, *(p for p in run.rglob("*") if p.is_dir())]:
+            folder.chmod(0o755)
+
+
+def test_a_full_disk_during_analyzes_report_keeps_the_previous_one_and_leaves_no_half(
+        tmp_path, short_run_dir):
+    """The report is written under a temporary name: a full disk left that half-written
+    temporary (.report.html.tmpXXXX) taking space, and advised resuming a finished run."""
+    run = tmp_path / "run"
+    shutil.copytree(short_run_dir, run)
+    (run / "report.html").write_text("the previous report")
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    done = subprocess.run([sys.executable, "-m", "sae_shards.cli", "analyze", str(run),
+                           "--no-dose"], capture_output=True, text=True, timeout=120,
+                          preexec_fn=limit)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"sae-shards: cannot analyze {run}: could not write {run / 'report.html'}" in done.stderr
+    assert "--out DIR/report.html" in done.stderr and "resume=true" not in done.stderr
+    assert (run / "report.html").read_text() == "the previous report"
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name]

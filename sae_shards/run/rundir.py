@@ -507,10 +507,14 @@ def write_text(path: Path, text: str) -> None:
     the new one, never a torn one."""
     with writing(path):  # a name of its own: two writers never rename each other's half
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(fd, 0o666 & ~process_umask())  # as readable as a plain write would make it
-            f.write(text)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(fd, 0o666 & ~process_umask())  # as readable as a plain write makes it
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:  # a full disk: its half is not left taking the space
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -573,11 +577,15 @@ def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
     each line as it was written; a torn last line is dropped."""
     tmp = path.with_name(f".{path.name}.tmp")
     with writing(path):
-        with tmp.open("wb") as out:
-            for _, line, row in iter_jsonl(path) if path.is_file() else ():
-                if keep(row):
-                    out.write(line if line.endswith(b"\n") else line + b"\n")
-        os.replace(tmp, path)
+        try:
+            with tmp.open("wb") as out:
+                for _, line, row in iter_jsonl(path) if path.is_file() else ():
+                    if keep(row):
+                        out.write(line if line.endswith(b"\n") else line + b"\n")
+            os.replace(tmp, path)
+        except BaseException:  # a full disk: its half is not left taking the space
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def step_name(step: int) -> str:
