@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -102,8 +103,9 @@ def check_overrides(args: list[str]) -> None:
     try:
         overrides = OverridesParser.create().parse_overrides(_override_args(args))
     except Exception as e:  # Hydra's grammar errors say what is wrong with the override
-        raise ConfigError(f"{e}\n(a value holding '=', ',' or spaces, such as a sweep job's "
-                          "directory, is quoted: \"run_dir='runs/sweep/sae.k=2'\")") from e
+        raise ConfigError(f"{e}\n(a value holding '=', ',', spaces or non-ASCII letters, such "
+                          "as a sweep job's directory, is quoted: "
+                          "\"run_dir='runs/sweep/sae.k=2'\")") from e
     for o in overrides:
         key = o.key_or_group
         if key == "run_dir" and not o.is_delete() and o.value() is None:  # Hydra's dir is it
@@ -205,16 +207,24 @@ def saved_overrides(run_dir: str | Path) -> list[tuple[str, Any]] | None:
         raise ConfigError(f"{path}: cannot read the run's overrides ({e})") from e
 
 
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_/.+:@%-]+")
+"""Characters that neither the shell nor Hydra's override grammar reads specially: a value made
+of them alone needs no quotes (Hydra refuses ``~ # & ; ! < > ^`` and any non-ASCII letter
+unquoted; the shell globs ``? *`` and pipes ``|``)."""
+
+
 def _quoted_run_dir(run_dir: str | Path) -> str:
     """``run_dir=...`` as one shell word Hydra parses back (a sweep job's directory holds ``=``
-    and ``,``: quoted for both)."""
+    and ``,``; a directory may hold spaces or non-ASCII letters: quoted for both)."""
     import shlex
 
     text = str(run_dir)
-    if not any(c in text for c in "=,'\"[]{}() $`\\"):
+    if _PLAIN_WORD.fullmatch(text):
         return f"run_dir={text}"
     if "'" not in text and not any(c in text for c in '"$`\\!'):
         return f"\"run_dir='{text}'\""  # the shell's double quotes around Hydra's single ones
+    if "\\" not in text:  # the shell's quoting around Hydra's, a quote in the name escaped
+        return shlex.quote("run_dir='" + text.replace("'", "\\'") + "'")
     return shlex.quote(f"run_dir={text}")
 
 
@@ -228,16 +238,6 @@ def _how_to_continue(run_dir: Path) -> str:
     again = rerun_command(run_dir) or f"sae-shards train ... run_dir={run_dir} overwrite=true"
     return ("it stopped before its first checkpoint (runner.checkpoint_every): start it again "
             f"with: {again}")
-
-
-def train_command(run_dir: str | Path) -> str:
-    """``sae-shards train``, under the launcher the run in ``run_dir`` recorded when it ran on
-    several processes (``config.json``'s ``launch``): ``accelerate launch ... -m
-    sae_shards.cli train``."""
-    from sae_shards.run import rundir
-
-    launch = rundir.read_config(Path(run_dir)).get("launch")
-    return f"{launch} -m sae_shards.cli train" if launch else "sae-shards train"
 
 
 def _after_write_failure(run_dir: Path) -> str:
@@ -256,6 +256,16 @@ def _after_write_failure(run_dir: Path) -> str:
         return (f"it stopped before its first complete checkpoint (runner.checkpoint_every), so "
                 f"nothing can be resumed: {fix}, then start it again with: {again}")
     return f"no step of the run was trained: {fix}, then run the same command again"
+
+
+def train_command(run_dir: str | Path) -> str:
+    """``sae-shards train``, under the launcher the run in ``run_dir`` recorded when it ran on
+    several processes (``config.json``'s ``launch``): ``accelerate launch ... -m
+    sae_shards.cli train``."""
+    from sae_shards.run import rundir
+
+    launch = rundir.read_config(Path(run_dir)).get("launch")
+    return f"{launch} -m sae_shards.cli train" if launch else "sae-shards train"
 
 
 def resume_command(run_dir: str | Path) -> str:
@@ -555,10 +565,11 @@ def _closing_lines(summary: dict, run_dir: Path) -> list[str]:
                      f"continue it with: {resume_command(run_dir)}")
     files = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir()
                    if not p.name.startswith("."))
+    quoted = shlex.quote(str(run_dir))  # a directory with spaces: one word to paste
     lines += [f"  run directory {run_dir}: {', '.join(files)}",
-              f"  next: sae-shards analyze {run_dir}"]
+              f"  next: sae-shards analyze {quoted}"]
     if "samples.safetensors" in files and _evaluable(run_dir):
-        lines[-1] += f"  |  sae-shards evaluate {run_dir} (shards against the tasks)"
+        lines[-1] += f"  |  sae-shards evaluate {quoted} (shards against the tasks)"
     return lines
 
 

@@ -415,3 +415,25 @@ def test_a_hung_sae_worker_stops_the_run_with_a_message_not_an_abort(tmp_path):
     assert "sae-shards: stopped: the SAE worker has been on one captured delta" in done.stderr
     assert "start it again with: sae-shards train" in done.stderr  # no checkpoint yet
     assert "Traceback" not in done.stderr and "terminate called" not in done.stderr
+
+
+@pytest.mark.parametrize("name", ["rún_ü_日本", "a~b", "a#b", "a&b;c", "a!b", "it's", 'a"b',
+                                  "x y", "a?b"])
+def test_printed_commands_quote_names_hydra_or_the_shell_would_misread(tmp_path, name):
+    """A run_dir with a non-ASCII letter or a character Hydra's grammar refuses unquoted: the
+    printed resume command must run as printed (it was `run_dir=/…/rún`, refused by Hydra);
+    the closing `next: sae-shards analyze DIR` quotes a directory with spaces."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sae_shards.cli import _closing_lines, resume_command
+
+    run = tmp_path / name
+    words = shlex.split(resume_command(run))
+    parsed = {o.key_or_group: o.value()
+              for o in OverridesParser.create().parse_overrides(words[2:])}
+    assert parsed == {"run_dir": str(run), "resume": True}, words
+    run.mkdir()  # the closing lines' next command: the directory as one shell word
+    last = _closing_lines({"rl_steps": 3, "sae_steps": 6, "wall_s": 1.0}, run)[-1]
+    assert shlex.split(last.split("next: ")[1]) == ["sae-shards", "analyze", str(run)], last
