@@ -808,6 +808,7 @@ def _analyze(args: list[str]) -> int:
                  "it); the run itself is only read" if ns.out is None else
                  "give --out a directory you can write"), file=sys.stderr)
         return 2
+    _warn_if_live(ns.run_dir)
     try:
         name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
         refused = _check_shards_arg(ns.shards, ns.run_dir, name)
@@ -834,6 +835,21 @@ def _analyze(args: list[str]) -> int:
               "functions, which a run directory does not hold; hand them back with --task "
               "FILE.py:NAME (docs/analysis.md, 'Your own reward')", file=sys.stderr)
     return 0
+
+
+def _warn_if_live(run_dir: Path) -> None:
+    """Say when another process is writing the run now: its checkpoints rotate under the
+    analysis (TRL keeps its two newest, sae-shards its two newest resume files), so the policy
+    of the checkpoint read can be gone by the time the report needs it."""
+    from sae_shards.run.rundir import live_writer
+
+    writer = live_writer(run_dir) if run_dir.is_dir() else None
+    if writer:
+        print(f"sae-shards: note: {run_dir} is still being written ({writer}): its older "
+              "checkpoints are removed as it trains, and one this analysis reads may go before "
+              "it is done (the report then leaves out what needed it, e.g. the logit lens and "
+              "dose-response); for a stable report analyze it once it has finished or stopped",
+              file=sys.stderr)
 
 
 TASK_HELP = ("your run's prompts and reward functions, for {what} of a run of your own TRL "

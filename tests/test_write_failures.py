@@ -129,3 +129,22 @@ def test_a_full_disk_during_analyzes_report_keeps_the_previous_one_and_leaves_no
     assert "--out DIR/report.html" in done.stderr and "resume=true" not in done.stderr
     assert (run / "report.html").read_text() == "the previous report"
     assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
+
+
+def test_analyze_of_a_run_another_process_is_writing_says_so(tmp_path, short_run_dir):
+    """analyze of a run still training read a checkpoint whose TRL policy the run then rotated
+    away (save_total_limit=2), and the report left out the logit lens and dose-response,
+    blaming save_model=False or a crash. It now says up front that the run is live."""
+    from sae_shards.run import rundir
+
+    run = tmp_path / "run"
+    shutil.copytree(short_run_dir, run)
+    rundir.lock_run_dir(run)  # this process is the run's writer, as a training job would be
+    try:
+        done = subprocess.run([sys.executable, "-m", "sae_shards.cli", "analyze", str(run),
+                               "--no-dose"], capture_output=True, text=True, timeout=120)
+    finally:
+        rundir.release_run_dir(run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"sae-shards: note: {run} is still being written (pid {os.getpid()} on" in done.stderr
+    assert rundir.live_writer(run) is None  # released: a finished run gets no note

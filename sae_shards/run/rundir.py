@@ -163,6 +163,28 @@ def release_run_dir(run_dir: Path) -> None:
         os.close(held[0])  # closing the descriptor drops the flock
 
 
+def live_writer(run_dir: Path) -> str | None:
+    """Who holds ``run_dir``'s lock (``lock_run_dir``: ``pid N on HOST, since ...``) when another
+    live process is writing the run now, else None (none, or it cannot be told). Asked by a
+    reader (``analyze``) in another process; it takes nothing (a shared ``flock``, let go at
+    once)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 class RunWriteError(RuntimeError):
     """A file of the run could not be written (disk full, no permission); names the path.
     ``what``: ``could not write PATH: REASON`` alone, for a caller that says itself what to do
