@@ -148,3 +148,29 @@ def test_analyze_of_a_run_another_process_is_writing_says_so(tmp_path, short_run
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"sae-shards: note: {run} is still being written (pid {os.getpid()} on" in done.stderr
     assert rundir.live_writer(run) is None  # released: a finished run gets no note
+
+
+def test_resume_into_a_read_only_checkpoint_folder_names_the_file(tmp_path):
+    """Resuming removes the checkpoints written after the step it resumes from; in a folder
+    the user cannot write (a run copied from a shared location) that ended in a bare
+    PermissionError traceback from deep in the callback. _remove_later is run as a plain user on
+    real permission bits."""
+    run = tmp_path / "run"
+    (run / "resume").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "resume" / "step_000012.safetensors").write_bytes(b"")
+    (run / "resume").chmod(0o555)
+    code = ("from pathlib import Path; from sae_shards.capture import resume; "
+            "from sae_shards.run.rundir import RunWriteError\n"
+            "try:\n"
+            f"    resume._remove_later(Path({str(run)!r}), 8)\n"
+            "except RunWriteError as e:\n"
+            "    print('RunWriteError:', e.what)\n")
+    try:
+        done = subprocess.run([*_as_a_plain_user(), sys.executable, "-c", code],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        (run / "resume").chmod(0o755)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (f"RunWriteError: could not write {run / 'resume' / 'step_000012.safetensors'}: "
+            "Permission denied") in done.stdout

@@ -194,12 +194,13 @@ def _remove_later(run_dir: Path, step: int) -> None:
                 continue
             path = (checkpoint_dir(run_dir, later) if folder.name == rundir.CHECKPOINTS
                     else rundir.resume_file(run_dir, later))
+            with rundir.writing(path):  # a read-only folder: named, not a bare PermissionError
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
             log.warning("%s: removed (written after RL step %d, which the run resumes from; "
                         "the steps after it are trained again)", path, step)
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
 
 
 def _parses(path: Path) -> bool:
