@@ -216,8 +216,6 @@ unquoted; the shell globs ``? *`` and pipes ``|``)."""
 def _quoted_run_dir(run_dir: str | Path) -> str:
     """``run_dir=...`` as one shell word Hydra parses back (a sweep job's directory holds ``=``
     and ``,``; a directory may hold spaces or non-ASCII letters: quoted for both)."""
-    import shlex
-
     text = str(run_dir)
     if _PLAIN_WORD.fullmatch(text):
         return f"run_dir={text}"
