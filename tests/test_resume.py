@@ -168,7 +168,7 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     _same_run(uninterrupted, run)
 
 
-def test_sigterm_stops_with_a_usable_checkpoint_then_resumes(uninterrupted, tmp_path):
+def test_sigterm_stops_with_a_usable_checkpoint_then_resumes(uninterrupted, tmp_path, capsys):
     run = tmp_path / "run"
     proc = _train(run)
     _wait_for(run / "trl" / "checkpoint-4" / "trainer_state.json", proc)
@@ -190,13 +190,16 @@ def test_sigterm_stops_with_a_usable_checkpoint_then_resumes(uninterrupted, tmp_
     assert (f"reading checkpoint {step} of {run} (the run was stopped before its end"
             in done.stderr) and (run / "report.html").is_file()
     # started again without resume=true: refused, pointing at resume=true; resumed with a
-    # changed setting: refused before anything is built, naming it (one after the other: run
-    # at once, either could find the other holding the run directory's lock, and be refused
-    # for that instead)
+    # changed setting: refused before anything is built, naming it (in this process, one after
+    # the other: two processes at once could each find the other holding the run directory's
+    # lock, and be refused for that instead)
     rollouts = (run / "rollouts.jsonl").read_text()
+    capsys.readouterr()
     for extra, want in (((), "continue it with resume=true"),
                         (("resume=true", "sae.k=8"), "sae.k: 4 in the run, 8 now")):
-        assert want in _refused(run, *extra)
+        assert cli_main(["train", *ARGS, *extra, f"run_dir={run}"]) == 2
+        err = capsys.readouterr().err
+        assert want in err, err[-3000:]
     assert (run / "rollouts.jsonl").read_text() == rollouts
     assert (run / "report.html").is_file()  # a refused attempt removes nothing
     _finish(_train(run, "resume=true"))
