@@ -687,6 +687,7 @@ def _train(args: list[str]) -> int:
     flags = [a for a, is_override in zip(args, _is_override(args)) if not is_override]
     sys.argv = ["sae-shards train", *flags, *_override_args(args)]
     train_main()
+    end_process_group()
     if fresh is not None and fresh.is_dir() and not any(p.is_file() for p in fresh.rglob("*")):
         shutil.rmtree(fresh)  # Hydra made it for a run that was refused: leave no trace
         _drop_file_handlers(fresh)
@@ -695,6 +696,17 @@ def _train(args: list[str]) -> int:
     if interrupted:  # the shell's convention for a process ended by a signal
         return 128 + int(interrupted[0])
     return 2 if failures else 0
+
+
+def end_process_group() -> None:
+    """Destroy the process group a run on several processes set up (``accelerate launch``)
+    once its jobs are done, while the interpreter is whole: left to the interpreter's exit,
+    gloo's worker threads can abort the process after a finished run ("terminate called without
+    an active exception", exit -6; pytorch/pytorch#190489)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _set_threads(n: int) -> None:

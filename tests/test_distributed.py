@@ -233,6 +233,26 @@ def test_fsdp2_gathers_a_mixture_of_experts_stacked_update_whole(tmp_path):
             assert float((whole - want).norm() / want.norm()) < DELTA_RTOL
 
 
+def test_train_ends_the_process_group_it_ran_under(tmp_path):
+    """A run on several processes leaves no process group to the interpreter's exit, where
+    gloo's threads can abort a finished run (cli.end_process_group, which `sae-shards train`
+    calls after its jobs); without one it does nothing."""
+    import torch.distributed as dist
+
+    from sae_shards.cli import end_process_group
+
+    end_process_group()  # none: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        assert dist.is_initialized()
+        end_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_sae_shards_train_under_accelerate_launch(tmp_path):
     """The recipe itself on 2 ranks: rank 0 prepares the directory and builds the model first,
     the other rank loads it; one run directory with every rank's events."""
