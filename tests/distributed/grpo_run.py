@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", "0"))
     (a.out / f"summary-rank{rank}.json").write_text(json.dumps(
         {k: step_cb.summary[k] for k in ("interrupted", "rl_steps", "world_size")}))
+    if torch.distributed.is_initialized():  # not left to the interpreter's exit, where gloo's
+        torch.distributed.destroy_process_group()  # threads can abort a finished rank
 
 
 if __name__ == "__main__":
