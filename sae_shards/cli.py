@@ -226,34 +226,22 @@ def _quoted_run_dir(run_dir: str | Path) -> str:
     return shlex.quote(f"run_dir={text}")
 
 
-def _how_to_continue(run_dir: Path) -> str:
-    """After a run stopped by a failure: the command that continues it from its last checkpoint,
-    or, before its first one, that it starts again."""
-    from sae_shards.run import rundir
-
-    if rundir.has_resume_state(run_dir):
-        return f"resume from the last checkpoint with: {resume_command(run_dir)}"
-    again = rerun_command(run_dir) or f"sae-shards train ... run_dir={run_dir} overwrite=true"
-    return ("it stopped before its first checkpoint (runner.checkpoint_every): start it again "
-            f"with: {again}")
-
-
-def _after_write_failure(run_dir: Path) -> str:
-    """After a failed write (a full disk, no permission): what was kept and what to run once
-    it is fixed: resume from the last complete checkpoint, or (before the first one) start the
-    run again, or, when it wrote nothing yet, the same command again."""
+def _how_to_continue(run_dir: Path, fix: str = "") -> str:
+    """After a run stopped by a failure: what to run once ``fix`` is done (what the user must
+    do first, e.g. free space after a failed write): resume from its newest complete checkpoint
+    (``resume.latest_complete``, the one a resume takes), or, before its first one, start it
+    again; when it wrote no result yet, the same command again."""
     from sae_shards.capture.resume import latest_complete
     from sae_shards.run import rundir
 
-    fix = "free space (or fix permissions)"
+    then = f"{fix}, then " if fix else ""
     if run_dir.is_dir() and latest_complete(run_dir, quiet=True) is not None:
-        return (f"its checkpoints before this one are intact: {fix}, then resume from the last "
-                f"complete one with: {resume_command(run_dir)}")
+        return f"{then}resume from the last complete checkpoint with: {resume_command(run_dir)}"
     if run_dir.is_dir() and rundir.earlier_results(run_dir):
         again = rerun_command(run_dir) or f"sae-shards train ... run_dir={run_dir} overwrite=true"
-        return (f"it stopped before its first complete checkpoint (runner.checkpoint_every), so "
-                f"nothing can be resumed: {fix}, then start it again with: {again}")
-    return f"no step of the run was trained: {fix}, then run the same command again"
+        return ("it stopped before its first complete checkpoint (runner.checkpoint_every), so "
+                f"nothing can be resumed: {then}start it again with: {again}")
+    return f"no step of the run was trained: {then}run the same command again"
 
 
 def train_command(run_dir: str | Path) -> str:
@@ -664,7 +652,8 @@ def _train(args: list[str]) -> int:
                                f"holds: {again})" if again else ""))
             return
         except RunWriteError as e:
-            failures.append(f"{job_name}stopped: {e.what}; {_after_write_failure(run_dir)}")
+            failures.append(f"{job_name}stopped: {e.what}; "
+                            f"{_how_to_continue(run_dir, 'free space (or fix permissions)')}")
             return
         except SAEWorkerError as e:  # the SAE failed or hung: RL was stopped, not left blocked
             failures.append(f"{job_name}stopped: {e}; {_how_to_continue(run_dir)}")

@@ -261,7 +261,8 @@ class ShardCallback(TrainerCallback):
                          if trainer is not None and self.record_rollouts else None)
         # theta_0's directory: decided when the run starts (a resumed trainer already holds the
         # checkpoint's weights), and kept in config.json from then on
-        saved = rundir.section(rundir.read_config(self.run_dir), "model") if self.resume else {}
+        config = rundir.read_config(self.run_dir) if self.resume else {}
+        saved = rundir.section(config, "model")
         if self.run_config:
             self._initial_dir = None
         elif self.resume:
@@ -270,7 +271,7 @@ class ShardCallback(TrainerCallback):
             self._initial_adapter = bool(saved.get("initial_adapter"))
         else:
             self._initial_dir = initial_model.loaded_from(model)
-        self._versions, self._resumed_under = self._run_versions(trainer)
+        self._versions, self._resumed_under = self._run_versions(trainer, config)
         cap = self.capture_cfg
         self.meta = {"source": sample_source(cap.granularity, cap.source, cap.precondition,
                                              cap.normalize), "model_id": model_id(model),
@@ -431,14 +432,15 @@ class ShardCallback(TrainerCallback):
                        # how the rewards were summed: analysis scores a RewardTask against it
                        "reward_weights": reward_weights(trainer)}}
 
-    def _run_versions(self, trainer: Any | None) -> tuple[dict[str, Any] | None, list[dict]]:
-        """The versions the run started under (this process's for a new run; ``config.json``'s
-        on resume, None for a run of an earlier sae-shards) and the resumes under other ones
-        (``resumed_under``), this one added, and warned about, when its versions differ."""
+    def _run_versions(self, trainer: Any | None,
+                      saved: dict[str, Any]) -> tuple[dict[str, Any] | None, list[dict]]:
+        """The versions the run started under (this process's for a new run; ``saved``'s, the
+        run's ``config.json``, on resume, None for a run of an earlier sae-shards) and the
+        resumes under other ones (``resumed_under``), this one added, and warned about, when
+        its versions differ."""
         now = versions.library_versions()
         if not self.resume:
             return now, []
-        saved = rundir.read_config(self.run_dir)
         started, history = saved.get("versions"), list(saved.get("resumed_under") or [])
         changed = versions.changed_versions(started, now)
         if changed:

@@ -128,7 +128,7 @@ def lock_run_dir(run_dir: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        holder = _holder(fd, "unknown")
         os.close(fd)
         raise RunDirBusy(
             f"run_dir={run_dir} is being written by another process ({holder}): wait for it to "
@@ -148,6 +148,12 @@ def lock_run_dir(run_dir: Path) -> None:
     except OSError as e:
         log.warning("could not note this process in %s: %s", path, e)
     _HELD[key] = [fd, 1]
+
+
+def _holder(fd: int, unknown: str) -> str:
+    """Who holds the lock open as ``fd``, as its holder noted it in the file (``unknown`` when
+    it noted nothing)."""
+    return os.pread(fd, 200, 0).decode(errors="replace").strip() or unknown
 
 
 def release_run_dir(run_dir: Path) -> None:
@@ -176,7 +182,7 @@ def live_writer(run_dir: Path) -> str | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            return _holder(fd, "another process")
         except OSError:
             return None
         fcntl.flock(fd, fcntl.LOCK_UN)
