@@ -928,10 +928,22 @@ def _evaluate(args: list[str]) -> int:
     parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     parser.add_argument("--task", default=None, metavar="FILE.py:NAME | MODULE:NAME",
                         help=TASK_HELP.format(what="the steering and ablation tests"))
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="directory for evaluation.json and evaluation.md (default RUN_DIR; "
+                             "a --null-run's own evaluation goes to DIR/null_control)")
     ns = parser.parse_args(args)
     if not 0.0 < ns.family_threshold <= 1.0:
         parser.error(f"--family-threshold must be in (0, 1], got {ns.family_threshold}")
     _set_threads(ns.threads)
+    # said before the evaluation runs, not after it when its files are written
+    writes = [ns.out] if ns.out else [d for d in (ns.run_dir, ns.null_run) if d and d.is_dir()]
+    unwritable = next((why for why in map(_unwritable, writes) if why), None)
+    if unwritable:
+        print(f"sae-shards: cannot evaluate {ns.run_dir}: its evaluation cannot be written: "
+              f"{unwritable}; "
+              + ("write it elsewhere with --out DIR; the runs themselves are only read"
+                 if ns.out is None else "give --out a directory you can write"), file=sys.stderr)
+        return 2
     try:
         task = _task_arg(ns.task, ns.no_steering, "--no-steering",
                          "the steering and ablation tests")
@@ -943,7 +955,7 @@ def _evaluate(args: list[str]) -> int:
         result = evaluate_run(ns.run_dir, n_null=ns.n_null, from_step=ns.from_step,
                               steering=not ns.no_steering, checkpoint=name,
                               null_run=ns.null_run, n_prompts=ns.n_prompts,
-                              family_threshold=ns.family_threshold, task=task)
+                              family_threshold=ns.family_threshold, task=task, out=ns.out)
     except RunWriteError as e:  # a full disk: the run is untouched (its own advice is a run's)
         print(f"sae-shards: cannot evaluate {ns.run_dir}: {e.what}; the run itself is intact: "
               "free space (or fix permissions) and evaluate again", file=sys.stderr)

@@ -91,7 +91,7 @@ def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm, cap
     for entry in analysis["shards"].values():
         assert sorted(entry["ablation"]["removed_by_label"]) == ["digits", "vowels"]
         assert entry["ablation"]["n_by_label"] == {"digits": 64, "vowels": 64}  # balanced
-        assert entry["ablation"]["coefficient"] == entry["share_of_update"]
+        assert entry["ablation"]["coefficient"] == entry["update_coefficient"]
     for dose in doses:
         assert sorted(dose["shard_by_label"]) == ["digits", "vowels"]
         assert dose["shard"][2] == dose["control"][2]  # alpha 0: the same weights and seed

@@ -215,6 +215,19 @@ def test_null_run_fills_the_null_control(planted_run, tmp_path):
     assert r["null_control"]["run_dir"] == str(null)
     given = evaluate_run(planted_run, n_null=2, steering=False, null_run={"auroc_task": 0.5})
     assert given["headline"]["auroc_null_control"] == 0.5
+    # --out: both evaluations go there, and neither run is written to
+    for run in (planted_run, null):
+        for name in rundir.EVALUATION:
+            (run / name).unlink()
+    out = tmp_path / "elsewhere"
+    assert cli_main(["evaluate", str(planted_run), "--n-null", "2", "--no-steering",
+                     "--null-run", str(null), "--out", str(out)]) == 0
+    written = json.loads((out / "evaluation.json").read_text())
+    assert written["headline"] == r["headline"] and (out / "evaluation.md").is_file()
+    assert json.loads((out / "null_control" / "evaluation.json").read_text())["auroc_task"] == (
+        alone["auroc_task"])
+    assert not any((run / name).exists() for run in (planted_run, null)
+                   for name in rundir.EVALUATION)
 
 
 def test_drift_latent_is_never_a_tasks_latent(planted_run, tmp_path):

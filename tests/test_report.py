@@ -68,7 +68,7 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
     for entry in analysis["shards"].values():
         assert len(entry["dose_response"]["shard"]) == 3
         ablation = entry["ablation"]  # the same coefficient as the dose-response's alpha = 1
-        assert ablation["coefficient"] == entry["share_of_update"]
+        assert ablation["coefficient"] == entry["update_coefficient"]
         first = analysis["shards"][str(analysis["top_shards"][0])]
         assert ablation["reward_final"] == first["ablation"]["reward_final"]  # one baseline
         assert ablation["removed_by_label"] == {}  # one context
@@ -122,7 +122,7 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
     assert f"{', '.join(map(str, on))}: the direction most updates share" in html
     assert f"{int((density == 0).sum())} of 16" in html  # shards that never fired
     assert "by context" not in html  # one task: no split to show
-    assert "<td>task</td><td>letters</td>" in html and "<td>RL algorithm</td><td>grpo</td>" in html
+    assert "<td>task</td><td>letters</td>" in html and "<td>RL algorithm</td><td>GRPO (trl.GRPOTrainer)</td>" in html
     # which software made the run, as recorded in config.json (this process's: a new run)
     versions = json.loads((short_run_dir / "config.json").read_text())["versions"]
     assert versions == library_versions()
@@ -240,6 +240,16 @@ def test_families_table_lists_families_of_several_shards_largest_first():
     assert page.index("2, 4, 5") < page.index("0, 3")
     assert "2 families of several shards; 1 shards fire with no other" in page
     assert "<td>1</td>" not in page  # the single shard is counted, not listed
+
+
+def test_the_rl_algorithm_has_one_name_however_the_run_recorded_it():
+    """sae-shards train records ``grpo``, ShardCallback the trainer's class: one name for both."""
+    from sae_shards.analysis.report import algorithm_name
+
+    assert algorithm_name("grpo") == algorithm_name("GRPOTrainer") == "GRPO (trl.GRPOTrainer)"
+    assert algorithm_name("rloo") == algorithm_name("RLOOTrainer") == "RLOO (trl.RLOOTrainer)"
+    assert algorithm_name("OnlineDPOTrainer") == "OnlineDPOTrainer"
+    assert algorithm_name(None) == "n/a"
 
 
 def test_a_steps_rollouts_show_its_contexts_and_one_completion_per_prompt():
@@ -372,7 +382,7 @@ def test_the_reports_interventions_are_the_plain_calls_with_shared_baselines(
                           alphas, n_prompts=4, **sampling)
     ab = iv.ablate(final, tokenizer, task, direction, theta0, n_prompts=4, **sampling)
     entry = analysis["shards"][str(s)]
-    assert entry["share_of_update"] == c
+    assert entry["update_coefficient"] == c
     same = lambda x: json.loads(json.dumps(rundir.strict_json(x), default=float))  # noqa: E731
     assert entry["dose_response"] == same(report._dose_entry(dr))
     assert entry["ablation"] == same(dataclasses.asdict(ab))

@@ -109,6 +109,23 @@ def test_analyze_on_a_read_only_run_says_so_first_and_points_at_out(tmp_path, sh
             folder.chmod(0o755)
 
 
+def test_evaluate_on_a_read_only_run_says_so_first_and_points_at_out(tmp_path, short_run_dir):
+    """The same for evaluate, which had no --out: a read-only run could not be evaluated."""
+    run = tmp_path / "run"
+    shutil.copytree(short_run_dir, run)
+    run.chmod(0o555)
+    try:
+        done = subprocess.run(
+            [*_as_a_plain_user(), sys.executable, "-m", "sae_shards.cli", "evaluate", str(run),
+             "--no-steering"], capture_output=True, text=True, timeout=120)
+    finally:
+        run.chmod(0o755)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (f"sae-shards: cannot evaluate {run}: its evaluation cannot be written: {run} is not "
+            "writable") in done.stderr
+    assert "write it elsewhere with --out DIR" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_a_full_disk_during_analyzes_report_keeps_the_previous_one_and_leaves_no_half(
         tmp_path, short_run_dir):
     """The report is written under a temporary name: a full disk left that half-written

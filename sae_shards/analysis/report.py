@@ -257,7 +257,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
             lens_html.append(_lens_html(s, rows, tags))
             direction = view.shards[s].dense(scaled=False)  # {name: unit direction}
             c = update_coefficient(theta_t, theta0, direction)
-            entry["share_of_update"] = c
+            entry["update_coefficient"] = c
             if scorer is not None:
                 if baselines is None:  # each policy as it is: one estimate serves every shard
                     baselines = _baselines(models, scorer, alphas, n_prompts, sampling)
@@ -339,7 +339,7 @@ def _together(view: RunView, models, shards: list[int], entries: dict[int, dict[
     squared norm there, and, with a reward, the ``SpanEffect``) and the effect itself (None
     without a reward). One dense direction is built at a time besides the projection."""
     gram = view.shards.subset(shards).cosine_matrix()  # [k, k], in factored form
-    coefficients = torch.tensor([entries[s]["share_of_update"] for s in shards])
+    coefficients = torch.tensor([entries[s]["update_coefficient"] for s in shards])
     weights = span_weights(gram, coefficients)
     theta0, theta_t = (dict(m.named_parameters()) for m in (models.initial, models.final))
     projected = combine((view.shards[s].dense(scaled=False) for s in shards), weights.tolist())
@@ -505,7 +505,7 @@ def _dose_table(results: dict[int, Any], analysis: dict[str, Any], tags: dict[in
                 for m, e, a in zip(means, errs, first.alphas)]
 
     rows = [[f"{s} (always on)" if s in tags else str(s),
-             f"{analysis['shards'][s]['share_of_update']:+.4f}"]
+             f"{analysis['shards'][s]['update_coefficient']:+.4f}"]
             + cells(dr.reward_shard, dr.stderr_change_shard, dr.stderr_shard)
             + cells(dr.reward_control, dr.stderr_change_control, dr.stderr_control)[top:top + 1]
             for s, dr in results.items()]
@@ -677,7 +677,7 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
                                           "local directory's weights exactly)" if saved else "")
         + (f", with the LoRA adapter it started from merged in ({rundir.INITIAL_ADAPTER}/)"
            if (view.run_dir / rundir.INITIAL_ADAPTER).is_dir() else ""),
-        "RL algorithm": rl.get("algorithm") or "n/a",
+        "RL algorithm": algorithm_name(rl.get("algorithm")),
         "software (as the run started)": version_line(config.get("versions")) + "".join(
             f"; resumed at RL step {r.get('rl_step')} under "
             + ", ".join(f"{k} {v or 'none'}" for k, v in r.items() if k != "rl_step")
@@ -731,6 +731,23 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
            ", in the units of the samples)"): f"{view.shards.input_scale:.4g}",
     }
     return _table(None, [[k, v] for k, v in rows.items()])
+
+
+# config.json's rl.algorithm: sae-shards train records the recipe's choice, ShardCallback the
+# trainer's class (a script may use any TRL trainer); one name for both in the report
+_RECIPE_TRAINERS = {"grpo": "GRPOTrainer", "rloo": "RLOOTrainer"}
+
+
+def algorithm_name(recorded: str | None) -> str:
+    """The RL algorithm as the report names it, whichever way the run recorded it:
+    ``GRPO (trl.GRPOTrainer)`` for ``grpo`` and ``GRPOTrainer`` alike, a script's other trainer
+    by its class (``OnlineDPOTrainer``)."""
+    if not recorded:
+        return "n/a"
+    trainer = _RECIPE_TRAINERS.get(recorded, recorded)
+    if trainer in _RECIPE_TRAINERS.values():
+        return f"{trainer.removesuffix('Trainer')} (trl.{trainer})"
+    return trainer
 
 
 def _steps_rows(figures: dict, own: bool, summary: dict) -> dict[str, Any]:

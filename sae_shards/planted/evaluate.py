@@ -354,9 +354,11 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
                  from_step: int = 0, null_run: str | Path | Mapping[str, Any] | None = None,
                  drift_density: float = ALWAYS_ON_DENSITY, n_shuffled: int = 2,
                  n_samples: int = 4, floor: float = 0.005,
-                 family_threshold: float = FAMILY_THRESHOLD, task: Any | None = None
-                 ) -> dict[str, Any]:
-    """All figures of one run (see the module docstring); also writes evaluation.json/.md.
+                 family_threshold: float = FAMILY_THRESHOLD, task: Any | None = None,
+                 out: str | Path | None = None) -> dict[str, Any]:
+    """All figures of one run (see the module docstring); also writes evaluation.json/.md to
+    ``out`` (a directory, created if needed; default the run directory, which is otherwise only
+    read).
 
     ``from_step`` keeps only RL steps >= it (training and held-out alike): the task directions
     drift, and early steps, before the policy is tag-conditioned, blur a global direction.
@@ -369,7 +371,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     (``analysis.families``). ``task``: the prompts and reward functions of a run of a user's own
     TRL script (a ``RewardTask`` with a ``label_column``), which the causal tests need and the run
     directory does not hold; a run of ``sae-shards train`` rebuilds its own. Without them the
-    causal figures are null and ``causal_skipped`` says why.
+    causal figures are null and ``causal_skipped`` says why. A ``null_run`` directory's own
+    evaluation is written to it, or with ``out`` to ``out/null_control/``.
     """
     run_dir = Path(run_dir)
     shards = ShardSet.from_run(run_dir, checkpoint)
@@ -476,7 +479,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
                                                       n_samples=n_samples, floor=floor,
                                                       seed=seed), n_shuffled, task)
     null_control = _null_control(null_run, n_null=n_null, seed=seed, from_step=from_step,
-                                 drift_density=drift_density, family_threshold=family_threshold)
+                                 drift_density=drift_density, family_threshold=family_threshold,
+                                 out=None if out is None else Path(out) / NULL_CONTROL_DIR)
 
     sup = _mmcs_margin(sup_cos, truth, null_truths)
     sup_margin = sup["mmcs_margin"]
@@ -545,8 +549,12 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         "causal": causal,
         "causal_skipped": causal_skipped,
     }
-    rundir.write_json(run_dir / "evaluation.json", result)  # strict JSON (NaN -> null), atomic
-    rundir.write_text(run_dir / "evaluation.md", to_markdown(result))
+    out = run_dir if out is None else Path(out)
+    with rundir.writing(out):  # a directory that cannot be made: RunWriteError, as a full disk
+        out.mkdir(parents=True, exist_ok=True)
+    json_name, md_name = rundir.EVALUATION
+    rundir.write_json(out / json_name, result)  # strict JSON (NaN -> null), atomic
+    rundir.write_text(out / md_name, to_markdown(result))
     return result
 
 
@@ -666,6 +674,10 @@ def _check_null_run(path: Path) -> None:
         raise CheckpointError(f"null_run={path} is a task={task} run; the null control is a "
                               "run of task=multiskill_null (the same prompts and tags, a reward "
                               "that ignores the tag)")
+
+
+NULL_CONTROL_DIR = "null_control"
+"""Where, under ``evaluate_run``'s ``out``, the null-control run's own evaluation is written."""
 
 
 def _null_control(null_run, **kwargs) -> dict[str, Any] | None:
