@@ -77,6 +77,20 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run
 
 
+def test_a_view_of_an_earlier_checkpoint_holds_the_logs_up_to_it(uninterrupted):
+    """Read at an earlier checkpoint, a run's logs stop at its step: the shards know nothing of
+    the later rollouts (RunView.rollouts listed every step the run went on to)."""
+    view = RunView(uninterrupted, 8)
+    rl_step, sae_step = view.up_to
+    assert rl_step == 8 and sae_step > 0
+    assert sorted(view.rollouts) == list(range(1, 9))
+    assert {r["rl_step"] for r in view.rl_metrics} == set(range(1, 9))
+    assert view.sae_metrics and max(r["sae_step"] for r in view.sae_metrics) == sae_step
+    final = RunView(uninterrupted)  # the whole run's
+    assert final.up_to == (None, None) and sorted(final.rollouts) == list(range(1, 13))
+    assert max(r["sae_step"] for r in final.sae_metrics) > sae_step
+
+
 def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterrupted, tmp_path,
                                                                         capsys):
     run = tmp_path / "run"
@@ -112,17 +126,15 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     from sae_shards.analysis.plots import step_reward_means
     from sae_shards.capture.summary import first_last
 
-    first, last = first_last(step_reward_means(view, step)[1], 5)  # the logs up to the step read
+    first, last = first_last(step_reward_means(view)[1], 5)  # the logs up to the step read
     from html import unescape
 
     assert f"{first:.3f} → {last:.3f} (up to the checkpoint's RL step {step}: from rollouts" in (
         unescape(html))
     # analysis.json gives the same figures as the table, as of the checkpoint (it gave nulls),
     # and they are the finished run's at the same checkpoint (there its summary's or recomputed)
-    from sae_shards.analysis.plots import checkpoint_steps
-
-    assert checkpoint_steps(view) == (step, view.shards.meta["sae_step"])  # the curves stop there
-    assert checkpoint_steps(RunView(uninterrupted)) == (None, None)
+    assert view.up_to == (step, view.shards.meta["sae_step"])  # the logs and curves stop there
+    assert RunView(uninterrupted).up_to == (None, None)
     figures = json.loads((run / "analysis.json").read_text())["run"]
     assert figures["figures_from"] == "checkpoint" and figures["rl_steps"] == step
     assert (figures["reward_first"], figures["reward_last"]) == (first, last)

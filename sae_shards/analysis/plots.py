@@ -1,6 +1,6 @@
 """The report's plots (``sae-shards analyze``): matplotlib figures returned as inline base64
 PNGs, so the HTML opens anywhere with no other files. Each takes a ``RunView`` (or the
-dose-response results) and draws up to the checkpoint read (``checkpoint_steps``). matplotlib is
+dose-response results) and draws up to the checkpoint read (``RunView.up_to``: its logs stop there). matplotlib is
 imported only when a figure is drawn.
 """
 
@@ -38,21 +38,10 @@ def figure(w: float = 7, h: float = 3):
     return plt.subplots(figsize=(w, h))
 
 
-def checkpoint_steps(view: RunView) -> tuple[int | None, int | None]:
-    """The RL and SAE step the checkpoint read was written at (None, None for ``final``): the
-    curves stop there, as a killed run's logs or a finished run's go on past an earlier
-    checkpoint."""
-    if view.checkpoint == "final":
-        return None, None
-    meta = view.shards.meta
-    return meta.get("rl_step"), meta.get("sae_step")
-
-
 def plot_sae_curves(view: RunView) -> str:
     fig, axes = figure(10, 3)
     fig.clf()
-    up_to = checkpoint_steps(view)[1]
-    rows = [r for r in view.sae_metrics if up_to is None or r["sae_step"] <= up_to]
+    rows = view.sae_metrics  # up to the checkpoint's SAE step (RunView.up_to)
     steps = [r["sae_step"] for r in rows]
     for i, key in enumerate(("fvu", "l0", "dead_frac")):
         ax = fig.add_subplot(1, 3, i + 1)
@@ -66,11 +55,11 @@ def plot_sae_curves(view: RunView) -> str:
     return png(fig)
 
 
-def step_reward_means(view: RunView, up_to: int | None = None) -> tuple[list[int], list[float]]:
+def step_reward_means(view: RunView) -> tuple[list[int], list[float]]:
     """Each RL step's mean reward over its scored completions (``rollouts.scored_mean``; a step
-    with none scored is left out), up to RL step ``up_to``."""
+    with none scored is left out), up to the checkpoint's RL step (``RunView.up_to``)."""
     steps, means = [], []
-    for step in sorted(s for s in view.rollouts if up_to is None or s <= up_to):
+    for step in sorted(view.rollouts):
         mean = view.rollouts.derived(step)["mean_reward"]
         if mean == mean:  # not NaN
             steps.append(step)
@@ -79,9 +68,9 @@ def step_reward_means(view: RunView, up_to: int | None = None) -> tuple[list[int
 
 
 def plot_reward(view: RunView) -> str:
-    """Each RL step's mean reward, up to the checkpoint read (``checkpoint_steps``)."""
+    """Each RL step's mean reward, up to the checkpoint read (``RunView.up_to``)."""
     fig, ax = figure()
-    steps, means = step_reward_means(view, checkpoint_steps(view)[0])
+    steps, means = step_reward_means(view)
     ax.plot(steps, means, lw=1, label="mean reward per step")
     if len(means) >= 10:
         w = max(2, len(means) // 15)

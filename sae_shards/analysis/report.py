@@ -37,7 +37,7 @@ import torch
 from sae_shards.analysis.families import ALWAYS_ON_DENSITY
 from sae_shards.analysis.interventions import (ablate, dose_response, eval_prompts,
                                                score_rollouts, update_coefficient)
-from sae_shards.analysis.plots import (checkpoint_steps, plot_dose, plot_norms, plot_reward,
+from sae_shards.analysis.plots import (plot_dose, plot_norms, plot_reward,
                                        plot_sae_curves, plot_timeline, step_reward_means)
 from sae_shards.analysis.reward_task import RewardTask
 from sae_shards.analysis.span import (RESOLVED_SE, SpanEffect, combine, span_effect,
@@ -96,7 +96,7 @@ def _reward_html(view: RunView) -> str:
     if not view.rollouts:
         return ("<p>No reward curve: rollouts.jsonl is empty, the run recorded no rollouts "
                 "(<code>ShardCallback(record_rollouts=False)</code>).</p>")
-    if not step_reward_means(view, checkpoint_steps(view)[0])[0]:
+    if not step_reward_means(view)[0]:
         return "<p>No reward curve: no completion of any step was scored.</p>"
     return plot_reward(view)
 
@@ -787,10 +787,9 @@ def checkpoint_figures(view: RunView, summary: dict) -> tuple[dict[str, Any], bo
     from sae_shards.capture.summary import first_last
     from sae_shards.core.trainer import dead_fraction
 
-    rl_step, sae_step = checkpoint_steps(view)
-    rewards = first_last(step_reward_means(view, rl_step)[1], 5)
-    fvu = first_last([r["fvu"] for r in view.sae_metrics if r.get("fvu") is not None
-                      and (sae_step is None or r["sae_step"] <= sae_step)], 10)
+    rl_step, sae_step = view.up_to  # the logs RunView holds stop there
+    rewards = first_last(step_reward_means(view)[1], 5)
+    fvu = first_last([r["fvu"] for r in view.sae_metrics if r.get("fvu") is not None], 10)
     stats = view.shards.stats
     since, fired = stats.get("stats.samples_since_fired"), stats.get("stats.fire_count")
     dead = (None if since is None else

@@ -327,18 +327,29 @@ class RunView:
             if key not in self.activations:
                 raise CheckpointError(f"{acts_file}: missing tensor {key!r}")
         self._check_activations_fit(acts_file)
-        self.rollouts = JsonlIndex(self.run_dir / rundir.ROLLOUTS, "step", derive=STEP_BRIEF)
+        meta = self.shards.meta
+        self.up_to: tuple[int | None, int | None] = (
+            (None, None) if self.checkpoint == "final" else (meta.get("rl_step"), meta.get("sae_step")))
+        """The RL and SAE step the checkpoint was written at, (None, None) for ``final``. The
+        logs below stop there: a killed run's, or a finished run's read at an earlier
+        checkpoint, go on past what these shards were trained on."""
+        rl_up_to, sae_up_to = self.up_to
+        by_rl = lambda step: rl_up_to is None or step is None or step <= rl_up_to  # noqa: E731
+        self.rollouts = JsonlIndex(self.run_dir / rundir.ROLLOUTS, "step", derive=STEP_BRIEF,
+                                   keep=by_rl)
         """``rl_step -> rollouts.jsonl`` record (prompts, completions, rewards, advantages,
         labels), read from the file when asked for; ``rollouts.derived(step)`` holds the step's
         ``labels`` and ``mean_reward`` (``STEP_BRIEF``) without a read."""
         events = self.run_dir / rundir.EVENTS
         self.events = {(r["step"], r["event"]): r
-                       for r in (rundir.read_jsonl(events) if events.is_file() else [])}
+                       for r in (rundir.read_jsonl(events) if events.is_file() else [])
+                       if by_rl(r["step"])}
         """Per-event runs: ``(rl_step, event) -> events.jsonl`` record; empty otherwise."""
         metrics_file = self.run_dir / rundir.METRICS  # only the report's SAE curves need it
         metrics = rundir.read_jsonl(metrics_file) if metrics_file.is_file() else []
-        self.rl_metrics = [r for r in metrics if r.get("kind") == "rl"]
-        self.sae_metrics = [r for r in metrics if r.get("kind") == "sae"]
+        self.rl_metrics = [r for r in metrics if r.get("kind") == "rl" and by_rl(r.get("rl_step"))]
+        self.sae_metrics = [r for r in metrics if r.get("kind") == "sae"
+                            and (sae_up_to is None or r.get("sae_step", 0) <= sae_up_to)]
 
     def _check_activations_fit(self, acts_file: Path) -> None:
         """The activation log must be one this checkpoint's SAE could have written: latent

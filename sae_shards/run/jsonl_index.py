@@ -37,7 +37,9 @@ class JsonlIndex(Mapping[Hashable, Row]):
     read back on access. ``key``: a field of every row, or a function of the row."""
 
     def __init__(self, path: Path, key: str | Callable[[Row], Hashable],
-                 derive: Mapping[str, Callable[[Row], Any]] | None = None) -> None:
+                 derive: Mapping[str, Callable[[Row], Any]] | None = None,
+                 keep: Callable[[Hashable], bool] | None = None) -> None:
+        """``keep``: which keys to index (default all); the others' rows are as absent."""
         self.path = Path(path)
         self._key = key if callable(key) else _field(path, key)
         self._derive = dict(derive or {})
@@ -46,6 +48,8 @@ class JsonlIndex(Mapping[Hashable, Row]):
         self._cache: collections.OrderedDict[Hashable, Row] = collections.OrderedDict()
         for offset, line, row in iter_jsonl(self.path):
             k = self._key(row)
+            if keep is not None and not keep(k):
+                continue
             self._where[k] = (offset, len(line))
             self._derived[k] = {name: fn(row) for name, fn in self._derive.items()}
 
