@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import operator
 import os
 from dataclasses import dataclass
@@ -638,9 +639,61 @@ def policy_dir(run_dir: str | Path, checkpoint: str | int | None = None) -> Path
     out = rundir.section(cfg, "rl").get("output_dir")
     saved = "adapter_config.json" if _is_lora(cfg) else "config.json"
     for root in (run_dir / rundir.TRL_OUTPUT, *([Path(out)] if out else [])):
-        if (root / f"checkpoint-{step}" / saved).is_file():
-            return root / f"checkpoint-{step}"
+        folder = root / f"checkpoint-{step}"
+        if (folder / saved).is_file() and (root == run_dir / rundir.TRL_OUTPUT
+                                           or foreign_trl_checkpoint(run_dir, folder) is None):
+            return folder
     return final
+
+
+def _refused_trl_policy(run_dir: Path, step: int) -> str:
+    """Why the trainer's own ``checkpoint-{step}`` outside the run (``rl.output_dir``) was not
+    paired with the step's shards, as a clause (``""`` when there is none to refuse)."""
+    out = rundir.section(rundir.read_config(run_dir), "rl").get("output_dir")
+    folder = Path(out) / f"checkpoint-{step}" if out else None
+    why = foreign_trl_checkpoint(run_dir, folder) if folder and folder.is_dir() else None
+    return f" ({why})" if why else ""
+
+
+TIMING_LOGS = ("time", "runtime", "per_second")
+"""Parts of the names of TRL's logged figures that measure time, which two runs of the same
+trajectory do not share (``step_time``, ``train_runtime``...): not compared."""
+
+
+def foreign_trl_checkpoint(run_dir: Path, folder: Path) -> str | None:
+    """Why TRL's checkpoint ``folder`` outside the run directory (under the trainer's
+    ``output_dir``, an absolute path ``config.json`` recorded) is not this run's, or None when
+    it is: its ``trainer_state.json`` log history must agree with the run's ``metrics.jsonl``
+    (TRL's logs, recorded by ``ShardCallback``) on every figure of every step both logged, and
+    share one step. A run moved or copied away from its trainer's ``output_dir`` would
+    otherwise be paired with whatever is at that path now, another run's policy among them."""
+    try:
+        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return f"{folder} has no readable trainer_state.json to tell whose checkpoint it is"
+    mine: dict[int, dict[str, Any]] = {}
+    for _, _, row in (rundir.iter_jsonl(run_dir / rundir.METRICS)
+                      if (run_dir / rundir.METRICS).is_file() else ()):
+        if row.get("kind") == "rl" and isinstance(row.get("rl_step"), int):
+            mine.setdefault(row["rl_step"], {}).update(row)
+    compared = 0
+    for theirs in history if isinstance(history, list) else ():
+        ours = mine.get(theirs.get("step")) if isinstance(theirs, dict) else None
+        for key in (ours.keys() & theirs.keys()) - {"step"} if ours else ():
+            a, b = ours[key], theirs[key]
+            if (any(t in key for t in TIMING_LOGS) or not isinstance(a, (int, float))
+                    or not isinstance(b, (int, float))):
+                continue
+            if not math.isclose(a, b, rel_tol=1e-6, abs_tol=0.0):
+                return (f"{folder} is another run's: its trainer_state.json logged {key}={b} at "
+                        f"step {theirs['step']}, this run's {rundir.METRICS} {a} (the run moved "
+                        "or was copied away from its trainer's output_dir, and another run "
+                        "wrote there since)")
+            compared += 1
+    if not compared:
+        return (f"{folder} cannot be told to be this run's: its trainer_state.json and the "
+                f"run's {rundir.METRICS} share no logged step (copy {rundir.METRICS} with the run)")
+    return None
 
 
 def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
@@ -678,8 +731,9 @@ def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
         init = init._replace(model=_merged(init.model, started_with))
     final = policy_dir(run_dir, checkpoint)
     if checkpoint not in (None, "final") and final.name == rundir.FINAL_MODEL:
-        log.warning("TRL kept no policy of %s's step in %s: the final policy is paired with its "
-                    "shards", checkpoint, run_dir)
+        log.warning("TRL kept no policy of %s's step in %s%s: the final policy is paired with "
+                    "its shards", checkpoint, run_dir,
+                    _refused_trl_policy(run_dir, rundir.step_of(checkpoint)))
     if _is_lora(cfg):
         fin = _load_safe(initial, inside)
         fin = fin._replace(model=_merged(fin.model, final))
@@ -806,7 +860,8 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
     if not (final / saved).is_file():
         step = (rundir.step_of(checkpoint_name(run_dir, checkpoint)) if checkpoint is not None
                 else None)
-        trl = f" nor a TRL checkpoint-{step} holding it" if step is not None else ""
+        trl = (f" nor a TRL checkpoint-{step} holding it{_refused_trl_policy(run_dir, step)}"
+               if step is not None else "")
         paired = [rundir.step_name(s) for s in rundir.saved_steps(run_dir / rundir.CHECKPOINTS)
                   if (policy_dir(run_dir, rundir.step_name(s)) / saved).is_file()]
         return (f"no final {'adapter' if _is_lora(cfg) else 'policy'} at {final}{trl} "
