@@ -4,10 +4,32 @@ absolute paths is either still the run's own or not used, never another run's fi
 from __future__ import annotations
 
 import json
+import pickle
+import shutil
 from pathlib import Path
 
-from sae_shards.analysis.shards import policy_dir, run_models_missing
+import pytest
+
+from sae_shards import CheckpointError
+from sae_shards.analysis.shards import load_run_models, policy_dir, run_models_missing
 from sae_shards.run import rundir
+
+
+def _copy(run: Path, to: Path) -> Path:
+    """``run`` copied as a colleague gets it: without the big parts analysis does not need."""
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns(rundir.RESUME, rundir.TRL_OUTPUT,
+                                                           rundir.WANDB))
+    return to
+
+
+class _Planted:
+    """What a shared run's pickle would run when unpickled (it must never be)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
 
 
 def _script_run(run: Path, output_dir: Path, grad_norms: list[float]) -> None:
@@ -57,3 +79,30 @@ def test_a_moved_script_run_is_not_paired_with_another_runs_trl_checkpoint(tmp_p
     theirs.rename(out / "checkpoint-2")
     (run / rundir.METRICS).unlink()
     assert policy_dir(run, "step_000002") == run / rundir.FINAL_MODEL
+
+
+def test_a_truncated_policy_file_is_named_not_raised_from_inside_safetensors(short_run_dir,
+                                                                             tmp_path):
+    """An interrupted copy of the run: its final policy's weights cut short."""
+    run = _copy(short_run_dir, tmp_path / "copy")
+    weights = run / rundir.FINAL_MODEL / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match=f"{weights}: cannot be read as safetensors .*"
+                                              "truncated or damaged .*copy it again"):
+        load_run_models(run)
+
+
+def test_a_model_folder_linked_outside_a_shared_run_is_never_unpickled(short_run_dir, tmp_path):
+    """A shared run whose ``model/`` is a symlink to a folder of pickles next to it: the folder
+    is the run's, read from safetensors only, whatever the link resolves to."""
+    run = _copy(short_run_dir, tmp_path / "shared" / "run")
+    elsewhere = tmp_path / "shared" / "weights"
+    shutil.copytree(run / rundir.MODEL, elsewhere, ignore=shutil.ignore_patterns("*.safetensors"))
+    with (elsewhere / "pytorch_model.bin").open("wb") as f:
+        pickle.dump({"w": _Planted(tmp_path / "ran")}, f)
+    shutil.rmtree(run / rundir.MODEL)
+    (run / rundir.MODEL).symlink_to(elsewhere)
+    with pytest.raises(CheckpointError, match="has no safetensors weights .*never loaded"):
+        load_run_models(run)
+    assert not (tmp_path / "ran").exists()

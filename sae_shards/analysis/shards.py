@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, Families,
@@ -722,8 +723,11 @@ def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
     cfg = _read_json(run_dir / "config.json")
     initial = initial_model_dir(run_dir, cfg, initial)
     # the run's own directories hold safetensors only; a user's model directory outside the run
-    # may hold pytorch_model.bin, which transformers reads with its weights-only unpickler
-    inside = initial.resolve().is_relative_to(run_dir.resolve())
+    # may hold pytorch_model.bin, which transformers reads with its weights-only unpickler. A
+    # folder inside the run is the run's, wherever a symlink there points (a shared run's
+    # model/ -> a folder of pickles)
+    inside = any(Path(os.path.abspath(p)).is_relative_to(os.path.abspath(run_dir))
+                 for p in (initial, initial.resolve()))
     init = _load_safe(initial, inside)
     started_with = run_dir / rundir.INITIAL_ADAPTER
     if _is_lora(cfg) and (started_with / "adapter_config.json").is_file():
@@ -758,11 +762,26 @@ def _load_safe(folder: Path, safetensors_only: bool = True, tokenizer_dir: Path 
     there wrote: never loaded); ``tokenizer_dir`` when its tokenizer is elsewhere."""
     from sae_shards.recipe.models import load_model_and_tokenizer
 
+    check_weight_files(folder)
     try:
         return load_model_and_tokenizer(folder, safetensors_only=safetensors_only,
                                         tokenizer_dir=tokenizer_dir)
     except FileNotFoundError as e:
         raise CheckpointError(str(e)) from None
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every ``*.safetensors`` file at the top of a policy directory opens (its header agrees
+    with its size): a truncated or damaged copy raises ``CheckpointError`` naming the file,
+    where transformers would raise safetensors' error from deep inside ``from_pretrained``."""
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt", device="cpu"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: cannot be read as safetensors ({e}); the file is "
+                                  "truncated or damaged (an interrupted copy?): copy it again "
+                                  "from the run") from None
 
 
 def _merged(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
@@ -774,6 +793,7 @@ def _merged(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
             f"{adapter} has no adapter_model.safetensors (an adapter saved as a pickle, "
             "adapter_model.bin, is never loaded): save it again with save_pretrained(DIR), "
             "whose default is safetensors")
+    check_weight_files(adapter)
     return PeftModel.from_pretrained(model, str(adapter), use_safetensors=True).merge_and_unload()
 
 
