@@ -261,6 +261,9 @@ def test_the_api_names_what_a_reader_gets_wrong(run_dir, tmp_path):
     elsewhere = tmp_path / "other" / "checkpoints" / "final"  # another run's: never this one's
     with pytest.raises(CheckpointError, match=r"is not one of .* checkpoints"):
         RunView(run_dir, str(elsewhere))
+    for outside in ("..", ".", "checkpoints/.."):  # checkpoints/ itself, or the run: no name
+        with pytest.raises(CheckpointError, match=r"names no checkpoint of .*: give its name"):
+            RunView(run_dir, outside)
     assert repr(view) == f"RunView({str(run_dir)!r}, checkpoint='final': 12 samples)"
     # an RL step names its checkpoint; a saved shard set is not read as a checkpoint of /tmp's
     assert checkpoint_name(run_dir, 7) == "step_000007" == checkpoint_name(run_dir, np_int(7))

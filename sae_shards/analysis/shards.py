@@ -585,6 +585,9 @@ def checkpoint_name(run_dir: Path, checkpoint: str | int | None) -> str:
             f"checkpoint {checkpoint} is not one of {run_dir}'s checkpoints "
             f"({Path(run_dir) / rundir.CHECKPOINTS}); give its name (final, step_XXXXXX), or "
             "read the run that holds it")
+    if path.name in ("", ".", ".."):  # checkpoints/ itself, or the run directory
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} names no checkpoint of {run_dir}: "
+                              "give its name (final, step_XXXXXX) or its RL step")
     return path.name
 
 
