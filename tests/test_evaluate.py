@@ -92,6 +92,11 @@ def test_evaluate_cli_needs_saved_samples(planted_run, tmp_path, capsys):
     run = tmp_path / "no_samples"
     shutil.copytree(planted_run, run)
     (run / "samples.safetensors").unlink()
+    assert cli_main(["evaluate", str(run)]) == 2  # a finished run's copy that left them out
+    assert ("samples.safetensors: missing, though the run finished (summary.json: 80 RL steps): "
+            "a copy of the run without it; copy samples.safetensors from the run"
+            in capsys.readouterr().err)
+    (run / "summary.json").unlink()
     assert cli_main(["evaluate", str(run)]) == 2  # the run keeps samples: it has not ended
     assert "missing: the run ended before writing it (killed, or still running)" in \
         capsys.readouterr().err

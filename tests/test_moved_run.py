@@ -106,3 +106,33 @@ def test_a_model_folder_linked_outside_a_shared_run_is_never_unpickled(short_run
     with pytest.raises(CheckpointError, match="has no safetensors weights .*never loaded"):
         load_run_models(run)
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_copy_without_the_runs_own_model_folders_says_to_copy_them(short_run_dir, tmp_path):
+    """``model/`` of a ``sae-shards train`` run is the run's own (the tiny model it built): a
+    copy without it is told to copy it, not to look for a moved model directory."""
+    run = _copy(short_run_dir, tmp_path / "copy")
+    shutil.rmtree(run / rundir.FINAL_MODEL)
+    assert f"or a copy of the run without its {rundir.FINAL_MODEL}/ folder)" in \
+        run_models_missing(run)
+    shutil.rmtree(run / rundir.MODEL)
+    assert run_models_missing(run) == (
+        f"no initial model at {run / rundir.MODEL}: sae-shards train built the run's tiny model "
+        "there before its first step, so this copy of the run lacks its model/ folder; copy it "
+        "from the run")
+
+
+def test_a_copy_without_its_summary_recomputes_the_runs_figures(short_run_dir, tmp_path):
+    """The run's figures of a copy without ``summary.json``: recomputed from the checkpoint and
+    the logs, as for a killed run, the same as the summary's (they were all null)."""
+    from sae_shards import RunView
+    from sae_shards.analysis.report import checkpoint_figures
+
+    summary = json.loads((short_run_dir / rundir.SUMMARY).read_text())
+    run = _copy(short_run_dir, tmp_path / "copy")
+    (run / rundir.SUMMARY).unlink()
+    figures, own = checkpoint_figures(RunView(run), {})
+    assert not own
+    for key in ("rl_steps", "sae_steps", "reward_first", "reward_last", "fvu_first", "fvu_last",
+                "dead_frac", "never_fired_frac"):
+        assert figures[key] == pytest.approx(summary[key]), key

@@ -775,14 +775,15 @@ def _sae_of(view: RunView) -> str:
 def checkpoint_figures(view: RunView, summary: dict) -> tuple[dict[str, Any], bool]:
     """The run's figures (``RUN_FIGURES``) as of the checkpoint read, and whether they are
     ``summary.json``'s own. They are when the summary describes that checkpoint (the final one,
-    or the step a stopped run ended on). Otherwise (a killed run, or an earlier checkpoint of
-    a finished one) they are recomputed up to the checkpoint's RL and SAE step: reward from
+    or the step a stopped run ended on). Otherwise (a killed run, an earlier checkpoint of
+    a finished one, or a copy of the run without its summary) they are recomputed up to the checkpoint's RL and SAE step: reward from
     ``rollouts.jsonl``, FVU from ``metrics.jsonl``, dead and never-fired shards from the
     checkpoint's latent statistics; the held-out FVU, measured at the end only, is None, and
     ``interrupted`` stays the run's."""
     meta = view.shards.meta
-    if view.checkpoint == "final" or (summary.get("rl_steps") == meta.get("rl_step")
-                                      and summary.get("sae_steps") == meta.get("sae_step")):
+    if summary and (view.checkpoint == "final" or (summary.get("rl_steps") == meta.get("rl_step")
+                                                   and summary.get("sae_steps")
+                                                   == meta.get("sae_step"))):
         return {k: summary.get(k) for k in RUN_FIGURES}, True
     from sae_shards.capture.summary import first_last
     from sae_shards.core.trainer import dead_fraction
@@ -794,7 +795,7 @@ def checkpoint_figures(view: RunView, summary: dict) -> tuple[dict[str, Any], bo
     since, fired = stats.get("stats.samples_since_fired"), stats.get("stats.fire_count")
     dead = (None if since is None else
             dead_fraction(since, view.shards.sae.cfg.dead_after, meta.get("sae_samples")))
-    return {"rl_steps": rl_step, "sae_steps": sae_step,
+    return {"rl_steps": meta.get("rl_step"), "sae_steps": meta.get("sae_step"),
             "reward_first": rewards[0], "reward_last": rewards[1],
             "fvu_first": fvu[0], "fvu_last": fvu[1], "fvu_heldout": None, "dead_frac": dead,
             "never_fired_frac": None if fired is None else float((fired == 0).float().mean()),

@@ -852,6 +852,11 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
     run_dir = Path(run_dir)
     cfg = _read_json(run_dir / "config.json")
     initial = initial_model_dir(run_dir, cfg, initial)
+    if (not (initial / "config.json").is_file() and initial == run_dir / rundir.MODEL
+            and cfg.get("task") is not None):  # sae-shards train built it there, first
+        return (f"no initial model at {initial}: sae-shards train built the run's tiny model "
+                f"there before its first step, so this copy of the run lacks its "
+                f"{rundir.MODEL}/ folder; copy it from the run")
     if not (initial / "config.json").is_file():
         return (f"no initial model at {initial} (ShardCallback with save_model=False or under "
                 "FSDP2 / ZeRO-3, a run of an earlier version whose policy was not loaded from a "
@@ -889,7 +894,8 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
                   if (policy_dir(run_dir, rundir.step_name(s)) / saved).is_file()]
         return (f"no final {'adapter' if _is_lora(cfg) else 'policy'} at {final}{trl} "
                 "(save_model=False, an interrupted run, a crash between the two sides' "
-                "checkpoints, or FSDP2 / ZeRO-3, where it is not gathered)"
+                "checkpoints, FSDP2 / ZeRO-3, where it is not gathered, or a copy of the run "
+                f"without its {rundir.FINAL_MODEL}/ folder)"
                 + (f"; the newest checkpoint whose policy TRL saved is {paired[-1]}: analyse it "
                    f"with --checkpoint {paired[-1]}" if paired and paired[-1] != checkpoint
                    else ""))

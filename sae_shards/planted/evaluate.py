@@ -176,6 +176,11 @@ class EvalData:
     def __init__(self, run_dir: Path, names: Sequence[str], from_step: int = 0) -> None:
         path = run_dir / "samples.safetensors"
         _check_labelled_task(run_dir)
+        finished = rundir.finished_steps(run_dir)
+        if not path.is_file() and _saves_samples(run_dir) and finished is not None:
+            raise CheckpointError(
+                f"{path}: missing, though the run finished ({rundir.SUMMARY}: {finished} RL "
+                "steps): a copy of the run without it; copy samples.safetensors from the run")
         if not path.is_file() and _saves_samples(run_dir):
             raise CheckpointError(
                 f"{path}: missing: the run ended before writing it (killed, or still running); "
