@@ -136,3 +136,38 @@ def test_a_copy_without_its_summary_recomputes_the_runs_figures(short_run_dir, t
     for key in ("rl_steps", "sae_steps", "reward_first", "reward_last", "fvu_first", "fvu_last",
                 "dead_frac", "never_fired_frac"):
         assert figures[key] == pytest.approx(summary[key]), key
+
+
+def _pickled_model(short_run_dir: Path, folder: Path, marker: Path) -> Path:
+    """The run's model config and tokenizer beside a ``pytorch_model.bin`` that would touch
+    ``marker`` if unpickled."""
+    shutil.copytree(short_run_dir / rundir.MODEL, folder,
+                    ignore=shutil.ignore_patterns("*.safetensors"))
+    with (folder / "pytorch_model.bin").open("wb") as f:
+        pickle.dump({"w": _Planted(marker)}, f)
+    return folder
+
+
+def test_a_shared_runs_model_path_to_pickles_is_read_only_when_named(short_run_dir, tmp_path):
+    """``config.json`` is the sharer's: a ``model.path`` naming a folder of pickles outside the
+    run is not unpickled unless the reader names that folder (``--initial-model``)."""
+    run = _copy(short_run_dir, tmp_path / "shared")
+    pickles = _pickled_model(short_run_dir, tmp_path / "pickles", tmp_path / "ran")
+    config = json.loads((run / rundir.CONFIG).read_text())
+    config["model"]["path"] = str(pickles)
+    (run / rundir.CONFIG).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"has no safetensors weights .*never loaded.*"
+                                              rf"name the directory: --initial-model {pickles}"):
+        load_run_models(run)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_task_this_version_cannot_rebuild_is_named_in_the_runs_terms(short_run_dir, tmp_path):
+    """A run made by another sae-shards version (a task or option this one lacks)."""
+    run = _copy(short_run_dir, tmp_path / "newer")
+    config = json.loads((run / rundir.CONFIG).read_text())
+    config["task"]["name"] = "letters_v2"
+    (run / rundir.CONFIG).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"{run / rundir.CONFIG}: its task cannot be "
+                                              r"rebuilt \(task.name='letters_v2' is unknown"):
+        load_run_models(run)

@@ -724,14 +724,17 @@ def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
     if run_models_missing(run_dir, checkpoint, initial) is not None:
         return None
     cfg = _read_json(run_dir / "config.json")
-    initial = initial_model_dir(run_dir, cfg, initial)
-    # the run's own directories hold safetensors only; a user's model directory outside the run
-    # may hold pytorch_model.bin, which transformers reads with its weights-only unpickler. A
-    # folder inside the run is the run's, wherever a symlink there points (a shared run's
-    # model/ -> a folder of pickles)
+    named, initial = initial is not None, initial_model_dir(run_dir, cfg, initial)
+    # weights from safetensors only, but for a model directory outside the run that the reader
+    # named (initial=, --initial-model), whose pytorch_model.bin transformers reads with its
+    # weights-only unpickler: a shared run's config.json may name any folder of pickles as
+    # model.path. A folder inside the run is the run's, wherever a symlink there points
     inside = any(Path(os.path.abspath(p)).is_relative_to(os.path.abspath(run_dir))
                  for p in (initial, initial.resolve()))
-    init = _load_safe(initial, inside)
+    trusted = named and not inside
+    hint = ("" if trusted or inside else "; or, when you trust the pickle, name the directory: "
+            f"--initial-model {initial} (initial= in Python)")
+    init = _load_safe(initial, not trusted, hint=hint)
     started_with = run_dir / rundir.INITIAL_ADAPTER
     if _is_lora(cfg) and (started_with / "adapter_config.json").is_file():
         # the adapter did not start at zero: theta_0 is the base with it merged in
@@ -742,7 +745,7 @@ def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
                     "its shards", checkpoint, run_dir,
                     _refused_trl_policy(run_dir, rundir.step_of(checkpoint)))
     if _is_lora(cfg):
-        fin = _load_safe(initial, inside)
+        fin = _load_safe(initial, not trusted, hint=hint)
         fin = fin._replace(model=_merged(fin.model, final))
     else:  # a trainer without a processing_class saved no tokenizer with the policy
         fin = _load_safe(final, tokenizer_dir=None if rundir.has_tokenizer(final) else initial)
@@ -751,7 +754,12 @@ def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
         # the target the job resolved (runs of earlier versions: max_completion_length)
         target_length = cfg["task"].get("target_length") or cfg["rl"]["max_completion_length"]
         options = {"target_length": target_length, **cfg["task"]["options"]}
-        task = build_task(cfg["task"]["name"], **options)
+        try:
+            task = build_task(cfg["task"]["name"], **options)
+        except ValueError as e:  # a run of another sae-shards version, or an edited config
+            raise CheckpointError(f"{run_dir / rundir.CONFIG}: its task cannot be rebuilt "
+                                  f"({e}); analyse the run with the sae-shards version that "
+                                  "made it (config.json's versions)") from None
     # the tokenizer training used: the trainer's processing class, saved with the final policy
     # (a chat template or pad token set in the script lives there, not in the initial directory)
     tokenizer = (load_tokenizer(final, model_dir=False) if rundir.has_tokenizer(final)
@@ -759,10 +767,12 @@ def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
     return RunModels(init.model.eval(), fin.model.eval(), tokenizer, task)
 
 
-def _load_safe(folder: Path, safetensors_only: bool = True, tokenizer_dir: Path | None = None):
+def _load_safe(folder: Path, safetensors_only: bool = True, tokenizer_dir: Path | None = None,
+               hint: str = ""):
     """``load_model_and_tokenizer`` of a policy directory, by default its weights read from
     safetensors only (a ``pytorch_model.bin`` found in a run directory is a pickle nobody
-    there wrote: never loaded); ``tokenizer_dir`` when its tokenizer is elsewhere."""
+    there wrote: never loaded); ``tokenizer_dir`` when its tokenizer is elsewhere; ``hint``
+    added to the error when it has no weights to read."""
     from sae_shards.recipe.models import load_model_and_tokenizer
 
     check_weight_files(folder)
@@ -770,7 +780,7 @@ def _load_safe(folder: Path, safetensors_only: bool = True, tokenizer_dir: Path 
         return load_model_and_tokenizer(folder, safetensors_only=safetensors_only,
                                         tokenizer_dir=tokenizer_dir)
     except FileNotFoundError as e:
-        raise CheckpointError(str(e)) from None
+        raise CheckpointError(f"{e}{hint}") from None
 
 
 def check_weight_files(folder: Path) -> None:
