@@ -889,9 +889,14 @@ def _announce_checkpoint(run_dir: Path, checkpoint: str | None) -> str:
     name = checkpoint_name(run_dir, checkpoint)
     if name != "final":
         stopped = rundir.read_summary(run_dir).get("interrupted")
+        lacks = [name for name in (f"{rundir.CHECKPOINTS}/final", rundir.ACTIVATIONS)
+                 if not (run_dir / name).exists()]  # a finished run's copy left them out
         why = ("" if checkpoint else " (the run was stopped before its end: its newest checkpoint)"
-               if stopped else " (the run was killed, or is still running: its newest "
-               "checkpoint with a resume file)")
+               if stopped else f" (the run finished, but this copy of it lacks {' and '.join(lacks)}"
+               ": its newest checkpoint with a resume file)"
+               if rundir.finished_steps(run_dir) is not None else
+               " (the run was killed, or is still running: its newest checkpoint with a resume "
+               "file)")
         print(f"sae-shards: reading checkpoint {name} of {run_dir}{why}", file=sys.stderr)
     return name
 

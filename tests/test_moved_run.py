@@ -171,3 +171,23 @@ def test_a_task_this_version_cannot_rebuild_is_named_in_the_runs_terms(short_run
     with pytest.raises(CheckpointError, match=rf"{run / rundir.CONFIG}: its task cannot be "
                                               r"rebuilt \(task.name='letters_v2' is unknown"):
         load_run_models(run)
+
+
+def test_a_finished_runs_copy_without_its_end_says_what_to_copy(short_run_dir, tmp_path, capsys):
+    """A finished run copied without ``checkpoints/final/`` or ``activations.safetensors`` (and
+    without ``resume/``, which could stand in): not called killed, the missing part named."""
+    from sae_shards import RunView
+    from sae_shards.cli import main as cli_main
+
+    run = _copy(short_run_dir, tmp_path / "copy")
+    shutil.rmtree(run / rundir.CHECKPOINTS / "final")
+    with pytest.raises(CheckpointError, match=r"is the encoding of checkpoint final, which this "
+                                              r"copy of the run lacks \(copy checkpoints/final/ "):
+        RunView(run)
+    assert cli_main(["analyze", str(run), "--no-dose"]) == 2
+    assert (f"reading checkpoint step_000012 of {run} (the run finished, but this copy of it "
+            "lacks checkpoints/final: its newest") in capsys.readouterr().err
+    (run / rundir.ACTIVATIONS).unlink()
+    with pytest.raises(CheckpointError, match=r"activations.safetensors is missing, though the "
+                                              r"run finished \(a copy of the run without it"):
+        RunView(run)

@@ -380,8 +380,7 @@ class RunView:
         resume = resume_file_of(self.run_dir, self.checkpoint)
         if resume is None or not resume.is_file():
             have = [rundir.step_name(s) for s in rundir.saved_steps(self.run_dir / rundir.RESUME)]
-            what = (f"is the encoding of checkpoint {written_for}" if written_for
-                    else "is missing (the run was killed, or is still running)")
+            what = _why_no_activations(self.run_dir, written_for)
             others = ", ".join(have) or "none"
             raise CheckpointError(
                 f"{acts_file} {what}, and checkpoint {self.checkpoint} has no resume file to "
@@ -556,6 +555,20 @@ class RunView:
                 "completions": pick("completions"), "rewards": pick("rewards"),
                 "advantages": pick("advantages"), "tasks": pick("tasks")})
         return out
+
+
+def _why_no_activations(run_dir: Path, written_for: str | None) -> str:
+    """Why ``activations.safetensors`` has no timeline of the checkpoint read, as a clause: it
+    encodes another checkpoint (one this copy of the run may lack), or it is missing."""
+    if written_for and not (run_dir / rundir.CHECKPOINTS / written_for).is_dir():
+        return (f"is the encoding of checkpoint {written_for}, which this copy of the run lacks "
+                f"(copy {rundir.CHECKPOINTS}/{written_for}/ from the run)")
+    if written_for:
+        return f"is the encoding of checkpoint {written_for}"
+    if rundir.finished_steps(run_dir) is not None:
+        return ("is missing, though the run finished (a copy of the run without it: copy "
+                f"{rundir.ACTIVATIONS} from the run)")
+    return "is missing (the run was killed, or is still running)"
 
 
 def checkpoint_name(run_dir: Path, checkpoint: str | int | None) -> str:
