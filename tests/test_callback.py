@@ -497,6 +497,21 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path, c
         ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
 
 
+def test_a_script_run_moved_with_its_trainers_output_dir_resumes_there(tiny_model, tmp_path):
+    """Stopped on one machine, both directories copied to another path: the trainer's new
+    ``output_dir`` is where its checkpoints now are, not a changed setting."""
+    _seeded_run(tiny_model, tmp_path, "cut", stop_at=3)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for name in ("cut", "trl_cut"):
+        (tmp_path / name).rename(moved / name)
+    again = ShardCallback(run_dir=moved / "cut", runner={"min_samples": 2}, resume=True)
+    _user_trainer(tiny_model, moved / "trl_cut", [again]).train(resume_from_checkpoint=True)
+    assert again.summary["rl_steps"] == 10 and not again.summary["interrupted"]
+    config = json.loads((moved / "cut" / "config.json").read_text())
+    assert config["rl"]["output_dir"] == str((moved / "trl_cut").resolve())
+
+
 class _CrashAt(TrainerCallback):
     """Raises after RL step ``step``'s callbacks (a crash: out of memory, a lost node), so the
     run ends with no checkpoint of that step on either side."""
