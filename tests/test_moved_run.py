@@ -81,14 +81,15 @@ def test_a_moved_script_run_is_not_paired_with_another_runs_trl_checkpoint(tmp_p
     assert policy_dir(run, "step_000002") == run / rundir.FINAL_MODEL
 
 
-def test_a_truncated_policy_file_is_named_not_raised_from_inside_safetensors(short_run_dir,
-                                                                             tmp_path):
-    """An interrupted copy of the run: its final policy's weights cut short."""
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_a_truncated_policy_file_is_named_not_raised_from_inside_transformers(short_run_dir,
+                                                                              tmp_path, name):
+    """An interrupted copy of the run: a file of its final policy cut short."""
     run = _copy(short_run_dir, tmp_path / "copy")
-    weights = run / rundir.FINAL_MODEL / "model.safetensors"
-    with weights.open("r+b") as f:
-        f.truncate(weights.stat().st_size // 2)
-    with pytest.raises(CheckpointError, match=f"{weights}: cannot be read as safetensors .*"
+    cut = run / rundir.FINAL_MODEL / name
+    with cut.open("r+b") as f:
+        f.truncate(cut.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match=f"{cut}: cannot be read as {cut.suffix[1:]} .*"
                                               "truncated or damaged .*copy it again"):
         load_run_models(run)
 

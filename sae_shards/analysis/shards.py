@@ -788,7 +788,7 @@ def _load_safe(folder: Path, safetensors_only: bool = True, tokenizer_dir: Path 
     added to the error when it has no weights to read."""
     from sae_shards.recipe.models import load_model_and_tokenizer
 
-    check_weight_files(folder)
+    check_model_files(folder)
     try:
         return load_model_and_tokenizer(folder, safetensors_only=safetensors_only,
                                         tokenizer_dir=tokenizer_dir)
@@ -796,18 +796,22 @@ def _load_safe(folder: Path, safetensors_only: bool = True, tokenizer_dir: Path 
         raise CheckpointError(f"{e}{hint}") from None
 
 
-def check_weight_files(folder: Path) -> None:
+def check_model_files(folder: Path) -> None:
     """Every ``*.safetensors`` file at the top of a policy directory opens (its header agrees
-    with its size): a truncated or damaged copy raises ``CheckpointError`` naming the file,
-    where transformers would raise safetensors' error from deep inside ``from_pretrained``."""
-    for file in sorted(folder.glob("*.safetensors")):
+    with its size) and every ``*.json`` file parses: a truncated or damaged copy raises
+    ``CheckpointError`` naming the file, where transformers would raise safetensors' or json's
+    error from deep inside ``from_pretrained``."""
+    for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json")):
         try:
-            with safe_open(file, framework="pt", device="cpu"):
-                pass
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file}: cannot be read as safetensors ({e}); the file is "
-                                  "truncated or damaged (an interrupted copy?): copy it again "
-                                  "from the run") from None
+            if file.suffix == ".json":
+                json.loads(file.read_bytes())
+            else:
+                with safe_open(file, framework="pt", device="cpu"):
+                    pass
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: cannot be read as {file.suffix[1:]} ({e}); the file "
+                                  "is truncated or damaged (an interrupted copy?): copy it "
+                                  "again from the run") from None
 
 
 def _merged(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
@@ -819,7 +823,7 @@ def _merged(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
             f"{adapter} has no adapter_model.safetensors (an adapter saved as a pickle, "
             "adapter_model.bin, is never loaded): save it again with save_pretrained(DIR), "
             "whose default is safetensors")
-    check_weight_files(adapter)
+    check_model_files(adapter)
     return PeftModel.from_pretrained(model, str(adapter), use_safetensors=True).merge_and_unload()
 
 
@@ -924,6 +928,8 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
                    else ""))
     from sae_shards.recipe.models import check_causal_lm
 
+    for folder in (initial, final):
+        check_model_files(folder)
     for folder in (initial, final) if not _is_lora(cfg) else (initial,):
         try:  # a reward model's run (trl.RewardTrainer): no LM head to steer or read
             check_causal_lm(folder)
