@@ -498,18 +498,26 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path, c
 
 
 def test_a_script_run_moved_with_its_trainers_output_dir_resumes_there(tiny_model, tmp_path):
-    """Stopped on one machine, both directories copied to another path: the trainer's new
-    ``output_dir`` is where its checkpoints now are, not a changed setting."""
-    _seeded_run(tiny_model, tmp_path, "cut", stop_at=3)
+    """Stopped on one machine, the run, the trainer's output_dir and the initial model copied
+    to another path: the new places are where they now are, not changed settings; another
+    model at the new place is still refused (its fingerprint is not the run's)."""
+    shutil.copytree(tiny_model, tmp_path / "model")
+    _seeded_run(tmp_path / "model", tmp_path, "cut", stop_at=3)
     moved = tmp_path / "elsewhere"
     moved.mkdir()
-    for name in ("cut", "trl_cut"):
+    for name in ("cut", "trl_cut", "model"):
         (tmp_path / name).rename(moved / name)
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    refused = ShardCallback(run_dir=moved / "cut", runner={"min_samples": 2}, resume=True)
+    with pytest.raises(ValueError, match=r"model.name_or_path: .* in the run, .*other' now"):
+        _user_trainer(other, moved / "trl_cut", [refused]).train(resume_from_checkpoint=True)
+    refused.close()
     again = ShardCallback(run_dir=moved / "cut", runner={"min_samples": 2}, resume=True)
-    _user_trainer(tiny_model, moved / "trl_cut", [again]).train(resume_from_checkpoint=True)
+    _user_trainer(moved / "model", moved / "trl_cut", [again]).train(resume_from_checkpoint=True)
     assert again.summary["rl_steps"] == 10 and not again.summary["interrupted"]
     config = json.loads((moved / "cut" / "config.json").read_text())
     assert config["rl"]["output_dir"] == str((moved / "trl_cut").resolve())
+    assert config["model"]["path"] == str((moved / "model").resolve())  # analysis reads it there
 
 
 class _CrashAt(TrainerCallback):

@@ -263,10 +263,12 @@ class ShardCallback(TrainerCallback):
         # checkpoint's weights), and kept in config.json from then on
         config = rundir.read_config(self.run_dir) if self.resume else {}
         saved = rundir.section(config, "model")
+        moved = None  # a resumed script's initial model, the same files at a new place
         if self.run_config:
             self._initial_dir = None
         elif self.resume:
-            self._initial_dir = saved.get("path") if "name_or_path" in saved else None
+            moved = initial_model.moved_to(saved, model_id(model))
+            self._initial_dir = moved or (saved.get("path") if "name_or_path" in saved else None)
             self._fingerprint = saved.get("fingerprint")  # as the run started
             self._initial_adapter = bool(saved.get("initial_adapter"))
         else:
@@ -280,6 +282,9 @@ class ShardCallback(TrainerCallback):
             _check_same_world(self.run_dir)
             if not self.run_config and trainer is not None:  # a user's script: its trainer
                 mine = self._config_json(model, trainer)
+                if moved:  # compared as the run recorded it; config.json then records moved
+                    mine["model"].update(path=saved["path"],
+                                         name_or_path=saved.get("name_or_path"))
                 if "name_or_path" not in saved:  # config.json of an earlier version
                     mine["model"] = {"path": model_id(model), "lora": mine["model"]["lora"]}
                 rundir.check_resume_config(self.run_dir, mine,

@@ -190,6 +190,18 @@ def fingerprint(folder: str | Path) -> dict[str, str]:
     return out
 
 
+def moved_to(recorded: dict[str, Any], name_or_path: str) -> str | None:
+    """Where a resumed run's initial model moved: the absolute ``name_or_path`` the resumed
+    policy was loaded from, when it is another local directory than ``config.json``'s
+    ``model.path`` (``recorded``: its ``model`` section) with the weight files the run
+    fingerprinted (the same files at a new place: a run resumed on another machine); else None."""
+    path, known = recorded.get("path"), recorded.get("fingerprint")
+    if not (path and known and name_or_path and Path(name_or_path).is_dir()):
+        return None
+    now = str(Path(name_or_path).resolve())
+    return now if now != path and fingerprint(now) == known else None
+
+
 def _safetensors_files(folder: Path) -> list[Path]:
     """A model directory's safetensors weight files (one, or the shards its index names); []
     when it has none or a file its index names is missing."""
