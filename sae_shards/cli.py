@@ -889,8 +889,8 @@ def _announce_checkpoint(run_dir: Path, checkpoint: str | None) -> str:
     name = checkpoint_name(run_dir, checkpoint)
     if name != "final":
         stopped = rundir.read_summary(run_dir).get("interrupted")
-        lacks = [name for name in (f"{rundir.CHECKPOINTS}/final", rundir.ACTIVATIONS)
-                 if not (run_dir / name).exists()]  # a finished run's copy left them out
+        lacks = [part for part in (f"{rundir.CHECKPOINTS}/final", rundir.ACTIVATIONS)
+                 if not (run_dir / part).exists()]  # a finished run's copy left them out
         why = ("" if checkpoint else " (the run was stopped before its end: its newest checkpoint)"
                if stopped else f" (the run finished, but this copy of it lacks {' and '.join(lacks)}"
                ": its newest checkpoint with a resume file)"

@@ -776,10 +776,11 @@ def checkpoint_figures(view: RunView, summary: dict) -> tuple[dict[str, Any], bo
     """The run's figures (``RUN_FIGURES``) as of the checkpoint read, and whether they are
     ``summary.json``'s own. They are when the summary describes that checkpoint (the final one,
     or the step a stopped run ended on). Otherwise (a killed run, an earlier checkpoint of
-    a finished one, or a copy of the run without its summary) they are recomputed up to the checkpoint's RL and SAE step: reward from
-    ``rollouts.jsonl``, FVU from ``metrics.jsonl``, dead and never-fired shards from the
-    checkpoint's latent statistics; the held-out FVU, measured at the end only, is None, and
-    ``interrupted`` stays the run's."""
+    a finished one, or a copy of the run without its summary) they are recomputed from the
+    logs ``RunView`` holds, which stop at the checkpoint's RL and SAE step (``RunView.up_to``):
+    reward from ``rollouts.jsonl``, FVU from ``metrics.jsonl``, dead and never-fired shards
+    from the checkpoint's latent statistics; the held-out FVU, measured at the end only, is
+    None, and ``interrupted`` stays the run's."""
     meta = view.shards.meta
     if summary and (view.checkpoint == "final" or (summary.get("rl_steps") == meta.get("rl_step")
                                                    and summary.get("sae_steps")
@@ -788,7 +789,6 @@ def checkpoint_figures(view: RunView, summary: dict) -> tuple[dict[str, Any], bo
     from sae_shards.capture.summary import first_last
     from sae_shards.core.trainer import dead_fraction
 
-    rl_step, sae_step = view.up_to  # the logs RunView holds stop there
     rewards = first_last(step_reward_means(view)[1], 5)
     fvu = first_last([r["fvu"] for r in view.sae_metrics if r.get("fvu") is not None], 10)
     stats = view.shards.stats
