@@ -139,6 +139,20 @@ def test_a_copy_without_its_summary_recomputes_the_runs_figures(short_run_dir, t
         assert figures[key] == pytest.approx(summary[key]), key
 
 
+def test_the_report_names_the_model_folder_of_a_moved_run_where_it_is_now(short_run_dir,
+                                                                           tmp_path):
+    """The report's model row read the checkpoint's model_id: the tiny model's folder at the
+    place the run was written, which a moved run no longer has (or another run now has)."""
+    from sae_shards import RunView
+    from sae_shards.analysis.report import model_shown
+
+    run = _copy(short_run_dir, tmp_path / "moved")
+    meta = RunView(run).shards.meta
+    assert meta["model_id"] == str(short_run_dir / rundir.MODEL)  # as written
+    assert model_shown(meta, run) == str(run / rundir.MODEL)
+    assert model_shown({**meta, "model_id": "Qwen/Qwen2-0.5B"}, run) == "Qwen/Qwen2-0.5B"
+
+
 def _pickled_model(short_run_dir: Path, folder: Path, marker: Path) -> Path:
     """The run's model config and tokenizer beside a ``pytorch_model.bin`` that would touch
     ``marker`` if unpickled."""

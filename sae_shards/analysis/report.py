@@ -670,7 +670,7 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
     dead = int((density == 0).sum())
     rows = {
         "run dir": str(view.run_dir),
-        "model": f"{meta.get('model_id')}" + (" (a LoRA adapter is trained; the shards are "
+        "model": model_shown(meta, view.run_dir) + (" (a LoRA adapter is trained; the shards are "
                                               "updates of the effective weights)"
                                               if meta.get("lora") else ""),
         "initial weights": str(theta0) + (" (saved when the run started: the policy held no "
@@ -731,6 +731,20 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
            ", in the units of the samples)"): f"{view.shards.input_scale:.4g}",
     }
     return _table(None, [[k, v] for k, v in rows.items()])
+
+
+def model_shown(meta: dict[str, Any], run_dir: Path) -> str:
+    """The checkpoint's ``model_id`` as the report shows it: a model directory inside the run
+    (``model/``, the tiny model ``sae-shards train`` built) at the run's place now, not the
+    path it had when the run wrote it (a moved or copied run named its old place)."""
+    model, written_in = meta.get("model_id"), meta.get("run_dir")
+    if not (model and written_in):
+        return str(model)
+    try:
+        inside = Path(model).relative_to(written_in)
+    except ValueError:  # a model outside the run (a hub id, the user's directory)
+        return str(model)
+    return str(run_dir / inside)
 
 
 # config.json's rl.algorithm: sae-shards train records the recipe's choice, ShardCallback the
