@@ -200,16 +200,16 @@ def test_cli_reports_config_error_without_traceback(tmp_path):
     assert not (tmp_path / "r").exists()  # Hydra made it for a refused run: removed again
 
 
-def test_a_refused_config_keeps_a_directory_that_was_there(tmp_path):
+def test_a_refused_config_keeps_a_directory_that_was_there(tmp_path, capsys):
     """Only the directories Hydra created for the refused run are removed, never one that
-    existed before (nor what it holds)."""
+    existed before (nor what it holds). In this process: the test above runs a real one."""
+    from sae_shards.cli import main as cli_main
+
     run = tmp_path / "mine"
     run.mkdir()
     (run / "notes.txt").write_text("keep")
-    proc = subprocess.run(
-        [sys.executable, "-m", "sae_shards.cli", "train", "seed=-1", f"run_dir={run / 'sub'}"],
-        capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "seed=-1 must be >= 0" in proc.stderr
+    assert cli_main(["train", "seed=-1", f"run_dir={run / 'sub'}"]) == 2
+    assert "seed=-1 must be >= 0" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 

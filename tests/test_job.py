@@ -98,7 +98,7 @@ def test_wandb_failure_does_not_stop_logging_calls(tmp_path, caplog):
     assert "W&B init failed" in caplog.text
 
 
-def test_multirun_sweep(tmp_path):
+def test_multirun_sweep(tmp_path, capsys):
     sweep = ["-m", "sae.k=2,4", "rl.max_steps=4", "runner.min_samples=2", "task.n_prompts=16",
              "logging=disabled", f"run_dir={tmp_path}"]
     proc = subprocess.run([sys.executable, "-m", "sae_shards.cli", "train", *sweep],
@@ -127,12 +127,16 @@ def test_multirun_sweep(tmp_path):
         [done.name, missing.name])
     # a single run into the sweep's directory is refused before Hydra writes there, and a plain
     # overwrite=true too: it would mix with the jobs, and the sweep could not be resumed
+    # (in this process: the refusals come before anything a real process would add)
+    from sae_shards.cli import main as cli_main
+
     listing = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
     for extra in ([], ["overwrite=true"]):
-        proc = subprocess.run([sys.executable, "-m", "sae_shards.cli", "train", "rl.max_steps=4",
-                               "logging=disabled", f"run_dir={tmp_path}", *extra],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2 and "holds a sweep (multirun.yaml" in proc.stderr, proc.stderr
+        assert cli_main(["train", "rl.max_steps=4", "logging=disabled", f"run_dir={tmp_path}",
+                         *extra]) == 2
+        err = capsys.readouterr().err
+        assert "holds a sweep (multirun.yaml" in err, err[-3000:]
         assert sorted(p.name for p in tmp_path.iterdir()) == listing
 
 
