@@ -206,3 +206,17 @@ def test_a_finished_runs_copy_without_its_end_says_what_to_copy(short_run_dir, t
     with pytest.raises(CheckpointError, match=r"activations.safetensors is missing, though the "
                                               r"run finished \(a copy of the run without it"):
         RunView(run)
+
+
+def test_the_report_of_a_finished_runs_copy_without_activations_does_not_call_it_killed(
+        short_run_dir, tmp_path):
+    """A finished run copied with ``resume/`` but without ``activations.safetensors`` is read
+    as of its newest step, re-encoded; the report's checkpoint row said the run was killed."""
+    from sae_shards.analysis.report import analyze
+
+    run = tmp_path / "copy"
+    shutil.copytree(short_run_dir, run, ignore=shutil.ignore_patterns(
+        rundir.ACTIVATIONS, rundir.TRL_OUTPUT, rundir.WANDB, "report.html", "analysis.json"))
+    page = Path(analyze(run, dose=False)).read_text()
+    assert "this copy of the finished run lacks activations.safetensors" in page
+    assert "the run was killed" not in page

@@ -668,6 +668,9 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
     saved = (theta0 == view.run_dir / rundir.MODEL
              and rundir.section(config, "model").get("name_or_path") is not None)
     dead = int((density == 0).sum())
+    no_file = (f"this copy of the finished run lacks {rundir.ACTIVATIONS}"  # copied without it
+               if rundir.finished_steps(view.run_dir) is not None
+               else "the run was killed, or is still running")
     rows = {
         "run dir": str(view.run_dir),
         "model": model_shown(meta, view.run_dir) + (" (a LoRA adapter is trained; the shards are "
@@ -691,8 +694,8 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
                     if summary.get("events") is not None else
                     "per event (their counts are in summary.json, which the run has not written)"),
         "checkpoint": view.checkpoint + {
-            "killed": " (no activations file: the run was killed, or is still running; the "
-                      "timeline is this checkpoint's buffer, re-encoded from its resume file)",
+            "killed": f" (no activations file: {no_file}; the timeline is this checkpoint's "
+                      "buffer, re-encoded from its resume file)",
             "older": " (the timeline is this checkpoint's buffer, re-encoded from its resume "
                      "file)"}.get(view.recovered or "", " (the run was interrupted)"
                                   if summary.get("interrupted") else ""),

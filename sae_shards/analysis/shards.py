@@ -313,8 +313,9 @@ class RunView:
         self.recovered: str | None = None
         """Why the timeline was re-encoded from the checkpoint's resume file
         (``analysis.recovered``) instead of read from ``activations.safetensors``: ``"killed"``
-        (no such file: the run was killed, or is still running) or ``"older"`` (the file is
-        the encoding of another checkpoint than the one read); None when read from the file."""
+        (no such file: the run was killed, is still running, or is a copy without it) or
+        ``"older"`` (the file is the encoding of another checkpoint than the one read); None
+        when read from the file."""
         written_for = None
         if acts_file.is_file():
             self.activations, header = read_safetensors(acts_file, expect_version=True)
