@@ -42,6 +42,38 @@ def test_a_full_disk_in_trls_checkpoint_names_it_instead_of_a_torch_traceback(tm
     assert "nothing can be resumed" in done.stderr and "overwrite=true" in done.stderr
 
 
+def test_a_full_disk_in_a_scripts_run_says_how_a_script_resumes(tmp_path):
+    """In a user's own TRL script the failed write comes out of trainer.train(): its message
+    said 'then resume with resume=true', sae-shards train's override, which a script has not."""
+    from sae_shards.recipe.models import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny")
+    run = tmp_path / "run"
+
+    def limit() -> None:  # TRL's checkpoint (~370 + ~770 KB) fits, sae-shards' resume file not
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (900 * 1024, 900 * 1024))
+
+    example = Path(__file__).parents[1] / "docs" / "examples" / "trl_script.py"
+    done = subprocess.run([sys.executable, str(example), "--model", str(model), "--run-dir",
+                           str(run), "--steps", "12"], capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"sae_shards.run.rundir.RunWriteError: could not write {run}"), last
+    assert ("then resume with ShardCallback(..., resume=True) and "
+            "trainer.train(resume_from_checkpoint=True)") in last
+    assert "resume=true" not in last
+
+
+def test_every_hook_of_the_callback_words_a_failed_write_for_a_script():
+    from sae_shards.capture.callback import ShardCallback
+
+    hooks = {name: fn for name, fn in vars(ShardCallback).items() if name.startswith("on_")}
+    assert len(hooks) >= 8 and all(getattr(fn, "in_script_terms", False)
+                                   for fn in hooks.values()), hooks
+
+
 def test_a_full_disk_before_the_first_step_names_the_file_and_the_same_command(tmp_path):
     run = tmp_path / "run"
     done = _train_with_file_limit(run, 1024)  # the .hydra config (~2 KB) does not fit

@@ -105,6 +105,24 @@ def _paid(hook):
     return timed
 
 
+def _in_script_terms(hook):
+    """A callback hook whose failed write (``RunWriteError``: a full disk, no permission) tells
+    a user's script how it continues (``in_script_terms``: ``ShardCallback(..., resume=True)``
+    and ``trainer.train(resume_from_checkpoint=True)``), where the shared message speaks
+    ``sae-shards train``'s ``resume=true``; under ``sae-shards train`` (``run_config``) it is
+    left as it is, and the CLI adds the command that continues the run."""
+    @functools.wraps(hook)
+    def worded(self, *args, **kwargs):
+        try:
+            return hook(self, *args, **kwargs)
+        except rundir.RunWriteError as e:
+            if self.run_config:
+                raise
+            raise rundir.RunWriteError(in_script_terms(str(e)), e.what) from e
+    worded.in_script_terms = True  # every hook has it (a test checks)
+    return worded
+
+
 class ShardCallback(TrainerCallback):
     """Capture parameter updates of a TRL run and train a low-rank SAE on them concurrently.
 
@@ -518,6 +536,7 @@ class ShardCallback(TrainerCallback):
         specs = make_targets(target_shapes(targets), rank=self.sae_cfg.rank)
         self.capture = EventCapture(targets, specs, None, self.capture_cfg, trainer)
 
+    @_in_script_terms
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self._began:  # one callback is one run: its buffer, SAE, logs and lock are that run's
             raise RuntimeError(
@@ -593,22 +612,26 @@ class ShardCallback(TrainerCallback):
         self.capture = None  # every later event is a no-op
         self._let_go()
 
+    @_in_script_terms
     @_paid
     def on_step_begin(self, args, state, control, **kwargs):
         self._writer.wait()  # the last checkpoint holds views of the buffer this step writes
         if self.capture is not None:
             self.capture.on_step_begin(args, state, control, **kwargs)
 
+    @_in_script_terms
     @_paid
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.capture is not None:
             self.capture.on_pre_optimizer_step(args, state, control, **kwargs)
 
+    @_in_script_terms
     @_paid
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.capture is not None:
             self.capture.on_optimizer_step(args, state, control, **kwargs)
 
+    @_in_script_terms
     @_paid
     def on_step_end(self, args, state, control, **kwargs):
         # Whether to stop after this step, decided once here: a signal landing later in the
@@ -653,6 +676,7 @@ class ShardCallback(TrainerCallback):
             log.info("RL step %d/%d  reward %.3f  |  %s", step, state.max_steps,
                      self._rewards.get(step, math.nan), sae)
 
+    @_in_script_terms
     @_paid
     def on_save(self, args, state, control, **kwargs):
         # TRL decided to checkpoint this step after its end (save_strategy "epoch" at an epoch's
@@ -663,6 +687,7 @@ class ShardCallback(TrainerCallback):
         if self._resumable_step != state.global_step:
             self._save_step(state.global_step, trl_dir(args))
 
+    @_in_script_terms
     @_paid
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.capture is None or not state.is_world_process_zero:
@@ -673,6 +698,7 @@ class ShardCallback(TrainerCallback):
         self._metric_log.append({"kind": "rl", "rl_step": state.global_step, **numeric})
         self._tied.observe(numeric.get(TIED_METRIC), state.global_step)
 
+    @_in_script_terms
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         try:
             self._end(args, state, control, model, processing_class, **kwargs)
