@@ -710,7 +710,8 @@ def foreign_trl_checkpoint(run_dir: Path, folder: Path) -> str | None:
             compared += 1
     if not compared:
         return (f"{folder} cannot be told to be this run's: its trainer_state.json and the "
-                f"run's {rundir.METRICS} share no logged step (copy {rundir.METRICS} with the run)")
+                f"run's {rundir.METRICS} share no logged step (the trainer logged none by that "
+                f"step: its logging_steps; or a copy of the run without its {rundir.METRICS})")
     return None
 
 
