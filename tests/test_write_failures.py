@@ -223,3 +223,31 @@ def test_resume_into_a_read_only_checkpoint_folder_names_the_file(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (f"RunWriteError: could not write {run / 'resume' / 'step_000012.safetensors'}: "
             "Permission denied") in done.stdout
+
+
+def test_the_next_write_of_a_report_removes_what_a_killed_writer_left(tmp_path):
+    """A ``kill -9`` of analyze while it wrote left ``.report.html.tmpXXXX`` beside the report
+    until a train took the run directory. The temporary name now says which process wrote it,
+    and the next write of the same file removes a dead writer's; a live writer's, another
+    host's and one of an unknown writer stay."""
+    import socket
+
+    from sae_shards.run.rundir import leftovers, write_text
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = int(gone.stdout)  # a process that has exited
+    host = socket.gethostname()
+    left = {name: tmp_path / name for name in (
+        f".report.html.tmp-{host}-{dead}-k1ll3d",   # the killed analyze's half
+        f".report.html.tmp-{host}-{os.getpid()}-l1ve",  # a live writer's
+        f".report.html.tmp-elsewhere-{dead}-n0tme",  # another host's (a shared filesystem)
+        ".report.html.tmpx7q2",  # written by an earlier version: whose, unknown
+        f".analysis.json.tmp-{host}-{dead}-0th3r")}  # another file's: its own next write
+    for path in left.values():
+        path.write_text("half")
+    assert set(leftovers(tmp_path)) == set(left.values())  # a train's cleanup takes them all
+    write_text(tmp_path / "report.html", "<html></html>")
+    kept = {p.name for p in tmp_path.iterdir()}
+    assert kept == {"report.html", *list(left)[1:]}, kept
+    assert (tmp_path / "report.html").read_text() == "<html></html>"

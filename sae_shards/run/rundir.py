@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import logging
 import math
@@ -534,9 +535,13 @@ def section(config: dict[str, Any], key: str) -> dict[str, Any]:
 
 def write_text(path: Path, text: str) -> None:
     """``text`` written beside ``path`` and renamed into place: a kill leaves the old file or
-    the new one, never a torn one."""
+    the new one, never a torn one. The temporary file's name says which process wrote it
+    (``_temp_prefix``), so the next write of ``path`` removes what a killed one left
+    (``_remove_dead_temps``): a ``kill -9`` of ``analyze`` left ``.report.html.tmpXXXX`` beside
+    the report until a ``train`` took the run directory."""
     with writing(path):  # a name of its own: two writers never rename each other's half
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp", dir=path.parent)
+        _remove_dead_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
         try:
             with os.fdopen(fd, "w") as f:
                 os.fchmod(fd, 0o666 & ~process_umask())  # as readable as a plain write makes it
@@ -545,6 +550,37 @@ def write_text(path: Path, text: str) -> None:
         except BaseException:  # a full disk: its half is not left taking the space
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _temp_prefix(path: Path) -> str:
+    """``.NAME.tmp-HOST-PID-``: ``write_text``'s temporary name for ``path`` (a leftover all the
+    same: ``_is_leftover``)."""
+    return f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+_TEMP_OWNER = re.compile(r"\.tmp-(?P<host>.+)-(?P<pid>\d+)-[^-]*$")
+
+
+def _remove_dead_temps(path: Path) -> None:
+    """Remove ``write_text``'s temporary files of ``path`` whose writer, a process of this host,
+    is gone (killed while writing); a live writer's, another host's (a shared filesystem: its
+    processes cannot be asked) and one of an unknown writer are left alone."""
+    host = socket.gethostname()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        owner = _TEMP_OWNER.search(tmp.name)
+        if owner and owner["host"] == host and not _alive(int(owner["pid"])):
+            with contextlib.suppress(OSError):  # best effort: never what fails the write
+                tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (EPERM): alive
+        return True
+    return True
 
 
 def write_json(path: Path, value: Any) -> None:
