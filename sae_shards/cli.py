@@ -416,6 +416,19 @@ def _unwritable(run_dir: Path) -> str | None:
             else f"{folder} is not writable by this user (permission denied)")
 
 
+def _refused_unwritable(command: str, run_dir: Path, folders: list[Path], what: str,
+                        out: Path | None, elsewhere: str) -> bool:
+    """Refuse ``analyze`` / ``evaluate`` (print why, return True) when one of ``folders``, where
+    its files go, cannot be written: said before the work runs, not after it when they are
+    written; ``elsewhere`` is the way out without ``--out``."""
+    why = next((w for w in map(_unwritable, folders) if w), None)
+    if why:
+        print(f"sae-shards: cannot {command} {run_dir}: {what}: {why}; "
+              + (elsewhere if out is None else "give --out a directory you can write"),
+              file=sys.stderr)
+    return why is not None
+
+
 def _resume_given(given: dict[str, Any]) -> bool:
     """Whether the overrides ``given`` (``_given_overrides``: the last of each key, as in
     Hydra) set ``resume=true``."""
@@ -799,13 +812,10 @@ def _analyze(args: list[str]) -> int:
         print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
         return 2
     out_dir = ns.out.parent if ns.out else ns.run_dir
-    unwritable = _unwritable(out_dir) if ns.run_dir.is_dir() else None
-    if unwritable:  # said before the analysis runs, not after it when the report is written
-        print(f"sae-shards: cannot analyze {ns.run_dir}: the report cannot be written to "
-              f"{out_dir}: {unwritable}; "
-              + ("write it elsewhere with --out DIR/report.html (analysis.json goes beside "
-                 "it); the run itself is only read" if ns.out is None else
-                 "give --out a directory you can write"), file=sys.stderr)
+    if _refused_unwritable("analyze", ns.run_dir, [out_dir] if ns.run_dir.is_dir() else [],
+                           f"the report cannot be written to {out_dir}", ns.out,
+                           "write it elsewhere with --out DIR/report.html (analysis.json goes "
+                           "beside it); the run itself is only read"):
         return 2
     _warn_if_live(ns.run_dir)
     try:
@@ -940,14 +950,10 @@ def _evaluate(args: list[str]) -> int:
     if not 0.0 < ns.family_threshold <= 1.0:
         parser.error(f"--family-threshold must be in (0, 1], got {ns.family_threshold}")
     _set_threads(ns.threads)
-    # said before the evaluation runs, not after it when its files are written
     writes = [ns.out] if ns.out else [d for d in (ns.run_dir, ns.null_run) if d and d.is_dir()]
-    unwritable = next((why for why in map(_unwritable, writes) if why), None)
-    if unwritable:
-        print(f"sae-shards: cannot evaluate {ns.run_dir}: its evaluation cannot be written: "
-              f"{unwritable}; "
-              + ("write it elsewhere with --out DIR; the runs themselves are only read"
-                 if ns.out is None else "give --out a directory you can write"), file=sys.stderr)
+    if _refused_unwritable("evaluate", ns.run_dir, writes, "its evaluation cannot be written",
+                           ns.out, "write it elsewhere with --out DIR; the runs themselves are "
+                           "only read"):
         return 2
     try:
         task = _task_arg(ns.task, ns.no_steering, "--no-steering",

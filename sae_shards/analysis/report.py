@@ -268,7 +268,9 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                 entry["ablation"] = dataclasses.asdict(ablations[s])
             del direction  # the next shard's is built without this one still held
         analysis["shards"][s] = entry
-    why = run_models_missing(view.run_dir, view.checkpoint, initial_model) if dose else None
+    # why the models did not load (asked again only then: it reads every file of both)
+    why = (run_models_missing(view.run_dir, view.checkpoint, initial_model)
+           if dose and models is None else None)
     if why:
         log.warning("no logit lens, dose-response or ablation: %s", why)
     missing = ("<p>Skipped (--no-dose).</p>" if not dose else

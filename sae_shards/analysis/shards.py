@@ -332,7 +332,8 @@ class RunView:
         self._check_activations_fit(acts_file)
         meta = self.shards.meta
         self.up_to: tuple[int | None, int | None] = (
-            (None, None) if self.checkpoint == "final" else (meta.get("rl_step"), meta.get("sae_step")))
+            (None, None) if self.checkpoint == "final"
+            else (meta.get("rl_step"), meta.get("sae_step")))
         """The RL and SAE step the checkpoint was written at, (None, None) for ``final``. The
         logs below stop there: a killed run's, or a finished run's read at an earlier
         checkpoint, go on past what these shards were trained on."""
@@ -787,10 +788,10 @@ def _load_safe(folder: Path, safetensors_only: bool = True, tokenizer_dir: Path 
     """``load_model_and_tokenizer`` of a policy directory, by default its weights read from
     safetensors only (a ``pytorch_model.bin`` found in a run directory is a pickle nobody
     there wrote: never loaded); ``tokenizer_dir`` when its tokenizer is elsewhere; ``hint``
-    added to the error when it has no weights to read."""
+    added to the error when it has no weights to read. Its files were checked whole by
+    ``run_models_missing`` (``check_model_files``), which ``load_run_models`` asks first."""
     from sae_shards.recipe.models import load_model_and_tokenizer
 
-    check_model_files(folder)
     try:
         return load_model_and_tokenizer(folder, safetensors_only=safetensors_only,
                                         tokenizer_dir=tokenizer_dir)
