@@ -235,6 +235,30 @@ def test_null_run_fills_the_null_control(planted_run, tmp_path):
                    for name in rundir.EVALUATION)
 
 
+def test_causal_rollouts_are_sampled_as_the_run_sampled(planted_run, tmp_path):
+    """The steering and ablation rewards sample at the run's own settings (config.json's
+    rl.temperature...), as analyze's do: evaluate sampled every run at temperature 1."""
+    from sae_shards.analysis.interventions import task_rewards
+    from sae_shards.analysis.shards import load_run_models
+
+    run = tmp_path / "cold"
+    shutil.copytree(planted_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["rl"]["temperature"] = 0.05  # as `sae-shards train rl.temperature=0.05` records it
+    (run / "config.json").write_text(json.dumps(config))
+    r = evaluate_run(run, n_null=1, n_prompts=2, n_samples=2, n_shuffled=0, out=tmp_path)
+    _, final, tok, task = load_run_models(run)
+    length = config["rl"]["max_completion_length"]
+    sampled = {t: {u: e.mean for u, e in task_rewards(final, tok, task, r["tasks"], n_prompts=2,
+                                                      n_samples=2, max_new_tokens=length,
+                                                      temperature=t).items()}
+               for t in (0.05, 1.0)}
+    assert sampled[0.05] != sampled[1.0]  # the setting shows in these rewards
+    assert r["causal"]["base_final"] == sampled[0.05]
+    assert r["causal"]["settings"]["sampling"]["temperature"] == 0.05
+    assert "temperature=0.05" in (tmp_path / "evaluation.md").read_text()
+
+
 def test_drift_latent_is_never_a_tasks_latent(planted_run, tmp_path):
     """A latent forced on for every sample (huge encoder bias) is reported as the drift latent
     and never chosen for a task nor counted in the mmcs matching."""

@@ -10,7 +10,8 @@ and ``c = <theta_T - theta_0, d>`` the run's own coefficient along it (``update_
 
 Rewards are fresh rollouts (``interventions.task_rewards``: ``n_prompts`` prompts of every task,
 ``n_samples`` completions each, one fixed rollout seed at every point, so differences come from
-the weights alone), on **every** task. The effect on task u is the reward change (steering) or
+the weights alone; sampled with the run's own settings, ``CausalSettings.sampling``), on
+**every** task. The effect on task u is the reward change (steering) or
 the reward drop against the final weights (ablation), and
 
     selectivity = effect on the kind's own task / max(mean |effect| on the other tasks, floor)
@@ -45,7 +46,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -75,6 +76,11 @@ class CausalSettings:
     character at 8 x 4 completions and target length 16)."""
     seed: int = 0
     """Rollout seed (the same at every point) and the random controls' seed."""
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+    """The run's other sampling settings (``shards.run_sampling``: ``temperature``, ``top_p``,
+    ``top_k``, ``generation_kwargs``, ``reward_batch``...), passed to every reward estimate so
+    the rollouts are sampled as the run sampled them (and as ``sae-shards analyze`` samples
+    them); empty: ``score_rollouts``' defaults (temperature 1)."""
 
 
 def selectivity(effects: Mapping[str, float], own: str, floor: float = 0.005) -> float:
@@ -148,7 +154,9 @@ def causal_tests(initial: nn.Module, final: nn.Module, tokenizer: Any, task: Any
         if reward_fn is not None:
             return {u: float(v) for u, v in reward_fn(model).items()}
         est = task_rewards(model, tokenizer, task, tasks, n_prompts=s.n_prompts,
-                           n_samples=s.n_samples, max_new_tokens=s.max_new_tokens, seed=s.seed)
+                           n_samples=s.n_samples, max_new_tokens=s.max_new_tokens, seed=s.seed,
+                           **{k: v for k, v in s.sampling.items()
+                              if k not in ("max_new_tokens", "n_samples", "seed")})
         return {u: e.mean for u, e in est.items()}
 
     p0 = {n: p.detach() for n, p in initial.named_parameters()}

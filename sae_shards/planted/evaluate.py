@@ -93,7 +93,8 @@ from sae_shards.core.metrics import evaluate_heldout, match_directions, sample_s
 from sae_shards.core.trainer import dead_fraction
 from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, Families,
                                           find_families, strengths, weight_matrix)
-from sae_shards.analysis.shards import ShardSet, load_run_models, run_models_missing
+from sae_shards.analysis.shards import (ShardSet, load_run_models, run_models_missing,
+                                        run_sampling)
 from sae_shards.planted.causal import CausalSettings, causal_tests
 from sae_shards.run import rundir
 from sae_shards.planted.groundtruth import (abs_cosine, auroc, class_means, energy_shares,
@@ -583,9 +584,11 @@ def _causal(run_dir: Path, checkpoint: str | None, shards: ShardSet, tasks: list
     if len(getattr(task, "labels", ()) or ()) < 2:
         return None, (f"the task {getattr(task, 'name', type(task).__name__)!r} has no contexts "
                       "to score apart (a RewardTask needs a label_column)")
-    cfg = json.loads((run_dir / "config.json").read_text())
-    max_new = int((cfg.get("rl") or {}).get("max_completion_length") or settings.max_new_tokens)
-    settings = dataclasses.replace(settings, max_new_tokens=max_new)
+    # sampled as the run sampled (its temperature, top_p...), as analyze's rollouts are
+    sampling = run_sampling(run_dir)
+    settings = dataclasses.replace(
+        settings, max_new_tokens=int(sampling.pop("max_new_tokens", settings.max_new_tokens)),
+        sampling=sampling)
     dense = lambda vec: {n: v[0] for n, v in unflatten(vec[None], shapes).items()}  # noqa: E731
     directions: dict[str, dict[str, dict[str, Tensor]]] = {
         "shard": {t: shards[j].dense(scaled=False) for t, j in best.items()},
@@ -715,6 +718,7 @@ def _steering_view(causal: dict[str, Any], best: list[int], tasks: list[str]) ->
     settings = causal["settings"]
     return {"alpha": settings["alpha"], "n_prompts": settings["n_prompts"],
             "n_samples": settings["n_samples"], "floor": settings["floor"],
+            "sampling": settings.get("sampling") or {},
             "base": causal["base_initial"],
             "selectivity": fam["shard"]["steering_selectivity"],
             "control_selectivity": fam["random"]["steering_selectivity"],
@@ -740,6 +744,14 @@ def _ablation_view(causal: dict[str, Any], best: list[int], tasks: list[str]) ->
             "own_first_rate": fam["shard"]["own_first_rate"],
             "own_first_rate_shuffled": fam.get("shuffled", {}).get("own_first_rate"),
             "per_task": per_task}
+
+
+def _sampling_text(sampling: Mapping[str, Any] | None) -> str:
+    """The causal tests' sampling settings (``CausalSettings.sampling``) as evaluation.md says
+    them; those the run did not record are the defaults (temperature 1)."""
+    shown = {k: v for k, v in (sampling or {}).items()
+             if k not in ("training_steps", "reward_batch")}
+    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "temperature 1, the defaults"
 
 
 def _f(x: Any, fmt: str = ".3f") -> str:
@@ -804,7 +816,8 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines += ["", f"Steering (alpha = {st['alpha']} x the run's own update along the shard, "
                   "added to the initial weights; + and - signs):", "",
                   f"Each reward is the mean of {st['n_prompts']} prompts x {st['n_samples']} "
-                  f"completions per task, the same rollout seed at every point. A selectivity "
+                  f"completions per task, the same rollout seed at every point, sampled as the "
+                  f"run sampled ({_sampling_text(st.get('sampling'))}). A selectivity "
                   f"divides the effect on the shard's task by the others' mean |effect| or "
                   f"{st['floor']} (the floor), whichever is larger, so a change below the floor "
                   f"is not resolved: such rows are marked.", "",
