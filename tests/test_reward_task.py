@@ -11,7 +11,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from sae_shards.analysis.interventions import mean_reward, score_rollouts, task_rewards
+from sae_shards.analysis.interventions import (dose_response, mean_reward, score_rollouts,
+                                               task_rewards)
 from sae_shards.analysis.reward_task import RewardTask, load_task_spec
 from sae_shards.recipe.models import tiny_model_and_tokenizer
 
@@ -202,6 +203,28 @@ def test_per_context_rewards_from_the_label_column(model_and_tokenizer):
         task.dataset(4, labels=["odd", "prime"])
     with pytest.raises(ValueError, match="label_column=None"):
         RewardTask(_prompts(), Recorder()).dataset(4, labels=["odd"])
+
+
+def test_mean_reward_scores_the_prompts_the_report_scores(model_and_tokenizer):
+    """The notebook's mean_reward is the report's alpha-0 reward for the same settings: the
+    same prompts, one context after another (a dataset of 10 "even" prompts and 2 "odd" ones,
+    where the first 4 of a shuffle would hold "even" ones alone)."""
+    model, tokenizer = model_and_tokenizer
+    data = Dataset.from_dict({"prompt": [f"<A> p{i}" for i in range(12)],
+                              "answer": [str(i % 10) for i in range(12)],
+                              "kind": ["odd" if i in (3, 7) else "even" for i in range(12)]})
+    def by_prompt(prompts, completions, answer, **kwargs):  # each prompt its own reward
+        return [float(a) for a in answer]
+
+    task = RewardTask(data, by_prompt, label_column="kind")
+    settings = dict(n_prompts=4, n_samples=2, max_new_tokens=6, seed=1)
+    pooled = mean_reward(model, tokenizer, task, **settings)
+    zero = {n: torch.zeros_like(p) for n, p in model.named_parameters()
+            if n.endswith("q_proj.weight")}
+    curve = dose_response(model, tokenizer, task, zero, alphas=[0.0], **settings)
+    assert sorted(curve.shard_by_label) == ["even", "odd"]
+    assert (pooled.mean, pooled.stderr, pooled.n) == (
+        curve.reward_shard[0], curve.stderr_shard[0], curve.n)
 
 
 def test_conversational_prompts_go_through_the_chat_template():

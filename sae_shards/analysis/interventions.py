@@ -562,13 +562,15 @@ def mean_reward(
     **sampling: Any,
 ) -> RewardEstimate:
     """Mean task reward of fresh sampled rollouts of ``model`` (reproducible for a fixed seed):
-    ``n_samples`` completions of each of the prompts ``task.dataset(n_prompts, seed)``, sampled
-    and scored as :func:`score_rollouts` does (``sampling``: its other settings, e.g.
-    ``top_p``; ``shards.run_sampling`` gives a run's own). ``task``: a built-in task
+    ``n_samples`` completions of each of the prompts the report scores (:func:`eval_prompts`:
+    ``task.dataset(n_prompts, seed)``, cycling through the contexts of a task that has
+    several), sampled and scored as :func:`score_rollouts` does (``sampling``: its other
+    settings, e.g. ``top_p``; ``shards.run_sampling`` gives a run's own), so it equals the
+    report's alpha-0 reward for the same settings. ``task``: a built-in task
     (``load_run_models``) or your own prompts and reward functions (``RewardTask``).
     """
     check_task(task, "mean_reward")
-    data = task.dataset(n_prompts, seed)
+    data = eval_prompts(task, n_prompts, seed)
     return estimate(score_rollouts(model, tokenizer, task, data, n_samples, max_new_tokens,
                                     temperature, seed, **sampling).rewards)
 
