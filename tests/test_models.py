@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from transformers import ViTConfig
+from transformers import AutoTokenizer, ViTConfig
 
 from sae_shards.recipe.models import (
     ARCHS,
     BUILD_SETTINGS_FILE,
+    CHARS,
     MAX_POSITIONS,
     TASK_TAGS,
     build_tiny_model,
@@ -54,6 +57,13 @@ def test_build_reuses_same_settings_and_refuses_others(tmp_path):
     assert weights.stat().st_mtime_ns == before  # reused, not rewritten
     with pytest.raises(ValueError, match="not the requested"):
         build_tiny_model(tmp_path / "m", hidden_size=32)
+    # a run made by an earlier version resumes with its own build (it trained with it)
+    settings = json.loads((path / BUILD_SETTINGS_FILE).read_text())
+    (path / BUILD_SETTINGS_FILE).write_text(json.dumps({**settings, "format": 1}))
+    assert build_tiny_model(tmp_path / "m") == path
+    assert weights.stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="not the requested"):
+        build_tiny_model(tmp_path / "m", seed=1)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="refusing to overwrite"):
@@ -94,12 +104,28 @@ def test_tokenizer_round_trips_prompt_with_tag(tmp_path):
     _, tokenizer = load_model_and_tokenizer(build_tiny_model(tmp_path / "m"))
     ids = tokenizer(PROMPT)["input_ids"]
     tokens = tokenizer.convert_ids_to_tokens(ids)
-    assert tokens[:3] == ["<bos>", "<A>", " "]  # bos, then the tag as ONE token
+    assert tokens[:3] == ["<bos>", "<A>", "Ġ"]  # bos, then the tag as ONE token (a space
+    # is spelt byte-level)
     assert len(ids) == 1 + 1 + len(PROMPT) - len("<A>")  # one token per other character
     assert tokenizer.unk_token_id not in ids
     # TRL decodes completions with skip_special_tokens=True: tags must survive, bos/eos must not.
     assert tokenizer.decode(ids + [tokenizer.eos_token_id], skip_special_tokens=True) == PROMPT
     assert all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) == 1 for t in TASK_TAGS)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_transformers_own_loading_gives_the_same_tokens(tmp_path, arch):
+    """A script loading the tiny model's directory as TRL does (AutoTokenizer: transformers 5
+    rebuilds a qwen2 directory's tokenizer as Qwen2Tokenizer, a gpt2 one's as GPT2Tokenizer)
+    gets the ids and text the run's own loader gives, spaces and newlines included."""
+    path = build_tiny_model(tmp_path / arch, arch=arch)
+    ours, theirs = load_tokenizer(path), AutoTokenizer.from_pretrained(path)
+    for text in (PROMPT, CHARS, "x\n\n y  z", "<B><C> a b<eos>"):
+        ids = ours(text)["input_ids"]
+        assert theirs(text)["input_ids"] == ids, (type(theirs).__name__, text)
+        assert ours.unk_token_id not in ids
+        assert theirs.decode(ids, skip_special_tokens=True) == ours.decode(
+            ids, skip_special_tokens=True)
 
 
 def test_in_memory_tokenizer_matches_saved_one(tmp_path):

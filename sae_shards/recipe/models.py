@@ -57,8 +57,10 @@ CHARS = string.ascii_lowercase + string.digits + " \n" + string.punctuation
 
 BUILD_SETTINGS_FILE = "sae_shards_build.json"
 """Written last into a built model dir; a dir is reused only when these settings match."""
-BUILD_FORMAT = 1
-"""Bump when the tokenizer or the build recipe changes, so old cached builds are not reused."""
+BUILD_FORMAT = 2
+"""Bump when the tokenizer or the build recipe changes, so old cached builds are not reused
+(2: the vocabulary spelt byte-level, ``build_tokenizer``). A run directory's own build of an
+earlier format is reused all the same when resumed: the run trained with it."""
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 """``tokenizer_class`` values that mean "just the tokenizer.json" (see ``load_tokenizer``)."""
 MAX_POSITIONS = 256
@@ -71,14 +73,27 @@ class ModelAndTokenizer(NamedTuple):
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """The character-level tokenizer: ids 0-3 special, then the task tags, then ``CHARS``."""
-    vocab_tokens = [*SPECIAL_TOKENS.values(), *TASK_TAGS, *CHARS]
+    """The character-level tokenizer: ids 0-3 special, then the task tags, then ``CHARS``.
+
+    Each character is spelt in the vocabulary as byte-level BPE spells it (``" "`` is ``Ġ``,
+    ``"\\n"`` is ``Ċ``; other characters of ``CHARS`` as themselves), with a byte-level
+    pre-tokenizer and decoder: transformers 5's ``AutoTokenizer`` (and so TRL, loading a script's
+    policy directory) rebuilds the tokenizer of a ``qwen2`` directory as ``Qwen2Tokenizer``, a
+    byte-level BPE over the saved vocabulary, and this spelling makes that give the same ids as
+    ``tokenizer.json`` does for every text of ``CHARS`` and tags (it drops what ours maps to
+    ``<unk>``)."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    spelt = [byte_level.pre_tokenize_str(c)[0][0] for c in CHARS]
+    vocab_tokens = [*SPECIAL_TOKENS.values(), *TASK_TAGS, *spelt]
     vocab = {tok: i for i, tok in enumerate(vocab_tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
-    # Every character is its own pre-token, so WordLevel maps it to its id (or <unk>).
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    # Fuse concatenates the pieces back; WordLevel's default decoding would join them with spaces.
-    tok.decoder = decoders.Fuse()
+    # Every character (newlines too) is its own pre-token, spelt byte-level, so WordLevel maps
+    # it to its id (or <unk>).
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated"), byte_level])
+    # Byte-level decoding concatenates the pieces and spells them back (WordLevel's default
+    # decoding would join them with spaces).
+    tok.decoder = decoders.ByteLevel()
     # Tags are added (not special) tokens: matched whole before splitting, and kept when TRL
     # decodes completions with skip_special_tokens=True.
     tok.add_tokens([AddedToken(t, normalized=False) for t in TASK_TAGS])
@@ -243,8 +258,10 @@ def build_tiny_model(
     settings_path = out_dir / BUILD_SETTINGS_FILE
     if settings_path.is_file():
         found = json.loads(settings_path.read_text())
-        if found == settings:
-            return out_dir
+        if found == settings or (isinstance(found.get("format"), int)
+                                 and found["format"] < BUILD_FORMAT
+                                 and {**found, "format": BUILD_FORMAT} == settings):
+            return out_dir  # an earlier format's build: a run resumed keeps its own model
         raise ValueError(
             f"{out_dir} holds a tiny model built with {found}, not the requested {settings}; "
             "delete that directory or build into another out_dir (sae-shards train: another "
@@ -330,10 +347,11 @@ def load_tokenizer(path: str | Path, model_dir: bool = True) -> PreTrainedTokeni
     adapter beside its tokenizer).
 
     transformers 5 overrides the class named in ``tokenizer_config.json`` for some model types
-    (qwen2 among them: ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``) and would rebuild our
-    character-level tokenizer as a byte-level Qwen2Tokenizer that drops spaces. So a directory
-    that asks for the generic backend gets exactly the ``tokenizer.json`` it ships; anything
-    else goes through ``AutoTokenizer``.
+    (qwen2 among them: ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``) and rebuilds the tokenizer
+    as a byte-level Qwen2Tokenizer over its vocabulary; the tiny models built before
+    ``BUILD_FORMAT`` 2 spelt a space as itself, which that drops. So a directory that asks for
+    the generic backend gets exactly the ``tokenizer.json`` it ships; anything else goes
+    through ``AutoTokenizer``.
     """
     path = Path(path)
     if model_dir:
