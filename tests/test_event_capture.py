@@ -3,8 +3,11 @@ gradient before clipping, for Linear (Qwen2) and Conv1D (GPT-2) weights, biases 
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import pytest
 import torch
+from packaging.version import Version
 from transformers import TrainerCallback
 
 from sae_shards.capture.event_hooks import ROW_KEY, EventRecorder
@@ -398,9 +401,12 @@ def test_forward_outside_compute_loss_during_a_step_is_an_error(tmp_path):
     recorder.remove()
 
 
+@pytest.mark.skipif(
+    Version(importlib.metadata.version("trl")) < Version("1.15"),
+    reason="TRL before 1.15 has no fused LM head: lm_head runs as a module, its events are read")
 def test_a_target_used_outside_its_module_is_an_error_not_zero_events(tmp_path):
-    """TRL's fused LM head multiplies by lm_head.weight directly: the module never runs, so its
-    per-event gradients would silently read as zero."""
+    """TRL's fused LM head (1.15 on) multiplies by lm_head.weight directly: the module never
+    runs, so its per-event gradients would silently read as zero."""
     trainer = grpo_trainer(tmp_path, "qwen2")
     targets = select_targets(trainer.model, ["lm_head.weight", "*layers.0.mlp.up_proj.weight"])
     with pytest.raises(ValueError, match=r"lm_head.weight.*never ran"):
