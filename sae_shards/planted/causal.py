@@ -77,10 +77,11 @@ class CausalSettings:
     seed: int = 0
     """Rollout seed (the same at every point) and the random controls' seed."""
     sampling: Mapping[str, Any] = field(default_factory=dict)
-    """The run's other sampling settings (``shards.run_sampling``: ``temperature``, ``top_p``,
-    ``top_k``, ``generation_kwargs``, ``reward_batch``...), passed to every reward estimate so
-    the rollouts are sampled as the run sampled them (and as ``sae-shards analyze`` samples
-    them); empty: ``score_rollouts``' defaults (temperature 1)."""
+    """The run's other sampling settings (``shards.run_sampling`` without ``max_new_tokens``,
+    a field above: ``temperature``, ``top_p``, ``top_k``, ``generation_kwargs``,
+    ``reward_batch``...), passed to every reward estimate so the rollouts are sampled as the
+    run sampled them (and as ``sae-shards analyze`` samples them); empty: ``score_rollouts``'
+    defaults (temperature 1)."""
 
 
 def selectivity(effects: Mapping[str, float], own: str, floor: float = 0.005) -> float:
@@ -155,8 +156,7 @@ def causal_tests(initial: nn.Module, final: nn.Module, tokenizer: Any, task: Any
             return {u: float(v) for u, v in reward_fn(model).items()}
         est = task_rewards(model, tokenizer, task, tasks, n_prompts=s.n_prompts,
                            n_samples=s.n_samples, max_new_tokens=s.max_new_tokens, seed=s.seed,
-                           **{k: v for k, v in s.sampling.items()
-                              if k not in ("max_new_tokens", "n_samples", "seed")})
+                           **s.sampling)
         return {u: e.mean for u, e in est.items()}
 
     p0 = {n: p.detach() for n, p in initial.named_parameters()}
