@@ -138,3 +138,21 @@ def test_config_errors_name_the_field():
         SAEConfig(sparsity="relu")
     with pytest.raises(ValueError, match=r"unknown SAE config keys \['klatents'\]"):
         SAEConfig.from_dict({"klatents": 3})
+
+
+def test_batch_topk_before_any_threshold_keeps_the_batch_top_k():
+    """An untrained batch_topk SAE (threshold NaN) still encodes: batch top-k over the batch,
+    not a comparison with NaN that drops every latent."""
+    targets = make_targets(SHAPES)
+    sae = LowRankSAE(targets, SAEConfig(n_latents=12, k=3, sparsity="batch_topk"))
+    assert torch.isnan(sae.threshold)
+    codes = sae.encode(_random_batch(targets, 8))
+    assert int(codes.active().sum()) == 3 * 8
+
+
+def test_scaling_samples_before_the_input_scale_is_known_is_refused():
+    """input_scale is 0 until the trainer sees data: dividing by it would give inf samples."""
+    targets = make_targets(SHAPES)
+    sae = LowRankSAE(targets, SAEConfig(n_latents=4, k=1))
+    with pytest.raises(RuntimeError, match="input_scale is not set yet"):
+        sae.to_scaled(_random_batch(targets, 2))

@@ -167,3 +167,58 @@ def test_a_batch_of_one_distinct_sample_is_skipped_not_trained_on(stream):
     assert trainer.state_tensors()["trainer.n_skipped_degenerate"] == 2
     with pytest.raises(ValueError, match=r"sae.batch_size=1 must be at least 2"):
         SAEConfig(batch_size=1)
+
+
+def test_rejection_counters_survive_a_resume_each_under_its_own_name(stream):
+    """summary.json reports sae_rejected_nonfinite and sae_skipped_zero from these counters: a
+    resumed trainer must give each back as it was, not swapped."""
+    batch = stream.sample(8, torch.Generator().manual_seed(0)).sample
+    for v in batch.values():
+        v[1] = 0  # one all-zero sample
+    batch["layers.1.mlp.up_proj.weight"][2, 0, 0] = float("nan")
+    batch["layers.1.mlp.up_proj.weight"][4, 0, 0] = float("nan")  # two non-finite ones
+    cfg = SAEConfig(n_latents=8, k=2)
+    trainer = SAETrainer(LowRankSAE(stream.targets, cfg))
+    trainer.step(batch)
+    assert (trainer.n_rejected_nonfinite, trainer.n_skipped_zero) == (2, 1)
+    resumed = SAETrainer(LowRankSAE(stream.targets, cfg))
+    resumed.load_state_tensors(trainer.state_tensors())
+    assert (resumed.n_rejected_nonfinite, resumed.n_skipped_zero) == (2, 1)
+    assert (resumed.n_steps, resumed.stats.n_samples) == (1, 5)
+
+
+def test_batch_topk_threshold_is_an_ema_of_the_batch_floors(stream, monkeypatch):
+    """The inference threshold starts at the first batch's smallest kept activation and then
+    moves by threshold_ema towards each new floor (not jumping to the last one)."""
+    cfg = SAEConfig(n_latents=12, k=3, sparsity="batch_topk", threshold_ema=0.1)
+    trainer = SAETrainer(LowRankSAE(stream.targets, cfg))
+    floors = []
+    update = trainer._update_threshold
+    monkeypatch.setattr(trainer, "_update_threshold",
+                        lambda floor: (floors.append(float(floor)), update(floor))[1])
+    g = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        trainer.step(stream.sample(16, g).sample)
+    assert len(floors) == 4 and len(set(floors)) == 4
+    want = floors[0]
+    for f in floors[1:]:
+        want = 0.9 * want + 0.1 * f
+    assert float(trainer.sae.threshold) == pytest.approx(want, rel=1e-5)
+    assert float(trainer.sae.threshold) != pytest.approx(floors[-1], rel=1e-3)
+
+
+def test_heldout_ml2r_is_the_mean_ratio_of_norms_not_of_squared_norms(stream):
+    """evaluate_heldout's ML2R (evaluation.json's ml2r_heldout): mean over samples of
+    ||xhat|| / ||x||, in the SAE's scaled units, b_dec included in xhat."""
+    sae = LowRankSAE(stream.targets, SAEConfig(n_latents=12, k=2, seed=0))
+    g = torch.Generator().manual_seed(5)
+    _train(sae, lambda: stream.sample(32, g).sample, steps=20)
+    batch = stream.sample(64, torch.Generator().manual_seed(6)).sample
+    held = evaluate_heldout(sae, [batch])
+    with torch.no_grad():
+        x = sae.to_scaled(batch)
+        rec = sae(x).recon
+    norm = lambda d: sum(v.flatten(1).pow(2).sum(1) for v in d.values()).sqrt()  # noqa: E731
+    ratio = norm(rec) / norm(x)
+    assert held.ml2r == pytest.approx(float(ratio.mean()), rel=1e-5)
+    assert not float(ratio.pow(2).mean()) == pytest.approx(float(ratio.mean()), rel=1e-2)
