@@ -296,3 +296,39 @@ def test_checkpoint_with_a_bad_sample_form_is_refused(tmp_path, edit, message):
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_targets_disagreeing_on_the_batch_size_are_refused():
+    """A 1-sample target beside 16-sample ones would broadcast into every row's norm."""
+    targets = make_targets(SHAPES, rank=1)
+    trainer = SAETrainer(LowRankSAE(targets, SAEConfig(n_latents=N, k=K), "factored"))
+    x = {k: v.float() for k, v in _events(trainer.sae).items()}
+    x["c.bias"] = x["c.bias"][:1]
+    with pytest.raises(ValueError, match=r"targets disagree on the batch size: \[1, 16\]"):
+        trainer.step(x)
+
+
+def test_auxk_of_relu_modes_takes_the_relu_of_the_dead_latents_activations():
+    """AuxK with topk: the dead latents' activations pass through ReLU, as in the forward pass;
+    a dead latent with a negative pre-activation contributes nothing. Reference computed here on
+    the materialised samples (dense_event_losses shares aux_values with event_losses)."""
+    from sae_shards.core.sparsity import SparseCodes
+
+    sae = _sae(2, sparsity="topk")
+    x = _events(sae)
+    dead = torch.ones(N, dtype=torch.bool)
+    dead[:2] = False
+    aux_k = 8  # more than the dead latents with a positive pre-activation
+    res = event_losses(sae, x, dead, aux_k, 1.0)
+    with torch.no_grad():
+        xs = {k: v / sae.input_scale for k, v in events.materialize_all(x, sae.targets).items()}
+        pre = sae.inner(xs, "encoder", form="dense") + sae.b_enc
+        codes = sae.select(pre, training=True)[0]
+        recon = sae.decode(codes, with_bias=False)
+        aidx = pre.relu().masked_fill(~dead, -1.0).topk(aux_k, dim=-1).indices
+        assert (pre.gather(-1, aidx) < 0).any()  # negative activations are among them
+        ehat = sae.decode(SparseCodes(aidx, pre.gather(-1, aidx).clamp_min(0)), with_bias=False)
+        resid = {k: xs[k] - recon[k] for k in xs}
+        want = (sum((resid[k] - ehat[k]).pow(2).sum() for k in xs)
+                / sum(v.pow(2).sum() for v in resid.values()))
+    torch.testing.assert_close(res.aux.detach(), want, rtol=1e-9, atol=0)

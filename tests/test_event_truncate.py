@@ -70,6 +70,9 @@ def test_truncate_takes_the_cheaper_route_and_pads_to_rank(T, m, n, route, monke
 def test_zero_and_non_finite_events():
     zero = events.truncate(torch.zeros(40, 24), torch.zeros(40, 32), RANK)
     assert zero.kept == 1.0 and not zero.L.any() and zero.R.shape == (RANK, 32)
+    # few rows (T = 6 < min(m, n)): the QR-core route, whose zero event keeps all of nothing too
+    few = events.truncate(torch.zeros(6, 24), torch.zeros(6, 32), RANK)
+    assert few.kept == 1.0 and not few.L.any() and few.R.shape == (RANK, 32)
     L, R = _factors(40, 24, 32, SPECTRA["decaying"])
     L[3, 5] = math.nan  # a NaN gradient: passed on for the capture to count and skip
     bad = events.truncate(L.float(), R.float(), RANK)

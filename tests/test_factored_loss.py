@@ -161,12 +161,14 @@ def test_cross_gram_matches_dense():
         dense1 = torch.einsum("imr,inr->imn", U1, V1).flatten(1)
         dense2 = torch.einsum("imr,inr->imn", U2, V2).flatten(1)
         torch.testing.assert_close(cross_gram((U1, V1), (U2, V2)), dense1 @ dense2.T)
-    # two sets of other sizes and ranks (two checkpoints' decoders): [N1, N2]
-    U1, V1 = (torch.randn(5, d, 2, generator=g, dtype=torch.float64) for d in (7, 4))
-    U2, V2 = (torch.randn(3, d, 4, generator=g, dtype=torch.float64) for d in (7, 4))
-    dense1 = torch.einsum("imr,inr->imn", U1, V1).flatten(1)
-    dense2 = torch.einsum("imr,inr->imn", U2, V2).flatten(1)
-    torch.testing.assert_close(cross_gram((U1, V1), (U2, V2)), dense1 @ dense2.T)
+    # two sets of other sizes and ranks (two checkpoints' decoders): [N1, N2]; a rank-1 set
+    # beside a higher-rank one takes the general route, not the rank-1 shortcut
+    for r1, r2 in ((2, 4), (1, 3), (3, 1)):
+        U1, V1 = (torch.randn(5, d, r1, generator=g, dtype=torch.float64) for d in (7, 4))
+        U2, V2 = (torch.randn(3, d, r2, generator=g, dtype=torch.float64) for d in (7, 4))
+        dense1 = torch.einsum("imr,inr->imn", U1, V1).flatten(1)
+        dense2 = torch.einsum("imr,inr->imn", U2, V2).flatten(1)
+        torch.testing.assert_close(cross_gram((U1, V1), (U2, V2)), dense1 @ dense2.T)
 
 
 @pytest.mark.parametrize("sparsity", ["signed_topk", "batch_topk"])
