@@ -372,3 +372,33 @@ def test_sampled_rows_match_their_slots(capacity):
         assert x.dtype == torch.float32
         expect = torch.stack([sample_of(buf.metadata(s).global_step)[name] for s in slots.tolist()])
         assert torch.equal(x, expect), name
+
+
+def test_resume_state_of_a_wrapped_ring_with_an_aborted_slot_restores_every_sample():
+    """After the ring wrapped, an aborted write (a non-finite or outlier sample) leaves a hole:
+    the committed slots are no longer a prefix. The resume state (written as JSON, NaN as null)
+    brings back each slot's own sample, its held-out mark and its unknown (NaN) reward."""
+    import json
+
+    from sae_shards.run.rundir import strict_json
+
+    buf = DeltaRingBuffer(TARGETS, capacity=4, device="cpu")
+    for step in range(1, 7):  # slots 0, 1 hold steps 5, 6; slots 2, 3 steps 3, 4
+        reward = math.nan if step == 5 else step / 10
+        buf.push(sample_of(step), StepMeta(step, reward_mean=reward, heldout=step == 4))
+    slot, _ = buf.begin_write()  # slot 2 (step 3) is dropped: a hole at 2
+    buf.abort(slot)
+    assert buf._filled.tolist() == [True, True, False, True]
+    tensors, info = buf.state()
+    info = json.loads(json.dumps(strict_json(info)))
+
+    back = DeltaRingBuffer(TARGETS, capacity=4, device="cpu")
+    back.load_state(tensors, info)
+    assert back.chronological_slots().tolist() == [3, 0, 1]
+    for s, step in ((3, 4), (0, 5), (1, 6)):
+        assert back.gather([s])["w"][0, 0, 0].item() == step, s
+        assert back.metadata(s).global_step == step
+    assert math.isnan(back.metadata(0).reward_mean) and back.metadata(1).reward_mean == 0.6
+    assert back.metadata(3).heldout and back.n_trainable == 2
+    drawn = back.sample(64, torch.Generator().manual_seed(0)).slots
+    assert 3 not in drawn.tolist()  # the held-out step is still never trained on

@@ -260,3 +260,31 @@ def test_lora_rejects_optimizer_sources(source):
     targets = select_targets(lora_model(), ["*q_proj.weight"])
     with pytest.raises(ValueError, match=f"source='{source}' is not supported for LoRA"):
         DeltaCapture(targets, make_buffer(targets), source=source)
+
+
+def test_a_target_without_a_gradient_this_step_is_zero_not_an_older_sample(tmp_path):
+    """``grad``: a target no gradient reached this step (grad None: transformers zeroes
+    gradients to None, and a layer or expert may go unused) is written as zeros, not left
+    holding the sample the reused ring slot held before."""
+    from transformers import TrainerControl, TrainerState
+
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.randn(5, 6, generator=gen))
+    model.b = torch.nn.Parameter(torch.randn(11, generator=gen))
+    targets = dict(model.named_parameters())
+    buffer = make_buffer(targets, capacity=1)  # every step reuses slot 0
+    capture = DeltaCapture(targets, buffer, source="grad")
+    args, state, control = TrainingArguments(tmp_path, report_to=[]), TrainerState(), TrainerControl()
+    capture.on_train_begin(args, state, control, model=model)
+    for step, with_b in ((1, True), (2, False)):
+        model.w.grad = torch.randn(5, 6, generator=gen)
+        model.b.grad = torch.randn(11, generator=gen) if with_b else None
+        capture.on_step_begin(args, state, control)
+        capture.on_pre_optimizer_step(args, state, control)
+        capture.on_optimizer_step(args, state, control)
+        state.global_step = step
+        capture.on_step_end(args, state, control)
+        got = buffer.gather([0])
+        assert torch.equal(got["w"][0], model.w.grad)
+        assert torch.equal(got["b"][0], model.b.grad if with_b else torch.zeros(11)), step
