@@ -272,3 +272,40 @@ def test_separability_ladder_reads_signs_and_the_probe_reaches_what_labels_allow
     assert all(abs(v["mean"] - 0.5) < 0.1 for v in null.values()), null
     with pytest.raises(ValueError, match="ridge"):
         separability(x_tr, y_tr, x_te, y_te, TASKS, ridge=0.0)
+
+
+def test_windows_do_not_overlap_and_a_lone_sample_gives_no_direction():
+    """Window [start, start + window): a sample at the next window's first step is not in this
+    one, and a (window, task) with one sample has no principal direction (it needs two)."""
+    d1 = torch.tensor([1.0, 0.0, 0.0])
+    d2 = torch.tensor([1.0, 1.0, 0.0]) / 2**0.5
+    x = torch.stack([d1, -d1, d1, -d1, d2, -d2, d2, -d2, d1])
+    dirs, keys = windowed_task_directions(x, ["A"] * 9, list(range(9)), ["A"], window=4)
+    assert keys == [(0, "A"), (4, "A")]  # step 8 alone in its window
+    assert abs(float(dirs[0] @ d1)) == pytest.approx(1.0, abs=1e-6)
+    assert abs(float(dirs[1] @ d2)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_centroid_accuracy_scores_one_task_samples_against_one_task_centroids():
+    """Mixed-label samples neither pull a task's centroid (one-task training samples exist) nor
+    count in the accuracy (a sample of two tasks has no one right answer)."""
+    e = torch.eye(3)
+    tasks = ["A", "B", "C"]
+    f_train = torch.stack([e[0], e[0], e[1], e[1], e[2], e[2], 10 * e[2], 10 * e[2]])
+    y_train = [["A"], ["A"], ["B"], ["B"], ["C"], ["C"], ["A", "B"], ["A", "B"]]
+    f_test = torch.stack([e[0], e[1], e[2], e[2]])
+    y_test = [["A"], ["B"], ["C"], ["A", "B"]]  # the last sits at C's centroid
+    ref = supervised_reference(f_train, y_train, f_test, y_test, f_train, f_test, tasks)
+    assert ref.centroid_accuracy == 1.0 and ref.chance_accuracy == pytest.approx(1 / 3)
+
+
+def test_norm_features_and_abs_cosine_on_known_values():
+    """Rows then columns of each matrix (each sample at unit total norm), |entries| of vectors;
+    |cos| is scale-free."""
+    w = torch.tensor([[[3.0, 0.0], [0.0, 0.0]]])  # [1, 2, 2]
+    b = torch.tensor([[0.0, -4.0]])  # [1, 2]: total norm 5
+    feats = norm_features({"w": w, "b": b}, ["w", "b"])
+    torch.testing.assert_close(feats, torch.tensor([[0.6, 0.0, 0.6, 0.0, 0.0, 0.8]]))
+    x = torch.tensor([[3.0, 4.0], [0.0, -20.0]])
+    torch.testing.assert_close(abs_cosine(x, torch.tensor([[2.0, 0.0], [0.0, 1.0]])),
+                               torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
