@@ -53,6 +53,19 @@ def test_evaluate_reports_every_figure(planted_run):
     # every headline row says how to read it, or why it is missing (no null run given here)
     assert "| auroc_null_control | - | n/a: no null-control run given (--null-run DIR" in md
     assert f"| auroc_task | {r['headline']['auroc_task']:.3f} | held-out AUROC" in md
+    assert r["auroc_margin"] == pytest.approx(r["auroc_task"] - r["auroc_null"], abs=1e-12)
+    # purity and coverage of each task's latent, recomputed from the held-out samples
+    from sae_shards.analysis.shards import ShardSet
+    from sae_shards.planted.evaluate import EvalData
+    from sae_shards.planted.groundtruth import presence
+
+    sae = ShardSet.from_run(planted_run).sae
+    x_te, y_te = EvalData(planted_run, [t.name for t in sae.targets]).split(True)
+    fires = sae.encode(sae.to_scaled(x_te)).dense(sae.n_latents) != 0
+    for t, e in r["per_task"].items():
+        on, is_t = fires[:, e["best_latent"]], presence(y_te, t)
+        assert e["purity"] == pytest.approx(float((on & is_t).sum()) / max(int(on.sum()), 1)), t
+        assert e["coverage"] == pytest.approx(float((on & is_t).sum()) / int(is_t.sum())), t
 
 
 def test_random_decoder_scores_lower(planted_run, tmp_path):
@@ -120,6 +133,8 @@ def test_from_step_restricts_the_window(planted_run):
     full = evaluate_run(planted_run, n_null=2, steering=False)
     late = evaluate_run(planted_run, n_null=2, steering=False, from_step=11)
     assert late["from_step"] == 11
+    steps = read_safetensors(planted_run / "samples.safetensors")[0]["rl_step"]
+    assert 11 in steps.tolist() and late["first_step"] == 11  # step 11 itself is kept
     assert late["n_train"] + late["n_heldout"] <= 70  # steps 11..80 only
     assert full["n_train"] + full["n_heldout"] > 70
     with pytest.raises(Exception, match=r"fewer than 2 non-zero .* from RL step 78 on "
@@ -397,3 +412,18 @@ def test_task_mix_splits_a_shards_activation_by_the_samples_labels(planted_run):
     direct = sum(float(a) / len(lab) for a, lab in zip(acts[:, shard].abs(), labels)
                  if task in lab)
     assert mix[task] == pytest.approx(direct / float(acts[:, shard].abs().sum()))
+
+
+def test_each_tasks_latent_is_chosen_on_training_labels_and_scored_on_held_out_ones():
+    """The latent per task is picked by training AUROC and only then scored on held-out samples:
+    picking it on the held-out samples would report the best held-out AUROC, not a test."""
+    from sae_shards.planted.evaluate import _choose_and_score
+
+    y = ["A", "A", "B", "B"]
+    scores_tr = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    scores_te = scores_tr.flip(1)  # the held-out samples say the opposite
+    train, best, held, null = _choose_and_score(scores_tr, scores_te, y, y, ["A", "B"], [y])
+    assert best == [0, 1] and held == {"A": 0.0, "B": 0.0}
+    assert train.tolist() == [[1.0, 0.0], [0.0, 1.0]] and null == [0.0]
+    _, best, held, _ = _choose_and_score(scores_tr, scores_te, y, y, ["A", "B"], [], exclude=[0])
+    assert best == [1, 1] and held == {"A": 1.0, "B": 0.0}
