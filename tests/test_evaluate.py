@@ -412,6 +412,13 @@ def test_task_mix_splits_a_shards_activation_by_the_samples_labels(planted_run):
     direct = sum(float(a) / len(lab) for a, lab in zip(acts[:, shard].abs(), labels)
                  if task in lab)
     assert mix[task] == pytest.approx(direct / float(acts[:, shard].abs().sum()))
+    # typical_coefficient: mean |activation| over the samples where the shard is active only
+    fired = (acts != 0).sum(0)
+    partial = int(fired.masked_fill(fired == acts.shape[0], 0).argmax())
+    a = acts[:, partial].abs()
+    assert 0 < int((a != 0).sum()) < a.numel()  # a shard silent on some samples
+    assert view.typical_coefficient(partial) == pytest.approx(
+        float(a[a != 0].mean()) * view.shards.input_scale, rel=1e-6)
 
 
 def test_each_tasks_latent_is_chosen_on_training_labels_and_scored_on_held_out_ones():

@@ -344,3 +344,36 @@ def test_run_sampling_reads_the_online_dpo_trainers_completion_length(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(
         {"rl": {"max_completion_length": None, "max_new_tokens": 6, "temperature": 0.9}}))
     assert run_sampling(tmp_path) == {"max_new_tokens": 6, "temperature": 0.9}
+
+
+def test_a_subset_of_a_batch_topk_sae_keeps_its_inference_threshold():
+    """batch_topk encodes with the learnt threshold: a subset without it (NaN) would fall back to
+    batch top-k and give other activations than the full SAE's."""
+    from sae_shards.core.sae import LowRankSAE
+    from sae_shards.core.sae_config import SAEConfig
+    from sae_shards.core.targets import make_targets
+    from sae_shards.core.trainer import SAETrainer
+
+    targets = make_targets({"w": (6, 5), "b": (4,)}, rank=1)
+    sae = LowRankSAE(targets, SAEConfig(n_latents=8, k=2, sparsity="batch_topk"))
+    trainer = SAETrainer(sae)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        trainer.step({t.name: torch.randn(16, *t.shape, generator=g) for t in targets})
+    full = ShardSet(sae, {"meta": {}}, trainer.stats.as_tensors())
+    part = full.subset([0, 3, 5])
+    assert not torch.isnan(full.sae.threshold)
+    assert torch.equal(part.sae.threshold, full.sae.threshold)
+
+
+def test_task_mix_gives_each_label_of_a_sample_an_equal_part(run_dir):
+    """RunView.task_mix: a sample of several labels gives each an equal part of its
+    |activation| (checked against a direct sum, with labels handed in)."""
+    view = RunView(run_dir)
+    _, acts = view.timeline()
+    shard = int(acts.abs().sum(0).argmax())
+    a = acts[:, shard].abs()
+    labels = [("x", "y") if i % 2 else ("x",) for i in range(a.numel())]
+    mix = view.task_mix(shard, labels=labels)
+    y = float(a[1::2].sum()) / 2
+    assert y > 0 and mix == pytest.approx({"x": 1 - y / float(a.sum()), "y": y / float(a.sum())})
