@@ -350,3 +350,27 @@ def test_dose_response_scores_alpha_zero_once_or_takes_the_baseline(model_and_to
     with pytest.raises(ValueError, match="baseline scores"):
         dose_response(model, tokenizer, task, direction, alphas, n_prompts=4, n_samples=2,
                       baseline=base)
+
+
+def test_reward_estimates_and_paired_changes_by_definition():
+    """The error bars of dose-responses and ablations: prompts are the independent units
+    (stderr = std of per-prompt means / sqrt(prompts)); NaN (unscorable) completions are left
+    out of a prompt's mean, and a prompt is dropped only when none of its completions scored."""
+    import math
+
+    from sae_shards.analysis.interventions import _until_stop, estimate, paired_change
+
+    nan = float("nan")
+    whole = estimate(torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]))
+    assert whole.mean == pytest.approx(0.5) and whole.n == 6
+    assert whole.stderr == pytest.approx(float(torch.tensor([0.5, 0.0, 1.0]).std()) / math.sqrt(3))
+    holes = estimate(torch.tensor([[1.0, 0.0, nan], [0.0, 0.0, 1.0], [nan, nan, nan]]))
+    assert holes.mean == pytest.approx(0.4) and holes.n == 5
+    assert holes.stderr == pytest.approx(float(torch.tensor([0.5, 1 / 3]).std()) / math.sqrt(2))
+    before = torch.tensor([[0.0, 0.0], [1.0, nan], [nan, nan]])
+    after = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    mean, stderr = paired_change(before, after)  # prompts 0 and 1: changes 1 and -0.5
+    assert mean == pytest.approx(0.25)
+    assert stderr == pytest.approx(float(torch.tensor([1.0, -0.5]).std()) / math.sqrt(2))
+    # a completion's ids run up to and including its first stop token, as TRL's do
+    assert _until_stop([5, 7, 2, 9, 2], {2}) == [5, 7, 2] and _until_stop([5, 7], {2}) == [5, 7]
