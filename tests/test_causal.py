@@ -50,6 +50,8 @@ def test_selectivity_and_broken_task():
     assert selectivity({"A": 0.5, "B": 0.0, "C": 0.0}, "A", floor=0.01) == pytest.approx(50.0)
     assert selectivity({"A": 0.5, "B": 0.5, "C": -0.5}, "A") == pytest.approx(1.0)
     assert selectivity({"A": -0.2, "B": 0.1, "C": 0.1}, "A") == pytest.approx(-2.0)
+    # over the MEAN |effect| of the other tasks, not the largest
+    assert selectivity({"A": 0.6, "B": 0.1, "C": -0.3}, "A") == pytest.approx(3.0)
     assert broken_task({"A": 0.3, "B": 0.1}) == "A"
     assert broken_task({"A": 0.3, "B": 0.3}) is None  # tied: nothing broke first
     # float32 rounding of equal drops (the toy below: 0.49999994 vs 0.5) is a tie too
@@ -155,3 +157,38 @@ def test_real_rollouts_on_the_tiny_model():
     c = out["kinds"]["random"]["per_task"]["A"]
     assert abs(c["ablate_drop"]["A"]) < 0.1 and c["ablation_selectivity"] < e["ablation_selectivity"] / 3
     assert wall < 20, wall
+
+
+def test_a_shard_pointing_against_the_update_is_applied_along_the_runs_own_component():
+    """A decoder direction's sign is arbitrary: for a shard whose coefficient is negative,
+    steering still adds the run's own component (raising its task) and ablation still removes
+    it. Rewards linear here (not clipped at 0), so steering with the minus sign lowers the task
+    and its selectivity (of the negated effects) is positive too."""
+    initial, final, basis = _toy_run()
+
+    def linear(model):
+        w = model.w.detach()
+        return {t: float(w @ e / 3.0) for t, e in basis.items()}
+
+    out = causal_tests(initial, final, None, None, TASKS,
+                       {"shard": {t: {"w": -e} for t, e in basis.items()}},
+                       CausalSettings(alpha=1.0), random_control=False, reward_fn=linear)
+    for t in TASKS:
+        e = out["kinds"]["shard"]["per_task"][t]
+        assert e["coefficient"] == pytest.approx(-3.0, rel=1e-5)
+        assert e["steer_plus"][t] == pytest.approx(1.0, abs=1e-5)
+        assert e["steer_minus"][t] == pytest.approx(-1.0, abs=1e-5)
+        assert e["ablate_drop"][t] == pytest.approx(1.0, abs=1e-5)
+        assert e["steering_minus_selectivity"] > 100 and e["own_first"]
+
+
+def test_per_kind_summaries_are_medians_over_tasks_with_the_mean_beside():
+    """One task with a tiny denominator must not rule the headline: the median is it."""
+    from sae_shards.planted.causal import _summary
+
+    entries = [{"steering_selectivity": s, "steering_minus_selectivity": s,
+                "ablation_selectivity": s, "drop_ratio": s, "own_first": s > 1}
+               for s in (1.0, 2.0, 90.0)]
+    out = _summary(entries)
+    assert out["ablation_selectivity"] == 2.0 and out["ablation_selectivity_mean"] == 31.0
+    assert out["own_first_rate"] == pytest.approx(2 / 3) and out["n"] == 3
