@@ -428,3 +428,44 @@ def test_lora_dropout_makes_events_approximate_and_says_so(dropout, caplog):
         _warn_lora_dropout(select_targets(model, ["*q_proj.weight"]), "group")
     assert ("lora_dropout=0.1: each event's gradient of the adapted weights is approximate"
             in caplog.text) == (dropout > 0)
+
+
+def test_an_events_slot_holds_its_factors_and_zeros_after_them():
+    """_fill: fewer factor rows than the slot's: the rest zeroed (the slot may hold an older,
+    longer event); more rows than a slot capped at min(m, n): re-cut exactly, not dropped."""
+    import math
+
+    from sae_shards.capture.event_capture import _fill
+
+    spec = TargetSpec("w", (2, 5))
+    g = torch.Generator().manual_seed(0)
+    view = torch.full((2, 7), 9.0)
+    short = torch.randn(1, 7, generator=g)
+    _fill(view, short, spec)
+    assert torch.equal(view[:1], short) and not view[1:].any()
+    long = torch.randn(4, 7, generator=g)  # rank <= 2: two rows hold X = L^T R exactly
+    _fill(view, long, spec)
+    torch.testing.assert_close(ev.materialize(view, spec), ev.materialize(long, spec),
+                               rtol=1e-5, atol=1e-5)
+    assert math.isclose(float(ev.sq_norm(view, spec)), float(ev.sq_norm(long, spec)), rel_tol=1e-5)
+
+
+def test_an_events_metadata_is_its_own_completions():
+    """_event_meta: an event's labels are the tasks of all its completions, its reward the
+    mean (and population std) of their scored rewards; a completion beyond the step's log is
+    refused."""
+    import math
+
+    from sae_shards.capture.buffer import StepMeta
+    from sae_shards.capture.event_capture import _event_meta
+    from sae_shards.capture.event_hooks import Event
+
+    step = StepMeta(7, reward_mean=0.5, task_labels=("A", "B"))
+    row = {"prompts": ["p"] * 4, "tasks": ["A", "B", "A", "C"], "rewards": [9.0, 1.0, None, 3.0]}
+    meta = _event_meta(step, Event(1, (1, 2, 3), {}, 1.0, 0.25), row, norm=2.0)
+    assert meta.task_labels == ("A", "B", "C") and meta.rows == (1, 2, 3) and meta.event == 1
+    assert meta.reward_mean == 2.0 and meta.reward_std == 1.0  # rewards 1 and 3 (None unscored)
+    assert (meta.global_step, meta.advantage, meta.norm) == (7, 0.25, 2.0)
+    assert math.isnan(_event_meta(step, Event(0, (2,), {}, 1.0, 0.0), row, 1.0).reward_mean)
+    with pytest.raises(ValueError, match=r"names completions \(3, 4\) but the step's rollouts hold 4"):
+        _event_meta(step, Event(2, (3, 4), {}, 1.0, 0.0), row, norm=1.0)
