@@ -307,3 +307,22 @@ def test_update_events_pieces_norm_and_skips(monkeypatch, tmp_path, dtype):
     step(lambda p: None)
     assert capture.n_zero == 1 and capture.last_norm == 0.0 and buffer.n_pushed == 6
     assert len(buffer) == 3 and buffer._writing is None
+
+
+def test_outlier_reference_is_a_mean_then_a_slow_ema_of_accepted_norms():
+    """NormOutliers: the reference is the plain mean of the first 50 accepted squared norms, then
+    an EMA of rate 0.02; the test starts at the 5th sample, and a flagged sample leaves the
+    reference as it was."""
+    from sae_shards.capture.outliers import NormOutliers
+
+    out = NormOutliers(ratio=3.0)
+    assert [out.is_outlier(n) for n in (1.0, 1.0, 1.0, 20.0, 100.0)] == [False] * 4 + [True]
+    out = NormOutliers(ratio=3.0)
+    for n in [1.0, 2.0, 3.0, 4.0] + [1.0] * 46:
+        assert not out.is_outlier(n)
+    assert out.sq_norm_mean == pytest.approx((1 + 4 + 9 + 16 + 46) / 50)
+    assert out.is_outlier(10.0) and out.n_norms == 50  # over 3 x rms 1.23: skipped, not counted
+    mean = out.sq_norm_mean
+    for _ in range(10):
+        assert not out.is_outlier(2.0)
+    assert out.sq_norm_mean == pytest.approx(4 - (4 - mean) * 0.98 ** 10)
