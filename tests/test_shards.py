@@ -377,3 +377,16 @@ def test_task_mix_gives_each_label_of_a_sample_an_equal_part(run_dir):
     mix = view.task_mix(shard, labels=labels)
     y = float(a[1::2].sum()) / 2
     assert y > 0 and mix == pytest.approx({"x": 1 - y / float(a.sum()), "y": y / float(a.sum())})
+
+
+def test_attribution_is_the_signed_sum_of_a_shards_activations(run_dir):
+    """A shard whose activations are negative pushes the update the other way: its attribution
+    is the signed sum (x input_scale), not the sum of |activation|."""
+    view = RunView(run_dir)
+    steps, acts = view.timeline()
+    shard = int(acts.sum(0).argmin())
+    assert float(acts[:, shard].sum()) < 0  # a shard the run uses with the minus sign
+    got = view.attribution(shard)
+    assert got.total == pytest.approx(float(acts[:, shard].double().sum()) * view.shards.input_scale)
+    assert (got.samples, got.first_step, got.last_step) == (
+        steps.numel(), int(steps.min()), int(steps.max()))
