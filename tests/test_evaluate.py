@@ -353,6 +353,13 @@ def test_per_event_run_end_to_end(event_run, tmp_path):
         ("group", source, cfg["task"]["options"]["schedule"], "body")
     assert r["sample_unit"] == "event" and not r["multi_label"]
     assert r["n_train"] + r["n_heldout"] > 100  # 4 groups a step over 40 steps, not 40 steps
+    # the planted experiment's capture.normalize=unit: every event reaches the buffer (and the
+    # saved samples) at unit norm over all captured matrices together
+    assert cfg["capture"]["normalize"] == "unit"
+    samples, _ = read_safetensors(event_run / "samples.safetensors")
+    sq = sum(v.flatten(1).double().pow(2).sum(1) for k, v in samples.items()
+             if k.startswith("sample."))
+    torch.testing.assert_close(sq, torch.ones_like(sq), rtol=0, atol=1e-5)
     assert {v["truth_from"] for v in r["per_task"].values()} == {"single"}
     assert sum(r["energy_share"].values()) == pytest.approx(1.0)
     assert 0 < r["fvu_heldout"] < 1.5 and r["l0"] > 0
