@@ -297,6 +297,45 @@ def test_drift_latent_is_never_a_tasks_latent(planted_run, tmp_path):
     assert every["drift"]["latents"] == [] and every["mmcs"] == every["drift"]["mmcs_with_drift"]
 
 
+def test_a_drift_latent_holding_a_tasks_direction_does_not_count_for_the_mmcs(event_run,
+                                                                             tmp_path):
+    """A latent forced on for every sample (a drift latent) is given task A's held-out ground
+    truth as its decoder direction (its best approximation at the SAE's rank): the mmcs, which
+    leaves drift latents out, does not count that match; ``mmcs_with_drift`` does."""
+    from sae_shards.analysis.shards import ShardSet
+    from sae_shards.planted.evaluate import EvalData
+    from sae_shards.planted.groundtruth import flatten, task_directions_with_source, unflatten
+
+    sae = ShardSet.from_run(event_run).sae
+    names = [t.name for t in sae.targets]
+    data = EvalData(event_run, names)
+    x_te, y_te = data.split(True)
+    truth, _ = task_directions_with_source(flatten(x_te, names), y_te, data.tasks)
+    first = unflatten(truth[:1], {t.name: t.shape for t in sae.targets})  # task A's
+    broken = tmp_path / "drift_match"
+    shutil.copytree(event_run, broken)
+    loaded = load_checkpoint(broken / "checkpoints" / "final")
+    forced = 3
+    with torch.no_grad():
+        for tf in loaded.sae.factors:
+            d = first[tf.spec.name][0]
+            if tf.spec.is_matrix:  # U V^T: the truth's top singular pairs
+                u, sv, vh = torch.linalg.svd(d, full_matrices=False)
+                r = tf.spec.rank
+                tf.U[forced], tf.V[forced] = u[:, :r] * sv[:r], vh[:r].T
+            else:
+                tf.d_dec[forced] = d
+        loaded.sae.normalize_decoder_()  # saved directions have unit norm
+        loaded.sae.b_enc[forced] = 1e6
+    save_checkpoint(broken / "checkpoints" / "final", loaded.sae, loaded.stats, loaded.config["meta"])
+    r = evaluate_run(broken, n_null=2, steering=False)
+    assert r["drift"]["latents"] == [forced]
+    task_a = r["per_task"][data.tasks[0]]
+    # the forced latent matches task A far better than any other latent, and is not counted
+    assert task_a["max_abs_cos_to_truth"] < 0.3
+    assert r["drift"]["mmcs_with_drift"] > r["mmcs"] + 0.1
+
+
 def test_multi_label_steps(planted_run, tmp_path):
     """Per-step samples holding several tasks (the mixed schedule): "task present" is the AUROC
     positive; directions from one-task steps where a task has >= 2 of them, else from all."""
