@@ -131,6 +131,7 @@ def test_group_granularity_job_names_the_events_behind_each_shard(event_run):
     assert summary["granularity"] == "group"
     assert summary["events"] + summary["zero_advantage_events"] + summary["zero_samples"] == groups
     assert summary["events"] >= groups // 2 and summary["sae_steps"] > 0
+    assert summary["truncated_events"] == 0  # every event kept whole (kept_energy 1.0, below)
     records = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert len(records) == summary["events"]
     rollouts = {json.loads(line)["step"]: json.loads(line)
