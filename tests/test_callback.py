@@ -161,6 +161,34 @@ def test_one_callback_trains_one_run(tiny_model, tmp_path):
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == written
 
 
+def test_one_run_dir_has_one_writer_per_trainer(tiny_model, tmp_path):
+    """The same callback added twice (transformers warns, then calls it twice per event) or two
+    callbacks on one run_dir are refused at train begin, before any RL step or run file; two
+    callbacks with directories of their own train side by side."""
+    callback = ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 2})
+    trainer = _user_trainer(tiny_model, tmp_path / "trl", [callback], max_steps=2)
+    trainer.add_callback(callback)
+    with pytest.raises(ValueError, match=r"2 writers of run_dir=.*run \(the same "
+                                         r"ShardCallback is added twice\).*remove_callback"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [rundir.LOCK]
+    callback.close()
+
+    first = ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 2})
+    second = ShardCallback(run_dir=tmp_path / "sub" / ".." / "run", runner={"min_samples": 2})
+    trainer = _user_trainer(tiny_model, tmp_path / "trl", [first, second], max_steps=2)
+    with pytest.raises(ValueError, match=r"\(2 ShardCallbacks were made with this run_dir\)"):
+        trainer.train()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [rundir.LOCK]
+    first.close(), second.close()
+
+    first = ShardCallback(run_dir=tmp_path / "a", runner={"min_samples": 2})
+    second = ShardCallback(run_dir=tmp_path / "b", runner={"min_samples": 2})
+    _user_trainer(tiny_model, tmp_path / "trl", [first, second], max_steps=2).train()
+    assert first.summary["rl_steps"] == second.summary["rl_steps"] == 2
+
+
 def test_sae_figures_join_the_trainers_wandb_run(tiny_model, tmp_path, monkeypatch):
     """With ``report_to="wandb"`` the SAE's figures and the shards artifact go to the run TRL's
     own W&B callback opened, which stays the trainer's (the callback does not finish it)."""

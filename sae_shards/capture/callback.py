@@ -45,7 +45,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from transformers import TrainerCallback
@@ -538,6 +538,10 @@ class ShardCallback(TrainerCallback):
 
     @_in_script_terms
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        handler = getattr(calling_trainer(), "callback_handler", None)
+        peers = getattr(handler, "callbacks", None)
+        if peers is not None:
+            self._check_sole_writer(peers)
         if self._began:  # one callback is one run: its buffer, SAE, logs and lock are that run's
             raise RuntimeError(
                 f"this ShardCallback already trained into {self.run_dir}; a second "
@@ -556,9 +560,25 @@ class ShardCallback(TrainerCallback):
             self._end_at_resume(args, state, control, model, **kwargs)
             return
         if self._signals is not None:  # set up: SIGTERM / Ctrl-C stop after the step, saved
-            trainer = calling_trainer()
-            handler = getattr(trainer, "callback_handler", None)
-            self._signals.enter(peers=getattr(handler, "callbacks", None))
+            self._signals.enter(peers=peers)
+
+    def _check_sole_writer(self, peers: Sequence[Any]) -> None:
+        """Refuse a trainer in which this run directory has more than one writer: the same
+        callback added twice (transformers only warns, then calls it twice per event) or two
+        callbacks made with one ``run_dir``. Several callbacks with their own directories are
+        fine (``planted.benchmark`` runs two)."""
+        mine = Path(self.run_dir).resolve()
+        same = [c for c in peers if isinstance(c, ShardCallback)
+                and Path(c.run_dir).resolve() == mine]
+        if len(same) < 2:
+            return
+        how = ("the same ShardCallback is added twice" if all(c is self for c in same)
+               else f"{len(same)} ShardCallbacks were made with this run_dir")
+        raise ValueError(
+            f"the trainer has {len(same)} writers of run_dir={self.run_dir} ({how}): they would "
+            "write one run's buffer, checkpoints and logs twice over. Keep one (e.g. "
+            "trainer.remove_callback(callback)), or give each ShardCallback its own run_dir. "
+            "Nothing was trained.")
 
     def _begin(self, args, state, control, model, **kwargs) -> None:
         if self.resume and state.global_step > 0:  # every rank: each loaded the checkpoint
