@@ -319,7 +319,10 @@ class RunnerConfig:
 
     concurrency: Concurrency = "inline"
     """``inline``: SAE steps run in the RL callback after each push; ``thread``: a background
-    worker trains while RL continues (the RL side waits only when ``max_lag`` pushes are queued)."""
+    worker trains while RL continues (the RL side waits only when ``max_lag`` pushes are queued).
+    ``thread`` is not bit-reproducible: the worker draws its batches from the buffer as it is when
+    it gets to a push, which holds however many later deltas RL has pushed by then, so two runs
+    of the same seed train other SAEs (RL itself, and so the rollouts, stay the same)."""
     sae_steps_per_rl_step: int = 4
     """SAE steps per captured delta (fixed; used when ``sae_budget`` is 0)."""
     sae_budget: float = 0.0
