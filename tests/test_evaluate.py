@@ -142,6 +142,22 @@ def test_from_step_restricts_the_window(planted_run):
         evaluate_run(planted_run, n_null=2, steering=False, from_step=78)
 
 
+def test_evaluation_json_records_what_its_nulls_were_drawn_with(planted_run, tmp_path):
+    """The shuffled-label nulls (mmcs_null, auroc_null and the margins over them) depend on how
+    many shuffles were drawn and from which seed: evaluation.json records both, so a reader can
+    redo the figures (the CLI draws --n-null from seed 0; scripts.planted_sweep passes each run's
+    seed). Neither was recorded anywhere without the causal tests."""
+    a = evaluate_run(planted_run, n_null=2, seed=7, steering=False, out=tmp_path / "a")
+    b = evaluate_run(planted_run, n_null=2, seed=8, steering=False, out=tmp_path / "b")
+    assert (a["mmcs_null"], a["auroc_null"]) != (b["mmcs_null"], b["auroc_null"])  # it matters
+    on_disk = json.loads((tmp_path / "a" / "evaluation.json").read_text())
+    assert (on_disk["n_null"], on_disk["seed"]) == (2, 7)
+    assert cli_main(["evaluate", str(planted_run), "--no-steering", "--n-null", "3",
+                     "--out", str(tmp_path / "cli")]) == 0
+    on_disk = json.loads((tmp_path / "cli" / "evaluation.json").read_text())
+    assert (on_disk["n_null"], on_disk["seed"]) == (3, 0)
+
+
 def test_samples_without_task_labels_get_a_clear_error(planted_run, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file

@@ -521,6 +521,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         "run_dir": str(run_dir), "tasks": tasks, "n_train": len(y_tr), "n_heldout": len(y_te),
         "sample_unit": "step" if settings["granularity"] == "step" else "event",
         "multi_label": data.multi_label, "from_step": from_step,
+        # what the shuffled-label nulls were drawn with (they move the nulls and margins)
+        "n_null": n_null, "seed": seed,
         # the RL steps the evaluated samples come from (the buffer's window, after --from-step)
         "first_step": int(data.steps[data.keep].min()) if data.keep.any() else None,
         "last_step": int(data.steps[data.keep].max()) if data.keep.any() else None,
