@@ -197,6 +197,38 @@ def test_a_checkpoint_from_another_run_is_refused_by_the_run_view(run_dir, tmp_p
         RunView(other)
 
 
+@pytest.mark.parametrize("name, make, problem", [
+    ("final.indices", lambda t: t.float(), r"final.indices is float32 \[12, 4\], expected integer"),
+    ("final.indices", lambda t: t[:, 0].contiguous(), r"final.indices is int64 \[12\]"),
+    ("final.values", lambda t: t[:-1].contiguous(), r"final.values is float32 \[11, 4\]"),
+    ("final.values", lambda t: t.long(), r"final.values is int64 \[12, 4\], expected float32"),
+    ("final.values", lambda t: torch.full_like(t, float("nan")), r"final.values holds NaN"),
+    ("final.rl_step", lambda t: t[:-1].contiguous(), r"final.indices is int64 \[12, 4\], "
+                                                     r"expected integer \[11, W\]"),
+    ("final.rl_step", lambda t: t.float(), r"final.rl_step is float32 \[12\], expected integer"),
+    ("online.event", lambda t: t[:-1].contiguous(), r"online.event is int64 \[7\]"),
+])
+def test_activations_whose_tensors_disagree_are_refused_naming_the_file(run_dir, tmp_path, name,
+                                                                       make, problem):
+    """activations.safetensors with a tensor of another dtype or row count than its neighbours
+    (a damaged or hand-made file): RunView names the file and the tensor, instead of torch's
+    scatter error from timeline(), or NaN figures."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    file = other / "activations.safetensors"
+    with safe_open(file, "pt") as f:
+        header = f.metadata()
+    tensors = load_file(file)
+    tensors[name] = make(tensors[name])
+    save_file(tensors, file, metadata=header)
+    with pytest.raises(CheckpointError, match=rf"{file}: {problem}.*copy it again from the run"):
+        RunView(other).timeline()
+
+
 class _Planted:
     """A pickle that, when unpickled, creates the file it names."""
 

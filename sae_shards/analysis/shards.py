@@ -363,6 +363,7 @@ class RunView:
         cfg = self.shards.sae.cfg
         n, k, width = len(self.shards), cfg.k, cfg.codes_per_sample
         for which in ("final", "online"):
+            self._check_activation_shapes(acts_file, which)
             idx = self.activations.get(f"{which}.indices")
             if idx is None or not idx.numel():
                 continue
@@ -375,6 +376,50 @@ class RunView:
                     f"sae.k={k}: the checkpoint is not the one this run's activations were "
                     "written with (copied in from another run?); restore the run's own "
                     "checkpoint, or load the shards alone with ShardSet.from_run")
+
+    def _check_activation_shapes(self, acts_file: Path, which: str) -> None:
+        """``which``'s activation tensors agree with each other: ``rl_step`` (and ``event``,
+        ``sae_step``) integer ``[S]``, ``indices`` integer and ``values`` float32 ``[S, W]``,
+        every value finite (a damaged or hand-made file fails here, instead of deep inside
+        torch, or with NaN figures in the report)."""
+        acts = self.activations
+        names = sorted((name for name in acts if name.startswith(f"{which}.")),
+                       key=lambda name: name != f"{which}.indices")  # values are checked by it
+        if not names:
+            return
+        missing = [f"{which}.{p}" for p in ("rl_step", "indices", "values")
+                   if f"{which}.{p}" not in acts]
+        problem = f"missing tensors {missing}" if missing else None
+        steps = acts.get(f"{which}.rl_step")
+        idx, val = acts.get(f"{which}.indices"), acts.get(f"{which}.values")
+        integer = lambda t: not t.dtype.is_floating_point and t.dtype != torch.bool  # noqa: E731
+        if problem is None and not (integer(steps) and steps.dim() == 1):
+            problem = (f"{which}.rl_step is {str(steps.dtype).removeprefix('torch.')} "
+                       f"{list(steps.shape)}, expected integer [S] (one RL step per sample)")
+        if problem is None:
+            rows = steps.shape[0]
+            for name in names:
+                t, part = acts[name], name.split(".", 1)[1]
+                if part in ("indices", "values"):
+                    want = "float32" if part == "values" else "integer"
+                    ok = (t.dtype == torch.float32) if part == "values" else integer(t)
+                    ok = ok and t.dim() == 2 and t.shape[0] == rows and t.shape == idx.shape
+                    shape = (f"[{rows}, W]" if part == "indices"
+                             else f"{list(idx.shape)}, as {which}.indices")
+                else:
+                    want, shape = "integer", f"[{rows}]"
+                    ok = integer(t) and list(t.shape) == [rows]
+                if not ok:
+                    problem = (f"{name} is {str(t.dtype).removeprefix('torch.')} "
+                               f"{list(t.shape)}, expected {want} {shape} "
+                               f"(one row per sample of {which}.rl_step)")
+                    break
+        if problem is None and not bool(torch.isfinite(val).all()):
+            problem = f"{which}.values holds NaN or infinite activations"
+        if problem is not None:
+            raise CheckpointError(
+                f"{acts_file}: {problem}; the file is damaged or was not written by sae-shards: "
+                "copy it again from the run")
 
     def _recover(self, acts_file: Path, written_for: str | None) -> dict[str, Tensor]:
         from sae_shards.analysis.recovered import activations_from_resume, resume_file_of
