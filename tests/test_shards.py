@@ -229,6 +229,33 @@ def test_activations_whose_tensors_disagree_are_refused_naming_the_file(run_dir,
         RunView(other).timeline()
 
 
+@pytest.mark.parametrize("edit, problem", [
+    (lambda c: c.update(model=[1]), r"model is list \[1\], expected an object or null"),
+    (lambda c: c["model"].update(path=5), r"model.path is int 5, expected a string or null"),
+    (lambda c: c.update(task="x"), r"task is str 'x', expected an object or null"),
+    (lambda c: c["task"].update(options=[1]), r"task.options is list \[1\], expected an object"),
+])
+def test_a_config_json_entry_of_the_wrong_type_is_refused_naming_it(run_dir, tmp_path, edit,
+                                                                    problem):
+    """config.json with an entry that loading the run's models indexes of another type (edited
+    by hand, or another tool's file): RunView and load_run_models name the file and the entry,
+    instead of an AttributeError or TypeError from deep inside them."""
+    import shutil
+
+    from sae_shards.analysis.shards import load_run_models
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    edit(config)
+    (other / "config.json").write_text(json.dumps(config))
+    match = rf"{other / 'config.json'}: {problem}.*copy it again from the run"
+    with pytest.raises(CheckpointError, match=match):
+        RunView(other)
+    with pytest.raises(CheckpointError, match=match):
+        load_run_models(other)
+
+
 class _Planted:
     """A pickle that, when unpickled, creates the file it names."""
 

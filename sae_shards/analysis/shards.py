@@ -308,7 +308,7 @@ class RunView:
         """The checkpoint read: ``final``, or the newest step of an interrupted run."""
         self.shards = ShardSet.from_run(self.run_dir, self.checkpoint)
         if (self.run_dir / rundir.CONFIG).exists():  # read strictly: the report's readings
-            _read_json(self.run_dir / rundir.CONFIG)  # (units, task, sampling) come from it
+            _read_config(self.run_dir)  # (units, task, sampling) come from it
         acts_file = self.run_dir / rundir.ACTIVATIONS
         self.recovered: str | None = None
         """Why the timeline was re-encoded from the checkpoint's resume file
@@ -784,7 +784,7 @@ def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
         raise CheckpointError(f"{run_dir}: no checkpoint {checkpoint!r} (it has {have or 'none'})")
     if run_models_missing(run_dir, checkpoint, initial) is not None:
         return None
-    cfg = _read_json(run_dir / "config.json")
+    cfg = _read_config(run_dir)
     named, initial = initial is not None, initial_model_dir(run_dir, cfg, initial)
     # weights from safetensors only, but for a model directory outside the run that the reader
     # named (initial=, --initial-model), whose pytorch_model.bin transformers reads with its
@@ -925,7 +925,7 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
     the report), or None when it has them. ``initial``: the initial model's directory, when it
     is no longer where ``config.json`` says (checked against the run's ``model.fingerprint``)."""
     run_dir = Path(run_dir)
-    cfg = _read_json(run_dir / "config.json")
+    cfg = _read_config(run_dir)
     initial = initial_model_dir(run_dir, cfg, initial)
     if (not (initial / "config.json").is_file() and initial == run_dir / rundir.MODEL
             and cfg.get("task") is not None):  # sae-shards train built it there, first
@@ -989,6 +989,29 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
 
 def _is_lora(cfg: Mapping[str, Any]) -> bool:
     return bool(((cfg.get("model") or {}).get("lora") or {}).get("enabled"))
+
+
+_CONFIG_TYPES = {"model": dict, "model.path": str, "model.lora": dict, "model.fingerprint": dict,
+                 "task": dict, "task.name": str, "task.options": dict, "rl": dict}
+"""The entries of a run's ``config.json`` that loading its models indexes, and their type (each
+may also be null or absent)."""
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    """The run's ``config.json`` (``_read_json``), with the entries ``_CONFIG_TYPES`` names checked
+    for their type: a hand-edited or foreign file fails here naming the entry, instead of with
+    an AttributeError from deep inside loading the models."""
+    path = Path(run_dir) / rundir.CONFIG
+    cfg = _read_json(path)
+    for key, want in _CONFIG_TYPES.items():
+        parent, _, leaf = key.rpartition(".")
+        value = (cfg.get(parent) or {}).get(leaf) if parent else cfg.get(key)
+        if value is not None and not isinstance(value, want):
+            raise CheckpointError(
+                f"{path}: {key} is {type(value).__name__} {value!r:.60}, expected "
+                f"{'a string' if want is str else 'an object'} or null; the file was edited or "
+                "is not a sae-shards run's config.json: copy it again from the run")
+    return cfg
 
 
 def _read_json(path: Path) -> dict[str, Any]:
