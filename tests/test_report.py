@@ -399,3 +399,26 @@ def test_a_share_that_is_exactly_zero_says_no_reward_changed():
     line = together_line({"together": entry})
     assert "undoes 0% (no prompt's reward changed) of the run's reward change (+0.4000)" in line
     assert "the same parameters 50.0% ± 5.0%" in line and "recovers 12.5% ± 1.2%" in line
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{\"rl_steps\": 12,", r"not valid JSON"),
+    ("[1, 2]", r"expected a JSON object, got list"),
+    (json.dumps({"rl_steps": 12, "reward_first": "0.1"}), r"reward_first is str '0.1', expected "
+                                                          r"a number or null"),
+    (json.dumps({"interrupted": "no"}), r"interrupted is str 'no', expected true or false"),
+])
+def test_a_damaged_summary_is_refused_naming_it(short_run_dir, tmp_path, content, problem):
+    """summary.json that is not JSON, not an object, or holds a figure of another type (edited,
+    or another tool's file): the report names the file and the figure, instead of json's or
+    format()'s error from inside analyze."""
+    from sae_shards.core.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    shutil.copytree(short_run_dir, run)
+    (run / "summary.json").write_text(content)
+    with pytest.raises(CheckpointError, match=rf"{run / 'summary.json'}: {problem}.*copy it "
+                                              r"again from the run, or delete it"):
+        analyze(run, tmp_path / "report.html", n_shards=1, dose=False)
+    (run / "summary.json").unlink()  # the figures are then recomputed from the logs
+    analyze(run, tmp_path / "report.html", n_shards=1, dose=False)

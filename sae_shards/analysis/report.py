@@ -44,6 +44,7 @@ from sae_shards.analysis.span import (RESOLVED_SE, SpanEffect, combine, span_eff
                                       span_weights, update_share)
 from sae_shards.analysis.shards import (RunView, initial_model_dir, load_run_models, policy_dir,
                                         run_models_missing, run_sampling)
+from sae_shards.core.checkpoint import CheckpointError
 from sae_shards.core.targets import parse_slice
 from sae_shards.run import rundir
 from sae_shards.run.config import REUSED, generation_use, reused_generations
@@ -175,8 +176,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     labels = view.sample_labels()  # each sample's contexts, read once for every shard's mix
     mixes = {s: view.task_mix(s, labels=labels) for s in shards}
     several = len({label for sample in labels for label in sample}) >= 2
-    summary_file = view.run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary_file = view.run_dir / rundir.SUMMARY
+    summary = _read_summary(summary_file) if summary_file.is_file() else {}
     figures, own = checkpoint_figures(view, summary)
     if task is not None and not dose:
         raise ValueError("a reward task (--task) scores the dose-response and the ablation, "
@@ -789,6 +790,31 @@ def _or_na(value: Any) -> Any:
 def _sae_of(view: RunView) -> str:
     """Which SAE encoded the timeline: "final SAE", or the step checkpoint's."""
     return "final SAE" if view.checkpoint == "final" else f"the SAE of {view.checkpoint}"
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    """``summary.json``, strictly: a JSON object whose ``RUN_FIGURES`` are numbers (``warning``
+    a string, ``interrupted`` a bool) or null; a damaged or edited file is a ``CheckpointError``
+    naming it, instead of an error from formatting the report."""
+    fix = ("copy it again from the run, or delete it (the figures are then recomputed from the "
+           "run's logs)")
+    try:
+        summary = json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError: not UTF-8 text
+        raise CheckpointError(f"{path}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(summary, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(summary).__name__}; "
+                              f"{fix}")
+    for key in RUN_FIGURES:
+        value = summary.get(key)
+        want = {"warning": (str,), "interrupted": (bool,)}.get(key, (int, float))
+        if value is not None and (not isinstance(value, want)
+                                  or (isinstance(value, bool) and bool not in want)):
+            raise CheckpointError(
+                f"{path}: {key} is {type(value).__name__} {value!r:.60}, expected "
+                f"{'a string' if str in want else 'true or false' if bool in want else 'a number'}"
+                f" or null; {fix}")
+    return summary
 
 
 def checkpoint_figures(view: RunView, summary: dict) -> tuple[dict[str, Any], bool]:
