@@ -94,6 +94,18 @@ def test_a_truncated_policy_file_is_named_not_raised_from_inside_transformers(sh
         load_run_models(run)
 
 
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "config.json"])
+def test_a_policy_json_file_that_is_not_an_object_is_named(short_run_dir, tmp_path, name):
+    """A policy's JSON file that parses but is not an object (a list: edited, or another
+    tool's): named, instead of an AttributeError from inside load_tokenizer or transformers."""
+    run = _copy(short_run_dir, tmp_path / "copy")
+    bad = run / rundir.FINAL_MODEL / name
+    bad.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=f"{bad}: cannot be read as json \\(not a JSON "
+                                              "object\\).*copy it again"):
+        load_run_models(run)
+
+
 def test_a_model_folder_linked_outside_a_shared_run_is_never_unpickled(short_run_dir, tmp_path):
     """A shared run whose ``model/`` is a symlink to a folder of pickles next to it: the folder
     is the run's, read from safetensors only, whatever the link resolves to."""

@@ -846,13 +846,14 @@ def _load_safe(folder: Path, safetensors_only: bool = True, tokenizer_dir: Path 
 
 def check_model_files(folder: Path) -> None:
     """Every ``*.safetensors`` file at the top of a policy directory opens (its header agrees
-    with its size) and every ``*.json`` file parses: a truncated or damaged copy raises
-    ``CheckpointError`` naming the file, where transformers would raise safetensors' or json's
-    error from deep inside ``from_pretrained``."""
+    with its size) and every ``*.json`` file parses to an object: a truncated or damaged copy
+    raises ``CheckpointError`` naming the file, where transformers would raise safetensors' or
+    json's error from deep inside ``from_pretrained``."""
     for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json")):
         try:
             if file.suffix == ".json":
-                json.loads(file.read_bytes())
+                if not isinstance(json.loads(file.read_bytes()), dict):  # every one HF writes
+                    raise ValueError("not a JSON object")
             else:
                 with safe_open(file, framework="pt", device="cpu"):
                     pass
