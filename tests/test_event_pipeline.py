@@ -177,6 +177,35 @@ def test_group_granularity_job_names_the_events_behind_each_shard(event_run):
     assert analysis["shards"][str(shard)]["top_events"][0]["rows"]
 
 
+@pytest.mark.parametrize("edit, problem", [
+    (lambda r: r.pop("step"), r"events.jsonl:1: an event without 'step'"),
+    (lambda r: r.update(event=[r["event"]]), r"events.jsonl:1: event is list \[0\], expected an "
+                                             r"integer"),
+    (lambda r: r.update(rows=[-1]), r"events.jsonl:1: rows holds -1, not a completion's index"),
+    (lambda r: r.update(rows=[10 ** 6]), r"events.jsonl: event \d+ of RL step \d+ names "
+                                         r"completion 1000000, but rollouts.jsonl logs 16"),
+])
+def test_an_events_log_of_another_shape_is_refused_naming_it(event_run, tmp_path, edit, problem):
+    """events.jsonl rows without their step, with an event id of another type, or with rows that
+    are no completion of their step (a negative index silently picked the last one): RunView
+    names the file, instead of a KeyError, TypeError or IndexError from inside it."""
+    import shutil
+
+    from sae_shards.analysis.shards import RunView
+    from sae_shards.core.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    shutil.copytree(event_run, run)
+    rows = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    for row in rows:
+        edit(row)
+    (run / "events.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(CheckpointError, match=rf"{run}/{problem}.*copy (it|both) again"):
+        view = RunView(run)
+        for shard in range(len(view.shards)):
+            view.top_events(shard)
+
+
 def test_a_killed_per_event_run_resumes_to_the_same_shards(tmp_path):
     """kfac's running covariances and the unit norm's outlier-free path survive a kill too."""
     from safetensors.torch import load_file

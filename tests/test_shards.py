@@ -256,6 +256,35 @@ def test_a_config_json_entry_of_the_wrong_type_is_refused_naming_it(run_dir, tmp
         load_run_models(other)
 
 
+@pytest.mark.parametrize("log, edit, problem", [
+    ("rollouts.jsonl", lambda r: r.update(step=str(r["step"])),
+     r":1: step is str '1', expected an integer"),
+    ("rollouts.jsonl", lambda r: r.update(rewards=["a"] * len(r["rewards"])),
+     r":1: rewards holds 'a', neither a number nor null"),
+    ("rollouts.jsonl", lambda r: r.update(tasks=5), r":1: tasks is int 5, expected a list"),
+    ("metrics.jsonl", lambda r: r.update(rl_step="x"), r":1: rl_step is str 'x', expected an "
+                                                        r"integer"),
+    ("metrics.jsonl", lambda r: r.update(fvu="x") if "fvu" in r else None,
+     r":\d+: fvu is str 'x', expected a number"),
+])
+def test_a_log_row_of_another_shape_is_refused_naming_the_file_and_line(run_dir, tmp_path, log,
+                                                                        edit, problem):
+    """rollouts.jsonl or metrics.jsonl rows whose fields RunView reads hold another type (an
+    edited log, or another tool's): RunView names the file and line, instead of a TypeError
+    from statistics or a comparison, or reading on with a step that is a string."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    rows = [json.loads(line) for line in (other / log).read_text().splitlines()]
+    for row in rows:
+        edit(row)
+    (other / log).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(CheckpointError, match=rf"{other / log}{problem}; .*copy it again from "
+                                              "the run"):
+        RunView(other, 12)
+
+
 class _Planted:
     """A pickle that, when unpickled, creates the file it names."""
 

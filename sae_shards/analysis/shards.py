@@ -19,7 +19,7 @@ import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -291,6 +291,62 @@ STEP_BRIEF = {"labels": lambda row: _labels(row.get("tasks")),
 labels and its mean reward over the scored completions (NaN when none was scored)."""
 
 
+_LOG_FIELDS = {
+    rundir.ROLLOUTS: {"step": int, "prompts": list, "completions": list, "rewards": list,
+                      "advantages": list, "tasks": list},
+    rundir.EVENTS: {"step": int, "event": int, "rows": list, "tasks": list},
+    rundir.METRICS: {"rl_step": int, "sae_step": int, "fvu": float, "l0": float,
+                     "dead_frac": float}}
+"""The fields of the run's JSON-lines logs that ``RunView`` reads, and their type; each may be
+null or absent, but an event's ``step`` and ``event``. ``rewards`` holds numbers or nulls, an
+event's ``rows`` indices into its step's completions."""
+
+
+def _log_row_problem(log_name: str) -> Callable[[dict[str, Any]], str | None]:
+    """What is wrong with a row of ``log_name`` (``_LOG_FIELDS``) and what would fix it, or None:
+    for ``JsonlIndex(check=...)`` and ``_read_log``."""
+    def what(row: dict[str, Any]) -> str | None:
+        for key, want in _LOG_FIELDS[log_name].items():
+            value = row.get(key)
+            if value is None and log_name == rundir.EVENTS and key in ("step", "event"):
+                return f"an event without {key!r}"
+            if value is not None and not _is(value, want):
+                return (f"{key} is {type(value).__name__} {value!r:.60}, expected "
+                        + {int: "an integer", float: "a number", list: "a list"}[want])
+        for value in row.get("rewards") or []:
+            if value is not None and not _is(value, float):
+                return f"rewards holds {value!r:.60}, neither a number nor null"
+        for value in row.get("rows") or []:
+            if not _is(value, int) or value < 0:
+                return f"rows holds {value!r:.60}, not a completion's index (an integer >= 0)"
+        return None
+
+    def problem(row: dict[str, Any]) -> str | None:
+        found = what(row)
+        return None if found is None else (
+            f"{found}; the log was edited or is not this sae-shards run's: copy it again from "
+            "the run")
+    return problem
+
+
+def _is(value: Any, want: type) -> bool:
+    """``value`` is a ``want`` (``float``: any number), a bool never a number."""
+    number = (int, float) if want is float else want
+    return isinstance(value, number) and not (isinstance(value, bool) and want is not bool)
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    """``rundir.read_jsonl`` of one of the logs ``_LOG_FIELDS`` names, each row checked: a row
+    of another shape is a ``CheckpointError`` naming the file and line, instead of an error from
+    deep inside ``RunView``."""
+    problem, out = _log_row_problem(path.name), []
+    for n, (_, _, row) in enumerate(rundir.iter_jsonl(path), 1):
+        if (found := problem(row)) is not None:
+            raise CheckpointError(f"{path}:{n}: {found}")
+        out.append(row)
+    return out
+
+
 class RunView:
     """A run, finished, interrupted or killed (read as of its newest checkpoint, or
     ``checkpoint``): its shards plus which RL steps and rollouts activated each of them. Methods
@@ -340,17 +396,17 @@ class RunView:
         rl_up_to, sae_up_to = self.up_to
         by_rl = lambda step: rl_up_to is None or step is None or step <= rl_up_to  # noqa: E731
         self.rollouts = JsonlIndex(self.run_dir / rundir.ROLLOUTS, "step", derive=STEP_BRIEF,
-                                   keep=by_rl)
+                                   keep=by_rl, check=_log_row_problem(rundir.ROLLOUTS))
         """``rl_step -> rollouts.jsonl`` record (prompts, completions, rewards, advantages,
         labels), read from the file when asked for; ``rollouts.derived(step)`` holds the step's
         ``labels`` and ``mean_reward`` (``STEP_BRIEF``) without a read."""
         events = self.run_dir / rundir.EVENTS
         self.events = {(r["step"], r["event"]): r
-                       for r in (rundir.read_jsonl(events) if events.is_file() else [])
+                       for r in (_read_log(events) if events.is_file() else [])
                        if by_rl(r["step"])}
         """Per-event runs: ``(rl_step, event) -> events.jsonl`` record; empty otherwise."""
         metrics_file = self.run_dir / rundir.METRICS  # only the report's SAE curves need it
-        metrics = rundir.read_jsonl(metrics_file) if metrics_file.is_file() else []
+        metrics = _read_log(metrics_file) if metrics_file.is_file() else []
         self.rl_metrics = [r for r in metrics if r.get("kind") == "rl" and by_rl(r.get("rl_step"))]
         self.sae_metrics = [r for r in metrics if r.get("kind") == "sae"
                             and (sae_up_to is None or r.get("sae_step", 0) <= sae_up_to)]
@@ -592,6 +648,13 @@ class RunView:
             record = self.events.get((step, event), {})
             rollout = self.rollouts.get(step) or {}
             rows = record.get("rows", [])
+            logged = [len(rollout[key]) for key in ("prompts", "completions", "rewards",
+                                                    "advantages", "tasks") if rollout.get(key)]
+            if rows and logged and max(rows) >= min(logged):
+                raise CheckpointError(
+                    f"{self.run_dir / rundir.EVENTS}: event {event} of RL step {step} names "
+                    f"completion {max(rows)}, but {rundir.ROLLOUTS} logs {min(logged)} for that "
+                    "step: the two logs are not of the same run; copy both again from the run")
             pick = lambda key: [rollout[key][r] for r in rows] if rollout.get(key) else []  # noqa: E731
             out.append({
                 "rl_step": step, "event": event, "activation": float(a[i]),

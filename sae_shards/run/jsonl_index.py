@@ -38,15 +38,21 @@ class JsonlIndex(Mapping[Hashable, Row]):
 
     def __init__(self, path: Path, key: str | Callable[[Row], Hashable],
                  derive: Mapping[str, Callable[[Row], Any]] | None = None,
-                 keep: Callable[[Hashable], bool] | None = None) -> None:
-        """``keep``: which keys to index (default all); the others' rows are as absent."""
+                 keep: Callable[[Hashable], bool] | None = None,
+                 check: Callable[[Row], str | None] | None = None) -> None:
+        """``keep``: which keys to index (default all); the others' rows are as absent.
+        ``check``: what is wrong with a row (None when nothing), raised as a ``CheckpointError``
+        naming the file and line before the row is keyed."""
         self.path = Path(path)
         self._key = key if callable(key) else _field(path, key)
         self._derive = dict(derive or {})
         self._where: dict[Hashable, tuple[int, int]] = {}  # key -> (offset, length)
         self._derived: dict[Hashable, dict[str, Any]] = {}
         self._cache: collections.OrderedDict[Hashable, Row] = collections.OrderedDict()
-        for offset, line, row in iter_jsonl(self.path):
+        for n, (offset, line, row) in enumerate(iter_jsonl(self.path), 1):
+            problem = check(row) if check is not None else None
+            if problem is not None:
+                raise CheckpointError(f"{self.path}:{n}: {problem}")
             k = self._key(row)
             if keep is not None and not keep(k):
                 continue
