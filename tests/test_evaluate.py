@@ -496,3 +496,45 @@ def test_each_tasks_latent_is_chosen_on_training_labels_and_scored_on_held_out_o
     assert train.tolist() == [[1.0, 0.0], [0.0, 1.0]] and null == [0.0]
     _, best, held, _ = _choose_and_score(scores_tr, scores_te, y, y, ["A", "B"], [], exclude=[0])
     assert best == [1, 1] and held == {"A": 1.0, "B": 0.0}
+
+
+def _labels_edit(edit):
+    def apply(tensors, header):
+        header["task_labels"] = edit(json.loads(header["task_labels"]))
+    return apply
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (_labels_edit(lambda labels: json.dumps(labels[:-3])), r"task_labels in the header is "
+                                                           r"(\d+) labels, expected a list of "),
+    (_labels_edit(lambda labels: "[["), r"task_labels in the header is not valid JSON"),
+    (_labels_edit(lambda labels: json.dumps([5] * len(labels))), r"task_labels in the header "
+                                                                 r"holds 5"),
+    (lambda t, h: t.pop("heldout"), r"missing tensors \['heldout'\]"),
+    (lambda t, h: t.update(heldout=t["heldout"].float()), r"heldout is torch.float32 \[\d+\], "
+                                                          r"expected bool"),
+    (lambda t, h: t.update(rl_step=t["rl_step"][:-2].contiguous()), r"heldout is torch.bool "
+                                                                    r"\[\d+\], expected bool"),
+    (lambda t, h: t.update({k: t[k][:-2].contiguous() for k in t if k.startswith("sample.")}),
+     r"sample\.\S+ is torch.float32 \[\d+, .*\], expected floating"),
+    (lambda t, h: t.update({k: t[k][..., :-1].contiguous() for k in t if k.startswith("sample.")}),
+     r"sample\.\S+ is torch.float32 \[\d+, .*\], expected floating"),
+])
+def test_damaged_samples_are_refused_naming_the_file(planted_run, tmp_path, damage, problem):
+    """samples.safetensors whose labels, held-out flags, RL steps or samples disagree with each
+    other or with the checkpoint's targets (damaged, or another run's): evaluate names the file
+    and what is wrong, instead of an IndexError, KeyError or torch's size error from inside it,
+    or labels paired with other samples than theirs."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(planted_run, run)
+    file = run / "samples.safetensors"
+    with safe_open(file, "pt") as f:
+        header = dict(f.metadata())
+    tensors = load_file(file)
+    damage(tensors, header)
+    save_file(tensors, file, metadata=header)
+    with pytest.raises(CheckpointError, match=rf"{file}: {problem}.*copy it again from the run"):
+        evaluate_run(run, n_null=1, steering=False)

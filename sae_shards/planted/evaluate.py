@@ -174,7 +174,10 @@ def _why_missing(key: str, r: Mapping[str, Any]) -> str:
 class EvalData:
     """A run's saved samples split into training and held-out samples, each with its task set."""
 
-    def __init__(self, run_dir: Path, names: Sequence[str], from_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, names: Sequence[str], from_step: int = 0,
+                 shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+        """``names``: the SAE's targets; ``shapes``: their shapes, when known, which each
+        sample's must match."""
         path = run_dir / "samples.safetensors"
         _check_labelled_task(run_dir)
         finished = rundir.finished_steps(run_dir)
@@ -198,6 +201,7 @@ class EvalData:
         if "task_labels" not in header:
             raise CheckpointError(f"{path}: no task_labels in the header; re-save the samples "
                                   "with sae_shards.job.save_samples")
+        _check_samples(path, tensors, header["task_labels"], names, shapes or {})
         self.labels = label_sets(json.loads(header["task_labels"]))
         if any(not lab for lab in self.labels):
             raise CheckpointError(f"{path}: every sample needs at least one task label to "
@@ -236,6 +240,55 @@ class EvalData:
         mask = (self.heldout == heldout) & self.keep
         idx = mask.nonzero().flatten().tolist()
         return {n: v[mask] for n, v in self.samples.items()}, [self.labels[i] for i in idx]
+
+
+def _check_samples(path: Path, tensors: Mapping[str, Tensor], task_labels: str,
+                   names: Sequence[str], shapes: Mapping[str, Sequence[int]]) -> None:
+    """``samples.safetensors`` as ``rundir.save_samples`` writes it: ``heldout`` bool ``[S]``,
+    ``rl_step`` integer ``[S]``, ``sample.<target>`` floating ``[S, *shape]`` for each target,
+    and ``task_labels`` a JSON list of S labels (each a string or a list of strings). A damaged
+    or foreign file is a ``CheckpointError`` naming it and what is wrong, instead of an error
+    from inside torch, or labels paired with other samples than theirs."""
+    problem, fix = None, "the file is damaged or not this run's: copy it again from the run"
+    try:
+        labels = json.loads(task_labels)
+    except ValueError as e:
+        labels, problem = None, f"task_labels in the header is not valid JSON ({e})"
+    missing = [name for name in ("heldout", "rl_step", *(f"sample.{n}" for n in names))
+               if name not in tensors]
+    if problem is None and missing:
+        problem = f"missing tensors {missing}"
+    if problem is None:
+        steps = tensors["rl_step"]
+        rows = steps.shape[0] if steps.dim() == 1 else None
+        is_int = not steps.dtype.is_floating_point and steps.dtype != torch.bool
+        if rows is None or not is_int:
+            problem = f"rl_step is {steps.dtype} {list(steps.shape)}, expected integer [S]"
+        elif tensors["heldout"].dtype != torch.bool or list(tensors["heldout"].shape) != [rows]:
+            held = tensors["heldout"]
+            problem = f"heldout is {held.dtype} {list(held.shape)}, expected bool [{rows}]"
+        elif not isinstance(labels, list) or len(labels) != rows:
+            what = (f"{len(labels)} labels" if isinstance(labels, list)
+                    else f"a {type(labels).__name__}")
+            problem = (f"task_labels in the header is {what}, expected a list of {rows} (one per "
+                       "sample: a task name or a list of them)")
+        else:
+            bad = [lab for lab in labels if not (isinstance(lab, str) or (
+                isinstance(lab, list) and all(isinstance(t, str) for t in lab)))]
+            if bad:
+                problem = (f"task_labels in the header holds {bad[0]!r:.60}, expected a task "
+                           "name or a list of them")
+        for n in names:
+            t = tensors[f"sample.{n}"]
+            want = [rows, *shapes[n]] if n in shapes else None
+            if problem is None and (not t.dtype.is_floating_point or t.dim() < 1
+                                    or t.shape[0] != rows
+                                    or (want is not None and list(t.shape) != want)):
+                problem = (f"sample.{n} is {t.dtype} {list(t.shape)}, expected floating "
+                           + (f"{want}" if want else f"[{rows}, ...]")
+                           + " (one row per sample of rl_step)")
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}; {fix}")
 
 
 def latent_aurocs(acts: Tensor, labels: Sequence, tasks: Sequence[str],
@@ -383,7 +436,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     run_dir = Path(run_dir)
     shards = ShardSet.from_run(run_dir, checkpoint)
     sae = shards.sae
-    data = EvalData(run_dir, shards.target_names, from_step)
+    data = EvalData(run_dir, shards.target_names, from_step,
+                    {t.name: t.shape for t in sae.targets})
     tasks = data.tasks
     x_tr, y_tr = data.split(False)
     x_te, y_te = data.split(True)
