@@ -599,6 +599,7 @@ def _train(args: list[str]) -> int:
     from hydra.types import RunMode
 
     from sae_shards.capture.runner import SAEWorkerError
+    from sae_shards.core.checkpoint import CheckpointError
     from sae_shards.run import rundir
     from sae_shards.run.job import JobSetupError, RefusedOnRankZero, run_job
     from sae_shards.run.rundir import RunWriteError
@@ -667,6 +668,9 @@ def _train(args: list[str]) -> int:
         except RunWriteError as e:
             failures.append(f"{job_name}stopped: {e.what}; "
                             f"{_how_to_continue(run_dir, 'free space (or fix permissions)')}")
+            return
+        except CheckpointError as e:  # a resume's checkpoint, read as training begins
+            failures.append(f"{job_name}cannot resume: {e}")
             return
         except SAEWorkerError as e:  # the SAE failed or hung: RL was stopped, not left blocked
             failures.append(f"{job_name}stopped: {e}; {_how_to_continue(run_dir)}")

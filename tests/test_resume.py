@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 import shutil
 import signal
 import subprocess
@@ -279,6 +280,33 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_end_without_a_ste
                       )["meta"]["rl_step"] == 12
     rows = [(d / "metrics.jsonl").read_text() for d in (run, uninterrupted)]
     assert rows[0] == rows[1]  # TRL's end-of-training row too: the run's own, kept
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda tensors, header: header.pop("info"), r"\(KeyError: 'info'\)"),
+    (lambda tensors, header: tensors.update({"loop.generator": tensors["loop.generator"][:10]}),
+     r"\(RuntimeError: .*RNG state"),
+    (lambda tensors, header: header.update(format="sae-shards-activations"),
+     r"header format 'sae-shards-activations', expected 'sae-shards-resume'"),
+])
+def test_a_damaged_resume_file_is_named_when_the_run_resumes(uninterrupted, tmp_path, damage,
+                                                              problem):
+    """The resume file of the checkpoint a killed run resumes from, damaged (its header's info
+    or its generator state lost) or another kind of file: resume=true names it and exits 2,
+    instead of a KeyError or torch's RNG error as a traceback from inside trainer.train()."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    _cut_before_its_end(uninterrupted, run)
+    file = run / "resume" / "step_000012.safetensors"
+    with safe_open(file, "pt") as f:
+        header, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    damage(tensors, header)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, file, metadata=header)
+    err = _refused(run, "resume=true")
+    assert f"sae-shards: cannot resume: {file}: " in err and "Traceback" not in err, err[-3000:]
+    assert re.search(problem, err), err[-3000:]
 
 
 def test_a_killed_writers_leftovers_alone_are_no_run(tmp_path):

@@ -240,16 +240,24 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
     with torch.no_grad():
         parts.sae.load_state_dict(loaded.sae.state_dict())
     parts.trainer.load_state_tensors(load_training_state(checkpoint))
-    tensors, header = read_safetensors(target)
-    info = json.loads(header["info"])
-    parts.buffer.load_state(tensors, info["buffer"])
-    parts.loop.generator.set_state(tensors["loop.generator"])
-    parts.loop.activations = ActivationLog.from_tensors(tensors, "online")
-    parts.loop.last_rl_step = int(info["last_rl_step"])
-    capture.load_counters(info["capture"])
-    if isinstance(capture, EventCapture):
-        capture.preconditioner.load_state_tensors(
-            {k[len("precond."):]: v for k, v in tensors.items() if k.startswith("precond.")})
+    tensors, header = read_safetensors(target, kind=rundir.RESUME_KIND)
+    try:  # a damaged or foreign file: named, not a KeyError or torch's error from inside
+        info = json.loads(header["info"])
+        parts.buffer.load_state(tensors, info["buffer"])
+        parts.loop.generator.set_state(tensors["loop.generator"])
+        parts.loop.activations = ActivationLog.from_tensors(tensors, "online")
+        parts.loop.last_rl_step = int(info["last_rl_step"])
+        capture.load_counters(info["capture"])
+        if isinstance(capture, EventCapture):
+            capture.preconditioner.load_state_tensors(
+                {k[len("precond."):]: v for k, v in tensors.items() if k.startswith("precond.")})
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{target}: not a resume file that fits this run's RL step {step} ({type(e).__name__}: "
+            f"{e}); the file is damaged or another run's: restore it from a copy of the run, or "
+            "resume from an earlier checkpoint") from e
     _remove_later(run_dir, step)
     rundir.truncate_jsonl(run_dir / rundir.ROLLOUTS, lambda row: row.get("step", 0) <= step)
     if (run_dir / rundir.EVENTS).is_file():
