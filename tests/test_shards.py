@@ -234,6 +234,7 @@ def test_activations_whose_tensors_disagree_are_refused_naming_the_file(run_dir,
     (lambda c: c["model"].update(path=5), r"model.path is int 5, expected a string or null"),
     (lambda c: c.update(task="x"), r"task is str 'x', expected an object or null"),
     (lambda c: c["task"].update(options=[1]), r"task.options is list \[1\], expected an object"),
+    (lambda c: c["rl"].update(output_dir=5), r"rl.output_dir is int 5, expected a string"),
 ])
 def test_a_config_json_entry_of_the_wrong_type_is_refused_naming_it(run_dir, tmp_path, edit,
                                                                     problem):

@@ -1056,9 +1056,10 @@ def _is_lora(cfg: Mapping[str, Any]) -> bool:
 
 
 _CONFIG_TYPES = {"model": dict, "model.path": str, "model.lora": dict, "model.fingerprint": dict,
-                 "task": dict, "task.name": str, "task.options": dict, "rl": dict}
-"""The entries of a run's ``config.json`` that loading its models indexes, and their type (each
-may also be null or absent)."""
+                 "task": dict, "task.name": str, "task.options": dict, "rl": dict,
+                 "rl.output_dir": str}
+"""The entries of a run's ``config.json`` that loading its models (and ``policy_dir``) indexes,
+and their type (each may also be null or absent)."""
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
