@@ -417,6 +417,26 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_a_retry(tmp_path
         rundir.prepare_run_dir(tmp_path, overwrite=False)
 
 
+def test_a_lock_file_linked_out_of_the_run_is_refused_and_its_target_untouched(tmp_path):
+    """A run directory from elsewhere whose .lock is a symbolic link to a file outside it (a
+    shell's rc file): preparing the run refuses it, naming the link, and writes nothing through
+    it (before, the target was truncated and overwritten with the holder's pid)."""
+    from sae_shards.run import rundir
+
+    precious = tmp_path / "bashrc"
+    precious.write_text("export PATH=...\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / rundir.LOCK).symlink_to(precious)
+    with pytest.raises(FileExistsError, match=rf"{run / rundir.LOCK} is a symbolic link \(to "
+                                              rf"{precious}\).*remove the link"):
+        rundir.prepare_run_dir(run, overwrite=False, resume=True)
+    assert precious.read_text() == "export PATH=...\n"
+    with pytest.raises(JobSetupError, match="is a symbolic link"):  # said without a traceback
+        run_job(_job([f"run_dir={run}", "resume=true"]), run)
+    assert precious.read_text() == "export PATH=...\n"
+
+
 def test_one_process_writes_a_run_dir_at_a_time(tmp_path):
     """A live process holding the run directory (e.g. the workers of an accelerate launch whose
     launcher was killed) makes a second start or resume refuse, naming it; once it dies, even

@@ -126,8 +126,15 @@ def lock_run_dir(run_dir: Path) -> None:
         _HELD[key][1] += 1
         return
     path = key / LOCK
-    with writing(path):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # never through a link: the lock file is written (a copied run's .lock -> ~/.bashrc)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise FileExistsError(
+                f"{path} is a symbolic link (to {os.readlink(path)}): the run's lock file is "
+                "written, never through a link out of the run directory; remove the link "
+                f"(rm {path}) and run again") from None
+        raise write_error(path, e) from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
