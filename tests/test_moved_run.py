@@ -106,6 +106,27 @@ def test_a_policy_json_file_that_is_not_an_object_is_named(short_run_dir, tmp_pa
         load_run_models(run)
 
 
+def test_a_policy_needing_its_own_code_is_never_run_even_when_the_user_says_yes(
+        short_run_dir, tmp_path, monkeypatch):
+    """A shared run whose final_model/config.json names Python code of its own (auto_map, a
+    model_type transformers lacks) beside it: transformers would ask on stdin whether to run it,
+    and run it on "y"; sae-shards never asks, never runs it, and says why."""
+    run = _copy(short_run_dir, tmp_path / "copy")
+    marker = tmp_path / "ran"
+    folder = run / rundir.FINAL_MODEL
+    (folder / "planted.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import LlamaConfig\nclass PlantedConfig(LlamaConfig):\n    pass\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="planted", auto_map={"AutoConfig": "planted.PlantedConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("builtins.input", lambda *args: "y")  # the user answering the prompt
+    why = run_models_missing(run)
+    assert why is not None and "needs Python code of its own to load" in why, why
+    assert load_run_models(run) is None
+    assert not marker.exists()
+
+
 def test_a_model_folder_linked_outside_a_shared_run_is_never_unpickled(short_run_dir, tmp_path):
     """A shared run whose ``model/`` is a symlink to a folder of pickles next to it: the folder
     is the run's, read from safetensors only, whatever the link resolves to."""

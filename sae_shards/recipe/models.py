@@ -213,7 +213,8 @@ def meta_policy(path: str | Path | None, arch: str = "qwen2", hidden_size: int =
     model say why."""
     try:
         if path is not None:
-            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            config = AutoConfig.from_pretrained(path, local_files_only=True,
+                                                trust_remote_code=False)
         else:
             config = _model_config(arch, build_tokenizer(), hidden_size, num_layers, num_heads,
                                    intermediate_size)
@@ -322,7 +323,15 @@ def check_causal_lm(path: str | Path) -> None:
     ``BertModel``, a bare encoder), which TRL would load as that class and fail deep inside."""
     path = Path(path)
     _check_model_dir(path)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except ValueError as e:  # transformers' own words would say to pass trust_remote_code=True
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ValueError(
+            f"model path {path} needs Python code of its own to load (config.json's auto_map), "
+            "which sae-shards never runs (a model directory may come with a shared run); use a "
+            "model transformers implements (e.g. qwen2, llama)") from None
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ValueError(
             f"model path {path} holds a {type(config).__name__} "
@@ -365,9 +374,11 @@ def load_tokenizer(path: str | Path, model_dir: bool = True) -> PreTrainedTokeni
     if config_file.is_file():
         declared = json.loads(config_file.read_text()).get("tokenizer_class")
     if declared in GENERIC_TOKENIZER_CLASSES and (path / "tokenizer.json").is_file():
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True,
+                                                            trust_remote_code=False)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                  trust_remote_code=False)
     if len(tokenizer) < 2:
         raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} token(s): its files do "
                          "not describe a vocabulary (a tokenizer_config.json without "
@@ -387,7 +398,8 @@ def check_vocab(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> None:
     """Refuse a tokenizer whose ids the model at ``path`` cannot embed (tokens added to the
     tokenizer without ``resize_token_embeddings``), before any forward pass would index past
     the embedding."""
-    vocab = getattr(AutoConfig.from_pretrained(path, local_files_only=True), "vocab_size", None)
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int) and len(tokenizer) > vocab:
         raise ValueError(
             f"the tokenizer in {path} has {len(tokenizer)} tokens but the model embeds "
@@ -411,8 +423,8 @@ def load_model_and_tokenizer(
             "as a pickle (pytorch_model.bin) are never loaded; save the model again with "
             "save_pretrained(DIR), whose default is safetensors")
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, local_files_only=True, **({"use_safetensors": True}
-                                                     if safetensors_only else {}))
+        path, dtype=dtype, local_files_only=True, trust_remote_code=False,
+        **({"use_safetensors": True} if safetensors_only else {}))
     tokenizer = (load_tokenizer(path) if tokenizer_dir is None
                  else load_tokenizer(tokenizer_dir, model_dir=False))
     if model.generation_config.pad_token_id is None:

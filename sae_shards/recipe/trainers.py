@@ -326,7 +326,8 @@ def _matrix_modules(model: str | Path | torch.nn.Module
     from transformers.pytorch_utils import Conv1D
 
     if isinstance(model, (str, Path)):
-        config = AutoConfig.from_pretrained(model, local_files_only=True)
+        config = AutoConfig.from_pretrained(model, local_files_only=True,
+                                            trust_remote_code=False)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     modules = {name: "Linear" if isinstance(m, torch.nn.Linear) else "Conv1D"
