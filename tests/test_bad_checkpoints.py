@@ -340,6 +340,12 @@ CASES = [
     case("config-unknown-key", cfg_set("extra", value=1), CONFIG, r"unknown keys \['extra'\]",
          "all"),
     case("config-meta-not-object", cfg_set("meta", value=[1]), CONFIG, "'meta' must be", "all"),
+    case("meta-rl-step-string", cfg_set("meta", "rl_step", value="x"), CONFIG,
+         "meta.rl_step = 'x' must be a count", "all"),
+    case("meta-sae-step-nan", cfg_set("meta", "sae_step", value=float("nan")), CONFIG,
+         "meta.sae_step = nan must be a count", "all"),
+    case("meta-sae-samples-negative", cfg_set("meta", "sae_samples", value=-5), CONFIG,
+         "meta.sae_samples = -5 must be a count", "all"),
     # --- config.json: targets
     case("targets-not-a-list", cfg_set("targets", value={"name": W}), CONFIG,
          "'targets' must be a non-empty list", "all"),

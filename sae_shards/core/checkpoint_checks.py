@@ -41,6 +41,8 @@ DAMAGED = ("read another of the run's checkpoints instead (`--checkpoint step_XX
            "file from a copy")
 # "sample_form" is optional: checkpoints written before per-event samples lack it ("dense").
 _CONFIG_KEYS = frozenset({"format", "format_version", "sae", "targets", "meta", "sample_form"})
+_META_COUNTS = ("rl_step", "sae_step", "sae_samples")
+"""The counts ``meta`` records (``capture.resume.checkpoint_meta``), when present."""
 _TARGET_KEYS = frozenset({"name", "shape", "rank"})
 # More numbers than any SAE holds, and far below where torch's size arithmetic overflows.
 _MAX_ELEMENTS = 1 << 48
@@ -168,6 +170,12 @@ def read_spec(path: Path) -> _Spec:
         if key in config and not isinstance(config[key], dict):
             raise CheckpointError(f"{file}: {key!r} must be a JSON object ({what}), got "
                                   f"{_json_kind(config[key])}; {DAMAGED}")
+    for key in _META_COUNTS:  # RL and SAE steps a reader compares and counts with
+        value = config.get("meta", {}).get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and 0 <= value < 2**63):
+            raise CheckpointError(f"{file}: meta.{key} = {_short(value)} must be a count (an "
+                                  f"integer >= 0, below 2**63); {DAMAGED}")
     cfg = _sae_config(file, config["sae"])
     targets = _targets(file, config["targets"])
     sample_form = config.get("sample_form", "dense")
