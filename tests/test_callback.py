@@ -506,20 +506,21 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path, c
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert config["model"]["path"] == str(tiny_model.resolve())
     config["model"] = {"path": str(tiny_model), "lora": {"enabled": False}}
-    # the software that started the run is recorded; a resume under another TRL is warned
-    # about and recorded beside it, not refused
-    now = library_versions()
+    # the software and device that started the run are recorded; a resume under another TRL
+    # or on another device is warned about and recorded beside them, not refused
+    now = {**library_versions(), "device": "cpu"}
     assert config["versions"] == now and "resumed_under" not in config
-    config["versions"] = {**now, "trl": "0.0.1"}
+    config["versions"] = {**now, "trl": "0.0.1", "device": "cuda NVIDIA H200"}
     (tmp_path / "cut" / "config.json").write_text(json.dumps(config))
     again = ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
     caplog.clear()
     _user_trainer(tiny_model, tmp_path / "trl_cut", [again]).train(resume_from_checkpoint=True)
     assert again.summary["rl_steps"] == 10 and not again.summary["interrupted"]
-    assert f"under other versions than it started with (trl 0.0.1 -> {now['trl']})" in caplog.text
+    assert (f"under other versions than it started with (trl 0.0.1 -> {now['trl']}, device "
+            "cuda NVIDIA H200 -> cpu)") in caplog.text
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
-    assert config["versions"] == {**now, "trl": "0.0.1"}  # as the run started
-    assert config["resumed_under"] == [{"rl_step": 7, "trl": now["trl"]}]
+    assert config["versions"] == {**now, "trl": "0.0.1", "device": "cuda NVIDIA H200"}
+    assert config["resumed_under"] == [{"rl_step": 7, "trl": now["trl"], "device": "cpu"}]
     _assert_same_ending(tmp_path / "whole", tmp_path / "cut")
     with pytest.raises(FileExistsError, match="finished .*nothing to resume"):  # it is done
         ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)

@@ -123,11 +123,11 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
     assert f"{int((density == 0).sum())} of 16" in html  # shards that never fired
     assert "by context" not in html  # one task: no split to show
     assert "<td>task</td><td>letters</td>" in html and "<td>RL algorithm</td><td>GRPO (trl.GRPOTrainer)</td>" in html
-    # which software made the run, as recorded in config.json (this process's: a new run)
+    # which software made the run, and on what, as recorded in config.json (this process's)
     versions = json.loads((short_run_dir / "config.json").read_text())["versions"]
-    assert versions == library_versions()
+    assert versions == {**library_versions(), "device": "cpu"}
     assert analysis["run"]["versions"] == versions and analysis["run"]["resumed_under"] == []
-    assert (f"<td>software (as the run started)</td><td>{html_escape(version_line(versions))}"
+    assert (f"<td>software and device (as the run started)</td><td>{html_escape(version_line(versions))}"
             "</td>") in html
 
 

@@ -8,7 +8,8 @@ import platform
 import torch
 
 from sae_shards.cli import main as cli_main
-from sae_shards.run.versions import changed_versions, describe, library_versions, version_line
+from sae_shards.run.versions import (changed_versions, describe, device_name, library_versions,
+                                     version_line)
 
 
 def test_the_versions_are_this_process_s():
@@ -38,3 +39,11 @@ def test_the_version_line_leaves_out_what_is_not_installed(capsys):
     assert version_line(None) == "not recorded"
     assert cli_main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == version_line(library_versions())
+
+
+def test_the_device_is_named_as_kernels_differ_by_it():
+    assert device_name(torch.device("cpu")) == "cpu"
+    if torch.cuda.is_available():  # the GPU machine: its own name
+        assert device_name(torch.device("cuda")) == f"cuda {torch.cuda.get_device_name()}"
+    assert describe(changed_versions({"device": "cpu"}, {"device": "cuda NVIDIA H200"})) == (
+        "device cpu -> cuda NVIDIA H200")

@@ -684,7 +684,7 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
         + (f", with the LoRA adapter it started from merged in ({rundir.INITIAL_ADAPTER}/)"
            if (view.run_dir / rundir.INITIAL_ADAPTER).is_dir() else ""),
         "RL algorithm": algorithm_name(rl.get("algorithm")),
-        "software (as the run started)": version_line(config.get("versions")) + "".join(
+        "software and device (as the run started)": version_line(config.get("versions")) + "".join(
             f"; resumed at RL step {r.get('rl_step')} under "
             + ", ".join(f"{k} {v or 'none'}" for k, v in r.items() if k != "rl_step")
             for r in config.get("resumed_under") or [] if isinstance(r, dict)),

@@ -291,7 +291,8 @@ class ShardCallback(TrainerCallback):
             self._initial_adapter = bool(saved.get("initial_adapter"))
         else:
             self._initial_dir = initial_model.loaded_from(model)
-        self._versions, self._resumed_under = self._run_versions(trainer, config)
+        self._versions, self._resumed_under = self._run_versions(
+            trainer, config, getattr(getattr(trainer, "args", None), "device", device))
         cap = self.capture_cfg
         self.meta = {"source": sample_source(cap.granularity, cap.source, cap.precondition,
                                              cap.normalize), "model_id": model_id(model),
@@ -455,13 +456,14 @@ class ShardCallback(TrainerCallback):
                        # how the rewards were summed: analysis scores a RewardTask against it
                        "reward_weights": reward_weights(trainer)}}
 
-    def _run_versions(self, trainer: Any | None,
-                      saved: dict[str, Any]) -> tuple[dict[str, Any] | None, list[dict]]:
-        """The versions the run started under (this process's for a new run; ``saved``'s, the
-        run's ``config.json``, on resume, None for a run of an earlier sae-shards) and the
-        resumes under other ones (``resumed_under``), this one added, and warned about, when
-        its versions differ."""
-        now = versions.library_versions()
+    def _run_versions(self, trainer: Any | None, saved: dict[str, Any],
+                      device: torch.device) -> tuple[dict[str, Any] | None, list[dict]]:
+        """The versions and ``device`` (the trainer's: its parameters may be offloaded) the run
+        started under (this process's for a new run; ``saved``'s, the run's ``config.json``, on
+        resume, None for a run of an earlier sae-shards) and the resumes under other ones
+        (``resumed_under``), this one added, and warned about, when its versions or device
+        differ."""
+        now = {**versions.library_versions(), "device": versions.device_name(device)}
         if not self.resume:
             return now, []
         started, history = saved.get("versions"), list(saved.get("resumed_under") or [])
@@ -469,8 +471,9 @@ class ShardCallback(TrainerCallback):
         if changed:
             step = getattr(getattr(trainer, "state", None), "global_step", None)
             log.warning("resuming %s under other versions than it started with (%s): the steps "
-                        "after RL step %s are not made by the code that made the earlier ones, "
-                        "and need not match an uninterrupted run's; config.json records it "
+                        "after RL step %s are not made by the code (or on the device) that made "
+                        "the earlier ones, and need not match an uninterrupted run's; "
+                        "config.json records it "
                         "(resumed_under)", self.run_dir, versions.describe(changed), step)
             history.append({"rl_step": step, **{k: new for k, (_, new) in changed.items()}})
         return started, history

@@ -1,6 +1,7 @@
-"""Which software made a run: the versions of sae-shards, Python and the libraries whose code
-moves an RL step or the SAE, recorded in the run's ``config.json`` (``versions``, as the run
-started) and compared on every resume (``resumed_under``: the versions that changed).
+"""Which software made a run, and on what: the versions of sae-shards, Python and the libraries
+whose code moves an RL step or the SAE, and the device (``cpu``, or the GPU's name), recorded in
+the run's ``config.json`` (``versions``, as the run started) and compared on every resume
+(``resumed_under``: what changed).
 
 The same settings under another TRL or torch are another run: TRL's defaults and sampling,
 torch's kernels and transformers' models change between releases. A resume under other versions
@@ -13,6 +14,8 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 from typing import Any
+
+import torch
 
 LIBRARIES = ("sae-shards", "torch", "transformers", "trl", "peft", "accelerate", "safetensors",
              "deepspeed", "wandb")
@@ -28,6 +31,14 @@ def library_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
     return {"sae-shards": found.pop("sae-shards"), "python": platform.python_version(), **found}
+
+
+def device_name(device: torch.device) -> str:
+    """What a run computes on: ``"cpu"``, or ``"cuda NVIDIA H200"`` (kernels, and so the last
+    bits of every figure, differ between devices as between library versions)."""
+    if device.type == "cuda":
+        return f"cuda {torch.cuda.get_device_name(device)}"
+    return device.type
 
 
 def changed_versions(saved: Any, now: dict[str, str | None]) -> dict[str, list[str | None]]:
