@@ -437,6 +437,29 @@ def test_a_lock_file_linked_out_of_the_run_is_refused_and_its_target_untouched(t
     assert precious.read_text() == "export PATH=...\n"
 
 
+def test_a_fresh_start_never_appends_through_a_log_linked_out_of_the_run(tmp_path):
+    """A run directory from elsewhere whose logs are symbolic links out of it, to an empty file
+    (not an earlier run's results) or to nothing: a fresh start removes the links, never their
+    targets, so the run's logs are its own files (before, it appended through them)."""
+    from sae_shards.run import rundir
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "empty.jsonl").touch()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / rundir.ROLLOUTS).symlink_to(outside / "empty.jsonl")
+    (run / rundir.METRICS).symlink_to(outside / "missing.jsonl")  # dangling
+    rundir.prepare_run_dir(run, overwrite=False)
+    rundir.release_run_dir(run)
+    assert not (run / rundir.ROLLOUTS).is_symlink() and not (run / rundir.METRICS).is_symlink()
+    rundir.JsonLines(run / rundir.ROLLOUTS).append({"step": 1})
+    rundir.JsonLines(run / rundir.METRICS).append({"rl_step": 1})
+    assert (outside / "empty.jsonl").read_text() == "" and sorted(
+        p.name for p in outside.iterdir()) == ["empty.jsonl"]
+    assert rundir.read_jsonl(run / rundir.ROLLOUTS) == [{"step": 1}]
+
+
 def test_one_process_writes_a_run_dir_at_a_time(tmp_path):
     """A live process holding the run directory (e.g. the workers of an accelerate launch whose
     launcher was killed) makes a second start or resume refuse, naming it; once it dies, even

@@ -364,9 +364,9 @@ def _prepare_locked(run_dir: Path, overwrite: bool, resume: bool) -> Path:
                else "")
             + "choose a new run_dir=... or pass overwrite=true to replace it")
     for name in (ROLLOUTS, EVENTS, METRICS):  # a failed start's empty logs: not this run's
-        path = run_dir / name
-        if path.is_file() and not path.is_symlink() and path.stat().st_size == 0:
-            path.unlink()
+        path = run_dir / name  # nor is a link (to an empty file, or dangling): the run would
+        if path.is_symlink() or (path.is_file() and path.stat().st_size == 0):  # append
+            path.unlink()  # through it, out of its directory; the link goes, never its target
     if overwrite:
         removed = []
         for name in OWNED:
