@@ -43,7 +43,8 @@ from sae_shards.analysis.reward_task import RewardTask
 from sae_shards.analysis.span import (RESOLVED_SE, SpanEffect, combine, span_effect,
                                       span_weights, update_share)
 from sae_shards.analysis.shards import (RunView, initial_model_dir, load_run_models, policy_dir,
-                                        run_models_missing, run_sampling)
+                                        read_json_object, run_models_missing, run_sampling,
+                                        wrong_type)
 from sae_shards.core.checkpoint import CheckpointError
 from sae_shards.core.targets import parse_slice
 from sae_shards.run import rundir
@@ -799,21 +800,13 @@ def _read_summary(path: Path) -> dict[str, Any]:
     fix = ("copy it again from the run, or delete it (the figures are then recomputed from the "
            "run's logs)")
     try:
-        summary = json.loads(path.read_bytes())
-    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError: not UTF-8 text
-        raise CheckpointError(f"{path}: not valid JSON ({e}); {fix}") from None
-    if not isinstance(summary, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(summary).__name__}; "
-                              f"{fix}")
+        summary = read_json_object(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {fix}") from None
     for key in RUN_FIGURES:
-        value = summary.get(key)
-        want = {"warning": (str,), "interrupted": (bool,)}.get(key, (int, float))
-        if value is not None and (not isinstance(value, want)
-                                  or (isinstance(value, bool) and bool not in want)):
-            raise CheckpointError(
-                f"{path}: {key} is {type(value).__name__} {value!r:.60}, expected "
-                f"{'a string' if str in want else 'true or false' if bool in want else 'a number'}"
-                f" or null; {fix}")
+        want = {"warning": str, "interrupted": bool}.get(key, float)  # float: any number
+        if (found := wrong_type(key, summary.get(key), want)) is not None:
+            raise CheckpointError(f"{path}: {found} or null; {fix}")
     return summary
 
 

@@ -310,9 +310,8 @@ def _log_row_problem(log_name: str) -> Callable[[dict[str, Any]], str | None]:
             value = row.get(key)
             if value is None and log_name == rundir.EVENTS and key in ("step", "event"):
                 return f"an event without {key!r}"
-            if value is not None and not _is(value, want):
-                return (f"{key} is {type(value).__name__} {value!r:.60}, expected "
-                        + {int: "an integer", float: "a number", list: "a list"}[want])
+            if (found := wrong_type(key, value, want)) is not None:
+                return found
         for value in row.get("rewards") or []:
             if value is not None and not _is(value, float):
                 return f"rewards holds {value!r:.60}, neither a number nor null"
@@ -333,6 +332,18 @@ def _is(value: Any, want: type) -> bool:
     """``value`` is a ``want`` (``float``: any number), a bool never a number."""
     number = (int, float) if want is float else want
     return isinstance(value, number) and not (isinstance(value, bool) and want is not bool)
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", list: "a list", dict: "an object",
+               str: "a string", bool: "true or false"}
+
+
+def wrong_type(key: str, value: Any, want: type) -> str | None:
+    """``"KEY is TYPE VALUE, expected WORD"`` when the JSON entry ``key`` holds a ``value`` that
+    is no ``want`` (``_is``), None when it is one or null: the checks of the run's JSON files."""
+    if value is None or _is(value, want):
+        return None
+    return f"{key} is {type(value).__name__} {value!r:.60}, expected {_TYPE_WORDS[want]}"
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:
@@ -1063,23 +1074,24 @@ and their type (each may also be null or absent)."""
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
-    """The run's ``config.json`` (``_read_json``), with the entries ``_CONFIG_TYPES`` names checked
-    for their type: a hand-edited or foreign file fails here naming the entry, instead of with
-    an AttributeError from deep inside loading the models."""
+    """The run's ``config.json`` (``read_json_object``), with the entries ``_CONFIG_TYPES``
+    names checked for their type: a hand-edited or foreign file fails here naming the entry,
+    instead of with an AttributeError from deep inside loading the models."""
     path = Path(run_dir) / rundir.CONFIG
-    cfg = _read_json(path)
+    cfg = read_json_object(path)
     for key, want in _CONFIG_TYPES.items():
         parent, _, leaf = key.rpartition(".")
         value = (cfg.get(parent) or {}).get(leaf) if parent else cfg.get(key)
-        if value is not None and not isinstance(value, want):
+        if (found := wrong_type(key, value, want)) is not None:
             raise CheckpointError(
-                f"{path}: {key} is {type(value).__name__} {value!r:.60}, expected "
-                f"{'a string' if want is str else 'an object'} or null; the file was edited or "
-                "is not a sae-shards run's config.json: copy it again from the run")
+                f"{path}: {found} or null; the file was edited or is not a sae-shards run's "
+                "config.json: copy it again from the run")
     return cfg
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A run's JSON file that holds an object; missing, not JSON or not an object is a
+    ``CheckpointError`` naming it."""
     try:
         value = json.loads(path.read_text())
     except FileNotFoundError as e:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # `sae-shards --version` stays fast: torch is imported by the one use
+    import torch
 
 LIBRARIES = ("sae-shards", "torch", "transformers", "trl", "peft", "accelerate", "safetensors",
              "deepspeed", "wandb")
@@ -37,6 +38,8 @@ def device_name(device: torch.device) -> str:
     """What a run computes on: ``"cpu"``, or ``"cuda NVIDIA H200"`` (kernels, and so the last
     bits of every figure, differ between devices as between library versions)."""
     if device.type == "cuda":
+        import torch
+
         return f"cuda {torch.cuda.get_device_name(device)}"
     return device.type
 
