@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 
-from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
+from sae_shards.capture.buffer import DeltaRingBuffer, SampleWindow, StepMeta
 from sae_shards.capture.memory import (SAE_BOUND_RATIO, buffer_memory_bytes, check_buffer_memory,
                                       check_checkpoint_host_memory, check_sae_memory,
                                       checkpoint_host_bytes, default_memory_budget, sae_min_bytes)
@@ -402,3 +402,56 @@ def test_resume_state_of_a_wrapped_ring_with_an_aborted_slot_restores_every_samp
     assert back.metadata(3).heldout and back.n_trainable == 2
     drawn = back.sample(64, torch.Generator().manual_seed(0)).slots
     assert 3 not in drawn.tolist()  # the held-out step is still never trained on
+
+
+def test_a_window_draws_the_buffer_as_it_was_at_its_push():
+    buf = DeltaRingBuffer(TARGETS, capacity=6, device="cpu")
+    for step in range(1, 9):  # steps 3..8 in the ring (steps 1 and 2 overwritten)
+        buf.push(sample_of(step), StepMeta(step, heldout=step == 5))
+    window = buf.window(reserve=2)  # commits 4..7 (steps 5..8), less held-out step 5
+    assert window == SampleWindow(4, 8) and buf.n_trainable_in(window) == 3
+    buf.hold(window)
+    buf.push(sample_of(9), StepMeta(9))  # overwrites step 3: outside the window
+    assert buf.n_trainable_in(window) == 3 and buf.n_trainable == 5
+    batch, slots = buf.sample(64, torch.Generator().manual_seed(0), window=window)
+    assert set(batch["b"][:, 0].tolist()) == {6.0, 7.0, 8.0}  # never step 9, pushed after it
+    # the whole ring as it is now, resumed: the window's commits are found again
+    tensors, info = buf.state()
+    again = DeltaRingBuffer(TARGETS, capacity=6, device="cpu")
+    again.load_state(tensors, info)
+    assert again.n_trainable_in(window) == 3 and again.window(0) == SampleWindow(3, 9)
+
+
+def test_the_writer_waits_rather_than_overwrite_a_held_window():
+    buf = DeltaRingBuffer(TARGETS, capacity=4, device="cpu")
+    for step in range(1, 5):
+        buf.push(sample_of(step), StepMeta(step))
+    window = buf.window(reserve=1)  # commits 1..3: the next write (over commit 0) may go on
+    buf.hold(window)
+    buf.push(sample_of(5), StepMeta(5))
+    wrote, polls = threading.Event(), []
+    buf.on_wait = lambda: polls.append(1)
+    writer = threading.Thread(target=lambda: (buf.push(sample_of(6), StepMeta(6)), wrote.set()))
+    writer.start()
+    assert not wrote.wait(0.3) and polls  # commit 1 is held: it waits, and says so meanwhile
+    assert buf.metadata(1).global_step == 2
+    buf.release(window)
+    writer.join(5)
+    assert wrote.is_set() and buf.metadata(1).global_step == 6
+
+
+def test_a_writer_stopped_while_waiting_claims_no_slot():
+    buf = DeltaRingBuffer(TARGETS, capacity=2, device="cpu")
+    for step in (1, 2):
+        buf.push(sample_of(step), StepMeta(step))
+    buf.hold(buf.window(reserve=0))
+
+    def stop():
+        raise RuntimeError("the SAE worker failed")
+
+    buf.on_wait = stop
+    with pytest.raises(RuntimeError, match="worker failed"):
+        buf.begin_write()
+    assert len(buf) == 2 and buf.metadata(0).global_step == 1  # nothing dropped or claimed
+    buf.release_all()
+    assert buf.push(sample_of(3), StepMeta(3)) == 0

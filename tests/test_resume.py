@@ -53,6 +53,18 @@ def _finish(proc: subprocess.Popen, rc: int = 0) -> str:
     return out
 
 
+def _kill_after_step_8(run: Path, proc: subprocess.Popen) -> None:
+    """Kill ``proc`` once step 8's checkpoint is complete (TRL's, the shards', the resume file)."""
+    _wait_for(run / "trl" / "checkpoint-8" / "trainer_state.json", proc)
+    # the shards' side of step 8 is written in the background: kill once all three parts are
+    # complete, so the run is read as of step 8 or later (killed earlier, it reads step 4)
+    _wait_for(run / "checkpoints" / "step_000008" / "config.json", proc)
+    _wait_for(run / "resume" / "step_000008.safetensors", proc)
+    proc.kill()
+    proc.communicate()
+    assert not (run / "checkpoints" / "final").exists()
+
+
 def _same_run(a: Path, b: Path) -> None:
     """Final shards, activation logs, rollouts and SAE figures identical, bit for bit."""
     for name in ("checkpoints/final/sae.safetensors", "activations.safetensors"):
@@ -95,15 +107,7 @@ def test_a_view_of_an_earlier_checkpoint_holds_the_logs_up_to_it(uninterrupted):
 def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterrupted, tmp_path,
                                                                         capsys):
     run = tmp_path / "run"
-    proc = _train(run)
-    _wait_for(run / "trl" / "checkpoint-8" / "trainer_state.json", proc)
-    # the shards' side of step 8 is written in the background: kill once all three parts are
-    # complete, so the run is read as of step 8 or later (killed earlier, it reads step 4)
-    _wait_for(run / "checkpoints" / "step_000008" / "config.json", proc)
-    _wait_for(run / "resume" / "step_000008.safetensors", proc)
-    proc.kill()
-    proc.communicate()
-    assert not (run / "checkpoints" / "final").exists()
+    _kill_after_step_8(run, _train(run))
     # before it is resumed, the killed run is read as of its newest checkpoint
     view = RunView(run)
     step = int(view.checkpoint.removeprefix("step_"))
@@ -179,6 +183,21 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     assert not (run / "checkpoints" / f"step_{stray:06d}").exists()
     assert not (run / "resume" / f"step_{stray:06d}.safetensors").exists()
     _same_run(uninterrupted, run)
+
+
+def test_the_thread_runner_reruns_and_resumes_to_the_same_shards(tmp_path):
+    """runner.concurrency=thread, on a ring small enough to wrap (RL may overwrite what a lagging
+    worker has not drawn yet): an uninterrupted run and one killed after its second checkpoint,
+    then resumed, end with the same shards bit for bit, although the worker lags RL differently
+    in each (before, two uninterrupted thread runs already trained different SAEs)."""
+    thread = ("runner.concurrency=thread", "runner.max_lag=2", "capture.capacity=8")
+    done, run = tmp_path / "done", tmp_path / "run"
+    _finish(_train(done, *thread))
+    _kill_after_step_8(run, _train(run, *thread))
+    _finish(subprocess.Popen([sys.executable, "-m", "sae_shards.cli", "train", f"run_dir={run}",
+                              "resume=true"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True))
+    _same_run(done, run)
 
 
 def test_sigterm_stops_with_a_usable_checkpoint_then_resumes(uninterrupted, tmp_path, capsys):

@@ -64,24 +64,49 @@ def test_windowed_sae_trains_only_on_the_last_capacity_steps():
     assert list(loop.activations.rl_step) == list(range(11, 25))  # once the SAE has data
 
 
-def test_a_hung_worker_stops_the_run_instead_of_blocking_rl():
-    import time
+def hung_thread_runner(capacity: int):
+    """A thread runner (max_lag 1, timeout 0.5 s) whose SAE step never returns until the
+    returned event is set; and its buffer."""
+    from sae_shards.capture.runner import ThreadRunner
 
-    import pytest
-
-    from sae_shards.capture.runner import SAEWorkerError, ThreadRunner
-
-    buffer = DeltaRingBuffer(TARGETS, capacity=16, device="cpu")
+    buffer = DeltaRingBuffer(TARGETS, capacity=capacity, device="cpu")
     trainer = SAETrainer(LowRankSAE(TARGETS, SAEConfig(n_latents=4, k=1, batch_size=4)))
     loop = SAEWorkLoop(trainer, buffer, RunnerConfig(max_lag=1), torch.Generator().manual_seed(0))
     hang = threading.Event()
-    loop.process = lambda slot: hang.wait(30)  # an SAE step that never returns
-    runner = ThreadRunner(loop, max_lag=1, timeout_s=0.5)
+    loop.process = lambda *push: hang.wait(30)
+    return ThreadRunner(loop, max_lag=1, timeout_s=0.5), buffer, hang
+
+
+def test_a_hung_worker_stops_the_run_instead_of_blocking_rl():
+    import time
+
+    from sae_shards.capture.runner import SAEWorkerError
+
+    runner, _, hang = hung_thread_runner(capacity=16)
     start = time.monotonic()
     with pytest.raises(SAEWorkerError, match=r"runner.worker_timeout_s=0.5"):
         for slot in range(10):  # the queue fills; RL must not wait forever
             runner.on_push(slot)
     assert time.monotonic() - start < 5
+    hang.set()
+
+
+def test_rl_waiting_to_overwrite_a_held_sample_stops_on_a_hung_worker():
+    """RL may also wait in the buffer, for a sample the worker may still draw: a hung worker
+    stops it there too, within the timeout, and the held sample is never overwritten."""
+    import time
+
+    from sae_shards.capture.runner import SAEWorkerError
+
+    runner, buffer, hang = hung_thread_runner(capacity=5)
+    delta = {t.name: torch.ones(t.shape) for t in TARGETS}
+    runner.on_push(buffer.push(delta, StepMeta(1)))  # held: commits 0.. (a ring of 5, reserve 2)
+    start = time.monotonic()
+    with pytest.raises(SAEWorkerError, match=r"runner.worker_timeout_s=0.5"):
+        for step in range(2, 9):  # one large push: its 5th write would overwrite step 1
+            buffer.push(delta, StepMeta(step))
+    assert time.monotonic() - start < 5
+    assert buffer.metadata(0).global_step == 1 and buffer.n_pushed == 5
     hang.set()
 
 
@@ -223,3 +248,38 @@ def test_the_activation_log_merges_its_blocks_and_keeps_every_sample():
     again = ActivationLog.from_tensors(got, "online")
     assert all(torch.equal(again.tensors("online")[k], v) for k, v in got.items())
     assert ActivationLog().tensors("x")["x.rl_step"].shape == (0,)
+
+
+def test_the_thread_runner_trains_the_same_sae_however_far_rl_gets_ahead():
+    """Two thread runs of the same pushes: in one RL waits for the worker after every push, in
+    the other the worker dawdles, so RL runs max_lag pushes ahead and wraps the ring under it.
+    Each push's batches draw on the buffer as it was at that push: the same SAE, bit for bit."""
+    import time
+
+    from sae_shards.capture.runner import ThreadRunner
+
+    def run(worker_dawdles: bool) -> tuple[dict[str, torch.Tensor], list[int]]:
+        buffer = DeltaRingBuffer(TARGETS, capacity=8, device="cpu")
+        trainer = SAETrainer(LowRankSAE(TARGETS, SAEConfig(n_latents=4, k=1, batch_size=4)))
+        cfg = RunnerConfig(concurrency="thread", sae_steps_per_rl_step=3, min_samples=2, max_lag=3)
+        loop = SAEWorkLoop(trainer, buffer, cfg, torch.Generator().manual_seed(0))
+        process = loop.process
+        if worker_dawdles:
+            loop.process = lambda *push: (time.sleep(0.02), process(*push))
+        runner = ThreadRunner(loop, cfg.max_lag, timeout_s=30)
+        g = torch.Generator().manual_seed(1)
+        for step in range(1, 31):
+            delta = {t.name: torch.randn(t.shape, generator=g) for t in TARGETS}
+            runner.on_push(buffer.push(delta, StepMeta(step, heldout=step % 5 == 0)))
+            if not worker_dawdles:
+                runner.wait_idle()
+        runner.finish()
+        return ({k: v.clone() for k, v in trainer.sae.state_dict().items()},
+                list(loop.activations.sae_step))
+
+    steady, steady_log = run(worker_dawdles=False)
+    behind, behind_log = run(worker_dawdles=True)
+    assert steady_log == behind_log
+    assert steady.keys() == behind.keys()
+    same = lambda a, b: torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)  # noqa: E731
+    assert [k for k in steady if not same(steady[k], behind[k])] == []

@@ -21,6 +21,12 @@ writer waits for one sample's copy at most, unless it commits more than ``EARLY_
 during one gather. A slot between ``begin_write`` and ``commit`` is never handed out. On CUDA,
 CUDA events order the writer's kernels before any read of the slot and every earlier read before
 the next overwrite, whichever streams the two threads use.
+
+A reader that lags behind the writer (the thread runner's worker) reads the buffer as it was at
+a push, not as it is when the reader gets there: it draws from a ``SampleWindow`` (the samples
+committed as the ``start``-th to the ``end - 1``-th, counting every commit), ``hold``-s the
+window until it is done, and ``begin_write`` waits rather than overwrite a sample a held window
+may draw. What it draws then depends on the pushes alone, not on how far ahead the writer got.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import dataclasses
 import math
 import threading
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -82,6 +88,19 @@ class BufferSample(NamedTuple):
     """``LongTensor [batch]`` on CPU: the slot each row came from (for ``metadata``)."""
 
 
+class SampleWindow(NamedTuple):
+    """The samples a lagging reader may draw: those committed as the ``start``-th to the
+    ``end - 1``-th (counting every commit from 0, overwritten ones included)."""
+
+    start: int
+    end: int
+
+
+WAIT_POLL_S = 0.05
+"""How often a writer waiting for a held window calls ``on_wait`` (a hung reader must not block
+the writer silently)."""
+
+
 class DeltaRingBuffer:
     """Preallocated ``[capacity, *shape]`` tensors per target; new samples replace the oldest.
 
@@ -127,6 +146,11 @@ class DeltaRingBuffer:
         self._next = 0  # the slot the next begin_write hands out
         self._writing: int | None = None
         self._n_pushed = 0
+        self._seq = torch.full((self.capacity,), -1, dtype=torch.long)  # [capacity] commit number
+        self._held: list[SampleWindow] = []  # windows lagging readers still draw from
+        self.on_wait: Callable[[], None] | None = None
+        """Called every ``WAIT_POLL_S`` while ``begin_write`` waits for a held window (the
+        thread runner raises there if its worker failed or hangs)."""
         self._lock = threading.Lock()
         self._unread = threading.Condition(self._lock)  # notified when a slot's readers reach 0
         self._readers = [0] * self.capacity  # gathers in progress that read each slot
@@ -151,6 +175,10 @@ class DeltaRingBuffer:
                     "(the buffer takes one writer at a time)"
                 )
             slot = self._next
+            while self._filled[slot] and self._held and \
+                    int(self._seq[slot]) >= min(w.start for w in self._held):
+                if not self._unread.wait(WAIT_POLL_S) and self.on_wait is not None:
+                    self.on_wait()  # may raise: nothing is claimed yet
             self._writing = slot
             self._meta[slot] = None
             self._filled[slot] = False  # no new reader picks it from now on
@@ -169,6 +197,7 @@ class DeltaRingBuffer:
             self._meta[slot] = meta
             self._filled[slot] = True
             self._heldout[slot] = meta.heldout
+            self._seq[slot] = self._n_pushed
             self._n_pushed += 1
             self._next = (slot + 1) % self.capacity
             self._writing = None
@@ -207,6 +236,7 @@ class DeltaRingBuffer:
         generator: torch.Generator | None = None,
         recent_frac: float = 0.0,
         recent_window: int | None = None,
+        window: SampleWindow | None = None,
     ) -> BufferSample:
         """Draw ``batch_size`` committed slots uniformly, with replacement, and gather them in fp32.
 
@@ -214,14 +244,15 @@ class DeltaRingBuffer:
         drawn uniformly (with replacement) from the ``recent_window`` newest committed slots
         (default ``batch_size``; clamped to ``len(self)``), the remaining rows from all committed
         slots, so the newest samples are seen more often. ``generator`` is a CPU generator.
+        ``window``: draw only from its samples (held with ``hold``), as if the buffer were as it
+        was at its ``end``.
         """
         if batch_size < 1:
             raise ValueError(f"sample batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= recent_frac <= 1.0:
             raise ValueError(f"recent_frac must be in [0, 1], got {recent_frac}")
         with self._lock:
-            committed = self._chronological_locked()  # [n_committed], oldest first
-            committed = committed[~self._heldout[committed]]  # held-out slots are never trained on
+            committed = self._trainable_locked(window)  # [n], oldest first
             if committed.numel() == 0:
                 raise RuntimeError(
                     "cannot sample from an empty DeltaRingBuffer: no trainable slot has been "
@@ -265,6 +296,39 @@ class DeltaRingBuffer:
         """Committed slots that ``sample`` may draw (not held out)."""
         with self._lock:
             return int((self._filled & ~self._heldout).sum())
+
+    def n_trainable_in(self, window: SampleWindow) -> int:
+        """Slots ``sample(window=window)`` may draw."""
+        with self._lock:
+            return self._trainable_locked(window).numel()
+
+    # ---- lagging readers ----------------------------------------------------------------------
+
+    def window(self, reserve: int) -> SampleWindow:
+        """The samples committed so far, less the oldest ``reserve`` of a full ring: those the
+        next ``reserve`` writes may overwrite while a lagging reader works on this window."""
+        with self._lock:
+            end = self._n_pushed
+        return SampleWindow(max(0, end - self.capacity + reserve), end)
+
+    def hold(self, window: SampleWindow) -> None:
+        """Keep ``window``'s samples from being overwritten until ``release(window)``:
+        ``begin_write`` waits instead."""
+        with self._lock:
+            self._held.append(window)
+
+    def release(self, window: SampleWindow) -> None:
+        """Undo one ``hold(window)`` (a no-op if none is left)."""
+        with self._lock:
+            if window in self._held:
+                self._held.remove(window)
+            self._unread.notify_all()
+
+    def release_all(self) -> None:
+        """Undo every ``hold`` (a stopped reader draws nothing more)."""
+        with self._lock:
+            self._held.clear()
+            self._unread.notify_all()
 
     @property
     def n_pushed(self) -> int:
@@ -318,6 +382,10 @@ class DeltaRingBuffer:
             self._heldout.copy_(tensors["buffer.heldout"])
             self._meta = [None if m is None else _step_meta(m) for m in info["meta"]]
             self._next, self._n_pushed = int(info["next"]), int(info["n_pushed"])
+            # The committed samples are always the newest commits (a write drops the oldest).
+            order = self._chronological_locked()  # [n_filled], oldest first
+            self._seq.fill_(-1)
+            self._seq[order] = torch.arange(self._n_pushed - order.numel(), self._n_pushed)
 
     @property
     def memory_bytes(self) -> int:
@@ -396,6 +464,15 @@ class DeltaRingBuffer:
         finally:
             self._unmark(held + soon, event)  # soon: what an error left marked
         return split_stacked(batch, self.targets)  # {SAE target: [batch, *shape]}
+
+    def _trainable_locked(self, window: SampleWindow | None) -> torch.Tensor:
+        """Committed slots not held out (within ``window`` if given), oldest first. ``[n]``"""
+        committed = self._chronological_locked()  # [n_committed], oldest first
+        keep = ~self._heldout[committed]  # held-out slots are never trained on
+        if window is not None:
+            seq = self._seq[committed]
+            keep &= (seq >= window.start) & (seq < window.end)
+        return committed[keep]
 
     def _chronological_locked(self) -> torch.Tensor:
         # Slots are written strictly in ring order, so the oldest sample sits at the first

@@ -7,7 +7,10 @@ or with ``sae_budget > 0`` as many as fit in that fraction of the RL run's wall 
 (``SAEBudget``).
 ``InlineRunner`` calls it from the capture callback (the RL step waits for it); ``ThreadRunner``
 hands it to a background worker through a bounded queue, so RL waits only when the worker is
-``max_lag`` deltas behind. A worker error is re-raised in the RL thread at the next push (and at
+``max_lag`` deltas behind, or would overwrite a sample the worker may still draw. The worker
+draws each push's batches from the buffer as it was at that push, less the oldest samples RL may
+overwrite meanwhile (a held ``SampleWindow``), so a run is reproducible whatever the timing. A
+worker error is re-raised in the RL thread at the next push (and at
 ``finish``), which stops the run; so does a worker that stays busy past ``worker_timeout_s``
 (a hung SAE step must not block RL forever). ``wait_idle`` lets the callback checkpoint a
 consistent state: every pushed delta processed.
@@ -23,7 +26,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from sae_shards.capture.buffer import DeltaRingBuffer
+from sae_shards.capture.buffer import DeltaRingBuffer, SampleWindow
 from sae_shards.run.config import RunnerConfig
 from sae_shards.core.sparsity import SparseCodes
 from sae_shards.core.trainer import SAETrainer, StepMetrics
@@ -257,9 +260,10 @@ class SAEWorkLoop:
         if charge and self.budget is not None:
             self.budget.charge(time.perf_counter() - t0)
 
-    def process(self, slots: int | list[int]) -> None:
+    def process(self, slots: int | list[int], window: SampleWindow | None = None) -> None:
         """The SAE's work for one push: one captured sample (a slot), or the events of one RL
-        step (their slots): training runs once per push."""
+        step (their slots): training runs once per push. ``window``: the samples its batches
+        are drawn from (None: the whole buffer as it is now, as inline)."""
         started = self.budget.clock() if self.budget is not None else 0.0
         slots = [slots] if isinstance(slots, int) else list(slots)
         metas = [self.buffer.metadata(s) for s in slots]
@@ -270,7 +274,9 @@ class SAEWorkLoop:
         n_steps, steps_s = 0, 0.0
         if len(self._pending) >= self._flush_at:
             self.flush_activations(charge=False)
-        if rl_step >= self.cfg.sae_start_step and self.buffer.n_trainable >= self.cfg.min_samples:
+        trainable = (self.buffer.n_trainable if window is None
+                     else self.buffer.n_trainable_in(window))
+        if rl_step >= self.cfg.sae_start_step and trainable >= self.cfg.min_samples:
             n_steps = (self.budget.steps(started) if self.budget is not None
                        else self.cfg.sae_steps_per_rl_step)
             if n_steps:
@@ -279,7 +285,7 @@ class SAEWorkLoop:
             t0 = time.perf_counter()
             for _ in range(n_steps):
                 batch = self.buffer.sample(self.trainer.sae.cfg.batch_size, self.generator,
-                                           self.cfg.recent_frac)
+                                           self.cfg.recent_frac, window=window)
                 m = self.trainer.step(batch.batch)
                 if m is not None:
                     with self._lock:
@@ -335,8 +341,23 @@ class InlineRunner:
         return True
 
 
+class Push(NamedTuple):
+    """One captured delta handed to the thread worker."""
+
+    slots: int | list[int]
+    window: SampleWindow
+    """What its batches draw from, held in the buffer until the worker is done with it."""
+
+
 class ThreadRunner:
-    """Runs the SAE work on a background thread fed through a bounded queue."""
+    """Runs the SAE work on a background thread fed through a bounded queue.
+
+    Each push's batches come from the buffer as it was at that push, less its oldest
+    ``(max_lag + 1) x`` the push's samples: the ones RL may overwrite while up to ``max_lag``
+    later pushes wait in the queue and one more is written. The window is held in the buffer,
+    so should RL get further ahead (a larger push later) it waits instead of overwriting a
+    sample the worker may draw. The SAE a run trains is then the same whatever the timing (not
+    the inline runner's, whose batches draw from the whole buffer)."""
 
     _STOP = None
 
@@ -346,8 +367,9 @@ class ThreadRunner:
                 f"capture.capacity={loop.buffer.capacity} must exceed runner.max_lag={max_lag} + 1 "
                 "so a queued slot is not overwritten before the SAE worker reads it")
         self.loop = loop
+        self.max_lag = max_lag
         self.timeout_s = timeout_s
-        self._queue: queue.Queue[int | list[int] | None] = queue.Queue(maxsize=max_lag)
+        self._queue: queue.Queue[Push | None] = queue.Queue(maxsize=max_lag)
         self._error: BaseException | None = None
         self._busy_since: float | None = None  # monotonic start of the slot being processed
         device = loop.buffer.device
@@ -356,6 +378,7 @@ class ThreadRunner:
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._thread = threading.Thread(target=self._work, name="sae-worker", daemon=True)
         self._thread.start()
+        loop.buffer.on_wait = self._check_worker  # RL waiting on a held window
 
     def _work(self) -> None:
         # torch's intra-op pool is process-wide: the entry point set its size.
@@ -367,18 +390,20 @@ class ThreadRunner:
 
     def _work_loop(self) -> None:
         while True:
-            slot = self._queue.get()
+            push = self._queue.get()
             try:
-                if slot is self._STOP:
+                if push is self._STOP:
                     return
                 if self._error is None:  # once failed, drain without working
                     self._busy_since = time.monotonic()
-                    self.loop.process(slot)
+                    self.loop.process(push.slots, push.window)
                     if self._stream is not None:  # idle means done: the RL thread may read
                         self._stream.synchronize()  # the SAE (checkpoints) once we are
             except BaseException as e:  # handed to the RL thread, which raises it
                 self._error = e
             finally:
+                if push is not self._STOP:
+                    self.loop.buffer.release(push.window)
                 self._busy_since = None
                 self._queue.task_done()
 
@@ -395,23 +420,32 @@ class ThreadRunner:
                 f"runner.worker_timeout_s={self.timeout_s:g} s; the run is stopped rather than "
                 "blocking RL (raise the timeout if SAE steps are legitimately this slow)")
 
+    def _check_worker(self) -> None:
+        self._raise_if_failed()
+        self._raise_if_hung()
+
     def _wait(self, done) -> None:
         """Poll ``done()`` until true, raising if the worker failed or hangs."""
         while not done():
-            self._raise_if_failed()
-            self._raise_if_hung()
+            self._check_worker()
             time.sleep(0.001)
         self._raise_if_failed()
 
-    def on_push(self, slot: int | list[int]) -> None:
+    def on_push(self, slots: int | list[int]) -> None:
         self._raise_if_failed()
-        while True:  # blocks only when max_lag deltas are already waiting
-            try:
-                self._queue.put(slot, timeout=0.05)
-                return
-            except queue.Full:
-                self._raise_if_failed()
-                self._raise_if_hung()
+        n = 1 if isinstance(slots, int) else len(slots)
+        push = Push(slots, self.loop.buffer.window(reserve=(self.max_lag + 1) * n))
+        self.loop.buffer.hold(push.window)  # before the worker can take (and release) it
+        try:
+            while True:  # blocks only when max_lag deltas are already waiting
+                try:
+                    self._queue.put(push, timeout=0.05)
+                    return
+                except queue.Full:
+                    self._check_worker()
+        except BaseException:
+            self.loop.buffer.release(push.window)
+            raise
 
     def wait_idle(self) -> None:
         """Block until every pushed delta is processed (for a consistent checkpoint)."""
@@ -438,6 +472,7 @@ class ThreadRunner:
             except queue.Full:
                 continue
         self._thread.join(max(0.0, deadline - time.monotonic()))
+        self.loop.buffer.release_all()  # what a stuck worker still held
         return not self._thread.is_alive()
 
 

@@ -319,10 +319,12 @@ class RunnerConfig:
 
     concurrency: Concurrency = "inline"
     """``inline``: SAE steps run in the RL callback after each push; ``thread``: a background
-    worker trains while RL continues (the RL side waits only when ``max_lag`` pushes are queued).
-    ``thread`` is not bit-reproducible: the worker draws its batches from the buffer as it is when
-    it gets to a push, which holds however many later deltas RL has pushed by then, so two runs
-    of the same seed train other SAEs (RL itself, and so the rollouts, stay the same)."""
+    worker trains while RL continues (the RL side waits only when ``max_lag`` pushes are queued,
+    or when it would overwrite a sample the worker may still draw). Both are bit-reproducible:
+    the worker draws each push's batches from the buffer as it was at that push, less its oldest
+    ``(max_lag + 1) x`` the push's samples (those RL may overwrite meanwhile), however far behind
+    it is. So ``thread`` trains the same SAE run to run and across a resume, but not the
+    ``inline`` one, which draws from the whole buffer (they differ once the ring is full)."""
     sae_steps_per_rl_step: int = 4
     """SAE steps per captured delta (fixed; used when ``sae_budget`` is 0)."""
     sae_budget: float = 0.0
@@ -341,7 +343,9 @@ class RunnerConfig:
     on steps 151..300 (the early steps' Adam preconditioner is a short average, and directions
     drift)."""
     max_lag: int = 8
-    """thread mode: captured deltas the worker may fall behind before RL waits."""
+    """thread mode: captured deltas the worker may fall behind before RL waits. Once the ring is
+    full, each push's batches leave out its oldest ``(max_lag + 1) x`` the push's samples, which
+    RL may overwrite while the worker is behind."""
     worker_timeout_s: float = 600.0
     """thread mode: longest time the worker may spend on one captured delta; past it the run
     stops with an error instead of RL waiting forever on a hung SAE step."""
