@@ -46,6 +46,7 @@ commands:
   train [overrides] [-m]   run RL + delta capture + concurrent SAE (Hydra overrides, e.g. sae.k=8)
   analyze RUN_DIR [--out FILE] [--shards N | I,J,...] [--no-dose] [--checkpoint NAME] [--threads N]
                   [--task FILE.py:NAME] [--n-prompts N] [--initial-model DIR]
+                  [--trust-remote-code]
                            write an HTML report of a run (default RUN_DIR/report.html)
   evaluate RUN_DIR [--null-run DIR] [--no-steering] [...]
                            score the shards against sign-free task ground truth (multiskill runs
@@ -500,6 +501,7 @@ def resume_args(args: list[str]) -> tuple[list[str], list[str]]:
     if saved is None:
         return args, []
     replaced = {o.key_or_group for _, o in now if not o.is_delete()}  # ~key applies on top
+    _refuse_saved_opt_ins(saved, {o.key_or_group for _, o in now}, run_dir)
     keep = [text for text, o in saved
             if o.key_or_group not in replaced and o.key_or_group not in _RUN_KEYS]
     added = {o.key_or_group for _, o in saved if o.is_add() or o.is_force_add()}
@@ -513,6 +515,23 @@ def resume_args(args: list[str]) -> tuple[list[str], list[str]]:
         print(f"sae-shards: resuming with the run's own overrides ({run_dir}/.hydra/"
               f"overrides.yaml): {' '.join(keep)}", file=sys.stderr)
     return [*keep, *("++" + a if a in plain else a for a in args)], changes
+
+
+OPT_INS = ("model.trust_remote_code",)
+"""Overrides a resume never takes from the run's ``.hydra/overrides.yaml``: each lets
+sae-shards run code it otherwise never runs, so only the command line turns it on."""
+
+
+def _refuse_saved_opt_ins(saved: list[tuple[str, Any]], given: set[str], run_dir: Path) -> None:
+    """A ``ConfigError`` when the run's saved overrides turn on one of ``OPT_INS`` that the
+    resume's own arguments (``given``: their keys) do not set again."""
+    taken = [text for text, o in saved if o.key_or_group in OPT_INS and o.key_or_group not in given
+             and not o.is_delete() and o.value() is True]
+    if taken:
+        raise ConfigError(
+            f"{run_dir} started with {' '.join(taken)} ({run_dir}/.hydra/overrides.yaml), which "
+            "runs model.path's own Python code; a resume never takes that from the run "
+            f"directory: add {' '.join(taken)} to the command if you still trust that code")
 
 
 def with_saved_overrides(args: list[str]) -> list[str]:
@@ -806,6 +825,7 @@ def _analyze(args: list[str]) -> int:
                              "record of its weights)")
     parser.add_argument("--task", default=None, metavar="FILE.py:NAME | MODULE:NAME",
                         help=TASK_HELP.format(what="the dose-response and ablation"))
+    _add_trust_remote_code(parser, "the logit lens, dose-response and ablation")
     ns = parser.parse_args(args)
     _set_threads(ns.threads)
     from sae_shards.analysis.interventions import ScoringError
@@ -830,7 +850,7 @@ def _analyze(args: list[str]) -> int:
             return 2
         out = analyze(ns.run_dir, ns.out, n_shards=ns.shards, dose=not ns.no_dose,
                       checkpoint=name, task=task, n_prompts=ns.n_prompts,
-                      initial_model=ns.initial_model)
+                      initial_model=ns.initial_model, trust_remote_code=ns.trust_remote_code)
     except RunWriteError as e:  # a full disk: the run is untouched (its own advice is a run's)
         print(f"sae-shards: cannot analyze {ns.run_dir}: {e.what}; the run itself is intact "
               "(a report already there too): free space and analyze again, or write the report "
@@ -863,6 +883,17 @@ def _warn_if_live(run_dir: Path) -> None:
               "it is done (the report then leaves out what needed it, e.g. the logit lens and "
               "dose-response); for a stable report analyze it once it has finished or stopped",
               file=sys.stderr)
+
+
+def _add_trust_remote_code(parser: argparse.ArgumentParser, what: str) -> None:
+    """The ``--trust-remote-code`` opt-in (off by default: a run's own files never turn it on)."""
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help=f"for {what}, load a policy that needs Python code of its own "
+                             "(config.json's auto_map) by running the .py files in its model "
+                             "directories (the run's final_model/, the initial model's): they "
+                             "run with your permissions, so only for code you have read and "
+                             "trust. Without it such a policy is never loaded and its code "
+                             "never runs")
 
 
 TASK_HELP = ("your run's prompts and reward functions, for {what} of a run of your own TRL "
@@ -950,6 +981,7 @@ def _evaluate(args: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="directory for evaluation.json and evaluation.md (default RUN_DIR; "
                              "a --null-run's own evaluation goes to DIR/null_control)")
+    _add_trust_remote_code(parser, "the steering and ablation tests")
     ns = parser.parse_args(args)
     if not 0.0 < ns.family_threshold <= 1.0:
         parser.error(f"--family-threshold must be in (0, 1], got {ns.family_threshold}")
@@ -970,7 +1002,8 @@ def _evaluate(args: list[str]) -> int:
         result = evaluate_run(ns.run_dir, n_null=ns.n_null, from_step=ns.from_step,
                               steering=not ns.no_steering, checkpoint=name,
                               null_run=ns.null_run, n_prompts=ns.n_prompts,
-                              family_threshold=ns.family_threshold, task=task, out=ns.out)
+                              family_threshold=ns.family_threshold, task=task, out=ns.out,
+                              trust_remote_code=ns.trust_remote_code)
     except RunWriteError as e:  # a full disk: the run is untouched (its own advice is a run's)
         print(f"sae-shards: cannot evaluate {ns.run_dir}: {e.what}; the run itself is intact: "
               "free space (or fix permissions) and evaluate again", file=sys.stderr)

@@ -208,3 +208,42 @@ def shuffled_labels_copy(run_dir: Path, out: Path) -> Path:
     meta["task_labels"] = json.dumps(labels)
     save_file(load_file(out / "samples.safetensors"), out / "samples.safetensors", metadata=meta)
     return out
+
+
+# --- a model directory that needs its own code (config.json's auto_map) ---------------------
+
+OWN_CODE_FILE = "planted.py"
+"""The Python file ``plant_own_code`` writes beside a model."""
+
+
+def plant_own_code(folder: Path, marker: Path) -> Path:
+    """Turn the saved qwen2 model in ``folder`` into one that needs Python code of its own: a
+    ``planted.py`` beside it (a ``model_type`` transformers lacks, its config and causal-LM
+    classes subclassing qwen2's, so the weights load as they are) named by ``config.json``'s
+    ``auto_map``. Importing that file creates ``marker``: proof that the code ran. Returns the
+    file."""
+    code = folder / OWN_CODE_FILE
+    code.write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import Qwen2Config, Qwen2ForCausalLM\n\n\n"
+        "class PlantedConfig(Qwen2Config):\n"
+        "    model_type = 'planted'\n\n\n"
+        "class PlantedForCausalLM(Qwen2ForCausalLM):\n"
+        "    config_class = PlantedConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="planted", architectures=["PlantedForCausalLM"],
+                  auto_map={"AutoConfig": "planted.PlantedConfig",
+                            "AutoModelForCausalLM": "planted.PlantedForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return code
+
+
+def own_code_cache(monkeypatch: pytest.MonkeyPatch, where: Path) -> None:
+    """Make transformers copy and import a model's own code under ``where`` (its modules cache,
+    ``HF_MODULES_CACHE``), not the user's ``~/.cache/huggingface/modules``, for one test."""
+    import sys
+
+    from transformers import dynamic_module_utils
+
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(where))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # init_hf_modules appends it

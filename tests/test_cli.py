@@ -437,3 +437,97 @@ def test_printed_commands_quote_names_hydra_or_the_shell_would_misread(tmp_path,
     run.mkdir()  # the closing lines' next command: the directory as one shell word
     last = _closing_lines({"rl_steps": 3, "sae_steps": 6, "wall_s": 1.0}, run)[-1]
     assert shlex.split(last.split("next: ")[1]) == ["sae-shards", "analyze", str(run)], last
+
+
+def test_a_model_with_its_own_code_trains_and_is_analysed_only_with_the_opt_in(
+        tmp_path, monkeypatch, capsys):
+    """A researcher's model that needs its own code (auto_map): refused until they say
+    model.trust_remote_code=true (train) and --trust-remote-code (analyze); the run's own record
+    of the first never stands in for the second. The code's import writes a marker."""
+    from helpers import own_code_cache, plant_own_code
+
+    from sae_shards.recipe.models import build_tiny_model
+    from sae_shards.run.config import ModelConfig
+    from sae_shards.run.job import JobSetupError
+
+    model = build_tiny_model(tmp_path / "model")
+    marker = tmp_path / "ran"
+    code = plant_own_code(model, marker)
+    own_code_cache(monkeypatch, tmp_path / "modules")
+    refused = tmp_path / "refused"
+    cfg = dataclasses.replace(_short_job(refused, min_samples=2), model=ModelConfig(path=str(model)))
+    with pytest.raises(JobSetupError, match=f"auto_map names {code}, which sae-shards never runs "
+                                            r"unless you opt in.*model.trust_remote_code=true"):
+        run_job(cfg, refused)
+    assert not marker.exists()
+
+    run = tmp_path / "r"
+    run_job(dataclasses.replace(cfg, run_dir=str(run), model=ModelConfig(
+        path=str(model), trust_remote_code=True)), run)
+    assert marker.exists()
+    assert json.loads((run / "config.json").read_text())["model"]["trust_remote_code"] is True
+    marker.unlink()
+    capsys.readouterr()
+    args = ["analyze", str(run), "--shards", "1", "--n-prompts", "1"]
+    assert main(args) == 0  # the report without what needs the models, saying why
+    assert not marker.exists()
+    assert "--trust-remote-code (sae-shards analyze / evaluate)" in (run / "report.html").read_text()
+    assert '"logit_lens"' not in (run / "analysis.json").read_text()
+    assert main([*args, "--trust-remote-code"]) == 0
+    assert marker.exists()
+    shard = next(iter(json.loads((run / "analysis.json").read_text())["shards"].values()))
+    assert shard["logit_lens"] and shard["dose_response"]
+
+
+def test_evaluate_passes_trust_remote_code_only_when_given(short_run_dir, tmp_path, monkeypatch,
+                                                           capsys):
+    from sae_shards.core.checkpoint import CheckpointError
+    from sae_shards.planted import evaluate
+
+    seen = []
+
+    def record(run_dir, **kwargs):
+        seen.append(kwargs["trust_remote_code"])
+        raise CheckpointError("stopped after the arguments")
+
+    monkeypatch.setattr(evaluate, "evaluate_run", record)
+    args = ["evaluate", str(short_run_dir), "--out", str(tmp_path)]
+    assert main(args) == 2 and main([*args, "--trust-remote-code"]) == 2
+    assert seen == [False, True]
+
+
+def test_evaluates_causal_tests_load_the_models_as_asked(monkeypatch, tmp_path):
+    """evaluate_run's causal tests hand trust_remote_code on to loading the run's models."""
+    from sae_shards.planted import evaluate
+
+    asked = []
+    monkeypatch.setattr(evaluate, "load_run_models",
+                        lambda run, checkpoint, **kw: asked.append(("load", kw)))
+    monkeypatch.setattr(evaluate, "run_models_missing",
+                        lambda run, checkpoint, **kw: asked.append(("why", kw)) or "refused")
+    for trust in (False, True):
+        assert evaluate._causal(tmp_path, None, *[None] * 12, trust_remote_code=trust) == \
+            (None, "refused")
+    assert asked == [(step, {"trust_remote_code": trust}) for trust in (False, True)
+                     for step in ("load", "why")]
+
+
+def test_a_resume_never_takes_trust_remote_code_from_the_run(tmp_path, capsys):
+    """The run's saved overrides turning model.trust_remote_code on are refused on resume until
+    the command gives it again."""
+    from sae_shards.cli import ConfigError, with_saved_overrides
+
+    run = tmp_path / "r"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(
+        "- model=hf_path\n- model.path=/m\n- model.trust_remote_code=true\n")
+    given = [f"run_dir={run}", "resume=true"]
+    with pytest.raises(ConfigError, match=r"started with model.trust_remote_code=true \(.*"
+                                          r"overrides.yaml\), which runs model.path's own Python "
+                                          r"code; a resume never takes that from the run "
+                                          r"directory: add model.trust_remote_code=true"):
+        with_saved_overrides(given)
+    assert with_saved_overrides([*given, "model.trust_remote_code=true"]) == [
+        "model=hf_path", "model.path=/m", *given, "model.trust_remote_code=true"]
+    assert main(["train", *given]) == 2
+    assert "a resume never takes that from the run directory" in capsys.readouterr().err

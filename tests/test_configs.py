@@ -182,6 +182,12 @@ def test_default_config_equals_dataclass_defaults():
     ("model=hf_path model.path=/m +model.arch=llama +model.num_layers=12",
      r"model.arch=llama, model.num_layers=12: these shape the built-in tiny model only, and "
      r"model.path=/m is used as saved"),
+    ("model.trust_remote_code=true", r"model.trust_remote_code=true runs the Python code of a "
+                                     r"model.path directory, and the built-in tiny model"),
+    ("model=hf_path model.path=/m model.trust_remote_code=yes",
+     r"model.trust_remote_code: expected bool, got str 'yes'"),
+    ("+rl.extra.trust_remote_code=true", r"rl.extra.trust_remote_code is set by sae-shards "
+                                         r"\(model.trust_remote_code=true opts in"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -9,6 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from helpers import own_code_cache, plant_own_code
+from safetensors.torch import load_file
 
 from sae_shards import CheckpointError
 from sae_shards.analysis.shards import load_run_models, policy_dir, run_models_missing
@@ -110,21 +113,43 @@ def test_a_policy_needing_its_own_code_is_never_run_even_when_the_user_says_yes(
         short_run_dir, tmp_path, monkeypatch):
     """A shared run whose final_model/config.json names Python code of its own (auto_map, a
     model_type transformers lacks) beside it: transformers would ask on stdin whether to run it,
-    and run it on "y"; sae-shards never asks, never runs it, and says why."""
+    and run it on "y"; sae-shards never asks, never runs it, and says why, naming the file and
+    the flag that opts in. The run's config.json saying to trust it changes nothing."""
     run = _copy(short_run_dir, tmp_path / "copy")
     marker = tmp_path / "ran"
-    folder = run / rundir.FINAL_MODEL
-    (folder / "planted.py").write_text(
-        f"open({str(marker)!r}, 'w').close()\n"
-        "from transformers import LlamaConfig\nclass PlantedConfig(LlamaConfig):\n    pass\n")
-    config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="planted", auto_map={"AutoConfig": "planted.PlantedConfig"})
-    (folder / "config.json").write_text(json.dumps(config))
+    code = plant_own_code(run / rundir.FINAL_MODEL, marker)
+    config = json.loads((run / rundir.CONFIG).read_text())
+    config["model"]["trust_remote_code"] = True  # as a run trained with the opt-in records it
+    config["trust_remote_code"] = True
+    (run / rundir.CONFIG).write_text(json.dumps(config))
+    own_code_cache(monkeypatch, tmp_path / "modules")
     monkeypatch.setattr("builtins.input", lambda *args: "y")  # the user answering the prompt
     why = run_models_missing(run)
     assert why is not None and "needs Python code of its own to load" in why, why
+    assert f"auto_map names {code}, which sae-shards never runs unless you opt in" in why, why
+    assert "opt in with --trust-remote-code (sae-shards analyze / evaluate), " \
+        "trust_remote_code=True (Python)" in why, why
     assert load_run_models(run) is None
     assert not marker.exists()
+
+
+def test_a_policy_needing_its_own_code_loads_when_the_user_opts_in(short_run_dir, tmp_path,
+                                                                   monkeypatch):
+    """trust_remote_code=True: the policy's own code runs (the marker its import writes) and
+    builds the policy, whose weights are the run's."""
+    run = _copy(short_run_dir, tmp_path / "copy")
+    marker = tmp_path / "ran"
+    plant_own_code(run / rundir.FINAL_MODEL, marker)
+    own_code_cache(monkeypatch, tmp_path / "modules")
+    assert run_models_missing(run, trust_remote_code=True) is None
+    assert marker.exists()
+    marker.unlink()
+    models = load_run_models(run, trust_remote_code=True)
+    assert type(models.final).__name__ == "PlantedForCausalLM"
+    assert type(models.initial).__name__ == "Qwen2ForCausalLM"  # model/: no code of its own
+    saved = load_file(run / rundir.FINAL_MODEL / "model.safetensors")
+    for name, param in models.final.named_parameters():
+        assert torch.equal(param, saved[name]), name
 
 
 def test_a_model_folder_linked_outside_a_shared_run_is_never_unpickled(short_run_dir, tmp_path):

@@ -156,7 +156,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
             n_shards: int | Sequence[int] = 4, checkpoint: str | None = None,
             top_k: int = 5, dose: bool = True, alphas=DEFAULT_ALPHAS,
             n_prompts: int = 32, task: RewardTask | Any | None = None,
-            initial_model: str | Path | None = None) -> Path:
+            initial_model: str | Path | None = None, trust_remote_code: bool = False) -> Path:
     """Write the HTML report of a run (default ``run_dir/report.html``) and ``analysis.json``.
 
     ``n_shards``: how many shards to detail beside the always-on ones (``top_shards``), or the
@@ -164,7 +164,10 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     ``task``: the prompts and reward functions to score the dose-response with (a run of your
     own TRL script records none; ``reward_task``); by default a built-in task's own.
     ``initial_model``: the directory of the run's initial weights when it moved from where
-    ``config.json`` says (checked against the run's record of them)."""
+    ``config.json`` says (checked against the run's record of them).
+    ``trust_remote_code``: load a policy that needs its own code (``auto_map``) by running the
+    Python files of its directories (``load_run_models``); off, such a run's report has no
+    logit lens, dose-response or ablation, and says why."""
     view = RunView(run_dir, checkpoint)
     out = Path(out) if out else view.run_dir / "report.html"
     chosen = isinstance(n_shards, Sequence)
@@ -183,7 +186,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     if task is not None and not dose:
         raise ValueError("a reward task (--task) scores the dose-response and the ablation, "
                          "which --no-dose skips; drop one of them")
-    models = load_run_models(view.run_dir, view.checkpoint, initial_model) if dose else None
+    models = (load_run_models(view.run_dir, view.checkpoint, initial_model, trust_remote_code)
+              if dose else None)
     final_dir = policy_dir(view.run_dir, view.checkpoint)
     matched = final_dir.name != rundir.FINAL_MODEL  # TRL's checkpoint of the shards' step
     sampling = run_sampling(view.run_dir)  # the run's own max_new_tokens, temperature, top_p...
@@ -271,7 +275,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
             del direction  # the next shard's is built without this one still held
         analysis["shards"][s] = entry
     # why the models did not load (asked again only then: it reads every file of both)
-    why = (run_models_missing(view.run_dir, view.checkpoint, initial_model)
+    why = (run_models_missing(view.run_dir, view.checkpoint, initial_model, trust_remote_code)
            if dose and models is None else None)
     if why:
         log.warning("no logit lens, dose-response or ablation: %s", why)

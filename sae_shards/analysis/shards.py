@@ -836,7 +836,8 @@ def foreign_trl_checkpoint(run_dir: Path, folder: Path) -> str | None:
 
 
 def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
-                    initial: str | Path | None = None) -> RunModels | None:
+                    initial: str | Path | None = None,
+                    trust_remote_code: bool = False) -> RunModels | None:
     """The run's initial and final model, tokenizer and task; None when a model directory is
     missing (``run_models_missing`` says which). With ``checkpoint`` (``step_N``) the "final"
     policy is that step's when TRL saved it (``policy_dir``), so a killed run or an earlier
@@ -845,7 +846,10 @@ def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
     and its initial policy the base, with ``run_dir/initial_adapter`` merged in when the adapter
     did not start at zero.
     ``task`` is None for a run of a user's own TRL script (``ShardCallback``): its rewards are
-    not known to sae-shards."""
+    not known to sae-shards. ``trust_remote_code``: a policy that needs its own code
+    (``config.json``'s ``auto_map``) is loaded by running the Python files beside it, in the
+    initial model's directory and the run's alike; off (the default), such a run has no models
+    (``run_models_missing`` says so). Only the caller turns it on: nothing in the run does."""
     from sae_shards.recipe.models import load_tokenizer
     from sae_shards.recipe.tasks import build_task
 
@@ -856,7 +860,7 @@ def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
         folder = run_dir / rundir.CHECKPOINTS
         have = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
         raise CheckpointError(f"{run_dir}: no checkpoint {checkpoint!r} (it has {have or 'none'})")
-    if run_models_missing(run_dir, checkpoint, initial) is not None:
+    if run_models_missing(run_dir, checkpoint, initial, trust_remote_code) is not None:
         return None
     cfg = _read_config(run_dir)
     named, initial = initial is not None, initial_model_dir(run_dir, cfg, initial)
@@ -869,7 +873,7 @@ def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
     trusted = named and not inside
     hint = ("" if trusted or inside else "; or, when you trust the pickle, name the directory: "
             f"--initial-model {initial} (initial= in Python)")
-    init = _load_safe(initial, not trusted, hint=hint)
+    init = _load_safe(initial, not trusted, hint=hint, trust_remote_code=trust_remote_code)
     started_with = run_dir / rundir.INITIAL_ADAPTER
     if _is_lora(cfg) and (started_with / "adapter_config.json").is_file():
         # the adapter did not start at zero: theta_0 is the base with it merged in
@@ -880,10 +884,11 @@ def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
                     "its shards", checkpoint, run_dir,
                     _refused_trl_policy(run_dir, rundir.step_of(checkpoint)))
     if _is_lora(cfg):
-        fin = _load_safe(initial, not trusted, hint=hint)
+        fin = _load_safe(initial, not trusted, hint=hint, trust_remote_code=trust_remote_code)
         fin = fin._replace(model=_merged(fin.model, final))
     else:  # a trainer without a processing_class saved no tokenizer with the policy
-        fin = _load_safe(final, tokenizer_dir=None if rundir.has_tokenizer(final) else initial)
+        fin = _load_safe(final, tokenizer_dir=None if rundir.has_tokenizer(final) else initial,
+                         trust_remote_code=trust_remote_code)
     task = None
     if cfg.get("task"):
         # the target the job resolved (runs of earlier versions: max_completion_length)
@@ -897,13 +902,13 @@ def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
                                   "made it (config.json's versions)") from None
     # the tokenizer training used: the trainer's processing class, saved with the final policy
     # (a chat template or pad token set in the script lives there, not in the initial directory)
-    tokenizer = (load_tokenizer(final, model_dir=False) if rundir.has_tokenizer(final)
-                 else init.tokenizer)
+    tokenizer = (load_tokenizer(final, model_dir=False, trust_remote_code=trust_remote_code)
+                 if rundir.has_tokenizer(final) else init.tokenizer)
     return RunModels(init.model.eval(), fin.model.eval(), tokenizer, task)
 
 
 def _load_safe(folder: Path, safetensors_only: bool = True, tokenizer_dir: Path | None = None,
-               hint: str = ""):
+               hint: str = "", trust_remote_code: bool = False):
     """``load_model_and_tokenizer`` of a policy directory, by default its weights read from
     safetensors only (a ``pytorch_model.bin`` found in a run directory is a pickle nobody
     there wrote: never loaded); ``tokenizer_dir`` when its tokenizer is elsewhere; ``hint``
@@ -913,7 +918,8 @@ def _load_safe(folder: Path, safetensors_only: bool = True, tokenizer_dir: Path 
 
     try:
         return load_model_and_tokenizer(folder, safetensors_only=safetensors_only,
-                                        tokenizer_dir=tokenizer_dir)
+                                        tokenizer_dir=tokenizer_dir,
+                                        trust_remote_code=trust_remote_code)
     except FileNotFoundError as e:
         raise CheckpointError(f"{e}{hint}") from None
 
@@ -995,10 +1001,13 @@ def initial_model_dir(run_dir: Path, cfg: Mapping[str, Any],
 
 
 def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
-                       initial: str | Path | None = None) -> str | None:
+                       initial: str | Path | None = None,
+                       trust_remote_code: bool = False) -> str | None:
     """Why :func:`load_run_models` has no models for this run and checkpoint (a sentence for
     the report), or None when it has them. ``initial``: the initial model's directory, when it
-    is no longer where ``config.json`` says (checked against the run's ``model.fingerprint``)."""
+    is no longer where ``config.json`` says (checked against the run's ``model.fingerprint``).
+    ``trust_remote_code``: as ``load_run_models`` (on, a policy's own code runs here, when its
+    config is read)."""
     run_dir = Path(run_dir)
     cfg = _read_config(run_dir)
     initial = initial_model_dir(run_dir, cfg, initial)
@@ -1055,7 +1064,7 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
         check_model_files(folder)
     for folder in (initial, final) if not _is_lora(cfg) else (initial,):
         try:  # a reward model's run (trl.RewardTrainer): no LM head to steer or read
-            check_causal_lm(folder)
+            check_causal_lm(folder, trust_remote_code)
         except ValueError as e:
             return (f"the policy is not a causal language model ({e}); the logit lens, the "
                     "dose-response and the ablation read and sample a causal LM")

@@ -204,22 +204,22 @@ def tiny_model_and_tokenizer(
 
 
 def meta_policy(path: str | Path | None, arch: str = "qwen2", hidden_size: int = 64,
-                num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 128
-                ) -> PreTrainedModel | None:
+                num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 128,
+                trust_remote_code: bool = False) -> PreTrainedModel | None:
     """The policy's modules and parameter names without its weights: the model directory's
     config (``path``) or the tiny model's (``arch`` and sizes), built on the meta device (a 7B
     config in ~2 s, no memory). None where no causal LM can be built from the config alone (no
-    config.json, a model needing remote code, not a causal LM): the checks on the loaded
-    model say why."""
+    config.json, a model needing its own code without ``trust_remote_code``, not a causal LM):
+    the checks on the loaded model say why."""
     try:
         if path is not None:
             config = AutoConfig.from_pretrained(path, local_files_only=True,
-                                                trust_remote_code=False)
+                                                trust_remote_code=trust_remote_code)
         else:
             config = _model_config(arch, build_tokenizer(), hidden_size, num_layers, num_heads,
                                    intermediate_size)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as e:  # reported by the checks on the loaded model, in their own terms
         log.debug("no meta policy from %s: %s", path or arch, e)
         return None
@@ -316,27 +316,69 @@ def _check_model_dir(path: Path) -> None:
         )
 
 
-def check_causal_lm(path: str | Path) -> None:
+TRUST_REMOTE_CODE_OPT_IN = ("--trust-remote-code (sae-shards analyze / evaluate), "
+                            "trust_remote_code=True (Python) or model.trust_remote_code=true "
+                            "(sae-shards train)")
+"""The ways a user opts in to running a model directory's own Python code (off by default)."""
+
+
+def remote_code_files(path: Path) -> list[str]:
+    """The Python files of ``path`` that its ``config.json`` ``auto_map`` names (``mod.Class``
+    is ``mod.py``; a class in another repository, ``repo--mod.Class``, is named with it)."""
+    try:
+        auto_map = json.loads((path / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(auto_map, dict):
+        return []
+    refs = [ref for value in auto_map.values()
+            for ref in (value if isinstance(value, list) else [value]) if isinstance(ref, str)]
+    return sorted({f"{ref.rpartition('.')[0]}.py" for ref in refs if "." in ref})
+
+
+def _refused_remote_code(path: Path) -> ValueError:
+    """The error for a model directory that needs its own code, loaded without the opt-in."""
+    files = ", ".join(str(path / f) for f in remote_code_files(path)) or "its code"
+    return ValueError(
+        f"model path {path} needs Python code of its own to load: config.json's auto_map names "
+        f"{files}, which sae-shards never runs unless you opt in (a model directory may come "
+        "with a shared run, and its code would run with your permissions). Read that code; if "
+        f"you trust it, opt in with {TRUST_REMOTE_CODE_OPT_IN}; otherwise use a model "
+        "transformers implements (e.g. qwen2, llama)")
+
+
+def _is_own_causal_lm(config: PretrainedConfig, trust_remote_code: bool) -> bool:
+    """Whether a config loaded with its own code (``trust_remote_code``) maps to a causal LM
+    class of that code (``auto_map``'s ``AutoModelForCausalLM``)."""
+    return trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None)
+                                                           or {})
+
+
+def check_causal_lm(path: str | Path, trust_remote_code: bool = False) -> None:
     """Refuse a model directory that does not hold a causal language model with its LM head,
     from its ``config.json`` alone: a model type without one (``type(config)`` not in
-    transformers' causal-LM mapping), or one saved as another class (``architectures``, e.g.
-    ``BertModel``, a bare encoder), which TRL would load as that class and fail deep inside."""
+    transformers' causal-LM mapping, nor an ``auto_map`` ``AutoModelForCausalLM`` of the
+    directory's own code), or one saved as another class (``architectures``, e.g.
+    ``BertModel``, a bare encoder), which TRL would load as that class and fail deep inside.
+    A directory needing its own code (``auto_map``) is refused unless ``trust_remote_code``:
+    with it, transformers imports and runs that code here."""
     path = Path(path)
     _check_model_dir(path)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(path, local_files_only=True,
+                                            trust_remote_code=trust_remote_code)
     except ValueError as e:  # transformers' own words would say to pass trust_remote_code=True
-        if "trust_remote_code" not in str(e):
+        if trust_remote_code or "trust_remote_code" not in str(e):
             raise
-        raise ValueError(
-            f"model path {path} needs Python code of its own to load (config.json's auto_map), "
-            "which sae-shards never runs (a model directory may come with a shared run); use a "
-            "model transformers implements (e.g. qwen2, llama)") from None
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise _refused_remote_code(path) from None
+    own = _is_own_causal_lm(config, trust_remote_code)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not own:
         raise ValueError(
             f"model path {path} holds a {type(config).__name__} "
             f"(model_type={config.model_type!r}), which is not a causal language model; "
             "use a decoder-only LM (e.g. qwen2, llama)"
+            + ("; a model of its own code needs an auto_map entry AutoModelForCausalLM in its "
+               "config.json" if trust_remote_code else "")
         )
     saved_as = list(getattr(config, "architectures", None) or [])
     lm_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
@@ -350,10 +392,12 @@ def check_causal_lm(path: str | Path) -> None:
             ".save_pretrained(DIR))")
 
 
-def load_tokenizer(path: str | Path, model_dir: bool = True) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | Path, model_dir: bool = True,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a local model directory (no network); set a pad token if missing.
     ``model_dir=False``: a directory of tokenizer files without a model (a LoRA run's saved
-    adapter beside its tokenizer).
+    adapter beside its tokenizer). ``trust_remote_code``: a tokenizer of the directory's own
+    code (``tokenizer_config.json``'s ``auto_map``) is imported and run.
 
     transformers 5 overrides the class named in ``tokenizer_config.json`` for some model types
     (qwen2 among them: ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``) and rebuilds the tokenizer
@@ -375,10 +419,10 @@ def load_tokenizer(path: str | Path, model_dir: bool = True) -> PreTrainedTokeni
         declared = json.loads(config_file.read_text()).get("tokenizer_class")
     if declared in GENERIC_TOKENIZER_CLASSES and (path / "tokenizer.json").is_file():
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True,
-                                                            trust_remote_code=False)
+                                                            trust_remote_code=trust_remote_code)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                                  trust_remote_code=False)
+                                                  trust_remote_code=trust_remote_code)
     if len(tokenizer) < 2:
         raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} token(s): its files do "
                          "not describe a vocabulary (a tokenizer_config.json without "
@@ -394,11 +438,13 @@ def load_tokenizer(path: str | Path, model_dir: bool = True) -> PreTrainedTokeni
     return tokenizer
 
 
-def check_vocab(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> None:
+def check_vocab(path: str | Path, tokenizer: PreTrainedTokenizerBase,
+                trust_remote_code: bool = False) -> None:
     """Refuse a tokenizer whose ids the model at ``path`` cannot embed (tokens added to the
     tokenizer without ``resize_token_embeddings``), before any forward pass would index past
     the embedding."""
-    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(path, local_files_only=True,
+                                        trust_remote_code=trust_remote_code)
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int) and len(tokenizer) > vocab:
         raise ValueError(
@@ -409,24 +455,28 @@ def check_vocab(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> None:
 
 def load_model_and_tokenizer(
     path: str | Path, dtype: torch.dtype = torch.float32, safetensors_only: bool = False,
-    tokenizer_dir: str | Path | None = None,
+    tokenizer_dir: str | Path | None = None, trust_remote_code: bool = False,
 ) -> ModelAndTokenizer:
     """Load a local transformers causal LM directory (no network); set a pad token if missing.
     ``safetensors_only``: refuse a directory whose weights are not safetensors (analysis reads
     run directories, whose ``pytorch_model.bin`` would be unpickled) with ``FileNotFoundError``.
-    ``tokenizer_dir``: where the tokenizer is, when not beside the weights."""
+    ``tokenizer_dir``: where the tokenizer is, when not beside the weights.
+    ``trust_remote_code``: a model (or tokenizer) that needs its own code (``auto_map``) is
+    loaded by importing and running the Python files beside it; off, it is refused
+    (``check_causal_lm``). Only for a directory whose code you have read and trust."""
     path = Path(path)
-    check_causal_lm(path)
+    check_causal_lm(path, trust_remote_code)
     if safetensors_only and not any(path.glob("*.safetensors")):
         raise FileNotFoundError(
             f"model path {path} has no safetensors weights (model.safetensors): weights saved "
             "as a pickle (pytorch_model.bin) are never loaded; save the model again with "
             "save_pretrained(DIR), whose default is safetensors")
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, local_files_only=True, trust_remote_code=False,
+        path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
         **({"use_safetensors": True} if safetensors_only else {}))
-    tokenizer = (load_tokenizer(path) if tokenizer_dir is None
-                 else load_tokenizer(tokenizer_dir, model_dir=False))
+    tokenizer = (load_tokenizer(path, trust_remote_code=trust_remote_code) if tokenizer_dir is None
+                 else load_tokenizer(tokenizer_dir, model_dir=False,
+                                     trust_remote_code=trust_remote_code))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return ModelAndTokenizer(model, tokenizer)

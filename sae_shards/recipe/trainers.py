@@ -214,6 +214,7 @@ def build_trainer(
     algorithm: Algorithm = "grpo",
     checkpoint_every: int = 0,
     trainable: Sequence[str] | None = None,
+    trust_remote_code: bool = False,
 ) -> GRPOTrainer | RLOOTrainer:
     """A ``trl.GRPOTrainer`` or ``trl.RLOOTrainer`` on the model at ``model_path`` with the
     task's rewards.
@@ -225,6 +226,8 @@ def build_trainer(
     of one task (or the planned mix of tasks, schedule ``mixed``). ``trainable`` (glob
     patterns; None: every parameter) selects the parameters RL may change (``freeze_except``);
     it cannot be combined with ``peft_config`` (LoRA already trains its adapters only).
+    ``trust_remote_code``: TRL loads a model that needs its own code (``auto_map``) by running
+    the Python files of ``model_path`` (``model.trust_remote_code``).
     """
     model_path = Path(model_path)
     if not (model_path / "config.json").is_file():
@@ -244,6 +247,8 @@ def build_trainer(
                 f"rl.shuffle_dataset=True would break task {task.name!r}'s step schedule; remove it"
             )
         grpo_kwargs = {**grpo_kwargs, "shuffle_dataset": False}
+    if trust_remote_code:
+        grpo_kwargs = {**grpo_kwargs, "trust_remote_code": True}
     args = trl_config(grpo_kwargs, output_dir, algorithm, checkpoint_every)
     if task.scheduled:
         _check_schedule(args, train_dataset, task)
@@ -253,7 +258,8 @@ def build_trainer(
         raise ValueError("rl.trainable cannot be combined with model.lora.enabled=true (LoRA "
                          "trains its adapters only); set rl.trainable=null or disable LoRA")
     if peft_config is not None:
-        check_lora_modules(model_path, sorted(peft_config.target_modules))
+        check_lora_modules(model_path, sorted(peft_config.target_modules),
+                           trust_remote_code=trust_remote_code)
     trainer = TRAINERS[algorithm][1](
         model=str(model_path),
         reward_funcs=list(task.reward_funcs),
@@ -268,7 +274,7 @@ def build_trainer(
 
 
 def check_lora_modules(model: str | Path | torch.nn.Module, target_modules: Sequence[str],
-                       warn: bool = True) -> None:
+                       warn: bool = True, trust_remote_code: bool = False) -> None:
     """Refuse ``model.lora.target_modules`` that capture cannot follow, before the model
     loads (``model``: its directory, or the policy built on the meta device): a name no
     ``nn.Linear`` of the model has (peft would adapt the others silently,
@@ -276,8 +282,9 @@ def check_lora_modules(model: str | Path | torch.nn.Module, target_modules: Sequ
     with ``fan_in_fan_out``, which capture does not support). A name matches a module whose
     name is it or ends with ``.`` + it, as in peft. A mixture of experts' stacked expert
     tensors ``[experts, m, n]`` are no linear layers: LoRA leaves them frozen, which the
-    refusal says and an accepted setting logs as a warning (with ``warn``)."""
-    modules, stacked = _matrix_modules(model)
+    refusal says and an accepted setting logs as a warning (with ``warn``).
+    ``trust_remote_code``: a directory's own code (``auto_map``) builds its meta model."""
+    modules, stacked = _matrix_modules(model, trust_remote_code)
     named = model if isinstance(model, (str, Path)) else type(model).__name__
     # the names to suggest: not lm_head, which TRL does not adapt
     linear = sorted({n.rsplit(".", 1)[-1] for n, kind in modules.items()
@@ -317,7 +324,7 @@ def _frozen_experts(stacked: Sequence[str], lead: str) -> str:
             "capture sees none; train without LoRA (model.lora.enabled=false) to capture them")
 
 
-def _matrix_modules(model: str | Path | torch.nn.Module
+def _matrix_modules(model: str | Path | torch.nn.Module, trust_remote_code: bool = False
                     ) -> tuple[dict[str, str], list[str]]:
     """``{module name: "Linear" | "Conv1D"}`` for a model's matrix layers, and the names of its
     stacked expert tensors (3-D parameters outside conv layers); a model directory is built
@@ -327,9 +334,9 @@ def _matrix_modules(model: str | Path | torch.nn.Module
 
     if isinstance(model, (str, Path)):
         config = AutoConfig.from_pretrained(model, local_files_only=True,
-                                            trust_remote_code=False)
+                                            trust_remote_code=trust_remote_code)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     modules = {name: "Linear" if isinstance(m, torch.nn.Linear) else "Conv1D"
                for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
     stacked = [name for name, p in model.named_parameters() if is_expert_stack(model, name, p)]

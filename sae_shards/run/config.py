@@ -101,6 +101,11 @@ class ModelConfig:
     """Tiny model: factor on the initial ``lm_head`` weights (std 0.02 at 1). A larger readout
     lets the transformer body alone move the output distribution, which a body-only policy
     (``rl.trainable``) needs (the planted experiment uses it)."""
+    trust_remote_code: bool = False
+    """Load a ``model.path`` that needs Python code of its own (its ``config.json`` ``auto_map``
+    names ``.py`` files beside it): true imports and runs that code, with your permissions, so
+    only for code you have read and trust. false refuses such a model, naming its files. Never
+    taken from a run directory: a resume must give it again."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """Optional LoRA adapter."""
 
@@ -108,6 +113,10 @@ class ModelConfig:
         if self.path is not None and not str(self.path).strip():
             raise ValueError("model.path is empty; give a local model directory, or null for the "
                              "built-in tiny model")
+        if self.trust_remote_code and self.path is None:
+            raise ValueError("model.trust_remote_code=true runs the Python code of a "
+                             "model.path directory, and the built-in tiny model (model.path="
+                             "null) has none; drop model.trust_remote_code or give model.path")
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
@@ -198,7 +207,9 @@ class RLConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"rl.{name}={getattr(self, name)} must be >= 1")
         owned = {"output_dir": "the run writes TRL's checkpoints to run_dir/trl",
-                 "seed": "the top-level seed=N seeds TRL too (and the model, task and SAE)"}
+                 "seed": "the top-level seed=N seeds TRL too (and the model, task and SAE)",
+                 "trust_remote_code": "model.trust_remote_code=true opts in to running "
+                                      "model.path's own code, for TRL and sae-shards alike"}
         for key, why in owned.items():
             if key in self.extra:
                 raise ValueError(f"rl.extra.{key} is set by sae-shards ({why}); remove it")

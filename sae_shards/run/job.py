@@ -146,12 +146,12 @@ _META_MODEL: dict[tuple, torch.nn.Module | None] = {}
 def _meta_model(cfg: JobConfig) -> torch.nn.Module | None:
     m = cfg.model
     peft_config = _peft_config(cfg)
-    key = ((str(Path(m.path).resolve()),) if m.path else
-           (None, m.arch, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size),
-           repr(peft_config))
+    source = ((str(Path(m.path).resolve()),) if m.path else
+              (None, m.arch, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size))
+    key = (source, m.trust_remote_code, repr(peft_config))
     if key not in _META_MODEL:
         _META_MODEL.clear()
-        model = meta_policy(*key[0])
+        model = meta_policy(*source, trust_remote_code=m.trust_remote_code)
         if model is not None and peft_config is not None:
             from peft import get_peft_model
 
@@ -173,9 +173,10 @@ def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device,
     report. Under several processes every rank calls it at once: building the trainer may be
     collective (DeepSpeed ZeRO-3 partitions the model as it loads)."""
     model_path = prepare_model(cfg, run_dir) if model_path is None else model_path
-    check_causal_lm(model_path)
-    tokenizer = load_tokenizer(model_path)
-    check_vocab(model_path, tokenizer)
+    trust = cfg.model.trust_remote_code  # the user's own override: a resume must give it again
+    check_causal_lm(model_path, trust)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust)
+    check_vocab(model_path, tokenizer, trust)
     # The rewards divide by target_length: tie it to the completion budget, in characters.
     target_length = default_target_length(cfg.rl.max_completion_length, tokenizer)
     task = build_task(cfg.task.name, **{"target_length": target_length, **cfg.task.options})
@@ -190,7 +191,7 @@ def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device,
                             output_dir=run_dir / rundir.TRL_OUTPUT, peft_config=_peft_config(cfg),
                             algorithm=cfg.rl.algorithm,
                             checkpoint_every=cfg.runner.checkpoint_every,
-                            trainable=cfg.rl.trainable)
+                            trainable=cfg.rl.trainable, trust_remote_code=trust)
     trainer.remove_callback(ProgressCallback)
     return RLSetup(trainer, model_path, task)
 
