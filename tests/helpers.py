@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import struct
 import time
 import zlib
@@ -247,3 +248,26 @@ def own_code_cache(monkeypatch: pytest.MonkeyPatch, where: Path) -> None:
 
     monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(where))
     monkeypatch.setattr(sys, "path", list(sys.path))  # init_hf_modules appends it
+
+
+# --- reading checks: a safetensors file declaring more than it holds -------------------------
+
+
+def sparse_safetensors(path: Path, shapes: dict[str, list[int]],
+                       metadata: dict[str, str] | None = None) -> Path:
+    """A valid safetensors file whose float32 tensors ``shapes`` are all zeros, written as a
+    sparse file: the header's data offsets match the file's length, so safetensors' own size
+    check passes, yet the disk (and this test) holds only the header."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    end = 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [end, end + size]}
+        end += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.unlink(missing_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + end)
+    return path

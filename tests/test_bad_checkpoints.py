@@ -37,6 +37,8 @@ from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import TargetSpec
 from sae_shards.core.trainer import SAETrainer
 
+from helpers import sparse_safetensors
+
 W, B = "layers.0.mlp.down_proj.weight", "layers.0.norm.weight"  # shapes (6, 4) and (5,)
 SAE, CONFIG, STATE = "sae.safetensors", "config.json", "training_state.safetensors"
 HEADER = {"format": "sae-shards", "format_version": "1"}
@@ -140,6 +142,12 @@ def header_len(data: bytes) -> int:
 def longer_length_field(data: bytes) -> bytes:
     """The 8-byte length field claims a header 1000 bytes longer than the file holds."""
     return (header_len(data) - 8 + 1000).to_bytes(8, "little") + data[8:]
+
+
+def declared_huge(name: str, file: str = SAE, metadata: dict[str, str] = HEADER):
+    """``file`` replaced by a sparse one declaring ``name`` as a [10**5, 10**5] float32 tensor
+    (40 GB, the file's length matching): safetensors' own size check passes."""
+    return lambda ck: sparse_safetensors(ck / file, {name: [10**5, 10**5]}, metadata)
 
 
 def remove(file: str):
@@ -248,6 +256,9 @@ CASES = [
          "cannot be read as safetensors"),
     case("sae-header-claims-more-data", header_edit(claim_more_data), SAE,
          "cannot be read as safetensors"),
+    case("sae-declares-a-huge-tensor", declared_huge(U), SAE,
+         rf"tensor '{U}' is declared with shape \[100000, 100000\] \(10,000,000,000 numbers, "
+         r"37.3 GiB\), more than the largest tensor config.json implies \(24 numbers\)"),
     case("sae-header-not-json", rewrite(SAE, lambda d: d[:8] + b"#" * (header_len(d) - 8)
                                         + d[header_len(d):]), SAE, "cannot be read as safetensors"),
     # --- sae.safetensors: header metadata
@@ -412,6 +423,9 @@ CASES = [
     # --- training_state.safetensors (read by load_training_state only)
     case("state-truncated", rewrite(STATE, cut(lambda d: len(d) // 2)), STATE,
          "cannot be read as safetensors", "state"),
+    case("state-declares-a-huge-tensor", declared_huge("adam.0.exp_avg", STATE), STATE,
+         r"tensor 'adam.0.exp_avg' is declared with shape \[100000, 100000\].*more than the "
+         r"largest tensor config.json implies", "state"),
     case("state-empty", text(STATE, b""), STATE, "cannot be read as safetensors", "state"),
     case("state-missing", remove(STATE), STATE, "saved without training state", "state"),
     case("state-format-pt", edit_tensors(lambda t: None, STATE, {"format": "pt",

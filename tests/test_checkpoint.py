@@ -16,6 +16,8 @@ from sae_shards.core.targets import TargetSpec
 from sae_shards.core.synthetic import PlantedConfig, PlantedStream
 from sae_shards.core.trainer import SAETrainer
 
+from helpers import sparse_safetensors
+
 
 @pytest.fixture(scope="module")
 def trained():
@@ -107,6 +109,21 @@ def test_paths_may_be_strings(trained, tmp_path):
     assert header["format_version"] == "2" and set(tensors) == set(sae_tensors(sae))
     with pytest.raises(CheckpointError, match="missing"):
         read_safetensors(str(tmp_path / "nothing.safetensors"))
+
+
+def test_a_tensor_declared_beyond_memory_is_refused_before_it_is_read(tmp_path):
+    """A sparse file declaring a [10**6, 10**6] float32 tensor (4 TB; the data offsets match the
+    file's length, so safetensors' size check passes) is refused from its header, naming the
+    file and the tensor: safetensors' mmap of it failed with a RuntimeError, and a smaller one
+    (a few GB) loaded, to be allocated whole by the first check that read it. Every reader of a
+    run directory's safetensors goes through read_safetensors (activations, samples, resume)."""
+    file = sparse_safetensors(tmp_path / "activations.safetensors",
+                              {"final.values": [10**6, 10**6]}, {"format_version": "2"})
+    with pytest.raises(CheckpointError, match=(
+            rf"{file}: tensor 'final.values' is declared with shape \[1000000, 1000000\] "
+            r"\(1,000,000,000,000 numbers, 3,725.3 GiB\), more than this machine's memory "
+            r"\([\d,.]+ GiB\): it cannot be read here.*a sparse file")):
+        read_safetensors(file)
 
 
 def test_failed_write_keeps_previous_checkpoint(trained, tmp_path):

@@ -14,7 +14,7 @@ from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
 from sae_shards.cli import main as cli_main
 from sae_shards.planted.evaluate import evaluate_run
 
-from helpers import random_decoder_copy
+from helpers import random_decoder_copy, sparse_safetensors
 from sae_shards.run import rundir
 from sae_shards.run.job import run_job
 
@@ -172,6 +172,26 @@ def test_samples_without_task_labels_get_a_clear_error(planted_run, tmp_path):
     save_file(load_file(samples), samples, metadata=header)
     with pytest.raises(CheckpointError, match=r"samples\.safetensors: no task_labels in the header"):
         evaluate_run(broken, n_null=2, steering=False)
+
+
+def test_samples_declaring_more_than_the_buffer_holds_are_refused(planted_run, tmp_path):
+    """samples.safetensors holds one row per buffer slot (capture.capacity) of each target: a
+    sparse file declaring 10**6 rows of 10**4 numbers (40 GB on no disk, safetensors' size check
+    passed) is refused from its header, naming the file and the tensor, before anything maps or
+    allocates it."""
+    run = tmp_path / "run"
+    shutil.copytree(planted_run, run)
+    with open(run / "samples.safetensors", "rb") as f:  # keep the header's task_labels
+        length = int.from_bytes(f.read(8), "little")
+        meta = json.loads(f.read(length))["__metadata__"]
+    file = sparse_safetensors(run / "samples.safetensors",
+                              {"sample.model.layers.0.mlp.down_proj.weight": [10**6, 10**4]}, meta)
+    capacity = json.loads((run / "config.json").read_text())["capture"]["capacity"]
+    with pytest.raises(CheckpointError, match=(
+            rf"{file}: tensor 'sample.model.layers.0.mlp.down_proj.weight' is declared with shape "
+            rf"\[1000000, 10000\] .*more than capture.capacity={capacity} samples of its largest "
+            r"target")):
+        evaluate_run(run, n_null=1, steering=False)
 
 
 def _rewrite_labels(run_dir, fn):

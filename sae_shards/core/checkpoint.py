@@ -23,6 +23,9 @@ everything before building the SAE; any damage is a ``CheckpointError`` naming t
 - the directory and each file exist and are regular files; safetensors files parse, and their
   header has ``format = "sae-shards"`` and a ``format_version`` this reads (1 or 2); a higher
   version is reported as written by a newer sae-shards;
+- before a safetensors file is opened, its header alone (``check_declared_sizes``): no tensor
+  declared larger than the largest one ``config.json`` implies, nor than this machine's memory
+  (safetensors checks the header against the file's length only, which a sparse file meets);
 - ``config.json`` is one JSON object (no repeated keys) with exactly the keys above
   (``sample_form`` optional, one of "dense"/"factored"); ``sae`` holds known settings of the
   right JSON types that ``SAEConfig`` accepts; each target has a name, an integer shape and rank
@@ -52,8 +55,9 @@ from safetensors.torch import save_file
 
 from sae_shards.core.checkpoint_checks import (  # noqa: F401  (the format's names re-exported)
     ADAM, CONFIG_FILE, DAMAGED, FORMAT, FORMAT_VERSION, SAE_FILE, STATE_FILE, STATE_OPTIONAL,
-    STATE_REQUIRED, STATS, CheckpointError, check_file, check_names, check_scale_and_threshold,
-    check_tensor, check_unit_norm, check_version, read_spec)
+    STATE_REQUIRED, STATS, CheckpointError, SizeLimit, check_declared_sizes, check_file,
+    check_names, check_scale_and_threshold, check_tensor, check_unit_norm, check_version,
+    read_spec)
 from sae_shards.core.sae import LowRankSAE
 
 
@@ -237,14 +241,18 @@ def read_tensors(file: str | Path, expect_version: bool = True) -> dict[str, tor
 
 
 def read_safetensors(file: str | Path, expect_version: bool = True, kind: str | None = None,
-                     missing_hint: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+                     missing_hint: str = "", limit: SizeLimit | None = None,
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``read_tensors`` and the file's header metadata, in one read.
 
     ``kind``: the header's ``format`` must equal it; ``missing_hint`` is added to the error when
-    the file does not exist.
+    the file does not exist. Before anything is read, every tensor the header declares must fit
+    ``limit`` (what the reader knows this file holds at most) and this machine's memory
+    (``check_declared_sizes``).
     """
     check_file(file, missing_hint)
     try:
+        check_declared_sizes(Path(file), limit)
         with safe_open(file, framework="pt", device="cpu") as f:
             header = f.metadata() or {}
             if kind is not None and header.get("format") != kind:
@@ -271,8 +279,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     path = Path(path)
     spec = read_spec(path)
     file = path / SAE_FILE
-    tensors, _ = read_safetensors(file, kind=FORMAT, missing_hint=(
-        f"; a checkpoint directory holds {CONFIG_FILE} and {SAE_FILE}"))
+    tensors, _ = read_safetensors(
+        file, kind=FORMAT, missing_hint=f"; a checkpoint directory holds {CONFIG_FILE} and "
+        f"{SAE_FILE}", limit=spec.size_limit())
     layout = live_tensors(spec.layout)
     stats = {k: v for k, v in tensors.items() if k.startswith("stats.")}
     _drop_unused_bias(file, spec.layout, tensors)
@@ -326,7 +335,8 @@ def load_training_state(path: str | Path) -> dict[str, torch.Tensor]:
     file = path / STATE_FILE
     tensors, _ = read_safetensors(file, kind=FORMAT, missing_hint=(
         "; this checkpoint was saved without training state "
-        "(save_checkpoint(..., training_state=trainer.state_tensors()))"))
+        "(save_checkpoint(..., training_state=trainer.state_tensors()))"),
+        limit=spec.size_limit())
     params = [p for p in spec.layout.parameters() if p.requires_grad]
     adam = {f"adam.{i}.{key}" for i in range(len(params)) for key in ADAM}
     required = {*STATE_REQUIRED, "trainer.counters"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import stat
 from dataclasses import fields
 from pathlib import Path
@@ -46,6 +47,8 @@ _META_COUNTS = ("rl_step", "sae_step", "sae_samples")
 _TARGET_KEYS = frozenset({"name", "shape", "rank"})
 # More numbers than any SAE holds, and far below where torch's size arithmetic overflows.
 _MAX_ELEMENTS = 1 << 48
+# safetensors' own limit on a header's length; a longer one is left for safetensors to refuse.
+_MAX_HEADER = 100_000_000
 # Saved decoder directions have unit norm (the trainer renormalises after every step).
 _UNIT_NORM_TOL = 1e-3
 # Latent statistics save_checkpoint writes (LatentStats.as_tensors): dtype and smallest value.
@@ -62,6 +65,14 @@ STATE_OPTIONAL = {"trainer.stats.density": (torch.float32, 0),
 ADAM = ("exp_avg", "exp_avg_sq", "step")
 
 
+class SizeLimit(NamedTuple):
+    """The most numbers one tensor of a file may hold, and what sets that bound (for the
+    error message)."""
+
+    numel: int
+    why: str
+
+
 class _Spec(NamedTuple):
     """A validated config.json: the SAE it describes, and that SAE's layout on the meta device
     (tensor names and shapes, nothing allocated)."""
@@ -71,6 +82,14 @@ class _Spec(NamedTuple):
     targets: list[TargetSpec]
     sample_form: str  # "dense" or "factored"
     layout: LowRankSAE
+
+    def size_limit(self) -> SizeLimit:
+        """The largest tensor a file of this checkpoint holds: a parameter or buffer of the
+        layout (its Adam moments are the same size), a per-latent statistic, or the trainer's
+        four counters."""
+        largest = max([p.numel() for p in self.layout.state_dict().values()]
+                      + [self.cfg.n_latents, 4])
+        return SizeLimit(largest, f"the largest tensor {CONFIG_FILE} implies")
 
 
 # ---------------------------------------------------------------------------- checks
@@ -103,6 +122,72 @@ def check_file(file: str | Path, missing_hint: str = "") -> None:
         raise CheckpointError(f"{file}: is a directory, expected a file; {DAMAGED}")
     if not stat.S_ISREG(mode):
         raise CheckpointError(f"{file}: not a regular file; {DAMAGED}")
+
+
+def check_declared_sizes(file: Path, limit: SizeLimit | None = None) -> None:
+    """Refuse, from the safetensors header alone, a tensor of ``file`` declared with more
+    numbers than ``limit`` allows or more bytes than this machine's memory holds. safetensors
+    checks a header against the file's length only, so a sparse file (or a header edited to
+    match its length) declaring a huge tensor would pass it and be mapped, then allocated whole
+    by the first check that reads it."""
+    memory = _memory_bytes()
+    for name, (shape, nbytes) in declared_tensors(file).items():
+        numel = math.prod(shape)
+        what = (f"{file}: tensor {name!r} is declared with shape {shape} ({numel:,} numbers, "
+                f"{_gib(nbytes)})")
+        if limit is not None and numel > limit.numel:
+            raise CheckpointError(
+                f"{what}, more than {limit.why} ({limit.numel:,} numbers); sae-shards never "
+                "writes such a tensor there, so the header is damaged or edited (a sparse file "
+                f"passes safetensors' size check) — {DAMAGED}")
+        if memory is not None and nbytes > memory:
+            raise CheckpointError(
+                f"{what}, more than this machine's memory ({_gib(memory)}): it cannot be read "
+                "here. A real file this large is read on a machine with more memory; otherwise "
+                f"the header is damaged or edited (a sparse file passes safetensors' size "
+                f"check) — {DAMAGED}")
+
+
+def declared_tensors(file: Path) -> dict[str, tuple[list[int], int]]:
+    """``{name: (shape, bytes)}`` as ``file``'s safetensors header declares them (its first 8
+    bytes: the header's length, little-endian; then the header, JSON), read without the data.
+    Entries that are not a tensor's, or a header that is not readable so, are left out: opening
+    the file with safetensors then says what is wrong."""
+    with open(file, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little")
+        if len(head) < 8 or length > _MAX_HEADER:
+            return {}
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except ValueError:  # also bytes that are not UTF-8
+        return {}
+    out: dict[str, tuple[list[int], int]] = {}
+    for name, entry in (header.items() if isinstance(header, dict) else ()):
+        if name == "__metadata__" or not isinstance(entry, dict):
+            continue
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if _counts(shape) and _counts(offsets) and len(offsets) == 2:
+            out[name] = (shape, offsets[1] - offsets[0])
+    return out
+
+
+def _counts(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(v) and v >= 0 for v in value)
+
+
+def _memory_bytes() -> int | None:
+    """This machine's physical memory in bytes; None where the OS does not say."""
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return pages * size if pages > 0 and size > 0 else None
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:,.1f} GiB"
 
 
 def _version_number(value: Any) -> int | None:

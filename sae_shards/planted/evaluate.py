@@ -82,13 +82,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from sae_shards.core.checkpoint import CheckpointError, read_safetensors
+from sae_shards.core.checkpoint import CheckpointError, SizeLimit, read_safetensors
 from sae_shards.core.metrics import evaluate_heldout, match_directions, sample_sq_norms
 from sae_shards.core.trainer import dead_fraction
 from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, Families,
@@ -197,7 +198,7 @@ class EvalData:
                 "(runner.save_samples=true runner.heldout_every=k; in a script, "
                 "ShardCallback(..., runner={'save_samples': True, 'heldout_every': k})) on a task "
                 "with several labels (sae-shards train experiment=planted sets all of it)")
-        tensors, header = read_safetensors(path)
+        tensors, header = read_safetensors(path, limit=_samples_limit(run_dir, shapes or {}))
         if "task_labels" not in header:
             raise CheckpointError(f"{path}: no task_labels in the header; re-save the samples "
                                   "with sae_shards.job.save_samples")
@@ -240,6 +241,18 @@ class EvalData:
         mask = (self.heldout == heldout) & self.keep
         idx = mask.nonzero().flatten().tolist()
         return {n: v[mask] for n, v in self.samples.items()}, [self.labels[i] for i in idx]
+
+
+def _samples_limit(run_dir: Path, shapes: Mapping[str, Sequence[int]]) -> SizeLimit | None:
+    """The largest tensor ``samples.safetensors`` holds: a row per buffer slot
+    (``capture.capacity`` in the run's ``config.json``) of the largest target; None when either
+    is not known (the file is then held to this machine's memory only)."""
+    capacity = rundir.section(rundir.read_config(run_dir), "capture").get("capacity")
+    if not shapes or type(capacity) is not int or capacity < 1:
+        return None
+    largest = max(math.prod(shape) for shape in shapes.values())
+    return SizeLimit(capacity * largest, f"capture.capacity={capacity} samples of its largest "
+                                         f"target ({largest:,} numbers each)")
 
 
 def _check_samples(path: Path, tensors: Mapping[str, Tensor], task_labels: str,
