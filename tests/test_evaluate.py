@@ -174,6 +174,25 @@ def test_samples_without_task_labels_get_a_clear_error(planted_run, tmp_path):
         evaluate_run(broken, n_null=2, steering=False)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_samples_are_refused_naming_the_tensor_and_count(planted_run, tmp_path, value):
+    """A NaN (or Inf) in samples.safetensors is damage (the capture never buffers one). Before,
+    a NaN sample counted as an all-zero one: left out of every figure without a word (or, taking
+    a task below two samples, "fewer than 2 non-zero samples"); an Inf one failed in torch's
+    eigh."""
+    names = []
+
+    def poke(tensors, header):  # the first entry of the first three samples of one target
+        names.append(sorted(k for k in tensors if k.startswith("sample."))[0])
+        tensors[names[0]][:3].view(3, -1)[:, 0] = value
+
+    file = _damaged_samples(planted_run, tmp_path, poke)
+    with pytest.raises(CheckpointError, match=(
+            rf"{file}: tensor '{names[0]}' has 3 non-finite entries \(NaN or Inf\) of [\d,]+; .*"
+            r"damaged or was edited: copy it again from the run, or rerun the run")):
+        evaluate_run(file.parent, n_null=1, steering=False)
+
+
 def test_samples_declaring_more_than_the_buffer_holds_are_refused(planted_run, tmp_path):
     """samples.safetensors holds one row per buffer slot (capture.capacity) of each target: a
     sparse file declaring 10**6 rows of 10**4 numbers (40 GB on no disk, safetensors' size check
@@ -545,6 +564,14 @@ def test_damaged_samples_are_refused_naming_the_file(planted_run, tmp_path, dama
     other or with the checkpoint's targets (damaged, or another run's): evaluate names the file
     and what is wrong, instead of an IndexError, KeyError or torch's size error from inside it,
     or labels paired with other samples than theirs."""
+    file = _damaged_samples(planted_run, tmp_path, damage)
+    with pytest.raises(CheckpointError, match=rf"{file}: {problem}.*copy it again from the run"):
+        evaluate_run(file.parent, n_null=1, steering=False)
+
+
+def _damaged_samples(planted_run, tmp_path, damage):
+    """A copy of the run whose samples.safetensors is re-saved after ``damage(tensors, header)``
+    changed them in place; the file's path."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -556,5 +583,4 @@ def test_damaged_samples_are_refused_naming_the_file(planted_run, tmp_path, dama
     tensors = load_file(file)
     damage(tensors, header)
     save_file(tensors, file, metadata=header)
-    with pytest.raises(CheckpointError, match=rf"{file}: {problem}.*copy it again from the run"):
-        evaluate_run(run, n_null=1, steering=False)
+    return file

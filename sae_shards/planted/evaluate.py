@@ -258,9 +258,9 @@ def _samples_limit(run_dir: Path, shapes: Mapping[str, Sequence[int]]) -> SizeLi
 def _check_samples(path: Path, tensors: Mapping[str, Tensor], task_labels: str,
                    names: Sequence[str], shapes: Mapping[str, Sequence[int]]) -> None:
     """``samples.safetensors`` as ``rundir.save_samples`` writes it: ``heldout`` bool ``[S]``,
-    ``rl_step`` integer ``[S]``, ``sample.<target>`` floating ``[S, *shape]`` for each target,
-    and ``task_labels`` a JSON list of S labels (each a string or a list of strings). A damaged
-    or foreign file is a ``CheckpointError`` naming it and what is wrong, instead of an error
+    ``rl_step`` integer ``[S]``, ``sample.<target>`` floating ``[S, *shape]`` and finite for each
+    target, and ``task_labels`` a JSON list of S labels (each a string or a list of strings). A
+    damaged or foreign file is a ``CheckpointError`` naming it and what is wrong, instead of an error
     from inside torch, or labels paired with other samples than theirs."""
     problem, fix = None, "the file is damaged or not this run's: copy it again from the run"
     try:
@@ -300,8 +300,24 @@ def _check_samples(path: Path, tensors: Mapping[str, Tensor], task_labels: str,
                 problem = (f"sample.{n} is {t.dtype} {list(t.shape)}, expected floating "
                            + (f"{want}" if want else f"[{rows}, ...]")
                            + " (one row per sample of rl_step)")
+    if problem is None:
+        _check_finite(path, {n: tensors[f"sample.{n}"] for n in names})
     if problem is not None:
         raise CheckpointError(f"{path}: {problem}; {fix}")
+
+
+def _check_finite(path: Path, samples: Mapping[str, Tensor]) -> None:
+    """Every saved sample is finite: the capture skips an update with a NaN or Inf entry before
+    it is buffered, so one here is damage (counted as an all-zero sample it would leave a task
+    "fewer than 2 non-zero samples", or shift the figures)."""
+    for name, t in samples.items():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise CheckpointError(
+                f"{path}: tensor 'sample.{name}' has {bad:,} non-finite entries (NaN or Inf) of "
+                f"{t.numel():,}; the run never saves one (the capture skips such an update), so "
+                "the file is damaged or was edited: copy it again from the run, or rerun the run "
+                "(runner.save_samples=true); do not edit it")
 
 
 def latent_aurocs(acts: Tensor, labels: Sequence, tasks: Sequence[str],
