@@ -350,7 +350,8 @@ def test_the_reports_interventions_are_the_plain_calls_with_shared_baselines(
     """The report scores each policy unchanged once (the dose-response's alpha 0 and the
     ablation's reference, for every shard) and scales each shard's direction by c in place
     after its ablation: its figures are exactly those of dose_response(c * direction) and
-    ablate(direction) called on their own, with fewer rollouts."""
+    ablate(direction) called on their own, with fewer rollouts, drawn again from the seeds and
+    counts analysis.json records (``draws``; none were recorded before)."""
     import dataclasses
 
     import sae_shards.analysis.interventions as iv
@@ -378,9 +379,13 @@ def test_the_reports_interventions_are_the_plain_calls_with_shared_baselines(
     s = analysis["top_shards"][-1]
     direction = view.shards[s].dense(scaled=False)
     c = iv.update_coefficient(final, theta0, direction)
+    drawn = analysis["draws"]  # what the prompts, rollouts and random controls were drawn with
+    assert drawn == {"seed": 0, "control_seed": 0, "n_prompts": 4, "n_samples": 4}
+    redraw = {**sampling, "n_prompts": drawn["n_prompts"], "seed": drawn["seed"],
+              "control_seed": drawn["control_seed"], "n_samples": drawn["n_samples"]}
     dr = iv.dose_response(initial, tokenizer, task, {k: d * c for k, d in direction.items()},
-                          alphas, n_prompts=4, **sampling)
-    ab = iv.ablate(final, tokenizer, task, direction, theta0, n_prompts=4, **sampling)
+                          alphas, **redraw)
+    ab = iv.ablate(final, tokenizer, task, direction, theta0, **redraw)
     entry = analysis["shards"][str(s)]
     assert entry["update_coefficient"] == c
     same = lambda x: json.loads(json.dumps(rundir.strict_json(x), default=float))  # noqa: E731

@@ -104,6 +104,15 @@ ROUNDING_TOLERANCE = 0.01
 """The share of a weight change that rounding to the parameters' dtype may lose before
 ``set_weights`` warns (relative Frobenius error of the change actually made)."""
 
+ROLLOUT_SEED = 0
+"""The default seed of the prompts drawn (``eval_prompts``) and the completions sampled
+(``score_rollouts``); ``analysis.json`` records it (``draws``)."""
+CONTROL_SEED = 0
+"""The default seed of the norm-matched random control direction (``dose_response``, ``ablate``,
+``span.span_effect``); ``analysis.json`` records it (``draws``)."""
+N_SAMPLES = 4
+"""The default number of completions sampled per prompt (``score_rollouts``)."""
+
 
 def _rounding(p: Tensor, new: Tensor) -> tuple[float, float]:
     """``(asked, lost)``: the squared norm of the change from ``p`` to ``new`` (fp32) and of
@@ -300,10 +309,10 @@ def score_rollouts(
     tokenizer: PreTrainedTokenizerBase,
     task: AnyTask,
     data: Any,
-    n_samples: int = 4,
+    n_samples: int = N_SAMPLES,
     max_new_tokens: int = 16,
     temperature: float = 1.0,
-    seed: int = 0,
+    seed: int = ROLLOUT_SEED,
     top_p: float = 1.0,
     top_k: int | None = 0,
     min_p: float | None = None,
@@ -489,7 +498,7 @@ def estimate(rewards: Tensor) -> RewardEstimate:
     return RewardEstimate(mean, stderr, int(scored.sum()))
 
 
-def eval_prompts(task: AnyTask, n_prompts: int, seed: int = 0) -> Any:
+def eval_prompts(task: AnyTask, n_prompts: int, seed: int = ROLLOUT_SEED) -> Any:
     """The prompts a dose-response or an ablation scores: ``task.dataset(n_prompts, seed)``,
     cycling through the task's contexts when it has several (a ``multiskill`` task, a
     ``RewardTask`` with a ``label_column``), so every context gets the same share."""
@@ -555,10 +564,10 @@ def mean_reward(
     tokenizer: PreTrainedTokenizerBase,
     task: AnyTask,
     n_prompts: int = 32,
-    n_samples: int = 4,
+    n_samples: int = N_SAMPLES,
     max_new_tokens: int = 16,
     temperature: float = 1.0,
-    seed: int = 0,
+    seed: int = ROLLOUT_SEED,
     **sampling: Any,
 ) -> RewardEstimate:
     """Mean task reward of fresh sampled rollouts of ``model`` (reproducible for a fixed seed):
@@ -581,10 +590,10 @@ def task_rewards(
     task: AnyTask,
     labels: Sequence[str],
     n_prompts: int = 8,
-    n_samples: int = 4,
+    n_samples: int = N_SAMPLES,
     max_new_tokens: int = 16,
     temperature: float = 1.0,
-    seed: int = 0,
+    seed: int = ROLLOUT_SEED,
     **sampling: Any,
 ) -> dict[str, RewardEstimate]:
     """Mean reward of each context (a multi-task task such as ``multiskill``, or a
@@ -658,7 +667,7 @@ def dose_response(
     task: AnyTask,
     direction: Direction,
     alphas: Sequence[float],
-    control_seed: int = 0,
+    control_seed: int = CONTROL_SEED,
     n_prompts: int = 32,
     baseline: Scored | None = None,
     **reward_kwargs: Any,
@@ -677,7 +686,7 @@ def dose_response(
     model's :class:`Scored` on those prompts and settings when the caller already has it
     (one per model serves every shard's curve).
     """
-    data = eval_prompts(task, n_prompts, reward_kwargs.get("seed", 0))
+    data = eval_prompts(task, n_prompts, reward_kwargs.get("seed", ROLLOUT_SEED))
     check_baseline(baseline, n_prompts, reward_kwargs, "dose_response")
     control = random_direction_like(direction, torch.Generator().manual_seed(control_seed))
     points: dict[str, list[Scored]] = {"shard": [], "control": []}
@@ -766,7 +775,7 @@ def ablate(
     task: AnyTask,
     direction: Direction,
     initial: nn.Module | Mapping[str, Tensor],
-    control_seed: int = 0,
+    control_seed: int = CONTROL_SEED,
     n_prompts: int = 32,
     baseline: Scored | None = None,
     **reward_kwargs: Any,
@@ -778,7 +787,7 @@ def ablate(
     are paired per prompt (:func:`paired_change`).
     ``baseline``: the final weights' :class:`Scored` on those prompts, when the caller already
     has it (one per run serves every shard). ``model`` is restored bit-exactly afterwards."""
-    data = eval_prompts(task, n_prompts, reward_kwargs.get("seed", 0))
+    data = eval_prompts(task, n_prompts, reward_kwargs.get("seed", ROLLOUT_SEED))
     check_baseline(baseline, n_prompts, reward_kwargs, "ablate")
     final = baseline if baseline is not None else score_rollouts(model, tokenizer, task, data,
                                                                  **reward_kwargs)

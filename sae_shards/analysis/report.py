@@ -35,8 +35,9 @@ from typing import Any
 import torch
 
 from sae_shards.analysis.families import ALWAYS_ON_DENSITY
-from sae_shards.analysis.interventions import (ablate, dose_response, eval_prompts,
-                                               score_rollouts, update_coefficient)
+from sae_shards.analysis.interventions import (CONTROL_SEED, N_SAMPLES, ROLLOUT_SEED, ablate,
+                                               dose_response, eval_prompts, score_rollouts,
+                                               update_coefficient)
 from sae_shards.analysis.plots import (plot_dose, plot_norms, plot_reward,
                                        plot_sae_curves, plot_timeline, step_reward_means)
 from sae_shards.analysis.reward_task import RewardTask
@@ -203,7 +204,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                 # which software made the run, and the resumes under other versions
                 "versions": config.get("versions"),
                 "resumed_under": config.get("resumed_under") or []},
-        "top_shards": shards, "shards": {}}
+        "draws": draws(n_prompts, sampling), "top_shards": shards, "shards": {}}
 
     parts = [_section("summary", "Run", _summary_html(view, summary, figures, own, shards,
                                                       density, tags, initial_model))]
@@ -339,6 +340,16 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     return out
 
 
+def draws(n_prompts: int, sampling: dict[str, Any]) -> dict[str, int]:
+    """``analysis.json``'s ``draws``: what the dose-response, ablation and together sections
+    draw their prompts, rollouts and random control directions with, so a reader can draw the
+    same again: ``seed`` (the prompts, ``eval_prompts``, and the sampled completions,
+    ``score_rollouts``), ``control_seed`` (the norm-matched random directions), ``n_prompts``
+    and ``n_samples`` (completions per prompt). The report is deterministic given these."""
+    return {"seed": sampling.get("seed", ROLLOUT_SEED), "control_seed": CONTROL_SEED,
+            "n_prompts": n_prompts, "n_samples": sampling.get("n_samples", N_SAMPLES)}
+
+
 def _together(view: RunView, models, shards: list[int], entries: dict[int, dict[str, Any]],
               scorer, n_prompts: int, baselines: tuple[Any, Any] | None,
               sampling: dict[str, Any]) -> tuple[dict[str, Any], SpanEffect | None]:
@@ -466,7 +477,7 @@ def _baselines(models, scorer, alphas: Sequence[float], n_prompts: int,
     """``(initial, final)``: each policy's ``Scored`` on the prompts every dose-response and
     ablation scores, unchanged (the dose-response's alpha 0, the ablation's reference), once per
     report; the initial one None when no alpha is 0."""
-    data = eval_prompts(scorer, n_prompts, sampling.get("seed", 0))
+    data = eval_prompts(scorer, n_prompts, sampling.get("seed", ROLLOUT_SEED))
     initial = (score_rollouts(models.initial, models.tokenizer, scorer, data, **sampling)
                if any(a == 0 for a in alphas) else None)
     return initial, score_rollouts(models.final, models.tokenizer, scorer, data, **sampling)

@@ -34,11 +34,11 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from sae_shards.analysis.interventions import (AnyTask, Direction, Scored, add_direction,
-                                               check_baseline, estimate, eval_prompts,
-                                               label_rewards, paired_change, prompt_means,
-                                               random_direction_like, score_rollouts,
-                                               set_weights, weights_of)
+from sae_shards.analysis.interventions import (CONTROL_SEED, ROLLOUT_SEED, AnyTask, Direction,
+                                               Scored, add_direction, check_baseline, estimate,
+                                               eval_prompts, label_rewards, paired_change,
+                                               prompt_means, random_direction_like,
+                                               score_rollouts, set_weights, weights_of)
 
 RESOLVED_SE = 2.0
 """The run's reward change must exceed this many of its standard errors for a share of it to
@@ -149,7 +149,7 @@ def span_effect(
     tokenizer: PreTrainedTokenizerBase,
     task: AnyTask,
     projected: Direction,
-    control_seed: int = 0,
+    control_seed: int = CONTROL_SEED,
     n_prompts: int = 32,
     baselines: tuple[Scored | None, Scored | None] = (None, None),
     **reward_kwargs: Any,
@@ -164,7 +164,7 @@ def span_effect(
     :func:`interventions.score_rollouts` takes them). ``baselines``: the two policies'
     :class:`Scored` on those prompts when the caller has them. Both models are restored
     bit-exactly afterwards."""
-    data = eval_prompts(task, n_prompts, reward_kwargs.get("seed", 0))
+    data = eval_prompts(task, n_prompts, reward_kwargs.get("seed", ROLLOUT_SEED))
     for b in baselines:
         check_baseline(b, n_prompts, reward_kwargs, "span_effect")
 
