@@ -110,6 +110,32 @@ def test_rl_waiting_to_overwrite_a_held_sample_stops_on_a_hung_worker():
     hang.set()
 
 
+def test_rl_waiting_on_a_held_sample_stops_on_a_late_worker_that_keeps_reading():
+    """A worker past the timeout that still reads the buffer (each of its gathers wakes the
+    waiting writer) stops RL within the timeout too, not only once the worker is done."""
+    import time
+
+    from sae_shards.capture.runner import SAEWorkerError
+
+    runner, buffer, hang = hung_thread_runner(capacity=5)
+
+    def reads_until_set(*push):  # SAE steps that go on past the timeout, reading the buffer
+        while not hang.wait(0.005):
+            buffer.gather([0])
+
+    runner.loop.process = reads_until_set
+    delta = {t.name: torch.ones(t.shape) for t in TARGETS}
+    runner.on_push(buffer.push(delta, StepMeta(1)))  # held: commit 0
+    threading.Timer(5, hang.set).start()  # the worker ends after 5 s at most
+    start = time.monotonic()
+    with pytest.raises(SAEWorkerError, match=r"runner.worker_timeout_s=0.5"):
+        for step in range(2, 9):  # the 5th write would overwrite step 1
+            buffer.push(delta, StepMeta(step))
+    assert time.monotonic() - start < 3
+    assert buffer.metadata(0).global_step == 1
+    hang.set()
+
+
 def test_sae_budget_grants_steps_worth_its_share_of_rl_time():
     """Pure accounting, on a clock the test moves: 100 ms of RL per push, SAE steps of 10 ms,
     budget 0.2 -> 20 ms per push -> about two steps per push, and spent time is charged."""

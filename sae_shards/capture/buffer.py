@@ -97,8 +97,8 @@ class SampleWindow(NamedTuple):
 
 
 WAIT_POLL_S = 0.05
-"""How often a writer waiting for a held window calls ``on_wait`` (a hung reader must not block
-the writer silently)."""
+"""The longest a writer waiting for a held window goes without calling ``on_wait`` (a hung or
+late reader must not block the writer silently; it also calls it on every wake-up)."""
 
 
 class DeltaRingBuffer:
@@ -149,8 +149,8 @@ class DeltaRingBuffer:
         self._seq = torch.full((self.capacity,), -1, dtype=torch.long)  # [capacity] commit number
         self._held: list[SampleWindow] = []  # windows lagging readers still draw from
         self.on_wait: Callable[[], None] | None = None
-        """Called every ``WAIT_POLL_S`` while ``begin_write`` waits for a held window (the
-        thread runner raises there if its worker failed or hangs)."""
+        """Called at least every ``WAIT_POLL_S`` while ``begin_write`` waits for a held window
+        (the thread runner raises there if its worker failed or hangs)."""
         self._lock = threading.Lock()
         self._unread = threading.Condition(self._lock)  # notified when a slot's readers reach 0
         self._readers = [0] * self.capacity  # gathers in progress that read each slot
@@ -177,7 +177,9 @@ class DeltaRingBuffer:
             slot = self._next
             while self._filled[slot] and self._held and \
                     int(self._seq[slot]) >= min(w.start for w in self._held):
-                if not self._unread.wait(WAIT_POLL_S) and self.on_wait is not None:
+                # at every wake-up, not only on a timeout: a late reader's gathers notify too
+                self._unread.wait(WAIT_POLL_S)
+                if self.on_wait is not None:
                     self.on_wait()  # may raise: nothing is claimed yet
             self._writing = slot
             self._meta[slot] = None
