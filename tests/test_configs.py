@@ -138,6 +138,11 @@ def test_default_config_equals_dataclass_defaults():
                                                      r"runner.max_lag=8 \+ 1 in thread mode"),
     ("runner.heldout_every=2 capture.capacity=12 runner.min_samples=8",
      r"runner.min_samples=8 exceeds the trainable samples the buffer can hold \(6"),
+    ("runner.concurrency=thread capture.capacity=16",  # a window of 7: the SAE never trained
+     r"runner.min_samples=8 exceeds the trainable samples the thread worker may draw for a push "
+     r"\(7: capture.capacity=16 less \(runner.max_lag=8 \+ 1\)"),
+    ("runner.concurrency=thread capture.capacity=19 runner.heldout_every=3",
+     r"the thread worker may draw for a push \(7: .* minus every 3th step held out\)"),
     ("rl.num_generations=1 rl.per_device_train_batch_size=4", r"rl.num_generations=1 must be >= 2"),
     ("rl.algorithm=ppo", r"rl.algorithm='ppo' is not one of \['grpo', 'rloo'\]"),
     ("capture.targets=[]", r"capture.targets is empty"),

@@ -335,7 +335,8 @@ class RunnerConfig:
     the worker draws each push's batches from the buffer as it was at that push, less its oldest
     ``(max_lag + 1) x`` the push's samples (those RL may overwrite meanwhile), however far behind
     it is. So ``thread`` trains the same SAE run to run and across a resume, but not the
-    ``inline`` one, which draws from the whole buffer (they differ once the ring is full)."""
+    ``inline`` one, which draws from the whole buffer (they differ once the buffer holds more
+    than ``capacity - (max_lag + 1) x`` a push's samples)."""
     sae_steps_per_rl_step: int = 4
     """SAE steps per captured delta (fixed; used when ``sae_budget`` is 0)."""
     sae_budget: float = 0.0
@@ -354,9 +355,10 @@ class RunnerConfig:
     on steps 151..300 (the early steps' Adam preconditioner is a short average, and directions
     drift)."""
     max_lag: int = 8
-    """thread mode: captured deltas the worker may fall behind before RL waits. Once the ring is
-    full, each push's batches leave out its oldest ``(max_lag + 1) x`` the push's samples, which
-    RL may overwrite while the worker is behind."""
+    """thread mode: captured deltas the worker may fall behind before RL waits. Each push's
+    batches draw on at most ``capture.capacity - (max_lag + 1) x`` the push's samples, the newest
+    at that push (RL may overwrite the older ones while the worker is behind); ``min_samples``
+    must fit in a one-sample push's ``capture.capacity - max_lag - 1`` (checked)."""
     worker_timeout_s: float = 600.0
     """thread mode: longest time the worker may spend on one captured delta; past it the run
     stops with an error instead of RL waiting forever on a hung SAE step."""
@@ -619,17 +621,27 @@ def check_sae_trains(capture: CaptureConfig, runner: RunnerConfig, max_steps: in
 def check_sae_window(capture: CaptureConfig, runner: RunnerConfig) -> None:
     """Raise if the buffer can never hold ``runner.min_samples`` trainable samples (the SAE
     would never train), or, in thread mode, a queued slot could be overwritten before the
-    worker reads it."""
+    worker reads it, or no push's window (``ThreadRunner``: at most ``capture.capacity -
+    (runner.max_lag + 1)`` samples, fewer for a push of several events) can hold
+    ``runner.min_samples`` trainable samples."""
     if runner.concurrency == "thread" and capture.capacity <= runner.max_lag + 1:
         raise ValueError(
             f"capture.capacity={capture.capacity} must exceed runner.max_lag={runner.max_lag} + 1 "
             "in thread mode, so a queued slot is not overwritten before the SAE worker reads it")
     every = runner.heldout_every
-    trainable = capture.capacity - (capture.capacity // every if every else 0)
-    if runner.min_samples > trainable:
+    held_out = f" minus every {every}th step held out" if every else ""
+    trainable = lambda n: n - (n // every if every else 0)  # noqa: E731
+    if runner.min_samples > trainable(capture.capacity):
         raise ValueError(
             f"runner.min_samples={runner.min_samples} exceeds the trainable samples the buffer "
-            f"can hold ({trainable}: capture.capacity={capture.capacity}"
-            + (f" minus every {every}th step held out" if every else "")
-            + "), so the SAE would never train; lower runner.min_samples or raise "
+            f"can hold ({trainable(capture.capacity)}: capture.capacity={capture.capacity}"
+            + held_out + "), so the SAE would never train; lower runner.min_samples or raise "
             "capture.capacity")
+    window = capture.capacity - (runner.max_lag + 1)
+    if runner.concurrency == "thread" and runner.min_samples > trainable(window):
+        raise ValueError(
+            f"runner.min_samples={runner.min_samples} exceeds the trainable samples the thread "
+            f"worker may draw for a push ({trainable(window)}: capture.capacity="
+            f"{capture.capacity} less (runner.max_lag={runner.max_lag} + 1) samples RL may "
+            "overwrite while the worker is behind" + held_out + "), so the SAE would never "
+            "train; lower runner.min_samples or runner.max_lag, or raise capture.capacity")
