@@ -410,7 +410,7 @@ def test_a_window_draws_the_buffer_as_it_was_at_its_push():
         buf.push(sample_of(step), StepMeta(step, heldout=step == 5))
     window = buf.window(reserve=2)  # commits 4..7 (steps 5..8), less held-out step 5
     assert window == SampleWindow(4, 8) and buf.n_trainable_in(window) == 3
-    buf.hold(window)
+    buf.hold(window.start)
     buf.push(sample_of(9), StepMeta(9))  # overwrites step 3: outside the window
     assert buf.n_trainable_in(window) == 3 and buf.n_trainable == 5
     batch, slots = buf.sample(64, torch.Generator().manual_seed(0), window=window)
@@ -427,7 +427,7 @@ def test_the_writer_waits_rather_than_overwrite_a_held_window():
     for step in range(1, 5):
         buf.push(sample_of(step), StepMeta(step))
     window = buf.window(reserve=1)  # commits 1..3: the next write (over commit 0) may go on
-    buf.hold(window)
+    buf.hold(window.start)
     buf.push(sample_of(5), StepMeta(5))
     wrote, polls = threading.Event(), []
     buf.on_wait = lambda: polls.append(1)
@@ -435,7 +435,7 @@ def test_the_writer_waits_rather_than_overwrite_a_held_window():
     writer.start()
     assert not wrote.wait(0.3) and polls  # commit 1 is held: it waits, and says so meanwhile
     assert buf.metadata(1).global_step == 2
-    buf.release(window)
+    buf.release(window.start)
     writer.join(5)
     assert wrote.is_set() and buf.metadata(1).global_step == 6
 
@@ -444,7 +444,7 @@ def test_a_writer_stopped_while_waiting_claims_no_slot():
     buf = DeltaRingBuffer(TARGETS, capacity=2, device="cpu")
     for step in (1, 2):
         buf.push(sample_of(step), StepMeta(step))
-    buf.hold(buf.window(reserve=0))
+    buf.hold(buf.window(reserve=0).start)
 
     def stop():
         raise RuntimeError("the SAE worker failed")

@@ -136,6 +136,36 @@ def test_rl_waiting_on_a_held_sample_stops_on_a_late_worker_that_keeps_reading()
     hang.set()
 
 
+def test_a_lagging_worker_reads_each_push_s_own_samples_not_later_ones():
+    """Pushes of two events on a ring of 5 (max_lag 1): a push's own first sample lies outside
+    the window its batches draw from, yet the worker reads it (its metadata, its encoding), so
+    RL must not overwrite it while the worker is behind. (Before, with a slow worker, 37 of 39
+    pushes found another step's samples in their slots.)"""
+    import time
+
+    from sae_shards.capture.runner import ThreadRunner
+
+    buffer = DeltaRingBuffer(TARGETS, capacity=5, device="cpu")
+    cfg = RunnerConfig(concurrency="thread", max_lag=1, min_samples=1, sae_steps_per_rl_step=1)
+    trainer = SAETrainer(LowRankSAE(TARGETS, SAEConfig(n_latents=4, k=1, batch_size=2)))
+    loop = SAEWorkLoop(trainer, buffer, cfg, torch.Generator().manual_seed(0))
+    assert loop.room(threaded=True) == 2
+    process, seen = loop.process, []
+
+    def slow(slots, window):
+        time.sleep(0.02)
+        seen.append({buffer.metadata(s).global_step for s in slots})
+        return process(slots, window)
+
+    loop.process = slow
+    runner = ThreadRunner(loop, cfg.max_lag, timeout_s=30)
+    for step in range(1, 21):
+        delta = {t.name: torch.full(t.shape, float(step)) for t in TARGETS}
+        runner.on_push([buffer.push(delta, StepMeta(step, event=e)) for e in range(2)])
+    runner.finish()
+    assert seen == [{step} for step in range(1, 21)]
+
+
 def test_sae_budget_grants_steps_worth_its_share_of_rl_time():
     """Pure accounting, on a clock the test moves: 100 ms of RL per push, SAE steps of 10 ms,
     budget 0.2 -> 20 ms per push -> about two steps per push, and spent time is charged."""

@@ -25,8 +25,9 @@ the next overwrite, whichever streams the two threads use.
 A reader that lags behind the writer (the thread runner's worker) reads the buffer as it was at
 a push, not as it is when the reader gets there: it draws from a ``SampleWindow`` (the samples
 committed as the ``start``-th to the ``end - 1``-th, counting every commit), ``hold``-s the
-window until it is done, and ``begin_write`` waits rather than overwrite a sample a held window
-may draw. What it draws then depends on the pushes alone, not on how far ahead the writer got.
+commits it may still read (the window's, and any others it reads by slot) until it is done, and
+``begin_write`` waits rather than overwrite a held sample. What it reads then depends on the
+pushes alone, not on how far ahead the writer got.
 """
 
 from __future__ import annotations
@@ -147,9 +148,9 @@ class DeltaRingBuffer:
         self._writing: int | None = None
         self._n_pushed = 0
         self._seq = torch.full((self.capacity,), -1, dtype=torch.long)  # [capacity] commit number
-        self._held: list[SampleWindow] = []  # windows lagging readers still draw from
+        self._held: list[int] = []  # per hold, the first commit a lagging reader may still read
         self.on_wait: Callable[[], None] | None = None
-        """Called at least every ``WAIT_POLL_S`` while ``begin_write`` waits for a held window
+        """Called at least every ``WAIT_POLL_S`` while ``begin_write`` waits for a held sample
         (the thread runner raises there if its worker failed or hangs)."""
         self._lock = threading.Lock()
         self._unread = threading.Condition(self._lock)  # notified when a slot's readers reach 0
@@ -175,8 +176,7 @@ class DeltaRingBuffer:
                     "(the buffer takes one writer at a time)"
                 )
             slot = self._next
-            while self._filled[slot] and self._held and \
-                    int(self._seq[slot]) >= min(w.start for w in self._held):
+            while self._filled[slot] and self._held and int(self._seq[slot]) >= min(self._held):
                 # at every wake-up, not only on a timeout: a late reader's gathers notify too
                 self._unread.wait(WAIT_POLL_S)
                 if self.on_wait is not None:
@@ -246,7 +246,7 @@ class DeltaRingBuffer:
         drawn uniformly (with replacement) from the ``recent_window`` newest committed slots
         (default ``batch_size``; clamped to ``len(self)``), the remaining rows from all committed
         slots, so the newest samples are seen more often. ``generator`` is a CPU generator.
-        ``window``: draw only from its samples (held with ``hold``), as if the buffer were as it
+        ``window``: draw only from its samples (kept with ``hold``), as if the buffer were as it
         was at its ``end``.
         """
         if batch_size < 1:
@@ -313,17 +313,17 @@ class DeltaRingBuffer:
             end = self._n_pushed
         return SampleWindow(max(0, end - self.capacity + reserve), end)
 
-    def hold(self, window: SampleWindow) -> None:
-        """Keep ``window``'s samples from being overwritten until ``release(window)``:
-        ``begin_write`` waits instead."""
+    def hold(self, first: int) -> None:
+        """Keep the samples committed as the ``first``-th and after from being overwritten
+        until ``release(first)``: ``begin_write`` waits instead."""
         with self._lock:
-            self._held.append(window)
+            self._held.append(first)
 
-    def release(self, window: SampleWindow) -> None:
-        """Undo one ``hold(window)`` (a no-op if none is left)."""
+    def release(self, first: int) -> None:
+        """Undo one ``hold(first)`` (a no-op if none is left)."""
         with self._lock:
-            if window in self._held:
-                self._held.remove(window)
+            if first in self._held:
+                self._held.remove(first)
             self._unread.notify_all()
 
     def release_all(self) -> None:

@@ -234,6 +234,12 @@ class SAEWorkLoop:
         """The last RL step trained (``reached``): the run's ``rl_steps`` and its checkpoints'
         ``rl_step``."""
 
+    def first_read(self, window: SampleWindow, n: int) -> int:
+        """The oldest commit ``process`` may read for a push of the newest ``n`` samples at
+        ``window.end``: its batches' (``window``), its own samples' and those of earlier pushes
+        still waiting to be encoded (fewer than ``_flush_at``, just before its own)."""
+        return max(0, min(window.start, window.end - n - (self._flush_at - 1)))
+
     def room(self, threaded: bool) -> int:
         """The most samples one push may commit without the ring overwriting a slot not yet
         encoded: up to ``_flush_at - 1`` wait in ``_pending``, and a thread worker may have
@@ -346,7 +352,10 @@ class Push(NamedTuple):
 
     slots: int | list[int]
     window: SampleWindow
-    """What its batches draw from, held in the buffer until the worker is done with it."""
+    """What its batches draw from."""
+    first: int
+    """The oldest commit the worker may read for it (``SAEWorkLoop.first_read``), held in the
+    buffer until the worker is done with it."""
 
 
 class ThreadRunner:
@@ -354,9 +363,9 @@ class ThreadRunner:
 
     Each push's batches come from the buffer as it was at that push, less its oldest
     ``(max_lag + 1) x`` the push's samples: the ones RL may overwrite while up to ``max_lag``
-    later pushes wait in the queue and one more is written. The window is held in the buffer,
-    so should RL get further ahead (a larger push later) it waits instead of overwriting a
-    sample the worker may draw. The SAE a run trains is then the same whatever the timing (not
+    later pushes wait in the queue and one more is written. What the worker may read for a push
+    (the window, the push's own samples, earlier ones not yet encoded) is held in the buffer, so
+    should RL get further ahead (a larger push later) it waits instead of overwriting it. The SAE a run trains is then the same whatever the timing (not
     the inline runner's, whose batches draw from the whole buffer)."""
 
     _STOP = None
@@ -403,7 +412,7 @@ class ThreadRunner:
                 self._error = e
             finally:
                 if push is not self._STOP:
-                    self.loop.buffer.release(push.window)
+                    self.loop.buffer.release(push.first)
                 self._busy_since = None
                 self._queue.task_done()
 
@@ -434,8 +443,9 @@ class ThreadRunner:
     def on_push(self, slots: int | list[int]) -> None:
         self._raise_if_failed()
         n = 1 if isinstance(slots, int) else len(slots)
-        push = Push(slots, self.loop.buffer.window(reserve=(self.max_lag + 1) * n))
-        self.loop.buffer.hold(push.window)  # before the worker can take (and release) it
+        window = self.loop.buffer.window(reserve=(self.max_lag + 1) * n)
+        push = Push(slots, window, self.loop.first_read(window, n))
+        self.loop.buffer.hold(push.first)  # before the worker can take (and release) it
         try:
             while True:  # blocks only when max_lag deltas are already waiting
                 try:
@@ -444,7 +454,7 @@ class ThreadRunner:
                 except queue.Full:
                     self._check_worker()
         except BaseException:
-            self.loop.buffer.release(push.window)
+            self.loop.buffer.release(push.first)
             raise
 
     def wait_idle(self) -> None:
