@@ -313,15 +313,18 @@ def _seeded_run(tiny_model, tmp_path, name: str, stop_at: int | None = None) -> 
     ({"min_samples": 9, "capture": "group"}, r"the trainer's max_steps=4 gives 8 trainable events "
                                              r"at most \(2 per RL step with capture.granularity="
                                              r"group\)"),
+    ({"concurrency": "thread", "capture": "completion", "capacity": 75},
+     r"may draw for a full push \(3: capture.capacity=75 less \(runner.max_lag=8 \+ 1\) x 8 "
+     r"samples per step \(capture.granularity=completion\)"),
 ])
 def test_a_script_run_whose_sae_cannot_train_is_refused_before_its_first_step(
         tiny_model, tmp_path, runner, said):
     """A trainer too short for the SAE to take a step is refused when training begins, naming
     the trainer's max_steps, not after every RL step ran with a warning at the end."""
     runner = dict(runner)
-    granularity = runner.pop("capture", "step")
-    callback = ShardCallback(run_dir=tmp_path / "run", runner=runner,
-                             capture={"granularity": granularity})
+    capture = {"granularity": runner.pop("capture", "step"),
+               **({"capacity": runner.pop("capacity")} if "capacity" in runner else {})}
+    callback = ShardCallback(run_dir=tmp_path / "run", runner=runner, capture=capture)
     trainer = _user_trainer(tiny_model, tmp_path / "trl", [callback], max_steps=4,
                             gradient_checkpointing=False)
     with pytest.raises(ValueError, match=said):

@@ -143,6 +143,9 @@ def test_default_config_equals_dataclass_defaults():
      r"\(7: capture.capacity=16 less \(runner.max_lag=8 \+ 1\)"),
     ("runner.concurrency=thread capture.capacity=19 runner.heldout_every=3",
      r"the thread worker may draw for a push \(7: .* minus every 3th step held out\)"),
+    ("runner.concurrency=thread capture.granularity=completion capture.capacity=150",
+     r"may draw for a full push \(6: capture.capacity=150 less \(runner.max_lag=8 \+ 1\) x 16 "
+     r"samples per step \(capture.granularity=completion\)"),
     ("rl.num_generations=1 rl.per_device_train_batch_size=4", r"rl.num_generations=1 must be >= 2"),
     ("rl.algorithm=ppo", r"rl.algorithm='ppo' is not one of \['grpo', 'rloo'\]"),
     ("capture.targets=[]", r"capture.targets is empty"),

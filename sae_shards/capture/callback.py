@@ -554,9 +554,10 @@ class ShardCallback(TrainerCallback):
                 "call trainer.train(resume_from_checkpoint=True); for another run, a new "
                 "ShardCallback with a new run_dir")
         if not self.run_config:  # sae-shards train checked its rl.max_steps already
+            per_step = trainer_samples_per_step(args, self.capture_cfg.granularity)
+            check_sae_window(self.capture_cfg, self.runner_cfg, per_step)
             check_sae_trains(self.capture_cfg, self.runner_cfg, state.max_steps,
-                             "the trainer's max_steps",
-                             trainer_samples_per_step(args, self.capture_cfg.granularity))
+                             "the trainer's max_steps", per_step)
         self._began = True
         self._begin(args, state, control, model, **kwargs)
         if self.resume and state.global_step >= state.max_steps:

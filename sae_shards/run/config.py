@@ -358,7 +358,8 @@ class RunnerConfig:
     """thread mode: captured deltas the worker may fall behind before RL waits. Each push's
     batches draw on at most ``capture.capacity - (max_lag + 1) x`` the push's samples, the newest
     at that push (RL may overwrite the older ones while the worker is behind); ``min_samples``
-    must fit in a one-sample push's ``capture.capacity - max_lag - 1`` (checked)."""
+    must fit in a full push's window (checked: ``capture.capacity - max_lag - 1`` per step, and
+    per event with the step's most events when the trainer's settings give them)."""
     worker_timeout_s: float = 600.0
     """thread mode: longest time the worker may spend on one captured delta; past it the run
     stops with an error instead of RL waiting forever on a hung SAE step."""
@@ -461,7 +462,7 @@ class JobConfig:
         if self.resume and self.overwrite:
             raise ValueError("resume=true and overwrite=true contradict each other: resume "
                              "continues the run in run_dir, overwrite deletes it; choose one")
-        check_sae_window(self.capture, self.runner)
+        check_sae_window(self.capture, self.runner, self._samples_per_step())
         check_sae_trains(self.capture, self.runner, self.rl.max_steps,
                          samples_per_step=self._samples_per_step())
         if self.capture.granularity != "step":
@@ -618,12 +619,14 @@ def check_sae_trains(capture: CaptureConfig, runner: RunnerConfig, max_steps: in
             f"train; raise {max_steps_name} or lower runner.min_samples")
 
 
-def check_sae_window(capture: CaptureConfig, runner: RunnerConfig) -> None:
+def check_sae_window(capture: CaptureConfig, runner: RunnerConfig,
+                     samples_per_step: int | None = 1) -> None:
     """Raise if the buffer can never hold ``runner.min_samples`` trainable samples (the SAE
     would never train), or, in thread mode, a queued slot could be overwritten before the
-    worker reads it, or no push's window (``ThreadRunner``: at most ``capture.capacity -
-    (runner.max_lag + 1)`` samples, fewer for a push of several events) can hold
-    ``runner.min_samples`` trainable samples."""
+    worker reads it, or a full push's window (``ThreadRunner``: at most ``capture.capacity -
+    (runner.max_lag + 1) x`` its samples; a push is one RL step's, at most
+    ``samples_per_step``; None: not known, one assumed) cannot hold ``runner.min_samples``
+    trainable samples."""
     if runner.concurrency == "thread" and capture.capacity <= runner.max_lag + 1:
         raise ValueError(
             f"capture.capacity={capture.capacity} must exceed runner.max_lag={runner.max_lag} + 1 "
@@ -637,11 +640,15 @@ def check_sae_window(capture: CaptureConfig, runner: RunnerConfig) -> None:
             f"can hold ({trainable(capture.capacity)}: capture.capacity={capture.capacity}"
             + held_out + "), so the SAE would never train; lower runner.min_samples or raise "
             "capture.capacity")
-    window = capture.capacity - (runner.max_lag + 1)
-    if runner.concurrency == "thread" and runner.min_samples > trainable(window):
+    per_push = samples_per_step or 1
+    window = capture.capacity - (runner.max_lag + 1) * per_push
+    if runner.concurrency == "thread" and runner.min_samples > trainable(max(window, 0)):
+        of = ("samples RL may" if per_push == 1 else
+              f"x {per_push} samples per step (capture.granularity={capture.granularity}) RL may")
         raise ValueError(
             f"runner.min_samples={runner.min_samples} exceeds the trainable samples the thread "
-            f"worker may draw for a push ({trainable(window)}: capture.capacity="
-            f"{capture.capacity} less (runner.max_lag={runner.max_lag} + 1) samples RL may "
-            "overwrite while the worker is behind" + held_out + "), so the SAE would never "
-            "train; lower runner.min_samples or runner.max_lag, or raise capture.capacity")
+            f"worker may draw for {'a' if per_push == 1 else 'a full'} push "
+            f"({trainable(max(window, 0))}: capture.capacity={capture.capacity} less "
+            f"(runner.max_lag={runner.max_lag} + 1) {of} overwrite while the worker is behind"
+            + held_out + "), so the SAE would never train; lower runner.min_samples or "
+            "runner.max_lag, or raise capture.capacity")
