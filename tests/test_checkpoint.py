@@ -126,6 +126,30 @@ def test_a_tensor_declared_beyond_memory_is_refused_before_it_is_read(tmp_path):
         read_safetensors(file)
 
 
+def test_a_file_this_process_may_not_map_is_named_not_raised_from_inside_safetensors(tmp_path):
+    """Under an address-space limit (ulimit -v) that leaves 1 GiB, a 4 GiB tensor (within the
+    machine's memory, so the header check lets it through) fails safetensors' memory map with a
+    MemoryError: a CheckpointError naming the file and the limit, in a process of its own."""
+    import subprocess
+    import sys
+
+    file = sparse_safetensors(tmp_path / "activations.safetensors", {"final.values": [2**15, 2**15]},
+                              {"format_version": "2"})
+    code = (
+        "import resource, sys\n"
+        "from sae_shards.core.checkpoint import CheckpointError, read_safetensors\n"
+        "vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))\n"
+        "try:\n"
+        f"    read_safetensors({str(file)!r})\n"
+        "except CheckpointError as e:\n"
+        "    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"{file}: cannot be mapped into memory (")
+    assert "ulimit -v" in done.stdout
+
+
 def test_failed_write_keeps_previous_checkpoint(trained, tmp_path):
     _, sae, trainer = trained
     save_checkpoint(tmp_path / "ck", sae, meta={"rl_step": 1})

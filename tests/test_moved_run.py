@@ -97,6 +97,27 @@ def test_a_truncated_policy_file_is_named_not_raised_from_inside_transformers(sh
         load_run_models(run)
 
 
+def test_a_policy_file_too_large_to_map_is_named_not_raised_from_inside_safetensors(
+        short_run_dir, tmp_path):
+    """A final policy whose safetensors header declares a 4 TB tensor (a sparse file: the size
+    check passes): safetensors' failed memory map is a CheckpointError naming the file, not its
+    bare RuntimeError."""
+    from helpers import sparse_safetensors
+    from safetensors import safe_open
+
+    run = _copy(short_run_dir, tmp_path / "copy")
+    huge = sparse_safetensors(run / rundir.FINAL_MODEL / "model.safetensors",
+                              {"lm_head.weight": [10**6, 10**6]})
+    try:
+        with safe_open(huge, framework="pt", device="cpu"):
+            pytest.skip("this machine maps a 4 TB file (overcommit): nothing to refuse")
+    except RuntimeError:
+        pass
+    with pytest.raises(CheckpointError, match=f"{huge}: cannot be mapped into memory .*unable "
+                                              r"to mmap.*copy it again from the run"):
+        load_run_models(run)
+
+
 @pytest.mark.parametrize("name", ["tokenizer_config.json", "config.json"])
 def test_a_policy_json_file_that_is_not_an_object_is_named(short_run_dir, tmp_path, name):
     """A policy's JSON file that parses but is not an object (a list: edited, or another

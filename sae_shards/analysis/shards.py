@@ -29,7 +29,7 @@ from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, F
                                           find_families)
 from sae_shards.capture.rollouts import scored_mean
 from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, read_safetensors,
-                                        save_checkpoint)
+                                        save_checkpoint, unmappable)
 from sae_shards.core.factored import cross_gram
 from sae_shards.core.sae import LowRankSAE
 from sae_shards.core.targets import split_stacked, stack_slices, stack_targets
@@ -924,6 +924,9 @@ def _load_safe(folder: Path, safetensors_only: bool = True, tokenizer_dir: Path 
         raise CheckpointError(f"{e}{hint}") from None
 
 
+AGAIN = "again from the run"
+
+
 def check_model_files(folder: Path) -> None:
     """Every ``*.safetensors`` file at the top of a policy directory opens (its header agrees
     with its size) and every ``*.json`` file parses to an object: a truncated or damaged copy
@@ -940,7 +943,9 @@ def check_model_files(folder: Path) -> None:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{file}: cannot be read as {file.suffix[1:]} ({e}); the file "
                                   "is truncated or damaged (an interrupted copy?): copy it "
-                                  "again from the run") from None
+                                  f"{AGAIN}") from None
+        except (RuntimeError, MemoryError) as e:  # safetensors' failed mmap
+            raise unmappable(file, e, f"copy it {AGAIN}") from None
 
 
 def _merged(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:

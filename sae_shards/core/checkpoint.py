@@ -57,7 +57,7 @@ from sae_shards.core.checkpoint_checks import (  # noqa: F401  (the format's nam
     ADAM, CONFIG_FILE, DAMAGED, FORMAT, FORMAT_VERSION, SAE_FILE, STATE_FILE, STATE_OPTIONAL,
     STATE_REQUIRED, STATS, CheckpointError, SizeLimit, check_declared_sizes, check_file,
     check_names, check_scale_and_threshold, check_tensor, check_unit_norm, check_version,
-    read_spec)
+    read_spec, unmappable)
 from sae_shards.core.sae import LowRankSAE
 
 
@@ -266,6 +266,8 @@ def read_safetensors(file: str | Path, expect_version: bool = True, kind: str | 
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot be read as safetensors ({e}); the file is "
                               f"truncated or damaged — {DAMAGED}") from e
+    except (RuntimeError, MemoryError) as e:  # safetensors' failed mmap (not a CheckpointError,
+        raise unmappable(Path(file), e) from e  # a ValueError)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedSAE:

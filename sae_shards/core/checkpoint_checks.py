@@ -148,6 +148,18 @@ def check_declared_sizes(file: Path, limit: SizeLimit | None = None) -> None:
                 f"check) — {DAMAGED}")
 
 
+def unmappable(file: Path, error: Exception, advice: str = DAMAGED) -> CheckpointError:
+    """The error for a safetensors file that safetensors failed to map into memory (its
+    ``RuntimeError``, or ``MemoryError`` under an address-space limit): a header declaring more
+    than it holds, or more than the process may map. ``advice``: what to do when the header is
+    damaged."""
+    return CheckpointError(
+        f"{file}: cannot be mapped into memory ({error}): its header declares more than this "
+        "process may map. A damaged or edited header does (a sparse file passes safetensors' "
+        f"size check): {advice}; a real file this large needs a machine or a limit (ulimit -v) "
+        "that allows it")
+
+
 def declared_tensors(file: Path) -> dict[str, tuple[list[int], int]]:
     """``{name: (shape, bytes)}`` as ``file``'s safetensors header declares them (its first 8
     bytes: the header's length, little-endian; then the header, JSON), read without the data.
