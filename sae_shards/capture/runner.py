@@ -445,15 +445,15 @@ class ThreadRunner:
         n = 1 if isinstance(slots, int) else len(slots)
         window = self.loop.buffer.window(reserve=(self.max_lag + 1) * n)
         push = Push(slots, window, self.loop.first_read(window, n))
-        self.loop.buffer.hold(push.first)  # before the worker can take (and release) it
         try:
+            self.loop.buffer.hold(push.first)  # before the worker can take (and release) it
             while True:  # blocks only when max_lag deltas are already waiting
                 try:
                     self._queue.put(push, timeout=0.05)
                     return
                 except queue.Full:
                     self._check_worker()
-        except BaseException:
+        except BaseException:  # not queued (a Ctrl-C, a failed worker): nobody else releases it
             self.loop.buffer.release(push.first)
             raise
 
