@@ -147,7 +147,6 @@ class DeltaRingBuffer:
         self._next = 0  # the slot the next begin_write hands out
         self._writing: int | None = None
         self._n_pushed = 0
-        self._seq = torch.full((self.capacity,), -1, dtype=torch.long)  # [capacity] commit number
         self._held: list[int] = []  # per hold, the first commit a lagging reader may still read
         self.on_wait: Callable[[], None] | None = None
         """Called at least every ``WAIT_POLL_S`` while ``begin_write`` waits for a held sample
@@ -176,7 +175,9 @@ class DeltaRingBuffer:
                     "(the buffer takes one writer at a time)"
                 )
             slot = self._next
-            while self._filled[slot] and self._held and int(self._seq[slot]) >= min(self._held):
+            # a filled next slot holds the oldest sample, the (n_pushed - n_filled)-th commit
+            while self._filled[slot] and self._held and \
+                    self._n_pushed - int(self._filled.sum()) >= min(self._held):
                 # at every wake-up, not only on a timeout: a late reader's gathers notify too
                 self._unread.wait(WAIT_POLL_S)
                 if self.on_wait is not None:
@@ -199,7 +200,6 @@ class DeltaRingBuffer:
             self._meta[slot] = meta
             self._filled[slot] = True
             self._heldout[slot] = meta.heldout
-            self._seq[slot] = self._n_pushed
             self._n_pushed += 1
             self._next = (slot + 1) % self.capacity
             self._writing = None
@@ -384,10 +384,6 @@ class DeltaRingBuffer:
             self._heldout.copy_(tensors["buffer.heldout"])
             self._meta = [None if m is None else _step_meta(m) for m in info["meta"]]
             self._next, self._n_pushed = int(info["next"]), int(info["n_pushed"])
-            # The committed samples are always the newest commits (a write drops the oldest).
-            order = self._chronological_locked()  # [n_filled], oldest first
-            self._seq.fill_(-1)
-            self._seq[order] = torch.arange(self._n_pushed - order.numel(), self._n_pushed)
 
     @property
     def memory_bytes(self) -> int:
@@ -471,8 +467,9 @@ class DeltaRingBuffer:
         """Committed slots not held out (within ``window`` if given), oldest first. ``[n]``"""
         committed = self._chronological_locked()  # [n_committed], oldest first
         keep = ~self._heldout[committed]  # held-out slots are never trained on
-        if window is not None:
-            seq = self._seq[committed]
+        if window is not None:  # the committed samples are always the newest commits (each
+            # write drops the oldest), so the i-th oldest is the (n_pushed - n + i)-th
+            seq = torch.arange(self._n_pushed - committed.numel(), self._n_pushed)  # [n]
             keep &= (seq >= window.start) & (seq < window.end)
         return committed[keep]
 
