@@ -251,6 +251,39 @@ def test_the_budget_pays_for_the_callbacks_own_work_and_the_inline_sae_once(monk
     assert seen == [1.0] and budget.paid_in_this_thread() == before
 
 
+def test_a_thread_worker_gets_the_inline_share_of_rl_time():
+    """``runner.sae_budget`` means the same in both runners: RL time earns credit while a thread
+    worker trains beside it (its time is paid, not subtracted from RL's). The inline case above
+    on a thread: hooks of 7 ms, 100 ms of RL a step, with the worker's SAE steps (10 ms each)
+    running during them -> 1.3 steps a push, as inline. Earning from the worker's idle gaps
+    instead gave ~1.04 (the 10 ms a step it trains would not count as RL time)."""
+    import threading
+
+    from sae_shards.capture.runner import SAEBudget
+
+    now = [0.0]
+    budget = SAEBudget(0.2, clock=lambda: now[0])
+    granted = []
+
+    def push():  # the worker's SAEWorkLoop.process, while RL runs on
+        started = now[0]
+        n = budget.steps(started)
+        now[0] += 0.010 * n
+        budget.spent(started, n, 0.010 * n)
+        granted.append(n)
+
+    for _ in range(200):
+        now[0] += 0.007  # the hook's capture, queue put and logging on the RL thread
+        budget.charge(0.007)
+        worker = threading.Thread(target=push)
+        worker.start()
+        worker.join()
+        now[0] += 0.100 - 0.010 * granted[-1]  # the rest of RL's own step
+    assert sum(granted) / 200 == pytest.approx(1.3, abs=0.05)
+    assert budget.earned_from_s == pytest.approx(199 * 0.100)
+    assert budget.paid_s / budget.earned_from_s == pytest.approx(0.2, abs=0.01)
+
+
 def test_the_end_of_run_encode_copies_at_most_encode_chunk_mib_of_the_buffer():
     """The final timeline encodes the whole buffer: a large model's dense slots are gathered
     (and scaled) a few at a time, as ``sae.encode_chunk_mib`` allows, not 64 at a time (64 slots

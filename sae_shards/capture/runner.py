@@ -139,16 +139,17 @@ class SAEBudget:
     """How many SAE steps fit in ``runner.sae_budget`` of the RL run's wall time.
 
     The budget covers all of sae-shards' work, not the SAE steps alone: "never slow RL by more
-    than this fraction". RL time is the wall time between the end of one ``process`` and the
-    start of the next (what the RL side spent on its own step), less the time ``charge``-d in
-    between. Every second of it earns ``sae_budget`` seconds of credit. Each ``process`` spends
-    its own wall time (encode, SAE steps), and ``charge`` pays for the rest of sae-shards' work:
-    the callback's capture, rollout logging and checkpoint snapshots on the RL thread, and
-    activation flushes between pushes. A push runs as many SAE steps as the credit left pays for
-    at the measured cost per step (the first one runs one step to measure it). Credit is capped
-    at ``cap_steps`` steps, so a long pause does not buy a burst. Thread-safe (the RL thread
-    charges while a worker spends). The counts depend on timing: runs with a budget are not
-    bit-reproducible.
+    than this fraction". RL time is the wall time since the first push less the time the RL
+    thread spent on sae-shards' work: ``charge``-d hook time (capture, rollout logging,
+    checkpoint snapshots, activation flushes between pushes, and any wait for a busy worker) and,
+    inline, the pushes themselves. Every second of it earns ``sae_budget`` seconds of credit.
+    Each ``process`` spends its own wall time (encode, SAE steps), on whichever thread it runs,
+    and ``charge`` the rest. So a thread worker's time is paid for but does not stop RL time
+    from earning (RL runs meanwhile), and both runners grant the same share of RL time. A push
+    runs as many SAE steps as the credit left pays for at the measured cost per step (the first
+    one runs one step to measure it). Credit is capped at ``cap_steps`` steps, so a long pause
+    does not buy a burst. Thread-safe (the RL thread charges while a worker spends). The counts
+    depend on timing: runs with a budget are not bit-reproducible.
     """
 
     def __init__(self, fraction: float, cap_steps: int = 32,
@@ -162,29 +163,28 @@ class SAEBudget:
         """All time paid so far (``process`` and ``charge``)."""
         self.earned_from_s = 0.0
         """RL time that earned credit so far."""
-        self._last_end: float | None = None
+        self._origin: float | None = None  # when RL time starts to count: the first push
+        self._rl_paid_before = 0.0  # what the RL thread had paid by then
+        self._rl_thread = threading.get_ident()  # the thread that charges (builds the run)
         self._lock = threading.Lock()
         self._paid_by: dict[int, float] = {}  # thread id -> seconds paid in that thread
 
     def steps(self, started: float) -> int:
         """SAE steps to run in the ``process`` that started at ``started``."""
         with self._lock:
-            if self._last_end is not None:
-                rl_s = max(0.0, started - self._last_end)
-                self.credit_s += self.fraction * rl_s
-                self.earned_from_s += rl_s
+            self._earn(started)
             if self.step_s is None:
                 return 1
             self.credit_s = min(self.credit_s, self.cap_steps * self.step_s)
             return max(0, int(self.credit_s // self.step_s))  # in debt: none until it is repaid
 
     def charge(self, seconds: float) -> None:
-        """Pay for sae-shards work done outside ``process`` (capture, logs, checkpoints,
-        activation flushes): from the credit, and not counted as RL time either."""
+        """Pay for sae-shards work done on the RL thread outside ``process`` (capture, logs,
+        checkpoints, activation flushes, waits for the worker): from the credit, and not counted
+        as RL time either. Call it from the RL thread."""
         with self._lock:
+            self._rl_thread = threading.get_ident()
             self._pay(seconds)
-            if self._last_end is not None:
-                self._last_end += seconds
 
     def paid_in_this_thread(self) -> float:
         """Seconds paid so far by calls made in the calling thread."""
@@ -194,13 +194,25 @@ class SAEBudget:
     def spent(self, started: float, n_steps: int, steps_s: float) -> None:
         """Charge the ``process`` that started at ``started`` (``steps_s`` of it on SAE steps)."""
         with self._lock:
-            end = self.clock()
-            self._pay(end - started)
+            if self._origin is None:
+                self._earn(started)  # the first push: RL time counts from its start
+            self._pay(self.clock() - started)
             if n_steps > 0:
                 per_step = steps_s / n_steps
                 self.step_s = (per_step if self.step_s is None
                                else 0.8 * self.step_s + 0.2 * per_step)
-            self._last_end = end
+
+    def _earn(self, now: float) -> None:
+        """Credit for the RL time up to ``now`` not yet credited. RL time so far can briefly
+        read high (a hook whose time is charged when it ends) and is credited only once."""
+        rl_paid = self._paid_by.get(self._rl_thread, 0.0)
+        if self._origin is None:
+            self._origin, self._rl_paid_before = now, rl_paid
+            return
+        rl_s = (now - self._origin) - (rl_paid - self._rl_paid_before) - self.earned_from_s
+        if rl_s > 0:
+            self.credit_s += self.fraction * rl_s
+            self.earned_from_s += rl_s
 
     def _pay(self, seconds: float) -> None:
         self.credit_s -= seconds
