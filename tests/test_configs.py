@@ -196,6 +196,13 @@ def test_default_config_equals_dataclass_defaults():
      r"model.trust_remote_code: expected bool, got str 'yes'"),
     ("+rl.extra.trust_remote_code=true", r"rl.extra.trust_remote_code is set by sae-shards "
                                          r"\(model.trust_remote_code=true opts in"),
+    ("+rl.extra.model_init_kwargs.trust_remote_code=true",
+     r"rl.extra.model_init_kwargs.trust_remote_code is set by sae-shards \(model.trust_remote_"
+     r"code=true opts in .*; remove it from rl.extra.model_init_kwargs"),
+    ("+rl.extra.model_init_kwargs.trust_remote_code=false",  # would override the opt-in too
+     r"rl.extra.model_init_kwargs.trust_remote_code is set by sae-shards"),
+    ("""+rl.extra.model_init_kwargs='{"trust_remote_code":true}'""",  # a JSON string, as TRL takes
+     r"rl.extra.model_init_kwargs.trust_remote_code is set by sae-shards"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):

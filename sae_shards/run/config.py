@@ -13,6 +13,7 @@ built and checked without torch, transformers or TRL.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -213,6 +214,12 @@ class RLConfig:
         for key, why in owned.items():
             if key in self.extra:
                 raise ValueError(f"rl.extra.{key} is set by sae-shards ({why}); remove it")
+        if "trust_remote_code" in _as_kwargs(self.extra.get("model_init_kwargs")):
+            # TRL loads a reference model (rl.beta > 0) with this value over its own
+            # trust_remote_code (setdefault): a way round model.trust_remote_code, either way
+            raise ValueError("rl.extra.model_init_kwargs.trust_remote_code is set by sae-shards "
+                             f"({owned['trust_remote_code']}; TRL would let this one override "
+                             "it); remove it from rl.extra.model_init_kwargs")
         if self.per_device_train_batch_size % self.num_generations:
             raise ValueError(
                 f"rl.per_device_train_batch_size={self.per_device_train_batch_size} must be a "
@@ -242,6 +249,18 @@ class RLConfig:
         if clash:
             raise ValueError(f"rl.extra repeats {clash}; set them as rl.<name> instead")
         return {**typed, **self.extra}
+
+
+def _as_kwargs(value: Any) -> dict[str, Any]:
+    """``rl.extra.model_init_kwargs`` as TRL reads it: a mapping, or a JSON object written as a
+    string (``TrainingArguments`` parses one that starts with ``{``); ``{}`` for anything else
+    (no keys to check)."""
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True)
