@@ -1213,3 +1213,58 @@ def test_the_launcher_a_run_records_is_the_one_it_was_started_with():
         "accelerate launch --use_deepspeed --zero_stage 3 --num_processes 4")
     assert launcher(2, {"ACCELERATE_USE_FSDP": "true"}) == (
         "accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2")
+
+
+def test_a_model_file_too_large_to_map_is_named_not_raised_from_inside_safetensors(tiny_model,
+                                                                                   tmp_path):
+    """The policy's model directory whose model.safetensors declares a 4 TB tensor (a sparse
+    file: safetensors' size check passes): comparing it with the policy when a run starts
+    raises a CheckpointError naming the file and saying what the directory is, not
+    safetensors' bare RuntimeError ('unable to mmap')."""
+    from helpers import sparse_safetensors
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from sae_shards.capture.initial_model import loaded_from
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    copy = shutil.copytree(tiny_model, tmp_path / "copy")
+    huge = sparse_safetensors(copy / "model.safetensors", {"lm_head.weight": [10**6, 10**6]})
+    try:
+        with safe_open(huge, framework="pt", device="cpu"):
+            pytest.skip("this machine maps a 4 TB file (overcommit): nothing to refuse")
+    except RuntimeError:
+        pass
+    model.config._name_or_path = str(copy)
+    with pytest.raises(CheckpointError, match=f"{huge}: cannot be mapped into memory .*unable "
+                                              r"to mmap.*the directory the policy was loaded "
+                                              r"from.*download or save the model again"):
+        loaded_from(model)
+
+
+def test_a_model_file_this_process_may_not_map_is_named(tmp_path):
+    """Under an address-space limit (ulimit -v) that leaves 1 GiB, a model directory's 4 GiB
+    weight file fails safetensors' memory map with a MemoryError: a CheckpointError naming the
+    file and the limit, in a process of its own."""
+    from helpers import sparse_safetensors
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    file = sparse_safetensors(folder / "model.safetensors", {"weight": [2**15, 2**15]})
+    code = (
+        "import resource, types, torch\n"
+        "from sae_shards.capture.initial_model import loaded_from\n"
+        "from sae_shards.core.checkpoint_checks import CheckpointError\n"
+        "model = torch.nn.Linear(2, 2, bias=False)\n"
+        f"model.config = types.SimpleNamespace(_name_or_path={str(folder)!r})\n"
+        "vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    loaded_from(model)\n"
+        "except CheckpointError as e:\n"
+        "    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"{file}: cannot be mapped into memory (")
+    assert "ulimit -v" in done.stdout and "the directory the policy was loaded from" in done.stdout

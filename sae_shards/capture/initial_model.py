@@ -24,6 +24,7 @@ import torch
 
 from sae_shards.capture.sharded_delta import is_dtensor
 from sae_shards.capture.zero3_delta import is_zero3
+from sae_shards.core.checkpoint_checks import unmappable
 from sae_shards.run import rundir
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,17 @@ def loaded_from(model: torch.nn.Module) -> str | None:
         return str(folder)
     files = _safetensors_files(folder)
     # a parameter the files do not have, or hold otherwise: not theirs
-    if not files or not _files_hold(files, _as_saved(model, _initial_parameters(model))):
+    if not files or not _files_hold(files, _as_saved(model, _initial_parameters(model)),
+                                    MODEL_DIR_ADVICE):
         return None
     return str(folder)
+
+
+MODEL_DIR_ADVICE = ("this is the directory the policy was loaded from, whose weights sae-shards "
+                    "compares with the policy's when a run starts (to record it as theta_0): "
+                    "download or save the model again and load the policy from that copy")
+CHECKPOINT_ADVICE = ("this is the TRL checkpoint the run resumes from: resume from another "
+                     "checkpoint (resume_from_checkpoint)")
 
 
 def _initial_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -112,7 +121,8 @@ def restore_converted(model: torch.nn.Module, checkpoint: Path) -> list[str]:
     live = _initial_parameters(model)
     saved = _as_saved(model, live)
     converted = [n for n in live if n not in saved]  # the model's names the files lack
-    if not converted or _files_hold(files, {k: v for k, v in saved.items() if k not in live}):
+    if not converted or _files_hold(files, {k: v for k, v in saved.items() if k not in live},
+                                    CHECKPOINT_ADVICE):
         return []
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     reference = dict(type(base).from_pretrained(
@@ -122,25 +132,37 @@ def restore_converted(model: torch.nn.Module, checkpoint: Path) -> list[str]:
             live[name].copy_(reference[name].detach().to(live[name].device))
     del reference
     left = {k: v for k, v in _as_saved(model, live).items() if k not in live}
-    if not _files_hold(files, left):
+    if not _files_hold(files, left, CHECKPOINT_ADVICE):
         raise RuntimeError(f"{checkpoint}: the policy's converted weights ({converted[:3]}) "
                            "still differ from the checkpoint's after loading them; resuming "
                            "would continue from other weights than the checkpoint's")
     return converted
 
 
-def _files_hold(files: list[Path], tensors: dict[str, torch.Tensor]) -> bool:
-    """Whether the safetensors ``files`` hold every one of ``tensors`` exactly (``_holds``)."""
-    from safetensors import safe_open
-
+def _files_hold(files: list[Path], tensors: dict[str, torch.Tensor], advice: str) -> bool:
+    """Whether the safetensors ``files`` hold every one of ``tensors`` exactly (``_holds``).
+    A file safetensors fails to map into memory raises ``CheckpointError`` naming it
+    (``unmappable``, with ``advice``: what to do when its header is damaged)."""
     unchecked = dict(tensors)
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with _mapped(path, advice) as f:
             for key in f.keys():
                 tensor = unchecked.pop(key, None)
                 if tensor is not None and not _holds(tensor, f, key):
                     return False
     return not unchecked
+
+
+def _mapped(path: Path, advice: str) -> Any:
+    """``safe_open`` of ``path``, whose failed memory map (safetensors' ``RuntimeError``
+    'unable to mmap', or ``MemoryError`` under an address-space limit, ``ulimit -v``) is a
+    ``CheckpointError`` naming the file rather than safetensors' bare error."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (RuntimeError, MemoryError) as e:
+        raise unmappable(path, e, advice) from None
 
 
 def _base_name(name: str) -> str:
