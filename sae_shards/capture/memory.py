@@ -16,6 +16,7 @@ import torch
 
 from sae_shards.capture.buffer import check_storage_dtype
 from sae_shards.core.events import slot_shape
+from sae_shards.core.host_memory import HostMemory, memory_available
 from sae_shards.core.targets import TargetSpec
 
 _GIB = 1024**3
@@ -36,7 +37,8 @@ def buffer_memory_bytes(targets: Sequence[TargetSpec], capacity: int, dtype: tor
 
 
 def default_memory_budget(device: torch.device | str, fraction: float = 0.5) -> int:
-    """``fraction`` of the memory free now on ``device`` (CUDA: mem_get_info; CPU: MemAvailable)."""
+    """``fraction`` of the memory free now on ``device`` (CUDA: mem_get_info; CPU:
+    ``host_available``, MemAvailable or what a cgroup memory limit leaves, the smaller)."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"memory budget fraction must be in (0, 1], got {fraction}")
     device = torch.device(device)
@@ -44,7 +46,7 @@ def default_memory_budget(device: torch.device | str, fraction: float = 0.5) -> 
         case "cuda":
             free, _ = torch.cuda.mem_get_info(device)
         case "cpu":
-            free = host_available_bytes()
+            free = host_available().bytes
         case other:
             raise ValueError(
                 f"no free-memory query for device type {other!r}; pass an explicit budget in bytes"
@@ -52,19 +54,21 @@ def default_memory_budget(device: torch.device | str, fraction: float = 0.5) -> 
     return int(free * fraction)
 
 
-def host_available_bytes() -> int:
-    """Host memory available now (``MemAvailable``)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # the file counts kB
-    except FileNotFoundError:
-        pass
-    raise ValueError(
-        "cannot read MemAvailable from /proc/meminfo on this system; pass an explicit "
-        "buffer memory budget in bytes"
-    )
+def host_available() -> HostMemory:
+    """Host memory this process may allocate now: ``MemAvailable``, or what its cgroup's
+    memory limit leaves when smaller (a SLURM job, a container: ``core.host_memory``)."""
+    available = memory_available()
+    if available is None:
+        raise ValueError("cannot read MemAvailable from /proc/meminfo on this system; pass an "
+                         "explicit buffer memory budget in bytes")
+    return available
+
+
+def cgroup_note(host: HostMemory) -> str:
+    """The line an error quoting host memory ``host`` adds when a cgroup limit sets it, so the
+    user knows why it is below the machine's; "" otherwise."""
+    return f"\nHost memory available, {host.bytes / _GIB:.3f} GiB, is {host.note()}." \
+        if host.limited else ""
 
 
 def check_buffer_memory(

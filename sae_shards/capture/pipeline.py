@@ -14,10 +14,10 @@ import torch
 
 from sae_shards.capture.buffer import DeltaRingBuffer
 from sae_shards.capture.event_precondition import COVARIANCE_KINDS
-from sae_shards.capture.memory import (buffer_memory_bytes, check_buffer_memory,
+from sae_shards.capture.memory import (buffer_memory_bytes, cgroup_note, check_buffer_memory,
                                       check_checkpoint_host_memory, check_sae_memory,
                                       checkpoint_host_bytes, default_memory_budget,
-                                      host_available_bytes)
+                                      host_available)
 from sae_shards.capture.policy_memory import NONE as NO_PENDING
 from sae_shards.capture.policy_memory import PendingMemory, size
 from sae_shards.capture.runner import InlineRunner, SAEWorkLoop, ThreadRunner, make_runner
@@ -53,6 +53,12 @@ def _after(pending: PendingMemory) -> str:
         return ""
     return (f"\nFree memory was counted less what the policy's first training step will "
             f"allocate: {pending.describe()}.")
+
+
+def _cgroup(device: torch.device) -> str:
+    """The part of an error that says the CPU's free memory is set by a cgroup memory limit,
+    when it is (``cgroup_note``); "" on an accelerator."""
+    return cgroup_note(host_available()) if device.type == "cpu" else ""
 
 
 def resolve_targets(model: torch.nn.Module, patterns: list[str] | None,
@@ -117,7 +123,7 @@ def build_pipeline(
             f"{e}\n  - capture.memory_fraction above its {capture.memory_fraction:g} (at most 1): "
             f"a larger share of free memory (now {size(share)}, of which the capture's working "
             f"copies of the targets take {size(working)} and the buffer gets the rest)"
-            f"{_after(pending)}"
+            f"{_after(pending)}{_cgroup(device)}"
         ) from None
     try:  # the SAE is not held to the share
         check_sae_memory(specs, sae_cfg.n_latents, sae_cfg.batch_size,
@@ -125,13 +131,17 @@ def build_pipeline(
                                                               event_rank),
                          device, event_rank, b_dec)
     except ValueError as e:
-        raise ValueError(f"{e}{_after(pending)}") from None
+        raise ValueError(f"{e}{_after(pending)}{_cgroup(device)}") from None
     if checkpoints and device.type != "cpu":
-        check_checkpoint_host_memory(
-            checkpoint_host_bytes(specs, sae_cfg.n_latents, capture.capacity, dtype,
-                                  event_rank, b_dec),
-            host_available_bytes(), device, capture.capacity,
-            buffer_memory_bytes(specs, 1, dtype, event_rank))
+        host = host_available()
+        try:
+            check_checkpoint_host_memory(
+                checkpoint_host_bytes(specs, sae_cfg.n_latents, capture.capacity, dtype,
+                                      event_rank, b_dec),
+                host.bytes, device, capture.capacity,
+                buffer_memory_bytes(specs, 1, dtype, event_rank))
+        except ValueError as e:
+            raise ValueError(f"{e}{cgroup_note(host)}") from None
     buffer = DeltaRingBuffer(captured, capture.capacity, device, dtype, event_rank)
     sae = LowRankSAE(specs, sae_cfg, sample_form=form).to(device)
     trainer = SAETrainer(sae)

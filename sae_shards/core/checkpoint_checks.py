@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import stat
 from dataclasses import fields
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Literal, NamedTuple, Union, get_args, get_origin, get_ty
 
 import torch
 
+from sae_shards.core.host_memory import memory_limit
 from sae_shards.core.sae import SAMPLE_FORMS, LowRankSAE
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import TargetSpec
@@ -126,11 +126,12 @@ def check_file(file: str | Path, missing_hint: str = "") -> None:
 
 def check_declared_sizes(file: Path, limit: SizeLimit | None = None) -> None:
     """Refuse, from the safetensors header alone, a tensor of ``file`` declared with more
-    numbers than ``limit`` allows or more bytes than this machine's memory holds. safetensors
+    numbers than ``limit`` allows or more bytes than this process's memory may hold (the
+    machine's, or its cgroup's limit when smaller: ``host_memory.memory_limit``). safetensors
     checks a header against the file's length only, so a sparse file (or a header edited to
     match its length) declaring a huge tensor would pass it and be mapped, then allocated whole
     by the first check that reads it."""
-    memory = _memory_bytes()
+    memory = memory_limit()
     for name, (shape, nbytes) in declared_tensors(file).items():
         numel = math.prod(shape)
         what = (f"{file}: tensor {name!r} is declared with shape {shape} ({numel:,} numbers, "
@@ -140,12 +141,14 @@ def check_declared_sizes(file: Path, limit: SizeLimit | None = None) -> None:
                 f"{what}, more than {limit.why} ({limit.numel:,} numbers); sae-shards never "
                 "writes such a tensor there, so the header is damaged or edited (a sparse file "
                 f"passes safetensors' size check) — {DAMAGED}")
-        if memory is not None and nbytes > memory:
+        if memory is not None and nbytes > memory.bytes:
+            whose = (f"this process may hold ({_gib(memory.bytes)}: {memory.note()})"
+                     if memory.limited else f"this machine's memory ({_gib(memory.bytes)})")
             raise CheckpointError(
-                f"{what}, more than this machine's memory ({_gib(memory)}): it cannot be read "
-                "here. A real file this large is read on a machine with more memory; otherwise "
-                f"the header is damaged or edited (a sparse file passes safetensors' size "
-                f"check) — {DAMAGED}")
+                f"{what}, more than {whose}: it cannot be read here. A real file this large is "
+                "read on a machine (or under a limit) with more memory; otherwise the header "
+                "is damaged or edited (a sparse file passes safetensors' size check) — "
+                f"{DAMAGED}")
 
 
 def unmappable(file: Path, error: Exception, advice: str = DAMAGED) -> CheckpointError:
@@ -187,15 +190,6 @@ def declared_tensors(file: Path) -> dict[str, tuple[list[int], int]]:
 
 def _counts(value: Any) -> bool:
     return isinstance(value, list) and all(_is_int(v) and v >= 0 for v in value)
-
-
-def _memory_bytes() -> int | None:
-    """This machine's physical memory in bytes; None where the OS does not say."""
-    try:
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-    return pages * size if pages > 0 and size > 0 else None
 
 
 def _gib(nbytes: int) -> str:
