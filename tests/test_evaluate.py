@@ -14,7 +14,7 @@ from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
 from sae_shards.cli import main as cli_main
 from sae_shards.planted.evaluate import evaluate_run
 
-from helpers import random_decoder_copy, sparse_safetensors
+from helpers import random_decoder_copy, shuffled_labels_copy, sparse_safetensors
 from sae_shards.run import rundir
 from sae_shards.run.job import run_job
 
@@ -275,21 +275,28 @@ def test_a_run_of_one_task_is_refused(planted_run, tmp_path):
 
 
 def test_null_run_fills_the_null_control(planted_run, tmp_path):
-    alone = evaluate_run(planted_run, n_null=2, steering=False)
+    """The headline's ``auroc_null_control`` and ``auroc_null_control_family`` are the null run's
+    own ``auroc_task`` and family ``auroc_task`` (its labels shuffled here, so its figures differ
+    from the evaluated run's and a figure taken from the wrong run shows)."""
     # a run of the real task as the null control: refused, naming it
     with pytest.raises(CheckpointError, match="is a task=multiskill run; the null control"):
         evaluate_run(planted_run, n_null=2, steering=False, null_run=planted_run)
-    # the same samples labelled as a multiskill_null run: its figure fills the headline
-    null = tmp_path / "null"
-    shutil.copytree(planted_run, null)
+    # the run's samples with shuffled labels, as a multiskill_null run: its figures fill the
+    # headline
+    null = shuffled_labels_copy(planted_run, tmp_path / "null")
     config = json.loads((null / "config.json").read_text())
     config["task"]["name"] = "multiskill_null"
     (null / "config.json").write_text(json.dumps(config))
+    alone = evaluate_run(null, n_null=2, steering=False, out=tmp_path / "alone")
     r = evaluate_run(planted_run, n_null=2, steering=False, null_run=null)
-    assert r["headline"]["auroc_null_control"] == alone["auroc_task"]
+    assert r["headline"]["auroc_null_control"] == alone["auroc_task"] != r["auroc_task"]
+    assert r["headline"]["auroc_null_control_family"] == alone["families"]["auroc_task"] != (
+        r["families"]["auroc_task"])
     assert r["null_control"]["run_dir"] == str(null)
-    given = evaluate_run(planted_run, n_null=2, steering=False, null_run={"auroc_task": 0.5})
-    assert given["headline"]["auroc_null_control"] == 0.5
+    given = evaluate_run(planted_run, n_null=2, steering=False,
+                         null_run={"auroc_task": 0.5, "families": {"auroc_task": 0.25}})
+    assert (given["headline"]["auroc_null_control"],
+            given["headline"]["auroc_null_control_family"]) == (0.5, 0.25)
     # --out: both evaluations go there, and neither run is written to
     for run in (planted_run, null):
         for name in rundir.EVALUATION:
