@@ -211,6 +211,27 @@ def shuffled_labels_copy(run_dir: Path, out: Path) -> Path:
     return out
 
 
+# --- shard families: the grouping by its definition ---------------------------------------
+
+
+def average_linkage_by_definition(sim, threshold, exclude=()):
+    """The definition, pair by pair: merge the two groups of highest mean similarity."""
+    groups = [[j] for j in range(sim.shape[0]) if j not in set(exclude)]
+    while len(groups) > 1:
+        best, pair = -float("inf"), None
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                s = float(sim[groups[a]][:, groups[b]].mean())
+                if s > best:
+                    best, pair = s, (a, b)
+        if best < threshold:
+            break
+        a, b = pair
+        groups[a] = sorted(groups[a] + groups[b])
+        del groups[b]
+    return sorted(groups)
+
+
 # --- a model directory that needs its own code (config.json's auto_map) ---------------------
 
 OWN_CODE_FILE = "planted.py"

@@ -8,6 +8,8 @@ from sae_shards.analysis.families import (coactivation, find_families, group_lat
                                           weight_matrix)
 from sae_shards.planted.groundtruth import principal_direction
 
+from helpers import average_linkage_by_definition
+
 
 def _split_contexts(n_ctx=3, per_ctx=3, samples=300, dim=40, seed=0):
     """Samples of ``n_ctx`` contexts; each context's latents (``per_ctx`` siblings) fire together
@@ -80,24 +82,6 @@ def test_a_family_of_one_is_its_latent():
     assert torch.allclose(strengths(acts, gram, fams), 2 * acts.abs(), atol=1e-12)
 
 
-def _average_linkage_by_definition(sim, threshold, exclude=()):
-    """The definition, pair by pair: merge the two groups of highest mean similarity."""
-    groups = [[j] for j in range(sim.shape[0]) if j not in set(exclude)]
-    while len(groups) > 1:
-        best, pair = -float("inf"), None
-        for a in range(len(groups)):
-            for b in range(a + 1, len(groups)):
-                s = float(sim[groups[a]][:, groups[b]].mean())
-                if s > best:
-                    best, pair = s, (a, b)
-        if best < threshold:
-            break
-        a, b = pair
-        groups[a] = sorted(groups[a] + groups[b])
-        del groups[b]
-    return sorted(groups)
-
-
 def test_grouping_matches_average_linkage_by_definition():
     """The fast grouping (components, then merges on a matrix of group means) gives the same
     families as the definition on correlated columns with chains and nested groups."""
@@ -110,7 +94,7 @@ def test_grouping_matches_average_linkage_by_definition():
         sim = torch.corrcoef(x.T)
         for threshold in (0.05, 0.2, 0.4):
             assert group_latents(sim, threshold, exclude=[7]) == \
-                _average_linkage_by_definition(sim, threshold, exclude=[7]), (trial, threshold)
+                average_linkage_by_definition(sim, threshold, exclude=[7]), (trial, threshold)
 
 
 def test_rare_latents_need_enough_joint_firings():
