@@ -92,13 +92,21 @@ def _num(x) -> float | None:
         else None
 
 
+def _finite(rows: list[dict], key: str) -> list[float]:
+    """The rows' finite figures under ``key`` (a seed whose figure is missing or NaN has none)."""
+    return [v for v in (_num(r.get(key)) for r in rows) if v is not None]
+
+
 def _cell(rows: list[dict], key: str) -> str:
-    xs = [v for v in (_num(r.get(key)) for r in rows) if v is not None]
+    """Mean ± standard deviation over the seeds, with how many seeds had a figure when some
+    did not (a mean over fewer seeds than the row's must not read as over all of them)."""
+    xs = _finite(rows, key)
     if not xs:
         return "-"
+    of = f" ({len(xs)} of {len(rows)} seeds)" if len(xs) < len(rows) else ""
     if len(xs) == 1:
-        return f"{xs[0]:.3f}"
-    return f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+        return f"{xs[0]:.3f}{of}"
+    return f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs):.3f}{of}"
 
 
 COLUMNS = {"auroc_task": "auroc_task", "auroc_supervised": "supervised AUROC",
@@ -127,20 +135,32 @@ def table(rows: list[dict]) -> str:
 
 
 def headline(rows: list[dict], schedule: str, capture: str) -> dict:
-    """Mean over seeds of the chosen setting's figures; the null control's AUROC beside them."""
+    """Mean over seeds of the chosen setting's figures; the null control's AUROC beside them.
+    ``seeds_without``: for each figure some seed lacked (missing or NaN), the seeds its mean
+    leaves out (the mean is None where no seed had it)."""
     sel = [r for r in rows if (r["task"], r["schedule"], r["capture"]) ==
            ("multiskill", schedule, capture)]
     null = [r for r in rows if (r["task"], r["schedule"], r["capture"]) ==
             ("multiskill_null", schedule, capture)]
-    mean = lambda rs, k: (statistics.fmean(v) if (v := [x for x in (_num(r.get(k)) for r in rs)  # noqa: E731
-                                                      if x is not None]) else None)
+    mean = lambda rs, k: statistics.fmean(xs) if (xs := _finite(rs, k)) else None  # noqa: E731
     out = {k: mean(sel, k) for k in FIGURES}
     out["auroc_null_control"] = mean(null, "auroc_task")
     out["auroc_null_control_family"] = mean(null, "auroc_task_family")
     group, _, kind = capture.partition("-")
     out.update(granularity="group" if kind == "event" else "step", source=kind,
                schedule=schedule, group=group, seeds=sorted({r["seed"] for r in sel}))
+    lacking = {k: sorted(r["seed"] for r in rs if _num(r.get(key)) is None)
+               for k, rs, key in [*((k, sel, k) for k in FIGURES),
+                                  ("auroc_null_control", null, "auroc_task"),
+                                  ("auroc_null_control_family", null, "auroc_task_family")]}
+    out["seeds_without"] = {k: v for k, v in lacking.items() if v}
     return out
+
+
+def _without(head: dict, key: str) -> str:
+    """What a headline line adds when some seeds had no figure for ``key``."""
+    seeds = head["seeds_without"].get(key)
+    return f" (without seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))})" if seeds else ""
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -181,7 +201,7 @@ def main(argv: list[str] | None = None) -> str:
     (args.runs / "headline.json").write_text(json.dumps(head, indent=2))
     wall = time.perf_counter() - t0
     text = ("Headline (mean over seeds " + ", ".join(map(str, head["seeds"])) + f"; {schedule}, "
-            f"{capture}):\n\n" + "\n".join(f"- {k}: {_cell([head], k)}" for k in FIGURES)
+            f"{capture}):\n\n" + "\n".join(f"- {k}: {_cell([head], k)}{_without(head, k)}" for k in FIGURES)
             + "\n\n" + table(rows)
             + f"\n\n{len(seeds)} seeds, {len(points)} GRPO runs, {len(rows)} evaluations, "
               f"{wall:.0f} s wall, {args.jobs} processes.\n")

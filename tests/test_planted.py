@@ -85,3 +85,36 @@ def test_null_points_run_only_the_captures_with_an_auroc_to_control():
     assert null_captures(both, "mixed") == ("body-event",)  # every mixed step holds every task
     assert null_captures(both, "random") == both
     assert null_captures(("body-grad",), "mixed") == ()
+
+
+def test_the_sweeps_headline_is_the_mean_over_seeds_and_names_a_seed_without_a_figure():
+    """``headline.json`` and the report (docs/results.md's tables): the chosen setting's mean
+    over seeds, the null control's AUROC from the null task's runs, and a seed whose figure is
+    NaN left out of that mean and named, not silently averaged over fewer seeds."""
+    from scripts.planted_sweep import _cell, _without, headline
+
+    def row(task, schedule, capture, seed, **figures):
+        return {"task": task, "schedule": schedule, "capture": capture, "seed": seed, **figures}
+
+    rows = [row("multiskill", "mixed", "body-event", 1, auroc_task=0.9, mmcs_margin=0.10),
+            row("multiskill", "mixed", "body-event", 2, auroc_task=0.8, mmcs_margin=0.20),
+            row("multiskill", "mixed", "body-event", 3, auroc_task=1.0,
+                mmcs_margin=float("nan")),
+            row("multiskill", "random", "body-event", 1, auroc_task=0.1, mmcs_margin=0.9),
+            row("multiskill", "mixed", "body-grad", 1, auroc_task=0.2, mmcs_margin=0.9),
+            row("multiskill_null", "mixed", "body-event", 1, auroc_task=0.5),
+            row("multiskill_null", "mixed", "body-event", 2, auroc_task=0.6)]
+    head = headline(rows, "mixed", "body-event")
+    assert head["auroc_task"] == pytest.approx(0.9)
+    assert head["mmcs_margin"] == pytest.approx(0.15)  # seeds 1 and 2
+    assert head["auroc_null_control"] == pytest.approx(0.55)
+    assert head["seeds"] == [1, 2, 3]
+    assert head["seeds_without"]["mmcs_margin"] == [3]
+    assert "auroc_task" not in head["seeds_without"]
+    assert head["seeds_without"]["auroc_null_control_family"] == [1, 2]
+    assert head["auroc_null_control_family"] is None
+    assert (head["granularity"], head["source"], head["group"]) == ("group", "event", "body")
+    assert _without(head, "mmcs_margin") == " (without seed 3)" and _without(head, "auroc_task") == ""
+    mixed = rows[:3]
+    assert _cell(mixed, "mmcs_margin") == "0.150 ± 0.071 (2 of 3 seeds)"
+    assert _cell(mixed, "auroc_task") == "0.900 ± 0.100"
