@@ -372,3 +372,29 @@ def test_the_thread_runner_trains_the_same_sae_however_far_rl_gets_ahead():
     assert steady.keys() == behind.keys()
     same = lambda a, b: torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)  # noqa: E731
     assert [k for k in steady if not same(steady[k], behind[k])] == []
+
+
+def _ended_worse_than_the_mean(runner: RunnerConfig) -> str:
+    """``summary.json``'s warning for an SAE whose last FVU is above 1 (stand-ins for the run's
+    parts: 10 SAE steps, each FVU 1.5)."""
+    from types import SimpleNamespace as NS
+
+    from sae_shards.capture.summary import run_summary
+
+    stats = NS(dead_frac=lambda dead_after: None, fire_count=torch.zeros(4), n_samples=40)
+    trainer = NS(n_steps=10, n_rejected_nonfinite=0, n_skipped_zero=0, n_skipped_degenerate=0,
+                 stats=stats)
+    parts = NS(trainer=trainer, sae=NS(cfg=SAEConfig(n_latents=4, k=1)),
+               loop=NS(last_rl_step=20, budget=None))
+    capture = NS(n_captured=20, n_zero=0, n_nonfinite=0, n_outliers=0, n_skipped=0)
+    return run_summary(parts, capture, runner, [0.5] * 20, [1.5] * 10, {})["warning"]
+
+
+def test_an_sae_worse_than_the_mean_under_a_budget_is_told_to_raise_the_budget():
+    """With ``runner.sae_budget`` the budget sets the SAE's steps and ``sae_steps_per_rl_step``
+    is not used: the warning names the budget, not the field that would change nothing."""
+    fixed = _ended_worse_than_the_mean(RunnerConfig())
+    assert "worse than their mean" in fixed and "runner.sae_steps_per_rl_step)" in fixed
+    budget = _ended_worse_than_the_mean(RunnerConfig(sae_budget=0.3))
+    assert "a larger runner.sae_budget=0.3" in budget
+    assert "runner.sae_steps_per_rl_step is not used with a budget" in budget

@@ -76,10 +76,19 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
         summary["warning"] = (
             f"the SAE reconstructs its samples worse than their mean does (FVU over its last "
             f"tenth of steps {summary['fvu_last']:.2f} > 1, after {trainer.n_steps} SAE steps): "
-            "its shards do not describe the updates yet. Train it longer (more RL steps, or "
-            "runner.sae_steps_per_rl_step) or lower sae.lr")
+            f"its shards do not describe the updates yet. Train it longer ({_more_sae_steps(runner)}) "
+            "or lower sae.lr")
         log.warning("%s", summary["warning"])
     return summary
+
+
+def _more_sae_steps(runner: RunnerConfig) -> str:
+    """How to give the SAE more steps: with ``runner.sae_budget`` set, the budget decides how
+    many there are and ``runner.sae_steps_per_rl_step`` is not used."""
+    if runner.sae_budget > 0:
+        return (f"more RL steps, or a larger runner.sae_budget={runner.sae_budget:g}, which sets "
+                "the SAE steps; runner.sae_steps_per_rl_step is not used with a budget")
+    return "more RL steps, or runner.sae_steps_per_rl_step"
 
 
 def _why_untrained(capture: DeltaCapture | EventCapture, runner: RunnerConfig) -> str:
