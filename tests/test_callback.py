@@ -147,6 +147,31 @@ def test_bad_arguments_fail_at_construction(tmp_path):
     assert not (tmp_path / "a").exists()  # nothing written for a refused callback
 
 
+def test_a_shortcut_that_contradicts_capture_or_runner_is_refused(tmp_path):
+    """ShardCallback(concurrency="inline", runner={"concurrency": "thread"}) used to train
+    inline without a word (the shortcut won): a field set twice to different values is refused
+    at construction, naming both; set once, or twice alike, it is taken."""
+    from sae_shards import CaptureConfig, RunnerConfig
+
+    with pytest.raises(ValueError, match=r"ShardCallback\(concurrency='inline', runner=\.\.\.\) "
+                                         r"sets runner.concurrency twice, to 'inline' and to "
+                                         r"'thread': give it in one place"):
+        ShardCallback(run_dir=tmp_path / "a", concurrency="inline",
+                      runner={"concurrency": "thread"})
+    with pytest.raises(ValueError, match=r"sets capture.capacity twice, to 64 and to 512"):
+        ShardCallback(run_dir=tmp_path / "b", capacity=64, capture={"capacity": 512})
+    with pytest.raises(ValueError, match=r"sets runner.checkpoint_every twice, to 10 and to 5"):
+        ShardCallback(run_dir=tmp_path / "c", checkpoint_every=10,
+                      runner=RunnerConfig(checkpoint_every=5))
+    assert not (tmp_path / "a").exists()  # refused before the run directory is made
+    agree = ShardCallback(run_dir=tmp_path / "d", concurrency="thread",
+                          runner={"concurrency": "thread", "max_lag": 2},
+                          capacity=64, capture=CaptureConfig(source="grad"))
+    assert (agree.runner_cfg.concurrency, agree.runner_cfg.max_lag) == ("thread", 2)
+    assert (agree.capture_cfg.capacity, agree.capture_cfg.source) == (64, "grad")
+    agree.close()
+
+
 def test_one_callback_trains_one_run(tiny_model, tmp_path):
     """A second trainer.train() with the same callback is refused before it writes anything: it
     would put its RL steps into the same run again (rollouts 1..N twice, the buffer and SAE

@@ -181,9 +181,9 @@ class ShardCallback(TrainerCallback):
                 f"importing {importing} for --task started a run (ShardCallback): keep the "
                 "script's training under `if __name__ == \"__main__\":`, so that importing it "
                 "only defines the reward task. Nothing was trained or written.")
-        self.capture_cfg = _with(_config(CaptureConfig, capture, "capture"),
+        self.capture_cfg = _with(_config(CaptureConfig, capture, "capture"), capture,
                                  targets=targets, source=source, capacity=capacity)
-        self.runner_cfg = _with(_config(RunnerConfig, runner, "runner"),
+        self.runner_cfg = _with(_config(RunnerConfig, runner, "runner"), runner,
                                 sae_steps_per_rl_step=sae_steps_per_rl_step,
                                 concurrency=concurrency, checkpoint_every=checkpoint_every)
         self.sae_cfg = _config(SAEConfig, sae, "sae")
@@ -873,13 +873,25 @@ def _config(cls: type, value: Any, prefix: str) -> Any:
     return build_dataclass(cls, dict(value), prefix + ".")
 
 
-def _with(cfg: Any, **shortcuts: Any) -> Any:
-    """``cfg`` with the shortcut arguments that were given (re-validated)."""
+def _with(cfg: Any, value: Any, **shortcuts: Any) -> Any:
+    """``cfg`` with the shortcut arguments that were given (re-validated). A shortcut that
+    contradicts the same field set in ``value`` (the ``capture=`` / ``runner=`` argument ``cfg``
+    was built from: a dict naming it, or a config whose field is not the default) is refused
+    rather than one of the two silently winning."""
     given = {k: v for k, v in shortcuts.items() if v is not None}
     if not given:
         return cfg
     prefix = "capture." if isinstance(cfg, CaptureConfig) else "runner."
-    return build_dataclass(type(cfg), {**dataclasses.asdict(cfg), **given}, prefix)
+    merged = build_dataclass(type(cfg), {**dataclasses.asdict(cfg), **given}, prefix)
+    defaults = type(cfg)()
+    for name in given:
+        named = (name in value if isinstance(value, Mapping)
+                 else value is not None and getattr(cfg, name) != getattr(defaults, name))
+        if named and getattr(merged, name) != getattr(cfg, name):
+            raise ValueError(
+                f"ShardCallback({name}={given[name]!r}, {prefix[:-1]}=...) sets {prefix}{name} "
+                f"twice, to {given[name]!r} and to {getattr(cfg, name)!r}: give it in one place")
+    return merged
 
 
 def _check_same_world(run_dir: Path) -> None:
