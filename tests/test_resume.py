@@ -509,6 +509,42 @@ def test_a_slow_background_checkpoint_is_the_state_of_its_own_step(tmp_path, mon
     _same_run(whole, run)
 
 
+def test_a_resumed_budget_run_reports_the_whole_run_s_budget(tmp_path, monkeypatch):
+    """runner.sae_budget: summary.json's budget_paid_s / budget_rl_s are the whole run's, as its
+    wall_s is, not only the resumed process's (before, a run stopped at step 8 of 12 and resumed
+    reported the last 4 steps' RL time beside the 12 steps' wall_s and samples_per_slot)."""
+    from sae_shards.capture import resume as resume_state
+
+    budget = ("runner.concurrency=thread", "runner.sae_budget=0.3")
+    run = tmp_path / "run"
+    at_step_8 = {}
+    real_snapshot, real_save = resume_state.snapshot_step, checkpoint_module.save_file
+
+    def recorded(step, parts, *args, **kwargs):
+        if step == 8:
+            at_step_8.update(zip(("paid", "rl"), parts.loop.budget.totals()))
+        return real_snapshot(step, parts, *args, **kwargs)
+
+    def failing_at_12(tensors, path, metadata=None):
+        if "step_000012" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(resume_state, "snapshot_step", recorded)
+    monkeypatch.setattr(checkpoint_module, "save_file", failing_at_12)
+    with pytest.raises(RunWriteError, match=r"could not write .*step_000012"):
+        run_job(_job(run, *budget), run)
+    monkeypatch.undo()
+    assert at_step_8["rl"] > 0 and at_step_8["paid"] > 0
+    summary = run_job(_job(run, *budget, "resume=true"), run)
+    assert summary["wall_s_resumed_from"] > 0
+    # the first process's figures up to step 8, then this one's steps 9-12
+    assert summary["budget_rl_s"] > at_step_8["rl"]
+    assert summary["budget_paid_s"] > at_step_8["paid"]
+    assert summary["budget_used"] == pytest.approx(summary["budget_paid_s"]
+                                                   / summary["budget_rl_s"])
+
+
 def test_background_writer_runs_one_write_at_a_time_and_raises_its_error():
     from sae_shards.capture.background import BackgroundWriter
 

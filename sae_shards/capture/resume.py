@@ -7,7 +7,8 @@ thread)::
     run_dir/resume/step_00000k.safetensors   the ring buffer (samples, slot metadata, write
                                              position), the batch generator's state, the online
                                              activation log, the capture's counters, the
-                                             run's wall time so far
+                                             run's wall time so far (and with a
+                                             runner.sae_budget, its time paid and earned from)
     run_dir/checkpoints/step_00000k/         the shards (sae.safetensors, config.json) and the
                                              SAE trainer's Adam state and latent statistics
 
@@ -89,6 +90,8 @@ def snapshot_step(step: int, parts: Pipeline, capture: DeltaCapture | EventCaptu
                         for k, v in capture.preconditioner.state_tensors().items()})
     info = {"step": step, "buffer": info, "capture": capture.counters(),
             "last_rl_step": parts.loop.last_rl_step, "wall_s": wall_s}
+    if parts.loop.budget is not None:  # runner.sae_budget: what it paid and earned from so far
+        info["budget"] = dict(zip(("paid_s", "rl_s"), parts.loop.budget.totals()))
     return StepSnapshot(step, tensors, info, files)
 
 
@@ -248,6 +251,9 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
         parts.loop.activations = ActivationLog.from_tensors(tensors, "online")
         parts.loop.last_rl_step = int(info["last_rl_step"])
         capture.load_counters(info["capture"])
+        if parts.loop.budget is not None and "budget" in info:
+            parts.loop.budget.resumed_from = (float(info["budget"]["paid_s"]),
+                                              float(info["budget"]["rl_s"]))
         if isinstance(capture, EventCapture):
             capture.preconditioner.load_state_tensors(
                 {k[len("precond."):]: v for k, v in tensors.items() if k.startswith("precond.")})

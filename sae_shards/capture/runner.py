@@ -163,6 +163,9 @@ class SAEBudget:
         """All time paid so far (``process`` and ``charge``)."""
         self.earned_from_s = 0.0
         """RL time that earned credit so far."""
+        self.resumed_from = (0.0, 0.0)
+        """``(paid_s, earned_from_s)`` of the processes this run resumed from, up to the
+        checkpoint it resumed from (``totals``; this process's own figures start at 0)."""
         self._origin: float | None = None  # when RL time starts to count: the first push
         self._rl_paid_before = 0.0  # what the RL thread had paid by then
         self._rl_thread = threading.get_ident()  # the thread that charges (builds the run)
@@ -201,6 +204,12 @@ class SAEBudget:
                 per_step = steps_s / n_steps
                 self.step_s = (per_step if self.step_s is None
                                else 0.8 * self.step_s + 0.2 * per_step)
+
+    def totals(self) -> tuple[float, float]:
+        """The whole run's ``(paid_s, earned_from_s)``: this process's and, after a resume,
+        those of the processes before it (``resumed_from``), as ``summary.json``'s ``wall_s``."""
+        with self._lock:
+            return self.resumed_from[0] + self.paid_s, self.resumed_from[1] + self.earned_from_s
 
     def _earn(self, now: float) -> None:
         """Credit for the RL time up to ``now`` not yet credited. RL time so far can briefly

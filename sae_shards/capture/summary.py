@@ -123,5 +123,5 @@ def _mean(xs: list[float]) -> float:
 def _budget_figures(budget) -> dict[str, float]:
     if budget is None:
         return {}
-    return {"budget_used": budget.paid_s / budget.earned_from_s if budget.earned_from_s else math.nan,
-            "budget_paid_s": budget.paid_s, "budget_rl_s": budget.earned_from_s}
+    paid, rl = budget.totals()  # the whole run's, resumed processes included (as wall_s)
+    return {"budget_used": paid / rl if rl else math.nan, "budget_paid_s": paid, "budget_rl_s": rl}
