@@ -398,3 +398,51 @@ def test_an_sae_worse_than_the_mean_under_a_budget_is_told_to_raise_the_budget()
     budget = _ended_worse_than_the_mean(RunnerConfig(sae_budget=0.3))
     assert "a larger runner.sae_budget=0.3" in budget
     assert "runner.sae_steps_per_rl_step is not used with a budget" in budget
+
+
+EXITS_WITH_A_BUSY_WORKER = """
+import threading, torch
+from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
+from sae_shards.capture.runner import SAEWorkLoop, ThreadRunner
+from sae_shards.core.sae import LowRankSAE
+from sae_shards.core.sae_config import SAEConfig
+from sae_shards.core.targets import TargetSpec
+from sae_shards.core.trainer import SAETrainer
+from sae_shards.run.config import RunnerConfig
+
+torch.set_num_threads(1)
+targets = [TargetSpec("w", (6, 5), rank=1)]
+buffer = DeltaRingBuffer(targets, capacity=16, device="cpu")
+trainer = SAETrainer(LowRankSAE(targets, SAEConfig(n_latents=4, k=1, batch_size=4)))
+loop = SAEWorkLoop(trainer, buffer, RunnerConfig(max_lag=2), torch.Generator().manual_seed(0))
+started, a = threading.Event(), torch.randn(256, 256)
+
+def slow_sae_step(*push):  # torch ops that release the GIL, ~0.5 s in all
+    started.set()
+    for _ in range(200):
+        a @ a
+
+loop.process = slow_sae_step
+runner = ThreadRunner(loop, max_lag=2, timeout_s=60)
+for step in (1, 2):
+    runner.on_push(buffer.push({"w": torch.randn(6, 5)}, StepMeta(step)))
+started.wait(10)
+raise RuntimeError("trainer.train() raised")
+"""
+
+
+def test_a_script_that_fails_while_the_worker_trains_exits_with_its_error_not_an_abort():
+    """A script's trainer.train() that raises (a reward function's bug, a second SIGTERM) ends
+    the process without ShardCallback.close(). The thread worker, still inside torch, used to
+    be ended by the interpreter's exit: SIGABRT ('terminate called without an active
+    exception', exit status 134, a core dump where enabled) after the script's traceback. An
+    atexit hook now stops it first: the script's own error and exit status 1."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", EXITS_WITH_A_BUSY_WORKER], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.rstrip().endswith("RuntimeError: trainer.train() raised")
+    assert "terminate called" not in done.stderr

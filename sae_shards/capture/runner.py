@@ -18,9 +18,11 @@ consistent state: every pushed delta processed.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from array import array
 from typing import Callable, NamedTuple
 
@@ -409,6 +411,12 @@ class ThreadRunner:
         self._thread = threading.Thread(target=self._work, name="sae-worker", daemon=True)
         self._thread.start()
         loop.buffer.on_wait = self._check_worker  # RL waiting on a held window
+        # A script whose trainer.train() raised (its reward function's error, a second SIGTERM)
+        # exits without close(): stop the worker before the interpreter finalises, which would
+        # end it inside torch and abort the process (SIGABRT, 'terminate called without an
+        # active exception'). The hook holds the runner weakly; finish() and stop() drop it.
+        self._exit_hook = _stop_at_exit(weakref.ref(self))
+        atexit.register(self._exit_hook)
 
     def _work(self) -> None:
         # torch's intra-op pool is process-wide: the entry point set its size.
@@ -487,6 +495,7 @@ class ThreadRunner:
         self.wait_idle()
         self._queue.put(self._STOP)
         self._thread.join()
+        atexit.unregister(self._exit_hook)
         self._raise_if_failed()
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> bool:
@@ -504,7 +513,21 @@ class ThreadRunner:
                 continue
         self._thread.join(max(0.0, deadline - time.monotonic()))
         self.loop.buffer.release_all()  # what a stuck worker still held
+        if not self._exit_hook.running:  # unregistering inside atexit's own call is not needed
+            atexit.unregister(self._exit_hook)
         return not self._thread.is_alive()
+
+
+def _stop_at_exit(runner_ref: weakref.ref) -> Callable[[], None]:
+    """An ``atexit`` hook that stops the worker of ``runner_ref``'s runner, if it still runs."""
+    def hook() -> None:
+        runner = runner_ref()
+        if runner is not None and runner._thread.is_alive():
+            hook.running = True
+            runner.stop()
+
+    hook.running = False  # type: ignore[attr-defined]
+    return hook
 
 
 def make_runner(loop: SAEWorkLoop, cfg: RunnerConfig) -> InlineRunner | ThreadRunner:
