@@ -427,3 +427,42 @@ def test_a_damaged_summary_is_refused_naming_it(short_run_dir, tmp_path, content
         analyze(run, tmp_path / "report.html", n_shards=1, dose=False)
     (run / "summary.json").unlink()  # the figures are then recomputed from the logs
     analyze(run, tmp_path / "report.html", n_shards=1, dose=False)
+
+
+def test_a_per_step_run_of_mixed_batches_says_its_context_shares_repeat_the_batches_mix(
+        tmp_path):
+    """Per-step samples of batches that mix contexts (the planted task's `mixed` schedule:
+    every step holds every task) blend them, so each shard's |activation| by context repeats
+    the batches' mix: the report says so, with the count, and points to per-event capture;
+    analysis.json records the count. A per-event run of the same task (one context a sample)
+    has no such note."""
+    from hydra import compose, initialize_config_dir
+
+    from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
+    from sae_shards.run.job import run_job
+
+    runs = {}
+    for granularity, extra in (("step", ["capture.precondition=none", "capture.normalize=none"]),
+                               ("group", [])):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = job_config_from_hydra(compose("config", overrides=[
+                *extra, "experiment=planted", f"capture.granularity={granularity}",
+                "rl.max_steps=6",
+                "rl.per_device_train_batch_size=32", "task.n_prompts=256",
+                "runner.sae_start_step=0", "runner.min_samples=2", "runner.checkpoint_every=0",
+                "logging=disabled"]))
+        run_job(cfg, tmp_path / granularity)
+        out = analyze(tmp_path / granularity, tmp_path / f"{granularity}.html", n_shards=2,
+                      dose=False)
+        runs[granularity] = (out.read_text(), json.loads(
+            (tmp_path / "analysis.json").read_text()))
+    labels = RunView(tmp_path / "step").sample_labels()
+    blended = sum(len(set(sample)) > 1 for sample in labels)
+    assert blended == len(labels) == 6  # every step holds every task
+    html, analysis = runs["step"]
+    assert (analysis["run"]["blended_samples"], analysis["run"]["n_samples"]) == (6, 6)
+    assert "6 of 6 samples (optimizer steps) hold rollouts of more than one context" in html
+    assert "capture.granularity=group" in html
+    html, analysis = runs["group"]
+    assert analysis["run"]["blended_samples"] == 0 and analysis["run"]["n_samples"] > 6
+    assert "hold rollouts of more than one context" not in html

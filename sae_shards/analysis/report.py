@@ -181,6 +181,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     labels = view.sample_labels()  # each sample's contexts, read once for every shard's mix
     mixes = {s: view.task_mix(s, labels=labels) for s in shards}
     several = len({label for sample in labels for label in sample}) >= 2
+    blended = sum(len(set(sample)) > 1 for sample in labels)  # samples of several contexts
     summary_file = view.run_dir / rundir.SUMMARY
     summary = _read_summary(summary_file) if summary_file.is_file() else {}
     figures, own = checkpoint_figures(view, summary)
@@ -199,6 +200,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
         scorer_note = _check_scorer(models, task or models.task, labels, sampling, trained)
     analysis: dict[str, Any] = {
         "run": {"checkpoint": view.checkpoint, "n_shards": len(density),
+                # samples of several contexts: a per-step sample of a mixed batch blends them
+                "blended_samples": blended, "n_samples": len(labels),
                 "never_fired": int((density == 0).sum()), "always_on": always_on,
                 **figures, "figures_from": "summary" if own else "checkpoint",
                 # which software made the run, and the resumes under other versions
@@ -236,7 +239,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                               _events_html(view, shards, top_k, tags, mixes if several else {})))
     else:
         parts.append(_section("rollouts", "Top rollouts per shard",
-                              _reused_note(view.run_dir) +
+                              _reused_note(view.run_dir) + _blended_note(blended, len(labels)) +
                               _rollouts_html(view, shards, top_k, tags,
                                              mixes if several else {})))
 
@@ -891,6 +894,21 @@ def _events_html(view: RunView, shards: list[int], top_k: int, tags: dict[int, s
             ["RL step", "event", "activation", "mean |advantage|", "tasks", "prompt",
              "completions (first 4: reward, advantage)"], rows) if rows else _inactive(view)))
     return "".join(out) or "<p>No active shards.</p>"
+
+
+def _blended_note(blended: int, n_samples: int) -> str:
+    """A per-step run's note when ``blended`` of its ``n_samples`` samples blend contexts: an
+    optimizer step whose batch holds rollouts of several contexts is one sample, so the
+    contexts' shares of a shard's activation mostly repeat the batches' mix, whatever the shard
+    does in each context."""
+    if not blended:
+        return ""
+    return (f"<p>{blended} of {n_samples} samples (optimizer steps) hold rollouts of more "
+            "than one context, and a per-step sample is their whole batch's update: the "
+            "shares of a shard's |activation| by context below then mostly repeat the "
+            "batches' mix and cannot tell which context the shard belongs to. "
+            "<code>capture.granularity=group</code> gives one sample per prompt group, one "
+            "context each (docs/usage.md, \"Per-event samples\").</p>")
 
 
 def _reused_note(run_dir: Path) -> str:
