@@ -320,8 +320,21 @@ def test_task_spec_resolves_a_scripts_function_and_refuses_the_rest(tmp_path, mo
     assert load_task_spec(f"{module}:TASK").name == "user"
     with pytest.raises(ValueError, match="is of type int, not a RewardTask"):
         load_task_spec(f"{module}:NOT_A_TASK")
-    with pytest.raises(ValueError, match="has no 'MISSING'"):
+    with pytest.raises(ValueError, match="has no 'MISSING'; its RewardTasks and functions of "
+                                         "no arguments: TASK$"):
         load_task_spec(f"{module}:MISSING")
+    with open(module, "a") as f:  # a typo of a task function's name: the closest is offered
+        f.write("def reward_task():\n    return TASK\n"
+                "def helper(x):\n    return x\n")
+    with pytest.raises(ValueError, match="has no 'reward_tsk'; did you mean 'reward_task'\\? "
+                                         "its RewardTasks and functions of no arguments: TASK, "
+                                         "reward_task$"):
+        load_task_spec(f"{module}:reward_tsk")
+    empty = tmp_path / "no_tasks.py"
+    empty.write_text("from os.path import join\nX = 1\n")
+    with pytest.raises(ValueError, match="it defines no RewardTask and no function of no "
+                                         "arguments"):
+        load_task_spec(f"{empty}:reward_task")
     with pytest.raises(ValueError, match="no file"):
         load_task_spec(f"{tmp_path}/absent.py:TASK")
     with pytest.raises(ValueError, match="give MODULE:NAME or FILE.py:NAME"):

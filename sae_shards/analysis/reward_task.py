@@ -29,6 +29,7 @@ refuses to start, so an unguarded script cannot train, or overwrite the run bein
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import inspect
@@ -151,6 +152,29 @@ to start then, so a script whose training is not under ``if __name__ == "__main_
 train (or overwrite the run being analysed) because analysis imported it."""
 
 
+def _offers(module: Any, name: str) -> str:
+    """What a ``--task`` naming something ``module`` lacks adds: the names it could have meant,
+    the module's RewardTasks and its own functions that take no arguments, the closest first."""
+    def fits(obj: Any) -> bool:
+        if isinstance(obj, RewardTask):
+            return True
+        if not inspect.isfunction(obj) or obj.__module__ != module.__name__:
+            return False
+        try:
+            inspect.signature(obj).bind()
+        except TypeError:
+            return False
+        return True
+
+    names = sorted(n for n, obj in vars(module).items() if not n.startswith("_") and fits(obj))
+    if not names:
+        return ("; it defines no RewardTask and no function of no arguments (name one that "
+                "returns sae_shards.RewardTask(...))")
+    close = difflib.get_close_matches(name, names, n=1)
+    return ((f"; did you mean {close[0]!r}?" if close else ";")
+            + f" its RewardTasks and functions of no arguments: {', '.join(names)}")
+
+
 def load_task_spec(spec: str) -> RewardTask:
     """The :class:`RewardTask` that ``"module:name"`` or ``"path/to/file.py:name"`` names (a
     ``RewardTask``, or a function of no arguments returning one). Raises ``ValueError``."""
@@ -194,7 +218,7 @@ def load_task_spec(spec: str) -> RewardTask:
         IMPORTING = None
         sys.path.remove(search)
     if not hasattr(module, name):
-        raise ValueError(f"--task {spec!r}: {where} has no {name!r}")
+        raise ValueError(f"--task {spec!r}: {where} has no {name!r}{_offers(module, name)}")
     obj = getattr(module, name)
     if callable(obj) and not isinstance(obj, RewardTask):
         try:
