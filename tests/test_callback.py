@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1293,3 +1294,19 @@ def test_a_model_file_this_process_may_not_map_is_named(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(f"{file}: cannot be mapped into memory (")
     assert "ulimit -v" in done.stdout and "the directory the policy was loaded from" in done.stdout
+
+
+@pytest.mark.parametrize("run_dir, problem", [
+    ("", "run_dir is empty; give the run a directory of its own"),
+    (" ", "run_dir is empty; give the run a directory of its own"),
+    (".", "run_dir='.' would write the run into the current directory"),
+])
+def test_a_run_dir_that_is_no_directory_of_its_own_is_refused_as_given(
+        run_dir, problem, tmp_path, monkeypatch):
+    """``ShardCallback(run_dir="")`` is refused as empty, as ``sae-shards train run_dir=`` is,
+    not as "run_dir='.'" (what ``Path("")`` reads), which the user never wrote; nothing is
+    created."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        ShardCallback(run_dir=run_dir)
+    assert list(tmp_path.iterdir()) == []

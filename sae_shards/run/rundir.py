@@ -275,8 +275,11 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
     ``resume``, which continues it. Takes one hold of the directory's lock (``lock_run_dir``),
     which the caller releases (``release_run_dir``) when it is done writing; a refusal
     releases it."""
+    if not str(run_dir).strip():  # before Path turns "" into "."
+        raise ValueError("run_dir is empty; give the run a directory of its own, e.g. "
+                         "run_dir=runs/my_run")
     run_dir = Path(run_dir)
-    if not str(run_dir).strip() or run_dir.resolve() == Path.cwd().resolve():
+    if run_dir.resolve() == Path.cwd().resolve():
         raise ValueError(f"run_dir={str(run_dir)!r} would write the run into the current "
                          "directory; give a directory of its own, e.g. run_dir=runs/my_run")
     if run_dir.exists() and not run_dir.is_dir():
