@@ -143,6 +143,17 @@ def test_analyze_names_a_missing_run_dir_and_the_checkpoints_there_are(tmp_path,
     assert main(["analyze", str(run), "--no-dose", "--checkpoint", "step_5"]) == 2
     err = capsys.readouterr().err
     assert "step_5: no such checkpoint directory" in err and "holds final" in err, err
+    # a run's name mistyped: the run directories beside it are offered (the close ones, or all
+    # of a few)
+    (tmp_path / "rr" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "notes").mkdir()  # not a run directory: never offered
+    assert main(["analyze", str(tmp_path / "nope"), "--no-dose"]) == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith(f"no such run directory; run directories in {tmp_path}: "
+                                 f"{tmp_path / 'r'}, {tmp_path / 'rr'}"), err
+    assert main(["analyze", str(tmp_path / "rx"), "--no-dose"]) == 2  # only the close ones
+    assert capsys.readouterr().err.rstrip().endswith(f"run directories in {tmp_path}: "
+                                                     f"{tmp_path / 'r'}")
     assert main(["analyze", str(run), "--no-dose", "--checkpoint", "5"]) == 2  # an RL step
     assert "step_000005: no such checkpoint directory" in capsys.readouterr().err
 

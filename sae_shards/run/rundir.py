@@ -37,6 +37,7 @@ checkpoint directories likewise; JSON-lines logs are appended line by line, and 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import fcntl
 import glob
@@ -689,6 +690,22 @@ def saved_steps(folder: Path) -> list[int]:
                   if (m := re.fullmatch(r"step_(\d{6})(\.safetensors)?", p.name)))
 
 
+def _nearby_runs(missing: Path) -> str:
+    """What "no such run directory" adds: the run directories beside ``missing`` whose names
+    are closest to its name (a typo), or all of them when few; "" when there are none."""
+    parent = missing.parent
+    try:
+        runs = sorted(p.name for p in parent.iterdir()
+                      if p.is_dir() and ((p / CHECKPOINTS).is_dir() or (p / CONFIG).is_file()))
+    except OSError:  # no parent, or not readable: nothing to offer
+        return ""
+    offered = difflib.get_close_matches(missing.name, runs, n=3) or (runs if len(runs) <= 5 else [])
+    if not offered:
+        return ""
+    return (f"; run directories in {parent}: "
+            + ", ".join(str(parent / name) for name in offered))
+
+
 def latest_checkpoint(run_dir: Path) -> str:
     """``final`` when the run finished, else its newest ``step_XXXXXX`` (an interrupted run, or
     one killed while it wrote its end: ``final/`` without the activations written after it,
@@ -698,7 +715,7 @@ def latest_checkpoint(run_dir: Path) -> str:
     (``ShardSet.from_run`` reads them when named)."""
     folder = run_dir / CHECKPOINTS
     if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: no such run directory")
+        raise CheckpointError(f"{run_dir}: no such run directory{_nearby_runs(run_dir)}")
     steps = [s for s in saved_steps(folder) if (folder / step_name(s)).is_dir()]
     if (folder / "final").is_dir() and ((run_dir / ACTIVATIONS).is_file() or not steps):
         return "final"
