@@ -97,7 +97,7 @@ def check_overrides(args: list[str]) -> None:
     (Hydra's own error would only suggest appending it with ``+``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from sae_shards.run.config import JobConfig
+    from sae_shards.run.config import JobConfig, check_steps_or_budget
     from sae_shards.run.schema import unknown_key_error
 
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
@@ -127,6 +127,13 @@ def check_overrides(args: list[str]) -> None:
         problem = unknown_key_error(key, JobConfig)
         if problem:
             raise ConfigError(problem)
+    runner = {o.key_or_group.removeprefix("runner."): o.value() for o in overrides
+              if o.key_or_group.startswith("runner.") and not o.is_delete()
+              and not o.is_sweep_override()}
+    try:
+        check_steps_or_budget(runner, " on the command line")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 _SHOW_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help"}

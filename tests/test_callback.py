@@ -173,6 +173,25 @@ def test_a_shortcut_that_contradicts_capture_or_runner_is_refused(tmp_path):
     agree.close()
 
 
+def test_a_budget_beside_a_fixed_step_count_is_refused(tmp_path):
+    """ShardCallback(sae_steps_per_rl_step=8, runner={"sae_budget": 0.05}) ran the budget's
+    steps and ignored the 8 without a word: a budget and a fixed count given together are
+    refused at construction, however they are given; either alone, or a budget of 0, is taken."""
+    from sae_shards import RunnerConfig
+
+    for kwargs in [{"sae_steps_per_rl_step": 8, "runner": {"sae_budget": 0.05}},
+                   {"runner": {"sae_budget": 0.05, "sae_steps_per_rl_step": 8}},
+                   {"sae_steps_per_rl_step": 8, "runner": RunnerConfig(sae_budget=0.05)}]:
+        with pytest.raises(ValueError, match=r"runner.sae_budget=0.05 and runner.sae_steps_per_"
+                                             r"rl_step=8 are both set in ShardCallback's "
+                                             r"arguments: .*drop one"):
+            ShardCallback(run_dir=tmp_path / "a", **kwargs)
+    assert not (tmp_path / "a").exists()
+    for kwargs in [{"sae_steps_per_rl_step": 8, "runner": {"sae_budget": 0}},
+                   {"runner": RunnerConfig(sae_budget=0.05)}]:
+        ShardCallback(run_dir=tmp_path / "b", overwrite=True, **kwargs).close()
+
+
 def test_one_callback_trains_one_run(tiny_model, tmp_path):
     """A second trainer.train() with the same callback is refused before it writes anything: it
     would put its RL steps into the same run again (rollouts 1..N twice, the buffer and SAE

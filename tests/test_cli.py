@@ -58,6 +58,24 @@ def test_typo_override_names_the_closest_field(tmp_path, capsys, override, hint)
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("both", [["runner.sae_budget=0.05", "runner.sae_steps_per_rl_step=8"],
+                                  ["runner.sae_steps_per_rl_step=8", "+runner.sae_budget=0.1"]])
+def test_a_budget_and_a_fixed_step_count_on_one_command_line_are_refused(tmp_path, capsys, both):
+    """A budget sets the SAE's steps, so a fixed count beside it was silently ignored: the two
+    on one command line are a config error, before anything is written. A budget of 0 (the fixed
+    count is used) or a swept budget (some jobs use the count) beside a count are taken."""
+    assert main(["train", *both, f"run_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert ("config error: runner.sae_budget=" in err and "runner.sae_steps_per_rl_step=8 are "
+            "both set on the command line" in err and "drop one" in err)
+    assert not (tmp_path / "r").exists()
+    from sae_shards.cli import check_overrides
+
+    check_overrides(["runner.sae_budget=0", "runner.sae_steps_per_rl_step=8"])
+    check_overrides(["runner.sae_budget=0,0.05", "runner.sae_steps_per_rl_step=8", "-m"])
+    check_overrides(["runner.sae_budget=0.05", "experiment=planted"])  # the experiment's count
+
+
 @pytest.mark.parametrize("override,message", [
     ("run_dir=null", "config error: run_dir=null: give the run a directory of its own"),
     # a sweep job's directory pasted unquoted

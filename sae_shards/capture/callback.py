@@ -80,7 +80,7 @@ from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import make_targets
 from sae_shards.run import rundir, versions
 from sae_shards.run.config import (CaptureConfig, RunnerConfig, check_sae_trains,
-                                    check_sae_window, sample_source)
+                                    check_sae_window, check_steps_or_budget, sample_source)
 from sae_shards.run.schema import build_dataclass
 from sae_shards.run.tracking import RunLogger
 
@@ -183,6 +183,8 @@ class ShardCallback(TrainerCallback):
                 "only defines the reward task. Nothing was trained or written.")
         self.capture_cfg = _with(_config(CaptureConfig, capture, "capture"), capture,
                                  targets=targets, source=source, capacity=capacity)
+        check_steps_or_budget(_given_fields(runner, RunnerConfig, sae_steps_per_rl_step=(
+            sae_steps_per_rl_step)), " in ShardCallback's arguments")
         self.runner_cfg = _with(_config(RunnerConfig, runner, "runner"), runner,
                                 sae_steps_per_rl_step=sae_steps_per_rl_step,
                                 concurrency=concurrency, checkpoint_every=checkpoint_every)
@@ -873,6 +875,20 @@ def _config(cls: type, value: Any, prefix: str) -> Any:
     return build_dataclass(cls, dict(value), prefix + ".")
 
 
+def _given_fields(value: Any, kind: type, **shortcuts: Any) -> dict[str, Any]:
+    """The fields of a ``capture=`` / ``runner=`` argument the user set (a dict's keys, or a
+    config's fields that are not the default), with the shortcut arguments that were given."""
+    if isinstance(value, Mapping):
+        given = dict(value)
+    elif value is None:
+        given = {}
+    else:
+        defaults = kind()
+        given = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)
+                 if getattr(value, f.name) != getattr(defaults, f.name)}
+    return {**given, **{k: v for k, v in shortcuts.items() if v is not None}}
+
+
 def _with(cfg: Any, value: Any, **shortcuts: Any) -> Any:
     """``cfg`` with the shortcut arguments that were given (re-validated). A shortcut that
     contradicts the same field set in ``value`` (the ``capture=`` / ``runner=`` argument ``cfg``
@@ -883,11 +899,9 @@ def _with(cfg: Any, value: Any, **shortcuts: Any) -> Any:
         return cfg
     prefix = "capture." if isinstance(cfg, CaptureConfig) else "runner."
     merged = build_dataclass(type(cfg), {**dataclasses.asdict(cfg), **given}, prefix)
-    defaults = type(cfg)()
+    named = _given_fields(value, type(cfg))
     for name in given:
-        named = (name in value if isinstance(value, Mapping)
-                 else value is not None and getattr(cfg, name) != getattr(defaults, name))
-        if named and getattr(merged, name) != getattr(cfg, name):
+        if name in named and getattr(merged, name) != getattr(cfg, name):
             raise ValueError(
                 f"ShardCallback({name}={given[name]!r}, {prefix[:-1]}=...) sets {prefix}{name} "
                 f"twice, to {given[name]!r} and to {getattr(cfg, name)!r}: give it in one place")

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -636,6 +637,25 @@ def check_sae_trains(capture: CaptureConfig, runner: RunnerConfig, max_steps: in
             + (f", every {every}th step held out" if every else "")
             + f"), fewer than runner.min_samples={runner.min_samples}, so the SAE would never "
             f"train; raise {max_steps_name} or lower runner.min_samples")
+
+
+def check_steps_or_budget(given: Mapping[str, Any], where: str = "") -> None:
+    """Raise if the runner fields a user set themselves (``given``: field name to value, the
+    ones named on the command line or in ``ShardCallback``'s arguments) hold both a non-zero
+    ``sae_budget`` and ``sae_steps_per_rl_step``: a budget sets the SAE's steps, so the fixed
+    count would be silently ignored. ``where``: how the caller names the settings' source."""
+    if "sae_budget" not in given or "sae_steps_per_rl_step" not in given:
+        return
+    try:
+        budget = float(given["sae_budget"])
+    except (TypeError, ValueError):
+        return  # RunnerConfig's own check names a bad value
+    if budget != 0:
+        raise ValueError(
+            f"runner.sae_budget={given['sae_budget']} and runner.sae_steps_per_rl_step="
+            f"{given['sae_steps_per_rl_step']} are both set{where}: a budget sets how many SAE "
+            "steps fit in its share of RL time, so the fixed count would be ignored; drop one "
+            "(runner.sae_budget=0 uses the fixed count)")
 
 
 def check_sae_window(capture: CaptureConfig, runner: RunnerConfig,
