@@ -1287,6 +1287,29 @@ def test_a_model_file_too_large_to_map_is_named_not_raised_from_inside_safetenso
         loaded_from(model)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_a_damaged_model_file_is_named_not_raised_from_inside_safetensors(tiny_model, tmp_path,
+                                                                          damage):
+    """The policy's model directory whose model.safetensors was cut short, or whose header
+    length was overwritten, after the policy was loaded from it: comparing the two when a run
+    starts raises a CheckpointError naming the file and what the directory is, not safetensors'
+    bare SafetensorError ('incomplete metadata', 'header too large') from inside
+    trainer.train()."""
+    from transformers import AutoModelForCausalLM
+
+    from sae_shards.capture.initial_model import loaded_from
+
+    copy = shutil.copytree(tiny_model, tmp_path / "copy")
+    model = AutoModelForCausalLM.from_pretrained(str(copy))
+    file = copy / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"\xff" * 8 + data[8:])
+    with pytest.raises(CheckpointError, match=f"{file}: cannot be read as safetensors .*truncated "
+                                              r"or damaged .*the directory the policy was "
+                                              r"loaded from.*download or save the model again"):
+        loaded_from(model)
+
+
 def test_a_model_file_this_process_may_not_map_is_named(tmp_path):
     """Under an address-space limit (ulimit -v) that leaves 1 GiB, a model directory's 4 GiB
     weight file fails safetensors' memory map with a MemoryError: a CheckpointError naming the

@@ -210,7 +210,8 @@ def test_a_job_whose_buffer_fits_the_machine_but_not_its_cgroup_is_refused(limit
     and the error says the budget is the cgroup's, not the machine's."""
     from sae_shards.cli import main
 
-    assert memory_available().machine > 4 * GIB, "this machine has too little memory free"
+    if memory_available().machine <= 4 * GIB:  # the machine's own check would refuse it too
+        pytest.skip("this machine has 4 GiB free or less: nothing for the cgroup's limit to add")
     rc = main(["train", "capture.capacity=3000", "logging=disabled",
                f"run_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err

@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, Families,
                                           find_families)
 from sae_shards.capture.rollouts import scored_mean
-from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, read_safetensors,
-                                        save_checkpoint, unmappable)
+from sae_shards.core.checkpoint import (CheckpointError, damaged, load_checkpoint,
+                                        opened_safetensors, read_safetensors, save_checkpoint)
 from sae_shards.core.factored import cross_gram
 from sae_shards.core.sae import LowRankSAE
 from sae_shards.core.targets import split_stacked, stack_slices, stack_targets
@@ -932,20 +931,16 @@ def check_model_files(folder: Path) -> None:
     with its size) and every ``*.json`` file parses to an object: a truncated or damaged copy
     raises ``CheckpointError`` naming the file, where transformers would raise safetensors' or
     json's error from deep inside ``from_pretrained``."""
-    for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json")):
+    advice = f"an interrupted copy? copy it {AGAIN}"
+    for file in sorted(folder.glob("*.safetensors")):
+        with opened_safetensors(file, advice):
+            pass
+    for file in sorted(folder.glob("*.json")):
         try:
-            if file.suffix == ".json":
-                if not isinstance(json.loads(file.read_bytes()), dict):  # every one HF writes
-                    raise ValueError("not a JSON object")
-            else:
-                with safe_open(file, framework="pt", device="cpu"):
-                    pass
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: cannot be read as {file.suffix[1:]} ({e}); the file "
-                                  "is truncated or damaged (an interrupted copy?): copy it "
-                                  f"{AGAIN}") from None
-        except (RuntimeError, MemoryError) as e:  # safetensors' failed mmap
-            raise unmappable(file, e, f"copy it {AGAIN}") from None
+            if not isinstance(json.loads(file.read_bytes()), dict):  # every one HF writes
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise damaged(file, e, advice) from None
 
 
 def _merged(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:

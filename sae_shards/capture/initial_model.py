@@ -24,7 +24,7 @@ import torch
 
 from sae_shards.capture.sharded_delta import is_dtensor
 from sae_shards.capture.zero3_delta import is_zero3
-from sae_shards.core.checkpoint_checks import unmappable
+from sae_shards.core.checkpoint_checks import opened_safetensors
 from sae_shards.run import rundir
 
 log = logging.getLogger(__name__)
@@ -141,28 +141,16 @@ def restore_converted(model: torch.nn.Module, checkpoint: Path) -> list[str]:
 
 def _files_hold(files: list[Path], tensors: dict[str, torch.Tensor], advice: str) -> bool:
     """Whether the safetensors ``files`` hold every one of ``tensors`` exactly (``_holds``).
-    A file safetensors fails to map into memory raises ``CheckpointError`` naming it
-    (``unmappable``, with ``advice``: what to do when its header is damaged)."""
+    A file that is truncated or damaged, or that safetensors fails to map into memory, raises
+    ``CheckpointError`` naming it (``opened_safetensors``, with ``advice``: what to do)."""
     unchecked = dict(tensors)
     for path in files:
-        with _mapped(path, advice) as f:
+        with opened_safetensors(path, advice) as f:
             for key in f.keys():
                 tensor = unchecked.pop(key, None)
                 if tensor is not None and not _holds(tensor, f, key):
                     return False
     return not unchecked
-
-
-def _mapped(path: Path, advice: str) -> Any:
-    """``safe_open`` of ``path``, whose failed memory map (safetensors' ``RuntimeError``
-    'unable to mmap', or ``MemoryError`` under an address-space limit, ``ulimit -v``) is a
-    ``CheckpointError`` naming the file rather than safetensors' bare error."""
-    from safetensors import safe_open
-
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except (RuntimeError, MemoryError) as e:
-        raise unmappable(path, e, advice) from None
 
 
 def _base_name(name: str) -> str:

@@ -50,14 +50,14 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from sae_shards.core.checkpoint_checks import (  # noqa: F401  (the format's names re-exported)
     ADAM, CONFIG_FILE, DAMAGED, FORMAT, FORMAT_VERSION, SAE_FILE, STATE_FILE, STATE_OPTIONAL,
     STATE_REQUIRED, STATS, CheckpointError, SizeLimit, check_declared_sizes, check_file,
     check_names, check_scale_and_threshold, check_tensor, check_unit_norm, check_version,
-    read_spec, unmappable)
+    damaged, opened_safetensors, read_spec)
 from sae_shards.core.sae import LowRankSAE
 
 
@@ -253,21 +253,18 @@ def read_safetensors(file: str | Path, expect_version: bool = True, kind: str | 
     check_file(file, missing_hint)
     try:
         check_declared_sizes(Path(file), limit)
-        with safe_open(file, framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            if kind is not None and header.get("format") != kind:
-                raise CheckpointError(
-                    f"{file}: header format {header.get('format')!r}, expected {kind!r}: "
-                    f"sae-shards did not write this file — {DAMAGED}")
-            if expect_version:
-                check_version(file, "header format_version", header.get("format_version"),
-                              as_text=True)
-            return {k: f.get_tensor(k) for k in f.keys()}, header
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file}: cannot be read as safetensors ({e}); the file is "
-                              f"truncated or damaged — {DAMAGED}") from e
-    except (RuntimeError, MemoryError) as e:  # safetensors' failed mmap (not a CheckpointError,
-        raise unmappable(Path(file), e) from e  # a ValueError)
+    except OSError as e:
+        raise damaged(Path(file), e) from e
+    with opened_safetensors(file) as f:
+        header = f.metadata() or {}
+        if kind is not None and header.get("format") != kind:
+            raise CheckpointError(
+                f"{file}: header format {header.get('format')!r}, expected {kind!r}: "
+                f"sae-shards did not write this file — {DAMAGED}")
+        if expect_version:
+            check_version(file, "header format_version", header.get("format_version"),
+                          as_text=True)
+        return {k: f.get_tensor(k) for k in f.keys()}, header
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedSAE:

@@ -11,12 +11,15 @@ import functools
 import json
 import math
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from sae_shards.core.host_memory import memory_limit
 from sae_shards.core.sae import SAMPLE_FORMS, LowRankSAE
@@ -161,6 +164,33 @@ def unmappable(file: Path, error: Exception, advice: str = DAMAGED) -> Checkpoin
         "process may map. A damaged or edited header does (a sparse file passes safetensors' "
         f"size check): {advice}; a real file this large needs a machine or a limit (ulimit -v) "
         "that allows it")
+
+
+@contextmanager
+def opened_safetensors(file: str | Path, advice: str = DAMAGED) -> Iterator[Any]:
+    """``safe_open`` of ``file`` on the CPU, as a context, whose failures name the file: one
+    that is truncated or damaged (safetensors' ``SafetensorError``, or an ``OSError``, while
+    opening or reading it) and one safetensors fails to map (``unmappable``) raise
+    ``CheckpointError`` with ``advice``, what to do about it, rather than safetensors' bare
+    error."""
+    try:
+        f = safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise damaged(Path(file), e, advice) from None
+    except (RuntimeError, MemoryError) as e:  # safetensors' failed mmap (a ValueError is not)
+        raise unmappable(Path(file), e, advice) from None
+    with f:
+        try:
+            yield f
+        except (SafetensorError, OSError) as e:
+            raise damaged(Path(file), e, advice) from None
+
+
+def damaged(file: Path, error: Exception, advice: str = DAMAGED) -> CheckpointError:
+    """The error for a file that cannot be read as what its suffix says (``error``: the
+    reader's), with ``advice``: what to do about it."""
+    return CheckpointError(f"{file}: cannot be read as {file.suffix[1:]} ({error}); the file is "
+                           f"truncated or damaged — {advice}")
 
 
 def declared_tensors(file: Path) -> dict[str, tuple[list[int], int]]:

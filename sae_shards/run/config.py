@@ -23,6 +23,9 @@ from typing import Any, Literal, get_args
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.run.schema import build_dataclass
 
+EMPTY_RUN_DIR = "run_dir is empty; give the run a directory of its own, e.g. run_dir=runs/my_run"
+"""The refusal of an empty ``run_dir`` (the job's config, a ``ShardCallback``'s argument)."""
+
 Source = Literal["update", "grad", "precond", "deconv"]
 Granularity = Literal["step", "group", "completion"]
 Precondition = Literal["none", "adam", "kfac", "kfac_output"]
@@ -473,8 +476,7 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         if not self.run_dir.strip():
-            raise ValueError("run_dir is empty; give the run a directory of its own, e.g. "
-                             "run_dir=runs/my_run")
+            raise ValueError(EMPTY_RUN_DIR)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device={self.device!r}; use auto, cpu or cuda[:index] (cuda:0)")
         if self.seed < 0:

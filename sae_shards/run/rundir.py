@@ -56,6 +56,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from sae_shards.core.checkpoint import SAE_FILE, CheckpointError, process_umask, save_file_atomic
+from sae_shards.run.config import EMPTY_RUN_DIR
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +278,7 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
     which the caller releases (``release_run_dir``) when it is done writing; a refusal
     releases it."""
     if not str(run_dir).strip():  # before Path turns "" into "."
-        raise ValueError("run_dir is empty; give the run a directory of its own, e.g. "
-                         "run_dir=runs/my_run")
+        raise ValueError(EMPTY_RUN_DIR)
     run_dir = Path(run_dir)
     if run_dir.resolve() == Path.cwd().resolve():
         raise ValueError(f"run_dir={str(run_dir)!r} would write the run into the current "
