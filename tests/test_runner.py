@@ -251,12 +251,11 @@ def test_the_budget_pays_for_the_callbacks_own_work_and_the_inline_sae_once(monk
     assert seen == [1.0] and budget.paid_in_this_thread() == before
 
 
-def test_a_thread_worker_gets_the_inline_share_of_rl_time():
-    """``runner.sae_budget`` means the same in both runners: RL time earns credit while a thread
-    worker trains beside it (its time is paid, not subtracted from RL's). The inline case above
-    on a thread: hooks of 7 ms, 100 ms of RL a step, with the worker's SAE steps (10 ms each)
-    running during them -> 1.3 steps a push, as inline. Earning from the worker's idle gaps
-    instead gave ~1.04 (the 10 ms a step it trains would not count as RL time)."""
+def _budget_with_a_worker(rl_waits: bool, waits_are_charged: bool = False):
+    """200 pushes under budget 0.2 on a clock the test moves: hooks of 7 ms, 100 ms of RL a
+    step, the worker's SAE steps (10 ms each) on a thread of their own, run beside RL's step or,
+    ``rl_waits``, while RL waits for them (reported as ``waited``, or ``waits_are_charged``: as
+    hook time, what the callback did before). The budget and the steps granted per push."""
     import threading
 
     from sae_shards.capture.runner import SAEBudget
@@ -265,7 +264,7 @@ def test_a_thread_worker_gets_the_inline_share_of_rl_time():
     budget = SAEBudget(0.2, clock=lambda: now[0])
     granted = []
 
-    def push():  # the worker's SAEWorkLoop.process, while RL runs on
+    def push():  # the worker's SAEWorkLoop.process
         started = now[0]
         n = budget.steps(started)
         now[0] += 0.010 * n
@@ -276,12 +275,62 @@ def test_a_thread_worker_gets_the_inline_share_of_rl_time():
         now[0] += 0.007  # the hook's capture, queue put and logging on the RL thread
         budget.charge(0.007)
         worker = threading.Thread(target=push)
+        waited_from = now[0]
         worker.start()
         worker.join()
-        now[0] += 0.100 - 0.010 * granted[-1]  # the rest of RL's own step
+        if rl_waits:
+            (budget.charge if waits_are_charged else budget.waited)(now[0] - waited_from)
+            now[0] += 0.100
+        else:
+            now[0] += 0.100 - 0.010 * granted[-1]  # the rest of RL's own step
+    return budget, granted
+
+
+def test_a_thread_worker_gets_the_inline_share_of_rl_time():
+    """``runner.sae_budget`` means the same in both runners: RL time earns credit while a thread
+    worker trains beside it (its time is paid, not subtracted from RL's). The inline case above
+    on a thread -> 1.3 steps a push, as inline. Earning from the worker's idle gaps instead gave
+    ~1.04 (the 10 ms a step it trains would not count as RL time)."""
+    budget, granted = _budget_with_a_worker(rl_waits=False)
     assert sum(granted) / 200 == pytest.approx(1.3, abs=0.05)
     assert budget.earned_from_s == pytest.approx(199 * 0.100)
     assert budget.paid_s / budget.earned_from_s == pytest.approx(0.2, abs=0.01)
+
+
+def test_a_wait_for_the_thread_worker_is_not_paid_twice():
+    """When RL waits for a thread worker (a full queue, a checkpoint's wait_idle), the worker's
+    time is paid once, by its own ``process``, and the wait earns nothing, as an inline push:
+    1.3 steps a push again. Charging the wait as hook time too (before) paid for it twice."""
+    budget, granted = _budget_with_a_worker(rl_waits=True)
+    assert sum(granted) / 200 == pytest.approx(1.3, abs=0.05)
+    assert budget.paid_s == pytest.approx(200 * 0.007 + 0.010 * sum(granted))
+    assert budget.waited_s == pytest.approx(0.010 * sum(granted))
+    assert budget.earned_from_s == pytest.approx(199 * 0.100)
+    _, twice = _budget_with_a_worker(rl_waits=True, waits_are_charged=True)
+    assert sum(twice) / 200 == pytest.approx(0.65, abs=0.05)
+
+
+def test_the_thread_runner_tells_the_budget_how_long_rl_waited_for_its_worker():
+    """ThreadRunner reports RL's waits for a slow worker to the budget: a full queue
+    (max_lag 1) and ``wait_idle``; none of it is paid on the RL thread."""
+    import time
+
+    from sae_shards.capture.runner import ThreadRunner
+
+    buffer = DeltaRingBuffer(TARGETS, capacity=8, device="cpu")
+    cfg = RunnerConfig(concurrency="thread", max_lag=1, min_samples=1, sae_budget=0.1)
+    trainer = SAETrainer(LowRankSAE(TARGETS, SAEConfig(n_latents=4, k=1, batch_size=2)))
+    loop = SAEWorkLoop(trainer, buffer, cfg, torch.Generator().manual_seed(0))
+    process = loop.process
+    loop.process = lambda slots, window: (time.sleep(0.05), process(slots, window))
+    runner = ThreadRunner(loop, cfg.max_lag, timeout_s=30)
+    for step in range(1, 5):  # the third push finds the queue full behind a busy worker
+        runner.on_push(buffer.push({t.name: torch.full(t.shape, float(step)) for t in TARGETS},
+                                   StepMeta(step)))
+    runner.wait_idle()
+    runner.finish()
+    assert loop.budget.waited_s > 0.1  # 4 pushes of 50 ms each, pushed at once
+    assert loop.budget.paid_in_this_thread() == 0.0  # the RL thread paid nothing of it
 
 
 def test_the_end_of_run_encode_copies_at_most_encode_chunk_mib_of_the_buffer():

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple, Sequence
 
@@ -151,6 +152,9 @@ class DeltaRingBuffer:
         self.on_wait: Callable[[], None] | None = None
         """Called at least every ``WAIT_POLL_S`` while ``begin_write`` waits for a held sample
         (the thread runner raises there if its worker failed or hangs)."""
+        self.on_waited: Callable[[float], None] | None = None
+        """Called with the seconds ``begin_write`` waited for a held sample, after a wait (the
+        thread runner tells ``runner.sae_budget`` that RL was held up, not working)."""
         self._lock = threading.Lock()
         self._unread = threading.Condition(self._lock)  # notified when a slot's readers reach 0
         self._readers = [0] * self.capacity  # gathers in progress that read each slot
@@ -175,9 +179,11 @@ class DeltaRingBuffer:
                     "(the buffer takes one writer at a time)"
                 )
             slot = self._next
+            waited_from = None
             # a filled next slot holds the oldest sample, the (n_pushed - n_filled)-th commit
             while self._filled[slot] and self._held and \
                     self._n_pushed - int(self._filled.sum()) >= min(self._held):
+                waited_from = waited_from or time.perf_counter()
                 # at every wake-up, not only on a timeout: a late reader's gathers notify too
                 self._unread.wait(WAIT_POLL_S)
                 if self.on_wait is not None:
@@ -188,6 +194,8 @@ class DeltaRingBuffer:
             # Gathers that picked the slot earlier finish first; gathers of other slots go on.
             self._unread.wait_for(lambda: self._readers[slot] == 0)
             read_done = list(self._read_done.values())
+        if waited_from is not None and self.on_waited is not None:
+            self.on_waited(time.perf_counter() - waited_from)
         for event in read_done:  # earlier gathers must finish before the slot is overwritten
             torch.cuda.current_stream(self.device).wait_event(event)
         return slot, {name: data[slot] for name, data in self._data.items()}

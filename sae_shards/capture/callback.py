@@ -90,17 +90,18 @@ log = logging.getLogger(__name__)
 def _paid(hook):
     """A callback hook whose wall time is sae-shards work on the RL thread: paid from
     ``runner.sae_budget`` when one is set (less what the SAE work loop paid itself meanwhile in
-    this thread: inline pushes and activation flushes)."""
+    this thread, inline pushes and activation flushes, and the waits for a thread worker, whose
+    own time it pays)."""
     @functools.wraps(hook)
     def timed(self, *args, **kwargs):
         budget = self.parts.loop.budget if self.parts is not None else None
         if budget is None:
             return hook(self, *args, **kwargs)
-        t0, paid = time.perf_counter(), budget.paid_in_this_thread()
+        t0, accounted = time.perf_counter(), budget.accounted_in_this_thread()
         try:
             return hook(self, *args, **kwargs)
         finally:
-            own = time.perf_counter() - t0 - (budget.paid_in_this_thread() - paid)
+            own = time.perf_counter() - t0 - (budget.accounted_in_this_thread() - accounted)
             budget.charge(max(0.0, own))
     return timed
 

@@ -143,11 +143,12 @@ class SAEBudget:
     The budget covers all of sae-shards' work, not the SAE steps alone: "never slow RL by more
     than this fraction". RL time is the wall time since the first push less the time the RL
     thread spent on sae-shards' work: ``charge``-d hook time (capture, rollout logging,
-    checkpoint snapshots, activation flushes between pushes, and any wait for a busy worker) and,
-    inline, the pushes themselves. Every second of it earns ``sae_budget`` seconds of credit.
-    Each ``process`` spends its own wall time (encode, SAE steps), on whichever thread it runs,
-    and ``charge`` the rest. So a thread worker's time is paid for but does not stop RL time
-    from earning (RL runs meanwhile), and both runners grant the same share of RL time. A push
+    checkpoint snapshots, activation flushes between pushes) and, inline, the pushes themselves;
+    and the time it ``waited`` for a busy thread worker. Every second of it earns ``sae_budget``
+    seconds of credit. Each ``process`` spends its own wall time (encode, SAE steps), on
+    whichever thread it runs, and ``charge`` the rest. So a thread worker's time is paid for
+    once, whether RL runs meanwhile (then it earns) or waits for it (then it does not, as
+    inline), and both runners grant the same share of RL time. A push
     runs as many SAE steps as the credit left pays for at the measured cost per step (the first
     one runs one step to measure it). Credit is capped at ``cap_steps`` steps, so a long pause
     does not buy a burst. Thread-safe (the RL thread charges while a worker spends). The counts
@@ -173,6 +174,9 @@ class SAEBudget:
         self._rl_thread = threading.get_ident()  # the thread that charges (builds the run)
         self._lock = threading.Lock()
         self._paid_by: dict[int, float] = {}  # thread id -> seconds paid in that thread
+        self._waited_by: dict[int, float] = {}  # thread id -> seconds waited there (``waited``)
+        self.waited_s = 0.0
+        """All time the RL thread waited for a thread worker (``waited``; not paid again)."""
 
     def steps(self, started: float) -> int:
         """SAE steps to run in the ``process`` that started at ``started``."""
@@ -185,16 +189,33 @@ class SAEBudget:
 
     def charge(self, seconds: float) -> None:
         """Pay for sae-shards work done on the RL thread outside ``process`` (capture, logs,
-        checkpoints, activation flushes, waits for the worker): from the credit, and not counted
-        as RL time either. Call it from the RL thread."""
+        checkpoints, activation flushes; its waits for a thread worker are ``waited``): from the
+        credit, and not counted as RL time either. Call it from the RL thread."""
         with self._lock:
             self._rl_thread = threading.get_ident()
             self._pay(seconds)
+
+    def waited(self, seconds: float) -> None:
+        """The RL thread waited ``seconds`` for a thread worker (a full queue, a checkpoint's
+        ``wait_idle``, a held buffer slot): not RL time, so it earns nothing, and not paid, as the
+        worker's ``process`` pays for its own time meanwhile (charging it too would pay for that
+        time twice). Call it from the RL thread."""
+        with self._lock:
+            me = threading.get_ident()
+            self._waited_by[me] = self._waited_by.get(me, 0.0) + seconds
+            self.waited_s += seconds
 
     def paid_in_this_thread(self) -> float:
         """Seconds paid so far by calls made in the calling thread."""
         with self._lock:
             return self._paid_by.get(threading.get_ident(), 0.0)
+
+    def accounted_in_this_thread(self) -> float:
+        """Seconds paid or ``waited`` so far by calls made in the calling thread: the part of
+        its wall time the budget has already accounted for."""
+        with self._lock:
+            me = threading.get_ident()
+            return self._paid_by.get(me, 0.0) + self._waited_by.get(me, 0.0)
 
     def spent(self, started: float, n_steps: int, steps_s: float) -> None:
         """Charge the ``process`` that started at ``started`` (``steps_s`` of it on SAE steps)."""
@@ -216,7 +237,8 @@ class SAEBudget:
     def _earn(self, now: float) -> None:
         """Credit for the RL time up to ``now`` not yet credited. RL time so far can briefly
         read high (a hook whose time is charged when it ends) and is credited only once."""
-        rl_paid = self._paid_by.get(self._rl_thread, 0.0)
+        rl_paid = (self._paid_by.get(self._rl_thread, 0.0)  # and waited: not RL time either
+                   + self._waited_by.get(self._rl_thread, 0.0))
         if self._origin is None:
             self._origin, self._rl_paid_before = now, rl_paid
             return
@@ -411,6 +433,7 @@ class ThreadRunner:
         self._thread = threading.Thread(target=self._work, name="sae-worker", daemon=True)
         self._thread.start()
         loop.buffer.on_wait = self._check_worker  # RL waiting on a held window
+        loop.buffer.on_waited = self._waited
         # A script whose trainer.train() raised (its reward function's error, a second SIGTERM)
         # exits without close(): stop the worker before the interpreter finalises, which would
         # end it inside torch and abort the process (SIGABRT, 'terminate called without an
@@ -464,10 +487,19 @@ class ThreadRunner:
 
     def _wait(self, done) -> None:
         """Poll ``done()`` until true, raising if the worker failed or hangs."""
-        while not done():
-            self._check_worker()
-            time.sleep(0.001)
+        t0 = time.perf_counter()
+        try:
+            while not done():
+                self._check_worker()
+                time.sleep(0.001)
+        finally:
+            self._waited(time.perf_counter() - t0)
         self._raise_if_failed()
+
+    def _waited(self, seconds: float) -> None:
+        """RL waited ``seconds`` for the worker: the budget's (``SAEBudget.waited``)."""
+        if self.loop.budget is not None:
+            self.loop.budget.waited(seconds)
 
     def on_push(self, slots: int | list[int]) -> None:
         self._raise_if_failed()
@@ -476,12 +508,20 @@ class ThreadRunner:
         push = Push(slots, window, self.loop.first_read(window, n))
         try:
             self.loop.buffer.hold(push.first)  # before the worker can take (and release) it
-            while True:  # blocks only when max_lag deltas are already waiting
-                try:
-                    self._queue.put(push, timeout=0.05)
-                    return
-                except queue.Full:
-                    self._check_worker()
+            try:
+                self._queue.put_nowait(push)
+                return
+            except queue.Full:  # max_lag deltas are already waiting: RL waits for the worker
+                t0 = time.perf_counter()
+            try:
+                while True:
+                    try:
+                        self._queue.put(push, timeout=0.05)
+                        return
+                    except queue.Full:
+                        self._check_worker()
+            finally:
+                self._waited(time.perf_counter() - t0)
         except BaseException:  # not queued (a Ctrl-C, a failed worker): nobody else releases it
             self.loop.buffer.release(push.first)
             raise
