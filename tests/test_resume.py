@@ -216,11 +216,11 @@ def test_sigterm_stops_with_a_usable_checkpoint_then_resumes(uninterrupted, tmp_
     assert not (run / "checkpoints" / "final").exists()
     view = RunView(run)  # an interrupted run is analysable: its newest checkpoint
     assert view.checkpoint == step and sorted(view.rollouts) == list(range(1, stopped + 1))
-    done = subprocess.run([sys.executable, "-m", "sae_shards.cli", "analyze", str(run),
-                           "--no-dose"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    capsys.readouterr()
+    assert cli_main(["analyze", str(run), "--no-dose"]) == 0  # in this process: no second import
+    err = capsys.readouterr().err
     assert (f"reading checkpoint {step} of {run} (the run was stopped before its end"
-            in done.stderr) and (run / "report.html").is_file()
+            in err) and (run / "report.html").is_file(), err[-2000:]
     # started again without resume=true: refused, pointing at resume=true; resumed with a
     # changed setting: refused before anything is built, naming it (in this process, one after
     # the other: two processes at once could each find the other holding the run directory's
@@ -247,7 +247,7 @@ def test_sigterm_stops_with_a_usable_checkpoint_then_resumes(uninterrupted, tmp_
     assert len(ends) == 1 and ends[0]["rl_step"] == 12
     # a finished run has nothing to resume: refused, and nothing of it changes
     summary = (run / "summary.json").read_text()
-    err = _refused(run, "resume=true")
+    err = _refused(run, capsys, "resume=true")
     assert "finished (12 RL steps" in err and "nothing to resume" in err, err
     assert (run / "summary.json").read_text() == summary
     _same_run(uninterrupted, run)
@@ -309,7 +309,7 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_end_without_a_ste
      r"header format 'sae-shards-activations', expected 'sae-shards-resume'"),
 ])
 def test_a_damaged_resume_file_is_named_when_the_run_resumes(uninterrupted, tmp_path, damage,
-                                                              problem):
+                                                              problem, capsys):
     """The resume file of the checkpoint a killed run resumes from, damaged (its header's info
     or its generator state lost) or another kind of file: resume=true names it and exits 2,
     instead of a KeyError or torch's RNG error as a traceback from inside trainer.train()."""
@@ -323,7 +323,7 @@ def test_a_damaged_resume_file_is_named_when_the_run_resumes(uninterrupted, tmp_
         header, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
     damage(tensors, header)
     save_file({k: v.contiguous() for k, v in tensors.items()}, file, metadata=header)
-    err = _refused(run, "resume=true")
+    err = _refused(run, capsys, "resume=true")
     assert f"sae-shards: cannot resume: {file}: " in err and "Traceback" not in err, err[-3000:]
     assert re.search(problem, err), err[-3000:]
 
@@ -432,12 +432,13 @@ def test_text_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     assert path.read_text() == "old"
 
 
-def _refused(run: Path, *extra: str) -> str:
-    """``_train`` refused with exit status 2; its stderr."""
-    proc = _train(run, *extra)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2, err[-3000:]
-    return err
+def _refused(run: Path, capsys, *extra: str) -> str:
+    """``sae-shards train`` with ``_train``'s arguments refused with exit status 2; its stderr.
+    In this process (``cli_main``, as ``sae-shards train`` calls it): a refusal needs no fresh
+    interpreter, and an exception escaping it fails the test as a traceback would."""
+    capsys.readouterr()
+    assert cli_main(["train", *ARGS, *extra, f"run_dir={run}"]) == 2, capsys.readouterr().err[-3000:]
+    return capsys.readouterr().err
 
 
 def _job(run: Path, *extra: str):
