@@ -1,5 +1,8 @@
 """Shared test setup."""
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -27,13 +30,31 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="session")
 def short_run_dir(tmp_path_factory):
-    """A finished 12-step run of the real job (tiny model, 16 latents), shared by analysis tests."""
+    """A finished 12-step run of the real job (tiny model, 16 latents), shared by analysis tests
+    (which only read it, or copy it first). Under xdist the workers share one run: the first to
+    need it trains it under a file lock, the others wait for it and read the same directory (each
+    worker trained its own, ~13 s, before)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process (-n 0)
+        return _train_short_run(tmp_path_factory.mktemp("short_run"))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # the same for every worker of this session
+    out, done = shared / "short_run", shared / "short_run.done"
+    with FileLock(str(shared / "short_run.lock")):
+        if not done.is_file():  # none yet, or a worker failed halfway: train it (again)
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            _train_short_run(out)
+            done.touch()
+    return out
+
+
+def _train_short_run(out):
     from hydra import compose, initialize_config_dir
 
     from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
     from sae_shards.run.job import run_job
 
-    out = tmp_path_factory.mktemp("short_run")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = job_config_from_hydra(compose("config", overrides=[
             "rl.max_steps=12", "runner.min_samples=4", "runner.sae_steps_per_rl_step=2",
