@@ -431,6 +431,35 @@ def test_multi_label_steps(planted_run, tmp_path):
         evaluate_run(both, n_null=2, steering=False)
 
 
+def test_a_task_present_in_every_held_out_sample_is_left_out_of_the_auroc_means(planted_run,
+                                                                                 tmp_path):
+    """AUROC for "task A present" needs held-out samples without A. A task in every one (a
+    mixed schedule's per-step samples can hold every task) has no AUROC: it is named, and every
+    AUROC mean (latents, families, their nulls, the supervised reference) is over the tasks
+    that have one, instead of the latents' mean turning NaN beside a supervised figure
+    averaged over the others."""
+    every = tmp_path / "every"
+    shutil.copytree(planted_run, every)
+    _rewrite_labels(every, lambda labels: [sorted({*lab, "A"}) for lab in labels])
+    r = evaluate_run(every, n_null=2, steering=False)
+    scored = [t for t in r["tasks"] if t != "A"]
+    assert r["auroc_unscored"] == ["A"]
+    assert r["per_task"]["A"]["auroc"] != r["per_task"]["A"]["auroc"]  # NaN: no negative
+    assert r["auroc_task"] == pytest.approx(_mean(r["per_task"][t]["auroc"] for t in scored))
+    assert r["headline"]["auroc_task"] == r["auroc_task"]
+    assert r["supervised_auroc"] == pytest.approx(
+        _mean(r["per_task"][t]["supervised_auroc"] for t in scored))
+    fm = r["families"]
+    assert fm["auroc_task"] == pytest.approx(
+        _mean(fm["per_task"][t]["auroc"] for t in scored))
+    for x in (r["auroc_null"], fm["auroc_null"], r["headline"]["auroc_task_family"]):
+        assert 0 <= x <= 1
+    written = json.loads((every / "evaluation.json").read_text())
+    assert written["per_task"]["A"]["auroc"] is None and written["auroc_unscored"] == ["A"]
+    md = (every / "evaluation.md").read_text()
+    assert "A is in every held-out" in md, md
+
+
 @pytest.fixture(scope="module")
 def event_run(tmp_path_factory):
     """A short real per-event run: body matrices, one sample per prompt group (~20 s)."""

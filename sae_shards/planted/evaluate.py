@@ -13,7 +13,9 @@ sample it is present in (``truth_from`` says which, per task; ``groundtruth``).
 ``evaluation.json`` (and ``evaluation.md``) in the run directory opens with ``"headline"``:
 
 - ``auroc_task``: per task, the latent whose ``|activation|`` best predicts "task k present" on
-  the training samples, scored on the held-out samples; mean over tasks;
+  the training samples, scored on the held-out samples; mean over tasks (every AUROC mean is
+  over the tasks that have one: a task in every held-out sample has none, and is named in
+  ``auroc_unscored``);
   ``auroc_null_control``: the same figure on a null-control run (``multiskill_null``), given as
   ``null_run`` (None when not given: the sweep fills it); ``auroc_supervised``: the supervised
   reference (|cos| to each task's training principal direction, held-out AUROC);
@@ -99,7 +101,8 @@ from sae_shards.analysis.shards import (ShardSet, load_run_models, run_models_mi
 from sae_shards.planted.causal import CausalSettings, causal_tests
 from sae_shards.run import rundir
 from sae_shards.planted.groundtruth import (abs_cosine, auroc, class_means, energy_shares,
-                                            flatten, label_sets, norm_features, presence,
+                                            flatten, label_sets, mean_defined, norm_features,
+                                            presence,
                                             principal_direction, rank_ceiling, separability,
                                             shuffled, supervised_reference,
                                             task_directions, task_directions_with_source,
@@ -352,7 +355,7 @@ def _choose_and_score(scores_tr: Tensor, scores_te: Tensor, y_tr: Sequence, y_te
                          for t, c in zip(tasks, cols)}
     train = latent_aurocs(scores_tr, y_tr, tasks, exclude)
     best = train.argmax(1).tolist()
-    null = [sum(held(best_latents(scores_tr, y, tasks, exclude)).values()) / len(tasks)
+    null = [mean_defined(held(best_latents(scores_tr, y, tasks, exclude)).values())
             for y in null_labels]
     return train, best, held(best), null
 
@@ -560,7 +563,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     silent = shards.stats.get("stats.samples_since_fired")
     dead_frac = (dead_fraction(silent, sae.cfg.dead_after, shards.meta.get("sae_samples"))
                  if silent is not None else None)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = mean_defined  # over the tasks with an AUROC (auroc_unscored: those without)
+    unscored = [t for t in tasks if auroc_task[t] != auroc_task[t]]
 
     causal, causal_skipped = None, "not asked for (--no-steering)"
     if steering:
@@ -629,6 +633,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
                                             lat_cos, fam_cos),
         "auroc_task": mean(list(auroc_task.values())), "auroc_null": mean(null_auroc),
         "auroc_margin": mean(list(auroc_task.values())) - mean(null_auroc),
+        # tasks in every held-out sample: "task present" has no negative, so no AUROC
+        "auroc_unscored": unscored,
         "supervised_auroc": ref.auroc_mean, "supervised_centroid_accuracy": ref.centroid_accuracy,
         "chance_accuracy": ref.chance_accuracy,
         "separability": separability(flat_tr, y_tr, flat_te, y_te, tasks),
@@ -711,11 +717,10 @@ def _family_figures(sae, fams: Families, fam_w: Tensor, fam_tr: Tensor, fam_te: 
     mmcs of the families' directions against the held-out ground truth (and its null)."""
     _, best, held, null_auroc = _choose_and_score(fam_tr, fam_te, y_tr, y_te, tasks, null_labels)
     cos = _family_cos(sae, truth, shapes, fam_w)  # [K, F]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {
         "threshold": fams.threshold, "members": fams.members, "n": len(fams.members),
         "best_family": best,
-        "auroc_task": mean(list(held.values())), "auroc_null": mean(null_auroc),
+        "auroc_task": mean_defined(held.values()), "auroc_null": mean_defined(null_auroc),
         **_mmcs_margin(lambda t: _family_cos(sae, t, shapes, fam_w), truth, null_truths),
         "per_task": {t: {"family": f, "members": fams.members[f], "auroc": held[t],
                          "abs_cos_to_truth": float(cos[k, f]),
@@ -861,6 +866,13 @@ def to_markdown(r: dict[str, Any]) -> str:
         missing = h[key] is None or h[key] != h[key]
         lines.append(f"| {key} | {_f(h[key], 'd' if key == 'n_families' else '.3f')} | "
                      f"{_why_missing(key, r) if missing else HEADLINE_READ[key]} |")
+    unscored = r.get("auroc_unscored") or []
+    if unscored:
+        lines += ["", f"Task{'s' if len(unscored) > 1 else ''} {', '.join(unscored)} "
+                  f"{'are' if len(unscored) > 1 else 'is'} in every held-out {r['sample_unit']}: "
+                  "\"present\" has no negative there, so no AUROC; every AUROC figure is the "
+                  "mean over the other tasks (capture per event, or hold out more steps, to "
+                  "score it)."]
     lines += ["", "## Details", "",
               "| figure | value | null / reference |", "|---|---|---|",
               f"| mmcs | {r['mmcs']:.3f} | shuffled-label null {r['mmcs_null']:.3f} (margin {r['mmcs_margin']:+.3f}) |",
@@ -892,13 +904,13 @@ def to_markdown(r: dict[str, Any]) -> str:
                   f"average linkage; {fm['n']} families, {several}): held-out AUROC "
                   f"{fm['auroc_task']:.3f} (shuffled-label null {fm['auroc_null']:.3f}), mmcs "
                   f"{fm['mmcs']:.3f} (null {fm['mmcs_null']:.3f}, margin {fm['mmcs_margin']:+.3f}); "
-                  "per task: " + "; ".join(f"{t} {v['members']} {v['auroc']:.3f}"
+                  "per task: " + "; ".join(f"{t} {v['members']} {_f(v['auroc'])}"
                                           for t, v in fm["per_task"].items()) + "."]
     lines += ["", "| task | best latent | AUROC | purity | coverage | max \\|cos\\| to truth | supervised AUROC | best 3 latents' training AUROC | energy share | truth from |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for t, v in r["per_task"].items():
-        lines.append(f"| {t} | {v['best_latent']} | {v['auroc']:.3f} | {v['purity']:.2f} | "
-                     f"{v['coverage']:.2f} | {v['max_abs_cos_to_truth']:.3f} | {v['supervised_auroc']:.3f} "
+        lines.append(f"| {t} | {v['best_latent']} | {_f(v['auroc'])} | {v['purity']:.2f} | "
+                     f"{v['coverage']:.2f} | {v['max_abs_cos_to_truth']:.3f} | {_f(v['supervised_auroc'])} "
                      f"| {', '.join(f'{a:.2f}' for a in v['latent_aurocs_top3'])} "
                      f"| {v['energy_share']:.2f} | {v['truth_from']} |")
     st = r.get("steering")

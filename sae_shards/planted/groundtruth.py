@@ -207,6 +207,13 @@ def auroc(scores: Tensor, positive: Tensor) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def mean_defined(values: Iterable[float]) -> float:
+    """The mean of the values that are not NaN (an AUROC of a task with an empty class is NaN:
+    undefined, left out), NaN when none is."""
+    defined = [v for v in values if v == v]
+    return sum(defined) / len(defined) if defined else float("nan")
+
+
 def norm_features(samples: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
     """Sign-free features ``[S, F]``: per-row and per-column norms of each matrix target (and
     absolute values of vector targets), each sample normalised to unit total norm first."""
@@ -257,9 +264,7 @@ def supervised_reference(x_train: Tensor, y_train: Labels, x_test: Tensor,
         accuracy = float((pred == truth).float().mean())
     else:
         accuracy = float("nan")
-    valid = [v for v in per_task.values() if v == v]
-    mean = sum(valid) / len(valid) if valid else float("nan")  # no task separable at all
-    return SupervisedReference(per_task, mean, accuracy,
+    return SupervisedReference(per_task, mean_defined(per_task.values()), accuracy,
                                1 / len(tasks), dirs)
 
 
@@ -312,8 +317,7 @@ def separability(x_train: Tensor, y_train: Labels, x_test: Tensor, y_test: Label
         if not signed:
             scores = scores.abs()
         per = {t: auroc(scores[:, k], presence(y_test, t)) for k, t in enumerate(tasks)}
-        valid = [v for v in per.values() if v == v]
-        out[name] = {"mean": sum(valid) / len(valid) if valid else float("nan"), **per}
+        out[name] = {"mean": mean_defined(per.values()), **per}
     return out
 
 
