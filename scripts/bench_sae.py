@@ -188,9 +188,12 @@ def head_modules(rev: str = "HEAD"):
     """(LowRankSAE, SAETrainer) of git ``rev``: its core/{sae,trainer,metrics,sparsity}.py copied
     into a temporary package (imports between them rewritten), so the old step can be timed next
     to the new one without touching the working tree."""
+    import atexit
     import importlib
+    import shutil
     import tempfile
     root = Path(tempfile.mkdtemp(prefix="sae_head_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # imported by then: not needed
     (root / "sae_head").mkdir()
     (root / "sae_head" / "__init__.py").write_text("")
     for name in _HEAD_FILES:
