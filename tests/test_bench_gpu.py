@@ -86,6 +86,7 @@ SMOKE_TESTS = "-m gpu tests/test_gpu.py -k buffer"
 """The smoke run's share of the gpu tests (the suite runs all of them on the CPU itself)."""
 
 
+@pytest.mark.slow  # the whole script: a pytest run and the benchmark (~30 s)
 def test_gpu_check_cpu_smoke_writes_the_report(tmp_path):
     proc = _gpu_check(tmp_path, "--cpu-smoke", PYTEST_ARGS=SMOKE_TESTS)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -42,7 +42,9 @@ Adam's first step divides by |g|, which amplifies the rounding of small entries 
 1.4e-5)."""
 EVENT_RTOL = 1e-5
 """Relative tolerance of one event's gradient (measured 6e-7)."""
-pytestmark = pytest.mark.slow
+launches = pytest.mark.slow
+"""The tests that launch processes (tens of seconds each) are slow: left out of the default run,
+`python -m pytest -q -m slow` runs them (tests/conftest.py)."""
 
 
 def _free_port() -> int:
@@ -101,12 +103,14 @@ def _worst_relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
     return worst
 
 
+@launches
 def test_two_ranks_capture_the_one_process_deltas_of_the_same_global_batch(runs):
     ddp, one = _samples(runs["ddp"] / "run_step"), _samples(runs["replay"] / "run_step")
     assert ddp["rl_step"].tolist() == one["rl_step"].tolist() == [1, 2]
     assert _worst_relative_error(ddp, one) < DELTA_RTOL
 
 
+@launches
 def test_per_event_samples_gather_every_ranks_events_exactly_once(runs):
     run = runs["ddp"] / "run_group"
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
@@ -128,6 +132,7 @@ def test_per_event_samples_gather_every_ranks_events_exactly_once(runs):
     assert _worst_relative_error(ddp, one) < EVENT_RTOL
 
 
+@launches
 def test_one_run_directory_whose_shards_load(runs):
     for kind, n_samples in (("run_step", 2), ("run_group", 4)):
         run = runs["ddp"] / kind
@@ -163,6 +168,7 @@ def zero3(runs) -> dict[str, Path]:
     return {"run": root / "run", "replay": root / "replay"}
 
 
+@launches
 def test_zero3_captures_the_one_process_deltas_and_events(zero3, runs):
     """Under ZeRO-3 no rank holds a whole weight: the per-step update is the fp32 master copy
     gathered before and after the step, and it is the one-process update of the same global
@@ -183,6 +189,7 @@ def test_zero3_captures_the_one_process_deltas_and_events(zero3, runs):
     assert [e["rows"] for e in events] == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
 
 
+@launches
 def test_sae_shards_train_under_deepspeed_zero3_refuses_adam_preconditioning(tmp_path):
     """A setting the recipe cannot honour under ZeRO-3 is refused with the reason (the recipe
     itself runs under ZeRO-3 in the SIGTERM test below: trained, stopped, resumed)."""
@@ -192,6 +199,7 @@ def test_sae_shards_train_under_deepspeed_zero3_refuses_adam_preconditioning(tmp
     assert "capture.precondition=adam is not supported under DeepSpeed ZeRO-3" in refused.stderr
 
 
+@launches
 def test_fsdp2_update_capture_gathers_the_unsharded_update(runs):
     out = runs["model"].parent / "fsdp2"
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -212,6 +220,7 @@ def test_fsdp2_update_capture_gathers_the_unsharded_update(runs):
     assert load_checkpoint(out / "run" / "checkpoints" / "final").config["meta"]["rl_step"] == 2
 
 
+@launches
 def test_fsdp2_gathers_a_mixture_of_experts_stacked_update_whole(tmp_path):
     """fully_shard splits a stacked expert tensor [experts, m, n] along its experts: the sample
     is the whole update, every expert's matrix in its place."""
@@ -253,6 +262,7 @@ def test_train_ends_the_process_group_it_ran_under(tmp_path):
             dist.destroy_process_group()
 
 
+@launches
 def test_sae_shards_train_under_accelerate_launch(tmp_path):
     """The recipe itself on 2 ranks: rank 0 prepares the directory and builds the model first,
     the other rank loads it; one run directory with every rank's events."""
@@ -284,6 +294,7 @@ def test_sae_shards_train_under_accelerate_launch(tmp_path):
     load_checkpoint(run / "checkpoints" / "final")
 
 
+@launches
 @pytest.mark.parametrize("backend", ["ddp", "zero3"])
 def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_run_resumes(tmp_path, backend):
     """SIGTERM to the launcher (which forwards it to the workers): every rank stops after the
