@@ -239,10 +239,13 @@ def test_dropping_a_micro_batch_breaks_the_sum(tmp_path):
 def test_completion_granularity_sums_to_the_same_gradient(tmp_path):
     trainer = grpo_trainer(tmp_path, "qwen2", grad_accum=2)
     targets = dense_targets(trainer, "qwen2")
-    (events,), (grad,), _, _ = run(trainer, targets, granularity="completion")  # <= 20 rows each
-    assert all(len(e.rows) == 1 and e.group == e.rows[0] for e in events)
+    (events,), (grad,), _, recorder = run(trainer, targets, granularity="completion")
+    assert all(len(e.rows) == 1 and e.group == e.rows[0] for e in events)  # <= 20 rows each
     assert len(events) > 4
     assert_sums_match(events, grad, targets)
+    # its work inside the forward and backward is timed (runner.sae_budget pays for it), once
+    taken = recorder.take_hook_seconds()
+    assert taken > 0 and recorder.take_hook_seconds() == 0.0
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])

@@ -91,7 +91,8 @@ def _paid(hook):
     """A callback hook whose wall time is sae-shards work on the RL thread: paid from
     ``runner.sae_budget`` when one is set (less what the SAE work loop paid itself meanwhile in
     this thread, inline pushes and activation flushes, and the waits for a thread worker, whose
-    own time it pays)."""
+    own time it pays); with it, the per-event recorder's time inside RL's forward and backward
+    since the last hook (``EventCapture.take_hook_seconds``), which no callback hook times."""
     @functools.wraps(hook)
     def timed(self, *args, **kwargs):
         budget = self.parts.loop.budget if self.parts is not None else None
@@ -102,7 +103,8 @@ def _paid(hook):
             return hook(self, *args, **kwargs)
         finally:
             own = time.perf_counter() - t0 - (budget.accounted_in_this_thread() - accounted)
-            budget.charge(max(0.0, own))
+            take = getattr(getattr(self, "capture", None), "take_hook_seconds", None)
+            budget.charge(max(0.0, own) + (take() if take is not None else 0.0))
     return timed
 
 

@@ -156,6 +156,12 @@ class EventCapture(TrainerCallback):
         if self.recorder is not None:
             self.recorder.start_step()
 
+    def take_hook_seconds(self) -> float:
+        """The recorder's time inside RL's forward and backward since the last call
+        (``EventRecorder.take_hook_seconds``): sae-shards' work the callback's own hooks do not
+        time."""
+        return self.recorder.take_hook_seconds() if self.recorder is not None else 0.0
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         """The step's events (all ranks' on rank 0; a collective under DDP)."""
         if self.recorder is None:

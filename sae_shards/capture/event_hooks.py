@@ -65,6 +65,8 @@ the events of all ranks fit together; ``EventCapture`` gathers them to rank 0.
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -104,6 +106,19 @@ class Event:
     the group)."""
     abs_advantage: float = 0.0
     """Mean |advantage| of its rows: how strongly the event was reinforced."""
+
+
+def _timed(method):
+    """An ``EventRecorder`` method that runs inside RL's forward, backward or loss: its wall
+    time is added to ``hook_s`` (sae-shards' work, which ``runner.sae_budget`` pays for)."""
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.hook_s += time.perf_counter() - t0
+    return timed
 
 
 @dataclass
@@ -182,6 +197,10 @@ class EventRecorder:
         """Events skipped because their gradient on every target was exactly zero."""
         self.n_events = 0
         """Events returned by ``finish_step`` so far."""
+        self.hook_s = 0.0
+        """Wall time of the recorder's work inside RL's forward, backward and ``compute_loss``
+        (noting rows, filing positions, merging factors) not yet taken by
+        ``take_hook_seconds`` (on a GPU, the host's time launching that work)."""
         self._skip_prompt_positions = False  # test-only: drop prompt positions (must break sums)
         self._handles: list = []
         self._saved_methods: dict[str, object] = {}
@@ -271,6 +290,11 @@ class EventRecorder:
                 "log-probabilities from lm_head.weight directly, outside the module); leave them "
                 "out of capture.targets, or use capture.granularity=step")
 
+    def take_hook_seconds(self) -> float:
+        """``hook_s`` so far, reset to 0 (the callback pays it from ``runner.sae_budget``)."""
+        taken, self.hook_s = self.hook_s, 0.0
+        return taken
+
     @property
     def devices(self) -> dict[str, torch.device]:
         """Each target's device (where its events' factors live)."""
@@ -313,6 +337,7 @@ class EventRecorder:
             return loss
         return compute_loss
 
+    @_timed
     def _begin_micro_batch(self, inputs) -> None:
         """Previous micro-batch's backward is done: compress it, then note this one's rows."""
         self._compress()
@@ -361,6 +386,7 @@ class EventRecorder:
     def _on_model_post(self, module, args, output):
         self._forward = None
 
+    @_timed
     def _on_module(self, module, args, kwargs, output):
         if not (self._in_step and torch.is_grad_enabled()):
             return
@@ -389,6 +415,7 @@ class EventRecorder:
         sites = self._sites[module]
         output.register_hook(lambda g: self._on_grad(sites, fwd, a, g))
 
+    @_timed
     @torch.no_grad()
     def _on_grad(self, sites: list[Site], fwd: _Forward, a: Tensor, g: Tensor) -> None:
         """File the positions of one forward under their events. ``a [B, S, n_in]``,

@@ -19,6 +19,7 @@ consistent state: every pushed delta processed.
 from __future__ import annotations
 
 import atexit
+import logging
 import queue
 import threading
 import time
@@ -32,6 +33,12 @@ from sae_shards.capture.buffer import DeltaRingBuffer, SampleWindow
 from sae_shards.run.config import RunnerConfig
 from sae_shards.core.sparsity import SparseCodes
 from sae_shards.core.trainer import SAETrainer, StepMetrics
+
+log = logging.getLogger(__name__)
+
+STARVED_PUSHES = 20
+"""Pushes in a row without an SAE step, once the SAE may train, after which a budget whose
+hooks' time alone exceeds it is reported (``SAEWorkLoop``): the SAE will not train."""
 
 
 class SAEStepRecord(NamedTuple):
@@ -177,6 +184,8 @@ class SAEBudget:
         self._waited_by: dict[int, float] = {}  # thread id -> seconds waited there (``waited``)
         self.waited_s = 0.0
         """All time the RL thread waited for a thread worker (``waited``; not paid again)."""
+        self.charged_s = 0.0
+        """All time ``charge``-d: sae-shards' work on the RL thread outside ``process``."""
 
     def steps(self, started: float) -> int:
         """SAE steps to run in the ``process`` that started at ``started``."""
@@ -194,6 +203,25 @@ class SAEBudget:
         with self._lock:
             self._rl_thread = threading.get_ident()
             self._pay(seconds)
+            self.charged_s += seconds
+
+    def hooks_share(self, since: tuple[float, float] = (0.0, 0.0)) -> float:
+        """The ``charge``-d time (the hooks' capture, logging, checkpoints) over the RL time
+        that earned credit, since ``since`` (an earlier ``marks()``; default: the start of this
+        process); NaN before any RL time. Above ``fraction``, the hooks alone spend more than
+        the budget earns and nothing is left for SAE steps."""
+        with self._lock:
+            rl = self.earned_from_s - since[1]
+            return (self.charged_s - since[0]) / rl if rl > 0 else float("nan")
+
+    def marks(self) -> tuple[float, float]:
+        """``(charged_s, earned_from_s)`` now, for a later ``hooks_share(since=...)``."""
+        with self._lock:
+            return self.charged_s, self.earned_from_s
+
+    def starved(self, since: tuple[float, float] = (0.0, 0.0)) -> bool:
+        """The hooks' time alone exceeds the budget (``hooks_share``), since ``since``."""
+        return self.hooks_share(since) > self.fraction
 
     def waited(self, seconds: float) -> None:
         """The RL thread waited ``seconds`` for a thread worker (a full queue, a checkpoint's
@@ -254,6 +282,18 @@ class SAEBudget:
         self._paid_by[me] = self._paid_by.get(me, 0.0) + seconds
 
 
+def starved_budget_text(fraction: float, share: float, consequence: str) -> str:
+    """What to do when ``runner.sae_budget`` does not cover sae-shards' own work on the RL
+    thread (``SAEBudget.starved``), which took ``share`` of RL time: ``consequence`` says what
+    it did to the SAE."""
+    return (f"runner.sae_budget={fraction:g} does not cover sae-shards' own work on the RL "
+            f"thread (capture, logging, checkpoints), which took {share:.0%} of RL time: nothing "
+            f"is left for SAE steps, so {consequence}. Raise runner.sae_budget well above "
+            f"{share:.2f}, capture less (per step instead of per event, or fewer "
+            "capture.targets), or set runner.sae_budget=0 to run a fixed "
+            "runner.sae_steps_per_rl_step")
+
+
 class SAEWorkLoop:
     """The SAE's work for each captured delta (used by both runners)."""
 
@@ -278,6 +318,9 @@ class SAEWorkLoop:
         self.last_rl_step = 0
         """The last RL step trained (``reached``): the run's ``rl_steps`` and its checkpoints'
         ``rl_step``."""
+        self._without_steps = 0  # pushes in a row the budget granted no SAE step
+        self._streak_from = (0.0, 0.0)  # the budget's marks() when that streak began
+        self._told_starved = False
 
     def first_read(self, window: SampleWindow, n: int) -> int:
         """The oldest commit ``process`` may read for a push of the newest ``n`` samples at
@@ -330,6 +373,8 @@ class SAEWorkLoop:
         if rl_step >= self.cfg.sae_start_step and trainable >= self.cfg.min_samples:
             n_steps = (self.budget.steps(started) if self.budget is not None
                        else self.cfg.sae_steps_per_rl_step)
+            if self.budget is not None:
+                self._note_granted(n_steps)
             if n_steps:
                 # the samples so far, under the SAE before this training
                 self.flush_activations(charge=False)
@@ -345,6 +390,23 @@ class SAEWorkLoop:
         if self.budget is not None:
             self.budget.spent(started, n_steps, steps_s)
         self.reached(rl_step)
+
+    def _note_granted(self, n_steps: int) -> None:
+        """Warn once when the budget grants no SAE step for ``STARVED_PUSHES`` pushes in a row
+        because the hooks' time over that streak alone exceeds it (the SAE will not train)."""
+        if n_steps:
+            self._without_steps = 0
+            return
+        if self._without_steps == 0:
+            self._streak_from = self.budget.marks()
+        self._without_steps += 1
+        if (self._without_steps >= STARVED_PUSHES and not self._told_starved
+                and self.budget.starved(self._streak_from)):
+            self._told_starved = True
+            log.warning("%s", starved_budget_text(
+                self.cfg.sae_budget, self.budget.hooks_share(self._streak_from),
+                f"the SAE has had no step for the last {self._without_steps} captured deltas "
+                "and will not train"))
 
     def reached(self, rl_step: int) -> None:
         """Note that RL has trained through ``rl_step`` (``last_rl_step`` never goes back): a

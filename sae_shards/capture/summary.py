@@ -13,7 +13,7 @@ import torch
 from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
 from sae_shards.capture.pipeline import Pipeline
-from sae_shards.capture.runner import ActivationLog, encode_buffer
+from sae_shards.capture.runner import ActivationLog, encode_buffer, starved_budget_text
 from sae_shards.core.metrics import evaluate_heldout
 from sae_shards.run.config import RunnerConfig
 
@@ -44,8 +44,9 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
     counters, the dead fraction, the training samples the SAE drew per captured delta
     (``samples_per_slot``), with ``runner.sae_budget`` the share of RL time sae-shards used
     (``budget_used``: its time on the RL thread and the SAE's, over the RL time that earned
-    credit), plus ``extra``; a ``warning`` when the SAE never trained, or when it ends
-    reconstructing worse than the samples' mean (``fvu_last`` > 1)."""
+    credit), plus ``extra``; a ``warning`` when the SAE never trained, when the budget did not
+    cover the hooks' own time (``SAEBudget.starved``: the SAE got next to no steps), or when it
+    ends reconstructing worse than the samples' mean (``fvu_last`` > 1)."""
     trainer = parts.trainer
     (reward_first, reward_last), (fvu_first, fvu_last) = first_last(rewards, 5), first_last(fvu, 10)
     summary = {
@@ -71,6 +72,12 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
     if trainer.n_steps == 0:
         summary["warning"] = f"the SAE never trained: {_why_untrained(capture, runner)}. The " \
             "checkpoint holds the random initialisation"
+        log.warning("%s", summary["warning"])
+    elif parts.loop.budget is not None and parts.loop.budget.starved():
+        summary["warning"] = starved_budget_text(
+            runner.sae_budget, parts.loop.budget.hooks_share(),
+            f"the SAE took {trainer.n_steps} step(s) ({summary['samples_per_slot']:.2f} "
+            "training samples per captured delta) and its shards describe nothing yet")
         log.warning("%s", summary["warning"])
     elif summary["fvu_last"] > 1:  # NaN compares False
         summary["warning"] = (
