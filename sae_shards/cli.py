@@ -610,13 +610,18 @@ def _evaluable(run_dir: Path) -> bool:
 
 
 def _quiet_third_party() -> None:
-    """Drop warnings a ``sae-shards train`` user can do nothing about: TRL reads transformers'
+    """Drop output a ``sae-shards train`` user can do nothing about: TRL reads transformers'
     deprecated ``is_gradient_checkpointing`` at every generation (a FutureWarning, shown again
-    after each checkpoint save)."""
+    after each checkpoint save), and transformers draws a progress bar for every model it loads
+    or saves ("Loading weights", "Writing model shards": six a default run, between the log
+    lines). A user's own script (``ShardCallback``) keeps its settings."""
     import warnings
+
+    from transformers.utils import logging as transformers_logging
 
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
                             category=FutureWarning)
+    transformers_logging.disable_progress_bar()
 
 
 def _train(args: list[str]) -> int:

@@ -105,6 +105,8 @@ def test_multirun_sweep(tmp_path, capsys):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "is_gradient_checkpointing" not in proc.stderr  # TRL's, about transformers: dropped
+    # transformers' bars for each model loaded or saved, between the log lines: dropped
+    assert "Writing model shards" not in proc.stderr and "Loading weights" not in proc.stderr
     for k in (2, 4):
         (job_dir,) = tmp_path.glob(f"*sae.k={k}*")  # named after the job's overrides
         loaded = load_checkpoint(job_dir / "checkpoints" / "final")
