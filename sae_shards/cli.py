@@ -610,11 +610,12 @@ def _evaluable(run_dir: Path) -> bool:
 
 
 def _quiet_third_party() -> None:
-    """Drop output a ``sae-shards train`` user can do nothing about: TRL reads transformers'
-    deprecated ``is_gradient_checkpointing`` at every generation (a FutureWarning, shown again
-    after each checkpoint save), and transformers draws a progress bar for every model it loads
-    or saves ("Loading weights", "Writing model shards": six a default run, between the log
-    lines). A user's own script (``ShardCallback``) keeps its settings."""
+    """Drop output a ``sae-shards train`` / ``analyze`` / ``evaluate`` user can do nothing about:
+    TRL reads transformers' deprecated ``is_gradient_checkpointing`` at every generation (a
+    FutureWarning, shown again after each checkpoint save), and transformers draws a progress
+    bar for every model it loads or saves ("Loading weights", "Writing model shards": six a
+    default run, between the log lines). A user's own script (``ShardCallback``) keeps its
+    settings."""
     import warnings
 
     from transformers.utils import logging as transformers_logging
@@ -840,6 +841,7 @@ def _analyze(args: list[str]) -> int:
     _add_trust_remote_code(parser, "the logit lens, dose-response and ablation")
     ns = parser.parse_args(args)
     _set_threads(ns.threads)
+    _quiet_third_party()
     from sae_shards.analysis.interventions import ScoringError
 
     try:
@@ -998,6 +1000,7 @@ def _evaluate(args: list[str]) -> int:
     if not 0.0 < ns.family_threshold <= 1.0:
         parser.error(f"--family-threshold must be in (0, 1], got {ns.family_threshold}")
     _set_threads(ns.threads)
+    _quiet_third_party()
     writes = [ns.out] if ns.out else [d for d in (ns.run_dir, ns.null_run) if d and d.is_dir()]
     if _refused_unwritable("evaluate", ns.run_dir, writes, "its evaluation cannot be written",
                            ns.out, "write it elsewhere with --out DIR; the runs themselves are "
