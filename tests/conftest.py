@@ -6,8 +6,9 @@ import shutil
 import pytest
 import torch
 
-SLOW_HINT = ("tests marked slow (end-to-end: distributed launches, the default job's learning "
-             "check, gpu_check.sh's CPU smoke run) were left out of this default run; `python -m pytest -q -m slow` runs them, "
+SLOW_HINT = ("tests marked slow (end-to-end: distributed launches, Hydra sweeps, the learning "
+             "checks of the default job and of per-event planted capture, gpu_check.sh's CPU "
+             "smoke run) were left out of this default run; `python -m pytest -q -m slow` runs them, "
              "`python -m pytest -q tests` runs everything (CI runs both halves)")
 
 

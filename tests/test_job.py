@@ -98,6 +98,7 @@ def test_wandb_failure_does_not_stop_logging_calls(tmp_path, caplog):
     assert "W&B init failed" in caplog.text
 
 
+@pytest.mark.slow  # a Hydra sweep of subprocesses, run twice (~25 s)
 def test_multirun_sweep(tmp_path, capsys):
     sweep = ["-m", "sae.k=2,4", "rl.max_steps=4", "runner.min_samples=2", "task.n_prompts=16",
              "logging=disabled", f"run_dir={tmp_path}"]

@@ -25,6 +25,7 @@ from helpers import random_decoder_copy, shuffled_labels_copy
 # 0.482. The thresholds keep under half the margin; broken pipelines sit at the null.
 # (120 steps at batch 32 gave 0.58 vs 0.50: too early for the policy to be tag-conditioned.)
 MIN_AUROC, MIN_MARGIN = 0.75, 0.15
+pytestmark = pytest.mark.slow  # a 300-step run (~60 s): `python -m pytest -q -m slow`, and CI
 
 
 def _passes(r):

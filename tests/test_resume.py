@@ -664,6 +664,7 @@ def test_config_differences_names_changed_settings_and_allows_the_free_ones():
     assert config_differences(saved, saved) == []
 
 
+@pytest.mark.slow  # a Hydra sweep of subprocesses, stopped and resumed (~30 s)
 def test_a_signal_stops_the_whole_sweep_and_resume_true_completes_it(uninterrupted, tmp_path):
     """SIGTERM during a sweep's first job stops it with a checkpoint and starts no other job;
     the same command with resume=true resumes that job (to the uninterrupted run's shards) and
