@@ -76,8 +76,8 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
     elif parts.loop.budget is not None and parts.loop.budget.starved():
         summary["warning"] = starved_budget_text(
             runner.sae_budget, parts.loop.budget.hooks_share(),
-            f"the SAE took {trainer.n_steps} step(s) ({summary['samples_per_slot']:.2f} "
-            "training samples per captured delta) and its shards describe nothing yet")
+            f"the SAE got {trainer.n_steps} step(s) in all ({summary['samples_per_slot']:.2f} "
+            "training samples per captured delta)")
         log.warning("%s", summary["warning"])
     elif summary["fvu_last"] > 1:  # NaN compares False
         summary["warning"] = (
