@@ -145,6 +145,7 @@ def test_multirun_sweep(tmp_path, capsys):
 
 def test_lora_job_captures_effective_delta(tmp_path):
     summary = run_job(_job([*SHORT, "model=tiny_lora", "logging=disabled",
+                            "model.lora.target_modules=[q_proj]",
                             "capture.targets=[*layers.*.self_attn.q_proj.weight]"]), tmp_path)
     assert summary["captured"] == 12 and summary["zero_samples"] < 12
     loaded = load_checkpoint(tmp_path / "checkpoints" / "final")
@@ -152,6 +153,8 @@ def test_lora_job_captures_effective_delta(tmp_path):
         "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
     assert loaded.config["meta"]["lora"] is True
     # analysis: the final policy is the base with the adapter merged (the effective weights)
+    from html import escape
+
     from sae_shards.analysis.report import analyze
     from sae_shards.analysis.shards import load_run_models
 
@@ -159,10 +162,12 @@ def test_lora_job_captures_effective_delta(tmp_path):
     initial, final = (dict(m.named_parameters()) for m in (models.initial, models.final))
     assert initial.keys() == final.keys()
     changed = {n for n in initial if not torch.equal(initial[n], final[n])}
-    assert "model.layers.0.self_attn.q_proj.weight" in changed
-    assert all(n.endswith("proj.weight") for n in changed)  # only adapted matrices moved
+    assert changed == {f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1)}  # adapted
     html = analyze(tmp_path, tmp_path / "report.html", n_shards=1, n_prompts=4,
                    alphas=(0.0, 1.0)).read_text()
+    # the shards' parameters are all the run changed: the span's reference is the run itself
+    assert json.loads((tmp_path / "analysis.json").read_text())["together"]["whole_is_run"]
+    assert escape("(= theta_0: the shards' parameters are all the run changed)") in html
     assert "Needs the run's initial and final model" not in html
     assert "<img" in html.split('id="dose-response"')[1]  # the merged policy was steered
     assert "a LoRA adapter is trained" in html

@@ -78,6 +78,8 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path):
         assert ablation["stderr_change_removed"] >= 0
         assert entry["logit_lens"], "the body targets include o_proj/down_proj writers"
     together = analysis["together"]  # the detailed shards' span, scored as a whole
+    assert together["whole_is_run"] is False  # the run trains lm_head too, which no shard is on
+    assert "parameters are all the run changed" not in html
     assert together["shards"] == analysis["top_shards"]
     assert len(together["weights"]) == len(together["shards"])
     assert 0 < together["update_share"] <= 1 + 1e-6
@@ -404,6 +406,9 @@ def test_a_share_that_is_exactly_zero_says_no_reward_changed():
     line = together_line({"together": entry})
     assert "undoes 0% (no prompt's reward changed) of the run's reward change (+0.4000)" in line
     assert "the same parameters 50.0% ± 5.0%" in line and "recovers 12.5% ± 1.2%" in line
+    # the shards' parameters are all the run changed: the reference is the run, not a figure
+    line = together_line({"together": {**entry, "whole_is_run": True}})
+    assert "their parameters are all the run changed;" in line and "50.0%" not in line
 
 
 @pytest.mark.parametrize("content, problem", [

@@ -8,8 +8,8 @@ import torch
 from helpers import vowel_direction
 
 from sae_shards.analysis.interventions import add_direction
-from sae_shards.analysis.span import (combine, share_of_change, span_effect, span_weights,
-                                      update_share)
+from sae_shards.analysis.span import (changed_elsewhere, combine, share_of_change, span_effect,
+                                      span_weights, update_share)
 from sae_shards.recipe.models import tiny_model_and_tokenizer
 from sae_shards.recipe.tasks import build_task
 
@@ -136,6 +136,35 @@ def test_the_span_of_the_shards_that_carry_the_reward_explains_the_run(models):
     assert alone.rewards["removed_whole"] == both.rewards["removed_whole"]
     assert alone.rewards["initial"] == both.rewards["initial"]  # same prompts, same seed
     assert both.by_label == {}  # one context
+    # lm_head is all the run changed: the reference is the run itself, and says so
+    assert both.whole_is_run and alone.whole_is_run
+    assert alone.rewards["removed_whole"] == alone.rewards["initial"]
+
+
+def test_the_reference_is_the_run_only_when_the_shards_parameters_are_all_it_changed(models):
+    """changed_elsewhere names the parameters the run changed outside the shards' (a name tied
+    to one of them is not outside), and span_effect's whole_is_run is false when there are any:
+    the whole update on the shards' parameters is then a reference of its own."""
+    initial, final, tokenizer = models
+    body = next(n for n, _ in final.named_parameters() if "layers.0" in n and n.endswith("weight"))
+    gen = torch.Generator().manual_seed(3)
+    lm = {"lm_head.weight": torch.randn(final.lm_head.weight.shape, generator=gen)}
+    both = {**lm, body: torch.randn(dict(final.named_parameters())[body].shape, generator=gen)}
+    theta0 = dict(initial.named_parameters(remove_duplicate=False))
+    with add_direction(final, both, 1e-3):
+        theta_t = dict(final.named_parameters(remove_duplicate=False))
+        assert changed_elsewhere(theta0, theta_t, ["lm_head.weight"]) == [body]
+        assert changed_elsewhere(theta0, theta_t, ["lm_head.weight", body]) == []
+        effect = span_effect(initial, final, tokenizer, build_task("letters"), lm,
+                             n_prompts=2, n_samples=2)
+        assert not effect.whole_is_run
+    start, moved = torch.zeros(3), torch.ones(3)
+    tied = {"embed.weight": moved, "lm_head.weight": moved}  # one tensor under two names
+    assert changed_elsewhere({"embed.weight": start, "lm_head.weight": start}, tied,
+                             ["lm_head.weight"]) == []
+    untied = {"embed.weight": moved.clone(), "lm_head.weight": moved}
+    assert changed_elsewhere({"embed.weight": start, "lm_head.weight": start}, untied,
+                             ["lm_head.weight"]) == ["embed.weight"]
 
 
 def test_each_contexts_change_comes_from_the_same_rollouts(models):

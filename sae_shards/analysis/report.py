@@ -397,6 +397,10 @@ def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[
     def share(key: str) -> str:
         return _share(*effect.shares[key])
 
+    def same_as(policy: str) -> str:
+        return (f" (= {policy}: the shards' parameters are all the run changed)"
+                if effect.whole_is_run else "")
+
     r = effect.rewards
     rows = [["initial weights (theta_0)", f"{r['initial']:.4f}", "", ""],
             ["the policy (theta_T)", f"{r['final']:.4f}", change("run") + " (from theta_0)",
@@ -409,10 +413,12 @@ def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[
              change("kept") + " (from theta_0)", share("kept") + " recovered"],
             ["theta_0 + random of P's norm", f"{r['kept_control']:.4f}",
              change("kept_control") + " (from theta_0)", share("kept_control") + " recovered"],
-            ["theta_T with the shards' parameters at theta_0: the whole update on them removed",
+            ["theta_T with the shards' parameters at theta_0: the whole update on them removed"
+             + same_as("theta_0"),
              f"{r['removed_whole']:.4f}", change("removed_whole") + " (from theta_T)",
              share("removed_whole") + " undone"],
-            ["theta_0 with the shards' parameters at theta_T: the whole update on them alone",
+            ["theta_0 with the shards' parameters at theta_T: the whole update on them alone"
+             + same_as("theta_T"),
              f"{r['kept_whole']:.4f}", change("kept_whole") + " (from theta_0)",
              share("kept_whole") + " recovered"]]
     out = text + _table(["weights", "reward", "change, paired per prompt",
@@ -429,10 +435,15 @@ def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[
     if effect.resolved:
         out += (f"<p>Removing the shards' span undoes {share('removed')} of the run's reward "
                 f"change ({run:+.4f}); adding it alone to the initial weights recovers "
-                f"{share('kept')}. The whole update on the same parameters undoes "
-                f"{share('removed_whole')} and recovers {share('kept_whole')}: what those "
-                "parameters carry at all, the reference for the span's shares (the rest of the "
-                "change is carried by the weights the shards are not on). ")
+                f"{share('kept')}. " + (
+                    "The shards' parameters are all the parameters the run changed, so the "
+                    "whole update on them is the run's own: those two rows are theta_0 and "
+                    "theta_T again, their 100% holds by construction, and the span's shares "
+                    "compare with the run's whole change. " if effect.whole_is_run else
+                    f"The whole update on the same parameters undoes "
+                    f"{share('removed_whole')} and recovers {share('kept_whole')}: what those "
+                    "parameters carry at all, the reference for the span's shares (the rest of "
+                    "the change is carried by the weights the shards are not on). "))
     else:
         out += (f"<p>The run's own reward change ({run:+.4f} ± {run_se:.4f}) is within "
                 f"{RESOLVED_SE:g} standard errors of 0 on these rollouts, so no share of it is "
@@ -470,9 +481,11 @@ def together_line(analysis: dict[str, Any]) -> str | None:
         return (f"{shards}: the run's reward change ({run:+.4f} ± {run_se:.4f}) is not "
                 "resolved by these rollouts, so no share of it is given (--n-prompts)")
     span = "the update along it" if one else "their span"
+    reference = ("their parameters are all the run changed" if entry.get("whole_is_run") else
+                 f"the whole update on the same parameters {_share(*whole)}")
     return (f"{shards}: removing {span} undoes {_share(*removed)} of the run's reward change "
-            f"({run:+.4f}), the whole update on the same parameters {_share(*whole)}; {span} "
-            f"alone recovers {_share(*kept)} (report: 'Shards together')")
+            f"({run:+.4f}), {reference}; {span} alone recovers {_share(*kept)} "
+            "(report: 'Shards together')")
 
 
 def _baselines(models, scorer, alphas: Sequence[float], n_prompts: int,

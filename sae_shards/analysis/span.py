@@ -136,6 +136,10 @@ class SpanEffect:
     """Each context's paired changes ``run``, ``removed``, ``kept``, ``removed_whole``,
     ``kept_whole`` (a built-in task's reward scale divided out); ``{}`` unless the prompts carry
     at least two contexts."""
+    whole_is_run: bool = False
+    """Whether P's parameters are all the parameters the run changed: the whole update on them
+    is then the run's own, ``removed_whole`` is theta_0 and ``kept_whole`` theta_T, and their
+    100% is so by construction, no measure of what those parameters carry."""
 
     @property
     def resolved(self) -> bool:
@@ -182,6 +186,7 @@ def span_effect(
             s["kept" + suffix] = score(initial)
     del control
     theta0, theta_t = weights_of(initial, "initial"), weights_of(final, "final")
+    whole_is_run = not changed_elsewhere(theta0, theta_t, projected)
     with set_weights(final, {name: theta0[name] for name in projected}):
         s["removed_whole"] = score(final)
     with set_weights(initial, {name: theta_t[name] for name in projected}):
@@ -207,4 +212,17 @@ def span_effect(
                                   for suffix in ("", "_whole")}}
     est = {k: estimate(v) for k, v in r.items()}
     return SpanEffect(n=est["final"].n, rewards={k: e.mean for k, e in est.items()},
-                      changes=changes, shares=shares, by_label=by_label)
+                      changes=changes, shares=shares, by_label=by_label,
+                      whole_is_run=whole_is_run)
+
+
+def changed_elsewhere(theta0: Mapping[str, Tensor], theta_t: Mapping[str, Tensor],
+                      names: Iterable[str]) -> list[str]:
+    """The parameters outside ``names`` whose values differ between the two policies' ``{name:
+    parameter}`` (a name tied to one of ``names``, the same tensor under another name, is not
+    outside them). Empty when the run changed nothing but ``names``."""
+    inside = set(names)
+    tied = {id(theta_t[n]) for n in inside if n in theta_t}
+    return [n for n, p in theta_t.items()
+            if n not in inside and id(p) not in tied
+            and n in theta0 and not torch.equal(theta0[n].detach(), p.detach().to(theta0[n].device))]
