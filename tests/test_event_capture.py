@@ -407,11 +407,21 @@ def test_forward_outside_compute_loss_during_a_step_is_an_error(tmp_path):
 @pytest.mark.skipif(
     Version(importlib.metadata.version("trl")) < Version("1.15"),
     reason="TRL before 1.15 has no fused LM head: lm_head runs as a module, its events are read")
-def test_a_target_used_outside_its_module_is_an_error_not_zero_events(tmp_path):
+@pytest.mark.parametrize("patterns", [["lm_head.weight", "*layers.0.mlp.up_proj.weight"],
+                                      ["lm_head.weight"]])  # no target's module runs at all
+def test_a_target_used_outside_its_module_is_an_error_not_zero_events(tmp_path, patterns):
     """TRL's fused LM head (1.15 on) multiplies by lm_head.weight directly: the module never
-    runs, so its per-event gradients would silently read as zero."""
+    runs, so its per-event gradients would silently read as zero. The recorder stops at the
+    first step, also when that module is the only target's (it once took that for a step with
+    no forward, and a whole run trained with zero events); resolve_targets refuses it sooner."""
+    from sae_shards.capture.pipeline import resolve_targets
+
     trainer = grpo_trainer(tmp_path, "qwen2")
-    targets = select_targets(trainer.model, ["lm_head.weight", "*layers.0.mlp.up_proj.weight"])
+    targets = select_targets(trainer.model, patterns)
+    with pytest.raises(ValueError, match=r"lm_head.weight belongs to the LM head \(Linear\): "
+                                         r"TRL .* fused LM head"):
+        resolve_targets(trainer.model, patterns, "group")
+    assert resolve_targets(trainer.model, patterns, "step").keys() == targets.keys()
     with pytest.raises(ValueError, match=r"lm_head.weight.*never ran"):
         run(trainer, targets, event_rank=EXACT_RANK)
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from transformers import TrainerCallback
 
+from sae_shards.capture.event_sites import trl_fuses_lm_head
 from sae_shards.core.checkpoint import load_checkpoint
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
 from sae_shards.run.config import LoggingConfig
@@ -410,6 +411,22 @@ def test_task_options_and_trl_settings_are_config_errors_before_anything_is_writ
         assert not run_dir.exists()
         assert not [h for h in logging.getLogger().handlers  # no cli.log handler left behind
                     if str(run_dir) in str(getattr(h, "baseFilename", ""))]
+
+
+@pytest.mark.skipif(not trl_fuses_lm_head(), reason="this TRL runs lm_head as a module")
+def test_the_lm_head_per_event_is_a_config_error_before_anything_is_written(tmp_path, capsys):
+    """TRL's fused LM head never calls lm_head's module, so per-event hooks on it see nothing: a
+    run that captured only it once trained to its end with zero events. Now refused with the
+    config, from the policy's config alone."""
+    from sae_shards.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "capture.granularity=group", "capture.targets=[lm_head.weight]",
+                 "logging=disabled", f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"sae-shards: config error: per-event capture target lm_head.weight belongs "
+                     r"to the LM head .*\(capture.granularity=step\)", err), err[-2000:]
+    assert not run_dir.exists()
 
 
 def test_a_run_that_failed_before_its_first_step_does_not_block_a_retry(tmp_path):

@@ -279,8 +279,8 @@ class EventRecorder:
         """A step whose loss ran forwards must have run every target's module: one that never did
         was used another way (TRL's fused LM head multiplies by ``lm_head.weight`` directly), and
         its events would silently read as zero."""
-        if not self._ran:
-            return  # no grad-enabled forward this step (nothing to check)
+        if not self._forwards:
+            return  # no grad-enabled forward of the model this step (nothing to check)
         missing = [sites[0].name for module, sites in self._sites.items()
                    if module not in self._ran]
         if missing:
@@ -382,6 +382,7 @@ class EventRecorder:
         self._forward = _Forward(self._mb_events[self._cursor:stop], seq, self._mb_prompt,
                                  self._serial)
         self._cursor = stop
+        self._forwards += 1
 
     def _on_model_post(self, module, args, output):
         self._forward = None
@@ -475,6 +476,7 @@ class EventRecorder:
         self._cursor = 0
         self._forward: _Forward | None = None
         self._ran: set[nn.Module] = set()  # target modules whose forward ran this step
+        self._forwards = 0  # grad-enabled forwards of the model this step
 
     def _compress(self) -> None:
         """Merge each slot's pending rows into its running factors, at most ``event_rank`` rows."""

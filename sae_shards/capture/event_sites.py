@@ -4,6 +4,7 @@ it (``Site``), the rows of a model forward, and the trainer settings per-event c
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -67,6 +68,40 @@ def hook_sites(model: nn.Module, targets: Mapping[str, Target]) -> dict[nn.Modul
         site = Site(name, kind, layout, full_shape(target), target.device)
         sites.setdefault(module, []).append(site)
     return sites
+
+
+def trl_fuses_lm_head() -> bool:
+    """Whether the installed TRL computes GRPO's and RLOO's log-probabilities with a fused LM head
+    (``trl.trainer.utils.add_fused_lm_head``, TRL 1.15 on)."""
+    from trl.trainer import utils
+
+    return hasattr(utils, "add_fused_lm_head")
+
+
+def check_head_not_targeted(model: nn.Module, targets: Mapping[str, Target]) -> None:
+    """Refuse per-event targets on the LM head, before anything trains.
+
+    TRL 1.15 on patches a fused LM head into the policy's forward (``trl_fuses_lm_head``), which
+    multiplies the hidden states by the output embeddings' weight itself and never calls the
+    module: hooks on it see no rows, and its events would all read as zero. EventRecorder's
+    check that every target's module ran in a step stays the authority for other bypasses.
+    """
+    if not trl_fuses_lm_head():
+        return
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        return
+    owned = {id(p) for p in head.parameters()}
+    names = [name for name, target in targets.items()
+             if not isinstance(target, LoraTarget) and id(target) in owned]
+    if names:
+        raise ValueError(
+            f"per-event capture target {few_names(names)} belongs to the LM head "
+            f"({type(head).__name__}): TRL {importlib.metadata.version('trl')} computes log-probabilities with a fused "
+            "LM head that multiplies by its weight directly, never calling the module, so its "
+            "gradient cannot be split by event; leave it out of capture.targets, or capture per "
+            "step (capture.granularity=step)")
 
 
 def zero_advantage_means_zero_gradient(trainer) -> bool:

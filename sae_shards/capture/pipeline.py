@@ -14,6 +14,7 @@ import torch
 
 from sae_shards.capture.buffer import DeltaRingBuffer
 from sae_shards.capture.event_precondition import COVARIANCE_KINDS
+from sae_shards.capture.event_sites import check_head_not_targeted
 from sae_shards.capture.memory import (buffer_memory_bytes, cgroup_note, check_buffer_memory,
                                       check_checkpoint_host_memory, check_sae_memory,
                                       checkpoint_host_bytes, default_memory_budget,
@@ -66,12 +67,14 @@ def resolve_targets(model: torch.nn.Module, patterns: list[str] | None,
     """``capture.targets`` against the trained model; None: every block's attention and MLP
     matrices, found by module type (``selection.default_targets``; ``warn``: name what they
     leave out), and per step also a mixture of experts' stacked expert tensors. Per event, a
-    stacked target is refused (``check_stacked``)."""
+    stacked target is refused (``check_stacked``), and so is the LM head under TRL's fused head
+    (``event_sites.check_head_not_targeted``)."""
     per_step = granularity == "step"
     targets = select_targets(model, default_targets(model, stacked=per_step, warn=warn)
                              if patterns is None else list(patterns))
     if not per_step:
         check_stacked(targets, granularity)
+        check_head_not_targeted(model, targets)
     return targets
 
 
