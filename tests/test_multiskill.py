@@ -247,6 +247,16 @@ def test_reward_scale_is_refused_where_group_std_scaling_cancels_it(tmp_path):
     trainer = build_trainer(path, load_tokenizer(path), task, schedule,
                             {**args, "scale_rewards": "none"}, [], tmp_path / "o")
     assert trainer.args.scale_rewards == "none"
+    # the same verdicts from the settings alone (sae-shards train's checks, nothing built)
+    from sae_shards.recipe.trainers import check_reward_scale
+
+    with pytest.raises(ValueError, match="no effect under rl scale_rewards='group'"):
+        check_reward_scale(args)
+    check_reward_scale({**args, "scale_rewards": "none"})
+    check_reward_scale({**args, "scale_rewards": "batch"})
+    with pytest.raises(ValueError, match="multi_objective_aggregation='normalize_then_sum'"):
+        check_reward_scale({**args, "scale_rewards": "none",
+                            "multi_objective_aggregation": "normalize_then_sum"})
 
 
 def test_grpo_mixed_steps_train_and_record_every_task_present(tmp_path):

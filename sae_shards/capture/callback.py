@@ -58,7 +58,6 @@ from sae_shards.capture.background import BackgroundWriter
 from sae_shards.capture.buffer import StepMeta
 from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
-from sae_shards.capture.event_sites import hook_sites
 from sae_shards.capture.policy_memory import pending_policy_memory
 from sae_shards.capture.pipeline import Pipeline, build_pipeline, resolve_targets
 from sae_shards.capture.rollouts import TRLRollouts, calling_trainer, scored_mean
@@ -273,7 +272,6 @@ class ShardCallback(TrainerCallback):
         if self.capture_cfg.granularity == "step":
             self.capture = self._step_capture(self.parts.targets, self.parts.buffer)
         else:
-            hook_sites(model, self.parts.targets)  # a target it cannot split by event: say so now
             self.capture = EventCapture(
                 self.parts.targets, self.parts.specs, self.parts.buffer, self.capture_cfg,
                 trainer, meta_fn=self._metas.pop, rows_fn=lambda step: self._rows.get(step),

@@ -14,7 +14,7 @@ import torch
 
 from sae_shards.capture.buffer import DeltaRingBuffer
 from sae_shards.capture.event_precondition import COVARIANCE_KINDS
-from sae_shards.capture.event_sites import check_head_not_targeted
+from sae_shards.capture.event_sites import check_head_not_targeted, hook_sites
 from sae_shards.capture.memory import (buffer_memory_bytes, cgroup_note, check_buffer_memory,
                                       check_checkpoint_host_memory, check_sae_memory,
                                       checkpoint_host_bytes, default_memory_budget,
@@ -67,13 +67,15 @@ def resolve_targets(model: torch.nn.Module, patterns: list[str] | None,
     """``capture.targets`` against the trained model; None: every block's attention and MLP
     matrices, found by module type (``selection.default_targets``; ``warn``: name what they
     leave out), and per step also a mixture of experts' stacked expert tensors. Per event, a
-    stacked target is refused (``check_stacked``), and so is the LM head under TRL's fused head
+    stacked target is refused (``check_stacked``), and so are a target no hook can split by event
+    (``event_sites.hook_sites``: norms, embeddings) and the LM head under TRL's fused head
     (``event_sites.check_head_not_targeted``)."""
     per_step = granularity == "step"
     targets = select_targets(model, default_targets(model, stacked=per_step, warn=warn)
                              if patterns is None else list(patterns))
     if not per_step:
         check_stacked(targets, granularity)
+        hook_sites(model, targets)  # a target the hooks cannot split by event (a norm weight)
         check_head_not_targeted(model, targets)
     return targets
 

@@ -158,12 +158,27 @@ def _check_schedule(args: GRPOConfig | RLOOConfig, train_dataset: Dataset,
         )
 
 
-def _check_reward_scale(args: GRPOConfig | RLOOConfig) -> None:
+def check_reward_scale(grpo_kwargs: dict[str, Any], algorithm: Algorithm = "grpo") -> None:
+    """``_check_reward_scale`` on the settings ``trl_config`` would give (``grpo_kwargs`` over
+    ``DEFAULT_GRPO`` over the config class's defaults), without building the config: cheap
+    enough for ``sae-shards train``'s checks before anything is written."""
+    config_cls = TRAINERS[algorithm][0]
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)
+                if f.default is not dataclasses.MISSING}
+    settings = {**defaults, **DEFAULT_GRPO, **grpo_kwargs}
+    _check_reward_scale({k: settings[k] for k in ("scale_rewards", "multi_objective_aggregation")
+                         if k in settings})
+
+
+def _check_reward_scale(args: GRPOConfig | RLOOConfig | dict[str, Any]) -> None:
     """Per-task reward scales must reach the advantages: GRPO's per-group std scaling would
     divide each group's factor out again. (RLOO keeps them: its advantage is a completion's
-    reward minus the mean of the group's others, at most normalised over the whole batch.)"""
-    scaling = getattr(args, "scale_rewards", "none")
-    aggregation = getattr(args, "multi_objective_aggregation", "sum_then_normalize")
+    reward minus the mean of the group's others, at most normalised over the whole batch.)
+    ``args``: the TRL config, or those two settings by name."""
+    setting = args.get if isinstance(args, dict) else lambda key, default: getattr(args, key,
+                                                                                   default)
+    scaling = setting("scale_rewards", "none")
+    aggregation = setting("multi_objective_aggregation", "sum_then_normalize")
     if scaling == "group" or aggregation == "normalize_then_sum":
         raise ValueError(
             f"task.options.reward_scale has no effect under rl scale_rewards={scaling!r} / "

@@ -32,8 +32,8 @@ from sae_shards.capture.signals import stop_on_signals
 from sae_shards.recipe.models import (build_tiny_model, check_causal_lm, check_vocab,
                                       load_tokenizer, meta_policy)
 from sae_shards.recipe.tasks import build_task, check_task_options, default_target_length
-from sae_shards.recipe.trainers import (build_trainer, check_lora_modules, check_trl_settings,
-                                        freeze_except)
+from sae_shards.recipe.trainers import (build_trainer, check_lora_modules, check_reward_scale,
+                                        check_trl_settings, freeze_except)
 from sae_shards.run import rundir
 from sae_shards.run.config import JobConfig
 from sae_shards.run.tracking import RunLogger
@@ -116,6 +116,8 @@ def check_recipe(cfg: JobConfig) -> None:
     written; ``start`` again for a job run from Python."""
     check_task_options(cfg.task.name, cfg.task.options)
     check_trl_settings({**cfg.rl.trl_kwargs(), "seed": cfg.seed}, cfg.rl.algorithm)
+    if getattr(build_task(cfg.task.name, **cfg.task.options), "scaled", False):
+        check_reward_scale(cfg.rl.trl_kwargs(), cfg.rl.algorithm)
     check_targets(cfg)
 
 
