@@ -427,13 +427,34 @@ def test_a_script_run_whose_events_never_fill_the_warm_up_says_so(tiny_model, tm
     assert summary["sae_steps"] == 0 and "the SAE never trained" in summary["warning"]
     # the steps were trained although none gave an event (was 0: the last step with samples)
     assert summary["rl_steps"] == 4 and summary["skipped_steps"] is None
-    assert "runner.min_samples=8" in summary["warning"]
     assert summary["warning"].startswith("the SAE never trained: no event was captured (8 had "
                                          "every advantage 0: all completions of their prompt "
-                                         "rewarded alike; 0 a zero gradient)")
+                                         "rewarded alike; 0 a zero gradient): no prompt group's "
+                                         "completions were rewarded differently")
+    assert "run more RL steps" not in summary["warning"]  # more steps would tie alike
     stored = json.loads((run / "summary.json").read_text(), parse_constant=pytest.fail)  # no NaN
     assert stored["fvu_first"] is None and stored["warning"] == summary["warning"]
     assert cli_main(["analyze", str(run), "--no-dose"]) == 0  # n/a where the FVU is null
+
+
+@pytest.mark.parametrize("skipped, zero, says", [
+    (0, 300, "had no gradient on the targets"),  # all 300 zero: a target used outside its module
+    (5, 3, "had no gradient on the targets"),
+    (8, 0, "no prompt group's completions were rewarded differently"),
+])
+def test_an_untrained_per_event_run_says_why_not_to_run_longer(skipped, zero, says):
+    """A per-event run that captured no event names the cause and its fix: zero gradients point
+    at capture.targets, tied groups at the reward; neither is helped by more RL steps."""
+    from sae_shards.capture.event_capture import EventCapture
+    from sae_shards import RunnerConfig
+    from sae_shards.capture.summary import _why_untrained
+
+    capture = object.__new__(EventCapture)  # only its counters are read
+    capture.n_captured, capture.n_skipped, capture.n_zero = 0, skipped, zero
+    text = _why_untrained(capture, RunnerConfig())
+    assert text.startswith(f"no event was captured ({skipped} had every advantage 0")
+    assert says in text and "run more RL steps" not in text
+    assert ("capture.targets" in text) == bool(zero)
 
 
 def test_a_script_captures_events_under_trls_default_checkpointing(tiny_model, tmp_path):

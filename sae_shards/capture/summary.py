@@ -105,11 +105,18 @@ def _why_untrained(capture: DeltaCapture | EventCapture, runner: RunnerConfig) -
         return (f"every one of the {n} captured samples was all zeros, nothing to train on (no "
                 "target weight changed: a learning rate of 0, or every optimizer step skipped, "
                 "as fp16 loss scaling does after an inf gradient)")
-    left_out = ""
     if isinstance(capture, EventCapture) and not n and (capture.n_skipped or zero):
-        left_out = (f"no event was captured ({capture.n_skipped} had every advantage 0: all "
-                    f"completions of their prompt rewarded alike; {zero} a zero gradient); ")
-    return (f"{left_out}{n} samples were captured, but it starts once runner.min_samples="
+        counts = (f"no event was captured ({capture.n_skipped} had every advantage 0: all "
+                  f"completions of their prompt rewarded alike; {zero} a zero gradient)")
+        if zero:  # advantages that moved, and still nothing reached the targets' hooks
+            return (f"{counts}: the events whose advantages differed had no gradient on the "
+                    "targets, so their gradient did not pass through the targets' modules (a "
+                    "weight the loss uses outside its module) or RL does not change them; check "
+                    "capture.targets, or capture per step (capture.granularity=step)")
+        return (f"{counts}: no prompt group's completions were rewarded differently, so there "
+                "was no gradient to split; a reward that tells a group's completions apart (or "
+                "more completions per prompt, num_generations) gives events")
+    return (f"{n} samples were captured, but it starts once runner.min_samples="
             f"{runner.min_samples} trainable samples are buffered and RL reaches "
             f"runner.sae_start_step={runner.sae_start_step}; run more RL steps or lower them")
 
