@@ -350,6 +350,82 @@ def _seeded_run(tiny_model, tmp_path, name: str, stop_at: int | None = None) -> 
     return callback
 
 
+def test_a_trl_checkpoint_without_its_shards_side_is_refused_naming_where_to_resume(
+        tiny_model, tmp_path):
+    """TRL's checkpoint-7 is complete but sae-shards' side of it is not (its write hit a full
+    disk, or an earlier run in output_dir left it): resume_from_checkpoint=True picks it and is
+    refused, naming it and the path of the newest checkpoint both sides have, which resumes."""
+    from sae_shards.capture.resume import resume_file
+
+    run, out = tmp_path / "cut", tmp_path / "trl_cut"
+    _seeded_run(tiny_model, tmp_path, "cut", stop_at=7)
+    resume_file(run, 7).unlink()  # as a failed write leaves it
+    callback = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
+    with pytest.raises(CheckpointError) as e:
+        _user_trainer(tiny_model, out, [callback]).train(resume_from_checkpoint=True)
+    callback.close()
+    assert f"TRL's {out / 'checkpoint-7'} has no sae-shards side" in str(e.value)
+    assert (f"the newest step with both sides is 5: trainer.train(resume_from_checkpoint="
+            f"'{out / 'checkpoint-5'}')") in str(e.value)
+    callback = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
+    _user_trainer(tiny_model, out, [callback]).train(
+        resume_from_checkpoint=str(out / "checkpoint-5"))
+    assert callback.summary["rl_steps"] == 10 and not callback.summary["interrupted"]
+
+
+def test_model_only_checkpoints_are_said_to_resume_inexactly(tiny_model, tmp_path, caplog):
+    """save_only_model=True: TRL's checkpoints hold no optimizer, scheduler or RNG state, and
+    transformers resumes one with a fresh AdamW and schedule without a word. Said when the run
+    starts and again when it resumes; a trainer that saves everything hears neither."""
+    run, out = tmp_path / "run", tmp_path / "trl"
+    first = ShardCallback(run_dir=run, runner={"min_samples": 2})
+    with caplog.at_level("WARNING", logger="sae_shards.capture.trl_checkpoints"):
+        _user_trainer(tiny_model, out, [first, _StopAt(first, 5)], save_only_model=True).train()
+        assert "saves its checkpoints with save_only_model=True" in caplog.text
+        assert not (out / "checkpoint-5" / "optimizer.pt").exists()  # what it leaves out
+        caplog.clear()
+        again = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
+        _user_trainer(tiny_model, out, [again], save_only_model=True).train(
+            resume_from_checkpoint=True)
+        assert "resuming from a checkpoint saved with save_only_model=True" in caplog.text
+        caplog.clear()
+        whole = ShardCallback(run_dir=tmp_path / "whole", runner={"min_samples": 2})
+        _user_trainer(tiny_model, tmp_path / "trl_whole", [whole], max_steps=2).train()
+        assert "save_only_model" not in caplog.text
+
+
+def test_an_epoch_based_script_run_records_its_resolved_steps(tiny_model, tmp_path):
+    """TRL's max_steps=-1 with num_train_epochs: config.json records the steps transformers
+    resolved (16 prompts, 2 a step: 8), so analysis scores rewards at the end of training and a
+    resume over more epochs (a longer run) is refused like a larger max_steps; a run recorded
+    with -1 by an earlier version still resumes, and analysis falls back to its summary."""
+    from sae_shards.analysis.shards import run_sampling
+
+    run, out = tmp_path / "run", tmp_path / "trl"
+    epochs = dict(max_steps=-1, num_train_epochs=1, n_prompts=16)
+    torch.manual_seed(0)
+    first = ShardCallback(run_dir=run, runner={"min_samples": 2})
+    _user_trainer(tiny_model, out, [first, _StopAt(first, 5)], **epochs).train()
+    assert json.loads((run / "config.json").read_text())["rl"]["max_steps"] == 8
+    assert run_sampling(run)["training_steps"] == 8
+    more = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
+    with pytest.raises(ValueError, match=r"rl.max_steps: 8 in the run, 16 now"):
+        _user_trainer(tiny_model, out, [more], **{**epochs, "num_train_epochs": 2}).train(
+            resume_from_checkpoint=True)
+    more.close()
+    config = json.loads((run / "config.json").read_text())
+    config["rl"]["max_steps"] = -1  # as an earlier version recorded it
+    (run / "config.json").write_text(json.dumps(config))
+    assert run_sampling(run)["training_steps"] == 5  # summary.json's: the steps it ran
+    again = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
+    _user_trainer(tiny_model, out, [again], **epochs).train(resume_from_checkpoint=True)
+    assert again.summary["rl_steps"] == 8
+    assert json.loads((run / "config.json").read_text())["rl"]["max_steps"] == 8
+    config["rl"]["max_steps"] = -1
+    (run / "config.json").write_text(json.dumps(config))
+    assert run_sampling(run)["training_steps"] == 8  # summary.json's rl_steps
+
+
 @pytest.mark.parametrize("runner, said", [
     ({}, "the trainer's max_steps=4 gives 4 trainable per-step samples .* fewer than "
          "runner.min_samples=8"),

@@ -966,8 +966,9 @@ def run_sampling(run_dir: str | Path) -> dict[str, Any]:
     """How the run sampled its completions, as ``interventions.score_rollouts`` takes it:
     ``max_new_tokens`` (TRL's ``max_completion_length``, or the online DPO trainers'
     ``max_new_tokens``), whichever of ``SAMPLING_KEYS`` the
-    run recorded, ``training_steps`` (``rl.max_steps``: the reward functions'
-    ``trainer_state`` is the end of training) and ``reward_batch`` (``rl.reward_batch``: the
+    run recorded, ``training_steps`` (``rl.max_steps``, resolved for an epoch-based run; for one
+    recorded as TRL's -1 by an earlier version, ``summary.json``'s ``rl_steps``: the reward
+    functions' ``trainer_state`` is the end of training) and ``reward_batch`` (``rl.reward_batch``: the
     completions per reward call); what it does not record keeps
     ``score_rollouts``' default (a run of an earlier version of ``ShardCallback`` recorded
     only ``max_steps``)."""
@@ -977,8 +978,11 @@ def run_sampling(run_dir: str | Path) -> dict[str, Any]:
     length = rl.get("max_completion_length") or rl.get("max_new_tokens")  # online DPO's name
     if length:
         out["max_new_tokens"] = int(length)
-    if rl.get("max_steps"):
-        out["training_steps"] = int(rl["max_steps"])
+    steps = rl.get("max_steps")
+    if not (isinstance(steps, int) and steps > 0):  # an epoch-based run before it was resolved
+        steps = rundir.read_summary(Path(run_dir)).get("rl_steps")
+    if isinstance(steps, int) and steps > 0:
+        out["training_steps"] = steps
     if rl.get("reward_batch"):  # ShardCallback's runs: TRL's per-process generation batch
         out["reward_batch"] = int(rl["reward_batch"])
     for key in SAMPLING_KEYS:

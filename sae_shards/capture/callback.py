@@ -67,10 +67,11 @@ from sae_shards.capture.sharded_delta import ShardedDeltaCapture, sharded_target
 from sae_shards.capture.trainer_settings import (SAMPLING_ARGS, STEP_ARGS, TIED_METRIC,
                                                  TiedRewardsWatch, lora_settings, model_id,
                                                  reward_batch, reward_weights,
-                                                 trainer_samples_per_step)
+                                                 trained_steps, trainer_samples_per_step)
 from sae_shards.capture.trl_checkpoints import (SCRIPT_RESUME, in_script_terms, trl_dir,
                                                 warn_earlier_trl_checkpoints,
                                                 warn_later_trl_checkpoints,
+                                                warn_model_only_checkpoints,
                                                 warn_no_trl_checkpoints, writes_checkpoints)
 from sae_shards.capture.zero3_delta import Zero3DeltaCapture, zero3_targets
 from sae_shards.core import events as ev
@@ -309,12 +310,17 @@ class ShardCallback(TrainerCallback):
                                          name_or_path=saved.get("name_or_path"))
                 if "name_or_path" not in saved:  # config.json of an earlier version
                     mine["model"] = {"path": model_id(model), "lora": mine["model"]["lora"]}
+                ran = rundir.section(config, "rl").get("max_steps")
+                if isinstance(ran, int) and ran <= 0:  # an epoch-based run's TRL -1, recorded
+                    mine["rl"]["max_steps"] = ran  # unresolved by an earlier version: no check
                 rundir.check_resume_config(self.run_dir, mine,
                                            "Resume with the trainer settings the run started "
                                            "with, or start a new run_dir.")
         self._rollout_log = rundir.JsonLines(self.run_dir / rundir.ROLLOUTS)
         self._metric_log = rundir.JsonLines(self.run_dir / rundir.METRICS)
         rundir.write_json(self.run_dir / rundir.CONFIG, self._config_json(model, trainer))
+        if not self.run_config and trainer is not None:  # (sae-shards train saves it all)
+            warn_model_only_checkpoints(trainer.args, resuming=self.resume)
         if not self.resume and not self.run_config and trainer is not None:
             warn_earlier_trl_checkpoints(getattr(trainer.args, "output_dir", None))
             warn_no_trl_checkpoints(trainer.args, self.runner_cfg.checkpoint_every,
@@ -445,7 +451,9 @@ class ShardCallback(TrainerCallback):
                           **({"fingerprint": self._initial_fingerprint()}
                              if self._initial_dir else {})},
                 "rl": {"algorithm": type(trainer).__name__ if trainer is not None else None,
-                       "max_steps": getattr(args, "max_steps", None),
+                       # resolved for an epoch-based run: a resume over other epochs is
+                       # refused, and analysis scores rewards at the end of training
+                       "max_steps": trained_steps(trainer, args),
                        # where TRL saves its checkpoints (the policy of a step, for analysis)
                        "output_dir": (str(Path(args.output_dir).resolve())
                                       if getattr(args, "output_dir", None) else None),
@@ -505,11 +513,11 @@ class ShardCallback(TrainerCallback):
         if resumable:
             self._resumable_step = step
 
-    def _restore(self, step: int, last: bool = False) -> None:
+    def _restore(self, step: int, last: bool = False, trl_output: str | None = None) -> None:
         """Continue from the checkpoint of RL step ``step`` (``last``: the run's last step):
         SAE, buffer, logs, counters."""
         self._wall_before = resume_state.restore(self.run_dir, step, self.parts, self.capture,
-                                                 last)
+                                                 last, trl_output)
         self._t0 -= self._wall_before  # wall_s: the whole run's, up to the checkpoint and after
         rundir.remove_derived(self.run_dir, ending=True)
         for _, _, row in rundir.iter_jsonl(self.run_dir / rundir.ROLLOUTS):
@@ -601,7 +609,8 @@ class ShardCallback(TrainerCallback):
             self.setup(model, calling_trainer())
         self._follow_sharding(model)
         if self.resume:
-            self._restore(state.global_step, last=state.global_step >= state.max_steps)
+            self._restore(state.global_step, last=state.global_step >= state.max_steps,
+                          trl_output=None if self.run_config else args.output_dir)
             if not self.run_config:
                 warn_later_trl_checkpoints(args.output_dir, state.global_step)
         else:

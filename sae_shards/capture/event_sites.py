@@ -98,10 +98,10 @@ def check_head_not_targeted(model: nn.Module, targets: Mapping[str, Target]) -> 
     if names:
         raise ValueError(
             f"per-event capture target {few_names(names)} belongs to the LM head "
-            f"({type(head).__name__}): TRL {importlib.metadata.version('trl')} computes log-probabilities with a fused "
-            "LM head that multiplies by its weight directly, never calling the module, so its "
-            "gradient cannot be split by event; leave it out of capture.targets, or capture per "
-            "step (capture.granularity=step)")
+            f"({type(head).__name__}): TRL {importlib.metadata.version('trl')} computes "
+            "log-probabilities with a fused LM head that multiplies by its weight directly, "
+            "never calling the module, so its gradient cannot be split by event; leave it out "
+            "of capture.targets, or capture per step (capture.granularity=step)")
 
 
 def zero_advantage_means_zero_gradient(trainer) -> bool:

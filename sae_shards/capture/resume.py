@@ -43,6 +43,7 @@ from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
 from sae_shards.capture.pipeline import Pipeline
 from sae_shards.capture.runner import ActivationLog
+from sae_shards.capture.trl_checkpoints import trl_checkpoint_steps
 from sae_shards.core.checkpoint import (STATE_FILE, CheckpointError, CheckpointFiles,
                                         checkpoint_files, load_checkpoint, load_training_state,
                                         read_safetensors, save_file_atomic, write_checkpoint)
@@ -206,6 +207,23 @@ def _remove_later(run_dir: Path, step: int) -> None:
                         "the steps after it are trained again)", path, step)
 
 
+def _resume_instead(step: int, have: list[int], trl_output: str | Path | None) -> str:
+    """The rest of ``restore``'s refusal: why TRL's checkpoint of ``step`` has no sae-shards
+    side, and the checkpoint both sides have (the trainer's path to it when known)."""
+    if trl_output is None:
+        return f"; steps it can resume from: {have or 'none'} (resume TRL from the matching " \
+               "checkpoint-N)"
+    trl = Path(trl_output)
+    both = [s for s in have if s in trl_checkpoint_steps(str(trl))]
+    text = (f". TRL's {trl / f'checkpoint-{step}'} has no sae-shards side: its write failed (a "
+            "full disk) or an earlier run in that output_dir left it; delete it, or "
+            "resume_from_checkpoint=True picks it again")
+    if not both:
+        return text + f"; no step has both sides (sae-shards: {have or 'none'}), start anew"
+    return text + (f"; the newest step with both sides is {both[-1]}: "
+                   f"trainer.train(resume_from_checkpoint='{trl / f'checkpoint-{both[-1]}'}')")
+
+
 def _parses(path: Path) -> bool:
     """A JSON object is in ``path`` (False when missing, torn or not JSON)."""
     try:
@@ -215,13 +233,15 @@ def _parses(path: Path) -> bool:
 
 
 def restore(run_dir: Path, step: int, parts: Pipeline,
-            capture: DeltaCapture | EventCapture, last: bool = False) -> float:
+            capture: DeltaCapture | EventCapture, last: bool = False,
+            trl_output: str | Path | None = None) -> float:
     """Load the state of RL step ``step`` into a freshly built pipeline and capture, and cut the
     run's JSON-lines logs back to that step (raises ``CheckpointError`` naming what is missing).
     TRL's end-of-training row goes too (a stopped process's: the resumed one logs its own),
     unless ``step`` is the run's ``last`` (the run trained to its end and is not trained again).
     Returns the run's training time up to that checkpoint (``wall_s``; 0 for files written
-    before it was recorded)."""
+    before it was recorded). ``trl_output``: the trainer's ``output_dir``, for a refusal that
+    names the checkpoint to resume from instead."""
     checkpoint = checkpoint_dir(run_dir, step)
     target = resume_file(run_dir, step)
     if not target.is_file() or not checkpoint.is_dir():
@@ -234,8 +254,8 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
                 f"checkpoint-N) so TRL resumes too; sae-shards can resume from steps {have or 'none'}")
         raise CheckpointError(
             f"{run_dir}: the trainer resumes from RL step {step} but sae-shards has no complete "
-            f"checkpoint of that step ({target.name} and {checkpoint.name}); steps it can resume "
-            f"from: {have or 'none'} (resume TRL from the matching checkpoint-N)")
+            f"checkpoint of that step ({target.name} and {checkpoint.name})"
+            f"{_resume_instead(step, have, trl_output)}")
     loaded = load_checkpoint(checkpoint, parts.sae.device)
     if [t.name for t in loaded.sae.targets] != [t.name for t in parts.specs]:
         raise CheckpointError(f"{checkpoint}: its targets differ from this run's; resume with "

@@ -68,6 +68,17 @@ def reward_batch(args: Any) -> int | None:
     return int(total) // distributed.world_size() if isinstance(total, int) and total else None
 
 
+def trained_steps(trainer: Any, args: Any) -> int | None:
+    """The RL steps the trainer trains: ``args.max_steps``, or, for an epoch-based run (TRL's
+    ``max_steps=-1`` with ``num_train_epochs``), the count transformers resolved into
+    ``trainer.state.max_steps`` when ``train()`` began (``args.max_steps`` before that)."""
+    steps = getattr(args, "max_steps", None)
+    if isinstance(steps, int) and steps > 0:
+        return steps
+    resolved = getattr(getattr(trainer, "state", None), "max_steps", None)
+    return resolved if isinstance(resolved, int) and resolved > 0 else steps
+
+
 STEP_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
              "num_iterations", "learning_rate", "beta", "seed", "loss_type", "scale_rewards",
              "max_grad_norm", "importance_sampling_level", "mask_truncated_completions")

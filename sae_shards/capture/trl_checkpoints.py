@@ -101,6 +101,26 @@ def warn_no_trl_checkpoints(args: Any, checkpoint_every: int = 0,
                         args.save_steps, max_steps, hint)
 
 
+def warn_model_only_checkpoints(args: Any, resuming: bool) -> None:
+    """A script's trainer with ``save_only_model=True``: its checkpoints hold the weights but no
+    optimizer, scheduler or RNG state, so transformers resumes one with a fresh AdamW and the
+    learning-rate schedule from its start, silently. The updates after such a resume are not an
+    uninterrupted run's (a fresh Adam's first steps are large and sign-like), and the SAE's
+    samples carry the jump; said when the run starts, and again when it resumes."""
+    if not getattr(args, "save_only_model", False):
+        return
+    if resuming:
+        log.warning("resuming from a checkpoint saved with save_only_model=True: it holds no "
+                    "optimizer, scheduler or RNG state, so AdamW restarts from zero moments and "
+                    "the learning-rate schedule from its start; the updates from here on are "
+                    "not the uninterrupted run's, and the shards see the jump")
+    else:
+        log.warning("the trainer saves its checkpoints with save_only_model=True (no optimizer, "
+                    "scheduler or RNG state): a resumed run would restart AdamW and the "
+                    "learning-rate schedule, and its updates would not continue this run's; set "
+                    "save_only_model=False to make it resumable exactly")
+
+
 def in_script_terms(message: str) -> str:
     """A run-directory refusal worded for ``ShardCallback``'s arguments (the shared message
     speaks ``sae-shards train``'s overrides)."""
