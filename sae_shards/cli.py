@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import logging
 import math
-import os
 import re
 import shlex
 import shutil
@@ -401,7 +400,7 @@ def _check_run_dir_arg(args: list[str]) -> None:
         except FileExistsError as e:
             raise ConfigError(str(e)) from None
     if "${" not in str(run_dir):  # before Hydra creates it (its traceback names no fix)
-        unwritable = _unwritable(run_dir)
+        unwritable = rundir.unwritable(run_dir)
         if unwritable:
             raise ConfigError(f"run_dir={run_dir} cannot be written: {unwritable}; give a "
                               "run_dir where you can write (e.g. run_dir=runs/my_run), or fix "
@@ -410,26 +409,14 @@ def _check_run_dir_arg(args: list[str]) -> None:
         _check_sweep_dir(run_dir, _resume_given(given))  # interpolated: check_sweep_jobs
 
 
-def _unwritable(run_dir: Path) -> str | None:
-    """Why ``run_dir``, or the directory it would be created in, cannot be written to (read-only
-    filesystem, no permission); None when it can (or nothing of it exists to ask)."""
-    folder = next((p for p in (run_dir, *run_dir.absolute().parents) if p.exists()), None)
-    if folder is None or not folder.is_dir() or os.access(folder, os.W_OK | os.X_OK):
-        return None
-    try:
-        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-    except OSError:
-        read_only = False
-    return (f"{folder} is on a read-only filesystem" if read_only
-            else f"{folder} is not writable by this user (permission denied)")
-
-
 def _refused_unwritable(command: str, run_dir: Path, folders: list[Path], what: str,
                         out: Path | None, elsewhere: str) -> bool:
     """Refuse ``analyze`` / ``evaluate`` (print why, return True) when one of ``folders``, where
     its files go, cannot be written: said before the work runs, not after it when they are
     written; ``elsewhere`` is the way out without ``--out``."""
-    why = next((w for w in map(_unwritable, folders) if w), None)
+    from sae_shards.run import rundir
+
+    why = next((w for w in map(rundir.unwritable, folders) if w), None)
     if why:
         print(f"sae-shards: cannot {command} {run_dir}: {what}: {why}; "
               + (elsewhere if out is None else "give --out a directory you can write"),

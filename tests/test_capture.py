@@ -89,9 +89,11 @@ def test_bf16_weights_are_said_to_round_the_update_away(tmp_path, caplog):
     targets = select_targets(model, PATTERNS[:1])
     buffer = make_buffer(targets)
     recorder = Recorder(dense_reader(targets))
+    capture = DeltaCapture(targets, buffer)
     with caplog.at_level(logging.WARNING, logger="sae_shards.capture.delta"):
-        train(model, [DeltaCapture(targets, buffer), recorder], tmp_path, learning_rate=1e-5)
+        train(model, [capture, recorder], tmp_path, learning_rate=1e-5)
     (said,) = [r.getMessage() for r in caplog.records if "round" in r.getMessage()]
+    assert capture.precision_note == said  # summary.json repeats it
     assert said.startswith("capture.source=update: 2 of the targets (model.layers.0.self_attn."
                            "q_proj.weight, model.layers.1.self_attn.q_proj.weight) are stored in "
                            "bfloat16") and "bf16=True" in said
@@ -104,8 +106,10 @@ def test_bf16_weights_are_said_to_round_the_update_away(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="sae_shards.capture.delta"):
         fp32 = tiny_lm()
         fp32_targets = select_targets(fp32, PATTERNS[:1])
-        train(fp32, [DeltaCapture(fp32_targets, make_buffer(fp32_targets))], tmp_path)
+        fp32_capture = DeltaCapture(fp32_targets, make_buffer(fp32_targets))
+        train(fp32, [fp32_capture], tmp_path)
     assert not [r for r in caplog.records if "round" in r.getMessage()]
+    assert fp32_capture.precision_note is None
 
 
 def test_update_capture_bf16_storage_rounds_the_fp32_delta(tmp_path):

@@ -490,9 +490,10 @@ def test_the_thread_runner_trains_the_same_sae_however_far_rl_gets_ahead():
     assert [k for k in steady if not same(steady[k], behind[k])] == []
 
 
-def _ended_worse_than_the_mean(runner: RunnerConfig) -> str:
-    """``summary.json``'s warning for an SAE whose last FVU is above 1 (stand-ins for the run's
-    parts: 10 SAE steps, each FVU 1.5)."""
+def _ended_worse_than_the_mean(runner: RunnerConfig, fvu: float = 1.5,
+                               precision_note: str | None = None) -> str | None:
+    """``summary.json``'s warning for an SAE whose last FVU is ``fvu`` (stand-ins for the run's
+    parts: 10 SAE steps); ``precision_note``: the capture's (16-bit targets)."""
     from types import SimpleNamespace as NS
 
     from sae_shards.capture.summary import run_summary
@@ -502,8 +503,19 @@ def _ended_worse_than_the_mean(runner: RunnerConfig) -> str:
                  stats=stats)
     parts = NS(trainer=trainer, sae=NS(cfg=SAEConfig(n_latents=4, k=1)),
                loop=NS(last_rl_step=20, budget=None))
-    capture = NS(n_captured=20, n_zero=0, n_nonfinite=0, n_outliers=0, n_skipped=0)
-    return run_summary(parts, capture, runner, [0.5] * 20, [1.5] * 10, {})["warning"]
+    capture = NS(n_captured=20, n_zero=0, n_nonfinite=0, n_outliers=0, n_skipped=0,
+                 precision_note=precision_note)
+    return run_summary(parts, capture, runner, [0.5] * 20, [fvu] * 10, {}).get("warning")
+
+
+def test_a_16_bit_targets_note_reaches_the_summary_beside_another_warning():
+    """Said only in the start-up log before: a reader of summary.json and the report learns
+    that the captured updates are what survived bf16 rounding."""
+    note = "capture.source=update: 2 of the targets (...) are stored in bfloat16"
+    assert _ended_worse_than_the_mean(RunnerConfig(), fvu=0.5) is None
+    assert _ended_worse_than_the_mean(RunnerConfig(), fvu=0.5, precision_note=note) == note
+    both = _ended_worse_than_the_mean(RunnerConfig(), precision_note=note)
+    assert "worse than their mean" in both and both.endswith(f". Also: {note}")
 
 
 def test_an_sae_worse_than_the_mean_under_a_budget_is_told_to_raise_the_budget():

@@ -114,6 +114,32 @@ def test_an_unwritable_run_dir_is_a_config_error_naming_it(tmp_path, where):
     assert list(folder.iterdir()) == []
 
 
+def test_a_scripts_callback_on_an_unwritable_run_dir_says_so_as_the_cli_does(tmp_path):
+    """ShardCallback(run_dir=...) where nothing can be written raised mkdir's bare OSError
+    ('[Errno 13] Permission denied', or for a path under /proc '[Errno 2] No such file'); now a
+    PermissionError names run_dir and why, as sae-shards train's config error does."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    folder.chmod(0o555)
+    script = ("from sae_shards import ShardCallback\n"
+              "try:\n    ShardCallback(run_dir={!r})\n"
+              "except PermissionError as e:\n    print(e)\n")
+    try:
+        done = subprocess.run([*_as_a_plain_user(), sys.executable, "-c",
+                               script.format(str(folder / "run"))],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        folder.chmod(0o755)
+    assert (f"run_dir={folder / 'run'} cannot be written: {folder} is not writable by this user"
+            ) in done.stdout, done.stdout + done.stderr[-2000:]
+    assert list(folder.iterdir()) == []
+    from sae_shards import ShardCallback
+
+    with pytest.raises(PermissionError, match=r"run_dir=/proc/no/run cannot be created: No such "
+                                              r"file or directory \(/proc/no\); give a run_dir"):
+        ShardCallback(run_dir="/proc/no/run")
+
+
 def test_analyze_on_a_read_only_run_says_so_first_and_points_at_out(tmp_path, short_run_dir):
     """A finished run on a read-only shared filesystem: analyze failed only once the whole
     analysis was done, when report.html could not be written, advising 'resume with

@@ -64,23 +64,26 @@ logger = logging.getLogger(__name__)
 _OPTIMIZER_SOURCES = ("precond", "deconv")  # need to know the optimizer's step rule
 
 
-def warn_low_precision_weights(targets: Mapping[str, Target], source: str) -> None:
+def warn_low_precision_weights(targets: Mapping[str, Target], source: str) -> str | None:
     """Warn when targets are stored in 16 bits: the optimizer's step is added to weights that
     keep 8 (bf16) or 11 (fp16) significant bits, so a step smaller than about 2^-9 of a weight
     rounds away, and ``theta_after - theta_before`` holds only what survived the rounding (at a
     small learning rate, most entries zero). That is what the weights did, not what the
-    optimizer asked for; float32 weights (with bf16 autocast) keep the whole step."""
+    optimizer asked for; float32 weights (with bf16 autocast) keep the whole step. Returns the
+    warning (None without one), which ``summary.json`` repeats for the report's reader."""
     low = {n: p.dtype for n, t in targets.items() for p in target_params(t)
            if p.dtype in (torch.bfloat16, torch.float16)}
     if low:
         dtypes = sorted({str(d).removeprefix("torch.") for d in low.values()})
-        logger.warning(
-            "capture.source=%s: %d of the targets (%s) are stored in %s, whose weights round "
-            "away an optimizer step smaller than about 2^-9 of their magnitude: the captured "
-            "update is what survived that rounding (often mostly zeros at a small learning "
-            "rate), not the optimizer's step. Load the model in float32 (dtype="
-            "torch.float32) and train with bf16=True (autocast) to capture the whole step",
-            source, len(low), few_names(list(low), 3), "/".join(dtypes))
+        text = (f"capture.source={source}: {len(low)} of the targets ({few_names(list(low), 3)}) "
+                f"are stored in {'/'.join(dtypes)}, whose weights round away an optimizer step "
+                "smaller than about 2^-9 of their magnitude: the captured update is what "
+                "survived that rounding (often mostly zeros at a small learning rate), not the "
+                "optimizer's step. Load the model in float32 (dtype=torch.float32) and train "
+                "with bf16=True (autocast) to capture the whole step")
+        logger.warning("%s", text)
+        return text
+    return None
 
 
 # ---- the callback -----------------------------------------------------------------------------
@@ -170,6 +173,9 @@ class DeltaCapture(TrainerCallback):
         """Skips a sample whose norm exceeds ``outlier_ratio`` times the running RMS norm."""
         self.n_outliers = 0
         """Samples skipped as outliers (``outlier_ratio``)."""
+        self.precision_note: str | None = None
+        """Why the captured updates are not the optimizer's whole step (16-bit targets), set
+        when training begins; ``summary.json`` repeats it."""
         self.n_skipped = 0
         """``deconv`` steps that could not be inverted (learning rate 0, or no weight changed,
         at the step or the one before, or the first step after a resume)."""
@@ -210,7 +216,7 @@ class DeltaCapture(TrainerCallback):
             )
         self._check_owned(model)
         if self.source in ("update", "deconv"):
-            warn_low_precision_weights(self.targets, self.source)
+            self.precision_note = warn_low_precision_weights(self.targets, self.source)
         if self.source in _OPTIMIZER_SOURCES:
             self._optimizer = unwrap_optimizer(optimizer)
             self._kind, self._groups = step_rule(self._optimizer, self.targets, self.source)

@@ -114,7 +114,9 @@ class EventCapture(TrainerCallback):
         self.kept_energy_min = 1.0
         """Smallest fraction of an event's squared norm kept by the rank cut."""
         self.precond_error: list[float] = []
-        """``precondition=adam``: measured relative errors of the factored approximation."""
+        """``precondition=adam``: per measured event, the largest of its targets' relative
+        errors of the factored approximation (``summary.json``'s ``precond_error_mean`` is
+        their mean; each target's is in ``events.jsonl``)."""
         self.last_norm = math.nan
         self.last_events: list[dict[str, Any]] = []
         """Records (``events.jsonl`` rows) of the events the last step committed."""

@@ -46,7 +46,8 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
     (``budget_used``: its time on the RL thread and the SAE's, over the RL time that earned
     credit), plus ``extra``; a ``warning`` when the SAE never trained, when the budget did not
     cover the hooks' own time (``SAEBudget.starved``: the SAE got next to no steps), or when it
-    ends reconstructing worse than the samples' mean (``fvu_last`` > 1)."""
+    ends reconstructing worse than the samples' mean (``fvu_last`` > 1); the capture's
+    ``precision_note`` (16-bit targets: the updates are what survived rounding) is added to it."""
     trainer = parts.trainer
     (reward_first, reward_last), (fvu_first, fvu_last) = first_last(rewards, 5), first_last(fvu, 10)
     summary = {
@@ -86,6 +87,10 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
             f"its shards do not describe the updates yet. Train it longer ({_more_sae_steps(runner)}) "
             "or lower sae.lr")
         log.warning("%s", summary["warning"])
+    note = getattr(capture, "precision_note", None)  # said at the start: the report says it too
+    if note:
+        summary["warning"] = f"{summary['warning']}. Also: {note}" if "warning" in summary \
+            else note
     return summary
 
 

@@ -271,6 +271,20 @@ def _has_content(path: Path) -> bool:
     return path.exists() and path.stat().st_size > 0
 
 
+def unwritable(run_dir: Path) -> str | None:
+    """Why ``run_dir``, or the directory it would be created in, cannot be written to (read-only
+    filesystem, no permission); None when it can (or nothing of it exists to ask)."""
+    folder = next((p for p in (run_dir, *run_dir.absolute().parents) if p.exists()), None)
+    if folder is None or not folder.is_dir() or os.access(folder, os.W_OK | os.X_OK):
+        return None
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return (f"{folder} is on a read-only filesystem" if read_only
+            else f"{folder} is not writable by this user (permission denied)")
+
+
 def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) -> Path:
     """Create ``run_dir``; refuse one holding an earlier run unless ``overwrite``, which removes
     every file an earlier run wrote (``OWNED``) so nothing of it mixes with the new run, or
@@ -290,7 +304,15 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
     if resume and not run_dir.is_dir():  # refused before anything is created
         raise FileNotFoundError(f"resume=true but run_dir={run_dir} does not exist: "
                                 + _why_not_resumable(run_dir, []))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    why = unwritable(run_dir)
+    if why:  # before mkdir's bare OSError (a script's ShardCallback gets here first)
+        raise PermissionError(f"run_dir={run_dir} cannot be written: {why}; give a run_dir "
+                              "where you can write, or fix its permissions")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"run_dir={run_dir} cannot be created: {e.strerror or e} "
+                              f"({e.filename}); give a run_dir where you can write") from None
     lock_run_dir(run_dir)  # before anything is read or removed: one writer at a time
     try:
         return _prepare_locked(run_dir, overwrite, resume)
