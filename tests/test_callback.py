@@ -145,6 +145,12 @@ def test_bad_arguments_fail_at_construction(tmp_path):
         ShardCallback(run_dir=tmp_path / "d", capacity=4)
     with pytest.raises(ValueError, match=r"resume=True, overwrite=True\) contradict"):
         ShardCallback(run_dir=tmp_path / "a", resume=True, overwrite=True)
+    # plain arguments of the wrong type (label_column=3 was taken, and no label ever matched)
+    with pytest.raises(ValueError, match=r"label_column=3 \(expected a column name or None\), "
+                                         r"resume='yes' \(expected True or False\)"):
+        ShardCallback(run_dir=tmp_path / "a", label_column=3, resume="yes")
+    with pytest.raises(ValueError, match=r"seed=True \(expected an int\)"):
+        ShardCallback(run_dir=tmp_path / "a", seed=True)
     assert not (tmp_path / "a").exists()  # nothing written for a refused callback
 
 

@@ -126,6 +126,15 @@ def _in_script_terms(hook):
     return worded
 
 
+def _check_argument_types(**given: tuple[Any, type | tuple[type, ...], str]) -> None:
+    """``ValueError`` naming each of ShardCallback's plain arguments whose value is not of its
+    type (``name=(value, types, what it should be)``); bool is not taken for an int."""
+    wrong = [f"{name}={value!r} (expected {what})" for name, (value, types, what) in given.items()
+             if not isinstance(value, types) or (types is int and isinstance(value, bool))]
+    if wrong:
+        raise ValueError(f"ShardCallback: {', '.join(wrong)}; nothing was written")
+
+
 class ShardCallback(TrainerCallback):
     """Capture parameter updates of a TRL run and train a low-rank SAE on them concurrently.
 
@@ -184,6 +193,13 @@ class ShardCallback(TrainerCallback):
                 f"importing {importing} for --task started a run (ShardCallback): keep the "
                 "script's training under `if __name__ == \"__main__\":`, so that importing it "
                 "only defines the reward task. Nothing was trained or written.")
+        flags = {"log_to_wandb": log_to_wandb, "record_rollouts": record_rollouts,
+                 "save_model": save_model, "overwrite": overwrite, "resume": resume,
+                 "handle_signals": handle_signals}
+        _check_argument_types(
+            label_column=(label_column, (str, type(None)), "a column name or None"),
+            seed=(seed, int, "an int"), meta=(meta, (Mapping, type(None)), "a mapping or None"),
+            **{name: (value, bool, "True or False") for name, value in flags.items()})
         self.capture_cfg = _with(_config(CaptureConfig, capture, "capture"), capture,
                                  targets=targets, source=source, capacity=capacity)
         check_steps_or_budget(_given_fields(runner, RunnerConfig, sae_steps_per_rl_step=(
