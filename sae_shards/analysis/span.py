@@ -224,5 +224,5 @@ def changed_elsewhere(theta0: Mapping[str, Tensor], theta_t: Mapping[str, Tensor
     inside = set(names)
     tied = {id(theta_t[n]) for n in inside if n in theta_t}
     return [n for n, p in theta_t.items()
-            if n not in inside and id(p) not in tied
-            and n in theta0 and not torch.equal(theta0[n].detach(), p.detach().to(theta0[n].device))]
+            if n not in inside and id(p) not in tied and n in theta0
+            and not torch.equal(theta0[n].detach(), p.detach().to(theta0[n].device))]

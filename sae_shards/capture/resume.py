@@ -214,10 +214,13 @@ def _resume_instead(step: int, have: list[int], trl_output: str | Path | None) -
         return f"; steps it can resume from: {have or 'none'} (resume TRL from the matching " \
                "checkpoint-N)"
     trl = Path(trl_output)
-    both = [s for s in have if s in trl_checkpoint_steps(str(trl))]
+    saved = trl_checkpoint_steps(str(trl))
+    both = [s for s in have if s in saved]
     text = (f". TRL's {trl / f'checkpoint-{step}'} has no sae-shards side: its write failed (a "
             "full disk) or an earlier run in that output_dir left it; delete it, or "
-            "resume_from_checkpoint=True picks it again")
+            "resume_from_checkpoint=True picks it again" if step in saved else
+            f". TRL's checkpoint of step {step} (not in the trainer's output_dir {trl}) has no "
+            "sae-shards side")
     if not both:
         return text + f"; no step has both sides (sae-shards: {have or 'none'}), start anew"
     return text + (f"; the newest step with both sides is {both[-1]}: "

@@ -166,19 +166,15 @@ def check_reward_scale(grpo_kwargs: dict[str, Any], algorithm: Algorithm = "grpo
     defaults = {f.name: f.default for f in dataclasses.fields(config_cls)
                 if f.default is not dataclasses.MISSING}
     settings = {**defaults, **DEFAULT_GRPO, **grpo_kwargs}
-    _check_reward_scale({k: settings[k] for k in ("scale_rewards", "multi_objective_aggregation")
-                         if k in settings})
+    _check_reward_scale(settings.get("scale_rewards", "none"),
+                        settings.get("multi_objective_aggregation", "sum_then_normalize"))
 
 
-def _check_reward_scale(args: GRPOConfig | RLOOConfig | dict[str, Any]) -> None:
+def _check_reward_scale(scaling: str, aggregation: str) -> None:
     """Per-task reward scales must reach the advantages: GRPO's per-group std scaling would
     divide each group's factor out again. (RLOO keeps them: its advantage is a completion's
     reward minus the mean of the group's others, at most normalised over the whole batch.)
-    ``args``: the TRL config, or those two settings by name."""
-    setting = args.get if isinstance(args, dict) else lambda key, default: getattr(args, key,
-                                                                                   default)
-    scaling = setting("scale_rewards", "none")
-    aggregation = setting("multi_objective_aggregation", "sum_then_normalize")
+    ``scaling``, ``aggregation``: TRL's ``scale_rewards`` and ``multi_objective_aggregation``."""
     if scaling == "group" or aggregation == "normalize_then_sum":
         raise ValueError(
             f"task.options.reward_scale has no effect under rl scale_rewards={scaling!r} / "
@@ -268,7 +264,8 @@ def build_trainer(
     if task.scheduled:
         _check_schedule(args, train_dataset, task)
     if getattr(task, "scaled", False):
-        _check_reward_scale(args)
+        _check_reward_scale(getattr(args, "scale_rewards", "none"),
+                            getattr(args, "multi_objective_aggregation", "sum_then_normalize"))
     if trainable is not None and peft_config is not None:
         raise ValueError("rl.trainable cannot be combined with model.lora.enabled=true (LoRA "
                          "trains its adapters only); set rl.trainable=null or disable LoRA")

@@ -31,7 +31,7 @@ from sae_shards.capture.pipeline import resolve_targets
 from sae_shards.capture.signals import stop_on_signals
 from sae_shards.recipe.models import (build_tiny_model, check_causal_lm, check_vocab,
                                       load_tokenizer, meta_policy)
-from sae_shards.recipe.tasks import build_task, check_task_options, default_target_length
+from sae_shards.recipe.tasks import build_task, default_target_length
 from sae_shards.recipe.trainers import (build_trainer, check_lora_modules, check_reward_scale,
                                         check_trl_settings, freeze_except)
 from sae_shards.run import rundir
@@ -114,9 +114,9 @@ def check_recipe(cfg: JobConfig) -> None:
     the task's options and ``rl.extra`` against TRL's config class (``ValueError`` naming the
     key). Cheap: ``sae-shards train`` calls it on each job's config before anything is
     written; ``start`` again for a job run from Python."""
-    check_task_options(cfg.task.name, cfg.task.options)
+    task = build_task(cfg.task.name, **cfg.task.options)  # its options checked (cheap)
     check_trl_settings({**cfg.rl.trl_kwargs(), "seed": cfg.seed}, cfg.rl.algorithm)
-    if getattr(build_task(cfg.task.name, **cfg.task.options), "scaled", False):
+    if getattr(task, "scaled", False):
         check_reward_scale(cfg.rl.trl_kwargs(), cfg.rl.algorithm)
     check_targets(cfg)
 
