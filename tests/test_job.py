@@ -379,6 +379,9 @@ def test_a_job_refused_at_setup_leaves_no_wandb_run(tmp_path, capsys):
     # per-task reward scales that TRL's default per-group std scaling would cancel
     ("task=multiskill task.options.reward_scale={B:2.0}",
      r"task.options.reward_scale has no effect under rl scale_rewards='group'"),
+    # a decoder bias per event (was refused only once the policy was built)
+    ("capture.granularity=group sae.use_b_dec=true",
+     r"sae.use_b_dec=true is not supported with factored \(per-event\) samples"),
     # the policy's parameter names, from its config on the meta device (no model loaded)
     ("capture.targets=[*no_such_weight*]", r"'\*no_such_weight\*' matches no .*model.layers.0"),
     ("rl.trainable=[model.layer.*]", r"rl.trainable pattern 'model.layer.\*' matches no "

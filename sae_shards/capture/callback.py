@@ -80,7 +80,8 @@ from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import make_targets
 from sae_shards.run import rundir, versions
 from sae_shards.run.config import (CaptureConfig, RunnerConfig, check_sae_trains,
-                                    check_sae_window, check_steps_or_budget, sample_source)
+                                    check_sae_window, check_steps_or_budget, sample_form,
+                                    sample_source)
 from sae_shards.run.schema import build_dataclass
 from sae_shards.run.tracking import RunLogger
 
@@ -208,6 +209,7 @@ class ShardCallback(TrainerCallback):
                                 sae_steps_per_rl_step=sae_steps_per_rl_step,
                                 concurrency=concurrency, checkpoint_every=checkpoint_every)
         self.sae_cfg = _config(SAEConfig, sae, "sae")
+        self.sae_cfg.uses_b_dec(sample_form(self.capture_cfg.granularity))
         check_sae_window(self.capture_cfg, self.runner_cfg)
         if resume and overwrite:
             raise ValueError("ShardCallback(resume=True, overwrite=True) contradict each other: "

@@ -24,11 +24,11 @@ from sae_shards.capture.policy_memory import PendingMemory, size
 from sae_shards.capture.runner import InlineRunner, SAEWorkLoop, ThreadRunner, make_runner
 from sae_shards.capture.selection import (Target, check_stacked, default_targets, select_targets,
                                           target_shapes)
-from sae_shards.core.sae import LowRankSAE, resolve_b_dec
+from sae_shards.core.sae import LowRankSAE
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import TargetSpec, expand_stacked, make_targets
 from sae_shards.core.trainer import SAETrainer
-from sae_shards.run.config import CaptureConfig, RunnerConfig
+from sae_shards.run.config import CaptureConfig, RunnerConfig, sample_form
 
 STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -115,8 +115,8 @@ def build_pipeline(
     dtype = STORAGE[capture.storage_dtype]
     per_event = capture.granularity != "step"
     event_rank = capture.event_rank if per_event else None
-    form = "factored" if per_event else "dense"
-    b_dec = resolve_b_dec(sae_cfg, form)  # whether the SAE trains a decoder bias
+    form = sample_form(capture.granularity)
+    b_dec = sae_cfg.uses_b_dec(form)  # whether the SAE trains a decoder bias
     free = default_memory_budget(device, 1.0) - pending.total
     share = int(max(free, 0) * capture.memory_fraction)
     working = working_bytes(capture, specs)

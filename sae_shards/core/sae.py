@@ -90,7 +90,7 @@ class LowRankSAE(nn.Module):
                              "targets.expand_stacked(targets), one matrix per expert")
         self.cfg = cfg
         self.sample_form = sample_form
-        self.uses_b_dec = resolve_b_dec(cfg, sample_form)
+        self.uses_b_dec = cfg.uses_b_dec(sample_form)
         if sample_form == "factored" and cfg.autocast_bf16:
             raise ValueError("sae.autocast_bf16=true is not supported with factored (per-event) "
                              "samples: their loss cancels too much for bf16 inner products; set "
@@ -338,19 +338,6 @@ def form_of(x: Tensor, spec: TargetSpec) -> SampleForm:
         return "dense"
     raise ValueError(f"target {spec.name!r}: a sample of shape {tuple(x.shape)} is neither dense "
                      f"[..., {m}, {n}] nor factored [..., T, {m + n}]")
-
-
-def resolve_b_dec(cfg: SAEConfig, sample_form: SampleForm) -> bool:
-    """Whether the SAE learns a decoder bias: ``sae.use_b_dec``, where None means on for dense
-    samples and off for factored ones (whose loss is taken about zero)."""
-    if cfg.use_b_dec is None:
-        return sample_form == "dense"
-    if cfg.use_b_dec and sample_form == "factored":
-        raise ValueError(
-            "sae.use_b_dec=true is not supported with factored (per-event) samples: their loss is "
-            "taken about zero, the batch mean would be a dense m x n matrix per target; set "
-            "sae.use_b_dec=false or null with capture.granularity=group|completion")
-    return bool(cfg.use_b_dec)
 
 
 def _event_inner_chunk(x: Tensor, left: Tensor, right: Tensor) -> Tensor:

@@ -86,6 +86,20 @@ class SAEConfig:
             if not 0 < value <= 1:
                 raise ValueError(f"sae.{name}={value} must be in (0, 1]")
 
+    def uses_b_dec(self, sample_form: str) -> bool:
+        """Whether an SAE trained on ``sample_form`` samples (``dense`` per step, ``factored`` per
+        event) learns a decoder bias: ``use_b_dec``, where None means on for dense samples and off
+        for factored ones (whose loss is taken about zero). ``ValueError`` for true with factored
+        samples; the job config and ``ShardCallback`` ask before anything is written."""
+        if self.use_b_dec is None:
+            return sample_form == "dense"
+        if self.use_b_dec and sample_form == "factored":
+            raise ValueError(
+                "sae.use_b_dec=true is not supported with factored (per-event) samples: their "
+                "loss is taken about zero, the batch mean would be a dense m x n matrix per "
+                "target; set sae.use_b_dec=false or null with capture.granularity=group|completion")
+        return bool(self.use_b_dec)
+
     @property
     def effective_aux_k(self) -> int:
         return self.aux_k if self.aux_k is not None else min(4 * self.k, self.n_latents)

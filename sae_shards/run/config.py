@@ -487,6 +487,7 @@ class JobConfig:
         check_sae_window(self.capture, self.runner, self._samples_per_step())
         check_sae_trains(self.capture, self.runner, self.rl.max_steps,
                          samples_per_step=self._samples_per_step())
+        self.sae.uses_b_dec(sample_form(self.capture.granularity))
         if self.capture.granularity != "step":
             self._check_event_rl()
             if self.model.lora.enabled and self.model.lora.dropout > 0:
@@ -601,6 +602,12 @@ def generations_reused(args: Any) -> str:
                                 getattr(args, "steps_per_generation", None),
                                 getattr(args, "gradient_accumulation_steps", 1))
     return ", ".join(f"{k}={v}" for k, v in reused.items())
+
+
+def sample_form(granularity: Granularity) -> str:
+    """The form of a run's SAE samples: ``dense`` per-step updates, ``factored`` per-event
+    gradients (``LowRankSAE``'s ``sample_form``)."""
+    return "dense" if granularity == "step" else "factored"
 
 
 def sample_source(granularity: str, source: str | None, precondition: str = "none",
