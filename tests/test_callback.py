@@ -1458,3 +1458,23 @@ def test_a_run_dir_that_is_no_directory_of_its_own_is_refused_as_given(
     with pytest.raises(ValueError, match=re.escape(problem)):
         ShardCallback(run_dir=run_dir)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rank_at_which_low_rank_saves_nothing_is_warned(tiny_model, tmp_path, caplog):
+    """sae.rank=1000 was taken in silence: capped at min(m, n), it made every latent's factored
+    direction larger than the matrix, the SAE 1.7x a dense one and 70x slower. The tiny model's
+    64 x 64 matrices break even at rank 32 (32 x 128 = 64 x 64), its 64 x 128 ones above 42."""
+    with caplog.at_level("WARNING", logger="sae_shards.capture.callback"):
+        _user_trainer(tiny_model, tmp_path / "trl", [ShardCallback(
+            run_dir=tmp_path / "r32", sae={"rank": 32}, runner={"min_samples": 2})],
+            max_steps=2).train()
+    assert re.search(r"sae.rank=32 gives \d+ of \d+ targets a factored direction at least as "
+                     r"large as the matrix itself \(.*q_proj.weight.*\): .* lower sae.rank to 31 "
+                     r"or less", caplog.text), caplog.text
+    assert "down_proj" not in caplog.text.split("sae.rank=32 gives")[1].split("\n")[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sae_shards.capture.callback"):
+        _user_trainer(tiny_model, tmp_path / "trl2", [ShardCallback(
+            run_dir=tmp_path / "r31", sae={"rank": 31}, runner={"min_samples": 2})],
+            max_steps=2).train()
+    assert "saves no memory" not in caplog.text

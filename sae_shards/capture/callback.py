@@ -77,7 +77,7 @@ from sae_shards.capture.zero3_delta import Zero3DeltaCapture, zero3_targets
 from sae_shards.core import events as ev
 from sae_shards.core.checkpoint import save_checkpoint
 from sae_shards.core.sae_config import SAEConfig
-from sae_shards.core.targets import make_targets
+from sae_shards.core.targets import make_targets, oversized_ranks
 from sae_shards.run import rundir, versions
 from sae_shards.run.config import (CaptureConfig, RunnerConfig, check_sae_trains,
                                     check_sae_window, check_steps_or_budget, sample_form,
@@ -363,6 +363,14 @@ class ShardCallback(TrainerCallback):
                 if self._is_lora() else "", self.sizes["sae_factored_params"],
                 self.sizes["dense_sae_params"], self.sizes["buffer_bytes"] / 2**20,
                 distributed.world_size())
+        oversized = oversized_ranks(self.parts.buffer.targets)
+        if oversized:
+            log.warning(
+                "sae.rank=%d gives %d of %d targets a factored direction at least as large as "
+                "the matrix itself (%s): the low-rank SAE saves no memory on them and costs more "
+                "time than a dense one would; lower sae.rank to %d or less", self.sae_cfg.rank,
+                len(oversized), len(self.parts.buffer.targets),
+                few_names(list(oversized), 3), min(oversized.values()))
 
     def _step_capture(self, targets: dict, buffer) -> DeltaCapture:
         """The per-step capture for ``targets``: ``ShardedDeltaCapture`` when they are FSDP2

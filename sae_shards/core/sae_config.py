@@ -19,7 +19,9 @@ class SAEConfig:
     n_latents: int = 64
     """Number of latents (candidate shards)."""
     rank: int = 1
-    """Rank of every latent's factors on each 2-D target (capped at min(m, n) per target)."""
+    """Rank of every latent's factors on each 2-D target (capped at min(m, n) per target). A rank
+    with ``rank * (m + n) >= m * n`` stores more per latent than the dense ``m x n`` matrix: the
+    run warns at its start, naming those targets and the largest rank that saves memory."""
     k: int = 4
     """Active latents per sample (per-sample average for batch_topk)."""
     sparsity: Sparsity = "signed_topk"

@@ -96,6 +96,19 @@ def make_targets(
     return specs
 
 
+def oversized_ranks(specs: Sequence[TargetSpec]) -> dict[str, int]:
+    """The matrix targets whose rank makes a latent's factored direction at least as large as the
+    dense matrix (``r (m + n) >= m n``), each with the largest rank below that: the low-rank
+    parameterisation saves nothing on them."""
+    out = {}
+    for t in specs:
+        if t.is_matrix or t.is_stacked:
+            m, n = t.shape[-2:]
+            if t.rank * (m + n) >= m * n:
+                out[t.name] = max(1, -(-m * n // (m + n)) - 1)
+    return out
+
+
 def slice_name(name: str, expert: int) -> str:
     """The SAE's name for expert ``expert`` of stacked target ``name``: ``name[expert]``."""
     return f"{name}[{expert}]"
