@@ -1478,3 +1478,14 @@ def test_a_rank_at_which_low_rank_saves_nothing_is_warned(tiny_model, tmp_path, 
             run_dir=tmp_path / "r31", sae={"rank": 31}, runner={"min_samples": 2})],
             max_steps=2).train()
     assert "saves no memory" not in caplog.text
+    assert "exceeds capture.capacity" not in caplog.text  # batch 32 of 256 slots
+
+
+def test_a_batch_larger_than_the_buffer_is_warned(tiny_model, tmp_path, caplog):
+    """sae.batch_size=1000 with 256 slots was taken in silence: every batch repeats samples."""
+    with caplog.at_level("WARNING", logger="sae_shards.capture.callback"):
+        _user_trainer(tiny_model, tmp_path / "trl", [ShardCallback(
+            run_dir=tmp_path / "r", sae={"batch_size": 40}, capacity=32,
+            runner={"min_samples": 2})], max_steps=2).train()
+    assert ("sae.batch_size=40 exceeds capture.capacity=32: a batch is drawn with replacement "
+            "from the buffer") in caplog.text, caplog.text

@@ -371,6 +371,13 @@ class ShardCallback(TrainerCallback):
                 "time than a dense one would; lower sae.rank to %d or less", self.sae_cfg.rank,
                 len(oversized), len(self.parts.buffer.targets),
                 few_names(list(oversized), 3), min(oversized.values()))
+        if self.sae_cfg.batch_size > self.capture_cfg.capacity:
+            log.warning(
+                "sae.batch_size=%d exceeds capture.capacity=%d: a batch is drawn with replacement "
+                "from the buffer, so each one repeats samples; an SAE step costs %d samples but "
+                "sees %d distinct ones at most, and sae.dead_after counts drawn samples; raise "
+                "capture.capacity or lower sae.batch_size", self.sae_cfg.batch_size,
+                self.capture_cfg.capacity, self.sae_cfg.batch_size, self.capture_cfg.capacity)
 
     def _step_capture(self, targets: dict, buffer) -> DeltaCapture:
         """The per-step capture for ``targets``: ``ShardedDeltaCapture`` when they are FSDP2

@@ -36,13 +36,16 @@ class SAEConfig:
     lr: float = 1e-3
     """Adam learning rate (SAE parameters and Adam state stay fp32)."""
     batch_size: int = 32
-    """Samples per SAE step."""
+    """Samples per SAE step, drawn uniformly with replacement from the buffer (so a batch repeats
+    samples while fewer are buffered; above ``capture.capacity`` it always does, which the run
+    warns about)."""
     aux_k: int | None = None
     """Dead latents used by the AuxK loss per sample; None means min(4 * k, n_latents)."""
     aux_coef: float = 1 / 32
     """Weight of the AuxK loss (0 switches AuxK off)."""
     dead_after: int = 4096
-    """A latent that has not fired in this many training samples is dead (``dead_frac``)."""
+    """A latent that has not fired in this many training samples (drawn samples, repeats
+    counted) is dead (``dead_frac``)."""
     scale_ema: float = 0.01
     """EMA rate of the running input scale (RMS of the sample norm; first batch initialises it)."""
     threshold_ema: float = 0.01
