@@ -155,6 +155,11 @@ def test_default_config_equals_dataclass_defaults():
     ("device=tpu", r"device='tpu'; use auto, cpu or cuda"),
     ("device=cudafoo", r"device='cudafoo'; use auto, cpu or cuda\[:index\]"),
     ("seed=-1", r"seed=-1 must be >= 0"),
+    # per-step samples: Adam's scaling has a per-step source, unit normalisation none
+    ("capture.precondition=adam", r"capture.precondition=adam applies to per-event samples; set "
+                                  r"capture.granularity=group .*use capture.source=precond"),
+    ("capture.normalize=unit", r"capture.normalize=unit applies to per-event samples; .*per-step "
+                               r"samples are not normalised one by one .*: drop it$"),
     ("runner.keep_checkpoints=1", r"runner.keep_checkpoints=1 must be 0 \(keep every one\) or "
                                   r">= 2"),
     ("task.name=nosuch", r"task.name='nosuch' is not one of \['letters', 'multiskill', "

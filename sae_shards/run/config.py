@@ -328,13 +328,16 @@ class CaptureConfig:
             raise ValueError(f"capture.event_rank={self.event_rank} must be >= 1 (rows kept per "
                              "event and target; e.g. 64)")
         if self.granularity == "step":
+            per_step = {"precondition": "or for per-step samples use capture.source=precond for "
+                                        "Adam's preconditioner",
+                        "normalize": "per-step samples are not normalised one by one (the SAE "
+                                     "divides all of them by one running scale): drop it"}
             for name, value in (("precondition", self.precondition),
                                 ("normalize", self.normalize)):
                 if value != "none":
                     raise ValueError(
                         f"capture.{name}={value} applies to per-event samples; set "
-                        "capture.granularity=group (or completion), or for per-step samples use "
-                        "capture.source=precond for Adam's preconditioner")
+                        f"capture.granularity=group (or completion), {per_step[name]}")
         elif self.source != "update":
             raise ValueError(
                 f"capture.source={self.source} applies to capture.granularity=step; per-event "
