@@ -78,9 +78,12 @@ def test_short_job_writes_loadable_shards(tmp_path, concurrency):
     assert {"train/reward", "sae/fvu", "sae/l0", "rl/step", "sae/step", "sae/rl_step"} <= run["keys"]
     assert run["metrics"]["sae/*"] == "sae/step" and run["metrics"]["train/*"] == "rl/step"
     assert run["artifacts"] == [f"shards-{concurrency}"]
-    # its config is the job's, with the launch config.json records (one process here)
-    assert run["config"]["sae"]["k"] == 4 and run["config"]["world_size"] == 1
-    assert run["config"]["launch"] == json.loads((run_dir / "config.json").read_text())["launch"]
+    # its config is config.json's: the task as the run resolved it (target_length, from
+    # rl.max_completion_length), the versions, the launch (one process here)
+    recorded = json.loads((run_dir / "config.json").read_text())
+    assert {k: v for k, v in run["config"].items() if k != "_wandb"} == recorded
+    assert run["config"]["task"]["target_length"] == 16 and run["config"]["world_size"] == 1
+    assert run["config"]["versions"]["torch"] == torch.__version__
 
 
 def test_existing_run_dir_is_not_overwritten(tmp_path):

@@ -268,7 +268,9 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
         if main:  # the buffer and the SAE live on rank 0 (other ranks set up in train())
             callback.setup(rl.trainer.model, rl.trainer)
             # the W&B run once nothing can refuse the job (no failed run left for a refusal)
-            callback.logger = RunLogger.start(cfg.logging, run_dir, wandb_config(cfg))
+            # its config is config.json's: the task and trainer settings as the run resolved
+            # them (the task's target_length, the run's step count), versions and launch
+            callback.logger = RunLogger.start(cfg.logging, run_dir, rundir.read_config(run_dir))
     except BaseException as e:
         if callback is not None:  # its own hold, and its SAE worker
             callback.close()
@@ -281,13 +283,6 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
     if resume_from is not None:
         rl.trainer.add_callback(_NoStepPastEnd())
     return Started(rl, callback, resume_from)
-
-
-def wandb_config(cfg: JobConfig) -> dict[str, Any]:
-    """The W&B run's config: the job's, with the launch ``config.json`` records (its process
-    count and launcher), so runs can be grouped by them in W&B too."""
-    n = distributed.world_size()
-    return {**cfg.to_dict(), "world_size": n, "launch": distributed.launcher(n)}
 
 
 @contextlib.contextmanager
