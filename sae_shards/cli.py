@@ -153,11 +153,20 @@ def _is_override(args: list[str]) -> list[bool]:
     return out
 
 
+JOB_DIRNAME_MAX = 200
+"""The longest sweep job directory name, in bytes (filesystems allow 255)."""
+
+
 def job_dirname(override_dirname: str) -> str:
     """A sweep job's directory name: Hydra's ``override_dirname`` without the ``+`` / ``++``
     prefixes (``open_map_args`` adds ``++``; a user's ``+key`` names the same setting), so
-    ``rl.extra.x=1`` and ``++rl.extra.x=1`` name one job."""
-    return re.sub(r"(^|,)\+{1,2}", r"\1", override_dirname)
+    ``rl.extra.x=1`` and ``++rl.extra.x=1`` name one job; a ``/`` in a value (a swept
+    ``model.path``) written ``%2F``, so each job is one directory named by the whole path; cut
+    to ``JOB_DIRNAME_MAX`` bytes with a hash of the whole name when longer (``bounded``)."""
+    from sae_shards.run.tracking import bounded
+
+    name = re.sub(r"(^|,)\+{1,2}", r"\1", override_dirname).replace("/", "%2F")
+    return bounded(name, JOB_DIRNAME_MAX)
 
 
 def register_resolvers() -> None:

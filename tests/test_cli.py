@@ -419,6 +419,19 @@ def test_a_sweep_jobs_directory_is_named_by_its_overrides_as_given():
             == "rl.extra.scale_rewards=none,sae.foo=1,rl.max_steps=10")
     assert job_dirname("capture.targets=[a,b],sae.k=2") == "capture.targets=[a,b],sae.k=2"
 
+    # a swept path is one directory named by the whole path: two models' jobs whose paths end
+    # alike were nested five levels deep and shared a W&B name and artifact
+    a, b = (job_dirname(f"model.path=/runs/{x}/model,model=hf_path") for x in ("base", "other"))
+    assert a == "model.path=%2Fruns%2Fbase%2Fmodel,model=hf_path" and "/" not in b
+    assert artifact_name(f"shards-{a}") != artifact_name(f"shards-{b}")
+    # a name too long for a directory (255 bytes) or an artifact (128 characters) is cut,
+    # with a hash of the whole, so names that differ past the cut stay apart
+    long = ",".join(f"rl.extra.setting_{i}=1" for i in range(20))
+    cut = {job_dirname(f"{long},seed={s}") for s in (1, 2)}
+    assert len(cut) == 2 and all(len(c.encode()) <= 200 for c in cut)
+    names = {artifact_name(f"shards-{c}") for c in cut}
+    assert len(names) == 2 and all(len(n) <= 128 for n in names)
+
 
 def test_a_sweep_is_refused_inside_a_run_before_anything_is_written(tmp_path, capsys):
     run = tmp_path / "run"

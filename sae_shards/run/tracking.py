@@ -16,6 +16,7 @@ methods and does nothing, so callers never branch on W&B.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -124,7 +125,23 @@ class RunLogger:
             logger.warning("W&B: %d call(s) failed during the run", self.n_failures)
 
 
+ARTIFACT_NAME_MAX = 128
+"""The longest artifact name W&B accepts (its ``NAME_MAXLEN``)."""
+
+
 def artifact_name(name: str) -> str:
     """A valid W&B artifact name: letters, digits, ``-``, ``_`` and ``.`` (multirun directories
-    are named like ``sae.k=2``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "shards"
+    are named like ``sae.k=2``), at most ``ARTIFACT_NAME_MAX`` characters (``bounded``)."""
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "shards"
+    return bounded(clean, ARTIFACT_NAME_MAX, name)
+
+
+def bounded(name: str, limit: int, whole: str | None = None) -> str:
+    """``name`` if it fits ``limit`` bytes (UTF-8), else its start with ``-`` and 8 hex digits
+    of a hash of ``whole`` (default ``name``) in ``limit`` bytes, so long names that differ
+    only past the cut stay apart."""
+    if len(name.encode()) <= limit:
+        return name
+    digest = hashlib.sha1((whole if whole is not None else name).encode()).hexdigest()[:8]
+    head = name.encode()[:limit - 9].decode(errors="ignore")
+    return f"{head}-{digest}"
