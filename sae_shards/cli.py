@@ -85,7 +85,7 @@ def job_config_from_hydra(cfg) -> JobConfig:
     except MissingMandatoryValue as e:
         key = getattr(e, "full_key", None) or "a field"
         raise ConfigError(f"{key} has no value (it is ???); set it, e.g. {key}=...") from e
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:  # ours (a model.path that is no directory)
         raise ConfigError(str(e)) from e
     except Exception as e:  # OmegaConf interpolation errors
         raise ConfigError(f"{type(e).__name__}: {e}") from e

@@ -294,11 +294,16 @@ def test_a_multi_character_tokenizer_gets_a_target_length_in_characters(tmp_path
 
 
 SETUP_ERRORS = [
-    ("model=hf_path model.path=/no/such/model", r"/no/such/model is not a directory"),
-    ("model=hf_path model.path={encoder}", r"was saved as BertModel \(config.json architectures\)"
-                                           r", not as a causal LM .*AutoModelForCausalLM"),
-    ("model=hf_path model.path={run}", r"is a sae-shards run directory, not a model; the policy "
-                                       r"it trained is .*final_model"),
+    # the policy directory is checked with the config: a config error, nothing written
+    ("model=hf_path model.path=/no/such/model", r"config error: model path /no/such/model is not "
+                                                r"a directory"),
+    ("model=hf_path model.path={encoder}", r"config error: model path .* was saved as BertModel "
+                                           r"\(config.json architectures\), not as a causal LM "
+                                           r".*AutoModelForCausalLM"),
+    ("model=hf_path model.path={run}", r"config error: model path .* is a sae-shards run "
+                                       r"directory, not a model; the policy it trained is "
+                                       r".*final_model"),
+    # the rest need the model built (its memory) or the run directory read
     ("capture.capacity=100000000", r"capture.capacity|bf16|bfloat16"),
     ("sae.n_latents=100000000", r"(?s)the SAE needs more than .* To fit:\n  - sae.n_latents="
                                 r"\d+, with this batch"),
@@ -332,10 +337,14 @@ def _setup_error_case(tmp_path: Path, i: int) -> tuple[list[str], str, Path]:
 
 def _assert_refused(rc: int, err: str, message: str, run_dir: Path) -> None:
     assert rc == 2, err[-2000:]
-    assert "sae-shards: cannot start:" in err, err[-2000:]
     assert re.search(message, err), err[-2000:]
     assert "Traceback" not in err, err[-2000:]
-    assert not (run_dir / "checkpoints").exists()
+    if "config error:" in message:  # refused with the config: the empty run_dir left empty
+        assert "sae-shards: config error: model path" in err, err[-2000:]
+        assert not list(run_dir.iterdir())
+    else:
+        assert "sae-shards: cannot start:" in err, err[-2000:]
+        assert not (run_dir / "checkpoints").exists()
 
 
 def test_a_setup_error_ends_a_real_process_cleanly(tmp_path):
@@ -577,6 +586,11 @@ def _broken_model(tmp_path: Path, how: str) -> Path:
         config = json.loads((path / "config.json").read_text())
         config["vocab_size"] = 8  # as if tokens were added to the tokenizer without a resize
         (path / "config.json").write_text(json.dumps(config))
+    elif how.startswith("truncated"):  # a partial copy: header cut, or the last bytes missing
+        weights = path / "model.safetensors"
+        size = 1000 if how == "truncated_header" else weights.stat().st_size - 100
+        with open(weights, "r+b") as f:
+            f.truncate(size)
     return path
 
 
@@ -584,12 +598,27 @@ def _broken_model(tmp_path: Path, how: str) -> Path:
     ("no_tokenizer", r"has no tokenizer files \(none of tokenizer.json, .*save the tokenizer"),
     ("no_eos", r"has neither an eos_token nor a pad_token: .*tokenizer_config.json"),
     ("small_embedding", r"has \d+ tokens but the model embeds 8 .*resize_token_embeddings"),
+    # a partial copy was safetensors' bare error from inside TRL, a traceback (and in a sweep,
+    # exit 1 after the other jobs, without naming the file)
+    ("truncated_header", r"model.safetensors: cannot be read as safetensors \(.*invalid header "
+                         r"length\); the file is truncated or damaged — copy or download the "
+                         r"model directory .* again"),
+    ("truncated_data", r"model.safetensors: cannot be read as safetensors \(.*file not fully "
+                       r"covered\); the file is truncated"),
 ])
-def test_a_broken_model_directory_is_named_before_training(tmp_path, capsys, how, message):
+def test_a_broken_model_directory_is_a_config_error_before_anything_is_written(
+        tmp_path, capsys, how, message):
+    """The policy directory is checked with the config: one run, or the sweep job naming it,
+    is refused before a directory is made (these were 'cannot start' errors once the run
+    directory, .hydra/ and trl/ were written)."""
     from sae_shards.cli import main
 
     path = _broken_model(tmp_path, how)
     run_dir = tmp_path / "run"
-    rc = main(["train", "model=hf_path", f"model.path={path}", "logging=disabled",
-               f"run_dir={run_dir}"])
-    _assert_refused(rc, capsys.readouterr().err, message, run_dir)
+    for sweep in ([], ["-m", f"model.path={path},{path}"]):
+        rc = main(["train", "model=hf_path", f"model.path={path}", *sweep, "logging=disabled",
+                   f"run_dir={run_dir}"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "sae-shards: config error:" in err, err[-2000:]
+        assert re.search(message, err) and "Traceback" not in err, err[-2000:]
+        assert not run_dir.exists()

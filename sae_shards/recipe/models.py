@@ -40,6 +40,7 @@ from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
                                                     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 from sae_shards.core.checkpoint import process_umask
+from sae_shards.core.checkpoint_checks import opened_safetensors
 from sae_shards.run.config import Arch
 from sae_shards.run.rundir import CONFIG, FINAL_MODEL
 
@@ -316,6 +317,18 @@ def _check_model_dir(path: Path) -> None:
         )
 
 
+def check_weight_files(path: Path) -> None:
+    """Open every safetensors weight file of model directory ``path`` (its header and the size
+    it declares: no tensor is read), so a truncated or damaged one, a partial copy or download,
+    is a ``CheckpointError`` naming it before the model loads, not safetensors' bare error from
+    inside transformers."""
+    advice = (f"copy or download the model directory {path} again (a partial copy or "
+              "download leaves a short file)")
+    for file in sorted(path.glob("*.safetensors")):
+        with opened_safetensors(file, advice):
+            pass
+
+
 TRUST_REMOTE_CODE_OPT_IN = ("--trust-remote-code (sae-shards analyze / evaluate), "
                             "trust_remote_code=True (Python) or model.trust_remote_code=true "
                             "(sae-shards train)")
@@ -361,9 +374,11 @@ def check_causal_lm(path: str | Path, trust_remote_code: bool = False) -> None:
     directory's own code), or one saved as another class (``architectures``, e.g.
     ``BertModel``, a bare encoder), which TRL would load as that class and fail deep inside.
     A directory needing its own code (``auto_map``) is refused unless ``trust_remote_code``:
-    with it, transformers imports and runs that code here."""
+    with it, transformers imports and runs that code here. A truncated or damaged safetensors
+    weight file is refused naming it (``check_weight_files``)."""
     path = Path(path)
     _check_model_dir(path)
+    check_weight_files(path)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True,
                                             trust_remote_code=trust_remote_code)
@@ -390,6 +405,16 @@ def check_causal_lm(path: str | Path, trust_remote_code: bool = False) -> None:
             f"({MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)}); save the model "
             "loaded with AutoModelForCausalLM there (AutoModelForCausalLM.from_pretrained(...)"
             ".save_pretrained(DIR))")
+
+
+def check_policy_dir(path: str | Path, trust_remote_code: bool = False) -> None:
+    """Everything ``build_rl`` asks of a policy directory before loading its weights: a causal
+    LM with readable weight files (``check_causal_lm``), a tokenizer that loads with an eos or
+    pad token (``load_tokenizer``) and ids the model embeds (``check_vocab``). ``sae-shards
+    train`` asks it before anything is written (``job.check_recipe``)."""
+    check_causal_lm(path, trust_remote_code)
+    check_vocab(path, load_tokenizer(path, trust_remote_code=trust_remote_code),
+                trust_remote_code)
 
 
 def load_tokenizer(path: str | Path, model_dir: bool = True,

@@ -29,8 +29,8 @@ from sae_shards.capture import resume as resume_state
 from sae_shards.capture.callback import ShardCallback
 from sae_shards.capture.pipeline import resolve_targets
 from sae_shards.capture.signals import stop_on_signals
-from sae_shards.recipe.models import (build_tiny_model, check_causal_lm, check_vocab,
-                                      load_tokenizer, meta_policy)
+from sae_shards.recipe.models import (build_tiny_model, check_causal_lm, check_policy_dir,
+                                      check_vocab, load_tokenizer, meta_policy)
 from sae_shards.recipe.tasks import build_task, default_target_length
 from sae_shards.recipe.trainers import (build_trainer, check_lora_modules, check_reward_scale,
                                         check_trl_settings, freeze_except)
@@ -110,15 +110,35 @@ def prepare_model(cfg: JobConfig, run_dir: Path) -> Path:
 
 
 def check_recipe(cfg: JobConfig) -> None:
-    """The settings ``build_rl`` passes on unchecked by ``JobConfig``: ``task.options`` against
+    """The settings ``build_rl`` passes on unchecked by ``JobConfig``: ``model.path`` as a
+    policy directory (``check_policy_dir``), ``task.options`` against
     the task's options and ``rl.extra`` against TRL's config class (``ValueError`` naming the
     key). Cheap: ``sae-shards train`` calls it on each job's config before anything is
     written; ``start`` again for a job run from Python."""
+    if cfg.model.path:  # no causal LM, a truncated weight file, no usable tokenizer
+        _check_policy_dir(Path(cfg.model.path), cfg.model.trust_remote_code)
     task = build_task(cfg.task.name, **cfg.task.options)  # its options checked (cheap)
     check_trl_settings({**cfg.rl.trl_kwargs(), "seed": cfg.seed}, cfg.rl.algorithm)
     if getattr(task, "scaled", False):
         check_reward_scale(cfg.rl.trl_kwargs(), cfg.rl.algorithm)
     check_targets(cfg)
+
+
+_CHECKED_DIRS: set[tuple] = set()
+"""Policy directories ``check_policy_dir`` passed, with their files' sizes and times (a sweep
+checks each job's config: once per directory, again once a file changes)."""
+
+
+def _check_policy_dir(path: Path, trust_remote_code: bool) -> None:
+    try:
+        files = tuple(sorted((f.name, st.st_size, st.st_mtime_ns)
+                             for f in path.iterdir() for st in [f.stat()]))
+    except OSError:  # not a directory, or unreadable: check_policy_dir says which
+        files = None
+    key = (str(path.resolve()), trust_remote_code, files)
+    if files is None or key not in _CHECKED_DIRS:
+        check_policy_dir(path, trust_remote_code)
+        _CHECKED_DIRS.add(key)
 
 
 def check_targets(cfg: JobConfig) -> None:
