@@ -126,6 +126,7 @@ def check_overrides(args: list[str]) -> None:
         problem = unknown_key_error(key, JobConfig)
         if problem:
             raise ConfigError(problem)
+    _check_tiny_fields_with_a_path(overrides)
     runner = {o.key_or_group.removeprefix("runner."): o.value() for o in overrides
               if o.key_or_group.startswith("runner.") and not o.is_delete()
               and not o.is_sweep_override()}
@@ -133,6 +134,22 @@ def check_overrides(args: list[str]) -> None:
         check_steps_or_budget(runner, " on the command line")
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def _check_tiny_fields_with_a_path(overrides: list) -> None:
+    """``model=hf_path`` with a field that shapes the tiny model (``model.hidden_size=32``):
+    ``configs/model/hf_path.yaml`` does not hold it, so Hydra would refuse it advising
+    ``+model.hidden_size=32``, which is then refused for what it is. Say that at once."""
+    from sae_shards.run.config import TINY_ONLY
+
+    given = {o.key_or_group: o for o in overrides if not o.is_delete()}
+    group = given.get("model")
+    if group is None or group.is_sweep_override() or str(group.value()) != "hf_path":
+        return
+    tiny = [key for key in given if key.lstrip("+").removeprefix("model.") in TINY_ONLY]
+    if tiny:
+        raise ConfigError(f"{', '.join(tiny)}: these shape the built-in tiny model only "
+                          "(model=tiny), and model=hf_path uses model.path as saved; drop them")
 
 
 _SHOW_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help"}

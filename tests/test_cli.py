@@ -44,11 +44,28 @@ def test_model_hf_path_without_a_path_is_a_config_error(tmp_path, capsys):
     assert not (tmp_path / "r" / "model").exists()  # the tiny model was not built instead
 
 
+@pytest.mark.parametrize("override", ["model.hidden_size=32", "model.arch=llama",
+                                      "model.readout_scale=4.0"])
+def test_a_tiny_model_field_with_hf_path_is_named_for_what_it_is(tmp_path, capsys, override):
+    """configs/model/hf_path.yaml holds no tiny-model field: Hydra refused one, advising
+    '+model.hidden_size=32', which was then refused for what it is. Said at once."""
+    assert main(["train", "model=hf_path", "model.path=/any/model", override,
+                 f"run_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert (f"sae-shards: config error: {override.split('=')[0]}: these shape the built-in tiny "
+            "model only (model=tiny), and model=hf_path uses model.path as saved; drop them"
+            in err), err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("override,hint", [
     ("max_steps=10", "did you mean rl.max_steps?"),
     ("rl.max_step=10", "did you mean rl.max_steps?"),
     ("sae.n_latent=8", "did you mean sae.n_latents?"),
     ("sae.K=8", "did you mean sae.k?"),  # case
+    # a field of another section, misplaced: its name there (was: the section's field list)
+    ("rl.checkpoint_every=10", "did you mean runner.checkpoint_every?"),
+    ("sae.capacity=4", "did you mean capture.capacity?"),
 ])
 def test_typo_override_names_the_closest_field(tmp_path, capsys, override, hint):
     assert main(["train", override, f"run_dir={tmp_path / 'r'}"]) == 2

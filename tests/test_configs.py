@@ -7,6 +7,7 @@ import shlex
 import subprocess
 import sys
 import typing
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -16,11 +17,24 @@ from sae_shards.core.sae_config import SAEConfig
 from sae_shards.run.config import JobConfig
 
 # Options that need a value from the user to compose.
-REQUIRED = {("model", "hf_path"): ["model.path=/some/local/model"]}
+REQUIRED = {("model", "hf_path"): ["model.path={model_dir}"]}
+"""Overrides an option needs; ``{model_dir}``: a saved tiny model (the policy directory is
+checked with the config)."""
 # Fields an option leaves out on purpose: a local model directory has no tiny model's shape.
 LEFT_OUT = {("model", "hf_path"): {"model.arch", "model.hidden_size", "model.num_layers",
                                    "model.num_heads", "model.intermediate_size",
                                    "model.readout_scale"}}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from sae_shards.recipe.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def _required(group: str, option: str, model_dir: Path) -> list[str]:
+    return [o.format(model_dir=model_dir) for o in REQUIRED.get((group, option), [])]
 
 
 def _options():
@@ -35,8 +49,8 @@ def _compose(overrides):
 
 
 @pytest.mark.parametrize("group,option", list(_options()))
-def test_every_config_composes_and_validates(group, option):
-    cfg = _compose([f"{group}={option}", *REQUIRED.get((group, option), [])])
+def test_every_config_composes_and_validates(group, option, model_dir):
+    cfg = _compose([f"{group}={option}", *_required(group, option, model_dir)])
     job = job_config_from_hydra(cfg)
     assert isinstance(job, JobConfig)
     # every field is in the YAML: one missing there takes its dataclass default silently, and
@@ -66,10 +80,10 @@ def _launch_commands(path):
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.rglob("*.yaml")), ids=lambda p: p.stem)
-def test_every_yaml_opens_with_a_launch_command_that_runs(path):
+def test_every_yaml_opens_with_a_launch_command_that_runs(path, model_dir):
     """Each shipped YAML's header shows how to launch it, and that command composes, validates
     and builds its task as the CLI would (its overrides through the same checks and rewriting,
-    each value of a sweep)."""
+    each value of a sweep; a model.path given is a saved tiny model here)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from sae_shards.cli import check_overrides, open_map_args
@@ -78,7 +92,8 @@ def test_every_yaml_opens_with_a_launch_command_that_runs(path):
     commands = _launch_commands(path)
     assert commands, f"{path} lacks its launch comment"
     for args in commands:
-        args = open_map_args([a for a in args if a != "-m"])
+        args = open_map_args([f"model.path={model_dir}" if a.startswith("model.path=") else a
+                              for a in args if a != "-m"])
         check_overrides(args)
         parsed = OverridesParser.create().parse_overrides(args)
         sweeps = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
@@ -86,7 +101,7 @@ def test_every_yaml_opens_with_a_launch_command_that_runs(path):
         for chosen in itertools.product(*sweeps):
             group, option = path.parent.name, path.stem
             given = [f"{group}={option}"] if path.parent != CONFIG_DIR else []
-            job = job_config_from_hydra(_compose([*given, *REQUIRED.get((group, option), []),
+            job = job_config_from_hydra(_compose([*given, *_required(group, option, model_dir),
                                                    *chosen]))
             build_task(job.task.name, **job.task.options)
 

@@ -546,6 +546,19 @@ def test_one_process_writes_a_run_dir_at_a_time(tmp_path):
     assert free.returncode == 0, free.stderr
 
 
+def test_a_saved_models_run_records_no_tiny_model_shape(tmp_path):
+    """config.json (and the W&B config) of a model.path run recorded the tiny model's arch
+    qwen2 and hidden_size 64 for any saved model (a Llama one, say): left out now."""
+    from sae_shards.recipe.models import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "llama", arch="llama")
+    recorded = run_config(_job(["model=hf_path", f"model.path={path}"]))["model"]
+    assert recorded["path"] == str(path.resolve())
+    assert not {"arch", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                "readout_scale"} & recorded.keys()
+    assert run_config(_job([]))["model"]["arch"] == "qwen2"  # the tiny model's are its own
+
+
 def test_a_model_directory_is_never_taken_for_a_run_dir(tmp_path, capsys):
     """run_dir pointing at a model folder (run_dir=model.path, a slip) is refused before anything
     is written or removed, with or without overwrite: its config.json survives."""

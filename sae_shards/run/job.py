@@ -35,7 +35,7 @@ from sae_shards.recipe.tasks import build_task, default_target_length
 from sae_shards.recipe.trainers import (build_trainer, check_lora_modules, check_reward_scale,
                                         check_trl_settings, freeze_except)
 from sae_shards.run import rundir
-from sae_shards.run.config import JobConfig
+from sae_shards.run.config import TINY_ONLY, JobConfig
 from sae_shards.run.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,8 @@ def run_config(cfg: JobConfig, target_length: int | None = None) -> dict[str, An
     model_path = str(Path(cfg.model.path).resolve()) if cfg.model.path else None
     out = cfg.to_dict()
     out["model"] = {**out["model"], "path": model_path}
+    if model_path:  # the tiny model's shape does not describe a saved one (left out)
+        out["model"] = {k: v for k, v in out["model"].items() if k not in TINY_ONLY}
     if model_path and Path(model_path).is_dir():  # theta_0 outside the run: know it again later
         out["model"]["fingerprint"] = initial_model.fingerprint(model_path)
     if target_length is not None:

@@ -85,11 +85,10 @@ def unknown_key_error(dotted: str, root: type) -> str | None:
         fields_ = {f.name: f for f in dataclasses.fields(cls)}
         if part not in fields_:
             where = ".".join(parts[:i]) or "config"
-            close = [c] if (c := closest(part, fields_)) else []
-            nested = [f"{n}.{part}" for n, f in fields_.items()
-                      if dataclasses.is_dataclass(_hint(cls, n)) and
-                      part in {g.name for g in dataclasses.fields(_hint(cls, n))}]
-            guess = ".".join(parts[:i] + close[:1]) if close else (nested[0] if nested else None)
+            close = closest(part, fields_)
+            elsewhere = field_paths(root, part)  # the name, misplaced (max_steps, rl.seed)
+            guess = (elsewhere[0] if elsewhere else
+                     ".".join([*parts[:i], close]) if close else None)
             hint = f"; did you mean {guess}?" if guess else f"; {where} takes {sorted(fields_)}"
             return f"{dotted!r} is not a config field{hint}"
         tp = _hint(cls, part)
@@ -100,6 +99,19 @@ def unknown_key_error(dotted: str, root: type) -> str | None:
             return None
         cls = tp
     return None
+
+
+def field_paths(root: type, name: str, prefix: str = "") -> list[str]:
+    """The dotted paths of every field named ``name`` in the dataclass ``root`` and the
+    dataclasses below it, shallowest first (``checkpoint_every`` -> ``runner.checkpoint_every``)."""
+    here, below = [], []
+    for f in dataclasses.fields(root):
+        if f.name == name:
+            here.append(prefix + name)
+        tp = _hint(root, f.name)
+        if dataclasses.is_dataclass(tp):
+            below += field_paths(tp, name, f"{prefix}{f.name}.")
+    return here + below
 
 
 def _hint(cls: type, name: str) -> Any:
