@@ -599,6 +599,12 @@ def _broken_model(tmp_path: Path, how: str) -> Path:
         config = json.loads((path / "config.json").read_text())
         config["vocab_size"] = 8  # as if tokens were added to the tokenizer without a resize
         (path / "config.json").write_text(json.dumps(config))
+    elif how == "no_weights":
+        (path / "model.safetensors").unlink()
+    elif how == "no_architectures":  # a config saved alone (LlamaConfig(...).save_pretrained)
+        config = json.loads((path / "config.json").read_text())
+        del config["architectures"]
+        (path / "config.json").write_text(json.dumps(config))
     elif how.startswith("truncated"):  # a partial copy: header cut, or the last bytes missing
         weights = path / "model.safetensors"
         size = 1000 if how == "truncated_header" else weights.stat().st_size - 100
@@ -618,6 +624,11 @@ def _broken_model(tmp_path: Path, how: str) -> Path:
                          r"model directory .* again"),
     ("truncated_data", r"model.safetensors: cannot be read as safetensors \(.*file not fully "
                        r"covered\); the file is truncated"),
+    # both passed every check and died inside TRL with a traceback
+    ("no_weights", r"model path .*no_weights has no weight files \(model.safetensors, .*save the "
+                   r"model there with save_pretrained"),
+    ("no_architectures", r"its config.json names no model class \(architectures\), from which "
+                         r"TRL picks the class to load"),
 ])
 def test_a_broken_model_directory_is_a_config_error_before_anything_is_written(
         tmp_path, capsys, how, message):

@@ -1,6 +1,7 @@
 """ShardSet and RunView on a real (short) run: round trip, factored geometry, run-level views."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -298,19 +299,26 @@ class _Planted:
 
 def test_a_pickle_in_the_final_policy_is_refused_never_loaded(run_dir, tmp_path):
     """final_model/ whose weights were swapped for a pytorch_model.bin (a pickle nobody in the
-    run wrote): load_run_models refuses it with a clear error, and nothing is unpickled."""
+    run wrote): the run has no models, run_models_missing says why, and nothing is unpickled;
+    analyze writes the report without the parts that need the policy (it stopped, and wrote
+    none, when load_run_models raised while run_models_missing saw nothing missing)."""
     import shutil
 
-    from sae_shards.analysis.shards import load_run_models
+    from sae_shards.analysis.shards import load_run_models, run_models_missing
+    from sae_shards.cli import main
 
     other = tmp_path / "other"
     shutil.copytree(run_dir, other)
     marker = tmp_path / "unpickled"
     (other / "final_model" / "model.safetensors").unlink()
     torch.save({"lm_head.weight": _Planted(marker)}, other / "final_model" / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"final_model has no safetensors weights .* never "
-                                              r"loaded"):
-        load_run_models(other)
+    why = run_models_missing(other)
+    assert re.search(r"no safetensors weights in .*final_model: weights saved as a pickle "
+                     r"\(pytorch_model.bin\) are never loaded from a run", why or ""), why
+    assert load_run_models(other) is None
+    assert main(["analyze", str(other), "--shards", "1", "--n-prompts", "2"]) == 0
+    assert "model: no safetensors weights in" in (
+        other / "report.html").read_text()
     assert not marker.exists()
 
 

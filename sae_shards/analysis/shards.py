@@ -27,8 +27,8 @@ from torch import Tensor
 from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, Families,
                                           find_families)
 from sae_shards.capture.rollouts import scored_mean
-from sae_shards.core.checkpoint import (CheckpointError, damaged, load_checkpoint,
-                                        opened_safetensors, read_safetensors, save_checkpoint)
+from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, read_safetensors,
+                                        save_checkpoint)
 from sae_shards.core.factored import cross_gram
 from sae_shards.core.sae import LowRankSAE
 from sae_shards.core.targets import split_stacked, stack_slices, stack_targets
@@ -863,15 +863,7 @@ def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
         return None
     cfg = _read_config(run_dir)
     named, initial = initial is not None, initial_model_dir(run_dir, cfg, initial)
-    # weights from safetensors only, but for a model directory outside the run that the reader
-    # named (initial=, --initial-model), whose pytorch_model.bin transformers reads with its
-    # weights-only unpickler: a shared run's config.json may name any folder of pickles as
-    # model.path. A folder inside the run is the run's, wherever a symlink there points
-    inside = any(Path(os.path.abspath(p)).is_relative_to(os.path.abspath(run_dir))
-                 for p in (initial, initial.resolve()))
-    trusted = named and not inside
-    hint = ("" if trusted or inside else "; or, when you trust the pickle, name the directory: "
-            f"--initial-model {initial} (initial= in Python)")
+    trusted, hint = _initial_pickles(run_dir, initial, named)
     init = _load_safe(initial, not trusted, hint=hint, trust_remote_code=trust_remote_code)
     started_with = run_dir / rundir.INITIAL_ADAPTER
     if _is_lora(cfg) and (started_with / "adapter_config.json").is_file():
@@ -906,6 +898,20 @@ def load_run_models(run_dir: str | Path, checkpoint: str | int | None = None,
     return RunModels(init.model.eval(), fin.model.eval(), tokenizer, task)
 
 
+def _initial_pickles(run_dir: Path, initial: Path, named: bool) -> tuple[bool, str]:
+    """Whether the initial model's ``pytorch_model.bin`` may be read, and else what to add to
+    the refusal. Weights come from safetensors only, but for a model directory outside the
+    run that the reader named (``initial=``, ``--initial-model``), whose pickle transformers
+    reads with its weights-only unpickler: a shared run's config.json may name any folder of
+    pickles as model.path. A folder inside the run is the run's, wherever a symlink there
+    points."""
+    inside = any(Path(os.path.abspath(p)).is_relative_to(os.path.abspath(run_dir))
+                 for p in (initial, initial.resolve()))
+    trusted = named and not inside
+    return trusted, ("" if trusted or inside else "; or, when you trust the pickle, name the "
+                     f"directory: --initial-model {initial} (initial= in Python)")
+
+
 def _load_safe(folder: Path, safetensors_only: bool = True, tokenizer_dir: Path | None = None,
                hint: str = "", trust_remote_code: bool = False):
     """``load_model_and_tokenizer`` of a policy directory, by default its weights read from
@@ -927,20 +933,10 @@ AGAIN = "again from the run"
 
 
 def check_model_files(folder: Path) -> None:
-    """Every ``*.safetensors`` file at the top of a policy directory opens (its header agrees
-    with its size) and every ``*.json`` file parses to an object: a truncated or damaged copy
-    raises ``CheckpointError`` naming the file, where transformers would raise safetensors' or
-    json's error from deep inside ``from_pretrained``."""
-    advice = f"an interrupted copy? copy it {AGAIN}"
-    for file in sorted(folder.glob("*.safetensors")):
-        with opened_safetensors(file, advice):
-            pass
-    for file in sorted(folder.glob("*.json")):
-        try:
-            if not isinstance(json.loads(file.read_bytes()), dict):  # every one HF writes
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            raise damaged(file, e, advice) from None
+    """``models.check_model_files`` on a run's policy directory: advice to copy it again."""
+    from sae_shards.recipe.models import check_model_files as check
+
+    check(folder, f"an interrupted copy? copy it {AGAIN}")
 
 
 def _merged(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
@@ -1014,7 +1010,7 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
     config is read)."""
     run_dir = Path(run_dir)
     cfg = _read_config(run_dir)
-    initial = initial_model_dir(run_dir, cfg, initial)
+    named, initial = initial is not None, initial_model_dir(run_dir, cfg, initial)
     if (not (initial / "config.json").is_file() and initial == run_dir / rundir.MODEL
             and cfg.get("task") is not None):  # sae-shards train built it there, first
         return (f"no initial model at {initial}: sae-shards train built the run's tiny model "
@@ -1066,6 +1062,15 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
 
     for folder in (initial, final):
         check_model_files(folder)
+    trusted, hint = _initial_pickles(run_dir, initial, named)
+    for folder, pickles_read in ((initial, trusted), (final, False)):
+        weights = ("adapter_model.safetensors" if folder == final and _is_lora(cfg)
+                   else "*.safetensors")
+        if not pickles_read and not any(folder.glob(weights)):
+            return (f"no safetensors weights in {folder}: weights saved as a pickle "
+                    "(pytorch_model.bin) are never loaded from a run; save the model there "
+                    "again with save_pretrained(DIR), whose default is safetensors"
+                    + (hint if folder == initial else ""))
     for folder in (initial, final) if not _is_lora(cfg) else (initial,):
         try:  # a reward model's run (trl.RewardTrainer): no LM head to steer or read
             check_causal_lm(folder, trust_remote_code)

@@ -40,7 +40,7 @@ from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
                                                     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 from sae_shards.core.checkpoint import process_umask
-from sae_shards.core.checkpoint_checks import opened_safetensors
+from sae_shards.core.checkpoint_checks import damaged, opened_safetensors
 from sae_shards.run.config import Arch
 from sae_shards.run.rundir import CONFIG, FINAL_MODEL
 
@@ -317,16 +317,25 @@ def _check_model_dir(path: Path) -> None:
         )
 
 
-def check_weight_files(path: Path) -> None:
-    """Open every safetensors weight file of model directory ``path`` (its header and the size
-    it declares: no tensor is read), so a truncated or damaged one, a partial copy or download,
-    is a ``CheckpointError`` naming it before the model loads, not safetensors' bare error from
-    inside transformers."""
-    advice = (f"copy or download the model directory {path} again (a partial copy or "
-              "download leaves a short file)")
-    for file in sorted(path.glob("*.safetensors")):
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+"""How transformers saves a model's weights (whole, or sharded with an index)."""
+
+
+def check_model_files(folder: Path, advice: str) -> None:
+    """Every ``*.safetensors`` file at the top of a model directory opens (its header agrees
+    with its size; no tensor is read) and every ``*.json`` file parses to an object: a
+    truncated or damaged copy raises ``CheckpointError`` naming the file and ``advice`` (what to
+    do), where transformers would raise safetensors' or json's error from deep inside
+    ``from_pretrained``."""
+    for file in sorted(folder.glob("*.safetensors")):
         with opened_safetensors(file, advice):
             pass
+    for file in sorted(folder.glob("*.json")):
+        try:
+            if not isinstance(json.loads(file.read_bytes()), dict):  # every one HF writes
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise damaged(file, e, advice) from None
 
 
 TRUST_REMOTE_CODE_OPT_IN = ("--trust-remote-code (sae-shards analyze / evaluate), "
@@ -374,11 +383,9 @@ def check_causal_lm(path: str | Path, trust_remote_code: bool = False) -> None:
     directory's own code), or one saved as another class (``architectures``, e.g.
     ``BertModel``, a bare encoder), which TRL would load as that class and fail deep inside.
     A directory needing its own code (``auto_map``) is refused unless ``trust_remote_code``:
-    with it, transformers imports and runs that code here. A truncated or damaged safetensors
-    weight file is refused naming it (``check_weight_files``)."""
+    with it, transformers imports and runs that code here."""
     path = Path(path)
     _check_model_dir(path)
-    check_weight_files(path)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True,
                                             trust_remote_code=trust_remote_code)
@@ -409,10 +416,28 @@ def check_causal_lm(path: str | Path, trust_remote_code: bool = False) -> None:
 
 def check_policy_dir(path: str | Path, trust_remote_code: bool = False) -> None:
     """Everything ``build_rl`` asks of a policy directory before loading its weights: a causal
-    LM with readable weight files (``check_causal_lm``), a tokenizer that loads with an eos or
-    pad token (``load_tokenizer``) and ids the model embeds (``check_vocab``). ``sae-shards
-    train`` asks it before anything is written (``job.check_recipe``)."""
+    LM (``check_causal_lm``) whose ``config.json`` names its class (``architectures``, from
+    which TRL picks the class to load), weight files that are there and whole
+    (``check_model_files``), a tokenizer that loads with an eos or pad token
+    (``load_tokenizer``) and ids the model embeds (``check_vocab``). ``sae-shards train`` asks
+    it before anything is written (``job.check_recipe``)."""
+    path = Path(path)
     check_causal_lm(path, trust_remote_code)
+    again = (f"copy or download the model directory {path} again (a partial copy or download "
+             "leaves a short file)")
+    check_model_files(path, again)
+    if not any(f for pattern in WEIGHT_FILES for f in path.glob(pattern)):
+        raise FileNotFoundError(
+            f"model path {path} has no weight files (model.safetensors, sharded "
+            "model-*.safetensors, or pytorch_model.bin): save the model there with "
+            f"save_pretrained(DIR), or {again}")
+    config = json.loads((path / "config.json").read_text())
+    if not config.get("architectures"):
+        raise ValueError(
+            f"model path {path}: its config.json names no model class (architectures), from "
+            "which TRL picks the class to load; save the model loaded with "
+            "AutoModelForCausalLM there (AutoModelForCausalLM.from_pretrained(...)"
+            ".save_pretrained(DIR)), or add e.g. \"architectures\": [\"LlamaForCausalLM\"]")
     check_vocab(path, load_tokenizer(path, trust_remote_code=trust_remote_code),
                 trust_remote_code)
 
