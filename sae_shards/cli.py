@@ -862,6 +862,12 @@ def _analyze(args: list[str]) -> int:
     except ValueError as e:
         print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
         return 2
+    from sae_shards.analysis.report import report_path_refusal
+
+    refused = report_path_refusal(ns.out) if ns.out else None
+    if refused:  # the run's own rollouts.jsonl was overwritten with the report
+        print(f"sae-shards: cannot analyze {ns.run_dir}: {refused}", file=sys.stderr)
+        return 2
     out_dir = ns.out.parent if ns.out else ns.run_dir
     if _refused_unwritable("analyze", ns.run_dir, [out_dir] if ns.run_dir.is_dir() else [],
                            f"the report cannot be written to {out_dir}", ns.out,

@@ -487,3 +487,68 @@ def test_attribution_is_the_signed_sum_of_a_shards_activations(run_dir):
     assert got.total == pytest.approx(float(acts[:, shard].double().sum()) * view.shards.input_scale)
     assert (got.samples, got.first_step, got.last_step) == (
         steps.numel(), int(steps.min()), int(steps.max()))
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_saving_shards_never_replaces_a_run_or_other_files(run_dir, tmp_path):
+    """ShardSet.save replaces its directory whole: view.shards.save(run) once left the run with
+    config.json and sae.safetensors alone, save('notes') deleted the notes in it, and a subset
+    saved to the run's checkpoints/final replaced its SAE. Each is refused now, nothing
+    touched; shards saved earlier are replaced only with overwrite=True."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = _tree(run)
+    view = RunView(run)
+    with pytest.raises(FileExistsError, match=r"holds a run directory \(.*\), which saving would "
+                                              r"replace; save the shards to a new or empty"):
+        view.shards.save(run, overwrite=True)
+    with pytest.raises(FileExistsError, match=r"final is a checkpoint of the run in .*run, whose "
+                                              r"activations and resume belong to it"):
+        view.shards.subset([1, 0]).save(run / "checkpoints" / "final", overwrite=True)
+    assert _tree(run) == before
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "important.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"notes holds other files \(important.txt\)"):
+        view.shards.save(notes, overwrite=True)
+    assert (notes / "important.txt").read_text() == "mine"
+    # new, empty, or earlier shards with overwrite=True
+    (tmp_path / "empty").mkdir()
+    view.shards.save(tmp_path / "empty")
+    mine = view.shards.save(tmp_path / "mine")
+    with pytest.raises(FileExistsError, match=r"mine already holds shards; pass overwrite=True"):
+        view.shards.subset([0]).save(mine)
+    assert len(ShardSet.load(mine)) == len(view.shards)
+    assert len(ShardSet.load(view.shards.subset([0]).save(mine, overwrite=True))) == 1
+
+
+def test_a_report_is_never_written_over_a_runs_own_file(run_dir, tmp_path, capsys):
+    """analyze --out RUN/rollouts.jsonl wrote the report over the run's log (the next analyze
+    then failed on it); --out naming a directory was told to free disk space. Both refused
+    before any work; an earlier report is replaced as before."""
+    import shutil
+
+    from sae_shards.analysis.report import analyze
+    from sae_shards.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = _tree(run)
+    assert main(["analyze", str(run), "--out", str(run / "rollouts.jsonl"), "--no-dose"]) == 2
+    assert "rollouts.jsonl exists and is not a sae-shards report: the report would replace it" \
+        in capsys.readouterr().err
+    assert main(["analyze", str(run), "--out", str(run / "checkpoints"), "--no-dose"]) == 2
+    assert "checkpoints is a directory; give the report's file, e.g. " in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match=r"config.json exists and is not a sae-shards"):
+        analyze(run, run / "config.json", dose=False)
+    assert _tree(run) == before
+    out = tmp_path / "out" / "r.html"
+    out.parent.mkdir()
+    for _ in range(2):  # a report over an earlier one
+        assert main(["analyze", str(run), "--out", str(out), "--no-dose", "--shards", "1"]) == 0

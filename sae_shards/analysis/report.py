@@ -168,7 +168,12 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     ``config.json`` says (checked against the run's record of them).
     ``trust_remote_code``: load a policy that needs its own code (``auto_map``) by running the
     Python files of its directories (``load_run_models``); off, such a run's report has no
-    logit lens, dose-response or ablation, and says why."""
+    logit lens, dose-response or ablation, and says why. An ``out`` that is a directory, or
+    an existing file other than an earlier report, is refused (``FileExistsError``) before the
+    work."""
+    refused = report_path_refusal(Path(out)) if out else None
+    if refused:
+        raise FileExistsError(refused)
     view = RunView(run_dir, checkpoint)
     out = Path(out) if out else view.run_dir / "report.html"
     chosen = isinstance(n_shards, Sequence)
@@ -335,7 +340,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                           if "together" in analysis else
                           (unscored if models is None or not shards else untrained)))
 
-    page = _page(f"sae-shards report: {view.run_dir.name}", "".join(parts))
+    page = _page(f"{REPORT_TITLE}: {view.run_dir.name}", "".join(parts))
     out.parent.mkdir(parents=True, exist_ok=True)
     rundir.write_text(out, page)
     rundir.write_text(out.parent / rundir.ANALYSIS,
@@ -1019,6 +1024,28 @@ def _table(header: list[str] | None, rows: list[list[Any]]) -> str:
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
                    for row in rows)
     return f"<table>{head}<tbody>{body}</tbody></table>"
+
+
+REPORT_TITLE = "sae-shards report"
+"""How every report's ``<title>`` starts (``report_path_refusal`` knows an earlier one by it)."""
+
+
+def report_path_refusal(out: Path) -> str | None:
+    """Why ``analyze`` may not write its report to ``out``, or None: a directory, or an existing
+    file that is not an earlier report (a run's ``rollouts.jsonl``, say, which the report
+    would replace)."""
+    if out.is_dir():
+        return f"--out {out} is a directory; give the report's file, e.g. {out / 'report.html'}"
+    if out.exists():
+        try:
+            with open(out, "rb") as f:
+                head = f.read(512)
+        except OSError as e:
+            return f"--out {out} cannot be read ({e.strerror}); give a new file"
+        if f"<title>{REPORT_TITLE}".encode() not in head:
+            return (f"--out {out} exists and is not a sae-shards report: the report would "
+                    "replace it; give a new file, e.g. DIR/report.html")
+    return None
 
 
 def _page(title: str, body: str) -> str:

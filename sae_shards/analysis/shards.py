@@ -207,9 +207,16 @@ class ShardSet:
         best = cos.abs().argmax(1)
         return [ShardMatch(int(j), float(cos[i, j])) for i, j in enumerate(best.tolist())]
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write these shards (SAE, statistics, metadata) as a checkpoint directory that
-        ``ShardSet.load`` reads (safetensors and JSON, written atomically)."""
+        ``ShardSet.load`` reads (safetensors and JSON, written atomically). ``path`` must be
+        new or empty, or, with ``overwrite=True``, shards saved earlier; anything else there
+        (a run, a run's own checkpoint, other files) is refused with ``FileExistsError``,
+        since the directory is replaced whole."""
+        path = Path(path)
+        refused = _save_refusal(path, overwrite)
+        if refused:
+            raise FileExistsError(refused)
         return save_checkpoint(path, self.sae, self.stats, self.meta)
 
     def subset(self, shards: Any) -> "ShardSet":
@@ -927,6 +934,31 @@ def _load_safe(folder: Path, safetensors_only: bool = True, tokenizer_dir: Path 
                                         trust_remote_code=trust_remote_code)
     except FileNotFoundError as e:
         raise CheckpointError(f"{e}{hint}") from None
+
+
+def _save_refusal(path: Path, overwrite: bool) -> str | None:
+    """Why ``ShardSet.save`` may not replace ``path``, or None (see ``save``)."""
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return f"ShardSet.save: {path} is a file; give a directory for the checkpoint"
+    held = sorted(p.name for p in path.iterdir())
+    if not held:
+        return None
+    parent = path.resolve().parent
+    if parent.name == rundir.CHECKPOINTS and (parent.parent / rundir.CONFIG).is_file():
+        return (f"ShardSet.save: {path} is a checkpoint of the run in {parent.parent}, whose "
+                "activations and resume belong to it; save the shards elsewhere")
+    if set(held) <= {"config.json", "sae.safetensors", "training_state.safetensors"}:
+        if overwrite:
+            return None
+        return (f"ShardSet.save: {path} already holds shards; pass overwrite=True to replace "
+                "them, or save elsewhere")
+    what = ("a run directory" if (path / rundir.CHECKPOINTS).is_dir()
+            and (path / rundir.CONFIG).is_file() else "other files")
+    return (f"ShardSet.save: {path} holds {what} ({', '.join(held[:5])}"
+            f"{', ...' if len(held) > 5 else ''}), which saving would replace; save the shards "
+            "to a new or empty directory")
 
 
 AGAIN = "again from the run"
