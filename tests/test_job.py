@@ -391,6 +391,11 @@ def test_a_job_refused_at_setup_leaves_no_wandb_run(tmp_path, capsys):
     # per-task reward scales that TRL's default per-group std scaling would cancel
     ("task=multiskill task.options.reward_scale={B:2.0}",
      r"task.options.reward_scale has no effect under rl scale_rewards='group'"),
+    # refused only once the tiny model was built (.hydra, .lock and model/ left behind)
+    ("rl.trainable=[model.layers.*] model=tiny_lora",
+     r"rl.trainable cannot be combined with model.lora.enabled=true"),
+    ("rl.extra.fp16=true device=cpu", r"rl.extra.fp16=true needs a GPU: this run trains on "
+                                      r"the CPU"),
     # a decoder bias per event (was refused only once the policy was built)
     ("capture.granularity=group sae.use_b_dec=true",
      r"sae.use_b_dec=true is not supported with factored \(per-event\) samples"),

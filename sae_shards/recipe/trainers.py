@@ -42,7 +42,8 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from sae_shards.capture.selection import is_expert_stack
 from sae_shards.recipe.tasks import MultiSkillTask, Task
-from sae_shards.run.config import Algorithm, RLConfig, generation_use_of, generations_reused
+from sae_shards.run.config import (TRAINABLE_WITH_LORA, Algorithm, RLConfig, generation_use_of,
+                                    generations_reused)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,17 @@ def check_trl_settings(grpo_kwargs: dict[str, Any], algorithm: Algorithm = "grpo
             )
 
 
+def check_precision(settings: dict[str, Any]) -> bool:
+    """Whether TRL settings ``settings`` train on the CPU (``use_cpu``, or no GPU here); raise
+    ``ValueError`` for fp16 there, which transformers has no mixed precision for."""
+    on_cpu = bool(settings.get("use_cpu")) or not torch.cuda.is_available()
+    if on_cpu and settings.get("fp16"):
+        raise ValueError("rl.extra.fp16=true needs a GPU: this run trains on the CPU (no GPU, "
+                         "or device=cpu), where transformers has no fp16 mixed precision; "
+                         "remove it, or ask for bf16 autocast with rl.extra.bf16=true")
+    return on_cpu
+
+
 def trl_config(grpo_kwargs: dict[str, Any], output_dir: str | Path,
                algorithm: Algorithm = "grpo", checkpoint_every: int = 0) -> GRPOConfig | RLOOConfig:
     """``GRPOConfig``/``RLOOConfig`` from ``DEFAULT_GRPO`` updated by ``grpo_kwargs`` plus the
@@ -115,12 +127,8 @@ def trl_config(grpo_kwargs: dict[str, Any], output_dir: str | Path,
     if "gradient_checkpointing" in grpo_kwargs:  # its old name: the default must not override it
         defaults.pop("activation_checkpointing")
     settings = {**defaults, **grpo_kwargs, **_FIXED, **checkpointing(checkpoint_every)}
-    on_cpu = bool(settings.get("use_cpu")) or not torch.cuda.is_available()
+    on_cpu = check_precision(settings)
     if on_cpu:
-        if settings.get("fp16"):
-            raise ValueError("rl.extra.fp16=true needs a GPU: this run trains on the CPU (no GPU, "
-                             "or device=cpu), where transformers has no fp16 mixed precision; "
-                             "remove it, or ask for bf16 autocast with rl.extra.bf16=true")
         # TRL defaults bf16 to True; fp32 is faster on a CPU with tiny models, and bf16
         # autocast (fp32 weights) only when asked for
         settings.update(use_cpu=True, bf16=bool(grpo_kwargs.get("bf16", False)))
@@ -267,8 +275,7 @@ def build_trainer(
         _check_reward_scale(getattr(args, "scale_rewards", "none"),
                             getattr(args, "multi_objective_aggregation", "sum_then_normalize"))
     if trainable is not None and peft_config is not None:
-        raise ValueError("rl.trainable cannot be combined with model.lora.enabled=true (LoRA "
-                         "trains its adapters only); set rl.trainable=null or disable LoRA")
+        raise ValueError(TRAINABLE_WITH_LORA)
     if peft_config is not None:
         check_lora_modules(model_path, sorted(peft_config.target_modules),
                            trust_remote_code=trust_remote_code)

@@ -78,6 +78,10 @@ class LoraSettings:
             raise ValueError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
 
 
+TRAINABLE_WITH_LORA = ("rl.trainable cannot be combined with model.lora.enabled=true (LoRA "
+                       "trains its adapters only); set rl.trainable=null or disable LoRA")
+
+
 TINY_ONLY = ("arch", "hidden_size", "num_layers", "num_heads", "intermediate_size",
              "readout_scale")
 """``ModelConfig`` fields that build the tiny model; with ``model.path`` they must keep their
@@ -504,6 +508,8 @@ class JobConfig:
                 f"task.n_prompts={self.task.n_prompts} is fewer than one optimizer step's prompts "
                 f"({self.rl.prompts_per_step} = rl.per_device_train_batch_size x "
                 "rl.gradient_accumulation_steps / rl.num_generations); raise task.n_prompts")
+        if self.rl.trainable is not None and self.model.lora.enabled:
+            raise ValueError(TRAINABLE_WITH_LORA)
         if self.capture.source != "update" and self.model.lora.enabled:
             raise ValueError(f"capture.source={self.capture.source} needs dense targets and is not "
                              "supported with model.lora.enabled=true; use capture.source=update")

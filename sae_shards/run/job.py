@@ -32,8 +32,8 @@ from sae_shards.capture.signals import stop_on_signals
 from sae_shards.recipe.models import (build_tiny_model, check_causal_lm, check_policy_dir,
                                       check_vocab, load_tokenizer, meta_policy)
 from sae_shards.recipe.tasks import build_task, default_target_length
-from sae_shards.recipe.trainers import (build_trainer, check_lora_modules, check_reward_scale,
-                                        check_trl_settings, freeze_except)
+from sae_shards.recipe.trainers import (build_trainer, check_lora_modules, check_precision,
+                                        check_reward_scale, check_trl_settings, freeze_except)
 from sae_shards.run import rundir
 from sae_shards.run.config import TINY_ONLY, JobConfig
 from sae_shards.run.tracking import RunLogger
@@ -119,6 +119,7 @@ def check_recipe(cfg: JobConfig) -> None:
         _check_policy_dir(Path(cfg.model.path), cfg.model.trust_remote_code)
     task = build_task(cfg.task.name, **cfg.task.options)  # its options checked (cheap)
     check_trl_settings({**cfg.rl.trl_kwargs(), "seed": cfg.seed}, cfg.rl.algorithm)
+    check_precision({**cfg.rl.trl_kwargs(), "use_cpu": resolve_device(cfg.device).type == "cpu"})
     if getattr(task, "scaled", False):
         check_reward_scale(cfg.rl.trl_kwargs(), cfg.rl.algorithm)
     check_targets(cfg)
