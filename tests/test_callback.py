@@ -497,7 +497,8 @@ def test_a_script_run_whose_updates_are_all_zero_says_so(tiny_model, tmp_path):
     assert summary["captured"] == summary["zero_samples"] == 3 and summary["sae_steps"] == 0
     assert summary["warning"].startswith(
         "the SAE never trained: every one of the 3 captured samples was all zeros, nothing to "
-        "train on (no target weight changed: a learning rate of 0")
+        "train on (no target weight changed: every prompt group's completions rewarded alike")
+    assert "a learning rate of 0" in summary["warning"]
 
 
 def test_a_script_run_whose_events_never_fill_the_warm_up_says_so(tiny_model, tmp_path):

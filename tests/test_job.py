@@ -394,6 +394,9 @@ def test_a_job_refused_at_setup_leaves_no_wandb_run(tmp_path, capsys):
     # refused only once the tiny model was built (.hydra, .lock and model/ left behind)
     ("rl.trainable=[model.layers.*] model=tiny_lora",
      r"rl.trainable cannot be combined with model.lora.enabled=true"),
+    # a reward the tiny model cannot earn: every reward 0, and the run trained to its end
+    ("task.options.target_chars='é'", r"task.options.target_chars: the policy's tokenizer "
+                                      r"writes none of the characters that earn the reward"),
     ("rl.extra.fp16=true device=cpu", r"rl.extra.fp16=true needs a GPU: this run trains on "
                                       r"the CPU"),
     # a decoder bias per event (was refused only once the policy was built)

@@ -125,3 +125,23 @@ def test_the_built_in_tasks_are_the_task_configs_and_one_label_tasks_have_one_la
     for name in TASK_NAMES:
         labels = set(build_task(name).dataset(64)["task"])
         assert (len(labels) == 1) == (name in ONE_LABEL_TASKS), name
+
+
+def test_reward_characters_the_tokenizer_cannot_write_are_named(caplog):
+    """The tiny tokenizer has no 'é': a letters task rewarding it alone can never be rewarded
+    (the run once trained to its end on zero rewards); beside a writable one, a warning."""
+    from sae_shards.recipe.tasks import check_writable
+
+    tokenizer = build_tokenizer()
+    with pytest.raises(ValueError, match=r"task.options.target_chars: the policy's tokenizer "
+                                         r"writes none .* \('é'; encoded and decoded: 'é' -> "
+                                         r"'<unk>'\)"):
+        check_writable(build_task("letters", target_chars="é"), tokenizer)
+    with caplog.at_level("WARNING", logger="sae_shards.recipe.tasks"):
+        check_writable(build_task("letters", target_chars="aé"), tokenizer)
+        check_writable(build_task("letters", target_chars="aé"), tokenizer)  # said once
+    assert caplog.text.count("cannot write 1 of the characters that earn the reward") == 1
+    caplog.clear()
+    for name in ("letters", "multiskill", "multiskill_null"):  # the built-in classes: all written
+        check_writable(build_task(name), tokenizer)
+    assert not caplog.records

@@ -108,8 +108,10 @@ def _why_untrained(capture: DeltaCapture | EventCapture, runner: RunnerConfig) -
     n, zero = capture.n_captured, capture.n_zero
     if not isinstance(capture, EventCapture) and n and zero == n:
         return (f"every one of the {n} captured samples was all zeros, nothing to train on (no "
-                "target weight changed: a learning rate of 0, or every optimizer step skipped, "
-                "as fp16 loss scaling does after an inf gradient)")
+                "target weight changed: every prompt group's completions rewarded alike, so "
+                "every advantage was 0 (a reward the policy never earns, or always earns); a "
+                "learning rate of 0; or every optimizer step skipped, as fp16 loss scaling does "
+                "after an inf gradient)")
     if isinstance(capture, EventCapture) and not n and (capture.n_skipped or zero):
         counts = (f"no event was captured ({capture.n_skipped} had every advantage 0: all "
                   f"completions of their prompt rewarded alike; {zero} a zero gradient)")

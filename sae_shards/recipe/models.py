@@ -414,13 +414,13 @@ def check_causal_lm(path: str | Path, trust_remote_code: bool = False) -> None:
             ".save_pretrained(DIR))")
 
 
-def check_policy_dir(path: str | Path, trust_remote_code: bool = False) -> None:
+def check_policy_dir(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Everything ``build_rl`` asks of a policy directory before loading its weights: a causal
     LM (``check_causal_lm``) whose ``config.json`` names its class (``architectures``, from
     which TRL picks the class to load), weight files that are there and whole
     (``check_model_files``), a tokenizer that loads with an eos or pad token
-    (``load_tokenizer``) and ids the model embeds (``check_vocab``). ``sae-shards train`` asks
-    it before anything is written (``job.check_recipe``)."""
+    (``load_tokenizer``, returned) and ids the model embeds (``check_vocab``). ``sae-shards
+    train`` asks it before anything is written (``job.check_recipe``)."""
     path = Path(path)
     check_causal_lm(path, trust_remote_code)
     again = (f"copy or download the model directory {path} again (a partial copy or download "
@@ -438,8 +438,9 @@ def check_policy_dir(path: str | Path, trust_remote_code: bool = False) -> None:
             "which TRL picks the class to load; save the model loaded with "
             "AutoModelForCausalLM there (AutoModelForCausalLM.from_pretrained(...)"
             ".save_pretrained(DIR)), or add e.g. \"architectures\": [\"LlamaForCausalLM\"]")
-    check_vocab(path, load_tokenizer(path, trust_remote_code=trust_remote_code),
-                trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    check_vocab(path, tokenizer, trust_remote_code)
+    return tokenizer
 
 
 def load_tokenizer(path: str | Path, model_dir: bool = True,

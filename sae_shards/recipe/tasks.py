@@ -25,6 +25,7 @@ captured sample learn their task.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import string
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from datasets import Dataset
 
 from sae_shards.recipe.models import TASK_TAGS
 from sae_shards.run.config import TASK_NAMES
+
+log = logging.getLogger(__name__)
 
 LABEL_COLUMN = "task"
 """Dataset column (and TRL completion-log column) holding each prompt's task label."""
@@ -54,7 +57,8 @@ class Task:
     tag: str = "<A>"
     """Tag token that opens every prompt (one of ``models.TASK_TAGS``)."""
     target_chars: str = "aeiou"
-    """Characters that earn reward."""
+    """Characters that earn reward. The policy's tokenizer must write them (``check_writable``:
+    none of them is a config error, some a warning)."""
     target_length: int = 16
     """Target characters needed for reward 1 (``sae-shards train`` sets it to the completion
     budget in characters, ``rl.max_completion_length`` times the tokenizer's characters per token
@@ -426,6 +430,37 @@ def default_target_length(max_completion_length: int, tokenizer: Any) -> int:
     model's first completions, every group's rewards would tie at 1, and RL would learn nothing.
     The tiny models' character tokenizer gives ``max_completion_length`` itself."""
     return max(1, round(max_completion_length * chars_per_token(tokenizer)))
+
+
+def check_writable(task: Task | MultiSkillTask, tokenizer: Any) -> None:
+    """Refuse a task whose rewarded characters the policy cannot write: for each reward class
+    (``letters``' ``target_chars``; each multiskill task's class), the characters that do not
+    come back from ``tokenizer`` as themselves (encoded, then decoded: an unknown character
+    becomes ``<unk>``). None of a class's characters writable is a ``ValueError`` (every reward
+    would be 0, every advantage 0, and RL would learn nothing); some is a warning."""
+    classes = ({label: task.target_chars(label) for label in task.labels}
+               if isinstance(task, MultiSkillTask) else {task.label: task.target_chars})
+    for label, chars in classes.items():
+        lost = {c: tokenizer.decode(tokenizer.encode(c, add_special_tokens=False))
+                for c in dict.fromkeys(chars)}
+        lost = {c: d for c, d in lost.items() if d != c}
+        if not lost:
+            continue
+        shown = ", ".join(f"{c!r} -> {d!r}" for c, d in list(lost.items())[:3])
+        option = "task.options.target_chars" if isinstance(task, Task) else f"task {label}"
+        if len(lost) == len(set(chars)):
+            raise ValueError(
+                f"{option}: the policy's tokenizer writes none of the characters that earn the "
+                f"reward ({chars!r}; encoded and decoded: {shown}), so every reward would be 0 "
+                "and RL would learn nothing; choose characters of its vocabulary")
+        if (option, shown) not in _WARNED:  # a job's config is checked twice
+            _WARNED.add((option, shown))
+            log.warning("%s: the policy's tokenizer cannot write %d of the characters that earn "
+                        "the reward (%s); they can never be rewarded", option, len(lost), shown)
+
+
+_WARNED: set[tuple[str, str]] = set()
+"""The partly unwritable reward classes ``check_writable`` warned about in this process."""
 
 
 def check_task_options(name: str, options: Mapping[str, Any]) -> None:

@@ -29,9 +29,9 @@ from sae_shards.capture import resume as resume_state
 from sae_shards.capture.callback import ShardCallback
 from sae_shards.capture.pipeline import resolve_targets
 from sae_shards.capture.signals import stop_on_signals
-from sae_shards.recipe.models import (build_tiny_model, check_causal_lm, check_policy_dir,
-                                      check_vocab, load_tokenizer, meta_policy)
-from sae_shards.recipe.tasks import build_task, default_target_length
+from sae_shards.recipe.models import (build_tiny_model, build_tokenizer, check_causal_lm,
+                                      check_policy_dir, check_vocab, load_tokenizer, meta_policy)
+from sae_shards.recipe.tasks import build_task, check_writable, default_target_length
 from sae_shards.recipe.trainers import (build_trainer, check_lora_modules, check_precision,
                                         check_reward_scale, check_trl_settings, freeze_except)
 from sae_shards.run import rundir
@@ -115,9 +115,11 @@ def check_recipe(cfg: JobConfig) -> None:
     the task's options and ``rl.extra`` against TRL's config class (``ValueError`` naming the
     key). Cheap: ``sae-shards train`` calls it on each job's config before anything is
     written; ``start`` again for a job run from Python."""
-    if cfg.model.path:  # no causal LM, a truncated weight file, no usable tokenizer
-        _check_policy_dir(Path(cfg.model.path), cfg.model.trust_remote_code)
+    # no causal LM, a truncated weight file, no usable tokenizer
+    tokenizer = (_check_policy_dir(Path(cfg.model.path), cfg.model.trust_remote_code)
+                 if cfg.model.path else build_tokenizer())
     task = build_task(cfg.task.name, **cfg.task.options)  # its options checked (cheap)
+    check_writable(task, tokenizer)  # a rewarded character the policy cannot write
     check_trl_settings({**cfg.rl.trl_kwargs(), "seed": cfg.seed}, cfg.rl.algorithm)
     check_precision({**cfg.rl.trl_kwargs(), "use_cpu": resolve_device(cfg.device).type == "cpu"})
     if getattr(task, "scaled", False):
@@ -125,21 +127,22 @@ def check_recipe(cfg: JobConfig) -> None:
     check_targets(cfg)
 
 
-_CHECKED_DIRS: set[tuple] = set()
-"""Policy directories ``check_policy_dir`` passed, with their files' sizes and times (a sweep
-checks each job's config: once per directory, again once a file changes)."""
+_CHECKED_DIRS: dict[tuple, Any] = {}
+"""Policy directories ``check_policy_dir`` passed, by their files' sizes and times, with
+their tokenizers (a sweep checks each job's config: once per directory, again once a file
+changes)."""
 
 
-def _check_policy_dir(path: Path, trust_remote_code: bool) -> None:
+def _check_policy_dir(path: Path, trust_remote_code: bool) -> Any:
     try:
         files = tuple(sorted((f.name, st.st_size, st.st_mtime_ns)
                              for f in path.iterdir() for st in [f.stat()]))
     except OSError:  # not a directory, or unreadable: check_policy_dir says which
-        files = None
+        return check_policy_dir(path, trust_remote_code)
     key = (str(path.resolve()), trust_remote_code, files)
-    if files is None or key not in _CHECKED_DIRS:
-        check_policy_dir(path, trust_remote_code)
-        _CHECKED_DIRS.add(key)
+    if key not in _CHECKED_DIRS:
+        _CHECKED_DIRS[key] = check_policy_dir(path, trust_remote_code)
+    return _CHECKED_DIRS[key]
 
 
 def check_targets(cfg: JobConfig) -> None:
