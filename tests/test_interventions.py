@@ -54,6 +54,31 @@ def test_add_direction_changes_then_restores_bit_exactly(dtype):
     _assert_bit_equal(model, before)
 
 
+def test_an_alpha_that_is_no_finite_number_is_refused_before_any_change(model_and_tokenizer):
+    """alpha=NaN or inf was taken (every weight inside the block non-finite, in silence) and
+    alpha="1" failed inside torch; an empty dose_response returned an empty curve."""
+    import numpy as np
+
+    model, tokenizer = model_and_tokenizer
+    before = _snapshot(model)
+    direction = _random_direction(model, [BODY])
+    for bad, why in ((float("nan"), "must be finite"), (float("inf"), "must be finite"),
+                     ("1", "must be a number"), (True, "must be a number")):
+        with pytest.raises(ValueError, match=rf"add_direction: alpha=.* {why}"):
+            with add_direction(model, direction, bad):
+                pass
+    _assert_bit_equal(model, before)
+    with add_direction(model, direction, np.float32(0.5)):  # numpy and torch scalars are numbers
+        with add_direction(model, direction, torch.tensor(-0.5)):
+            pass
+    _assert_bit_equal(model, before)
+    task = build_task("letters")
+    with pytest.raises(ValueError, match=r"dose_response: alphas is empty"):
+        dose_response(model, tokenizer, task, direction, alphas=())
+    with pytest.raises(ValueError, match=r"dose_response: alpha=nan must be finite"):
+        dose_response(model, tokenizer, task, direction, alphas=(0, float("nan")))
+
+
 def test_a_change_bf16_weights_round_away_is_warned_about(caplog):
     """A unit direction at a small alpha is mostly lost in bf16 weights (8 significant bits):
     said with the share lost, as is ablating it; large changes and fp32 weights are not."""

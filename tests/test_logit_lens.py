@@ -358,3 +358,13 @@ def test_one_expert_of_a_stacked_down_projection_is_read_like_a_linear_writer():
     # the whole stacked tensor, or an expert it does not have, is no writer
     with pytest.raises(ValueError, match="no component targets a residual-stream writer"):
         logit_lens(model, tokenizer, {f"{down}[4]": u @ v.T})
+
+
+def test_a_top_k_that_is_no_positive_int_is_named():
+    """top_k=-1 failed inside torch.topk."""
+    model, tokenizer = tiny_model_and_tokenizer(seed=0)
+    params = dict(model.named_parameters())
+    name = "model.layers.0.mlp.down_proj.weight"
+    for bad in (-1, 0, 2.5, True):
+        with pytest.raises(ValueError, match=rf"logit_lens: top_k={bad!r} must be a positive int"):
+            logit_lens(model, tokenizer, {name: torch.ones_like(params[name])}, top_k=bad)

@@ -21,6 +21,7 @@ import contextlib
 import inspect
 import logging
 import math
+import numbers
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
@@ -178,13 +179,26 @@ def set_weights(model: nn.Module, weights: Mapping[str, Tensor]) -> Iterator[Non
         yield
 
 
+def check_alpha(alpha: Any, where: str) -> float:
+    """``alpha`` as a float: a finite real number (``ValueError`` naming ``where`` for a string,
+    a bool, NaN or an infinity, which torch would take or fail on deep inside)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) and not (
+            isinstance(alpha, Tensor) and alpha.numel() == 1):
+        raise ValueError(f"{where}: alpha={alpha!r} must be a number")
+    if not math.isfinite(float(alpha)):
+        raise ValueError(f"{where}: alpha={alpha!r} must be finite")
+    return float(alpha)
+
+
 @contextlib.contextmanager
 def add_direction(model: nn.Module, direction: Direction, alpha: float) -> Iterator[None]:
     """Add ``alpha * direction`` to the named parameters inside the block; restore bit-exactly.
 
     The sum is computed in fp32 and cast back to each parameter's dtype; 16-bit weights that
-    cannot hold the change (it rounds away: a small ``alpha``) are warned about.
+    cannot hold the change (it rounds away: a small ``alpha``) are warned about. ``alpha`` must
+    be a finite number (``ValueError``).
     """
+    alpha = check_alpha(alpha, "add_direction")
     params = _resolve(model, direction, "add_direction")
     with _changed(params, lambda name, p: (p.detach().float()
                                            + alpha * direction[name].to(p.device, torch.float32))):
@@ -686,6 +700,10 @@ def dose_response(
     model's :class:`Scored` on those prompts and settings when the caller already has it
     (one per model serves every shard's curve).
     """
+    if not len(alphas):
+        raise ValueError("dose_response: alphas is empty; give the points of the curve, e.g. "
+                         "(0, 1, 2) (with 0, each point's paired change is taken against it)")
+    alphas = [check_alpha(a, "dose_response") for a in alphas]
     data = eval_prompts(task, n_prompts, reward_kwargs.get("seed", ROLLOUT_SEED))
     check_baseline(baseline, n_prompts, reward_kwargs, "dose_response")
     control = random_direction_like(direction, torch.Generator().manual_seed(control_seed))

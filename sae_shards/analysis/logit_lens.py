@@ -463,6 +463,9 @@ def logit_lens(
     pre-norm models. See the module docstring for the sign convention and the skipped
     normalisation.
     """
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"logit_lens: top_k={top_k!r} must be a positive int (tokens listed "
+                         "per direction and sign)")
     components = _as_components(components)
     if writers is None:
         writers = writer_targets(model)
