@@ -76,8 +76,11 @@ def test_the_index_reads_rows_back_and_keeps_only_what_derive_computes(tmp_path)
     assert index[3] == rows[0] and index[2] == rows[2] and index[1]["tasks"] == ["c"]
     assert index.get(7) is None and dict(index.items())[3] == rows[0]
     assert index.derived(1) == {"n": 1} and index.derived(2) == {"n": 4}
-    with pytest.raises(KeyError):
-        index.derived(7)
+    # a missing key says what the log holds (view.rollouts[9999] was a bare KeyError: 9999)
+    for get in (index.__getitem__, index.derived):
+        with pytest.raises(KeyError, match=r"7: no row in .*rollouts.jsonl as read here \(3 "
+                                           r"rows, 3 to 2; a view at an earlier checkpoint"):
+            get(7)
     by_pair = JsonlIndex(path, lambda row: (row["step"], len(row["tasks"])))
     assert by_pair[(2, 4)] == rows[2]
     with pytest.raises(CheckpointError, match=r"a row without 'event'"):

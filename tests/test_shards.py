@@ -347,8 +347,20 @@ def test_the_api_names_what_a_reader_gets_wrong(run_dir, tmp_path):
     from sae_shards.analysis.shards import checkpoint_name, load_run_models
 
     with pytest.raises(CheckpointError, match=r"is a run directory: load its shards with "
-                                              r"ShardSet.from_run"):
+                                              r"ShardSet.from_run\(.*\) or a checkpoint such as "
+                                              r".*checkpoints/final$"):
         ShardSet.load(run_dir)
+    # a run still training has no final/ yet: its newest checkpoint is named (final/ was)
+    import shutil
+
+    training = tmp_path / "training"
+    (training / "checkpoints").mkdir(parents=True)
+    shutil.copy(run_dir / "config.json", training / "config.json")
+    step = "checkpoints/step_000012"
+    shutil.copytree(run_dir / step, training / step)
+    with pytest.raises(CheckpointError, match=r"or a checkpoint such as .*training/checkpoints/"
+                                              r"step_000012$"):
+        ShardSet.load(training)
     with pytest.raises(CheckpointError, match=r"is a checkpoint directory, not a run: load it "
                                               r"with ShardSet.load"):
         ShardSet.from_run(run_dir / "checkpoints" / "final")

@@ -274,8 +274,8 @@ def read_spec(path: Path) -> _Spec:
         raise CheckpointError(
             f"{file}: format {config.get('format')!r}, expected {FORMAT!r}: not a sae-shards "
             "checkpoint config" + (f"; {path} is a run directory: load its shards with "
-                                   f"ShardSet.from_run({str(path)!r}) or a checkpoint such as "
-                                   f"{path / 'checkpoints' / 'final'}" if run_dir else ""))
+                                   f"ShardSet.from_run({str(path)!r}){_held(path / 'checkpoints')}"
+                                   if run_dir else ""))
     if "format_version" not in config:
         raise CheckpointError(f"{file}: missing key 'format_version'; {DAMAGED}")
     check_version(file, "format_version", config["format_version"], as_text=False)
@@ -488,6 +488,16 @@ def check_unit_norm(file: Path, sq_norms: torch.Tensor) -> None:
             f"{file}: the decoder directions of latents {bad[:5]} have squared norms {found}, "
             "not 1; every saved decoder direction has unit norm (the trainer renormalises after "
             f"each step), so the decoder tensors were altered or damaged — {DAMAGED}")
+
+
+def _held(checkpoints: Path) -> str:
+    """The checkpoint of a run's ``checkpoints`` folder to name beside ``from_run``: ``final``
+    when the run wrote it, else its newest (a run still training), else that it has none."""
+    names = sorted(p.name for p in checkpoints.iterdir()
+                   if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        return " (it has no checkpoint yet)"
+    return f" or a checkpoint such as {checkpoints / ('final' if 'final' in names else names[-1])}"
 
 
 def _json_kind(value: Any) -> str:

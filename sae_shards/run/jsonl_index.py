@@ -75,7 +75,9 @@ class JsonlIndex(Mapping[Hashable, Row]):
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        offset, length = self._where[key]  # KeyError for a key the log does not have
+        if key not in self._where:
+            raise KeyError(self._missing(key))
+        offset, length = self._where[key]
         with self.path.open("rb") as f:
             f.seek(offset)
             line = f.read(length)
@@ -92,9 +94,20 @@ class JsonlIndex(Mapping[Hashable, Row]):
             self._cache.popitem(last=False)
         return row
 
+    def _missing(self, key: Hashable) -> str:
+        """Why ``key`` has no row: the rows this index reads, first to last (a view at an
+        earlier checkpoint reads those up to its step)."""
+        if not self._where:
+            return f"{key!r}: {self.path} has no rows here"
+        keys = list(self._where)
+        return (f"{key!r}: no row in {self.path} as read here ({len(keys)} rows, {keys[0]!r} to "
+                f"{keys[-1]!r}; a view at an earlier checkpoint stops at its step)")
+
     def derived(self, key: Hashable) -> dict[str, Any]:
         """The values ``derive`` computed from ``key``'s row when the log was indexed (no file
         read); ``KeyError`` for a key the log does not have."""
+        if key not in self._derived:
+            raise KeyError(self._missing(key))
         return self._derived[key]
 
 
