@@ -194,6 +194,8 @@ def test_analyze_details_the_shards_it_is_told_to(short_run_dir, tmp_path, capsy
     assert analysis["top_shards"] == [5, 3] and sorted(analysis["shards"]) == ["3", "5"]
     html = (run / "report.html").read_text()
     assert "Shard timeline (chosen shards," in html and "<h3>shard 5" in html
+    # the row says they were chosen (it said "the always-on ones, then the largest others")
+    assert "detailed shards (chosen: --shards, in that order)</td><td>5, 3</td>" in html
     assert cli_main(["analyze", str(run), "--shards", "3,16", "--no-dose"]) == 2
     assert ("--shards names shard 16, but checkpoint final has shards 0 to 15"
             in capsys.readouterr().err)
@@ -226,6 +228,14 @@ def test_analyze_details_the_shards_it_is_told_to(short_run_dir, tmp_path, capsy
     figures, own = checkpoint_figures(view, json.loads((run / "summary.json").read_text()))
     table = _summary_html(view, {}, {**figures, "fvu_heldout": 0.25}, own, [], view.density(), {})
     assert f"{shown}0.250</td>" in table
+    # at a checkpoint, each row says how far its own count went (both said "to 150 and 572")
+    summary = json.loads((run / "summary.json").read_text())
+    table = _summary_html(view, summary, {**figures, "rl_steps": 5, "sae_steps": 3}, False, [],
+                          view.density(), {})
+    assert (f"RL steps</td><td>5 (as of the checkpoint; the run went on to "
+            f"{summary['rl_steps']})</td>") in table
+    assert (f"SAE steps</td><td>3 (as of the checkpoint; the run went on to "
+            f"{summary['sae_steps']})</td>") in table
     assert cli_main(["analyze", str(run), "--shards", "6", "--no-dose"]) == 0  # said to be a count
     assert ("--shards 6 details the always-on shards and the 6 largest others (a count; shard 6 "
             "alone is --shards 6,)") in (

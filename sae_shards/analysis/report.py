@@ -215,7 +215,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
         "draws": draws(n_prompts, sampling), "top_shards": shards, "shards": {}}
 
     parts = [_section("summary", "Run", _summary_html(view, summary, figures, own, shards,
-                                                      density, tags, initial_model))]
+                                                      density, tags, initial_model, chosen))]
     parts.append(_section("sae-curves", "SAE training", plot_sae_curves(view) + _CURVES_NOTE))
     parts.append(_section("reward", "Reward", _reward_html(view)))
     untrained = ("<p>No shards selected (<code>--shards 0</code> and no always-on shard).</p>"
@@ -700,7 +700,8 @@ def _shard_title(s: int, tags: dict[int, str]) -> str:
 
 
 def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards: list[int],
-                  density, tags, initial_model: str | Path | None = None) -> str:
+                  density, tags, initial_model: str | Path | None = None,
+                  chosen: bool = False) -> str:
     meta = view.shards.meta
     config = rundir.read_config(view.run_dir)
     task, rl = rundir.section(config, "task"), rundir.section(config, "rl")
@@ -751,7 +752,8 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
         "targets": _targets_line(view.shards.target_names),
         "SAE weights (factored / dense)": f"{view.shards.sae.factored_param_count()} / "
                                           f"{view.shards.sae.dense_param_count()}",
-        "detailed shards (by activation mass: the always-on ones, then the largest others)":
+        ("detailed shards (chosen: --shards, in that order)" if chosen else
+         "detailed shards (by activation mass: the always-on ones, then the largest others)"):
             ", ".join(
             f"{s} (always on)" if s in tags else str(s) for s in shards),
         f"always-on shards (active on >= {ALWAYS_ON_DENSITY:.0%} of the samples)":
@@ -812,12 +814,13 @@ def _steps_rows(figures: dict, own: bool, summary: dict) -> dict[str, Any]:
     checkpoint's rather than the run's."""
     if own:
         return {"RL steps": _or_na(figures["rl_steps"]), "SAE steps": _or_na(figures["sae_steps"])}
-    at = ("as of the checkpoint; the run wrote no summary.json (killed, or still running)"
-          if summary.get("rl_steps") is None else
-          f"as of the checkpoint; the run went on to {summary['rl_steps']} and "
-          f"{summary.get('sae_steps')}")
-    return {"RL steps": f"{_or_na(figures['rl_steps'])} ({at})",
-            "SAE steps": f"{_or_na(figures['sae_steps'])} ({at})"}
+    def at(key: str) -> str:
+        if summary.get("rl_steps") is None:
+            return "as of the checkpoint; the run wrote no summary.json (killed, or still running)"
+        return f"as of the checkpoint; the run went on to {_or_na(summary.get(key))}"
+
+    return {"RL steps": f"{_or_na(figures['rl_steps'])} ({at('rl_steps')})",
+            "SAE steps": f"{_or_na(figures['sae_steps'])} ({at('sae_steps')})"}
 
 
 def _or_na(value: Any) -> Any:
