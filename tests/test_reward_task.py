@@ -101,6 +101,22 @@ def test_reward_functions_get_the_runs_batches_of_whole_prompt_groups(model_and_
         score_rollouts(model, tokenizer, RewardTask(_prompts(), [batched]), data, reward_batch=0)
 
 
+def test_the_reports_first_try_of_the_reward_gives_it_whole_prompt_groups(model_and_tokenizer):
+    """analyze tries the reward on two prompts before its estimates; it gave them one
+    completion each, so a reward that normalises within a prompt's group saw groups of one."""
+    from sae_shards.analysis.interventions import N_SAMPLES
+    from sae_shards.analysis.report import _check_scorer
+    from sae_shards.analysis.shards import RunModels
+
+    model, tokenizer = model_and_tokenizer
+    recorder = Recorder()
+    task = RewardTask(_prompts(), [recorder])
+    _check_scorer(RunModels(model, model, tokenizer, None), task, [], {})
+    (call,) = recorder.calls
+    assert len(set(call["prompts"])) == 2 and len(call["completions"]) == 2 * N_SAMPLES
+    assert all(call["prompts"].count(p) == N_SAMPLES for p in call["prompts"])
+
+
 def test_weights_sum_the_functions_and_none_counts_as_missing(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
 

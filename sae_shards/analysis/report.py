@@ -637,13 +637,14 @@ def _dose_source(task: RewardTask | Any | None, sampling: dict[str, Any]) -> str
 
 def _check_scorer(models, task, run_labels: list, sampling: dict[str, Any],
                   trained_weights: list[float] | None = None) -> str:
-    """Try the reward on two prompts before the report's many estimates (a broken reward
-    function fails here, in seconds, naming itself); notes when the task's contexts are not
+    """Try the reward on two prompts, in whole groups of the estimates' completions per prompt
+    (a reward that normalises within its group sees what it will see), before the report's
+    many estimates (a broken reward function fails here, in seconds, naming itself); notes
+    when the task's contexts are not
     the run's, or its reward weights are not the ones the run trained with
     (``trained_weights``, TRL's ``reward_weights`` as ``config.json`` records them)."""
     score_rollouts(models.initial, models.tokenizer, task, task.dataset(2, 0),
-                   **{**sampling, "n_samples": 1,
-                      "max_new_tokens": min(4, sampling.get("max_new_tokens", 4))})
+                   **{**sampling, "max_new_tokens": min(4, sampling.get("max_new_tokens", 4))})
     notes = []
     ours = set(getattr(task, "labels", ()) or ())
     theirs = {label for sample in run_labels for label in sample}
