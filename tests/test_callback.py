@@ -1490,3 +1490,31 @@ def test_a_batch_larger_than_the_buffer_is_warned(tiny_model, tmp_path, caplog):
             runner={"min_samples": 2})], max_steps=2).train()
     assert ("sae.batch_size=40 exceeds capture.capacity=32: a batch is drawn with replacement "
             "from the buffer") in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize("granularity, said", [
+    ("step", "the LoRA adapters' effective weight updates s (B1 A1 - B0 A0)"),
+    ("group", "each event's gradient of the LoRA-adapted effective weights W0 + s B A"),
+])
+def test_the_start_line_says_what_a_lora_run_captures(tmp_path, caplog, granularity, said):
+    """Per event the start line said 'effective weight updates s (B1 A1 - B0 A0)' too, which
+    is what a per-step LoRA run captures; per event it is each event's gradient."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOTrainer
+
+    from sae_shards.recipe.models import tiny_model_and_tokenizer
+    from sae_shards.recipe.tasks import build_task
+
+    model, tokenizer = tiny_model_and_tokenizer(seed=1)
+    task = build_task("letters", target_length=8)
+    callback = ShardCallback(run_dir=tmp_path / "run", capture={"granularity": granularity},
+                             runner={"min_samples": 2})
+    with caplog.at_level("WARNING", logger="sae_shards.capture.callback"):
+        GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=task.reward_funcs,
+                    args=_four_lora_steps(tmp_path / "trl"),
+                    train_dataset=Dataset.from_dict(task.dataset(32).to_dict()),
+                    peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+                    callbacks=[callback]).train()
+    (line,) = [r.getMessage() for r in caplog.records if "sae-shards captures" in r.getMessage()]
+    assert said in line and line.count("LoRA") == 1, line

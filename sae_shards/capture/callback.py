@@ -359,7 +359,9 @@ class ShardCallback(TrainerCallback):
                 f", {len(stacked)} of them stacked experts (the SAE factors each of their "
                 f"{sum(t.shape[0] for t in stacked)} expert matrices)" if stacked else "",
                 self.sizes["delta_numel"],
-                ", the LoRA adapters' effective weight updates s (B1 A1 - B0 A0)"
+                (", the LoRA adapters' effective weight updates s (B1 A1 - B0 A0)"
+                 if self.capture_cfg.granularity == "step" else
+                 ", each event's gradient of the LoRA-adapted effective weights W0 + s B A")
                 if self._is_lora() else "", self.sizes["sae_factored_params"],
                 self.sizes["dense_sae_params"], self.sizes["buffer_bytes"] / 2**20,
                 distributed.world_size())
