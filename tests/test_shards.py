@@ -564,3 +564,16 @@ def test_a_report_is_never_written_over_a_runs_own_file(run_dir, tmp_path, capsy
     out.parent.mkdir()
     for _ in range(2):  # a report over an earlier one
         assert main(["analyze", str(run), "--out", str(out), "--no-dose", "--shards", "1"]) == 0
+
+
+def test_every_summary_key_is_documented(run_dir):
+    """docs/usage.md's summary.json table names every key a run writes (eleven were named
+    nowhere, and reward_first/last and fvu_first/last did not say they are means of a part)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
+    table = text.split("`summary.json` holds")[1].split("\n\n")[1]
+    documented = {key for row in table.splitlines()[2:]
+                  for key in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary) <= documented, sorted(set(summary) - documented)
+    assert {"granularity", "events", "zero_advantage_events", "truncated_events",
+            "kept_energy_min", "precond_error_mean", "budget_used"} <= documented  # per event
