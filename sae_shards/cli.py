@@ -354,7 +354,9 @@ def check_sweep_jobs(args: list[str]) -> None:
     run_dirs: dict[str, str] = {}
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         for job in itertools.product(*choices):
-            swept = [o for o, c in zip(job, choices) if len(c) > 1]
+            # the job's swept overrides as the user wrote them (open_map_args adds ++)
+            swept = " ".join(re.sub(r"^\+{1,2}", "", o) for o, c in zip(job, choices)
+                             if len(c) > 1)
             try:  # a ConfigError, or Hydra's own composition error
                 cfg = job_config_from_hydra(compose(config_name="config", overrides=list(job)))
             except Exception as e:
@@ -362,9 +364,9 @@ def check_sweep_jobs(args: list[str]) -> None:
                         "Hydra resolves a sweep's directory once; each job already gets "
                         "run_dir/<its overrides>, so give run_dir a fixed directory, e.g. "
                         "run_dir=runs/my_sweep)") if "HydraConfig was not set" in str(e) else ""
-                raise ConfigError(f"the sweep's job {' '.join(swept)}: {e}{hint} (no job was "
+                raise ConfigError(f"the sweep's job {swept}: {e}{hint} (no job was "
                                   "started)") from None
-            run_dirs.setdefault(str(cfg.run_dir), " ".join(swept) or "the defaults")
+            run_dirs.setdefault(str(cfg.run_dir), swept or "the defaults")
     if len(run_dirs) > 1:
         raise ConfigError(
             "the sweep's run_dir differs between its jobs ("

@@ -245,6 +245,11 @@ def test_a_bad_value_in_one_sweep_element_stops_the_sweep_before_any_job(tmp_pat
     assert ("config error: the sweep's job sae.k=100: sae.k=100 must be between 1 and "
             "sae.n_latents=64 (no job was started)") in err
     assert not sweep.exists()
+    # a key below task.options is named as written (it read ++task.options.target_charz=a)
+    assert main(["train", "-m", "task.options.target_charz=a,b", f"run_dir={sweep}",
+                 *TINY]) == 2
+    assert ("config error: the sweep's job task.options.target_charz=a: task.options "
+            "['task.options.target_charz'] are not options") in capsys.readouterr().err
 
 
 def test_a_sweep_is_checked_against_its_run_dir_as_resolved(tmp_path, capsys):
