@@ -118,7 +118,8 @@ def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm, cap
                    "HEAVY = RewardTask([{'prompt': 'v 1'}], const, reward_weights=[2.0])\n")
     capsys.readouterr()
     assert cli_main(["analyze", str(run), "--task", f"{bad}:BROKEN"]) == 2
-    assert "reward function 'broken' returned 1 rewards for 2 completions" in \
+    # the first try: two prompts, a whole group of 4 completions each
+    assert "reward function 'broken' returned 1 rewards for 8 completions" in \
         capsys.readouterr().err
     assert cli_main(["analyze", str(run), "--no-dose", "--task", f"{bad}:OTHER"]) == 2
     assert "--no-dose skips" in capsys.readouterr().err
