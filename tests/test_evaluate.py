@@ -1087,3 +1087,29 @@ def test_headline_selectivities_are_medians_of_own_effect_over_the_others_mean_a
         assert st["per_task"][t]["shard_plus"] == shard["steer_plus"]
         assert ab["per_task"][t]["drop"] == shard["ablate_drop"]
         assert ab["per_task"][t]["own_first"] == (_broken_task(shard["ablate_drop"], floor) == t)
+
+
+def test_a_run_without_shard_families_is_evaluated_saying_so(planted_run, tmp_path):
+    """Every latent a drift latent or silent (a per-step SAE of a mixed sweep point): the
+    families' figures raised IndexError inside argmax, and the sweep lost every point. Now
+    they are None, the reason is given, and the report says it."""
+    from sae_shards.analysis.families import Families
+    from sae_shards.planted.evaluate import _family_figures, _mmcs_margin, to_markdown
+
+    none = Families([], [], 0.5)
+    empty = torch.zeros(6, 0)  # [samples, families]
+    truth = torch.randn(4, 10, dtype=torch.float64)
+    figures = _family_figures(None, none, torch.zeros(0, 16), empty, empty, list("ABCDAB"),
+                              list("ABCDAB"), list("ABCD"), truth, [truth], [list("BADCBA")], {})
+    assert figures["n"] == 0 and figures["auroc_task"] is None and figures["mmcs_margin"] is None
+    assert figures["skipped"].startswith("no shard family: every latent is a drift latent")
+    assert _mmcs_margin(lambda t: torch.zeros(len(t), 0), truth, [truth]) == {
+        "mmcs": None, "mmcs_null": None, "mmcs_margin": None}
+    r = evaluate_run(planted_run, n_null=2, steering=False, out=tmp_path)
+    r["families"] = {**figures, "left_out": list(range(16))}
+    r["mmcs_class_mean"]["families"] = _mmcs_margin(lambda t: torch.zeros(len(t), 0), truth,
+                                                    [truth])
+    r["headline"].update(auroc_task_family=None, mmcs_margin_family=None, n_families=0)
+    md = to_markdown(r)
+    assert "Shard families: none (no shard family: every latent is a drift latent" in md
+    assert "families -," in md

@@ -364,8 +364,12 @@ def _mmcs_margin(cos_of: Callable[[Tensor], Tensor], truth: Tensor,
                  null_truths: Sequence[Tensor]) -> dict[str, float]:
     """mmcs of a set of directions against ``truth [K, D]``, its null (the mean over
     ``null_truths``, each ``[K, D]``) and the margin. ``cos_of(refs [K, D]) -> [K, M]``: the
-    |cos| of each reference with each of the M directions (shards, families, supervised, ...)."""
-    mmcs = float(cos_of(truth).max(1).values.mean())
+    |cos| of each reference with each of the M directions (shards, families, supervised, ...).
+    No direction (M = 0: no shard family) gives None for all three."""
+    cos = cos_of(truth)
+    if cos.shape[1] == 0:
+        return {"mmcs": None, "mmcs_null": None, "mmcs_margin": None}
+    mmcs = float(cos.max(1).values.mean())
     null = sum(float(cos_of(t).max(1).values.mean()) for t in null_truths) / len(null_truths)
     return {"mmcs": mmcs, "mmcs_null": null, "mmcs_margin": mmcs - null}
 
@@ -569,7 +573,7 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     causal, causal_skipped = None, "not asked for (--no-steering)"
     if steering:
         fam_dirs = {t: _family_dense(sae, fams, f)
-                    for t, f in zip(tasks, families["best_family"])}
+                    for t, f in zip(tasks, families["best_family"] or ())}
         causal, causal_skipped = _causal(
             run_dir, checkpoint, shards, tasks, dict(zip(tasks, best)), ref.directions, flat_tr,
             y_tr, shapes, g, fam_dirs, CausalSettings(alpha=alpha, n_prompts=n_prompts,
@@ -694,8 +698,10 @@ def _causal(run_dir: Path, checkpoint: str | None, shards: ShardSet, tasks: list
     for i in range(n_shuffled):
         dirs = task_directions(flat_tr, shuffled(y_tr, g), tasks)
         directions[f"shuffled_{i}"] = {t: dense(dirs[k]) for k, t in enumerate(tasks)}
+    if not family_dirs:  # no shard family to test
+        del directions["shard_family"]
     return causal_tests(init, final, tok, task, tasks, directions, settings,
-                        random_for=("shard_family",)), None
+                        random_for=("shard_family",) if family_dirs else ()), None
 
 
 def _family_cos(sae, refs: Tensor, shapes: dict, fam_w: Tensor) -> Tensor:
@@ -714,7 +720,15 @@ def _family_figures(sae, fams: Families, fam_w: Tensor, fam_tr: Tensor, fam_te: 
                     shapes: dict) -> dict[str, Any]:
     """The latent figures for shard families: per task the family whose strength best predicts
     the task on the training samples, its held-out AUROC (and a shuffled-label null), and the
-    mmcs of the families' directions against the held-out ground truth (and its null)."""
+    mmcs of the families' directions against the held-out ground truth (and its null). With no
+    family (every latent a drift latent or silent) the figures are None and ``skipped`` says
+    why."""
+    if not fams.members:
+        return {"threshold": fams.threshold, "members": [], "n": 0, "best_family": None,
+                "auroc_task": None, "auroc_null": None, "mmcs": None, "mmcs_null": None,
+                "mmcs_margin": None, "per_task": {},
+                "skipped": "no shard family: every latent is a drift latent or never fired on "
+                           "the samples"}
     _, best, held, null_auroc = _choose_and_score(fam_tr, fam_te, y_tr, y_te, tasks, null_labels)
     cos = _family_cos(sae, truth, shapes, fam_w)  # [K, F]
     return {
@@ -879,7 +893,8 @@ def to_markdown(r: dict[str, Any]) -> str:
               f"| mmcs of the supervised directions | {r['mmcs_supervised']:.3f} | shuffled-label null {r['mmcs_supervised_null']:.3f} (margin {r['mmcs_supervised'] - r['mmcs_supervised_null']:+.3f}) |",
               f"| mmcs margin of the ground truth itself | {r['mmcs_margin_oracle']:+.3f} | shards equal to the held-out task directions (mmcs 1) against the same null |",
               "| mmcs margin against signed truth (class means; diagnostic) | "
-              + ", ".join(f"{k} {v['mmcs_margin']:+.3f}" for k, v in r["mmcs_class_mean"].items())
+              + ", ".join(f"{k} {_f(v['mmcs_margin'], '+.3f')}"
+                          for k, v in r["mmcs_class_mean"].items())
               + " | null: class means of the same shuffled labels (the events' grand mean) |",
               f"| auroc_task (held-out, best latent) | {r['auroc_task']:.3f} | shuffled-label null {r['auroc_null']:.3f} |",
               f"| supervised reference AUROC | {r['supervised_auroc']:.3f} | nearest-centroid accuracy {_f(r['supervised_centroid_accuracy'])} (chance {r['chance_accuracy']:.3f}) |",
@@ -896,7 +911,9 @@ def to_markdown(r: dict[str, Any]) -> str:
                  f"densest latent {d['max_density_latent']} at {d['max_density']:.2f}; mmcs with "
                  f"drift latents {d['mmcs_with_drift']:.3f} |")
     fm = r.get("families")
-    if fm:
+    if fm and fm.get("skipped"):
+        lines += ["", f"Shard families: none ({fm['skipped']})."]
+    elif fm:
         multi = [m for m in fm["members"] if len(m) > 1]
         several = (f"{len(multi)} of several latents: {multi}, the rest single latents" if multi
                    else "every one a single latent")
