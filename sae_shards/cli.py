@@ -958,6 +958,9 @@ def _own_reward_unknown(run_dir: Path) -> bool:
 CHECKPOINT_HELP = ("checkpoint to read: final, step_XXXXXX, or its RL step (100 for "
                    "step_000100) (default: final, or the newest step of an interrupted or "
                    "killed run)")
+EVALUATE_CHECKPOINT_HELP = ("checkpoint whose SAE to score: final, step_XXXXXX, or its RL step "
+                            "(100 for step_000100) (default: final; the run must have finished: "
+                            "the samples it scores are written at its end)")
 
 
 def _announce_checkpoint(run_dir: Path, checkpoint: str | None) -> str:
@@ -1010,7 +1013,10 @@ def _evaluate(args: list[str]) -> int:
                              f"shard family (default {FAMILY_THRESHOLD})")
     parser.add_argument("--threads", type=_positive, default=1,
                         help="torch threads (default %(default)s)")
-    parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the shuffled-label nulls and the causal controls (default: "
+                             "the run's own seed, as scripts.planted_sweep evaluates it)")
+    parser.add_argument("--checkpoint", default=None, help=EVALUATE_CHECKPOINT_HELP)
     parser.add_argument("--task", default=None, metavar="FILE.py:NAME | MODULE:NAME",
                         help=TASK_HELP.format(what="the steering and ablation tests"))
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
@@ -1035,8 +1041,9 @@ def _evaluate(args: list[str]) -> int:
         return 2
     try:
         name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
+        seed = ns.seed if ns.seed is not None else _run_seed(ns.run_dir)
         result = evaluate_run(ns.run_dir, n_null=ns.n_null, from_step=ns.from_step,
-                              steering=not ns.no_steering, checkpoint=name,
+                              steering=not ns.no_steering, checkpoint=name, seed=seed,
                               null_run=ns.null_run, n_prompts=ns.n_prompts,
                               family_threshold=ns.family_threshold, task=task, out=ns.out,
                               trust_remote_code=ns.trust_remote_code)
@@ -1049,6 +1056,14 @@ def _evaluate(args: list[str]) -> int:
         return 2
     print(to_markdown(result))
     return 0
+
+
+def _run_seed(run_dir: Path) -> int:
+    """The run's own seed (``config.json``), 0 when it records none."""
+    from sae_shards.run import rundir
+
+    seed = rundir.read_config(run_dir).get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

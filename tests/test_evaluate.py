@@ -159,7 +159,22 @@ def test_evaluation_json_records_what_its_nulls_were_drawn_with(planted_run, tmp
     assert cli_main(["evaluate", str(planted_run), "--no-steering", "--n-null", "3",
                      "--out", str(tmp_path / "cli")]) == 0
     on_disk = json.loads((tmp_path / "cli" / "evaluation.json").read_text())
-    assert (on_disk["n_null"], on_disk["seed"]) == (3, 0)
+    run_seed = json.loads((planted_run / "config.json").read_text())["seed"]
+    assert (on_disk["n_null"], on_disk["seed"]) == (3, run_seed)  # the run's own, as the sweep
+    assert on_disk["checkpoint"] == "final"
+    assert "The SAE of checkpoint final;" in (tmp_path / "cli" / "evaluation.md").read_text()
+    assert cli_main(["evaluate", str(planted_run), "--no-steering", "--n-null", "2", "--seed", "7",
+                     "--out", str(tmp_path / "seven")]) == 0
+    seven = json.loads((tmp_path / "seven" / "evaluation.json").read_text())
+    assert seven["seed"] == 7 and seven["mmcs_null"] == a["mmcs_null"]  # the same draw as a's
+    # a run of seed 7 (a sweep's capture, say) is evaluated with its seed by default
+    copy = tmp_path / "seed7"
+    shutil.copytree(planted_run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "seed": 7}))
+    assert cli_main(["evaluate", str(copy), "--no-steering", "--n-null", "2"]) == 0
+    again = json.loads((copy / "evaluation.json").read_text())
+    assert again["seed"] == 7 and again["mmcs_null"] == a["mmcs_null"]
 
 
 def test_samples_without_task_labels_get_a_clear_error(planted_run, tmp_path):
@@ -1113,3 +1128,29 @@ def test_a_run_without_shard_families_is_evaluated_saying_so(planted_run, tmp_pa
     md = to_markdown(r)
     assert "Shard families: none (no shard family: every latent is a drift latent" in md
     assert "families -," in md
+
+
+def test_an_ablation_drop_below_the_floor_is_marked_unresolved(planted_run, tmp_path):
+    """evaluation.md said rows below the floor are marked; the steering table marked them, the
+    ablation table did not (a drop of 0.004 beside a floor of 0.005 showed a plain +0.781)."""
+    from sae_shards.planted.evaluate import to_markdown
+
+    r = evaluate_run(planted_run, n_null=2, steering=False, out=tmp_path)
+    tasks = r["tasks"]
+    zero = {u: 0.0 for u in tasks}
+    r["steering"] = {"alpha": 1.0, "n_prompts": 2, "n_samples": 4, "sampling": {}, "floor": 0.005,
+                     "selectivity": 1.0, "control_selectivity": 0.0, "shuffled_selectivity": None,
+                     "per_task": {t: {"latent": 0, "shard_plus": {**zero, t: 0.1},
+                                      "shard_minus": zero, "shard_selectivity": 20.0,
+                                      "control_selectivity": 0.0} for t in tasks}}
+    drops = {tasks[0]: 0.004, tasks[1]: 0.2}  # below the floor, above it
+    r["ablation"] = {"selectivity": 1.0, "control_selectivity": 0.0, "shuffled_selectivity": None,
+                     "own_first_rate": 0.5, "own_first_rate_shuffled": None,
+                     "per_task": {t: {"latent": 0, "drop": {**zero, t: drops.get(t, 0.1)},
+                                      "broken_task": None if t == tasks[0] else t,
+                                      "selectivity": 0.781, "control_selectivity": 0.0}
+                                  for t in tasks}}
+    md = to_markdown(r)
+    assert f"| {tasks[0]} | 0 | +0.004 | none (no drop reached 0.005, or a tie) | +0.781 " \
+           "(unresolved) |" in md
+    assert f"| {tasks[1]} | 0 | +0.200 | +0.200 ({tasks[1]}) | +0.781 | +0.000 |" in md

@@ -614,7 +614,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     }
     result = {
         "headline": headline,
-        "run_dir": str(run_dir), "tasks": tasks, "n_train": len(y_tr), "n_heldout": len(y_te),
+        "run_dir": str(run_dir), "checkpoint": shards.path.name,  # the SAE scored
+        "tasks": tasks, "n_train": len(y_tr), "n_heldout": len(y_te),
         "sample_unit": "step" if settings["granularity"] == "step" else "event",
         "multi_label": data.multi_label, "from_step": from_step,
         # what the shuffled-label nulls were drawn with (they move the nulls and margins)
@@ -870,7 +871,7 @@ def _f(x: Any, fmt: str = ".3f") -> str:
 def to_markdown(r: dict[str, Any]) -> str:
     h = r["headline"]
     lines = [f"# Evaluation of {r['run_dir']}", "",
-             f"{r['n_train']} training and {r['n_heldout']} held-out {r['sample_unit']}s (RL "
+             f"The SAE of checkpoint {r.get('checkpoint', 'final')}; {r['n_train']} training and {r['n_heldout']} held-out {r['sample_unit']}s (RL "
              f"steps {_f(r.get('first_step'), 'd')}-{_f(r.get('last_step'), 'd')}"
              f"{'; --from-step ' + str(r['from_step']) if r['from_step'] else ''}), tasks "
              f"{r['tasks']}; granularity {h['granularity']}, "
@@ -954,18 +955,22 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines += ["", f"No steering or ablation: {r['causal_skipped']}."]
     ab = r.get("ablation")
     if ab:
-        lines += ["", "Ablation (the run's update along the shard removed from the final weights):",
-                  "", f"selectivity (median over tasks) {ab['selectivity']:+.3f}, random control "
+        lines += ["", "Ablation (the run's update along the shard removed from the final weights; "
+                  "a drop on the shard's task below the floor is not resolved: such rows are "
+                  "marked):", "", f"selectivity (median over tasks) {ab['selectivity']:+.3f}, random control "
                   f"{ab['control_selectivity']:+.3f}, shuffled-label control "
                   f"{_f(ab['shuffled_selectivity'], '+.3f')}; own task breaks first in "
                   f"{ab['own_first_rate']:.2f} of tasks (shuffled-label directions: "
                   f"{_f(ab['own_first_rate_shuffled'], '.2f')}, chance {1 / len(r['tasks']):.2f})", "",
                   "| task | latent | drop on task | largest drop (task) | selectivity | random direction's selectivity |",
                   "|---|---|---|---|---|---|"]
+        floor = st["floor"] if st else None
         for t, e in ab["per_task"].items():
             top = e["broken_task"]
             largest = (f"{e['drop'][top]:+.3f} ({top})" if top else
-                       f"none (no drop reached {st['floor'] if st else 'the floor'}, or a tie)")
+                       f"none (no drop reached {floor if floor else 'the floor'}, or a tie)")
+            faint = floor is not None and abs(e["drop"][t]) < floor  # as steering's rows
             lines.append(f"| {t} | {e['latent']} | {e['drop'][t]:+.3f} | {largest} | "
-                         f"{e['selectivity']:+.3f} | {e['control_selectivity']:+.3f} |")
+                         f"{e['selectivity']:+.3f}{' (unresolved)' if faint else ''} | "
+                         f"{e['control_selectivity']:+.3f} |")
     return "\n".join(lines) + "\n"
