@@ -11,7 +11,8 @@
 # (one process): TRL's FSDP2 path, which accelerate does not run on CPUs; and under
 # `--use_deepspeed --zero_stage 3` (one process; 2 CPU processes run in tests/test_distributed.py).
 #
-# Writes one markdown file ($OUT, default gpu_check.md): the date, the GPU, torch/CUDA versions,
+# Writes one markdown file ($OUT, default gpu_check.md; a relative path is taken from the
+# directory it is started in, not the repo's): the date, the GPU, torch/CUDA versions,
 # the pytest summary line and the benchmark table (what goes into docs/benchmarks.md). Without
 # --cpu-smoke it stops at once, non-zero, when no CUDA device is usable. It exits non-zero when a
 # test or the benchmark fails, after writing the file. Assumes a CUDA build of torch is
@@ -23,6 +24,7 @@
 # e.g. "-m gpu tests/test_gpu.py -k buffer" to rerun a part), BENCH_ARGS (extra arguments and
 # Hydra overrides for scripts/bench_gpu_overhead.py, e.g. "--steps 40").
 set -euo pipefail
+CALLER_DIR="$PWD"
 cd "$(dirname "$0")/.."
 
 die() { echo "gpu_check: $*" >&2; exit 1; }
@@ -37,6 +39,7 @@ esac
 [[ $SMOKE == 0 ]] || export CUDA_VISIBLE_DEVICES=""  # CPU only, on any machine
 PY="${PYTHON:-python}"
 OUT="${OUT:-gpu_check.md}"
+[[ $OUT == /* ]] || OUT="$CALLER_DIR/$OUT"  # as the caller named it
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-420}"
 read -r -a PYTEST_ARGS <<<"${PYTEST_ARGS:--m gpu tests/}"
 read -r -a BENCH_ARGS <<<"${BENCH_ARGS:-}"

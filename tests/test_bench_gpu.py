@@ -76,10 +76,11 @@ def test_widened_tokenizer_keeps_prompts_and_decodes_every_id():
 
 def _gpu_check(tmp_path: Path, *args: str, timeout: int = 300,
                **env_extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "gpu_check.md"),
-           **env_extra}
-    return subprocess.run(["bash", "scripts/gpu_check.sh", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """The script started from ``tmp_path`` with a relative ``OUT``: its report lands there (it
+    once landed in the repository, where the script changes directory)."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": "gpu_check.md", **env_extra}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=timeout)
 
 
 SMOKE_TESTS = "-m gpu tests/test_gpu.py -k buffer"
