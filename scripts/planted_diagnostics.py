@@ -52,7 +52,22 @@ def _rank1(dirs: Tensor, shapes: dict[str, tuple[int, ...]]) -> Tensor:
     return torch.cat(parts, 1)
 
 
-def diagnose(run_dir: Path, ridge: float = 0.1) -> dict:
+def read_evaluation(run_dir: Path, evaluation: Path | None = None) -> dict:
+    """The run's ``evaluation.json`` (``evaluation``: one written elsewhere with ``evaluate
+    --out``), read before any work: SystemExit saying what to run when it is missing."""
+    path = evaluation or run_dir / "evaluation.json"
+    if path.is_dir():
+        path = path / "evaluation.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: cannot be read ({e}); run `sae-shards evaluate {run_dir}` "
+                         "first, or name the evaluation it wrote elsewhere with --evaluation "
+                         "DIR/evaluation.json") from e
+
+
+def diagnose(run_dir: Path, ridge: float = 0.1, evaluation: Path | None = None) -> dict:
+    evaluated = read_evaluation(run_dir, evaluation)  # first: it needs `evaluate` run
     shards = ShardSet.from_run(run_dir)
     sae = shards.sae
     data = EvalData(run_dir, shards.target_names)
@@ -87,12 +102,6 @@ def diagnose(run_dir: Path, ridge: float = 0.1) -> dict:
     out["subspace3"] = _mean_auroc(torch.stack(sub, 1), y_te, tasks)
 
     # the evaluation's own choice of latents: drift latents excluded, best on training samples
-    evaluation = run_dir / "evaluation.json"
-    try:
-        evaluated = json.loads(evaluation.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{evaluation}: cannot be read ({e}); run `sae-shards evaluate "
-                         f"{run_dir}` first") from e
     drift = evaluated["drift"]["latents"]
     with torch.no_grad():
         pre_tr = sae.encode_pre(sae.to_scaled(x_tr))
@@ -108,11 +117,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--ridge", type=float, default=0.1)
+    parser.add_argument("--evaluation", type=Path, default=None, metavar="FILE",
+                        help="the run's evaluation.json when `sae-shards evaluate --out` wrote it "
+                             "elsewhere (default RUN_DIR/evaluation.json; one run only)")
     args = parser.parse_args()
+    if args.evaluation and len(args.run_dirs) > 1:
+        parser.error("--evaluation names one run's evaluation: give one run directory")
     torch.set_num_threads(1)
     for run in args.run_dirs:
         try:
-            figures = diagnose(run, args.ridge)
+            figures = diagnose(run, args.ridge, args.evaluation)
         except CheckpointError as e:  # not a run, or one saved without samples: say which
             raise SystemExit(f"planted_diagnostics: {e}") from e
         print(json.dumps({"run": str(run), **figures}, indent=1))

@@ -1154,3 +1154,19 @@ def test_an_ablation_drop_below_the_floor_is_marked_unresolved(planted_run, tmp_
     assert f"| {tasks[0]} | 0 | +0.004 | none (no drop reached 0.005, or a tie) | +0.781 " \
            "(unresolved) |" in md
     assert f"| {tasks[1]} | 0 | +0.200 | +0.200 ({tasks[1]}) | +0.781 | +0.000 |" in md
+
+
+def test_planted_diagnostics_needs_its_evaluation_first_and_finds_one_elsewhere(planted_run,
+                                                                               tmp_path):
+    """scripts.planted_diagnostics read evaluation.json after ~30 s of work, from the run
+    directory only: an evaluation written with --out could not be used."""
+    from scripts.planted_diagnostics import diagnose
+
+    copy = tmp_path / "run"
+    shutil.copytree(planted_run, copy, ignore=shutil.ignore_patterns("evaluation.*"))
+    with pytest.raises(SystemExit, match=r"evaluation.json: cannot be read .* run `sae-shards "
+                                         r"evaluate .*` first, or name the evaluation"):
+        diagnose(copy)
+    r = evaluate_run(copy, n_null=2, steering=False, out=tmp_path / "elsewhere")
+    figures = diagnose(copy, evaluation=tmp_path / "elsewhere")
+    assert figures["auroc_task"] == r["auroc_task"]
