@@ -360,6 +360,29 @@ def _seeded_run(tiny_model, tmp_path, name: str, stop_at: int | None = None) -> 
     return callback
 
 
+def test_resume_from_passes_over_a_trl_checkpoint_a_kill_left_torn(tiny_model, tmp_path,
+                                                                     caplog):
+    """A kill while TRL wrote checkpoint-7 leaves it without trainer_state.json (TRL writes it
+    last): resume_from_checkpoint=True picks it and transformers stops with its own
+    FileNotFoundError. callback.resume_from(trainer) names checkpoint-5, warns about 7, and the
+    run resumed from it ends as the uninterrupted one."""
+    _seeded_run(tiny_model, tmp_path, "whole")
+    run, out = tmp_path / "cut", tmp_path / "trl_cut"
+    _seeded_run(tiny_model, tmp_path, "cut", stop_at=7)
+    (out / "checkpoint-7" / "trainer_state.json").unlink()  # as the kill leaves it
+    callback = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
+    trainer = _user_trainer(tiny_model, out, [callback])
+    with caplog.at_level("WARNING", logger="sae_shards.capture.callback"):
+        path = callback.resume_from(trainer)
+    assert path == str(out / "checkpoint-5")
+    assert "holds checkpoints that are not complete on both sides (checkpoint-7" in caplog.text
+    trainer.train(resume_from_checkpoint=path)
+    assert callback.summary["rl_steps"] == 10 and not callback.summary["interrupted"]
+    _assert_same_ending(tmp_path / "whole", run)
+    fresh = ShardCallback(run_dir=tmp_path / "new", runner={"min_samples": 2})
+    assert fresh.resume_from(_user_trainer(tiny_model, tmp_path / "trl_new", [fresh])) is None
+
+
 def test_a_trl_checkpoint_without_its_shards_side_is_refused_naming_where_to_resume(
         tiny_model, tmp_path):
     """TRL's checkpoint-7 is complete but sae-shards' side of it is not (its write hit a full

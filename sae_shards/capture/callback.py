@@ -68,7 +68,8 @@ from sae_shards.capture.trainer_settings import (SAMPLING_ARGS, STEP_ARGS, TIED_
                                                  TiedRewardsWatch, lora_settings, model_id,
                                                  reward_batch, reward_weights,
                                                  trained_steps, trainer_samples_per_step)
-from sae_shards.capture.trl_checkpoints import (SCRIPT_RESUME, in_script_terms, trl_dir,
+from sae_shards.capture.trl_checkpoints import (SCRIPT_RESUME, in_script_terms,
+                                                trl_checkpoint_steps, trl_dir,
                                                 warn_earlier_trl_checkpoints,
                                                 warn_later_trl_checkpoints,
                                                 warn_model_only_checkpoints,
@@ -568,6 +569,27 @@ class ShardCallback(TrainerCallback):
         """End the run after the current optimizer step, with a checkpoint TRL and sae-shards
         can resume from (thread-safe: a signal handler may call it)."""
         self.stop_signal = signum
+
+    def resume_from(self, trainer: Any) -> str | None:
+        """The TRL checkpoint to resume ``trainer`` from: the newest step both sides finished
+        (a sae-shards checkpoint with its resume file, and TRL's ``checkpoint-N`` with a
+        ``trainer_state.json`` that parses, in the trainer's ``output_dir``), as a path for
+        ``trainer.train(resume_from_checkpoint=...)``; None when there is none (start anew).
+        A kill while TRL wrote a later checkpoint leaves it without ``trainer_state.json``;
+        ``resume_from_checkpoint=True`` would pick it and transformers would stop: this passes
+        over it, and warns naming it (delete it)."""
+        output = trl_dir(trainer.args)
+        if output is None:
+            return None
+        step = resume_state.latest_complete(self.run_dir, quiet=True, trl=output)
+        later = [s for s in trl_checkpoint_steps(str(output)) if step is None or s > step]
+        if later:
+            log.warning("the trainer's output_dir %s holds checkpoints that are not complete on "
+                        "both sides (%s: killed while one side wrote it, or an earlier run's); "
+                        "resuming from %s instead: delete them", output,
+                        ", ".join(f"checkpoint-{s}" for s in later),
+                        f"checkpoint-{step}" if step is not None else "the start")
+        return None if step is None else str(output / f"checkpoint-{step}")
 
     # ---- events ------------------------------------------------------------------------------
 

@@ -166,18 +166,20 @@ def prune_checkpoints(run_dir: Path, keep: int = 0) -> None:
                 (path / STATE_FILE).unlink(missing_ok=True)
 
 
-def latest_complete(run_dir: Path, quiet: bool = False) -> int | None:
-    """The newest RL step with a resume file, a shards checkpoint and TRL's finished checkpoint.
+def latest_complete(run_dir: Path, quiet: bool = False,
+                    trl: Path | None = None) -> int | None:
+    """The newest RL step with a resume file, a shards checkpoint and TRL's finished checkpoint
+    (in ``trl``, the trainer's ``output_dir``; default ``run_dir/trl``, ``sae-shards train``'s).
 
     TRL writes ``trainer_state.json`` last and not atomically: a kill while it is written leaves
     a torn file, so a checkpoint counts as finished only when that file parses. ``quiet``: no
     warning for an incomplete one passed over (a question asked, not a resume)."""
-    trl = run_dir / rundir.TRL_OUTPUT
+    trl = run_dir / rundir.TRL_OUTPUT if trl is None else trl
     for step in reversed(rundir.saved_steps(run_dir / rundir.RESUME)):
         missing = [what for what, ok in (
             (f"{rundir.CHECKPOINTS}/{rundir.step_name(step)} missing",
              (checkpoint_dir(run_dir, step) / "config.json").is_file()),
-            (f"{rundir.TRL_OUTPUT}/checkpoint-{step}/trainer_state.json missing or torn",
+            (f"{trl / f'checkpoint-{step}' / 'trainer_state.json'} missing or torn",
              trl_finished(trl, step))) if not ok]
         if not missing:
             return step
