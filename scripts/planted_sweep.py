@@ -37,8 +37,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
-from sae_shards.planted.benchmark import run_planted
+from sae_shards.cli import CONFIG_DIR, ConfigError, check_overrides, job_config_from_hydra
+from sae_shards.planted.benchmark import GROUPS, KINDS, run_planted
+from sae_shards.recipe.tasks import SCHEDULES
 from sae_shards.planted.evaluate import HEADLINE_KEYS, evaluate_run
 
 CAPTURES = "body-event,body-grad"
@@ -61,14 +62,53 @@ def null_captures(captures: tuple[str, ...], schedule: str) -> tuple[str, ...]:
     return tuple(c for c in captures if c.partition("-")[2] == "event")
 
 
+def point_config(seed: int, schedule: str, null: bool, overrides: list[str]):
+    """The job config of one point (``ConfigError`` for a bad schedule or override)."""
+    task = "multiskill_null" if null else "multiskill"
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return job_config_from_hydra(compose("config", overrides=[
+            "experiment=planted", f"task={task}", f"task.options.schedule={schedule}",
+            f"seed={seed}", "overwrite=true", *overrides]))
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[int]:
+    """Every argument checked before a run starts (a typo was a traceback from a worker after
+    the first runs, and a --headline naming no capture an all-null headline after the whole
+    sweep): the seeds, as ints."""
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 30,31,32")
+    captures = args.captures.split(",")
+    for c in captures:
+        group, _, kind = c.partition("-")
+        if group not in GROUPS or kind not in KINDS:
+            parser.error(f"--captures: {c!r} is not <group>-<kind> with a group of {list(GROUPS)} "
+                         f"and a kind of {list(KINDS)}")
+    for name in ("schedules", "null_schedules"):
+        for sch in getattr(args, name).split(","):
+            if sch not in SCHEDULES:
+                parser.error(f"--{name.replace('_', '-')}: {sch!r} is not one of {list(SCHEDULES)}")
+    schedule, colon, capture = args.headline.partition(":")
+    if not colon or schedule not in args.schedules.split(",") or capture not in captures:
+        parser.error(f"--headline {args.headline!r}: give <schedule>:<capture> among the sweep's "
+                     f"--schedules {args.schedules} and --captures {args.captures}")
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give at least 1")
+    for null in (False, True):  # the overrides, composed as the points compose them
+        try:
+            check_overrides(args.overrides)  # a misspelt key named with the closest field
+            point_config(seeds[0], schedule, null, args.overrides)
+        except ConfigError as e:
+            parser.error(f"the overrides {' '.join(args.overrides)}: {e}")
+    return seeds
+
+
 def run_point(seed: int, schedule: str, null: bool, captures: tuple[str, ...],
               overrides: list[str], out: Path) -> list[dict]:
     """One GRPO run of the point, every capture evaluated: one row per capture."""
     task = "multiskill_null" if null else "multiskill"
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = job_config_from_hydra(compose("config", overrides=[
-            "experiment=planted", f"task={task}", f"task.options.schedule={schedule}",
-            f"seed={seed}", "overwrite=true", *overrides]))
+    cfg = point_config(seed, schedule, null, overrides)
     rows = []
     t0 = time.perf_counter()
     dirs = run_planted(cfg, out / f"{task}-{schedule}-seed{seed}", captures=captures)
@@ -176,9 +216,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", type=Path, default=None, help="markdown report (default: print)")
     parser.add_argument("--jobs", type=int, default=2, help="points run at once (processes)")
     args = parser.parse_args(argv)
+    seeds = check_args(parser, args)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    seeds = [int(s) for s in args.seeds.split(",")]
     captures = tuple(args.captures.split(","))
     points = [(s, sch, False, captures) for s in seeds for sch in args.schedules.split(",")]
     if not args.no_null:

@@ -3,6 +3,7 @@ trained SAE's shards predict the held-out task above the shuffled-label null, an
 pipelines — a random decoder, and labels shuffled before evaluation — fail the same threshold."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -118,3 +119,27 @@ def test_the_sweeps_headline_is_the_mean_over_seeds_and_names_a_seed_without_a_f
     mixed = rows[:3]
     assert _cell(mixed, "mmcs_margin") == "0.150 ± 0.071 (2 of 3 seeds)"
     assert _cell(mixed, "auroc_task") == "0.900 ± 0.100"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "x"], r"--seeds 'x': give comma-separated integers"),
+    (["--captures", "body-bogus"], r"--captures: 'body-bogus' is not <group>-<kind>"),
+    (["--schedules", "bogus"], r"--schedules: 'bogus' is not one of \['random', 'blocks', "
+                               r"'mixed'\]"),
+    (["--captures", "body-event", "--headline", "mixed:body-grad"],
+     r"--headline 'mixed:body-grad': give <schedule>:<capture> among the sweep's"),
+    (["--headline", "mixed"], r"--headline 'mixed': give <schedule>:<capture>"),
+    (["rl.max_stepz=3"], r"the overrides rl.max_stepz=3: 'rl.max_stepz' is not a config field; "
+                         r"did you mean rl.max_steps\?"),
+])
+def test_the_sweep_refuses_bad_arguments_before_any_run(tmp_path, capsys, args, message):
+    """A typo in --captures, --schedules or --seeds was a worker's traceback after the first
+    runs (their directories left behind); a --headline naming no capture gave an all-null
+    headline.json, exit 0, after the whole sweep."""
+    from scripts.planted_sweep import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--runs", str(tmp_path / "runs")])
+    assert e.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
