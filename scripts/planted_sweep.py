@@ -226,16 +226,23 @@ def main(argv: list[str] | None = None) -> str:
                    if (caps := null_captures(captures, sch))]
     args.runs.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    failed: list[str] = []
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"),
                              initializer=_init_worker) as pool:
         futures = {pool.submit(run_point, seed, sch, null, caps, args.overrides, args.runs):
                    (seed, sch, null) for seed, sch, null, caps in points}
         for future in as_completed(futures):
             seed, sch, null = futures[future]
-            rows += future.result()
+            point = f"seed {seed} {sch}{' null' if null else ''}"
+            try:
+                rows += future.result()
+            except Exception as e:  # one failed point: said, and the others still reported
+                failed.append(f"{point}: {type(e).__name__}: {e}")
+                print(f"{point} FAILED after {time.perf_counter() - t0:.0f} s: {failed[-1]}",
+                      file=sys.stderr, flush=True)
+                continue
             (args.runs / "results.json").write_text(json.dumps(rows, indent=2))  # partial too
-            print(f"seed {seed} {sch}{' null' if null else ''} done after "
-                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"{point} done after {time.perf_counter() - t0:.0f} s", flush=True)
     schedule, _, capture = args.headline.partition(":")
     head = headline(rows, schedule, capture)
     (args.runs / "headline.json").write_text(json.dumps(head, indent=2))
@@ -244,10 +251,13 @@ def main(argv: list[str] | None = None) -> str:
             f"{capture}):\n\n" + "\n".join(f"- {k}: {_cell([head], k)}{_without(head, k)}" for k in FIGURES)
             + "\n\n" + table(rows)
             + f"\n\n{len(seeds)} seeds, {len(points)} GRPO runs, {len(rows)} evaluations, "
-              f"{wall:.0f} s wall, {args.jobs} processes.\n")
+              f"{wall:.0f} s wall, {args.jobs} processes.\n"
+            + "".join(f"\nFAILED: {f}\n" for f in failed))
     if args.out:
         args.out.write_text(text)
     print(text)
+    if failed:  # the report holds the other points; the command still says it failed
+        raise SystemExit(f"planted_sweep: {len(failed)} of {len(points)} points failed (above)")
     return text
 
 
