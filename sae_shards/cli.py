@@ -978,8 +978,8 @@ def _announce_checkpoint(run_dir: Path, checkpoint: str | None) -> str:
                if stopped else f" (the run finished, but this copy of it lacks {' and '.join(lacks)}"
                ": its newest checkpoint with a resume file)"
                if rundir.finished_steps(run_dir) is not None else
-               " (the run was killed, or is still running: its newest checkpoint with a resume "
-               "file)")
+               " (the run was killed, or is still running: the step a resume continues from, "
+               "its newest with a resume file and TRL's finished checkpoint)")
         print(f"sae-shards: reading checkpoint {name} of {run_dir}{why}", file=sys.stderr)
     return name
 

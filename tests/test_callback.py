@@ -369,7 +369,21 @@ def test_resume_from_passes_over_a_trl_checkpoint_a_kill_left_torn(tiny_model, t
     _seeded_run(tiny_model, tmp_path, "whole")
     run, out = tmp_path / "cut", tmp_path / "trl_cut"
     _seeded_run(tiny_model, tmp_path, "cut", stop_at=7)
-    (out / "checkpoint-7" / "trainer_state.json").unlink()  # as the kill leaves it
+    state = out / "checkpoint-7" / "trainer_state.json"
+    # a reader of the killed run (its end never written) reads the step a resume continues
+    # from: 7 while TRL's checkpoint-7 is whole, 5 once the kill tore it (it read 7, which the
+    # resume then removed, and had no TRL policy of 7 to pair with)
+    import shutil
+
+    from sae_shards.run.rundir import latest_checkpoint
+
+    killed = tmp_path / "killed"
+    shutil.copytree(run, killed)
+    for name in ("activations.safetensors", "summary.json"):
+        (killed / name).unlink()
+    assert latest_checkpoint(killed) == "step_000007"
+    state.unlink()  # as the kill leaves it
+    assert latest_checkpoint(killed) == "step_000005"
     callback = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
     trainer = _user_trainer(tiny_model, out, [callback])
     with caplog.at_level("WARNING", logger="sae_shards.capture.callback"):

@@ -780,9 +780,8 @@ def policy_dir(run_dir: str | Path, checkpoint: str | int | None = None) -> Path
     if step is None:
         return final
     cfg = rundir.read_config(run_dir)
-    out = rundir.section(cfg, "rl").get("output_dir")
     saved = "adapter_config.json" if _is_lora(cfg) else "config.json"
-    for root in (run_dir / rundir.TRL_OUTPUT, *([Path(out)] if out else [])):
+    for root in rundir.trl_roots(run_dir):
         folder = root / f"checkpoint-{step}"
         if (folder / saved).is_file() and (root == run_dir / rundir.TRL_OUTPUT
                                            or foreign_trl_checkpoint(run_dir, folder) is None):

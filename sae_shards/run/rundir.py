@@ -732,9 +732,11 @@ def latest_checkpoint(run_dir: Path) -> str:
     """``final`` when the run finished, else its newest ``step_XXXXXX`` (an interrupted run, or
     one killed while it wrote its end: ``final/`` without the activations written after it,
     which only a step checkpoint's resume file can stand in for). Without activations (killed,
-    or still running) the newest step that has a resume file, when one has: a script's
-    shards-only checkpoints after it have no buffer to re-encode nor TRL policy to pair with
-    (``ShardSet.from_run`` reads them when named)."""
+    or still running) the newest step that has a resume file and TRL's finished checkpoint
+    (``trainer_state.json`` parses), the step a resume continues from, else the newest with a
+    resume file: a script's shards-only checkpoints after it have no buffer to re-encode nor
+    TRL policy to pair with, and a kill between sae-shards' side of a step and TRL's leaves a
+    step the resume removes (``ShardSet.from_run`` reads them when named)."""
     folder = run_dir / CHECKPOINTS
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory{_nearby_runs(run_dir)}")
@@ -757,8 +759,20 @@ def latest_checkpoint(run_dir: Path) -> str:
                               "checkpoint?")
     if not (run_dir / ACTIVATIONS).is_file():
         readable = [step for step in steps if resume_file(run_dir, step).is_file()]
-        steps = readable or steps
+        # of those, the ones TRL finished too: where a resume continues, with a policy to pair
+        # (a kill between sae-shards' side and TRL's leaves a newer step a resume removes)
+        paired = [step for step in readable if any(
+            _read_object(root / f"checkpoint-{step}" / "trainer_state.json")
+            for root in trl_roots(run_dir))]
+        steps = paired or readable or steps
     return step_name(steps[-1])
+
+
+def trl_roots(run_dir: Path) -> list[Path]:
+    """Where the run's TRL checkpoints may be: ``run_dir/trl`` (``sae-shards train``'s), and
+    ``config.json``'s ``rl.output_dir`` (a script's trainer) when it records one."""
+    out = section(read_config(run_dir), "rl").get("output_dir")
+    return [run_dir / TRL_OUTPUT, *([Path(out)] if isinstance(out, str) and out else [])]
 
 
 def save_activations(path: Path, tensors: dict[str, torch.Tensor], input_scale: float,
