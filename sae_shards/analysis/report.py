@@ -220,7 +220,10 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     parts.append(_section("reward", "Reward", _reward_html(view)))
     untrained = ("<p>No shards selected (<code>--shards 0</code> and no always-on shard).</p>"
                  if not shards and bool(density.abs().sum() > 0) else
-                 "<p>No activations: the SAE never trained (see the run's summary).</p>")
+                 "<p>No activations: the SAE never trained"
+                 + (" (see the run's summary)" if summary else
+                    f" by {_sae_of(view)} (no summary.json: the run was killed, or is still "
+                    "running)") + ".</p>")
     parts.append(_section("timeline", f"Shard timeline ({which} shards, {_sae_of(view)})",
                           plot_timeline(view, shards) if shards else untrained))
     families = view.families()
