@@ -175,11 +175,12 @@ def latest_complete(run_dir: Path, quiet: bool = False,
     a torn file, so a checkpoint counts as finished only when that file parses. ``quiet``: no
     warning for an incomplete one passed over (a question asked, not a resume)."""
     trl = run_dir / rundir.TRL_OUTPUT if trl is None else trl
+    shown = trl.relative_to(run_dir) if trl.is_relative_to(run_dir) else trl  # trl/ in the run
     for step in reversed(rundir.saved_steps(run_dir / rundir.RESUME)):
         missing = [what for what, ok in (
             (f"{rundir.CHECKPOINTS}/{rundir.step_name(step)} missing",
              (checkpoint_dir(run_dir, step) / "config.json").is_file()),
-            (f"{trl / f'checkpoint-{step}' / 'trainer_state.json'} missing or torn",
+            (f"{shown / f'checkpoint-{step}' / 'trainer_state.json'} missing or torn",
              trl_finished(trl, step))) if not ok]
         if not missing:
             return step
