@@ -871,7 +871,8 @@ def _f(x: Any, fmt: str = ".3f") -> str:
 def to_markdown(r: dict[str, Any]) -> str:
     h = r["headline"]
     lines = [f"# Evaluation of {r['run_dir']}", "",
-             f"The SAE of checkpoint {r.get('checkpoint', 'final')}; {r['n_train']} training and {r['n_heldout']} held-out {r['sample_unit']}s (RL "
+             f"The SAE of checkpoint {r.get('checkpoint', 'final')}; {r['n_train']} training "
+             f"and {r['n_heldout']} held-out {r['sample_unit']}s (RL "
              f"steps {_f(r.get('first_step'), 'd')}-{_f(r.get('last_step'), 'd')}"
              f"{'; --from-step ' + str(r['from_step']) if r['from_step'] else ''}), tasks "
              f"{r['tasks']}; granularity {h['granularity']}, "
@@ -957,7 +958,8 @@ def to_markdown(r: dict[str, Any]) -> str:
     if ab:
         lines += ["", "Ablation (the run's update along the shard removed from the final weights; "
                   "a drop on the shard's task below the floor is not resolved: such rows are "
-                  "marked):", "", f"selectivity (median over tasks) {ab['selectivity']:+.3f}, random control "
+                  "marked):", "", f"selectivity (median over tasks) {ab['selectivity']:+.3f}, "
+                  "random control "
                   f"{ab['control_selectivity']:+.3f}, shuffled-label control "
                   f"{_f(ab['shuffled_selectivity'], '+.3f')}; own task breaks first in "
                   f"{ab['own_first_rate']:.2f} of tasks (shuffled-label directions: "
