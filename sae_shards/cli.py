@@ -146,7 +146,7 @@ def _check_tiny_fields_with_a_path(overrides: list) -> None:
     group = given.get("model")
     if group is None or group.is_sweep_override() or str(group.value()) != "hf_path":
         return
-    tiny = [key for key in given if key.lstrip("+").removeprefix("model.") in TINY_ONLY]
+    tiny = [key for key in given if key in {f"model.{name}" for name in TINY_ONLY}]
     if tiny:
         raise ConfigError(f"{', '.join(tiny)}: these shape the built-in tiny model only "
                           "(model=tiny), and model=hf_path uses model.path as saved; drop them")

@@ -27,8 +27,8 @@ from torch import Tensor
 from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, Families,
                                           find_families)
 from sae_shards.capture.rollouts import scored_mean
-from sae_shards.core.checkpoint import (CheckpointError, load_checkpoint, read_safetensors,
-                                        save_checkpoint)
+from sae_shards.core.checkpoint import (CONFIG_FILE, SAE_FILE, STATE_FILE, CheckpointError,
+                                        load_checkpoint, read_safetensors, save_checkpoint)
 from sae_shards.core.factored import cross_gram
 from sae_shards.core.sae import LowRankSAE
 from sae_shards.core.targets import split_stacked, stack_slices, stack_targets
@@ -948,7 +948,7 @@ def _save_refusal(path: Path, overwrite: bool) -> str | None:
     if parent.name == rundir.CHECKPOINTS and (parent.parent / rundir.CONFIG).is_file():
         return (f"ShardSet.save: {path} is a checkpoint of the run in {parent.parent}, whose "
                 "activations and resume belong to it; save the shards elsewhere")
-    if set(held) <= {"config.json", "sae.safetensors", "training_state.safetensors"}:
+    if set(held) <= {CONFIG_FILE, SAE_FILE, STATE_FILE}:  # what save_checkpoint writes
         if overwrite:
             return None
         return (f"ShardSet.save: {path} already holds shards; pass overwrite=True to replace "

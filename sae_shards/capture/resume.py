@@ -137,14 +137,8 @@ def kept_resume_steps(run_dir: Path, trl_dir: Path) -> set[int]:
     which may be rarer than ``runner.checkpoint_every``; TRL's ``resume_from_checkpoint=True``
     takes its newest checkpoint, and the callback needs that step's resume file."""
     steps = rundir.saved_steps(run_dir / rundir.RESUME)
-    trl_done = [step for step in steps if trl_finished(trl_dir, step)]
+    trl_done = [step for step in steps if rundir.trl_finished(trl_dir, step)]
     return set(steps[-KEEP:]) | set(trl_done[-1:])
-
-
-def trl_finished(trl_dir: Path, step: int) -> bool:
-    """TRL finished its checkpoint of ``step`` in ``trl_dir``: ``trainer_state.json``, which it
-    writes last and not atomically, parses."""
-    return _parses(trl_dir / f"checkpoint-{step}" / "trainer_state.json")
 
 
 def prune_checkpoints(run_dir: Path, keep: int = 0) -> None:
@@ -181,7 +175,7 @@ def latest_complete(run_dir: Path, quiet: bool = False,
             (f"{rundir.CHECKPOINTS}/{rundir.step_name(step)} missing",
              (checkpoint_dir(run_dir, step) / "config.json").is_file()),
             (f"{shown / f'checkpoint-{step}' / 'trainer_state.json'} missing or torn",
-             trl_finished(trl, step))) if not ok]
+             rundir.trl_finished(trl, step))) if not ok]
         if not missing:
             return step
         if not quiet:
@@ -228,14 +222,6 @@ def _resume_instead(step: int, have: list[int], trl_output: str | Path | None) -
         return text + f"; no step has both sides (sae-shards: {have or 'none'}), start anew"
     return text + (f"; the newest step with both sides is {both[-1]}: "
                    f"trainer.train(resume_from_checkpoint='{trl / f'checkpoint-{both[-1]}'}')")
-
-
-def _parses(path: Path) -> bool:
-    """A JSON object is in ``path`` (False when missing, torn or not JSON)."""
-    try:
-        return isinstance(json.loads(path.read_text()), dict)
-    except (OSError, ValueError):
-        return False
 
 
 def restore(run_dir: Path, step: int, parts: Pipeline,

@@ -29,8 +29,8 @@ from sae_shards.capture import resume as resume_state
 from sae_shards.capture.callback import ShardCallback
 from sae_shards.capture.pipeline import resolve_targets
 from sae_shards.capture.signals import stop_on_signals
-from sae_shards.recipe.models import (build_tiny_model, build_tokenizer, check_causal_lm,
-                                      check_policy_dir, check_vocab, load_tokenizer, meta_policy)
+from sae_shards.recipe.models import (build_tiny_model, build_tokenizer, check_policy_dir,
+                                      meta_policy)
 from sae_shards.recipe.tasks import build_task, check_writable, default_target_length
 from sae_shards.recipe.trainers import (build_trainer, check_lora_modules, check_precision,
                                         check_reward_scale, check_trl_settings, freeze_except)
@@ -200,9 +200,7 @@ def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device,
     collective (DeepSpeed ZeRO-3 partitions the model as it loads)."""
     model_path = prepare_model(cfg, run_dir) if model_path is None else model_path
     trust = cfg.model.trust_remote_code  # the user's own override: a resume must give it again
-    check_causal_lm(model_path, trust)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=trust)
-    check_vocab(model_path, tokenizer, trust)
+    tokenizer = check_policy_dir(model_path, trust)  # a fresh tokenizer: the trainer's own
     # The rewards divide by target_length: tie it to the completion budget, in characters.
     target_length = default_target_length(cfg.rl.max_completion_length, tokenizer)
     task = build_task(cfg.task.name, **{"target_length": target_length, **cfg.task.options})

@@ -761,11 +761,20 @@ def latest_checkpoint(run_dir: Path) -> str:
         readable = [step for step in steps if resume_file(run_dir, step).is_file()]
         # of those, the ones TRL finished too: where a resume continues, with a policy to pair
         # (a kill between sae-shards' side and TRL's leaves a newer step a resume removes)
-        paired = [step for step in readable if any(
-            _read_object(root / f"checkpoint-{step}" / "trainer_state.json")
-            for root in trl_roots(run_dir))]
+        paired = [step for step in readable
+                  if any(trl_finished(root, step) for root in trl_roots(run_dir))]
         steps = paired or readable or steps
     return step_name(steps[-1])
+
+
+def trl_finished(trl_dir: Path, step: int) -> bool:
+    """TRL finished its checkpoint of ``step`` in ``trl_dir``: ``trainer_state.json``, which it
+    writes last and not atomically, parses to an object."""
+    try:
+        state = json.loads((trl_dir / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    except (OSError, ValueError):  # missing, or torn by a kill
+        return False
+    return isinstance(state, dict)
 
 
 def trl_roots(run_dir: Path) -> list[Path]:
