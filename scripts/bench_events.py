@@ -183,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             [*args.capture, "--modes", "rl,capture,capture-group,inline,inline-group"])
     print("\n" + text)
     if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     return text
 

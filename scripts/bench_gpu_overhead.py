@@ -2,7 +2,7 @@
 
     python -m scripts.bench_gpu_overhead                  # CUDA, 0.5B shape (not yet timed)
     python -m scripts.bench_gpu_overhead --tiny           # CPU smoke run of the same path (seconds)
-    python -m scripts.bench_gpu_overhead --steps 40 --out table.md sae.batch_size=4
+    python -m scripts.bench_gpu_overhead --steps 40 --out runs/table.md sae.batch_size=4
 
 The model is built from a ``Qwen2Config`` with the real Qwen2.5-0.5B shape (hidden 896, 24 layers,
 14 heads, 2 KV heads, MLP 4864, vocabulary 151936, tied embeddings) and random weights: nothing
@@ -380,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                       *table(rows), "", f"Total wall time {time.perf_counter() - t0:.0f} s."])
     print("\n" + text)
     if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     return text
 

@@ -1,7 +1,7 @@
 """Throughput and peak memory of the low-rank SAE against a dense SAE with the same latents.
 
     python -m scripts.bench_sae                      # CPU, 1 thread, default sizes (< 5 min)
-    python -m scripts.bench_sae --device cuda --threads 4 --out bench.md
+    python -m scripts.bench_sae --device cuda --threads 4 --out runs/bench.md
 
 One target matrix of growing size ``m x n``; fixed ``n_latents``, ``k`` and batch. Both SAEs are
 driven by the same :class:`SAETrainer` (same signed top-k, FVU loss, input scaling, Adam and
@@ -461,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                           f"Total wall time {time.perf_counter() - t_start:.0f} s."])
         print("\n" + text)
         if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(text + "\n")
         return text
 
@@ -504,6 +505,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     text = "\n".join(report)
     print("\n" + text)
     if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     return text
 

@@ -35,7 +35,7 @@ def _ratio(cell: str) -> float:
 
 
 def test_tiny_benchmark_runs_every_mode_and_reports_the_sae_work(tmp_path):
-    out = tmp_path / "bench.md"
+    out = tmp_path / "runs" / "bench.md"  # a folder not made yet: made, not a crash after the run
     text = main(["--tiny", "--out", str(out)])
     assert out.read_text() == text + "\n"
     assert "14 matrices" in text and "64-slot bfloat16 buffer" in text
