@@ -308,6 +308,10 @@ def test_null_run_fills_the_null_control(planted_run, tmp_path):
     (null / "config.json").write_text(json.dumps(config))
     alone = evaluate_run(null, n_null=2, steering=False, out=tmp_path / "alone")
     r = evaluate_run(planted_run, n_null=2, steering=False, null_run=null)
+    # evaluated on its own, the null run says what it is; the real run does not
+    assert alone["null_control_run"] and not r["null_control_run"]
+    assert "This run is a null control" in (tmp_path / "alone" / "evaluation.md").read_text()
+    assert "null control**" not in (planted_run / "evaluation.md").read_text()
     assert r["headline"]["auroc_null_control"] == alone["auroc_task"] != r["auroc_task"]
     assert r["headline"]["auroc_null_control_family"] == alone["families"]["auroc_task"] != (
         r["families"]["auroc_task"])

@@ -616,6 +616,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         "headline": headline,
         "run_dir": str(run_dir), "checkpoint": shards.path.name,  # the SAE scored
         "tasks": tasks, "n_train": len(y_tr), "n_heldout": len(y_te),
+        # a run of the null-control task: its figures are what a task-blind reward gives
+        "null_control_run": _task_name(run_dir) == NULL_TASK,
         "sample_unit": "step" if settings["granularity"] == "step" else "event",
         "multi_label": data.multi_label, "from_step": from_step,
         # what the shuffled-label nulls were drawn with (they move the nulls and margins)
@@ -783,12 +785,21 @@ def _saves_samples(run_dir: Path) -> bool:
     return bool(runner.get("save_samples")) and bool(runner.get("heldout_every"))
 
 
+NULL_TASK = "multiskill_null"
+"""The null-control task: ``multiskill``'s prompts and tags, a reward that ignores the tag."""
+
+
+def _task_name(path: Path) -> str | None:
+    """The run's task (config.json's ``task.name``); None when unreadable (evaluating the run
+    reports what is wrong with it)."""
+    return rundir.section(rundir.read_config(path), "task").get("name")
+
+
 def _check_null_run(path: Path) -> None:
     """A null-control run is one of ``task=multiskill_null``: refuse a run whose config.json
     names another task (its AUROC would pass for the null's)."""
-    # unreadable ({}): evaluating it reports what is wrong with it
-    task = rundir.section(rundir.read_config(path), "task").get("name")
-    if task is not None and task != "multiskill_null":
+    task = _task_name(path)
+    if task is not None and task != NULL_TASK:
         raise CheckpointError(f"null_run={path} is a task={task} run; the null control is a "
                               "run of task=multiskill_null (the same prompts and tags, a reward "
                               "that ignores the tag)")
@@ -878,6 +889,11 @@ def to_markdown(r: dict[str, Any]) -> str:
              f"{r['tasks']}; granularity {h['granularity']}, "
              f"source {h['source']}, schedule {h['schedule']}, group {h['group']}.", "",
              "## Headline", "", "| figure | value | how to read it |", "|---|---|---|"]
+    if r.get("null_control_run"):
+        lines[-4:-4] = [f"**This run is a null control** (task={NULL_TASK}: the tags of "
+                        "multiskill, a reward that ignores them), so every task figure below "
+                        "should be at chance (AUROC near 0.5, margins near 0); it is the "
+                        "reference for a multiskill run's figures (`--null-run`).", ""]
     for key in HEADLINE_KEYS[:-4]:
         missing = h[key] is None or h[key] != h[key]
         lines.append(f"| {key} | {_f(h[key], 'd' if key == 'n_families' else '.3f')} | "
