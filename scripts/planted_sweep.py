@@ -118,6 +118,7 @@ def run_point(seed: int, schedule: str, null: bool, captures: tuple[str, ...],
         r = evaluate_run(sub, steering=group == "body" and not null, seed=seed)
         rows.append({"task": task, "schedule": schedule, "seed": seed, "capture": name,
                      "group": group, "kind": kind, "rl_s": rl_s,
+                     "source": r["headline"]["source"],  # evaluation.json's name of a sample
                      **{k: r["headline"].get(k) for k in FIGURES},
                      "energy_share_max": r.get("energy_share_max"),
                      "mmcs_margin_oracle": r.get("mmcs_margin_oracle"),
@@ -187,7 +188,9 @@ def headline(rows: list[dict], schedule: str, capture: str) -> dict:
     out["auroc_null_control"] = mean(null, "auroc_task")
     out["auroc_null_control_family"] = mean(null, "auroc_task_family")
     group, _, kind = capture.partition("-")
-    out.update(granularity="group" if kind == "event" else "step", source=kind,
+    sources = sorted({r["source"] for r in sel if r.get("source")})  # evaluation.json's words
+    out.update(granularity="group" if kind == "event" else "step",
+               source=sources[0] if len(sources) == 1 else kind,
                schedule=schedule, group=group, seeds=sorted({r["seed"] for r in sel}))
     lacking = {k: sorted(r["seed"] for r in rs if _num(r.get(key)) is None)
                for k, rs, key in [*((k, sel, k) for k in FIGURES),

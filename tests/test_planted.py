@@ -95,7 +95,8 @@ def test_the_sweeps_headline_is_the_mean_over_seeds_and_names_a_seed_without_a_f
     from scripts.planted_sweep import _cell, _without, headline
 
     def row(task, schedule, capture, seed, **figures):
-        return {"task": task, "schedule": schedule, "capture": capture, "seed": seed, **figures}
+        return {"task": task, "schedule": schedule, "capture": capture, "seed": seed,
+                "source": "grad-adam-unit" if capture == "body-event" else "grad", **figures}
 
     rows = [row("multiskill", "mixed", "body-event", 1, auroc_task=0.9, mmcs_margin=0.10),
             row("multiskill", "mixed", "body-event", 2, auroc_task=0.8, mmcs_margin=0.20),
@@ -114,7 +115,9 @@ def test_the_sweeps_headline_is_the_mean_over_seeds_and_names_a_seed_without_a_f
     assert "auroc_task" not in head["seeds_without"]
     assert head["seeds_without"]["auroc_null_control_family"] == [1, 2]
     assert head["auroc_null_control_family"] is None
-    assert (head["granularity"], head["source"], head["group"]) == ("group", "event", "body")
+    # the source as each run's evaluation.json names it, not the capture's short name
+    assert (head["granularity"], head["source"], head["group"]) == ("group", "grad-adam-unit",
+                                                                     "body")
     assert _without(head, "mmcs_margin") == " (without seed 3)" and _without(head, "auroc_task") == ""
     mixed = rows[:3]
     assert _cell(mixed, "mmcs_margin") == "0.150 ± 0.071 (2 of 3 seeds)"
