@@ -343,7 +343,7 @@ def test_a_killed_writers_leftovers_alone_are_no_run(tmp_path):
 
 @pytest.mark.parametrize("made, why", [
     ((), "no run was started there; start it without resume=true"),
-    (("config.json", "model/config.json"), "stopped before its first RL step .* start it again "
+    (("config.json", "model/config.json"), "stopped before its first RL step ended .* start it again "
                                            "without resume=true"),
     (("config.json", "rollouts.jsonl"), "stopped before its first checkpoint; start it again "
                                         "with overwrite=true"),

@@ -327,9 +327,9 @@ def _why_not_resumable(run_dir: Path, earlier: list[str]) -> str:
         return ("it stopped before its first checkpoint; start it again with overwrite=true "
                 "(or lower runner.checkpoint_every to keep earlier steps next time)")
     if run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()):
-        return ("it stopped before its first RL step (while writing its config or building "
-                "or loading its model); start it again without resume=true (what it wrote "
-                "is replaced)")
+        return ("it stopped before its first RL step ended (while writing its config, building "
+                "or loading its model, or inside step 1); start it again without resume=true "
+                "(what it wrote is replaced)")
     return "no run was started there; start it without resume=true"
 
 
