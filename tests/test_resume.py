@@ -270,7 +270,7 @@ def _cut_before_its_end(done: Path, run: Path, written: tuple[str, ...] = ()) ->
 
 
 def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_end_without_a_step(
-        uninterrupted, tmp_path):
+        uninterrupted, tmp_path, caplog):
     """Resumed from the checkpoint of step ``max_steps``, transformers' loop would train one
     more step before it checks; the run instead writes its end as of that step."""
     run = tmp_path / "run"
@@ -287,8 +287,13 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_end_without_a_ste
     for path in torn[3:]:
         path.write_bytes(b"\0" * 10)
     assert leftovers(run) == sorted(torn)
-    summary = run_job(_job(run, "resume=true"), run)
+    with caplog.at_level(logging.INFO, logger="sae_shards.run.rundir"):
+        summary = run_job(_job(run, "resume=true"), run)
     assert leftovers(run) == [] and (run / ".hydra").is_dir()
+    # a half-written step checkpoint or resume file is said as a warning, the rest as info
+    warned = {r.getMessage().split(":")[0] for r in caplog.records
+              if r.levelno == logging.WARNING and "killed while writing" in r.getMessage()}
+    assert warned == {str(torn[0]), str(torn[4])}
     assert summary["rl_steps"] == 12 and summary["interrupted"] is False
     _same_run(uninterrupted, run)
     assert not list(run.rglob("*13*"))  # no step 13: no checkpoint, no TRL checkpoint

@@ -352,9 +352,17 @@ def _is_leftover(path: Path) -> bool:
                                      or name.startswith(f".{MODEL}."))
 
 
-def _remove_leftovers(run_dir: Path) -> None:
+def _remove_leftovers(run_dir: Path, resuming: bool = False) -> None:
+    """Remove ``leftovers``; when ``resuming``, a half-written step checkpoint or resume file is
+    a warning: the step it belonged to is not the one the run resumes from."""
     for path in leftovers(run_dir):
-        log.info("%s: removed (left half-written by a process that was killed)", path)
+        if resuming and path.parent.name in (CHECKPOINTS, RESUME) and path.name.startswith(
+                f".{STEP_PREFIX}"):  # a step's temporary name, not final's
+            log.warning("%s: removed (a step's %s the process was killed while writing; the run "
+                        "resumes from the newest complete step and trains the later ones again)",
+                        path, "checkpoint" if path.parent.name == CHECKPOINTS else "resume file")
+        else:
+            log.info("%s: removed (left half-written by a process that was killed)", path)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
@@ -380,7 +388,7 @@ def _prepare_locked(run_dir: Path, overwrite: bool, resume: bool) -> Path:
             raise FileNotFoundError(
                 f"resume=true but run_dir={run_dir} holds no resumable run ({RESUME}/ is "
                 "missing or empty): " + _why_not_resumable(run_dir, earlier))
-        _remove_leftovers(run_dir)
+        _remove_leftovers(run_dir, resuming=True)
         return run_dir
     if earlier and not overwrite:
         resumable = finished is None and has_resume_state(run_dir)
@@ -687,9 +695,12 @@ def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
             raise
 
 
+STEP_PREFIX = "step_"
+
+
 def step_name(step: int) -> str:
     """``step_XXXXXX``: the name of RL step ``step``'s checkpoint (and resume file's stem)."""
-    return f"step_{step:06d}"
+    return f"{STEP_PREFIX}{step:06d}"
 
 
 def step_of(checkpoint: str) -> int | None:
