@@ -91,6 +91,26 @@ def test_unit_norm_after_training_step(sparsity):
     assert not torch.allclose(fresh.dense_directions()["a.weight"], sae.dense_directions()["a.weight"])
 
 
+@pytest.mark.parametrize("sparsity", SPARSITY_MODES)
+def test_signed_says_whether_a_modes_codes_keep_their_sign(sparsity):
+    """``SAEConfig.signed`` is the one test of a signed mode (AuxK's choice and activations of
+    dead latents ask it): it must agree with what the mode's selection does, so a new signed
+    mode left out of ``SIGNED_MODES`` fails here instead of ReLU-ing its aux codes in silence."""
+    from sae_shards.core.sparsity import aux_latents, aux_values
+
+    targets = make_targets(SHAPES)
+    sae = LowRankSAE(targets, SAEConfig(n_latents=12, k=3, sparsity=sparsity))
+    pre = sae.encode_pre(_random_batch(targets, 16))
+    codes, _ = sae.select(pre, training=True)
+    assert sae.cfg.signed == bool((codes.values < 0).any())
+    dead = torch.zeros(12, dtype=torch.bool)
+    dead[::2] = True
+    aidx = aux_latents(pre, dead, 3, sae.cfg.signed)
+    assert dead[aidx].all()  # only dead latents
+    a = aux_values(pre, aidx, sae.cfg.signed)
+    assert bool((a < 0).any()) == sae.cfg.signed  # a signed mode revives negative directions too
+
+
 def test_sparsity_modes_semantics():
     targets = make_targets(SHAPES)
     x = _random_batch(targets, 16)

@@ -29,7 +29,7 @@ from torch import Tensor
 from sae_shards.core import events
 from sae_shards.core.factored import (StepLosses, decoder_gram_pair, gather_decoder,
                                       gather_pairs, quad)
-from sae_shards.core.sparsity import SparseCodes
+from sae_shards.core.sparsity import SparseCodes, aux_latents, aux_values
 
 Sample = Mapping[str, Tensor]  # {target: [batch, T, m + n]} for matrices, [batch, m] vectors
 
@@ -54,19 +54,6 @@ def active_event_inner(sae, x: Sample, cols: Tensor) -> Tensor:
     return out
 
 
-def aux_latents(sae, pre: Tensor, dead: Tensor, aux_k: int) -> Tensor:
-    """The ``min(aux_k, n_dead)`` dead latents with the largest score per sample, ``[b, ka]``
-    (score ``|pre|`` for signed top-k, ``relu(pre)`` otherwise)."""
-    score = pre.abs() if sae.cfg.sparsity == "signed_topk" else pre.relu()
-    n_dead = int(dead.sum())
-    return score.masked_fill(~dead, -1.0).topk(min(aux_k, n_dead), dim=-1, sorted=False).indices
-
-
-def aux_values(sae, pre: Tensor, aidx: Tensor) -> Tensor:
-    """Activations of the AuxK latents ``[b, ka]`` (ReLU unless signed top-k)."""
-    a = pre.gather(-1, aidx)
-    return a if sae.cfg.sparsity == "signed_topk" else a.relu()
-
 
 def event_losses(sae, x: Sample, dead: Tensor, aux_k: int, aux_coef: float,
                  sq_norms: Tensor | None = None) -> StepLosses:
@@ -84,7 +71,7 @@ def event_losses(sae, x: Sample, dead: Tensor, aux_k: int, aux_coef: float,
     idx, z = codes  # [b, k]
     k = idx.shape[1]
     with_aux = aux_coef > 0 and bool(dead.any())
-    aidx = aux_latents(sae, pre, dead, aux_k) if with_aux else None  # [b, ka]
+    aidx = aux_latents(pre, dead, aux_k, sae.cfg.signed) if with_aux else None  # [b, ka]
     cols = idx if aidx is None else torch.cat([idx, aidx], 1)  # [b, k (+ ka)]
     dxc = active_event_inner(sae, x, cols) * inv  # [b, k (+ ka)] <X_b, D_j>, scaled units
     G = sae.decoder_gram()  # [N, N]
@@ -103,7 +90,7 @@ def event_losses(sae, x: Sample, dead: Tensor, aux_k: int, aux_coef: float,
         return StepLosses(main, torch.zeros((), device=pre.device), pre, codes, floor)
 
     # AuxK: the aux latents reconstruct e = X - Xhat (detached).
-    a64 = aux_values(sae, pre, aidx).double()  # [b, ka]
+    a64 = aux_values(pre, aidx, sae.cfg.signed).double()  # [b, ka]
     Gh = decoder_gram_pair(sae, detach_left=True)  # [N, N], gradient only via D_j
     # <e_b, D_j> = <X_b, D_j> - sum_i z_bi <D_i, D_j>, with e fixed
     ed = (dxc[:, k:].double()
@@ -140,8 +127,8 @@ def dense_event_losses(sae, xs: Sample, dead: Tensor, aux_k: int, aux_coef: floa
     main = _sq_err(xs, recon) / _sq_sum(xs).clamp_min(1e-30)
     if not (aux_coef > 0 and bool(dead.any())):
         return StepLosses(main, torch.zeros((), device=pre.device), pre, codes, floor)
-    aidx = aux_latents(sae, pre, dead, aux_k)
-    ehat = sae.decode(SparseCodes(aidx, aux_values(sae, pre, aidx)), with_bias=False)
+    aidx = aux_latents(pre, dead, aux_k, sae.cfg.signed)
+    ehat = sae.decode(SparseCodes(aidx, aux_values(pre, aidx, sae.cfg.signed)), with_bias=False)
     resid = {name: (xs[name] - recon[name]).detach() for name in xs}
     aux = (_sq_err(resid, ehat) / _sq_sum(resid).clamp_min(1e-30)).nan_to_num(0.0)
     return StepLosses(main, aux, pre, codes, floor)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from sae_shards.core.metrics import fvu, fvu_parts
-from sae_shards.core.sparsity import SparseCodes
+from sae_shards.core.sparsity import SparseCodes, aux_latents, aux_values
 
 Sample = Mapping[str, Tensor]  # {target name: [batch, *shape]}
 
@@ -157,9 +157,7 @@ def factored_losses(sae, x: Sample, dead: Tensor, aux_k: int, aux_coef: float) -
     n_dead = int(dead.sum())
     with_aux = aux_coef > 0 and n_dead > 0
     if with_aux:  # AuxK: the k_aux dead latents with the largest score (|pre| or ReLU)
-        score = pre.abs() if sae.cfg.sparsity == "signed_topk" else pre.relu()
-        aidx = score.masked_fill(~dead, -1.0).topk(min(aux_k, n_dead), dim=-1,
-                                                   sorted=False).indices  # [b, ka]
+        aidx = aux_latents(pre, dead, aux_k, sae.cfg.signed)  # [b, ka]
         cols = torch.cat([idx, aidx], 1)  # [b, k + ka]
     else:
         cols = idx
@@ -203,10 +201,7 @@ def factored_losses(sae, x: Sample, dead: Tensor, aux_k: int, aux_coef: float) -
         return StepLosses(main, aux, pre, codes, floor)
 
     # AuxK: the aux latents reconstruct e = X - Xhat (detached).
-    a = pre.gather(-1, aidx)  # [b, ka]
-    if sae.cfg.sparsity != "signed_topk":
-        a = a.relu()
-    a64 = a.double()
+    a64 = aux_values(pre, aidx, sae.cfg.signed).double()  # [b, ka]
     Gh = decoder_gram_pair(sae, detach_left=True)  # [N, N] grad only via D_j
     db_det = db if bias is None else \
         sae.inner(sae.bias_sample(detach=True), "decoder")[0]  # [N] grad only via D
@@ -239,13 +234,8 @@ def dense_losses(sae, xs: Sample, dead: Tensor, aux_k: int, aux_coef: float) -> 
     if aux_coef == 0 or n_dead == 0:
         return StepLosses(main, torch.zeros((), device=sae.device), out.pre_acts, out.codes,
                           out.batch_threshold)
-    k_aux = min(aux_k, n_dead)
-    score = out.pre_acts.abs() if sae.cfg.sparsity == "signed_topk" else out.pre_acts.relu()
-    score = score.masked_fill(~dead, -1.0)
-    idx = score.topk(k_aux, dim=-1, sorted=False).indices  # [b, k_aux]
-    vals = out.pre_acts.gather(-1, idx)
-    if sae.cfg.sparsity != "signed_topk":
-        vals = vals.relu()
+    idx = aux_latents(out.pre_acts, dead, aux_k, sae.cfg.signed)  # [b, k_aux]
+    vals = aux_values(out.pre_acts, idx, sae.cfg.signed)
     ehat = sae.decode(SparseCodes(idx, vals), with_bias=False)
     resid = {k: (xs[k] - up[k]).detach() for k in xs}
     r, tot = fvu_parts(resid, {k: v.to(up[k].dtype) for k, v in ehat.items()})

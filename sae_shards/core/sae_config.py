@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
 Sparsity = Literal["signed_topk", "topk", "batch_topk"]
+SIGNED_MODES = frozenset({"signed_topk"})
+"""Sparsity modes whose codes keep their sign (``SAEConfig.signed``)."""
 SPARSITY_MODES: tuple[str, ...] = get_args(Sparsity)
 
 
@@ -58,6 +60,12 @@ class SAEConfig:
     gathered and scaled; at least one slot)."""
     seed: int = 0
     """Seed of the SAE's initialisation."""
+
+    @property
+    def signed(self) -> bool:
+        """Whether codes keep their sign (``signed_topk``): a latent scores and acts by ``|c|``,
+        otherwise by ``relu(c)``. The one test of it; AuxK's choice of dead latents asks it."""
+        return self.sparsity in SIGNED_MODES
 
     @property
     def codes_per_sample(self) -> int | None:

@@ -71,6 +71,22 @@ def _mask_to_codes(acts: Tensor) -> SparseCodes:
     return SparseCodes(indices, values)
 
 
+def aux_latents(pre: Tensor, dead: Tensor, aux_k: int, signed: bool) -> Tensor:
+    """AuxK's latents: the ``min(aux_k, n_dead)`` dead latents (``dead`` ``[n_latents]`` bool)
+    with the largest score per sample, ``[batch, ka]``; the score is ``|pre|`` when codes are
+    ``signed`` (``SAEConfig.signed``), ``relu(pre)`` otherwise."""
+    score = pre.abs() if signed else pre.relu()
+    n_dead = int(dead.sum())
+    return score.masked_fill(~dead, -1.0).topk(min(aux_k, n_dead), dim=-1, sorted=False).indices
+
+
+def aux_values(pre: Tensor, aidx: Tensor, signed: bool) -> Tensor:
+    """The AuxK latents' activations ``[batch, ka]``: ``pre`` at ``aidx``, ReLU'd unless
+    ``signed``."""
+    a = pre.gather(-1, aidx)
+    return a if signed else a.relu()
+
+
 def select_codes(pre: Tensor, mode: str, k: int) -> SparseCodes:
     """Dispatch for the per-sample modes (batch_topk needs the trainer's threshold state)."""
     match mode:
