@@ -142,6 +142,9 @@ def test_bad_arguments_fail_at_construction(tmp_path):
     with pytest.raises(ValueError, match=r"unknown config keys \['sae.n_latent \(did you mean "
                                          r"sae.n_latents\?\)'\]"):
         ShardCallback(run_dir=tmp_path / "c", sae={"n_latent": 8})
+    with pytest.raises(ValueError, match=r"capture.targets: expected a list, got '\*.weight'; a "
+                                         r"list of one is written \['\*.weight'\]"):
+        ShardCallback(run_dir=tmp_path / "c", targets="*.weight")  # the Python form, first
     with pytest.raises(ValueError, match=r"runner.min_samples=8 exceeds .* capture.capacity=4"):
         ShardCallback(run_dir=tmp_path / "d", capacity=4)
     with pytest.raises(ValueError, match=r"sae.use_b_dec=true is not supported with factored"):

@@ -202,7 +202,8 @@ def test_default_config_equals_dataclass_defaults():
     ("sae.lr=fast", r"sae.lr: expected float, got str 'fast'"),
     ("rl.trainable=[]", r"rl.trainable is empty"),
     ("capture.targets=lm_head.weight", r"capture.targets: expected a list, got 'lm_head.weight'; "
-                                       r"a list of one is written capture.targets=\[lm_head"),
+                                       r"a list of one is written \['lm_head.weight'\] \(on the "
+                                       r"command line capture.targets=\[lm_head"),
     ("rl.trainable=['']", r"rl.trainable holds empty or non-string patterns"),
     ("model.readout_scale=0", r"model.readout_scale=0.0 must be > 0"),
     ("model=hf_path model.path=/m +model.readout_scale=4", r"model.readout_scale=4.0: these "

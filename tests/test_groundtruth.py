@@ -7,8 +7,7 @@ from sae_shards.planted.groundtruth import (abs_cosine, auroc, class_means, ener
                                     norm_features, presence, principal_direction,
                                     task_directions_with_source,
                                     separability, shuffled, supervised_reference, task_directions,
-                                    unflatten,
-                                    windowed_task_directions)
+                                    unflatten)
 
 SHAPES = {"w1": (12, 8), "w2": (8, 12), "b": (6,)}
 TASKS = ["A", "B", "C", "D"]
@@ -116,17 +115,6 @@ def test_norm_centroid_separates_tasks_living_on_different_rows():
     ref = supervised_reference(x[:150], labels[:150], x[150:], labels[150:], feats[:150], feats[150:], TASKS)
     assert ref.centroid_accuracy > 0.9 and ref.chance_accuracy == 0.25
 
-
-def test_windowed_directions_follow_drift():
-    g = torch.Generator().manual_seed(0)
-    d1, d2 = torch.eye(20)[0], torch.eye(20)[1]
-    steps = list(range(100))
-    x = torch.stack([(d1 if s < 50 else d2) * (1 if torch.rand(1, generator=g) > 0.5 else -1)
-                     + 0.05 * torch.randn(20, generator=g) for s in steps])
-    dirs, keys = windowed_task_directions(x, ["A"] * 100, steps, ["A"], window=50)
-    assert keys == [(0, "A"), (50, "A")]
-    assert abs(float(dirs[0] @ d1)) > 0.95 and abs(float(dirs[1] @ d2)) > 0.95
-    assert abs_cosine(x[:1], dirs).shape == (1, 2)
 
 
 def test_flatten_unflatten_round_trip():
@@ -273,17 +261,6 @@ def test_separability_ladder_reads_signs_and_the_probe_reaches_what_labels_allow
     with pytest.raises(ValueError, match="ridge"):
         separability(x_tr, y_tr, x_te, y_te, TASKS, ridge=0.0)
 
-
-def test_windows_do_not_overlap_and_a_lone_sample_gives_no_direction():
-    """Window [start, start + window): a sample at the next window's first step is not in this
-    one, and a (window, task) with one sample has no principal direction (it needs two)."""
-    d1 = torch.tensor([1.0, 0.0, 0.0])
-    d2 = torch.tensor([1.0, 1.0, 0.0]) / 2**0.5
-    x = torch.stack([d1, -d1, d1, -d1, d2, -d2, d2, -d2, d1])
-    dirs, keys = windowed_task_directions(x, ["A"] * 9, list(range(9)), ["A"], window=4)
-    assert keys == [(0, "A"), (4, "A")]  # step 8 alone in its window
-    assert abs(float(dirs[0] @ d1)) == pytest.approx(1.0, abs=1e-6)
-    assert abs(float(dirs[1] @ d2)) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_centroid_accuracy_scores_one_task_samples_against_one_task_centroids():

@@ -654,3 +654,25 @@ def test_a_broken_model_directory_is_a_config_error_before_anything_is_written(
         assert rc == 2 and "sae-shards: config error:" in err, err[-2000:]
         assert re.search(message, err) and "Traceback" not in err, err[-2000:]
         assert not run_dir.exists()
+
+
+def test_lora_settings_given_with_lora_off_are_warned_about(caplog):
+    """``model.lora.r=4`` without ``model.lora.enabled=true`` trains the full weights: said once,
+    naming the settings; nothing is said with LoRA on, or with LoRA's defaults left alone."""
+    from sae_shards.run.job import _WARNED_LORA, check_recipe
+
+    def warnings(*overrides):
+        _WARNED_LORA.clear()
+        caplog.clear()
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = job_config_from_hydra(compose("config", overrides=list(overrides)))
+        with caplog.at_level(logging.WARNING, logger="sae_shards.run.job"):
+            check_recipe(cfg)
+            check_recipe(cfg)  # a job's config is checked twice: one warning
+        return [r.getMessage() for r in caplog.records if "model.lora" in r.getMessage()]
+
+    (said,) = warnings("model.lora.r=4", "model.lora.target_modules=[q_proj]")
+    assert said.startswith("model.lora.r=4, model.lora.target_modules=['q_proj'] set, but "
+                           "model.lora.enabled=false")
+    assert warnings() == [] and warnings("model=tiny_lora") == []
+    assert warnings("model=tiny_lora", "model.lora.r=2") == []

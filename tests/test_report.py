@@ -264,6 +264,19 @@ def test_the_rl_algorithm_has_one_name_however_the_run_recorded_it():
     assert algorithm_name(None) == "n/a"
 
 
+def test_every_algorithm_has_its_trainer_and_its_name():
+    """``rl.algorithm``'s choices, the recipe's ``TRAINERS`` and ``ALGORITHM_TRAINERS`` (the
+    report's names) are one list: a new algorithm missing from one of them fails here."""
+    from typing import get_args
+
+    from sae_shards.recipe.trainers import TRAINERS
+    from sae_shards.run.config import ALGORITHM_TRAINERS, Algorithm
+
+    assert set(get_args(Algorithm)) == set(TRAINERS) == set(ALGORITHM_TRAINERS)
+    for algorithm, (_, trainer) in TRAINERS.items():
+        assert trainer.__name__ == ALGORITHM_TRAINERS[algorithm]
+
+
 def test_a_steps_rollouts_show_its_contexts_and_one_completion_per_prompt():
     """A step of two prompt groups per context: the table names the contexts and samples each
     prompt once, not the first prompt's group members."""

@@ -119,9 +119,11 @@ def test_the_built_in_tasks_are_the_task_configs_and_one_label_tasks_have_one_la
     its ``configs/task/`` file, and ``ONE_LABEL_TASKS`` (which evaluate refuses) are exactly
     those whose prompts carry one label."""
     from sae_shards.cli import CONFIG_DIR
+    from sae_shards.recipe.tasks import BUILT_IN_TASKS
     from sae_shards.run.config import ONE_LABEL_TASKS, TASK_NAMES
 
     assert sorted(p.stem for p in (CONFIG_DIR / "task").glob("*.yaml")) == sorted(TASK_NAMES)
+    assert sorted(BUILT_IN_TASKS) == sorted(TASK_NAMES)  # one table of classes, one of names
     for name in TASK_NAMES:
         labels = set(build_task(name).dataset(64)["task"])
         assert (len(labels) == 1) == (name in ONE_LABEL_TASKS), name
@@ -145,3 +147,26 @@ def test_reward_characters_the_tokenizer_cannot_write_are_named(caplog):
     for name in ("letters", "multiskill", "multiskill_null"):  # the built-in classes: all written
         check_writable(build_task(name), tokenizer)
     assert not caplog.records
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("letters", {"target_length": "abc"},
+     r"task.options.target_length: expected int, got str 'abc'"),
+    ("letters", {"prompt_length": 5}, r"task.options.prompt_length: expected a list of 2 \(int, "
+                                      r"int\), got 5"),
+    ("letters", {"prompt_length": [2, "x"]}, r"task.options.prompt_length\[1\]: expected int"),
+    ("multiskill", {"reward_scale": {"A": "big"}}, r"task.options.reward_scale.A: expected float"),
+    ("multiskill", {"schedule": "sorted"}, r"task.options.schedule='sorted' is not one of"),
+    ("multiskill_null", {"bogus": 1}, r"\['task.options.bogus'\] are not options of task"),
+])
+def test_a_task_option_of_the_wrong_type_names_the_option(name, options, message):
+    """Each option is checked against its field's type before the task is built: a wrong one
+    was a bare TypeError from inside the task ('<' not supported between 'str' and 'int')."""
+    with pytest.raises(ValueError, match=message):
+        build_task(name, **options)
+
+
+def test_task_options_from_json_or_hydra_lists_build_the_same_task():
+    """A saved config.json holds prompt_length as a list; it builds the task a tuple does."""
+    assert build_task("letters", prompt_length=[2, 3]) == build_task("letters", prompt_length=(2, 3))
+    assert build_task("multiskill", reward_scale={"A": 2}).reward_scale == {"A": 2.0}

@@ -49,7 +49,7 @@ from sae_shards.analysis.shards import (RunView, initial_model_dir, load_run_mod
 from sae_shards.core.checkpoint import CheckpointError
 from sae_shards.core.targets import parse_slice
 from sae_shards.run import rundir
-from sae_shards.run.config import REUSED, generation_use, reused_generations
+from sae_shards.run.config import ALGORITHM_TRAINERS, REUSED, generation_use, reused_generations
 from sae_shards.run.versions import version_line
 
 SECTIONS = ("summary", "sae-curves", "reward", "timeline", "families", "norms", "rollouts", "logit-lens",
@@ -796,19 +796,16 @@ def model_shown(meta: dict[str, Any], run_dir: Path) -> str:
     return str(run_dir / inside)
 
 
-# config.json's rl.algorithm: sae-shards train records the recipe's choice, ShardCallback the
-# trainer's class (a script may use any TRL trainer); one name for both in the report
-_RECIPE_TRAINERS = {"grpo": "GRPOTrainer", "rloo": "RLOOTrainer"}
-
-
 def algorithm_name(recorded: str | None) -> str:
     """The RL algorithm as the report names it, whichever way the run recorded it:
     ``GRPO (trl.GRPOTrainer)`` for ``grpo`` and ``GRPOTrainer`` alike, a script's other trainer
     by its class (``OnlineDPOTrainer``)."""
     if not recorded:
         return "n/a"
-    trainer = _RECIPE_TRAINERS.get(recorded, recorded)
-    if trainer in _RECIPE_TRAINERS.values():
+    # config.json's rl.algorithm: sae-shards train records the recipe's choice, ShardCallback
+    # the trainer's class (a script may use any TRL trainer); one name for both
+    trainer = ALGORITHM_TRAINERS.get(recorded, recorded)
+    if trainer in ALGORITHM_TRAINERS.values():
         return f"{trainer.removesuffix('Trainer')} (trl.{trainer})"
     return trainer
 

@@ -9,7 +9,9 @@ bias as zeros)::
                                b_enc [N]  b_dec.<target> [*shape]  input_scale []  threshold []
                                (b_dec only when the SAE learns one: ``sae.uses_b_dec``;
                                version 1 held zeros otherwise)
-                               stats.density / stats.mean_abs_act / stats.last_active_step [N]
+                               stats.density / stats.mean_abs_act [N] float32,
+                               stats.fire_count / stats.samples_since_fired /
+                               stats.last_active_step [N] int64 (``STATS``)
                                header metadata: {"format": "sae-shards", "format_version": "2"}
     config.json                format_version, sae config, targets (name/shape/rank), sample_form
                                ("dense" or "factored"; absent in older checkpoints: "dense"),
@@ -30,9 +32,9 @@ everything before building the SAE; any damage is a ``CheckpointError`` naming t
   (``sample_form`` optional, one of "dense"/"factored"); ``sae`` holds known settings of the
   right JSON types that ``SAEConfig`` accepts; each target has a name, an integer shape and rank
   that ``TargetSpec`` accepts, names unique;
-- ``sae.safetensors`` holds exactly the tensors the config implies, with its shapes, float32 only
-  (what ``save_checkpoint`` writes: float16/bfloat16/float64/integer tensors are rejected, not
-  converted), all finite, decoder directions of unit norm; ``input_scale`` is 0 (the SAE never
+- ``sae.safetensors`` holds exactly the tensors the config implies, with its shapes, the SAE's
+  tensors float32 only (what ``save_checkpoint`` writes: float16/bfloat16/float64/integer
+  tensors are rejected, not converted), all finite, decoder directions of unit norm; ``input_scale`` is 0 (the SAE never
   trained, and ``threshold`` is then NaN) or finite and > 0; ``threshold`` is NaN or finite and
   >= 0; the known ``stats.*`` tensors have one entry per latent and their dtype;
 - ``training_state.safetensors`` (read only by ``load_training_state``): complete, finite Adam

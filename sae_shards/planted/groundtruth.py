@@ -161,23 +161,6 @@ def energy_shares(x: Tensor, labels: Labels, tasks: Sequence[str]) -> dict[str, 
     return {t: (v / total if total > 0 else float("nan")) for t, v in per.items()}
 
 
-def windowed_task_directions(x: Tensor, labels: Labels, steps: Sequence[int],
-                             tasks: Sequence[str], window: int) -> tuple[Tensor, list[tuple[int, str]]]:
-    """Principal directions per (window of ``window`` RL steps, task) with at least 2 samples.
-
-    Returns ``[W, D]`` and the ``(window start step, task)`` of each row.
-    """
-    steps_t = torch.as_tensor(list(steps))
-    rows, keys = [], []
-    for start in range(int(steps_t.min()), int(steps_t.max()) + 1, window):
-        in_win = (steps_t >= start) & (steps_t < start + window)
-        for task in tasks:
-            mask = in_win & presence(labels, task)
-            if int(mask.sum()) >= 2:
-                rows.append(principal_direction(x[mask]))
-                keys.append((start, task))
-    return (torch.stack(rows) if rows else x.new_zeros(0, x.shape[1])), keys
-
 
 def abs_cosine(x: Tensor, directions: Tensor) -> Tensor:
     """``|cos|`` of every sample with every direction: ``[S, D] x [K, D] -> [S, K]``."""

@@ -35,6 +35,7 @@ from datasets import Dataset
 
 from sae_shards.recipe.models import TASK_TAGS
 from sae_shards.run.config import TASK_NAMES
+from sae_shards.run.schema import coerce_fields
 
 log = logging.getLogger(__name__)
 
@@ -463,29 +464,39 @@ _WARNED: set[tuple[str, str]] = set()
 """The partly unwritable reward classes ``check_writable`` warned about in this process."""
 
 
-def check_task_options(name: str, options: Mapping[str, Any]) -> None:
-    """A ``ValueError`` naming ``task.options.<key>`` and the task's options for an option the
-    built-in task ``name`` does not take (an unknown name is left to ``build_task``)."""
-    cls = {"letters": Task, "multiskill": MultiSkillTask, "multiskill_null": MultiSkillTask}.get(name)
-    if cls is not None:
-        known = {f.name for f in dataclasses.fields(cls)} - {"name", "label"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"task.options {['task.options.' + k for k in unknown]} are not "
-                             f"options of task {name!r}; it takes {sorted(known)}")
+BUILT_IN_TASKS: dict[str, type[Task] | type[MultiSkillTask]] = {
+    "letters": Task, "multiskill": MultiSkillTask, "multiskill_null": MultiSkillTask}
+"""The built-in tasks (``task.name``) and the class each builds; ``run.config.TaskName`` names
+the same keys (``tests/test_tasks.py`` checks both)."""
+
+
+def check_task_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` checked for the built-in task ``name``: a ``ValueError`` naming
+    ``task.options.<key>`` for an option the task does not take (with the ones it takes) or a
+    value of the wrong type (``task.options.target_length='abc'``); returns the options with
+    lists made tuples where a field is one. An unknown task is left to ``build_task``."""
+    cls = BUILT_IN_TASKS.get(name)
+    if cls is None:
+        return dict(options)
+    known = {f.name for f in dataclasses.fields(cls)} - {"name", "label"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"task.options {['task.options.' + k for k in unknown]} are not "
+                         f"options of task {name!r}; it takes {sorted(known)}")
+    return coerce_fields(cls, options, "task.options.")
 
 
 def build_task(name: str, **kwargs: Any) -> Task | MultiSkillTask:
     """Build a built-in task by name; ``kwargs`` override its ``Task``/``MultiSkillTask`` fields
-    (an unknown one is a ``ValueError`` naming ``task.options.<key>`` and the known options)."""
-    check_task_options(name, kwargs)
-    match name:
-        case "letters":
-            return Task(name="letters", label="letters", **kwargs)
-        case "multiskill" | "multiskill_null":
-            return MultiSkillTask(name=name, **kwargs)
-        case other:
-            raise ValueError(f"task.name={other!r} is unknown; known tasks: {list(TASK_NAMES)}")
+    (an unknown one, or a value of the wrong type, is a ``ValueError`` naming
+    ``task.options.<key>``)."""
+    cls = BUILT_IN_TASKS.get(name)
+    if cls is None:
+        raise ValueError(f"task.name={name!r} is unknown; known tasks: {list(TASK_NAMES)}")
+    options = check_task_options(name, kwargs)
+    if cls is Task:  # one skill: its label is the task's name
+        return Task(name=name, label=name, **options)
+    return cls(name=name, **options)
 
 
 def log_labels(reward_kwargs: dict[str, Any]) -> None:

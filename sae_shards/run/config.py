@@ -35,6 +35,9 @@ Concurrency = Literal["inline", "thread"]
 WandbMode = Literal["offline", "online", "disabled"]
 Arch = Literal["qwen2", "llama", "gpt2", "qwen3_moe"]
 Algorithm = Literal["grpo", "rloo"]
+ALGORITHM_TRAINERS: dict[str, str] = {"grpo": "GRPOTrainer", "rloo": "RLOOTrainer"}
+"""Each ``rl.algorithm``'s TRL trainer class (``recipe.trainers.TRAINERS`` builds it; the report
+names a run by it, as ``ShardCallback`` records a script's trainer)."""
 TaskName = Literal["letters", "multiskill", "multiskill_null"]
 TASK_NAMES: tuple[str, ...] = get_args(TaskName)
 """Built-in tasks (``recipe.tasks.build_task``; ``configs/task/``)."""
@@ -52,7 +55,8 @@ class LoraSettings:
     """peft LoRA adapter (passed to TRL as ``peft_config``)."""
 
     enabled: bool = False
-    """Train a LoRA adapter instead of the full weights."""
+    """Train a LoRA adapter instead of the full weights (the other fields, changed while it is
+    false, are warned about: no adapter uses them)."""
     r: int = 8
     """Adapter rank."""
     alpha: float = 16.0
@@ -76,6 +80,16 @@ class LoraSettings:
                              "adapter's update by alpha / r)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
+
+    def unused(self) -> list[str]:
+        """The ``model.lora.<field>`` settings changed from their defaults while LoRA is off
+        (``enabled=false``): no adapter uses them, so the run trains the full weights, most
+        likely not what whoever set them meant."""
+        if self.enabled:
+            return []
+        default = LoraSettings()
+        return [f"model.lora.{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                if f.name != "enabled" and getattr(self, f.name) != getattr(default, f.name)]
 
 
 TRAINABLE_WITH_LORA = ("rl.trainable cannot be combined with model.lora.enabled=true (LoRA "

@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 
 def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
@@ -27,8 +27,16 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
         hints = [f"{prefix}{k} (did you mean {prefix}{close}?)" if close else prefix + k
                  for k in unknown for close in [closest(k, known)]]
         raise ValueError(f"unknown config keys {hints}; {where} takes {sorted(known)}")
-    kwargs = {name: _coerce(types_[name], value, prefix + name) for name, value in data.items()}
-    return cls(**kwargs)
+    return cls(**coerce_fields(cls, data, prefix, types_))
+
+
+def coerce_fields(cls: type, data: Mapping[str, Any], prefix: str,
+                  types_: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``data`` (keys that are fields of dataclass ``cls``) checked against the fields'
+    annotations, each error naming ``prefix + field``: what ``build_dataclass`` builds from, and
+    how a mapping of options (``task.options``) is checked before it reaches its class."""
+    types_ = typing.get_type_hints(cls) if types_ is None else types_
+    return {name: _coerce(types_[name], value, prefix + name) for name, value in data.items()}
 
 
 def closest(name: str, known: Any) -> str | None:
@@ -57,15 +65,24 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         return _coerce(inner[0], value, name)
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            shown = (f"; a list of one is written {name}=[{value}] (quoted in a shell: "
-                     f"'{name}=[{value}]')" if isinstance(value, (str, int, float)) else "")
+            shown = (f"; a list of one is written [{value!r}] (on the command line "
+                     f"{name}=[{value}], quoted in a shell: '{name}=[{value}]')"
+                     if isinstance(value, (str, int, float)) else "")
             raise ValueError(f"{name}: expected a list, got {value!r}{shown}")
         (item,) = typing.get_args(tp)
         return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:  # fixed length, e.g. tuple[int, int]
+        items = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ValueError(f"{name}: expected a list of {len(items)} "
+                             f"({', '.join(t.__name__ for t in items)}), got {value!r}")
+        return tuple(_coerce(t, v, f"{name}[{i}]") for i, (t, v) in enumerate(zip(items, value)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{name}: expected a mapping, got {value!r}")
-        return dict(value)
+        key_t, value_t = typing.get_args(tp) or (Any, Any)
+        return {_coerce(key_t, k, f"{name} key {k!r}"): _coerce(value_t, v, f"{name}.{k}")
+                for k, v in value.items()}
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
