@@ -1522,6 +1522,21 @@ def test_a_rank_at_which_low_rank_saves_nothing_is_warned(tiny_model, tmp_path, 
     assert oversized_ranks(make_targets(shapes, rank=32)) == {"q": 31}
 
 
+def test_a_matrix_no_rank_saves_memory_on_is_named_without_an_impossible_rank():
+    """A mixture of experts' shared-expert gate is [1, 64]: rank 1 already costs 65 numbers for
+    64. The warning said "lower sae.rank to 1 or less"; it now says no rank saves memory there."""
+    from sae_shards.capture.callback import oversized_rank_text
+    from sae_shards.core.targets import make_targets, oversized_ranks
+
+    gate = oversized_ranks(make_targets({"mlp.shared_expert_gate.weight": (1, 64),
+                                         "q": (64, 64)}, rank=1))
+    assert gate == {"mlp.shared_expert_gate.weight": 1}
+    text = oversized_rank_text(1, gate, 2)
+    assert "no rank does on matrices this narrow" in text and "or less" not in text
+    wide = oversized_ranks(make_targets({"q": (64, 64)}, rank=40))
+    assert oversized_rank_text(40, wide, 1).endswith("lower sae.rank to 31 or less")
+
+
 def test_a_batch_larger_than_the_buffer_is_warned(tiny_model, tmp_path, caplog):
     """sae.batch_size=1000 with 256 slots was taken in silence: every batch repeats samples."""
     with caplog.at_level("WARNING", logger="sae_shards.capture.callback"):

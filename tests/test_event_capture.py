@@ -482,3 +482,25 @@ def test_an_events_metadata_is_its_own_completions():
     assert math.isnan(_event_meta(step, Event(0, (2,), {}, 1.0, 0.0), row, 1.0).reward_mean)
     with pytest.raises(ValueError, match=r"names completions \(3, 4\) but the step's rollouts hold 4"):
         _event_meta(step, Event(2, (3, 4), {}, 1.0, 0.0), row, norm=1.0)
+
+
+def test_a_tied_or_foreign_target_is_refused_naming_why():
+    """An embedding tied to the LM head is one weight in two modules: no one hook sees its whole
+    gradient. The refusal names the modules and what to do (it told a CLI user to "select
+    targets from trainer.model", which they never chose); a tensor not in the model says so."""
+    from sae_shards.capture.event_sites import hook_sites
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    with pytest.raises(ValueError, match=r"'embed.weight' is one weight shared by several modules "
+                                         r"\(Embedding.weight, Linear.weight: tied weights.*"
+                                         r"capture.granularity=step"):
+        hook_sites(model, {"embed.weight": model.embed.weight})
+    with pytest.raises(ValueError, match=r"'x' is not a parameter of the model being trained"):
+        hook_sites(model, {"x": torch.nn.Parameter(torch.zeros(2, 2))})

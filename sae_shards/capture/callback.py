@@ -137,6 +137,20 @@ def _check_argument_types(**given: tuple[Any, type | tuple[type, ...], str]) -> 
         raise ValueError(f"ShardCallback: {', '.join(wrong)}; nothing was written")
 
 
+
+def oversized_rank_text(rank: int, oversized: Mapping[str, int], n_targets: int) -> str:
+    """The warning for ``targets.oversized_ranks``' targets at ``sae.rank=rank``: the rank that
+    saves memory on all of them, or, where none does (a matrix of one row, such as a gate of
+    one output), that they could be left out."""
+    lower = min(oversized.values())
+    advice = (f"lower sae.rank to {lower} or less" if lower < rank else
+              "no rank does on matrices this narrow (one row or column, such as a gate of one "
+              "output): leave them out of capture.targets if memory matters")
+    return (f"sae.rank={rank} gives {len(oversized)} of {n_targets} targets a factored direction "
+            f"at least as large as the matrix itself ({few_names(list(oversized), 3)}): the "
+            f"low-rank SAE saves no memory on them and costs more time than a dense one would; "
+            f"{advice}")
+
 class ShardCallback(TrainerCallback):
     """Capture parameter updates of a TRL run and train a low-rank SAE on them concurrently.
 
@@ -368,12 +382,8 @@ class ShardCallback(TrainerCallback):
                 distributed.world_size())
         oversized = oversized_ranks(self.parts.buffer.targets)
         if oversized:
-            log.warning(
-                "sae.rank=%d gives %d of %d targets a factored direction at least as large as "
-                "the matrix itself (%s): the low-rank SAE saves no memory on them and costs more "
-                "time than a dense one would; lower sae.rank to %d or less", self.sae_cfg.rank,
-                len(oversized), len(self.parts.buffer.targets),
-                few_names(list(oversized), 3), min(oversized.values()))
+            log.warning("%s", oversized_rank_text(self.sae_cfg.rank, oversized,
+                                                  len(self.parts.buffer.targets)))
         if self.sae_cfg.batch_size > self.capture_cfg.capacity:
             log.warning(
                 "sae.batch_size=%d exceeds capture.capacity=%d: a batch is drawn with replacement "

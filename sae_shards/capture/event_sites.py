@@ -52,10 +52,17 @@ def hook_sites(model: nn.Module, targets: Mapping[str, Target]) -> dict[nn.Modul
             sites.setdefault(target.layer, []).append(site)
             continue
         found = owners.get(id(target), [])
-        if len(found) != 1:
-            where = "is shared by several modules" if found else "is not a parameter of the model"
-            raise ValueError(f"per-event capture target {name!r} {where}; select targets from "
-                             "trainer.model, and not tied weights")
+        if len(found) > 1:
+            users = ", ".join(f"{type(m).__name__}.{a}" for m, a in found)
+            raise ValueError(
+                f"per-event capture target {name!r} is one weight shared by several modules "
+                f"({users}: tied weights, such as an embedding that is also the LM head), so no "
+                "one layer's hook sees its whole gradient; capture it per step "
+                "(capture.granularity=step), or leave it out of capture.targets")
+        if not found:
+            raise ValueError(f"per-event capture target {name!r} is not a parameter of the "
+                             "model being trained; select targets from trainer.model (after "
+                             "peft wrapped it)")
         module, attr = found[0]
         layout = weight_layout(module)
         kind = {"weight": "matrix", "bias": "bias"}.get(attr)

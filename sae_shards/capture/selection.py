@@ -240,7 +240,7 @@ def default_targets(model: nn.Module, stacked: bool = False, warn: bool = True) 
             few_names([f"{n} {list(s)}" for n, s in left_out.items()]),
             "Stacked expert tensors [experts, m, n] cannot be captured per event: capture "
             "per step (capture.granularity=step) to include them." if experts_out else
-            "A 2-D one (a mixture of experts' router) can be named in capture.targets "
+            "A 2-D one (e.g. a mixture of experts' router) can be named in capture.targets "
             "(per step).")
     if not names:
         raise ValueError(
