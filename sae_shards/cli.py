@@ -831,7 +831,7 @@ def _analyze(args: list[str]) -> int:
 
     from sae_shards.core.checkpoint import CheckpointError
     from sae_shards.analysis.report import analyze, together_line
-    from sae_shards.run.rundir import ANALYSIS, RunWriteError
+    from sae_shards.run.rundir import ANALYSIS, RunWriteError, read_config, rewardless_trainer
 
     parser = argparse.ArgumentParser(prog="sae-shards analyze")
     parser.add_argument("run_dir", type=Path)
@@ -899,9 +899,14 @@ def _analyze(args: list[str]) -> int:
     if line:
         print(line)
     if task is None and not ns.no_dose and _own_reward_unknown(ns.run_dir):
-        print("sae-shards: no dose-response or ablation: the run used your script's own reward "
-              "functions, which a run directory does not hold; hand them back with --task "
-              "FILE.py:NAME (docs/analysis.md, 'Your own reward')", file=sys.stderr)
+        rewardless = rewardless_trainer(read_config(ns.run_dir))
+        print("sae-shards: no dose-response or ablation: "
+              + (f"the run's trainer ({rewardless}) had no reward functions; to measure what "
+                 "the shards do to a reward of yours, give it with --task FILE.py:NAME"
+                 if rewardless else
+                 "the run used your script's own reward functions, which a run directory does "
+                 "not hold; hand them back with --task FILE.py:NAME")
+              + " (docs/analysis.md, 'Your own reward')", file=sys.stderr)
     return 0
 
 

@@ -949,7 +949,8 @@ def _plain_trainer(tiny_model, out_dir, callback, model=None, max_steps=4):
                    args=args, train_dataset=data, callbacks=[callback])
 
 
-def test_trainer_without_completion_log_needs_record_rollouts_false(tiny_model, tmp_path):
+def test_trainer_without_completion_log_needs_record_rollouts_false(tiny_model, tmp_path,
+                                                                     capsys):
     """A trainer that is not TRL's GRPO/RLOO is refused at the start, naming the argument that
     captures without rollouts; with it, every step's update is captured and analysable."""
     refused = _plain_trainer(tiny_model, tmp_path / "trl_a",
@@ -973,6 +974,19 @@ def test_trainer_without_completion_log_needs_record_rollouts_false(tiny_model, 
 
     models = load_run_models(tmp_path / "b")
     assert models.tokenizer("abc")["input_ids"] and models.final is not None
+    # a trainer without reward functions: analyze says so, not "your script's own rewards"
+    from sae_shards.run.rundir import read_config, rewardless_trainer
+
+    assert rewardless_trainer(read_config(tmp_path / "b")) == "Trainer"
+    assert cli_main(["analyze", str(tmp_path / "b"), "--shards", "0", "--no-dose"]) == 0
+    assert cli_main(["analyze", str(tmp_path / "b"), "--shards", "0"]) == 0
+    said = capsys.readouterr().err
+    assert "the run's trainer (Trainer) had no reward functions" in said, said
+    assert said.count("no dose-response or ablation") == 1  # --no-dose: not said
+    assert "none: the trainer (Trainer) had no reward functions" in (
+        tmp_path / "b" / "report.html").read_text()
+    assert rewardless_trainer({"task": None, "rl": {"algorithm": "GRPOTrainer",
+                                                    "reward_weights": [1.0]}}) is None
 
 
 def test_a_script_model_without_any_tokenizer_is_said_before_training(tiny_model, tmp_path,
@@ -1406,6 +1420,17 @@ def test_the_launcher_a_run_records_is_the_one_it_was_started_with():
         "accelerate launch --use_deepspeed --zero_stage 3 --num_processes 4")
     assert launcher(2, {"ACCELERATE_USE_FSDP": "true"}) == (
         "accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2")
+
+
+def test_an_fsdp_launch_that_accelerate_ran_replicated_is_warned():
+    """accelerate applies FSDP only on accelerators: an FSDP launch on CPUs ran as DDP, green,
+    with no word (an audit's smoke test of its FSDP setup exercised DDP's path)."""
+    from sae_shards.capture.distributed import fsdp_not_applied
+
+    fsdp = {"ACCELERATE_USE_FSDP": "true"}
+    assert "this run is DDP's" in fsdp_not_applied(False, 2, fsdp)
+    assert fsdp_not_applied(True, 2, fsdp) is None  # sharded: FSDP applied
+    assert fsdp_not_applied(False, 1, fsdp) is None and fsdp_not_applied(False, 2, {}) is None
 
 
 def test_a_model_file_too_large_to_map_is_named_not_raised_from_inside_safetensors(tiny_model,

@@ -187,6 +187,9 @@ def test_zero3_captures_the_one_process_deltas_and_events(zero3, runs):
     events = [json.loads(line)
               for line in (zero3["run"] / "run_group" / "events.jsonl").read_text().splitlines()]
     assert [e["rows"] for e in events] == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
+    # the final policy is gathered from the partitions: the one-process run's final weights
+    one = load_file(str(zero3["replay"] / "run_step" / "final_model" / "model.safetensors"))
+    _assert_same_weights(zero3["run"] / "run_step" / "final_model", one)
 
 
 @launches
@@ -218,6 +221,21 @@ def test_fsdp2_update_capture_gathers_the_unsharded_update(runs):
             assert float((got[f"sample.{name}"][i] - want).norm() / want.norm()) < DELTA_RTOL
     assert json.loads((out / "run" / "summary.json").read_text())["captured"] == 2
     assert load_checkpoint(out / "run" / "checkpoints" / "final").config["meta"]["rl_step"] == 2
+    # the final policy, gathered from the shards, is the unsharded copy's final weights
+    _assert_same_weights(out / "run" / "final_model",
+                         {k.removeprefix("final."): v for k, v in ref.items()
+                          if k.startswith("final.")})
+
+
+def _assert_same_weights(policy: Path, want: dict[str, torch.Tensor]) -> None:
+    """``policy/model.safetensors`` holds every weight of ``want`` (a tied copy may be left
+    out), whole and equal up to summation order."""
+    saved = load_file(str(policy / "model.safetensors"))
+    assert want and set(saved) <= set(want) and len(saved) >= len(want) - 1, (
+        sorted(set(want) - set(saved)))
+    for name, tensor in saved.items():
+        assert tensor.shape == want[name].shape, name  # whole, not one rank's shard
+        assert torch.allclose(tensor, want[name], rtol=1e-5, atol=1e-6), name
 
 
 @launches
@@ -338,6 +356,9 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_run_resumes(tmp_path
     _run([*launch, "--main_process_port", str(_free_port()), *job, "resume=true"], tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rl_steps"] == 10 and not summary["interrupted"]
+    from sae_shards.analysis.shards import run_models_missing
+
+    assert run_models_missing(run) is None  # the final policy saved whole (ZeRO-3: gathered)
     rollouts = [json.loads(line)["step"] for line in (run / "rollouts.jsonl").read_text().splitlines()]
     assert rollouts == list(range(1, 11))  # no step lost or doubled
     if granularity == "step":

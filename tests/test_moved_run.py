@@ -300,3 +300,27 @@ def test_the_report_of_a_finished_runs_copy_without_activations_does_not_call_it
     page = Path(analyze(run, dose=False)).read_text()
     assert "this copy of the finished run lacks activations.safetensors" in page
     assert "the run was killed" not in page
+
+
+def test_a_trl_checkpoint_of_zero3_partitions_is_never_offered_and_is_named(short_run_dir,
+                                                                            tmp_path):
+    """A ZeRO-3 run's TRL checkpoint holds config.json and DeepSpeed's partitions
+    (global_stepN/), no whole weights. Analysis pointed a run without final_model/ at it
+    ("analyse it with --checkpoint step_N"), then called its weights a pickle; it now offers
+    only a checkpoint it can load, and names the partitions and zero_to_fp32.py."""
+    run = tmp_path / "copy"
+    shutil.copytree(short_run_dir, run, ignore=shutil.ignore_patterns(rundir.WANDB))
+    shutil.rmtree(run / rundir.FINAL_MODEL)
+    step = rundir.saved_steps(run / "checkpoints")[-1]
+    trl = run / "trl" / f"checkpoint-{step}"
+    assert (trl / "model.safetensors").is_file()
+    why = run_models_missing(run)
+    assert f"analyse it with --checkpoint {rundir.step_name(step)}" in why, why  # loadable
+    (trl / "model.safetensors").unlink()
+    (trl / f"global_step{step}").mkdir()
+    (trl / f"global_step{step}" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x")
+    why = run_models_missing(run)
+    assert "analyse it with --checkpoint" not in why, why
+    why = run_models_missing(run, rundir.step_name(step))
+    assert f"it holds DeepSpeed ZeRO-3 partitions (global_step{step}/)" in why, why
+    assert "zero_to_fp32.py" in why and "pickle" not in why, why

@@ -733,7 +733,9 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
             f"; resumed at RL step {r.get('rl_step')} under "
             + ", ".join(f"{k} {v or 'none'}" for k, v in r.items() if k != "rl_step")
             for r in config.get("resumed_under") or [] if isinstance(r, dict)),
-        "task": task.get("name") or "the script's own reward functions",
+        "task": task.get("name") or (
+            f"none: the trainer ({rundir.rewardless_trainer(config)}) had no reward functions"
+            if rundir.rewardless_trainer(config) else "the script's own reward functions"),
         "samples": (f"per optimizer step (source {meta.get('source')})" if not view.per_event
                     else f"per event ({summary['granularity']}): {summary['events']} events, "
                     f"{summary.get('zero_advantage_events')} with zero advantage skipped"

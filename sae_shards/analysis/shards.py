@@ -1081,10 +1081,11 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
         trl = (f" nor a TRL checkpoint-{step} holding it{_refused_trl_policy(run_dir, step)}"
                if step is not None else "")
         paired = [rundir.step_name(s) for s in rundir.saved_steps(run_dir / rundir.CHECKPOINTS)
-                  if (policy_dir(run_dir, rundir.step_name(s)) / saved).is_file()]
+                  if _whole_weights(policy_dir(run_dir, rundir.step_name(s)), cfg)]
         return (f"no final {'adapter' if _is_lora(cfg) else 'policy'} at {final}{trl} "
                 "(save_model=False, an interrupted run, a crash between the two sides' "
-                "checkpoints, FSDP2 / ZeRO-3, where it is not gathered, or a copy of the run "
+                "checkpoints, a FSDP2 / ZeRO-3 run by an earlier sae-shards, which did not "
+                "gather it, or a copy of the run "
                 f"without its {rundir.FINAL_MODEL}/ folder)"
                 + (f"; the newest checkpoint whose policy TRL saved is {paired[-1]}: analyse it "
                    f"with --checkpoint {paired[-1]}" if paired and paired[-1] != checkpoint
@@ -1097,6 +1098,10 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
     for folder, pickles_read in ((initial, trusted), (final, False)):
         weights = ("adapter_model.safetensors" if folder == final and _is_lora(cfg)
                    else "*.safetensors")
+        if not pickles_read and not any(folder.glob(weights)) and _zero_partitions(folder):
+            return (f"no whole weights in {folder}: it holds DeepSpeed ZeRO-3 partitions "
+                    f"({_zero_partitions(folder)}/), which analysis does not read; DeepSpeed's "
+                    "zero_to_fp32.py in that folder consolidates them into whole weights")
         if not pickles_read and not any(folder.glob(weights)):
             return (f"no safetensors weights in {folder}: weights saved as a pickle "
                     "(pytorch_model.bin) are never loaded from a run; save the model there "
@@ -1109,6 +1114,21 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
             return (f"the policy is not a causal language model ({e}); the logit lens, the "
                     "dose-response and the ablation read and sample a causal LM")
     return None
+
+
+def _whole_weights(folder: Path, cfg: Mapping[str, Any]) -> bool:
+    """Whether ``folder`` holds a policy analysis can load: its config (an adapter's, with LoRA)
+    and safetensors weights, not a ZeRO-3 checkpoint's partitions alone."""
+    if _is_lora(cfg):
+        return (folder / "adapter_config.json").is_file() and (
+            folder / "adapter_model.safetensors").is_file()
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _zero_partitions(folder: Path) -> str | None:
+    """The ``global_stepN`` folder of DeepSpeed ZeRO partitions in a TRL checkpoint, if any."""
+    found = sorted(p.name for p in folder.glob("global_step*") if p.is_dir())
+    return found[-1] if found else None
 
 
 def _is_lora(cfg: Mapping[str, Any]) -> bool:

@@ -58,6 +58,7 @@ from sae_shards.capture.background import BackgroundWriter
 from sae_shards.capture.buffer import StepMeta
 from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
+from sae_shards.capture.gathered_policy import gathered_state_dict
 from sae_shards.capture.policy_memory import pending_policy_memory
 from sae_shards.capture.pipeline import Pipeline, build_pipeline, resolve_targets
 from sae_shards.capture.rollouts import TRLRollouts, calling_trainer, scored_mean
@@ -296,6 +297,10 @@ class ShardCallback(TrainerCallback):
         if self.parts is not None:
             return
         device = next(model.parameters()).device
+        unsharded = distributed.fsdp_not_applied(initial_model.is_sharded(model),
+                                                 distributed.world_size())
+        if unsharded:
+            log.warning("%s", unsharded)
         pending = pending_policy_memory(model, trainer, device)
         if pending.total:
             log.info("sizing the buffer and the SAE against free memory less what the "
@@ -827,27 +832,30 @@ class ShardCallback(TrainerCallback):
             return
         self.ending = True
         try:
+            gathered = None
+            if self.save_model and not self._stopped and self._sharded(model):
+                gathered = gathered_state_dict(model)  # every rank: a collective
             if state.is_world_process_zero:
-                self._write_end(model, processing_class)
+                self._write_end(model, processing_class, gathered)
         finally:
             self.capture.on_train_end(args, state, control, **kwargs)  # hooks off, every rank
             if self.rollouts is not None:  # after the recorder's: it wrapped over this one
                 self.rollouts.remove()
 
-    def _write_end(self, model, processing_class) -> None:
+    def _sharded(self, model) -> bool:
+        """Whether no process holds the whole policy (ZeRO-3, FSDP2): saving it gathers it."""
+        return bool(getattr(self.capture, "sharded", False)
+                    or (model is not None and initial_model.is_sharded(model)))
+
+    def _write_end(self, model, processing_class, gathered=None) -> None:
+        """Rank 0's end of the run; ``gathered``: a sharded policy's whole state dict."""
         self._writer.wait()
         self.parts.runner.finish()
         self.parts.loop.flush_activations()
         self._flush_sae_records()
-        if self.save_model and (getattr(self.capture, "sharded", False)
-                                or initial_model.is_sharded(model)):
-            log.warning("the final policy is not saved to %s: its parameters are sharded over "
-                        "the processes (FSDP2 / ZeRO-3; gathering them needs every rank); save "
-                        "it with trainer.save_model() and point analysis at it",
-                        self.run_dir / rundir.FINAL_MODEL)
-        elif self.save_model and not self._stopped:
+        if self.save_model and not self._stopped:
             out = self.run_dir / rundir.FINAL_MODEL
-            initial_model.save_policy(model, processing_class, out)
+            initial_model.save_policy(model, processing_class, out, state_dict=gathered)
         self.summary = self._finish(self.parts.loop.last_rl_step)
 
     def close(self) -> None:

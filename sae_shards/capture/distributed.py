@@ -81,6 +81,20 @@ def launcher(n_processes: int, env: Mapping[str, str] | None = None) -> str:
     return f"accelerate launch {backend} --num_processes {n_processes}"
 
 
+def fsdp_not_applied(sharded: bool, n_processes: int,
+                     env: Mapping[str, str] | None = None) -> str | None:
+    """The warning for a launch that asked accelerate for FSDP (``--use_fsdp``) whose policy is
+    not sharded (``sharded``: any FSDP2 / ZeRO-3 parameter): accelerate applies FSDP only on
+    accelerators, so on a CPU every process holds the whole model, as under DDP. None otherwise."""
+    env = os.environ if env is None else env
+    if n_processes <= 1 or sharded or env.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return None
+    return ("accelerate was launched with FSDP (--use_fsdp), but the policy's parameters are not "
+            "sharded: accelerate applies FSDP only on accelerators, so every process holds the "
+            "whole model and this run is DDP's (its capture and memory too); config.json records "
+            "the launch as given")
+
+
 def to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``tensors`` moved to the CPU (for ``gather_to_main``)."""
     return {k: v.detach().cpu() for k, v in tensors.items()}

@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -266,17 +266,22 @@ def starts_at_base(model: torch.nn.Module) -> bool:
 
 
 def save_policy(model: torch.nn.Module, tokenizer: Any | None, out: Path,
-                base_only: bool = False) -> None:
+                base_only: bool = False,
+                state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
     """``save_pretrained`` of the model (and tokenizer, when there is one) into ``out``, written
     beside it and renamed into place, so a kill leaves the whole directory or none.
     ``base_only``: a PEFT model's base model alone (``base_weights``), loadable with
-    ``from_pretrained`` like the directory it could have been loaded from."""
+    ``from_pretrained`` like the directory it could have been loaded from. ``state_dict``: the
+    weights to write instead of the model's own (a sharded model's, gathered:
+    ``gathered_policy.gathered_state_dict``)."""
     tmp = out.with_name(f".{out.name}.tmp")
     with rundir.writing(out):
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             if base_only:
                 model.get_base_model().save_pretrained(str(tmp), state_dict=base_weights(model))
+            elif state_dict is not None:
+                model.save_pretrained(str(tmp), state_dict=dict(state_dict))
             else:
                 model.save_pretrained(str(tmp))
             if tokenizer is not None:

@@ -51,7 +51,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -331,6 +331,16 @@ def _why_not_resumable(run_dir: Path, earlier: list[str]) -> str:
                 "or loading its model, or inside step 1); start it again without resume=true "
                 "(what it wrote is replaced)")
     return "no run was started there; start it without resume=true"
+
+
+def rewardless_trainer(config: Mapping[str, Any]) -> str | None:
+    """The trainer class of a script's run that had no reward functions (``SFTTrainer``,
+    ``DPOTrainer``: ``ShardCallback`` recorded no ``rl.reward_weights``), else None."""
+    if section(config, "task").get("name"):
+        return None
+    rl = section(config, "rl")
+    algorithm = rl.get("algorithm")
+    return algorithm if algorithm and rl.get("reward_weights") is None else None
 
 
 def leftovers(run_dir: Path) -> list[Path]:

@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     control = TrainerControl()
     callback = ShardCallback(a.out / "run", targets=a.targets.split(","), runner={"min_samples": 1,
                              "save_samples": True}, sae={"n_latents": 8}, label_column=None,
-                             save_model=False, log_to_wandb=False)
+                             save_model=True, log_to_wandb=False)  # final policy: gathered
     callback.on_train_begin(args, state, control, model=model)
     gen = torch.Generator().manual_seed(0)
     ref_deltas = {}
@@ -73,7 +73,8 @@ def main(argv: list[str]) -> None:
         for n, q in reference.named_parameters():
             ref_deltas[f"step{k}.{n}"] = q.detach() - before[n]
     callback.on_train_end(args, state, control, model=model)
-    if rank == 0:
+    if rank == 0:  # the unsharded copy's deltas, and its final weights
+        ref_deltas.update({f"final.{n}": q.detach() for n, q in reference.named_parameters()})
         save_file({k: v.contiguous() for k, v in ref_deltas.items()},
                   str(a.out / "reference.safetensors"))
     dist.destroy_process_group()

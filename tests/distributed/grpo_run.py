@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         replay_generation(trainer, a.saved, n_ranks, tokenizer.pad_token_id)
     common = dict(runner={"min_samples": 2, "save_samples": True}, sae={"n_latents": 8},
                   label_column=None, save_model=False, log_to_wandb=False)
-    step_cb = ShardCallback(a.out / "run_step", capture={"capacity": 8}, **common)
+    # the per-step run saves the final policy (gathered to rank 0 under ZeRO-3)
+    step_cb = ShardCallback(a.out / "run_step", capture={"capacity": 8},
+                            **{**common, "save_model": True})
     trainer.add_callback(step_cb)
     trainer.add_callback(ShardCallback(
         a.out / "run_group", capture={"granularity": "group", "event_rank": 128, "capacity": 16},
