@@ -1420,6 +1420,10 @@ def test_the_launcher_a_run_records_is_the_one_it_was_started_with():
         "accelerate launch --use_deepspeed --zero_stage 3 --num_processes 4")
     assert launcher(2, {"ACCELERATE_USE_FSDP": "true"}) == (
         "accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2")
+    # torchrun itself (accelerate launch runs torchrun too, with its own environment)
+    assert launcher(2, {"TORCHELASTIC_RUN_ID": "x"}) == "torchrun --nproc_per_node 2"
+    assert launcher(2, {"TORCHELASTIC_RUN_ID": "x", "ACCELERATE_MIXED_PRECISION": "no"}) == (
+        "accelerate launch --multi_gpu --num_processes 2")
 
 
 def test_an_fsdp_launch_that_accelerate_ran_replicated_is_warned():

@@ -67,10 +67,13 @@ def launcher(n_processes: int, env: Mapping[str, str] | None = None) -> str:
     """The launcher that starts a job again on ``n_processes`` processes ("" for one):
     ``accelerate launch`` with the backend this process was launched with (accelerate's
     environment: DeepSpeed with its ZeRO stage, FSDP, else DDP, ``--multi_gpu`` also on CPU,
-    where ``--cpu`` starts one process). ``config.json`` records it as ``launch``."""
+    where ``--cpu`` starts one process), or ``torchrun`` for a process torchrun started without
+    accelerate. ``config.json`` records it as ``launch``."""
     if n_processes <= 1:
         return ""
     env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" in env and not any(k.startswith("ACCELERATE_") for k in env):
+        return f"torchrun --nproc_per_node {n_processes}"  # torchrun itself, not accelerate's
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
         backend = "--use_deepspeed" + (f" --zero_stage {stage}" if stage else "")
