@@ -1,6 +1,7 @@
 """Logit lens on constructed components whose answer is known."""
 
 import copy
+import html
 
 import pytest
 import torch
@@ -368,3 +369,30 @@ def test_a_top_k_that_is_no_positive_int_is_named():
     for bad in (-1, 0, 2.5, True):
         with pytest.raises(ValueError, match=rf"logit_lens: top_k={bad!r} must be a positive int"):
             logit_lens(model, tokenizer, {name: torch.ones_like(params[name])}, top_k=bad)
+
+
+def test_a_projection_before_the_unembedding_is_named_as_why_there_is_no_lens(
+        model_and_tokenizer):
+    """OPT-350m's layout: the blocks write 64 features, project_out maps them to the 32 the
+    unembedding reads. No writer is found, and the report said "No writer targets." under every
+    shard, as if the shards touched no output projection; it now says why."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from sae_shards.analysis.logit_lens import no_writers_reason
+    from sae_shards.analysis.report import lens_gap
+
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=40, hidden_size=64, word_embed_proj_dim=32,
+                                   num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                                   do_layer_norm_before=False, max_position_embeddings=32))
+    assert writer_targets(opt) == []
+    why = no_writers_reason(opt)
+    assert why.startswith("the unembedding reads 32 features but the blocks' output projections "
+                          "write 64") and "project_out" in why, why
+    assert lens_gap(opt) == why
+    model, _ = model_and_tokenizer  # writers found: no reason, a shard without one is told apart
+    assert writer_targets(model) and no_writers_reason(model) is None
+    assert lens_gap(model).startswith("no part of this shard is on a residual-stream writer")
+    from sae_shards.analysis.report import _lens_html
+
+    assert f"<p>No logit lens: {html.escape(why)}.</p>" in _lens_html(3, [], {}, why)

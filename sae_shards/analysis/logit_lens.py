@@ -102,6 +102,34 @@ class WriterSplit(NamedTuple):
     """The other names, in input order."""
 
 
+def _output_projections(model: nn.Module) -> dict[str, nn.Module]:
+    """Each sub-block's layer that runs last (``writer_targets``' candidates), by name, in
+    module order."""
+    layers = block_layers(model)
+    order: dict[str, int] = {}
+    tick = itertools.count()
+    _probe(model, [
+        layer.register_forward_hook(lambda *_, n=name: order.__setitem__(n, next(tick)))
+        for name, layer in layers.items()
+    ])
+    last_in_group = {_parent(n): n for n in sorted(order, key=order.__getitem__)}
+    return {name: layer for name, layer in layers.items() if last_in_group.get(_parent(name)) == name}
+
+
+def no_writers_reason(model: nn.Module) -> str | None:
+    """Why ``writer_targets`` finds no writer in a model whose blocks do have output projections
+    (None when it finds some, or the model has none): they write another width than the
+    unembedding reads, so a projection the logit lens does not follow sits between the residual
+    stream and the unembedding (OPT-350m's ``project_out``)."""
+    if writer_targets(model) or not (layers := _output_projections(model)):
+        return None
+    d_in = model.get_output_embeddings().weight.shape[1]
+    widths = sorted({int(m.weight.shape[layer_output_axis(m)]) for m in layers.values()})
+    return (f"the unembedding reads {d_in} features but the blocks' output projections write "
+            f"{'/'.join(map(str, widths))}: a projection between the residual stream and the "
+            "unembedding (such as OPT-350m's project_out), which the logit lens does not follow")
+
+
 def writer_targets(model: nn.Module) -> list[str]:
     """Names of the parameters that write into the residual stream, in module order.
 
@@ -118,19 +146,9 @@ def writer_targets(model: nn.Module) -> list[str]:
     mixture of experts' stacked writer (``stacked_writers``) is listed one expert at a time,
     ``name[e]``, as the SAE names its targets.
     """
-    layers = block_layers(model)
     d_model = model.get_output_embeddings().weight.shape[1]
-    order: dict[str, int] = {}
-    tick = itertools.count()
-    _probe(model, [
-        layer.register_forward_hook(lambda *_, n=name: order.__setitem__(n, next(tick)))
-        for name, layer in layers.items()
-    ])
-    last_in_group = {_parent(n): n for n in sorted(order, key=order.__getitem__)}
     writers = []
-    for name, layer in layers.items():
-        if last_in_group.get(_parent(name)) != name:
-            continue
+    for name, layer in _output_projections(model).items():
         if layer.weight.shape[layer_output_axis(layer)] != d_model:
             continue
         writers.append(name)

@@ -259,6 +259,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     if models is not None:
         theta0, theta_t = (dict(m.named_parameters()) for m in (models.initial, models.final))
         scorer = task if task is not None else models.task
+    lens_why = None  # why shards have no logit-lens row (asked of the model once)
     for s in shards:
         entry: dict[str, Any] = {"density": float(density[s]), "always_on": s in tags,
                                  "task_mix": mixes[s],
@@ -275,7 +276,9 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
         if models is not None:
             rows = lens_rows(models.initial, models.tokenizer, view.shards[s], top_k)
             entry["logit_lens"] = rows
-            lens_html.append(_lens_html(s, rows, tags))
+            if not rows and lens_why is None:
+                lens_why = lens_gap(models.initial)
+            lens_html.append(_lens_html(s, rows, tags, lens_why or ""))
             direction = view.shards[s].dense(scaled=False)  # {name: unit direction}
             c = update_coefficient(theta_t, theta0, direction)
             entry["update_coefficient"] = c
@@ -1020,11 +1023,22 @@ def _mix_html(mix: dict[str, float] | None) -> str:
             + ", ".join(f"{html.escape(k)} {v:.0%}" for k, v in mix.items()) + "</p>")
 
 
-def _lens_html(shard: int, rows: list[dict], tags: dict[int, str]) -> str:
+def _lens_html(shard: int, rows: list[dict], tags: dict[int, str], why: str) -> str:
+    """A shard's logit-lens table, or ``why`` it has no row."""
     body = [[r["target"], f"{r['sigma']:.3f}", " ".join(repr(t) for t in r["promoted"]),
              " ".join(repr(t) for t in r["suppressed"])] for r in rows]
     return _shard_title(shard, tags) + (_table(["target", "σ", "+u promotes", "+u suppresses"], body)
-                                         if body else "<p>No writer targets.</p>")
+                                         if body else f"<p>No logit lens: {html.escape(why)}.</p>")
+
+
+def lens_gap(model) -> str:
+    """Why a shard has no logit-lens row: the model's writers cannot be read through the
+    unembedding (``logit_lens.no_writers_reason``), or the shard has no part on a writer."""
+    from sae_shards.analysis.logit_lens import no_writers_reason
+
+    return no_writers_reason(model) or (
+        "no part of this shard is on a residual-stream writer (an attention or MLP output "
+        "projection) among the captured targets")
 
 
 def _table(header: list[str] | None, rows: list[list[Any]]) -> str:
