@@ -204,7 +204,10 @@ def test_pattern_matching_nothing_lists_names():
         select_targets(model, ["*q_proj.weight", "*attn.qkv.weight"])
     msg = str(err.value)
     assert "'*attn.qkv.weight' matches no parameter" in msg
-    assert "model.embed_tokens.weight" in msg and "+" in msg  # a few names, then a count
+    # every kind of name, each layer's once as layers.* (the first 8 names were all of layer
+    # 0's first sub-block; the MLP's and the final norm's were hidden behind "+N more")
+    assert "model.embed_tokens.weight" in msg and "model.layers.*.mlp.down_proj.weight" in msg
+    assert "model.norm.weight" in msg and "layers.0." not in msg and "more)" not in msg
     assert "patterns match whole" not in msg  # it was a glob
     with pytest.raises(ValueError, match=r"'q_proj' matches no parameter of \w+ \(patterns "
                                          r"match whole parameter names: '\*q_proj\*' matches"):

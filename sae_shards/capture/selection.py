@@ -100,8 +100,8 @@ def select_targets(model: torch.nn.Module, patterns: list[str]) -> dict[str, Tar
                            f"named once); name {name}")
             raise ValueError(
                 f"capture.targets pattern {pattern!r} matches no parameter of "
-                f"{type(model).__name__}{partial}; capturable names include "
-                f"{few_names(capturable)}"
+                f"{type(model).__name__}{partial}; its capturable names, each layer's as "
+                f"layers.*, are {few_names(name_patterns(capturable), 40)}"
             )
         selected.update((n, capturable[n]) for n in hits)
     return selected
@@ -408,6 +408,13 @@ def _frozen_error(pattern: str, stuck: list[str], capturable: Mapping[str, Targe
         f"capture.targets pattern {pattern!r} matches parameters that never change: "
         f"{few_names(stuck)} are frozen and have no LoRA adapter; narrow the pattern or {fix}"
     )
+
+
+def name_patterns(names) -> list[str]:
+    """``names`` with every numeric path part (a layer's or an expert's index) written ``*``,
+    each pattern once, in first-seen order: a model's parameter names in a few lines, which
+    also work as ``capture.targets`` patterns."""
+    return list(dict.fromkeys(re.sub(r"(?<=\.)\d+(?=\.)", "*", n) for n in names))
 
 
 def few_names(names, k: int = 8) -> str:
