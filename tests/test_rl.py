@@ -153,6 +153,28 @@ def test_lora_target_modules_capture_cannot_follow_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"\['foo'\] name no linear layer of .*'q_proj'"):
         check_lora_modules(qwen, ["q_proj", "foo"])
     check_lora_modules(qwen, ["q_proj", "self_attn.v_proj"])  # peft's suffix match
+    # peft's all-linear shorthand: any family's linear layers, without typing their names; on
+    # GPT-2 it would adapt the Conv1D layers, which capture cannot follow
+    check_lora_modules(qwen, ["all-linear"])
+    with pytest.raises(ValueError, match=r"target_modules=\['all-linear'\]: \['c_attn', "
+                                         r"'c_fc', 'c_proj'\] are Conv1D layers"):
+        check_lora_modules(gpt2, ["all-linear"])
+
+
+def test_all_linear_lora_reaches_peft_and_its_adapted_layers_are_the_targets():
+    """``model.lora.target_modules=[all-linear]`` is handed to peft as its shorthand (a string;
+    as a list it would be a module named 'all-linear'), and the job's meta policy, adapted by
+    peft, resolves every block matrix as a capture target."""
+    from hydra import compose, initialize_config_dir
+
+    from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
+    from sae_shards.run.job import _peft_config, check_recipe
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = job_config_from_hydra(compose("config", overrides=[
+            "model=tiny_lora", "model.lora.target_modules=[all-linear]", "logging=disabled"]))
+    assert _peft_config(cfg).target_modules == "all-linear"
+    check_recipe(cfg)  # the default targets (every block matrix) are all adapted
 
 
 def test_lora_on_a_mixture_of_experts_says_the_experts_stay_frozen(tmp_path, caplog):

@@ -277,7 +277,7 @@ def build_trainer(
     if trainable is not None and peft_config is not None:
         raise ValueError(TRAINABLE_WITH_LORA)
     if peft_config is not None:
-        check_lora_modules(model_path, sorted(peft_config.target_modules),
+        check_lora_modules(model_path, lora_modules(peft_config),
                            trust_remote_code=trust_remote_code)
     trainer = TRAINERS[algorithm][1](
         model=str(model_path),
@@ -290,6 +290,18 @@ def build_trainer(
     )
     freeze_except(trainer.model, trainable)  # before train() builds the optimizer
     return trainer
+
+
+ALL_LINEAR = "all-linear"
+"""peft's shorthand for ``target_modules``: every linear layer but the output layer
+(``model.lora.target_modules=[all-linear]``)."""
+
+
+def lora_modules(peft_config: Any) -> list[str]:
+    """A peft config's ``target_modules`` as a sorted list (``[ALL_LINEAR]`` for the shorthand,
+    which peft keeps as a string)."""
+    modules = peft_config.target_modules
+    return [modules] if isinstance(modules, str) else sorted(modules)
 
 
 def check_lora_modules(model: str | Path | torch.nn.Module, target_modules: Sequence[str],
@@ -314,6 +326,12 @@ def check_lora_modules(model: str | Path | torch.nn.Module, target_modules: Sequ
                    for n, k in modules.items())
 
     field_ = f"model.lora.target_modules={list(target_modules)}"
+    if list(target_modules) == [ALL_LINEAR]:  # peft adapts these (and Conv1D layers too)
+        convs = sorted({n.rsplit(".", 1)[-1] for n, kind in modules.items() if kind == "Conv1D"})
+        target_modules = linear + convs
+        if not target_modules:
+            raise ValueError(f"{field_}: {named} has no linear layer to adapt"
+                             f"{_frozen_experts(stacked, '; ')}")
     conv = [t for t in target_modules if matches(t, "Conv1D")]
     if conv:
         raise ValueError(

@@ -63,7 +63,9 @@ class LoraSettings:
     """lora_alpha; the effective delta is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    """Module names to adapt (peft's ``target_modules``); the captured targets must be among them."""
+    """Module names to adapt (peft's ``target_modules``); the captured targets must be among them.
+    ``[all-linear]``: peft's shorthand, every linear layer but the output layer (of any model
+    family, whose own names then need not be typed)."""
     dropout: float = 0.0
     """lora_dropout."""
     rslora: bool = False

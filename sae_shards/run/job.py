@@ -32,8 +32,9 @@ from sae_shards.capture.signals import stop_on_signals
 from sae_shards.recipe.models import (build_tiny_model, build_tokenizer, check_policy_dir,
                                       meta_policy)
 from sae_shards.recipe.tasks import build_task, check_writable, default_target_length
-from sae_shards.recipe.trainers import (build_trainer, check_lora_modules, check_precision,
-                                        check_reward_scale, check_trl_settings, freeze_except)
+from sae_shards.recipe.trainers import (ALL_LINEAR, build_trainer, check_lora_modules,
+                                        check_precision, check_reward_scale, check_trl_settings,
+                                        freeze_except, lora_modules)
 from sae_shards.run import rundir
 from sae_shards.run.config import TINY_ONLY, JobConfig
 from sae_shards.run.tracking import RunLogger
@@ -71,7 +72,8 @@ def _peft_config(cfg: JobConfig):
     from peft import LoraConfig
 
     lc = cfg.model.lora
-    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, target_modules=list(lc.target_modules),
+    modules = ALL_LINEAR if list(lc.target_modules) == [ALL_LINEAR] else list(lc.target_modules)
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, target_modules=modules,
                       lora_dropout=lc.dropout, use_rslora=lc.rslora, task_type="CAUSAL_LM")
 
 
@@ -193,7 +195,7 @@ def _meta_model(cfg: JobConfig) -> torch.nn.Module | None:
         if model is not None and peft_config is not None:
             from peft import get_peft_model
 
-            check_lora_modules(model, sorted(peft_config.target_modules), warn=False)
+            check_lora_modules(model, lora_modules(peft_config), warn=False)
             try:
                 with torch.device("meta"):
                     model = get_peft_model(model, peft_config)
