@@ -744,8 +744,9 @@ def _train(args: list[str]) -> int:
     if fresh is not None and fresh.is_dir() and not any(p.is_file() for p in fresh.rglob("*")):
         shutil.rmtree(fresh)  # Hydra made it for a run that was refused: leave no trace
         _drop_file_handlers(fresh)
-    for msg in filter(None, failures):
-        print(f"sae-shards: {msg}", file=sys.stderr)
+    for msg in filter(None, failures):  # a config error is every rank's: rank 0 says it
+        if _main_process() or "config error:" not in msg:
+            print(f"sae-shards: {msg}", file=sys.stderr)
     if interrupted:  # the shell's convention for a process ended by a signal
         return 128 + int(interrupted[0])
     return 2 if failures else 0

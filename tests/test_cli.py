@@ -595,3 +595,17 @@ def test_a_resume_never_takes_trust_remote_code_from_the_run(tmp_path, capsys):
         "model=hf_path", "model.path=/m", *given, "model.trust_remote_code=true"]
     assert main(["train", *given]) == 2
     assert "a resume never takes that from the run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", [["sae.k=abc"], ["-m", "--cfg", "job", "seed=1,2"]])
+def test_a_config_error_under_a_launcher_is_said_by_rank_zero_alone(override, tmp_path, capsys,
+                                                                    monkeypatch):
+    """Every rank of a launch refuses a bad config; the message was printed once per rank (then
+    the launcher's own traceback), now by rank 0 only. Both places a config error is caught."""
+    from sae_shards.cli import main
+
+    for rank, says in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(["train", *override, "logging=disabled", f"run_dir={tmp_path / rank}"]) == 2
+        assert ("config error:" in capsys.readouterr().err) == says
