@@ -527,7 +527,7 @@ def test_one_process_writes_a_run_dir_at_a_time(tmp_path):
         assert holder.stdout.readline().strip() == "held"
         for resume in (False, True):
             with pytest.raises(rundir.RunDirBusy, match=rf"written by another process \(pid "
-                               rf"{holder.pid} on .*pkill -f"):
+                               rf"{holder.pid} on .*pgrep -af"):
                 rundir.prepare_run_dir(run, overwrite=True, resume=resume)
         (run / rundir.ROLLOUTS).write_text('{"step": 1}\n')  # nothing was removed or written
     finally:
