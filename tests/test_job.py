@@ -384,7 +384,8 @@ def test_a_job_refused_at_setup_leaves_no_wandb_run(tmp_path, capsys):
     ("+rl.extra.save_steps=3", r"\['save_steps'\] are set by sae-shards from "
                                r"runner.checkpoint_every"),
     ("rl.extra.bogus_field=1", r"\['bogus_field'\] are not trl.GRPOConfig fields"),
-    ("task=multiskill task.options.schedule=weekly", r"task.options.schedule='weekly' is unknown"),
+    ("task=multiskill task.options.schedule=weekly",
+     r"task.options.schedule='weekly' is not one of \['random'"),
     # a target per-event hooks cannot split (the readout's norm), from the meta policy
     ("capture=readout capture.granularity=group", r"per-event capture target 'model.norm.weight'"
                                                   r" is the 'weight' of a Qwen2RMSNorm"),
