@@ -404,7 +404,7 @@ def test_a_job_refused_at_setup_leaves_no_wandb_run(tmp_path, capsys):
     ("capture.granularity=group sae.use_b_dec=true",
      r"sae.use_b_dec=true is not supported with factored \(per-event\) samples"),
     # the policy's parameter names, from its config on the meta device (no model loaded)
-    ("capture.targets=[*no_such_weight*]", r"'\*no_such_weight\*' matches no .*model.layers.0"),
+    ("capture.targets=[*no_such_weight*]", r"'\*no_such_weight\*' matches no .*model.layers.\*"),
     ("rl.trainable=[model.layer.*]", r"rl.trainable pattern 'model.layer.\*' matches no "
                                      r"parameter .*model.layers.0"),
     ("rl.trainable=[model.layers.0.*] capture.targets=[model.layers.1.mlp.down_proj.weight]",

@@ -440,7 +440,8 @@ def test_a_checkpoint_without_its_policy_names_the_newest_one_with(run_dir, tmp_
         shutil.copytree(run / "checkpoints" / "final", run / "checkpoints" / f"step_{step:06d}",
                         dirs_exist_ok=True)
     (run / "trl" / "checkpoint-6").mkdir(parents=True)
-    shutil.copy(run / "model" / "config.json", run / "trl" / "checkpoint-6" / "config.json")
+    for name in ("config.json", "model.safetensors"):  # a policy analysis can load
+        shutil.copy(run / "model" / name, run / "trl" / "checkpoint-6" / name)
     why = run_models_missing(run, "step_000012")
     assert "nor a TRL checkpoint-12" in why and "--checkpoint step_000006" in why
     assert "--checkpoint" not in (run_models_missing(run, "step_000006") or "")
