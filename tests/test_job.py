@@ -678,27 +678,3 @@ def test_lora_settings_given_with_lora_off_are_warned_about(caplog):
     assert warnings() == [] and warnings("model=tiny_lora") == []
     assert warnings("model=tiny_lora", "model.lora.r=2") == []
 
-
-def test_lora_under_deepspeed_zero3_is_a_config_error_before_anything_is_written(
-        tmp_path, capsys, monkeypatch):
-    """accelerate's ZeRO-3 environment with model.lora.enabled: refused with the reason and
-    what to run instead (it was "cannot start: Cannot copy out of meta tensor; no data!", once
-    per rank, after the run directory was made). Without ZeRO-3, or without LoRA, no refusal."""
-    from sae_shards.capture.distributed import zero3_launch
-    from sae_shards.cli import main
-
-    zero3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
-    assert zero3_launch(zero3) and not zero3_launch({**zero3, "ACCELERATE_DEEPSPEED_ZERO_STAGE":
-                                                     "2"}) and not zero3_launch({})
-    for key, value in zero3.items():
-        monkeypatch.setenv(key, value)
-    run_dir = tmp_path / "run"
-    assert main(["train", "model=tiny_lora", "logging=disabled", f"run_dir={run_dir}"]) == 2
-    err = capsys.readouterr().err
-    assert ("config error: a LoRA adapter (model.lora.enabled, or a peft model) is not supported "
-            "under DeepSpeed ZeRO-3") in err and "accelerate launch --multi_gpu" in err, err
-    assert not run_dir.exists()
-    from sae_shards.run.job import check_recipe
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        check_recipe(job_config_from_hydra(compose("config", overrides=["logging=disabled"])))

@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from peft import PeftModel
 from transformers import TrainerCallback
 
 from sae_shards.capture import distributed, initial_model
@@ -76,7 +75,7 @@ from sae_shards.capture.trl_checkpoints import (SCRIPT_RESUME, in_script_terms,
                                                 warn_later_trl_checkpoints,
                                                 warn_model_only_checkpoints,
                                                 warn_no_trl_checkpoints, writes_checkpoints)
-from sae_shards.capture.zero3_delta import Zero3DeltaCapture, is_zero3, zero3_targets
+from sae_shards.capture.zero3_delta import Zero3DeltaCapture, zero3_targets
 from sae_shards.core import events as ev
 from sae_shards.core.checkpoint import save_checkpoint
 from sae_shards.core.sae_config import SAEConfig
@@ -297,8 +296,6 @@ class ShardCallback(TrainerCallback):
         rollouts (TRL GRPO/RLOO); None skips ``rollouts.jsonl``."""
         if self.parts is not None:
             return
-        if isinstance(model, PeftModel) and any(is_zero3(p) for p in model.parameters()):
-            raise ValueError(distributed.LORA_UNDER_ZERO3)
         device = next(model.parameters()).device
         unsharded = distributed.fsdp_not_applied(initial_model.is_sharded(model),
                                                  distributed.world_size())

@@ -84,23 +84,6 @@ def launcher(n_processes: int, env: Mapping[str, str] | None = None) -> str:
     return f"accelerate launch {backend} --num_processes {n_processes}"
 
 
-def zero3_launch(env: Mapping[str, str] | None = None) -> bool:
-    """Whether accelerate launched this process with DeepSpeed ZeRO stage 3 (its environment)."""
-    env = os.environ if env is None else env
-    return (env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-            and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
-
-
-LORA_UNDER_ZERO3 = (
-    "a LoRA adapter (model.lora.enabled, or a peft model) is not supported under DeepSpeed "
-    "ZeRO-3: the capture reads the adapter's whole A and B and the base layer's shape, which "
-    "ZeRO-3 partitions; train the adapter under DDP (accelerate launch --multi_gpu: the base "
-    "weights are frozen, so each process holds them once without optimizer state), or the full "
-    "weights under ZeRO-3")
-"""Why LoRA is refused under ZeRO-3 (``job.check_recipe`` before anything is written, and
-``ShardCallback.setup`` for a script)."""
-
-
 def fsdp_not_applied(sharded: bool, n_processes: int,
                      env: Mapping[str, str] | None = None) -> str | None:
     """The warning for a launch that asked accelerate for FSDP (``--use_fsdp``) whose policy is

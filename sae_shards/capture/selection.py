@@ -56,7 +56,8 @@ class LoraTarget:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.layer.get_base_layer().weight.shape)
+        """The base weight's shape (under ZeRO-3 its whole one, ``ds_shape``)."""
+        return full_shape(self.layer.get_base_layer().weight)
 
 
 Target = torch.nn.Parameter | LoraTarget

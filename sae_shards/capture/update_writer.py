@@ -116,6 +116,14 @@ def write_updates(items, norm: SqNorm) -> None:
         norm.norms.extend(torch._foreach_norm(small_v))
 
 
+def lora_update(a0: torch.Tensor, b0: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+    """``s * (B1 A1 - B0 A0)`` ``[out, in]`` from the factors before (``a0`` [r, in], ``b0``
+    [out, r]) and after the step, evaluated as ``write_lora_update`` does (``s * (B0 dA + dB
+    A1)``), into new memory: for factors gathered whole (ZeRO-3)."""
+    return (b0 @ (a1 - a0)).addmm_(b1 - b0, a1).mul_(scaling)
+
+
 def write_lora_update(
     target: LoraTarget,
     a0: torch.Tensor,  # [r, in] A before the step (overwritten)

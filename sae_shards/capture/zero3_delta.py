@@ -23,6 +23,7 @@ import torch
 
 from sae_shards.capture.selection import LoraTarget, Target, few_names
 from sae_shards.capture.sharded_delta import GatheringCapture
+from sae_shards.capture.update_writer import lora_update
 
 
 def is_zero3(p: torch.Tensor) -> bool:
@@ -31,16 +32,16 @@ def is_zero3(p: torch.Tensor) -> bool:
 
 
 def zero3_targets(targets: Mapping[str, Target]) -> bool:
-    """Whether the targets are ZeRO-3 parameters (all of them; a mix raises ``ValueError``)."""
-    flags = {n: not isinstance(t, LoraTarget) and is_zero3(t) for n, t in targets.items()}
+    """Whether the targets are ZeRO-3 parameters, or LoRA adapters whose factors are (all of
+    them; a mix raises ``ValueError``)."""
+    flags = {n: is_zero3(t.A if isinstance(t, LoraTarget) else t) for n, t in targets.items()}
     if not any(flags.values()):
         return False
     if not all(flags.values()):
         plain = [n for n, flag in flags.items() if not flag]
         raise ValueError(
             f"capture targets {few_names(plain, 3)} are not DeepSpeed ZeRO-3 parameters while "
-            "others are; capture either only partitioned weights or only replicated ones (LoRA "
-            "adapters are not supported under ZeRO-3)")
+            "others are; capture either only partitioned weights or only replicated ones")
     return True
 
 
@@ -64,13 +65,24 @@ class Zero3DeltaCapture(GatheringCapture):
     backend = "DeepSpeed ZeRO-3"
     applies_to = staticmethod(zero3_targets)
 
-    def _snapshot(self, name: str, p: torch.Tensor) -> None:
-        full = full_fp32(name, p)  # every rank joins the gather; rank 0 keeps the whole target
+    def _snapshot(self, name: str, p: Target) -> None:
+        whole = self._whole(name, p)  # every rank joins the gathers; rank 0 keeps them
         if self.buffer is not None:
-            self._kept[name] = full
+            self._kept[name] = whole
 
-    def _gather_delta(self, name: str, p: torch.Tensor) -> torch.Tensor | None:
-        after = full_fp32(name, p)
+    def _gather_delta(self, name: str, p: Target) -> torch.Tensor | None:
+        after = self._whole(name, p)
         if self.buffer is None:
             return None
-        return after.sub_(self._kept.pop(name).to(after.device))
+        before = self._kept.pop(name)
+        if isinstance(p, LoraTarget):  # s * (B1 A1 - B0 A0), as without ZeRO-3
+            return lora_update(*before, *after, p.scaling)
+        return after[0].sub_(before[0].to(after[0].device))
+
+    @staticmethod
+    def _whole(name: str, p: Target) -> tuple[torch.Tensor, ...]:
+        """The whole fp32 master copy of the weight (collective), or of a LoRA target's two
+        factors ``(A [r, in], B [out, r])``: small, gathered whole."""
+        if not isinstance(p, LoraTarget):
+            return (full_fp32(name, p),)
+        return full_fp32(f"{name}'s lora_A", p.A), full_fp32(f"{name}'s lora_B", p.B)

@@ -13,13 +13,14 @@ the policy chooses, so a tiny model can learn them quickly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import string
 import tempfile
 from pathlib import Path
-from typing import NamedTuple, get_args
+from typing import Any, NamedTuple, get_args
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -204,6 +205,18 @@ def tiny_model_and_tokenizer(
     return ModelAndTokenizer(model, tokenizer)
 
 
+def meta_model(config: Any, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The causal LM of ``config`` on the meta device: modules and parameter names, no memory.
+    Under a DeepSpeed ZeRO-3 launch transformers would build it partitioned, through
+    ``deepspeed.zero.Init``, and then fail to initialise weights that have no data; a meta model
+    is never partitioned (transformers' own ``set_zero3_state`` says it is built already)."""
+    from transformers import modeling_utils
+
+    unpartitioned = getattr(modeling_utils, "set_zero3_state", contextlib.nullcontext)
+    with torch.device("meta"), unpartitioned():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def meta_policy(path: str | Path | None, arch: str = "qwen2", hidden_size: int = 64,
                 num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 128,
                 trust_remote_code: bool = False) -> PreTrainedModel | None:
@@ -219,8 +232,7 @@ def meta_policy(path: str | Path | None, arch: str = "qwen2", hidden_size: int =
         else:
             config = _model_config(arch, build_tokenizer(), hidden_size, num_layers, num_heads,
                                    intermediate_size)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return meta_model(config, trust_remote_code)
     except Exception as e:  # reported by the checks on the loaded model, in their own terms
         log.debug("no meta policy from %s: %s", path or arch, e)
         return None

@@ -41,6 +41,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from sae_shards.capture.selection import is_expert_stack
+from sae_shards.recipe.models import meta_model
 from sae_shards.recipe.tasks import MultiSkillTask, Task
 from sae_shards.run.config import (TRAINABLE_WITH_LORA, Algorithm, RLConfig, generation_use_of,
                                     generations_reused)
@@ -366,14 +367,13 @@ def _matrix_modules(model: str | Path | torch.nn.Module, trust_remote_code: bool
     """``{module name: "Linear" | "Conv1D"}`` for a model's matrix layers, and the names of its
     stacked expert tensors (3-D parameters outside conv layers); a model directory is built
     from its config alone, on the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.pytorch_utils import Conv1D
 
     if isinstance(model, (str, Path)):
         config = AutoConfig.from_pretrained(model, local_files_only=True,
                                             trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = meta_model(config, trust_remote_code)
     modules = {name: "Linear" if isinstance(m, torch.nn.Linear) else "Conv1D"
                for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
     stacked = [name for name, p in model.named_parameters() if is_expert_stack(model, name, p)]

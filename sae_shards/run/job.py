@@ -126,8 +126,6 @@ def check_recipe(cfg: JobConfig) -> None:
     check_precision({**cfg.rl.trl_kwargs(), "use_cpu": resolve_device(cfg.device).type == "cpu"})
     if getattr(task, "scaled", False):
         check_reward_scale(cfg.rl.trl_kwargs(), cfg.rl.algorithm)
-    if cfg.model.lora.enabled and distributed.zero3_launch():
-        raise ValueError(distributed.LORA_UNDER_ZERO3)
     check_targets(cfg)
     unused = cfg.model.lora.unused()
     if unused and tuple(unused) not in _WARNED_LORA:  # a job's config is checked twice

@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--saved", type=Path, help="replay: the DDP run's gen/ directory")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--lora", action="store_true",
+                   help="train a peft LoRA adapter (rank 4 on every block matrix, its A drawn "
+                        "from seed 0 in both modes)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     n_ranks = 2
@@ -101,7 +104,15 @@ def main(argv: list[str] | None = None) -> None:
                            num_generations=GENERATIONS, max_completion_length=6,
                            learning_rate=1e-3, beta=0.0, shuffle_dataset=False, seed=0,
                            disable_tqdm=True), a.out / "trl")
-    trainer = GRPOTrainer(model=str(a.model), reward_funcs=[varied_reward], args=args,
+    model = str(a.model)
+    if a.lora:  # the adapter built here, from one seed, so the two modes start from the same A
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(a.model), LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainer = GRPOTrainer(model=model, reward_funcs=[varied_reward], args=args,
                           processing_class=tokenizer,
                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
     if a.mode == "ddp":
