@@ -17,7 +17,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # imported lazily at run time: `sae-shards --help` stays fast
     from sae_shards.run.config import JobConfig
@@ -494,6 +494,25 @@ def _main_process() -> bool:
     return is_main()
 
 
+def _warn_unused_lora(overrides: Sequence[str], enabled: bool) -> None:
+    """Warn when ``model.lora.*`` settings were given on the command line while LoRA is off: no
+    adapter uses them, and the run trains the full weights (a preset's own values, such as
+    ``model=tiny_lora model.lora.enabled=false``'s rank, are not the user's)."""
+    typed = [o.lstrip("+~") for o in overrides]
+    unused = [o for o in typed if o.startswith("model.lora.")
+              and not o.startswith("model.lora.enabled")]
+    if unused and not enabled:
+        logging.getLogger("sae_shards.cli").warning("%s given, but model.lora.enabled=false: no adapter is trained, RL changes "
+                    "the full weights; add model.lora.enabled=true (or model=tiny_lora) to train "
+                    "one", ", ".join(unused))
+
+
+def _rank() -> int:
+    from sae_shards.capture.distributed import rank
+
+    return rank()
+
+
 def _check_process_count(run_dir: Path) -> None:
     """A resume on another number of processes than the run's is refused here, before Hydra
     writes into the run's ``.hydra/`` (the callback checks it again, for scripts)."""
@@ -677,6 +696,7 @@ def _train(args: list[str]) -> int:
         hc = HydraConfig.get()
         sweep = hc.mode == RunMode.MULTIRUN
         job_name = f"{job_dirname(hc.job.override_dirname) or 'the defaults'}: " if sweep else ""
+        _warn_unused_lora(hc.overrides.task, bool(cfg.model.lora.enabled))
         try:
             job = job_config_from_hydra(cfg)
         except ConfigError as e:
@@ -744,9 +764,11 @@ def _train(args: list[str]) -> int:
     if fresh is not None and fresh.is_dir() and not any(p.is_file() for p in fresh.rglob("*")):
         shutil.rmtree(fresh)  # Hydra made it for a run that was refused: leave no trace
         _drop_file_handlers(fresh)
-    for msg in filter(None, failures):  # a config error is every rank's: rank 0 says it
-        if _main_process() or "config error:" not in msg:
-            print(f"sae-shards: {msg}", file=sys.stderr)
+    # every rank says its own failures (one rank may fail alone: a model.path missing on one
+    # node), each other rank's labelled as its
+    said_by = "sae-shards" if _main_process() else f"sae-shards (rank {_rank()})"
+    for msg in filter(None, failures):
+        print(f"{said_by}: {msg}", file=sys.stderr)
     if interrupted:  # the shell's convention for a process ended by a signal
         return 128 + int(interrupted[0])
     return 2 if failures else 0

@@ -987,6 +987,8 @@ def test_trainer_without_completion_log_needs_record_rollouts_false(tiny_model, 
         tmp_path / "b" / "report.html").read_text()
     assert rewardless_trainer({"task": None, "rl": {"algorithm": "GRPOTrainer",
                                                     "reward_weights": [1.0]}}) is None
+    # an older script run, which did not record reward_weights: not said to have none
+    assert rewardless_trainer({"task": None, "rl": {"algorithm": "GRPOTrainer"}}) is None
 
 
 def test_a_script_model_without_any_tokenizer_is_said_before_training(tiny_model, tmp_path,
@@ -1422,6 +1424,10 @@ def test_the_launcher_a_run_records_is_the_one_it_was_started_with():
         "accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2")
     # torchrun itself (accelerate launch runs torchrun too, with its own environment)
     assert launcher(2, {"TORCHELASTIC_RUN_ID": "x"}) == "torchrun --nproc_per_node 2"
+    assert launcher(8, {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "4"}) == (
+        "torchrun --nnodes 2 --nproc_per_node 4")  # per node, not the total
+    assert launcher(2, {"TORCHELASTIC_RUN_ID": "x", "ACCELERATE_DYNAMO_BACKEND": "no"}) == (
+        "torchrun --nproc_per_node 2")  # an accelerate setting exported in the shell
     assert launcher(2, {"TORCHELASTIC_RUN_ID": "x", "ACCELERATE_MIXED_PRECISION": "no"}) == (
         "accelerate launch --multi_gpu --num_processes 2")
 

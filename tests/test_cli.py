@@ -597,15 +597,19 @@ def test_a_resume_never_takes_trust_remote_code_from_the_run(tmp_path, capsys):
     assert "a resume never takes that from the run directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("override", [["sae.k=abc"], ["-m", "--cfg", "job", "seed=1,2"]])
-def test_a_config_error_under_a_launcher_is_said_by_rank_zero_alone(override, tmp_path, capsys,
-                                                                    monkeypatch):
-    """Every rank of a launch refuses a bad config; the message was printed once per rank (then
-    the launcher's own traceback), now by rank 0 only. Both places a config error is caught."""
+def test_under_a_launcher_each_rank_says_its_config_error_labelled(tmp_path, capsys,
+                                                                   monkeypatch):
+    """A config error found inside the job may be one rank's alone (a model.path missing on one
+    node), so every rank says its own; another rank's is labelled with its rank. One found
+    before Hydra, from the overrides alone, is every rank's: rank 0 alone says it."""
     from sae_shards.cli import main
 
-    for rank, says in (("1", False), ("0", True)):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, label in (("1", "sae-shards (rank 1): config error:"),
+                        ("0", "sae-shards: config error:")):
         monkeypatch.setenv("RANK", rank)
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        assert main(["train", *override, "logging=disabled", f"run_dir={tmp_path / rank}"]) == 2
-        assert ("config error:" in capsys.readouterr().err) == says
+        assert main(["train", "sae.k=abc", "logging=disabled",
+                     f"run_dir={tmp_path / rank}"]) == 2
+        assert label in capsys.readouterr().err
+        assert main(["train", "-m", "--cfg", "job", "seed=1,2"]) == 2
+        assert ("config error:" in capsys.readouterr().err) == (rank == "0")

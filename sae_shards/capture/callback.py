@@ -297,10 +297,6 @@ class ShardCallback(TrainerCallback):
         if self.parts is not None:
             return
         device = next(model.parameters()).device
-        unsharded = distributed.fsdp_not_applied(initial_model.is_sharded(model),
-                                                 distributed.world_size())
-        if unsharded:
-            log.warning("%s", unsharded)
         pending = pending_policy_memory(model, trainer, device)
         if pending.total:
             log.info("sizing the buffer and the SAE against free memory less what the "
@@ -642,6 +638,12 @@ class ShardCallback(TrainerCallback):
             check_sae_trains(self.capture_cfg, self.runner_cfg, state.max_steps,
                              "the trainer's max_steps", per_step)
         self._began = True
+        # asked here, not in setup: sae-shards train sets up before accelerate shards the model
+        unsharded = distributed.fsdp_not_applied(model is not None
+                                                 and initial_model.is_sharded(model),
+                                                 distributed.world_size())
+        if unsharded and state.is_world_process_zero:
+            log.warning("%s", unsharded)
         self._begin(args, state, control, model, **kwargs)
         if self.resume and state.global_step >= state.max_steps:
             self._end_at_resume(args, state, control, model, **kwargs)

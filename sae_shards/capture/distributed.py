@@ -72,8 +72,12 @@ def launcher(n_processes: int, env: Mapping[str, str] | None = None) -> str:
     if n_processes <= 1:
         return ""
     env = os.environ if env is None else env
-    if "TORCHELASTIC_RUN_ID" in env and not any(k.startswith("ACCELERATE_") for k in env):
-        return f"torchrun --nproc_per_node {n_processes}"  # torchrun itself, not accelerate's
+    if "TORCHELASTIC_RUN_ID" in env and "ACCELERATE_MIXED_PRECISION" not in env:
+        # torchrun itself (accelerate launch, which runs torchrun too, sets that variable for
+        # every backend); --nproc_per_node counts one node's processes
+        local = int(env.get("LOCAL_WORLD_SIZE") or n_processes)
+        nodes = f"--nnodes {n_processes // local} " if n_processes > local else ""
+        return f"torchrun {nodes}--nproc_per_node {local}"
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
         backend = "--use_deepspeed" + (f" --zero_stage {stage}" if stage else "")

@@ -433,6 +433,12 @@ def check_not_sharded(named_params) -> None:
             or type(p.data).__name__ == "DTensor"  # FSDP2 / tensor parallel
             or p.numel() == 0
         ):
+            if "lora_" in name and type(p.data).__name__ == "DTensor":
+                raise ValueError(
+                    f"parameter {name!r} is a LoRA adapter's, sharded by FSDP2: LoRA is not "
+                    "supported under FSDP2 (docs/scaling.md); train the adapter under DDP "
+                    "(accelerate launch --multi_gpu) or DeepSpeed ZeRO-3, or the full weights "
+                    "under FSDP2")
             raise ValueError(
                 f"parameter {name!r} looks sharded (DeepSpeed ZeRO-3 or FSDP); this capture "
                 "supports full, replicated parameters (single process, DDP, ZeRO-1/2), and FSDP2 "

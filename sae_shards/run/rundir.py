@@ -335,12 +335,14 @@ def _why_not_resumable(run_dir: Path, earlier: list[str]) -> str:
 
 def rewardless_trainer(config: Mapping[str, Any]) -> str | None:
     """The trainer class of a script's run that had no reward functions (``SFTTrainer``,
-    ``DPOTrainer``: ``ShardCallback`` recorded no ``rl.reward_weights``), else None."""
+    ``DPOTrainer``: ``ShardCallback`` recorded ``rl.reward_weights`` as null), else None (a run
+    recorded before that key existed is not known to have none)."""
     if section(config, "task").get("name"):
         return None
     rl = section(config, "rl")
     algorithm = rl.get("algorithm")
-    return algorithm if algorithm and rl.get("reward_weights") is None else None
+    return algorithm if algorithm and "reward_weights" in rl and rl["reward_weights"] is None \
+        else None
 
 
 def leftovers(run_dir: Path) -> list[Path]:
@@ -363,13 +365,13 @@ def _is_leftover(path: Path) -> bool:
 
 
 def _remove_leftovers(run_dir: Path, resuming: bool = False) -> None:
-    """Remove ``leftovers``; when ``resuming``, a half-written step checkpoint or resume file is
-    a warning: the step it belonged to is not the one the run resumes from."""
+    """Remove ``leftovers``; when ``resuming``, a step checkpoint or resume file left
+    half-written under its temporary name is a warning (that step's state was never complete)."""
     for path in leftovers(run_dir):
-        if resuming and path.parent.name in (CHECKPOINTS, RESUME) and path.name.startswith(
-                f".{STEP_PREFIX}"):  # a step's temporary name, not final's
+        if (resuming and path.parent.name in (CHECKPOINTS, RESUME)
+                and path.name.startswith(f".{STEP_PREFIX}") and ".tmp" in path.name):
             log.warning("%s: removed (a step's %s the process was killed while writing; the run "
-                        "resumes from the newest complete step and trains the later ones again)",
+                        "resumes from the newest step whose checkpoint is complete)",
                         path, "checkpoint" if path.parent.name == CHECKPOINTS else "resume file")
         else:
             log.info("%s: removed (left half-written by a process that was killed)", path)
