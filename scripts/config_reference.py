@@ -40,7 +40,7 @@ SECTIONS: tuple[tuple[str, type, tuple[str, ...]], ...] = (
     ("`rl.*`", job_config.RLConfig, ()),
     ("`capture.*`", job_config.CaptureConfig, ()),
     ("`runner.*`", job_config.RunnerConfig, ()),
-    ("`sae.*` (also docs/sae.md)", SAEConfig, ()),
+    ("`sae.*` (the math: docs/sae.md)", SAEConfig, ()),
     ("`logging.*`", job_config.LoggingConfig, ()),
 )
 

@@ -499,7 +499,7 @@ def test_a_tied_or_foreign_target_is_refused_naming_why():
 
     model = Tied()
     with pytest.raises(ValueError, match=r"'embed.weight' is one weight shared by several modules "
-                                         r"\(Embedding.weight, Linear.weight: tied weights.*"
+                                         r"\(embed.weight, head.weight: tied weights.*"
                                          r"capture.granularity=step"):
         hook_sites(model, {"embed.weight": model.embed.weight})
     with pytest.raises(ValueError, match=r"'x' is not a parameter of the model being trained"):

@@ -657,24 +657,22 @@ def test_a_broken_model_directory_is_a_config_error_before_anything_is_written(
         assert not run_dir.exists()
 
 
-def test_lora_settings_given_with_lora_off_are_warned_about(caplog):
-    """``model.lora.r=4`` without ``model.lora.enabled=true`` trains the full weights: said once,
-    naming the settings; nothing is said with LoRA on, or with LoRA's defaults left alone."""
-    from sae_shards.run.job import _WARNED_LORA, check_recipe
+def test_lora_settings_given_with_lora_off_are_warned_about(tmp_path, capfd):
+    """``model.lora.r=4`` without ``model.lora.enabled=true`` trains the full weights: said,
+    naming what was typed; not with LoRA on, nor for a preset's own values with LoRA turned
+    off (``model=tiny_lora model.lora.enabled=false``). Refused runs keep it cheap."""
+    from sae_shards.cli import main
 
-    def warnings(*overrides):
-        _WARNED_LORA.clear()
-        caplog.clear()
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            cfg = job_config_from_hydra(compose("config", overrides=list(overrides)))
-        with caplog.at_level(logging.WARNING, logger="sae_shards.run.job"):
-            check_recipe(cfg)
-            check_recipe(cfg)  # a job's config is checked twice: one warning
-        return [r.getMessage() for r in caplog.records if "model.lora" in r.getMessage()]
+    def warnings(*overrides):  # Hydra's console handler says it (Hydra replaces caplog's)
+        main(["train", *overrides, "sae.k=0", "logging=disabled",  # refused after the check
+              f"run_dir={tmp_path / 'r'}"])
+        out, err = capfd.readouterr()
+        return [line.split(" - ", 1)[1] for line in (out + err).splitlines()
+                if "given, but model.lora.enabled=false" in line]
 
     (said,) = warnings("model.lora.r=4", "model.lora.target_modules=[q_proj]")
-    assert said.startswith("model.lora.r=4, model.lora.target_modules=['q_proj'] set, but "
-                           "model.lora.enabled=false")
+    assert said.startswith("model.lora.r=4, model.lora.target_modules=[q_proj] given, but "
+                           "model.lora.enabled=false"), said
     assert warnings() == [] and warnings("model=tiny_lora") == []
     assert warnings("model=tiny_lora", "model.lora.r=2") == []
-
+    assert warnings("model=tiny_lora", "model.lora.enabled=false") == []

@@ -158,6 +158,9 @@ def test_reward_characters_the_tokenizer_cannot_write_are_named(caplog):
     ("multiskill", {"reward_scale": {"A": "big"}}, r"task.options.reward_scale.A: expected float"),
     ("multiskill", {"schedule": "sorted"}, r"task.options.schedule='sorted' is not one of"),
     ("multiskill_null", {"bogus": 1}, r"\['task.options.bogus'\] are not options of task"),
+    ("letters", {"target_chars": 123}, r"task.options.target_chars: expected str, got int 123 "
+                                       r"\(quote it to keep it text: "
+                                       r"task.options.target_chars='123'"),
 ])
 def test_a_task_option_of_the_wrong_type_names_the_option(name, options, message):
     """Each option is checked against its field's type before the task is built: a wrong one
@@ -170,3 +173,18 @@ def test_task_options_from_json_or_hydra_lists_build_the_same_task():
     """A saved config.json holds prompt_length as a list; it builds the task a tuple does."""
     assert build_task("letters", prompt_length=[2, 3]) == build_task("letters", prompt_length=(2, 3))
     assert build_task("multiskill", reward_scale={"A": 2}).reward_scale == {"A": 2.0}
+
+
+def test_a_variable_length_tuple_field_is_checked_item_by_item():
+    """``tuple[int, ...]`` takes any length (it raised AttributeError: no field uses it yet)."""
+    import dataclasses
+
+    from sae_shards.run.schema import coerce_fields
+
+    @dataclasses.dataclass
+    class Sizes:
+        sizes: tuple[int, ...] = ()
+
+    assert coerce_fields(Sizes, {"sizes": [1, 2, 3]}, "x.") == {"sizes": (1, 2, 3)}
+    with pytest.raises(ValueError, match=r"x.sizes\[1\]: expected int, got str 'a'"):
+        coerce_fields(Sizes, {"sizes": [1, "a"]}, "x.")

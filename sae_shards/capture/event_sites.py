@@ -53,7 +53,8 @@ def hook_sites(model: nn.Module, targets: Mapping[str, Target]) -> dict[nn.Modul
             continue
         found = owners.get(id(target), [])
         if len(found) > 1:
-            users = ", ".join(f"{type(m).__name__}.{a}" for m, a in found)
+            named = {id(m): n for n, m in model.named_modules()}
+            users = ", ".join(f"{named.get(id(m)) or type(m).__name__}.{a}" for m, a in found)
             raise ValueError(
                 f"per-event capture target {name!r} is one weight shared by several modules "
                 f"({users}: tied weights, such as an embedding that is also the LM head), so no "

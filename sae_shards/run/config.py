@@ -55,8 +55,8 @@ class LoraSettings:
     """peft LoRA adapter (passed to TRL as ``peft_config``)."""
 
     enabled: bool = False
-    """Train a LoRA adapter instead of the full weights (the other fields, changed while it is
-    false, are warned about: no adapter uses them)."""
+    """Train a LoRA adapter instead of the full weights (``sae-shards train`` warns about other
+    ``model.lora.*`` fields given on its command line while it is false: no adapter uses them)."""
     r: int = 8
     """Adapter rank."""
     alpha: float = 16.0
@@ -82,16 +82,6 @@ class LoraSettings:
                              "adapter's update by alpha / r)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
-
-    def unused(self) -> list[str]:
-        """The ``model.lora.<field>`` settings changed from their defaults while LoRA is off
-        (``enabled=false``): no adapter uses them, so the run trains the full weights, most
-        likely not what whoever set them meant."""
-        if self.enabled:
-            return []
-        default = LoraSettings()
-        return [f"model.lora.{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                if f.name != "enabled" and getattr(self, f.name) != getattr(default, f.name)]
 
 
 TRAINABLE_WITH_LORA = ("rl.trainable cannot be combined with model.lora.enabled=true (LoRA "

@@ -127,16 +127,6 @@ def check_recipe(cfg: JobConfig) -> None:
     if getattr(task, "scaled", False):
         check_reward_scale(cfg.rl.trl_kwargs(), cfg.rl.algorithm)
     check_targets(cfg)
-    unused = cfg.model.lora.unused()
-    if unused and tuple(unused) not in _WARNED_LORA:  # a job's config is checked twice
-        _WARNED_LORA.add(tuple(unused))
-        log.warning("%s set, but model.lora.enabled=false: no adapter is trained, RL changes "
-                    "the full weights; add model.lora.enabled=true (or use model=tiny_lora) to "
-                    "train one", ", ".join(unused))
-
-
-_WARNED_LORA: set[tuple[str, ...]] = set()
-"""The unused LoRA settings ``check_recipe`` warned about in this process."""
 
 
 _CHECKED_DIRS: dict[tuple, Any] = {}

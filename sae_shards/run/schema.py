@@ -71,8 +71,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             raise ValueError(f"{name}: expected a list, got {value!r}{shown}")
         (item,) = typing.get_args(tp)
         return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:  # fixed length, e.g. tuple[int, int]
+    if origin is tuple:  # fixed length, e.g. tuple[int, int], or tuple[int, ...]
         items = typing.get_args(tp)
+        if len(items) == 2 and items[1] is Ellipsis and isinstance(value, (list, tuple)):
+            items = (items[0],) * len(value)
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise ValueError(f"{name}: expected a list of {len(items)} "
                              f"({', '.join(t.__name__ for t in items)}), got {value!r}")
@@ -88,7 +90,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
-        raise ValueError(f"{name}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        quote = (f" (quote it to keep it text: {name}='{value}', or \"{name}='{value}'\" in a "
+                 "shell)" if tp is str and isinstance(value, (int, float, bool)) else "")
+        raise ValueError(f"{name}: expected {tp.__name__}, got {type(value).__name__} "
+                         f"{value!r}{quote}")
     return value
 
 
