@@ -494,3 +494,44 @@ def test_a_per_step_run_of_mixed_batches_says_its_context_shares_repeat_the_batc
     html, analysis = runs["group"]
     assert analysis["run"]["blended_samples"] == 0 and analysis["run"]["n_samples"] > 6
     assert "hold rollouts of more than one context" not in html
+
+
+def test_a_shard_whose_steering_changed_no_score_is_named():
+    """A short run's c is small: at every alpha each prompt scored as at alpha 0, and the table's
+    '± 0.0000' read as an effect of exactly zero. The report names such a shard; one whose
+    scores moved, even if the mean came back, is not named."""
+    from sae_shards.analysis.interventions import DoseResponse
+    from sae_shards.analysis.report import _unmoved_note
+
+    def dose(rewards, paired):
+        return DoseResponse(alphas=[-1.0, 0.0, 1.0], reward_shard=rewards, stderr_shard=[0.1] * 3,
+                            reward_control=rewards, stderr_control=[0.1] * 3, n=8,
+                            stderr_change_shard=paired, stderr_change_control=paired)
+
+    note = _unmoved_note({3: dose([0.5] * 3, [0.0] * 3), 7: dose([0.5] * 3, [0.02, 0.0, 0.02]),
+                          9: dose([0.4, 0.5, 0.6], [0.01, 0.0, 0.01])})
+    assert note.startswith("<p>Shard 3: at every alpha") and "7" not in note and "9" not in note
+    assert _unmoved_note({9: dose([0.4, 0.5, 0.6], [0.01, 0.0, 0.01])}) == ""
+    assert _unmoved_note({3: dose([0.5] * 3, [])}) == ""  # no alpha 0: nothing paired
+
+
+def test_a_shard_without_a_writer_says_why_it_has_no_logit_lens(tmp_path):
+    """Shards of query projections only (no residual-stream writer): the report and
+    analysis.json say why there is no logit lens, instead of an empty table or list."""
+    from hydra import compose, initialize_config_dir
+
+    from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
+    from sae_shards.run.job import run_job
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = job_config_from_hydra(compose("config", overrides=[
+            "rl.max_steps=6", "runner.min_samples=2", "sae.n_latents=8", "logging=disabled",
+            "capture.targets=[*q_proj.weight]"]))
+    run_job(cfg, tmp_path / "run")
+    out = analyze(tmp_path / "run", tmp_path / "report.html", n_shards=1, n_prompts=2,
+                  alphas=(0.0, 1.0))
+    entry = next(iter(json.loads((out.parent / "analysis.json").read_text())["shards"].values()))
+    assert entry["logit_lens"] == []
+    assert entry["logit_lens_none"].startswith("no part of this shard is on a residual-stream "
+                                               "writer")
+    assert "No logit lens: no part of this shard" in out.read_text()

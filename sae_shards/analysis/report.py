@@ -278,6 +278,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
             entry["logit_lens"] = rows
             if not rows and lens_why is None:
                 lens_why = lens_gap(models.initial)
+            if not rows:  # analysis.json says why too, not only an empty list
+                entry["logit_lens_none"] = lens_why
             lens_html.append(_lens_html(s, rows, tags, lens_why or ""))
             direction = view.shards[s].dense(scaled=False)  # {name: unit direction}
             c = update_coefficient(theta_t, theta0, direction)
@@ -558,7 +560,23 @@ def _dose_table(results: dict[int, Any], analysis: dict[str, Any], tags: dict[in
             + cells(dr.reward_shard, dr.stderr_change_shard, dr.stderr_shard)
             + cells(dr.reward_control, dr.stderr_change_control, dr.stderr_control)[top:top + 1]
             for s, dr in results.items()]
-    return _table(header, rows)
+    return _table(header, rows) + _unmoved_note(results)
+
+
+def _unmoved_note(results: dict[int, Any]) -> str:
+    """Name the shards whose steering changed no score at any alpha (each alpha's reward the
+    same as alpha 0's, with no spread): flat at ± 0.0000, which reads as an effect of exactly
+    zero rather than as no sampled completion having changed."""
+    flat = [s for s, dr in results.items()
+            if dr.stderr_change_shard and len(set(dr.reward_shard)) == 1
+            and not any(dr.stderr_change_shard)]
+    if not flat:
+        return ""
+    return (f"<p>Shard{'s' if len(flat) > 1 else ''} {', '.join(map(str, flat))}: at every alpha "
+            "each prompt's completions scored exactly as at alpha 0, so the direction, at these "
+            "alphas times c, changed no sampled completion's reward (a short run's c is small: "
+            "larger alphas, or <code>dose_response</code> with alphas of your own, probe "
+            "further).</p>")
 
 
 def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
