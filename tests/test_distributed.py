@@ -161,8 +161,8 @@ def _rl_log_steps(run: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def zero3(runs) -> dict[str, Path]:
     root = runs["model"].parent / "zero3"
-    _run([*_zero3_launch(), str(SCRIPT), "--mode", "ddp", "--model", str(runs["model"]),
-          "--out", str(root / "run")], runs["model"].parent)
+    _run([*_zero3_launch(), str(SCRIPT), "--mode", "ddp", "--hub-id", "--model",
+          str(runs["model"]), "--out", str(root / "run")], runs["model"].parent)
     _run([sys.executable, str(SCRIPT), "--mode", "replay", "--model", str(runs["model"]),
           "--out", str(root / "replay"), "--saved", str(root / "run" / "gen")], root)
     return {"run": root / "run", "replay": root / "replay"}
@@ -190,6 +190,10 @@ def test_zero3_captures_the_one_process_deltas_and_events(zero3, runs):
     # the final policy is gathered from the partitions: the one-process run's final weights
     one = load_file(str(zero3["replay"] / "run_step" / "final_model" / "model.safetensors"))
     _assert_same_weights(zero3["run"] / "run_step" / "final_model", one)
+    # the policy named no local directory (as a Hub model): theta_0 was gathered and saved
+    _assert_same_weights(zero3["run"] / "run_step" / "model",
+                         load_file(str(runs["model"] / "model.safetensors")))
+    assert not (zero3["run"] / "run_group" / "model").exists()  # save_model=False there
 
 
 @pytest.fixture(scope="module")

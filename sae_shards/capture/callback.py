@@ -412,18 +412,30 @@ class ShardCallback(TrainerCallback):
         if sharded_targets(targets) or zero3_targets(targets):
             self.capture = self._step_capture(targets, self.parts.buffer)
 
-    def _save_initial_model(self, model: torch.nn.Module, trainer: Any | None) -> None:
+    def _gathers_initial(self, model: torch.nn.Module | None) -> bool:
+        """Whether every rank joins in gathering the initial policy at the start of training:
+        a script's sharded policy (ZeRO-3, FSDP2) not loaded from a local directory, which
+        ``_save_initial_model`` saves. Every rank asks it, and answers it the same way. A LoRA
+        policy is not gathered (its base, which analysis needs, is saved from a directory)."""
+        return (not self.resume and not self.run_config and self.save_model
+                and model is not None and initial_model.is_sharded(model)
+                and not hasattr(model, "peft_config")
+                and initial_model.loaded_from(model) is None)
+
+    def _save_initial_model(self, model: torch.nn.Module, trainer: Any | None,
+                            gathered: dict[str, torch.Tensor] | None = None) -> None:
         """A user's script whose policy does not hold the weights of a local directory (a Hub
         id, a model built in the script, ``from_config``): save its initial weights and
         tokenizer to ``run_dir/model`` before the first step, so analysis has theta_0 for the
-        logit lens and the interventions (``sae-shards train`` builds or names its own)."""
+        logit lens and the interventions (``sae-shards train`` builds or names its own).
+        ``gathered``: a sharded policy's whole weights (``_gathers_initial``)."""
         if self.run_config or not self.save_model or self._initial_dir is not None:
             return
         out = self.run_dir / rundir.MODEL
-        if initial_model.is_sharded(model):
+        if initial_model.is_sharded(model) and gathered is None:
             log.warning("the initial policy is not saved to %s: its parameters are sharded "
-                        "over the processes (FSDP2 / ZeRO-3); save it before training and pass "
-                        "the trainer its directory", out)
+                        "over the processes (FSDP2 / ZeRO-3) and it is a LoRA policy, whose "
+                        "base is not gathered; load the base from a local directory", out)
             return
         named = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
         if named and Path(named).expanduser().is_dir():
@@ -433,7 +445,7 @@ class ShardCallback(TrainerCallback):
         # a LoRA policy: its base model (the adapter starts at B = 0), which analysis merges
         # the final adapter into
         initial_model.save_policy(model, getattr(trainer, "processing_class", None), out,
-                                  base_only=self._is_lora())
+                                  base_only=self._is_lora(), state_dict=gathered)
 
     def _warn_no_tokenizer(self, trainer: Any | None) -> None:
         """A trainer without a ``processing_class`` saves no tokenizer with the policy; if the
@@ -673,6 +685,8 @@ class ShardCallback(TrainerCallback):
         if self.resume and state.global_step > 0:  # every rank: each loaded the checkpoint
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             self._restore_converted(model, checkpoint)
+        # before any step: the weights are theta_0 (a collective: every rank, the same answer)
+        initial = gathered_state_dict(model) if self._gathers_initial(model) else None
         if not state.is_world_process_zero:
             self.setup_rank(model, calling_trainer())
             if self.capture is not None:
@@ -688,7 +702,7 @@ class ShardCallback(TrainerCallback):
             if not self.run_config:
                 warn_later_trl_checkpoints(args.output_dir, state.global_step)
         else:
-            self._save_initial_model(model, calling_trainer())
+            self._save_initial_model(model, calling_trainer(), initial)
             self._save_initial_adapter(model)
             self._warn_no_tokenizer(calling_trainer())
         if self.logger is None:

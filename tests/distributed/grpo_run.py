@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--saved", type=Path, help="replay: the DDP run's gen/ directory")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--hub-id", action="store_true",
+                   help="the policy as a Hub model would be: loaded here, its config naming no "
+                        "local directory, so the callback saves (under ZeRO-3: gathers) theta_0")
     p.add_argument("--lora", action="store_true",
                    help="train a peft LoRA adapter (rank 4 on every block matrix, its A drawn "
                         "from seed 0 in both modes)")
@@ -105,6 +108,11 @@ def main(argv: list[str] | None = None) -> None:
                            learning_rate=1e-3, beta=0.0, shuffle_dataset=False, seed=0,
                            disable_tqdm=True), a.out / "trl")
     model = str(a.model)
+    if a.hub_id:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(a.model)
+        model.config._name_or_path = "someone/tiny-policy"  # no local directory of that name
     if a.lora:  # the adapter built here, from one seed, so the two modes start from the same A
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
