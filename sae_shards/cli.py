@@ -498,13 +498,13 @@ def _warn_unused_lora(overrides: Sequence[str], enabled: bool) -> None:
     """Warn when ``model.lora.*`` settings were given on the command line while LoRA is off: no
     adapter uses them, and the run trains the full weights (a preset's own values, such as
     ``model=tiny_lora model.lora.enabled=false``'s rank, are not the user's)."""
-    typed = [o.lstrip("+~") for o in overrides]
-    unused = [o for o in typed if o.startswith("model.lora.")
+    typed = [o.lstrip("+") for o in overrides if not o.startswith("~")]  # not a deletion
+    unused = [o for o in typed if o.startswith(("model.lora.", "model.lora="))
               and not o.startswith("model.lora.enabled")]
-    if unused and not enabled:
-        logging.getLogger("sae_shards.cli").warning("%s given, but model.lora.enabled=false: no adapter is trained, RL changes "
-                    "the full weights; add model.lora.enabled=true (or model=tiny_lora) to train "
-                    "one", ", ".join(unused))
+    if unused and not enabled and _main_process():
+        logging.getLogger("sae_shards.cli").warning(
+            "%s given, but model.lora.enabled=false: no adapter is trained, RL changes the full "
+            "weights; add model.lora.enabled=true to train one", ", ".join(unused))
 
 
 def _rank() -> int:

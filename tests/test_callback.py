@@ -1116,6 +1116,30 @@ def test_loaded_from_trusts_a_directory_only_while_the_model_holds_its_weights(t
     assert loaded_from(model) is None
 
 
+def test_a_sharded_policy_is_taken_at_its_word_only_for_a_directory_with_weights(tiny_model,
+                                                                                tmp_path,
+                                                                                monkeypatch):
+    """A sharded policy (no process holds a whole weight) cannot be compared with its
+    directory: a directory holding weights is taken at its word; one holding a config alone
+    (the policy was built with from_config) is not, so the callback gathers theta_0. It took
+    any directory with a config.json, and analysis then read weights that were never theta_0."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sae_shards.capture import initial_model
+
+    monkeypatch.setattr(initial_model, "is_sharded", lambda model: True)
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(tiny_model / "config.json", config_only / "config.json")
+    built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(config_only)))
+    assert built.config._name_or_path == str(config_only)  # names it, holds none of its weights
+    assert initial_model.loaded_from(built) is None
+    loaded = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    assert initial_model.loaded_from(loaded) == str(tiny_model.resolve())
+
+
 @pytest.mark.parametrize("change", ["one_late_weight", "bf16_from_fp32", "resized_embeddings"])
 def test_loaded_from_sees_any_change_after_loading(tiny_model, change):
     """A policy changed after loading (a weight edited deep in the model, as merging an SFT

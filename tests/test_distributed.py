@@ -194,6 +194,9 @@ def test_zero3_captures_the_one_process_deltas_and_events(zero3, runs):
     _assert_same_weights(zero3["run"] / "run_step" / "model",
                          load_file(str(runs["model"] / "model.safetensors")))
     assert not (zero3["run"] / "run_group" / "model").exists()  # save_model=False there
+    from sae_shards.analysis.shards import run_models_missing
+
+    assert run_models_missing(zero3["run"] / "run_step") is None  # analysis has both models
 
 
 @pytest.fixture(scope="module")

@@ -676,3 +676,7 @@ def test_lora_settings_given_with_lora_off_are_warned_about(tmp_path, capfd):
     assert warnings() == [] and warnings("model=tiny_lora") == []
     assert warnings("model=tiny_lora", "model.lora.r=2") == []
     assert warnings("model=tiny_lora", "model.lora.enabled=false") == []
+    assert warnings("~model.lora.dropout") == []  # a deletion gives nothing
+    (said,) = warnings("model.lora={r:4}")
+    assert said.startswith("model.lora={r:4} given") and said.endswith(
+        "add model.lora.enabled=true to train one")

@@ -165,3 +165,32 @@ def test_readout_scale_multiplies_lm_head_init_only(tmp_path):
         build_tiny_model(tmp_path / "s", seed=2)  # readout_scale 1 is another build
     with pytest.raises(ValueError, match="model.readout_scale=0 must be > 0"):
         tiny_model_and_tokenizer(readout_scale=0)
+
+
+def test_the_meta_policy_is_built_whole_under_a_deepspeed_zero3_config():
+    """Under a ZeRO-3 launch transformers builds a model through deepspeed.zero.Init and then
+    fails to initialise weights without data ('Cannot copy out of meta tensor'): meta_policy
+    returned None and every ZeRO-3 run skipped its target checks. meta_model builds it whole,
+    on the meta device, and leaves transformers' ZeRO-3 state as it was."""
+    import gc
+
+    pytest.importorskip("deepspeed")
+    from transformers import modeling_utils
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from sae_shards.recipe.models import meta_policy
+
+    zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3},
+                               "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        policy = meta_policy(None)  # the tiny model's config
+        assert policy is not None
+        weight = next(policy.parameters())
+        assert weight.device.type == "meta" and weight.dim() == 2 and not hasattr(weight, "ds_id")
+        assert modeling_utils._is_ds_init_called is False  # restored after the build
+    finally:
+        del zero3
+        gc.collect()
+    assert not is_deepspeed_zero3_enabled()

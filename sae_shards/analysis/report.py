@@ -564,18 +564,18 @@ def _dose_table(results: dict[int, Any], analysis: dict[str, Any], tags: dict[in
 
 
 def _unmoved_note(results: dict[int, Any]) -> str:
-    """Name the shards whose steering changed no score at any alpha (each alpha's reward the
-    same as alpha 0's, with no spread): flat at ± 0.0000, which reads as an effect of exactly
-    zero rather than as no sampled completion having changed."""
+    """Name the shards whose steering moved no prompt's mean reward at any alpha (each alpha's
+    mean the same as alpha 0's, the paired change without spread): flat at ± 0.0000, which
+    reads as an effect measured to be exactly zero rather than as no score having moved."""
     flat = [s for s, dr in results.items()
             if dr.stderr_change_shard and len(set(dr.reward_shard)) == 1
             and not any(dr.stderr_change_shard)]
     if not flat:
         return ""
     return (f"<p>Shard{'s' if len(flat) > 1 else ''} {', '.join(map(str, flat))}: at every alpha "
-            "each prompt's completions scored exactly as at alpha 0, so the direction, at these "
-            "alphas times c, changed no sampled completion's reward (a short run's c is small: "
-            "larger alphas, or <code>dose_response</code> with alphas of your own, probe "
+            "each prompt's mean reward was exactly its mean at alpha 0, so the direction, at "
+            "these alphas times c, moved no prompt's score (a short run's c is small: larger "
+            "alphas, or <code>dose_response</code> with alphas of your own, probe "
             "further).</p>")
 
 

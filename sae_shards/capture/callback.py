@@ -417,10 +417,13 @@ class ShardCallback(TrainerCallback):
         a script's sharded policy (ZeRO-3, FSDP2) not loaded from a local directory, which
         ``_save_initial_model`` saves. Every rank asks it, and answers it the same way. A LoRA
         policy is not gathered (its base, which analysis needs, is saved from a directory)."""
-        return (not self.resume and not self.run_config and self.save_model
+        if not (not self.resume and not self.run_config and self.save_model
                 and model is not None and initial_model.is_sharded(model)
-                and not hasattr(model, "peft_config")
-                and initial_model.loaded_from(model) is None)
+                and not hasattr(model, "peft_config")):
+            return False  # the same on every rank: none of it reads a node's disk
+        # whether the named directory holds the weights is read on each node's own disk:
+        # every rank gathers when any rank would (rank 0 then saves only if it lacks it)
+        return bool(distributed.max_over_ranks(int(initial_model.loaded_from(model) is None)))
 
     def _save_initial_model(self, model: torch.nn.Module, trainer: Any | None,
                             gathered: dict[str, torch.Tensor] | None = None) -> None:
@@ -850,7 +853,9 @@ class ShardCallback(TrainerCallback):
         try:
             gathered = None
             if self.save_model and not self._stopped and self._sharded(model):
-                gathered = gathered_state_dict(model)  # every rank: a collective
+                # every rank: a collective; of a peft policy only the adapter, which it saves
+                gathered = gathered_state_dict(model, trainable_only=hasattr(model,
+                                                                             "peft_config"))
             if state.is_world_process_zero:
                 self._write_end(model, processing_class, gathered)
         finally:

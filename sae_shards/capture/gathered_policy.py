@@ -13,7 +13,8 @@ the frameworks' own APIs:
   offloaded to rank 0's CPU.
 
 Rank 0 holds the whole model in CPU memory once, as ``trainer.save_model`` with ZeRO-3's
-``stage3_gather_16bit_weights_on_model_save`` does; ``ShardCallback(save_model=False)`` skips it.
+``stage3_gather_16bit_weights_on_model_save`` does (of a LoRA policy, the adapter alone);
+``ShardCallback(save_model=False)`` skips it.
 """
 
 from __future__ import annotations
@@ -27,12 +28,16 @@ from sae_shards.capture.sharded_delta import is_dtensor
 from sae_shards.capture.zero3_delta import is_zero3
 
 
-def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+def gathered_state_dict(model: torch.nn.Module,
+                        trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
     """The whole state dict of sharded ``model`` on rank 0's CPU, None on the other ranks
-    (collective: every rank calls it). ``ValueError`` for a model that is not sharded."""
+    (collective: every rank calls it, with the same ``trainable_only``). ``trainable_only``:
+    only the parameters that train (a LoRA adapter's, which is all its ``save_pretrained``
+    writes: a frozen base is never copied to rank 0). ``ValueError`` for a model that is not
+    sharded."""
     params = list(model.parameters())
     if any(is_zero3(p) for p in params):
-        return _zero3_state_dict(model)
+        return _zero3_state_dict(model, trainable_only)
     if any(is_dtensor(p) for p in params):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              get_model_state_dict)
@@ -44,11 +49,14 @@ def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | Non
                      "rank 0 saves it whole")
 
 
-def _zero3_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+def _zero3_state_dict(model: torch.nn.Module,
+                      trainable_only: bool) -> dict[str, torch.Tensor] | None:
     from deepspeed.runtime.zero import GatheredParameters
 
     main = distributed.is_main()
     state: dict[str, Any] = model.state_dict(keep_vars=True)  # the same order on every rank
+    if trainable_only:
+        state = {k: t for k, t in state.items() if getattr(t, "requires_grad", False)}
     whole: dict[int, torch.Tensor] = {}
     for tensor in state.values():
         if is_zero3(tensor) and id(tensor) not in whole:  # a tied weight: gathered once

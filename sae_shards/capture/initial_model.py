@@ -46,15 +46,16 @@ def loaded_from(model: torch.nn.Module) -> str | None:
     fingerprint does). A directory without safetensors (only ``pytorch_model.bin``) is not
     taken: it cannot be checked without unpickling, and analysis would have to unpickle it, so
     the callback saves theta_0 as safetensors instead. A sharded model cannot be checked (no
-    process holds a whole weight) and is taken at its word."""
+    process holds a whole weight): it is taken at its word when the directory holds safetensors
+    weights, else (a config alone: ``from_config``) None, and the callback gathers it."""
     name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
     folder = Path(name).expanduser()
     if not name or not (folder / "config.json").is_file():
         return None
     folder = folder.resolve()
-    if is_sharded(model):
-        return str(folder)
     files = _safetensors_files(folder)
+    if is_sharded(model):
+        return str(folder) if files else None
     # a parameter the files do not have, or hold otherwise: not theirs
     if not files or not _files_hold(files, _as_saved(model, _initial_parameters(model)),
                                     MODEL_DIR_ADVICE):

@@ -211,8 +211,15 @@ def meta_model(config: Any, trust_remote_code: bool = False) -> PreTrainedModel:
     ``deepspeed.zero.Init``, and then fail to initialise weights that have no data; a meta model
     is never partitioned (transformers' own ``set_zero3_state`` says it is built already)."""
     from transformers import modeling_utils
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    unpartitioned = getattr(modeling_utils, "set_zero3_state", contextlib.nullcontext)
+    unpartitioned = getattr(modeling_utils, "set_zero3_state", None)
+    if unpartitioned is None:  # a transformers without it: said, not skipped in silence
+        if is_deepspeed_zero3_enabled():
+            log.warning("this transformers has no modeling_utils.set_zero3_state, so under "
+                        "DeepSpeed ZeRO-3 the policy cannot be built on the meta device: the "
+                        "capture targets are checked when the model has loaded, not before")
+        unpartitioned = contextlib.nullcontext
     with torch.device("meta"), unpartitioned():
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 

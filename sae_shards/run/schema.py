@@ -75,6 +75,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         items = typing.get_args(tp)
         if len(items) == 2 and items[1] is Ellipsis and isinstance(value, (list, tuple)):
             items = (items[0],) * len(value)
+        if len(items) == 2 and items[1] is Ellipsis:  # not a list: any length is wanted
+            raise ValueError(f"{name}: expected a list of {items[0].__name__}, got {value!r}")
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise ValueError(f"{name}: expected a list of {len(items)} "
                              f"({', '.join(t.__name__ for t in items)}), got {value!r}")
