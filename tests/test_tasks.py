@@ -188,3 +188,6 @@ def test_a_variable_length_tuple_field_is_checked_item_by_item():
     assert coerce_fields(Sizes, {"sizes": [1, 2, 3]}, "x.") == {"sizes": (1, 2, 3)}
     with pytest.raises(ValueError, match=r"x.sizes\[1\]: expected int, got str 'a'"):
         coerce_fields(Sizes, {"sizes": [1, "a"]}, "x.")
+    for value in (3, "ab"):  # not a list at all
+        with pytest.raises(ValueError, match=r"x.sizes: expected a list of int, got"):
+            coerce_fields(Sizes, {"sizes": value}, "x.")
