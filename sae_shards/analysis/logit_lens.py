@@ -113,7 +113,8 @@ def _output_projections(model: nn.Module) -> dict[str, nn.Module]:
         for name, layer in layers.items()
     ])
     last_in_group = {_parent(n): n for n in sorted(order, key=order.__getitem__)}
-    return {name: layer for name, layer in layers.items() if last_in_group.get(_parent(name)) == name}
+    return {name: layer for name, layer in layers.items()
+            if last_in_group.get(_parent(name)) == name}
 
 
 def no_writers_reason(model: nn.Module) -> str | None:

@@ -732,6 +732,7 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
                   chosen: bool = False) -> str:
     meta = view.shards.meta
     config = rundir.read_config(view.run_dir)
+    rewardless = rundir.rewardless_trainer(config)  # a script's SFT/DPO-like trainer
     task, rl = rundir.section(config, "task"), rundir.section(config, "rl")
     theta0 = initial_model_dir(view.run_dir, config, initial_model)
     saved = (theta0 == view.run_dir / rundir.MODEL
@@ -755,8 +756,8 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
             + ", ".join(f"{k} {v or 'none'}" for k, v in r.items() if k != "rl_step")
             for r in config.get("resumed_under") or [] if isinstance(r, dict)),
         "task": task.get("name") or (
-            f"none: the trainer ({rundir.rewardless_trainer(config)}) had no reward functions"
-            if rundir.rewardless_trainer(config) else "the script's own reward functions"),
+            f"none: the trainer ({rewardless}) had no reward functions" if rewardless
+            else "the script's own reward functions"),
         "samples": (f"per optimizer step (source {meta.get('source')})" if not view.per_event
                     else f"per event ({summary['granularity']}): {summary['events']} events, "
                     f"{summary.get('zero_advantage_events')} with zero advantage skipped"

@@ -138,7 +138,6 @@ def _check_argument_types(**given: tuple[Any, type | tuple[type, ...], str]) -> 
         raise ValueError(f"ShardCallback: {', '.join(wrong)}; nothing was written")
 
 
-
 def oversized_rank_text(rank: int, oversized: Mapping[str, int], n_targets: int) -> str:
     """The warning for ``targets.oversized_ranks``' targets at ``sae.rank=rank``: the rank that
     saves memory on all of them, or, where none does (a matrix of one row, such as a gate of
@@ -151,6 +150,7 @@ def oversized_rank_text(rank: int, oversized: Mapping[str, int], n_targets: int)
             f"at least as large as the matrix itself ({few_names(list(oversized), 3)}): the "
             f"low-rank SAE saves no memory on them and costs more time than a dense one would; "
             f"{advice}")
+
 
 class ShardCallback(TrainerCallback):
     """Capture parameter updates of a TRL run and train a low-rank SAE on them concurrently.

@@ -146,7 +146,8 @@ def lock_run_dir(run_dir: Path) -> None:
             f"run_dir={run_dir} is being written by another process ({holder}): wait for it to "
             "finish, or stop it first. After kill -9 on `accelerate launch` (or torchrun) its "
             "worker processes keep running and writing; kill them too (the holder's pid above, "
-            "and its sibling ranks: pgrep -af YOUR_SCRIPT.py lists them), then resume. A notebook or script whose train() raised still "
+            "and its sibling ranks: pgrep -af YOUR_SCRIPT.py lists them), then resume. A "
+            "notebook or script whose train() raised still "
             "holds it: call the callback's close() there, or end that process") from None
     except OSError as e:
         os.close(fd)
@@ -340,9 +341,8 @@ def rewardless_trainer(config: Mapping[str, Any]) -> str | None:
     if section(config, "task").get("name"):
         return None
     rl = section(config, "rl")
-    algorithm = rl.get("algorithm")
-    return algorithm if algorithm and "reward_weights" in rl and rl["reward_weights"] is None \
-        else None
+    recorded_none = "reward_weights" in rl and rl["reward_weights"] is None
+    return (rl.get("algorithm") or None) if recorded_none else None
 
 
 def leftovers(run_dir: Path) -> list[Path]:
