@@ -14,7 +14,8 @@ CPU accelerator over gloo): the same two-callback GRPO run, replayed in one proc
 FSDP2 (``torchrun``; accelerate shards with FSDP only on accelerators, so TRL's FSDP2 path is
 left to scripts/gpu_check.sh): ``tests/distributed/fsdp2_run.py`` shards a tiny LM with
 ``fully_shard`` and drives the callback from a plain training loop; the captured ``update`` must be
-an unsharded copy's update.
+an unsharded copy's update, and the policy (named as a Hub model) is gathered whole at the start
+(theta_0) and at the end.
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ def test_fsdp2_update_capture_gathers_the_unsharded_update(runs):
     out = runs["model"].parent / "fsdp2"
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
           "--master_port", str(_free_port()), str(FSDP2_SCRIPT), "--model", str(runs["model"]),
-          "--out", str(out)], out.parent)
+          "--out", str(out), "--hub-id"], out.parent)
     got = _samples(out / "run")
     ref = load_file(str(out / "reference.safetensors"))
     assert got["rl_step"].tolist() == [1, 2]
@@ -263,6 +264,9 @@ def test_fsdp2_update_capture_gathers_the_unsharded_update(runs):
     _assert_same_weights(out / "run" / "final_model",
                          {k.removeprefix("final."): v for k, v in ref.items()
                           if k.startswith("final.")})
+    # the policy named no local directory (as a Hub model): theta_0 was gathered from the
+    # shards when training began and saved whole
+    _assert_same_weights(out / "run" / "model", load_file(str(runs["model"] / "model.safetensors")))
 
 
 def _assert_same_weights(policy: Path, want: dict[str, torch.Tensor]) -> None:

@@ -37,11 +37,16 @@ def main(argv: list[str]) -> None:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated globs")
+    p.add_argument("--hub-id", action="store_true",
+                   help="the policy's config names no local directory (as a Hub model's would), "
+                        "so the callback gathers theta_0 from the shards and saves it to model/")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    if a.hub_id:
+        model.config._name_or_path = "someone/tiny-policy"  # no local directory of that name
     reference = copy.deepcopy(model)
     for layer in model.model.layers:
         fully_shard(layer)
