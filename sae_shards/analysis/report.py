@@ -30,7 +30,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -199,7 +199,6 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     models = (load_run_models(view.run_dir, view.checkpoint, initial_model, trust_remote_code)
               if dose else None)
     final_dir = policy_dir(view.run_dir, view.checkpoint)
-    matched = final_dir.name != rundir.FINAL_MODEL  # TRL's checkpoint of the shards' step
     sampling = run_sampling(view.run_dir)  # the run's own max_new_tokens, temperature, top_p...
     scorer_note = ""
     config = rundir.read_config(view.run_dir)
@@ -215,7 +214,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                 # which software made the run, and the resumes under other versions
                 "versions": config.get("versions"),
                 "resumed_under": config.get("resumed_under") or []},
-        "draws": draws(n_prompts, sampling), "top_shards": shards, "shards": {}}
+        "draws": draws(n_prompts, sampling), "top_shards": shards,
+        "shards": {}}  # filled below, after the families (the file's order)
 
     parts = [_section("summary", "Run", _summary_html(view, summary, figures, own, shards,
                                                       density, tags, initial_model, chosen))]
@@ -254,11 +254,77 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                               _rollouts_html(view, shards, top_k, tags,
                                              mixes if several else {})))
 
-    lens_html, dose_results, ablations, baselines = [], {}, {}, None
     scorer = None  # scorer None: a user's own TRL run, analysed without its reward (``task``)
     if models is not None:
-        theta0, theta_t = (dict(m.named_parameters()) for m in (models.initial, models.final))
         scorer = task if task is not None else models.task
+    detail = _detail_shards(view, shards, density, tags, mixes, top_k, models, scorer, alphas,
+                            n_prompts, sampling)
+    analysis["shards"] = detail.entries
+    lens_html, dose_results, ablations = detail.lens_html, detail.dose, detail.ablations
+    # why the models did not load (asked again only then: it reads every file of both)
+    why = (run_models_missing(view.run_dir, view.checkpoint, initial_model, trust_remote_code)
+           if dose and models is None else None)
+    if why:
+        log.warning("no logit lens, dose-response or ablation: %s", why)
+    missing = ("<p>Skipped (--no-dose).</p>" if not dose else
+               f"<p>Needs the run's initial and final model: {html.escape(why)}.</p>" if why
+               else untrained)
+    no_task = ("<p>Needs the run's reward: this run's rewards came from its own TRL script. "
+               "Hand them back with <code>sae-shards analyze RUN --task FILE.py:NAME</code> or "
+               "<code>analyze(run, task=RewardTask(prompts, reward_funcs))</code> "
+               "(docs/analysis.md).</p>")
+    unscored = (no_task if models is not None and models.task is None and task is None
+                else missing)  # why the dose-response and the ablation are empty
+    parts.append(_section("logit-lens", "Logit lens (write directions of the blocks' output "
+                          "projections)",
+                          _LENS_NOTE + "".join(lens_html) if lens_html else missing))
+    parts.append(_section("dose-response", "Dose-response: reward vs alpha * shard",
+                          _dose_section(dose_results, analysis, tags, task, sampling, scorer_note,
+                                        view.checkpoint, final_dir)
+                          if dose_results else unscored))
+    policy = _policy_text(view.checkpoint, final_dir)
+    parts.append(_section("ablation", "Ablation: the policy without the shard's part of the "
+                          "update",
+                          (_ablation_html(ablations, tags, policy, analysis["shards"])
+                           if ablations else unscored)))
+    together = None
+    if models is not None and shards:
+        analysis["together"], together = _together(view, models, shards, analysis["shards"],
+                                                   scorer, n_prompts, detail.baselines, sampling)
+    parts.append(_section("together", "Shards together: how much of the run's reward change "
+                          "goes through their span",
+                          _together_html(analysis["together"], together, tags, policy)
+                          if "together" in analysis else
+                          (unscored if models is None or not shards else untrained)))
+
+    page = _page(f"{REPORT_TITLE}: {view.run_dir.name}", "".join(parts))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rundir.write_text(out, page)
+    rundir.write_text(out.parent / rundir.ANALYSIS,
+                      json.dumps(rundir.strict_json(analysis), indent=2, default=float))
+    return out
+
+
+class _Detailed(NamedTuple):
+    """The per-shard part of a report (``_detail_shards``)."""
+
+    entries: dict[int, dict[str, Any]]  # analysis.json's "shards"
+    lens_html: list[str]  # each shard's logit-lens block
+    dose: dict[int, Any]  # each shard's dose-response (scored runs only)
+    ablations: dict[int, Any]  # each shard's ablation (scored runs only)
+    baselines: Any  # each policy's reward as it is, shared by every shard (None: not scored)
+
+
+def _detail_shards(view: RunView, shards: list[int], density: torch.Tensor,
+                   tags: dict[int, str], mixes: dict[int, Any], top_k: int, models: Any,
+                   scorer: Any, alphas, n_prompts: int, sampling: dict[str, Any]) -> _Detailed:
+    """Each detailed shard's figures: its density, context mix, top steps and events, the SAE's
+    attribution; with the run's models, its logit lens and update coefficient c; with a reward
+    (``scorer``), its dose-response and ablation."""
+    detail = _Detailed({}, [], {}, {}, None)
+    if models is not None:
+        theta0, theta_t = (dict(m.named_parameters()) for m in (models.initial, models.final))
+    baselines = None
     lens_why = None  # why shards have no logit-lens row (asked of the model once)
     for s in shards:
         entry: dict[str, Any] = {"density": float(density[s]), "always_on": s in tags,
@@ -280,83 +346,58 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                 lens_why = lens_gap(models.initial)
             if not rows:  # analysis.json says why too, not only an empty list
                 entry["logit_lens_none"] = lens_why
-            lens_html.append(_lens_html(s, rows, tags, lens_why or ""))
+            detail.lens_html.append(_lens_html(s, rows, tags, lens_why or ""))
             direction = view.shards[s].dense(scaled=False)  # {name: unit direction}
             c = update_coefficient(theta_t, theta0, direction)
             entry["update_coefficient"] = c
             if scorer is not None:
                 if baselines is None:  # each policy as it is: one estimate serves every shard
                     baselines = _baselines(models, scorer, alphas, n_prompts, sampling)
-                dose_results[s], ablations[s] = _steer_and_ablate(
+                detail.dose[s], detail.ablations[s] = _steer_and_ablate(
                     models, scorer, direction, c, theta0, alphas, n_prompts, baselines,
                     sampling)
-                entry["dose_response"] = _dose_entry(dose_results[s])
-                entry["ablation"] = dataclasses.asdict(ablations[s])
+                entry["dose_response"] = _dose_entry(detail.dose[s])
+                entry["ablation"] = dataclasses.asdict(detail.ablations[s])
             del direction  # the next shard's is built without this one still held
-        analysis["shards"][s] = entry
-    # why the models did not load (asked again only then: it reads every file of both)
-    why = (run_models_missing(view.run_dir, view.checkpoint, initial_model, trust_remote_code)
-           if dose and models is None else None)
-    if why:
-        log.warning("no logit lens, dose-response or ablation: %s", why)
-    missing = ("<p>Skipped (--no-dose).</p>" if not dose else
-               f"<p>Needs the run's initial and final model: {html.escape(why)}.</p>" if why
-               else untrained)
-    no_task = ("<p>Needs the run's reward: this run's rewards came from its own TRL script. "
-               "Hand them back with <code>sae-shards analyze RUN --task FILE.py:NAME</code> or "
-               "<code>analyze(run, task=RewardTask(prompts, reward_funcs))</code> "
-               "(docs/analysis.md).</p>")
-    unscored = (no_task if models is not None and models.task is None and task is None
-                else missing)  # why the dose-response and the ablation are empty
-    parts.append(_section("logit-lens", "Logit lens (write directions of the blocks' output "
-                          "projections)",
-                          _LENS_NOTE + "".join(lens_html) if lens_html else missing))
-    parts.append(_section("dose-response", "Dose-response: reward vs alpha * shard",
-                          (plot_dose(dose_results) + _dose_table(dose_results, analysis, tags)
-                           + _dose_source(task, sampling)
-                           + scorer_note
-                           + "<p>alpha = 1 adds the shard's share of the run's update to "
-                             "the initial weights: <code>c * shard</code>, where c is the "
-                             "projection of the update (the analysed policy's weights minus the "
-                             "initial ones) on the "
-                             "shard's unit direction, in parameter units. The control adds a "
-                             "random direction of equal norm. Error bars (± in the table): each "
-                             "point's change from alpha 0, paired per "
-                             "prompt (the points share prompts and rollout seed), its standard "
-                             "error over prompts. Dotted: each context's reward along the shard, from the same "
-                             "rollouts (when the prompts carry several; a built-in task's "
-                             "per-context reward is its plain 0..1 score, the pooled one the "
-                             "training reward, reward_scale included).</p>"
-                           + (f"<p>The shards are checkpoint {view.checkpoint}'s; c is their "
-                              f"share of the update up to "
-                              f"{'that step' if matched else 'the end of the run'} "
-                              f"({final_dir}).</p>" if view.checkpoint != "final" else "")
-                           if dose_results else unscored)))
-    policy = (f"policy at the shards' step ({final_dir})" if matched else
-              "final policy (final_model/, the end of the run)" if view.checkpoint == "final"
-              else f"final policy (final_model/, the end of the run: TRL kept no policy of "
-                   f"the step of checkpoint {view.checkpoint}, whose shards these are; the "
-                   "weights and the update c are the end's)")
-    parts.append(_section("ablation", "Ablation: the policy without the shard's part of the "
-                          "update",
-                          (_ablation_html(ablations, tags, policy, analysis["shards"])
-                           if ablations else unscored)))
-    together = None
-    if models is not None and shards:
-        analysis["together"], together = _together(view, models, shards, analysis["shards"],
-                                                   scorer, n_prompts, baselines, sampling)
-    parts.append(_section("together", "Shards together: how much of the run's reward change "
-                          "goes through their span",
-                          _together_html(analysis["together"], together, tags, policy)
-                          if "together" in analysis else
-                          (unscored if models is None or not shards else untrained)))
+        detail.entries[s] = entry
+    return detail._replace(baselines=baselines)
 
-    page = _page(f"{REPORT_TITLE}: {view.run_dir.name}", "".join(parts))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rundir.write_text(out, page)
-    rundir.write_text(out.parent / rundir.ANALYSIS,
-                      json.dumps(rundir.strict_json(analysis), indent=2, default=float))
-    return out
+
+def _dose_section(dose_results: dict[int, Any], analysis: dict[str, Any], tags: dict[int, str],
+                  task: Any, sampling: dict[str, Any], scorer_note: str, checkpoint: str,
+                  final_dir: Path) -> str:
+    """The dose-response section: the plot, the table, and how to read them."""
+    matched = final_dir.name != rundir.FINAL_MODEL  # TRL's checkpoint of the shards' step
+    return (plot_dose(dose_results) + _dose_table(dose_results, analysis, tags)
+            + _dose_source(task, sampling)
+            + scorer_note
+            + "<p>alpha = 1 adds the shard's share of the run's update to "
+              "the initial weights: <code>c * shard</code>, where c is the "
+              "projection of the update (the analysed policy's weights minus the "
+              "initial ones) on the "
+              "shard's unit direction, in parameter units. The control adds a "
+              "random direction of equal norm. Error bars (± in the table): each "
+              "point's change from alpha 0, paired per "
+              "prompt (the points share prompts and rollout seed), its standard "
+              "error over prompts. Dotted: each context's reward along the shard, from the same "
+              "rollouts (when the prompts carry several; a built-in task's "
+              "per-context reward is its plain 0..1 score, the pooled one the "
+              "training reward, reward_scale included).</p>"
+            + (f"<p>The shards are checkpoint {checkpoint}'s; c is their "
+               f"share of the update up to "
+               f"{'that step' if matched else 'the end of the run'} "
+               f"({final_dir}).</p>" if checkpoint != "final" else ""))
+
+
+def _policy_text(checkpoint: str, final_dir: Path) -> str:
+    """Which policy the ablation and the together sections start from."""
+    if final_dir.name != rundir.FINAL_MODEL:  # TRL's checkpoint of the shards' step
+        return f"policy at the shards' step ({final_dir})"
+    if checkpoint == "final":
+        return "final policy (final_model/, the end of the run)"
+    return (f"final policy (final_model/, the end of the run: TRL kept no policy of "
+            f"the step of checkpoint {checkpoint}, whose shards these are; the "
+            "weights and the update c are the end's)")
 
 
 def draws(n_prompts: int, sampling: dict[str, Any]) -> dict[str, int]:

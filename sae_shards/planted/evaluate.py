@@ -86,7 +86,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -486,21 +486,13 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     g = torch.Generator().manual_seed(seed)
     settings = run_settings(run_dir, shards)
 
-    # latents: drift (always-on) latents chosen on the training samples
-    acts_tr = sae.encode(sae.to_scaled(x_tr)).dense(sae.n_latents)
-    acts_te = sae.encode(sae.to_scaled(x_te)).dense(sae.n_latents)
-    density = (acts_tr != 0).float().mean(0)
-    drift = [j for j in range(sae.n_latents) if float(density[j]) >= drift_density]
-    keep = torch.ones(sae.n_latents, dtype=torch.bool)
-    keep[drift] = False
-    if not keep.any():  # cannot happen with k < n * drift_density; keep every latent then
-        keep[:] = True
+    lat = _latents(sae, x_tr, x_te, drift_density)
     # shard families: latents grouped by co-activation on the training samples (no labels)
     gram = sae.decoder_gram().detach().double()  # [N, N]
     # drift latents and latents that never fired on the training samples join no family
-    left_out = ((~keep) | (density == 0)).nonzero().flatten().tolist()
-    fams = find_families(acts_tr, gram, family_threshold, exclude=left_out)
-    fam_tr, fam_te = strengths(acts_tr, gram, fams), strengths(acts_te, gram, fams)  # [S, F]
+    left_out = ((~lat.keep) | (lat.density == 0)).nonzero().flatten().tolist()
+    fams = find_families(lat.acts_tr, gram, family_threshold, exclude=left_out)
+    fam_tr, fam_te = strengths(lat.acts_tr, gram, fams), strengths(lat.acts_te, gram, fams)
     fam_w = weight_matrix(fams, sae.n_latents)  # [F, N]
     fam_cos = lambda t: _family_cos(sae, t, shapes, fam_w)  # noqa: E731  [K, F]
 
@@ -510,65 +502,28 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     match = match_directions(sae, unflatten(truth, shapes))
     null_te = [shuffled(y_te, g) for _ in range(n_null)]  # the mmcs nulls' held-out labellings
     null_truths = [task_directions(flat_te, y, tasks) for y in null_te]
-    lat_cos = lambda t: match_directions(sae, unflatten(t, shapes)).abs_cos[:, keep]  # noqa: E731
+    lat_cos = lambda t: match_directions(  # noqa: E731
+        sae, unflatten(t, shapes)).abs_cos[:, lat.keep]
     lat_mmcs = _mmcs_margin(lat_cos, truth, null_truths)
     ref = supervised_reference(flat_tr, y_tr, flat_te, y_te, norm_features(x_tr, data.names),
                                norm_features(x_te, data.names), tasks)
     # the same metric for the supervised "shards": the training samples' principal directions
-    sup_cos = lambda t: abs_cosine(t, ref.directions)  # noqa: E731
-
-    # drift latents against the samples' common direction
-    mean_dir = flat_tr.mean(0, keepdim=True)
-    common = principal_direction(flat_tr)[None]
-    common_cos = match_directions(sae, unflatten(torch.cat([mean_dir, common]), shapes)).abs_cos
-    drift_info = {
-        "threshold": drift_density, "latents": drift,
-        "density": {j: float(density[j]) for j in drift},
-        "abs_cos_to_mean_sample": {j: float(common_cos[0, j]) for j in drift},
-        "abs_cos_to_top_direction": {j: float(common_cos[1, j]) for j in drift},
-        "max_density": float(density.max()), "max_density_latent": int(density.argmax()),
-        # the latent nearest the samples' common (top principal) direction, whatever its density
-        "top_direction_latent": int(common_cos[1].argmax()),
-        "top_direction_abs_cos": float(common_cos[1].max()),
-        "top_direction_latent_density": float(density[int(common_cos[1].argmax())]),
-        "mmcs_with_drift": match.mmcs,
-    }
+    sup = _mmcs_margin(lambda t: abs_cosine(t, ref.directions), truth, null_truths)
 
     # best latent per task chosen on training samples, scored on held-out samples
     null_labels = [shuffled(y_tr, g) for _ in range(n_null)]  # latents and families alike
     train_aurocs, best, auroc_task, null_auroc = _choose_and_score(
-        acts_tr, acts_te, y_tr, y_te, tasks, null_labels, drift)
+        lat.acts_tr, lat.acts_te, y_tr, y_te, tasks, null_labels, lat.drift)
 
     families = {**_family_figures(sae, fams, fam_w, fam_tr, fam_te, y_tr, y_te, tasks, truth,
                                   null_truths, null_labels, shapes),
                 "left_out": left_out}  # drift latents and latents that never fired
-
-    fires = acts_te != 0
     shares = energy_shares(flat_te, y_te, tasks)
-    per_task = {}
-    for k, (t, j) in enumerate(zip(tasks, best)):
-        is_t = presence(y_te, t)
-        n_fire = int(fires[:, j].sum())
-        per_task[t] = {
-            "best_latent": j, "auroc": auroc_task[t],
-            "purity": float((fires[:, j] & is_t).sum()) / n_fire if n_fire else 0.0,
-            "coverage": float((fires[:, j] & is_t).sum()) / max(int(is_t.sum()), 1),
-            "max_abs_cos_to_truth": float(match.abs_cos[k, keep].max()),
-            "best_latent_abs_cos_to_truth": float(match.abs_cos[k, j]),
-            "supervised_auroc": ref.auroc_per_task[t],
-            # training AUROC of the task's three best latents: a task split over several
-            # latents (feature splitting) shows as close runners-up
-            "latent_aurocs_top3":
-                train_aurocs[k].topk(min(3, sae.n_latents - len(drift))).values.tolist(),
-            "energy_share": shares[t], "truth_from": truth_from[t],
-            "n_heldout": int(is_t.sum()), "n_train": int(presence(y_tr, t).sum()),
-        }
     held = _heldout_figures(sae, x_te)
     silent = shards.stats.get("stats.samples_since_fired")
     dead_frac = (dead_fraction(silent, sae.cfg.dead_after, shards.meta.get("sae_samples"))
                  if silent is not None else None)
     mean = mean_defined  # over the tasks with an AUROC (auroc_unscored: those without)
-    unscored = [t for t in tasks if auroc_task[t] != auroc_task[t]]
 
     causal, causal_skipped = None, "not asked for (--no-steering)"
     if steering:
@@ -584,36 +539,10 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
                                  drift_density=drift_density, family_threshold=family_threshold,
                                  out=None if out is None else Path(out) / NULL_CONTROL_DIR)
 
-    sup = _mmcs_margin(sup_cos, truth, null_truths)
-    sup_margin = sup["mmcs_margin"]
-    by_kind = (causal or {}).get("families", {})  # causal summaries pooled per kind family
-    pick = lambda f, key: by_kind[f][key] if f in by_kind else None  # noqa: E731
-    headline = {
-        "auroc_task": mean(list(auroc_task.values())),
-        "auroc_null_control": null_control["auroc_task"] if null_control else None,
-        "auroc_supervised": ref.auroc_mean,
-        **lat_mmcs, "mmcs_margin_supervised": sup_margin,
-        "steering_selectivity": pick("shard", "steering_selectivity"),
-        "steering_selectivity_random": pick("random", "steering_selectivity"),
-        "ablation_selectivity": pick("shard", "ablation_selectivity"),
-        "ablation_selectivity_random": pick("random", "ablation_selectivity"),
-        "steering_selectivity_shuffled": pick("shuffled", "steering_selectivity"),
-        "ablation_selectivity_shuffled": pick("shuffled", "ablation_selectivity"),
-        "ablation_selectivity_supervised": pick("supervised", "ablation_selectivity"),
-        "ablation_own_first": pick("shard", "own_first_rate"),
-        "ablation_own_first_shuffled": pick("shuffled", "own_first_rate"),
-        "auroc_task_family": families["auroc_task"],
-        "auroc_null_control_family": null_control["auroc_task_family"] if null_control else None,
-        "mmcs_margin_family": families["mmcs_margin"],
-        "steering_selectivity_family": pick("shard_family", "steering_selectivity"),
-        "ablation_selectivity_family": pick("shard_family", "ablation_selectivity"),
-        "steering_selectivity_family_random": pick("random_shard_family", "steering_selectivity"),
-        "ablation_selectivity_family_random": pick("random_shard_family", "ablation_selectivity"),
-        "n_families": len(fams.members),
-        **settings,
-    }
     result = {
-        "headline": headline,
+        "headline": _headline(mean(list(auroc_task.values())), ref.auroc_mean, lat_mmcs,
+                              sup["mmcs_margin"], families, len(fams.members), causal,
+                              null_control, settings),
         "run_dir": str(run_dir), "checkpoint": shards.path.name,  # the SAE scored
         "tasks": tasks, "n_train": len(y_tr), "n_heldout": len(y_te),
         # a run of the null-control task: its figures are what a task-blind reward gives
@@ -641,16 +570,17 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         "auroc_task": mean(list(auroc_task.values())), "auroc_null": mean(null_auroc),
         "auroc_margin": mean(list(auroc_task.values())) - mean(null_auroc),
         # tasks in every held-out sample: "task present" has no negative, so no AUROC
-        "auroc_unscored": unscored,
+        "auroc_unscored": [t for t in tasks if auroc_task[t] != auroc_task[t]],
         "supervised_auroc": ref.auroc_mean, "supervised_centroid_accuracy": ref.centroid_accuracy,
         "chance_accuracy": ref.chance_accuracy,
         "separability": separability(flat_tr, y_tr, flat_te, y_te, tasks),
         "energy_share": shares, "energy_share_max": max(shares.values()),
         "energy_share_by_label_set": _shares_by_label_set(x_te, y_te) if data.multi_label else None,
-        "drift": drift_info,
+        "drift": _drift_figures(sae, flat_tr, shapes, lat, drift_density, match.mmcs),
         "fvu_heldout": held["fvu"], "ml2r_heldout": held["ml2r"], "l0": held["l0"],
         "dead_frac": dead_frac,
-        "per_task": per_task,
+        "per_task": _per_task_figures(sae, tasks, best, lat, y_tr, y_te, match, train_aurocs,
+                                      auroc_task, ref.auroc_per_task, shares, truth_from),
         "families": families,
         "null_control": null_control,
         "steering": _steering_view(causal, best, tasks) if causal else None,
@@ -658,13 +588,129 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         "causal": causal,
         "causal_skipped": causal_skipped,
     }
-    out = run_dir if out is None else Path(out)
-    with rundir.writing(out):  # a directory that cannot be made: RunWriteError, as a full disk
+    _write_evaluation(run_dir if out is None else Path(out), result)
+    return result
+
+
+class _Latents(NamedTuple):
+    """The SAE's latents on the evaluated samples, and which of them count as shards."""
+
+    acts_tr: Tensor  # [n_train, N] activations of the training samples
+    acts_te: Tensor  # [n_heldout, N] activations of the held-out samples
+    density: Tensor  # [N] each latent's firing rate on the training samples
+    drift: list[int]  # drift (always-on) latents: firing on >= drift_density of them
+    keep: Tensor  # [N] bool: the latents matched and chosen as shards (drift ones left out)
+
+
+def _latents(sae, x_tr: Mapping[str, Tensor], x_te: Mapping[str, Tensor],
+             drift_density: float) -> _Latents:
+    """Encode both splits; the drift latents are chosen on the training samples."""
+    acts_tr = sae.encode(sae.to_scaled(x_tr)).dense(sae.n_latents)
+    acts_te = sae.encode(sae.to_scaled(x_te)).dense(sae.n_latents)
+    density = (acts_tr != 0).float().mean(0)
+    drift = [j for j in range(sae.n_latents) if float(density[j]) >= drift_density]
+    keep = torch.ones(sae.n_latents, dtype=torch.bool)
+    keep[drift] = False
+    if not keep.any():  # cannot happen with k < n * drift_density; keep every latent then
+        keep[:] = True
+    return _Latents(acts_tr, acts_te, density, drift, keep)
+
+
+def _drift_figures(sae, flat_tr: Tensor, shapes: Mapping[str, Sequence[int]], lat: _Latents,
+                   drift_density: float, mmcs_with_drift: float) -> dict[str, Any]:
+    """``drift``: the drift latents against the training samples' common direction (their mean
+    and their top principal direction), and the latent nearest that direction."""
+    mean_dir = flat_tr.mean(0, keepdim=True)
+    common = principal_direction(flat_tr)[None]
+    common_cos = match_directions(sae, unflatten(torch.cat([mean_dir, common]), shapes)).abs_cos
+    nearest = int(common_cos[1].argmax())
+    return {
+        "threshold": drift_density, "latents": lat.drift,
+        "density": {j: float(lat.density[j]) for j in lat.drift},
+        "abs_cos_to_mean_sample": {j: float(common_cos[0, j]) for j in lat.drift},
+        "abs_cos_to_top_direction": {j: float(common_cos[1, j]) for j in lat.drift},
+        "max_density": float(lat.density.max()), "max_density_latent": int(lat.density.argmax()),
+        # the latent nearest the samples' common (top principal) direction, whatever its density
+        "top_direction_latent": nearest,
+        "top_direction_abs_cos": float(common_cos[1].max()),
+        "top_direction_latent_density": float(lat.density[nearest]),
+        "mmcs_with_drift": mmcs_with_drift,
+    }
+
+
+def _per_task_figures(sae, tasks: list[str], best: list[int], lat: _Latents, y_tr: list,
+                      y_te: list, match, train_aurocs: Tensor, auroc_task: dict[str, float],
+                      supervised_auroc: dict[str, float], shares: dict[str, float],
+                      truth_from: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """``per_task``: each task's best latent (chosen on the training samples) on the held-out
+    samples: its AUROC, purity, coverage and match to the task's ground truth."""
+    fires = lat.acts_te != 0  # [n_heldout, N]
+    per_task = {}
+    for k, (t, j) in enumerate(zip(tasks, best)):
+        is_t = presence(y_te, t)
+        n_fire = int(fires[:, j].sum())
+        per_task[t] = {
+            "best_latent": j, "auroc": auroc_task[t],
+            "purity": float((fires[:, j] & is_t).sum()) / n_fire if n_fire else 0.0,
+            "coverage": float((fires[:, j] & is_t).sum()) / max(int(is_t.sum()), 1),
+            "max_abs_cos_to_truth": float(match.abs_cos[k, lat.keep].max()),
+            "best_latent_abs_cos_to_truth": float(match.abs_cos[k, j]),
+            "supervised_auroc": supervised_auroc[t],
+            # training AUROC of the task's three best latents: a task split over several
+            # latents (feature splitting) shows as close runners-up
+            "latent_aurocs_top3":
+                train_aurocs[k].topk(min(3, sae.n_latents - len(lat.drift))).values.tolist(),
+            "energy_share": shares[t], "truth_from": truth_from[t],
+            "n_heldout": int(is_t.sum()), "n_train": int(presence(y_tr, t).sum()),
+        }
+    return per_task
+
+
+def _headline(auroc_task: float, auroc_supervised: float, lat_mmcs: dict[str, float],
+              mmcs_margin_supervised: float, families: dict[str, Any], n_families: int,
+              causal: dict[str, Any] | None, null_control: dict[str, Any] | None,
+              settings: dict[str, Any]) -> dict[str, Any]:
+    """``headline``: the issue's figures (``HEADLINE_KEYS``) and their controls, the family
+    figures beside them, and the run's setting (``run_settings``)."""
+    by_kind = (causal or {}).get("families", {})  # causal summaries pooled per kind family
+
+    def pick(kind: str, key: str) -> float | None:
+        return by_kind[kind][key] if kind in by_kind else None
+
+    return {
+        "auroc_task": auroc_task,
+        "auroc_null_control": null_control["auroc_task"] if null_control else None,
+        "auroc_supervised": auroc_supervised,
+        **lat_mmcs, "mmcs_margin_supervised": mmcs_margin_supervised,
+        "steering_selectivity": pick("shard", "steering_selectivity"),
+        "steering_selectivity_random": pick("random", "steering_selectivity"),
+        "ablation_selectivity": pick("shard", "ablation_selectivity"),
+        "ablation_selectivity_random": pick("random", "ablation_selectivity"),
+        "steering_selectivity_shuffled": pick("shuffled", "steering_selectivity"),
+        "ablation_selectivity_shuffled": pick("shuffled", "ablation_selectivity"),
+        "ablation_selectivity_supervised": pick("supervised", "ablation_selectivity"),
+        "ablation_own_first": pick("shard", "own_first_rate"),
+        "ablation_own_first_shuffled": pick("shuffled", "own_first_rate"),
+        "auroc_task_family": families["auroc_task"],
+        "auroc_null_control_family": null_control["auroc_task_family"] if null_control else None,
+        "mmcs_margin_family": families["mmcs_margin"],
+        "steering_selectivity_family": pick("shard_family", "steering_selectivity"),
+        "ablation_selectivity_family": pick("shard_family", "ablation_selectivity"),
+        "steering_selectivity_family_random": pick("random_shard_family", "steering_selectivity"),
+        "ablation_selectivity_family_random": pick("random_shard_family", "ablation_selectivity"),
+        "n_families": n_families,
+        **settings,
+    }
+
+
+def _write_evaluation(out: Path, result: dict[str, Any]) -> None:
+    """``evaluation.json`` (strict JSON: NaN as null) and ``evaluation.md`` in ``out``, each
+    written atomically; a directory that cannot be made is a ``RunWriteError``, as a full disk."""
+    with rundir.writing(out):
         out.mkdir(parents=True, exist_ok=True)
     json_name, md_name = rundir.EVALUATION
-    rundir.write_json(out / json_name, result)  # strict JSON (NaN -> null), atomic
+    rundir.write_json(out / json_name, result)
     rundir.write_text(out / md_name, to_markdown(result))
-    return result
 
 
 def _causal(run_dir: Path, checkpoint: str | None, shards: ShardSet, tasks: list[str],
