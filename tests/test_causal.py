@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from sae_shards.planted.causal import (CausalSettings, broken_task, causal_tests, kind_family,
-                                       selectivity)
+from sae_shards.planted.causal import (CausalSettings, broken_task, causal_tests, floored,
+                                       kind_family, selectivity)
 
 TASKS = ["A", "B", "C", "D"]
 D = 64
@@ -61,6 +61,17 @@ def test_selectivity_and_broken_task():
     assert kind_family("shuffled_3") == "shuffled" and kind_family("shard") == "shard"
 
 
+def test_a_floored_selectivity_says_so():
+    """Where the other tasks moved less than the floor, the figure is the own effect in units of
+    the floor (a size): ``floored`` names those, and only those."""
+    assert floored({"A": 0.05, "B": 0.001, "C": -0.003}, "A", floor=0.005)
+    assert selectivity({"A": 0.05, "B": 0.001, "C": -0.003}, "A", floor=0.005) == \
+        pytest.approx(10.0)  # 0.05 / 0.005, not 0.05 / 0.002
+    assert not floored({"A": 0.05, "B": 0.004, "C": -0.008}, "A", floor=0.005)  # mean 0.006
+    assert not floored({"A": 0.0, "B": 0.01}, "A", floor=0.005)
+    assert floored({"A": 0.3}, "A")  # no other task: the floor
+
+
 def test_planted_direction_is_selective_and_controls_are_not():
     initial, final, basis = _toy_run()
     before = (initial.w.detach().clone(), final.w.detach().clone())
@@ -87,6 +98,7 @@ def test_planted_direction_is_selective_and_controls_are_not():
         assert e["ablate_drop"][t] == pytest.approx(1.0, abs=1e-5)
         assert e["broken_task"] == t and e["own_first"]
         assert e["ablation_selectivity"] > 100 and e["steering_selectivity"] > 100
+        assert e["steering_floored"] and e["ablation_floored"]  # the others did not move
     fam = out["families"]
     assert fam["shard"]["own_first_rate"] == 1.0
     # a norm-matched random direction in 64 dimensions moves nothing much: selectivity ~<= 1
@@ -102,6 +114,8 @@ def test_planted_direction_is_selective_and_controls_are_not():
         assert e["ablation_selectivity"] == pytest.approx(1.0, abs=1e-3)
         assert e["broken_task"] is None and not e["own_first"]
     assert fam["shuffled"]["own_first_rate"] == 0.0
+    assert fam["shard"]["ablation_floored_rate"] == 1.0
+    assert fam["shuffled"]["ablation_floored_rate"] == 0.0  # every task dropped 0.5
     assert fam["shuffled"]["ablation_selectivity"] == pytest.approx(1.0, abs=1e-3)
 
 
@@ -187,8 +201,11 @@ def test_per_kind_summaries_are_medians_over_tasks_with_the_mean_beside():
     from sae_shards.planted.causal import _summary
 
     entries = [{"steering_selectivity": s, "steering_minus_selectivity": s,
-                "ablation_selectivity": s, "drop_ratio": s, "own_first": s > 1}
+                "ablation_selectivity": s, "drop_ratio": s, "own_first": s > 1,
+                "steering_floored": s > 50, "ablation_floored": False}
                for s in (1.0, 2.0, 90.0)]
     out = _summary(entries)
     assert out["ablation_selectivity"] == 2.0 and out["ablation_selectivity_mean"] == 31.0
     assert out["own_first_rate"] == pytest.approx(2 / 3) and out["n"] == 3
+    assert out["steering_floored_rate"] == pytest.approx(1 / 3)
+    assert out["ablation_floored_rate"] == 0.0

@@ -17,7 +17,11 @@ the reward drop against the final weights (ablation), and
     selectivity = effect on the kind's own task / max(mean |effect| on the other tasks, floor)
 
 (``floor``: about the smallest reward change the estimate resolves, so that a direction that
-moves nothing scores ~0 rather than 0/0). Per kind the headline is the median over tasks (a mean
+moves nothing scores ~0 rather than 0/0). Where the other tasks' mean |effect| is below the floor
+the figure is the own task's effect in units of the floor, a size rather than a ratio of two
+measured effects: each entry says so (``steering_floored``, ``ablation_floored``), and each kind
+gives the share of its tasks where it happened (``..._floored_rate``). Steering's selectivity is
+the ``+`` side's; the ``-`` side's is ``steering_minus_selectivity``. Per kind the headline is the median over tasks (a mean
 of ratios is ruled by one small denominator); the mean is reported too. For ablation also the task
 that drops most (``broken_task``), whether it is the own task (``own_first``; the rate over tasks
 is the label-specific evidence: the team's shared/design.md, "Causal ablation needs a stronger
@@ -84,11 +88,22 @@ class CausalSettings:
     defaults (temperature 1)."""
 
 
+def _others_mean(effects: Mapping[str, float], own: str) -> float:
+    """Mean ``|effects[u]|`` over the tasks u other than ``own`` (0 when there are none)."""
+    others = [abs(v) for u, v in effects.items() if u != own]
+    return sum(others) / len(others) if others else 0.0
+
+
 def selectivity(effects: Mapping[str, float], own: str, floor: float = 0.005) -> float:
     """``effects[own] / max(mean |effects[u]| over u != own, floor)``."""
-    others = [abs(v) for u, v in effects.items() if u != own]
-    denom = max(sum(others) / len(others), floor) if others else floor
-    return float(effects[own]) / denom
+    return float(effects[own]) / max(_others_mean(effects, own), floor)
+
+
+def floored(effects: Mapping[str, float], own: str, floor: float = 0.005) -> bool:
+    """Whether ``selectivity``'s denominator is the floor: the other tasks moved less than the
+    estimate resolves, so the figure is the own task's effect in units of ``floor`` (a size),
+    not a ratio of two measured effects."""
+    return _others_mean(effects, own) < floor
 
 
 TIE_RTOL = 1e-5
@@ -205,6 +220,8 @@ def causal_tests(initial: nn.Module, final: nn.Module, tokenizer: Any, task: Any
             e["steering_minus_selectivity"] = selectivity(
                 {u: -x for u, x in e["steer_minus"].items()}, t, s.floor)
             e["ablation_selectivity"] = selectivity(drops, t, s.floor)
+            e["steering_floored"] = floored(e["steer_plus"], t, s.floor)
+            e["ablation_floored"] = floored(drops, t, s.floor)
             broken = broken_task(drops, s.floor)
             e["broken_task"] = broken
             e["own_first"] = broken == t
@@ -231,5 +248,7 @@ def _summary(entries) -> dict[str, float]:
         out[key] = _median(xs)
         out[f"{key}_mean"] = _mean(xs)
     out["own_first_rate"] = _mean([float(e["own_first"]) for e in entries])
+    for key in ("steering_floored", "ablation_floored"):  # the share of floored denominators
+        out[f"{key}_rate"] = _mean([float(e[key]) for e in entries])
     out["n"] = len(entries)
     return out

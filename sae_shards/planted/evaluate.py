@@ -118,15 +118,19 @@ HEADLINE_KEYS = ("auroc_task", "auroc_null_control", "auroc_supervised", "mmcs",
                  "auroc_task_family", "auroc_null_control_family", "mmcs_margin_family",
                  "steering_selectivity_family", "ablation_selectivity_family",
                  "steering_selectivity_family_random", "ablation_selectivity_family_random",
-                 "n_families",
+                 "n_families", "steering_floored", "ablation_floored",
+                 "steering_floored_family", "ablation_floored_family",
                  "granularity", "source", "schedule", "group")
 """The keys of ``evaluation.json``'s ``"headline"`` (issue 12's list, then the causal controls the
-design asks for beside the random direction, then the same figures for shard families)."""
+design asks for beside the random direction, then the same figures for shard families, then how
+often a selectivity's denominator was the floor)."""
 
 _SEL = ("the shard's effect on its own task / mean |effect| on the others (or the floor); higher "
         "is better, median over tasks")
 _NO_TASK = ("{}: it has no task of its own, so it stays small (within about +-3 over these "
             "few rollouts); read the shard's value against it")
+_FLOORED = ("the share of tasks whose {} divides by the floor (the other tasks moved less than "
+            "it): there the figure is the own effect in units of the floor, not a ratio")
 HEADLINE_READ = {
     "auroc_task": "held-out AUROC of each task's best latent (0.5: chance, 1: perfect); "
                   "compare auroc_null_control",
@@ -162,6 +166,10 @@ HEADLINE_READ = {
     "steering_selectivity_family_random": _NO_TASK.format("a random direction of the family's norm"),
     "ablation_selectivity_family_random": _NO_TASK.format("a random direction of the family's norm"),
     "n_families": "families found (single latents included)",
+    "steering_floored": _FLOORED.format("steering_selectivity"),
+    "ablation_floored": _FLOORED.format("ablation_selectivity"),
+    "steering_floored_family": _FLOORED.format("steering_selectivity_family"),
+    "ablation_floored_family": _FLOORED.format("ablation_selectivity_family"),
 }
 """How to read each headline figure (``evaluation.md``'s third column)."""
 
@@ -699,6 +707,10 @@ def _headline(auroc_task: float, auroc_supervised: float, lat_mmcs: dict[str, fl
         "steering_selectivity_family_random": pick("random_shard_family", "steering_selectivity"),
         "ablation_selectivity_family_random": pick("random_shard_family", "ablation_selectivity"),
         "n_families": n_families,
+        "steering_floored": pick("shard", "steering_floored_rate"),
+        "ablation_floored": pick("shard", "ablation_floored_rate"),
+        "steering_floored_family": pick("shard_family", "steering_floored_rate"),
+        "ablation_floored_family": pick("shard_family", "ablation_floored_rate"),
         **settings,
     }
 
@@ -881,6 +893,7 @@ def _steering_view(causal: dict[str, Any], best: list[int], tasks: list[str]) ->
                        "shard_plus": s["steer_plus"], "shard_minus": s["steer_minus"],
                        "control_plus": c["steer_plus"], "control_minus": c["steer_minus"],
                        "shard_selectivity": s["steering_selectivity"],
+                       "floored": s["steering_floored"],
                        "control_selectivity": c["steering_selectivity"]}
     settings = causal["settings"]
     return {"alpha": settings["alpha"], "n_prompts": settings["n_prompts"],
@@ -903,6 +916,7 @@ def _ablation_view(causal: dict[str, Any], best: list[int], tasks: list[str]) ->
         per_task[t] = {"latent": j, "coefficient": s["coefficient"], "drop": s["ablate_drop"],
                        "broken_task": s["broken_task"], "own_first": s["own_first"],
                        "drop_ratio": s["drop_ratio"], "selectivity": s["ablation_selectivity"],
+                       "floored": s["ablation_floored"],
                        "control_drop": c["ablate_drop"],
                        "control_selectivity": c["ablation_selectivity"]}
     return {"base": causal["base_final"], "selectivity": fam["shard"]["ablation_selectivity"],
@@ -1003,7 +1017,9 @@ def to_markdown(r: dict[str, Any]) -> str:
                   f"run sampled ({_sampling_text(st.get('sampling'))}). A selectivity "
                   f"divides the effect on the shard's task by the others' mean |effect| or "
                   f"{st['floor']} (the floor), whichever is larger, so a change below the floor "
-                  f"is not resolved: such rows are marked.", "",
+                  f"is not resolved: such rows are marked. Where the others' mean |effect| is "
+                  f"below the floor (marked floored), the selectivity is the own effect in units "
+                  f"of the floor, a size rather than a ratio.", "",
                   f"selectivity (median over tasks, + sign) {st['selectivity']:+.3f}, "
                   f"norm-matched random control {st['control_selectivity']:+.3f}, shuffled-label "
                   f"control {_f(st['shuffled_selectivity'], '+.3f')}", "",
@@ -1012,15 +1028,17 @@ def to_markdown(r: dict[str, Any]) -> str:
         for t, e in st["per_task"].items():
             faint = (max(abs(e['shard_plus'][t]), abs(e['shard_minus'][t])) < st['floor'])
             lines.append(f"| {t} | {e['latent']} | {e['shard_plus'][t]:+.3f} / {e['shard_minus'][t]:+.3f} "
-                         f"| {e['shard_selectivity']:+.3f}{' (unresolved)' if faint else ''} "
+                         f"| {e['shard_selectivity']:+.3f}{' (unresolved)' if faint else ''}"
+                         f"{' (floored)' if e.get('floored') else ''} "
                          f"| {e['control_selectivity']:+.3f} |")
     if not st and r.get("causal_skipped"):
         lines += ["", f"No steering or ablation: {r['causal_skipped']}."]
     ab = r.get("ablation")
     if ab:
         lines += ["", "Ablation (the run's update along the shard removed from the final weights; "
-                  "a drop on the shard's task below the floor is not resolved: such rows are "
-                  "marked):", "", f"selectivity (median over tasks) {ab['selectivity']:+.3f}, "
+                  "a drop on the shard's task below the floor is not resolved, and a "
+                  "selectivity whose others' mean |drop| is below it is a size, floored: such "
+                  "rows are marked):", "", f"selectivity (median over tasks) {ab['selectivity']:+.3f}, "
                   "random control "
                   f"{ab['control_selectivity']:+.3f}, shuffled-label control "
                   f"{_f(ab['shuffled_selectivity'], '+.3f')}; own task breaks first in "
@@ -1035,6 +1053,7 @@ def to_markdown(r: dict[str, Any]) -> str:
                        f"none (no drop reached {floor if floor else 'the floor'}, or a tie)")
             faint = floor is not None and abs(e["drop"][t]) < floor  # as steering's rows
             lines.append(f"| {t} | {e['latent']} | {e['drop'][t]:+.3f} | {largest} | "
-                         f"{e['selectivity']:+.3f}{' (unresolved)' if faint else ''} | "
+                         f"{e['selectivity']:+.3f}{' (unresolved)' if faint else ''}"
+                         f"{' (floored)' if e.get('floored') else ''} | "
                          f"{e['control_selectivity']:+.3f} |")
     return "\n".join(lines) + "\n"
