@@ -250,7 +250,7 @@ def test_families_table_lists_families_of_several_shards_largest_first():
             {"shards": [2, 4, 5], "density": 0.3, "mass_share": 0.4}]
     page = _families_html(rows)
     assert page.index("2, 4, 5") < page.index("0, 3")
-    assert "2 families of several shards; 1 shards fire with no other" in page
+    assert "2 families of several shards; 1 shard is a family of one" in page
     assert "<td>1</td>" not in page  # the single shard is counted, not listed
 
 
@@ -432,6 +432,19 @@ def test_a_share_that_is_exactly_zero_says_no_reward_changed():
     # the shards' parameters are all the run changed: the reference is the run, not a figure
     line = together_line({"together": {**entry, "whole_is_run": True}})
     assert "their parameters are all the run changed;" in line and "50.0%" not in line
+
+
+def test_a_share_within_two_standard_errors_of_zero_is_marked_not_resolved():
+    """3.3% ± 2.7% is no share at all on these rollouts: it says so, as the ablation rows do;
+    a share clear of 0 is printed plainly."""
+    from sae_shards.analysis.report import together_line
+
+    entry = {"shards": [3], "changes": {"run": [0.4, 0.05]},
+             "shares": {"removed": [0.033, 0.027], "kept": [0.60, 0.08],
+                        "removed_whole": [0.7, 0.1]}}
+    line = together_line({"together": entry})
+    assert "undoes 3.3% ± 2.7% (not resolved from 0) of the run's reward change" in line
+    assert "recovers 60.0% ± 8.0%" in line and "60.0% ± 8.0% (not" not in line
 
 
 @pytest.mark.parametrize("content, problem", [

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from sae_shards.analysis.families import ALWAYS_ON_DENSITY
+from sae_shards.analysis.families import ALWAYS_ON_DENSITY, MIN_JOINT
 from sae_shards.analysis.interventions import (CONTROL_SEED, N_SAMPLES, ROLLOUT_SEED, ablate,
                                                dose_response, eval_prompts, score_rollouts,
                                                update_coefficient)
@@ -235,7 +235,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                           "split over several shards shows as one family)",
                           _families_html(analysis["families"])
                           + f"<p>Shards whose |activation| correlates at >= {families.threshold} "
-                            "over the timeline's samples, grouped by average linkage; shards "
+                            "over the timeline's samples and that fired together on at least "
+                            f"{MIN_JOINT} of them, grouped by average linkage; shards "
                             "active on nearly every sample (the drift direction) and shards that "
                             "never fired are left out. <code>sae-shards evaluate</code> groups "
                             "its training samples only (held-out steps left out), so its "
@@ -514,12 +515,15 @@ def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[
 
 def _share(value: float, stderr: float) -> str:
     """A share with its error; exactly 0 with no error is said to be that: the scored rewards
-    did not change on any prompt (e.g. no sampled token changed), not a 0 measured to 0.1%."""
+    did not change on any prompt (e.g. no sampled token changed), not a 0 measured to 0.1%; a
+    share within ``RESOLVED_SE`` standard errors of 0 is marked not resolved."""
     if math.isnan(value):
         return "n/a"
     if value == 0 and stderr == 0:
         return "0% (no prompt's reward changed)"
-    return f"{100 * value:.1f}% ± {100 * stderr:.1f}%"
+    # as the run's own change and the ablation rows: within RESOLVED_SE errors of 0 is not a share
+    faint = " (not resolved from 0)" if abs(value) <= RESOLVED_SE * stderr else ""
+    return f"{100 * value:.1f}% ± {100 * stderr:.1f}%{faint}"
 
 
 def together_line(analysis: dict[str, Any]) -> str | None:
@@ -738,12 +742,15 @@ def _families_html(rows: list[dict[str, Any]]) -> str:
     table = _table(["shards", "density", "share of activation mass"],
                    [[", ".join(map(str, r["shards"])), f"{r['density']:.2f}",
                      f"{r['mass_share']:.2f}"] for r in multi]) if multi else ""
+    single = len(rows) - len(multi)
+    alone = ("1 shard is a family of one: it is not linked to another shard" if single == 1 else
+             f"{single} shards are families of one: none is linked to another shard")
     return table + (f"<p>{len(multi)} famil{'y' if len(multi) == 1 else 'ies'} of several "
-                    "shards; "
-                    f"{len(rows) - len(multi)} shards fire with no other (families of one; all "
-                    "families are in analysis.json). Density: the fraction of the timeline's "
-                    "samples on which any of the family's shards is active; share of activation "
-                    "mass: its shards' summed |activation| over the timeline's, all shards'.</p>")
+                    f"shards; {alone} (all families are in analysis.json; rare shards of a short "
+                    f"run may fire together fewer than {MIN_JOINT} times, too few to link). "
+                    "Density: the fraction of the timeline's samples on which any of the "
+                    "family's shards is active; share of activation mass: its shards' summed "
+                    "|activation| over the timeline's, all shards'.</p>")
 
 
 def _family_rows(view: RunView, families) -> list[dict[str, Any]]:
