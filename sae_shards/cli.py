@@ -616,6 +616,8 @@ def _closing_lines(summary: dict, run_dir: Path) -> list[str]:
              + (" (the SAE saw fewer than sae.dead_after samples)"
                 if summary.get("dead_frac") is None and summary.get("sae_steps") else "")
              + f"  |  never fired in training {share('never_fired_frac')}"]
+    if summary.get("events") is not None:
+        lines.append(_events_line(summary))
     if summary.get("warning"):
         lines.append(f"  warning: {summary['warning']}")
     if summary.get("interrupted"):
@@ -630,6 +632,21 @@ def _closing_lines(summary: dict, run_dir: Path) -> list[str]:
     if "samples.safetensors" in files and _evaluable(run_dir):
         lines[-1] += f"  |  sae-shards evaluate {quoted} (shards against the tasks)"
     return lines
+
+
+def _events_line(summary: dict) -> str:
+    """A per-event run's closing line: how exactly its samples are the events' gradients (cut to
+    ``capture.event_rank``?) and how they relate to the update applied (clipped steps?)."""
+    cut = summary.get("truncated_events") or 0
+    parts = [f"{summary['events']} captured",
+             f"{cut} cut to capture.event_rank (smallest kept energy "
+             f"{summary['kept_energy_min']:.3f}; a step's events then sum to its gradient "
+             "approximately)" if cut else "none cut to capture.event_rank"]
+    if summary.get("clipped_steps"):
+        parts.append(f"{summary['clipped_steps']} of the {summary['grad_norm_steps']} steps "
+                     f"with a logged grad_norm clipped at max_grad_norm="
+                     f"{summary['max_grad_norm']:g} (events are gradients before clipping)")
+    return "  events: " + "; ".join(parts)
 
 
 def _evaluable(run_dir: Path) -> bool:

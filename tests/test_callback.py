@@ -584,6 +584,24 @@ def test_an_untrained_per_event_run_says_why_not_to_run_longer(skipped, zero, sa
     assert ("capture.targets" in text) == bool(zero)
 
 
+def test_an_sae_that_started_on_one_distinct_sample_says_so():
+    """min_samples=1 and one event captured: the SAE starts, and skips every batch (one sample
+    repeated has no spread). The summary names that, not min_samples or sae_start_step, which
+    were both met."""
+    from sae_shards.capture.event_capture import EventCapture
+    from sae_shards import RunnerConfig
+    from sae_shards.capture.summary import _why_untrained
+
+    capture = object.__new__(EventCapture)  # only its counters are read
+    capture.n_captured, capture.n_skipped, capture.n_zero = 1, 7, 0
+    runner = RunnerConfig(min_samples=1)
+    text = _why_untrained(capture, runner, degenerate=3)
+    assert text.startswith("1 sample was captured and the SAE started, but each of its 3 "
+                           "batches held one distinct sample")
+    assert "runner.min_samples to 2" in text and "sae_start_step" not in text
+    assert "it starts once runner.min_samples" in _why_untrained(capture, runner)  # none drawn
+
+
 def test_a_script_captures_events_under_trls_default_checkpointing(tiny_model, tmp_path):
     """TRL's GRPOConfig turns activation checkpointing on (non-reentrant): a per-event script
     run captures under it as it is, and its shards are those of the same run without it."""

@@ -121,6 +121,28 @@ def event_run(tmp_path_factory):
     return run
 
 
+def test_a_cut_event_is_said_once_and_the_run_counts_its_cuts_and_clipped_steps(tmp_path):
+    """Events with more positions than capture.event_rank are approximated: the run warns once,
+    and its closing lines and summary.json count the cuts; they also count the steps TRL clipped
+    (the events are gradients before clipping), as the metrics log's grad_norm says."""
+    run = tmp_path / "run"
+    proc = _train(run, "capture.event_rank=1", "rl.max_steps=3", "runner.checkpoint_every=0")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["truncated_events"] >= 2 and summary["kept_energy_min"] < 1.0
+    said = (out + err).count("than capture.event_rank=1 on a target")
+    assert said == 1, (out + err)[-3000:]
+    assert f"{summary['truncated_events']} cut to capture.event_rank (smallest kept energy" in out
+    logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "rl" and "grad_norm" in r]
+    assert summary["grad_norm_steps"] == len(logged) == 3
+    assert summary["max_grad_norm"] == 1.0  # TRL's default
+    clipped = sum(r["grad_norm"] > 1.0 for r in logged)
+    assert summary["clipped_steps"] == clipped
+    assert (f"{clipped} of the 3 steps with a logged grad_norm clipped" in out) == (clipped > 0)
+
+
 def test_group_granularity_job_names_the_events_behind_each_shard(event_run):
     from sae_shards.analysis.shards import RunView
     from sae_shards.cli import main
@@ -132,6 +154,7 @@ def test_group_granularity_job_names_the_events_behind_each_shard(event_run):
     assert summary["events"] + summary["zero_advantage_events"] + summary["zero_samples"] == groups
     assert summary["events"] >= groups // 2 and summary["sae_steps"] > 0
     assert summary["truncated_events"] == 0  # every event kept whole (kept_energy 1.0, below)
+    assert summary["grad_norm_steps"] == 8 and summary["max_grad_norm"] == 1.0
     records = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert len(records) == summary["events"]
     rollouts = {json.loads(line)["step"]: json.loads(line)

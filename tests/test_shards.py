@@ -577,4 +577,5 @@ def test_every_summary_key_is_documented(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary) <= documented, sorted(set(summary) - documented)
     assert {"granularity", "events", "zero_advantage_events", "truncated_events",
-            "kept_energy_min", "precond_error_mean", "budget_used"} <= documented  # per event
+            "kept_energy_min", "precond_error_mean", "budget_used", "max_grad_norm",
+            "grad_norm_steps", "clipped_steps"} <= documented  # per event

@@ -62,7 +62,7 @@ from sae_shards.capture.gathered_policy import gathered_state_dict
 from sae_shards.capture.policy_memory import pending_policy_memory
 from sae_shards.capture.pipeline import Pipeline, build_pipeline, resolve_targets
 from sae_shards.capture.rollouts import TRLRollouts, calling_trainer, scored_mean
-from sae_shards.capture.summary import final_activations, heldout_fvu, run_summary
+from sae_shards.capture.summary import clip_figures, final_activations, heldout_fvu, run_summary
 from sae_shards.capture.selection import LoraTarget, few_names, target_shapes
 from sae_shards.capture.sharded_delta import ShardedDeltaCapture, sharded_targets
 from sae_shards.capture.trainer_settings import (SAMPLING_ARGS, STEP_ARGS, TIED_METRIC,
@@ -272,6 +272,7 @@ class ShardCallback(TrainerCallback):
         self._tied = TiedRewardsWatch()
         self._t0 = math.nan
         self._wall_before = 0.0  # training time of the processes this one resumed from
+        self._max_grad_norm: float | None = None  # the trainer's clipping, for the summary
         self.stop_signal: int | None = None
         """Set by ``request_stop``: the run ends after the current step, checkpointed."""
         self.ending = False
@@ -857,6 +858,7 @@ class ShardCallback(TrainerCallback):
                 gathered = gathered_state_dict(model, trainable_only=hasattr(model,
                                                                              "peft_config"))
             if state.is_world_process_zero:
+                self._max_grad_norm = getattr(args, "max_grad_norm", None)  # the summary's
                 self._write_end(model, processing_class, gathered)
         finally:
             self.capture.on_train_end(args, state, control, **kwargs)  # hooks off, every rank
@@ -955,6 +957,9 @@ class ShardCallback(TrainerCallback):
             "heldout_samples": n_heldout, "wall_s": time.perf_counter() - self._t0,
             "wall_s_resumed_from": self._wall_before,
             "world_size": distributed.world_size(),
+            **(clip_figures(rundir.read_jsonl(self.run_dir / rundir.METRICS),
+                            self._max_grad_norm)
+               if isinstance(self.capture, EventCapture) else {}),
             **self.sizes})
         rundir.write_json(self.run_dir / rundir.SUMMARY, summary)
         self.logger.summary(summary)

@@ -237,6 +237,14 @@ class EventCapture(TrainerCallback):
         if event.kept_energy < 1.0:
             self.n_truncated += 1
             self.kept_energy_min = min(self.kept_energy_min, event.kept_energy)
+            if self.n_truncated == 1:  # once per run (a resumed run counts its earlier cuts)
+                logger.warning(
+                    "step %d: event %d has more token positions than capture.event_rank=%d on "
+                    "a target: it is kept as its best rank-%d approximation (%.4f of its "
+                    "squared norm), so a step's events sum to its gradient approximately; "
+                    "summary.json counts such events (truncated_events, kept_energy_min). A "
+                    "larger capture.event_rank keeps more (the buffer grows with it)", step,
+                    event.group, self.cfg.event_rank, self.cfg.event_rank, event.kept_energy)
         meta = _event_meta(step_meta, event, row, norm)
         slot, views = self.buffer.begin_write()
         try:

@@ -71,7 +71,8 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
         **extra,
     }
     if trainer.n_steps == 0:
-        summary["warning"] = f"the SAE never trained: {_why_untrained(capture, runner)}. The " \
+        summary["warning"] = f"the SAE never trained: " \
+            f"{_why_untrained(capture, runner, trainer.n_skipped_degenerate)}. The " \
             "checkpoint holds the random initialisation"
         log.warning("%s", summary["warning"])
     elif parts.loop.budget is not None and parts.loop.budget.starved():
@@ -103,8 +104,10 @@ def _more_sae_steps(runner: RunnerConfig) -> str:
     return "more RL steps, or runner.sae_steps_per_rl_step"
 
 
-def _why_untrained(capture: DeltaCapture | EventCapture, runner: RunnerConfig) -> str:
-    """Why the SAE took no step: nothing but zeros to train on, or too few samples by the end."""
+def _why_untrained(capture: DeltaCapture | EventCapture, runner: RunnerConfig,
+                   degenerate: int = 0) -> str:
+    """Why the SAE took no step: nothing but zeros to train on, every batch it drew one sample
+    repeated (``degenerate``: the trainer's batches skipped so), or too few samples by the end."""
     n, zero = capture.n_captured, capture.n_zero
     if not isinstance(capture, EventCapture) and n and zero == n:
         return (f"every one of the {n} captured samples was all zeros, nothing to train on (no "
@@ -123,9 +126,27 @@ def _why_untrained(capture: DeltaCapture | EventCapture, runner: RunnerConfig) -
         return (f"{counts}: no prompt group's completions were rewarded differently, so there "
                 "was no gradient to split; a reward that tells a group's completions apart (or "
                 "more completions per prompt, num_generations) gives events")
+    if degenerate:  # it did start: each batch it drew held one distinct sample
+        return (f"{n} sample{'s were' if n != 1 else ' was'} captured and the SAE started, but "
+                f"each of its {degenerate} batches held one distinct sample (repeated), which "
+                "it skips (no spread to reconstruct: sae_skipped_degenerate); it needs at least "
+                "two different samples buffered: raise runner.min_samples to 2 or more, or run "
+                "more RL steps")
     return (f"{n} samples were captured, but it starts once runner.min_samples="
             f"{runner.min_samples} trainable samples are buffered and RL reaches "
             f"runner.sae_start_step={runner.sae_start_step}; run more RL steps or lower them")
+
+
+def clip_figures(rows: list[dict[str, Any]], max_grad_norm: float | None) -> dict[str, Any]:
+    """``summary.json``'s clipping figures of a per-event run, whose samples are gradients
+    before clipping: of the RL steps whose ``grad_norm`` (the trainer's, before clipping) the
+    metrics log holds, how many the trainer clipped (``grad_norm > max_grad_norm``). A clipped
+    step applied its events' sum scaled by ``max_grad_norm / grad_norm``."""
+    norms = [float(r["grad_norm"]) for r in rows if r.get("kind") == "rl"
+             and isinstance(r.get("grad_norm"), (int, float)) and math.isfinite(r["grad_norm"])]
+    clips = max_grad_norm is not None and max_grad_norm > 0
+    return {"max_grad_norm": max_grad_norm if clips else None, "grad_norm_steps": len(norms),
+            "clipped_steps": sum(n > max_grad_norm for n in norms) if clips else 0}
 
 
 def first_last(values: list[float], parts: int) -> tuple[float, float]:
