@@ -189,6 +189,27 @@ def test_lora_capture_is_effective_dense_delta(tmp_path, grad_accum):
             assert (delta - (W1 - W0)).abs().max() < 1e-5 * size  # merged weights, fp32
 
 
+def test_both_lora_update_writers_give_the_scaled_change_of_the_effective_weight():
+    """``lora_update`` (ZeRO-3: factors gathered whole) and ``write_lora_update`` (into a slot)
+    each give ``s * (B1 A1 - B0 A0)``, the scaling included (s = 2 here)."""
+    from types import SimpleNamespace
+
+    from sae_shards.capture.update_writer import SqNorm, lora_update, write_lora_update
+
+    g = torch.Generator().manual_seed(0)
+    a0, b0 = torch.randn(4, 12, generator=g), torch.randn(10, 4, generator=g)
+    a1 = a0 + 1e-2 * torch.randn(4, 12, generator=g)
+    b1 = b0 + 1e-2 * torch.randn(10, 4, generator=g)
+    want = 2.0 * (b1 @ a1 - b0 @ a0).double()
+    got = lora_update(a0, b0, a1, b1, 2.0)
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6)
+    target = SimpleNamespace(A=a1, B=b1, scaling=2.0)  # only the factors and s are read
+    view, norm = torch.empty(10, 12), SqNorm()
+    write_lora_update(target, a0.clone(), b0.clone(), None, None, view, norm)
+    assert torch.allclose(view.double(), want, rtol=1e-4, atol=1e-6)
+    assert norm.value() == pytest.approx(float(want.norm()), rel=1e-4)  # the sample's norm
+
+
 def test_lora_rejects_unadapted_weight_and_grad_source():
     model = lora_model()
     with pytest.raises(ValueError, match=r"k_proj\.weight.*no LoRA adapter.*target_modules"):

@@ -150,6 +150,31 @@ def test_a_file_this_process_may_not_map_is_named_not_raised_from_inside_safeten
     assert "ulimit -v" in done.stdout
 
 
+def test_a_copied_snapshot_is_not_moved_by_later_training(tmp_path):
+    """``checkpoint_files(copy=True)`` is what a background write holds while the SAE trains
+    on: every tensor of it, the SAE's own included, is its own memory, unchanged by later steps."""
+    from sae_shards.core.checkpoint import checkpoint_files
+
+    stream = PlantedStream(PlantedConfig(n_directions=4, seed=1))
+    sae = LowRankSAE(stream.targets, SAEConfig(n_latents=8, k=2, rank=2))
+    trainer = SAETrainer(sae)
+    g = torch.Generator().manual_seed(0)
+    trainer.step(stream.sample(16, g).sample)
+    snap = checkpoint_files(sae, trainer.stats.as_tensors(), copy=True,
+                            training_state=trainer.state_tensors())
+    frozen = {k: v.clone() for k, v in {**snap.sae, **snap.training_state}.items()}
+    live = {v.untyped_storage().data_ptr() for v in live_tensors(sae).values()}
+    assert not live & {v.untyped_storage().data_ptr() for v in snap.sae.values()}
+    for _ in range(3):
+        trainer.step(stream.sample(16, g).sample)
+    moved = [k for k, v in {**snap.sae, **snap.training_state}.items()
+             if not torch.equal(torch.nan_to_num(v), torch.nan_to_num(frozen[k]))]
+    assert not moved, moved
+    # and the live SAE did move: the test would see an aliased snapshot
+    assert not torch.equal(live_tensors(sae)[next(k for k in frozen if "decoder" in k)],
+                           frozen[next(k for k in frozen if "decoder" in k)])
+
+
 def test_failed_write_keeps_previous_checkpoint(trained, tmp_path):
     _, sae, trainer = trained
     save_checkpoint(tmp_path / "ck", sae, meta={"rl_step": 1})

@@ -82,6 +82,15 @@ def test_a_family_of_one_is_its_latent():
     assert torch.allclose(strengths(acts, gram, fams), 2 * acts.abs(), atol=1e-12)
 
 
+def test_a_similarity_exactly_at_the_threshold_merges():
+    """Groups merge while their mean similarity is >= threshold (1.0 is a valid threshold:
+    latents that always fire alike)."""
+    sim = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    assert group_latents(sim, 1.0) == [[0, 1], [2]]
+    assert group_latents(torch.tensor([[1.0, 0.5], [0.5, 1.0]], dtype=torch.float64),
+                         0.5) == [[0, 1]]
+
+
 def test_grouping_matches_average_linkage_by_definition():
     """The fast grouping (components, then merges on a matrix of group means) gives the same
     families as the definition on correlated columns with chains and nested groups."""

@@ -242,6 +242,27 @@ def test_analyze_details_the_shards_it_is_told_to(short_run_dir, tmp_path, capsy
         capsys.readouterr().err)
 
 
+def test_top_shards_are_every_always_on_shard_then_exactly_n_others_largest_first():
+    from types import SimpleNamespace
+
+    import torch
+
+    from sae_shards.analysis.report import top_shards
+
+    # 10 samples, 6 shards: 0 and 4 always on (density 1.0, 0.9), 1-3 in some samples
+    acts = torch.zeros(10, 6)
+    acts[:, 0] = 1.0
+    acts[1:, 4] = 5.0  # density 0.9: always on
+    acts[:3, 1] = 2.0  # mass 6
+    acts[:5, 2] = 3.0  # mass 15
+    acts[:2, 3] = -1.0  # mass 2 (|activation|); shard 5 never fires
+    view = SimpleNamespace(timeline=lambda which: (torch.arange(10), acts))
+    assert top_shards(view, 2) == [4, 0, 2, 1]  # always on by mass, then the 2 largest others
+    assert top_shards(view, 3) == [4, 0, 2, 1, 3]
+    assert top_shards(view, 9) == [4, 0, 2, 1, 3]  # a shard that never fired is not one
+    assert top_shards(view, 0) == [4, 0]
+
+
 def test_families_table_lists_families_of_several_shards_largest_first():
     from sae_shards.analysis.report import _families_html
 

@@ -151,6 +151,33 @@ def test_no_latent_is_called_dead_before_dead_after_samples():
     assert stats.dead_frac(3) == 0.5 and stats.dead_frac(4) is None
 
 
+def test_the_dead_set_auxk_trains_is_the_one_dead_frac_counts_at_the_boundary():
+    """A latent silent for exactly dead_after samples is dead for AuxK and for the summary."""
+    from sae_shards.core.trainer import LatentStats
+
+    stats = LatentStats(4, torch.device("cpu"))
+    for step in range(2):  # 2 x 32 samples in which only latent 0 fires
+        stats.update((torch.zeros(32, 1, dtype=torch.long), torch.ones(32, 1)), step=step)
+    assert stats.dead_mask(64).tolist() == [False, True, True, True]
+    assert stats.dead_frac(64) == 0.75 == float(stats.dead_mask(64).float().mean())
+    assert not stats.dead_mask(65).any()
+
+
+def test_mean_abs_act_is_the_mean_over_the_samples_where_the_latent_fired():
+    """Shard.dense()'s scale: the mean |activation| when firing, not over every sample."""
+    from sae_shards.core.trainer import LatentStats
+
+    stats = LatentStats(3, torch.device("cpu"))
+    # latent 1 fires on 2 of 4 samples (|-1| and 3), latent 0 on all 4 (2 each); padding (0) is
+    # not a firing
+    idx = torch.tensor([[0, 1], [0, 1], [0, 2], [0, 2]])
+    val = torch.tensor([[2.0, -1.0], [2.0, 3.0], [2.0, 0.0], [-2.0, 0.0]])
+    stats.update((idx, val), step=1)
+    assert stats.fire_count.tolist() == [4, 2, 0]
+    assert stats.mean_abs_act().tolist() == [2.0, 2.0, 0.0]
+    assert stats.density().tolist() == [1.0, 0.5, 0.0]
+
+
 def test_a_batch_of_one_distinct_sample_is_skipped_not_trained_on(stream):
     """Copies of one sample (one slot drawn every time, the other rows all zero) have no spread
     about their mean: the FVU's denominator is 0, and one step at ~1e30 put inf into Adam's

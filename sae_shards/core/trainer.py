@@ -55,7 +55,13 @@ def dead_fraction(samples_since_fired: Tensor, dead_after: int,
     seen = n_samples if n_samples is not None else int(samples_since_fired.max()) if samples_since_fired.numel() else 0
     if seen < dead_after:
         return None
-    return float((samples_since_fired >= dead_after).float().mean())
+    return float(is_dead(samples_since_fired, dead_after).float().mean())
+
+
+def is_dead(samples_since_fired: Tensor, dead_after: int) -> Tensor:
+    """Which latents are dead: silent for at least the last ``dead_after`` training samples
+    (the set AuxK trains and the one ``dead_fraction`` counts), ``[n_latents]`` bool."""
+    return samples_since_fired >= dead_after
 
 
 class LatentStats:
@@ -83,7 +89,7 @@ class LatentStats:
         self.n_samples += idx.shape[0]
 
     def dead_mask(self, dead_after: int) -> Tensor:
-        return self.samples_since_fired >= dead_after
+        return is_dead(self.samples_since_fired, dead_after)
 
     def dead_frac(self, dead_after: int) -> float | None:
         """``dead_fraction`` of these statistics (None before ``dead_after`` samples)."""
