@@ -586,8 +586,8 @@ def test_an_untrained_per_event_run_says_why_not_to_run_longer(skipped, zero, sa
 
 def test_an_sae_that_started_on_one_distinct_sample_says_so():
     """min_samples=1 and one event captured: the SAE starts, and skips every batch (one sample
-    repeated has no spread). The summary names that, not min_samples or sae_start_step, which
-    were both met."""
+    repeated has no spread). The summary says that, not that too few samples were buffered
+    for it to start (both conditions were met), and names all-zero samples when there were."""
     from sae_shards.capture.event_capture import EventCapture
     from sae_shards import RunnerConfig
     from sae_shards.capture.summary import _why_untrained
@@ -597,9 +597,13 @@ def test_an_sae_that_started_on_one_distinct_sample_says_so():
     runner = RunnerConfig(min_samples=1)
     text = _why_untrained(capture, runner, degenerate=3)
     assert text.startswith("1 sample was captured and the SAE started, but each of its 3 "
-                           "batches held one distinct sample")
-    assert "runner.min_samples to 2" in text and "sae_start_step" not in text
+                           "batches held one distinct nonzero sample")
+    assert "start it later (runner.min_samples=1" in text and "all zeros" not in text
     assert "it starts once runner.min_samples" in _why_untrained(capture, runner)  # none drawn
+    capture.n_captured, capture.n_zero = 8, 7  # one nonzero sample beside seven zeros
+    text = _why_untrained(capture, RunnerConfig(min_samples=8), degenerate=2)
+    assert "7 of the captured samples were all zeros" in text
+    assert "runner.min_samples=8" in text
 
 
 def test_a_script_captures_events_under_trls_default_checkpointing(tiny_model, tmp_path):

@@ -126,7 +126,8 @@ def test_a_cut_event_is_said_once_and_the_run_counts_its_cuts_and_clipped_steps(
     and its closing lines and summary.json count the cuts; they also count the steps TRL clipped
     (the events are gradients before clipping), as the metrics log's grad_norm says."""
     run = tmp_path / "run"
-    proc = _train(run, "capture.event_rank=1", "rl.max_steps=3", "runner.checkpoint_every=0")
+    proc = _train(run, "capture.event_rank=1", "rl.max_steps=3", "runner.checkpoint_every=0",
+                  "+rl.extra.max_grad_norm=0.001")  # every step clipped (grad_norm ~0.8)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -137,10 +138,23 @@ def test_a_cut_event_is_said_once_and_the_run_counts_its_cuts_and_clipped_steps(
     logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
               if r["kind"] == "rl" and "grad_norm" in r]
     assert summary["grad_norm_steps"] == len(logged) == 3
-    assert summary["max_grad_norm"] == 1.0  # TRL's default
-    clipped = sum(r["grad_norm"] > 1.0 for r in logged)
-    assert summary["clipped_steps"] == clipped
-    assert (f"{clipped} of the 3 steps with a logged grad_norm clipped" in out) == (clipped > 0)
+    assert summary["max_grad_norm"] == 0.001
+    assert all(r["grad_norm"] > 0.001 for r in logged) and summary["clipped_steps"] == 3
+    assert "3 of the 3 steps with a logged grad_norm clipped at max_grad_norm=0.001" in out
+
+
+def test_clip_figures_count_the_logged_steps_over_max_grad_norm():
+    from sae_shards.capture.summary import clip_figures
+
+    rows = [{"kind": "rl", "rl_step": 1, "grad_norm": 2.0}, {"kind": "sae", "grad_norm": 9.0},
+            {"kind": "rl", "rl_step": 2, "grad_norm": 0.5}, {"kind": "rl", "rl_step": 3},
+            {"kind": "rl", "rl_step": 4, "grad_norm": float("nan")},
+            {"kind": "rl", "rl_step": 5, "grad_norm": 1.5}]
+    assert clip_figures(rows, 1.0) == {"max_grad_norm": 1.0, "grad_norm_steps": 3,
+                                       "clipped_steps": 2}
+    for off in (None, 0.0):  # no clipping: nothing clipped, the steps still counted
+        assert clip_figures(iter(rows), off) == {"max_grad_norm": None, "grad_norm_steps": 3,
+                                                 "clipped_steps": 0}
 
 
 def test_group_granularity_job_names_the_events_behind_each_shard(event_run):

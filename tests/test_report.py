@@ -271,7 +271,8 @@ def test_families_table_lists_families_of_several_shards_largest_first():
             {"shards": [2, 4, 5], "density": 0.3, "mass_share": 0.4}]
     page = _families_html(rows)
     assert page.index("2, 4, 5") < page.index("0, 3")
-    assert "2 families of several shards; 1 shard is a family of one" in page
+    assert "2 families of several shards; 1 shard is a family of one (" in page
+    assert "of one" not in _families_html([rows[0]])  # no family of one: not said
     assert "<td>1</td>" not in page  # the single shard is counted, not listed
 
 
@@ -456,8 +457,8 @@ def test_a_share_that_is_exactly_zero_says_no_reward_changed():
 
 
 def test_a_share_within_two_standard_errors_of_zero_is_marked_not_resolved():
-    """3.3% ± 2.7% is no share at all on these rollouts: it says so, as the ablation rows do;
-    a share clear of 0 is printed plainly."""
+    """3.3% ± 2.7% is no share at all on these rollouts: it says so (as the ablation table's
+    note says of such a change); a share clear of 0 is printed plainly."""
     from sae_shards.analysis.report import together_line
 
     entry = {"shards": [3], "changes": {"run": [0.4, 0.05]},

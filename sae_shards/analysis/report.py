@@ -521,7 +521,8 @@ def _share(value: float, stderr: float) -> str:
         return "n/a"
     if value == 0 and stderr == 0:
         return "0% (no prompt's reward changed)"
-    # as the run's own change and the ablation rows: within RESOLVED_SE errors of 0 is not a share
+    # as for the run's own change, and as the ablation table's note says of a change: within
+    # RESOLVED_SE errors of 0 is not resolved
     faint = " (not resolved from 0)" if abs(value) <= RESOLVED_SE * stderr else ""
     return f"{100 * value:.1f}% ± {100 * stderr:.1f}%{faint}"
 
@@ -743,10 +744,11 @@ def _families_html(rows: list[dict[str, Any]]) -> str:
                    [[", ".join(map(str, r["shards"])), f"{r['density']:.2f}",
                      f"{r['mass_share']:.2f}"] for r in multi]) if multi else ""
     single = len(rows) - len(multi)
-    alone = ("1 shard is a family of one: it is not linked to another shard" if single == 1 else
-             f"{single} shards are families of one: none is linked to another shard")
+    alone = ("" if not single else
+             "; 1 shard is a family of one" if single == 1 else
+             f"; {single} shards are families of one")
     return table + (f"<p>{len(multi)} famil{'y' if len(multi) == 1 else 'ies'} of several "
-                    f"shards; {alone} (all families are in analysis.json; rare shards of a short "
+                    f"shards{alone} (all families are in analysis.json; rare shards of a short "
                     f"run may fire together fewer than {MIN_JOINT} times, too few to link). "
                     "Density: the fraction of the timeline's samples on which any of the "
                     "family's shards is active; share of activation mass: its shards' summed "

@@ -272,7 +272,6 @@ class ShardCallback(TrainerCallback):
         self._tied = TiedRewardsWatch()
         self._t0 = math.nan
         self._wall_before = 0.0  # training time of the processes this one resumed from
-        self._max_grad_norm: float | None = None  # the trainer's clipping, for the summary
         self.stop_signal: int | None = None
         """Set by ``request_stop``: the run ends after the current step, checkpointed."""
         self.ending = False
@@ -858,8 +857,8 @@ class ShardCallback(TrainerCallback):
                 gathered = gathered_state_dict(model, trainable_only=hasattr(model,
                                                                              "peft_config"))
             if state.is_world_process_zero:
-                self._max_grad_norm = getattr(args, "max_grad_norm", None)  # the summary's
-                self._write_end(model, processing_class, gathered)
+                self._write_end(model, processing_class, gathered,
+                                getattr(args, "max_grad_norm", None))
         finally:
             self.capture.on_train_end(args, state, control, **kwargs)  # hooks off, every rank
             if self.rollouts is not None:  # after the recorder's: it wrapped over this one
@@ -870,8 +869,10 @@ class ShardCallback(TrainerCallback):
         return bool(getattr(self.capture, "sharded", False)
                     or (model is not None and initial_model.is_sharded(model)))
 
-    def _write_end(self, model, processing_class, gathered=None) -> None:
-        """Rank 0's end of the run; ``gathered``: a sharded policy's whole state dict."""
+    def _write_end(self, model, processing_class, gathered=None,
+                   max_grad_norm: float | None = None) -> None:
+        """Rank 0's end of the run; ``gathered``: a sharded policy's whole state dict;
+        ``max_grad_norm``: the trainer's clipping, for a per-event run's summary."""
         self._writer.wait()
         self.parts.runner.finish()
         self.parts.loop.flush_activations()
@@ -879,7 +880,7 @@ class ShardCallback(TrainerCallback):
         if self.save_model and not self._stopped:
             out = self.run_dir / rundir.FINAL_MODEL
             initial_model.save_policy(model, processing_class, out, state_dict=gathered)
-        self.summary = self._finish(self.parts.loop.last_rl_step)
+        self.summary = self._finish(self.parts.loop.last_rl_step, max_grad_norm)
 
     def close(self) -> None:
         """Stop the SAE worker after a failed ``train()`` (its own error is not re-raised), and
@@ -922,7 +923,7 @@ class ShardCallback(TrainerCallback):
 
     # ---- the end -----------------------------------------------------------------------------
 
-    def _finish(self, rl_step: int) -> dict[str, Any]:
+    def _finish(self, rl_step: int, max_grad_norm: float | None = None) -> dict[str, Any]:
         """Final checkpoint (an interrupted run keeps its last step checkpoint instead),
         activations, samples, summary and artifact."""
         parts = self.parts
@@ -957,8 +958,9 @@ class ShardCallback(TrainerCallback):
             "heldout_samples": n_heldout, "wall_s": time.perf_counter() - self._t0,
             "wall_s_resumed_from": self._wall_before,
             "world_size": distributed.world_size(),
-            **(clip_figures(rundir.read_jsonl(self.run_dir / rundir.METRICS),
-                            self._max_grad_norm)
+            **(clip_figures((row for _, _, row in rundir.iter_jsonl(self.run_dir /
+                                                                     rundir.METRICS)),
+                            max_grad_norm)
                if isinstance(self.capture, EventCapture) else {}),
             **self.sizes})
         rundir.write_json(self.run_dir / rundir.SUMMARY, summary)

@@ -240,7 +240,7 @@ class EventCapture(TrainerCallback):
             if self.n_truncated == 1:  # once per run (a resumed run counts its earlier cuts)
                 logger.warning(
                     "step %d: event %d has more token positions than capture.event_rank=%d on "
-                    "a target: it is kept as its best rank-%d approximation (%.4f of its "
+                    "a target: it is kept as a rank-%d approximation (about %.4f of its "
                     "squared norm), so a step's events sum to its gradient approximately; "
                     "summary.json counts such events (truncated_events, kept_energy_min). A "
                     "larger capture.event_rank keeps more (the buffer grows with it)", step,

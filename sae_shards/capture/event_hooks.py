@@ -1,4 +1,4 @@
-"""Per-event capture: the exact gradient of each reinforcement event of a TRL step, factored.
+"""Per-event capture: the gradient of each reinforcement event of a TRL step, factored.
 
 For a matrix target ``y = W x`` the gradient of the step's loss is ``sum_t g_t a_t^T`` over every
 token position ``t`` of every row of the batch (``a_t`` the module's input, ``g_t = dL/dy_t``),

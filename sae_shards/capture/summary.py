@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -127,17 +127,20 @@ def _why_untrained(capture: DeltaCapture | EventCapture, runner: RunnerConfig,
                 "was no gradient to split; a reward that tells a group's completions apart (or "
                 "more completions per prompt, num_generations) gives events")
     if degenerate:  # it did start: each batch it drew held one distinct sample
+        zeros = (f"; {zero} of the captured samples were all zeros, which it drops from a "
+                 "batch (a step or event whose gradient on the targets was zero)" if zero else "")
         return (f"{n} sample{'s were' if n != 1 else ' was'} captured and the SAE started, but "
-                f"each of its {degenerate} batches held one distinct sample (repeated), which "
-                "it skips (no spread to reconstruct: sae_skipped_degenerate); it needs at least "
-                "two different samples buffered: raise runner.min_samples to 2 or more, or run "
-                "more RL steps")
+                f"each of its {degenerate} batches held one distinct nonzero sample (repeated), "
+                f"which it skips (no spread to reconstruct: sae_skipped_degenerate){zeros}. It "
+                "needs at least two different nonzero samples buffered when it starts: run more "
+                f"RL steps, or start it later (runner.min_samples={runner.min_samples}, "
+                f"runner.sae_start_step={runner.sae_start_step})")
     return (f"{n} samples were captured, but it starts once runner.min_samples="
             f"{runner.min_samples} trainable samples are buffered and RL reaches "
             f"runner.sae_start_step={runner.sae_start_step}; run more RL steps or lower them")
 
 
-def clip_figures(rows: list[dict[str, Any]], max_grad_norm: float | None) -> dict[str, Any]:
+def clip_figures(rows: Iterable[dict[str, Any]], max_grad_norm: float | None) -> dict[str, Any]:
     """``summary.json``'s clipping figures of a per-event run, whose samples are gradients
     before clipping: of the RL steps whose ``grad_norm`` (the trainer's, before clipping) the
     metrics log holds, how many the trainer clipped (``grad_norm > max_grad_norm``). A clipped

@@ -1,4 +1,4 @@
-"""Per-event samples in factored form: the exact gradient of one reinforcement event, never dense.
+"""Per-event samples in factored form: the gradient of one reinforcement event, never dense.
 
 For a matrix target of shape ``(m, n)`` one event's sample is a pair of factors
 

@@ -21,8 +21,9 @@ moves nothing scores ~0 rather than 0/0). Where the other tasks' mean |effect| i
 the figure is the own task's effect in units of the floor, a size rather than a ratio of two
 measured effects: each entry says so (``steering_floored``, ``ablation_floored``), and each kind
 gives the share of its tasks where it happened (``..._floored_rate``). Steering's selectivity is
-the ``+`` side's; the ``-`` side's is ``steering_minus_selectivity``. Per kind the headline is the median over tasks (a mean
-of ratios is ruled by one small denominator); the mean is reported too. For ablation also the task
+the ``+`` side's; the ``-`` side's is ``steering_minus_selectivity``. Per kind the headline is
+the median over tasks (a mean of ratios is ruled by one small denominator); the mean is
+reported too. For ablation also the task
 that drops most (``broken_task``), whether it is the own task (``own_first``; the rate over tasks
 is the label-specific evidence: the team's shared/design.md, "Causal ablation needs a stronger
 control than a random direction"; None, hence not own, when no drop reaches ``floor`` or the

@@ -35,7 +35,9 @@ sample it is present in (``truth_from`` says which, per task; ``groundtruth``).
   shuffled-label control (``..._shuffled``), the supervised directions' ablation selectivity
   (``ablation_selectivity_supervised``) and the rate at which ablating a task's shard breaks its
   own task first (``ablation_own_first``, beside ``ablation_own_first_shuffled``; chance is
-  1 / n_tasks);
+  1 / n_tasks); ``steering_floored`` / ``ablation_floored`` (``..._family`` for families): the
+  share of tasks whose selectivity divided by the floor, because the other tasks moved less
+  than it (there the figure is a size, not a ratio; ``causal.floored``);
 - ``granularity``, ``source`` (per-step: ``capture.source``; per-event: ``grad`` with
   ``-adam``/``-kfac`` for the preconditioner and ``-unit`` for unit-normalised events),
   ``schedule`` (``task.options.schedule``), ``group`` (``body`` / ``readout`` from the run's meta,
@@ -53,7 +55,7 @@ of those contributions. Each task's best family is chosen and scored as a latent
 (``auroc_task_family``, beside a shuffled-label null and the null-control run's figure), its
 direction matched to the ground truth (``mmcs_margin_family``) and steered and ablated (causal
 kind ``shard_family``, against its own norm-matched random control ``random_shard_family``:
-``..._family_random``). A latent that fires with no other is a family of one; the per-latent
+``..._family_random``). A latent that joins no group is a family of one; the per-latent
 figures above remain the finer view. The nulls of latents and families use the same label
 shuffles.
 
@@ -178,7 +180,7 @@ def _why_missing(key: str, r: Mapping[str, Any]) -> str:
     """Why a headline figure is null, for ``evaluation.md``."""
     if "null_control" in key:
         return "n/a: no null-control run given (--null-run DIR; the sweep gives one)"
-    if "selectivity" in key or "own_first" in key:
+    if "selectivity" in key or "own_first" in key or "floored" in key:
         return f"n/a: no causal tests: {r.get('causal_skipped') or 'see below'}"
     return "n/a"
 

@@ -306,8 +306,9 @@ class CaptureConfig:
     granularity: Granularity = "step"
     """What one SAE sample is. ``step``: one optimizer step (``source`` says which quantity).
     ``group``: one prompt group (GRPO/RLOO's unit of reinforcement: a prompt's completions),
-    ``completion``: one completion; both are the event's exact gradient, kept factored (never
-    dense) and summing over a step's events to its accumulated gradient before clipping."""
+    ``completion``: one completion; both are the event's gradient, kept factored (never dense;
+    exact up to ``event_rank``'s cut) and summing over a step's events to its accumulated
+    gradient before clipping."""
     event_rank: int = 64
     """group / completion: rows kept per event and target; an event with more token positions is
     cut to its best rank-``event_rank`` approximation (the kept energy is logged). The buffer
