@@ -31,9 +31,16 @@ class _Page(HTMLParser):
             raise AssertionError(f"report loads an external resource: {attrs}")
 
 
-def test_report_has_every_section_and_image(short_run_dir, tmp_path):
+def test_report_has_every_section_and_image(short_run_dir, tmp_path, caplog):
+    caplog.set_level("INFO", logger="sae_shards.analysis.report")
     out = analyze(short_run_dir, tmp_path / "report.html", n_shards=2, n_prompts=8,
                   alphas=(-1.0, 0.0, 1.0))
+    # the sampling, which takes minutes on a larger model, is announced and its progress said
+    said = [r.getMessage() for r in caplog.records]
+    assert any("each estimate samples 8 prompts x 4 completions" in m for m in said), said
+    n_top = len(json.loads((tmp_path / "analysis.json").read_text())["top_shards"])
+    assert sum(" scored (" in m for m in said) == n_top
+    assert any(m.startswith(f"the {n_top} shards scored together") for m in said)
     page = _Page()
     page.feed(out.read_text())
     assert list(page.sections) == list(SECTIONS)

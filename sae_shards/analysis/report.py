@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -352,16 +353,32 @@ def _detail_shards(view: RunView, shards: list[int], density: torch.Tensor,
             c = update_coefficient(theta_t, theta0, direction)
             entry["update_coefficient"] = c
             if scorer is not None:
+                t0 = time.perf_counter()
                 if baselines is None:  # each policy as it is: one estimate serves every shard
+                    _say_scoring(len(shards), alphas, n_prompts, sampling)
                     baselines = _baselines(models, scorer, alphas, n_prompts, sampling)
                 detail.dose[s], detail.ablations[s] = _steer_and_ablate(
                     models, scorer, direction, c, theta0, alphas, n_prompts, baselines,
                     sampling)
+                log.info("shard %d scored (%d of %d) in %.0f s", s, len(detail.dose),
+                         len(shards), time.perf_counter() - t0)
                 entry["dose_response"] = _dose_entry(detail.dose[s])
                 entry["ablation"] = dataclasses.asdict(detail.ablations[s])
             del direction  # the next shard's is built without this one still held
         detail.entries[s] = entry
     return detail._replace(baselines=baselines)
+
+
+def _say_scoring(n_shards: int, alphas, n_prompts: int, sampling: dict[str, Any]) -> None:
+    """What the dose-response and the ablation are about to sample, which on a larger model or
+    with long completions takes minutes, before the first estimate."""
+    length = sampling.get("max_new_tokens")
+    log.info("scoring the dose-response (alphas %s, beside a random control) and the ablation "
+             "of %d shard(s), then the shards together: each estimate samples %d prompts x %d "
+             "completions%s with the run's own settings (--n-prompts samples fewer, --no-dose "
+             "none)", ", ".join(f"{a:g}" for a in alphas), n_shards, n_prompts,
+             sampling.get("n_samples", N_SAMPLES),
+             f" of up to {length} tokens" if length else "")
 
 
 def _dose_section(dose_results: dict[int, Any], analysis: dict[str, Any], tags: dict[int, str],
@@ -427,9 +444,11 @@ def _together(view: RunView, models, shards: list[int], entries: dict[int, dict[
                            "update_share": update_share(projected, theta_t, theta0)}
     effect = None
     if scorer is not None:
+        t0 = time.perf_counter()
         effect = span_effect(models.initial, models.final, models.tokenizer, scorer, projected,
                              n_prompts=n_prompts, baselines=baselines or (None, None),
                              **sampling)
+        log.info("the %d shards scored together in %.0f s", len(shards), time.perf_counter() - t0)
         out.update(dataclasses.asdict(effect))
     return out, effect
 
