@@ -158,9 +158,15 @@ def test_default_config_equals_dataclass_defaults():
      r"\(7: capture.capacity=16 less \(runner.max_lag=8 \+ 1\)"),
     ("runner.concurrency=thread capture.capacity=19 runner.heldout_every=3",
      r"the thread worker may draw for a push \(7: .* minus every 3th step held out\)"),
+    # a step's 16 events cannot fit in one push: refused before training (it was a traceback
+    # after RL step 1), with the capacity that fits
     ("runner.concurrency=thread capture.granularity=completion capture.capacity=150",
-     r"may draw for a full push \(6: capture.capacity=150 less \(runner.max_lag=8 \+ 1\) x 16 "
-     r"samples per step \(capture.granularity=completion\)"),
+     r"capture.granularity=completion gives up to 16 events per RL step, but "
+     r"capture.capacity=150 can take at most 9 per step .* \(runner.concurrency=thread with "
+     r"runner.max_lag=8\); raise capture.capacity to at least 207 or lower runner.max_lag$"),
+    ("capture.granularity=completion capture.capacity=8",
+     r"up to 16 events per RL step, but capture.capacity=8 can take at most 8 per step without "
+     r"overwriting samples the SAE has not read; raise capture.capacity to at least 79$"),
     ("rl.num_generations=1 rl.per_device_train_batch_size=4", r"rl.num_generations=1 must be >= 2"),
     ("rl.algorithm=ppo", r"rl.algorithm='ppo' is not one of \['grpo', 'rloo'\]"),
     ("capture.targets=[]", r"capture.targets is empty"),

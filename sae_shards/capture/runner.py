@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from sae_shards.capture.buffer import DeltaRingBuffer, SampleWindow
-from sae_shards.run.config import RunnerConfig
+from sae_shards.run.config import RunnerConfig, flush_every, push_room
 from sae_shards.core.sparsity import SparseCodes
 from sae_shards.core.trainer import SAETrainer, StepMetrics
 
@@ -312,7 +312,7 @@ class SAEWorkLoop:
         self._pending: list[tuple[int, int, int]] = []  # (slot, rl step, event) not encoded yet
         # Encode pending samples together, before any slot of theirs can be overwritten (RL may
         # be max_lag pushes ahead of the thread worker).
-        self._flush_at = max(1, min(64, buffer.capacity - cfg.max_lag - 2))
+        self._flush_at = flush_every(buffer.capacity, cfg.max_lag)
         self._records: list[SAEStepRecord] = []
         self._lock = threading.Lock()
         self.last_rl_step = 0
@@ -332,8 +332,7 @@ class SAEWorkLoop:
         """The most samples one push may commit without the ring overwriting a slot not yet
         encoded: up to ``_flush_at - 1`` wait in ``_pending``, and a thread worker may have
         ``max_lag`` more pushes queued."""
-        free = self.buffer.capacity - (self._flush_at - 1)
-        return max(1, free // (self.cfg.max_lag + 1) if threaded else free)
+        return push_room(self.buffer.capacity, self.cfg.max_lag, threaded)
 
     def flush_activations(self, charge: bool = True) -> None:
         """Encode the samples captured since the last flush with the SAE as it is now, which is

@@ -296,9 +296,12 @@ class CaptureConfig:
     fp32)."""
     capacity: int = 256
     """Ring buffer slots (one per sample: an optimizer step, or one event with per-event
-    granularity, so size it for events per step x steps kept)."""
+    granularity, so size it for events per step x steps kept). A step's events must fit in
+    what one step may write without overwriting samples the SAE has not read (checked before
+    training, which names the capacity that fits)."""
     memory_fraction: float = 0.5
-    """Largest share of the device's free memory the buffer may take (checked before training)."""
+    """Largest share of the device's free memory the buffer may take (checked before training).
+    It bounds the buffer only: the SAE's own memory comes on top."""
     outlier_ratio: float = 100.0
     """Skip (and count) a sample whose norm exceeds this multiple of the running RMS norm of the
     samples before it: one wild step would otherwise dominate the SAE's input scale for many
@@ -683,6 +686,20 @@ def check_steps_or_budget(given: Mapping[str, Any], where: str = "") -> None:
             "(runner.sae_budget=0 uses the fixed count)")
 
 
+def flush_every(capacity: int, max_lag: int) -> int:
+    """How many captured samples the runner lets wait before encoding them together: fewer
+    than any push could overwrite before they are read (RL may be ``max_lag`` pushes ahead)."""
+    return max(1, min(64, capacity - max_lag - 2))
+
+
+def push_room(capacity: int, max_lag: int, threaded: bool) -> int:
+    """The most samples one push (one RL step's) may commit without the ring overwriting a
+    slot not yet encoded: up to ``flush_every - 1`` wait to be encoded, and a thread worker may
+    have ``max_lag`` more pushes queued."""
+    free = capacity - (flush_every(capacity, max_lag) - 1)
+    return max(1, free // (max_lag + 1) if threaded else free)
+
+
 def check_sae_window(capture: CaptureConfig, runner: RunnerConfig,
                      samples_per_step: int | None = 1) -> None:
     """Raise if the buffer can never hold ``runner.min_samples`` trainable samples (the SAE
@@ -690,7 +707,8 @@ def check_sae_window(capture: CaptureConfig, runner: RunnerConfig,
     worker reads it, or a full push's window (``ThreadRunner``: at most ``capture.capacity -
     (runner.max_lag + 1) x`` its samples; a push is one RL step's, at most
     ``samples_per_step``; None: not known, one assumed) cannot hold ``runner.min_samples``
-    trainable samples."""
+    trainable samples, or a step's events (at most ``samples_per_step``) cannot fit in one push
+    (``push_room``)."""
     if runner.concurrency == "thread" and capture.capacity <= runner.max_lag + 1:
         raise ValueError(
             f"capture.capacity={capture.capacity} must exceed runner.max_lag={runner.max_lag} + 1 "
@@ -705,6 +723,19 @@ def check_sae_window(capture: CaptureConfig, runner: RunnerConfig,
             + held_out + "), so the SAE would never train; lower runner.min_samples or raise "
             "capture.capacity")
     per_push = samples_per_step or 1
+    threaded = runner.concurrency == "thread"
+    room = push_room(capture.capacity, runner.max_lag, threaded)
+    if capture.granularity != "step" and per_push > room:
+        enough = next(c for c in range(per_push, (runner.max_lag + 1) * (per_push + 64) + 1)
+                      if push_room(c, runner.max_lag, threaded) >= per_push)
+        raise ValueError(
+            f"capture.granularity={capture.granularity} gives up to {per_push} events per RL "
+            f"step, but capture.capacity={capture.capacity} can take at most {room} per step "
+            "without overwriting samples the SAE has not read"
+            + (f" (runner.concurrency=thread with runner.max_lag={runner.max_lag})"
+               if threaded else "")
+            + f"; raise capture.capacity to at least {enough}"
+            + (" or lower runner.max_lag" if threaded and runner.max_lag else ""))
     window = capture.capacity - (runner.max_lag + 1) * per_push
     if runner.concurrency == "thread" and runner.min_samples > trainable(max(window, 0)):
         of = ("samples RL may" if per_push == 1 else
