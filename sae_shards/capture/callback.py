@@ -381,6 +381,7 @@ class ShardCallback(TrainerCallback):
                 if self._is_lora() else "", self.sizes["sae_factored_params"],
                 self.sizes["dense_sae_params"], self.sizes["buffer_bytes"] / 2**20,
                 distributed.world_size())
+        self._say_window(trainer)
         oversized = oversized_ranks(self.parts.buffer.targets)
         if oversized:
             log.warning("%s", oversized_rank_text(self.sae_cfg.rank, oversized,
@@ -665,6 +666,21 @@ class ShardCallback(TrainerCallback):
             return
         if self._signals is not None:  # set up: SIGTERM / Ctrl-C stop after the step, saved
             self._signals.enter(peers=peers)
+
+    def _say_window(self, trainer: Any | None) -> None:
+        """Per event: how many RL steps of events the buffer holds, which the capacity alone
+        does not say (16 completions a step: 256 slots are 16 steps), when the trainer says how
+        many events a step gives."""
+        per_step = (trainer_samples_per_step(getattr(trainer, "args", None),
+                                             self.capture_cfg.granularity)
+                    if trainer is not None and self.capture_cfg.granularity != "step" else None)
+        if per_step:
+            log.log(logging.INFO if self.run_config else logging.WARNING,
+                    "the buffer's %d slots hold the events of at least the last %d RL step(s), "
+                    "at up to %d events a step (capture.granularity=%s): the SAE draws its "
+                    "batches from those; capture.capacity sets it", self.capture_cfg.capacity,
+                    max(1, self.capture_cfg.capacity // per_step), per_step,
+                    self.capture_cfg.granularity)
 
     def _check_sole_writer(self, peers: Sequence[Any]) -> None:
         """Refuse a trainer in which this run directory has more than one writer: the same
