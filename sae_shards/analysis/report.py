@@ -42,7 +42,7 @@ from sae_shards.analysis.interventions import (CONTROL_SEED, N_SAMPLES, ROLLOUT_
 from sae_shards.analysis.plots import (plot_dose, plot_norms, plot_reward,
                                        plot_sae_curves, plot_timeline, step_reward_means)
 from sae_shards.analysis.reward_task import RewardTask
-from sae_shards.analysis.span import (RESOLVED_SE, SpanEffect, combine, span_effect,
+from sae_shards.analysis.span import (RESOLVED_SE, SpanEffect, combine, span_effect, within_noise,
                                       span_weights, update_share)
 from sae_shards.analysis.shards import (RunView, initial_model_dir, load_run_models, policy_dir,
                                         read_json_object, run_models_missing, run_sampling,
@@ -540,9 +540,7 @@ def _share(value: float, stderr: float) -> str:
         return "n/a"
     if value == 0 and stderr == 0:
         return "0% (no prompt's reward changed)"
-    # as for the run's own change, and as the ablation table's note says of a change: within
-    # RESOLVED_SE errors of 0 is not resolved
-    faint = " (not resolved from 0)" if abs(value) <= RESOLVED_SE * stderr else ""
+    faint = " (not resolved from 0)" if within_noise(value, stderr) else ""  # as the run's own
     return f"{100 * value:.1f}% ± {100 * stderr:.1f}%{faint}"
 
 

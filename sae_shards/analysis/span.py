@@ -93,6 +93,11 @@ def update_share(projected: Direction, final: nn.Module | Mapping[str, Tensor],
     return pp / dd if dd > 0 else math.nan
 
 
+def within_noise(value: float, stderr: float) -> bool:
+    """Whether ``value`` is within ``RESOLVED_SE`` standard errors of 0: not resolved."""
+    return abs(value) <= RESOLVED_SE * stderr
+
+
 def share_of_change(initial: Tensor, final: Tensor, part_from: Tensor, part_to: Tensor
                     ) -> tuple[float, float]:
     """``(share, stderr)``: the mean of ``part_to - part_from`` over the mean of ``final -
@@ -106,7 +111,7 @@ def share_of_change(initial: Tensor, final: Tensor, part_from: Tensor, part_to: 
         return math.nan, math.nan
     b, a = rt - r0, pt - pf  # [n] each
     mb = float(b.mean())
-    if abs(mb) <= RESOLVED_SE * float(b.std()) / math.sqrt(n):
+    if within_noise(mb, float(b.std()) / math.sqrt(n)):
         return math.nan, math.nan
     share = float(a.mean()) / mb
     return share, float((a - share * b).std()) / math.sqrt(n) / abs(mb)
