@@ -342,6 +342,7 @@ def check_sweep_jobs(args: list[str]) -> None:
 
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import open_dict
 
     choices = []
     for o in OverridesParser.create().parse_overrides(_override_args(args)):
@@ -352,13 +353,23 @@ def check_sweep_jobs(args: list[str]) -> None:
     if math.prod(len(c) for c in choices) > MAX_CHECKED_JOBS:
         return
     run_dirs: dict[str, str] = {}
+    job_dirs: dict[str, list[str]] = {}  # each job's directory name: the jobs it would hold
+    unnamed: list[str] = []  # the keys a job directory's name leaves out
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         for job in itertools.product(*choices):
             # the job's swept overrides as the user wrote them (open_map_args adds ++)
             swept = " ".join(re.sub(r"^\+{1,2}", "", o) for o, c in zip(job, choices)
                              if len(c) > 1)
             try:  # a ConfigError, or Hydra's own composition error
-                cfg = job_config_from_hydra(compose(config_name="config", overrides=list(job)))
+                composed = compose(config_name="config", overrides=list(job),
+                                   return_hydra_config=True)
+                naming = composed.hydra.job
+                job_dirs.setdefault(job_dirname(naming.override_dirname), []).append(
+                    swept or "the defaults")
+                unnamed = list(naming.config.override_dirname.exclude_keys)
+                with open_dict(composed):
+                    del composed["hydra"]
+                cfg = job_config_from_hydra(composed)
             except Exception as e:
                 hint = (" (run_dir=${hydra:...} has no value before a sweep's jobs exist: "
                         "Hydra resolves a sweep's directory once; each job already gets "
@@ -374,6 +385,13 @@ def check_sweep_jobs(args: list[str]) -> None:
             + "): Hydra writes the sweep's multirun.yaml to one directory and each job to "
             "run_dir/<its overrides>; give the sweep one fixed run_dir (e.g. "
             "run_dir=runs/my_sweep), not a swept or interpolated one (no job was started)")
+    shared = [jobs for jobs in job_dirs.values() if len(jobs) > 1]
+    if shared:  # the later job would be refused, or with overwrite=true delete the earlier
+        raise ConfigError(
+            f"the sweep's jobs {' and '.join(shared[0][:2])} would write one directory: a "
+            f"job's directory is named by its overrides except {', '.join(unnamed)}, which "
+            "may change when a sweep is resumed; sweep those in separate sweeps, each with a "
+            "run_dir of its own (no job was started)")
     if len(run_dirs) == 1:  # the directory as resolved (an interpolated run_dir too)
         _check_sweep_dir(Path(next(iter(run_dirs))), _resume_given(_given_overrides(args)))
 
@@ -706,6 +724,8 @@ def _train(args: list[str]) -> int:
                    "new run_dir)") if changes else ""
     failures: list[str] = []
     interrupted: list[int] = []
+    crashed: list[Path] = []  # sweep jobs that raised an unforeseen error (exit 1, as Hydra's)
+    jobs: list[Path] = []  # a sweep's job directories, in the order they ran
     _quiet_third_party()
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
@@ -713,6 +733,8 @@ def _train(args: list[str]) -> int:
         hc = HydraConfig.get()
         sweep = hc.mode == RunMode.MULTIRUN
         job_name = f"{job_dirname(hc.job.override_dirname) or 'the defaults'}: " if sweep else ""
+        if sweep:
+            jobs.append(Path(hc.runtime.output_dir))
         _warn_unused_lora(hc.overrides.task, bool(cfg.model.lora.enabled))
         try:
             job = job_config_from_hydra(cfg)
@@ -726,6 +748,9 @@ def _train(args: list[str]) -> int:
             job = dataclasses.replace(job, logging=dataclasses.replace(
                 named, group=named.group or Path(hc.sweep.dir).name,
                 name=named.name and f"{named.name}-{run_dir.name}"))
+        elif job.resume and job.logging.group is None:  # a sweep's job resumed on its own
+            job = dataclasses.replace(job, logging=dataclasses.replace(
+                job.logging, group=_recorded_group(run_dir)))
         if sweep and interrupted:  # a signal stops the whole sweep, not only its current job
             failures.append(f"{run_dir}: not started (the sweep was stopped); continue the "
                             "sweep with the same command and resume=true")
@@ -764,6 +789,14 @@ def _train(args: list[str]) -> int:
                             f"{_how_to_continue(run_dir)}")
             interrupted.append(getattr(e, "signum", signal.SIGINT))
             return
+        except Exception as e:  # unforeseen: a sweep's other jobs still run, each failure named
+            if not sweep:
+                raise
+            logging.getLogger("sae_shards.cli").exception("the job failed")  # into its cli.log
+            failures.append(f"{job_name}failed: {type(e).__name__}: {e} (the traceback is in "
+                            f"{run_dir / 'cli.log'})")
+            crashed.append(run_dir)
+            return
         if summary is None or "rank" in summary:  # a rank other than 0: rank 0 reports
             if summary and summary.get("interrupted"):  # ... but every rank exits as stopped
                 interrupted.append(summary["stop_signal"] or signal.SIGTERM)
@@ -784,11 +817,40 @@ def _train(args: list[str]) -> int:
     # every rank says its own failures (one rank may fail alone: a model.path missing on one
     # node), each other rank's labelled as its
     said_by = "sae-shards" if _main_process() else f"sae-shards (rank {_rank()})"
+    if len(jobs) > 1 and _main_process():
+        print("\n".join(_sweep_lines(jobs)))
     for msg in filter(None, failures):
         print(f"{said_by}: {msg}", file=sys.stderr)
     if interrupted:  # the shell's convention for a process ended by a signal
         return 128 + int(interrupted[0])
-    return 2 if failures else 0
+    return 1 if crashed else 2 if failures else 0
+
+
+def _sweep_lines(jobs: list[Path]) -> list[str]:
+    """The end of a sweep: each job's directory and how it ended, from its ``summary.json``
+    (a job without one was refused, failed or never started: the messages after say which)."""
+    from sae_shards.run import rundir
+
+    fig = lambda s, k: "n/a" if s.get(k) is None else f"{s[k]:.3f}"  # noqa: E731
+    lines = [f"sweep of {len(jobs)} jobs in {jobs[0].parent}:"]
+    for d in jobs:
+        s = rundir.read_summary(d)
+        how = ("interrupted" if s.get("interrupted") else "finished") if s else \
+            "no summary.json (see below)"
+        lines.append(f"  {d.name}: {how}" + (
+            f", {s.get('rl_steps')} RL steps, reward {fig(s, 'reward_first')} -> "
+            f"{fig(s, 'reward_last')}, fvu {fig(s, 'fvu_first')} -> {fig(s, 'fvu_last')}"
+            if s else ""))
+    return lines
+
+
+def _recorded_group(run_dir: Path) -> str | None:
+    """The W&B group a run started in (its ``config.json``), which a resume keeps unless
+    ``logging.group`` is given: a sweep's job resumed alone stays in the sweep's group."""
+    from sae_shards.run import rundir
+
+    group = rundir.section(rundir.read_config(run_dir), "logging").get("group")
+    return group if isinstance(group, str) else None  # no config.json: the resume refuses it
 
 
 def end_process_group() -> None:
@@ -871,7 +933,7 @@ def _analyze(args: list[str]) -> int:
 
     from sae_shards.core.checkpoint import CheckpointError
     from sae_shards.analysis.report import analyze, together_line
-    from sae_shards.run.rundir import ANALYSIS, RunWriteError, read_config, rewardless_trainer
+    from sae_shards.run.rundir import RunWriteError, read_config, rewardless_trainer
 
     parser = argparse.ArgumentParser(prog="sae-shards analyze")
     parser.add_argument("run_dir", type=Path)
@@ -904,7 +966,7 @@ def _analyze(args: list[str]) -> int:
     except ValueError as e:
         print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
         return 2
-    from sae_shards.analysis.report import report_path_refusal
+    from sae_shards.analysis.report import analysis_path, report_path_refusal
 
     refused = report_path_refusal(ns.out) if ns.out else None
     if refused:  # the run's own rollouts.jsonl was overwritten with the report
@@ -935,7 +997,7 @@ def _analyze(args: list[str]) -> int:
         print(f"sae-shards: cannot analyze {ns.run_dir}: {e}", file=sys.stderr)
         return 2
     print(out)
-    line = together_line(json.loads((out.parent / ANALYSIS).read_text()))
+    line = together_line(json.loads(analysis_path(out).read_text()))
     if line:
         print(line)
     if task is None and not ns.no_dose and _own_reward_unknown(ns.run_dir):
@@ -1012,6 +1074,7 @@ def _announce_checkpoint(run_dir: Path, checkpoint: str | None) -> str:
     """The checkpoint to read, said on stderr when it is not the final one."""
     from sae_shards.run import rundir
 
+    from sae_shards.analysis.recovered import resume_file_of
     from sae_shards.analysis.shards import checkpoint_name
 
     name = checkpoint_name(run_dir, checkpoint)
@@ -1019,9 +1082,12 @@ def _announce_checkpoint(run_dir: Path, checkpoint: str | None) -> str:
         stopped = rundir.read_summary(run_dir).get("interrupted")
         lacks = [part for part in (f"{rundir.CHECKPOINTS}/final", rundir.ACTIVATIONS)
                  if not (run_dir / part).exists()]  # a finished run's copy left them out
+        resumable = resume_file_of(run_dir, name)
+        newest = ("its newest checkpoint with a resume file"
+                  if resumable is not None and resumable.is_file() else "its newest checkpoint")
         why = ("" if checkpoint else " (the run was stopped before its end: its newest checkpoint)"
                if stopped else f" (the run finished, but this copy of it lacks {' and '.join(lacks)}"
-               ": its newest checkpoint with a resume file)"
+               f": {newest})"
                if rundir.finished_steps(run_dir) is not None else
                " (the run was killed, or is still running: the step a resume continues from, "
                "its newest with a resume file and TRL's finished checkpoint)")

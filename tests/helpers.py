@@ -148,6 +148,7 @@ def offline_run(run_dir: Path, kinds: tuple[str, ...] = ("exit", "artifact")) ->
     (file,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     history, keys, summary, metrics, artifacts, group, name = 0, set(), {}, {}, [], None, None
     config: dict = {}
+    exit_code = None
     for rec in finished_records(file, kinds):
         match rec.WhichOneof("record_type"):
             case "run":
@@ -165,8 +166,11 @@ def offline_run(run_dir: Path, kinds: tuple[str, ...] = ("exit", "artifact")) ->
                 metrics[rec.metric.name or rec.metric.glob_name] = rec.metric.step_metric
             case "artifact":
                 artifacts.append(rec.artifact.name)
+            case "exit":
+                exit_code = rec.exit.exit_code
     return {"history_rows": history, "keys": keys, "summary": summary, "metrics": metrics,
-            "artifacts": artifacts, "group": group, "name": name, "config": config}
+            "artifacts": artifacts, "group": group, "name": name, "config": config,
+            "exit_code": exit_code}
 
 
 # --- planted tests: a broken pipeline ---------------------------------------------------------

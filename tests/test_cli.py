@@ -236,6 +236,67 @@ def test_multirun_jobs_share_a_wandb_group(tmp_path):
         assert "=" in job.name and name == artifact_name(f"shards-{job.name}")
 
 
+def test_a_failed_sweep_job_ends_its_own_wandb_run_and_the_others_run(tmp_path):
+    """A job that raises an error sae-shards did not foresee (TRL refusing a loss type) ends its
+    W&B run as failed: left open, the next job's wandb.init returned it, and the next job's
+    figures were logged into the failed job's run. Every job is listed at the end, the failure
+    named with where its traceback is, and the command exits 1."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sae_shards.cli", "train", "-m", "rl.extra.loss_type=bogus,grpo",
+         f"run_dir={sweep}", *[o for o in TINY if not o.startswith("logging")],
+         "logging=offline"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    failed, ok = (next(sweep.glob(f"*loss_type={t}*")) for t in ("bogus", "grpo"))
+    bad, good = offline_run(failed, ("exit",)), offline_run(ok)
+    assert bad["exit_code"] == 1 and bad["history_rows"] == 0 and bad["artifacts"] == []
+    assert good["exit_code"] == 0 and good["history_rows"] > 0
+    assert good["artifacts"] == [artifact_name(f"shards-{ok.name}")]
+    assert f"sweep of 2 jobs in {sweep}:" in proc.stdout
+    assert f"  {failed.name}: no summary.json" in proc.stdout
+    assert f"  {ok.name}: finished, 6 RL steps" in proc.stdout
+    assert (f"{failed.name}: failed: ValueError: Unknown loss type: bogus (the traceback is in "
+            f"{failed / 'cli.log'})") in proc.stderr
+    assert "Traceback" in (failed / "cli.log").read_text()
+
+
+def test_sweep_jobs_that_would_share_a_directory_are_refused_before_any_job(tmp_path, capsys):
+    """A job's directory is named without the settings a resume may change (threads, device,
+    logging): two jobs differing only in those would write one directory, the second refused
+    after the first ran, or with overwrite=true deleting it."""
+    sweep = tmp_path / "sweep"
+    assert main(["train", "-m", "runner.torch_threads=1,2", f"run_dir={sweep}", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert ("the sweep's jobs runner.torch_threads=1 and runner.torch_threads=2 would write one "
+            "directory") in err and "(no job was started)" in err
+    assert not sweep.exists()
+    assert main(["train", "-m", "sae.k=1,2", "logging.group=a,b", f"run_dir={sweep}",
+                 *TINY]) == 2
+    assert "sae.k=1 logging.group=a and sae.k=1 logging.group=b" in capsys.readouterr().err
+
+
+def test_a_sweep_job_resumed_alone_keeps_the_sweeps_wandb_group(tmp_path, monkeypatch, capsys):
+    """The command a stopped sweep job prints resumes it alone, outside the sweep: its W&B run
+    stays in the group the run started in (config.json), unless logging.group is given."""
+    import sae_shards.run.job as job_module
+
+    run = tmp_path / "sweep" / "sae.k=2"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"logging": {"group": "sweep"}}))
+    seen = []
+
+    def started(job, run_dir, hydra_files=None):
+        seen.append(job.logging.group)
+        raise job_module.JobSetupError("stopped here")
+
+    monkeypatch.setattr(job_module, "run_job", started)
+    for given, group in (([], "sweep"), (["logging.group=mine"], "mine")):
+        assert main(["train", f"run_dir='{run}'", "resume=true", *TINY,
+                     *given]) == 2
+        assert seen.pop() == group
+    capsys.readouterr()
+
+
 def test_a_bad_value_in_one_sweep_element_stops_the_sweep_before_any_job(tmp_path, capsys):
     """sae.k=2,100: the second job's config is invalid; said at once, naming that job, and no
     job runs (the sweep's directory is not even created)."""

@@ -246,6 +246,27 @@ def test_an_events_log_of_another_shape_is_refused_naming_it(event_run, tmp_path
             view.top_events(shard)
 
 
+def test_a_copy_without_its_events_log_or_summary_says_so(event_run, tmp_path, caplog):
+    """A per-event run copied without events.jsonl was analysed as a per-step run without a
+    word (its top events became whole steps), and one without summary.json was called killed
+    or still running. Both are said now."""
+    import shutil
+
+    from sae_shards.analysis.report import analyze
+    from sae_shards.analysis.shards import RunView
+
+    copy = tmp_path / "copy"
+    shutil.copytree(event_run, copy)
+    (copy / "events.jsonl").unlink()
+    (copy / "summary.json").unlink()
+    assert not RunView(event_run).lacks_events
+    view = RunView(copy)
+    assert view.lacks_events and "this per-event run lacks events.jsonl" in caplog.text
+    page = analyze(copy, dose=False).read_text()
+    assert "this copy of the run lacks events.jsonl" in page
+    assert "this copy of the finished run lacks summary.json: recomputed from its logs" in page
+
+
 def test_a_killed_per_event_run_resumes_to_the_same_shards(tmp_path):
     """kfac's running covariances and the unit norm's outlier-free path survive a kill too."""
     from safetensors.torch import load_file

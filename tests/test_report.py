@@ -2,6 +2,7 @@
 
 import base64
 import json
+import math
 import shutil
 from html import escape as html_escape
 from html.parser import HTMLParser
@@ -525,7 +526,7 @@ def test_a_per_step_run_of_mixed_batches_says_its_context_shares_repeat_the_batc
         out = analyze(tmp_path / granularity, tmp_path / f"{granularity}.html", n_shards=2,
                       dose=False)
         runs[granularity] = (out.read_text(), json.loads(
-            (tmp_path / "analysis.json").read_text()))
+            (tmp_path / f"{granularity}.analysis.json").read_text()))
     labels = RunView(tmp_path / "step").sample_labels()
     blended = sum(len(set(sample)) > 1 for sample in labels)
     assert blended == len(labels) == 6  # every step holds every task
@@ -577,3 +578,11 @@ def test_a_shard_without_a_writer_says_why_it_has_no_logit_lens(tmp_path):
     assert entry["logit_lens_none"].startswith("no part of this shard is on a residual-stream "
                                                "writer")
     assert "No logit lens: no part of this shard" in out.read_text()
+
+
+def test_the_worse_than_its_mean_warning_needs_an_fvu_above_one():
+    from sae_shards.capture.summary import worse_than_mean
+
+    assert "(FVU over its last tenth of steps 1.06 > 1, after 12 SAE steps)" in worse_than_mean(
+        1.06, 12)
+    assert [worse_than_mean(f, 12) for f in (0.98, 1.0, math.nan, None)] == [None] * 4

@@ -567,6 +567,123 @@ def test_a_report_is_never_written_over_a_runs_own_file(run_dir, tmp_path, capsy
         assert main(["analyze", str(run), "--out", str(out), "--no-dose", "--shards", "1"]) == 0
 
 
+def test_reports_of_several_runs_in_one_folder_keep_their_figures_apart(run_dir, tmp_path,
+                                                                          capsys):
+    """analyze --out cmp/a.html then --out cmp/b.html wrote one cmp/analysis.json, the second
+    run's, over the first's, and it did not say which run it held: each report's figures are
+    now NAME.analysis.json, recording the run directory and its settings; a file there that is
+    not such figures is refused, before any work."""
+    import shutil
+
+    from sae_shards.cli import main
+
+    runs = [tmp_path / name for name in ("a", "b")]
+    for run in runs:
+        shutil.copytree(run_dir, run)
+    cmp = tmp_path / "cmp"
+    for run in runs:
+        assert main(["analyze", str(run), "--out", str(cmp / f"{run.name}.html"), "--no-dose",
+                     "--shards", "1"]) == 0
+    assert sorted(p.name for p in cmp.iterdir()) == [
+        "a.analysis.json", "a.html", "b.analysis.json", "b.html"]
+    for run in runs:
+        figures = json.loads((cmp / f"{run.name}.analysis.json").read_text())
+        assert figures["run"]["run_dir"] == str(run.resolve())
+        assert figures["config"] == json.loads((run / "config.json").read_text())
+    (cmp / "c.analysis.json").write_text("my notes")
+    capsys.readouterr()
+    assert main(["analyze", str(runs[0]), "--out", str(cmp / "c.html"), "--no-dose"]) == 2
+    assert ("c.analysis.json, which exists and is not a sae-shards analysis; give the report "
+            "another name") in capsys.readouterr().err
+    assert (cmp / "c.analysis.json").read_text() == "my notes" and not (cmp / "c.html").exists()
+
+
+def test_a_copy_without_final_or_resume_files_is_not_told_to_read_them(run_dir, tmp_path,
+                                                                         capsys):
+    """A finished run copied without checkpoints/final and resume/: analyze said it read "its
+    newest checkpoint with a resume file" (there was none) and advised analysing final, the
+    checkpoint the copy lacks."""
+    import shutil
+
+    from sae_shards.cli import main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "checkpoints" / "final")
+    shutil.rmtree(copy / "resume")
+    assert main(["analyze", str(copy), "--no-dose"]) == 2
+    err = capsys.readouterr().err
+    assert "lacks checkpoints/final: its newest checkpoint)" in err
+    assert "analyse final instead" not in err and "with a resume file)" not in err
+    assert "copy checkpoints/final/ from the run" in err
+
+
+def test_a_copy_without_its_summary_still_warns_of_an_fvu_above_one(run_dir, tmp_path):
+    """The figures recomputed for a copy without summary.json (or a killed run) dropped the
+    warning of an SAE reconstructing worse than the samples' mean."""
+    import shutil
+
+    from sae_shards.analysis.report import checkpoint_figures
+    from sae_shards.capture.summary import worse_than_mean
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "summary.json").unlink()
+    figures, own = checkpoint_figures(RunView(copy), {})
+    assert not own and figures["fvu_last"] > 1, "the short run's SAE ends above FVU 1"
+    assert figures["warning"] == worse_than_mean(figures["fvu_last"], figures["sae_steps"])
+    assert figures["warning"].startswith("the SAE reconstructs its samples worse than their mean")
+
+
+def test_a_policy_whose_weights_give_nan_probabilities_is_named_not_a_traceback(run_dir, tmp_path,
+                                                                                capsys):
+    """A bit flipped in final_model/ (an exponent: 0.007 -> 2e36) ended analyze with torch's
+    multinomial traceback; it is a one-line error saying what is wrong and what to do, and the
+    earlier report is kept."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sae_shards.cli import main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    weights = copy / "final_model" / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("o_proj.weight"))
+    tensors[name][0, 0] = 2.4e36
+    save_file(tensors, weights, metadata={"format": "pt"})
+    (copy / "report.html").write_text("<title>sae-shards report: earlier</title>")
+    assert main(["analyze", str(copy), "--n-prompts", "1", "--shards", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "sae-shards: cannot analyze" in err
+    assert "sampling failed: the policy's next-token probabilities hold inf or NaN" in err
+    assert "RuntimeError: probability tensor" not in err  # torch's traceback's last line
+    assert (copy / "report.html").read_text() == "<title>sae-shards report: earlier</title>"
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("temperature", -1, "is not a number > 0"), ("top_p", 1.5, "is not a number in [0, 1]"),
+    ("generation_kwargs", "x", "is not a mapping")])
+def test_a_hand_edited_sampling_setting_is_named_in_config_json(run_dir, tmp_path, capsys, key,
+                                                                value, problem):
+    """rl.temperature=-1 edited into config.json ended analyze with a traceback from deep in the
+    report (score_rollouts' own check), not naming the file."""
+    import shutil
+
+    from sae_shards.cli import main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["rl"][key] = value
+    (copy / "config.json").write_text(json.dumps(config))
+    assert main(["analyze", str(copy), "--n-prompts", "1", "--shards", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"config.json: rl.{key}={value!r} {problem}; the file was edited" in err
+    assert "Traceback" not in err
+
+
 def test_every_summary_key_is_documented(run_dir):
     """docs/usage.md's summary.json table names every key a run writes (eleven were named
     nowhere, and reward_first/last and fvu_first/last did not say they are means of a part)."""

@@ -400,7 +400,15 @@ def score_rollouts(
         rng_devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
             torch.manual_seed(seed)
-            out = model.generate(**batch, generation_config=generation)
+            try:
+                out = model.generate(**batch, generation_config=generation)
+            except RuntimeError as e:  # torch.multinomial on inf/NaN probabilities
+                if "probability tensor" not in str(e):
+                    raise
+                raise ScoringError(
+                    "sampling failed: the policy's next-token probabilities hold inf or NaN "
+                    f"({e}): its weights are damaged (copy the run's final_model/ and model/ "
+                    "again) or were moved too far (a large steering alpha)") from None
             # [n_prompts * n_samples, prompt_len + new], prompt i's samples consecutive
     finally:
         model.train(was_training)

@@ -207,7 +207,8 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
         trained = rundir.section(config, "rl").get("reward_weights")
         scorer_note = _check_scorer(models, task or models.task, labels, sampling, trained)
     analysis: dict[str, Any] = {
-        "run": {"checkpoint": view.checkpoint, "n_shards": len(density),
+        "run": {"run_dir": str(view.run_dir.resolve()),  # as analysed: a copy says where
+                "checkpoint": view.checkpoint, "n_shards": len(density),
                 # samples of several contexts: a per-step sample of a mixed batch blends them
                 "blended_samples": blended, "n_samples": len(labels),
                 "never_fired": int((density == 0).sum()), "always_on": always_on,
@@ -215,6 +216,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                 # which software made the run, and the resumes under other versions
                 "versions": config.get("versions"),
                 "resumed_under": config.get("resumed_under") or []},
+        "config": config,  # the run's settings (config.json): which sweep point this was
         "draws": draws(n_prompts, sampling), "top_shards": shards,
         "shards": {}}  # filled below, after the families (the file's order)
 
@@ -302,9 +304,20 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     page = _page(f"{REPORT_TITLE}: {view.run_dir.name}", "".join(parts))
     out.parent.mkdir(parents=True, exist_ok=True)
     rundir.write_text(out, page)
-    rundir.write_text(out.parent / rundir.ANALYSIS,
+    rundir.write_text(analysis_path(out),
                       json.dumps(rundir.strict_json(analysis), indent=2, default=float))
     return out
+
+
+def analysis_path(report: Path) -> Path:
+    """Where ``analyze`` writes the figures of the report at ``report``: ``analysis.json``
+    beside a ``report.html``, else the report's name with ``.analysis.json``
+    (``cmp/k2.html``: ``cmp/k2.analysis.json``), so reports of several runs gathered in one
+    folder keep their figures apart."""
+    report = Path(report)
+    if report.name == rundir.REPORT:
+        return report.with_name(rundir.ANALYSIS)
+    return report.with_name(report.stem + ".analysis.json")
 
 
 class _Detailed(NamedTuple):
@@ -825,20 +838,14 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
         "task": task.get("name") or (
             f"none: the trainer ({rewardless}) had no reward functions" if rewardless
             else "the script's own reward functions"),
-        "samples": (f"per optimizer step (source {meta.get('source')})" if not view.per_event
-                    else f"per event ({summary['granularity']}): {summary['events']} events, "
-                    f"{summary.get('zero_advantage_events')} with zero advantage skipped"
-                    + (f", {summary['zero_samples']} with a zero gradient (e.g. every token "
-                       "masked) dropped" if summary.get("zero_samples") else "")
-                    if summary.get("events") is not None else
-                    "per event (their counts are in summary.json, which the run has not written)"),
+        "samples": _samples_row(view, summary, meta),
         "checkpoint": view.checkpoint + {
             "killed": f" (no activations file: {no_file}; the timeline is this checkpoint's "
                       "buffer, re-encoded from its resume file)",
             "older": " (the timeline is this checkpoint's buffer, re-encoded from its resume "
                      "file)"}.get(view.recovered or "", " (the run was interrupted)"
                                   if summary.get("interrupted") else ""),
-        **_steps_rows(figures, own, summary),
+        **_steps_rows(figures, own, summary, view.checkpoint == "final"),
         **_curve_ends(figures, own),
         **({"SAE's held-out FVU (the buffered held-out samples, at the end)":
             f"{figures['fvu_heldout']:.3f}"}
@@ -876,6 +883,23 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
     return _table(None, [[k, v] for k, v in rows.items()])
 
 
+def _samples_row(view: RunView, summary: dict, meta: dict[str, Any]) -> str:
+    """What the SAE's samples are: per optimizer step, or per event with their counts."""
+    if view.lacks_events:  # a per-event run copied without events.jsonl (RunView warns)
+        return (f"per event ({summary.get('granularity') or 'see config.json'}), but this copy "
+                f"of the run lacks {rundir.EVENTS}, which says which completions and contexts "
+                "each event held: the shards' top samples and context shares are shown per RL "
+                f"step (copy {rundir.EVENTS} from the run)")
+    if not view.per_event:
+        return f"per optimizer step (source {meta.get('source')})"
+    if summary.get("events") is None:
+        return "per event (their counts are in summary.json, which the run has not written)"
+    return (f"per event ({summary['granularity']}): {summary['events']} events, "
+            f"{summary.get('zero_advantage_events')} with zero advantage skipped"
+            + (f", {summary['zero_samples']} with a zero gradient (e.g. every token masked) "
+               "dropped" if summary.get("zero_samples") else ""))
+
+
 def model_shown(meta: dict[str, Any], run_dir: Path) -> str:
     """The checkpoint's ``model_id`` as the report shows it: a model directory inside the run
     (``model/``, the tiny model ``sae-shards train`` built) at the run's place now, not the
@@ -904,12 +928,15 @@ def algorithm_name(recorded: str | None) -> str:
     return trainer
 
 
-def _steps_rows(figures: dict, own: bool, summary: dict) -> dict[str, Any]:
+def _steps_rows(figures: dict, own: bool, summary: dict, finished: bool) -> dict[str, Any]:
     """The RL and SAE steps of the figures (``checkpoint_figures``), saying so when they are the
-    checkpoint's rather than the run's."""
+    checkpoint's rather than the run's (``finished``: read at the final checkpoint, which only
+    a run's end writes)."""
     if own:
         return {"RL steps": _or_na(figures["rl_steps"]), "SAE steps": _or_na(figures["sae_steps"])}
     def at(key: str) -> str:
+        if summary.get("rl_steps") is None and finished:
+            return "this copy of the finished run lacks summary.json: recomputed from its logs"
         if summary.get("rl_steps") is None:
             return "as of the checkpoint; the run wrote no summary.json (killed, or still running)"
         return f"as of the checkpoint; the run went on to {_or_na(summary.get(key))}"
@@ -958,7 +985,7 @@ def checkpoint_figures(view: RunView, summary: dict) -> tuple[dict[str, Any], bo
                                                    and summary.get("sae_steps")
                                                    == meta.get("sae_step"))):
         return {k: summary.get(k) for k in RUN_FIGURES}, True
-    from sae_shards.capture.summary import first_last
+    from sae_shards.capture.summary import first_last, worse_than_mean
     from sae_shards.core.trainer import dead_fraction
 
     rewards = first_last(step_reward_means(view)[1], 5)
@@ -971,7 +998,8 @@ def checkpoint_figures(view: RunView, summary: dict) -> tuple[dict[str, Any], bo
             "reward_first": rewards[0], "reward_last": rewards[1],
             "fvu_first": fvu[0], "fvu_last": fvu[1], "fvu_heldout": None, "dead_frac": dead,
             "never_fired_frac": None if fired is None else float((fired == 0).float().mean()),
-            "interrupted": summary.get("interrupted"), "warning": None}, False
+            "interrupted": summary.get("interrupted"),
+            "warning": worse_than_mean(fvu[1], meta.get("sae_step"))}, False
 
 
 def _curve_ends(figures: dict, own: bool) -> dict[str, str]:
@@ -1154,7 +1182,21 @@ def report_path_refusal(out: Path) -> str | None:
         if f"<title>{REPORT_TITLE}".encode() not in head:
             return (f"--out {out} exists and is not a sae-shards report: the report would "
                     "replace it; give a new file, e.g. DIR/report.html")
+    figures = analysis_path(out)
+    if figures.exists() and not _is_analysis(figures):
+        return (f"--out {out}: its figures would be written to {figures}, which exists and is "
+                "not a sae-shards analysis; give the report another name")
     return None
+
+
+def _is_analysis(path: Path) -> bool:
+    """Whether ``path`` is an ``analysis.json`` that ``analyze`` wrote (a JSON object with its
+    ``run`` and ``shards``)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"run", "shards"} <= set(data)
 
 
 def _page(title: str, body: str) -> str:

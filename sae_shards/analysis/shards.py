@@ -422,6 +422,15 @@ class RunView:
                        for r in (_read_log(events) if events.is_file() else [])
                        if by_rl(r["step"])}
         """Per-event runs: ``(rl_step, event) -> events.jsonl`` record; empty otherwise."""
+        self.lacks_events = not events.is_file() and rundir.section(
+            rundir.read_config(self.run_dir), "capture").get("granularity") not in (None, "step")
+        """A per-event run copied without its ``events.jsonl``: its samples are then read per
+        RL step (which contexts and completions each event held is in that file only)."""
+        if self.lacks_events:
+            log.warning("%s: this per-event run lacks %s, which says which completions and "
+                        "contexts each event held; its shards' top events and context shares "
+                        "are shown per RL step instead (copy %s from the run)", self.run_dir,
+                        rundir.EVENTS, rundir.EVENTS)
         metrics_file = self.run_dir / rundir.METRICS  # only the report's SAE curves need it
         metrics = _read_log(metrics_file) if metrics_file.is_file() else []
         self.rl_metrics = [r for r in metrics if r.get("kind") == "rl" and by_rl(r.get("rl_step"))]
@@ -502,11 +511,16 @@ class RunView:
             have = [rundir.step_name(s) for s in rundir.saved_steps(self.run_dir / rundir.RESUME)]
             what = _why_no_activations(self.run_dir, written_for)
             others = ", ".join(have) or "none"
+            # the checkpoint the activations were written for, when this copy holds it
+            there = written_for if written_for and (
+                self.run_dir / rundir.CHECKPOINTS / written_for).is_dir() else None
             raise CheckpointError(
                 f"{acts_file} {what}, and checkpoint {self.checkpoint} has no resume file to "
-                f"re-encode its buffer from; analyse {written_for or 'a checkpoint'} instead "
+                f"re-encode its buffer from; analyse {there or 'a checkpoint'} instead "
                 f"(checkpoints with a resume file: {others})"
-                + ("" if written_for else ", finish the run") + ", or load the shards alone "
+                + ("" if there else ", finish the run" if not written_for else
+                   f", copy {rundir.CHECKPOINTS}/{written_for}/ from the run")
+                + ", or load the shards alone "
                 f"with ShardSet.from_run({str(self.run_dir)!r}, {self.checkpoint!r})")
         return activations_from_resume(self.run_dir, self.checkpoint, self.shards.sae,
                                        int(self.shards.meta.get("sae_step", 0)))
@@ -1016,7 +1030,29 @@ def run_sampling(run_dir: str | Path) -> dict[str, Any]:
         value = rl.get(key, extra.get(key))
         if value is not None:
             out[key] = value
+    for key, value in out.items():  # a hand-edited config.json: named, not torch's error
+        if (problem := _sampling_problem(key, value)) is not None:
+            where = "rl.max_completion_length" if key == "max_new_tokens" else f"rl.{key}"
+            raise CheckpointError(
+                f"{Path(run_dir) / rundir.CONFIG}: {where}={value!r} {problem}; the file was "
+                "edited or is not a sae-shards run's config.json: copy it again from the run")
     return out
+
+
+def _sampling_problem(key: str, value: Any) -> str | None:
+    """What is wrong with one of ``run_sampling``'s settings as ``score_rollouts`` takes it, or
+    None."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key in ("chat_template_kwargs", "generation_kwargs"):
+        return None if isinstance(value, dict) else "is not a mapping"
+    if key in ("max_new_tokens", "training_steps", "reward_batch", "top_k"):
+        least = 0 if key == "top_k" else 1
+        return None if isinstance(value, int) and value >= least else f"is not an int >= {least}"
+    if key in ("temperature", "repetition_penalty"):
+        return None if number and value > 0 else "is not a number > 0"
+    if key in ("top_p", "min_p"):
+        return None if number and 0 <= value <= 1 else "is not a number in [0, 1]"
+    return None
 
 
 def initial_model_dir(run_dir: Path, cfg: Mapping[str, Any],

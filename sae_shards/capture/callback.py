@@ -899,8 +899,8 @@ class ShardCallback(TrainerCallback):
         self.summary = self._finish(self.parts.loop.last_rl_step, max_grad_norm)
 
     def close(self) -> None:
-        """Stop the SAE worker after a failed ``train()`` (its own error is not re-raised), and
-        let go of the run directory."""
+        """Stop the SAE worker after a failed ``train()`` (its own error is not re-raised), end
+        the W&B run it opened as failed, and let go of the run directory."""
         if self.capture is not None and self.summary is None:  # a failed train(): hooks off
             self.capture.on_train_end(None, None, None)
         if self.parts is not None and self.summary is None:
@@ -911,6 +911,8 @@ class ShardCallback(TrainerCallback):
             if not self.parts.runner.stop():
                 log.warning("the SAE worker did not finish its step within %.0f s of the "
                             "failure; the process may end abruptly", STOP_GRACE_S)
+        if self.logger is not None and self.summary is None:  # failed: the W&B run says so
+            self.logger.finish(exit_code=1)
         if self._signals is not None:
             self._signals.exit()
         self._let_go()

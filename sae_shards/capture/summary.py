@@ -81,18 +81,26 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
             f"the SAE got {trainer.n_steps} step(s) in all ({summary['samples_per_slot']:.2f} "
             "training samples per captured delta)")
         log.warning("%s", summary["warning"])
-    elif summary["fvu_last"] > 1:  # NaN compares False
+    elif worse_than_mean(summary["fvu_last"], trainer.n_steps):
         summary["warning"] = (
-            f"the SAE reconstructs its samples worse than their mean does (FVU over its last "
-            f"tenth of steps {summary['fvu_last']:.2f} > 1, after {trainer.n_steps} SAE steps): "
-            f"its shards do not describe the updates yet. Train it longer ({_more_sae_steps(runner)}) "
-            "or lower sae.lr")
+            f"{worse_than_mean(summary['fvu_last'], trainer.n_steps)}. Train it longer "
+            f"({_more_sae_steps(runner)}) or lower sae.lr")
         log.warning("%s", summary["warning"])
     note = getattr(capture, "precision_note", None)  # said at the start: the report says it too
     if note:
         summary["warning"] = f"{summary['warning']}. Also: {note}" if "warning" in summary \
             else note
     return summary
+
+
+def worse_than_mean(fvu_last: float | None, sae_steps: int | None) -> str | None:
+    """The warning for an SAE that ends reconstructing its samples worse than their mean does
+    (FVU over its last tenth of steps above 1), or None (also for a missing or NaN FVU)."""
+    if not (isinstance(fvu_last, (int, float)) and fvu_last > 1):  # NaN compares False
+        return None
+    return (f"the SAE reconstructs its samples worse than their mean does (FVU over its last "
+            f"tenth of steps {fvu_last:.2f} > 1, after {sae_steps} SAE steps): its shards do "
+            "not describe the updates yet")
 
 
 def _more_sae_steps(runner: RunnerConfig) -> str:

@@ -118,11 +118,16 @@ class RunLogger:
 
         self._guard("artifact", upload)
 
-    def finish(self) -> None:
-        if self.run is not None and self.owns_run:
-            self._guard("finish", self.run.finish)
+    def finish(self, exit_code: int = 0) -> None:
+        """End the run (``exit_code`` 1: marked failed in W&B), once: later calls do nothing.
+        A run left open would be the one the next ``wandb.init`` of this process returns: in a
+        sweep, the next job's figures would land in the failed job's run."""
+        run, self.run = self.run, None
+        if run is not None and self.owns_run:
+            self._guard("finish", lambda: run.finish(exit_code=exit_code))
         if self.n_failures:
             logger.warning("W&B: %d call(s) failed during the run", self.n_failures)
+            self.n_failures = 0
 
 
 ARTIFACT_NAME_MAX = 128
