@@ -121,6 +121,13 @@ def check_overrides(args: list[str]) -> None:
             if str(o.value()) not in options:
                 raise ConfigError(f"{key}={o.value()} is not one of the {key} configs: "
                                   f"{', '.join(options)} (configs/{key}/)")
+        if key.startswith("hydra/"):  # Hydra's own config groups
+            raise ConfigError(
+                f"{o.input_line}: sae-shards runs a sweep's jobs one after another in its own "
+                "process (Hydra's basic launcher and sweeper), so that it can check every job "
+                "first and report each job's outcome at the end, and writes each run's cli.log "
+                "with its own logging; Hydra's launcher, sweeper and logging groups cannot be "
+                "changed (hydra.* settings such as hydra.sweep.subdir can)")
         if key.startswith("hydra.") or key == "hydra" or key in groups or o.is_delete():
             continue
         problem = unknown_key_error(key, JobConfig)
@@ -134,6 +141,23 @@ def check_overrides(args: list[str]) -> None:
         check_steps_or_budget(runner, " on the command line")
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def _refuse_other_primary_config(args: list[str]) -> None:
+    """``--config-path`` / ``--config-name`` replace ``configs/config.yaml``, whose ``hydra``
+    block makes ``run_dir`` the run's directory: a run's saved ``.hydra/config.yaml`` composed
+    so ran into Hydra's ``outputs/<date>/<time>/``, ``run_dir=`` ignored. Refused, saying what
+    does the same."""
+    given = [a for a in args if a.split("=", 1)[0] in ("--config-path", "-cp", "--config-name",
+                                                       "-cn")]
+    named = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config-name", "-cn")]
+    if given and not (all(a in ("--config-name", "-cn") for a in given)
+                      and named and all(n == "config" for n in named)):
+        raise ConfigError(
+            f"{given[0]}: sae-shards train composes its own configs/config.yaml, which makes "
+            "run_dir the run's directory (a run's saved .hydra/config.yaml would run into "
+            "Hydra's outputs/ instead); to run a run's settings again, give its overrides "
+            "(RUN/.hydra/overrides.yaml, or a sweep job's directory name) with a new run_dir")
 
 
 def _check_tiny_fields_with_a_path(overrides: list) -> None:
@@ -702,13 +726,14 @@ def _train(args: list[str]) -> int:
     from sae_shards.capture.runner import SAEWorkerError
     from sae_shards.core.checkpoint import CheckpointError
     from sae_shards.run import rundir
-    from sae_shards.run.job import JobSetupError, RefusedOnRankZero, run_job
+    from sae_shards.run.job import JobSetupError, RefusedOnRankZero, run_config, run_job
     from sae_shards.run.rundir import RunWriteError
 
     try:
         if _is_sweep(args) and _SHOW_FLAGS & set(args):
             raise ConfigError("-m (a sweep) cannot be combined with --cfg, --info or --help: "
                               "Hydra shows one job's config; drop -m and give one value per key")
+        _refuse_other_primary_config(args)
         check_overrides(args)
         _check_run_dir_arg(args)
         args, changes = resume_args(open_map_args(args))
@@ -758,6 +783,13 @@ def _train(args: list[str]) -> int:
         if sweep and job.resume:  # resume a sweep: skip finished jobs, start unstarted ones
             done = rundir.finished_steps(run_dir)
             if done is not None:
+                try:  # a finished job of these settings, not another job's run in its place
+                    rundir.check_resume_config(run_dir, run_config(job), (
+                        "A sweep's resume skips a finished job only when its directory holds "
+                        "that job's run; give the sweep a new run_dir"))
+                except ValueError as e:
+                    failures.append(f"{job_name}not skipped: {e}")
+                    return
                 print(f"sae-shards: {run_dir} finished ({done} RL steps) earlier: skipped")
                 return
             if not rundir.has_resume_state(run_dir):
@@ -968,7 +1000,7 @@ def _analyze(args: list[str]) -> int:
         return 2
     from sae_shards.analysis.report import analysis_path, report_path_refusal
 
-    refused = report_path_refusal(ns.out) if ns.out else None
+    refused = report_path_refusal(ns.out, ns.run_dir) if ns.out else None
     if refused:  # the run's own rollouts.jsonl was overwritten with the report
         print(f"sae-shards: cannot analyze {ns.run_dir}: {refused}", file=sys.stderr)
         return 2

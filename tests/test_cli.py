@@ -260,6 +260,30 @@ def test_a_failed_sweep_job_ends_its_own_wandb_run_and_the_others_run(tmp_path):
     assert "Traceback" in (failed / "cli.log").read_text()
 
 
+@pytest.mark.parametrize("group", ["hydra/launcher=joblib", "hydra/job_logging=disabled",
+                                   "hydra/sweeper=optuna"])
+def test_hydras_own_config_groups_are_refused_saying_why(tmp_path, capsys, group):
+    """hydra/launcher=joblib was refused as "not a config field", as if a misspelt sae-shards
+    field; it is refused for what it is, before anything is written."""
+    assert main(["train", "-m", "sae.k=1,2", group, f"run_dir={tmp_path / 's'}", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"{group}: sae-shards runs a sweep's jobs one after another" in err
+    assert "is not a config field" not in err and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("flags", [["--config-path", "/x/.hydra", "--config-name", "config"],
+                                   ["-cn", "other"], ["--config-path=/x/.hydra"]])
+def test_another_primary_config_is_refused_before_hydra_writes(tmp_path, monkeypatch, capsys,
+                                                              flags):
+    """A run's saved .hydra/config.yaml given as the primary config (Hydra's re-run idiom) ran
+    into ./outputs/<date>/<time>/, run_dir= ignored, and a refused one left .hydra/ there."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *flags, f"run_dir={tmp_path / 'r'}", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "sae-shards train composes its own configs/config.yaml" in err
+    assert "with a new run_dir" in err and not list(tmp_path.iterdir())
+
+
 def test_sweep_jobs_that_would_share_a_directory_are_refused_before_any_job(tmp_path, capsys):
     """A job's directory is named without the settings a resume may change (threads, device,
     logging): two jobs differing only in those would write one directory, the second refused
@@ -273,6 +297,24 @@ def test_sweep_jobs_that_would_share_a_directory_are_refused_before_any_job(tmp_
     assert main(["train", "-m", "sae.k=1,2", "logging.group=a,b", f"run_dir={sweep}",
                  *TINY]) == 2
     assert "sae.k=1 logging.group=a and sae.k=1 logging.group=b" in capsys.readouterr().err
+
+
+def test_a_sweeps_resume_skips_only_a_finished_job_of_its_own_settings(tmp_path, capsys):
+    """With job directories numbered (hydra.sweep.subdir=${hydra.job.num}), a sweep resumed
+    with other values found job 0's finished run (sae.k=2) and skipped job 0 (now sae.k=4) as
+    finished: it never trained, and the sweep exited 0."""
+    sweep = tmp_path / "sweep"
+    numbered = ["hydra.sweep.subdir=${hydra.job.num}", f"run_dir={sweep}", *TINY]
+    assert main(["train", "-m", "sae.k=2", *numbered]) == 0
+    before = (sweep / "0" / "summary.json").read_text()
+    capsys.readouterr()
+    assert main(["train", "-m", "sae.k=2", "resume=true", *numbered]) == 0
+    assert f"{sweep / '0'} finished (6 RL steps) earlier: skipped" in capsys.readouterr().out
+    assert main(["train", "-m", "sae.k=4", "resume=true", *numbered]) == 2
+    err = capsys.readouterr().err
+    assert "sae.k=4,task.n_prompts=32: not skipped: resuming" in err
+    assert "sae.k: 2 in the run, 4 now" in err
+    assert (sweep / "0" / "summary.json").read_text() == before
 
 
 def test_a_sweep_job_resumed_alone_keeps_the_sweeps_wandb_group(tmp_path, monkeypatch, capsys):

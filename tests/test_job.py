@@ -102,6 +102,19 @@ def test_wandb_failure_does_not_stop_logging_calls(tmp_path, caplog):
     assert "W&B init failed" in caplog.text
 
 
+@pytest.mark.parametrize("variable, value", [("WANDB_MODE", "disabled"), ("WANDB_DISABLED", "true")])
+def test_wandb_turned_off_in_the_environment_is_off(tmp_path, monkeypatch, variable, value):
+    """WANDB_MODE=disabled (a shell's or cluster's way to turn W&B off for every tool) was
+    overridden by logging.mode=offline: every run still wrote W&B files and a W&B process."""
+    monkeypatch.setenv(variable, value)
+    logger = RunLogger.start(LoggingConfig(mode="offline"), tmp_path, {"a": 1})
+    assert logger.run is None and not (tmp_path / "wandb").exists()
+    monkeypatch.delenv(variable)
+    logger = RunLogger.start(LoggingConfig(mode="offline"), tmp_path, {"a": 1})
+    assert logger.run is not None
+    logger.finish()
+
+
 @pytest.mark.slow  # a Hydra sweep of subprocesses, run twice (~25 s)
 def test_multirun_sweep(tmp_path, capsys):
     sweep = ["-m", "sae.k=2,4", "rl.max_steps=4", "runner.min_samples=2", "task.n_prompts=16",

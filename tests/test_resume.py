@@ -170,6 +170,11 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
                 run / "resume" / f"step_{stray:06d}.safetensors")
     (run / "trl" / f"checkpoint-{stray}").mkdir()
     (run / "trl" / f"checkpoint-{stray}" / "trainer_state.json").write_text('{"global_st')
+    # resumed under another TRL than it started with: recorded at the step it resumed from
+    # (it said RL step 0: the trainer's state, not loaded yet when sae-shards train sets up)
+    config = json.loads((run / "config.json").read_text())
+    config["versions"]["trl"] = "0.0.1"
+    (run / "config.json").write_text(json.dumps(config))
     # the bare command: resume=true reuses the run's own overrides (.hydra/overrides.yaml)
     bare = subprocess.Popen([sys.executable, "-m", "sae_shards.cli", "train", f"run_dir={run}",
                              "resume=true"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -182,6 +187,8 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     assert f"step_{stray:06d}: removed (written after RL step {step}" in said
     assert not (run / "checkpoints" / f"step_{stray:06d}").exists()
     assert not (run / "resume" / f"step_{stray:06d}.safetensors").exists()
+    assert [r["rl_step"] for r in json.loads((run / "config.json").read_text())[
+        "resumed_under"]] == [step]
     _same_run(uninterrupted, run)
 
 
@@ -651,6 +658,124 @@ def test_a_torn_trl_trainer_state_is_not_a_finished_checkpoint(tmp_path):
     state = tmp_path / rundir.TRL_OUTPUT / "checkpoint-8" / "trainer_state.json"
     state.write_text(state.read_text()[:40])  # the kill landed mid-write
     assert latest_complete(tmp_path) == 4
+
+
+def test_a_resume_whose_step_logs_are_missing_or_short_is_refused(tmp_path, capsys):
+    """A copy without rollouts.jsonl, or with one cut short, resumed and finished with a hole
+    in its record of the steps (steps 1-8 missing) and first-reward figures taken from what was
+    left. The checkpoint records how much each step log held; a resume that finds less is
+    refused, naming the log, and nothing of the copy is changed."""
+    run = tmp_path / "run"
+    _kill_after_step_8(run, _train(run))
+    rows = (run / "rollouts.jsonl").read_text().splitlines(keepends=True)
+    for name, edit in (("missing", lambda p: p.unlink()),
+                       ("short", lambda p: p.write_text("".join(rows[2:])))):
+        copy = tmp_path / name
+        shutil.copytree(run, copy)
+        edit(copy / "rollouts.jsonl")
+        before = {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*")
+                  if p.is_file() and p.name not in (".lock", "cli.log")}
+        assert cli_main(["train", f"run_dir={copy}", "resume=true"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(r"rollouts.jsonl: (nothing|\d+ bytes) up to RL step 8, where the run "
+                         r"had written \d+ bytes", err)
+        assert ("rollouts.jsonl: nothing" in err) == (name == "missing")
+        assert ("where the run had written" in err and "this copy's log is missing or cut "
+                "short" in err and "copy rollouts.jsonl again from the run") in err
+        after = {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*")
+                 if p.is_file() and p.name not in (".lock", "cli.log")}
+        assert after == before  # refused before anything of the resume is written
+
+
+def test_a_run_whose_initial_model_moved_resumes_from_its_new_place(tmp_path, capsys):
+    """A stopped model=hf_path run moved, with its model moved too: model.path=NEW was refused as
+    a changed setting (a symlink at the old place too), though ShardCallback resumes so; the
+    same weights at a new place (their fingerprint) are accepted, and config.json records the
+    new place. Other weights there are still refused."""
+    from sae_shards.recipe.models import build_tiny_model
+
+    model, run = build_tiny_model(tmp_path / "model"), tmp_path / "run"
+    args = ["model=hf_path", f"model.path={model}", "rl.max_steps=4", "runner.checkpoint_every=2",
+            "runner.min_samples=2", "task.n_prompts=16", "logging=disabled"]
+    assert cli_main(["train", *args, f"run_dir={run}"]) == 0
+    (run / "summary.json").unlink()  # stopped at its last checkpoint: the resume writes the end
+    shutil.rmtree(run / "checkpoints" / "final")
+    moved = tmp_path / "elsewhere" / "model"
+    moved.parent.mkdir()
+    model.rename(moved)
+    assert cli_main(["train", f"run_dir={run}", "resume=true", f"model.path={moved}"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["path"] == str(moved.resolve())
+    other = build_tiny_model(tmp_path / "other", hidden_size=48)
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "final")
+    capsys.readouterr()
+    assert cli_main(["train", f"run_dir={run}", "resume=true", f"model.path={other}"]) == 2
+    assert "model.path:" in capsys.readouterr().err
+
+
+def test_a_copy_without_its_hydra_folder_is_told_where_the_overrides_went(uninterrupted,
+                                                                          tmp_path, capsys):
+    """cp -r run/* leaves .hydra/ behind: the resume composed the defaults, was refused for
+    settings that differ, and was told the bare command reuses .hydra/overrides.yaml."""
+    copy = tmp_path / "copy"
+    shutil.copytree(uninterrupted, copy)
+    (copy / "summary.json").unlink()  # a stopped run's copy
+    shutil.rmtree(copy / ".hydra")
+    assert cli_main(["train", f"run_dir={copy}", "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert "rl.max_steps: 12 in the run" in err
+    assert ("This copy of the run has no .hydra/overrides.yaml, from which a resume takes the "
+            "run's own overrides: copy that folder from the run") in err
+
+
+def test_a_copy_missing_a_part_of_its_checkpoints_is_not_told_to_start_again(uninterrupted,
+                                                                              tmp_path, capsys):
+    """A copy trimmed of checkpoints/ was told it "was killed before its first checkpoint" and
+    to start anew with overwrite=true, which would delete the copy's data: it is told which
+    parts it holds and to copy the missing one; a directory with none keeps the old advice."""
+    copy = tmp_path / "copy"
+    shutil.copytree(uninterrupted, copy)
+    for part in ("summary.json", "checkpoints"):  # a trimmed copy of a stopped run
+        (shutil.rmtree if (copy / part).is_dir() else Path.unlink)(copy / part)
+    before = sorted(str(p.relative_to(copy)) for p in copy.rglob("*"))
+    assert cli_main(["train", f"run_dir={copy}", "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert "has no step with all three parts of a checkpoint" in err
+    assert "it holds resume/ step_000008, step_000012; checkpoints/ none; trl/ checkpoint-8, " \
+           "checkpoint-12. A copy that left a part out: copy it from the run" in err
+    assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*")) == before
+    shutil.rmtree(copy / "resume")
+    assert cli_main(["train", f"run_dir={copy}", "resume=true"]) == 2
+    assert ("holds step checkpoints (checkpoints/, trl/) without their resume files. A copy that "
+            "left resume/ out: copy it from the run") in capsys.readouterr().err
+    shutil.rmtree(copy / "trl")
+    assert cli_main(["train", f"run_dir={copy}", "resume=true"]) == 2
+    assert "it stopped before its first checkpoint; start it again with overwrite=true" in \
+        capsys.readouterr().err
+
+
+def test_a_resume_without_the_runs_config_json_is_refused_once_a_step_was_saved(tmp_path):
+    """A copy that lost config.json (or an emptied one) resumed with any settings, sae.k=8 over
+    a k=4 run, and recorded them as the run's. Before the run's first saved step (killed while
+    it started) there is nothing to mix, and the resume goes on to its own refusal."""
+    from sae_shards.run.rundir import check_resume_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    check_resume_config(run, {"sae": {"k": 8}}, "")  # killed before anything was saved
+    (run / "resume").mkdir()
+    (run / "resume" / "step_000004.safetensors").write_bytes(b"")
+    for config in (None, "", "[]"):
+        if config is not None:
+            (run / "config.json").write_text(config)
+        with pytest.raises(ValueError, match=r"config.json is missing or damaged, so the "
+                                             r"resume's settings cannot be checked.*copy "
+                                             r"config.json again from the run"):
+            check_resume_config(run, {"sae": {"k": 8}}, "")
+    (run / "config.json").write_text('{"sae": {"k": 4}}')
+    with pytest.raises(ValueError, match=r"sae.k: 4 in the run, 8 now"):
+        check_resume_config(run, {"sae": {"k": 8}}, "")
 
 
 def test_config_differences_names_changed_settings_and_allows_the_free_ones():

@@ -68,6 +68,82 @@ def test_match_follows_each_shard_to_its_nearest_in_another_set(run_dir, tmp_pat
     assert all(abs(m.cosine) == pytest.approx(float(cos[i].max())) for i, m in enumerate(got))
 
 
+def test_matching_two_runs_of_one_sae_seed_warns_that_they_start_alike(run_dir, tmp_path,
+                                                                        caplog):
+    """-m seed=0,1 leaves sae.seed at 0: across the seeds every shard matched its namesake, 58
+    of 64 at |cos| > 0.9, by construction (the shared initial decoder). Said when two runs'
+    shards are matched; not between checkpoints of one run, nor across sae.seed."""
+    import dataclasses
+
+    shards = ShardSet.from_run(run_dir)
+    shards.match(shards)  # one run with itself
+    assert "started from the same initialisation" not in caplog.text
+    other = ShardSet.load(shards.save(tmp_path / "copy"))
+    other.config["meta"] = {**other.meta, "run_dir": str(tmp_path / "another_run")}
+    shards.match(other)
+    assert "started from the same initialisation (sae.seed=0)" in caplog.text
+    caplog.clear()
+    other.sae.cfg = dataclasses.replace(other.sae.cfg, seed=1)
+    shards.match(other)
+    assert "started from the same initialisation" not in caplog.text
+
+
+def test_a_rollout_log_that_stops_before_the_checkpoint_is_warned_about(run_dir, tmp_path,
+                                                                         caplog):
+    """A copy taken while the run wrote, or cut short: the report's rewards covered fewer steps
+    than the shards were trained on, as if they were the run's."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    RunView(copy)
+    assert "stops at RL step" not in caplog.text
+    rows = (copy / "rollouts.jsonl").read_text().splitlines(keepends=True)
+    (copy / "rollouts.jsonl").write_text("".join(rows[:-2]))
+    last = json.loads(rows[-3])["step"]
+    RunView(copy)
+    assert (f"rollouts.jsonl stops at RL step {last}, before this checkpoint's step "
+            f"{last + 2}") in caplog.text
+
+
+def test_a_policy_left_behind_at_the_trainers_output_dir_is_said_with_the_way_to_bring_it(
+        tmp_path):
+    """A script's run moved away from its trainer's output_dir: analyze said only that there
+    was no policy; it names the recorded output_dir and where to copy the checkpoint."""
+    from sae_shards.analysis.shards import _refused_trl_policy
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"rl": {"output_dir": str(tmp_path / "gone")}}))
+    assert _refused_trl_policy(run, 30) == (
+        f" (nor at the trainer's output_dir, {tmp_path / 'gone'}, which config.json's "
+        f"rl.output_dir records: the run was moved away from it? copy its checkpoint-30/ into "
+        f"{run / 'trl'}/)")
+    (run / "config.json").write_text(json.dumps({"rl": {"output_dir": str(run / "trl")}}))
+    assert _refused_trl_policy(run, 30) == ""  # sae-shards train's: inside the run
+
+
+def test_another_initial_model_given_for_a_tiny_model_run_is_refused(run_dir, tmp_path):
+    """A sae-shards train run's own tiny model (model/) had no fingerprint, so --initial-model
+    naming other weights was used without a word (shard coefficients changed sign)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sae_shards.analysis.shards import run_models_missing
+
+    assert json.loads((run_dir / "config.json").read_text())["model"]["fingerprint"]
+    assert run_models_missing(run_dir) is None
+    other = tmp_path / "other"
+    shutil.copytree(run_dir / "model", other)
+    assert run_models_missing(run_dir, initial=other) is None  # the same weights elsewhere
+    tensors = load_file(other / "model.safetensors")
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    assert "are not the ones the run started from" in run_models_missing(run_dir, initial=other)
+
+
 def test_factored_geometry_matches_dense(run_dir):
     shards = ShardSet.from_run(run_dir)
     flat = torch.stack([torch.cat([v.flatten() for v in s.dense(scaled=False).values()]) for s in shards])
@@ -596,6 +672,11 @@ def test_reports_of_several_runs_in_one_folder_keep_their_figures_apart(run_dir,
     assert ("c.analysis.json, which exists and is not a sae-shards analysis; give the report "
             "another name") in capsys.readouterr().err
     assert (cmp / "c.analysis.json").read_text() == "my notes" and not (cmp / "c.html").exists()
+    # another run's directory: its own report and figures would be replaced
+    assert main(["analyze", str(runs[0]), "--out", str(runs[1] / "report.html"),
+                 "--no-dose"]) == 2
+    assert (f"--out {runs[1] / 'report.html'} is in the directory of another run ({runs[1]}), "
+            "whose own report and figures it would replace") in capsys.readouterr().err
 
 
 def test_a_copy_without_final_or_resume_files_is_not_told_to_read_them(run_dir, tmp_path,

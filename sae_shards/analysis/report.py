@@ -175,7 +175,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     logit lens, dose-response or ablation, and says why. An ``out`` that is a directory, or
     an existing file other than an earlier report, is refused (``FileExistsError``) before the
     work."""
-    refused = report_path_refusal(Path(out)) if out else None
+    refused = report_path_refusal(Path(out), Path(run_dir)) if out else None
     if refused:
         raise FileExistsError(refused)
     view = RunView(run_dir, checkpoint)
@@ -1167,10 +1167,16 @@ REPORT_TITLE = "sae-shards report"
 """How every report's ``<title>`` starts (``report_path_refusal`` knows an earlier one by it)."""
 
 
-def report_path_refusal(out: Path) -> str | None:
-    """Why ``analyze`` may not write its report to ``out``, or None: a directory, or an existing
+def report_path_refusal(out: Path, run_dir: Path | None = None) -> str | None:
+    """Why ``analyze`` may not write its report to ``out``, or None: a directory, an existing
     file that is not an earlier report (a run's ``rollouts.jsonl``, say, which the report
-    would replace)."""
+    would replace), or a file in another run's directory than ``run_dir``'s (whose own report
+    and figures it would replace)."""
+    other = out.parent
+    if (run_dir is not None and rundir.earlier_results(other)
+            and other.resolve() != Path(run_dir).resolve()):
+        return (f"--out {out} is in the directory of another run ({other}), whose own report "
+                "and figures it would replace; give a file outside it")
     if out.is_dir():
         return f"--out {out} is a directory; give the report's file, e.g. {out / 'report.html'}"
     if out.exists():

@@ -202,7 +202,17 @@ class ShardSet:
         """For each shard, ``other``'s shard whose direction is nearest (largest |cosine|; its
         signed cosine kept): a shard followed to another checkpoint, or another run over the
         same targets. Shard indices do not carry over between checkpoints; this does. Several
-        shards may match the same one (it is not a one-to-one assignment)."""
+        shards may match the same one (it is not a one-to-one assignment). Two runs whose
+        SAEs share ``sae.seed`` start from the same decoder: a shard that trained little keeps
+        its initial direction and matches its namesake by construction (warned about)."""
+        seed = self.sae.cfg.seed
+        if (seed == other.sae.cfg.seed and self.meta.get("run_dir") is not None
+                and self.meta.get("run_dir") != other.meta.get("run_dir")):
+            log.warning("match: the two runs' SAEs started from the same initialisation "
+                        "(sae.seed=%d), so a shard that trained little keeps its initial "
+                        "direction and matches its namesake in the other run by construction; "
+                        "compare runs of different sae.seed, or only shards that fired "
+                        "(Shard.density)", seed)
         cos = self.cosine_matrix(other)  # [n_shards, n_other]
         best = cos.abs().argmax(1)
         return [ShardMatch(int(j), float(cos[i, j])) for i, j in enumerate(best.tolist())]
@@ -417,6 +427,12 @@ class RunView:
         """``rl_step -> rollouts.jsonl`` record (prompts, completions, rewards, advantages,
         labels), read from the file when asked for; ``rollouts.derived(step)`` holds the step's
         ``labels`` and ``mean_reward`` (``STEP_BRIEF``) without a read."""
+        logged, trained = max(self.rollouts, default=None), meta.get("rl_step")
+        if logged is not None and isinstance(trained, int) and logged < trained:
+            log.warning("%s stops at RL step %d, before this checkpoint's step %d (a copy "
+                        "taken while the run was writing, or one cut short): the rewards and "
+                        "rollouts shown cover steps up to %d only; copy %s again from the run",
+                        self.run_dir / rundir.ROLLOUTS, logged, trained, logged, rundir.ROLLOUTS)
         events = self.run_dir / rundir.EVENTS
         self.events = {(r["step"], r["event"]): r
                        for r in (_read_log(events) if events.is_file() else [])
@@ -808,6 +824,11 @@ def _refused_trl_policy(run_dir: Path, step: int) -> str:
     paired with the step's shards, as a clause (``""`` when there is none to refuse)."""
     out = rundir.section(rundir.read_config(run_dir), "rl").get("output_dir")
     folder = Path(out) / f"checkpoint-{step}" if out else None
+    inside = run_dir / rundir.TRL_OUTPUT
+    if folder is not None and not folder.is_dir() and Path(out).resolve() != inside.resolve():
+        return (f" (nor at the trainer's output_dir, {out}, which config.json's rl.output_dir "
+                f"records: the run was moved away from it? copy its checkpoint-{step}/ into "
+                f"{inside}/)")
     why = foreign_trl_checkpoint(run_dir, folder) if folder and folder.is_dir() else None
     return f" ({why})" if why else ""
 
@@ -1096,19 +1117,6 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
         return (f"no {run_dir / rundir.INITIAL_ADAPTER}: the run started from a LoRA adapter "
                 "that was not zero (config.json's model.initial_adapter), saved there, and "
                 "without it theta_0 would be the bare base; restore the directory from the run")
-    recorded = (cfg.get("model") or {}).get("fingerprint")
-    if recorded:
-        from sae_shards.capture.initial_model import fingerprint
-
-        now = fingerprint(initial)
-        if now != recorded:
-            changed = sorted(k for k in recorded.keys() | now.keys()
-                             if recorded.get(k) != now.get(k))
-            return (f"the initial weights at {initial} are not the ones the run started from "
-                    f"({', '.join(changed)} differ from config.json's model.fingerprint: "
-                    "re-saved or edited since), so the update, the logit lens and every "
-                    "intervention would be measured against other weights; restore them, or "
-                    "give the directory holding them with --initial-model DIR")
     saved = "adapter_config.json" if _is_lora(cfg) else "config.json"
     final = policy_dir(run_dir, checkpoint)
     if not (final / saved).is_file():
@@ -1143,6 +1151,19 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
                     "(pytorch_model.bin) are never loaded from a run; save the model there "
                     "again with save_pretrained(DIR), whose default is safetensors"
                     + (hint if folder == initial else ""))
+    recorded = (cfg.get("model") or {}).get("fingerprint")
+    if recorded:
+        from sae_shards.capture.initial_model import fingerprint
+
+        now = fingerprint(initial)
+        if now != recorded:
+            changed = sorted(k for k in recorded.keys() | now.keys()
+                             if recorded.get(k) != now.get(k))
+            return (f"the initial weights at {initial} are not the ones the run started from "
+                    f"({', '.join(changed)} differ from config.json's model.fingerprint: "
+                    "re-saved or edited since), so the update, the logit lens and every "
+                    "intervention would be measured against other weights; restore them, or "
+                    "give the directory holding them with --initial-model DIR")
     for folder in (initial, final) if not _is_lora(cfg) else (initial,):
         try:  # a reward model's run (trl.RewardTrainer): no LM head to steer or read
             check_causal_lm(folder, trust_remote_code)

@@ -542,8 +542,11 @@ class ShardCallback(TrainerCallback):
             return now, []
         started, history = saved.get("versions"), list(saved.get("resumed_under") or [])
         changed = versions.changed_versions(started, now)
-        if changed:
-            step = getattr(getattr(trainer, "state", None), "global_step", None)
+        if changed:  # the step it resumes from: the trainer's, once TRL loaded its state (a
+            # script's callback is set up in train()); sae-shards train sets up before: 0
+            step = getattr(getattr(trainer, "state", None), "global_step", None) or \
+                resume_state.latest_complete(self.run_dir, quiet=True, trl=trl_dir(
+                    trainer.args) if getattr(trainer, "args", None) is not None else None)
             log.warning("resuming %s under other versions than it started with (%s): the steps "
                         "after RL step %s are not made by the code (or on the device) that made "
                         "the earlier ones, and need not match an uninterrupted run's; "
@@ -568,8 +571,10 @@ class ShardCallback(TrainerCallback):
         self.parts.runner.wait_idle()
         self.parts.loop.flush_activations()
         self._flush_sae_records()
+        logs = {name: (self.run_dir / name).stat().st_size for name in resume_state.STEP_LOGS
+                if (self.run_dir / name).is_file()}  # as of this step: a resume checks them
         snap = resume_state.snapshot_step(step, self.parts, self.capture, self.meta,
-                                          time.perf_counter() - self._t0, resumable)
+                                          time.perf_counter() - self._t0, resumable, logs)
         self._writer.submit(resume_state.write_step, self.run_dir, snap,
                             self.runner_cfg.keep_checkpoints, trl_dir)
         self.last_checkpoint = resume_state.checkpoint_dir(self.run_dir, step)

@@ -71,13 +71,16 @@ class StepSnapshot(NamedTuple):
 
 
 def snapshot_step(step: int, parts: Pipeline, capture: DeltaCapture | EventCapture,
-                  meta: dict[str, Any], wall_s: float, resumable: bool = True) -> StepSnapshot:
+                  meta: dict[str, Any], wall_s: float, resumable: bool = True,
+                  log_bytes: dict[str, int] | None = None) -> StepSnapshot:
     """What ``write_step`` writes for RL step ``step``. The caller has made the runner idle
     (every pushed delta processed). The SAE and trainer tensors are copies (the SAE may train
     on), the ring buffer's slots are views: write them before the buffer is written again.
     ``wall_s``: the run's training time so far (this process and those it resumed from).
     ``resumable=False``: the shards only (no resume file, no optimizer state), for a step no
-    TRL checkpoint will resume from."""
+    TRL checkpoint will resume from. ``log_bytes``: the sizes of the run's step logs
+    (``rollouts.jsonl``, ``events.jsonl``) as of this step, which a resume checks its copy of
+    them against (``restore``)."""
     files = checkpoint_files(parts.sae, parts.trainer.stats.as_tensors(),
                              checkpoint_meta(meta, step, parts.trainer),
                              parts.trainer.state_tensors() if resumable else None, copy=True)
@@ -90,7 +93,8 @@ def snapshot_step(step: int, parts: Pipeline, capture: DeltaCapture | EventCaptu
         tensors.update({f"precond.{k}": v
                         for k, v in capture.preconditioner.state_tensors().items()})
     info = {"step": step, "buffer": info, "capture": capture.counters(),
-            "last_rl_step": parts.loop.last_rl_step, "wall_s": wall_s}
+            "last_rl_step": parts.loop.last_rl_step, "wall_s": wall_s,
+            "log_bytes": dict(log_bytes or {})}
     if parts.loop.budget is not None:  # runner.sae_budget: what it paid and earned from so far
         info["budget"] = dict(zip(("paid_s", "rl_s"), parts.loop.budget.totals()))
     return StepSnapshot(step, tensors, info, files)
@@ -182,6 +186,62 @@ def latest_complete(run_dir: Path, quiet: bool = False,
             log.warning("RL step %d's checkpoint is incomplete (%s: the process was killed "
                         "while writing it); an earlier one is taken", step, ", ".join(missing))
     return None
+
+
+def partial_checkpoints(run_dir: Path, trl: Path | None = None) -> str | None:
+    """For a run with no complete checkpoint (``latest_complete`` is None): which of the three
+    parts of one it holds, said as "resume/ step_4, step_8; checkpoints/ none; trl/
+    checkpoint-4", or None when it holds none (killed before its first checkpoint). A copy of
+    a run left without one part cannot resume, and must not be told to start again."""
+    trl = run_dir / rundir.TRL_OUTPUT if trl is None else trl
+    parts = {f"{rundir.RESUME}/": [rundir.step_name(s) for s in
+                                   rundir.saved_steps(run_dir / rundir.RESUME)],
+             f"{rundir.CHECKPOINTS}/": [rundir.step_name(s) for s in
+                                        rundir.saved_steps(run_dir / rundir.CHECKPOINTS)],
+             f"{trl.name}/": [f"checkpoint-{s}" for s in trl_checkpoint_steps(str(trl))]}
+    if not any(parts.values()):
+        return None
+    return "; ".join(f"{where} {', '.join(names) or 'none'}" for where, names in parts.items())
+
+
+STEP_LOGS = (rundir.ROLLOUTS, rundir.EVENTS)
+"""The logs with one row (or one per event) for every RL step, appended as the step ends: up to
+a checkpoint's step they hold exactly what they held when it was written."""
+
+
+def check_step_logs(run_dir: Path, step: int) -> None:
+    """``_check_logs`` before anything of a resume is written (``sae-shards train``), with the
+    sizes read from the header of step ``step``'s resume file (a damaged header is left to the
+    resume's own read, which names it)."""
+    from sae_shards.core.checkpoint_checks import opened_safetensors
+
+    try:
+        with opened_safetensors(resume_file(run_dir, step)) as f:
+            recorded = json.loads((f.metadata() or {}).get("info", "{}")).get("log_bytes")
+    except (CheckpointError, ValueError, AttributeError):
+        return
+    _check_logs(run_dir, step, recorded if isinstance(recorded, dict) else {})
+
+
+def _check_logs(run_dir: Path, step: int, recorded: dict[str, int]) -> None:
+    """Refuse a resume whose step logs hold less, up to RL step ``step``, than the run had
+    written when that step's checkpoint was taken (``recorded``: bytes per log; none in resume
+    files of earlier versions): a copy without them, or with a short one, would go on with a
+    hole in its record of the steps (and figures such as the first reward taken from what is
+    left)."""
+    for name, size in recorded.items():
+        path = run_dir / name
+        if name not in STEP_LOGS or not isinstance(size, int):
+            continue
+        held = sum(len(line) + (not line.endswith(b"\n"))
+                   for _, line, row in (rundir.iter_jsonl(path) if path.is_file() else ())
+                   if row.get("step", 0) <= step)  # the rows the resume keeps
+        if held < size:
+            raise CheckpointError(
+                f"{path}: {f'{held} bytes' if held else 'nothing'} up to RL step {step}, where "
+                f"the run had written {size} bytes when that step's checkpoint "
+                f"was taken: this copy's log is missing or cut short, and the resumed run "
+                f"would have a hole in it; copy {name} again from the run")
 
 
 def _remove_later(run_dir: Path, step: int) -> None:
@@ -276,6 +336,7 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
             f"{target}: not a resume file that fits this run's RL step {step} ({type(e).__name__}: "
             f"{e}); the file is damaged or another run's: restore it from a copy of the run, or "
             "resume from an earlier checkpoint") from e
+    _check_logs(run_dir, step, info.get("log_bytes") or {})
     _remove_later(run_dir, step)
     rundir.truncate_jsonl(run_dir / rundir.ROLLOUTS, lambda row: row.get("step", 0) <= step)
     if (run_dir / rundir.EVENTS).is_file():

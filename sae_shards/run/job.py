@@ -222,10 +222,13 @@ def build_rl(cfg: JobConfig, run_dir: Path, device: torch.device,
     return RLSetup(trainer, model_path, task)
 
 
-def run_config(cfg: JobConfig, target_length: int | None = None) -> dict[str, Any]:
+def run_config(cfg: JobConfig, target_length: int | None = None,
+               built: Path | None = None) -> dict[str, Any]:
     """The whole job config as ``config.json`` records it (model path resolved so analysis
     finds the initial weights; ``target_length``: the task's, as ``build_rl`` resolved it, so
-    analysis rebuilds the task the run trained on)."""
+    analysis rebuilds the task the run trained on; ``built``: the tiny model's directory in the
+    run, fingerprinted as a ``model.path`` is, so that a directory given to analysis in its
+    place, ``--initial-model``, is checked against it)."""
     model_path = str(Path(cfg.model.path).resolve()) if cfg.model.path else None
     out = cfg.to_dict()
     out["model"] = {**out["model"], "path": model_path}
@@ -233,6 +236,8 @@ def run_config(cfg: JobConfig, target_length: int | None = None) -> dict[str, An
         out["model"] = {k: v for k, v in out["model"].items() if k not in TINY_ONLY}
     if model_path and Path(model_path).is_dir():  # theta_0 outside the run: know it again later
         out["model"]["fingerprint"] = initial_model.fingerprint(model_path)
+    elif built is not None and built.is_dir():
+        out["model"]["fingerprint"] = initial_model.fingerprint(built)
     if target_length is not None:
         out["task"] = {**out["task"], "target_length": int(target_length)}
     return out
@@ -243,7 +248,8 @@ def shard_callback(cfg: JobConfig, run_dir: Path, target_length: int | None = No
     """The job's ``ShardCallback``: its capture, SAE and runner settings, and the whole config
     for ``config.json`` (``target_length``: see ``run_config``)."""
     kwargs = dict(capture=cfg.capture, runner=cfg.runner, sae=cfg.sae, seed=cfg.seed,
-                  resume=cfg.resume, run_config=run_config(cfg, target_length))
+                  resume=cfg.resume, run_config=run_config(
+                      cfg, target_length, None if cfg.model.path else run_dir / rundir.MODEL))
     return ShardCallback(run_dir, **{**kwargs, **overrides})
 
 
@@ -271,17 +277,37 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
             resume_from = None
             if cfg.resume:
                 if main:  # before anything is built: a changed seed or model would fail there
+                    saved = run_dir / rundir.HYDRA / "overrides.yaml"
+                    now = run_config(cfg)
+                    recorded = rundir.section(rundir.read_config(run_dir), "model")
+                    if now["model"].get("path") and initial_model.moved_to(
+                            recorded, now["model"]["path"]):  # the same weights, moved: allowed
+                        now["model"] = {**now["model"], "path": recorded["path"]}
                     rundir.check_resume_config(
-                        run_dir, run_config(cfg),
+                        run_dir, now,
                         f"Resume with the settings it started with (sae-shards train "
                         f"run_dir={run_dir} resume=true reuses the run's own overrides, "
-                        f"{rundir.HYDRA}/overrides.yaml), or start a new run_dir.")
+                        f"{rundir.HYDRA}/overrides.yaml), or start a new run_dir."
+                        if saved.is_file() else
+                        f"This copy of the run has no {rundir.HYDRA}/overrides.yaml, from which "
+                        "a resume takes the run's own overrides: copy that folder from the run, "
+                        f"or give the settings {rundir.CONFIG} records on the command line.")
                 step = resume_state.latest_complete(run_dir)
+                partial = resume_state.partial_checkpoints(run_dir) if step is None else None
+                if partial:  # a copy without some part: overwrite=true would delete the rest
+                    raise FileNotFoundError(
+                        f"resume=true but run_dir={run_dir} has no step with all three parts "
+                        f"of a checkpoint ({rundir.RESUME}/step_N.safetensors, "
+                        f"{rundir.CHECKPOINTS}/step_N, {rundir.TRL_OUTPUT}/checkpoint-N); it "
+                        f"holds {partial}. A copy that left a part out: copy it from the run; "
+                        "a run killed while it wrote its first checkpoint: start it anew with "
+                        "overwrite=true (which deletes what the directory holds)")
                 if step is None:
                     raise FileNotFoundError(
                         f"resume=true but run_dir={run_dir} has no complete checkpoint (it was "
                         "killed before its first runner.checkpoint_every steps); start it anew "
                         "with overwrite=true")
+                resume_state.check_step_logs(run_dir, step)  # a copy's logs hold every step
                 resume_from = run_dir / rundir.TRL_OUTPUT / f"checkpoint-{step}"
             for name, text in (hydra_files or {}).items() if main else ():
                 with rundir.writing(run_dir / rundir.HYDRA / name):

@@ -324,6 +324,12 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
 
 def _why_not_resumable(run_dir: Path, earlier: list[str]) -> str:
     """What a ``resume=true`` without resume state found, and what to run instead."""
+    if earlier and (saved_steps(run_dir / CHECKPOINTS)
+                    or any((run_dir / TRL_OUTPUT).glob("checkpoint-*"))):
+        return (f"it holds step checkpoints ({CHECKPOINTS}/, {TRL_OUTPUT}/) without their "
+                f"resume files. A copy that left {RESUME}/ out: copy it from the run; a run "
+                "killed while it wrote its first checkpoint: start it again with "
+                "overwrite=true (which deletes what the directory holds)")
     if earlier:
         return ("it stopped before its first checkpoint; start it again with overwrite=true "
                 "(or lower runner.checkpoint_every to keep earlier steps next time)")
@@ -537,12 +543,21 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any],
 def check_resume_config(run_dir: Path, now: dict[str, Any], how: str) -> None:
     """A resumed run keeps the settings it started with: raise ``ValueError`` naming every
     setting of ``now`` that differs from ``run_dir/config.json`` (``how``: what to do instead).
-    A missing or torn ``config.json`` (killed during its first write) is not checked."""
+    A missing or torn ``config.json`` is not checked when the run saved no step yet (killed
+    during its first write); after that it is a ``ValueError``: a copy that lost it would take
+    any settings as its own."""
     try:
         saved = json.loads((run_dir / CONFIG).read_text())
     except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        if saved_steps(run_dir / RESUME) or saved_steps(run_dir / CHECKPOINTS):
+            raise ValueError(
+                f"{run_dir / CONFIG} is missing or damaged, so the resume's settings cannot be "
+                "checked against the ones the run started with; copy config.json again from "
+                "the run")
         return
-    diffs = config_differences(saved, now) if isinstance(saved, dict) else []
+    diffs = config_differences(saved, now)
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
         raise ValueError(f"resuming {run_dir} with other settings than it started with would mix "

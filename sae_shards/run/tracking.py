@@ -46,9 +46,14 @@ class RunLogger:
 
     @classmethod
     def start(cls, cfg: LoggingConfig, run_dir: Path, config: Mapping[str, Any]) -> "RunLogger":
-        """The job's own run under ``run_dir/wandb`` (none when ``cfg.mode`` is disabled)."""
+        """The job's own run under ``run_dir/wandb`` (none when ``cfg.mode`` is disabled, or
+        W&B is turned off in the environment: ``WANDB_MODE=disabled``, ``WANDB_DISABLED=true``,
+        as a shell or cluster turns it off for every tool)."""
         logger_ = cls(artifacts=cfg.artifacts)
-        if cfg.mode != "disabled":
+        if cfg.mode != "disabled" and wandb_off_in_env():
+            logger.info("W&B is off: WANDB_MODE=disabled or WANDB_DISABLED=true in the "
+                        "environment (logging.mode=%s is not used)", cfg.mode)
+        elif cfg.mode != "disabled":
             logger_._guard("init", lambda: logger_._init(cfg, run_dir, config))
         return logger_
 
@@ -128,6 +133,13 @@ class RunLogger:
         if self.n_failures:
             logger.warning("W&B: %d call(s) failed during the run", self.n_failures)
             self.n_failures = 0
+
+
+def wandb_off_in_env() -> bool:
+    """Whether the environment turns W&B off (``WANDB_MODE=disabled``, or the older
+    ``WANDB_DISABLED=true``)."""
+    return (os.environ.get("WANDB_MODE", "").lower() == "disabled"
+            or os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"))
 
 
 ARTIFACT_NAME_MAX = 128
