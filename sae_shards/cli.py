@@ -328,6 +328,9 @@ def rerun_command(run_dir: str | Path) -> str | None:
     if saved is None:
         return None
     own = [shlex.quote(t) for t, o in saved if o.key_or_group not in _RUN_KEYS]
+    group = _recorded_group(Path(run_dir))  # a sweep's job run again alone: in its group
+    if group and not any(o.key_or_group == "logging.group" for _, o in saved):
+        own.append(shlex.quote(f"logging.group={group}"))
     return " ".join([train_command(run_dir), *own, _quoted_run_dir(run_dir), "overwrite=true"])
 
 
@@ -374,7 +377,11 @@ def check_sweep_jobs(args: list[str]) -> None:
             choices.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
         else:
             choices.append([o.input_line])
-    if math.prod(len(c) for c in choices) > MAX_CHECKED_JOBS:
+    n_jobs = math.prod(len(c) for c in choices)
+    if n_jobs > MAX_CHECKED_JOBS:
+        print(f"sae-shards: a sweep of {n_jobs} jobs, more than {MAX_CHECKED_JOBS}: each job's "
+              "config is checked when its turn comes, not all of them before the first",
+              file=sys.stderr)
         return
     run_dirs: dict[str, str] = {}
     job_dirs: dict[str, list[str]] = {}  # each job's directory name: the jobs it would hold
@@ -792,7 +799,10 @@ def _train(args: list[str]) -> int:
                     return
                 print(f"sae-shards: {run_dir} finished ({done} RL steps) earlier: skipped")
                 return
-            if not rundir.has_resume_state(run_dir):
+            if not rundir.has_resume_state(run_dir):  # never started, or named otherwise
+                print(f"sae-shards: {run_dir}: no checkpoint of this job in the sweep "
+                      "(it never started, or the earlier command named it otherwise): "
+                      "started from the beginning")
                 job = dataclasses.replace(job, resume=False)
         try:
             summary = run_job(job, run_dir, hydra_files=_hydra_files(cfg))
@@ -843,9 +853,12 @@ def _train(args: list[str]) -> int:
     sys.argv = ["sae-shards train", *flags, *_override_args(args)]
     train_main()
     end_process_group()
-    if fresh is not None and fresh.is_dir() and not any(p.is_file() for p in fresh.rglob("*")):
-        shutil.rmtree(fresh)  # Hydra made it for a run that was refused: leave no trace
-        _drop_file_handlers(fresh)
+    # Hydra made the run's (each job's) directory: one refused at its config, or a job that
+    # never started, leaves none (every rank may try: one removal is enough)
+    for made in ([fresh] if fresh is not None else []) + jobs:
+        if made.is_dir() and not any(p.is_file() for p in made.rglob("*")):
+            shutil.rmtree(made, ignore_errors=True)
+            _drop_file_handlers(made)
     # every rank says its own failures (one rank may fail alone: a model.path missing on one
     # node), each other rank's labelled as its
     said_by = "sae-shards" if _main_process() else f"sae-shards (rank {_rank()})"

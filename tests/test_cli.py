@@ -284,6 +284,24 @@ def test_another_primary_config_is_refused_before_hydra_writes(tmp_path, monkeyp
     assert "with a new run_dir" in err and not list(tmp_path.iterdir())
 
 
+def test_a_sweep_too_large_to_check_first_says_so_and_leaves_no_empty_job_directory(
+        tmp_path, monkeypatch, capsys):
+    """Over MAX_CHECKED_JOBS the up-front check was skipped without a word, and every job
+    refused at its turn (or never started) left an empty directory that analyze then listed
+    among the sweep's runs."""
+    import sae_shards.cli as cli
+
+    monkeypatch.setattr(cli, "MAX_CHECKED_JOBS", 1)
+    sweep = tmp_path / "sweep"
+    assert main(["train", "-m", "sae.k=2,100", f"run_dir={sweep}", *TINY]) == 2
+    captured = capsys.readouterr()
+    assert "a sweep of 2 jobs, more than 1: each job's config is checked when its turn comes" \
+        in captured.err and "sae.k=100 must be between 1 and" in captured.err
+    assert sorted(p.name for p in sweep.iterdir()) == [
+        "multirun.yaml", "rl.max_steps=6,runner.min_samples=2,runner.sae_steps_per_rl_step=1,"
+        "sae.k=2,task.n_prompts=32"]
+
+
 def test_sweep_jobs_that_would_share_a_directory_are_refused_before_any_job(tmp_path, capsys):
     """A job's directory is named without the settings a resume may change (threads, device,
     logging): two jobs differing only in those would write one directory, the second refused
@@ -478,6 +496,11 @@ def test_printed_commands_parse_back_to_the_run_dir(tmp_path):
     words = shlex.split(rerun_command(run))
     parsed = {o.key_or_group: o.value() for o in parse(words[2:])}
     assert parsed == {"sae.k": 2, "run_dir": str(run), "overwrite": True}, words
+    # a sweep's job run again alone stays in the sweep's W&B group (config.json's)
+    (run / "config.json").write_text(json.dumps({"logging": {"group": "sweep"}}))
+    parsed = {o.key_or_group: o.value() for o in parse(shlex.split(rerun_command(run))[2:])}
+    assert parsed == {"sae.k": 2, "logging.group": "sweep", "run_dir": str(run),
+                      "overwrite": True}
 
 
 def test_closing_lines_name_evaluate_for_a_labelled_run(tmp_path):

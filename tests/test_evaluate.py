@@ -105,6 +105,20 @@ def test_evaluate_cli_refuses_a_one_task_run_first(short_run_dir, capsys):
     assert "is a task=letters run (one task)" in err and "experiment=planted" in err
 
 
+def test_a_truncated_samples_file_is_not_met_with_advice_that_cannot_help(planted_run, tmp_path,
+                                                                          capsys):
+    """A truncated samples.safetensors was told to read another checkpoint (--checkpoint
+    step_N), which reads the same file and fails the same way: the run has one."""
+    run = tmp_path / "cut"
+    shutil.copytree(planted_run, run)
+    samples = run / "samples.safetensors"
+    samples.write_bytes(samples.read_bytes()[:1000])
+    assert cli_main(["evaluate", str(run), "--n-null", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "restore it from a copy of the run (a run writes it once, at its end)" in err
+    assert "--checkpoint step_XXXXXX" not in err
+
+
 def test_evaluate_cli_needs_saved_samples(planted_run, tmp_path, capsys):
     run = tmp_path / "no_samples"
     shutil.copytree(planted_run, run)

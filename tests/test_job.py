@@ -143,6 +143,8 @@ def test_multirun_sweep(tmp_path, capsys):
     assert f"{done} finished (4 RL steps) earlier: skipped" in proc.stdout
     assert (done / "summary.json").read_text() == before
     assert load_checkpoint(missing / "checkpoints" / "final").sae.cfg.k == 4
+    assert (f"{missing}: no checkpoint of this job in the sweep (it never started, or the "
+            "earlier command named it otherwise): started from the beginning") in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(
         [done.name, missing.name])
     # a single run into the sweep's directory is refused before Hydra writes there, and a plain

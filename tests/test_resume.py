@@ -714,6 +714,20 @@ def test_a_run_whose_initial_model_moved_resumes_from_its_new_place(tmp_path, ca
     assert "model.path:" in capsys.readouterr().err
 
 
+def test_a_damaged_trl_checkpoint_is_named_when_the_resume_reads_it(tmp_path, capsys):
+    """A truncated model.safetensors in the TRL checkpoint a resume starts from ended it with a
+    traceback whose safetensors error names no file."""
+    run = tmp_path / "run"
+    _kill_after_step_8(run, _train(run))
+    weights = run / "trl" / "checkpoint-8" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert cli_main(["train", f"run_dir={run}", "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume: {run / 'trl' / 'checkpoint-8'}: TRL could not load this checkpoint" \
+        in err and "delete this checkpoint to resume from the one before it" in err
+    assert "Traceback" not in err
+
+
 def test_a_copy_without_its_hydra_folder_is_told_where_the_overrides_went(uninterrupted,
                                                                           tmp_path, capsys):
     """cp -r run/* leaves .hydra/ behind: the resume composed the defaults, was refused for

@@ -144,6 +144,26 @@ def test_another_initial_model_given_for_a_tiny_model_run_is_refused(run_dir, tm
     assert "are not the ones the run started from" in run_models_missing(run_dir, initial=other)
 
 
+def test_a_truncated_activation_log_is_told_to_go_not_to_read_another_checkpoint(
+        run_dir, tmp_path, capsys):
+    """A truncated activations.safetensors was told to read another checkpoint (--checkpoint
+    step_N), which opens the same file and fails the same way; deleting it is what works."""
+    import shutil
+
+    from sae_shards.cli import main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    acts = copy / "activations.safetensors"
+    acts.write_bytes(acts.read_bytes()[:200])
+    assert main(["analyze", str(copy), "--no-dose"]) == 2
+    err = capsys.readouterr().err
+    assert "delete it: analysis then rebuilds the newest checkpoint's timeline from its resume " \
+           "file (resume/)" in err and "--checkpoint step_XXXXXX" not in err
+    acts.unlink()
+    assert main(["analyze", str(copy), "--no-dose"]) == 0  # the advice works
+
+
 def test_factored_geometry_matches_dense(run_dir):
     shards = ShardSet.from_run(run_dir)
     flat = torch.stack([torch.cat([v.flatten() for v in s.dense(scaled=False).values()]) for s in shards])

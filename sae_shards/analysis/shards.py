@@ -401,7 +401,10 @@ class RunView:
         when read from the file."""
         written_for = None
         if acts_file.is_file():
-            self.activations, header = read_safetensors(acts_file, expect_version=True)
+            self.activations, header = read_safetensors(
+                acts_file, expect_version=True, advice=(
+                    f"delete it: analysis then rebuilds the newest checkpoint's timeline from "
+                    f"its resume file ({rundir.RESUME}/), or restore it from a copy of the run"))
             written_for = header.get("checkpoint")  # absent in files of older versions
             if written_for is not None and written_for != self.checkpoint:
                 self.recovered = "older"

@@ -244,25 +244,27 @@ def read_tensors(file: str | Path, expect_version: bool = True) -> dict[str, tor
 
 def read_safetensors(file: str | Path, expect_version: bool = True, kind: str | None = None,
                      missing_hint: str = "", limit: SizeLimit | None = None,
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+                     advice: str = DAMAGED) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``read_tensors`` and the file's header metadata, in one read.
 
     ``kind``: the header's ``format`` must equal it; ``missing_hint`` is added to the error when
-    the file does not exist. Before anything is read, every tensor the header declares must fit
-    ``limit`` (what the reader knows this file holds at most) and this machine's memory
+    the file does not exist; ``advice``: what to do when it is truncated or damaged (by default:
+    read another checkpoint, which suits a checkpoint's own files, not a run's one file of its
+    kind). Before anything is read, every tensor the header declares must fit ``limit`` (what
+    the reader knows this file holds at most) and this machine's memory
     (``check_declared_sizes``).
     """
     check_file(file, missing_hint)
     try:
-        check_declared_sizes(Path(file), limit)
+        check_declared_sizes(Path(file), limit, advice)
     except OSError as e:
-        raise damaged(Path(file), e) from e
-    with opened_safetensors(file) as f:
+        raise damaged(Path(file), e, advice) from e
+    with opened_safetensors(file, advice) as f:
         header = f.metadata() or {}
         if kind is not None and header.get("format") != kind:
             raise CheckpointError(
                 f"{file}: header format {header.get('format')!r}, expected {kind!r}: "
-                f"sae-shards did not write this file — {DAMAGED}")
+                f"sae-shards did not write this file — {advice}")
         if expect_version:
             check_version(file, "header format_version", header.get("format_version"),
                           as_text=True)

@@ -127,7 +127,8 @@ def check_file(file: str | Path, missing_hint: str = "") -> None:
         raise CheckpointError(f"{file}: not a regular file; {DAMAGED}")
 
 
-def check_declared_sizes(file: Path, limit: SizeLimit | None = None) -> None:
+def check_declared_sizes(file: Path, limit: SizeLimit | None = None,
+                         advice: str = DAMAGED) -> None:
     """Refuse, from the safetensors header alone, a tensor of ``file`` declared with more
     numbers than ``limit`` allows or more bytes than this process's memory may hold (the
     machine's, or its cgroup's limit when smaller: ``host_memory.memory_limit``). safetensors
@@ -143,7 +144,7 @@ def check_declared_sizes(file: Path, limit: SizeLimit | None = None) -> None:
             raise CheckpointError(
                 f"{what}, more than {limit.why} ({limit.numel:,} numbers); sae-shards never "
                 "writes such a tensor there, so the header is damaged or edited (a sparse file "
-                f"passes safetensors' size check) — {DAMAGED}")
+                f"passes safetensors' size check) — {advice}")
         if memory is not None and nbytes > memory.bytes:
             whose = (f"this process may hold ({_gib(memory.bytes)}: {memory.note()})"
                      if memory.limited else f"this machine's memory ({_gib(memory.bytes)})")
@@ -151,7 +152,7 @@ def check_declared_sizes(file: Path, limit: SizeLimit | None = None) -> None:
                 f"{what}, more than {whose}: it cannot be read here. A real file this large is "
                 "read on a machine (or under a limit) with more memory; otherwise the header "
                 "is damaged or edited (a sparse file passes safetensors' size check) — "
-                f"{DAMAGED}")
+                f"{advice}")
 
 
 def unmappable(file: Path, error: Exception, advice: str = DAMAGED) -> CheckpointError:

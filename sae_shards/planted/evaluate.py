@@ -211,7 +211,9 @@ class EvalData:
                 "(runner.save_samples=true runner.heldout_every=k; in a script, "
                 "ShardCallback(..., runner={'save_samples': True, 'heldout_every': k})) on a task "
                 "with several labels (sae-shards train experiment=planted sets all of it)")
-        tensors, header = read_safetensors(path, limit=_samples_limit(run_dir, shapes or {}))
+        tensors, header = read_safetensors(
+            path, limit=_samples_limit(run_dir, shapes or {}),
+            advice="restore it from a copy of the run (a run writes it once, at its end)")
         if "task_labels" not in header:
             raise CheckpointError(f"{path}: no task_labels in the header; re-save the samples "
                                   "with sae_shards.job.save_samples")

@@ -29,6 +29,7 @@ from sae_shards.capture import resume as resume_state
 from sae_shards.capture.callback import ShardCallback
 from sae_shards.capture.pipeline import resolve_targets
 from sae_shards.capture.signals import stop_on_signals
+from sae_shards.core.checkpoint import CheckpointError
 from sae_shards.recipe.models import (build_tiny_model, build_tokenizer, check_policy_dir,
                                       meta_policy)
 from sae_shards.recipe.tasks import build_task, check_writable, default_target_length
@@ -382,6 +383,11 @@ def run_job(cfg: JobConfig, run_dir: Path,
     except _PastEnd:  # resumed at max_steps: the callback wrote the end, nothing to train
         pass
     except Exception as e:  # a full disk in TRL's checkpoint: named, not torch's traceback
+        if resume_from is not None and _loading_trl_checkpoint(e):
+            raise CheckpointError(
+                f"{resume_from}: TRL could not load this checkpoint ({type(e).__name__}: {e}); "
+                "a file of it is damaged (a copy's?): copy it again from the run, or delete "
+                "this checkpoint to resume from the one before it, where the run kept one") from e
         if isinstance(e, rundir.RunWriteError) or not rundir.write_failure(e):
             raise
         raise rundir.write_error(_failed_write(e, Path(run_dir), rl.trainer), e) from e
@@ -389,6 +395,17 @@ def run_job(cfg: JobConfig, run_dir: Path,
         callback.close()
         rundir.release_run_dir(Path(run_dir))  # the hold start() took (a no-op on other ranks)
     return callback.summary
+
+
+TRL_LOADERS = ("_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_rng_state",
+               "_load_scaler")
+"""transformers' ``Trainer`` methods that read a checkpoint when ``train()`` resumes from one."""
+
+
+def _loading_trl_checkpoint(e: BaseException) -> bool:
+    """Whether ``e`` came from transformers reading the checkpoint ``train()`` resumes from
+    (a truncated ``model.safetensors``: safetensors' error, which names no file)."""
+    return any(frame.name in TRL_LOADERS for frame in traceback.extract_tb(e.__traceback__))
 
 
 def _failed_write(e: BaseException, run_dir: Path, trainer: Any) -> Path:
