@@ -148,16 +148,18 @@ def _refuse_other_primary_config(args: list[str]) -> None:
     block makes ``run_dir`` the run's directory: a run's saved ``.hydra/config.yaml`` composed
     so ran into Hydra's ``outputs/<date>/<time>/``, ``run_dir=`` ignored. Refused, saying what
     does the same."""
-    given = [a for a in args if a.split("=", 1)[0] in ("--config-path", "-cp", "--config-name",
-                                                       "-cn")]
-    named = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config-name", "-cn")]
-    if given and not (all(a in ("--config-name", "-cn") for a in given)
-                      and named and all(n == "config" for n in named)):
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag not in ("--config-path", "-cp", "--config-name", "-cn"):
+            continue
+        value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+        if flag in ("--config-name", "-cn") and value == "config":  # the default, named
+            continue
         raise ConfigError(
-            f"{given[0]}: sae-shards train composes its own configs/config.yaml, which makes "
+            f"{flag} {value}: sae-shards train composes its own configs/config.yaml, which makes "
             "run_dir the run's directory (a run's saved .hydra/config.yaml would run into "
-            "Hydra's outputs/ instead); to run a run's settings again, give its overrides "
-            "(RUN/.hydra/overrides.yaml, or a sweep job's directory name) with a new run_dir")
+            "Hydra's outputs/ instead); to run a run's settings again, give the overrides in "
+            "RUN/.hydra/overrides.yaml with a new run_dir")
 
 
 def _check_tiny_fields_with_a_path(overrides: list) -> None:
@@ -372,7 +374,11 @@ def check_sweep_jobs(args: list[str]) -> None:
     from omegaconf import open_dict
 
     choices = []
-    for o in OverridesParser.create().parse_overrides(_override_args(args)):
+    parsed = OverridesParser.create().parse_overrides(_override_args(args))
+    # jobs named by a subdir of the user's own (hydra.sweep.subdir=${hydra.job.num}) are not
+    # named by their overrides: Hydra's naming then keeps them apart, or it is the user's
+    own_subdir = any(o.key_or_group == "hydra.sweep.subdir" for o in parsed)
+    for o in parsed:
         if o.is_sweep_override():
             choices.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
         else:
@@ -416,7 +422,7 @@ def check_sweep_jobs(args: list[str]) -> None:
             + "): Hydra writes the sweep's multirun.yaml to one directory and each job to "
             "run_dir/<its overrides>; give the sweep one fixed run_dir (e.g. "
             "run_dir=runs/my_sweep), not a swept or interpolated one (no job was started)")
-    shared = [jobs for jobs in job_dirs.values() if len(jobs) > 1]
+    shared = [] if own_subdir else [jobs for jobs in job_dirs.values() if len(jobs) > 1]
     if shared:  # the later job would be refused, or with overwrite=true delete the earlier
         raise ConfigError(
             f"the sweep's jobs {' and '.join(shared[0][:2])} would write one directory: a "
@@ -733,7 +739,7 @@ def _train(args: list[str]) -> int:
     from sae_shards.capture.runner import SAEWorkerError
     from sae_shards.core.checkpoint import CheckpointError
     from sae_shards.run import rundir
-    from sae_shards.run.job import JobSetupError, RefusedOnRankZero, run_config, run_job
+    from sae_shards.run.job import JobSetupError, RefusedOnRankZero, check_same_settings, run_job
     from sae_shards.run.rundir import RunWriteError
 
     try:
@@ -758,10 +764,17 @@ def _train(args: list[str]) -> int:
     interrupted: list[int] = []
     crashed: list[Path] = []  # sweep jobs that raised an unforeseen error (exit 1, as Hydra's)
     jobs: list[Path] = []  # a sweep's job directories, in the order they ran
+    outcome: dict[Path, str] = {}  # what this command did with a sweep's job, when not a run
     _quiet_third_party()
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
     def train_main(cfg) -> None:
+        said = len(failures)
+        one_job(cfg)
+        if jobs and len(failures) > said:  # refused, stopped or failed: said after the table
+            outcome.setdefault(jobs[-1], "not run to its end by this command (see below)")
+
+    def one_job(cfg) -> None:
         hc = HydraConfig.get()
         sweep = hc.mode == RunMode.MULTIRUN
         job_name = f"{job_dirname(hc.job.override_dirname) or 'the defaults'}: " if sweep else ""
@@ -791,13 +804,14 @@ def _train(args: list[str]) -> int:
             done = rundir.finished_steps(run_dir)
             if done is not None:
                 try:  # a finished job of these settings, not another job's run in its place
-                    rundir.check_resume_config(run_dir, run_config(job), (
+                    check_same_settings(job, run_dir, (
                         "A sweep's resume skips a finished job only when its directory holds "
                         "that job's run; give the sweep a new run_dir"))
                 except ValueError as e:
                     failures.append(f"{job_name}not skipped: {e}")
                     return
                 print(f"sae-shards: {run_dir} finished ({done} RL steps) earlier: skipped")
+                outcome[run_dir] = "finished earlier: skipped"
                 return
             if not rundir.has_resume_state(run_dir):  # never started, or named otherwise
                 print(f"sae-shards: {run_dir}: no checkpoint of this job in the sweep "
@@ -863,7 +877,7 @@ def _train(args: list[str]) -> int:
     # node), each other rank's labelled as its
     said_by = "sae-shards" if _main_process() else f"sae-shards (rank {_rank()})"
     if len(jobs) > 1 and _main_process():
-        print("\n".join(_sweep_lines(jobs)))
+        print("\n".join(_sweep_lines(jobs, outcome)))
     for msg in filter(None, failures):
         print(f"{said_by}: {msg}", file=sys.stderr)
     if interrupted:  # the shell's convention for a process ended by a signal
@@ -871,14 +885,19 @@ def _train(args: list[str]) -> int:
     return 1 if crashed else 2 if failures else 0
 
 
-def _sweep_lines(jobs: list[Path]) -> list[str]:
-    """The end of a sweep: each job's directory and how it ended, from its ``summary.json``
-    (a job without one was refused, failed or never started: the messages after say which)."""
+def _sweep_lines(jobs: list[Path], outcome: dict[Path, str]) -> list[str]:
+    """The end of a sweep: each job's directory and how it ended, from its ``summary.json``,
+    unless this command did not run it (``outcome``: skipped as finished earlier, or refused,
+    stopped or failed, which the messages after say): another run's figures there (a numbered
+    directory's) are not this job's."""
     from sae_shards.run import rundir
 
     fig = lambda s, k: "n/a" if s.get(k) is None else f"{s[k]:.3f}"  # noqa: E731
     lines = [f"sweep of {len(jobs)} jobs in {jobs[0].parent}:"]
     for d in jobs:
+        if d in outcome:
+            lines.append(f"  {d.name}: {outcome[d]}")
+            continue
         s = rundir.read_summary(d)
         how = ("interrupted" if s.get("interrupted") else "finished") if s else \
             "no summary.json (see below)"

@@ -253,7 +253,7 @@ def test_a_failed_sweep_job_ends_its_own_wandb_run_and_the_others_run(tmp_path):
     assert good["exit_code"] == 0 and good["history_rows"] > 0
     assert good["artifacts"] == [artifact_name(f"shards-{ok.name}")]
     assert f"sweep of 2 jobs in {sweep}:" in proc.stdout
-    assert f"  {failed.name}: no summary.json" in proc.stdout
+    assert f"  {failed.name}: not run to its end by this command (see below)" in proc.stdout
     assert f"  {ok.name}: finished, 6 RL steps" in proc.stdout
     assert (f"{failed.name}: failed: ValueError: Unknown loss type: bogus (the traceback is in "
             f"{failed / 'cli.log'})") in proc.stderr
@@ -272,7 +272,8 @@ def test_hydras_own_config_groups_are_refused_saying_why(tmp_path, capsys, group
 
 
 @pytest.mark.parametrize("flags", [["--config-path", "/x/.hydra", "--config-name", "config"],
-                                   ["-cn", "other"], ["--config-path=/x/.hydra"]])
+                                   ["-cn", "other"], ["--config-path=/x/.hydra"],
+                                   ["--config-name=other"]])
 def test_another_primary_config_is_refused_before_hydra_writes(tmp_path, monkeypatch, capsys,
                                                               flags):
     """A run's saved .hydra/config.yaml given as the primary config (Hydra's re-run idiom) ran
@@ -282,6 +283,13 @@ def test_another_primary_config_is_refused_before_hydra_writes(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert "sae-shards train composes its own configs/config.yaml" in err
     assert "with a new run_dir" in err and not list(tmp_path.iterdir())
+
+
+def test_the_default_config_named_either_way_is_the_default():
+    from sae_shards.cli import _refuse_other_primary_config
+
+    for flags in (["--config-name", "config"], ["--config-name=config"], ["-cn", "config"]):
+        _refuse_other_primary_config([*flags, "sae.k=2"])  # no error
 
 
 def test_a_sweep_too_large_to_check_first_says_so_and_leaves_no_empty_job_directory(
@@ -315,6 +323,11 @@ def test_sweep_jobs_that_would_share_a_directory_are_refused_before_any_job(tmp_
     assert main(["train", "-m", "sae.k=1,2", "logging.group=a,b", f"run_dir={sweep}",
                  *TINY]) == 2
     assert "sae.k=1 logging.group=a and sae.k=1 logging.group=b" in capsys.readouterr().err
+    # directories of the user's own naming (numbered): Hydra keeps them apart, not refused
+    from sae_shards.cli import check_sweep_jobs
+
+    check_sweep_jobs(["-m", "runner.torch_threads=1,2", "hydra.sweep.subdir=${hydra.job.num}",
+                      f"run_dir={sweep}", *TINY])
 
 
 def test_a_sweeps_resume_skips_only_a_finished_job_of_its_own_settings(tmp_path, capsys):
@@ -328,8 +341,11 @@ def test_a_sweeps_resume_skips_only_a_finished_job_of_its_own_settings(tmp_path,
     capsys.readouterr()
     assert main(["train", "-m", "sae.k=2", "resume=true", *numbered]) == 0
     assert f"{sweep / '0'} finished (6 RL steps) earlier: skipped" in capsys.readouterr().out
-    assert main(["train", "-m", "sae.k=4", "resume=true", *numbered]) == 2
-    err = capsys.readouterr().err
+    assert main(["train", "-m", "sae.k=4,2", "resume=true", *numbered]) == 2
+    out, err = capsys.readouterr()
+    # the table says what this command did, not the figures of the k=2 run in directory 0
+    assert "  0: not run to its end by this command (see below)" in out
+    assert "  1: finished, 6 RL steps" in out
     assert "sae.k=4,task.n_prompts=32: not skipped: resuming" in err
     assert "sae.k: 2 in the run, 4 now" in err
     assert (sweep / "0" / "summary.json").read_text() == before

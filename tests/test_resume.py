@@ -661,30 +661,43 @@ def test_a_torn_trl_trainer_state_is_not_a_finished_checkpoint(tmp_path):
 
 
 def test_a_resume_whose_step_logs_are_missing_or_short_is_refused(tmp_path, capsys):
-    """A copy without rollouts.jsonl, or with one cut short, resumed and finished with a hole
-    in its record of the steps (steps 1-8 missing) and first-reward figures taken from what was
-    left. The checkpoint records how much each step log held; a resume that finds less is
-    refused, naming the log, and nothing of the copy is changed."""
+    """A copy without rollouts.jsonl or metrics.jsonl, or with one cut short, resumed and
+    finished with a hole in its record of the steps (steps 1-8 missing) and first-reward or
+    first-FVU figures taken from what was left. The checkpoint records how many rows each step
+    log held; a resume that finds fewer is refused, naming the log, and nothing of the copy is
+    changed. A complete log written again in another layout (jq -c) is not refused."""
     run = tmp_path / "run"
     _kill_after_step_8(run, _train(run))
-    rows = (run / "rollouts.jsonl").read_text().splitlines(keepends=True)
-    for name, edit in (("missing", lambda p: p.unlink()),
-                       ("short", lambda p: p.write_text("".join(rows[2:])))):
+    texts = {log: (run / log).read_text().splitlines(keepends=True)
+             for log in ("rollouts.jsonl", "metrics.jsonl")}
+    rows = {log: sum(json.loads(line)["step" if log == "rollouts.jsonl" else "rl_step"] <= 8
+                     for line in lines) for log, lines in texts.items()}
+    for name, log, edit, held in (
+            ("missing", "rollouts.jsonl", lambda p, lines: p.unlink(), 0),
+            ("short", "rollouts.jsonl", lambda p, lines: p.write_text("".join(lines[2:])), -2),
+            ("no_metrics", "metrics.jsonl", lambda p, lines: p.unlink(), 0)):
         copy = tmp_path / name
         shutil.copytree(run, copy)
-        edit(copy / "rollouts.jsonl")
+        edit(copy / log, texts[log])
         before = {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*")
                   if p.is_file() and p.name not in (".lock", "cli.log")}
         assert cli_main(["train", f"run_dir={copy}", "resume=true"]) == 2
         err = capsys.readouterr().err
-        assert re.search(r"rollouts.jsonl: (nothing|\d+ bytes) up to RL step 8, where the run "
-                         r"had written \d+ bytes", err)
-        assert ("rollouts.jsonl: nothing" in err) == (name == "missing")
-        assert ("where the run had written" in err and "this copy's log is missing or cut "
-                "short" in err and "copy rollouts.jsonl again from the run") in err
+        expected = held if held >= 0 else rows[log] + held
+        found = re.search(rf"{log}: (\d+) rows up to RL step 8, where the run had written (\d+) "
+                          "when that step's checkpoint was taken: this copy's log is missing or "
+                          "cut short, and the resumed run would have a hole in it; copy "
+                          rf"{log} again from the run", err)
+        assert found and int(found[1]) == expected and expected < int(found[2]) <= rows[log]
         after = {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*")
                  if p.is_file() and p.name not in (".lock", "cli.log")}
         assert after == before  # refused before anything of the resume is written
+    compact = tmp_path / "compact"
+    shutil.copytree(run, compact)
+    (compact / "rollouts.jsonl").write_text("".join(
+        json.dumps(json.loads(line), separators=(",", ":")) + "\n"
+        for line in texts["rollouts.jsonl"]))
+    assert cli_main(["train", f"run_dir={compact}", "resume=true"]) == 0
 
 
 def test_a_run_whose_initial_model_moved_resumes_from_its_new_place(tmp_path, capsys):
@@ -712,6 +725,27 @@ def test_a_run_whose_initial_model_moved_resumes_from_its_new_place(tmp_path, ca
     capsys.readouterr()
     assert cli_main(["train", f"run_dir={run}", "resume=true", f"model.path={other}"]) == 2
     assert "model.path:" in capsys.readouterr().err
+
+
+def test_a_resume_refuses_a_tiny_model_edited_since_the_run_began(uninterrupted, tmp_path,
+                                                                  capsys):
+    """The run's own model/ (theta_0 of a tiny-model run, kept by a resume) edited in a copy:
+    the resume went on and config.json recorded the edited weights' fingerprint, so analysis
+    then took them for theta_0."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(uninterrupted, copy)
+    (copy / "summary.json").unlink()  # a stopped run's copy
+    recorded = json.loads((copy / "config.json").read_text())["model"]["fingerprint"]
+    weights = copy / "model" / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 0.05
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert cli_main(["train", f"run_dir={copy}", "resume=true"]) == 2
+    assert "model.fingerprint.model.safetensors: " in capsys.readouterr().err
+    assert json.loads((copy / "config.json").read_text())["model"]["fingerprint"] == recorded
 
 
 def test_a_damaged_trl_checkpoint_is_named_when_the_resume_reads_it(tmp_path, capsys):

@@ -83,6 +83,11 @@ def test_matching_two_runs_of_one_sae_seed_warns_that_they_start_alike(run_dir, 
     shards.match(other)
     assert "started from the same initialisation (sae.seed=0)" in caplog.text
     caplog.clear()
+    # two checkpoints of one run that was moved and resumed (each names where it ran)
+    moved = ShardSet.from_run(run_dir, "final")
+    moved.config["meta"] = {**moved.meta, "run_dir": str(tmp_path / "moved_here")}
+    shards.match(moved)
+    assert "started from the same initialisation" not in caplog.text
     other.sae.cfg = dataclasses.replace(other.sae.cfg, seed=1)
     shards.match(other)
     assert "started from the same initialisation" not in caplog.text
@@ -162,6 +167,31 @@ def test_a_truncated_activation_log_is_told_to_go_not_to_read_another_checkpoint
            "file (resume/)" in err and "--checkpoint step_XXXXXX" not in err
     acts.unlink()
     assert main(["analyze", str(copy), "--no-dose"]) == 0  # the advice works
+
+
+def test_another_runs_final_policy_is_not_paired_with_the_shards(run_dir, tmp_path):
+    """A final_model/ copied in from another run (a copy assembled by hand) was paired with
+    these shards without a word: the coefficients and every intervention changed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sae_shards.analysis.shards import run_models_missing
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["final_model_fingerprint"] and run_models_missing(copy) is None
+    weights = copy / "final_model" / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert "the final policy at" in run_models_missing(copy)
+    assert "differ from summary.json's final_model_fingerprint" in run_models_missing(copy)
+    summary["final_model_fingerprint"] = None  # a run of an earlier version: not checked
+    (copy / "summary.json").write_text(json.dumps(summary))
+    assert run_models_missing(copy) is None
 
 
 def test_factored_geometry_matches_dense(run_dir):
@@ -737,10 +767,12 @@ def test_a_copy_without_its_summary_still_warns_of_an_fvu_above_one(run_dir, tmp
 
 
 def test_a_policy_whose_weights_give_nan_probabilities_is_named_not_a_traceback(run_dir, tmp_path,
-                                                                                capsys):
+                                                                                capsys, caplog):
     """A bit flipped in final_model/ (an exponent: 0.007 -> 2e36) ended analyze with torch's
-    multinomial traceback; it is a one-line error saying what is wrong and what to do, and the
-    earlier report is kept."""
+    multinomial traceback. The run's record of its final policy (summary.json) catches it first,
+    and the report leaves the interventions out; a run without that record (an earlier
+    version's) gets a one-line error saying what is wrong and what to do, and the earlier
+    report is kept."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -754,6 +786,13 @@ def test_a_policy_whose_weights_give_nan_probabilities_is_named_not_a_traceback(
     name = next(k for k in tensors if k.endswith("o_proj.weight"))
     tensors[name][0, 0] = 2.4e36
     save_file(tensors, weights, metadata={"format": "pt"})
+    assert main(["analyze", str(copy), "--n-prompts", "1", "--shards", "1"]) == 0
+    assert "is not the one the run saved" in caplog.text
+    assert "is not the one the run saved" in (copy / "report.html").read_text()
+    capsys.readouterr()
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["final_model_fingerprint"] = None
+    (copy / "summary.json").write_text(json.dumps(summary))
     (copy / "report.html").write_text("<title>sae-shards report: earlier</title>")
     assert main(["analyze", str(copy), "--n-prompts", "1", "--shards", "1"]) == 2
     err = capsys.readouterr().err

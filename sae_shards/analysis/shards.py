@@ -206,8 +206,10 @@ class ShardSet:
         SAEs share ``sae.seed`` start from the same decoder: a shard that trained little keeps
         its initial direction and matches its namesake by construction (warned about)."""
         seed = self.sae.cfg.seed
-        if (seed == other.sae.cfg.seed and self.meta.get("run_dir") is not None
-                and self.meta.get("run_dir") != other.meta.get("run_dir")):
+        one_run_now = (self.path is not None and other.path is not None  # checkpoints/ of one
+                       and Path(self.path).resolve().parent == Path(other.path).resolve().parent)
+        if (seed == other.sae.cfg.seed and self.meta.get("run_dir") is not None  # run (moved?)
+                and self.meta.get("run_dir") != other.meta.get("run_dir") and not one_run_now):
             log.warning("match: the two runs' SAEs started from the same initialisation "
                         "(sae.seed=%d), so a shard that trained little keeps its initial "
                         "direction and matches its namesake in the other run by construction; "
@@ -1154,6 +1156,15 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
                     "(pytorch_model.bin) are never loaded from a run; save the model there "
                     "again with save_pretrained(DIR), whose default is safetensors"
                     + (hint if folder == initial else ""))
+    saved_final = rundir.read_summary(run_dir).get("final_model_fingerprint")
+    if final == run_dir / rundir.FINAL_MODEL and isinstance(saved_final, dict) and saved_final:
+        from sae_shards.capture.initial_model import fingerprint
+
+        if fingerprint(final) != saved_final:
+            return (f"the final policy at {final} is not the one the run saved (its weight files "
+                    "differ from summary.json's final_model_fingerprint: another run's, or "
+                    "re-saved since), so the update and every intervention would be measured "
+                    "on other weights; copy final_model/ again from the run")
     recorded = (cfg.get("model") or {}).get("fingerprint")
     if recorded:
         from sae_shards.capture.initial_model import fingerprint

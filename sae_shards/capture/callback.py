@@ -285,6 +285,7 @@ class ShardCallback(TrainerCallback):
         self._versions: dict[str, Any] | None = None  # the software that started the run
         self._resumed_under: list[dict[str, Any]] = []  # resumes under other versions
         self._fingerprint: dict[str, str] | None = None  # its weight files' hashes
+        self._event_log: rundir.JsonLines | None = None  # per-event runs' events.jsonl
         self._writer = BackgroundWriter()  # the step checkpoint being written, if any
         self._signals = SignalGuard(self) if handle_signals else None
 
@@ -571,8 +572,7 @@ class ShardCallback(TrainerCallback):
         self.parts.runner.wait_idle()
         self.parts.loop.flush_activations()
         self._flush_sae_records()
-        logs = {name: (self.run_dir / name).stat().st_size for name in resume_state.STEP_LOGS
-                if (self.run_dir / name).is_file()}  # as of this step: a resume checks them
+        logs = {log.path.name: log.rows() for log in self._step_logs()}  # a resume checks them
         snap = resume_state.snapshot_step(step, self.parts, self.capture, self.meta,
                                           time.perf_counter() - self._t0, resumable, logs)
         self._writer.submit(resume_state.write_step, self.run_dir, snap,
@@ -580,6 +580,12 @@ class ShardCallback(TrainerCallback):
         self.last_checkpoint = resume_state.checkpoint_dir(self.run_dir, step)
         if resumable:
             self._resumable_step = step
+
+    def _step_logs(self) -> list[rundir.JsonLines]:
+        """The logs a resume checks against a checkpoint's record of them
+        (``resume.STEP_LOGS``): rollouts, metrics, and a per-event run's events."""
+        return [log for log in (self._rollout_log, self._metric_log, self._event_log)
+                if log is not None]
 
     def _restore(self, step: int, last: bool = False, trl_output: str | None = None) -> None:
         """Continue from the checkpoint of RL step ``step`` (``last``: the run's last step):
@@ -898,10 +904,12 @@ class ShardCallback(TrainerCallback):
         self.parts.runner.finish()
         self.parts.loop.flush_activations()
         self._flush_sae_records()
+        final_model = None  # its weight files' hashes: analysis pairs no other policy
         if self.save_model and not self._stopped:
             out = self.run_dir / rundir.FINAL_MODEL
             initial_model.save_policy(model, processing_class, out, state_dict=gathered)
-        self.summary = self._finish(self.parts.loop.last_rl_step, max_grad_norm)
+            final_model = initial_model.fingerprint(out)
+        self.summary = self._finish(self.parts.loop.last_rl_step, max_grad_norm, final_model)
 
     def close(self) -> None:
         """Stop the SAE worker after a failed ``train()`` (its own error is not re-raised), end
@@ -946,9 +954,11 @@ class ShardCallback(TrainerCallback):
 
     # ---- the end -----------------------------------------------------------------------------
 
-    def _finish(self, rl_step: int, max_grad_norm: float | None = None) -> dict[str, Any]:
+    def _finish(self, rl_step: int, max_grad_norm: float | None = None,
+                final_model: dict[str, str] | None = None) -> dict[str, Any]:
         """Final checkpoint (an interrupted run keeps its last step checkpoint instead),
-        activations, samples, summary and artifact."""
+        activations, samples, summary and artifact; ``final_model``: the fingerprint of the
+        policy saved in ``final_model/`` (None when none was)."""
         parts = self.parts
         rundir.remove_derived(self.run_dir)  # a report written while the run went on is stale
         if not self._stopped:
@@ -980,7 +990,7 @@ class ShardCallback(TrainerCallback):
             "final_checkpoint": str(final), "fvu_heldout": fvu_heldout,
             "heldout_samples": n_heldout, "wall_s": time.perf_counter() - self._t0,
             "wall_s_resumed_from": self._wall_before,
-            "world_size": distributed.world_size(),
+            "world_size": distributed.world_size(), "final_model_fingerprint": final_model,
             **(clip_figures((row for _, _, row in rundir.iter_jsonl(self.run_dir /
                                                                      rundir.METRICS)),
                             max_grad_norm)

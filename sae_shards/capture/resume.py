@@ -72,15 +72,15 @@ class StepSnapshot(NamedTuple):
 
 def snapshot_step(step: int, parts: Pipeline, capture: DeltaCapture | EventCapture,
                   meta: dict[str, Any], wall_s: float, resumable: bool = True,
-                  log_bytes: dict[str, int] | None = None) -> StepSnapshot:
+                  log_rows: dict[str, int] | None = None) -> StepSnapshot:
     """What ``write_step`` writes for RL step ``step``. The caller has made the runner idle
     (every pushed delta processed). The SAE and trainer tensors are copies (the SAE may train
     on), the ring buffer's slots are views: write them before the buffer is written again.
     ``wall_s``: the run's training time so far (this process and those it resumed from).
     ``resumable=False``: the shards only (no resume file, no optimizer state), for a step no
-    TRL checkpoint will resume from. ``log_bytes``: the sizes of the run's step logs
-    (``rollouts.jsonl``, ``events.jsonl``) as of this step, which a resume checks its copy of
-    them against (``restore``)."""
+    TRL checkpoint will resume from. ``log_rows``: how many rows the run's step logs
+    (``STEP_LOGS``) held as of this step, which a resume checks its copy of them against
+    (``restore``)."""
     files = checkpoint_files(parts.sae, parts.trainer.stats.as_tensors(),
                              checkpoint_meta(meta, step, parts.trainer),
                              parts.trainer.state_tensors() if resumable else None, copy=True)
@@ -94,7 +94,7 @@ def snapshot_step(step: int, parts: Pipeline, capture: DeltaCapture | EventCaptu
                         for k, v in capture.preconditioner.state_tensors().items()})
     info = {"step": step, "buffer": info, "capture": capture.counters(),
             "last_rl_step": parts.loop.last_rl_step, "wall_s": wall_s,
-            "log_bytes": dict(log_bytes or {})}
+            "log_rows": dict(log_rows or {})}
     if parts.loop.budget is not None:  # runner.sae_budget: what it paid and earned from so far
         info["budget"] = dict(zip(("paid_s", "rl_s"), parts.loop.budget.totals()))
     return StepSnapshot(step, tensors, info, files)
@@ -204,44 +204,44 @@ def partial_checkpoints(run_dir: Path, trl: Path | None = None) -> str | None:
     return "; ".join(f"{where} {', '.join(names) or 'none'}" for where, names in parts.items())
 
 
-STEP_LOGS = (rundir.ROLLOUTS, rundir.EVENTS)
-"""The logs with one row (or one per event) for every RL step, appended as the step ends: up to
-a checkpoint's step they hold exactly what they held when it was written."""
+STEP_LOGS = {rundir.ROLLOUTS: "step", rundir.EVENTS: "step", rundir.METRICS: "rl_step"}
+"""The logs appended step by step, and the field naming a row's RL step: up to a checkpoint's
+step they hold at least the rows they held when it was taken (``restore`` cuts them back to it)."""
 
 
 def check_step_logs(run_dir: Path, step: int) -> None:
     """``_check_logs`` before anything of a resume is written (``sae-shards train``), with the
-    sizes read from the header of step ``step``'s resume file (a damaged header is left to the
-    resume's own read, which names it)."""
+    row counts read from the header of step ``step``'s resume file (a damaged header is left to
+    the resume's own read, which names it)."""
     from sae_shards.core.checkpoint_checks import opened_safetensors
 
     try:
         with opened_safetensors(resume_file(run_dir, step)) as f:
-            recorded = json.loads((f.metadata() or {}).get("info", "{}")).get("log_bytes")
+            recorded = json.loads((f.metadata() or {}).get("info", "{}")).get("log_rows")
     except (CheckpointError, ValueError, AttributeError):
         return
     _check_logs(run_dir, step, recorded if isinstance(recorded, dict) else {})
 
 
 def _check_logs(run_dir: Path, step: int, recorded: dict[str, int]) -> None:
-    """Refuse a resume whose step logs hold less, up to RL step ``step``, than the run had
-    written when that step's checkpoint was taken (``recorded``: bytes per log; none in resume
+    """Refuse a resume whose step logs hold fewer rows, up to RL step ``step``, than the run had
+    written when that step's checkpoint was taken (``recorded``: rows per log; none in resume
     files of earlier versions): a copy without them, or with a short one, would go on with a
-    hole in its record of the steps (and figures such as the first reward taken from what is
-    left)."""
-    for name, size in recorded.items():
-        path = run_dir / name
-        if name not in STEP_LOGS or not isinstance(size, int):
+    hole in its record of the steps (and figures such as the first reward or FVU taken from
+    what is left). Rows are counted, so a complete log written again in another layout
+    passes."""
+    for name, rows in recorded.items():
+        path, key = run_dir / name, STEP_LOGS.get(name)
+        if key is None or not isinstance(rows, int):
             continue
-        held = sum(len(line) + (not line.endswith(b"\n"))
-                   for _, line, row in (rundir.iter_jsonl(path) if path.is_file() else ())
-                   if row.get("step", 0) <= step)  # the rows the resume keeps
-        if held < size:
+        held = sum(1 for _, _, row in (rundir.iter_jsonl(path) if path.is_file() else ())
+                   if row.get(key, 0) <= step)  # the rows the resume keeps
+        if held < rows:
             raise CheckpointError(
-                f"{path}: {f'{held} bytes' if held else 'nothing'} up to RL step {step}, where "
-                f"the run had written {size} bytes when that step's checkpoint "
-                f"was taken: this copy's log is missing or cut short, and the resumed run "
-                f"would have a hole in it; copy {name} again from the run")
+                f"{path}: {held} rows up to RL step {step}, where the run had written {rows} "
+                f"when that step's checkpoint was taken: this copy's log is missing or cut "
+                f"short, and the resumed run would have a hole in it; copy {name} again from "
+                "the run")
 
 
 def _remove_later(run_dir: Path, step: int) -> None:
@@ -336,7 +336,7 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
             f"{target}: not a resume file that fits this run's RL step {step} ({type(e).__name__}: "
             f"{e}); the file is damaged or another run's: restore it from a copy of the run, or "
             "resume from an earlier checkpoint") from e
-    _check_logs(run_dir, step, info.get("log_bytes") or {})
+    _check_logs(run_dir, step, info.get("log_rows") or {})
     _remove_later(run_dir, step)
     rundir.truncate_jsonl(run_dir / rundir.ROLLOUTS, lambda row: row.get("step", 0) <= step)
     if (run_dir / rundir.EVENTS).is_file():

@@ -244,6 +244,20 @@ def run_config(cfg: JobConfig, target_length: int | None = None,
     return out
 
 
+def check_same_settings(cfg: JobConfig, run_dir: Path, how: str) -> None:
+    """``rundir.check_resume_config`` for a job continuing the run in ``run_dir`` (a resume, or a
+    sweep's resume deciding whether a finished job is this one): its settings must be the run's,
+    except a ``model.path`` that holds the run's initial weights at a new place (the model
+    moved with the run: ``initial_model.moved_to``), which ``config.json`` then records. The
+    tiny model a run built (``model/``, kept by a resume) must still hold the weights the run
+    fingerprinted."""
+    now = run_config(cfg, built=None if cfg.model.path else run_dir / rundir.MODEL)
+    recorded = rundir.section(rundir.read_config(run_dir), "model")
+    if now["model"].get("path") and initial_model.moved_to(recorded, now["model"]["path"]):
+        now["model"] = {**now["model"], "path": recorded["path"]}
+    rundir.check_resume_config(run_dir, now, how)
+
+
 def shard_callback(cfg: JobConfig, run_dir: Path, target_length: int | None = None,
                    **overrides: Any) -> ShardCallback:
     """The job's ``ShardCallback``: its capture, SAE and runner settings, and the whole config
@@ -279,13 +293,8 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
             if cfg.resume:
                 if main:  # before anything is built: a changed seed or model would fail there
                     saved = run_dir / rundir.HYDRA / "overrides.yaml"
-                    now = run_config(cfg)
-                    recorded = rundir.section(rundir.read_config(run_dir), "model")
-                    if now["model"].get("path") and initial_model.moved_to(
-                            recorded, now["model"]["path"]):  # the same weights, moved: allowed
-                        now["model"] = {**now["model"], "path": recorded["path"]}
-                    rundir.check_resume_config(
-                        run_dir, now,
+                    check_same_settings(
+                        cfg, run_dir,
                         f"Resume with the settings it started with (sae-shards train "
                         f"run_dir={run_dir} resume=true reuses the run's own overrides, "
                         f"{rundir.HYDRA}/overrides.yaml), or start a new run_dir."

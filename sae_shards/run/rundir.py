@@ -662,6 +662,7 @@ class JsonLines:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.touch()
+        self._rows: int | None = None  # counted from the file when first asked (``rows``)
 
     def append(self, row: dict[str, Any]) -> None:
         try:  # the C encoder at once; the (slower) NaN scrub only when a value needs it
@@ -670,6 +671,15 @@ class JsonLines:
             line = json.dumps(strict_json(row), allow_nan=False)
         with writing(self.path), self.path.open("a") as f:
             f.write(line + "\n")
+        if self._rows is not None:
+            self._rows += 1
+
+    def rows(self) -> int:
+        """How many rows the log holds: read from the file once (after a resume cut it back),
+        then counted as they are appended."""
+        if self._rows is None:
+            self._rows = sum(1 for _ in iter_jsonl(self.path))
+        return self._rows
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
