@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
 import re
 import shlex
 import shutil
@@ -571,8 +572,6 @@ def _rank() -> int:
 def _check_process_count(run_dir: Path) -> None:
     """A resume on another number of processes than the run's is refused here, before Hydra
     writes into the run's ``.hydra/`` (the callback checks it again, for scripts)."""
-    import os
-
     from sae_shards.capture.distributed import world_mismatch
     from sae_shards.run import rundir
 
@@ -849,6 +848,10 @@ def _train(args: list[str]) -> int:
             if not sweep:
                 raise
             logging.getLogger("sae_shards.cli").exception("the job failed")  # into its cli.log
+            if _several_processes():  # the other processes may wait in this job's
+                # collectives: end this one (Hydra goes on after an Exception, not after
+                # SystemExit), so that the launcher ends theirs
+                raise SystemExit(1) from e
             failures.append(f"{job_name}failed: {type(e).__name__}: {e} (the traceback is in "
                             f"{run_dir / 'cli.log'})")
             crashed.append(run_dir)
@@ -906,6 +909,12 @@ def _sweep_lines(jobs: list[Path], outcome: dict[Path, str]) -> list[str]:
             f"{fig(s, 'reward_last')}, fvu {fig(s, 'fvu_first')} -> {fig(s, 'fvu_last')}"
             if s else ""))
     return lines
+
+
+def _several_processes() -> bool:
+    """Whether this process is one of a multi-process launch (``accelerate launch``,
+    ``torchrun``: ``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _recorded_group(run_dir: Path) -> str | None:

@@ -373,6 +373,20 @@ def test_a_sweep_job_resumed_alone_keeps_the_sweeps_wandb_group(tmp_path, monkey
     capsys.readouterr()
 
 
+def test_an_unforeseen_failure_ends_a_multi_process_sweep(tmp_path, monkeypatch, capsys):
+    """Under a multi-process launch a job that raised on one rank went on to the next job while
+    the other ranks waited in the failed job's collectives: the sweep hung until killed. The
+    process now ends (exit 1), so the launcher ends the others; the next job does not start."""
+    import sae_shards.cli as cli
+
+    monkeypatch.setattr(cli, "_several_processes", lambda: True)
+    sweep = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as ended:
+        main(["train", "-m", "rl.extra.loss_type=bogus,grpo", f"run_dir={sweep}", *TINY])
+    assert ended.value.code == 1
+    assert not list(sweep.glob("*loss_type=grpo*/summary.json"))  # the next job never ran
+
+
 def test_a_bad_value_in_one_sweep_element_stops_the_sweep_before_any_job(tmp_path, capsys):
     """sae.k=2,100: the second job's config is invalid; said at once, naming that job, and no
     job runs (the sweep's directory is not even created)."""

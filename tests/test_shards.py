@@ -725,8 +725,8 @@ def test_reports_of_several_runs_in_one_folder_keep_their_figures_apart(run_dir,
     # another run's directory: its own report and figures would be replaced
     assert main(["analyze", str(runs[0]), "--out", str(runs[1] / "report.html"),
                  "--no-dose"]) == 2
-    assert (f"--out {runs[1] / 'report.html'} is in the directory of another run ({runs[1]}), "
-            "whose own report and figures it would replace") in capsys.readouterr().err
+    assert (f"--out {runs[1] / 'report.html'} is in the directory of another run ({runs[1]}): "
+            f"a report of {runs[0]} does not belong there") in capsys.readouterr().err
 
 
 def test_a_copy_without_final_or_resume_files_is_not_told_to_read_them(run_dir, tmp_path,

@@ -313,6 +313,15 @@ class ScoringError(ValueError):
     """The task's reward cannot score the rollouts (the message says why and what to do)."""
 
 
+def _not_finite(where: str) -> ScoringError:
+    """The error for a policy whose next-token distribution holds inf or NaN (``where``: when it
+    was seen), which no sample can be drawn from."""
+    return ScoringError(
+        f"sampling failed: the policy's next-token probabilities hold inf or NaN ({where}): its "
+        "weights are damaged (copy the run's final_model/ and model/ again) or were moved too "
+        "far (a large steering alpha)")
+
+
 class RewardFunctionError(ScoringError):
     """A reward function failed, or returned the wrong number of rewards, when the analysis
     called it as TRL does (its name, the error, and what it was given)."""
@@ -400,15 +409,15 @@ def score_rollouts(
         rng_devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
             torch.manual_seed(seed)
+            # inf/NaN logits: on a GPU torch.multinomial would end in a device-side assert
+            if not bool(torch.isfinite(model(**batch).logits[:, -1]).all()):  # [prompts, vocab]
+                raise _not_finite("at the prompts' last token")
             try:
                 out = model.generate(**batch, generation_config=generation)
-            except RuntimeError as e:  # torch.multinomial on inf/NaN probabilities
+            except RuntimeError as e:  # torch.multinomial on inf/NaN probabilities, later on
                 if "probability tensor" not in str(e):
                     raise
-                raise ScoringError(
-                    "sampling failed: the policy's next-token probabilities hold inf or NaN "
-                    f"({e}): its weights are damaged (copy the run's final_model/ and model/ "
-                    "again) or were moved too far (a large steering alpha)") from None
+                raise _not_finite(str(e)) from None
             # [n_prompts * n_samples, prompt_len + new], prompt i's samples consecutive
     finally:
         model.train(was_training)

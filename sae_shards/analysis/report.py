@@ -1175,8 +1175,9 @@ def report_path_refusal(out: Path, run_dir: Path | None = None) -> str | None:
     other = out.parent
     if (run_dir is not None and rundir.earlier_results(other)
             and other.resolve() != Path(run_dir).resolve()):
-        return (f"--out {out} is in the directory of another run ({other}), whose own report "
-                "and figures it would replace; give a file outside it")
+        return (f"--out {out} is in the directory of another run ({other}): a report of "
+                f"{run_dir} does not belong there (and {other.name}'s own report.html and "
+                "analysis.json would be replaced by it); give a file outside it")
     if out.is_dir():
         return f"--out {out} is a directory; give the report's file, e.g. {out / 'report.html'}"
     if out.exists():
