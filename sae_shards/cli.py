@@ -404,7 +404,7 @@ def check_sweep_jobs(args: list[str]) -> None:
                 naming = composed.hydra.job
                 job_dirs.setdefault(job_dirname(naming.override_dirname), []).append(
                     swept or "the defaults")
-                unnamed = list(naming.config.override_dirname.exclude_keys)
+                unnamed = unnamed or list(naming.config.override_dirname.exclude_keys)
                 with open_dict(composed):
                     del composed["hydra"]
                 cfg = job_config_from_hydra(composed)

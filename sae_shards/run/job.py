@@ -290,35 +290,8 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
                 rundir.prepare_run_dir(run_dir, cfg.overwrite, cfg.resume)
                 held = True
             resume_from = None
-            if cfg.resume:
-                if main:  # before anything is built: a changed seed or model would fail there
-                    saved = run_dir / rundir.HYDRA / "overrides.yaml"
-                    check_same_settings(
-                        cfg, run_dir,
-                        f"Resume with the settings it started with (sae-shards train "
-                        f"run_dir={run_dir} resume=true reuses the run's own overrides, "
-                        f"{rundir.HYDRA}/overrides.yaml), or start a new run_dir."
-                        if saved.is_file() else
-                        f"This copy of the run has no {rundir.HYDRA}/overrides.yaml, from which "
-                        "a resume takes the run's own overrides: copy that folder from the run, "
-                        f"or give the settings {rundir.CONFIG} records on the command line.")
-                step = resume_state.latest_complete(run_dir)
-                partial = resume_state.partial_checkpoints(run_dir) if step is None else None
-                if partial:  # a copy without some part: overwrite=true would delete the rest
-                    raise FileNotFoundError(
-                        f"resume=true but run_dir={run_dir} has no step with all three parts "
-                        f"of a checkpoint ({rundir.RESUME}/step_N.safetensors, "
-                        f"{rundir.CHECKPOINTS}/step_N, {rundir.TRL_OUTPUT}/checkpoint-N); it "
-                        f"holds {partial}. A copy that left a part out: copy it from the run; "
-                        "a run killed while it wrote its first checkpoint: start it anew with "
-                        "overwrite=true (which deletes what the directory holds)")
-                if step is None:
-                    raise FileNotFoundError(
-                        f"resume=true but run_dir={run_dir} has no complete checkpoint (it was "
-                        "killed before its first runner.checkpoint_every steps); start it anew "
-                        "with overwrite=true")
-                resume_state.check_step_logs(run_dir, step)  # a copy's logs hold every step
-                resume_from = run_dir / rundir.TRL_OUTPUT / f"checkpoint-{step}"
+            if cfg.resume:  # before anything is built: a changed seed or model would fail there
+                resume_from = _resume_point(cfg, run_dir, main)
             for name, text in (hydra_files or {}).items() if main else ():
                 with rundir.writing(run_dir / rundir.HYDRA / name):
                     (run_dir / rundir.HYDRA).mkdir(exist_ok=True)
@@ -345,6 +318,40 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
     if resume_from is not None:
         rl.trainer.add_callback(_NoStepPastEnd())
     return Started(rl, callback, resume_from)
+
+
+def _resume_point(cfg: JobConfig, run_dir: Path, main: bool) -> Path:
+    """TRL's checkpoint a resume continues from, once the run in ``run_dir`` passed every check
+    a resume makes before anything is written: its settings are the run's (on rank 0:
+    ``check_same_settings``), it has a complete checkpoint (a copy missing one of the three
+    parts is told which it holds, not to start again), and its step logs hold what that
+    checkpoint recorded of them (``resume.check_step_logs``)."""
+    if main:
+        saved = run_dir / rundir.HYDRA / "overrides.yaml"
+        check_same_settings(
+            cfg, run_dir,
+            f"Resume with the settings it started with (sae-shards train run_dir={run_dir} "
+            f"resume=true reuses the run's own overrides, {rundir.HYDRA}/overrides.yaml), or "
+            "start a new run_dir." if saved.is_file() else
+            f"This copy of the run has no {rundir.HYDRA}/overrides.yaml, from which a resume "
+            "takes the run's own overrides: copy that folder from the run, or give the "
+            f"settings {rundir.CONFIG} records on the command line.")
+    step = resume_state.latest_complete(run_dir)
+    partial = resume_state.partial_checkpoints(run_dir) if step is None else None
+    if partial:  # a copy without some part: overwrite=true would delete the rest
+        raise FileNotFoundError(
+            f"resume=true but run_dir={run_dir} has no step with all three parts of a "
+            f"checkpoint ({rundir.RESUME}/step_N.safetensors, {rundir.CHECKPOINTS}/step_N, "
+            f"{rundir.TRL_OUTPUT}/checkpoint-N); it holds {partial}. A copy that left a part "
+            "out: copy it from the run; a run killed while it wrote its first checkpoint: "
+            "start it anew with overwrite=true (which deletes what the directory holds)")
+    if step is None:
+        raise FileNotFoundError(
+            f"resume=true but run_dir={run_dir} has no complete checkpoint (it was killed "
+            "before its first runner.checkpoint_every steps); start it anew with "
+            "overwrite=true")
+    resume_state.check_step_logs(run_dir, step)  # a copy's logs hold every step
+    return run_dir / rundir.TRL_OUTPUT / f"checkpoint-{step}"
 
 
 @contextlib.contextmanager
