@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -85,5 +86,16 @@ def main(argv: list[str]) -> None:
     dist.destroy_process_group()
 
 
+def _exit_now() -> None:
+    """End the process once everything is written, without the interpreter's teardown: there
+    gloo's worker threads can abort a finished rank ("terminate called without an active
+    exception", exit -6; pytorch/pytorch#190489, which ``cli.end_process_group`` also works
+    around), as rank 1 did after a finished run in two CI runs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])
+    _exit_now()
