@@ -659,7 +659,7 @@ def _hydra_files(cfg) -> dict[str, str]:
 
 def _closing_lines(summary: dict, run_dir: Path) -> list[str]:
     """The end of a run: figures, the files written, and the next command."""
-    fig = lambda k: "n/a" if summary.get(k) is None else f"{summary[k]:.3f}"  # noqa: E731
+    fig = lambda k: _figure(summary, k)  # noqa: E731
     share = lambda k: "n/a" if summary.get(k) is None else f"{summary[k]:.0%}"  # noqa: E731
     lines = [f"run finished: {summary['rl_steps']} RL steps, {summary['sae_steps']} SAE steps, "
              f"{summary['wall_s']:.0f} s",
@@ -686,6 +686,11 @@ def _closing_lines(summary: dict, run_dir: Path) -> list[str]:
     if "samples.safetensors" in files and _evaluable(run_dir):
         lines[-1] += f"  |  sae-shards evaluate {quoted} (shards against the tasks)"
     return lines
+
+
+def _figure(summary: dict, key: str) -> str:
+    """One of ``summary.json``'s figures as the closing lines show it (n/a when null)."""
+    return "n/a" if summary.get(key) is None else f"{summary[key]:.3f}"
 
 
 def _events_line(summary: dict) -> str:
@@ -895,7 +900,6 @@ def _sweep_lines(jobs: list[Path], outcome: dict[Path, str]) -> list[str]:
     directory's) are not this job's."""
     from sae_shards.run import rundir
 
-    fig = lambda s, k: "n/a" if s.get(k) is None else f"{s[k]:.3f}"  # noqa: E731
     lines = [f"sweep of {len(jobs)} jobs in {jobs[0].parent}:"]
     for d in jobs:
         if d in outcome:
@@ -905,8 +909,9 @@ def _sweep_lines(jobs: list[Path], outcome: dict[Path, str]) -> list[str]:
         how = ("interrupted" if s.get("interrupted") else "finished") if s else \
             "no summary.json (see below)"
         lines.append(f"  {d.name}: {how}" + (
-            f", {s.get('rl_steps')} RL steps, reward {fig(s, 'reward_first')} -> "
-            f"{fig(s, 'reward_last')}, fvu {fig(s, 'fvu_first')} -> {fig(s, 'fvu_last')}"
+            f", {s.get('rl_steps')} RL steps, reward {_figure(s, 'reward_first')} -> "
+            f"{_figure(s, 'reward_last')}, fvu {_figure(s, 'fvu_first')} -> "
+            f"{_figure(s, 'fvu_last')}"
             if s else ""))
     return lines
 

@@ -699,6 +699,18 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path, c
     assert ("to continue, run the script again with ShardCallback(..., resume=True) and "
             "trainer.train(resume_from_checkpoint=True)") in caplog.text  # it says how
     assert (tmp_path / "trl_cut" / "checkpoint-7").is_dir()
+    # a copy whose rollouts.jsonl lost its first rows: the resume refuses it (a script's resume
+    # checks the logs in restore; sae-shards train checks them before it writes anything)
+    short = tmp_path / "short"
+    shutil.copytree(tmp_path / "cut", short)
+    rows = (short / "rollouts.jsonl").read_text().splitlines(keepends=True)
+    (short / "rollouts.jsonl").write_text("".join(rows[2:]))
+    copied = ShardCallback(run_dir=short, runner={"min_samples": 2}, resume=True)
+    with pytest.raises(CheckpointError, match=r"rollouts.jsonl: 5 rows up to RL step 7, where the "
+                                              r"run had written 7"):
+        _user_trainer(tiny_model, tmp_path / "trl_cut", [copied]).train(
+            resume_from_checkpoint=True)
+    copied.close()
     with pytest.raises(FileExistsError, match="already holds a run") as e:
         ShardCallback(run_dir=tmp_path / "cut")  # neither resume nor overwrite: refused
     assert "resume=True" in str(e.value) and "overwrite=True" in str(e.value)  # in its terms

@@ -590,8 +590,9 @@ class ShardCallback(TrainerCallback):
     def _restore(self, step: int, last: bool = False, trl_output: str | None = None) -> None:
         """Continue from the checkpoint of RL step ``step`` (``last``: the run's last step):
         SAE, buffer, logs, counters."""
-        self._wall_before = resume_state.restore(self.run_dir, step, self.parts, self.capture,
-                                                 last, trl_output)
+        self._wall_before = resume_state.restore(  # sae-shards train checked the logs first
+            self.run_dir, step, self.parts, self.capture, last, trl_output,
+            logs_checked=bool(self.run_config))
         self._t0 -= self._wall_before  # wall_s: the whole run's, up to the checkpoint and after
         rundir.remove_derived(self.run_dir, ending=True)
         for _, _, row in rundir.iter_jsonl(self.run_dir / rundir.ROLLOUTS):

@@ -286,14 +286,16 @@ def _resume_instead(step: int, have: list[int], trl_output: str | Path | None) -
 
 def restore(run_dir: Path, step: int, parts: Pipeline,
             capture: DeltaCapture | EventCapture, last: bool = False,
-            trl_output: str | Path | None = None) -> float:
+            trl_output: str | Path | None = None, logs_checked: bool = False) -> float:
     """Load the state of RL step ``step`` into a freshly built pipeline and capture, and cut the
     run's JSON-lines logs back to that step (raises ``CheckpointError`` naming what is missing).
     TRL's end-of-training row goes too (a stopped process's: the resumed one logs its own),
     unless ``step`` is the run's ``last`` (the run trained to its end and is not trained again).
     Returns the run's training time up to that checkpoint (``wall_s``; 0 for files written
     before it was recorded). ``trl_output``: the trainer's ``output_dir``, for a refusal that
-    names the checkpoint to resume from instead."""
+    names the checkpoint to resume from instead. ``logs_checked``: the step logs were already
+    checked against the resume file's record (``check_step_logs``, by ``sae-shards train``
+    before it wrote anything), so they are not read for it again."""
     checkpoint = checkpoint_dir(run_dir, step)
     target = resume_file(run_dir, step)
     if not target.is_file() or not checkpoint.is_dir():
@@ -336,7 +338,8 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
             f"{target}: not a resume file that fits this run's RL step {step} ({type(e).__name__}: "
             f"{e}); the file is damaged or another run's: restore it from a copy of the run, or "
             "resume from an earlier checkpoint") from e
-    _check_logs(run_dir, step, info.get("log_rows") or {})
+    if not logs_checked:
+        _check_logs(run_dir, step, info.get("log_rows") or {})
     _remove_later(run_dir, step)
     rundir.truncate_jsonl(run_dir / rundir.ROLLOUTS, lambda row: row.get("step", 0) <= step)
     if (run_dir / rundir.EVENTS).is_file():

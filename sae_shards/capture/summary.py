@@ -81,9 +81,9 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
             f"the SAE got {trainer.n_steps} step(s) in all ({summary['samples_per_slot']:.2f} "
             "training samples per captured delta)")
         log.warning("%s", summary["warning"])
-    elif worse_than_mean(summary["fvu_last"], trainer.n_steps):
+    elif worse := worse_than_mean(summary["fvu_last"], trainer.n_steps):
         summary["warning"] = (
-            f"{worse_than_mean(summary['fvu_last'], trainer.n_steps)}. Train it longer "
+            f"{worse}. Train it longer "
             f"({_more_sae_steps(runner)}) or lower sae.lr")
         log.warning("%s", summary["warning"])
     note = getattr(capture, "precision_note", None)  # said at the start: the report says it too
