@@ -1060,6 +1060,10 @@ def _analyze(args: list[str]) -> int:
     try:
         name = _announce_checkpoint(ns.run_dir, ns.checkpoint)
         refused = _check_shards_arg(ns.shards, ns.run_dir, name)
+        if not refused and ns.initial_model is not None:
+            from sae_shards.analysis.shards import named_initial_refusal
+
+            refused = named_initial_refusal(ns.run_dir, ns.initial_model)
         if refused:
             print(f"sae-shards: cannot analyze {ns.run_dir}: {refused}", file=sys.stderr)
             return 2

@@ -587,6 +587,17 @@ def test_analysis_knows_the_initial_weights_it_started_from(tmp_path, caplog, ca
                  "--initial-model", str(tmp_path / "moved")]) == 0
     assert '"dose_response"' in (run / "analysis.json").read_text()
 
+    # other weights (or no model) named on purpose: refused before anything is written, rather
+    # than a report whose interventions are left out with exit status 0
+    capsys.readouterr()
+    report = (run / "analysis.json").read_text()
+    for named, said in ((model, "are not the ones the run started from (model.safetensors"),
+                        (tmp_path / "nowhere", "no saved model there (no config.json)")):
+        assert main(["analyze", str(run), "--shards", "1", "--n-prompts", "4",
+                     "--initial-model", str(named)]) == 2
+        assert f"cannot analyze {run}: " in (err := capsys.readouterr().err) and said in err
+    assert (run / "analysis.json").read_text() == report  # the last report is kept
+
 
 def test_a_sweep_jobs_directory_is_named_by_its_overrides_as_given():
     """``open_map_args`` passes ``rl.extra.x=1`` to Hydra as ``++rl.extra.x=1``: the job's

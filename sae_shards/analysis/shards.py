@@ -1165,19 +1165,9 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
                     "differ from summary.json's final_model_fingerprint: another run's, or "
                     "re-saved since), so the update and every intervention would be measured "
                     "on other weights; copy final_model/ again from the run")
-    recorded = (cfg.get("model") or {}).get("fingerprint")
-    if recorded:
-        from sae_shards.capture.initial_model import fingerprint
-
-        now = fingerprint(initial)
-        if now != recorded:
-            changed = sorted(k for k in recorded.keys() | now.keys()
-                             if recorded.get(k) != now.get(k))
-            return (f"the initial weights at {initial} are not the ones the run started from "
-                    f"({', '.join(changed)} differ from config.json's model.fingerprint: "
-                    "re-saved or edited since), so the update, the logit lens and every "
-                    "intervention would be measured against other weights; restore them, or "
-                    "give the directory holding them with --initial-model DIR")
+    differ = _other_initial_weights(initial, cfg)
+    if differ:
+        return differ
     for folder in (initial, final) if not _is_lora(cfg) else (initial,):
         try:  # a reward model's run (trl.RewardTrainer): no LM head to steer or read
             check_causal_lm(folder, trust_remote_code)
@@ -1185,6 +1175,36 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
             return (f"the policy is not a causal language model ({e}); the logit lens, the "
                     "dose-response and the ablation read and sample a causal LM")
     return None
+
+
+def _other_initial_weights(initial: Path, cfg: Mapping[str, Any]) -> str | None:
+    """Why the weights at ``initial`` are not the ones the run started from (their files differ
+    from ``config.json``'s ``model.fingerprint``), or None: the same, or nothing recorded."""
+    recorded = (cfg.get("model") or {}).get("fingerprint")
+    if not recorded:
+        return None
+    from sae_shards.capture.initial_model import fingerprint
+
+    now = fingerprint(initial)
+    if now == recorded:
+        return None
+    changed = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
+    return (f"the initial weights at {initial} are not the ones the run started from "
+            f"({', '.join(changed)} differ from config.json's model.fingerprint: "
+            "re-saved or edited since), so the update, the logit lens and every "
+            "intervention would be measured against other weights; restore them, or "
+            "give the directory holding them with --initial-model DIR")
+
+
+def named_initial_refusal(run_dir: str | Path, initial: str | Path) -> str | None:
+    """Why the directory a reader named as the run's initial model (``--initial-model DIR``)
+    cannot be it, or None. Asked before the analysis starts: a wrong directory named on purpose
+    is the reader's mistake to hear about, not a report whose interventions are left out."""
+    initial = Path(initial)
+    if not (initial / "config.json").is_file():
+        return (f"--initial-model {initial}: no saved model there (no config.json); name the "
+                "directory the run's policy was loaded from, or its copy")
+    return _other_initial_weights(initial, _read_config(Path(run_dir)))
 
 
 def _whole_weights(folder: Path, cfg: Mapping[str, Any]) -> bool:
