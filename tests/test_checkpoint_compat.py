@@ -126,5 +126,5 @@ def test_shardset_loads_the_fixture():
     assert shards[1].density == 0.25
     dense = shards[0].dense(scaled=False)
     assert {k: tuple(v.shape) for k, v in dense.items()} == {W: (6, 4), B: (5,)}
-    mean = shards.mean_update()
+    mean = shards.decoder_bias()
     assert torch.equal(mean[B], -torch.arange(5.0) / 8 * 0.75)

@@ -189,7 +189,7 @@ def test_moe_shards_apply_to_the_model_whole_and_analyze_reads_the_run(moe_run, 
     whole = {k: v[None] for k, v in direction.items()}
     per_expert = split_stacked(whole, stack_targets(shards.sae.targets))
     assert torch.equal(shards.encode(whole).indices, shards.encode(per_expert).indices)
-    assert tuple(shards.mean_update()[down].shape) == tuple(params[down].shape)
+    assert tuple(shards.decoder_bias()[down].shape) == tuple(params[down].shape)
 
     # a step checkpoint's buffer (stored whole) is read back per expert, as the end of the run
     assert RunView(moe_run, 10).activations.keys() == RunView(moe_run).activations.keys()

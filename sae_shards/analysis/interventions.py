@@ -237,7 +237,7 @@ def update_coefficient(final: nn.Module | Mapping[str, Tensor],
                        initial: nn.Module | Mapping[str, Tensor], direction: Direction) -> float:
     """``c = <theta_T - theta_0, d> / <d, d>`` over the direction's parameters (float64 sums):
     the projection of a run's cumulative update on the direction, in the units of ``d`` (for a
-    shard it holds the mean update and overlapping shards' parts too: compare
+    shard it holds the decoder bias's and overlapping shards' parts too: compare
     ``RunView.attribution``). ``final`` / ``initial``: models or their ``{name: tensor}``."""
     final = weights_of(final, "update_coefficient final")
     initial = weights_of(initial, "update_coefficient initial")

@@ -706,7 +706,7 @@ def _attribution_note(ablations: dict[int, Any], entries: dict[int, dict[str, An
     steps = entries[next(iter(ablations))]["attributed_steps"]
     note = ("<p>c is the projection of the run's update (up to the analysed policy) on the "
             "shard's direction; it also "
-            "holds the mean update (the SAE's decoder bias) and every overlapping shard's part. "
+            "holds the SAE's decoder bias's part and every overlapping shard's part. "
             "The SAE's attribution is its own account: the shard's activations over the "
             f"captured updates of RL steps {steps[0]}-{steps[1]} (those still in the buffer at "
             "the end), summed, in the same units.")

@@ -17,6 +17,7 @@ import logging
 import math
 import operator
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
@@ -271,16 +272,25 @@ class ShardSet:
                   "meta": {**self.meta, "subset_of": origin}}
         return ShardSet(sae.to(self.sae.device), config, stats, None)
 
-    def mean_update(self) -> dict[str, Tensor]:
-        """``b_dec`` in parameter units: the mean update, a shard of its own (under parameter
-        names, a stacked expert tensor whole, as ``Shard.dense()``)."""
+    def decoder_bias(self) -> dict[str, Tensor]:
+        """``b_dec`` in parameter units (under parameter names, a stacked expert tensor whole,
+        as ``Shard.dense()``): the part of every sample's reconstruction that no shard carries.
+        It starts as the first batch's mean update and is learned from there, so it is not the
+        updates' mean: with signed activations an always-on shard takes part of that mean
+        (docs/analysis.md, section 7); the bias plus each shard's mean contribution is the reconstructions' mean."""
         bias = self.sae.bias_sample(detach=True)
         if bias is None:
             raise ValueError(
                 f"this SAE learns no decoder bias (sample_form {self.sae.sample_form!r}, "
-                f"sae.use_b_dec={self.sae.cfg.use_b_dec!r}), so it holds no mean update; per-event "
+                f"sae.use_b_dec={self.sae.cfg.use_b_dec!r}), so it has none; per-event "
                 "SAEs never do, and a per-step run keeps one unless sae.use_b_dec=false")
         return stack_slices({k: v[0] * self.sae.input_scale for k, v in bias.items()})
+
+    def mean_update(self) -> dict[str, Tensor]:
+        """The earlier name of :meth:`decoder_bias`, which is not the updates' mean."""
+        warnings.warn("ShardSet.mean_update() is decoder_bias(): the SAE's learned decoder "
+                      "bias, not the updates' mean", DeprecationWarning, stacklevel=2)
+        return self.decoder_bias()
 
     @property
     def input_scale(self) -> float:
@@ -607,8 +617,8 @@ class RunView:
         """The SAE's own account of a shard's part of the run's update: the sum over the
         timeline's samples of its activation times the SAE's ``input_scale``, the coefficient of
         its unit direction in parameter units (compare ``interventions.update_coefficient``,
-        the projection of the whole update on that direction, which also holds the mean update,
-        the decoder bias, and every overlapping shard's part). None where the samples are not
+        the projection of the whole update on that direction, which also holds the decoder
+        bias's part and every overlapping shard's part). None where the samples are not
         the run's parameter updates (per-event or gradient samples, preconditioned or
         normalised ones): their activations are in other units."""
         if not self.samples_are_updates:

@@ -30,8 +30,9 @@ class SAEConfig:
     """``signed_topk`` (k largest |c|, sign kept), ``topk`` (ReLU then top-k) or ``batch_topk``
     (ReLU, top k*batch over the batch; an EMA threshold is used at inference)."""
     use_b_dec: bool | None = None
-    """Learn a decoder bias per target (the mean update, itself reported as a shard), initialised
-    from the first batch's mean and subtracted before encoding. None (default): on for dense
+    """Learn a decoder bias per target (the part of every reconstruction no latent carries,
+    ``ShardSet.decoder_bias``), initialised from the first batch's mean and subtracted before
+    encoding. None (default): on for dense
     per-step samples, off for factored per-event samples (``capture.granularity=group|completion``:
     their loss is taken about zero, since the batch mean would be a dense ``m x n`` matrix per
     target); true with factored samples is an error. The SAE resolves it: ``sae.uses_b_dec``."""
