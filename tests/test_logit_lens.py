@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sae_shards.analysis.logit_lens import (
+    FinalNormNotFound,
     find_final_norm,
     norm_gain,
     logit_lens,
@@ -163,6 +164,49 @@ def test_writers_found_by_module_type_and_execution_order(model_and_tokenizer):
         for i in range(2) for w in ("attn.c_proj", "mlp.c_proj") for p in ("weight", "bias")
     ]
     assert find_final_norm(gpt2) is gpt2.transformer.ln_f
+
+
+def _tiny(model_type: str, **sizes):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=48, **sizes)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def test_the_final_norm_is_the_module_whose_output_the_unembedding_reads():
+    """Found by name only, LFM2's final norm (``embedding_norm``) and RecurrentGemma's
+    (``final_norm``) were not found, and ``sae-shards analyze`` ended in a traceback with no
+    report (audit 105). A head reading something else than a norm's output falls back on the
+    names; a model with no final norm at all (post-norm OPT, OPT-350m's layout) is refused."""
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, intermediate_size=64, max_position_embeddings=64)
+    lfm2 = _tiny("lfm2", **common, layer_types=["conv", "full_attention"], block_ff_dim=64,
+                 block_auto_adjust_ff_dim=False)
+    assert find_final_norm(lfm2) is lfm2.model.embedding_norm
+    gemma = _tiny("recurrent_gemma", **common, head_dim=8, lru_width=32,
+                  block_types=["recurrent", "attention"], attention_window_size=16)
+    assert find_final_norm(gemma) is gemma.model.final_norm
+
+    llama = _tiny("llama", **common)
+    # an operation of the model's own between the norm and the head: the name decides
+    assert find_final_norm(llama) is llama.model.norm
+    hook = llama.lm_head.register_forward_pre_hook(lambda module, args: (args[0] * 1.0,))
+    try:
+        assert find_final_norm(llama) is llama.model.norm
+        llama.model.add_module("ln_f", copy.deepcopy(llama.model.norm))  # two such names
+        with pytest.raises(FinalNormNotFound, match=r"cannot tell the final norm of "
+                           r"LlamaForCausalLM: .* 2 \(model.norm, model.ln_f\) are named"):
+            find_final_norm(llama)
+    finally:
+        hook.remove()
+    assert find_final_norm(llama) is llama.model.norm  # what the head reads settles the names
+
+    opt = _tiny("opt", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                word_embed_proj_dim=32, do_layer_norm_before=False)
+    assert writer_targets(opt)  # the lens has writers to read, but no final norm to read them by
+    with pytest.raises(FinalNormNotFound, match="cannot tell the final norm of OPTForCausalLM"):
+        find_final_norm(opt)
 
 
 @pytest.fixture(scope="module")

@@ -580,6 +580,43 @@ def test_a_shard_without_a_writer_says_why_it_has_no_logit_lens(tmp_path):
     assert "No logit lens: no part of this shard" in out.read_text()
 
 
+def test_a_policy_without_a_final_norm_gets_a_report_saying_why_there_is_no_logit_lens(
+        tmp_path):
+    """A model whose final norm the lens cannot tell (post-norm OPT, OPT-350m's layout, has
+    none) ended analyze in the lens's traceback with no report; now its logit lens says why
+    and the rest of the report is written."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
+    from sae_shards.recipe.models import build_tokenizer
+    from sae_shards.run.job import run_job
+
+    tokenizer = build_tokenizer()
+    config = AutoConfig.for_model(
+        "opt", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32, do_layer_norm_before=False,
+        max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "opt")
+    tokenizer.save_pretrained(tmp_path / "opt")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = job_config_from_hydra(compose("config", overrides=[
+            "rl.max_steps=6", "runner.min_samples=2", "sae.n_latents=8", "logging=disabled",
+            "model=hf_path", f"model.path={tmp_path / 'opt'}"]))
+    run_job(cfg, tmp_path / "run")
+    out = analyze(tmp_path / "run", tmp_path / "report.html", n_shards=1, n_prompts=2,
+                  alphas=(0.0, 1.0))
+    analysis = json.loads((out.parent / "analysis.json").read_text())
+    entry = next(iter(analysis["shards"].values()))
+    assert entry["logit_lens"] == []
+    assert entry["logit_lens_none"].startswith("cannot tell the final norm of OPTForCausalLM")
+    assert "No logit lens: cannot tell the final norm of OPTForCausalLM" in out.read_text()
+    assert "dose_response" in entry  # the interventions still ran
+
+
 def test_the_worse_than_its_mean_warning_needs_an_fvu_above_one():
     from sae_shards.capture.summary import worse_than_mean
 

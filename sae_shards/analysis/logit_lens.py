@@ -353,27 +353,59 @@ def write_directions(component: Component, rtol: float = 1e-6) -> tuple[Tensor, 
     return left[:, keep], s[keep]
 
 
+class FinalNormNotFound(ValueError):
+    """The logit lens cannot tell which module is the model's final norm."""
+
+
 def find_final_norm(model: nn.Module) -> nn.Module:
-    """The model's final norm (before the unembedding): the one module outside the blocks whose
-    last name component is in ``FINAL_NORM_NAMES`` and whose weight is ``[d_model]`` (any peft
-    wrapper is looked through)."""
+    """The model's final norm (before the unembedding), found by running: the module outside
+    the blocks with a ``[d_model]`` weight whose output the unembedding reads (one forward pass
+    of two tokens, ``_probe``). Where none does (an operation of the model's own between the two),
+    the one such module whose last name component is in ``FINAL_NORM_NAMES``. Any peft wrapper
+    is looked through. :class:`FinalNormNotFound` when neither gives exactly one."""
     d_model = model.get_output_embeddings().weight.shape[1]
     blocks = block_lists(model)
-    found = {
+    candidates = {
         name: module
         for name, module in unwrap_peft(model).named_modules()
-        if name.rpartition(".")[2] in FINAL_NORM_NAMES
-        and not inside_any(name, blocks)
+        if not inside_any(name, blocks)
         and isinstance(getattr(module, "weight", None), Tensor)
         and tuple(module.weight.shape) == (d_model,)
     }
-    if len(found) != 1:
-        raise ValueError(
-            f"found {len(found)} final norms in {type(model).__name__} ({few_names(found)}), "
-            f"looking outside the blocks for modules named {list(FINAL_NORM_NAMES)} with a "
-            f"[{d_model}] weight; pass final_norm=<its elementwise gain> to logit_lens"
-        )
-    return next(iter(found.values()))
+    fed = _feeding_unembedding(model, candidates)
+    if fed is not None:
+        return candidates[fed]
+    named = {n: m for n, m in candidates.items() if n.rpartition(".")[2] in FINAL_NORM_NAMES}
+    if len(named) != 1:
+        raise FinalNormNotFound(
+            f"cannot tell the final norm of {type(model).__name__}: no module outside the blocks "
+            f"with a [{d_model}] weight feeds the unembedding directly, and "
+            f"{len(named)} ({few_names(named)}) are named {list(FINAL_NORM_NAMES)}; in Python, "
+            "logit_lens(..., final_norm=<its elementwise gain>) reads it")
+    return next(iter(named.values()))
+
+
+def _feeding_unembedding(model: nn.Module, candidates: dict[str, nn.Module]) -> str | None:
+    """The name of the one candidate whose output is the unembedding's input (the same memory,
+    seen whole: a model's ``hidden_states[:, slice]`` before its head is a view of it), or None."""
+    outputs: dict[str, tuple[int, tuple[int, ...]]] = {}  # name -> (data_ptr, shape)
+    read: list[tuple[int, tuple[int, ...]]] = []
+
+    def record(name: str):
+        def hook(module, args, out):
+            if isinstance(out, Tensor):
+                outputs[name] = (out.data_ptr(), tuple(out.shape))
+        return hook
+
+    def head(module, args):
+        if args and isinstance(args[0], Tensor):
+            read.append((args[0].data_ptr(), tuple(args[0].shape)))
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in candidates.items()]
+    hooks.append(model.get_output_embeddings().register_forward_pre_hook(head))
+    _probe(model, hooks)
+    fed = [n for n, out in outputs.items() if read and out == read[0]]
+    return fed[0] if len(fed) == 1 else None
 
 
 def norm_gain(norm: nn.Module, d_model: int) -> Tensor:

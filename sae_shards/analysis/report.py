@@ -39,6 +39,7 @@ from sae_shards.analysis.families import ALWAYS_ON_DENSITY, MIN_JOINT
 from sae_shards.analysis.interventions import (CONTROL_SEED, N_SAMPLES, ROLLOUT_SEED, ablate,
                                                dose_response, eval_prompts, score_rollouts,
                                                update_coefficient)
+from sae_shards.analysis.logit_lens import FinalNormNotFound
 from sae_shards.analysis.plots import (plot_dose, plot_norms, plot_reward,
                                        plot_sae_curves, plot_timeline, step_reward_means)
 from sae_shards.analysis.reward_task import RewardTask
@@ -355,7 +356,10 @@ def _detail_shards(view: RunView, shards: list[int], density: torch.Tensor,
                                                       "tasks")}
                                    for t in view.top_events(s, top_k)]
         if models is not None:
-            rows = lens_rows(models.initial, models.tokenizer, view.shards[s], top_k)
+            try:
+                rows = lens_rows(models.initial, models.tokenizer, view.shards[s], top_k)
+            except FinalNormNotFound as e:  # an architecture the lens cannot read: said
+                rows, lens_why = [], lens_why or str(e)
             entry["logit_lens"] = rows
             if not rows and lens_why is None:
                 lens_why = lens_gap(models.initial)
