@@ -330,6 +330,16 @@ def test_an_undocumented_field_is_refused_by_the_reference():
         bare: int = 2
 
     assert config_reference.field_docs(Sample) == {"documented": "Has one."}
+
+    @dataclasses.dataclass
+    class Derived(Sample):  # a new built-in task subclassing Task: its inherited fields' docs
+        bare: int = 3
+        """Now has one."""
+        more: int = 4
+        """Its own."""
+
+    assert config_reference.field_docs(Derived) == {
+        "documented": "Has one.", "bare": "Now has one.", "more": "Its own."}
     sections = config_reference.SECTIONS
     try:
         config_reference.SECTIONS = (("sample", Sample, ()),)

@@ -8,6 +8,22 @@ from sae_shards.recipe.models import build_tokenizer
 from sae_shards.recipe.tasks import build_task
 
 
+def test_a_one_label_task_of_its_own_class_is_built_with_its_name_as_label(monkeypatch):
+    """A new built-in task subclassing Task (docs/architecture.md, "Extending it") was built
+    without its label: a bare TypeError from the dataclass."""
+    import dataclasses
+
+    from sae_shards.recipe import tasks
+
+    @dataclasses.dataclass(frozen=True)
+    class Contains(tasks.Task):
+        pass
+
+    monkeypatch.setitem(tasks.BUILT_IN_TASKS, "contains", Contains)
+    task = tasks.build_task("contains", target_chars="q")
+    assert type(task) is Contains and task.label == "contains" and task.target_chars == "q"
+
+
 def test_reward_known_values():
     task = build_task("letters", target_chars="aeiou", target_length=4)
     completions = ["aeio", "bcdf", "ab", "xaxex", "aaaaaaaa", "", "<A>a"]

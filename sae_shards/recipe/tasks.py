@@ -494,8 +494,8 @@ def build_task(name: str, **kwargs: Any) -> Task | MultiSkillTask:
     if cls is None:
         raise ValueError(f"task.name={name!r} is unknown; known tasks: {list(TASK_NAMES)}")
     options = check_task_options(name, kwargs)
-    if cls is Task:  # one skill: its label is the task's name
-        return Task(name=name, label=name, **options)
+    if issubclass(cls, Task):  # one skill: its label is the task's name
+        return cls(name=name, label=name, **options)
     return cls(name=name, **options)
 
 
