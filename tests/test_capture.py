@@ -337,10 +337,10 @@ def test_update_events_pieces_norm_and_skips(monkeypatch, tmp_path, dtype):
     assert len(buffer) == 3 and buffer._writing is None
 
 
-def test_outlier_reference_is_a_mean_then_a_slow_ema_of_accepted_norms():
-    """NormOutliers: the reference is the plain mean of the first 50 accepted squared norms, then
-    an EMA of rate 0.02; the test starts at the 5th sample, and a flagged sample leaves the
-    reference as it was."""
+def test_outlier_reference_is_a_mean_then_a_slow_ema_of_the_norms():
+    """NormOutliers: the reference is the plain mean of the first 50 squared norms, then an EMA
+    of rate 0.02; the test starts at the 5th sample, and a flagged sample enters the reference
+    at the limit (ratio x RMS), not at its own norm."""
     from sae_shards.capture.outliers import NormOutliers
 
     out = NormOutliers(ratio=3.0)
@@ -348,9 +348,30 @@ def test_outlier_reference_is_a_mean_then_a_slow_ema_of_accepted_norms():
     out = NormOutliers(ratio=3.0)
     for n in [1.0, 2.0, 3.0, 4.0] + [1.0] * 46:
         assert not out.is_outlier(n)
-    assert out.sq_norm_mean == pytest.approx((1 + 4 + 9 + 16 + 46) / 50)
-    assert out.is_outlier(10.0) and out.n_norms == 50  # over 3 x rms 1.23: skipped, not counted
+    mean = out.sq_norm_mean
+    assert mean == pytest.approx((1 + 4 + 9 + 16 + 46) / 50)
+    assert out.is_outlier(10.0) and out.last_rms == pytest.approx(math.sqrt(mean))  # 3 x 1.23
+    assert out.sq_norm_mean == pytest.approx(mean + 0.02 * (9 * mean - mean))
     mean = out.sq_norm_mean
     for _ in range(10):
         assert not out.is_outlier(2.0)
     assert out.sq_norm_mean == pytest.approx(4 - (4 - mean) * 0.98 ** 10)
+
+
+def test_a_run_whose_first_steps_change_nothing_keeps_its_later_updates():
+    """Audit 104 F15: after four all-zero updates (a sparse reward not yet earned) the reference
+    was 0 and every later update was skipped as an outlier for the rest of the run; after steps
+    of weight decay alone, every update of the learning that followed (160x larger). Zeros are
+    left out of the reference, and a lasting new scale is flagged once, then kept; a lone wild
+    sample is still flagged."""
+    from sae_shards.capture.outliers import NormOutliers
+
+    out = NormOutliers(ratio=100.0)
+    assert not any(out.is_outlier(n) for n in [0.0] * 5 + [0.0224, 0.0168, 0.02, 0.03, 0.025])
+    for before in (4, 60):  # decay-only steps, then the first reward earned
+        out = NormOutliers(ratio=100.0)
+        flags = [out.is_outlier(n) for n in [1.4e-4] * before + [0.0224] * 10]
+        assert flags == [False] * before + [True] + [False] * 9
+    out = NormOutliers(ratio=100.0)
+    flags = [out.is_outlier(n) for n in [1.0] * 60 + [1e4] + [1.0] * 20 + [1e4]]
+    assert flags == [False] * 60 + [True] + [False] * 20 + [True]

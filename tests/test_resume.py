@@ -634,6 +634,8 @@ def test_nonfinite_and_outlier_samples_are_skipped_and_counted_by_the_job(tmp_pa
     summary = callback.summary
     assert summary["nonfinite_samples"] == 1 and summary["outlier_samples"] == 1
     assert summary["captured"] == 10 and summary["rl_steps"] == 12
+    assert ("1 of 11 samples was skipped as outliers (a norm over capture.outlier_ratio=100 "
+            "times") in summary["warning"]  # said, not only counted
     steps = load_file(run / "activations.safetensors")["online.rl_step"].tolist()
     assert 3 not in steps and 7 not in steps
     assert torch.isfinite(callback.parts.sae.input_scale)

@@ -338,7 +338,7 @@ class DeltaCapture(TrainerCallback):
             logger.warning(
                 "step %d: the %s sample's norm %.3g is over capture.outlier_ratio=%g times the "
                 "running RMS %.3g; skipped (%d so far)", global_step, self.source, norm,
-                self.outliers.ratio, self.outliers.rms, self.n_outliers,
+                self.outliers.ratio, self.outliers.last_rms, self.n_outliers,
             )
             return
         self.last_norm = norm

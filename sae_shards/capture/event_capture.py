@@ -230,7 +230,7 @@ class EventCapture(TrainerCallback):
             logger.warning(
                 "step %d: event %d's norm %.3g is over capture.outlier_ratio=%g times the running "
                 "RMS %.3g; skipped (%d so far)", step, event.group, norm, self.outliers.ratio,
-                self.outliers.rms, self.n_outliers)
+                self.outliers.last_rms, self.n_outliers)
             return None
         if self.cfg.normalize == "unit":
             factors, _ = normalize_unit(factors, self.specs, norm)  # its Grams taken above

@@ -305,7 +305,10 @@ class CaptureConfig:
     outlier_ratio: float = 100.0
     """Skip (and count) a sample whose norm exceeds this multiple of the running RMS norm of the
     samples before it: one wild step would otherwise dominate the SAE's input scale for many
-    steps. 0 keeps every finite sample."""
+    steps. All-zero samples (steps that changed nothing) are not part of that RMS; a lasting
+    change of scale (learning that starts after steps of weight decay alone) loses its first one
+    or two samples, then is kept. summary.json's warning says how many were skipped. 0 keeps
+    every finite sample."""
     granularity: Granularity = "step"
     """What one SAE sample is. ``step``: one optimizer step (``source`` says which quantity).
     ``group``: one prompt group (GRPO/RLOO's unit of reinforcement: a prompt's completions),
