@@ -328,7 +328,8 @@ class _StopAt(TrainerCallback):
             self.shards.request_stop()
 
 
-def _user_trainer(tiny_model, out_dir, callbacks, max_steps=10, n_prompts=64, **overrides):
+def _user_trainer(tiny_model, out_dir, callbacks, max_steps=10, n_prompts=64, peft_config=None,
+                  **overrides):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -342,7 +343,7 @@ def _user_trainer(tiny_model, out_dir, callbacks, max_steps=10, n_prompts=64, **
     config = GRPOConfig(**{**settings, **overrides})
     return GRPOTrainer(model=str(tiny_model), reward_funcs=task.reward_funcs, args=config,
                        train_dataset=Dataset.from_dict(task.dataset(n_prompts).to_dict()),
-                       callbacks=callbacks)
+                       callbacks=callbacks, peft_config=peft_config)
 
 
 def _assert_same_ending(whole: Path, cut: Path) -> None:
@@ -647,6 +648,35 @@ def test_a_generation_trained_over_several_steps_is_refused_per_event_and_noted_
     assert cli_main(["analyze", str(tmp_path / "steps"), "--no-dose"]) == 0  # the report too
     assert ("trained each generation over several optimizer steps (num_iterations=2)"
             in (tmp_path / "steps" / "report.html").read_text())
+
+
+def test_per_event_capture_under_torch_compile_is_refused_and_lora_dropout_reaches_the_summary(
+        tiny_model, tmp_path):
+    """Audit 104 F16: under torch_compile=True per-event capture stopped after its first step,
+    blaming TRL's fused head and advising to drop the attention projections from the targets;
+    it is refused before the first step, naming torch_compile. F12: with LoRA dropout the
+    events are approximate (27-41% off at 0.1), which only a start-up log line said; the
+    summary's warning, which the report shows, says it too."""
+    from peft import LoraConfig
+
+    compiled = ShardCallback(run_dir=tmp_path / "compiled", capture={"granularity": "group"},
+                             runner={"min_samples": 2})
+    trainer = _user_trainer(tiny_model, tmp_path / "trl_c", [compiled], max_steps=4,
+                            gradient_checkpointing=False, torch_compile=True,
+                            torch_compile_backend="eager")
+    with pytest.raises(ValueError, match=r"module hooks, which torch.compile traces .* set "
+                                         r"torch_compile=False .* or capture per step"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+    dropped = ShardCallback(run_dir=tmp_path / "dropout", capture={"granularity": "group"},
+                            runner={"min_samples": 2})
+    _user_trainer(tiny_model, tmp_path / "trl_d", [dropped], max_steps=4,
+                  gradient_checkpointing=False,
+                  peft_config=LoraConfig(r=2, lora_dropout=0.1, target_modules=["q_proj"])
+                  ).train()
+    assert ("capture.granularity=group with lora_dropout=0.1: each event's gradient of the "
+            "adapted weights is approximate") in dropped.summary["warning"]
 
 
 def _tagging_reward(prompts, completions, task, log_extra=None, **kwargs):

@@ -431,16 +431,16 @@ def test_lora_dropout_makes_events_approximate_and_says_so(dropout, caplog):
     """Dropout feeds a LoRA adapter inputs the hooks never see: warned about (exact at 0)."""
     import peft
 
-    from sae_shards.capture.event_capture import _warn_lora_dropout
+    from sae_shards.capture.event_capture import _lora_dropout_note
 
     model, _ = tiny_model_and_tokenizer("qwen2", hidden_size=32, num_layers=1, num_heads=4,
                                         intermediate_size=64, seed=0)
     model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_dropout=dropout,
                                                        target_modules=["q_proj"]))
     with caplog.at_level("WARNING", logger="sae_shards"):
-        _warn_lora_dropout(select_targets(model, ["*q_proj.weight"]), "group")
-    assert ("lora_dropout=0.1: each event's gradient of the adapted weights is approximate"
-            in caplog.text) == (dropout > 0)
+        note = _lora_dropout_note(select_targets(model, ["*q_proj.weight"]), "group")
+    said = "lora_dropout=0.1: each event's gradient of the adapted weights is approximate"
+    assert (said in caplog.text) == (dropout > 0) == (note is not None and said in note)
 
 
 def test_an_events_slot_holds_its_factors_and_zeros_after_them():

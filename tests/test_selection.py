@@ -69,6 +69,19 @@ def test_lora_default_targets_are_the_adapted_base_weights():
     assert {output_axis(peft_model, n) for n in targets} == {0}
 
 
+@pytest.mark.parametrize("setting,fix", [({"use_dora": True}, "use_dora=False"),
+                                         ({"lora_bias": True}, "lora_bias=False")])
+def test_a_lora_variant_capture_cannot_follow_is_refused_saying_what_to_set(setting, fix):
+    """DoRA and lora_bias were refused naming the setting but not what to do (audit 104 F5a)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_model_and_tokenizer(arch="qwen2")
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], **setting))
+    with pytest.raises(NotImplementedError, match=rf"q_proj.weight: capture does not support "
+                                                  rf".* set {fix} in the LoraConfig"):
+        select_targets(peft_model, default_targets(peft_model))
+
+
 def test_a_modules_to_save_layer_is_named_as_the_merged_model_names_it():
     """lm_head trained beside a LoRA adapter (modules_to_save): its trained copy is the target,
     under ``lm_head.weight`` (analysis's merged model's name); the frozen original is neither

@@ -387,12 +387,16 @@ def _lora_targets(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Lo
                 "the LoRA target_modules, or train this model without LoRA (capture then takes "
                 "the Conv1D weights themselves)")
         unsupported = {
-            "DoRA / LoRA variants": adapter in layer.lora_variant,
-            "lora_bias": layer.lora_bias.get(adapter, False),
+            "DoRA / LoRA variants (use_dora=True, ...)": (adapter in layer.lora_variant,
+                                                          "use_dora=False"),
+            "lora_bias": (layer.lora_bias.get(adapter, False), "lora_bias=False"),
         }
-        for what, on in unsupported.items():
+        for what, (on, fix) in unsupported.items():
             if on:
-                raise NotImplementedError(f"{name}: capture does not support {what} yet")
+                raise NotImplementedError(
+                    f"{name}: capture does not support {what} yet: its update is not the "
+                    f"s * B A that capture takes; set {fix} in the LoraConfig (plain LoRA), or "
+                    "train without LoRA")
         targets[name] = LoraTarget(layer, adapter)
     return base, targets
 
