@@ -1105,6 +1105,57 @@ def test_a_label_logged_under_another_name_is_pointed_out(tiny_model, tmp_path, 
     assert "ShardCallback(label_column='context')" in caplog.text
 
 
+def _half_labelled_reward(prompts, completions, task, log_extra=None, **kwargs):
+    """A user's slip: it logs the labels of the completions it scored first only."""
+    if log_extra is not None:
+        log_extra("task", list(task)[: len(task) // 2])
+    return [sum(c in "aeiou" for c in text) / 8 for text in completions]
+
+
+def _labelled_twice_reward(prompts, completions, task, log_extra=None, **kwargs):
+    """Two reward functions of one script each log the labels, whole: still one per row."""
+    if log_extra is not None:
+        log_extra("task", list(task))
+    return [0.1 * len(text) for text in completions]
+
+
+def test_labels_logged_for_only_part_of_a_generation_are_left_out_not_shifted(
+        tiny_model, tmp_path, caplog):
+    """Audit 106 F11: a reward logging fewer labels than completions was taken as it stood:
+    TRL's log keeps the earlier generation's labels, so step 2 on gave completions the labels of
+    other prompts, silently. Such labels are left out (and said); labels every completion has,
+    logged by two functions, are kept and right."""
+    import logging
+
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    data = Dataset.from_dict({"prompt": [f"{a} {b}" for a in "abcd" for b in "efgh"],
+                              "task": [f"t{a}" for a in "abcd" for _ in "efgh"]})
+    truth = dict(zip(data["prompt"], data["task"]))
+
+    def run(name, reward_funcs):
+        config = GRPOConfig(output_dir=str(tmp_path / f"trl_{name}"), max_steps=3,
+                            learning_rate=3e-4, per_device_train_batch_size=8,
+                            num_generations=4, max_completion_length=8, use_cpu=True,
+                            bf16=False, report_to="none", save_strategy="no",
+                            disable_tqdm=True, seed=1)
+        callback = ShardCallback(run_dir=tmp_path / name, runner={"min_samples": 1})
+        GRPOTrainer(model=str(tiny_model), reward_funcs=reward_funcs, args=config,
+                    train_dataset=data, callbacks=[callback]).train()
+        return [json.loads(line) for line in (tmp_path / name / "rollouts.jsonl").open()]
+
+    with caplog.at_level(logging.WARNING, logger="sae_shards"):
+        half = run("half", [_half_labelled_reward])
+    assert "logged 4 value(s) of 'task' with log_extra for a generation of 8 completions" \
+        in caplog.text
+    assert "not the label column" not in caplog.text  # not told it logged no labels
+    assert [row["tasks"] for row in half] == [None] * 3
+    twice = run("twice", [_labelled_twice_reward, _tagging_reward])
+    for row in twice:
+        assert row["tasks"] == [truth[p] for p in row["prompts"]]
+
+
 def test_policy_not_from_a_local_directory_keeps_its_initial_weights(tiny_model, tmp_path,
                                                                      caplog):
     """A policy given as a model object (built in the script, or from a Hub id) has no directory

@@ -90,6 +90,11 @@ class TRLRollouts:
         self._last: dict[str, Any] | None = None  # the latest step's generations
         self._saved: Any = None  # the trainer instance's own attribute, restored by remove
         self._wrapper: Any = None
+        self._saved_extra: Any = None  # the same, for TRL's log_extra
+        self._extra_wrapper: Any = None
+        self._logged: dict[str, int] | None = None  # values log_extra took per column, this
+        # generation (None: not counted)
+        self._misaligned: set[str] = set()  # columns warned about
         if generation_use_of(getattr(trainer, "args", None)) == REUSED:
             log.warning("the trainer trains on each generation over several optimizer steps "
                         "(%s): rollouts.jsonl gives each step the whole generation batch its "
@@ -104,6 +109,8 @@ class TRLRollouts:
         original = getattr(self.trainer, _GENERATE)
 
         def generate_and_score(inputs, *args, **kwargs):
+            if self._extra_wrapper is not None:
+                self._logged = {}
             out = original(inputs, *args, **kwargs)
             if self.trainer.model.training:
                 self._fresh.append(self._snapshot(out))
@@ -111,17 +118,31 @@ class TRLRollouts:
 
         self._wrapper = generate_and_score
         setattr(self.trainer, _GENERATE, generate_and_score)
+        log_extra = getattr(self.trainer, _LOG_EXTRA, None)
+        if callable(log_extra):  # counts what each generation's reward functions log
+
+            def counting_log_extra(column, values, *args, **kwargs):
+                if self._logged is not None:
+                    self._logged[column] = self._logged.get(column, 0) + len(values)
+                return log_extra(column, values, *args, **kwargs)
+
+            self._saved_extra = self.trainer.__dict__.get(_LOG_EXTRA)
+            self._extra_wrapper = counting_log_extra
+            setattr(self.trainer, _LOG_EXTRA, counting_log_extra)
 
     def remove(self) -> None:
         """Restore the trainer's method (unless something wrapped it over this one since)."""
         if self._wrapper is None:
             return
-        if self.trainer.__dict__.get(_GENERATE) is self._wrapper:
-            if self._saved is None:
-                del self.trainer.__dict__[_GENERATE]
-            else:
-                setattr(self.trainer, _GENERATE, self._saved)
-        self._wrapper = self._saved = None
+        for name, wrapper, saved in ((_GENERATE, self._wrapper, self._saved),
+                                     (_LOG_EXTRA, self._extra_wrapper, self._saved_extra)):
+            if wrapper is not None and self.trainer.__dict__.get(name) is wrapper:
+                if saved is None:
+                    del self.trainer.__dict__[name]
+                else:
+                    setattr(self.trainer, name, saved)
+        self._wrapper = self._saved = self._extra_wrapper = self._saved_extra = None
+        self._logged = None
 
     def _snapshot(self, out: Any) -> dict[str, Any]:
         """The log's rows of the generation just made: the last ``rows`` of each column (every
@@ -134,7 +155,29 @@ class TRLRollouts:
         return {"prompt": tail(logs["prompt"]), "completion": tail(logs["completion"]),
                 "rewards": {name: tail(v) for name, v in logs["rewards"].items()},
                 "advantages": tail(logs["advantages"]),
-                "extra": {name: tail(v) for name, v in logs["extra"].items()}}
+                "extra": {name: tail(v) for name, v in logs["extra"].items()
+                          if self._aligned(name, None if local is None else int(local.shape[0]))}}
+
+    def _aligned(self, column: str, local_rows: int | None) -> bool:
+        """Whether the log's ``column`` holds one value per completion of the generation just
+        made, as far as this process can tell: its reward functions logged a whole multiple of
+        its rows (two functions logging the same labels: twice). Fewer, or none this time,
+        and the log's last rows hold other completions' values (TRL's log keeps earlier
+        generations'), which would label the wrong completions: left out, said once."""
+        logged = None if self._logged is None else self._logged.get(column, 0)
+        if logged is None or local_rows is None or (logged and logged % local_rows == 0):
+            return True
+        if column not in self._misaligned:
+            self._misaligned.add(column)
+            log.warning(
+                "the reward functions logged %d value(s) of %r with log_extra for a generation "
+                "of %d completions (on this process): its values cannot be matched to the "
+                "completions, so rollouts.jsonl leaves them out%s where that happens. Log one "
+                "value per completion, in the completions' order (e.g. the %r argument the "
+                "reward function was given, whole)", logged, column, local_rows,
+                " (the samples carry no labels)" if column == self.label_column else "",
+                column)
+        return False
 
     def read(self, step: int) -> StepRollouts | None:
         """The rollouts of optimizer step ``step``: the training generations made since the
@@ -159,7 +202,7 @@ class TRLRollouts:
         extra = logs["extra"]
         labels = ([str(x) for x in extra[self.label_column]]
                   if self.label_column and self.label_column in extra else None)
-        if labels is None and not self._warned:
+        if labels is None and not self._warned and self.label_column not in self._misaligned:
             self._warn_unlogged_labels(sorted(extra))
         row = {"step": step, "prompts": prompts, "completions": completions, "rewards": totals,
                "advantages": [float(a) for a in logs["advantages"]], "tasks": labels,
@@ -197,6 +240,7 @@ def population_std(xs: list[float]) -> float:
 
 
 _GENERATE = "_generate_and_score_completions"
+_LOG_EXTRA = "_log_completion_extra"  # TRL hands it to reward functions as ``log_extra``
 
 
 def _concatenate(generations: list[dict[str, Any]]) -> dict[str, Any]:
