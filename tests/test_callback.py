@@ -99,6 +99,7 @@ def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm, cap
         assert all(0.0 <= r <= 1.0 for r in dose["shard"] + dose["control"])
     html = (run / "report.html").read_text()
     assert "reward_vowels_or_digits x 1" in html and "--task FILE.py:NAME" not in html
+    assert "<b>Note:</b>" not in html  # the script's own reward task: nothing unlike the run
     # sampled as the run did: TRL's settings, recorded by the callback
     from sae_shards.analysis.shards import run_sampling
 

@@ -369,3 +369,61 @@ def test_task_spec_resolves_a_scripts_function_and_refuses_the_rest(tmp_path, mo
         load_task_spec(f"{functions}:reward")
     with pytest.raises(ValueError, match=r"make_data\(\) returned a Dataset, not a RewardTask"):
         load_task_spec(f"{functions}:make_data")
+
+
+def _length(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def _vowels(prompts, completions, **kwargs):
+    return [float(sum(ch in "aeiou" for ch in c)) for c in completions]
+
+
+def _nothing(prompts, completions, **kwargs):
+    return [None] * len(completions)
+
+
+def test_a_reward_task_unlike_the_runs_is_noted(model_and_tokenizer, short_run_dir):
+    """Audit 106 F7, F17, F6: a task whose functions were the run's in another order (each weight
+    then on another function), other functions, prompts of the other form (a chat-trained
+    policy sampled on text), or a reward that scores nothing (a report of NaN told to raise
+    --n-prompts) was taken without a word. Checked against rollouts.jsonl's first row; a run
+    analysed with its own built-in task gets no note."""
+    import functools
+    import json
+    from types import SimpleNamespace
+
+    from sae_shards.analysis.report import _check_scorer, _unlike_the_run, together_line
+    from sae_shards.analysis.shards import load_run_models
+
+    recorded = {"reward_funcs": {"_length": [1.0], "_vowels": [0.0]}, "prompts": ["<A> p0"]}
+    assert _unlike_the_run(RewardTask(_prompts(), [_length, _vowels]), recorded) == []
+    assert _unlike_the_run(RewardTask(_prompts(), [functools.partial(_length), _vowels]),
+                           recorded) == []  # TRL's name of a partial: its function's
+    swapped, = _unlike_the_run(RewardTask(_prompts(), [_vowels, _length]), recorded)
+    assert "the same in another order, so each weight applies to another function" in swapped
+    other, = _unlike_the_run(RewardTask(_prompts(), [_length, _nothing]), recorded)
+    assert other.endswith("['_length', '_nothing']: the rewards below are not the run's")
+    chat = Dataset.from_dict({"prompt": [[{"role": "user", "content": "p0"}]]})
+    to_text, = _unlike_the_run(RewardTask(_prompts(), [_length, _vowels]),
+                               {**recorded, "prompts": [[{"role": "user", "content": "p0"}]]})
+    assert to_text.startswith("the run trained on conversational prompts (message lists), the "
+                              "reward task gives plain-text prompts") and "chat template" in to_text
+    to_chat, = _unlike_the_run(RewardTask(chat, [_length, _vowels]), recorded)
+    assert to_chat.startswith("the run trained on plain-text prompts")
+
+    model, tokenizer = model_and_tokenizer
+    models = SimpleNamespace(initial=model, tokenizer=tokenizer)
+    note = _check_scorer(models, RewardTask(_prompts(), [_nothing]), [], {"max_new_tokens": 2})
+    assert "scored none of the 8 completions of its first two prompts" in note
+
+    own = load_run_models(short_run_dir)  # a run of the built-in task, with its own reward
+    first = json.loads((short_run_dir / "rollouts.jsonl").open().readline())
+    assert _unlike_the_run(own.task, first) == []
+    assert _check_scorer(own, own.task, [], {"max_new_tokens": 2}, None, first) == ""
+
+    line = together_line({"together": {"shards": [3], "shares": {
+        k: [None, None] for k in ("removed", "kept", "removed_whole")},
+        "changes": {"run": [None, None]}}})
+    assert "the reward scored none of the sampled completions" in line
+    assert "--n-prompts" not in line

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import html
 import json
 import logging
@@ -42,7 +43,7 @@ from sae_shards.analysis.interventions import (CONTROL_SEED, N_SAMPLES, ROLLOUT_
 from sae_shards.analysis.logit_lens import FinalNormNotFound
 from sae_shards.analysis.plots import (plot_dose, plot_norms, plot_reward,
                                        plot_sae_curves, plot_timeline, step_reward_means)
-from sae_shards.analysis.reward_task import RewardTask
+from sae_shards.analysis.reward_task import RewardTask, is_conversational
 from sae_shards.analysis.span import (RESOLVED_SE, SpanEffect, combine, span_effect, within_noise,
                                       span_weights, update_share)
 from sae_shards.analysis.shards import (RunView, initial_model_dir, load_run_models, policy_dir,
@@ -206,7 +207,9 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     config = rundir.read_config(view.run_dir)
     if models is not None and (task or models.task) is not None:
         trained = rundir.section(config, "rl").get("reward_weights")
-        scorer_note = _check_scorer(models, task or models.task, labels, sampling, trained)
+        first = min(view.rollouts, default=None)  # the run's first recorded step
+        scorer_note = _check_scorer(models, task or models.task, labels, sampling, trained,
+                                    None if first is None else view.rollouts[first])
     analysis: dict[str, Any] = {
         "run": {"run_dir": str(view.run_dir.resolve()),  # as analysed: a copy says where
                 "checkpoint": view.checkpoint, "n_shards": len(density),
@@ -573,6 +576,10 @@ def together_line(analysis: dict[str, Any]) -> str | None:
     run, run_se = (math.nan if v is None else v for v in entry["changes"]["run"])
     removed, kept, whole = ([math.nan if v is None else v for v in entry["shares"][k]]
                             for k in ("removed", "kept", "removed_whole"))
+    if math.isnan(run):
+        return (f"{shards}: the reward scored none of the sampled completions, so no share of "
+                "the run's reward change is given (every reward function returned None or NaN "
+                "for them: check the reward task)")
     if math.isnan(removed[0]):
         return (f"{shards}: the run's reward change ({run:+.4f} ± {run_se:.4f}) is not "
                 "resolved by these rollouts, so no share of it is given (--n-prompts)")
@@ -743,16 +750,26 @@ def _dose_source(task: RewardTask | Any | None, sampling: dict[str, Any]) -> str
 
 
 def _check_scorer(models, task, run_labels: list, sampling: dict[str, Any],
-                  trained_weights: list[float] | None = None) -> str:
+                  trained_weights: list[float] | None = None,
+                  recorded: dict[str, Any] | None = None) -> str:
     """Try the reward on two prompts, in whole groups of the estimates' completions per prompt
     (a reward that normalises within its group sees what it will see), before the report's
     many estimates (a broken reward function fails here, in seconds, naming itself); notes
-    when the task's contexts are not
-    the run's, or its reward weights are not the ones the run trained with
-    (``trained_weights``, TRL's ``reward_weights`` as ``config.json`` records them)."""
-    score_rollouts(models.initial, models.tokenizer, task, task.dataset(2, 0),
-                   **{**sampling, "max_new_tokens": min(4, sampling.get("max_new_tokens", 4))})
+    when it scored none of those completions, when the task's contexts are not the run's, its
+    reward weights not the ones the run trained with (``trained_weights``, TRL's
+    ``reward_weights`` as ``config.json`` records them), or, against the run's first
+    ``rollouts.jsonl`` row (``recorded``), its reward functions not the run's (by TRL's names,
+    in order) or its prompts of the other form (text, conversational)."""
+    trial = score_rollouts(models.initial, models.tokenizer, task, task.dataset(2, 0),
+                           **{**sampling,
+                              "max_new_tokens": min(4, sampling.get("max_new_tokens", 4))})
     notes = []
+    if bool(torch.isnan(trial.rewards).all()):
+        notes.append(f"the reward task scored none of the {trial.rewards.numel()} completions "
+                     "of its first two prompts (every reward function returned None or NaN): "
+                     "if it scores no others either, every reward figure below is NaN")
+    if recorded:
+        notes += _unlike_the_run(task, recorded)
     ours = set(getattr(task, "labels", ()) or ())
     theirs = {label for sample in run_labels for label in sample}
     if ours and theirs and not ours & theirs:
@@ -766,6 +783,46 @@ def _check_scorer(models, task, run_labels: list, sampling: dict[str, Any],
     for note in notes:
         log.warning(note)
     return "".join(f"<p><b>Note:</b> {html.escape(note)}.</p>" for note in notes)
+
+
+def reward_func_name(func: Any) -> str:
+    """The name TRL gives a reward function in its completion log (and so in
+    ``rollouts.jsonl``'s ``reward_funcs``): a partial's function's, a function's ``__name__``,
+    a callable object's class name, a reward model's name or path (its last part)."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    path = getattr(getattr(func, "config", None), "_name_or_path", None)
+    if isinstance(func, torch.nn.Module) and path:
+        return str(path).split("/")[-1]
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def _unlike_the_run(task: Any, recorded: dict[str, Any]) -> list[str]:
+    """How a reward task differs from what the run's first ``rollouts.jsonl`` row recorded:
+    other reward functions, or the same in another order (their weights would then apply to
+    other functions), and prompts of the other form (a chat-trained policy sampled on plain
+    text, never through its chat template)."""
+    notes = []
+    theirs = list(recorded.get("reward_funcs") or {})
+    ours = [reward_func_name(fn) for fn in task.reward_funcs]
+    if theirs and ours != theirs:
+        order = sorted(ours) == sorted(theirs)
+        notes.append(f"the run's reward functions were {theirs} (rollouts.jsonl), the reward "
+                     f"task's are {ours}"
+                     + (": the same in another order, so each weight applies to another "
+                        "function; give them in the run's order" if order else
+                        ": the rewards below are not the run's"))
+    prompts = recorded.get("prompts") or []
+    if prompts:
+        trained_chat = is_conversational(prompts[0])
+        task_chat = is_conversational(task.dataset(1, 0)["prompt"][0])
+        if trained_chat != task_chat:
+            kinds = ("conversational prompts (message lists)", "plain-text prompts")
+            run_kind, task_kind = (kinds if trained_chat else kinds[::-1])
+            notes.append(f"the run trained on {run_kind}, the reward task gives {task_kind}: "
+                         "the policy is sampled on prompts in a form it did not train on"
+                         + (" (without its chat template)" if trained_chat else ""))
+    return notes
 
 
 def _families_html(rows: list[dict[str, Any]]) -> str:
