@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -166,8 +167,22 @@ def test_async_reward_functions_are_awaited_and_failures_name_the_function(
     broken = RewardTask(_prompts(), needs_a_column)
     with pytest.raises(RewardFunctionError, match=r"'needs_a_column' failed when called as TRL "
                                                   r"calls it, with keyword arguments \['answer', "
-                                                  r".*TypeError: .*'solution'"):
+                                                  r".*TypeError: .*'solution' \(a column "
+                                                  r"it reads missing"):
         mean_reward(model, tokenizer, broken, n_prompts=2, n_samples=1, max_new_tokens=2)
+
+    # audit 106 F5: the hint fits the error (it was "a column missing?" for every one of them)
+    def no_kwargs(prompts, completions):
+        return [0.0] * len(completions)
+
+    def unknown_context(prompts, completions, kind, **kwargs):
+        return [{"even": 1.0}[k] for k in kind]
+
+    for fn, hint in ((no_kwargs, r"unexpected keyword argument .* give it \*\*kwargs\)"),
+                     (unknown_context, r"KeyError: 'odd' \(a key it looks up is not there")):
+        with pytest.raises(RewardFunctionError, match=hint):
+            mean_reward(model, tokenizer, RewardTask(_prompts(), fn), n_prompts=2, n_samples=1,
+                        max_new_tokens=2)
 
 
 def test_the_runs_sampling_settings_are_used(model_and_tokenizer):
@@ -427,3 +442,19 @@ def test_a_reward_task_unlike_the_runs_is_noted(model_and_tokenizer, short_run_d
         "changes": {"run": [None, None]}}})
     assert "the reward scored none of the sampled completions" in line
     assert "--n-prompts" not in line
+
+
+def test_an_error_of_the_task_functions_own_making_names_the_task_spec(tmp_path):
+    """Audit 106 F4: a RewardTask refusing a field, or a ValueError of the user's own code, in the
+    function --task names was printed without saying which --task it came from."""
+    own = tmp_path / "own_errors.py"
+    own.write_text("from sae_shards.analysis.reward_task import RewardTask\n"
+                   "def bad_column():\n"
+                   "    return RewardTask([{'prompt': 'a'}], [len], label_column='context')\n"
+                   "def own_error():\n"
+                   "    raise ValueError('bad config in my own code')\n")
+    for name, said in (("bad_column", "RewardTask.label_column='context'"),
+                       ("own_error", "ValueError: bad config in my own code")):
+        with pytest.raises(ValueError, match=rf"^--task '{re.escape(str(own))}:{name}': "
+                                             rf"{name}\(\) failed: .*{re.escape(said)}"):
+            load_task_spec(f"{own}:{name}")

@@ -474,8 +474,7 @@ def _call_reward(fn: Any, batch: dict[str, list], shared: dict[str, Any]) -> lis
         scores = list(scores)
     except Exception as e:  # noqa: BLE001 - the user's function: name it and what it was given
         given = sorted([*batch, *shared])
-        hint = (" (a column it reads missing from the RewardTask's prompts?)"
-                if isinstance(e, (TypeError, KeyError)) else "")
+        hint = _reward_error_hint(e)
         raise RewardFunctionError(
             f"reward function {name!r} failed when called as TRL calls it, with keyword "
             f"arguments {given}: {type(e).__name__}: {e}{hint}") from e
@@ -484,6 +483,20 @@ def _call_reward(fn: Any, batch: dict[str, list], shared: dict[str, Any]) -> lis
             f"reward function {name!r} returned {len(scores)} rewards for {len(completions)} "
             "completions; it must return one per completion")
     return scores
+
+
+def _reward_error_hint(error: Exception) -> str:
+    """A likely cause of a reward function's error, when its type and text suggest one."""
+    text = str(error)
+    if isinstance(error, TypeError) and "unexpected keyword argument" in text:
+        return (" (TRL passes a reward function every column of the prompts and arguments of "
+                "its own: give it **kwargs)")
+    if isinstance(error, TypeError) and "missing" in text and "argument" in text:
+        return " (a column it reads missing from the RewardTask's prompts?)"
+    if isinstance(error, KeyError):
+        return (" (a key it looks up is not there: a column of the RewardTask's prompts, or a "
+                "value, such as a context, it does not know?)")
+    return ""
 
 
 _LOOP: asyncio.AbstractEventLoop | None = None

@@ -229,10 +229,8 @@ def load_task_spec(spec: str) -> RewardTask:
                              ) from e
         except ValueError:  # no signature to inspect (a builtin): just call it
             pass
-        try:
+        try:  # a RewardTask refusing its fields too: its message names them, this says where
             returned = obj()
-        except ValueError:  # a RewardTask refusing its fields: its message names them
-            raise
         except Exception as e:  # noqa: BLE001 - the user's function
             raise ValueError(f"--task {spec!r}: {name}() failed: {type(e).__name__}: {e}") from e
         if not isinstance(returned, RewardTask):
