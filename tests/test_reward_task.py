@@ -4,6 +4,7 @@ per-context estimates, bad input refused early, and ``--task`` resolving a scrip
 from __future__ import annotations
 
 import asyncio
+import html
 import math
 import re
 from pathlib import Path
@@ -431,6 +432,14 @@ def test_a_reward_task_unlike_the_runs_is_noted(model_and_tokenizer, short_run_d
     models = SimpleNamespace(initial=model, tokenizer=tokenizer)
     note = _check_scorer(models, RewardTask(_prompts(), [_nothing]), [], {"max_new_tokens": 2})
     assert "scored none of the 8 completions of its first two prompts" in note
+    # F21: a run with contexts, a task without label_column: figures per context were possible
+    run_labels = [["even"], ["odd"]]
+    note = _check_scorer(models, RewardTask(_prompts(), [_length]), run_labels,
+                         {"max_new_tokens": 2})
+    assert "the run's rollouts carry contexts ['even', 'odd'], the reward task none" in (
+        html.unescape(note))
+    assert _check_scorer(models, RewardTask(_prompts(), [_length], label_column="kind"),
+                         run_labels, {"max_new_tokens": 2}) == ""
 
     own = load_run_models(short_run_dir)  # a run of the built-in task, with its own reward
     first = json.loads((short_run_dir / "rollouts.jsonl").open().readline())

@@ -775,6 +775,10 @@ def _check_scorer(models, task, run_labels: list, sampling: dict[str, Any],
     if ours and theirs and not ours & theirs:
         notes.append(f"the reward task's contexts {sorted(ours)} are none of the run's "
                      f"{sorted(theirs)}: check its label_column")
+    elif not ours and len(theirs) > 1 and isinstance(task, RewardTask):
+        notes.append(f"the run's rollouts carry contexts {sorted(theirs)}, the reward task none: "
+                     "give it label_column (the prompts' column naming each one's context) "
+                     "for figures per context")
     weights = getattr(task, "reward_weights", None) or [1.0] * len(task.reward_funcs)
     if trained_weights is not None and [float(w) for w in weights] != trained_weights:
         notes.append(f"the run trained with reward_weights {trained_weights}, the reward task "
