@@ -317,10 +317,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+SMALL_GPU_BYTES = 130e9
+"""Below this much device memory the 64-slot buffer of the 0.5B run is refused by the buffer's
+memory check (on an 80 GB H100 it needs 42.7 GiB of a 35.6 GiB budget); 16 slots fit."""
+
+
+def capacity_override(device: torch.device, tiny: bool, given: Sequence[str]) -> list[str]:
+    """``capture.capacity=16`` for the 0.5B run on a GPU with less than ``SMALL_GPU_BYTES``,
+    unless the overrides name a capacity; else nothing (``BENCH``'s 64 slots)."""
+    if tiny or device.type != "cuda" or any(o.startswith("capture.capacity=") for o in given):
+        return []
+    total = torch.cuda.get_device_properties(device).total_memory
+    return ["capture.capacity=16"] if total < SMALL_GPU_BYTES else []
+
+
 def job_config(model_dir: Path, device: torch.device, args: argparse.Namespace,
                steps: int) -> JobConfig:
     overrides = [*BENCH, *(TINY_RUN if args.tiny else []), f"model.path={model_dir}",
-                 f"device={device}", f"rl.max_steps={steps}"]
+                 f"device={device}", f"rl.max_steps={steps}",
+                 *capacity_override(device, args.tiny, args.overrides)]
     if device.type == "cpu":  # TRL turns bf16 autocast on whenever a GPU exists, even with use_cpu
         overrides.append("+rl.extra.bf16=false")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):

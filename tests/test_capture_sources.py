@@ -288,3 +288,15 @@ def test_a_target_without_a_gradient_this_step_is_zero_not_an_older_sample(tmp_p
         got = buffer.gather([0])
         assert torch.equal(got["w"][0], model.w.grad)
         assert torch.equal(got["b"][0], model.b.grad if with_b else torch.zeros(11)), step
+
+
+def test_adams_step_counts_are_read_together():
+    """``precond`` reads every target's Adam step count each step: plain floats as they are,
+    tensors (fused Adam keeps them on the parameter's device) in one read per device (audit 108
+    F4: one host sync per target per step on a GPU), each name keeping its own count."""
+    from sae_shards.capture.delta import steps_on_host
+
+    got = steps_on_host({"a": 3.0, "b": torch.tensor(4.0), "c": torch.tensor(7.0),
+                         "d": torch.tensor(2.0, dtype=torch.float64)})
+    assert got == {"a": 3.0, "b": 4.0, "c": 7.0, "d": 2.0}
+    assert steps_on_host({}) == {}

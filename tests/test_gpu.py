@@ -165,6 +165,20 @@ def test_sae_trains_on_device_from_a_bf16_buffer(device, form):
     assert last < 0.5 * first, (first, last)
     assert match_directions(sae, stream.directions).mmcs >= 0.9
 
+    # resumed from its state as a checkpoint holds it (on the CPU): fused Adam on CUDA needs
+    # its step counter on the device, and the resumed trainer steps as the original does
+    saved = {k: v.detach().cpu() for k, v in trainer.state_tensors().items()}
+    weights = {k: v.detach().cpu() for k, v in sae.state_dict().items()}
+    again = LowRankSAE(stream.targets, sae.cfg, sample_form=form).to(device)
+    again.load_state_dict(weights)
+    resumed = SAETrainer(again)
+    resumed.load_state_tensors(saved)
+    assert all(st["step"].device == on(device) for st in resumed.optimizer.state.values())
+    batch = buf.sample(32, torch.Generator().manual_seed(3)).batch
+    trainer.step(batch), resumed.step(batch)
+    for (name, a), b in zip(sae.state_dict().items(), again.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
+
 
 # ---- (c) the thread runner in a real GRPO run --------------------------------------------------
 

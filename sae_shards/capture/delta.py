@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from transformers import TrainerCallback
@@ -285,14 +285,15 @@ class DeltaCapture(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.source != "precond" or not state.is_world_process_zero:
             return
-        for name, p in self.targets.items():
+        states = {name: self._optimizer.state.get(p) for name, p in self.targets.items()}
+        steps = steps_on_host({n: st["step"] for n, st in states.items() if st})
+        for name, opt_state in states.items():
             group, view, scratch = self._groups[name], self._slot_views[name], self._scratch[name]
-            opt_state = self._optimizer.state.get(p)
             if not opt_state:  # torch's Adam skips parameters without a gradient
                 view.zero_()
                 continue
             write_precond(
-                scratch.grad(view), opt_state["exp_avg_sq"], float(opt_state["step"]),
+                scratch.grad(view), opt_state["exp_avg_sq"], steps[name],
                 beta2=group["betas"][1], eps=group["eps"], denom=scratch.denom, view=view,
             )
 
@@ -394,3 +395,18 @@ class DeltaCapture(TrainerCallback):
             self._snapshots[name], scratch.prev = (scratch.prev,), a_t
         self._have_prev = True
         return True
+
+
+def steps_on_host(steps: dict[str, Any]) -> dict[str, float]:
+    """Adam's step counts by target as floats, read with one host sync per device: fused and
+    capturable Adam keep each parameter's count in a tensor on its device, and reading them one
+    by one would stall the RL loop once per target every step."""
+    out = {n: float(s) for n, s in steps.items() if not torch.is_tensor(s)}
+    by_device: dict[torch.device, list[str]] = {}
+    for name, s in steps.items():
+        if torch.is_tensor(s):
+            by_device.setdefault(s.device, []).append(name)
+    for names in by_device.values():
+        values = torch.stack([steps[n].detach().reshape(()).to(torch.float64) for n in names])
+        out.update(zip(names, values.tolist()))
+    return out

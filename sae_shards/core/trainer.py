@@ -272,8 +272,8 @@ class SAETrainer:
         params = [p for p in self.sae.parameters() if p.requires_grad]
         for i, p in enumerate(params):
             if f"adam.{i}.exp_avg" in state:
-                self.optimizer.state[p] = {
-                    "step": state[f"adam.{i}.step"].clone(),
+                self.optimizer.state[p] = {  # fused Adam keeps its step beside the parameter
+                    "step": state[f"adam.{i}.step"].to(p.device, torch.float32).clone(),
                     "exp_avg": state[f"adam.{i}.exp_avg"].to(p.device).clone(),
                     "exp_avg_sq": state[f"adam.{i}.exp_avg_sq"].to(p.device).clone(),
                 }
