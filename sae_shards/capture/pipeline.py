@@ -84,8 +84,9 @@ def working_bytes(capture: CaptureConfig, specs: list[TargetSpec]) -> int:
     """Device memory the capture keeps besides the buffer: fp32 copies of the targets for per-step
     sources (``WORKING_COPIES``, plus a scratch for bf16 storage); for ``precondition=kfac`` (and
     ``kfac_output``) the covariances ``m^2 + n^2`` of each matrix target and their inverse roots.
-    (Per-event hooks hold one micro-batch's target inputs and output gradients during backward:
-    activation memory of the RL step, not counted here.)"""
+    (Per-event hooks hold each target module's input from its forward to its backward, under
+    activation checkpointing too, and its output gradient during backward: activation memory
+    of the RL step, not counted here; docs/usage.md, "Per-event samples".)"""
     if capture.granularity == "step":
         copies = WORKING_COPIES[capture.source] + (capture.storage_dtype != "float32")
         return copies * 4 * sum(t.numel for t in specs)
