@@ -1,5 +1,6 @@
 """DeltaCapture inside a real transformers.Trainer run on a tiny causal LM (CPU, a few steps)."""
 
+import json
 import math
 
 import pytest
@@ -337,10 +338,10 @@ def test_update_events_pieces_norm_and_skips(monkeypatch, tmp_path, dtype):
     assert len(buffer) == 3 and buffer._writing is None
 
 
-def test_outlier_reference_is_a_mean_then_a_slow_ema_of_the_norms():
-    """NormOutliers: the reference is the plain mean of the first 50 squared norms, then an EMA
-    of rate 0.02; the test starts at the 5th sample, and a flagged sample enters the reference
-    at the limit (ratio x RMS), not at its own norm."""
+def test_outlier_reference_is_a_mean_then_a_slow_ema_of_accepted_norms():
+    """NormOutliers: the reference is the plain mean of the first 50 accepted squared norms, then
+    an EMA of rate 0.02; the test starts at the 5th sample, and a flagged sample leaves the
+    reference as it was."""
     from sae_shards.capture.outliers import NormOutliers
 
     out = NormOutliers(ratio=3.0)
@@ -350,28 +351,58 @@ def test_outlier_reference_is_a_mean_then_a_slow_ema_of_the_norms():
         assert not out.is_outlier(n)
     mean = out.sq_norm_mean
     assert mean == pytest.approx((1 + 4 + 9 + 16 + 46) / 50)
-    assert out.is_outlier(10.0) and out.last_rms == pytest.approx(math.sqrt(mean))  # 3 x 1.23
-    assert out.sq_norm_mean == pytest.approx(mean + 0.02 * (9 * mean - mean))
-    mean = out.sq_norm_mean
+    assert out.is_outlier(10.0) and out.n_norms == 50  # over 3 x rms 1.23: skipped, not counted
+    assert out.sq_norm_mean == mean and out.last_rms == pytest.approx(math.sqrt(mean))
     for _ in range(10):
         assert not out.is_outlier(2.0)
     assert out.sq_norm_mean == pytest.approx(4 - (4 - mean) * 0.98 ** 10)
 
 
+def _flags(out, steps):
+    """Each step's flags: ``steps`` is a list of steps, each a list of its samples' norms."""
+    return [[out.is_outlier(n, i) for n in norms] for i, norms in enumerate(steps, 1)]
+
+
 def test_a_run_whose_first_steps_change_nothing_keeps_its_later_updates():
     """Audit 104 F15: after four all-zero updates (a sparse reward not yet earned) the reference
-    was 0 and every later update was skipped as an outlier for the rest of the run; after steps
-    of weight decay alone, every update of the learning that followed (160x larger). Zeros are
-    left out of the reference, and a lasting new scale is flagged once, then kept; a lone wild
-    sample is still flagged."""
-    from sae_shards.capture.outliers import NormOutliers
+    was 0 and every later update was skipped for the rest of the run; after steps of weight
+    decay alone, every update of the learning that followed (160x larger). Zeros are left out
+    of the test and the reference; a new scale is taken after PATIENCE steps wholly flagged; a
+    wild step, all of its events together, is still left out whole (audit 107 F2: entering
+    flagged samples at the limit let the 2nd of 8 wild events through), and a saved reference
+    of 0 (an earlier version's) recovers after PATIENCE steps."""
+    from sae_shards.capture.outliers import PATIENCE, NormOutliers
 
+    assert PATIENCE == 2
     out = NormOutliers(ratio=100.0)
-    assert not any(out.is_outlier(n) for n in [0.0] * 5 + [0.0224, 0.0168, 0.02, 0.03, 0.025])
+    assert not any(sum(_flags(out, [[0.0]] * 5 + [[0.0224], [0.0168], [0.02], [0.03]]), []))
     for before in (4, 60):  # decay-only steps, then the first reward earned
         out = NormOutliers(ratio=100.0)
-        flags = [out.is_outlier(n) for n in [1.4e-4] * before + [0.0224] * 10]
-        assert flags == [False] * before + [True] + [False] * 9
-    out = NormOutliers(ratio=100.0)
-    flags = [out.is_outlier(n) for n in [1.0] * 60 + [1e4] + [1.0] * 20 + [1e4]]
-    assert flags == [False] * 60 + [True] + [False] * 20 + [True]
+        flags = [f for step in _flags(out, [[1.4e-4]] * before + [[0.0224]] * 10) for f in step]
+        assert flags == [False] * before + [True] * PATIENCE + [False] * (10 - PATIENCE)
+    events = NormOutliers(ratio=100.0)  # per event: 8 events a step
+    normal, wild = [1.0] * 8, [1e3] * 8
+    flags = _flags(events, [normal] * 25 + [wild, normal, wild, wild, wild, normal])
+    assert not any(sum(flags[:25], []))
+    assert [all(step) for step in flags[25:]] == [True, False, True, True, False, False]
+    assert not any(flags[25 + 1]) and not any(flags[25 + 4])  # a new scale once lasting
+
+    stuck = NormOutliers(ratio=100.0)  # an earlier version's saved state after four zeros
+    stuck.load_state({"sq_norm_mean": 0.0, "n_norms": 4})
+    assert [all(f) for f in _flags(stuck, [[0.02]] * 4)] == [True, True, False, False]
+
+
+def test_the_outlier_test_resumes_mid_streak():
+    """A resume between two wholly flagged steps goes on as the uninterrupted run: the streak and
+    the flagged norms are part of the saved state."""
+    from sae_shards.capture.outliers import NormOutliers
+
+    steps = [[1.0] * 4] * 10 + [[500.0] * 4] * 3 + [[1.0] * 4]
+    whole = NormOutliers(ratio=100.0)
+    expected = _flags(whole, steps)
+    first = NormOutliers(ratio=100.0)
+    head = _flags(first, steps[:11])
+    resumed = NormOutliers(ratio=100.0)
+    resumed.load_state(json.loads(json.dumps(first.state())))  # as the resume file holds it
+    tail = [[resumed.is_outlier(n, i) for n in norms] for i, norms in enumerate(steps[11:], 12)]
+    assert head + tail == expected and resumed.sq_norm_mean == whole.sq_norm_mean

@@ -333,7 +333,7 @@ class DeltaCapture(TrainerCallback):
                 global_step, self.source, self.n_nonfinite,
             )
             return
-        if self.outliers.is_outlier(norm):
+        if self.outliers.is_outlier(norm, global_step):
             self.buffer.abort(slot)
             self.n_outliers += 1
             logger.warning(

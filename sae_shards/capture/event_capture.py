@@ -235,7 +235,7 @@ class EventCapture(TrainerCallback):
         if norm == 0.0:
             self.n_zero += 1
             return None
-        if self.outliers.is_outlier(norm):
+        if self.outliers.is_outlier(norm, step):
             self.n_outliers += 1
             logger.warning(
                 "step %d: event %d's norm %.3g is over capture.outlier_ratio=%g times the running "

@@ -305,9 +305,10 @@ class CaptureConfig:
     outlier_ratio: float = 100.0
     """Skip (and count) a sample whose norm exceeds this multiple of the running RMS norm of the
     samples before it: one wild step would otherwise dominate the SAE's input scale for many
-    steps. All-zero samples (steps that changed nothing) are not part of that RMS; a lasting
-    change of scale (learning that starts after steps of weight decay alone) loses its first one
-    or two samples, then is kept. summary.json's warning says how many were skipped. 0 keeps
+    steps. All-zero samples (steps that changed nothing) are not part of that RMS; after two RL
+    steps in a row whose every sample was skipped their scale becomes the reference (learning
+    that starts after steps of weight decay alone loses those two steps, then is kept), while a
+    lone wild step is left out whole. summary.json's warning says how many were skipped. 0 keeps
     every finite sample."""
     granularity: Granularity = "step"
     """What one SAE sample is. ``step``: one optimizer step (``source`` says which quantity).
