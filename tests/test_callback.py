@@ -3,6 +3,7 @@ RunView and ``sae-shards analyze`` read (GRPO and RLOO), and its arguments are v
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -1113,6 +1114,13 @@ def _half_labelled_reward(prompts, completions, task, log_extra=None, **kwargs):
     return [sum(c in "aeiou" for c in text) / 8 for text in completions]
 
 
+def _iterated_label_reward(prompts, completions, task, log_extra=None, **kwargs):
+    """Labels logged as an iterator (TRL takes any iterable), some of them None."""
+    if log_extra is not None:
+        log_extra("task", map(lambda t: None if t == "tb" else t, task))
+    return [0.1 * len(text) for text in completions]
+
+
 def _labelled_twice_reward(prompts, completions, task, log_extra=None, **kwargs):
     """Two reward functions of one script each log the labels, whole: still one per row."""
     if log_extra is not None:
@@ -1155,6 +1163,24 @@ def test_labels_logged_for_only_part_of_a_generation_are_left_out_not_shifted(
     twice = run("twice", [_labelled_twice_reward, _tagging_reward])
     for row in twice:
         assert row["tasks"] == [truth[p] for p in row["prompts"]]
+
+    # audit 107 F7: an iterator crashed training in the counting wrapper; F3: a None label was
+    # the context "None": a step with one has no labels, said once
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sae_shards"):
+        some = run("iterated", [_iterated_label_reward])
+    assert "some completions have no 'task' label" in caplog.text
+    for row in some:
+        labels = [truth[p] for p in row["prompts"]]
+        assert row["tasks"] == (None if "tb" in labels else labels)
+    assert any(row["tasks"] for row in some) and not any(row["tasks"] for row in some
+                                                          if "tb" in map(truth.get, row["prompts"]))
+
+    # F9: two reward functions of one name: TRL's log keeps one column, the last one's
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sae_shards"):
+        run("same_name", [functools.partial(_vowel_reward), functools.partial(_vowel_reward)])
+    assert "reward functions share a name (_vowel_reward;" in caplog.text
 
 
 def test_policy_not_from_a_local_directory_keeps_its_initial_weights(tiny_model, tmp_path,

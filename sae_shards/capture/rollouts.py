@@ -95,6 +95,16 @@ class TRLRollouts:
         self._logged: dict[str, int] | None = None  # values log_extra took per column, this
         # generation (None: not counted)
         self._misaligned: set[str] = set()  # columns warned about
+        self._warned_missing = False
+        names = list(getattr(trainer, "reward_func_names", None) or [])
+        shared = sorted({n for n in names if names.count(n) > 1})
+        if shared:
+            log.warning("reward functions share a name (%s; partials of one function, two "
+                        "lambdas or two instances of one class): TRL's completion log keeps one "
+                        "column per name, the last such function's rewards, so rollouts.jsonl's "
+                        "rewards, and the run's reward figures, are not the reward it trained "
+                        "on; give each function a name of its own (def, or set __name__)",
+                        ", ".join(shared))
         if generation_use_of(getattr(trainer, "args", None)) == REUSED:
             log.warning("the trainer trains on each generation over several optimizer steps "
                         "(%s): rollouts.jsonl gives each step the whole generation batch its "
@@ -122,6 +132,7 @@ class TRLRollouts:
         if callable(log_extra):  # counts what each generation's reward functions log
 
             def counting_log_extra(column, values, *args, **kwargs):
+                values = list(values)  # TRL takes any iterable (a map, a generator): count it
                 if self._logged is not None:
                     self._logged[column] = self._logged.get(column, 0) + len(values)
                 return log_extra(column, values, *args, **kwargs)
@@ -202,6 +213,10 @@ class TRLRollouts:
         extra = logs["extra"]
         labels = ([str(x) for x in extra[self.label_column]]
                   if self.label_column and self.label_column in extra else None)
+        if labels is not None and None in extra[self.label_column]:
+            labels = None  # a completion without one (a generation's left out, or None logged)
+            if self.label_column not in self._misaligned:  # (that warning said so)
+                self._warn_missing_labels()
         if labels is None and not self._warned and self.label_column not in self._misaligned:
             self._warn_unlogged_labels(sorted(extra))
         row = {"step": step, "prompts": prompts, "completions": completions, "rewards": totals,
@@ -210,6 +225,17 @@ class TRLRollouts:
         scored = [r for r in totals if r is not None]
         std = population_std(scored) if len(scored) > 1 else 0.0
         return StepRollouts(row, scored_mean(totals), std, tuple(sorted(set(labels or ()))))
+
+    def _warn_missing_labels(self) -> None:
+        """Once: some completions of a step have no label (None: logged so, or TRL's filler for
+        a generation or process that logged none), so the step's rows carry none, rather than a
+        context called "None"."""
+        if self._warned_missing:
+            return
+        self._warned_missing = True
+        log.warning("some completions have no %r label (None logged for them, or their "
+                    "generation's labels left out): such steps' rollouts and samples carry no "
+                    "labels", self.label_column)
 
     def _warn_unlogged_labels(self, logged: list[str]) -> None:
         """Once: the dataset has the label column but no reward function logged it, or the
