@@ -591,7 +591,8 @@ def test_analysis_knows_the_initial_weights_it_started_from(tmp_path, caplog, ca
     # than a report whose interventions are left out with exit status 0
     capsys.readouterr()
     report = (run / "analysis.json").read_text()
-    for named, said in ((model, "are not the ones the run started from (model.safetensors"),
+    for named, said in ((model, f"--initial-model {model} holds other weights than the run "
+                                "started from (model.safetensors differ"),
                         (tmp_path / "nowhere", "no saved model there (no config.json)")):
         assert main(["analyze", str(run), "--shards", "1", "--n-prompts", "4",
                      "--initial-model", str(named)]) == 2

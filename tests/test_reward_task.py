@@ -417,9 +417,16 @@ def test_a_reward_task_unlike_the_runs_is_noted(model_and_tokenizer, short_run_d
     assert _unlike_the_run(RewardTask(_prompts(), [functools.partial(_length), _vowels]),
                            recorded) == []  # TRL's name of a partial: its function's
     swapped, = _unlike_the_run(RewardTask(_prompts(), [_vowels, _length]), recorded)
-    assert "the same in another order, so each weight applies to another function" in swapped
+    assert "the same names in another order, so each weight may apply to another" in swapped
     other, = _unlike_the_run(RewardTask(_prompts(), [_length, _nothing]), recorded)
-    assert other.endswith("['_length', '_nothing']: the rewards below are not the run's")
+    assert other.endswith("['_length', '_nothing']: unless they are the same rewards under "
+                          "other names (a wrapper, a renamed function), the rewards below are "
+                          "not the run's")
+    # audit 107 F4: TRL logs functions of one name as one column: the run's own two partials
+    one_name = {"reward_funcs": {"_length": [1.0]}, "prompts": ["<A> p0"]}
+    assert _unlike_the_run(RewardTask(_prompts(), [functools.partial(_length, scale=1),
+                                                   functools.partial(_length, scale=2)]),
+                           one_name) == []
     chat = Dataset.from_dict({"prompt": [[{"role": "user", "content": "p0"}]]})
     to_text, = _unlike_the_run(RewardTask(_prompts(), [_length, _vowels]),
                                {**recorded, "prompts": [[{"role": "user", "content": "p0"}]]})
@@ -449,7 +456,7 @@ def test_a_reward_task_unlike_the_runs_is_noted(model_and_tokenizer, short_run_d
     line = together_line({"together": {"shards": [3], "shares": {
         k: [None, None] for k in ("removed", "kept", "removed_whole")},
         "changes": {"run": [None, None]}}})
-    assert "the reward scored none of the sampled completions" in line
+    assert "no prompt had completions scored under both the initial and the final" in line
     assert "--n-prompts" not in line
 
 

@@ -577,9 +577,10 @@ def together_line(analysis: dict[str, Any]) -> str | None:
     removed, kept, whole = ([math.nan if v is None else v for v in entry["shares"][k]]
                             for k in ("removed", "kept", "removed_whole"))
     if math.isnan(run):
-        return (f"{shards}: the reward scored none of the sampled completions, so no share of "
-                "the run's reward change is given (every reward function returned None or NaN "
-                "for them: check the reward task)")
+        return (f"{shards}: no prompt had completions scored under both the initial and the "
+                "final policy (the reward functions returned None or NaN for the others), so "
+                "the run's reward change, and any share of it, is not given: check the reward "
+                "task")
     if math.isnan(removed[0]):
         return (f"{shards}: the run's reward change ({run:+.4f} ± {run_se:.4f}) is not "
                 "resolved by these rollouts, so no share of it is given (--n-prompts)")
@@ -808,14 +809,16 @@ def _unlike_the_run(task: Any, recorded: dict[str, Any]) -> list[str]:
     text, never through its chat template)."""
     notes = []
     theirs = list(recorded.get("reward_funcs") or {})
-    ours = [reward_func_name(fn) for fn in task.reward_funcs]
+    # TRL's log keeps one column per name: functions of one name are one key there
+    ours = list(dict.fromkeys(reward_func_name(fn) for fn in task.reward_funcs))
     if theirs and ours != theirs:
         order = sorted(ours) == sorted(theirs)
-        notes.append(f"the run's reward functions were {theirs} (rollouts.jsonl), the reward "
-                     f"task's are {ours}"
-                     + (": the same in another order, so each weight applies to another "
-                        "function; give them in the run's order" if order else
-                        ": the rewards below are not the run's"))
+        notes.append(f"the run's reward functions were named {theirs} (rollouts.jsonl), the "
+                     f"reward task's are named {ours}"
+                     + (": the same names in another order, so each weight may apply to "
+                        "another function; give them in the run's order" if order else
+                        ": unless they are the same rewards under other names (a wrapper, a "
+                        "renamed function), the rewards below are not the run's"))
     prompts = recorded.get("prompts") or []
     if prompts:
         trained_chat = is_conversational(prompts[0])

@@ -1187,18 +1187,24 @@ def run_models_missing(run_dir: str | Path, checkpoint: str | int | None = None,
     return None
 
 
-def _other_initial_weights(initial: Path, cfg: Mapping[str, Any]) -> str | None:
-    """Why the weights at ``initial`` are not the ones the run started from (their files differ
-    from ``config.json``'s ``model.fingerprint``), or None: the same, or nothing recorded."""
+def _changed_weight_files(initial: Path, cfg: Mapping[str, Any]) -> list[str]:
+    """The weight files at ``initial`` whose hash differs from ``config.json``'s
+    ``model.fingerprint`` (or that only one side has); none when nothing is recorded."""
     recorded = (cfg.get("model") or {}).get("fingerprint")
     if not recorded:
-        return None
+        return []
     from sae_shards.capture.initial_model import fingerprint
 
     now = fingerprint(initial)
-    if now == recorded:
+    return sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
+
+
+def _other_initial_weights(initial: Path, cfg: Mapping[str, Any]) -> str | None:
+    """Why the weights at ``initial`` are not the ones the run started from (their files differ
+    from ``config.json``'s ``model.fingerprint``), or None: the same, or nothing recorded."""
+    changed = _changed_weight_files(initial, cfg)
+    if not changed:
         return None
-    changed = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
     return (f"the initial weights at {initial} are not the ones the run started from "
             f"({', '.join(changed)} differ from config.json's model.fingerprint: "
             "re-saved or edited since), so the update, the logit lens and every "
@@ -1214,7 +1220,12 @@ def named_initial_refusal(run_dir: str | Path, initial: str | Path) -> str | Non
     if not (initial / "config.json").is_file():
         return (f"--initial-model {initial}: no saved model there (no config.json); name the "
                 "directory the run's policy was loaded from, or its copy")
-    return _other_initial_weights(initial, _read_config(Path(run_dir)))
+    changed = _changed_weight_files(initial, _read_config(Path(run_dir)))
+    if not changed:
+        return None
+    return (f"--initial-model {initial} holds other weights than the run started from "
+            f"({', '.join(changed)} differ from config.json's model.fingerprint); name the "
+            "directory the run's policy was loaded from, or an unchanged copy of it")
 
 
 def _whole_weights(folder: Path, cfg: Mapping[str, Any]) -> bool:
