@@ -1170,6 +1170,7 @@ def test_labels_logged_for_only_part_of_a_generation_are_left_out_not_shifted(
     with caplog.at_level(logging.WARNING, logger="sae_shards"):
         some = run("iterated", [_iterated_label_reward])
     assert "some completions have no 'task' label" in caplog.text
+    assert "but not the label column" not in caplog.text  # (audit 109 F5: it was said too)
     for row in some:
         labels = [truth[p] for p in row["prompts"]]
         assert row["tasks"] == (None if "tb" in labels else labels)

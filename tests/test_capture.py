@@ -367,13 +367,15 @@ def test_a_run_whose_first_steps_change_nothing_keeps_its_later_updates():
     """Audit 104 F15: after four all-zero updates (a sparse reward not yet earned) the reference
     was 0 and every later update was skipped for the rest of the run; after steps of weight
     decay alone, every update of the learning that followed (160x larger). Zeros are left out
-    of the test and the reference; a new scale is taken after PATIENCE steps wholly flagged; a
-    wild step, all of its events together, is still left out whole (audit 107 F2: entering
-    flagged samples at the limit let the 2nd of 8 wild events through), and a saved reference
-    of 0 (an earlier version's) recovers after PATIENCE steps."""
+    of the test and the reference; a new scale is taken after PATIENCE consecutive steps each
+    with a flagged sample (audit 109 F2: events 100x larger than others of their step, step
+    after step, were flagged for the whole run when counted only in wholly flagged steps); a
+    wild step, all of its events, and a burst shorter than PATIENCE are left out (audit 107
+    F2, 109 F3), a step between them breaks the streak (109 F4), and a saved reference of 0
+    (an earlier version's) recovers after PATIENCE steps."""
     from sae_shards.capture.outliers import PATIENCE, NormOutliers
 
-    assert PATIENCE == 2
+    assert PATIENCE == 3
     out = NormOutliers(ratio=100.0)
     assert not any(sum(_flags(out, [[0.0]] * 5 + [[0.0224], [0.0168], [0.02], [0.03]]), []))
     for before in (4, 60):  # decay-only steps, then the first reward earned
@@ -382,14 +384,20 @@ def test_a_run_whose_first_steps_change_nothing_keeps_its_later_updates():
         assert flags == [False] * before + [True] * PATIENCE + [False] * (10 - PATIENCE)
     events = NormOutliers(ratio=100.0)  # per event: 8 events a step
     normal, wild = [1.0] * 8, [1e3] * 8
-    flags = _flags(events, [normal] * 25 + [wild, normal, wild, wild, wild, normal])
+    flags = _flags(events, [normal] * 25 + [wild, normal, wild, wild, normal, wild])
     assert not any(sum(flags[:25], []))
-    assert [all(step) for step in flags[25:]] == [True, False, True, True, False, False]
-    assert not any(flags[25 + 1]) and not any(flags[25 + 4])  # a new scale once lasting
+    assert [all(step) for step in flags[25:]] == [True, False, True, True, False, True]
+    assert not any(sum(flags[26:27] + flags[29:30], []))  # two wild steps were not a new scale
+    mixed = [1e-3] * 4 + [1.0] * 4  # small events first, then large ones 1000x their size
+    flags = _flags(NormOutliers(ratio=100.0), [mixed] * 10)
+    assert [sum(step) for step in flags] == [4] * PATIENCE + [0] * (10 - PATIENCE)
+    gap = NormOutliers(ratio=100.0)  # a wild step, a step of zeros only, two wild steps
+    flags = _flags(gap, [normal] * 10 + [wild, [0.0] * 8, wild, wild, normal])
+    assert [all(step) for step in flags[10:]] == [True, False, True, True, False]
 
     stuck = NormOutliers(ratio=100.0)  # an earlier version's saved state after four zeros
     stuck.load_state({"sq_norm_mean": 0.0, "n_norms": 4})
-    assert [all(f) for f in _flags(stuck, [[0.02]] * 4)] == [True, True, False, False]
+    assert [all(f) for f in _flags(stuck, [[0.02]] * 5)] == [True] * PATIENCE + [False] * 2
 
 
 def test_the_outlier_test_resumes_mid_streak():
@@ -397,7 +405,7 @@ def test_the_outlier_test_resumes_mid_streak():
     the flagged norms are part of the saved state."""
     from sae_shards.capture.outliers import NormOutliers
 
-    steps = [[1.0] * 4] * 10 + [[500.0] * 4] * 3 + [[1.0] * 4]
+    steps = [[1.0] * 4] * 10 + [[500.0] * 4] * 4 + [[1.0] * 4]
     whole = NormOutliers(ratio=100.0)
     expected = _flags(whole, steps)
     first = NormOutliers(ratio=100.0)

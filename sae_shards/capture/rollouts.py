@@ -217,7 +217,8 @@ class TRLRollouts:
             labels = None  # a completion without one (a generation's left out, or None logged)
             if self.label_column not in self._misaligned:  # (that warning said so)
                 self._warn_missing_labels()
-        if labels is None and not self._warned and self.label_column not in self._misaligned:
+        if (labels is None and not self._warned and self.label_column not in self._misaligned
+                and self.label_column not in extra):  # logged, but not for every completion
             self._warn_unlogged_labels(sorted(extra))
         row = {"step": step, "prompts": prompts, "completions": completions, "rewards": totals,
                "advantages": [float(a) for a in logs["advantages"]], "tasks": labels,

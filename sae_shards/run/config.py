@@ -304,12 +304,12 @@ class CaptureConfig:
     It bounds the buffer only: the SAE's own memory comes on top."""
     outlier_ratio: float = 100.0
     """Skip (and count) a sample whose norm exceeds this multiple of the running RMS norm of the
-    samples before it: one wild step would otherwise dominate the SAE's input scale for many
-    steps. All-zero samples (steps that changed nothing) are not part of that RMS; after two RL
-    steps in a row whose every sample was skipped their scale becomes the reference (learning
-    that starts after steps of weight decay alone loses those two steps, then is kept), while a
-    lone wild step is left out whole. summary.json's warning says how many were skipped. 0 keeps
-    every finite sample."""
+    accepted samples before it: one wild step would otherwise dominate the SAE's input scale for
+    many steps. All-zero samples (steps that changed nothing) are not part of that RMS; after
+    three consecutive RL steps each with a skipped sample, the skipped samples' scale becomes
+    the reference (learning that starts after steps of weight decay alone loses those three
+    steps, then is kept), while a burst of one or two wild steps is left out whole. summary.json's
+    warning says how many were skipped. 0 keeps every finite sample."""
     granularity: Granularity = "step"
     """What one SAE sample is. ``step``: one optimizer step (``source`` says which quantity).
     ``group``: one prompt group (GRPO/RLOO's unit of reinforcement: a prompt's completions),
