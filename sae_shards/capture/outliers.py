@@ -20,7 +20,9 @@ class NormOutliers:
     change nothing would otherwise have a reference of 0 and flag every later sample. A flagged
     sample leaves the reference as it was, except that after ``PATIENCE`` consecutive RL steps
     (``step`` numbers one apart) each with a flagged sample, the mean squared norm of those
-    flagged samples becomes the reference. ``ratio`` 0 never flags.
+    flagged samples becomes the reference. The trade-off: a burst of ``PATIENCE`` or more wild
+    steps is taken as a new scale too, and the test stays lax while the EMA comes back down
+    (about ``ln(scale ratio) / 0.01`` samples). ``ratio`` 0 never flags.
     """
 
     def __init__(self, ratio: float) -> None:

@@ -308,8 +308,10 @@ class CaptureConfig:
     many steps. All-zero samples (steps that changed nothing) are not part of that RMS; after
     three consecutive RL steps each with a skipped sample, the skipped samples' scale becomes
     the reference (learning that starts after steps of weight decay alone loses those three
-    steps, then is kept), while a burst of one or two wild steps is left out whole. summary.json's
-    warning says how many were skipped. 0 keeps every finite sample."""
+    steps, then is kept), while a burst of one or two wild steps is left out whole (a burst of
+    three or more is taken as the new scale too, and the test stays lax while the running RMS,
+    an EMA of rate 0.02, comes back down). summary.json's warning says how many were skipped.
+    0 keeps every finite sample."""
     granularity: Granularity = "step"
     """What one SAE sample is. ``step``: one optimizer step (``source`` says which quantity).
     ``group``: one prompt group (GRPO/RLOO's unit of reinforcement: a prompt's completions),
