@@ -793,12 +793,9 @@ def _check_scorer(models, task, run_labels: list, sampling: dict[str, Any],
 def reward_func_name(func: Any) -> str:
     """The name TRL gives a reward function in its completion log (and so in
     ``rollouts.jsonl``'s ``reward_funcs``): a partial's function's, a function's ``__name__``,
-    a callable object's class name, a reward model's name or path (its last part)."""
+    a callable object's class name (a ``RewardTask`` holds no reward model)."""
     while isinstance(func, functools.partial):
         func = func.func
-    path = getattr(getattr(func, "config", None), "_name_or_path", None)
-    if isinstance(func, torch.nn.Module) and path:
-        return str(path).split("/")[-1]
     return getattr(func, "__name__", type(func).__name__)
 
 

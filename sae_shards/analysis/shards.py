@@ -277,7 +277,8 @@ class ShardSet:
         as ``Shard.dense()``): the part of every sample's reconstruction that no shard carries.
         It starts as the first batch's mean update and is learned from there, so it is not the
         updates' mean: with signed activations an always-on shard takes part of that mean
-        (docs/analysis.md, section 7); the bias plus each shard's mean contribution is the reconstructions' mean."""
+        (docs/analysis.md, section 7); the bias plus each shard's mean contribution is the
+        reconstructions' mean."""
         bias = self.sae.bias_sample(detach=True)
         if bias is None:
             raise ValueError(

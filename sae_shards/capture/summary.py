@@ -46,8 +46,8 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
     (``budget_used``: its time on the RL thread and the SAE's, over the RL time that earned
     credit), plus ``extra``; a ``warning`` when the SAE never trained, when the budget did not
     cover the hooks' own time (``SAEBudget.starved``: the SAE got next to no steps), or when it
-    ends reconstructing worse than the samples' mean (``fvu_last`` > 1); the samples the outlier test skipped
-    (``outliers_note``) and the capture's ``precision_note`` (16-bit targets: the updates are
+    ends reconstructing worse than the samples' mean (``fvu_last`` > 1); the samples the outlier
+    test skipped (``outliers_note``) and the capture's ``precision_note`` (16-bit targets: the updates are
     what survived rounding) are added to it."""
     trainer = parts.trainer
     (reward_first, reward_last), (fvu_first, fvu_last) = first_last(rewards, 5), first_last(fvu, 10)
@@ -103,8 +103,8 @@ def outliers_note(capture: DeltaCapture | EventCapture) -> str | None:
     what = "events" if isinstance(capture, EventCapture) else "samples"
     return (f"{skipped} of {skipped + capture.n_captured} {what} "
             f"{'was' if skipped == 1 else 'were'} skipped as outliers (a norm "
-            f"over capture.outlier_ratio={capture.outliers.ratio:g} times the running RMS of those "
-            "before it); capture.outlier_ratio=0 keeps every finite one")
+            f"over capture.outlier_ratio={capture.outliers.ratio:g} times the running RMS of the "
+            "accepted ones before it); capture.outlier_ratio=0 keeps every finite one")
 
 
 def worse_than_mean(fvu_last: float | None, sae_steps: int | None) -> str | None:
