@@ -24,7 +24,7 @@ from sae_shards.cli import main as cli_main
 from sae_shards.core.checkpoint import STATE_FILE
 from sae_shards.recipe.models import build_tiny_model
 from sae_shards.run import rundir
-from sae_shards.run.versions import library_versions
+from sae_shards.run.versions import run_versions
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "trl_script.py"
 
@@ -770,7 +770,7 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path, c
     config["model"] = {"path": str(tiny_model), "lora": {"enabled": False}}
     # the software and device that started the run are recorded; a resume under another TRL
     # or on another device is warned about and recorded beside them, not refused
-    now = {**library_versions(), "device": "cpu"}
+    now = run_versions(torch.device("cpu"))
     assert config["versions"] == now and "resumed_under" not in config
     config["versions"] = {**now, "trl": "0.0.1", "device": "cuda NVIDIA H200"}
     (tmp_path / "cut" / "config.json").write_text(json.dumps(config))

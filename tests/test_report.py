@@ -8,11 +8,12 @@ from html import escape as html_escape
 from html.parser import HTMLParser
 
 import pytest
+import torch
 
 from sae_shards.analysis.report import SECTIONS, analyze
 from sae_shards.cli import main as cli_main
 from sae_shards.analysis.shards import RunView, ShardSet
-from sae_shards.run.versions import library_versions, version_line
+from sae_shards.run.versions import run_versions, version_line
 
 
 class _Page(HTMLParser):
@@ -135,7 +136,7 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path, caplog):
     assert "<td>task</td><td>letters</td>" in html and "<td>RL algorithm</td><td>GRPO (trl.GRPOTrainer)</td>" in html
     # which software made the run, and on what, as recorded in config.json (this process's)
     versions = json.loads((short_run_dir / "config.json").read_text())["versions"]
-    assert versions == {**library_versions(), "device": "cpu"}
+    assert versions == run_versions(torch.device("cpu"))
     assert analysis["run"]["versions"] == versions and analysis["run"]["resumed_under"] == []
     assert (f"<td>software and device (as the run started)</td><td>{html_escape(version_line(versions))}"
             "</td>") in html

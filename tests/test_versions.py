@@ -8,8 +8,8 @@ import platform
 import torch
 
 from sae_shards.cli import main as cli_main
-from sae_shards.run.versions import (changed_versions, describe, device_name, library_versions,
-                                     version_line)
+from sae_shards.run.versions import (changed_versions, describe, device_name, fp32_matmul,
+                                     library_versions, run_versions, version_line)
 
 
 def test_the_versions_are_this_process_s():
@@ -47,3 +47,21 @@ def test_the_device_is_named_as_kernels_differ_by_it():
         assert device_name(torch.device("cuda")) == f"cuda {torch.cuda.get_device_name()}"
     assert describe(changed_versions({"device": "cpu"}, {"device": "cuda NVIDIA H200"})) == (
         "device cpu -> cuda NVIDIA H200")
+
+
+def test_the_fp32_matmul_precision_is_recorded_and_a_change_is_named():
+    """TF32 (or bf16 passes) in fp32 products changes every SAE step's rounding: a run records
+    torch's setting, and a resume under another is a change like another library version's."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        started = run_versions(torch.device("cpu"))
+        assert started["fp32 matmul"] == "highest" and started["device"] == "cpu"
+        torch.set_float32_matmul_precision("high")
+        now = run_versions(torch.device("cpu"))
+        assert describe(changed_versions(started, now)) == "fp32 matmul highest -> high"
+        assert "fp32 matmul high" in version_line(now)
+        if torch.cuda.is_available():  # the GPU machine: whether TF32 is allowed too
+            assert fp32_matmul(torch.device("cuda")).startswith("high, tf32 ")
+    finally:
+        torch.set_float32_matmul_precision(before)

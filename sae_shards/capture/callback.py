@@ -533,12 +533,12 @@ class ShardCallback(TrainerCallback):
 
     def _run_versions(self, trainer: Any | None, saved: dict[str, Any],
                       device: torch.device) -> tuple[dict[str, Any] | None, list[dict]]:
-        """The versions and ``device`` (the trainer's: its parameters may be offloaded) the run
+        """The versions, ``device`` (the trainer's: its parameters may be offloaded) and fp32
+        matmul precision (``run/versions.py``) the run
         started under (this process's for a new run; ``saved``'s, the run's ``config.json``, on
         resume, None for a run of an earlier sae-shards) and the resumes under other ones
-        (``resumed_under``), this one added, and warned about, when its versions or device
-        differ."""
-        now = {**versions.library_versions(), "device": versions.device_name(device)}
+        (``resumed_under``), this one added, and warned about, when any of them differ."""
+        now = versions.run_versions(device)
         if not self.resume:
             return now, []
         started, history = saved.get("versions"), list(saved.get("resumed_under") or [])

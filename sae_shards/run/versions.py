@@ -1,6 +1,7 @@
 """Which software made a run, and on what: the versions of sae-shards, Python and the libraries
-whose code moves an RL step or the SAE, and the device (``cpu``, or the GPU's name), recorded in
-the run's ``config.json`` (``versions``, as the run started) and compared on every resume
+whose code moves an RL step or the SAE, the device (``cpu``, or the GPU's name) and the precision
+of its fp32 matrix products (TF32 on a GPU rounds each product's inputs to 10 mantissa bits),
+recorded in the run's ``config.json`` (``versions``, as the run started) and compared on every resume
 (``resumed_under``: what changed).
 
 The same settings under another TRL or torch are another run: TRL's defaults and sampling,
@@ -42,6 +43,26 @@ def device_name(device: torch.device) -> str:
 
         return f"cuda {torch.cuda.get_device_name(device)}"
     return device.type
+
+
+def fp32_matmul(device: torch.device) -> str:
+    """How fp32 matrix products are computed on ``device``: torch's
+    ``float32_matmul_precision`` (``"highest"`` unless the script set it), and on a GPU whether
+    TF32 is allowed (``"highest, tf32 off"``). The SAE's steps and a model's forward passes run
+    on it; the captured deltas do not (they are differences of weights)."""
+    import torch
+
+    precision = torch.get_float32_matmul_precision()
+    if device.type == "cuda":
+        return f"{precision}, tf32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
+    return precision
+
+
+def run_versions(device: torch.device) -> dict[str, str | None]:
+    """What a run records as the software and device it ran under: :func:`library_versions`,
+    ``device`` (:func:`device_name`) and ``fp32 matmul`` (:func:`fp32_matmul`)."""
+    return {**library_versions(), "device": device_name(device),
+            "fp32 matmul": fp32_matmul(device)}
 
 
 def changed_versions(saved: Any, now: dict[str, str | None]) -> dict[str, list[str | None]]:
