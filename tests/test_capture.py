@@ -9,7 +9,7 @@ from helpers import PATTERNS, captured_in_order, lora_model, make_buffer, tiny_l
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sae_shards.capture.buffer import StepMeta
-from sae_shards.capture.delta import DeltaCapture
+from sae_shards.capture.delta import DeltaCapture, lora_matmul_note, warn_lora_matmul_precision
 from sae_shards.capture.selection import LoraTarget, select_targets
 
 MAX_STEPS = 4
@@ -111,6 +111,22 @@ def test_bf16_weights_are_said_to_round_the_update_away(tmp_path, caplog):
         train(fp32, [fp32_capture], tmp_path)
     assert not [r for r in caplog.records if "round" in r.getMessage()]
     assert fp32_capture.precision_note is None
+
+
+def test_lora_products_in_tf32_are_said_to_be_inexact():
+    """A LoRA target's update is a product of its factors: under TF32 (transformers' tf32=True
+    on a GPU) its entries keep about 10 bits, which the run says with the fix; full fp32
+    products, or no LoRA target, say nothing. The GPU's case is this note on a GPU's flags
+    (``warn_lora_matmul_precision``); a CPU's LoRA targets are never flagged."""
+    note = lora_matmul_note(4, "tf32")
+    assert note.startswith("capture.source=update: the 4 LoRA targets' updates are matrix "
+                           "products of their factors, which torch computes in tf32 here")
+    assert "about 1e-3 of its size" in note and "tf32=False" in note and "'ieee'" in note
+    assert "about 1e-2 of its size" in lora_matmul_note(1, "bf16")
+    assert lora_matmul_note(4, "ieee") is None and lora_matmul_note(0, "tf32") is None
+    targets = select_targets(lora_model(), ["*layers.*.self_attn.q_proj.weight"])
+    assert all(isinstance(t, LoraTarget) for t in targets.values())
+    assert warn_lora_matmul_precision(targets) is None  # on the CPU
 
 
 def test_update_capture_bf16_storage_rounds_the_fp32_delta(tmp_path):

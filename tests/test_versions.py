@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import subprocess
+import sys
+
+import pytest
 
 import torch
 
@@ -52,16 +56,30 @@ def test_the_device_is_named_as_kernels_differ_by_it():
 def test_the_fp32_matmul_precision_is_recorded_and_a_change_is_named():
     """TF32 (or bf16 passes) in fp32 products changes every SAE step's rounding: a run records
     torch's setting, and a resume under another is a change like another library version's."""
-    before = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
-        started = run_versions(torch.device("cpu"))
-        assert started["fp32 matmul"] == "highest" and started["device"] == "cpu"
-        torch.set_float32_matmul_precision("high")
-        now = run_versions(torch.device("cpu"))
-        assert describe(changed_versions(started, now)) == "fp32 matmul highest -> high"
-        assert "fp32 matmul high" in version_line(now)
-        if torch.cuda.is_available():  # the GPU machine: whether TF32 is allowed too
-            assert fp32_matmul(torch.device("cuda")).startswith("high, tf32 ")
-    finally:
-        torch.set_float32_matmul_precision(before)
+    started = run_versions(torch.device("cpu"))
+    assert started["fp32 matmul"] == "ieee" and started["device"] == "cpu"  # torch's default
+    assert fp32_matmul(torch.device("cuda")) == "ieee"  # read from flags: no GPU needed
+    now = {**started, "fp32 matmul": "tf32"}
+    assert describe(changed_versions(started, now)) == "fp32 matmul ieee -> tf32"
+    assert "fp32 matmul tf32" in version_line(now)
+
+
+@pytest.mark.parametrize("setting, cpu, cuda", [
+    ("torch.set_float32_matmul_precision('high')", "tf32", "tf32"),
+    ("torch.set_float32_matmul_precision('medium')", "bf16", "tf32"),
+    ("torch.backends.cuda.matmul.allow_tf32 = True", "ieee", "tf32"),  # transformers' tf32=True
+    # the newer API: torch then raises on reading the legacy flags, which must not be read
+    ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", "ieee", "tf32"),
+    ("torch.backends.fp32_precision = 'tf32'", "tf32", "tf32"),
+    ("torch.backends.cuda.matmul.allow_tf32 = True; "
+     "torch.backends.cuda.matmul.fp32_precision = 'ieee'", "ieee", "ieee"),
+])
+def test_each_way_a_script_sets_the_precision_is_read(setting, cpu, cuda):
+    """In a fresh process (the flags are process-wide, and torch forbids reading the legacy ones
+    once the new ones are set): whichever way the script set it, the recorded precision is
+    what torch computes with, and reading it raises nothing."""
+    code = ("import torch\nfrom sae_shards.run.versions import fp32_matmul\n" + setting + "\n"
+            "print(fp32_matmul(torch.device('cpu')), fp32_matmul(torch.device('cuda')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [cpu, cuda]

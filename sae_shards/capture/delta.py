@@ -58,6 +58,7 @@ from sae_shards.capture.update_writer import (SqNorm, alloc_snapshot, finite_nor
                                               target_params, write_updates)
 from sae_shards.core.targets import check_batch
 from sae_shards.run.config import SOURCES
+from sae_shards.run.versions import fp32_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,33 @@ def warn_low_precision_weights(targets: Mapping[str, Target], source: str) -> st
         logger.warning("%s", text)
         return text
     return None
+
+
+def lora_matmul_note(n_lora: int, precision: str) -> str | None:
+    """The note for ``n_lora`` LoRA targets on a GPU whose fp32 matmuls run at ``precision``
+    (``run/versions.py``'s ``fp32_matmul``): a LoRA target's update ``s * (B0 dA + dB A1)`` is
+    formed by two matrix products, which TF32 (or bf16) computes from inputs rounded to 10 (7)
+    mantissa bits, so its entries are off by about 1e-3 (1e-2) of their size instead of fp32
+    rounding; a dense target's update is a difference and stays exact. None when there is no
+    LoRA target or the products are full fp32 (``"ieee"``)."""
+    if not n_lora or precision == "ieee":
+        return None
+    return (f"capture.source=update: the {n_lora} LoRA targets' updates are matrix products of "
+            f"their factors, which torch computes in {precision} here (fp32_precision, or "
+            "transformers' tf32=True): each captured entry is rounded to about "
+            f"{'1e-3' if precision == 'tf32' else '1e-2'} of its size, not to fp32's 1e-7. Set "
+            "tf32=False in the trainer's arguments, or torch.backends.cuda.matmul.fp32_precision "
+            "= 'ieee', for updates exact to fp32 rounding")
+
+
+def warn_lora_matmul_precision(targets: Mapping[str, Target]) -> str | None:
+    """Warn with :func:`lora_matmul_note` for the LoRA targets on a GPU (the CPU's matmuls keep
+    fp32 unless oneDNN has bf16 hardware: not flagged); returns the note."""
+    lora = [t for t in targets.values() if isinstance(t, LoraTarget) and t.A.device.type == "cuda"]
+    note = lora_matmul_note(len(lora), fp32_matmul(lora[0].A.device)) if lora else None
+    if note:
+        logger.warning("%s", note)
+    return note
 
 
 # ---- the callback -----------------------------------------------------------------------------
@@ -174,8 +202,9 @@ class DeltaCapture(TrainerCallback):
         self.n_outliers = 0
         """Samples skipped as outliers (``outlier_ratio``)."""
         self.precision_note: str | None = None
-        """Why the captured updates are not the optimizer's whole step (16-bit targets), set
-        when training begins; ``summary.json`` repeats it."""
+        """Why the captured updates are not the optimizer's whole step (16-bit targets) or not
+        exact (LoRA products in TF32 on a GPU), set when training begins; ``summary.json``
+        repeats it."""
         self.n_skipped = 0
         """``deconv`` steps that could not be inverted (learning rate 0, or no weight changed,
         at the step or the one before, or the first step after a resume)."""
@@ -216,7 +245,9 @@ class DeltaCapture(TrainerCallback):
             )
         self._check_owned(model)
         if self.source in ("update", "deconv"):
-            self.precision_note = warn_low_precision_weights(self.targets, self.source)
+            notes = (warn_low_precision_weights(self.targets, self.source),
+                     warn_lora_matmul_precision(self.targets) if self.source == "update" else None)
+            self.precision_note = ". Also: ".join(n for n in notes if n) or None
         if self.source in _OPTIMIZER_SOURCES:
             self._optimizer = unwrap_optimizer(optimizer)
             self._kind, self._groups = step_rule(self._optimizer, self.targets, self.source)

@@ -1,6 +1,6 @@
 """Which software made a run, and on what: the versions of sae-shards, Python and the libraries
 whose code moves an RL step or the SAE, the device (``cpu``, or the GPU's name) and the precision
-of its fp32 matrix products (TF32 on a GPU rounds each product's inputs to 10 mantissa bits),
+of its fp32 matrix products (TF32 rounds each product's inputs to 10 mantissa bits),
 recorded in the run's ``config.json`` (``versions``, as the run started) and compared on every resume
 (``resumed_under``: what changed).
 
@@ -46,16 +46,28 @@ def device_name(device: torch.device) -> str:
 
 
 def fp32_matmul(device: torch.device) -> str:
-    """How fp32 matrix products are computed on ``device``: torch's
-    ``float32_matmul_precision`` (``"highest"`` unless the script set it), and on a GPU whether
-    TF32 is allowed (``"highest, tf32 off"``). The SAE's steps and a model's forward passes run
-    on it; the captured deltas do not (they are differences of weights)."""
+    """How fp32 matrix products are computed on ``device``'s matmuls: ``"ieee"`` (full fp32),
+    ``"tf32"`` (inputs rounded to 10 mantissa bits, as transformers' ``tf32=True`` sets on a GPU)
+    or ``"bf16"``, read from torch's ``fp32_precision`` (``torch.backends.cuda.matmul``, or
+    ``torch.backends.mkldnn.matmul`` on the CPU); under a torch without it (before 2.9), ``"tf32"``
+    or ``"ieee"`` from ``allow_tf32`` on a GPU and ``float32_matmul_precision`` on the CPU. The
+    SAE's steps and a model's forward passes run at it; captured updates of dense weights do
+    not (they are differences of weights), LoRA updates do (products of their factors).
+
+    The new setting is read first: once a script sets it, reading the legacy ``allow_tf32`` or
+    ``get_float32_matmul_precision()`` raises in torch 2.9 and later."""
     import torch
 
-    precision = torch.get_float32_matmul_precision()
+    backends = torch.backends
+    matmul = getattr(backends.cuda if device.type == "cuda" else backends.mkldnn, "matmul", None)
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:  # "none": torch's generic setting; "none" there too: full fp32
+        if precision == "none":
+            precision = getattr(backends, "fp32_precision", "none")
+        return "ieee" if precision == "none" else precision
     if device.type == "cuda":
-        return f"{precision}, tf32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
-    return precision
+        return "tf32" if backends.cuda.matmul.allow_tf32 else "ieee"
+    return torch.get_float32_matmul_precision()
 
 
 def run_versions(device: torch.device) -> dict[str, str | None]:
