@@ -76,16 +76,16 @@ class LatentStats:
 
     @torch.no_grad()
     def update(self, codes: SparseCodes, step: int) -> None:
-        idx, val = codes
-        active = val != 0
-        n = idx.new_zeros(self.fire_count.shape[0])
-        n.scatter_add_(0, idx[active], torch.ones_like(idx[active]))
+        idx, val = codes  # [batch, width]; a padded entry has value 0 and counts nowhere
+        flat = idx.reshape(-1)
+        n = idx.new_zeros(self.fire_count.shape[0])  # [n_latents] firings in this batch
+        n.scatter_add_(0, flat, (val != 0).reshape(-1).long())
         self.fire_count += n
-        self.abs_act_sum.scatter_add_(0, idx[active], val[active].abs().double())
+        self.abs_act_sum.scatter_add_(0, flat, val.abs().double().reshape(-1))  # padding adds 0
         fired = n > 0
         self.samples_since_fired += idx.shape[0]
-        self.samples_since_fired[fired] = 0
-        self.last_active_step[fired] = step
+        self.samples_since_fired.masked_fill_(fired, 0)  # masks, not indexing: no device sync
+        self.last_active_step.masked_fill_(fired, step)
         self.n_samples += idx.shape[0]
 
     def dead_mask(self, dead_after: int) -> Tensor:
@@ -94,6 +94,13 @@ class LatentStats:
     def dead_frac(self, dead_after: int) -> float | None:
         """``dead_fraction`` of these statistics (None before ``dead_after`` samples)."""
         return dead_fraction(self.samples_since_fired, dead_after, self.n_samples)
+
+    def dead_frac_tensor(self, dead_after: int) -> Tensor | None:
+        """:meth:`dead_frac` as a 0-d tensor on the device, read with the step's other figures
+        (None before ``dead_after`` samples: known on the host)."""
+        if self.n_samples < dead_after:
+            return None
+        return is_dead(self.samples_since_fired, dead_after).float().mean()
 
     def density(self) -> Tensor:
         """Fraction of all training samples on which each latent fired, [n_latents]."""
@@ -135,10 +142,12 @@ class SAETrainer:
         drawn each time, the others all zero): no variance for the FVU to divide by."""
 
     # ------------------------------------------------------------------ data hygiene
-    def _clean(self, batch: Sample) -> tuple[dict[str, Tensor], Tensor] | None:
+    def _clean(self, batch: Sample) -> tuple[dict[str, Tensor], Tensor, bool] | None:
         """Check names/shapes, move to the SAE's device, drop non-finite and all-zero samples.
 
-        Returns the kept samples and their squared norms ``[batch]``, or None if none is kept.
+        Returns the kept samples, their squared norms ``[batch]`` and whether those norms are
+        all equal (``_one_distinct_sample``'s first test), or None if none is kept. What the
+        host needs to know is read in one device sync, not one per figure.
         """
         factored = self.sae.sample_form == "factored"
         if factored:
@@ -149,25 +158,30 @@ class SAETrainer:
         # [batch]; inf/NaN exactly for rows with a non-finite entry
         sq = events.sq_norms(x, self.sae.targets) if factored else sample_sq_norms(x)
         finite = sq.isfinite()
-        self.n_rejected_nonfinite += int((~finite).sum())
         nonzero = sq > 0
-        self.n_skipped_zero += int((finite & ~nonzero).sum())
         keep = finite & nonzero
-        if not bool(keep.any()):
+        lowest = torch.where(keep, sq, torch.inf).min()
+        highest = torch.where(keep, sq, -torch.inf).max()  # == lowest: every kept norm equal
+        n_nonfinite, n_zero, n_kept, equal = torch.stack(
+            [(~finite).sum(), (finite & ~nonzero).sum(), keep.sum(), (lowest == highest).long()]
+        ).tolist()
+        self.n_rejected_nonfinite += n_nonfinite
+        self.n_skipped_zero += n_zero
+        if n_kept == 0:
             return None
-        if not bool(keep.all()):
+        if n_kept < keep.numel():
             x = {k: v[keep] for k, v in x.items()}
             sq = sq[keep]
-        return x, sq
+        return x, sq, bool(equal)
 
     @torch.no_grad()
     def _update_scale(self, sq_norms: Tensor) -> None:
+        """The running RMS of sample norms: an EMA of the mean square, or the batch's own before
+        the first batch (a ``where``, not a branch: no device sync)."""
         ms = sq_norms.mean()
         s = self.sae.input_scale
-        if s > 0:
-            s.copy_(((1 - self.cfg.scale_ema) * s.pow(2) + self.cfg.scale_ema * ms).sqrt())
-        else:
-            s.copy_(ms.sqrt())
+        ema = ((1 - self.cfg.scale_ema) * s.pow(2) + self.cfg.scale_ema * ms).sqrt()
+        s.copy_(torch.where(s > 0, ema, ms.sqrt()))
 
     # ------------------------------------------------------------------ the step
     def step(self, batch: Sample) -> StepMetrics | None:
@@ -175,8 +189,8 @@ class SAETrainer:
         cleaned = self._clean(batch)
         if cleaned is None:
             return None
-        x, sq_norms = cleaned
-        if _one_distinct_sample(x, sq_norms):
+        x, sq_norms, equal_norms = cleaned
+        if _one_distinct_sample(x, sq_norms, equal_norms):
             # no spread about the batch mean: the FVU's denominator is 0 and one step at ~1e30
             # would put inf into Adam's moments for good
             self.n_skipped_degenerate += 1
@@ -202,12 +216,15 @@ class SAETrainer:
             self._update_threshold(res.batch_threshold)
         self.stats.update(res.codes, self.n_steps)
         self.n_steps += 1
-        return StepMetrics(
-            fvu=main.item(), aux_loss=float(aux.detach()), loss=loss.item(),
-            l0=res.codes.active().sum(1).float().mean().item(),
-            dead_frac=self.stats.dead_frac(self.cfg.dead_after),
-            n_samples=sq_norms.shape[0], input_scale=self.sae.input_scale.item(),
-        )
+        dead_frac = self.stats.dead_frac_tensor(self.cfg.dead_after)  # None before dead_after
+        figures = [main, aux, loss, res.codes.active().sum(1).float().mean(),
+                   self.sae.input_scale] + ([] if dead_frac is None else [dead_frac])
+        # one device sync for the step's figures (float64 holds each fp32 value exactly)
+        fvu, aux_loss, total, l0, scale, *dead = torch.stack(
+            [f.detach().double() for f in figures]).tolist()
+        return StepMetrics(fvu=fvu, aux_loss=aux_loss, loss=total, l0=l0,
+                           dead_frac=dead[0] if dead else None,
+                           n_samples=sq_norms.shape[0], input_scale=scale)
 
     def _losses(self, x: dict[str, Tensor], sq_norms: Tensor, dead: Tensor) -> StepLosses:
         """The step's losses on the cleaned parameter-unit batch ``x`` (norms ``[batch]``)."""
@@ -225,11 +242,9 @@ class SAETrainer:
 
     @torch.no_grad()
     def _update_threshold(self, floor: Tensor) -> None:
-        thr = self.sae.threshold
-        if torch.isnan(thr):
-            thr.copy_(floor)
-        else:
-            thr.mul_(1 - self.cfg.threshold_ema).add_(self.cfg.threshold_ema * floor)
+        thr = self.sae.threshold  # NaN until the first batch_topk step sets it
+        ema = thr * (1 - self.cfg.threshold_ema) + self.cfg.threshold_ema * floor
+        thr.copy_(torch.where(torch.isnan(thr), floor, ema))
 
     # ------------------------------------------------------------------ loops
     def fit(self, source: Iterable[Sample] | Callable[[], Sample], n_steps: int,
@@ -288,11 +303,12 @@ class SAETrainer:
         self.n_skipped_degenerate = int(degenerate) if degenerate is not None else 0
 
 
-def _one_distinct_sample(x: Mapping[str, Tensor], sq_norms: Tensor) -> bool:
+def _one_distinct_sample(x: Mapping[str, Tensor], sq_norms: Tensor, equal_norms: bool) -> bool:
     """Whether the batch holds one sample, or copies of one (``sq_norms``: ``[batch]``): equal
-    norms first (cheap), then the rows themselves."""
+    norms first (``equal_norms``, read with the batch's other figures), then the rows
+    themselves."""
     if sq_norms.numel() < 2:
         return True
-    if not bool((sq_norms == sq_norms[0]).all()):
+    if not equal_norms:
         return False
     return all(torch.equal(v[i], v[0]) for v in x.values() for i in range(1, v.shape[0]))
