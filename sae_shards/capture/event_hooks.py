@@ -346,15 +346,19 @@ class EventRecorder:
                 f"the training batch has no {ROW_KEY!r}: it did not come from the wrapped "
                 "_generate_and_score_completions (install() after the trainer is built, and "
                 "before train())")
-        rows = inputs[ROW_KEY].tolist()
-        adv = inputs["advantages"].detach().float()
-        adv = adv.reshape(len(rows), -1)  # [B, 1] or [B, T]
+        rows_t = inputs[ROW_KEY]  # [B] global row of each completion
+        adv = inputs["advantages"].detach().float().reshape(rows_t.shape[0], -1)  # [B, 1] or [B, T]
+        # the rows, whether each row's advantage moves anything, and its mean, in one device
+        # read (float64 holds each row number and fp32 mean exactly)
+        rows, moving, means = torch.stack(
+            [rows_t.double(), adv.ne(0).any(-1).double(), adv.mean(-1).double()]).tolist()
+        rows = [int(r) for r in rows]
         events = []
-        for row, a in zip(rows, adv):
+        for row, moves, mean in zip(rows, moving, means):
             event = row // self._group_size
-            moves = bool(a.ne(0).any())
+            moves = bool(moves)
             self._rows.setdefault(event, []).append(row)
-            self._adv.setdefault(event, []).append(float(a.mean()))
+            self._adv.setdefault(event, []).append(mean)
             self._nonzero_adv[event] = self._nonzero_adv.get(event, False) or moves
             # A row with advantage 0 has exactly zero gradient when the loss is all advantage
             # terms: its positions need not be filed.
@@ -430,14 +434,19 @@ class EventRecorder:
         if self._skip_prompt_positions:
             g = g.clone()
             g[:, :fwd.n_prompt] = 0
-        live = g.ne(0).any(-1)  # [B, S]: positions with gradient
+        # [B, S] positions with gradient, on the host: one device read for every event of the
+        # forward (boolean indexing on the device would be one per event, inside backward)
+        live = g.ne(0).any(-1).cpu()
+        seq = live.shape[1]
+        g, a = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])  # [B * S, n], row-major
         for event in sorted(set(fwd.events) - {-1}):
-            idx = [b for b, e in enumerate(fwd.events) if e == event]
-            keep = live[idx]  # [b, S]
-            ge = g[idx][keep]  # [T, n_out]
-            if not ge.shape[0]:
+            idx = torch.tensor([b for b, e in enumerate(fwd.events) if e == event])
+            b, s = live[idx].nonzero(as_tuple=True)  # the event's live positions, row-major
+            if not b.numel():
                 continue
-            ae = a[idx][keep]  # [T, n_in]
+            at = (idx[b] * seq + s).to(g.device, non_blocking=True)  # [T] flat positions
+            ge = g.index_select(0, at)  # [T, n_out]
+            ae = a.index_select(0, at)  # [T, n_in]
             for site in sites:
                 self._file(event, site, ae, ge)
 
