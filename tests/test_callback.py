@@ -331,7 +331,7 @@ class _StopAt(TrainerCallback):
 
 
 def _user_trainer(tiny_model, out_dir, callbacks, max_steps=10, n_prompts=64, peft_config=None,
-                  **overrides):
+                  model=None, **overrides):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -343,7 +343,7 @@ def _user_trainer(tiny_model, out_dir, callbacks, max_steps=10, n_prompts=64, pe
                     use_cpu=True, bf16=False, report_to="none", save_strategy="steps",
                     save_steps=5, logging_steps=1, disable_tqdm=True)
     config = GRPOConfig(**{**settings, **overrides})
-    return GRPOTrainer(model=str(tiny_model), reward_funcs=task.reward_funcs, args=config,
+    return GRPOTrainer(model=str(tiny_model) if model is None else model, reward_funcs=task.reward_funcs, args=config,
                        train_dataset=Dataset.from_dict(task.dataset(n_prompts).to_dict()),
                        callbacks=callbacks, peft_config=peft_config)
 
@@ -668,6 +668,18 @@ def test_per_event_capture_under_torch_compile_is_refused_and_lora_dropout_reach
                             torch_compile_backend="eager")
     with pytest.raises(ValueError, match=r"module hooks, which torch.compile traces .* set "
                                          r"torch_compile=False .* or capture per step"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    # a model the script compiled itself, under torch_compile=False (audit 110 F16)
+    from transformers import AutoModelForCausalLM
+
+    model = torch.compile(AutoModelForCausalLM.from_pretrained(tiny_model), backend="eager")
+    own = ShardCallback(run_dir=tmp_path / "own", capture={"granularity": "group"},
+                        runner={"min_samples": 2})
+    trainer = _user_trainer(tiny_model, tmp_path / "trl_o", [own], max_steps=4, model=model,
+                            gradient_checkpointing=False)
+    with pytest.raises(ValueError, match=r"module hooks, which torch.compile traces .* give the "
+                                         r"trainer the model itself, not torch.compile\(model\)"):
         trainer.train()
     assert trainer.state.global_step == 0
 
@@ -1128,6 +1140,21 @@ def _labelled_twice_reward(prompts, completions, task, log_extra=None, **kwargs)
     return [0.1 * len(text) for text in completions]
 
 
+class _SometimesLabelledReward:
+    """Logs the labels on its odd calls only (a reward that logs when it scored anything)."""
+
+    __name__ = "sometimes_labelled"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, prompts, completions, task, log_extra=None, **kwargs):
+        self.calls += 1
+        if log_extra is not None and self.calls % 2 == 1:
+            log_extra("task", list(task))
+        return [0.1 * len(text) for text in completions]
+
+
 def test_labels_logged_for_only_part_of_a_generation_are_left_out_not_shifted(
         tiny_model, tmp_path, caplog):
     """Audit 106 F11: a reward logging fewer labels than completions was taken as it stood:
@@ -1159,10 +1186,20 @@ def test_labels_logged_for_only_part_of_a_generation_are_left_out_not_shifted(
     assert "logged 4 value(s) of 'task' with log_extra for a generation of 8 completions" \
         in caplog.text
     assert "not the label column" not in caplog.text  # not told it logged no labels
+    assert "completion log does not" not in caplog.text  # (audit 110 F8)
     assert [row["tasks"] for row in half] == [None] * 3
     twice = run("twice", [_labelled_twice_reward, _tagging_reward])
     for row in twice:
         assert row["tasks"] == [truth[p] for p in row["prompts"]]
+    # audit 110 F7: 12 labels for 8 completions (one function's 8, another's 4) are no whole
+    # multiple; F6: labels logged by the first generation and not the second are not the
+    # second's (TRL's log keeps the first's)
+    assert [row["tasks"] for row in run("and_half", [_labelled_twice_reward,
+                                                     _half_labelled_reward])] == [None] * 3
+    sometimes = run("sometimes", [_SometimesLabelledReward()])
+    assert [row["tasks"] for row in sometimes] == [
+        [truth[p] for p in sometimes[0]["prompts"]], None,
+        [truth[p] for p in sometimes[2]["prompts"]]]
 
     # audit 107 F7: an iterator crashed training in the counting wrapper; F3: a None label was
     # the context "None": a step with one has no labels, said once

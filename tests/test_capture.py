@@ -360,17 +360,18 @@ def test_outlier_reference_is_a_mean_then_a_slow_ema_of_accepted_norms():
     reference as it was."""
     from sae_shards.capture.outliers import NormOutliers
 
+    out = NormOutliers(ratio=3.0)  # one sample a step, as per-step capture tests them
+    assert [out.is_outlier(n, i) for i, n in enumerate((1.0, 1.0, 1.0, 20.0, 100.0))] == (
+        [False] * 4 + [True])
     out = NormOutliers(ratio=3.0)
-    assert [out.is_outlier(n) for n in (1.0, 1.0, 1.0, 20.0, 100.0)] == [False] * 4 + [True]
-    out = NormOutliers(ratio=3.0)
-    for n in [1.0, 2.0, 3.0, 4.0] + [1.0] * 46:
-        assert not out.is_outlier(n)
+    for i, n in enumerate([1.0, 2.0, 3.0, 4.0] + [1.0] * 46):
+        assert not out.is_outlier(n, i)
     mean = out.sq_norm_mean
     assert mean == pytest.approx((1 + 4 + 9 + 16 + 46) / 50)
-    assert out.is_outlier(10.0) and out.n_norms == 50  # over 3 x rms 1.23: skipped, not counted
+    assert out.is_outlier(10.0, 50) and out.n_norms == 50  # over 3 x rms 1.23: skipped, not counted
     assert out.sq_norm_mean == mean and out.last_rms == pytest.approx(math.sqrt(mean))
-    for _ in range(10):
-        assert not out.is_outlier(2.0)
+    for i in range(10):
+        assert not out.is_outlier(2.0, 51 + i)
     assert out.sq_norm_mean == pytest.approx(4 - (4 - mean) * 0.98 ** 10)
 
 
@@ -398,6 +399,7 @@ def test_a_run_whose_first_steps_change_nothing_keeps_its_later_updates():
         out = NormOutliers(ratio=100.0)
         flags = [f for step in _flags(out, [[1.4e-4]] * before + [[0.0224]] * 10) for f in step]
         assert flags == [False] * before + [True] * PATIENCE + [False] * (10 - PATIENCE)
+        assert out.rms == pytest.approx(0.0224)  # the learning's scale (audit 110 F2)
     events = NormOutliers(ratio=100.0)  # per event: 8 events a step
     normal, wild = [1.0] * 8, [1e3] * 8
     flags = _flags(events, [normal] * 25 + [wild, normal, wild, wild, normal, wild])
@@ -410,6 +412,11 @@ def test_a_run_whose_first_steps_change_nothing_keeps_its_later_updates():
     gap = NormOutliers(ratio=100.0)  # a wild step, a step of zeros only, two wild steps
     flags = _flags(gap, [normal] * 10 + [wild, [0.0] * 8, wild, wild, normal])
     assert [all(step) for step in flags[10:]] == [True, False, True, True, False]
+    assert gap.rms == pytest.approx(1.0)  # the zeros' step broke the streak (audit 110 F3)
+    again = NormOutliers(ratio=100.0)  # a new scale, then a jump from it: PATIENCE steps again
+    flags = _flags(again, [normal] * 10 + [wild] * PATIENCE + [[1e6] * 8] * (PATIENCE + 1))
+    assert [all(step) for step in flags[10:]] == [True] * 2 * PATIENCE + [False]  # 110 F4
+    assert again.rms == pytest.approx(1e6)
 
     stuck = NormOutliers(ratio=100.0)  # an earlier version's saved state after four zeros
     stuck.load_state({"sq_norm_mean": 0.0, "n_norms": 4})
@@ -421,12 +428,18 @@ def test_the_outlier_test_resumes_mid_streak():
     the flagged norms are part of the saved state."""
     from sae_shards.capture.outliers import NormOutliers
 
-    steps = [[1.0] * 4] * 10 + [[500.0] * 4] * 4 + [[1.0] * 4]
+    wild = [[400.0] * 4, [500.0] * 4, [600.0] * 4, [700.0, 7e4, 700.0, 700.0], [1.0] * 4]
+    steps = [[1.0] * 4] * 10 + wild + [[1e5] * 4]
     whole = NormOutliers(ratio=100.0)
     expected = _flags(whole, steps)
-    first = NormOutliers(ratio=100.0)
-    head = _flags(first, steps[:11])
-    resumed = NormOutliers(ratio=100.0)
-    resumed.load_state(json.loads(json.dumps(first.state())))  # as the resume file holds it
-    tail = [[resumed.is_outlier(n, i) for n in norms] for i, norms in enumerate(steps[11:], 12)]
-    assert head + tail == expected and resumed.sq_norm_mean == whole.sq_norm_mean
+    # the three wild steps became the scale; the 100x event of the step after them did not
+    assert [sum(f) for f in expected[10:]] == [4, 4, 4, 1, 0, 4]
+    for split in range(10, len(steps)):  # every resume point, the streak's middle included
+        first = NormOutliers(ratio=100.0)
+        head = _flags(first, steps[:split])
+        resumed = NormOutliers(ratio=100.0)
+        resumed.load_state(json.loads(json.dumps(first.state())))  # as the resume file holds it
+        tail = [[resumed.is_outlier(n, i) for n in norms]
+                for i, norms in enumerate(steps[split:], split + 1)]
+        assert head + tail == expected, split
+        assert resumed.sq_norm_mean == whole.sq_norm_mean, split

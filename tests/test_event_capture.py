@@ -504,3 +504,32 @@ def test_a_tied_or_foreign_target_is_refused_naming_why():
         hook_sites(model, {"embed.weight": model.embed.weight})
     with pytest.raises(ValueError, match=r"'x' is not a parameter of the model being trained"):
         hook_sites(model, {"x": torch.nn.Parameter(torch.zeros(2, 2))})
+
+
+def test_a_wild_step_s_events_are_all_left_out_as_one_step():
+    """The outlier test groups events by their RL step (audit 110 F17): a step whose 8 events
+    are each 1000x the run's scale is one wild step, all 8 left out, not three "steps" that
+    make the scale and five events let in; a later step at the usual scale goes in."""
+    from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
+    from sae_shards.capture.event_capture import EventCapture
+    from sae_shards.capture.event_hooks import Event
+    from sae_shards.run.config import CaptureConfig
+
+    spec = TargetSpec("w", (4, 3))
+    cfg = CaptureConfig(granularity="group", event_rank=2, outlier_ratio=100.0)
+    buffer = DeltaRingBuffer([spec], capacity=8, device="cpu", event_rank=2)
+    capture = EventCapture({}, [spec], buffer, cfg, trainer=object())
+    gen = torch.Generator().manual_seed(0)
+
+    def write_step(step: int, scale: float) -> list[int | None]:
+        out = []
+        for group in range(8):
+            L, R = torch.randn(2, 4, generator=gen), torch.randn(2, 3, generator=gen)
+            event = Event(group, (group,), {"w": ev.join(scale * L, R)}, 1.0, 0.5)
+            out.append(capture._write(event, step, StepMeta(step), None, measure=False))
+        return out
+
+    for step in range(1, 6):
+        assert None not in write_step(step, 1.0)
+    assert write_step(6, 1000.0) == [None] * 8 and capture.n_outliers == 8
+    assert None not in write_step(7, 1.0) and capture.n_captured == 48

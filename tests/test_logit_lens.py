@@ -434,6 +434,9 @@ def test_a_projection_before_the_unembedding_is_named_as_why_there_is_no_lens(
     assert why.startswith("the unembedding reads 32 features but the blocks' output projections "
                           "write 64") and "project_out" in why, why
     assert lens_gap(opt) == why
+    # the Linear feeding the unembedding is no final norm (audit 110 F9): no [32] weight feeds it
+    with pytest.raises(FinalNormNotFound, match="cannot tell the final norm of OPTForCausalLM"):
+        find_final_norm(opt)
     model, _ = model_and_tokenizer  # writers found: no reason, a shard without one is told apart
     assert writer_targets(model) and no_writers_reason(model) is None
     assert lens_gap(model).startswith("no part of this shard is on a residual-stream writer")

@@ -395,6 +395,10 @@ def _vowels(prompts, completions, **kwargs):
     return [float(sum(ch in "aeiou" for ch in c)) for c in completions]
 
 
+def _first_prompt_unscored(prompts, completions, **kwargs):
+    return [None if p == prompts[0] else 1.0 for p in prompts]
+
+
 def _nothing(prompts, completions, **kwargs):
     return [None] * len(completions)
 
@@ -439,6 +443,13 @@ def test_a_reward_task_unlike_the_runs_is_noted(model_and_tokenizer, short_run_d
     models = SimpleNamespace(initial=model, tokenizer=tokenizer)
     note = _check_scorer(models, RewardTask(_prompts(), [_nothing]), [], {"max_new_tokens": 2})
     assert "scored none of the 8 completions of its first two prompts" in note
+    # audit 110 F12-F14: a reward leaving one prompt's completions unscored scored some; a first
+    # row without reward_funcs (an earlier version's) and a run of one context get no note
+    assert _check_scorer(models, RewardTask(_prompts(), [_first_prompt_unscored]), [],
+                         {"max_new_tokens": 2}) == ""
+    assert _unlike_the_run(RewardTask(_prompts(), [_length]), {"prompts": ["<A> p0"]}) == []
+    assert _check_scorer(models, RewardTask(_prompts(), [_length]), [["even"], ["even"]],
+                         {"max_new_tokens": 2}) == ""
     # F21: a run with contexts, a task without label_column: figures per context were possible
     run_labels = [["even"], ["odd"]]
     note = _check_scorer(models, RewardTask(_prompts(), [_length]), run_labels,

@@ -140,13 +140,16 @@ class EventCapture(TrainerCallback):
                 f"{generation_use_of(trl_args)}: set num_iterations=1 and leave "
                 "steps_per_generation and generation_batch_size unset (TRL derives "
                 "steps_per_generation from generation_batch_size), or capture per step")
-        if getattr(trl_args, "torch_compile", False) or hasattr(model, "_orig_mod"):
+        by_trainer = getattr(trl_args, "torch_compile", False)
+        if by_trainer or hasattr(model, "_orig_mod"):
+            fix = ("set torch_compile=False in the trainer's config (and do not torch.compile "
+                   "the model)" if by_trainer else "give the trainer the model itself, not "
+                   "torch.compile(model)")
             raise ValueError(
                 f"ShardCallback(capture={{'granularity': '{self.cfg.granularity}'}}) records each "
                 "event's inputs and output gradients with module hooks, which torch.compile "
-                "traces into its graph (the modules then seem never to run); set "
-                "torch_compile=False in the trainer's config (and do not torch.compile the "
-                "model), or capture per step (capture.granularity=step), which runs under it")
+                f"traces into its graph (the modules then seem never to run); {fix}, or capture "
+                "per step (capture.granularity=step), which runs under it")
         self.precision_note = _lora_dropout_note(self.targets, self.cfg.granularity)
         if args.world_size > 1:
             _check_groups_within_ranks(self.trainer, self.cfg.granularity)

@@ -41,11 +41,12 @@ class NormOutliers:
     def rms(self) -> float:
         return math.sqrt(self.sq_norm_mean)
 
-    def is_outlier(self, norm: float, step: int | None = None) -> bool:
-        """Whether ``norm`` (a sample of RL step ``step``; None: a step of its own) is flagged."""
+    def is_outlier(self, norm: float, step: int) -> bool:
+        """Whether ``norm``, a sample of RL step ``step`` (one step's samples in a row), is
+        flagged."""
         if norm == 0.0:
             return False
-        if step is None or step != self.step:
+        if step != self.step:
             self._next_step(step)
         self.last_rms = self.rms
         if self.ratio and self.n_norms >= 4 and norm > self.ratio * self.last_rms:
@@ -57,14 +58,13 @@ class NormOutliers:
         self.sq_norm_mean += rate * (norm * norm - self.sq_norm_mean)
         return False
 
-    def _next_step(self, step: int | None) -> None:
+    def _next_step(self, step: int) -> None:
         """Close the step tested so far (it extends the streak when a sample of it was flagged
         and it follows the streak's last step) and start ``step``; a streak of ``PATIENCE``
         steps makes its flagged samples' scale the reference."""
         closed, (total, count) = self.step, self.step_flagged
         if count:
-            follows = closed is None or (self.streak_last is not None
-                                         and closed == self.streak_last + 1)
+            follows = self.streak_last is not None and closed == self.streak_last + 1
             if self.streak and follows:
                 self.streak += 1
                 self.streak_flagged = [self.streak_flagged[0] + total,
