@@ -366,6 +366,39 @@ def _seeded_run(tiny_model, tmp_path, name: str, stop_at: int | None = None) -> 
     return callback
 
 
+def test_a_damaged_resume_file_says_how_to_resume_from_the_step_before(tiny_model, tmp_path,
+                                                                        capsys):
+    """Audit 111: a truncated resume file stopped the resume naming the file, with advice for
+    analyze (--checkpoint); the way on at 3 a.m. is to delete that step's sae-shards files and
+    resume from the step before, which the refusal now says, with TRL's checkpoint to pass,
+    and which ends as the uninterrupted run. A script's run given to `sae-shards train
+    resume=true` is told to resume from its script (it was told of seven changed settings and
+    a missing .hydra/)."""
+    _seeded_run(tiny_model, tmp_path, "whole")
+    run, out = tmp_path / "cut", tmp_path / "trl_cut"
+    _seeded_run(tiny_model, tmp_path, "cut", stop_at=7)
+    capsys.readouterr()
+    assert cli_main(["train", f"run_dir={run}", "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert ("was written by a script's ShardCallback, not by sae-shards train" in err
+            and "trainer.train(resume_from_checkpoint=True)" in err), err
+    damaged = run / "resume" / "step_000007.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    again = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
+    with pytest.raises(CheckpointError, match=(
+            f"{damaged}: cannot be read as safetensors .* To resume from RL step 5 instead, "
+            f"delete {damaged} and {run / 'checkpoints' / 'step_000007'} .*a script passes "
+            f"resume_from_checkpoint='{out / 'checkpoint-5'}'")):
+        _user_trainer(tiny_model, out, [again]).train(resume_from_checkpoint=True)
+    damaged.unlink()
+    shutil.rmtree(run / "checkpoints" / "step_000007")
+    torch.manual_seed(0)
+    again = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
+    _user_trainer(tiny_model, out, [again]).train(resume_from_checkpoint=str(out / "checkpoint-5"))
+    assert again.summary["rl_steps"] == 10
+    _assert_same_ending(tmp_path / "whole", run)
+
+
 def test_resume_from_passes_over_a_trl_checkpoint_a_kill_left_torn(tiny_model, tmp_path,
                                                                      caplog):
     """A kill while TRL wrote checkpoint-7 leaves it without trainer_state.json (TRL writes it

@@ -533,3 +533,30 @@ def test_a_wild_step_s_events_are_all_left_out_as_one_step():
         assert None not in write_step(step, 1.0)
     assert write_step(6, 1000.0) == [None] * 8 and capture.n_outliers == 8
     assert None not in write_step(7, 1.0) and capture.n_captured == 48
+
+
+def test_the_preconditioner_s_error_figures_survive_a_resume():
+    """summary.json's precond_error_mean is over every measured event of the run: a resumed run
+    kept only those measured after the resume (audit 111: 0.630 became 0.259), or None."""
+    import json
+
+    from sae_shards.capture.buffer import DeltaRingBuffer
+    from sae_shards.capture.event_capture import EventCapture
+    from sae_shards.run.config import CaptureConfig
+
+    def capture():
+        spec = TargetSpec("w", (4, 3))
+        cfg = CaptureConfig(granularity="group", event_rank=2, precondition="adam")
+        buffer = DeltaRingBuffer([spec], capacity=4, device="cpu", event_rank=2)
+        return EventCapture({}, [spec], buffer, cfg, trainer=object())
+
+    before = capture()
+    before.precond_error = [0.9, 0.6, 0.39]
+    after = capture()
+    after.load_counters(json.loads(json.dumps(before.counters())))  # as the resume file holds it
+    after.precond_error.append(0.11)
+    assert after.summary()["precond_error_mean"] == pytest.approx(0.5)
+    old = before.counters()
+    del old["precond_error"]  # an earlier version's file: what it has is kept
+    after.load_counters(old)
+    assert after.precond_error == [] and after.summary()["precond_error_mean"] is None

@@ -290,13 +290,16 @@ class EventCapture(TrainerCallback):
         return {"n_captured": self.n_captured, "n_zero": self.n_zero,
                 "n_nonfinite": self.n_nonfinite, "n_skipped": self.n_skipped,
                 "n_outliers": self.n_outliers, "n_truncated": self.n_truncated,
-                "kept_energy_min": self.kept_energy_min, **self.outliers.state()}
+                "kept_energy_min": self.kept_energy_min,
+                "precond_error": list(self.precond_error), **self.outliers.state()}
 
     def load_counters(self, saved: dict[str, float]) -> None:
         for key in ("n_captured", "n_zero", "n_nonfinite", "n_skipped", "n_outliers",
                     "n_truncated"):
             setattr(self, key, int(saved[key]))
         self.kept_energy_min = float(saved["kept_energy_min"])
+        # absent from an earlier version's files: the mean then covers the events after resume
+        self.precond_error = [float(x) for x in saved.get("precond_error", [])]
         self.outliers.load_state(saved)
 
     def summary(self) -> dict[str, Any]:

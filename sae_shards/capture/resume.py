@@ -273,15 +273,32 @@ def _resume_instead(step: int, have: list[int], trl_output: str | Path | None) -
     trl = Path(trl_output)
     saved = trl_checkpoint_steps(str(trl))
     both = [s for s in have if s in saved]
-    text = (f". TRL's {trl / f'checkpoint-{step}'} has no sae-shards side: its write failed (a "
-            "full disk) or an earlier run in that output_dir left it; delete it, or "
-            "resume_from_checkpoint=True picks it again" if step in saved else
+    text = (f". TRL's {trl / f'checkpoint-{step}'} has no sae-shards side: the process was "
+            "killed after TRL saved it and before sae-shards' side was written (it follows "
+            "TRL's), the write failed (a full disk), or an earlier run in that output_dir left "
+            "it; delete it, or resume_from_checkpoint=True picks it again" if step in saved else
             f". TRL's checkpoint of step {step} (not in the trainer's output_dir {trl}) has no "
             "sae-shards side")
     if not both:
         return text + f"; no step has both sides (sae-shards: {have or 'none'}), start anew"
     return text + (f"; the newest step with both sides is {both[-1]}: "
                    f"trainer.train(resume_from_checkpoint='{trl / f'checkpoint-{both[-1]}'}')")
+
+
+def _resume_before(run_dir: Path, step: int, trl_output: str | Path | None) -> str:
+    """The way past a damaged sae-shards file of step ``step``: delete that step's files, and
+    the run resumes from the newest complete step before it (a script names TRL's checkpoint of
+    that step); or that no earlier step is complete."""
+    earlier = [s for s in sorted(set(rundir.saved_steps(run_dir / rundir.RESUME))
+                                 & set(rundir.saved_steps(run_dir / rundir.CHECKPOINTS)))
+               if s < step]
+    if not earlier:
+        return f"No checkpoint before RL step {step} is complete: restore the file, or start anew"
+    trl = f"'{Path(trl_output) / f'checkpoint-{earlier[-1]}'}'" if trl_output else \
+        f"its checkpoint-{earlier[-1]}"
+    return (f"To resume from RL step {earlier[-1]} instead, delete "
+            f"{resume_file(run_dir, step)} and {checkpoint_dir(run_dir, step)} (sae-shards "
+            f"train then resumes from it; a script passes resume_from_checkpoint={trl})")
 
 
 def restore(run_dir: Path, step: int, parts: Pipeline,
@@ -310,14 +327,18 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
             f"{run_dir}: the trainer resumes from RL step {step} but sae-shards has no complete "
             f"checkpoint of that step ({target.name} and {checkpoint.name})"
             f"{_resume_instead(step, have, trl_output)}")
-    loaded = load_checkpoint(checkpoint, parts.sae.device)
+    try:
+        loaded = load_checkpoint(checkpoint, parts.sae.device)
+        state = load_training_state(checkpoint)
+        tensors, header = read_safetensors(target, kind=rundir.RESUME_KIND)
+    except CheckpointError as e:  # a damaged file: what the run can resume from instead
+        raise CheckpointError(f"{e}. {_resume_before(run_dir, step, trl_output)}") from e
     if [t.name for t in loaded.sae.targets] != [t.name for t in parts.specs]:
         raise CheckpointError(f"{checkpoint}: its targets differ from this run's; resume with "
                               "the run's own capture.targets")
     with torch.no_grad():
         parts.sae.load_state_dict(loaded.sae.state_dict())
-    parts.trainer.load_state_tensors(load_training_state(checkpoint))
-    tensors, header = read_safetensors(target, kind=rundir.RESUME_KIND)
+    parts.trainer.load_state_tensors(state)
     try:  # a damaged or foreign file: named, not a KeyError or torch's error from inside
         info = json.loads(header["info"])
         parts.buffer.load_state(tensors, info["buffer"])
@@ -336,8 +357,8 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(
             f"{target}: not a resume file that fits this run's RL step {step} ({type(e).__name__}: "
-            f"{e}); the file is damaged or another run's: restore it from a copy of the run, or "
-            "resume from an earlier checkpoint") from e
+            f"{e}); the file is damaged or another run's: restore it from a copy of the run. "
+            f"{_resume_before(run_dir, step, trl_output)}") from e
     if not logs_checked:
         _check_logs(run_dir, step, info.get("log_rows") or {})
     _remove_later(run_dir, step)

@@ -328,6 +328,13 @@ def _resume_point(cfg: JobConfig, run_dir: Path, main: bool) -> Path:
     checkpoint recorded of them (``resume.check_step_logs``)."""
     if main:
         saved = run_dir / rundir.HYDRA / "overrides.yaml"
+        if not saved.is_file() and _made_by_a_script(run_dir):
+            raise ValueError(
+                f"resume=true but run_dir={run_dir} was written by a script's ShardCallback, "
+                "not by sae-shards train (its config.json records no task and the run has no "
+                f"{rundir.HYDRA}/): resume it from that script, with "
+                f"ShardCallback(run_dir='{run_dir}', resume=True) and "
+                "trainer.train(resume_from_checkpoint=True)")
         check_same_settings(
             cfg, run_dir,
             f"Resume with the settings it started with (sae-shards train run_dir={run_dir} "
@@ -352,6 +359,14 @@ def _resume_point(cfg: JobConfig, run_dir: Path, main: bool) -> Path:
             "overwrite=true")
     resume_state.check_step_logs(run_dir, step)  # a copy's logs hold every step
     return run_dir / rundir.TRL_OUTPUT / f"checkpoint-{step}"
+
+
+def _made_by_a_script(run_dir: Path) -> bool:
+    """Whether ``run_dir``'s ``config.json`` is a ``ShardCallback``'s (task None, none of the
+    job's own fields such as ``device``) rather than ``sae-shards train``'s; False when it
+    cannot be read (``check_same_settings`` names that)."""
+    config = rundir.read_config(run_dir)  # {} when missing or unreadable
+    return "task" in config and config["task"] is None and "device" not in config
 
 
 @contextlib.contextmanager
