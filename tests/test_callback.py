@@ -366,6 +366,14 @@ def _seeded_run(tiny_model, tmp_path, name: str, stop_at: int | None = None) -> 
     return callback
 
 
+def _refused_resume(tiny_model, run, out, match: str) -> None:
+    """A script's resume of ``run`` (TRL's side in ``out``) refused with a CheckpointError
+    matching ``match``, before its first step."""
+    again = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
+    with pytest.raises(CheckpointError, match=match):
+        _user_trainer(tiny_model, out, [again]).train(resume_from_checkpoint=True)
+
+
 def test_a_damaged_resume_file_says_how_to_resume_from_the_step_before(tiny_model, tmp_path,
                                                                         capsys):
     """Audit 111: a truncated resume file stopped the resume naming the file, with advice for
@@ -384,12 +392,10 @@ def test_a_damaged_resume_file_says_how_to_resume_from_the_step_before(tiny_mode
             and "trainer.train(resume_from_checkpoint=True)" in err), err
     damaged = run / "resume" / "step_000007.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:200])
-    again = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
-    with pytest.raises(CheckpointError, match=(
-            f"{damaged}: cannot be read as safetensors .* To resume from RL step 5 instead, "
-            f"delete {damaged} and {run / 'checkpoints' / 'step_000007'} .*a script passes "
-            f"resume_from_checkpoint='{out / 'checkpoint-5'}'")):
-        _user_trainer(tiny_model, out, [again]).train(resume_from_checkpoint=True)
+    _refused_resume(tiny_model, run, out, (
+        f"{damaged}: cannot be read as safetensors .* To resume from RL step 5 instead, "
+        f"delete {damaged} and {run / 'checkpoints' / 'step_000007'} .*a script passes "
+        f"resume_from_checkpoint='{out / 'checkpoint-5'}'"))
     damaged.unlink()
     shutil.rmtree(run / "checkpoints" / "step_000007")
     torch.manual_seed(0)
@@ -397,6 +403,45 @@ def test_a_damaged_resume_file_says_how_to_resume_from_the_step_before(tiny_mode
     _user_trainer(tiny_model, out, [again]).train(resume_from_checkpoint=str(out / "checkpoint-5"))
     assert again.summary["rl_steps"] == 10
     _assert_same_ending(tmp_path / "whole", run)
+
+
+def test_a_part_copied_in_from_another_run_is_refused_on_resume(tiny_model, tmp_path):
+    """Audit 111: a resume took trl/, resume/, checkpoints/ or rollouts.jsonl copied from
+    another run of the same settings (another seed) without a word, mixing two runs under one
+    record (the policy went on from the other run's weights). Every part of a checkpoint now
+    records the run's id (config.json's run_id; TRL's checkpoint a sae_shards_run.json), each
+    log the digest of its last row; a foreign part is refused, naming it."""
+    run, out = tmp_path / "cut", tmp_path / "trl_cut"
+    _seeded_run(tiny_model, tmp_path, "cut", stop_at=7)
+    other = ShardCallback(run_dir=tmp_path / "other", runner={"min_samples": 2})
+    _user_trainer(tiny_model, tmp_path / "trl_other", [other, _StopAt(other, 7)], seed=4).train()
+    run_id = json.loads((run / "config.json").read_text())["run_id"]
+    assert json.loads((out / "checkpoint-7" / "sae_shards_run.json").read_text()) == {
+        "run_id": run_id}
+    parts = {"resume": ("resume/step_000007.safetensors", "resume/step_000007.safetensors"),
+             "shards": ("checkpoints/step_000007", "checkpoints/step_000007"),
+             "trl": ("../trl_other/checkpoint-7", "../trl_cut/checkpoint-7")}
+    shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}_kept", symlinks=True)
+    kept = tmp_path.parent / f"{tmp_path.name}_kept"
+    for name, (theirs, ours) in parts.items():
+        target = run / ours
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        copy = shutil.copytree if (tmp_path / "other" / theirs).is_dir() else shutil.copy
+        copy(tmp_path / "other" / theirs, target)
+        named = re.escape(str(target.resolve() if name == "trl" else target))
+        _refused_resume(tiny_model, run, out, (
+            f"RL step 7's checkpoint holds parts of another run than this one \\(config.json's "
+            f"run_id {run_id}\\): {named} \\(run [0-9a-f]{{32}}\\)"))
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        copy(kept / "cut" / ours, target)
+    shutil.copy(tmp_path / "other" / "rollouts.jsonl", run / "rollouts.jsonl")  # as many rows
+    _refused_resume(tiny_model, run, out, r"rollouts.jsonl: row 7 of those up to RL step 7 is "
+                                          r"not the row the run had written there")
+    shutil.copy(kept / "cut" / "rollouts.jsonl", run / "rollouts.jsonl")
+    again = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
+    _user_trainer(tiny_model, out, [again]).train(resume_from_checkpoint=True)  # its own: goes on
+    assert again.summary["rl_steps"] == 10
+    shutil.rmtree(kept)
 
 
 def test_resume_from_passes_over_a_trl_checkpoint_a_kill_left_torn(tiny_model, tmp_path,

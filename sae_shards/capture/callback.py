@@ -44,6 +44,7 @@ import logging
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -282,6 +283,7 @@ class ShardCallback(TrainerCallback):
         self._began = False  # a training began with this callback (one per instance)
         self._initial_dir: str | None = None  # where theta_0 is, when the policy came from a dir
         self._initial_adapter = False  # a LoRA adapter that did not start at zero was saved
+        self._run_id: str | None = None  # the run's identity (setup: config.json's, or new)
         self._versions: dict[str, Any] | None = None  # the software that started the run
         self._resumed_under: list[dict[str, Any]] = []  # resumes under other versions
         self._fingerprint: dict[str, str] | None = None  # its weight files' hashes
@@ -332,10 +334,16 @@ class ShardCallback(TrainerCallback):
             self._initial_dir = initial_model.loaded_from(model)
         self._versions, self._resumed_under = self._run_versions(
             trainer, config, getattr(getattr(trainer, "args", None), "device", device))
+        # the run's identity, in config.json and every part of its checkpoints: a resume
+        # refuses a part copied in from another run (resume._check_same_run); a run of an
+        # earlier version, which recorded none, gets one from its resume on
+        saved_id = config.get("run_id")
+        self._run_id = saved_id if isinstance(saved_id, str) else uuid.uuid4().hex
         cap = self.capture_cfg
         self.meta = {"source": sample_source(cap.granularity, cap.source, cap.precondition,
                                              cap.normalize), "model_id": model_id(model),
-                     "run_dir": str(self.run_dir), "lora": self._is_lora(), **self.meta}
+                     "run_dir": str(self.run_dir), "lora": self._is_lora(), **self.meta,
+                     "run_id": self._run_id}
         if self.resume:
             _check_same_world(self.run_dir)
             if not self.run_config and trainer is not None:  # a user's script: its trainer
@@ -500,7 +508,7 @@ class ShardCallback(TrainerCallback):
                "run_dir": str(self.run_dir), "seed": self.seed,
                "world_size": distributed.world_size(),
                "launch": distributed.launcher(distributed.world_size()),
-               "versions": self._versions,
+               "versions": self._versions, "run_id": self._run_id,
                **({"resumed_under": self._resumed_under} if self._resumed_under else {})}
         if self.run_config:
             return {**self.run_config, **own}
@@ -573,8 +581,9 @@ class ShardCallback(TrainerCallback):
         self.parts.loop.flush_activations()
         self._flush_sae_records()
         logs = {log.path.name: log.rows() for log in self._step_logs()}  # a resume checks them
+        last = {log.path.name: log.last_digest() for log in self._step_logs()}
         snap = resume_state.snapshot_step(step, self.parts, self.capture, self.meta,
-                                          time.perf_counter() - self._t0, resumable, logs)
+                                          time.perf_counter() - self._t0, resumable, logs, last)
         self._writer.submit(resume_state.write_step, self.run_dir, snap,
                             self.runner_cfg.keep_checkpoints, trl_dir)
         self.last_checkpoint = resume_state.checkpoint_dir(self.run_dir, step)
@@ -839,8 +848,16 @@ class ShardCallback(TrainerCallback):
         # checkpoint; the step's end already wrote it when should_save was known there.
         if self.capture is None or not state.is_world_process_zero:
             return
+        self._mark_trl_checkpoint(trl_dir(args), state.global_step)
         if self._resumable_step != state.global_step:
             self._save_step(state.global_step, trl_dir(args))
+
+    def _mark_trl_checkpoint(self, output: Path | None, step: int) -> None:
+        """Write the run's id into TRL's ``checkpoint-{step}``, just saved: a resume from it
+        checks it is this run's (``resume._check_same_run``)."""
+        folder = None if output is None else output / f"checkpoint-{step}"
+        if folder is not None and folder.is_dir():
+            rundir.write_json(folder / resume_state.RUN_MARK, {"run_id": self._run_id})
 
     @_in_script_terms
     @_paid

@@ -72,15 +72,17 @@ class StepSnapshot(NamedTuple):
 
 def snapshot_step(step: int, parts: Pipeline, capture: DeltaCapture | EventCapture,
                   meta: dict[str, Any], wall_s: float, resumable: bool = True,
-                  log_rows: dict[str, int] | None = None) -> StepSnapshot:
+                  log_rows: dict[str, int] | None = None,
+                  log_last: dict[str, str | None] | None = None) -> StepSnapshot:
     """What ``write_step`` writes for RL step ``step``. The caller has made the runner idle
     (every pushed delta processed). The SAE and trainer tensors are copies (the SAE may train
     on), the ring buffer's slots are views: write them before the buffer is written again.
     ``wall_s``: the run's training time so far (this process and those it resumed from).
     ``resumable=False``: the shards only (no resume file, no optimizer state), for a step no
     TRL checkpoint will resume from. ``log_rows``: how many rows the run's step logs
-    (``STEP_LOGS``) held as of this step, which a resume checks its copy of them against
-    (``restore``)."""
+    (``STEP_LOGS``) held as of this step, and ``log_last`` the digest of each one's last row
+    (``rundir.row_digest``), which a resume checks its copy of them against (``restore``); the
+    resume file also records the run's ``meta["run_id"]``."""
     files = checkpoint_files(parts.sae, parts.trainer.stats.as_tensors(),
                              checkpoint_meta(meta, step, parts.trainer),
                              parts.trainer.state_tensors() if resumable else None, copy=True)
@@ -94,7 +96,8 @@ def snapshot_step(step: int, parts: Pipeline, capture: DeltaCapture | EventCaptu
                         for k, v in capture.preconditioner.state_tensors().items()})
     info = {"step": step, "buffer": info, "capture": capture.counters(),
             "last_rl_step": parts.loop.last_rl_step, "wall_s": wall_s,
-            "log_rows": dict(log_rows or {})}
+            "log_rows": dict(log_rows or {}), "log_last": dict(log_last or {}),
+            "run_id": meta.get("run_id")}
     if parts.loop.budget is not None:  # runner.sae_budget: what it paid and earned from so far
         info["budget"] = dict(zip(("paid_s", "rl_s"), parts.loop.budget.totals()))
     return StepSnapshot(step, tensors, info, files)
@@ -217,31 +220,47 @@ def check_step_logs(run_dir: Path, step: int) -> None:
 
     try:
         with opened_safetensors(resume_file(run_dir, step)) as f:
-            recorded = json.loads((f.metadata() or {}).get("info", "{}")).get("log_rows")
+            info = json.loads((f.metadata() or {}).get("info", "{}"))
+            recorded, last = info.get("log_rows"), info.get("log_last")
     except (CheckpointError, ValueError, AttributeError):
         return
-    _check_logs(run_dir, step, recorded if isinstance(recorded, dict) else {})
+    _check_logs(run_dir, step, recorded if isinstance(recorded, dict) else {},
+                last if isinstance(last, dict) else {})
 
 
-def _check_logs(run_dir: Path, step: int, recorded: dict[str, int]) -> None:
+def _check_logs(run_dir: Path, step: int, recorded: dict[str, int],
+                last: dict[str, str | None] | None = None) -> None:
     """Refuse a resume whose step logs hold fewer rows, up to RL step ``step``, than the run had
     written when that step's checkpoint was taken (``recorded``: rows per log; none in resume
     files of earlier versions): a copy without them, or with a short one, would go on with a
     hole in its record of the steps (and figures such as the first reward or FVU taken from
-    what is left). Rows are counted, so a complete log written again in another layout
-    passes."""
+    what is left). Or whose row at that place is not the one the run had written there
+    (``last``: ``rundir.row_digest`` of each log's last row then): another run's log of as many
+    rows would go on as this run's record. Rows are compared as parsed, so a complete log
+    written again in another layout passes."""
+    last = last or {}
     for name, rows in recorded.items():
         path, key = run_dir / name, STEP_LOGS.get(name)
         if key is None or not isinstance(rows, int):
             continue
-        held = sum(1 for _, _, row in (rundir.iter_jsonl(path) if path.is_file() else ())
-                   if row.get(key, 0) <= step)  # the rows the resume keeps
+        held, at_rows = 0, None
+        for _, _, row in (rundir.iter_jsonl(path) if path.is_file() else ()):
+            if row.get(key, 0) <= step:  # the rows the resume keeps
+                held += 1
+                if held == rows:
+                    at_rows = row
         if held < rows:
             raise CheckpointError(
                 f"{path}: {held} rows up to RL step {step}, where the run had written {rows} "
                 f"when that step's checkpoint was taken: this copy's log is missing or cut "
                 f"short, and the resumed run would have a hole in it; copy {name} again from "
                 "the run")
+        if (isinstance(last.get(name), str) and at_rows is not None
+                and rundir.row_digest(at_rows) != last[name]):
+            raise CheckpointError(
+                f"{path}: row {rows} of those up to RL step {step} is not the row the run had "
+                f"written there when that step's checkpoint was taken: the log is another "
+                f"run's (or was edited since); copy {name} again from this run")
 
 
 def _remove_later(run_dir: Path, step: int) -> None:
@@ -283,6 +302,38 @@ def _resume_instead(step: int, have: list[int], trl_output: str | Path | None) -
         return text + f"; no step has both sides (sae-shards: {have or 'none'}), start anew"
     return text + (f"; the newest step with both sides is {both[-1]}: "
                    f"trainer.train(resume_from_checkpoint='{trl / f'checkpoint-{both[-1]}'}')")
+
+
+RUN_MARK = "sae_shards_run.json"
+"""The file the callback writes into each of TRL's checkpoints it saw saved: the run's id."""
+
+
+def _check_same_run(run_dir: Path, step: int, checkpoint_id: Any, header: dict[str, str],
+                    trl_output: str | Path | None) -> None:
+    """Refuse a resume whose parts of step ``step`` are not all the run's own: the shards
+    checkpoint (``checkpoint_id``, its meta's ``run_id``), the resume file (``header``'s info)
+    and TRL's checkpoint (its ``RUN_MARK``) each record the id ``config.json`` gives the run.
+    A part copied in from another run of the same settings (another seed) would otherwise be
+    resumed from without a word, two runs mixed under one record. Parts written before run
+    ids (or a run that records none) are not compared."""
+    run_id = rundir.read_config(run_dir).get("run_id")
+    if not isinstance(run_id, str):
+        return
+    try:
+        resume_id = json.loads(header.get("info", "{}")).get("run_id")
+    except (ValueError, AttributeError):
+        resume_id = None  # the resume's own read names a damaged header
+    trl = (Path(trl_output) if trl_output else run_dir / rundir.TRL_OUTPUT) / f"checkpoint-{step}"
+    mark = rundir.read_json_object(trl / RUN_MARK)
+    parts = {checkpoint_dir(run_dir, step): checkpoint_id, resume_file(run_dir, step): resume_id,
+             trl: mark.get("run_id")}
+    foreign = [f"{path} (run {other})" for path, other in parts.items()
+               if isinstance(other, str) and other != run_id]
+    if foreign:
+        raise CheckpointError(
+            f"{run_dir}: RL step {step}'s checkpoint holds parts of another run than this one "
+            f"(config.json's run_id {run_id}): {'; '.join(foreign)}. They were copied in from "
+            "another run: copy this run's own parts back, or start a new run_dir")
 
 
 def _resume_before(run_dir: Path, step: int, trl_output: str | Path | None) -> str:
@@ -333,6 +384,8 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
         tensors, header = read_safetensors(target, kind=rundir.RESUME_KIND)
     except CheckpointError as e:  # a damaged file: what the run can resume from instead
         raise CheckpointError(f"{e}. {_resume_before(run_dir, step, trl_output)}") from e
+    _check_same_run(run_dir, step, rundir.section(loaded.config, "meta").get("run_id"), header,
+                    trl_output)
     if [t.name for t in loaded.sae.targets] != [t.name for t in parts.specs]:
         raise CheckpointError(f"{checkpoint}: its targets differ from this run's; resume with "
                               "the run's own capture.targets")
@@ -360,7 +413,7 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
             f"{e}); the file is damaged or another run's: restore it from a copy of the run. "
             f"{_resume_before(run_dir, step, trl_output)}") from e
     if not logs_checked:
-        _check_logs(run_dir, step, info.get("log_rows") or {})
+        _check_logs(run_dir, step, info.get("log_rows") or {}, info.get("log_last") or {})
     _remove_later(run_dir, step)
     rundir.truncate_jsonl(run_dir / rundir.ROLLOUTS, lambda row: row.get("step", 0) <= step)
     if (run_dir / rundir.EVENTS).is_file():

@@ -41,6 +41,7 @@ import difflib
 import errno
 import fcntl
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -94,7 +95,7 @@ OWNED = (CONFIG, MODEL, INITIAL_ADAPTER, FINAL_MODEL, CHECKPOINTS, ACTIVATIONS, 
 
 RESUME_FREE = ("run_dir", "overwrite", "resume", "device", "logging", "runner.torch_threads",
                "runner.keep_checkpoints", "world_size", "launch", "versions", "resumed_under",
-               "rl.output_dir")
+               "rl.output_dir", "run_id")
 """Settings a resumed run may change (``config_differences``; ``rl.output_dir``: where a
 script's trainer keeps its checkpoints, moved with the run); every other one must match the
 run's ``config.json`` (the process count is checked on its own, with its own message; the
@@ -587,6 +588,11 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     return _read_object(Path(run_dir) / SUMMARY)
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file, leniently: ``{}`` when missing, unreadable or not an object."""
+    return _read_object(Path(path))
+
+
 def _read_object(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
@@ -656,6 +662,13 @@ def write_json(path: Path, value: Any) -> None:
     write_text(path, json.dumps(strict_json(value), indent=2, allow_nan=False))
 
 
+def row_digest(row: dict[str, Any]) -> str:
+    """A short digest of a log row as parsed (keys sorted, NaN as null): the same for the row
+    written again in another layout, another for another run's row."""
+    text = json.dumps(strict_json(row), sort_keys=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class JsonLines:
     """An append-only JSON-lines log (one flushed line per record)."""
 
@@ -663,6 +676,17 @@ class JsonLines:
         self.path = path
         path.touch()
         self._rows: int | None = None  # counted from the file when first asked (``rows``)
+        self._last: str | None = None  # the last line appended by this process
+
+    def last_digest(self) -> str | None:
+        """``row_digest`` of the log's last row (None when it has none): a resume checks that
+        its copy of the log holds this row where the run had it (``resume._check_logs``)."""
+        if self._last is not None:
+            return row_digest(json.loads(self._last))
+        last = None
+        for _, _, row in iter_jsonl(self.path):
+            last = row
+        return None if last is None else row_digest(last)
 
     def append(self, row: dict[str, Any]) -> None:
         try:  # the C encoder at once; the (slower) NaN scrub only when a value needs it
@@ -671,6 +695,7 @@ class JsonLines:
             line = json.dumps(strict_json(row), allow_nan=False)
         with writing(self.path), self.path.open("a") as f:
             f.write(line + "\n")
+        self._last = line
         if self._rows is not None:
             self._rows += 1
 
