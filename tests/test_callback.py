@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from sae_shards import CheckpointError, RunView, ShardCallback, ShardSet
+from sae_shards.capture import resume as resume_state
 from sae_shards.cli import main as cli_main
 from sae_shards.core.checkpoint import STATE_FILE
 from sae_shards.recipe.models import build_tiny_model
@@ -343,7 +344,8 @@ def _user_trainer(tiny_model, out_dir, callbacks, max_steps=10, n_prompts=64, pe
                     use_cpu=True, bf16=False, report_to="none", save_strategy="steps",
                     save_steps=5, logging_steps=1, disable_tqdm=True)
     config = GRPOConfig(**{**settings, **overrides})
-    return GRPOTrainer(model=str(tiny_model) if model is None else model, reward_funcs=task.reward_funcs, args=config,
+    return GRPOTrainer(model=str(tiny_model) if model is None else model,
+                       reward_funcs=task.reward_funcs, args=config,
                        train_dataset=Dataset.from_dict(task.dataset(n_prompts).to_dict()),
                        callbacks=callbacks, peft_config=peft_config)
 
@@ -366,12 +368,12 @@ def _seeded_run(tiny_model, tmp_path, name: str, stop_at: int | None = None) -> 
     return callback
 
 
-def _refused_resume(tiny_model, run, out, match: str) -> None:
-    """A script's resume of ``run`` (TRL's side in ``out``) refused with a CheckpointError
-    matching ``match``, before its first step."""
+def _refused_resume(tiny_model, run, out, match: str, resume_from: str | bool = True) -> None:
+    """A script's resume of ``run`` (TRL's side in ``out``; from ``resume_from``) refused with a
+    CheckpointError matching ``match``, before its first step."""
     again = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
     with pytest.raises(CheckpointError, match=match):
-        _user_trainer(tiny_model, out, [again]).train(resume_from_checkpoint=True)
+        _user_trainer(tiny_model, out, [again]).train(resume_from_checkpoint=resume_from)
 
 
 def test_a_damaged_resume_file_says_how_to_resume_from_the_step_before(tiny_model, tmp_path,
@@ -396,6 +398,11 @@ def test_a_damaged_resume_file_says_how_to_resume_from_the_step_before(tiny_mode
         f"{damaged}: cannot be read as safetensors .* To resume from RL step 5 instead, "
         f"delete {damaged} and {run / 'checkpoints' / 'step_000007'} .*a script passes "
         f"resume_from_checkpoint='{out / 'checkpoint-5'}'"))
+    # the step before must have TRL's checkpoint too (audit 112 F1: rotated away by TRL)
+    from sae_shards.capture.resume import _resume_before
+
+    assert _resume_before(run, 7, tmp_path / "no_trl") == (
+        "No checkpoint before RL step 7 is complete: restore the file, or start anew")
     damaged.unlink()
     shutil.rmtree(run / "checkpoints" / "step_000007")
     torch.manual_seed(0)
@@ -408,19 +415,16 @@ def test_a_damaged_resume_file_says_how_to_resume_from_the_step_before(tiny_mode
 def test_a_part_copied_in_from_another_run_is_refused_on_resume(tiny_model, tmp_path):
     """Audit 111: a resume took trl/, resume/, checkpoints/ or rollouts.jsonl copied from
     another run of the same settings (another seed) without a word, mixing two runs under one
-    record (the policy went on from the other run's weights). Every part of a checkpoint now
-    records the run's id (config.json's run_id; TRL's checkpoint a sae_shards_run.json), each
-    log the digest of its last row; a foreign part is refused, naming it."""
+    record (the policy went on from the other run's weights). The shards checkpoint and the
+    resume file record the run's id (config.json's run_id), each log the digest of its last
+    row; TRL's checkpoint is checked by what it logged; a foreign part is refused, naming it."""
     run, out = tmp_path / "cut", tmp_path / "trl_cut"
     _seeded_run(tiny_model, tmp_path, "cut", stop_at=7)
     other = ShardCallback(run_dir=tmp_path / "other", runner={"min_samples": 2})
     _user_trainer(tiny_model, tmp_path / "trl_other", [other, _StopAt(other, 7)], seed=4).train()
     run_id = json.loads((run / "config.json").read_text())["run_id"]
-    assert json.loads((out / "checkpoint-7" / "sae_shards_run.json").read_text()) == {
-        "run_id": run_id}
     parts = {"resume": ("resume/step_000007.safetensors", "resume/step_000007.safetensors"),
-             "shards": ("checkpoints/step_000007", "checkpoints/step_000007"),
-             "trl": ("../trl_other/checkpoint-7", "../trl_cut/checkpoint-7")}
+             "shards": ("checkpoints/step_000007", "checkpoints/step_000007")}
     shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}_kept", symlinks=True)
     kept = tmp_path.parent / f"{tmp_path.name}_kept"
     for name, (theirs, ours) in parts.items():
@@ -428,12 +432,20 @@ def test_a_part_copied_in_from_another_run_is_refused_on_resume(tiny_model, tmp_
         shutil.rmtree(target) if target.is_dir() else target.unlink()
         copy = shutil.copytree if (tmp_path / "other" / theirs).is_dir() else shutil.copy
         copy(tmp_path / "other" / theirs, target)
-        named = re.escape(str(target.resolve() if name == "trl" else target))
-        _refused_resume(tiny_model, run, out, (
-            f"RL step 7's checkpoint holds parts of another run than this one \\(config.json's "
-            f"run_id {run_id}\\): {named} \\(run [0-9a-f]{{32}}\\)"))
+        foreign = (f"RL step 7's checkpoint holds parts of another run than this one "
+                   f"\\(config.json's run_id {run_id}\\): {re.escape(str(target))} "
+                   f"\\(run [0-9a-f]{{32}}\\)")
+        _refused_resume(tiny_model, run, out, foreign)
+        if name == "resume":  # sae-shards train's check before it writes: the file, not a log
+            with pytest.raises(CheckpointError, match=foreign):
+                resume_state.check_step_logs(run, 7)
         shutil.rmtree(target) if target.is_dir() else target.unlink()
         copy(kept / "cut" / ours, target)
+    # TRL's checkpoint of the other run, given by path: what it logged is not what this run did
+    _refused_resume(tiny_model, run, out, r"the TRL checkpoint the trainer resumed from \(RL "
+                    r"step 7\) logged other values at RL step 7 than this run did \(.* in "
+                    r"metrics.jsonl, .* in TRL's\): its policy and optimizer are another run's",
+                    resume_from=str(tmp_path / "trl_other" / "checkpoint-7"))
     shutil.copy(tmp_path / "other" / "rollouts.jsonl", run / "rollouts.jsonl")  # as many rows
     _refused_resume(tiny_model, run, out, r"rollouts.jsonl: row 7 of those up to RL step 7 is "
                                           r"not the row the run had written there")

@@ -556,6 +556,10 @@ def test_the_preconditioner_s_error_figures_survive_a_resume():
     after.load_counters(json.loads(json.dumps(before.counters())))  # as the resume file holds it
     after.precond_error.append(0.11)
     assert after.summary()["precond_error_mean"] == pytest.approx(0.5)
+    saved = json.loads(json.dumps(before.counters()))
+    saved["precond_error"].append(None)  # a NaN, as JSON holds it (audit 112 F3: a TypeError)
+    after.load_counters(saved)
+    assert after.precond_error == [0.9, 0.6, 0.39]
     old = before.counters()
     del old["precond_error"]  # an earlier version's file: what it has is kept
     after.load_counters(old)

@@ -83,3 +83,18 @@ def test_each_way_a_script_sets_the_precision_is_read(setting, cpu, cuda):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [cpu, cuda]
+
+
+def test_a_torch_before_2_9_is_read_in_the_same_words(monkeypatch):
+    """torch 2.4-2.8 (allowed by pyproject) has no fp32_precision: the legacy settings are read
+    and said as ieee/tf32/bf16 (audit 112 F6: the CPU's were recorded as highest/high)."""
+    import types
+
+    monkeypatch.setattr(torch.backends, "mkldnn", types.SimpleNamespace())  # no .matmul
+    before = torch.get_float32_matmul_precision()
+    try:
+        for legacy, word in (("highest", "ieee"), ("high", "tf32"), ("medium", "bf16")):
+            torch.set_float32_matmul_precision(legacy)
+            assert fp32_matmul(torch.device("cpu")) == word
+    finally:
+        torch.set_float32_matmul_precision(before)

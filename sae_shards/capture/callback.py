@@ -334,9 +334,9 @@ class ShardCallback(TrainerCallback):
             self._initial_dir = initial_model.loaded_from(model)
         self._versions, self._resumed_under = self._run_versions(
             trainer, config, getattr(getattr(trainer, "args", None), "device", device))
-        # the run's identity, in config.json and every part of its checkpoints: a resume
-        # refuses a part copied in from another run (resume._check_same_run); a run of an
-        # earlier version, which recorded none, gets one from its resume on
+        # the run's identity, in config.json and its shards checkpoints and resume files: a
+        # resume refuses a part copied in from another run (resume._check_same_run); a run of
+        # an earlier version, which recorded none, gets one from its resume on
         saved_id = config.get("run_id")
         self._run_id = saved_id if isinstance(saved_id, str) else uuid.uuid4().hex
         cap = self.capture_cfg
@@ -596,12 +596,14 @@ class ShardCallback(TrainerCallback):
         return [log for log in (self._rollout_log, self._metric_log, self._event_log)
                 if log is not None]
 
-    def _restore(self, step: int, last: bool = False, trl_output: str | None = None) -> None:
+    def _restore(self, step: int, last: bool = False, trl_output: str | None = None,
+                 trl_log: list[dict] | None = None) -> None:
         """Continue from the checkpoint of RL step ``step`` (``last``: the run's last step):
-        SAE, buffer, logs, counters."""
+        SAE, buffer, logs, counters. ``trl_log``: the resumed TRL checkpoint's log history
+        (checked to be this run's)."""
         self._wall_before = resume_state.restore(  # sae-shards train checked the logs first
             self.run_dir, step, self.parts, self.capture, last, trl_output,
-            logs_checked=bool(self.run_config))
+            logs_checked=bool(self.run_config), trl_log=trl_log)
         self._t0 -= self._wall_before  # wall_s: the whole run's, up to the checkpoint and after
         rundir.remove_derived(self.run_dir, ending=True)
         for _, _, row in rundir.iter_jsonl(self.run_dir / rundir.ROLLOUTS):
@@ -738,7 +740,8 @@ class ShardCallback(TrainerCallback):
         self._follow_sharding(model)
         if self.resume:
             self._restore(state.global_step, last=state.global_step >= state.max_steps,
-                          trl_output=None if self.run_config else args.output_dir)
+                          trl_output=None if self.run_config else args.output_dir,
+                          trl_log=state.log_history)
             if not self.run_config:
                 warn_later_trl_checkpoints(args.output_dir, state.global_step)
         else:
@@ -848,16 +851,8 @@ class ShardCallback(TrainerCallback):
         # checkpoint; the step's end already wrote it when should_save was known there.
         if self.capture is None or not state.is_world_process_zero:
             return
-        self._mark_trl_checkpoint(trl_dir(args), state.global_step)
         if self._resumable_step != state.global_step:
             self._save_step(state.global_step, trl_dir(args))
-
-    def _mark_trl_checkpoint(self, output: Path | None, step: int) -> None:
-        """Write the run's id into TRL's ``checkpoint-{step}``, just saved: a resume from it
-        checks it is this run's (``resume._check_same_run``)."""
-        folder = None if output is None else output / f"checkpoint-{step}"
-        if folder is not None and folder.is_dir():
-            rundir.write_json(folder / resume_state.RUN_MARK, {"run_id": self._run_id})
 
     @_in_script_terms
     @_paid

@@ -227,7 +227,7 @@ class EventCapture(TrainerCallback):
         """Precondition, normalise, check and commit one event; its slot, or None if skipped."""
         factors = self.preconditioner.apply(event.factors)
         error = self.preconditioner.approx_error(event.factors) if measure else {}
-        if error:
+        if error and all(map(math.isfinite, error.values())):  # (a non-finite event: skipped below)
             self.precond_error.append(max(error.values()))
         norm = math.sqrt(float(sum(ev.sq_norm(factors[t.name], t) for t in self.specs)))
         if not math.isfinite(norm):
@@ -299,7 +299,7 @@ class EventCapture(TrainerCallback):
             setattr(self, key, int(saved[key]))
         self.kept_energy_min = float(saved["kept_energy_min"])
         # absent from an earlier version's files: the mean then covers the events after resume
-        self.precond_error = [float(x) for x in saved.get("precond_error", [])]
+        self.precond_error = [float(x) for x in saved.get("precond_error", []) if x is not None]
         self.outliers.load_state(saved)
 
     def summary(self) -> dict[str, Any]:

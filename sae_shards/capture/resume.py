@@ -224,6 +224,8 @@ def check_step_logs(run_dir: Path, step: int) -> None:
             recorded, last = info.get("log_rows"), info.get("log_last")
     except (CheckpointError, ValueError, AttributeError):
         return
+    if isinstance(info, dict):  # a foreign resume file is named as such, not its logs' rows
+        _check_same_run(run_dir, step, None, info.get("run_id"))
     _check_logs(run_dir, step, recorded if isinstance(recorded, dict) else {},
                 last if isinstance(last, dict) else {})
 
@@ -304,29 +306,17 @@ def _resume_instead(step: int, have: list[int], trl_output: str | Path | None) -
                    f"trainer.train(resume_from_checkpoint='{trl / f'checkpoint-{both[-1]}'}')")
 
 
-RUN_MARK = "sae_shards_run.json"
-"""The file the callback writes into each of TRL's checkpoints it saw saved: the run's id."""
-
-
-def _check_same_run(run_dir: Path, step: int, checkpoint_id: Any, header: dict[str, str],
-                    trl_output: str | Path | None) -> None:
-    """Refuse a resume whose parts of step ``step`` are not all the run's own: the shards
-    checkpoint (``checkpoint_id``, its meta's ``run_id``), the resume file (``header``'s info)
-    and TRL's checkpoint (its ``RUN_MARK``) each record the id ``config.json`` gives the run.
-    A part copied in from another run of the same settings (another seed) would otherwise be
-    resumed from without a word, two runs mixed under one record. Parts written before run
-    ids (or a run that records none) are not compared."""
+def _check_same_run(run_dir: Path, step: int, checkpoint_id: Any, resume_id: Any) -> None:
+    """Refuse a resume whose sae-shards parts of step ``step`` are not the run's own: the shards
+    checkpoint (``checkpoint_id``, its meta's ``run_id``) and the resume file (``resume_id``,
+    its info's) each record the id ``config.json`` gives the run. A part copied in from another
+    run of the same settings (another seed) would otherwise be resumed from without a word, two
+    runs mixed under one record. Parts written before run ids are not compared; TRL's side is
+    checked by what it logged (``_check_trl_log``)."""
     run_id = rundir.read_config(run_dir).get("run_id")
     if not isinstance(run_id, str):
         return
-    try:
-        resume_id = json.loads(header.get("info", "{}")).get("run_id")
-    except (ValueError, AttributeError):
-        resume_id = None  # the resume's own read names a damaged header
-    trl = (Path(trl_output) if trl_output else run_dir / rundir.TRL_OUTPUT) / f"checkpoint-{step}"
-    mark = rundir.read_json_object(trl / RUN_MARK)
-    parts = {checkpoint_dir(run_dir, step): checkpoint_id, resume_file(run_dir, step): resume_id,
-             trl: mark.get("run_id")}
+    parts = {checkpoint_dir(run_dir, step): checkpoint_id, resume_file(run_dir, step): resume_id}
     foreign = [f"{path} (run {other})" for path, other in parts.items()
                if isinstance(other, str) and other != run_id]
     if foreign:
@@ -336,13 +326,57 @@ def _check_same_run(run_dir: Path, step: int, checkpoint_id: Any, header: dict[s
             "another run: copy this run's own parts back, or start a new run_dir")
 
 
+def _check_trl_log(run_dir: Path, step: int, history: list[dict[str, Any]] | None) -> None:
+    """Refuse a resume whose TRL checkpoint is not this run's: the log TRL keeps in it
+    (``trainer_state.json``'s ``log_history``, which the trainer loaded) must hold, at the latest
+    RL step up to ``step`` that both logged, the values this run's ``metrics.jsonl`` holds
+    there (its ``rl`` rows are what TRL passed to ``on_log``). Another run's checkpoint (another
+    seed's, given by path or found in a shared output_dir) logged other losses and rewards.
+    Nothing to compare (no log in common): not checked."""
+    ours: dict[int, dict[str, Any]] = {}
+    path = run_dir / rundir.METRICS
+    for _, _, row in rundir.iter_jsonl(path) if path.is_file() else ():
+        at = row.get("rl_step")
+        if row.get("kind") == "rl" and isinstance(at, int) and at <= step \
+                and "train_runtime" not in row:  # not TRL's end-of-training row
+            ours[at] = row
+    theirs: dict[int, list[dict[str, Any]]] = {}
+    for entry in history or ():
+        at = entry.get("step") if isinstance(entry, dict) else None
+        if isinstance(at, int) and at <= step:
+            theirs.setdefault(at, []).append(entry)
+    common = sorted(ours.keys() & theirs.keys())
+    if not common:
+        return
+    at = common[-1]
+    values = {k: v for k, v in ours[at].items() if k not in ("kind", "rl_step")
+              and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def differs(entry: dict[str, Any]) -> str | None:
+        for key, value in values.items():
+            got = entry.get(key)
+            if not isinstance(got, (int, float)) or float(got) != value:
+                return f"{key} {value!r} in metrics.jsonl, {got!r} in TRL's"
+        return None
+
+    found = [differs(entry) for entry in theirs[at]]
+    if all(found):
+        raise CheckpointError(
+            f"{run_dir}: the TRL checkpoint the trainer resumed from (RL step {step}) logged "
+            f"other values at RL step {at} than this run did ({found[-1]}): its policy and "
+            "optimizer are another run's (another seed's checkpoint, given by path or left in "
+            "a shared output_dir); resume from this run's own checkpoint of that step")
+
+
 def _resume_before(run_dir: Path, step: int, trl_output: str | Path | None) -> str:
     """The way past a damaged sae-shards file of step ``step``: delete that step's files, and
     the run resumes from the newest complete step before it (a script names TRL's checkpoint of
     that step); or that no earlier step is complete."""
+    trl_folder = Path(trl_output) if trl_output else run_dir / rundir.TRL_OUTPUT
     earlier = [s for s in sorted(set(rundir.saved_steps(run_dir / rundir.RESUME))
-                                 & set(rundir.saved_steps(run_dir / rundir.CHECKPOINTS)))
-               if s < step]
+                                 & set(rundir.saved_steps(run_dir / rundir.CHECKPOINTS))
+                                 & set(trl_checkpoint_steps(str(trl_folder))))
+               if s < step]  # all three parts there (TRL's rotation may have removed its own)
     if not earlier:
         return f"No checkpoint before RL step {step} is complete: restore the file, or start anew"
     trl = f"'{Path(trl_output) / f'checkpoint-{earlier[-1]}'}'" if trl_output else \
@@ -354,7 +388,8 @@ def _resume_before(run_dir: Path, step: int, trl_output: str | Path | None) -> s
 
 def restore(run_dir: Path, step: int, parts: Pipeline,
             capture: DeltaCapture | EventCapture, last: bool = False,
-            trl_output: str | Path | None = None, logs_checked: bool = False) -> float:
+            trl_output: str | Path | None = None, logs_checked: bool = False,
+            trl_log: list[dict[str, Any]] | None = None) -> float:
     """Load the state of RL step ``step`` into a freshly built pipeline and capture, and cut the
     run's JSON-lines logs back to that step (raises ``CheckpointError`` naming what is missing).
     TRL's end-of-training row goes too (a stopped process's: the resumed one logs its own),
@@ -363,7 +398,9 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
     before it was recorded). ``trl_output``: the trainer's ``output_dir``, for a refusal that
     names the checkpoint to resume from instead. ``logs_checked``: the step logs were already
     checked against the resume file's record (``check_step_logs``, by ``sae-shards train``
-    before it wrote anything), so they are not read for it again."""
+    before it wrote anything), so they are not read for it again. ``trl_log``: the log history
+    of the TRL checkpoint the trainer resumed from, checked against ``metrics.jsonl``
+    (``_check_trl_log``)."""
     checkpoint = checkpoint_dir(run_dir, step)
     target = resume_file(run_dir, step)
     if not target.is_file() or not checkpoint.is_dir():
@@ -384,8 +421,6 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
         tensors, header = read_safetensors(target, kind=rundir.RESUME_KIND)
     except CheckpointError as e:  # a damaged file: what the run can resume from instead
         raise CheckpointError(f"{e}. {_resume_before(run_dir, step, trl_output)}") from e
-    _check_same_run(run_dir, step, rundir.section(loaded.config, "meta").get("run_id"), header,
-                    trl_output)
     if [t.name for t in loaded.sae.targets] != [t.name for t in parts.specs]:
         raise CheckpointError(f"{checkpoint}: its targets differ from this run's; resume with "
                               "the run's own capture.targets")
@@ -394,6 +429,9 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
     parts.trainer.load_state_tensors(state)
     try:  # a damaged or foreign file: named, not a KeyError or torch's error from inside
         info = json.loads(header["info"])
+        _check_same_run(run_dir, step, rundir.section(loaded.config, "meta").get("run_id"),
+                        info.get("run_id"))
+        _check_trl_log(run_dir, step, trl_log)
         parts.buffer.load_state(tensors, info["buffer"])
         parts.loop.generator.set_state(tensors["loop.generator"])
         parts.loop.activations = ActivationLog.from_tensors(tensors, "online")

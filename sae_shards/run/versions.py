@@ -1,7 +1,7 @@
 """Which software made a run, and on what: the versions of sae-shards, Python and the libraries
 whose code moves an RL step or the SAE, the device (``cpu``, or the GPU's name) and the precision
-of its fp32 matrix products (TF32 rounds each product's inputs to 10 mantissa bits),
-recorded in the run's ``config.json`` (``versions``, as the run started) and compared on every resume
+of its fp32 matrix products (TF32 rounds each product's inputs to 10 mantissa bits), recorded
+in the run's ``config.json`` (``versions``, as the run started) and compared on every resume
 (``resumed_under``: what changed).
 
 The same settings under another TRL or torch are another run: TRL's defaults and sampling,
@@ -49,8 +49,8 @@ def fp32_matmul(device: torch.device) -> str:
     """How fp32 matrix products are computed on ``device``'s matmuls: ``"ieee"`` (full fp32),
     ``"tf32"`` (inputs rounded to 10 mantissa bits, as transformers' ``tf32=True`` sets on a GPU)
     or ``"bf16"``, read from torch's ``fp32_precision`` (``torch.backends.cuda.matmul``, or
-    ``torch.backends.mkldnn.matmul`` on the CPU); under a torch without it (before 2.9), ``"tf32"``
-    or ``"ieee"`` from ``allow_tf32`` on a GPU and ``float32_matmul_precision`` on the CPU. The
+    ``torch.backends.mkldnn.matmul`` on the CPU); under a torch without it (before 2.9), from
+    ``allow_tf32`` on a GPU and ``float32_matmul_precision`` (highest, high, medium) on the CPU. The
     SAE's steps and a model's forward passes run at it; captured updates of dense weights do
     not (they are differences of weights), LoRA updates do (products of their factors).
 
@@ -67,7 +67,8 @@ def fp32_matmul(device: torch.device) -> str:
         return "ieee" if precision == "none" else precision
     if device.type == "cuda":
         return "tf32" if backends.cuda.matmul.allow_tf32 else "ieee"
-    return torch.get_float32_matmul_precision()
+    legacy = torch.get_float32_matmul_precision()  # the words torch 2.9 maps to the new ones
+    return {"highest": "ieee", "high": "tf32", "medium": "bf16"}.get(legacy, legacy)
 
 
 def run_versions(device: torch.device) -> dict[str, str | None]:
