@@ -450,9 +450,15 @@ def test_a_part_copied_in_from_another_run_is_refused_on_resume(tiny_model, tmp_
     _refused_resume(tiny_model, run, out, r"rollouts.jsonl: row 7 of those up to RL step 7 is "
                                           r"not the row the run had written there")
     shutil.copy(kept / "cut" / "rollouts.jsonl", run / "rollouts.jsonl")
+    # config.json without run_id, as a resume by an earlier version rewrites it (audit 112 F7:
+    # a new id was drawn and every part of the run's own was refused): the resume file's again
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                 if k != "run_id"}))
     again = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
     _user_trainer(tiny_model, out, [again]).train(resume_from_checkpoint=True)  # its own: goes on
     assert again.summary["rl_steps"] == 10
+    assert json.loads((run / "config.json").read_text())["run_id"] == run_id
     shutil.rmtree(kept)
 
 

@@ -335,10 +335,12 @@ class ShardCallback(TrainerCallback):
         self._versions, self._resumed_under = self._run_versions(
             trainer, config, getattr(getattr(trainer, "args", None), "device", device))
         # the run's identity, in config.json and its shards checkpoints and resume files: a
-        # resume refuses a part copied in from another run (resume._check_same_run); a run of
-        # an earlier version, which recorded none, gets one from its resume on
+        # resume refuses a part copied in from another run (resume._check_same_run). A resumed
+        # run whose config.json records none (an earlier version's, or rewritten by one) takes
+        # its resume file's, or a new one, once restored (_restore)
         saved_id = config.get("run_id")
-        self._run_id = saved_id if isinstance(saved_id, str) else uuid.uuid4().hex
+        self._run_id = saved_id if isinstance(saved_id, str) else (
+            None if self.resume else uuid.uuid4().hex)
         cap = self.capture_cfg
         self.meta = {"source": sample_source(cap.granularity, cap.source, cap.precondition,
                                              cap.normalize), "model_id": model_id(model),
@@ -605,6 +607,11 @@ class ShardCallback(TrainerCallback):
             self.run_dir, step, self.parts, self.capture, last, trl_output,
             logs_checked=bool(self.run_config), trl_log=trl_log)
         self._t0 -= self._wall_before  # wall_s: the whole run's, up to the checkpoint and after
+        if self._run_id is None:  # config.json recorded none: the checkpoint's, else a new one
+            self._run_id = resume_state.recorded_run_id(self.run_dir, step) or uuid.uuid4().hex
+            self.meta["run_id"] = self._run_id
+            config = rundir.read_config(self.run_dir)
+            rundir.write_json(self.run_dir / rundir.CONFIG, {**config, "run_id": self._run_id})
         rundir.remove_derived(self.run_dir, ending=True)
         for _, _, row in rundir.iter_jsonl(self.run_dir / rundir.ROLLOUTS):
             self._rewards[row["step"]] = scored_mean(row["rewards"])

@@ -326,6 +326,18 @@ def _check_same_run(run_dir: Path, step: int, checkpoint_id: Any, resume_id: Any
             "another run: copy this run's own parts back, or start a new run_dir")
 
 
+def recorded_run_id(run_dir: Path, step: int) -> str | None:
+    """The ``run_id`` step ``step``'s resume file records (None: none, or unreadable)."""
+    from sae_shards.core.checkpoint_checks import opened_safetensors
+
+    try:
+        with opened_safetensors(resume_file(run_dir, step)) as f:
+            found = json.loads((f.metadata() or {}).get("info", "{}")).get("run_id")
+    except (CheckpointError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
+
+
 def _check_trl_log(run_dir: Path, step: int, history: list[dict[str, Any]] | None) -> None:
     """Refuse a resume whose TRL checkpoint is not this run's: the log TRL keeps in it
     (``trainer_state.json``'s ``log_history``, which the trainer loaded) must hold, at the latest
