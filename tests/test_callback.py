@@ -396,8 +396,8 @@ def test_a_damaged_resume_file_says_how_to_resume_from_the_step_before(tiny_mode
     damaged.write_bytes(damaged.read_bytes()[:200])
     _refused_resume(tiny_model, run, out, (
         f"{damaged}: cannot be read as safetensors .* To resume from RL step 5 instead, "
-        f"delete {damaged} and {run / 'checkpoints' / 'step_000007'} .*a script passes "
-        f"resume_from_checkpoint='{out / 'checkpoint-5'}'"))
+        f"delete {damaged} and {run / 'checkpoints' / 'step_000007'} \\(a script then passes "
+        f"resume_from_checkpoint='{out / 'checkpoint-5'}'\\)"))
     # the step before must have TRL's checkpoint too (audit 112 F1: rotated away by TRL)
     from sae_shards.capture.resume import _resume_before
 

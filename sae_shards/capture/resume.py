@@ -391,11 +391,11 @@ def _resume_before(run_dir: Path, step: int, trl_output: str | Path | None) -> s
                if s < step]  # all three parts there (TRL's rotation may have removed its own)
     if not earlier:
         return f"No checkpoint before RL step {step} is complete: restore the file, or start anew"
-    trl = f"'{Path(trl_output) / f'checkpoint-{earlier[-1]}'}'" if trl_output else \
-        f"its checkpoint-{earlier[-1]}"
+    then = (f"a script then passes resume_from_checkpoint="
+            f"'{Path(trl_output) / f'checkpoint-{earlier[-1]}'}'" if trl_output else
+            "sae-shards train resume=true then resumes from it")
     return (f"To resume from RL step {earlier[-1]} instead, delete "
-            f"{resume_file(run_dir, step)} and {checkpoint_dir(run_dir, step)} (sae-shards "
-            f"train then resumes from it; a script passes resume_from_checkpoint={trl})")
+            f"{resume_file(run_dir, step)} and {checkpoint_dir(run_dir, step)} ({then})")
 
 
 def restore(run_dir: Path, step: int, parts: Pipeline,
