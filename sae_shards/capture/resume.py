@@ -216,18 +216,26 @@ def check_step_logs(run_dir: Path, step: int) -> None:
     """``_check_logs`` before anything of a resume is written (``sae-shards train``), with the
     row counts read from the header of step ``step``'s resume file (a damaged header is left to
     the resume's own read, which names it)."""
+    info = _resume_info(run_dir, step)
+    if not info:
+        return
+    _check_same_run(run_dir, step, None, info.get("run_id"))  # a foreign file named as such
+    recorded, last = info.get("log_rows"), info.get("log_last")
+    _check_logs(run_dir, step, recorded if isinstance(recorded, dict) else {},
+                last if isinstance(last, dict) else {})
+
+
+def _resume_info(run_dir: Path, step: int) -> dict[str, Any]:
+    """The JSON ``info`` of step ``step``'s resume file, from its header alone; ``{}`` when it
+    cannot be read (the resume's own read names why)."""
     from sae_shards.core.checkpoint_checks import opened_safetensors
 
     try:
         with opened_safetensors(resume_file(run_dir, step)) as f:
             info = json.loads((f.metadata() or {}).get("info", "{}"))
-            recorded, last = info.get("log_rows"), info.get("log_last")
     except (CheckpointError, ValueError, AttributeError):
-        return
-    if isinstance(info, dict):  # a foreign resume file is named as such, not its logs' rows
-        _check_same_run(run_dir, step, None, info.get("run_id"))
-    _check_logs(run_dir, step, recorded if isinstance(recorded, dict) else {},
-                last if isinstance(last, dict) else {})
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def _check_logs(run_dir: Path, step: int, recorded: dict[str, int],
@@ -328,13 +336,7 @@ def _check_same_run(run_dir: Path, step: int, checkpoint_id: Any, resume_id: Any
 
 def recorded_run_id(run_dir: Path, step: int) -> str | None:
     """The ``run_id`` step ``step``'s resume file records (None: none, or unreadable)."""
-    from sae_shards.core.checkpoint_checks import opened_safetensors
-
-    try:
-        with opened_safetensors(resume_file(run_dir, step)) as f:
-            found = json.loads((f.metadata() or {}).get("info", "{}")).get("run_id")
-    except (CheckpointError, ValueError, AttributeError):
-        return None
+    found = _resume_info(run_dir, step).get("run_id")
     return found if isinstance(found, str) else None
 
 

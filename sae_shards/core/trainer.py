@@ -93,7 +93,8 @@ class LatentStats:
 
     def dead_frac(self, dead_after: int) -> float | None:
         """``dead_fraction`` of these statistics (None before ``dead_after`` samples)."""
-        return dead_fraction(self.samples_since_fired, dead_after, self.n_samples)
+        frac = self.dead_frac_tensor(dead_after)
+        return None if frac is None else float(frac)
 
     def dead_frac_tensor(self, dead_after: int) -> Tensor | None:
         """:meth:`dead_frac` as a 0-d tensor on the device, read with the step's other figures

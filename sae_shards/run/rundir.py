@@ -588,11 +588,6 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     return _read_object(Path(run_dir) / SUMMARY)
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON object file, leniently: ``{}`` when missing, unreadable or not an object."""
-    return _read_object(Path(path))
-
-
 def _read_object(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
