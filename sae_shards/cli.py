@@ -740,6 +740,7 @@ def _train(args: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from sae_shards.capture.distributed import StoppedWithAnotherRank, every_rank_knows
     from sae_shards.capture.runner import SAEWorkerError
     from sae_shards.core.checkpoint import CheckpointError
     from sae_shards.run import rundir
@@ -766,6 +767,7 @@ def _train(args: list[str]) -> int:
                    "new run_dir)") if changes else ""
     failures: list[str] = []
     interrupted: list[int] = []
+    alone: list[BaseException] = []  # failures of this process alone, under a launch
     crashed: list[Path] = []  # sweep jobs that raised an unforeseen error (exit 1, as Hydra's)
     jobs: list[Path] = []  # a sweep's job directories, in the order they ran
     outcome: dict[Path, str] = {}  # what this command did with a sweep's job, when not a run
@@ -777,6 +779,12 @@ def _train(args: list[str]) -> int:
         one_job(cfg)
         if jobs and len(failures) > said:  # refused, stopped or failed: said after the table
             outcome.setdefault(jobs[-1], "not run to its end by this command (see below)")
+
+    def failed_alone(e: BaseException) -> None:
+        """Under a launch, a job failure of this process alone ends a sweep after that job:
+        the next job's collectives would not match those the other processes are still in."""
+        if _several_processes() and not every_rank_knows(e):
+            alone.append(e)
 
     def one_job(cfg) -> None:
         hc = HydraConfig.get()
@@ -804,6 +812,11 @@ def _train(args: list[str]) -> int:
             failures.append(f"{run_dir}: not started (the sweep was stopped); continue the "
                             "sweep with the same command and resume=true")
             return
+        if sweep and alone:  # this process failed alone: the others may be inside that job
+            failures.append(f"{run_dir}: not started (a job failed on this process alone, and "
+                            "the launch's other processes may still be inside it); continue "
+                            "the sweep with the same command and resume=true")
+            return
         if sweep and job.resume:  # resume a sweep: skip finished jobs, start unstarted ones
             done = rundir.finished_steps(run_dir)
             if done is not None:
@@ -824,10 +837,11 @@ def _train(args: list[str]) -> int:
                 job = dataclasses.replace(job, resume=False)
         try:
             summary = run_job(job, run_dir, hydra_files=_hydra_files(cfg))
-        except RefusedOnRankZero:  # rank 0 refused the job and says why; this rank just stops
+        except (RefusedOnRankZero, StoppedWithAnotherRank):  # the rank that refused says why
             failures.append("")
             return
         except JobSetupError as e:
+            failed_alone(e)
             # the run directory's refusals advise overwrite=true: show what the run started as
             again = rerun_command(run_dir) if "overwrite=true" in str(e) else None
             failures.append(f"{job_name}cannot start: {e}"
@@ -835,13 +849,16 @@ def _train(args: list[str]) -> int:
                                f"holds: {again})" if again else ""))
             return
         except RunWriteError as e:
+            failed_alone(e)
             failures.append(f"{job_name}stopped: {e.what}; "
                             f"{_how_to_continue(run_dir, 'free space (or fix permissions)')}")
             return
         except CheckpointError as e:  # a resume's checkpoint, read as training begins
+            failed_alone(e)
             failures.append(f"{job_name}cannot resume: {e}")
             return
         except SAEWorkerError as e:  # the SAE failed or hung: RL was stopped, not left blocked
+            failed_alone(e)
             failures.append(f"{job_name}stopped: {e}; {_how_to_continue(run_dir)}")
             return
         except KeyboardInterrupt as e:  # a second signal (SecondSignal), or Ctrl-C outside

@@ -395,7 +395,8 @@ def test_a_damaged_resume_file_says_how_to_resume_from_the_step_before(tiny_mode
     damaged = run / "resume" / "step_000007.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:200])
     _refused_resume(tiny_model, run, out, (
-        f"{damaged}: cannot be read as safetensors .* To resume from RL step 5 instead, "
+        f"{damaged}: cannot be read as safetensors .* damaged — restore the file from a copy "
+        f"of the run\\. To resume from RL step 5 instead, "
         f"delete {damaged} and {run / 'checkpoints' / 'step_000007'} \\(a script then passes "
         f"resume_from_checkpoint='{out / 'checkpoint-5'}'\\)"))
     # the step before must have TRL's checkpoint too (audit 112 F1: rotated away by TRL)
@@ -412,7 +413,7 @@ def test_a_damaged_resume_file_says_how_to_resume_from_the_step_before(tiny_mode
     _assert_same_ending(tmp_path / "whole", run)
 
 
-def test_a_part_copied_in_from_another_run_is_refused_on_resume(tiny_model, tmp_path):
+def test_a_part_copied_in_from_another_run_is_refused_on_resume(tiny_model, tmp_path, caplog):
     """Audit 111: a resume took trl/, resume/, checkpoints/ or rollouts.jsonl copied from
     another run of the same settings (another seed) without a word, mixing two runs under one
     record (the policy went on from the other run's weights). The shards checkpoint and the
@@ -449,16 +450,31 @@ def test_a_part_copied_in_from_another_run_is_refused_on_resume(tiny_model, tmp_
     shutil.copy(tmp_path / "other" / "rollouts.jsonl", run / "rollouts.jsonl")  # as many rows
     _refused_resume(tiny_model, run, out, r"rollouts.jsonl: row 7 of those up to RL step 7 is "
                                           r"not the row the run had written there")
+    with pytest.raises(CheckpointError, match="is not the row the run had written there"):
+        resume_state.check_step_logs(run, 7)  # sae-shards train's check (audit 114 M14)
     shutil.copy(kept / "cut" / "rollouts.jsonl", run / "rollouts.jsonl")
     # config.json without run_id, as a resume by an earlier version rewrites it (audit 112 F7:
     # a new id was drawn and every part of the run's own was refused): the resume file's again
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({k: v for k, v in config.items()
                                                  if k != "run_id"}))
+    # ... resumed by path from a copy of its TRL checkpoint without the RNG state (audit 113
+    # F4: transformers goes on without it, saying so at INFO only, and the run is not the
+    # uninterrupted one): the copy given by path is the one checked, and named
+    copied = tmp_path / "copied" / "checkpoint-7"
+    shutil.copytree(out / "checkpoint-7", copied)
+    (copied / "rng_state.pth").unlink()
     again = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
-    _user_trainer(tiny_model, out, [again]).train(resume_from_checkpoint=True)  # its own: goes on
-    assert again.summary["rl_steps"] == 10
+    with caplog.at_level("WARNING", logger="sae_shards.capture.callback"):
+        _user_trainer(tiny_model, out, [again]).train(resume_from_checkpoint=str(copied))
+    assert again.summary["rl_steps"] == 10  # its own: goes on
+    assert f"{copied} holds no rng_state.pth, the random state of process 0" in caplog.text
     assert json.loads((run / "config.json").read_text())["run_id"] == run_id
+    # ... and so do the parts written after it (audit 114 M09: they recorded none, and a later
+    # resume could not tell them from another run's)
+    assert resume_state._resume_info(run, 10)["run_id"] == run_id
+    final = json.loads((run / "checkpoints" / "final" / "config.json").read_text())
+    assert final["meta"]["run_id"] == run_id
     shutil.rmtree(kept)
 
 

@@ -387,6 +387,42 @@ def test_an_unforeseen_failure_ends_a_multi_process_sweep(tmp_path, monkeypatch,
     assert not list(sweep.glob("*loss_type=grpo*/summary.json"))  # the next job never ran
 
 
+def test_a_multi_process_sweep_goes_on_only_past_a_failure_every_process_knew(
+        tmp_path, monkeypatch, capsys):
+    """Audit 113 F9: under a launch, rank 0 refused a job's checkpoint as it resumed, went on to
+    the next job and waited in its setup broadcast while rank 1 waited inside the refused job's
+    first generation: the sweep hung (gloo's timeout: 30 minutes). A refusal every process
+    learnt of (``begin_together``) lets the sweep go on; a failure of one process alone (a full
+    disk on rank 0) ends it after that job, so that the launcher ends the others."""
+    import sae_shards.cli as cli
+    import sae_shards.run.job as job_module
+    from sae_shards.capture.distributed import begin_together
+    from sae_shards.core.checkpoint import CheckpointError
+    from sae_shards.run.rundir import RunWriteError
+
+    monkeypatch.setattr(cli, "_several_processes", lambda: True)
+    ran = []
+
+    def run_job(job, run_dir, hydra_files=None):
+        ran.append(job.seed)
+        if job.seed == 1:  # refused while resuming, every rank told (as in on_train_begin)
+            error = CheckpointError("sae.safetensors: cannot be read")
+            begin_together(error)
+            raise error
+        raise RunWriteError("could not write metrics.jsonl: No space left on device")
+
+    monkeypatch.setattr(job_module, "run_job", run_job)
+    sweep = tmp_path / "sweep"
+    assert main(["train", "-m", "seed=1,2,3", f"run_dir={sweep}", *TINY]) == 2
+    assert ran == [1, 2]  # past the refusal every process knew; not past the one of this alone
+    err = capsys.readouterr().err
+    assert "seed=1,task.n_prompts=32: cannot resume: sae.safetensors: cannot be read" in err
+    assert "seed=2,task.n_prompts=32: stopped: could not write metrics.jsonl" in err
+    assert ("seed=3,task.n_prompts=32: not started (a job failed on this process alone, and "
+            "the launch's other processes may still be inside it); continue the sweep with "
+            "the same command and resume=true") in err
+
+
 def test_a_bad_value_in_one_sweep_element_stops_the_sweep_before_any_job(tmp_path, capsys):
     """sae.k=2,100: the second job's config is invalid; said at once, naming that job, and no
     job runs (the sweep's directory is not even created)."""

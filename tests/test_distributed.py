@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from sae_shards.recipe.models import build_tiny_model, load_tokenizer
 
 SCRIPT = Path(__file__).parent / "distributed" / "grpo_run.py"
 FSDP2_SCRIPT = Path(__file__).parent / "distributed" / "fsdp2_run.py"
+BEGIN_SCRIPT = Path(__file__).parent / "distributed" / "begin_together.py"
 DELTA_RTOL = 1e-4
 """Relative (Frobenius) tolerance of a per-step AdamW update: the gradients agree to ~1e-6 and
 Adam's first step divides by |g|, which amplifies the rounding of small entries (measured
@@ -64,6 +66,13 @@ def _run(cmd: list[str], cwd: Path, rc: int = 0) -> subprocess.CompletedProcess:
     return done
 
 
+def _ddp_launch() -> list[str]:
+    """``accelerate launch`` of 2 replicated processes (DDP; gloo on CPUs), without its port."""
+    return [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no"]
+
+
 def _zero3_launch() -> list[str]:
     """``accelerate launch`` with DeepSpeed ZeRO-3 on 2 processes (fp32, no offload, gradients
     clipped at TRL's default max_grad_norm as the one-process replay clips them)."""
@@ -79,10 +88,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ddp")
     model = build_tiny_model(root / "model", hidden_size=32, num_layers=2, num_heads=4,
                              intermediate_size=64)
-    accelerate = Path(sys.executable).parent / "accelerate"
-    _run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no",
-          "--main_process_port", str(_free_port()),
+    _run([*_ddp_launch(), "--main_process_port", str(_free_port()),
           str(SCRIPT), "--mode", "ddp", "--model", str(model), "--out", str(root / "ddp")], root)
     _run([sys.executable, str(SCRIPT), "--mode", "replay", "--model", str(model),
           "--out", str(root / "replay"), "--saved", str(root / "ddp" / "gen")], root)
@@ -325,10 +331,8 @@ def test_train_ends_the_process_group_it_ran_under(tmp_path):
 def test_sae_shards_train_under_accelerate_launch(tmp_path):
     """The recipe itself on 2 ranks: rank 0 prepares the directory and builds the model first,
     the other rank loads it; one run directory with every rank's events."""
-    accelerate = Path(sys.executable).parent / "accelerate"
     run = tmp_path / "run"
-    launch = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-              "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = _ddp_launch()
     job = ["-m", "sae_shards.cli", "train", "rl.max_steps=3", "logging=disabled",
            f"run_dir={run}", "capture.granularity=group", "runner.min_samples=2"]
     done = _run([*launch, "--main_process_port", str(_free_port()), *job], tmp_path)
@@ -353,6 +357,22 @@ def test_sae_shards_train_under_accelerate_launch(tmp_path):
     load_checkpoint(run / "checkpoints" / "final")
 
 
+def _resume_past_damaged_shards(launch: list[str], job: list[str], shards: Path,
+                                cwd: Path) -> None:
+    """``job`` resumed under ``launch`` with ``shards`` (a checkpoint's sae.safetensors) cut in
+    half: rank 0 refuses it as it loads it, inside TRL's train(), and says so once; every rank
+    stops with it (audit 113 F2, F9: the other rank died of a lost connection in its first
+    generation, or, in a sweep, waited there while rank 0 went on to the next job)."""
+    whole = shards.read_bytes()
+    shards.write_bytes(whole[: len(whole) // 2])
+    done = _run([*launch, "--main_process_port", str(_free_port()), *job, "resume=true"], cwd,
+                rc=1)
+    assert done.stderr.count(f"cannot resume: {shards}") == 1, done.stderr[-4000:]
+    assert "Connection closed" not in done.stderr, done.stderr[-4000:]
+    assert "Error executing job" not in done.stderr, done.stderr[-4000:]
+    shards.write_bytes(whole)
+
+
 @launches
 @pytest.mark.parametrize("backend", ["ddp", "zero3"])
 def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_run_resumes(tmp_path, backend):
@@ -362,14 +382,12 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_run_resumes(tmp_path
     import signal
     import time
 
-    accelerate = Path(sys.executable).parent / "accelerate"
     run = tmp_path / "run"
     granularity = "group" if backend == "ddp" else "step"
     job = ["-m", "sae_shards.cli", "train", "rl.max_steps=10", "logging=disabled",
            f"run_dir={run}", f"capture.granularity={granularity}", "runner.min_samples=2"]
-    launch = ([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-              if backend == "ddp" else _zero3_launch()[:-2])  # the port is added below
+    launch = (_ddp_launch() if backend == "ddp"
+              else _zero3_launch()[:-2])  # the port is added below
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
     with open(tmp_path / "log.txt", "w") as log:
         proc = subprocess.Popen([*launch, "--main_process_port", str(_free_port()), *job],
@@ -394,7 +412,16 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_run_resumes(tmp_path
     assert summary["interrupted"] and 3 <= step < 10, text[-4000:]
     assert (run / "trl" / f"checkpoint-{step}" / "trainer_state.json").is_file()
     assert (run / "checkpoints" / f"step_{step:06d}").is_dir()
-    _run([*launch, "--main_process_port", str(_free_port()), *job, "resume=true"], tmp_path)
+    if backend == "ddp":
+        _resume_past_damaged_shards(
+            launch, job, run / "checkpoints" / f"step_{step:06d}" / "sae.safetensors", tmp_path)
+        # audit 113 F4: a TRL checkpoint without rank 1's random state resumed without a word
+        (run / "trl" / f"checkpoint-{step}" / "rng_state_1.pth").unlink()
+    done = _run([*launch, "--main_process_port", str(_free_port()), *job, "resume=true"],
+                tmp_path)
+    if backend == "ddp":  # rank 1's, said by rank 0 (whose log is the run's)
+        assert "holds no rng_state_1.pth, the random state of process 1" in (
+            done.stdout + done.stderr), done.stderr[-4000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rl_steps"] == 10 and not summary["interrupted"]
     from sae_shards.analysis.shards import run_models_missing
@@ -409,6 +436,101 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_run_resumes(tmp_path
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert sorted({e["step"] for e in events}) == list(range(1, 11))
     assert len(events) == len({(e["step"], e["event"]) for e in events})
+
+
+def test_every_rank_learns_whether_all_began(tmp_path):
+    """Audit 113 F2: rank 0 refused a resume while loading its checkpoint (a foreign or damaged
+    part) and the other rank, which knew nothing of it, went on into the first generation and
+    died there of a lost connection, with a traceback in front of the reason. Now each rank
+    learns whether every rank got through: one that did stops naming the one that did not; one
+    that did not returns, to raise its own error; rank 0 gets every rank's notes to say."""
+    rounds = ["-", "1", "0", "0,1"]  # which ranks fail, round by round, in one launch
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+          "--master_port", str(_free_port()), str(BEGIN_SCRIPT), str(tmp_path), *rounds],
+         tmp_path)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for i, failing in enumerate(rounds):
+        failed = {int(r) for r in failing.split(",") if r != "-"}
+        for rank in (0, 1):
+            if rank in failed or not failed:  # returns: its own error, if any, is its caller's
+                notes = ["note of rank 0", "note of rank 1"] if rank == 0 else []
+                assert got[rank][i] == {"notes": notes}, (failing, rank, got)
+            else:
+                first = min(failed)
+                assert got[rank][i] == {"stopped": (
+                    f"rank {first} could not begin training, so this rank stops too: "
+                    f"ValueError: rank {first}'s file is damaged")}, (failing, rank, got)
+
+
+def test_begin_together_on_one_process_is_its_own_notes():
+    from sae_shards.capture.distributed import begin_together
+
+    assert begin_together(None, ["a note"]) == ["a note"]
+    assert begin_together(ValueError("damaged"), []) == []  # its caller raises it
+
+
+def test_a_resumed_trl_checkpoint_without_its_rng_state_is_named(tmp_path):
+    """Audit 113 F4: a TRL checkpoint copied without one process's rng_state_R.pth resumed
+    without a word (transformers says it at INFO) and did not end as the uninterrupted run.
+    The checkpoint is the one train() was given by path (read from transformers' loop), else
+    output_dir's checkpoint of the step."""
+    from types import SimpleNamespace
+
+    from sae_shards.capture.trl_checkpoints import missing_rng_state, resumed_checkpoint
+
+    given = tmp_path / "copied" / "checkpoint-4"
+    given.mkdir(parents=True)
+    own = tmp_path / "out" / "checkpoint-4"
+    own.mkdir(parents=True)
+    args = SimpleNamespace(output_dir=str(tmp_path / "out"), process_index=1, world_size=2,
+                           save_only_model=False)
+
+    def _inner_training_loop(resume_from_checkpoint):  # transformers' loop, as the stack has it
+        return resumed_checkpoint(args, 4)
+
+    assert _inner_training_loop(str(given)) == given
+    assert _inner_training_loop(None) == own  # resume_from_checkpoint=True: output_dir's
+    assert resumed_checkpoint(args, 4) == own
+    assert resumed_checkpoint(args, 5) is None
+    assert missing_rng_state(given, args) == (
+        f"{given} holds no rng_state_1.pth, the random state of process 1: transformers resumes "
+        "without it, so that process's generations from here on, and the shards, are not the "
+        "uninterrupted run's; to resume exactly, copy the file from the run's own checkpoint "
+        "(each process saves its own, on its node's disk)")
+    (given / "rng_state_1.pth").write_bytes(b"")
+    assert missing_rng_state(given, args) is None
+    one = SimpleNamespace(process_index=0, world_size=1, save_only_model=False)
+    assert "holds no rng_state.pth, the random state of process 0" in missing_rng_state(given, one)
+    assert missing_rng_state(given, SimpleNamespace(**{**vars(one), "save_only_model": True})) \
+        is None  # no RNG state is saved at all: warned about apart
+    assert missing_rng_state(None, args) is None
+
+
+@launches
+def test_a_two_process_sweep_goes_on_past_a_job_whose_checkpoint_is_refused(tmp_path):
+    """Audit 113 F9: a sweep resumed under 2 processes hung when rank 0 refused one job's
+    checkpoint as it loaded it: rank 0 went on to the next job while rank 1 was inside the
+    refused one's first generation. Both jobs are cut back to their step-2 checkpoint (as a
+    kill after step 3 leaves them), one job's shards damaged: it is refused once, on every
+    rank, and the other job resumes to its end."""
+    sweep = tmp_path / "sweep"
+    launch = _ddp_launch()
+    job = ["-m", "sae_shards.cli", "train", "-m", "sae.k=2,4", "rl.max_steps=3",
+           "runner.checkpoint_every=2", "logging=disabled", f"run_dir={sweep}",
+           "runner.min_samples=2"]
+    _run([*launch, "--main_process_port", str(_free_port()), *job], tmp_path)
+    runs = sorted(p.parent for p in sweep.glob("*/summary.json"))
+    assert len(runs) == 2, runs
+    for run in runs:  # killed in step 3's checkpoint (TRL's side unwritten), before the end
+        for name in ("summary.json", "activations.safetensors", "checkpoints/final",
+                     "final_model", "trl/checkpoint-3"):
+            path = run / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    _resume_past_damaged_shards(
+        launch, job, runs[0] / "checkpoints" / "step_000002" / "sae.safetensors", tmp_path)
+    summary = json.loads((runs[1] / "summary.json").read_text())
+    assert summary["rl_steps"] == 3 and not summary["interrupted"]
+    assert not (runs[0] / "summary.json").exists()
 
 
 def test_resuming_on_another_number_of_processes_is_refused(tmp_path):

@@ -398,7 +398,7 @@ def test_a_job_refused_at_setup_leaves_no_wandb_run(tmp_path, capsys):
     ("task.options.target_char=xyz", r"\['task.options.target_char'\] are not options"),
     ("+rl.extra.save_steps=3", r"\['save_steps'\] are set by sae-shards from "
                                r"runner.checkpoint_every"),
-    ("rl.extra.bogus_field=1", r"\['bogus_field'\] are not trl.GRPOConfig fields"),
+    ("rl.extra.bogus_field=1", r"\['rl.extra.bogus_field'\] are not trl.GRPOConfig fields"),
     ("task=multiskill task.options.schedule=weekly",
      r"task.options.schedule='weekly' is not one of \['random'"),
     # a target per-event hooks cannot split (the readout's norm), from the meta policy
@@ -543,7 +543,8 @@ def test_one_process_writes_a_run_dir_at_a_time(tmp_path):
         assert holder.stdout.readline().strip() == "held"
         for resume in (False, True):
             with pytest.raises(rundir.RunDirBusy, match=rf"written by another process \(pid "
-                               rf"{holder.pid} on .*pgrep -af"):
+                               rf"{holder.pid} on .*pgrep -af sae_shards.cli lists those of "
+                               r"sae-shards train"):
                 rundir.prepare_run_dir(run, overwrite=True, resume=resume)
         (run / rundir.ROLLOUTS).write_text('{"step": 1}\n')  # nothing was removed or written
     finally:

@@ -338,6 +338,64 @@ def test_a_damaged_resume_file_is_named_when_the_run_resumes(uninterrupted, tmp_
     err = _refused(run, capsys, "resume=true")
     assert f"sae-shards: cannot resume: {file}: " in err and "Traceback" not in err, err[-3000:]
     assert re.search(problem, err), err[-3000:]
+    # the way on, in sae-shards train's words (audit 114 M33, M34: untested on this path)
+    assert (f"To resume from RL step 8 instead, delete {file} and "
+            f"{run / 'checkpoints' / 'step_000012'} (sae-shards train resume=true then resumes "
+            "from it)") in err, err[-3000:]
+
+
+def test_the_way_past_a_damaged_checkpoint_is_the_newest_complete_step_before_it(tmp_path):
+    """Audit 114 M29, M30: with several complete steps before the damaged one, the advice
+    names the newest (the oldest would throw the steps between away), and in a script the
+    TRL checkpoint of that step; a step TRL no longer holds is not offered."""
+    from sae_shards.capture.resume import _resume_before
+
+    run, trl = tmp_path / "run", tmp_path / "out"
+    for step in (5, 10, 15, 20):
+        (run / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+        (run / "resume").mkdir(exist_ok=True)
+        (run / "resume" / f"step_{step:06d}.safetensors").write_bytes(b"")
+        if step != 15:  # rotated away by TRL's save_total_limit
+            (trl / f"checkpoint-{step}").mkdir(parents=True)
+    damaged = (f"{run / 'resume' / 'step_000020.safetensors'} and "
+               f"{run / 'checkpoints' / 'step_000020'}")
+    assert _resume_before(run, 20, trl) == (
+        f"To resume from RL step 10 instead, delete {damaged} (a script then passes "
+        f"resume_from_checkpoint='{trl / 'checkpoint-10'}')")
+    (run / "trl").mkdir()
+    for step in (5, 10, 15):
+        (run / "trl" / f"checkpoint-{step}").mkdir()
+    assert _resume_before(run, 20, None) == (
+        f"To resume from RL step 15 instead, delete {damaged} (sae-shards train resume=true "
+        "then resumes from it)")
+
+
+def test_a_trl_checkpoint_is_this_runs_when_one_entry_at_the_last_common_step_matches(
+        tmp_path):
+    """Audit 114 M20, M22: the TRL checkpoint's log is compared with metrics.jsonl's last rl
+    row at the last RL step both logged. TRL may log twice at a step (training, then an
+    evaluation): one entry holding the row's values is enough, and an entry without one of
+    them is no match."""
+    from sae_shards.capture.resume import _check_trl_log
+
+    rows = [{"kind": "rl", "rl_step": 6, "loss": 0.1, "reward": 0.2},
+            {"kind": "rl", "rl_step": 7, "loss": 0.3, "reward": 0.4},
+            {"kind": "rl", "rl_step": 7, "eval_loss": 0.9},
+            {"kind": "sae", "rl_step": 7, "fvu": 0.5},
+            {"kind": "rl", "rl_step": 8, "loss": 0.7}]  # after the checkpoint: not compared
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, evaluation = {"step": 7, "loss": 0.3, "reward": 0.4}, {"step": 7, "eval_loss": 0.9}
+    _check_trl_log(tmp_path, 7, [{"step": 6, "loss": 0.1, "reward": 0.2}, train, evaluation])
+    _check_trl_log(tmp_path, 7, [train, {**evaluation, "epoch": 0.5}])
+    _check_trl_log(tmp_path, 7, [{"step": 6, "loss": 0.1, "reward": 0.2}])  # compared at 6
+    _check_trl_log(tmp_path, 7, [])  # nothing logged in common: not checked
+    refused = r"logged other values at RL step {} than this run did \({}"
+    with pytest.raises(CheckpointError, match=refused.format(7, "eval_loss 0.9 in metrics")):
+        _check_trl_log(tmp_path, 7, [train, {"step": 7, "eval_loss": 0.8}])
+    with pytest.raises(CheckpointError, match=refused.format(7, "eval_loss 0.9 .* None in")):
+        _check_trl_log(tmp_path, 7, [{"step": 7, "loss": 0.35, "reward": 0.4}])
+    with pytest.raises(CheckpointError, match=refused.format(6, "loss 0.1 .* 0.15 in TRL")):
+        _check_trl_log(tmp_path, 7, [{"step": 6, "loss": 0.15, "reward": 0.2}])
 
 
 def test_a_killed_writers_leftovers_alone_are_no_run(tmp_path):
@@ -756,12 +814,21 @@ def test_a_damaged_trl_checkpoint_is_named_when_the_resume_reads_it(tmp_path, ca
     run = tmp_path / "run"
     _kill_after_step_8(run, _train(run))
     weights = run / "trl" / "checkpoint-8" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
     assert cli_main(["train", f"run_dir={run}", "resume=true"]) == 2
     err = capsys.readouterr().err
-    assert f"cannot resume: {run / 'trl' / 'checkpoint-8'}: TRL could not load this checkpoint" \
-        in err and "delete this checkpoint to resume from the one before it" in err
+    assert f"cannot resume: {run / 'trl' / 'checkpoint-8'}: TRL could not load this checkpoint " \
+        "(" in err and "delete this checkpoint to resume from the one before it" in err
     assert "Traceback" not in err
+    # the random state, read by each process from its own file, is named (audit 113 F3: under
+    # several processes the one damaged may be another rank's than rank 0's)
+    weights.write_bytes(whole)
+    (run / "trl" / "checkpoint-8" / "rng_state.pth").write_bytes(b"not a torch file")
+    assert cli_main(["train", f"run_dir={run}", "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert ("TRL could not load this checkpoint's rng_state.pth (the random state of this "
+            "process) (") in err, err
 
 
 def test_a_copy_without_its_hydra_folder_is_told_where_the_overrides_went(uninterrupted,

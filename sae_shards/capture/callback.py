@@ -71,6 +71,7 @@ from sae_shards.capture.trainer_settings import (SAMPLING_ARGS, STEP_ARGS, TIED_
                                                  reward_batch, reward_weights,
                                                  trained_steps, trainer_samples_per_step)
 from sae_shards.capture.trl_checkpoints import (SCRIPT_RESUME, in_script_terms,
+                                                missing_rng_state, resumed_checkpoint,
                                                 trl_checkpoint_steps, trl_dir,
                                                 warn_earlier_trl_checkpoints,
                                                 warn_later_trl_checkpoints,
@@ -731,16 +732,38 @@ class ShardCallback(TrainerCallback):
             "Nothing was trained.")
 
     def _begin(self, args, state, control, model, **kwargs) -> None:
-        if self.resume and state.global_step > 0:  # every rank: each loaded the checkpoint
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            self._restore_converted(model, checkpoint)
         # before any step: the weights are theta_0 (a collective: every rank, the same answer)
         initial = gathered_state_dict(model) if self._gathers_initial(model) else None
+        notes: list[str] = []  # warnings of every rank, which rank 0 says
+        try:  # each rank its own side; then every rank learns whether all got through
+            if self.resume and state.global_step > 0:  # every rank: each loaded the checkpoint
+                checkpoint = resumed_checkpoint(args, state.global_step)
+                if checkpoint is not None:
+                    self._restore_converted(model, checkpoint)
+                notes = [note] if (note := missing_rng_state(checkpoint, args)) else []
+            if state.is_world_process_zero:
+                self._begin_main(args, state, model, initial)
+            else:
+                self.setup_rank(model, calling_trainer())
+        except Exception as e:  # the others stop with this rank's reason, not a lost connection
+            distributed.begin_together(e, notes)
+            raise
+        for note in distributed.begin_together(None, notes):
+            log.warning("%s", note)
         if not state.is_world_process_zero:
-            self.setup_rank(model, calling_trainer())
             if self.capture is not None:
                 self.capture.on_train_begin(args, state, control, model=model, **kwargs)
             return
+        if self.logger is None:
+            self.logger = (RunLogger.attach_active() if self.log_to_wandb and "wandb" in
+                           (args.report_to or []) else RunLogger())
+        if self.rollouts is not None:  # before the event recorder wraps the same method
+            self.rollouts.install()
+        self.capture.on_train_begin(args, state, control, model=model, **kwargs)
+
+    def _begin_main(self, args, state, model: torch.nn.Module,
+                    initial: dict[str, torch.Tensor] | None) -> None:
+        """Rank 0's side of the start: the pipeline, and the resume or the initial policy."""
         self._t0 = time.perf_counter()
         if self.parts is None:
             self.setup(model, calling_trainer())
@@ -755,12 +778,6 @@ class ShardCallback(TrainerCallback):
             self._save_initial_model(model, calling_trainer(), initial)
             self._save_initial_adapter(model)
             self._warn_no_tokenizer(calling_trainer())
-        if self.logger is None:
-            self.logger = (RunLogger.attach_active() if self.log_to_wandb and "wandb" in
-                           (args.report_to or []) else RunLogger())
-        if self.rollouts is not None:  # before the event recorder wraps the same method
-            self.rollouts.install()
-        self.capture.on_train_begin(args, state, control, model=model, **kwargs)
 
     @staticmethod
     def _restore_converted(model: torch.nn.Module, checkpoint: Path) -> None:

@@ -14,7 +14,7 @@ rank comes from the launcher's ``RANK`` / ``WORLD_SIZE`` environment variables.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -60,6 +60,53 @@ def max_over_ranks(value: int) -> int:
                      device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+class StoppedWithAnotherRank(RuntimeError):
+    """Raised on the ranks of a launch that could begin training when another rank could not
+    (``begin_together``): they stop with that rank's reason instead of a lost connection in the
+    next collective. The rank that could not raises its own error, which says why."""
+
+
+def told_every_rank(error: BaseException) -> None:
+    """Record on ``error`` that every rank of the launch learnt of it (``begin_together``, or
+    rank 0's refusal of a job's setup, broadcast): the other ranks stopped with it, so none is
+    left waiting in that run's collectives (``every_rank_knows``)."""
+    error.sae_shards_every_rank_knows = True  # type: ignore[attr-defined]
+
+
+def every_rank_knows(error: BaseException) -> bool:
+    """Whether every rank stopped with ``error`` (or with the error it was raised from): a
+    launch can go on to its next job (a sweep's) only then; after a failure of one rank alone
+    the others may be inside that job's collectives, and the next job's would not match."""
+    while error is not None:
+        if isinstance(error, StoppedWithAnotherRank) or getattr(
+                error, "sae_shards_every_rank_knows", False):
+            return True
+        error = error.__cause__
+    return False
+
+
+def begin_together(problem: BaseException | None, notes: Sequence[str] = ()) -> list[str]:
+    """After each rank prepared its side of a run (rank 0 its resume, the others their hooks),
+    learn whether every rank did; a collective, which every rank must reach, ``problem`` being
+    this rank's error (None when it got through). A rank that got through raises
+    ``StoppedWithAnotherRank`` naming the first rank that did not; a rank with a ``problem``
+    returns, to raise it. Returns every rank's ``notes`` (warnings for rank 0 to say: rank 0's
+    log is the run's), in rank order, on rank 0; [] on the other ranks. One process: its own."""
+    if problem is not None:
+        told_every_rank(problem)
+    if world_size() == 1:
+        return list(notes)
+    said = None if problem is None else f"{type(problem).__name__}: {problem}"
+    everyone: list[Any] = [None] * world_size()
+    dist.all_gather_object(everyone, (said, list(notes)))  # the run's own processes only
+    failed = [(r, why) for r, (why, _) in enumerate(everyone) if why is not None]
+    if problem is None and failed:
+        r, why = failed[0]
+        raise StoppedWithAnotherRank(f"rank {r} could not begin training, so this rank stops "
+                                     f"too: {why}")
+    return [note for _, rank_notes in everyone for note in rank_notes] if is_main() else []
 
 
 

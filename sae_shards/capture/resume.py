@@ -44,7 +44,7 @@ from sae_shards.capture.event_capture import EventCapture
 from sae_shards.capture.pipeline import Pipeline
 from sae_shards.capture.runner import ActivationLog
 from sae_shards.capture.trl_checkpoints import trl_checkpoint_steps
-from sae_shards.core.checkpoint import (STATE_FILE, CheckpointError, CheckpointFiles,
+from sae_shards.core.checkpoint import (DAMAGED, STATE_FILE, CheckpointError, CheckpointFiles,
                                         checkpoint_files, load_checkpoint, load_training_state,
                                         read_safetensors, save_file_atomic, write_checkpoint)
 from sae_shards.run import rundir
@@ -434,7 +434,9 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
         state = load_training_state(checkpoint)
         tensors, header = read_safetensors(target, kind=rundir.RESUME_KIND)
     except CheckpointError as e:  # a damaged file: what the run can resume from instead
-        raise CheckpointError(f"{e}. {_resume_before(run_dir, step, trl_output)}") from e
+        # (not the advice for analyze / evaluate, which read another checkpoint)
+        said = str(e).replace(DAMAGED, "restore the file from a copy of the run")
+        raise CheckpointError(f"{said}. {_resume_before(run_dir, step, trl_output)}") from e
     if [t.name for t in loaded.sae.targets] != [t.name for t in parts.specs]:
         raise CheckpointError(f"{checkpoint}: its targets differ from this run's; resume with "
                               "the run's own capture.targets")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,46 @@ def trl_checkpoint_steps(output_dir: str | None) -> list[int]:
         return []
     return sorted(int(p.name.removeprefix("checkpoint-")) for p in Path(output_dir).iterdir()
                   if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir())
+
+
+def resumed_checkpoint(args: Any, step: int) -> Path | None:
+    """The TRL checkpoint the running ``trainer.train()`` resumed from (at RL step ``step``):
+    the path it was given, read from transformers' training loop on the call stack (a script
+    may pass any checkpoint by path), else ``checkpoint-<step>`` in the trainer's
+    ``output_dir``; None when neither is a directory."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_inner_training_loop":
+            given = frame.f_locals.get("resume_from_checkpoint")
+            if isinstance(given, (str, os.PathLike)) and Path(given).is_dir():
+                return Path(given)
+            break
+        frame = frame.f_back
+    named = Path(args.output_dir) / f"checkpoint-{step}" if args.output_dir else None
+    return named if named is not None and named.is_dir() else None
+
+
+def rng_state_name(args: Any) -> str:
+    """The file of a TRL checkpoint that holds this process's random state (transformers')."""
+    index, n_processes = getattr(args, "process_index", 0), getattr(args, "world_size", 1)
+    return f"rng_state_{index}.pth" if n_processes > 1 else "rng_state.pth"
+
+
+def missing_rng_state(checkpoint: Path | None, args: Any) -> str | None:
+    """The warning for a TRL checkpoint that lacks this process's random state (a copy made
+    without it, or from another node): transformers then resumes without it, saying so only
+    at INFO, and the run goes on from other draws than the uninterrupted run's. None when the
+    file is there, or when the trainer saves none (``save_only_model``, warned about apart)."""
+    if checkpoint is None or getattr(args, "save_only_model", False):
+        return None
+    name = rng_state_name(args)
+    if (checkpoint / name).is_file():
+        return None
+    return (f"{checkpoint} holds no {name}, the random state of process "
+            f"{getattr(args, 'process_index', 0)}: transformers "
+            "resumes without it, so that process's generations from here on, and the shards, "
+            "are not the uninterrupted run's; to resume exactly, copy the file from the run's "
+            "own checkpoint (each process saves its own, on its node's disk)")
 
 
 def trl_dir(args: Any) -> Path | None:

@@ -29,6 +29,7 @@ from sae_shards.capture import resume as resume_state
 from sae_shards.capture.callback import ShardCallback
 from sae_shards.capture.pipeline import resolve_targets
 from sae_shards.capture.signals import stop_on_signals
+from sae_shards.capture.trl_checkpoints import rng_state_name
 from sae_shards.core.checkpoint import CheckpointError
 from sae_shards.recipe.models import (build_tiny_model, build_tokenizer, check_policy_dir,
                                       meta_policy)
@@ -52,7 +53,7 @@ class JobSetupError(RuntimeError):
 SETUP_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
 
 
-class RefusedOnRankZero(JobSetupError):
+class RefusedOnRankZero(JobSetupError, distributed.StoppedWithAnotherRank):
     """Raised on the other ranks of a launch when rank 0 refused the job while preparing it
     (``_main_process_first``): they stop with rank 0's reason instead of a lost connection;
     rank 0 reports it."""
@@ -397,6 +398,7 @@ def _main_process_first(device: torch.device) -> Iterator[None]:
         refused = isinstance(e, (*SETUP_ERRORS, JobSetupError))  # said in the user's terms
         dist.broadcast_object_list([str(e) if refused else
                                     f"rank 0 failed: {type(e).__name__}: {e}"], src=0)
+        distributed.told_every_rank(e)
         raise
     dist.broadcast_object_list([None], src=0)
 
@@ -416,7 +418,8 @@ def run_job(cfg: JobConfig, run_dir: Path,
     except Exception as e:  # a full disk in TRL's checkpoint: named, not torch's traceback
         if resume_from is not None and _loading_trl_checkpoint(e):
             raise CheckpointError(
-                f"{resume_from}: TRL could not load this checkpoint ({type(e).__name__}: {e}); "
+                f"{resume_from}: TRL could not load this checkpoint{_which_file(e, rl.trainer)} "
+                f"({type(e).__name__}: {e}); "
                 "a file of it is damaged (a copy's?): copy it again from the run, or delete "
                 "this checkpoint to resume from the one before it, where the run kept one") from e
         if isinstance(e, rundir.RunWriteError) or not rundir.write_failure(e):
@@ -437,6 +440,15 @@ def _loading_trl_checkpoint(e: BaseException) -> bool:
     """Whether ``e`` came from transformers reading the checkpoint ``train()`` resumes from
     (a truncated ``model.safetensors``: safetensors' error, which names no file)."""
     return any(frame.name in TRL_LOADERS for frame in traceback.extract_tb(e.__traceback__))
+
+
+def _which_file(e: BaseException, trainer: Any) -> str:
+    """The file of TRL's checkpoint that ``e`` came from, where the error names none and the
+    reader says which (the random state: one file per process, which may be another
+    process's than rank 0's)."""
+    if any(frame.name == "_load_rng_state" for frame in traceback.extract_tb(e.__traceback__)):
+        return f"'s {rng_state_name(trainer.args)} (the random state of this process)"
+    return ""
 
 
 def _failed_write(e: BaseException, run_dir: Path, trainer: Any) -> Path:

@@ -147,7 +147,8 @@ def lock_run_dir(run_dir: Path) -> None:
             f"run_dir={run_dir} is being written by another process ({holder}): wait for it to "
             "finish, or stop it first. After kill -9 on `accelerate launch` (or torchrun) its "
             "worker processes keep running and writing; kill them too (the holder's pid above, "
-            "and its sibling ranks: pgrep -af YOUR_SCRIPT.py lists them), then resume. A "
+            "and its sibling ranks: pgrep -af sae_shards.cli lists those of sae-shards train, "
+            "pgrep -af with your script's name those of a script), then resume. A "
             "notebook or script whose train() raised still "
             "holds it: call the callback's close() there, or end that process") from None
     except OSError as e:
