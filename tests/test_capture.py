@@ -129,6 +129,39 @@ def test_lora_products_in_tf32_are_said_to_be_inexact():
     assert warn_lora_matmul_precision(targets) is None  # on the CPU
 
 
+def test_only_a_gpus_lora_targets_are_flagged_under_tf32(monkeypatch):
+    """Audit 114 M43: which targets warn_lora_matmul_precision counts (a GPU's, at the GPU's
+    precision) was untested: the CPU's were never flagged at the CPU's default precision,
+    whatever it selected. The GPU is stood in for by the factors' device."""
+    import types
+
+    import sae_shards.capture.delta as delta
+
+    targets = select_targets(lora_model(), ["*layers.*.self_attn.q_proj.weight"])
+    asked = []
+    monkeypatch.setattr(delta, "fp32_matmul", lambda device: asked.append(device) or "tf32")
+    assert warn_lora_matmul_precision(targets) is None  # a CPU's products: not flagged
+    monkeypatch.setattr(LoraTarget, "A", property(
+        lambda self: types.SimpleNamespace(device=torch.device("cuda"))))
+    note = warn_lora_matmul_precision(targets)
+    assert note == lora_matmul_note(len(targets), "tf32") and len(targets) == 2
+    assert asked == [torch.device("cuda")]  # the GPU's precision is the one read
+
+
+def test_the_capture_carries_its_lora_precision_note_to_the_summary(tmp_path, monkeypatch):
+    """Audit 114 M44: the note reached summary.json only through the update capture's
+    precision_note, which no test read (a GPU's LoRA run under TF32 would have said nothing)."""
+    import sae_shards.capture.delta as delta
+
+    model = lora_model()
+    targets = select_targets(model, ["*layers.*.self_attn.q_proj.weight"])
+    monkeypatch.setattr(delta, "warn_lora_matmul_precision",
+                        lambda given: "the LoRA note" if set(given) == set(targets) else None)
+    capture = DeltaCapture(targets, make_buffer(targets))
+    train(model, [capture], tmp_path)
+    assert capture.precision_note == "the LoRA note"
+
+
 def test_update_capture_bf16_storage_rounds_the_fp32_delta(tmp_path):
     model = tiny_lm()
     targets = select_targets(model, PATTERNS[:1])

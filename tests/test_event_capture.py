@@ -564,3 +564,14 @@ def test_the_preconditioner_s_error_figures_survive_a_resume():
     del old["precond_error"]  # an earlier version's file: what it has is kept
     after.load_counters(old)
     assert after.precond_error == [] and after.summary()["precond_error_mean"] is None
+    # an event whose error is not finite is skipped (its entries are not) and not measured
+    # (audit 114 M35: one such event made the run's mean NaN, written as null)
+    import types
+
+    after.precond_error = [0.5]
+    after.preconditioner = types.SimpleNamespace(
+        apply=lambda factors: factors, approx_error=lambda factors: {"w": float("nan")})
+    event = types.SimpleNamespace(factors={"w": torch.full((4 + 3, 2), float("nan"))}, group=0)
+    assert after._write(event, 1, None, None, measure=True) is None
+    assert after.n_nonfinite == 1 and after.precond_error == [0.5]
+    assert after.summary()["precond_error_mean"] == 0.5

@@ -115,3 +115,27 @@ def test_the_index_holds_none_of_the_completions(tmp_path):
     assert len(index) == len(eager) == 400 and size > 6_000_000
     assert held_eager > size / 2  # the control does hold the rows
     assert held < size / 20, (held, size)
+
+
+def test_a_logs_last_digest_is_its_last_rows_whoever_wrote_it(tmp_path):
+    """A resume file records the digest of each step log's last row (``log_last``); a log this
+    process has not appended to since it opened it (a resumed script's metrics.jsonl before its
+    next logging step) is read from the file: its last row, not its first (audit 114 M17: a
+    wrong digest refuses the run's own next resume as another run's)."""
+    log = rundir.JsonLines(tmp_path / "log.jsonl")
+    assert log.last_digest() is None
+    rows = [{"step": s, "reward": 0.5 * s} for s in (1, 2, 3)]
+    for row in rows:
+        log.append(row)
+    assert log.last_digest() == rundir.row_digest(rows[-1])
+    reopened = rundir.JsonLines(tmp_path / "log.jsonl")
+    assert reopened.last_digest() == rundir.row_digest(rows[-1]) != rundir.row_digest(rows[0])
+
+
+def test_a_rows_digest_is_its_values_not_its_layout():
+    """Rewritten in another layout (compact, keys sorted as `jq -S` does), a row keeps its
+    digest; another value does not (audit 114 M18)."""
+    row = {"step": 3, "reward": 0.25, "loss": float("nan")}
+    again = json.loads(json.dumps({k: row[k] for k in sorted(row)}, separators=(",", ":")))
+    assert rundir.row_digest(again) == rundir.row_digest(row)
+    assert rundir.row_digest({**row, "reward": 0.5}) != rundir.row_digest(row)

@@ -399,6 +399,8 @@ def test_the_readme_loading_example_runs_as_written(short_run_dir):
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert set(scope["shard"].dense(scaled=False)) == set(scope["shards"].target_names)
+    # it shows a shard that fired (audit 115 F3: shard 3 of the default run never did)
+    assert scope["shard"].density > 0 and scope["view"].top_steps(scope["i"], k=5)
 
 
 def test_the_reports_interventions_are_the_plain_calls_with_shared_baselines(

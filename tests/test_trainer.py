@@ -188,10 +188,16 @@ def test_a_batch_of_one_distinct_sample_is_skipped_not_trained_on(stream):
     copies = {n: v.expand(3, *v.shape[1:]).clone() for n, v in one.items()}
     with_zero = {n: torch.cat([v, torch.zeros_like(v)]) for n, v in one.items()}
     assert trainer.step(copies) is None and trainer.step(with_zero) is None
-    assert trainer.n_skipped_degenerate == 2 and trainer.n_steps == 0
+    # copies beside a dropped row, zero or non-finite (audit 114 M48: the kept rows' norms
+    # were compared with the dropped row's, and the step trained at an FVU of ~1e15)
+    nan = {n: torch.full_like(v, float("nan")) for n, v in one.items()}
+    for dropped in (with_zero, nan):
+        batch = {n: torch.cat([copies[n], dropped[n][-1:]]) for n in copies}
+        assert trainer.step(batch) is None
+    assert trainer.n_skipped_degenerate == 4 and trainer.n_steps == 0
     assert trainer.step(stream.sample(8, g).sample) is not None
     assert all(torch.isfinite(s["exp_avg_sq"]).all() for s in trainer.optimizer.state.values())
-    assert trainer.state_tensors()["trainer.n_skipped_degenerate"] == 2
+    assert trainer.state_tensors()["trainer.n_skipped_degenerate"] == 4
     with pytest.raises(ValueError, match=r"sae.batch_size=1 must be at least 2"):
         SAEConfig(batch_size=1)
 
@@ -249,3 +255,32 @@ def test_heldout_ml2r_is_the_mean_ratio_of_norms_not_of_squared_norms(stream):
     ratio = norm(rec) / norm(x)
     assert held.ml2r == pytest.approx(float(ratio.mean()), rel=1e-5)
     assert not float(ratio.pow(2).mean()) == pytest.approx(float(ratio.mean()), rel=1e-2)
+
+
+def test_a_steps_figures_and_scale_follow_their_definitions(stream):
+    """Audit 114 M51, M52, M54, M55, M58: the step's figures are read in one sync, and the input
+    scale's EMA is a ``where`` (no branch): each is pinned to its definition. The scale starts
+    at the first batch's RMS sample norm, then moves by ``scale_ema`` towards each batch's
+    mean square; the loss is fvu + aux_coef * aux_loss; L0 is the active latents per sample
+    (k); a latent's last active step is the step it last fired in."""
+    cfg = SAEConfig(n_latents=16, k=3, seed=0, dead_after=8, aux_coef=0.5)
+    trainer = SAETrainer(LowRankSAE(stream.targets, cfg))
+    g = torch.Generator().manual_seed(0)
+
+    def mean_square(batch):  # [batch] squared norms of whole samples, averaged
+        return float(sum(v.flatten(1).double().pow(2).sum(1) for v in batch.values()).mean())
+
+    scale, aux = None, []
+    for step in range(4):
+        batch = stream.sample(8, g).sample
+        m = trainer.step(batch)
+        ms = mean_square(batch)
+        scale = ms ** 0.5 if scale is None else ((1 - cfg.scale_ema) * scale ** 2
+                                                 + cfg.scale_ema * ms) ** 0.5
+        assert m.input_scale == pytest.approx(scale, rel=1e-5), step
+        assert m.loss == pytest.approx(m.fvu + cfg.aux_coef * m.aux_loss, rel=1e-6), step
+        assert m.l0 == cfg.k and m.n_samples == 8
+        aux.append(m.aux_loss)
+        fired = trainer.stats.last_active_step == step
+        assert fired.any() and bool((trainer.stats.last_active_step <= step).all())
+    assert aux[0] == 0 and aux[-1] > 0  # dead latents once 8 samples passed: AuxK ran

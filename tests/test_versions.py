@@ -98,3 +98,8 @@ def test_a_torch_before_2_9_is_read_in_the_same_words(monkeypatch):
             assert fp32_matmul(torch.device("cpu")) == word
     finally:
         torch.set_float32_matmul_precision(before)
+    # a GPU's: transformers' tf32=True sets allow_tf32 there (audit 114 M41: always "ieee")
+    for allowed, word in ((True, "tf32"), (False, "ieee")):
+        monkeypatch.setattr(torch.backends.cuda, "matmul", types.SimpleNamespace(
+            allow_tf32=allowed))
+        assert fp32_matmul(torch.device("cuda")) == word

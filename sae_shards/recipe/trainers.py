@@ -45,6 +45,7 @@ from sae_shards.recipe.models import meta_model
 from sae_shards.recipe.tasks import MultiSkillTask, Task
 from sae_shards.run.config import (TRAINABLE_WITH_LORA, Algorithm, RLConfig, generation_use_of,
                                     generations_reused)
+from sae_shards.run.schema import closest
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,11 @@ def check_trl_settings(grpo_kwargs: dict[str, Any], algorithm: Algorithm = "grpo
     config_cls = TRAINERS[algorithm][0]
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(grpo_kwargs) - known)
-    if unknown:
-        raise ValueError(
-            f"rl settings {unknown} are not trl.{config_cls.__name__} fields; check their spelling"
-        )
+    if unknown:  # rl's own fields are TRL's: what is unknown came in rl.extra
+        named = [f"rl.extra.{k}" + (f" (did you mean {close}?)" if close else "")
+                 for k in unknown for close in [closest(k, known)]]
+        raise ValueError(f"rl settings {named} are not trl.{config_cls.__name__} fields; check "
+                         "their spelling")
     owned = sorted(set(grpo_kwargs) & set(_CHECKPOINTING))
     if owned:
         raise ValueError(f"rl settings {owned} are set by sae-shards from "
