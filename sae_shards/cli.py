@@ -767,7 +767,7 @@ def _train(args: list[str]) -> int:
                    "new run_dir)") if changes else ""
     failures: list[str] = []
     interrupted: list[int] = []
-    alone: list[BaseException] = []  # failures of this process alone, under a launch
+    alone: list[BaseException] = []  # failures other processes of a launch may not know of
     crashed: list[Path] = []  # sweep jobs that raised an unforeseen error (exit 1, as Hydra's)
     jobs: list[Path] = []  # a sweep's job directories, in the order they ran
     outcome: dict[Path, str] = {}  # what this command did with a sweep's job, when not a run
@@ -781,7 +781,8 @@ def _train(args: list[str]) -> int:
             outcome.setdefault(jobs[-1], "not run to its end by this command (see below)")
 
     def failed_alone(e: BaseException) -> None:
-        """Under a launch, a job failure of this process alone ends a sweep after that job:
+        """Under a launch, a job failure the other processes may not have learnt of (not told
+        by ``begin_together`` or rank 0's setup broadcast) ends a sweep after that job:
         the next job's collectives would not match those the other processes are still in."""
         if _several_processes() and not every_rank_knows(e):
             alone.append(e)
@@ -812,10 +813,12 @@ def _train(args: list[str]) -> int:
             failures.append(f"{run_dir}: not started (the sweep was stopped); continue the "
                             "sweep with the same command and resume=true")
             return
-        if sweep and alone:  # this process failed alone: the others may be inside that job
-            failures.append(f"{run_dir}: not started (a job failed on this process alone, and "
-                            "the launch's other processes may still be inside it); continue "
-                            "the sweep with the same command and resume=true")
+        if sweep and alone:  # a failure the other processes may not know of: they may be
+            # inside that job still (or may have failed the same way: not known here)
+            failures.append(f"{run_dir}: not started (a job failed on this process in a way "
+                            "the launch's other processes may not have learnt of, and they may "
+                            "still be inside it); continue the sweep with the same command and "
+                            "resume=true")
             return
         if sweep and job.resume:  # resume a sweep: skip finished jobs, start unstarted ones
             done = rundir.finished_steps(run_dir)

@@ -396,7 +396,7 @@ def test_a_multi_process_sweep_goes_on_only_past_a_failure_every_process_knew(
     disk on rank 0) ends it after that job, so that the launcher ends the others."""
     import sae_shards.cli as cli
     import sae_shards.run.job as job_module
-    from sae_shards.capture.distributed import begin_together
+    from sae_shards.capture.distributed import begin_together, told_every_rank
     from sae_shards.core.checkpoint import CheckpointError
     from sae_shards.run.rundir import RunWriteError
 
@@ -409,18 +409,23 @@ def test_a_multi_process_sweep_goes_on_only_past_a_failure_every_process_knew(
             error = CheckpointError("sae.safetensors: cannot be read")
             begin_together(error)
             raise error
+        if job.seed == 2:  # rank 0's setup refusal, broadcast (_main_process_first), said as
+            told = ValueError("the buffer does not fit")  # the job's (raised from it)
+            told_every_rank(told)
+            raise job_module.JobSetupError(str(told)) from told
         raise RunWriteError("could not write metrics.jsonl: No space left on device")
 
     monkeypatch.setattr(job_module, "run_job", run_job)
     sweep = tmp_path / "sweep"
-    assert main(["train", "-m", "seed=1,2,3", f"run_dir={sweep}", *TINY]) == 2
-    assert ran == [1, 2]  # past the refusal every process knew; not past the one of this alone
+    assert main(["train", "-m", "seed=1,2,3,4", f"run_dir={sweep}", *TINY]) == 2
+    assert ran == [1, 2, 3]  # past refusals every process knew; not past one it may not know
     err = capsys.readouterr().err
     assert "seed=1,task.n_prompts=32: cannot resume: sae.safetensors: cannot be read" in err
-    assert "seed=2,task.n_prompts=32: stopped: could not write metrics.jsonl" in err
-    assert ("seed=3,task.n_prompts=32: not started (a job failed on this process alone, and "
-            "the launch's other processes may still be inside it); continue the sweep with "
-            "the same command and resume=true") in err
+    assert "seed=2,task.n_prompts=32: cannot start: the buffer does not fit" in err
+    assert "seed=3,task.n_prompts=32: stopped: could not write metrics.jsonl" in err
+    assert ("seed=4,task.n_prompts=32: not started (a job failed on this process in a way the "
+            "launch's other processes may not have learnt of, and they may still be inside "
+            "it); continue the sweep with the same command and resume=true") in err
 
 
 def test_a_bad_value_in_one_sweep_element_stops_the_sweep_before_any_job(tmp_path, capsys):

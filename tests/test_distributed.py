@@ -245,6 +245,16 @@ def test_sae_shards_train_under_deepspeed_zero3_refuses_adam_preconditioning(tmp
                     "logging=disabled", f"run_dir={tmp_path / 'adam'}",
                     "capture.granularity=group", "capture.precondition=adam"], tmp_path, rc=1)
     assert "capture.precondition=adam is not supported under DeepSpeed ZeRO-3" in refused.stderr
+    # a gradient source under ZeRO-2 (DeepSpeed from the launcher, args.deepspeed unset): the
+    # gradients are not in param.grad, and every sample was zero, blamed on the rewards (audit
+    # 116 B3)
+    stage2 = _zero3_launch()
+    stage2[stage2.index("--zero_stage") + 1] = "2"
+    grad = _run([*stage2, "-m", "sae_shards.cli", "train", "rl.max_steps=2", "logging=disabled",
+                 f"run_dir={tmp_path / 'grad'}", "capture.source=grad", "runner.min_samples=2"],
+                tmp_path, rc=1)
+    assert grad.stderr.count("cannot start: capture.source='grad' is not supported under "
+                             "DeepSpeed") == 1, grad.stderr[-3000:]
 
 
 @launches
@@ -348,6 +358,15 @@ def test_sae_shards_train_under_accelerate_launch(tmp_path):
     assert again.stderr.count("already holds") == 1, again.stderr[-3000:]
     assert "Connection closed" not in again.stderr and "Error executing job" not in again.stderr
     assert "accelerate launch --multi_gpu --num_processes 2 -m sae_shards.cli train" in again.stderr
+    # refused by rank 0's capture as training begins (the optimizer its source needs): every
+    # rank stops with it (audit 116 B2: the other rank died of a lost connection, and rank 0's
+    # refusal was Hydra's traceback)
+    sgd = _run([*launch, "--main_process_port", str(_free_port()), "-m", "sae_shards.cli",
+                "train", "rl.max_steps=3", "logging=disabled", f"run_dir={tmp_path / 'sgd'}",
+                "runner.min_samples=2", "capture.source=precond", "+rl.extra.optim=sgd"],
+               tmp_path, rc=1)
+    assert sgd.stderr.count("cannot start: capture.source='precond' needs") == 1, sgd.stderr[-3000:]
+    assert "Connection closed" not in sgd.stderr and "Error executing job" not in sgd.stderr
     rollouts = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     for row in rollouts:  # every completion of both ranks in exactly one event of its step

@@ -325,6 +325,10 @@ SETUP_ERRORS = [
     ("sae.batch_size=10000000", r"(?s)the SAE needs more than .* sae.batch_size=\d+, with these "
                                 r"latents"),
     ("resume=true", r"resume=true but run_dir=.* holds no resumable run"),
+    # refused by the capture as training begins, with the trainer's optimizer in hand (audit
+    # 116 B2: Hydra's traceback; under a launch the other rank died of a lost connection)
+    ("capture.source=precond +rl.extra.optim=sgd", r"capture.source='precond' needs "
+                                                   r"torch.optim.Adam/AdamW, but .*SGD"),
 ]
 
 

@@ -107,11 +107,12 @@ def test_config_is_cpu_fp32_and_quiet(tmp_path):
 
 
 def test_config_errors_name_the_key(tmp_path):
+    # the closest field named as it is set (audit 115 F1; audit 116 U1: rl's own are rl.<name>)
     with pytest.raises(ValueError, match=r"\['rl.extra.learning_rat \(did you mean "
-                                         r"learning_rate\?\)'\] are not trl.GRPOConfig fields"):
+                                         r"rl.learning_rate\?\)'\] are not trl.GRPOConfig fields"):
         trl_config({"learning_rat": 1e-3}, tmp_path)
     with pytest.raises(ValueError, match=r"\['rl.extra.num_iteration \(did you mean "
-                                         r"num_iterations\?\)'\]"):  # audit 115 F1
+                                         r"rl.extra.num_iterations\?\)'\]"):
         trl_config({"num_iteration": 2}, tmp_path)
     with pytest.raises(ValueError, match=r"rl.report_to='wandb'.*remove the key"):
         trl_config({"report_to": "wandb"}, tmp_path)

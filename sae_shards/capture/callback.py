@@ -745,25 +745,19 @@ class ShardCallback(TrainerCallback):
                 self._begin_main(args, state, model, initial)
             else:
                 self.setup_rank(model, calling_trainer())
+            # the capture's own checks (the optimizer its source needs, hooks): no collective
+            if self.capture is not None:
+                self.capture.on_train_begin(args, state, control, model=model, **kwargs)
         except Exception as e:  # the others stop with this rank's reason, not a lost connection
             distributed.begin_together(e, notes)
             raise
         for note in distributed.begin_together(None, notes):
             log.warning("%s", note)
-        if not state.is_world_process_zero:
-            if self.capture is not None:
-                self.capture.on_train_begin(args, state, control, model=model, **kwargs)
-            return
-        if self.logger is None:
-            self.logger = (RunLogger.attach_active() if self.log_to_wandb and "wandb" in
-                           (args.report_to or []) else RunLogger())
-        if self.rollouts is not None:  # before the event recorder wraps the same method
-            self.rollouts.install()
-        self.capture.on_train_begin(args, state, control, model=model, **kwargs)
 
     def _begin_main(self, args, state, model: torch.nn.Module,
                     initial: dict[str, torch.Tensor] | None) -> None:
-        """Rank 0's side of the start: the pipeline, and the resume or the initial policy."""
+        """Rank 0's side of the start: the pipeline, the resume or the initial policy, the
+        logger and the rollout log."""
         self._t0 = time.perf_counter()
         if self.parts is None:
             self.setup(model, calling_trainer())
@@ -778,6 +772,11 @@ class ShardCallback(TrainerCallback):
             self._save_initial_model(model, calling_trainer(), initial)
             self._save_initial_adapter(model)
             self._warn_no_tokenizer(calling_trainer())
+        if self.logger is None:
+            self.logger = (RunLogger.attach_active() if self.log_to_wandb and "wandb" in
+                           (args.report_to or []) else RunLogger())
+        if self.rollouts is not None:  # before the event recorder wraps the same method
+            self.rollouts.install()
 
     @staticmethod
     def _restore_converted(model: torch.nn.Module, checkpoint: Path) -> None:

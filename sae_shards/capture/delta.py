@@ -50,6 +50,7 @@ from transformers import TrainerCallback
 
 from sae_shards.capture.buffer import DeltaRingBuffer, StepMeta
 from sae_shards.capture.outliers import NormOutliers
+from sae_shards.capture.rollouts import calling_trainer
 from sae_shards.capture.selection import (LoraTarget, Target, check_not_sharded, few_names,
                                           full_shape)
 from sae_shards.capture.step_rules import (Scratch, deconv_coefficients, deconv_state, step_rule,
@@ -112,6 +113,14 @@ def warn_lora_matmul_precision(targets: Mapping[str, Target]) -> str | None:
     if note:
         logger.warning("%s", note)
     return note
+
+
+def _under_deepspeed(args: Any) -> bool:
+    """Whether the trainer runs under DeepSpeed: its own ``deepspeed`` argument, or the
+    launcher's (``accelerate launch --use_deepspeed``, which leaves ``args.deepspeed`` unset;
+    the trainer that calls this hook then says so)."""
+    return bool(getattr(args, "deepspeed", None)
+                or getattr(calling_trainer(), "is_deepspeed_enabled", False))
 
 
 # ---- the callback -----------------------------------------------------------------------------
@@ -237,7 +246,7 @@ class DeltaCapture(TrainerCallback):
         if not state.is_world_process_zero:
             return
         check_not_sharded(model.named_parameters())
-        if self.source != "update" and args.deepspeed:
+        if self.source != "update" and _under_deepspeed(args):
             raise ValueError(
                 f"capture.source={self.source!r} is not supported under DeepSpeed (gradients are "
                 "not in param.grad at on_pre_optimizer_step and the optimizer holds flattened "

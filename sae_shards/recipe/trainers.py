@@ -90,7 +90,9 @@ def check_trl_settings(grpo_kwargs: dict[str, Any], algorithm: Algorithm = "grpo
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(grpo_kwargs) - known)
     if unknown:  # rl's own fields are TRL's: what is unknown came in rl.extra
-        named = [f"rl.extra.{k}" + (f" (did you mean {close}?)" if close else "")
+        own = {f.name for f in dataclasses.fields(RLConfig)}  # set as rl.<name>, not in extra
+        named = [f"rl.extra.{k}" + (f" (did you mean rl.{'' if close in own else 'extra.'}"
+                                    f"{close}?)" if close else "")
                  for k in unknown for close in [closest(k, known)]]
         raise ValueError(f"rl settings {named} are not trl.{config_cls.__name__} fields; check "
                          "their spelling")

@@ -416,6 +416,8 @@ def run_job(cfg: JobConfig, run_dir: Path,
     except _PastEnd:  # resumed at max_steps: the callback wrote the end, nothing to train
         pass
     except Exception as e:  # a full disk in TRL's checkpoint: named, not torch's traceback
+        if _refused_as_training_began(e):  # the capture's own checks: said as setup's are
+            raise JobSetupError(str(e)) from e
         if resume_from is not None and _loading_trl_checkpoint(e):
             raise CheckpointError(
                 f"{resume_from}: TRL could not load this checkpoint{_which_file(e, rl.trainer)} "
@@ -434,6 +436,16 @@ def run_job(cfg: JobConfig, run_dir: Path,
 TRL_LOADERS = ("_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_rng_state",
                "_load_scaler")
 """transformers' ``Trainer`` methods that read a checkpoint when ``train()`` resumes from one."""
+
+
+def _refused_as_training_began(e: BaseException) -> bool:
+    """Whether ``e`` is a user-fixable refusal from a callback's ``on_train_begin`` (the
+    capture's checks that need the trainer's optimizer or model, such as the optimizer
+    ``capture.source=precond`` needs), before any step; a resume's ``CheckpointError`` is its
+    own kind ("cannot resume")."""
+    return (isinstance(e, SETUP_ERRORS) and not isinstance(e, CheckpointError)
+            and any(frame.name == "on_train_begin"
+                    for frame in traceback.extract_tb(e.__traceback__)))
 
 
 def _loading_trl_checkpoint(e: BaseException) -> bool:
