@@ -109,7 +109,6 @@ def begin_together(problem: BaseException | None, notes: Sequence[str] = ()) -> 
     return [note for _, rank_notes in everyone for note in rank_notes] if is_main() else []
 
 
-
 def launcher(n_processes: int, env: Mapping[str, str] | None = None) -> str:
     """The launcher that starts a job again on ``n_processes`` processes ("" for one):
     ``accelerate launch`` with the backend this process was launched with (accelerate's

@@ -444,21 +444,25 @@ def _refused_as_training_began(e: BaseException) -> bool:
     ``capture.source=precond`` needs), before any step; a resume's ``CheckpointError`` is its
     own kind ("cannot resume")."""
     return (isinstance(e, SETUP_ERRORS) and not isinstance(e, CheckpointError)
-            and any(frame.name == "on_train_begin"
-                    for frame in traceback.extract_tb(e.__traceback__)))
+            and _raised_in(e, ("on_train_begin",)))
 
 
 def _loading_trl_checkpoint(e: BaseException) -> bool:
     """Whether ``e`` came from transformers reading the checkpoint ``train()`` resumes from
     (a truncated ``model.safetensors``: safetensors' error, which names no file)."""
-    return any(frame.name in TRL_LOADERS for frame in traceback.extract_tb(e.__traceback__))
+    return _raised_in(e, TRL_LOADERS)
+
+
+def _raised_in(e: BaseException, functions: tuple[str, ...]) -> bool:
+    """Whether one of ``functions`` (by name) is on ``e``'s traceback."""
+    return any(frame.name in functions for frame in traceback.extract_tb(e.__traceback__))
 
 
 def _which_file(e: BaseException, trainer: Any) -> str:
     """The file of TRL's checkpoint that ``e`` came from, where the error names none and the
     reader says which (the random state: one file per process, which may be another
     process's than rank 0's)."""
-    if any(frame.name == "_load_rng_state" for frame in traceback.extract_tb(e.__traceback__)):
+    if _raised_in(e, ("_load_rng_state",)):
         return f"'s {rng_state_name(trainer.args)} (the random state of this process)"
     return ""
 
@@ -473,6 +477,6 @@ def _failed_write(e: BaseException, run_dir: Path, trainer: Any) -> Path:
     cause = e.__cause__ or e.__context__
     if isinstance(cause, OSError) and cause.filename:
         return Path(cause.filename)
-    if any(frame.name == "_save_checkpoint" for frame in traceback.extract_tb(e.__traceback__)):
+    if _raised_in(e, ("_save_checkpoint",)):
         return Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
     return run_dir
