@@ -332,7 +332,7 @@ class _StopAt(TrainerCallback):
 
 
 def _user_trainer(tiny_model, out_dir, callbacks, max_steps=10, n_prompts=64, peft_config=None,
-                  model=None, **overrides):
+                  model=None, dataset=None, reward_funcs=None, **overrides):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -345,8 +345,9 @@ def _user_trainer(tiny_model, out_dir, callbacks, max_steps=10, n_prompts=64, pe
                     save_steps=5, logging_steps=1, disable_tqdm=True)
     config = GRPOConfig(**{**settings, **overrides})
     return GRPOTrainer(model=str(tiny_model) if model is None else model,
-                       reward_funcs=task.reward_funcs, args=config,
-                       train_dataset=Dataset.from_dict(task.dataset(n_prompts).to_dict()),
+                       reward_funcs=reward_funcs or task.reward_funcs, args=config,
+                       train_dataset=dataset if dataset is not None else Dataset.from_dict(
+                           task.dataset(n_prompts).to_dict()),
                        callbacks=callbacks, peft_config=peft_config)
 
 
@@ -888,6 +889,28 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path, c
     with pytest.raises(ValueError, match=r"rl.per_device_train_batch_size: 8 in the run, 4 now"):
         _user_trainer(tiny_model, tmp_path / "trl_cut", [smaller],  # TRL would only warn
                       per_device_train_batch_size=4).train(resume_from_checkpoint=True)
+    # the script's dataset and reward functions are the run's too (audit 113: a script resumed
+    # on another dataset trained the rest of the run on it without a word): other rows, the
+    # same rows in another order, another reward function are each refused
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert config["rl"]["dataset"]["rows"] == 64 and config["rl"]["reward_names"] == [
+        "char_class_reward"], config["rl"]
+    from datasets import Dataset
+
+    from sae_shards.recipe.tasks import build_task
+
+    rows = Dataset.from_dict(build_task("letters", target_length=8).dataset(64).to_dict())
+    digest = r"'[0-9a-f]{16}'"
+    for changed, said in [
+            (dict(n_prompts=48), r"rl.dataset.rows: 64 in the run, 48 now"),
+            (dict(dataset=rows.shuffle(seed=1)), f"rl.dataset.digest: {digest} in the run, "
+                                                 f"{digest} now"),
+            (dict(reward_funcs=[_vowel_reward]),
+             r"rl.reward_names: \['char_class_reward'\] in the run, \['_vowel_reward'\] now")]:
+        other = ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
+        with pytest.raises(ValueError, match=said):
+            _user_trainer(tiny_model, tmp_path / "trl_cut", [other], **changed).train(
+                resume_from_checkpoint=True)
     # a run started by an earlier version recorded model.path as the model's name: still resumes
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert config["model"]["path"] == str(tiny_model.resolve())
@@ -1924,3 +1947,40 @@ def test_the_start_line_says_what_a_lora_run_captures(tmp_path, caplog, granular
                     callbacks=[callback]).train()
     (line,) = [r.getMessage() for r in caplog.records if "sae-shards captures" in r.getMessage()]
     assert said in line and line.count("LoRA") == 1, line
+
+
+def test_a_dataset_record_follows_its_rows_and_their_order_not_object_addresses():
+    """``rl.dataset`` of a script's config.json: the same rows give the same record in any
+    process (a row's object whose repr names its address, e.g. an image, counts by its type);
+    another row, another order, another length, a changed tensor give another; a dataset with
+    no length (iterable) is not recorded."""
+    from datasets import Dataset
+
+    from sae_shards.capture.trainer_settings import dataset_record
+
+    rows = {"prompt": [f"p{i}" for i in range(100)], "x": list(range(100))}
+    record = dataset_record(Dataset.from_dict(rows))
+    assert record["rows"] == 100 and record["columns"] == ["prompt", "x"]
+    assert dataset_record([{"prompt": p, "x": x} for p, x in zip(rows["prompt"], rows["x"])]) \
+        == {**record, "columns": None}  # a list of rows: the same content
+    for other in (Dataset.from_dict(rows).shuffle(seed=0), Dataset.from_dict(rows).select(
+            range(99)), Dataset.from_dict({**rows, "x": [*range(99), 7]})):
+        assert dataset_record(other)["digest"] != record["digest"]
+    tensors = [{"ids": torch.arange(4) + i, "image": object()} for i in range(3)]
+    again = [{"ids": torch.arange(4) + i, "image": object()} for i in range(3)]
+    assert dataset_record(tensors) == dataset_record(again)
+    again[2]["ids"][0] = 9
+    assert dataset_record(tensors) != dataset_record(again)
+    assert dataset_record(iter(tensors)) is None and dataset_record(None) is None
+    shifting = _ShiftingRows()  # rows that read differently each time: no digest to compare
+    assert dataset_record(shifting) == {"rows": 2, "columns": None, "digest": None}
+
+
+class _ShiftingRows(torch.utils.data.Dataset):
+    """A dataset with a random transform: each read of a row differs."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return {"prompt": f"p{i}", "noise": torch.rand(2)}

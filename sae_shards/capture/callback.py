@@ -67,9 +67,10 @@ from sae_shards.capture.summary import clip_figures, final_activations, heldout_
 from sae_shards.capture.selection import LoraTarget, few_names, target_shapes
 from sae_shards.capture.sharded_delta import ShardedDeltaCapture, sharded_targets
 from sae_shards.capture.trainer_settings import (SAMPLING_ARGS, STEP_ARGS, TIED_METRIC,
-                                                 TiedRewardsWatch, lora_settings, model_id,
-                                                 reward_batch, reward_weights,
-                                                 trained_steps, trainer_samples_per_step)
+                                                 TiedRewardsWatch, dataset_record,
+                                                 lora_settings, model_id, reward_batch,
+                                                 reward_names, reward_weights, trained_steps,
+                                                 trainer_samples_per_step)
 from sae_shards.capture.trl_checkpoints import (SCRIPT_RESUME, in_script_terms,
                                                 missing_rng_state, resumed_checkpoint,
                                                 trl_checkpoint_steps, trl_dir,
@@ -360,8 +361,9 @@ class ShardCallback(TrainerCallback):
                 if isinstance(ran, int) and ran <= 0:  # an epoch-based run's TRL -1, recorded
                     mine["rl"]["max_steps"] = ran  # unresolved by an earlier version: no check
                 rundir.check_resume_config(self.run_dir, mine,
-                                           "Resume with the trainer settings the run started "
-                                           "with, or start a new run_dir.")
+                                           "Resume with the trainer settings, dataset and "
+                                           "reward functions the run started with, or start a "
+                                           "new run_dir.")
         self._rollout_log = rundir.JsonLines(self.run_dir / rundir.ROLLOUTS)
         self._metric_log = rundir.JsonLines(self.run_dir / rundir.METRICS)
         rundir.write_json(self.run_dir / rundir.CONFIG, self._config_json(model, trainer))
@@ -540,7 +542,11 @@ class ShardCallback(TrainerCallback):
                        # batch); analysis calls the user's reward functions on batches as large
                        "reward_batch": reward_batch(args),
                        # how the rewards were summed: analysis scores a RewardTask against it
-                       "reward_weights": reward_weights(trainer)}}
+                       "reward_weights": reward_weights(trainer),
+                       # what RL was trained on and for: a resume on another dataset or with
+                       # other reward functions is refused
+                       "reward_names": reward_names(trainer),
+                       "dataset": dataset_record(getattr(trainer, "train_dataset", None))}}
 
     def _run_versions(self, trainer: Any | None, saved: dict[str, Any],
                       device: torch.device) -> tuple[dict[str, Any] | None, list[dict]]:

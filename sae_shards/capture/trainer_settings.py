@@ -5,6 +5,8 @@ optimizer step gives, and a watch on TRL's logs for steps whose rewards all tied
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Any
 
@@ -45,6 +47,69 @@ def reward_weights(trainer: Any | None) -> list[float] | None:
     """The trainer's reward weights (TRL's ``reward_weights``, 1 per function by default)."""
     weights = getattr(trainer, "reward_weights", None)
     return [float(w) for w in weights.tolist()] if weights is not None else None
+
+
+DATASET_ROWS_HASHED = 64
+"""How many rows, evenly spaced over the dataset, ``dataset_record`` hashes."""
+
+
+def dataset_record(dataset: Any) -> dict[str, Any] | None:
+    """What identifies the trainer's training dataset in ``config.json``'s ``rl.dataset``, so
+    that a script resumed on another one (other rows, another order, another length) is
+    refused instead of training the rest of the run on it: its row count, its columns, and a
+    SHA-256 of up to ``DATASET_ROWS_HASHED`` evenly spaced rows (None when the rows read
+    differently each time). None for a dataset without a length or random access (an iterable
+    dataset: not checked)."""
+    try:
+        n = len(dataset)
+        digests = {_rows_digest(dataset, n) for _ in range(2)}
+    except (TypeError, NotImplementedError, KeyError, IndexError):
+        return None
+    names = getattr(dataset, "column_names", None)
+    return {"rows": n, "columns": list(names) if isinstance(names, (list, tuple)) else None,
+            # a dataset whose rows read differently each time (a random transform) is
+            # recorded without one: a resume could not match it
+            "digest": digests.pop() if len(digests) == 1 else None}
+
+
+def _rows_digest(dataset: Any, n: int) -> str:
+    """SHA-256 (16 hex digits) of ``dataset``'s rows 0 and ``n - 1`` and evenly spaced ones
+    between them, ``DATASET_ROWS_HASHED`` in all (every row of a smaller dataset)."""
+    m = min(n, DATASET_ROWS_HASHED)
+    digest = hashlib.sha256()
+    for i in range(m):
+        row = dataset[i * (n - 1) // max(m - 1, 1)]
+        digest.update(json.dumps(_hashable(row), sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def _hashable(value: Any) -> Any:
+    """``value`` as JSON whose text depends only on its content: a tensor or array by its
+    dtype, shape and bytes; an object without a content-only form (an image, a callable) by
+    its type name alone (its ``repr`` may name a memory address, which differs per process)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _hashable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_hashable(v) for v in value]
+    if isinstance(value, bytes):
+        return hashlib.sha256(value).hexdigest()
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        return [str(value.dtype), list(value.shape),
+                hashlib.sha256(data.numpy().tobytes()).hexdigest()]
+    if hasattr(value, "tobytes") and hasattr(value, "dtype"):  # a numpy array or scalar
+        return [str(value.dtype), list(getattr(value, "shape", ())),
+                hashlib.sha256(value.tobytes()).hexdigest()]
+    return type(value).__name__
+
+
+def reward_names(trainer: Any | None) -> list[str] | None:
+    """The names of the trainer's reward functions (TRL's ``reward_func_names``: a function's
+    or class's name, a reward model's id), in order."""
+    names = getattr(trainer, "reward_func_names", None)
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) else None
 
 
 def trainer_samples_per_step(args: Any, granularity: str) -> int | None:
