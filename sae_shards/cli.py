@@ -569,6 +569,32 @@ def _rank() -> int:
     return rank()
 
 
+class _RankLabel(logging.Formatter):
+    """A handler's own format, each record labelled with the rank that logged it (``cli.log``
+    is every rank's: Hydra gives each process a handler on it)."""
+
+    def __init__(self, inner: logging.Formatter, rank: int) -> None:
+        super().__init__()
+        self.inner, self.label = inner, f"[rank {rank}] "
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.label + self.inner.format(record)
+
+
+def _speak_as_rank() -> None:
+    """On a rank other than 0 of a launch: sae-shards' own records below ERROR unsaid
+    (``distributed.quiet_other_ranks``), the rest (errors, other libraries' warnings) labelled
+    with the rank in every handler Hydra configured for this job."""
+    from sae_shards.capture.distributed import quiet_other_ranks
+
+    quiet_other_ranks()
+    if _main_process():
+        return
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler.formatter, _RankLabel):
+            handler.setFormatter(_RankLabel(handler.formatter or logging.Formatter(), _rank()))
+
+
 def _check_process_count(run_dir: Path) -> None:
     """A resume on another number of processes than the run's is refused here, before Hydra
     writes into the run's ``.hydra/`` (the callback checks it again, for scripts)."""
@@ -793,6 +819,7 @@ def _train(args: list[str]) -> int:
         job_name = f"{job_dirname(hc.job.override_dirname) or 'the defaults'}: " if sweep else ""
         if sweep:
             jobs.append(Path(hc.runtime.output_dir))
+        _speak_as_rank()  # Hydra configured this job's logging
         _warn_unused_lora(hc.overrides.task, bool(cfg.model.lora.enabled))
         try:
             job = job_config_from_hydra(cfg)
@@ -830,13 +857,15 @@ def _train(args: list[str]) -> int:
                 except ValueError as e:
                     failures.append(f"{job_name}not skipped: {e}")
                     return
-                print(f"sae-shards: {run_dir} finished ({done} RL steps) earlier: skipped")
+                if _main_process():  # (every rank skips it)
+                    print(f"sae-shards: {run_dir} finished ({done} RL steps) earlier: skipped")
                 outcome[run_dir] = "finished earlier: skipped"
                 return
             if not rundir.has_resume_state(run_dir):  # never started, or named otherwise
-                print(f"sae-shards: {run_dir}: no checkpoint of this job in the sweep "
-                      "(it never started, or the earlier command named it otherwise): "
-                      "started from the beginning")
+                if _main_process():
+                    print(f"sae-shards: {run_dir}: no checkpoint of this job in the sweep "
+                          "(it never started, or the earlier command named it otherwise): "
+                          "started from the beginning")
                 job = dataclasses.replace(job, resume=False)
         try:
             summary = run_job(job, run_dir, hydra_files=_hydra_files(cfg))

@@ -1037,7 +1037,7 @@ def test_a_resume_from_an_older_trl_checkpoint_says_the_later_ones_are_stale(tmp
 
 
 def test_the_end_of_a_users_run_survives_a_stop_in_its_last_step_and_a_kill_after_it(
-        tiny_model, tmp_path):
+        tiny_model, tmp_path, caplog):
     """A stop asked during the last step: the run simply ends (not interrupted, nothing to
     resume). Killed after the last step's checkpoint, before its end: resumed, the callback
     writes the end as of that step; the step transformers' loop still runs past max_steps is
@@ -1068,7 +1068,14 @@ def test_the_end_of_a_users_run_survives_a_stop_in_its_last_step_and_a_kill_afte
         shutil.rmtree(tmp_path / "whole" / name)
     again = ShardCallback(run_dir=tmp_path / "whole", runner={"min_samples": 2}, resume=True)
     trainer = _user_trainer(tiny_model, tmp_path / "trl_whole", [again])
-    trainer.train(resume_from_checkpoint=True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # what a script shows by default
+        trainer.train(resume_from_checkpoint=True)
+    # said once, without "training continues" before it (audit 113)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("sae_shards")]
+    assert [m for m in said if "resumed" in m] == [
+        "resumed at RL step 10 = max_steps: training had finished; writing the run's end as "
+        "of that step"], said
     assert trainer.state.global_step == 11  # transformers' own extra step
     assert again.summary["rl_steps"] == 10 and not again.summary["interrupted"]
     same(ending(tmp_path / "whole"), kept)

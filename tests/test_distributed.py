@@ -436,11 +436,17 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_run_resumes(tmp_path
             launch, job, run / "checkpoints" / f"step_{step:06d}" / "sae.safetensors", tmp_path)
         # audit 113 F4: a TRL checkpoint without rank 1's random state resumed without a word
         (run / "trl" / f"checkpoint-{step}" / "rng_state_1.pth").unlink()
+        # a later step killed while its checkpoint was written (its resume file alone)
+        shutil.copy(run / "resume" / f"step_{step:06d}.safetensors",
+                    run / "resume" / f"step_{step + 1:06d}.safetensors")
     done = _run([*launch, "--main_process_port", str(_free_port()), *job, "resume=true"],
                 tmp_path)
     if backend == "ddp":  # rank 1's, said by rank 0 (whose log is the run's)
-        assert "holds no rng_state_1.pth, the random state of process 1" in (
-            done.stdout + done.stderr), done.stderr[-4000:]
+        said = done.stdout + done.stderr
+        assert "holds no rng_state_1.pth, the random state of process 1" in said, said[-4000:]
+        # said once, by rank 0 (audit 113: every rank said it, rank 1 unlabelled)
+        for text in (said, (run / "cli.log").read_text()):
+            assert text.count(f"RL step {step + 1}'s checkpoint is incomplete") == 1, text[-4000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rl_steps"] == 10 and not summary["interrupted"]
     from sae_shards.analysis.shards import run_models_missing
@@ -594,3 +600,50 @@ def test_a_group_split_between_ranks_is_refused():
     with pytest.raises(ValueError, match="per_device_train_batch_size x steps_per_generation = 2"):
         _check_groups_within_ranks(Trainer(), "group")
     _check_groups_within_ranks(Trainer(), "completion")  # one row per event: never split
+
+
+def test_a_rank_other_than_0_says_only_errors_of_its_own_and_labels_its_lines(monkeypatch):
+    """Audit 113: under a launch both ranks wrote a resume's warnings into cli.log, rank 1's
+    unlabelled (an incomplete checkpoint passed over, twice). On rank 1, sae-shards' records
+    below ERROR are unsaid (a level the user set is kept); what it does say, and other
+    libraries' warnings, carry its rank. Rank 0 is untouched."""
+    import io
+    import logging
+
+    from sae_shards.cli import _speak_as_rank
+
+    package = logging.getLogger("sae_shards")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level, root_level = package.level, root.level
+    formats = {h: h.formatter for h in root.handlers}  # pytest's own: labelled on rank 1 too
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        for rank in ("0", "1"):
+            monkeypatch.setenv("RANK", rank)
+            monkeypatch.setenv("WORLD_SIZE", "2")
+            package.setLevel(logging.NOTSET)
+            _speak_as_rank()
+            _speak_as_rank()  # once per sweep job: labelled once
+            logging.getLogger("sae_shards.capture.resume").warning("incomplete %s", rank)
+            logging.getLogger("sae_shards.cli").error("failed %s", rank)
+            logging.getLogger("another_library").warning("theirs %s", rank)
+        package.setLevel(logging.INFO)  # the user's own choice: kept on rank 1
+        _speak_as_rank()
+        logging.getLogger("sae_shards.capture").info("chosen")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(root_level)
+        package.setLevel(level)
+        for h, fmt in formats.items():
+            h.setFormatter(fmt)
+    assert stream.getvalue().splitlines() == [
+        "WARNING sae_shards.capture.resume: incomplete 0",
+        "ERROR sae_shards.cli: failed 0",
+        "WARNING another_library: theirs 0",
+        "[rank 1] ERROR sae_shards.cli: failed 1",
+        "[rank 1] WARNING another_library: theirs 1",
+        "[rank 1] INFO sae_shards.capture: chosen"]

@@ -213,6 +213,7 @@ class ShardCallback(TrainerCallback):
                 f"importing {importing} for --task started a run (ShardCallback): keep the "
                 "script's training under `if __name__ == \"__main__\":`, so that importing it "
                 "only defines the reward task. Nothing was trained or written.")
+        distributed.quiet_other_ranks()
         flags = {"log_to_wandb": log_to_wandb, "record_rollouts": record_rollouts,
                  "save_model": save_model, "overwrite": overwrite, "resume": resume,
                  "handle_signals": handle_signals}
@@ -624,6 +625,8 @@ class ShardCallback(TrainerCallback):
             self._rewards[row["step"]] = scored_mean(row["rewards"])
         self._fvu = [row["fvu"] for _, _, row in rundir.iter_jsonl(self.run_dir / rundir.METRICS)
                      if row.get("kind") == "sae"]
+        if last:  # training had finished: _end_at_resume says so
+            return
         # a script configures no logging: say it at a level Python shows by default
         log.log(logging.INFO if self.run_config else logging.WARNING,
                 "resumed from RL step %d (SAE step %d); training continues from there (anything "
@@ -802,8 +805,9 @@ class ShardCallback(TrainerCallback):
         more. transformers' loop still runs one optimizer step before it checks ``max_steps``
         (``sae-shards train`` stops it before it begins); in a script that step is left out of
         the run directory, whose ``final_model`` is the policy of the last step."""
-        log.info("resumed at RL step %d = max_steps: training had finished; writing the run's "
-                 "end as of that step", state.global_step)
+        log.log(logging.INFO if self.run_config else logging.WARNING,  # as _restore's
+                "resumed at RL step %d = max_steps: training had finished; writing the run's "
+                "end as of that step", state.global_step)
         self._end(args, state, control, model, kwargs.pop("processing_class", None), **kwargs)
         self.capture = None  # every later event is a no-op
         self._let_go()

@@ -13,6 +13,7 @@ rank comes from the launcher's ``RANK`` / ``WORLD_SIZE`` environment variables.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Mapping, Sequence, TypeVar
 
@@ -39,6 +40,16 @@ def world_size() -> int:
 def is_main() -> bool:
     """Whether this is the process that owns the buffer, the SAE and the run directory."""
     return rank() == 0
+
+
+def quiet_other_ranks() -> None:
+    """On a rank other than 0, leave sae-shards' own log records below ERROR unsaid: rank 0
+    says what the run does (what another rank alone finds as training begins reaches it through
+    ``begin_together``), and every rank said each warning of a resume, once per rank and
+    unlabelled, into one log. A level the user set on the ``sae_shards`` logger is kept."""
+    package = logging.getLogger(__name__.split(".")[0])
+    if not is_main() and package.level == logging.NOTSET:
+        package.setLevel(logging.ERROR)
 
 
 def gather_to_main(obj: T) -> list[T] | None:
