@@ -1991,3 +1991,28 @@ class _ShiftingRows(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"prompt": f"p{i}", "noise": torch.rand(2)}
+
+
+class _AddsToLogs(TrainerCallback):
+    """A user's callback that adds its own figure to TRL's logs (before ShardCallback sees
+    them: transformers passes one dict to every callback, after log_history took its copy)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            logs["my_figure"] = float(state.global_step) / 3
+
+
+def test_a_script_whose_callback_adds_to_the_logs_resumes(tiny_model, tmp_path):
+    """metrics.jsonl's rl rows are the logs ShardCallback was handed, which another callback
+    before it may have added to; TRL's checkpoint log holds only what TRL logged. The resume's
+    check that the checkpoint is this run's compares the figures both hold (it refused the
+    run's own checkpoint: "my_figure ... None in TRL's")."""
+    torch.manual_seed(0)
+    first = ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 2})
+    _user_trainer(tiny_model, tmp_path / "trl", [_AddsToLogs(), first, _StopAt(first, 5)]).train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert any("my_figure" in r for r in rows if r.get("kind") == "rl")
+    again = ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 2}, resume=True)
+    _user_trainer(tiny_model, tmp_path / "trl", [_AddsToLogs(), again]).train(
+        resume_from_checkpoint=True)
+    assert again.summary["rl_steps"] == 10 and not again.summary["interrupted"]

@@ -344,9 +344,10 @@ def _check_trl_log(run_dir: Path, step: int, history: list[dict[str, Any]] | Non
     """Refuse a resume whose TRL checkpoint is not this run's: the log TRL keeps in it
     (``trainer_state.json``'s ``log_history``, which the trainer loaded) must hold, at the latest
     RL step up to ``step`` that both logged, the values this run's ``metrics.jsonl`` holds
-    there (its ``rl`` rows are what TRL passed to ``on_log``). Another run's checkpoint (another
-    seed's, given by path or found in a shared output_dir) logged other losses and rewards.
-    Nothing to compare (no log in common): not checked."""
+    there (its ``rl`` rows are what TRL passed to ``on_log``), for the figures both hold (a
+    callback before ShardCallback may add its own to the logs), and one at least. Another run's
+    checkpoint (another seed's, given by path or found in a shared output_dir) logged other
+    losses and rewards. Nothing to compare (no log in common): not checked."""
     ours: dict[int, dict[str, Any]] = {}
     path = run_dir / rundir.METRICS
     for _, _, row in rundir.iter_jsonl(path) if path.is_file() else ():
@@ -367,10 +368,15 @@ def _check_trl_log(run_dir: Path, step: int, history: list[dict[str, Any]] | Non
               and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     def differs(entry: dict[str, Any]) -> str | None:
-        for key, value in values.items():
-            got = entry.get(key)
-            if not isinstance(got, (int, float)) or float(got) != value:
-                return f"{key} {value!r} in metrics.jsonl, {got!r} in TRL's"
+        # a figure TRL's entry lacks was added to the logs by a callback before ShardCallback
+        # (transformers hands every callback one dict, after log_history copied it)
+        shared = [key for key in values if key in entry]
+        if not shared:
+            return f"{', '.join(values)} in metrics.jsonl, none of them in TRL's"
+        for key in shared:
+            got = entry[key]
+            if not isinstance(got, (int, float)) or float(got) != values[key]:
+                return f"{key} {values[key]!r} in metrics.jsonl, {got!r} in TRL's"
         return None
 
     found = [differs(entry) for entry in theirs[at]]
