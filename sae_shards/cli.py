@@ -876,7 +876,7 @@ def _train(args: list[str]) -> int:
             failed_alone(e)
             # the run directory's refusals advise overwrite=true: show what the run started as
             again = rerun_command(run_dir) if "overwrite=true" in str(e) else None
-            failures.append(f"{job_name}cannot start: {e}"
+            failures.append(f"{job_name}cannot {'resume' if job.resume else 'start'}: {e}"
                             + (f" (to start it again with its own settings, deleting what it "
                                f"holds: {again})" if again else ""))
             return

@@ -333,6 +333,7 @@ def test_a_damaged_resume_file_is_named_when_the_run_resumes(uninterrupted, tmp_
     file = run / "resume" / "step_000012.safetensors"
     with safe_open(file, "pt") as f:
         header, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    original, whole = dict(header), dict(tensors)
     damage(tensors, header)
     save_file({k: v.contiguous() for k, v in tensors.items()}, file, metadata=header)
     err = _refused(run, capsys, "resume=true")
@@ -342,6 +343,12 @@ def test_a_damaged_resume_file_is_named_when_the_run_resumes(uninterrupted, tmp_
     assert (f"To resume from RL step 8 instead, delete {file} and "
             f"{run / 'checkpoints' / 'step_000012'} (sae-shards train resume=true then resumes "
             "from it)") in err, err[-3000:]
+    # another run's resume file (found before anything is built): said as a resume too (audit
+    # 113: "cannot start", where the same refusal at load said "cannot resume")
+    foreign = {**original, "info": json.dumps({**json.loads(original["info"]), "run_id": "0" * 32})}
+    save_file({k: v.contiguous() for k, v in whole.items()}, file, metadata=foreign)
+    err = _refused(run, capsys, "resume=true")
+    assert "sae-shards: cannot resume: " in err and "holds parts of another run" in err, err[-3000:]
 
 
 def test_the_way_past_a_damaged_checkpoint_is_the_newest_complete_step_before_it(tmp_path):
