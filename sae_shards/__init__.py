@@ -8,9 +8,10 @@ direction is a candidate "shard". In a TRL script::
 
 and afterwards ``ShardSet.from_run("runs/x")`` / ``RunView("runs/x")`` or ``sae-shards analyze
 runs/x``. The names below are imported lazily: ``import sae_shards`` and the SAE core
-(``LowRankSAE``, ``SAEConfig``, ``SAETrainer``, checkpoints) need only torch and safetensors;
-transformers, TRL and W&B load with ``ShardCallback`` and the analysis. docs/architecture.md
-maps the package.
+(``LowRankSAE``, ``SAEConfig``, ``SAETrainer``, checkpoints) and the shards loaded back
+(``ShardSet``, ``RunView``) need only torch and safetensors; transformers, TRL and peft load
+with ``ShardCallback`` and with the analyses that run a policy (the report, interventions).
+docs/architecture.md maps the package.
 """
 
 from __future__ import annotations
