@@ -1,5 +1,6 @@
 """Shared test setup."""
 
+import logging
 import os
 import shutil
 
@@ -64,6 +65,19 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _sae_shards_logging_restored():
+    # A test that plays a rank other than 0 (RANK=1) runs code that quiets sae-shards' logger
+    # and labels the root handlers for the rest of the process, as a real rank should: undone
+    # afterwards, so the tests that follow still see sae-shards' records.
+    package, root = logging.getLogger("sae_shards"), logging.getLogger()
+    level, formats = package.level, {h: h.formatter for h in root.handlers}
+    yield
+    package.setLevel(level)
+    for handler, fmt in formats.items():
+        handler.setFormatter(fmt)
 
 
 @pytest.fixture(scope="session")

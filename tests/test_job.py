@@ -361,8 +361,9 @@ def _assert_refused(rc: int, err: str, message: str, run_dir: Path) -> None:
     if "config error:" in message:  # refused with the config: the empty run_dir left empty
         assert "sae-shards: config error: model path" in err, err[-2000:]
         assert not list(run_dir.iterdir())
-    else:
-        assert "sae-shards: cannot start:" in err, err[-2000:]
+    else:  # a resume's refusal is said as one
+        said = "cannot resume" if "resume=true" in message else "cannot start"
+        assert f"sae-shards: {said}:" in err, err[-2000:]
         assert not (run_dir / "checkpoints").exists()
 
 
