@@ -209,3 +209,54 @@ def test_per_kind_summaries_are_medians_over_tasks_with_the_mean_beside():
     assert out["own_first_rate"] == pytest.approx(2 / 3) and out["n"] == 3
     assert out["steering_floored_rate"] == pytest.approx(1 / 3)
     assert out["ablation_floored_rate"] == 0.0
+
+
+def _linear(basis):
+    """Task k's reward: its component along e_k over 3, unclipped (signs and sizes visible)."""
+    def rewards(model):
+        w = model.w.detach()
+        return {t: float(w @ e / 3.0) for t, e in basis.items()}
+    return rewards
+
+
+def test_a_task_that_gains_from_an_ablation_is_not_the_one_it_broke():
+    """Audit 117 C04: the broken task is the one whose reward dropped most, not the one that
+    moved most; a removal that drops A by 0.3 and raises B by 0.5 broke A."""
+    assert broken_task({"A": 0.3, "B": -0.5, "C": 0.0}) == "A"
+
+
+def test_steering_moves_the_initial_weights_by_alpha_times_the_runs_component():
+    """Audit 117 C13: every other test steers at alpha = 1, where alpha applied twice is alpha.
+    At the default 2 the steered weights are theta_0 +- 2 c d: with a linear reward the own
+    task moves by +-2 (the run's 3 units of update over 3)."""
+    initial, final, basis = _toy_run()
+    out = causal_tests(initial, final, None, None, TASKS,
+                       {"shard": {t: {"w": e} for t, e in basis.items()}},
+                       CausalSettings(alpha=2.0), random_control=False, reward_fn=_linear(basis))
+    for t in TASKS:
+        e = out["kinds"]["shard"]["per_task"][t]
+        assert e["steer_plus"][t] == pytest.approx(2.0, abs=1e-4)
+        assert e["steer_minus"][t] == pytest.approx(-2.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("sign, scale", [(-1.0, 1.0), (1.0, 2.0)])
+def test_controls_take_the_shards_magnitude_unsigned_whatever_its_scale(sign, scale):
+    """Audit 117 C15, F14: a shard the run moved against (negative coefficient), or given at
+    norm 2: its norm-matched controls still get its |c| (3), each applied along its own run
+    component, so the shuffled control's ablation removes the run's update along it (every
+    task drops by 0.5) instead of adding it, and a direction's scale does not shrink them."""
+    initial, final, basis = _toy_run()
+    mixed = sum(basis.values()) / 2.0
+    out = causal_tests(initial, final, None, None, TASKS,
+                       {"shard": {t: {"w": sign * scale * e} for t, e in basis.items()},
+                        "shuffled_0": {t: {"w": mixed} for t in TASKS}},
+                       CausalSettings(alpha=1.0), reward_fn=_linear(basis))
+    for kind in ("shard", "shuffled_0", "random"):
+        for t in TASKS:
+            e = out["kinds"][kind]["per_task"][t]
+            assert e["magnitude"] == pytest.approx(3.0, rel=1e-5), (kind, t)
+    for t in TASKS:
+        assert out["kinds"]["shuffled_0"]["per_task"][t]["ablate_drop"][t] == \
+            pytest.approx(0.5, abs=1e-4)
+        assert out["kinds"]["shard"]["per_task"][t]["ablate_drop"][t] == \
+            pytest.approx(1.0, abs=1e-4)

@@ -5,12 +5,17 @@ import torch
 from helpers import vowel_direction
 
 from sae_shards.analysis.interventions import (
+    ablate,
     add_direction,
     direction_norm,
     dose_response,
+    eval_prompts,
+    label_rewards,
     mean_reward,
+    paired_change,
     random_direction_like,
     remove_direction,
+    score_rollouts,
     set_weights,
 )
 from sae_shards.recipe.models import tiny_model_and_tokenizer
@@ -399,3 +404,55 @@ def test_reward_estimates_and_paired_changes_by_definition():
     assert stderr == pytest.approx(float(torch.tensor([1.0, -0.5]).std()) / math.sqrt(2))
     # a completion's ids run up to and including its first stop token, as TRL's do
     assert _until_stop([5, 7, 2, 9, 2], {2}) == [5, 7, 2] and _until_stop([5, 7], {2}) == [5, 7]
+
+
+def test_the_dose_responses_error_bar_is_the_paired_standard_error(model_and_tokenizer):
+    """Audit 117 I19: the report's error bars of a steering curve are paired_change's standard
+    error of alpha 0 against alpha (the only test asked for > 0, which the mean change passes)."""
+    model, tokenizer = model_and_tokenizer
+    task = build_task("letters")
+    d = vowel_direction(model, tokenizer, task)
+    settings = dict(n_samples=2, max_new_tokens=8)
+    curve = dose_response(model, tokenizer, task, d, alphas=[0.0, 5.0], n_prompts=6, **settings)
+    prompts = eval_prompts(task, 6)
+    base = score_rollouts(model, tokenizer, task, prompts, **settings)
+    with add_direction(model, d, 5.0):
+        moved = score_rollouts(model, tokenizer, task, prompts, **settings)
+    mean, se = paired_change(base.rewards, moved.rewards)
+    assert mean > 0 and curve.stderr_change_shard[1] == pytest.approx(se, abs=1e-12)
+
+
+def test_an_ablations_error_bar_per_context_pairs_the_final_and_removed_policies(
+        model_and_tokenizer):
+    """Audit 117 I30: each context's standard error of the drop pairs the final policy's
+    rollouts with the shard-removed policy's (the control's would look resolved when the drop
+    is not)."""
+    model, tokenizer = model_and_tokenizer
+    task = build_task("multiskill")
+    d = vowel_direction(model, tokenizer, build_task("letters"))
+    theta0 = _snapshot(model)
+    settings = dict(n_samples=2, max_new_tokens=8)
+    with add_direction(model, d, 10.0):
+        result = ablate(model, tokenizer, task, d, theta0, n_prompts=16, **settings)
+        prompts = eval_prompts(task, 16)
+        final = score_rollouts(model, tokenizer, task, prompts, **settings)
+        with remove_direction(model, d, theta0):
+            removed = score_rollouts(model, tokenizer, task, prompts, **settings)
+    before, after = label_rewards(final, task), label_rewards(removed, task)
+    for label in task.labels:
+        assert result.stderr_change_removed_by_label[label] == pytest.approx(
+            paired_change(before[label], after[label])[1], abs=1e-12), label
+
+
+def test_a_task_of_two_contexts_gets_equal_shares_of_the_prompts():
+    """Audit 117 I28: the prompts a dose-response or an ablation scores alternate between the
+    contexts for two of them too, even when one has most of the rows."""
+    from datasets import Dataset
+
+    from sae_shards.analysis.reward_task import RewardTask
+
+    rows = Dataset.from_dict({"prompt": [f"p{i}" for i in range(12)],
+                              "kind": ["a"] * 10 + ["b"] * 2})
+    task = RewardTask(rows, [lambda completions, **kwargs: [0.0] * len(completions)],
+                      label_column="kind")
+    assert sorted(eval_prompts(task, 4)["kind"]) == ["a", "a", "b", "b"]

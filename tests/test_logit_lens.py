@@ -443,3 +443,17 @@ def test_a_projection_before_the_unembedding_is_named_as_why_there_is_no_lens(
     from sae_shards.analysis.report import _lens_html
 
     assert f"<p>No logit lens: {html.escape(why)}.</p>" in _lens_html(3, [], {}, why)
+
+
+def test_each_direction_of_a_writer_has_its_own_singular_value(model_and_tokenizer):
+    """Audit 117 L08: a component of two directions (singular values 3 and 1): each row of the
+    lens reports its own, not the top one."""
+    model, tokenizer = model_and_tokenizer
+    name = "model.layers.0.mlp.down_proj.weight"
+    W = dict(model.named_parameters())[name]
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(W.shape[0], 2, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(W.shape[1], 2, generator=g))[0]
+    component = 3.0 * u[:, :1] @ v[:, :1].T + 1.0 * u[:, 1:] @ v[:, 1:].T
+    found = logit_lens(model, tokenizer, {name: component}, top_k=2)
+    assert [round(r.singular_value, 4) for r in found] == [3.0, 1.0]

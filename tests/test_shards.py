@@ -838,3 +838,110 @@ def test_every_summary_key_is_documented(run_dir):
     assert {"granularity", "events", "zero_advantage_events", "truncated_events",
             "kept_energy_min", "precond_error_mean", "budget_used", "max_grad_norm",
             "grad_norm_steps", "clipped_steps"} <= documented  # per event
+
+
+# RunView's reads, on timelines where they differ (audit 117: the short run's every fired shard
+# fires on every sample, one sample per step, so "active on some" and "active on all", distinct
+# and repeated steps, could not be told apart)
+def _negative_shard(view):
+    """A shard the run used with the minus sign (negative activation summed), its timeline."""
+    _, acts = view.timeline()
+    s = int(acts.sum(0).argmin())
+    assert float(acts[:, s].sum()) < 0
+    return s, acts
+
+
+def test_a_negative_shard_counts_in_density_and_ranks_its_steps_by_size(run_dir):
+    """Audit 117 S02, S10: density counts negative activations (the report's density column
+    and always-on tag); top_steps ranks by |activation|, so a shard used with the minus sign
+    lists its strongest steps first, not its weakest."""
+    view = RunView(run_dir)
+    s, acts = _negative_shard(view)
+    assert torch.equal(view.density(), (acts != 0).float().mean(0))
+    a, steps = acts[:, s], view.timeline()[0]
+    top = view.top_steps(s, k=1)[0]
+    assert abs(top["activation"]) == pytest.approx(float(a.abs().max()))
+    assert top["rl_step"] == int(steps[int(a.abs().argmax())])
+
+
+def _synthetic_timeline(view):
+    """The view's final timeline replaced by 20 samples, two per RL step: latents 0 and 1 fire
+    together on samples 0-9 (1 negative), latent 2 on every sample (always on), latent 3 on
+    samples 0-4 (RL steps 1-3)."""
+    n = 20
+    values = torch.zeros(n, 4)
+    g = torch.Generator().manual_seed(0)
+    values[:10, 0] = 1.0 + torch.rand(10, generator=g)
+    values[:10, 1] = -(0.5 + torch.rand(10, generator=g))
+    values[:, 2] = 0.3 + 0.1 * torch.rand(n, generator=g)
+    values[:5, 3] = 2.0
+    view.activations = {"final.rl_step": torch.arange(n) // 2 + 1,
+                        "final.indices": torch.tensor([[0, 1, 2, 3]] * n),
+                        "final.values": values}
+    return view.timeline()[1]
+
+
+def test_runview_on_a_timeline_of_repeated_steps_and_rare_shards(run_dir):
+    """Audit 117 S03, S06, S12, S29: families leave out the always-on (drift) shard; a shard's
+    typical coefficient averages the samples it fired on; top_steps gives one row per RL step
+    (several samples of one step, as per event) and stops where the shard did not fire."""
+    view = RunView(run_dir)
+    acts = _synthetic_timeline(view)
+    members = [j for family in view.families().members for j in family]
+    assert members and 0 in members and 2 not in members
+    assert view.typical_coefficient(1) == pytest.approx(
+        float(acts[:10, 1].abs().mean()) * view.shards.input_scale, rel=1e-6)
+    steps = [row["rl_step"] for row in view.top_steps(0, k=5)]
+    assert len(steps) == 5 and len(set(steps)) == 5
+    rows = view.top_steps(3, k=5)
+    assert [r["rl_step"] for r in rows] == [1, 2, 3] and all(r["activation"] != 0 for r in rows)
+
+
+def test_task_mix_lists_the_largest_share_first(run_dir):
+    """Audit 117 S09: the report prints a shard's contexts in task_mix's order."""
+    view = RunView(run_dir)
+    _, acts = view.timeline()
+    s = int(acts.abs().sum(0).argmax())
+    labels = [("x",) if i % 3 else ("y",) for i in range(acts.shape[0])]
+    shares = list(view.task_mix(s, labels=labels).values())
+    assert len(shares) == 2 and shares == sorted(shares, reverse=True) and shares[0] != shares[1]
+
+
+def test_a_step_checkpoint_keeps_its_own_steps_logs(run_dir):
+    """Audit 117 S19, S20: read at checkpoint step_000012, the rollouts and RL metrics of RL
+    step 12 and the SAE metrics of the checkpoint's own SAE step are part of the view."""
+    view = RunView(run_dir, 12)
+    assert view.up_to[0] == 12
+    assert max(view.rollouts) == 12 and max(r["rl_step"] for r in view.rl_metrics) == 12
+    assert view.up_to[1] is not None
+    assert max(r["sae_step"] for r in view.sae_metrics) == view.up_to[1]
+
+
+def test_each_event_sample_has_its_own_events_context_and_rank(run_dir):
+    """Audit 117 S28, S14: in a per-event run (here the synthetic timeline, sample i being event
+    i % 2 of its step, events of tasks A and B), each sample's context is its own event's, and
+    top_events ranks by |activation| (a negative shard's strongest event first; signed, its
+    first would be an inactive sample and it would get none)."""
+    view = RunView(run_dir)
+    acts = _synthetic_timeline(view)
+    view.activations["final.event"] = torch.arange(acts.shape[0]) % 2
+    view.events = {(int(s), int(e)): {"step": int(s), "event": int(e), "rows": [],
+                                      "tasks": ["A"] if e == 0 else ["B"]}
+                   for s, e in zip(view.activations["final.rl_step"].tolist(),
+                                   view.activations["final.event"].tolist())}
+    assert view.sample_labels()[:4] == [("A",), ("B",), ("A",), ("B",)]
+    assert view.top_events(1, k=1)[0]["activation"] == pytest.approx(float(acts[:, 1].min()))
+
+
+def test_a_preconditioned_runs_activations_are_no_parameter_update(run_dir, tmp_path):
+    """Audit 117 S27: with capture.precondition set the samples are not in parameter units, so
+    RunView gives no attribution of the update."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = json.loads((run / "config.json").read_text())
+    config["capture"]["precondition"] = "adam"
+    (run / "config.json").write_text(json.dumps(config))
+    view = RunView(run)
+    assert view.samples_are_updates is False and view.attribution(0) is None

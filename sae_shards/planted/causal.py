@@ -136,6 +136,12 @@ def _scaled(unit: Direction, factor: float) -> dict[str, Tensor]:
     return {n: d.float() * factor for n, d in unit.items()}
 
 
+def _unit(direction: Direction) -> dict[str, Tensor]:
+    """``direction`` (fp32) over its norm across every tensor; an all-zero one as it is."""
+    norm = sum(float(d.float().pow(2).sum()) for d in direction.values()) ** 0.5
+    return _scaled(direction, 1.0 / norm) if norm > 0 else _scaled(direction, 1.0)
+
+
 def kind_family(kind: str) -> str:
     """``shuffled_3`` -> ``shuffled``; other kinds are their own family."""
     return "shuffled" if kind.startswith("shuffled") else kind
@@ -177,13 +183,15 @@ def causal_tests(initial: nn.Module, final: nn.Module, tokenizer: Any, task: Any
 
     p0 = {n: p.detach() for n, p in initial.named_parameters()}
     p1 = {n: p.detach() for n, p in final.named_parameters()}
-    kinds = {k: dict(v) for k, v in directions.items()}
+    # unit directions, also where the controls' magnitude |c| is read (audit 117: a direction
+    # given at norm k set its controls to |c| / k, while itself was applied at |c|)
+    kinds = {k: {t: _unit(d) for t, d in v.items()} for k, v in directions.items()}
     if random_control:
         if matched_to not in kinds:
             raise ValueError(f"matched_to={matched_to!r} is not a kind of directions "
                              f"({sorted(kinds)})")
         g = torch.Generator().manual_seed(s.seed)
-        kinds["random"] = {t: random_direction_like(_scaled(kinds[matched_to][t], 1.0), g)
+        kinds["random"] = {t: _unit(random_direction_like(kinds[matched_to][t], g))
                            for t in tasks if t in kinds[matched_to]}
     coefficients = lambda kind: {t: abs(update_coefficient(p1, p0, d))  # noqa: E731
                                  for t, d in kinds.get(kind, {}).items()}
@@ -194,7 +202,7 @@ def causal_tests(initial: nn.Module, final: nn.Module, tokenizer: Any, task: Any
         if base not in kinds:
             raise ValueError(f"random_for: {base!r} is not a kind of directions ({sorted(kinds)})")
         g = torch.Generator().manual_seed(s.seed + 1 + list(kinds).index(base))
-        kinds[f"random_{base}"] = {t: random_direction_like(_scaled(d, 1.0), g)
+        kinds[f"random_{base}"] = {t: _unit(random_direction_like(d, g))
                                    for t, d in kinds[base].items()}
         matched[f"random_{base}"] = coefficients(base)
 
@@ -203,8 +211,6 @@ def causal_tests(initial: nn.Module, final: nn.Module, tokenizer: Any, task: Any
     for kind, per in kinds.items():
         entries = {}
         for t, unit in per.items():
-            norm = sum(float(d.float().pow(2).sum()) for d in unit.values()) ** 0.5
-            unit = _scaled(unit, 1.0 / norm) if norm > 0 else _scaled(unit, 1.0)
             c = update_coefficient(p1, p0, unit)
             magnitude = matched[kind][t] if t in matched.get(kind, {}) else abs(c)
             v = _scaled(unit, (1.0 if c >= 0 else -1.0) * magnitude)
