@@ -67,7 +67,8 @@ from sae_shards.capture.summary import clip_figures, final_activations, heldout_
 from sae_shards.capture.selection import LoraTarget, few_names, target_shapes
 from sae_shards.capture.sharded_delta import ShardedDeltaCapture, sharded_targets
 from sae_shards.capture.trainer_settings import (SAMPLING_ARGS, STEP_ARGS, TIED_METRIC,
-                                                 TiedRewardsWatch, dataset_record,
+                                                 TiedRewardsWatch, comparable_dataset,
+                                                 dataset_record,
                                                  lora_settings, model_id, reward_batch,
                                                  reward_names, reward_weights, trained_steps,
                                                  trainer_samples_per_step)
@@ -358,6 +359,8 @@ class ShardCallback(TrainerCallback):
                                          name_or_path=saved.get("name_or_path"))
                 if "name_or_path" not in saved:  # config.json of an earlier version
                     mine["model"] = {"path": model_id(model), "lora": mine["model"]["lora"]}
+                mine["rl"]["dataset"] = comparable_dataset(
+                    mine["rl"]["dataset"], rundir.section(config, "rl").get("dataset"))
                 ran = rundir.section(config, "rl").get("max_steps")
                 if isinstance(ran, int) and ran <= 0:  # an epoch-based run's TRL -1, recorded
                     mine["rl"]["max_steps"] = ran  # unresolved by an earlier version: no check
