@@ -1993,6 +1993,20 @@ def test_a_dataset_record_follows_its_rows_and_their_order_not_object_addresses(
         assert comparable_dataset(now, recorded) == {"rows": 2, "columns": None}
     assert comparable_dataset(clean, None) == {"rows": 2, "columns": None}  # none recorded
     assert comparable_dataset(None, clean) is None
+    # a numpy object array's bytes are pointers: its elements are hashed, alike in any process
+    # (audit 119); a row that cannot be hashed gives no digest, and the run goes on
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    rows = "[{'a': np.array(['a', 'bb', i], dtype=object)} for i in range(3)]"
+    script = ("import numpy as np; from sae_shards.capture.trainer_settings import "
+              f"dataset_record; print(dataset_record({rows})['digest'])")
+    there = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert there == dataset_record(eval(rows, {"np": np}))["digest"] is not None
+    assert dataset_record([{"x": torch.eye(2).to_sparse()}])["digest"] is None
 
 
 class _ShiftingRows(torch.utils.data.Dataset):

@@ -62,13 +62,16 @@ def dataset_record(dataset: Any) -> dict[str, Any] | None:
     that a script resumed on another one (other rows, another order, another length) is
     refused instead of training the rest of the run on it: its row count, its columns, and a
     SHA-256 of up to ``DATASET_ROWS_HASHED`` evenly spaced rows (None when the rows read
-    differently each time). None for a dataset without a length or random access (an iterable
-    dataset: not checked)."""
+    differently each time, or cannot be read by index or hashed). None for a dataset without a
+    length (an iterable dataset: not checked)."""
     try:
         n = len(dataset)
-        digests = {_rows_digest(dataset, n) for _ in range(DATASET_READS)}
-    except (TypeError, NotImplementedError, KeyError, IndexError):
+    except (TypeError, NotImplementedError):
         return None
+    try:
+        digests = {_rows_digest(dataset, n) for _ in range(DATASET_READS)}
+    except Exception:  # noqa: BLE001 — rows it cannot read or hash: no digest, and the run
+        digests = {None}  # goes on (this record must never stop one)
     names = getattr(dataset, "column_names", None)
     return {"rows": n, "columns": list(names) if isinstance(names, (list, tuple)) else None,
             # a dataset whose rows read differently each time (a random transform) is
@@ -114,6 +117,8 @@ def _hashable(value: Any) -> Any:
         data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         return [str(value.dtype), list(value.shape),
                 hashlib.sha256(data.numpy().tobytes()).hexdigest()]
+    if getattr(getattr(value, "dtype", None), "kind", None) == "O":  # numpy objects: their
+        return _hashable(value.tolist())  # bytes are pointers, other in every process
     if hasattr(value, "tobytes") and hasattr(value, "dtype"):  # a numpy array or scalar
         return [str(value.dtype), list(getattr(value, "shape", ())),
                 hashlib.sha256(value.tobytes()).hexdigest()]
