@@ -890,8 +890,10 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path, c
         _user_trainer(tiny_model, tmp_path / "trl_cut", [smaller],  # TRL would only warn
                       per_device_train_batch_size=4).train(resume_from_checkpoint=True)
     # the script's dataset and reward functions are the run's too (audit 113: a script resumed
-    # on another dataset trained the rest of the run on it without a word): other rows, the
-    # same rows in another order, another reward function are each refused
+    # on another dataset trained the rest of the run on it without a word): another length,
+    # another reward function are each refused; other rows of that length (the same rows in
+    # another order here) are warned about and recorded (audit 119: the same script may render
+    # its prompts anew, a chat template writing today's date)
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert config["rl"]["dataset"]["rows"] == 64 and config["rl"]["reward_names"] == [
         "char_class_reward"], config["rl"]
@@ -900,17 +902,27 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path, c
     from sae_shards.recipe.tasks import build_task
 
     rows = Dataset.from_dict(build_task("letters", target_length=8).dataset(64).to_dict())
-    digest = r"'[0-9a-f]{16}'"
     for changed, said in [
             (dict(n_prompts=48), r"rl.dataset.rows: 64 in the run, 48 now"),
-            (dict(dataset=rows.shuffle(seed=1)), f"rl.dataset.digest: {digest} in the run, "
-                                                 f"{digest} now"),
             (dict(reward_funcs=[_vowel_reward]),
              r"rl.reward_names: \['char_class_reward'\] in the run, \['_vowel_reward'\] now")]:
         other = ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
-        with pytest.raises(ValueError, match=said):
+        with pytest.raises(ValueError, match=said) as e:
             _user_trainer(tiny_model, tmp_path / "trl_cut", [other], **changed).train(
                 resume_from_checkpoint=True)
+        assert "rl.dataset.digest" not in str(e.value)
+    shuffled = tmp_path / "shuffled"  # a copy of the run, with TRL's side
+    shutil.copytree(tmp_path / "cut", shuffled)
+    shutil.copytree(tmp_path / "trl_cut", tmp_path / "trl_shuffled")
+    other = ShardCallback(run_dir=shuffled, runner={"min_samples": 2}, resume=True)
+    caplog.clear()
+    _user_trainer(tiny_model, tmp_path / "trl_shuffled", [other],
+                  dataset=rows.shuffle(seed=1)).train(resume_from_checkpoint=True)
+    assert other.summary["rl_steps"] == 10
+    assert f"resuming {shuffled} on other dataset rows than the run started with" in caplog.text
+    resumed = json.loads((shuffled / "config.json").read_text())["resumed_under"]
+    assert resumed == [{"rl_step": 7, "dataset": resumed[0]["dataset"]}] and re.fullmatch(
+        r"with other rows \(hash [0-9a-f]{16} -> [0-9a-f]{16}\)", resumed[0]["dataset"])
     # a run started by an earlier version recorded model.path as the model's name: still resumes
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert config["model"]["path"] == str(tiny_model.resolve())
@@ -1982,17 +1994,18 @@ def test_a_dataset_record_follows_its_rows_and_their_order_not_object_addresses(
     shifting = _ShiftingRows()  # rows that read differently each time: no digest to compare
     assert dataset_record(shifting) == {"rows": 2, "columns": None, "digest": None}
     # rows that rarely read differently may read alike in one process and not in the other
-    # (audit 119: 40% of such resumes refused): the digest is compared only when both have one
-    from sae_shards.capture.trainer_settings import comparable_dataset
+    # (audit 119: 40% of such resumes refused): a change is said only when both have a digest
+    from sae_shards.capture.trainer_settings import rows_changed, without_digest
 
     clean = {"rows": 2, "columns": None, "digest": "ab"}
     varied = {**clean, "digest": None}
-    assert comparable_dataset(clean, clean) == clean
-    assert comparable_dataset({**clean, "digest": "cd"}, clean)["digest"] == "cd"  # compared
-    for now, recorded in ((varied, clean), (clean, varied), (varied, varied)):
-        assert comparable_dataset(now, recorded) == {"rows": 2, "columns": None}
-    assert comparable_dataset(clean, None) == {"rows": 2, "columns": None}  # none recorded
-    assert comparable_dataset(None, clean) is None
+    assert rows_changed(clean, clean) is None
+    assert rows_changed({**clean, "digest": "cd"}, clean) == "hash ab -> cd"
+    for now, recorded in ((varied, clean), (clean, varied), (varied, varied), (clean, None),
+                          (None, clean)):
+        assert rows_changed(now, recorded) is None
+    assert without_digest(clean) == {"rows": 2, "columns": None}
+    assert without_digest(None) is None
     # a numpy object array's bytes are pointers: its elements are hashed, alike in any process
     # (audit 119); a row that cannot be hashed gives no digest, and the run goes on
     import subprocess

@@ -67,11 +67,11 @@ from sae_shards.capture.summary import clip_figures, final_activations, heldout_
 from sae_shards.capture.selection import LoraTarget, few_names, target_shapes
 from sae_shards.capture.sharded_delta import ShardedDeltaCapture, sharded_targets
 from sae_shards.capture.trainer_settings import (SAMPLING_ARGS, STEP_ARGS, TIED_METRIC,
-                                                 TiedRewardsWatch, comparable_dataset,
-                                                 dataset_record,
+                                                 TiedRewardsWatch, dataset_record,
                                                  lora_settings, model_id, reward_batch,
-                                                 reward_names, reward_weights, trained_steps,
-                                                 trainer_samples_per_step)
+                                                 reward_names, reward_weights, rows_changed,
+                                                 trained_steps, trainer_samples_per_step,
+                                                 without_digest)
 from sae_shards.capture.trl_checkpoints import (SCRIPT_RESUME, in_script_terms,
                                                 missing_rng_state, resumed_checkpoint,
                                                 trl_checkpoint_steps, trl_dir,
@@ -359,8 +359,9 @@ class ShardCallback(TrainerCallback):
                                          name_or_path=saved.get("name_or_path"))
                 if "name_or_path" not in saved:  # config.json of an earlier version
                     mine["model"] = {"path": model_id(model), "lora": mine["model"]["lora"]}
-                mine["rl"]["dataset"] = comparable_dataset(
-                    mine["rl"]["dataset"], rundir.section(config, "rl").get("dataset"))
+                recorded = rundir.section(config, "rl").get("dataset")
+                changed_rows = rows_changed(mine["rl"]["dataset"], recorded)
+                mine["rl"]["dataset"] = without_digest(mine["rl"]["dataset"])
                 ran = rundir.section(config, "rl").get("max_steps")
                 if isinstance(ran, int) and ran <= 0:  # an epoch-based run's TRL -1, recorded
                     mine["rl"]["max_steps"] = ran  # unresolved by an earlier version: no check
@@ -368,6 +369,8 @@ class ShardCallback(TrainerCallback):
                                            "Resume with the trainer settings, dataset and "
                                            "reward functions the run started with, or start a "
                                            "new run_dir.")
+                if changed_rows:
+                    self._warn_other_rows(trainer, changed_rows)
         self._rollout_log = rundir.JsonLines(self.run_dir / rundir.ROLLOUTS)
         self._metric_log = rundir.JsonLines(self.run_dir / rundir.METRICS)
         rundir.write_json(self.run_dir / rundir.CONFIG, self._config_json(model, trainer))
@@ -576,6 +579,19 @@ class ShardCallback(TrainerCallback):
                         "(resumed_under)", self.run_dir, versions.describe(changed), step)
             history.append({"rl_step": step, **{k: new for k, (_, new) in changed.items()}})
         return started, history
+
+    def _warn_other_rows(self, trainer: Any, changed: str) -> None:
+        """A script resumed on a dataset of the run's length and columns whose rows differ
+        (``rows_changed``): said, and recorded in ``config.json``'s ``resumed_under``."""
+        step = getattr(getattr(trainer, "state", None), "global_step", None)
+        log.warning("resuming %s on other dataset rows than the run started with (%s; %s "
+                    "records it, resumed_under): the steps after RL step %s train on these. "
+                    "Meant (the same prompts rendered anew, e.g. a chat template that writes "
+                    "today's date)? Nothing to do. If not (an unseeded shuffle, another file), "
+                    "stop it before its next checkpoint and resume with the run's own dataset",
+                    self.run_dir, changed,
+                    rundir.CONFIG, step)
+        self._resumed_under.append({"rl_step": step, "dataset": f"with other rows ({changed})"})
 
     def _initial_fingerprint(self) -> dict[str, str]:
         """The initial directory's weight hashes: taken at the run's start; on resume the run's

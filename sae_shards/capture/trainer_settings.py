@@ -79,15 +79,21 @@ def dataset_record(dataset: Any) -> dict[str, Any] | None:
             "digest": digests.pop() if len(digests) == 1 else None}
 
 
-def comparable_dataset(now: dict[str, Any] | None, recorded: Any) -> dict[str, Any] | None:
-    """``now`` (``dataset_record`` of a resumed script's dataset) as the resume compares it with
-    the run's ``recorded`` one: without its digest when either has none (rows that read
-    differently each time may still read alike three times in one process: audit 119 refused
-    40% of the resumes of a dataset whose transform rarely changed a row)."""
+def without_digest(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``record`` (``dataset_record``) as a resume compares it with the run's: its row count and
+    columns (another length or other columns are refused), not its digest (``rows_changed``)."""
+    return None if record is None else {k: v for k, v in record.items() if k != "digest"}
+
+
+def rows_changed(now: dict[str, Any] | None, recorded: Any) -> str | None:
+    """``"hash A -> B"`` when a resumed script's dataset (``now``) hashes otherwise than the
+    run's ``recorded`` one; None when they match or either has no digest (rows that read
+    differently each time may read alike three times in one process and not in the other).
+    Warned about and recorded, not refused: the same script may render its prompts otherwise
+    another day (a chat template that writes today's date)."""
     theirs = recorded.get("digest") if isinstance(recorded, dict) else None
-    if now is None or (now["digest"] is not None and theirs is not None):
-        return now
-    return {k: v for k, v in now.items() if k != "digest"}
+    mine = now.get("digest") if now else None
+    return f"hash {theirs} -> {mine}" if theirs and mine and theirs != mine else None
 
 
 def _rows_digest(dataset: Any, n: int) -> str:
