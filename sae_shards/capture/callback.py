@@ -290,6 +290,7 @@ class ShardCallback(TrainerCallback):
         self._run_id: str | None = None  # the run's identity (setup: config.json's, or new)
         self._versions: dict[str, Any] | None = None  # the software that started the run
         self._resumed_under: list[dict[str, Any]] = []  # resumes under other versions
+        self._dataset: dict[str, Any] | None = None  # a script's dataset_record, read once
         self._fingerprint: dict[str, str] | None = None  # its weight files' hashes
         self._event_log: rundir.JsonLines | None = None  # per-event runs' events.jsonl
         self._writer = BackgroundWriter()  # the step checkpoint being written, if any
@@ -338,6 +339,8 @@ class ShardCallback(TrainerCallback):
             self._initial_dir = initial_model.loaded_from(model)
         self._versions, self._resumed_under = self._run_versions(
             trainer, config, getattr(getattr(trainer, "args", None), "device", device))
+        if not self.run_config:  # config.json records it (its rows are read three times)
+            self._dataset = dataset_record(getattr(trainer, "train_dataset", None))
         # the run's identity, in config.json and its shards checkpoints and resume files: a
         # resume refuses a part copied in from another run (resume._check_same_run). A resumed
         # run whose config.json records none (an earlier version's, or rewritten by one) takes
@@ -550,10 +553,9 @@ class ShardCallback(TrainerCallback):
                        "reward_batch": reward_batch(args),
                        # how the rewards were summed: analysis scores a RewardTask against it
                        "reward_weights": reward_weights(trainer),
-                       # what RL was trained on and for: a resume on another dataset or with
-                       # other reward functions is refused
-                       "reward_names": reward_names(trainer),
-                       "dataset": dataset_record(getattr(trainer, "train_dataset", None))}}
+                       # what RL was trained on and for: a resume with other reward functions
+                       # or a dataset of another length or columns is refused, other rows said
+                       "reward_names": reward_names(trainer), "dataset": self._dataset}}
 
     def _run_versions(self, trainer: Any | None, saved: dict[str, Any],
                       device: torch.device) -> tuple[dict[str, Any] | None, list[dict]]:
@@ -589,8 +591,7 @@ class ShardCallback(TrainerCallback):
                     "Meant (the same prompts rendered anew, e.g. a chat template that writes "
                     "today's date)? Nothing to do. If not (an unseeded shuffle, another file), "
                     "stop it before its next checkpoint and resume with the run's own dataset",
-                    self.run_dir, changed,
-                    rundir.CONFIG, step)
+                    self.run_dir, changed, rundir.CONFIG, step)
         self._resumed_under.append({"rl_step": step, "dataset": f"with other rows ({changed})"})
 
     def _initial_fingerprint(self) -> dict[str, str]:

@@ -59,9 +59,9 @@ gave the same (a random transform that rarely changes a row reads alike twice mo
 
 def dataset_record(dataset: Any) -> dict[str, Any] | None:
     """What identifies the trainer's training dataset in ``config.json``'s ``rl.dataset``, so
-    that a script resumed on another one (other rows, another order, another length) is
-    refused instead of training the rest of the run on it: its row count, its columns, and a
-    SHA-256 of up to ``DATASET_ROWS_HASHED`` evenly spaced rows (None when the rows read
+    that a script resumed on another one is refused (another length, other columns) or warned
+    about (other rows, another order: ``rows_changed``) instead of training the rest of the run
+    on it without a word: its row count, its columns, and a SHA-256 of up to ``DATASET_ROWS_HASHED`` evenly spaced rows (None when the rows read
     differently each time, or cannot be read by index or hashed). None for a dataset without a
     length (an iterable dataset: not checked)."""
     try:
@@ -75,7 +75,7 @@ def dataset_record(dataset: Any) -> dict[str, Any] | None:
     names = getattr(dataset, "column_names", None)
     return {"rows": n, "columns": list(names) if isinstance(names, (list, tuple)) else None,
             # a dataset whose rows read differently each time (a random transform) is
-            # recorded without one: a resume could not match it (nor is one compared with it)
+            # recorded without one: no resume could match it
             "digest": digests.pop() if len(digests) == 1 else None}
 
 

@@ -183,17 +183,17 @@ def causal_tests(initial: nn.Module, final: nn.Module, tokenizer: Any, task: Any
 
     p0 = {n: p.detach() for n, p in initial.named_parameters()}
     p1 = {n: p.detach() for n, p in final.named_parameters()}
-    # unit directions, also where the controls' magnitude |c| is read (audit 117: a direction
-    # given at norm k set its controls to |c| / k, while itself was applied at |c|)
-    kinds = {k: {t: _unit(d) for t, d in v.items()} for k, v in directions.items()}
+    kinds = {k: dict(v) for k, v in directions.items()}
     if random_control:
         if matched_to not in kinds:
             raise ValueError(f"matched_to={matched_to!r} is not a kind of directions "
                              f"({sorted(kinds)})")
         g = torch.Generator().manual_seed(s.seed)
-        kinds["random"] = {t: _unit(random_direction_like(kinds[matched_to][t], g))
+        kinds["random"] = {t: random_direction_like(_scaled(kinds[matched_to][t], 1.0), g)
                            for t in tasks if t in kinds[matched_to]}
-    coefficients = lambda kind: {t: abs(update_coefficient(p1, p0, d))  # noqa: E731
+    # |c| along each unit direction, as it is applied below (audit 117: a direction given at
+    # norm k set its controls to |c| / k); one direction normalised at a time
+    coefficients = lambda kind: {t: abs(update_coefficient(p1, p0, _unit(d)))  # noqa: E731
                                  for t, d in kinds.get(kind, {}).items()}
     matched_c = coefficients(matched_to)
     # control kind -> |c| per task of the kind it is norm-matched to
@@ -202,7 +202,7 @@ def causal_tests(initial: nn.Module, final: nn.Module, tokenizer: Any, task: Any
         if base not in kinds:
             raise ValueError(f"random_for: {base!r} is not a kind of directions ({sorted(kinds)})")
         g = torch.Generator().manual_seed(s.seed + 1 + list(kinds).index(base))
-        kinds[f"random_{base}"] = {t: _unit(random_direction_like(d, g))
+        kinds[f"random_{base}"] = {t: random_direction_like(_scaled(d, 1.0), g)
                                    for t, d in kinds[base].items()}
         matched[f"random_{base}"] = coefficients(base)
 
@@ -210,7 +210,8 @@ def causal_tests(initial: nn.Module, final: nn.Module, tokenizer: Any, task: Any
     out_kinds: dict[str, Any] = {}
     for kind, per in kinds.items():
         entries = {}
-        for t, unit in per.items():
+        for t, direction in per.items():
+            unit = _unit(direction)
             c = update_coefficient(p1, p0, unit)
             magnitude = matched[kind][t] if t in matched.get(kind, {}) else abs(c)
             v = _scaled(unit, (1.0 if c >= 0 else -1.0) * magnitude)
