@@ -39,6 +39,7 @@ from sae_shards.recipe.models import build_tiny_model, load_tokenizer
 SCRIPT = Path(__file__).parent / "distributed" / "grpo_run.py"
 FSDP2_SCRIPT = Path(__file__).parent / "distributed" / "fsdp2_run.py"
 BEGIN_SCRIPT = Path(__file__).parent / "distributed" / "begin_together.py"
+STOP_SCRIPT = Path(__file__).parent / "distributed" / "stop_anywhere.py"
 DELTA_RTOL = 1e-4
 """Relative (Frobenius) tolerance of a per-step AdamW update: the gradients agree to ~1e-6 and
 Adam's first step divides by |g|, which amplifies the rounding of small entries (measured
@@ -487,6 +488,22 @@ def test_every_rank_learns_whether_all_began(tmp_path):
                     f"ValueError: rank {first}'s file is damaged")}, (failing, rank, got)
 
 
+def test_every_rank_learns_which_rank_was_asked_to_stop_and_by_what(tmp_path):
+    """Audit 119: a stop signalled to rank 1 alone was said by rank 0 as "a stop was asked on
+    another process", naming neither the rank nor the signal. One all-reduce tells every rank
+    both; the highest signal wins, then the highest rank."""
+    rounds = ["-", "1:15", "0:2", "0:0", "0:2,1:15", "0:15,1:15"]
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+          "--master_port", str(_free_port()), str(STOP_SCRIPT), str(tmp_path), *rounds],
+         tmp_path)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    expected = [None, [15, 1], [2, 0], [0, 0], [15, 1], [15, 1]]
+    assert got == [expected, expected]
+    from sae_shards.capture.distributed import stop_asked_anywhere
+
+    assert stop_asked_anywhere(None) is None and stop_asked_anywhere(15) == (15, 0)
+
+
 def test_begin_together_on_one_process_is_its_own_notes():
     from sae_shards.capture.distributed import begin_together
 
@@ -647,3 +664,34 @@ def test_a_rank_other_than_0_says_only_errors_of_its_own_and_labels_its_lines(mo
         "[rank 1] ERROR sae_shards.cli: failed 1",
         "[rank 1] WARNING another_library: theirs 1",
         "[rank 1] INFO sae_shards.capture: chosen"]
+
+
+def test_a_callback_on_another_rank_gives_the_logger_back_when_it_lets_go(monkeypatch, tmp_path):
+    """Audit 119: on a process whose RANK is not 0, ShardCallback lowered sae-shards' logger for
+    the rest of the process (a notebook that sets RANK lost every later warning). It is quiet
+    while the callback holds the run, heard again once it lets go; a construction that fails
+    gives it back at once; a level the user set is never touched."""
+    import logging
+
+    from sae_shards.capture.callback import ShardCallback
+
+    package = logging.getLogger("sae_shards")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    package.setLevel(logging.NOTSET)
+    callback = ShardCallback(tmp_path / "run")
+    assert package.level == logging.ERROR  # quiet while it holds the run
+    callback.close()
+    assert package.level == logging.NOTSET
+    callback.close()  # once: a user's level set since is kept
+    with pytest.raises(ValueError, match="seed"):
+        ShardCallback(tmp_path / "run", seed="0")
+    assert package.level == logging.NOTSET
+    package.setLevel(logging.INFO)  # the user's own choice
+    ShardCallback(tmp_path / "run").close()
+    assert package.level == logging.INFO
+    monkeypatch.setenv("RANK", "0")  # rank 0 is never quieted
+    package.setLevel(logging.NOTSET)
+    callback = ShardCallback(tmp_path / "run0")
+    assert package.level == logging.NOTSET
+    callback.close()

@@ -42,6 +42,7 @@ import functools
 import json
 import logging
 import math
+import signal
 import sys
 import time
 import uuid
@@ -133,6 +134,31 @@ def _in_script_terms(hook):
     return worded
 
 
+def _quiet_on_other_ranks(init):
+    """``ShardCallback.__init__``, on a rank other than 0 of a launch, with sae-shards' own
+    records below ERROR unsaid (``distributed.quiet_other_ranks``) until the callback lets go
+    (``_let_go``: its training ended, or ``close``); a construction that raises undoes it at once."""
+    @functools.wraps(init)
+    def quieted(self, *args, **kwargs):
+        self._speak_again = distributed.quiet_other_ranks()
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            self._speak_again()
+            raise
+    return quieted
+
+
+def _stop_words(signum: int) -> str:
+    """How a stop request reads in the log: the signal by name, or ``request_stop``'s."""
+    if signum == 0:
+        return "a stop was asked (request_stop)"
+    try:
+        return f"{signal.Signals(signum).name} was received"
+    except ValueError:
+        return f"signal {signum} was received"
+
+
 def _check_argument_types(**given: tuple[Any, type | tuple[type, ...], str]) -> None:
     """``ValueError`` naming each of ShardCallback's plain arguments whose value is not of its
     type (``name=(value, types, what it should be)``); bool is not taken for an int."""
@@ -183,6 +209,7 @@ class ShardCallback(TrainerCallback):
     the signals to the script).
     """
 
+    @_quiet_on_other_ranks
     def __init__(
         self,
         run_dir: str | Path,
@@ -214,7 +241,6 @@ class ShardCallback(TrainerCallback):
                 f"importing {importing} for --task started a run (ShardCallback): keep the "
                 "script's training under `if __name__ == \"__main__\":`, so that importing it "
                 "only defines the reward task. Nothing was trained or written.")
-        distributed.quiet_other_ranks()
         flags = {"log_to_wandb": log_to_wandb, "record_rollouts": record_rollouts,
                  "save_model": save_model, "overwrite": overwrite, "resume": resume,
                  "handle_signals": handle_signals}
@@ -859,14 +885,14 @@ class ShardCallback(TrainerCallback):
         # checkpoint and the end of training are collective): a stop asked on any rank stops all.
         asked = self.stop_signal  # read once: a signal handler may set it meanwhile
         stop = asked is not None
-        if args.world_size > 1:  # 0: no stop; else 1 + the signal (0: request_stop) of any rank
-            anywhere = distributed.max_over_ranks(0 if asked is None else asked + 1)
-            stop = anywhere > 0
-            if stop and asked is None:
-                self.stop_signal = anywhere - 1  # asked on another rank
+        if args.world_size > 1:
+            anywhere = distributed.stop_asked_anywhere(asked)
+            stop = anywhere is not None
+            if stop and asked is None:  # asked on another rank
+                self.stop_signal, where = anywhere
                 if state.is_world_process_zero:
-                    log.warning("a stop was asked on another process: finishing this RL step, "
-                                "writing a checkpoint, then stopping")
+                    log.warning("%s by rank %d: finishing this RL step, writing a checkpoint, "
+                                "then stopping", _stop_words(self.stop_signal), where)
         if stop and state.global_step >= state.max_steps:  # the last step: the run just ends
             log.info("the stop request came during the last RL step: nothing is cut short, the "
                      "run ends as planned and needs no resume")
@@ -928,7 +954,10 @@ class ShardCallback(TrainerCallback):
             self._let_go()
 
     def _let_go(self) -> None:
-        """Release this callback's hold of the run directory's lock (once)."""
+        """Release this callback's hold of the run directory's lock, and on a rank other than 0
+        give sae-shards' log records below ERROR back to the process (once)."""
+        self._speak_again()
+        self._speak_again = lambda: None
         if self._holds_lock:
             self._holds_lock = False
             rundir.release_run_dir(self.run_dir)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -42,14 +42,25 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def quiet_other_ranks() -> None:
+def quiet_other_ranks() -> Callable[[], None]:
     """On a rank other than 0, leave sae-shards' own log records below ERROR unsaid: rank 0
     says what the run does (what another rank alone finds as training begins reaches it through
     ``begin_together``), and every rank said each warning of a resume, once per rank and
-    unlabelled, into one log. A level the user set on the ``sae_shards`` logger is kept."""
+    unlabelled, into one log. A level the user set on the ``sae_shards`` logger is kept.
+
+    Returns what undoes it (nothing where nothing was changed, or where the user set a level
+    since): ``ShardCallback`` calls it when its training ends, so a process that outlives the
+    run (a notebook with ``RANK`` set) hears sae-shards again."""
     package = logging.getLogger(__name__.split(".")[0])
-    if not is_main() and package.level == logging.NOTSET:
-        package.setLevel(logging.ERROR)
+    if is_main() or package.level != logging.NOTSET:
+        return lambda: None
+    package.setLevel(logging.ERROR)
+
+    def undo() -> None:
+        if package.level == logging.ERROR:  # not a level the user set meanwhile
+            package.setLevel(logging.NOTSET)
+
+    return undo
 
 
 def gather_to_main(obj: T) -> list[T] | None:
@@ -71,6 +82,20 @@ def max_over_ranks(value: int) -> int:
                      device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def stop_asked_anywhere(asked: int | None) -> tuple[int, int] | None:
+    """A collective: None when no rank was asked to stop, else ``(signal, rank)`` of the rank
+    that was (``asked``: this rank's signal, 0 for ``request_stop``, None for none); the
+    highest signal wins, then the highest rank. One all-reduce of ``(1 + signal) x world +
+    rank``, so every rank learns the same pair."""
+    world = world_size()
+    mine = 0 if asked is None else (asked + 1) * world + rank()
+    anywhere = max_over_ranks(mine)
+    if anywhere == 0:
+        return None
+    signum, where = divmod(anywhere, world)
+    return signum - 1, where
 
 
 class StoppedWithAnotherRank(RuntimeError):
