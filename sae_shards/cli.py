@@ -53,6 +53,10 @@ commands:
                            with runner.save_samples=true runner.heldout_every=k):
                            evaluation.json/.md
                            (`sae-shards evaluate --help` lists every option)
+  compare A B [--checkpoint-a NAME] [--checkpoint-b NAME] [--threshold T] [--min-density D]
+              [--top N] [--out FILE.json]
+                           match each shard of A (a run or checkpoint directory) to its nearest
+                           in B, against a chance control: do two runs find the same shards?
   --version                the versions of sae-shards, Python and the libraries a run records
 
 Examples:
@@ -60,6 +64,7 @@ Examples:
   sae-shards train rl.max_steps=50 run_dir=runs/short
   sae-shards train -m sae.k=2,4 run_dir=runs/k_sweep
   sae-shards analyze runs/default
+  sae-shards compare runs/seed1 runs/seed2
 """
 
 
@@ -1300,6 +1305,62 @@ def _evaluate(args: list[str]) -> int:
     return 0
 
 
+def _compare(args: list[str]) -> int:
+    import argparse
+
+    import json
+
+    from sae_shards.analysis.compare import (MIN_DENSITY, REPLICATED, compare_shards,
+                                             comparison_lines, comparison_path_refusal,
+                                             load_shards)
+    from sae_shards.core.checkpoint import CheckpointError
+    from sae_shards.run import rundir
+
+    parser = argparse.ArgumentParser(
+        prog="sae-shards compare", description="Match each shard of A that fired to the shard "
+        "of B whose direction is nearest (|cosine|), beside a chance control: an untrained SAE "
+        "of B's config under another seed. Always-on (drift) shards are listed apart.")
+    parser.add_argument("a", type=Path, help="a run directory, or a checkpoint directory")
+    parser.add_argument("b", type=Path, help="the same, over the same targets")
+    for side in ("a", "b"):
+        parser.add_argument(f"--checkpoint-{side}", default=None, metavar="NAME",
+                            help=f"{side.upper()}'s checkpoint, when it is a run: final, "
+                                 "step_XXXXXX or its RL step (default: final, or the newest "
+                                 "step of an interrupted or killed run)")
+    parser.add_argument("--threshold", type=float, default=REPLICATED,
+                        help="the |cosine| a pair needs to count as replicated (default "
+                             "%(default)s)")
+    parser.add_argument("--min-density", type=float, default=MIN_DENSITY, metavar="D",
+                        help="compare only A's shards that fired on at least this share of "
+                             "their SAE's training samples (a shard that barely trained keeps "
+                             "its initial direction; default %(default)s)")
+    parser.add_argument("--top", type=_non_negative, default=20, metavar="N",
+                        help="pairs to list, by |cosine| (0: every pair; default %(default)s)")
+    parser.add_argument("--out", type=Path, default=None, metavar="FILE.json",
+                        help="also write every pair and figure as JSON")
+    parser.add_argument("--threads", type=_positive, default=1,
+                        help="torch threads (default %(default)s)")
+    ns = parser.parse_args(args)
+    _set_threads(ns.threads)
+    refused = comparison_path_refusal(ns.out) if ns.out is not None else None
+    if refused:
+        print(f"sae-shards: cannot compare {ns.a} with {ns.b}: {refused}", file=sys.stderr)
+        return 2
+    try:
+        a, b = (load_shards(path, checkpoint) for path, checkpoint in
+                ((ns.a, ns.checkpoint_a), (ns.b, ns.checkpoint_b)))
+        result = compare_shards(a, b, ns.threshold, ns.min_density)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"sae-shards: cannot compare {ns.a} with {ns.b}: {e}", file=sys.stderr)
+        return 2
+    if ns.out is not None:
+        ns.out.parent.mkdir(parents=True, exist_ok=True)
+        rundir.write_text(ns.out, json.dumps(rundir.strict_json(
+            {"a": str(a.path), "b": str(b.path), **result.to_dict()}), indent=2))
+    print("\n".join(comparison_lines(result, a, b, ns.top or None)))
+    return 0
+
+
 def _run_seed(run_dir: Path) -> int:
     """The run's own seed (``config.json``), 0 when it records none."""
     from sae_shards.run import rundir
@@ -1328,6 +1389,8 @@ def main(argv: list[str] | None = None) -> int:
             return _analyze(rest)
         case "evaluate":
             return _evaluate(rest)
+        case "compare":
+            return _compare(rest)
         case other:
             print(f"sae-shards: unknown command {other!r}\n\n{USAGE}", file=sys.stderr)
             return 2

@@ -199,6 +199,15 @@ class ShardSet:
                       for s in (self, other))
         return cross / own[:, None] / their[None]
 
+    def same_initialisation(self, other: ShardSet) -> bool:
+        """Whether these are two runs' shards whose SAEs started from one initialisation (the
+        same ``sae.seed``), not two checkpoints of one run (``checkpoints/`` of one run, or
+        the same run's ``run_dir`` recorded, wherever it moved since)."""
+        one_run_now = (self.path is not None and other.path is not None  # checkpoints/ of one
+                       and Path(self.path).resolve().parent == Path(other.path).resolve().parent)
+        return (self.sae.cfg.seed == other.sae.cfg.seed and self.meta.get("run_dir") is not None
+                and self.meta.get("run_dir") != other.meta.get("run_dir") and not one_run_now)
+
     def match(self, other: ShardSet) -> list[ShardMatch]:
         """For each shard, ``other``'s shard whose direction is nearest (largest |cosine|; its
         signed cosine kept): a shard followed to another checkpoint, or another run over the
@@ -206,16 +215,12 @@ class ShardSet:
         shards may match the same one (it is not a one-to-one assignment). Two runs whose
         SAEs share ``sae.seed`` start from the same decoder: a shard that trained little keeps
         its initial direction and matches its namesake by construction (warned about)."""
-        seed = self.sae.cfg.seed
-        one_run_now = (self.path is not None and other.path is not None  # checkpoints/ of one
-                       and Path(self.path).resolve().parent == Path(other.path).resolve().parent)
-        if (seed == other.sae.cfg.seed and self.meta.get("run_dir") is not None  # run (moved?)
-                and self.meta.get("run_dir") != other.meta.get("run_dir") and not one_run_now):
+        if self.same_initialisation(other):
             log.warning("match: the two runs' SAEs started from the same initialisation "
                         "(sae.seed=%d), so a shard that trained little keeps its initial "
                         "direction and matches its namesake in the other run by construction; "
                         "compare runs of different sae.seed, or only shards that fired "
-                        "(Shard.density)", seed)
+                        "(Shard.density)", self.sae.cfg.seed)
         cos = self.cosine_matrix(other)  # [n_shards, n_other]
         best = cos.abs().argmax(1)
         return [ShardMatch(int(j), float(cos[i, j])) for i, j in enumerate(best.tolist())]
