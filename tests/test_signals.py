@@ -31,6 +31,22 @@ def test_a_second_signal_stops_at_once_naming_itself(second):
     assert signal.getsignal(signal.SIGTERM) is before  # the handlers are put back
 
 
+def test_a_first_signal_while_already_stopping_is_not_a_second_one(caplog):
+    """Audit 122: after a stop asked on another rank (the step-end vote sets stop_signal here),
+    the launcher's forward of that signal, or a scheduler's own, was taken for a second signal
+    on rank 0, which then aborted writing the run's end (no summary.json, "stopped at once by a
+    second signal" for one signal sent). The first signal this process receives asks nothing
+    new; a second one still stops at once."""
+    run = _Run()
+    run.stop_signal = signal.SIGTERM  # decided by the vote: asked on another rank
+    with caplog.at_level("WARNING", "sae_shards.capture.signals"), stop_on_signals(run):
+        os.kill(os.getpid(), signal.SIGTERM)  # no SecondSignal
+        assert run.stop_signal == signal.SIGTERM
+        assert "the run already stops after this RL step" in caplog.text
+        with pytest.raises(SecondSignal):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 @pytest.mark.parametrize("ending, said", [(False, "finishing this RL step, writing a checkpoint"),
                                           (True, "the run is writing its end")])
 def test_a_stop_says_what_the_run_will_do(caplog, ending, said):

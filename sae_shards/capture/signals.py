@@ -68,15 +68,21 @@ def stop_on_signals(callback: Stoppable, only_while_training: bool = False,
             _restore(previous)
             _deliver(signum, frame, previous[signum])
             return
-        if callback.stop_signal is not None:
+        if callback.stop_signal is not None and first:  # this process's second signal
             echo = (distributed.world_size() > 1 and signum == callback.stop_signal
-                    and first and time.monotonic() - first[0] < REPEAT_S)
+                    and time.monotonic() - first[0] < REPEAT_S)
             if echo:
                 return
             raise SecondSignal(signum)
         first.append(time.monotonic())
-        callback.request_stop(signum)
         name = signal.Signals(signum).name
+        if callback.stop_signal is not None:  # stopping already, though no signal reached this
+            # process: asked on another rank (its launcher's forward may follow), or by code
+            if distributed.is_main():
+                log.warning("%s: the run already stops after this RL step (send it again to "
+                            "stop at once)", name)
+            return
+        callback.request_stop(signum)
         if not distributed.is_main():  # the launcher signals every rank; rank 0 says it once
             return
         if getattr(callback, "ending", False):
