@@ -72,10 +72,14 @@ def _sae_shards_logging_restored():
     # A test that plays a rank other than 0 (RANK=1) runs code that quiets sae-shards' logger
     # and labels the root handlers for the rest of the process, as a real rank should: undone
     # afterwards, so the tests that follow still see sae-shards' records.
+    from sae_shards.capture import distributed
+
     package, root = logging.getLogger("sae_shards"), logging.getLogger()
     level, formats = package.level, {h: h.formatter for h in root.handlers}
+    holds = distributed._quiet_holds
     yield
     package.setLevel(level)
+    distributed._quiet_holds = holds
     for handler, fmt in formats.items():
         handler.setFormatter(fmt)
 

@@ -673,6 +673,8 @@ def test_a_callback_on_another_rank_gives_the_logger_back_when_it_lets_go(monkey
     gives it back at once; a level the user set is never touched."""
     import logging
 
+    import gc
+
     from sae_shards.capture.callback import ShardCallback
 
     package = logging.getLogger("sae_shards")
@@ -695,3 +697,13 @@ def test_a_callback_on_another_rank_gives_the_logger_back_when_it_lets_go(monkey
     callback = ShardCallback(tmp_path / "run0")
     assert package.level == logging.NOTSET
     callback.close()
+    # Audit 122: two callbacks on one rank; the one left to the garbage collector (its
+    # trainer failed, nobody closed it) no longer keeps the logger quiet for good, and the
+    # first one to let go does not make the other's run speak
+    monkeypatch.setenv("RANK", "1")
+    first, second = ShardCallback(tmp_path / "run"), ShardCallback(tmp_path / "run")
+    second.close()
+    assert package.level == logging.ERROR  # the first still holds its run
+    del first
+    gc.collect()
+    assert package.level == logging.NOTSET

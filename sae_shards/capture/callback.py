@@ -46,6 +46,7 @@ import signal
 import sys
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -137,7 +138,8 @@ def _in_script_terms(hook):
 def _quiet_on_other_ranks(init):
     """``ShardCallback.__init__``, on a rank other than 0 of a launch, with sae-shards' own
     records below ERROR unsaid (``distributed.quiet_other_ranks``) until the callback lets go
-    (``_let_go``: its training ended, or ``close``); a construction that raises undoes it at once."""
+    (``_let_go``: its training ended, or ``close``) or is collected (a callback abandoned
+    after its trainer failed); a construction that raises undoes it at once."""
     @functools.wraps(init)
     def quieted(self, *args, **kwargs):
         self._speak_again = distributed.quiet_other_ranks()
@@ -146,6 +148,7 @@ def _quiet_on_other_ranks(init):
         except BaseException:
             self._speak_again()
             raise
+        weakref.finalize(self, self._speak_again)  # the undo holds no reference to self
     return quieted
 
 

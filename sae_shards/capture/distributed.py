@@ -42,22 +42,37 @@ def is_main() -> bool:
     return rank() == 0
 
 
+_quiet_holds = 0
+"""How many holders (``ShardCallback`` instances, ``sae-shards train``'s jobs) keep sae-shards'
+logger quiet on this rank (``quiet_other_ranks``)."""
+
+
 def quiet_other_ranks() -> Callable[[], None]:
     """On a rank other than 0, leave sae-shards' own log records below ERROR unsaid: rank 0
     says what the run does (what another rank alone finds as training begins reaches it through
     ``begin_together``), and every rank said each warning of a resume, once per rank and
     unlabelled, into one log. A level the user set on the ``sae_shards`` logger is kept.
 
-    Returns what undoes it (nothing where nothing was changed, or where the user set a level
-    since): ``ShardCallback`` calls it when its training ends, so a process that outlives the
+    Returns what undoes it (once; nothing where nothing was changed): the logger speaks again
+    when every holder let go, unless the user set a level since. ``ShardCallback`` lets go
+    when its training ends, or when it is closed or collected, so a process that outlives the
     run (a notebook with ``RANK`` set) hears sae-shards again."""
+    global _quiet_holds
     package = logging.getLogger(__name__.split(".")[0])
-    if is_main() or package.level != logging.NOTSET:
+    if is_main() or (_quiet_holds == 0 and package.level != logging.NOTSET):
         return lambda: None
-    package.setLevel(logging.ERROR)
+    if _quiet_holds == 0:
+        package.setLevel(logging.ERROR)
+    _quiet_holds += 1
+    held = [True]
 
     def undo() -> None:
-        if package.level == logging.ERROR:  # not a level the user set meanwhile
+        global _quiet_holds
+        if not held:
+            return
+        held.clear()
+        _quiet_holds -= 1
+        if _quiet_holds == 0 and package.level == logging.ERROR:  # not the user's level since
             package.setLevel(logging.NOTSET)
 
     return undo
