@@ -1310,16 +1310,29 @@ def _compare(args: list[str]) -> int:
 
     import json
 
-    from sae_shards.analysis.compare import (MIN_DENSITY, REPLICATED, compare_shards,
-                                             comparison_lines, comparison_path_refusal,
-                                             load_shards)
+    from sae_shards.analysis.compare import (MIN_DENSITY, REPLICATED, check_min_density,
+                                             check_threshold, compare_shards, comparison_lines,
+                                             comparison_path_refusal, load_shards)
     from sae_shards.core.checkpoint import CheckpointError
     from sae_shards.run import rundir
 
+    def checked(check):
+        def parse(text: str) -> float:  # argparse names the flag; the check says what fits
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            try:
+                check(value)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(f"{text}: {str(e).split(': ', 1)[1]}") from None
+            return value
+        return parse
+
     parser = argparse.ArgumentParser(
-        prog="sae-shards compare", description="Match each shard of A that fired to the shard "
-        "of B whose direction is nearest (|cosine|), beside a chance control: an untrained SAE "
-        "of B's config under another seed. Always-on (drift) shards are listed apart.")
+        prog="sae-shards compare", description="Match each trained shard of A to the shard of "
+        "B whose direction is nearest (|cosine|), beside a chance control: random directions "
+        "in the span of B's trained shards. Always-on (drift) shards are listed apart.")
     parser.add_argument("a", type=Path, help="a run directory, or a checkpoint directory")
     parser.add_argument("b", type=Path, help="the same, over the same targets")
     for side in ("a", "b"):
@@ -1327,17 +1340,18 @@ def _compare(args: list[str]) -> int:
                             help=f"{side.upper()}'s checkpoint, when it is a run: final, "
                                  "step_XXXXXX or its RL step (default: final, or the newest "
                                  "step of an interrupted or killed run)")
-    parser.add_argument("--threshold", type=float, default=REPLICATED,
-                        help="the |cosine| a pair needs to count as replicated (default "
-                             "%(default)s)")
-    parser.add_argument("--min-density", type=float, default=MIN_DENSITY, metavar="D",
-                        help="compare only A's shards that fired on at least this share of "
-                             "their SAE's training samples (a shard that barely trained keeps "
-                             "its initial direction; default %(default)s)")
+    parser.add_argument("--threshold", type=checked(check_threshold), default=REPLICATED,
+                        metavar="T", help="the |cosine| a pair needs (beside beating its "
+                        "chance control) to count as replicated (default %(default)s)")
+    parser.add_argument("--min-density", type=checked(check_min_density), default=MIN_DENSITY,
+                        metavar="D", help="compare only A's shards that fired on at least this "
+                        "share of their SAE's training samples (default %(default)s: rarer "
+                        "ones are as good as dead; 0: any that fired). Shards that never left "
+                        "their initial direction are left out whatever it is")
     parser.add_argument("--top", type=_non_negative, default=20, metavar="N",
                         help="pairs to list, by |cosine| (0: every pair; default %(default)s)")
     parser.add_argument("--out", type=Path, default=None, metavar="FILE.json",
-                        help="also write every pair and figure as JSON")
+                        help="also write every pair and figure as JSON (its folder is made)")
     parser.add_argument("--threads", type=_positive, default=1,
                         help="torch threads (default %(default)s)")
     ns = parser.parse_args(args)
@@ -1353,11 +1367,19 @@ def _compare(args: list[str]) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"sae-shards: cannot compare {ns.a} with {ns.b}: {e}", file=sys.stderr)
         return 2
+    try:
+        print("\n".join(comparison_lines(result, a, b, ns.top or None)), flush=True)
+    except BrokenPipeError:  # `| head`: the rest of the printout is unwanted, --out is not
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if ns.out is not None:
-        ns.out.parent.mkdir(parents=True, exist_ok=True)
-        rundir.write_text(ns.out, json.dumps(rundir.strict_json(
-            {"a": str(a.path), "b": str(b.path), **result.to_dict()}), indent=2))
-    print("\n".join(comparison_lines(result, a, b, ns.top or None)))
+        try:
+            ns.out.parent.mkdir(parents=True, exist_ok=True)
+            rundir.write_text(ns.out, json.dumps(rundir.strict_json(
+                {"a": str(a.path), "b": str(b.path), **result.to_dict()}), indent=2))
+        except (OSError, rundir.RunWriteError) as e:
+            print(f"sae-shards: the comparison above was not written to {ns.out}: "
+                  f"{getattr(e, 'what', None) or e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -1,15 +1,18 @@
-"""``sae-shards compare``: each shard of one SAE matched to its nearest in another, beside a
-chance control. Two SAEs trained on one planted stream under other seeds find the same
-directions; an SAE trained on noise (a broken pipeline) matches nothing above chance."""
+"""``sae-shards compare``: each trained shard of one SAE matched to its nearest in another,
+beside a chance control (random directions in the span of the other's trained shards). Two SAEs
+trained on one planted stream under other seeds find the same directions; an SAE trained on
+noise (a broken pipeline) matches none of them above chance."""
 
+import copy
+import dataclasses
 import json
 import shutil
 
 import pytest
 import torch
 
-from sae_shards.analysis.compare import (chance_control, compare_shards,
-                                         comparison_path_refusal, load_shards)
+from sae_shards.analysis.compare import (compare_shards, comparison_path_refusal,
+                                         initial_cosines, load_shards, span_chance)
 from sae_shards.analysis.shards import ShardSet
 from sae_shards.cli import main
 from sae_shards.core.metrics import match_directions
@@ -18,6 +21,8 @@ from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.synthetic import PlantedConfig, PlantedStream
 from sae_shards.core.trainer import SAETrainer
 
+CFG = {"n_latents": 24, "k": 3, "lr": 3e-3}
+
 
 @pytest.fixture(scope="module")
 def stream():
@@ -25,7 +30,7 @@ def stream():
 
 
 def _trained(stream, seed: int, noise: bool = False, steps: int = 300) -> ShardSet:
-    sae = LowRankSAE(stream.targets, SAEConfig(n_latents=24, k=3, lr=3e-3, seed=seed))
+    sae = LowRankSAE(stream.targets, SAEConfig(**CFG, seed=seed))
     trainer = SAETrainer(sae)
     g = torch.Generator().manual_seed(100 + seed)
     for _ in range(steps):
@@ -42,100 +47,182 @@ def sets(stream):
 def test_two_seeds_find_the_same_planted_shards_and_noise_finds_none(stream, sets):
     a, b, noise = sets
     found = compare_shards(a, b)
-    # the control: random directions of B's structure reach nowhere near a match
-    assert found.chance_max < 0.2, found.chance
     planted = match_directions(a.sae, stream.directions)  # A's latent for each planted one
-    replicated = {p.shard for p in found.replicated}
     recovered = [int(i) for i, c in zip(planted.best_latent, planted.max_abs_cos) if c >= 0.95]
     assert len(recovered) >= 10, planted.max_abs_cos
-    assert set(recovered) <= replicated  # every recovered planted direction is found again
     pairs = {p.shard: p for p in found.pairs}
-    assert all(abs(pairs[i].cosine) >= 0.95 for i in recovered)
+    assert set(recovered) <= {p.shard for p in found.replicated}  # each one found again,
+    assert all(abs(pairs[i].cosine) >= 0.95 and pairs[i].mutual for i in recovered)  # 1:1
+    assert max(pairs[i].chance for i in recovered) < 0.8  # a random direction of B's span
     assert [abs(p.cosine) for p in found.pairs] == sorted((abs(p.cosine) for p in found.pairs),
                                                           reverse=True)
     assert not found.same_init  # other seeds
     broken = compare_shards(a, noise)  # B trained on noise alone: a broken pipeline
-    assert broken.replicated == []
-    assert broken.to_dict()["median_abs_cosine"] < 0.15
+    assert broken.replicated == [] and broken.to_dict()["median_abs_cosine"] < 0.15
+    assert len(broken.above_chance) <= len(broken.pairs) // 2
 
 
-def test_rare_and_always_on_shards_are_left_out_of_the_count(sets):
+def test_mutual_marks_the_nearest_of_a_s_compared_shards(sets):
+    a, _, noise = sets
+    found = compare_shards(a, noise)
+    cos = a.cosine_matrix(noise).abs()
+    compared = [p.shard for p in found.pairs + found.always_on]
+    for p in found.pairs:
+        assert p.match == int(cos[p.shard].argmax())
+        assert p.mutual == (compared[int(cos[compared, p.match].argmax())] == p.shard)
+    assert not all(p.mutual for p in found.pairs)  # noise: several of A's share a nearest
+
+
+def test_span_chance_is_the_dense_cosine_with_random_combinations():
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.nn.functional.normalize(torch.randn(5, 40, generator=g), dim=1)  # B's, [s, D]
+    rows = torch.nn.functional.normalize(torch.randn(3, 40, generator=g), dim=1)  # A's
+    got = span_chance(rows @ dirs.T, dirs @ dirs.T, 7, torch.Generator().manual_seed(1))
+    w = torch.randn(5, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    random_dirs = torch.nn.functional.normalize((w.T @ dirs.double()), dim=1)  # [7, D]
+    expected = (rows.double() @ random_dirs.T).abs().max(1).values
+    torch.testing.assert_close(got, expected.float())
+    inside = dirs[:1]  # a direction of the span itself: high, but not 1
+    assert 0.3 < float(span_chance(inside @ dirs.T, dirs @ dirs.T, 7, g)) < 1
+    assert torch.isnan(span_chance(rows[:, :0], torch.zeros(0, 0), 7, g)).all()
+
+
+def test_rare_untrained_and_always_on_shards_are_left_out_of_the_count(sets):
     a, b, _ = sets
     stats = {k: v.clone() for k, v in a.stats.items()}
     stats["stats.density"][:3] = torch.tensor([0.0, 0.99, 0.005])
     stats["stats.density"][3:] = torch.rand(len(a) - 3, generator=torch.Generator().manual_seed(0)
                                             ).clamp(0.02, 0.5)
-    edited = ShardSet(a.sae, a.config, stats)
+    sae = copy.deepcopy(a.sae)  # shard 3 back at its initial direction: fires, never trained
+    start = LowRankSAE(sae.targets, sae.cfg)
+    with torch.no_grad():
+        for mine, first in zip(sae.factors, start.factors):
+            for f, f0 in zip(mine.factors("decoder"), first.factors("decoder")):
+                f[3] = f0[3]
+    edited = ShardSet(sae, a.config, stats)
+    kept = initial_cosines(edited)  # [n]
+    assert float(kept[3]) > 0.999
+    untrained = {i for i in range(len(a)) if kept[i] >= 0.5}  # a few that barely moved
+    assert {0, 1, 2} & untrained == set() and len(untrained) <= 6
     found = compare_shards(edited, b)
     assert [p.shard for p in found.always_on] == [1]  # matched apart, never counted
-    assert {p.shard for p in found.pairs} == set(range(3, len(a)))
-    assert found.n_rare == 2 and len(found.chance) == len(found.pairs)
-    every = compare_shards(edited, b, min_density=0)  # only the shard that never fired is out
-    assert {p.shard for p in every.pairs} == {2, *range(3, len(a))} and every.n_rare == 1
+    assert {p.shard for p in found.pairs} == set(range(3, len(a))) - untrained
+    assert found.n_rare == 2 and found.n_untrained == len(untrained)
+    every = compare_shards(edited, b, min_density=0)  # only the shard that never fired is rare
+    assert {p.shard for p in every.pairs} == {2, *range(3, len(a))} - untrained
+    assert every.n_rare == 1
     bare = compare_shards(ShardSet(a.sae, a.config, {}), b)  # saved without statistics
-    assert len(bare.pairs) == len(a) and bare.always_on == [] and bare.n_rare == 0
+    # every shard of the unedited set that trained (shard 3 did there)
+    assert len(bare.pairs) == len(a) - len(untrained - {3}) and bare.always_on == []
+    assert bare.n_rare == 0
     for bad in ({"threshold": 0}, {"threshold": float("nan")}, {"min_density": 0.9},
                 {"min_density": -0.1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             compare_shards(a, b, **bad)
 
 
-def test_the_chance_control_is_an_untrained_sae_of_another_seed(sets):
-    a, b, _ = sets
-    control = chance_control(b, (0, 1))
-    assert control.sae.cfg.seed == 2 and control.sae.targets == b.sae.targets
-    assert chance_control(b, (1, 1)).sae.cfg.seed == 0
-    fresh = LowRankSAE(b.sae.targets, SAEConfig(n_latents=24, k=3, lr=3e-3, seed=2))
-    assert torch.equal(control.sae.factors[0].U, fresh.factors[0].U)  # untrained
-
-
-def test_two_runs_of_one_sae_seed_are_named(sets):
+def test_two_runs_of_one_sae_seed_are_named(sets, tmp_path):
     a, b, _ = sets
     same = ShardSet(b.sae, {"meta": {"run_dir": "another"}}, b.stats)
-    twin = LowRankSAE(a.sae.targets, SAEConfig(n_latents=24, k=3, lr=3e-3, seed=1))
+    twin = LowRankSAE(a.sae.targets, SAEConfig(**CFG, seed=1))
     assert compare_shards(ShardSet(twin, {"meta": {"run_dir": "x"}}, {}), same).same_init
     assert not compare_shards(a, b).same_init
+    # audit 122: two runs' shards saved side by side in one folder are still two runs (their
+    # run_id), and two checkpoints of one run are one, wherever they are kept
+    one, other = ({"meta": {"run_id": r, "run_dir": "x"}} for r in ("run-1", "run-2"))
+    first = ShardSet(b.sae, one, b.stats).save(tmp_path / "kept" / "first")
+    second = ShardSet(b.sae, other, b.stats).save(tmp_path / "kept" / "second")
+    assert ShardSet.load(first).same_initialisation(ShardSet.load(second))
+    again = ShardSet(b.sae, one, b.stats).save(tmp_path / "elsewhere")
+    assert not ShardSet.load(first).same_initialisation(ShardSet.load(again))
 
 
-def test_compare_two_runs_from_the_command_line(short_run_dir, sets, tmp_path, capsys):
-    """A run against a copy of itself: every shard that fired finds itself at |cos| 1; the JSON
-    holds the same figures; bad paths and a --out that would overwrite a run's file are
-    refused, naming them."""
-    copy = tmp_path / "copy"
-    shutil.copytree(short_run_dir, copy)
+def test_non_negative_codes_match_by_the_signed_cosine(sets):
+    """An SAE whose codes are relu'd (``topk``) gives shard d and shard -d to opposite updates:
+    matched by |cosine|, -d would replicate d."""
+    a = sets[0]
+    sae = copy.deepcopy(a.sae)
+    sae.cfg = dataclasses.replace(sae.cfg, sparsity="topk")  # its codes read as non-negative
+    flipped = copy.deepcopy(sae)
+    with torch.no_grad():  # every decoder direction negated: U -> -U (V kept), d -> -d
+        for tf in flipped.factors:
+            tf.factors("decoder")[0].neg_()
+    mine, negated = ShardSet(sae, {}, a.stats), ShardSet(flipped, {}, a.stats)
+    itself = compare_shards(mine, mine)
+    assert itself.signed and len(itself.replicated) == len(itself.pairs) >= 10
+    found = compare_shards(mine, negated)  # no shard matches its own negative
+    assert found.signed and len(found.pairs) == len(itself.pairs)
+    assert all(p.match != p.shard and p.cosine < 0.9 for p in found.pairs)
+    assert len(found.replicated) <= len(found.pairs) // 3  # only near-duplicate latents
+    unsigned = compare_shards(a, ShardSet(flipped, {}, a.stats))  # a's codes keep their sign
+    assert not unsigned.signed
+    assert all(p.match == p.shard and p.cosine < -0.999 for p in unsigned.pairs)
+
+
+def test_compare_from_the_command_line(short_run_dir, sets, tmp_path, capsys):
+    """Two SAEs' checkpoint directories (the planted sets, saved): the printout and the JSON
+    say the same; bad paths, bad numbers and a --out that would overwrite a run's file are
+    refused, naming them; a --out that cannot be written keeps the printout. A run against a
+    copy of itself reads each run's checkpoint and its initial model's record."""
+    a, b = (s.save(tmp_path / name) for s, name in zip(sets, ("a", "b")))
     out = tmp_path / "cmp.json"
-    assert main(["compare", str(short_run_dir), str(copy), "--out", str(out)]) == 0
+    assert main(["compare", str(a), str(b), "--out", str(out), "--top", "3"]) == 0
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
-    assert saved["compared"] >= 1 and saved["replicated"] == saved["compared"]
-    assert all(p["shard"] == p["match"] and abs(p["cosine"]) > 0.999 for p in saved["pairs"])
-    assert (f"replicated (|cos| >= 0.7): {saved['compared']} of the {saved['compared']} other "
-            "shards of A") in printed
-    assert saved["other_initial_models"] is False  # one run: its own initial model
-    assert main(["compare", str(short_run_dir), str(copy), "--out", str(out)]) == 0  # again
+    assert saved["replicated"] >= 10 and saved["replicated_mutual"] >= 10
+    assert (f"replicated (|cos| >= 0.7 and above chance): {saved['replicated']} of the "
+            f"{saved['compared']} compared shards of A ({saved['replicated_mutual']} of them "
+            "mutual nearest)") in printed
+    top = saved["pairs"][0]
+    assert f"  {top['shard']:5d}" in printed and f"{top['cosine']:+7.3f}  {top['chance']:7.3f}" \
+        in printed
+    assert f"... {saved['compared'] - 3} more pairs" in printed
+    assert saved["other_initial_models"] is None  # saved sets: no run's record
+    assert main(["compare", str(a), str(b), "--out", str(out)]) == 0  # an earlier comparison
+    assert main(["compare", str(a), str(a), "--top", "1"]) == 0
+    assert "note: A and B are the same checkpoint" in capsys.readouterr().out
+    run, copy_ = short_run_dir, tmp_path / "copy"
+    shutil.copytree(run, copy_)
+    (tmp_path / "a_file").write_text("x")
     for args, why in (
-            ([str(tmp_path / "nowhere"), str(copy)], "is neither a run directory"),
-            ([str(short_run_dir), str(copy), "--checkpoint-b", "step_000099"], "step_000099"),
-            ([str(short_run_dir), str(copy), "--out", str(copy / "config.json")],
+            ([str(tmp_path / "nowhere"), str(copy_)], "is neither a run directory"),
+            ([str(run), str(copy_), "--checkpoint-b", "step_000099"], "step_000099"),
+            ([str(a), str(b), "--out", str(copy_ / "config.json")],
              "is not an earlier comparison; nothing was overwritten"),
-            ([str(short_run_dir), str(copy), "--out", str(tmp_path / "cmp.txt")],
-             "is not a .json file's path"),
-            ([str(short_run_dir), str(sets[0].save(tmp_path / "synthetic"))],
-             "cover other targets or shapes")):
-        before = (copy / "config.json").read_bytes()
+            ([str(a), str(b), "--out", str(tmp_path / "cmp.txt")], "is not a .json file's path"),
+            ([str(a), str(b), "--out", str(tmp_path / "a_file" / "c.json")],
+             "a_file is a file, not a directory"),
+            ([str(run), str(a)], "cover other targets or shapes")):
+        before = (copy_ / "config.json").read_bytes()
         assert main(["compare", *args]) == 2
         assert why in capsys.readouterr().err
-        assert (copy / "config.json").read_bytes() == before
-    config = json.loads((copy / "config.json").read_text())
+        assert (copy_ / "config.json").read_bytes() == before
+    for flag, value, why in (("--threshold", "1.5", "1.5: a |cosine| in (0, 1]"),
+                             ("--threshold", "abc", "'abc' is not a number"),
+                             ("--min-density", "0.9", "0.9: a share of samples")):
+        with pytest.raises(SystemExit) as stopped:  # argparse: before any checkpoint is read
+            main(["compare", str(a), str(b), flag, value])
+        assert stopped.value.code == 2
+        assert f"argument {flag}: {why}" in capsys.readouterr().err
+    assert main(["compare", str(a), str(b), "--out", "/proc/cmp.json"]) == 2
+    said = capsys.readouterr()
+    assert "replicated" in said.out and "was not written to /proc/cmp.json" in said.err
+    assert main(["compare", str(run), str(copy_), "--out", str(out)]) == 0
+    itself = json.loads(out.read_text())
+    assert itself["other_initial_models"] is False  # one run: its own initial model
+    assert all(p["shard"] == p["match"] and abs(p["cosine"]) > 0.999
+               for p in itself["pairs"] + itself["always_on"])
+    n = len(ShardSet.from_run(run))
+    assert (itself["compared"] + len(itself["always_on"]) + itself["left_out_rare"]
+            + itself["left_out_untrained"]) == n
+    config = json.loads((copy_ / "config.json").read_text())
     config["model"]["fingerprint"] = {"model.safetensors": "another model"}
-    (copy / "config.json").write_text(json.dumps(config))
-    assert main(["compare", str(short_run_dir), str(copy), "--top", "1"]) == 0
-    printed = capsys.readouterr().out
-    assert "note: A's and B's runs started from other initial weights" in printed
-    # the header, 1 pair, the always-on ones, "... more pairs"
-    assert printed.count("\n  ") == 3 + len(saved["always_on"])
-    final = copy / "checkpoints" / "final"
-    assert load_shards(final).path == load_shards(copy).path
+    (copy_ / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["compare", str(run), str(copy_)]) == 0
+    assert "note: A's and B's runs started from other initial weights" in capsys.readouterr().out
+    final = copy_ / "checkpoints" / "final"
+    assert load_shards(final).path == load_shards(copy_).path
     with pytest.raises(ValueError, match="is a checkpoint directory itself"):
         load_shards(final, "final")
     assert comparison_path_refusal(out) is None

@@ -2,17 +2,28 @@
 
 Two runs of the same RL setup under other seeds (or two SAEs trained on one run's updates)
 should agree on the shards that are real: a direction RL reinforced in some context is there
-to be found again. ``compare_shards`` matches each shard of ``a`` that fired to the shard of
-``b`` whose decoder direction is nearest (largest |cosine|, in factored form), and measures
-the same matching against a *chance* control: an untrained SAE of ``b``'s targets and config
-under another ``sae.seed``, whose directions are random. A match is only worth reading above
-what chance reaches.
+to be found again. ``compare_shards`` matches each trained shard of ``a`` to the shard of ``b``
+whose decoder direction is nearest (largest |cosine|, in factored form), and measures the same
+match against a *chance* control made for it: random directions inside the span of ``b``'s
+trained shards (``span_chance``). Every shard of an SAE lies close to the span of the updates it
+was trained on, so two SAEs of one run agree far better than random directions of the whole
+parameter space would (about 0.01 there); a pair is worth reading when it beats a random
+direction of the space ``b`` occupies, which asks whether ``b`` holds *this* direction as one
+shard and not only somewhere in its span.
 
-Shards active on nearly every sample (``families.ALWAYS_ON_DENSITY``: the drift direction)
-are matched apart and never counted; shards that fired on fewer than ``min_density`` of their
-SAE's training samples are left out: a shard that barely trained keeps nearly its initial
-direction, and two checkpoints of one run (or two runs of one ``sae.seed``) would match it to
-itself by construction.
+Left out of the count:
+- shards that never fired, or fired on fewer than ``min_density`` of their SAE's samples;
+- shards that never trained away from their initial direction (``initial_cosines`` >=
+  ``INIT_KEPT``): a shard that fires with tiny coefficients keeps its random start, which
+  matches itself in another checkpoint of the run, or in a run of the same ``sae.seed``;
+- shards active on nearly every sample (``families.ALWAYS_ON_DENSITY``: the drift direction),
+  matched and listed apart.
+
+Matching is nearest-neighbour, not one-to-one: two shards of ``a`` may match one of ``b``.
+A pair is *mutual* when ``a``'s shard is also the nearest to its match among ``a``'s compared
+shards. Nearest is by |cosine| when either SAE keeps its codes' sign (``SAEConfig.signed``, the
+default ``signed_topk``: a shard and its negative are one), by the signed cosine when both
+SAEs' codes are non-negative (shard d and shard -d then fire on opposite updates).
 """
 
 from __future__ import annotations
@@ -20,11 +31,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from sae_shards.analysis.families import ALWAYS_ON_DENSITY
 from sae_shards.analysis.shards import ShardSet
@@ -34,12 +47,23 @@ from sae_shards.run import rundir
 
 REPLICATED = 0.7
 """The default |cosine| at or above which a shard counts as found again in the other set
-(``compare_shards``' ``threshold``): a convention of SAE feature-matching studies, not a figure
-tuned on this project's runs."""
+(``compare_shards``' ``threshold``), when it also beats its chance control: a convention of
+SAE feature-matching studies, not a figure tuned on this project's runs."""
 
 MIN_DENSITY = 0.01
 """The default share of its SAE's training samples a shard of ``a`` must have fired on to be
-compared (``compare_shards``' ``min_density``)."""
+compared (``compare_shards``' ``min_density``). A shard that fires on fewer is as good as dead;
+its direction may still move (AuxK trains dead latents on what the others leave unexplained),
+but it describes no context of the run."""
+
+INIT_KEPT = 0.5
+"""A shard whose direction keeps |cosine| >= this with its own initial direction never
+trained away from it. On three default runs the figure is bimodal: at most 0.33 for the shards
+that trained (0.03 for those firing on 1% of samples or more), 0.94 to 0.99 for those that did
+not (one firing on 5% of samples, with tiny coefficients), and one shard at 0.72."""
+
+CHANCE_SEED = 0
+"""The seed of ``span_chance``'s random directions (a comparison is reproducible)."""
 
 
 @dataclass(frozen=True)
@@ -52,10 +76,19 @@ class ShardPair:
     """The index of its nearest shard in ``b``."""
     cosine: float
     """Their signed cosine (a sign flip is the same direction)."""
+    chance: float
+    """The largest |cosine| ``a``'s shard reaches with random directions in the span of
+    ``b``'s trained shards, as many as ``b`` has shards (``span_chance``); NaN for an
+    always-on shard, or when ``b`` has no trained shard."""
+    mutual: bool
+    """``a``'s shard is also the nearest to ``match`` among ``a``'s compared shards."""
     density: float
     """How often ``a``'s shard fired over its SAE's training (its running statistics)."""
     match_density: float
-    """The same for ``b``'s shard (0: it never fired, and kept its initial direction)."""
+    """The same for ``b``'s shard."""
+    match_trained: bool
+    """``b``'s shard fired and left its initial direction (``INIT_KEPT``); False: ``a``'s
+    shard found a random, untrained direction."""
 
 
 @dataclass(frozen=True)
@@ -63,50 +96,64 @@ class Comparison:
     """``compare_shards``' result: the pairs by |cosine|, highest first."""
 
     pairs: list[ShardPair]
-    """``a``'s shards that fired and are not always on, each with its nearest in ``b``."""
+    """``a``'s compared shards (trained, fired at ``min_density``, not always on)."""
     always_on: list[ShardPair]
-    """``a``'s always-on shards (the drift direction), matched but never counted."""
-    chance: list[float]
-    """For each of ``pairs``, the largest |cosine| its shard reaches with the control's."""
+    """``a``'s trained always-on shards (the drift direction), matched but never counted."""
     threshold: float
-    """The |cosine| a pair needs to count as replicated."""
-    same_init: bool
-    """``a`` and ``b`` are two runs whose SAEs started from one initialisation (the same
-    ``sae.seed``): a shard that trained little keeps its initial direction and matches its
-    namesake by construction."""
+    """The |cosine| a pair needs, beside beating its chance, to count as replicated."""
     min_density: float
     """The share of its SAE's training samples a shard of ``a`` fired on to be compared."""
     n_rare: int
-    """``a``'s shards that fired on fewer than ``min_density`` of them (or never), left out."""
+    """``a``'s shards left out for firing on fewer than ``min_density`` of them, or never."""
+    n_untrained: int
+    """``a``'s shards that fired but never left their initial direction, left out."""
+    same_init: bool
+    """``a`` and ``b`` are two runs whose SAEs started from one initialisation (the same
+    ``sae.seed``)."""
+    signed: bool
+    """Matched by the signed cosine (both SAEs' codes non-negative); else by |cosine|."""
     other_initial_models: bool | None
     """The two runs started from other initial weights (their ``config.json``'s
     ``model.fingerprint`` differ): their updates are taken around other points, and shards of
     two different models need not share a direction. None: unknown (a set not in a run's
     ``checkpoints/``, or a run that recorded none)."""
+    other_samples: list[str]
+    """What differs between the samples the two SAEs learnt from (capture source, sample form:
+    parameter updates against gradients, per step against per event); [] when nothing does."""
+
+    def _score(self, p: ShardPair) -> float:
+        return p.cosine if self.signed else abs(p.cosine)
 
     @property
     def replicated(self) -> list[ShardPair]:
-        return [p for p in self.pairs if abs(p.cosine) >= self.threshold]
+        """The pairs at ``|cosine| >= threshold`` (the signed cosine when ``signed``) that
+        also beat their chance control."""
+        return [p for p in self.pairs
+                if self._score(p) >= self.threshold and not self._score(p) <= p.chance]
 
     @property
-    def chance_max(self) -> float:
-        """The largest |cosine| any compared shard reaches with a random direction (NaN when
-        none was compared)."""
-        return max(self.chance, default=math.nan)
+    def above_chance(self) -> list[ShardPair]:
+        """The pairs whose |cosine| beats their chance control, whatever the threshold."""
+        return [p for p in self.pairs if self._score(p) > p.chance]
 
     def to_dict(self) -> dict[str, Any]:
-        median = (float(torch.tensor([abs(p.cosine) for p in self.pairs]).median())
-                  if self.pairs else math.nan)
-        return {"threshold": self.threshold, "compared": len(self.pairs),
-                "replicated": len(self.replicated), "median_abs_cosine": median,
-                "chance_max_abs_cosine": self.chance_max,
-                "chance_median_abs_cosine": (float(torch.tensor(self.chance).median())
-                                             if self.chance else math.nan),
-                "min_density": self.min_density, "left_out_rare": self.n_rare,
-                "same_init": self.same_init,
+        return {"threshold": self.threshold, "min_density": self.min_density,
+                "compared": len(self.pairs), "replicated": len(self.replicated),
+                "replicated_mutual": sum(p.mutual for p in self.replicated),
+                "above_chance": len(self.above_chance),
+                "median_abs_cosine": _median([abs(p.cosine) for p in self.pairs]),
+                "chance_median_abs_cosine": _median([p.chance for p in self.pairs]),
+                "left_out_rare": self.n_rare, "left_out_untrained": self.n_untrained,
+                "same_init": self.same_init, "signed": self.signed,
                 "other_initial_models": self.other_initial_models,
+                "other_samples": self.other_samples,
                 "pairs": [dataclasses.asdict(p) for p in self.pairs],
                 "always_on": [dataclasses.asdict(p) for p in self.always_on]}
+
+
+def _median(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return statistics.median(kept) if kept else math.nan
 
 
 def load_shards(path: str | Path, checkpoint: str | int | None = None) -> ShardSet:
@@ -126,48 +173,76 @@ def load_shards(path: str | Path, checkpoint: str | int | None = None) -> ShardS
                             "wrote")
 
 
-def chance_control(like: ShardSet, avoid: tuple[int, ...]) -> ShardSet:
-    """An untrained SAE of ``like``'s targets and config, under the smallest ``sae.seed``
-    not in ``avoid``: random directions of the same low-rank structure."""
-    seed = next(s for s in range(len(avoid) + 1) if s not in avoid)
-    sae = LowRankSAE(like.sae.targets, dataclasses.replace(like.sae.cfg, seed=seed),
-                     like.sae.sample_form)
-    return ShardSet(sae, {}, {})
+def initial_cosines(shards: ShardSet) -> Tensor:
+    """``[n_shards]``: each shard's |cosine| with its own initial direction (an untrained SAE
+    of its config, seed and targets; factored, never dense)."""
+    start = LowRankSAE(shards.sae.targets, shards.sae.cfg, shards.sae.sample_form)
+    return shards.cosine_matrix(ShardSet(start, {}, {})).diagonal().abs()
+
+
+def span_chance(cos_ab: Tensor, gram_b: Tensor, draws: int, generator: torch.Generator,
+                signed: bool = False) -> Tensor:
+    """``[n_a]``: for each row of ``cos_ab`` (``[n_a, s]``: shards' cosines with ``s`` unit
+    directions of ``b``, whose cosine matrix is ``gram_b [s, s]``), the largest |cosine| it
+    reaches with ``draws`` random directions of their span (Gaussian combinations); the
+    largest signed cosine with ``signed``."""
+    if cos_ab.shape[1] == 0:
+        return torch.full((cos_ab.shape[0],), math.nan)
+    w = torch.randn(gram_b.shape[0], draws, generator=generator, dtype=torch.float64)
+    norms = (w * (gram_b.double() @ w)).sum(0).clamp_min(1e-30).sqrt()  # [draws]
+    cos = (cos_ab.double() @ w) / norms  # [n_a, draws]
+    return (cos if signed else cos.abs()).max(1).values.float()
 
 
 def compare_shards(a: ShardSet, b: ShardSet, threshold: float = REPLICATED,
                    min_density: float = MIN_DENSITY) -> Comparison:
-    """Each shard of ``a`` that fired on at least ``min_density`` of its SAE's training
-    samples, matched to its nearest in ``b`` and in a chance control (``chance_control``);
-    ``a`` and ``b`` must cover the same targets and shapes (``ValueError`` otherwise). A set
-    saved without running statistics has every shard compared."""
+    """Each trained shard of ``a`` that fired on at least ``min_density`` of its SAE's
+    training samples, matched to its nearest in ``b`` and against its chance control
+    (``span_chance``); ``a`` and ``b`` must cover the same targets and shapes (``ValueError``
+    otherwise). A set saved without running statistics has every trained shard compared."""
+    check_threshold(threshold)
+    check_min_density(min_density)
+    density, other = _densities(a), _densities(b)
+    cos = a.cosine_matrix(b)  # [n_a, n_b]
+    signed = not (a.sae.cfg.signed or b.sae.cfg.signed)
+    score = cos if signed else cos.abs()  # what "nearest" maximises
+    moved_a = initial_cosines(a) < INIT_KEPT  # [n_a]
+    moved_b = initial_cosines(b) < INIT_KEPT  # [n_b]
+    rare = [d == 0 or d < min_density for d in density]  # NaN: unknown, compared
+    compared = [i for i in range(len(a)) if not rare[i] and bool(moved_a[i])]
+    counted = [i for i in compared if not density[i] >= ALWAYS_ON_DENSITY]
+    trained_b = [j for j in range(len(b)) if bool(moved_b[j]) and other[j] != 0]
+    chance = span_chance(cos[:, trained_b], b.cosine_matrix()[trained_b][:, trained_b],
+                         len(b), torch.Generator().manual_seed(CHANCE_SEED), signed)  # [n_a]
+    best = score.argmax(1).tolist()
+    nearest_in_a = {j: compared[k] for j, k in
+                    enumerate(score[compared].argmax(0).tolist())} if compared else {}
+
+    def pair(i: int, always_on: bool) -> ShardPair:
+        j = best[i]
+        return ShardPair(i, j, float(cos[i, j]), math.nan if always_on else float(chance[i]),
+                         nearest_in_a.get(j) == i, density[i], other[j],
+                         bool(moved_b[j]) and other[j] != 0)
+
+    pairs = sorted((pair(i, False) for i in counted),
+                   key=lambda p: -(p.cosine if signed else abs(p.cosine)))
+    always = [pair(i, True) for i in compared if i not in set(counted)]
+    prints = [initial_fingerprint(s) for s in (a, b)]
+    return Comparison(pairs, always, threshold, min_density, sum(rare),
+                      sum(not rare[i] and not bool(moved_a[i]) for i in range(len(a))),
+                      a.same_initialisation(b), signed,
+                      None if None in prints else prints[0] != prints[1], _other_samples(a, b))
+
+
+def check_threshold(threshold: float) -> None:
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold={threshold!r}: a |cosine| in (0, 1]")
+
+
+def check_min_density(min_density: float) -> None:
     if not 0 <= min_density < ALWAYS_ON_DENSITY:
         raise ValueError(f"min_density={min_density!r}: a share of samples in "
                          f"[0, {ALWAYS_ON_DENSITY}) (at {ALWAYS_ON_DENSITY} a shard is always on)")
-    density = _densities(a)
-    other = _densities(b)
-    cos = a.cosine_matrix(b)  # [n_a, n_b]
-    best = cos.abs().argmax(1)
-    control = a.cosine_matrix(chance_control(b, (a.sae.cfg.seed, b.sae.cfg.seed)))
-    chance = control.abs().max(1).values  # [n_a]
-    pairs, always_on, chances = [], [], []
-    rare = [d == 0 or d < min_density for d in density]  # NaN: unknown, compared
-    for i, j in enumerate(best.tolist()):
-        if rare[i]:
-            continue
-        pair = ShardPair(i, j, float(cos[i, j]), density[i], other[j])
-        if density[i] >= ALWAYS_ON_DENSITY:
-            always_on.append(pair)
-        else:
-            pairs.append(pair)
-            chances.append(float(chance[i]))
-    order = sorted(range(len(pairs)), key=lambda k: -abs(pairs[k].cosine))
-    prints = [initial_fingerprint(s) for s in (a, b)]
-    return Comparison([pairs[k] for k in order], always_on, [chances[k] for k in order],
-                      threshold, a.same_initialisation(b), min_density, sum(rare),
-                      None if None in prints else prints[0] != prints[1])
 
 
 def initial_fingerprint(shards: ShardSet) -> dict[str, str] | None:
@@ -180,6 +255,18 @@ def initial_fingerprint(shards: ShardSet) -> dict[str, str] | None:
     return printed if isinstance(printed, dict) and printed else None
 
 
+def _other_samples(a: ShardSet, b: ShardSet) -> list[str]:
+    """What differs between the two SAEs' samples: the capture source and the sample form."""
+    differ = []
+    if a.meta.get("source") != b.meta.get("source"):
+        differ.append(f"source {a.meta.get('source')} vs {b.meta.get('source')}")
+    if a.sae.sample_form != b.sae.sample_form:
+        differ.append(f"samples {a.sae.sample_form} vs {b.sae.sample_form} (per step vs per "
+                      "event)" if "factored" in (a.sae.sample_form, b.sae.sample_form) else
+                      f"samples {a.sae.sample_form} vs {b.sae.sample_form}")
+    return differ
+
+
 def _densities(shards: ShardSet) -> list[float]:
     """Each shard's density over its SAE's training: NaN for a set saved without statistics
     (whether it fired is unknown: compared, never taken as always on)."""
@@ -188,16 +275,19 @@ def _densities(shards: ShardSet) -> list[float]:
 
 def comparison_path_refusal(path: Path) -> str | None:
     """Why ``sae-shards compare --out path`` is refused (None: it may be written): a path that
-    is not a ``.json`` file's, or an existing file other than an earlier comparison (a run's
-    own ``config.json`` would be lost)."""
+    is not a ``.json`` file's, one under a file, or an existing file other than an earlier
+    comparison (a run's own ``config.json`` would be lost)."""
     if path.suffix != ".json" or path.is_dir():
         return f"--out {path} is not a .json file's path"
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        return f"--out {path}: {above} is a file, not a directory"
     if path.exists():
         try:
             earlier = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             earlier = None
-        if not (isinstance(earlier, dict) and {"pairs", "chance_max_abs_cosine"} <= set(earlier)):
+        if not (isinstance(earlier, dict) and {"pairs", "above_chance"} <= set(earlier)):
             return (f"--out {path} exists and is not an earlier comparison; nothing was "
                     "overwritten: give a new path")
     return None
@@ -212,30 +302,48 @@ def comparison_lines(result: Comparison, a: ShardSet, b: ShardSet,
                 else f"{100 * d:6.1f}%")
 
     figures = result.to_dict()
-    lines = [f"A: {a.path} ({len(a)} shards; {result.n_rare} fired on less than "
-             f"{100 * result.min_density:g}% of their SAE's samples, left out)",
+    rare = ("never fired" if result.min_density == 0 else
+            f"fired on less than {100 * result.min_density:g}% of their SAE's samples")
+    lines = [f"A: {a.path} ({len(a)} shards; left out: {result.n_rare} {rare}, "
+             f"{result.n_untrained} never left their initial direction)",
              f"B: {b.path} ({len(b)} shards)",
-             f"replicated (|cos| >= {result.threshold:g}): {len(result.replicated)} of the "
-             f"{len(result.pairs)} other shards of A, always-on ones apart"]
-    if result.pairs:
-        lines.append(f"median |cos| {figures['median_abs_cosine']:.3f}; chance (an untrained "
-                     f"SAE of B's config, another seed): median "
-                     f"{figures['chance_median_abs_cosine']:.3f}, at most {result.chance_max:.3f}")
+             f"replicated (|cos| >= {result.threshold:g} and above chance): "
+             f"{len(result.replicated)} of the {len(result.pairs)} compared shards of A "
+             f"({figures['replicated_mutual']} of them mutual nearest), always-on ones apart",
+             f"above chance, at any |cos|: {len(result.above_chance)}; median |cos| "
+             f"{figures['median_abs_cosine']:.3f}, chance median "
+             f"{figures['chance_median_abs_cosine']:.3f} (chance: random directions in the "
+             "span of B's trained shards)"]
     if result.other_initial_models:
         lines.append("note: A's and B's runs started from other initial weights (their "
                      "config.json's model.fingerprint differ): their updates are taken around "
                      "other points in parameter space, where the same behaviour need not have "
                      "the same direction; compare runs of one initial model")
+    if result.other_samples:
+        lines.append(f"note: the two SAEs learnt from other samples ({'; '.join(result.other_samples)}): "
+                     "their shards describe other quantities")
+    if a.path is not None and b.path is not None and \
+            Path(a.path).resolve() == Path(b.path).resolve():
+        lines.append("note: A and B are the same checkpoint: every shard matches itself")
+    if result.signed:
+        lines.append("note: both SAEs' codes are non-negative, so a shard and its negative are "
+                     "other shards: matched by the signed cosine")
     if result.same_init:
         lines.append(f"note: A's and B's SAEs started from one initialisation (sae.seed="
-                     f"{a.sae.cfg.seed}): a shard of B that fired little keeps its initial "
-                     "direction and matches its namesake in A by construction; read the pairs "
-                     "whose B shard fired, or compare runs of different sae.seed")
-    lines.append("  shard    fired   match    fired   cosine")
+                     f"{a.sae.cfg.seed}); shards that never left it are left out, but compare "
+                     "runs of different sae.seed where you can")
+    lines.append("  shard    fired   match    fired   cosine   chance")
     shown = result.pairs if top is None else result.pairs[:top]
-    rows = [(p, "") for p in shown] + [(p, "  always on (drift)") for p in result.always_on]
-    lines += [f"  {p.shard:5d}  {fired(p.density)}  {p.match:6d}  {fired(p.match_density)}  "
-              f"{p.cosine:+7.3f}{tag}" for p, tag in rows]
+
+    def row(p: ShardPair, tag: str) -> str:
+        marks = ("" if p.mutual else "  not mutual") + ("" if p.match_trained else
+                                                        "  B's shard untrained")
+        chance = "      -" if math.isnan(p.chance) else f"{p.chance:7.3f}"
+        return (f"  {p.shard:5d}  {fired(p.density)}  {p.match:6d}  {fired(p.match_density)}  "
+                f"{p.cosine:+7.3f}  {chance}{tag}{marks}")
+
+    lines += [row(p, "") for p in shown]
+    lines += [row(p, "  always on (drift)") for p in result.always_on]
     if len(shown) < len(result.pairs):
         lines.append(f"  ... {len(result.pairs) - len(shown)} more pairs, of lower |cos| "
                      "(--top 0 lists every pair; --out writes them)")

@@ -201,12 +201,20 @@ class ShardSet:
 
     def same_initialisation(self, other: ShardSet) -> bool:
         """Whether these are two runs' shards whose SAEs started from one initialisation (the
-        same ``sae.seed``), not two checkpoints of one run (``checkpoints/`` of one run, or
-        the same run's ``run_dir`` recorded, wherever it moved since)."""
-        one_run_now = (self.path is not None and other.path is not None  # checkpoints/ of one
-                       and Path(self.path).resolve().parent == Path(other.path).resolve().parent)
-        return (self.sae.cfg.seed == other.sae.cfg.seed and self.meta.get("run_dir") is not None
-                and self.meta.get("run_dir") != other.meta.get("run_dir") and not one_run_now)
+        same ``sae.seed``), not two checkpoints of one run: the same ``run_id`` in their
+        metadata (every checkpoint of a run records it, a saved subset keeps it), else the
+        same run's ``run_dir`` recorded or the ``checkpoints/`` of one run."""
+        if self.sae.cfg.seed != other.sae.cfg.seed:
+            return False
+        ids = (self.meta.get("run_id"), other.meta.get("run_id"))
+        if None not in ids:
+            return ids[0] != ids[1]
+        folders = [Path(s.path).resolve().parent if s.path is not None else None
+                   for s in (self, other)]
+        one_run_now = (folders[0] is not None and folders[0] == folders[1]
+                       and folders[0].name == rundir.CHECKPOINTS)
+        return (self.meta.get("run_dir") is not None and not one_run_now
+                and self.meta.get("run_dir") != other.meta.get("run_dir"))
 
     def match(self, other: ShardSet) -> list[ShardMatch]:
         """For each shard, ``other``'s shard whose direction is nearest (largest |cosine|; its
