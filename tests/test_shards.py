@@ -79,7 +79,10 @@ def test_matching_two_runs_of_one_sae_seed_warns_that_they_start_alike(run_dir, 
     shards.match(shards)  # one run with itself
     assert "started from the same initialisation" not in caplog.text
     other = ShardSet.load(shards.save(tmp_path / "copy"))
-    other.config["meta"] = {**other.meta, "run_dir": str(tmp_path / "another_run")}
+    shards.match(other)  # the run's own shards, saved elsewhere: the same run_id
+    assert "started from the same initialisation" not in caplog.text
+    other.config["meta"] = {**other.meta, "run_dir": str(tmp_path / "another_run"),
+                            "run_id": "another run"}
     shards.match(other)
     assert "started from the same initialisation (sae.seed=0)" in caplog.text
     caplog.clear()
