@@ -476,3 +476,66 @@ def test_the_outlier_test_resumes_mid_streak():
                 for i, norms in enumerate(steps[split:], split + 1)]
         assert head + tail == expected, split
         assert resumed.sq_norm_mean == whole.sq_norm_mean, split
+
+
+# ---- found by mutation testing (audit 121): each test below fails under a mutant of the code
+# ---- that the rest of this file let pass
+
+class _StopAtFirstStep:
+    """A callback that stops ``train()`` in the middle of its first step (after the capture took
+    its snapshot), as an exception from the script's own callback or a KeyboardInterrupt would."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Stop(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                raise KeyboardInterrupt("stopped mid-step")
+
+        return Stop()
+
+
+def test_a_train_stopped_mid_step_does_not_leave_the_next_train_a_stale_snapshot(tmp_path):
+    """D19: ``DeltaCapture._reset`` forgets a step a previous ``train()`` stopped in the middle
+    of: the next ``train()`` with the same capture records exact updates from its first step."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from helpers import PATTERNS, captured_in_order, make_buffer, tiny_lm
+    from test_capture import Recorder, dense_reader, train
+
+    from sae_shards.capture.delta import DeltaCapture
+    from sae_shards.capture.selection import select_targets
+
+    model = tiny_lm()
+    targets = select_targets(model, PATTERNS)
+    buffer = make_buffer(targets)
+    capture = DeltaCapture(targets, buffer)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, [capture, _StopAtFirstStep()], tmp_path / "a")
+    recorder = Recorder(dense_reader(targets))
+    train(model, [capture, recorder], tmp_path / "b")
+    samples, steps = captured_in_order(buffer)
+    assert steps == [1, 2, 3, 4]
+    for t, sample in enumerate(samples):
+        for name, delta in sample.items():
+            assert torch.equal(delta, recorder.states[t + 1][name] - recorder.states[t][name])
+
+
+def test_write_updates_with_a_snapshot_apart_from_the_slot():
+    """U09: ``write_updates`` diffs a small fp32 target in place only when the slot holds its
+    snapshot; with the snapshot kept apart (DeltaCapture does so when some target lives on
+    another device than the buffer: ``_snap_in_slot`` False for all) the slot gets
+    ``theta_after - snapshot`` exactly, whatever it held before."""
+    from sae_shards.capture.update_writer import SqNorm, write_updates
+
+    gen = torch.Generator().manual_seed(0)
+    theta_before = torch.randn(4, 6, generator=gen)
+    target = torch.nn.Parameter(theta_before + 1e-3 * torch.randn(4, 6, generator=gen))
+    snap = (theta_before.clone(),)
+    view = torch.full((4, 6), 7.0)  # the reused slot's older sample
+    norm = SqNorm()
+    with torch.no_grad():  # as DeltaCapture.on_step_end calls it
+        write_updates([(target, snap, view)], norm)
+    assert torch.equal(view, target.detach() - theta_before)
+    assert norm.value() == pytest.approx(float((target.detach() - theta_before).norm()), rel=1e-5)

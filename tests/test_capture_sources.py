@@ -11,6 +11,7 @@ import torch
 from helpers import PATTERNS, captured_in_order, lora_model, make_buffer, tiny_lm, token_data
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from sae_shards.capture.buffer import StepMeta
 from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.selection import select_targets
 
@@ -262,16 +263,23 @@ def test_lora_rejects_optimizer_sources(source):
         DeltaCapture(targets, make_buffer(targets), source=source)
 
 
+def _w_and_b() -> tuple[torch.nn.Module, torch.Generator]:
+    """A module of two parameters, ``w [5, 6]`` and ``b [11]``, and the generator that drew
+    them, for its gradients."""
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.randn(5, 6, generator=gen))
+    model.b = torch.nn.Parameter(torch.randn(11, generator=gen))
+    return model, gen
+
+
 def test_a_target_without_a_gradient_this_step_is_zero_not_an_older_sample(tmp_path):
     """``grad``: a target no gradient reached this step (grad None: transformers zeroes
     gradients to None, and a layer or expert may go unused) is written as zeros, not left
     holding the sample the reused ring slot held before."""
     from transformers import TrainerControl, TrainerState
 
-    gen = torch.Generator().manual_seed(0)
-    model = torch.nn.Module()
-    model.w = torch.nn.Parameter(torch.randn(5, 6, generator=gen))
-    model.b = torch.nn.Parameter(torch.randn(11, generator=gen))
+    model, gen = _w_and_b()
     targets = dict(model.named_parameters())
     buffer = make_buffer(targets, capacity=1)  # every step reuses slot 0
     capture = DeltaCapture(targets, buffer, source="grad")
@@ -300,3 +308,50 @@ def test_adams_step_counts_are_read_together():
                          "d": torch.tensor(2.0, dtype=torch.float64)})
     assert got == {"a": 3.0, "b": 4.0, "c": 7.0, "d": 2.0}
     assert steps_on_host({}) == {}
+
+
+# ---- found by mutation testing (audit 121): each test below fails under a mutant of the code
+# ---- that the rest of this file let pass
+
+def test_precond_target_without_adam_state_is_zero_in_a_bf16_slot(tmp_path):
+    """D17: ``precond``, bf16 storage (the gradient is kept in an fp32 scratch, not in the slot):
+    a target Adam holds no state for (no gradient ever reached it) is written as zeros, not left
+    holding the sample the reused ring slot held before."""
+    from transformers import TrainerControl, TrainerState
+
+    model, gen = _w_and_b()
+    targets = dict(model.named_parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    buffer = make_buffer(targets, capacity=1, dtype=torch.bfloat16)  # every step reuses slot 0
+    buffer.push({"w": torch.ones(5, 6), "b": torch.ones(11)}, StepMeta(0))  # an older sample
+    capture = DeltaCapture(targets, buffer, source="precond")
+    args, state, control = TrainingArguments(tmp_path, report_to=[]), TrainerState(), TrainerControl()
+    capture.on_train_begin(args, state, control, model=model, optimizer=opt)
+    model.w.grad = torch.randn(5, 6, generator=gen)
+    model.b.grad = None  # no gradient reached b: AdamW keeps no state for it
+    capture.on_step_begin(args, state, control)
+    capture.on_pre_optimizer_step(args, state, control)
+    opt.step()
+    assert not opt.state.get(model.b)
+    capture.on_optimizer_step(args, state, control)
+    state.global_step = 1
+    capture.on_step_end(args, state, control)
+    got = buffer.gather([0])
+    assert torch.equal(got["b"][0], torch.zeros(11))
+    assert got["w"][0].abs().max() > 0
+
+
+@pytest.mark.parametrize("option, said", [
+    (dict(momentum=0.9, dampening=0.5), "dampening != 0"),
+    (dict(momentum=0.9, nesterov=True), "nesterov=True"),
+    (dict(momentum=0.9, maximize=True), "maximize=True"),
+])
+def test_deconv_refuses_sgd_options_it_cannot_invert(option, said):
+    """SR07: ``deconv`` inverts torch's SGD momentum only without dampening (and Nesterov, and
+    maximize): such a param group is refused by name, not inverted into wrong samples."""
+    from sae_shards.capture.step_rules import step_rule
+
+    p = torch.nn.Parameter(torch.zeros(3, 2))
+    opt = torch.optim.SGD([p], lr=0.1, **option)
+    with pytest.raises(ValueError, match=said):
+        step_rule(opt, {"w": p}, "deconv")

@@ -12,7 +12,7 @@ from sae_shards.core.checkpoint import (CheckpointError, live_tensors, load_chec
                                    sae_tensors)
 from sae_shards.core.sae import LowRankSAE
 from sae_shards.core.sae_config import SPARSITY_MODES, SAEConfig
-from sae_shards.core.targets import TargetSpec
+from sae_shards.core.targets import TargetSpec, make_targets
 from sae_shards.core.synthetic import PlantedConfig, PlantedStream
 from sae_shards.core.trainer import SAETrainer
 
@@ -219,3 +219,82 @@ def test_malformed_checkpoints_name_file_and_problem(trained, tmp_path):
         load_checkpoint(shape)
 
     assert load_checkpoint(good).sae.n_latents == 8
+
+
+# ---- found by mutation testing (audit 120): each test below fails under a mutant of the code
+# ---- that the rest of this file let pass
+
+def _random_batch(targets, b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {t.name: torch.randn(b, *t.shape, generator=g) for t in targets}
+
+
+def _trained(seed=0):
+    targets = make_targets({"w": (12, 7), "b": (6,)}, rank=2)
+    sae = LowRankSAE(targets, SAEConfig(n_latents=8, k=2, rank=2))
+    tr = SAETrainer(sae)
+    tr.step(_random_batch(targets, 8, seed))
+    return sae, tr
+
+
+def test_saving_over_a_checkpoint_replaces_it_whole(tmp_path):
+    from sae_shards.core.checkpoint import CheckpointError, load_training_state, save_checkpoint
+    sae, tr = _trained()
+    path = tmp_path / "final"
+    save_checkpoint(path, sae, training_state=tr.state_tensors())
+    save_checkpoint(path, sae)  # no training state this time
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "sae.safetensors"]
+    with pytest.raises(CheckpointError):
+        load_training_state(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # nothing left beside it
+
+
+def test_checkpoint_files_are_readable_by_the_group(tmp_path):
+    import os
+    import stat
+    from sae_shards.core.checkpoint import save_checkpoint
+    sae, _ = _trained()
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "final", sae)
+    finally:
+        os.umask(old)
+    for f in path.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+
+
+def test_save_file_atomic_leaves_only_the_file(tmp_path):
+    import os
+    from sae_shards.core.checkpoint import read_tensors, save_file_atomic
+    path = tmp_path / "acts.safetensors"
+    save_file_atomic({"a": torch.ones(3)}, path, "sae-shards")
+    save_file_atomic({"a": torch.zeros(3)}, path, "sae-shards")
+    assert os.listdir(tmp_path) == ["acts.safetensors"]
+    assert read_tensors(path)["a"].sum() == 0
+
+
+def test_failed_writes_leave_no_temporary_files(tmp_path, monkeypatch):
+    import os
+    import sae_shards.core.checkpoint as ck
+    sae, _ = _trained()
+
+    def full_disk(tensors, path, metadata):
+        path.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ck, "_save_tensors", full_disk)
+    with pytest.raises(OSError):
+        ck.save_file_atomic({"a": torch.ones(3)}, tmp_path / "acts.safetensors", "sae-shards")
+    with pytest.raises(OSError):
+        ck.save_checkpoint(tmp_path / "final", sae)
+    assert os.listdir(tmp_path) == []
+
+
+def test_negative_trainer_counters_are_refused(tmp_path):
+    from sae_shards.core.checkpoint import CheckpointError, load_training_state, save_checkpoint
+    sae, tr = _trained()
+    state = tr.state_tensors()
+    state["trainer.counters"] = torch.tensor([1, -3, 0, 8])
+    path = save_checkpoint(tmp_path / "final", sae, training_state=state)
+    with pytest.raises(CheckpointError, match="trainer.counters"):
+        load_training_state(path)

@@ -138,8 +138,10 @@ def test_small_encode_chunks_give_the_same_result():
     small = LowRankSAE(sae.targets, SAEConfig(n_latents=N, k=K, rank=2, aux_k=AUX_K,
                                               encode_chunk_mib=1), "factored").double()
     small.load_state_dict(sae.state_dict())
-    big = {k: v.repeat(40, *([1] * (v.ndim - 1))) for k, v in x.items()}  # chunks of < 640
-    torch.testing.assert_close(small.inner(big, "encoder"), whole.repeat(40, 1))
+    # 1280 samples in chunks of 1092 and 188 (1 MiB over 4 B x 2 x T x N x rank; audit 120: this
+    # test held 640 samples, one chunk, and never split its batch)
+    big = {k: v.repeat(80, *([1] * (v.ndim - 1))) for k, v in x.items()}
+    torch.testing.assert_close(small.inner(big, "encoder"), whole.repeat(80, 1))
 
 
 def test_parity_fails_when_a_factor_row_is_dropped():
@@ -332,3 +334,31 @@ def test_auxk_of_relu_modes_takes_the_relu_of_the_dead_latents_activations():
         want = (sum((resid[k] - ehat[k]).pow(2).sum() for k in xs)
                 / sum(v.pow(2).sum() for v in resid.values()))
     torch.testing.assert_close(res.aux.detach(), want, rtol=1e-9, atol=0)
+
+
+# ---- found by mutation testing (audit 120): each test below fails under a mutant of the code
+# ---- that the rest of this file let pass
+
+def test_event_encode_really_chunked_matches_whole():
+    # test_event_sae's chunking test never splits its batch (640 < the 1092 samples one chunk
+    # holds at encode_chunk_mib=1 there); here T=64, N=64, r=4 -> chunks of 8 samples
+    targets = make_targets({"w": (40, 30)}, rank=4)
+    cfg = dict(n_latents=64, k=3, rank=4)
+    whole = LowRankSAE(targets, SAEConfig(**cfg), "factored")
+    small = LowRankSAE(targets, SAEConfig(**cfg, encode_chunk_mib=1), "factored")
+    small.load_state_dict(whole.state_dict())
+    x = {"w": torch.randn(20, 64, 70, generator=torch.Generator().manual_seed(0))}
+    torch.testing.assert_close(small.inner(x, "encoder"), whole.inner(x, "encoder"))
+
+
+def test_a_factored_batch_without_rows_is_refused():
+    from sae_shards.core.events import check_event_batch
+    targets = make_targets({"w": (12, 7)}, rank=1)
+    with pytest.raises(ValueError, match="factored sample batch"):
+        check_event_batch({"w": torch.zeros(4, 0, 19)}, targets)
+
+
+def test_event_slots_never_hold_more_rows_than_the_matrix_rank():
+    from sae_shards.core.events import slot_shape
+    from sae_shards.core.targets import TargetSpec
+    assert slot_shape(TargetSpec("w", (4, 6)), 16) == (4, 10)

@@ -190,3 +190,43 @@ def test_trainer_factored_matches_dense_steps(sparsity):
     assert aux_seen > 0  # AuxK took part
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=n)
+
+
+# ---- found by mutation testing (audit 120): each test below fails under a mutant of the code
+# ---- that the rest of this file let pass
+
+def _random_batch(targets, b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {t.name: torch.randn(b, *t.shape, generator=g) for t in targets}
+
+
+def test_sq_dist_with_a_centre_is_chunk_independent():
+    from sae_shards.core.factored import sq_dist
+    g = torch.Generator().manual_seed(0)
+    x = {"w": torch.randn(4, 64, 32, generator=g)}
+    c = {"w": torch.randn(64, 32, generator=g)}
+    want = (x["w"] - c["w"]).double().pow(2).flatten(1).sum(1)
+    tiny = 4 * 4 * 100 / (1 << 20)  # 100 columns a slice
+    torch.testing.assert_close(sq_dist(x, c, chunk_mib=tiny), want, rtol=1e-6, atol=0)
+
+
+def test_factored_fvu_matches_dense_when_the_bias_is_far_from_the_batch_mean():
+    # b_dec (0) far from this batch's mean (1000): ||X - b||^2 - B ||mean - b||^2 cancels by ~1e6
+    targets = make_targets({"w": (30, 20)}, rank=1)
+    sae = LowRankSAE(targets, SAEConfig(n_latents=8, k=2))
+    sae.input_scale.fill_(1.0)
+    g = torch.Generator().manual_seed(0)
+    x = {"w": 1000 + torch.randn(16, 30, 20, generator=g)}
+    dead = torch.zeros(8, dtype=torch.bool)
+    f = factored_losses(sae, x, dead, 4, 0.0).fvu
+    d = dense_losses(sae, sae.to_scaled(x), dead, 4, 0.0).fvu
+    torch.testing.assert_close(f, d, rtol=1e-3, atol=0)
+
+
+def test_aux_is_zero_when_aux_coef_is_zero():
+    targets = make_targets({"w": (30, 20)}, rank=1)
+    sae = LowRankSAE(targets, SAEConfig(n_latents=8, k=2))
+    sae.input_scale.fill_(1.0)
+    x = _random_batch(targets, 8)
+    dead = torch.ones(8, dtype=torch.bool)
+    assert float(factored_losses(sae, x, dead, 4, 0.0).aux) == 0.0

@@ -976,3 +976,39 @@ def test_keep_checkpoints_bounds_the_step_checkpoints_a_long_run_leaves(tmp_path
         "final", "step_000010", "step_000012"]
     assert all((run / "checkpoints" / name / "training_state.safetensors").is_file()
                for name in ("step_000010", "step_000012"))
+
+
+# ---- found by mutation testing (audit 121): each test below fails under a mutant of the code
+# ---- that the rest of this file let pass
+
+def test_a_resume_removes_only_the_later_steps_checkpoints(tmp_path):
+    """R06: ``_remove_later(run_dir, step)`` removes the shards checkpoints and resume files of the
+    steps AFTER the one the run resumes from; that step's own (and earlier ones) stay: the
+    resumed run's ``--checkpoint step_000008`` and the next resume need them."""
+    from sae_shards.capture.resume import _remove_later, checkpoint_dir
+    from sae_shards.run import rundir
+
+    for step in (4, 8, 12):
+        checkpoint_dir(tmp_path, step).mkdir(parents=True)
+        (checkpoint_dir(tmp_path, step) / "config.json").write_text("{}")
+        rundir.resume_file(tmp_path, step).parent.mkdir(exist_ok=True)
+        rundir.resume_file(tmp_path, step).write_bytes(b"x")
+    _remove_later(tmp_path, 8)
+    assert rundir.saved_steps(tmp_path / rundir.CHECKPOINTS) == [4, 8]
+    assert rundir.saved_steps(tmp_path / rundir.RESUME) == [4, 8]
+
+
+def test_a_step_log_one_row_short_is_refused(tmp_path):
+    """R11: ``_check_logs`` refuses a step log holding fewer rows up to the checkpoint's step than
+    the run had written then: one row short too (a hole in the resumed run's record)."""
+    import json
+
+    from sae_shards.capture.resume import _check_logs
+    from sae_shards.core.checkpoint import CheckpointError
+
+    rows = [{"step": s, "prompts": [f"p{s}"]} for s in (1, 2, 3)]
+    (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _check_logs(tmp_path, 4, {"rollouts.jsonl": 3})  # as recorded: fine
+    with pytest.raises(CheckpointError, match="2 rows up to RL step 4, where the run had written 3"):
+        (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+        _check_logs(tmp_path, 4, {"rollouts.jsonl": 3})

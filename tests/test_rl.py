@@ -240,3 +240,131 @@ def test_trainable_is_not_for_lora(tiny, tmp_path):
     with pytest.raises(ValueError, match="rl.trainable cannot be combined with model.lora"):
         build_trainer(path, tokenizer, task, task.dataset(8), FAST, [], tmp_path / "out",
                       peft_config=LoraConfig(r=2, target_modules=["q_proj"]), trainable=BODY)
+
+
+# ---- found by mutation testing (audit 121): each test below fails under a mutant of the code
+# ---- that the rest of this file let pass
+
+class _FakeTRL:
+    """Holds ``_logs`` as TRL's GRPOTrainer does (here a plain, ever-growing list per column) and
+    a ``_generate_and_score_completions`` that logs one generation of ``inputs`` (numbers)."""
+
+    def __init__(self, processes: int = 1, log_extra: bool = False) -> None:
+        import types
+
+        self._logs = {"prompt": [], "completion": [], "rewards": {"f": [], "g": []},
+                      "advantages": [], "extra": {}}
+        self.reward_func_names = ["f", "g"]
+        self.reward_weights = torch.tensor([1.0, 2.0])
+        self.model = types.SimpleNamespace(training=True)
+        self.accelerator = types.SimpleNamespace(num_processes=processes)
+        self.processes = processes
+        self.extra_per_call: dict[str, list] | None = None
+        if log_extra:
+            self._log_completion_extra = self._log_extra
+
+    def _log_extra(self, column, values):
+        self._logs["extra"].setdefault(column, []).extend(values)
+
+    def _generate_and_score_completions(self, inputs, f=None, g=None, extra=None):
+        rows = [x for _ in range(self.processes) for x in inputs]  # gathered from every process
+        self._logs["prompt"] += [f"p{x}" for x in rows]
+        self._logs["completion"] += [f"c{x}" for x in rows]
+        self._logs["rewards"]["f"] += list(f) * self.processes if f else [float(x) for x in rows]
+        self._logs["rewards"]["g"] += list(g) * self.processes if g else [0.5] * len(rows)
+        self._logs["advantages"] += [0.0] * len(rows)
+        for column, values in (extra or {}).items():
+            self._log_completion_extra(column, values)  # the wrapped one, as reward functions do
+        return {"prompt_ids": torch.zeros(len(inputs), 3)}
+
+
+def _installed(**kw):
+    from sae_shards.capture.rollouts import TRLRollouts
+
+    trainer = _FakeTRL(**kw)
+    rollouts = TRLRollouts(trainer)
+    rollouts.install()
+    return trainer, rollouts
+
+
+def test_rollout_rewards_are_trls_weighted_totals():
+    """RO01: a step's ``rewards`` are TRL's weighted sums over the reward functions."""
+    trainer, rollouts = _installed()
+    trainer._generate_and_score_completions([1, 2])
+    got = rollouts.read(1)
+    assert got.row["rewards"] == [1.0 + 2 * 0.5, 2.0 + 2 * 0.5]
+    assert got.reward_mean == pytest.approx(2.5)
+
+
+def test_a_nan_reward_is_left_out_of_the_total_and_the_mean():
+    """RO05: a function that could not score a completion (NaN in TRL's log) is left out of its
+    total, and a completion no function scored is None, out of the mean."""
+    trainer, rollouts = _installed()
+    nan = float("nan")
+    trainer._generate_and_score_completions([1, 2, 3], f=[1.0, nan, nan], g=[1.0, 2.0, nan])
+    got = rollouts.read(1)
+    assert got.row["rewards"] == [3.0, 4.0, None]
+    assert got.row["reward_funcs"]["f"] == [1.0, None, None]
+    assert got.reward_mean == pytest.approx(3.5) and got.reward_std == pytest.approx(0.5)
+
+
+def test_reward_std_is_the_population_std():
+    """RO06: ``reward_std`` is the population standard deviation of the scored totals."""
+    trainer, rollouts = _installed()
+    trainer._generate_and_score_completions([1, 2], g=[0.0, 0.0])
+    assert rollouts.read(1).reward_std == pytest.approx(0.5)
+
+
+def test_a_step_reads_its_own_generation_not_the_logs_oldest():
+    """RO02: TRL's log may still hold earlier generations: a step's row is the last rows."""
+    trainer, rollouts = _installed()
+    trainer._generate_and_score_completions([1, 2])
+    rollouts.read(1)
+    trainer._generate_and_score_completions([3, 4])
+    assert rollouts.read(2).row["prompts"] == ["p3", "p4"]
+
+
+def test_evaluation_generations_do_not_reach_a_steps_rollouts():
+    """RO03: a generation made in eval mode (evaluation) is not the step's training batch."""
+    trainer, rollouts = _installed()
+    trainer._generate_and_score_completions([1, 2])
+    trainer.model.training = False
+    trainer._generate_and_score_completions([8, 9])  # evaluation, appended to the same log
+    trainer.model.training = True
+    assert rollouts.read(1).row["prompts"] == ["p1", "p2"]
+
+
+def test_a_step_that_trains_on_two_generations_records_both():
+    """RO04: steps_per_generation below gradient_accumulation_steps: both generations."""
+    trainer, rollouts = _installed()
+    trainer._generate_and_score_completions([1, 2])
+    trainer._generate_and_score_completions([3, 4])
+    assert rollouts.read(1).row["prompts"] == ["p1", "p2", "p3", "p4"]
+
+
+def test_rollouts_hold_every_processs_completions():
+    """RO07: the log is gathered from every process: a step's row holds all of them."""
+    trainer, rollouts = _installed(processes=2)
+    trainer._generate_and_score_completions([1, 2])
+    trainer._generate_and_score_completions([3, 4])
+    rollouts.read(1)
+    trainer._generate_and_score_completions([5, 6])
+    assert rollouts.read(2).row["prompts"] == ["p5", "p6", "p5", "p6"]
+
+
+def test_labels_with_a_missing_one_give_no_labels():
+    """RO08: a completion without a label (None logged) makes the step carry no labels."""
+    trainer, rollouts = _installed(log_extra=True)
+    trainer._generate_and_score_completions([1, 2], extra={"task": ["A", None]})
+    got = rollouts.read(1)
+    assert got.row["tasks"] is None and got.labels == ()
+
+
+def test_a_label_column_logged_for_too_few_completions_is_left_out():
+    """RO09: a column with fewer values than completions cannot be matched to them: dropped."""
+    trainer, rollouts = _installed(log_extra=True)
+    trainer._generate_and_score_completions([1, 2, 3], extra={"task": ["A", "B"]})
+    got = rollouts.read(1)
+    assert got.row["tasks"] is None and got.labels == ()
+    trainer._generate_and_score_completions([4, 5], extra={"task": ["A", "B"]})
+    assert rollouts.read(2).row["tasks"] == ["A", "B"]

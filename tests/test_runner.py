@@ -574,3 +574,77 @@ def test_a_script_that_fails_while_the_worker_trains_exits_with_its_error_not_an
     assert done.returncode == 1, done.stderr[-2000:]
     assert done.stderr.rstrip().endswith("RuntimeError: trainer.train() raised")
     assert "terminate called" not in done.stderr
+
+
+# ---- found by mutation testing (audit 121): each test below fails under a mutant of the code
+# ---- that the rest of this file let pass
+
+SMALL = [TargetSpec("w", (4, 3), rank=1), TargetSpec("b", (5,))]  # sample_of's shapes
+
+
+def sample_of(step: int) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((4, 3), float(step)), "b": torch.full((5,), float(step))}
+
+
+def test_a_push_holds_the_samples_still_waiting_to_be_encoded():
+    """RN01: ``first_read`` (what a thread-runner push holds in the ring) covers the samples of
+    earlier pushes still waiting in ``_pending`` to be encoded (up to ``flush_every - 1``), not only
+    the push's batch window: capacity 20, max_lag 1, pushes of 2 events (push_room allows 2)."""
+    from sae_shards.capture.runner import SAEWorkLoop
+    from sae_shards.core.sae import LowRankSAE
+    from sae_shards.core.sae_config import SAEConfig
+    from sae_shards.core.trainer import SAETrainer
+    from sae_shards.run.config import RunnerConfig, flush_every, push_room
+
+    cfg = RunnerConfig(max_lag=1)
+    assert push_room(20, 1, threaded=True) == 2
+    buffer = DeltaRingBuffer(SMALL, capacity=20, device="cpu")
+    trainer = SAETrainer(LowRankSAE(SMALL, SAEConfig(n_latents=4, k=1, batch_size=4)))
+    loop = SAEWorkLoop(trainer, buffer, cfg, torch.Generator().manual_seed(0))
+    for _ in range(100):
+        buffer.push(sample_of(1), StepMeta(1))
+    window = buffer.window(reserve=(cfg.max_lag + 1) * 2)
+    pending_from = window.end - 2 - (flush_every(20, 1) - 1)  # the oldest sample not yet encoded
+    assert loop.first_read(window, 2) <= pending_from < window.start
+
+
+def test_last_rl_step_never_goes_back():
+    """RN03: ``reached`` is called by the RL thread for every step and by a lagging worker for the
+    steps it processes: ``last_rl_step`` (checkpoints' and summary's rl_step) never goes back."""
+    from sae_shards.capture.runner import SAEWorkLoop
+    from sae_shards.core.sae import LowRankSAE
+    from sae_shards.core.sae_config import SAEConfig
+    from sae_shards.core.trainer import SAETrainer
+    from sae_shards.run.config import RunnerConfig
+
+    buffer = DeltaRingBuffer(SMALL, capacity=8, device="cpu")
+    trainer = SAETrainer(LowRankSAE(SMALL, SAEConfig(n_latents=4, k=1, batch_size=4)))
+    loop = SAEWorkLoop(trainer, buffer, RunnerConfig(), torch.Generator().manual_seed(0))
+    loop.reached(5)  # the RL thread
+    loop.process(buffer.push(sample_of(3), StepMeta(3)))  # the worker, two pushes behind
+    assert loop.last_rl_step == 5
+
+
+def test_the_online_log_encodes_each_sample_under_the_sae_it_arrived_at():
+    """RN06: before a push's SAE steps, the samples so far are encoded (the ``online`` activation
+    log: each sample under the SAE as it was when it arrived), not later under a trained-on SAE."""
+    from sae_shards.capture.runner import SAEWorkLoop
+    from sae_shards.core.sae import LowRankSAE
+    from sae_shards.core.sae_config import SAEConfig
+    from sae_shards.core.trainer import SAETrainer
+    from sae_shards.run.config import RunnerConfig
+
+    buffer = DeltaRingBuffer(SMALL, capacity=64, device="cpu")  # flush_every: 60
+    trainer = SAETrainer(LowRankSAE(SMALL, SAEConfig(n_latents=4, k=1, batch_size=4)))
+    cfg = RunnerConfig(min_samples=1, sae_start_step=0, sae_steps_per_rl_step=1)
+    loop = SAEWorkLoop(trainer, buffer, cfg, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    arrived = {}  # RL step -> the SAE's step count when its sample arrived
+    for step in range(1, 9):
+        arrived[step] = trainer.n_steps
+        loop.process(buffer.push({t.name: torch.randn(t.shape, generator=g) for t in SMALL},
+                                 StepMeta(step)))
+    loop.flush_activations()
+    logged = dict(zip(loop.activations.rl_step, loop.activations.sae_step))
+    assert len(logged) >= 4 and trainer.n_steps >= 4
+    assert logged == {step: arrived[step] for step in logged}

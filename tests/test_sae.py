@@ -5,7 +5,7 @@ import torch
 
 from sae_shards.core.sae import LowRankSAE
 from sae_shards.core.sae_config import SPARSITY_MODES, SAEConfig
-from sae_shards.core.sparsity import SparseCodes
+from sae_shards.core.sparsity import SparseCodes, aux_latents, relu_topk
 from sae_shards.core.targets import TargetSpec, make_targets
 from sae_shards.core.trainer import SAETrainer
 
@@ -176,3 +176,82 @@ def test_scaling_samples_before_the_input_scale_is_known_is_refused():
     sae = LowRankSAE(targets, SAEConfig(n_latents=4, k=1))
     with pytest.raises(RuntimeError, match="input_scale is not set yet"):
         sae.to_scaled(_random_batch(targets, 2))
+
+
+# ---- found by mutation testing (audit 120): each test below fails under a mutant of the code
+# ---- that the rest of this file let pass
+
+def test_relu_topk_never_keeps_a_negative_activation():
+    # topk mode is "ReLU, then the k largest": a sample with fewer than k positive
+    # pre-activations keeps zeros (padding), never a negative code
+    pre = torch.tensor([[3.0, -1.0, -2.0, -0.5, -4.0]])
+    codes = relu_topk(pre, 3)
+    assert (codes.values >= 0).all()
+    assert codes.active().sum().item() == 1
+
+
+def test_aux_latents_are_only_dead_ones_when_fewer_dead_than_aux_k():
+    pre = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    dead = torch.zeros(10, dtype=torch.bool)
+    dead[[2, 7]] = True
+    for signed in (True, False):
+        idx = aux_latents(pre, dead, aux_k=4, signed=signed)
+        assert idx.shape == (6, 2)
+        assert dead[idx].all()
+
+
+def test_signed_aux_latents_score_by_magnitude():
+    # signed_topk codes act by |c|: the dead latent with the most negative pre-activation is the
+    # one AuxK should pick, not the one with the largest ReLU
+    pre = torch.tensor([[-5.0, 0.1, 0.2, 3.0]])
+    dead = torch.tensor([True, True, True, False])
+    assert aux_latents(pre, dead, aux_k=1, signed=True).tolist() == [[0]]
+    assert aux_latents(pre, dead, aux_k=1, signed=False).tolist() == [[2]]
+
+
+def test_active_counts_negative_signed_codes():
+    codes = SparseCodes(torch.tensor([[0, 1, 2]]), torch.tensor([[-1.0, 2.0, 0.0]]))
+    assert codes.active().tolist() == [[True, True, False]]
+
+
+def test_normalize_decoder_balances_u_and_v_per_latent():
+    targets = make_targets({"w": (12, 7)}, rank=2)
+    sae = LowRankSAE(targets, SAEConfig(n_latents=8, k=2, rank=2))
+    tf = sae.factors[0]
+    with torch.no_grad():
+        tf.U.mul_(3.0)  # unbalance: U three times larger
+        tf.V.div_(1.5)
+        sae.normalize_decoder_()
+    nu = tf.U.detach().flatten(1).norm(dim=1)
+    nv = tf.V.detach().flatten(1).norm(dim=1)
+    torch.testing.assert_close(nu, nv)
+
+
+def test_batch_topk_inference_uses_the_threshold_not_the_batch():
+    targets = make_targets({"w": (12, 7)}, rank=1)
+    sae = LowRankSAE(targets, SAEConfig(n_latents=16, k=2, sparsity="batch_topk"))
+    sae.threshold.fill_(0.0)  # every positive pre-activation passes at inference
+    pre = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    codes, _ = sae.select(pre, training=False)
+    assert codes.active().sum().item() == (pre > 0).sum().item()
+
+
+def test_a_batch_of_one_sample_is_refused_by_the_config():
+    with pytest.raises(ValueError, match="batch_size"):
+        SAEConfig(batch_size=1)
+
+
+def test_default_aux_k_is_four_times_k_capped_at_n_latents():
+    assert SAEConfig(n_latents=64, k=3).effective_aux_k == 12
+    assert SAEConfig(n_latents=8, k=3).effective_aux_k == 8
+
+
+def test_default_decoder_bias_is_off_for_factored_samples():
+    assert SAEConfig().uses_b_dec("factored") is False
+    assert SAEConfig().uses_b_dec("dense") is True
+
+
+def test_an_ema_rate_of_zero_is_refused():
+    for name in ("scale_ema", "threshold_ema"):
+        with pytest.raises(ValueError, match=name):
+            SAEConfig(**{name: 0.0})
