@@ -29,7 +29,7 @@ def stream():
     return PlantedStream(PlantedConfig(n_directions=12, noise_frac=0.2, seed=0))
 
 
-def _trained(stream, seed: int, noise: bool = False, steps: int = 300) -> ShardSet:
+def _trained(stream, seed: int, noise: bool = False, steps: int = 150) -> ShardSet:
     sae = LowRankSAE(stream.targets, SAEConfig(**CFG, seed=seed))
     trainer = SAETrainer(sae)
     g = torch.Generator().manual_seed(100 + seed)
