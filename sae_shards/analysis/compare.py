@@ -226,7 +226,7 @@ def compare_shards(a: ShardSet, b: ShardSet, threshold: float = REPLICATED,
 
     pairs = sorted((pair(i, False) for i in counted),
                    key=lambda p: -(p.cosine if signed else abs(p.cosine)))
-    always = [pair(i, True) for i in compared if i not in set(counted)]
+    always = [pair(i, True) for i in compared if density[i] >= ALWAYS_ON_DENSITY]
     prints = [initial_fingerprint(s) for s in (a, b)]
     return Comparison(pairs, always, threshold, min_density, sum(rare),
                       sum(not rare[i] and not bool(moved_a[i]) for i in range(len(a))),

@@ -959,8 +959,7 @@ class ShardCallback(TrainerCallback):
     def _let_go(self) -> None:
         """Release this callback's hold of the run directory's lock, and on a rank other than 0
         give sae-shards' log records below ERROR back to the process (once)."""
-        self._speak_again()
-        self._speak_again = lambda: None
+        self._speak_again()  # once: later calls do nothing
         if self._holds_lock:
             self._holds_lock = False
             rundir.release_run_dir(self.run_dir)
