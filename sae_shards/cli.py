@@ -1312,7 +1312,8 @@ def _compare(args: list[str]) -> int:
 
     from sae_shards.analysis.compare import (MIN_DENSITY, REPLICATED, check_min_density,
                                              check_threshold, compare_shards, comparison_lines,
-                                             comparison_path_refusal, load_shards)
+                                             comparison_path_refusal, load_shards,
+                                             subset_origin)
     from sae_shards.core.checkpoint import CheckpointError
     from sae_shards.run import rundir
 
@@ -1374,8 +1375,12 @@ def _compare(args: list[str]) -> int:
     if ns.out is not None:
         try:
             ns.out.parent.mkdir(parents=True, exist_ok=True)
+            subsets = {side: {"path": origin[0], "indices": origin[1]}
+                       for side, origin in (("a", subset_origin(a)), ("b", subset_origin(b)))
+                       if origin is not None}
             rundir.write_text(ns.out, json.dumps(rundir.strict_json(
-                {"a": str(a.path), "b": str(b.path), **result.to_dict()}), indent=2))
+                {"a": str(a.path), "b": str(b.path), **result.to_dict(),
+                 **({"subset_of": subsets} if subsets else {})}), indent=2))
         except (OSError, rundir.RunWriteError) as e:
             print(f"sae-shards: the comparison above was not written to {ns.out}: "
                   f"{getattr(e, 'what', None) or e}", file=sys.stderr)

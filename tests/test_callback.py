@@ -161,6 +161,14 @@ def test_bad_arguments_fail_at_construction(tmp_path):
         ShardCallback(run_dir=tmp_path / "a", label_column=3, resume="yes")
     with pytest.raises(ValueError, match=r"seed=True \(expected an int\)"):
         ShardCallback(run_dir=tmp_path / "a", seed=True)
+    callback = ShardCallback(run_dir=tmp_path / "e")
+    for bad in (-1, True, 15.0, "SIGTERM"):  # -1 would be lost in the ranks' stop vote
+        with pytest.raises(ValueError, match=rf"request_stop\(signum={bad!r}\): give a signal"):
+            callback.request_stop(bad)
+    assert callback.stop_signal is None
+    callback.request_stop(15)
+    assert callback.stop_signal == 15
+    callback.close()
     assert not (tmp_path / "a").exists()  # nothing written for a refused callback
 
 

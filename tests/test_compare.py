@@ -226,3 +226,24 @@ def test_compare_from_the_command_line(short_run_dir, sets, tmp_path, capsys):
     with pytest.raises(ValueError, match="is a checkpoint directory itself"):
         load_shards(final, "final")
     assert comparison_path_refusal(out) is None
+
+
+def test_a_saved_subset_is_listed_with_its_original_indices(sets, tmp_path, capsys):
+    """A subset of chosen shards, saved and compared with its whole SAE: each shard is found
+    again as the original it was chosen as, and the printout and JSON map the subset's own
+    indices to those."""
+    a = sets[0]
+    picked = [p.shard for p in compare_shards(a, sets[1]).replicated[:3]][::-1]
+    whole = a.save(tmp_path / "whole")
+    sub = ShardSet.load(whole).subset(picked).save(tmp_path / "sub")
+    out = tmp_path / "sub.json"
+    assert main(["compare", str(sub), str(whole), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    mapping = ", ".join(f"{i}->{j}" for i, j in enumerate(picked))
+    assert f"note: A holds shards chosen from {whole}, listed by their indices here; " \
+           f"there they are {mapping}" in printed
+    saved = json.loads(out.read_text())
+    assert saved["subset_of"] == {"a": {"path": str(whole), "indices": picked}}
+    assert {p["shard"]: p["match"] for p in saved["pairs"]} == dict(enumerate(picked))
+    assert main(["compare", str(whole), str(sub)]) == 0
+    assert "note: B holds shards chosen from" in capsys.readouterr().out

@@ -293,6 +293,25 @@ def comparison_path_refusal(path: Path) -> str | None:
     return None
 
 
+def subset_origin(shards: ShardSet) -> tuple[str, list[int]] | None:
+    """``(checkpoint, indices there)`` for a ``ShardSet.subset`` that was saved (its shard
+    ``i`` is shard ``indices[i]`` of that checkpoint); None for a whole SAE."""
+    origin = shards.meta.get("subset_of")
+    if not isinstance(origin, dict):
+        return None
+    indices = origin.get("indices")
+    if not (isinstance(indices, list) and len(indices) == len(shards)
+            and all(type(i) is int for i in indices)):
+        return None
+    return str(origin.get("path") or "an unnamed checkpoint"), indices
+
+
+def _index_map(indices: list[int], shown: int = 12) -> str:
+    """``0->13, 1->2, ...``: a subset's indices beside the original ones."""
+    pairs = ", ".join(f"{i}->{j}" for i, j in enumerate(indices[:shown]))
+    return pairs + (f", ... ({len(indices) - shown} more)" if len(indices) > shown else "")
+
+
 def comparison_lines(result: Comparison, a: ShardSet, b: ShardSet,
                      top: int | None = None) -> list[str]:
     """``sae-shards compare``'s printout: the figures, then one line per pair (the ``top``
@@ -325,6 +344,11 @@ def comparison_lines(result: Comparison, a: ShardSet, b: ShardSet,
     if a.path is not None and b.path is not None and \
             Path(a.path).resolve() == Path(b.path).resolve():
         lines.append("note: A and B are the same checkpoint: every shard matches itself")
+    for side, shards in (("A", a), ("B", b)):
+        subset = subset_origin(shards)
+        if subset is not None:
+            lines.append(f"note: {side} holds shards chosen from {subset[0]}, listed by their "
+                         f"indices here; there they are {_index_map(subset[1])}")
     if result.signed:
         lines.append("note: both SAEs' codes are non-negative, so a shard and its negative are "
                      "other shards: matched by the signed cosine")

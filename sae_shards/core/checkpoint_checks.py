@@ -41,8 +41,8 @@ class CheckpointError(ValueError):
 
 
 DAMAGED = ("read another of the run's checkpoints instead (`--checkpoint step_XXXXXX` for "
-           "analyze / evaluate, ShardSet.from_run(run_dir, \"step_XXXXXX\")), or restore the "
-           "file from a copy")
+           "analyze / evaluate, `--checkpoint-a` / `--checkpoint-b` for compare, "
+           "ShardSet.from_run(run_dir, \"step_XXXXXX\")), or restore the file from a copy")
 # "sample_form" is optional: checkpoints written before per-event samples lack it ("dense").
 _CONFIG_KEYS = frozenset({"format", "format_version", "sae", "targets", "meta", "sample_form"})
 _META_COUNTS = ("rl_step", "sae_step", "sae_samples")
