@@ -286,10 +286,10 @@ def test_another_primary_config_is_refused_before_hydra_writes(tmp_path, monkeyp
 
 
 def test_the_default_config_named_either_way_is_the_default():
-    from sae_shards.cli import _refuse_other_primary_config
+    from sae_shards.cli.hydra_config import refuse_other_primary_config
 
     for flags in (["--config-name", "config"], ["--config-name=config"], ["-cn", "config"]):
-        _refuse_other_primary_config([*flags, "sae.k=2"])  # no error
+        refuse_other_primary_config([*flags, "sae.k=2"])  # no error
 
 
 def test_a_sweep_too_large_to_check_first_says_so_and_leaves_no_empty_job_directory(
@@ -297,9 +297,9 @@ def test_a_sweep_too_large_to_check_first_says_so_and_leaves_no_empty_job_direct
     """Over MAX_CHECKED_JOBS the up-front check was skipped without a word, and every job
     refused at its turn (or never started) left an empty directory that analyze then listed
     among the sweep's runs."""
-    import sae_shards.cli as cli
+    import sae_shards.cli.train_checks as train_checks
 
-    monkeypatch.setattr(cli, "MAX_CHECKED_JOBS", 1)
+    monkeypatch.setattr(train_checks, "MAX_CHECKED_JOBS", 1)
     sweep = tmp_path / "sweep"
     assert main(["train", "-m", "sae.k=2,100", f"run_dir={sweep}", *TINY]) == 2
     captured = capsys.readouterr()
@@ -377,9 +377,9 @@ def test_an_unforeseen_failure_ends_a_multi_process_sweep(tmp_path, monkeypatch,
     """Under a multi-process launch a job that raised on one rank went on to the next job while
     the other ranks waited in the failed job's collectives: the sweep hung until killed. The
     process now ends (exit 1), so the launcher ends the others; the next job does not start."""
-    import sae_shards.cli as cli
+    import sae_shards.cli.train as cli_train
 
-    monkeypatch.setattr(cli, "_several_processes", lambda: True)
+    monkeypatch.setattr(cli_train, "several_processes", lambda: True)
     sweep = tmp_path / "sweep"
     with pytest.raises(SystemExit) as ended:
         main(["train", "-m", "rl.extra.loss_type=bogus,grpo", f"run_dir={sweep}", *TINY])
@@ -394,13 +394,13 @@ def test_a_multi_process_sweep_goes_on_only_past_a_failure_every_process_knew(
     first generation: the sweep hung (gloo's timeout: 30 minutes). A refusal every process
     learnt of (``begin_together``) lets the sweep go on; a failure of one process alone (a full
     disk on rank 0) ends it after that job, so that the launcher ends the others."""
-    import sae_shards.cli as cli
+    import sae_shards.cli.train as cli_train
     import sae_shards.run.job as job_module
     from sae_shards.capture.distributed import begin_together, told_every_rank
     from sae_shards.core.checkpoint import CheckpointError
     from sae_shards.run.rundir import RunWriteError
 
-    monkeypatch.setattr(cli, "_several_processes", lambda: True)
+    monkeypatch.setattr(cli_train, "several_processes", lambda: True)
     ran = []
 
     def run_job(job, run_dir, hydra_files=None):
@@ -481,9 +481,9 @@ def test_flags_between_overrides_and_a_group_given_a_number(tmp_path, capsys):
 
 
 def test_hydra_flags_are_not_taken_for_overrides():
-    from sae_shards.cli import _override_args
+    from sae_shards.cli.hydra_config import override_args
 
-    assert _override_args(["--cfg", "job", "-m", "sae.k=1,2", "-cn", "config", "seed=1"]) == [
+    assert override_args(["--cfg", "job", "-m", "sae.k=1,2", "-cn", "config", "seed=1"]) == [
         "sae.k=1,2", "seed=1"]
 
 
@@ -577,7 +577,7 @@ def test_printed_commands_parse_back_to_the_run_dir(tmp_path):
 def test_closing_lines_name_evaluate_for_a_labelled_run(tmp_path):
     """A run with saved samples of a multi-task run is pointed at evaluate as well; the default
     task is not (evaluate refuses it)."""
-    from sae_shards.cli import _closing_lines
+    from sae_shards.cli.train import closing_lines
 
     summary = {"rl_steps": 3, "sae_steps": 6, "wall_s": 1.0}
     (tmp_path / "samples.safetensors").write_bytes(b"")
@@ -585,7 +585,7 @@ def test_closing_lines_name_evaluate_for_a_labelled_run(tmp_path):
                                ("multiskill", 0, False)):
         (tmp_path / "config.json").write_text(json.dumps({"task": {"name": task},
                                                           "runner": {"heldout_every": every}}))
-        last = _closing_lines(summary, tmp_path)[-1]
+        last = closing_lines(summary, tmp_path)[-1]
         assert last.startswith(f"  next: sae-shards analyze {tmp_path}")
         assert (f"sae-shards evaluate {tmp_path}" in last) is named
 
@@ -700,7 +700,8 @@ def test_printed_commands_quote_names_hydra_or_the_shell_would_misread(tmp_path,
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from sae_shards.cli import _closing_lines, resume_command
+    from sae_shards.cli import resume_command
+    from sae_shards.cli.train import closing_lines
 
     run = tmp_path / name
     words = shlex.split(resume_command(run))
@@ -708,7 +709,7 @@ def test_printed_commands_quote_names_hydra_or_the_shell_would_misread(tmp_path,
               for o in OverridesParser.create().parse_overrides(words[2:])}
     assert parsed == {"run_dir": str(run), "resume": True}, words
     run.mkdir()  # the closing lines' next command: the directory as one shell word
-    last = _closing_lines({"rl_steps": 3, "sae_steps": 6, "wall_s": 1.0}, run)[-1]
+    last = closing_lines({"rl_steps": 3, "sae_steps": 6, "wall_s": 1.0}, run)[-1]
     assert shlex.split(last.split("next: ")[1]) == ["sae-shards", "analyze", str(run)], last
 
 

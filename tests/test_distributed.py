@@ -627,7 +627,7 @@ def test_a_rank_other_than_0_says_only_errors_of_its_own_and_labels_its_lines(mo
     import io
     import logging
 
-    from sae_shards.cli import _speak_as_rank
+    from sae_shards.cli.processes import speak_as_rank
 
     package = logging.getLogger("sae_shards")
     stream = io.StringIO()
@@ -643,13 +643,13 @@ def test_a_rank_other_than_0_says_only_errors_of_its_own_and_labels_its_lines(mo
             monkeypatch.setenv("RANK", rank)
             monkeypatch.setenv("WORLD_SIZE", "2")
             package.setLevel(logging.NOTSET)
-            _speak_as_rank()
-            _speak_as_rank()  # once per sweep job: labelled once
+            speak_as_rank()
+            speak_as_rank()  # once per sweep job: labelled once
             logging.getLogger("sae_shards.capture.resume").warning("incomplete %s", rank)
             logging.getLogger("sae_shards.cli").error("failed %s", rank)
             logging.getLogger("another_library").warning("theirs %s", rank)
         package.setLevel(logging.INFO)  # the user's own choice: kept on rank 1
-        _speak_as_rank()
+        speak_as_rank()
         logging.getLogger("sae_shards.capture").info("chosen")
     finally:
         root.removeHandler(handler)
