@@ -312,6 +312,10 @@ CASES = [
     case("decoder-not-unit-norm", set_tensor(U, lambda t: t * 3), SAE, "unit norm"),
     case("decoder-zero", edit_tensors(lambda t: [t[k].zero_() for k in (U, D)]), SAE,
          "unit norm"),
+    # a squared norm of 1.01 (latent 0 scaled by sqrt(1.01)): beyond the 1e-3 tolerance
+    case("decoder-norm-one-percent-off",
+         edit_tensors(lambda t: [t[k][0].mul_(1.01 ** 0.5) for k in (U, D)]), SAE,
+         r"latents \[0\] have squared norms \[1.01\]"),
     # --- sae.safetensors: latent statistics
     case("stats-density-shape", set_tensor("stats.density", lambda t: torch.zeros(4)), SAE,
          r"'stats.density' has shape \(4,\)"),
@@ -357,6 +361,8 @@ CASES = [
          "meta.sae_step = nan must be a count", "all"),
     case("meta-sae-samples-negative", cfg_set("meta", "sae_samples", value=-5), CONFIG,
          "meta.sae_samples = -5 must be a count", "all"),
+    case("meta-rl-step-bool", cfg_set("meta", "rl_step", value=True), CONFIG,
+         "meta.rl_step = True must be a count", "all"),
     # --- config.json: targets
     case("targets-not-a-list", cfg_set("targets", value={"name": W}), CONFIG,
          "'targets' must be a non-empty list", "all"),
@@ -412,6 +418,10 @@ CASES = [
     case("sae-config-lr-string", cfg_set("sae", "lr", value="fast"), CONFIG, "sae.lr", "all"),
     case("sae-config-use-b-dec-string", cfg_set("sae", "use_b_dec", value="yes"), CONFIG,
          "sae.use_b_dec", "all"),
+    case("sae-config-use-b-dec-int", cfg_set("sae", "use_b_dec", value=1), CONFIG,
+         r"sae.use_b_dec = 1 must be .*true or false", "all"),
+    case("sae-config-autocast-bf16-int", cfg_set("sae", "autocast_bf16", value=1), CONFIG,
+         r"sae.autocast_bf16 = 1 must be .*true or false", "all"),
     case("sae-config-sparsity-unknown", cfg_set("sae", "sparsity", value="dense"), CONFIG,
          "sae.sparsity", "all"),
     case("sae-config-aux-coef-infinite", cfg_set("sae", "aux_coef", value=float("inf")), CONFIG,

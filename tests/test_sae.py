@@ -241,6 +241,27 @@ def test_a_batch_of_one_sample_is_refused_by_the_config():
         SAEConfig(batch_size=1)
 
 
+def test_a_negative_aux_coef_is_refused():
+    """A negative AuxK weight would act as 0 (every use of it tests > 0): refused by name."""
+    with pytest.raises(ValueError, match=r"sae.aux_coef=-0.5 must be >= 0"):
+        SAEConfig(aux_coef=-0.5)
+    assert SAEConfig(aux_coef=0).aux_coef == 0
+
+
+def test_targets_with_different_batch_sizes_are_refused():
+    """A batch whose targets hold different numbers of samples is refused naming the target
+    and both sizes: a batch of 1 on one target would otherwise broadcast against the others
+    and train a normal-looking step (audit 123, J06)."""
+    w, b = "layers.0.mlp.down_proj.weight", "layers.0.norm.weight"
+    sae = LowRankSAE([TargetSpec(w, (6, 4), 1), TargetSpec(b, (5,))],
+                     SAEConfig(n_latents=3, rank=1, k=1, batch_size=8))
+    trainer = SAETrainer(sae)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=rf"target '{b}': batch size 1 differs from 8"):
+        trainer.step({w: torch.randn(8, 6, 4, generator=g), b: torch.randn(1, 5, generator=g)})
+    assert trainer.n_steps == 0
+
+
 def test_default_aux_k_is_four_times_k_capped_at_n_latents():
     assert SAEConfig(n_latents=64, k=3).effective_aux_k == 12
     assert SAEConfig(n_latents=8, k=3).effective_aux_k == 8
