@@ -25,7 +25,8 @@ HEAVY = ("transformers", "trl", "wandb", "hydra", "omegaconf", "peft")
     "import sae_shards.core.sae, sae_shards.core.trainer, sae_shards.core.checkpoint",
     "import sae_shards.run.config",
     "import sae_shards.analysis.shards",
-], ids=["top-level", "core", "run.config", "analysis.shards"])
+    "from sae_shards.cli import main; main(['--help'])",  # each command imports its own
+], ids=["top-level", "core", "run.config", "analysis.shards", "cli-help"])
 def test_light_modules_import_no_rl_stack(tmp_path, imports):
     """``import sae_shards``, the core, the config dataclasses and the shard-loading API pull in
     none of the RL / logging stack (docs/architecture.md, "Imports go one way")."""
