@@ -115,6 +115,9 @@ def test_finished_run_reports_and_a_refused_rerun_keeps_its_files(tmp_path, caps
     assert summary["fvu_heldout"] is None and summary["rl_steps"] == 6
     hydra_cfg = (run / ".hydra" / "config.yaml").read_text()
     assert "seed: 3" in hydra_cfg
+    # Hydra's job log is cli.log (hydra.job.name; by default the entry point's module name)
+    assert [p.name for p in run.glob("*.log")] == ["cli.log"]
+    assert "[sae_shards." in (run / "cli.log").read_text()
 
     assert main(["train", f"run_dir={run}", "seed=4", *TINY]) == 2
     err = capsys.readouterr().err
