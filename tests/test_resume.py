@@ -1012,3 +1012,74 @@ def test_a_step_log_one_row_short_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="2 rows up to RL step 4, where the run had written 3"):
         (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
         _check_logs(tmp_path, 4, {"rollouts.jsonl": 3})
+
+
+def test_later_rows_do_not_make_up_for_a_missing_earlier_one(tmp_path):
+    """A copy of a step log that lost a row of step 2 but holds rows of steps after the
+    checkpoint (a run killed after step 4's checkpoint wrote them) is short, and refused as
+    short, with or without the recorded last-row digest: only rows up to the checkpoint's step
+    are counted (audit 124, R12)."""
+    import json
+
+    from sae_shards.capture.resume import _check_logs
+    from sae_shards.core.checkpoint import CheckpointError
+    from sae_shards.run import rundir
+
+    rows = [{"step": s, "prompts": [f"p{s}"]} for s in (1, 2, 3, 5, 6)]
+    log = tmp_path / "rollouts.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _check_logs(tmp_path, 4, {"rollouts.jsonl": 3})  # as recorded (rows after 4 not counted)
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] != 2))
+    for digests in ({}, {"rollouts.jsonl": rundir.row_digest(rows[2])}):
+        with pytest.raises(CheckpointError,
+                           match="2 rows up to RL step 4, where the run had written 3"):
+            _check_logs(tmp_path, 4, {"rollouts.jsonl": 3}, digests)
+
+
+def test_a_resume_cuts_every_step_log_back_to_its_step(tmp_path):
+    """Rollouts, events and metrics rows of the steps a resume replaces go (a per-event run
+    killed after step 4's checkpoint had logged events of steps 5-8: audit 124, R03), and so
+    does TRL's end-of-training row, unless the step is the run's last."""
+    import json
+
+    from sae_shards.capture.resume import END_OF_TRAINING, cut_logs
+
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def read(name):
+        return [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+
+    def fill():
+        write("rollouts.jsonl", [{"step": s} for s in range(1, 9)])
+        write("events.jsonl", [{"step": s, "event": e} for s in range(1, 9) for e in range(2)])
+        write("metrics.jsonl", [*({"kind": "rl", "rl_step": s} for s in range(1, 9)),
+                                {"kind": "sae", "rl_step": 4, "sae_step": 10},
+                                {"kind": "rl", "rl_step": 4, END_OF_TRAINING: 1.0}])
+
+    fill()
+    cut_logs(tmp_path, 4)
+    assert [r["step"] for r in read("rollouts.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in read("events.jsonl")] == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert [r.get("sae_step") for r in read("metrics.jsonl")] == [None] * 4 + [10]
+    fill()
+    cut_logs(tmp_path, 4, last=True)  # the run's last step: its end-of-training row stays
+    assert read("metrics.jsonl")[-1] == {"kind": "rl", "rl_step": 4, END_OF_TRAINING: 1.0}
+
+
+def test_the_resume_file_of_trls_newest_finished_checkpoint_is_kept(tmp_path):
+    """The resume files kept are the KEEP newest and the step of TRL's newest finished
+    checkpoint (a torn trainer_state.json is not finished): a script's trainer may save more
+    rarely than the callback checkpoints, and resume_from_checkpoint=True takes TRL's newest
+    (audit 124, R05)."""
+    from sae_shards.capture.resume import KEEP, kept_resume_steps
+    from sae_shards.run import rundir
+
+    for step in (2, 4, 5, 6, 8):
+        rundir.resume_file(tmp_path, step).parent.mkdir(exist_ok=True)
+        rundir.resume_file(tmp_path, step).write_bytes(b"x")
+    trl = tmp_path / "trl"
+    for step, state in ((2, "{}"), (5, "{}"), (8, '{"log_history": [')):  # 8: torn by a kill
+        (trl / f"checkpoint-{step}").mkdir(parents=True)
+        (trl / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert KEEP == 2 and kept_resume_steps(tmp_path, trl) == {5, 6, 8}

@@ -648,3 +648,36 @@ def test_the_online_log_encodes_each_sample_under_the_sae_it_arrived_at():
     logged = dict(zip(loop.activations.rl_step, loop.activations.sae_step))
     assert len(logged) >= 4 and trainer.n_steps >= 4
     assert logged == {step: arrived[step] for step in logged}
+
+
+def test_the_thread_worker_releases_each_pushs_hold():
+    """``ThreadRunner`` holds the samples a push's worker may read (``buffer.hold``) and the
+    worker releases the hold when done with the push; a hold left behind makes RL wait forever
+    to overwrite the ring once it wraps, with the worker idle, so no timeout fires (audit 124,
+    RN07: the suite hung). Three rings' worth of pushes, RL waiting for the worker after each,
+    must finish at once."""
+    from sae_shards.capture.runner import ThreadRunner
+
+    buffer = DeltaRingBuffer(SMALL, capacity=8, device="cpu")
+    trainer = SAETrainer(LowRankSAE(SMALL, SAEConfig(n_latents=4, k=1, batch_size=4)))
+    cfg = RunnerConfig(concurrency="thread", max_lag=2, min_samples=2, sae_steps_per_rl_step=1)
+    loop = SAEWorkLoop(trainer, buffer, cfg, torch.Generator().manual_seed(0))
+    runner = ThreadRunner(loop, cfg.max_lag, timeout_s=30)
+    done = []
+
+    def rl():
+        for step in range(1, 25):
+            runner.on_push(buffer.push(sample_of(step), StepMeta(step)))
+            runner.wait_idle()
+        done.append(True)
+
+    thread = threading.Thread(target=rl, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    stuck = thread.is_alive()
+    if stuck:  # unblock it, so the test ends either way
+        buffer.release_all()
+        thread.join(timeout=20)
+    runner.finish()
+    assert not stuck, "RL waited on a hold the idle worker never released"
+    assert done and loop.last_rl_step == 24 and trainer.n_steps > 0

@@ -138,6 +138,10 @@ def test_glob_escape_matches_exactly_the_name():
     pattern = glob_escape(name)
     assert fnmatch.fnmatchcase(name, pattern)
     assert not fnmatch.fnmatchcase("odd0.wxy", pattern)
+    pattern = glob_escape("experts.a?b.weight")  # a ModuleDict key's ?: not any character
+    assert fnmatch.fnmatchcase("experts.a?b.weight", pattern)
+    assert not [other for other in ("experts.axb.weight", "experts.a[b.weight",
+                                    "experts.a*b.weight") if fnmatch.fnmatchcase(other, pattern)]
     assert glob_escape("model.layers.0.mlp.down_proj.weight") == (
         "model.layers.0.mlp.down_proj.weight")
 
@@ -211,3 +215,37 @@ def test_a_lora_adapter_sharded_by_fsdp2_is_refused_as_lora_under_fsdp2(tmp_path
             check_not_sharded([("layers.0.q_proj.weight", weight)])
     finally:
         dist.destroy_process_group()
+
+
+def test_a_zero3_partitioned_parameter_is_targeted_by_its_whole_shape():
+    """Under DeepSpeed ZeRO-3 a partitioned parameter's local shape is (0,) and its whole one
+    ``ds_shape``: the SAE's targets are built from the whole (audit 124, SE02; the distributed
+    tests reach it only when slow)."""
+    import torch
+
+    from sae_shards.capture.selection import full_shape, target_shapes
+
+    p = nn.Parameter(torch.empty(0))
+    p.ds_shape = torch.Size([4, 8])
+    assert full_shape(p) == (4, 8)
+    assert target_shapes({"w": p, "v": nn.Parameter(torch.zeros(3, 2))}) == {
+        "w": (4, 8), "v": (3, 2)}
+
+
+def test_a_scripts_lora_on_a_conv1d_layer_is_refused_by_target_selection():
+    """A script's own peft model with LoRA on GPT-2's Conv1D layers (peft's fan_in_fan_out: the
+    adapter's B A is the transpose of the weight's layout) never passes the recipe's check:
+    target selection refuses it, instead of capturing a delta in the wrong layout (audit 124,
+    E05)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_model_and_tokenizer(arch="gpt2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's own note that it sets fan_in_fan_out
+        peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["c_proj"],
+                                                      fan_in_fan_out=True))
+    with pytest.raises(NotImplementedError, match=r"a LoRA adapter on a Conv1D layer \(GPT-2 "
+                                                  r"style, peft's fan_in_fan_out\)"):
+        select_targets(peft_model, ["transformer.h.0.attn.c_proj.weight"])

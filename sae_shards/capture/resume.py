@@ -475,9 +475,17 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
     if not logs_checked:
         _check_logs(run_dir, step, info.get("log_rows") or {}, info.get("log_last") or {})
     _remove_later(run_dir, step)
+    cut_logs(run_dir, step, last)
+    return float(info.get("wall_s", 0.0))
+
+
+def cut_logs(run_dir: Path, step: int, last: bool = False) -> None:
+    """Cut the run's JSON-lines logs (rollouts, events, metrics) back to RL step ``step``: the
+    rows of later steps describe a trajectory the resumed run replaces. TRL's end-of-training
+    row goes too (a stopped process's: the resumed one logs its own), unless ``step`` is the
+    run's ``last``."""
     rundir.truncate_jsonl(run_dir / rundir.ROLLOUTS, lambda row: row.get("step", 0) <= step)
     if (run_dir / rundir.EVENTS).is_file():
         rundir.truncate_jsonl(run_dir / rundir.EVENTS, lambda row: row["step"] <= step)
     rundir.truncate_jsonl(run_dir / rundir.METRICS, lambda row: row.get("rl_step", 0) <= step
                           and (last or not (row.get("kind") == "rl" and END_OF_TRAINING in row)))
-    return float(info.get("wall_s", 0.0))
