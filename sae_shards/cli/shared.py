@@ -1,6 +1,7 @@
-"""What the analysis commands (``analyze``, ``evaluate``, ``compare``) share: argument types
-(``positive``, ``non_negative``, ``--shards``), ``--task`` and ``--trust-remote-code``, the
-checkpoint a command reads said up front, and an unwritable output refused before the work.
+"""What the commands share: mostly the analysis ones (``analyze``, ``evaluate``, ``compare``):
+argument types (``positive``, ``non_negative``, ``--shards``), ``--task`` and
+``--trust-remote-code``, the checkpoint a command reads said up front, an unwritable output
+refused before the work; and, with ``train``, third-party output nobody can act on kept quiet.
 """
 
 from __future__ import annotations
