@@ -792,6 +792,57 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
+def test_the_drift_latent_nearest_the_common_direction_is_by_the_top_principal_direction(scored):
+    """``drift.top_direction_latent``: the latent whose decoder direction has the largest |cos|
+    with the training samples' top principal direction, and that |cos| (audit 125, E30: the
+    latent nearest their mean sample, another one on the per-step run, went unnoticed)."""
+    r, m = scored
+    cos = _abs_cos(m.decoders, _top_direction(m.x_tr)[None])[:, 0]  # [N]
+    assert r["drift"]["top_direction_latent"] == int(cos.argmax())
+    assert r["drift"]["top_direction_abs_cos"] == pytest.approx(float(cos.max()), abs=1e-4)
+
+
+def test_per_task_purity_and_coverage_follow_their_definitions(scored):
+    """Each task's best latent on the held-out samples: purity = the samples it fires on that
+    hold the task / the samples it fires on; coverage = the same / the samples that hold the
+    task (audit 125, E16: purity computed as coverage went unnoticed)."""
+    r, m = scored
+    for t, row in r["per_task"].items():
+        fires = m.acts_te[:, row["best_latent"]] != 0
+        present = torch.tensor([t in y for y in m.y_te])
+        both = int((fires & present).sum())
+        assert row["purity"] == pytest.approx(both / int(fires.sum()) if fires.any() else 0.0)
+        assert row["coverage"] == pytest.approx(both / max(int(present.sum()), 1))
+        assert row["n_heldout"] == int(present.sum())
+
+
+def test_all_zero_samples_are_left_out_of_both_splits(planted_run, tmp_path):
+    """An all-zero per-step sample (the capture keeps them, counted: capture/delta.py) says
+    nothing of any task, and would enter every AUROC as a tie: evaluate drops it from the
+    training and the held-out samples alike (audit 125, E23)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from sae_shards.analysis.shards import ShardSet
+    from sae_shards.planted.evaluate import EvalData
+
+    run = tmp_path / "run"
+    shutil.copytree(planted_run, run)
+    path = run / "samples.safetensors"
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    held = tensors["heldout"]
+    zeroed = [int(held.nonzero()[0]), int((~held).nonzero()[0])]  # one of each split
+    for key in tensors:
+        if key.startswith("sample."):
+            tensors[key][zeroed] = 0.0
+    save_file(tensors, path, metadata=meta)
+    data = EvalData(run, ShardSet.from_run(run).target_names)
+    assert len(data.split(True)[1]) == int(held.sum()) - 1
+    assert len(data.split(False)[1]) == int((~held).sum()) - 1
+
+
 def test_headline_auroc_is_the_pairwise_ranking_fraction_of_the_latent_chosen_on_training_samples(
         scored):
     """``auroc_task``: per task, the non-drift latent whose |activation| ranks the task's training

@@ -162,6 +162,21 @@ def test_one_task_samples_give_the_direction_when_there_are_enough():
         task_directions_with_source(x[:5], [["A"]] * 5, ["A", "E"])
 
 
+def test_a_task_direction_comes_from_exactly_its_one_task_samples():
+    """With two or more one-task samples a task's direction is the principal direction of
+    exactly those, not of every sample the task is present in (blended samples three times
+    larger would otherwise dominate it; audit 125, G04)."""
+    from sae_shards.planted.groundtruth import principal_direction
+
+    x = torch.randn(12, 7, generator=torch.Generator().manual_seed(0))
+    labels = [["A"]] * 3 + [["B"]] * 3 + [["A", "B"]] * 6
+    x[6:] *= 3.0
+    dirs, source = task_directions_with_source(x, labels, ["A", "B"])
+    assert source == {"A": "single", "B": "single"}
+    for k, rows in enumerate(([0, 1, 2], [3, 4, 5])):
+        assert abs(float(dirs[k] @ principal_direction(x[rows]))) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_multi_label_supervised_reference_and_its_null():
     """Mixed steps: "task present" is separable sign-free; shuffled label sets are at chance."""
     x, labels, _ = _mixed_steps(600, 1)

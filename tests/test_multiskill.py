@@ -216,6 +216,17 @@ def test_mixed_schedule_puts_several_tasks_in_every_step(prompts_per_step, n_tas
         task.step_labels(10)
 
 
+def test_a_mixed_steps_remainder_is_of_distinct_tasks_when_the_deck_runs_out_mid_step():
+    """The remainder of a step (3 of 4 tasks, or 3 beside one of each) is dealt from a deck of
+    every task, and stays of distinct tasks when the deck is refilled within the step (audit
+    125, T07: the planted setting, 8 prompts over 4 tasks, has no remainder)."""
+    task = build_task("multiskill", schedule="mixed", n_tasks=4, seed=0)
+    for mix in task.step_mixes(200, 3):
+        assert len(set(mix)) == 3, mix
+    for mix in task.step_mixes(200, 7):  # one of each and three distinct extra
+        assert len(mix) == 7 and all(1 <= mix.count(t) <= 2 for t in task.labels), mix
+
+
 def test_one_task_schedules_keep_their_steps_in_step_mixes():
     for schedule in ("random", "blocks"):
         task = build_task("multiskill", schedule=schedule, seed=4)

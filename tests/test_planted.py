@@ -79,6 +79,45 @@ def test_run_dirs_stay_loadable_when_moved(grad_run, tmp_path):
     assert not torch.equal(w0, w1)  # the initial and the RL-trained policy
 
 
+def _planted_job(*overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return job_config_from_hydra(compose("config", overrides=["experiment=planted",
+                                                                  *overrides]))
+
+
+def test_every_planted_capture_holds_the_same_window_of_rl_steps():
+    """A per-event capture's capture.capacity counts events, a per-step one's steps: each
+    holds the last capacity // prompt groups per step RL steps (planted: 2400 // 8 = 300, the
+    second half of the run), whatever the batch's split into gradient accumulation (audit 125,
+    B03 and B05: the whole run's 600 steps, or 150, without a word)."""
+    from sae_shards.planted.benchmark import capture_config
+
+    job = _planted_job()
+    assert job.capture.granularity == "group" and job.capture.capacity == 2400
+    accumulated = _planted_job("rl.per_device_train_batch_size=32",
+                               "rl.gradient_accumulation_steps=2")
+    for cfg in (job, accumulated):
+        assert capture_config(cfg, "body", "event").capture.capacity == 2400  # 300 steps
+        assert capture_config(cfg, "body", "grad").capture.capacity == 300
+    assert capture_config(job, "body", "event").runner.sae_steps_per_rl_step == \
+        capture_config(accumulated, "body", "event").runner.sae_steps_per_rl_step
+
+
+def test_a_readout_capture_targets_the_readout_and_never_per_event():
+    """``readout-<source>`` captures lm_head and the final norm, not the body; per-event
+    capture of the readout is refused (TRL's fused LM head bypasses lm_head's hooks; audit
+    125, B06 and B07)."""
+    from sae_shards.planted.benchmark import capture_config
+
+    job = _planted_job()
+    for kind in ("grad", "update"):
+        assert capture_config(job, "readout", kind).capture.targets == GROUPS["readout"]
+        assert capture_config(job, "body", kind).capture.targets == GROUPS["body"]
+    assert GROUPS["readout"] != GROUPS["body"]
+    with pytest.raises(ValueError, match="readout-event"):
+        capture_config(job, "readout", "event")
+
+
 def test_null_points_run_only_the_captures_with_an_auroc_to_control():
     from scripts.planted_sweep import null_captures
 
