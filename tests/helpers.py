@@ -195,24 +195,33 @@ def random_decoder_copy(run_dir: Path, out: Path) -> Path:
     return out
 
 
-def shuffled_labels_copy(run_dir: Path, out: Path) -> Path:
-    """A copy of a run whose saved samples' task labels are shuffled: a broken pipeline that the
-    planted checks must fail."""
-    import json
-    import random
+def edited_copy(run_dir: Path, out: Path, file: str, edit) -> Path:
+    """A copy of a run at ``out`` whose safetensors ``file`` is saved again after
+    ``edit(tensors, metadata)`` changed them in place (both dicts): a damaged or tampered run."""
     import shutil
 
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(run_dir, out, symlinks=True)
-    with safe_open(out / "samples.safetensors", "pt") as f:
-        meta = dict(f.metadata())
-    labels = json.loads(meta["task_labels"])
-    random.Random(0).shuffle(labels)
-    meta["task_labels"] = json.dumps(labels)
-    save_file(load_file(out / "samples.safetensors"), out / "samples.safetensors", metadata=meta)
+    with safe_open(out / file, "pt") as f:
+        meta = dict(f.metadata() or {})
+    tensors = load_file(out / file)
+    edit(tensors, meta)
+    save_file(tensors, out / file, metadata=meta)
     return out
+
+
+def shuffled_labels_copy(run_dir: Path, out: Path) -> Path:
+    """A copy of a run whose saved samples' task labels are shuffled: a broken pipeline that the
+    planted checks must fail."""
+    import random
+
+    def shuffle(tensors, meta):
+        labels = json.loads(meta["task_labels"])
+        random.Random(0).shuffle(labels)
+        meta["task_labels"] = json.dumps(labels)
+    return edited_copy(run_dir, out, "samples.safetensors", shuffle)
 
 
 # --- shard families: the grouping by its definition ---------------------------------------

@@ -17,8 +17,8 @@ from sae_shards.cli import main as cli_main
 from sae_shards.analysis.families import MIN_JOINT
 from sae_shards.planted.evaluate import evaluate_run
 
-from helpers import (average_linkage_by_definition, random_decoder_copy, shuffled_labels_copy,
-                     sparse_safetensors)
+from helpers import (average_linkage_by_definition, edited_copy, random_decoder_copy,
+                     shuffled_labels_copy, sparse_safetensors)
 from sae_shards.run import rundir
 from sae_shards.run.job import run_job
 
@@ -820,24 +820,19 @@ def test_all_zero_samples_are_left_out_of_both_splits(planted_run, tmp_path):
     """An all-zero per-step sample (the capture keeps them, counted: capture/delta.py) says
     nothing of any task, and would enter every AUROC as a tie: evaluate drops it from the
     training and the held-out samples alike (audit 125, E23)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from sae_shards.analysis.shards import ShardSet
     from sae_shards.planted.evaluate import EvalData
 
-    run = tmp_path / "run"
-    shutil.copytree(planted_run, run)
-    path = run / "samples.safetensors"
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(path)
-    held = tensors["heldout"]
+    held = load_file(planted_run / "samples.safetensors")["heldout"]
     zeroed = [int(held.nonzero()[0]), int((~held).nonzero()[0])]  # one of each split
-    for key in tensors:
-        if key.startswith("sample."):
-            tensors[key][zeroed] = 0.0
-    save_file(tensors, path, metadata=meta)
+
+    def zero(tensors, _):
+        for key in tensors:
+            if key.startswith("sample."):
+                tensors[key][zeroed] = 0.0
+    run = edited_copy(planted_run, tmp_path / "run", "samples.safetensors", zero)
     data = EvalData(run, ShardSet.from_run(run).target_names)
     assert len(data.split(True)[1]) == int(held.sum()) - 1
     assert len(data.split(False)[1]) == int((~held).sum()) - 1

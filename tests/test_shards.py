@@ -12,6 +12,8 @@ from sae_shards.core.checkpoint import CheckpointError, sae_tensors
 from sae_shards.recipe.models import load_model_and_tokenizer
 from sae_shards.analysis.shards import RunView, ShardSet
 
+from helpers import edited_copy
+
 
 @pytest.fixture
 def run_dir(short_run_dir):
@@ -345,18 +347,9 @@ def test_activations_whose_tensors_disagree_are_refused_naming_the_file(run_dir,
     """activations.safetensors with a tensor of another dtype or row count than its neighbours
     (a damaged or hand-made file): RunView names the file and the tensor, instead of torch's
     scatter error from timeline(), or NaN figures."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    other = tmp_path / "other"
-    shutil.copytree(run_dir, other)
+    other = edited_copy(run_dir, tmp_path / "other", "activations.safetensors",
+                        lambda tensors, _: tensors.__setitem__(name, make(tensors[name])))
     file = other / "activations.safetensors"
-    with safe_open(file, "pt") as f:
-        header = f.metadata()
-    tensors = load_file(file)
-    tensors[name] = make(tensors[name])
-    save_file(tensors, file, metadata=header)
     with pytest.raises(CheckpointError, match=rf"{file}: {problem}.*copy it again from the run"):
         RunView(other).timeline()
 
