@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +169,8 @@ def test_bad_arguments_fail_at_construction(tmp_path):
     assert callback.stop_signal is None
     callback.request_stop(15)
     assert callback.stop_signal == 15
+    callback.request_stop(signal.SIGINT)  # a signal.Signals, as a script would name it
+    assert callback.stop_signal == signal.SIGINT
     callback.close()
     assert not (tmp_path / "a").exists()  # nothing written for a refused callback
 

@@ -293,19 +293,6 @@ def comparison_path_refusal(path: Path) -> str | None:
     return None
 
 
-def subset_origin(shards: ShardSet) -> tuple[str, list[int]] | None:
-    """``(checkpoint, indices there)`` for a ``ShardSet.subset`` that was saved (its shard
-    ``i`` is shard ``indices[i]`` of that checkpoint); None for a whole SAE."""
-    origin = shards.meta.get("subset_of")
-    if not isinstance(origin, dict):
-        return None
-    indices = origin.get("indices")
-    if not (isinstance(indices, list) and len(indices) == len(shards)
-            and all(type(i) is int for i in indices)):
-        return None
-    return str(origin.get("path") or "an unnamed checkpoint"), indices
-
-
 def _index_map(indices: list[int], shown: int = 12) -> str:
     """``0->13, 1->2, ...``: a subset's indices beside the original ones."""
     pairs = ", ".join(f"{i}->{j}" for i, j in enumerate(indices[:shown]))
@@ -345,10 +332,11 @@ def comparison_lines(result: Comparison, a: ShardSet, b: ShardSet,
             Path(a.path).resolve() == Path(b.path).resolve():
         lines.append("note: A and B are the same checkpoint: every shard matches itself")
     for side, shards in (("A", a), ("B", b)):
-        subset = subset_origin(shards)
+        subset = shards.subset_origin()
         if subset is not None:
-            lines.append(f"note: {side} holds shards chosen from {subset[0]}, listed by their "
-                         f"indices here; there they are {_index_map(subset[1])}")
+            lines.append(f"note: {side} holds shards chosen from "
+                         f"{subset[0] or 'an unsaved checkpoint'}, listed by their indices "
+                         f"here; there they are {_index_map(subset[1])}")
     if result.signed:
         lines.append("note: both SAEs' codes are non-negative, so a shard and its negative are "
                      "other shards: matched by the signed cosine")

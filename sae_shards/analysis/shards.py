@@ -277,13 +277,24 @@ class ShardSet:
             sae.threshold.copy_(self.sae.threshold)
         stats = {k: v[rows] if v.ndim and v.shape[0] == len(self) else v
                  for k, v in self.stats.items()}
-        earlier = self.meta.get("subset_of")  # a subset of a subset: indices in the original
-        origin = ({"path": earlier.get("path"), "indices": [earlier["indices"][i] for i in picked]}
-                  if isinstance(earlier, dict) and "indices" in earlier
+        earlier = self.subset_origin()  # a subset of a subset: indices in the original
+        origin = ({"path": earlier[0], "indices": [earlier[1][i] for i in picked]} if earlier
                   else {"path": str(self.path) if self.path else None, "indices": picked})
         config = {**self.config, "sae": new_cfg.to_dict(),
                   "meta": {**self.meta, "subset_of": origin}}
         return ShardSet(sae.to(self.sae.device), config, stats, None)
+
+    def subset_origin(self) -> tuple[str | None, list[int]] | None:
+        """``(checkpoint, indices there)`` when these shards are a ``subset`` (shard ``i`` is
+        shard ``indices[i]`` of that checkpoint; None for one never saved); None for a whole
+        SAE, or a ``meta["subset_of"]`` that does not map every shard."""
+        origin = self.meta.get("subset_of")
+        indices = origin.get("indices") if isinstance(origin, dict) else None
+        if not (isinstance(indices, list) and len(indices) == len(self)
+                and all(type(i) is int for i in indices)):
+            return None
+        path = origin.get("path")
+        return (path if isinstance(path, str) else None), indices
 
     def decoder_bias(self) -> dict[str, Tensor]:
         """``b_dec`` in parameter units (under parameter names, a stacked expert tensor whole,

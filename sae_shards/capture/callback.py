@@ -685,7 +685,8 @@ class ShardCallback(TrainerCallback):
         """End the run after the current optimizer step, with a checkpoint TRL and sae-shards
         can resume from (thread-safe: a signal handler may call it). ``signum``: the signal
         that asked, 0 (the default) for a request from code; the log names it."""
-        if type(signum) is not int or signum < 0:  # a negative one is lost in the ranks' vote
+        # an int or a signal.Signals, never a bool; a negative one is lost in the ranks' vote
+        if isinstance(signum, bool) or not isinstance(signum, int) or signum < 0:
             raise ValueError(f"request_stop(signum={signum!r}): give a signal number (a "
                              "non-negative int), or nothing for a request from code")
         self.stop_signal = signum

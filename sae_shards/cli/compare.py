@@ -18,8 +18,7 @@ def run(args: list[str]) -> int:
 
     from sae_shards.analysis.compare import (MIN_DENSITY, REPLICATED, check_min_density,
                                              check_threshold, compare_shards, comparison_lines,
-                                             comparison_path_refusal, load_shards,
-                                             subset_origin)
+                                             comparison_path_refusal, load_shards)
     from sae_shards.core.checkpoint import CheckpointError
     from sae_shards.run import rundir
 
@@ -82,7 +81,7 @@ def run(args: list[str]) -> int:
         try:
             ns.out.parent.mkdir(parents=True, exist_ok=True)
             subsets = {side: {"path": origin[0], "indices": origin[1]}
-                       for side, origin in (("a", subset_origin(a)), ("b", subset_origin(b)))
+                       for side, origin in (("a", a.subset_origin()), ("b", b.subset_origin()))
                        if origin is not None}
             rundir.write_text(ns.out, json.dumps(rundir.strict_json(
                 {"a": str(a.path), "b": str(b.path), **result.to_dict(),
