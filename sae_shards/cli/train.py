@@ -117,70 +117,95 @@ def _evaluable(run_dir: Path) -> bool:
 
 def run(args: list[str]) -> int:
     import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from sae_shards.capture.distributed import StoppedWithAnotherRank, every_rank_knows
-    from sae_shards.capture.runner import SAEWorkerError
-    from sae_shards.core.checkpoint import CheckpointError
-    from sae_shards.run import rundir
-    from sae_shards.run.job import JobSetupError, RefusedOnRankZero, check_same_settings, run_job
-    from sae_shards.run.rundir import RunWriteError
 
     try:
-        if is_sweep(args) and SHOW_FLAGS & set(args):
-            raise ConfigError("-m (a sweep) cannot be combined with --cfg, --info or --help: "
-                              "Hydra shows one job's config; drop -m and give one value per key")
-        refuse_other_primary_config(args)
-        check_overrides(args)
-        check_run_dir_arg(args)
-        args, changes = resume_args(open_map_args(args))
-        if is_sweep(args):
-            check_sweep_jobs(args)
+        args, changes = _checked_args(args)
     except ConfigError as e:
         if main_process():  # every rank of a launch refuses; one says why
             print(f"sae-shards: config error: {e}", file=sys.stderr)
         return 2
-    # a resumed run's own overrides and the ones given now may not compose: say which were new
-    resume_hint = (f" (resume=true composed the run's own overrides with {' '.join(changes)}; "
-                   "a resumed run keeps the settings it started with: drop those, or start a "
-                   "new run_dir)") if changes else ""
-    failures: list[str] = []
-    interrupted: list[int] = []
-    alone: list[BaseException] = []  # failures other processes of a launch may not know of
-    crashed: list[Path] = []  # sweep jobs that raised an unforeseen error (exit 1, as Hydra's)
-    jobs: list[Path] = []  # a sweep's job directories, in the order they ran
-    outcome: dict[Path, str] = {}  # what this command did with a sweep's job, when not a run
     quiet_third_party()
+    command = _Jobs(changes)
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
     def train_main(cfg) -> None:
-        said = len(failures)
-        one_job(cfg)
-        if jobs and len(failures) > said:  # refused, stopped or failed: said after the table
-            outcome.setdefault(jobs[-1], "not run to its end by this command (see below)")
+        command.one_job(cfg)
 
-    def failed_alone(e: BaseException) -> None:
-        """Under a launch, a job failure the other processes may not have learnt of (not told
-        by ``begin_together`` or rank 0's setup broadcast) ends a sweep after that job:
-        the next job's collectives would not match those the other processes are still in."""
-        if several_processes() and not every_rank_knows(e):
-            alone.append(e)
+    register_resolvers()
+    fresh = new_run_dir(args)
+    flags = [a for a, is_override in zip(args, override_mask(args)) if not is_override]
+    sys.argv = ["sae-shards train", *flags, *override_args(args)]
+    train_main()
+    end_process_group()
+    return command.finish(fresh)
 
-    def one_job(cfg) -> None:
+
+def _checked_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """The command line as Hydra will compose it, checked before Hydra writes anything; with
+    ``resume=true``, the run's own overrides first (and the ones given now that are new)."""
+    if is_sweep(args) and SHOW_FLAGS & set(args):
+        raise ConfigError("-m (a sweep) cannot be combined with --cfg, --info or --help: "
+                          "Hydra shows one job's config; drop -m and give one value per key")
+    refuse_other_primary_config(args)
+    check_overrides(args)
+    check_run_dir_arg(args)
+    args, changes = resume_args(open_map_args(args))
+    if is_sweep(args):
+        check_sweep_jobs(args)
+    return args, changes
+
+
+class _Jobs:
+    """The jobs of one ``train`` command (a sweep's several, or one) as Hydra runs them, and what
+    each came to: the failures said at the end, the signal that stopped them, the exit code."""
+
+    def __init__(self, changes: list[str]) -> None:
+        # a resumed run's own overrides and the ones given now may not compose: say which
+        # were new
+        self.resume_hint = (
+            f" (resume=true composed the run's own overrides with {' '.join(changes)}; a "
+            "resumed run keeps the settings it started with: drop those, or start a new "
+            "run_dir)") if changes else ""
+        self.failures: list[str] = []
+        self.interrupted: list[int] = []  # the signals that stopped jobs
+        self.alone: list[BaseException] = []  # failures other processes may not know of
+        self.crashed: list[Path] = []  # jobs that raised an unforeseen error (exit 1)
+        self.jobs: list[Path] = []  # a sweep's job directories, in the order they ran
+        # what this command did with a sweep's job, when it did not run it
+        self.outcome: dict[Path, str] = {}
+
+    def one_job(self, cfg) -> None:
+        """Hydra's task function: one job, from its composed config to its closing lines."""
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
         hc = HydraConfig.get()
         sweep = hc.mode == RunMode.MULTIRUN
-        job_name = f"{job_dirname(hc.job.override_dirname) or 'the defaults'}: " if sweep else ""
+        run_dir = Path(hc.runtime.output_dir)
+        label = f"{job_dirname(hc.job.override_dirname) or 'the defaults'}: " if sweep else ""
         if sweep:
-            jobs.append(Path(hc.runtime.output_dir))
+            self.jobs.append(run_dir)
+        said = len(self.failures)
         speak_as_rank()  # Hydra configured this job's logging
         _warn_unused_lora(hc.overrides.task, bool(cfg.model.lora.enabled))
+        job = self._job(cfg, hc, run_dir, label, sweep)
+        if job is not None:
+            self._run(job, cfg, run_dir, label, sweep)
+        if self.jobs and len(self.failures) > said:  # refused, stopped or failed: said after
+            self.outcome.setdefault(self.jobs[-1], "not run to its end by this command "
+                                                   "(see below)")
+
+    def _job(self, cfg, hc, run_dir: Path, label: str, sweep: bool):
+        """This job's validated config, or None (said in ``failures`` or printed) when it does
+        not run: refused, a sweep stopped, or a sweep's job finished earlier."""
+        from sae_shards.run import rundir
+        from sae_shards.run.job import check_same_settings
+
         try:
             job = job_config_from_hydra(cfg)
         except ConfigError as e:
-            failures.append(f"{job_name}config error: {e}{resume_hint}")
-            return
-        run_dir = Path(hc.runtime.output_dir)
+            self.failures.append(f"{label}config error: {e}{self.resume_hint}")
+            return None
         job = dataclasses.replace(job, run_dir=str(run_dir))
         if sweep:  # one W&B group per sweep, and each job's run a name of its own
             named = job.logging
@@ -190,67 +215,83 @@ def run(args: list[str]) -> int:
         elif job.resume and job.logging.group is None:  # a sweep's job resumed on its own
             job = dataclasses.replace(job, logging=dataclasses.replace(
                 job.logging, group=recorded_group(run_dir)))
-        if sweep and interrupted:  # a signal stops the whole sweep, not only its current job
-            failures.append(f"{run_dir}: not started (the sweep was stopped); continue the "
-                            "sweep with the same command and resume=true")
-            return
-        if sweep and alone:  # a failure the other processes may not know of: they may be
+        if not sweep:
+            return job
+        if self.interrupted:  # a signal stops the whole sweep, not only its current job
+            self.failures.append(f"{run_dir}: not started (the sweep was stopped); continue "
+                                 "the sweep with the same command and resume=true")
+            return None
+        if self.alone:  # a failure the other processes may not know of: they may be
             # inside that job still (or may have failed the same way: not known here)
-            failures.append(f"{run_dir}: not started (a job failed on this process in a way "
-                            "the launch's other processes may not have learnt of, and they may "
-                            "still be inside it); continue the sweep with the same command and "
-                            "resume=true")
-            return
-        if sweep and job.resume:  # resume a sweep: skip finished jobs, start unstarted ones
-            done = rundir.finished_steps(run_dir)
-            if done is not None:
-                try:  # a finished job of these settings, not another job's run in its place
-                    check_same_settings(job, run_dir, (
-                        "A sweep's resume skips a finished job only when its directory holds "
-                        "that job's run; give the sweep a new run_dir"))
-                except ValueError as e:
-                    failures.append(f"{job_name}not skipped: {e}")
-                    return
-                if main_process():  # (every rank skips it)
-                    print(f"sae-shards: {run_dir} finished ({done} RL steps) earlier: skipped")
-                outcome[run_dir] = "finished earlier: skipped"
-                return
-            if not rundir.has_resume_state(run_dir):  # never started, or named otherwise
-                if main_process():
-                    print(f"sae-shards: {run_dir}: no checkpoint of this job in the sweep "
-                          "(it never started, or the earlier command named it otherwise): "
-                          "started from the beginning")
-                job = dataclasses.replace(job, resume=False)
+            self.failures.append(
+                f"{run_dir}: not started (a job failed on this process in a way the launch's "
+                "other processes may not have learnt of, and they may still be inside it); "
+                "continue the sweep with the same command and resume=true")
+            return None
+        if not job.resume:
+            return job
+        # resume a sweep: skip finished jobs, start unstarted ones
+        done = rundir.finished_steps(run_dir)
+        if done is not None:
+            try:  # a finished job of these settings, not another job's run in its place
+                check_same_settings(job, run_dir, (
+                    "A sweep's resume skips a finished job only when its directory holds "
+                    "that job's run; give the sweep a new run_dir"))
+            except ValueError as e:
+                self.failures.append(f"{label}not skipped: {e}")
+                return None
+            if main_process():  # (every rank skips it)
+                print(f"sae-shards: {run_dir} finished ({done} RL steps) earlier: skipped")
+            self.outcome[run_dir] = "finished earlier: skipped"
+            return None
+        if not rundir.has_resume_state(run_dir):  # never started, or named otherwise
+            if main_process():
+                print(f"sae-shards: {run_dir}: no checkpoint of this job in the sweep (it "
+                      "never started, or the earlier command named it otherwise): started "
+                      "from the beginning")
+            job = dataclasses.replace(job, resume=False)
+        return job
+
+    def _run(self, job, cfg, run_dir: Path, label: str, sweep: bool) -> None:
+        """Run the job; each way it can end short is said in ``failures`` (a signal's stop is
+        also kept in ``interrupted``), and rank 0 prints a finished job's closing lines."""
+        from sae_shards.capture.distributed import StoppedWithAnotherRank
+        from sae_shards.capture.runner import SAEWorkerError
+        from sae_shards.core.checkpoint import CheckpointError
+        from sae_shards.run.job import JobSetupError, RefusedOnRankZero, run_job
+        from sae_shards.run.rundir import RunWriteError
+
         try:
             summary = run_job(job, run_dir, hydra_files=hydra_files(cfg))
         except (RefusedOnRankZero, StoppedWithAnotherRank):  # the rank that refused says why
-            failures.append("")
+            self.failures.append("")
             return
         except JobSetupError as e:
-            failed_alone(e)
+            self._failed_alone(e)
             # the run directory's refusals advise overwrite=true: show what the run started as
             again = rerun_command(run_dir) if "overwrite=true" in str(e) else None
-            failures.append(f"{job_name}cannot {'resume' if job.resume else 'start'}: {e}"
-                            + (f" (to start it again with its own settings, deleting what it "
-                               f"holds: {again})" if again else ""))
+            self.failures.append(
+                f"{label}cannot {'resume' if job.resume else 'start'}: {e}"
+                + (f" (to start it again with its own settings, deleting what it holds: "
+                   f"{again})" if again else ""))
             return
         except RunWriteError as e:
-            failed_alone(e)
-            failures.append(f"{job_name}stopped: {e.what}; "
-                            f"{how_to_continue(run_dir, 'free space (or fix permissions)')}")
+            self._failed_alone(e)
+            self.failures.append(f"{label}stopped: {e.what}; "
+                                 f"{how_to_continue(run_dir, 'free space (or fix permissions)')}")
             return
         except CheckpointError as e:  # a resume's checkpoint, read as training begins
-            failed_alone(e)
-            failures.append(f"{job_name}cannot resume: {e}")
+            self._failed_alone(e)
+            self.failures.append(f"{label}cannot resume: {e}")
             return
         except SAEWorkerError as e:  # the SAE failed or hung: RL was stopped, not left blocked
-            failed_alone(e)
-            failures.append(f"{job_name}stopped: {e}; {how_to_continue(run_dir)}")
+            self._failed_alone(e)
+            self.failures.append(f"{label}stopped: {e}; {how_to_continue(run_dir)}")
             return
         except KeyboardInterrupt as e:  # a second signal (SecondSignal), or Ctrl-C outside
-            failures.append(f"{job_name}stopped at once by a second signal; "
-                            f"{how_to_continue(run_dir)}")
-            interrupted.append(getattr(e, "signum", signal.SIGINT))
+            self.failures.append(f"{label}stopped at once by a second signal; "
+                                 f"{how_to_continue(run_dir)}")
+            self.interrupted.append(getattr(e, "signum", signal.SIGINT))
             return
         except Exception as e:  # unforeseen: a sweep's other jobs still run, each failure named
             if not sweep:
@@ -260,40 +301,46 @@ def run(args: list[str]) -> int:
                 # collectives: end this one (Hydra goes on after an Exception, not after
                 # SystemExit), so that the launcher ends theirs
                 raise SystemExit(1) from e
-            failures.append(f"{job_name}failed: {type(e).__name__}: {e} (the traceback is in "
-                            f"{run_dir / 'cli.log'})")
-            crashed.append(run_dir)
+            self.failures.append(f"{label}failed: {type(e).__name__}: {e} (the traceback is "
+                                 f"in {run_dir / 'cli.log'})")
+            self.crashed.append(run_dir)
             return
         if summary is None or "rank" in summary:  # a rank other than 0: rank 0 reports
             if summary and summary.get("interrupted"):  # ... but every rank exits as stopped
-                interrupted.append(summary["stop_signal"] or signal.SIGTERM)
+                self.interrupted.append(summary["stop_signal"] or signal.SIGTERM)
             return
         print("\n".join(closing_lines(summary, run_dir)))
         if summary.get("interrupted"):
-            interrupted.append(summary["stop_signal"] or signal.SIGTERM)
+            self.interrupted.append(summary["stop_signal"] or signal.SIGTERM)
 
-    register_resolvers()
-    fresh = new_run_dir(args)
-    flags = [a for a, is_override in zip(args, override_mask(args)) if not is_override]
-    sys.argv = ["sae-shards train", *flags, *override_args(args)]
-    train_main()
-    end_process_group()
-    # Hydra made the run's (each job's) directory: one refused at its config, or a job that
-    # never started, leaves none (every rank may try: one removal is enough)
-    for made in ([fresh] if fresh is not None else []) + jobs:
-        if made.is_dir() and not any(p.is_file() for p in made.rglob("*")):
-            shutil.rmtree(made, ignore_errors=True)
-            _drop_file_handlers(made)
-    # every rank says its own failures (one rank may fail alone: a model.path missing on one
-    # node), each other rank's labelled as its
-    said_by = "sae-shards" if main_process() else f"sae-shards (rank {this_rank()})"
-    if len(jobs) > 1 and main_process():
-        print("\n".join(_sweep_lines(jobs, outcome)))
-    for msg in filter(None, failures):
-        print(f"{said_by}: {msg}", file=sys.stderr)
-    if interrupted:  # the shell's convention for a process ended by a signal
-        return 128 + int(interrupted[0])
-    return 1 if crashed else 2 if failures else 0
+    def _failed_alone(self, e: BaseException) -> None:
+        """Under a launch, a job failure the other processes may not have learnt of (not told
+        by ``begin_together`` or rank 0's setup broadcast) ends a sweep after that job:
+        the next job's collectives would not match those the other processes are still in."""
+        from sae_shards.capture.distributed import every_rank_knows
+
+        if several_processes() and not every_rank_knows(e):
+            self.alone.append(e)
+
+    def finish(self, fresh: Path | None) -> int:
+        """After the last job: remove the directories Hydra made for nothing, say the sweep's
+        table and every failure, and give the exit code."""
+        # Hydra made the run's (each job's) directory: one refused at its config, or a job
+        # that never started, leaves none (every rank may try: one removal is enough)
+        for made in ([fresh] if fresh is not None else []) + self.jobs:
+            if made.is_dir() and not any(p.is_file() for p in made.rglob("*")):
+                shutil.rmtree(made, ignore_errors=True)
+                _drop_file_handlers(made)
+        # every rank says its own failures (one rank may fail alone: a model.path missing on
+        # one node), each other rank's labelled as its
+        said_by = "sae-shards" if main_process() else f"sae-shards (rank {this_rank()})"
+        if len(self.jobs) > 1 and main_process():
+            print("\n".join(_sweep_lines(self.jobs, self.outcome)))
+        for msg in filter(None, self.failures):
+            print(f"{said_by}: {msg}", file=sys.stderr)
+        if self.interrupted:  # the shell's convention for a process ended by a signal
+            return 128 + int(self.interrupted[0])
+        return 1 if self.crashed else 2 if self.failures else 0
 
 
 def _sweep_lines(jobs: list[Path], outcome: dict[Path, str]) -> list[str]:
