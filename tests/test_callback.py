@@ -60,6 +60,8 @@ def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm, cap
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["path"] == str(tiny_model) and config["task"] is None
     assert config["rl"]["algorithm"] == ("GRPOTrainer" if algorithm == "grpo" else "RLOOTrainer")
+    assert (config["world_size"], config["launch"], config["distribution"]) == (
+        1, "", "one process")  # what a resume must match
 
     shards = ShardSet.from_run(run)
     assert len(shards) == 64 and len(shards.target_names) == 14  # every block matrix

@@ -360,6 +360,6 @@ def test_a_sweeps_job_directories_ignore_every_setting_a_resume_may_change():
     hydra = OmegaConf.load(f"{CONFIG_DIR}/config.yaml").hydra
     excluded = set(hydra.job.config.override_dirname.exclude_keys)
     settable = {k for k in RESUME_FREE  # not overrides (rl.output_dir: a script's trainer's):
-                if k not in ("world_size", "launch", "versions", "resumed_under",
+                if k not in ("world_size", "launch", "distribution", "versions", "resumed_under",
                              "rl.output_dir", "run_id")}
     assert settable <= excluded, sorted(settable - excluded)

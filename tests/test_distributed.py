@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -31,7 +32,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
+from sae_shards.capture import distributed
 from sae_shards.capture.event_capture import _check_groups_within_ranks
 from sae_shards.core.checkpoint import live_tensors, load_checkpoint
 from sae_shards.recipe.models import build_tiny_model, load_tokenizer
@@ -393,6 +396,35 @@ def _resume_past_damaged_shards(launch: list[str], job: list[str], shards: Path,
     shards.write_bytes(whole)
 
 
+def _resumed_under_ddp(run: Path, job: list[str], recorded: str, cwd: Path) -> None:
+    """A ZeRO-3 run resumed under DDP: refused before TRL loads its checkpoint (config.json's
+    ``distribution``), said once, naming the launch it started with. A run that recorded no
+    distribution (an earlier version's) is told so when TRL fails to load the checkpoint; both
+    were told before that a file of the checkpoint was damaged, and to delete it. Nothing of
+    the run changes, config.json's launch and distribution included."""
+    kept = {name: (run / name).read_bytes() for name in ("config.json", "rollouts.jsonl")}
+    refused = _run([*_ddp_launch(), "--main_process_port", str(_free_port()), *job,
+                    "resume=true"], cwd, rc=1)
+    assert refused.stderr.count(f"{run} was trained under DeepSpeed ZeRO-3 and is resumed under "
+                                "DDP") == 1, refused.stderr[-4000:]
+    assert f"resume it with the launch it started with ({recorded})" in refused.stderr
+    assert "damaged (a copy's?)" not in refused.stderr
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+    unrecorded = json.loads(kept["config.json"])
+    del unrecorded["distribution"]
+    (run / "config.json").write_text(json.dumps(unrecorded))
+    told = _run([*_ddp_launch(), "--main_process_port", str(_free_port()), *job,
+                 "resume=true"], cwd, rc=1)
+    assert ("it was written under DeepSpeed (its global_step*/ holds the weights and the "
+            "optimizer), and this launch is not DeepSpeed's" in told.stderr), told.stderr[-4000:]
+    assert f"the launch the run started with ({recorded})" in told.stderr
+    assert "damaged (a copy's?)" not in told.stderr
+    config = json.loads((run / "config.json").read_text())  # the launch kept, none recorded
+    assert config["launch"] == recorded and config["distribution"] is None
+    assert (run / "rollouts.jsonl").read_bytes() == kept["rollouts.jsonl"]
+    (run / "config.json").write_bytes(kept["config.json"])
+
+
 @launches
 @pytest.mark.parametrize("backend", ["ddp", "zero3"])
 def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_run_resumes(tmp_path, backend):
@@ -432,6 +464,10 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_run_resumes(tmp_path
     assert summary["interrupted"] and 3 <= step < 10, text[-4000:]
     assert (run / "trl" / f"checkpoint-{step}" / "trainer_state.json").is_file()
     assert (run / "checkpoints" / f"step_{step:06d}").is_dir()
+    assert json.loads((run / "config.json").read_text())["distribution"] == (
+        "DDP" if backend == "ddp" else "DeepSpeed ZeRO-3")
+    if backend == "zero3":
+        _resumed_under_ddp(run, job, recorded, tmp_path)
     if backend == "ddp":
         _resume_past_damaged_shards(
             launch, job, run / "checkpoints" / f"step_{step:06d}" / "sae.safetensors", tmp_path)
@@ -584,6 +620,43 @@ def test_resuming_on_another_number_of_processes_is_refused(tmp_path):
         _check_same_world(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"world_size": 1}))
     _check_same_world(tmp_path)
+
+
+def test_resuming_under_another_distribution_is_refused_naming_the_launch(tmp_path):
+    """TRL's checkpoint is in the format of the distribution it was trained under (DeepSpeed's
+    global_step*/, or the weights and optimizer beside it): a resume under another is refused
+    before anything loads (with the record), or told so when loading fails (a run without the
+    record), not advised that its checkpoint is damaged."""
+    from transformers import Trainer, TrainingArguments
+
+    from sae_shards.capture.callback import _check_same_world
+    from sae_shards.run.job import _other_format
+
+    model = build_tiny_model(tmp_path / "model", hidden_size=16, num_layers=1, num_heads=2,
+                             intermediate_size=32)
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(model),
+                      args=TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True,
+                                             report_to=[]))
+    assert distributed.distribution(trainer, 1) == "one process"
+    assert distributed.distribution(trainer, 2) == "DDP"
+    launch = "accelerate launch --use_deepspeed --zero_stage 3 --num_processes 1"
+    config = {"world_size": 1, "launch": launch, "distribution": "DeepSpeed ZeRO-3"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(
+            f"{tmp_path} was trained under DeepSpeed ZeRO-3 and is resumed under one process: ")
+            + ".*nothing of the checkpoint is damaged.*" + re.escape(f"started with ({launch})")):
+        _check_same_world(tmp_path, trainer)
+    _check_same_world(tmp_path)  # no trainer (a script's setup(model)): not known, not refused
+    for recorded in ("one process", None):  # the same, or a run that recorded none
+        (tmp_path / "config.json").write_text(json.dumps({**config, "distribution": recorded}))
+        _check_same_world(tmp_path, trainer)
+    checkpoint = tmp_path / "trl" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    assert _other_format(checkpoint, trainer, tmp_path) is None  # its own format: damaged
+    (checkpoint / "global_step2").mkdir()
+    said = _other_format(checkpoint, trainer, tmp_path)
+    assert said.startswith("it was written under DeepSpeed (its global_step*/ holds") and (
+        f"resume it with the launch the run started with ({launch})" in said), said
 
 
 def test_sae_shards_train_refuses_a_resume_on_another_process_count_before_hydra(

@@ -319,6 +319,9 @@ class ShardCallback(TrainerCallback):
         self._run_id: str | None = None  # the run's identity (setup: config.json's, or new)
         self._versions: dict[str, Any] | None = None  # the software that started the run
         self._resumed_under: list[dict[str, Any]] = []  # resumes under other versions
+        # a resumed run's launch and distribution as config.json recorded them when it began
+        # (kept: a resume refused after setup wrote config.json must not have replaced them)
+        self._launched: dict[str, Any] | None = None
         self._dataset: dict[str, Any] | None = None  # a script's dataset_record, read once
         self._fingerprint: dict[str, str] | None = None  # its weight files' hashes
         self._event_log: rundir.JsonLines | None = None  # per-event runs' events.jsonl
@@ -366,6 +369,9 @@ class ShardCallback(TrainerCallback):
             self._initial_adapter = bool(saved.get("initial_adapter"))
         else:
             self._initial_dir = initial_model.loaded_from(model)
+        if self.resume:
+            self._launched = {"launch": config.get("launch"),
+                              "distribution": config.get("distribution")}
         self._versions, self._resumed_under = self._run_versions(
             trainer, config, getattr(getattr(trainer, "args", None), "device", device))
         if not self.run_config:  # config.json records it (its rows are read three times)
@@ -383,7 +389,7 @@ class ShardCallback(TrainerCallback):
                      "run_dir": str(self.run_dir), "lora": self._is_lora(), **self.meta,
                      "run_id": self._run_id}
         if self.resume:
-            _check_same_world(self.run_dir)
+            _check_same_world(self.run_dir, trainer)
             if not self.run_config and trainer is not None:  # a user's script: its trainer
                 mine = self._config_json(model, trainer)
                 if moved:  # compared as the run recorded it; config.json then records moved
@@ -551,7 +557,13 @@ class ShardCallback(TrainerCallback):
                "runner": dataclasses.asdict(self.runner_cfg), "sae": self.sae_cfg.to_dict(),
                "run_dir": str(self.run_dir), "seed": self.seed,
                "world_size": distributed.world_size(),
+               # how it was launched, and the format of TRL's checkpoints (a resume must
+               # train the same way): as the run began
                "launch": distributed.launcher(distributed.world_size()),
+               "distribution": (None if trainer is None else
+                                distributed.distribution(trainer, distributed.world_size())),
+               **{k: v for k, v in (self._launched or {}).items()
+                  if v is not None or k == "distribution"},
                "versions": self._versions, "run_id": self._run_id,
                **({"resumed_under": self._resumed_under} if self._resumed_under else {})}
         if self.run_config:
@@ -1156,9 +1168,11 @@ def _with(cfg: Any, value: Any, **shortcuts: Any) -> Any:
     return merged
 
 
-def _check_same_world(run_dir: Path) -> None:
+def _check_same_world(run_dir: Path, trainer: Any | None = None) -> None:
     """A resumed run must have as many processes as it had: TRL's per-device batch is per
-    rank, so another count changes every later step's batch under the same run directory."""
+    rank, so another count changes every later step's batch under the same run directory. With
+    ``trainer``, it must also train under the same distribution (DDP, FSDP, a DeepSpeed ZeRO
+    stage: ``distributed.distribution``), whose format TRL's checkpoint is in."""
     path = run_dir / rundir.CONFIG
     if not path.is_file():
         return
@@ -1166,6 +1180,10 @@ def _check_same_world(run_dir: Path) -> None:
         saved = json.loads(path.read_text())
     except ValueError:
         return  # a torn config.json is rewritten below
-    why = distributed.world_mismatch(run_dir, saved, distributed.world_size())
+    n_processes = distributed.world_size()
+    why = distributed.world_mismatch(run_dir, saved, n_processes) or (
+        distributed.distribution_mismatch(
+            run_dir, saved, distributed.distribution(trainer, n_processes))
+        if trainer is not None else None)
     if why:
         raise ValueError(why)

@@ -204,6 +204,34 @@ def to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in tensors.items()}
 
 
+def distribution(trainer: Any, n_processes: int) -> str:
+    """How ``trainer`` spreads its run over processes: ``"DeepSpeed ZeRO-<stage>"``, ``"FSDP"``,
+    ``"DDP"``, or ``"one process"``. Each keeps TRL's checkpoint of the weights and the
+    optimizer in its own format, so a resume must train the way the run did; ``config.json``
+    records it as ``distribution``."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        state = getattr(getattr(trainer, "accelerator", None), "state", None)
+        stage = getattr(getattr(state, "deepspeed_plugin", None), "zero_stage", None)
+        return "DeepSpeed" + (f" ZeRO-{stage}" if stage is not None else "")
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "FSDP"
+    return "DDP" if n_processes > 1 else "one process"
+
+
+def distribution_mismatch(run_dir: Any, saved: Mapping[str, Any], now: str) -> str | None:
+    """Why a run trained as ``saved["distribution"]`` cannot resume as ``now``
+    (``distribution``), with the launch it started with; None when they match or the run
+    recorded none."""
+    before = saved.get("distribution")
+    if not isinstance(before, str) or before == now:
+        return None
+    how = saved.get("launch") or "one process"
+    return (f"{run_dir} was trained under {before} and is resumed under {now}: TRL's "
+            f"checkpoint holds the weights and the optimizer in {before}'s format, which "
+            f"{now} does not read as they were (nothing of the checkpoint is damaged); resume "
+            f"it with the launch it started with ({how})")
+
+
 def world_mismatch(run_dir: Any, saved: Mapping[str, Any], now: int) -> str | None:
     """Why a run trained on ``saved["world_size"]`` processes cannot resume on ``now``, with the
     launch to resume it with (``saved["launch"]``, as recorded); None when they match."""

@@ -422,8 +422,10 @@ def run_job(cfg: JobConfig, run_dir: Path,
             raise CheckpointError(
                 f"{resume_from}: TRL could not load this checkpoint{_which_file(e, rl.trainer)} "
                 f"({type(e).__name__}: {e}); "
-                "a file of it is damaged (a copy's?): copy it again from the run, or delete "
-                "this checkpoint to resume from the one before it, where the run kept one") from e
+                + (_other_format(resume_from, rl.trainer, Path(run_dir)) or
+                   "a file of it is damaged (a copy's?): copy it again from the run, or delete "
+                   "this checkpoint to resume from the one before it, where the run kept one")
+            ) from e
         if isinstance(e, rundir.RunWriteError) or not rundir.write_failure(e):
             raise
         raise rundir.write_error(_failed_write(e, Path(run_dir), rl.trainer), e) from e
@@ -465,6 +467,22 @@ def _which_file(e: BaseException, trainer: Any) -> str:
     if _raised_in(e, ("_load_rng_state",)):
         return f"'s {rng_state_name(trainer.args)} (the random state of this process)"
     return ""
+
+
+def _other_format(checkpoint: Path, trainer: Any, run_dir: Path) -> str | None:
+    """Why TRL's ``checkpoint`` is in another format than ``trainer`` reads, when it is:
+    DeepSpeed keeps the weights and the optimizer in ``global_step<N>/``, other trainers beside
+    it. (A run's ``config.json`` records its ``distribution``, checked before training; a run
+    that recorded none is told here, not that its checkpoint is damaged.)"""
+    deepspeed_format = any(checkpoint.glob("global_step*"))
+    if deepspeed_format == bool(getattr(trainer, "is_deepspeed_enabled", False)):
+        return None
+    launch = rundir.read_config(run_dir).get("launch") or "one process"
+    written = ("under DeepSpeed (its global_step*/ holds the weights and the optimizer), and "
+               "this launch is not DeepSpeed's" if deepspeed_format else
+               "without DeepSpeed (it has no global_step*/), and this launch is DeepSpeed's")
+    return (f"it was written {written}; nothing of it is damaged: resume it with the launch "
+            f"the run started with ({launch})")
 
 
 def _failed_write(e: BaseException, run_dir: Path, trainer: Any) -> Path:

@@ -94,12 +94,13 @@ OWNED = (CONFIG, MODEL, INITIAL_ADAPTER, FINAL_MODEL, CHECKPOINTS, ACTIVATIONS, 
 """Everything a run writes into its directory; ``overwrite=true`` removes all of it first."""
 
 RESUME_FREE = ("run_dir", "overwrite", "resume", "device", "logging", "runner.torch_threads",
-               "runner.keep_checkpoints", "world_size", "launch", "versions", "resumed_under",
-               "rl.output_dir", "run_id")
+               "runner.keep_checkpoints", "world_size", "launch", "distribution", "versions",
+               "resumed_under", "rl.output_dir", "run_id")
 """Settings a resumed run may change (``config_differences``; ``rl.output_dir``: where a
 script's trainer keeps its checkpoints, moved with the run); every other one must match the
-run's ``config.json`` (the process count is checked on its own, with its own message; the
-software's versions are warned about and recorded, ``run/versions.py``)."""
+run's ``config.json`` (the process count and the distribution are checked on their own, with
+their own messages; the software's versions are warned about and recorded,
+``run/versions.py``)."""
 
 _RESULTS = (CHECKPOINTS, ROLLOUTS, EVENTS, ACTIVATIONS, SAMPLES, SUMMARY)
 """Files whose presence means the directory holds an earlier run's results."""
