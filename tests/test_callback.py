@@ -1127,8 +1127,20 @@ class _RaiseAt(TrainerCallback):
             raise RuntimeError("the reward broke")
 
 
+@pytest.fixture
+def default_sigint():
+    """SIGINT as an interactive Python has it, whatever pytest was started with (a runner that
+    starts it as a background job has it ignored: the test then failed, naming nothing); put
+    back afterwards."""
+    import signal
+
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, outer)
+
+
 def test_a_users_script_stops_on_sigterm_after_the_step_with_a_checkpoint(tiny_model, tmp_path,
-                                                                          caplog):
+                                                                          caplog, default_sigint):
     """The one-line ShardCallback handles SIGTERM itself while it trains (the script installs
     nothing): the run ends after the step, both sides checkpointed; the handlers are put back."""
     import signal
