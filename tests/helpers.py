@@ -17,6 +17,7 @@ import math
 import struct
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,24 @@ def lora_model():
     peft = pytest.importorskip("peft")
     cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     return peft.get_peft_model(tiny_lm(), cfg)
+
+
+@contextmanager
+def one_process_group():
+    """A torch.distributed process group of this process alone (gloo, a free local port), for
+    DTensor parameters as FSDP2 makes them; destroyed on leaving."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def make_buffer(targets, capacity=16, dtype=torch.float32):

@@ -2080,3 +2080,46 @@ def test_a_script_whose_callback_adds_to_the_logs_resumes(tiny_model, tmp_path):
     _user_trainer(tiny_model, tmp_path / "trl", [_AddsToLogs(), again]).train(
         resume_from_checkpoint=True)
     assert again.summary["rl_steps"] == 10 and not again.summary["interrupted"]
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float32"])
+def test_the_buffer_is_allocated_in_the_storage_dtype_its_memory_was_checked_for(tmp_path,
+                                                                                 storage):
+    """capture.storage_dtype reaches the ring buffer its memory was checked for (a bf16
+    buffer allocated in fp32 takes twice what was checked; audit 128 PL03)."""
+    from sae_shards.capture.callback import ShardCallback
+    from sae_shards.capture.memory import buffer_memory_bytes
+    from sae_shards.recipe.models import tiny_model_and_tokenizer
+
+    model, _ = tiny_model_and_tokenizer("qwen2", hidden_size=32, num_layers=2, num_heads=4,
+                                        intermediate_size=64, seed=0)
+    callback = ShardCallback(run_dir=tmp_path / "run", capture={"storage_dtype": storage},
+                             handle_signals=False, log_to_wandb=False)
+    try:
+        callback.setup(model)
+        buffer = callback.parts.buffer
+        assert buffer.dtype == getattr(torch, storage)
+        assert buffer.memory_bytes == buffer_memory_bytes(buffer.targets, buffer.capacity,
+                                                            getattr(torch, storage))
+    finally:
+        callback.close()
+
+
+
+
+def test_a_lora_adapter_away_from_zero_does_not_start_at_the_base():
+    """No modules_to_save: the LoRA factors alone decide (the existing test's adapter also
+    trains modules_to_save, which answers first)."""
+    import peft
+
+    from sae_shards.capture.initial_model import starts_at_base
+
+    def lora_model(init):
+        torch.manual_seed(0)
+        base = torch.nn.Module()
+        base.q = torch.nn.Linear(6, 4, bias=False)
+        return peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q"],
+                                                         init_lora_weights=init))
+
+    assert starts_at_base(lora_model(True))  # peft's default: B = 0
+    assert not starts_at_base(lora_model(False))  # B != 0: the adapter moves the weights

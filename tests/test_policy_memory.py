@@ -128,3 +128,12 @@ def test_the_capture_sizes_itself_without_what_the_first_step_will_take(tiny_mod
             f"state {size(expected.optimizer_state)}).")
     assert said in str(err.value)
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_pending_memory_counts_only_gradients_not_yet_allocated():
+    """A parameter that already holds a gradient (a model trained before in the script)
+    allocates none in the first step (audit 128 PM01)."""
+    model = torch.nn.Linear(8, 4)
+    model.weight.grad = torch.zeros_like(model.weight)  # e.g. a model trained before in the script
+    pending = pending_policy_memory(model, None, "cpu")
+    assert pending.gradients == model.bias.numel() * 4

@@ -191,20 +191,14 @@ def test_a_tied_readout_is_named_by_the_tensor_it_is_tied_to():
 def test_a_lora_adapter_sharded_by_fsdp2_is_refused_as_lora_under_fsdp2(tmp_path):
     """A peft adapter's weight as a DTensor got the generic "looks sharded" refusal, which says
     FSDP2 is supported; it now says LoRA is not, under FSDP2, and what to run instead."""
-    import socket
-
     import torch
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, distribute_tensor
 
+    from helpers import one_process_group
     from sae_shards.capture.selection import check_not_sharded
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
-    try:
+    with one_process_group():
         mesh = init_device_mesh("cpu", (1,))
         weight = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 8), mesh, [Replicate()]))
         name = "base_model.model.layers.0.q_proj.lora_A.default.weight"
@@ -213,8 +207,6 @@ def test_a_lora_adapter_sharded_by_fsdp2_is_refused_as_lora_under_fsdp2(tmp_path
             check_not_sharded([(name, weight)])
         with pytest.raises(ValueError, match="looks sharded"):
             check_not_sharded([("layers.0.q_proj.weight", weight)])
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_zero3_partitioned_parameter_is_targeted_by_its_whole_shape():

@@ -58,3 +58,30 @@ def test_a_stop_says_what_the_run_will_do(caplog, ending, said):
         os.kill(os.getpid(), signal.SIGTERM)
     assert run.stop_signal == signal.SIGTERM
     assert said in caplog.text
+
+
+def test_the_stop_handlers_stay_until_the_last_callback_leaves():
+    """Two ShardCallbacks on one trainer: the first to end leaves the handlers in place (the
+    second still writes its end, which a SIGTERM must not cut short); the last restores them."""
+    from sae_shards.capture.signals import SignalGuard, free_signals
+
+    if signal.SIGTERM not in free_signals():
+        pytest.skip("SIGTERM is handled by someone else in this process")
+    before = signal.getsignal(signal.SIGTERM)
+
+    class Run:
+        stop_signal = None
+        ending = False
+
+        def request_stop(self, signum=0):
+            self.stop_signal = signum
+
+    first, second = SignalGuard(Run()), SignalGuard(Run())
+    assert first.enter() and second.enter()
+    try:
+        first.exit()
+        assert hasattr(signal.getsignal(signal.SIGTERM), "sae_shards_previous")
+    finally:
+        first.exit()
+        second.exit()
+    assert signal.getsignal(signal.SIGTERM) == before
