@@ -247,3 +247,95 @@ def test_a_saved_subset_is_listed_with_its_original_indices(sets, tmp_path, caps
     assert {p["shard"]: p["match"] for p in saved["pairs"]} == dict(enumerate(picked))
     assert main(["compare", str(whole), str(sub)]) == 0
     assert "note: B holds shards chosen from" in capsys.readouterr().out
+
+
+def _moved_sae(targets, seed, decoder_seed, n=24):
+    """An SAE of ``seed`` whose decoder is that of a fresh SAE of ``decoder_seed`` (so every
+    shard left its initial direction)."""
+    from sae_shards.core.sae import LowRankSAE
+    from sae_shards.core.sae_config import SAEConfig
+
+    cfg = dict(n_latents=n, k=3, lr=3e-3)
+    sae = LowRankSAE(targets, SAEConfig(**cfg, seed=seed))
+    other = LowRankSAE(targets, SAEConfig(**cfg, seed=decoder_seed))
+    with torch.no_grad():
+        for mine, theirs in zip(sae.factors, other.factors):
+            for f, g in zip(mine.factors("decoder"), theirs.factors("decoder")):
+                f.copy_(g)
+    return sae
+
+
+def test_compare_counts_figures_by_abs_cosine_and_a_negated_start_as_untrained():
+    """compare_shards on two sets of moved random shards: the summary's median |cos| is the
+    median of the pairs' |cosine| (signed codes: a shard and its negative are one), and a shard
+    sitting on the negative of its initial direction never left it (initial |cos| = 1)."""
+    import statistics
+
+    from sae_shards.analysis.compare import compare_shards, initial_cosines
+    from sae_shards.analysis.shards import ShardSet
+    from sae_shards.core.sae import LowRankSAE
+    from sae_shards.core.synthetic import PlantedConfig, PlantedStream
+
+    targets = PlantedStream(PlantedConfig(n_directions=12, noise_frac=0.2, seed=0)).targets
+    a_sae, b_sae = _moved_sae(targets, 0, 10), _moved_sae(targets, 1, 11)
+    start = LowRankSAE(targets, a_sae.cfg)
+    with torch.no_grad():  # shard 0 of A: its initial direction, negated
+        for mine, first in zip(a_sae.factors, start.factors):
+            mine.factors("decoder")[0][0] = -first.factors("decoder")[0][0]
+            for f, f0 in zip(mine.factors("decoder")[1:], first.factors("decoder")[1:]):
+                f[0] = f0[0]
+    stats = {"stats.density": torch.full((24,), 0.2)}
+    a, b = ShardSet(a_sae, {}, stats), ShardSet(b_sae, {}, stats)
+    assert float(initial_cosines(a)[0]) > 0.999
+    found = compare_shards(a, b)
+    assert not found.signed
+    assert 0 not in {p.shard for p in found.pairs} and found.n_untrained >= 1
+    cosines = [p.cosine for p in found.pairs]
+    assert any(c < 0 for c in cosines) and any(c > 0 for c in cosines)
+    assert found.to_dict()["median_abs_cosine"] == pytest.approx(
+        statistics.median(abs(c) for c in cosines))
+    low = compare_shards(a, b, threshold=0.01)  # every pair passes the threshold...
+    beaten = [p for p in low.pairs if abs(p.cosine) <= p.chance]
+    assert beaten  # ...and some do not beat their chance control: not replicated
+    assert [p.shard for p in low.replicated] == [p.shard for p in low.pairs
+                                                 if abs(p.cosine) > p.chance]
+    assert low.to_dict()["replicated"] == len(low.pairs) - len(beaten)
+
+
+def test_compare_chance_spans_only_bs_shards_that_fired():
+    """The chance control is random directions in the span of B's *trained* shards: moved away
+    from their start and fired at least once; a B shard that never fired adds nothing to it."""
+    from sae_shards.analysis.compare import CHANCE_SEED, compare_shards, span_chance
+    from sae_shards.analysis.shards import ShardSet
+    from sae_shards.core.synthetic import PlantedConfig, PlantedStream
+
+    targets = PlantedStream(PlantedConfig(n_directions=12, noise_frac=0.2, seed=0)).targets
+    a = ShardSet(_moved_sae(targets, 0, 10), {}, {"stats.density": torch.full((24,), 0.2)})
+    density_b = torch.full((24,), 0.2)
+    density_b[::2] = 0.0  # half of B's shards never fired
+    b = ShardSet(_moved_sae(targets, 1, 11), {}, {"stats.density": density_b})
+    found = compare_shards(a, b)
+    fired = list(range(1, 24, 2))
+    cos = a.cosine_matrix(b)
+    want = span_chance(cos[:, fired], b.cosine_matrix()[fired][:, fired], len(b),
+                       torch.Generator().manual_seed(CHANCE_SEED))
+    assert found.pairs and all(p.chance == pytest.approx(float(want[p.shard]))
+                               for p in found.pairs)
+    assert all(p.match_trained == (p.match in fired) for p in found.pairs)
+
+
+def test_signed_span_chance_is_the_largest_signed_cosine():
+    """span_chance(signed=True), the chance control of two SAEs with non-negative codes (where
+    d and -d are other shards): the largest *signed* cosine with the random directions."""
+    from sae_shards.analysis.compare import span_chance
+
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.nn.functional.normalize(torch.randn(5, 40, generator=g), dim=1)
+    rows = torch.nn.functional.normalize(torch.randn(6, 40, generator=g), dim=1)
+    got = span_chance(rows @ dirs.T, dirs @ dirs.T, 7, torch.Generator().manual_seed(1),
+                      signed=True)
+    w = torch.randn(5, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    random_dirs = torch.nn.functional.normalize(w.T @ dirs.double(), dim=1)
+    cos = rows.double() @ random_dirs.T
+    torch.testing.assert_close(got, cos.max(1).values.float())
+    assert not torch.equal(got, cos.abs().max(1).values.float())

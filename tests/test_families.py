@@ -120,3 +120,14 @@ def test_rare_latents_need_enough_joint_firings():
 def test_threshold_out_of_range_is_refused():
     with pytest.raises(ValueError, match="threshold"):
         group_latents(torch.eye(3), 0.0)
+
+
+def test_always_on_starts_at_its_density_and_an_unknown_density_is_not():
+    """One rule for the report's listing and tags, compare's pairs and the families: a latent
+    active on at least ALWAYS_ON_DENSITY of the samples is the drift direction's."""
+    import math
+
+    from sae_shards.analysis.families import ALWAYS_ON_DENSITY, is_always_on
+
+    assert is_always_on(ALWAYS_ON_DENSITY) and is_always_on(1.0)
+    assert not is_always_on(ALWAYS_ON_DENSITY - 1e-6) and not is_always_on(math.nan)

@@ -22,6 +22,7 @@ from sae_shards.recipe.models import tiny_model_and_tokenizer
 from sae_shards.recipe.tasks import build_task
 
 BODY = "model.layers.0.mlp.down_proj.weight"
+O_PROJ = "model.layers.1.self_attn.o_proj.weight"
 
 
 @pytest.fixture(scope="module")
@@ -456,3 +457,110 @@ def test_a_task_of_two_contexts_gets_equal_shares_of_the_prompts():
     task = RewardTask(rows, [lambda completions, **kwargs: [0.0] * len(completions)],
                       label_column="kind")
     assert sorted(eval_prompts(task, 4)["kind"]) == ["a", "a", "b", "b"]
+
+
+def _recording_scorer(monkeypatch, names):
+    """Replace interventions.score_rollouts by a fake that records the named parameters' values
+    at each call and returns seeded random rewards (one call: one Scored)."""
+    import sae_shards.analysis.interventions as iv
+
+    seen, scored = [], []
+
+    def fake(model, tokenizer, task, data, n_samples=iv.N_SAMPLES, **kwargs):
+        params = dict(model.named_parameters())
+        seen.append({n: params[n].detach().clone() for n in names})
+        g = torch.Generator().manual_seed(len(seen))
+        rewards = torch.rand(len(data), n_samples, generator=g, dtype=torch.float64)
+        column = iv._label_column(task)
+        labels = ([str(x) for x in data[column]] if column in data.column_names else None)
+        scored.append(iv.Scored(rewards, labels))
+        return scored[-1]
+
+    monkeypatch.setattr(iv, "score_rollouts", fake)
+    return seen, scored
+
+
+def _direction(model, names, seed):
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    return {n: torch.randn(params[n].shape, generator=g) for n in names}
+
+
+def test_ablation_control_removes_c_times_the_norm_matched_draw(monkeypatch):
+    """docs/analysis.md s.7: the ablation's control is the final weights minus c times a random
+    direction of d's norm (control_seed), c being the shard's own coefficient."""
+    from sae_shards.analysis.interventions import ablate, random_direction_like
+
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    names = [BODY, O_PROJ]
+    params = dict(model.named_parameters())
+    theta0 = {n: params[n].detach().clone() for n in names}
+    d = _direction(model, names, seed=1)
+    with torch.no_grad():
+        for n in names:  # the "run": theta_T = theta_0 + 0.5 d + noise
+            params[n].add_(0.5 * d[n] + 0.01 * _direction(model, [n], seed=7)[n])
+    theta_t = {n: params[n].detach().clone() for n in names}
+    seen, _ = _recording_scorer(monkeypatch, names)
+    ab = ablate(model, tok, build_task("letters"), d, theta0, control_seed=3, n_prompts=4,
+                n_samples=2)
+    c = ab.coefficient
+    assert c == pytest.approx(0.5, rel=0.05)
+    assert len(seen) == 3  # final, removed, control
+    r = random_direction_like(d, torch.Generator().manual_seed(3))
+    for n in names:
+        torch.testing.assert_close(seen[0][n], theta_t[n])
+        torch.testing.assert_close(seen[1][n], theta_t[n] - c * d[n], rtol=0, atol=1e-5)
+        torch.testing.assert_close(seen[2][n], theta_t[n] - c * r[n], rtol=0, atol=1e-5)
+
+
+def test_dose_response_steers_along_the_signed_alpha_and_pairs_against_alpha_zero(
+        monkeypatch):
+    """dose_response: the weights at alpha are theta + alpha * direction for negative alphas too
+    (the report's default alphas start at -1), the control likewise along its norm-matched draw,
+    and each point's paired standard error is taken against alpha 0 wherever it sits."""
+    from sae_shards.analysis.interventions import (dose_response, paired_change,
+                                                   random_direction_like)
+
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    names = [BODY]
+    theta = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+    d = {n: 0.1 * t for n, t in _direction(model, names, seed=2).items()}
+    seen, scored = _recording_scorer(monkeypatch, names)
+    alphas = [-1.0, 0.0, 2.0]
+    curve = dose_response(model, tok, build_task("letters"), d, alphas, control_seed=5,
+                          n_prompts=6, n_samples=2)
+    r = random_direction_like(d, torch.Generator().manual_seed(5))
+    # calls: alpha -1 shard, control; alpha 0 once; alpha 2 shard, control
+    assert len(seen) == 5
+    expect = [theta[BODY] - d[BODY], theta[BODY] - r[BODY], theta[BODY],
+              theta[BODY] + 2 * d[BODY], theta[BODY] + 2 * r[BODY]]
+    for got, want in zip(seen, expect):
+        torch.testing.assert_close(got[BODY], want, rtol=0, atol=1e-6)
+    base = scored[2].rewards
+    assert curve.stderr_change_shard == [paired_change(base, scored[0].rewards)[1], 0.0,
+                                         paired_change(base, scored[3].rewards)[1]]
+    assert curve.stderr_change_control == [paired_change(base, scored[1].rewards)[1], 0.0,
+                                           paired_change(base, scored[4].rewards)[1]]
+
+
+def test_ablation_per_context_error_bar_pairs_final_and_removed(monkeypatch):
+    """Ablation.stderr_change_removed_by_label: each context's standard error of the change
+    final -> removed, paired per prompt (paired_change), not the removed policy's own spread."""
+    from sae_shards.analysis.interventions import ablate, label_rewards, paired_change
+
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    names = [BODY]
+    params = dict(model.named_parameters())
+    theta0 = {BODY: params[BODY].detach().clone()}
+    d = _direction(model, names, seed=1)
+    task = build_task("multiskill")
+    _, scored = _recording_scorer(monkeypatch, names)
+    with torch.no_grad():
+        params[BODY].add_(0.3 * d[BODY])
+    ab = ablate(model, tok, task, d, theta0, n_prompts=16, n_samples=3)
+    before, after = label_rewards(scored[0], task), label_rewards(scored[1], task)
+    assert set(ab.stderr_change_removed_by_label) == set(task.labels)
+    for label in task.labels:
+        assert ab.stderr_change_removed_by_label[label] == pytest.approx(
+            paired_change(before[label], after[label])[1], rel=1e-9), label
+        assert ab.removed_by_label[label] == pytest.approx(float(after[label].mean()))

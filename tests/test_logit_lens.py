@@ -457,3 +457,31 @@ def test_each_direction_of_a_writer_has_its_own_singular_value(model_and_tokeniz
     component = 3.0 * u[:, :1] @ v[:, :1].T + 1.0 * u[:, 1:] @ v[:, 1:].T
     found = logit_lens(model, tokenizer, {name: component}, top_k=2)
     assert [round(r.singular_value, 4) for r in found] == [3.0, 1.0]
+
+
+def test_a_post_norm_writers_bias_is_read_through_the_same_norm():
+    """logit_lens: a writer's bias passes through the same post-norm as its weight before the
+    residual add (OLMo2 with attention biases), so its tokens are W_U (g_final * g_post * b)."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    from sae_shards.analysis.logit_lens import find_final_norm, logit_lens, norm_gain
+
+    _, tokenizer = tiny_model_and_tokenizer(seed=0)
+    torch.manual_seed(0)
+    model = Olmo2ForCausalLM(Olmo2Config(vocab_size=len(tokenizer), hidden_size=32,
+                                         intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         attention_bias=True))
+    layer = model.model.layers[1]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        layer.post_attention_layernorm.weight.copy_(torch.rand(32, generator=g) * 4 - 1)
+    name = "model.layers.1.self_attn.o_proj.bias"
+    bias = torch.randn(32, generator=g)
+    (res,) = logit_lens(model, tokenizer, {name: bias}, top_k=4)
+    final = norm_gain(find_final_norm(model), 32)
+    g_post = norm_gain(layer.post_attention_layernorm, 32)
+    logits = model.lm_head.weight.detach() @ (final * g_post * res.direction.float())
+    want = logits.topk(4).indices.tolist()
+    assert list(res.promoted_ids) == want
+    assert [v for _, v in res.promoted] == pytest.approx(logits[want].tolist(), rel=1e-4)

@@ -258,10 +258,10 @@ def test_top_shards_are_every_always_on_shard_then_exactly_n_others_largest_firs
 
     from sae_shards.analysis.report import top_shards
 
-    # 10 samples, 6 shards: 0 and 4 always on (density 1.0, 0.9), 1-3 in some samples
+    # 10 samples, 6 shards: 0 and 4 always on (density 1.0, 0.8), 1-3 in some samples
     acts = torch.zeros(10, 6)
     acts[:, 0] = 1.0
-    acts[1:, 4] = 5.0  # density 0.9: always on
+    acts[2:, 4] = 5.0  # density 0.8, ALWAYS_ON_DENSITY itself: always on (families.is_always_on)
     acts[:3, 1] = 2.0  # mass 6
     acts[:5, 2] = 3.0  # mass 15
     acts[:2, 3] = -1.0  # mass 2 (|activation|); shard 5 never fires
@@ -626,3 +626,61 @@ def test_the_worse_than_its_mean_warning_needs_an_fvu_above_one():
     assert "(FVU over its last tenth of steps 1.06 > 1, after 12 SAE steps)" in worse_than_mean(
         1.06, 12)
     assert [worse_than_mean(f, 12) for f in (0.98, 1.0, math.nan, None)] == [None] * 4
+
+
+def test_the_reports_logit_lens_reads_the_initial_policy(short_run_dir, tmp_path,
+                                                               monkeypatch):
+    """docs/analysis.md s.5: the report's logit lens goes through the *initial* model (its final
+    norm and unembedding), as the dose-response steers the initial weights."""
+    import sae_shards.analysis.report as report
+    from sae_shards.analysis.shards import load_run_models
+
+    initial, final, _, _ = load_run_models(short_run_dir)
+    given = []
+
+    class Stop(Exception):
+        pass
+
+    def record(model, tokenizer, shard, top_k):
+        given.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        raise Stop
+
+    monkeypatch.setattr(report, "lens_rows", record)
+    with pytest.raises(Stop):
+        report.analyze(short_run_dir, tmp_path / "report.html", n_shards=1, n_prompts=2)
+    (seen,) = given
+    moved = [n for n, p in final.named_parameters()
+             if not torch.equal(p, dict(initial.named_parameters())[n])]
+    assert moved  # the run changed the policy, so the two are told apart
+    assert all(torch.equal(seen[n], p) for n, p in initial.named_parameters())
+
+
+def test_analysis_json_lists_each_shards_top_k_steps(short_run_dir, tmp_path):
+    """analysis.json's top_steps of a shard: RunView.top_steps(shard, top_k), all top_k of them."""
+    import json
+
+    from sae_shards.analysis.report import analyze
+    from sae_shards.analysis.shards import RunView
+
+    analyze(short_run_dir, tmp_path / "report.html", n_shards=2, top_k=3, dose=False)
+    analysis = json.loads((tmp_path / "analysis.json").read_text())
+    view = RunView(short_run_dir)
+    for s, entry in analysis["shards"].items():
+        want = [t["rl_step"] for t in view.top_steps(int(s), 3)]
+        assert len(want) == 3
+        assert entry["top_steps"] == want
+
+
+def test_the_dose_tables_control_column_is_the_largest_alphas():
+    """The report's dose table ends with the control's reward at the largest alpha (its header
+    names that alpha), whatever the alphas' order."""
+    from sae_shards.analysis.interventions import DoseResponse
+    from sae_shards.analysis.report import _dose_table
+
+    dr = DoseResponse(alphas=[-1.0, 0.0, 2.0], reward_shard=[0.1, 0.2, 0.3],
+                      stderr_shard=[0.01] * 3, reward_control=[0.111, 0.2, 0.777],
+                      stderr_control=[0.01] * 3, n=8, stderr_change_shard=[0.02, 0.0, 0.03],
+                      stderr_change_control=[0.04, 0.0, 0.05])
+    html = _dose_table({3: dr}, {"shards": {3: {"update_coefficient": 0.5}}}, {})
+    assert "control at 2" in html and "0.7770 ± 0.0500" in html
+    assert "0.1110" not in html

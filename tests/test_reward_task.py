@@ -485,3 +485,21 @@ def test_an_error_of_the_task_functions_own_making_names_the_task_spec(tmp_path)
         with pytest.raises(ValueError, match=rf"^--task '{re.escape(str(own))}:{name}': "
                                              rf"{name}\(\) failed: .*{re.escape(said)}"):
             load_task_spec(f"{own}:{name}")
+
+
+def test_a_reward_tasks_prompts_are_drawn_in_its_seeds_shuffled_order():
+    """RewardTask.dataset: n rows drawn without replacement in a seed-shuffled order (cycling
+    after every row was drawn once), not the first n rows of the file: a dataset sorted by
+    difficulty or context would otherwise give the report's dose-response a biased sample."""
+    import random
+
+    from sae_shards.analysis.reward_task import RewardTask
+
+    rows = [{"prompt": f"p{i}", "k": i} for i in range(10)]
+    task = RewardTask(rows, [lambda completions, **kw: [0.0] * len(completions)])
+    order = list(range(10))
+    random.Random(4).shuffle(order)
+    got = task.dataset(13, seed=4)["k"]
+    assert got == [order[i % 10] for i in range(13)]
+    assert sorted(got[:10]) == list(range(10))  # without replacement
+    assert task.dataset(5, seed=4)["k"] != task.dataset(5, seed=5)["k"]

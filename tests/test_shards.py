@@ -1,6 +1,7 @@
 """ShardSet and RunView on a real (short) run: round trip, factored geometry, run-level views."""
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -941,3 +942,23 @@ def test_a_preconditioned_runs_activations_are_no_parameter_update(run_dir, tmp_
     (run / "config.json").write_text(json.dumps(config))
     view = RunView(run)
     assert view.samples_are_updates is False and view.attribution(0) is None
+
+
+def test_a_shards_typical_coefficient_is_in_parameter_units(short_run_dir):
+    """Shard.typical_coefficient (and so Shard.dense()'s default scale): the SAE's running mean
+    |activation| times input_scale, parameter units, near RunView's consistent figure."""
+    from sae_shards.analysis.shards import RunView
+
+    view = RunView(short_run_dir)
+    _, acts = view.timeline()
+    s = int(acts.abs().sum(0).argmax())
+    shard = view.shards[s]
+    scale = view.shards.input_scale
+    assert abs(math.log10(scale)) > 1  # parameter updates are far from unit size
+    mean_abs = float(view.shards.stats["stats.mean_abs_act"][s])
+    assert shard.typical_coefficient() == pytest.approx(mean_abs * scale, rel=1e-6)
+    ratio = shard.typical_coefficient() / view.typical_coefficient(s)
+    assert 0.2 < ratio < 5, ratio
+    unit, scaled = shard.dense(scaled=False), shard.dense()
+    for name in unit:
+        torch.testing.assert_close(scaled[name], unit[name] * shard.typical_coefficient())

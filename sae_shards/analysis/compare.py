@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sae_shards.analysis.families import ALWAYS_ON_DENSITY
+from sae_shards.analysis.families import ALWAYS_ON_DENSITY, is_always_on
 from sae_shards.analysis.shards import ShardSet
 from sae_shards.core.checkpoint import SAE_FILE
 from sae_shards.core.sae import LowRankSAE
@@ -210,7 +210,7 @@ def compare_shards(a: ShardSet, b: ShardSet, threshold: float = REPLICATED,
     moved_b = initial_cosines(b) < INIT_KEPT  # [n_b]
     rare = [d == 0 or d < min_density for d in density]  # NaN: unknown, compared
     compared = [i for i in range(len(a)) if not rare[i] and bool(moved_a[i])]
-    counted = [i for i in compared if not density[i] >= ALWAYS_ON_DENSITY]
+    counted = [i for i in compared if not is_always_on(density[i])]
     trained_b = [j for j in range(len(b)) if bool(moved_b[j]) and other[j] != 0]
     chance = span_chance(cos[:, trained_b], b.cosine_matrix()[trained_b][:, trained_b],
                          len(b), torch.Generator().manual_seed(CHANCE_SEED), signed)  # [n_a]
@@ -226,7 +226,7 @@ def compare_shards(a: ShardSet, b: ShardSet, threshold: float = REPLICATED,
 
     pairs = sorted((pair(i, False) for i in counted),
                    key=lambda p: -(p.cosine if signed else abs(p.cosine)))
-    always = [pair(i, True) for i in compared if density[i] >= ALWAYS_ON_DENSITY]
+    always = [pair(i, True) for i in compared if is_always_on(density[i])]
     prints = [initial_fingerprint(s) for s in (a, b)]
     return Comparison(pairs, always, threshold, min_density, sum(rare),
                       sum(not rare[i] and not bool(moved_a[i]) for i in range(len(a))),

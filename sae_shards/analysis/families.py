@@ -41,6 +41,13 @@ ALWAYS_ON_DENSITY = 0.8
 carry what every sample shares (the drift direction), not a context."""
 
 
+def is_always_on(density: float) -> bool:
+    """Whether a latent active on ``density`` of the samples is always on (at least
+    ``ALWAYS_ON_DENSITY``): the drift direction, told apart from the shards of contexts wherever
+    shards are listed, tagged or compared. An unknown density (NaN) is not."""
+    return float(density) >= ALWAYS_ON_DENSITY
+
+
 class Families(NamedTuple):
     members: list[list[int]]
     """Latent indices of each family (ascending), families ordered by their smallest member."""

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from sae_shards.analysis.families import ALWAYS_ON_DENSITY, MIN_JOINT
+from sae_shards.analysis.families import ALWAYS_ON_DENSITY, MIN_JOINT, is_always_on
 from sae_shards.analysis.interventions import (CONTROL_SEED, N_SAMPLES, ROLLOUT_SEED, ablate,
                                                dose_response, eval_prompts, score_rollouts,
                                                update_coefficient)
@@ -96,8 +96,8 @@ def top_shards(view: RunView, n: int) -> list[int]:
     mass = acts.abs().sum(0)
     density = (acts != 0).float().mean(0)
     fired = [i for i in mass.argsort(descending=True).tolist() if mass[i] > 0]
-    always = [i for i in fired if density[i] >= ALWAYS_ON_DENSITY]
-    return always + [i for i in fired if density[i] < ALWAYS_ON_DENSITY][:n]
+    always = [i for i in fired if is_always_on(density[i])]
+    return always + [i for i in fired if not is_always_on(density[i])][:n]
 
 
 def _reward_html(view: RunView) -> str:
@@ -187,7 +187,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
               else top_shards(view, n_shards))
     which = "chosen" if chosen else "top"
     density = view.density()  # [n_shards]
-    always_on = [i for i in range(len(density)) if float(density[i]) >= ALWAYS_ON_DENSITY]
+    always_on = [i for i in range(len(density)) if is_always_on(density[i])]
     tags = {i: "always on: a common drift direction, not a context" for i in always_on}
     labels = view.sample_labels()  # each sample's contexts, read once for every shard's mix
     mixes = {s: view.task_mix(s, labels=labels) for s in shards}
