@@ -826,3 +826,11 @@ def test_under_a_launcher_each_rank_says_its_config_error_labelled(tmp_path, cap
         assert label in capsys.readouterr().err
         assert main(["train", "-m", "--cfg", "job", "seed=1,2"]) == 2
         assert ("config error:" in capsys.readouterr().err) == (rank == "0")
+
+
+def test_a_long_artifact_name_fits_wandbs_limit_and_stays_apart():
+    from sae_shards.run.tracking import ARTIFACT_NAME_MAX, artifact_name
+
+    a, b = artifact_name("shards-" + "x" * 300 + "a"), artifact_name("shards-" + "x" * 300 + "b")
+    assert len(a.encode()) <= ARTIFACT_NAME_MAX and len(b.encode()) <= ARTIFACT_NAME_MAX
+    assert a != b and a.startswith("shards-xxx")

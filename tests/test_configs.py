@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 
 from sae_shards.cli import CONFIG_DIR, ConfigError, job_config_from_hydra
 from sae_shards.core.sae_config import SAEConfig
-from sae_shards.run.config import TASK_NAMES, JobConfig
+from sae_shards.run.config import (TASK_NAMES, CaptureConfig, JobConfig, LoraSettings,
+                                   ModelConfig, RLConfig, RunnerConfig, check_sae_trains)
 
 # Options that need a value from the user to compose.
 REQUIRED = {("model", "hf_path"): ["model.path={model_dir}"]}
@@ -363,3 +364,64 @@ def test_a_sweeps_job_directories_ignore_every_setting_a_resume_may_change():
                 if k not in ("world_size", "launch", "distribution", "versions", "resumed_under",
                              "rl.output_dir", "run_id")}
     assert settable <= excluded, sorted(settable - excluded)
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: LoraSettings(enabled=True, target_modules=[]), r"model.lora.target_modules is empty"),
+    (lambda: ModelConfig(num_layers=0), r"model.num_layers=0 must be >= 1"),
+    (lambda: ModelConfig(intermediate_size=0), r"model.intermediate_size=0 must be >= 1"),
+    (lambda: ModelConfig(hidden_size=66, num_heads=4), r"must be divisible by model.num_heads"),
+    (lambda: RLConfig(learning_rate=0.0), r"rl.learning_rate=0.0 must be positive"),
+    (lambda: RLConfig(max_steps=0), r"rl.max_steps=0 must be >= 1"),
+    (lambda: RLConfig(max_completion_length=0), r"rl.max_completion_length=0 must be >= 1"),
+    (lambda: CaptureConfig(memory_fraction=1.5), r"capture.memory_fraction=1.5 must be in \(0, 1\]"),
+    (lambda: CaptureConfig(event_rank=0), r"capture.event_rank=0 must be >= 1"),
+    (lambda: CaptureConfig(granularity="group", source="grad"),
+     r"capture.source=grad applies to capture.granularity=step"),
+    (lambda: RunnerConfig(sae_budget=11.0), r"runner.sae_budget=11.0 must be in \[0, 10\]"),
+    (lambda: RunnerConfig(checkpoint_every=-1), r"runner.checkpoint_every=-1 must be >= 0"),
+    (lambda: RunnerConfig(recent_frac=1.5), r"runner.recent_frac=1.5 must be in \[0, 1\]"),
+    (lambda: RunnerConfig(sae_start_step=-1), r"runner.sae_start_step=-1 must be >= 0"),
+    (lambda: JobConfig(model=ModelConfig(lora=LoraSettings(enabled=True)),
+                       rl=RLConfig(trainable=["model.layers.*"])),
+     r"rl.trainable cannot be combined with model.lora.enabled=true"),
+    (lambda: JobConfig(model=ModelConfig(lora=LoraSettings(enabled=True)),
+                       capture=CaptureConfig(source="grad")),
+     r"capture.source=grad needs dense targets and is not supported with model.lora"),
+])
+def test_each_config_range_check_refuses_its_bad_value(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_prompts_per_step_counts_gradient_accumulation():
+    rl = RLConfig(per_device_train_batch_size=8, num_generations=4, gradient_accumulation_steps=3)
+    assert rl.prompts_per_step == 6
+    # a dataset of 5 prompts cannot fill one optimizer step of 6
+    with pytest.raises(ValueError, match=r"task.n_prompts=5 is fewer than one optimizer step's "
+                                         r"prompts \(6"):
+        JobConfig.from_dict({"rl": {"per_device_train_batch_size": 8, "num_generations": 4,
+                                    "gradient_accumulation_steps": 3},
+                             "task": {"n_prompts": 5}})
+
+
+def test_sae_must_start_before_the_last_rl_step_and_count_held_out_steps():
+    capture = CaptureConfig()
+    with pytest.raises(ValueError, match=r"runner.sae_start_step=10 is not before the last RL step"):
+        check_sae_trains(capture, RunnerConfig(sae_start_step=10), 10)
+    check_sae_trains(capture, RunnerConfig(sae_start_step=9), 10)  # the last step trains it
+    # 10 steps, every 2nd held out: 5 trainable samples, fewer than 6
+    with pytest.raises(ValueError, match=r"rl.max_steps=10 gives 5 trainable per-step samples"):
+        check_sae_trains(capture, RunnerConfig(heldout_every=2, min_samples=6), 10)
+    check_sae_trains(capture, RunnerConfig(heldout_every=2, min_samples=5), 10)
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"rl": {"max_steps": True}}, r"rl.max_steps: expected int, got bool True"),
+    ({"rl": {"learning_rate": True}}, r"rl.learning_rate: expected float, got bool True"),
+    ({"capture": {"targets": [3]}}, r"capture.targets\[0\]: expected str, got int 3"),
+    ({"rl": {"trainable": ["model.layers.*", 1]}}, r"rl.trainable\[1\]: expected str, got int 1"),
+])
+def test_a_wrongly_typed_value_is_refused_with_its_dotted_name(data, message):
+    with pytest.raises(ValueError, match=message):
+        JobConfig.from_dict(data)

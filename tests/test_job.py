@@ -19,7 +19,8 @@ from transformers import TrainerCallback
 from sae_shards.capture.event_sites import trl_fuses_lm_head
 from sae_shards.core.checkpoint import load_checkpoint
 from sae_shards.cli import CONFIG_DIR, job_config_from_hydra
-from sae_shards.run.config import LoggingConfig
+from sae_shards.run.config import (CaptureConfig, JobConfig, LoggingConfig, LoraSettings,
+                                   ModelConfig, RLConfig)
 from sae_shards.run.job import (JobSetupError, build_rl, resolve_device, run_config, run_job,
                                 shard_callback)
 from sae_shards.recipe.models import load_model_and_tokenizer
@@ -701,3 +702,71 @@ def test_lora_settings_given_with_lora_off_are_warned_about(tmp_path, capfd):
     (said,) = warnings("model.lora={r:4}")
     assert said.startswith("model.lora={r:4} given") and said.endswith(
         "add model.lora.enabled=true to train one")
+
+
+def test_lora_settings_reach_peft():
+    from sae_shards.run.job import _peft_config
+
+    lora = LoraSettings(enabled=True, r=4, alpha=32.0, dropout=0.0, rslora=True,
+                        target_modules=["q_proj", "v_proj"])
+    peft = _peft_config(JobConfig(model=ModelConfig(lora=lora)))
+    assert (peft.r, peft.lora_alpha, peft.lora_dropout, peft.use_rslora) == (4, 32.0, 0.0, True)
+    assert sorted(peft.target_modules) == ["q_proj", "v_proj"]
+    assert _peft_config(JobConfig()) is None
+
+
+def test_the_tiny_model_is_built_with_the_jobs_seed_and_readout(tmp_path):
+    import json
+
+    from sae_shards.recipe.models import BUILD_SETTINGS_FILE
+    from sae_shards.run.job import prepare_model
+
+    cfg = JobConfig(seed=3, model=ModelConfig(readout_scale=4.0))
+    path = prepare_model(cfg, tmp_path)
+    settings = json.loads((path / BUILD_SETTINGS_FILE).read_text())
+    assert settings["seed"] == 3 and settings["readout_scale"] == 4.0
+
+
+def test_config_json_records_the_resolved_model_and_task(tmp_path, monkeypatch):
+    from sae_shards.recipe.models import build_tiny_model
+    from sae_shards.run.config import TINY_ONLY
+    from sae_shards.run.job import run_config
+
+    model = build_tiny_model(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    saved = run_config(JobConfig(model=ModelConfig(path="m")), target_length=7)
+    assert saved["model"]["path"] == str(model.resolve())  # absolute: analysis runs elsewhere
+    assert not set(TINY_ONLY) & set(saved["model"]) and saved["model"]["fingerprint"]
+    assert saved["task"]["target_length"] == 7
+    tiny = run_config(JobConfig(), built=model)
+    assert tiny["model"]["path"] is None and tiny["model"]["arch"] == "qwen2"
+    assert tiny["model"]["fingerprint"] == saved["model"]["fingerprint"]
+
+
+def test_build_rl_keeps_the_users_target_length_and_the_jobs_seed(tmp_path):
+    import torch
+
+    from sae_shards.recipe.tasks import build_task
+    from sae_shards.run.job import build_rl
+
+    cfg = JobConfig.from_dict({"seed": 5, "task": {"n_prompts": 16, "options": {"target_length": 3}},
+                               "rl": {"max_steps": 2, "per_device_train_batch_size": 8,
+                                      "num_generations": 4, "max_completion_length": 8},
+                               "runner": {"min_samples": 1, "checkpoint_every": 0},
+                               "logging": {"mode": "disabled"}})
+    rl = build_rl(cfg, tmp_path, torch.device("cpu"))
+    assert rl.task.target_length == 3
+    assert list(rl.trainer.train_dataset["prompt"]) == list(
+        build_task("letters", target_length=3).dataset(16, 5)["prompt"])
+
+
+def test_a_sweeps_next_job_is_checked_without_the_last_jobs_frozen_parameters():
+    """check_targets reuses one meta policy across a sweep's jobs: the previous job's
+    rl.trainable must not stay applied (the readout frozen by job 1 is a target of job 2)."""
+    from sae_shards.run.job import check_targets
+
+    check_targets(JobConfig(rl=RLConfig(trainable=["model.layers.*"])))
+    check_targets(JobConfig(capture=CaptureConfig(targets=["lm_head.weight"])))
+    with pytest.raises(ValueError, match="lm_head"):
+        check_targets(JobConfig(rl=RLConfig(trainable=["model.layers.*"]),
+                                capture=CaptureConfig(targets=["lm_head.weight"])))

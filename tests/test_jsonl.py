@@ -139,3 +139,24 @@ def test_a_rows_digest_is_its_values_not_its_layout():
     again = json.loads(json.dumps({k: row[k] for k in sorted(row)}, separators=(",", ":")))
     assert rundir.row_digest(again) == rundir.row_digest(row)
     assert rundir.row_digest({**row, "reward": 0.5}) != rundir.row_digest(row)
+
+
+def test_jsonl_index_keeps_only_the_keys_asked_for_and_reads_each_row_back(tmp_path):
+    import json
+
+    from sae_shards.run import jsonl_index
+    from sae_shards.run.jsonl_index import JsonlIndex
+
+    path = tmp_path / "rollouts.jsonl"
+    rows = [{"step": s, "rewards": [float(s)]} for s in range(1, 41)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    even = JsonlIndex(path, "step", keep=lambda k: k % 2 == 0)
+    assert list(even) == list(range(2, 41, 2)) and 3 not in even
+    index = JsonlIndex(path, "step")
+    for r in rows:  # more rows than the cache holds, each read back whole
+        assert index[r["step"]] == r
+    assert len(index._cache) == jsonl_index.CACHED_ROWS
+    assert list(index._cache) == list(range(41 - jsonl_index.CACHED_ROWS, 41))  # the newest kept
+    index[25]  # a hit moves to the end: the least recently used goes first
+    index[1]
+    assert 25 in index._cache and 26 not in index._cache

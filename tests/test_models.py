@@ -194,3 +194,44 @@ def test_the_meta_policy_is_built_whole_under_a_deepspeed_zero3_config():
         del zero3
         gc.collect()
     assert not is_deepspeed_zero3_enabled()
+
+
+def test_tiny_model_pads_left_and_stops_at_its_eos(tmp_path):
+    from sae_shards.recipe.models import build_tiny_model, load_model_and_tokenizer
+
+    path = build_tiny_model(tmp_path / "m")
+    model, tokenizer = load_model_and_tokenizer(path)
+    assert tokenizer.padding_side == "left"  # decoder-only generation pads on the left
+    batch = tokenizer(["ab", "abcd"], padding=True)
+    assert batch["input_ids"][0][0] == tokenizer.pad_token_id  # the pad comes first
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+    assert model.config.num_key_value_heads == model.config.num_attention_heads
+    assert not model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
+
+def test_a_known_model_type_with_its_own_code_is_loaded_without_running_it(tmp_path,
+                                                                                  monkeypatch):
+    """A qwen2 directory whose config.json also names a causal-LM class of its own code
+    (auto_map) loads with transformers' own Qwen2 class: the code is never imported without the
+    opt-in (trust_remote_code is not hard-wired on in from_pretrained)."""
+    import json
+    import shutil
+
+    from helpers import own_code_cache
+    from sae_shards.recipe.models import build_tiny_model, load_model_and_tokenizer
+
+    own_code_cache(monkeypatch, tmp_path / "modules")
+    path = tmp_path / "m"
+    shutil.copytree(build_tiny_model(tmp_path / "tiny"), path)
+    marker = tmp_path / "ran"
+    (path / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import Qwen2ForCausalLM\n\n\n"
+        "class EvilForCausalLM(Qwen2ForCausalLM):\n    pass\n")
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilForCausalLM"}
+    (path / "config.json").write_text(json.dumps(config))
+    model, _ = load_model_and_tokenizer(path)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and not marker.exists()

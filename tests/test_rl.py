@@ -368,3 +368,70 @@ def test_a_label_column_logged_for_too_few_completions_is_left_out():
     assert got.row["tasks"] is None and got.labels == ()
     trainer._generate_and_score_completions([4, 5], extra={"task": ["A", "B"]})
     assert rollouts.read(2).row["tasks"] == ["A", "B"]
+
+
+def test_every_typed_rl_setting_reaches_trl(tmp_path):
+    """rl.beta, rl.temperature, ... are TRL's own fields: each must reach trl.GRPOConfig."""
+    from sae_shards.recipe.trainers import trl_config
+    from sae_shards.run.config import RLConfig
+
+    rl = RLConfig(beta=0.04, temperature=0.7, learning_rate=1e-3, max_completion_length=12,
+                  per_device_train_batch_size=8, num_generations=4, max_steps=3)
+    kwargs = rl.trl_kwargs()
+    assert {"beta", "temperature", "learning_rate", "max_completion_length", "num_generations",
+            "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps"} <= set(kwargs)
+    assert "trainable" not in kwargs and "algorithm" not in kwargs
+    args = trl_config(kwargs, tmp_path / "trl")
+    assert (args.beta, args.temperature, args.learning_rate) == (0.04, 0.7, 1e-3)
+
+
+def test_trl_keeps_a_constant_lr_and_two_full_checkpoints(tmp_path):
+    """The measured defaults use a constant lr (a linear decay would end at 0: the last steps'
+    captured updates vanish); every TRL checkpoint keeps its optimizer (a resume reads it), and
+    the newest two are kept (one may be cut short by a kill)."""
+    from sae_shards.recipe.trainers import trl_config
+
+    args = trl_config({}, tmp_path / "trl", checkpoint_every=5)
+    assert str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) == "constant"
+    assert args.warmup_steps == 0
+    assert args.save_strategy in ("steps", getattr(args.save_strategy, "STEPS", "steps"))
+    assert args.save_steps == 5 and args.save_total_limit == 2 and args.save_only_model is False
+
+
+def test_trainable_patterns_are_a_union():
+    """rl.trainable=[a, b]: a parameter matching any one pattern trains (the docs' "Glob
+    patterns ... selecting what RL may change"); the readout stays frozen unless named."""
+    from sae_shards.recipe.models import tiny_model_and_tokenizer
+    from sae_shards.recipe.trainers import freeze_except
+
+    model, _ = tiny_model_and_tokenizer()
+    kept = freeze_except(model, ["model.layers.0.*", "model.norm.*"])
+    names = [n for n, _ in model.named_parameters()]
+    want = [n for n in names if n.startswith("model.layers.0.") or n == "model.norm.weight"]
+    assert kept == want and want
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == want
+    assert not model.lm_head.weight.requires_grad and not model.model.embed_tokens.weight.requires_grad
+
+
+def test_the_opt_in_to_a_models_own_code_reaches_trl(tmp_path, monkeypatch):
+    """model.trust_remote_code=true: TRL itself loads the policy from the path, so the opt-in
+    must reach it (else transformers refuses the model the user opted in to)."""
+    import shutil
+
+    from helpers import own_code_cache, plant_own_code
+    from sae_shards.recipe.models import build_tiny_model, load_tokenizer
+    from sae_shards.recipe.tasks import build_task
+    from sae_shards.recipe.trainers import build_trainer
+
+    own_code_cache(monkeypatch, tmp_path / "modules")
+    path = tmp_path / "own"
+    shutil.copytree(build_tiny_model(tmp_path / "tiny"), path)
+    marker = tmp_path / "ran"
+    plant_own_code(path, marker)
+    tokenizer = load_tokenizer(path, trust_remote_code=True)
+    task = build_task("letters", target_length=8)
+    trainer = build_trainer(path, tokenizer, task, task.dataset(16, seed=0),
+                            dict(max_steps=1, per_device_train_batch_size=4, num_generations=4,
+                                 max_completion_length=8, disable_tqdm=True),
+                            [], tmp_path / "out", trust_remote_code=True)
+    assert type(trainer.model).__name__ == "PlantedForCausalLM" and marker.exists()
