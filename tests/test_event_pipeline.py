@@ -18,6 +18,7 @@ from sae_shards.core.sae import LowRankSAE
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import TargetSpec
 from sae_shards.core.trainer import SAETrainer
+from sae_shards.run import rundir
 from sae_shards.run.config import CaptureConfig, RunnerConfig
 
 TARGETS = [TargetSpec("w", (6, 5), rank=1), TargetSpec("b", (4,))]
@@ -285,7 +286,9 @@ def test_a_killed_per_event_run_resumes_to_the_same_shards(tmp_path):
     # both sides of step 4 on disk: TRL's, and the shards checkpoint that sae-shards writes on a
     # background thread (renamed into place after its resume file; killing before it is done
     # leaves no resumable step, which resume=true rightly refuses)
-    while not ((run / "trl" / "checkpoint-4" / "trainer_state.json").exists()
+    # (TRL's trainer_state.json is written last and not atomically: killed while it is written,
+    # step 4 is torn and resume=true rightly refuses the run; wait until it parses)
+    while not (rundir.trl_finished(run / "trl", 4)
                and (run / "checkpoints" / "step_000004" / "sae.safetensors").exists()):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() - t0 < deadline

@@ -26,7 +26,7 @@ from sae_shards.cli import main as cli_main
 from sae_shards.core import checkpoint as checkpoint_module
 from sae_shards.core.checkpoint import CheckpointError, load_checkpoint
 from sae_shards.run.job import run_job, start
-from sae_shards.run.rundir import RunWriteError, leftovers
+from sae_shards.run.rundir import RunWriteError, leftovers, trl_finished
 
 # 12 RL steps, checkpoints every 4 (TRL's and ours), the SAE from the 4th sample on.
 ARGS = ["rl.max_steps=12", "runner.checkpoint_every=4", "runner.min_samples=4",
@@ -60,6 +60,9 @@ def _kill_after_step_8(run: Path, proc: subprocess.Popen) -> None:
     # complete, so the run is read as of step 8 or later (killed earlier, it reads step 4)
     _wait_for(run / "checkpoints" / "step_000008" / "config.json", proc)
     _wait_for(run / "resume" / "step_000008.safetensors", proc)
+    while not trl_finished(run / "trl", 8):  # written last, not atomically: whole first
+        assert proc.poll() is None, "the run ended before step 8's checkpoint was whole"
+        time.sleep(0.02)
     proc.kill()
     proc.communicate()
     assert not (run / "checkpoints" / "final").exists()
