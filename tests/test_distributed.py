@@ -657,6 +657,9 @@ def test_resuming_under_another_distribution_is_refused_naming_the_launch(tmp_pa
     said = _other_format(checkpoint, trainer, tmp_path)
     assert said.startswith("it was written under DeepSpeed (its global_step*/ holds") and (
         f"resume it with the launch the run started with ({launch})" in said), said
+    # a run that records its distribution was checked before training: a failure is damage
+    (tmp_path / "config.json").write_text(json.dumps({**config, "distribution": "one process"}))
+    assert _other_format(checkpoint, trainer, tmp_path) is None
 
 
 def test_sae_shards_train_refuses_a_resume_on_another_process_count_before_hydra(

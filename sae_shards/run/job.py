@@ -472,12 +472,17 @@ def _which_file(e: BaseException, trainer: Any) -> str:
 def _other_format(checkpoint: Path, trainer: Any, run_dir: Path) -> str | None:
     """Why TRL's ``checkpoint`` is in another format than ``trainer`` reads, when it is:
     DeepSpeed keeps the weights and the optimizer in ``global_step<N>/``, other trainers beside
-    it. (A run's ``config.json`` records its ``distribution``, checked before training; a run
-    that recorded none is told here, not that its checkpoint is damaged.)"""
+    it. Only for a run whose ``config.json`` records no ``distribution`` (an earlier version's),
+    told here instead of that its checkpoint is damaged: a run that records one was checked
+    before training, so its checkpoint is in the format read, and a failure is damage (a
+    DeepSpeed checkpoint copied without its ``global_step<N>/``)."""
+    config = rundir.read_config(run_dir)
+    if isinstance(config.get("distribution"), str):
+        return None
     deepspeed_format = any(checkpoint.glob("global_step*"))
     if deepspeed_format == bool(getattr(trainer, "is_deepspeed_enabled", False)):
         return None
-    launch = rundir.read_config(run_dir).get("launch") or "one process"
+    launch = config.get("launch") or "one process"
     written = ("under DeepSpeed (its global_step*/ holds the weights and the optimizer), and "
                "this launch is not DeepSpeed's" if deepspeed_format else
                "without DeepSpeed (it has no global_step*/), and this launch is DeepSpeed's")
