@@ -8,8 +8,9 @@ import pytest
 import torch
 
 SLOW_HINT = ("tests marked slow (end-to-end: distributed launches, Hydra sweeps, the learning "
-             "checks of the default job and of per-event planted capture, gpu_check.sh's CPU "
-             "smoke run) were left out of this default run; `python -m pytest -q -m slow` runs them, "
+             "checks of the default job and of per-event planted capture, the kill-and-resume "
+             "runs of the thread runner and of per-event capture, gpu_check.sh's CPU smoke run) "
+             "were left out of this default run; `python -m pytest -q -m slow` runs them, "
              "`python -m pytest -q tests` runs everything (CI runs both halves)")
 
 

@@ -268,6 +268,7 @@ def test_a_copy_without_its_events_log_or_summary_says_so(event_run, tmp_path, c
     assert "this copy of the finished run lacks summary.json: recomputed from its logs" in page
 
 
+@pytest.mark.slow  # three runs (~40 s); per-step capture's kill and resume stay in the default
 def test_a_killed_per_event_run_resumes_to_the_same_shards(tmp_path):
     """kfac's running covariances and the unit norm's outlier-free path survive a kill too."""
     from safetensors.torch import load_file

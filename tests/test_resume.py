@@ -195,6 +195,7 @@ def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterr
     _same_run(uninterrupted, run)
 
 
+@pytest.mark.slow  # three runs (~35 s); the inline runner's kill and resume stay in the default
 def test_the_thread_runner_reruns_and_resumes_to_the_same_shards(tmp_path):
     """runner.concurrency=thread, on a ring small enough to wrap (RL may overwrite what a lagging
     worker has not drawn yet): an uninterrupted run and one killed after its second checkpoint,
