@@ -630,7 +630,7 @@ def test_resuming_under_another_distribution_is_refused_naming_the_launch(tmp_pa
     from transformers import Trainer, TrainingArguments
 
     from sae_shards.capture.callback import _check_same_world
-    from sae_shards.run.job import _other_format
+    from sae_shards.run.job import RefusedOnRankZero, _check_same_distribution, _other_format
 
     model = build_tiny_model(tmp_path / "model", hidden_size=16, num_layers=1, num_heads=2,
                              intermediate_size=32)
@@ -647,6 +647,11 @@ def test_resuming_under_another_distribution_is_refused_naming_the_launch(tmp_pa
             + ".*nothing of the checkpoint is damaged.*" + re.escape(f"started with ({launch})")):
         _check_same_world(tmp_path, trainer)
     _check_same_world(tmp_path)  # no trainer (a script's setup(model)): not known, not refused
+    # sae-shards train checks it on every rank before TRL loads: rank 0 says why, others stop
+    with pytest.raises(ValueError, match="was trained under DeepSpeed ZeRO-3"):
+        _check_same_distribution(tmp_path, trainer, main=True)
+    with pytest.raises(RefusedOnRankZero, match="was trained under DeepSpeed ZeRO-3"):
+        _check_same_distribution(tmp_path, trainer, main=False)
     for recorded in ("one process", None):  # the same, or a run that recorded none
         (tmp_path / "config.json").write_text(json.dumps({**config, "distribution": recorded}))
         _check_same_world(tmp_path, trainer)

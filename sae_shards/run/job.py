@@ -300,6 +300,8 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
             torch.manual_seed(cfg.seed)
             model_path = prepare_model(cfg, run_dir)  # rank 0 builds the tiny model first
         rl = build_rl(cfg, run_dir, device, model_path)  # all ranks together
+        if cfg.resume:
+            _check_same_distribution(run_dir, rl.trainer, main)
         callback = shard_callback(cfg, run_dir, rl.task.target_length, logger=RunLogger())
         if main:  # the buffer and the SAE live on rank 0 (other ranks set up in train())
             callback.setup(rl.trainer.model, rl.trainer)
@@ -319,6 +321,18 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
     if resume_from is not None:
         rl.trainer.add_callback(_NoStepPastEnd())
     return Started(rl, callback, resume_from)
+
+
+def _check_same_distribution(run_dir: Path, trainer: Any, main: bool) -> None:
+    """A resume under another distribution than the run's (``config.json``'s ``distribution``)
+    is refused on every rank before TRL loads its checkpoint: the other ranks would otherwise
+    fail inside that load, each saying so. Rank 0 says why (``ValueError``); the others stop
+    with ``RefusedOnRankZero``, which is not said again."""
+    why = distributed.distribution_mismatch(
+        run_dir, rundir.read_config(run_dir),
+        distributed.distribution(trainer, distributed.world_size()))
+    if why:
+        raise ValueError(why) if main else RefusedOnRankZero(why)
 
 
 def _resume_point(cfg: JobConfig, run_dir: Path, main: bool) -> Path:
