@@ -93,6 +93,16 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory) -> Path:
+    """A run killed (-9) once its step 8's checkpoint was whole, never resumed. Tests resume or
+    damage copies of it (a copy resumes as the run would): one killed run for the module, not
+    one per test (each costs ~12 s of the default suite)."""
+    run = tmp_path_factory.mktemp("killed") / "run"
+    _kill_after_step_8(run, _train(run))
+    return run
+
+
 def test_a_view_of_an_earlier_checkpoint_holds_the_logs_up_to_it(uninterrupted):
     """Read at an earlier checkpoint, a run's logs stop at its step: the shards know nothing of
     the later rollouts (RunView.rollouts listed every step the run went on to)."""
@@ -107,10 +117,10 @@ def test_a_view_of_an_earlier_checkpoint_holds_the_logs_up_to_it(uninterrupted):
     assert max(r["sae_step"] for r in final.sae_metrics) > sae_step
 
 
-def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterrupted, tmp_path,
-                                                                        capsys):
+def test_sigkill_after_the_second_checkpoint_resumes_to_the_same_shards(uninterrupted, killed,
+                                                                        tmp_path, capsys):
     run = tmp_path / "run"
-    _kill_after_step_8(run, _train(run))
+    shutil.copytree(killed, run)
     # before it is resumed, the killed run is read as of its newest checkpoint
     view = RunView(run)
     step = int(view.checkpoint.removeprefix("step_"))
@@ -732,14 +742,13 @@ def test_a_torn_trl_trainer_state_is_not_a_finished_checkpoint(tmp_path):
     assert latest_complete(tmp_path) == 4
 
 
-def test_a_resume_whose_step_logs_are_missing_or_short_is_refused(tmp_path, capsys):
+def test_a_resume_whose_step_logs_are_missing_or_short_is_refused(killed, tmp_path, capsys):
     """A copy without rollouts.jsonl or metrics.jsonl, or with one cut short, resumed and
     finished with a hole in its record of the steps (steps 1-8 missing) and first-reward or
     first-FVU figures taken from what was left. The checkpoint records how many rows each step
     log held; a resume that finds fewer is refused, naming the log, and nothing of the copy is
     changed. A complete log written again in another layout (jq -c) is not refused."""
-    run = tmp_path / "run"
-    _kill_after_step_8(run, _train(run))
+    run = killed  # copied below, never changed
     texts = {log: (run / log).read_text().splitlines(keepends=True)
              for log in ("rollouts.jsonl", "metrics.jsonl")}
     rows = {log: sum(json.loads(line)["step" if log == "rollouts.jsonl" else "rl_step"] <= 8
@@ -820,11 +829,11 @@ def test_a_resume_refuses_a_tiny_model_edited_since_the_run_began(uninterrupted,
     assert json.loads((copy / "config.json").read_text())["model"]["fingerprint"] == recorded
 
 
-def test_a_damaged_trl_checkpoint_is_named_when_the_resume_reads_it(tmp_path, capsys):
+def test_a_damaged_trl_checkpoint_is_named_when_the_resume_reads_it(killed, tmp_path, capsys):
     """A truncated model.safetensors in the TRL checkpoint a resume starts from ended it with a
     traceback whose safetensors error names no file."""
     run = tmp_path / "run"
-    _kill_after_step_8(run, _train(run))
+    shutil.copytree(killed, run)
     weights = run / "trl" / "checkpoint-8" / "model.safetensors"
     whole = weights.read_bytes()
     weights.write_bytes(whole[: len(whole) // 2])
