@@ -23,6 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 
+def tree_bytes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every file under ``folder`` (its path relative to it) with its bytes, leaving out files
+    named in ``skip`` (``.lock``, ``cli.log``: written by every attempt): compared before and
+    after a refusal, which must change nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in skip}
+
+
 # --- intervention tests: a direction that raises one task's reward --------------------------
 
 

@@ -28,6 +28,8 @@ from sae_shards.recipe.models import build_tiny_model
 from sae_shards.run import rundir
 from sae_shards.run.versions import run_versions
 
+from helpers import tree_bytes
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "trl_script.py"
 
 
@@ -228,11 +230,11 @@ def test_one_callback_trains_one_run(tiny_model, tmp_path):
     callback = ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 2})
     trainer = _user_trainer(tiny_model, tmp_path / "trl", [callback], max_steps=3)
     trainer.train()
-    written = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    written = tree_bytes(tmp_path / "run")
     with pytest.raises(RuntimeError, match=r"already trained into .* "
                                            r"ShardCallback\(run_dir=\.\.\., resume=True\)"):
         trainer.train()
-    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == written
+    assert tree_bytes(tmp_path / "run") == written
 
 
 def test_one_run_dir_has_one_writer_per_trainer(tiny_model, tmp_path):
@@ -902,6 +904,22 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path, c
     with pytest.raises(ValueError, match=r"rl.per_device_train_batch_size: 8 in the run, 4 now"):
         _user_trainer(tiny_model, tmp_path / "trl_cut", [smaller],  # TRL would only warn
                       per_device_train_batch_size=4).train(resume_from_checkpoint=True)
+    # trained under another distribution: refused as the trainer is built, on every rank, before
+    # train() loads TRL's checkpoint in a format this launch does not read (it failed there, or
+    # without DeepSpeed started a fresh optimizer); nothing of the run changes
+    config_json = tmp_path / "cut" / "config.json"
+    recorded = config_json.read_text()
+    launch = "accelerate launch --use_deepspeed --zero_stage 3 --num_processes 1"
+    config_json.write_text(json.dumps({**json.loads(recorded), "launch": launch,
+                                       "distribution": "DeepSpeed ZeRO-3"}))
+    before = tree_bytes(tmp_path / "cut")
+    other = ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
+    with pytest.raises(ValueError, match=re.escape(
+            f"{tmp_path / 'cut'} was trained under DeepSpeed ZeRO-3 and is resumed under one "
+            "process") + ".*" + re.escape(f"({launch})")):
+        _user_trainer(tiny_model, tmp_path / "trl_cut", [other])  # train() is never reached
+    assert tree_bytes(tmp_path / "cut") == before
+    config_json.write_text(recorded)
     # the script's dataset and reward functions are the run's too (audit 113: a script resumed
     # on another dataset trained the rest of the run on it without a word): another length,
     # another reward function are each refused; other rows of that length (the same rows in

@@ -28,6 +28,8 @@ from sae_shards.core.checkpoint import CheckpointError, load_checkpoint
 from sae_shards.run.job import run_job, start
 from sae_shards.run.rundir import RunWriteError, leftovers, trl_finished
 
+from helpers import tree_bytes
+
 # 12 RL steps, checkpoints every 4 (TRL's and ours), the SAE from the 4th sample on.
 ARGS = ["rl.max_steps=12", "runner.checkpoint_every=4", "runner.min_samples=4",
         "task.n_prompts=64", "logging=disabled", "seed=5"]
@@ -760,8 +762,7 @@ def test_a_resume_whose_step_logs_are_missing_or_short_is_refused(killed, tmp_pa
         copy = tmp_path / name
         shutil.copytree(run, copy)
         edit(copy / log, texts[log])
-        before = {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*")
-                  if p.is_file() and p.name not in (".lock", "cli.log")}
+        before = tree_bytes(copy, skip=(".lock", "cli.log"))
         assert cli_main(["train", f"run_dir={copy}", "resume=true"]) == 2
         err = capsys.readouterr().err
         expected = held if held >= 0 else rows[log] + held
@@ -770,8 +771,7 @@ def test_a_resume_whose_step_logs_are_missing_or_short_is_refused(killed, tmp_pa
                           "cut short, and the resumed run would have a hole in it; copy "
                           rf"{log} again from the run", err)
         assert found and int(found[1]) == expected and expected < int(found[2]) <= rows[log]
-        after = {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*")
-                 if p.is_file() and p.name not in (".lock", "cli.log")}
+        after = tree_bytes(copy, skip=(".lock", "cli.log"))
         assert after == before  # refused before anything of the resume is written
     compact = tmp_path / "compact"
     shutil.copytree(run, compact)

@@ -13,7 +13,7 @@ from sae_shards.core.checkpoint import CheckpointError, sae_tensors
 from sae_shards.recipe.models import load_model_and_tokenizer
 from sae_shards.analysis.shards import RunView, ShardSet
 
-from helpers import edited_copy
+from helpers import edited_copy, tree_bytes
 
 
 @pytest.fixture
@@ -627,11 +627,6 @@ def test_attribution_is_the_signed_sum_of_a_shards_activations(run_dir):
         steps.numel(), int(steps.min()), int(steps.max()))
 
 
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
-
-
 def test_saving_shards_never_replaces_a_run_or_other_files(run_dir, tmp_path):
     """ShardSet.save replaces its directory whole: view.shards.save(run) once left the run with
     config.json and sae.safetensors alone, save('notes') deleted the notes in it, and a subset
@@ -641,7 +636,7 @@ def test_saving_shards_never_replaces_a_run_or_other_files(run_dir, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    before = _tree(run)
+    before = tree_bytes(run)
     view = RunView(run)
     with pytest.raises(FileExistsError, match=r"holds a run directory \(.*\), which saving would "
                                               r"replace; save the shards to a new or empty"):
@@ -649,7 +644,7 @@ def test_saving_shards_never_replaces_a_run_or_other_files(run_dir, tmp_path):
     with pytest.raises(FileExistsError, match=r"final is a checkpoint of the run in .*run, whose "
                                               r"activations and resume belong to it"):
         view.shards.subset([1, 0]).save(run / "checkpoints" / "final", overwrite=True)
-    assert _tree(run) == before
+    assert tree_bytes(run) == before
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "important.txt").write_text("mine")
@@ -677,7 +672,7 @@ def test_a_report_is_never_written_over_a_runs_own_file(run_dir, tmp_path, capsy
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    before = _tree(run)
+    before = tree_bytes(run)
     assert main(["analyze", str(run), "--out", str(run / "rollouts.jsonl"), "--no-dose"]) == 2
     assert "rollouts.jsonl exists and is not a sae-shards report: the report would replace it" \
         in capsys.readouterr().err
@@ -685,7 +680,7 @@ def test_a_report_is_never_written_over_a_runs_own_file(run_dir, tmp_path, capsy
     assert "checkpoints is a directory; give the report's file, e.g. " in capsys.readouterr().err
     with pytest.raises(FileExistsError, match=r"config.json exists and is not a sae-shards"):
         analyze(run, run / "config.json", dose=False)
-    assert _tree(run) == before
+    assert tree_bytes(run) == before
     out = tmp_path / "out" / "r.html"
     out.parent.mkdir()
     for _ in range(2):  # a report over an earlier one

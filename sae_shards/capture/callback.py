@@ -741,6 +741,24 @@ class ShardCallback(TrainerCallback):
         self.capture = EventCapture(targets, specs, None, self.capture_cfg, trainer)
 
     @_in_script_terms
+    def on_init_end(self, args, state, control, **kwargs):
+        """A script's resume (``ShardCallback(..., resume=True)`` in the trainer's
+        ``callbacks=``) is checked against the run's process count and distribution as the
+        trainer is built, on every rank: ``trainer.train(resume_from_checkpoint=...)`` loads
+        TRL's checkpoint, whose format the distribution sets, before ``on_train_begin``, and
+        under another one it failed there, or quietly started a fresh optimizer (a ZeRO run's
+        16-bit weights resumed without DeepSpeed). ``sae-shards train`` checks before it builds
+        the trainer (``job``); a callback added later (``add_callback``) is checked at
+        ``on_train_begin``."""
+        if not (self.resume and not self.run_config):
+            return
+        try:
+            _check_same_world(self.run_dir, calling_trainer())
+        except ValueError:
+            self._let_go()  # the run directory is free for the resume with the right launch
+            raise
+
+    @_in_script_terms
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         handler = getattr(calling_trainer(), "callback_handler", None)
         peers = getattr(handler, "callbacks", None)
