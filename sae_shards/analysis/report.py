@@ -180,60 +180,110 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     refused = report_path_refusal(Path(out), Path(run_dir)) if out else None
     if refused:
         raise FileExistsError(refused)
-    view = RunView(run_dir, checkpoint)
-    out = Path(out) if out else view.run_dir / "report.html"
-    chosen = isinstance(n_shards, Sequence)
-    shards = (list(dict.fromkeys(view.shards.check_index(i) for i in n_shards)) if chosen
-              else top_shards(view, n_shards))
-    which = "chosen" if chosen else "top"
-    density = view.density()  # [n_shards]
-    always_on = [i for i in range(len(density)) if is_always_on(density[i])]
-    tags = {i: "always on: a common drift direction, not a context" for i in always_on}
-    labels = view.sample_labels()  # each sample's contexts, read once for every shard's mix
-    mixes = {s: view.task_mix(s, labels=labels) for s in shards}
-    several = len({label for sample in labels for label in sample}) >= 2
-    blended = sum(len(set(sample)) > 1 for sample in labels)  # samples of several contexts
-    summary_file = view.run_dir / rundir.SUMMARY
-    summary = _read_summary(summary_file) if summary_file.is_file() else {}
-    figures, own = checkpoint_figures(view, summary)
     if task is not None and not dose:
         raise ValueError("a reward task (--task) scores the dose-response and the ablation, "
                          "which --no-dose skips; drop one of them")
+    asked = _Asked(top_k, dose, tuple(alphas), n_prompts, task, initial_model, trust_remote_code)
+    view = RunView(run_dir, checkpoint)
+    out = Path(out) if out else view.run_dir / "report.html"
+    chosen = _select(view, n_shards)
+    summary_file = view.run_dir / rundir.SUMMARY
+    summary = _read_summary(summary_file) if summary_file.is_file() else {}
+    figures, own = checkpoint_figures(view, summary)
     models = (load_run_models(view.run_dir, view.checkpoint, initial_model, trust_remote_code)
               if dose else None)
-    final_dir = policy_dir(view.run_dir, view.checkpoint)
     sampling = run_sampling(view.run_dir)  # the run's own max_new_tokens, temperature, top_p...
-    scorer_note = ""
     config = rundir.read_config(view.run_dir)
-    if models is not None and (task or models.task) is not None:
-        trained = rundir.section(config, "rl").get("reward_weights")
-        first = min(view.rollouts, default=None)  # the run's first recorded step
-        scorer_note = _check_scorer(models, task or models.task, labels, sampling, trained,
-                                    None if first is None else view.rollouts[first])
     analysis: dict[str, Any] = {
         "run": {"run_dir": str(view.run_dir.resolve()),  # as analysed: a copy says where
-                "checkpoint": view.checkpoint, "n_shards": len(density),
+                "checkpoint": view.checkpoint, "n_shards": len(chosen.density),
                 # samples of several contexts: a per-step sample of a mixed batch blends them
-                "blended_samples": blended, "n_samples": len(labels),
-                "never_fired": int((density == 0).sum()), "always_on": always_on,
+                "blended_samples": chosen.blended, "n_samples": len(chosen.labels),
+                "never_fired": int((chosen.density == 0).sum()), "always_on": chosen.always_on,
                 **figures, "figures_from": "summary" if own else "checkpoint",
                 # which software made the run, and the resumes under other versions
                 "versions": config.get("versions"),
                 "resumed_under": config.get("resumed_under") or []},
         "config": config,  # the run's settings (config.json): which sweep point this was
-        "draws": draws(n_prompts, sampling), "top_shards": shards,
+        "draws": draws(n_prompts, sampling), "top_shards": chosen.shards,
         "shards": {}}  # filled below, after the families (the file's order)
+    untrained = _untrained_html(view, chosen, summary)
+    parts = _run_sections(view, chosen, asked, summary, figures, own, untrained, analysis)
+    parts += _model_sections(view, chosen, asked, models, sampling, config, untrained, analysis)
+    page = _page(f"{REPORT_TITLE}: {view.run_dir.name}", "".join(parts))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rundir.write_text(out, page)
+    rundir.write_text(analysis_path(out),
+                      json.dumps(rundir.strict_json(analysis), indent=2, default=float))
+    return out
 
-    parts = [_section("summary", "Run", _summary_html(view, summary, figures, own, shards,
-                                                      density, tags, initial_model, chosen))]
+
+class _Asked(NamedTuple):
+    """What the caller of ``analyze`` asked for beyond the run and its checkpoint."""
+    top_k: int  # top rollouts/events per shard, logit-lens tokens per component
+    dose: bool  # score the dose-response, the ablation and the span (False: --no-dose)
+    alphas: tuple[float, ...]  # the dose-response's steps along each shard
+    n_prompts: int  # prompts each scoring draws
+    task: Any  # the reward handed back (RewardTask), or None: a built-in task's own
+    initial_model: str | Path | None  # where a moved run's initial weights are now
+    trust_remote_code: bool  # load a policy that needs its own code
+
+
+class _Selection(NamedTuple):
+    """The shards a report details, and what it reads once of every shard's samples."""
+    shards: list[int]  # detailed, in order: the always-on ones and the top (or chosen) others
+    chosen: bool  # named by the caller (--shards 13,30), not the top ones
+    density: torch.Tensor  # [n_shards] the share of the timeline's samples each fired on
+    always_on: list[int]  # density >= ALWAYS_ON_DENSITY: a drift direction, not a context
+    tags: dict[int, str]  # shard -> the tag its title carries in every section
+    labels: list  # each sample's contexts
+    mixes: dict[int, dict[str, float]]  # detailed shard -> its share of each context
+    several: bool  # the samples carry two contexts or more (the mixes are worth showing)
+    blended: int  # samples of several contexts: a per-step sample of a mixed batch
+
+    @property
+    def which(self) -> str:
+        return "chosen" if self.chosen else "top"
+
+
+def _select(view: RunView, n_shards: int | Sequence[int]) -> _Selection:
+    """The shards to detail (``analyze``'s ``n_shards``) and each one's contexts."""
+    chosen = isinstance(n_shards, Sequence)
+    shards = (list(dict.fromkeys(view.shards.check_index(i) for i in n_shards)) if chosen
+              else top_shards(view, n_shards))
+    density = view.density()  # [n_shards]
+    always_on = [i for i in range(len(density)) if is_always_on(density[i])]
+    labels = view.sample_labels()  # each sample's contexts, read once for every shard's mix
+    return _Selection(
+        shards, chosen, density, always_on,
+        tags={i: "always on: a common drift direction, not a context" for i in always_on},
+        labels=labels, mixes={s: view.task_mix(s, labels=labels) for s in shards},
+        several=len({label for sample in labels for label in sample}) >= 2,
+        blended=sum(len(set(sample)) > 1 for sample in labels))
+
+
+def _untrained_html(view: RunView, chosen: _Selection, summary: dict) -> str:
+    """What a section about the detailed shards says when there are none to show."""
+    if not chosen.shards and bool(chosen.density.abs().sum() > 0):
+        return "<p>No shards selected (<code>--shards 0</code> and no always-on shard).</p>"
+    return ("<p>No activations: the SAE never trained"
+            + (" (see the run's summary)" if summary else
+               f" by {_sae_of(view)} (no summary.json: the run was killed, or is still "
+               "running)") + ".</p>")
+
+
+def _run_sections(view: RunView, chosen: _Selection, asked: _Asked, summary: dict,
+                  figures: dict, own: bool, untrained: str,
+                  analysis: dict[str, Any]) -> list[str]:
+    """The sections read from the run directory alone: summary, SAE curves, reward, timeline,
+    families (added to ``analysis``), norms, and the top events or rollouts per shard."""
+    shards, which = chosen.shards, chosen.which
+    mixes = chosen.mixes if chosen.several else {}
+    parts = [_section("summary", "Run", _summary_html(
+        view, summary, figures, own, shards, chosen.density, chosen.tags, asked.initial_model,
+        chosen.chosen))]
     parts.append(_section("sae-curves", "SAE training", plot_sae_curves(view) + _CURVES_NOTE))
     parts.append(_section("reward", "Reward", _reward_html(view)))
-    untrained = ("<p>No shards selected (<code>--shards 0</code> and no always-on shard).</p>"
-                 if not shards and bool(density.abs().sum() > 0) else
-                 "<p>No activations: the SAE never trained"
-                 + (" (see the run's summary)" if summary else
-                    f" by {_sae_of(view)} (no summary.json: the run was killed, or is still "
-                    "running)") + ".</p>")
     parts.append(_section("timeline", f"Shard timeline ({which} shards, {_sae_of(view)})",
                           plot_timeline(view, shards) if shards else untrained))
     families = view.families()
@@ -255,26 +305,42 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     if view.per_event:
         parts.append(_section("events", "Top events per shard (the reinforcement events whose "
                               "gradients activate it most)",
-                              _events_html(view, shards, top_k, tags, mixes if several else {})))
+                              _events_html(view, shards, asked.top_k, chosen.tags, mixes)))
     else:
         parts.append(_section("rollouts", "Top rollouts per shard",
-                              _reused_note(view.run_dir) + _blended_note(blended, len(labels)) +
-                              _rollouts_html(view, shards, top_k, tags,
-                                             mixes if several else {})))
+                              _reused_note(view.run_dir)
+                              + _blended_note(chosen.blended, len(chosen.labels))
+                              + _rollouts_html(view, shards, asked.top_k, chosen.tags, mixes)))
+    return parts
 
+
+def _model_sections(view: RunView, chosen: _Selection, asked: _Asked, models,
+                    sampling: dict[str, Any], config: dict[str, Any], untrained: str,
+                    analysis: dict[str, Any]) -> list[str]:
+    """The sections that load the run's initial and final policy (``models``; None under
+    --no-dose or when they did not load): logit lens, dose-response, ablation and the shards
+    together, each shard's figures added to ``analysis``, or why a section is empty."""
+    shards, task, tags = chosen.shards, asked.task, chosen.tags
+    final_dir = policy_dir(view.run_dir, view.checkpoint)
     scorer = None  # scorer None: a user's own TRL run, analysed without its reward (``task``)
+    scorer_note = ""
     if models is not None:
         scorer = task if task is not None else models.task
-    detail = _detail_shards(view, shards, density, tags, mixes, top_k, models, scorer, alphas,
-                            n_prompts, sampling)
+    if scorer is not None:
+        trained = rundir.section(config, "rl").get("reward_weights")
+        first = min(view.rollouts, default=None)  # the run's first recorded step
+        scorer_note = _check_scorer(models, scorer, chosen.labels, sampling, trained,
+                                    None if first is None else view.rollouts[first])
+    detail = _detail_shards(view, shards, chosen.density, tags, chosen.mixes, asked.top_k,
+                            models, scorer, asked.alphas, asked.n_prompts, sampling)
     analysis["shards"] = detail.entries
-    lens_html, dose_results, ablations = detail.lens_html, detail.dose, detail.ablations
     # why the models did not load (asked again only then: it reads every file of both)
-    why = (run_models_missing(view.run_dir, view.checkpoint, initial_model, trust_remote_code)
-           if dose and models is None else None)
+    why = (run_models_missing(view.run_dir, view.checkpoint, asked.initial_model,
+                              asked.trust_remote_code)
+           if asked.dose and models is None else None)
     if why:
         log.warning("no logit lens, dose-response or ablation: %s", why)
-    missing = ("<p>Skipped (--no-dose).</p>" if not dose else
+    missing = ("<p>Skipped (--no-dose).</p>" if not asked.dose else
                f"<p>Needs the run's initial and final model: {html.escape(why)}.</p>" if why
                else untrained)
     no_task = ("<p>Needs the run's reward: this run's rewards came from its own TRL script. "
@@ -283,34 +349,29 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
                "(docs/analysis.md).</p>")
     unscored = (no_task if models is not None and models.task is None and task is None
                 else missing)  # why the dose-response and the ablation are empty
-    parts.append(_section("logit-lens", "Logit lens (write directions of the blocks' output "
-                          "projections)",
-                          _LENS_NOTE + "".join(lens_html) if lens_html else missing))
+    parts = [_section("logit-lens", "Logit lens (write directions of the blocks' output "
+                      "projections)",
+                      _LENS_NOTE + "".join(detail.lens_html) if detail.lens_html else missing)]
     parts.append(_section("dose-response", "Dose-response: reward vs alpha * shard",
-                          _dose_section(dose_results, analysis, tags, task, sampling, scorer_note,
+                          _dose_section(detail.dose, analysis, tags, task, sampling, scorer_note,
                                         view.checkpoint, final_dir)
-                          if dose_results else unscored))
+                          if detail.dose else unscored))
     policy = _policy_text(view.checkpoint, final_dir)
     parts.append(_section("ablation", "Ablation: the policy without the shard's part of the "
                           "update",
-                          (_ablation_html(ablations, tags, policy, analysis["shards"])
-                           if ablations else unscored)))
+                          (_ablation_html(detail.ablations, tags, policy, analysis["shards"])
+                           if detail.ablations else unscored)))
     together = None
     if models is not None and shards:
         analysis["together"], together = _together(view, models, shards, analysis["shards"],
-                                                   scorer, n_prompts, detail.baselines, sampling)
+                                                   scorer, asked.n_prompts, detail.baselines,
+                                                   sampling)
     parts.append(_section("together", "Shards together: how much of the run's reward change "
                           "goes through their span",
                           _together_html(analysis["together"], together, tags, policy)
                           if "together" in analysis else
                           (unscored if models is None or not shards else untrained)))
-
-    page = _page(f"{REPORT_TITLE}: {view.run_dir.name}", "".join(parts))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rundir.write_text(out, page)
-    rundir.write_text(analysis_path(out),
-                      json.dumps(rundir.strict_json(analysis), indent=2, default=float))
-    return out
+    return parts
 
 
 def analysis_path(report: Path) -> Path:
