@@ -387,6 +387,35 @@ def score_rollouts(
     texts = ([tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True,
                                             **(chat_template_kwargs or {}))
               for p in prompts] if chat else prompts)
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty)
+    completion_ids = _sample(model, tokenizer, texts, chat, n_samples, seed, settings,
+                             generation_kwargs)
+    texts_out = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    completions = ([[{"role": "assistant", "content": t}] for t in texts_out] if chat
+                   else texts_out)
+
+    def repeat(values: list) -> list:
+        return [v for v in values for _ in range(n_samples)]
+
+    per_completion = {k: repeat(v) for k, v in columns.items()}
+    per_completion.update(prompts=repeat(prompts), completions=completions,
+                          completion_ids=completion_ids)
+    # TRL calls each function once per generation batch; a batch holds whole prompt groups
+    size = (len(completions) if reward_batch is None
+            else max(n_samples, reward_batch // n_samples * n_samples))
+    rewards = _weighted_rewards(task, per_completion, size, training_steps)
+    label_column = _label_column(task)
+    labels = ([str(x) for x in columns[label_column]]
+              if label_column is not None and label_column in columns else None)
+    return Scored(rewards.view(len(prompts), n_samples), labels)
+
+
+def _sample(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], chat: bool,
+            n_samples: int, seed: int, settings: dict[str, Any],
+            generation_kwargs: Mapping[str, Any] | None) -> list[list[int]]:
+    """``n_samples`` completions of each prompt text (token ids, each cut after its first stop
+    token; prompt i's consecutive), sampled as ``score_rollouts`` says under ``seed``."""
     device = next(model.parameters()).device
     batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
                       add_special_tokens=not chat).to(device)
@@ -397,12 +426,11 @@ def score_rollouts(
         eos = [tokenizer.eos_token_id, *eos]
     # A whole GenerationConfig, as TRL builds one: the model's own sampling defaults (a
     # checkpoint's repetition_penalty, say) do not leak in.
-    settings = dict(
-        max_new_tokens=max_new_tokens, do_sample=True, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, temperature=temperature,
-        top_p=top_p, top_k=top_k or 0, min_p=min_p, repetition_penalty=repetition_penalty)
-    settings.update(generation_kwargs or {})  # TRL's generation_kwargs override the rest
-    generation = GenerationConfig(**settings, num_return_sequences=n_samples)
+    config = dict(settings, do_sample=True, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+                  top_k=settings["top_k"] or 0)
+    config.update(generation_kwargs or {})  # TRL's generation_kwargs override the rest
+    generation = GenerationConfig(**config, num_return_sequences=n_samples)
     was_training = model.training
     model.eval()
     try:
@@ -422,40 +450,31 @@ def score_rollouts(
     finally:
         model.train(was_training)
     new = out[:, batch["input_ids"].shape[1]:].cpu()
-    completion_ids = [_until_stop(row.tolist(), set(eos)) for row in new]
-    texts_out = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    completions = ([[{"role": "assistant", "content": t}] for t in texts_out] if chat
-                   else texts_out)
+    return [_until_stop(row.tolist(), set(eos)) for row in new]
 
-    def repeat(values: list) -> list:
-        return [v for v in values for _ in range(n_samples)]
 
-    per_completion = {k: repeat(v) for k, v in columns.items()}
-    per_completion.update(prompts=repeat(prompts), completions=completions,
-                          completion_ids=completion_ids)
+def _weighted_rewards(task: AnyTask, per_completion: dict[str, list], size: int,
+                      training_steps: int | None) -> torch.Tensor:
+    """Each completion's reward (``[n_completions]`` float64): the task's reward functions,
+    each called on consecutive batches of ``size`` completions with TRL's keyword arguments
+    (``per_completion``'s columns), weighted and summed; NaN where no function scored it."""
     state = TrainerState(global_step=training_steps or 0, max_steps=training_steps or 0)
     shared = dict(trainer_state=state, log_extra=_ignore, log_metric=_ignore)
-    # TRL calls each function once per generation batch; a batch holds whole prompt groups
-    size = (len(completions) if reward_batch is None
-            else max(n_samples, reward_batch // n_samples * n_samples))
+    n = len(per_completion["completions"])
     funcs = task.reward_funcs
     weights = getattr(task, "reward_weights", None) or [1.0] * len(funcs)
-    per_func = torch.zeros(len(funcs), len(completions), dtype=torch.float64)
+    per_func = torch.zeros(len(funcs), n, dtype=torch.float64)  # [funcs, completions]
     for i, fn in enumerate(funcs):
-        scores = [r for start in range(0, len(completions), size)
+        scores = [r for start in range(0, n, size)
                   for r in _call_reward(fn, {k: v[start:start + size]
                                              for k, v in per_completion.items()}, shared)]
         per_func[i] = torch.tensor([math.nan if r is None else float(r) for r in scores],
                                    dtype=torch.float64) * float(weights[i])
     if len(funcs) == 1:
-        rewards = per_func[0]  # NaN where the function returned None: unscorable
-    else:
-        rewards = per_func.nansum(dim=0)
-        rewards[per_func.isnan().all(dim=0)] = math.nan
-    label_column = _label_column(task)
-    labels = ([str(x) for x in columns[label_column]]
-              if label_column is not None and label_column in columns else None)
-    return Scored(rewards.view(len(prompts), n_samples), labels)
+        return per_func[0]  # NaN where the function returned None: unscorable
+    rewards = per_func.nansum(dim=0)
+    rewards[per_func.isnan().all(dim=0)] = math.nan
+    return rewards
 
 
 def _call_reward(fn: Any, batch: dict[str, list], shared: dict[str, Any]) -> list:
