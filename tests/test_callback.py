@@ -384,6 +384,15 @@ def _seeded_run(tiny_model, tmp_path, name: str, stop_at: int | None = None) -> 
     return callback
 
 
+@pytest.fixture(scope="module")
+def whole(tiny_model, tmp_path_factory) -> Path:
+    """``_seeded_run``'s uninterrupted run, which tests compare their stopped and resumed runs
+    with (read only: one for the module, not one per test)."""
+    where = tmp_path_factory.mktemp("seeded")
+    _seeded_run(tiny_model, where, "whole")
+    return where / "whole"
+
+
 def _refused_resume(tiny_model, run, out, match: str, resume_from: str | bool = True) -> None:
     """A script's resume of ``run`` (TRL's side in ``out``; from ``resume_from``) refused with a
     CheckpointError matching ``match``, before its first step."""
@@ -392,15 +401,14 @@ def _refused_resume(tiny_model, run, out, match: str, resume_from: str | bool = 
         _user_trainer(tiny_model, out, [again]).train(resume_from_checkpoint=resume_from)
 
 
-def test_a_damaged_resume_file_says_how_to_resume_from_the_step_before(tiny_model, tmp_path,
-                                                                        capsys):
+def test_a_damaged_resume_file_says_how_to_resume_from_the_step_before(tiny_model, whole,
+                                                                        tmp_path, capsys):
     """Audit 111: a truncated resume file stopped the resume naming the file, with advice for
     analyze (--checkpoint); the way on at 3 a.m. is to delete that step's sae-shards files and
     resume from the step before, which the refusal now says, with TRL's checkpoint to pass,
     and which ends as the uninterrupted run. A script's run given to `sae-shards train
     resume=true` is told to resume from its script (it was told of seven changed settings and
     a missing .hydra/)."""
-    _seeded_run(tiny_model, tmp_path, "whole")
     run, out = tmp_path / "cut", tmp_path / "trl_cut"
     _seeded_run(tiny_model, tmp_path, "cut", stop_at=7)
     capsys.readouterr()
@@ -426,7 +434,7 @@ def test_a_damaged_resume_file_says_how_to_resume_from_the_step_before(tiny_mode
     again = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
     _user_trainer(tiny_model, out, [again]).train(resume_from_checkpoint=str(out / "checkpoint-5"))
     assert again.summary["rl_steps"] == 10
-    _assert_same_ending(tmp_path / "whole", run)
+    _assert_same_ending(whole, run)
 
 
 def test_a_part_copied_in_from_another_run_is_refused_on_resume(tiny_model, tmp_path, caplog):
@@ -494,13 +502,12 @@ def test_a_part_copied_in_from_another_run_is_refused_on_resume(tiny_model, tmp_
     shutil.rmtree(kept)
 
 
-def test_resume_from_passes_over_a_trl_checkpoint_a_kill_left_torn(tiny_model, tmp_path,
-                                                                     caplog):
+def test_resume_from_passes_over_a_trl_checkpoint_a_kill_left_torn(tiny_model, whole,
+                                                                     tmp_path, caplog):
     """A kill while TRL wrote checkpoint-7 leaves it without trainer_state.json (TRL writes it
     last): resume_from_checkpoint=True picks it and transformers stops with its own
     FileNotFoundError. callback.resume_from(trainer) names checkpoint-5, warns about 7, and the
     run resumed from it ends as the uninterrupted one."""
-    _seeded_run(tiny_model, tmp_path, "whole")
     run, out = tmp_path / "cut", tmp_path / "trl_cut"
     _seeded_run(tiny_model, tmp_path, "cut", stop_at=7)
     state = out / "checkpoint-7" / "trainer_state.json"
@@ -526,7 +533,7 @@ def test_resume_from_passes_over_a_trl_checkpoint_a_kill_left_torn(tiny_model, t
     assert "holds checkpoints that are not complete on both sides (checkpoint-7" in caplog.text
     trainer.train(resume_from_checkpoint=path)
     assert callback.summary["rl_steps"] == 10 and not callback.summary["interrupted"]
-    _assert_same_ending(tmp_path / "whole", run)
+    _assert_same_ending(whole, run)
     fresh = ShardCallback(run_dir=tmp_path / "new", runner={"min_samples": 2})
     assert fresh.resume_from(_user_trainer(tiny_model, tmp_path / "trl_new", [fresh])) is None
 
@@ -862,10 +869,9 @@ def test_a_steps_rollouts_are_the_training_generations_it_trained_on(
         assert "over several optimizer steps" not in caplog.text
 
 
-def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path, caplog):
+def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, whole, tmp_path, caplog):
     """request_stop at step 7 checkpoints both sides; ShardCallback(resume=True) plus TRL's
     resume_from_checkpoint=True ends with the uninterrupted run's shards, bit for bit."""
-    _seeded_run(tiny_model, tmp_path, "whole")
     first = _seeded_run(tiny_model, tmp_path, "cut", stop_at=7)
     assert first.summary["interrupted"] and first.summary["rl_steps"] == 7
     assert ("to continue, run the script again with ShardCallback(..., resume=True) and "
@@ -973,7 +979,7 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, tmp_path, c
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert config["versions"] == {**now, "trl": "0.0.1", "device": "cuda NVIDIA H200"}
     assert config["resumed_under"] == [{"rl_step": 7, "trl": now["trl"], "device": "cpu"}]
-    _assert_same_ending(tmp_path / "whole", tmp_path / "cut")
+    _assert_same_ending(whole, tmp_path / "cut")
     with pytest.raises(FileExistsError, match="finished .*nothing to resume"):  # it is done
         ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
 
