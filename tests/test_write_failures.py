@@ -135,9 +135,11 @@ def test_a_scripts_callback_on_an_unwritable_run_dir_says_so_as_the_cli_does(tmp
     assert list(folder.iterdir()) == []
     from sae_shards import ShardCallback
 
-    with pytest.raises(PermissionError, match=r"run_dir=/proc/no/run cannot be created: No such "
-                                              r"file or directory \(/proc/no\); give a run_dir"):
-        ShardCallback(run_dir="/proc/no/run")
+    with pytest.raises(PermissionError, match=r"run_dir=/proc/no/run cannot be written: "
+                                              r"(nothing can be created in /proc \(No such file "
+                                              r"or directory\)|/proc is not writable by this "
+                                              r"user \(permission denied\)); give a run_dir"):
+        ShardCallback(run_dir="/proc/no/run")  # as root, or not
 
 
 def test_analyze_on_a_read_only_run_says_so_first_and_points_at_out(tmp_path, short_run_dir):
@@ -165,6 +167,38 @@ def test_analyze_on_a_read_only_run_says_so_first_and_points_at_out(tmp_path, sh
     finally:
         for folder in [run, *(p for p in run.rglob("*") if p.is_dir())]:
             folder.chmod(0o755)
+
+
+def test_a_file_in_the_way_of_a_run_dir_or_an_out_is_refused_first(tmp_path, short_run_dir,
+                                                                    capsys):
+    """Audit 130: a run_dir that is a file, or lies under one, ended in Hydra's traceback (exit
+    1); analyze --out under a file ran the whole analysis, then failed in a traceback; evaluate
+    --out FILE ran the whole evaluation, then advised freeing space. Each is refused before
+    anything runs, naming the file, which is left as it was."""
+    from sae_shards.cli import main
+    from sae_shards.run.rundir import unwritable
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    for run_dir in (notes, notes / "run"):
+        assert main(["train", f"run_dir={run_dir}", *TINY]) == 2
+        err = capsys.readouterr().err
+        assert (f"config error: run_dir={run_dir} cannot be written: {notes} is a file, not a "
+                "directory; give a run_dir where you can write") in err, err
+        assert "Traceback" not in err and "permissions" not in err
+    assert main(["analyze", str(short_run_dir), "--no-dose", "--out",
+                 str(notes / "report.html")]) == 2
+    assert (f"the report cannot be written to {notes}: {notes} is a file, not a directory"
+            in capsys.readouterr().err)
+    assert main(["evaluate", str(short_run_dir), "--no-steering", "--out", str(notes)]) == 2
+    assert (f"its evaluation cannot be written: {notes} is a file, not a directory"
+            in capsys.readouterr().err)
+    assert notes.read_text() == "mine\n"
+    # where nothing can be created although the permission bits allow it (/proc, as root)
+    if Path("/proc/self").is_dir():
+        assert unwritable(Path("/proc/sae-shards-run/x")) is not None
+    assert unwritable(tmp_path / "new" / "run") is None and not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the probe is gone
 
 
 def test_evaluate_on_a_read_only_run_says_so_first_and_points_at_out(tmp_path, short_run_dir):

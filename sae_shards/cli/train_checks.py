@@ -150,8 +150,9 @@ def check_run_dir_arg(args: list[str]) -> None:
         unwritable = rundir.unwritable(run_dir)
         if unwritable:
             raise ConfigError(f"run_dir={run_dir} cannot be written: {unwritable}; give a "
-                              "run_dir where you can write (e.g. run_dir=runs/my_run), or fix "
-                              "its permissions")
+                              "run_dir where you can write (e.g. run_dir=runs/my_run)"
+                              + (", or fix its permissions" if "permission denied" in unwritable
+                                 else ""))
     if is_sweep(args) and "${" not in str(run_dir):  # before Hydra writes multirun.yaml
         _check_sweep_dir(run_dir, resume_given(given))  # interpolated: check_sweep_jobs
 

@@ -276,10 +276,21 @@ def _has_content(path: Path) -> bool:
 
 
 def unwritable(run_dir: Path) -> str | None:
-    """Why ``run_dir``, or the directory it would be created in, cannot be written to (read-only
-    filesystem, no permission); None when it can (or nothing of it exists to ask)."""
+    """Why ``run_dir``, or the directory it would be created in, cannot be written to: a file
+    in the way (``run_dir`` itself or a folder above it), a read-only filesystem, no
+    permission, or a place where nothing can be created (``/proc``, which root's permission
+    bits allow: tried with a directory made and removed at once); None when it can (or
+    nothing of it exists to ask)."""
     folder = next((p for p in (run_dir, *run_dir.absolute().parents) if p.exists()), None)
-    if folder is None or not folder.is_dir() or os.access(folder, os.W_OK | os.X_OK):
+    if folder is None:
+        return None
+    if not folder.is_dir():
+        return f"{folder} is a file, not a directory"
+    if os.access(folder, os.W_OK | os.X_OK):
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".sae-shards-probe-", dir=folder))
+        except OSError as e:
+            return f"nothing can be created in {folder} ({e.strerror or e})"
         return None
     try:
         read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
@@ -311,7 +322,8 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
     why = unwritable(run_dir)
     if why:  # before mkdir's bare OSError (a script's ShardCallback gets here first)
         raise PermissionError(f"run_dir={run_dir} cannot be written: {why}; give a run_dir "
-                              "where you can write, or fix its permissions")
+                              "where you can write" + (", or fix its permissions"
+                                                       if "permission denied" in why else ""))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
