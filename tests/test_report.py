@@ -213,9 +213,15 @@ def test_analyze_details_the_shards_it_is_told_to(short_run_dir, tmp_path, capsy
     assert "give a count (4) or shard indices separated by commas" in capsys.readouterr().err
     before = (run / "analysis.json").read_text()  # a count above the shards: meant as an index
     assert cli_main(["analyze", str(run), "--shards", "41", "--no-dose"]) == 2
-    assert ("--shards 41 is a count (detail the 41 largest shards), but checkpoint final has 16; "
-            "to detail shard 41 alone, end it with a comma: --shards 41," in capsys.readouterr().err)
+    assert ("--shards 41 is a count (detail the 41 largest shards), but checkpoint final has 16 "
+            "(shards 0 to 15); give a count up to 16, or the indices of the shards to detail (one "
+            "shard: end it with a comma, --shards 15,)" in capsys.readouterr().err)
+    # the advice is taken (it advised --shards 41, which names no shard either)
     assert (run / "analysis.json").read_text() == before  # refused before anything is written
+    assert cli_main(["analyze", str(run), "--shards", "15,", "--no-dose"]) == 0
+    assert json.loads((run / "analysis.json").read_text())["top_shards"] == [15]
+    assert cli_main(["analyze", str(run), "--shards", "16", "--no-dose"]) == 0  # a count: all
+    assert "(a count; every shard)" in capsys.readouterr().err
     assert cli_main(["analyze", str(run), "--shards", "7,", "--no-dose"]) == 0  # one shard
     assert json.loads((run / "analysis.json").read_text())["top_shards"] == [7]
     live = (RunView(run).timeline()[1] != 0).any(0)

@@ -30,13 +30,14 @@ def _check_shards_arg(shards: int | list[int], run_dir: Path, checkpoint: str) -
         wrong = [i for i in shards if not 0 <= i < n]
         return (f"--shards names shard {wrong[0]}, but checkpoint {checkpoint} has shards 0 to "
                 f"{n - 1}") if wrong else None
-    if shards > n:
+    if shards > n:  # no shard has that index either
         return (f"--shards {shards} is a count (detail the {shards} largest shards), but "
-                f"checkpoint {checkpoint} has {n}; to detail shard {shards} alone, end it with a "
-                f"comma: --shards {shards},")
+                f"checkpoint {checkpoint} has {n} (shards 0 to {n - 1}); give a count up to "
+                f"{n}, or the indices of the shards to detail (one shard: end it with a comma, "
+                f"--shards {n - 1},)")
+    alone = f"shard {shards} alone is --shards {shards}," if shards < n else "every shard"
     print(f"sae-shards: --shards {shards} details the always-on shards and the {shards} "
-          f"largest others (a count; shard {shards} alone is --shards {shards},)",
-          file=sys.stderr)
+          f"largest others (a count; {alone})", file=sys.stderr)
     return None
 
 
