@@ -637,7 +637,12 @@ def test_analysis_knows_the_initial_weights_it_started_from(tmp_path, caplog, ca
     report = (run / "analysis.json").read_text()
     for named, said in ((model, f"--initial-model {model} holds other weights than the run "
                                 "started from (model.safetensors differ"),
-                        (tmp_path / "nowhere", "no saved model there (no config.json)")):
+                        (tmp_path / "nowhere", "no saved model there (no config.json)"),
+                        # the run directory itself: it was told of other weights in
+                        # activations.safetensors
+                        (run, f"--initial-model {run} is a sae-shards run directory, not a "
+                              f"saved model; a run of the built-in tiny model keeps its initial "
+                              f"weights in {run / 'model'}")):
         assert main(["analyze", str(run), "--shards", "1", "--n-prompts", "4",
                      "--initial-model", str(named)]) == 2
         assert f"cannot analyze {run}: " in (err := capsys.readouterr().err) and said in err

@@ -1242,6 +1242,10 @@ def named_initial_refusal(run_dir: str | Path, initial: str | Path) -> str | Non
     cannot be it, or None. Asked before the analysis starts: a wrong directory named on purpose
     is the reader's mistake to hear about, not a report whose interventions are left out."""
     initial = Path(initial)
+    if rundir.earlier_results(initial):  # its config.json is the run's, not a model's
+        return (f"--initial-model {initial} is a sae-shards run directory, not a saved model; "
+                f"a run of the built-in tiny model keeps its initial weights in "
+                f"{initial / 'model'}, any other was loaded from its config.json's model.path")
     if not (initial / "config.json").is_file():
         return (f"--initial-model {initial}: no saved model there (no config.json); name the "
                 "directory the run's policy was loaded from, or its copy")
