@@ -58,7 +58,7 @@ from sae_shards.run.versions import version_line
 SECTIONS = ("summary", "sae-curves", "reward", "timeline", "families", "norms", "rollouts", "logit-lens",
             "dose-response", "ablation", "together")
 """The report's section anchors in order, as ``analyze`` appends them for a per-step run (a
-per-event run has ``events`` before ``rollouts``); ``tests/test_report.py`` checks a real
+per-event run has ``events`` in place of ``rollouts``); ``tests/test_report.py`` checks a real
 report against it."""
 DEFAULT_ALPHAS = (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 
