@@ -42,6 +42,11 @@ def test_model_hf_path_without_a_path_is_a_config_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "config error: model.path has no value" in err
     assert not (tmp_path / "r" / "model").exists()  # the tiny model was not built instead
+    # refused inside the job in run_dir=a/b/r, none of which existed: every directory Hydra
+    # made for it is removed, not only r (an empty a/b/ would be listed among the user's runs)
+    assert main(["train", "model=hf_path", f"run_dir={tmp_path / 'a' / 'b' / 'r'}", *TINY]) == 2
+    assert "config error: model.path has no value" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.parametrize("override", ["model.hidden_size=32", "model.arch=llama",
@@ -311,6 +316,12 @@ def test_a_sweep_too_large_to_check_first_says_so_and_leaves_no_empty_job_direct
     assert sorted(p.name for p in sweep.iterdir()) == [
         "multirun.yaml", "rl.max_steps=6,runner.min_samples=2,runner.sae_steps_per_rl_step=1,"
         "sae.k=2,task.n_prompts=32"]
+    # a sweep of exactly MAX_CHECKED_JOBS jobs is still checked job by job before any runs
+    from sae_shards.cli import ConfigError, check_sweep_jobs
+
+    monkeypatch.setattr(train_checks, "MAX_CHECKED_JOBS", 2)
+    with pytest.raises(ConfigError, match=r"the sweep's job sae.k=100: .*\(no job was started\)"):
+        check_sweep_jobs(["-m", "sae.k=2,100", f"run_dir={tmp_path / 'other'}", *TINY])
 
 
 def test_sweep_jobs_that_would_share_a_directory_are_refused_before_any_job(tmp_path, capsys):
@@ -516,6 +527,16 @@ def test_resume_reuses_the_runs_overrides_and_keeps_their_plus(tmp_path, capsys)
     # no resume, a sweep, or a run without .hydra/: unchanged
     for args in ([f"run_dir={run}"], ["-m", *given], [f"run_dir={tmp_path}", "resume=true"]):
         assert with_saved_overrides(args) == args
+    # a run started with overwrite=true (over an earlier one): its resume takes the settings,
+    # not overwrite=true, which beside resume=true is a config error (the printed resume
+    # command would never work) and names how the run started, not what it is
+    (run / ".hydra" / "overrides.yaml").write_text("- seed=3\n- overwrite=true\n")
+    assert with_saved_overrides(given) == ["seed=3", *given]
+    # only a saved model.trust_remote_code=true is refused on resume: false is taken
+    (run / ".hydra" / "overrides.yaml").write_text(
+        "- model=hf_path\n- model.path=/m\n- model.trust_remote_code=false\n")
+    assert with_saved_overrides(given) == [
+        "model=hf_path", "model.path=/m", "model.trust_remote_code=false", *given]
 
 
 def test_resume_with_an_override_that_does_not_compose_names_it(tmp_path, capsys):
@@ -531,6 +552,9 @@ def test_resume_with_an_override_that_does_not_compose_names_it(tmp_path, capsys
     # the run's own overrides given again, hydra.*, and the run keys are not changes
     assert resume_changes([*args[1:], "rl.max_steps=6", "hydra.verbose=true", "overwrite=false"]
                           ) == ["experiment=planted"]
+    (run / ".hydra" / "overrides.yaml").write_text("- rl.max_steps=6\n- overwrite=true\n")
+    assert resume_changes(args[1:]) == ["experiment=planted"]  # the run's overwrite: no change
+    (run / ".hydra" / "overrides.yaml").write_text("- rl.max_steps=6\n")
     assert resume_changes([f"run_dir={run}", "experiment=planted"]) == []  # not resuming
     assert resume_changes([*args[1:], "resume=false"]) == []  # the last resume= counts
     assert resume_changes(["-m", *args[1:]]) == []  # a sweep: each job's own overrides

@@ -339,3 +339,27 @@ def test_signed_span_chance_is_the_largest_signed_cosine():
     cos = rows.double() @ random_dirs.T
     torch.testing.assert_close(got, cos.max(1).values.float())
     assert not torch.equal(got, cos.abs().max(1).values.float())
+
+
+def test_compare_hands_each_side_its_checkpoint_and_the_figures_asked_for(short_run_dir, sets,
+                                                                          tmp_path, capsys):
+    """Audit 129: --threshold and --min-density reach the comparison, --top 0 lists every pair
+    (a mutant listing none, or refusing 0, went unseen), and --checkpoint-a is read from A and
+    --checkpoint-b from B."""
+    a, b = (s.save(tmp_path / name) for s, name in zip(sets, ("a", "b")))
+    out = tmp_path / "cmp.json"
+    assert main(["compare", str(a), str(b), "--threshold", "0.5", "--min-density", "0.02",
+                 "--top", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert (saved["threshold"], saved["min_density"]) == (0.5, 0.02)
+    assert len(saved["pairs"]) > 3 and "more pairs" not in printed
+    assert all(f"  {pair['shard']:5d}" in printed for pair in saved["pairs"])
+    copy_ = tmp_path / "copy"
+    shutil.copytree(short_run_dir, copy_)
+    assert (copy_ / "checkpoints" / "step_000012").is_dir()  # its last step's, beside final
+    assert main(["compare", str(short_run_dir), str(copy_), "--checkpoint-a", "final",
+                 "--checkpoint-b", "12", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["a"] == str(short_run_dir / "checkpoints" / "final")
+    assert saved["b"] == str(copy_ / "checkpoints" / "step_000012")

@@ -140,11 +140,42 @@ def test_evaluate_cli_needs_saved_samples(planted_run, tmp_path, capsys):
     assert "runner.save_samples=true runner.heldout_every=k" in err
 
 
-def test_evaluate_cli_refuses_a_family_threshold_out_of_range(tmp_path, capsys):
+@pytest.mark.parametrize("threshold", ["1.5", "0"])  # 0 would join every pair of latents
+def test_evaluate_cli_refuses_a_family_threshold_out_of_range(tmp_path, capsys, threshold):
     with pytest.raises(SystemExit) as stop:  # argparse's usage error
-        cli_main(["evaluate", str(tmp_path), "--family-threshold", "1.5"])
+        cli_main(["evaluate", str(tmp_path), "--family-threshold", threshold])
     assert stop.value.code == 2
-    assert "--family-threshold must be in (0, 1], got 1.5" in capsys.readouterr().err
+    assert (f"--family-threshold must be in (0, 1], got {float(threshold)}"
+            in capsys.readouterr().err)
+
+
+def test_evaluate_cli_scores_the_checkpoint_asked_with_the_runs_own_seed(planted_run, tmp_path,
+                                                                       capsys):
+    """Audit 129: --checkpoint must reach the evaluation (the final SAE was scored instead, and
+    nothing said so), and the nulls are drawn with the run's own seed unless --seed says
+    otherwise, as scripts.planted_sweep evaluates, so the two give the same figures. --task
+    with --no-steering, which skips what the task scores, is refused, not ignored."""
+    run = tmp_path / "run"
+    shutil.copytree(planted_run, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "seed": 7}))
+    step = sorted(p.name for p in (run / rundir.CHECKPOINTS).glob("step_*"))[0]
+    for args, checkpoint, seed in ((["--checkpoint", step], step, 7),
+                                   (["--checkpoint", "final", "--seed", "11"], "final", 11)):
+        out = tmp_path / f"out_{seed}"
+        assert cli_main(["evaluate", str(run), "--no-steering", "--n-null", "1", "--out",
+                         str(out), *args]) == 0
+        evaluation = json.loads((out / "evaluation.json").read_text())
+        assert (evaluation["checkpoint"], evaluation["seed"]) == (checkpoint, seed)
+    task = tmp_path / "task.py"
+    task.write_text("from sae_shards.analysis.reward_task import RewardTask\n"
+                    "def const(prompts, completions, **kw):\n    return [0.5] * len(completions)\n"
+                    "TASK = RewardTask([{'prompt': 'v 1'}], const)\n")
+    capsys.readouterr()
+    assert cli_main(["evaluate", str(run), "--no-steering", "--n-null", "1", "--out",
+                     str(tmp_path / "out_task"), "--task", f"{task}:TASK"]) == 2
+    assert "which --no-steering skips; drop one of them" in capsys.readouterr().err
+    assert not (tmp_path / "out_task").exists()
 
 
 def test_from_step_restricts_the_window(planted_run):

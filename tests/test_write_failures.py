@@ -186,6 +186,9 @@ def test_a_file_in_the_way_of_a_run_dir_or_an_out_is_refused_first(tmp_path, sho
         assert (f"config error: run_dir={run_dir} cannot be written: {notes} is a file, not a "
                 "directory; give a run_dir where you can write") in err, err
         assert "Traceback" not in err and "permissions" not in err
+    # run_dir= given twice: Hydra takes the last, and so do the checks before it (audit 129)
+    assert main(["train", f"run_dir={tmp_path / 'fine'}", f"run_dir={notes}", *TINY]) == 2
+    assert f"run_dir={notes} cannot be written" in capsys.readouterr().err
     assert main(["analyze", str(short_run_dir), "--no-dose", "--out",
                  str(notes / "report.html")]) == 2
     assert (f"the report cannot be written to {notes}: {notes} is a file, not a directory"
@@ -202,20 +205,39 @@ def test_a_file_in_the_way_of_a_run_dir_or_an_out_is_refused_first(tmp_path, sho
 
 
 def test_evaluate_on_a_read_only_run_says_so_first_and_points_at_out(tmp_path, short_run_dir):
-    """The same for evaluate, which had no --out: a read-only run could not be evaluated."""
-    run = tmp_path / "run"
+    """The same for evaluate, which had no --out: a read-only run could not be evaluated. With
+    --out elsewhere the run is only read; a --null-run, whose evaluation goes into it, must be
+    writable too (audit 129)."""
+    run, null = tmp_path / "run", tmp_path / "null"
     shutil.copytree(short_run_dir, run)
+    shutil.copytree(short_run_dir, null)
+
+    def evaluate(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*_as_a_plain_user(), sys.executable, "-m", "sae_shards.cli", "evaluate", str(run),
+             "--no-steering", *args], capture_output=True, text=True, timeout=120)
+
     run.chmod(0o555)
     try:
-        done = subprocess.run(
-            [*_as_a_plain_user(), sys.executable, "-m", "sae_shards.cli", "evaluate", str(run),
-             "--no-steering"], capture_output=True, text=True, timeout=120)
+        done = evaluate()
+        elsewhere = evaluate("--out", str(tmp_path / "elsewhere"))
     finally:
         run.chmod(0o755)
     assert done.returncode == 2, done.stderr[-3000:]
     assert (f"sae-shards: cannot evaluate {run}: its evaluation cannot be written: {run} is not "
             "writable") in done.stderr
     assert "write it elsewhere with --out DIR" in done.stderr and "Traceback" not in done.stderr
+    # past the write check to what evaluate says next of this run: it has one task
+    assert elsewhere.returncode == 2 and "cannot be written" not in elsewhere.stderr
+    assert "is a task=letters run (one task)" in elsewhere.stderr, elsewhere.stderr[-3000:]
+    null.chmod(0o555)
+    try:
+        done = evaluate("--null-run", str(null))
+    finally:
+        null.chmod(0o755)
+    assert done.returncode == 2
+    assert f"its evaluation cannot be written: {null} is not writable" in done.stderr, \
+        done.stderr[-3000:]
 
 
 def test_a_full_disk_during_analyzes_report_keeps_the_previous_one_and_leaves_no_half(
