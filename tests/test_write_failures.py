@@ -5,6 +5,7 @@ and what to run next, never a traceback from torch or Hydra."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -92,6 +93,23 @@ def _as_a_plain_user() -> list[str]:
     return ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
 
 
+def _cli_as_a_plain_user(*calls: list[str]) -> list[tuple[int, str]]:
+    """Each of ``calls`` given to ``sae-shards`` in turn, in one subprocess run as a plain user
+    (one interpreter start, ~7 s, for them all): each call's exit status and its stderr."""
+    script = ("import contextlib, io, json, sys\n"
+              "from sae_shards.cli import main\n"
+              "said = []\n"
+              "for args in json.loads(sys.argv[1]):\n"
+              "    err = io.StringIO()\n"
+              "    with contextlib.redirect_stderr(err):\n"
+              "        said.append([main(args), err.getvalue()])\n"
+              "print(json.dumps(said))\n")
+    done = subprocess.run([*_as_a_plain_user(), sys.executable, "-c", script, json.dumps(calls)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [(rc, err) for rc, err in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
 @pytest.mark.parametrize("where", ["parent", "itself"])
 def test_an_unwritable_run_dir_is_a_config_error_naming_it(tmp_path, where):
     """A run_dir inside a read-only directory (Hydra's mkdir raised a traceback), or an existing
@@ -150,23 +168,20 @@ def test_analyze_on_a_read_only_run_says_so_first_and_points_at_out(tmp_path, sh
     shutil.copytree(short_run_dir, run)
     for folder in [run, *(p for p in run.rglob("*") if p.is_dir())]:
         folder.chmod(0o555)
+    out = tmp_path / "elsewhere" / "report.html"
     try:
-        done = subprocess.run(
-            [*_as_a_plain_user(), sys.executable, "-m", "sae_shards.cli", "analyze", str(run),
-             "--no-dose"], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2, done.stderr[-3000:]
-        assert (f"sae-shards: cannot analyze {run}: the report cannot be written to {run}: "
-                f"{run} is not writable") in done.stderr
-        assert "--out DIR/report.html" in done.stderr and "resume=true" not in done.stderr
-        out = tmp_path / "elsewhere" / "report.html"
-        done = subprocess.run(
-            [*_as_a_plain_user(), sys.executable, "-m", "sae_shards.cli", "analyze", str(run),
-             "--no-dose", "--out", str(out)], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert out.is_file() and (out.parent / "analysis.json").is_file()
+        (rc, err), (rc_out, err_out) = _cli_as_a_plain_user(
+            ["analyze", str(run), "--no-dose"],
+            ["analyze", str(run), "--no-dose", "--out", str(out)])
     finally:
         for folder in [run, *(p for p in run.rglob("*") if p.is_dir())]:
             folder.chmod(0o755)
+    assert rc == 2, err[-3000:]
+    assert (f"sae-shards: cannot analyze {run}: the report cannot be written to {run}: "
+            f"{run} is not writable") in err
+    assert "--out DIR/report.html" in err and "resume=true" not in err
+    assert rc_out == 0, err_out[-3000:]
+    assert out.is_file() and (out.parent / "analysis.json").is_file()
 
 
 def test_a_file_in_the_way_of_a_run_dir_or_an_out_is_refused_first(tmp_path, short_run_dir,
@@ -208,36 +223,29 @@ def test_evaluate_on_a_read_only_run_says_so_first_and_points_at_out(tmp_path, s
     """The same for evaluate, which had no --out: a read-only run could not be evaluated. With
     --out elsewhere the run is only read; a --null-run, whose evaluation goes into it, must be
     writable too (audit 129)."""
-    run, null = tmp_path / "run", tmp_path / "null"
-    shutil.copytree(short_run_dir, run)
-    shutil.copytree(short_run_dir, null)
-
-    def evaluate(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [*_as_a_plain_user(), sys.executable, "-m", "sae_shards.cli", "evaluate", str(run),
-             "--no-steering", *args], capture_output=True, text=True, timeout=120)
-
+    run, null, writable = tmp_path / "run", tmp_path / "null", tmp_path / "writable"
+    for copy_ in (run, null, writable):
+        shutil.copytree(short_run_dir, copy_)
     run.chmod(0o555)
-    try:
-        done = evaluate()
-        elsewhere = evaluate("--out", str(tmp_path / "elsewhere"))
-    finally:
-        run.chmod(0o755)
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert (f"sae-shards: cannot evaluate {run}: its evaluation cannot be written: {run} is not "
-            "writable") in done.stderr
-    assert "write it elsewhere with --out DIR" in done.stderr and "Traceback" not in done.stderr
-    # past the write check to what evaluate says next of this run: it has one task
-    assert elsewhere.returncode == 2 and "cannot be written" not in elsewhere.stderr
-    assert "is a task=letters run (one task)" in elsewhere.stderr, elsewhere.stderr[-3000:]
     null.chmod(0o555)
     try:
-        done = evaluate("--null-run", str(null))
+        said = _cli_as_a_plain_user(
+            ["evaluate", str(run), "--no-steering"],
+            ["evaluate", str(run), "--no-steering", "--out", str(tmp_path / "elsewhere")],
+            ["evaluate", str(writable), "--no-steering", "--null-run", str(null)])
     finally:
+        run.chmod(0o755)
         null.chmod(0o755)
-    assert done.returncode == 2
-    assert f"its evaluation cannot be written: {null} is not writable" in done.stderr, \
-        done.stderr[-3000:]
+    (rc, err), (rc_out, err_out), (rc_null, err_null) = said
+    assert rc == 2, err[-3000:]
+    assert (f"sae-shards: cannot evaluate {run}: its evaluation cannot be written: {run} is not "
+            "writable") in err
+    assert "write it elsewhere with --out DIR" in err and "Traceback" not in err
+    # past the write check to what evaluate says next of this run: it has one task
+    assert rc_out == 2 and "cannot be written" not in err_out
+    assert "is a task=letters run (one task)" in err_out, err_out[-3000:]
+    assert rc_null == 2
+    assert f"its evaluation cannot be written: {null} is not writable" in err_null, err_null
 
 
 def test_a_full_disk_during_analyzes_report_keeps_the_previous_one_and_leaves_no_half(
