@@ -186,7 +186,7 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     asked = _Asked(top_k, dose, tuple(alphas), n_prompts, task, initial_model, trust_remote_code)
     view = RunView(run_dir, checkpoint)
     out = Path(out) if out else view.run_dir / "report.html"
-    chosen = _select(view, n_shards)
+    sel = _select(view, n_shards)
     summary_file = view.run_dir / rundir.SUMMARY
     summary = _read_summary(summary_file) if summary_file.is_file() else {}
     figures, own = checkpoint_figures(view, summary)
@@ -196,20 +196,20 @@ def analyze(run_dir: str | Path, out: str | Path | None = None,
     config = rundir.read_config(view.run_dir)
     analysis: dict[str, Any] = {
         "run": {"run_dir": str(view.run_dir.resolve()),  # as analysed: a copy says where
-                "checkpoint": view.checkpoint, "n_shards": len(chosen.density),
+                "checkpoint": view.checkpoint, "n_shards": len(sel.density),
                 # samples of several contexts: a per-step sample of a mixed batch blends them
-                "blended_samples": chosen.blended, "n_samples": len(chosen.labels),
-                "never_fired": int((chosen.density == 0).sum()), "always_on": chosen.always_on,
+                "blended_samples": sel.blended, "n_samples": len(sel.labels),
+                "never_fired": int((sel.density == 0).sum()), "always_on": sel.always_on,
                 **figures, "figures_from": "summary" if own else "checkpoint",
                 # which software made the run, and the resumes under other versions
                 "versions": config.get("versions"),
                 "resumed_under": config.get("resumed_under") or []},
         "config": config,  # the run's settings (config.json): which sweep point this was
-        "draws": draws(n_prompts, sampling), "top_shards": chosen.shards,
+        "draws": draws(n_prompts, sampling), "top_shards": sel.shards,
         "shards": {}}  # filled below, after the families (the file's order)
-    untrained = _untrained_html(view, chosen, summary)
-    parts = _run_sections(view, chosen, asked, summary, figures, own, untrained, analysis)
-    parts += _model_sections(view, chosen, asked, models, sampling, config, untrained, analysis)
+    untrained = _untrained_html(view, sel, summary)
+    parts = _run_sections(view, sel, asked, summary, figures, own, untrained, analysis)
+    parts += _model_sections(view, sel, asked, models, sampling, config, untrained, analysis)
     page = _page(f"{REPORT_TITLE}: {view.run_dir.name}", "".join(parts))
     out.parent.mkdir(parents=True, exist_ok=True)
     rundir.write_text(out, page)
@@ -262,9 +262,9 @@ def _select(view: RunView, n_shards: int | Sequence[int]) -> _Selection:
         blended=sum(len(set(sample)) > 1 for sample in labels))
 
 
-def _untrained_html(view: RunView, chosen: _Selection, summary: dict) -> str:
+def _untrained_html(view: RunView, sel: _Selection, summary: dict) -> str:
     """What a section about the detailed shards says when there are none to show."""
-    if not chosen.shards and bool(chosen.density.abs().sum() > 0):
+    if not sel.shards and bool(sel.density.abs().sum() > 0):
         return "<p>No shards selected (<code>--shards 0</code> and no always-on shard).</p>"
     return ("<p>No activations: the SAE never trained"
             + (" (see the run's summary)" if summary else
@@ -272,16 +272,16 @@ def _untrained_html(view: RunView, chosen: _Selection, summary: dict) -> str:
                "running)") + ".</p>")
 
 
-def _run_sections(view: RunView, chosen: _Selection, asked: _Asked, summary: dict,
+def _run_sections(view: RunView, sel: _Selection, asked: _Asked, summary: dict,
                   figures: dict, own: bool, untrained: str,
                   analysis: dict[str, Any]) -> list[str]:
     """The sections read from the run directory alone: summary, SAE curves, reward, timeline,
     families (added to ``analysis``), norms, and the top events or rollouts per shard."""
-    shards, which = chosen.shards, chosen.which
-    mixes = chosen.mixes if chosen.several else {}
+    shards, which = sel.shards, sel.which
+    mixes = sel.mixes if sel.several else {}
     parts = [_section("summary", "Run", _summary_html(
-        view, summary, figures, own, shards, chosen.density, chosen.tags, asked.initial_model,
-        chosen.chosen))]
+        view, summary, figures, own, shards, sel.density, sel.tags, asked.initial_model,
+        sel.chosen))]
     parts.append(_section("sae-curves", "SAE training", plot_sae_curves(view) + _CURVES_NOTE))
     parts.append(_section("reward", "Reward", _reward_html(view)))
     parts.append(_section("timeline", f"Shard timeline ({which} shards, {_sae_of(view)})",
@@ -305,22 +305,22 @@ def _run_sections(view: RunView, chosen: _Selection, asked: _Asked, summary: dic
     if view.per_event:
         parts.append(_section("events", "Top events per shard (the reinforcement events whose "
                               "gradients activate it most)",
-                              _events_html(view, shards, asked.top_k, chosen.tags, mixes)))
+                              _events_html(view, shards, asked.top_k, sel.tags, mixes)))
     else:
         parts.append(_section("rollouts", "Top rollouts per shard",
                               _reused_note(view.run_dir)
-                              + _blended_note(chosen.blended, len(chosen.labels))
-                              + _rollouts_html(view, shards, asked.top_k, chosen.tags, mixes)))
+                              + _blended_note(sel.blended, len(sel.labels))
+                              + _rollouts_html(view, shards, asked.top_k, sel.tags, mixes)))
     return parts
 
 
-def _model_sections(view: RunView, chosen: _Selection, asked: _Asked, models,
+def _model_sections(view: RunView, sel: _Selection, asked: _Asked, models,
                     sampling: dict[str, Any], config: dict[str, Any], untrained: str,
                     analysis: dict[str, Any]) -> list[str]:
     """The sections that load the run's initial and final policy (``models``; None under
     --no-dose or when they did not load): logit lens, dose-response, ablation and the shards
     together, each shard's figures added to ``analysis``, or why a section is empty."""
-    shards, task, tags = chosen.shards, asked.task, chosen.tags
+    shards, task, tags = sel.shards, asked.task, sel.tags
     final_dir = policy_dir(view.run_dir, view.checkpoint)
     scorer = None  # scorer None: a user's own TRL run, analysed without its reward (``task``)
     scorer_note = ""
@@ -329,9 +329,9 @@ def _model_sections(view: RunView, chosen: _Selection, asked: _Asked, models,
     if scorer is not None:
         trained = rundir.section(config, "rl").get("reward_weights")
         first = min(view.rollouts, default=None)  # the run's first recorded step
-        scorer_note = _check_scorer(models, scorer, chosen.labels, sampling, trained,
+        scorer_note = _check_scorer(models, scorer, sel.labels, sampling, trained,
                                     None if first is None else view.rollouts[first])
-    detail = _detail_shards(view, shards, chosen.density, tags, chosen.mixes, asked.top_k,
+    detail = _detail_shards(view, shards, sel.density, tags, sel.mixes, asked.top_k,
                             models, scorer, asked.alphas, asked.n_prompts, sampling)
     analysis["shards"] = detail.entries
     # why the models did not load (asked again only then: it reads every file of both)

@@ -147,12 +147,9 @@ def check_run_dir_arg(args: list[str]) -> None:
         except FileExistsError as e:
             raise ConfigError(str(e)) from None
     if "${" not in str(run_dir):  # before Hydra creates it (its traceback names no fix)
-        unwritable = rundir.unwritable(run_dir)
-        if unwritable:
-            raise ConfigError(f"run_dir={run_dir} cannot be written: {unwritable}; give a "
-                              "run_dir where you can write (e.g. run_dir=runs/my_run)"
-                              + (", or fix its permissions" if "permission denied" in unwritable
-                                 else ""))
+        refused = rundir.run_dir_refusal(run_dir, " (e.g. run_dir=runs/my_run)")
+        if refused:
+            raise ConfigError(refused)
     if is_sweep(args) and "${" not in str(run_dir):  # before Hydra writes multirun.yaml
         _check_sweep_dir(run_dir, resume_given(given))  # interpolated: check_sweep_jobs
 

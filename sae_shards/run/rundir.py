@@ -281,23 +281,42 @@ def unwritable(run_dir: Path) -> str | None:
     permission, or a place where nothing can be created (``/proc``, which root's permission
     bits allow: tried with a directory made and removed at once); None when it can (or
     nothing of it exists to ask)."""
+    found = _unwritable(run_dir)
+    return found[0] if found else None
+
+
+def run_dir_refusal(run_dir: Path, example: str = "") -> str | None:
+    """``unwritable``'s reason as ``sae-shards train``'s config error and a script's
+    ``ShardCallback`` both say it, with what to do (``example``: a run_dir to give instead);
+    None when ``run_dir`` can be written."""
+    found = _unwritable(run_dir)
+    if found is None:
+        return None
+    why, permission = found
+    return (f"run_dir={run_dir} cannot be written: {why}; give a run_dir where you can write"
+            + example + (", or fix its permissions" if permission else ""))
+
+
+def _unwritable(run_dir: Path) -> tuple[str, bool] | None:
+    """``unwritable``'s reason, and whether permissions are what stop the write."""
     folder = next((p for p in (run_dir, *run_dir.absolute().parents) if p.exists()), None)
     if folder is None:
         return None
     if not folder.is_dir():
-        return f"{folder} is a file, not a directory"
+        return f"{folder} is a file, not a directory", False
     if os.access(folder, os.W_OK | os.X_OK):
         try:
             os.rmdir(tempfile.mkdtemp(prefix=".sae-shards-probe-", dir=folder))
         except OSError as e:
-            return f"nothing can be created in {folder} ({e.strerror or e})"
+            return f"nothing can be created in {folder} ({e.strerror or e})", False
         return None
     try:
         read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
     except OSError:
         read_only = False
-    return (f"{folder} is on a read-only filesystem" if read_only
-            else f"{folder} is not writable by this user (permission denied)")
+    if read_only:
+        return f"{folder} is on a read-only filesystem", False
+    return f"{folder} is not writable by this user (permission denied)", True
 
 
 def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) -> Path:
@@ -319,11 +338,9 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
     if resume and not run_dir.is_dir():  # refused before anything is created
         raise FileNotFoundError(f"resume=true but run_dir={run_dir} does not exist: "
                                 + _why_not_resumable(run_dir, []))
-    why = unwritable(run_dir)
-    if why:  # before mkdir's bare OSError (a script's ShardCallback gets here first)
-        raise PermissionError(f"run_dir={run_dir} cannot be written: {why}; give a run_dir "
-                              "where you can write" + (", or fix its permissions"
-                                                       if "permission denied" in why else ""))
+    refused = run_dir_refusal(run_dir)
+    if refused:  # before mkdir's bare OSError (a script's ShardCallback gets here first)
+        raise PermissionError(refused)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
