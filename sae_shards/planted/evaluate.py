@@ -488,115 +488,84 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     run_dir = Path(run_dir)
     shards = ShardSet.from_run(run_dir, checkpoint)
     sae = shards.sae
-    data = EvalData(run_dir, shards.target_names, from_step,
-                    {t.name: t.shape for t in sae.targets})
-    tasks = data.tasks
-    x_tr, y_tr = data.split(False)
-    x_te, y_te = data.split(True)
-    data.samples = {}  # the splits are copies: free the file's tensors (large per-event runs)
-    shapes = {t.name: t.shape for t in sae.targets}
-    g = torch.Generator().manual_seed(seed)
+    s = _split(run_dir, shards, from_step)
+    g = torch.Generator().manual_seed(seed)  # the label shuffles, then the causal tests
     settings = run_settings(run_dir, shards)
+    lat = _latents(sae, s.x_tr, s.x_te, drift_density)
+    fam = _shard_families(sae, lat, family_threshold)
 
-    lat = _latents(sae, x_tr, x_te, drift_density)
-    # shard families: latents grouped by co-activation on the training samples (no labels)
-    gram = sae.decoder_gram().detach().double()  # [N, N]
-    # drift latents and latents that never fired on the training samples join no family
-    left_out = ((~lat.keep) | (lat.density == 0)).nonzero().flatten().tolist()
-    fams = find_families(lat.acts_tr, gram, family_threshold, exclude=left_out)
-    fam_tr, fam_te = strengths(lat.acts_tr, gram, fams), strengths(lat.acts_te, gram, fams)
-    fam_w = weight_matrix(fams, sae.n_latents)  # [F, N]
-    fam_cos = lambda t: _family_cos(sae, t, shapes, fam_w)  # noqa: E731  [K, F]
-
-    # ground truth on held-out samples, and shard matching against it
-    flat_te, flat_tr = flatten(x_te, data.names), flatten(x_tr, data.names)
-    truth, truth_from = task_directions_with_source(flat_te, y_te, tasks)
-    match = match_directions(sae, unflatten(truth, shapes))
-    null_te = [shuffled(y_te, g) for _ in range(n_null)]  # the mmcs nulls' held-out labellings
-    null_truths = [task_directions(flat_te, y, tasks) for y in null_te]
+    # ground truth on held-out samples, and the shards' and supervised directions' match to it
+    truth, truth_from = task_directions_with_source(s.flat_te, s.y_te, s.tasks)
+    match = match_directions(sae, unflatten(truth, s.shapes))
+    null_te = [shuffled(s.y_te, g) for _ in range(n_null)]  # the mmcs nulls' held-out labellings
+    null_truths = [task_directions(s.flat_te, y, s.tasks) for y in null_te]
     lat_cos = lambda t: match_directions(  # noqa: E731
-        sae, unflatten(t, shapes)).abs_cos[:, lat.keep]
+        sae, unflatten(t, s.shapes)).abs_cos[:, lat.keep]
     lat_mmcs = _mmcs_margin(lat_cos, truth, null_truths)
-    ref = supervised_reference(flat_tr, y_tr, flat_te, y_te, norm_features(x_tr, data.names),
-                               norm_features(x_te, data.names), tasks)
+    ref = supervised_reference(s.flat_tr, s.y_tr, s.flat_te, s.y_te,
+                               norm_features(s.x_tr, s.names), norm_features(s.x_te, s.names),
+                               s.tasks)
     # the same metric for the supervised "shards": the training samples' principal directions
     sup = _mmcs_margin(lambda t: abs_cosine(t, ref.directions), truth, null_truths)
 
     # best latent per task chosen on training samples, scored on held-out samples
-    null_labels = [shuffled(y_tr, g) for _ in range(n_null)]  # latents and families alike
+    null_labels = [shuffled(s.y_tr, g) for _ in range(n_null)]  # latents and families alike
     train_aurocs, best, auroc_task, null_auroc = _choose_and_score(
-        lat.acts_tr, lat.acts_te, y_tr, y_te, tasks, null_labels, lat.drift)
-
-    families = {**_family_figures(sae, fams, fam_w, fam_tr, fam_te, y_tr, y_te, tasks, truth,
-                                  null_truths, null_labels, shapes),
-                "left_out": left_out}  # drift latents and latents that never fired
-    shares = energy_shares(flat_te, y_te, tasks)
-    held = _heldout_figures(sae, x_te)
-    silent = shards.stats.get("stats.samples_since_fired")
-    dead_frac = (dead_fraction(silent, sae.cfg.dead_after, shards.meta.get("sae_samples"))
-                 if silent is not None else None)
-    mean = mean_defined  # over the tasks with an AUROC (auroc_unscored: those without)
+        lat.acts_tr, lat.acts_te, s.y_tr, s.y_te, s.tasks, null_labels, lat.drift)
+    families = {**_family_figures(sae, fam.fams, fam.w, fam.tr, fam.te, s.y_tr, s.y_te, s.tasks,
+                                  truth, null_truths, null_labels, s.shapes),
+                "left_out": fam.left_out}  # drift latents and latents that never fired
 
     causal, causal_skipped = None, "not asked for (--no-steering)"
     if steering:
-        fam_dirs = {t: _family_dense(sae, fams, f)
-                    for t, f in zip(tasks, families["best_family"] or ())}
+        fam_dirs = {t: _family_dense(sae, fam.fams, f)
+                    for t, f in zip(s.tasks, families["best_family"] or ())}
         causal, causal_skipped = _causal(
-            run_dir, checkpoint, shards, tasks, dict(zip(tasks, best)), ref.directions, flat_tr,
-            y_tr, shapes, g, fam_dirs, CausalSettings(alpha=alpha, n_prompts=n_prompts,
-                                                      n_samples=n_samples, floor=floor,
-                                                      seed=seed), n_shuffled, task,
-            trust_remote_code=trust_remote_code)
+            run_dir, checkpoint, shards, s.tasks, dict(zip(s.tasks, best)), ref.directions,
+            s.flat_tr, s.y_tr, s.shapes, g, fam_dirs,
+            CausalSettings(alpha=alpha, n_prompts=n_prompts, n_samples=n_samples, floor=floor,
+                           seed=seed), n_shuffled, task, trust_remote_code=trust_remote_code)
     null_control = _null_control(null_run, n_null=n_null, seed=seed, from_step=from_step,
                                  drift_density=drift_density, family_threshold=family_threshold,
                                  out=None if out is None else Path(out) / NULL_CONTROL_DIR)
 
+    mean = mean_defined  # over the tasks with an AUROC (auroc_unscored: those without)
+    shares = energy_shares(s.flat_te, s.y_te, s.tasks)
     result = {
         "headline": _headline(mean(list(auroc_task.values())), ref.auroc_mean, lat_mmcs,
-                              sup["mmcs_margin"], families, len(fams.members), causal,
+                              sup["mmcs_margin"], families, len(fam.fams.members), causal,
                               null_control, settings),
         "run_dir": str(run_dir), "checkpoint": shards.path.name,  # the SAE scored
-        "tasks": tasks, "n_train": len(y_tr), "n_heldout": len(y_te),
+        "tasks": s.tasks, "n_train": len(s.y_tr), "n_heldout": len(s.y_te),
         # a run of the null-control task: its figures are what a task-blind reward gives
         "null_control_run": _task_name(run_dir) == NULL_TASK,
         "sample_unit": "step" if settings["granularity"] == "step" else "event",
-        "multi_label": data.multi_label, "from_step": from_step,
+        "multi_label": s.multi_label, "from_step": from_step,
         # what the shuffled-label nulls were drawn with (they move the nulls and margins)
         "n_null": n_null, "seed": seed,
         # the RL steps the evaluated samples come from (the buffer's window, after --from-step)
-        "first_step": int(data.steps[data.keep].min()) if data.keep.any() else None,
-        "last_step": int(data.steps[data.keep].max()) if data.keep.any() else None,
-        **lat_mmcs, "mmcs_supervised": sup["mmcs"],
-        # what the SAE's rank per target allows at best (per task, and on shuffled labels)
-        "mmcs_rank_ceiling": float(rank_ceiling(unflatten(truth, shapes), sae.cfg.rank).mean()),
-        "mmcs_rank_ceiling_null": mean([float(rank_ceiling(unflatten(t, shapes),
-                                                            sae.cfg.rank).mean())
-                                        for t in null_truths]),
-        "mmcs_supervised_null": sup["mmcs_null"],
-        # the margin that shards equal to the held-out ground truth itself would reach (mmcs 1):
-        # a reference for a perfect answer, not a bound
-        "mmcs_margin_oracle": _mmcs_margin(lambda t: abs_cosine(t, truth), truth,
-                                           null_truths)["mmcs_margin"],
-        "mmcs_class_mean": _class_mean_mmcs(flat_tr, y_tr, flat_te, y_te, null_te, tasks,
-                                            lat_cos, fam_cos),
+        "first_step": s.first_step, "last_step": s.last_step,
+        **lat_mmcs, "mmcs_supervised": sup["mmcs"], "mmcs_supervised_null": sup["mmcs_null"],
+        **_reference_mmcs(sae, s, truth, null_te, null_truths, lat_cos, fam),
         "auroc_task": mean(list(auroc_task.values())), "auroc_null": mean(null_auroc),
         "auroc_margin": mean(list(auroc_task.values())) - mean(null_auroc),
         # tasks in every held-out sample: "task present" has no negative, so no AUROC
-        "auroc_unscored": [t for t in tasks if auroc_task[t] != auroc_task[t]],
+        "auroc_unscored": [t for t in s.tasks if auroc_task[t] != auroc_task[t]],
         "supervised_auroc": ref.auroc_mean, "supervised_centroid_accuracy": ref.centroid_accuracy,
         "chance_accuracy": ref.chance_accuracy,
-        "separability": separability(flat_tr, y_tr, flat_te, y_te, tasks),
+        "separability": separability(s.flat_tr, s.y_tr, s.flat_te, s.y_te, s.tasks),
         "energy_share": shares, "energy_share_max": max(shares.values()),
-        "energy_share_by_label_set": _shares_by_label_set(x_te, y_te) if data.multi_label else None,
-        "drift": _drift_figures(sae, flat_tr, shapes, lat, drift_density, match.mmcs),
-        "fvu_heldout": held["fvu"], "ml2r_heldout": held["ml2r"], "l0": held["l0"],
-        "dead_frac": dead_frac,
-        "per_task": _per_task_figures(sae, tasks, best, lat, y_tr, y_te, match, train_aurocs,
-                                      auroc_task, ref.auroc_per_task, shares, truth_from),
+        "energy_share_by_label_set":
+            _shares_by_label_set(s.x_te, s.y_te) if s.multi_label else None,
+        "drift": _drift_figures(sae, s.flat_tr, s.shapes, lat, drift_density, match.mmcs),
+        **_sae_figures(shards, s.x_te),
+        "per_task": _per_task_figures(sae, s.tasks, best, lat, s.y_tr, s.y_te, match,
+                                      train_aurocs, auroc_task, ref.auroc_per_task, shares,
+                                      truth_from),
         "families": families,
         "null_control": null_control,
-        "steering": _steering_view(causal, best, tasks) if causal else None,
-        "ablation": _ablation_view(causal, best, tasks) if causal else None,
+        "steering": _steering_view(causal, best, s.tasks) if causal else None,
+        "ablation": _ablation_view(causal, best, s.tasks) if causal else None,
         "causal": causal,
         "causal_skipped": causal_skipped,
     }
@@ -626,6 +595,88 @@ def _latents(sae, x_tr: Mapping[str, Tensor], x_te: Mapping[str, Tensor],
     if not keep.any():  # cannot happen with k < n * drift_density; keep every latent then
         keep[:] = True
     return _Latents(acts_tr, acts_te, density, drift, keep)
+
+
+class _Split(NamedTuple):
+    """A run's evaluated samples: training and held-out, per target and flattened."""
+
+    tasks: list[str]
+    names: list[str]  # the SAE's targets
+    shapes: dict[str, Sequence[int]]
+    x_tr: dict[str, Tensor]  # per target [n_train, *shape]
+    y_tr: list[frozenset[str]]  # each training sample's tasks
+    x_te: dict[str, Tensor]  # per target [n_heldout, *shape]
+    y_te: list[frozenset[str]]
+    flat_tr: Tensor  # [n_train, D]
+    flat_te: Tensor  # [n_heldout, D]
+    multi_label: bool  # some sample holds several tasks (per-step samples of ``mixed``)
+    first_step: int | None  # the RL steps the samples come from (after ``from_step``)
+    last_step: int | None
+
+
+def _split(run_dir: Path, shards: ShardSet, from_step: int) -> _Split:
+    """Read the run's samples (``EvalData``) and split them; the file's tensors are freed."""
+    shapes = {t.name: t.shape for t in shards.sae.targets}
+    data = EvalData(run_dir, shards.target_names, from_step, shapes)
+    x_tr, y_tr = data.split(False)
+    x_te, y_te = data.split(True)
+    data.samples = {}  # the splits are copies: free the file's tensors (large per-event runs)
+    steps = data.steps[data.keep]
+    return _Split(data.tasks, data.names, shapes, x_tr, y_tr, x_te, y_te,
+                  flatten(x_tr, data.names), flatten(x_te, data.names), data.multi_label,
+                  int(steps.min()) if steps.numel() else None,
+                  int(steps.max()) if steps.numel() else None)
+
+
+class _ShardFamilies(NamedTuple):
+    """Latents grouped by co-activation on the training samples (``analysis.families``)."""
+
+    fams: Families
+    w: Tensor  # [F, N] each family's weights over the latents
+    tr: Tensor  # [n_train, F] each family's strength on the training samples
+    te: Tensor  # [n_heldout, F] and on the held-out ones
+    left_out: list[int]  # drift latents and latents that never fired: in no family
+
+
+def _shard_families(sae, lat: _Latents, threshold: float) -> _ShardFamilies:
+    """Group the latents by co-activation on the training samples, without labels."""
+    gram = sae.decoder_gram().detach().double()  # [N, N]
+    left_out = ((~lat.keep) | (lat.density == 0)).nonzero().flatten().tolist()
+    fams = find_families(lat.acts_tr, gram, threshold, exclude=left_out)
+    return _ShardFamilies(fams, weight_matrix(fams, sae.n_latents),
+                          strengths(lat.acts_tr, gram, fams), strengths(lat.acts_te, gram, fams),
+                          left_out)
+
+
+def _reference_mmcs(sae, s: _Split, truth: Tensor, null_te: list[list],
+                    null_truths: list[Tensor], lat_cos: Callable[[Tensor], Tensor],
+                    fam: _ShardFamilies) -> dict[str, Any]:
+    """The references beside the shards' mmcs: what the SAE's rank allows at best, the margin
+    of the ground truth itself, and the class-mean diagnostic (module docstring)."""
+    rank = sae.cfg.rank
+    return {
+        # what the SAE's rank per target allows at best (per task, and on shuffled labels)
+        "mmcs_rank_ceiling": float(rank_ceiling(unflatten(truth, s.shapes), rank).mean()),
+        "mmcs_rank_ceiling_null": mean_defined(
+            [float(rank_ceiling(unflatten(t, s.shapes), rank).mean()) for t in null_truths]),
+        # the margin that shards equal to the held-out ground truth itself would reach (mmcs 1):
+        # a reference for a perfect answer, not a bound
+        "mmcs_margin_oracle": _mmcs_margin(lambda t: abs_cosine(t, truth), truth,
+                                           null_truths)["mmcs_margin"],
+        "mmcs_class_mean": _class_mean_mmcs(
+            s.flat_tr, s.y_tr, s.flat_te, s.y_te, null_te, s.tasks, lat_cos,
+            lambda t: _family_cos(sae, t, s.shapes, fam.w)),
+    }
+
+
+def _sae_figures(shards: ShardSet, x_te: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The SAE's own figures: reconstruction of the held-out samples, L0, dead latents."""
+    sae = shards.sae
+    held = _heldout_figures(sae, x_te)
+    silent = shards.stats.get("stats.samples_since_fired")
+    return {"fvu_heldout": held["fvu"], "ml2r_heldout": held["ml2r"], "l0": held["l0"],
+            "dead_frac": (dead_fraction(silent, sae.cfg.dead_after, shards.meta.get("sae_samples"))
+                          if silent is not None else None)}
 
 
 def _drift_figures(sae, flat_tr: Tensor, shapes: Mapping[str, Sequence[int]], lat: _Latents,
