@@ -261,30 +261,7 @@ class ShardCallback(TrainerCallback):
         self.sae_cfg = _config(SAEConfig, sae, "sae")
         self.sae_cfg.uses_b_dec(sample_form(self.capture_cfg.granularity))
         check_sae_window(self.capture_cfg, self.runner_cfg)
-        if resume and overwrite:
-            raise ValueError("ShardCallback(resume=True, overwrite=True) contradict each other: "
-                             "resume continues the run in run_dir, overwrite deletes it; choose "
-                             "one")
-        # Other ranks never write into the run directory. Rank 0 holds its lock until the run
-        # ends (rundir.lock_run_dir): a second live writer, e.g. orphaned workers, is refused.
-        try:
-            self.run_dir = (rundir.prepare_run_dir(run_dir, overwrite, resume)
-                            if distributed.is_main() else Path(run_dir))
-            self._holds_lock = distributed.is_main()  # one hold, let go once (_let_go)
-        except (FileExistsError, FileNotFoundError) as e:
-            if run_config:  # sae-shards train: its messages speak the CLI's overrides
-                raise
-            raise type(e)(in_script_terms(str(e))) from None
-        if resume and distributed.is_main():
-            try:
-                rundir.check_resume_config(self.run_dir, {
-                    "capture": dataclasses.asdict(self.capture_cfg),
-                    "runner": dataclasses.asdict(self.runner_cfg), "sae": self.sae_cfg.to_dict(),
-                    "seed": seed}, "Pass ShardCallback the settings the run started with, or "
-                    "start a new run_dir.")
-            except BaseException:
-                self._let_go()
-                raise
+        self._prepare_run_dir(run_dir, overwrite, resume, seed, run_config)
         self.resume = resume
         self.log_to_wandb = log_to_wandb
         self.label_column = label_column
@@ -328,6 +305,36 @@ class ShardCallback(TrainerCallback):
         self._writer = BackgroundWriter()  # the step checkpoint being written, if any
         self._signals = SignalGuard(self) if handle_signals else None
 
+    def _prepare_run_dir(self, run_dir: str | Path, overwrite: bool, resume: bool, seed: int,
+                         run_config: Mapping[str, Any] | None) -> None:
+        """Create and lock ``run_dir`` (``rundir.prepare_run_dir``: under ``overwrite`` the
+        earlier run is removed, under ``resume`` it must be there and started with these
+        settings). Other ranks never write into the run directory. Rank 0 holds its lock until
+        the run ends (``rundir.lock_run_dir``): a second live writer, e.g. orphaned workers, is
+        refused."""
+        if resume and overwrite:
+            raise ValueError("ShardCallback(resume=True, overwrite=True) contradict each other: "
+                             "resume continues the run in run_dir, overwrite deletes it; choose "
+                             "one")
+        try:
+            self.run_dir = (rundir.prepare_run_dir(run_dir, overwrite, resume)
+                            if distributed.is_main() else Path(run_dir))
+            self._holds_lock = distributed.is_main()  # one hold, let go once (_let_go)
+        except (FileExistsError, FileNotFoundError) as e:
+            if run_config:  # sae-shards train: its messages speak the CLI's overrides
+                raise
+            raise type(e)(in_script_terms(str(e))) from None
+        if resume and distributed.is_main():
+            try:
+                rundir.check_resume_config(self.run_dir, {
+                    "capture": dataclasses.asdict(self.capture_cfg),
+                    "runner": dataclasses.asdict(self.runner_cfg), "sae": self.sae_cfg.to_dict(),
+                    "seed": seed}, "Pass ShardCallback the settings the run started with, or "
+                    "start a new run_dir.")
+            except BaseException:
+                self._let_go()
+                raise
+
     # ---- setup -------------------------------------------------------------------------------
 
     def setup(self, model: torch.nn.Module, trainer: Any | None = None) -> None:
@@ -337,38 +344,9 @@ class ShardCallback(TrainerCallback):
         if self.parts is not None:
             return
         device = next(model.parameters()).device
-        pending = pending_policy_memory(model, trainer, device)
-        if pending.total:
-            log.info("sizing the buffer and the SAE against free memory less what the "
-                     "policy's first training step will allocate: %s", pending.describe())
-        self.parts = build_pipeline(model, self.capture_cfg, self.sae_cfg, self.runner_cfg, device,
-                                    self.seed, pending,
-                                    writes_checkpoints(self.runner_cfg, trainer))
-        if self.capture_cfg.granularity == "step":
-            self.capture = self._step_capture(self.parts.targets, self.parts.buffer)
-        else:
-            self.capture = EventCapture(
-                self.parts.targets, self.parts.specs, self.parts.buffer, self.capture_cfg,
-                trainer, meta_fn=self._metas.pop, rows_fn=lambda step: self._rows.get(step),
-                on_push=self.parts.runner.on_push,
-                room=self.parts.loop.room(self.runner_cfg.concurrency == "thread"))
-            self._event_log = rundir.JsonLines(self.run_dir / rundir.EVENTS)
-        self.rollouts = (TRLRollouts(trainer, self.label_column)
-                         if trainer is not None and self.record_rollouts else None)
-        # theta_0's directory: decided when the run starts (a resumed trainer already holds the
-        # checkpoint's weights), and kept in config.json from then on
+        self._build_parts(model, trainer, device)
         config = rundir.read_config(self.run_dir) if self.resume else {}
-        saved = rundir.section(config, "model")
-        moved = None  # a resumed script's initial model, the same files at a new place
-        if self.run_config:
-            self._initial_dir = None
-        elif self.resume:
-            moved = initial_model.moved_to(saved, model_id(model))
-            self._initial_dir = moved or (saved.get("path") if "name_or_path" in saved else None)
-            self._fingerprint = saved.get("fingerprint")  # as the run started
-            self._initial_adapter = bool(saved.get("initial_adapter"))
-        else:
-            self._initial_dir = initial_model.loaded_from(model)
+        moved = self._find_initial_model(model, rundir.section(config, "model"))
         if self.resume:
             self._launched = {"launch": config.get("launch"),
                               "distribution": config.get("distribution")}
@@ -391,24 +369,7 @@ class ShardCallback(TrainerCallback):
         if self.resume:
             _check_same_world(self.run_dir, trainer)
             if not self.run_config and trainer is not None:  # a user's script: its trainer
-                mine = self._config_json(model, trainer)
-                if moved:  # compared as the run recorded it; config.json then records moved
-                    mine["model"].update(path=saved["path"],
-                                         name_or_path=saved.get("name_or_path"))
-                if "name_or_path" not in saved:  # config.json of an earlier version
-                    mine["model"] = {"path": model_id(model), "lora": mine["model"]["lora"]}
-                recorded = rundir.section(config, "rl").get("dataset")
-                changed_rows = rows_changed(mine["rl"]["dataset"], recorded)
-                mine["rl"]["dataset"] = without_digest(mine["rl"]["dataset"])
-                ran = rundir.section(config, "rl").get("max_steps")
-                if isinstance(ran, int) and ran <= 0:  # an epoch-based run's TRL -1, recorded
-                    mine["rl"]["max_steps"] = ran  # unresolved by an earlier version: no check
-                rundir.check_resume_config(self.run_dir, mine,
-                                           "Resume with the trainer settings, dataset and "
-                                           "reward functions the run started with, or start a "
-                                           "new run_dir.")
-                if changed_rows:
-                    self._warn_other_rows(trainer, changed_rows)
+                self._check_script_resume(model, trainer, config, moved)
         self._rollout_log = rundir.JsonLines(self.run_dir / rundir.ROLLOUTS)
         self._metric_log = rundir.JsonLines(self.run_dir / rundir.METRICS)
         rundir.write_json(self.run_dir / rundir.CONFIG, self._config_json(model, trainer))
@@ -419,6 +380,75 @@ class ShardCallback(TrainerCallback):
             warn_no_trl_checkpoints(trainer.args, self.runner_cfg.checkpoint_every,
                                      getattr(getattr(trainer, "state", None),
                                              "num_train_epochs", None))
+        self._say_what_is_captured(trainer)
+
+    def _build_parts(self, model: torch.nn.Module, trainer: Any | None,
+                     device: torch.device) -> None:
+        """The buffer, the SAE and its runner (``parts``), sized against the memory left on
+        ``device``; the capture of the run's granularity; the rollouts reader."""
+        pending = pending_policy_memory(model, trainer, device)
+        if pending.total:
+            log.info("sizing the buffer and the SAE against free memory less what the "
+                     "policy's first training step will allocate: %s", pending.describe())
+        self.parts = build_pipeline(model, self.capture_cfg, self.sae_cfg, self.runner_cfg, device,
+                                    self.seed, pending,
+                                    writes_checkpoints(self.runner_cfg, trainer))
+        if self.capture_cfg.granularity == "step":
+            self.capture = self._step_capture(self.parts.targets, self.parts.buffer)
+        else:
+            self.capture = EventCapture(
+                self.parts.targets, self.parts.specs, self.parts.buffer, self.capture_cfg,
+                trainer, meta_fn=self._metas.pop, rows_fn=lambda step: self._rows.get(step),
+                on_push=self.parts.runner.on_push,
+                room=self.parts.loop.room(self.runner_cfg.concurrency == "thread"))
+            self._event_log = rundir.JsonLines(self.run_dir / rundir.EVENTS)
+        self.rollouts = (TRLRollouts(trainer, self.label_column)
+                         if trainer is not None and self.record_rollouts else None)
+
+    def _find_initial_model(self, model: torch.nn.Module,
+                            saved: Mapping[str, Any]) -> str | None:
+        """theta_0's directory (``_initial_dir``): decided when the run starts (a resumed trainer
+        already holds the checkpoint's weights) and kept in config.json from then on, whose
+        ``model`` section is ``saved``. Returns where a resumed script's initial model moved to
+        (the same files at a new place), else None."""
+        if self.run_config:
+            self._initial_dir = None
+            return None
+        if not self.resume:
+            self._initial_dir = initial_model.loaded_from(model)
+            return None
+        moved = initial_model.moved_to(saved, model_id(model))
+        self._initial_dir = moved or (saved.get("path") if "name_or_path" in saved else None)
+        self._fingerprint = saved.get("fingerprint")  # as the run started
+        self._initial_adapter = bool(saved.get("initial_adapter"))
+        return moved
+
+    def _check_script_resume(self, model: torch.nn.Module, trainer: Any,
+                             config: Mapping[str, Any], moved: str | None) -> None:
+        """A user's script resumes with the trainer settings, dataset and reward functions its
+        run started with (``config``, the run's config.json); rows changed under the same
+        fields are warned of. ``moved``: see ``_find_initial_model``."""
+        saved = rundir.section(config, "model")
+        mine = self._config_json(model, trainer)
+        if moved:  # compared as the run recorded it; config.json then records moved
+            mine["model"].update(path=saved["path"], name_or_path=saved.get("name_or_path"))
+        if "name_or_path" not in saved:  # config.json of an earlier version
+            mine["model"] = {"path": model_id(model), "lora": mine["model"]["lora"]}
+        recorded = rundir.section(config, "rl").get("dataset")
+        changed_rows = rows_changed(mine["rl"]["dataset"], recorded)
+        mine["rl"]["dataset"] = without_digest(mine["rl"]["dataset"])
+        ran = rundir.section(config, "rl").get("max_steps")
+        if isinstance(ran, int) and ran <= 0:  # an epoch-based run's TRL -1, recorded
+            mine["rl"]["max_steps"] = ran  # unresolved by an earlier version: no check
+        rundir.check_resume_config(self.run_dir, mine,
+                                   "Resume with the trainer settings, dataset and reward "
+                                   "functions the run started with, or start a new run_dir.")
+        if changed_rows:
+            self._warn_other_rows(trainer, changed_rows)
+
+    def _say_what_is_captured(self, trainer: Any | None) -> None:
+        """Log what is captured, its sizes (``sizes``) and the SAE's window, and warn of
+        settings that waste memory or repeat samples."""
         sae = self.parts.sae
         stacked = [t for t in self.parts.buffer.targets if t.is_stacked]
         self.sizes = {"n_targets": len(self.parts.buffer.targets),
@@ -452,6 +482,7 @@ class ShardCallback(TrainerCallback):
                 "sees %d distinct ones at most, and sae.dead_after counts drawn samples; raise "
                 "capture.capacity or lower sae.batch_size", self.sae_cfg.batch_size,
                 self.capture_cfg.capacity, self.sae_cfg.batch_size, self.capture_cfg.capacity)
+
 
     def _step_capture(self, targets: dict, buffer) -> DeltaCapture:
         """The per-step capture for ``targets``: ``ShardedDeltaCapture`` when they are FSDP2
