@@ -1096,3 +1096,25 @@ def test_the_resume_file_of_trls_newest_finished_checkpoint_is_kept(tmp_path):
         (trl / f"checkpoint-{step}").mkdir(parents=True)
         (trl / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     assert KEEP == 2 and kept_resume_steps(tmp_path, trl) == {5, 6, 8}
+
+
+def test_a_resumes_own_free_settings_are_not_the_runs_later_ones(killed, tmp_path, capsys):
+    """A setting a resume may change (device, logging.*, runner.torch_threads...) applies to
+    that attempt: .hydra/ keeps the overrides the run started with. The resume's overrides
+    replaced them, so the attempt's runner.torch_threads=1 (or logging=disabled for one attempt
+    while W&B was down) stuck to every later resume and to the command that starts the run
+    again (audit 132 F1)."""
+    run = tmp_path / "run"
+    shutil.copytree(killed, run)
+    hydra_before = tree_bytes(run / ".hydra")
+    weights = run / "trl" / "checkpoint-8" / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])  # refused once .hydra/ would be written
+    assert cli_main(["train", f"run_dir={run}", "resume=true", "runner.torch_threads=1"]) == 2
+    assert "TRL could not load this checkpoint" in capsys.readouterr().err
+    assert tree_bytes(run / ".hydra") == hydra_before
+    weights.write_bytes(whole)
+    from sae_shards.cli.rerun import rerun_command, resume_args
+
+    assert "torch_threads" not in rerun_command(run)
+    assert not any("torch_threads" in a for a in resume_args([f"run_dir={run}", "resume=true"])[0])

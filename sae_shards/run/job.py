@@ -277,9 +277,9 @@ class Started(NamedTuple):
 
 
 def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = None) -> Started:
-    """Prepare the run directory (then write ``hydra_files`` into ``.hydra/``), build RL and the
-    callback, and resolve its targets: every user-fixable problem surfaces here as
-    ``JobSetupError``, before anything is trained."""
+    """Prepare the run directory (then write ``hydra_files`` into ``.hydra/``, unless a resume
+    finds the run's own there), build RL and the callback, and resolve its targets: every
+    user-fixable problem surfaces here as ``JobSetupError``, before anything is trained."""
     main = distributed.is_main()
     held = False  # this job's hold of the run directory's lock (released by run_job)
     callback = None
@@ -293,7 +293,11 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
             resume_from = None
             if cfg.resume:  # before anything is built: a changed seed or model would fail there
                 resume_from = _resume_point(cfg, run_dir, main)
-            for name, text in (hydra_files or {}).items() if main else ():
+            # a resume keeps the run's own .hydra/, the settings it started with: those given
+            # again match them (_resume_point), and device, logging.* and the like that it may
+            # change (rundir.RESUME_FREE) apply to this attempt, not to the run's later ones
+            own = cfg.resume and (run_dir / rundir.HYDRA / "overrides.yaml").is_file()
+            for name, text in (hydra_files or {}).items() if main and not own else ():
                 with rundir.writing(run_dir / rundir.HYDRA / name):
                     (run_dir / rundir.HYDRA).mkdir(exist_ok=True)
                     (run_dir / rundir.HYDRA / name).write_text(text)
