@@ -222,6 +222,23 @@ def test_shard_files_are_readable_by_others(tmp_path):
         assert f.stat().st_mode & 0o044 == 0o044, (f, oct(f.stat().st_mode))
 
 
+def test_a_runs_policies_are_readable_by_others(tmp_path):
+    """Every file sae-shards writes into a run directory, the policies too, takes the umask's
+    mode: save_pretrained writes weights through safetensors, which creates them 0600, so a
+    colleague analysing a shared run could read its shards but not the policies the report's
+    interventions load (audit 131 F2). TRL's own checkpoints (trl/) are TRL's files."""
+    run = tmp_path / "r"
+    old = os.umask(0o022)
+    try:
+        run_job(_short_job(run, min_samples=2, checkpoint_every=0), run)
+    finally:
+        os.umask(old)
+    files = [f for f in run.rglob("*") if f.is_file() and "trl" not in f.relative_to(run).parts]
+    assert {"model", "final_model"} <= {f.relative_to(run).parts[0] for f in files}
+    private = [str(f.relative_to(run)) for f in files if f.stat().st_mode & 0o044 != 0o044]
+    assert not private
+
+
 def test_artifact_names_are_valid():
     assert artifact_name("shards-sae.k=2,sae.rank=1") == "shards-sae.k-2-sae.rank-1"
     assert artifact_name("shards-run") == "shards-run"

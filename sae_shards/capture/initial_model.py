@@ -24,6 +24,7 @@ import torch
 
 from sae_shards.capture.sharded_delta import is_dtensor
 from sae_shards.capture.zero3_delta import is_zero3
+from sae_shards.core.checkpoint import usual_file_modes
 from sae_shards.core.checkpoint_checks import opened_safetensors
 from sae_shards.run import rundir
 
@@ -287,6 +288,7 @@ def save_policy(model: torch.nn.Module, tokenizer: Any | None, out: Path,
                 model.save_pretrained(str(tmp))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
+            usual_file_modes(tmp)  # the weights' 0600: a policy is read by whoever analyses
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)

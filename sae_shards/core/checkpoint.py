@@ -201,6 +201,16 @@ def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path,
     os.chmod(path, 0o666 & ~process_umask())
 
 
+def usual_file_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a new file of this process gets
+    (``0o666 & ~umask``): ``save_pretrained`` writes weights through safetensors, which creates
+    them 0600, so a policy saved by one user could not be read by the group analysing the run."""
+    mode = 0o666 & ~process_umask()
+    for f in Path(folder).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(mode)
+
+
 def process_umask() -> int:
     """The process umask, read without changing it (Linux); 0o022 where it cannot be read."""
     try:

@@ -40,7 +40,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
                                                     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
-from sae_shards.core.checkpoint import process_umask
+from sae_shards.core.checkpoint import process_umask, usual_file_modes
 from sae_shards.core.checkpoint_checks import damaged, opened_safetensors
 from sae_shards.run.config import Arch
 from sae_shards.run.rundir import CONFIG, FINAL_MODEL
@@ -305,6 +305,7 @@ def build_tiny_model(
     tmp.chmod(0o777 & ~process_umask())  # mkdtemp makes it private; a model is for others too
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    usual_file_modes(tmp)  # safetensors made the weights 0600
     (tmp / BUILD_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     if out_dir.exists():
         out_dir.rmdir()  # empty (checked above)
