@@ -1071,18 +1071,42 @@ def test_a_script_crash_resumes_when_the_trainer_saves_less_often_than_the_callb
 def test_a_resume_from_an_older_trl_checkpoint_says_the_later_ones_are_stale(tmp_path, caplog):
     """Resumed from checkpoint-4 of an output_dir that also holds checkpoint-6 and -8 (a run
     resumed by path, from before its newest checkpoint): those belong to the replaced
-    trajectory, and the next resume_from_checkpoint=True would pick them."""
+    trajectory, and the next resume_from_checkpoint=True would pick them. Those another run
+    wrote (an output_dir two runs share: their logs up to step 4 are not this run's) are said
+    to be another run's: they were said to be this run's, whose side sae-shards had removed
+    (audit 131 F3)."""
+    from sae_shards.capture.resume import other_runs_trl_checkpoints
     from sae_shards.capture.trl_checkpoints import warn_later_trl_checkpoints
 
-    for step in (2, 4, 6, 8):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-    (tmp_path / "checkpoint-9.tmp").mkdir()  # not a checkpoint
+    out, run = tmp_path / "trl", tmp_path / "run"
+    run.mkdir()
+    rows = [{"kind": "rl", "rl_step": s, "loss": 0.5 + s, "reward": s / 10} for s in (2, 4)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for step, reward in ((2, 0.2), (4, 0.4), (6, 0.4), (8, 0.9), (10, None)):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        log = [{"step": s, "loss": 0.5 + s, "reward": reward if s == 4 else s / 10}
+               for s in (2, 4, 6, 8) if s <= step]
+        if reward is not None:  # checkpoint-10's trainer_state.json is torn: not counted
+            (out / f"checkpoint-{step}" / "trainer_state.json").write_text(
+                json.dumps({"log_history": log}))
+    (out / "checkpoint-9.tmp").mkdir()  # not a checkpoint
+    assert other_runs_trl_checkpoints(run, str(out), 4) == [8]
+    assert other_runs_trl_checkpoints(run, str(out), 8) == []
     with caplog.at_level("WARNING", logger="sae_shards.capture.trl_checkpoints"):
-        warn_later_trl_checkpoints(str(tmp_path), 8)
-        warn_later_trl_checkpoints(str(tmp_path / "missing"), 0)
+        warn_later_trl_checkpoints(str(out), 10)
+        warn_later_trl_checkpoints(str(out / "missing"), 0)
         assert not caplog.records
-        warn_later_trl_checkpoints(str(tmp_path), 4)
-    assert "later steps (checkpoint-6, checkpoint-8)" in caplog.text
+        warn_later_trl_checkpoints(str(out), 4)
+        assert ("also holds this run's TRL checkpoints of the later steps it now trains again "
+                "(checkpoint-6, checkpoint-8, checkpoint-10; sae-shards' side of them is removed)"
+                ) in caplog.text and "another run" not in caplog.text
+        caplog.clear()
+        warn_later_trl_checkpoints(str(out), 4, [8])
+    said = caplog.text
+    assert "this run's TRL checkpoints of the later steps it now trains again (checkpoint-6, " \
+        "checkpoint-10;" in said
+    assert "TRL checkpoints of later steps that another run wrote (checkpoint-8: their logs" in said
+    assert said.rstrip().endswith("delete them (and give each run an output_dir of its own)")
 
 
 def test_the_end_of_a_users_run_survives_a_stop_in_its_last_step_and_a_kill_after_it(

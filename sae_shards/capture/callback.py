@@ -891,7 +891,9 @@ class ShardCallback(TrainerCallback):
                           trl_output=None if self.run_config else args.output_dir,
                           trl_log=state.log_history)
             if not self.run_config:
-                warn_later_trl_checkpoints(args.output_dir, state.global_step)
+                warn_later_trl_checkpoints(
+                    args.output_dir, state.global_step, resume_state.other_runs_trl_checkpoints(
+                        self.run_dir, args.output_dir, state.global_step))
         else:
             self._save_initial_model(model, calling_trainer(), initial)
             self._save_initial_adapter(model)

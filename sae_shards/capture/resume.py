@@ -341,13 +341,26 @@ def recorded_run_id(run_dir: Path, step: int) -> str | None:
 
 
 def _check_trl_log(run_dir: Path, step: int, history: list[dict[str, Any]] | None) -> None:
-    """Refuse a resume whose TRL checkpoint is not this run's: the log TRL keeps in it
-    (``trainer_state.json``'s ``log_history``, which the trainer loaded) must hold, at the latest
-    RL step up to ``step`` that both logged, the values this run's ``metrics.jsonl`` holds
-    there (its ``rl`` rows are what TRL passed to ``on_log``), for the figures both hold (a
-    callback before ShardCallback may add its own to the logs), and one at least. Another run's
-    checkpoint (another seed's, given by path or found in a shared output_dir) logged other
-    losses and rewards. Nothing to compare (no log in common): not checked."""
+    """Refuse a resume whose TRL checkpoint is not this run's (``trl_log_mismatch``). Another
+    run's checkpoint (another seed's, given by path or found in a shared output_dir) logged
+    other losses and rewards."""
+    found = trl_log_mismatch(run_dir, step, history)
+    if found:
+        raise CheckpointError(
+            f"{run_dir}: the TRL checkpoint the trainer resumed from (RL step {step}) logged "
+            f"other values at RL step {found[0]} than this run did ({found[1]}): its policy "
+            "and optimizer are another run's (another seed's checkpoint, given by path or left "
+            "in a shared output_dir); resume from this run's own checkpoint of that step")
+
+
+def trl_log_mismatch(run_dir: Path, step: int,
+                     history: list[dict[str, Any]] | None) -> tuple[int, str] | None:
+    """Whether a TRL log is another run's: the log TRL keeps in a checkpoint
+    (``trainer_state.json``'s ``log_history``) must hold, at the latest RL step up to ``step``
+    that both logged, the values this run's ``metrics.jsonl`` holds there (its ``rl`` rows are
+    what TRL passed to ``on_log``), for the figures both hold (a callback before ShardCallback
+    may add its own to the logs), and one at least. ``(that step, what differs)`` when it does
+    not; None when it does, or when there is nothing to compare (no log in common)."""
     ours: dict[int, dict[str, Any]] = {}
     path = run_dir / rundir.METRICS
     for _, _, row in rundir.iter_jsonl(path) if path.is_file() else ():
@@ -362,7 +375,7 @@ def _check_trl_log(run_dir: Path, step: int, history: list[dict[str, Any]] | Non
             theirs.setdefault(at, []).append(entry)
     common = sorted(ours.keys() & theirs.keys())
     if not common:
-        return
+        return None
     at = common[-1]
     values = {k: v for k, v in ours[at].items() if k not in ("kind", "rl_step")
               and isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -380,12 +393,26 @@ def _check_trl_log(run_dir: Path, step: int, history: list[dict[str, Any]] | Non
         return None
 
     found = [differs(entry) for entry in theirs[at]]
-    if all(found):
-        raise CheckpointError(
-            f"{run_dir}: the TRL checkpoint the trainer resumed from (RL step {step}) logged "
-            f"other values at RL step {at} than this run did ({found[-1]}): its policy and "
-            "optimizer are another run's (another seed's checkpoint, given by path or left in "
-            "a shared output_dir); resume from this run's own checkpoint of that step")
+    return (at, found[-1]) if all(found) else None
+
+
+def other_runs_trl_checkpoints(run_dir: Path, output_dir: str | None, step: int) -> list[int]:
+    """The steps after ``step`` (the one a run resumed from) whose TRL checkpoint in
+    ``output_dir`` logged, up to ``step``, other values than this run
+    (``trl_log_mismatch``): another run's, in an output_dir two runs share. A checkpoint whose
+    log cannot be read is not counted."""
+    other = []
+    for later in trl_checkpoint_steps(output_dir):
+        state = Path(str(output_dir)) / f"checkpoint-{later}" / "trainer_state.json"
+        if later <= step:
+            continue
+        try:
+            history = json.loads(state.read_text()).get("log_history")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(history, list) and trl_log_mismatch(run_dir, step, history):
+            other.append(later)
+    return other
 
 
 def _resume_before(run_dir: Path, step: int, trl_output: str | Path | None) -> str:

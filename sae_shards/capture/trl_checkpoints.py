@@ -15,7 +15,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +33,27 @@ def warn_earlier_trl_checkpoints(output_dir: str | None) -> None:
                     output_dir, ", ".join(map(str, steps)))
 
 
-def warn_later_trl_checkpoints(output_dir: str | None, step: int) -> None:
+def warn_later_trl_checkpoints(output_dir: str | None, step: int,
+                               other_runs: Collection[int] = ()) -> None:
     """A run resumed from TRL's checkpoint of ``step`` while ``output_dir`` holds later ones:
-    they belong to the trajectory the resumed run replaces (sae-shards removed its own side of
-    them), and the next ``resume_from_checkpoint=True`` would pick the newest of them."""
+    the next ``resume_from_checkpoint=True`` would pick the newest of them. Each is this run's,
+    of the steps it now trains again (sae-shards removed its own side of them), or, for the
+    steps in ``other_runs``, another run's (``resume.other_runs_trl_checkpoints``)."""
     later = [s for s in trl_checkpoint_steps(output_dir) if s > step]
-    if later:
-        log.warning("resumed from RL step %d, but the trainer's output_dir %s also holds TRL "
-                    "checkpoints of later steps (%s) from the run this resume replaces; "
-                    "sae-shards removed its side of them, and a later "
-                    "resume_from_checkpoint=True would pick the newest and be refused: delete "
-                    "them", step, output_dir, ", ".join(f"checkpoint-{s}" for s in later))
+    own = [s for s in later if s not in other_runs]
+    other = [s for s in later if s in other_runs]
+    if not later:
+        return
+    names = lambda steps: ", ".join(f"checkpoint-{s}" for s in steps)  # noqa: E731
+    said = ([f"this run's TRL checkpoints of the later steps it now trains again ({names(own)}; "
+             "sae-shards' side of them is removed)"] if own else []) + (
+        [f"TRL checkpoints of later steps that another run wrote ({names(other)}: their logs "
+         "up to that step are not this run's; an output_dir two runs share), which this run's "
+         "saves of the same steps replace"] if other else [])
+    log.warning("resumed from RL step %d, but the trainer's output_dir %s also holds %s; a "
+                "later resume_from_checkpoint=True would pick the newest and be refused: delete "
+                "them%s", step, output_dir, ", and ".join(said),
+                " (and give each run an output_dir of its own)" if other else "")
 
 
 def trl_checkpoint_steps(output_dir: str | None) -> list[int]:
