@@ -2171,3 +2171,30 @@ def test_a_lora_adapter_away_from_zero_does_not_start_at_the_base():
 
     assert starts_at_base(lora_model(True))  # peft's default: B = 0
     assert not starts_at_base(lora_model(False))  # B != 0: the adapter moves the weights
+
+
+class _ReportMidRun(TrainerCallback):
+    """Writes a report into the run directory at RL step ``step``, as `sae-shards analyze` of
+    the live run would."""
+
+    def __init__(self, run_dir: Path, step: int) -> None:
+        self.run_dir, self.step = run_dir, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            (self.run_dir / "report.html").write_text("<html>as of step 2</html>")
+
+
+def test_a_report_written_mid_run_is_removed_at_its_end_in_words_a_script_shows(
+        tiny_model, tmp_path, caplog):
+    """A report analyze wrote into a script's live run is stale at its end and removed: that
+    was logged at INFO, which a script that configures no logging never shows, so the report
+    simply vanished (audit 131 F4)."""
+    run = tmp_path / "run"
+    callback = ShardCallback(run_dir=run, runner={"min_samples": 2})
+    with caplog.at_level(logging.WARNING, logger="sae_shards"):
+        _user_trainer(tiny_model, tmp_path / "trl", [callback, _ReportMidRun(run, 2)],
+                      max_steps=4).train()
+    assert not (run / "report.html").exists()
+    said = [r for r in caplog.records if "report.html: removed" in r.getMessage()]
+    assert said and said[0].levelno == logging.WARNING

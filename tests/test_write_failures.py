@@ -286,6 +286,9 @@ def test_analyze_of_a_run_another_process_is_writing_says_so(tmp_path, short_run
         rundir.release_run_dir(run)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"sae-shards: note: {run} is still being written (pid {os.getpid()} on" in done.stderr
+    # the report goes into the run, which removes it when it ends (audit 131 F4)
+    assert "the run removes this report when it ends (it describes an earlier state): --out " \
+        "DIR/report.html elsewhere keeps it" in done.stderr
     assert rundir.live_writer(run) is None  # released: a finished run gets no note
 
 

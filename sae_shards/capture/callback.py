@@ -335,6 +335,12 @@ class ShardCallback(TrainerCallback):
                 self._let_go()
                 raise
 
+    @property
+    def _said_level(self) -> int:
+        """The level of what a run tells its user as it goes: a script configures no logging,
+        so there WARNING, which Python shows by default; ``sae-shards train`` logs INFO."""
+        return logging.INFO if self.run_config else logging.WARNING
+
     # ---- setup -------------------------------------------------------------------------------
 
     def setup(self, model: torch.nn.Module, trainer: Any | None = None) -> None:
@@ -456,8 +462,7 @@ class ShardCallback(TrainerCallback):
                       "sae_factored_params": sae.factored_param_count(),
                       "dense_sae_params": sae.dense_param_count(),
                       "buffer_bytes": self.parts.buffer.memory_bytes}
-        # a script configures no logging: what is captured is said at a level Python shows
-        log.log(logging.INFO if self.run_config else logging.WARNING,
+        log.log(self._said_level,
                 "sae-shards captures %d tensors (%s)%s, %d entries%s; SAE %d factored weights vs "
                 "%d dense; buffer %.1f MiB; %d process(es)", self.sizes["n_targets"],
                 few_names(self.parts.targets, 3),
@@ -712,15 +717,14 @@ class ShardCallback(TrainerCallback):
             self.meta["run_id"] = self._run_id
             config = rundir.read_config(self.run_dir)
             rundir.write_json(self.run_dir / rundir.CONFIG, {**config, "run_id": self._run_id})
-        rundir.remove_derived(self.run_dir, ending=True)
+        rundir.remove_derived(self.run_dir, ending=True, level=self._said_level)
         for _, _, row in rundir.iter_jsonl(self.run_dir / rundir.ROLLOUTS):
             self._rewards[row["step"]] = scored_mean(row["rewards"])
         self._fvu = [row["fvu"] for _, _, row in rundir.iter_jsonl(self.run_dir / rundir.METRICS)
                      if row.get("kind") == "sae"]
         if last:  # training had finished: _end_at_resume says so
             return
-        # a script configures no logging: say it at a level Python shows by default
-        log.log(logging.INFO if self.run_config else logging.WARNING,
+        log.log(self._said_level,
                 "resumed from RL step %d (SAE step %d); training continues from there (anything "
                 "logged after that step is replaced)", step, self.parts.trainer.n_steps)
 
@@ -830,7 +834,7 @@ class ShardCallback(TrainerCallback):
                                              self.capture_cfg.granularity)
                     if trainer is not None and self.capture_cfg.granularity != "step" else None)
         if per_step:
-            log.log(logging.INFO if self.run_config else logging.WARNING,
+            log.log(self._said_level,
                     "the buffer's %d slots hold the events of at least the last %d RL step(s), "
                     "at up to %d events a step (capture.granularity=%s): the SAE draws its "
                     "batches from those; capture.capacity sets it", self.capture_cfg.capacity,
@@ -922,7 +926,7 @@ class ShardCallback(TrainerCallback):
         more. transformers' loop still runs one optimizer step before it checks ``max_steps``
         (``sae-shards train`` stops it before it begins); in a script that step is left out of
         the run directory, whose ``final_model`` is the policy of the last step."""
-        log.log(logging.INFO if self.run_config else logging.WARNING,  # as _restore's
+        log.log(self._said_level,  # as _restore's
                 "resumed at RL step %d = max_steps: training had finished; writing the run's "
                 "end as of that step", state.global_step)
         self._end(args, state, control, model, kwargs.pop("processing_class", None), **kwargs)
@@ -1125,7 +1129,8 @@ class ShardCallback(TrainerCallback):
         activations, samples, summary and artifact; ``final_model``: the fingerprint of the
         policy saved in ``final_model/`` (None when none was)."""
         parts = self.parts
-        rundir.remove_derived(self.run_dir)  # a report written while the run went on is stale
+        # a report written while the run went on is stale
+        rundir.remove_derived(self.run_dir, level=self._said_level)
         if not self._stopped:
             final = self.run_dir / rundir.CHECKPOINTS / "final"
             with rundir.writing(final):

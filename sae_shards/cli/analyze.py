@@ -93,7 +93,7 @@ def run(args: list[str]) -> int:
                            "write it elsewhere with --out DIR/report.html (analysis.json goes "
                            "beside it); the run itself is only read"):
         return 2
-    warn_if_live(ns.run_dir)
+    warn_if_live(ns.run_dir, out_dir)
     try:
         name = announce_checkpoint(ns.run_dir, ns.checkpoint)
         refused = _check_shards_arg(ns.shards, ns.run_dir, name)

@@ -77,19 +77,23 @@ def positive(text: str) -> int:
     return value
 
 
-def warn_if_live(run_dir: Path) -> None:
+def warn_if_live(run_dir: Path, out_dir: Path | None = None) -> None:
     """Say when another process is writing the run now: its checkpoints rotate under the
     analysis (TRL keeps its two newest, sae-shards its two newest resume files), so the policy
-    of the checkpoint read can be gone by the time the report needs it."""
+    of the checkpoint read can be gone by the time the report needs it; and a report written
+    into the run directory (``out_dir``, the folder the report goes to) is removed when the
+    run ends (``rundir.remove_derived``)."""
     from sae_shards.run.rundir import live_writer
 
     writer = live_writer(run_dir) if run_dir.is_dir() else None
     if writer:
+        inside = out_dir is None or out_dir.resolve() == run_dir.resolve()
         print(f"sae-shards: note: {run_dir} is still being written ({writer}): its older "
               "checkpoints are removed as it trains, and one this analysis reads may go before "
               "it is done (the report then leaves out what needed it, e.g. the logit lens and "
-              "dose-response); for a stable report analyze it once it has finished or stopped",
-              file=sys.stderr)
+              "dose-response); for a stable report analyze it once it has finished or stopped"
+              + ("; the run removes this report when it ends (it describes an earlier state): "
+                 "--out DIR/report.html elsewhere keeps it" if inside else ""), file=sys.stderr)
 
 
 def add_trust_remote_code(parser: argparse.ArgumentParser, what: str) -> None:

@@ -528,14 +528,16 @@ def has_resume_state(run_dir: Path) -> bool:
     return _has_content(run_dir / RESUME)
 
 
-def remove_derived(run_dir: Path, ending: bool = False) -> None:
+def remove_derived(run_dir: Path, ending: bool = False, level: int = logging.INFO) -> None:
     """Remove ``DERIVED`` files, and with ``ending`` the ``ENDING`` ones: a run that continues
     (resumed, or reaching its end after a report was written mid-run) would otherwise leave
-    files describing an earlier state beside its newer checkpoints."""
+    files describing an earlier state beside its newer checkpoints. Each is logged at
+    ``level`` (a script configures no logging: WARNING is shown there)."""
     for name in (*DERIVED, *(ENDING if ending else ())):
         if (run_dir / name).is_file():
             (run_dir / name).unlink()
-            log.info("%s: removed (it described an earlier state of the run)", run_dir / name)
+            log.log(level, "%s: removed (it described an earlier state of the run)",
+                    run_dir / name)
 
 
 def finished_steps(run_dir: Path) -> int | None:
