@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from sae_shards.analysis.compare import (compare_shards, comparison_path_refusal,
+from sae_shards.analysis.compare import (compare_shards, comparison_lines, comparison_path_refusal,
                                          initial_cosines, load_shards, span_chance)
 from sae_shards.analysis.shards import ShardSet
 from sae_shards.cli import main
@@ -363,3 +363,24 @@ def test_compare_hands_each_side_its_checkpoint_and_the_figures_asked_for(short_
     saved = json.loads(out.read_text())
     assert saved["a"] == str(short_run_dir / "checkpoints" / "final")
     assert saved["b"] == str(copy_ / "checkpoints" / "step_000012")
+
+
+def test_a_side_with_no_shard_to_compare_is_told_so_not_given_nan(stream, sets):
+    """An early checkpoint, whose shards never left their initial directions or rarely
+    fired, has no shard to compare: the printout gave median |cos| nan and an empty table
+    (audit 131 F1); it now says why and what to compare instead."""
+    a, b, _ = sets
+    early = ShardSet(LowRankSAE(stream.targets, SAEConfig(**CFG, seed=1)), a.config,
+                     {**a.stats, "stats.density": torch.full((len(a),), 0.3)})
+    found = compare_shards(early, b)
+    assert not found.pairs and not found.always_on and found.n_untrained == len(a)
+    lines = comparison_lines(found, early, b)
+    assert lines[2] == (f"no shard of A was compared: all {len(a)} are left out above (an SAE "
+                        "early in its training has few trained shards): compare a later "
+                        "checkpoint")
+    assert lines[-1].startswith("note: A's and B's SAEs started from one")  # notes still said
+    assert not any("nan" in line for line in lines)
+    rare = {**a.stats, "stats.density": torch.full((len(a),), 0.001)}
+    lines = comparison_lines(compare_shards(ShardSet(a.sae, a.config, rare), b),
+                             ShardSet(a.sae, a.config, rare), b)
+    assert lines[2].endswith("compare a later checkpoint, or lower --min-density")

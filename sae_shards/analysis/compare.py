@@ -320,6 +320,13 @@ def comparison_lines(result: Comparison, a: ShardSet, b: ShardSet,
              f"{figures['median_abs_cosine']:.3f}, chance median "
              f"{figures['chance_median_abs_cosine']:.3f} (chance: random directions in the "
              "span of B's trained shards)"]
+    none = not result.pairs and not result.always_on  # no median, no row: said why instead
+    if none:
+        lower = (", or lower --min-density" if result.n_rare and result.min_density > 0
+                 else "")
+        lines[2:] = [f"no shard of A was compared: all {len(a)} are left out above (an SAE "
+                     "early in its training has few trained shards): compare a later "
+                     f"checkpoint{lower}"]
     if result.other_initial_models:
         lines.append("note: A's and B's runs started from other initial weights (their "
                      "config.json's model.fingerprint differ): their updates are taken around "
@@ -344,6 +351,8 @@ def comparison_lines(result: Comparison, a: ShardSet, b: ShardSet,
         lines.append(f"note: A's and B's SAEs started from one initialisation (sae.seed="
                      f"{a.sae.cfg.seed}); shards that never left it are left out, but compare "
                      "runs of different sae.seed where you can")
+    if none:
+        return lines
     lines.append("  shard    fired   match    fired   cosine   chance")
     shown = result.pairs if top is None else result.pairs[:top]
 
