@@ -162,7 +162,7 @@ def test_bad_arguments_fail_at_construction(tmp_path):
         ShardCallback(run_dir=tmp_path / "a", resume=True, overwrite=True)
     # plain arguments of the wrong type (label_column=3 was taken, and no label ever matched)
     with pytest.raises(ValueError, match=r"label_column=3 \(expected a column name or None\), "
-                                         r"resume='yes' \(expected True or False\)"):
+                                         r"resume='yes' \(expected True, False or \"auto\"\)"):
         ShardCallback(run_dir=tmp_path / "a", label_column=3, resume="yes")
     with pytest.raises(ValueError, match=r"seed=True \(expected an int\)"):
         ShardCallback(run_dir=tmp_path / "a", seed=True)
@@ -2198,3 +2198,59 @@ def test_a_report_written_mid_run_is_removed_at_its_end_in_words_a_script_shows(
     assert not (run / "report.html").exists()
     said = [r for r in caplog.records if "report.html: removed" in r.getMessage()]
     assert said and said[0].levelno == logging.WARNING
+
+
+def _requeued_run(tiny_model, run: Path, out: Path, stop_at: int | None = None) -> ShardCallback:
+    """One launch of a script a scheduler requeues: the same lines on the first launch and
+    after a stop, ShardCallback(resume="auto") and train() from callback.resume_from."""
+    torch.manual_seed(0)
+    callback = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume="auto")
+    stop = [_StopAt(callback, stop_at)] if stop_at is not None else []
+    trainer = _user_trainer(tiny_model, out, [callback, *stop])
+    trainer.train(resume_from_checkpoint=callback.resume_from(trainer))
+    return callback
+
+
+def test_one_script_starts_and_resumes_its_run_with_resume_auto(tiny_model, whole, tmp_path,
+                                                                caplog):
+    """A requeued script had no one setting for its first launch and its later ones: resume=True
+    refused a new run_dir, resume=False a stopped run, and resume_from's "None: start anew" was
+    unreachable (audit 131 F6). resume="auto" starts, then continues, and ends as the
+    uninterrupted run."""
+    run, out = tmp_path / "run", tmp_path / "trl"
+    with caplog.at_level("WARNING", logger="sae_shards.capture.callback"):
+        first = _requeued_run(tiny_model, run, out, stop_at=7)
+        assert not first.resume and first.summary["interrupted"]
+        assert f'resume="auto": starting a new run in {run}' in caplog.text
+        again = _requeued_run(tiny_model, run, out)
+    assert again.resume and again.summary["rl_steps"] == 10 and not again.summary["interrupted"]
+    assert f'resume="auto": continuing the run in {run}' in caplog.text
+    _assert_same_ending(whole, run)
+    # a finished run is refused as any resume of it is
+    with pytest.raises(FileExistsError, match="finished .* there is nothing to resume"):
+        ShardCallback(run_dir=run, resume="auto")
+
+
+def test_resume_auto_replaces_only_a_run_with_nothing_to_resume(tmp_path):
+    """A run killed before its first checkpoint is started again (nothing of it can be
+    resumed); a copy with step checkpoints but no resume files is refused naming what it lacks,
+    never replaced; "auto" beside overwrite, or another word, is refused."""
+    early = tmp_path / "early"  # what a run killed before its first checkpoint leaves
+    early.mkdir()
+    (early / "rollouts.jsonl").write_text('{"step": 1}\n')
+    (early / "config.json").write_text("{}")
+    callback = ShardCallback(run_dir=early, resume="auto")
+    assert not callback.resume and not (early / "rollouts.jsonl").exists()
+    callback.close()
+    copy = tmp_path / "copy"
+    (copy / "checkpoints" / "step_000005").mkdir(parents=True)
+    (copy / "rollouts.jsonl").write_text('{"step": 1}\n')
+    before = tree_bytes(copy)
+    with pytest.raises(FileNotFoundError, match="without their resume files"):
+        ShardCallback(run_dir=copy, resume="auto")
+    assert tree_bytes(copy, skip=(".lock",)) == before
+    with pytest.raises(ValueError, match='resume="auto", overwrite=True'):
+        ShardCallback(run_dir=tmp_path / "new", resume="auto", overwrite=True)
+    with pytest.raises(ValueError, match="resume='yes' \\(expected True, False or \"auto\"\\)"):
+        ShardCallback(run_dir=tmp_path / "new", resume="yes")
+    assert not (tmp_path / "new").exists()

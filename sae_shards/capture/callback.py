@@ -48,7 +48,7 @@ import time
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from transformers import TrainerCallback
@@ -204,7 +204,10 @@ class ShardCallback(TrainerCallback):
     initial one to ``run_dir/model`` when it was not loaded from a local directory, for the
     report's interventions. ``seed``: the seed of the SAE's batch sampling (compared on resume;
     the SAE's initialisation takes ``sae={"seed": ...}``). ``overwrite``: replace an earlier run
-    in ``run_dir`` (otherwise refused); ``resume``: continue it (see the module docstring).
+    in ``run_dir`` (otherwise refused); ``resume``: continue it (see the module docstring);
+    ``resume="auto"``: continue it when it has a checkpoint, else start a new run (the setting
+    of a script a scheduler starts and requeues alike: ``rundir.auto_resume``; pair it with
+    ``trainer.train(resume_from_checkpoint=callback.resume_from(trainer))``).
     ``run_config``: the job's whole config dict for ``config.json`` (``sae-shards train`` passes
     it); ``logger``: a ``RunLogger`` to use instead of the trainer's W&B run; ``meta``: extra
     checkpoint metadata. ``handle_signals``: the first SIGTERM/SIGINT asks the run to stop after
@@ -232,7 +235,7 @@ class ShardCallback(TrainerCallback):
         save_model: bool = True,
         seed: int = 0,
         overwrite: bool = False,
-        resume: bool = False,
+        resume: bool | Literal["auto"] = False,
         run_config: Mapping[str, Any] | None = None,
         logger: RunLogger | None = None,
         meta: Mapping[str, Any] | None = None,
@@ -245,11 +248,12 @@ class ShardCallback(TrainerCallback):
                 "script's training under `if __name__ == \"__main__\":`, so that importing it "
                 "only defines the reward task. Nothing was trained or written.")
         flags = {"log_to_wandb": log_to_wandb, "record_rollouts": record_rollouts,
-                 "save_model": save_model, "overwrite": overwrite, "resume": resume,
+                 "save_model": save_model, "overwrite": overwrite,
                  "handle_signals": handle_signals}
         _check_argument_types(
             label_column=(label_column, (str, type(None)), "a column name or None"),
             seed=(seed, int, "an int"), meta=(meta, (Mapping, type(None)), "a mapping or None"),
+            resume=(resume, bool if resume != "auto" else str, 'True, False or "auto"'),
             **{name: (value, bool, "True or False") for name, value in flags.items()})
         self.capture_cfg = _with(_config(CaptureConfig, capture, "capture"), capture,
                                  targets=targets, source=source, capacity=capacity)
@@ -261,8 +265,8 @@ class ShardCallback(TrainerCallback):
         self.sae_cfg = _config(SAEConfig, sae, "sae")
         self.sae_cfg.uses_b_dec(sample_form(self.capture_cfg.granularity))
         check_sae_window(self.capture_cfg, self.runner_cfg)
-        self._prepare_run_dir(run_dir, overwrite, resume, seed, run_config)
-        self.resume = resume
+        self.resume = self._prepare_run_dir(run_dir, overwrite, resume, seed, run_config)
+        """Whether this run continues the one in run_dir (``resume="auto"`` decided)."""
         self.log_to_wandb = log_to_wandb
         self.label_column = label_column
         self.record_rollouts = bool(record_rollouts)
@@ -305,17 +309,29 @@ class ShardCallback(TrainerCallback):
         self._writer = BackgroundWriter()  # the step checkpoint being written, if any
         self._signals = SignalGuard(self) if handle_signals else None
 
-    def _prepare_run_dir(self, run_dir: str | Path, overwrite: bool, resume: bool, seed: int,
-                         run_config: Mapping[str, Any] | None) -> None:
+    def _prepare_run_dir(self, run_dir: str | Path, overwrite: bool, resume: bool | str,
+                         seed: int, run_config: Mapping[str, Any] | None) -> bool:
         """Create and lock ``run_dir`` (``rundir.prepare_run_dir``: under ``overwrite`` the
         earlier run is removed, under ``resume`` it must be there and started with these
-        settings). Other ranks never write into the run directory. Rank 0 holds its lock until
-        the run ends (``rundir.lock_run_dir``): a second live writer, e.g. orphaned workers, is
-        refused."""
+        settings; ``resume="auto"`` takes both from what ``run_dir`` holds,
+        ``rundir.auto_resume``). Other ranks never write into the run directory. Rank 0 holds
+        its lock until the run ends (``rundir.lock_run_dir``): a second live writer, e.g.
+        orphaned workers, is refused. Returns whether the run resumes."""
+        if resume == "auto" and overwrite:
+            raise ValueError('ShardCallback(resume="auto", overwrite=True): "auto" itself decides '
+                             "whether to continue the run in run_dir or to replace one that "
+                             "stopped before its first checkpoint; leave overwrite out")
         if resume and overwrite:
             raise ValueError("ShardCallback(resume=True, overwrite=True) contradict each other: "
                              "resume continues the run in run_dir, overwrite deletes it; choose "
                              "one")
+        if resume == "auto":  # every rank decides alike: rank 0 writes nothing before it trains
+            resume, overwrite = rundir.auto_resume(run_dir)
+            if distributed.is_main():
+                log.warning('resume="auto": %s', "continuing the run in %s" % run_dir if resume
+                            else "replacing the run in %s, which stopped before its first "
+                            "checkpoint" % run_dir if overwrite else
+                            "starting a new run in %s" % run_dir)
         try:
             self.run_dir = (rundir.prepare_run_dir(run_dir, overwrite, resume)
                             if distributed.is_main() else Path(run_dir))
@@ -334,6 +350,7 @@ class ShardCallback(TrainerCallback):
             except BaseException:
                 self._let_go()
                 raise
+        return resume
 
     @property
     def _said_level(self) -> int:

@@ -354,6 +354,23 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
         raise
 
 
+def auto_resume(run_dir: str | Path) -> tuple[bool, bool]:
+    """``(resume, overwrite)`` for ``ShardCallback(resume="auto")``, the setting of a script
+    that a scheduler starts and requeues alike, from what ``run_dir`` holds now. A run with
+    resume files is resumed (a finished one is then refused, as any resume of it is). A new
+    or empty directory starts a new run, and so does a run that stopped before its first
+    checkpoint, replaced as ``overwrite`` would (nothing of it can be resumed). A run with step
+    checkpoints but no resume files (a copy that left ``resume/`` out) is resumed, so that it
+    is refused naming what it lacks: never replaced."""
+    run_dir = Path(run_dir)
+    if not str(run_dir).strip() or not run_dir.is_dir():
+        return False, False
+    if has_resume_state(run_dir) or saved_steps(run_dir / CHECKPOINTS) \
+            or any((run_dir / TRL_OUTPUT).glob("checkpoint-*")):
+        return True, False
+    return False, bool(earlier_results(run_dir))
+
+
 def _why_not_resumable(run_dir: Path, earlier: list[str]) -> str:
     """What a ``resume=true`` without resume state found, and what to run instead."""
     if earlier and (saved_steps(run_dir / CHECKPOINTS)
