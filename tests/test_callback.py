@@ -957,6 +957,9 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, whole, tmp_
                   dataset=rows.shuffle(seed=1)).train(resume_from_checkpoint=True)
     assert other.summary["rl_steps"] == 10
     assert f"resuming {shuffled} on other dataset rows than the run started with" in caplog.text
+    # the way back skips a stop's checkpoint, which would keep these steps (audit 131 F5)
+    assert ("kill it before its next checkpoint (kill -9, or Ctrl-C twice: one Ctrl-C or SIGTERM "
+            "checkpoints these steps) and resume from RL step 7's checkpoint") in caplog.text
     resumed = json.loads((shuffled / "config.json").read_text())["resumed_under"]
     assert resumed == [{"rl_step": 7, "dataset": resumed[0]["dataset"]}] and re.fullmatch(
         r"with other rows \(hash [0-9a-f]{16} -> [0-9a-f]{16}\)", resumed[0]["dataset"])

@@ -684,8 +684,9 @@ class ShardCallback(TrainerCallback):
                     "records it, resumed_under): the steps after RL step %s train on these. "
                     "Meant (the same prompts rendered anew, e.g. a chat template that writes "
                     "today's date)? Nothing to do. If not (an unseeded shuffle, another file), "
-                    "stop it before its next checkpoint and resume with the run's own dataset",
-                    self.run_dir, changed, rundir.CONFIG, step)
+                    "kill it before its next checkpoint (kill -9, or Ctrl-C twice: one Ctrl-C or "
+                    "SIGTERM checkpoints these steps) and resume from RL step %s's checkpoint "
+                    "with the run's own dataset", self.run_dir, changed, rundir.CONFIG, step, step)
         self._resumed_under.append({"rl_step": step, "dataset": f"with other rows ({changed})"})
 
     def _initial_fingerprint(self) -> dict[str, str]:
