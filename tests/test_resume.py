@@ -1118,3 +1118,42 @@ def test_a_resumes_own_free_settings_are_not_the_runs_later_ones(killed, tmp_pat
 
     assert "torch_threads" not in rerun_command(run)
     assert not any("torch_threads" in a for a in resume_args([f"run_dir={run}", "resume=true"])[0])
+
+
+def test_resume_auto_continues_a_killed_run_and_starts_a_new_one(uninterrupted, killed, tmp_path,
+                                                                 capsys):
+    """One command for a job a scheduler starts and requeues: resume=auto continues the run in
+    run_dir when it has a checkpoint (ending as the uninterrupted run), and otherwise starts
+    it; resume=true refused a new run_dir and a plain start a killed run."""
+    run = tmp_path / "run"
+    shutil.copytree(killed, run)
+    assert cli_main(["train", f"run_dir={run}", "resume=auto"]) == 0
+    assert f"sae-shards: resume=auto: continuing the run in {run}" in capsys.readouterr().err
+    _same_run(uninterrupted, run)
+    assert cli_main(["train", f"run_dir={run}", "resume=auto"]) == 2  # finished: as resume=true
+    assert "there is nothing to resume" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    assert cli_main(["train", *ARGS, "rl.max_steps=4", f"run_dir={fresh}", "resume=auto"]) == 0
+    assert f"resume=auto: starting a new run in {fresh}" in capsys.readouterr().err
+    assert json.loads((fresh / "summary.json").read_text())["rl_steps"] == 4
+
+
+def test_resume_auto_replaces_only_a_run_with_nothing_to_resume(tmp_path):
+    from sae_shards.cli.hydra_config import ConfigError
+    from sae_shards.cli.rerun import auto_resume_args
+
+    early = tmp_path / "early"  # what a run killed before its first checkpoint leaves
+    early.mkdir()
+    (early / "rollouts.jsonl").write_text('{"step": 1}\n')
+    assert auto_resume_args(["resume=auto", f"run_dir={early}", "sae.k=2"]) == [
+        f"run_dir={early}", "sae.k=2", "resume=false", "overwrite=true"]
+    (early / "checkpoints" / "step_000004").mkdir(parents=True)  # a copy without resume/
+    assert auto_resume_args([f"run_dir={early}", "resume=auto"])[-1] == "resume=true"
+    assert auto_resume_args([f"run_dir={early}", "resume=auto", "resume=false"]) == [
+        f"run_dir={early}", "resume=auto", "resume=false"]  # the last resume= is Hydra's
+    assert auto_resume_args(["-m", "sae.k=2,4", f"run_dir={tmp_path / 'sweep'}",
+                             "resume=auto"])[-1] == "resume=false"
+    for bad, why in ((["resume=auto", "overwrite=true"], "leave overwrite=true out"),
+                     (["-m", "run_dir=a,b", "resume=auto"], "needs one run_dir")):
+        with pytest.raises(ConfigError, match=why):
+            auto_resume_args(bad)

@@ -124,6 +124,44 @@ def _resuming(args: list[str]) -> tuple[list[tuple[str, Any]], Path] | None:
     return now, run_dir
 
 
+def auto_resume_args(args: list[str]) -> list[str]:
+    """``resume=auto`` (a job a scheduler starts and requeues with one command) as what the run
+    directory holds now asks for (``rundir.auto_resume``): ``resume=true`` when the run there
+    has a checkpoint, else ``resume=false``, with ``overwrite=true`` over a run that stopped
+    before its first checkpoint. A sweep (``-m``) resumes when its directory exists (a sweep's
+    resume starts the jobs that never started). Other arguments are returned unchanged; the
+    decision is printed."""
+    from sae_shards.cli.hydra_config import override_mask
+    from sae_shards.cli.train_checks import _given_overrides
+    from sae_shards.run import rundir
+
+    mask = override_mask(args)
+    keyed = [(i, a.split("=", 1)) for i, (a, o) in enumerate(zip(args, mask)) if o and "=" in a]
+    resumes = [(i, value) for i, (key, value) in keyed if key == "resume"]
+    if not resumes or resumes[-1][1].strip().lower() != "auto":
+        return args
+    given = _given_overrides([a for i, a in enumerate(args) if i not in dict(resumes)])
+    if "overwrite" in given and given["overwrite"].value() in (True, "true", "True"):
+        raise ConfigError("resume=auto with overwrite=true: auto itself decides whether to "
+                          "continue the run in run_dir or to replace one that stopped before "
+                          "its first checkpoint; leave overwrite=true out")
+    run_dir = run_dir_arg(given)
+    if run_dir is None:
+        raise ConfigError("resume=auto needs one run_dir, not a sweep over it")
+    if is_sweep(args):
+        resume, overwrite = run_dir.is_dir(), False
+    else:
+        resume, overwrite = rundir.auto_resume(run_dir)
+    if main_process():
+        print("sae-shards: resume=auto: " + (
+            f"continuing {'the sweep' if is_sweep(args) else 'the run'} in {run_dir}" if resume
+            else f"replacing the run in {run_dir}, which stopped before its first checkpoint"
+            if overwrite else f"starting a new {'sweep' if is_sweep(args) else 'run'} in "
+            f"{run_dir}"), file=sys.stderr)
+    kept = [a for i, a in enumerate(args) if i not in dict(resumes)]
+    return [*kept, f"resume={'true' if resume else 'false'}", *(["overwrite=true"] * overwrite)]
+
+
 def _check_process_count(run_dir: Path) -> None:
     """A resume on another number of processes than the run's is refused here, before Hydra
     writes into the run's ``.hydra/`` (the callback checks it again, for scripts)."""

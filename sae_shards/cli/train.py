@@ -22,8 +22,8 @@ from sae_shards.cli.hydra_config import (CONFIG_DIR, ConfigError, SHOW_FLAGS, ch
                                          refuse_other_primary_config, register_resolvers)
 from sae_shards.cli.processes import (end_process_group, main_process, several_processes,
                                       speak_as_rank, this_rank)
-from sae_shards.cli.rerun import (how_to_continue, recorded_group, rerun_command, resume_args,
-                                  resume_command)
+from sae_shards.cli.rerun import (auto_resume_args, how_to_continue, recorded_group,
+                                  rerun_command, resume_args, resume_command)
 from sae_shards.cli.shared import quiet_third_party
 from sae_shards.cli.train_checks import check_run_dir_arg, check_sweep_jobs, is_sweep, new_run_dir
 
@@ -147,6 +147,7 @@ def _checked_args(args: list[str]) -> tuple[list[str], list[str]]:
         raise ConfigError("-m (a sweep) cannot be combined with --cfg, --info or --help: "
                           "Hydra shows one job's config; drop -m and give one value per key")
     refuse_other_primary_config(args)
+    args = auto_resume_args(args)
     check_overrides(args)
     check_run_dir_arg(args)
     args, changes = resume_args(open_map_args(args))

@@ -488,7 +488,9 @@ class JobConfig:
     """Replace a run already in run_dir: every file it wrote is removed first."""
     resume: bool = False
     """Continue the run in run_dir from its latest complete checkpoint (policy, optimizer,
-    scheduler and RNG through TRL's checkpoint; the SAE, its buffer and logs through ours)."""
+    scheduler and RNG through TRL's checkpoint; the SAE, its buffer and logs through ours). On
+    the command line ``resume=auto`` (a job a scheduler requeues) is true when run_dir holds a
+    checkpoint, else false (``cli.rerun.auto_resume_args``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rl: RLConfig = field(default_factory=RLConfig)
