@@ -166,6 +166,16 @@ def test_bad_arguments_fail_at_construction(tmp_path):
         ShardCallback(run_dir=tmp_path / "a", label_column=3, resume="yes")
     with pytest.raises(ValueError, match=r"seed=True \(expected an int\)"):
         ShardCallback(run_dir=tmp_path / "a", seed=True)
+    # a meta a checkpoint cannot hold failed the run at its first checkpoint, after its steps
+    # (a Path: a raw TypeError from the background writer, nothing resumable), and one naming
+    # sae-shards' own keys replaced them: compare then said two runs of one source learnt from
+    # other samples (audit 131 F7, F8)
+    with pytest.raises(ValueError, match=r"meta .*'data' holds a PosixPath, which JSON cannot "
+                                         r"hold exactly .*'x' holds a float"):
+        ShardCallback(run_dir=tmp_path / "a", meta={"data": Path("/data/x"), "x": math.nan})
+    with pytest.raises(ValueError, match=r"'source' is sae-shards' own \(the checkpoint's "
+                                         r"source; name yours otherwise\); 1 is not a string key"):
+        ShardCallback(run_dir=tmp_path / "a", meta={"source": "gsm8k", 1: "x"})
     callback = ShardCallback(run_dir=tmp_path / "e")
     for bad in (-1, True, 15.0, "SIGTERM"):  # -1 would be lost in the ranks' stop vote
         with pytest.raises(ValueError, match=rf"request_stop\(signum={bad!r}\): give a signal"):

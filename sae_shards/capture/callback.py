@@ -171,6 +171,33 @@ def _check_argument_types(**given: tuple[Any, type | tuple[type, ...], str]) -> 
         raise ValueError(f"ShardCallback: {', '.join(wrong)}; nothing was written")
 
 
+RESERVED_META = ("source", "model_id", "run_dir", "lora", "run_id", "rl_step", "sae_step",
+                 "sae_samples", "subset_of")
+"""Checkpoint metadata keys sae-shards writes itself, which analysis reads (the samples'
+source, the model, the run, the steps): a script's ``meta`` may not set them."""
+
+
+def _check_meta(meta: Mapping[str, Any] | None) -> None:
+    """``ValueError`` for a ``meta`` a checkpoint cannot hold as it is: a key sae-shards writes
+    itself (``RESERVED_META``), a key that is not a string, or a value that is not strict JSON
+    (a ``Path``, a tensor, a set, NaN), which would otherwise fail the run at its first
+    checkpoint."""
+    if meta is None:
+        return
+    wrong = [f"{k!r} is sae-shards' own (the checkpoint's {k}; name yours otherwise)"
+             for k in meta if k in RESERVED_META]
+    wrong += [f"{k!r} is not a string key" for k in meta if not isinstance(k, str)]
+    for k, v in meta.items():
+        try:
+            json.dumps(v, allow_nan=False)
+        except (TypeError, ValueError):
+            wrong.append(f"{k!r} holds a {type(v).__name__}, which JSON cannot hold exactly "
+                         "(pass str(...), a number, or lists and dicts of them)")
+    if wrong:
+        raise ValueError(f"ShardCallback: meta (extra checkpoint metadata, written as JSON): "
+                         f"{'; '.join(wrong)}; nothing was written")
+
+
 def oversized_rank_text(rank: int, oversized: Mapping[str, int], n_targets: int) -> str:
     """The warning for ``targets.oversized_ranks``' targets at ``sae.rank=rank``: the rank that
     saves memory on all of them, or, where none does (a matrix of one row, such as a gate of
@@ -255,6 +282,7 @@ class ShardCallback(TrainerCallback):
             seed=(seed, int, "an int"), meta=(meta, (Mapping, type(None)), "a mapping or None"),
             resume=(resume, bool if resume != "auto" else str, 'True, False or "auto"'),
             **{name: (value, bool, "True or False") for name, value in flags.items()})
+        _check_meta(meta)
         self.capture_cfg = _with(_config(CaptureConfig, capture, "capture"), capture,
                                  targets=targets, source=source, capacity=capacity)
         check_steps_or_budget(_given_fields(runner, RunnerConfig, sae_steps_per_rl_step=(
