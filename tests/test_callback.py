@@ -1788,6 +1788,7 @@ def test_a_script_run_is_evaluated_with_its_reward_handed_back(tiny_model, tmp_p
     assert cli_main(["evaluate", str(run), *small, "--task", f"{EXAMPLE}:reward_task"]) == 0
     result = json.loads((run / "evaluation.json").read_text())
     assert result["causal_skipped"] is None and result["tasks"] == ["digits", "vowels"]
+    assert "schedule none (not a scheduled task), group" in (run / "evaluation.md").read_text()
     effects = result["steering"]["per_task"]["vowels"]["shard_plus"]
     assert set(effects) == {"digits", "vowels"} and all(math.isfinite(v) for v in effects.values())
     assert cli_main(["evaluate", str(run), "--no-steering", "--task",

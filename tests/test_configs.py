@@ -158,7 +158,7 @@ def test_default_config_equals_dataclass_defaults():
      r"runner.min_samples=8 exceeds the trainable samples the thread worker may draw for a push "
      r"\(7: capture.capacity=16 less \(runner.max_lag=8 \+ 1\)"),
     ("runner.concurrency=thread capture.capacity=19 runner.heldout_every=3",
-     r"the thread worker may draw for a push \(7: .* minus every 3th step held out\)"),
+     r"the thread worker may draw for a push \(7: .* minus one step in every 3, held out\)"),
     # a step's 16 events cannot fit in one push: refused before training (it was a traceback
     # after RL step 1), with the capacity that fits
     ("runner.concurrency=thread capture.granularity=completion capture.capacity=150",

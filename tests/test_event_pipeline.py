@@ -135,7 +135,7 @@ def test_a_cut_event_is_said_once_and_the_run_counts_its_cuts_and_clipped_steps(
     assert summary["truncated_events"] >= 2 and summary["kept_energy_min"] < 1.0
     # what the buffer's capacity means in RL steps: 2 prompt groups a step
     assert ("the buffer's 256 slots hold the events of at least the last 128 RL step(s), at up "
-            "to 2 events a step (capture.granularity=group)") in out + err
+            "to 2 event(s) a step (capture.granularity=group)") in out + err
     said = (out + err).count("than capture.event_rank=1 on a target")
     assert said == 1, (out + err)[-3000:]
     assert f"{summary['truncated_events']} cut to capture.event_rank (smallest kept energy" in out

@@ -882,7 +882,7 @@ class ShardCallback(TrainerCallback):
         if per_step:
             log.log(self._said_level,
                     "the buffer's %d slots hold the events of at least the last %d RL step(s), "
-                    "at up to %d events a step (capture.granularity=%s): the SAE draws its "
+                    "at up to %d event(s) a step (capture.granularity=%s): the SAE draws its "
                     "batches from those; capture.capacity sets it", self.capture_cfg.capacity,
                     max(1, self.capture_cfg.capacity // per_step), per_step,
                     self.capture_cfg.granularity)

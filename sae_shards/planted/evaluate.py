@@ -1002,7 +1002,8 @@ def to_markdown(r: dict[str, Any]) -> str:
              f"steps {_f(r.get('first_step'), 'd')}-{_f(r.get('last_step'), 'd')}"
              f"{'; --from-step ' + str(r['from_step']) if r['from_step'] else ''}), tasks "
              f"{r['tasks']}; granularity {h['granularity']}, "
-             f"source {h['source']}, schedule {h['schedule']}, group {h['group']}.", "",
+             f"source {h['source']}, schedule {h['schedule'] or 'none (not a scheduled task)'}, "
+             f"group {h['group']}.", "",
              "## Headline", "", "| figure | value | how to read it |", "|---|---|---|"]
     if r.get("null_control_run"):
         lines[-4:-4] = [f"**This run is a null control** (task={NULL_TASK}: the tags of "

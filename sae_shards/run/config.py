@@ -670,7 +670,7 @@ def check_sae_trains(capture: CaptureConfig, runner: RunnerConfig, max_steps: in
                 f"{capture.granularity}")
         raise ValueError(
             f"{max_steps_name}={max_steps} gives {most} trainable {unit}"
-            + (f", every {every}th step held out" if every else "")
+            + (f", one step in every {every} held out" if every else "")
             + f"), fewer than runner.min_samples={runner.min_samples}, so the SAE would never "
             f"train; raise {max_steps_name} or lower runner.min_samples")
 
@@ -722,7 +722,7 @@ def check_sae_window(capture: CaptureConfig, runner: RunnerConfig,
             f"capture.capacity={capture.capacity} must exceed runner.max_lag={runner.max_lag} + 1 "
             "in thread mode, so a queued slot is not overwritten before the SAE worker reads it")
     every = runner.heldout_every
-    held_out = f" minus every {every}th step held out" if every else ""
+    held_out = f" minus one step in every {every}, held out" if every else ""
     trainable = lambda n: n - (n // every if every else 0)  # noqa: E731
     if runner.min_samples > trainable(capture.capacity):
         raise ValueError(
