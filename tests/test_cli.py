@@ -61,6 +61,10 @@ def test_a_tiny_model_field_with_hf_path_is_named_for_what_it_is(tmp_path, capsy
             "model only (model=tiny), and model=hf_path uses model.path as saved; drop them"
             in err), err
     assert not (tmp_path / "r").exists()
+    assert main(["train", "experiment=planted", "model=hf_path", "model.path=/any/model",
+                 override, f"run_dir={tmp_path / 'r'}"]) == 2
+    assert (f"drop them; one the experiment sets is dropped with '~{override.split('=')[0]}'"
+            in capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("override,hint", [

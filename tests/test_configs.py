@@ -217,6 +217,10 @@ def test_default_config_equals_dataclass_defaults():
     ("model=hf_path model.path=/m +model.arch=llama +model.num_layers=12",
      r"model.arch=llama, model.num_layers=12: these shape the built-in tiny model only, and "
      r"model.path=/m is used as saved"),
+    # set by the experiment, not the user: told how to drop it (model.readout_scale=1.0 was
+    # refused too; audit 132 F2)
+    ("experiment=planted model=hf_path model.path=/m", r"model.readout_scale=4.0: these shape "
+     r"the built-in tiny model only, .* is dropped with '~model.readout_scale'\)$"),
     ("model.trust_remote_code=true", r"model.trust_remote_code=true runs the Python code of a "
                                      r"model.path directory, and the built-in tiny model"),
     ("model=hf_path model.path=/m model.trust_remote_code=yes",
@@ -425,3 +429,11 @@ def test_sae_must_start_before_the_last_rl_step_and_count_held_out_steps():
 def test_a_wrongly_typed_value_is_refused_with_its_dotted_name(data, message):
     with pytest.raises(ValueError, match=message):
         JobConfig.from_dict(data)
+
+
+def test_the_way_to_drop_an_experiments_tiny_model_field_works():
+    """The advice of the refusal above: '~model.readout_scale' drops experiment=planted's value,
+    and the config is then refused only for what is really wrong (here a missing model.path)."""
+    with pytest.raises(ConfigError, match="model path /m is not a directory"):
+        job_config_from_hydra(_compose(["experiment=planted", "model=hf_path", "model.path=/m",
+                                        "~model.readout_scale"]))

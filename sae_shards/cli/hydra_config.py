@@ -144,7 +144,10 @@ def _check_tiny_fields_with_a_path(overrides: list) -> None:
     tiny = [key for key in given if key in {f"model.{name}" for name in TINY_ONLY}]
     if tiny:
         raise ConfigError(f"{', '.join(tiny)}: these shape the built-in tiny model only "
-                          "(model=tiny), and model=hf_path uses model.path as saved; drop them")
+                          "(model=tiny), and model=hf_path uses model.path as saved; drop them"
+                          + ("; one the experiment sets is dropped with "
+                             + " ".join(f"'~{k}'" for k in tiny) if "experiment" in given
+                             else ""))
 
 
 SHOW_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help"}

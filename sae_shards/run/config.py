@@ -143,8 +143,11 @@ class ModelConfig:
                     if getattr(self, name) != getattr(ModelConfig, name)}
             if tiny:
                 shown = ", ".join(f"model.{k}={v}" for k, v in tiny.items())
+                dropped = " ".join(f"'~model.{k}'" for k in tiny)
                 raise ValueError(f"{shown}: these shape the built-in tiny model only, and "
-                                 f"model.path={self.path} is used as saved; drop them")
+                                 f"model.path={self.path} is used as saved; drop them (one an "
+                                 "experiment sets, as experiment=planted sets "
+                                 f"model.readout_scale, is dropped with {dropped})")
         if self.lora.enabled and self.path is None and self.arch == "gpt2":
             raise ValueError("model.lora.enabled=true with model.arch=gpt2: GPT-2's matrices are "
                              "Conv1D layers, which peft adapts with fan_in_fan_out, and capture "
