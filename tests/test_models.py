@@ -149,6 +149,14 @@ def test_load_errors_name_the_path_and_the_fix(tmp_path):
     vit.save_pretrained(tmp_path / "vit")
     with pytest.raises(ValueError, match=r"vit holds a ViTConfig.*not a causal language model"):
         load_model_and_tokenizer(tmp_path / "vit")
+    # a config.json transformers cannot read: named, with what the directory must be (it was
+    # transformers' text alone, naming neither the setting nor the fix; audit 132 F3)
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text('{"foo": 1}')
+    with pytest.raises(ValueError, match=r"model path .*odd: transformers cannot read its "
+                                         r"config.json \(.*model_type.*\); it must be a model "
+                                         r"directory written by save_pretrained"):
+        load_model_and_tokenizer(tmp_path / "odd")
 
 
 def test_readout_scale_multiplies_lm_head_init_only(tmp_path):

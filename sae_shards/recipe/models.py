@@ -410,9 +410,12 @@ def check_causal_lm(path: str | Path, trust_remote_code: bool = False) -> None:
         config = AutoConfig.from_pretrained(path, local_files_only=True,
                                             trust_remote_code=trust_remote_code)
     except ValueError as e:  # transformers' own words would say to pass trust_remote_code=True
-        if trust_remote_code or "trust_remote_code" not in str(e):
-            raise
-        raise _refused_remote_code(path) from None
+        if "trust_remote_code" in str(e) and not trust_remote_code:
+            raise _refused_remote_code(path) from None
+        # e.g. a config.json without model_type: transformers' words name neither the file
+        # nor the setting
+        raise ValueError(f"model path {path}: transformers cannot read its config.json ({e}); "
+                         "it must be a model directory written by save_pretrained") from None
     own = _is_own_causal_lm(config, trust_remote_code)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not own:
         raise ValueError(
