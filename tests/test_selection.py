@@ -102,7 +102,13 @@ def test_a_modules_to_save_layer_is_named_as_the_merged_model_names_it():
 def test_nothing_capturable_or_no_blocks_is_an_error():
     model, _ = tiny_model_and_tokenizer(arch="llama")
     model.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"no block matrix.*capture.targets"):
+    with pytest.raises(ValueError, match=r"no block matrix.*capture.targets to explicit globs, "
+                                         r"e.g. '\*mlp.down_proj.weight' once they train"):
+        default_targets(model)
+    # only the readout trains: the example is a matrix that does (a block's, the example it
+    # gave, was then refused as frozen; audit 132 F4)
+    model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"e.g. \['lm_head.weight'\], which train"):
         default_targets(model)
     flat = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
     with pytest.raises(ValueError, match=r"no transformer block list.*capture.targets"):

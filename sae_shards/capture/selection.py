@@ -244,10 +244,14 @@ def default_targets(model: nn.Module, stacked: bool = False, warn: bool = True) 
             "A 2-D one (e.g. a mixture of experts' router) can be named in capture.targets "
             "(per step).")
     if not names:
+        # the example is a matrix that trains (one of a block's would be refused as frozen)
+        trained = [n for n, t in capturable.items() if len(full_shape(t)) >= 2]
+        example = (f"[{', '.join(repr(glob_escape(n)) for n in trained[:2])}], which train"
+                   if trained else "'*mlp.down_proj.weight' once they train")
         raise ValueError(
             f"no block matrix of {type(model).__name__} is trainable or LoRA-adapted, so there "
-            "are no default targets; set capture.targets to explicit globs, e.g. "
-            "'*mlp.down_proj.weight', or unfreeze / adapt the block layers"
+            f"are no default targets; set capture.targets to explicit globs, e.g. {example}, "
+            "or unfreeze / adapt the block layers"
         )
     return [glob_escape(n) for n in names]
 
