@@ -330,7 +330,8 @@ class CaptureConfig:
     its row and column means (keeps the factored form; the error is logged), ``kfac`` whitens
     with running covariances of the layer's inputs and output gradients, ``kfac_output`` with the
     output gradients' only (the input side, where a prompt's own tokens enter, is left raw).
-    ``none``: raw."""
+    ``none``: raw. ``adam`` is refused for LoRA targets (Adam's moments are the factors', not
+    the effective weight's): ``kfac`` or ``none`` there."""
     normalize: Normalize = "none"
     """group / completion: ``unit`` scales each event to unit norm over all targets (its norm is
     kept in ``events.jsonl``); ``none`` keeps the gradient's own size."""
