@@ -78,7 +78,7 @@ from sae_shards.capture.trl_checkpoints import (SCRIPT_RESUME, in_script_terms,
                                                 missing_rng_state, resumed_checkpoint,
                                                 trl_checkpoint_steps, trl_dir,
                                                 warn_earlier_trl_checkpoints,
-                                                warn_later_trl_checkpoints,
+                                                warn_later_trl_checkpoints, warn_reshuffled_epochs,
                                                 warn_model_only_checkpoints,
                                                 warn_no_trl_checkpoints, writes_checkpoints)
 from sae_shards.capture.zero3_delta import Zero3DeltaCapture, zero3_targets
@@ -940,6 +940,7 @@ class ShardCallback(TrainerCallback):
             self._restore(state.global_step, last=state.global_step >= state.max_steps,
                           trl_output=None if self.run_config else args.output_dir,
                           trl_log=state.log_history)
+            warn_reshuffled_epochs(args, state, self._said_level)
             if not self.run_config:
                 warn_later_trl_checkpoints(
                     args.output_dir, state.global_step, resume_state.other_runs_trl_checkpoints(

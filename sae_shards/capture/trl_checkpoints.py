@@ -56,6 +56,27 @@ def warn_later_trl_checkpoints(output_dir: str | None, step: int,
                 " (and give each run an output_dir of its own)" if other else "")
 
 
+def warn_reshuffled_epochs(args: Any, state: Any, level: int = logging.WARNING) -> None:
+    """A resume of a run whose shuffled dataset spans more than one epoch: TRL's prompt sampler
+    does not checkpoint its shuffle, so a resumed run draws every later epoch in the first
+    epoch's order, not the one the uninterrupted run would have drawn (from the resume when it
+    is past the first epoch, else from the first epoch's end). Said at ``level`` (a script's
+    run: WARNING, which Python shows)."""
+    if not getattr(args, "shuffle_dataset", False) or state.global_step >= state.max_steps:
+        return
+    epoch = float(getattr(state, "epoch", None) or 0.0)
+    epochs = getattr(state, "num_train_epochs", None) or 0
+    if epoch < 1 and epochs <= 1:
+        return
+    where = (f"it resumed in epoch {int(epoch) + 1} of its dataset" if epoch >= 1 else
+             "it goes on past the end of its dataset's first epoch")
+    log.log(level, "resumed at RL step %d, and %s: TRL's prompt sampler does not checkpoint its "
+            "shuffle, so %s the prompts come in the first epoch's order, not the uninterrupted "
+            "run's, and the steps need not match it (shuffle_dataset=False, or a dataset longer "
+            "than the run, keeps a resume exact)", state.global_step, where,
+            "from here" if epoch >= 1 else "from that epoch's end on")
+
+
 def trl_checkpoint_steps(output_dir: str | None) -> list[int]:
     """The steps of the ``checkpoint-N`` directories in a trainer's ``output_dir``, ascending."""
     if not output_dir or not Path(output_dir).is_dir():
