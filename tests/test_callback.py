@@ -2237,13 +2237,23 @@ def test_one_script_starts_and_resumes_its_run_with_resume_auto(tiny_model, whol
         first = _requeued_run(tiny_model, run, out, stop_at=7)
         assert not first.resume and first.summary["interrupted"]
         assert f'resume="auto": starting a new run in {run}' in caplog.text
+        # the way on is the same script, not one edited to resume=True (audit 133 F1)
+        assert ('to continue, run the script again as it is: its resume="auto" continues the '
+                "run") in caplog.text
         again = _requeued_run(tiny_model, run, out)
     assert again.resume and again.summary["rl_steps"] == 10 and not again.summary["interrupted"]
     assert f'resume="auto": continuing the run in {run}' in caplog.text
     _assert_same_ending(whole, run)
-    # a finished run is refused as any resume of it is
-    with pytest.raises(FileExistsError, match="finished .* there is nothing to resume"):
+    # a finished run is refused as any resume of it is, before it was said to be continued,
+    # with the way to replace it that "auto" allows (audit 133 F2)
+    caplog.clear()
+    with pytest.raises(FileExistsError) as e:
         ShardCallback(run_dir=run, resume="auto")
+    assert str(e.value) == (
+        f'resume="auto": the run in run_dir={run} finished (10 RL steps, summary.json): there '
+        f"is nothing to resume. Analyze it (sae-shards analyze {run}), or give a new run_dir "
+        "(to replace it, resume=False and overwrite=True)")
+    assert "continuing" not in caplog.text
 
 
 def test_resume_auto_replaces_only_a_run_with_nothing_to_resume(tmp_path):
@@ -2259,11 +2269,20 @@ def test_resume_auto_replaces_only_a_run_with_nothing_to_resume(tmp_path):
     callback.close()
     copy = tmp_path / "copy"
     (copy / "checkpoints" / "step_000005").mkdir(parents=True)
+    (copy / "checkpoints" / "step_000005" / "training_state.safetensors").write_bytes(b"x")
     (copy / "rollouts.jsonl").write_text('{"step": 1}\n')
     before = tree_bytes(copy)
-    with pytest.raises(FileNotFoundError, match="without their resume files"):
+    with pytest.raises(FileNotFoundError, match="without their resume files") as e:
         ShardCallback(run_dir=copy, resume="auto")
+    assert "resume=True" not in str(e.value)  # words the script as it is (audit 133 F1)
     assert tree_bytes(copy, skip=(".lock",)) == before
+    # shards-only checkpoints (runner.checkpoint_every between the trainer's saves) hold no
+    # training state: a run killed before its first resumable one is started again; it was
+    # taken for a copy without resume/ and refused on every requeue (audit 133 F3)
+    (copy / "checkpoints" / "step_000005" / "training_state.safetensors").unlink()
+    callback = ShardCallback(run_dir=copy, resume="auto")
+    assert not callback.resume and not (copy / "checkpoints").exists()
+    callback.close()
     with pytest.raises(ValueError, match='resume="auto", overwrite=True'):
         ShardCallback(run_dir=tmp_path / "new", resume="auto", overwrite=True)
     with pytest.raises(ValueError, match="resume='yes' \\(expected True, False or \"auto\"\\)"):

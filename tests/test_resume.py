@@ -1131,7 +1131,11 @@ def test_resume_auto_continues_a_killed_run_and_starts_a_new_one(uninterrupted, 
     assert f"sae-shards: resume=auto: continuing the run in {run}" in capsys.readouterr().err
     _same_run(uninterrupted, run)
     assert cli_main(["train", f"run_dir={run}", "resume=auto"]) == 2  # finished: as resume=true
-    assert "there is nothing to resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (f"config error: resume=auto: the run in run_dir={run} finished (12 RL steps, "
+            "summary.json): there is nothing to resume. Analyze it") in err
+    assert "(to replace it, overwrite=true in place of resume=auto)" in err
+    assert "continuing" not in err
     fresh = tmp_path / "fresh"
     assert cli_main(["train", *ARGS, "rl.max_steps=4", f"run_dir={fresh}", "resume=auto"]) == 0
     assert f"resume=auto: starting a new run in {fresh}" in capsys.readouterr().err
@@ -1147,8 +1151,11 @@ def test_resume_auto_replaces_only_a_run_with_nothing_to_resume(tmp_path):
     (early / "rollouts.jsonl").write_text('{"step": 1}\n')
     assert auto_resume_args(["resume=auto", f"run_dir={early}", "sae.k=2"]) == [
         f"run_dir={early}", "sae.k=2", "resume=false", "overwrite=true"]
-    (early / "checkpoints" / "step_000004").mkdir(parents=True)  # a copy without resume/
-    assert auto_resume_args([f"run_dir={early}", "resume=auto"])[-1] == "resume=true"
+    (early / "checkpoints" / "step_000004").mkdir(parents=True)  # shards-only: no training state
+    assert auto_resume_args([f"run_dir={early}", "resume=auto"])[-2:] == ["resume=false",
+                                                                          "overwrite=true"]
+    (early / "checkpoints" / "step_000004" / "training_state.safetensors").write_bytes(b"x")
+    assert auto_resume_args([f"run_dir={early}", "resume=auto"])[-1] == "resume=true"  # a copy
     assert auto_resume_args([f"run_dir={early}", "resume=auto", "resume=false"]) == [
         f"run_dir={early}", "resume=auto", "resume=false"]  # the last resume= is Hydra's
     assert auto_resume_args(["-m", "sae.k=2,4", f"run_dir={tmp_path / 'sweep'}",

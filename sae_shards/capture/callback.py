@@ -74,7 +74,8 @@ from sae_shards.capture.trainer_settings import (SAMPLING_ARGS, STEP_ARGS, TIED_
                                                  reward_names, reward_weights, rows_changed,
                                                  trained_steps, trainer_samples_per_step,
                                                  without_digest)
-from sae_shards.capture.trl_checkpoints import (SCRIPT_RESUME, in_script_terms,
+from sae_shards.capture.trl_checkpoints import (SCRIPT_RESUME,
+                                                in_script_terms,
                                                 missing_rng_state, resumed_checkpoint,
                                                 trl_checkpoint_steps, trl_dir,
                                                 warn_earlier_trl_checkpoints,
@@ -130,7 +131,8 @@ def _in_script_terms(hook):
         except rundir.RunWriteError as e:
             if self.run_config:
                 raise
-            raise rundir.RunWriteError(in_script_terms(str(e)), e.what) from e
+            raise rundir.RunWriteError(in_script_terms(str(e), getattr(self, "_auto", False)),
+                                       e.what) from e
     worded.in_script_terms = True  # every hook has it (a test checks)
     return worded
 
@@ -353,8 +355,13 @@ class ShardCallback(TrainerCallback):
             raise ValueError("ShardCallback(resume=True, overwrite=True) contradict each other: "
                              "resume continues the run in run_dir, overwrite deletes it; choose "
                              "one")
-        if resume == "auto":  # every rank decides alike: rank 0 writes nothing before it trains
-            resume, overwrite = rundir.auto_resume(run_dir)
+        self._auto = resume == "auto"  # said in the messages on how the script continues
+        if self._auto:  # every rank decides alike: rank 0 writes nothing before it trains
+            try:
+                resume, overwrite = rundir.auto_resume(run_dir)
+            except FileExistsError as e:  # finished
+                raise FileExistsError(f'resume="auto": {e} (to replace it, resume=False and '
+                                      "overwrite=True)") from None
             if distributed.is_main():
                 log.warning('resume="auto": %s', "continuing the run in %s" % run_dir if resume
                             else "replacing the run in %s, which stopped before its first "
@@ -367,7 +374,7 @@ class ShardCallback(TrainerCallback):
         except (FileExistsError, FileNotFoundError) as e:
             if run_config:  # sae-shards train: its messages speak the CLI's overrides
                 raise
-            raise type(e)(in_script_terms(str(e))) from None
+            raise type(e)(in_script_terms(str(e), self._auto)) from None
         if resume and distributed.is_main():
             try:
                 rundir.check_resume_config(self.run_dir, {
@@ -1220,10 +1227,11 @@ class ShardCallback(TrainerCallback):
         if self._stopped and not self.run_config:  # sae-shards train prints its own command
             n = distributed.world_size()
             log.warning("stopped after RL step %d with a checkpoint of both sides (%s); to "
-                        "continue, run the script again%s with %s", rl_step, final,
+                        "continue, run the script again%s %s", rl_step, final,
                         f" under the same launch ({distributed.launcher(n)} your_script.py ...)"
                         if n > 1 else "",
-                        SCRIPT_RESUME)
+                        "as it is: its resume=\"auto\" continues the run" if self._auto else
+                        f"with {SCRIPT_RESUME}")
         return summary
 
 

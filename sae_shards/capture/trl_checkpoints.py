@@ -194,12 +194,19 @@ def warn_model_only_checkpoints(args: Any, resuming: bool) -> None:
                     "save_only_model=False to make it resumable exactly")
 
 
-def in_script_terms(message: str) -> str:
+def in_script_terms(message: str, auto: bool = False) -> str:
     """A run-directory refusal worded for ``ShardCallback``'s arguments (the shared message
-    speaks ``sae-shards train``'s overrides)."""
-    for cli, kwarg in (("continue it with resume=true", f"continue it with {SCRIPT_RESUME}"),
-                       ("resume with resume=true", f"resume with {SCRIPT_RESUME}"),
-                       ("overwrite=true", "overwrite=True"), ("resume=true", "resume=True"),
+    speaks ``sae-shards train``'s overrides); ``auto``: the script has ``resume="auto"``, and
+    continues as it is (``SCRIPT_AUTO_RESUME``)."""
+    how = SCRIPT_AUTO_RESUME if auto else SCRIPT_RESUME
+    # "auto" decided to resume; beside it overwrite is refused: replacing means resume=False
+    again = "start it again with resume=False and overwrite=True" if auto else (
+        "start it again with overwrite=True")
+    for cli, kwarg in (("continue it with resume=true", f"continue it with {how}"),
+                       ("resume with resume=true", f"resume with {how}"),
+                       ("start it again with overwrite=true", again),
+                       ("overwrite=true", "overwrite=True"),
+                       ("resume=true", 'resume="auto"' if auto else "resume=True"),
                        # a script's trainer checkpoints at its own save_steps (TRL's side)
                        ("lower runner.checkpoint_every to keep earlier steps next time",
                         "set the trainer's save_strategy='steps' and a smaller save_steps to "
@@ -210,3 +217,6 @@ def in_script_terms(message: str) -> str:
 
 SCRIPT_RESUME = "ShardCallback(..., resume=True) and trainer.train(resume_from_checkpoint=True)"
 """How a user's script continues a stopped run."""
+SCRIPT_AUTO_RESUME = ('the script as it is (ShardCallback(..., resume="auto") and '
+                      "trainer.train(resume_from_checkpoint=callback.resume_from(trainer)))")
+"""How a script with ``resume="auto"`` continues one: run again, unchanged."""

@@ -151,7 +151,11 @@ def auto_resume_args(args: list[str]) -> list[str]:
     if is_sweep(args):
         resume, overwrite = run_dir.is_dir(), False
     else:
-        resume, overwrite = rundir.auto_resume(run_dir)
+        try:
+            resume, overwrite = rundir.auto_resume(run_dir)
+        except FileExistsError as e:  # finished
+            raise ConfigError(f"resume=auto: {e} (to replace it, overwrite=true in place of "
+                              "resume=auto)") from None
     if main_process():
         print("sae-shards: resume=auto: " + (
             f"continuing {'the sweep' if is_sweep(args) else 'the run'} in {run_dir}" if resume

@@ -56,7 +56,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from sae_shards.core.checkpoint import SAE_FILE, CheckpointError, process_umask, save_file_atomic
+from sae_shards.core.checkpoint import (SAE_FILE, STATE_FILE, CheckpointError, process_umask,
+                                       save_file_atomic)
 from sae_shards.run.config import EMPTY_RUN_DIR
 
 log = logging.getLogger(__name__)
@@ -359,14 +360,23 @@ def auto_resume(run_dir: str | Path) -> tuple[bool, bool]:
     that a scheduler starts and requeues alike, from what ``run_dir`` holds now. A run with
     resume files is resumed (a finished one is then refused, as any resume of it is). A new
     or empty directory starts a new run, and so does a run that stopped before its first
-    checkpoint, replaced as ``overwrite`` would (nothing of it can be resumed). A run with step
+    checkpoint, replaced as ``overwrite`` would (nothing of it can be resumed; shards-only
+    checkpoints, which hold no training state, count for none). A run with resumable step
     checkpoints but no resume files (a copy that left ``resume/`` out) is resumed, so that it
-    is refused naming what it lacks: never replaced."""
+    is refused naming what it lacks: never replaced. A finished run: ``FileExistsError``."""
     run_dir = Path(run_dir)
     if not str(run_dir).strip() or not run_dir.is_dir():
         return False, False
-    if has_resume_state(run_dir) or saved_steps(run_dir / CHECKPOINTS) \
-            or any((run_dir / TRL_OUTPUT).glob("checkpoint-*")):
+    done = finished_steps(run_dir)
+    if done is not None:
+        raise FileExistsError(f"the run in run_dir={run_dir} finished ({done} RL steps, "
+                              f"{SUMMARY}): there is nothing to resume. Analyze it (sae-shards "
+                              f"analyze {run_dir}), or give a new run_dir")
+    # the step checkpoints a resume reads hold the training state; shards-only ones (a script's
+    # runner.checkpoint_every between the trainer's saves) never do: nothing resumes from them
+    resumable = [s for s in saved_steps(run_dir / CHECKPOINTS)
+                 if (run_dir / CHECKPOINTS / f"step_{s:06d}" / STATE_FILE).is_file()]
+    if has_resume_state(run_dir) or resumable or any((run_dir / TRL_OUTPUT).glob("checkpoint-*")):
         return True, False
     return False, bool(earlier_results(run_dir))
 
