@@ -490,8 +490,8 @@ def _prepare_locked(run_dir: Path, overwrite: bool, resume: bool) -> Path:
                 continue
             removed.append(name)
         if removed:  # said where Python shows it by default: a script configures no logging
-            log.warning("overwrite=true: removed the earlier run in %s (%s)", run_dir,
-                        ", ".join(removed))
+            log.warning("removed the earlier run in %s to start anew (%s)", run_dir,
+                        ", ".join(removed))  # overwrite=true, overwrite=True or resume="auto"
     _remove_leftovers(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
