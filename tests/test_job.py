@@ -118,7 +118,7 @@ def test_wandb_turned_off_in_the_environment_is_off(tmp_path, monkeypatch, varia
 
 @pytest.mark.slow  # a Hydra sweep of subprocesses, run twice (~25 s)
 def test_multirun_sweep(tmp_path, capsys):
-    sweep = ["-m", "sae.k=2,4", "rl.max_steps=4", "runner.min_samples=2", "task.n_prompts=16",
+    sweep = ["-m", "sae.k=2,4,8", "rl.max_steps=4", "runner.min_samples=2", "task.n_prompts=16",
              "logging=disabled", f"run_dir={tmp_path}"]
     proc = subprocess.run([sys.executable, "-m", "sae_shards.cli", "train", *sweep],
                           capture_output=True, text=True, timeout=300)
@@ -126,7 +126,7 @@ def test_multirun_sweep(tmp_path, capsys):
     assert "is_gradient_checkpointing" not in proc.stderr  # TRL's, about transformers: dropped
     # transformers' bars for each model loaded or saved, between the log lines: dropped
     assert "Writing model shards" not in proc.stderr and "Loading weights" not in proc.stderr
-    for k in (2, 4):
+    for k in (2, 4, 8):
         (job_dir,) = tmp_path.glob(f"*sae.k={k}*")  # named after the job's overrides
         loaded = load_checkpoint(job_dir / "checkpoints" / "final")
         assert loaded.sae.cfg.k == k
@@ -137,6 +137,12 @@ def test_multirun_sweep(tmp_path, capsys):
     (done,) = tmp_path.glob("*sae.k=2*")
     (missing,) = tmp_path.glob("*sae.k=4*")
     shutil.rmtree(missing)
+    # a job killed before its first checkpoint was whole: what it wrote is replaced; it was
+    # refused ("already holds a run") on every resume of the sweep (audit 133 F6)
+    (early,) = tmp_path.glob("*sae.k=8*")
+    for name in ("summary.json", "checkpoints", "resume", "trl", "final_model",
+                 "activations.safetensors"):
+        shutil.rmtree(early / name) if (early / name).is_dir() else (early / name).unlink()
     before = (done / "summary.json").read_text()
     proc = subprocess.run([sys.executable, "-m", "sae_shards.cli", "train", *sweep, "resume=true",
                            "runner.torch_threads=2"], capture_output=True, text=True, timeout=300)
@@ -146,8 +152,12 @@ def test_multirun_sweep(tmp_path, capsys):
     assert load_checkpoint(missing / "checkpoints" / "final").sae.cfg.k == 4
     assert (f"{missing}: no checkpoint of this job in the sweep (it never started, or the "
             "earlier command named it otherwise): started from the beginning") in proc.stdout
+    assert (f"{early}: no checkpoint of this job in the sweep (it stopped before its first "
+            "checkpoint was written whole: what it wrote is replaced): started from the "
+            "beginning") in proc.stdout
+    assert load_checkpoint(early / "checkpoints" / "final").sae.cfg.k == 8
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(
-        [done.name, missing.name])
+        [done.name, missing.name, early.name])
     # a single run into the sweep's directory is refused before Hydra writes there, and a plain
     # overwrite=true too: it would mix with the jobs, and the sweep could not be resumed
     # (in this process: the refusals come before anything a real process would add)

@@ -1164,3 +1164,41 @@ def test_resume_auto_replaces_only_a_run_with_nothing_to_resume(tmp_path):
                      (["-m", "run_dir=a,b", "resume=auto"], "needs one run_dir")):
         with pytest.raises(ConfigError, match=why):
             auto_resume_args(bad)
+
+
+def test_resume_auto_decides_on_a_complete_step(tmp_path):
+    """A kill while the first checkpoint is written (the likeliest moment: the slowest part of
+    a step) leaves the parts of one step, none whole: nothing resumes, so resume=auto starts
+    the run again. It resumed on any part present, and the resume was refused on every requeue
+    (audit 133 F4). Parts of several steps, or a shards checkpoint without the resume file
+    written before it, are a copy's: resumed, so that they are refused naming the part."""
+    from sae_shards.run.rundir import auto_resume
+
+    def run_with(*parts: str) -> Path:
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        (run / "config.json").parent.mkdir(parents=True)
+        (run / "rollouts.jsonl").write_text('{"step": 1}\n')
+        for part in parts:
+            (run / part).parent.mkdir(parents=True, exist_ok=True)
+            if part.endswith("/"):
+                (run / part).mkdir(exist_ok=True)
+            else:
+                (run / part).write_text("{}")
+        return run
+
+    resume4, state4 = "resume/step_000004.safetensors", "checkpoints/step_000004/training_state.safetensors"
+    trl4 = "trl/checkpoint-4/trainer_state.json"
+    torn = run_with(resume4, "checkpoints/.step_000004.tmp-x/sae.safetensors", "trl/checkpoint-4/")
+    assert auto_resume(torn, with_trl=True) == (False, True)  # the audit's state: replaced
+    assert auto_resume(run_with(resume4), with_trl=False) == (False, True)  # a script's
+    assert auto_resume(run_with(resume4, state4, trl4), with_trl=True) == (True, False)
+    assert auto_resume(run_with(resume4, state4), with_trl=False) == (True, False)
+    assert auto_resume(run_with(resume4, state4), with_trl=True) == (False, True)  # TRL torn
+    assert auto_resume(run_with(state4), with_trl=True) == (True, False)  # no resume/: a copy
+    assert auto_resume(run_with(resume4, "resume/step_000008.safetensors"),
+                       with_trl=True) == (True, False)  # parts of two steps: a copy
+    # and the CLI starts the torn run again, removing what it wrote
+    from sae_shards.cli.rerun import auto_resume_args
+
+    assert auto_resume_args([f"run_dir={torn}", "resume=auto"])[-2:] == ["resume=false",
+                                                                         "overwrite=true"]

@@ -152,7 +152,7 @@ def auto_resume_args(args: list[str]) -> list[str]:
         resume, overwrite = run_dir.is_dir(), False
     else:
         try:
-            resume, overwrite = rundir.auto_resume(run_dir)
+            resume, overwrite = rundir.auto_resume(run_dir, with_trl=True)
         except FileExistsError as e:  # finished
             raise ConfigError(f"resume=auto: {e} (to replace it, overwrite=true in place of "
                               "resume=auto)") from None

@@ -245,12 +245,16 @@ class _Jobs:
                 print(f"sae-shards: {run_dir} finished ({done} RL steps) earlier: skipped")
             self.outcome[run_dir] = "finished earlier: skipped"
             return None
-        if not rundir.has_resume_state(run_dir):  # never started, or named otherwise
+        # never started, named otherwise, or stopped before its first checkpoint was whole:
+        # started from the beginning (what it wrote is replaced: nothing of it resumes)
+        resume, overwrite = rundir.auto_resume(run_dir, with_trl=True)
+        if not resume:
             if main_process():
-                print(f"sae-shards: {run_dir}: no checkpoint of this job in the sweep (it "
-                      "never started, or the earlier command named it otherwise): started "
-                      "from the beginning")
-            job = dataclasses.replace(job, resume=False)
+                print(f"sae-shards: {run_dir}: no checkpoint of this job in the sweep ("
+                      + ("it stopped before its first checkpoint was written whole: what it "
+                         "wrote is replaced" if overwrite else "it never started, or the "
+                         "earlier command named it otherwise") + "): started from the beginning")
+            job = dataclasses.replace(job, resume=False, overwrite=overwrite)
         return job
 
     def _run(self, job, cfg, run_dir: Path, label: str, sweep: bool) -> None:

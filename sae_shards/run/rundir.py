@@ -355,15 +355,18 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
         raise
 
 
-def auto_resume(run_dir: str | Path) -> tuple[bool, bool]:
-    """``(resume, overwrite)`` for ``ShardCallback(resume="auto")``, the setting of a script
-    that a scheduler starts and requeues alike, from what ``run_dir`` holds now. A run with
-    resume files is resumed (a finished one is then refused, as any resume of it is). A new
-    or empty directory starts a new run, and so does a run that stopped before its first
-    checkpoint, replaced as ``overwrite`` would (nothing of it can be resumed; shards-only
-    checkpoints, which hold no training state, count for none). A run with resumable step
-    checkpoints but no resume files (a copy that left ``resume/`` out) is resumed, so that it
-    is refused naming what it lacks: never replaced. A finished run: ``FileExistsError``."""
+def auto_resume(run_dir: str | Path, with_trl: bool = False) -> tuple[bool, bool]:
+    """``(resume, overwrite)`` for ``resume="auto"``, the setting of a job that a scheduler
+    starts and requeues with one command, from what ``run_dir`` holds now. A run with a
+    complete resumable step (its resume file and its shards checkpoint with the training
+    state; ``with_trl``, ``sae-shards train``'s run: also TRL's finished checkpoint in
+    ``trl/``; a script's trainer keeps its own elsewhere) is resumed. A new or empty directory
+    starts a new run, and so does a run with nothing to resume, replaced as ``overwrite`` would:
+    one that stopped before its first checkpoint, or was killed while it wrote it (the parts of
+    one step at most; shards-only checkpoints, which hold no training state, count for none).
+    Parts of two steps or more, none complete, or a shards checkpoint without its resume file
+    (written first), are a copy that left a part out: resumed, so that the resume refuses them
+    naming what is missing, never replaced. A finished run: ``FileExistsError``."""
     run_dir = Path(run_dir)
     if not str(run_dir).strip() or not run_dir.is_dir():
         return False, False
@@ -372,13 +375,20 @@ def auto_resume(run_dir: str | Path) -> tuple[bool, bool]:
         raise FileExistsError(f"the run in run_dir={run_dir} finished ({done} RL steps, "
                               f"{SUMMARY}): there is nothing to resume. Analyze it (sae-shards "
                               f"analyze {run_dir}), or give a new run_dir")
-    # the step checkpoints a resume reads hold the training state; shards-only ones (a script's
-    # runner.checkpoint_every between the trainer's saves) never do: nothing resumes from them
-    resumable = [s for s in saved_steps(run_dir / CHECKPOINTS)
-                 if (run_dir / CHECKPOINTS / f"step_{s:06d}" / STATE_FILE).is_file()]
-    if has_resume_state(run_dir) or resumable or any((run_dir / TRL_OUTPUT).glob("checkpoint-*")):
+    resumes = set(saved_steps(run_dir / RESUME))
+    states = {s for s in saved_steps(run_dir / CHECKPOINTS)
+              if (run_dir / CHECKPOINTS / step_name(s) / STATE_FILE).is_file()}
+    trl = run_dir / TRL_OUTPUT
+    started = {int(p.name[len("checkpoint-"):]) for p in trl.glob("checkpoint-*")
+               if p.name[len("checkpoint-"):].isdigit()} if with_trl else set()
+    complete = resumes & states
+    if with_trl:
+        complete = {s for s in complete if trl_finished(trl, s)}
+    # a step's resume file is written before its shards checkpoint: a checkpoint without one,
+    # or parts of several steps, are a copy's, not a kill's
+    if complete or states - resumes or len(resumes | states | started) >= 2:
         return True, False
-    return False, bool(earlier_results(run_dir))
+    return False, bool(earlier_results(run_dir)) or bool(resumes | states | started)
 
 
 def _why_not_resumable(run_dir: Path, earlier: list[str]) -> str:
