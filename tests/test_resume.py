@@ -1158,8 +1158,15 @@ def test_resume_auto_replaces_only_a_run_with_nothing_to_resume(tmp_path):
     assert auto_resume_args([f"run_dir={early}", "resume=auto"])[-1] == "resume=true"  # a copy
     assert auto_resume_args([f"run_dir={early}", "resume=auto", "resume=false"]) == [
         f"run_dir={early}", "resume=auto", "resume=false"]  # the last resume= is Hydra's
-    assert auto_resume_args(["-m", "sae.k=2,4", f"run_dir={tmp_path / 'sweep'}",
+    sweep = tmp_path / "sweep"
+    assert auto_resume_args(["-m", "sae.k=2,4", f"run_dir={sweep}",
                              "resume=auto"])[-1] == "resume=false"
+    sweep.mkdir()  # made by hand, or a sweep killed before Hydra wrote multirun.yaml: a new
+    assert auto_resume_args(["-m", "sae.k=2,4", f"run_dir={sweep}",  # one (audit 133 F5)
+                             "resume=auto"])[-1] == "resume=false"
+    (sweep / "multirun.yaml").write_text("{}")
+    assert auto_resume_args(["-m", "sae.k=2,4", f"run_dir={sweep}",
+                             "resume=auto"])[-1] == "resume=true"
     for bad, why in ((["resume=auto", "overwrite=true"], "leave overwrite=true out"),
                      (["-m", "run_dir=a,b", "resume=auto"], "needs one run_dir")):
         with pytest.raises(ConfigError, match=why):

@@ -128,8 +128,8 @@ def auto_resume_args(args: list[str]) -> list[str]:
     """``resume=auto`` (a job a scheduler starts and requeues with one command) as what the run
     directory holds now asks for (``rundir.auto_resume``): ``resume=true`` when the run there
     has a checkpoint, else ``resume=false``, with ``overwrite=true`` over a run that stopped
-    before its first checkpoint. A sweep (``-m``) resumes when its directory exists (a sweep's
-    resume starts the jobs that never started). Other arguments are returned unchanged; the
+    before its first checkpoint. A sweep (``-m``) resumes when its directory holds a sweep
+    (``rundir.SWEEP``; a sweep's resume starts the jobs that never started). Other arguments are returned unchanged; the
     decision is printed."""
     from sae_shards.cli.hydra_config import override_mask
     from sae_shards.cli.train_checks import _given_overrides
@@ -148,8 +148,8 @@ def auto_resume_args(args: list[str]) -> list[str]:
     run_dir = run_dir_arg(given)
     if run_dir is None:
         raise ConfigError("resume=auto needs one run_dir, not a sweep over it")
-    if is_sweep(args):
-        resume, overwrite = run_dir.is_dir(), False
+    if is_sweep(args):  # a sweep's directory is one once Hydra wrote its multirun.yaml
+        resume, overwrite = (run_dir / rundir.SWEEP).is_file(), False
     else:
         try:
             resume, overwrite = rundir.auto_resume(run_dir, with_trl=True)
