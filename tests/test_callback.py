@@ -2316,3 +2316,25 @@ def test_a_resume_past_a_shuffled_epoch_says_its_prompts_differ(tiny_model, tmp_
     whole, cut = prompts("whole"), prompts("cut")
     assert all(whole[s] == cut[s] for s in range(1, 7))
     assert any(whole[s] != cut[s] for s in range(7, 11))  # what the warning says
+
+
+def test_a_script_relaunched_with_another_output_dir_is_told_where_its_checkpoints_are(
+        tiny_model, tmp_path):
+    """A requeued script whose output_dir comes from a job id: the trainer finds none of the
+    run's TRL checkpoints. It was told to pass resume_from_checkpoint=True, which cannot work
+    there, and the refused attempt recorded the new output_dir in config.json, where analysis
+    then looked for the policies (audit 133 F7). Now refused naming both, changing nothing."""
+    run = tmp_path / "cut"
+    _seeded_run(tiny_model, tmp_path, "cut", stop_at=7)
+    before = tree_bytes(run, skip=(".lock",))
+    again = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume="auto")
+    trainer = _user_trainer(tiny_model, tmp_path / "job_42", [again])
+    with pytest.raises(CheckpointError) as e:
+        trainer.train(resume_from_checkpoint=again.resume_from(trainer))
+    assert str(e.value) == (
+        f"{run}: the trainer's output_dir {tmp_path / 'job_42'} holds none of this run's TRL "
+        f"checkpoints, which are in {tmp_path / 'trl_cut'} (config.json's rl.output_dir): give "
+        f"the trainer output_dir='{tmp_path / 'trl_cut'}', or move them to "
+        f"{tmp_path / 'job_42'}; nothing was changed")
+    again.close()
+    assert tree_bytes(run, skip=(".lock",)) == before

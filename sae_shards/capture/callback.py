@@ -84,7 +84,7 @@ from sae_shards.capture.trl_checkpoints import (SCRIPT_RESUME,
                                                 warn_no_trl_checkpoints, writes_checkpoints)
 from sae_shards.capture.zero3_delta import Zero3DeltaCapture, zero3_targets
 from sae_shards.core import events as ev
-from sae_shards.core.checkpoint import save_checkpoint
+from sae_shards.core.checkpoint import CheckpointError, save_checkpoint
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import make_targets, oversized_ranks
 from sae_shards.run import rundir, versions
@@ -501,8 +501,29 @@ class ShardCallback(TrainerCallback):
         rundir.check_resume_config(self.run_dir, mine,
                                    "Resume with the trainer settings, dataset and reward "
                                    "functions the run started with, or start a new run_dir.")
+        self._check_trl_output(trainer, rundir.section(config, "rl").get("output_dir"))
         if changed_rows:
             self._warn_other_rows(trainer, changed_rows)
+
+    def _check_trl_output(self, trainer: Any, recorded: Any) -> None:
+        """A script relaunched with another ``output_dir`` (one named after a job id) whose
+        trainer finds none of the run's TRL checkpoints there, while the ``output_dir`` the run
+        recorded (``recorded``) holds them: refused naming both, before config.json would record
+        the new one (the resume was refused later, told to pass resume_from_checkpoint=True,
+        which cannot work there, and analysis then looked for the policies in the new place).
+        A run moved with its TRL checkpoints finds them in the new place: not refused."""
+        now = getattr(getattr(trainer, "args", None), "output_dir", None)
+        if not (isinstance(recorded, str) and now) or Path(now).resolve() == Path(recorded).resolve():
+            return
+        have = sorted(set(rundir.saved_steps(self.run_dir / rundir.RESUME))
+                      & set(rundir.saved_steps(self.run_dir / rundir.CHECKPOINTS)))
+        if any(rundir.trl_finished(Path(now), s) for s in have) or not any(
+                rundir.trl_finished(Path(recorded), s) for s in have):
+            return
+        raise CheckpointError(
+            f"{self.run_dir}: the trainer's output_dir {now} holds none of this run's TRL "
+            f"checkpoints, which are in {recorded} (config.json's rl.output_dir): give the "
+            f"trainer output_dir={recorded!r}, or move them to {now}; nothing was changed")
 
     def _say_what_is_captured(self, trainer: Any | None) -> None:
         """Log what is captured, its sizes (``sizes``) and the SAE's window, and warn of
