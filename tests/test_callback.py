@@ -2256,7 +2256,7 @@ def test_one_script_starts_and_resumes_its_run_with_resume_auto(tiny_model, whol
     assert "continuing" not in caplog.text
 
 
-def test_resume_auto_replaces_only_a_run_with_nothing_to_resume(tmp_path):
+def test_resume_auto_replaces_only_a_run_with_nothing_to_resume(tmp_path, caplog):
     """A run killed before its first checkpoint is started again (nothing of it can be
     resumed); a copy with step checkpoints but no resume files is refused naming what it lacks,
     never replaced; "auto" beside overwrite, or another word, is refused."""
@@ -2264,8 +2264,12 @@ def test_resume_auto_replaces_only_a_run_with_nothing_to_resume(tmp_path):
     early.mkdir()
     (early / "rollouts.jsonl").write_text('{"step": 1}\n')
     (early / "config.json").write_text("{}")
-    callback = ShardCallback(run_dir=early, resume="auto")
+    with caplog.at_level(logging.WARNING, logger="sae_shards"):
+        callback = ShardCallback(run_dir=early, resume="auto")
     assert not callback.resume and not (early / "rollouts.jsonl").exists()
+    assert (f'resume="auto": replacing the run in {early}, which has no complete checkpoint to '
+            "resume from") in caplog.text
+    assert f"removed the earlier run in {early} to start anew" in caplog.text
     callback.close()
     copy = tmp_path / "copy"
     (copy / "checkpoints" / "step_000005").mkdir(parents=True)
@@ -2275,6 +2279,7 @@ def test_resume_auto_replaces_only_a_run_with_nothing_to_resume(tmp_path):
     with pytest.raises(FileNotFoundError, match="without their resume files") as e:
         ShardCallback(run_dir=copy, resume="auto")
     assert "resume=True" not in str(e.value)  # words the script as it is (audit 133 F1)
+    assert "step checkpoints (checkpoints/) without" in str(e.value)  # no trl/ named: none here
     assert tree_bytes(copy, skip=(".lock",)) == before
     # shards-only checkpoints (runner.checkpoint_every between the trainer's saves) hold no
     # training state: a run killed before its first resumable one is started again; it was

@@ -885,8 +885,8 @@ def test_a_copy_missing_a_part_of_its_checkpoints_is_not_told_to_start_again(uni
     assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*")) == before
     shutil.rmtree(copy / "resume")
     assert cli_main(["train", f"run_dir={copy}", "resume=true"]) == 2
-    assert ("holds step checkpoints (checkpoints/, trl/) without their resume files. A copy that "
-            "left resume/ out: copy it from the run") in capsys.readouterr().err
+    assert ("holds step checkpoints (trl/) without their resume files. A copy that left "
+            "resume/ out: copy it from the run") in capsys.readouterr().err  # the folders there
     shutil.rmtree(copy / "trl")
     assert cli_main(["train", f"run_dir={copy}", "resume=true"]) == 2
     assert "it stopped before its first checkpoint; start it again with overwrite=true" in \

@@ -353,8 +353,9 @@ def comparison_lines(result: Comparison, a: ShardSet, b: ShardSet,
                      "runs of different sae.seed where you can")
     if none:
         return lines
-    lines.append("  shard    fired   match    fired   cosine   chance   (fired: on the share of its "
-                 "SAE's training samples; the report's timeline is the buffer at the run's end)")
+    lines.append("  shard    fired   match    fired   cosine   chance   (fired: on the share of "
+                 "its SAE's training samples; the report's timeline is the buffer at the run's "
+                 "end)")
     shown = result.pairs if top is None else result.pairs[:top]
 
     def row(p: ShardPair, tag: str) -> str:

@@ -364,8 +364,8 @@ class ShardCallback(TrainerCallback):
                                       "overwrite=True)") from None
             if distributed.is_main():
                 log.warning('resume="auto": %s', "continuing the run in %s" % run_dir if resume
-                            else "replacing the run in %s, which stopped before its first "
-                            "checkpoint" % run_dir if overwrite else
+                            else "replacing the run in %s, which has no complete checkpoint to "
+                            "resume from" % run_dir if overwrite else
                             "starting a new run in %s" % run_dir)
         try:
             self.run_dir = (rundir.prepare_run_dir(run_dir, overwrite, resume)

@@ -129,8 +129,8 @@ def auto_resume_args(args: list[str]) -> list[str]:
     directory holds now asks for (``rundir.auto_resume``): ``resume=true`` when the run there
     has a checkpoint, else ``resume=false``, with ``overwrite=true`` over a run that stopped
     before its first checkpoint. A sweep (``-m``) resumes when its directory holds a sweep
-    (``rundir.SWEEP``; a sweep's resume starts the jobs that never started). Other arguments are returned unchanged; the
-    decision is printed."""
+    (``rundir.SWEEP``; a sweep's resume starts the jobs that never started). Other arguments
+    are returned unchanged; the decision is printed."""
     from sae_shards.cli.hydra_config import override_mask
     from sae_shards.cli.train_checks import _given_overrides
     from sae_shards.run import rundir
@@ -159,7 +159,7 @@ def auto_resume_args(args: list[str]) -> list[str]:
     if main_process():
         print("sae-shards: resume=auto: " + (
             f"continuing {'the sweep' if is_sweep(args) else 'the run'} in {run_dir}" if resume
-            else f"replacing the run in {run_dir}, which stopped before its first checkpoint"
+            else f"replacing the run in {run_dir}, which has no complete checkpoint to resume from"
             if overwrite else f"starting a new {'sweep' if is_sweep(args) else 'run'} in "
             f"{run_dir}"), file=sys.stderr)
     kept = [a for i, a in enumerate(args) if i not in dict(resumes)]

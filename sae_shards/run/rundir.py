@@ -395,7 +395,8 @@ def _why_not_resumable(run_dir: Path, earlier: list[str]) -> str:
     """What a ``resume=true`` without resume state found, and what to run instead."""
     if earlier and (saved_steps(run_dir / CHECKPOINTS)
                     or any((run_dir / TRL_OUTPUT).glob("checkpoint-*"))):
-        return (f"it holds step checkpoints ({CHECKPOINTS}/, {TRL_OUTPUT}/) without their "
+        places = ", ".join(f"{d}/" for d in (CHECKPOINTS, TRL_OUTPUT) if (run_dir / d).is_dir())
+        return (f"it holds step checkpoints ({places}) without their "
                 f"resume files. A copy that left {RESUME}/ out: copy it from the run; a run "
                 "killed while it wrote its first checkpoint: start it again with "
                 "overwrite=true (which deletes what the directory holds)")
