@@ -353,14 +353,9 @@ def _check_trl_log(run_dir: Path, step: int, history: list[dict[str, Any]] | Non
             "in a shared output_dir); resume from this run's own checkpoint of that step")
 
 
-def trl_log_mismatch(run_dir: Path, step: int,
-                     history: list[dict[str, Any]] | None) -> tuple[int, str] | None:
-    """Whether a TRL log is another run's: the log TRL keeps in a checkpoint
-    (``trainer_state.json``'s ``log_history``) must hold, at the latest RL step up to ``step``
-    that both logged, the values this run's ``metrics.jsonl`` holds there (its ``rl`` rows are
-    what TRL passed to ``on_log``), for the figures both hold (a callback before ShardCallback
-    may add its own to the logs), and one at least. ``(that step, what differs)`` when it does
-    not; None when it does, or when there is nothing to compare (no log in common)."""
+def _logged_rl_rows(run_dir: Path, step: int) -> dict[int, dict[str, Any]]:
+    """This run's ``rl`` rows of ``metrics.jsonl`` up to RL step ``step``, by step (TRL's
+    end-of-training row left out)."""
     ours: dict[int, dict[str, Any]] = {}
     path = run_dir / rundir.METRICS
     for _, _, row in rundir.iter_jsonl(path) if path.is_file() else ():
@@ -368,6 +363,19 @@ def trl_log_mismatch(run_dir: Path, step: int,
         if row.get("kind") == "rl" and isinstance(at, int) and at <= step \
                 and "train_runtime" not in row:  # not TRL's end-of-training row
             ours[at] = row
+    return ours
+
+
+def trl_log_mismatch(run_dir: Path, step: int, history: list[dict[str, Any]] | None,
+                     ours: dict[int, dict[str, Any]] | None = None) -> tuple[int, str] | None:
+    """Whether a TRL log is another run's: the log TRL keeps in a checkpoint
+    (``trainer_state.json``'s ``log_history``) must hold, at the latest RL step up to ``step``
+    that both logged, the values this run's ``metrics.jsonl`` holds there (its ``rl`` rows are
+    what TRL passed to ``on_log``), for the figures both hold (a callback before ShardCallback
+    may add its own to the logs), and one at least. ``(that step, what differs)`` when it does
+    not; None when it does, or when there is nothing to compare (no log in common). ``ours``:
+    ``_logged_rl_rows`` when already read (several logs compared with one run's)."""
+    ours = _logged_rl_rows(run_dir, step) if ours is None else ours
     theirs: dict[int, list[dict[str, Any]]] = {}
     for entry in history or ():
         at = entry.get("step") if isinstance(entry, dict) else None
@@ -401,7 +409,7 @@ def other_runs_trl_checkpoints(run_dir: Path, output_dir: str | None, step: int)
     ``output_dir`` logged, up to ``step``, other values than this run
     (``trl_log_mismatch``): another run's, in an output_dir two runs share. A checkpoint whose
     log cannot be read is not counted."""
-    other = []
+    other, ours = [], None
     for later in trl_checkpoint_steps(output_dir):
         state = Path(str(output_dir)) / f"checkpoint-{later}" / "trainer_state.json"
         if later <= step:
@@ -410,7 +418,10 @@ def other_runs_trl_checkpoints(run_dir: Path, output_dir: str | None, step: int)
             history = json.loads(state.read_text()).get("log_history")
         except (OSError, ValueError, AttributeError):
             continue
-        if isinstance(history, list) and trl_log_mismatch(run_dir, step, history):
+        if not isinstance(history, list):
+            continue
+        ours = _logged_rl_rows(run_dir, step) if ours is None else ours  # read once
+        if trl_log_mismatch(run_dir, step, history, ours):
             other.append(later)
     return other
 

@@ -372,15 +372,14 @@ def auto_resume(run_dir: str | Path, with_trl: bool = False) -> tuple[bool, bool
         return False, False
     done = finished_steps(run_dir)
     if done is not None:
-        raise FileExistsError(f"the run in run_dir={run_dir} finished ({done} RL steps, "
-                              f"{SUMMARY}): there is nothing to resume. Analyze it (sae-shards "
-                              f"analyze {run_dir}), or give a new run_dir")
+        raise FileExistsError(f"{_nothing_to_resume(run_dir, done)}, or give a new run_dir")
     resumes = set(saved_steps(run_dir / RESUME))
     states = {s for s in saved_steps(run_dir / CHECKPOINTS)
               if (run_dir / CHECKPOINTS / step_name(s) / STATE_FILE).is_file()}
+    from sae_shards.capture.trl_checkpoints import trl_checkpoint_steps  # stdlib only
+
     trl = run_dir / TRL_OUTPUT
-    started = {int(p.name[len("checkpoint-"):]) for p in trl.glob("checkpoint-*")
-               if p.name[len("checkpoint-"):].isdigit()} if with_trl else set()
+    started = set(trl_checkpoint_steps(str(trl))) if with_trl else set()
     complete = resumes & states
     if with_trl:
         complete = {s for s in complete if trl_finished(trl, s)}
@@ -389,6 +388,12 @@ def auto_resume(run_dir: str | Path, with_trl: bool = False) -> tuple[bool, bool
     if complete or states - resumes or len(resumes | states | started) >= 2:
         return True, False
     return False, bool(earlier_results(run_dir)) or bool(resumes | states | started)
+
+
+def _nothing_to_resume(run_dir: Path, steps: int) -> str:
+    """What a resume of the finished run in ``run_dir`` is told (its caller adds the way on)."""
+    return (f"the run in run_dir={run_dir} finished ({steps} RL steps, {SUMMARY}): there is "
+            f"nothing to resume. Analyze it (sae-shards analyze {run_dir})")
 
 
 def _why_not_resumable(run_dir: Path, earlier: list[str]) -> str:
@@ -468,10 +473,8 @@ def _prepare_locked(run_dir: Path, overwrite: bool, resume: bool) -> Path:
     finished = finished_steps(run_dir)
     if resume:
         if finished is not None:
-            raise FileExistsError(
-                f"resume=true but the run in run_dir={run_dir} finished ({finished} RL steps, "
-                f"{SUMMARY}): there is nothing to resume. Analyze it (sae-shards analyze "
-                f"{run_dir}), or start it again with overwrite=true")
+            raise FileExistsError(f"resume=true but {_nothing_to_resume(run_dir, finished)}, "
+                                  "or start it again with overwrite=true")
         if not has_resume_state(run_dir):
             raise FileNotFoundError(
                 f"resume=true but run_dir={run_dir} holds no resumable run ({RESUME}/ is "
