@@ -1158,6 +1158,9 @@ def test_resume_auto_replaces_only_a_run_with_nothing_to_resume(tmp_path):
     assert auto_resume_args([f"run_dir={early}", "resume=auto"])[-1] == "resume=true"  # a copy
     assert auto_resume_args([f"run_dir={early}", "resume=auto", "resume=false"]) == [
         f"run_dir={early}", "resume=auto", "resume=false"]  # the last resume= is Hydra's
+    for spelt in ("++resume=auto", "resume='auto'", "resume=AUTO"):  # Hydra's type error
+        assert auto_resume_args([f"run_dir={early}", spelt]) == [f"run_dir={early}",
+                                                                 "resume=true"]
     sweep = tmp_path / "sweep"
     assert auto_resume_args(["-m", "sae.k=2,4", f"run_dir={sweep}",
                              "resume=auto"])[-1] == "resume=false"

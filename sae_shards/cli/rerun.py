@@ -135,9 +135,13 @@ def auto_resume_args(args: list[str]) -> list[str]:
     from sae_shards.cli.train_checks import _given_overrides
     from sae_shards.run import rundir
 
-    mask = override_mask(args)
-    keyed = [(i, a.split("=", 1)) for i, (a, o) in enumerate(zip(args, mask)) if o and "=" in a]
-    resumes = [(i, value) for i, (key, value) in keyed if key == "resume"]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parse = OverridesParser.create().parse_overrides
+    parsed = [(i, parse([a])[0]) for i, (a, o) in enumerate(zip(args, override_mask(args)))
+              if o and "=" in a]  # ``++resume=auto`` and ``resume='auto'`` too
+    resumes = [(i, str(o.value())) for i, o in parsed
+               if o.key_or_group == "resume" and not o.is_delete() and not o.is_sweep_override()]
     if not resumes or resumes[-1][1].strip().lower() != "auto":
         return args
     given = _given_overrides([a for i, a in enumerate(args) if i not in dict(resumes)])
