@@ -884,3 +884,34 @@ def test_a_long_artifact_name_fits_wandbs_limit_and_stays_apart():
     a, b = artifact_name("shards-" + "x" * 300 + "a"), artifact_name("shards-" + "x" * 300 + "b")
     assert len(a.encode()) <= ARTIFACT_NAME_MAX and len(b.encode()) <= ARTIFACT_NAME_MAX
     assert a != b and a.startswith("shards-xxx")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_setup_is_said_and_leaves_a_run_that_starts_again(tmp_path, capfd,
+                                                                          monkeypatch, sig):
+    """A scheduler's SIGTERM while the policy loads (minutes for a real model) ended the job
+    without a word (SIGTERM's default: exit 143), and Ctrl-C there was called 'a second
+    signal'. It now says it stopped before training and how to go on, with the shell's
+    status for the signal; the run directory is left free and the same command starts."""
+    import signal
+
+    import sae_shards.run.job as job
+
+    building = job.prepare_model
+
+    def signalled(*args, **kwargs):
+        path = building(*args, **kwargs)
+        os.kill(os.getpid(), getattr(signal, sig))  # a real signal, mid-setup
+        return path
+
+    monkeypatch.setattr(job, "prepare_model", signalled)
+    run = tmp_path / "r"
+    assert main(["train", f"run_dir={run}", *TINY]) == 128 + getattr(signal, sig)
+    err = capfd.readouterr().err
+    assert (f"stopped by {sig} before training began; no step of the run was trained: run "
+            "the same command again") in err
+    assert "second signal" not in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the process's own again
+    monkeypatch.setattr(job, "prepare_model", building)
+    assert main(["train", f"run_dir={run}", *TINY]) == 0  # the same command
+    assert len((run / "rollouts.jsonl").read_text().splitlines()) == 6

@@ -46,6 +46,34 @@ class SecondSignal(KeyboardInterrupt):
         self.signum = signum
 
 
+class StoppedBeforeTraining(KeyboardInterrupt):
+    """A stop signal during a job's setup (the model loads, W&B starts): nothing is trained
+    yet, so there is no step to finish and no checkpoint to write; the job ends at once
+    (``signum``: which signal)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} before training began")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_before_training() -> Iterator[None]:
+    """While in the block, SIGTERM (and SIGINT) raise ``StoppedBeforeTraining``, so that the
+    job says it stopped and why, where SIGTERM's default would end the process without a
+    word. Only the signals :func:`free_signals` gives (a script's own handlers are kept)."""
+    previous: dict[int, Any] = {}
+
+    def handler(signum, frame):
+        raise StoppedBeforeTraining(signum)
+
+    for sig in free_signals():
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        _restore(previous)
+
+
 @contextlib.contextmanager
 def stop_on_signals(callback: Stoppable, only_while_training: bool = False,
                     signals: tuple[int, ...] = SIGNALS) -> Iterator[None]:

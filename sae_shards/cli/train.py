@@ -262,6 +262,7 @@ class _Jobs:
         also kept in ``interrupted``), and rank 0 prints a finished job's closing lines."""
         from sae_shards.capture.distributed import StoppedWithAnotherRank
         from sae_shards.capture.runner import SAEWorkerError
+        from sae_shards.capture.signals import StoppedBeforeTraining
         from sae_shards.core.checkpoint import CheckpointError
         from sae_shards.run.job import JobSetupError, RefusedOnRankZero, run_job
         from sae_shards.run.rundir import RunWriteError
@@ -292,6 +293,11 @@ class _Jobs:
         except SAEWorkerError as e:  # the SAE failed or hung: RL was stopped, not left blocked
             self._failed_alone(e)
             self.failures.append(f"{label}stopped: {e}; {how_to_continue(run_dir)}")
+            return
+        except StoppedBeforeTraining as e:
+            self.failures.append(f"{label}stopped by {signal.Signals(e.signum).name} before "
+                                 f"training began; {how_to_continue(run_dir)}")
+            self.interrupted.append(e.signum)
             return
         except KeyboardInterrupt as e:  # a second signal (SecondSignal), or Ctrl-C outside
             self.failures.append(f"{label}stopped at once by a second signal; "

@@ -28,7 +28,7 @@ from sae_shards.capture import distributed, initial_model
 from sae_shards.capture import resume as resume_state
 from sae_shards.capture.callback import ShardCallback
 from sae_shards.capture.pipeline import resolve_targets
-from sae_shards.capture.signals import stop_on_signals
+from sae_shards.capture.signals import stop_before_training, stop_on_signals
 from sae_shards.capture.trl_checkpoints import rng_state_name
 from sae_shards.core.checkpoint import CheckpointError
 from sae_shards.recipe.models import (build_tiny_model, build_tokenizer, check_policy_dir,
@@ -427,7 +427,8 @@ def run_job(cfg: JobConfig, run_dir: Path,
 
     Sets torch's thread count (``runner.torch_threads``): the job is an entry point."""
     torch.set_num_threads(cfg.runner.torch_threads)
-    rl, callback, resume_from = start(cfg, Path(run_dir), hydra_files)
+    with stop_before_training():  # a real model may take minutes to load
+        rl, callback, resume_from = start(cfg, Path(run_dir), hydra_files)
     try:
         with stop_on_signals(callback):
             rl.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
