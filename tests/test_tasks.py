@@ -207,3 +207,17 @@ def test_a_variable_length_tuple_field_is_checked_item_by_item():
     for value in (3, "ab"):  # not a list at all
         with pytest.raises(ValueError, match=r"x.sizes: expected a list of int, got"):
             coerce_fields(Sizes, {"sizes": value}, "x.")
+
+
+@pytest.mark.parametrize("name", ["letters", "multiskill"])
+@pytest.mark.parametrize("options, message", [
+    ({"prompt_chars": ""}, r"task.options.prompt_chars is empty"),
+    ({"target_length": 0}, r"task.options.target_length=0 must be >= 1"),
+    ({"prompt_length": (5, 2)}, r"task.options.prompt_length=\(5, 2\) must satisfy"),
+])
+def test_every_character_task_refuses_the_prompt_options_it_cannot_draw(name, options, message):
+    """letters accepted an empty ``prompt_chars``: its dataset then failed inside random.choice
+    (IndexError, 'Cannot choose from an empty sequence'). Both task classes check the options
+    they share in one place."""
+    with pytest.raises(ValueError, match=message):
+        build_task(name, **options)

@@ -46,6 +46,31 @@ RewardFunc = Callable[..., list[float]]
 """TRL reward function: ``fn(prompts, completions, **kwargs) -> list[float]``."""
 
 
+def class_score(completion: str, chars: str, target_length: int) -> float:
+    """The characters of ``completion`` in ``chars`` over ``target_length``, capped at 1 (graded,
+    and a short completion cannot score high)."""
+    return min(sum(ch in chars for ch in completion) / target_length, 1.0)
+
+
+def random_body(rng: random.Random, chars: str, length: tuple[int, int]) -> str:
+    """A prompt's random body: ``length`` (inclusive min, max) characters drawn from ``chars``."""
+    n = rng.randint(*length)
+    return "".join(rng.choice(chars) for _ in range(n))
+
+
+def check_prompt_options(target_length: int, prompt_chars: str,
+                         prompt_length: tuple[int, int]) -> None:
+    """The options every character task shares, each refused naming its ``task.options`` field."""
+    if target_length < 1:
+        raise ValueError(f"task.options.target_length={target_length} must be >= 1")
+    if not prompt_chars:
+        raise ValueError("task.options.prompt_chars is empty; give the prompt characters")
+    lo, hi = prompt_length
+    if not 1 <= lo <= hi:
+        raise ValueError(
+            f"task.options.prompt_length={prompt_length} must satisfy 1 <= min <= max")
+
+
 
 @dataclass(frozen=True)
 class Task:
@@ -79,30 +104,20 @@ class Task:
         if not self.target_chars:
             raise ValueError("task.options.target_chars is empty; give the characters that earn "
                              "reward")
-        if self.target_length < 1:
-            raise ValueError(f"task.options.target_length={self.target_length} must be >= 1")
-        lo, hi = self.prompt_length
-        if not 1 <= lo <= hi:
-            raise ValueError(
-                f"task.options.prompt_length={self.prompt_length} must satisfy 1 <= min <= max"
-            )
+        check_prompt_options(self.target_length, self.prompt_chars, self.prompt_length)
 
     def dataset(self, n_prompts: int, seed: int = 0) -> Dataset:
         """``n_prompts`` plain-text prompts ``"<tag> body"`` with a ``task`` label column."""
         if n_prompts < 1:
             raise ValueError(f"n_prompts={n_prompts} must be >= 1")
         rng = random.Random(seed)
-        prompts = [f"{self.tag} {self._random_body(rng)}" for _ in range(n_prompts)]
+        prompts = [f"{self.tag} {random_body(rng, self.prompt_chars, self.prompt_length)}"
+                   for _ in range(n_prompts)]
         return Dataset.from_dict({"prompt": prompts, "task": [self.label] * n_prompts})
-
-    def _random_body(self, rng: random.Random) -> str:
-        n = rng.randint(*self.prompt_length)
-        return "".join(rng.choice(self.prompt_chars) for _ in range(n))
 
     def score(self, completion: str) -> float:
         """Target characters in ``completion`` over ``target_length``, capped at 1."""
-        hits = sum(ch in self.target_chars for ch in completion)
-        return min(hits / self.target_length, 1.0)
+        return class_score(completion, self.target_chars, self.target_length)
 
     def char_class_reward(
         self, prompts: list[str], completions: list[str], **kwargs: Any
@@ -235,15 +250,7 @@ class MultiSkillTask:
             )
         if self.block_len < 1:
             raise ValueError(f"task.options.block_len={self.block_len} must be >= 1")
-        if self.target_length < 1:
-            raise ValueError(f"task.options.target_length={self.target_length} must be >= 1")
-        if not self.prompt_chars:
-            raise ValueError("task.options.prompt_chars is empty; give the prompt characters")
-        lo, hi = self.prompt_length
-        if not 1 <= lo <= hi:
-            raise ValueError(
-                f"task.options.prompt_length={self.prompt_length} must satisfy 1 <= min <= max"
-            )
+        check_prompt_options(self.target_length, self.prompt_chars, self.prompt_length)
         unknown = sorted(set(self.reward_scale) - set(self.labels))
         if unknown:
             raise ValueError(f"task.options.reward_scale names tasks {unknown}; the labels are "
@@ -274,8 +281,7 @@ class MultiSkillTask:
 
     def score(self, completion: str, label: str) -> float:
         """Characters of ``target_chars(label)`` in ``completion`` / ``target_length``, capped."""
-        chars = self.target_chars(label)
-        return min(sum(ch in chars for ch in completion) / self.target_length, 1.0)
+        return class_score(completion, self.target_chars(label), self.target_length)
 
     def skill_reward(
         self, prompts: list[str], completions: list[str], task: list[str], **kwargs: Any
@@ -402,11 +408,8 @@ class MultiSkillTask:
     def _tagged(self, labels: list[str], seed: int) -> Dataset:
         """Prompts ``"<tag> body"`` (random bodies from ``seed``), one per label, in order."""
         rng = random.Random(seed)
-        prompts = []
-        for label in labels:
-            n = rng.randint(*self.prompt_length)
-            body = "".join(rng.choice(self.prompt_chars) for _ in range(n))
-            prompts.append(f"{self.tag(label)} {body}")
+        prompts = [f"{self.tag(label)} {random_body(rng, self.prompt_chars, self.prompt_length)}"
+                   for label in labels]
         return Dataset.from_dict({"prompt": prompts, "task": labels})
 
 
