@@ -267,6 +267,10 @@ def test_ablation_removes_what_the_run_added_along_the_shard(model_and_tokenizer
     assert ab.n_by_label == {t: 32 for t in task.labels}  # 8 prompts of each, 4 samples
     assert a_drop > 4 * ab.stderr_change_removed_by_label["A"] > 0  # resolved, paired
     assert ab.change_removed == pytest.approx(ab.reward_removed - ab.reward_final, abs=1e-12)
+    # the shard against its control, paired per prompt (the report's last column): told apart
+    # over all four tasks, though only A's prompts (a quarter) move
+    assert ab.beyond_control == pytest.approx(ab.reward_removed - ab.reward_control, abs=1e-12)
+    assert ab.beyond_control < -2 * ab.stderr_beyond_control < 0
 
 
 def test_task_rewards_per_label_from_one_batch(model_and_tokenizer):

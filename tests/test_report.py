@@ -486,6 +486,26 @@ def test_a_share_within_two_standard_errors_of_zero_is_marked_not_resolved():
     assert "recovers 60.0% ± 8.0%" in line and "60.0% ± 8.0% (not" not in line
 
 
+def test_the_spans_line_sets_each_share_beside_its_random_control():
+    """Audit 134 F1: the line gave 'their span alone recovers 44.4% ± 19.6%' where a random
+    direction of the span's norm undid twice what the span did and recovered half as much,
+    within noise of the span: each share now has its control beside it, and a share not told
+    apart from it (the paired difference within two standard errors) says so."""
+    from sae_shards.analysis.report import together_line
+
+    entry = {"shards": [45, 50], "changes": {"run": [0.0088, 0.0032],
+                                             "removed_beyond_control": [0.0019, 0.0030],
+                                             "kept_beyond_control": [0.03, 0.005]},
+             "shares": {"removed": [0.222, 0.249], "kept": [0.444, 0.196],
+                        "removed_whole": [1.0, 0.0], "removed_control": [0.444, 0.173],
+                        "kept_control": [0.222, 0.129]}}
+    line = together_line({"together": entry})
+    assert ("of the run's reward change (+0.0088) (a random direction of its norm: 44.4% ± "
+            "17.3%; not told apart from it)") in line
+    assert "recovers 44.4% ± 19.6% (a random direction of its norm: 22.2% ± 12.9% (not " \
+           "resolved from 0)) (report" in line  # told apart: 0.03 is 6 standard errors
+
+
 @pytest.mark.parametrize("content, problem", [
     ("{\"rl_steps\": 12,", r"not valid JSON"),
     ("[1, 2]", r"expected a JSON object, got list"),
@@ -690,3 +710,30 @@ def test_the_dose_tables_control_column_is_the_largest_alphas():
     html = _dose_table({3: dr}, {"shards": {3: {"update_coefficient": 0.5}}}, {})
     assert "control at 2" in html and "0.7770 ± 0.0500" in html
     assert "0.1110" not in html
+
+
+def test_the_ablation_table_says_which_shards_are_not_told_apart_from_their_control():
+    """Audit 134 F1: under the ablation table a fixed sentence said a random direction 'usually
+    changes no sampled token, so its row reads 0', false where the control moved the reward as
+    much as the shards did. The table now gives each shard's removal minus its control's,
+    paired per prompt, and names the shards not told apart from it."""
+    from sae_shards.analysis.interventions import Ablation
+    from sae_shards.analysis.report import _ablation_html
+
+    def ablation(beyond: float, stderr: float) -> Ablation:
+        return Ablation(coefficient=0.05, reward_final=0.15, stderr_final=0.01,
+                        reward_removed=0.148, stderr_removed=0.01, reward_control=0.147,
+                        stderr_control=0.01, n=64, change_removed=-0.002,
+                        stderr_change_removed=0.002, change_control=-0.003,
+                        stderr_change_control=0.002, beyond_control=beyond,
+                        stderr_beyond_control=stderr)
+
+    entries = {s: {"attributed_update": 0.1, "attributed_steps": [1, 30]} for s in (45, 50)}
+    page = _ablation_html({45: ablation(-0.03, 0.005), 50: ablation(0.001, 0.002)}, {},
+                          "final policy", entries)
+    assert "without the shard minus without random" in page
+    assert "-0.0300 ± 0.0050</td>" in page and "+0.0010 ± 0.0020 (not told apart)" in page
+    assert "Not told apart from the random direction's: shard 50.</p>" in page
+    assert "usually changes no sampled token" not in page
+    page = _ablation_html({50: ablation(0.001, 0.002)}, {}, "final policy", entries)
+    assert "For no shard is the removal told apart" in page

@@ -126,6 +126,11 @@ def test_the_span_of_the_shards_that_carry_the_reward_explains_the_run(models):
     assert both.shares["removed"][0] > 0.85 and both.shares["kept"][0] > 0.85
     assert abs(both.shares["removed_control"][0]) < 0.2
     assert abs(both.shares["kept_control"][0]) < 0.2
+    # the span against its random control, paired per prompt: told apart both ways
+    removed, removed_se = both.changes["removed_beyond_control"]
+    kept, kept_se = both.changes["kept_beyond_control"]
+    assert removed == pytest.approx(both.rewards["removed"] - both.rewards["removed_control"])
+    assert removed < -4 * removed_se < 0 and kept > 4 * kept_se > 0
     share, alone = results["noise"]
     assert 0.3 < share < 0.7  # about half of the update's squared norm ...
     assert abs(alone.shares["removed"][0]) < 0.2  # ... and almost none of its reward change

@@ -834,6 +834,12 @@ class Ablation:
     """Each context's paired standard error of its change without the shard."""
     n_by_label: dict[str, int] = field(default_factory=dict)
     """Completions scored per context."""
+    beyond_control: float = math.nan
+    """``reward_removed - reward_control``, paired per prompt: how much more removing the
+    shard's part changes the reward than removing the random direction does."""
+    stderr_beyond_control: float = math.nan
+    """Its standard error over prompts: within ``span.RESOLVED_SE`` of them, removing the shard
+    is not told apart from removing any direction of its norm."""
 
 
 def ablate(
@@ -874,6 +880,7 @@ def ablate(
         counts = {label: e.n for label, e in labelled[0].items()}
     removed_change, control_change = (paired_change(final.rewards, s.rewards)
                                       for s in (removed, ctrl))
+    beyond, beyond_se = paired_change(ctrl.rewards, removed.rewards)
     return Ablation(c, est[0].mean, est[0].stderr, est[1].mean, est[1].stderr, est[2].mean,
                     est[2].stderr, est[0].n, *removed_change, *control_change, *means,
-                    stderrs, counts)
+                    stderrs, counts, beyond_control=beyond, stderr_beyond_control=beyond_se)

@@ -593,7 +593,7 @@ def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[
     if effect.resolved:
         out += (f"<p>Removing the shards' span undoes {share('removed')} of the run's reward "
                 f"change ({run:+.4f}); adding it alone to the initial weights recovers "
-                f"{share('kept')}. " + (
+                f"{share('kept')}. " + _span_against_control(effect.changes) + (
                     "The shards' parameters are all the parameters the run changed, so the "
                     "whole update on them is the run's own: those two rows are theta_0 and "
                     "theta_T again, their 100% holds by construction, and the span's shares "
@@ -611,6 +611,28 @@ def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[
                   "The reward is not linear in the weights: the two shares need not agree nor "
                   "stay within 0-100%. The random rows remove or add a Gaussian direction of "
                   "P's norm.</p>")
+
+
+def _span_against_control(changes: dict[str, Any]) -> str:
+    """Whether removing and adding the span are told apart from doing the same with a random
+    direction of its norm (``changes``' paired ``*_beyond_control``), said for the report."""
+    faint = [what for what, key in (("removing it", "removed_beyond_control"),
+                                    ("adding it", "kept_beyond_control"))
+             if key in changes and _not_beyond(*changes[key])]
+    if not faint:
+        return ("Both differ from the random direction's by more than two standard errors "
+                "(the span's reward minus the random direction's, paired per prompt). ")
+    return (f"On these rollouts {' and '.join(faint)} is not told apart from doing the same "
+            "with a random direction of P's norm (the span's reward minus the random "
+            "direction's, paired per prompt, is within two standard errors of 0): that share "
+            "does not show that the span matters more than any direction of its size. ")
+
+
+def _not_beyond(value: float | None, stderr: float | None) -> bool:
+    """Whether a paired difference from a control is not resolved (NaN or None: unknown)."""
+    if value is None or stderr is None or math.isnan(value) or math.isnan(stderr):
+        return True
+    return within_noise(value, stderr)
 
 
 def _share(value: float, stderr: float) -> str:
@@ -635,8 +657,9 @@ def together_line(analysis: dict[str, Any]) -> str | None:
     shards = (f"shard {entry['shards'][0]}" if one
               else f"shards {', '.join(map(str, entry['shards']))} together")
     run, run_se = (math.nan if v is None else v for v in entry["changes"]["run"])
-    removed, kept, whole = ([math.nan if v is None else v for v in entry["shares"][k]]
-                            for k in ("removed", "kept", "removed_whole"))
+    removed, kept, whole, removed_ctrl, kept_ctrl = (
+        [math.nan if v is None else v for v in entry["shares"].get(k, (None, None))]
+        for k in ("removed", "kept", "removed_whole", "removed_control", "kept_control"))
     if math.isnan(run):
         return (f"{shards}: no prompt had completions scored under both the initial and the "
                 "final policy (the reward functions returned None or NaN for the others), so "
@@ -648,9 +671,19 @@ def together_line(analysis: dict[str, Any]) -> str | None:
     span = "the update along it" if one else "their span"
     reference = ("their parameters are all the run changed" if entry.get("whole_is_run") else
                  f"the whole update on the same parameters {_share(*whole)}")
+    def control(kind: str, ctrl: list[float]) -> str:
+        """The random direction's share beside the span's, and whether the two are told apart
+        (an analysis.json of an earlier version has neither)."""
+        apart = entry["changes"].get(f"{kind}_beyond_control")
+        if f"{kind}_control" not in entry["shares"]:
+            return ""
+        return (f" (a random direction of its norm: {_share(*ctrl)}"
+                + ("; not told apart from it" if apart is not None and _not_beyond(*apart) else "")
+                + ")")
+
     return (f"{shards}: removing {span} undoes {_share(*removed)} of the run's reward change "
-            f"({run:+.4f}), {reference}; {span} alone recovers {_share(*kept)} "
-            "(report: 'Shards together')")
+            f"({run:+.4f}){control('removed', removed_ctrl)}, {reference}; {span} alone "
+            f"recovers {_share(*kept)}{control('kept', kept_ctrl)} (report: 'Shards together')")
 
 
 def _baselines(models, scorer, alphas: Sequence[float], n_prompts: int,
@@ -740,7 +773,8 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
     header = (["shard", "c (the update along the shard, parameter units)"]
               + (["the SAE's attribution (activations summed x input_scale)"] if shown else [])
               + ["the policy's reward", "without the shard: change",
-                 "without random (same norm): change"]
+                 "without random (same norm): change",
+                 "without the shard minus without random"]
               + [f"{label}: change without the shard (n={first.n_by_label.get(label, '?')})"
                  for label in labels])
 
@@ -753,7 +787,10 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
                     + ([f"{entries[s]['attributed_update']:+.4f}"] if shown else [])
                     + [f"{ab.reward_final:.4f} ± {ab.stderr_final:.4f}",
                      change(ab.change_removed, ab.stderr_change_removed),
-                     change(ab.change_control, ab.stderr_change_control)]
+                     change(ab.change_control, ab.stderr_change_control),
+                     change(ab.beyond_control, ab.stderr_beyond_control)
+                     + (" (not told apart)" if _not_beyond(ab.beyond_control,
+                                                          ab.stderr_beyond_control) else "")]
                     + [change(ab.removed_by_label[label] - ab.final_by_label[label],
                               ab.stderr_change_removed_by_label.get(label, math.nan))
                        if label in ab.removed_by_label else "" for label in labels])
@@ -766,9 +803,25 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
               f"context(s)), the same prompts and rollout seed for each, so a change is paired "
               f"per prompt and ± is its standard error over prompts. A change within about two "
               f"of those is not resolved by this many rollouts (<code>--n-prompts</code> raises "
-              f"it). A random direction this small usually changes no sampled token, so its "
-              f"row reads 0: it shows the size of the update, not the resolution.</p>"
+              f"it). The last column is the shard's removal against the random direction's, "
+              f"paired per prompt: where it is within two standard errors of 0 (not told "
+              f"apart), removing the shard is not shown to matter more than removing any "
+              f"direction of its norm.</p>"
+            + _controls_note(ablations)
             + (_attribution_note(ablations, entries) if shown else ""))
+
+
+def _controls_note(ablations: dict[int, Any]) -> str:
+    """Name the shards whose removal is not told apart from the random direction's."""
+    faint = [s for s, ab in ablations.items()
+             if _not_beyond(ab.beyond_control, ab.stderr_beyond_control)]
+    if not faint:
+        return ""
+    if len(faint) == len(ablations):
+        return ("<p>For no shard is the removal told apart from its random direction's on "
+                "these rollouts.</p>")
+    return (f"<p>Not told apart from the random direction's: shard{'s' if len(faint) > 1 else ''}"
+            f" {', '.join(map(str, faint))}.</p>")
 
 
 def _attribution_note(ablations: dict[int, Any], entries: dict[int, dict[str, Any]]) -> str:

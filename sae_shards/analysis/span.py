@@ -131,7 +131,9 @@ class SpanEffect:
     changes: dict[str, tuple[float, float]]
     """Paired ``(change, stderr)``: ``run`` (final - initial), ``removed`` (removed - final),
     ``removed_control``, ``removed_whole``, ``kept`` (kept - initial), ``kept_control``,
-    ``kept_whole``."""
+    ``kept_whole``; ``removed_beyond_control`` (removed - removed_control) and
+    ``kept_beyond_control`` (kept - kept_control): the span against a random direction of its
+    norm, within ``RESOLVED_SE`` standard errors of 0 when the two are not told apart."""
     shares: dict[str, tuple[float, float]]
     """``(share of the run's change, stderr)``: ``removed`` (what removing P undoes),
     ``kept`` (what adding P alone recovers), and the same for the random direction
@@ -197,7 +199,9 @@ def span_effect(
     with set_weights(initial, {name: theta_t[name] for name in projected}):
         s["kept_whole"] = score(initial)
     r = {k: v.rewards for k, v in s.items()}
-    changes = {"run": paired_change(r["initial"], r["final"])}
+    changes = {"run": paired_change(r["initial"], r["final"]),
+               **{f"{kind}_beyond_control": paired_change(r[f"{kind}_control"], r[kind])
+                  for kind in ("removed", "kept")}}
     shares = {}
     for suffix in ("", "_control", "_whole"):
         changes["removed" + suffix] = paired_change(r["final"], r["removed" + suffix])
