@@ -4,12 +4,16 @@ Two runs of the same RL setup under other seeds (or two SAEs trained on one run'
 should agree on the shards that are real: a direction RL reinforced in some context is there
 to be found again. ``compare_shards`` matches each trained shard of ``a`` to the shard of ``b``
 whose decoder direction is nearest (largest |cosine|, in factored form), and measures the same
-match against a *chance* control made for it: random directions inside the span of ``b``'s
-trained shards (``span_chance``). Every shard of an SAE lies close to the span of the updates it
+match against a *chance* control made for it (``span_chance``): as many random shard-shaped
+directions as ``b`` has candidates, each a trained shard of ``b`` whose block on every target is
+turned to a random direction of the same norm within ``b``'s factor spans (the spans of its
+shards' ``U``, ``V`` factors). Every shard of an SAE lies close to the spans of the updates it
 was trained on, so two SAEs of one run agree far better than random directions of the whole
-parameter space would (about 0.01 there); a pair is worth reading when it beats a random
-direction of the space ``b`` occupies, which asks whether ``b`` holds *this* direction as one
-shard and not only somewhere in its span.
+parameter space would (about 0.01 there); a pair is worth reading when it beats directions of
+``b``'s own shape and spaces, which asks whether ``b`` holds *this* direction as one shard.
+The control has the candidates' rank and share per target because a cosine between low-rank
+directions is heavier-tailed than one with a dense sum: random directions of the span were
+beaten by 82% of the pairs of two unrelated sets; this control by half of them.
 
 Left out of the count:
 - shards that never fired, or fired on fewer than ``min_density`` of their SAE's samples;
@@ -19,7 +23,10 @@ Left out of the count:
 - shards active on nearly every sample (``families.ALWAYS_ON_DENSITY``: the drift direction),
   matched and listed apart.
 
-Matching is nearest-neighbour, not one-to-one: two shards of ``a`` may match one of ``b``.
+Matching is nearest-neighbour among ``b``'s trained shards (fired, and left their initial
+direction), not one-to-one: two shards of ``a`` may match one of ``b``. An untrained shard of
+``b`` is its random start, a direction of the whole space and not of the span the chance is
+drawn in: it would beat its chance for free, and it is no shard of ``b``'s.
 A pair is *mutual* when ``a``'s shard is also the nearest to its match among ``a``'s compared
 shards. Nearest is by |cosine| when either SAE keeps its codes' sign (``SAEConfig.signed``, the
 default ``signed_topk``: a shard and its negative are one), by the signed cosine when both
@@ -42,6 +49,7 @@ from torch import Tensor
 from sae_shards.analysis.families import ALWAYS_ON_DENSITY, is_always_on
 from sae_shards.analysis.shards import ShardSet
 from sae_shards.core.checkpoint import SAE_FILE
+from sae_shards.core.factored import cross_gram
 from sae_shards.core.sae import LowRankSAE
 from sae_shards.run import rundir
 
@@ -73,22 +81,20 @@ class ShardPair:
     shard: int
     """Its index in ``a``."""
     match: int
-    """The index of its nearest shard in ``b``."""
+    """The index of its nearest shard in ``b``, among ``b``'s trained shards (fired, and left
+    their initial direction: ``INIT_KEPT``)."""
     cosine: float
     """Their signed cosine (a sign flip is the same direction)."""
     chance: float
-    """The largest |cosine| ``a``'s shard reaches with random directions in the span of
-    ``b``'s trained shards, as many as ``b`` has shards (``span_chance``); NaN for an
-    always-on shard, or when ``b`` has no trained shard."""
+    """The largest |cosine| ``a``'s shard reaches with ``span_chance``'s random shard-shaped
+    directions of ``b``, one per candidate: the best of as many chance candidates as the match
+    had; NaN for an always-on shard."""
     mutual: bool
     """``a``'s shard is also the nearest to ``match`` among ``a``'s compared shards."""
     density: float
     """How often ``a``'s shard fired over its SAE's training (its running statistics)."""
     match_density: float
     """The same for ``b``'s shard."""
-    match_trained: bool
-    """``b``'s shard fired and left its initial direction (``INIT_KEPT``); False: ``a``'s
-    shard found a random, untrained direction."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,8 @@ class Comparison:
     other_samples: list[str]
     """What differs between the samples the two SAEs learnt from (capture source, sample form:
     parameter updates against gradients, per step against per event); [] when nothing does."""
+    n_trained_b: int
+    """``b``'s trained shards, the candidates every match is drawn from (0: nothing compared)."""
 
     def _score(self, p: ShardPair) -> float:
         return p.cosine if self.signed else abs(p.cosine)
@@ -146,7 +154,7 @@ class Comparison:
                 "left_out_rare": self.n_rare, "left_out_untrained": self.n_untrained,
                 "same_init": self.same_init, "signed": self.signed,
                 "other_initial_models": self.other_initial_models,
-                "other_samples": self.other_samples,
+                "other_samples": self.other_samples, "trained_b": self.n_trained_b,
                 "pairs": [dataclasses.asdict(p) for p in self.pairs],
                 "always_on": [dataclasses.asdict(p) for p in self.always_on]}
 
@@ -180,18 +188,36 @@ def initial_cosines(shards: ShardSet) -> Tensor:
     return shards.cosine_matrix(ShardSet(start, {}, {})).diagonal().abs()
 
 
-def span_chance(cos_ab: Tensor, gram_b: Tensor, draws: int, generator: torch.Generator,
+def span_chance(a: ShardSet, b: ShardSet, candidates: list[int], generator: torch.Generator,
                 signed: bool = False) -> Tensor:
-    """``[n_a]``: for each row of ``cos_ab`` (``[n_a, s]``: shards' cosines with ``s`` unit
-    directions of ``b``, whose cosine matrix is ``gram_b [s, s]``), the largest |cosine| it
-    reaches with ``draws`` random directions of their span (Gaussian combinations); the
-    largest signed cosine with ``signed``."""
-    if cos_ab.shape[1] == 0:
-        return torch.full((cos_ab.shape[0],), math.nan)
-    w = torch.randn(gram_b.shape[0], draws, generator=generator, dtype=torch.float64)
-    norms = (w * (gram_b.double() @ w)).sum(0).clamp_min(1e-30).sqrt()  # [draws]
-    cos = (cos_ab.double() @ w) / norms  # [n_a, draws]
-    return (cos if signed else cos.abs()).max(1).values.float()
+    """``[n_a]``: for each shard of ``a``, the largest |cosine| (signed cosine with ``signed``)
+    it reaches with random *shard-shaped* directions of ``b``, one per candidate (``b``'s
+    shards a match is chosen from): candidate i with each target's block replaced by a random
+    one of the same norm, whose decoder factors (``U`` and ``V`` of a matrix, ``d`` of a
+    vector) are Gaussian combinations of the candidates' same factors. Each keeps a
+    candidate's rank and its share on every target, and lies in ``b``'s factor spans, as a shard
+    of ``b`` does; only which direction it takes within them is chance. A dense combination of
+    the candidates (a random direction of their span) has the lighter-tailed cosines of a sum
+    of many terms, which a shard of an unrelated set beat for 4 in 5 of its shards, and so
+    does a combination whose share per target is an average of the candidates'. NaN when there
+    is no candidate."""
+    if not candidates:
+        return torch.full((len(a),), math.nan)
+    n = len(candidates)
+    weights = [torch.randn(n, n, generator=generator) for _ in range(2)]  # [draws, n] per factor
+    shares = b.target_norms()[candidates]  # [n, n_targets]: each candidate's norm per target
+    cross = torch.zeros(len(a), n)
+    with torch.no_grad():
+        for t, (mine, theirs) in enumerate(zip(a.sae.factors, b.sae.factors)):
+            drawn = tuple(torch.einsum("dj,j...->d...", w, f[candidates].float())
+                          for w, f in zip(weights, theirs.factors("decoder")))
+            norm = cross_gram(drawn, drawn).diagonal().clamp_min(0).sqrt()  # [draws]
+            cross += cross_gram(mine.factors("decoder"), drawn) * (
+                shares[:, t] / norm.clamp_min(1e-30))[None]
+    own = a.target_norms().pow(2).sum(1).sqrt().clamp_min(1e-30)  # [n_a]
+    total = shares.pow(2).sum(1).sqrt().clamp_min(1e-30)  # [draws]: each candidate's norm
+    cos = cross / own[:, None] / total[None]  # [n_a, draws]
+    return (cos if signed else cos.abs()).max(1).values
 
 
 def compare_shards(a: ShardSet, b: ShardSet, threshold: float = REPLICATED,
@@ -211,18 +237,22 @@ def compare_shards(a: ShardSet, b: ShardSet, threshold: float = REPLICATED,
     rare = [d == 0 or d < min_density for d in density]  # NaN: unknown, compared
     compared = [i for i in range(len(a)) if not rare[i] and bool(moved_a[i])]
     counted = [i for i in compared if not is_always_on(density[i])]
+    # B's candidates are its trained shards, as A's compared ones are: an untrained shard is
+    # its random start, a direction of the whole space, which beats the span's chance for free
     trained_b = [j for j in range(len(b)) if bool(moved_b[j]) and other[j] != 0]
-    chance = span_chance(cos[:, trained_b], b.cosine_matrix()[trained_b][:, trained_b],
-                         len(b), torch.Generator().manual_seed(CHANCE_SEED), signed)  # [n_a]
-    best = score.argmax(1).tolist()
-    nearest_in_a = {j: compared[k] for j, k in
-                    enumerate(score[compared].argmax(0).tolist())} if compared else {}
+    chance = span_chance(a, b, trained_b, torch.Generator().manual_seed(CHANCE_SEED),
+                         signed)  # [n_a]: as many random shard-shaped directions as candidates
+    if not trained_b:
+        compared = counted = []  # nothing of B's to match: said by comparison_lines
+    best = [trained_b[k] for k in score[:, trained_b].argmax(1).tolist()] if trained_b else []
+    nearest_in_a = {trained_b[j]: compared[k] for j, k in
+                    enumerate(score[compared][:, trained_b].argmax(0).tolist())
+                    } if compared else {}
 
     def pair(i: int, always_on: bool) -> ShardPair:
         j = best[i]
         return ShardPair(i, j, float(cos[i, j]), math.nan if always_on else float(chance[i]),
-                         nearest_in_a.get(j) == i, density[i], other[j],
-                         bool(moved_b[j]) and other[j] != 0)
+                         nearest_in_a.get(j) == i, density[i], other[j])
 
     pairs = sorted((pair(i, False) for i in counted),
                    key=lambda p: -(p.cosine if signed else abs(p.cosine)))
@@ -231,7 +261,8 @@ def compare_shards(a: ShardSet, b: ShardSet, threshold: float = REPLICATED,
     return Comparison(pairs, always, threshold, min_density, sum(rare),
                       sum(not rare[i] and not bool(moved_a[i]) for i in range(len(a))),
                       a.same_initialisation(b), signed,
-                      None if None in prints else prints[0] != prints[1], _other_samples(a, b))
+                      None if None in prints else prints[0] != prints[1], _other_samples(a, b),
+                      len(trained_b))
 
 
 def check_threshold(threshold: float) -> None:
@@ -312,16 +343,21 @@ def comparison_lines(result: Comparison, a: ShardSet, b: ShardSet,
             f"fired on less than {100 * result.min_density:g}% of their SAE's samples")
     lines = [f"A: {a.path} ({len(a)} shards; left out: {result.n_rare} {rare}, "
              f"{result.n_untrained} never left their initial direction)",
-             f"B: {b.path} ({len(b)} shards)",
+             f"B: {b.path} ({len(b)} shards, {result.n_trained_b} of them trained: the "
+             "candidates)",
              f"replicated (|cos| >= {result.threshold:g} and above chance): "
              f"{len(result.replicated)} of the {len(result.pairs)} compared shards of A "
              f"({figures['replicated_mutual']} of them mutual nearest), always-on ones apart",
              f"above chance, at any |cos|: {len(result.above_chance)}; median |cos| "
              f"{figures['median_abs_cosine']:.3f}, chance median "
-             f"{figures['chance_median_abs_cosine']:.3f} (chance: random directions in the "
-             "span of B's trained shards)"]
+             f"{figures['chance_median_abs_cosine']:.3f} (chance: B's trained shards, each "
+             "with its blocks turned to random ones within B's factor spans)"]
     none = not result.pairs and not result.always_on  # no median, no row: said why instead
-    if none:
+    if none and not result.n_trained_b:
+        lines[2:] = [f"no shard of B trained (all {len(b)} never fired or never left their "
+                     "initial direction, as in an SAE early in its training): nothing to match "
+                     "A's shards to; compare a later checkpoint of B"]
+    elif none:
         lower = (", or lower --min-density" if result.n_rare and result.min_density > 0
                  else "")
         lines[2:] = [f"no shard of A was compared: all {len(a)} are left out above (an SAE "
@@ -359,8 +395,7 @@ def comparison_lines(result: Comparison, a: ShardSet, b: ShardSet,
     shown = result.pairs if top is None else result.pairs[:top]
 
     def row(p: ShardPair, tag: str) -> str:
-        marks = ("" if p.mutual else "  not mutual") + ("" if p.match_trained else
-                                                        "  B's shard untrained")
+        marks = "" if p.mutual else "  not mutual"
         chance = "      -" if math.isnan(p.chance) else f"{p.chance:7.3f}"
         return (f"  {p.shard:5d}  {fired(p.density)}  {p.match:6d}  {fired(p.match_density)}  "
                 f"{p.cosine:+7.3f}  {chance}{tag}{marks}")
