@@ -43,6 +43,7 @@ SCRIPT = Path(__file__).parent / "distributed" / "grpo_run.py"
 FSDP2_SCRIPT = Path(__file__).parent / "distributed" / "fsdp2_run.py"
 BEGIN_SCRIPT = Path(__file__).parent / "distributed" / "begin_together.py"
 STOP_SCRIPT = Path(__file__).parent / "distributed" / "stop_anywhere.py"
+SAME_DIR_SCRIPT = Path(__file__).parent / "distributed" / "same_run_dir.py"
 DELTA_RTOL = 1e-4
 """Relative (Frobenius) tolerance of a per-step AdamW update: the gradients agree to ~1e-6 and
 Adam's first step divides by |g|, which amplifies the rounding of small entries (measured
@@ -538,6 +539,30 @@ def test_every_rank_learns_which_rank_was_asked_to_stop_and_by_what(tmp_path):
     from sae_shards.capture.distributed import stop_asked_anywhere
 
     assert stop_asked_anywhere(None) is None and stop_asked_anywhere(15) == (15, 0)
+
+
+def test_a_run_dir_of_each_rank_is_refused_on_every_rank(tmp_path):
+    """Audit 135 F1: a script whose run_dir was built from RANK gave each rank its own; under
+    resume="auto" rank 0 continued its run and rank 1 started a new one, so DDP paired rank 0's
+    steps 5-10 with rank 1's steps 1-6, and the run died in a collective without a word (the
+    next launch 'finished' it). Every rank now refuses a run_dir, or a trainer output_dir, that
+    differs between the processes, naming each rank's, before anything is resumed or
+    trained."""
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+          "--master_port", str(_free_port()), str(SAME_DIR_SCRIPT), str(tmp_path)], tmp_path)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0] == got[1]  # every rank says the same
+    runs = f"rank 0: {tmp_path / 'run_0'}, rank 1: {tmp_path / 'run_1'}"
+    for when in ("own run_dir, resume_from", "own run_dir, train begins"):
+        assert got[0][when] == (f"run_dir differs between the run's processes ({runs}); give "
+                                "every process the same run_dir, which rank 0 alone writes (a "
+                                "path built from RANK, LOCAL_RANK, the time or the host name "
+                                "differs between them)")
+    assert got[0]["own output_dir"].startswith(
+        f"the trainer's output_dir differs between the run's processes (rank 0: "
+        f"{tmp_path / 'trl_0'}, rank 1: {tmp_path / 'trl_1'}); give every process the same")
+    assert got[0]["shared"] == "nothing"
+    assert not (tmp_path / "run_1").exists()  # nothing written for the refused runs
 
 
 def test_begin_together_on_one_process_is_its_own_notes():

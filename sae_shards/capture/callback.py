@@ -820,7 +820,11 @@ class ShardCallback(TrainerCallback):
         A kill while TRL wrote a later checkpoint leaves it without ``trainer_state.json``;
         ``resume_from_checkpoint=True`` would pick it and transformers would stop: this passes
         over it, and warns naming it (delete it)."""
+        self._check_same_run_dir()  # every rank decides alike only from one run directory
         output = trl_dir(trainer.args)
+        distributed.check_same("the trainer's output_dir", str(output and output.absolute()),
+                               "give every process the same TRL output_dir: rank 0 saves the "
+                               "checkpoints every rank resumes from")
         if output is None:
             return None
         step = resume_state.latest_complete(self.run_dir, quiet=True, trl=output)
@@ -832,6 +836,20 @@ class ShardCallback(TrainerCallback):
                         ", ".join(f"checkpoint-{s}" for s in later),
                         f"checkpoint-{step}" if step is not None else "the start")
         return None if step is None else str(output / f"checkpoint-{step}")
+
+    def _check_same_run_dir(self) -> None:
+        """Every process must be given one run directory: rank 0 alone writes it, and each
+        rank's resume (``resume="auto"``, ``resume_from``) is decided from it. A run_dir built
+        from RANK, a time or the host name gave each rank its own, and a resume then trained
+        one rank's later steps against another's first ones (audit 135 F1)."""
+        try:
+            distributed.check_same("run_dir", str(Path(self.run_dir).absolute()),
+                                   "give every process the same run_dir, which rank 0 alone "
+                                   "writes (a path built from RANK, LOCAL_RANK, the time or the "
+                                   "host name differs between them)")
+        except ValueError:
+            self._let_go()
+            raise
 
     # ---- events ------------------------------------------------------------------------------
 
@@ -881,6 +899,7 @@ class ShardCallback(TrainerCallback):
                 "callback.close(), then add a new ShardCallback(run_dir=..., resume=True) and "
                 "call trainer.train(resume_from_checkpoint=True); for another run, a new "
                 "ShardCallback with a new run_dir")
+        self._check_same_run_dir()
         if not self.run_config:  # sae-shards train checked its rl.max_steps already
             per_step = trainer_samples_per_step(args, self.capture_cfg.granularity)
             check_sae_window(self.capture_cfg, self.runner_cfg, per_step)

@@ -138,6 +138,20 @@ def every_rank_knows(error: BaseException) -> bool:
     return False
 
 
+def check_same(name: str, value: str, fix: str) -> None:
+    """Refuse, on every rank, a setting ``name`` whose ``value`` differs between the run's
+    processes (``fix``: what to do); a collective that every rank must reach. One process, or
+    no process group yet: nothing."""
+    if world_size() == 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    everyone: list[Any] = [None] * world_size()
+    dist.all_gather_object(everyone, value)  # the run's own processes only
+    if len(set(everyone)) > 1:
+        shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(everyone[:4]))
+        more = f", ... ({len(everyone) - 4} more)" if len(everyone) > 4 else ""
+        raise ValueError(f"{name} differs between the run's processes ({shown}{more}); {fix}")
+
+
 def begin_together(problem: BaseException | None, notes: Sequence[str] = ()) -> list[str]:
     """After each rank prepared its side of a run (rank 0 its resume, the others their hooks),
     learn whether every rank did; a collective, which every rank must reach, ``problem`` being

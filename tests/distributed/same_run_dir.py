@@ -1,0 +1,49 @@
+"""``ShardCallback`` on 2 CPU processes (``torchrun``, gloo) given a run_dir, or a trainer
+``output_dir``, of their own per rank, for ``tests/test_distributed.py``: what each rank's
+``resume_from`` and ``on_train_begin`` said goes to ``OUT/rankR.json``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch.distributed as dist
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from sae_shards.capture.callback import ShardCallback
+
+
+def said(call) -> str:
+    try:
+        call()
+    except ValueError as e:
+        return str(e)
+    return "nothing"
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+
+    def trainer(output_dir: Path) -> SimpleNamespace:  # what resume_from reads of a trainer
+        return SimpleNamespace(args=TrainingArguments(output_dir=str(output_dir),
+                                                      report_to=[]))
+
+    own = ShardCallback(run_dir=out / f"run_{rank}", resume="auto")  # built from RANK
+    shared = ShardCallback(run_dir=out / "run", resume="auto")
+    results = {
+        "own run_dir, resume_from": said(lambda: own.resume_from(trainer(out / "trl"))),
+        "own run_dir, train begins": said(lambda: own.on_train_begin(
+            TrainingArguments(output_dir=str(out / "trl"), report_to=[]), TrainerState(),
+            TrainerControl())),
+        "own output_dir": said(lambda: shared.resume_from(trainer(out / f"trl_{rank}"))),
+        "shared": said(lambda: shared.resume_from(trainer(out / "trl"))),
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
