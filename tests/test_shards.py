@@ -798,7 +798,12 @@ def test_a_policy_whose_weights_give_nan_probabilities_is_named_not_a_traceback(
 
 @pytest.mark.parametrize("key, value, problem", [
     ("temperature", -1, "is not a number > 0"), ("top_p", 1.5, "is not a number in [0, 1]"),
-    ("generation_kwargs", "x", "is not a mapping")])
+    ("generation_kwargs", "x", "is not a mapping"),
+    # audit 134 F3: these two were converted by int() before the check (a bare ValueError
+    # traceback; 16.7 silently cut to 16)
+    ("max_completion_length", "sixteen", "is not an int >= 1"),
+    ("max_completion_length", 16.7, "is not an int >= 1"),
+    ("reward_batch", "eight", "is not an int >= 1")])
 def test_a_hand_edited_sampling_setting_is_named_in_config_json(run_dir, tmp_path, capsys, key,
                                                                 value, problem):
     """rl.temperature=-1 edited into config.json ended analyze with a traceback from deep in the

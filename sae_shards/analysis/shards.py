@@ -1077,23 +1077,24 @@ def run_sampling(run_dir: str | Path) -> dict[str, Any]:
     rl = rundir.section(rundir.read_config(Path(run_dir)), "rl")
     extra = rundir.section(rl, "extra")
     out: dict[str, Any] = {}
-    length = rl.get("max_completion_length") or rl.get("max_new_tokens")  # online DPO's name
+    length_key = "max_completion_length" if rl.get("max_completion_length") else "max_new_tokens"
+    length = rl.get(length_key)  # max_new_tokens: the online DPO trainers' name
     if length:
-        out["max_new_tokens"] = int(length)
+        out["max_new_tokens"] = length  # checked below, as every other setting
     steps = rl.get("max_steps")
     if not (isinstance(steps, int) and steps > 0):  # an epoch-based run before it was resolved
         steps = rundir.read_summary(Path(run_dir)).get("rl_steps")
     if isinstance(steps, int) and steps > 0:
         out["training_steps"] = steps
     if rl.get("reward_batch"):  # ShardCallback's runs: TRL's per-process generation batch
-        out["reward_batch"] = int(rl["reward_batch"])
+        out["reward_batch"] = rl["reward_batch"]
     for key in SAMPLING_KEYS:
         value = rl.get(key, extra.get(key))
         if value is not None:
             out[key] = value
     for key, value in out.items():  # a hand-edited config.json: named, not torch's error
         if (problem := _sampling_problem(key, value)) is not None:
-            where = "rl.max_completion_length" if key == "max_new_tokens" else f"rl.{key}"
+            where = f"rl.{length_key if key == 'max_new_tokens' else key}"
             raise CheckpointError(
                 f"{Path(run_dir) / rundir.CONFIG}: {where}={value!r} {problem}; the file was "
                 "edited or is not a sae-shards run's config.json: copy it again from the run")
@@ -1108,7 +1109,8 @@ def _sampling_problem(key: str, value: Any) -> str | None:
         return None if isinstance(value, dict) else "is not a mapping"
     if key in ("max_new_tokens", "training_steps", "reward_batch", "top_k"):
         least = 0 if key == "top_k" else 1
-        return None if isinstance(value, int) and value >= least else f"is not an int >= {least}"
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        return None if whole and value >= least else f"is not an int >= {least}"
     if key in ("temperature", "repetition_penalty"):
         return None if number and value > 0 else "is not a number > 0"
     if key in ("top_p", "min_p"):
