@@ -403,9 +403,10 @@ CASES = [
     case("target-renamed", cfg_set("targets", 0, "name", value="layers.9.mlp.down_proj.weight"),
          (SAE, CONFIG), r"missing tensors.*unexpected tensors", "sae"),
     case("target-shape-transposed", cfg_set("targets", 0, "shape", value=[4, 6]), (SAE, CONFIG),
-         r"has shape \(3, 6, 1\), config.json implies \(3, 4, 1\)", "sae"),
+         r"has shape \(3, 6, 1\), config.json implies \(3, 4, 1\); sae.safetensors and "
+         r".*config.json disagree: one of the two was edited", "sae"),
     case("sae-n-latents-changed", cfg_set("sae", "n_latents", value=4), (SAE, CONFIG),
-         "has shape", "sae"),
+         "has shape .*; sae.safetensors and .*config.json disagree", "sae"),  # audit 134 F4
     # --- config.json: the SAE config
     case("sae-config-not-object", cfg_set("sae", value=[3]), CONFIG, "'sae' must be", "all"),
     case("sae-config-unknown-key", cfg_set("sae", "n_latent", value=3), CONFIG,

@@ -443,9 +443,11 @@ def check_tensor(file: Path, name: str, t: torch.Tensor, shape: tuple[int, ...],
                   low: int | None = None) -> None:
     """Shape, then dtype (no conversion), then non-finite values and values below ``low``."""
     if tuple(t.shape) != shape:
+        why = (f"{file.name} and {file.parent / CONFIG_FILE} disagree: one of the two was edited "
+               "or damaged, or they come from different checkpoints" if CONFIG_FILE in source
+               else "the file is damaged or not from this checkpoint")
         raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, {source} "
-                              f"{shape}; the file is damaged or not from this checkpoint — "
-                              f"{DAMAGED}")
+                              f"{shape}; {why} — {DAMAGED}")
     if t.dtype != dtype:
         raise CheckpointError(f"{file}: tensor {name!r} has dtype {t.dtype}, expected {dtype}; "
                               f"sae-shards writes it as {dtype} and converts nothing on load — "
