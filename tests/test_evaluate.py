@@ -3,8 +3,11 @@ than the trained one, and evaluation.json's figures recomputed from their defini
 
 import json
 import math
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -129,8 +132,19 @@ def test_evaluate_cli_needs_saved_samples(planted_run, tmp_path, capsys):
             in capsys.readouterr().err)
     (run / "summary.json").unlink()
     assert cli_main(["evaluate", str(run)]) == 2  # the run keeps samples: it has not ended
-    assert "missing: the run ended before writing it (killed, or still running)" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "missing: the run ended before writing it (killed, or stopped)" in err
+    assert "resume=true" in err
+    rundir.lock_run_dir(run)  # a live process writes the run, as a training job would
+    try:  # audit 134 F7: it was told to resume the run, a second writer
+        done = subprocess.run([sys.executable, "-m", "sae_shards.cli", "evaluate", str(run)],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        rundir.release_run_dir(run)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (f"samples.safetensors: not written yet: the run is still training (pid "
+            f"{os.getpid()} on") in done.stderr
+    assert "resume" not in done.stderr
     config = json.loads((run / "config.json").read_text())
     config["runner"]["save_samples"] = False
     (run / "config.json").write_text(json.dumps(config))

@@ -289,6 +289,16 @@ def test_analyze_of_a_run_another_process_is_writing_says_so(tmp_path, short_run
     # the report goes into the run, which removes it when it ends (audit 131 F4)
     assert "the run removes this report when it ends (it describes an earlier state): --out " \
         "DIR/report.html elsewhere keeps it" in done.stderr
+    rundir.lock_run_dir(run)  # compare says it too (audit 134 F7), of the side that is live
+    try:
+        done = subprocess.run([sys.executable, "-m", "sae_shards.cli", "compare",
+                               str(short_run_dir), str(run), "--top", "1"],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        rundir.release_run_dir(run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"sae-shards: note: B, {run}, is still being written (pid {os.getpid()} on" \
+        in done.stderr and "note: A," not in done.stderr
     assert rundir.live_writer(run) is None  # released: a finished run gets no note
 
 

@@ -37,8 +37,9 @@ def run(args: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="sae-shards compare", description="Match each trained shard of A to the shard of "
-        "B whose direction is nearest (|cosine|), beside a chance control: random directions "
-        "in the span of B's trained shards. Always-on (drift) shards are listed apart.")
+        "B whose direction is nearest (|cosine|) among B's trained shards, beside a chance "
+        "control: B's trained shards with their blocks turned to random directions within "
+        "B's factor spans. Always-on (drift) shards are listed apart.")
     parser.add_argument("a", type=Path, help="a run directory, or a checkpoint directory")
     parser.add_argument("b", type=Path, help="the same, over the same targets")
     for side in ("a", "b"):
@@ -73,6 +74,13 @@ def run(args: list[str]) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"sae-shards: cannot compare {ns.a} with {ns.b}: {e}", file=sys.stderr)
         return 2
+    for side, path in (("A", ns.a), ("B", ns.b)):  # audit 134 F7: as analyze says of one
+        writer = rundir.live_writer(path) if path.is_dir() else None
+        if writer:
+            print(f"sae-shards: note: {side}, {path}, is still being written ({writer}): its "
+                  "shards are those of a checkpoint of an SAE still training, and its older "
+                  "checkpoints are removed as it goes; compare it once it has finished or "
+                  "stopped for figures that stay", file=sys.stderr)
     try:
         print("\n".join(comparison_lines(result, a, b, ns.top or None)), flush=True)
     except BrokenPipeError:  # `| head`: the rest of the printout is unwanted, --out is not

@@ -199,9 +199,14 @@ class EvalData:
             raise CheckpointError(
                 f"{path}: missing, though the run finished ({rundir.SUMMARY}: {finished} RL "
                 "steps): a copy of the run without it; copy samples.safetensors from the run")
+        writer = rundir.live_writer(run_dir) if not path.is_file() else None
+        if writer and _saves_samples(run_dir):  # audit 134 F7: not 'resume' a live run
+            raise CheckpointError(
+                f"{path}: not written yet: the run is still training ({writer}) and writes "
+                "its samples at its end; evaluate it once it has finished")
         if not path.is_file() and _saves_samples(run_dir):
             raise CheckpointError(
-                f"{path}: missing: the run ended before writing it (killed, or still running); "
+                f"{path}: missing: the run ended before writing it (killed, or stopped); "
                 "samples are written at the end of a run: finish it (sae-shards train "
                 f"run_dir={run_dir} resume=true; in a script, ShardCallback(..., resume=True) "
                 "and trainer.train(resume_from_checkpoint=True))")
