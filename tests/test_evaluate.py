@@ -490,6 +490,14 @@ def test_multi_label_steps(planted_run, tmp_path):
                                           for i, lab in enumerate(labels)])
     r = evaluate_run(half, n_null=2, steering=False)
     assert r["multi_label"]
+    # evaluation.md says how many samples hold several tasks (audit 134 F5: only the JSON did)
+    blended = r["n_multi_label"]
+    assert 0 < blended < r["n_train"] + r["n_heldout"]
+    assert (f"**{blended} of the {r['n_train'] + r['n_heldout']} steps hold several tasks**"
+            in (half / "evaluation.md").read_text())
+    from sae_shards.planted.evaluate import to_markdown
+
+    assert "hold several tasks" not in to_markdown({**r, "n_multi_label": 0})
     # per task: its one-task held-out steps when it has >= 2 (groundtruth tests the rule itself)
     assert "single" in {v["truth_from"] for v in r["per_task"].values()}
     assert 0 <= r["auroc_task"] <= 1 and r["supervised_auroc"] == r["supervised_auroc"]

@@ -546,6 +546,9 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
         "null_control_run": _task_name(run_dir) == NULL_TASK,
         "sample_unit": "step" if settings["granularity"] == "step" else "event",
         "multi_label": s.multi_label, "from_step": from_step,
+        # samples holding several tasks (per-step samples of mixed batches): each counts as
+        # present for every task it holds, which blurs every task figure (audit 134 F5)
+        "n_multi_label": sum(len(lab) > 1 for lab in [*s.y_tr, *s.y_te]),
         # what the shuffled-label nulls were drawn with (they move the nulls and margins)
         "n_null": n_null, "seed": seed,
         # the RL steps the evaluated samples come from (the buffer's window, after --from-step)
@@ -1019,6 +1022,14 @@ def to_markdown(r: dict[str, Any]) -> str:
         missing = h[key] is None or h[key] != h[key]
         lines.append(f"| {key} | {_f(h[key], 'd' if key == 'n_families' else '.3f')} | "
                      f"{_why_missing(key, r) if missing else HEADLINE_READ[key]} |")
+    if r.get("n_multi_label"):
+        lines[-4:-4] = [
+            f"**{r['n_multi_label']} of the {r['n_train'] + r['n_heldout']} {r['sample_unit']}s "
+            "hold several tasks** (a per-step sample of a batch that mixes contexts): each "
+            "counts as holding every task it holds, and a shard active on it cannot be told to "
+            "belong to one of them, which blurs every task figure below. "
+            "`capture.granularity=group` gives one sample per prompt group, each of one task "
+            "(docs/usage.md, \"Per-event samples\").", ""]
     unscored = r.get("auroc_unscored") or []
     if unscored:
         lines += ["", f"Task{'s' if len(unscored) > 1 else ''} {', '.join(unscored)} "
