@@ -58,6 +58,8 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path, caplog):
     dead = ("n/a (the SAE saw fewer than sae.dead_after samples)"
             if summary_json["dead_frac"] is None else f"{round(summary_json['dead_frac'] * 16)} of 16")
     assert f"samples)</td><td>{dead}</td>" in html  # the dead shards row, as summary.json says
+    # where to check that a shard is more than one SAE's choice (audit 134 F6)
+    assert "<td>is a shard real?</td>" in html and "(sae-shards compare RUN OTHER_RUN)" in html
     analysis = json.loads((tmp_path / "analysis.json").read_text())
     live = (RunView(short_run_dir).timeline()[1] != 0).float().mean(0)
     n_always = int((live >= 0.8).sum())

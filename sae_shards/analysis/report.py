@@ -1040,6 +1040,13 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
          "detailed shards (by activation mass: the always-on ones, then the largest others)"):
             ", ".join(
             f"{s} (always on)" if s in tags else str(s) for s in shards),
+        "is a shard real?": (
+            "the interventions below set each shard against a random direction of its norm; "
+            "whether it is more than one SAE's choice is a second SAE's question: train the "
+            "run's SAE again under another sae.seed (or the run under another seed of one "
+            "initial model) and compare the two runs (sae-shards compare RUN OTHER_RUN), "
+            "which finds each shard again beside a chance control (docs/analysis.md, \"Two "
+            "runs, the same shards?\")"),
         f"always-on shards (active on >= {ALWAYS_ON_DENSITY:.0%} of the samples)":
             (", ".join(map(str, sorted(tags))) + ": the direction most updates share (e.g. "
              "momentum or drift), not a context; the families below leave them out")
