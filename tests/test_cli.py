@@ -202,7 +202,12 @@ def test_analyze_names_a_missing_run_dir_and_the_checkpoints_there_are(tmp_path,
     assert capsys.readouterr().err.rstrip().endswith(f"run directories in {tmp_path}: "
                                                      f"{tmp_path / 'r'}")
     assert main(["analyze", str(run), "--no-dose", "--checkpoint", "5"]) == 2  # an RL step
-    assert "step_000005: no such checkpoint directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "step_000005: no such checkpoint directory" in err
+    assert "reading checkpoint" not in err  # audit 134: it said it read what was not there
+    assert main(["evaluate", str(run), "--null-run", str(tmp_path / "gone")]) == 2
+    assert (f"cannot evaluate {run}: --null-run {tmp_path / 'gone'}: no such run directory"
+            in capsys.readouterr().err)  # it named the path alone, not the option
 
 
 def test_buffer_error_suggests_a_value_the_config_accepts():

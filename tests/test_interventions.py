@@ -568,3 +568,23 @@ def test_ablation_per_context_error_bar_pairs_final_and_removed(monkeypatch):
         assert ab.stderr_change_removed_by_label[label] == pytest.approx(
             paired_change(before[label], after[label])[1], rel=1e-9), label
         assert ab.removed_by_label[label] == pytest.approx(float(after[label].mean()))
+
+
+def test_a_shard_added_to_an_unmerged_adapter_says_to_merge_it(model_and_tokenizer):
+    """Audit 134: a shard's base-model names on a peft model were refused as 'not a parameter'
+    naming a base_model.model... example, without saying why: the adapter was not merged."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = model_and_tokenizer
+    name, param = next((n, p) for n, p in model.named_parameters() if p.ndim == 2)
+    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"not a parameter of PeftModel.*an unmerged peft "
+                                         r"adapter: merge it first, model.merge_and_unload\(\)"):
+        with add_direction(wrapped, {name: torch.zeros_like(param)}, 1.0):
+            pass
+    with pytest.raises(ValueError, match="not a parameter of") as e:  # a plain model: no hint
+        with add_direction(model, {"no.such.weight": torch.zeros(1)}, 1.0):
+            pass
+    assert "peft" not in str(e.value)

@@ -81,10 +81,13 @@ def _resolve(
     seen: dict[int, str] = {}
     for name, value in tensors.items():
         if name not in params:
+            adapter = (" (an unmerged peft adapter: merge it first, model.merge_and_unload(), "
+                       "as load_run_models does; shards name the base model's parameters)"
+                       if hasattr(model, "merge_and_unload") else "")
             raise ValueError(
                 f"{what}: {name!r} is not a parameter of {type(model).__name__}; "
                 f"names must match model.named_parameters() (e.g. {next(iter(params))!r})"
-            )
+                + adapter)
         param = params[name]
         if tuple(value.shape) != tuple(param.shape):
             raise ValueError(

@@ -190,8 +190,13 @@ class ShardSet:
         theirs = {t.name: tuple(t.shape) for t in other.sae.targets}
         if mine != theirs:
             differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-            raise ValueError(f"cosine_matrix: the two shard sets cover other targets or shapes "
-                             f"({', '.join(differ[:5])}); compare shards of the same weights")
+            shown = "; ".join(f"{k}: {list(mine[k]) if k in mine else 'absent'} against "
+                              f"{list(theirs[k]) if k in theirs else 'absent'}"
+                              for k in differ[:3])
+            more = f"; ... ({len(differ) - 3} more)" if len(differ) > 3 else ""
+            raise ValueError(f"the two shard sets cover other targets or shapes ({shown}{more}): "
+                             "shards compare only over the same weights (runs of one model "
+                             "architecture with the same capture targets)")
         with torch.no_grad():
             cross = sum(cross_gram(a.factors("decoder"), b.factors("decoder"))
                         for a, b in zip(self.sae.factors, other.sae.factors))

@@ -56,6 +56,11 @@ def run(args: list[str]) -> int:
         parser.error(f"--family-threshold must be in (0, 1], got {ns.family_threshold}")
     set_threads(ns.threads)
     quiet_third_party()
+    if ns.null_run is not None and not ns.null_run.is_dir():
+        print(f"sae-shards: cannot evaluate {ns.run_dir}: --null-run {ns.null_run}: no such run "
+              "directory (a null-control run: sae-shards train experiment=planted "
+              "task=multiskill_null run_dir=...)", file=sys.stderr)
+        return 2
     writes = [ns.out] if ns.out else [d for d in (ns.run_dir, ns.null_run) if d and d.is_dir()]
     if refused_unwritable("evaluate", ns.run_dir, writes, "its evaluation cannot be written",
                            ns.out, "write it elsewhere with --out DIR; the runs themselves are "

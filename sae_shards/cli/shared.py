@@ -149,7 +149,7 @@ def announce_checkpoint(run_dir: Path, checkpoint: str | None) -> str:
     from sae_shards.analysis.shards import checkpoint_name
 
     name = checkpoint_name(run_dir, checkpoint)
-    if name != "final":
+    if name != "final" and (run_dir / rundir.CHECKPOINTS / name).is_dir():  # else refused next
         stopped = rundir.read_summary(run_dir).get("interrupted")
         lacks = [part for part in (f"{rundir.CHECKPOINTS}/final", rundir.ACTIVATIONS)
                  if not (run_dir / part).exists()]  # a finished run's copy left them out
