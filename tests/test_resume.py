@@ -1161,6 +1161,16 @@ def test_resume_auto_replaces_only_a_run_with_nothing_to_resume(tmp_path):
     for spelt in ("++resume=auto", "resume='auto'", "resume=AUTO"):  # Hydra's type error
         assert auto_resume_args([f"run_dir={early}", spelt]) == [f"run_dir={early}",
                                                                  "resume=true"]
+    # audit 135 F7: an interpolated run_dir was checked as its text, so every requeue of
+    # run_dir=.../r_${seed} started a new run (refused as 'already holds a run')
+    interpolated = str(tmp_path / "r_${seed}")
+    shutil.copytree(early, tmp_path / "r_3")  # a run there (a copy's: resumed, to be refused)
+    assert auto_resume_args([f"run_dir={interpolated}", "seed=3", "resume=auto"])[-1] == \
+        "resume=true"
+    assert auto_resume_args([f"run_dir={interpolated}", "seed=4", "resume=auto"])[-1] == \
+        "resume=false"  # r_4: a new run
+    # an override Hydra cannot parse is left to Hydra's own refusal, not parsed here
+    assert auto_resume_args(["run_dir=a/b=c,d"]) == ["run_dir=a/b=c,d"]
     sweep = tmp_path / "sweep"
     assert auto_resume_args(["-m", "sae.k=2,4", f"run_dir={sweep}",
                              "resume=auto"])[-1] == "resume=false"

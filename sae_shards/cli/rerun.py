@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sae_shards.cli.hydra_config import ConfigError, override_args
+from sae_shards.cli.hydra_config import CONFIG_DIR, ConfigError, override_args
 from sae_shards.cli.processes import main_process
 from sae_shards.cli.train_checks import is_sweep, resume_given, run_dir_arg
 
@@ -137,14 +137,18 @@ def auto_resume_args(args: list[str]) -> list[str]:
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parse = OverridesParser.create().parse_overrides
-    parsed = [(i, parse([a])[0]) for i, (a, o) in enumerate(zip(args, override_mask(args)))
-              if o and "=" in a]  # ``++resume=auto`` and ``resume='auto'`` too
-    resumes = [(i, str(o.value())) for i, o in parsed
-               if o.key_or_group == "resume" and not o.is_delete() and not o.is_sweep_override()]
+    parser = OverridesParser.create()
+    resumes = []  # (index, value) of each resume= override: ``++resume=auto``, ``'auto'`` too
+    for i, (a, o) in enumerate(zip(args, override_mask(args))):
+        if not (o and re.match(r"\+{0,2}resume=", a)):
+            continue  # others are Hydra's to parse and refuse
+        parsed = parser.parse_overrides([a])[0]
+        if not parsed.is_sweep_override():
+            resumes.append((i, str(parsed.value())))
     if not resumes or resumes[-1][1].strip().lower() != "auto":
         return args
-    given = _given_overrides([a for i, a in enumerate(args) if i not in dict(resumes)])
+    kept = [a for i, a in enumerate(args) if i not in dict(resumes)]
+    given = _given_overrides(kept)
     if "overwrite" in given and given["overwrite"].value() in (True, "true", "True"):
         raise ConfigError("resume=auto with overwrite=true: auto itself decides whether to "
                           "continue the run in run_dir or to replace one that stopped before "
@@ -152,6 +156,8 @@ def auto_resume_args(args: list[str]) -> list[str]:
     run_dir = run_dir_arg(given)
     if run_dir is None:
         raise ConfigError("resume=auto needs one run_dir, not a sweep over it")
+    if "${" in str(run_dir):  # runs/r_${seed}: the directory Hydra will resolve it to
+        run_dir = resolved_run_dir(kept, run_dir)
     if is_sweep(args):  # a sweep's directory is one once Hydra wrote its multirun.yaml
         resume, overwrite = (run_dir / rundir.SWEEP).is_file(), False
     else:
@@ -166,8 +172,24 @@ def auto_resume_args(args: list[str]) -> list[str]:
             else f"replacing the run in {run_dir}, which has no complete checkpoint to resume from"
             if overwrite else f"starting a new {'sweep' if is_sweep(args) else 'run'} in "
             f"{run_dir}"), file=sys.stderr)
-    kept = [a for i, a in enumerate(args) if i not in dict(resumes)]
     return [*kept, f"resume={'true' if resume else 'false'}", *(["overwrite=true"] * overwrite)]
+
+
+def resolved_run_dir(args: list[str], given: Path) -> Path:
+    """The ``run_dir`` the overrides ``args`` give, its interpolations (``runs/r_${seed}``)
+    resolved by composing the config as the run will; ``given`` is the text, for the refusal
+    when it cannot be resolved before the run starts (``${hydra:...}``)."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            composed = compose(config_name="config", overrides=override_args(args))
+        return Path(str(composed.run_dir))
+    except Exception as e:  # Hydra's own error: said with what to do
+        raise ConfigError(f"resume=auto: run_dir={given} cannot be resolved before the run "
+                          f"starts ({type(e).__name__}: {e}); give a run_dir whose "
+                          "interpolations name config fields (runs/r_${seed}), or a plain "
+                          "path") from None
 
 
 def _check_process_count(run_dir: Path) -> None:
