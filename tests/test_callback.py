@@ -548,6 +548,45 @@ def test_resume_from_passes_over_a_trl_checkpoint_a_kill_left_torn(tiny_model, w
     assert fresh.resume_from(_user_trainer(tiny_model, tmp_path / "trl_new", [fresh])) is None
 
 
+def test_resume_from_a_run_whose_trl_checkpoints_are_gone_says_so(tiny_model, tmp_path):
+    """Audit 135 F3: a stopped script run whose TRL output_dir was wiped (job-local scratch)
+    was said to be continued under resume="auto", then refused at its first step with advice to
+    pass resume_from_checkpoint=True, on every requeue alike. resume_from now says what is
+    missing and the ways on, before anything trains; the run directory is left free."""
+    import shutil
+
+    run, out = tmp_path / "wiped", tmp_path / "trl_wiped"
+    _seeded_run(tiny_model, tmp_path, "wiped", stop_at=5)
+    shutil.rmtree(out)
+    for resume in (True, "auto"):
+        callback = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=resume)
+        trainer = _user_trainer(tiny_model, out, [callback])
+        with pytest.raises(CheckpointError) as e:
+            callback.resume_from(trainer)
+        said = str(e.value)
+        assert said.startswith(f"{run}: the run is resumed, but no step of it is complete on "
+                               "both sides (resume/ step_000005")
+        assert f"the trainer's output_dir {out} holds no TRL checkpoint-N" in said
+        assert "ShardCallback(..., resume=False, overwrite=True)" in said
+        assert "resume_from_checkpoint=True" not in said
+    fresh = ShardCallback(run_dir=tmp_path / "fresh", runner={"min_samples": 2}, resume="auto")
+    assert fresh.resume_from(_user_trainer(tiny_model, tmp_path / "trl_fresh", [fresh])) is None
+
+
+def test_another_ranks_summary_counts_the_steps_rank_0_counts(tmp_path):
+    """Audit 135 F6: a run resumed at its last checkpoint trains no step, but transformers
+    counts one past max_steps; rank 0 left it out and every other rank's summary said 11 of
+    10 steps."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    callback = ShardCallback(run_dir=tmp_path / "r", runner={"min_samples": 2})
+    state = TrainerState(global_step=11, max_steps=10, is_world_process_zero=False)
+    callback._end(TrainingArguments(output_dir=str(tmp_path / "trl"), report_to=[]), state,
+                  TrainerControl(), model=None, processing_class=None)
+    assert callback.summary["rl_steps"] == 10 and callback.summary["interrupted"] is False
+    callback.close()
+
+
 def test_a_trl_checkpoint_without_its_shards_side_is_refused_naming_where_to_resume(
         tiny_model, tmp_path):
     """TRL's checkpoint-7 is complete but sae-shards' side of it is not (its write hit a full

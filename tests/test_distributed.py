@@ -562,6 +562,10 @@ def test_a_run_dir_of_each_rank_is_refused_on_every_rank(tmp_path):
         f"the trainer's output_dir differs between the run's processes (rank 0: "
         f"{tmp_path / 'trl_0'}, rank 1: {tmp_path / 'trl_1'}); give every process the same")
     assert got[0]["shared"] == "nothing"
+    assert got[0]["node-local output_dir"] == (
+        "the checkpoint to resume from differs between the run's processes (rank 0: 4, rank 1: "
+        "None); every process must see the run directory and the trainer's output_dir on one "
+        "shared filesystem, where rank 0 saved the checkpoints")
     assert not (tmp_path / "run_1").exists()  # nothing written for the refused runs
 
 

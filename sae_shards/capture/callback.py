@@ -828,6 +828,16 @@ class ShardCallback(TrainerCallback):
         if output is None:
             return None
         step = resume_state.latest_complete(self.run_dir, quiet=True, trl=output)
+        try:  # a node-local output_dir of one path: each node sees its own files (audit 135)
+            distributed.check_same("the checkpoint to resume from", str(step),
+                                   "every process must see the run directory and the "
+                                   "trainer's output_dir on one shared filesystem, where rank 0 "
+                                   "saved the checkpoints")
+            if step is None and self.resume:
+                raise CheckpointError(self._nothing_complete(output))
+        except (ValueError, CheckpointError):
+            self._let_go()
+            raise
         later = [s for s in trl_checkpoint_steps(str(output)) if step is None or s > step]
         if later:
             log.warning("the trainer's output_dir %s holds checkpoints that are not complete on "
@@ -836,6 +846,18 @@ class ShardCallback(TrainerCallback):
                         ", ".join(f"checkpoint-{s}" for s in later),
                         f"checkpoint-{step}" if step is not None else "the start")
         return None if step is None else str(output / f"checkpoint-{step}")
+
+    def _nothing_complete(self, output: Path) -> str:
+        """Why a run resumed in a script has no step to resume from: the trainer's output_dir
+        holds no TRL checkpoint of a step sae-shards checkpointed (audit 135 F3: it was said to
+        be continued, then told to pass resume_from_checkpoint=True, which cannot work)."""
+        parts = resume_state.partial_checkpoints(self.run_dir, trl=output) or "no checkpoint"
+        return (f"{self.run_dir}: the run is resumed, but no step of it is complete on both "
+                f"sides ({parts}): the trainer's output_dir {output} holds no TRL checkpoint-N "
+                "of a step sae-shards checkpointed (deleted, on scratch space wiped between "
+                "launches, or not the output_dir the run used). Restore TRL's checkpoint there, "
+                "give the trainer the run's output_dir, or start the run anew: "
+                "ShardCallback(..., resume=False, overwrite=True)")
 
     def _check_same_run_dir(self) -> None:
         """Every process must be given one run directory: rank 0 alone writes it, and each
@@ -1134,7 +1156,9 @@ class ShardCallback(TrainerCallback):
         if not state.is_world_process_zero:  # rank 0 writes the run's summary; every rank can
             self.summary = {"interrupted": self._stopped,  # tell how the run ended
                             "stop_signal": self.stop_signal if self._stopped else None,
-                            "rl_steps": state.global_step, "rank": distributed.rank(),
+                            # transformers' step past max_steps, which rank 0 leaves out
+                            "rl_steps": min(state.global_step, state.max_steps),
+                            "rank": distributed.rank(),
                             "world_size": distributed.world_size(),
                             "summary_json": str(self.run_dir / rundir.SUMMARY)}
         if self.capture is None:

@@ -41,6 +41,12 @@ def main(out: Path) -> None:
         "own output_dir": said(lambda: shared.resume_from(trainer(out / f"trl_{rank}"))),
         "shared": said(lambda: shared.resume_from(trainer(out / "trl"))),
     }
+    # one output_dir path on node-local disks: each node sees its own files; here rank 0 sees a
+    # complete step 4 and rank 1 none (the files themselves are what the nodes would hold)
+    from sae_shards.capture import resume as resume_state
+
+    resume_state.latest_complete = lambda *a, **k: 4 if rank == 0 else None
+    results["node-local output_dir"] = said(lambda: shared.resume_from(trainer(out / "trl")))
     (out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
