@@ -372,6 +372,15 @@ def test_sae_shards_train_under_accelerate_launch(tmp_path):
                tmp_path, rc=1)
     assert sgd.stderr.count("cannot start: capture.source='precond' needs") == 1, sgd.stderr[-3000:]
     assert "Connection closed" not in sgd.stderr and "Error executing job" not in sgd.stderr
+    # a run_dir of each rank's own (audit 135 F8: rank 1 failed on a model path inside its
+    # own directory): refused on every rank before anything is written
+    own = _run([*launch, "--main_process_port", str(_free_port()), "-m", "sae_shards.cli",
+                "train", "rl.max_steps=3", "logging=disabled",
+                f"run_dir={tmp_path / 'own'}_${{oc.env:RANK}}", "runner.min_samples=2"],
+               tmp_path, rc=1)
+    assert "run_dir differs between the run's processes (rank 0: " in own.stderr, \
+        own.stderr[-3000:]
+    assert not [p for p in tmp_path.glob("own_*/*") if p.name != "cli.log"]  # Hydra's log
     rollouts = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     for row in rollouts:  # every completion of both ranks in exactly one event of its step
@@ -541,7 +550,7 @@ def test_every_rank_learns_which_rank_was_asked_to_stop_and_by_what(tmp_path):
     assert stop_asked_anywhere(None) is None and stop_asked_anywhere(15) == (15, 0)
 
 
-def test_a_run_dir_of_each_rank_is_refused_on_every_rank(tmp_path):
+def test_a_run_dir_of_each_rank_or_a_callback_on_one_rank_is_refused(tmp_path):
     """Audit 135 F1: a script whose run_dir was built from RANK gave each rank its own; under
     resume="auto" rank 0 continued its run and rank 1 started a new one, so DDP paired rank 0's
     steps 5-10 with rank 1's steps 1-6, and the run died in a collective without a word (the
@@ -551,6 +560,13 @@ def test_a_run_dir_of_each_rank_is_refused_on_every_rank(tmp_path):
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
           "--master_port", str(_free_port()), str(SAME_DIR_SCRIPT), str(tmp_path)], tmp_path)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # audit 135 F5: a callback on rank 0 only paired its collectives with DDP's on rank 1, and
+    # gloo aborted without a word; rank 0 now says what to do, before any collective of its own
+    assert got[0].pop("on rank 0 only") == (
+        "ShardCallback began training on rank 0 but not on rank(s) 1 within 3 s: add it to the "
+        "trainer on every process (rank 0 alone writes the run directory; the others take part "
+        "in its collectives, so it must not be guarded by is_main_process)")
+    assert got[1].pop("on rank 0 only") == "no callback"
     assert got[0] == got[1]  # every rank says the same
     runs = f"rank 0: {tmp_path / 'run_0'}, rank 1: {tmp_path / 'run_1'}"
     for when in ("own run_dir, resume_from", "own run_dir, train begins"):

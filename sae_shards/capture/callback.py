@@ -921,6 +921,11 @@ class ShardCallback(TrainerCallback):
                 "callback.close(), then add a new ShardCallback(run_dir=..., resume=True) and "
                 "call trainer.train(resume_from_checkpoint=True); for another run, a new "
                 "ShardCallback with a new run_dir")
+        try:  # before any collective of the callback's, which would mismatch
+            distributed.check_callback_on_every_rank()
+        except ValueError:
+            self._let_go()
+            raise
         self._check_same_run_dir()
         if not self.run_config:  # sae-shards train checked its rl.max_steps already
             per_step = trainer_samples_per_step(args, self.capture_cfg.granularity)

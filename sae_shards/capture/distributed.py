@@ -138,6 +138,49 @@ def every_rank_knows(error: BaseException) -> bool:
     return False
 
 
+CALLBACK_WAIT_S = 120.0
+"""How long rank 0's callback waits, as training begins, for every rank's to begin too: the
+ranks leave transformers' ``accelerator.prepare`` (a collective) together, so a rank that has
+not begun by then has no callback."""
+
+_begun = [0]  # how many trainings this process's callbacks began (the same on every rank)
+
+
+def check_callback_on_every_rank() -> None:
+    """Refuse a ``ShardCallback`` that is on some ranks only (added under ``if
+    accelerator.is_main_process``, as a logging callback is): its collectives then paired
+    with DDP's own on the other ranks and gloo aborted without a word (audit 135 F5). Each
+    rank says it began in the process group's key-value store, which no collective can
+    mismatch, and rank 0 waits ``CALLBACK_WAIT_S`` for all. Nothing on one process, or where
+    the store cannot be reached."""
+    if world_size() == 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+    except Exception:  # noqa: BLE001 (a torch without it: the check is skipped, not the run)
+        return
+    import datetime
+
+    _begun[0] += 1
+    keys = [f"sae_shards/callback/{_begun[0]}/{r}" for r in range(world_size())]
+    store.set(keys[rank()], "began")
+    if not is_main():
+        return
+    try:
+        store.wait(keys, datetime.timedelta(seconds=CALLBACK_WAIT_S))
+    except Exception:  # noqa: BLE001 (torch's timeout error has changed its type over versions)
+        missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        if not missing:
+            return
+        raise ValueError(
+            f"ShardCallback began training on rank 0 but not on rank(s) "
+            f"{', '.join(map(str, missing))} within {CALLBACK_WAIT_S:g} s: add it to the "
+            "trainer on every process (rank 0 alone writes the run directory; the others take "
+            "part in its collectives, so it must not be guarded by is_main_process)") from None
+
+
 def check_same(name: str, value: str, fix: str) -> None:
     """Refuse, on every rank, a setting ``name`` whose ``value`` differs between the run's
     processes (``fix``: what to do); a collective that every rank must reach. One process, or

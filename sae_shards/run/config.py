@@ -240,7 +240,9 @@ class RLConfig:
         if self.per_device_train_batch_size % self.num_generations:
             raise ValueError(
                 f"rl.per_device_train_batch_size={self.per_device_train_batch_size} must be a "
-                f"multiple of rl.num_generations={self.num_generations} (whole GRPO groups)")
+                f"multiple of rl.num_generations={self.num_generations}: sae-shards train lays "
+                "its prompts out in whole GRPO groups on each process (TRL itself, in a script "
+                "of your own, needs whole groups only over all processes together)")
         if not self.learning_rate > 0:
             raise ValueError(f"rl.learning_rate={self.learning_rate} must be positive")
         if self.trainable is not None:

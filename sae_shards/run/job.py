@@ -286,7 +286,7 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
     try:
         check_recipe(cfg)
         device = resolve_device(cfg.device)
-        with _main_process_first(device):
+        with _main_process_first(device, run_dir):
             if main:
                 rundir.prepare_run_dir(run_dir, cfg.overwrite, cfg.resume)
                 held = True
@@ -389,12 +389,14 @@ def _made_by_a_script(run_dir: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _main_process_first(device: torch.device) -> Iterator[None]:
+def _main_process_first(device: torch.device, run_dir: Path) -> Iterator[None]:
     """Under a multi-process launch (``accelerate launch``), rank 0 runs the block first (it
     prepares the run directory and builds the model) and the other ranks after it, once rank 0
     has told them (a broadcast) whether it got through: when it raised, they raise
-    ``RefusedOnRankZero`` with its message instead of running the block. One process: just
-    the block."""
+    ``RefusedOnRankZero`` with its message instead of running the block. Before that, every
+    rank must have been given one ``run_dir`` (``run_dir=runs/r_${oc.env:RANK}`` is refused
+    on every rank: rank 1 failed on a model path of its own directory, audit 135 F8). One
+    process: just the block."""
     if distributed.world_size() == 1:
         yield
         return
@@ -403,6 +405,10 @@ def _main_process_first(device: torch.device) -> Iterator[None]:
 
     # The state TRL's config creates next is this one (a singleton): on a CPU, gloo processes.
     state = PartialState(cpu=device.type == "cpu")
+    distributed.check_same("run_dir", str(Path(run_dir).absolute()),
+                           "give every process the same run_dir, which rank 0 alone writes "
+                           "(an interpolation of RANK or LOCAL_RANK, the time or the host name "
+                           "differs between them)")
     if not state.is_main_process:
         verdict: list[str | None] = [None]
         dist.broadcast_object_list(verdict, src=0)  # between the run's own processes only

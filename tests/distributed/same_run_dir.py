@@ -47,6 +47,15 @@ def main(out: Path) -> None:
 
     resume_state.latest_complete = lambda *a, **k: 4 if rank == 0 else None
     results["node-local output_dir"] = said(lambda: shared.resume_from(trainer(out / "trl")))
+    # the callback added under `if rank == 0` (as a logging callback is): refused on rank 0
+    from sae_shards.capture import distributed
+
+    distributed.CALLBACK_WAIT_S = 3.0
+    main_only = ShardCallback(run_dir=out / "main_only")
+    results["on rank 0 only"] = said(lambda: main_only.on_train_begin(
+        TrainingArguments(output_dir=str(out / "trl"), report_to=[]), TrainerState(),
+        TrainerControl())) if rank == 0 else "no callback"
+    dist.barrier()
     (out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
