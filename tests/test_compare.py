@@ -59,13 +59,16 @@ def test_two_seeds_find_the_same_planted_shards_and_noise_finds_none(stream, set
     pairs = {p.shard: p for p in found.pairs}
     assert set(recovered) <= {p.shard for p in found.replicated}  # each one found again,
     assert all(abs(pairs[i].cosine) >= 0.95 and pairs[i].mutual for i in recovered)  # 1:1
-    assert max(pairs[i].chance for i in recovered) < 0.8  # a random direction of B's span
+    # a random direction of B's span, cut to rank 1, leans to one of its few (12) planted
+    # directions, so the chance is high here; each recovered pair still beats it
+    assert all(abs(pairs[i].cosine) > pairs[i].chance for i in recovered)
+    assert max(pairs[i].chance for i in recovered) < 0.95
     assert [abs(p.cosine) for p in found.pairs] == sorted((abs(p.cosine) for p in found.pairs),
                                                           reverse=True)
     assert not found.same_init  # other seeds
     broken = compare_shards(a, noise)  # B's shards random directions: a broken pipeline
     assert broken.replicated == [] and broken.to_dict()["median_abs_cosine"] < 0.15
-    assert len(broken.above_chance) <= 0.75 * len(broken.pairs)  # about half, by chance
+    assert len(broken.above_chance) <= len(broken.pairs) // 4  # 1 in 20, by chance
 
 
 def test_mutual_marks_the_nearest_of_a_s_compared_shards(sets):
@@ -91,30 +94,39 @@ def _dense(factors_per_target) -> torch.Tensor:
     return torch.cat(blocks, 1).double()
 
 
-def _dense_chance(a, b, candidates, seed, signed=False):
-    """span_chance's figure, computed densely from its definition: each candidate's blocks
-    replaced by random ones of the same norms."""
+def _dense_chance(a, b, candidates, seed, signed=False, redraws=20):
+    """span_chance's figure, computed densely from its definition: Gaussian combinations of
+    the candidates, each matrix block cut to the candidates' rank by a dense SVD; the 95th
+    percentile over the redraws of the best |cosine| of each set of len(candidates)."""
     g = torch.Generator().manual_seed(seed)
     n = len(candidates)
-    weights = [torch.randn(n, n, generator=g) for _ in range(2)]
+    weights = torch.randn(n * redraws, n, generator=g, dtype=torch.float64)
     blocks = []
     for t in b.sae.factors:
-        own = _dense([tuple(f[candidates] for f in t.factors("decoder"))]).norm(dim=1)
-        drawn = _dense([tuple(torch.einsum("dj,j...->d...", w, f[candidates])
-                              for w, f in zip(weights, t.factors("decoder")))])
-        blocks.append(drawn / drawn.norm(dim=1, keepdim=True) * own[:, None])
+        factors = tuple(f[candidates].double() for f in t.factors("decoder"))
+        if len(factors) == 1:
+            blocks.append(weights @ factors[0])
+            continue
+        U, V = factors
+        dense = torch.einsum("dj,jmr,jkr->dmk", weights, U, V)  # [draws, m, k]
+        left, sv, right_t = torch.linalg.svd(dense, full_matrices=False)
+        r = U.shape[-1]
+        blocks.append(torch.einsum("dmr,dr,drk->dmk", left[:, :, :r], sv[:, :r],
+                                   right_t[:, :r]).flatten(1))
     rows = torch.nn.functional.normalize(_dense([t.factors("decoder") for t in a.sae.factors]),
                                          dim=1)
     dirs = torch.nn.functional.normalize(torch.cat(blocks, 1), dim=1)
     cos = rows @ dirs.T
-    return (cos if signed else cos.abs()).max(1).values
+    best = (cos if signed else cos.abs()).view(len(rows), redraws, n).max(2).values
+    return torch.quantile(best, 0.95, dim=1)
 
 
 @pytest.mark.parametrize("signed", [False, True])
 def test_span_chance_is_the_dense_cosine_with_random_shard_shaped_directions(stream, signed):
-    """The chance control, checked densely: the largest |cosine| (signed cosine for SAEs with
-    non-negative codes, where d and -d are other shards) with as many random directions as
-    candidates, each per target a product of Gaussian combinations of the candidates' factors."""
+    """The chance control, checked densely: the 95th percentile over 20 redraws of the
+    largest |cosine| (signed cosine for SAEs with non-negative codes, where d and -d are other
+    shards) with as many random directions of the candidates' span as candidates, each block
+    cut to the SAE's rank. With one candidate there is none (its span is that shard)."""
     a = ShardSet(_moved_sae(stream.targets, 0, 10), {}, {})
     b = ShardSet(_moved_sae(stream.targets, 1, 11), {}, {})
     candidates = [1, 4, 5, 9, 20]
@@ -125,13 +137,15 @@ def test_span_chance_is_the_dense_cosine_with_random_shard_shaped_directions(str
         assert not torch.equal(got, span_chance(a, b, candidates,
                                                 torch.Generator().manual_seed(3)))
     assert torch.isnan(span_chance(a, b, [], torch.Generator())).all()
+    assert torch.isnan(span_chance(a, b, [4], torch.Generator())).all()  # audit 136 F3
 
 
 def test_the_chance_control_is_calibrated_on_unrelated_sets(stream):
-    """Two sets of random shard-shaped directions share nothing: about half of the pairs must
-    beat their chance. The earlier control (random directions of the span, dense sums of every
-    candidate) was beaten by 82% of such pairs, since a low-rank shard's cosines have heavier
-    tails than a dense sum's."""
+    """Two sets of random shards share nothing: about 1 pair in 20 may beat its chance (the
+    95th percentile). The first control (random directions of the span, dense sums of every
+    candidate, best of one set) was beaten by 82% of such pairs, since a low-rank shard's
+    cosines have heavier tails than a dense sum's; the second (best of one set of shard-shaped
+    directions) by half, a coin flip per pair (audit 136 F2)."""
     density = {"stats.density": torch.full((CFG["n_latents"],), 0.2)}
     shares = []
     for seed in range(8):
@@ -139,7 +153,7 @@ def test_the_chance_control_is_calibrated_on_unrelated_sets(stream):
         b = ShardSet(_moved_sae(stream.targets, 300 + seed, 400 + seed), {}, density)
         found = compare_shards(a, b)
         shares.append(len(found.above_chance) / len(found.pairs))
-    assert 0.35 < sum(shares) / len(shares) < 0.65, shares
+    assert 0.01 < sum(shares) / len(shares) < 0.12, shares
 
 
 def test_rare_untrained_and_always_on_shards_are_left_out_of_the_count(sets):
@@ -385,8 +399,8 @@ def test_an_untrained_shard_of_b_is_no_candidate(stream, sets):
     in), so two runs that share nothing had 19 of 23 shards 'above chance', 9 of them on an
     untrained shard of B. Matches are now among B's trained shards, against as many random
     directions of their span. Here B (random directions, a broken pipeline) has half its
-    shards put back on their initial directions: none is matched, and at most half of A's
-    beat chance (half on average over unrelated sets: the calibration test)."""
+    shards put back on their initial directions: none is matched, and few of A's
+    beat chance (1 in 20 on average over unrelated sets: the calibration test)."""
     a, _, noise = sets
     start = LowRankSAE(noise.sae.targets, noise.sae.cfg)  # B's initial directions
     sae = copy.deepcopy(noise.sae)
@@ -400,10 +414,19 @@ def test_an_untrained_shard_of_b_is_no_candidate(stream, sets):
     found = compare_shards(a, b)
     assert found.n_trained_b == len(noise) - len(reset)
     assert found.pairs and not {p.match for p in found.pairs} & set(reset)
-    assert len(found.above_chance) <= 0.75 * len(found.pairs)  # about half, by chance
+    assert len(found.above_chance) <= len(found.pairs) // 4  # 1 in 20, by chance
     lines = comparison_lines(found, a, b)
     assert lines[1].endswith(f"({len(b)} shards, {len(b) - len(reset)} of them trained: the "
                              "candidates)")
+    assert lines[3].startswith(f"above chance, at any |cos|: {len(found.above_chance)} (about "
+                               f"{0.05 * len(found.pairs):.0f} where A and B share nothing)")
+    one = ShardSet(sae, noise.config, {"stats.density": torch.tensor(
+        [0.2 if i == 1 else 0.0 for i in range(len(noise))])})  # one trained shard of B
+    alone = compare_shards(a, one)
+    assert alone.n_trained_b == 1 and all(p.match == 1 for p in alone.pairs)
+    assert all(p.chance != p.chance for p in alone.pairs)  # NaN: no control (audit 136 F3)
+    assert "note: B has one trained shard, so there is no chance control" in "\n".join(
+        comparison_lines(alone, a, one))
     bare = ShardSet(start, noise.config, b.stats)  # B not trained at all: nothing to match
     lines = comparison_lines(compare_shards(a, bare), a, bare)
     assert lines[2].startswith("no shard of B trained (all 24 never fired or never left")

@@ -4,16 +4,16 @@ Two runs of the same RL setup under other seeds (or two SAEs trained on one run'
 should agree on the shards that are real: a direction RL reinforced in some context is there
 to be found again. ``compare_shards`` matches each trained shard of ``a`` to the shard of ``b``
 whose decoder direction is nearest (largest |cosine|, in factored form), and measures the same
-match against a *chance* control made for it (``span_chance``): as many random shard-shaped
-directions as ``b`` has candidates, each a trained shard of ``b`` whose block on every target is
-turned to a random direction of the same norm within ``b``'s factor spans (the spans of its
-shards' ``U``, ``V`` factors). Every shard of an SAE lies close to the spans of the updates it
-was trained on, so two SAEs of one run agree far better than random directions of the whole
-parameter space would (about 0.01 there); a pair is worth reading when it beats directions of
-``b``'s own shape and spaces, which asks whether ``b`` holds *this* direction as one shard.
-The control has the candidates' rank and share per target because a cosine between low-rank
-directions is heavier-tailed than one with a dense sum: random directions of the span were
-beaten by 82% of the pairs of two unrelated sets; this control by half of them.
+match against a *chance* control made for it (``span_chance``): the 95th percentile, over 20
+redraws, of the best |cosine| it reaches with as many random directions of the span of ``b``'s
+trained shards as ``b`` has, each direction's block on every target cut to the SAE's rank (a
+shard's shape). Every shard of an SAE lies close to the span of the updates it was trained on,
+so two SAEs of one run agree far better than random directions of the whole parameter space
+would (about 0.01 there); a pair is worth reading when it beats directions of ``b``'s own span
+and shape, which asks whether ``b`` holds *this* direction as one shard and not only somewhere
+in its span. Where ``a`` and ``b`` share nothing about 1 pair in 20 beats it. The cut matters:
+a cosine between two low-rank directions has heavier tails than one with a dense sum, and
+uncut random directions of the span were beaten by 82% of the pairs of two unrelated sets.
 
 Left out of the count:
 - shards that never fired, or fired on fewer than ``min_density`` of their SAE's samples;
@@ -86,9 +86,10 @@ class ShardPair:
     cosine: float
     """Their signed cosine (a sign flip is the same direction)."""
     chance: float
-    """The largest |cosine| ``a``'s shard reaches with ``span_chance``'s random shard-shaped
-    directions of ``b``, one per candidate: the best of as many chance candidates as the match
-    had; NaN for an always-on shard."""
+    """``span_chance``: the 95th percentile over redraws of the largest |cosine| ``a``'s shard
+    reaches with as many random directions of ``b``'s span (of a shard's shape) as the match
+    had candidates; NaN for an always-on shard, or when ``b`` has one trained shard (no
+    control: the threshold alone decides)."""
     mutual: bool
     """``a``'s shard is also the nearest to ``match`` among ``a``'s compared shards."""
     density: float
@@ -188,36 +189,65 @@ def initial_cosines(shards: ShardSet) -> Tensor:
     return shards.cosine_matrix(ShardSet(start, {}, {})).diagonal().abs()
 
 
+CHANCE_REDRAWS = 20
+"""Sets of random directions ``span_chance`` draws, each as large as ``b``'s candidate set."""
+
+CHANCE_QUANTILE = 0.95
+"""The quantile over those sets of the best |cosine| a set gives: the chance a pair must beat.
+Where ``a`` and ``b`` share nothing, a pair beats it about 1 time in 20."""
+
+
 def span_chance(a: ShardSet, b: ShardSet, candidates: list[int], generator: torch.Generator,
-                signed: bool = False) -> Tensor:
-    """``[n_a]``: for each shard of ``a``, the largest |cosine| (signed cosine with ``signed``)
-    it reaches with random *shard-shaped* directions of ``b``, one per candidate (``b``'s
-    shards a match is chosen from): candidate i with each target's block replaced by a random
-    one of the same norm, whose decoder factors (``U`` and ``V`` of a matrix, ``d`` of a
-    vector) are Gaussian combinations of the candidates' same factors. Each keeps a
-    candidate's rank and its share on every target, and lies in ``b``'s factor spans, as a shard
-    of ``b`` does; only which direction it takes within them is chance. A dense combination of
-    the candidates (a random direction of their span) has the lighter-tailed cosines of a sum
-    of many terms, which a shard of an unrelated set beat for 4 in 5 of its shards, and so
-    does a combination whose share per target is an average of the candidates'. NaN when there
-    is no candidate."""
-    if not candidates:
-        return torch.full((len(a),), math.nan)
+                signed: bool = False, redraws: int = CHANCE_REDRAWS) -> Tensor:
+    """``[n_a]``: for each shard of ``a``, the ``CHANCE_QUANTILE`` over ``redraws`` sets of the
+    largest |cosine| (signed cosine with ``signed``) it reaches with a set of random
+    directions of ``b``'s shape, as many as ``candidates`` (``b``'s shards a match is chosen
+    from). Each random direction is a Gaussian combination of the candidates (a direction of
+    their span) with its block on every target cut to the SAE's rank by its singular value
+    decomposition, so that it is shaped as a shard is: a cosine between two low-rank
+    directions has heavier tails than one with a dense sum, which a shard of an unrelated set
+    beat for 4 in 5 of its shards. All in factored form: the cut is the SVD of a small
+    ``[n r, n r]`` matrix per direction and target. NaN with fewer than two candidates (the
+    span of one shard is that shard)."""
+    n_a = len(a)
+    if len(candidates) < 2:
+        return torch.full((n_a,), math.nan)
     n = len(candidates)
-    weights = [torch.randn(n, n, generator=generator) for _ in range(2)]  # [draws, n] per factor
-    shares = b.target_norms()[candidates]  # [n, n_targets]: each candidate's norm per target
-    cross = torch.zeros(len(a), n)
+    draws = n * redraws
+    weights = torch.randn(draws, n, generator=generator, dtype=torch.float64)
+    cross = torch.zeros(n_a, draws, dtype=torch.float64)
+    square = torch.zeros(draws, dtype=torch.float64)
     with torch.no_grad():
-        for t, (mine, theirs) in enumerate(zip(a.sae.factors, b.sae.factors)):
-            drawn = tuple(torch.einsum("dj,j...->d...", w, f[candidates].float())
-                          for w, f in zip(weights, theirs.factors("decoder")))
-            norm = cross_gram(drawn, drawn).diagonal().clamp_min(0).sqrt()  # [draws]
-            cross += cross_gram(mine.factors("decoder"), drawn) * (
-                shares[:, t] / norm.clamp_min(1e-30))[None]
-    own = a.target_norms().pow(2).sum(1).sqrt().clamp_min(1e-30)  # [n_a]
-    total = shares.pow(2).sum(1).sqrt().clamp_min(1e-30)  # [draws]: each candidate's norm
-    cos = cross / own[:, None] / total[None]  # [n_a, draws]
-    return (cos if signed else cos.abs()).max(1).values
+        for mine, theirs in zip(a.sae.factors, b.sae.factors):
+            drawn, norm2 = _span_draws(theirs.factors("decoder"), candidates, weights)
+            cross += cross_gram(tuple(f.double() for f in mine.factors("decoder")), drawn)
+            square += norm2
+    own = a.target_norms().double().pow(2).sum(1).sqrt().clamp_min(1e-30)  # [n_a]
+    cos = cross / own[:, None] / square.clamp_min(1e-30).sqrt()[None]  # [n_a, draws]
+    best = (cos if signed else cos.abs()).view(n_a, redraws, n).max(2).values
+    return torch.quantile(best, CHANCE_QUANTILE, dim=1).float()
+
+
+def _span_draws(factors: tuple[Tensor, ...], candidates: list[int], weights: Tensor
+                ) -> tuple[tuple[Tensor, ...], Tensor]:
+    """One target's blocks of the random span directions: ``weights`` ``[draws, n]`` combine
+    the ``candidates``' blocks; a matrix block is cut to the candidates' rank r. Returns the
+    blocks' factors (``(U [draws, m, r], V [draws, k, r])``, or ``(d [draws, m],)``) and their
+    squared Frobenius norms ``[draws]``."""
+    if len(factors) == 1:  # a vector target: the combination itself
+        d = weights @ factors[0][candidates].double()  # [draws, m]
+        return (d,), d.pow(2).sum(1)
+    U, V = (f[candidates].double() for f in factors)  # [n, m, r], [n, k, r]
+    n, m, r = U.shape
+    qu, ru = torch.linalg.qr(U.permute(1, 0, 2).reshape(m, n * r))  # [m, q], [q, n r]
+    qv, rv = torch.linalg.qr(V.permute(1, 0, 2).reshape(V.shape[1], n * r))
+    # sum_j w_j U_j V_j^T = qu (ru diag(w) rv^T) qv^T: the SVD of the small middle factor
+    middle = (ru[None] * weights.repeat_interleave(r, dim=1)[:, None, :]) @ rv.T[None]
+    left, sv, right_t = torch.linalg.svd(middle)  # [draws, q, q], [draws, q], [draws, q, q]
+    keep = min(r, sv.shape[1])
+    u_cut = qu @ (left[:, :, :keep] * sv[:, None, :keep])  # [draws, m, keep]
+    v_cut = qv @ right_t[:, :keep, :].transpose(1, 2)  # [draws, k, keep]
+    return (u_cut, v_cut), sv[:, :keep].pow(2).sum(1)
 
 
 def compare_shards(a: ShardSet, b: ShardSet, threshold: float = REPLICATED,
@@ -348,10 +378,13 @@ def comparison_lines(result: Comparison, a: ShardSet, b: ShardSet,
              f"replicated (|cos| >= {result.threshold:g} and above chance): "
              f"{len(result.replicated)} of the {len(result.pairs)} compared shards of A "
              f"({figures['replicated_mutual']} of them mutual nearest), always-on ones apart",
-             f"above chance, at any |cos|: {len(result.above_chance)}; median |cos| "
-             f"{figures['median_abs_cosine']:.3f}, chance median "
-             f"{figures['chance_median_abs_cosine']:.3f} (chance: B's trained shards, each "
-             "with its blocks turned to random ones within B's factor spans)"]
+             f"above chance, at any |cos|: {len(result.above_chance)} (about "
+             f"{(1 - CHANCE_QUANTILE) * len(result.pairs):.0f} where A and B share nothing); "
+             f"median |cos| {figures['median_abs_cosine']:.3f}, chance median "
+             f"{figures['chance_median_abs_cosine']:.3f} (chance: the "
+             f"{100 * CHANCE_QUANTILE:g}th percentile over {CHANCE_REDRAWS} redraws of the best "
+             "|cos| with as many random directions of the span of B's trained shards, each cut "
+             "to the SAE's rank)"]
     none = not result.pairs and not result.always_on  # no median, no row: said why instead
     if none and not result.n_trained_b:
         lines[2:] = [f"no shard of B trained (all {len(b)} never fired or never left their "
@@ -363,6 +396,9 @@ def comparison_lines(result: Comparison, a: ShardSet, b: ShardSet,
         lines[2:] = [f"no shard of A was compared: all {len(a)} are left out above (an SAE "
                      "early in its training has few trained shards): compare a later "
                      f"checkpoint{lower}"]
+    if result.n_trained_b == 1:
+        lines.append("note: B has one trained shard, so there is no chance control (the span "
+                     "of one shard is that shard): the threshold alone decides")
     if result.other_initial_models:
         lines.append("note: A's and B's runs started from other initial weights (their "
                      "config.json's model.fingerprint differ): their updates are taken around "

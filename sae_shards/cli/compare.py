@@ -38,8 +38,10 @@ def run(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="sae-shards compare", description="Match each trained shard of A to the shard of "
         "B whose direction is nearest (|cosine|) among B's trained shards, beside a chance "
-        "control: B's trained shards with their blocks turned to random directions within "
-        "B's factor spans. Always-on (drift) shards are listed apart.")
+        "control: the 95th percentile over redraws of the best |cosine| with as many random "
+        "directions of the span of B's trained shards, each cut to the SAE's rank (where A "
+        "and B share nothing, 1 pair in 20 beats it). Always-on (drift) shards are listed "
+        "apart.")
     parser.add_argument("a", type=Path, help="a run directory, or a checkpoint directory")
     parser.add_argument("b", type=Path, help="the same, over the same targets")
     for side in ("a", "b"):
