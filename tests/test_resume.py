@@ -1169,8 +1169,17 @@ def test_resume_auto_replaces_only_a_run_with_nothing_to_resume(tmp_path):
         "resume=true"
     assert auto_resume_args([f"run_dir={interpolated}", "seed=4", "resume=auto"])[-1] == \
         "resume=false"  # r_4: a new run
-    # an override Hydra cannot parse is left to Hydra's own refusal, not parsed here
+    # with an override of a free-form mapping, as the run itself takes it (audit 136 F6: it was
+    # refused as 'cannot be resolved')
+    assert auto_resume_args([f"run_dir={interpolated}", "seed=3", "rl.extra.beta=0.1",
+                             "task.options.target_length=4", "resume=auto"])[-1] == \
+        "resume=true"
+    with pytest.raises(ConfigError, match="resume=auto of a sweep needs a plain run_dir"):
+        auto_resume_args(["-m", f"run_dir={interpolated}", "seed=1,2", "resume=auto"])
+    # an override Hydra cannot parse is left to Hydra's own refusal, not parsed here (audit
+    # 136 F1: resume="auto ended in a traceback)
     assert auto_resume_args(["run_dir=a/b=c,d"]) == ["run_dir=a/b=c,d"]
+    assert auto_resume_args(["run_dir=x", 'resume="auto']) == ["run_dir=x", 'resume="auto']
     sweep = tmp_path / "sweep"
     assert auto_resume_args(["-m", "sae.k=2,4", f"run_dir={sweep}",
                              "resume=auto"])[-1] == "resume=false"

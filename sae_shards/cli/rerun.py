@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sae_shards.cli.hydra_config import CONFIG_DIR, ConfigError, override_args
+from sae_shards.cli.hydra_config import CONFIG_DIR, ConfigError, open_map_args, override_args
 from sae_shards.cli.processes import main_process
 from sae_shards.cli.train_checks import is_sweep, resume_given, run_dir_arg
 
@@ -142,7 +142,10 @@ def auto_resume_args(args: list[str]) -> list[str]:
     for i, (a, o) in enumerate(zip(args, override_mask(args))):
         if not (o and re.match(r"\+{0,2}resume=", a)):
             continue  # others are Hydra's to parse and refuse
-        parsed = parser.parse_overrides([a])[0]
+        try:
+            parsed = parser.parse_overrides([a])[0]
+        except Exception:  # noqa: BLE001 (resume="auto: Hydra's own config error says it)
+            continue
         if not parsed.is_sweep_override():
             resumes.append((i, str(parsed.value())))
     if not resumes or resumes[-1][1].strip().lower() != "auto":
@@ -156,6 +159,9 @@ def auto_resume_args(args: list[str]) -> list[str]:
     run_dir = run_dir_arg(given)
     if run_dir is None:
         raise ConfigError("resume=auto needs one run_dir, not a sweep over it")
+    if "${" in str(run_dir) and is_sweep(args):
+        raise ConfigError(f"resume=auto of a sweep needs a plain run_dir, not run_dir={run_dir}: "
+                          "the sweep's directory must be known before its jobs' settings are")
     if "${" in str(run_dir):  # runs/r_${seed}: the directory Hydra will resolve it to
         run_dir = resolved_run_dir(kept, run_dir)
     if is_sweep(args):  # a sweep's directory is one once Hydra wrote its multirun.yaml
@@ -183,7 +189,8 @@ def resolved_run_dir(args: list[str], given: Path) -> Path:
 
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            composed = compose(config_name="config", overrides=override_args(args))
+            composed = compose(config_name="config",
+                               overrides=override_args(open_map_args(args)))
         return Path(str(composed.run_dir))
     except Exception as e:  # Hydra's own error: said with what to do
         raise ConfigError(f"resume=auto: run_dir={given} cannot be resolved before the run "
