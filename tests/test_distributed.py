@@ -567,6 +567,9 @@ def test_a_run_dir_of_each_rank_or_a_callback_on_one_rank_is_refused(tmp_path):
         "trainer on every process (rank 0 alone writes the run directory; the others take part "
         "in its collectives, so it must not be guarded by is_main_process)")
     assert got[1].pop("on rank 0 only") == "no callback"
+    assert got[0].pop("resume_from on rank 0 only").startswith(  # before resume_from's
+        "ShardCallback was asked resume_from on rank 0 but not on rank(s) 1 within 3 s")
+    assert got[1].pop("resume_from on rank 0 only") == "no callback"
     assert got[0] == got[1]  # every rank says the same
     runs = f"rank 0: {tmp_path / 'run_0'}, rank 1: {tmp_path / 'run_1'}"
     for when in ("own run_dir, resume_from", "own run_dir, train begins"):

@@ -820,6 +820,11 @@ class ShardCallback(TrainerCallback):
         A kill while TRL wrote a later checkpoint leaves it without ``trainer_state.json``;
         ``resume_from_checkpoint=True`` would pick it and transformers would stop: this passes
         over it, and warns naming it (delete it)."""
+        try:  # before its collectives: a callback on rank 0 alone would pair them with DDP's
+            distributed.check_callback_on_every_rank("was asked resume_from")
+        except ValueError:
+            self._let_go()
+            raise
         self._check_same_run_dir()  # every rank decides alike only from one run directory
         output = trl_dir(trainer.args)
         distributed.check_same("the trainer's output_dir", str(output and output.absolute()),

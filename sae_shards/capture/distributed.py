@@ -146,13 +146,14 @@ not begun by then has no callback."""
 _begun = [0]  # how many trainings this process's callbacks began (the same on every rank)
 
 
-def check_callback_on_every_rank() -> None:
+def check_callback_on_every_rank(did: str = "began training") -> None:
     """Refuse a ``ShardCallback`` that is on some ranks only (added under ``if
     accelerator.is_main_process``, as a logging callback is): its collectives then paired
     with DDP's own on the other ranks and gloo aborted without a word (audit 135 F5). Each
-    rank says it began in the process group's key-value store, which no collective can
-    mismatch, and rank 0 waits ``CALLBACK_WAIT_S`` for all. Nothing on one process, or where
-    the store cannot be reached."""
+    rank says it began (``did``: what the callback was asked to do, said in the refusal) in
+    the process group's key-value store, which no collective can mismatch, and rank 0 waits
+    ``CALLBACK_WAIT_S`` for all. Nothing on one process, or where the store cannot be
+    reached."""
     if world_size() == 1 or not (dist.is_available() and dist.is_initialized()):
         return
     try:
@@ -175,7 +176,7 @@ def check_callback_on_every_rank() -> None:
         if not missing:
             return
         raise ValueError(
-            f"ShardCallback began training on rank 0 but not on rank(s) "
+            f"ShardCallback {did} on rank 0 but not on rank(s) "
             f"{', '.join(map(str, missing))} within {CALLBACK_WAIT_S:g} s: add it to the "
             "trainer on every process (rank 0 alone writes the run directory; the others take "
             "part in its collectives, so it must not be guarded by is_main_process)") from None

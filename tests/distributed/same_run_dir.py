@@ -55,6 +55,8 @@ def main(out: Path) -> None:
     results["on rank 0 only"] = said(lambda: main_only.on_train_begin(
         TrainingArguments(output_dir=str(out / "trl"), report_to=[]), TrainerState(),
         TrainerControl())) if rank == 0 else "no callback"
+    results["resume_from on rank 0 only"] = said(  # audit 136 F5: as README's requeue line
+        lambda: main_only.resume_from(trainer(out / "trl"))) if rank == 0 else "no callback"
     dist.barrier()
     (out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
