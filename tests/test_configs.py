@@ -354,6 +354,33 @@ def test_an_undocumented_field_is_refused_by_the_reference():
         config_reference.SECTIONS = sections
 
 
+def test_a_new_built_in_tasks_options_are_in_the_reference(monkeypatch):
+    """Audit 137 F1: the reference listed the options of Task and MultiSkillTask by hand, so a
+    task added to BUILT_IN_TASKS had its own options documented nowhere, and one without a
+    docstring passed every test. The task sections now come from BUILT_IN_TASKS."""
+    from scripts import config_reference
+
+    from sae_shards.recipe import tasks
+
+    @dataclasses.dataclass(frozen=True)
+    class Digits(tasks.Task):
+        min_digits: int = 1
+
+    monkeypatch.setitem(tasks.BUILT_IN_TASKS, "digits", Digits)
+    sections = config_reference._task_sections()
+    assert [h for h, _, _ in sections][-1] == "`task.options.*` of `task=digits`"
+    monkeypatch.setattr(config_reference, "SECTIONS", sections)
+    with pytest.raises(ValueError, match=r"Digits.min_digits has no docstring"):
+        config_reference.render()
+    with pytest.raises(ValueError, match=r"task.name='digitz' is unknown; known tasks: \["
+                                         r"'letters', 'multiskill', 'multiskill_null', 'digits'"):
+        tasks.build_task("digitz")
+    monkeypatch.setattr(tasks, "TASK_NAMES", (*tasks.TASK_NAMES, "words"))  # a half-done add
+    with pytest.raises(ValueError, match=r"'words' is unknown \(run.config.TaskName names it, "
+                                         r"but recipe.tasks.BUILT_IN_TASKS has no class"):
+        tasks.build_task("words")
+
+
 def test_a_sweeps_job_directories_ignore_every_setting_a_resume_may_change():
     """Hydra names a sweep's job directories by its overrides less ``exclude_keys``: a setting a
     resume may change (``rundir.RESUME_FREE``) that names a job would make a resumed sweep look

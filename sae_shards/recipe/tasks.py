@@ -473,6 +473,16 @@ BUILT_IN_TASKS: dict[str, type[Task] | type[MultiSkillTask]] = {
 the same keys (``tests/test_tasks.py`` checks both)."""
 
 
+SET_BY_BUILD = ("name", "label")
+"""Fields of a task class that ``build_task`` sets from ``task.name``: not ``task.options``."""
+
+
+def task_options(cls: type) -> list[dataclasses.Field]:
+    """The fields of a built-in task class that ``task.options`` sets (docs/usage.md's
+    configuration reference lists each, with its docstring)."""
+    return [f for f in dataclasses.fields(cls) if f.name not in SET_BY_BUILD]
+
+
 def check_task_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` checked for the built-in task ``name``: a ``ValueError`` naming
     ``task.options.<key>`` for an option the task does not take (with the ones it takes) or a
@@ -481,7 +491,7 @@ def check_task_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     cls = BUILT_IN_TASKS.get(name)
     if cls is None:
         return dict(options)
-    known = {f.name for f in dataclasses.fields(cls)} - {"name", "label"}
+    known = {f.name for f in task_options(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"task.options {['task.options.' + k for k in unknown]} are not "
@@ -495,7 +505,10 @@ def build_task(name: str, **kwargs: Any) -> Task | MultiSkillTask:
     ``task.options.<key>``)."""
     cls = BUILT_IN_TASKS.get(name)
     if cls is None:
-        raise ValueError(f"task.name={name!r} is unknown; known tasks: {list(TASK_NAMES)}")
+        half = (" (run.config.TaskName names it, but recipe.tasks.BUILT_IN_TASKS has no class "
+                "for it: docs/architecture.md, 'A built-in task')" if name in TASK_NAMES else "")
+        raise ValueError(f"task.name={name!r} is unknown{half}; known tasks: "
+                         f"{list(BUILT_IN_TASKS)}")
     options = check_task_options(name, kwargs)
     if issubclass(cls, Task):  # one skill: its label is the task's name
         return cls(name=name, label=name, **options)
