@@ -452,6 +452,11 @@ def test_a_job_refused_at_setup_leaves_no_wandb_run(tmp_path, capsys):
      "capture.targets=[*mlp.down_proj.weight]",
      r"'\*mlp.down_proj.weight' matches parameters that never change: .* add their modules to "
      r"the LoRA target_modules"),
+    # a norm's gain under LoRA: no adapter can take it (audit 137 F8: the advice above, which
+    # was then refused as 'name no linear layer')
+    ("model=tiny_lora capture.targets=[model.layers.*.input_layernorm.weight]",
+     r"'model.layers.\*.input_layernorm.weight' matches parameters that never change: .* leave "
+     r"them out: they are not weight matrices, and LoRA adapts only those"),
 ])
 def test_task_options_and_trl_settings_are_config_errors_before_anything_is_written(
         tmp_path, capsys, override, message):

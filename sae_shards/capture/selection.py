@@ -85,7 +85,7 @@ def select_targets(model: torch.nn.Module, patterns: list[str]) -> dict[str, Tar
         hits = [n for n in capturable if fnmatch.fnmatchcase(n, pattern)]
         stuck = [n for n in frozen if fnmatch.fnmatchcase(n, pattern)]
         if stuck:
-            raise ValueError(_frozen_error(pattern, stuck, capturable))
+            raise ValueError(_frozen_error(pattern, stuck, capturable, frozen))
         if not hits:
             tied = {a: n for a, n in _aliases(model).items() if fnmatch.fnmatchcase(a, pattern)}
             partial = "" if any(c in pattern for c in "*?[") else (
@@ -317,12 +317,13 @@ def inside_any(name: str, prefixes) -> bool:
     return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts)))
 
 
-def _candidates(model: torch.nn.Module) -> tuple[dict[str, Target], list[str]]:
-    """(capturable ``{name: target}``, names of frozen parameters without a LoRA adapter)."""
+def _candidates(model: torch.nn.Module) -> tuple[dict[str, Target], dict[str, int]]:
+    """(capturable ``{name: target}``, ``{name: ndim}`` of the frozen parameters without a
+    LoRA adapter)."""
     base, lora = _lora_targets(model)
     factor_ids = {id(p) for t in lora.values() for p in (t.A, t.B)}
     capturable: dict[str, Target] = dict(lora)
-    frozen = []
+    frozen: dict[str, int] = {}
     for name, p in base.named_parameters():
         name = peft_name(name, p.requires_grad)
         if name is None or id(p) in factor_ids or name in lora:
@@ -330,7 +331,7 @@ def _candidates(model: torch.nn.Module) -> tuple[dict[str, Target], list[str]]:
         if p.requires_grad:
             capturable[name] = p
         else:
-            frozen.append(name)
+            frozen[name] = p.ndim
     return capturable, frozen
 
 
@@ -405,14 +406,19 @@ def _lora_targets(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Lo
     return base, targets
 
 
-def _frozen_error(pattern: str, stuck: list[str], capturable: Mapping[str, Target]) -> str:
+def _frozen_error(pattern: str, stuck: list[str], capturable: Mapping[str, Target],
+                  ndims: Mapping[str, int]) -> str:
     adapted = [n for n, t in capturable.items() if isinstance(t, LoraTarget)]
-    fix = (
-        f"add their modules to the LoRA target_modules (adapted now: {few_names(adapted)})"
-        if adapted
-        else "unfreeze them (requires_grad; with sae-shards train, include them in "
-        "rl.trainable)"
-    )
+    vectors = [n for n in stuck if ndims.get(n, 2) < 2]  # a norm's gain, a bias: no adapter
+    if adapted and len(vectors) == len(stuck):  # audit 137 F8: the advice could not work
+        fix = ("leave them out: they are not weight matrices, and LoRA adapts only those "
+               f"(adapted now: {few_names(adapted)})")
+    elif adapted:
+        fix = (f"add their modules to the LoRA target_modules (adapted now: "
+               f"{few_names(adapted)})")
+    else:
+        fix = ("unfreeze them (requires_grad; with sae-shards train, include them in "
+               "rl.trainable)")
     return (
         f"capture.targets pattern {pattern!r} matches parameters that never change: "
         f"{few_names(stuck)} are frozen and have no LoRA adapter; narrow the pattern or {fix}"
