@@ -106,6 +106,9 @@ def test_a_budget_and_a_fixed_step_count_on_one_command_line_are_refused(tmp_pat
     ("run_dir=null", "config error: run_dir=null: give the run a directory of its own"),
     # a sweep job's directory pasted unquoted
     ("run_dir=runs/sweep/rl.max_steps=10,sae.k=2", "is quoted: \"run_dir='runs/sweep/sae.k=2'\""),
+    # a glob's character class in a list (audit 137 F12: the hint named none of '[')
+    ("capture.targets=[model.layers.[0].mlp.*]", "A glob's character class inside a list is "
+                                                 "quoted too: \"capture.targets=['model.layers."),
 ])
 def test_run_dir_values_hydra_cannot_take_are_config_errors(tmp_path, capsys, override, message):
     assert main(["train", override]) == 2

@@ -72,9 +72,12 @@ def check_overrides(args: list[str]) -> None:
     try:
         overrides = OverridesParser.create().parse_overrides(override_args(args))
     except Exception as e:  # Hydra's grammar errors say what is wrong with the override
+        glob = (" A glob's character class inside a list is quoted too: \"capture.targets="
+                "['model.layers.[01].*']\"." if any("=[" in a and a.count("[") > 1
+                                                   for a in override_args(args)) else "")
         raise ConfigError(f"{e}\n(a value holding '=', ',', spaces or non-ASCII letters, such "
                           "as a sweep job's directory, is quoted: "
-                          "\"run_dir='runs/sweep/sae.k=2'\")") from e
+                          f"\"run_dir='runs/sweep/sae.k=2'\".{glob})") from e
     for o in overrides:
         key = o.key_or_group
         if key == "run_dir" and not o.is_delete() and o.value() is None:  # Hydra's dir is it
