@@ -838,7 +838,9 @@ class ShardCallback(TrainerCallback):
                                    "every process must see the run directory and the "
                                    "trainer's output_dir on one shared filesystem, where rank 0 "
                                    "saved the checkpoints")
-            if step is None and self.resume:
+            if step is None and self.resume:  # the precise refusal first: another output_dir
+                self._check_trl_output(trainer, rundir.section(
+                    rundir.read_config(self.run_dir), "rl").get("output_dir"))
                 raise CheckpointError(self._nothing_complete(output))
         except (ValueError, CheckpointError):
             self._let_go()
