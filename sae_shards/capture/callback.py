@@ -37,6 +37,7 @@ rows' events and send them to rank 0 each step (``capture/distributed.py``, docs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -48,7 +49,7 @@ import time
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 from transformers import TrainerCallback
@@ -820,20 +821,18 @@ class ShardCallback(TrainerCallback):
         A kill while TRL wrote a later checkpoint leaves it without ``trainer_state.json``;
         ``resume_from_checkpoint=True`` would pick it and transformers would stop: this passes
         over it, and warns naming it (delete it)."""
-        try:  # before its collectives: a callback on rank 0 alone would pair them with DDP's
-            distributed.check_callback_on_every_rank("was asked resume_from")
-        except ValueError:
-            self._let_go()
-            raise
-        self._check_same_run_dir()  # every rank decides alike only from one run directory
         output = trl_dir(trainer.args)
-        distributed.check_same("the trainer's output_dir", str(output and output.absolute()),
-                               "give every process the same TRL output_dir: rank 0 saves the "
-                               "checkpoints every rank resumes from")
-        if output is None:
-            return None
-        step = resume_state.latest_complete(self.run_dir, quiet=True, trl=output)
-        try:  # a node-local output_dir of one path: each node sees its own files (audit 135)
+        with self._free_if_refused():
+            # before its collectives: a callback on rank 0 alone would pair them with DDP's
+            distributed.check_callback_on_every_rank("was asked resume_from")
+            distributed.check_same_run_dir(self.run_dir)  # every rank decides from one run
+            distributed.check_same("the trainer's output_dir", str(output and output.absolute()),
+                                   "give every process the same TRL output_dir: rank 0 saves "
+                                   "the checkpoints every rank resumes from")
+            if output is None:
+                return None
+            step = resume_state.latest_complete(self.run_dir, quiet=True, trl=output)
+            # a node-local output_dir of one path: each node sees its own files (audit 135)
             distributed.check_same("the checkpoint to resume from", str(step),
                                    "every process must see the run directory and the "
                                    "trainer's output_dir on one shared filesystem, where rank 0 "
@@ -842,9 +841,6 @@ class ShardCallback(TrainerCallback):
                 self._check_trl_output(trainer, rundir.section(
                     rundir.read_config(self.run_dir), "rl").get("output_dir"))
                 raise CheckpointError(self._nothing_complete(output))
-        except (ValueError, CheckpointError):
-            self._let_go()
-            raise
         later = [s for s in trl_checkpoint_steps(str(output)) if step is None or s > step]
         if later:
             log.warning("the trainer's output_dir %s holds checkpoints that are not complete on "
@@ -866,17 +862,13 @@ class ShardCallback(TrainerCallback):
                 "give the trainer the run's output_dir, or start the run anew: "
                 "ShardCallback(..., resume=False, overwrite=True)")
 
-    def _check_same_run_dir(self) -> None:
-        """Every process must be given one run directory: rank 0 alone writes it, and each
-        rank's resume (``resume="auto"``, ``resume_from``) is decided from it. A run_dir built
-        from RANK, a time or the host name gave each rank its own, and a resume then trained
-        one rank's later steps against another's first ones (audit 135 F1)."""
+    @contextlib.contextmanager
+    def _free_if_refused(self) -> Iterator[None]:
+        """A refusal in the block (``ValueError``, ``CheckpointError``) lets go of the run
+        directory before it is raised: it is free for the launch that corrects it."""
         try:
-            distributed.check_same("run_dir", str(Path(self.run_dir).absolute()),
-                                   "give every process the same run_dir, which rank 0 alone "
-                                   "writes (a path built from RANK, LOCAL_RANK, the time or the "
-                                   "host name differs between them)")
-        except ValueError:
+            yield
+        except (ValueError, CheckpointError):
             self._let_go()
             raise
 
@@ -908,11 +900,8 @@ class ShardCallback(TrainerCallback):
         ``on_train_begin``."""
         if not (self.resume and not self.run_config):
             return
-        try:
+        with self._free_if_refused():  # free for the resume with the right launch
             _check_same_world(self.run_dir, calling_trainer())
-        except ValueError:
-            self._let_go()  # the run directory is free for the resume with the right launch
-            raise
 
     @_in_script_terms
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -928,12 +917,9 @@ class ShardCallback(TrainerCallback):
                 "callback.close(), then add a new ShardCallback(run_dir=..., resume=True) and "
                 "call trainer.train(resume_from_checkpoint=True); for another run, a new "
                 "ShardCallback with a new run_dir")
-        try:  # before any collective of the callback's, which would mismatch
-            distributed.check_callback_on_every_rank()
-        except ValueError:
-            self._let_go()
-            raise
-        self._check_same_run_dir()
+        with self._free_if_refused():  # before any collective of the callback's, which
+            distributed.check_callback_on_every_rank()  # would mismatch
+            distributed.check_same_run_dir(self.run_dir)
         if not self.run_config:  # sae-shards train checked its rl.max_steps already
             per_step = trainer_samples_per_step(args, self.capture_cfg.granularity)
             check_sae_window(self.capture_cfg, self.runner_cfg, per_step)

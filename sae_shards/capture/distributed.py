@@ -196,6 +196,15 @@ def check_same(name: str, value: str, fix: str) -> None:
         raise ValueError(f"{name} differs between the run's processes ({shown}{more}); {fix}")
 
 
+def check_same_run_dir(run_dir: Any) -> None:
+    """``check_same`` of the run directory: rank 0 alone writes it, and each rank's resume is
+    decided from it, so a ``run_dir`` built from ``RANK``, the time or the host name (a
+    script's path, ``run_dir=runs/r_${oc.env:RANK}``) is refused on every rank (audit 135)."""
+    check_same("run_dir", os.path.abspath(run_dir),
+               "give every process the same run_dir, which rank 0 alone writes (a path built "
+               "from RANK, LOCAL_RANK, the time or the host name differs between them)")
+
+
 def begin_together(problem: BaseException | None, notes: Sequence[str] = ()) -> list[str]:
     """After each rank prepared its side of a run (rank 0 its resume, the others their hooks),
     learn whether every rank did; a collective, which every rank must reach, ``problem`` being

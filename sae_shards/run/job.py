@@ -405,10 +405,7 @@ def _main_process_first(device: torch.device, run_dir: Path) -> Iterator[None]:
 
     # The state TRL's config creates next is this one (a singleton): on a CPU, gloo processes.
     state = PartialState(cpu=device.type == "cpu")
-    distributed.check_same("run_dir", str(Path(run_dir).absolute()),
-                           "give every process the same run_dir, which rank 0 alone writes "
-                           "(an interpolation of RANK or LOCAL_RANK, the time or the host name "
-                           "differs between them)")
+    distributed.check_same_run_dir(run_dir)
     if not state.is_main_process:
         verdict: list[str | None] = [None]
         dist.broadcast_object_list(verdict, src=0)  # between the run's own processes only
