@@ -923,3 +923,55 @@ def test_a_signal_during_setup_is_said_and_leaves_a_run_that_starts_again(tmp_pa
     monkeypatch.setattr(job, "prepare_model", building)
     assert main(["train", f"run_dir={run}", *TINY]) == 0  # the same command
     assert len((run / "rollouts.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize("where", ["before", "setup"])
+def test_a_signal_while_the_command_starts_is_said_and_the_same_command_runs(tmp_path, where):
+    """SIGTERM while Python and Hydra start, or while a job is set up before run_job's own
+    guard (torch, transformers and TRL are imported there: ~12 s on this machine), ended the
+    command without a word (exit 143). It is now said, with what to do next. A real signal in
+    a real process: the command ends at once (os._exit), as it must mid-import."""
+    import signal
+
+    patched = {"before": "new_run_dir", "setup": "job_config_from_hydra"}[where]
+    run = tmp_path / "r"
+    script = (
+        "import os, signal, sys\n"
+        "import sae_shards.cli.train as t\n"
+        f"real = t.{patched}\n"
+        "def signalled(*a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(*a, **k)\n"
+        f"t.{patched} = signalled\n"
+        "from sae_shards.cli import main\n"
+        f"sys.exit(main(['train', 'run_dir={run}', *{TINY!r}]))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    said = {"before": "sae-shards: stopped by SIGTERM before the run began: nothing was "
+                      "trained; run the same command again",
+            "setup": "sae-shards: stopped by SIGTERM before training began; no step of the run "
+                     "was trained: run the same command again"}[where]
+    assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (run / "config.json").exists()
+    assert main(["train", f"run_dir={run}", *TINY]) == 0  # the same command
+
+
+def test_sigterm_while_python_and_hydra_start_is_said(tmp_path):
+    """The real window: ``sae-shards train`` signalled 4 s after it started is still importing
+    torch, transformers and TRL, or composing its config. A KeyboardInterrupt raised there
+    surfaced as transformers' "Could not import module" traceback (exit 1)."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sae_shards.cli", "train",
+                             f"run_dir={tmp_path / 'r'}", *TINY], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, (out, err)
+    assert "sae-shards: stopped by SIGTERM before" in err, (out, err)
+    assert "Traceback" not in err

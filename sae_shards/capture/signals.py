@@ -19,8 +19,6 @@ import threading
 import time
 from typing import Any, Collection, Iterator, Protocol
 
-from sae_shards.capture import distributed
-
 log = logging.getLogger(__name__)
 
 REPEAT_S = 2.0
@@ -74,6 +72,41 @@ def stop_before_training() -> Iterator[None]:
         _restore(previous)
 
 
+class EndAtOnce:
+    """While armed, SIGTERM and SIGINT write ``message`` (``{signal}`` in it: the signal's name;
+    nothing when None) to stderr and end the process at once with 128 + the signal.
+
+    For the windows in which nothing needs finishing and raising would be unsafe: the seconds
+    ``sae-shards train`` spends importing torch, transformers and TRL. A ``KeyboardInterrupt``
+    raised inside an import leaves half-imported modules, whose own errors then replace it
+    (sympy's ``AttributeError``, transformers' "Could not import module"); SIGTERM's default
+    ends the process without a word. Only the signals :func:`free_signals` gives, so a job's
+    own guards (:func:`stop_before_training`, :func:`stop_on_signals`) need it disarmed."""
+
+    def __init__(self, message: str | None) -> None:
+        self.message = message
+        self.previous: dict[int, Any] = {}
+
+    def arm(self, message: str | None = None) -> None:
+        """Take the free signals (if not held already); ``message``: a new one."""
+        if message is not None:
+            self.message = message
+        if not self.previous:
+            for sig in free_signals():
+                self.previous[sig] = signal.signal(sig, self._end)
+
+    def disarm(self) -> None:
+        """Give the signals back (their handlers before ``arm``)."""
+        _restore(self.previous)
+        self.previous = {}
+
+    def _end(self, signum: int, frame: Any) -> None:
+        if self.message is not None:  # no imports here: one may be half done
+            said = self.message.replace("{signal}", signal.Signals(signum).name)
+            os.write(2, (said + "\n").encode())
+        os._exit(128 + signum)
+
+
 @contextlib.contextmanager
 def stop_on_signals(callback: Stoppable, only_while_training: bool = False,
                     signals: tuple[int, ...] = SIGNALS) -> Iterator[None]:
@@ -88,6 +121,9 @@ def stop_on_signals(callback: Stoppable, only_while_training: bool = False,
     ``train()`` raised, so the block was never left) puts the previous handlers back and gets
     their behaviour (by default: the process ends), never a stop request nobody will act on.
     ``signals``: which of SIGTERM and SIGINT to handle."""
+    from sae_shards.capture import distributed  # torch: here, not in the handler (``train``
+    # takes this module's ``stop_before_training`` before torch is imported)
+
     first: list[float] = []
     previous: dict[int, Any] = {}
 

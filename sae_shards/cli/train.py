@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from sae_shards.capture.signals import EndAtOnce
 from sae_shards.cli.hydra_config import (CONFIG_DIR, ConfigError, SHOW_FLAGS, check_overrides,
                                          hydra_files, override_mask, job_config_from_hydra,
                                          job_dirname, open_map_args, override_args,
@@ -116,6 +117,19 @@ def _evaluable(run_dir: Path) -> bool:
 
 
 def run(args: list[str]) -> int:
+    # torch, transformers and TRL take seconds to import, in Hydra's setup and each job's: a
+    # stop signal then is said and ends the command at once (one process of a launch speaks),
+    # where SIGTERM's default ended it without a word; a job's own guards take over in run_job
+    early = EndAtOnce("sae-shards: stopped by {signal} before the run began: nothing was "
+                      "trained; run the same command again" if main_process() else None)
+    early.arm()
+    try:
+        return _run_command(args, early)
+    finally:
+        early.disarm()
+
+
+def _run_command(args: list[str], early: EndAtOnce) -> int:
     import hydra
 
     try:
@@ -125,7 +139,7 @@ def run(args: list[str]) -> int:
             print(f"sae-shards: config error: {e}", file=sys.stderr)
         return 2
     quiet_third_party()
-    command = _Jobs(changes)
+    command = _Jobs(changes, early)
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
     def train_main(cfg) -> None:
@@ -160,7 +174,8 @@ class _Jobs:
     """The jobs of one ``train`` command (a sweep's several, or one) as Hydra runs them, and what
     each came to: the failures said at the end, the signal that stopped them, the exit code."""
 
-    def __init__(self, changes: list[str]) -> None:
+    def __init__(self, changes: list[str], early: EndAtOnce) -> None:
+        self.early = early  # armed while no job's own guard is
         # a resumed run's own overrides and the ones given now may not compose: say which
         # were new
         self.resume_hint = (
@@ -186,6 +201,12 @@ class _Jobs:
         label = f"{job_dirname(hc.job.override_dirname) or 'the defaults'}: " if sweep else ""
         if sweep:
             self.jobs.append(run_dir)
+        if main_process():  # (armed again after the job before: a sweep's next one)
+            self.early.arm(f"sae-shards: {label}stopped by {{signal}} before training began; "
+                           + ("continue the sweep with the same command and resume=true"
+                              if sweep else how_to_continue(run_dir)))
+        else:
+            self.early.arm()
         said = len(self.failures)
         speak_as_rank()  # Hydra configured this job's logging
         _warn_unused_lora(hc.overrides.task, bool(cfg.model.lora.enabled))
@@ -267,6 +288,7 @@ class _Jobs:
         from sae_shards.run.job import JobSetupError, RefusedOnRankZero, run_job
         from sae_shards.run.rundir import RunWriteError
 
+        self.early.disarm()  # run_job's own guards from here
         try:
             summary = run_job(job, run_dir, hydra_files=hydra_files(cfg))
         except (RefusedOnRankZero, StoppedWithAnotherRank):  # the rank that refused says why
