@@ -13,6 +13,7 @@ import torch
 from sae_shards.analysis.report import SECTIONS, analyze
 from sae_shards.cli import main as cli_main
 from sae_shards.analysis.shards import RunView, ShardSet
+from sae_shards.analysis.span import resolved_together
 from sae_shards.run.versions import run_versions, version_line
 
 
@@ -88,6 +89,9 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path, caplog):
                                                  - ablation["reward_final"])) < 1e-12
         assert ablation["stderr_change_removed"] >= 0
         assert entry["logit_lens"], "the body targets include o_proj/down_proj writers"
+    ablations = [entry["ablation"] for entry in analysis["shards"].values()]
+    assert [a["told_apart"] for a in ablations] == resolved_together(  # the shards together
+        [a["beyond_control"] for a in ablations], [a["stderr_beyond_control"] for a in ablations])
     together = analysis["together"]  # the detailed shards' span, scored as a whole
     assert together["whole_is_run"] is False  # the run trains lm_head too, which no shard is on
     assert "parameters are all the run changed" not in html
@@ -456,6 +460,7 @@ def test_the_reports_interventions_are_the_plain_calls_with_shared_baselines(
     assert entry["update_coefficient"] == c
     same = lambda x: json.loads(json.dumps(rundir.strict_json(x), default=float))  # noqa: E731
     assert entry["dose_response"] == same(report._dose_entry(dr))
+    assert entry["ablation"].pop("told_apart") in (True, False)  # judged with the others
     assert entry["ablation"] == same(dataclasses.asdict(ab))
 
 
@@ -739,3 +744,29 @@ def test_the_ablation_table_says_which_shards_are_not_told_apart_from_their_cont
     assert "usually changes no sampled token" not in page
     page = _ablation_html({50: ablation(0.001, 0.002)}, {}, "final policy", entries)
     assert "For no shard is the removal told apart" in page
+
+
+def test_a_shard_told_apart_alone_is_not_among_shards_that_do_nothing():
+    """One shard 2.3 standard errors beyond its control is told apart; the same beside five
+    shards at 0 is not (Holm's correction: the first of six must pass 2.67), and the note under
+    the table says how many shards were judged together."""
+    from sae_shards.analysis.interventions import Ablation
+    from sae_shards.analysis.report import _ablation_html
+
+    def ablation(beyond: float) -> Ablation:
+        return Ablation(coefficient=0.05, reward_final=0.15, stderr_final=0.01,
+                        reward_removed=0.148, stderr_removed=0.01, reward_control=0.147,
+                        stderr_control=0.01, n=64, change_removed=-0.002,
+                        stderr_change_removed=0.002, change_control=-0.003,
+                        stderr_change_control=0.002, beyond_control=beyond,
+                        stderr_beyond_control=0.01)
+
+    entries = {s: {"attributed_update": 0.1, "attributed_steps": [1, 30]} for s in range(6)}
+    alone = _ablation_html({0: ablation(-0.023)}, {}, "final policy", entries)
+    assert "-0.0230 ± 0.0100</td>" in alone and "Not told apart" not in alone
+    assert "beyond 2 standard errors.</p>" in alone
+    six = _ablation_html({0: ablation(-0.023), **{s: ablation(0.0) for s in range(1, 6)}}, {},
+                         "final policy", entries)
+    assert "-0.0230 ± 0.0100 (not told apart)</td>" in six
+    assert "For no shard is the removal told apart" in six
+    assert "for the 6 shards here together (Holm's correction" in six and "must pass 2.67" in six

@@ -191,3 +191,26 @@ def test_each_contexts_change_comes_from_the_same_rollouts(models):
         assert all(abs(effect.by_label[label][k][0]) < 0.1 for k in ("run", "removed", "kept"))
     pooled = sum(c["run"][0] for c in effect.by_label.values()) / 4
     assert pooled == pytest.approx(effect.changes["run"][0], abs=1e-12)
+
+
+def test_several_shards_are_told_apart_from_their_controls_as_a_family():
+    """Audit 136 F8: the report's "(not told apart)" was a 2-standard-error test per shard, so
+    of 6 shards that do nothing one was marked as mattering in about a quarter of reports. Holm's
+    correction keeps that at one test's 4.55%, and one shard alone is judged as before."""
+    from sae_shards.analysis.span import RESOLVED_LEVEL, holm_first_z, resolved_together
+
+    assert resolved_together([2.01], [1.0]) == [True] and resolved_together([1.99], [1.0]) == [False]
+    assert holm_first_z(1) == pytest.approx(2.0) and holm_first_z(6) == pytest.approx(2.67, abs=0.01)
+    # step-down: the second is judged at K - 1, and nothing after the first failure passes
+    assert resolved_together([2.5, 2.1, 0.1], [1, 1, 1]) == [True, False, False]
+    assert resolved_together([3.0, -2.4, 0.1], [1, 1, 1]) == [True, True, False]
+    assert resolved_together([math.nan, 5.0, 0.0], [1, 1, 0.0]) == [False, True, False]
+    assert resolved_together([0.01], [0.0]) == [True]  # exact: no error at all
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 6, generator=gen, dtype=torch.float64)  # 6 shards of nothing, 4000 times
+    ones = [1.0] * 6
+    family = sum(any(resolved_together(row.tolist(), ones)) for row in z) / len(z)
+    alone = float((z.abs() > 2).any(dim=1).double().mean())  # the per-shard test it replaces
+    assert family < RESOLVED_LEVEL + 0.015, family
+    assert alone > 0.18, alone

@@ -44,7 +44,8 @@ from sae_shards.analysis.logit_lens import FinalNormNotFound
 from sae_shards.analysis.plots import (plot_dose, plot_norms, plot_reward,
                                        plot_sae_curves, plot_timeline, step_reward_means)
 from sae_shards.analysis.reward_task import RewardTask, is_conversational
-from sae_shards.analysis.span import (RESOLVED_SE, SpanEffect, combine, span_effect, within_noise,
+from sae_shards.analysis.span import (RESOLVED_LEVEL, RESOLVED_SE, SpanEffect, combine,
+                                      holm_first_z, resolved_together, span_effect, within_noise,
                                       span_weights, update_share)
 from sae_shards.analysis.shards import (RunView, initial_model_dir, load_run_models, policy_dir,
                                         read_json_object, run_models_missing, run_sampling,
@@ -447,6 +448,8 @@ def _detail_shards(view: RunView, shards: list[int], density: torch.Tensor,
                 entry["ablation"] = dataclasses.asdict(detail.ablations[s])
             del direction  # the next shard's is built without this one still held
         detail.entries[s] = entry
+    for s, apart in _told_apart(detail.ablations).items():  # judged together: Holm
+        detail.entries[s]["ablation"]["told_apart"] = apart
     return detail._replace(baselines=baselines)
 
 
@@ -781,6 +784,7 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
     def change(value: float, stderr: float) -> str:
         return f"{value:+.4f} ± {stderr:.4f}"
 
+    apart = _told_apart(ablations)
     rows = []
     for s, ab in ablations.items():
         rows.append([f"{s} (always on)" if s in tags else str(s), f"{ab.coefficient:+.4f}"]
@@ -789,8 +793,7 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
                      change(ab.change_removed, ab.stderr_change_removed),
                      change(ab.change_control, ab.stderr_change_control),
                      change(ab.beyond_control, ab.stderr_beyond_control)
-                     + (" (not told apart)" if _not_beyond(ab.beyond_control,
-                                                          ab.stderr_beyond_control) else "")]
+                     + ("" if apart[s] else " (not told apart)")]
                     + [change(ab.removed_by_label[label] - ab.final_by_label[label],
                               ab.stderr_change_removed_by_label.get(label, math.nan))
                        if label in ab.removed_by_label else "" for label in labels])
@@ -804,17 +807,31 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
               f"per prompt and ± is its standard error over prompts. A change within about two "
               f"of those is not resolved by this many rollouts (<code>--n-prompts</code> raises "
               f"it). The last column is the shard's removal against the random direction's, "
-              f"paired per prompt: where it is within two standard errors of 0 (not told "
-              f"apart), removing the shard is not shown to matter more than removing any "
-              f"direction of its norm.</p>"
+              f"paired per prompt: where it is not told apart from 0, removing the shard is "
+              f"not shown to matter more than removing any direction of its norm. "
+              + (f"Told apart means beyond {RESOLVED_SE:g} standard errors for one shard; for "
+                 f"the {len(ablations)} shards here together (Holm's correction, so that "
+                 f"{len(ablations)} shards that do nothing are not, by chance, one of them "
+                 f"told apart more than {RESOLVED_LEVEL:.1%} of the time) the first must pass "
+                 f"{holm_first_z(len(ablations)):.2f}.</p>"
+                 if len(ablations) > 1 else
+                 f"Told apart means beyond {RESOLVED_SE:g} standard errors.</p>")
             + _controls_note(ablations)
             + (_attribution_note(ablations, entries) if shown else ""))
 
 
+def _told_apart(ablations: dict[int, Any]) -> dict[int, bool]:
+    """Per shard: whether its removal is told apart from its random direction's, the shards
+    of the table together (``span.resolved_together``: Holm's correction)."""
+    return dict(zip(ablations, resolved_together(
+        [ab.beyond_control for ab in ablations.values()],
+        [ab.stderr_beyond_control for ab in ablations.values()])))
+
+
 def _controls_note(ablations: dict[int, Any]) -> str:
     """Name the shards whose removal is not told apart from the random direction's."""
-    faint = [s for s, ab in ablations.items()
-             if _not_beyond(ab.beyond_control, ab.stderr_beyond_control)]
+    apart = _told_apart(ablations)
+    faint = [s for s in ablations if not apart[s]]
     if not faint:
         return ""
     if len(faint) == len(ablations):
