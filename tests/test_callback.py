@@ -1549,6 +1549,22 @@ def test_policy_not_from_a_local_directory_keeps_its_initial_weights(tiny_model,
     assert (f"<td>initial weights</td><td>{run / 'model'} (saved when the run started: the "
             "policy held no local directory&#x27;s weights exactly)</td>") in html
 
+    # the copy is fingerprinted as a model.path is (audit 134 #3: a swapped model/ was read
+    # as theta_0 without a word)
+    from safetensors.torch import load_file, save_file
+
+    from sae_shards.capture.initial_model import fingerprint
+
+    assert cfg["model"]["fingerprint"] == fingerprint(run / "model") != {}
+    weights = run / "model" / "model.safetensors"
+    kept = weights.read_bytes()
+    save_file({k: v + 0.01 for k, v in load_file(weights).items()}, weights,
+              metadata={"format": "pt"})
+    assert cli_main(["analyze", str(run), "--shards", "1"]) == 0
+    assert ("are not the ones the run started from (model.safetensors differ"
+            in (run / "report.html").read_text())
+    weights.write_bytes(kept)
+
     (run / "model" / "config.json").unlink()  # the report then says what is missing
     assert cli_main(["analyze", str(run), "--shards", "1"]) == 0
     assert f"no initial model at {run / 'model'}" in (run / "report.html").read_text()

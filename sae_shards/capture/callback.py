@@ -619,6 +619,9 @@ class ShardCallback(TrainerCallback):
         # the final adapter into
         initial_model.save_policy(model, getattr(trainer, "processing_class", None), out,
                                   base_only=self._is_lora(), state_dict=gathered)
+        # recorded as a model.path's is, so that analysis tells a model/ replaced since
+        self._fingerprint = initial_model.fingerprint(out)
+        rundir.write_json(self.run_dir / rundir.CONFIG, self._config_json(model, trainer))
 
     def _warn_no_tokenizer(self, trainer: Any | None) -> None:
         """A trainer without a ``processing_class`` saves no tokenizer with the policy; if the
@@ -685,9 +688,11 @@ class ShardCallback(TrainerCallback):
                           {"enabled": False},
                           # theta_0 includes run_dir/initial_adapter: analysis needs it
                           **({"initial_adapter": True} if self._initial_adapter else {}),
-                          # theta_0 lives outside the run: analysis checks it is unchanged
+                          # theta_0 outside the run, or the copy saved in it
+                          # (run_dir/model): analysis checks it is unchanged
                           **({"fingerprint": self._initial_fingerprint()}
-                             if self._initial_dir else {})},
+                             if self._initial_dir else
+                             {"fingerprint": self._fingerprint} if self._fingerprint else {})},
                 "rl": {"algorithm": type(trainer).__name__ if trainer is not None else None,
                        # resolved for an epoch-based run: a resume over other epochs is
                        # refused, and analysis scores rewards at the end of training
