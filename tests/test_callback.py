@@ -959,6 +959,18 @@ def test_user_script_resumes_with_resume_from_checkpoint(tiny_model, whole, tmp_
     with pytest.raises(ValueError, match=r"rl.per_device_train_batch_size: 8 in the run, 4 now"):
         _user_trainer(tiny_model, tmp_path / "trl_cut", [smaller],  # TRL would only warn
                       per_device_train_batch_size=4).train(resume_from_checkpoint=True)
+    # the learning-rate schedule and the optimizer's settings (audit 138 F14: a resume with
+    # lr_scheduler_type="constant" jumped the learning rate from 1.8e-4 to 3e-4 unsaid)
+    for change, said in [(dict(lr_scheduler_type="constant"),
+                          "rl.lr_scheduler_type: 'linear' in the run, 'constant' now"),
+                         (dict(warmup_steps=3), "rl.warmup_steps: 0 in the run, 3 now"),
+                         (dict(weight_decay=0.1), "rl.weight_decay: 0.0 in the run, 0.1 now"),
+                         (dict(adam_beta2=0.9), "rl.adam_beta2: 0.999 in the run, 0.9 now"),
+                         (dict(epsilon=0.1), "rl.epsilon: 0.2 in the run, 0.1 now")]:
+        other = ShardCallback(run_dir=tmp_path / "cut", runner={"min_samples": 2}, resume=True)
+        with pytest.raises(ValueError, match=re.escape(said)):
+            _user_trainer(tiny_model, tmp_path / "trl_cut", [other], **change).train(
+                resume_from_checkpoint=True)
     # trained under another distribution: refused as the trainer is built, on every rank, before
     # train() loads TRL's checkpoint in a format this launch does not read (it failed there, or
     # without DeepSpeed started a fresh optimizer); nothing of the run changes

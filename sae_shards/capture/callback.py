@@ -69,10 +69,11 @@ from sae_shards.capture.rollouts import TRLRollouts, calling_trainer, scored_mea
 from sae_shards.capture.summary import clip_figures, final_activations, heldout_fvu, run_summary
 from sae_shards.capture.selection import LoraTarget, few_names, target_shapes
 from sae_shards.capture.sharded_delta import ShardedDeltaCapture, sharded_targets
-from sae_shards.capture.trainer_settings import (SAMPLING_ARGS, STEP_ARGS, TIED_METRIC,
+from sae_shards.capture.trainer_settings import (SAMPLING_ARGS, TIED_METRIC,
                                                  TiedRewardsWatch, dataset_record,
                                                  lora_settings, model_id, reward_batch,
                                                  reward_names, reward_weights, rows_changed,
+                                                 step_settings,
                                                  trained_steps, trainer_samples_per_step,
                                                  without_digest)
 from sae_shards.capture.trl_checkpoints import (SCRIPT_RESUME,
@@ -703,7 +704,7 @@ class ShardCallback(TrainerCallback):
                        # how TRL sampled completions: analysis samples its rollouts the same way
                        **{key: getattr(args, key, None) for key in SAMPLING_ARGS},
                        # what sizes and moves each step: a resume must keep them
-                       **{key: getattr(args, key, None) for key in STEP_ARGS},
+                       **step_settings(args),
                        # how many completions each reward call got (one process's generation
                        # batch); analysis calls the user's reward functions on batches as large
                        "reward_batch": reward_batch(args),

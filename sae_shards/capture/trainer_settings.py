@@ -5,6 +5,7 @@ optimizer step gives, and a watch on TRL's logs for steps whose rewards all tied
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
@@ -172,9 +173,28 @@ def trained_steps(trainer: Any, args: Any) -> int | None:
 
 STEP_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
              "num_iterations", "learning_rate", "beta", "seed", "loss_type", "scale_rewards",
-             "max_grad_norm", "importance_sampling_level", "mask_truncated_completions")
+             "max_grad_norm", "importance_sampling_level", "mask_truncated_completions",
+             # the learning-rate schedule (a resume with another one jumps the step size)
+             "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio",
+             # the optimizer (transformers restores its saved param groups: a new weight decay
+             # or beta would be ignored while the script says otherwise)
+             "optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+             # GRPO's clipping and token selection
+             "epsilon", "epsilon_high", "delta", "top_entropy_quantile")
 """The trainer's settings that size and move each RL step, recorded in ``config.json``'s ``rl``
-so that a resume with other values is refused naming them (TRL itself only warns)."""
+so that a resume with other values is refused naming them (TRL itself only warns). A field
+the trainer's config lacks (another trainer or version) is recorded as null; a run recorded
+before a field was added is not checked on it."""
+
+def step_settings(args: Any) -> dict[str, Any]:
+    """``STEP_ARGS`` of a trainer's config as ``config.json`` records them: an enum (TRL's
+    ``SchedulerType``, ``OptimizerNames``) as its value, so a refusal reads as the script wrote
+    it; None where the config lacks the field."""
+    def plain(value: Any) -> Any:
+        return value.value if isinstance(value, enum.Enum) else value
+
+    return {key: plain(getattr(args, key, None)) for key in STEP_ARGS}
+
 
 TIED_METRIC = "frac_reward_zero_std"
 """TRL's (GRPO and RLOO) share of prompt groups whose rewards all tied, per logged step."""
