@@ -498,6 +498,17 @@ def test_multi_label_steps(planted_run, tmp_path):
     from sae_shards.planted.evaluate import to_markdown
 
     assert "hold several tasks" not in to_markdown({**r, "n_multi_label": 0})
+    # the headline table stays one table, every row in it (audit 138 F2: the note was spliced
+    # in 4 rows before its end, and those rendered as text), the notes above it
+    from sae_shards.planted.evaluate import HEADLINE_KEYS
+
+    for md in (to_markdown(r), to_markdown({**r, "null_control_run": True})):
+        lines = md.splitlines()
+        start = lines.index("| figure | value | how to read it |")
+        end = lines.index("", start)
+        assert [row.split(" | ")[0] for row in lines[start + 2:end]] == [
+            f"| {key}" for key in HEADLINE_KEYS[:-4]]
+        assert "hold several tasks" in "\n".join(lines[lines.index("## Headline"):start])
     # per task: its one-task held-out steps when it has >= 2 (groundtruth tests the rule itself)
     assert "single" in {v["truth_from"] for v in r["per_task"].values()}
     assert 0 <= r["auroc_task"] <= 1 and r["supervised_auroc"] == r["supervised_auroc"]

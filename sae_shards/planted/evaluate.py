@@ -1013,8 +1013,9 @@ def to_markdown(r: dict[str, Any]) -> str:
              f"source {h['source']}, schedule {h['schedule'] or 'none (not a scheduled task)'}, "
              f"group {h['group']}.", "",
              "## Headline", "", "| figure | value | how to read it |", "|---|---|---|"]
+    notes: list[str] = []  # said above the headline table, never inside it
     if r.get("null_control_run"):
-        lines[-4:-4] = [f"**This run is a null control** (task={NULL_TASK}: the tags of "
+        notes += [f"**This run is a null control** (task={NULL_TASK}: the tags of "
                         "multiskill, a reward that ignores them), so every task figure below "
                         "should be at chance (AUROC near 0.5, margins near 0); it is the "
                         "reference for a multiskill run's figures (`--null-run`).", ""]
@@ -1023,13 +1024,15 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {key} | {_f(h[key], 'd' if key == 'n_families' else '.3f')} | "
                      f"{_why_missing(key, r) if missing else HEADLINE_READ[key]} |")
     if r.get("n_multi_label"):
-        lines[-4:-4] = [
+        notes += [
             f"**{r['n_multi_label']} of the {r['n_train'] + r['n_heldout']} {r['sample_unit']}s "
             "hold several tasks** (a per-step sample of a batch that mixes contexts): each "
             "counts as holding every task it holds, and a shard active on it cannot be told to "
             "belong to one of them, which blurs every task figure below. "
             "`capture.granularity=group` gives one sample per prompt group, each of one task "
             "(docs/usage.md, \"Per-event samples\").", ""]
+    at = lines.index("## Headline") + 2
+    lines[at:at] = notes
     unscored = r.get("auroc_unscored") or []
     if unscored:
         lines += ["", f"Task{'s' if len(unscored) > 1 else ''} {', '.join(unscored)} "
