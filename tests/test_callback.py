@@ -158,6 +158,9 @@ def test_bad_arguments_fail_at_construction(tmp_path):
     with pytest.raises(ValueError, match=r"sae.use_b_dec=true is not supported with factored"):
         ShardCallback(run_dir=tmp_path / "a", capture={"granularity": "group"},
                       sae={"use_b_dec": True})
+    with pytest.raises(ValueError, match=r"sae.autocast_bf16=true is not supported with fact"):
+        ShardCallback(run_dir=tmp_path / "a", capture={"granularity": "group"},
+                      sae={"autocast_bf16": True})
     with pytest.raises(ValueError, match=r"resume=True, overwrite=True\) contradict"):
         ShardCallback(run_dir=tmp_path / "a", resume=True, overwrite=True)
     # plain arguments of the wrong type (label_column=3 was taken, and no label ever matched)

@@ -434,6 +434,12 @@ def test_a_job_refused_at_setup_leaves_no_wandb_run(tmp_path, capsys):
     # a decoder bias per event (was refused only once the policy was built)
     ("capture.granularity=group sae.use_b_dec=true",
      r"sae.use_b_dec=true is not supported with factored \(per-event\) samples"),
+    # bf16 autocast and Adam's preconditioner under LoRA, per event (audit 139 F1: refused
+    # once the policy was built, model/ and trl/ written)
+    ("capture.granularity=group sae.autocast_bf16=true",
+     r"sae.autocast_bf16=true is not supported with factored \(per-event\) samples"),
+    ("model=tiny_lora capture.granularity=group capture.precondition=adam",
+     r"capture.precondition=adam is not supported with model.lora.enabled=true"),
     # the policy's parameter names, from its config on the meta device (no model loaded)
     ("capture.targets=[*no_such_weight*]", r"'\*no_such_weight\*' matches no .*model.layers.\*"),
     ("rl.trainable=[model.layer.*]", r"rl.trainable pattern 'model.layer.\*' matches no "

@@ -295,7 +295,7 @@ class ShardCallback(TrainerCallback):
                                 sae_steps_per_rl_step=sae_steps_per_rl_step,
                                 concurrency=concurrency, checkpoint_every=checkpoint_every)
         self.sae_cfg = _config(SAEConfig, sae, "sae")
-        self.sae_cfg.uses_b_dec(sample_form(self.capture_cfg.granularity))
+        self.sae_cfg.check_sample_form(sample_form(self.capture_cfg.granularity))
         check_sae_window(self.capture_cfg, self.runner_cfg)
         self.resume = self._prepare_run_dir(run_dir, overwrite, resume, seed, run_config)
         """Whether this run continues the one in run_dir (``resume="auto"`` decided)."""

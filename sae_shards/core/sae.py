@@ -90,11 +90,8 @@ class LowRankSAE(nn.Module):
                              "targets.expand_stacked(targets), one matrix per expert")
         self.cfg = cfg
         self.sample_form = sample_form
+        cfg.check_sample_form(sample_form)
         self.uses_b_dec = cfg.uses_b_dec(sample_form)
-        if sample_form == "factored" and cfg.autocast_bf16:
-            raise ValueError("sae.autocast_bf16=true is not supported with factored (per-event) "
-                             "samples: their loss cancels too much for bf16 inner products; set "
-                             "sae.autocast_bf16=false")
         self.targets = list(targets)
         gen = torch.Generator().manual_seed(cfg.seed)
         self.factors = nn.ModuleList(_TargetFactors(t, cfg.n_latents, gen) for t in self.targets)

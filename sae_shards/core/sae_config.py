@@ -100,6 +100,16 @@ class SAEConfig:
             if not 0 < value <= 1:
                 raise ValueError(f"sae.{name}={value} must be in (0, 1]")
 
+    def check_sample_form(self, sample_form: str) -> None:
+        """``ValueError`` for a setting an SAE of ``sample_form`` samples cannot train with
+        (``use_b_dec=true`` or ``autocast_bf16=true`` with factored samples): the job config and
+        ``ShardCallback`` ask before anything is written, the SAE again as it is built."""
+        self.uses_b_dec(sample_form)
+        if sample_form == "factored" and self.autocast_bf16:
+            raise ValueError("sae.autocast_bf16=true is not supported with factored (per-event) "
+                             "samples: their loss cancels too much for bf16 inner products; set "
+                             "sae.autocast_bf16=false")
+
     def uses_b_dec(self, sample_form: str) -> bool:
         """Whether an SAE trained on ``sample_form`` samples (``dense`` per step, ``factored`` per
         event) learns a decoder bias: ``use_b_dec``, where None means on for dense samples and off

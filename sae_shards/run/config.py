@@ -518,7 +518,7 @@ class JobConfig:
         check_sae_window(self.capture, self.runner, self._samples_per_step())
         check_sae_trains(self.capture, self.runner, self.rl.max_steps,
                          samples_per_step=self._samples_per_step())
-        self.sae.uses_b_dec(sample_form(self.capture.granularity))
+        self.sae.check_sample_form(sample_form(self.capture.granularity))
         if self.capture.granularity != "step":
             self._check_event_rl()
             if self.model.lora.enabled and self.model.lora.dropout > 0:
@@ -537,6 +537,11 @@ class JobConfig:
         if self.capture.source != "update" and self.model.lora.enabled:
             raise ValueError(f"capture.source={self.capture.source} needs dense targets and is not "
                              "supported with model.lora.enabled=true; use capture.source=update")
+        if (self.capture.granularity != "step" and self.capture.precondition == "adam"
+                and self.model.lora.enabled):
+            raise ValueError("capture.precondition=adam is not supported with "
+                             "model.lora.enabled=true: Adam keeps no state for the effective "
+                             "weight W0 + s B A; use capture.precondition=none or kfac")
 
     def _samples_per_step(self) -> int:
         """``samples_per_step`` of this run: its prompt groups on every process (``WORLD_SIZE``,
