@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sae_shards.analysis.compare import (compare_shards, comparison_lines, comparison_path_refusal,
-                                         initial_cosines, load_shards, span_chance)
+                                         load_shards, span_chance)
 from sae_shards.analysis.shards import ShardSet
 from sae_shards.cli import main
 from sae_shards.core.metrics import match_directions
@@ -169,7 +169,7 @@ def test_rare_untrained_and_always_on_shards_are_left_out_of_the_count(sets):
             for f, f0 in zip(mine.factors("decoder"), first.factors("decoder")):
                 f[3] = f0[3]
     edited = ShardSet(sae, a.config, stats)
-    kept = initial_cosines(edited)  # [n]
+    kept = edited.initial_cosines()  # [n]
     assert float(kept[3]) > 0.999
     untrained = {i for i in range(len(a)) if kept[i] >= 0.5}  # a few that barely moved
     assert {0, 1, 2} & untrained == set() and len(untrained) <= 6
@@ -342,7 +342,7 @@ def test_compare_counts_figures_by_abs_cosine_and_a_negated_start_as_untrained()
     sitting on the negative of its initial direction never left it (initial |cos| = 1)."""
     import statistics
 
-    from sae_shards.analysis.compare import compare_shards, initial_cosines
+    from sae_shards.analysis.compare import compare_shards
     from sae_shards.analysis.shards import ShardSet
     from sae_shards.core.sae import LowRankSAE
     from sae_shards.core.synthetic import PlantedConfig, PlantedStream
@@ -357,7 +357,7 @@ def test_compare_counts_figures_by_abs_cosine_and_a_negated_start_as_untrained()
                 f[0] = f0[0]
     stats = {"stats.density": torch.full((24,), 0.2)}
     a, b = ShardSet(a_sae, {}, stats), ShardSet(b_sae, {}, stats)
-    assert float(initial_cosines(a)[0]) > 0.999
+    assert float(a.initial_cosines()[0]) > 0.999
     found = compare_shards(a, b)
     assert not found.signed
     assert 0 not in {p.shard for p in found.pairs} and found.n_untrained >= 1

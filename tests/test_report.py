@@ -210,7 +210,8 @@ def test_analyze_details_the_shards_it_is_told_to(short_run_dir, tmp_path, capsy
     html = (run / "report.html").read_text()
     assert "Shard timeline (chosen shards," in html and "<h3>shard 5" in html
     # the row says they were chosen (it said "the always-on ones, then the largest others")
-    assert "detailed shards (chosen: --shards, in that order)</td><td>5, 3</td>" in html
+    assert ("detailed shards (chosen: --shards, in that order)</td><td>5 (never left its random "
+            "start), 3 (never left its random start)</td>") in html  # (a short run's SAE)
     assert cli_main(["analyze", str(run), "--shards", "3,16", "--no-dose"]) == 2
     assert ("--shards names shard 16, but checkpoint final has shards 0 to 15"
             in capsys.readouterr().err)
@@ -770,3 +771,61 @@ def test_a_shard_told_apart_alone_is_not_among_shards_that_do_nothing():
     assert "-0.0230 ± 0.0100 (not told apart)</td>" in six
     assert "For no shard is the removal told apart" in six
     assert "for the 6 shards here together (Holm's correction" in six and "must pass 2.67" in six
+
+
+def test_a_shard_that_never_left_its_random_start_is_said_to_be_one(short_run_dir, tmp_path):
+    """Audit 138 F5: analyze detailed, lensed and intervened on shards whose direction was still
+    their random initialisation (|cos| 0.6-0.99 with it), without a word, where compare leaves
+    such shards out as untrained. The report now tags them and counts them in the Run table.
+    The fixture's short run is such a run (its SAE trains a few steps); one shard moved to
+    another direction is then not tagged."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(short_run_dir, run)
+    assert cli_main(["analyze", str(run), "--no-dose"]) == 0
+    analysis = json.loads((run / "analysis.json").read_text())
+    shown = analysis["top_shards"]
+    cos = {int(s): e["initial_cosine"] for s, e in analysis["shards"].items()}
+    assert all(c > 0.9 for c in cos.values()), cos
+    html = (run / "report.html").read_text()
+    assert (f"<td>shards that never left their random start (|cos| &gt;= 0.5 with their initial "
+            f"direction)</td><td>{len(shown)} of the {len(shown)} detailed "
+            f"({', '.join(map(str, shown))}); ") in html
+    assert "still mostly the SAE&#x27;s random initialisation" in html
+    titles = {int(t.split()[0]): t for t in html.split("<h3>shard ")[1:]}
+    for s in shown:  # (after "always on: ..." for an always-on one)
+        assert f"never left its random start: |cos| {cos[s]:.2f}" in titles[s].split("</h3>")[0]
+
+    # one detailed shard's decoder moved to a direction of its own
+    moved = shown[-1]
+    path = run / "checkpoints" / "final" / "sae.safetensors"
+    weights = load_file(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()  # sae-shards' own header, kept
+    gen = torch.Generator().manual_seed(5)
+    for key in weights:
+        if key.startswith("decoder."):
+            weights[key][moved] = torch.randn(weights[key][moved].shape, generator=gen)
+    square = 0.0  # the direction's squared norm over every target, to be made 1 as saved
+    for key in weights:
+        if key.startswith("decoder.") and key.endswith(".U"):
+            U, V = weights[key][moved], weights[key[:-1] + "V"][moved]
+            square += float((U @ V.T).pow(2).sum())
+        elif key.startswith("decoder.") and not key.endswith(".V"):
+            square += float(weights[key][moved].pow(2).sum())
+    for key in weights:
+        if key.startswith("decoder."):  # U, V scale as c (their product as c^2), a vector as c^2
+            power = 0.25 if key.endswith((".U", ".V")) else 0.5
+            weights[key][moved] /= square ** power
+    save_file(weights, path, metadata=header)
+    assert float(RunView(run).shards.initial_cosines()[moved]) < 0.3
+    assert cli_main(["analyze", str(run), "--no-dose"]) == 0
+    html = (run / "report.html").read_text()
+    titles = {int(t.split()[0]): t for t in html.split("<h3>shard ")[1:]}
+    assert "never left" not in titles[moved].split("</h3>")[0]
+    assert f"{len(shown) - 1} of the {len(shown)} detailed (" in html
+    assert json.loads((run / "analysis.json").read_text())["shards"][str(moved)][
+        "initial_cosine"] < 0.3

@@ -17,7 +17,7 @@ uncut random directions of the span were beaten by 82% of the pairs of two unrel
 
 Left out of the count:
 - shards that never fired, or fired on fewer than ``min_density`` of their SAE's samples;
-- shards that never trained away from their initial direction (``initial_cosines`` >=
+- shards that never trained away from their initial direction (``ShardSet.initial_cosines`` >=
   ``INIT_KEPT``): a shard that fires with tiny coefficients keeps its random start, which
   matches itself in another checkpoint of the run, or in a run of the same ``sae.seed``;
 - shards active on nearly every sample (``families.ALWAYS_ON_DENSITY``: the drift direction),
@@ -47,10 +47,9 @@ import torch
 from torch import Tensor
 
 from sae_shards.analysis.families import ALWAYS_ON_DENSITY, is_always_on
-from sae_shards.analysis.shards import ShardSet
+from sae_shards.analysis.shards import INIT_KEPT, ShardSet
 from sae_shards.core.checkpoint import SAE_FILE
 from sae_shards.core.factored import cross_gram
-from sae_shards.core.sae import LowRankSAE
 from sae_shards.run import rundir
 
 REPLICATED = 0.7
@@ -63,12 +62,6 @@ MIN_DENSITY = 0.01
 compared (``compare_shards``' ``min_density``). A shard that fires on fewer is as good as dead;
 its direction may still move (AuxK trains dead latents on what the others leave unexplained),
 but it describes no context of the run."""
-
-INIT_KEPT = 0.5
-"""A shard whose direction keeps |cosine| >= this with its own initial direction never
-trained away from it. On three default runs the figure is bimodal: at most 0.33 for the shards
-that trained (0.03 for those firing on 1% of samples or more), 0.94 to 0.99 for those that did
-not (one firing on 5% of samples, with tiny coefficients), and one shard at 0.72."""
 
 CHANCE_SEED = 0
 """The seed of ``span_chance``'s random directions (a comparison is reproducible)."""
@@ -182,13 +175,6 @@ def load_shards(path: str | Path, checkpoint: str | int | None = None) -> ShardS
                             "wrote")
 
 
-def initial_cosines(shards: ShardSet) -> Tensor:
-    """``[n_shards]``: each shard's |cosine| with its own initial direction (an untrained SAE
-    of its config, seed and targets; factored, never dense)."""
-    start = LowRankSAE(shards.sae.targets, shards.sae.cfg, shards.sae.sample_form)
-    return shards.cosine_matrix(ShardSet(start, {}, {})).diagonal().abs()
-
-
 CHANCE_REDRAWS = 20
 """Sets of random directions ``span_chance`` draws, each as large as ``b``'s candidate set."""
 
@@ -262,8 +248,9 @@ def compare_shards(a: ShardSet, b: ShardSet, threshold: float = REPLICATED,
     cos = a.cosine_matrix(b)  # [n_a, n_b]
     signed = not (a.sae.cfg.signed or b.sae.cfg.signed)
     score = cos if signed else cos.abs()  # what "nearest" maximises
-    moved_a = initial_cosines(a) < INIT_KEPT  # [n_a]
-    moved_b = initial_cosines(b) < INIT_KEPT  # [n_b]
+    # [n_a], [n_b]; a subset's (NaN: its start is not known here) counts as moved
+    moved_a = ~(a.initial_cosines() >= INIT_KEPT)
+    moved_b = ~(b.initial_cosines() >= INIT_KEPT)
     rare = [d == 0 or d < min_density for d in density]  # NaN: unknown, compared
     compared = [i for i in range(len(a)) if not rare[i] and bool(moved_a[i])]
     counted = [i for i in compared if not is_always_on(density[i])]

@@ -47,9 +47,9 @@ from sae_shards.analysis.reward_task import RewardTask, is_conversational
 from sae_shards.analysis.span import (RESOLVED_LEVEL, RESOLVED_SE, SpanEffect, combine,
                                       holm_first_z, resolved_together, span_effect, within_noise,
                                       span_weights, update_share)
-from sae_shards.analysis.shards import (RunView, initial_model_dir, load_run_models, policy_dir,
-                                        read_json_object, run_models_missing, run_sampling,
-                                        wrong_type)
+from sae_shards.analysis.shards import (INIT_KEPT, RunView, initial_model_dir, load_run_models,
+                                        policy_dir, read_json_object, run_models_missing,
+                                        run_sampling, wrong_type)
 from sae_shards.core.checkpoint import CheckpointError
 from sae_shards.core.targets import parse_slice
 from sae_shards.run import rundir
@@ -241,6 +241,7 @@ class _Selection(NamedTuple):
     mixes: dict[int, dict[str, float]]  # detailed shard -> its share of each context
     several: bool  # the samples carry two contexts or more (the mixes are worth showing)
     blended: int  # samples of several contexts: a per-step sample of a mixed batch
+    initial_cos: torch.Tensor  # [n_shards] |cos| with its initial direction (NaN: unknown)
 
     @property
     def which(self) -> str:
@@ -255,12 +256,19 @@ def _select(view: RunView, n_shards: int | Sequence[int]) -> _Selection:
     density = view.density()  # [n_shards]
     always_on = [i for i in range(len(density)) if is_always_on(density[i])]
     labels = view.sample_labels()  # each sample's contexts, read once for every shard's mix
+    initial_cos = view.shards.initial_cosines()  # [n_shards]
+    tags = {i: ["always on: a common drift direction, not a context"] for i in always_on}
+    for i in shards:  # a direction that is still mostly the SAE's random start: said
+        if initial_cos[i] >= INIT_KEPT:
+            tags.setdefault(i, []).append(
+                f"never left its random start: |cos| {float(initial_cos[i]):.2f} with its "
+                "initial direction")
     return _Selection(
         shards, chosen, density, always_on,
-        tags={i: "always on: a common drift direction, not a context" for i in always_on},
+        tags={i: "; ".join(parts) for i, parts in tags.items()},
         labels=labels, mixes={s: view.task_mix(s, labels=labels) for s in shards},
         several=len({label for sample in labels for label in sample}) >= 2,
-        blended=sum(len(set(sample)) > 1 for sample in labels))
+        blended=sum(len(set(sample)) > 1 for sample in labels), initial_cos=initial_cos)
 
 
 def _untrained_html(view: RunView, sel: _Selection, summary: dict) -> str:
@@ -282,7 +290,7 @@ def _run_sections(view: RunView, sel: _Selection, asked: _Asked, summary: dict,
     mixes = sel.mixes if sel.several else {}
     parts = [_section("summary", "Run", _summary_html(
         view, summary, figures, own, shards, sel.density, sel.tags, asked.initial_model,
-        sel.chosen))]
+        sel.chosen, sel.initial_cos))]
     parts.append(_section("sae-curves", "SAE training", plot_sae_curves(view) + _CURVES_NOTE))
     parts.append(_section("reward", "Reward", _reward_html(view)))
     parts.append(_section("timeline", f"Shard timeline ({which} shards, {_sae_of(view)})",
@@ -335,6 +343,8 @@ def _model_sections(view: RunView, sel: _Selection, asked: _Asked, models,
     detail = _detail_shards(view, shards, sel.density, tags, sel.mixes, asked.top_k,
                             models, scorer, asked.alphas, asked.n_prompts, sampling)
     analysis["shards"] = detail.entries
+    for s in shards:  # NaN (a subset's start is not known here): null
+        detail.entries[s]["initial_cosine"] = float(sel.initial_cos[s])
     # why the models did not load (asked again only then: it reads every file of both)
     why = (run_models_missing(view.run_dir, view.checkpoint, asked.initial_model,
                               asked.trust_remote_code)
@@ -408,7 +418,8 @@ def _detail_shards(view: RunView, shards: list[int], density: torch.Tensor,
     baselines = None
     lens_why = None  # why shards have no logit-lens row (asked of the model once)
     for s in shards:
-        entry: dict[str, Any] = {"density": float(density[s]), "always_on": s in tags,
+        entry: dict[str, Any] = {"density": float(density[s]),
+                                 "always_on": is_always_on(float(density[s])),
                                  "task_mix": mixes[s],
                                  "top_steps": [t["rl_step"] for t in view.top_steps(s, top_k)]}
         attribution = view.attribution(s)  # the SAE's own account, beside c below
@@ -542,7 +553,7 @@ def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[
     """The span's share of the update and, with a reward, the six policies' rewards, their
     paired changes and the shares of the run's change; each context's changes when several."""
     shards = entry["shards"]
-    named = ", ".join(f"{s} (always on)" if s in tags else str(s) for s in shards)
+    named = ", ".join(_label(s, tags) for s in shards)
     text = (f"<p>P is the run's update (theta_T, the {html.escape(policy)}, minus the initial "
             f"weights theta_0) projected onto the span of shards {named} (least squares, so "
             f"overlapping shards are not counted twice). It holds "
@@ -740,7 +751,7 @@ def _dose_table(results: dict[int, Any], analysis: dict[str, Any], tags: dict[in
         return [f"{m:.4f}" + ("" if paired and a == 0 else f" ± {e:.4f}")
                 for m, e, a in zip(means, errs, first.alphas)]
 
-    rows = [[f"{s} (always on)" if s in tags else str(s),
+    rows = [[_label(s, tags),
              f"{analysis['shards'][s]['update_coefficient']:+.4f}"]
             + cells(dr.reward_shard, dr.stderr_change_shard, dr.stderr_shard)
             + cells(dr.reward_control, dr.stderr_change_control, dr.stderr_control)[top:top + 1]
@@ -787,7 +798,7 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
     apart = _told_apart(ablations)
     rows = []
     for s, ab in ablations.items():
-        rows.append([f"{s} (always on)" if s in tags else str(s), f"{ab.coefficient:+.4f}"]
+        rows.append([_label(s, tags), f"{ab.coefficient:+.4f}"]
                     + ([f"{entries[s]['attributed_update']:+.4f}"] if shown else [])
                     + [f"{ab.reward_final:.4f} ± {ab.stderr_final:.4f}",
                      change(ab.change_removed, ab.stderr_change_removed),
@@ -999,13 +1010,21 @@ def _section(anchor: str, title: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>\n'
 
 
+def _label(s: int, tags: dict[int, str]) -> str:
+    """A shard's id in a table or list, with the short form of its tags ("always on", "never
+    left its random start")."""
+    if s not in tags:
+        return str(s)
+    return f"{s} ({', '.join(part.split(':')[0] for part in tags[s].split('; '))})"
+
+
 def _shard_title(s: int, tags: dict[int, str]) -> str:
     return f"<h3>shard {s}" + (f" ({html.escape(tags[s])})" if s in tags else "") + "</h3>"
 
 
 def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards: list[int],
                   density, tags, initial_model: str | Path | None = None,
-                  chosen: bool = False) -> str:
+                  chosen: bool = False, initial_cos: torch.Tensor | None = None) -> str:
     meta = view.shards.meta
     config = rundir.read_config(view.run_dir)
     rewardless = rundir.rewardless_trainer(config)  # a script's SFT/DPO-like trainer
@@ -1056,7 +1075,9 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
         ("detailed shards (chosen: --shards, in that order)" if chosen else
          "detailed shards (by activation mass: the always-on ones, then the largest others)"):
             ", ".join(
-            f"{s} (always on)" if s in tags else str(s) for s in shards),
+            _label(s, tags) for s in shards),
+        f"shards that never left their random start (|cos| >= {INIT_KEPT} with their initial "
+        "direction)": _unmoved_row(shards, density, initial_cos),
         "is a shard real?": (
             "the interventions below set each shard against a random direction of its norm; "
             "whether it is more than one SAE's choice is a second SAE's question: train the "
@@ -1084,6 +1105,25 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
            ", in the units of the samples)"): f"{view.shards.input_scale:.4g}",
     }
     return _table(None, [[k, v] for k, v in rows.items()])
+
+
+def _unmoved_row(shards: list[int], density, initial_cos: torch.Tensor | None) -> str:
+    """How many of the detailed shards, and of those that fired, are still mostly the SAE's
+    random initialisation (audit 138 F5: a report detailed them as shards, while ``compare``
+    leaves them out as untrained)."""
+    if initial_cos is None or bool(initial_cos.isnan().any()):
+        return "unknown (a subset of a checkpoint's shards: their start is the original SAE's)"
+    kept = initial_cos >= INIT_KEPT  # [n_shards]
+    detailed = [s for s in shards if kept[s]]
+    fired = density > 0
+    n_kept = int((kept & fired).sum())
+    return (f"{len(detailed)} of the {len(shards)} detailed"
+            + (f" ({', '.join(map(str, detailed))})" if detailed else "")
+            + f"; {n_kept} of the {int(fired.sum())} that fired"
+            + (": their directions are still mostly the SAE's random initialisation, not "
+               "something RL changed (sae-shards compare leaves such shards out); the SAE needs "
+               "more training (more RL steps, or runner.sae_steps_per_rl_step)"
+               if detailed or n_kept else ""))
 
 
 def _samples_row(view: RunView, summary: dict, meta: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, F
 from sae_shards.capture.rollouts import scored_mean
 from sae_shards.core.checkpoint import (CONFIG_FILE, SAE_FILE, STATE_FILE, CheckpointError,
                                         load_checkpoint, read_safetensors, save_checkpoint)
-from sae_shards.core.factored import cross_gram
+from sae_shards.core.factored import cross_gram, paired_inner
 from sae_shards.core.sae import LowRankSAE
 from sae_shards.core.targets import split_stacked, stack_slices, stack_targets
 from sae_shards.run import rundir
@@ -89,6 +89,14 @@ class Shard:
         which the report uses."""
         d = self.shards.stats.get("stats.density")
         return float(d[self.index]) if d is not None else float("nan")
+
+
+INIT_KEPT = 0.5
+"""A shard whose direction keeps |cosine| >= this with its own initial direction never
+trained away from it (``ShardSet.initial_cosines``). On three default runs the figure is
+bimodal: at most 0.33 for the shards that trained (0.03 for those firing on 1% of samples or
+more), 0.94 to 0.99 for those that did not (one firing on 5% of samples, with tiny
+coefficients), and one shard at 0.72."""
 
 
 class ShardSet:
@@ -168,17 +176,26 @@ class ShardSet:
 
     def target_norms(self) -> Tensor:
         """``[n_shards, n_targets]`` Frobenius norm of each shard on each target."""
-        cols = []
         with torch.no_grad():
-            for tf in self.sae.factors:
-                if tf.spec.is_matrix:
-                    U, V = tf.factors("decoder")
-                    gu = torch.einsum("imr,ims->irs", U, U)
-                    gv = torch.einsum("inr,ins->irs", V, V)
-                    cols.append((gu * gv).sum((1, 2)).clamp_min(0).sqrt())
-                else:
-                    cols.append(tf.d_dec.norm(dim=1))
-        return torch.stack(cols, 1)
+            return torch.stack([paired_inner(tf.factors("decoder"), tf.factors("decoder"))
+                                .clamp_min(0).sqrt() for tf in self.sae.factors], 1)
+
+    def initial_cosines(self) -> Tensor:
+        """``[n_shards]``: each shard's |cosine| with its own initial direction, the one an
+        untrained SAE of its config, seed and targets starts from (factored, never dense). A
+        shard that keeps ``INIT_KEPT`` or more of it never trained away from its random start:
+        its direction says nothing of the run. NaN for a ``subset`` (its shards started as the
+        original SAE's)."""
+        if self.subset_origin() is not None or self.meta.get("subset_of") is not None:
+            return torch.full((len(self),), math.nan)
+        start = LowRankSAE(self.sae.targets, self.sae.cfg, self.sae.sample_form)
+        start = start.to(self.sae.device)
+        with torch.no_grad():
+            inner = sum(paired_inner(a.factors("decoder"), b.factors("decoder"))
+                        for a, b in zip(self.sae.factors, start.factors))
+        norms = [s.target_norms().pow(2).sum(1).sqrt().clamp_min(1e-30)
+                 for s in (self, ShardSet(start, {}, {}))]
+        return (inner / norms[0] / norms[1]).abs().cpu()
 
     def cosine_matrix(self, other: ShardSet | None = None) -> Tensor:
         """``[n_shards, n_other]`` cosine similarity of the shards with ``other``'s (another

@@ -62,6 +62,18 @@ def cross_gram(left: tuple[Tensor, ...], right: tuple[Tensor, ...]) -> Tensor:
     return (uu * vv).view(N1, r1, N2, r2).sum((1, 3))  # [N1, N2]
 
 
+def paired_inner(left: tuple[Tensor, ...], right: tuple[Tensor, ...]) -> Tensor:
+    """``<L_i, R_i>_F`` for one target, ``[N]``: the diagonal of :func:`cross_gram` (two sets of
+    as many directions, paired by index) without the rest. Matrices ``(U [N, m, r], V [N, n,
+    r])``: ``sum_{r,s} (U1_ir . U2_is)(V1_ir . V2_is)``; vectors ``(d [N, m],)``: ``d1 . d2``."""
+    if len(left) == 1:
+        return (left[0] * right[0]).sum(-1)
+    (U1, V1), (U2, V2) = left, right
+    uu = torch.einsum("imr,ims->irs", U1, U2)
+    vv = torch.einsum("inr,ins->irs", V1, V2)
+    return (uu * vv).sum((1, 2))
+
+
 def gather_pairs(G: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """``G[rows_bk, cols_bl]``: ``[batch, k, l]`` from indices ``[batch, k]``, ``[batch, l]``."""
     return G[rows[:, :, None], cols[:, None, :]]
