@@ -133,7 +133,8 @@ def test_evaluate_cli_needs_saved_samples(planted_run, tmp_path, capsys):
     (run / "summary.json").unlink()
     assert cli_main(["evaluate", str(run)]) == 2  # the run keeps samples: it has not ended
     err = capsys.readouterr().err
-    assert "missing: the run ended before writing it (killed, or stopped)" in err
+    assert "missing: the run ended before writing it (killed, or stopped at once by a "
+            "second signal)" in err
     assert "resume=true" in err
     rundir.lock_run_dir(run)  # a live process writes the run, as a training job would
     try:  # audit 134 F7: it was told to resume the run, a second writer

@@ -50,7 +50,7 @@ commands:
                            evaluation.json/.md
                            (`sae-shards evaluate --help` lists every option)
   compare A B [--checkpoint-a NAME] [--checkpoint-b NAME] [--threshold T] [--min-density D]
-              [--top N] [--out FILE.json]
+              [--top N] [--out FILE.json] [--threads N]
                            match each shard of A (a run or checkpoint directory) to its nearest
                            in B, against a chance control: do two runs find the same shards?
   --version                the versions of sae-shards, Python and the libraries a run records

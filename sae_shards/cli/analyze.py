@@ -60,7 +60,7 @@ def run(args: list[str]) -> int:
                         help="prompts per reward estimate of the dose-response and ablation "
                              "(4 completions each; more resolve smaller changes; default "
                              "%(default)s)")
-    parser.add_argument("--no-dose", action="store_true", help="skip logit lens, dose-response and ablation")
+    parser.add_argument("--no-dose", action="store_true", help="skip the logit lens, dose-response, ablation and shards together")
     parser.add_argument("--threads", type=positive, default=1, help="torch threads (explicit: "
                         "default counts oversubscribe small CPUs; default %(default)s)")
     parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)

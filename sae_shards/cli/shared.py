@@ -137,8 +137,9 @@ CHECKPOINT_HELP = ("checkpoint to read: final, step_XXXXXX, or its RL step (100 
 
 
 EVALUATE_CHECKPOINT_HELP = ("checkpoint whose SAE to score: final, step_XXXXXX, or its RL step "
-                            "(100 for step_000100) (default: final; the run must have finished: "
-                            "the samples it scores are written at its end)")
+                            "(100 for step_000100) (default: final, or a stopped run's newest; "
+                            "the samples it scores are written as the run ends or is stopped: a "
+                            "killed run has none until it is resumed to its end)")
 
 
 def announce_checkpoint(run_dir: Path, checkpoint: str | None) -> str:

@@ -206,7 +206,8 @@ class EvalData:
                 "its samples at its end; evaluate it once it has finished")
         if not path.is_file() and _saves_samples(run_dir):
             raise CheckpointError(
-                f"{path}: missing: the run ended before writing it (killed, or stopped); "
+                f"{path}: missing: the run ended before writing it (killed, or stopped at once by a "
+                "second signal); "
                 "samples are written at the end of a run: finish it (sae-shards train "
                 f"run_dir={run_dir} resume=true; in a script, ShardCallback(..., resume=True) "
                 "and trainer.train(resume_from_checkpoint=True))")
