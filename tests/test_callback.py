@@ -2413,3 +2413,46 @@ def test_a_script_relaunched_with_another_output_dir_is_told_where_its_checkpoin
         f"{tmp_path / 'job_42'}; nothing was changed")
     again.close()
     assert tree_bytes(run, skip=(".lock",)) == before
+
+
+def test_a_second_sigterm_in_a_script_ends_it_as_sigterm_does_and_says_how_to_resume(
+        tiny_model, tmp_path):
+    """Audit 138 F8: a second SIGTERM raised SecondSignal (a KeyboardInterrupt subclass) out of
+    trainer.train(): a traceback and exit status 1, where docs/usage.md promises 128 + the
+    signal, and no word on how to go on. It now says how to resume, then ends the process as
+    SIGTERM does (143); the newest complete checkpoint resumes."""
+    import signal
+
+    script = tmp_path / "train.py"
+    script.write_text(f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from transformers import TrainerCallback
+from sae_shards import ShardCallback
+from test_callback import _user_trainer
+
+class Twice(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == 7:  # after checkpoint-5
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+resume = sys.argv[1] == "resume"
+cb = ShardCallback(run_dir={str(tmp_path / 'run')!r}, runner={{"min_samples": 2}}, resume=resume)
+_user_trainer({str(tiny_model)!r}, {str(tmp_path / 'trl')!r},
+              [cb] + ([] if resume else [Twice()])).train(resume_from_checkpoint=resume or None)
+print("rl_steps", cb.summary["rl_steps"], "interrupted", cb.summary["interrupted"])
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([sys.executable, str(script), "start"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == -signal.SIGTERM, first.stderr[-3000:]  # as SIGTERM ends it
+    assert "Traceback" not in first.stderr and "SecondSignal" not in first.stderr
+    assert ("SIGTERM again: stopping at once, as the signal does without sae-shards" in
+            first.stderr)
+    assert "ShardCallback(..., resume=True) and trainer.train(resume_from_checkpoint=True)" in \
+        first.stderr
+    again = subprocess.run([sys.executable, str(script), "resume"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "rl_steps 10 interrupted False" in again.stdout

@@ -28,6 +28,16 @@ echo of it, not a second request."""
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+SECOND_IN_SCRIPT = (
+    "%s again: stopping at once, as the signal does without sae-shards (SIGTERM ends the "
+    "process, exit status 143; Ctrl-C raises KeyboardInterrupt); this RL step is lost. To "
+    "continue from the newest complete checkpoint, run the script again with "
+    "ShardCallback(..., resume=True) and trainer.train(resume_from_checkpoint=True)")
+"""A second stop signal in a user's script (``ShardCallback``'s guard): said, then the signal's
+own action, so the exit status is the signal's (a ``KeyboardInterrupt`` subclass raised out of
+``trainer.train()`` ended the script with status 1 and a traceback)."""
+
+
 class Stoppable(Protocol):
     stop_signal: int | None
     ending: bool
@@ -112,7 +122,9 @@ def stop_on_signals(callback: Stoppable, only_while_training: bool = False,
                     signals: tuple[int, ...] = SIGNALS) -> Iterator[None]:
     """While in the block: the first SIGTERM/SIGINT asks the callback to stop after the current
     step (with a checkpoint); a second one raises ``SecondSignal`` (a ``KeyboardInterrupt``) at
-    once. Main thread only.
+    once, which ``sae-shards train`` reports, or in a script's guard (``only_while_training``)
+    says how to resume and gets the signal's own action (``SECOND_IN_SCRIPT``). Main thread
+    only.
 
     Under a multi-process launch one Ctrl-C reaches each worker twice (from the terminal, and
     forwarded by the launcher): a repeat of the same signal within ``REPEAT_S`` counts once.
@@ -136,6 +148,12 @@ def stop_on_signals(callback: Stoppable, only_while_training: bool = False,
             echo = (distributed.world_size() > 1 and signum == callback.stop_signal
                     and time.monotonic() - first[0] < REPEAT_S)
             if echo:
+                return
+            if only_while_training:  # a script's guard: the signal's own action, said first
+                if distributed.is_main():
+                    log.warning(SECOND_IN_SCRIPT, signal.Signals(signum).name)
+                _restore(previous)
+                _deliver(signum, frame, previous[signum])
                 return
             raise SecondSignal(signum)
         first.append(time.monotonic())
