@@ -2456,3 +2456,16 @@ print("rl_steps", cb.summary["rl_steps"], "interrupted", cb.summary["interrupted
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "rl_steps 10 interrupted False" in again.stdout
+
+
+def test_a_run_stopped_before_its_sae_started_is_told_to_resume(tiny_model, tmp_path):
+    """Audit 138 F9: a run stopped by SIGTERM at step 3 of 10, before runner.min_samples were
+    buffered, was told to "run more RL steps or lower them"; it has the steps, and its resume
+    trains the SAE."""
+    stopped = ShardCallback(run_dir=tmp_path / "stopped", runner={"min_samples": 8})
+    _user_trainer(tiny_model, tmp_path / "trl", [stopped, _StopAt(stopped, 3)]).train()
+    assert stopped.summary["interrupted"] and stopped.summary["sae_steps"] == 0
+    assert stopped.summary["warning"].startswith("the SAE never trained: 3 samples were captured")
+    assert "the run was stopped before that: resume it to train the SAE" in \
+        stopped.summary["warning"]
+    assert "run more RL steps" not in stopped.summary["warning"]

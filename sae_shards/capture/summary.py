@@ -72,9 +72,10 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
         **extra,
     }
     if trainer.n_steps == 0:
-        summary["warning"] = f"the SAE never trained: " \
-            f"{_why_untrained(capture, runner, trainer.n_skipped_degenerate)}. The " \
-            "checkpoint holds the random initialisation"
+        why = _why_untrained(capture, runner, trainer.n_skipped_degenerate,
+                             bool(extra.get("interrupted")))
+        summary["warning"] = (f"the SAE never trained: {why}. The checkpoint holds the random "
+                              "initialisation")
         log.warning("%s", summary["warning"])
     elif parts.loop.budget is not None and parts.loop.budget.starved():
         summary["warning"] = starved_budget_text(
@@ -127,9 +128,10 @@ def _more_sae_steps(runner: RunnerConfig) -> str:
 
 
 def _why_untrained(capture: DeltaCapture | EventCapture, runner: RunnerConfig,
-                   degenerate: int = 0) -> str:
+                   degenerate: int = 0, interrupted: bool = False) -> str:
     """Why the SAE took no step: nothing but zeros to train on, every batch it drew one sample
-    repeated (``degenerate``: the trainer's batches skipped so), or too few samples by the end."""
+    repeated (``degenerate``: the trainer's batches skipped so), or too few samples by the end
+    (``interrupted``: a run stopped before it got them, which its resume gives)."""
     n, zero = capture.n_captured, capture.n_zero
     if not isinstance(capture, EventCapture) and n and zero == n:
         return (f"every one of the {n} captured samples was all zeros, nothing to train on (no "
@@ -159,7 +161,9 @@ def _why_untrained(capture: DeltaCapture | EventCapture, runner: RunnerConfig,
                 f"runner.sae_start_step={runner.sae_start_step})")
     return (f"{n} samples were captured, but it starts once runner.min_samples="
             f"{runner.min_samples} trainable samples are buffered and RL reaches "
-            f"runner.sae_start_step={runner.sae_start_step}; run more RL steps or lower them")
+            f"runner.sae_start_step={runner.sae_start_step}; "
+            + ("the run was stopped before that: resume it to train the SAE" if interrupted
+               else "run more RL steps or lower them"))
 
 
 def clip_figures(rows: Iterable[dict[str, Any]], max_grad_norm: float | None) -> dict[str, Any]:
