@@ -2469,3 +2469,40 @@ def test_a_run_stopped_before_its_sae_started_is_told_to_resume(tiny_model, tmp_
     assert "the run was stopped before that: resume it to train the SAE" in \
         stopped.summary["warning"]
     assert "run more RL steps" not in stopped.summary["warning"]
+
+
+def test_a_resume_inside_the_first_epoch_is_exact_and_not_warned_about(tiny_model, tmp_path,
+                                                                       caplog):
+    """Audit 138 F1: a resume inside the first epoch of a run that goes on to a second was
+    warned to draw the second epoch "in the first epoch's order, not the uninterrupted run's";
+    it is exact (TRL's sampler, built anew with its seed, draws the first epoch's order again
+    for the skipped batches, then the second epoch's as the uninterrupted run did). A resume
+    inside the second epoch is not exact, and is warned about. 16 prompts, 2 per step: 8 steps
+    an epoch, 12 steps."""
+    import logging
+
+    def run(name: str, stop: int | None) -> None:
+        cb = ShardCallback(run_dir=tmp_path / name, runner={"min_samples": 2})
+        extra = [_StopAt(cb, stop)] if stop else []
+        _user_trainer(tiny_model, tmp_path / f"trl_{name}", [cb, *extra], max_steps=12,
+                      n_prompts=16, save_steps=4).train()
+        if stop:
+            again = ShardCallback(run_dir=tmp_path / name, runner={"min_samples": 2},
+                                  resume=True)
+            with caplog.at_level(logging.WARNING, logger="sae_shards"):
+                _user_trainer(tiny_model, tmp_path / f"trl_{name}", [again], max_steps=12,
+                              n_prompts=16, save_steps=4).train(resume_from_checkpoint=True)
+
+    def prompts(name: str) -> list:
+        return [json.loads(line)["prompts"]
+                for line in (tmp_path / name / "rollouts.jsonl").read_text().splitlines()]
+
+    run("whole", None)
+    run("first", 3)  # resumed in epoch 1
+    assert "TRL's prompt sampler does not checkpoint" not in caplog.text
+    _assert_same_ending(tmp_path / "whole", tmp_path / "first")
+    caplog.clear()
+    run("second", 10)  # resumed in epoch 2
+    assert "and it resumed in epoch 2 of its dataset: TRL's prompt sampler" in caplog.text
+    assert prompts("second")[:10] == prompts("whole")[:10]
+    assert prompts("second")[10:] != prompts("whole")[10:]  # the warning is true

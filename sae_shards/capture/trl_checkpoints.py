@@ -57,24 +57,22 @@ def warn_later_trl_checkpoints(output_dir: str | None, step: int,
 
 
 def warn_reshuffled_epochs(args: Any, state: Any, level: int = logging.WARNING) -> None:
-    """A resume of a run whose shuffled dataset spans more than one epoch: TRL's prompt sampler
-    does not checkpoint its shuffle, so a resumed run draws every later epoch in the first
-    epoch's order, not the one the uninterrupted run would have drawn (from the resume when it
-    is past the first epoch, else from the first epoch's end). Said at ``level`` (a script's
-    run: WARNING, which Python shows)."""
+    """A resume inside the second or a later epoch of a shuffled dataset: TRL's prompt sampler
+    does not checkpoint its shuffle, and, built anew with its seed, draws the first epoch's order
+    again, so from the resume on the prompts are not the uninterrupted run's. A resume inside
+    the first epoch is exact (the skipped batches draw the first epoch's order, the next epoch
+    the one the uninterrupted run drew: measured, ``tests/test_callback.py``). Said at
+    ``level`` (a script's run: WARNING, which Python shows)."""
     if not getattr(args, "shuffle_dataset", False) or state.global_step >= state.max_steps:
         return
     epoch = float(getattr(state, "epoch", None) or 0.0)
-    epochs = getattr(state, "num_train_epochs", None) or 0
-    if epoch < 1 and epochs <= 1:
+    if epoch < 1:
         return
-    where = (f"it resumed in epoch {int(epoch) + 1} of its dataset" if epoch >= 1 else
-             "it goes on past the end of its dataset's first epoch")
-    log.log(level, "resumed at RL step %d, and %s: TRL's prompt sampler does not checkpoint its "
-            "shuffle, so %s the prompts come in the first epoch's order, not the uninterrupted "
-            "run's, and the steps need not match it (shuffle_dataset=False, or a dataset longer "
-            "than the run, keeps a resume exact)", state.global_step, where,
-            "from here" if epoch >= 1 else "from that epoch's end on")
+    log.log(level, "resumed at RL step %d, and it resumed in epoch %d of its dataset: TRL's "
+            "prompt sampler does not checkpoint its shuffle, so from here the prompts come in "
+            "the first epoch's order, not the uninterrupted run's, and the steps need not match "
+            "it (shuffle_dataset=False, or a dataset longer than the run, keeps a resume "
+            "exact)", state.global_step, int(epoch) + 1)
 
 
 def trl_checkpoint_steps(output_dir: str | None) -> list[int]:
