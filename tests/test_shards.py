@@ -130,6 +130,13 @@ def test_a_policy_left_behind_at_the_trainers_output_dir_is_said_with_the_way_to
         f" (nor at the trainer's output_dir, {tmp_path / 'gone'}, which config.json's "
         f"rl.output_dir records: the run was moved away from it? copy its checkpoint-30/ into "
         f"{run / 'trl'}/)")
+    # the output_dir is there, without the step's checkpoint (audit 138 F3: save_total_limit
+    # removed it, and analyze guessed the run had moved)
+    (tmp_path / "kept").mkdir()
+    (run / "config.json").write_text(json.dumps({"rl": {"output_dir": str(tmp_path / "kept")}}))
+    said = _refused_trl_policy(run, 30)
+    assert "no longer holds checkpoint-30/: the trainer's save_total_limit, or a cleanup" in said
+    assert "moved away" not in said and "copy its" not in said
     (run / "config.json").write_text(json.dumps({"rl": {"output_dir": str(run / "trl")}}))
     assert _refused_trl_policy(run, 30) == ""  # sae-shards train's: inside the run
 

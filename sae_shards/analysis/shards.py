@@ -888,6 +888,11 @@ def _refused_trl_policy(run_dir: Path, step: int) -> str:
     folder = Path(out) / f"checkpoint-{step}" if out else None
     inside = run_dir / rundir.TRL_OUTPUT
     if folder is not None and not folder.is_dir() and Path(out).resolve() != inside.resolve():
+        if Path(out).is_dir():  # there, without this step's: the trainer removed it
+            return (f" (nor at the trainer's output_dir, {out}, which config.json's "
+                    f"rl.output_dir records and which no longer holds checkpoint-{step}/: the "
+                    "trainer's save_total_limit, or a cleanup, removed it; analyze a step whose "
+                    "TRL checkpoint is kept to pair its own policy)")
         return (f" (nor at the trainer's output_dir, {out}, which config.json's rl.output_dir "
                 f"records: the run was moved away from it? copy its checkpoint-{step}/ into "
                 f"{inside}/)")
