@@ -363,7 +363,7 @@ def test_reentrant_checkpointing_is_refused(tmp_path, how):
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     targets = select_targets(trainer.model, ["*q_proj.weight"])
     with pytest.raises(ValueError, match=r"only with use_reentrant=False .*"
-                                         + ("gradient_checkpointing_kwargs has use_reentrant=True"
+                                         + ("checkpointing_kwargs has use_reentrant=True"
                                             if how == "args" else "layers use reentrant")):
         EventRecorder(trainer.model, targets, trainer).install()
 
@@ -575,3 +575,22 @@ def test_the_preconditioner_s_error_figures_survive_a_resume():
     assert after._write(event, 1, None, None, measure=True) is None
     assert after.n_nonfinite == 1 and after.precond_error == [0.5]
     assert after.summary()["precond_error_mean"] == 0.5
+
+
+def test_the_reentrant_refusal_names_the_checkpointing_field_this_transformers_has(tmp_path):
+    """Audit 138 F6: a user who set activation_checkpointing_kwargs (transformers 5.25's name)
+    was told to pass gradient_checkpointing_kwargs, which transformers calls deprecated."""
+    from transformers import TrainingArguments
+
+    kwargs = {"use_reentrant": True}
+    current = hasattr(TrainingArguments, "activation_checkpointing_kwargs") or (
+        "activation_checkpointing_kwargs" in TrainingArguments.__dataclass_fields__)
+    extra = (dict(activation_checkpointing=True, activation_checkpointing_kwargs=kwargs)
+             if current else dict(gradient_checkpointing=True,
+                                  gradient_checkpointing_kwargs=kwargs))
+    trainer = grpo_trainer(tmp_path, "qwen2", **extra)
+    targets = select_targets(trainer.model, ["*q_proj.weight"])
+    name = "activation_checkpointing" if current else "gradient_checkpointing"
+    with pytest.raises(ValueError, match=rf"pass {name}_kwargs=\{{'use_reentrant': False\}}, or "
+                                         rf"{name}=False"):
+        EventRecorder(trainer.model, targets, trainer).install()

@@ -160,11 +160,14 @@ def check_checkpointing(model: nn.Module, trainer) -> None:
     on = bool(getattr(args, "gradient_checkpointing", False)
               or getattr(args, "activation_checkpointing", False))
     if on:
-        kwargs = {**(getattr(args, "gradient_checkpointing_kwargs", None) or {}),
-                  **(getattr(args, "activation_checkpointing_kwargs", None) or {})}
-        if kwargs.get("use_reentrant"):
-            raise ValueError(_REENTRANT.format(where="the trainer's gradient_checkpointing_kwargs "
-                                               "has use_reentrant=True"))
+        # transformers 5.25 renamed gradient_ to activation_checkpointing (the old name kept as
+        # an alias, mirrored): the names this trainer's config has, the current one first
+        fields = [f for f in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
+                  if hasattr(args, f)]
+        if any((getattr(args, f, None) or {}).get("use_reentrant") for f in fields):
+            raise ValueError(_REENTRANT.format(
+                where=f"the trainer's {' / '.join(fields)} has use_reentrant=True",
+                field=fields[0], flag=fields[0].removesuffix("_kwargs")))
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False) is not True:
             continue
@@ -173,14 +176,14 @@ def check_checkpointing(model: nn.Module, trainer) -> None:
             how = ("reentrant checkpointing" if reentrant
                    else "a checkpoint function sae-shards cannot inspect")
             raise ValueError(_REENTRANT.format(
-                where=f"{type(module).__name__} layers use {how}"))
+                where=f"{type(module).__name__} layers use {how}",
+                field="gradient_checkpointing_kwargs", flag="gradient_checkpointing"))
 
 
 _REENTRANT = (
     "per-event capture supports activation (gradient) checkpointing only with "
     "use_reentrant=False (transformers' and TRL's default), and {where}: the re-run forward "
-    "cannot be mapped to rows; pass gradient_checkpointing_kwargs={{'use_reentrant': False}}, or "
-    "gradient_checkpointing=False")
+    "cannot be mapped to rows; pass {field}={{'use_reentrant': False}}, or {flag}=False")
 
 
 def _reentrant(func) -> bool | None:
