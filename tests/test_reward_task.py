@@ -329,7 +329,14 @@ def test_task_spec_imports_scripts_as_python_would_and_names_their_failures(tmp_
                       "    def __call__(self, prompts, completions, **kw):\n"
                       "        return [self.scale] * len(completions)\n"
                       "def task():\n    return RewardTask([{'prompt': 'a'}], Scorer(2.0))\n")
-    assert load_task_spec(f"{script}:task").reward_funcs[0].scale == 2.0
+    loaded = load_task_spec(f"{script}:task")
+    assert loaded.reward_funcs[0].scale == 2.0
+    assert loaded.name == f"{script}:task"  # reports name it as given (audit 138 F12: 'user')
+    named = tmp_path / "named.py"
+    named.write_text("from sae_shards.analysis.reward_task import RewardTask\n"
+                     "TASK = RewardTask([{'prompt': 'a'}], lambda completions, **kw: [0.0], "
+                     "name='vowels')\n")
+    assert load_task_spec(f"{named}:TASK").name == "vowels"  # its own name kept
     raising = tmp_path / "raising.py"
     raising.write_text("import argparse\nargparse.ArgumentParser().parse_args(['--nope'])\n")
     with pytest.raises(ValueError, match=r"importing .*raising.py failed: SystemExit: 2 \(the "

@@ -52,6 +52,10 @@ def is_conversational(prompt: Any) -> bool:
             and "role" in prompt[0])
 
 
+DEFAULT_NAME = "user"
+"""``RewardTask.name`` when none is given."""
+
+
 @dataclass
 class RewardTask:
     """A user's RL task, as the interventions need it: prompts and reward functions.
@@ -68,8 +72,8 @@ class RewardTask:
     label_column: str | None = None
     """A column naming each prompt's context (as ``ShardCallback(label_column=...)``): enables
     per-context rewards (``task_rewards``, the report's per-context dose curves)."""
-    name: str = "user"
-    """A name for reports."""
+    name: str = DEFAULT_NAME
+    """A name for reports (``--task FILE.py:NAME`` names one left at the default so)."""
     _data: Dataset = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -237,8 +241,16 @@ def load_task_spec(spec: str) -> RewardTask:
             raise ValueError(f"--task {spec!r}: {name}() returned a "
                              f"{type(returned).__name__}, not a RewardTask (from "
                              "sae_shards.analysis.reward_task import RewardTask)")
-        return returned
+        return _named(returned, spec)
     if not isinstance(obj, RewardTask):
         raise ValueError(f"--task {spec!r}: {name} is of type {type(obj).__name__}, not a "
                          "RewardTask (from sae_shards.analysis.reward_task import RewardTask)")
-    return obj
+    return _named(obj, spec)
+
+
+def _named(task: RewardTask, spec: str) -> RewardTask:
+    """A task left with the default name is named in reports as it was given (``--task
+    grpo.py:reward_task``), not "user"."""
+    if task.name == DEFAULT_NAME:
+        task.name = spec
+    return task
