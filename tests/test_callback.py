@@ -2098,13 +2098,17 @@ def test_a_batch_larger_than_the_buffer_is_warned(tiny_model, tmp_path, caplog):
             "from the buffer") in caplog.text, caplog.text
 
 
-@pytest.mark.parametrize("granularity, said", [
-    ("step", "the LoRA adapters' effective weight updates s (B1 A1 - B0 A0)"),
-    ("group", "each event's gradient of the LoRA-adapted effective weights W0 + s B A"),
+@pytest.mark.parametrize("granularity, said, saved", [
+    ("step", ", the LoRA adapters' effective weight updates s (B1 A1 - B0 A0)", False),
+    ("group", ", each event's gradient of the LoRA-adapted effective weights W0 + s B A", False),
+    ("step", ", 2 of them the LoRA adapters' effective weight updates s (B1 A1 - B0 A0), 1 "
+             "weight trained whole (modules_to_save)", True),
 ])
-def test_the_start_line_says_what_a_lora_run_captures(tmp_path, caplog, granularity, said):
+def test_the_start_line_says_what_a_lora_run_captures(tmp_path, caplog, granularity, said,
+                                                      saved):
     """Per event the start line said 'effective weight updates s (B1 A1 - B0 A0)' too, which
-    is what a per-step LoRA run captures; per event it is each event's gradient."""
+    is what a per-step LoRA run captures; per event it is each event's gradient. A weight the
+    adapter trains whole (modules_to_save) is not called an adapter's update (audit 138 F13)."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import GRPOTrainer
@@ -2115,12 +2119,15 @@ def test_the_start_line_says_what_a_lora_run_captures(tmp_path, caplog, granular
     model, tokenizer = tiny_model_and_tokenizer(seed=1)
     task = build_task("letters", target_length=8)
     callback = ShardCallback(run_dir=tmp_path / "run", capture={"granularity": granularity},
-                             runner={"min_samples": 2})
+                             runner={"min_samples": 2},
+                             **({"targets": ["lm_head.weight", "*q_proj.weight"]} if saved
+                                else {}))
     with caplog.at_level("WARNING", logger="sae_shards.capture.callback"):
         GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=task.reward_funcs,
                     args=_four_lora_steps(tmp_path / "trl"),
                     train_dataset=Dataset.from_dict(task.dataset(32).to_dict()),
-                    peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+                    peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                           modules_to_save=["lm_head"] if saved else None),
                     callbacks=[callback]).train()
     (line,) = [r.getMessage() for r in caplog.records if "sae-shards captures" in r.getMessage()]
     assert said in line and line.count("LoRA") == 1, line

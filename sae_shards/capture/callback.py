@@ -544,10 +544,7 @@ class ShardCallback(TrainerCallback):
                 f", {len(stacked)} of them stacked experts (the SAE factors each of their "
                 f"{sum(t.shape[0] for t in stacked)} expert matrices)" if stacked else "",
                 self.sizes["delta_numel"],
-                (", the LoRA adapters' effective weight updates s (B1 A1 - B0 A0)"
-                 if self.capture_cfg.granularity == "step" else
-                 ", each event's gradient of the LoRA-adapted effective weights W0 + s B A")
-                if self._is_lora() else "", self.sizes["sae_factored_params"],
+                self._lora_phrase(), self.sizes["sae_factored_params"],
                 self.sizes["dense_sae_params"], self.sizes["buffer_bytes"] / 2**20,
                 distributed.world_size())
         self._say_window(trainer)
@@ -664,6 +661,20 @@ class ShardCallback(TrainerCallback):
 
     def _is_lora(self) -> bool:
         return any(isinstance(t, LoraTarget) for t in self.parts.targets.values())
+
+    def _lora_phrase(self) -> str:
+        """What a LoRA run's captured tensors are, for the start line: the adapters' effective
+        weight updates, and apart from them the weights trained whole (``modules_to_save``)."""
+        n_lora = sum(isinstance(t, LoraTarget) for t in self.parts.targets.values())
+        if not n_lora:
+            return ""
+        what = ("the LoRA adapters' effective weight updates s (B1 A1 - B0 A0)"
+                if self.capture_cfg.granularity == "step" else
+                "each event's gradient of the LoRA-adapted effective weights W0 + s B A")
+        whole = len(self.parts.targets) - n_lora
+        return (f", {what}" if not whole else
+                f", {n_lora} of them {what}, {whole} weight{'s' if whole > 1 else ''} trained "
+                "whole (modules_to_save)")
 
     def _config_json(self, model: torch.nn.Module, trainer: Any | None) -> dict[str, Any]:
         """The JobConfig-shaped ``config.json`` analysis reads (model path, task, capture...)."""
