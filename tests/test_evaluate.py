@@ -133,8 +133,8 @@ def test_evaluate_cli_needs_saved_samples(planted_run, tmp_path, capsys):
     (run / "summary.json").unlink()
     assert cli_main(["evaluate", str(run)]) == 2  # the run keeps samples: it has not ended
     err = capsys.readouterr().err
-    assert "missing: the run ended before writing it (killed, or stopped at once by a "
-            "second signal)" in err
+    assert ("missing: the run ended before writing it (killed, or stopped at once by a "
+            "second signal)") in err
     assert "resume=true" in err
     rundir.lock_run_dir(run)  # a live process writes the run, as a training job would
     try:  # audit 134 F7: it was told to resume the run, a second writer
@@ -1259,6 +1259,10 @@ def test_a_run_without_shard_families_is_evaluated_saying_so(planted_run, tmp_pa
     assert "families -," in md
 
 
+def _fmt(x) -> str:
+    return "-" if x is None or x != x else f"{x:.3f}"
+
+
 def test_an_ablation_drop_below_the_floor_is_marked_unresolved(planted_run, tmp_path):
     """evaluation.md said rows below the floor are marked; the steering table marked them, the
     ablation table did not (a drop of 0.004 beside a floor of 0.005 showed a plain +0.781)."""
@@ -1283,6 +1287,18 @@ def test_an_ablation_drop_below_the_floor_is_marked_unresolved(planted_run, tmp_
     assert f"| {tasks[0]} | 0 | +0.004 | none (no drop reached 0.005, or a tie) | +0.781 " \
            "(unresolved) |" in md
     assert f"| {tasks[1]} | 0 | +0.200 | +0.200 ({tasks[1]}) | +0.781 | +0.000 |" in md
+    # the headline says when no task's effect was resolved (audit 138 F11: "0.000" beside a
+    # resolved reference); here steering's are, one ablation drop is not
+    headline = md.split("## Details")[0]
+    assert "(unresolved" not in headline
+    for t in tasks:  # every effect below the floor
+        r["steering"]["per_task"][t]["shard_plus"][t] = 0.001
+        r["ablation"]["per_task"][t]["drop"][t] = 0.002
+    headline = to_markdown(r).split("## Details")[0]
+    for key in ("steering_selectivity", "ablation_selectivity", "ablation_own_first"):
+        assert f"| {key} | {_fmt(r['headline'][key])} (unresolved: no task effect reached the " \
+               "floor) |" in headline, key
+    assert "| steering_selectivity_random | " in headline  # the others as they were
 
 
 def test_planted_diagnostics_needs_its_evaluation_first_and_finds_one_elsewhere(planted_run,

@@ -999,6 +999,19 @@ def _sampling_text(sampling: Mapping[str, Any] | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in shown.items()) or "temperature 1, the defaults"
 
 
+def _all_unresolved(r: dict[str, Any], kind: str) -> bool:
+    """Whether every task's own effect in the ``kind`` ("steering", "ablation") causal test is
+    below the floor: its headline selectivity is then 0 for want of any resolved effect, not
+    a measured absence of selectivity (audit 138 F11: "0.000" beside a resolved reference)."""
+    test, floor = r.get(kind), (r.get("steering") or {}).get("floor")
+    if not test or floor is None or not test.get("per_task"):
+        return False
+    if kind == "steering":
+        return all(max(abs(e["shard_plus"][t]), abs(e["shard_minus"][t])) < floor
+                   for t, e in test["per_task"].items())
+    return all(abs(e["drop"][t]) < floor for t, e in test["per_task"].items())
+
+
 def _f(x: Any, fmt: str = ".3f") -> str:
     return "-" if x is None or x != x else format(x, fmt)
 
@@ -1020,10 +1033,14 @@ def to_markdown(r: dict[str, Any]) -> str:
                         "multiskill, a reward that ignores them), so every task figure below "
                         "should be at chance (AUROC near 0.5, margins near 0); it is the "
                         "reference for a multiskill run's figures (`--null-run`).", ""]
+    faint = {key for kind, keys in (("steering", ("steering_selectivity",)),
+                                    ("ablation", ("ablation_selectivity", "ablation_own_first")))
+             if _all_unresolved(r, kind) for key in keys}
     for key in HEADLINE_KEYS[:-4]:
         missing = h[key] is None or h[key] != h[key]
-        lines.append(f"| {key} | {_f(h[key], 'd' if key == 'n_families' else '.3f')} | "
-                     f"{_why_missing(key, r) if missing else HEADLINE_READ[key]} |")
+        lines.append(f"| {key} | {_f(h[key], 'd' if key == 'n_families' else '.3f')}"
+                     f"{' (unresolved: no task effect reached the floor)' if key in faint else ''}"
+                     f" | {_why_missing(key, r) if missing else HEADLINE_READ[key]} |")
     if r.get("n_multi_label"):
         notes += [
             f"**{r['n_multi_label']} of the {r['n_train'] + r['n_heldout']} {r['sample_unit']}s "
