@@ -649,9 +649,10 @@ def test_an_epoch_based_script_run_records_its_resolved_steps(tiny_model, tmp_pa
     assert json.loads((run / "config.json").read_text())["rl"]["max_steps"] == 8
     assert run_sampling(run)["training_steps"] == 8
     more = ShardCallback(run_dir=run, runner={"min_samples": 2}, resume=True)
-    with pytest.raises(ValueError, match=r"rl.max_steps: 8 in the run, 16 now"):
+    with pytest.raises(ValueError, match=r"rl.max_steps: 8 in the run, 16 now") as e:
         _user_trainer(tiny_model, out, [more], **{**epochs, "num_train_epochs": 2}).train(
             resume_from_checkpoint=True)
+    assert "rl.num_train_epochs: 1 in the run, 2 now" in str(e.value)  # the field the user set
     more.close()
     config = json.loads((run / "config.json").read_text())
     config["rl"]["max_steps"] = -1  # as an earlier version recorded it

@@ -189,11 +189,17 @@ before a field was added is not checked on it."""
 def step_settings(args: Any) -> dict[str, Any]:
     """``STEP_ARGS`` of a trainer's config as ``config.json`` records them: an enum (TRL's
     ``SchedulerType``, ``OptimizerNames``) as its value, so a refusal reads as the script wrote
-    it; None where the config lacks the field."""
+    it; None where the config lacks the field. With them ``num_train_epochs`` for an
+    epoch-based run (``max_steps`` -1; null otherwise, where transformers ignores it)."""
     def plain(value: Any) -> Any:
         return value.value if isinstance(value, enum.Enum) else value
 
-    return {key: plain(getattr(args, key, None)) for key in STEP_ARGS}
+    steps = getattr(args, "max_steps", None)
+    epochs = not (isinstance(steps, int) and steps > 0)  # an epoch-based run: its epochs count
+    return {**{key: plain(getattr(args, key, None)) for key in STEP_ARGS},
+            # named beside the max_steps they resolve to (audit 138: a resume with other
+            # epochs was refused as "rl.max_steps: 24 in the run, 48 now", a field never set)
+            "num_train_epochs": getattr(args, "num_train_epochs", None) if epochs else None}
 
 
 TIED_METRIC = "frac_reward_zero_std"
