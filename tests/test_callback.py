@@ -2423,12 +2423,15 @@ def test_a_script_relaunched_with_another_output_dir_is_told_where_its_checkpoin
     assert tree_bytes(run, skip=(".lock",)) == before
 
 
+@pytest.mark.parametrize("at", [7, 2])  # after checkpoint-5; before any checkpoint
 def test_a_second_sigterm_in_a_script_ends_it_as_sigterm_does_and_says_how_to_resume(
-        tiny_model, tmp_path):
+        tiny_model, tmp_path, at):
     """Audit 138 F8: a second SIGTERM raised SecondSignal (a KeyboardInterrupt subclass) out of
     trainer.train(): a traceback and exit status 1, where docs/usage.md promises 128 + the
-    signal, and no word on how to go on. It now says how to resume, then ends the process as
-    SIGTERM does (143); the newest complete checkpoint resumes."""
+    signal, and no word on how to go on. It now says how to go on, then ends the process as
+    SIGTERM does (143); doing what it says finishes the run, from the newest complete
+    checkpoint or, before the first one, from the start (audit 140: resume=True was advised,
+    which a run without a checkpoint refuses)."""
     import signal
 
     script = tmp_path / "train.py"
@@ -2441,14 +2444,15 @@ from test_callback import _user_trainer
 
 class Twice(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step + 1 == 7:  # after checkpoint-5
+        if state.global_step + 1 == {at}:
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
 
-resume = sys.argv[1] == "resume"
-cb = ShardCallback(run_dir={str(tmp_path / 'run')!r}, runner={{"min_samples": 2}}, resume=resume)
-_user_trainer({str(tiny_model)!r}, {str(tmp_path / 'trl')!r},
-              [cb] + ([] if resume else [Twice()])).train(resume_from_checkpoint=resume or None)
+first = sys.argv[1] == "start"
+cb = ShardCallback(run_dir={str(tmp_path / 'run')!r}, runner={{"min_samples": 2}}, resume="auto")
+trainer = _user_trainer({str(tiny_model)!r}, {str(tmp_path / 'trl')!r},
+                        [cb] + ([Twice()] if first else []))
+trainer.train(resume_from_checkpoint=cb.resume_from(trainer))
 print("rl_steps", cb.summary["rl_steps"], "interrupted", cb.summary["interrupted"])
 """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -2458,9 +2462,9 @@ print("rl_steps", cb.summary["rl_steps"], "interrupted", cb.summary["interrupted
     assert "Traceback" not in first.stderr and "SecondSignal" not in first.stderr
     assert ("SIGTERM again: stopping at once, as the signal does without sae-shards" in
             first.stderr)
-    assert "ShardCallback(..., resume=True) and trainer.train(resume_from_checkpoint=True)" in \
-        first.stderr
-    again = subprocess.run([sys.executable, str(script), "resume"], env=env, capture_output=True,
+    assert ('ShardCallback(..., resume="auto") and trainer.train(resume_from_checkpoint='
+            'callback.resume_from(trainer))') in first.stderr
+    again = subprocess.run([sys.executable, str(script), "again"], env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "rl_steps 10 interrupted False" in again.stdout
@@ -2514,3 +2518,28 @@ def test_a_resume_inside_the_first_epoch_is_exact_and_not_warned_about(tiny_mode
     assert "and it resumed in epoch 2 of its dataset: TRL's prompt sampler" in caplog.text
     assert prompts("second")[:10] == prompts("whole")[:10]
     assert prompts("second")[10:] != prompts("whole")[10:]  # the warning is true
+
+
+def test_a_resume_compares_a_trainer_mapping_whole_and_one_adamw_under_both_kernels():
+    """Audit 140: lr_scheduler_kwargs added on resume was a key on one side only of the
+    flattened configs, and went unchecked; transformers' default optim is adamw_torch_fused on
+    torch >= 2.8 and adamw_torch below, one algorithm a resume under another torch must not be
+    refused for."""
+    from trl import GRPOConfig
+
+    from sae_shards.capture.trainer_settings import step_settings
+    from sae_shards.run.rundir import config_differences
+
+    def rl(**fields):
+        return {"rl": {"lr_scheduler_kwargs": {}, "generation_kwargs": None, **fields}}
+
+    assert config_differences(rl(), rl(lr_scheduler_kwargs={"num_cycles": 3.0})) == [
+        "rl.lr_scheduler_kwargs: {} in the run, {'num_cycles': 3.0} now"]
+    assert config_differences(rl(generation_kwargs={"top_k": 5}),
+                              rl(generation_kwargs={"top_k": 5, "min_p": 0.1})) != []
+    assert config_differences(rl(lr_scheduler_kwargs={"a": 1}), rl(lr_scheduler_kwargs={"a": 1})) == []
+    fused, plain = (step_settings(GRPOConfig(output_dir="/tmp/x", use_cpu=True, optim=o))
+                    for o in ("adamw_torch_fused", "adamw_torch"))
+    assert fused["optim"] == plain["optim"] == "adamw_torch"
+    sgd = step_settings(GRPOConfig(output_dir="/tmp/x", use_cpu=True, optim="sgd"))
+    assert sgd["optim"] == "sgd"  # another optimizer is another setting

@@ -949,8 +949,8 @@ def test_a_signal_while_the_command_starts_is_said_and_the_same_command_runs(tmp
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr
-    said = {"before": "sae-shards: stopped by SIGTERM before the run began: nothing was "
-                      "trained; run the same command again",
+    said = {"before": "sae-shards: stopped by SIGTERM before the run began: this command "
+                      "trained nothing; run the same command again",
             "setup": "sae-shards: stopped by SIGTERM before training began; no step of the run "
                      "was trained: run the same command again"}[where]
     assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
@@ -958,20 +958,43 @@ def test_a_signal_while_the_command_starts_is_said_and_the_same_command_runs(tmp
     assert main(["train", f"run_dir={run}", *TINY]) == 0  # the same command
 
 
-def test_sigterm_while_python_and_hydra_start_is_said(tmp_path):
-    """The real window: ``sae-shards train`` signalled 4 s after it started is still importing
-    torch, transformers and TRL, or composing its config. A KeyboardInterrupt raised there
-    surfaced as transformers' "Could not import module" traceback (exit 1)."""
+@pytest.mark.parametrize("after", [1.0, 2.5])
+def test_sigterm_while_python_and_hydra_start_is_said(tmp_path, after):
+    """The real window: ``sae-shards train`` signalled 1 or 2.5 s after it started is still
+    importing torch, transformers and TRL, or composing its config (training begins after 6 s
+    on this machine). A KeyboardInterrupt raised there surfaced as transformers' "Could not
+    import module" traceback (exit 1); at 1 s torch was still being imported before the guard
+    was armed (audit 140), and SIGTERM's default ended it without a word."""
     import signal
     import time
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "r"
     proc = subprocess.Popen([sys.executable, "-m", "sae_shards.cli", "train",
-                             f"run_dir={tmp_path / 'r'}", *TINY], env=env,
+                             f"run_dir={run}", *TINY], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(4)
+    time.sleep(after)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, (out, err)
     assert "sae-shards: stopped by SIGTERM before" in err, (out, err)
     assert "Traceback" not in err
+    assert not run.exists() or any(run.iterdir())  # no empty directory left (audit 140)
+
+
+def test_the_startup_guard_ends_the_process_even_when_it_cannot_say_so(tmp_path):
+    """Audit 140: EndAtOnce wrote its message with os.write; with stderr closed (or a pipe the
+    same Ctrl-C ended) the OSError escaped the handler and the process went on."""
+    import signal
+
+    code = ("import os, signal, time\n"
+            "from sae_shards.capture.signals import EndAtOnce\n"
+            "guard = EndAtOnce('stopped by {signal}')\n"
+            "guard.arm()\n"
+            "os.close(2)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(5)\n"
+            "print('still running', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 128 + signal.SIGTERM and "still running" not in done.stdout

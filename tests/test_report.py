@@ -793,6 +793,18 @@ def test_a_shard_that_never_left_its_random_start_is_said_to_be_one(short_run_di
             f"direction)</td><td>{len(shown)} of the {len(shown)} detailed "
             f"({', '.join(map(str, shown))}); ") in html
     assert "still mostly the SAE&#x27;s random initialisation" in html
+    # the always-on row lists the always-on shards alone (audit 140: it listed every tagged one)
+    from sae_shards.analysis.families import is_always_on
+
+    density = RunView(run).density()
+    always = [i for i in range(len(density)) if is_always_on(density[i])]
+    some = next(i for i in range(len(density)) if not is_always_on(density[i]))
+    assert cli_main(["analyze", str(run), "--no-dose", "--shards", f"{some},",
+                     "--out", str(tmp_path / "one.html")]) == 0
+    one = (tmp_path / "one.html").read_text()
+    assert f"<h3>shard {some} (never left its random start" in one  # tagged, yet not always on
+    row = one.split("always-on shards (active on &gt;= 80% of the samples)</td><td>")[1]
+    assert row.startswith(f"{', '.join(map(str, always))}: the direction" if always else "none")
     titles = {int(t.split()[0]): t for t in html.split("<h3>shard ")[1:]}
     for s in shown:  # (after "always on: ..." for an always-on one)
         assert f"never left its random start: |cos| {cos[s]:.2f}" in titles[s].split("</h3>")[0]

@@ -356,7 +356,7 @@ def test_task_spec_resolves_a_scripts_function_and_refuses_the_rest(tmp_path, mo
                       "TASK = RewardTask([{'prompt': 'a'}], lambda prompts, completions, **k: "
                       "[0.0] * len(completions))\n"
                       "NOT_A_TASK = 3\n")
-    assert load_task_spec(f"{module}:TASK").name == "user"
+    assert load_task_spec(f"{module}:TASK").name == f"{module}:TASK"  # named as given
     with pytest.raises(ValueError, match="is of type int, not a RewardTask"):
         load_task_spec(f"{module}:NOT_A_TASK")
     with pytest.raises(ValueError, match="has no 'MISSING'; its RewardTasks and functions of "

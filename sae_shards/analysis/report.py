@@ -823,7 +823,7 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
               + (f"Told apart means beyond {RESOLVED_SE:g} standard errors for one shard; for "
                  f"the {len(ablations)} shards here together (Holm's correction, so that "
                  f"{len(ablations)} shards that do nothing are not, by chance, one of them "
-                 f"told apart more than {RESOLVED_LEVEL:.1%} of the time) the first must pass "
+                 f"told apart more than {RESOLVED_LEVEL:.2%} of the time) the first must pass "
                  f"{holm_first_z(len(ablations)):.2f}.</p>"
                  if len(ablations) > 1 else
                  f"Told apart means beyond {RESOLVED_SE:g} standard errors.</p>")
@@ -1033,6 +1033,8 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
     saved = (theta0 == view.run_dir / rundir.MODEL
              and rundir.section(config, "model").get("name_or_path") is not None)
     dead = int((density == 0).sum())
+    always = sorted(s for s, tag in tags.items() if tag.startswith("always on"))  # (tags name
+    # the detailed shards that never left their random start too)
     no_file = (f"this copy of the finished run lacks {rundir.ACTIVATIONS}"  # copied without it
                if rundir.finished_steps(view.run_dir) is not None
                else "the run was killed, or is still running")
@@ -1086,9 +1088,9 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
             "which finds each shard again beside a chance control (docs/analysis.md, \"Two "
             "runs, the same shards?\")"),
         f"always-on shards (active on >= {ALWAYS_ON_DENSITY:.0%} of the samples)":
-            (", ".join(map(str, sorted(tags))) + ": the direction most updates share (e.g. "
+            (", ".join(map(str, always)) + ": the direction most updates share (e.g. "
              "momentum or drift), not a context; the families below leave them out")
-            if tags else "none",
+            if always else "none",
         f"shards never active on the timeline (the buffer at the end, {_sae_of(view)})":
             f"{dead} of {len(density)}",
         "dead shards at the end (silent for the last sae.dead_after training samples)"

@@ -188,14 +188,15 @@ class ShardSet:
         original SAE's)."""
         if self.subset_origin() is not None or self.meta.get("subset_of") is not None:
             return torch.full((len(self),), math.nan)
+        # on the CPU, one target at a time on the trained side: no second SAE on the device
         start = LowRankSAE(self.sae.targets, self.sae.cfg, self.sae.sample_form)
-        start = start.to(self.sae.device)
         with torch.no_grad():
-            inner = sum(paired_inner(a.factors("decoder"), b.factors("decoder"))
+            inner = sum(paired_inner(tuple(f.cpu() for f in a.factors("decoder")),
+                                     b.factors("decoder"))
                         for a, b in zip(self.sae.factors, start.factors))
-        norms = [s.target_norms().pow(2).sum(1).sqrt().clamp_min(1e-30)
+        norms = [s.target_norms().cpu().pow(2).sum(1).sqrt().clamp_min(1e-30)
                  for s in (self, ShardSet(start, {}, {}))]
-        return (inner / norms[0] / norms[1]).abs().cpu()
+        return (inner / norms[0] / norms[1]).abs()
 
     def cosine_matrix(self, other: ShardSet | None = None) -> Tensor:
         """``[n_shards, n_other]`` cosine similarity of the shards with ``other``'s (another

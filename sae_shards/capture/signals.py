@@ -31,8 +31,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SECOND_IN_SCRIPT = (
     "%s again: stopping at once, as the signal does without sae-shards (SIGTERM ends the "
     "process, exit status 143; Ctrl-C raises KeyboardInterrupt); this RL step is lost. To "
-    "continue from the newest complete checkpoint, run the script again with "
-    "ShardCallback(..., resume=True) and trainer.train(resume_from_checkpoint=True)")
+    "continue, run the script again with ShardCallback(..., resume=\"auto\") and "
+    "trainer.train(resume_from_checkpoint=callback.resume_from(trainer)): it resumes from the "
+    "newest complete checkpoint, or starts the run again when it has none yet")
 """A second stop signal in a user's script (``ShardCallback``'s guard): said, then the signal's
 own action, so the exit status is the signal's (a ``KeyboardInterrupt`` subclass raised out of
 ``trainer.train()`` ended the script with status 1 and a traceback)."""
@@ -96,6 +97,7 @@ class EndAtOnce:
     def __init__(self, message: str | None) -> None:
         self.message = message
         self.previous: dict[int, Any] = {}
+        self.remove_if_empty: list[str] = []  # directories made for nothing (deepest first)
 
     def arm(self, message: str | None = None) -> None:
         """Take the free signals (if not held already); ``message``: a new one."""
@@ -111,9 +113,17 @@ class EndAtOnce:
         self.previous = {}
 
     def _end(self, signum: int, frame: Any) -> None:
-        if self.message is not None:  # no imports here: one may be half done
-            said = self.message.replace("{signal}", signal.Signals(signum).name)
-            os.write(2, (said + "\n").encode())
+        try:  # no imports here: one may be half done; nothing may keep the process alive
+            for folder in self.remove_if_empty:
+                try:
+                    os.rmdir(folder)  # only when empty
+                except OSError:
+                    pass
+            if self.message is not None:
+                said = self.message.replace("{signal}", signal.Signals(signum).name)
+                os.write(2, (said + "\n").encode())
+        except BaseException:  # noqa: BLE001 - stderr closed, or a pipe the same Ctrl-C ended
+            pass
         os._exit(128 + signum)
 
 

@@ -186,13 +186,20 @@ so that a resume with other values is refused naming them (TRL itself only warns
 the trainer's config lacks (another trainer or version) is recorded as null; a run recorded
 before a field was added is not checked on it."""
 
+SAME_OPTIM = {"adamw_torch_fused": "adamw_torch"}
+"""Optimizer names recorded as one: the same algorithm in another kernel."""
+
+
 def step_settings(args: Any) -> dict[str, Any]:
     """``STEP_ARGS`` of a trainer's config as ``config.json`` records them: an enum (TRL's
     ``SchedulerType``, ``OptimizerNames``) as its value, so a refusal reads as the script wrote
     it; None where the config lacks the field. With them ``num_train_epochs`` for an
     epoch-based run (``max_steps`` -1; null otherwise, where transformers ignores it)."""
     def plain(value: Any) -> Any:
-        return value.value if isinstance(value, enum.Enum) else value
+        value = value.value if isinstance(value, enum.Enum) else value
+        # transformers' default optim is adamw_torch_fused on torch >= 2.8, adamw_torch below:
+        # one algorithm, which a resume under another torch must not be refused for (audit 140)
+        return SAME_OPTIM.get(value, value) if isinstance(value, str) else value
 
     steps = getattr(args, "max_steps", None)
     epochs = not (isinstance(steps, int) and steps > 0)  # an epoch-based run: its epochs count

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shlex
 import shutil
 import signal
@@ -119,10 +120,13 @@ def _evaluable(run_dir: Path) -> bool:
 def run(args: list[str]) -> int:
     # torch, transformers and TRL take seconds to import, in Hydra's setup and each job's: a
     # stop signal then is said and ends the command at once (one process of a launch speaks),
-    # where SIGTERM's default ended it without a word; a job's own guards take over in run_job
-    early = EndAtOnce("sae-shards: stopped by {signal} before the run began: nothing was "
-                      "trained; run the same command again" if main_process() else None)
+    # where SIGTERM's default ended it without a word; a job's own guards take over in run_job.
+    # Armed first, before anything imports torch; the rank read from the launcher's RANK
+    early = EndAtOnce(None)
     early.arm()
+    if os.environ.get("RANK", "0") == "0":
+        early.message = ("sae-shards: stopped by {signal} before the run began: this command "
+                         "trained nothing; run the same command again")
     try:
         return _run_command(args, early)
     finally:
@@ -147,6 +151,9 @@ def _run_command(args: list[str], early: EndAtOnce) -> int:
 
     register_resolvers()
     fresh = new_run_dir(args)
+    command.fresh = fresh.resolve() if fresh is not None else None
+    if fresh is not None:  # Hydra makes it as the job starts: left out if empty at a signal
+        early.remove_if_empty = [str(command.fresh)]
     flags = [a for a, is_override in zip(args, override_mask(args)) if not is_override]
     sys.argv = ["sae-shards train", *flags, *override_args(args)]
     train_main()
@@ -176,6 +183,7 @@ class _Jobs:
 
     def __init__(self, changes: list[str], early: EndAtOnce) -> None:
         self.early = early  # armed while no job's own guard is
+        self.fresh: Path | None = None  # the outermost directory Hydra makes for a single run
         # a resumed run's own overrides and the ones given now may not compose: say which
         # were new
         self.resume_hint = (
@@ -207,6 +215,10 @@ class _Jobs:
                               if sweep else how_to_continue(run_dir)))
         else:
             self.early.arm()
+        if self.fresh is not None:  # the directories Hydra made for this run, deepest first
+            made = run_dir.resolve()
+            self.early.remove_if_empty = [str(d) for d in (made, *made.parents)
+                                          if d == self.fresh or self.fresh in d.parents]
         said = len(self.failures)
         speak_as_rank()  # Hydra configured this job's logging
         _warn_unused_lora(hc.overrides.task, bool(cfg.model.lora.enabled))

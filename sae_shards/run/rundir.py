@@ -591,11 +591,17 @@ def finished_steps(run_dir: Path) -> int | None:
 OPEN_MAPS = ("task.options", "rl.extra")
 """Config fields holding free-form mappings: compared whole (a key added is a change)."""
 
+WHOLE_MAPS = (*OPEN_MAPS, "rl.lr_scheduler_kwargs", "rl.generation_kwargs",
+              "rl.chat_template_kwargs")
+"""The mappings a resume compares whole: ``OPEN_MAPS`` and a script's trainer settings that are
+mappings (audit 140: ``lr_scheduler_kwargs`` added on resume was a key on one side only, and
+went unchecked)."""
+
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (``OPEN_MAPS``, empty dicts and other values are
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (``WHOLE_MAPS``, empty dicts and other values are
     leaves)."""
-    if not isinstance(d, dict) or not d or prefix.rstrip(".") in OPEN_MAPS:
+    if not isinstance(d, dict) or not d or prefix.rstrip(".") in WHOLE_MAPS:
         return {prefix.rstrip("."): d}
     out: dict[str, Any] = {}
     for k, v in d.items():
