@@ -383,7 +383,7 @@ def test_task_spec_resolves_a_scripts_function_and_refuses_the_rest(tmp_path, mo
                                          r"path/to/no_such_module_here.py:TASK"):
         load_task_spec("no_such_module_here:TASK")
     monkeypatch.chdir(tmp_path)  # MODULE:NAME from the script's own directory, as python -m
-    assert load_task_spec("my_rewards:TASK").name == "user"
+    assert load_task_spec("my_rewards:TASK").name == "my_rewards:TASK"  # as given
     functions = tmp_path / "functions.py"
     functions.write_text("from datasets import Dataset\n"
                          "def reward(prompts, completions, **kw):\n    return [0.0]\n"
