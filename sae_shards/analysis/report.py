@@ -1033,8 +1033,7 @@ def _summary_html(view: RunView, summary: dict, figures: dict, own: bool, shards
     saved = (theta0 == view.run_dir / rundir.MODEL
              and rundir.section(config, "model").get("name_or_path") is not None)
     dead = int((density == 0).sum())
-    always = sorted(s for s, tag in tags.items() if tag.startswith("always on"))  # (tags name
-    # the detailed shards that never left their random start too)
+    always = [i for i in range(len(density)) if is_always_on(density[i])]
     no_file = (f"this copy of the finished run lacks {rundir.ACTIVATIONS}"  # copied without it
                if rundir.finished_steps(view.run_dir) is not None
                else "the run was killed, or is still running")

@@ -186,7 +186,7 @@ class ShardSet:
         shard that keeps ``INIT_KEPT`` or more of it never trained away from its random start:
         its direction says nothing of the run. NaN for a ``subset`` (its shards started as the
         original SAE's)."""
-        if self.subset_origin() is not None or self.meta.get("subset_of") is not None:
+        if self.meta.get("subset_of") is not None:
             return torch.full((len(self),), math.nan)
         # on the CPU, one target at a time on the trained side: no second SAE on the device
         start = LowRankSAE(self.sae.targets, self.sae.cfg, self.sae.sample_form)

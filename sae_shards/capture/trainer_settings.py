@@ -196,14 +196,15 @@ def step_settings(args: Any) -> dict[str, Any]:
     it; None where the config lacks the field. With them ``num_train_epochs`` for an
     epoch-based run (``max_steps`` -1; null otherwise, where transformers ignores it)."""
     def plain(value: Any) -> Any:
-        value = value.value if isinstance(value, enum.Enum) else value
-        # transformers' default optim is adamw_torch_fused on torch >= 2.8, adamw_torch below:
-        # one algorithm, which a resume under another torch must not be refused for (audit 140)
-        return SAME_OPTIM.get(value, value) if isinstance(value, str) else value
+        return value.value if isinstance(value, enum.Enum) else value
 
+    settings = {key: plain(getattr(args, key, None)) for key in STEP_ARGS}
+    # transformers' default optim is adamw_torch_fused on torch >= 2.8, adamw_torch below: one
+    # algorithm, which a resume under another torch must not be refused for (audit 140)
+    settings["optim"] = SAME_OPTIM.get(settings["optim"], settings["optim"])
     steps = getattr(args, "max_steps", None)
     epochs = not (isinstance(steps, int) and steps > 0)  # an epoch-based run: its epochs count
-    return {**{key: plain(getattr(args, key, None)) for key in STEP_ARGS},
+    return {**settings,
             # named beside the max_steps they resolve to (audit 138: a resume with other
             # epochs was refused as "rl.max_steps: 24 in the run, 48 now", a field never set)
             "num_train_epochs": getattr(args, "num_train_epochs", None) if epochs else None}
