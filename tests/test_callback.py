@@ -675,6 +675,10 @@ def test_an_epoch_based_script_run_records_its_resolved_steps(tiny_model, tmp_pa
     ({"min_samples": 9, "capture": "group"}, r"the trainer's max_steps=4 gives 8 trainable events "
                                              r"at most \(2 per RL step with capture.granularity="
                                              r"group\)"),
+    ({"min_samples": 3, "source": "deconv", "warmup_steps": 1},
+     r"the trainer's max_steps=4 gives 2 trainable per-step samples \(one per RL step; "
+     r"capture.source='deconv' cannot invert the first 2 steps: the learning rate's warmup "
+     r"starts at 0\), fewer than runner.min_samples=3"),
     ({"concurrency": "thread", "capture": "completion", "capacity": 75},
      r"capture.granularity=completion gives up to 8 events per RL step, but capture.capacity=75 "
      r"can take at most 1 per step .*; raise capture.capacity to at least 135"),
@@ -685,10 +689,11 @@ def test_a_script_run_whose_sae_cannot_train_is_refused_before_its_first_step(
     the trainer's max_steps, not after every RL step ran with a warning at the end."""
     runner = dict(runner)
     capture = {"granularity": runner.pop("capture", "step"),
-               **({"capacity": runner.pop("capacity")} if "capacity" in runner else {})}
+               **{k: runner.pop(k) for k in ("capacity", "source") if k in runner}}
+    trainer_args = {k: runner.pop(k) for k in ("warmup_steps",) if k in runner}
     callback = ShardCallback(run_dir=tmp_path / "run", runner=runner, capture=capture)
     trainer = _user_trainer(tiny_model, tmp_path / "trl", [callback], max_steps=4,
-                            gradient_checkpointing=False)
+                            gradient_checkpointing=False, **trainer_args)
     with pytest.raises(ValueError, match=said):
         trainer.train()
     assert trainer.state.global_step == 0 and not (tmp_path / "run" / "rollouts.jsonl").exists()

@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from sae_shards.capture.buffer import StepMeta
 from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.selection import select_targets
+from sae_shards.capture.step_rules import deconv_leading_loss
 
 
 def train(model, callbacks, tmp_path, max_steps=4, optimizers=(None, None), **kw) -> Trainer:
@@ -355,3 +356,21 @@ def test_deconv_refuses_sgd_options_it_cannot_invert(option, said):
     opt = torch.optim.SGD([p], lr=0.1, **option)
     with pytest.raises(ValueError, match=said):
         step_rule(opt, {"w": p}, "deconv")
+
+
+@pytest.mark.parametrize("make, warmup, lost", [
+    (lambda p: torch.optim.AdamW(p, lr=1e-3), 2, 2),
+    (lambda p: torch.optim.AdamW(p, lr=1e-3), 0, 0),
+    (lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9), 3, 2),
+    (lambda p: torch.optim.SGD(p, lr=1e-3), 3, 1),
+])
+def test_deconv_counts_the_first_steps_a_warmup_from_zero_loses(make, warmup, lost):
+    """Read from the learning rate the scheduler set before step 1, as at on_train_begin: a
+    warmup from 0 loses step 1 and, with momentum, step 2 (whose previous update is unknown)."""
+    from transformers import get_scheduler
+
+    optimizer = make([torch.nn.Parameter(torch.ones(3))])
+    get_scheduler("linear", optimizer, num_warmup_steps=warmup, num_training_steps=10)
+    n, why = deconv_leading_loss(optimizer)
+    assert n == lost and (why.startswith(f"capture.source='deconv' cannot invert the first {lost}")
+                          if lost else why == "")

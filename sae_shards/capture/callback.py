@@ -56,6 +56,7 @@ from transformers import TrainerCallback
 
 from sae_shards.capture import distributed, initial_model
 from sae_shards.capture.signals import SignalGuard
+from sae_shards.capture.step_rules import deconv_leading_loss
 from sae_shards.capture import resume as resume_state
 from sae_shards.capture.runner import STOP_GRACE_S
 from sae_shards.capture.background import BackgroundWriter
@@ -940,8 +941,10 @@ class ShardCallback(TrainerCallback):
         if not self.run_config:  # sae-shards train checked its rl.max_steps already
             per_step = trainer_samples_per_step(args, self.capture_cfg.granularity)
             check_sae_window(self.capture_cfg, self.runner_cfg, per_step)
+            lost = (deconv_leading_loss(kwargs.get("optimizer"))
+                    if self.capture_cfg.source == "deconv" and not self.resume else (0, ""))
             check_sae_trains(self.capture_cfg, self.runner_cfg, state.max_steps,
-                             "the trainer's max_steps", per_step)
+                             "the trainer's max_steps", per_step, lost)
         self._began = True
         # asked here, not in setup: sae-shards train sets up before accelerate shards the model
         unsharded = distributed.fsdp_not_applied(model is not None

@@ -64,6 +64,23 @@ def step_rule(
     return kind, groups
 
 
+def deconv_leading_loss(optimizer) -> tuple[int, str]:
+    """How many of a fresh run's first steps ``deconv`` cannot invert, read from the learning
+    rate the first step will use (the scheduler has set it on every param group by
+    ``on_train_begin``), and why: ``(0, "")`` unless that rate is 0 in every group (a warmup
+    from 0). Then step 1 moves nothing and, where the step rule has momentum (Adam; SGD with
+    ``momentum``), step 2 lacks the previous update it inverts."""
+    optimizer = unwrap_optimizer(optimizer)
+    groups = getattr(optimizer, "param_groups", None) or []
+    if not groups or any(float(g.get("lr", 1.0)) != 0.0 for g in groups):
+        return 0, ""
+    momentum = isinstance(optimizer, torch.optim.Adam) or any(
+        float(g.get("momentum", 0.0)) != 0.0 for g in groups)
+    lost = 2 if momentum else 1
+    return lost, (f"capture.source='deconv' cannot invert the first {lost} step"
+                  f"{'s' if lost > 1 else ''}: the learning rate's warmup starts at 0")
+
+
 @dataclass(frozen=True)
 class DeconvCoefficients:
     """How one step's update ``u_t`` inverts to a sample: with ``b_t = -u_t / lr_t`` and

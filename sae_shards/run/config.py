@@ -661,19 +661,21 @@ def sample_source(granularity: str, source: str | None, precondition: str = "non
 
 def check_sae_trains(capture: CaptureConfig, runner: RunnerConfig, max_steps: int,
                      max_steps_name: str = "rl.max_steps",
-                     samples_per_step: int | None = 1) -> None:
+                     samples_per_step: int | None = 1, lost: tuple[int, str] = (0, "")) -> None:
     """Raise if a run of ``max_steps`` RL steps ends before its SAE's first step: it starts at
     ``runner.sae_start_step``, and needs ``runner.min_samples`` trainable samples, of which one
     RL step gives at most ``samples_per_step`` (1 per step; per-event capture: the step's
     prompt groups or completions over all processes; None: not known, not checked), held-out
     steps not counted. ``max_steps_name``: how the caller names the step count
-    (``rl.max_steps``; a script's trainer ``max_steps``)."""
+    (``rl.max_steps``; a script's trainer ``max_steps``). ``lost``: how many of the first steps
+    give no sample, and why (``step_rules.deconv_leading_loss``)."""
     if runner.sae_start_step >= max_steps:
         raise ValueError(
             f"runner.sae_start_step={runner.sae_start_step} is not before the last RL step "
             f"({max_steps_name}={max_steps}), so the SAE would never train; lower it")
     every = runner.heldout_every
-    trainable_steps = max_steps - (max_steps // every if every else 0)
+    n_lost, why_lost = lost
+    trainable_steps = max(0, max_steps - (max_steps // every if every else 0) - n_lost)
     most = trainable_steps * (samples_per_step or 0)
     if samples_per_step is not None and most < runner.min_samples:
         unit = ("per-step samples (one per RL step" if capture.granularity == "step" else
@@ -682,6 +684,7 @@ def check_sae_trains(capture: CaptureConfig, runner: RunnerConfig, max_steps: in
         raise ValueError(
             f"{max_steps_name}={max_steps} gives {most} trainable {unit}"
             + (f", one step in every {every} held out" if every else "")
+            + (f"; {why_lost}" if n_lost else "")
             + f"), fewer than runner.min_samples={runner.min_samples}, so the SAE would never "
             f"train; raise {max_steps_name} or lower runner.min_samples")
 
