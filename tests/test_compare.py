@@ -156,7 +156,7 @@ def test_the_chance_control_is_calibrated_on_unrelated_sets(stream):
     assert 0.01 < sum(shares) / len(shares) < 0.12, shares
 
 
-def test_rare_untrained_and_always_on_shards_are_left_out_of_the_count(sets):
+def test_rare_untrained_and_always_on_shards_are_left_out_of_the_count(sets, tmp_path):
     a, b, _ = sets
     stats = {k: v.clone() for k, v in a.stats.items()}
     stats["stats.density"][:3] = torch.tensor([0.0, 0.99, 0.005])
@@ -180,6 +180,13 @@ def test_rare_untrained_and_always_on_shards_are_left_out_of_the_count(sets):
     every = compare_shards(edited, b, min_density=0)  # only the shard that never fired is rare
     assert {p.shard for p in every.pairs} == {2, *range(3, len(a))} - untrained
     assert every.n_rare == 1
+    # a saved subset's starts are its original's (its own size and seed would draw others);
+    # one saved before subsets recorded the original's size is not judged: NaN, counted moved
+    part = ShardSet.load(edited.subset([3, 7, 0]).save(tmp_path / "part"))
+    torch.testing.assert_close(part.initial_cosines(), kept[[3, 7, 0]])
+    assert torch.equal(part.subset([0]).initial_cosines(), part.initial_cosines()[:1])
+    del part.meta["subset_of"]["n_latents"]
+    assert part.initial_cosines().isnan().all()
     bare = compare_shards(ShardSet(a.sae, a.config, {}), b)  # saved without statistics
     # every shard of the unedited set that trained (shard 3 did there)
     assert len(bare.pairs) == len(a) - len(untrained - {3}) and bare.always_on == []

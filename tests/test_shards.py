@@ -264,8 +264,10 @@ def test_a_subset_keeps_the_chosen_shards_and_saves(run_dir, tmp_path):
     torch.testing.assert_close(part.sae.encode_pre(part.sae.to_scaled(x)), pre_full)
     again = ShardSet.load(part.save(tmp_path / "three"))
     assert torch.equal(again.cosine_matrix(), part.cosine_matrix())
-    assert again.meta["subset_of"] == {"path": str(full.path), "indices": picked}
-    assert full.subset(slice(0, 4)).subset([3, 1]).meta["subset_of"]["indices"] == [3, 1]
+    assert again.meta["subset_of"] == {"path": str(full.path), "indices": picked,
+                                       "n_latents": 16}
+    assert full.subset(slice(0, 4)).subset([3, 1]).meta["subset_of"] == {
+        "path": str(full.path), "indices": [3, 1], "n_latents": 16}
     assert again.subset([2]).meta["subset_of"]["indices"] == [13]
     with pytest.raises(ValueError, match=r"shards repeated in \[5, 5\]"):
         full.subset([5, 5])

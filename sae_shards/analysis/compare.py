@@ -248,7 +248,7 @@ def compare_shards(a: ShardSet, b: ShardSet, threshold: float = REPLICATED,
     cos = a.cosine_matrix(b)  # [n_a, n_b]
     signed = not (a.sae.cfg.signed or b.sae.cfg.signed)
     score = cos if signed else cos.abs()  # what "nearest" maximises
-    # [n_a], [n_b]; a subset's (NaN: its start is not known here) counts as moved
+    # [n_a], [n_b]; NaN (a subset saved without its original's size: start unknown) is moved
     moved_a = ~(a.initial_cosines() >= INIT_KEPT)
     moved_b = ~(b.initial_cosines() >= INIT_KEPT)
     rare = [d == 0 or d < min_density for d in density]  # NaN: unknown, compared

@@ -185,17 +185,24 @@ class ShardSet:
         untrained SAE of its config, seed and targets starts from (factored, never dense). A
         shard that keeps ``INIT_KEPT`` or more of it never trained away from its random start:
         its direction says nothing of the run. NaN for a ``subset`` (its shards started as the
-        original SAE's)."""
+        original SAE's: their starts are that SAE's, found from the size it records,
+        ``meta["subset_of"]["n_latents"]``; NaN for a subset saved without it)."""
+        cfg, rows = self.sae.cfg, None  # rows: the shards' indices in the original
         if self.meta.get("subset_of") is not None:
-            return torch.full((len(self),), math.nan)
+            origin, n = self.subset_origin(), self.meta["subset_of"].get("n_latents")
+            if origin is None or type(n) is not int or not all(0 <= i < n for i in origin[1]):
+                return torch.full((len(self),), math.nan)
+            cfg, rows = dataclasses.replace(cfg, n_latents=n), torch.tensor(origin[1])
         # on the CPU, one target at a time on the trained side: no second SAE on the device
-        start = LowRankSAE(self.sae.targets, self.sae.cfg, self.sae.sample_form)
+        start = ShardSet(LowRankSAE(self.sae.targets, cfg, self.sae.sample_form), {}, {})
+        if rows is not None:
+            start = start.subset(rows.tolist())
         with torch.no_grad():
             inner = sum(paired_inner(tuple(f.cpu() for f in a.factors("decoder")),
                                      b.factors("decoder"))
-                        for a, b in zip(self.sae.factors, start.factors))
+                        for a, b in zip(self.sae.factors, start.sae.factors))
         norms = [s.target_norms().cpu().pow(2).sum(1).sqrt().clamp_min(1e-30)
-                 for s in (self, ShardSet(start, {}, {}))]
+                 for s in (self, start)]
         return (inner / norms[0] / norms[1]).abs()
 
     def cosine_matrix(self, other: ShardSet | None = None) -> Tensor:
@@ -274,8 +281,8 @@ class ShardSet:
         ``threshold`` and decoder bias. ``.save`` it to keep or share chosen directions. Its
         ``sae.k`` and ``sae.aux_k`` are capped at its size; encoding with it picks among these
         shards only, so its activations are not the full SAE's. ``meta["subset_of"]`` records
-        the checkpoint the shards came from and their indices there (through a subset of a
-        subset, in the original)."""
+        the checkpoint the shards came from, their indices there (through a subset of a
+        subset, in the original) and its ``n_latents``."""
         picked = (list(range(len(self)))[shards] if isinstance(shards, slice)
                   else [self.check_index(i) for i in shards])
         if not picked:
@@ -303,6 +310,9 @@ class ShardSet:
         earlier = self.subset_origin()  # a subset of a subset: indices in the original
         origin = ({"path": earlier[0], "indices": [earlier[1][i] for i in picked]} if earlier
                   else {"path": str(self.path) if self.path else None, "indices": picked})
+        n_original = (self.meta["subset_of"].get("n_latents") if earlier else len(self))
+        if n_original is not None:  # its size: the original's initial directions (a subset's
+            origin["n_latents"] = n_original  # own seed and size would draw others)
         config = {**self.config, "sae": new_cfg.to_dict(),
                   "meta": {**self.meta, "subset_of": origin}}
         return ShardSet(sae.to(self.sae.device), config, stats, None)
