@@ -13,7 +13,7 @@ import torch
 from sae_shards.analysis.report import SECTIONS, analyze
 from sae_shards.cli import main as cli_main
 from sae_shards.analysis.shards import RunView, ShardSet
-from sae_shards.analysis.span import resolved_together
+from sae_shards.analysis.resolution import resolved_bound, resolved_together
 from sae_shards.run.versions import run_versions, version_line
 
 
@@ -91,7 +91,9 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path, caplog):
         assert entry["logit_lens"], "the body targets include o_proj/down_proj writers"
     ablations = [entry["ablation"] for entry in analysis["shards"].values()]
     assert [a["told_apart"] for a in ablations] == resolved_together(  # the shards together
-        [a["beyond_control"] for a in ablations], [a["stderr_beyond_control"] for a in ablations])
+        [a["beyond_control"] for a in ablations], [a["stderr_beyond_control"] for a in ablations],
+        analysis["draws"]["n_prompts"])
+    assert {a["n_prompts"] for a in ablations} == {analysis["draws"]["n_prompts"]}
     together = analysis["together"]  # the detailed shards' span, scored as a whole
     assert together["whole_is_run"] is False  # the run trains lm_head too, which no shard is on
     assert "parameters are all the run changed" not in html
@@ -105,7 +107,8 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path, caplog):
     assert run == pytest.approx(together["rewards"]["final"] - together["rewards"]["initial"],
                                 abs=1e-12)
     if together["shares"]["removed"][0] is None:
-        assert abs(run) <= 2 * run_se and "is within 2 standard errors of 0" in html
+        bound = resolved_bound(together["n_prompts"])
+        assert abs(run) <= bound * run_se and f"is within {bound:.2f} standard errors" in html
     else:  # every prompt scored: the share is the ratio of the paired mean changes
         assert together["shares"]["removed"][0] == pytest.approx(
             -together["changes"]["removed"][0] / run, rel=1e-9)
@@ -734,7 +737,7 @@ def test_the_ablation_table_says_which_shards_are_not_told_apart_from_their_cont
                         stderr_control=0.01, n=64, change_removed=-0.002,
                         stderr_change_removed=0.002, change_control=-0.003,
                         stderr_change_control=0.002, beyond_control=beyond,
-                        stderr_beyond_control=stderr)
+                        stderr_beyond_control=stderr, n_prompts=16)
 
     entries = {s: {"attributed_update": 0.1, "attributed_steps": [1, 30]} for s in (45, 50)}
     page = _ablation_html({45: ablation(-0.03, 0.005), 50: ablation(0.001, 0.002)}, {},
@@ -747,10 +750,37 @@ def test_the_ablation_table_says_which_shards_are_not_told_apart_from_their_cont
     assert "For no shard is the removal told apart" in page
 
 
+def test_shards_whose_c_and_attribution_disagree_in_sign_are_named_under_both_tables():
+    """Audit 142 F2: c, alpha = 1 of the dose-response and the amount the ablation removes, was
+    called 'the shard's share of the run's update', and only the ablation table said when it
+    contradicts the SAE's own attribution (the default run's always-on shards: c +0.17 against
+    -1.06). Both tables now name those shards."""
+    from sae_shards.analysis.interventions import Ablation
+    from sae_shards.analysis.report import _ablation_html, _against_attribution
+
+    def ablation(c: float) -> Ablation:
+        return Ablation(coefficient=c, reward_final=0.15, stderr_final=0.01,
+                        reward_removed=0.148, stderr_removed=0.01, reward_control=0.147,
+                        stderr_control=0.01, n=64, beyond_control=0.0,
+                        stderr_beyond_control=0.01, n_prompts=16)
+
+    entries = {20: {"attributed_update": -1.06, "update_coefficient": 0.17,
+                    "attributed_steps": [1, 150]},
+               30: {"attributed_update": -0.14, "update_coefficient": -0.29,
+                    "attributed_steps": [1, 150]}}
+    page = _ablation_html({20: ablation(0.17), 30: ablation(-0.29)}, {}, "final policy", entries)
+    assert "For shard(s) 20 the two disagree in sign" in page
+    said = _against_attribution({"shards": entries}, "their curves measure")
+    assert said.startswith("For shard(s) 20 c and the SAE's attribution disagree in sign: their "
+                           "curves measure the update along that direction")
+    entries[20]["update_coefficient"] = -0.17
+    assert _against_attribution({"shards": entries}, "their curves measure") == ""
+
+
 def test_a_shard_told_apart_alone_is_not_among_shards_that_do_nothing():
-    """One shard 2.3 standard errors beyond its control is told apart; the same beside five
-    shards at 0 is not (Holm's correction: the first of six must pass 2.67), and the note under
-    the table says how many shards were judged together."""
+    """One shard 2.3 standard errors beyond its control is told apart (16 prompts: Student's t
+    needs 2.18); the same beside five shards at 0 is not (Holm's correction: the first of six
+    must pass 3.08), and the note under the table says how many shards were judged together."""
     from sae_shards.analysis.interventions import Ablation
     from sae_shards.analysis.report import _ablation_html
 
@@ -760,17 +790,17 @@ def test_a_shard_told_apart_alone_is_not_among_shards_that_do_nothing():
                         stderr_control=0.01, n=64, change_removed=-0.002,
                         stderr_change_removed=0.002, change_control=-0.003,
                         stderr_change_control=0.002, beyond_control=beyond,
-                        stderr_beyond_control=0.01)
+                        stderr_beyond_control=0.01, n_prompts=16)
 
     entries = {s: {"attributed_update": 0.1, "attributed_steps": [1, 30]} for s in range(6)}
     alone = _ablation_html({0: ablation(-0.023)}, {}, "final policy", entries)
     assert "-0.0230 ± 0.0100</td>" in alone and "Not told apart" not in alone
-    assert "beyond 2 standard errors.</p>" in alone
+    assert "beyond 2.18 standard errors.</p>" in alone and "over 16 prompts" in alone
     six = _ablation_html({0: ablation(-0.023), **{s: ablation(0.0) for s in range(1, 6)}}, {},
                          "final policy", entries)
     assert "-0.0230 ± 0.0100 (not told apart)</td>" in six
     assert "For no shard is the removal told apart" in six
-    assert "for the 6 shards here together (Holm's correction" in six and "must pass 2.67" in six
+    assert "for the 6 shards here together (Holm's correction" in six and "must pass 3.08" in six
 
 
 def test_a_shard_that_never_left_its_random_start_is_said_to_be_one(short_run_dir, tmp_path):

@@ -806,11 +806,11 @@ def dose_response(
 
 @dataclass(frozen=True)
 class Ablation:
-    """The final policy's reward with a shard's share of the run's update removed, beside the
-    same amount of a norm-matched random direction removed."""
+    """The final policy's reward with the run's update along a shard removed, beside the same
+    amount of a norm-matched random direction removed."""
 
     coefficient: float
-    """``c = <theta_T - theta_0, d> / <d, d>``: the shard's share of the update (units of d)."""
+    """``c = <theta_T - theta_0, d> / <d, d>``: the update along the shard (units of d)."""
     reward_final: float
     """Mean reward of the final weights ``theta_T``."""
     stderr_final: float
@@ -841,8 +841,10 @@ class Ablation:
     """``reward_removed - reward_control``, paired per prompt: how much more removing the
     shard's part changes the reward than removing the random direction does."""
     stderr_beyond_control: float = math.nan
-    """Its standard error over prompts: within ``span.RESOLVED_SE`` of them, removing the shard
-    is not told apart from removing any direction of its norm."""
+    """Its standard error over prompts: within noise of 0 (``resolution.within_noise``),
+    removing the shard is not told apart from removing any direction of its norm."""
+    n_prompts: int = 0
+    """Prompts scored per estimate: the units of the standard errors (0: not known)."""
 
 
 def ablate(
@@ -886,4 +888,5 @@ def ablate(
     beyond, beyond_se = paired_change(ctrl.rewards, removed.rewards)
     return Ablation(c, est[0].mean, est[0].stderr, est[1].mean, est[1].stderr, est[2].mean,
                     est[2].stderr, est[0].n, *removed_change, *control_change, *means,
-                    stderrs, counts, beyond_control=beyond, stderr_beyond_control=beyond_se)
+                    stderrs, counts, beyond_control=beyond, stderr_beyond_control=beyond_se,
+                    n_prompts=final.rewards.shape[0])

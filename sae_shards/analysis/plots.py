@@ -146,7 +146,7 @@ def plot_dose(results: dict[int, Any]) -> str:
         for label, curve in dr.shard_by_label.items():  # each context's reward, same rollouts
             ax.plot(dr.alphas, curve, linestyle=":", linewidth=1, label=f"shard: {label}")
         ax.set_title(f"shard {shard}")
-        ax.set_xlabel("alpha (x shard's share of the run's update)")
+        ax.set_xlabel("alpha (x c: the run's update along the shard)")
         ax.set_ylabel("mean reward")
         ax.legend(fontsize=6 if dr.shard_by_label else 7)
     fig.tight_layout()

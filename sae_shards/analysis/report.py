@@ -7,8 +7,9 @@ matplotlib PNGs embedded as base64 (``plots``), so the file opens anywhere with 
 
 The dose-response adds ``alpha * c * shard`` to the *initial* weights, where ``c = <Delta, d>`` is
 the shard's coefficient in the run's cumulative update ``Delta = theta_final - theta_initial``:
-alpha = 1 is "this shard's share of everything RL changed". A norm-matched random direction is
-the control. It needs the run's ``model/`` (or ``model.path``) and ``final_model/`` (a LoRA
+alpha = 1 adds the run's update along the shard (its projection, which holds the decoder bias's
+and overlapping shards' parts too: no share of the shard's own). A norm-matched random direction
+is the control. It needs the run's ``model/`` (or ``model.path``) and ``final_model/`` (a LoRA
 run's adapter, merged into that base), and a reward: a built-in task's, or, for a run of the
 user's own TRL script, theirs handed back as ``analyze(..., task=RewardTask(...))``
 (``reward_task``). When the prompts carry several contexts each one's curve is drawn too.
@@ -44,9 +45,9 @@ from sae_shards.analysis.logit_lens import FinalNormNotFound
 from sae_shards.analysis.plots import (plot_dose, plot_norms, plot_reward,
                                        plot_sae_curves, plot_timeline, step_reward_means)
 from sae_shards.analysis.reward_task import RewardTask, is_conversational
-from sae_shards.analysis.span import (RESOLVED_LEVEL, RESOLVED_SE, SpanEffect, combine,
-                                      holm_first_z, resolved_together, span_effect, within_noise,
-                                      span_weights, update_share)
+from sae_shards.analysis.resolution import (RESOLVED_LEVEL, holm_first_bound, resolved_bound,
+                                            resolved_together, within_noise)
+from sae_shards.analysis.span import SpanEffect, combine, span_effect, span_weights, update_share
 from sae_shards.analysis.shards import (INIT_KEPT, RunView, initial_model_dir, load_run_models,
                                         policy_dir, read_json_object, run_models_missing,
                                         run_sampling, wrong_type)
@@ -484,20 +485,23 @@ def _dose_section(dose_results: dict[int, Any], analysis: dict[str, Any], tags: 
     return (plot_dose(dose_results) + _dose_table(dose_results, analysis, tags)
             + _dose_source(task, sampling)
             + scorer_note
-            + "<p>alpha = 1 adds the shard's share of the run's update to "
+            + "<p>alpha = 1 adds the run's update along the shard to "
               "the initial weights: <code>c * shard</code>, where c is the "
               "projection of the update (the analysed policy's weights minus the "
               "initial ones) on the "
-              "shard's unit direction, in parameter units. The control adds a "
-              "random direction of equal norm. Error bars (± in the table): each "
+              "shard's unit direction, in parameter units: not the SAE's own "
+              "attribution to the shard (see under the ablation table). "
+              + _against_attribution(analysis, "their curves measure")
+              + "The control adds a "
+              "random direction of equal norm (one Gaussian draw for every shard). Error bars (± in the table): each "
               "point's change from alpha 0, paired per "
               "prompt (the points share prompts and rollout seed), its standard "
               "error over prompts. Dotted: each context's reward along the shard, from the same "
               "rollouts (when the prompts carry several; a built-in task's "
               "per-context reward is its plain 0..1 score, the pooled one the "
               "training reward, reward_scale included).</p>"
-            + (f"<p>The shards are checkpoint {checkpoint}'s; c is their "
-               f"share of the update up to "
+            + (f"<p>The shards are checkpoint {checkpoint}'s; c is the update along "
+               f"them up to "
                f"{'that step' if matched else 'the end of the run'} "
                f"({final_dir}).</p>" if checkpoint != "final" else ""))
 
@@ -567,7 +571,7 @@ def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[
         return f"{value:+.4f} ± {stderr:.4f}"
 
     def share(key: str) -> str:
-        return _share(*effect.shares[key])
+        return _share(*effect.shares[key], effect.n_prompts)
 
     def same_as(policy: str) -> str:
         return (f" (= {policy}: the shards' parameters are all the run changed)"
@@ -607,7 +611,7 @@ def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[
     if effect.resolved:
         out += (f"<p>Removing the shards' span undoes {share('removed')} of the run's reward "
                 f"change ({run:+.4f}); adding it alone to the initial weights recovers "
-                f"{share('kept')}. " + _span_against_control(effect.changes) + (
+                f"{share('kept')}. " + _span_against_control(effect.changes, effect.n_prompts) + (
                     "The shards' parameters are all the parameters the run changed, so the "
                     "whole update on them is the run's own: those two rows are theta_0 and "
                     "theta_T again, their 100% holds by construction, and the span's shares "
@@ -618,8 +622,9 @@ def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[
                     "the change is carried by the weights the shards are not on). "))
     else:
         out += (f"<p>The run's own reward change ({run:+.4f} ± {run_se:.4f}) is within "
-                f"{RESOLVED_SE:g} standard errors of 0 on these rollouts, so no share of it is "
-                "given (<code>--n-prompts</code> raises the resolution). ")
+                f"{resolved_bound(effect.n_prompts):.2f} standard errors of 0 on these "
+                f"{effect.n_prompts} prompts (Student's t at {RESOLVED_LEVEL:.2%}), so no share "
+                "of it is given (<code>--n-prompts</code> raises the resolution). ")
     return out + (f"{effect.n} completions per estimate, the same prompts and rollout seed for "
                   "each; ± is the standard error over prompts (for a share, the delta method's). "
                   "The reward is not linear in the weights: the two shares need not agree nor "
@@ -627,37 +632,42 @@ def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[
                   "P's norm.</p>")
 
 
-def _span_against_control(changes: dict[str, Any]) -> str:
+def _span_against_control(changes: dict[str, Any], n_prompts: int) -> str:
     """Whether removing and adding the span are told apart from doing the same with a random
-    direction of its norm (``changes``' paired ``*_beyond_control``), said for the report."""
+    direction of its norm (``changes``' paired ``*_beyond_control`` over ``n_prompts``), said
+    for the report."""
     faint = [what for what, key in (("removing it", "removed_beyond_control"),
                                     ("adding it", "kept_beyond_control"))
-             if key in changes and _not_beyond(*changes[key])]
+             if key in changes and _not_beyond(*changes[key], n_prompts)]
+    bound = f"{resolved_bound(n_prompts):.2f} standard errors"
     if not faint:
-        return ("Both differ from the random direction's by more than two standard errors "
-                "(the span's reward minus the random direction's, paired per prompt). ")
+        return (f"Both differ from the random direction's by more than {bound} (the span's "
+                "reward minus the random direction's, paired per prompt). ")
     return (f"On these rollouts {' and '.join(faint)} is not told apart from doing the same "
             "with a random direction of P's norm (the span's reward minus the random "
-            "direction's, paired per prompt, is within two standard errors of 0): that share "
-            "does not show that the span matters more than any direction of its size. ")
+            f"direction's, paired per prompt, is within {bound} of 0): that share does not "
+            "show that the span matters more than any direction of its size. ")
 
 
-def _not_beyond(value: float | None, stderr: float | None) -> bool:
-    """Whether a paired difference from a control is not resolved (NaN or None: unknown)."""
+def _not_beyond(value: float | None, stderr: float | None, n_prompts: int) -> bool:
+    """Whether a paired difference from a control over ``n_prompts`` is not resolved (NaN or
+    None: unknown)."""
     if value is None or stderr is None or math.isnan(value) or math.isnan(stderr):
         return True
-    return within_noise(value, stderr)
+    return within_noise(value, stderr, n_prompts)
 
 
-def _share(value: float, stderr: float) -> str:
+def _share(value: float, stderr: float, n_prompts: int) -> str:
     """A share with its error; exactly 0 with no error is said to be that: the scored rewards
     did not change on any prompt (e.g. no sampled token changed), not a 0 measured to 0.1%; a
-    share within ``RESOLVED_SE`` standard errors of 0 is marked not resolved."""
+    share within noise of 0 over ``n_prompts`` (``resolution.within_noise``) is marked not
+    resolved."""
     if math.isnan(value):
         return "n/a"
     if value == 0 and stderr == 0:
         return "0% (no prompt's reward changed)"
-    faint = " (not resolved from 0)" if within_noise(value, stderr) else ""  # as the run's own
+    faint = (" (not resolved from 0)" if within_noise(value, stderr, n_prompts)
+             else "")  # as the run's own
     return f"{100 * value:.1f}% ± {100 * stderr:.1f}%{faint}"
 
 
@@ -668,36 +678,39 @@ def together_line(analysis: dict[str, Any]) -> str | None:
     if "shares" not in entry:
         return None
     one = len(entry["shards"]) == 1
+    # the prompts the errors are over (an analysis.json of an earlier version: its draws')
+    n = entry.get("n_prompts") or (analysis.get("draws") or {}).get("n_prompts") or 0
+    shares = {k: [math.nan if v is None else v for v in entry["shares"].get(k, (None, None))]
+              for k in ("removed", "kept", "removed_whole", "removed_control", "kept_control")}
     shards = (f"shard {entry['shards'][0]}" if one
               else f"shards {', '.join(map(str, entry['shards']))} together")
     run, run_se = (math.nan if v is None else v for v in entry["changes"]["run"])
-    removed, kept, whole, removed_ctrl, kept_ctrl = (
-        [math.nan if v is None else v for v in entry["shares"].get(k, (None, None))]
-        for k in ("removed", "kept", "removed_whole", "removed_control", "kept_control"))
     if math.isnan(run):
         return (f"{shards}: no prompt had completions scored under both the initial and the "
                 "final policy (the reward functions returned None or NaN for the others), so "
                 "the run's reward change, and any share of it, is not given: check the reward "
                 "task")
-    if math.isnan(removed[0]):
+    if math.isnan(shares["removed"][0]):
         return (f"{shards}: the run's reward change ({run:+.4f} ± {run_se:.4f}) is not "
                 "resolved by these rollouts, so no share of it is given (--n-prompts)")
     span = "the update along it" if one else "their span"
     reference = ("their parameters are all the run changed" if entry.get("whole_is_run") else
-                 f"the whole update on the same parameters {_share(*whole)}")
-    def control(kind: str, ctrl: list[float]) -> str:
+                 f"the whole update on the same parameters {_share(*shares['removed_whole'], n)}")
+
+    def control(kind: str) -> str:
         """The random direction's share beside the span's, and whether the two are told apart
         (an analysis.json of an earlier version has neither)."""
         apart = entry["changes"].get(f"{kind}_beyond_control")
         if f"{kind}_control" not in entry["shares"]:
             return ""
-        return (f" (a random direction of its norm: {_share(*ctrl)}"
-                + ("; not told apart from it" if apart is not None and _not_beyond(*apart) else "")
-                + ")")
+        return (f" (a random direction of its norm: {_share(*shares[kind + '_control'], n)}"
+                + ("; not told apart from it" if apart is not None and _not_beyond(*apart, n)
+                   else "") + ")")
 
-    return (f"{shards}: removing {span} undoes {_share(*removed)} of the run's reward change "
-            f"({run:+.4f}){control('removed', removed_ctrl)}, {reference}; {span} alone "
-            f"recovers {_share(*kept)}{control('kept', kept_ctrl)} (report: 'Shards together')")
+    return (f"{shards}: removing {span} undoes {_share(*shares['removed'], n)} of the run's "
+            f"reward change ({run:+.4f}){control('removed')}, {reference}; {span} alone "
+            f"recovers {_share(*shares['kept'], n)}{control('kept')} (report: 'Shards "
+            "together')")
 
 
 def _baselines(models, scorer, alphas: Sequence[float], n_prompts: int,
@@ -781,6 +794,7 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
     prompts) without the shard's part of the update and without a norm-matched random
     direction; each context's change when several; the SAE's own attribution beside c."""
     first = ablations[next(iter(ablations))]
+    n = first.n_prompts
     labels = sorted({label for ab in ablations.values() for label in ab.removed_by_label})
     # the SAE's own account (RunView.attribution): every shard's or none (it depends on the run)
     shown = "attributed_update" in entries[next(iter(ablations))]
@@ -813,30 +827,40 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
               f"along the shard up to that policy (c: its coefficient, as alpha = 1 of the "
               f"dose-response), against "
               f"the same weights minus <code>c</code> times a random direction of the shard's "
-              f"norm; {first.n} completions per estimate ({len(first.n_by_label) or 1} "
-              f"context(s)), the same prompts and rollout seed for each, so a change is paired "
-              f"per prompt and ± is its standard error over prompts. A change within about two "
-              f"of those is not resolved by this many rollouts (<code>--n-prompts</code> raises "
-              f"it). The last column is the shard's removal against the random direction's, "
-              f"paired per prompt: where it is not told apart from 0, removing the shard is "
-              f"not shown to matter more than removing any direction of its norm. "
-              + (f"Told apart means beyond {RESOLVED_SE:g} standard errors for one shard; for "
-                 f"the {len(ablations)} shards here together (Holm's correction, so that "
-                 f"{len(ablations)} shards that do nothing are not, by chance, one of them "
+              f"norm (one Gaussian draw, the same for every shard, scaled to each one's norm); "
+              f"{first.n} completions per estimate ({len(first.n_by_label) or 1} context(s)) "
+              f"from {n} prompts, the same prompts and rollout seed for each, so a change is "
+              f"paired per prompt and ± is its standard error over prompts. A change within "
+              f"{resolved_bound(n):.2f} of those (Student's t over {n} prompts, at "
+              f"{RESOLVED_LEVEL:.2%}) is not resolved by this many rollouts "
+              f"(<code>--n-prompts</code> raises it). The last column is the shard's removal "
+              f"against the random direction's, paired per prompt: where it is not told apart "
+              f"from 0, removing the shard is not shown to matter more than removing that "
+              f"random direction at its norm. "
+              + (f"Told apart means beyond {resolved_bound(n):.2f} standard errors for one "
+                 f"shard; for the {len(ablations)} shards here together (Holm's correction, so "
+                 f"that {len(ablations)} shards that do nothing are not, by chance, one of them "
                  f"told apart more than {RESOLVED_LEVEL:.2%} of the time) the first must pass "
-                 f"{holm_first_z(len(ablations)):.2f}.</p>"
+                 f"{holm_first_bound(len(ablations), n):.2f}.</p>"
                  if len(ablations) > 1 else
-                 f"Told apart means beyond {RESOLVED_SE:g} standard errors.</p>")
+                 f"Told apart means beyond {resolved_bound(n):.2f} standard errors.</p>")
             + _controls_note(ablations)
             + (_attribution_note(ablations, entries) if shown else ""))
 
 
 def _told_apart(ablations: dict[int, Any]) -> dict[int, bool]:
     """Per shard: whether its removal is told apart from its random direction's, the shards
-    of the table together (``span.resolved_together``: Holm's correction)."""
+    of the table together (``resolution.resolved_together``: Holm's correction, Student's t
+    over the prompts scored)."""
     return dict(zip(ablations, resolved_together(
         [ab.beyond_control for ab in ablations.values()],
-        [ab.stderr_beyond_control for ab in ablations.values()])))
+        [ab.stderr_beyond_control for ab in ablations.values()],
+        _prompts_of(ablations))))
+
+
+def _prompts_of(ablations: dict[int, Any]) -> int:
+    """The prompts the ablations were scored on (one draw serves them all; 0 for none)."""
+    return next((ab.n_prompts for ab in ablations.values()), 0)
 
 
 def _controls_note(ablations: dict[int, Any]) -> str:
@@ -855,8 +879,7 @@ def _controls_note(ablations: dict[int, Any]) -> str:
 def _attribution_note(ablations: dict[int, Any], entries: dict[int, dict[str, Any]]) -> str:
     """What c is and is not: the projection of the whole update, which the SAE's attribution
     (its activations summed) can contradict; the shards where the two disagree in sign."""
-    against = [s for s, ab in ablations.items()
-               if entries[s]["attributed_update"] * ab.coefficient < 0]
+    against = _sign_against(entries)
     steps = entries[next(iter(ablations))]["attributed_steps"]
     note = ("<p>c is the projection of the run's update (up to the analysed policy) on the "
             "shard's direction; it also "
@@ -869,6 +892,24 @@ def _attribution_note(ablations: dict[int, Any], entries: dict[int, dict[str, An
                  "update along that direction is mostly not the shard's own, so removing it "
                  "measures the direction, not what the SAE attributes to the shard.")
     return note + "</p>"
+
+
+def _sign_against(entries: dict[int, dict[str, Any]]) -> list[int]:
+    """The detailed shards whose c (``update_coefficient``) and SAE attribution disagree in
+    sign: the update along such a direction is mostly not the shard's own."""
+    return [s for s, e in entries.items() if "attributed_update" in e
+            and "update_coefficient" in e and e["attributed_update"] * e["update_coefficient"] < 0]
+
+
+def _against_attribution(analysis: dict[str, Any], what: str) -> str:
+    """A sentence naming the detailed shards whose c and SAE attribution disagree in sign
+    (``what`` they measure then is the update along the direction), or ``""``."""
+    against = _sign_against(analysis["shards"])
+    if not against:
+        return ""
+    return (f"For shard(s) {', '.join(map(str, against))} c and the SAE's attribution disagree "
+            f"in sign: {what} the update along that direction, not what the SAE attributes to "
+            "the shard. ")
 
 
 def _dose_source(task: RewardTask | Any | None, sampling: dict[str, Any]) -> str:

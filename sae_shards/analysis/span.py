@@ -19,9 +19,9 @@ Two shares of the run's reward change ``R_T - R_0`` follow, each a ratio of chan
 same prompts and rollout seed: what removing ``P`` undoes, ``(R_T - R(theta_T - P)) / (R_T -
 R_0)``, and what adding ``P`` alone recovers, ``(R(theta_0 + P) - R_0) / (R_T - R_0)``. Their
 standard errors come from each prompt's residual ``a_i - r b_i`` (the delta method for a ratio
-of means), and neither is given when the run's own change is within two standard errors of 0:
-a share of an unresolved change is noise. The two need not agree, nor stay within [0, 1]: the
-reward is not linear in the weights.
+of means), and neither is given when the run's own change is not resolved from 0
+(``resolution``: about two standard errors): a share of an unresolved change is noise. The two
+need not agree, nor stay within [0, 1]: the reward is not linear in the weights.
 """
 
 from __future__ import annotations
@@ -39,10 +39,8 @@ from sae_shards.analysis.interventions import (CONTROL_SEED, ROLLOUT_SEED, AnyTa
                                                eval_prompts, label_rewards, paired_change,
                                                prompt_means, random_direction_like,
                                                score_rollouts, set_weights, weights_of)
+from sae_shards.analysis.resolution import within_noise
 
-RESOLVED_SE = 2.0
-"""The run's reward change must exceed this many of its standard errors for a share of it to
-be given."""
 
 
 def span_weights(gram: Tensor, coefficients: Tensor, rtol: float = 1e-6) -> Tensor:
@@ -93,62 +91,20 @@ def update_share(projected: Direction, final: nn.Module | Mapping[str, Tensor],
     return pp / dd if dd > 0 else math.nan
 
 
-def within_noise(value: float, stderr: float) -> bool:
-    """Whether ``value`` is within ``RESOLVED_SE`` standard errors of 0: not resolved."""
-    return abs(value) <= RESOLVED_SE * stderr
-
-
-RESOLVED_LEVEL = math.erfc(RESOLVED_SE / math.sqrt(2))
-"""The two-sided level of one ``RESOLVED_SE`` test (4.55%): the family level of
-:func:`resolved_together`."""
-
-
-def resolved_together(values: Sequence[float], stderrs: Sequence[float]) -> list[bool]:
-    """Which of several estimates, each with its standard error, are resolved from 0 as a
-    family: Holm's step-down correction of two-sided normal tests at ``RESOLVED_LEVEL``.
-
-    One estimate alone is resolved exactly when :func:`within_noise` says it is not; K of them
-    together need more (the most resolved one ``|z| > 2.67`` for K = 6), so that K estimates of
-    nothing mark one resolved by chance in 4.55% of cases, not in 1 - 0.9545^K (25% for 6). An
-    estimate with a NaN is not resolved; one with a standard error of 0 is exactly when it is
-    not 0."""
-    def p_value(value: float, stderr: float) -> float:
-        if math.isnan(value) or math.isnan(stderr):
-            return 1.0
-        if stderr <= 0:
-            return 0.0 if value != 0 else 1.0
-        return math.erfc(abs(value) / (stderr * math.sqrt(2)))
-
-    p = [p_value(v, s) for v, s in zip(values, stderrs, strict=True)]
-    resolved = [False] * len(p)
-    for rank, i in enumerate(sorted(range(len(p)), key=p.__getitem__)):
-        if p[i] > RESOLVED_LEVEL / (len(p) - rank) or p[i] == 1.0:
-            break  # Holm stops at its first failure: every larger p-value fails too
-        resolved[i] = True
-    return resolved
-
-
-def holm_first_z(k: int) -> float:
-    """The ``|z|`` the most resolved of ``k`` estimates must pass in :func:`resolved_together`."""
-    from statistics import NormalDist
-
-    return NormalDist().inv_cdf(1 - RESOLVED_LEVEL / (2 * k))
-
-
 def share_of_change(initial: Tensor, final: Tensor, part_from: Tensor, part_to: Tensor
                     ) -> tuple[float, float]:
     """``(share, stderr)``: the mean of ``part_to - part_from`` over the mean of ``final -
     initial`` (``[n_prompts, n_samples]`` rewards of the same prompts and rollout seed each),
     with the delta method's standard error over prompts; ``(nan, nan)`` when the denominator
-    (the run's change) is not resolved (:data:`RESOLVED_SE` standard errors) or there are fewer
-    than two prompts."""
+    (the run's change) is not resolved (``resolution.within_noise``) or there are fewer than
+    two prompts."""
     r0, rt, pf, pt = prompt_means(initial, final, part_from, part_to)
     n = r0.numel()
     if n < 2:
         return math.nan, math.nan
     b, a = rt - r0, pt - pf  # [n] each
     mb = float(b.mean())
-    if within_noise(mb, float(b.std()) / math.sqrt(n)):
+    if within_noise(mb, float(b.std()) / math.sqrt(n), n):
         return math.nan, math.nan
     share = float(a.mean()) / mb
     return share, float((a - share * b).std()) / math.sqrt(n) / abs(mb)
@@ -160,6 +116,9 @@ class SpanEffect:
 
     n: int
     """Completions scored per estimate."""
+    n_prompts: int
+    """Prompts scored per estimate: the units of every standard error here, whose count
+    decides when a change is resolved (``resolution.resolved_bound``)."""
     rewards: dict[str, float]
     """Mean reward of each policy: ``initial`` (theta_0), ``final`` (theta_T), ``removed``
     (theta_T - P), ``removed_control`` (theta_T minus the random direction),
@@ -170,7 +129,7 @@ class SpanEffect:
     ``removed_control``, ``removed_whole``, ``kept`` (kept - initial), ``kept_control``,
     ``kept_whole``; ``removed_beyond_control`` (removed - removed_control) and
     ``kept_beyond_control`` (kept - kept_control): the span against a random direction of its
-    norm, within ``RESOLVED_SE`` standard errors of 0 when the two are not told apart."""
+    norm, within noise of 0 (``resolution.within_noise``) when the two are not told apart."""
     shares: dict[str, tuple[float, float]]
     """``(share of the run's change, stderr)``: ``removed`` (what removing P undoes),
     ``kept`` (what adding P alone recovers), and the same for the random direction
@@ -257,7 +216,8 @@ def span_effect(
                                   for kind, start in (("removed", "final"), ("kept", "initial"))
                                   for suffix in ("", "_whole")}}
     est = {k: estimate(v) for k, v in r.items()}
-    return SpanEffect(n=est["final"].n, rewards={k: e.mean for k, e in est.items()},
+    return SpanEffect(n=est["final"].n, n_prompts=r["final"].shape[0],
+                      rewards={k: e.mean for k, e in est.items()},
                       changes=changes, shares=shares, by_label=by_label,
                       whole_is_run=whole_is_run)
 
