@@ -634,6 +634,38 @@ def test_a_model_directory_is_never_taken_for_a_run_dir(tmp_path, capsys):
         rundir.prepare_run_dir(adapter, overwrite=True)
 
 
+
+@pytest.mark.parametrize("plant, named", [
+    ({"config.json": '{"experiment": "my notes", "lr": 0.1}'},
+     "a config.json that is not a sae-shards run's"),
+    ({"config.json": "not json"}, "a config.json that is not JSON"),
+    ({"checkpoints/checkpoint-500/model.safetensors": "w", "wandb/offline-run-1/run.wandb": "x"},
+     "checkpoints/ with checkpoint-500 (no run's step or final checkpoints)"),
+])
+def test_a_directory_of_the_users_own_files_is_never_written_over(tmp_path, capsys, plant,
+                                                                   named):
+    """Audit 143 F1, F2: a config.json of the user's own was silently replaced by the run's, and
+    a project directory with another trainer's checkpoints/ was called 'a run', which
+    overwrite=true and resume=auto then deleted with the user's wandb/. Both are refused now,
+    by plain starts, overwrite and resume=auto alike, and nothing there changes."""
+    from sae_shards.cli import main
+    from sae_shards.run import rundir
+
+    project = tmp_path / "project"
+    for name, text in {**plant, "train.py": "print(1)"}.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+    before = {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
+    for extra in ([], ["overwrite=true"], ["resume=auto"]):
+        rc = main(["train", f"run_dir={project}", "rl.max_steps=2", "runner.min_samples=1",
+                   "logging.mode=disabled", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and named in err and "not a sae-shards run" in err, (extra, err)
+    assert {p: p.read_bytes() for p in project.rglob("*") if p.is_file()} == before
+    with pytest.raises(FileExistsError, match=re.escape(named)):  # a script's ShardCallback
+        rundir.prepare_run_dir(project, overwrite=True)
+    assert {p: p.read_bytes() for p in project.rglob("*") if p.is_file()} == before
+
 def _broken_model(tmp_path: Path, how: str) -> Path:
     """The tiny model saved, then broken as a user's directory can be."""
     from sae_shards.recipe.models import TOKENIZER_FILES, build_tiny_model

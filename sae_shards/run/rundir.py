@@ -523,29 +523,55 @@ def has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
+def is_run_config(config: Any) -> bool:
+    """Whether a parsed ``config.json`` is a sae-shards run's (its ``capture`` and ``sae``
+    sections), not a model's, another tool's or a user's own."""
+    return (isinstance(config, dict) and isinstance(config.get("capture"), dict)
+            and isinstance(config.get("sae"), dict))
+
+
 def foreign_files(run_dir: Path) -> list[str]:
-    """The files at the top of ``run_dir`` that say it is a model (or adapter) directory, not a
-    run: ``MODEL_FILES``, and a ``config.json`` of a model (``model_type`` / ``architectures``)."""
+    """What in ``run_dir`` no sae-shards run wrote, under names a run writes or removes: the
+    files of a model (or adapter) directory at its top (``MODEL_FILES``), a ``config.json``
+    that is not a run's (a model's: ``model_type`` / ``architectures``; another tool's or the
+    user's: not ``is_run_config``), and entries of ``checkpoints/`` that are not a run's step
+    or final checkpoints (another trainer's ``checkpoint-500/``)."""
     if not run_dir.is_dir():
         return []
     found = [name for name in MODEL_FILES if (run_dir / name).exists()]
-    try:
-        config = json.loads((run_dir / CONFIG).read_text())
-    except (OSError, ValueError):
-        config = None
-    if isinstance(config, dict) and ("model_type" in config or "architectures" in config):
-        found.insert(0, f"{CONFIG} of a model (model_type {config.get('model_type')!r})")
+    path = run_dir / CONFIG
+    if path.exists() or path.is_symlink():
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError):
+            found.insert(0, f"a {CONFIG} that is not JSON")
+        else:
+            if isinstance(config, dict) and ("model_type" in config
+                                             or "architectures" in config):
+                found.insert(0, f"{CONFIG} of a model (model_type {config.get('model_type')!r})")
+            elif not is_run_config(config):
+                found.insert(0, f"a {CONFIG} that is not a sae-shards run's (no capture and sae "
+                                "settings)")
+    checkpoints = run_dir / CHECKPOINTS
+    if checkpoints.is_dir() and not checkpoints.is_symlink():
+        others = sorted(p.name for p in checkpoints.iterdir() if not (
+            p.name == "final" or step_of(p.name) is not None or _is_leftover(p)))
+        if others:
+            found.append(f"{CHECKPOINTS}/ with {', '.join(others[:3])}"
+                         + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+                         + " (no run's step or final checkpoints)")
     return found
 
 
 def check_not_foreign(run_dir: Path) -> None:
-    """Raise ``FileExistsError`` when ``run_dir`` is a model's directory (``foreign_files``):
-    a run never writes, or with ``overwrite`` removes, a ``config.json`` it did not write."""
+    """Raise ``FileExistsError`` when ``run_dir`` holds what no run wrote under the names a run
+    writes (``foreign_files``): a run never writes into, or with ``overwrite`` or
+    ``resume="auto"`` removes, a ``config.json`` or ``checkpoints/`` it did not write."""
     foreign = foreign_files(run_dir)
     if foreign:
         raise FileExistsError(
-            f"run_dir={run_dir} holds a model or another tool's files ({', '.join(foreign)}), "
-            "not a sae-shards run: writing the run there would replace its config.json. Give "
+            f"run_dir={run_dir} holds a model or another tool's files ({'; '.join(foreign)}), "
+            "not a sae-shards run: writing the run there would replace or remove them. Give "
             "the run a directory of its own, e.g. run_dir=runs/my_run")
 
 
