@@ -142,7 +142,7 @@ def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm, cap
             in (run / "report.html").read_text())
 
 
-def test_bad_arguments_fail_at_construction(tmp_path):
+def test_bad_arguments_fail_at_construction(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"capture.source='gradient' is not one of"):
         ShardCallback(run_dir=tmp_path / "a", source="gradient")
     with pytest.raises(ValueError, match=r"sae.k=9 must be between 1 and sae.n_latents=8"):
@@ -169,6 +169,22 @@ def test_bad_arguments_fail_at_construction(tmp_path):
         ShardCallback(run_dir=tmp_path / "a", label_column=3, resume="yes")
     with pytest.raises(ValueError, match=r"seed=True \(expected an int\)"):
         ShardCallback(run_dir=tmp_path / "a", seed=True)
+    # audit 143: these raised dict()'s, pathlib's or dataclasses' own errors, naming no argument
+    with pytest.raises(ValueError, match=r"run_dir=None \(expected a directory path: a str or "
+                                         r"a Path\), sae='big' \(expected SAEConfig\(...\), a "
+                                         r"dict of its fields, or None\), capture='group' "
+                                         r"\(expected CaptureConfig.*runner='thread' \(expected "
+                                         r"RunnerConfig"):
+        ShardCallback(run_dir=None, sae="big", capture="group", runner="thread")
+    with pytest.raises(ValueError, match=r"label_column='' names no column; give the dataset's "
+                                         r"context column, or None"):  # it recorded no context
+        ShardCallback(run_dir=tmp_path / "a", label_column="")
+    with pytest.raises(ValueError, match=r"seed=-1 must be >= 0"):  # as sae-shards train's
+        ShardCallback(run_dir=tmp_path / "a", seed=-1)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # "~" as TrainingArguments takes it
+    home = ShardCallback(run_dir="~/runs/x")
+    assert home.run_dir == tmp_path / "home" / "runs" / "x" and not Path("~").exists()
+    home.close()
     # a meta a checkpoint cannot hold failed the run at its first checkpoint, after its steps
     # (a Path: a raw TypeError from the background writer, nothing resumable), and one naming
     # sae-shards' own keys replaced them: compare then said two runs of one source learnt from

@@ -43,6 +43,7 @@ import functools
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -220,7 +221,8 @@ def oversized_rank_text(rank: int, oversized: Mapping[str, int], n_targets: int)
 class ShardCallback(TrainerCallback):
     """Capture parameter updates of a TRL run and train a low-rank SAE on them concurrently.
 
-    Every argument but ``run_dir`` is optional. The shortcuts (``targets``, ``source``,
+    Every argument but ``run_dir`` is optional (a str or Path; a leading ``~`` is the home
+    directory, as ``TrainingArguments`` takes ``output_dir``). The shortcuts (``targets``, ``source``,
     ``capacity``, ``sae_steps_per_rl_step``, ``concurrency``, ``checkpoint_every``) set the field
     of the same name in ``capture`` / ``runner`` (``run.config.CaptureConfig`` /
     ``RunnerConfig``, each documented there); ``sae`` is an ``SAEConfig`` or a dict of its
@@ -283,10 +285,25 @@ class ShardCallback(TrainerCallback):
                  "save_model": save_model, "overwrite": overwrite,
                  "handle_signals": handle_signals}
         _check_argument_types(
+            run_dir=(run_dir, (str, os.PathLike), "a directory path: a str or a Path"),
+            **{name: (value, (kind, Mapping, type(None)),
+                      f"{kind.__name__}(...), a dict of its fields, or None")
+               for name, value, kind in (("sae", sae, SAEConfig), ("capture", capture,
+                                                                   CaptureConfig),
+                                         ("runner", runner, RunnerConfig))},
             label_column=(label_column, (str, type(None)), "a column name or None"),
             seed=(seed, int, "an int"), meta=(meta, (Mapping, type(None)), "a mapping or None"),
             resume=(resume, bool if resume != "auto" else str, 'True, False or "auto"'),
             **{name: (value, bool, "True or False") for name, value in flags.items()})
+        if label_column is not None and not label_column.strip():
+            raise ValueError(f"ShardCallback: label_column={label_column!r} names no column; "
+                             "give the dataset's context column, or None to record no context; "
+                             "nothing was written")
+        if seed < 0:
+            raise ValueError(f"ShardCallback: seed={seed} must be >= 0 (as sae-shards train's "
+                             "seed); nothing was written")
+        if str(run_dir).startswith("~"):  # as TrainingArguments takes output_dir
+            run_dir = Path(run_dir).expanduser()
         _check_meta(meta)
         self.capture_cfg = _with(_config(CaptureConfig, capture, "capture"), capture,
                                  targets=targets, source=source, capacity=capacity)
