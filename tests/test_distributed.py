@@ -577,9 +577,15 @@ def test_a_run_dir_of_each_rank_or_a_callback_on_one_rank_is_refused(tmp_path):
                                 "every process the same run_dir, which rank 0 alone writes (a "
                                 "path built from RANK, LOCAL_RANK, the time or the host name "
                                 "differs between them)")
-    assert got[0]["own output_dir"].startswith(
-        f"the trainer's output_dir differs between the run's processes (rank 0: "
-        f"{tmp_path / 'trl_0'}, rank 1: {tmp_path / 'trl_1'}); give every process the same")
+    for when in ("own output_dir", "output_dir of each rank, train begins"):
+        assert got[0][when].startswith(
+            f"the trainer's output_dir differs between the run's processes (rank 0: "
+            f"{tmp_path / 'trl_0'}, rank 1: {tmp_path / 'trl_1'}); give every process the same")
+    assert got[0]["settings of each rank"] == (
+        "ShardCallback's settings differ between the run's processes: capture.granularity "
+        "(rank 0: 'step', rank 1: 'group'); sae.k (rank 0: 4, rank 1: 5); give ShardCallback the "
+        "same arguments on every process (settings read per rank, e.g. from a file or the "
+        "environment, can differ)")
     assert got[0]["shared"] == "nothing"
     assert got[0]["node-local output_dir"] == (
         "the checkpoint to resume from differs between the run's processes (rank 0: 4, rank 1: "

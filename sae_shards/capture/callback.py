@@ -177,6 +177,14 @@ def _check_argument_types(**given: tuple[Any, type | tuple[type, ...], str]) -> 
         raise ValueError(f"ShardCallback: {', '.join(wrong)}; nothing was written")
 
 
+def _check_same_output(output: Path | None) -> None:
+    """``distributed.check_same`` of the trainer's ``output_dir``: rank 0 saves the TRL
+    checkpoints there, and every rank resumes from them."""
+    distributed.check_same("the trainer's output_dir", str(output and output.absolute()),
+                           "give every process the same TRL output_dir: rank 0 saves the "
+                           "checkpoints every rank resumes from")
+
+
 RESERVED_META = ("source", "model_id", "run_dir", "lora", "run_id", "rl_step", "sae_step",
                  "sae_samples", "subset_of")
 """Checkpoint metadata keys sae-shards writes itself, which analysis reads (the samples'
@@ -861,9 +869,7 @@ class ShardCallback(TrainerCallback):
             # before its collectives: a callback on rank 0 alone would pair them with DDP's
             distributed.check_callback_on_every_rank("was asked resume_from")
             distributed.check_same_run_dir(self.run_dir)  # every rank decides from one run
-            distributed.check_same("the trainer's output_dir", str(output and output.absolute()),
-                                   "give every process the same TRL output_dir: rank 0 saves "
-                                   "the checkpoints every rank resumes from")
+            _check_same_output(output)
             if output is None:
                 return None
             step = resume_state.latest_complete(self.run_dir, quiet=True, trl=output)
@@ -955,6 +961,10 @@ class ShardCallback(TrainerCallback):
         with self._free_if_refused():  # before any collective of the callback's, which
             distributed.check_callback_on_every_rank()  # would mismatch
             distributed.check_same_run_dir(self.run_dir)
+            _check_same_output(trl_dir(args))  # a resume would fail on it (audit 141 F2)
+            distributed.check_same_settings(
+                self._rank_settings(), "give ShardCallback the same arguments on every process "
+                "(settings read per rank, e.g. from a file or the environment, can differ)")
         if not self.run_config:  # sae-shards train checked its rl.max_steps already
             per_step = trainer_samples_per_step(args, self.capture_cfg.granularity)
             check_sae_window(self.capture_cfg, self.runner_cfg, per_step)
@@ -975,6 +985,17 @@ class ShardCallback(TrainerCallback):
             return
         if self._signals is not None:  # set up: SIGTERM / Ctrl-C stop after the step, saved
             self._signals.enter(peers=peers)
+
+    def _rank_settings(self) -> dict[str, Any]:
+        """The settings every rank must share (``distributed.check_same_settings``): the
+        capture, SAE and runner configs field by field (a rank's torch threads aside), the seed
+        and the label column."""
+        settings = {f"{prefix}.{k}": v for prefix, cfg in (("capture", self.capture_cfg),
+                                                           ("sae", self.sae_cfg),
+                                                           ("runner", self.runner_cfg))
+                    for k, v in dataclasses.asdict(cfg).items()}
+        settings.pop("runner.torch_threads", None)
+        return {**settings, "seed": self.seed, "label_column": self.label_column}
 
     def _say_window(self, trainer: Any | None) -> None:
         """Per event: how many RL steps of events the buffer holds, which the capacity alone

@@ -205,6 +205,28 @@ def check_same_run_dir(run_dir: Any) -> None:
                "from RANK, LOCAL_RANK, the time or the host name differs between them)")
 
 
+def check_same_settings(settings: Mapping[str, Any], fix: str) -> None:
+    """Refuse, on every rank, ``settings`` (field name to value) that differ between the run's
+    processes, naming each differing field and every rank's value (``fix``: what to do). The
+    settings that decide a rank's collectives (capture granularity, source, checkpoint steps...)
+    must agree, or the ranks wait in different collectives until gloo's or NCCL's timeout,
+    where no signal handler runs (audit 141). A collective that every rank must reach; one
+    process, or no process group yet: nothing."""
+    if world_size() == 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    everyone: list[Any] = [None] * world_size()
+    dist.all_gather_object(everyone, {k: repr(v) for k, v in settings.items()})
+    names = sorted({k for mine in everyone for k in mine})
+    differ = [k for k in names if len({mine.get(k) for mine in everyone}) > 1]
+    if differ:
+        shown = "; ".join(f"{k} (" + ", ".join(f"rank {r}: {mine.get(k, 'not set')}"
+                                                for r, mine in enumerate(everyone[:4]))
+                          + (", ..." if len(everyone) > 4 else "") + ")" for k in differ[:4])
+        more = f"; and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise ValueError(f"ShardCallback's settings differ between the run's processes: "
+                         f"{shown}{more}; {fix}")
+
+
 def begin_together(problem: BaseException | None, notes: Sequence[str] = ()) -> list[str]:
     """After each rank prepared its side of a run (rank 0 its resume, the others their hooks),
     learn whether every rank did; a collective, which every rank must reach, ``problem`` being

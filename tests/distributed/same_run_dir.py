@@ -41,6 +41,18 @@ def main(out: Path) -> None:
         "own output_dir": said(lambda: shared.resume_from(trainer(out / f"trl_{rank}"))),
         "shared": said(lambda: shared.resume_from(trainer(out / "trl"))),
     }
+    # audit 141 F1: capture settings read per rank hung both ranks in different collectives
+    mixed = ShardCallback(run_dir=out / "mixed",
+                          capture={"granularity": "group"} if rank == 1 else None,
+                          sae={"k": 4 + rank})
+    results["settings of each rank"] = said(lambda: mixed.on_train_begin(
+        TrainingArguments(output_dir=str(out / "trl"), report_to=[]), TrainerState(),
+        TrainerControl()))
+    # audit 141 F2: an output_dir of each rank was accepted until the resume failed on it
+    outs = ShardCallback(run_dir=out / "outs")
+    results["output_dir of each rank, train begins"] = said(lambda: outs.on_train_begin(
+        TrainingArguments(output_dir=str(out / f"trl_{rank}"), report_to=[]), TrainerState(),
+        TrainerControl()))
     # one output_dir path on node-local disks: each node sees its own files; here rank 0 sees a
     # complete step 4 and rank 1 none (the files themselves are what the nodes would hold)
     from sae_shards.capture import resume as resume_state
