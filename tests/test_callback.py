@@ -2362,7 +2362,7 @@ def test_resume_auto_replaces_only_a_run_with_nothing_to_resume(tmp_path, caplog
     early = tmp_path / "early"  # what a run killed before its first checkpoint leaves
     early.mkdir()
     (early / "rollouts.jsonl").write_text('{"step": 1}\n')
-    (early / "config.json").write_text("{}")
+    (early / "config.json").write_text('{"capture": {}, "sae": {}}')
     with caplog.at_level(logging.WARNING, logger="sae_shards"):
         callback = ShardCallback(run_dir=early, resume="auto")
     assert not callback.resume and not (early / "rollouts.jsonl").exists()

@@ -401,7 +401,8 @@ def test_a_sweep_job_resumed_alone_keeps_the_sweeps_wandb_group(tmp_path, monkey
 
     run = tmp_path / "sweep" / "sae.k=2"
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"logging": {"group": "sweep"}}))
+    (run / "config.json").write_text(json.dumps({"logging": {"group": "sweep"}, "capture": {},
+                                                 "sae": {}}))
     seen = []
 
     def started(job, run_dir, hydra_files=None):
@@ -624,7 +625,8 @@ def test_printed_commands_parse_back_to_the_run_dir(tmp_path):
     parsed = {o.key_or_group: o.value() for o in parse(words[2:])}
     assert parsed == {"sae.k": 2, "run_dir": str(run), "overwrite": True}, words
     # a sweep's job run again alone stays in the sweep's W&B group (config.json's)
-    (run / "config.json").write_text(json.dumps({"logging": {"group": "sweep"}}))
+    (run / "config.json").write_text(json.dumps({"logging": {"group": "sweep"}, "capture": {},
+                                                 "sae": {}}))
     parsed = {o.key_or_group: o.value() for o in parse(shlex.split(rerun_command(run))[2:])}
     assert parsed == {"sae.k": 2, "logging.group": "sweep", "run_dir": str(run),
                       "overwrite": True}
