@@ -1,5 +1,6 @@
 """The main job end to end: real TRL GRPO, capture, ring buffer, SAE, checkpoints, W&B offline."""
 
+import importlib.util
 import json
 import logging
 import re
@@ -415,6 +416,17 @@ def test_a_job_refused_at_setup_leaves_no_wandb_run(tmp_path, capsys):
     ("+rl.extra.save_steps=3", r"\['save_steps'\] are set by sae-shards from "
                                r"runner.checkpoint_every"),
     ("rl.extra.bogus_field=1", r"\['rl.extra.bogus_field'\] are not trl.GRPOConfig fields"),
+    # values TRL took only to fail deep inside the run, after files were written (audit 143)
+    ("+rl.extra.weight_decay=abc", r"rl.extra.weight_decay='abc': trl.GRPOConfig takes float"),
+    ("+rl.extra.max_grad_norm=null", r"rl.extra.max_grad_norm=None: trl.GRPOConfig takes float"),
+    ("+rl.extra.num_iterations=0", r"rl.extra.num_iterations=0 must be >= 1"),
+    pytest.param("+rl.extra.use_vllm=true", r"rl.extra.use_vllm=true needs vLLM, which is not "
+                                            r"installed", marks=pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")),
+    ("+rl.extra.optim=adamw", r"rl.extra.optim='adamw' is not one of trl.GRPOConfig's choices "
+                              r"there: .*adamw_torch"),
+    ("+rl.extra.num_train_epochs=3", r"rl.extra.num_train_epochs has no effect: sae-shards "
+                                     r"train always sets rl.max_steps"),
     ("task=multiskill task.options.schedule=weekly",
      r"task.options.schedule='weekly' is not one of \['random'"),
     # a target per-event hooks cannot split (the readout's norm), from the meta policy

@@ -30,8 +30,11 @@ TRL facts this module relies on (1.16, the same for GRPO and RLOO):
 from __future__ import annotations
 
 import dataclasses
+import enum
 import fnmatch
+import importlib.util
 import logging
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -106,6 +109,66 @@ def check_trl_settings(grpo_kwargs: dict[str, Any], algorithm: Algorithm = "grpo
                 f"rl.{key}={grpo_kwargs[key]!r} is not supported: sae-shards fixes {key}={fixed!r} "
                 "(it logs to W&B and saves checkpoints itself); remove the key"
             )
+    _check_trl_values(grpo_kwargs, config_cls)
+
+
+def _check_trl_values(grpo_kwargs: dict[str, Any], config_cls: type) -> None:
+    """Refuse values that TRL would take only to fail deep inside the run, after files are
+    written (audit 143): a number or flag field given another type (``weight_decay=abc`` failed
+    in torch's fused AdamW at the first step), ``num_iterations`` below 1 (0 trained no step and
+    ended as a finished run) and ``use_vllm`` without vLLM installed. Fields of other types are
+    TRL's to judge (their annotations do not always say what it takes)."""
+    hints = typing.get_type_hints(config_cls)
+    for key, value in grpo_kwargs.items():
+        want = _plain_type(hints.get(key))
+        if want is not None and not (_fits(value, want) if value is not None
+                                     else _optional(hints.get(key))):
+            raise ValueError(f"rl.extra.{key}={value!r}: trl.{config_cls.__name__} takes "
+                             f"{want.__name__ if isinstance(want, type) else want}"
+                             f"{' or null' if _optional(hints.get(key)) else ''} there")
+        named = _enum_of(hints.get(key))
+        if named is not None and isinstance(value, str) and value not in named:
+            raise ValueError(f"rl.extra.{key}={value!r} is not one of trl.{config_cls.__name__}'s "
+                             f"choices there: {', '.join(sorted(named))}")
+    if "num_train_epochs" in grpo_kwargs:
+        raise ValueError("rl.extra.num_train_epochs has no effect: sae-shards train always sets "
+                         "rl.max_steps, which transformers takes over it; set rl.max_steps to "
+                         "the steps you want (epochs x task.n_prompts / prompts per step)")
+    if grpo_kwargs.get("num_iterations", 1) < 1:
+        raise ValueError(f"rl.extra.num_iterations={grpo_kwargs['num_iterations']} must be >= 1 "
+                         "(each generation is trained on num_iterations times; 0 trains no step)")
+    if grpo_kwargs.get("use_vllm") and importlib.util.find_spec("vllm") is None:
+        raise ValueError("rl.extra.use_vllm=true needs vLLM, which is not installed here "
+                         "(pip install trl[vllm]); remove it to generate with transformers")
+
+
+def _enum_of(hint: Any) -> set[str] | None:
+    """The values of the enum in a field's annotation (``optim``: ``OptimizerNames | str``),
+    which transformers takes by value; None for a field without one."""
+    for arg in (*typing.get_args(hint), hint):
+        if isinstance(arg, type) and issubclass(arg, enum.Enum):
+            return {str(m.value) for m in arg}
+    return None
+
+
+def _optional(hint: Any) -> bool:
+    return type(None) in typing.get_args(hint)
+
+
+def _plain_type(hint: Any) -> type | None:
+    """``bool``, ``int`` or ``float`` when a field's annotation is that type (or it or None),
+    else None (another type, or a union of several: not checked here)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if _optional(hint) else [hint]
+    return args[0] if len(args) == 1 and args[0] in (bool, int, float) else None
+
+
+def _fits(value: Any, want: type) -> bool:
+    """Whether ``value`` is a ``want`` (an int is a float; a bool is neither)."""
+    if want is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if want is int else isinstance(value, (int, float))
 
 
 def check_precision(settings: dict[str, Any]) -> bool:
