@@ -715,6 +715,23 @@ def test_a_script_run_whose_sae_cannot_train_is_refused_before_its_first_step(
     assert trainer.state.global_step == 0 and not (tmp_path / "run" / "rollouts.jsonl").exists()
 
 
+@pytest.mark.parametrize("inside", ["", "checkpoints"])
+def test_a_trainer_output_dir_among_the_runs_own_folders_is_refused(tiny_model, tmp_path,
+                                                                    inside):
+    """Audit 143 F5: output_dir=run_dir (or run_dir/checkpoints) was taken without a word: TRL's
+    checkpoint-N/ landed among the run's step checkpoints, and trainer.save_model() would write a
+    model's config.json over the run's. Refused as training begins; run_dir/trl is fine."""
+    run = tmp_path / "run"
+    callback = ShardCallback(run_dir=run, runner={"min_samples": 2})
+    trainer = _user_trainer(tiny_model, run / inside, [callback], max_steps=4,
+                            gradient_checkpointing=False)
+    named = "run_dir itself" if not inside else "inside run_dir/checkpoints"
+    with pytest.raises(ValueError, match=rf"the trainer's output_dir=.* is {named} .*Give the "
+                                         rf"trainer output_dir='{run / 'trl'}'"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not (run / "rollouts.jsonl").exists()
+
+
 def _train_two_prompts(model_dir, tmp_path, callback, reward, max_steps: int,
                        learning_rate: float = 3e-4) -> None:
     """A user's script: GRPO on two prompts in groups of 4, 8 completions a step, with

@@ -185,6 +185,26 @@ def _check_same_output(output: Path | None) -> None:
                            "checkpoints every rank resumes from")
 
 
+def _check_output_dir(output: Path | None, run_dir: Path) -> None:
+    """Refuse a trainer ``output_dir`` that is ``run_dir`` itself or one of the folders the run
+    writes (``checkpoints/``, ``resume/``, ``model/``...): TRL's ``checkpoint-N/`` and
+    ``trainer.save_model()``'s files (a model's ``config.json`` among them) would mix with the
+    run's own, and the run would no longer be told from another tool's directory. ``run_dir/trl``
+    (where ``sae-shards train`` keeps them) or any directory outside is fine."""
+    if output is None:
+        return
+    where, run = output.resolve(), Path(run_dir).resolve()
+    inside = [name for name in rundir.OWNED if name != rundir.TRL_OUTPUT
+              and (where == run / name or (run / name) in where.parents)]
+    if where == run or inside:
+        named = "run_dir itself" if where == run else f"inside run_dir/{inside[0]}"
+        raise ValueError(
+            f"the trainer's output_dir={str(output)!r} is {named} ({run}): TRL's checkpoint-N/ "
+            "and trainer.save_model()'s files (a model's config.json among them) would mix with "
+            f"the run's own. Give the trainer output_dir={str(run / rundir.TRL_OUTPUT)!r} (as "
+            "sae-shards train does) or a directory outside the run; nothing was trained")
+
+
 RESERVED_META = ("source", "model_id", "run_dir", "lora", "run_id", "rl_step", "sae_step",
                  "sae_samples", "subset_of")
 """Checkpoint metadata keys sae-shards writes itself, which analysis reads (the samples'
@@ -966,6 +986,8 @@ class ShardCallback(TrainerCallback):
                 self._rank_settings(), "give ShardCallback the same arguments on every process "
                 "(settings read per rank, e.g. from a file or the environment, can differ)")
         if not self.run_config:  # sae-shards train checked its rl.max_steps already
+            with self._free_if_refused():
+                _check_output_dir(trl_dir(args), self.run_dir)
             per_step = trainer_samples_per_step(args, self.capture_cfg.granularity)
             check_sae_window(self.capture_cfg, self.runner_cfg, per_step)
             lost = (deconv_leading_loss(kwargs.get("optimizer"))
