@@ -647,6 +647,16 @@ def test_a_model_directory_is_never_taken_for_a_run_dir(tmp_path, capsys):
 
 
 
+def test_a_resume_that_is_neither_a_flag_nor_auto_names_auto(tmp_path, capsys):
+    """Audit 143 F7: resume=maybe was told 'expected bool', though resume=auto is taken too."""
+    from sae_shards.cli import main
+
+    assert main(["train", "resume=maybe", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert ("sae-shards: config error: resume='maybe': expected true, false or auto"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("plant, named", [
     ({"config.json": '{"experiment": "my notes", "lr": 0.1}'},
      "a config.json that is not a sae-shards run's"),

@@ -148,7 +148,11 @@ def auto_resume_args(args: list[str]) -> list[str]:
             continue
         if not parsed.is_sweep_override():
             resumes.append((i, str(parsed.value())))
-    if not resumes or resumes[-1][1].strip().lower() != "auto":
+    last = resumes[-1][1].strip().lower() if resumes else ""
+    if last not in ("auto", "true", "false", ""):  # Hydra's bool error would not name auto
+        raise ConfigError(f"resume={resumes[-1][1]!r}: expected true, false or auto (auto: "
+                          "continue the run in run_dir when it has a checkpoint, else start it)")
+    if last != "auto":
         return args
     kept = [a for i, a in enumerate(args) if i not in dict(resumes)]
     given = _given_overrides(kept)
