@@ -730,7 +730,7 @@ def test_sae_shards_train_refuses_a_resume_on_another_process_count_before_hydra
     (run / ".hydra").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(
         {"world_size": 2, "launch": "accelerate launch --use_fsdp --fsdp_version 2 "
-                                    "--num_processes 2"}))
+                                    "--num_processes 2", "capture": {}, "sae": {}}))
     overrides = "- rl.max_steps=3\n"
     (run / ".hydra" / "overrides.yaml").write_text(overrides)
     monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -514,7 +514,8 @@ def test_the_lm_head_per_event_is_a_config_error_before_anything_is_written(tmp_
 def test_a_run_that_failed_before_its_first_step_does_not_block_a_retry(tmp_path):
     from sae_shards.run import rundir
 
-    (tmp_path / rundir.CONFIG).write_text("{}")  # what a failed start leaves: config, empty logs
+    # what a failed start leaves: its config, empty logs
+    (tmp_path / rundir.CONFIG).write_text('{"capture": {}, "sae": {}}')
     for name in (rundir.ROLLOUTS, rundir.EVENTS, rundir.METRICS):
         (tmp_path / name).touch()
     (tmp_path / rundir.CHECKPOINTS).mkdir()

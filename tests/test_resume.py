@@ -451,7 +451,8 @@ def test_a_resume_with_nothing_to_resume_says_what_it_found(tmp_path, made, why)
     run.mkdir()
     for name in made:
         (run / name).parent.mkdir(parents=True, exist_ok=True)
-        (run / name).write_text("{}\n")
+        run_config = name == "config.json"  # a run's: its capture and sae settings
+        (run / name).write_text('{"capture": {}, "sae": {}}\n' if run_config else "{}\n")
     with pytest.raises(FileNotFoundError, match=f"holds no resumable run .*: (it )?{why}"):
         prepare_run_dir(run, overwrite=False, resume=True)
 
