@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from sae_shards.capture.memory import check_buffer_memory
+from sae_shards.capture.summary import worse_than_mean
 from sae_shards.cli import main
 from sae_shards.core.checkpoint import save_checkpoint
 from sae_shards.core.sae import LowRankSAE
@@ -174,14 +176,23 @@ def test_run_shorter_than_the_warm_up_says_so(tmp_path):
 
 
 def test_an_sae_that_ends_worse_than_the_mean_is_warned_about(tmp_path):
-    """An SAE whose last FVU is above 1 (here: sae.lr=1 diverges) reconstructs its samples worse
-    than their mean: summary.json and the report say so."""
+    """An SAE whose last FVU is above 1 reconstructs its samples worse than their mean; above 10
+    (here: sae.lr=1 diverges) it diverged: summary.json and the report say so."""
     run = tmp_path / "r"
     cfg = dataclasses.replace(_short_job(run, min_samples=2), sae=SAEConfig(lr=1.0))
     summary = run_job(cfg, run)
-    assert summary["fvu_last"] > 1 and "worse than their mean does" in summary["warning"]
+    # audit 143 F9: a diverged SAE (FVU 5.5e9 here) was told to train longer, its FVU printed
+    # with 10 digits; it is told to lower sae.lr
+    assert summary["fvu_last"] > 10 and summary["warning"].startswith(
+        "the SAE diverged: its FVU over its last tenth of steps is ")
+    assert summary["warning"].endswith("training longer makes it worse. Lower sae.lr, now 1")
     assert main(["analyze", str(run), "--no-dose"]) == 0
-    assert "worse than their mean does" in (run / "report.html").read_text()
+    assert "the SAE diverged" in (run / "report.html").read_text()
+    # above 1 and not diverged: not trained enough yet
+    assert worse_than_mean(1.3, 52, 1.0, 1e-3) == (
+        "the SAE reconstructs its samples worse than their mean does (FVU over its last tenth "
+        "of steps 1.3 > 1, after 52 SAE steps): its shards do not describe the updates yet")
+    assert worse_than_mean(0.9, 52) is None and worse_than_mean(math.nan, 5) is None
     assert _no_nan((run / "summary.json").read_text())["warning"] == summary["warning"]
 
 

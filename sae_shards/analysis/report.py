@@ -1284,7 +1284,8 @@ def checkpoint_figures(view: RunView, summary: dict) -> tuple[dict[str, Any], bo
             "fvu_first": fvu[0], "fvu_last": fvu[1], "fvu_heldout": None, "dead_frac": dead,
             "never_fired_frac": None if fired is None else float((fired == 0).float().mean()),
             "interrupted": summary.get("interrupted"),
-            "warning": worse_than_mean(fvu[1], meta.get("sae_step"))}, False
+            "warning": worse_than_mean(fvu[1], meta.get("sae_step"), fvu[0],
+                                       view.shards.sae.cfg.lr)}, False
 
 
 def _curve_ends(figures: dict, own: bool) -> dict[str, str]:

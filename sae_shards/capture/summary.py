@@ -83,10 +83,10 @@ def run_summary(parts: Pipeline, capture: DeltaCapture | EventCapture, runner: R
             f"the SAE got {trainer.n_steps} step(s) in all ({summary['samples_per_slot']:.2f} "
             "training samples per captured delta)")
         log.warning("%s", summary["warning"])
-    elif worse := worse_than_mean(summary["fvu_last"], trainer.n_steps):
-        summary["warning"] = (
-            f"{worse}. Train it longer "
-            f"({_more_sae_steps(runner)}) or lower sae.lr")
+    elif worse := worse_than_mean(summary["fvu_last"], trainer.n_steps, summary["fvu_first"],
+                                  parts.sae.cfg.lr):
+        summary["warning"] = worse if diverged(summary["fvu_last"]) else (
+            f"{worse}. Train it longer ({_more_sae_steps(runner)}) or lower sae.lr")
         log.warning("%s", summary["warning"])
     for note in (outliers_note(capture),
                  getattr(capture, "precision_note", None)):  # said at the start: the report too
@@ -108,13 +108,34 @@ def outliers_note(capture: DeltaCapture | EventCapture) -> str | None:
             "accepted ones before it); capture.outlier_ratio=0 keeps every finite one")
 
 
-def worse_than_mean(fvu_last: float | None, sae_steps: int | None) -> str | None:
+DIVERGED = 10.0
+"""An SAE whose FVU over its last tenth of steps is above this diverged: an untrained one
+reconstructs about as well as the samples' mean (FVU near 1), and training a diverged one
+longer makes it worse."""
+
+
+def diverged(fvu_last: float | None) -> bool:
+    """Whether the SAE's last FVU is past ``DIVERGED`` (NaN or missing: not known, False)."""
+    return isinstance(fvu_last, (int, float)) and fvu_last > DIVERGED
+
+
+def worse_than_mean(fvu_last: float | None, sae_steps: int | None,
+                    fvu_first: float | None = None, lr: float | None = None) -> str | None:
     """The warning for an SAE that ends reconstructing its samples worse than their mean does
-    (FVU over its last tenth of steps above 1), or None (also for a missing or NaN FVU)."""
+    (FVU over its last tenth of steps above 1), or None (also for a missing or NaN FVU); one
+    that ``diverged`` is told to lower its learning rate ``lr``
+    (``sae.lr``), not to train longer (``fvu_first``: said beside it)."""
     if not (isinstance(fvu_last, (int, float)) and fvu_last > 1):  # NaN compares False
         return None
+    if diverged(fvu_last):
+        now = "" if lr is None else f", now {lr:g}"
+        began = (f" ({fvu_first:.3g} over its first)"
+                 if isinstance(fvu_first, (int, float)) else "")
+        return (f"the SAE diverged: its FVU over its last tenth of steps is {fvu_last:.3g}"
+                f"{began}, after {sae_steps} SAE steps, so its shards describe nothing and "
+                f"training longer makes it worse. Lower sae.lr{now}")
     return (f"the SAE reconstructs its samples worse than their mean does (FVU over its last "
-            f"tenth of steps {fvu_last:.2f} > 1, after {sae_steps} SAE steps): its shards do "
+            f"tenth of steps {fvu_last:.3g} > 1, after {sae_steps} SAE steps): its shards do "
             "not describe the updates yet")
 
 
