@@ -2581,3 +2581,25 @@ def test_a_resume_compares_a_trainer_mapping_whole_and_one_adamw_under_both_kern
     assert fused["optim"] == plain["optim"] == "adamw_torch"
     sgd = step_settings(GRPOConfig(output_dir="/tmp/x", use_cpu=True, optim="sgd"))
     assert sgd["optim"] == "sgd"  # another optimizer is another setting
+
+
+def test_tied_rewards_are_warned_about_once_and_a_collapse_is_among_the_causes(caplog):
+    """Five logged steps in a row whose every prompt group tied warn once, naming the steps;
+    when rewards had differed before (audit 143 F10: rl.learning_rate=100 destroyed the policy
+    and the warning blamed the reward alone) a collapsed policy is named among the causes."""
+    from sae_shards.capture.trainer_settings import TiedRewardsWatch
+
+    def warnings_after(fracs: list[float | None]) -> list[str]:
+        caplog.clear()
+        watch = TiedRewardsWatch()
+        with caplog.at_level(logging.WARNING, logger="sae_shards"):
+            for step, frac in enumerate(fracs, 1):
+                watch.observe(frac, step)
+        return [r.getMessage() for r in caplog.records if "rewards tied" in r.getMessage()]
+
+    assert warnings_after([1.0] * 4 + [0.5] + [1.0] * 4) == []  # never 5 in a row
+    never = warnings_after([1.0] * 8)
+    assert len(never) == 1 and "(steps 1-5," in never[0] and "collapsed" not in never[0]
+    after = warnings_after([0.2, 0.5, None] + [1.0] * 6)
+    assert len(after) == 1 and "(steps 4-8," in after[0]
+    assert "a policy that collapsed, every completion alike: a learning rate too high" in after[0]

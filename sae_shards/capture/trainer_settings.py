@@ -224,12 +224,13 @@ class TiedRewardsWatch:
         self.first: int | None = None  # the first step of the current run of tied steps
         self.count = 0
         self.warned = False
+        self.varied = False  # some earlier logged step had a group whose rewards differed
 
     def observe(self, frac_tied: float | None, step: int) -> None:
         if frac_tied is None or self.warned:
             return
         if frac_tied < 1.0:
-            self.first, self.count = None, 0
+            self.first, self.count, self.varied = None, 0, True
             return
         self.first = step if self.first is None else self.first
         self.count += 1
@@ -241,7 +242,11 @@ class TiedRewardsWatch:
                 "reward signal and the shards cannot find one. Check the reward: every "
                 "completion scoring the same (saturated, e.g. a target any completion reaches, "
                 "or never earned) gives this; for sae-shards train's tasks see "
-                "task.options.target_length", self.count, self.first, step, TIED_METRIC)
+                "task.options.target_length%s", self.count, self.first, step, TIED_METRIC,
+                ". Rewards that differed in earlier steps, as here, and then tie everywhere can "
+                "also be a policy that collapsed, every completion alike: a learning rate too "
+                "high for it (the trainer's learning_rate; sae-shards train: rl.learning_rate)"
+                if self.varied else "")
 
 
 def model_id(model: torch.nn.Module) -> str:
