@@ -759,10 +759,18 @@ def _tied_reward(prompts, completions, **kwargs):
 
 
 def test_a_script_run_whose_updates_are_all_zero_says_so(tiny_model, tmp_path):
-    """No weight moved (learning rate 0 here; on a GPU, every step skipped by fp16 loss
-    scaling): the summary says the samples were zeros, not that there were too few."""
+    """No weight moved (every reward tied, so every advantage is 0 here; on a GPU, every step
+    skipped by fp16 loss scaling): the summary says the samples were zeros, not that there were
+    too few. A learning rate of 0 is refused before the first step (audit 143: it trained every
+    step, then said so at the end)."""
+    refused = ShardCallback(run_dir=tmp_path / "refused", runner={"min_samples": 2})
+    with pytest.raises(ValueError, match=r"the trainer's learning rate is 0 \(learning_rate=0.0; "
+                                         r"every param group of its optimizer\): no weight "
+                                         r"would move"):
+        _train_two_prompts(tiny_model, tmp_path, refused, _length_reward, 3, learning_rate=0.0)
+    assert not (tmp_path / "refused" / "rollouts.jsonl").exists()
     callback = ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 2})
-    _train_two_prompts(tiny_model, tmp_path, callback, _length_reward, 3, learning_rate=0.0)
+    _train_two_prompts(tiny_model, tmp_path, callback, _tied_reward, 3)
     summary = callback.summary
     assert summary["captured"] == summary["zero_samples"] == 3 and summary["sae_steps"] == 0
     assert summary["warning"].startswith(

@@ -57,7 +57,7 @@ from transformers import TrainerCallback
 
 from sae_shards.capture import distributed, initial_model
 from sae_shards.capture.signals import SignalGuard
-from sae_shards.capture.step_rules import deconv_leading_loss
+from sae_shards.capture.step_rules import deconv_leading_loss, unwrap_optimizer
 from sae_shards.capture import resume as resume_state
 from sae_shards.capture.runner import STOP_GRACE_S
 from sae_shards.capture.background import BackgroundWriter
@@ -203,6 +203,19 @@ def _check_output_dir(output: Path | None, run_dir: Path) -> None:
             "and trainer.save_model()'s files (a model's config.json among them) would mix with "
             f"the run's own. Give the trainer output_dir={str(run / rundir.TRL_OUTPUT)!r} (as "
             "sae-shards train does) or a directory outside the run; nothing was trained")
+
+
+def _check_learning_rate(optimizer: Any, args: Any) -> None:
+    """Refuse a trainer whose learning rate is 0 in every param group (the schedule's base,
+    ``initial_lr``): no weight moves, every captured update is zero and the SAE has nothing to
+    learn (audit 143: the run trained every step, then said so at its end)."""
+    groups = getattr(unwrap_optimizer(optimizer), "param_groups", None) or []
+    if groups and all(float(g.get("initial_lr", g.get("lr", 1.0))) == 0.0 for g in groups):
+        raise ValueError(
+            f"the trainer's learning rate is 0 (learning_rate={getattr(args, 'learning_rate', 0)!r}"
+            "; every param group of its optimizer): no weight would move, every captured update "
+            "would be zero and the SAE would have nothing to learn. Set learning_rate; nothing "
+            "was trained")
 
 
 RESERVED_META = ("source", "model_id", "run_dir", "lora", "run_id", "rl_step", "sae_step",
@@ -988,6 +1001,7 @@ class ShardCallback(TrainerCallback):
         if not self.run_config:  # sae-shards train checked its rl.max_steps already
             with self._free_if_refused():
                 _check_output_dir(trl_dir(args), self.run_dir)
+                _check_learning_rate(kwargs.get("optimizer"), args)
             per_step = trainer_samples_per_step(args, self.capture_cfg.granularity)
             check_sae_window(self.capture_cfg, self.runner_cfg, per_step)
             lost = (deconv_leading_loss(kwargs.get("optimizer"))
