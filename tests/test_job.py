@@ -663,7 +663,7 @@ def test_a_resume_that_is_neither_a_flag_nor_auto_names_auto(tmp_path, capsys):
      "a config.json that is not a sae-shards run's"),
     ({"config.json": "not json"}, "a config.json that is not JSON"),
     ({"checkpoints/checkpoint-500/model.safetensors": "w", "wandb/offline-run-1/run.wandb": "x"},
-     "checkpoints/ with checkpoint-500 (no run's step or final checkpoints)"),
+     "checkpoints/ with checkpoint-500 (not a run's step or final checkpoint)"),
 ])
 def test_a_directory_of_the_users_own_files_is_never_written_over(tmp_path, capsys, plant,
                                                                    named):
@@ -688,6 +688,12 @@ def test_a_directory_of_the_users_own_files_is_never_written_over(tmp_path, caps
     with pytest.raises(FileExistsError, match=re.escape(named)):  # a script's ShardCallback
         rundir.prepare_run_dir(project, overwrite=True)
     assert {p: p.read_bytes() for p in project.rglob("*") if p.is_file()} == before
+    # beside a run's config.json an entry of checkpoints/ is the user's, in a run all the same
+    # (audit 144: a ShardSet saved as checkpoints/top2 made the run's resume refused)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "top2").mkdir(parents=True)
+    (run / "config.json").write_text('{"capture": {}, "sae": {}}')
+    assert rundir.foreign_files(run) == []
 
 def _broken_model(tmp_path: Path, how: str) -> Path:
     """The tiny model saved, then broken as a user's directory can be."""

@@ -534,13 +534,15 @@ def foreign_files(run_dir: Path) -> list[str]:
     """What in ``run_dir`` no sae-shards run wrote, under names a run writes or removes: the
     files of a model (or adapter) directory at its top (``MODEL_FILES``), a ``config.json``
     that is not a run's (a model's: ``model_type`` / ``architectures``; another tool's or the
-    user's: not ``is_run_config``), and entries of ``checkpoints/`` that are not a run's step
-    or final checkpoints (another trainer's ``checkpoint-500/``)."""
+    user's: not ``is_run_config``), and, in a directory without a ``config.json``, entries of
+    ``checkpoints/`` that are not a run's step or final checkpoints (another trainer's
+    ``checkpoint-500/``)."""
     if not run_dir.is_dir():
         return []
     found = [name for name in MODEL_FILES if (run_dir / name).exists()]
     path = run_dir / CONFIG
-    if path.exists() or path.is_symlink():
+    has_config = path.exists() or path.is_symlink()
+    if has_config:
         try:
             config = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -553,13 +555,15 @@ def foreign_files(run_dir: Path) -> list[str]:
                 found.insert(0, f"a {CONFIG} that is not a sae-shards run's (no capture and sae "
                                 "settings)")
     checkpoints = run_dir / CHECKPOINTS
-    if checkpoints.is_dir() and not checkpoints.is_symlink():
+    # judged only without a config.json: beside a run's, another entry there is the user's own
+    # (a ShardSet saved beside the steps) in a run all the same
+    if not has_config and checkpoints.is_dir() and not checkpoints.is_symlink():
         others = sorted(p.name for p in checkpoints.iterdir() if not (
             p.name == "final" or step_of(p.name) is not None or _is_leftover(p)))
         if others:
             found.append(f"{CHECKPOINTS}/ with {', '.join(others[:3])}"
                          + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-                         + " (no run's step or final checkpoints)")
+                         + " (not a run's step or final checkpoint)")
     return found
 
 
