@@ -769,6 +769,18 @@ def test_a_script_run_whose_updates_are_all_zero_says_so(tiny_model, tmp_path):
                                          r"would move"):
         _train_two_prompts(tiny_model, tmp_path, refused, _length_reward, 3, learning_rate=0.0)
     assert not (tmp_path / "refused" / "rollouts.jsonl").exists()
+    # an optimizer that sets its own step size leaves lr 0 in its groups, and trains (audit 144)
+    from types import SimpleNamespace
+
+    from transformers.optimization import Adafactor, AdafactorSchedule
+
+    from sae_shards.capture.callback import _check_learning_rate
+
+    own = Adafactor(torch.nn.Linear(2, 2).parameters(), relative_step=True, warmup_init=True,
+                    lr=None)
+    AdafactorSchedule(own)
+    for rate in (5e-5, 0.0):
+        _check_learning_rate(own, SimpleNamespace(learning_rate=rate))  # not refused
     callback = ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 2})
     _train_two_prompts(tiny_model, tmp_path, callback, _tied_reward, 3)
     summary = callback.summary

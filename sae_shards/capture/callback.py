@@ -206,11 +206,19 @@ def _check_output_dir(output: Path | None, run_dir: Path) -> None:
 
 
 def _check_learning_rate(optimizer: Any, args: Any) -> None:
-    """Refuse a trainer whose learning rate is 0 in every param group (the schedule's base,
-    ``initial_lr``): no weight moves, every captured update is zero and the SAE has nothing to
-    learn (audit 143: the run trained every step, then said so at its end)."""
+    """Refuse a trainer whose ``learning_rate`` is 0 and whose optimizer's param groups all have
+    0 for theirs (the schedule's base, ``initial_lr``): no weight moves, every captured update
+    is zero and the SAE has nothing to learn (audit 143: the run trained every step, then said
+    so at its end). A group whose rate is not a number, or an optimizer that sets its own step
+    size (Adafactor's ``relative_step``, which leaves ``lr`` 0 in its groups), is not judged."""
     groups = getattr(unwrap_optimizer(optimizer), "param_groups", None) or []
-    if groups and all(float(g.get("initial_lr", g.get("lr", 1.0))) == 0.0 for g in groups):
+
+    def zero(group: Mapping[str, Any]) -> bool:
+        rate = group.get("initial_lr", group.get("lr"))
+        return (isinstance(rate, (int, float)) and rate == 0
+                and not group.get("relative_step", False))
+
+    if getattr(args, "learning_rate", None) == 0 and groups and all(map(zero, groups)):
         raise ValueError(
             f"the trainer's learning rate is 0 (learning_rate={getattr(args, 'learning_rate', 0)!r}"
             "; every param group of its optimizer): no weight would move, every captured update "
