@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from sae_shards.cli import CONFIG_DIR, ConfigError, job_config_from_hydra
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.run.config import (TASK_NAMES, CaptureConfig, JobConfig, LoraSettings,
-                                   ModelConfig, RLConfig, RunnerConfig, check_sae_trains)
+                                   ModelConfig, RLConfig, RunnerConfig, check_sae_trains,
+                                   deconv_warmup_loss)
 
 # Options that need a value from the user to compose.
 REQUIRED = {("model", "hf_path"): ["model.path={model_dir}"]}
@@ -445,6 +446,21 @@ def test_sae_must_start_before_the_last_rl_step_and_count_held_out_steps():
     with pytest.raises(ValueError, match=r"rl.max_steps=10 gives 5 trainable per-step samples"):
         check_sae_trains(capture, RunnerConfig(heldout_every=2, min_samples=6), 10)
     check_sae_trains(capture, RunnerConfig(heldout_every=2, min_samples=5), 10)
+    # deconv under a warmup from 0 loses steps 1 and 2; step 2 is also held out, counted once
+    # (audit 144 F5): steps 3, 5, 7, 9 train
+    deconv = CaptureConfig(source="deconv")
+    lost = deconv_warmup_loss(2)
+    check_sae_trains(deconv, RunnerConfig(heldout_every=2, min_samples=4), 10, lost=lost)
+    with pytest.raises(ValueError, match=r"gives 4 trainable per-step samples .*cannot invert "
+                                         r"the first 2 steps"):
+        check_sae_trains(deconv, RunnerConfig(heldout_every=2, min_samples=5), 10, lost=lost)
+    # sae-shards train reads the warmup from rl.extra (a script's, from its optimizer)
+    with pytest.raises(ValueError, match=r"rl.max_steps=10 gives 8 trainable per-step samples "
+                                         r"\(one per RL step; capture.source='deconv' cannot "
+                                         r"invert the first 2 steps"):
+        JobConfig(capture=deconv, runner=RunnerConfig(min_samples=9),
+                  rl=RLConfig(max_steps=10, extra={"warmup_steps": 2}))
+    JobConfig(capture=deconv, runner=RunnerConfig(min_samples=9), rl=RLConfig(max_steps=10))
 
 
 @pytest.mark.parametrize("data,message", [

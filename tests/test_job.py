@@ -694,6 +694,11 @@ def test_a_directory_of_the_users_own_files_is_never_written_over(tmp_path, caps
     (run / "checkpoints" / "top2").mkdir(parents=True)
     (run / "config.json").write_text('{"capture": {}, "sae": {}}')
     assert rundir.foreign_files(run) == []
+    # an unreadable config.json (another user's run, a dangling link) is not called "not JSON":
+    # the permission check that follows names the cause (audit 144 F4)
+    (run / "config.json").unlink()
+    (run / "config.json").symlink_to(tmp_path / "gone.json")
+    assert rundir.foreign_files(run) == []
 
 def _broken_model(tmp_path: Path, how: str) -> Path:
     """The tiny model saved, then broken as a user's directory can be."""

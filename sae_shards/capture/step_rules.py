@@ -17,6 +17,7 @@ import torch
 
 from sae_shards.capture.buffer import DeltaRingBuffer
 from sae_shards.capture.selection import Target
+from sae_shards.run.config import deconv_warmup_loss
 
 def unwrap_optimizer(optimizer):
     """The torch optimizer inside wrappers that hold it as ``.optimizer`` (accelerate's)."""
@@ -76,9 +77,7 @@ def deconv_leading_loss(optimizer) -> tuple[int, str]:
         return 0, ""
     momentum = isinstance(optimizer, torch.optim.Adam) or any(
         float(g.get("momentum", 0.0)) != 0.0 for g in groups)
-    lost = 2 if momentum else 1
-    return lost, (f"capture.source='deconv' cannot invert the first {lost} step"
-                  f"{'s' if lost > 1 else ''}: the learning rate's warmup starts at 0")
+    return deconv_warmup_loss(2 if momentum else 1)
 
 
 @dataclass(frozen=True)

@@ -505,6 +505,17 @@ class JobConfig:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def _deconv_lost(self) -> tuple[int, str]:
+        """The first steps ``capture.source=deconv`` cannot invert under ``rl.extra``'s warmup
+        from learning rate 0 (``step_rules.deconv_leading_loss`` reads a script's optimizer):
+        step 1, and step 2 with momentum (Adam; an SGD optimizer counted without)."""
+        extra = self.rl.extra
+        warm = any(isinstance(extra.get(k), (int, float)) and extra.get(k) > 0
+                   for k in ("warmup_steps", "warmup_ratio"))
+        if self.capture.granularity != "step" or self.capture.source != "deconv" or not warm:
+            return 0, ""
+        return deconv_warmup_loss(1 if str(extra.get("optim", "")).startswith("sgd") else 2)
+
     def __post_init__(self) -> None:
         if not self.run_dir.strip():
             raise ValueError(EMPTY_RUN_DIR)
@@ -517,7 +528,7 @@ class JobConfig:
                              "continues the run in run_dir, overwrite deletes it; choose one")
         check_sae_window(self.capture, self.runner, self._samples_per_step())
         check_sae_trains(self.capture, self.runner, self.rl.max_steps,
-                         samples_per_step=self._samples_per_step())
+                         samples_per_step=self._samples_per_step(), lost=self._deconv_lost())
         self.sae.check_sample_form(sample_form(self.capture.granularity))
         if self.capture.granularity != "step":
             self._check_event_rl()
@@ -659,6 +670,13 @@ def sample_source(granularity: str, source: str | None, precondition: str = "non
     return "grad" + "".join(f"-{v}" for v in (precondition, normalize) if v != "none")
 
 
+def deconv_warmup_loss(lost: int) -> tuple[int, str]:
+    """``(lost, why)`` for ``check_sae_trains``: the first ``lost`` steps of a warmup from
+    learning rate 0, which ``capture.source=deconv`` cannot invert."""
+    return lost, (f"capture.source='deconv' cannot invert the first {lost} step"
+                  f"{'s' if lost > 1 else ''}: the learning rate's warmup starts at 0")
+
+
 def check_sae_trains(capture: CaptureConfig, runner: RunnerConfig, max_steps: int,
                      max_steps_name: str = "rl.max_steps",
                      samples_per_step: int | None = 1, lost: tuple[int, str] = (0, "")) -> None:
@@ -674,7 +692,8 @@ def check_sae_trains(capture: CaptureConfig, runner: RunnerConfig, max_steps: in
             f"runner.sae_start_step={runner.sae_start_step} is not before the last RL step "
             f"({max_steps_name}={max_steps}), so the SAE would never train; lower it")
     every = runner.heldout_every
-    n_lost, why_lost = lost
+    n_lost, why_lost = lost  # the first steps; one that is held out is not counted twice
+    n_lost -= sum(1 for step in range(1, n_lost + 1) if every and step % every == 0)
     trainable_steps = max(0, max_steps - (max_steps // every if every else 0) - n_lost)
     most = trainable_steps * (samples_per_step or 0)
     if samples_per_step is not None and most < runner.min_samples:

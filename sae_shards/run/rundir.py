@@ -545,8 +545,10 @@ def foreign_files(run_dir: Path) -> list[str]:
     if has_config:
         try:
             config = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except ValueError:
             found.insert(0, f"a {CONFIG} that is not JSON")
+        except OSError:  # unreadable (another user's run): the permission check says so
+            pass
         else:
             if isinstance(config, dict) and ("model_type" in config
                                              or "architectures" in config):
