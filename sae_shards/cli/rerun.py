@@ -149,7 +149,7 @@ def auto_resume_args(args: list[str]) -> list[str]:
         if not parsed.is_sweep_override():
             resumes.append((i, str(parsed.value())))
     last = resumes[-1][1].strip().lower() if resumes else ""
-    if last not in ("auto", "true", "false", "1", "0", ""):  # Hydra's error would not name auto
+    if last not in ("auto", "true", "false", ""):  # Hydra's bool error would not name auto
         raise ConfigError(f"resume={resumes[-1][1]!r}: expected true, false or auto (auto: "
                           "continue the run in run_dir when it has a checkpoint, else start it)")
     if last != "auto":
