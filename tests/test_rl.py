@@ -106,6 +106,18 @@ def test_config_is_cpu_fp32_and_quiet(tmp_path):
             trl_config({"fp16": True}, tmp_path)
 
 
+def test_trl_values_are_checked_for_a_new_run_and_a_resume_keeps_its_own():
+    """A new run's rl.extra values are checked against TRL's config class (audit 143 F11); a
+    resume continues with the values its run recorded, which an earlier version took (audit 144
+    F6: a run started with num_train_epochs could not be resumed)."""
+    from sae_shards.recipe.trainers import check_trl_settings
+
+    for settings in ({"num_train_epochs": 3}, {"logging_first_step": 1}):
+        with pytest.raises(ValueError, match=r"rl.extra\."):
+            check_trl_settings(settings)
+        check_trl_settings(settings, new_run=False)
+
+
 def test_config_errors_name_the_key(tmp_path):
     # the closest field named as it is set (audit 115 F1; audit 116 U1: rl's own are rl.<name>)
     with pytest.raises(ValueError, match=r"\['rl.extra.learning_rat \(did you mean "

@@ -490,7 +490,8 @@ def _dose_section(dose_results: dict[int, Any], analysis: dict[str, Any], tags: 
               "projection of the update (the analysed policy's weights minus the "
               "initial ones) on the "
               "shard's unit direction, in parameter units: not the SAE's own "
-              "attribution to the shard (see under the ablation table). "
+              "attribution to the shard (the ablation table gives both, where the "
+              "run's buffer holds the updates to attribute). "
               + _against_attribution(analysis, "their curves measure")
               + "The control adds a "
               "random direction of equal norm (one Gaussian draw for every shard). Error bars (± in the table): each "

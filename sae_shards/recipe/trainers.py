@@ -85,10 +85,13 @@ def checkpointing(every: int) -> dict[str, Any]:
             "save_only_model": False}
 
 
-def check_trl_settings(grpo_kwargs: dict[str, Any], algorithm: Algorithm = "grpo") -> None:
+def check_trl_settings(grpo_kwargs: dict[str, Any], algorithm: Algorithm = "grpo",
+                       new_run: bool = True) -> None:
     """Refuse keys that ``algorithm``'s TRL config class does not have and attempts to change
     the settings sae-shards fixes (``ValueError``); ``trl_config`` takes what passes. Cheap:
-    ``sae-shards train`` calls it on every job's config before anything is written."""
+    ``sae-shards train`` calls it on every job's config before anything is written. A
+    ``new_run`` has its values checked too (``_check_trl_values``); a resume continues with the
+    values its run recorded, which an earlier version took."""
     config_cls = TRAINERS[algorithm][0]
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(grpo_kwargs) - known)
@@ -109,7 +112,8 @@ def check_trl_settings(grpo_kwargs: dict[str, Any], algorithm: Algorithm = "grpo
                 f"rl.{key}={grpo_kwargs[key]!r} is not supported: sae-shards fixes {key}={fixed!r} "
                 "(it logs to W&B and saves checkpoints itself); remove the key"
             )
-    _check_trl_values(grpo_kwargs, config_cls)
+    if new_run:
+        _check_trl_values(grpo_kwargs, config_cls)
 
 
 def _check_trl_values(grpo_kwargs: dict[str, Any], config_cls: type) -> None:
@@ -190,7 +194,7 @@ def trl_config(grpo_kwargs: dict[str, Any], output_dir: str | Path,
     Raises ``ValueError`` for keys the config class does not have and for attempts to change the
     settings this module fixes (``report_to``, ``logging_steps``, the checkpointing ones).
     """
-    check_trl_settings(grpo_kwargs, algorithm)
+    check_trl_settings(grpo_kwargs, algorithm, new_run=False)  # values: check_recipe's
     defaults = dict(DEFAULT_GRPO)
     if "gradient_checkpointing" in grpo_kwargs:  # its old name: the default must not override it
         defaults.pop("activation_checkpointing")

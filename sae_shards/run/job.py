@@ -124,7 +124,8 @@ def check_recipe(cfg: JobConfig) -> None:
                  if cfg.model.path else build_tokenizer())
     task = build_task(cfg.task.name, **cfg.task.options)  # its options checked (cheap)
     check_writable(task, tokenizer)  # a rewarded character the policy cannot write
-    check_trl_settings({**cfg.rl.trl_kwargs(), "seed": cfg.seed}, cfg.rl.algorithm)
+    check_trl_settings({**cfg.rl.trl_kwargs(), "seed": cfg.seed}, cfg.rl.algorithm,
+                       new_run=not cfg.resume)
     check_precision({**cfg.rl.trl_kwargs(), "use_cpu": resolve_device(cfg.device).type == "cpu"})
     if getattr(task, "scaled", False):
         check_reward_scale(cfg.rl.trl_kwargs(), cfg.rl.algorithm)
