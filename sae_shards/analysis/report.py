@@ -494,7 +494,8 @@ def _dose_section(dose_results: dict[int, Any], analysis: dict[str, Any], tags: 
               "run's buffer holds the updates to attribute). "
               + _against_attribution(analysis, "their curves measure")
               + "The control adds a "
-              "random direction of equal norm (one Gaussian draw for every shard). Error bars (± in the table): each "
+              "random direction of equal norm (one Gaussian draw for every shard). "
+              "Error bars (± in the table): each "
               "point's change from alpha 0, paired per "
               "prompt (the points share prompts and rollout seed), its standard "
               "error over prompts. Dotted: each context's reward along the shard, from the same "

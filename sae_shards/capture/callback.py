@@ -271,10 +271,10 @@ class ShardCallback(TrainerCallback):
     """Capture parameter updates of a TRL run and train a low-rank SAE on them concurrently.
 
     Every argument but ``run_dir`` is optional (a str or Path; a leading ``~`` is the home
-    directory, as ``TrainingArguments`` takes ``output_dir``). The shortcuts (``targets``, ``source``,
-    ``capacity``, ``sae_steps_per_rl_step``, ``concurrency``, ``checkpoint_every``) set the field
-    of the same name in ``capture`` / ``runner`` (``run.config.CaptureConfig`` /
-    ``RunnerConfig``, each documented there); ``sae`` is an ``SAEConfig`` or a dict of its
+    directory, as ``TrainingArguments`` takes ``output_dir``). The shortcuts (``targets``,
+    ``source``, ``capacity``, ``sae_steps_per_rl_step``, ``concurrency``,
+    ``checkpoint_every``) set the field of the same name in ``capture`` / ``runner``
+    (``run.config.CaptureConfig`` / ``RunnerConfig``, each documented there); ``sae`` is an ``SAEConfig`` or a dict of its
     fields. Bad values raise ``ValueError`` here, before training.
 
     ``log_to_wandb``: add the SAE's figures and the shards artifact to the W&B run the trainer
