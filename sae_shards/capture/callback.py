@@ -274,8 +274,8 @@ class ShardCallback(TrainerCallback):
     directory, as ``TrainingArguments`` takes ``output_dir``). The shortcuts (``targets``,
     ``source``, ``capacity``, ``sae_steps_per_rl_step``, ``concurrency``,
     ``checkpoint_every``) set the field of the same name in ``capture`` / ``runner``
-    (``run.config.CaptureConfig`` / ``RunnerConfig``, each documented there); ``sae`` is an ``SAEConfig`` or a dict of its
-    fields. Bad values raise ``ValueError`` here, before training.
+    (``run.config.CaptureConfig`` / ``RunnerConfig``, each documented there); ``sae`` is an
+    ``SAEConfig`` or a dict of its fields. Bad values raise ``ValueError`` here, before training.
 
     ``log_to_wandb``: add the SAE's figures and the shards artifact to the W&B run the trainer
     logs to (``report_to="wandb"``), if there is one. ``label_column``: the column of TRL's
