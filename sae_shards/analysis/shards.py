@@ -184,9 +184,9 @@ class ShardSet:
         """``[n_shards]``: each shard's |cosine| with its own initial direction, the one an
         untrained SAE of its config, seed and targets starts from (factored, never dense). A
         shard that keeps ``INIT_KEPT`` or more of it never trained away from its random start:
-        its direction says nothing of the run. NaN for a ``subset`` (its shards started as the
-        original SAE's: their starts are that SAE's, found from the size it records,
-        ``meta["subset_of"]["n_latents"]``; NaN for a subset saved without it)."""
+        its direction says nothing of the run. A ``subset``'s shards started as the original
+        SAE's did, rebuilt from the size ``meta["subset_of"]["n_latents"]`` records (NaN for a
+        subset saved without it)."""
         cfg, rows = self.sae.cfg, None  # rows: the shards' indices in the original
         if self.meta.get("subset_of") is not None:
             origin, n = self.subset_origin(), self.meta["subset_of"].get("n_latents")
