@@ -650,10 +650,13 @@ def test_saving_shards_never_replaces_a_run_or_other_files(run_dir, tmp_path):
     with pytest.raises(FileExistsError, match=r"holds a run directory \(.*\), which saving would "
                                               r"replace; save the shards to a new or empty"):
         view.shards.save(run, overwrite=True)
-    with pytest.raises(FileExistsError, match=r"final is a checkpoint of the run in .*run, whose "
-                                              r"activations and resume belong to it"):
+    with pytest.raises(FileExistsError, match=r"final is a checkpoint of the run in .*run, which "
+                                              r"are the run's own"):
         view.shards.subset([1, 0]).save(run / "checkpoints" / "final", overwrite=True)
-    assert tree_bytes(run) == before
+    # a new folder among them too: overwrite=true would remove it with the run (audit 144)
+    with pytest.raises(FileExistsError, match=r"top2 would sit among the checkpoints of the run"):
+        view.shards.subset([1, 0]).save(run / "checkpoints" / "top2")
+    assert tree_bytes(run) == before and not (run / "checkpoints" / "top2").exists()
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "important.txt").write_text("mine")

@@ -1049,7 +1049,13 @@ def _load_safe(folder: Path, safetensors_only: bool = True, tokenizer_dir: Path 
 
 
 def _save_refusal(path: Path, overwrite: bool) -> str | None:
-    """Why ``ShardSet.save`` may not replace ``path``, or None (see ``save``)."""
+    """Why ``ShardSet.save`` may not write or replace ``path``, or None (see ``save``)."""
+    parent = path.resolve().parent
+    if parent.name == rundir.CHECKPOINTS and (parent.parent / rundir.CONFIG).is_file():
+        being = "is a checkpoint" if path.exists() else "would sit among the checkpoints"
+        return (f"ShardSet.save: {path} {being} of the run in {parent.parent}, which are the "
+                "run's own (its resume reads them, and overwrite=true removes them with the "
+                "run); save the shards elsewhere")
     if not path.exists():
         return None
     if not path.is_dir():
@@ -1057,10 +1063,6 @@ def _save_refusal(path: Path, overwrite: bool) -> str | None:
     held = sorted(p.name for p in path.iterdir())
     if not held:
         return None
-    parent = path.resolve().parent
-    if parent.name == rundir.CHECKPOINTS and (parent.parent / rundir.CONFIG).is_file():
-        return (f"ShardSet.save: {path} is a checkpoint of the run in {parent.parent}, whose "
-                "activations and resume belong to it; save the shards elsewhere")
     if set(held) <= {CONFIG_FILE, SAE_FILE, STATE_FILE}:  # what save_checkpoint writes
         if overwrite:
             return None
