@@ -267,6 +267,8 @@ def test_ablation_removes_what_the_run_added_along_the_shard(model_and_tokenizer
     assert ab.n_by_label == {t: 32 for t in task.labels}  # 8 prompts of each, 4 samples
     assert a_drop > 4 * ab.stderr_change_removed_by_label["A"] > 0  # resolved, paired
     assert ab.change_removed == pytest.approx(ab.reward_removed - ab.reward_final, abs=1e-12)
+    assert ab.change_overshoot == pytest.approx(ab.reward_overshoot - ab.reward_final,
+                                                abs=1e-12)
     # the shard against its control, paired per prompt (the report's last column): told apart
     # over all four tasks, though only A's prompts (a quarter) move
     assert ab.beyond_control == pytest.approx(ab.reward_removed - ab.reward_control, abs=1e-12)
@@ -509,12 +511,14 @@ def test_ablation_control_removes_c_times_the_norm_matched_draw(monkeypatch):
                 n_samples=2)
     c = ab.coefficient
     assert c == pytest.approx(0.5, rel=0.05)
-    assert len(seen) == 3  # final, removed, control
+    assert len(seen) == 4  # final, removed, overshoot, control
     r = random_direction_like(d, torch.Generator().manual_seed(3))
     for n in names:
         torch.testing.assert_close(seen[0][n], theta_t[n])
         torch.testing.assert_close(seen[1][n], theta_t[n] - c * d[n], rtol=0, atol=1e-5)
-        torch.testing.assert_close(seen[2][n], theta_t[n] - c * r[n], rtol=0, atol=1e-5)
+        # audit 142 F4: as far again along the shard, the policy's curvature near its optimum
+        torch.testing.assert_close(seen[2][n], theta_t[n] + c * d[n], rtol=0, atol=1e-5)
+        torch.testing.assert_close(seen[3][n], theta_t[n] - c * r[n], rtol=0, atol=1e-5)
 
 
 def test_dose_response_steers_along_the_signed_alpha_and_pairs_against_alpha_zero(

@@ -87,6 +87,8 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path, caplog):
         # paired per prompt, equal samples per prompt: the mean change is the change of means
         assert abs(ablation["change_removed"] - (ablation["reward_removed"]
                                                  - ablation["reward_final"])) < 1e-12
+        assert abs(ablation["change_overshoot"] - (ablation["reward_overshoot"]
+                                                   - ablation["reward_final"])) < 1e-12
         assert ablation["stderr_change_removed"] >= 0
         assert entry["logit_lens"], "the body targets include o_proj/down_proj writers"
     ablations = [entry["ablation"] for entry in analysis["shards"].values()]
@@ -775,6 +777,32 @@ def test_shards_whose_c_and_attribution_disagree_in_sign_are_named_under_both_ta
                            "curves measure the update along that direction")
     entries[20]["update_coefficient"] = -0.17
     assert _against_attribution({"shards": entries}, "their curves measure") == ""
+
+
+def test_the_ablation_table_sets_each_removal_beside_its_overshoot():
+    """Audit 142 F4: pushing the final policy as far again along a shard cost nearly as much as
+    removing it (shard 5: 0.028 against 0.033), so a removal's cost was partly the policy's
+    curvature. The table gives the overshoot's change, and names the shards whose removal
+    cost no more than it."""
+    from sae_shards.analysis.interventions import Ablation
+    from sae_shards.analysis.report import _ablation_html
+
+    def ablation(removed: float, over: float) -> Ablation:
+        return Ablation(coefficient=0.2, reward_final=0.67, stderr_final=0.01,
+                        reward_removed=0.67 + removed, stderr_removed=0.01, reward_control=0.67,
+                        stderr_control=0.01, n=128, change_removed=removed,
+                        stderr_change_removed=0.005, change_control=0.0,
+                        stderr_change_control=0.0, beyond_control=removed,
+                        stderr_beyond_control=0.005, reward_overshoot=0.67 + over,
+                        change_overshoot=over, stderr_change_overshoot=0.004, n_prompts=32)
+
+    entries = {s: {} for s in (1, 5)}
+    page = _ablation_html({1: ablation(-0.065, -0.033), 5: ablation(-0.033, -0.036)}, {},
+                          "final policy", entries)
+    assert "pushed as far again (+ c * shard): change" in page
+    assert "-0.0330 ± 0.0040</td>" in page and "-0.0360 ± 0.0040</td>" in page
+    assert ("For shard 5 pushing further costs at least as much as removing: that removal's "
+            "cost is the policy's curvature") in page
 
 
 def test_a_shard_told_apart_alone_is_not_among_shards_that_do_nothing():

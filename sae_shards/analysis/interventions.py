@@ -843,6 +843,14 @@ class Ablation:
     stderr_beyond_control: float = math.nan
     """Its standard error over prompts: within noise of 0 (``resolution.within_noise``),
     removing the shard is not told apart from removing any direction of its norm."""
+    reward_overshoot: float = math.nan
+    """Mean reward of ``theta_T + c d``: the final weights pushed as far again along the shard.
+    Near a reward optimum any move of that size along a direction the data varies in costs
+    reward, either way; a removal that costs no more than this shows the policy's curvature,
+    not what the shard carries (audit 142)."""
+    change_overshoot: float = math.nan
+    """``reward_overshoot - reward_final``, paired per prompt."""
+    stderr_change_overshoot: float = math.nan
     n_prompts: int = 0
     """Prompts scored per estimate: the units of the standard errors (0: not known)."""
 
@@ -859,8 +867,9 @@ def ablate(
     **reward_kwargs: Any,
 ) -> Ablation:
     """Score ``model`` (the final weights) as it is, with the shard's part of the run's update
-    removed (:func:`remove_direction`, ``initial``: theta_0) and with the same amount of a
-    norm-matched random direction removed, on the same prompts and rollout seed
+    removed (:func:`remove_direction`, ``initial``: theta_0), with as much added again (the
+    overshoot: the cost of moving that far along the shard either way), and with the same
+    amount of a norm-matched random direction removed, on the same prompts and rollout seed
     (:func:`eval_prompts`, ``reward_kwargs`` as :func:`score_rollouts` takes them); the changes
     are paired per prompt (:func:`paired_change`).
     ``baseline``: the final weights' :class:`Scored` on those prompts, when the caller already
@@ -871,6 +880,8 @@ def ablate(
                                                                  **reward_kwargs)
     with remove_direction(model, direction, initial) as c:
         removed = score_rollouts(model, tokenizer, task, data, **reward_kwargs)
+    with add_direction(model, direction, c):  # as far again the other way: the curvature
+        over = score_rollouts(model, tokenizer, task, data, **reward_kwargs)
     control = random_direction_like(direction, torch.Generator().manual_seed(control_seed))
     with add_direction(model, control, -c):
         ctrl = score_rollouts(model, tokenizer, task, data, **reward_kwargs)
@@ -886,7 +897,10 @@ def ablate(
     removed_change, control_change = (paired_change(final.rewards, s.rewards)
                                       for s in (removed, ctrl))
     beyond, beyond_se = paired_change(ctrl.rewards, removed.rewards)
+    over_change = paired_change(final.rewards, over.rewards)
     return Ablation(c, est[0].mean, est[0].stderr, est[1].mean, est[1].stderr, est[2].mean,
                     est[2].stderr, est[0].n, *removed_change, *control_change, *means,
                     stderrs, counts, beyond_control=beyond, stderr_beyond_control=beyond_se,
+                    reward_overshoot=estimate(over.rewards).mean,
+                    change_overshoot=over_change[0], stderr_change_overshoot=over_change[1],
                     n_prompts=final.rewards.shape[0])

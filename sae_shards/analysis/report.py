@@ -793,8 +793,9 @@ def _unmoved_note(results: dict[int, Any]) -> str:
 def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
                    entries: dict[int, dict[str, Any]]) -> str:
     """One row per shard: the final reward, and its change (± its paired standard error over
-    prompts) without the shard's part of the update and without a norm-matched random
-    direction; each context's change when several; the SAE's own attribution beside c."""
+    prompts) without the shard's part of the update, with as much added again (the
+    overshoot), and without a norm-matched random direction; each context's change when
+    several; the SAE's own attribution beside c."""
     first = ablations[next(iter(ablations))]
     n = first.n_prompts
     labels = sorted({label for ab in ablations.values() for label in ab.removed_by_label})
@@ -803,6 +804,7 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
     header = (["shard", "c (the update along the shard, parameter units)"]
               + (["the SAE's attribution (activations summed x input_scale)"] if shown else [])
               + ["the policy's reward", "without the shard: change",
+                 "pushed as far again (+ c * shard): change",
                  "without random (same norm): change",
                  "without the shard minus without random"]
               + [f"{label}: change without the shard (n={first.n_by_label.get(label, '?')})"
@@ -818,6 +820,7 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
                     + ([f"{entries[s]['attributed_update']:+.4f}"] if shown else [])
                     + [f"{ab.reward_final:.4f} ± {ab.stderr_final:.4f}",
                      change(ab.change_removed, ab.stderr_change_removed),
+                     change(ab.change_overshoot, ab.stderr_change_overshoot),
                      change(ab.change_control, ab.stderr_change_control),
                      change(ab.beyond_control, ab.stderr_beyond_control)
                      + ("" if apart[s] else " (not told apart)")]
@@ -846,7 +849,7 @@ def _ablation_html(ablations: dict[int, Any], tags: dict[int, str], policy: str,
                  f"{holm_first_bound(len(ablations), n):.2f}.</p>"
                  if len(ablations) > 1 else
                  f"Told apart means beyond {resolved_bound(n):.2f} standard errors.</p>")
-            + _controls_note(ablations)
+            + _controls_note(ablations) + _overshoot_note(ablations)
             + (_attribution_note(ablations, entries) if shown else ""))
 
 
@@ -876,6 +879,23 @@ def _controls_note(ablations: dict[int, Any]) -> str:
                 "these rollouts.</p>")
     return (f"<p>Not told apart from the random direction's: shard{'s' if len(faint) > 1 else ''}"
             f" {', '.join(map(str, faint))}.</p>")
+
+
+def _overshoot_note(ablations: dict[int, Any]) -> str:
+    """How to read the overshoot column, naming the shards whose removal cost no more than
+    pushing the policy as far again along the shard (their removal shows the policy's
+    curvature near its optimum, not what the shard carries)."""
+    note = ("<p>The overshoot adds <code>c * shard</code> to the analysed policy instead: near a "
+            "reward optimum, moving the weights that far along any direction the updates vary "
+            "in costs reward either way, so a removal is read beside it. ")
+    both_cost = [s for s, ab in ablations.items()
+                 if ab.change_removed < 0 and ab.change_overshoot <= ab.change_removed]
+    if both_cost:
+        note += (f"For shard{'s' if len(both_cost) > 1 else ''} "
+                 f"{', '.join(map(str, both_cost))} pushing further costs at least as much as "
+                 "removing: that removal's cost is the policy's curvature, not shown to be "
+                 "what the shard carries. ")
+    return note + "</p>"
 
 
 def _attribution_note(ablations: dict[int, Any], entries: dict[int, dict[str, Any]]) -> str:
