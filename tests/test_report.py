@@ -445,8 +445,9 @@ def test_the_reports_interventions_are_the_plain_calls_with_shared_baselines(
     analysis = json.loads((tmp_path / "analysis.json").read_text())
     n = len(analysis["shards"])
     # the reward tried on two prompts, each policy unchanged, then per shard the shard and
-    # the control at the two non-zero alphas and the ablation's two
-    assert len(calls) == 1 + 2 + n * (2 * 2 + 2)
+    # the control at the two non-zero alphas and the ablation's three (removed, overshoot,
+    # control)
+    assert len(calls) == 1 + 2 + n * (2 * 2 + 3)
     monkeypatch.undo()
     initial, final, tokenizer, task = load_run_models(short_run_dir)
     theta0 = dict(initial.named_parameters())
