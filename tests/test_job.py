@@ -587,6 +587,7 @@ def test_one_process_writes_a_run_dir_at_a_time(tmp_path):
                                r"sae-shards train"):
                 rundir.prepare_run_dir(run, overwrite=True, resume=resume)
         (run / rundir.ROLLOUTS).write_text('{"step": 1}\n')  # nothing was removed or written
+        (run / rundir.CONFIG).write_text('{"capture": {}, "sae": {}}')  # (a run writes it first)
     finally:
         holder.kill()
         holder.wait()
@@ -664,6 +665,8 @@ def test_a_resume_that_is_neither_a_flag_nor_auto_names_auto(tmp_path, capsys):
     ({"config.json": "not json"}, "a config.json that is not JSON"),
     ({"checkpoints/checkpoint-500/model.safetensors": "w", "wandb/offline-run-1/run.wandb": "x"},
      "checkpoints/ with checkpoint-500 (not a run's step or final checkpoint)"),
+    ({"wandb/offline-run-1/run.wandb": "x", "metrics.jsonl": '{"loss": 1}\n'},
+     "wandb/, metrics.jsonl without a config.json (a run writes them after it)"),
 ])
 def test_a_directory_of_the_users_own_files_is_never_written_over(tmp_path, capsys, plant,
                                                                    named):
@@ -699,6 +702,32 @@ def test_a_directory_of_the_users_own_files_is_never_written_over(tmp_path, caps
     (run / "config.json").unlink()
     (run / "config.json").symlink_to(tmp_path / "gone.json")
     assert rundir.foreign_files(run) == []
+
+
+def test_overwrite_removes_the_runs_config_last(tmp_path, monkeypatch):
+    """Audit 143 F1b: a run writes its wandb/ and logs only after its config.json, so beside no
+    config.json they are the user's (refused above). A removal killed half-way must leave the
+    config.json, or the run's own wandb/ would then be refused as foreign."""
+    import shutil
+
+    from sae_shards.run import rundir
+
+    run = tmp_path / "run"
+    (run / "wandb" / "offline-run-1").mkdir(parents=True)
+    (run / "wandb" / "offline-run-1" / "run.wandb").write_text("x")
+    (run / "metrics.jsonl").write_text('{"loss": 1}\n')
+    (run / "config.json").write_text('{"capture": {}, "sae": {}}')
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rundir.prepare_run_dir(run, overwrite=True)
+    monkeypatch.undo()
+    assert (run / "config.json").is_file() and rundir.foreign_files(run) == []
+    rundir.prepare_run_dir(run, overwrite=True)
+    rundir.release_run_dir(run)
+    assert not any((run / name).exists() for name in ("config.json", "wandb", "metrics.jsonl"))
 
 def _broken_model(tmp_path: Path, how: str) -> Path:
     """The tiny model saved, then broken as a user's directory can be."""

@@ -106,6 +106,14 @@ their own messages; the software's versions are warned about and recorded,
 _RESULTS = (CHECKPOINTS, ROLLOUTS, EVENTS, ACTIVATIONS, SAMPLES, SUMMARY)
 """Files whose presence means the directory holds an earlier run's results."""
 
+_AFTER_CONFIG = (WANDB, METRICS, ROLLOUTS, EVENTS, SUMMARY, ACTIVATIONS, SAMPLES, RESUME,
+                 FINAL_MODEL, *DERIVED)
+"""What a run writes (with content) only once its ``config.json`` is written; beside no
+``config.json`` they are another tool's or the user's (a project's own ``wandb/``). Hydra's
+``.hydra/`` and ``cli.log``, the tiny model's ``model/`` and TRL's ``trl/`` may come first,
+from a start that failed before its config was written; ``overwrite`` removes ``config.json``
+last, so a killed removal leaves one."""
+
 
 LOCK = ".lock"
 """Held by the process writing the run (not in ``OWNED``: ``overwrite`` never removes it)."""
@@ -494,7 +502,7 @@ def _prepare_locked(run_dir: Path, overwrite: bool, resume: bool) -> Path:
             path.unlink()  # through it, out of its directory; the link goes, never its target
     if overwrite:
         removed = []
-        for name in OWNED:
+        for name in (*(n for n in OWNED if n != CONFIG), CONFIG):  # see _AFTER_CONFIG
             path = run_dir / name
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -566,6 +574,11 @@ def foreign_files(run_dir: Path) -> list[str]:
             found.append(f"{CHECKPOINTS}/ with {', '.join(others[:3])}"
                          + (f" and {len(others) - 3} more" if len(others) > 3 else "")
                          + " (not a run's step or final checkpoint)")
+    if not has_config:
+        late = [name + ("/" if (run_dir / name).is_dir() else "") for name in _AFTER_CONFIG
+                if _has_content(run_dir / name)]
+        if late:
+            found.append(f"{', '.join(late)} without a {CONFIG} (a run writes them after it)")
     return found
 
 
