@@ -485,6 +485,11 @@ def test_a_share_that_is_exactly_zero_says_no_reward_changed():
     # the shards' parameters are all the run changed: the reference is the run, not a figure
     line = together_line({"together": {**entry, "whole_is_run": True}})
     assert "their parameters are all the run changed;" in line and "50.0%" not in line
+    assert "as far again" not in line  # an analysis.json of an earlier version: no overshoot
+    entry["shares"]["overshoot"] = [0.06, 0.01]
+    line = together_line({"together": entry})
+    assert ("the same parameters 50.0% ± 5.0%, and moving as far again past the policy loses "
+            "6.0% ± 1.0%; their span alone recovers 12.5% ± 1.2%") in line
 
 
 def test_a_share_within_two_standard_errors_of_zero_is_marked_not_resolved():
@@ -900,3 +905,23 @@ def test_a_shard_that_never_left_its_random_start_is_said_to_be_one(short_run_di
     assert f"{len(shown) - 1} of the {len(shown)} detailed (" in html
     assert json.loads((run / "analysis.json").read_text())["shards"][str(moved)][
         "initial_cosine"] < 0.3
+
+
+def test_a_span_whose_overshoot_costs_as_much_as_its_removal_is_named_so():
+    """Section 8's overshoot (theta_T + P) beside the removal: a removal that costs no more than
+    moving as far again past the policy shows its curvature, and the report says so; a
+    removal that costs more is left plain."""
+    from sae_shards.analysis.report import _span_overshoot
+    from sae_shards.analysis.span import SpanEffect
+
+    def effect(removed: float, over: float) -> SpanEffect:
+        return SpanEffect(n=128, n_prompts=32, rewards={},
+                          changes={"removed": (removed, 0.01), "overshoot": (over, 0.01)},
+                          shares={"overshoot": (-over / 0.5, 0.02)})
+
+    text = _span_overshoot(effect(-0.10, -0.12))
+    assert "loses 24.0% ± 2.0%" in text and "the policy's curvature" in text
+    text = _span_overshoot(effect(-0.10, -0.03))
+    assert "loses 6.0% ± 2.0%" in text and "curvature" not in text
+    assert _span_overshoot(SpanEffect(n=1, n_prompts=32, rewards={}, changes={},
+                                      shares={})) == ""  # an effect scored without it

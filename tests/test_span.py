@@ -131,6 +131,13 @@ def test_the_span_of_the_shards_that_carry_the_reward_explains_the_run(models):
     kept, kept_se = both.changes["kept_beyond_control"]
     assert removed == pytest.approx(both.rewards["removed"] - both.rewards["removed_control"])
     assert removed < -4 * removed_se < 0 and kept > 4 * kept_se > 0
+    # the overshoot, theta_T + P: further along the vowel direction costs no reward here, so
+    # the removal's cost is not the policy's curvature (a sign flipped would make it theta_T -
+    # P again, whose cost is most of the run's change)
+    over, over_se = both.changes["overshoot"]
+    assert over == pytest.approx(both.rewards["overshoot"] - both.rewards["final"])
+    assert over > -2 * over_se and both.shares["overshoot"][0] < 0.1
+    assert both.shares["overshoot"][0] == pytest.approx(-over / run_change)
     share, alone = results["noise"]
     assert 0.3 < share < 0.7  # about half of the update's squared norm ...
     assert abs(alone.shares["removed"][0]) < 0.2  # ... and almost none of its reward change

@@ -587,6 +587,9 @@ def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[
              change("removed") + " (from theta_T)", share("removed") + " undone"],
             ["theta_T - random of P's norm", f"{r['removed_control']:.4f}",
              change("removed_control") + " (from theta_T)", share("removed_control") + " undone"],
+            *([["theta_T + P: as far again past the policy (the overshoot)",
+                f"{r['overshoot']:.4f}", change("overshoot") + " (from theta_T)",
+                share("overshoot") + " lost"]] if "overshoot" in r else []),
             ["theta_0 + P: the shards' span alone", f"{r['kept']:.4f}",
              change("kept") + " (from theta_0)", share("kept") + " recovered"],
             ["theta_0 + random of P's norm", f"{r['kept_control']:.4f}",
@@ -613,7 +616,8 @@ def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[
     if effect.resolved:
         out += (f"<p>Removing the shards' span undoes {share('removed')} of the run's reward "
                 f"change ({run:+.4f}); adding it alone to the initial weights recovers "
-                f"{share('kept')}. " + _span_against_control(effect.changes, effect.n_prompts) + (
+                f"{share('kept')}. " + _span_against_control(effect.changes, effect.n_prompts)
+                + _span_overshoot(effect) + (
                     "The shards' parameters are all the parameters the run changed, so the "
                     "whole update on them is the run's own: those two rows are theta_0 and "
                     "theta_T again, their 100% holds by construction, and the span's shares "
@@ -632,6 +636,23 @@ def _together_html(entry: dict[str, Any], effect: SpanEffect | None, tags: dict[
                   "The reward is not linear in the weights: the two shares need not agree nor "
                   "stay within 0-100%. The random rows remove or add a Gaussian direction of "
                   "P's norm.</p>")
+
+
+def _span_overshoot(effect: SpanEffect) -> str:
+    """The overshoot beside the removal: near a reward optimum moving as far again past the
+    policy costs reward too, and a removal that costs no more than that does not show what the
+    span carries (as ``_overshoot_note`` says of one shard)."""
+    if "overshoot" not in effect.shares:
+        return ""
+    text = (f"Moving as far again past theta_T along the span (the overshoot) loses "
+            f"{_share(*effect.shares['overshoot'], effect.n_prompts)}: near a reward optimum "
+            "any move that far along directions the updates vary in costs reward, so the "
+            "removal is read beside it. ")
+    removed, over = effect.changes["removed"][0], effect.changes["overshoot"][0]
+    if removed < 0 and over <= removed:
+        text += ("Here it costs at least as much as the removal: the removal's share is the "
+                 "policy's curvature, not shown to be what the span carries. ")
+    return text
 
 
 def _span_against_control(changes: dict[str, Any], n_prompts: int) -> str:
@@ -683,7 +704,8 @@ def together_line(analysis: dict[str, Any]) -> str | None:
     # the prompts the errors are over (an analysis.json of an earlier version: its draws')
     n = entry.get("n_prompts") or (analysis.get("draws") or {}).get("n_prompts") or 0
     shares = {k: [math.nan if v is None else v for v in entry["shares"].get(k, (None, None))]
-              for k in ("removed", "kept", "removed_whole", "removed_control", "kept_control")}
+              for k in ("removed", "kept", "removed_whole", "removed_control", "kept_control",
+                        "overshoot")}
     shards = (f"shard {entry['shards'][0]}" if one
               else f"shards {', '.join(map(str, entry['shards']))} together")
     run, run_se = (math.nan if v is None else v for v in entry["changes"]["run"])
@@ -709,8 +731,11 @@ def together_line(analysis: dict[str, Any]) -> str | None:
                 + ("; not told apart from it" if apart is not None and _not_beyond(*apart, n)
                    else "") + ")")
 
+    # an analysis.json of an earlier version scored no overshoot
+    over = ("" if "overshoot" not in entry["shares"] else
+            f", and moving as far again past the policy loses {_share(*shares['overshoot'], n)}")
     return (f"{shards}: removing {span} undoes {_share(*shares['removed'], n)} of the run's "
-            f"reward change ({run:+.4f}){control('removed')}, {reference}; {span} alone "
+            f"reward change ({run:+.4f}){control('removed')}, {reference}{over}; {span} alone "
             f"recovers {_share(*shares['kept'], n)}{control('kept')} (report: 'Shards "
             "together')")
 

@@ -13,11 +13,15 @@ and the policy is scored four ways beside the run's own two (``theta_0``, ``thet
 - *kept*: ``theta_0 + P``, the initial policy with only that part added;
 - each again with a Gaussian direction of ``P``'s norm in place of ``P`` (the control), and
   with the run's whole update on the same parameters in place of ``P`` (the reference: what
-  those parameters carry at all, of which the span can carry at most about as much).
+  those parameters carry at all, of which the span can carry at most about as much);
+- *overshoot*: ``theta_T + P``, as far again past the final policy. Near a reward optimum a
+  move that far along directions the updates vary in costs reward either way, so what a
+  removal costs is read beside it (as for one shard, ``interventions.ablate``).
 
 Two shares of the run's reward change ``R_T - R_0`` follow, each a ratio of changes paired on the
 same prompts and rollout seed: what removing ``P`` undoes, ``(R_T - R(theta_T - P)) / (R_T -
-R_0)``, and what adding ``P`` alone recovers, ``(R(theta_0 + P) - R_0) / (R_T - R_0)``. Their
+R_0)``, and what adding ``P`` alone recovers, ``(R(theta_0 + P) - R_0) / (R_T - R_0)`` (the
+overshoot's share, ``(R_T - R(theta_T + P)) / (R_T - R_0)``, is what it loses). Their
 standard errors come from each prompt's residual ``a_i - r b_i`` (the delta method for a ratio
 of means), and neither is given when the run's own change is not resolved from 0
 (``resolution``: about two standard errors): a share of an unresolved change is noise. The two
@@ -123,18 +127,20 @@ class SpanEffect:
     """Mean reward of each policy: ``initial`` (theta_0), ``final`` (theta_T), ``removed``
     (theta_T - P), ``removed_control`` (theta_T minus the random direction),
     ``removed_whole`` (theta_T with P's parameters back at theta_0), ``kept`` (theta_0 + P),
-    ``kept_control``, ``kept_whole`` (theta_0 with P's parameters at theta_T)."""
+    ``kept_control``, ``kept_whole`` (theta_0 with P's parameters at theta_T), ``overshoot``
+    (theta_T + P)."""
     changes: dict[str, tuple[float, float]]
     """Paired ``(change, stderr)``: ``run`` (final - initial), ``removed`` (removed - final),
     ``removed_control``, ``removed_whole``, ``kept`` (kept - initial), ``kept_control``,
-    ``kept_whole``; ``removed_beyond_control`` (removed - removed_control) and
+    ``kept_whole``, ``overshoot`` (overshoot - final); ``removed_beyond_control`` (removed - removed_control) and
     ``kept_beyond_control`` (kept - kept_control): the span against a random direction of its
     norm, within noise of 0 (``resolution.within_noise``) when the two are not told apart."""
     shares: dict[str, tuple[float, float]]
     """``(share of the run's change, stderr)``: ``removed`` (what removing P undoes),
     ``kept`` (what adding P alone recovers), and the same for the random direction
     (``removed_control``, ``kept_control``) and for the whole update on P's parameters
-    (``removed_whole``, ``kept_whole``); NaN when the run's change is not resolved."""
+    (``removed_whole``, ``kept_whole``); ``overshoot``: what moving as far again past theta_T
+    loses; NaN when the run's change is not resolved."""
     by_label: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
     """Each context's paired changes ``run``, ``removed``, ``kept``, ``removed_whole``,
     ``kept_whole`` (a built-in task's reward scale divided out); ``{}`` unless the prompts carry
@@ -166,8 +172,8 @@ def span_effect(
     directions with :func:`span_weights`) removed from the final one and added to the initial
     one, each beside a Gaussian direction of P's norm (``control_seed``) and beside the whole
     update on P's parameters (those parameters of one policy set to the other's values, so no
-    copy of the update is made), on the same prompts
-    and rollout seed (:func:`interventions.eval_prompts`; ``reward_kwargs`` as
+    copy of the update is made), and added to the final one (the overshoot), on the same
+    prompts and rollout seed (:func:`interventions.eval_prompts`; ``reward_kwargs`` as
     :func:`interventions.score_rollouts` takes them). ``baselines``: the two policies'
     :class:`Scored` on those prompts when the caller has them. Both models are restored
     bit-exactly afterwards."""
@@ -188,6 +194,8 @@ def span_effect(
         with add_direction(initial, d, 1.0):
             s["kept" + suffix] = score(initial)
     del control
+    with add_direction(final, projected, 1.0):
+        s["overshoot"] = score(final)
     theta0, theta_t = weights_of(initial, "initial"), weights_of(final, "final")
     whole_is_run = not changed_elsewhere(theta0, theta_t, projected)
     with set_weights(final, {name: theta0[name] for name in projected}):
@@ -198,7 +206,8 @@ def span_effect(
     changes = {"run": paired_change(r["initial"], r["final"]),
                **{f"{kind}_beyond_control": paired_change(r[f"{kind}_control"], r[kind])
                   for kind in ("removed", "kept")}}
-    shares = {}
+    shares = {"overshoot": share_of_change(r["initial"], r["final"], r["overshoot"], r["final"])}
+    changes["overshoot"] = paired_change(r["final"], r["overshoot"])
     for suffix in ("", "_control", "_whole"):
         changes["removed" + suffix] = paired_change(r["final"], r["removed" + suffix])
         changes["kept" + suffix] = paired_change(r["initial"], r["kept" + suffix])
