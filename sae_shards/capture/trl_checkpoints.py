@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Collection
+
+from sae_shards.run.rundir import trl_checkpoint_steps
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,6 @@ def warn_reshuffled_epochs(args: Any, state: Any, level: int = logging.WARNING) 
             "the first epoch's order, not the uninterrupted run's, and the steps need not match "
             "it (shuffle_dataset=False, or a dataset longer than the run, keeps a resume "
             "exact)", state.global_step, int(epoch) + 1)
-
-
-def trl_checkpoint_steps(output_dir: str | None) -> list[int]:
-    """The steps of the ``checkpoint-N`` directories in a trainer's ``output_dir``, ascending."""
-    if not output_dir or not Path(output_dir).is_dir():
-        return []
-    return sorted(int(p.name.removeprefix("checkpoint-")) for p in Path(output_dir).iterdir()
-                  if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir())
 
 
 def resumed_checkpoint(args: Any, step: int) -> Path | None:

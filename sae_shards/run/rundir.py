@@ -384,8 +384,6 @@ def auto_resume(run_dir: str | Path, with_trl: bool = False) -> tuple[bool, bool
     resumes = set(saved_steps(run_dir / RESUME))
     states = {s for s in saved_steps(run_dir / CHECKPOINTS)
               if (run_dir / CHECKPOINTS / step_name(s) / STATE_FILE).is_file()}
-    from sae_shards.capture.trl_checkpoints import trl_checkpoint_steps  # stdlib only
-
     trl = run_dir / TRL_OUTPUT
     started = set(trl_checkpoint_steps(str(trl))) if with_trl else set()
     complete = resumes & states
@@ -958,6 +956,14 @@ def latest_checkpoint(run_dir: Path) -> str:
                   if any(trl_finished(root, step) for root in trl_roots(run_dir))]
         steps = paired or readable or steps
     return step_name(steps[-1])
+
+
+def trl_checkpoint_steps(output_dir: str | None) -> list[int]:
+    """The steps of the ``checkpoint-N`` directories in a trainer's ``output_dir``, ascending."""
+    if not output_dir or not Path(output_dir).is_dir():
+        return []
+    return sorted(int(p.name.removeprefix("checkpoint-")) for p in Path(output_dir).iterdir()
+                  if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir())
 
 
 def trl_finished(trl_dir: Path, step: int) -> bool:
