@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 
 from sae_shards.cli import CONFIG_DIR, ConfigError, job_config_from_hydra
 from sae_shards.core.sae_config import SAEConfig
-from sae_shards.run.config import (TASK_NAMES, CaptureConfig, JobConfig, LoraSettings,
-                                   ModelConfig, RLConfig, RunnerConfig, check_sae_trains,
+from sae_shards.run.config import (TASK_NAMES, CaptureConfig, JobConfig, LoggingConfig,
+                                   LoraSettings, ModelConfig, RLConfig, RunnerConfig, check_sae_trains,
                                    deconv_warmup_loss)
 
 # Options that need a value from the user to compose.
@@ -148,6 +148,11 @@ def test_default_config_equals_dataclass_defaults():
     ("task.n_prompts=1", r"task.n_prompts=1 is fewer than one optimizer step's prompts \(2"),
     ("run_dir=", r"run_dir is empty"),
     ("resume=true overwrite=true", r"resume=true and overwrite=true contradict"),
+    # audit 148 F4.3: accepted, AuxK silently off (NaN compares False), and every checkpoint the
+    # run wrote then refused by the loader, which wants finite numbers
+    ("sae.aux_coef=nan", r"sae.aux_coef=nan: expected a finite number"),
+    ("sae.lr=inf", r"sae.lr=inf: expected a finite number"),
+    ("rl.learning_rate=inf", r"rl.learning_rate=inf: expected a finite number"),
     ("runner.worker_timeout_s=0", r"runner.worker_timeout_s=0.0 must be > 0"),
     ("capture.outlier_ratio=0.5", r"capture.outlier_ratio=0.5 must be > 1"),
     ("capture.kfac_damping=0", r"capture.kfac_damping=0.0 must be > 0"),
@@ -424,6 +429,39 @@ def test_a_sweeps_job_directories_ignore_every_setting_a_resume_may_change():
 def test_each_config_range_check_refuses_its_bad_value(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: CaptureConfig(source="grads"),
+     r"capture.source='grads' is not one of \['update', 'grad', 'precond', 'deconv'\]"),
+    (lambda: CaptureConfig(granularity="event"), r"capture.granularity='event' is not one of"),
+    (lambda: RunnerConfig(concurrency="threads"), r"runner.concurrency='threads' is not one of"),
+    (lambda: ModelConfig(arch="mistral"), r"model.arch='mistral' is not one of"),
+    (lambda: LoggingConfig(mode="of"), r"logging.mode='of' is not one of"),
+    (lambda: ModelConfig(lora=LoraSettings(alpha="16")),
+     r"model.lora.alpha: expected float, got str '16'"),
+    (lambda: CaptureConfig(capacity=2.5), r"capture.capacity: expected int, got float 2.5"),
+    (lambda: RunnerConfig(worker_timeout_s=float("inf")),
+     r"runner.worker_timeout_s=inf: expected a finite number"),
+    (lambda: RLConfig(beta=float("nan")), r"rl.beta=nan: expected a finite number"),
+    (lambda: JobConfig(seed=True), r"seed: expected int, got bool True"),
+    (lambda: SAEConfig(k=2.5), r"sae.k=2.5 must be an integer"),
+    (lambda: SAEConfig(aux_k=2.5), r"sae.aux_k=2.5 must be an integer"),
+    (lambda: SAEConfig(seed="x"), r"sae.seed='x' must be an integer"),
+    (lambda: SAEConfig(n_latents=True), r"sae.n_latents=True must be a positive integer"),
+    (lambda: SAEConfig(lr=float("inf")), r"sae.lr=inf must be a finite number"),
+    (lambda: SAEConfig(aux_coef=float("nan")), r"sae.aux_coef=nan must be a finite number"),
+    (lambda: SAEConfig(autocast_bf16="no"), r"sae.autocast_bf16='no' must be true or false"),
+    (lambda: SAEConfig(use_b_dec=0), r"sae.use_b_dec=0 must be true, false or null"),
+])
+def test_a_config_built_in_python_is_checked_as_one_built_from_a_dict(build, message):
+    """Audit 148 F4.1, F4.2: a config dataclass built in Python (as a script passes
+    ShardCallback(capture=CaptureConfig(...))) took any choice, type or non-finite number, which
+    then failed later in some consumer's words, after the run directory was made."""
+    with pytest.raises(ValueError, match=message):
+        build()
+    rl = RLConfig(learning_rate=1)  # an int for a float field is stored as the float
+    assert type(rl.learning_rate) is float and rl == RLConfig(learning_rate=1.0)
 
 
 def test_prompts_per_step_counts_gradient_accumulation():

@@ -5,6 +5,7 @@ A leaf module: it imports nothing heavy, so configs can be built and validated w
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
@@ -80,6 +81,16 @@ class SAEConfig:
             raise ValueError(f"sae.batch_size={self.batch_size} must be at least 2: the loss is "
                              "the fraction of the batch's variance left unexplained, which one "
                              "sample does not have")
+        _integer(self, "k", "seed")
+        if self.aux_k is not None:
+            _integer(self, "aux_k")
+        if not isinstance(self.autocast_bf16, bool):
+            raise ValueError(f"sae.autocast_bf16={self.autocast_bf16!r} must be true or false")
+        for name in ("lr", "aux_coef", "scale_ema", "threshold_ema"):  # NaN compares False
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value)):
+                raise ValueError(f"sae.{name}={value!r} must be a finite number")
         if not 1 <= self.k <= self.n_latents:
             raise ValueError(f"sae.k={self.k} must be between 1 and sae.n_latents={self.n_latents}")
         if self.sparsity not in SPARSITY_MODES:
@@ -89,7 +100,7 @@ class SAEConfig:
                 f"sae.aux_k={self.aux_k} must be between 1 and sae.n_latents={self.n_latents}, "
                 "or null for the default min(4*k, n_latents)"
             )
-        if self.use_b_dec not in (None, True, False):
+        if not (self.use_b_dec is None or isinstance(self.use_b_dec, bool)):
             raise ValueError(f"sae.use_b_dec={self.use_b_dec!r} must be true, false or null")
         if not self.lr > 0:
             raise ValueError(f"sae.lr={self.lr} must be positive (e.g. 1e-3)")
@@ -141,8 +152,15 @@ class SAEConfig:
         return cls(**data)
 
 
+def _integer(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"sae.{name}={value!r} must be an integer")
+
+
 def _positive(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"sae.{name}={value!r} must be a positive integer")

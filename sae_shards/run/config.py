@@ -3,8 +3,9 @@
 Hydra composes ``configs/``; ``JobConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))``
 turns the result into these frozen dataclasses once, in the CLI. Unknown keys and wrongly typed
 values are rejected with the dotted field name (and the closest known key); ``Literal`` fields
-list their choices; each ``__post_init__`` checks ranges and says how to fix a bad value. Nothing
-below the CLI sees Hydra.
+list their choices; each ``__post_init__`` checks the types, choices and finite numbers of a
+config built in Python too (``schema.check_fields``), then ranges, and says how to fix a bad
+value. Nothing below the CLI sees Hydra.
 
 A leaf module: it imports only the standard library and the SAE's own config, so a config can be
 built and checked without torch, transformers or TRL.
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from sae_shards.core.sae_config import SAEConfig
-from sae_shards.run.schema import build_dataclass
+from sae_shards.run.schema import build_dataclass, check_fields
 
 EMPTY_RUN_DIR = "run_dir is empty; give the run a directory of its own, e.g. run_dir=runs/my_run"
 """The refusal of an empty ``run_dir`` (the job's config, a ``ShardCallback``'s argument)."""
@@ -72,6 +73,7 @@ class LoraSettings:
     """Use rank-stabilised scaling alpha / sqrt(r)."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "model.lora.")
         # checked with LoRA off too: a value no adapter could take is a mistake either way
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"model.lora.r={self.r!r} must be an integer >= 1")
@@ -125,6 +127,7 @@ class ModelConfig:
     """Optional LoRA adapter."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "model.")
         if self.path is not None and not str(self.path).strip():
             raise ValueError("model.path is empty; give a local model directory, or null for the "
                              "built-in tiny model")
@@ -171,6 +174,7 @@ class TaskConfig:
     """Task-specific settings passed to ``tasks.build_task`` (e.g. ``target_chars``)."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "task.")
         if self.n_prompts < 1:
             raise ValueError(f"task.n_prompts={self.n_prompts} must be >= 1")
 
@@ -213,6 +217,7 @@ class RLConfig:
     """Any other ``trl.GRPOConfig`` / ``trl.RLOOConfig`` field, passed through as is."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "rl.")
         if self.num_generations < 2:
             raise ValueError(f"rl.num_generations={self.num_generations} must be >= 2: a group of "
                              "one completion has no advantage to reinforce")
@@ -343,6 +348,7 @@ class CaptureConfig:
     than it are amplified at most ``1 / sqrt(kfac_damping)`` times."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "capture.")
         if self.targets is not None and not self.targets:
             raise ValueError("capture.targets is empty; give glob patterns over parameter names, "
                              "or null for every block's attention and MLP matrices")
@@ -436,6 +442,7 @@ class RunnerConfig:
     samples are written materialised (dense), at that same size."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "runner.")
         for name in ("sae_steps_per_rl_step", "min_samples", "max_lag", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"runner.{name}={getattr(self, name)} must be >= 1")
@@ -478,6 +485,9 @@ class LoggingConfig:
     artifacts: bool = True
     """Upload the final checkpoint as a W&B artifact."""
 
+    def __post_init__(self) -> None:
+        check_fields(self, "logging.")
+
 
 @dataclass(frozen=True)
 class JobConfig:
@@ -517,6 +527,7 @@ class JobConfig:
         return deconv_warmup_loss(1 if str(extra.get("optim", "")).startswith("sgd") else 2)
 
     def __post_init__(self) -> None:
+        check_fields(self, "")
         if not self.run_dir.strip():
             raise ValueError(EMPTY_RUN_DIR)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

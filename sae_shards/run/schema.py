@@ -2,14 +2,17 @@
 
 ``build_dataclass`` turns a dict (Hydra's container, a checkpoint's JSON, a callback's keyword
 argument) into a config dataclass, recursively, checking each value against its field's
-annotation (``Literal`` choices, lists, optional values) and naming the dotted field, and for an
-unknown key the closest known one. Standard library only.
+annotation (``Literal`` choices, lists, optional values, finite numbers) and naming the dotted
+field, and for an unknown key the closest known one. ``check_fields`` applies the same checks to
+a dataclass built in Python (``CaptureConfig(source=...)``), from its ``__post_init__``.
+Standard library only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Mapping
@@ -28,6 +31,19 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
                  for k in unknown for close in [closest(k, known)]]
         raise ValueError(f"unknown config keys {hints}; {where} takes {sorted(known)}")
     return cls(**coerce_fields(cls, data, prefix, types_))
+
+
+def check_fields(obj: Any, prefix: str) -> None:
+    """Check the fields of the config dataclass ``obj`` as ``build_dataclass`` checks a dict's
+    values, naming ``prefix + field``: what a config built in Python, not from a dict, is held
+    to. An int given for a float field is stored as the float (frozen dataclasses included); a
+    nested config dataclass is taken as it is (its own ``__post_init__`` checked it)."""
+    types_ = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        checked = _coerce(types_[f.name], value, prefix + f.name)
+        if checked is not value:  # int -> float, a list's or mapping's items checked
+            object.__setattr__(obj, f.name, checked)
 
 
 def coerce_fields(cls: type, data: Mapping[str, Any], prefix: str,
@@ -50,7 +66,7 @@ def closest(name: str, known: Any) -> str | None:
 def _coerce(tp: Any, value: Any, name: str) -> Any:
     """Check ``value`` against a field's annotation (ints are accepted where floats are)."""
     if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, name + ".")
+        return value if isinstance(value, tp) else build_dataclass(tp, value, name + ".")
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -91,6 +107,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name}={value}: expected a finite number")
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         quote = (f" (quote it to keep it text: {name}='{value}', or \"{name}='{value}'\" in a "
                  "shell)" if tp is str and isinstance(value, (int, float, bool)) else "")
