@@ -9,7 +9,7 @@ running input scale, per-latent firing statistics and counters of rejected sampl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Mapping
 
 import torch
 from torch import Tensor
@@ -246,21 +246,6 @@ class SAETrainer:
         thr = self.sae.threshold  # NaN until the first batch_topk step sets it
         ema = thr * (1 - self.cfg.threshold_ema) + self.cfg.threshold_ema * floor
         thr.copy_(torch.where(torch.isnan(thr), floor, ema))
-
-    # ------------------------------------------------------------------ loops
-    def fit(self, source: Iterable[Sample] | Callable[[], Sample], n_steps: int,
-            on_step: Callable[[int, StepMetrics], None] | None = None) -> list[StepMetrics]:
-        """Run ``n_steps`` steps on batches from an iterable or a zero-argument callable."""
-        it: Iterator[Sample] | None = None if callable(source) else iter(source)
-        history = []
-        for _ in range(n_steps):
-            batch = source() if it is None else next(it)
-            m = self.step(batch)
-            if m is not None:
-                history.append(m)
-                if on_step is not None:
-                    on_step(self.n_steps, m)
-        return history
 
     # ------------------------------------------------------------------ resume state
     def state_tensors(self) -> dict[str, Tensor]:

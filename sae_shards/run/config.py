@@ -47,8 +47,6 @@ ONE_LABEL_TASKS: tuple[str, ...] = ("letters",)
 shards against."""
 SOURCES: tuple[str, ...] = get_args(Source)
 STORAGE_DTYPES: tuple[str, ...] = get_args(StorageDtype)
-CONCURRENCY: tuple[str, ...] = get_args(Concurrency)
-WANDB_MODES: tuple[str, ...] = get_args(WandbMode)
 
 
 @dataclass(frozen=True)
