@@ -2411,6 +2411,7 @@ def test_resume_auto_replaces_only_a_run_with_nothing_to_resume(tmp_path, caplog
     (copy / "checkpoints" / "step_000005").mkdir(parents=True)
     (copy / "checkpoints" / "step_000005" / "training_state.safetensors").write_bytes(b"x")
     (copy / "rollouts.jsonl").write_text('{"step": 1}\n')
+    (copy / "config.json").write_text('{"capture": {}, "sae": {}}')  # (a run writes it first)
     before = tree_bytes(copy)
     with pytest.raises(FileNotFoundError, match="without their resume files") as e:
         ShardCallback(run_dir=copy, resume="auto")

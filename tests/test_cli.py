@@ -742,10 +742,12 @@ def test_a_sweep_is_refused_inside_a_run_before_anything_is_written(tmp_path, ca
     run = tmp_path / "run"
     run.mkdir()
     (run / "rollouts.jsonl").write_text('{"step": 1}\n')
+    (run / "config.json").write_text('{"capture": {}, "sae": {}}')  # (a run writes it first)
     assert main(["train", "-m", f"run_dir={run}", "sae.k=2,3"]) == 2
     err = capsys.readouterr().err
     assert f"run_dir={run} holds a run (rollouts.jsonl), and a sweep (-m) writes" in err
-    assert sorted(p.name for p in run.iterdir()) == ["rollouts.jsonl"]  # no multirun.yaml
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "rollouts.jsonl"]  # no
+    # multirun.yaml
 
 
 def test_a_hung_sae_worker_stops_the_run_with_a_message_not_an_abort(tmp_path):
