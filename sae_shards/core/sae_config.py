@@ -40,7 +40,8 @@ class SAEConfig:
     lr: float = 1e-3
     """Adam learning rate (SAE parameters and Adam state stay fp32)."""
     batch_size: int = 32
-    """Samples per SAE step, drawn uniformly with replacement from the buffer (so a batch repeats
+    """Samples per SAE step, drawn with replacement from the buffer, uniformly unless
+    ``runner.recent_frac`` draws a share from its newest slots (so a batch repeats
     samples while fewer are buffered; above ``capture.capacity`` it always does, which the run
     warns about)."""
     aux_k: int | None = None
@@ -57,8 +58,8 @@ class SAEConfig:
     autocast_bf16: bool = False
     """Run the forward pass under bf16 autocast (parameters, loss and Adam stay fp32)."""
     encode_chunk_mib: int = 256
-    """Largest ``[batch, m, n_latents*rank]`` encode intermediate, in MiB, before the batch is
-    split into chunks; also the most the end-of-run encode copies of the buffer at once (fp32,
+    """Largest ``[batch, m, n_latents*rank]`` encode intermediate (for per-event samples the two
+    ``[batch*T, n_latents*rank]`` ones together), in MiB, before the batch is split into chunks; also the most the end-of-run encode copies of the buffer at once (fp32,
     gathered and scaled; at least one slot)."""
     seed: int = 0
     """Seed of the SAE's initialisation."""
