@@ -334,6 +334,13 @@ CASES = [
          "all"),
     case("config-not-utf8", text(CONFIG, b'{"format": "\xff\xfe"}'), CONFIG, "UTF-8", "all"),
     case("config-json-list", text(CONFIG, "[1, 2]"), CONFIG, "JSON object, got a list", "all"),
+    # audit 147 F1: a RecursionError from deep inside Python's JSON reader
+    case("config-nested-too-deep", text(CONFIG, "[" * 50000 + "]" * 50000), CONFIG,
+         "not valid JSON \\(nested too deeply to read", "all"),
+    case("sae-header-nested-too-deep", rewrite(SAE, lambda d: len(b"[" * 50000 + b"]" * 50000)
+                                               .to_bytes(8, "little") + b"[" * 50000 + b"]" * 50000
+                                               + d[header_len(d):]),
+         SAE, "cannot be read as safetensors"),
     case("config-json-null", text(CONFIG, "null"), CONFIG, "JSON object, got null", "all"),
     case("config-duplicate-key",
          config_text(lambda s: s.replace('"sae": {', '"sae": {"k": 2, ', 1)), CONFIG,

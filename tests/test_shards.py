@@ -316,6 +316,15 @@ def test_malformed_run_dir_errors(tmp_path, run_dir):
     (broken / "config.json").write_text('{"capture": ')  # torn by an editor or a full disk
     with pytest.raises(CheckpointError, match=r"config.json: not valid JSON"):
         RunView(broken)
+    # nested deeper than Python's JSON reader recurses: its RecursionError was a bare traceback
+    deep = "[" * 50000 + "]" * 50000  # (audit 147 F1)
+    (broken / "config.json").write_text(deep)
+    with pytest.raises(CheckpointError, match=r"config.json: not valid JSON \(nested too deep"):
+        RunView(broken)
+    (broken / "config.json").write_text((run_dir / "config.json").read_text())
+    (broken / "rollouts.jsonl").write_text('{"step": 1}\n' + deep + '\n{"step": 2}\n')
+    with pytest.raises(CheckpointError, match=r"rollouts.jsonl:2: not valid JSON \(nested"):
+        RunView(broken)
 
 
 def test_a_checkpoint_from_another_run_is_refused_by_the_run_view(run_dir, tmp_path):

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from sae_shards.analysis.families import ALWAYS_ON_DENSITY, is_always_on
 from sae_shards.analysis.shards import INIT_KEPT, ShardSet
+from sae_shards.core import json_read
 from sae_shards.core.checkpoint import SAE_FILE
 from sae_shards.core.factored import cross_gram
 from sae_shards.run import rundir
@@ -332,7 +333,7 @@ def comparison_path_refusal(path: Path) -> str | None:
         return f"--out {path}: {above} is a file, not a directory"
     if path.exists():
         try:
-            earlier = json.loads(path.read_text())
+            earlier = json_read.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             earlier = None
         if not (isinstance(earlier, dict) and {"pairs", "above_chance"} <= set(earlier)):

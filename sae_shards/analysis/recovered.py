@@ -11,7 +11,6 @@ resuming it. Only safetensors and JSON are read.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from sae_shards.capture.buffer import DeltaRingBuffer
 from sae_shards.capture.runner import ActivationLog, encode_buffer
+from sae_shards.core import json_read
 from sae_shards.core.checkpoint import CheckpointError, read_safetensors
 from sae_shards.core.targets import stack_targets
 from sae_shards.run import rundir
@@ -44,7 +44,7 @@ def activations_from_resume(run_dir: Path, checkpoint: str, sae, sae_step: int
         path, kind=rundir.RESUME_KIND,
         missing_hint=" (a killed run is read from its newest checkpoint's resume file)")
     try:
-        info = json.loads(header["info"])["buffer"]
+        info = json_read.loads(header["info"])["buffer"]
         capacity = len(info["meta"])
         captured = stack_targets(sae.targets)  # as the buffer held them (experts whole)
         saved = {t.name: tensors[f"buffer.{t.name}"] for t in captured}

@@ -51,6 +51,7 @@ from sae_shards.analysis.span import SpanEffect, combine, span_effect, span_weig
 from sae_shards.analysis.shards import (INIT_KEPT, RunView, initial_model_dir, load_run_models,
                                         policy_dir, read_json_object, run_models_missing,
                                         run_sampling, wrong_type)
+from sae_shards.core import json_read
 from sae_shards.core.checkpoint import CheckpointError
 from sae_shards.core.targets import parse_slice
 from sae_shards.run import rundir
@@ -1533,7 +1534,7 @@ def _is_analysis(path: Path) -> bool:
     """Whether ``path`` is an ``analysis.json`` that ``analyze`` wrote (a JSON object with its
     ``run`` and ``shards``)."""
     try:
-        data = json.loads(path.read_text())
+        data = json_read.loads(path.read_text())
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and {"run", "shards"} <= set(data)

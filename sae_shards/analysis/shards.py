@@ -28,6 +28,7 @@ from torch import Tensor
 from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, Families,
                                           find_families)
 from sae_shards.capture.rollouts import scored_mean
+from sae_shards.core import json_read
 from sae_shards.core.checkpoint import (CONFIG_FILE, SAE_FILE, STATE_FILE, CheckpointError,
                                         load_checkpoint, read_safetensors, save_checkpoint)
 from sae_shards.core.factored import cross_gram, paired_inner
@@ -924,7 +925,7 @@ def foreign_trl_checkpoint(run_dir: Path, folder: Path) -> str | None:
     share one step. A run moved or copied away from its trainer's ``output_dir`` would
     otherwise be paired with whatever is at that path now, another run's policy among them."""
     try:
-        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+        history = json_read.loads((folder / "trainer_state.json").read_text())["log_history"]
     except (OSError, ValueError, TypeError, KeyError):
         return f"{folder} has no readable trainer_state.json to tell whose checkpoint it is"
     mine: dict[int, dict[str, Any]] = {}
@@ -1345,7 +1346,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
     """A run's JSON file that holds an object; missing, not JSON or not an object is a
     ``CheckpointError`` naming it."""
     try:
-        value = json.loads(path.read_text())
+        value = json_read.loads(path.read_text())
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: missing; is this a sae-shards run directory?") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

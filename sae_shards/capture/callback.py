@@ -88,6 +88,7 @@ from sae_shards.capture.trl_checkpoints import (SCRIPT_RESUME,
                                                 warn_no_trl_checkpoints, writes_checkpoints)
 from sae_shards.capture.zero3_delta import Zero3DeltaCapture, zero3_targets
 from sae_shards.core import events as ev
+from sae_shards.core import json_read
 from sae_shards.core.checkpoint import CheckpointError, save_checkpoint
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import make_targets, oversized_ranks
@@ -1452,7 +1453,7 @@ def _check_same_world(run_dir: Path, trainer: Any | None = None) -> None:
     if not path.is_file():
         return
     try:
-        saved = json.loads(path.read_text())
+        saved = json_read.loads(path.read_text())
     except ValueError:
         return  # a torn config.json is rewritten below
     n_processes = distributed.world_size()

@@ -13,7 +13,6 @@ does not start at zero (``starts_at_base``).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -24,6 +23,7 @@ import torch
 
 from sae_shards.capture.sharded_delta import is_dtensor
 from sae_shards.capture.zero3_delta import is_zero3
+from sae_shards.core import json_read
 from sae_shards.core.checkpoint import usual_file_modes
 from sae_shards.core.checkpoint_checks import opened_safetensors
 from sae_shards.run import rundir
@@ -222,7 +222,7 @@ def _safetensors_files(folder: Path) -> list[Path]:
         return [single]
     index = folder / "model.safetensors.index.json"
     try:
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(json_read.loads(index.read_text())["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
     files = [folder / n for n in names]

@@ -44,6 +44,7 @@ from sae_shards.capture.event_capture import EventCapture
 from sae_shards.capture.pipeline import Pipeline
 from sae_shards.capture.runner import ActivationLog
 from sae_shards.capture.trl_checkpoints import trl_checkpoint_steps
+from sae_shards.core import json_read
 from sae_shards.core.checkpoint import (DAMAGED, STATE_FILE, CheckpointError, CheckpointFiles,
                                         checkpoint_files, load_checkpoint, load_training_state,
                                         read_safetensors, save_file_atomic, write_checkpoint)
@@ -232,7 +233,7 @@ def _resume_info(run_dir: Path, step: int) -> dict[str, Any]:
 
     try:
         with opened_safetensors(resume_file(run_dir, step)) as f:
-            info = json.loads((f.metadata() or {}).get("info", "{}"))
+            info = json_read.loads((f.metadata() or {}).get("info", "{}"))
     except (CheckpointError, ValueError, AttributeError):
         return {}
     return info if isinstance(info, dict) else {}
@@ -415,7 +416,7 @@ def other_runs_trl_checkpoints(run_dir: Path, output_dir: str | None, step: int)
         if later <= step:
             continue
         try:
-            history = json.loads(state.read_text()).get("log_history")
+            history = json_read.loads(state.read_text()).get("log_history")
         except (OSError, ValueError, AttributeError):
             continue
         if not isinstance(history, list):
@@ -488,7 +489,7 @@ def restore(run_dir: Path, step: int, parts: Pipeline,
         parts.sae.load_state_dict(loaded.sae.state_dict())
     parts.trainer.load_state_tensors(state)
     try:  # a damaged or foreign file: named, not a KeyError or torch's error from inside
-        info = json.loads(header["info"])
+        info = json_read.loads(header["info"])
         _check_same_run(run_dir, step, rundir.section(loaded.config, "meta").get("run_id"),
                         info.get("run_id"))
         _check_trl_log(run_dir, step, trl_log)

@@ -21,6 +21,7 @@ from typing import Any, Literal, NamedTuple, Union, get_args, get_origin, get_ty
 import torch
 from safetensors import SafetensorError, safe_open
 
+from sae_shards.core import json_read
 from sae_shards.core.host_memory import memory_limit
 from sae_shards.core.sae import SAMPLE_FORMS, LowRankSAE
 from sae_shards.core.sae_config import SAEConfig
@@ -206,7 +207,7 @@ def declared_tensors(file: Path) -> dict[str, tuple[list[int], int]]:
             return {}
         raw = f.read(length)
     try:
-        header = json.loads(raw)
+        header = json_read.loads(raw)
     except ValueError:  # also bytes that are not UTF-8
         return {}
     out: dict[str, tuple[list[int], int]] = {}
@@ -260,7 +261,7 @@ def read_spec(path: Path) -> _Spec:
     except OSError as e:
         raise CheckpointError(f"{file}: cannot be read ({e.strerror})") from e
     try:
-        config = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys(file))
+        config = json_read.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys(file))
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{file}: not UTF-8 text ({e}); the file is damaged — "
                               f"{DAMAGED}") from e

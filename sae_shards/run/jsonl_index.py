@@ -18,11 +18,11 @@ A later row with the same key replaces an earlier one (as a dict built from the 
 from __future__ import annotations
 
 import collections
-import json
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from sae_shards.core import json_read
 from sae_shards.core.checkpoint import CheckpointError
 from sae_shards.run.rundir import iter_jsonl
 
@@ -82,7 +82,7 @@ class JsonlIndex(Mapping[Hashable, Row]):
             f.seek(offset)
             line = f.read(length)
         try:
-            row = json.loads(line)
+            row = json_read.loads(line)
         except ValueError:
             row = None
         if not isinstance(row, dict) or self._key(row) != key:

@@ -56,6 +56,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from sae_shards.core import json_read
 from sae_shards.core.checkpoint import (SAE_FILE, STATE_FILE, CheckpointError, process_umask,
                                        save_file_atomic)
 from sae_shards.run.config import EMPTY_RUN_DIR
@@ -550,7 +551,7 @@ def foreign_files(run_dir: Path) -> list[str]:
     has_config = path.exists() or path.is_symlink()
     if has_config:
         try:
-            config = json.loads(path.read_text())
+            config = json_read.loads(path.read_text())
         except ValueError:
             found.insert(0, f"a {CONFIG} that is not JSON")
         except OSError:  # unreadable (another user's run): the permission check says so
@@ -671,7 +672,7 @@ def check_resume_config(run_dir: Path, now: dict[str, Any], how: str) -> None:
     during its first write); after that it is a ``ValueError``: a copy that lost it would take
     any settings as its own."""
     try:
-        saved = json.loads((run_dir / CONFIG).read_text())
+        saved = json_read.loads((run_dir / CONFIG).read_text())
     except (OSError, ValueError):
         saved = None
     if not isinstance(saved, dict):
@@ -713,7 +714,7 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 def _read_object(path: Path) -> dict[str, Any]:
     try:
-        value = json.loads(path.read_text())
+        value = json_read.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
@@ -800,7 +801,7 @@ class JsonLines:
         """``row_digest`` of the log's last row (None when it has none): a resume checks that
         its copy of the log holds this row where the run had it (``resume._check_logs``)."""
         if self._last is not None:
-            return row_digest(json.loads(self._last))
+            return row_digest(json_read.loads(self._last))
         last = None
         for _, _, row in iter_jsonl(self.path):
             last = row
@@ -837,7 +838,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
         while line:
             after = f.readline()
             try:
-                row = json.loads(line)
+                row = json_read.loads(line)
             except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError: not UTF-8 text
                 if not after:
                     log.warning("%s: dropping a torn last line (the run was killed mid-write)",
@@ -970,7 +971,7 @@ def trl_finished(trl_dir: Path, step: int) -> bool:
     """TRL finished its checkpoint of ``step`` in ``trl_dir``: ``trainer_state.json``, which it
     writes last and not atomically, parses to an object."""
     try:
-        state = json.loads((trl_dir / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        state = json_read.loads((trl_dir / f"checkpoint-{step}" / "trainer_state.json").read_text())
     except (OSError, ValueError):  # missing, or torn by a kill
         return False
     return isinstance(state, dict)
