@@ -304,6 +304,9 @@ def test_compare_from_the_command_line(short_run_dir, sets, tmp_path, capsys):
     with pytest.raises(ValueError, match="is a checkpoint directory itself"):
         load_shards(final, "final")
     assert comparison_path_refusal(out) is None
+    inside = final / "cmp.json"  # a run's own checkpoint: its resume prunes it (audit 147 F9)
+    assert comparison_path_refusal(inside).startswith(
+        f"--out {inside} is in checkpoints/ of the run in {copy_.resolve()}")
 
 
 def test_a_saved_subset_is_listed_with_its_original_indices(sets, tmp_path, capsys):

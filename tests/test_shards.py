@@ -659,19 +659,31 @@ def test_saving_shards_never_replaces_a_run_or_other_files(run_dir, tmp_path):
     with pytest.raises(FileExistsError, match=r"holds a run directory \(.*\), which saving would "
                                               r"replace; save the shards to a new or empty"):
         view.shards.save(run, overwrite=True)
-    with pytest.raises(FileExistsError, match=r"final is a checkpoint of the run in .*run, which "
-                                              r"are the run's own"):
+    with pytest.raises(FileExistsError, match=r"final is in checkpoints/ of the run in .*run, "
+                                              r"which the run itself writes"):
         view.shards.subset([1, 0]).save(run / "checkpoints" / "final", overwrite=True)
-    # a new folder among them too: overwrite=true would remove it with the run (audit 144)
-    with pytest.raises(FileExistsError, match=r"top2 would sit among the checkpoints of the run"):
-        view.shards.subset([1, 0]).save(run / "checkpoints" / "top2")
+    # a new folder among them too: overwrite=true would remove it with the run (audit 144),
+    # and one inside a checkpoint, or in resume/ or trl/: a resume prunes them (audit 147 F9)
+    for inside in (run / "checkpoints" / "top2", run / "checkpoints" / "final" / "top2",
+                   run / "resume" / "top2", run / "trl" / "top2", run / "final_model" / "x" / "y"):
+        with pytest.raises(FileExistsError, match=rf"{inside.name} is in {inside.relative_to(run).parts[0]}/ "
+                                                  r"of the run in .*run, which the run itself"):
+            view.shards.subset([1, 0]).save(inside)
     assert tree_bytes(run) == before and not (run / "checkpoints" / "top2").exists()
-    notes = tmp_path / "notes"
-    notes.mkdir()
-    (notes / "important.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=r"notes holds other files \(important.txt\)"):
-        view.shards.save(notes, overwrite=True)
-    assert (notes / "important.txt").read_text() == "mine"
+    beside = view.shards.subset([1, 0]).save(run / "top2")  # beside them: no run's folder
+    assert ShardSet.load(beside).meta["subset_of"]["indices"] == [1, 0]
+    shutil.rmtree(beside)
+    # other files, even a config.json under the checkpoint's own names (a model's: not shards
+    # saved earlier, audit 147 F2)
+    for folder, name, text in (("notes", "important.txt", "mine"),
+                               ("model_like", "config.json", '{"model_type": "qwen2"}')):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_text(text)
+        with pytest.raises(FileExistsError, match=rf"{folder} holds other files \({name}\)"):
+            view.shards.save(tmp_path / folder, overwrite=True)
+        assert (tmp_path / folder / name).read_text() == text
+    with pytest.raises(FileExistsError, match=r"overwrite='no'; give True or False"):
+        view.shards.save(tmp_path / "new", overwrite="no")
     # new, empty, or earlier shards with overwrite=True
     (tmp_path / "empty").mkdir()
     view.shards.save(tmp_path / "empty")
@@ -742,6 +754,11 @@ def test_reports_of_several_runs_in_one_folder_keep_their_figures_apart(run_dir,
                  "--no-dose"]) == 2
     assert (f"--out {runs[1] / 'report.html'} is in the directory of another run ({runs[1]}): "
             f"a report of {runs[0]} does not belong there") in capsys.readouterr().err
+    # inside a run's own checkpoint: its resume prunes it (audit 147 F9)
+    inside = runs[1] / "checkpoints" / "final" / "cmp.html"
+    assert main(["analyze", str(runs[0]), "--out", str(inside), "--no-dose"]) == 2
+    assert (f"--out {inside} is in checkpoints/ of the run in {runs[1].resolve()}, which the run "
+            "itself writes") in capsys.readouterr().err and not inside.exists()
 
 
 def test_a_copy_without_final_or_resume_files_is_not_told_to_read_them(run_dir, tmp_path,

@@ -324,10 +324,15 @@ def _densities(shards: ShardSet) -> list[float]:
 
 def comparison_path_refusal(path: Path) -> str | None:
     """Why ``sae-shards compare --out path`` is refused (None: it may be written): a path that
-    is not a ``.json`` file's, one under a file, or an existing file other than an earlier
-    comparison (a run's own ``config.json`` would be lost)."""
+    is not a ``.json`` file's, one under a file, one inside a folder a run writes itself
+    (``rundir.inside_run_folder``), or an existing file other than an earlier comparison (a
+    run's own ``config.json`` would be lost)."""
     if path.suffix != ".json" or path.is_dir():
         return f"--out {path} is not a .json file's path"
+    inside = rundir.inside_run_folder(path.parent)
+    if inside is not None:  # its checkpoints, which the run prunes and removes
+        return (f"--out {path} is in {inside[1]}/ of the run in {inside[0]}, which the run "
+                "itself writes; give a file outside the run's own folders")
     above = next((p for p in path.parents if p.exists()), None)
     if above is not None and not above.is_dir():
         return f"--out {path}: {above} is a file, not a directory"

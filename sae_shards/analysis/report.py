@@ -1504,8 +1504,15 @@ REPORT_TITLE = "sae-shards report"
 def report_path_refusal(out: Path, run_dir: Path | None = None) -> str | None:
     """Why ``analyze`` may not write its report to ``out``, or None: a directory, an existing
     file that is not an earlier report (a run's ``rollouts.jsonl``, say, which the report
-    would replace), or a file in another run's directory than ``run_dir``'s (whose own report
-    and figures it would replace)."""
+    would replace), a file in another run's directory than ``run_dir``'s (whose own report
+    and figures it would replace), or one inside a folder a run writes itself
+    (``rundir.inside_run_folder``: its checkpoints, which it prunes and removes)."""
+    inside = rundir.inside_run_folder(out.parent)
+    if inside is not None:
+        run, name = inside
+        return (f"--out {out} is in {name}/ of the run in {run}, which the run itself writes "
+                "(its resume prunes its checkpoints, and overwrite=true removes them with the "
+                "run); give a file outside the run's own folders")
     other = out.parent
     if (run_dir is not None and rundir.earlier_results(other)
             and other.resolve() != Path(run_dir).resolve()):

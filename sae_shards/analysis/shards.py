@@ -29,8 +29,9 @@ from sae_shards.analysis.families import (ALWAYS_ON_DENSITY, FAMILY_THRESHOLD, F
                                           find_families)
 from sae_shards.capture.rollouts import scored_mean
 from sae_shards.core import json_read
-from sae_shards.core.checkpoint import (CONFIG_FILE, SAE_FILE, STATE_FILE, CheckpointError,
-                                        load_checkpoint, read_safetensors, save_checkpoint)
+from sae_shards.core.checkpoint import (CONFIG_FILE, FORMAT, SAE_FILE, STATE_FILE,
+                                        CheckpointError, load_checkpoint, read_safetensors,
+                                        save_checkpoint)
 from sae_shards.core.factored import cross_gram, paired_inner
 from sae_shards.core.sae import LowRankSAE
 from sae_shards.core.targets import split_stacked, stack_slices, stack_targets
@@ -1051,12 +1052,14 @@ def _load_safe(folder: Path, safetensors_only: bool = True, tokenizer_dir: Path 
 
 def _save_refusal(path: Path, overwrite: bool) -> str | None:
     """Why ``ShardSet.save`` may not write or replace ``path``, or None (see ``save``)."""
-    parent = path.resolve().parent
-    if parent.name == rundir.CHECKPOINTS and (parent.parent / rundir.CONFIG).is_file():
-        being = "is a checkpoint" if path.exists() else "would sit among the checkpoints"
-        return (f"ShardSet.save: {path} {being} of the run in {parent.parent}, which are the "
-                "run's own (its resume reads them, and overwrite=true removes them with the "
-                "run); save the shards elsewhere")
+    if not isinstance(overwrite, bool):  # overwrite="no" would replace
+        return f"ShardSet.save: overwrite={overwrite!r}; give True or False"
+    inside = rundir.inside_run_folder(path)
+    if inside is not None:
+        run, name = inside
+        return (f"ShardSet.save: {path} is in {name}/ of the run in {run}, which the run itself "
+                "writes: its resume reads and prunes its checkpoints, and overwrite=true "
+                "removes them with the run; save the shards outside the run's own folders")
     if not path.exists():
         return None
     if not path.is_dir():
@@ -1064,8 +1067,8 @@ def _save_refusal(path: Path, overwrite: bool) -> str | None:
     held = sorted(p.name for p in path.iterdir())
     if not held:
         return None
-    if set(held) <= {CONFIG_FILE, SAE_FILE, STATE_FILE}:  # what save_checkpoint writes
-        if overwrite:
+    if set(held) <= {CONFIG_FILE, SAE_FILE, STATE_FILE} and _is_checkpoint_config(path):
+        if overwrite:  # what save_checkpoint writes, a config.json of its format included
             return None
         return (f"ShardSet.save: {path} already holds shards; pass overwrite=True to replace "
                 "them, or save elsewhere")
@@ -1074,6 +1077,18 @@ def _save_refusal(path: Path, overwrite: bool) -> str | None:
     return (f"ShardSet.save: {path} holds {what} ({', '.join(held[:5])}"
             f"{', ...' if len(held) > 5 else ''}), which saving would replace; save the shards "
             "to a new or empty directory")
+
+
+def _is_checkpoint_config(folder: Path) -> bool:
+    """Whether ``folder``'s ``config.json`` is a shards checkpoint's (its ``format``), not a
+    model's or the user's own under the same name; True when there is none."""
+    if not (folder / CONFIG_FILE).exists():
+        return True
+    try:
+        config = json_read.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("format") == FORMAT
 
 
 AGAIN = "again from the run"

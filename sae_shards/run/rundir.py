@@ -537,6 +537,27 @@ def is_run_config(config: Any) -> bool:
             and isinstance(config.get("sae"), dict))
 
 
+def holds_run_config(folder: Path) -> bool:
+    """Whether ``folder`` holds a sae-shards run's ``config.json`` (``is_run_config``)."""
+    try:
+        return is_run_config(json_read.loads((folder / CONFIG).read_text()))
+    except (OSError, ValueError):
+        return False
+
+
+def inside_run_folder(path: Path) -> tuple[Path, str] | None:
+    """``(run_dir, name)`` when ``path`` is, or lies inside, what a run writes (``OWNED``: its
+    ``checkpoints/``, ``resume/``, ``trl/``, ``final_model/``...) in a run directory above it;
+    None otherwise. A run rewrites, prunes (``runner.keep_checkpoints``, a resume from an
+    earlier step) and removes (``overwrite=true``) those folders with whatever a user put in
+    them, so nothing of the user's is saved there."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        if folder.name in OWNED and holds_run_config(folder.parent):
+            return folder.parent, folder.name
+    return None
+
+
 def foreign_files(run_dir: Path) -> list[str]:
     """What in ``run_dir`` no sae-shards run wrote, under names a run writes or removes: the
     files of a model (or adapter) directory at its top (``MODEL_FILES``), a ``config.json``
