@@ -22,7 +22,10 @@ from helpers import random_decoder_copy, shuffled_labels_copy
 # Measured at these settings (seed 0): auroc_task 0.913 vs its shuffled-label null 0.445
 # (supervised 0.942); re-measured 2026-12-01 (fourth session): 0.950 vs 0.456, shard families
 # 0.997 vs 0.590; random decoder 0.666 / 0.666 (nulls 0.48 / 0.52); shuffled labels 0.487 /
-# 0.482. The thresholds keep under half the margin; broken pipelines sit at the null.
+# 0.482. The thresholds keep under half the margin. Shuffled labels sit at the null; a random
+# decoder does not (random projections of per-event samples separate the tasks somewhat: +0.17
+# over its null in audit 146), so it is caught by the 0.75 bar and by the trained run's lead over
+# it (0.949 vs 0.666, families 0.981, in audit 146), which must be at least MIN_MARGIN.
 # (120 steps at batch 32 gave 0.58 vs 0.50: too early for the policy to be tag-conditioned.)
 MIN_AUROC, MIN_MARGIN = 0.75, 0.15
 pytestmark = pytest.mark.slow  # a 300-step run (~60 s): `python -m pytest -q -m slow`, and CI
@@ -50,17 +53,26 @@ def event_run(tmp_path_factory):
     return dirs["body-event"]
 
 
-def test_event_shards_beat_the_null(event_run):
-    r = evaluate_run(event_run, steering=False)
+@pytest.fixture(scope="module")
+def evaluated(event_run):
+    return evaluate_run(event_run, steering=False)
+
+
+def test_event_shards_beat_the_null(evaluated):
+    r = evaluated
     assert r["sample_unit"] == "event" and r["headline"]["schedule"] == "mixed"
     assert _passes(r), {k: r[k] for k in ("auroc_task", "auroc_null", "mmcs", "mmcs_null")}
     assert _families_pass(r), r["families"]
 
 
-def test_random_decoder_fails(event_run, tmp_path):
+def test_random_decoder_fails(event_run, evaluated, tmp_path):
     broken = evaluate_run(random_decoder_copy(event_run, tmp_path / "random_decoder"),
                           steering=False)
     assert not _passes(broken) and not _families_pass(broken), broken["families"]
+    # the SAE, not random projections of the samples, earns the AUROC
+    assert evaluated["auroc_task"] - broken["auroc_task"] >= MIN_MARGIN
+    assert (evaluated["families"]["auroc_task"] - broken["families"]["auroc_task"]
+            >= MIN_MARGIN)
 
 
 def test_shuffled_event_labels_fail(event_run, tmp_path):
