@@ -548,6 +548,25 @@ def test_a_damaged_summary_is_refused_naming_it(short_run_dir, tmp_path, content
     analyze(run, tmp_path / "report.html", n_shards=1, dose=False)
 
 
+def test_a_summary_holding_none_of_the_figures_is_not_taken_for_them(short_run_dir, tmp_path):
+    """Audit 147 F5: {"steps": "many"} was taken as final's figures, every one n/a, without a
+    word; a summary that does not describe the checkpoint is recomputed from the logs, as none
+    is."""
+    from sae_shards.analysis.report import RUN_FIGURES, checkpoint_figures
+
+    run = tmp_path / "run"
+    shutil.copytree(short_run_dir, run)
+    summary = json.loads((run / "summary.json").read_text())
+    view = RunView(run)
+    assert checkpoint_figures(view, summary) == ({k: summary.get(k) for k in RUN_FIGURES}, True)
+    recomputed, own = checkpoint_figures(view, {})
+    assert not own and recomputed["rl_steps"] == summary["rl_steps"]
+    for foreign in ({"steps": "many"}, {**summary, "rl_steps": summary["rl_steps"] + 1}):
+        figures, own = checkpoint_figures(view, foreign)
+        assert not own and {**figures, "interrupted": None} == {**recomputed,
+                                                                 "interrupted": None}
+
+
 def test_a_per_step_run_of_mixed_batches_says_its_context_shares_repeat_the_batches_mix(
         tmp_path):
     """Per-step samples of batches that mix contexts (the planted task's `mixed` schedule:

@@ -1314,10 +1314,14 @@ def checkpoint_figures(view: RunView, summary: dict) -> tuple[dict[str, Any], bo
     from the checkpoint's latent statistics; the held-out FVU, measured at the end only, is
     None, and ``interrupted`` stays the run's."""
     meta = view.shards.meta
-    if summary and (view.checkpoint == "final" or (summary.get("rl_steps") == meta.get("rl_step")
-                                                   and summary.get("sae_steps")
-                                                   == meta.get("sae_step"))):
+    steps = summary.get("rl_steps")
+    if (view.checkpoint == "final" and isinstance(steps, int)
+            and meta.get("rl_step") in (None, steps)) or (
+            steps is not None and steps == meta.get("rl_step")
+            and summary.get("sae_steps") == meta.get("sae_step")):
         return {k: summary.get(k) for k in RUN_FIGURES}, True
+    # (a summary holding none of the figures, {"steps": "many"}, is no description of final
+    # either: audit 147 F5 had its n/a's taken as the run's figures)
     from sae_shards.capture.summary import first_last, worse_than_mean
     from sae_shards.core.trainer import dead_fraction
 
