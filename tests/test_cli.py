@@ -207,7 +207,9 @@ def test_analyze_names_a_missing_run_dir_and_the_checkpoints_there_are(tmp_path,
     # a run's name mistyped: the run directories beside it are offered (the close ones, or all
     # of a few)
     (tmp_path / "rr" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "notes").mkdir()  # not a run directory: never offered
+    (tmp_path / "notes").mkdir()  # not a run directory: never offered, nor is a model's
+    (tmp_path / "a_model").mkdir()  # folder (audit 147 F3)
+    (tmp_path / "a_model" / "config.json").write_text('{"model_type": "qwen2"}')
     assert main(["analyze", str(tmp_path / "nope"), "--no-dose"]) == 2
     err = capsys.readouterr().err
     assert err.rstrip().endswith(f"no such run directory; run directories in {tmp_path}: "
@@ -215,6 +217,10 @@ def test_analyze_names_a_missing_run_dir_and_the_checkpoints_there_are(tmp_path,
     assert main(["analyze", str(tmp_path / "rx"), "--no-dose"]) == 2  # only the close ones
     assert capsys.readouterr().err.rstrip().endswith(f"run directories in {tmp_path}: "
                                                      f"{tmp_path / 'r'}")
+    assert main(["analyze", str(run / "config.json"), "--no-dose"]) == 2  # a run's file
+    assert capsys.readouterr().err.rstrip().endswith(
+        f"{run / 'config.json'}: a file, not a run directory; give the run's directory (the run "
+        f"directory {run}?)")
     assert main(["analyze", str(run), "--no-dose", "--checkpoint", "5"]) == 2  # an RL step
     err = capsys.readouterr().err
     assert "step_000005: no such checkpoint directory" in err

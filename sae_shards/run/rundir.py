@@ -930,8 +930,8 @@ def _nearby_runs(missing: Path) -> str:
     are closest to its name (a typo), or all of them when few; "" when there are none."""
     parent = missing.parent
     try:
-        runs = sorted(p.name for p in parent.iterdir()
-                      if p.is_dir() and ((p / CHECKPOINTS).is_dir() or (p / CONFIG).is_file()))
+        runs = sorted(p.name for p in parent.iterdir()  # a model's config.json is no run's
+                      if p.is_dir() and ((p / CHECKPOINTS).is_dir() or holds_run_config(p)))
     except OSError:  # no parent, or not readable: nothing to offer
         return ""
     offered = difflib.get_close_matches(missing.name, runs, n=3) or (runs if len(runs) <= 5 else [])
@@ -951,6 +951,12 @@ def latest_checkpoint(run_dir: Path) -> str:
     TRL policy to pair with, and a kill between sae-shards' side of a step and TRL's leaves a
     step the resume removes (``ShardSet.from_run`` reads them when named)."""
     folder = run_dir / CHECKPOINTS
+    if run_dir.is_file():
+        above = run_dir.parent
+        hint = (f" (the run directory {above}?)" if (above / CHECKPOINTS).is_dir()
+                or holds_run_config(above) else "")
+        raise CheckpointError(f"{run_dir}: a file, not a run directory; give the run's "
+                              f"directory{hint}")
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory{_nearby_runs(run_dir)}")
     steps = [s for s in saved_steps(folder) if (folder / step_name(s)).is_dir()]
