@@ -311,10 +311,12 @@ def test_malformed_run_dir_errors(tmp_path, run_dir):
 
     shutil.copytree(run_dir, broken)
     (broken / "rollouts.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(CheckpointError, match=r"rollouts.jsonl:2: not valid JSON"):
+    with pytest.raises(CheckpointError, match=r"rollouts.jsonl:2: not valid JSON .*; the log "
+                                              r"was edited or damaged: copy it again from the run"):
         RunView(broken)
     (broken / "config.json").write_text('{"capture": ')  # torn by an editor or a full disk
-    with pytest.raises(CheckpointError, match=r"config.json: not valid JSON"):
+    with pytest.raises(CheckpointError, match=r"config.json: not valid JSON .*; the file was "
+                                              r"edited or damaged: copy it again from the run"):
         RunView(broken)
     # nested deeper than Python's JSON reader recurses: its RecursionError was a bare traceback
     deep = "[" * 50000 + "]" * 50000  # (audit 147 F1)

@@ -1346,7 +1346,12 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
     names checked for their type: a hand-edited or foreign file fails here naming the entry,
     instead of with an AttributeError from deep inside loading the models."""
     path = Path(run_dir) / rundir.CONFIG
-    cfg = read_json_object(path)
+    try:
+        cfg = read_json_object(path)
+    except CheckpointError as e:
+        if not path.exists():
+            raise
+        raise CheckpointError(f"{e}; the file was edited or damaged: copy it {AGAIN}") from None
     for key, want in _CONFIG_TYPES.items():
         parent, _, leaf = key.rpartition(".")
         value = (cfg.get(parent) or {}).get(leaf) if parent else cfg.get(key)

@@ -867,7 +867,8 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
                     return
                 what = ("not UTF-8 text" if isinstance(e, UnicodeDecodeError)
                         else "not valid JSON")
-                raise CheckpointError(f"{path}:{n}: {what} ({e})") from e
+                raise CheckpointError(f"{path}:{n}: {what} ({e}); the log was edited or "
+                                      "damaged: copy it again from the run") from e
             if not isinstance(row, dict):
                 raise CheckpointError(
                     f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
