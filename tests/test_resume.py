@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import pickle
 import re
 import shutil
 import signal
@@ -851,6 +852,14 @@ def test_a_damaged_trl_checkpoint_is_named_when_the_resume_reads_it(killed, tmp_
     err = capsys.readouterr().err
     assert ("TRL could not load this checkpoint's rng_state.pth (the random state of this "
             "process) (") in err, err
+    # a pickle torch refuses to load as tensors: said in a line, without torch's advice to
+    # load it with weights_only=False, which would run it (audit 147 F7)
+    (run / "trl" / "checkpoint-8" / "rng_state.pth").write_bytes(pickle.dumps({"a": 1},
+                                                                              protocol=4))
+    assert cli_main(["train", f"run_dir={run}", "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert "(UnpicklingError: not a plain tensor file, a foreign or crafted pickle?" in err, err
+    assert "weights_only=False" not in err and "Traceback" not in err
 
 
 def test_a_copy_without_its_hydra_folder_is_told_where_the_overrides_went(uninterrupted,

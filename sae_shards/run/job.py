@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 import traceback
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -444,7 +445,7 @@ def run_job(cfg: JobConfig, run_dir: Path,
         if resume_from is not None and _loading_trl_checkpoint(e):
             raise CheckpointError(
                 f"{resume_from}: TRL could not load this checkpoint{_which_file(e, rl.trainer)} "
-                f"({type(e).__name__}: {e}); "
+                f"({_load_failure(e)}); "
                 + (_other_format(resume_from, rl.trainer, Path(run_dir)) or
                    "a file of it is damaged (a copy's?): copy it again from the run, or delete "
                    "this checkpoint to resume from the one before it, where the run kept one")
@@ -456,6 +457,16 @@ def run_job(cfg: JobConfig, run_dir: Path,
         callback.close()
         rundir.release_run_dir(Path(run_dir))  # the hold start() took (a no-op on other ranks)
     return callback.summary
+
+
+def _load_failure(e: BaseException) -> str:
+    """Why a file of a TRL checkpoint did not load, for the resume's message: torch's refusal
+    of a pickle under ``weights_only=True`` said in a line, not its advice to load it with
+    ``weights_only=False`` (which would run whatever the pickle holds)."""
+    if isinstance(e, pickle.UnpicklingError):
+        return (f"{type(e).__name__}: not a plain tensor file, a foreign or crafted pickle? "
+                "transformers reads it with torch's weights_only=True only, and so should you")
+    return f"{type(e).__name__}: {e}"
 
 
 TRL_LOADERS = ("_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_rng_state",
