@@ -828,6 +828,30 @@ def test_the_ablation_table_sets_each_removal_beside_its_overshoot():
     assert "-0.0330 ± 0.0040</td>" in page and "-0.0360 ± 0.0040</td>" in page
     assert ("For shard 5 pushing further costs at least as much as removing: that removal's "
             "cost is the policy's curvature") in page
+    # a removal that cost nothing is no curvature to explain, whatever the overshoot costs
+    # (audit 145 S7)
+    page = _ablation_html({1: ablation(-0.065, -0.033), 7: ablation(0.01, -0.02)}, {},
+                          "final policy", {1: {}, 7: {}})
+    assert "pushing further costs at least as much" not in page
+
+
+def test_a_share_is_marked_unresolved_on_students_t_and_an_unknown_control_is_not_beyond():
+    """Audit 145 S6, S8: the span's shares were marked on the normal's 2 standard errors (2.4
+    at 8 prompts is within Student's 2.43), and a control difference that could not be
+    estimated (NaN) counted as told apart, printing "Both differ" with no data behind it."""
+    from sae_shards.analysis.report import _share, _span_against_control
+
+    assert _share(0.024, 0.01, 8) == "2.4% ± 1.0% (not resolved from 0)"
+    assert _share(0.025, 0.01, 8) == "2.5% ± 1.0%"
+    text = _span_against_control({"removed_beyond_control": (math.nan, math.nan),
+                                  "kept_beyond_control": (0.03, 0.005)}, 32)
+    assert text.startswith("On these rollouts removing it is not told apart")
+    text = _span_against_control({"removed_beyond_control": (0.03, 0.005),
+                                  "kept_beyond_control": (0.03, 0.005)}, 32)
+    assert text.startswith("Both differ from the random direction's")
+    text = _span_against_control({"removed_beyond_control": (0.03, 0.005),  # 2.4 < 2.43
+                                  "kept_beyond_control": (0.024, 0.01)}, 8)
+    assert text.startswith("On these rollouts adding it is not told apart")
 
 
 def test_a_shard_told_apart_alone_is_not_among_shards_that_do_nothing():

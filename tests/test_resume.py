@@ -1241,3 +1241,49 @@ def test_resume_auto_decides_on_a_complete_step(tmp_path):
 
     assert auto_resume_args([f"run_dir={torn}", "resume=auto"])[-2:] == ["resume=false",
                                                                          "overwrite=true"]
+
+
+@pytest.mark.parametrize("keep, kept", [(0, [2, 4, 6, 8, 10, 12]), (2, [10, 12]),
+                                        (3, [8, 10, 12]), (5, [4, 6, 8, 10, 12])])
+def test_keep_checkpoints_keeps_exactly_the_newest_n(tmp_path, keep, kept):
+    """Audit 145 S1: runner.keep_checkpoints=N was tested at 2 only, where the two newest have
+    resume files and stay whatever the rule says: keeping N - 1 went unseen. The newest N step
+    checkpoints stay (those with a resume file always), and only those with a resume file keep
+    their optimizer state."""
+    from sae_shards.capture.resume import prune_checkpoints
+    from sae_shards.core.checkpoint import STATE_FILE
+    from sae_shards.run import rundir
+
+    run = tmp_path / "run"
+    for step in range(2, 13, 2):
+        folder = run / rundir.CHECKPOINTS / rundir.step_name(step)
+        folder.mkdir(parents=True)
+        (folder / STATE_FILE).write_bytes(b"state")
+    for step in (10, 12):
+        rundir.resume_file(run, step).parent.mkdir(exist_ok=True)
+        rundir.resume_file(run, step).write_bytes(b"resume")
+    prune_checkpoints(run, keep)
+    assert rundir.saved_steps(run / rundir.CHECKPOINTS) == kept
+    with_state = [s for s in kept
+                  if (run / rundir.CHECKPOINTS / rundir.step_name(s) / STATE_FILE).exists()]
+    assert with_state == [10, 12]
+
+
+def test_the_latest_checkpoint_is_final_only_once_the_runs_end_was_written(tmp_path):
+    """Audit 145 S5: a run killed while writing its end has final/ but no activations: its
+    newest step checkpoint (with a resume file to re-encode the buffer) is the one to read."""
+    from sae_shards.run import rundir
+
+    run = tmp_path / "run"
+    for name in ("final", rundir.step_name(5), rundir.step_name(10)):
+        (run / rundir.CHECKPOINTS / name).mkdir(parents=True)
+    for step in (5, 10):
+        rundir.resume_file(run, step).parent.mkdir(exist_ok=True)
+        rundir.resume_file(run, step).write_bytes(b"resume")
+    assert rundir.latest_checkpoint(run) == rundir.step_name(10)
+    (run / rundir.ACTIVATIONS).write_bytes(b"written at the end")
+    assert rundir.latest_checkpoint(run) == "final"
+    (run / rundir.ACTIVATIONS).unlink()
+    for step in (5, 10):
+        shutil.rmtree(run / rundir.CHECKPOINTS / rundir.step_name(step))
+    assert rundir.latest_checkpoint(run) == "final"  # nothing else to read

@@ -75,6 +75,11 @@ def test_share_of_a_change_is_a_ratio_of_paired_means_and_needs_a_resolved_run()
     assert share == pytest.approx(float(a.mean() / b.mean()), rel=1e-12) and stderr > 0
     flat = initial + 0.01 * torch.randn(8, 4, generator=gen, dtype=torch.float64)
     assert all(math.isnan(x) for x in share_of_change(initial, flat, initial, part))
+    # a run whose reward fell: the same share, with a positive error (audit 145 S10: it was
+    # signed by the run's change, "40% ± -12%", never marked within noise)
+    fell = share_of_change(final, initial, final, final - (noisy - initial))
+    assert fell[0] == pytest.approx(share, rel=1e-12) and fell[1] == pytest.approx(stderr)
+    assert fell[1] > 0
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +141,13 @@ def test_the_span_of_the_shards_that_carry_the_reward_explains_the_run(models):
     # P again, whose cost is most of the run's change)
     over, over_se = both.changes["overshoot"]
     assert over == pytest.approx(both.rewards["overshoot"] - both.rewards["final"])
+    # each change is the policy's reward less its start's, paired (audit 145 S9: a removal's
+    # sign flipped read as a gain beside a share that said it cost)
+    for kind, start in (("removed", "final"), ("removed_control", "final"),
+                        ("removed_whole", "final"), ("kept", "initial"),
+                        ("kept_control", "initial"), ("kept_whole", "initial")):
+        assert both.changes[kind][0] == pytest.approx(both.rewards[kind] - both.rewards[start])
+    assert both.changes["removed"][0] < 0 < both.changes["kept"][0]
     assert over > -2 * over_se and both.shares["overshoot"][0] < 0.1
     assert both.shares["overshoot"][0] == pytest.approx(-over / run_change)
     share, alone = results["noise"]
@@ -198,6 +210,38 @@ def test_each_contexts_change_comes_from_the_same_rollouts(models):
         assert all(abs(effect.by_label[label][k][0]) < 0.1 for k in ("run", "removed", "kept"))
     pooled = sum(c["run"][0] for c in effect.by_label.values()) / 4
     assert pooled == pytest.approx(effect.changes["run"][0], abs=1e-12)
+
+
+@pytest.mark.parametrize("df, t", [(1, 12.706), (2, 4.303), (3, 3.182), (7, 2.365),
+                                   (8, 2.306), (9, 2.262), (16, 2.120), (31, 2.040),
+                                   (32, 2.037)])
+def test_students_t_p_value_matches_the_tables_for_odd_and_even_df(df, t):
+    """Audit 145 S2: odd and even degrees of freedom take separate closed forms, and only the
+    odd ones (8 and 32 prompts) were tested: the even form could return 0 for every |t|, every
+    change then 'resolved' at 9, 17 or 33 prompts. Two-sided 5% points of published tables."""
+    from sae_shards.analysis.resolution import RESOLVED_LEVEL, resolved_bound, t_p_value
+
+    assert t_p_value(t, df) == pytest.approx(0.05, abs=3e-4)
+    assert t_p_value(0.0, df) == pytest.approx(1.0) and t_p_value(-t, df) == t_p_value(t, df)
+    n = df + 1  # prompts
+    assert t_p_value(resolved_bound(n), df) == pytest.approx(RESOLVED_LEVEL, rel=1e-6)
+    assert resolved_bound(n) > resolved_bound(n + 1) > 2.0
+
+
+def test_holm_stops_at_its_first_failure_and_reads_t_over_n_minus_one():
+    """Audit 145 S3, S4: two equal estimates after a failure got different verdicts when the
+    step-down went on past it; and one estimate judged together must get within_noise's
+    verdict, read with n - 1 degrees of freedom, on either side of the bound."""
+    from sae_shards.analysis.resolution import resolved_bound, resolved_together, within_noise
+
+    assert resolved_together([2.6, 2.2, 2.2], [1, 1, 1], 0) == [True, False, False]
+    assert resolved_together([2.6, 2.25, 2.2], [1, 1, 1], 0) == [True, False, False]
+    assert resolved_together([2.2, 2.6, 2.25], [1, 1, 1], 0) == [False, True, False]
+    for n in (4, 8, 9, 32):
+        for value in (resolved_bound(n) - 0.02, resolved_bound(n) + 0.02):
+            assert resolved_together([value], [1.0], n) == [not within_noise(value, 1.0, n)]
+    assert resolved_together([2.40], [1.0], 8) == [False]  # t_8 would pass it: 2.31
+    assert resolved_together([2.45], [1.0], 8) == [True]
 
 
 def test_several_shards_are_told_apart_from_their_controls_as_a_family():
