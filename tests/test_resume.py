@@ -468,10 +468,12 @@ def test_a_failed_starts_empty_logs_do_not_outlive_the_retry(tmp_path):
     for name in ("events.jsonl", "metrics.jsonl"):
         (run / name).touch()
     (run / "rollouts.jsonl").write_text('{"step": 1}\n')  # not empty: an earlier run's
+    (run / "config.json").write_text('{"capture": {}, "sae": {}}')  # (written first)
     with pytest.raises(FileExistsError, match="already holds a run"):
         prepare_run_dir(run, overwrite=False)
     assert (run / "events.jsonl").exists()  # a refusal removes nothing
     (run / "rollouts.jsonl").write_text("")
+    (run / "config.json").unlink()
     prepare_run_dir(run, overwrite=False)
     release_run_dir(run)
     assert not any((run / n).exists() for n in ("events.jsonl", "rollouts.jsonl", "metrics.jsonl"))
