@@ -347,8 +347,9 @@ def load_training_state(path: str | Path) -> dict[str, torch.Tensor]:
     spec = read_spec(path)
     file = path / STATE_FILE
     tensors, _ = read_safetensors(file, kind=FORMAT, missing_hint=(
-        "; this checkpoint was saved without training state "
-        "(save_checkpoint(..., training_state=trainer.state_tensors()))"),
+        "; this checkpoint was saved without training state (only a resume needs it, and a "
+        "run keeps it at the steps it can resume from), or a copy of the run left it out: copy "
+        "it again from the run"),
         limit=spec.size_limit())
     params = [p for p in spec.layout.parameters() if p.requires_grad]
     adam = {f"adam.{i}.{key}" for i in range(len(params)) for key in ADAM}

@@ -139,18 +139,19 @@ def check_declared_sizes(file: Path, limit: SizeLimit | None = None,
     memory = memory_limit()
     for name, (shape, nbytes) in declared_tensors(file).items():
         numel = math.prod(shape)
-        what = (f"{file}: tensor {name!r} is declared with shape {shape} ({numel:,} numbers, "
-                f"{_gib(nbytes)})")
+        # (the bytes its data offsets span beside it only where memory is the question: an
+        # edited header's shape and offsets need not agree, "0.0 GiB" beside 64M numbers)
+        what = f"{file}: tensor {name!r} is declared with shape {shape} ({numel:,} numbers"
         if limit is not None and numel > limit.numel:
             raise CheckpointError(
-                f"{what}, more than {limit.why} ({limit.numel:,} numbers); sae-shards never "
+                f"{what}), more than {limit.why} ({limit.numel:,} numbers); sae-shards never "
                 "writes such a tensor there, so the header is damaged or edited (a sparse file "
                 f"passes safetensors' size check) — {advice}")
         if memory is not None and nbytes > memory.bytes:
             whose = (f"this process may hold ({_gib(memory.bytes)}: {memory.note()})"
                      if memory.limited else f"this machine's memory ({_gib(memory.bytes)})")
             raise CheckpointError(
-                f"{what}, more than {whose}: it cannot be read here. A real file this large is "
+                f"{what}, {_gib(nbytes)}), more than {whose}: it cannot be read here. A real file this large is "
                 "read on a machine (or under a limit) with more memory; otherwise the header "
                 "is damaged or edited (a sparse file passes safetensors' size check) — "
                 f"{advice}")
