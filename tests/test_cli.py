@@ -217,10 +217,11 @@ def test_analyze_names_a_missing_run_dir_and_the_checkpoints_there_are(tmp_path,
     assert main(["analyze", str(tmp_path / "rx"), "--no-dose"]) == 2  # only the close ones
     assert capsys.readouterr().err.rstrip().endswith(f"run directories in {tmp_path}: "
                                                      f"{tmp_path / 'r'}")
-    assert main(["analyze", str(run / "config.json"), "--no-dose"]) == 2  # a run's file
-    assert capsys.readouterr().err.rstrip().endswith(
-        f"{run / 'config.json'}: a file, not a run directory; give the run's directory (the run "
-        f"directory {run}?)")
+    for inside in (run / "config.json", run / "checkpoints" / "final" / "sae.safetensors"):
+        assert main(["analyze", str(inside), "--no-dose"]) == 2  # a run's file
+        assert capsys.readouterr().err.rstrip().endswith(
+            f"{inside}: a file, not a run directory; give the run's directory (the run "
+            f"directory {run}?)")
     assert main(["analyze", str(run), "--no-dose", "--checkpoint", "5"]) == 2  # an RL step
     err = capsys.readouterr().err
     assert "step_000005: no such checkpoint directory" in err

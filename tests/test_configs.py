@@ -441,8 +441,8 @@ def test_each_config_range_check_refuses_its_bad_value(build, message):
     (lambda: ModelConfig(lora=LoraSettings(alpha="16")),
      r"model.lora.alpha: expected float, got str '16'"),
     (lambda: CaptureConfig(capacity=2.5), r"capture.capacity: expected int, got float 2.5"),
-    (lambda: RunnerConfig(worker_timeout_s=float("inf")),
-     r"runner.worker_timeout_s=inf: expected a finite number"),
+    (lambda: RunnerConfig(recent_frac=float("inf")),
+     r"runner.recent_frac=inf: expected a finite number"),
     (lambda: RLConfig(beta=float("nan")), r"rl.beta=nan: expected a finite number"),
     (lambda: JobConfig(seed=True), r"seed: expected int, got bool True"),
     (lambda: SAEConfig(k=2.5), r"sae.k=2.5 must be an integer"),
@@ -462,6 +462,13 @@ def test_a_config_built_in_python_is_checked_as_one_built_from_a_dict(build, mes
         build()
     rl = RLConfig(learning_rate=1)  # an int for a float field is stored as the float
     assert type(rl.learning_rate) is float and rl == RLConfig(learning_rate=1.0)
+    assert type(SAEConfig(lr=1).lr) is float  # in core too (audit 149 F3)
+    # inf where it means no limit (audit 149 F4: the worker's timeout took it before)
+    assert RunnerConfig(worker_timeout_s=float("inf")).worker_timeout_s == float("inf")
+    cfg = job_config_from_hydra(_compose(["runner.worker_timeout_s=inf"]))
+    assert cfg.runner.worker_timeout_s == float("inf")
+    with pytest.raises(ValueError, match=r"runner.worker_timeout_s=nan: expected a finite"):
+        RunnerConfig(worker_timeout_s=float("nan"))
 
 
 def test_prompts_per_step_counts_gradient_accumulation():

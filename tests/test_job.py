@@ -666,7 +666,8 @@ def test_a_resume_that_is_neither_a_flag_nor_auto_names_auto(tmp_path, capsys):
     ({"checkpoints/checkpoint-500/model.safetensors": "w", "wandb/offline-run-1/run.wandb": "x"},
      "checkpoints/ with checkpoint-500 (not a run's step or final checkpoint)"),
     ({"wandb/offline-run-1/run.wandb": "x", "metrics.jsonl": '{"loss": 1}\n'},
-     "wandb/, metrics.jsonl without a config.json (a run writes them after it)"),
+     "wandb/, metrics.jsonl without a config.json: a run writes its config.json first, so these "
+     "are another tool's files, or a copy of a run that lost its config.json (copy it again"),
 ])
 def test_a_directory_of_the_users_own_files_is_never_written_over(tmp_path, capsys, plant,
                                                                    named):
@@ -702,6 +703,28 @@ def test_a_directory_of_the_users_own_files_is_never_written_over(tmp_path, caps
     (run / "config.json").unlink()
     (run / "config.json").symlink_to(tmp_path / "gone.json")
     assert rundir.foreign_files(run) == []
+
+
+def test_the_planted_benchmarks_shared_final_model_is_its_own(tmp_path):
+    """Audit 149 F2: run_planted writes one RL run's final_model/ at the top of a directory
+    with no config.json, beside the captures' run directories that link to it; the rule that
+    a run writes its config.json first refused every second sweep into the same --runs."""
+    from sae_shards.run import rundir
+
+    top = tmp_path / "planted"
+    (top / "final_model").mkdir(parents=True)
+    (top / "final_model" / "model.safetensors").write_text("w")
+    capture = top / "body-event"
+    capture.mkdir()
+    (capture / "config.json").write_text('{"capture": {}, "sae": {}}')
+    assert rundir.foreign_files(top) == ["final_model/ without a config.json: a run writes "
+                                         "its config.json first, so these are another tool's "
+                                         "files, or a copy of a run that lost its config.json "
+                                         "(copy it again from the run)"]
+    (capture / "final_model").symlink_to(Path("..") / "final_model")
+    assert rundir.foreign_files(top) == []
+    (capture / "config.json").write_text('{"model_type": "qwen2"}')  # no run's: not shared
+    assert rundir.foreign_files(top) != []
 
 
 def test_overwrite_removes_the_runs_config_last(tmp_path, monkeypatch):

@@ -672,6 +672,14 @@ def test_saving_shards_never_replaces_a_run_or_other_files(run_dir, tmp_path):
                                                   r"of the run in .*run, which the run itself"):
             view.shards.subset([1, 0]).save(inside)
     assert tree_bytes(run) == before and not (run / "checkpoints" / "top2").exists()
+    # a run's folder that is a link (checkpoints/ on another disk) is the run's all the same
+    elsewhere = tmp_path / "other_disk"
+    (run / "checkpoints").rename(elsewhere)
+    (run / "checkpoints").symlink_to(elsewhere)
+    with pytest.raises(FileExistsError, match=r"top2 is in checkpoints/ of the run in"):
+        view.shards.subset([1, 0]).save(run / "checkpoints" / "final" / "top2")
+    (run / "checkpoints").unlink()
+    elsewhere.rename(run / "checkpoints")
     beside = view.shards.subset([1, 0]).save(run / "top2")  # beside them: no run's folder
     assert ShardSet.load(beside).meta["subset_of"]["indices"] == [1, 0]
     shutil.rmtree(beside)

@@ -92,6 +92,7 @@ class SAEConfig:
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not math.isfinite(value)):
                 raise ValueError(f"sae.{name}={value!r} must be a finite number")
+            object.__setattr__(self, name, float(value))  # an int given, as the schema stores it
         if not 1 <= self.k <= self.n_latents:
             raise ValueError(f"sae.k={self.k} must be between 1 and sae.n_latents={self.n_latents}")
         if self.sparsity not in SPARSITY_MODES:

@@ -85,7 +85,6 @@ measured here.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -93,6 +92,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from sae_shards.core import json_read
 from sae_shards.core.checkpoint import CheckpointError, SizeLimit, read_safetensors
 from sae_shards.core.metrics import evaluate_heldout, match_directions, sample_sq_norms
 from sae_shards.core.trainer import dead_fraction
@@ -224,7 +224,7 @@ class EvalData:
             raise CheckpointError(f"{path}: no task_labels in the header; re-save the samples "
                                   "with sae_shards.job.save_samples")
         _check_samples(path, tensors, header["task_labels"], names, shapes or {})
-        self.labels = label_sets(json.loads(header["task_labels"]))
+        self.labels = label_sets(json_read.loads(header["task_labels"]))
         if any(not lab for lab in self.labels):
             raise CheckpointError(f"{path}: every sample needs at least one task label to "
                                   "evaluate (use a scheduled task such as multiskill)")
@@ -285,7 +285,7 @@ def _check_samples(path: Path, tensors: Mapping[str, Tensor], task_labels: str,
     from inside torch, or labels paired with other samples than theirs."""
     problem, fix = None, "the file is damaged or not this run's: copy it again from the run"
     try:
-        labels = json.loads(task_labels)
+        labels = json_read.loads(task_labels)
     except ValueError as e:
         labels, problem = None, f"task_labels in the header is not valid JSON ({e})"
     missing = [name for name in ("heldout", "rl_step", *(f"sample.{n}" for n in names))

@@ -40,6 +40,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
                                                     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
+from sae_shards.core import json_read
 from sae_shards.core.checkpoint import process_umask, usual_file_modes
 from sae_shards.core.checkpoint_checks import damaged, opened_safetensors
 from sae_shards.run.config import Arch
@@ -278,7 +279,7 @@ def build_tiny_model(
         settings["readout_scale"] = readout_scale
     settings_path = out_dir / BUILD_SETTINGS_FILE
     if settings_path.is_file():
-        found = json.loads(settings_path.read_text())
+        found = json_read.loads(settings_path.read_text())
         if found == settings or (isinstance(found.get("format"), int)
                                  and found["format"] < BUILD_FORMAT
                                  and {**found, "format": BUILD_FORMAT} == settings):
@@ -352,7 +353,7 @@ def check_model_files(folder: Path, advice: str) -> None:
             pass
     for file in sorted(folder.glob("*.json")):
         try:
-            if not isinstance(json.loads(file.read_bytes()), dict):  # every one HF writes
+            if not isinstance(json_read.loads(file.read_bytes()), dict):  # every one HF writes
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:
             raise damaged(file, e, advice) from None
@@ -368,7 +369,7 @@ def remote_code_files(path: Path) -> list[str]:
     """The Python files of ``path`` that its ``config.json`` ``auto_map`` names (``mod.Class``
     is ``mod.py``; a class in another repository, ``repo--mod.Class``, is named with it)."""
     try:
-        auto_map = json.loads((path / "config.json").read_text()).get("auto_map")
+        auto_map = json_read.loads((path / "config.json").read_text()).get("auto_map")
     except (OSError, ValueError, AttributeError):
         return []
     if not isinstance(auto_map, dict):
@@ -454,7 +455,7 @@ def check_policy_dir(path: str | Path, trust_remote_code: bool = False) -> PreTr
             f"model path {path} has no weight files (model.safetensors, sharded "
             "model-*.safetensors, or pytorch_model.bin): save the model there with "
             f"save_pretrained(DIR), or {again}")
-    config = json.loads((path / "config.json").read_text())
+    config = json_read.loads((path / "config.json").read_text())
     if not config.get("architectures"):
         raise ValueError(
             f"model path {path}: its config.json names no model class (architectures), from "
@@ -490,7 +491,7 @@ def load_tokenizer(path: str | Path, model_dir: bool = True,
     config_file = path / "tokenizer_config.json"
     declared = None
     if config_file.is_file():
-        declared = json.loads(config_file.read_text()).get("tokenizer_class")
+        declared = json_read.loads(config_file.read_text()).get("tokenizer_class")
     if declared in GENERIC_TOKENIZER_CLASSES and (path / "tokenizer.json").is_file():
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True,
                                                             trust_remote_code=trust_remote_code)

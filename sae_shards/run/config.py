@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from sae_shards.core.sae_config import SAEConfig
-from sae_shards.run.schema import build_dataclass, check_fields
+from sae_shards.run.schema import UNBOUNDED, build_dataclass, check_fields
 
 EMPTY_RUN_DIR = "run_dir is empty; give the run a directory of its own, e.g. run_dir=runs/my_run"
 """The refusal of an empty ``run_dir`` (the job's config, a ``ShardCallback``'s argument)."""
@@ -416,9 +416,9 @@ class RunnerConfig:
     at that push (RL may overwrite the older ones while the worker is behind); ``min_samples``
     must fit in a full push's window (checked: ``capture.capacity - max_lag - 1`` per step, and
     per event with the step's most events when the trainer's settings give them)."""
-    worker_timeout_s: float = 600.0
+    worker_timeout_s: float = field(default=600.0, metadata={UNBOUNDED: True})
     """thread mode: longest time the worker may spend on one captured delta; past it the run
-    stops with an error instead of RL waiting forever on a hung SAE step."""
+    stops with an error instead of RL waiting forever on a hung SAE step (``.inf``: no limit)."""
     torch_threads: int = 1
     """torch intra-op threads, process-wide (torch's pool is global: the RL thread and the SAE
     worker each use up to this many). Set explicitly: default counts oversubscribe small CPUs."""

@@ -464,8 +464,9 @@ def _load_failure(e: BaseException) -> str:
     of a pickle under ``weights_only=True`` said in a line, not its advice to load it with
     ``weights_only=False`` (which would run whatever the pickle holds)."""
     if isinstance(e, pickle.UnpicklingError):
-        return (f"{type(e).__name__}: not a plain tensor file, a foreign or crafted pickle? "
-                "transformers reads it with torch's weights_only=True only, and so should you")
+        return (f"{type(e).__name__}: not a file torch reads as plain tensors, damaged or "
+                "holding other objects; transformers reads it with torch's weights_only=True "
+                "only, so nothing in it ran, and it should not be loaded otherwise")
     return f"{type(e).__name__}: {e}"
 
 

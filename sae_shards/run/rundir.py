@@ -110,10 +110,12 @@ _RESULTS = (CHECKPOINTS, ROLLOUTS, EVENTS, ACTIVATIONS, SAMPLES, SUMMARY)
 _AFTER_CONFIG = (WANDB, METRICS, ROLLOUTS, EVENTS, SUMMARY, ACTIVATIONS, SAMPLES, RESUME,
                  FINAL_MODEL, *DERIVED)
 """What a run writes (with content) only once its ``config.json`` is written; beside no
-``config.json`` they are another tool's or the user's (a project's own ``wandb/``). Hydra's
-``.hydra/`` and ``cli.log``, the tiny model's ``model/`` and TRL's ``trl/`` may come first,
-from a start that failed before its config was written; ``overwrite`` removes ``config.json``
-last, so a killed removal leaves one."""
+``config.json`` they are another tool's or the user's (a project's own ``wandb/``), or a copy
+of a run that lost its ``config.json``. Hydra's ``.hydra/`` and ``cli.log``, the tiny model's
+``model/`` and TRL's ``trl/`` may come first, from a start that failed before its config was
+written; ``overwrite`` removes ``config.json`` last, so a killed removal leaves one. One writer
+has no ``config.json`` at its top: the planted benchmark's run captured several ways, whose
+``final_model/`` its captures' run directories share (``_shares_final_model``)."""
 
 
 LOCK = ".lock"
@@ -551,10 +553,10 @@ def inside_run_folder(path: Path) -> tuple[Path, str] | None:
     None otherwise. A run rewrites, prunes (``runner.keep_checkpoints``, a resume from an
     earlier step) and removes (``overwrite=true``) those folders with whatever a user put in
     them, so nothing of the user's is saved there."""
-    path = Path(path).resolve()
-    for folder in (path, *path.parents):
-        if folder.name in OWNED and holds_run_config(folder.parent):
-            return folder.parent, folder.name
+    for seen in dict.fromkeys((Path(path).absolute(), Path(path).resolve())):  # as given, and
+        for folder in (seen, *seen.parents):  # through links (a checkpoints/ on another disk)
+            if folder.name in OWNED and holds_run_config(folder.parent):
+                return folder.parent, folder.name
     return None
 
 
@@ -596,10 +598,26 @@ def foreign_files(run_dir: Path) -> list[str]:
                          + " (not a run's step or final checkpoint)")
     if not has_config:
         late = [name + ("/" if (run_dir / name).is_dir() else "") for name in _AFTER_CONFIG
-                if _has_content(run_dir / name)]
+                if _has_content(run_dir / name)
+                and not (name == FINAL_MODEL and _shares_final_model(run_dir))]
         if late:
-            found.append(f"{', '.join(late)} without a {CONFIG} (a run writes them after it)")
+            found.append(f"{', '.join(late)} without a {CONFIG}: a run writes its {CONFIG} "
+                         "first, so these are another tool's files, or a copy of a run that "
+                         f"lost its {CONFIG} (copy it again from the run)")
     return found
+
+
+def _shares_final_model(folder: Path) -> bool:
+    """Whether ``folder`` is the planted benchmark's directory of one RL run captured several
+    ways (``planted.benchmark.run_planted``): no ``config.json`` of its own, its policy in
+    ``final_model/``, which each capture's run directory links to."""
+    link = Path("..") / FINAL_MODEL
+    try:
+        return any((sub / FINAL_MODEL).is_symlink()
+                   and Path(os.readlink(sub / FINAL_MODEL)) == link and holds_run_config(sub)
+                   for sub in folder.iterdir() if sub.is_dir())
+    except OSError:
+        return False
 
 
 def check_not_foreign(run_dir: Path) -> None:
@@ -953,9 +971,9 @@ def latest_checkpoint(run_dir: Path) -> str:
     step the resume removes (``ShardSet.from_run`` reads them when named)."""
     folder = run_dir / CHECKPOINTS
     if run_dir.is_file():
-        above = run_dir.parent
-        hint = (f" (the run directory {above}?)" if (above / CHECKPOINTS).is_dir()
-                or holds_run_config(above) else "")
+        above = next((p for p in run_dir.parents
+                      if (p / CHECKPOINTS).is_dir() or holds_run_config(p)), None)
+        hint = f" (the run directory {above}?)" if above is not None else ""
         raise CheckpointError(f"{run_dir}: a file, not a run directory; give the run's "
                               f"directory{hint}")
     if not run_dir.is_dir():

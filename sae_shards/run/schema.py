@@ -41,7 +41,7 @@ def check_fields(obj: Any, prefix: str) -> None:
     types_ = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        checked = _coerce(types_[f.name], value, prefix + f.name)
+        checked = _coerce(types_[f.name], value, prefix + f.name, _unbounded(f))
         if checked is not value:  # int -> float, a list's or mapping's items checked
             object.__setattr__(obj, f.name, checked)
 
@@ -52,7 +52,17 @@ def coerce_fields(cls: type, data: Mapping[str, Any], prefix: str,
     annotations, each error naming ``prefix + field``: what ``build_dataclass`` builds from, and
     how a mapping of options (``task.options``) is checked before it reaches its class."""
     types_ = typing.get_type_hints(cls) if types_ is None else types_
-    return {name: _coerce(types_[name], value, prefix + name) for name, value in data.items()}
+    fields_ = {f.name: f for f in dataclasses.fields(cls)}
+    return {name: _coerce(types_[name], value, prefix + name, _unbounded(fields_.get(name)))
+            for name, value in data.items()}
+
+
+UNBOUNDED = "unbounded"
+"""A float field's metadata key: ``inf`` is a value it takes (no limit), not a mistake."""
+
+
+def _unbounded(f: dataclasses.Field | None) -> bool:
+    return f is not None and bool(f.metadata.get(UNBOUNDED))
 
 
 def closest(name: str, known: Any) -> str | None:
@@ -63,8 +73,9 @@ def closest(name: str, known: Any) -> str | None:
     return by_lower[match[0]] if match else None
 
 
-def _coerce(tp: Any, value: Any, name: str) -> Any:
-    """Check ``value`` against a field's annotation (ints are accepted where floats are)."""
+def _coerce(tp: Any, value: Any, name: str, unbounded: bool = False) -> Any:
+    """Check ``value`` against a field's annotation (ints are accepted where floats are; inf
+    only where the field is ``unbounded``)."""
     if dataclasses.is_dataclass(tp):
         return value if isinstance(value, tp) else build_dataclass(tp, value, name + ".")
     origin = typing.get_origin(tp)
@@ -107,7 +118,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is float and isinstance(value, float) and not math.isfinite(value):
+    if (tp is float and isinstance(value, float) and not math.isfinite(value)
+            and not (unbounded and value == math.inf)):
         raise ValueError(f"{name}={value}: expected a finite number")
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         quote = (f" (quote it to keep it text: {name}='{value}', or \"{name}='{value}'\" in a "
