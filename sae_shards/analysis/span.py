@@ -132,9 +132,10 @@ class SpanEffect:
     changes: dict[str, tuple[float, float]]
     """Paired ``(change, stderr)``: ``run`` (final - initial), ``removed`` (removed - final),
     ``removed_control``, ``removed_whole``, ``kept`` (kept - initial), ``kept_control``,
-    ``kept_whole``, ``overshoot`` (overshoot - final); ``removed_beyond_control`` (removed - removed_control) and
-    ``kept_beyond_control`` (kept - kept_control): the span against a random direction of its
-    norm, within noise of 0 (``resolution.within_noise``) when the two are not told apart."""
+    ``kept_whole``, ``overshoot`` (overshoot - final); ``removed_beyond_control`` (removed -
+    removed_control) and ``kept_beyond_control`` (kept - kept_control): the span against a
+    random direction of its norm, within noise of 0 (``resolution.within_noise``) when the two
+    are not told apart."""
     shares: dict[str, tuple[float, float]]
     """``(share of the run's change, stderr)``: ``removed`` (what removing P undoes),
     ``kept`` (what adding P alone recovers), and the same for the random direction

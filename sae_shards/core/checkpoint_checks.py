@@ -151,10 +151,10 @@ def check_declared_sizes(file: Path, limit: SizeLimit | None = None,
             whose = (f"this process may hold ({_gib(memory.bytes)}: {memory.note()})"
                      if memory.limited else f"this machine's memory ({_gib(memory.bytes)})")
             raise CheckpointError(
-                f"{what}, {_gib(nbytes)}), more than {whose}: it cannot be read here. A real file this large is "
-                "read on a machine (or under a limit) with more memory; otherwise the header "
-                "is damaged or edited (a sparse file passes safetensors' size check) — "
-                f"{advice}")
+                f"{what}, {_gib(nbytes)}), more than {whose}: it cannot be read here. A real "
+                "file this large is read on a machine (or under a limit) with more memory; "
+                "otherwise the header is damaged or edited (a sparse file passes safetensors' "
+                f"size check) — {advice}")
 
 
 def unmappable(file: Path, error: Exception, advice: str = DAMAGED) -> CheckpointError:

@@ -59,8 +59,9 @@ class SAEConfig:
     """Run the forward pass under bf16 autocast (parameters, loss and Adam stay fp32)."""
     encode_chunk_mib: int = 256
     """Largest ``[batch, m, n_latents*rank]`` encode intermediate (for per-event samples the two
-    ``[batch*T, n_latents*rank]`` ones together), in MiB, before the batch is split into chunks; also the most the end-of-run encode copies of the buffer at once (fp32,
-    gathered and scaled; at least one slot)."""
+    ``[batch*T, n_latents*rank]`` ones together), in MiB, before the batch is split into
+    chunks; also the most the end-of-run encode copies of the buffer at once (fp32, gathered
+    and scaled; at least one slot)."""
     seed: int = 0
     """Seed of the SAE's initialisation."""
 
