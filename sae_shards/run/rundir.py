@@ -553,8 +553,8 @@ def inside_run_folder(path: Path) -> tuple[Path, str] | None:
     None otherwise. A run rewrites, prunes (``runner.keep_checkpoints``, a resume from an
     earlier step) and removes (``overwrite=true``) those folders with whatever a user put in
     them, so nothing of the user's is saved there."""
-    for seen in dict.fromkeys((Path(path).absolute(), Path(path).resolve())):  # as given, and
-        for folder in (seen, *seen.parents):  # through links (a checkpoints/ on another disk)
+    for seen in dict.fromkeys((Path(os.path.abspath(path)), Path(path).resolve())):  # as given,
+        for folder in (seen, *seen.parents):  # and through links (checkpoints/ on another disk)
             if folder.name in OWNED and holds_run_config(folder.parent):
                 return folder.parent, folder.name
     return None
