@@ -649,8 +649,7 @@ def _span_overshoot(effect: SpanEffect) -> str:
             f"{_share(*effect.shares['overshoot'], effect.n_prompts)}: near a reward optimum "
             "any move that far along directions the updates vary in costs reward, so the "
             "removal is read beside it. ")
-    removed, over = effect.changes["removed"][0], effect.changes["overshoot"][0]
-    if removed < 0 and over <= removed:
+    if _curvature_only(effect.changes["removed"][0], effect.changes["overshoot"][0]):
         text += ("Here it costs at least as much as the removal: the removal's share is the "
                  "policy's curvature, not shown to be what the span carries. ")
     return text
@@ -907,6 +906,13 @@ def _controls_note(ablations: dict[int, Any]) -> str:
             f" {', '.join(map(str, faint))}.</p>")
 
 
+def _curvature_only(removed: float, overshoot: float) -> bool:
+    """Whether a removal's cost (its paired change ``removed``) is no more than the overshoot's
+    (``overshoot``, as far again past the policy): the policy's curvature near an optimum, not
+    shown to be what the direction carries. A removal that cost nothing is no such case."""
+    return removed < 0 and overshoot <= removed
+
+
 def _overshoot_note(ablations: dict[int, Any]) -> str:
     """How to read the overshoot column, naming the shards whose removal cost no more than
     pushing the policy as far again along the shard (their removal shows the policy's
@@ -915,7 +921,7 @@ def _overshoot_note(ablations: dict[int, Any]) -> str:
             "reward optimum, moving the weights that far along any direction the updates vary "
             "in costs reward either way, so a removal is read beside it. ")
     both_cost = [s for s, ab in ablations.items()
-                 if ab.change_removed < 0 and ab.change_overshoot <= ab.change_removed]
+                 if _curvature_only(ab.change_removed, ab.change_overshoot)]
     if both_cost:
         note += (f"For shard{'s' if len(both_cost) > 1 else ''} "
                  f"{', '.join(map(str, both_cost))} pushing further costs at least as much as "
