@@ -209,8 +209,9 @@ def test_from_step_restricts_the_window(planted_run):
 def test_evaluation_json_records_what_its_nulls_were_drawn_with(planted_run, tmp_path):
     """The shuffled-label nulls (mmcs_null, auroc_null and the margins over them) depend on how
     many shuffles were drawn and from which seed: evaluation.json records both, so a reader can
-    redo the figures (the CLI draws --n-null from seed 0; scripts.planted_sweep passes each run's
-    seed). Neither was recorded anywhere without the causal tests."""
+    redo the figures. Both the CLI and evaluate_run draw from the run's own seed by default, as
+    scripts.planted_sweep does (evaluate_run drew from seed 0, so Python and the CLI disagreed on
+    one run). Neither was recorded anywhere without the causal tests."""
     a = evaluate_run(planted_run, n_null=2, seed=7, steering=False, out=tmp_path / "a")
     b = evaluate_run(planted_run, n_null=2, seed=8, steering=False, out=tmp_path / "b")
     assert (a["mmcs_null"], a["auroc_null"]) != (b["mmcs_null"], b["auroc_null"])  # it matters
@@ -235,6 +236,8 @@ def test_evaluation_json_records_what_its_nulls_were_drawn_with(planted_run, tmp
     assert cli_main(["evaluate", str(copy), "--no-steering", "--n-null", "2"]) == 0
     again = json.loads((copy / "evaluation.json").read_text())
     assert again["seed"] == 7 and again["mmcs_null"] == a["mmcs_null"]
+    python = evaluate_run(copy, n_null=2, steering=False, out=tmp_path / "python")
+    assert python["seed"] == 7 and python["mmcs_null"] == a["mmcs_null"]
 
 
 def test_samples_without_task_labels_get_a_clear_error(planted_run, tmp_path):

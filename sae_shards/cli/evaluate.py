@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sae_shards.cli.shared import (EVALUATE_CHECKPOINT_HELP, TASK_HELP, add_trust_remote_code,
                                    announce_checkpoint, non_negative, positive, quiet_third_party,
-                                   refused_unwritable, run_seed, set_threads, task_arg)
+                                   refused_unwritable, set_threads, task_arg)
 
 
 def run(args: list[str]) -> int:
@@ -74,9 +74,8 @@ def run(args: list[str]) -> int:
         return 2
     try:
         name = announce_checkpoint(ns.run_dir, ns.checkpoint)
-        seed = ns.seed if ns.seed is not None else run_seed(ns.run_dir)
         result = evaluate_run(ns.run_dir, n_null=ns.n_null, from_step=ns.from_step,
-                              steering=not ns.no_steering, checkpoint=name, seed=seed,
+                              steering=not ns.no_steering, checkpoint=name, seed=ns.seed,
                               null_run=ns.null_run, n_prompts=ns.n_prompts,
                               family_threshold=ns.family_threshold, task=task, out=ns.out,
                               trust_remote_code=ns.trust_remote_code)

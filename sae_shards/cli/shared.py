@@ -167,9 +167,3 @@ def announce_checkpoint(run_dir: Path, checkpoint: str | None) -> str:
     return name
 
 
-def run_seed(run_dir: Path) -> int:
-    """The run's own seed (``config.json``), 0 when it records none."""
-    from sae_shards.run import rundir
-
-    seed = rundir.read_config(run_dir).get("seed")
-    return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0

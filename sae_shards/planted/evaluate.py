@@ -462,8 +462,9 @@ def run_settings(run_dir: Path, shards: ShardSet) -> dict[str, Any]:
             "schedule": (task.get("options") or {}).get("schedule"), "group": group}
 
 
-def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: bool = True,
-                 checkpoint: str | None = None, alpha: float = 2.0, n_prompts: int = 8,
+def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int | None = None,
+                 steering: bool = True, checkpoint: str | None = None, alpha: float = 2.0,
+                 n_prompts: int = 8,
                  from_step: int = 0, null_run: str | Path | Mapping[str, Any] | None = None,
                  drift_density: float = ALWAYS_ON_DENSITY, n_shuffled: int = 2,
                  n_samples: int = 4, floor: float = 0.005,
@@ -474,6 +475,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     ``out`` (a directory, created if needed; default the run directory, which is otherwise only
     read).
 
+    ``seed``: of the shuffled-label nulls and the causal controls; default the run's own seed
+    (``config.json``), as ``sae-shards evaluate`` and ``scripts.planted_sweep`` use it.
     ``from_step`` keeps only RL steps >= it (training and held-out alike): the task directions
     drift, and early steps, before the policy is tag-conditioned, blur a global direction.
     ``steering`` runs the causal tests (steering and ablation; ``causal.causal_tests`` with
@@ -492,6 +495,7 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int = 0, steering: 
     skipped for such a run and ``causal_skipped`` says why.
     """
     run_dir = Path(run_dir)
+    seed = rundir.run_seed(run_dir) if seed is None else seed
     shards = ShardSet.from_run(run_dir, checkpoint)
     sae = shards.sae
     s = _split(run_dir, shards, from_step)

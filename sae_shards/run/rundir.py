@@ -745,6 +745,12 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     return _read_object(Path(run_dir) / CONFIG)
 
 
+def run_seed(run_dir: Path) -> int:
+    """The run's own seed (``config.json``), 0 when it records none."""
+    seed = read_config(run_dir).get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+
+
 def read_summary(run_dir: Path) -> dict[str, Any]:
     """The run's ``summary.json``, leniently: ``{}`` when the run wrote none yet (killed, or
     still running) or it is unreadable."""
