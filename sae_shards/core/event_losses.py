@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from sae_shards.core import events
-from sae_shards.core.factored import (StepLosses, decoder_gram_pair, gather_decoder,
-                                      gather_pairs, quad)
+from sae_shards.core.factored import (StepLosses, aux_sq_error, gather_decoder, recon_sq,
+                                      sq_error)
 from sae_shards.core.sparsity import SparseCodes, aux_latents, aux_values
 
 Sample = Mapping[str, Tensor]  # {target: [batch, T, m + n]} for matrices, [batch, m] vectors
@@ -68,7 +68,7 @@ def event_losses(sae, x: Sample, dead: Tensor, aux_k: int, aux_coef: float,
     inv = 1.0 / sae.input_scale  # []
     pre = sae.inner(x, "encoder", form="factored") * inv + sae.b_enc  # [b, N]
     codes, floor = sae.select(pre, training=True)
-    idx, z = codes  # [b, k]
+    idx = codes.indices  # [b, k]
     k = idx.shape[1]
     with_aux = aux_coef > 0 and bool(dead.any())
     aidx = aux_latents(pre, dead, aux_k, sae.cfg.signed) if with_aux else None  # [b, ka]
@@ -80,25 +80,16 @@ def event_losses(sae, x: Sample, dead: Tensor, aux_k: int, aux_coef: float,
         if sq_norms is None:
             sq_norms = events.sq_norms(x, sae.targets)
         xx = sq_norms.double() * inv.double() ** 2  # [b] ||X_b||^2, scaled units
-    z64 = z.double()
-    zx = (z64 * dxc[:, :k].double()).sum(1)  # [b] sum_i z_i <X_b, D_i>
-    zGz = quad(z64, gather_pairs(G, idx, idx).double(), z64)  # [b] ||Xhat_b||^2
-    resid = xx - 2 * zx + zGz  # [b] ||X_b - Xhat_b||^2
+    resid = sq_error(xx, dxc[:, :k], G, codes)  # [b] ||X_b - Xhat_b||^2
     out_dtype = torch.promote_types(pre.dtype, torch.float32)
     main = (resid.sum() / xx.sum().clamp_min(1e-30)).to(out_dtype)
     if aidx is None:
         return StepLosses(main, torch.zeros((), device=pre.device), pre, codes, floor)
 
     # AuxK: the aux latents reconstruct e = X - Xhat (detached).
-    a64 = aux_values(pre, aidx, sae.cfg.signed).double()  # [b, ka]
-    Gh = decoder_gram_pair(sae, detach_left=True)  # [N, N], gradient only via D_j
-    # <e_b, D_j> = <X_b, D_j> - sum_i z_bi <D_i, D_j>, with e fixed
-    ed = (dxc[:, k:].double()
-          - torch.einsum("bk,bka->ba", z64.detach(), gather_pairs(Gh, idx, aidx).double()))
     e_sq = resid.detach()  # [b] ||e_b||^2
-    cross = (a64 * ed).sum(1)  # [b] <e_b, ehat_b>
-    eh_sq = quad(a64, gather_pairs(G, aidx, aidx).double(), a64)  # [b] ||ehat_b||^2
-    aux = ((e_sq - 2 * cross + eh_sq).sum() / e_sq.sum().clamp_min(1e-30))
+    aux = aux_sq_error(sae, pre, codes, aidx, dxc[:, k:], e_sq, G).sum() / \
+        e_sq.sum().clamp_min(1e-30)
     return StepLosses(main, aux.nan_to_num(0.0).to(out_dtype), pre, codes, floor)
 
 
@@ -107,12 +98,10 @@ def event_recon_norms(sae, xs: Sample, codes: SparseCodes) -> tuple[Tensor, Tens
     """``(||X_b||^2, ||X_b - Xhat_b||^2, ||Xhat_b||^2)``, each ``[batch]`` fp64, of SCALED factored
     samples reconstructed by ``codes`` (no decoder bias), without materialising anything: for
     held-out figures."""
-    idx, z = codes  # [b, k]
     xx = events.sq_norms(xs, sae.targets).double()  # [b]
-    z64 = z.double()
-    zx = (z64 * active_event_inner(sae, xs, idx).double()).sum(1)  # [b]
-    zGz = quad(z64, gather_pairs(sae.decoder_gram(), idx, idx).double(), z64)  # [b]
-    return xx, xx - 2 * zx + zGz, zGz
+    G = sae.decoder_gram()  # [N, N]
+    return xx, sq_error(xx, active_event_inner(sae, xs, codes.indices), G, codes), \
+        recon_sq(G, codes)
 
 
 def dense_event_losses(sae, xs: Sample, dead: Tensor, aux_k: int, aux_coef: float) -> StepLosses:

@@ -127,6 +127,37 @@ def decoder_gram_pair(sae, detach_left: bool = False) -> Tensor:
     return total
 
 
+def sq_error(xx: Tensor, xd: Tensor, G: Tensor, codes: SparseCodes) -> Tensor:
+    """``||X_b - sum_i z_i D_i||^2 = ||X_b||^2 - 2 sum_i z_i <X_b, D_i> + z^T Gram z`` per
+    sample, ``[batch]`` fp64, from ``xx = ||X_b||^2 [batch]``, the active latents' inner products
+    ``xd = <X_b, D_i> [batch, k]`` and ``G = Gram [N, N]`` (``X`` may be a centred sample)."""
+    zx = (codes.values.double() * xd.double()).sum(1)  # [b] sum_i z_i <X_b, D_i>
+    return xx - 2 * zx + recon_sq(G, codes)
+
+
+def recon_sq(G: Tensor, codes: SparseCodes) -> Tensor:
+    """``||sum_i z_i D_i||^2 = z^T Gram z`` per sample, ``[batch]`` fp64 (``G = Gram [N, N]``)."""
+    idx, z = codes  # [b, k]
+    z64 = z.double()
+    return quad(z64, gather_pairs(G, idx, idx).double(), z64)
+
+
+def aux_sq_error(sae, pre: Tensor, codes: SparseCodes, aidx: Tensor, ed: Tensor,
+                 e_sq: Tensor, G: Tensor) -> Tensor:
+    """AuxK's ``||e_b - ehat_b||^2`` per sample, ``[batch]`` fp64: the dead latents ``aidx [b, ka]``
+    (scores from ``pre [b, N]``) reconstruct the detached residual ``e = X - Xhat``, whose norms
+    ``e_sq [b]`` and inner products ``ed = <X_b, D_j> [b, ka]`` with the aux latents (``X`` as
+    the main loss took it) are given. ``<e_b, D_j> = <X_b, D_j> - sum_i z_bi Gram_ij``, with the
+    gradient only through ``D_j`` (``e`` is a fixed target)."""
+    idx, z = codes  # [b, k]
+    a64 = aux_values(pre, aidx, sae.cfg.signed).double()  # [b, ka]
+    Gh = decoder_gram_pair(sae, detach_left=True)  # [N, N], gradient only via D_j
+    e_d = ed.double() - torch.einsum("bk,bka->ba", z.detach().double(),
+                                     gather_pairs(Gh, idx, aidx).double())  # [b, ka] <e_b, D_j>
+    eh_sq = quad(a64, gather_pairs(G, aidx, aidx).double(), a64)  # [b] ||ehat_b||^2
+    return e_sq - 2 * (a64 * e_d).sum(1) + eh_sq
+
+
 def sq_dist(x: Sample, centre: Mapping[str, Tensor] | None, chunk_mib: float = 1.0) -> Tensor:
     """``||x_b - centre||^2`` summed over targets, ``[batch]`` fp64, no gradient (``centre``
     None: ``||x_b||^2``).
@@ -164,7 +195,7 @@ def factored_losses(sae, x: Sample, dead: Tensor, aux_k: int, aux_coef: float) -
     if bias is not None:
         pre = pre - sae.inner(bias, "encoder")
     codes, floor = sae.select(pre, training=True)
-    idx, z = codes  # [b, k]
+    idx = codes.indices  # [b, k]
     k = idx.shape[1]
     n_dead = int(dead.sum())
     with_aux = aux_coef > 0 and n_dead > 0
@@ -193,10 +224,7 @@ def factored_losses(sae, x: Sample, dead: Tensor, aux_k: int, aux_coef: float) -
         lin = (lin - lin.detach()).double()  # []
     else:
         lin = 0.0
-    z64 = z.double()
-    zx = (z64 * xd.double()).sum(1)  # [b] sum_i z_i <X - b, D_i>
-    zGz = quad(z64, gather_pairs(G, idx, idx).double(), z64)  # [b]
-    resid = xb - 2 * zx + zGz  # [b] ||X_b - Xhat_b||^2 (no gradient w.r.t. b through xb)
+    resid = sq_error(xb, xd, G, codes)  # [b] ||X_b - Xhat_b||^2 (no gradient w.r.t. b via xb)
     with torch.no_grad():
         # sum_b ||X_b - mean||^2 = sum_b ||X_b - b||^2 - B ||mean - b||^2 (b_dec ~ the mean, so
         # this rarely cancels; when it does by > 10x, reduce the differences directly)
@@ -213,17 +241,10 @@ def factored_losses(sae, x: Sample, dead: Tensor, aux_k: int, aux_coef: float) -
         return StepLosses(main, aux, pre, codes, floor)
 
     # AuxK: the aux latents reconstruct e = X - Xhat (detached).
-    a64 = aux_values(pre, aidx, sae.cfg.signed).double()  # [b, ka]
-    Gh = decoder_gram_pair(sae, detach_left=True)  # [N, N] grad only via D_j
     db_det = db if bias is None else \
         sae.inner(sae.bias_sample(detach=True), "decoder")[0]  # [N] grad only via D
-    # <e_b, D_j> = <X_b - b, D_j> - sum_i z_bi <D_i, D_j>, with e fixed
-    ed = ((dxc[:, k:] - db_det[aidx]).double()
-          - torch.einsum("bk,bka->ba", z64.detach(), gather_pairs(Gh, idx, aidx).double()))
     e_sq = resid.detach()  # [b] ||e_b||^2
-    cross = (a64 * ed).sum(1)  # [b] <e_b, ehat_b>
-    eh_sq = quad(a64, gather_pairs(G, aidx, aidx).double(), a64)  # [b] ||ehat_b||^2
-    r_aux = (e_sq - 2 * cross + eh_sq).sum()
+    r_aux = aux_sq_error(sae, pre, codes, aidx, dxc[:, k:] - db_det[aidx], e_sq, G).sum()
     with torch.no_grad():  # sum_b ||e_b - mean e||^2 = sum ||e_b||^2 - B ||mean e||^2
         zbar = codes.dense(N).double().mean(0)  # [N]
         md = sae.inner({kk: v[None] for kk, v in mean.items()}, "decoder")[0] * inv - db  # [N]
