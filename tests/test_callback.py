@@ -774,13 +774,13 @@ def test_a_script_run_whose_updates_are_all_zero_says_so(tiny_model, tmp_path):
 
     from transformers.optimization import Adafactor, AdafactorSchedule
 
-    from sae_shards.capture.callback import _check_learning_rate
+    from sae_shards.capture.callback_args import check_learning_rate
 
     own = Adafactor(torch.nn.Linear(2, 2).parameters(), relative_step=True, warmup_init=True,
                     lr=None)
     AdafactorSchedule(own)
     for rate in (5e-5, 0.0):
-        _check_learning_rate(own, SimpleNamespace(learning_rate=rate))  # not refused
+        check_learning_rate(own, SimpleNamespace(learning_rate=rate))  # not refused
     callback = ShardCallback(run_dir=tmp_path / "run", runner={"min_samples": 2})
     _train_two_prompts(tiny_model, tmp_path, callback, _tied_reward, 3)
     summary = callback.summary
@@ -2135,7 +2135,7 @@ def test_a_rank_at_which_low_rank_saves_nothing_is_warned(tiny_model, tmp_path, 
 def test_a_matrix_no_rank_saves_memory_on_is_named_without_an_impossible_rank():
     """A mixture of experts' shared-expert gate is [1, 64]: rank 1 already costs 65 numbers for
     64. The warning said "lower sae.rank to 1 or less"; it now says no rank saves memory there."""
-    from sae_shards.capture.callback import oversized_rank_text
+    from sae_shards.capture.callback_args import oversized_rank_text
     from sae_shards.core.targets import make_targets, oversized_ranks
 
     gate = oversized_ranks(make_targets({"mlp.shared_expert_gate.weight": (1, 64),

@@ -666,14 +666,14 @@ def test_a_two_process_sweep_goes_on_past_a_job_whose_checkpoint_is_refused(tmp_
 
 
 def test_resuming_on_another_number_of_processes_is_refused(tmp_path):
-    from sae_shards.capture.callback import _check_same_world
+    from sae_shards.capture.callback_args import check_same_world
 
     (tmp_path / "config.json").write_text(json.dumps({"world_size": 2}))
     with pytest.raises(ValueError, match="trained on 2 process.*resumed on 1.*accelerate launch "
                                          "--multi_gpu --num_processes 2: on CPU too"):
-        _check_same_world(tmp_path)
+        check_same_world(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"world_size": 1}))
-    _check_same_world(tmp_path)
+    check_same_world(tmp_path)
 
 
 def test_resuming_under_another_distribution_is_refused_naming_the_launch(tmp_path):
@@ -683,7 +683,7 @@ def test_resuming_under_another_distribution_is_refused_naming_the_launch(tmp_pa
     record), not advised that its checkpoint is damaged."""
     from transformers import Trainer, TrainingArguments
 
-    from sae_shards.capture.callback import _check_same_world
+    from sae_shards.capture.callback_args import check_same_world
     from sae_shards.run.job import RefusedOnRankZero, _check_same_distribution, _other_format
 
     model = build_tiny_model(tmp_path / "model", hidden_size=16, num_layers=1, num_heads=2,
@@ -699,8 +699,8 @@ def test_resuming_under_another_distribution_is_refused_naming_the_launch(tmp_pa
     with pytest.raises(ValueError, match=re.escape(
             f"{tmp_path} was trained under DeepSpeed ZeRO-3 and is resumed under one process: ")
             + ".*nothing of the checkpoint is damaged.*" + re.escape(f"started with ({launch})")):
-        _check_same_world(tmp_path, trainer)
-    _check_same_world(tmp_path)  # no trainer (a script's setup(model)): not known, not refused
+        check_same_world(tmp_path, trainer)
+    check_same_world(tmp_path)  # no trainer (a script's setup(model)): not known, not refused
     # sae-shards train checks it on every rank before TRL loads: rank 0 says why, others stop
     with pytest.raises(ValueError, match="was trained under DeepSpeed ZeRO-3"):
         _check_same_distribution(tmp_path, trainer, main=True)
@@ -708,7 +708,7 @@ def test_resuming_under_another_distribution_is_refused_naming_the_launch(tmp_pa
         _check_same_distribution(tmp_path, trainer, main=False)
     for recorded in ("one process", None):  # the same, or a run that recorded none
         (tmp_path / "config.json").write_text(json.dumps({**config, "distribution": recorded}))
-        _check_same_world(tmp_path, trainer)
+        check_same_world(tmp_path, trainer)
     checkpoint = tmp_path / "trl" / "checkpoint-2"
     checkpoint.mkdir(parents=True)
     assert _other_format(checkpoint, trainer, tmp_path) is None  # its own format: damaged

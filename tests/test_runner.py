@@ -280,18 +280,18 @@ def test_the_budget_pays_for_the_callbacks_own_work_and_the_inline_sae_once(monk
     import threading
     import types
 
-    from sae_shards.capture import callback as callback_module
+    from sae_shards.capture import callback_hooks
     from sae_shards.capture.runner import SAEBudget
 
     now = [0.0]
-    monkeypatch.setattr(callback_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(callback_hooks, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     budget = SAEBudget(0.2, clock=lambda: now[0])
     granted = []
 
     class Hooks:
         parts = types.SimpleNamespace(loop=types.SimpleNamespace(budget=budget))
 
-        @callback_module._paid
+        @callback_hooks.paid
         def on_step_end(self):
             now[0] += 0.005  # capture
             started = now[0]  # the inline push: SAEWorkLoop.process

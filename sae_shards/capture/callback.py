@@ -39,16 +39,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 import uuid
-import weakref
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
@@ -57,11 +53,17 @@ from transformers import TrainerCallback
 
 from sae_shards.capture import distributed, initial_model
 from sae_shards.capture.signals import SignalGuard
-from sae_shards.capture.step_rules import deconv_leading_loss, unwrap_optimizer
+from sae_shards.capture.step_rules import deconv_leading_loss
 from sae_shards.capture import resume as resume_state
 from sae_shards.capture.runner import STOP_GRACE_S
 from sae_shards.capture.background import BackgroundWriter
 from sae_shards.capture.buffer import StepMeta
+from sae_shards.capture.callback_args import (build_config, check_argument_types,
+                                              check_learning_rate, check_meta, check_output_dir,
+                                              check_same_output, check_same_world, given_fields,
+                                              oversized_rank_text, with_shortcuts)
+from sae_shards.capture.callback_hooks import (paid, quiet_on_other_ranks, script_worded,
+                                               stop_words)
 from sae_shards.capture.delta import DeltaCapture
 from sae_shards.capture.event_capture import EventCapture
 from sae_shards.capture.gathered_policy import gathered_state_dict
@@ -88,7 +90,6 @@ from sae_shards.capture.trl_checkpoints import (SCRIPT_RESUME,
                                                 warn_no_trl_checkpoints, writes_checkpoints)
 from sae_shards.capture.zero3_delta import Zero3DeltaCapture, zero3_targets
 from sae_shards.core import events as ev
-from sae_shards.core import json_read
 from sae_shards.core.checkpoint import CheckpointError, save_checkpoint
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import make_targets, oversized_ranks
@@ -96,176 +97,9 @@ from sae_shards.run import rundir, versions
 from sae_shards.run.config import (CaptureConfig, RunnerConfig, check_sae_trains,
                                     check_sae_window, check_steps_or_budget, sample_form,
                                     sample_source)
-from sae_shards.run.schema import build_dataclass
 from sae_shards.run.tracking import RunLogger
 
 log = logging.getLogger(__name__)
-
-
-def _paid(hook):
-    """A callback hook whose wall time is sae-shards work on the RL thread: paid from
-    ``runner.sae_budget`` when one is set (less what the SAE work loop paid itself meanwhile in
-    this thread, inline pushes and activation flushes, and the waits for a thread worker, whose
-    own time it pays); with it, the per-event recorder's time inside RL's forward and backward
-    since the last hook (``EventCapture.take_hook_seconds``), which no callback hook times."""
-    @functools.wraps(hook)
-    def timed(self, *args, **kwargs):
-        budget = self.parts.loop.budget if self.parts is not None else None
-        if budget is None:
-            return hook(self, *args, **kwargs)
-        t0, accounted = time.perf_counter(), budget.accounted_in_this_thread()
-        try:
-            return hook(self, *args, **kwargs)
-        finally:
-            own = time.perf_counter() - t0 - (budget.accounted_in_this_thread() - accounted)
-            take = getattr(getattr(self, "capture", None), "take_hook_seconds", None)
-            budget.charge(max(0.0, own) + (take() if take is not None else 0.0))
-    return timed
-
-
-def _in_script_terms(hook):
-    """A callback hook whose failed write (``RunWriteError``: a full disk, no permission) tells
-    a user's script how it continues (``in_script_terms``: ``ShardCallback(..., resume=True)``
-    and ``trainer.train(resume_from_checkpoint=True)``), where the shared message speaks
-    ``sae-shards train``'s ``resume=true``; under ``sae-shards train`` (``run_config``) it is
-    left as it is, and the CLI adds the command that continues the run."""
-    @functools.wraps(hook)
-    def worded(self, *args, **kwargs):
-        try:
-            return hook(self, *args, **kwargs)
-        except rundir.RunWriteError as e:
-            if self.run_config:
-                raise
-            raise rundir.RunWriteError(in_script_terms(str(e), getattr(self, "_auto", False)),
-                                       e.what) from e
-    worded.in_script_terms = True  # every hook has it (a test checks)
-    return worded
-
-
-def _quiet_on_other_ranks(init):
-    """``ShardCallback.__init__``, on a rank other than 0 of a launch, with sae-shards' own
-    records below ERROR unsaid (``distributed.quiet_other_ranks``) until the callback lets go
-    (``_let_go``: its training ended, or ``close``) or is collected (a callback abandoned
-    after its trainer failed); a construction that raises undoes it at once."""
-    @functools.wraps(init)
-    def quieted(self, *args, **kwargs):
-        self._speak_again = distributed.quiet_other_ranks()
-        try:
-            init(self, *args, **kwargs)
-        except BaseException:
-            self._speak_again()
-            raise
-        weakref.finalize(self, self._speak_again)  # the undo holds no reference to self
-    return quieted
-
-
-def _stop_words(signum: int) -> str:
-    """How a stop request reads in the log: the signal by name, or ``request_stop``'s."""
-    if signum == 0:
-        return "a stop was asked (request_stop)"
-    try:
-        return f"{signal.Signals(signum).name} was received"
-    except ValueError:
-        return f"signal {signum} was received"
-
-
-def _check_argument_types(**given: tuple[Any, type | tuple[type, ...], str]) -> None:
-    """``ValueError`` naming each of ShardCallback's plain arguments whose value is not of its
-    type (``name=(value, types, what it should be)``); bool is not taken for an int."""
-    wrong = [f"{name}={value!r} (expected {what})" for name, (value, types, what) in given.items()
-             if not isinstance(value, types) or (types is int and isinstance(value, bool))]
-    if wrong:
-        raise ValueError(f"ShardCallback: {', '.join(wrong)}; nothing was written")
-
-
-def _check_same_output(output: Path | None) -> None:
-    """``distributed.check_same`` of the trainer's ``output_dir``: rank 0 saves the TRL
-    checkpoints there, and every rank resumes from them."""
-    distributed.check_same("the trainer's output_dir", str(output and output.absolute()),
-                           "give every process the same TRL output_dir: rank 0 saves the "
-                           "checkpoints every rank resumes from")
-
-
-def _check_output_dir(output: Path | None, run_dir: Path) -> None:
-    """Refuse a trainer ``output_dir`` that is ``run_dir`` itself or one of the folders the run
-    writes (``checkpoints/``, ``resume/``, ``model/``...): TRL's ``checkpoint-N/`` and
-    ``trainer.save_model()``'s files (a model's ``config.json`` among them) would mix with the
-    run's own, and the run would no longer be told from another tool's directory. ``run_dir/trl``
-    (where ``sae-shards train`` keeps them) or any directory outside is fine."""
-    if output is None:
-        return
-    where, run = output.resolve(), Path(run_dir).resolve()
-    inside = [name for name in rundir.OWNED if name != rundir.TRL_OUTPUT
-              and (where == run / name or (run / name) in where.parents)]
-    if where == run or inside:
-        named = "run_dir itself" if where == run else f"inside run_dir/{inside[0]}"
-        raise ValueError(
-            f"the trainer's output_dir={str(output)!r} is {named} ({run}): TRL's checkpoint-N/ "
-            "and trainer.save_model()'s files (a model's config.json among them) would mix with "
-            f"the run's own. Give the trainer output_dir={str(run / rundir.TRL_OUTPUT)!r} (as "
-            "sae-shards train does) or a directory outside the run; nothing was trained")
-
-
-def _check_learning_rate(optimizer: Any, args: Any) -> None:
-    """Refuse a trainer whose ``learning_rate`` is 0 and whose optimizer's param groups all have
-    0 for theirs (the schedule's base, ``initial_lr``): no weight moves, every captured update
-    is zero and the SAE has nothing to learn (audit 143: the run trained every step, then said
-    so at its end). A group whose rate is not a number, or an optimizer that sets its own step
-    size (Adafactor's ``relative_step``, which leaves ``lr`` 0 in its groups), is not judged."""
-    groups = getattr(unwrap_optimizer(optimizer), "param_groups", None) or []
-
-    def zero(group: Mapping[str, Any]) -> bool:
-        rate = group.get("initial_lr", group.get("lr"))
-        return (isinstance(rate, (int, float)) and rate == 0
-                and not group.get("relative_step", False))
-
-    if getattr(args, "learning_rate", None) == 0 and groups and all(map(zero, groups)):
-        raise ValueError(
-            f"the trainer's learning rate is 0 (learning_rate={getattr(args, 'learning_rate', 0)!r}"
-            "; every param group of its optimizer): no weight would move, every captured update "
-            "would be zero and the SAE would have nothing to learn. Set learning_rate; nothing "
-            "was trained")
-
-
-RESERVED_META = ("source", "model_id", "run_dir", "lora", "run_id", "rl_step", "sae_step",
-                 "sae_samples", "subset_of")
-"""Checkpoint metadata keys sae-shards writes itself, which analysis reads (the samples'
-source, the model, the run, the steps): a script's ``meta`` may not set them."""
-
-
-def _check_meta(meta: Mapping[str, Any] | None) -> None:
-    """``ValueError`` for a ``meta`` a checkpoint cannot hold as it is: a key sae-shards writes
-    itself (``RESERVED_META``), a key that is not a string, or a value that is not strict JSON
-    (a ``Path``, a tensor, a set, NaN), which would otherwise fail the run at its first
-    checkpoint."""
-    if meta is None:
-        return
-    wrong = [f"{k!r} is sae-shards' own (the checkpoint's {k}; name yours otherwise)"
-             for k in meta if k in RESERVED_META]
-    wrong += [f"{k!r} is not a string key" for k in meta if not isinstance(k, str)]
-    for k, v in meta.items():
-        try:
-            json.dumps(v, allow_nan=False)
-        except (TypeError, ValueError):
-            wrong.append(f"{k!r} holds a {type(v).__name__}, which JSON cannot hold exactly "
-                         "(pass str(...), a number, or lists and dicts of them)")
-    if wrong:
-        raise ValueError(f"ShardCallback: meta (extra checkpoint metadata, written as JSON): "
-                         f"{'; '.join(wrong)}; nothing was written")
-
-
-def oversized_rank_text(rank: int, oversized: Mapping[str, int], n_targets: int) -> str:
-    """The warning for ``targets.oversized_ranks``' targets at ``sae.rank=rank``: the rank that
-    saves memory on all of them, or, where none does (a matrix of one row, such as a gate of
-    one output), that they could be left out."""
-    lower = min(oversized.values())
-    advice = (f"lower sae.rank to {lower} or less" if lower < rank else
-              "no rank does on matrices this narrow (one row or column, such as a gate of one "
-              "output): leave them out of capture.targets if memory matters")
-    return (f"sae.rank={rank} gives {len(oversized)} of {n_targets} targets a factored direction "
-            f"at least as large as the matrix itself ({few_names(list(oversized), 3)}): the "
-            f"low-rank SAE saves no memory on them and costs more time than a dense one would; "
-            f"{advice}")
 
 
 class ShardCallback(TrainerCallback):
@@ -299,7 +133,7 @@ class ShardCallback(TrainerCallback):
     the signals to the script).
     """
 
-    @_quiet_on_other_ranks
+    @quiet_on_other_ranks
     def __init__(
         self,
         run_dir: str | Path,
@@ -334,7 +168,7 @@ class ShardCallback(TrainerCallback):
         flags = {"log_to_wandb": log_to_wandb, "record_rollouts": record_rollouts,
                  "save_model": save_model, "overwrite": overwrite,
                  "handle_signals": handle_signals}
-        _check_argument_types(
+        check_argument_types(
             run_dir=(run_dir, (str, os.PathLike), "a directory path: a str or a Path"),
             **{name: (value, (kind, Mapping, type(None)),
                       f"{kind.__name__}(...), a dict of its fields, or None")
@@ -354,15 +188,15 @@ class ShardCallback(TrainerCallback):
                              "seed); nothing was written")
         if str(run_dir).startswith("~"):  # as TrainingArguments takes output_dir
             run_dir = Path(run_dir).expanduser()
-        _check_meta(meta)
-        self.capture_cfg = _with(_config(CaptureConfig, capture, "capture"), capture,
+        check_meta(meta)
+        self.capture_cfg = with_shortcuts(build_config(CaptureConfig, capture, "capture"), capture,
                                  targets=targets, source=source, capacity=capacity)
-        check_steps_or_budget(_given_fields(runner, RunnerConfig, sae_steps_per_rl_step=(
+        check_steps_or_budget(given_fields(runner, RunnerConfig, sae_steps_per_rl_step=(
             sae_steps_per_rl_step)), " in ShardCallback's arguments")
-        self.runner_cfg = _with(_config(RunnerConfig, runner, "runner"), runner,
+        self.runner_cfg = with_shortcuts(build_config(RunnerConfig, runner, "runner"), runner,
                                 sae_steps_per_rl_step=sae_steps_per_rl_step,
                                 concurrency=concurrency, checkpoint_every=checkpoint_every)
-        self.sae_cfg = _config(SAEConfig, sae, "sae")
+        self.sae_cfg = build_config(SAEConfig, sae, "sae")
         self.sae_cfg.check_sample_form(sample_form(self.capture_cfg.granularity))
         check_sae_window(self.capture_cfg, self.runner_cfg)
         self.resume = self._prepare_run_dir(run_dir, overwrite, resume, seed, run_config)
@@ -495,7 +329,7 @@ class ShardCallback(TrainerCallback):
                      "run_dir": str(self.run_dir), "lora": self._is_lora(), **self.meta,
                      "run_id": self._run_id}
         if self.resume:
-            _check_same_world(self.run_dir, trainer)
+            check_same_world(self.run_dir, trainer)
             if not self.run_config and trainer is not None:  # a user's script: its trainer
                 self._check_script_resume(model, trainer, config, moved)
         self._rollout_log = rundir.JsonLines(self.run_dir / rundir.ROLLOUTS)
@@ -911,7 +745,7 @@ class ShardCallback(TrainerCallback):
             # before its collectives: a callback on rank 0 alone would pair them with DDP's
             distributed.check_callback_on_every_rank("was asked resume_from")
             distributed.check_same_run_dir(self.run_dir)  # every rank decides from one run
-            _check_same_output(output)
+            check_same_output(output)
             if output is None:
                 return None
             step = resume_state.latest_complete(self.run_dir, quiet=True, trl=output)
@@ -971,7 +805,7 @@ class ShardCallback(TrainerCallback):
         specs = make_targets(target_shapes(targets), rank=self.sae_cfg.rank)
         self.capture = EventCapture(targets, specs, None, self.capture_cfg, trainer)
 
-    @_in_script_terms
+    @script_worded
     def on_init_end(self, args, state, control, **kwargs):
         """A script's resume (``ShardCallback(..., resume=True)`` in the trainer's
         ``callbacks=``) is checked against the run's process count and distribution as the
@@ -984,9 +818,9 @@ class ShardCallback(TrainerCallback):
         if not (self.resume and not self.run_config):
             return
         with self._free_if_refused():  # free for the resume with the right launch
-            _check_same_world(self.run_dir, calling_trainer())
+            check_same_world(self.run_dir, calling_trainer())
 
-    @_in_script_terms
+    @script_worded
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         handler = getattr(calling_trainer(), "callback_handler", None)
         peers = getattr(handler, "callbacks", None)
@@ -1003,14 +837,14 @@ class ShardCallback(TrainerCallback):
         with self._free_if_refused():  # before any collective of the callback's, which
             distributed.check_callback_on_every_rank()  # would mismatch
             distributed.check_same_run_dir(self.run_dir)
-            _check_same_output(trl_dir(args))  # a resume would fail on it (audit 141 F2)
+            check_same_output(trl_dir(args))  # a resume would fail on it (audit 141 F2)
             distributed.check_same_settings(
                 self._rank_settings(), "give ShardCallback the same arguments on every process "
                 "(settings read per rank, e.g. from a file or the environment, can differ)")
         if not self.run_config:  # sae-shards train checked its rl.max_steps already
             with self._free_if_refused():
-                _check_output_dir(trl_dir(args), self.run_dir)
-                _check_learning_rate(kwargs.get("optimizer"), args)
+                check_output_dir(trl_dir(args), self.run_dir)
+                check_learning_rate(kwargs.get("optimizer"), args)
             per_step = trainer_samples_per_step(args, self.capture_cfg.granularity)
             check_sae_window(self.capture_cfg, self.runner_cfg, per_step)
             lost = (deconv_leading_loss(kwargs.get("optimizer"))
@@ -1150,27 +984,27 @@ class ShardCallback(TrainerCallback):
         self.capture = None  # every later event is a no-op
         self._let_go()
 
-    @_in_script_terms
-    @_paid
+    @script_worded
+    @paid
     def on_step_begin(self, args, state, control, **kwargs):
         self._writer.wait()  # the last checkpoint holds views of the buffer this step writes
         if self.capture is not None:
             self.capture.on_step_begin(args, state, control, **kwargs)
 
-    @_in_script_terms
-    @_paid
+    @script_worded
+    @paid
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.capture is not None:
             self.capture.on_pre_optimizer_step(args, state, control, **kwargs)
 
-    @_in_script_terms
-    @_paid
+    @script_worded
+    @paid
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.capture is not None:
             self.capture.on_optimizer_step(args, state, control, **kwargs)
 
-    @_in_script_terms
-    @_paid
+    @script_worded
+    @paid
     def on_step_end(self, args, state, control, **kwargs):
         # Whether to stop after this step, decided once here: a signal landing later in the
         # step counts at the next one. With several processes every rank must agree (TRL's
@@ -1184,7 +1018,7 @@ class ShardCallback(TrainerCallback):
                 self.stop_signal, where = anywhere
                 if state.is_world_process_zero:
                     log.warning("%s by rank %d: finishing this RL step, writing a checkpoint, "
-                                "then stopping", _stop_words(self.stop_signal), where)
+                                "then stopping", stop_words(self.stop_signal), where)
         if stop and state.global_step >= state.max_steps:  # the last step: the run just ends
             log.info("the stop request came during the last RL step: nothing is cut short, the "
                      "run ends as planned and needs no resume")
@@ -1214,8 +1048,8 @@ class ShardCallback(TrainerCallback):
             log.info("RL step %d/%d  reward %.3f  |  %s", step, state.max_steps,
                      self._rewards.get(step, math.nan), sae)
 
-    @_in_script_terms
-    @_paid
+    @script_worded
+    @paid
     def on_save(self, args, state, control, **kwargs):
         # TRL decided to checkpoint this step after its end (save_strategy "epoch" at an epoch's
         # last step, "best" after an evaluation): its resume file is written now, after TRL's
@@ -1225,8 +1059,8 @@ class ShardCallback(TrainerCallback):
         if self._resumable_step != state.global_step:
             self._save_step(state.global_step, trl_dir(args))
 
-    @_in_script_terms
-    @_paid
+    @script_worded
+    @paid
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.capture is None or not state.is_world_process_zero:
             return
@@ -1236,7 +1070,7 @@ class ShardCallback(TrainerCallback):
         self._metric_log.append({"kind": "rl", "rl_step": state.global_step, **numeric})
         self._tied.observe(numeric.get(TIED_METRIC), state.global_step)
 
-    @_in_script_terms
+    @script_worded
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         try:
             self._end(args, state, control, model, processing_class, **kwargs)
@@ -1398,68 +1232,3 @@ class ShardCallback(TrainerCallback):
                         "as it is: its resume=\"auto\" continues the run" if self._auto else
                         f"with {SCRIPT_RESUME}")
         return summary
-
-
-# ---- helpers ---------------------------------------------------------------------------------
-
-def _config(cls: type, value: Any, prefix: str) -> Any:
-    """A config dataclass from an instance, a dict of its fields, or None (defaults)."""
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    return build_dataclass(cls, dict(value), prefix + ".")
-
-
-def _given_fields(value: Any, kind: type, **shortcuts: Any) -> dict[str, Any]:
-    """The fields of a ``capture=`` / ``runner=`` argument the user set (a dict's keys, or a
-    config's fields that are not the default), with the shortcut arguments that were given."""
-    if isinstance(value, Mapping):
-        given = dict(value)
-    elif value is None:
-        given = {}
-    else:
-        defaults = kind()
-        given = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)
-                 if getattr(value, f.name) != getattr(defaults, f.name)}
-    return {**given, **{k: v for k, v in shortcuts.items() if v is not None}}
-
-
-def _with(cfg: Any, value: Any, **shortcuts: Any) -> Any:
-    """``cfg`` with the shortcut arguments that were given (re-validated). A shortcut that
-    contradicts the same field set in ``value`` (the ``capture=`` / ``runner=`` argument ``cfg``
-    was built from: a dict naming it, or a config whose field is not the default) is refused
-    rather than one of the two silently winning."""
-    given = {k: v for k, v in shortcuts.items() if v is not None}
-    if not given:
-        return cfg
-    prefix = "capture." if isinstance(cfg, CaptureConfig) else "runner."
-    merged = build_dataclass(type(cfg), {**dataclasses.asdict(cfg), **given}, prefix)
-    named = _given_fields(value, type(cfg))
-    for name in given:
-        if name in named and getattr(merged, name) != getattr(cfg, name):
-            raise ValueError(
-                f"ShardCallback({name}={given[name]!r}, {prefix[:-1]}=...) sets {prefix}{name} "
-                f"twice, to {given[name]!r} and to {getattr(cfg, name)!r}: give it in one place")
-    return merged
-
-
-def _check_same_world(run_dir: Path, trainer: Any | None = None) -> None:
-    """A resumed run must have as many processes as it had: TRL's per-device batch is per
-    rank, so another count changes every later step's batch under the same run directory. With
-    ``trainer``, it must also train under the same distribution (DDP, FSDP, a DeepSpeed ZeRO
-    stage: ``distributed.distribution``), whose format TRL's checkpoint is in."""
-    path = run_dir / rundir.CONFIG
-    if not path.is_file():
-        return
-    try:
-        saved = json_read.loads(path.read_text())
-    except ValueError:
-        return  # a torn config.json is rewritten below
-    n_processes = distributed.world_size()
-    why = distributed.world_mismatch(run_dir, saved, n_processes) or (
-        distributed.distribution_mismatch(
-            run_dir, saved, distributed.distribution(trainer, n_processes))
-        if trainer is not None else None)
-    if why:
-        raise ValueError(why)
