@@ -1318,3 +1318,37 @@ def test_planted_diagnostics_needs_its_evaluation_first_and_finds_one_elsewhere(
     r = evaluate_run(copy, n_null=2, steering=False, out=tmp_path / "elsewhere")
     figures = diagnose(copy, evaluation=tmp_path / "elsewhere")
     assert figures["auroc_task"] == r["auroc_task"]
+
+
+def test_evaluate_takes_a_moved_initial_model_as_analyze_does(planted_run, tmp_path, capsys):
+    """Audit 150 F1: evaluate's causal tests, skipped for a run whose initial model moved, told
+    the reader to "give its new place with --initial-model DIR", which evaluate did not take
+    (argparse: unrecognized arguments). It takes it now, checked as analyze checks it."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "run"
+    shutil.copytree(planted_run, copy)
+    for name in rundir.DERIVED:
+        (copy / name).unlink(missing_ok=True)
+    moved = tmp_path / "moved"
+    shutil.move(copy / "model", moved)
+    r = evaluate_run(copy, n_null=1, n_prompts=2, n_samples=2, n_shuffled=0)
+    assert r["causal"] is None and "lacks its model/ folder" in r["causal_skipped"]
+
+    assert cli_main(["evaluate", str(copy), "--n-null", "1", "--n-prompts", "2",
+                     "--initial-model", str(moved)]) == 0
+    on_disk = json.loads((copy / "evaluation.json").read_text())
+    assert on_disk["causal"] is not None and on_disk["causal_skipped"] is None
+    assert on_disk["headline"]["ablation_selectivity"] is not None
+
+    other = tmp_path / "other"  # other weights named on purpose: refused before any work
+    shutil.copytree(moved, other)
+    weights = load_file(other / "model.safetensors")
+    save_file({k: v + 0.01 for k, v in weights.items()}, other / "model.safetensors",
+              metadata={"format": "pt"})
+    kept = (copy / "evaluation.json").read_text()
+    capsys.readouterr()
+    assert cli_main(["evaluate", str(copy), "--n-null", "1", "--initial-model", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot evaluate {copy}: --initial-model {other} holds other weights" in err
+    assert (copy / "evaluation.json").read_text() == kept

@@ -6,8 +6,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sae_shards.cli.shared import (CHECKPOINT_HELP, TASK_HELP, add_trust_remote_code,
-                                   announce_checkpoint, own_reward_unknown, positive,
+from sae_shards.cli.shared import (CHECKPOINT_HELP, TASK_HELP, add_initial_model,
+                                   add_trust_remote_code, announce_checkpoint,
+                                   initial_model_refusal, own_reward_unknown, positive,
                                    quiet_third_party, refused_unwritable, set_threads, shards_arg,
                                    task_arg, warn_if_live)
 
@@ -64,10 +65,7 @@ def run(args: list[str]) -> int:
     parser.add_argument("--threads", type=positive, default=1, help="torch threads (explicit: "
                         "default counts oversubscribe small CPUs; default %(default)s)")
     parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
-    parser.add_argument("--initial-model", type=Path, default=None, metavar="DIR",
-                        help="the run's initial model directory, when it moved from the "
-                             "model.path its config.json records (checked against the run's "
-                             "record of its weights)")
+    add_initial_model(parser)
     parser.add_argument("--task", default=None, metavar="FILE.py:NAME | MODULE:NAME",
                         help=TASK_HELP.format(what="the dose-response and ablation"))
     add_trust_remote_code(parser, "the logit lens, dose-response and ablation")
@@ -97,10 +95,7 @@ def run(args: list[str]) -> int:
     try:
         name = announce_checkpoint(ns.run_dir, ns.checkpoint)
         refused = _check_shards_arg(ns.shards, ns.run_dir, name)
-        if not refused and ns.initial_model is not None:
-            from sae_shards.analysis.shards import named_initial_refusal
-
-            refused = named_initial_refusal(ns.run_dir, ns.initial_model)
+        refused = refused or initial_model_refusal(ns.run_dir, ns.initial_model)
         if refused:
             print(f"sae-shards: cannot analyze {ns.run_dir}: {refused}", file=sys.stderr)
             return 2

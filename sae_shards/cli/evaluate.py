@@ -7,9 +7,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sae_shards.cli.shared import (EVALUATE_CHECKPOINT_HELP, TASK_HELP, add_trust_remote_code,
-                                   announce_checkpoint, non_negative, positive, quiet_third_party,
-                                   refused_unwritable, set_threads, task_arg)
+from sae_shards.cli.shared import (EVALUATE_CHECKPOINT_HELP, TASK_HELP, add_initial_model,
+                                   add_trust_remote_code, announce_checkpoint,
+                                   initial_model_refusal, non_negative, positive,
+                                   quiet_third_party, refused_unwritable, set_threads, task_arg)
 
 
 def run(args: list[str]) -> int:
@@ -47,6 +48,7 @@ def run(args: list[str]) -> int:
     parser.add_argument("--checkpoint", default=None, help=EVALUATE_CHECKPOINT_HELP)
     parser.add_argument("--task", default=None, metavar="FILE.py:NAME | MODULE:NAME",
                         help=TASK_HELP.format(what="the steering and ablation tests"))
+    add_initial_model(parser)
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="directory for evaluation.json and evaluation.md (default RUN_DIR; "
                              "a --null-run's own evaluation goes to DIR/null_control)")
@@ -74,10 +76,15 @@ def run(args: list[str]) -> int:
         return 2
     try:
         name = announce_checkpoint(ns.run_dir, ns.checkpoint)
+        refused = initial_model_refusal(ns.run_dir, ns.initial_model)
+        if refused:
+            print(f"sae-shards: cannot evaluate {ns.run_dir}: {refused}", file=sys.stderr)
+            return 2
         result = evaluate_run(ns.run_dir, n_null=ns.n_null, from_step=ns.from_step,
                               steering=not ns.no_steering, checkpoint=name, seed=ns.seed,
                               null_run=ns.null_run, n_prompts=ns.n_prompts,
                               family_threshold=ns.family_threshold, task=task, out=ns.out,
+                              initial_model=ns.initial_model,
                               trust_remote_code=ns.trust_remote_code)
     except RunWriteError as e:  # a full disk: the run is untouched (its own advice is a run's)
         print(f"sae-shards: cannot evaluate {ns.run_dir}: {e.what}; the run itself is intact: "

@@ -107,6 +107,25 @@ def add_trust_remote_code(parser: argparse.ArgumentParser, what: str) -> None:
                              "never runs")
 
 
+def add_initial_model(parser: argparse.ArgumentParser) -> None:
+    """``--initial-model DIR``: the run's initial weights, when they moved from the
+    ``model.path`` its ``config.json`` records (``named_initial_refusal`` checks them)."""
+    parser.add_argument("--initial-model", type=Path, default=None, metavar="DIR",
+                        help="the run's initial model directory, when it moved from the "
+                             "model.path its config.json records (checked against the run's "
+                             "record of its weights)")
+
+
+def initial_model_refusal(run_dir: Path, initial: Path | None) -> str | None:
+    """Why ``--initial-model`` cannot be the run's initial model (None when it can, or was not
+    given): asked before any work, as ``analysis.shards.named_initial_refusal``."""
+    if initial is None:
+        return None
+    from sae_shards.analysis.shards import named_initial_refusal
+
+    return named_initial_refusal(run_dir, initial)
+
+
 TASK_HELP = ("your run's prompts and reward functions, for {what} of a run of your own TRL "
              "script: a RewardTask, or a function returning one (docs/analysis.md)")
 

@@ -469,8 +469,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int | None = None,
                  drift_density: float = ALWAYS_ON_DENSITY, n_shuffled: int = 2,
                  n_samples: int = 4, floor: float = 0.005,
                  family_threshold: float = FAMILY_THRESHOLD, task: Any | None = None,
-                 out: str | Path | None = None, trust_remote_code: bool = False
-                 ) -> dict[str, Any]:
+                 out: str | Path | None = None, initial_model: str | Path | None = None,
+                 trust_remote_code: bool = False) -> dict[str, Any]:
     """All figures of one run (see the module docstring); also writes evaluation.json/.md to
     ``out`` (a directory, created if needed; default the run directory, which is otherwise only
     read).
@@ -490,6 +490,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int | None = None,
     directory does not hold; a run of ``sae-shards train`` rebuilds its own. Without them the
     causal figures are null and ``causal_skipped`` says why. A ``null_run`` directory's own
     evaluation is written to it, or with ``out`` to ``out/null_control/``.
+    ``initial_model``: the directory of the run's initial weights for the causal tests, when it
+    moved from where ``config.json`` says (checked against the run's ``model.fingerprint``).
     ``trust_remote_code``: the causal tests load a policy that needs its own code (``auto_map``)
     by running the Python files of its directories (``shards.load_run_models``); off, they are
     skipped for such a run and ``causal_skipped`` says why.
@@ -534,7 +536,8 @@ def evaluate_run(run_dir: str | Path, n_null: int = 5, seed: int | None = None,
             run_dir, checkpoint, shards, s.tasks, dict(zip(s.tasks, best)), ref.directions,
             s.flat_tr, s.y_tr, s.shapes, g, fam_dirs,
             CausalSettings(alpha=alpha, n_prompts=n_prompts, n_samples=n_samples, floor=floor,
-                           seed=seed), n_shuffled, task, trust_remote_code=trust_remote_code)
+                           seed=seed), n_shuffled, task, initial_model=initial_model,
+            trust_remote_code=trust_remote_code)
     null_control = _null_control(null_run, n_null=n_null, seed=seed, from_step=from_step,
                                  drift_density=drift_density, family_threshold=family_threshold,
                                  out=None if out is None else Path(out) / NULL_CONTROL_DIR)
@@ -797,13 +800,16 @@ def _causal(run_dir: Path, checkpoint: str | None, shards: ShardSet, tasks: list
             best: dict[str, int], supervised: Tensor, flat_tr: Tensor, y_tr: list, shapes: dict,
             g: torch.Generator, family_dirs: dict[str, dict[str, Tensor]],
             settings: CausalSettings, n_shuffled: int, task: Any | None, *,
-            trust_remote_code: bool = False) -> tuple[dict[str, Any] | None, str | None]:
+            initial_model: str | Path | None = None, trust_remote_code: bool = False
+            ) -> tuple[dict[str, Any] | None, str | None]:
     """Steering and ablation of each task's best latent, its best shard family, its supervised
     direction, a random and ``n_shuffled`` shuffled-label controls (the policy of
     ``checkpoint``); ``(None, why)`` when the run's models or its task are not available."""
-    models = load_run_models(run_dir, checkpoint, trust_remote_code=trust_remote_code)
+    models = load_run_models(run_dir, checkpoint, initial_model,
+                             trust_remote_code=trust_remote_code)
     if models is None:
-        return None, run_models_missing(run_dir, checkpoint, trust_remote_code=trust_remote_code)
+        return None, run_models_missing(run_dir, checkpoint, initial_model,
+                                        trust_remote_code=trust_remote_code)
     init, final, tok, own = models
     task = task if task is not None else own
     if task is None:
