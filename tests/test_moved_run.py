@@ -201,6 +201,11 @@ def test_a_copy_without_the_runs_own_model_folders_says_to_copy_them(short_run_d
         f"no initial model at {run / rundir.MODEL}: sae-shards train built the run's tiny model "
         "there before its first step, so this copy of the run lacks its model/ folder; copy it "
         "from the run")
+    from sae_shards.analysis.report import analyze
+
+    out = analyze(run, tmp_path / "report.html", n_shards=1)  # analysis.json says why, too
+    assert json.loads(out.with_name("analysis.json").read_text())["models_skipped"] == \
+        run_models_missing(run)
 
 
 def test_a_copy_without_its_summary_recomputes_the_runs_figures(short_run_dir, tmp_path):

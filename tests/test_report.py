@@ -54,6 +54,7 @@ def test_report_has_every_section_and_image(short_run_dir, tmp_path, caplog):
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     html = out.read_text()
     assert "Needs the run's initial and final model" not in html  # model sections really ran
+    assert json.loads((tmp_path / "analysis.json").read_text())["models_skipped"] is None
     assert "+u promotes" in html and "RL step" in html
     summary_json = json.loads((short_run_dir / "summary.json").read_text())
     dead = ("n/a (the SAE saw fewer than sae.dead_after samples)"
@@ -169,6 +170,8 @@ def test_an_unscorable_completion_is_left_out_of_the_reward_curve(short_run_dir,
     scored = rows[0]["rewards"][1:]
     assert means[0] == pytest.approx(sum(scored) / len(scored))
     out = analyze(run, tmp_path / "report.html", n_shards=1, dose=False)
+    skipped = json.loads((tmp_path / "analysis.json").read_text())["models_skipped"]
+    assert skipped == "not asked for (--no-dose)"  # audit 150 F9: the JSON said nothing
     page = _Page()
     page.feed(out.read_text())
     assert page.sections["reward"] == 1

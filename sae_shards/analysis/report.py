@@ -353,6 +353,8 @@ def _model_sections(view: RunView, sel: _Selection, asked: _Asked, models,
            if asked.dose and models is None else None)
     if why:
         log.warning("no logit lens, dose-response or ablation: %s", why)
+    # analysis.json says why these sections are empty, as the report does
+    analysis["models_skipped"] = ("not asked for (--no-dose)" if not asked.dose else why)
     missing = ("<p>Skipped (--no-dose).</p>" if not asked.dose else
                f"<p>Needs the run's initial and final model: {html.escape(why)}.</p>" if why
                else untrained)
