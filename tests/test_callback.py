@@ -58,6 +58,7 @@ def test_plain_trl_script_run_is_analysable(tiny_model, tmp_path, algorithm, cap
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rl_steps"] == 12 and summary["captured"] == 12
+    assert summary["final_checkpoint"] == "checkpoints/final"  # relative: a moved run's too
     assert summary["sae_steps"] == (12 - 8 + 1) * 4  # min_samples 8, 4 SAE steps per RL step
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["path"] == str(tiny_model) and config["task"] is None

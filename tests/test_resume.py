@@ -235,7 +235,8 @@ def test_sigterm_stops_with_a_usable_checkpoint_then_resumes(uninterrupted, tmp_
     stopped = summary["rl_steps"]
     assert 4 <= stopped < 12 and f"run_dir={run} resume=true" in out
     step = f"step_{stopped:06d}"
-    assert Path(summary["final_checkpoint"]).name == step
+    assert summary["final_checkpoint"] == f"checkpoints/{step}"  # a moved run's still
+    assert f"checkpointed at {run / 'checkpoints' / step}; continue it with" in out
     assert (run / "trl" / f"checkpoint-{stopped}" / "trainer_state.json").is_file()
     assert not (run / "checkpoints" / "final").exists()
     view = RunView(run)  # an interrupted run is analysable: its newest checkpoint

@@ -1210,7 +1210,8 @@ class ShardCallback(TrainerCallback):
         summary = run_summary(parts, self.capture, self.runner_cfg, rewards, self._fvu, extra={
             "interrupted": self._stopped,
             "stop_signal": self.stop_signal if self._stopped else None,
-            "final_checkpoint": str(final), "fvu_heldout": fvu_heldout,
+            "final_checkpoint": rundir.inside_name(self.run_dir, final),
+            "fvu_heldout": fvu_heldout,
             "heldout_samples": n_heldout, "wall_s": time.perf_counter() - self._t0,
             "wall_s_resumed_from": self._wall_before,
             "world_size": distributed.world_size(), "final_model_fingerprint": final_model,

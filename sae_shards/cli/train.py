@@ -74,7 +74,7 @@ def closing_lines(summary: dict, run_dir: Path) -> list[str]:
         lines.append(f"  warning: {summary['warning']}")
     if summary.get("interrupted"):
         lines[0] = lines[0].replace("run finished", "run interrupted")
-        lines.append(f"  the run stopped early, checkpointed at {summary['final_checkpoint']}; "
+        lines.append(f"  the run stopped early, checkpointed at {run_dir / summary['final_checkpoint']}; "
                      f"continue it with: {resume_command(run_dir)}")
     files = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir()
                    if not p.name.startswith("."))

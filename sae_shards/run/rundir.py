@@ -745,6 +745,17 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     return _read_object(Path(run_dir) / CONFIG)
 
 
+def inside_name(run_dir: Path, path: Path | None) -> str | None:
+    """``path`` as ``summary.json`` records it: relative to ``run_dir`` when inside it (so a
+    moved or copied run still names its own file), else whole; None stays None."""
+    if path is None:
+        return None
+    try:
+        return Path(path).relative_to(run_dir).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def run_seed(run_dir: Path) -> int:
     """The run's own seed (``config.json``), 0 when it records none."""
     seed = read_config(run_dir).get("seed")
