@@ -207,16 +207,19 @@ def _without(head: dict, key: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
-    parser.add_argument("--seeds", default="30,31,32")
-    parser.add_argument("--schedules", default="mixed,random")
+    parser.add_argument("--seeds", default="30,31,32", help="comma-separated run seeds")
+    parser.add_argument("--schedules", default="mixed,random", help="multiskill schedules")
     parser.add_argument("--captures", default=CAPTURES, help="comma-separated <group>-<kind>")
-    parser.add_argument("--null-schedules", default="mixed")
+    parser.add_argument("--null-schedules", default="mixed",
+                        help="schedules of the null control (multiskill_null)")
     parser.add_argument("--no-null", action="store_true", help="skip the null control")
     parser.add_argument("--headline", default="mixed:body-event", help="schedule:capture")
-    parser.add_argument("--runs", type=Path, default=Path("runs/planted_sweep"))
-    parser.add_argument("--out", type=Path, default=None, help="markdown report (default: print)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/planted_sweep"),
+                        help="where the runs go")
+    parser.add_argument("--out", type=Path, default=None, help="markdown report (none: printed)")
     parser.add_argument("--jobs", type=int, default=2, help="points run at once (processes)")
     args = parser.parse_args(argv)
     seeds = check_args(parser, args)
