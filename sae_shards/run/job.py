@@ -278,6 +278,21 @@ class Started(NamedTuple):
     """TRL's checkpoint to resume from (``resume=true``), else None."""
 
 
+def _check_inputs_outside(cfg: JobConfig, run_dir: Path) -> None:
+    """Refuse ``overwrite=true`` when ``model.path``, which the run reads, lies inside
+    ``run_dir``, which the overwrite empties first: the policy would be deleted before it was
+    loaded (audit 151 F9: an earlier run's ``final_model/`` given as the next run's start)."""
+    if not cfg.model.path:
+        return
+    model, run = Path(cfg.model.path).resolve(), Path(run_dir).resolve()
+    if model == run or run in model.parents:
+        raise ValueError(
+            f"model.path={cfg.model.path} lies inside run_dir={run_dir}, which overwrite=true "
+            "empties before the model is loaded: copy the model out of the run first (cp -r "
+            f"{cfg.model.path} somewhere/else) and give model.path that copy, or give the new "
+            "run another run_dir")
+
+
 def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = None) -> Started:
     """Prepare the run directory (then write ``hydra_files`` into ``.hydra/``, unless a resume
     finds the run's own there), build RL and the callback, and resolve its targets: every
@@ -288,6 +303,8 @@ def start(cfg: JobConfig, run_dir: Path, hydra_files: dict[str, str] | None = No
     try:
         check_recipe(cfg)
         device = resolve_device(cfg.device)
+        if cfg.overwrite:
+            _check_inputs_outside(cfg, run_dir)
         with _main_process_first(device, run_dir):
             if main:
                 rundir.prepare_run_dir(run_dir, cfg.overwrite, cfg.resume)

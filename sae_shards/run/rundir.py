@@ -347,6 +347,7 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, resume: bool = False) 
         raise FileExistsError(f"run_dir={run_dir} is a file; give a directory")
     check_not_foreign(run_dir)
     check_not_sweep(run_dir)
+    check_not_in_run_folder(run_dir)
     if resume and not run_dir.is_dir():  # refused before anything is created
         raise FileNotFoundError(f"resume=true but run_dir={run_dir} does not exist: "
                                 + _why_not_resumable(run_dir, []))
@@ -645,6 +646,19 @@ def check_not_sweep(run_dir: Path) -> None:
             f"run_dir={run_dir} holds a sweep ({SWEEP}; its jobs are its subdirectories), not "
             "a single run: give the run a directory of its own, or name one job's directory, "
             f"quoted (\"run_dir='{run_dir}/<job>'\"), to continue that job")
+
+
+def check_not_in_run_folder(run_dir: Path) -> None:
+    """Raise ``FileExistsError`` when ``run_dir`` lies inside one of another run's own folders
+    (``inside_run_folder``: its ``checkpoints/``, ``trl/``, ``final_model/``...), which that run
+    prunes, and removes whole under ``overwrite=true``, with this run in them (audit 151 F7)."""
+    inside = inside_run_folder(run_dir)
+    if inside is not None:
+        other, name = inside
+        raise FileExistsError(
+            f"run_dir={run_dir} lies inside {other / name}, a folder of the run in {other}, "
+            "which that run rewrites, prunes and removes (overwrite=true) with whatever is in "
+            "it: give this run a directory outside it")
 
 
 def has_resume_state(run_dir: Path) -> bool:
