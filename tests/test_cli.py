@@ -1020,3 +1020,41 @@ def test_the_startup_guard_ends_the_process_even_when_it_cannot_say_so(tmp_path)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 128 + signal.SIGTERM and "still running" not in done.stdout
+
+
+def test_overwrite_keeps_a_model_path_that_lies_inside_the_run(tmp_path, capsys):
+    """Audit 151 F9: model.path naming an earlier run's final_model/, with overwrite=true on
+    that run's directory, was removed with the earlier run, then not found: the policy that was
+    the input was lost. Refused before anything is removed."""
+    from sae_shards.recipe.models import build_tiny_model
+
+    run = tmp_path / "run"
+    model = build_tiny_model(run / "final_model")
+    (run / "config.json").write_text('{"capture": {}, "sae": {}}')
+    before = sorted(p.name for p in model.iterdir())
+    assert main(["train", "model=hf_path", f"model.path={model}", f"run_dir={run}",
+                 "overwrite=true", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"model.path={model} lies inside run_dir={run}, which overwrite=true empties" in err
+    assert sorted(p.name for p in model.iterdir()) == before
+    assert (run / "config.json").is_file()
+
+
+def test_a_run_inside_another_runs_own_folders_is_refused(tmp_path):
+    """Audit 151 F7: a run_dir inside another run's checkpoints/ (or trl/, final_model/...) was
+    accepted, and removed without a word by that run's overwrite=true or pruning."""
+    from sae_shards.run import rundir
+
+    outer = tmp_path / "outer"
+    (outer / "checkpoints").mkdir(parents=True)
+    (outer / "config.json").write_text('{"capture": {}, "sae": {}}')
+    nested = outer / "checkpoints" / "nested"
+    with pytest.raises(FileExistsError, match=rf"run_dir={nested} lies inside "
+                                              rf"{outer / 'checkpoints'}, a folder of the run"):
+        rundir.prepare_run_dir(nested, overwrite=False)
+    assert not nested.exists()
+    assert main(["train", f"run_dir={outer / 'trl' / 'x'}", *TINY]) == 2
+    assert not (outer / "trl").exists()
+    beside = tmp_path / "outer_2"  # beside the run: fine
+    rundir.prepare_run_dir(beside, overwrite=False)
+    rundir.release_run_dir(beside)
