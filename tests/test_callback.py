@@ -180,8 +180,9 @@ def test_bad_arguments_fail_at_construction(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"label_column='' names no column; give the dataset's "
                                          r"context column, or None"):  # it recorded no context
         ShardCallback(run_dir=tmp_path / "a", label_column="")
-    with pytest.raises(ValueError, match=r"seed=-1 must be >= 0"):  # as sae-shards train's
-        ShardCallback(run_dir=tmp_path / "a", seed=-1)
+    for seed in (-1, 2**32):  # as sae-shards train's
+        with pytest.raises(ValueError, match=rf"seed={seed} must be between 0 and 2\*\*32 - 1"):
+            ShardCallback(run_dir=tmp_path / "a", seed=seed)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # "~" as TrainingArguments takes it
     home = ShardCallback(run_dir="~/runs/x")
     assert home.run_dir == tmp_path / "home" / "runs" / "x" and not Path("~").exists()

@@ -182,7 +182,17 @@ def test_default_config_equals_dataclass_defaults():
     ("logging.mode=cloud", r"logging.mode='cloud' is not one of"),
     ("device=tpu", r"device='tpu'; use auto, cpu or cuda"),
     ("device=cudafoo", r"device='cudafoo'; use auto, cpu or cuda\[:index\]"),
-    ("seed=-1", r"seed=-1 must be >= 0"),
+    ("seed=-1", r"seed=-1 must be between 0 and 2\*\*32 - 1"),
+    # audit 151 F1, F11: past NumPy's (and a torch generator's) range, refused only at the start
+    ("seed=4294967296", r"seed=4294967296 must be between 0 and 2\*\*32 - 1 = 4294967295"),
+    ("sae.seed=18446744073709551616", r"sae.seed=18446744073709551616 must be between -2\*\*63 "
+                                      r"and 2\*\*64 - 1"),
+    # audit 151 F10: every latent active on every sample is no sparse autoencoder
+    ("sae.k=64", r"sae.k=64 equals sae.n_latents: every latent would be active on every sample"),
+    # audit 151 F2: rotary embeddings pair a head's dimensions (a torch traceback at generation)
+    ("model.hidden_size=12 model.num_heads=4 model.intermediate_size=16",
+     r"model.hidden_size=12 / model.num_heads=4 gives heads of 3 dimensions; model.arch=qwen2 "
+     r"rotates pairs of them"),
     # per-step samples: Adam's scaling has a per-step source, unit normalisation none
     ("capture.precondition=adam", r"capture.precondition=adam applies to per-event samples; set "
                                   r"capture.granularity=group .*use capture.source=precond"),
@@ -194,6 +204,17 @@ def test_default_config_equals_dataclass_defaults():
     ("+rl.extra.output_dir=/x", r"rl.extra.output_dir is set by sae-shards \(the run writes "
                                 r"TRL's checkpoints to run_dir/trl\); remove it"),
     ("+rl.extra.seed=3", r"rl.extra.seed is set by sae-shards \(the top-level seed=N seeds TRL"),
+    # audit 151 F8: a ZeroDivisionError, a TypeError and an AttributeError naming no field
+    ("capture.granularity=group +rl.extra.num_iterations=0",
+     r"rl.extra.num_iterations=0 must be an integer >= 1$"),
+    ("capture.granularity=group +rl.extra.num_iterations='1'",
+     r"rl.extra.num_iterations='1' must be an integer >= 1$"),
+    ("capture.granularity=group +rl.extra.steps_per_generation=0",
+     r"rl.extra.steps_per_generation=0 must be an integer >= 1 \(or null"),
+    ("""capture.granularity=group +rl.extra.gradient_checkpointing=true """
+     """+rl.extra.gradient_checkpointing_kwargs='{"use_reentrant":true}'""",
+     r"capture.granularity=group does not support "
+     r"rl.extra.gradient_checkpointing_kwargs.use_reentrant=true"),
     ("capture.granularity=group +rl.extra.gradient_checkpointing=true "
      "+rl.extra.gradient_checkpointing_kwargs={use_reentrant:true}",
      r"capture.granularity=group does not support "
@@ -267,7 +288,7 @@ def test_a_refused_config_keeps_a_directory_that_was_there(tmp_path, capsys):
     run.mkdir()
     (run / "notes.txt").write_text("keep")
     assert cli_main(["train", "seed=-1", f"run_dir={run / 'sub'}"]) == 2
-    assert "seed=-1 must be >= 0" in capsys.readouterr().err
+    assert "seed=-1 must be between 0 and 2**32 - 1" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 

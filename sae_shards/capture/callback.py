@@ -94,7 +94,7 @@ from sae_shards.core.checkpoint import CheckpointError, save_checkpoint
 from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import make_targets, oversized_ranks
 from sae_shards.run import rundir, versions
-from sae_shards.run.config import (CaptureConfig, RunnerConfig, check_sae_trains,
+from sae_shards.run.config import (MAX_SEED, CaptureConfig, RunnerConfig, check_sae_trains,
                                     check_sae_window, check_steps_or_budget, sample_form,
                                     sample_source)
 from sae_shards.run.tracking import RunLogger
@@ -183,9 +183,9 @@ class ShardCallback(TrainerCallback):
             raise ValueError(f"ShardCallback: label_column={label_column!r} names no column; "
                              "give the dataset's context column, or None to record no context; "
                              "nothing was written")
-        if seed < 0:
-            raise ValueError(f"ShardCallback: seed={seed} must be >= 0 (as sae-shards train's "
-                             "seed); nothing was written")
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"ShardCallback: seed={seed} must be between 0 and 2**32 - 1 (as "
+                             "sae-shards train's seed); nothing was written")
         if str(run_dir).startswith("~"):  # as TrainingArguments takes output_dir
             run_dir = Path(run_dir).expanduser()
         check_meta(meta)

@@ -34,6 +34,9 @@ Normalize = Literal["none", "unit"]
 StorageDtype = Literal["float32", "bfloat16"]
 Concurrency = Literal["inline", "thread"]
 WandbMode = Literal["offline", "online", "disabled"]
+
+MAX_SEED = 2**32 - 1
+"""The largest seed: NumPy's, which TRL's ``set_seed`` seeds with the run's own."""
 Arch = Literal["qwen2", "llama", "gpt2", "qwen3_moe"]
 Algorithm = Literal["grpo", "rloo"]
 ALGORITHM_TRAINERS: dict[str, str] = {"grpo": "GRPOTrainer", "rloo": "RLOOTrainer"}
@@ -157,6 +160,13 @@ class ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by "
                              f"model.num_heads={self.num_heads}")
+        head = self.hidden_size // self.num_heads
+        if self.path is None and self.arch != "gpt2" and head % 2:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} / model.num_heads={self.num_heads} gives "
+                f"heads of {head} dimensions; model.arch={self.arch} rotates pairs of them "
+                "(rotary position embeddings), so a head needs an even number: change "
+                "model.hidden_size or model.num_heads")
 
 
 @dataclass(frozen=True)
@@ -274,7 +284,7 @@ class RLConfig:
 
 
 def _as_kwargs(value: Any) -> dict[str, Any]:
-    """``rl.extra.model_init_kwargs`` as TRL reads it: a mapping, or a JSON object written as a
+    """``rl.extra.model_init_kwargs`` (or another ``*_kwargs``) as TRL reads it: a mapping, or a JSON object written as a
     string (``TrainingArguments`` parses one that starts with ``{``); ``{}`` for anything else
     (no keys to check)."""
     if isinstance(value, str) and value.startswith("{"):
@@ -530,8 +540,9 @@ class JobConfig:
             raise ValueError(EMPTY_RUN_DIR)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device={self.device!r}; use auto, cpu or cuda[:index] (cuda:0)")
-        if self.seed < 0:
-            raise ValueError(f"seed={self.seed} must be >= 0 (it seeds torch, TRL and the task)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed={self.seed} must be between 0 and 2**32 - 1 = {MAX_SEED} "
+                             "(it seeds torch, TRL, NumPy and the task)")
         if self.resume and self.overwrite:
             raise ValueError("resume=true and overwrite=true contradict each other: resume "
                              "continues the run in run_dir, overwrite deletes it; choose one")
@@ -574,8 +585,14 @@ class JobConfig:
         activation checkpointing only in its non-reentrant form, and one generation per
         optimizer step."""
         g, extra = self.capture.granularity, self.rl.extra
+        for key, least in (("num_iterations", 1), ("steps_per_generation", None)):
+            value = extra.get(key, least)  # read below, before TRL's own checks (check_recipe)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"rl.extra.{key}={value!r} must be an integer >= 1"
+                                 + (" (or null: TRL's default)" if least is None else ""))
         for key in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):
-            if (extra.get(key) or {}).get("use_reentrant"):
+            if _as_kwargs(extra.get(key)).get("use_reentrant"):
                 raise ValueError(
                     f"capture.granularity={g} does not support rl.extra.{key}.use_reentrant=true "
                     "(the re-run forward of reentrant checkpointing cannot be mapped to prompt "
