@@ -909,3 +909,24 @@ def test_a_sweeps_next_job_is_checked_without_the_last_jobs_frozen_parameters():
     with pytest.raises(ValueError, match="lm_head"):
         check_targets(JobConfig(rl=RLConfig(trainable=["model.layers.*"]),
                                 capture=CaptureConfig(targets=["lm_head.weight"])))
+
+
+def test_a_new_runs_model_left_by_a_failed_start_is_rebuilt_not_refused(tmp_path):
+    """Audit 151 F5: a start refused after the tiny model was built (a TRL setting refused at
+    trainer setup) left run_dir/model/, and the corrected rerun with another seed or model size
+    was refused until the user deleted it by hand. A new run rebuilds it (the build is
+    deterministic: nothing is lost); a resume still refuses a model of other settings."""
+    import dataclasses
+
+    from sae_shards.recipe.models import BUILD_SETTINGS_FILE, build_tiny_model
+    from sae_shards.run.job import prepare_model
+
+    run = tmp_path / "run"
+    build_tiny_model(run / "model", seed=0)
+    cfg = dataclasses.replace(JobConfig(run_dir=str(run)), seed=1)
+    assert prepare_model(cfg, run) == run / "model"
+    assert json.loads((run / "model" / BUILD_SETTINGS_FILE).read_text())["seed"] == 1
+    resumed = dataclasses.replace(cfg, seed=2, resume=True)
+    with pytest.raises(ValueError, match="holds a tiny model built with"):
+        prepare_model(resumed, run)
+    assert json.loads((run / "model" / BUILD_SETTINGS_FILE).read_text())["seed"] == 1

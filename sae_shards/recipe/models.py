@@ -255,9 +255,12 @@ def build_tiny_model(
     intermediate_size: int = 128,
     seed: int = 0,
     readout_scale: float = 1.0,
+    rebuild: bool = False,
 ) -> Path:
     """Build a random tiny causal LM plus tokenizer and save both into ``out_dir``; return it
-    (``readout_scale``: see ``tiny_model_and_tokenizer``).
+    (``readout_scale``: see ``tiny_model_and_tokenizer``). ``rebuild``: a build of other
+    settings in ``out_dir`` is replaced rather than refused (a new run's ``model/`` left by a
+    start that failed: the build is deterministic, so nothing is lost).
 
     Deterministic given the settings. If ``out_dir`` already holds a build with the same settings
     it is reused as is; a non-empty ``out_dir`` holding anything else is an error (never
@@ -284,11 +287,16 @@ def build_tiny_model(
                                  and found["format"] < BUILD_FORMAT
                                  and {**found, "format": BUILD_FORMAT} == settings):
             return out_dir  # an earlier format's build: a run resumed keeps its own model
-        raise ValueError(
-            f"{out_dir} holds a tiny model built with {found}, not the requested {settings}; "
-            "delete that directory or build into another out_dir (sae-shards train: another "
-            "run_dir)"
-        )
+        if rebuild:
+            log.info("%s: replacing the tiny model a start that failed built with %s",
+                     out_dir, found)
+            shutil.rmtree(out_dir)
+        else:
+            raise ValueError(
+                f"{out_dir} holds a tiny model built with {found}, not the requested {settings}; "
+                "delete that directory or build into another out_dir (sae-shards train: another "
+                "run_dir)"
+            )
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(
             f"{out_dir} is not empty and holds no {BUILD_SETTINGS_FILE}; refusing to overwrite it. "

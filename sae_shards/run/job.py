@@ -111,7 +111,10 @@ def prepare_model(cfg: JobConfig, run_dir: Path) -> Path:
     with rundir.writing(run_dir / rundir.MODEL):  # a full disk: named, not save_pretrained's
         return build_tiny_model(run_dir / rundir.MODEL, m.arch, m.hidden_size, m.num_layers,
                                 m.num_heads, m.intermediate_size, seed=cfg.seed,
-                                readout_scale=m.readout_scale)
+                                readout_scale=m.readout_scale,
+                                # a new run's model/ is a failed start's (an earlier run's was
+                                # refused, or removed by overwrite=true): rebuilt, not refused
+                                rebuild=not cfg.resume)
 
 
 def check_recipe(cfg: JobConfig) -> None:
