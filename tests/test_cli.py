@@ -1058,3 +1058,20 @@ def test_a_run_inside_another_runs_own_folders_is_refused(tmp_path):
     beside = tmp_path / "outer_2"  # beside the run: fine
     rundir.prepare_run_dir(beside, overwrite=False)
     rundir.release_run_dir(beside)
+
+
+@pytest.mark.parametrize("override,said", [
+    ("+rl.extra.generation_batch_size=5",
+     "trl.GRPOConfig refused the settings (rl.<name> or rl.extra.<name>): generation_batch_size "
+     "(5) must be divisible by the global batch size (16)"),
+    ("+rl.extra.eval_strategy=steps",
+     "rl.extra.eval_strategy='steps': sae-shards train gives the trainer no eval dataset"),
+])
+def test_trls_own_refusals_come_before_anything_is_written(tmp_path, capsys, override, said):
+    """Audit 151 F5: TRL's config refused these only once the tiny model was written into the
+    run directory, in TRL's words (no rl.extra. name; "pass an eval_dataset", which the CLI
+    cannot). The config TRL would build is built with the checks, writing nothing."""
+    run = tmp_path / "r"
+    assert main(["train", override, f"run_dir={run}", *TINY]) == 2
+    assert f"sae-shards: config error: {said}" in capsys.readouterr().err
+    assert not run.exists()

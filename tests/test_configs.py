@@ -512,6 +512,11 @@ def test_sae_must_start_before_the_last_rl_step_and_count_held_out_steps():
     with pytest.raises(ValueError, match=r"rl.max_steps=10 gives 5 trainable per-step samples"):
         check_sae_trains(capture, RunnerConfig(heldout_every=2, min_samples=6), 10)
     check_sae_trains(capture, RunnerConfig(heldout_every=2, min_samples=5), 10)
+    # audit 151 F6: every 11th step of 10 holds out none (fvu_heldout null, without a word)
+    with pytest.raises(ValueError, match=r"runner.heldout_every=11 holds out no step of a run of "
+                                         r"rl.max_steps=10 .*lower it, or 0 for none"):
+        check_sae_trains(capture, RunnerConfig(heldout_every=11, min_samples=2), 10)
+    check_sae_trains(capture, RunnerConfig(heldout_every=10, min_samples=2), 10)  # step 10
     # deconv under a warmup from 0 loses steps 1 and 2; step 2 is also held out, counted once
     # (audit 144 F5): steps 3, 5, 7, 9 train
     deconv = CaptureConfig(source="deconv")

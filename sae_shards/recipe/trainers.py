@@ -116,6 +116,24 @@ def check_trl_settings(grpo_kwargs: dict[str, Any], algorithm: Algorithm = "grpo
         _check_trl_values(grpo_kwargs, config_cls)
 
 
+def check_trl_config(grpo_kwargs: dict[str, Any], output_dir: str | Path,
+                     algorithm: Algorithm = "grpo", checkpoint_every: int = 0) -> None:
+    """Build the TRL config a new run would train with (``trl_config``: it writes nothing) and
+    raise its own refusals (``generation_batch_size`` not a multiple of the batch...) as a
+    ``ValueError`` naming the settings, before anything is written; and refuse an evaluation
+    schedule, which ``sae-shards train``'s trainer (no eval dataset) fails on (audit 151 F5)."""
+    strategy = str(getattr(grpo_kwargs.get("eval_strategy"), "value",
+                           grpo_kwargs.get("eval_strategy", "no")))
+    if strategy != "no":
+        raise ValueError(f"rl.extra.eval_strategy={strategy!r}: sae-shards train gives the "
+                         "trainer no eval dataset to evaluate on; remove it")
+    try:
+        trl_config(grpo_kwargs, output_dir, algorithm, checkpoint_every)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"trl.{TRAINERS[algorithm][0].__name__} refused the settings "
+                         f"(rl.<name> or rl.extra.<name>): {e}") from None
+
+
 def _check_trl_values(grpo_kwargs: dict[str, Any], config_cls: type) -> None:
     """Refuse values that TRL would take only to fail deep inside the run, after files are
     written (audit 143): a number or flag field given another type (``weight_decay=abc`` failed

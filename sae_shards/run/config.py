@@ -718,6 +718,11 @@ def check_sae_trains(capture: CaptureConfig, runner: RunnerConfig, max_steps: in
             f"runner.sae_start_step={runner.sae_start_step} is not before the last RL step "
             f"({max_steps_name}={max_steps}), so the SAE would never train; lower it")
     every = runner.heldout_every
+    if every > max_steps:  # audit 151 F6: fvu_heldout null, and no word of why
+        raise ValueError(
+            f"runner.heldout_every={every} holds out no step of a run of {max_steps_name}="
+            f"{max_steps} (it holds out steps {every}, {2 * every}, ...), so the held-out figures "
+            "would be empty; lower it, or 0 for none")
     n_lost, why_lost = lost  # the first steps; one that is held out is not counted twice
     n_lost -= sum(1 for step in range(1, n_lost + 1) if every and step % every == 0)
     trainable_steps = max(0, max_steps - (max_steps // every if every else 0) - n_lost)

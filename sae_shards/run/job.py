@@ -36,8 +36,8 @@ from sae_shards.recipe.models import (build_tiny_model, build_tokenizer, check_p
                                       meta_policy)
 from sae_shards.recipe.tasks import build_task, check_writable, default_target_length
 from sae_shards.recipe.trainers import (ALL_LINEAR, build_trainer, check_lora_modules,
-                                        check_precision, check_reward_scale, check_trl_settings,
-                                        freeze_except, lora_modules)
+                                        check_precision, check_reward_scale, check_trl_config,
+                                        check_trl_settings, freeze_except, lora_modules)
 from sae_shards.run import rundir
 from sae_shards.run.config import TINY_ONLY, JobConfig
 from sae_shards.run.tracking import RunLogger
@@ -131,6 +131,11 @@ def check_recipe(cfg: JobConfig) -> None:
     check_trl_settings({**cfg.rl.trl_kwargs(), "seed": cfg.seed}, cfg.rl.algorithm,
                        new_run=not cfg.resume)
     check_precision({**cfg.rl.trl_kwargs(), "use_cpu": resolve_device(cfg.device).type == "cpu"})
+    if not cfg.resume:  # TRL's own checks of the values, on the config it would build
+        check_trl_config({**cfg.rl.trl_kwargs(), "seed": cfg.seed,
+                          "use_cpu": resolve_device(cfg.device).type == "cpu"},
+                         Path(cfg.run_dir) / rundir.TRL_OUTPUT, cfg.rl.algorithm,
+                         cfg.runner.checkpoint_every)
     if getattr(task, "scaled", False):
         check_reward_scale(cfg.rl.trl_kwargs(), cfg.rl.algorithm)
     check_targets(cfg)
