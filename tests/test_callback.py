@@ -148,6 +148,8 @@ def test_bad_arguments_fail_at_construction(tmp_path, monkeypatch):
         ShardCallback(run_dir=tmp_path / "a", source="gradient")
     with pytest.raises(ValueError, match=r"sae.k=9 must be between 1 and sae.n_latents=8"):
         ShardCallback(run_dir=tmp_path / "b", sae={"n_latents": 8, "k": 9})
+    with pytest.raises(ValueError, match=r"sae.k=8 equals sae.n_latents: every latent would be"):
+        ShardCallback(run_dir=tmp_path / "b", sae={"n_latents": 8, "k": 8})  # dense
     with pytest.raises(ValueError, match=r"unknown config keys \['sae.n_latent \(did you mean "
                                          r"sae.n_latents\?\)'\]"):
         ShardCallback(run_dir=tmp_path / "c", sae={"n_latent": 8})

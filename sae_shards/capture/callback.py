@@ -95,8 +95,8 @@ from sae_shards.core.sae_config import SAEConfig
 from sae_shards.core.targets import make_targets, oversized_ranks
 from sae_shards.run import rundir, versions
 from sae_shards.run.config import (MAX_SEED, CaptureConfig, RunnerConfig, check_sae_trains,
-                                    check_sae_window, check_steps_or_budget, sample_form,
-                                    sample_source)
+                                    check_sae_window, check_sparse, check_steps_or_budget,
+                                    sample_form, sample_source)
 from sae_shards.run.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,7 @@ class ShardCallback(TrainerCallback):
                                 sae_steps_per_rl_step=sae_steps_per_rl_step,
                                 concurrency=concurrency, checkpoint_every=checkpoint_every)
         self.sae_cfg = build_config(SAEConfig, sae, "sae")
+        check_sparse(self.sae_cfg)
         self.sae_cfg.check_sample_form(sample_form(self.capture_cfg.granularity))
         check_sae_window(self.capture_cfg, self.runner_cfg)
         self.resume = self._prepare_run_dir(run_dir, overwrite, resume, seed, run_config)

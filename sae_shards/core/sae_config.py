@@ -96,10 +96,6 @@ class SAEConfig:
             object.__setattr__(self, name, float(value))  # an int given, as the schema stores it
         if not 1 <= self.k <= self.n_latents:
             raise ValueError(f"sae.k={self.k} must be between 1 and sae.n_latents={self.n_latents}")
-        if self.k == self.n_latents:
-            raise ValueError(f"sae.k={self.k} equals sae.n_latents: every latent would be active "
-                             "on every sample, a dense autoencoder whose latents are no sparse "
-                             "shards; lower sae.k or raise sae.n_latents")
         if not -2**63 <= self.seed < 2**64:
             raise ValueError(f"sae.seed={self.seed} must be between -2**63 and 2**64 - 1 (what a "
                              "torch generator takes)")

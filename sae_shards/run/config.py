@@ -546,6 +546,7 @@ class JobConfig:
         if self.resume and self.overwrite:
             raise ValueError("resume=true and overwrite=true contradict each other: resume "
                              "continues the run in run_dir, overwrite deletes it; choose one")
+        check_sparse(self.sae)
         check_sae_window(self.capture, self.runner, self._samples_per_step())
         check_sae_trains(self.capture, self.runner, self.rl.max_steps,
                          samples_per_step=self._samples_per_step(), lost=self._deconv_lost())
@@ -701,6 +702,16 @@ def deconv_warmup_loss(lost: int) -> tuple[int, str]:
     learning rate 0, which ``capture.source=deconv`` cannot invert."""
     return lost, (f"capture.source='deconv' cannot invert the first {lost} step"
                   f"{'s' if lost > 1 else ''}: the learning rate's warmup starts at 0")
+
+
+def check_sparse(sae: SAEConfig) -> None:
+    """Refuse an SAE a run would train with ``sae.k`` equal to ``sae.n_latents``: every latent
+    active on every sample, a dense autoencoder whose latents are no sparse shards (audit 151
+    F10). A subset of a trained SAE's shards (``ShardSet.subset``) may hold as many as its k."""
+    if sae.k == sae.n_latents:
+        raise ValueError(f"sae.k={sae.k} equals sae.n_latents: every latent would be active on "
+                         "every sample, a dense autoencoder whose latents are no sparse shards; "
+                         "lower sae.k or raise sae.n_latents")
 
 
 def check_sae_trains(capture: CaptureConfig, runner: RunnerConfig, max_steps: int,
