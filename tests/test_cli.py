@@ -854,7 +854,8 @@ def test_evaluate_passes_trust_remote_code_only_when_given(short_run_dir, tmp_pa
 
 
 def test_evaluates_causal_tests_load_the_models_as_asked(monkeypatch, tmp_path):
-    """evaluate_run's causal tests hand trust_remote_code on to loading the run's models."""
+    """evaluate_run's causal tests hand trust_remote_code (and the initial model a reader
+    named) on to loading the run's models."""
     from sae_shards.planted import evaluate
 
     asked = []
@@ -863,10 +864,10 @@ def test_evaluates_causal_tests_load_the_models_as_asked(monkeypatch, tmp_path):
     monkeypatch.setattr(evaluate, "run_models_missing",
                         lambda run, checkpoint, **kw: asked.append(("why", kw)) or "refused")
     for trust in (False, True):
-        assert evaluate._causal(tmp_path, None, *[None] * 12, trust_remote_code=trust) == \
-            (None, "refused")
-    assert asked == [(step, {"trust_remote_code": trust}) for trust in (False, True)
-                     for step in ("load", "why")]
+        assert evaluate._causal(tmp_path, None, *[None] * 12, initial_model=tmp_path / "m",
+                                trust_remote_code=trust) == (None, "refused")
+    assert asked == [(step, {"initial": tmp_path / "m", "trust_remote_code": trust})
+                     for trust in (False, True) for step in ("load", "why")]
 
 
 def test_a_resume_never_takes_trust_remote_code_from_the_run(tmp_path, capsys):

@@ -805,10 +805,10 @@ def _causal(run_dir: Path, checkpoint: str | None, shards: ShardSet, tasks: list
     """Steering and ablation of each task's best latent, its best shard family, its supervised
     direction, a random and ``n_shuffled`` shuffled-label controls (the policy of
     ``checkpoint``); ``(None, why)`` when the run's models or its task are not available."""
-    models = load_run_models(run_dir, checkpoint, initial_model,
+    models = load_run_models(run_dir, checkpoint, initial=initial_model,
                              trust_remote_code=trust_remote_code)
     if models is None:
-        return None, run_models_missing(run_dir, checkpoint, initial_model,
+        return None, run_models_missing(run_dir, checkpoint, initial=initial_model,
                                         trust_remote_code=trust_remote_code)
     init, final, tok, own = models
     task = task if task is not None else own
