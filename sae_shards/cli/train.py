@@ -74,7 +74,9 @@ def closing_lines(summary: dict, run_dir: Path) -> list[str]:
         lines.append(f"  warning: {summary['warning']}")
     if summary.get("interrupted"):
         lines[0] = lines[0].replace("run finished", "run interrupted")
-        lines.append(f"  the run stopped early, checkpointed at {run_dir / summary['final_checkpoint']}; "
+        at = summary.get("final_checkpoint")  # relative to the run since 2026-12-07
+        stopped_at = run_dir / at if isinstance(at, str) else "no checkpoint"
+        lines.append(f"  the run stopped early, checkpointed at {stopped_at}; "
                      f"continue it with: {resume_command(run_dir)}")
     files = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir()
                    if not p.name.startswith("."))

@@ -34,14 +34,13 @@ Normalize = Literal["none", "unit"]
 StorageDtype = Literal["float32", "bfloat16"]
 Concurrency = Literal["inline", "thread"]
 WandbMode = Literal["offline", "online", "disabled"]
-
-MAX_SEED = 2**32 - 1
-"""The largest seed: NumPy's, which TRL's ``set_seed`` seeds with the run's own."""
 Arch = Literal["qwen2", "llama", "gpt2", "qwen3_moe"]
 Algorithm = Literal["grpo", "rloo"]
 ALGORITHM_TRAINERS: dict[str, str] = {"grpo": "GRPOTrainer", "rloo": "RLOOTrainer"}
 """Each ``rl.algorithm``'s TRL trainer class (``recipe.trainers.TRAINERS`` builds it; the report
 names a run by it, as ``ShardCallback`` records a script's trainer)."""
+MAX_SEED = 2**32 - 1
+"""The largest seed: NumPy's, which TRL's ``set_seed`` seeds with the run's own."""
 TaskName = Literal["letters", "multiskill", "multiskill_null"]
 TASK_NAMES: tuple[str, ...] = get_args(TaskName)
 """Built-in tasks (``recipe.tasks.build_task``; ``configs/task/``)."""
@@ -284,9 +283,9 @@ class RLConfig:
 
 
 def _as_kwargs(value: Any) -> dict[str, Any]:
-    """``rl.extra.model_init_kwargs`` (or another ``*_kwargs``) as TRL reads it: a mapping, or a JSON object written as a
-    string (``TrainingArguments`` parses one that starts with ``{``); ``{}`` for anything else
-    (no keys to check)."""
+    """``rl.extra.model_init_kwargs`` (or another ``*_kwargs``) as TRL reads it: a mapping, or a
+    JSON object written as a string (``TrainingArguments`` parses one that starts with ``{``);
+    ``{}`` for anything else (no keys to check)."""
     if isinstance(value, str) and value.startswith("{"):
         try:
             value = json.loads(value)
